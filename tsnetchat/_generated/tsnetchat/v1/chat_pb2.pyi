@@ -1,0 +1,270 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class MessageKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MESSAGE_KIND_UNSPECIFIED: _ClassVar[MessageKind]
+    MESSAGE_KIND_TEXT: _ClassVar[MessageKind]
+    MESSAGE_KIND_ACTION: _ClassVar[MessageKind]
+
+class PresenceKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PRESENCE_KIND_UNSPECIFIED: _ClassVar[PresenceKind]
+    PRESENCE_KIND_JOINED: _ClassVar[PresenceKind]
+    PRESENCE_KIND_LEFT: _ClassVar[PresenceKind]
+MESSAGE_KIND_UNSPECIFIED: MessageKind
+MESSAGE_KIND_TEXT: MessageKind
+MESSAGE_KIND_ACTION: MessageKind
+PRESENCE_KIND_UNSPECIFIED: PresenceKind
+PRESENCE_KIND_JOINED: PresenceKind
+PRESENCE_KIND_LEFT: PresenceKind
+
+class Identity(_message.Message):
+    __slots__ = ("login", "display_name", "node")
+    LOGIN_FIELD_NUMBER: _ClassVar[int]
+    DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    login: str
+    display_name: str
+    node: str
+    def __init__(self, login: _Optional[str] = ..., display_name: _Optional[str] = ..., node: _Optional[str] = ...) -> None: ...
+
+class ChatMessage(_message.Message):
+    __slots__ = ("id", "room", "sent_unix_ms", "sender", "text", "kind", "client_msg_id")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    ROOM_FIELD_NUMBER: _ClassVar[int]
+    SENT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    SENDER_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_MSG_ID_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    room: str
+    sent_unix_ms: int
+    sender: Identity
+    text: str
+    kind: MessageKind
+    client_msg_id: str
+    def __init__(self, id: _Optional[int] = ..., room: _Optional[str] = ..., sent_unix_ms: _Optional[int] = ..., sender: _Optional[_Union[Identity, _Mapping]] = ..., text: _Optional[str] = ..., kind: _Optional[_Union[MessageKind, str]] = ..., client_msg_id: _Optional[str] = ...) -> None: ...
+
+class Hello(_message.Message):
+    __slots__ = ("room", "after_id")
+    ROOM_FIELD_NUMBER: _ClassVar[int]
+    AFTER_ID_FIELD_NUMBER: _ClassVar[int]
+    room: str
+    after_id: int
+    def __init__(self, room: _Optional[str] = ..., after_id: _Optional[int] = ...) -> None: ...
+
+class SendMessage(_message.Message):
+    __slots__ = ("text", "kind", "client_msg_id", "claimed_sender")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_MSG_ID_FIELD_NUMBER: _ClassVar[int]
+    CLAIMED_SENDER_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    kind: MessageKind
+    client_msg_id: str
+    claimed_sender: Identity
+    def __init__(self, text: _Optional[str] = ..., kind: _Optional[_Union[MessageKind, str]] = ..., client_msg_id: _Optional[str] = ..., claimed_sender: _Optional[_Union[Identity, _Mapping]] = ...) -> None: ...
+
+class Ack(_message.Message):
+    __slots__ = ("last_seen_id",)
+    LAST_SEEN_ID_FIELD_NUMBER: _ClassVar[int]
+    last_seen_id: int
+    def __init__(self, last_seen_id: _Optional[int] = ...) -> None: ...
+
+class ClientEvent(_message.Message):
+    __slots__ = ("hello", "send", "ack")
+    HELLO_FIELD_NUMBER: _ClassVar[int]
+    SEND_FIELD_NUMBER: _ClassVar[int]
+    ACK_FIELD_NUMBER: _ClassVar[int]
+    hello: Hello
+    send: SendMessage
+    ack: Ack
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., send: _Optional[_Union[SendMessage, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ...) -> None: ...
+
+class Welcome(_message.Message):
+    __slots__ = ("room", "you", "members", "max_message_bytes", "last_id")
+    ROOM_FIELD_NUMBER: _ClassVar[int]
+    YOU_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LAST_ID_FIELD_NUMBER: _ClassVar[int]
+    room: str
+    you: Identity
+    members: _containers.RepeatedCompositeFieldContainer[Identity]
+    max_message_bytes: int
+    last_id: int
+    def __init__(self, room: _Optional[str] = ..., you: _Optional[_Union[Identity, _Mapping]] = ..., members: _Optional[_Iterable[_Union[Identity, _Mapping]]] = ..., max_message_bytes: _Optional[int] = ..., last_id: _Optional[int] = ...) -> None: ...
+
+class Presence(_message.Message):
+    __slots__ = ("room", "kind", "who", "members")
+    ROOM_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    WHO_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    room: str
+    kind: PresenceKind
+    who: Identity
+    members: _containers.RepeatedCompositeFieldContainer[Identity]
+    def __init__(self, room: _Optional[str] = ..., kind: _Optional[_Union[PresenceKind, str]] = ..., who: _Optional[_Union[Identity, _Mapping]] = ..., members: _Optional[_Iterable[_Union[Identity, _Mapping]]] = ...) -> None: ...
+
+class Sent(_message.Message):
+    __slots__ = ("client_msg_id", "id")
+    CLIENT_MSG_ID_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    client_msg_id: str
+    id: int
+    def __init__(self, client_msg_id: _Optional[str] = ..., id: _Optional[int] = ...) -> None: ...
+
+class Error(_message.Message):
+    __slots__ = ("code", "message", "client_msg_id")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_MSG_ID_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    client_msg_id: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., client_msg_id: _Optional[str] = ...) -> None: ...
+
+class ReplayDone(_message.Message):
+    __slots__ = ("last_id",)
+    LAST_ID_FIELD_NUMBER: _ClassVar[int]
+    last_id: int
+    def __init__(self, last_id: _Optional[int] = ...) -> None: ...
+
+class GoingAway(_message.Message):
+    __slots__ = ("reason",)
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    def __init__(self, reason: _Optional[str] = ...) -> None: ...
+
+class Batch(_message.Message):
+    __slots__ = ("messages",)
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
+    def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ...) -> None: ...
+
+class ServerEvent(_message.Message):
+    __slots__ = ("welcome", "message", "presence", "sent", "error", "batch", "replay_done", "going_away")
+    WELCOME_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    PRESENCE_FIELD_NUMBER: _ClassVar[int]
+    SENT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    REPLAY_DONE_FIELD_NUMBER: _ClassVar[int]
+    GOING_AWAY_FIELD_NUMBER: _ClassVar[int]
+    welcome: Welcome
+    message: ChatMessage
+    presence: Presence
+    sent: Sent
+    error: Error
+    batch: Batch
+    replay_done: ReplayDone
+    going_away: GoingAway
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., message: _Optional[_Union[ChatMessage, _Mapping]] = ..., presence: _Optional[_Union[Presence, _Mapping]] = ..., sent: _Optional[_Union[Sent, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., batch: _Optional[_Union[Batch, _Mapping]] = ..., replay_done: _Optional[_Union[ReplayDone, _Mapping]] = ..., going_away: _Optional[_Union[GoingAway, _Mapping]] = ...) -> None: ...
+
+class SubscribeRequest(_message.Message):
+    __slots__ = ("room", "after_id")
+    ROOM_FIELD_NUMBER: _ClassVar[int]
+    AFTER_ID_FIELD_NUMBER: _ClassVar[int]
+    room: str
+    after_id: int
+    def __init__(self, room: _Optional[str] = ..., after_id: _Optional[int] = ...) -> None: ...
+
+class HistoryRequest(_message.Message):
+    __slots__ = ("room", "before_id", "after_id", "limit")
+    ROOM_FIELD_NUMBER: _ClassVar[int]
+    BEFORE_ID_FIELD_NUMBER: _ClassVar[int]
+    AFTER_ID_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    room: str
+    before_id: int
+    after_id: int
+    limit: int
+    def __init__(self, room: _Optional[str] = ..., before_id: _Optional[int] = ..., after_id: _Optional[int] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class HistoryResponse(_message.Message):
+    __slots__ = ("messages", "more", "max_page")
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
+    MAX_PAGE_FIELD_NUMBER: _ClassVar[int]
+    messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
+    more: bool
+    max_page: int
+    def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., more: _Optional[bool] = ..., max_page: _Optional[int] = ...) -> None: ...
+
+class ListRoomsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RoomInfo(_message.Message):
+    __slots__ = ("name", "last_id", "members")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LAST_ID_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    last_id: int
+    members: _containers.RepeatedCompositeFieldContainer[Identity]
+    def __init__(self, name: _Optional[str] = ..., last_id: _Optional[int] = ..., members: _Optional[_Iterable[_Union[Identity, _Mapping]]] = ...) -> None: ...
+
+class ListRoomsResponse(_message.Message):
+    __slots__ = ("rooms", "all_rooms_allowed")
+    ROOMS_FIELD_NUMBER: _ClassVar[int]
+    ALL_ROOMS_ALLOWED_FIELD_NUMBER: _ClassVar[int]
+    rooms: _containers.RepeatedCompositeFieldContainer[RoomInfo]
+    all_rooms_allowed: bool
+    def __init__(self, rooms: _Optional[_Iterable[_Union[RoomInfo, _Mapping]]] = ..., all_rooms_allowed: _Optional[bool] = ...) -> None: ...
+
+class WhoAmIRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WhoAmIResponse(_message.Message):
+    __slots__ = ("identity", "rooms", "admin", "token_id", "token_expires_unix", "grant_applied")
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    ROOMS_FIELD_NUMBER: _ClassVar[int]
+    ADMIN_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_EXPIRES_UNIX_FIELD_NUMBER: _ClassVar[int]
+    GRANT_APPLIED_FIELD_NUMBER: _ClassVar[int]
+    identity: Identity
+    rooms: _containers.RepeatedScalarFieldContainer[str]
+    admin: bool
+    token_id: str
+    token_expires_unix: int
+    grant_applied: bool
+    def __init__(self, identity: _Optional[_Union[Identity, _Mapping]] = ..., rooms: _Optional[_Iterable[str]] = ..., admin: _Optional[bool] = ..., token_id: _Optional[str] = ..., token_expires_unix: _Optional[int] = ..., grant_applied: _Optional[bool] = ...) -> None: ...
+
+class KickRequest(_message.Message):
+    __slots__ = ("room", "login")
+    ROOM_FIELD_NUMBER: _ClassVar[int]
+    LOGIN_FIELD_NUMBER: _ClassVar[int]
+    room: str
+    login: str
+    def __init__(self, room: _Optional[str] = ..., login: _Optional[str] = ...) -> None: ...
+
+class KickResponse(_message.Message):
+    __slots__ = ("streams_closed",)
+    STREAMS_CLOSED_FIELD_NUMBER: _ClassVar[int]
+    streams_closed: int
+    def __init__(self, streams_closed: _Optional[int] = ...) -> None: ...
+
+class RevokeTokenRequest(_message.Message):
+    __slots__ = ("token_id",)
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    token_id: str
+    def __init__(self, token_id: _Optional[str] = ...) -> None: ...
+
+class RevokeTokenResponse(_message.Message):
+    __slots__ = ("streams_closed",)
+    STREAMS_CLOSED_FIELD_NUMBER: _ClassVar[int]
+    streams_closed: int
+    def __init__(self, streams_closed: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,65 @@
+"""Every error tsnetchat raises on purpose, in one place.
+
+::
+
+    TsnetchatError
+    ├── ConfigError              a setting is wrong; names the flag/key/variable at fault
+    ├── TailnetError             something about tailscaled
+    │   ├── LocalAPIUnavailable  the LocalAPI socket does not answer (absent, down, timeout)
+    │   ├── TailnetNotReady      tailscaled answers but is not Running (logged out, stopped)
+    │   └── PeerNotFound         WhoIs/discovery found no such peer
+    ├── Unauthenticated          one of the two locks (token, tailnet identity) failed
+    ├── PermissionDenied         both locks passed but this action is not allowed
+    ├── InvalidInput             a request is malformed (bad room name, bad text, garbage)
+    ├── LimitExceeded            size, rate, rooms or queue limits
+    └── StoreError               the history database failed
+
+Foreign errors (httpx, sqlite3, jwt) are translated at one boundary each, raised ``from``
+the original. ``grpc_status`` maps these to gRPC status codes; only the servicer uses it.
+"""
+
+from __future__ import annotations
+
+
+class TsnetchatError(Exception):
+    """Base of every deliberate tsnetchat error. ``str(e)`` is meant for people."""
+
+
+class ConfigError(TsnetchatError):
+    pass
+
+
+class TailnetError(TsnetchatError):
+    pass
+
+
+class LocalAPIUnavailable(TailnetError):
+    pass
+
+
+class TailnetNotReady(TailnetError):
+    pass
+
+
+class PeerNotFound(TailnetError):
+    pass
+
+
+class Unauthenticated(TsnetchatError):
+    pass
+
+
+class PermissionDenied(TsnetchatError):
+    pass
+
+
+class InvalidInput(TsnetchatError):
+    pass
+
+
+class LimitExceeded(TsnetchatError):
+    pass
+
+
+class StoreError(TsnetchatError):
+    pass
