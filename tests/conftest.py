@@ -1,0 +1,138 @@
+"""Shared fixtures.
+
+* ``chat`` - a real grpc.aio tsnetchat server on a free loopback port with SQLite in a temp
+  dir; identities come from FakeTailnet (a stand-in for tailscaled used only for chat logic).
+* ``lab`` - the real tailnet lab (headscale + userspace tailscaled), once per session, for
+  tests marked ``tailnet``. Without Go they skip loudly; with CI set they fail instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import sys
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import tailnet_lab  # noqa: E402
+from fakenet import FakeTailnet  # noqa: E402
+
+from tsnetchat import auth  # noqa: E402
+from tsnetchat.client import Connection, connect  # noqa: E402
+from tsnetchat.config import ServerConfig, load_config  # noqa: E402
+from tsnetchat.server import Server  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Chat:
+    """A running server plus helpers to act as different tailnet users."""
+
+    server: Server
+    net: FakeTailnet
+    cfg: ServerConfig
+    conns: list[Connection] = field(default_factory=list)
+
+    @property
+    def key(self) -> bytes:
+        return self.cfg.key_path.read_bytes().strip()
+
+    def token(self, login: str, rooms: tuple[str, ...] = ("*",), *, admin: bool = False,
+              ttl: float = 3600) -> str:
+        tok, claims = auth.issue_token(self.key, login, rooms, admin=admin, ttl_seconds=ttl)
+        assert self.server.store is not None
+        self.server.store.record_token(claims.to_row())
+        return tok
+
+    async def connect(self, login: str, token: str | None = None, **front: Any) -> Connection:
+        addr = await self.net.front(login, **front)
+        conn = await connect("chat-server", token if token is not None else self.token(login),
+                             socket="", address=addr)
+        self.conns.append(conn)
+        return conn
+
+    async def direct(self, token: str) -> Connection:
+        """A loopback connection that does not come through the (fake) tailnet."""
+        conn = await connect("chat-server", token, socket="",
+                             address=f"127.0.0.1:{self.server.ports[0]}")
+        self.conns.append(conn)
+        return conn
+
+    async def restart(self, **changes: Any) -> None:
+        await self.server.stop(grace=0.5)
+        cfg = self.cfg if not changes else ServerConfig(**{**self.cfg.__dict__, **changes})
+        self.cfg = cfg
+        self.server = Server(cfg, whois=self.net.whois)
+        await self.server.start()
+
+
+def make_config(tmp: Path, **overrides: Any) -> ServerConfig:
+    # Generous rate limits by default; the limit tests set their own.
+    flags = {"state_dir": str(tmp / "state"), "listen": "127.0.0.1", "port": free_port(),
+             "rate_burst": 1000, "rate_per_second": 1000.0, **overrides}
+    return load_config(file=None, env={}, flags=flags)
+
+
+@pytest.fixture
+async def chat(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Chat]:
+    marker = request.node.get_closest_marker("server_config")
+    overrides = marker.kwargs if marker else {}
+    cfg = make_config(tmp_path, **overrides)
+    net = FakeTailnet(server_port=cfg.port)
+    server = Server(cfg, whois=net.whois)
+    await server.start()
+    c = Chat(server, net, cfg)
+    try:
+        yield c
+    finally:
+        for conn in c.conns:
+            await conn.close()
+        await c.server.stop(grace=0.2)
+        await net.close()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "server_config(**kw): overrides for the chat fixture")
+
+
+# --- the real lab ---------------------------------------------------------------------
+
+
+def _lab_unavailable(reason: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"tailnet lab required in CI but unavailable: {reason}", pytrace=False)
+    print(f"\n*** SKIPPING TAILNET TESTS: {reason} ***\n", file=sys.stderr)
+    pytest.skip(f"tailnet lab unavailable: {reason}")
+
+
+@pytest.fixture(scope="session")
+def lab() -> Iterator[tailnet_lab.Lab]:
+    try:
+        tailnet_lab.ensure_binaries()
+    except tailnet_lab.LabError as e:
+        _lab_unavailable(str(e))
+    with tailnet_lab.running_lab() as lab_:
+        yield lab_
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def run(coro: Any) -> Any:
+    return asyncio.get_event_loop().run_until_complete(coro)

@@ -1,0 +1,329 @@
+"""The chat core over loopback: fan-out, order, history, resume, presence, restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+from conftest import Chat, make_config
+
+from tsnetchat.client import RoomSession
+from tsnetchat.pb import chat_pb2 as pb
+
+
+async def hello_events(room: str, after: int | None = None,
+                       then: list[pb.ClientEvent] | None = None,
+                       hold: asyncio.Event | None = None) -> AsyncIterator[pb.ClientEvent]:
+    h = pb.Hello(room=room)
+    if after is not None:
+        h.after_id = after
+    yield pb.ClientEvent(hello=h)
+    for ev in then or []:
+        yield ev
+    await (hold or asyncio.Event()).wait()
+
+
+def send(text: str, cmid: str = "") -> pb.ClientEvent:
+    return pb.ClientEvent(send=pb.SendMessage(text=text, kind=pb.MESSAGE_KIND_TEXT,
+                                              client_msg_id=cmid))
+
+
+async def collect(call: Any, n: int, *, kind: str = "message", timeout: float = 10) -> list[Any]:
+    """Read events until n of `kind` (batches unpacked) have arrived."""
+    got: list[Any] = []
+
+    async def loop() -> None:
+        async for ev in call:
+            which = ev.WhichOneof("event")
+            if kind == "message" and which == "message":
+                got.append(ev.message)
+            elif kind == "message" and which == "batch":
+                got.extend(ev.batch.messages)
+            elif which == kind:
+                got.append(getattr(ev, which))
+            if len(got) >= n:
+                return
+
+    await asyncio.wait_for(loop(), timeout)
+    return got
+
+
+async def test_fan_out_reaches_every_member_in_order(chat: Chat) -> None:
+    readers = [await chat.connect(f"u{i}@tailnet.test") for i in range(20)]
+    calls = [r.subscribe("general") for r in readers]
+    for c in calls:  # wait until every subscriber is live (replay_done)
+        await collect(c, 1, kind="replay_done")
+    alice = await chat.connect("alice@tailnet.test")
+    ids = [await alice.send_one("general", f"m{i}") for i in range(15)]
+    assert ids == list(range(1, 16))
+    for c in calls:
+        msgs = await collect(c, 15)
+        assert [m.text for m in msgs] == [f"m{i}" for i in range(15)]
+        assert [m.id for m in msgs] == ids
+        assert all(m.sender.login == "alice@tailnet.test" for m in msgs)
+        c.cancel()
+
+
+async def test_sender_is_stamped_by_server_and_claims_ignored(chat: Chat) -> None:
+    mallory = await chat.connect("mallory@tailnet.test")
+    watcher = (await chat.connect("bob@tailnet.test")).subscribe("general")
+    await collect(watcher, 1, kind="replay_done")
+    forged = pb.ClientEvent(send=pb.SendMessage(
+        text="I am alice", client_msg_id="x1",
+        claimed_sender=pb.Identity(login="alice@tailnet.test", display_name="Alice")))
+    call = mallory.stub.Join(hello_events("general", then=[forged]), metadata=mallory.metadata)
+    (msg,) = await collect(watcher, 1)
+    assert msg.sender.login == "mallory@tailnet.test"
+    assert msg.sender.node == "mallory-laptop.tailnet.test"
+    assert msg.text == "I am alice"
+    call.cancel()
+
+
+async def test_join_gets_history_backlog_then_live(chat: Chat) -> None:
+    alice = await chat.connect("alice@tailnet.test")
+    for i in range(5):
+        await alice.send_one("general", f"old{i}")
+    bob = await chat.connect("bob@tailnet.test")
+    hold = asyncio.Event()
+    call = bob.stub.Join(hello_events("general", hold=hold), metadata=bob.metadata)
+    (welcome,) = await collect(call, 1, kind="welcome")
+    assert welcome.room == "general" and welcome.you.login == "bob@tailnet.test"
+    assert welcome.last_id == 5 and welcome.max_message_bytes == 4096
+    backlog = await collect(call, 5)
+    assert [m.text for m in backlog] == [f"old{i}" for i in range(5)]
+    (done,) = await collect(call, 1, kind="replay_done")
+    assert done.last_id == 5
+    await alice.send_one("general", "live")
+    (live,) = await collect(call, 1)
+    assert (live.id, live.text) == (6, "live")
+    call.cancel()
+
+
+async def test_resume_replays_exactly_what_was_missed(chat: Chat) -> None:
+    alice = await chat.connect("alice@tailnet.test")
+    for i in range(10):
+        await alice.send_one("general", f"m{i + 1}")
+    bob = await chat.connect("bob@tailnet.test")
+    call = bob.subscribe("general", after=4)
+    msgs = await collect(call, 6)
+    assert [m.id for m in msgs] == [5, 6, 7, 8, 9, 10]
+    (done,) = await collect(call, 1, kind="replay_done")
+    assert done.last_id == 10
+    call.cancel()
+
+
+@pytest.mark.server_config(rate_burst=10_000, rate_per_second=10_000.0)
+async def test_resume_while_messages_arrive_has_no_gap_or_duplicate(chat: Chat) -> None:
+    """Messages published while the replay is running appear once, in order."""
+    alice = await chat.connect("alice@tailnet.test")
+    hold = asyncio.Event()
+    writer = alice.stub.Join(hello_events(
+        "general", after=2**62, then=[send(f"m{i}", f"c{i}") for i in range(1, 301)], hold=hold),
+        metadata=alice.metadata)
+    acked = 0
+    readers: list[Any] = []
+    bob = await chat.connect("bob@tailnet.test")
+    async for ev in writer:  # start resuming readers at various points while sending
+        if ev.WhichOneof("event") == "sent":
+            acked += 1
+            if acked in (1, 50, 120, 200):
+                readers.append((acked, bob.subscribe("general", after=max(0, acked - 40))))
+            if acked == 300:
+                break
+    for start, call in readers:
+        first = max(0, start - 40) + 1
+        msgs = await collect(call, 300 - first + 1)
+        assert [m.id for m in msgs] == list(range(first, 301))
+        call.cancel()
+    writer.cancel()
+
+
+async def test_presence_join_and_leave(chat: Chat) -> None:
+    alice = await chat.connect("alice@tailnet.test")
+    hold_a = asyncio.Event()
+    a = alice.stub.Join(hello_events("general", hold=hold_a), metadata=alice.metadata)
+    await collect(a, 1, kind="replay_done")
+    (me,) = await collect(a, 1, kind="presence")
+    assert me.kind == pb.PRESENCE_KIND_JOINED and me.who.login == "alice@tailnet.test"
+    bob = await chat.connect("bob@tailnet.test")
+    b = bob.stub.Join(hello_events("general"), metadata=bob.metadata)
+    (w,) = await collect(b, 1, kind="welcome")
+    assert [m.login for m in w.members] == ["alice@tailnet.test", "bob@tailnet.test"]
+    (joined,) = await collect(a, 1, kind="presence")
+    assert joined.kind == pb.PRESENCE_KIND_JOINED and joined.who.login == "bob@tailnet.test"
+    assert sorted(m.login for m in joined.members) == ["alice@tailnet.test", "bob@tailnet.test"]
+    b.cancel()
+    (left,) = await collect(a, 1, kind="presence")
+    assert left.kind == pb.PRESENCE_KIND_LEFT and left.who.login == "bob@tailnet.test"
+    assert [m.login for m in left.members] == ["alice@tailnet.test"]
+    a.cancel()
+
+
+async def test_history_paging_before_and_after(chat: Chat) -> None:
+    alice = await chat.connect("alice@tailnet.test")
+    for i in range(1, 26):
+        await alice.send_one("general", f"m{i}")
+    page = await alice.history("general", limit=10)
+    assert [m.id for m in page.messages] == list(range(16, 26)) and page.more
+    page2 = await alice.history("general", before=16, limit=10)
+    assert [m.id for m in page2.messages] == list(range(6, 16)) and page2.more
+    page3 = await alice.history("general", before=6, limit=10)
+    assert [m.id for m in page3.messages] == [1, 2, 3, 4, 5] and not page3.more
+    fwd = await alice.history("general", after=20, limit=10)
+    assert [m.id for m in fwd.messages] == [21, 22, 23, 24, 25] and not fwd.more
+    assert page.max_page == 200
+
+
+@pytest.mark.server_config(max_page=7)
+async def test_history_page_is_capped_at_the_advertised_maximum(chat: Chat) -> None:
+    alice = await chat.connect("alice@tailnet.test")
+    for i in range(10):
+        await alice.send_one("general", f"m{i}")
+    page = await alice.history("general", after=0, limit=1000)
+    assert len(page.messages) == 7 and page.max_page == 7 and page.more
+
+
+async def test_resend_after_reconnect_is_not_duplicated(chat: Chat) -> None:
+    alice = await chat.connect("alice@tailnet.test")
+    first = alice.stub.Join(hello_events("general", then=[send("once", "k1")]),
+                            metadata=alice.metadata)
+    (s1,) = await collect(first, 1, kind="sent")
+    first.cancel()
+    again = alice.stub.Join(hello_events("general", after=s1.id, then=[send("once", "k1")]),
+                            metadata=alice.metadata)
+    (s2,) = await collect(again, 1, kind="sent")
+    assert s2.id == s1.id
+    page = await alice.history("general")
+    assert [m.text for m in page.messages] == ["once"]
+    again.cancel()
+
+
+async def test_history_survives_restart_and_resume_continues(chat: Chat) -> None:
+    alice = await chat.connect("alice@tailnet.test")
+    for i in range(1, 4):
+        await alice.send_one("general", f"m{i}")
+    await chat.restart()
+    alice2 = await chat.connect("alice@tailnet.test")
+    assert await alice2.send_one("general", "m4") == 4
+    page = await alice2.history("general")
+    assert [m.text for m in page.messages] == ["m1", "m2", "m3", "m4"]
+
+
+async def test_list_rooms_and_whoami(chat: Chat) -> None:
+    alice = await chat.connect("alice@tailnet.test", chat.token("alice@tailnet.test",
+                                                                ("general", "ops"), admin=True))
+    await alice.send_one("general", "hi")
+    rooms = await alice.list_rooms()
+    assert [(r.name, r.last_id) for r in rooms.rooms] == [("general", 1), ("ops", 0)]
+    me = await alice.whoami()
+    assert me.identity.login == "alice@tailnet.test" and me.admin
+    assert list(me.rooms) == ["general", "ops"] and not me.grant_applied
+
+
+async def test_room_session_resumes_across_server_restart_without_gap_or_duplicate(
+        chat: Chat) -> None:
+    async def connect_fn() -> Any:
+        return await chat.connect("bob@tailnet.test")
+
+    session = RoomSession(connect_fn, "general", max_backoff=0.5)
+    seen: list[int] = []
+    alice = await chat.connect("alice@tailnet.test")
+
+    async def consume() -> None:
+        async for ev in session.events():
+            if ev.kind == "message":
+                seen.append(ev.message.id)
+            if len(seen) >= 6:
+                return
+
+    task = asyncio.create_task(consume())
+    for i in range(3):
+        await alice.send_one("general", f"before{i}")
+    await asyncio.sleep(0.3)
+    await chat.restart()
+    alice = await chat.connect("alice@tailnet.test")
+    for i in range(3):
+        await alice.send_one("general", f"after{i}")
+    await asyncio.wait_for(task, 20)
+    assert seen == [1, 2, 3, 4, 5, 6]
+    assert session.reconnects >= 1
+    await session.close()
+
+
+SIGKILL_WRITER = textwrap.dedent("""
+    import asyncio, sys
+    sys.path.insert(0, sys.argv[1])
+    from fakenet import FakeTailnet
+    from conftest import make_config
+    from tsnetchat.server import Server
+    from tsnetchat import auth
+    from tsnetchat.client import connect
+    from pathlib import Path
+
+    async def main():
+        cfg = make_config(Path(sys.argv[2]))
+        net = FakeTailnet(server_port=cfg.port)
+        s = Server(cfg, whois=net.whois)
+        await s.start()
+        tok, _ = auth.issue_token(cfg.key_path.read_bytes().strip(), "alice@t", ["*"],
+                                  ttl_seconds=600)
+        conn = await connect("x", tok, socket="", address=await net.front("alice@t"))
+        i = 0
+        while True:
+            i += 1
+            mid = await conn.send_one("general", f"m{i}")
+            print(mid, flush=True)   # printed only after the server acknowledged it
+    asyncio.run(main())
+""")
+
+
+@pytest.mark.timeout(60)
+def test_every_acknowledged_message_survives_sigkill(tmp_path: Any) -> None:
+    tests_dir = os.path.dirname(__file__)
+    proc = subprocess.Popen([sys.executable, "-c", SIGKILL_WRITER, tests_dir, str(tmp_path)],
+                            stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "TSNETCHAT_RATE_BURST": "100000",
+                                 "TSNETCHAT_RATE_PER_SECOND": "100000"})
+    acked: list[int] = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        acked.append(int(line))
+        if len(acked) >= 40:
+            break
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    from tsnetchat.store import Store
+
+    store = Store(tmp_path / "state" / "tsnetchat.db")
+    stored = [m.id for m in store.after("general", 0, 10_000)]
+    store.close()
+    assert set(acked) <= set(stored)
+    assert stored == list(range(1, len(stored) + 1))
+
+
+async def test_graceful_shutdown_tells_clients_and_closes_unavailable(chat: Chat) -> None:
+    bob = await chat.connect("bob@tailnet.test")
+    call = bob.stub.Join(hello_events("general"), metadata=bob.metadata)
+    await collect(call, 1, kind="replay_done")
+    stopper = asyncio.create_task(chat.server.stop(grace=2))
+    (away,) = await collect(call, 1, kind="going_away")
+    assert "restarting" in away.reason
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await collect(call, 1)
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    await asyncio.wait_for(stopper, 5)
+    chat.server.service = None  # already stopped; the fixture's stop is then a no-op
+    chat.server._grpc = None
+
+
+def test_make_config_is_loopback_only(tmp_path: Any) -> None:
+    cfg = make_config(tmp_path)
+    assert cfg.listen == "127.0.0.1"

@@ -1,0 +1,415 @@
+"""Client side: find the server on the tailnet, connect, and keep a room session alive.
+
+Discovery asks the local tailscaled (LocalAPI status) for the peer by MagicDNS short name,
+full name, or tailnet IP. Transport is chosen from what the local node can do:
+
+* TUN mode: dial the peer's tailnet IP directly;
+* userspace mode with a proxy (``--proxy`` / TSNETCHAT_PROXY): gRPC's own HTTP CONNECT
+  support, addressed by MagicDNS name (tailscaled's proxy resolves it);
+* userspace mode without a proxy: a private unix socket whose connections are carried by
+  LocalAPI ``dial`` (needs LocalAPI write access, e.g. root or the tailscaled operator).
+
+``RoomSession`` turns one Join stream into a session that survives reconnects: it resumes
+after the last message id it has seen (so nothing is missed and nothing shown twice) and
+resends unacknowledged messages with their idempotency keys (so nothing is lost or doubled).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import difflib
+import ipaddress
+import os
+import random
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from .errors import PeerNotFound, TailnetError, TailnetNotReady, TsnetchatError
+from .pb import chat_pb2 as pb
+from .pb import chat_pb2_grpc as pb_grpc
+from .tailnet import LocalAPI, PeerInfo, Status
+
+DEFAULT_PORT = 50051
+
+# Statuses after which retrying cannot help: the user must act.
+FATAL = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
+                   grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNIMPLEMENTED,
+                   grpc.StatusCode.NOT_FOUND})
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where and how to reach the server."""
+
+    name: str  # what to show people
+    host: str  # MagicDNS FQDN or IP
+    ip: str
+    port: int
+    mode: str  # "direct", "proxy", "localapi", "address"
+
+
+def _norm(name: str) -> str:
+    return name.strip().rstrip(".").lower()
+
+
+def find_peer(status: Status, name: str) -> PeerInfo:
+    """Match ``name`` against peers: IP, full MagicDNS name, short name, or host name.
+
+    Raises PeerNotFound with the closest names, or TailnetError when the peer is offline.
+    """
+    want = _norm(name)
+    try:
+        ip = str(ipaddress.ip_address(want))
+    except ValueError:
+        ip = ""
+    candidates = [*status.peers, status.self_node]
+    for p in candidates:
+        if (ip and ip in p.ips) or want in (_norm(p.dns_name), p.short_name.lower(),
+                                            p.host_name.lower()):
+            if p is not status.self_node and not p.online:
+                seen = p.last_seen or "never"
+                raise TailnetError(f"{p.short_name} is on the tailnet but offline (last seen "
+                                   f"{seen}); is the server's machine up?")
+            return p
+    if not ip and "." not in want and not status.magic_dns_enabled:
+        raise PeerNotFound(f"no peer named {name!r}, and MagicDNS is off on this tailnet: use "
+                           "the server's tailnet IP, or turn MagicDNS on")
+    names = sorted({p.short_name for p in status.peers})
+    close = difflib.get_close_matches(want.split(".")[0], names, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else (
+        f"; peers: {', '.join(names[:10])}" if names else "; this node sees no peers")
+    raise PeerNotFound(f"no peer named {name!r} on this tailnet{hint}")
+
+
+async def resolve(api: LocalAPI, name: str, port: int, *, proxy: str = "") -> Target:
+    st = await api.status()
+    if not st.running:
+        raise TailnetNotReady(f"the local tailscaled is {st.backend_state}; run `tailscale up`")
+    peer = find_peer(st, name)
+    ip = next((i for i in peer.ips if ":" not in i), peer.ips[0] if peer.ips else "")
+    host = peer.dns_name.rstrip(".") or ip
+    if st.tun:
+        mode = "direct"
+    elif proxy:
+        mode = "proxy"
+    else:
+        mode = "localapi"
+    return Target(name=peer.short_name, host=host, ip=ip, port=port, mode=mode)
+
+
+CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.enable_retries", 0),
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", 5_000),
+]
+
+
+class DialBridge:
+    """A private unix socket; each connection to it is carried to the peer by LocalAPI dial.
+
+    gRPC cannot use a custom dialer from Python, so we give it a socket it can dial.
+    """
+
+    def __init__(self, api: LocalAPI, host: str, port: int) -> None:
+        self.api, self.host, self.port = api, host, port
+        self._dir = tempfile.mkdtemp(prefix="tsnetchat-")
+        self.path = os.path.join(self._dir, "dial.sock")
+        self._server: asyncio.base_events.Server | None = None
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_unix_server(self._handle, self.path)
+        os.chmod(self.path, 0o600)
+        return f"unix:{self.path}"
+
+    async def _handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            ur, uw = await self.api.dial(self.host, self.port)
+        except TsnetchatError:
+            w.close()
+            return
+
+        async def pipe(a: asyncio.StreamReader, b: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(Exception):
+                while data := await a.read(65536):
+                    b.write(data)
+                    await b.drain()
+            with contextlib.suppress(Exception):
+                b.close()
+
+        await asyncio.gather(pipe(r, uw), pipe(ur, w))
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+            os.rmdir(self._dir)
+
+
+async def open_channel(target: Target, *, proxy: str = "",
+                       api: LocalAPI | None = None) -> tuple[grpc.aio.Channel, DialBridge | None]:
+    opts = list(CHANNEL_OPTIONS)
+    if target.mode == "proxy":
+        opts += [("grpc.http_proxy", proxy if "://" in proxy else f"http://{proxy}"),
+                 ("grpc.enable_http_proxy", 1)]
+        return grpc.aio.insecure_channel(f"{target.host}:{target.port}", options=opts), None
+    if target.mode == "localapi":
+        assert api is not None
+        bridge = DialBridge(api, target.ip or target.host, target.port)
+        addr = await bridge.start()
+        opts += [("grpc.default_authority", f"{target.host}:{target.port}"),
+                 ("grpc.enable_http_proxy", 0)]
+        return grpc.aio.insecure_channel(addr, options=opts), bridge
+    host = f"[{target.ip}]" if ":" in target.ip else target.ip
+    opts.append(("grpc.enable_http_proxy", 0))
+    return grpc.aio.insecure_channel(f"{host}:{target.port}", options=opts), None
+
+
+class Connection:
+    """A channel plus the token: the stub calls everything else uses."""
+
+    def __init__(self, channel: grpc.aio.Channel, token: str, *,
+                 bridge: DialBridge | None = None, target: Target | None = None) -> None:
+        self.channel = channel
+        self.stub = pb_grpc.ChatStub(channel)
+        self.metadata = (("authorization", f"Bearer {token}"),)
+        self.bridge = bridge
+        self.target = target
+
+    async def close(self) -> None:
+        await self.channel.close()
+        if self.bridge is not None:
+            await self.bridge.close()
+
+    async def whoami(self, timeout: float = 10) -> pb.WhoAmIResponse:
+        return await self.stub.WhoAmI(pb.WhoAmIRequest(), metadata=self.metadata,
+                                      timeout=timeout)
+
+    async def list_rooms(self, timeout: float = 10) -> pb.ListRoomsResponse:
+        return await self.stub.ListRooms(pb.ListRoomsRequest(), metadata=self.metadata,
+                                         timeout=timeout)
+
+    async def history(self, room: str, *, before: int | None = None, after: int | None = None,
+                      limit: int = 0, timeout: float = 10) -> pb.HistoryResponse:
+        req = pb.HistoryRequest(room=room, limit=limit)
+        if before is not None:
+            req.before_id = before
+        if after is not None:
+            req.after_id = after
+        return await self.stub.History(req, metadata=self.metadata, timeout=timeout)
+
+    def subscribe(self, room: str, after: int | None = None) -> Any:
+        req = pb.SubscribeRequest(room=room)
+        if after is not None:
+            req.after_id = after
+        return self.stub.Subscribe(req, metadata=self.metadata)
+
+    async def send_one(self, room: str, text: str, *, kind: int = pb.MESSAGE_KIND_TEXT,
+                       timeout: float = 15) -> int:
+        """Join, send one message, wait for its id, leave. Returns the id."""
+        cmid = uuid.uuid4().hex
+        done = asyncio.Event()
+
+        async def requests() -> AsyncIterator[pb.ClientEvent]:
+            yield pb.ClientEvent(hello=pb.Hello(room=room, after_id=2**62))
+            yield pb.ClientEvent(send=pb.SendMessage(text=text, kind=kind, client_msg_id=cmid))  # type: ignore[arg-type]
+            await done.wait()
+
+        call = self.stub.Join(requests(), metadata=self.metadata, timeout=timeout)
+        try:
+            async for ev in call:
+                which = ev.WhichOneof("event")
+                if which == "sent" and ev.sent.client_msg_id == cmid:
+                    return int(ev.sent.id)
+                if which == "error" and ev.error.client_msg_id == cmid:
+                    raise grpc.aio.AioRpcError(grpc.StatusCode(_code(ev.error.code)),
+                                               grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                               ev.error.message)
+        finally:
+            done.set()
+            call.cancel()
+        raise TsnetchatError("the server closed the stream before confirming the message")
+
+
+def _code(value: int) -> tuple[int, str]:
+    for c in grpc.StatusCode:
+        if c.value[0] == value:
+            return c.value  # type: ignore[no-any-return]
+    return grpc.StatusCode.UNKNOWN.value  # type: ignore[no-any-return]
+
+
+async def connect(name: str, token: str, *, socket: str, port: int = DEFAULT_PORT,
+                  proxy: str = "", address: str = "") -> Connection:
+    """Resolve ``name`` through the local tailscaled and open a channel.
+
+    ``address`` ("host:port") skips discovery (for tests and unusual setups).
+    """
+    if address:
+        host, _, p = address.rpartition(":")
+        target = Target(name=name, host=host.strip("[]"), ip=host.strip("[]"), port=int(p),
+                        mode="address")
+        return Connection(grpc.aio.insecure_channel(address, options=[
+            *CHANNEL_OPTIONS, ("grpc.enable_http_proxy", 0)]), token, target=target)
+    api = LocalAPI(socket)
+    try:
+        target = await resolve(api, name, port, proxy=proxy)
+        channel, bridge = await open_channel(target, proxy=proxy, api=api)
+    except BaseException:
+        await api.aclose()
+        raise
+    return Connection(channel, token, bridge=bridge, target=target)
+
+
+# --- a room session that survives reconnects ------------------------------------------
+
+
+@dataclass
+class Outgoing:
+    text: str
+    kind: int
+    client_msg_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+@dataclass
+class SessionEvent:
+    """What a UI needs to show. kind: message, presence, welcome, status, error, sent."""
+
+    kind: str
+    message: pb.ChatMessage | None = None
+    presence: pb.Presence | None = None
+    welcome: pb.Welcome | None = None
+    text: str = ""
+
+
+class RoomSession:
+    """One room, kept joined across network loss, server restarts and tailscaled restarts.
+
+    Guarantees to the consumer of ``events()``: every message is yielded once, in id order,
+    with no gaps while the server still has them in history; a message given to ``send`` is
+    delivered once even if the connection drops before it is acknowledged.
+    """
+
+    def __init__(self, connect_fn: Callable[[], Any], room: str, *, after_id: int | None = None,
+                 max_backoff: float = 5.0) -> None:
+        self._connect = connect_fn  # async () -> Connection; called for every (re)connect
+        self.room = room
+        self.last_id = after_id
+        self.pending: dict[str, Outgoing] = {}
+        self._outbox: asyncio.Queue[Outgoing] = asyncio.Queue()
+        self.max_backoff = max_backoff
+        self.connected = False
+        self.closed = False
+        self.conn: Connection | None = None
+        self.reconnects = 0
+
+    def send(self, text: str, kind: int = pb.MESSAGE_KIND_TEXT) -> Outgoing:
+        out = Outgoing(text, kind)
+        self.pending[out.client_msg_id] = out
+        self._outbox.put_nowait(out)
+        return out
+
+    async def close(self) -> None:
+        self.closed = True
+        if self.conn is not None:
+            await self.conn.close()
+
+    async def _requests(self, resend: list[Outgoing]) -> AsyncIterator[pb.ClientEvent]:
+        hello = pb.Hello(room=self.room)
+        if self.last_id is not None:
+            hello.after_id = self.last_id
+        yield pb.ClientEvent(hello=hello)
+        for out in resend:
+            yield pb.ClientEvent(send=pb.SendMessage(text=out.text, kind=out.kind,  # type: ignore[arg-type]
+                                                     client_msg_id=out.client_msg_id))
+        while True:
+            out = await self._outbox.get()
+            if out.client_msg_id not in self.pending:
+                continue
+            yield pb.ClientEvent(send=pb.SendMessage(text=out.text, kind=out.kind,  # type: ignore[arg-type]
+                                                     client_msg_id=out.client_msg_id))
+
+    async def events(self) -> AsyncIterator[SessionEvent]:
+        backoff = 0.5
+        while not self.closed:
+            try:
+                if self.conn is None:
+                    self.conn = await self._connect()
+                # Drain the outbox into the resend list: pending holds everything unacked.
+                while not self._outbox.empty():
+                    self._outbox.get_nowait()
+                resend = list(self.pending.values())
+                call = self.conn.stub.Join(self._requests(resend), metadata=self.conn.metadata)
+                async for ev in call:
+                    which = ev.WhichOneof("event")
+                    if which == "welcome":
+                        self.connected = True
+                        backoff = 0.5
+                        yield SessionEvent("welcome", welcome=ev.welcome)
+                    elif which == "message":
+                        for e in self._accept([ev.message]):
+                            yield e
+                    elif which == "batch":
+                        for e in self._accept(list(ev.batch.messages)):
+                            yield e
+                    elif which == "presence":
+                        yield SessionEvent("presence", presence=ev.presence)
+                    elif which == "sent":
+                        self.pending.pop(ev.sent.client_msg_id, None)
+                        yield SessionEvent("sent", text=ev.sent.client_msg_id)
+                    elif which == "error":
+                        if ev.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]:
+                            self.pending.pop(ev.error.client_msg_id, None)
+                        yield SessionEvent("error", text=ev.error.message)
+                    elif which == "going_away":
+                        yield SessionEvent("status", text=f"server going away: "
+                                                          f"{ev.going_away.reason}")
+                # The server ended the stream normally: treat as a drop and rejoin.
+                raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(),
+                                           grpc.aio.Metadata(), "stream ended")
+            except grpc.aio.AioRpcError as e:
+                self.connected = False
+                if self.closed:
+                    return
+                if e.code() in FATAL:
+                    yield SessionEvent("fatal", text=f"{e.code().name}: {e.details()}")
+                    self.closed = True
+                    return
+                yield SessionEvent("status", text=f"reconnecting ({e.code().name}: "
+                                                  f"{e.details()})")
+            except TsnetchatError as e:
+                self.connected = False
+                yield SessionEvent("status", text=f"reconnecting ({e})")
+                if self.conn is not None:
+                    await self.conn.close()
+                self.conn = None
+            self.reconnects += 1
+            await asyncio.sleep(backoff * (0.5 + random.random()))
+            backoff = min(backoff * 2, self.max_backoff)
+            if self.conn is not None and backoff >= 2:
+                # A long outage: rebuild the channel (tailscaled or the proxy may have moved).
+                with contextlib.suppress(Exception):
+                    await self.conn.close()
+                self.conn = None
+
+    def _accept(self, msgs: list[pb.ChatMessage]) -> list[SessionEvent]:
+        out = []
+        for m in msgs:
+            if self.last_id is not None and m.id <= self.last_id:
+                continue  # already shown: never twice
+            self.last_id = m.id
+            out.append(SessionEvent("message", message=m))
+        return out
+
+
+def token_store_path() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "tsnetchat" / "tokens.json"

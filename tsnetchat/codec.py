@@ -1,0 +1,86 @@
+"""Encoding of server events into wire bytes, done once per event.
+
+A chat message is serialised once; the same bytes are queued for every subscriber. When a
+subscriber is behind, several already-encoded messages are packed into one ``Batch`` frame by
+concatenating bytes, without decoding or re-encoding (protobuf's length-delimited fields make
+``ServerEvent{batch: Batch{messages: [m1, m2]}}`` the plain concatenation below).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .hub import Item
+from .pb import chat_pb2 as pb
+from .store import StoredMessage
+
+_MESSAGE_FIELD = 2  # ServerEvent.message
+_BATCH_FIELD = 6  # ServerEvent.batch
+_BATCH_MESSAGES_FIELD = 1  # Batch.messages
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _len_field(number: int, payload: bytes) -> bytes:
+    return bytes([(number << 3) | 2]) + _varint(len(payload)) + payload
+
+
+def identity_pb(login: str, display_name: str, node: str) -> pb.Identity:
+    return pb.Identity(login=login, display_name=display_name, node=node)
+
+
+def message_pb(m: StoredMessage) -> pb.ChatMessage:
+    return pb.ChatMessage(
+        id=m.id, room=m.room, sent_unix_ms=m.ts_ms, text=m.text, kind=m.kind,  # type: ignore[arg-type]
+        client_msg_id=m.client_msg_id,
+        sender=identity_pb(m.sender.login, m.sender.display_name, m.sender.node))
+
+
+def message_item(m: StoredMessage) -> Item:
+    raw = message_pb(m).SerializeToString()
+    return Item(m.id, raw, _len_field(_MESSAGE_FIELD, raw))
+
+
+def batch_frame(messages: list[bytes]) -> bytes:
+    inner = b"".join(_len_field(_BATCH_MESSAGES_FIELD, m) for m in messages)
+    return _len_field(_BATCH_FIELD, inner)
+
+
+def event(**kwargs: Any) -> bytes:
+    """Encode a non-message ServerEvent, e.g. ``event(sent=pb.Sent(...))``."""
+    return pb.ServerEvent(**kwargs).SerializeToString()
+
+
+def event_item(**kwargs: Any) -> Item:
+    return Item(0, b"", event(**kwargs))
+
+
+def pack(items: list[Item], skip_through: int = 0) -> list[bytes]:
+    """Turn drained queue items into frames: consecutive messages become one batch frame.
+    Messages with id <= skip_through (already replayed from history) are dropped."""
+    frames: list[bytes] = []
+    run: list[Item] = []
+
+    def flush() -> None:
+        if len(run) == 1:
+            frames.append(run[0].frame)
+        elif run:
+            frames.append(batch_frame([i.message for i in run]))
+        run.clear()
+
+    for it in items:
+        if it.id:
+            if it.id > skip_through:
+                run.append(it)
+        else:
+            flush()
+            frames.append(it.frame)
+    flush()
+    return frames

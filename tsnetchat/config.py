@@ -1,0 +1,248 @@
+"""Server configuration: one type, three sources.
+
+Precedence, lowest first: built-in defaults < TOML file < ``TSNETCHAT_*`` environment
+variables < command-line flags. ``load_config`` merges them and validates once; a bad
+value raises ConfigError naming where it came from (``--port``, ``TSNETCHAT_PORT`` or
+``config.toml: port``). ``ServerConfig`` is immutable after that: data flows one way,
+CLI -> config -> server.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+ENV_PREFIX = "TSNETCHAT_"
+DEFAULT_CONFIG_FILE = Path("/etc/tsnetchat/config.toml")
+ROOM_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+SECRET_FIELDS = frozenset({"auth_key"})
+
+
+def default_state_dir() -> Path:
+    # systemd's StateDirectory= sets STATE_DIRECTORY; a service user may have no home.
+    if os.environ.get("STATE_DIRECTORY"):
+        return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
+    if os.geteuid() == 0:
+        return Path("/var/lib/tsnetchat")
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "tsnetchat"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything `tsnetchat serve` needs. Field names are the TOML keys and, upper-cased
+    with the TSNETCHAT_ prefix, the environment variables."""
+
+    state_dir: Path = field(default_factory=default_state_dir)
+    socket: str = ""  # LocalAPI socket; "" = the system tailscaled's default
+    port: int = 50051
+    # "auto" = ask tailscaled: its tailnet IPs with TUN, loopback in userspace mode.
+    # A comma-separated list overrides (tests); unspecified addresses are refused.
+    listen: str = "auto"
+    startup_timeout: float = 60.0
+    whois_timeout: float = 2.0
+    # Authorization
+    cap_domain: str = "example.com"  # grants are read from <cap_domain>/cap/tsnetchat
+    require_grant: bool = False  # True: no app-capability grant = no access
+    token_ttl_hours: float = 24.0 * 30
+    # Chat limits
+    max_message_bytes: int = 4096
+    history_on_join: int = 50
+    max_page: int = 200
+    retention_count: int = 100_000  # per room; 0 = keep all
+    retention_days: float = 0.0  # 0 = keep forever
+    rate_burst: int = 20
+    rate_per_second: float = 5.0
+    max_rooms_per_client: int = 16
+    subscriber_queue: int = 2048
+    fsync: bool = False  # True: survive power loss, not only a crashed process
+    shutdown_grace: float = 5.0
+    # Embedded tailscaled (serve --embedded)
+    embedded: bool = False
+    hostname: str = "chat-server"
+    tailscaled_path: str = "tailscaled"
+    login_server: str = ""  # "" = Tailscale's default control plane
+    auth_key: str = ""
+    auth_key_file: str = ""
+    # Operations
+    metrics_port: int = 0  # 0 = off; otherwise a Prometheus text endpoint on the same IPs
+    log_level: str = "info"
+
+    @property
+    def cap_name(self) -> str:
+        return f"{self.cap_domain}/cap/tsnetchat"
+
+    @property
+    def db_path(self) -> Path:
+        return self.state_dir / "tsnetchat.db"
+
+    @property
+    def key_path(self) -> Path:
+        return self.state_dir / "jwt.key"
+
+    @property
+    def embedded_dir(self) -> Path:
+        return self.state_dir / "tailscaled"
+
+    def effective_socket(self) -> str:
+        from .tailnet import DEFAULT_SOCKET
+
+        if self.socket:
+            return self.socket
+        if self.embedded:
+            return str(self.embedded_dir / "tailscaled.sock")
+        return DEFAULT_SOCKET
+
+    def masked(self) -> dict[str, Any]:
+        """The effective config as plain data, secrets replaced (for `config show`)."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name in SECRET_FIELDS and v:
+                v = "********"
+            out[f.name] = str(v) if isinstance(v, Path) else v
+        return out
+
+
+def _convert(name: str, raw: Any, typ: Any, where: str) -> Any:
+    try:
+        if typ in (bool, "bool"):
+            if isinstance(raw, bool):
+                return raw
+            s = str(raw).strip().lower()
+            if s in ("1", "true", "yes", "on"):
+                return True
+            if s in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("expected true or false")
+        if typ in (int, "int"):
+            if isinstance(raw, bool):
+                raise ValueError("expected a whole number")
+            return int(raw)
+        if typ in (float, "float"):
+            return float(raw)
+        if typ in (Path, "Path"):
+            return Path(str(raw)).expanduser()
+        return str(raw)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: invalid value {raw!r} for {name}: {e}") from None
+
+
+def _where(source: str, name: str, file: Path | None) -> str:
+    if source == "flag":
+        return "--" + name.replace("_", "-")
+    if source == "env":
+        return ENV_PREFIX + name.upper()
+    return f"{file}: {name}"
+
+
+def load_config(
+    *,
+    file: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> ServerConfig:
+    """Merge defaults < file < env < flags and validate. Flags set to None are ignored.
+
+    ``file=None`` reads /etc/tsnetchat/config.toml only if it exists; an explicit file
+    that does not exist is an error.
+    """
+    env = os.environ if env is None else env
+    known = {f.name: f for f in fields(ServerConfig)}
+    values: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+
+    if file is None and env.get(ENV_PREFIX + "CONFIG"):
+        file = Path(env[ENV_PREFIX + "CONFIG"])
+    if file is None and DEFAULT_CONFIG_FILE.exists():
+        file = DEFAULT_CONFIG_FILE
+    if file is not None:
+        try:
+            data = tomllib.loads(Path(file).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {file} does not exist") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {file} is not valid TOML: {e}") from None
+        for k, v in data.items():
+            if k not in known:
+                raise ConfigError(f"{file}: unknown key {k!r} (known: {', '.join(sorted(known))})")
+            values[k] = _convert(k, v, known[k].type, _where("file", k, file))
+            origin[k] = "file"
+    for name, f in known.items():
+        raw = env.get(ENV_PREFIX + name.upper())
+        if raw is not None and raw != "":
+            values[name] = _convert(name, raw, f.type, _where("env", name, file))
+            origin[name] = "env"
+    for name, raw in (flags or {}).items():
+        if raw is None:
+            continue
+        if name not in known:
+            raise ConfigError(f"unknown setting {name!r}")
+        values[name] = _convert(name, raw, known[name].type, _where("flag", name, file))
+        origin[name] = "flag"
+
+    cfg = ServerConfig(**values)
+    _validate(cfg, lambda n: _where(origin.get(n, "default"), n, file) if n in origin else n)
+    return cfg
+
+
+def _validate(cfg: ServerConfig, where: Any) -> None:
+    def bad(name: str, why: str) -> ConfigError:
+        return ConfigError(f"{where(name)}: {why}")
+
+    if not 1 <= cfg.port <= 65535:
+        raise bad("port", f"{cfg.port} is not a TCP port (1-65535)")
+    if cfg.listen != "auto":
+        for a in parse_listen(cfg.listen, where("listen")):
+            if ipaddress.ip_address(a).is_unspecified:
+                raise bad("listen", f"{a} would listen on every interface; tsnetchat listens "
+                                    "only where tailnet traffic arrives")
+    for name in ("max_message_bytes", "max_page", "rate_burst", "max_rooms_per_client",
+                 "subscriber_queue"):
+        if getattr(cfg, name) < 1:
+            raise bad(name, "must be at least 1")
+    if cfg.max_message_bytes > 60_000:
+        raise bad("max_message_bytes", "must be at most 60000 (gRPC frames are capped at 64 KiB)")
+    if cfg.rate_per_second <= 0:
+        raise bad("rate_per_second", "must be greater than 0")
+    for name in ("history_on_join", "retention_count"):
+        if getattr(cfg, name) < 0:
+            raise bad(name, "must not be negative")
+    if cfg.retention_days < 0 or cfg.shutdown_grace < 0 or cfg.startup_timeout <= 0:
+        raise bad("retention_days", "durations must not be negative")
+    if not re.fullmatch(r"[a-z0-9.-]+\.[a-z]{2,}", cfg.cap_domain):
+        raise bad("cap_domain", f"{cfg.cap_domain!r} is not a domain name like example.com")
+    if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
+        raise bad("log_level", "must be debug, info, warning or error")
+    if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,62}", cfg.hostname):
+        raise bad("hostname", "must be a DNS label (a-z, 0-9, -)")
+    if cfg.metrics_port and (cfg.metrics_port == cfg.port or not 1 <= cfg.metrics_port <= 65535):
+        raise bad("metrics_port", "must be a free TCP port other than --port")
+
+
+def parse_listen(value: str, where: str = "listen") -> list[str]:
+    out = []
+    for part in value.split(","):
+        part = part.strip().strip("[]")
+        if not part:
+            continue
+        try:
+            out.append(str(ipaddress.ip_address(part)))
+        except ValueError:
+            raise ConfigError(f"{where}: {part!r} is not an IP address") from None
+    if not out:
+        raise ConfigError(f"{where}: no addresses given")
+    return out
+
+
+def with_changes(cfg: ServerConfig, **changes: Any) -> ServerConfig:
+    return dataclasses.replace(cfg, **changes)

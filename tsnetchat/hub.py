@@ -1,0 +1,170 @@
+"""Fan-out of room events to subscribers, with bounded queues. Knows nothing of gRPC or
+SQLite: payloads are opaque bytes prepared once by the caller and shared by every queue.
+
+A Subscriber is fed by ``Hub.publish`` (never blocks, O(1) per subscriber) and drained by
+exactly one consumer task. When a queue would exceed its limit the subscriber is closed with
+``CloseKind.OVERFLOW`` instead of growing: a slow reader never slows the others and never
+holds more than ``limit`` items. Everything runs on one event loop; no locks are needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+
+class Item(NamedTuple):
+    """One queued event. Messages carry their id and raw ChatMessage bytes (so several can
+    be packed into one batch frame); other events have id 0 and only a frame."""
+
+    id: int
+    message: bytes
+    frame: bytes
+
+
+class CloseKind(enum.Enum):
+    OVERFLOW = "overflow"
+    REVOKED = "revoked"
+    KICKED = "kicked"
+    SHUTDOWN = "shutdown"
+    FLOOD = "flood"
+    DONE = "done"  # the client finished: end the stream normally
+
+
+# Closes that drop what is still queued: nothing more should reach that subscriber.
+_DROPPING = frozenset({CloseKind.OVERFLOW, CloseKind.REVOKED, CloseKind.KICKED, CloseKind.FLOOD})
+
+
+@dataclass(frozen=True)
+class CloseReason:
+    kind: CloseKind
+    message: str
+
+
+@dataclass(eq=False)
+class Subscriber:
+    room: str
+    login: str
+    token_id: str
+    limit: int
+    member: object | None = None  # presence info when this is an interactive member
+    replayed_to: int = 0  # highest message id already sent from history; skip up to it
+    queue: deque[Item] = field(default_factory=deque)
+    closed: CloseReason | None = None
+    _wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def push(self, item: Item) -> None:
+        if self.closed is not None:
+            return
+        if len(self.queue) >= self.limit:
+            self.close(CloseReason(CloseKind.OVERFLOW, (
+                f"you fell more than {self.limit} events behind in room {self.room!r} and were "
+                "disconnected so others are not slowed down; reconnect with after_id set to the "
+                "last message you saw to catch up from history")))
+            return
+        self.queue.append(item)
+        self._wakeup.set()
+
+    def close(self, reason: CloseReason) -> None:
+        if self.closed is None:
+            self.closed = reason
+            if reason.kind in _DROPPING:
+                self.queue.clear()
+            self._wakeup.set()
+
+    async def wait(self) -> None:
+        """Return when there is something to drain or the subscriber is closed."""
+        while not self.queue and self.closed is None:
+            self._wakeup.clear()
+            await self._wakeup.wait()
+
+    def drain(self, max_items: int) -> list[Item]:
+        n = min(max_items, len(self.queue))
+        q = self.queue
+        return [q.popleft() for _ in range(n)]
+
+
+@dataclass
+class _Room:
+    subs: set[Subscriber] = field(default_factory=set)
+    members: dict[str, list[Subscriber]] = field(default_factory=dict)
+
+
+class Hub:
+    def __init__(self) -> None:
+        self._rooms: dict[str, _Room] = {}
+        self._by_login: dict[str, set[Subscriber]] = {}
+
+    def add(self, sub: Subscriber) -> bool:
+        """Register a subscriber. For members, returns True if this login just joined the room
+        (first stream of that login there), so the caller announces presence."""
+        room = self._rooms.setdefault(sub.room, _Room())
+        room.subs.add(sub)
+        self._by_login.setdefault(sub.login, set()).add(sub)
+        if sub.member is None:
+            return False
+        streams = room.members.setdefault(sub.login, [])
+        streams.append(sub)
+        return len(streams) == 1
+
+    def remove(self, sub: Subscriber) -> bool:
+        """Unregister; returns True if this was the login's last member stream in the room."""
+        room = self._rooms.get(sub.room)
+        subs = self._by_login.get(sub.login)
+        if subs is not None:
+            subs.discard(sub)
+            if not subs:
+                del self._by_login[sub.login]
+        if room is None:
+            return False
+        room.subs.discard(sub)
+        left = False
+        if sub.member is not None and sub.login in room.members:
+            streams = room.members[sub.login]
+            if sub in streams:
+                streams.remove(sub)
+            if not streams:
+                del room.members[sub.login]
+                left = True
+        if not room.subs:
+            del self._rooms[sub.room]
+        return left
+
+    def publish(self, room: str, item: Item) -> int:
+        """Queue ``item`` for every subscriber of ``room``; returns how many got it."""
+        r = self._rooms.get(room)
+        if r is None:
+            return 0
+        for s in r.subs:
+            s.push(item)
+        return len(r.subs)
+
+    def members(self, room: str) -> list[object]:
+        r = self._rooms.get(room)
+        if r is None:
+            return []
+        return [streams[0].member for _, streams in sorted(r.members.items())]
+
+    def subscriptions_of(self, login: str) -> int:
+        return len(self._by_login.get(login, ()))
+
+    def rooms(self) -> Iterable[str]:
+        return list(self._rooms)
+
+    def close_where(self, pred: Callable[[Subscriber], bool], reason: CloseReason) -> int:
+        victims = [s for subs in self._by_login.values() for s in subs
+                   if s.closed is None and pred(s)]
+        for s in victims:
+            s.close(reason)
+        return len(victims)
+
+    def close_all(self, reason: CloseReason) -> int:
+        return self.close_where(lambda _s: True, reason)
+
+    def counts(self) -> tuple[int, int]:
+        """(rooms with subscribers, subscribers)."""
+        return len(self._rooms), sum(len(r.subs) for r in self._rooms.values())

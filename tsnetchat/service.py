@@ -1,0 +1,463 @@
+"""The gRPC servicer: tsnetchat.v1.Chat on grpc.aio.
+
+It joins the pieces: the Gate admits a call, the Store persists, the Hub fans out, the codec
+encodes. It is the only module that maps tsnetchat errors to gRPC status codes
+(``status_for``). Handlers are registered by hand (``handlers()``) so that responses may be
+pre-encoded bytes (sent as-is, encoded once for all subscribers) and undecodable requests
+reach the handler as GARBAGE and get INVALID_ARGUMENT instead of an opaque INTERNAL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import unicodedata
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from . import auth, codec
+from .errors import (
+    InvalidInput,
+    LimitExceeded,
+    LocalAPIUnavailable,
+    PermissionDenied,
+    StoreError,
+    TsnetchatError,
+    Unauthenticated,
+)
+from .gate import Gate
+from .hub import CloseKind, CloseReason, Hub, Subscriber
+from .metrics import Metrics
+from .pb import chat_pb2 as pb
+from .store import Sender, Store
+
+log = logging.getLogger("tsnetchat.service")
+
+SERVICE_NAME = "tsnetchat.v1.Chat"
+HELLO_TIMEOUT = 10.0
+MAX_CLIENT_MSG_ID = 64
+FRAME_BATCH = 256
+
+
+class _Garbage:
+    """Stands for a request that could not be decoded."""
+
+
+GARBAGE = _Garbage()
+
+
+def status_for(e: BaseException) -> grpc.StatusCode:
+    if isinstance(e, Unauthenticated):
+        return grpc.StatusCode.UNAUTHENTICATED
+    if isinstance(e, PermissionDenied):
+        return grpc.StatusCode.PERMISSION_DENIED
+    if isinstance(e, InvalidInput):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(e, LimitExceeded):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if isinstance(e, LocalAPIUnavailable | StoreError):
+        return grpc.StatusCode.UNAVAILABLE
+    return grpc.StatusCode.INTERNAL
+
+
+_CLOSE_STATUS = {
+    CloseKind.OVERFLOW: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    CloseKind.FLOOD: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    CloseKind.REVOKED: grpc.StatusCode.UNAUTHENTICATED,
+    CloseKind.KICKED: grpc.StatusCode.PERMISSION_DENIED,
+    CloseKind.SHUTDOWN: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_message_bytes: int = 4096
+    history_on_join: int = 50
+    max_page: int = 200
+    rate_burst: int = 20
+    rate_per_second: float = 5.0
+    max_rooms_per_client: int = 16
+    subscriber_queue: int = 2048
+
+
+class TokenBucket:
+    """``burst`` tokens, refilled at ``rate`` per second."""
+
+    def __init__(self, burst: int, rate: float) -> None:
+        self.burst, self.rate = float(burst), rate
+        self.tokens = float(burst)
+        self.stamp = time.monotonic()
+
+    def take(self) -> float:
+        """Take one token; returns 0 on success or the seconds until one is available."""
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return 0.0
+        return (1 - self.tokens) / self.rate
+
+
+def _safe(cls: Any) -> Callable[[bytes], Any]:
+    def decode(data: bytes) -> Any:
+        try:
+            return cls.FromString(data)
+        except (DecodeError, RuntimeWarning, ValueError):
+            return GARBAGE
+
+    return decode
+
+
+def _encode(x: Any) -> bytes:
+    return x if isinstance(x, bytes) else x.SerializeToString()  # type: ignore[no-any-return]
+
+
+def validate_text(text: str, kind: int, max_bytes: int) -> None:
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > max_bytes:
+        raise InvalidInput(f"message is {size} bytes; the limit is {max_bytes} bytes of UTF-8 "
+                           "text. Split it up.")
+    if not text.strip():
+        raise InvalidInput("message is empty")
+    if kind not in (pb.MESSAGE_KIND_TEXT, pb.MESSAGE_KIND_ACTION):
+        raise InvalidInput(f"unknown message kind {kind}")
+    for ch in text:
+        if ch in "\n\t":
+            continue
+        cat = unicodedata.category(ch)
+        if cat in ("Cc", "Cs") or ch in "\u202e\u202d\u2066\u2067\u2068\u2069":
+            # Terminal escapes and bidi overrides would let one user rewrite others' screens.
+            raise InvalidInput(f"message contains a control character (U+{ord(ch):04X}); "
+                               "only printable text, newlines and tabs are allowed")
+
+
+class ChatService:
+    def __init__(self, *, store: Store, hub: Hub, gate: Gate, limits: Limits,
+                 metrics: Metrics | None = None) -> None:
+        self.store, self.hub, self.gate, self.limits = store, hub, gate, limits
+        self.metrics = metrics or Metrics()
+        self._buckets: dict[str, TokenBucket] = {}
+        self.going_away = False
+
+    # registration ------------------------------------------------------------------
+
+    def handlers(self) -> grpc.GenericRpcHandler:
+        h = {
+            "Join": grpc.stream_stream_rpc_method_handler(
+                self.Join, request_deserializer=_safe(pb.ClientEvent), response_serializer=_encode),
+            "Subscribe": grpc.unary_stream_rpc_method_handler(
+                self.Subscribe, request_deserializer=_safe(pb.SubscribeRequest),
+                response_serializer=_encode),
+        }
+        for name, req in [("History", pb.HistoryRequest), ("ListRooms", pb.ListRoomsRequest),
+                          ("WhoAmI", pb.WhoAmIRequest), ("Kick", pb.KickRequest),
+                          ("RevokeToken", pb.RevokeTokenRequest)]:
+            h[name] = grpc.unary_unary_rpc_method_handler(
+                getattr(self, name), request_deserializer=_safe(req), response_serializer=_encode)
+        return grpc.method_handlers_generic_handler(SERVICE_NAME, h)
+
+    # helpers -----------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _call(self, context: grpc.aio.ServicerContext, request: Any = None,
+                    method: str = "") -> AsyncIterator[auth.Principal]:
+        """Admit the caller, translate our errors to statuses, count outcomes."""
+        try:
+            if self.going_away:
+                raise LocalAPIUnavailable("the server is shutting down; reconnect shortly")
+            async with self.gate.enter(context.peer(), context.invocation_metadata() or ()) as p:
+                if request is GARBAGE:
+                    raise InvalidInput(f"{method}: the request could not be decoded as a "
+                                       f"tsnetchat.v1 message (garbage or wrong schema)")
+                yield p
+        except TsnetchatError as e:
+            code = status_for(e)
+            self.metrics.inc(f"rpc_errors_total{{code=\"{code.name}\"}}")
+            if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                log.info("refused peer=%s method=%s code=%s reason=%s", context.peer(), method,
+                         code.name, e)
+            await context.abort(code, str(e))
+
+    def _bucket(self, login: str) -> TokenBucket:
+        b = self._buckets.get(login)
+        if b is None:
+            b = self._buckets[login] = TokenBucket(self.limits.rate_burst,
+                                                   self.limits.rate_per_second)
+        return b
+
+    @staticmethod
+    def _me(p: auth.Principal) -> pb.Identity:
+        return codec.identity_pb(p.login, p.display_name, p.node)
+
+    def _check_capacity(self, p: auth.Principal) -> None:
+        if self.hub.subscriptions_of(p.login) >= self.limits.max_rooms_per_client:
+            raise LimitExceeded(
+                f"you already have {self.limits.max_rooms_per_client} open room streams (the "
+                "limit per person); leave a room first")
+
+    def _resume_point(self, room: str, after: int | None) -> int:
+        last = self.store.last_id(room)
+        return min(after, last) if after is not None else last
+
+    async def _replay(self, sub: Subscriber, after: int | None) -> AsyncIterator[bytes]:
+        """History frames: everything after ``after``, or the recent backlog. Sets
+        ``sub.replayed_to`` so live items already sent here are skipped."""
+        room = sub.room
+        if after is None:
+            msgs = self.store.latest(room, self.limits.history_on_join)
+            sub.replayed_to = msgs[-1].id if msgs else 0
+            for i in range(0, len(msgs), FRAME_BATCH):
+                chunk = [codec.message_item(m) for m in msgs[i:i + FRAME_BATCH]]
+                for f in codec.pack(chunk):
+                    yield f
+            return
+        cursor = min(after, self.store.last_id(room))
+        sub.replayed_to = cursor
+        while True:
+            msgs = self.store.after(room, cursor, FRAME_BATCH)
+            if not msgs:
+                return
+            cursor = msgs[-1].id
+            sub.replayed_to = cursor
+            for f in codec.pack([codec.message_item(m) for m in msgs]):
+                yield f
+
+    async def _live(self, sub: Subscriber, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        skip = sub.replayed_to
+        while True:
+            await sub.wait()
+            if sub.queue:
+                items = sub.drain(FRAME_BATCH)
+                frames = codec.pack(items, skip)
+                self.metrics.inc("deliveries_total", sum(1 for i in items if i.id > skip))
+                for f in frames:
+                    yield f
+                continue
+            reason = sub.closed
+            assert reason is not None
+            if reason.kind is CloseKind.DONE:
+                return
+            await context.abort(_CLOSE_STATUS.get(reason.kind, grpc.StatusCode.INTERNAL),
+                                reason.message)
+
+    def _presence(self, room: str, kind: int, who: pb.Identity) -> None:
+        members = [m for m in self.hub.members(room) if isinstance(m, pb.Identity)]
+        self.hub.publish(room, codec.event_item(presence=pb.Presence(
+            room=room, kind=kind, who=who, members=members)))  # type: ignore[arg-type]
+
+    # RPCs ----------------------------------------------------------------------------
+
+    async def Join(self, request_iterator: AsyncIterator[Any],
+                   context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        # The whole stream runs inside _call, which keeps this connection's WhoIs entry.
+        async with self._call(context, None, "Join") as p:
+            hello = await self._read_hello(request_iterator)
+            auth.check_room(p, hello.room)
+            self._check_capacity(p)
+            me = self._me(p)
+            sub = Subscriber(hello.room, p.login, p.token_id, self.limits.subscriber_queue,
+                             member=me)
+            first = self.hub.add(sub)
+            reader: asyncio.Task[None] | None = None
+            self.metrics.inc("streams_opened_total{kind=\"join\"}")
+            try:
+                after = hello.after_id if hello.HasField("after_id") else None
+                members = [m for m in self.hub.members(hello.room) if isinstance(m, pb.Identity)]
+                yield codec.event(welcome=pb.Welcome(
+                    room=hello.room, you=me, members=members,
+                    last_id=self.store.last_id(hello.room),
+                    max_message_bytes=self.limits.max_message_bytes))
+                async for f in self._replay(sub, after):
+                    yield f
+                yield codec.event(replay_done=pb.ReplayDone(last_id=sub.replayed_to))
+                if first:
+                    self._presence(hello.room, pb.PRESENCE_KIND_JOINED, me)
+                reader = asyncio.create_task(self._read_client(request_iterator, sub, p))
+                async for f in self._live(sub, context):
+                    yield f
+            finally:
+                if reader is not None:
+                    reader.cancel()
+                if self.hub.remove(sub):
+                    self._presence(hello.room, pb.PRESENCE_KIND_LEFT, me)
+
+    async def _read_hello(self, it: AsyncIterator[Any]) -> pb.Hello:
+        try:
+            first = await asyncio.wait_for(anext(it), HELLO_TIMEOUT)
+        except StopAsyncIteration:
+            raise InvalidInput("Join: the stream ended before a hello") from None
+        except TimeoutError:
+            raise InvalidInput(f"Join: no hello within {HELLO_TIMEOUT:.0f}s; the first event "
+                               "must be hello{room}") from None
+        if first is GARBAGE:
+            raise InvalidInput("Join: the first event could not be decoded (garbage)")
+        if first.WhichOneof("event") != "hello":
+            raise InvalidInput("Join: the first event must be hello{room, after_id}")
+        return first.hello  # type: ignore[no-any-return]
+
+    async def _read_client(self, it: AsyncIterator[Any], sub: Subscriber,
+                           p: auth.Principal) -> None:
+        strikes = 0
+        try:
+            async for ev in it:
+                if sub.closed is not None:
+                    return
+                problem: TsnetchatError | None = None
+                cmid = ""
+                try:
+                    if ev is GARBAGE:
+                        raise InvalidInput("could not decode that event (garbage); ignored")
+                    which = ev.WhichOneof("event")
+                    if which == "send":
+                        cmid = ev.send.client_msg_id
+                        self._send(sub, p, ev.send)
+                    elif which == "ack":
+                        continue
+                    elif which == "hello":
+                        raise InvalidInput("already in a room on this stream; open another Join "
+                                           "stream to be in another room")
+                    else:
+                        raise InvalidInput("empty or unknown event; ignored")
+                    strikes = 0
+                except (InvalidInput, LimitExceeded, StoreError) as e:
+                    problem = e
+                if problem is not None:
+                    strikes += 1
+                    sub.push(codec.event_item(error=pb.Error(
+                        code=status_for(problem).value[0], message=str(problem),
+                        client_msg_id=cmid)))
+                    if strikes > 2 * self.limits.rate_burst:
+                        sub.close(CloseReason(CloseKind.FLOOD, (
+                            "too many rejected events in a row (flooding); disconnected. "
+                            f"The limit is {self.limits.rate_per_second:g} messages/s with bursts "
+                            f"of {self.limits.rate_burst}.")))
+                        return
+            sub.close(CloseReason(CloseKind.DONE, "client finished"))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # the call was cancelled or broke: end the stream quietly
+            log.debug("reader ended: %r", e)
+            sub.close(CloseReason(CloseKind.DONE, "connection ended"))
+
+    def _send(self, sub: Subscriber, p: auth.Principal, send: pb.SendMessage) -> None:
+        kind = send.kind or pb.MESSAGE_KIND_TEXT
+        if len(send.client_msg_id) > MAX_CLIENT_MSG_ID:
+            raise InvalidInput(f"client_msg_id longer than {MAX_CLIENT_MSG_ID} characters")
+        validate_text(send.text, kind, self.limits.max_message_bytes)
+        wait = self._bucket(p.login).take()
+        if wait:
+            raise LimitExceeded(
+                f"slow down: at most {self.limits.rate_per_second:g} messages/s (bursts of "
+                f"{self.limits.rate_burst}); this one was not sent, retry in {wait:.1f}s")
+        # The sender is the connection's identity. send.claimed_sender is ignored on purpose.
+        msg, dup = self.store.append(sub.room, Sender(p.login, p.display_name, p.node), kind,
+                                     send.text, send.client_msg_id)
+        if not dup:
+            self.metrics.inc("messages_total")
+            self.hub.publish(sub.room, codec.message_item(msg))
+        sub.push(codec.event_item(sent=pb.Sent(client_msg_id=send.client_msg_id, id=msg.id)))
+
+    async def Subscribe(self, request: Any,
+                        context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        async with self._call(context, request, "Subscribe") as p:
+            auth.check_room(p, request.room)
+            self._check_capacity(p)
+            sub = Subscriber(request.room, p.login, p.token_id, self.limits.subscriber_queue)
+            self.hub.add(sub)
+            self.metrics.inc("streams_opened_total{kind=\"subscribe\"}")
+            try:
+                after = request.after_id if request.HasField("after_id") else None
+                async for f in self._replay(sub, after):
+                    yield f
+                yield codec.event(replay_done=pb.ReplayDone(last_id=sub.replayed_to))
+                async for f in self._live(sub, context):
+                    yield f
+            finally:
+                self.hub.remove(sub)
+
+    async def History(self, request: Any, context: grpc.aio.ServicerContext) -> pb.HistoryResponse:
+        async with self._call(context, request, "History") as p:
+            auth.check_room(p, request.room)
+            limit = min(request.limit or self.limits.max_page, self.limits.max_page)
+            anchor = request.WhichOneof("anchor")
+            if anchor == "after_id":
+                msgs = self.store.after(request.room, request.after_id, limit + 1)
+                more = len(msgs) > limit
+                msgs = msgs[:limit]
+            else:
+                before = request.before_id if anchor == "before_id" else 2**62
+                msgs = self.store.before(request.room, before, limit + 1)
+                more = len(msgs) > limit
+                msgs = msgs[-limit:]
+            return pb.HistoryResponse(messages=[codec.message_pb(m) for m in msgs], more=more,
+                                      max_page=self.limits.max_page)
+        raise AssertionError("unreachable")  # pragma: no cover - abort raised
+
+    async def ListRooms(self, request: Any, context: grpc.aio.ServicerContext) -> pb.ListRoomsResponse:
+        async with self._call(context, request, "ListRooms") as p:
+            names = set(self.store.rooms()) | set(self.hub.rooms())
+            if auth.ALL_ROOMS not in p.rooms:
+                names |= p.rooms
+            rooms = [pb.RoomInfo(name=n, last_id=self.store.last_id(n),
+                                 members=[m for m in self.hub.members(n)
+                                          if isinstance(m, pb.Identity)])
+                     for n in sorted(names) if p.may_use(n)]
+            return pb.ListRoomsResponse(rooms=rooms, all_rooms_allowed=auth.ALL_ROOMS in p.rooms)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def WhoAmI(self, request: Any, context: grpc.aio.ServicerContext) -> pb.WhoAmIResponse:
+        async with self._call(context, request, "WhoAmI") as p:
+            return pb.WhoAmIResponse(identity=self._me(p), rooms=sorted(p.rooms), admin=p.admin,
+                                     token_id=p.token_id, token_expires_unix=p.token_expires,
+                                     grant_applied=p.grant_applied)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def Kick(self, request: Any, context: grpc.aio.ServicerContext) -> pb.KickResponse:
+        async with self._call(context, request, "Kick") as p:
+            auth.check_admin(p)
+            auth.check_room(p, request.room)
+            n = self.hub.close_where(
+                lambda s: s.room == request.room and s.login == request.login,
+                CloseReason(CloseKind.KICKED, f"you were removed from {request.room!r} by "
+                                              f"{p.login}"))
+            log.info("kick room=%s login=%s by=%s streams=%d", request.room, request.login,
+                     p.login, n)
+            return pb.KickResponse(streams_closed=n)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def RevokeToken(self, request: Any,
+                          context: grpc.aio.ServicerContext) -> pb.RevokeTokenResponse:
+        async with self._call(context, request, "RevokeToken") as p:
+            auth.check_admin(p)
+            if not request.token_id or len(request.token_id) > 64:
+                raise InvalidInput("token_id must be a token id from `tsnetchat token list`")
+            self.store.revoke(request.token_id)
+            n = self.apply_revocations([request.token_id])
+            log.info("revoke token=%s by=%s streams=%d", request.token_id, p.login, n)
+            return pb.RevokeTokenResponse(streams_closed=n)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # server-side controls ----------------------------------------------------------
+
+    def apply_revocations(self, token_ids: list[str]) -> int:
+        """Refuse these tokens from now on and close the streams that use them."""
+        ids = set(token_ids)
+        self.gate.revoked |= ids
+        return self.hub.close_where(lambda s: s.token_id in ids, CloseReason(
+            CloseKind.REVOKED, "token lock: your token was revoked; ask an admin for a new one"))
+
+    def begin_shutdown(self, reason: str = "server is restarting") -> int:
+        """Tell every stream the server is going away and close them (UNAVAILABLE)."""
+        self.going_away = True
+        frame = codec.event_item(going_away=pb.GoingAway(reason=reason))
+        for room in self.hub.rooms():
+            self.hub.publish(room, frame)
+        return self.hub.close_where(lambda s: True, CloseReason(
+            CloseKind.SHUTDOWN, f"{reason}; reconnect and resume after your last message id"))

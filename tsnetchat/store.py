@@ -1,0 +1,223 @@
+"""Durable history and token records in SQLite (WAL).
+
+One process writes (the server); the CLI may read and write tokens/revocations concurrently
+(WAL + busy timeout make that safe). Calls are synchronous and short; the server calls them
+from its event loop, which keeps message ids and commit order identical.
+
+Guarantees:
+
+* ``append`` returns only after the row is committed. With ``fsync=False`` (WAL,
+  synchronous=NORMAL) a committed message survives a crashed or SIGKILLed process; with
+  ``fsync=True`` (synchronous=FULL) it also survives power loss.
+* ids are strictly increasing per room, starting at 1, never reused (also after pruning).
+* A repeated (room, sender, client_msg_id) returns the original message with
+  ``duplicate=True`` and writes nothing.
+
+sqlite3 errors are translated to StoreError here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import StoreError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS rooms (
+    name TEXT PRIMARY KEY,
+    last_id INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS messages (
+    room TEXT NOT NULL,
+    id INTEGER NOT NULL,
+    ts_ms INTEGER NOT NULL,
+    login TEXT NOT NULL,
+    display_name TEXT NOT NULL,
+    node TEXT NOT NULL,
+    kind INTEGER NOT NULL,
+    text TEXT NOT NULL,
+    client_msg_id TEXT NOT NULL,
+    PRIMARY KEY (room, id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS messages_dedup
+    ON messages (room, login, client_msg_id) WHERE client_msg_id != '';
+CREATE INDEX IF NOT EXISTS messages_ts ON messages (ts_ms);
+CREATE TABLE IF NOT EXISTS tokens (
+    jti TEXT PRIMARY KEY,
+    sub TEXT NOT NULL,
+    rooms TEXT NOT NULL,
+    admin INTEGER NOT NULL,
+    iat INTEGER NOT NULL,
+    exp INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS revocations (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    jti TEXT NOT NULL UNIQUE,
+    at INTEGER NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class Sender:
+    login: str
+    display_name: str
+    node: str
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    room: str
+    id: int
+    ts_ms: int
+    sender: Sender
+    kind: int
+    text: str
+    client_msg_id: str
+
+
+@dataclass(frozen=True)
+class TokenRecord:
+    jti: str
+    sub: str
+    rooms: str
+    admin: bool
+    iat: int
+    exp: int
+    revoked_at: int | None
+
+
+_COLS = "room, id, ts_ms, login, display_name, node, kind, text, client_msg_id"
+
+
+def _row(r: tuple[object, ...]) -> StoredMessage:
+    return StoredMessage(room=str(r[0]), id=int(r[1]), ts_ms=int(r[2]),  # type: ignore[call-overload]
+                         sender=Sender(str(r[3]), str(r[4]), str(r[5])),
+                         kind=int(r[6]), text=str(r[7]), client_msg_id=str(r[8]))  # type: ignore[call-overload]
+
+
+class Store:
+    def __init__(self, path: Path, *, fsync: bool = False) -> None:
+        self.path = path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
+                                       timeout=5.0)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
+            self._db.executescript(SCHEMA)
+            self._last = dict(self._db.execute("SELECT name, last_id FROM rooms").fetchall())
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot open history database {path}: {e}") from e
+
+    def close(self) -> None:
+        try:
+            self._db.close()
+        except sqlite3.Error as e:
+            raise StoreError(f"closing {self.path}: {e}") from e
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        except sqlite3.Error as e:
+            raise StoreError(f"history database error: {e}") from e
+
+    def _q(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+        try:
+            return self._db.execute(sql, args).fetchall()
+        except sqlite3.Error as e:
+            raise StoreError(f"history database error: {e}") from e
+
+    # messages -----------------------------------------------------------------------
+
+    def append(self, room: str, sender: Sender, kind: int, text: str, client_msg_id: str = "",
+               *, now_ms: int | None = None) -> tuple[StoredMessage, bool]:
+        """Store a message and return it with its new id; see the module doc for guarantees."""
+        if client_msg_id:
+            rows = self._q(f"SELECT {_COLS} FROM messages WHERE room=? AND login=? AND "
+                           "client_msg_id=?", (room, sender.login, client_msg_id))
+            if rows:
+                return _row(rows[0]), True
+        ts = int(time.time() * 1000) if now_ms is None else now_ms
+        new_id = self._last.get(room, 0) + 1
+        with self._tx() as db:
+            db.execute(f"INSERT INTO messages ({_COLS}) VALUES (?,?,?,?,?,?,?,?,?)",
+                       (room, new_id, ts, sender.login, sender.display_name, sender.node, kind,
+                        text, client_msg_id))
+            db.execute("INSERT INTO rooms (name, last_id) VALUES (?, ?) ON CONFLICT(name) "
+                       "DO UPDATE SET last_id=excluded.last_id", (room, new_id))
+        self._last[room] = new_id
+        return StoredMessage(room, new_id, ts, sender, kind, text, client_msg_id), False
+
+    def last_id(self, room: str) -> int:
+        return int(self._last.get(room, 0))
+
+    def rooms(self) -> dict[str, int]:
+        return dict(self._last)
+
+    def after(self, room: str, after_id: int, limit: int) -> list[StoredMessage]:
+        """Up to ``limit`` messages with id > after_id, ascending."""
+        return [_row(r) for r in self._q(
+            f"SELECT {_COLS} FROM messages WHERE room=? AND id>? ORDER BY id LIMIT ?",
+            (room, after_id, limit))]
+
+    def before(self, room: str, before_id: int, limit: int) -> list[StoredMessage]:
+        """Up to ``limit`` newest messages with id < before_id, returned ascending."""
+        rows = self._q(f"SELECT {_COLS} FROM messages WHERE room=? AND id<? ORDER BY id DESC "
+                       "LIMIT ?", (room, before_id, limit))
+        return [_row(r) for r in reversed(rows)]
+
+    def latest(self, room: str, n: int) -> list[StoredMessage]:
+        return self.before(room, 2**62, n) if n > 0 else []
+
+    def prune(self, *, keep_count: int, keep_days: float, now: float | None = None) -> int:
+        """Apply retention; returns the number of messages deleted. ids are not reused."""
+        deleted = 0
+        with self._tx() as db:
+            if keep_count > 0:
+                for room, last in self._last.items():
+                    deleted += db.execute("DELETE FROM messages WHERE room=? AND id<=?",
+                                          (room, last - keep_count)).rowcount
+            if keep_days > 0:
+                cutoff = int(((time.time() if now is None else now) - keep_days * 86400) * 1000)
+                deleted += db.execute("DELETE FROM messages WHERE ts_ms<?", (cutoff,)).rowcount
+        return deleted
+
+    # tokens -------------------------------------------------------------------------
+
+    def record_token(self, row: dict[str, object]) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO tokens (jti, sub, rooms, admin, iat, exp) "
+                       "VALUES (:jti, :sub, :rooms, :admin, :iat, :exp)", row)
+
+    def list_tokens(self) -> list[TokenRecord]:
+        rows = self._q("SELECT t.jti, t.sub, t.rooms, t.admin, t.iat, t.exp, r.at FROM tokens t "
+                       "LEFT JOIN revocations r ON r.jti = t.jti ORDER BY t.iat")
+        return [TokenRecord(str(r[0]), str(r[1]), str(r[2]), bool(r[3]), int(r[4]),  # type: ignore[call-overload]
+                            int(r[5]), None if r[6] is None else int(r[6]))  # type: ignore[call-overload]
+                for r in rows]
+
+    def revoke(self, jti: str) -> bool:
+        """Revoke a token id (known or not). Returns False if it was already revoked."""
+        with self._tx() as db:
+            cur = db.execute("INSERT OR IGNORE INTO revocations (jti, at) VALUES (?, ?)",
+                             (jti, int(time.time())))
+        return cur.rowcount > 0
+
+    def revocations_since(self, seq: int) -> tuple[list[str], int]:
+        rows = self._q("SELECT seq, jti FROM revocations WHERE seq>? ORDER BY seq", (seq,))
+        if not rows:
+            return [], seq
+        return [str(r[1]) for r in rows], int(rows[-1][0])  # type: ignore[call-overload]

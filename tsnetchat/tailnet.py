@@ -1,0 +1,286 @@
+"""Talking to the local tailscaled through its LocalAPI (a unix socket).
+
+We use httpx over the socket rather than a LocalAPI client package: the one typed client on
+PyPI (tslocal) is synchronous and has neither ``watch-ipn-bus`` nor ``dial``, both of which
+we need; httpx is async, streams, and is already well kept. We parse only the fields we use
+into small frozen dataclasses, so a newer tailscaled that adds fields does not break us.
+
+Every foreign error is translated here, once:
+
+* the socket is missing / refuses / times out   -> LocalAPIUnavailable
+* WhoIs says "no match" (HTTP 404)              -> PeerNotFound
+* any other non-2xx answer or unparsable JSON   -> TailnetError
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.parse
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from .errors import LocalAPIUnavailable, PeerNotFound, TailnetError, TailnetNotReady
+
+DEFAULT_SOCKET = "/var/run/tailscale/tailscaled.sock"
+# tailscaled only accepts these Host values on the LocalAPI (a DNS-rebinding guard).
+_HOST = "local-tailscaled.sock"
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    """A node as LocalAPI status shows it (ourselves or a peer)."""
+
+    host_name: str
+    dns_name: str  # FQDN with trailing dot, "" when MagicDNS is off
+    ips: tuple[str, ...]
+    online: bool
+    last_seen: str
+    login: str
+    tags: tuple[str, ...] = ()
+
+    @property
+    def short_name(self) -> str:
+        return self.dns_name.split(".", 1)[0] if self.dns_name else self.host_name
+
+
+@dataclass(frozen=True)
+class Status:
+    backend_state: str  # "Running", "NeedsLogin", "Stopped", "Starting", "NoState"
+    tun: bool  # False in userspace-networking mode
+    self_node: PeerInfo
+    peers: tuple[PeerInfo, ...]
+    magic_dns_suffix: str
+    magic_dns_enabled: bool
+    health: tuple[str, ...] = ()
+
+    @property
+    def running(self) -> bool:
+        return self.backend_state == "Running"
+
+    @property
+    def ips(self) -> tuple[str, ...]:
+        return self.self_node.ips
+
+    @property
+    def dns_name(self) -> str:
+        return self.self_node.dns_name.rstrip(".")
+
+
+@dataclass(frozen=True)
+class WhoIs:
+    """Who is behind a tailnet connection, per tailscaled."""
+
+    login: str  # "tagged-devices" for tagged nodes: use tags
+    display_name: str
+    node_name: str  # MagicDNS FQDN of the peer device, without trailing dot
+    node_id: str
+    tags: tuple[str, ...]
+    addresses: tuple[str, ...]
+    cap_map: Mapping[str, list[Any]] = field(default_factory=dict)
+
+    @property
+    def is_tagged(self) -> bool:
+        return bool(self.tags)
+
+
+def _peer_from(d: Mapping[str, Any], users: Mapping[str, Any]) -> PeerInfo:
+    user = users.get(str(d.get("UserID")), {}) if users else {}
+    return PeerInfo(
+        host_name=str(d.get("HostName", "")),
+        dns_name=str(d.get("DNSName", "")),
+        ips=tuple(d.get("TailscaleIPs") or ()),
+        online=bool(d.get("Online", False)),
+        last_seen=str(d.get("LastSeen", "")),
+        login=str(user.get("LoginName", "")),
+        tags=tuple(d.get("Tags") or ()),
+    )
+
+
+def parse_status(data: Mapping[str, Any]) -> Status:
+    users = data.get("User") or {}
+    tailnet = data.get("CurrentTailnet") or {}
+    me = data.get("Self") or {}
+    return Status(
+        backend_state=str(data.get("BackendState", "")),
+        tun=bool(data.get("TUN", False)),
+        self_node=_peer_from(me, users),
+        peers=tuple(_peer_from(p, users) for p in (data.get("Peer") or {}).values()),
+        magic_dns_suffix=str(tailnet.get("MagicDNSSuffix", "")),
+        magic_dns_enabled=bool(tailnet.get("MagicDNSEnabled", False)),
+        health=tuple(data.get("Health") or ()),
+    )
+
+
+def parse_whois(data: Mapping[str, Any]) -> WhoIs:
+    node = data.get("Node") or {}
+    profile = data.get("UserProfile") or {}
+    return WhoIs(
+        login=str(profile.get("LoginName", "")),
+        display_name=str(profile.get("DisplayName", "")),
+        node_name=str(node.get("Name", "")).rstrip("."),
+        node_id=str(node.get("StableID", "")),
+        tags=tuple(node.get("Tags") or ()),
+        addresses=tuple(a.split("/")[0] for a in node.get("Addresses") or ()),
+        cap_map=dict(data.get("CapMap") or {}),
+    )
+
+
+def parse_grpc_peer(peer: str) -> tuple[str, int]:
+    """Turn grpc's ``context.peer()`` into (host, port).
+
+    Forms: ``ipv4:127.0.0.1:33634``, ``ipv6:[::1]:56980``, ``ipv6:%5B::1%5D:56980``.
+    Raises InvalidPeer (a ValueError) for anything else, e.g. ``unix:...``.
+    """
+    kind, _, rest = peer.partition(":")
+    rest = urllib.parse.unquote(rest)
+    if kind == "ipv4":
+        host, _, port = rest.rpartition(":")
+    elif kind == "ipv6":
+        if not rest.startswith("[") or "]:" not in rest:
+            raise ValueError(f"unexpected ipv6 peer {peer!r}")
+        host, _, port = rest[1:].partition("]:")
+    else:
+        raise ValueError(f"not an IP peer: {peer!r}")
+    if not host or not port.isdigit():
+        raise ValueError(f"unexpected peer {peer!r}")
+    return host, int(port)
+
+
+def format_addr(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class LocalAPI:
+    """Async client for one tailscaled's LocalAPI. Cheap to create; `aclose()` when done."""
+
+    def __init__(self, socket_path: str = DEFAULT_SOCKET, *, timeout: float = 5.0) -> None:
+        self.socket_path = socket_path
+        self.timeout = timeout
+        self._client = httpx.AsyncClient(
+            transport=httpx.AsyncHTTPTransport(uds=socket_path),
+            base_url=f"http://{_HOST}",
+            timeout=timeout,
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def __aenter__(self) -> LocalAPI:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def _unavailable(self, exc: Exception) -> LocalAPIUnavailable:
+        return LocalAPIUnavailable(
+            f"tailscaled's LocalAPI at {self.socket_path} is not answering ({type(exc).__name__}). "
+            "Is tailscaled running? (systemctl status tailscaled, or pass --socket)"
+        )
+
+    async def _get_json(self, path: str, params: Mapping[str, str] | None = None) -> Any:
+        try:
+            r = await self._client.get(path, params=params)
+        except (httpx.TransportError, OSError) as e:
+            raise self._unavailable(e) from e
+        if r.status_code == 404 and path.endswith("/whois"):
+            raise PeerNotFound(r.text.strip() or "no match")
+        if r.status_code >= 400:
+            raise TailnetError(f"LocalAPI {path} answered {r.status_code}: {r.text.strip()[:200]}")
+        try:
+            return r.json()
+        except json.JSONDecodeError as e:
+            raise TailnetError(f"LocalAPI {path} sent invalid JSON") from e
+
+    async def status(self) -> Status:
+        return parse_status(await self._get_json("/localapi/v0/status"))
+
+    async def whois(self, addr: str) -> WhoIs:
+        """WhoIs for ``ip:port`` (``[v6]:port``). Raises PeerNotFound when there is no match."""
+        return parse_whois(await self._get_json("/localapi/v0/whois", {"addr": addr}))
+
+    async def watch(self, mask: int = 2 | 8) -> AsyncIterator[dict[str, Any]]:
+        """Stream IPN bus notifications (default mask: initial state + netmap).
+
+        Yields one dict per notification until the connection drops, then raises
+        LocalAPIUnavailable. The caller decides whether to reconnect.
+        """
+        try:
+            async with self._client.stream(
+                "GET", "/localapi/v0/watch-ipn-bus", params={"mask": str(mask)},
+                timeout=httpx.Timeout(self.timeout, read=None),
+            ) as r:
+                if r.status_code >= 400:
+                    raise TailnetError(f"watch-ipn-bus answered {r.status_code}")
+                async for line in r.aiter_lines():
+                    if line.strip():
+                        yield json.loads(line)
+        except (httpx.TransportError, OSError) as e:
+            raise self._unavailable(e) from e
+
+    async def dial(self, host: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A raw TCP stream to a tailnet peer through tailscaled (works in userspace mode).
+
+        httpx cannot hand over an upgraded connection, so this one speaks HTTP/1.1 itself.
+        Needs LocalAPI write access (root, or the tailscaled operator user).
+        """
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_unix_connection(self.socket_path), self.timeout)
+        except (OSError, TimeoutError) as e:
+            raise self._unavailable(e) from e
+        writer.write(
+            (f"POST /localapi/v0/dial HTTP/1.1\r\nHost: {_HOST}\r\nConnection: upgrade\r\n"
+             f"Upgrade: ts-dial\r\nDial-Host: {host}\r\nDial-Port: {port}\r\n"
+             "Content-Length: 0\r\n\r\n").encode()
+        )
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.timeout)
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError,
+                OSError) as e:
+            writer.close()
+            raise TailnetError(f"LocalAPI dial to {host}:{port} failed: no answer") from e
+        status_line = head.split(b"\r\n", 1)[0].decode(errors="replace")
+        if " 101 " not in status_line + " ":
+            writer.close()
+            body = b""
+            try:
+                body = await asyncio.wait_for(reader.read(300), 1)
+            except (TimeoutError, OSError):
+                pass
+            raise TailnetError(f"LocalAPI dial to {host}:{port} refused: {status_line} "
+                               f"{body.decode(errors='replace').strip()}")
+        return reader, writer
+
+
+async def wait_running(api: LocalAPI, timeout: float, *, progress: Any = None) -> Status:
+    """Poll status until tailscaled is Running with an address, or raise with advice.
+
+    ``progress(msg)`` is called when the state changes so people see what we wait for.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    last_msg = ""
+    while True:
+        try:
+            st = await api.status()
+            if st.running and st.ips:
+                return st
+            msg = f"tailscaled is {st.backend_state or 'starting'}"
+            advice = {
+                "NeedsLogin": "this node is logged out: run `tailscale up` (or give an auth key)",
+                "NeedsMachineAuth": "an admin must approve this machine in the tailnet",
+                "Stopped": "tailscale is stopped: run `tailscale up`",
+            }.get(st.backend_state, "waiting for it to connect")
+            err: Exception = TailnetNotReady(f"{msg}; {advice}")
+        except LocalAPIUnavailable as e:
+            msg, err = "tailscaled's LocalAPI is not answering yet", e
+        if progress is not None and msg != last_msg:
+            progress(msg)
+            last_msg = msg
+        if loop.time() >= deadline:
+            raise err
+        await asyncio.sleep(0.5)
