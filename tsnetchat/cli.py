@@ -1,2 +1,436 @@
+"""The `tsnetchat` command. Parses options and calls one function per command; no logic.
+
+Exit codes (for scripts): 0 ok, 1 error, 2 usage, 3 configuration, 4 tailnet (tailscaled not
+running, no such peer), 5 unauthenticated, 6 permission denied, 7 server unavailable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import grpc
+import typer
+
+from . import __version__
+from .config import ServerConfig, load_config
+from .errors import (
+    ConfigError,
+    PermissionDenied,
+    TailnetError,
+    TsnetchatError,
+    Unauthenticated,
+)
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="A private chat service on your Tailscale tailnet.")
+token_app = typer.Typer(no_args_is_help=True, help="Issue, list and revoke access tokens.")
+config_app = typer.Typer(no_args_is_help=True, help="Inspect the effective configuration.")
+app.add_typer(token_app, name="token")
+app.add_typer(config_app, name="config")
+
+EXIT = {ConfigError: 3, TailnetError: 4, Unauthenticated: 5, PermissionDenied: 6}
+GRPC_EXIT = {grpc.StatusCode.UNAUTHENTICATED: 5, grpc.StatusCode.PERMISSION_DENIED: 6,
+             grpc.StatusCode.UNAVAILABLE: 7, grpc.StatusCode.DEADLINE_EXCEEDED: 7,
+             grpc.StatusCode.INVALID_ARGUMENT: 2, grpc.StatusCode.RESOURCE_EXHAUSTED: 1}
+
+
+def fail(e: BaseException) -> typer.Exit:
+    if isinstance(e, grpc.aio.AioRpcError):
+        typer.secho(f"error: {e.details()} ({e.code().name})", err=True, fg="red")
+        return typer.Exit(GRPC_EXIT.get(e.code(), 1))
+    code = next((c for t, c in EXIT.items() if isinstance(e, t)), 1)
+    typer.secho(f"error: {e}", err=True, fg="red")
+    return typer.Exit(code)
+
+
+def run(coro: Any) -> Any:
+    try:
+        return asyncio.run(coro)
+    except (TsnetchatError, grpc.aio.AioRpcError) as e:
+        raise fail(e) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+def setup_logging(level: str) -> None:
+    journald = bool(os.environ.get("JOURNAL_STREAM"))
+    prio = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
+
+    class Fmt(logging.Formatter):
+        def format(self, record: logging.LogRecord) -> str:
+            msg = f"{record.levelname.lower()} {record.name}: {record.getMessage()}"
+            if record.exc_info:
+                msg += " " + self.formatException(record.exc_info).replace("\n", " | ")
+            if journald:  # journald reads the <N> priority prefix
+                return f"<{prio.get(record.levelname, 6)}>{msg}"
+            return f"{self.formatTime(record, '%H:%M:%S')} {msg}"
+
+    h = logging.StreamHandler(sys.stderr)
+    h.setFormatter(Fmt())
+    logging.basicConfig(level=level.upper(), handlers=[h], force=True)
+
+
+# Options shared by server-side commands. None = not given on the command line.
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file "
+                                                "(default /etc/tsnetchat/config.toml if present)")]
+StateOpt = Annotated[Path | None, typer.Option(help="State directory (history, key).")]
+SocketOpt = Annotated[str | None, typer.Option(help="tailscaled LocalAPI socket.")]
+
+
+def _server_config(config: Path | None, **flags: Any) -> ServerConfig:
+    try:
+        return load_config(file=config, flags=flags)
+    except ConfigError as e:
+        raise fail(e) from None
+
+
+@app.command()
+def serve(
+    config: ConfigOpt = None,
+    state_dir: StateOpt = None,
+    socket: SocketOpt = None,
+    port: Annotated[int | None, typer.Option(help="TCP port (default 50051).")] = None,
+    listen: Annotated[str | None, typer.Option(
+        help="'auto' (ask tailscaled) or a comma-separated list of IPs.")] = None,
+    embedded: Annotated[bool | None, typer.Option(
+        "--embedded/--system-tailscaled",
+        help="Run a private userspace tailscaled instead of using the system one.")] = None,
+    hostname: Annotated[str | None, typer.Option(help="Embedded node hostname.")] = None,
+    login_server: Annotated[str | None, typer.Option(help="Control server URL (embedded).")] = None,
+    auth_key_file: Annotated[str | None, typer.Option(help="Auth key file (embedded).")] = None,
+    tailscaled_path: Annotated[str | None, typer.Option(help="tailscaled binary (embedded).")] = None,
+    require_grant: Annotated[bool | None, typer.Option(
+        "--require-grant/--no-require-grant", help="Refuse users without an app grant.")] = None,
+    cap_domain: Annotated[str | None, typer.Option(help="Grant capability domain.")] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="Prometheus text endpoint port.")] = None,
+    log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error.")] = None,
+) -> None:
+    """Run the chat server on this node's tailnet addresses."""
+    flags = dict(state_dir=state_dir, socket=socket, port=port, listen=listen, embedded=embedded,
+                 hostname=hostname, login_server=login_server, auth_key_file=auth_key_file,
+                 tailscaled_path=tailscaled_path, require_grant=require_grant,
+                 cap_domain=cap_domain, metrics_port=metrics_port, log_level=log_level)
+    cfg = _server_config(config, **flags)
+    setup_logging(cfg.log_level)
+    from .daemon import run_daemon
+
+    raise typer.Exit(run(run_daemon(cfg, lambda: load_config(file=config, flags=flags))))
+
+
+# --- tokens --------------------------------------------------------------------------
+
+
+def _parse_ttl(ttl: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+    try:
+        if ttl[-1] in units:
+            return float(ttl[:-1]) * units[ttl[-1]]
+        return float(ttl)
+    except (ValueError, IndexError):
+        raise fail(ConfigError(f"--ttl: {ttl!r} is not a duration like 12h, 30d")) from None
+
+
+@token_app.command("issue")
+def token_issue(
+    subject: Annotated[str, typer.Argument(help="Tailnet login (alice@example.com) or tag:x.")],
+    room: Annotated[list[str] | None, typer.Option(help="Allowed room (repeat); default all.")] = None,
+    admin: Annotated[bool, typer.Option(help="May kick and revoke.")] = False,
+    ttl: Annotated[str, typer.Option(help="Lifetime, e.g. 12h, 30d.")] = "30d",
+    json_out: Annotated[bool, typer.Option("--json")] = False,
+    config: ConfigOpt = None,
+    state_dir: StateOpt = None,
+) -> None:
+    """Sign a token for a tailnet user. It only works from that user's own devices."""
+    from . import auth
+    from .store import Store
+
+    cfg = _server_config(config, state_dir=state_dir)
+    try:
+        key = auth.load_or_create_key(cfg.key_path)
+        tok, claims = auth.issue_token(key, subject, room or [], admin=admin,
+                                       ttl_seconds=_parse_ttl(ttl))
+        store = Store(cfg.db_path)
+        store.record_token(claims.to_row())
+        store.close()
+    except TsnetchatError as e:
+        raise fail(e) from None
+    if json_out:
+        typer.echo(json.dumps({"token": tok, "id": claims.token_id, "subject": subject,
+                               "rooms": sorted(claims.rooms), "admin": admin,
+                               "expires": claims.expires_at}))
+    else:
+        typer.echo(tok)
+        typer.secho(f"token id {claims.token_id} for {subject}, rooms "
+                    f"{','.join(sorted(claims.rooms))}{', admin' if admin else ''}", err=True)
+
+
+@token_app.command("list")
+def token_list(config: ConfigOpt = None, state_dir: StateOpt = None,
+               json_out: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List issued tokens (ids, subjects, rooms, expiry, revocation)."""
+    import time
+
+    from .store import Store
+
+    cfg = _server_config(config, state_dir=state_dir)
+    store = Store(cfg.db_path)
+    rows = store.list_tokens()
+    store.close()
+    if json_out:
+        typer.echo(json.dumps([r.__dict__ for r in rows]))
+        return
+    for r in rows:
+        state = "revoked" if r.revoked_at else ("expired" if r.exp < time.time() else "active")
+        typer.echo(f"{r.jti}  {r.sub:30} rooms={r.rooms:20} admin={int(r.admin)} "
+                   f"expires={time.strftime('%Y-%m-%d', time.gmtime(r.exp))} {state}")
+
+
+@token_app.command("revoke")
+def token_revoke(token_id: str, config: ConfigOpt = None, state_dir: StateOpt = None) -> None:
+    """Revoke a token; a running server closes its streams within a second."""
+    from .store import Store
+
+    cfg = _server_config(config, state_dir=state_dir)
+    store = Store(cfg.db_path)
+    new = store.revoke(token_id)
+    store.close()
+    typer.echo(f"revoked {token_id}" if new else f"{token_id} was already revoked")
+
+
+@config_app.command("show")
+def config_show(config: ConfigOpt = None) -> None:
+    """Print the effective server config (file < env < flags), secrets masked."""
+    cfg = _server_config(config)
+    for k, v in cfg.masked().items():
+        typer.echo(f"{k} = {json.dumps(v)}")
+
+
+# --- client commands -----------------------------------------------------------------
+
+ServerArg = Annotated[str, typer.Argument(help="Server: MagicDNS name, full name or tailnet IP.")]
+RoomOpt = Annotated[str, typer.Option("--room", "-r", help="Room name.")]
+TokenOpt = Annotated[str | None, typer.Option(help="Token (or TSNETCHAT_TOKEN).")]
+TokenFileOpt = Annotated[Path | None, typer.Option(help="File holding the token.")]
+ProxyOpt = Annotated[str | None, typer.Option(
+    help="Local node's HTTP proxy (userspace mode), e.g. 127.0.0.1:1055 (or TSNETCHAT_PROXY).")]
+PortOpt = Annotated[int, typer.Option(help="Server port.")]
+AddressOpt = Annotated[str | None, typer.Option(hidden=True, help="host:port, skip discovery.")]
+
+
+def _client_settings(server: str, token: str | None, token_file: Path | None,
+                     socket: str | None, proxy: str | None) -> dict[str, Any]:
+    from .tailnet import DEFAULT_SOCKET
+    from .tokens import find_token
+
+    try:
+        tok = find_token(server, token=token, token_file=token_file)
+    except TsnetchatError as e:
+        raise fail(e) from None
+    return {"token": tok,
+            "socket": socket or os.environ.get("TSNETCHAT_SOCKET") or DEFAULT_SOCKET,
+            "proxy": proxy if proxy is not None else os.environ.get("TSNETCHAT_PROXY", "")}
+
+
+@app.command(name="connect")
+def connect_cmd(
+    server: ServerArg, room: RoomOpt = "general", token: TokenOpt = None,
+    token_file: TokenFileOpt = None, socket: SocketOpt = None, proxy: ProxyOpt = None,
+    port: PortOpt = 50051, address: AddressOpt = None,
+    save_token: Annotated[bool, typer.Option(help="Remember the token for this server.")] = False,
+) -> None:
+    """Interactive terminal chat."""
+    s = _client_settings(server, token, token_file, socket, proxy)
+    if save_token:
+        from .tokens import save_token as save
+
+        save(server, s["token"])
+    from .tui import run_tui
+
+    raise typer.Exit(run(run_tui(server, room, port=port, address=address or "", **s)))
+
+
+@app.command()
+def send(
+    server: ServerArg, text: Annotated[str, typer.Argument(help="Message text ('-' = stdin).")],
+    room: RoomOpt = "general", action: Annotated[bool, typer.Option(help="Send as /me.")] = False,
+    token: TokenOpt = None, token_file: TokenFileOpt = None, socket: SocketOpt = None,
+    proxy: ProxyOpt = None, port: PortOpt = 50051, address: AddressOpt = None,
+    json_out: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Send one message and print its id once the server has stored it."""
+    from .client import connect
+    from .pb import chat_pb2 as pb
+
+    s = _client_settings(server, token, token_file, socket, proxy)
+    body = sys.stdin.read() if text == "-" else text
+
+    async def go() -> int:
+        conn = await connect(server, port=port, address=address or "", **s)
+        try:
+            return await conn.send_one(room, body.rstrip("\n"), kind=(
+                pb.MESSAGE_KIND_ACTION if action else pb.MESSAGE_KIND_TEXT))
+        finally:
+            await conn.close()
+
+    mid = run(go())
+    typer.echo(json.dumps({"id": mid, "room": room}) if json_out else f"sent #{mid} to {room}")
+
+
+def message_json(m: Any) -> str:
+    return json.dumps({"id": m.id, "room": m.room, "ts": m.sent_unix_ms, "from": m.sender.login,
+                       "node": m.sender.node, "text": m.text,
+                       "kind": "action" if m.kind == 2 else "text"})
+
+
+def message_line(m: Any) -> str:
+    import time
+
+    t = time.strftime("%H:%M:%S", time.localtime(m.sent_unix_ms / 1000))
+    who = m.sender.display_name or m.sender.login
+    return f"[{t}] * {who} {m.text}" if m.kind == 2 else f"[{t}] <{who}> {m.text}"
+
+
+@app.command()
+def tail(
+    server: ServerArg, room: RoomOpt = "general",
+    after: Annotated[int | None, typer.Option(help="Start after this message id.")] = None,
+    count: Annotated[int, typer.Option(help="Exit after this many messages (0 = follow).")] = 0,
+    token: TokenOpt = None, token_file: TokenFileOpt = None, socket: SocketOpt = None,
+    proxy: ProxyOpt = None, port: PortOpt = 50051, address: AddressOpt = None,
+    json_out: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Follow a room read-only (the server stream). Reconnects and resumes on its own."""
+    from .client import connect
+
+    s = _client_settings(server, token, token_file, socket, proxy)
+
+    async def go() -> None:
+        last = after
+        seen = 0
+        backoff = 0.5
+        while True:
+            conn = await connect(server, port=port, address=address or "", **s)
+            try:
+                async for ev in conn.subscribe(room, after=last):
+                    which = ev.WhichOneof("event")
+                    msgs = ([ev.message] if which == "message" else
+                            list(ev.batch.messages) if which == "batch" else [])
+                    for m in msgs:
+                        if last is not None and m.id <= last:
+                            continue
+                        last = m.id
+                        typer.echo(message_json(m) if json_out else message_line(m))
+                        seen += 1
+                        if count and seen >= count:
+                            return
+                    backoff = 0.5
+            except grpc.aio.AioRpcError as e:
+                if e.code() in (grpc.StatusCode.UNAUTHENTICATED,
+                                grpc.StatusCode.PERMISSION_DENIED,
+                                grpc.StatusCode.INVALID_ARGUMENT):
+                    raise
+                typer.secho(f"reconnecting: {e.details()}", err=True, fg="yellow")
+            finally:
+                await conn.close()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5)
+
+    run(go())
+
+
+@app.command()
+def history(
+    server: ServerArg, room: RoomOpt = "general",
+    before: Annotated[int | None, typer.Option()] = None, limit: int = 50,
+    token: TokenOpt = None, token_file: TokenFileOpt = None, socket: SocketOpt = None,
+    proxy: ProxyOpt = None, port: PortOpt = 50051, address: AddressOpt = None,
+    json_out: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Print a page of a room's history."""
+    from .client import connect
+
+    s = _client_settings(server, token, token_file, socket, proxy)
+
+    async def go() -> Any:
+        conn = await connect(server, port=port, address=address or "", **s)
+        try:
+            return await conn.history(room, before=before, limit=limit)
+        finally:
+            await conn.close()
+
+    page = run(go())
+    for m in page.messages:
+        typer.echo(message_json(m) if json_out else message_line(m))
+
+
+@app.command()
+def whoami(
+    server: ServerArg, token: TokenOpt = None, token_file: TokenFileOpt = None,
+    socket: SocketOpt = None, proxy: ProxyOpt = None, port: PortOpt = 50051,
+    address: AddressOpt = None,
+) -> None:
+    """Who the server thinks you are, and what you may do."""
+    from .client import connect
+
+    s = _client_settings(server, token, token_file, socket, proxy)
+
+    async def go() -> Any:
+        conn = await connect(server, port=port, address=address or "", **s)
+        try:
+            return await conn.whoami()
+        finally:
+            await conn.close()
+
+    me = run(go())
+    typer.echo(json.dumps({"login": me.identity.login, "node": me.identity.node,
+                           "rooms": list(me.rooms), "admin": me.admin,
+                           "grant_applied": me.grant_applied, "token_id": me.token_id}))
+
+
+@app.command()
+def doctor(
+    config: ConfigOpt = None, socket: SocketOpt = None,
+    server: Annotated[str | None, typer.Option(
+        help="Also check that this server is reachable from this node.")] = None,
+    token: TokenOpt = None, token_file: TokenFileOpt = None, proxy: ProxyOpt = None,
+    state_dir: StateOpt = None,
+    port: Annotated[int | None, typer.Option()] = None,
+) -> None:
+    """Check this node and explain what is wrong, one line per check."""
+    from .doctor import run_doctor
+
+    cfg = _server_config(config, socket=socket, state_dir=state_dir, port=port)
+    tok = token or os.environ.get("TSNETCHAT_TOKEN") or (
+        token_file.read_text().strip() if token_file else "")
+    ok = run(run_doctor(cfg, server=server, token=tok,
+                        proxy=proxy or os.environ.get("TSNETCHAT_PROXY", "")))
+    raise typer.Exit(0 if ok else 1)
+
+
+@app.command(name="install-systemd")
+def install_systemd(
+    embedded: Annotated[bool, typer.Option(help="Install the embedded-tailscaled unit.")] = False,
+    dest: Annotated[Path, typer.Option(help="Unit directory.")] = Path("/etc/systemd/system"),
+) -> None:
+    """Install the shipped systemd unit (then: systemctl daemon-reload && enable --now)."""
+    from .systemd import install_unit
+
+    path = install_unit(dest, embedded=embedded)
+    typer.echo(f"installed {path}\nnext: systemctl daemon-reload && systemctl enable --now "
+               f"{path.name}")
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    typer.echo(__version__)
+
+
 def main() -> None:
-    raise SystemExit("not yet")
+    app()

@@ -303,10 +303,10 @@ async def serve(cfg: ServerConfig, *, reload_config: Callable[[], ServerConfig] 
         loop.add_signal_handler(sig, on_stop)
     loop.add_signal_handler(signal.SIGHUP, hup.set)
 
-    if before_start is not None:
-        await before_start()
     server = Server(cfg)
     try:
+        if before_start is not None:
+            await before_start()
         await server.start()
         while not stop.is_set():
             hup.clear()

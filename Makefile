@@ -1,0 +1,54 @@
+# tsnetchat: `make demo` and `make test` set up everything they need.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+ARGS   ?=
+
+.PHONY: setup sysdeps lab-bins codegen check-codegen lint test demo bench lab-up lab-down clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev,bench]'
+	touch $@
+
+sysdeps:
+	@scripts/install-sysdeps.sh
+
+lab-bins: $(STAMP)
+	@$(BIN)/python scripts/tailnet_lab.py build >/dev/null || { \
+	  if [ -n "$$CI" ]; then echo "tailnet binaries are required in CI" >&2; exit 1; fi; \
+	  echo "*** tailnet binaries unavailable: tailnet tests will SKIP ***" >&2; }
+
+setup: $(STAMP) sysdeps lab-bins
+
+codegen: $(STAMP)
+	$(BIN)/python scripts/codegen.py
+
+check-codegen: $(STAMP)
+	$(BIN)/python scripts/codegen.py --check
+
+lint: $(STAMP)
+	$(BIN)/ruff check tsnetchat tests scripts bench
+	$(BIN)/mypy
+
+test: setup check-codegen lint
+	@scripts/no-leftovers.sh before
+	$(BIN)/pytest $(ARGS)
+	@scripts/no-leftovers.sh after
+
+demo: setup
+	$(BIN)/python scripts/demo.py $(ARGS)
+
+bench: setup
+	$(BIN)/python bench/run.py $(ARGS)
+
+lab-up: setup
+	scripts/dev-tailnet up
+
+lab-down:
+	scripts/dev-tailnet down
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

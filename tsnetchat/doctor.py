@@ -1,0 +1,146 @@
+"""`tsnetchat doctor`: a checklist, one verdict per line, in plain words."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+import tempfile
+from dataclasses import dataclass
+
+from .config import ServerConfig
+from .errors import TsnetchatError
+from .tailnet import LocalAPI, Status
+
+OK, WARN, FAIL, SKIP = "ok", "warn", "FAIL", "skip"
+
+
+@dataclass
+class Check:
+    name: str
+    verdict: str
+    detail: str
+
+    def line(self) -> str:
+        mark = {OK: "✔", WARN: "!", FAIL: "✘", SKIP: "-"}[self.verdict]
+        return f"{mark} {self.name:24} {self.detail}"
+
+
+async def _port_open(host: str, port: int) -> bool:
+    try:
+        _, w = await asyncio.wait_for(asyncio.open_connection(host, port), 2)
+    except (OSError, TimeoutError):
+        return False
+    w.close()
+    return True
+
+
+async def checks(cfg: ServerConfig, *, server: str | None = None, token: str = "",
+                 proxy: str = "") -> list[Check]:
+    out: list[Check] = []
+    sock = cfg.effective_socket()
+    st: Status | None = None
+    api = LocalAPI(sock, timeout=3)
+    try:
+        st = await api.status()
+        out.append(Check("tailscaled reachable", OK, f"LocalAPI answers at {sock}"))
+    except TsnetchatError as e:
+        out.append(Check("tailscaled reachable", FAIL, f"{e}"))
+    finally:
+        await api.aclose()
+
+    if st is None:
+        for name in ("logged in", "tailnet addresses", "MagicDNS name", "listening"):
+            out.append(Check(name, SKIP, "needs tailscaled"))
+    else:
+        if st.running:
+            out.append(Check("logged in", OK, f"Running as {st.self_node.login or '?'}"))
+        else:
+            out.append(Check("logged in", FAIL, f"tailscaled is {st.backend_state}: run "
+                             "`tailscale up` (or give the embedded node an auth key)"))
+        if st.ips:
+            mode = "TUN" if st.tun else "userspace networking"
+            out.append(Check("tailnet addresses", OK, f"{', '.join(st.ips)} ({mode})"))
+        else:
+            out.append(Check("tailnet addresses", FAIL, "this node has no tailnet address yet"))
+        if st.dns_name and st.magic_dns_enabled:
+            out.append(Check("MagicDNS name", OK, f"{st.dns_name} (clients: tsnetchat connect "
+                             f"{st.self_node.short_name})"))
+        elif st.dns_name:
+            out.append(Check("MagicDNS name", WARN, f"{st.dns_name}, but MagicDNS is off on this "
+                             "tailnet: clients must use the tailnet IP"))
+        else:
+            out.append(Check("MagicDNS name", FAIL, "no MagicDNS name (is the node logged in?)"))
+        if st.ips:
+            from .server import listen_addresses
+
+            addrs = listen_addresses(st) if cfg.listen == "auto" else cfg.listen.split(",")
+            up = [a for a in addrs if await _port_open(a.strip(), cfg.port)]
+            where = ", ".join(f"{a}:{cfg.port}" for a in addrs)
+            if len(up) == len(addrs):
+                out.append(Check("listening", OK, f"a server answers on {where}"))
+            else:
+                out.append(Check("listening", FAIL, f"nothing listens on {where}: is `tsnetchat "
+                                 "serve` running (systemctl status tsnetchat)?"))
+
+    key = cfg.key_path
+    if not key.exists():
+        out.append(Check("key file", WARN, f"{key} does not exist yet (created on first start)"))
+    else:
+        mode = stat.S_IMODE(key.stat().st_mode)
+        if mode & 0o077:
+            out.append(Check("key file", FAIL, f"{key} is readable by others (mode {mode:04o}); "
+                             f"run `chmod 600 {key}`. The server refuses to start like this."))
+        else:
+            out.append(Check("key file", OK, f"{key} mode {mode:04o}"))
+
+    try:
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=cfg.state_dir, prefix=".doctor-"):
+            pass
+        if cfg.db_path.exists() and not os.access(cfg.db_path, os.W_OK):
+            raise PermissionError(f"{cfg.db_path} is not writable")
+        out.append(Check("history store", OK, f"{cfg.state_dir} is writable"))
+    except OSError as e:
+        out.append(Check("history store", FAIL, f"cannot write in {cfg.state_dir}: "
+                         f"{e.strerror or e}; check ownership (StateDirectory= under systemd)"))
+
+    if server:
+        out.append(await _reach(server, cfg, sock, token, proxy))
+    return out
+
+
+async def _reach(server: str, cfg: ServerConfig, sock: str, token: str, proxy: str) -> Check:
+    import grpc
+
+    from .client import connect
+
+    if not token:
+        return Check("server reachable", SKIP, "give --token to check the server end to end")
+    try:
+        conn = await connect(server, token, socket=sock, port=cfg.port, proxy=proxy)
+    except TsnetchatError as e:
+        return Check("server reachable", FAIL, str(e))
+    try:
+        me = await conn.whoami(timeout=5)
+        return Check("server reachable", OK, f"{server} answers; you are {me.identity.login} "
+                     f"(rooms: {', '.join(me.rooms)})")
+    except grpc.aio.AioRpcError as e:
+        code = e.code()
+        if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            return Check("server reachable", WARN, f"{server} answers but refuses you: "
+                         f"{e.details()}")
+        return Check("server reachable", FAIL, f"{server} does not answer ({code.name}: "
+                     f"{e.details()})")
+    finally:
+        await conn.close()
+
+
+async def run_doctor(cfg: ServerConfig, *, server: str | None = None, token: str = "",
+                     proxy: str = "") -> bool:
+    results = await checks(cfg, server=server, token=token, proxy=proxy)
+    for c in results:
+        print(c.line())
+    bad = [c for c in results if c.verdict == FAIL]
+    print(f"\n{'all good' if not bad else f'{len(bad)} problem(s) found'}")
+    return not bad

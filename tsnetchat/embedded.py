@@ -1,0 +1,154 @@
+"""`serve --embedded`: our own tailscaled in userspace-networking mode, supervised.
+
+It gets its own state dir, LocalAPI socket and hostname under the server's state dir, joins
+with an auth key (env TSNETCHAT_AUTH_KEY, --auth-key-file, or a systemd credential named
+`authkey`), is restarted with backoff if it dies, and is stopped when the server stops.
+The auth key never appears on a command line: it is passed as `--auth-key=file:...`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from .config import ServerConfig
+from .errors import ConfigError, TailnetError
+from .tailnet import LocalAPI
+
+log = logging.getLogger("tsnetchat.embedded")
+
+
+def find_auth_key(cfg: ServerConfig) -> str:
+    """The auth key from config/env, a file, or $CREDENTIALS_DIRECTORY/authkey ("" if none)."""
+    if cfg.auth_key:
+        return cfg.auth_key.strip()
+    candidates = [cfg.auth_key_file] if cfg.auth_key_file else []
+    if os.environ.get("CREDENTIALS_DIRECTORY"):
+        candidates.append(os.path.join(os.environ["CREDENTIALS_DIRECTORY"], "authkey"))
+    for c in candidates:
+        try:
+            return Path(c).read_text().strip()
+        except OSError as e:
+            if c == cfg.auth_key_file:
+                raise ConfigError(f"--auth-key-file {c}: {e.strerror}") from None
+    return ""
+
+
+def _which(name: str) -> str:
+    found = shutil.which(name) if "/" not in name else (name if os.access(name, os.X_OK) else None)
+    if not found:
+        raise ConfigError(f"cannot find {name!r}; install Tailscale or pass --tailscaled-path")
+    return found
+
+
+class EmbeddedTailscaled:
+    def __init__(self, cfg: ServerConfig) -> None:
+        self.cfg = cfg
+        self.dir = cfg.embedded_dir
+        self.socket = cfg.effective_socket()
+        self.tailscaled = _which(cfg.tailscaled_path)
+        cli = os.path.join(os.path.dirname(self.tailscaled), "tailscale")
+        self.tailscale = cli if os.access(cli, os.X_OK) else _which("tailscale")
+        self.proc: asyncio.subprocess.Process | None = None
+        self.restarts = 0
+        self._supervisor: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    def _env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC",
+                                                               "WATCHDOG_PID")}
+        env.setdefault("TS_LOGS_DIR", str(self.dir / "logs"))
+        return env
+
+    async def _spawn(self) -> None:
+        (self.dir / "logs").mkdir(parents=True, exist_ok=True, mode=0o700)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket)
+        logf = open(self.dir / "tailscaled.log", "ab")  # noqa: SIM115 - owned by the process
+        self.proc = await asyncio.create_subprocess_exec(
+            self.tailscaled, "--tun=userspace-networking", f"--statedir={self.dir}",
+            f"--socket={self.socket}", "--port=0", stdin=asyncio.subprocess.DEVNULL,
+            stdout=logf, stderr=logf, env=self._env())
+        logf.close()
+        for _ in range(200):
+            if os.path.exists(self.socket):
+                return
+            if self.proc.returncode is not None:
+                break
+            await asyncio.sleep(0.05)
+        raise TailnetError(f"embedded tailscaled did not start; see {self.dir}/tailscaled.log")
+
+    async def _up(self) -> None:
+        api = LocalAPI(self.socket)
+        try:
+            st = await api.status()
+        finally:
+            await api.aclose()
+        if st.running:
+            return
+        key = find_auth_key(self.cfg)
+        if not key and st.backend_state == "NeedsLogin":
+            raise ConfigError("the embedded node is not logged in and no auth key was given: set "
+                              "TSNETCHAT_AUTH_KEY, --auth-key-file, or the systemd credential "
+                              "'authkey'")
+        args = [self.tailscale, f"--socket={self.socket}", "up", f"--hostname={self.cfg.hostname}",
+                "--timeout=60s"]
+        keyfile = self.dir / "authkey"
+        if key:
+            fd = os.open(keyfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(key)
+            args.append(f"--auth-key=file:{keyfile}")
+        if self.cfg.login_server:
+            args.append(f"--login-server={self.cfg.login_server}")
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+                env=self._env())
+            out, _ = await proc.communicate()
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                keyfile.unlink()
+        if proc.returncode != 0:
+            raise TailnetError(f"`tailscale up` for the embedded node failed: "
+                               f"{out.decode(errors='replace').strip()[-500:]}")
+
+    async def start(self) -> None:
+        await self._spawn()
+        await self._up()
+        self._supervisor = asyncio.create_task(self._supervise())
+        log.info("embedded tailscaled running (socket %s, hostname %s)", self.socket,
+                 self.cfg.hostname)
+
+    async def _supervise(self) -> None:
+        backoff = 0.5
+        while not self._stopping:
+            assert self.proc is not None
+            rc = await self.proc.wait()
+            if self._stopping:
+                return
+            self.restarts += 1
+            log.warning("embedded tailscaled exited (%s); restarting in %.1fs", rc, backoff)
+            await asyncio.sleep(backoff)
+            try:
+                await self._spawn()  # state dir keeps it logged in
+                backoff = 0.5
+            except TailnetError as e:
+                log.error("%s", e)
+                backoff = min(backoff * 2, 30)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.terminate()
+            try:
+                await asyncio.wait_for(self.proc.wait(), 5)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
