@@ -136,3 +136,105 @@ def anyio_backend() -> str:
 
 def run(coro: Any) -> Any:
     return asyncio.get_event_loop().run_until_complete(coro)
+
+
+# --- a real server on the lab's chat-server node ----------------------------------------
+
+
+class LocalAPIRelay:
+    """Forwards a unix socket to a node's LocalAPI; `pause()` makes the LocalAPI vanish for
+    whoever uses the relay (the server), while tailnet traffic keeps flowing."""
+
+    def __init__(self, target: str, path: str) -> None:
+        self.target, self.path = target, path
+        self._server: asyncio.base_events.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def resume(self) -> None:
+        async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            try:
+                ur, uw = await asyncio.open_unix_connection(self.target)
+            except OSError:
+                w.close()
+                return
+            self._writers.update((w, uw))
+
+            async def pipe(a: asyncio.StreamReader, b: asyncio.StreamWriter) -> None:
+                try:
+                    while data := await a.read(65536):
+                        b.write(data)
+                        await b.drain()
+                except Exception:
+                    pass
+                b.close()
+
+            await asyncio.gather(pipe(r, uw), pipe(ur, w))
+
+        self._server = await asyncio.start_unix_server(handle, self.path)
+
+    async def pause(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for w in list(self._writers):
+            w.transport.abort()
+        self._writers.clear()
+        if os.path.exists(self.path):
+            os.unlink(self.path)
+
+
+@dataclass
+class LabChat:
+    """An in-process server on the lab's chat-server node (real LocalAPI, real WhoIs)."""
+
+    lab: Any
+    server: Server
+    cfg: ServerConfig
+    relay: LocalAPIRelay
+    conns: list[Connection] = field(default_factory=list)
+
+    @property
+    def port(self) -> int:
+        return self.cfg.port
+
+    def token(self, login: str, rooms: tuple[str, ...] = ("*",), *, admin: bool = False,
+              ttl: float = 3600) -> str:
+        key = self.cfg.key_path.read_bytes().strip()
+        tok, claims = auth.issue_token(key, login, rooms, admin=admin, ttl_seconds=ttl)
+        assert self.server.store is not None
+        self.server.store.record_token(claims.to_row())
+        return tok
+
+    async def connect(self, node: str, token: str, *, mode: str = "proxy") -> Connection:
+        n = self.lab.nodes[node]
+        conn = await connect("chat-server", token, socket=n.socket, port=self.port,
+                             proxy=f"http://{n.http_proxy}" if mode == "proxy" else "")
+        self.conns.append(conn)
+        return conn
+
+    async def direct(self, token: str) -> Connection:
+        conn = await connect("chat-server", token, socket="", address=f"127.0.0.1:{self.port}")
+        self.conns.append(conn)
+        return conn
+
+
+@pytest.fixture
+async def lab_chat(lab: Any, tmp_path: Path, request: pytest.FixtureRequest
+                   ) -> AsyncIterator[LabChat]:
+    marker = request.node.get_closest_marker("server_config")
+    overrides = marker.kwargs if marker else {}
+    relay = LocalAPIRelay(lab.nodes["chat-server"].socket, str(tmp_path / "relay.sock"))
+    await relay.resume()
+    cfg = load_config(file=None, env={}, flags={
+        "state_dir": str(tmp_path / "state"), "socket": relay.path, "port": free_port(),
+        "cap_domain": "example.com", "startup_timeout": 20.0, **overrides})
+    server = Server(cfg)
+    await server.start()
+    lc = LabChat(lab, server, cfg, relay)
+    try:
+        yield lc
+    finally:
+        for c in lc.conns:
+            await c.close()
+        await server.stop(grace=0.2)
+        await relay.pause()

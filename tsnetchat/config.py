@@ -64,6 +64,8 @@ class ServerConfig:
     rate_per_second: float = 5.0
     max_rooms_per_client: int = 16
     subscriber_queue: int = 2048
+    call_burst: int = 200  # RPCs per person: burst, then call_rate per second
+    call_rate: float = 50.0
     fsync: bool = False  # True: survive power loss, not only a crashed process
     shutdown_grace: float = 5.0
     # Embedded tailscaled (serve --embedded)
@@ -207,7 +209,7 @@ def _validate(cfg: ServerConfig, where: Any) -> None:
                 raise bad("listen", f"{a} would listen on every interface; tsnetchat listens "
                                     "only where tailnet traffic arrives")
     for name in ("max_message_bytes", "max_page", "rate_burst", "max_rooms_per_client",
-                 "subscriber_queue"):
+                 "subscriber_queue", "call_burst"):
         if getattr(cfg, name) < 1:
             raise bad(name, "must be at least 1")
     if cfg.max_message_bytes > 60_000:

@@ -65,7 +65,8 @@ def limits_from(cfg: ServerConfig) -> Limits:
                   max_page=cfg.max_page, rate_burst=cfg.rate_burst,
                   rate_per_second=cfg.rate_per_second,
                   max_rooms_per_client=cfg.max_rooms_per_client,
-                  subscriber_queue=cfg.subscriber_queue)
+                  subscriber_queue=cfg.subscriber_queue, call_burst=cfg.call_burst,
+                  call_rate=cfg.call_rate)
 
 
 class Server:

@@ -84,6 +84,8 @@ class Limits:
     rate_per_second: float = 5.0
     max_rooms_per_client: int = 16
     subscriber_queue: int = 2048
+    call_burst: int = 200  # any RPC, per person: a flood guard for unary calls and stream opens
+    call_rate: float = 50.0
 
 
 class TokenBucket:
@@ -144,6 +146,7 @@ class ChatService:
         self.store, self.hub, self.gate, self.limits = store, hub, gate, limits
         self.metrics = metrics or Metrics()
         self._buckets: dict[str, TokenBucket] = {}
+        self._call_buckets: dict[str, TokenBucket] = {}
         self.going_away = False
 
     # registration ------------------------------------------------------------------
@@ -173,6 +176,15 @@ class ChatService:
             if self.going_away:
                 raise LocalAPIUnavailable("the server is shutting down; reconnect shortly")
             async with self.gate.enter(context.peer(), context.invocation_metadata() or ()) as p:
+                bucket = self._call_buckets.get(p.login)
+                if bucket is None:
+                    bucket = self._call_buckets[p.login] = TokenBucket(self.limits.call_burst,
+                                                                       self.limits.call_rate)
+                wait = bucket.take()
+                if wait:
+                    raise LimitExceeded(f"{method}: too many calls (at most "
+                                        f"{self.limits.call_rate:g}/s, bursts of "
+                                        f"{self.limits.call_burst}); retry in {wait:.1f}s")
                 if request is GARBAGE:
                     raise InvalidInput(f"{method}: the request could not be decoded as a "
                                        f"tsnetchat.v1 message (garbage or wrong schema)")
