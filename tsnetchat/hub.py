@@ -56,6 +56,7 @@ class Subscriber:
     queue: deque[Item] = field(default_factory=deque)
     closed: CloseReason | None = None
     _wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    _drained: asyncio.Event = field(default_factory=asyncio.Event)
 
     def push(self, item: Item) -> None:
         if self.closed is not None:
@@ -85,7 +86,20 @@ class Subscriber:
     def drain(self, max_items: int) -> list[Item]:
         n = min(max_items, len(self.queue))
         q = self.queue
-        return [q.popleft() for _ in range(n)]
+        items = [q.popleft() for _ in range(n)]
+        self._drained.set()
+        return items
+
+    async def wait_for_room(self) -> None:
+        """Backpressure for a sender: return once its own queue is at most half full.
+
+        A member's sends come back to it as messages and acks; reading its requests faster
+        than it reads its stream would overflow its own queue. Waiting here stops reading,
+        and HTTP/2 flow control then slows the sender down instead.
+        """
+        while len(self.queue) > self.limit // 2 and self.closed is None:
+            self._drained.clear()
+            await self._drained.wait()
 
 
 @dataclass

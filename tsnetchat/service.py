@@ -319,6 +319,7 @@ class ChatService:
         strikes = 0
         try:
             async for ev in it:
+                await sub.wait_for_room()
                 if sub.closed is not None:
                     return
                 problem: TsnetchatError | None = None

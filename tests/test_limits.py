@@ -1,0 +1,277 @@
+"""Bad input gets a clear error and loses nothing: garbage, oversized, unauthorised and
+flooding input for every RPC, each with its status code and a message a person understands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+import pytest
+from conftest import Chat
+from test_core_chat import collect, hello_events, send
+
+from tsnetchat.pb import chat_pb2 as pb
+
+UNARY = {
+    "History": pb.HistoryRequest(room="general"),
+    "ListRooms": pb.ListRoomsRequest(),
+    "WhoAmI": pb.WhoAmIRequest(),
+    "Kick": pb.KickRequest(room="general", login="x@y"),
+    "RevokeToken": pb.RevokeTokenRequest(token_id="abc"),
+}
+
+
+def raw_unary(conn: Any, method: str) -> Any:
+    return conn.channel.unary_unary(f"/tsnetchat.v1.Chat/{method}")
+
+
+def raw_stream(conn: Any, method: str) -> Any:
+    return conn.channel.unary_stream(f"/tsnetchat.v1.Chat/{method}")
+
+
+async def code_of(coro: Any) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await coro
+    return e.value.code(), e.value.details() or ""
+
+
+async def drain(call: Any) -> None:
+    async for _ in call:
+        pass
+
+
+# --- garbage ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", sorted(UNARY))
+async def test_garbage_unary_request_is_invalid_argument(chat: Chat, method: str) -> None:
+    conn = await chat.connect("alice@tailnet.test")
+    code, msg = await code_of(raw_unary(conn, method)(b"\xff\xff\xff\xff",
+                                                      metadata=conn.metadata))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "could not be decoded" in msg
+
+
+async def test_garbage_subscribe_request_is_invalid_argument(chat: Chat) -> None:
+    conn = await chat.connect("alice@tailnet.test")
+    code, msg = await code_of(drain(raw_stream(conn, "Subscribe")(b"\x0a\xff\xff",
+                                                                  metadata=conn.metadata)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "could not be decoded" in msg
+
+
+async def test_garbage_first_join_event_is_invalid_argument(chat: Chat) -> None:
+    conn = await chat.connect("alice@tailnet.test")
+    call = conn.channel.stream_stream("/tsnetchat.v1.Chat/Join")(
+        iter([b"\xff\xff\xff"]), metadata=conn.metadata)
+    code, msg = await code_of(drain(call))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "garbage" in msg
+
+
+async def test_garbage_mid_stream_is_reported_and_the_stream_survives(chat: Chat) -> None:
+    conn = await chat.connect("alice@tailnet.test")
+    hello = pb.ClientEvent(hello=pb.Hello(room="general")).SerializeToString()
+    good = send("still here", "g1").SerializeToString()
+
+    async def reqs() -> Any:
+        yield hello
+        yield b"\xff\xff\xff"
+        yield good
+        await asyncio.Event().wait()
+
+    call = conn.channel.stream_stream("/tsnetchat.v1.Chat/Join",
+                                      response_deserializer=pb.ServerEvent.FromString)(
+        reqs(), metadata=conn.metadata)
+    (err,) = await collect(call, 1, kind="error")
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "garbage" in err.message
+    (sent,) = await collect(call, 1, kind="sent")
+    assert sent.client_msg_id == "g1" and sent.id == 1
+    call.cancel()
+
+
+async def test_join_must_start_with_hello(chat: Chat) -> None:
+    conn = await chat.connect("alice@tailnet.test")
+
+    async def reqs() -> Any:
+        yield send("no hello first")
+
+    code, msg = await code_of(drain(conn.stub.Join(reqs(), metadata=conn.metadata)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "first event must be hello" in msg
+
+
+# --- oversized / malformed values --------------------------------------------------------
+
+
+async def test_message_over_4kib_is_rejected_and_the_stream_continues(chat: Chat) -> None:
+    conn = await chat.connect("alice@tailnet.test")
+    call = conn.stub.Join(hello_events("general", then=[send("é" * 2049, "big"),
+                                                         send("small", "ok")]),
+                          metadata=conn.metadata)
+    (err,) = await collect(call, 1, kind="error")
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "4098 bytes; the limit is 4096" in err.message and err.client_msg_id == "big"
+    (sent,) = await collect(call, 1, kind="sent")
+    assert sent.client_msg_id == "ok"
+    page = await conn.history("general")
+    assert [m.text for m in page.messages] == ["small"]  # nothing lost, nothing half-stored
+    call.cancel()
+
+
+@pytest.mark.parametrize("method", sorted(UNARY))
+async def test_frame_over_64kib_is_resource_exhausted(chat: Chat, method: str) -> None:
+    conn = await chat.connect("alice@tailnet.test")
+    # Unknown field 99 padding: a valid message shape, too large a frame.
+    huge = UNARY[method].SerializeToString() + b"\x9a\x06" + b"\x80\x88\x04" + b"x" * 66_560
+    code, msg = await code_of(raw_unary(conn, method)(huge, metadata=conn.metadata))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in msg
+
+
+async def test_oversized_frame_on_join_closes_only_that_stream(chat: Chat) -> None:
+    conn = await chat.connect("alice@tailnet.test")
+    call = conn.stub.Join(hello_events("general", then=[send("x" * 70_000)]),
+                          metadata=conn.metadata)
+    code, _ = await code_of(drain(call))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert await conn.send_one("general", "the connection still works") == 1
+
+
+@pytest.mark.parametrize("room", ["", "General", "a" * 33, "../etc", "héllo", "-x"])
+async def test_bad_room_names_are_invalid_argument(chat: Chat, room: str) -> None:
+    conn = await chat.connect("alice@tailnet.test")
+    code, msg = await code_of(conn.history(room))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "not a valid room name" in msg
+    code, _ = await code_of(drain(conn.subscribe(room)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize("text,why", [("   ", "empty"), ("a\x00b", "control character"),
+                                      ("\u202eevil", "control character")])
+async def test_bad_text_is_invalid_argument(chat: Chat, text: str, why: str) -> None:
+    conn = await chat.connect("alice@tailnet.test")
+    code, msg = await code_of(conn.send_one("general", text))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and why in msg
+
+
+async def test_history_limit_beyond_maximum_is_capped_not_an_error(chat: Chat) -> None:
+    conn = await chat.connect("alice@tailnet.test")
+    page = await conn.history("general", limit=4_000_000_000)
+    assert page.max_page == 200 and list(page.messages) == []
+
+
+# --- unauthorised -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", sorted(UNARY))
+async def test_every_unary_rpc_without_token_is_unauthenticated(chat: Chat, method: str) -> None:
+    conn = await chat.connect("alice@tailnet.test")
+    code, msg = await code_of(getattr(conn.stub, method)(UNARY[method]))
+    assert code == grpc.StatusCode.UNAUTHENTICATED and "no token" in msg
+
+
+async def test_streams_without_token_are_unauthenticated(chat: Chat) -> None:
+    conn = await chat.connect("alice@tailnet.test")
+    code, _ = await code_of(drain(conn.stub.Subscribe(pb.SubscribeRequest(room="general"))))
+    assert code == grpc.StatusCode.UNAUTHENTICATED
+    code, _ = await code_of(drain(conn.stub.Join(hello_events("general"))))
+    assert code == grpc.StatusCode.UNAUTHENTICATED
+
+
+@pytest.mark.parametrize("method", sorted(UNARY))
+async def test_every_rpc_from_outside_the_tailnet_is_unauthenticated(chat: Chat,
+                                                                     method: str) -> None:
+    conn = await chat.direct(chat.token("alice@tailnet.test", admin=True))
+    code, msg = await code_of(getattr(conn.stub, method)(UNARY[method], metadata=conn.metadata))
+    assert code == grpc.StatusCode.UNAUTHENTICATED and "did not come through" in msg
+
+
+# --- flooding -----------------------------------------------------------------------------
+
+
+@pytest.mark.server_config(rate_burst=5, rate_per_second=1.0)
+async def test_message_flood_is_rate_limited_then_cut_off(chat: Chat) -> None:
+    conn = await chat.connect("mallory@tailnet.test")
+    # Explicit writes (not a request iterator): a write refused after the server has closed
+    # the call then raises here instead of making the client report INTERNAL.
+    call = conn.stub.Join(metadata=conn.metadata)
+    await call.write(pb.ClientEvent(hello=pb.Hello(room="general")))
+    for i in range(40):
+        try:
+            await call.write(send(f"spam{i}", f"s{i}"))
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            break
+    sent = errors = 0
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        async for ev in call:
+            which = ev.WhichOneof("event")
+            sent += which == "sent"
+            if which == "error":
+                errors += 1
+                assert ev.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+                assert "slow down" in ev.error.message
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "flooding" in (e.value.details() or "")
+    assert 5 <= sent <= 8 and errors >= 1
+    # Exactly the acknowledged messages were stored; the refused ones were not.
+    page = await conn.history("general", after=0)
+    assert len(page.messages) == sent
+    # Others are not affected.
+    bob = await chat.connect("bob@tailnet.test")
+    assert await bob.send_one("general", "hello") == sent + 1
+
+
+@pytest.mark.server_config(call_burst=5, call_rate=0.5)
+@pytest.mark.parametrize("method", sorted(UNARY))
+async def test_unary_call_flood_is_resource_exhausted(chat: Chat, method: str) -> None:
+    conn = await chat.connect("alice@tailnet.test", chat.token("alice@tailnet.test", admin=True))
+    for _ in range(5):
+        try:
+            await getattr(conn.stub, method)(UNARY[method], metadata=conn.metadata)
+        except grpc.aio.AioRpcError as e:
+            assert e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED
+    code, msg = await code_of(getattr(conn.stub, method)(UNARY[method], metadata=conn.metadata))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "too many calls" in msg
+
+
+@pytest.mark.server_config(max_rooms_per_client=3)
+async def test_stream_flood_hits_rooms_per_client(chat: Chat) -> None:
+    conn = await chat.connect("alice@tailnet.test")
+    calls = [conn.subscribe(f"room{i}") for i in range(3)]
+    for c in calls:
+        await collect(c, 1, kind="replay_done")
+    code, msg = await code_of(drain(conn.subscribe("room9")))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "open room streams" in msg
+    calls[0].cancel()
+    await asyncio.sleep(0.2)
+    again = conn.subscribe("room9")  # freed a slot
+    await collect(again, 1, kind="replay_done")
+    for c in [*calls, again]:
+        c.cancel()
+
+
+@pytest.mark.server_config(subscriber_queue=256, rate_burst=100_000, rate_per_second=100_000.0)
+async def test_slow_subscriber_is_cut_off_while_others_stay_current(chat: Chat) -> None:
+    healthy = [(await chat.connect(f"h{i}@t")).subscribe("general") for i in range(3)]
+    stalled_conn = await chat.connect("slow@t")
+    stalled = stalled_conn.subscribe("general")
+    for c in [*healthy, stalled]:
+        await collect(c, 1, kind="replay_done")
+    # The stalled client now reads nothing. Push far more than flow control can buffer.
+    writer = await chat.connect("alice@tailnet.test")
+    n = 3000
+    hold = asyncio.Event()
+    text = "z" * 3000
+    wcall = writer.stub.Join(hello_events("general", after=0, then=[
+        send(f"{i}:{text}", f"w{i}") for i in range(n)], hold=hold), metadata=writer.metadata)
+    writer_reads = asyncio.create_task(collect(wcall, n, kind="sent", timeout=60))
+    results = await asyncio.gather(*(collect(c, n, timeout=60) for c in healthy))
+    for msgs in results:
+        assert [m.id for m in msgs] == list(range(1, n + 1))
+    code, msg = await code_of(drain(stalled))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "fell more than 256" in msg
+    assert len(await writer_reads) == n
+    wcall.cancel()
+    # It can resume from history without a gap.
+    resumed = (await chat.connect("slow@t")).subscribe("general", after=0)
+    msgs = await collect(resumed, n, timeout=60)
+    assert [m.id for m in msgs] == list(range(1, n + 1))
+    resumed.cancel()
