@@ -466,6 +466,19 @@ class Lab:
     def status(self, node: Node) -> dict[str, Any]:
         return json.loads(self.tailscale(node, "status", "--json"))  # type: ignore[no-any-return]
 
+    def wait_running(self, node: Node, timeout: float = 60) -> None:
+        """Wait until a (re)started node is Running again and sees its peers online."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(LabError, subprocess.TimeoutExpired):
+                st = self.status(node)
+                peers = [p for p in (st.get("Peer") or {}).values() if p.get("Online")]
+                if st.get("BackendState") == "Running" and len(peers) >= len(self.nodes) - 1:
+                    return
+            if time.monotonic() > deadline:
+                raise LabError(f"{node.name} not Running {timeout}s after restart")
+            time.sleep(0.25)
+
     def _wait_all_see_each_other(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
         want = len(self.nodes) - 1

@@ -14,12 +14,16 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
-import grpc
-import typer
+# gRPC's C core logs to stderr, which would scribble over the chat screen; our own messages
+# say what went wrong. Must be set before grpc is imported.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
-from . import __version__
-from .config import ServerConfig, load_config
-from .errors import (
+import grpc  # noqa: E402
+import typer  # noqa: E402
+
+from . import __version__  # noqa: E402
+from .config import ServerConfig, load_config  # noqa: E402
+from .errors import (  # noqa: E402
     ConfigError,
     PermissionDenied,
     TailnetError,

@@ -322,7 +322,8 @@ class RoomSession:
         if self.conn is not None:
             await self.conn.close()
 
-    async def _requests(self, resend: list[Outgoing]) -> AsyncIterator[pb.ClientEvent]:
+    async def _requests(self, resend: list[Outgoing],
+                        outbox: asyncio.Queue[Outgoing]) -> AsyncIterator[pb.ClientEvent]:
         hello = pb.Hello(room=self.room)
         if self.last_id is not None:
             hello.after_id = self.last_id
@@ -331,7 +332,7 @@ class RoomSession:
             yield pb.ClientEvent(send=pb.SendMessage(text=out.text, kind=out.kind,  # type: ignore[arg-type]
                                                      client_msg_id=out.client_msg_id))
         while True:
-            out = await self._outbox.get()
+            out = await outbox.get()
             if out.client_msg_id not in self.pending:
                 continue
             yield pb.ClientEvent(send=pb.SendMessage(text=out.text, kind=out.kind,  # type: ignore[arg-type]
@@ -339,15 +340,18 @@ class RoomSession:
 
     async def events(self) -> AsyncIterator[SessionEvent]:
         backoff = 0.5
+        call: Any = None
         while not self.closed:
             try:
                 if self.conn is None:
                     self.conn = await self._connect()
-                # Drain the outbox into the resend list: pending holds everything unacked.
-                while not self._outbox.empty():
-                    self._outbox.get_nowait()
+                # A fresh outbox per call: the previous call's request generator may still be
+                # parked on its own queue and must not steal new messages. Everything unacked
+                # is in `pending` and is resent (the server deduplicates by client_msg_id).
+                self._outbox = asyncio.Queue()
                 resend = list(self.pending.values())
-                call = self.conn.stub.Join(self._requests(resend), metadata=self.conn.metadata)
+                call = self.conn.stub.Join(self._requests(resend, self._outbox),
+                                           metadata=self.conn.metadata)
                 async for ev in call:
                     which = ev.WhichOneof("event")
                     if which == "welcome":
@@ -377,6 +381,8 @@ class RoomSession:
                                            grpc.aio.Metadata(), "stream ended")
             except grpc.aio.AioRpcError as e:
                 self.connected = False
+                if call is not None:
+                    call.cancel()  # releases the request generator of the dead call
                 if self.closed:
                     return
                 if e.code() in FATAL:
