@@ -375,6 +375,10 @@ class Lab:
             f"--display-name={name.capitalize()}", "-o", "json"))
         return str(out["id"])
 
+    def auth_key(self, user: str) -> str:
+        """A fresh reusable pre-auth key for one of the lab's users."""
+        return self._preauth_key(user)
+
     def _preauth_key(self, user: str) -> str:
         out = json.loads(self.headscale(
             "preauthkeys", "create", "-u", self.user_ids[user], "--reusable", "-e", "24h",

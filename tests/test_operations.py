@@ -1,0 +1,282 @@
+"""Running it for real: embedded tailscaled, doctor, systemd units, watchdog."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import free_port
+from test_daemon import CLI, start_daemon
+
+from tsnetchat.client import RoomSession, connect
+from tsnetchat.config import load_config
+from tsnetchat.doctor import FAIL, OK, checks
+from tsnetchat.systemd import UNITS, install_unit
+
+# --- embedded tailscaled --------------------------------------------------------------
+
+
+@pytest.mark.tailnet
+def test_embedded_mode_serves_alice_survives_tailscaled_death_and_drains(
+        lab: Any, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    keyfile = tmp_path / "authkey"
+    keyfile.write_text(lab.auth_key("chat"))
+    keyfile.chmod(0o600)
+    port = free_port()
+    env = lab.node_env(tmp_path)
+    (tmp_path / "logs").mkdir()
+    proc = subprocess.Popen(
+        [CLI, "serve", "--embedded", "--state-dir", str(state), "--hostname", "chat-embedded",
+         "--login-server", lab.headscale_url, "--auth-key-file", str(keyfile),
+         "--tailscaled-path", str(lab.bin.tailscaled), "--port", str(port)],
+        stdout=open(tmp_path / "serve.log", "w"), stderr=subprocess.STDOUT, env=env)  # noqa: SIM115
+    alice = lab.nodes["alice-laptop"]
+    tok = subprocess.run([CLI, "token", "issue", "alice@tailnet.test", "--state-dir", str(state)],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        async def scenario() -> list[int]:
+            async def conn_fn() -> Any:
+                return await connect("chat-embedded", tok, socket=alice.socket, port=port,
+                                     proxy=f"http://{alice.http_proxy}")
+
+            # Wait for the embedded node to appear on the tailnet and serve.
+            deadline = time.monotonic() + 90
+            while True:
+                try:
+                    c = await conn_fn()
+                    me = await c.whoami(timeout=5)
+                    await c.close()
+                    break
+                except Exception:
+                    assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(1)
+            assert me.identity.login == "alice@tailnet.test"
+            session = RoomSession(conn_fn, "general", max_backoff=1.0)
+            seen: list[int] = []
+            sender = await conn_fn()
+
+            async def consume() -> None:
+                async for ev in session.events():
+                    if ev.kind == "message":
+                        seen.append(ev.message.id)
+                    if len(seen) >= 2:
+                        return
+
+            task = asyncio.create_task(consume())
+            await sender.send_one("general", "before")
+            await asyncio.sleep(0.5)
+            # Kill the embedded tailscaled: the server restarts it, the client resumes.
+            pids = subprocess.run(["pgrep", "-f", f"statedir={state}/tailscaled"],
+                                  capture_output=True, text=True).stdout.split()
+            assert len(pids) == 1
+            os.kill(int(pids[0]), signal.SIGKILL)
+            await sender.close()
+            deadline = time.monotonic() + 90
+            while True:
+                try:
+                    sender = await conn_fn()
+                    await sender.send_one("general", "after", timeout=5)
+                    break
+                except Exception:
+                    await sender.close()
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(1)
+            await asyncio.wait_for(task, 60)
+            await sender.close()
+            await session.close()
+            new = subprocess.run(["pgrep", "-f", f"statedir={state}/tailscaled"],
+                                 capture_output=True, text=True).stdout.split()
+            assert new and new != pids
+            return seen
+
+        assert asyncio.run(scenario()) == [1, 2]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        left = subprocess.run(["pgrep", "-f", f"statedir={state}/tailscaled"],
+                              capture_output=True, text=True).stdout.split()
+        assert left == []  # the embedded tailscaled stopped with the server
+        log = (tmp_path / "serve.log").read_text()
+        assert "restarting" in log and lab.auth_key("chat")[:10] not in log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        subprocess.run(["pkill", "-9", "-f", f"statedir={state}/tailscaled"])
+
+
+# --- doctor ---------------------------------------------------------------------------
+
+
+def verdicts(results: list[Any]) -> dict[str, str]:
+    return {c.name: c.verdict for c in results}
+
+
+@pytest.mark.tailnet
+def test_doctor_healthy_node(lab: Any, tmp_path: Path) -> None:
+    d = start_daemon(lab, tmp_path)
+    try:
+        d.wait_for("READY=1")
+        tok = subprocess.run([CLI, "token", "issue", "alice@tailnet.test", "--state-dir",
+                              str(d.state)], capture_output=True, text=True).stdout.strip()
+        cfg = load_config(env={}, flags={"state_dir": str(d.state), "port": d.port,
+                                         "socket": lab.nodes["chat-server"].socket})
+        results = asyncio.run(checks(cfg))
+        assert all(c.verdict == OK for c in results), [c.line() for c in results]
+        # From alice's node: the server is reachable end to end.
+        alice = lab.nodes["alice-laptop"]
+        out = subprocess.run([CLI, "doctor", "--socket", alice.socket, "--state-dir",
+                              str(tmp_path / "alice-state"), "--server", "chat-server",
+                              "--token", tok, "--proxy", alice.http_proxy, "--port",
+                              str(d.port)], capture_output=True, text=True)
+        assert re.search(r"✔ server reachable\s+chat-server answers; you are alice@", out.stdout)
+    finally:
+        d.proc.terminate()
+        d.proc.wait(timeout=15)
+        d.notify.close()
+
+
+def test_doctor_tailscaled_absent(tmp_path: Path) -> None:
+    out = subprocess.run([CLI, "doctor", "--socket", str(tmp_path / "none.sock"),
+                          "--state-dir", str(tmp_path / "s")], capture_output=True, text=True)
+    assert out.returncode == 1
+    assert re.search(r"✘ tailscaled reachable\s+.*not answering.*Is tailscaled running", out.stdout)
+    assert "- logged in" in out.stdout  # later checks say they need tailscaled
+
+
+@pytest.mark.tailnet
+def test_doctor_logged_out_node(lab: Any, tmp_path: Path) -> None:
+    node_dir = tmp_path / "fresh"
+    (node_dir / "logs").mkdir(parents=True)
+    sock = node_dir / "ts.sock"
+    proc = subprocess.Popen([str(lab.bin.tailscaled), "--tun=userspace-networking",
+                             f"--statedir={node_dir}", f"--socket={sock}", "--port=0"],
+                            env=lab.node_env(node_dir), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            if sock.exists():
+                break
+            time.sleep(0.1)
+        time.sleep(1)
+        out = subprocess.run([CLI, "doctor", "--socket", str(sock), "--state-dir",
+                              str(tmp_path / "s")], capture_output=True, text=True)
+        assert out.returncode == 1
+        assert re.search(r"✘ logged in\s+tailscaled is (NeedsLogin|NoState|Stopped)", out.stdout)
+        assert "tailscale up" in out.stdout
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.tailnet
+def test_doctor_open_key_and_nothing_listening(lab: Any, tmp_path: Path) -> None:
+    state = tmp_path / "s"
+    state.mkdir()
+    (state / "jwt.key").write_text("k" * 64)
+    (state / "jwt.key").chmod(0o644)
+    cfg = load_config(env={}, flags={"state_dir": str(state), "port": free_port(),
+                                     "socket": lab.nodes["chat-server"].socket})
+    results = asyncio.run(checks(cfg))
+    v = verdicts(results)
+    assert v["key file"] == FAIL and v["listening"] == FAIL
+    text = "\n".join(c.line() for c in results)
+    assert "chmod 600" in text and "is `tsnetchat serve` running" in text
+
+
+def test_doctor_history_store_not_writable(tmp_path: Path) -> None:
+    """A state dir that cannot hold the database (here: a file where the dir should be; the
+    same verdict as a directory owned by someone else)."""
+    state = tmp_path / "not-a-dir"
+    state.write_text("oops")
+    cfg = load_config(env={}, flags={"state_dir": str(state), "socket": "/nonexistent"})
+    results = asyncio.run(checks(cfg))
+    assert verdicts(results)["history store"] == FAIL
+    assert "cannot write in" in next(c.detail for c in results if c.name == "history store")
+
+
+# --- systemd --------------------------------------------------------------------------
+
+
+def _need_systemd_analyze() -> str:
+    exe = shutil.which("systemd-analyze")
+    if exe is None:
+        if os.environ.get("CI"):
+            pytest.fail("systemd-analyze is required in CI (make sysdeps installs systemd)")
+        pytest.skip("systemd-analyze not installed")
+    return exe
+
+
+@pytest.fixture
+def unit_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "units"
+    exe = str(Path(sys.executable).with_name("tsnetchat"))
+    for embedded in (False, True):
+        install_unit(d, embedded=embedded, exe=exe)
+    # The units order after tailscaled.service; verification needs it to exist.
+    (d / "tailscaled.service").write_text(
+        "[Unit]\nDescription=stand-in for verification\n[Service]\nExecStart=/bin/true\n")
+    return d
+
+
+@pytest.mark.systemd
+@pytest.mark.parametrize("embedded", [False, True])
+def test_units_verify_without_any_warning(unit_dir: Path, embedded: bool) -> None:
+    exe = _need_systemd_analyze()
+    unit = unit_dir / UNITS[embedded]
+    out = subprocess.run([exe, "verify", str(unit)], capture_output=True, text=True,
+                         env={**os.environ, "SYSTEMD_UNIT_PATH": f"{unit_dir}:"})
+    assert out.returncode == 0 and out.stdout == "" and out.stderr == "", out.stderr
+
+
+@pytest.mark.systemd
+@pytest.mark.parametrize("embedded", [False, True])
+def test_unit_security_exposure_is_ok(unit_dir: Path, embedded: bool) -> None:
+    exe = _need_systemd_analyze()
+    unit = unit_dir / UNITS[embedded]
+    out = subprocess.run([exe, "security", "--offline=yes", str(unit)], capture_output=True,
+                         text=True, env={**os.environ, "SYSTEMD_UNIT_PATH": f"{unit_dir}:"})
+    m = re.search(r"Overall exposure level for \S+: (\d+\.\d+) (\w+)", out.stdout)
+    assert m, out.stdout + out.stderr
+    print(f"{unit.name}: exposure {m.group(1)} {m.group(2)}")
+    assert float(m.group(1)) <= 3.0 and m.group(2) == "OK"
+
+
+def test_units_carry_the_promised_settings() -> None:
+    from tsnetchat.systemd import unit_text
+
+    main, emb = unit_text(False), unit_text(True)
+    for text in (main, emb):
+        for line in ("Type=notify", "Restart=on-failure", "StateDirectory=tsnetchat",
+                     "NoNewPrivileges=yes", "PrivateTmp=yes", "ProtectSystem=strict",
+                     "CapabilityBoundingSet=\n", "WatchdogSec=", "ExecReload=/bin/kill -HUP"):
+            assert line in text
+        assert re.search(r"RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6", text)
+    assert "After=tailscaled.service" in main and "BindsTo=tailscaled.service" in main
+    assert "LoadCredential=authkey:" in emb and "--embedded" in emb
+
+
+@pytest.mark.tailnet
+def test_watchdog_pings_when_systemd_asks(lab: Any, tmp_path: Path) -> None:
+    d = start_daemon(lab, tmp_path, env={"WATCHDOG_USEC": "400000"})
+    try:
+        seen = d.wait_for("READY=1")
+        deadline = time.monotonic() + 5
+        while seen.count("WATCHDOG=1") < 2 and time.monotonic() < deadline:
+            seen += d.notifications(0.5)
+        assert seen.count("WATCHDOG=1") >= 2
+    finally:
+        d.proc.terminate()
+        d.proc.wait(timeout=15)
+        d.notify.close()
