@@ -246,7 +246,8 @@ class Lab:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def _spawn(self, argv: list[str], *, log_name: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    def _spawn(self, argv: list[str], *, log_name: str,
+               env: dict[str, str]) -> subprocess.Popen[bytes]:
         logf = open(self.root / "logs" / log_name, "ab")  # noqa: SIM115 - lives with the process
         proc = subprocess.Popen(
             argv,
@@ -254,7 +255,7 @@ class Lab:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env=env,
-            preexec_fn=(os.setpgrp if self.detached else _die_with_parent),  # noqa: PLW1509
+            preexec_fn=(os.setpgrp if self.detached else _die_with_parent),
         )
         logf.close()
         self.procs.append(proc)
@@ -351,10 +352,10 @@ class Lab:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise LabError(f"headscale exited at start:\n{self.tail_log('headscale.log')}")
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(f"{self.headscale_url}/health", timeout=1) as r:
-                    if r.status == 200:
-                        return
+            with contextlib.suppress(OSError), urllib.request.urlopen(
+                    f"{self.headscale_url}/health", timeout=1) as r:
+                if r.status == 200:
+                    return
             time.sleep(0.1)
         raise LabError(f"headscale not healthy after 30s:\n{self.tail_log('headscale.log')}")
 
@@ -437,7 +438,8 @@ class Lab:
         deadline = time.monotonic() + 20
         while not Path(node.socket).exists():
             if proc.poll() is not None:
-                raise LabError(f"tailscaled {node.name} exited:\n{self.tail_log(node.name + '.log')}")
+                raise LabError(f"tailscaled {node.name} exited:\n"
+                               f"{self.tail_log(node.name + '.log')}")
             if time.monotonic() > deadline:
                 raise LabError(f"tailscaled {node.name} made no socket in 20s")
             time.sleep(0.05)

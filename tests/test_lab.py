@@ -116,7 +116,7 @@ async def test_whois_on_the_accepted_connection_names_alice_and_bob(
 async def test_whois_on_plain_loopback_connection_is_no_match(
         lab: tailnet_lab.Lab, server_api: LocalAPI) -> None:
     async with Echo() as echo:
-        r, w = await asyncio.open_connection("127.0.0.1", echo.port)
+        _, w = await asyncio.open_connection("127.0.0.1", echo.port)
         host, port = await asyncio.wait_for(echo.peers.get(), 5)
         with pytest.raises(PeerNotFound):
             await server_api.whois(f"{host}:{port}")

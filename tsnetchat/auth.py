@@ -117,13 +117,12 @@ def verify_token(key: bytes, token: str, *, now: float | None = None) -> Claims:
             f"{header.get('alg')!r}")
     required = ["exp", "iat", "nbf", "sub", "jti", "iss", "aud"]
     # With an explicit `now` (tests), time checks are done below against it instead.
-    timing = {} if now is None else {"verify_exp": False, "verify_nbf": False,
-                                     "verify_iat": False}
+    options: Any = {"require": required}
+    if now is not None:
+        options.update(verify_exp=False, verify_nbf=False, verify_iat=False)
     try:
-        payload = jwt.decode(
-            token, key, algorithms=[ALGORITHM], audience=AUDIENCE, issuer=ISSUER,
-            options={"require": required, **timing}, leeway=5,
-        )
+        payload = jwt.decode(token, key, algorithms=[ALGORITHM], audience=AUDIENCE,
+                             issuer=ISSUER, options=options, leeway=5)
     except jwt.ExpiredSignatureError:
         raise Unauthenticated("token lock: the token has expired; ask an admin for a new one "
                               "(tsnetchat token issue)") from None

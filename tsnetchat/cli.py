@@ -18,12 +18,12 @@ from typing import Annotated, Any
 # say what went wrong. Must be set before grpc is imported.
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
-import grpc  # noqa: E402
-import typer  # noqa: E402
+import grpc
+import typer
 
-from . import __version__  # noqa: E402
-from .config import ServerConfig, load_config  # noqa: E402
-from .errors import (  # noqa: E402
+from . import __version__
+from .config import ServerConfig, load_config
+from .errors import (
     ConfigError,
     PermissionDenied,
     TailnetError,
@@ -78,6 +78,8 @@ def setup_logging(level: str) -> None:
     h = logging.StreamHandler(sys.stderr)
     h.setFormatter(Fmt())
     logging.basicConfig(level=level.upper(), handlers=[h], force=True)
+    # httpx logs every LocalAPI request at info; that is noise in a daemon's journal.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 # Options shared by server-side commands. None = not given on the command line.
@@ -108,7 +110,8 @@ def serve(
     hostname: Annotated[str | None, typer.Option(help="Embedded node hostname.")] = None,
     login_server: Annotated[str | None, typer.Option(help="Control server URL (embedded).")] = None,
     auth_key_file: Annotated[str | None, typer.Option(help="Auth key file (embedded).")] = None,
-    tailscaled_path: Annotated[str | None, typer.Option(help="tailscaled binary (embedded).")] = None,
+    tailscaled_path: Annotated[str | None, typer.Option(
+        help="tailscaled binary (embedded).")] = None,
     require_grant: Annotated[bool | None, typer.Option(
         "--require-grant/--no-require-grant", help="Refuse users without an app grant.")] = None,
     cap_domain: Annotated[str | None, typer.Option(help="Grant capability domain.")] = None,
@@ -143,7 +146,8 @@ def _parse_ttl(ttl: str) -> float:
 @token_app.command("issue")
 def token_issue(
     subject: Annotated[str, typer.Argument(help="Tailnet login (alice@example.com) or tag:x.")],
-    room: Annotated[list[str] | None, typer.Option(help="Allowed room (repeat); default all.")] = None,
+    room: Annotated[list[str] | None, typer.Option(
+        help="Allowed room (repeat); default all.")] = None,
     admin: Annotated[bool, typer.Option(help="May kick and revoke.")] = False,
     ttl: Annotated[str, typer.Option(help="Lifetime, e.g. 12h, 30d.")] = "30d",
     json_out: Annotated[bool, typer.Option("--json")] = False,

@@ -104,7 +104,7 @@ async def resolve(api: LocalAPI, name: str, port: int, *, proxy: str = "") -> Ta
     return Target(name=peer.short_name, host=host, ip=ip, port=port, mode=mode)
 
 
-CHANNEL_OPTIONS = [
+CHANNEL_OPTIONS: list[tuple[str, str | int]] = [
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.enable_retries", 0),
@@ -180,7 +180,7 @@ class Connection:
     def __init__(self, channel: grpc.aio.Channel, token: str, *,
                  bridge: DialBridge | None = None, target: Target | None = None) -> None:
         self.channel = channel
-        self.stub = pb_grpc.ChatStub(channel)
+        self.stub: Any = pb_grpc.ChatStub(channel)  # type: ignore[no-untyped-call]
         self.metadata = (("authorization", f"Bearer {token}"),)
         self.bridge = bridge
         self.target = target
@@ -191,12 +191,14 @@ class Connection:
             await self.bridge.close()
 
     async def whoami(self, timeout: float = 10) -> pb.WhoAmIResponse:
-        return await self.stub.WhoAmI(pb.WhoAmIRequest(), metadata=self.metadata,
-                                      timeout=timeout)
+        res: pb.WhoAmIResponse = await self.stub.WhoAmI(
+            pb.WhoAmIRequest(), metadata=self.metadata, timeout=timeout)
+        return res
 
     async def list_rooms(self, timeout: float = 10) -> pb.ListRoomsResponse:
-        return await self.stub.ListRooms(pb.ListRoomsRequest(), metadata=self.metadata,
-                                         timeout=timeout)
+        res: pb.ListRoomsResponse = await self.stub.ListRooms(
+            pb.ListRoomsRequest(), metadata=self.metadata, timeout=timeout)
+        return res
 
     async def history(self, room: str, *, before: int | None = None, after: int | None = None,
                       limit: int = 0, timeout: float = 10) -> pb.HistoryResponse:
@@ -205,7 +207,9 @@ class Connection:
             req.before_id = before
         if after is not None:
             req.after_id = after
-        return await self.stub.History(req, metadata=self.metadata, timeout=timeout)
+        res: pb.HistoryResponse = await self.stub.History(req, metadata=self.metadata,
+                                                          timeout=timeout)
+        return res
 
     def subscribe(self, room: str, after: int | None = None) -> Any:
         req = pb.SubscribeRequest(room=room)

@@ -87,12 +87,13 @@ async def checks(cfg: ServerConfig, *, server: str | None = None, token: str = "
     if not key.exists():
         out.append(Check("key file", WARN, f"{key} does not exist yet (created on first start)"))
     else:
-        mode = stat.S_IMODE(key.stat().st_mode)
-        if mode & 0o077:
-            out.append(Check("key file", FAIL, f"{key} is readable by others (mode {mode:04o}); "
-                             f"run `chmod 600 {key}`. The server refuses to start like this."))
+        key_mode = stat.S_IMODE(key.stat().st_mode)
+        if key_mode & 0o077:
+            out.append(Check("key file", FAIL, f"{key} is readable by others (mode "
+                             f"{key_mode:04o}); run `chmod 600 {key}`. The server refuses to "
+                             "start like this."))
         else:
-            out.append(Check("key file", OK, f"{key} mode {mode:04o}"))
+            out.append(Check("key file", OK, f"{key} mode {key_mode:04o}"))
 
     try:
         cfg.state_dir.mkdir(parents=True, exist_ok=True)

@@ -68,14 +68,15 @@ class EmbeddedTailscaled:
         (self.dir / "logs").mkdir(parents=True, exist_ok=True, mode=0o700)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket)
-        logf = open(self.dir / "tailscaled.log", "ab")  # noqa: SIM115 - owned by the process
+        # Opening a local log file and polling for the socket are brief, bounded start-up work.
+        logf = open(self.dir / "tailscaled.log", "ab")  # noqa: SIM115, ASYNC230
         self.proc = await asyncio.create_subprocess_exec(
             self.tailscaled, "--tun=userspace-networking", f"--statedir={self.dir}",
             f"--socket={self.socket}", "--port=0", stdin=asyncio.subprocess.DEVNULL,
             stdout=logf, stderr=logf, env=self._env())
         logf.close()
         for _ in range(200):
-            if os.path.exists(self.socket):
+            if os.path.exists(self.socket):  # noqa: ASYNC240
                 return
             if self.proc.returncode is not None:
                 break

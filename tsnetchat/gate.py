@@ -68,8 +68,8 @@ class Gate:
         try:
             host, port = parse_grpc_peer(peer)
         except ValueError:
-            raise Unauthenticated(
-                "tailnet lock: this connection is not an IP connection through tailscaled") from None
+            raise Unauthenticated("tailnet lock: this connection is not an IP connection "
+                                  "through tailscaled") from None
         self.whois_calls += 1
         try:
             return await asyncio.wait_for(self._whois(format_addr(host, port)), self.whois_timeout)

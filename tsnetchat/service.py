@@ -118,7 +118,7 @@ def _safe(cls: Any) -> Callable[[bytes], Any]:
 
 
 def _encode(x: Any) -> bytes:
-    return x if isinstance(x, bytes) else x.SerializeToString()  # type: ignore[no-any-return]
+    return x if isinstance(x, bytes) else bytes(x.SerializeToString())
 
 
 def validate_text(text: str, kind: int, max_bytes: int) -> None:
@@ -241,7 +241,8 @@ class ChatService:
             for f in codec.pack([codec.message_item(m) for m in msgs]):
                 yield f
 
-    async def _live(self, sub: Subscriber, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+    async def _live(self, sub: Subscriber,
+                    context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         skip = sub.replayed_to
         while True:
             await sub.wait()
@@ -413,7 +414,8 @@ class ChatService:
                                       max_page=self.limits.max_page)
         raise AssertionError("unreachable")  # pragma: no cover - abort raised
 
-    async def ListRooms(self, request: Any, context: grpc.aio.ServicerContext) -> pb.ListRoomsResponse:
+    async def ListRooms(self, request: Any,
+                        context: grpc.aio.ServicerContext) -> pb.ListRoomsResponse:
         async with self._call(context, request, "ListRooms") as p:
             names = set(self.store.rooms()) | set(self.hub.rooms())
             if auth.ALL_ROOMS not in p.rooms:

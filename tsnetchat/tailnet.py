@@ -15,6 +15,7 @@ Every foreign error is translated here, once:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import urllib.parse
 from collections.abc import AsyncIterator, Mapping
@@ -247,10 +248,8 @@ class LocalAPI:
         if " 101 " not in status_line + " ":
             writer.close()
             body = b""
-            try:
+            with contextlib.suppress(TimeoutError, OSError):
                 body = await asyncio.wait_for(reader.read(300), 1)
-            except (TimeoutError, OSError):
-                pass
             raise TailnetError(f"LocalAPI dial to {host}:{port} refused: {status_line} "
                                f"{body.decode(errors='replace').strip()}")
         return reader, writer

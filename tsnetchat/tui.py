@@ -8,7 +8,6 @@ RoomSession, so reconnects resume after the last message shown: nothing missed, 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import zlib
 from typing import Any
@@ -109,7 +108,7 @@ class ChatUI:
                 say(("ansired bold", f"!! {ev.text}"))
                 self.fatal = ev.text
                 if self.session is not None and self.session.app.is_running:
-                    self.session.app.exit(result=None)
+                    self.session.app.exit()
             self.refresh()
 
     info_login: str | None = None
@@ -164,10 +163,9 @@ class ChatUI:
                 rooms = await conn.list_rooms()
                 for r in rooms.rooms:
                     who = ", ".join(m.display_name or m.login for m in r.members)
-                    say(("", f"#{r.name}"), ("ansibrightblack", f"  {r.last_id} messages"
-                                                                f"{'  here: ' + who if who else ''}"))
+                    here = f"  here: {who}" if who else ""
+                    say(("", f"#{r.name}"), ("ansibrightblack", f"  {r.last_id} messages{here}"))
             else:
-                s = self.rooms.get(self.current)
                 n = int(arg) if arg.isdigit() else 20
                 page = await conn.history(self.current, limit=n)
                 first_live = min((m.id for m in page.messages), default=0)
@@ -175,7 +173,6 @@ class ChatUI:
                                         f"{self.current} (from #{first_live})"))
                 for m in page.messages:
                     show_message(m, self.current)
-                del s
         except grpc.aio.AioRpcError as e:
             say(("ansired", f"!! {e.details()}"))
         finally:
@@ -223,6 +220,4 @@ async def run_tui(server: str, room: str, *, token: str, socket: str, proxy: str
     if ui.fatal:
         say(("ansired", f"disconnected: {ui.fatal}"))
         return 5
-    with contextlib.suppress(Exception):
-        pass
     return 0
