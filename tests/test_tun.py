@@ -1,0 +1,167 @@
+"""TUN mode: the server listens on exactly the node's tailnet addresses, nowhere else.
+
+A kernel-TUN tailscaled runs in a network namespace this test creates (veth to the host,
+a link-local /30 checked to be unused on the host), joined to the lab's headscale through two small
+forwarders so that `http://127.0.0.1:<port>` means the same inside and outside. Then
+`tsnetchat serve` runs inside the namespace and alice reaches it over the tailnet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import free_port
+
+from tsnetchat.client import connect
+
+pytestmark = pytest.mark.tailnet
+
+CLI = str(Path(sys.executable).with_name("tsnetchat"))
+HERE = Path(__file__).resolve().parent
+# The veth between the host and the test's namespace: link-local, never routed.
+HOST_IP, NS_IP = "169.254.213.1", "169.254.213.2"
+
+
+def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(args), capture_output=True, text=True, check=check)
+
+
+@dataclass
+class TunNode:
+    ns: str
+    dir: Path
+    socket: str
+    procs: list[subprocess.Popen[Any]]
+
+    def exec(self, *args: str) -> list[str]:
+        return ["ip", "netns", "exec", self.ns, *args]
+
+
+def _tun_possible() -> str:
+    if os.geteuid() != 0:
+        return "needs root for network namespaces"
+    if not os.path.exists("/dev/net/tun"):
+        return "no /dev/net/tun"
+    if shutil.which("ip") is None:
+        return "no iproute2 (ip)"
+    return ""
+
+
+@pytest.fixture(scope="module")
+def tun_node(lab: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TunNode]:
+    why = _tun_possible()
+    if why:
+        if os.environ.get("CI"):
+            pytest.fail(f"TUN test required in CI: {why}")
+        pytest.skip(why)
+    tag = f"{os.getpid() % 100000}"
+    ns, vh, vn = f"tsnc{tag}", f"tsncvh{tag}", f"tsncvn{tag}"
+    d = tmp_path_factory.mktemp("tun")
+    node = TunNode(ns, d, str(d / "ts.sock"), [])
+    hs_port = int(lab.headscale_url.rsplit(":", 1)[1])
+    routes = sh("ip", "-4", "route", "show", "table", "all").stdout
+    assert HOST_IP.rsplit(".", 1)[0] not in routes, "the test's /30 is already in use here"
+    try:
+        sh("ip", "netns", "add", ns)
+        sh("ip", "link", "add", vh, "type", "veth", "peer", "name", vn)
+        sh("ip", "link", "set", vn, "netns", ns)
+        sh("ip", "addr", "add", f"{HOST_IP}/30", "dev", vh)
+        sh("ip", "link", "set", vh, "up")
+        sh(*node.exec("ip", "addr", "add", f"{NS_IP}/30", "dev", vn))
+        sh(*node.exec("ip", "link", "set", vn, "up"))
+        sh(*node.exec("ip", "link", "set", "lo", "up"))
+        fwd = [sys.executable, str(HERE / "tcpfwd.py")]
+        for argv in ([*fwd, HOST_IP, str(hs_port), "127.0.0.1", str(hs_port)],
+                     node.exec(*fwd, "127.0.0.1", str(hs_port), HOST_IP, str(hs_port))):
+            p = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+            node.procs.append(p)
+            assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+        (d / "logs").mkdir()
+        env = lab.node_env(d)
+        node.procs.append(subprocess.Popen(
+            node.exec(str(lab.bin.tailscaled), "--tun=tsnctun0", f"--statedir={d}",
+                      f"--socket={node.socket}", "--port=0"),
+            env=env, stdout=open(d / "tailscaled.log", "w"), stderr=subprocess.STDOUT))  # noqa: SIM115
+        for _ in range(100):
+            if os.path.exists(node.socket):
+                break
+            time.sleep(0.1)
+        up = subprocess.run(
+            node.exec(str(lab.bin.tailscale), f"--socket={node.socket}", "up",
+                      f"--login-server={lab.headscale_url}", f"--auth-key={lab.auth_key('chat')}",
+                      "--hostname=chat-tun", "--accept-dns=false", "--netfilter-mode=off",
+                      "--timeout=60s"), env=env, capture_output=True, text=True)
+        assert up.returncode == 0, up.stderr + (d / "tailscaled.log").read_text()[-3000:]
+        yield node
+    finally:
+        for p in reversed(node.procs):
+            p.kill()
+            p.wait()
+        sh("ip", "netns", "del", ns, check=False)
+        sh("ip", "link", "del", vh, check=False)
+
+
+def test_tun_server_listens_only_on_the_tailnet_addresses(lab: Any, tun_node: TunNode,
+                                                         tmp_path: Path) -> None:
+    status = sh(str(lab.bin.tailscale), f"--socket={tun_node.socket}", "status", "--json")
+    import json
+
+    st = json.loads(status.stdout)
+    assert st["TUN"] is True
+    ips = set(st["Self"]["TailscaleIPs"])
+    port = free_port()
+    notify_path = str(tmp_path / "notify.sock")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(notify_path)
+    notify.settimeout(60)
+    server = subprocess.Popen(
+        tun_node.exec(CLI, "serve", "--state-dir", str(tmp_path / "state"), "--socket",
+                      tun_node.socket, "--port", str(port)),
+        env={**os.environ, "NOTIFY_SOCKET": notify_path},
+        stdout=open(tmp_path / "serve.log", "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
+    try:
+        msgs = ""
+        while "READY=1" not in msgs:
+            msgs += notify.recv(4096).decode()
+        out = sh(*tun_node.exec("ss", "-ltnH", f"sport = :{port}")).stdout
+        # gRPC binds an IPv4 address as v4-mapped on a v6 socket ([::ffff:100.64.0.5]).
+        bound = {line.split()[3].rsplit(":", 1)[0].strip("[]").removeprefix("::ffff:")
+                 for line in out.splitlines()}
+        assert bound == ips, (bound, ips)
+        assert not bound & {"0.0.0.0", "::", "*", "127.0.0.1", "::1"}
+        tok = sh(CLI, "token", "issue", "alice@tailnet.test", "--state-dir",
+                 str(tmp_path / "state")).stdout.strip()
+        alice = lab.nodes["alice-laptop"]
+
+        async def reach() -> str:
+            deadline = time.monotonic() + 60
+            while True:
+                conn = await connect("chat-tun", tok, socket=alice.socket, port=port,
+                                     proxy=f"http://{alice.http_proxy}")
+                try:
+                    me = await conn.whoami(timeout=5)
+                    return me.identity.login
+                except Exception:
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(1)
+                finally:
+                    await conn.close()
+
+        # Over the tailnet to the TUN node: WhoIs sees alice's real tailnet source address.
+        assert asyncio.run(reach()) == "alice@tailnet.test"
+    finally:
+        server.terminate()
+        server.wait(timeout=15)
+        notify.close()
