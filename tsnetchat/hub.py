@@ -163,6 +163,11 @@ class Hub:
             return []
         return [streams[0].member for _, streams in sorted(r.members.items())]
 
+    def size(self, room: str) -> int:
+        """Number of subscribers in a room."""
+        r = self._rooms.get(room)
+        return len(r.subs) if r is not None else 0
+
     def subscriptions_of(self, login: str) -> int:
         return len(self._by_login.get(login, ()))
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import re
 import time
-import unicodedata
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -43,6 +44,14 @@ SERVICE_NAME = "tsnetchat.v1.Chat"
 HELLO_TIMEOUT = 10.0
 MAX_CLIENT_MSG_ID = 64
 FRAME_BATCH = 256
+# Batching in busy rooms. A frame costs the server ~25us of CPU (measured: bench/README.md);
+# packing one more message into a frame costs almost nothing. A subscriber whose previous
+# frame went out less than LINGER_WHEN_BUSY ago waits before draining, so messages share
+# frames: about one frame-cost per subscriber in the room (a 100-person room waits 2.5ms),
+# capped at LINGER_MAX. Quiet rooms are never delayed. TSNETCHAT_LINGER_MAX_MS overrides.
+FRAME_COST = 25e-6
+LINGER_MAX = float(os.environ.get("TSNETCHAT_LINGER_MAX_MS", "5")) / 1000
+LINGER_WHEN_BUSY = 0.02
 
 
 class _Garbage:
@@ -121,6 +130,11 @@ def _encode(x: Any) -> bytes:
     return x if isinstance(x, bytes) else bytes(x.SerializeToString())
 
 
+# Unicode category Cc (C0 and C1 controls, DEL) except tab and newline, surrogates (Cs), and
+# the bidi embedding/override/isolate characters. One C-level scan instead of a Python loop.
+_FORBIDDEN = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff\u202a-\u202e\u2066-\u2069]")
+
+
 def validate_text(text: str, kind: int, max_bytes: int) -> None:
     size = len(text.encode("utf-8", "surrogatepass"))
     if size > max_bytes:
@@ -130,14 +144,11 @@ def validate_text(text: str, kind: int, max_bytes: int) -> None:
         raise InvalidInput("message is empty")
     if kind not in (pb.MESSAGE_KIND_TEXT, pb.MESSAGE_KIND_ACTION):
         raise InvalidInput(f"unknown message kind {kind}")
-    for ch in text:
-        if ch in "\n\t":
-            continue
-        cat = unicodedata.category(ch)
-        if cat in ("Cc", "Cs") or ch in "\u202e\u202d\u2066\u2067\u2068\u2069":
-            # Terminal escapes and bidi overrides would let one user rewrite others' screens.
-            raise InvalidInput(f"message contains a control character (U+{ord(ch):04X}); "
-                               "only printable text, newlines and tabs are allowed")
+    bad = _FORBIDDEN.search(text)
+    if bad is not None:
+        # Terminal escapes and bidi overrides would let one user rewrite others' screens.
+        raise InvalidInput(f"message contains a control character (U+{ord(bad.group()):04X}); "
+                           "only printable text, newlines and tabs are allowed")
 
 
 class ChatService:
@@ -244,12 +255,21 @@ class ChatService:
     async def _live(self, sub: Subscriber,
                     context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         skip = sub.replayed_to
+        last_frame = 0.0
         while True:
             await sub.wait()
+            # In a busy room, linger briefly so several messages share one frame: a gRPC
+            # write costs far more than packing another message into a batch. A quiet room
+            # (nothing sent in the last few ms) is never delayed.
+            if (len(sub.queue) < FRAME_BATCH and sub.closed is None
+                    and time.monotonic() - last_frame < LINGER_WHEN_BUSY):
+                await asyncio.sleep(min(LINGER_MAX, FRAME_COST * self.hub.size(sub.room)))
+            last_frame = time.monotonic()
             if sub.queue:
                 items = sub.drain(FRAME_BATCH)
                 frames = codec.pack(items, skip)
                 self.metrics.inc("deliveries_total", sum(1 for i in items if i.id > skip))
+                self.metrics.inc("frames_total", len(frames))
                 for f in frames:
                     yield f
                 continue

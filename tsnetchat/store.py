@@ -44,8 +44,10 @@ CREATE TABLE IF NOT EXISTS messages (
     client_msg_id TEXT NOT NULL,
     PRIMARY KEY (room, id)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS messages_dedup
-    ON messages (room, login, client_msg_id) WHERE client_msg_id != '';
+-- A plain index: the resend check must not scan the room. (A partial index WHERE
+-- client_msg_id != '' was not chosen by the planner for a bound parameter; dropped below.)
+DROP INDEX IF EXISTS messages_dedup;
+CREATE INDEX IF NOT EXISTS messages_by_sender_key ON messages (room, login, client_msg_id);
 CREATE INDEX IF NOT EXISTS messages_ts ON messages (ts_ms);
 CREATE TABLE IF NOT EXISTS tokens (
     jti TEXT PRIMARY KEY,
@@ -146,8 +148,11 @@ class Store:
                *, now_ms: int | None = None) -> tuple[StoredMessage, bool]:
         """Store a message and return it with its new id; see the module doc for guarantees."""
         if client_msg_id:
-            rows = self._q(f"SELECT {_COLS} FROM messages WHERE room=? AND login=? AND "
-                           "client_msg_id=?", (room, sender.login, client_msg_id))
+            # INDEXED BY: without statistics the planner picks the primary key and scans the
+            # whole room, which made every send O(history).
+            rows = self._q(f"SELECT {_COLS} FROM messages INDEXED BY messages_by_sender_key "
+                           "WHERE room=? AND login=? AND client_msg_id=?",
+                           (room, sender.login, client_msg_id))
             if rows:
                 return _row(rows[0]), True
         ts = int(time.time() * 1000) if now_ms is None else now_ms

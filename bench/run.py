@@ -1,0 +1,467 @@
+#!/usr/bin/env python3
+"""`make bench [ARGS=--quick]`: tsnetchat against the original design, side by side.
+
+Both servers run in the same session on the same machine; the server is pinned to core 0,
+every load generator process to the other core(s), and each result reports the CPU time of
+the server and of the generators next to the figures, so a saturated generator shows. Writes
+bench/results/latest.json (and a timestamped copy) and bench/results/latest.png.
+
+Scenarios (see bench/README.md): fan-out, concurrency, connect cost over the real tailnet,
+slow consumer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+RESULTS = BENCH / "results"
+PY = sys.executable
+CORES = os.cpu_count() or 1
+SERVER_CPUS = {0}
+GEN_CPUS = set(range(1, CORES)) or {0}
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pct(xs: list[float], p: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return round(xs[min(len(xs) - 1, math.ceil(p / 100 * len(xs)) - 1)], 3)
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    if not a or not b:
+        return None
+    return round(a / b, 2)
+
+
+class ServerProc:
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.port = free_port()
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"bench-{kind}-"))
+        self.metrics_port = free_port()
+        if kind == "tsnetchat":
+            tokfile = self.tmp / "token"
+            argv = [PY, str(BENCH / "tsnetchat_server.py"), "--port", str(self.port),
+                    "--token-file", str(tokfile), "--metrics-port", str(self.metrics_port)]
+        else:
+            argv = [PY, str(BENCH / "baselines" / "original_server.py"), "--port", str(self.port)]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     text=True)
+        assert self.proc.stdout is not None
+        if self.proc.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"{kind} server did not start")
+        os.sched_setaffinity(self.proc.pid, SERVER_CPUS)
+        self.token = (tokfile.read_text() if kind == "tsnetchat" else "bench-token")
+        self.ps = psutil.Process(self.proc.pid)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def cpu(self) -> float:
+        t = self.ps.cpu_times()
+        return float(t.user + t.system)
+
+    def rss(self) -> int:
+        return int(self.ps.memory_info().rss)
+
+    def counters(self) -> dict[str, float]:
+        """The server's own counters (tsnetchat only), from its Prometheus endpoint."""
+        if self.kind != "tsnetchat":
+            return {}
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/", timeout=5) as r:
+            text = r.read().decode()
+        return {k.removeprefix("tsnetchat_"): float(v) for k, v in
+                (line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))}
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def gen(args: list[str], **kw: Any) -> subprocess.Popen[str]:
+    p = subprocess.Popen([PY, str(BENCH / "loadgen.py"), *args], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, **kw)
+    os.sched_setaffinity(p.pid, GEN_CPUS)
+    return p
+
+
+def start_subs(srv: ServerProc, room: str, n: int, *, procs: int, stall: int = 0,
+               ready_timeout: float = 120) -> tuple[list[subprocess.Popen[str]], int]:
+    per = [n // procs + (1 if i < n % procs else 0) for i in range(procs)]
+    ps = []
+    for i, k in enumerate(per):
+        if k == 0:
+            continue
+        ps.append(gen(["subscribe", "--target", srv.target, "--token", srv.token, "--room",
+                       room, "--n", str(k), "--conns", str(max(1, math.ceil(k / 200))),
+                       "--stall", str(stall if i == 0 else 0), "--ready-timeout",
+                       str(ready_timeout)]))
+    ready = 0
+    for p in ps:
+        assert p.stdout is not None
+        ready += json.loads(p.stdout.readline())["ready"]
+    return ps, ready
+
+
+def finish_subs(ps: list[subprocess.Popen[str]]) -> list[dict[str, Any]]:
+    out = []
+    for p in ps:
+        assert p.stdin is not None and p.stdout is not None
+        p.stdin.write("stop\n")
+        p.stdin.flush()
+    for p in ps:
+        assert p.stdout is not None
+        out.append(json.loads(p.stdout.readline()))
+        p.wait()
+    return out
+
+
+def run_sender(srv: ServerProc, room: str, *, count: int, rate: float, size: int = 64,
+               timeout: float = 120) -> dict[str, Any] | None:
+    p = gen(["send", "--target", srv.target, "--token", srv.token, "--room", room, "--count",
+             str(count), "--rate", str(rate), "--size", str(size)])
+    try:
+        out, _ = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+        return None  # never served
+    return json.loads(out) if out.strip() else None
+
+
+def fanout(kind: str, n: int, *, count: int, rate: float, stall: int = 0, size: int = 64,
+           settle: float = 0.5) -> dict[str, Any]:
+    srv = ServerProc(kind)
+    try:
+        room = f"r{n}"
+        procs = min(4, max(1, math.ceil(n / 25)))
+        subs, ready = start_subs(srv, room, n + stall, procs=procs, stall=stall,
+                                 ready_timeout=15 if kind == "baseline" else 120)
+        cpu0 = srv.cpu()
+        rss0 = srv.rss()
+        s = run_sender(srv, room, count=count, rate=rate, size=size,
+                       timeout=60 if kind == "tsnetchat" else 30)
+        time.sleep(settle)
+        cpu1 = srv.cpu()
+        res = finish_subs(subs)
+        deliveries = sum(r["deliveries"] for r in res)
+        lat = [x for r in res for x in r["latencies_ms"]]
+        c = srv.counters()
+        result: dict[str, Any] = {
+            "subscribers_requested": n, "subscribers_served": ready - stall, "stalled": stall,
+            "messages": count, "rate": rate or "max", "deliveries": deliveries,
+            "sender_served": s is not None,
+            "server_cpu_s": round(cpu1 - cpu0, 2),
+            "generator_cpu_s": round(sum(r["cpu_s"] for r in res) + (s or {}).get("cpu_s", 0), 2),
+            "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99),
+            "server_rss_growth_mb": round((srv.rss() - rss0) / 2**20, 1),
+            "errors": {k: v for r in res for k, v in r["errors"].items()},
+        }
+        if c.get("frames_total"):
+            result["messages_per_frame"] = round(c["deliveries_total"] / c["frames_total"], 1)
+        if s is not None and deliveries:
+            last = max(r["last_ns"] for r in res)
+            secs = (last - s["start_ns"]) / 1e9
+            result["seconds"] = round(secs, 2)
+            result["deliveries_per_s"] = round(deliveries / secs)
+        return result
+    finally:
+        srv.stop()
+
+
+def concurrency(kind: str, n: int) -> dict[str, Any]:
+    srv = ServerProc(kind)
+    try:
+        rss0 = srv.rss()
+        t0 = time.monotonic()
+        procs = max(1, math.ceil(n / 2500))
+        # Bounded wait: a server that stops accepting streams reports "served N of M".
+        subs, ready = start_subs(srv, "c", n, procs=procs,
+                                 ready_timeout=5 if kind == "baseline" else 20)
+        connect_s = time.monotonic() - t0
+        rss = srv.rss()
+        s = run_sender(srv, "c", count=1, rate=0, timeout=5 if kind == "baseline" else 20)
+        time.sleep(2 if kind == "tsnetchat" else 1)
+        res = finish_subs(subs)
+        got = sum(1 for r in res for _ in range(1) if r["deliveries"]) and sum(
+            r["deliveries"] for r in res)
+        out: dict[str, Any] = {
+            "clients_requested": n, "clients_served": ready, "received_broadcast": got,
+            "connect_all_s": round(connect_s, 2), "server_rss_mb": round(rss / 2**20, 1),
+            "rss_per_client_kb": round((rss - rss0) / max(1, ready) / 1024, 1),
+            "sender_served": s is not None,
+        }
+        if s is not None and got:
+            out["broadcast_to_all_ms"] = round(
+                (max(r["last_ns"] for r in res) - s["start_ns"]) / 1e6, 1)
+        return out
+    finally:
+        srv.stop()
+
+
+async def _lab_measurements(quick: bool) -> dict[str, Any]:
+    sys.path.insert(0, str(ROOT / "scripts"))
+    sys.path.insert(0, str(ROOT))
+    import tailnet_lab
+
+    from tsnetchat.client import connect
+    from tsnetchat.pb import chat_pb2 as pb
+
+    iters = 10 if quick else 60
+
+    async def setup_times(conn_fn: Any) -> list[float]:
+        out = []
+        for _ in range(iters):
+            t = time.perf_counter()
+            conn = await conn_fn()
+            async for ev in conn.subscribe("general"):
+                if ev.WhichOneof("event") == "replay_done":
+                    break
+            out.append((time.perf_counter() - t) * 1000)
+            await conn.close()
+        return out
+
+    async def rtts(conn: Any) -> list[float]:
+        q: asyncio.Queue[Any] = asyncio.Queue()
+        out = []
+
+        async def reqs() -> Any:
+            yield pb.ClientEvent(hello=pb.Hello(room="random", after_id=2**62))
+            while True:
+                yield await q.get()
+
+        call = conn.stub.Join(reqs(), metadata=conn.metadata)
+        it = call.__aiter__()
+        for i in range(iters * 5):
+            t = time.perf_counter()
+            await q.put(pb.ClientEvent(send=pb.SendMessage(text=f"p{i}", client_msg_id=str(i))))
+            while True:
+                ev = await it.__anext__()
+                if ev.WhichOneof("event") == "message" and ev.message.text == f"p{i}":
+                    break
+            out.append((time.perf_counter() - t) * 1000)
+        call.cancel()
+        return out
+
+    results: dict[str, Any] = {}
+    with tailnet_lab.running_lab() as lab:
+        state = Path(tempfile.mkdtemp(prefix="bench-lab-"))
+        port = free_port()
+        cli = str(Path(PY).with_name("tsnetchat"))
+        env = {**os.environ, "TSNETCHAT_RATE_BURST": "100000", "TSNETCHAT_RATE_PER_SECOND": "1e6",
+               "TSNETCHAT_CALL_BURST": "100000", "TSNETCHAT_CALL_RATE": "1e6"}
+        srv = subprocess.Popen([cli, "serve", "--state-dir", str(state), "--socket",
+                                lab.nodes["chat-server"].socket, "--port", str(port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        try:
+            for _ in range(100):
+                if subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True,
+                                  text=True).stdout.strip():
+                    break
+                time.sleep(0.1)
+            tok = subprocess.run([cli, "token", "issue", "alice@tailnet.test", "--state-dir",
+                                  str(state)], capture_output=True, text=True).stdout.strip()
+            alice = lab.nodes["alice-laptop"]
+
+            async def via_tailnet() -> Any:
+                return await connect("chat-server", tok, socket=alice.socket, port=port,
+                                     proxy=f"http://{alice.http_proxy}")
+
+            loop_srv = ServerProc("tsnetchat")
+            try:
+                async def via_loopback() -> Any:
+                    return await connect("x", loop_srv.token, socket="", address=loop_srv.target)
+
+                tail_setup = await setup_times(via_tailnet)
+                loop_setup = await setup_times(via_loopback)
+                c1, c2 = await via_tailnet(), await via_loopback()
+                tail_rtt, loop_rtt = await rtts(c1), await rtts(c2)
+                await c1.close()
+                await c2.close()
+            finally:
+                loop_srv.stop()
+        finally:
+            srv.kill()
+            srv.wait()
+            shutil.rmtree(state, ignore_errors=True)
+    results["stream_setup_ms"] = {
+        "tailnet": {"p50": pct(tail_setup, 50), "p99": pct(tail_setup, 99)},
+        "loopback": {"p50": pct(loop_setup, 50), "p99": pct(loop_setup, 99)},
+        "note": "tailnet = new channel through alice's userspace node + token + real WhoIs; "
+                "loopback = same server code, stand-in WhoIs",
+    }
+    results["stream_setup_ms"]["ratio_p50"] = ratio(pct(tail_setup, 50), pct(loop_setup, 50))
+    results["send_to_echo_rtt_ms"] = {
+        "tailnet": {"p50": pct(tail_rtt, 50), "p99": pct(tail_rtt, 99)},
+        "loopback": {"p50": pct(loop_rtt, 50), "p99": pct(loop_rtt, 99)},
+        "ratio_p50": ratio(pct(tail_rtt, 50), pct(loop_rtt, 50)),
+        "messages_per_s_sequential": {
+            "tailnet": round(1000 / statistics.mean(tail_rtt)),
+            "loopback": round(1000 / statistics.mean(loop_rtt))},
+    }
+    return results
+
+
+def plot(res: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    fo = res["fanout"]
+    labels = [k for k in fo if k.startswith("saturation")]
+    xs = range(len(labels))
+    for off, kind, colour in ((-0.2, "tsnetchat", "tab:blue"), (0.2, "baseline", "tab:grey")):
+        axes[0].bar([x + off for x in xs], [fo[k][kind].get("deliveries_per_s", 0) for k in labels],
+                    width=0.4, label=kind, color=colour)
+    axes[0].set_xticks(list(xs), [k.replace("saturation_", "") for k in labels])
+    axes[0].set_ylabel("deliveries / s at saturation")
+    axes[0].set_title("fan-out throughput")
+    axes[0].legend()
+    lat = [k for k in fo if k.startswith("latency")]
+    for kind, colour in (("tsnetchat", "tab:blue"), ("baseline", "tab:grey")):
+        pts = [(fo[k][kind]["subscribers_served"], fo[k][kind]["p50_ms"], fo[k][kind]["p99_ms"])
+               for k in lat if fo[k][kind].get("p99_ms") is not None]
+        if pts:
+            axes[1].plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=colour,
+                         label=f"{kind} p50")
+            axes[1].plot([p[0] for p in pts], [p[2] for p in pts], "s--", color=colour,
+                         label=f"{kind} p99")
+    axes[1].set_xlabel("clients in the room")
+    axes[1].set_ylabel("delivery latency (ms)")
+    axes[1].set_title("latency at a fixed moderate rate")
+    axes[1].legend()
+    cc = res["concurrency"]["tsnetchat"]
+    axes[2].plot([c["clients_served"] for c in cc], [c.get("broadcast_to_all_ms", 0) for c in cc],
+                 "o-", label="broadcast to all (ms)")
+    ax2 = axes[2].twinx()
+    ax2.plot([c["clients_served"] for c in cc], [c["server_rss_mb"] for c in cc], "s--",
+             color="tab:red", label="server RSS (MB)")
+    axes[2].set_xlabel("connected receiving clients")
+    axes[2].set_title("tsnetchat concurrency")
+    axes[2].legend(loc="upper left")
+    ax2.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="finish in under 3 minutes")
+    ap.add_argument("--no-lab", action="store_true", help="skip the real-tailnet scenario")
+    a = ap.parse_args()
+    started = time.time()
+    quick = a.quick
+    sat = 3000 if quick else 20000
+    dur = 3 if quick else 10
+    res: dict[str, Any] = {
+        "machine": {"cores": CORES, "python": platform.python_version(),
+                    "grpcio": __import__("grpc").__version__, "platform": platform.platform(),
+                    "server_cpus": sorted(SERVER_CPUS), "generator_cpus": sorted(GEN_CPUS)},
+        "mode": "quick" if quick else "full",
+        "fanout": {}, "concurrency": {},
+    }
+    for n in (9, 100):
+        key = f"saturation_{n}_subscribers"
+        log(f"fan-out saturation, {n} subscribers")
+        t = fanout("tsnetchat", n, count=sat, rate=0)
+        b = fanout("baseline", n, count=sat if n == 9 else 200, rate=0)
+        res["fanout"][key] = {"tsnetchat": t, "baseline": b,
+                              "ratio": ratio(t.get("deliveries_per_s"), b.get("deliveries_per_s"))}
+    for n, rate in ((9, 1000), (100, 1000)):
+        key = f"latency_{n}_subscribers_{rate}_per_s"
+        log(f"latency at {rate}/s, {n} subscribers")
+        t = fanout("tsnetchat", n, count=rate * dur, rate=rate)
+        b = fanout("baseline", n, count=rate * dur if n == 9 else 100, rate=rate)
+        res["fanout"][key] = {"tsnetchat": t, "baseline": b,
+                              "ratio_p99": ratio(b.get("p99_ms"), t.get("p99_ms"))}
+    log("slow consumer")
+    for kind, healthy in (("tsnetchat", 20), ("baseline", 8)):
+        base = fanout(kind, healthy, count=500 * dur, rate=500, size=2048)
+        slow = fanout(kind, healthy, count=500 * dur, rate=500, size=2048, stall=1)
+        res.setdefault("slow_consumer", {})[kind] = {
+            "without_stalled": base, "with_stalled": slow,
+            "p99_change": ratio(slow.get("p99_ms"), base.get("p99_ms"))}
+    sizes = [500, 1000] if quick else [1000, 2000, 5000, 10000]
+    res["concurrency"]["tsnetchat"] = []
+    for n in sizes:
+        log(f"concurrency: {n} receiving clients")
+        res["concurrency"]["tsnetchat"].append(concurrency("tsnetchat", n))
+    res["concurrency"]["baseline"] = [concurrency("baseline", 20)]
+    if not a.no_lab:
+        log("connect cost over the real tailnet lab")
+        try:
+            res["connect_cost"] = asyncio.run(_lab_measurements(quick))
+        except Exception as e:  # the rest of the run is still worth keeping
+            res["connect_cost"] = {"error": f"{type(e).__name__}: {e}"}
+    res["elapsed_s"] = round(time.time() - started, 1)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(res, indent=2)
+    (RESULTS / "latest.json").write_text(text)
+    (RESULTS / time.strftime("%Y%m%d-%H%M%S.json")).write_text(text)
+    plot(res, RESULTS / "latest.png")
+    summary(res)
+    return 0
+
+
+def summary(res: dict[str, Any]) -> None:
+    print(f"\nmachine: {res['machine']}  ({res['mode']}, {res['elapsed_s']} s)")
+    for k, v in res["fanout"].items():
+        t, b = v["tsnetchat"], v["baseline"]
+        if k.startswith("saturation"):
+            print(f"{k:40} tsnetchat {t.get('deliveries_per_s', '-'):>9}/s "
+                  f"(srv cpu {t['server_cpu_s']}s, gen cpu {t['generator_cpu_s']}s)  baseline "
+                  f"{b.get('deliveries_per_s', '-'):>8}/s served {b['subscribers_served']}/"
+                  f"{b['subscribers_requested']}  ratio {v['ratio']}")
+        else:
+            print(f"{k:40} tsnetchat p50 {t['p50_ms']} p99 {t['p99_ms']} ms  baseline p50 "
+                  f"{b['p50_ms']} p99 {b['p99_ms']} ms (served {b['subscribers_served']}/"
+                  f"{b['subscribers_requested']})")
+    for kind, v in res.get("slow_consumer", {}).items():
+        print(f"slow consumer {kind:10} p99 {v['without_stalled']['p99_ms']} -> "
+              f"{v['with_stalled']['p99_ms']} ms (x{v['p99_change']}), server RSS growth "
+              f"{v['with_stalled']['server_rss_growth_mb']} MB")
+    for c in res["concurrency"]["tsnetchat"]:
+        print(f"concurrency tsnetchat {c}")
+    print(f"concurrency baseline {res['concurrency']['baseline']}")
+    if "connect_cost" in res:
+        print(f"connect cost {json.dumps(res['connect_cost'])}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+#!/usr/bin/env python3
+"""tsnetchat's real server for benchmarks on loopback.
+
+The token lock runs as in production. The tailnet lock uses a stand-in WhoIs (every peer is
+bench@tailnet.test) because loopback load has no tailscaled in front; the cost of the real
+WhoIs and of the userspace tailnet is measured separately (scenario "connect cost").
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tsnetchat import auth
+from tsnetchat.config import load_config
+from tsnetchat.server import Server
+from tsnetchat.tailnet import WhoIs
+
+BENCH = WhoIs(login="bench@tailnet.test", display_name="Bench", node_name="bench",
+              node_id="b", tags=(), addresses=())
+
+
+async def whois(addr: str) -> WhoIs:
+    return BENCH
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--token-file", required=True)
+    ap.add_argument("--metrics-port", type=int, default=0)
+    args = ap.parse_args()
+    state = tempfile.mkdtemp(prefix="tsnetchat-bench-")
+    cfg = load_config(env={}, flags={
+        "state_dir": state, "listen": "127.0.0.1", "port": args.port, "rate_burst": 10**9,
+        "rate_per_second": 1e9, "call_burst": 10**9, "call_rate": 1e9,
+        "max_rooms_per_client": 10**6, "subscriber_queue": 8192, "history_on_join": 0,
+        "retention_count": 0, "metrics_port": args.metrics_port or None})
+    server = Server(cfg, whois=whois)
+    await server.start()
+    tok, _ = auth.issue_token(cfg.key_path.read_bytes().strip(), BENCH.login, ["*"],
+                              ttl_seconds=86400)
+    Path(args.token_file).write_text(tok)
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

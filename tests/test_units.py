@@ -1,0 +1,236 @@
+"""Pure logic: configuration, peer parsing, encoding, policy, validation, storage rules."""
+
+from __future__ import annotations
+
+import os
+import unicodedata
+from pathlib import Path
+
+import pytest
+
+import tsnetchat
+from tsnetchat import auth, codec
+from tsnetchat.config import ServerConfig, load_config
+from tsnetchat.errors import ConfigError, PermissionDenied, Unauthenticated
+from tsnetchat.pb import chat_pb2 as pb
+from tsnetchat.service import _FORBIDDEN, TokenBucket
+from tsnetchat.store import Sender, Store
+from tsnetchat.tailnet import WhoIs, format_addr, parse_grpc_peer
+from tsnetchat.tokens import find_token, load_store, save_token
+
+# --- public surface -----------------------------------------------------------------------
+
+
+def test_public_api_is_sorted_and_importable() -> None:
+    assert tsnetchat.__all__ == sorted(tsnetchat.__all__)
+    for name in tsnetchat.__all__:
+        assert hasattr(tsnetchat, name)
+
+
+# --- configuration ------------------------------------------------------------------------
+
+
+def test_precedence_is_defaults_then_file_then_env_then_flags(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text("port = 1000\nmax_page = 10\nrate_burst = 7\n")
+    cfg = load_config(file=f, env={"TSNETCHAT_PORT": "2000", "TSNETCHAT_MAX_PAGE": "20"},
+                      flags={"port": 3000, "rate_burst": None})
+    assert (cfg.port, cfg.max_page, cfg.rate_burst) == (3000, 20, 7)
+    assert cfg.history_on_join == ServerConfig().history_on_join
+
+
+@pytest.mark.parametrize("source,expect", [
+    ({"flags": {"port": 70000}}, "--port: 70000 is not a TCP port"),
+    ({"env": {"TSNETCHAT_PORT": "abc"}}, "TSNETCHAT_PORT: invalid value 'abc'"),
+    ({"env": {"TSNETCHAT_REQUIRE_GRANT": "maybe"}}, "expected true or false"),
+    ({"flags": {"listen": "0.0.0.0"}}, "--listen: 0.0.0.0 would listen on every interface"),
+    ({"flags": {"listen": "::"}}, "would listen on every interface"),
+    ({"flags": {"cap_domain": "not a domain"}}, "--cap-domain"),
+])
+def test_bad_settings_name_where_they_came_from(source: dict[str, dict[str, object]],
+                                               expect: str) -> None:
+    with pytest.raises(ConfigError, match=expect.replace("(", r"\(").replace(")", r"\)")):
+        load_config(file=None, env=source.get("env", {}),  # type: ignore[arg-type]
+                    flags=source.get("flags", {}))
+
+
+def test_unknown_file_key_and_bad_toml_are_reported(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text("prot = 1\n")
+    with pytest.raises(ConfigError, match="unknown key 'prot'"):
+        load_config(file=f, env={})
+    f.write_text("port = = 1\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(file=f, env={})
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(file=tmp_path / "missing.toml", env={})
+
+
+def test_config_show_masks_secrets() -> None:
+    cfg = load_config(file=None, env={"TSNETCHAT_AUTH_KEY": "tskey-auth-secret"})
+    assert cfg.masked()["auth_key"] == "********"
+    assert "tskey" not in str(cfg.masked())
+
+
+# --- peers and encoding -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("peer,expect", [
+    ("ipv4:127.0.0.1:33634", ("127.0.0.1", 33634)),
+    ("ipv6:[::1]:56980", ("::1", 56980)),
+    ("ipv6:%5B::1%5D:56980", ("::1", 56980)),
+    ("ipv6:[fd7a:115c:a1e0::2]:443", ("fd7a:115c:a1e0::2", 443)),
+])
+def test_grpc_peer_strings_parse(peer: str, expect: tuple[str, int]) -> None:
+    assert parse_grpc_peer(peer) == expect
+    assert format_addr(*expect).endswith(f":{expect[1]}")
+
+
+@pytest.mark.parametrize("peer", ["unix:/tmp/x.sock", "ipv4:nope", "ipv6:::1:5", ""])
+def test_non_ip_peers_are_rejected(peer: str) -> None:
+    with pytest.raises(ValueError):
+        parse_grpc_peer(peer)
+
+
+def test_hand_packed_batch_equals_protobufs_own_encoding() -> None:
+    msgs = [pb.ChatMessage(id=i, room="r", text="x" * (i * 70), sender=pb.Identity(login="a"))
+            for i in range(1, 5)]
+    raw = [m.SerializeToString() for m in msgs]
+    expected = pb.ServerEvent(batch=pb.Batch(messages=msgs)).SerializeToString()
+    assert codec.batch_frame(raw) == expected
+    single = pb.ServerEvent(message=msgs[0]).SerializeToString()
+    assert codec._len_field(2, raw[0]) == single
+
+
+def test_pack_skips_replayed_and_keeps_order() -> None:
+    items = [codec.Item(i, pb.ChatMessage(id=i).SerializeToString(), b"") for i in (3, 4, 5)]
+    presence = codec.event_item(presence=pb.Presence(room="r"))
+    frames = codec.pack([items[0], presence, items[1], items[2]], skip_through=3)
+    decoded = [pb.ServerEvent.FromString(f) for f in frames]
+    assert [d.WhichOneof("event") for d in decoded] == ["presence", "batch"]
+    assert [m.id for m in decoded[1].batch.messages] == [4, 5]
+
+
+def test_text_rule_regex_matches_unicode_categories_everywhere_in_the_bmp() -> None:
+    bidi = set("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+    for cp in range(0x10000):
+        ch = chr(cp)
+        want = ch not in "\n\t" and (unicodedata.category(ch) in ("Cc", "Cs") or ch in bidi)
+        assert (_FORBIDDEN.search(ch) is not None) == want, hex(cp)
+
+
+def test_token_bucket_allows_a_burst_then_the_rate() -> None:
+    b = TokenBucket(3, 1000.0)
+    assert [b.take() for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert b.take() > 0
+
+
+# --- policy -------------------------------------------------------------------------------
+
+
+def who(login: str = "alice@t", tags: tuple[str, ...] = (), cap: object = None) -> WhoIs:
+    return WhoIs(login=login, display_name="A", node_name="n", node_id="1", tags=tags,
+                 addresses=(), cap_map={"example.com/cap/tsnetchat": cap} if cap else {})
+
+
+def claims(sub: str = "alice@t", rooms: tuple[str, ...] = ("*",), admin: bool = False
+           ) -> auth.Claims:
+    return auth.Claims(sub, frozenset(rooms), admin, "j", 0, 9)
+
+
+def test_grants_combine_as_a_union_and_ignore_malformed_values() -> None:
+    g = auth.grant_from_capmap({"c": [{"rooms": ["a"]}, {"rooms": ["b"], "admin": True},
+                                      "junk", {"rooms": "x"}]}, "c")
+    assert g == auth.Grant(frozenset({"a", "b"}), True)
+    assert auth.grant_from_capmap({}, "c") is None
+
+
+@pytest.mark.parametrize("token_rooms,grant_rooms,expect", [
+    (("*",), ["general", "ops"], {"general", "ops"}),
+    (("general", "ops"), ["*"], {"general", "ops"}),
+    (("general", "ops"), ["ops", "random"], {"ops"}),
+])
+def test_rights_are_token_intersect_grant(token_rooms: tuple[str, ...], grant_rooms: list[str],
+                                          expect: set[str]) -> None:
+    p = auth.authorize(who(cap=[{"rooms": grant_rooms, "admin": True}]),
+                       claims(rooms=token_rooms, admin=True), auth.grant_from_capmap(
+                           {"g": [{"rooms": grant_rooms, "admin": True}]}, "g"),
+                       require_grant=False)
+    assert p.rooms == frozenset(expect) and p.admin and p.grant_applied
+
+
+def test_empty_intersection_and_missing_required_grant_are_denied() -> None:
+    with pytest.raises(PermissionDenied, match="no room in common"):
+        auth.authorize(who(), claims(rooms=("a",)), auth.Grant(frozenset({"b"}), False),
+                       require_grant=False)
+    with pytest.raises(PermissionDenied, match="no app capability grant"):
+        auth.authorize(who(), claims(), None, require_grant=True)
+
+
+def test_tagged_devices_match_by_tag_not_login() -> None:
+    bot = who(login="tagged-devices", tags=("tag:bot",))
+    assert auth.authorize(bot, claims(sub="tag:bot"), None, require_grant=False).login == "tag:bot"
+    with pytest.raises(Unauthenticated):
+        auth.authorize(bot, claims(sub="tagged-devices"), None, require_grant=False)
+
+
+def test_tokens_verify_with_a_fixed_clock() -> None:
+    key = b"k" * 64
+    tok, c = auth.issue_token(key, "alice@t", ["general"], ttl_seconds=60, now=1000)
+    assert auth.verify_token(key, tok, now=1030).subject == "alice@t"
+    with pytest.raises(Unauthenticated, match="expired"):
+        auth.verify_token(key, tok, now=2000)
+    with pytest.raises(Unauthenticated, match="not valid yet"):
+        auth.verify_token(key, tok, now=900)
+    with pytest.raises(ConfigError):
+        auth.issue_token(key, "alice@t", ["Bad Room"], ttl_seconds=60)
+
+
+def test_key_file_is_created_private_and_refused_when_open(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "jwt.key"
+    key = auth.load_or_create_key(path)
+    assert len(key) == 64 and oct(path.stat().st_mode & 0o777) == "0o600"
+    assert auth.load_or_create_key(path) == key
+    path.chmod(0o640)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        auth.load_or_create_key(path)
+
+
+# --- client token store ------------------------------------------------------------------
+
+
+def test_token_sources_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = tmp_path / "tokens.json"
+    save_token("Chat-Server.", "saved", store)
+    assert oct(store.stat().st_mode & 0o777) == "0o600"
+    monkeypatch.delenv("TSNETCHAT_TOKEN", raising=False)
+    assert find_token("chat-server", path=store) == "saved"
+    monkeypatch.setenv("TSNETCHAT_TOKEN", "env")
+    assert find_token("chat-server", path=store) == "env"
+    f = tmp_path / "t"
+    f.write_text("file\n")
+    assert find_token("chat-server", token_file=f, path=store) == "file"
+    assert find_token("chat-server", token="flag", token_file=f, path=store) == "flag"
+    monkeypatch.delenv("TSNETCHAT_TOKEN")
+    with pytest.raises(Unauthenticated, match="no token for other"):
+        find_token("other", path=store)
+    os.chmod(store, 0o644)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        load_store(store)
+
+
+# --- storage ------------------------------------------------------------------------------
+
+
+def test_retention_keeps_ids_increasing_and_never_reused(tmp_path: Path) -> None:
+    s = Store(tmp_path / "db")
+    a = Sender("a", "A", "n")
+    for i in range(10):
+        s.append("r", a, 1, f"m{i}", now_ms=1000 * i)
+    assert s.prune(keep_count=3, keep_days=0) == 7
+    assert [m.id for m in s.after("r", 0, 100)] == [8, 9, 10]
+    s.close()
+    s = Store(tmp_path / "db")
+    assert s.append("r", a, 1, "next")[0].id == 11
+    assert s.prune(keep_count=0, keep_days=1, now=10**6) == 3  # m7..m9 are old by then
+    s.close()
