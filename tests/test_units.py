@@ -176,7 +176,7 @@ def test_tagged_devices_match_by_tag_not_login() -> None:
 
 def test_tokens_verify_with_a_fixed_clock() -> None:
     key = b"k" * 64
-    tok, c = auth.issue_token(key, "alice@t", ["general"], ttl_seconds=60, now=1000)
+    tok, _ = auth.issue_token(key, "alice@t", ["general"], ttl_seconds=60, now=1000)
     assert auth.verify_token(key, tok, now=1030).subject == "alice@t"
     with pytest.raises(Unauthenticated, match="expired"):
         auth.verify_token(key, tok, now=2000)
