@@ -165,3 +165,58 @@ def test_tun_server_listens_only_on_the_tailnet_addresses(lab: Any, tun_node: Tu
         server.terminate()
         server.wait(timeout=15)
         notify.close()
+
+
+def _listening(node: TunNode, port: int) -> set[str]:
+    out = sh(*node.exec("ss", "-ltnH", f"sport = :{port}")).stdout
+    return {line.split()[3].rsplit(":", 1)[0].strip("[]").removeprefix("::ffff:")
+            for line in out.splitlines()}
+
+
+def test_server_follows_a_changed_tailnet_address(lab: Any, tun_node: TunNode,
+                                                  tmp_path: Path) -> None:
+    """The node is deleted in headscale and registered again (it gets the next free
+    address); the running server notices on the IPN bus and listens on the new addresses."""
+    import json
+
+    def ips() -> set[str]:
+        st = json.loads(sh(str(lab.bin.tailscale), f"--socket={tun_node.socket}", "status",
+                           "--json").stdout)
+        return set(st["Self"].get("TailscaleIPs") or ()) if st["BackendState"] == "Running" \
+            else set()
+
+    before = ips()
+    port = free_port()
+    server = subprocess.Popen(
+        tun_node.exec(CLI, "serve", "--state-dir", str(tmp_path / "state"), "--socket",
+                      tun_node.socket, "--port", str(port)),
+        stdout=open(tmp_path / "serve.log", "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
+    try:
+        deadline = time.monotonic() + 30
+        while _listening(tun_node, port) != before:
+            assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+            time.sleep(0.2)
+        nodes = json.loads(lab.headscale("nodes", "list", "-o", "json"))
+        node_id = next(n["id"] for n in nodes
+                       if "chat-tun" in (n.get("given_name"), n.get("givenName"), n.get("name")))
+        lab.headscale("nodes", "delete", "-i", str(node_id), "--force")
+        up = subprocess.run(
+            tun_node.exec(str(lab.bin.tailscale), f"--socket={tun_node.socket}", "up",
+                          f"--login-server={lab.headscale_url}",
+                          f"--auth-key={lab.auth_key('chat')}", "--hostname=chat-tun",
+                          "--accept-dns=false", "--netfilter-mode=off", "--force-reauth",
+                          "--timeout=60s"),
+            env=lab.node_env(tun_node.dir), capture_output=True, text=True)
+        assert up.returncode == 0, up.stderr
+        after = ips()
+        assert after and after != before
+        deadline = time.monotonic() + 30
+        while _listening(tun_node, port) != after:
+            assert time.monotonic() < deadline, (
+                f"still {_listening(tun_node, port)}, want {after}\n"
+                + (tmp_path / "serve.log").read_text()[-2000:])
+            time.sleep(0.2)
+        assert "tailnet addresses changed" in (tmp_path / "serve.log").read_text()
+    finally:
+        server.terminate()
+        server.wait(timeout=15)
