@@ -472,7 +472,7 @@ class Lab:
     def status(self, node: Node) -> dict[str, Any]:
         return json.loads(self.tailscale(node, "status", "--json"))  # type: ignore[no-any-return]
 
-    def wait_running(self, node: Node, timeout: float = 60) -> None:
+    def wait_running(self, node: Node, timeout: float = 120) -> None:
         """Wait until a (re)started node is Running again and sees its peers online."""
         deadline = time.monotonic() + timeout
         while True:

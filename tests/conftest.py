@@ -29,6 +29,7 @@ from fakenet import FakeTailnet  # noqa: E402
 from tsnetchat import auth  # noqa: E402
 from tsnetchat.client import Connection, connect  # noqa: E402
 from tsnetchat.config import ServerConfig, load_config  # noqa: E402
+from tsnetchat.netio import splice  # noqa: E402
 from tsnetchat.server import Server  # noqa: E402
 
 
@@ -158,17 +159,7 @@ class LocalAPIRelay:
                 w.close()
                 return
             self._writers.update((w, uw))
-
-            async def pipe(a: asyncio.StreamReader, b: asyncio.StreamWriter) -> None:
-                try:
-                    while data := await a.read(65536):
-                        b.write(data)
-                        await b.drain()
-                except Exception:
-                    pass
-                b.close()
-
-            await asyncio.gather(pipe(r, uw), pipe(ur, w))
+            await splice((r, w), (ur, uw))
 
         self._server = await asyncio.start_unix_server(handle, self.path)
 

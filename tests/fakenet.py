@@ -12,6 +12,7 @@ import contextlib
 from dataclasses import dataclass, field
 
 from tsnetchat.errors import PeerNotFound
+from tsnetchat.netio import splice
 from tsnetchat.tailnet import WhoIs
 
 
@@ -47,16 +48,7 @@ class FakeTailnet:
             port = uw.get_extra_info("sockname")[1]
             self.by_port[port] = who
             self._conns.update((w, uw))
-
-            async def pipe(a: asyncio.StreamReader, b: asyncio.StreamWriter) -> None:
-                with contextlib.suppress(Exception):
-                    while data := await a.read(65536):
-                        b.write(data)
-                        await b.drain()
-                with contextlib.suppress(Exception):
-                    b.close()
-
-            await asyncio.gather(pipe(r, uw), pipe(ur, w))
+            await splice((r, w), (ur, uw))
             self.by_port.pop(port, None)
             self._conns.difference_update((w, uw))
 

@@ -6,27 +6,19 @@ listens on the host's loopback) at the same address it has on the host."""
 import asyncio
 import sys
 
+from tsnetchat.netio import splice
+
 
 async def main() -> None:
     lh, lp, th, tp = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 
     async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         try:
-            ur, uw = await asyncio.open_connection(th, tp)
+            upstream = await asyncio.open_connection(th, tp)
         except OSError:
             w.close()
             return
-
-        async def pipe(a: asyncio.StreamReader, b: asyncio.StreamWriter) -> None:
-            try:
-                while data := await a.read(65536):
-                    b.write(data)
-                    await b.drain()
-            except Exception:
-                pass
-            b.close()
-
-        await asyncio.gather(pipe(r, uw), pipe(ur, w))
+        await splice((r, w), upstream)
 
     server = await asyncio.start_server(handle, lh, lp)
     print("ready", flush=True)

@@ -15,7 +15,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ import jwt
 import pytest
 import tailnet_lab
 from conftest import LabChat, free_port
+from test_core_chat import hello_events
 
 from tsnetchat import auth
 from tsnetchat.config import load_config
@@ -56,17 +56,6 @@ def claims(sub: str = ALICE, **over: Any) -> dict[str, Any]:
 
 def b64(d: dict[str, Any]) -> str:
     return base64.urlsafe_b64encode(json.dumps(d).encode()).rstrip(b"=").decode()
-
-
-async def join_events(room: str, after: int | None = None,
-                      then: list[pb.ClientEvent] | None = None) -> AsyncIterator[pb.ClientEvent]:
-    h = pb.Hello(room=room)
-    if after is not None:
-        h.after_id = after
-    yield pb.ClientEvent(hello=h)
-    for ev in then or []:
-        yield ev
-    await asyncio.Event().wait()
 
 
 async def first_of(call: Any, kind: str, timeout: float = 10) -> Any:
@@ -180,7 +169,7 @@ async def test_revocation_from_the_cli_closes_an_open_stream(lab_chat: LabChat) 
     tok = lab_chat.token(ALICE)
     jti = jwt.decode(tok, options={"verify_signature": False})["jti"]
     conn = await lab_chat.connect("alice-laptop", tok)
-    call = conn.stub.Join(join_events("general"), metadata=conn.metadata)
+    call = conn.stub.Join(hello_events("general"), metadata=conn.metadata)
     await first_of(call, "replay_done")
     cli = Path(sys.executable).with_name("tsnetchat")
     out = subprocess.run([str(cli), "token", "revoke", jti, "--state-dir",
@@ -229,7 +218,7 @@ async def test_spoofed_sender_field_is_ignored(lab_chat: LabChat) -> None:
     forged = pb.ClientEvent(send=pb.SendMessage(
         text="transfer the money", client_msg_id="f1",
         claimed_sender=pb.Identity(login=ALICE, display_name="Alice", node="alice-laptop")))
-    call = conn.stub.Join(join_events("general", then=[forged]), metadata=conn.metadata)
+    call = conn.stub.Join(hello_events("general", then=[forged]), metadata=conn.metadata)
     sent = await first_of(call, "sent")
     page = await conn.history("general", after=sent.id - 1, limit=1)
     (msg,) = page.messages
@@ -242,7 +231,7 @@ async def test_spoofed_sender_field_is_ignored(lab_chat: LabChat) -> None:
 
 async def test_room_outside_the_token(lab_chat: LabChat) -> None:
     conn = await lab_chat.connect("alice-laptop", lab_chat.token(ALICE, ("general",)))
-    call = conn.stub.Join(join_events("random"), metadata=conn.metadata)
+    call = conn.stub.Join(hello_events("random"), metadata=conn.metadata)
     e = await refused(first_of(call, "welcome"))
     assert e.code() == grpc.StatusCode.PERMISSION_DENIED
     assert "may not use room 'random'" in e.details()
@@ -303,7 +292,7 @@ async def test_non_admin_cannot_kick_or_revoke(lab_chat: LabChat) -> None:
 
 async def test_admin_kicks_a_user_out_of_a_room(lab_chat: LabChat) -> None:
     bob = await lab_chat.connect("bob-laptop", lab_chat.token(BOB))
-    call = bob.stub.Join(join_events("general"), metadata=bob.metadata)
+    call = bob.stub.Join(hello_events("general"), metadata=bob.metadata)
     await first_of(call, "replay_done")
     alice = await lab_chat.connect("alice-laptop", lab_chat.token(ALICE, admin=True))
     res = await alice.stub.Kick(pb.KickRequest(room="general", login=BOB),
@@ -317,7 +306,7 @@ async def test_terminal_escape_injection_is_rejected(lab_chat: LabChat) -> None:
     conn = await lab_chat.connect("alice-laptop", lab_chat.token(ALICE))
     evil = pb.ClientEvent(send=pb.SendMessage(text="hi\x1b[2J\x1b]0;pwned\x07",
                                               client_msg_id="e1"))
-    call = conn.stub.Join(join_events("general", then=[evil]), metadata=conn.metadata)
+    call = conn.stub.Join(hello_events("general", then=[evil]), metadata=conn.metadata)
     err = await first_of(call, "error")
     assert err.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert "control character" in err.message and err.client_msg_id == "e1"

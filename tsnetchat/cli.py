@@ -272,22 +272,29 @@ def send(
     json_out: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Send one message and print its id once the server has stored it."""
-    from .client import connect
     from .pb import chat_pb2 as pb
 
     s = _client_settings(server, token, token_file, socket, proxy)
-    body = sys.stdin.read() if text == "-" else text
+    body = (sys.stdin.read() if text == "-" else text).rstrip("\n")
+    kind = pb.MESSAGE_KIND_ACTION if action else pb.MESSAGE_KIND_TEXT
+    mid = _with_connection(server, port, address, s,
+                           lambda conn: conn.send_one(room, body, kind=kind))
+    typer.echo(json.dumps({"id": mid, "room": room}) if json_out else f"sent #{mid} to {room}")
 
-    async def go() -> int:
-        conn = await connect(server, port=port, address=address or "", **s)
+
+def _with_connection(server: str, port: int, address: str | None, settings: dict[str, Any],
+                     fn: Any) -> Any:
+    """Connect, run ``await fn(connection)``, always close; errors become exit codes."""
+    from .client import connect
+
+    async def go() -> Any:
+        conn = await connect(server, port=port, address=address or "", **settings)
         try:
-            return await conn.send_one(room, body.rstrip("\n"), kind=(
-                pb.MESSAGE_KIND_ACTION if action else pb.MESSAGE_KIND_TEXT))
+            return await fn(conn)
         finally:
             await conn.close()
 
-    mid = run(go())
-    typer.echo(json.dumps({"id": mid, "room": room}) if json_out else f"sent #{mid} to {room}")
+    return run(go())
 
 
 def message_json(m: Any) -> str:
@@ -361,18 +368,9 @@ def history(
     json_out: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Print a page of a room's history."""
-    from .client import connect
-
     s = _client_settings(server, token, token_file, socket, proxy)
-
-    async def go() -> Any:
-        conn = await connect(server, port=port, address=address or "", **s)
-        try:
-            return await conn.history(room, before=before, limit=limit)
-        finally:
-            await conn.close()
-
-    page = run(go())
+    page = _with_connection(server, port, address, s,
+                            lambda conn: conn.history(room, before=before, limit=limit))
     for m in page.messages:
         typer.echo(message_json(m) if json_out else message_line(m))
 
@@ -384,18 +382,8 @@ def whoami(
     address: AddressOpt = None,
 ) -> None:
     """Who the server thinks you are, and what you may do."""
-    from .client import connect
-
     s = _client_settings(server, token, token_file, socket, proxy)
-
-    async def go() -> Any:
-        conn = await connect(server, port=port, address=address or "", **s)
-        try:
-            return await conn.whoami()
-        finally:
-            await conn.close()
-
-    me = run(go())
+    me = _with_connection(server, port, address, s, lambda conn: conn.whoami())
     typer.echo(json.dumps({"login": me.identity.login, "node": me.identity.node,
                            "rooms": list(me.rooms), "admin": me.admin,
                            "grant_applied": me.grant_applied, "token_id": me.token_id}))

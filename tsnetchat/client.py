@@ -32,6 +32,7 @@ from typing import Any
 import grpc
 
 from .errors import PeerNotFound, TailnetError, TailnetNotReady, TsnetchatError
+from .netio import splice
 from .pb import chat_pb2 as pb
 from .pb import chat_pb2_grpc as pb_grpc
 from .tailnet import LocalAPI, PeerInfo, Status
@@ -132,20 +133,11 @@ class DialBridge:
 
     async def _handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         try:
-            ur, uw = await self.api.dial(self.host, self.port)
+            upstream = await self.api.dial(self.host, self.port)
         except TsnetchatError:
             w.close()
             return
-
-        async def pipe(a: asyncio.StreamReader, b: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(Exception):
-                while data := await a.read(65536):
-                    b.write(data)
-                    await b.drain()
-            with contextlib.suppress(Exception):
-                b.close()
-
-        await asyncio.gather(pipe(r, uw), pipe(ur, w))
+        await splice((r, w), upstream)
 
     async def close(self) -> None:
         if self._server is not None:
