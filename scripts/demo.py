@@ -115,7 +115,12 @@ def bot_main(argv: list[str]) -> None:
                              proxy=f"http://{node['http_proxy']}")
 
     async def main() -> None:
-        session = RoomSession(conn, "general", after_id=2**62)
+        # Start after the room's current last message: answer only what is said from now on.
+        first = await conn()
+        rooms = await first.list_rooms()  # type: ignore[attr-defined]
+        await first.close()  # type: ignore[attr-defined]
+        last = next((r.last_id for r in rooms.rooms if r.name == "general"), 0)
+        session = RoomSession(conn, "general", after_id=last)
         async for ev in session.events():
             m = ev.message
             if ev.kind == "message" and m is not None and m.sender.login != "bob@tailnet.test":
