@@ -220,3 +220,26 @@ def test_server_follows_a_changed_tailnet_address(lab: Any, tun_node: TunNode,
     finally:
         server.terminate()
         server.wait(timeout=15)
+
+
+def test_client_on_a_tun_node_dials_the_server_directly(lab: Any, tun_node: TunNode,
+                                                        tmp_path: Path) -> None:
+    """No proxy, no LocalAPI dial: the client sees TUN, dials chat-server's tailnet IP, and
+    the kernel routes it through tailscale. The server identifies the TUN node's user."""
+    from test_daemon import start_daemon
+
+    d = start_daemon(lab, tmp_path)
+    try:
+        d.wait_for("READY=1")
+        tok = d.token("chat@tailnet.test")  # the TUN node was registered as user chat
+        out = subprocess.run(tun_node.exec(CLI, "whoami", "chat-server", "--token", tok,
+                                           "--socket", tun_node.socket, "--port", str(d.port)),
+                             capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "TSNETCHAT_PROXY": ""})
+        assert out.returncode == 0, out.stderr
+        me = __import__("json").loads(out.stdout)
+        assert me["login"] == "chat@tailnet.test" and me["node"].startswith("chat-tun.")
+    finally:
+        d.proc.terminate()
+        d.proc.wait(timeout=15)
+        d.notify.close()

@@ -234,3 +234,21 @@ def test_retention_keeps_ids_increasing_and_never_reused(tmp_path: Path) -> None
     assert s.append("r", a, 1, "next")[0].id == 11
     assert s.prune(keep_count=0, keep_days=1, now=10**6) == 3  # m7..m9 are old by then
     s.close()
+
+
+def test_embedded_auth_key_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tsnetchat.embedded import find_auth_key
+
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "authkey").write_text("tskey-from-systemd\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    assert find_auth_key(load_config(file=None, env={})) == "tskey-from-systemd"
+    f = tmp_path / "k"
+    f.write_text("tskey-from-file")
+    assert find_auth_key(load_config(file=None, env={}, flags={"auth_key_file": str(f)})) \
+        == "tskey-from-file"
+    assert find_auth_key(load_config(file=None, env={"TSNETCHAT_AUTH_KEY": "tskey-env"})) \
+        == "tskey-env"
+    with pytest.raises(ConfigError, match="--auth-key-file"):
+        find_auth_key(load_config(file=None, env={}, flags={"auth_key_file": str(tmp_path / "x")}))
