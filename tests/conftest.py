@@ -130,15 +130,6 @@ def lab() -> Iterator[tailnet_lab.Lab]:
         yield lab_
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-def run(coro: Any) -> Any:
-    return asyncio.get_event_loop().run_until_complete(coro)
-
-
 # --- a real server on the lab's chat-server node ----------------------------------------
 
 

@@ -26,7 +26,6 @@ import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -411,7 +410,3 @@ class RoomSession:
             out.append(SessionEvent("message", message=m))
         return out
 
-
-def token_store_path() -> Path:
-    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(base) / "tsnetchat" / "tokens.json"

@@ -46,9 +46,6 @@ class Gate:
         self._cache: dict[str, _Entry] = {}
         self.whois_calls = 0
 
-    def set_key(self, key: bytes) -> None:
-        self.key = key
-
     @asynccontextmanager
     async def identity(self, peer: str) -> AsyncIterator[WhoIs]:
         """WhoIs of ``peer`` (grpc peer string), shared by concurrent calls on one connection."""

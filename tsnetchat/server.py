@@ -23,7 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from . import auth
-from .config import ServerConfig, load_config, parse_listen
+from .config import ServerConfig, parse_listen
 from .errors import ConfigError, LocalAPIUnavailable, TailnetError
 from .gate import Gate, WhoIsFunc
 from .hub import Hub
@@ -32,7 +32,7 @@ from .notify import Notifier
 from .pb import chat_pb2 as pb
 from .service import SERVICE_NAME, ChatService, Limits
 from .store import Store
-from .tailnet import LocalAPI, Status, WhoIs, wait_running
+from .tailnet import LocalAPI, Status, wait_running
 
 log = logging.getLogger("tsnetchat.server")
 
@@ -327,5 +327,3 @@ async def serve(cfg: ServerConfig, *, reload_config: Callable[[], ServerConfig] 
             await after_stop()
     return 0
 
-
-__all__ = ["Server", "WhoIs", "listen_addresses", "load_config", "serve"]

@@ -59,7 +59,7 @@ class ChatUI:
         self.current = ""
         self.fatal = ""
         self.session: PromptSession[str] | None = None
-        self.info: Connection | None = None
+        self.info_login = ""  # our own login, to skip announcing our own join
 
     def toolbar(self) -> Any:
         s = self.rooms.get(self.current)
@@ -97,7 +97,7 @@ class ChatUI:
                 self.members[s.room] = [m.display_name or m.login for m in p.members]
                 verb = "joined" if p.kind == pb.PRESENCE_KIND_JOINED else "left"
                 if p.who.login and (p.kind == pb.PRESENCE_KIND_LEFT or
-                                    p.who.login != (self.info_login or "")):
+                                    p.who.login != self.info_login):
                     say(("ansibrightblack", f"-- {p.who.display_name or p.who.login} {verb} "
                                             f"#{p.room}"))
             elif ev.kind == "error":
@@ -110,8 +110,6 @@ class ChatUI:
                 if self.session is not None and self.session.app.is_running:
                     self.session.app.exit()
             self.refresh()
-
-    info_login: str | None = None
 
     async def leave(self) -> None:
         s = self.rooms.pop(self.current, None)
