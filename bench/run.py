@@ -40,6 +40,14 @@ GEN_CPUS = set(range(1, CORES)) or {0}
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 
+def _die_with_parent() -> None:
+    """preexec_fn: servers and generators get SIGKILL if this orchestrator dies."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
@@ -76,7 +84,7 @@ class ServerProc:
         else:
             argv = [PY, str(BENCH / "baselines" / "original_server.py"), "--port", str(self.port)]
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                     text=True)
+                                     text=True, preexec_fn=_die_with_parent)
         assert self.proc.stdout is not None
         if self.proc.stdout.readline().strip() != "ready":
             raise RuntimeError(f"{kind} server did not start")
@@ -114,7 +122,8 @@ class ServerProc:
 
 def gen(args: list[str], **kw: Any) -> subprocess.Popen[str]:
     p = subprocess.Popen([PY, str(BENCH / "loadgen.py"), *args], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, **kw)
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                         preexec_fn=_die_with_parent, **kw)
     os.sched_setaffinity(p.pid, GEN_CPUS)
     return p
 
