@@ -39,6 +39,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def issue_recorded(server: Server, login: str, rooms: tuple[str, ...], *, admin: bool,
+                   ttl: float) -> str:
+    """Sign a token with the server's key and record it, as `tsnetchat token issue` does."""
+    key = server.cfg.key_path.read_bytes().strip()
+    tok, claims = auth.issue_token(key, login, rooms, admin=admin, ttl_seconds=ttl)
+    assert server.store is not None
+    server.store.record_token(claims.to_row())
+    return tok
+
+
 @dataclass
 class Chat:
     """A running server plus helpers to act as different tailnet users."""
@@ -48,16 +58,9 @@ class Chat:
     cfg: ServerConfig
     conns: list[Connection] = field(default_factory=list)
 
-    @property
-    def key(self) -> bytes:
-        return self.cfg.key_path.read_bytes().strip()
-
     def token(self, login: str, rooms: tuple[str, ...] = ("*",), *, admin: bool = False,
               ttl: float = 3600) -> str:
-        tok, claims = auth.issue_token(self.key, login, rooms, admin=admin, ttl_seconds=ttl)
-        assert self.server.store is not None
-        self.server.store.record_token(claims.to_row())
-        return tok
+        return issue_recorded(self.server, login, rooms, admin=admin, ttl=ttl)
 
     async def connect(self, login: str, token: str | None = None, **front: Any) -> Connection:
         addr = await self.net.front(login, **front)
@@ -181,11 +184,7 @@ class LabChat:
 
     def token(self, login: str, rooms: tuple[str, ...] = ("*",), *, admin: bool = False,
               ttl: float = 3600) -> str:
-        key = self.cfg.key_path.read_bytes().strip()
-        tok, claims = auth.issue_token(key, login, rooms, admin=admin, ttl_seconds=ttl)
-        assert self.server.store is not None
-        self.server.store.record_token(claims.to_row())
-        return tok
+        return issue_recorded(self.server, login, rooms, admin=admin, ttl=ttl)
 
     async def connect(self, node: str, token: str, *, mode: str = "proxy") -> Connection:
         n = self.lab.nodes[node]

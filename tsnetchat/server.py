@@ -84,7 +84,7 @@ class Server:
         self.api: LocalAPI | None = None
         self.store: Store | None = None
         self.service: ChatService | None = None
-        self.health = health.aio.HealthServicer() if hasattr(health, "aio") else None
+        self.health = health.aio.HealthServicer()
         self._grpc: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._revocation_seq = 0
@@ -120,9 +120,8 @@ class Server:
         self.metrics.gauge("whois_lookups_total", lambda: float(gate.whois_calls))
         self._grpc = self._build_grpc(self.addresses)
         await self._grpc.start()
-        if self.health is not None:
-            await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
-            await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         self.started_at = time.time()
         self._tasks = [asyncio.create_task(self._revocation_loop()),
                        asyncio.create_task(self._retention_loop())]
@@ -145,8 +144,7 @@ class Server:
         assert self.service is not None
         server = grpc.aio.server(options=GRPC_OPTIONS)
         server.add_generic_rpc_handlers((self.service.handlers(),))
-        if self.health is not None:
-            health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (pb.DESCRIPTOR.services_by_name["Chat"].full_name, health.SERVICE_NAME,
              reflection.SERVICE_NAME), server)
@@ -259,9 +257,8 @@ class Server:
     async def stop(self, grace: float | None = None) -> None:
         grace = self.cfg.shutdown_grace if grace is None else grace
         self.notifier.send("STOPPING=1", "STATUS=draining")
-        if self.health is not None:
-            with contextlib.suppress(Exception):
-                await self.health.enter_graceful_shutdown()
+        with contextlib.suppress(Exception):
+            await self.health.enter_graceful_shutdown()
         if self.service is not None:
             n = self.service.begin_shutdown()
             log.info("shutting down: told %d stream(s) to reconnect", n)
