@@ -275,3 +275,23 @@ async def test_slow_subscriber_is_cut_off_while_others_stay_current(chat: Chat) 
     msgs = await collect(resumed, n, timeout=60)
     assert [m.id for m in msgs] == list(range(1, n + 1))
     resumed.cancel()
+
+
+# --- bursts -----------------------------------------------------------------------------
+
+
+@pytest.mark.server_config(max_rooms_per_client=1000, call_burst=10_000)
+async def test_a_burst_of_thousands_of_streams_opening_at_once_is_served_in_full(
+        chat: Chat) -> None:
+    # Everyone reconnecting at the same moment (after a restart) must not leave some clients
+    # hanging: gRPC's core parks new calls until the server asks for them and, past its
+    # default queue size, silently drops some of them (found by bench/loadgen-go).
+    users, per_user = 12, 250
+    conns = await asyncio.gather(*(chat.connect(f"u{i}@tailnet.test") for i in range(users)))
+    calls = [conn.subscribe(f"room{j % 10}") for conn in conns for j in range(per_user)]
+    results = await asyncio.gather(*(collect(c, 1, kind="replay_done", timeout=60)
+                                     for c in calls), return_exceptions=True)
+    failed = [r for r in results if isinstance(r, BaseException)]
+    assert not failed, f"{len(failed)} of {len(calls)} streams never started: {failed[0]!r}"
+    for c in calls:
+        c.cancel()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import unicodedata
 from pathlib import Path
@@ -12,6 +13,7 @@ import tsnetchat
 from tsnetchat import auth, codec
 from tsnetchat.config import ServerConfig, load_config
 from tsnetchat.errors import ConfigError, PermissionDenied, Unauthenticated
+from tsnetchat.hub import Hub, Item, Pacing, Subscriber
 from tsnetchat.pb import chat_pb2 as pb
 from tsnetchat.service import _FORBIDDEN, TokenBucket
 from tsnetchat.store import Sender, Store
@@ -123,6 +125,88 @@ def test_token_bucket_allows_a_burst_then_the_rate() -> None:
     b = TokenBucket(3, 1000.0)
     assert [b.take() for _ in range(3)] == [0.0, 0.0, 0.0]
     assert b.take() > 0
+
+
+# --- fan-out pacing -------------------------------------------------------------------------
+# A long linger and a wide busy window, so what these assert is order, not speed.
+SLOW = Pacing(frame_cost=1.0, linger_max=0.05, busy_window=60.0, wake_at=4)
+
+
+def _item(i: int) -> Item:
+    return Item(i, b"m%d" % i, b"")
+
+
+async def _pending_after_yields(task: asyncio.Task[None]) -> bool:
+    for _ in range(5):
+        await asyncio.sleep(0)
+    return not task.done()
+
+
+async def test_a_quiet_room_wakes_its_subscribers_at_once() -> None:
+    hub = Hub(SLOW)
+    sub = Subscriber("r", "a", "t", limit=100)
+    hub.add(sub)
+    waiting = asyncio.create_task(sub.wait())
+    await asyncio.sleep(0)
+    hub.publish("r", _item(1))
+    assert not await _pending_after_yields(waiting)
+    assert sub.drain(10) == [_item(1)]
+
+
+async def test_a_busy_room_holds_messages_so_they_share_one_frame() -> None:
+    hub = Hub(SLOW)
+    subs = [Subscriber("r", f"u{i}", "t", limit=100) for i in range(3)]
+    for s in subs:
+        hub.add(s)
+    hub.publish("r", _item(1))  # quiet: delivered at once
+    for s in subs:
+        await s.wait()
+        s.drain(10)
+    waiting = [asyncio.create_task(s.wait()) for s in subs]
+    hub.publish("r", _item(2))  # busy now: held for the room's linger
+    hub.publish("r", _item(3))
+    assert all([await _pending_after_yields(t) for t in waiting])
+    await asyncio.wait_for(asyncio.gather(*waiting), 10)
+    assert [s.drain(10) for s in subs] == [[_item(2), _item(3)]] * 3
+
+
+async def test_a_long_queue_is_drained_without_waiting_for_the_linger() -> None:
+    hub = Hub(SLOW)
+    sub = Subscriber("r", "a", "t", limit=100)
+    hub.add(sub)
+    hub.publish("r", _item(0))
+    await sub.wait()
+    sub.drain(10)
+    waiting = asyncio.create_task(sub.wait())
+    for i in range(1, SLOW.wake_at + 1):
+        hub.publish("r", _item(i))
+    assert not await _pending_after_yields(waiting)
+
+
+async def test_what_one_drain_leaves_behind_is_drained_next_without_waiting() -> None:
+    hub = Hub(SLOW)
+    sub = Subscriber("r", "a", "t", limit=100)
+    hub.add(sub)
+    for i in range(3):
+        sub.push(_item(i))
+    await sub.wait()
+    assert sub.drain(2) == [_item(0), _item(1)]
+    assert not await _pending_after_yields(asyncio.create_task(sub.wait()))
+    assert sub.drain(2) == [_item(2)]
+
+
+async def test_a_direct_push_such_as_an_ack_is_never_held() -> None:
+    hub = Hub(SLOW)
+    sub = Subscriber("r", "a", "t", limit=100)
+    hub.add(sub)
+    hub.publish("r", _item(1))
+    await sub.wait()
+    sub.drain(10)
+    waiting = asyncio.create_task(sub.wait())
+    hub.publish("r", _item(2))  # held
+    sub.push(Item(0, b"", b"ack"))  # wakes, and takes the held message along
+    assert not await _pending_after_yields(waiting)
+    assert [i.id for i in sub.drain(10)] == [2, 0]
 
 
 # --- policy -------------------------------------------------------------------------------

@@ -5,12 +5,21 @@ A Subscriber is fed by ``Hub.publish`` (never blocks, O(1) per subscriber) and d
 exactly one consumer task. When a queue would exceed its limit the subscriber is closed with
 ``CloseKind.OVERFLOW`` instead of growing: a slow reader never slows the others and never
 holds more than ``limit`` items. Everything runs on one event loop; no locks are needed.
+
+Pacing: in a busy room (messages arriving less than ``busy_window`` apart) the hub queues a
+message without waking the consumers and wakes the whole room once, ``linger`` later, so
+several messages share one frame. A frame costs the server about 25 us of CPU (measured:
+bench/README.md) and packing one more message into it almost nothing, so the linger is about
+one frame-cost per subscriber (a 100-person room waits 2.5 ms), capped at ``linger_max``.
+One timer per room, not one sleep per subscriber. Quiet rooms are never delayed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import os
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -24,6 +33,17 @@ class Item(NamedTuple):
     id: int
     message: bytes
     frame: bytes
+
+
+@dataclass(frozen=True)
+class Pacing:
+    frame_cost: float = 25e-6
+    linger_max: float = float(os.environ.get("TSNETCHAT_LINGER_MAX_MS", "5")) / 1000
+    busy_window: float = 0.02
+    wake_at: int = 256  # a queue this long is drained at once, whatever the linger
+
+    def linger(self, subscribers: int) -> float:
+        return min(self.linger_max, self.frame_cost * subscribers)
 
 
 class CloseKind(enum.Enum):
@@ -55,10 +75,13 @@ class Subscriber:
     replayed_to: int = 0  # highest message id already sent from history; skip up to it
     queue: deque[Item] = field(default_factory=deque)
     closed: CloseReason | None = None
-    _wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    # A bare future rather than an asyncio.Event: this is the hottest wait in the server.
+    _waiter: asyncio.Future[None] | None = None
+    _woken: bool = False  # queued without a wake (busy room): wait for the room's timer
     _drained: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def push(self, item: Item) -> None:
+    def push(self, item: Item, *, wake: bool = True) -> None:
+        """Queue an item; with ``wake=False`` the consumer is woken later by ``wake()``."""
         if self.closed is not None:
             return
         if len(self.queue) >= self.limit:
@@ -68,25 +91,37 @@ class Subscriber:
                 "last message you saw to catch up from history")))
             return
         self.queue.append(item)
-        self._wakeup.set()
+        if wake:
+            self.wake()
+
+    def wake(self) -> None:
+        self._woken = True
+        w = self._waiter
+        if w is not None:
+            self._waiter = None
+            if not w.done():
+                w.set_result(None)
 
     def close(self, reason: CloseReason) -> None:
         if self.closed is None:
             self.closed = reason
             if reason.kind in _DROPPING:
                 self.queue.clear()
-            self._wakeup.set()
+            self.wake()
 
     async def wait(self) -> None:
-        """Return when there is something to drain or the subscriber is closed."""
-        while not self.queue and self.closed is None:
-            self._wakeup.clear()
-            await self._wakeup.wait()
+        """Return when the consumer has been woken with something to drain, or closed."""
+        while not (self._woken and self.queue) and self.closed is None:
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        self._woken = False
 
     def drain(self, max_items: int) -> list[Item]:
         n = min(max_items, len(self.queue))
         q = self.queue
         items = [q.popleft() for _ in range(n)]
+        if q:
+            self._woken = True  # more than one drain's worth was due: keep going
         self._drained.set()
         return items
 
@@ -102,14 +137,23 @@ class Subscriber:
             await self._drained.wait()
 
 
-@dataclass
+@dataclass(eq=False)
 class _Room:
     subs: set[Subscriber] = field(default_factory=set)
     members: dict[str, list[Subscriber]] = field(default_factory=dict)
+    last_publish: float = 0.0
+    flush: asyncio.TimerHandle | None = None
+
+    def wake_all(self) -> None:
+        self.flush = None
+        for s in self.subs:
+            if s.queue:
+                s.wake()
 
 
 class Hub:
-    def __init__(self) -> None:
+    def __init__(self, pacing: Pacing | None = None) -> None:
+        self.pacing = pacing or Pacing()
         self._rooms: dict[str, _Room] = {}
         self._by_login: dict[str, set[Subscriber]] = {}
 
@@ -153,8 +197,19 @@ class Hub:
         r = self._rooms.get(room)
         if r is None:
             return 0
+        now = time.monotonic()
+        busy = now - r.last_publish < self.pacing.busy_window
+        r.last_publish = now
+        if not busy:
+            for s in r.subs:
+                s.push(item)
+            return len(r.subs)
+        wake_at = self.pacing.wake_at
         for s in r.subs:
-            s.push(item)
+            s.push(item, wake=len(s.queue) + 1 >= wake_at)
+        if r.flush is None:
+            r.flush = asyncio.get_running_loop().call_later(
+                self.pacing.linger(len(r.subs)), r.wake_all)
         return len(r.subs)
 
     def members(self, room: str) -> list[object]:
@@ -162,11 +217,6 @@ class Hub:
         if r is None:
             return []
         return [streams[0].member for _, streams in sorted(r.members.items())]
-
-    def size(self, room: str) -> int:
-        """Number of subscribers in a room."""
-        r = self._rooms.get(room)
-        return len(r.subs) if r is not None else 0
 
     def subscriptions_of(self, login: str) -> int:
         return len(self._by_login.get(login, ()))

@@ -46,6 +46,15 @@ GRPC_OPTIONS = [
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.so_reuseport", 0),
+    # gRPC's core parks a new call in a "pending" queue until the application asks for it;
+    # grpc.aio asks for one call at a time from the event loop, so a burst of clients
+    # (everyone reconnecting after a restart) fills that queue fast. Past its defaults
+    # (1,000 soft, 3,000 hard) core drops calls at random, and the dropped clients see a bare
+    # CANCELLED: 3,000 simultaneous Subscribe calls lost 400-700 even on a trivial grpc.aio
+    # server (found with bench/loadgen-go; tests/test_limits.py has the burst). Flooding is
+    # bounded by our own per-login call limit instead.
+    ("grpc.server.max_pending_requests", 100_000),
+    ("grpc.server.max_pending_requests_hard_limit", 200_000),
 ]
 
 

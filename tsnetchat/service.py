@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
 import time
 from collections.abc import AsyncIterator, Callable
@@ -43,15 +42,7 @@ log = logging.getLogger("tsnetchat.service")
 SERVICE_NAME = "tsnetchat.v1.Chat"
 HELLO_TIMEOUT = 10.0
 MAX_CLIENT_MSG_ID = 64
-FRAME_BATCH = 256
-# Batching in busy rooms. A frame costs the server ~25us of CPU (measured: bench/README.md);
-# packing one more message into a frame costs almost nothing. A subscriber whose previous
-# frame went out less than LINGER_WHEN_BUSY ago waits before draining, so messages share
-# frames: about one frame-cost per subscriber in the room (a 100-person room waits 2.5ms),
-# capped at LINGER_MAX. Quiet rooms are never delayed. TSNETCHAT_LINGER_MAX_MS overrides.
-FRAME_COST = 25e-6
-LINGER_MAX = float(os.environ.get("TSNETCHAT_LINGER_MAX_MS", "5")) / 1000
-LINGER_WHEN_BUSY = 0.02
+FRAME_BATCH = 256  # most messages in one frame; batching itself is paced by the Hub
 
 
 class _Garbage:
@@ -255,16 +246,8 @@ class ChatService:
     async def _live(self, sub: Subscriber,
                     context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         skip = sub.replayed_to
-        last_frame = 0.0
         while True:
             await sub.wait()
-            # In a busy room, linger briefly so several messages share one frame: a gRPC
-            # write costs far more than packing another message into a batch. A quiet room
-            # (nothing sent in the last few ms) is never delayed.
-            if (len(sub.queue) < FRAME_BATCH and sub.closed is None
-                    and time.monotonic() - last_frame < LINGER_WHEN_BUSY):
-                await asyncio.sleep(min(LINGER_MAX, FRAME_COST * self.hub.size(sub.room)))
-            last_frame = time.monotonic()
             if sub.queue:
                 items = sub.drain(FRAME_BATCH)
                 frames = codec.pack(items, skip)
