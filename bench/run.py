@@ -156,7 +156,8 @@ def python_generator() -> bool:
 
 
 def start_subs(srv: ServerProc, room: str, n: int, *, procs: int, stall: int = 0,
-               ready_timeout: float = 120) -> tuple[list[subprocess.Popen[str]], int]:
+               ready_timeout: float = 120,
+               sample: int = 10) -> tuple[list[subprocess.Popen[str]], int]:
     per = [n // procs + (1 if i < n % procs else 0) for i in range(procs)]
     ps = []
     for i, k in enumerate(per):
@@ -165,7 +166,7 @@ def start_subs(srv: ServerProc, room: str, n: int, *, procs: int, stall: int = 0
         ps.append(gen(["subscribe", "--target", srv.target, "--token", srv.token, "--room",
                        room, "--n", str(k), "--conns", str(max(1, math.ceil(k / 200))),
                        "--stall", str(stall if i == 0 else 0), "--ready-timeout",
-                       str(ready_timeout)]))
+                       str(ready_timeout), "--sample", str(sample)]))
     ready = 0
     for p in ps:
         assert p.stdout is not None
@@ -200,14 +201,14 @@ def run_sender(srv: ServerProc, room: str, *, count: int, rate: float, size: int
 
 
 def fanout(kind: str, n: int, *, count: int, rate: float, stall: int = 0, size: int = 64,
-           settle: float = 0.5) -> dict[str, Any]:
+           settle: float = 0.5, sample: int = 10) -> dict[str, Any]:
     srv = ServerProc(kind)
     try:
         room = f"r{n}"
         # Go uses every generator core from one process; Python needs several processes.
         procs = min(4, max(1, math.ceil(n / 25))) if python_generator() else 1
         subs, ready = start_subs(srv, room, n + stall, procs=procs, stall=stall,
-                                 ready_timeout=15 if kind == "baseline" else 120)
+                                 ready_timeout=5 if kind == "baseline" else 120, sample=sample)
         cpu0 = srv.cpu()
         rss0 = srv.rss()
         s = run_sender(srv, room, count=count, rate=rate, size=size,
@@ -378,7 +379,8 @@ def plot(res: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    sweep = res.get("rate_sweep", [])
+    fig, axes = plt.subplots(1, 4 if sweep else 3, figsize=(20 if sweep else 15, 4.5))
     fo = res["fanout"]
     labels = [k for k in fo if k.startswith("saturation")]
     xs = range(len(labels))
@@ -412,6 +414,17 @@ def plot(res: dict[str, Any], path: Path) -> None:
     axes[2].set_title("tsnetchat concurrency")
     axes[2].legend(loc="upper left")
     ax2.legend(loc="lower right")
+    series = sorted({(r["kind"], r["subscribers"]) for r in sweep})
+    for kind, n in series:
+        pts = [r for r in sweep if (r["kind"], r["subscribers"]) == (kind, n) and r["p99_ms"]]
+        axes[3].plot([r["rate"] for r in pts], [r["p99_ms"] for r in pts], "o-",
+                     label=f"{kind}, {n} subscribers, p99")
+    if sweep:
+        axes[3].set_xlabel("messages / s sent into the room")
+        axes[3].set_ylabel("delivery latency p99 (ms)")
+        axes[3].set_yscale("log")
+        axes[3].set_title("senders at increasing rates")
+        axes[3].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
@@ -450,14 +463,36 @@ def main() -> int:
         b = fanout("baseline", n, count=rate * dur if n == 9 else 100, rate=rate)
         res["fanout"][key] = {"tsnetchat": t, "baseline": b,
                               "ratio_p99": ratio(b.get("p99_ms"), t.get("p99_ms"))}
+    if not quick:  # senders at increasing rates: where latency turns into queueing
+        for n, kinds in ((9, ("tsnetchat", "baseline")), (100, ("tsnetchat",))):
+            for rate in (500, 1000, 2000, 4000):
+                log(f"rate sweep: {n} subscribers at {rate}/s")
+                for kind in kinds:
+                    r = fanout(kind, n, count=rate * dur // 2, rate=rate)
+                    res.setdefault("rate_sweep", []).append(
+                        {"kind": kind, "subscribers": n, "rate": rate,
+                         **{k: r.get(k) for k in ("deliveries_per_s", "p50_ms", "p99_ms",
+                                                  "server_cpu_s", "generator_cpu_s",
+                                                  "messages_per_frame")}})
     log("slow consumer")
+    # A p99 from one short run moves by 10-20% between identical runs, the size of the effect
+    # being measured. So: every healthy stream's latencies, and runs alternated and repeated,
+    # comparing the median p99 of each side.
+    repeats = 2 if quick else 3
     for kind, healthy in (("tsnetchat", 20), ("baseline", 8)):
-        base = fanout(kind, healthy, count=500 * dur, rate=500, size=2048)
-        slow = fanout(kind, healthy, count=500 * dur, rate=500, size=2048, stall=1)
+        runs: dict[str, list[dict[str, Any]]] = {"without_stalled": [], "with_stalled": []}
+        for _ in range(repeats):
+            for key, stall in (("without_stalled", 0), ("with_stalled", 1)):
+                runs[key].append(fanout(kind, healthy, count=500 * dur, rate=500, size=2048,
+                                        stall=stall, sample=healthy + stall))
+        med = {k: statistics.median(r["p99_ms"] for r in v if r["p99_ms"] is not None)
+               for k, v in runs.items()}
         res.setdefault("slow_consumer", {})[kind] = {
-            "without_stalled": base, "with_stalled": slow,
-            "p99_change": ratio(slow.get("p99_ms"), base.get("p99_ms"))}
-    sizes = [500, 1000] if quick else [1000, 2000, 5000, 10000]
+            **{k: {"p99_ms": round(med[k], 3), "runs_p99_ms": [r["p99_ms"] for r in v],
+                   "server_rss_growth_mb": max(r["server_rss_growth_mb"] for r in v)}
+               for k, v in runs.items()},
+            "p99_change": ratio(med["with_stalled"], med["without_stalled"])}
+    sizes = [10000] if quick else [1000, 2000, 5000, 10000, 20000]
     res["concurrency"]["tsnetchat"] = []
     for n in sizes:
         log(f"concurrency: {n} receiving clients")
@@ -492,6 +527,9 @@ def summary(res: dict[str, Any]) -> None:
             print(f"{k:40} tsnetchat p50 {t['p50_ms']} p99 {t['p99_ms']} ms  baseline p50 "
                   f"{b['p50_ms']} p99 {b['p99_ms']} ms (served {b['subscribers_served']}/"
                   f"{b['subscribers_requested']})")
+    for r in res.get("rate_sweep", []):
+        print(f"rate sweep {r['kind']:10} {r['subscribers']:>3} subs at {r['rate']:>5}/s: "
+              f"{r['deliveries_per_s']}/s p50 {r['p50_ms']} p99 {r['p99_ms']} ms")
     for kind, v in res.get("slow_consumer", {}).items():
         print(f"slow consumer {kind:10} p99 {v['without_stalled']['p99_ms']} -> "
               f"{v['with_stalled']['p99_ms']} ms (x{v['p99_change']}), server RSS growth "
