@@ -153,15 +153,21 @@ async def test_a_quiet_room_wakes_its_subscribers_at_once() -> None:
     assert sub.drain(10) == [_item(1)]
 
 
-async def test_a_busy_room_holds_messages_so_they_share_one_frame() -> None:
+async def _busy_room(n: int = 1) -> tuple[Hub, list[Subscriber]]:
+    """A room whose first message went out at once; the next ones find it busy."""
     hub = Hub(SLOW)
-    subs = [Subscriber("r", f"u{i}", "t", limit=100) for i in range(3)]
+    subs = [Subscriber("r", f"u{i}", "t", limit=100) for i in range(n)]
     for s in subs:
         hub.add(s)
-    hub.publish("r", _item(1))  # quiet: delivered at once
+    hub.publish("r", _item(1))
     for s in subs:
         await s.wait()
         s.drain(10)
+    return hub, subs
+
+
+async def test_a_busy_room_holds_messages_so_they_share_one_frame() -> None:
+    hub, subs = await _busy_room(3)
     waiting = [asyncio.create_task(s.wait()) for s in subs]
     hub.publish("r", _item(2))  # busy now: held for the room's linger
     hub.publish("r", _item(3))
@@ -171,14 +177,9 @@ async def test_a_busy_room_holds_messages_so_they_share_one_frame() -> None:
 
 
 async def test_a_long_queue_is_drained_without_waiting_for_the_linger() -> None:
-    hub = Hub(SLOW)
-    sub = Subscriber("r", "a", "t", limit=100)
-    hub.add(sub)
-    hub.publish("r", _item(0))
-    await sub.wait()
-    sub.drain(10)
+    hub, [sub] = await _busy_room()
     waiting = asyncio.create_task(sub.wait())
-    for i in range(1, SLOW.wake_at + 1):
+    for i in range(2, SLOW.wake_at + 2):
         hub.publish("r", _item(i))
     assert not await _pending_after_yields(waiting)
 
@@ -196,12 +197,7 @@ async def test_what_one_drain_leaves_behind_is_drained_next_without_waiting() ->
 
 
 async def test_a_direct_push_such_as_an_ack_is_never_held() -> None:
-    hub = Hub(SLOW)
-    sub = Subscriber("r", "a", "t", limit=100)
-    hub.add(sub)
-    hub.publish("r", _item(1))
-    await sub.wait()
-    sub.drain(10)
+    hub, [sub] = await _busy_room()
     waiting = asyncio.create_task(sub.wait())
     hub.publish("r", _item(2))  # held
     sub.push(Item(0, b"", b"ack"))  # wakes, and takes the held message along
