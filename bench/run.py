@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 RESULTS = BENCH / "results"
 PY = sys.executable
+PY_GENERATOR = [PY, str(BENCH / "loadgen.py")]
 CORES = os.cpu_count() or 1
 SERVER_CPUS = {0}
 GEN_CPUS = set(range(1, CORES)) or {0}
@@ -129,7 +130,7 @@ def build_generator() -> list[str]:
     if go is None:
         log("WARNING: Go not found; using the Python load generator. Saturation figures will "
             "show the generator's limit, not the server's (see generator_cpu_s).")
-        return [PY, str(BENCH / "loadgen.py")]
+        return PY_GENERATOR
     out = BENCH / ".bin" / "loadgen"
     subprocess.run([go, "build", "-o", str(out), "."], cwd=BENCH / "loadgen-go", check=True,
                    env={**os.environ, "CGO_ENABLED": "0"})
@@ -152,7 +153,7 @@ def gen(args: list[str], **kw: Any) -> subprocess.Popen[str]:
 
 
 def python_generator() -> bool:
-    return GENERATOR[0] == PY
+    return GENERATOR == PY_GENERATOR
 
 
 def start_subs(srv: ServerProc, room: str, n: int, *, procs: int, stall: int = 0,
@@ -437,7 +438,7 @@ def main() -> int:
                     help="drive the load with bench/loadgen.py instead of the Go generator")
     a = ap.parse_args()
     started = time.time()
-    GENERATOR[:] = [PY, str(BENCH / "loadgen.py")] if a.python_generator else build_generator()
+    GENERATOR[:] = PY_GENERATOR if a.python_generator else build_generator()
     quick = a.quick
     sat = 3000 if quick else 20000
     dur = 3 if quick else 10

@@ -56,6 +56,18 @@ async def collect(call: Any, n: int, *, kind: str = "message", timeout: float = 
     return got
 
 
+def collect_ids(session: RoomSession, seen: list[int], n: int) -> asyncio.Task[None]:
+    """A task that appends the ids of a RoomSession's messages to ``seen`` until it has n."""
+    async def consume() -> None:
+        async for ev in session.events():
+            if ev.kind == "message":
+                seen.append(ev.message.id)
+            if len(seen) >= n:
+                return
+
+    return asyncio.create_task(consume())
+
+
 async def test_fan_out_reaches_every_member_in_order(chat: Chat) -> None:
     readers = [await chat.connect(f"u{i}@tailnet.test") for i in range(20)]
     calls = [r.subscribe("general") for r in readers]
@@ -236,15 +248,7 @@ async def test_room_session_resumes_across_server_restart_without_gap_or_duplica
     session = RoomSession(connect_fn, "general", max_backoff=0.5)
     seen: list[int] = []
     alice = await chat.connect("alice@tailnet.test")
-
-    async def consume() -> None:
-        async for ev in session.events():
-            if ev.kind == "message":
-                seen.append(ev.message.id)
-            if len(seen) >= 6:
-                return
-
-    task = asyncio.create_task(consume())
+    task = collect_ids(session, seen, 6)
     for i in range(3):
         await alice.send_one("general", f"before{i}")
     await asyncio.sleep(0.3)

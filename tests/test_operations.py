@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from conftest import free_port
+from test_core_chat import collect_ids
 from test_daemon import CLI, start_daemon
 
 from tsnetchat.client import RoomSession, connect
@@ -66,15 +67,7 @@ def test_embedded_mode_serves_alice_survives_tailscaled_death_and_drains(
             session = RoomSession(conn_fn, "general", max_backoff=1.0)
             seen: list[int] = []
             sender = await conn_fn()
-
-            async def consume() -> None:
-                async for ev in session.events():
-                    if ev.kind == "message":
-                        seen.append(ev.message.id)
-                    if len(seen) >= 2:
-                        return
-
-            task = asyncio.create_task(consume())
+            task = collect_ids(session, seen, 2)
             await sender.send_one("general", "before")
             await asyncio.sleep(0.5)
             # Kill the embedded tailscaled: the server restarts it, the client resumes.

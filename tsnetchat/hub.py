@@ -35,12 +35,15 @@ class Item(NamedTuple):
     frame: bytes
 
 
+FRAME_BATCH = 256  # most messages in one frame
+
+
 @dataclass(frozen=True)
 class Pacing:
     frame_cost: float = 25e-6
     linger_max: float = float(os.environ.get("TSNETCHAT_LINGER_MAX_MS", "5")) / 1000
     busy_window: float = 0.02
-    wake_at: int = 256  # a queue this long is drained at once, whatever the linger
+    wake_at: int = FRAME_BATCH  # a full frame's worth is drained at once, whatever the linger
 
     def linger(self, subscribers: int) -> float:
         return min(self.linger_max, self.frame_cost * subscribers)

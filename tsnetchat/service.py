@@ -32,7 +32,7 @@ from .errors import (
     Unauthenticated,
 )
 from .gate import Gate
-from .hub import CloseKind, CloseReason, Hub, Subscriber
+from .hub import FRAME_BATCH, CloseKind, CloseReason, Hub, Subscriber
 from .metrics import Metrics
 from .pb import chat_pb2 as pb
 from .store import Sender, Store
@@ -42,7 +42,6 @@ log = logging.getLogger("tsnetchat.service")
 SERVICE_NAME = "tsnetchat.v1.Chat"
 HELLO_TIMEOUT = 10.0
 MAX_CLIENT_MSG_ID = 64
-FRAME_BATCH = 256  # most messages in one frame; batching itself is paced by the Hub
 
 
 class _Garbage:
