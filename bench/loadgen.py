@@ -111,7 +111,7 @@ async def send(a: argparse.Namespace) -> None:
     start_ns = time.time_ns()
 
     async def requests() -> Any:
-        yield pb.ClientEvent(hello=pb.Hello(room=a.room, after_id=2**62))
+        yield pb.ClientEvent(hello=pb.Hello(room=a.room, after_id=2**62, batch_acks=True))
         t0 = time.monotonic()
         for i in range(a.count):
             if a.rate:
@@ -126,11 +126,13 @@ async def send(a: argparse.Namespace) -> None:
     cpu0 = cpu()
     call = stub.Join(requests(), metadata=md)
     async for ev in call:
-        if ev.WhichOneof("event") == "sent":
+        which = ev.WhichOneof("event")
+        n = 1 if which == "sent" else len(ev.batch.sent) if which == "batch" else 0
+        for _ in range(n):
             acked += 1
             window.release()
-            if acked == a.count:
-                break
+        if n and acked >= a.count:
+            break
     end_ns = time.time_ns()
     done.set()
     call.cancel()

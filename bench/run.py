@@ -49,6 +49,14 @@ def _die_with_parent() -> None:
     ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+def _server_child() -> None:
+    """preexec_fn: pinned before exec, so every thread the server starts (gRPC's poller and
+    executor threads included) inherits the core. Pinning the pid afterwards would pin only
+    the main thread and let gRPC's threads run on the generator's core."""
+    _die_with_parent()
+    os.sched_setaffinity(0, SERVER_CPUS)
+
+
 def log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
@@ -85,11 +93,10 @@ class ServerProc:
         else:
             argv = [PY, str(BENCH / "baselines" / "original_server.py"), "--port", str(self.port)]
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                     text=True, preexec_fn=_die_with_parent)
+                                     text=True, preexec_fn=_server_child)
         assert self.proc.stdout is not None
         if self.proc.stdout.readline().strip() != "ready":
             raise RuntimeError(f"{kind} server did not start")
-        os.sched_setaffinity(self.proc.pid, SERVER_CPUS)
         self.token = (tokfile.read_text() if kind == "tsnetchat" else "bench-token")
         self.ps = psutil.Process(self.proc.pid)
 

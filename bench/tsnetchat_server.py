@@ -17,6 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tsnetchat import auth
 from tsnetchat.config import load_config
+from tsnetchat.loop import new_event_loop
 from tsnetchat.server import Server
 from tsnetchat.tailnet import WhoIs
 
@@ -50,4 +51,6 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    # The same loop as `tsnetchat serve`, so the hub sees the loop's load (tsnetchat.loop).
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        runner.run(main())

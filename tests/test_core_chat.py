@@ -21,8 +21,9 @@ from tsnetchat.pb import chat_pb2 as pb
 
 async def hello_events(room: str, after: int | None = None,
                        then: list[pb.ClientEvent] | None = None,
-                       hold: asyncio.Event | None = None) -> AsyncIterator[pb.ClientEvent]:
-    h = pb.Hello(room=room)
+                       hold: asyncio.Event | None = None,
+                       batch_acks: bool = False) -> AsyncIterator[pb.ClientEvent]:
+    h = pb.Hello(room=room, batch_acks=batch_acks)
     if after is not None:
         h.after_id = after
     yield pb.ClientEvent(hello=h)
@@ -116,6 +117,31 @@ async def test_join_gets_history_backlog_then_live(chat: Chat) -> None:
     await alice.send_one("general", "live")
     (live,) = await collect(call, 1)
     assert (live.id, live.text) == (6, "live")
+    call.cancel()
+
+
+@pytest.mark.server_config(rate_burst=10_000, rate_per_second=10_000.0)
+@pytest.mark.parametrize("batch_acks", [True, False])
+async def test_a_busy_senders_acks_share_frames_with_its_messages_only_if_it_asked(
+        chat: Chat, batch_acks: bool) -> None:
+    alice = await chat.connect("alice@tailnet.test")
+    n = 30
+    call = alice.stub.Join(hello_events("general", after=2**62, batch_acks=batch_acks,
+                                        then=[send(f"m{i}", f"c{i}") for i in range(n)]),
+                           metadata=alice.metadata)
+    acks: list[str] = []
+    shared = 0  # frames that carry messages and acks together
+    async for ev in call:
+        which = ev.WhichOneof("event")
+        if which == "sent":
+            acks.append(ev.sent.client_msg_id)
+        elif which == "batch":
+            acks.extend(s.client_msg_id for s in ev.batch.sent)
+            shared += bool(ev.batch.sent and ev.batch.messages)
+        if len(acks) == n:
+            break
+    assert acks == [f"c{i}" for i in range(n)]
+    assert (shared > 0) == batch_acks  # older clients still get every ack on its own
     call.cancel()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 import unicodedata
 from pathlib import Path
 
@@ -14,9 +15,10 @@ from tsnetchat import auth, codec
 from tsnetchat.config import ServerConfig, load_config
 from tsnetchat.errors import ConfigError, PermissionDenied, Unauthenticated
 from tsnetchat.hub import Hub, Item, Pacing, Subscriber
+from tsnetchat.loop import LoopLoad, new_event_loop
 from tsnetchat.pb import chat_pb2 as pb
 from tsnetchat.service import _FORBIDDEN, TokenBucket
-from tsnetchat.store import Sender, Store
+from tsnetchat.store import Sender, Store, StoredMessage
 from tsnetchat.tailnet import WhoIs, format_addr, parse_grpc_peer
 from tsnetchat.tokens import find_token, load_store, save_token
 
@@ -94,18 +96,38 @@ def test_non_ip_peers_are_rejected(peer: str) -> None:
         parse_grpc_peer(peer)
 
 
-def test_hand_packed_batch_equals_protobufs_own_encoding() -> None:
-    msgs = [pb.ChatMessage(id=i, room="r", text="x" * (i * 70), sender=pb.Identity(login="a"))
-            for i in range(1, 5)]
-    raw = [m.SerializeToString() for m in msgs]
-    expected = pb.ServerEvent(batch=pb.Batch(messages=msgs)).SerializeToString()
-    assert codec.batch_frame(raw) == expected
-    single = pb.ServerEvent(message=msgs[0]).SerializeToString()
-    assert codec._len_field(2, raw[0]) == single
+def _stored(i: int) -> StoredMessage:
+    return StoredMessage("r", i, 1000 + i, Sender("a@t", "A", "n"), pb.MESSAGE_KIND_TEXT,
+                         "x" * (i * 70), f"c{i}")
+
+
+def test_hand_packed_frames_equal_protobufs_own_encoding() -> None:
+    msgs = [_stored(i) for i in range(1, 5)]
+    items = [codec.message_item(m) for m in msgs]
+    acks = [codec.sent_item(f"c{i}", i) for i in (1, 2)]
+    as_pb = [codec.message_pb(m) for m in msgs]
+    assert items[0].frame == pb.ServerEvent(message=as_pb[0]).SerializeToString()
+    assert acks[0].frame == pb.ServerEvent(sent=pb.Sent(client_msg_id="c1", id=1)
+                                           ).SerializeToString()
+    # Interleaved on the wire, parsed into the two repeated fields in their own order.
+    (frame,) = codec.pack([items[0], acks[0], items[1], acks[1], items[2], items[3]],
+                          batch_acks=True)
+    batch = pb.ServerEvent.FromString(frame).batch
+    assert list(batch.messages) == as_pb
+    assert [(s.client_msg_id, s.id) for s in batch.sent] == [("c1", 1), ("c2", 2)]
+
+
+def test_acks_get_frames_of_their_own_unless_the_client_asked_for_batched_acks() -> None:
+    items = [codec.message_item(_stored(i)) for i in (1, 2)]
+    ack = codec.sent_item("c1", 1)
+    frames = codec.pack([items[0], ack, items[1]])
+    assert [pb.ServerEvent.FromString(f).WhichOneof("event") for f in frames] == [
+        "message", "sent", "message"]
+    assert codec.pack([ack]) == codec.pack([ack], batch_acks=True) == [ack.frame]
 
 
 def test_pack_skips_replayed_and_keeps_order() -> None:
-    items = [codec.Item(i, pb.ChatMessage(id=i).SerializeToString(), b"") for i in (3, 4, 5)]
+    items = [codec.message_item(_stored(i)) for i in (3, 4, 5)]
     presence = codec.event_item(presence=pb.Presence(room="r"))
     frames = codec.pack([items[0], presence, items[1], items[2]], skip_through=3)
     decoded = [pb.ServerEvent.FromString(f) for f in frames]
@@ -153,9 +175,9 @@ async def test_a_quiet_room_wakes_its_subscribers_at_once() -> None:
     assert sub.drain(10) == [_item(1)]
 
 
-async def _busy_room(n: int = 1) -> tuple[Hub, list[Subscriber]]:
+async def _busy_room(n: int = 1, hub: Hub | None = None) -> tuple[Hub, list[Subscriber]]:
     """A room whose first message went out at once; the next ones find it busy."""
-    hub = Hub(SLOW)
+    hub = hub or Hub(SLOW)
     subs = [Subscriber("r", f"u{i}", "t", limit=100) for i in range(n)]
     for s in subs:
         hub.add(s)
@@ -196,13 +218,77 @@ async def test_what_one_drain_leaves_behind_is_drained_next_without_waiting() ->
     assert sub.drain(2) == [_item(2)]
 
 
-async def test_a_direct_push_such_as_an_ack_is_never_held() -> None:
+async def test_an_ack_in_a_busy_room_rides_with_the_held_echo_of_its_message() -> None:
     hub, [sub] = await _busy_room()
     waiting = asyncio.create_task(sub.wait())
-    hub.publish("r", _item(2))  # held
-    sub.push(Item(0, b"", b"ack"))  # wakes, and takes the held message along
-    assert not await _pending_after_yields(waiting)
+    hub.publish("r", _item(2))  # held for the room's linger
+    hub.reply(sub, Item(0, b"ack"))  # held too: one frame for the echo and its ack
+    assert await _pending_after_yields(waiting)
+    await asyncio.wait_for(waiting, 10)
     assert [i.id for i in sub.drain(10)] == [2, 0]
+
+
+async def test_an_ack_in_a_quiet_room_goes_at_once() -> None:
+    hub = Hub(SLOW)
+    sub = Subscriber("r", "a", "t", limit=100)
+    hub.add(sub)
+    waiting = asyncio.create_task(sub.wait())
+    hub.reply(sub, Item(0, b"ack"))
+    assert not await _pending_after_yields(waiting)
+
+
+def test_the_linger_stretches_only_when_the_event_loop_is_saturated() -> None:
+    p = Pacing(frame_cost=25e-6, linger_max=0.005, overload_from=0.85, overload_full=0.97,
+               overload_linger=0.02)
+    assert p.linger(10) == p.linger(10, load=0.85) == pytest.approx(250e-6)
+    assert p.linger(1000, load=0.5) == 0.005  # capped
+    assert p.linger(10, load=0.97) == p.linger(10, load=1.0) == pytest.approx(0.02)
+    halfway = p.linger(10, load=0.91)
+    assert 250e-6 < halfway < 0.02
+    assert halfway == pytest.approx((250e-6 + 0.02) / 2)
+
+
+async def test_a_saturated_loop_makes_a_busy_room_linger_longer() -> None:
+    load = [0.0]
+    pacing = Pacing(frame_cost=1e-4, linger_max=0.005, busy_window=60.0, overload_linger=0.3)
+    hub, [sub] = await _busy_room(hub=Hub(pacing, load=lambda: load[0]))
+
+    async def held_for(i: int) -> float:
+        t = asyncio.get_running_loop().time()
+        hub.publish("r", _item(i))
+        await asyncio.wait_for(sub.wait(), 10)
+        sub.drain(10)
+        return asyncio.get_running_loop().time() - t
+
+    assert await held_for(2) < 0.1  # the normal linger: 100 us for one subscriber
+    load[0] = 1.0
+    assert await held_for(3) >= 0.25  # saturated: the overload linger
+
+
+def test_the_loop_load_is_low_when_waiting_and_high_when_running_callbacks() -> None:
+    async def scenario() -> tuple[float, float]:
+        load = LoopLoad(asyncio.get_running_loop(), window=0.02)
+        for _ in range(10):  # waiting: the loop sits in select
+            await asyncio.sleep(0.02)
+            load()
+        waiting = load()
+        t = time.perf_counter()
+        while time.perf_counter() - t < 0.2:  # working: callbacks back to back
+            time.sleep(0.002)
+            await asyncio.sleep(0)
+            load()
+        return waiting, load()
+
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        waiting, working = runner.run(scenario())
+    assert waiting < 0.3
+    assert working > 0.8
+
+
+async def test_the_loop_load_reads_zero_on_a_loop_it_cannot_measure() -> None:
+    load = LoopLoad(asyncio.get_running_loop(), window=0.0)
+    time.sleep(0.01)
+    assert load() == 0.0
 
 
 # --- policy -------------------------------------------------------------------------------
@@ -314,6 +400,26 @@ def test_retention_keeps_ids_increasing_and_never_reused(tmp_path: Path) -> None
     assert s.append("r", a, 1, "next")[0].id == 11
     assert s.prune(keep_count=0, keep_days=1, now=10**6) == 3  # m7..m9 are old by then
     s.close()
+
+
+def test_checkpoints_run_beside_the_writer_and_keep_the_wal_bounded(tmp_path: Path) -> None:
+    s = Store(tmp_path / "db")
+    assert s._db.execute("PRAGMA wal_autocheckpoint").fetchone() == (0,)  # never in a commit
+    a = Sender("a", "A", "n")
+    rounds = 8
+    one_round = 0
+    for i in range(rounds * Store.CHECKPOINT_EVERY):
+        s.append("r", a, 1, f"m{i}", f"k{i}")
+        if i % Store.CHECKPOINT_EVERY == Store.CHECKPOINT_EVERY - 1:
+            one_round = one_round or (tmp_path / "db-wal").stat().st_size
+            time.sleep(0.05)  # let the checkpointer catch up, as idle moments do
+    assert s.checkpointer is not None and s.checkpointer.runs >= rounds // 2
+    # Without checkpoints the WAL would hold all eight rounds of commits. A checkpoint that
+    # caught up lets SQLite write the WAL from its start again.
+    assert (tmp_path / "db-wal").stat().st_size < 3 * one_round
+    s.close()
+    assert [m.id for m in Store(tmp_path / "db").after("r", 3995, 10)] == [3996, 3997, 3998,
+                                                                             3999, 4000]
 
 
 def test_embedded_auth_key_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -30,6 +30,7 @@ from .errors import (
     TsnetchatError,
     Unauthenticated,
 )
+from .loop import new_event_loop
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="A private chat service on your Tailscale tailnet.")
@@ -55,7 +56,9 @@ def fail(e: BaseException) -> typer.Exit:
 
 def run(coro: Any) -> Any:
     try:
-        return asyncio.run(coro)
+        # The server's loop must be one whose load the hub can read (tsnetchat.loop).
+        with asyncio.Runner(loop_factory=new_event_loop) as runner:
+            return runner.run(coro)
     except (TsnetchatError, grpc.aio.AioRpcError) as e:
         raise fail(e) from None
     except KeyboardInterrupt:

@@ -215,7 +215,7 @@ class Connection:
         done = asyncio.Event()
 
         async def requests() -> AsyncIterator[pb.ClientEvent]:
-            yield pb.ClientEvent(hello=pb.Hello(room=room, after_id=2**62))
+            yield pb.ClientEvent(hello=pb.Hello(room=room, after_id=2**62, batch_acks=True))
             yield pb.ClientEvent(send=pb.SendMessage(text=text, kind=kind, client_msg_id=cmid))  # type: ignore[arg-type]
             await done.wait()
 
@@ -223,8 +223,10 @@ class Connection:
         try:
             async for ev in call:
                 which = ev.WhichOneof("event")
-                if which == "sent" and ev.sent.client_msg_id == cmid:
-                    return int(ev.sent.id)
+                for sent in ([ev.sent] if which == "sent" else
+                             ev.batch.sent if which == "batch" else ()):
+                    if sent.client_msg_id == cmid:
+                        return int(sent.id)
                 if which == "error" and ev.error.client_msg_id == cmid:
                     raise grpc.aio.AioRpcError(grpc.StatusCode(_code(ev.error.code)),
                                                grpc.aio.Metadata(), grpc.aio.Metadata(),
@@ -319,7 +321,7 @@ class RoomSession:
 
     async def _requests(self, resend: list[Outgoing],
                         outbox: asyncio.Queue[Outgoing]) -> AsyncIterator[pb.ClientEvent]:
-        hello = pb.Hello(room=self.room)
+        hello = pb.Hello(room=self.room, batch_acks=True)
         if self.last_id is not None:
             hello.after_id = self.last_id
         yield pb.ClientEvent(hello=hello)
@@ -359,6 +361,9 @@ class RoomSession:
                     elif which == "batch":
                         for e in self._accept(list(ev.batch.messages)):
                             yield e
+                        for sent in ev.batch.sent:
+                            self.pending.pop(sent.client_msg_id, None)
+                            yield SessionEvent("sent", text=sent.client_msg_id)
                     elif which == "presence":
                         yield SessionEvent("presence", presence=ev.presence)
                     elif which == "sent":

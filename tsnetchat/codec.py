@@ -1,9 +1,10 @@
 """Encoding of server events into wire bytes, done once per event.
 
 A chat message is serialised once; the same bytes are queued for every subscriber. When a
-subscriber is behind, several already-encoded messages are packed into one ``Batch`` frame by
-concatenating bytes, without decoding or re-encoding (protobuf's length-delimited fields make
-``ServerEvent{batch: Batch{messages: [m1, m2]}}`` the plain concatenation below).
+stream is behind, several already-encoded messages (and a sender's acks) are packed into one
+``Batch`` frame by concatenating bytes, without decoding or re-encoding: protobuf's
+length-delimited fields make ``ServerEvent{batch: Batch{messages: [m1, m2], sent: [s1]}}`` the
+plain concatenation below, in any interleaving of the two repeated fields.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from .pb import chat_pb2 as pb
 from .store import StoredMessage
 
 _MESSAGE_FIELD = 2  # ServerEvent.message
+_SENT_FIELD = 4  # ServerEvent.sent
 _BATCH_FIELD = 6  # ServerEvent.batch
 _BATCH_MESSAGES_FIELD = 1  # Batch.messages
+_BATCH_SENT_FIELD = 2  # Batch.sent
 
 
 def _varint(n: int) -> bytes:
@@ -45,26 +48,33 @@ def message_pb(m: StoredMessage) -> pb.ChatMessage:
 
 def message_item(m: StoredMessage) -> Item:
     raw = message_pb(m).SerializeToString()
-    return Item(m.id, raw, _len_field(_MESSAGE_FIELD, raw))
+    return Item(m.id, _len_field(_MESSAGE_FIELD, raw), _len_field(_BATCH_MESSAGES_FIELD, raw))
 
 
-def batch_frame(messages: list[bytes]) -> bytes:
-    inner = b"".join(_len_field(_BATCH_MESSAGES_FIELD, m) for m in messages)
-    return _len_field(_BATCH_FIELD, inner)
+def sent_item(client_msg_id: str, message_id: int) -> Item:
+    """An acknowledgement: a frame of its own, or a part of a batch for clients that asked
+    for batched acks (Hello.batch_acks)."""
+    raw = pb.Sent(client_msg_id=client_msg_id, id=message_id).SerializeToString()
+    return Item(0, _len_field(_SENT_FIELD, raw), _len_field(_BATCH_SENT_FIELD, raw))
+
+
+def batch_frame(parts: list[bytes]) -> bytes:
+    return _len_field(_BATCH_FIELD, b"".join(parts))
 
 
 def event(**kwargs: Any) -> bytes:
-    """Encode a non-message ServerEvent, e.g. ``event(sent=pb.Sent(...))``."""
+    """Encode a non-message ServerEvent, e.g. ``event(welcome=pb.Welcome(...))``."""
     return pb.ServerEvent(**kwargs).SerializeToString()
 
 
 def event_item(**kwargs: Any) -> Item:
-    return Item(0, b"", event(**kwargs))
+    return Item(0, event(**kwargs))
 
 
-def pack(items: list[Item], skip_through: int = 0) -> list[bytes]:
-    """Turn drained queue items into frames: consecutive messages become one batch frame.
-    Messages with id <= skip_through (already replayed from history) are dropped."""
+def pack(items: list[Item], skip_through: int = 0, *, batch_acks: bool = False) -> list[bytes]:
+    """Turn drained queue items into frames: consecutive messages (and acks, with
+    ``batch_acks``) become one batch frame. Messages with id <= skip_through (already
+    replayed from history) are dropped."""
     frames: list[bytes] = []
     run: list[Item] = []
 
@@ -72,13 +82,15 @@ def pack(items: list[Item], skip_through: int = 0) -> list[bytes]:
         if len(run) == 1:
             frames.append(run[0].frame)
         elif run:
-            frames.append(batch_frame([i.message for i in run]))
+            frames.append(batch_frame([i.part for i in run]))
         run.clear()
 
     for it in items:
         if it.id:
             if it.id > skip_through:
                 run.append(it)
+        elif batch_acks and it.part:
+            run.append(it)
         else:
             flush()
             frames.append(it.frame)

@@ -8,17 +8,19 @@ holds more than ``limit`` items. Everything runs on one event loop; no locks are
 
 Pacing: in a busy room (messages arriving less than ``busy_window`` apart) the hub queues a
 message without waking the consumers and wakes the whole room once, ``linger`` later, so
-several messages share one frame. A frame costs the server about 25 us of CPU (measured:
+several messages share one frame. A frame costs the server about 25-40 us of CPU (measured:
 bench/README.md) and packing one more message into it almost nothing, so the linger is about
 one frame-cost per subscriber (a 100-person room waits 2.5 ms), capped at ``linger_max``.
-One timer per room, not one sleep per subscriber. Quiet rooms are never delayed.
+When the event loop itself is saturated (``load``, see tsnetchat.loop) every frame saved is
+a message ingested, so the linger stretches towards ``overload_linger``: latency is then
+queueing anyway, and bigger frames are what lets the server catch up. One timer per room,
+not one sleep per subscriber. Quiet rooms are never delayed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
-import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -27,12 +29,13 @@ from typing import NamedTuple
 
 
 class Item(NamedTuple):
-    """One queued event. Messages carry their id and raw ChatMessage bytes (so several can
-    be packed into one batch frame); other events have id 0 and only a frame."""
+    """One queued event, encoded once for every queue it is in. ``frame`` is the event on
+    its own; ``part`` is its encoding inside a batch frame (b"" when it cannot be batched).
+    Messages have their id; other events have id 0."""
 
     id: int
-    message: bytes
     frame: bytes
+    part: bytes = b""
 
 
 FRAME_BATCH = 256  # most messages in one frame
@@ -41,12 +44,22 @@ FRAME_BATCH = 256  # most messages in one frame
 @dataclass(frozen=True)
 class Pacing:
     frame_cost: float = 25e-6
-    linger_max: float = float(os.environ.get("TSNETCHAT_LINGER_MAX_MS", "5")) / 1000
+    linger_max: float = 0.005
     busy_window: float = 0.02
     wake_at: int = FRAME_BATCH  # a full frame's worth is drained at once, whatever the linger
+    # Between these loop loads the linger moves linearly from the normal one to
+    # overload_linger. Measured busy fractions: 0.4 at 1,000 msg/s into 9 subscribers,
+    # 0.6 at 500 msg/s into 100, 0.95-0.99 saturated (bench/README.md).
+    overload_from: float = 0.85
+    overload_full: float = 0.97
+    overload_linger: float = 0.02
 
-    def linger(self, subscribers: int) -> float:
-        return min(self.linger_max, self.frame_cost * subscribers)
+    def linger(self, subscribers: int, load: float = 0.0) -> float:
+        normal = min(self.linger_max, self.frame_cost * subscribers)
+        if load <= self.overload_from:
+            return normal
+        f = min(1.0, (load - self.overload_from) / (self.overload_full - self.overload_from))
+        return normal + f * max(0.0, self.overload_linger - normal)
 
 
 class CloseKind(enum.Enum):
@@ -155,8 +168,10 @@ class _Room:
 
 
 class Hub:
-    def __init__(self, pacing: Pacing | None = None) -> None:
+    def __init__(self, pacing: Pacing | None = None,
+                 load: Callable[[], float] | None = None) -> None:
         self.pacing = pacing or Pacing()
+        self.load = load or (lambda: 0.0)  # the event loop's busy fraction, 0..1
         self._rooms: dict[str, _Room] = {}
         self._by_login: dict[str, set[Subscriber]] = {}
 
@@ -212,8 +227,15 @@ class Hub:
             s.push(item, wake=len(s.queue) + 1 >= wake_at)
         if r.flush is None:
             r.flush = asyncio.get_running_loop().call_later(
-                self.pacing.linger(len(r.subs)), r.wake_all)
+                self.pacing.linger(len(r.subs), self.load()), r.wake_all)
         return len(r.subs)
+
+    def reply(self, sub: Subscriber, item: Item) -> None:
+        """Queue an answer for one subscriber (an ack, an error). While its room has a flush
+        pending the answer waits for it, so an ack shares a frame with the echo of the
+        message it acknowledges; otherwise it goes at once."""
+        r = self._rooms.get(sub.room)
+        sub.push(item, wake=r is None or r.flush is None)
 
     def members(self, room: str) -> list[object]:
         r = self._rooms.get(room)

@@ -27,6 +27,7 @@ from .config import ServerConfig, parse_listen
 from .errors import ConfigError, LocalAPIUnavailable, TailnetError
 from .gate import Gate, WhoIsFunc
 from .hub import Hub
+from .loop import LoopLoad
 from .metrics import Metrics
 from .notify import Notifier
 from .pb import chat_pb2 as pb
@@ -122,11 +123,13 @@ class Server:
         whois: WhoIsFunc = self._whois_override or self.api.whois
         gate = Gate(whois=whois, key=key, cap_name=cfg.cap_name, require_grant=cfg.require_grant,
                     whois_timeout=cfg.whois_timeout, revoked=revoked)
-        self.service = ChatService(store=self.store, hub=Hub(), gate=gate,
+        load = LoopLoad(asyncio.get_running_loop())
+        self.service = ChatService(store=self.store, hub=Hub(load=load), gate=gate,
                                    limits=limits_from(cfg), metrics=self.metrics)
         self.metrics.gauge("subscribers", lambda: float(self.service.hub.counts()[1])
                            if self.service else 0.0)
         self.metrics.gauge("whois_lookups_total", lambda: float(gate.whois_calls))
+        self.metrics.gauge("loop_busy", lambda: load.value)
         self._grpc = self._build_grpc(self.addresses)
         await self._grpc.start()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)

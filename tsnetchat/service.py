@@ -242,14 +242,14 @@ class ChatService:
             for f in codec.pack([codec.message_item(m) for m in msgs]):
                 yield f
 
-    async def _live(self, sub: Subscriber,
-                    context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+    async def _live(self, sub: Subscriber, context: grpc.aio.ServicerContext, *,
+                    batch_acks: bool = False) -> AsyncIterator[bytes]:
         skip = sub.replayed_to
         while True:
             await sub.wait()
             if sub.queue:
                 items = sub.drain(FRAME_BATCH)
-                frames = codec.pack(items, skip)
+                frames = codec.pack(items, skip, batch_acks=batch_acks)
                 self.metrics.inc("deliveries_total", sum(1 for i in items if i.id > skip))
                 self.metrics.inc("frames_total", len(frames))
                 for f in frames:
@@ -295,7 +295,7 @@ class ChatService:
                 if first:
                     self._presence(hello.room, pb.PRESENCE_KIND_JOINED, me)
                 reader = asyncio.create_task(self._read_client(request_iterator, sub, p))
-                async for f in self._live(sub, context):
+                async for f in self._live(sub, context, batch_acks=hello.batch_acks):
                     yield f
             finally:
                 if reader is not None:
@@ -346,7 +346,7 @@ class ChatService:
                     problem = e
                 if problem is not None:
                     strikes += 1
-                    sub.push(codec.event_item(error=pb.Error(
+                    self.hub.reply(sub, codec.event_item(error=pb.Error(
                         code=status_for(problem).value[0], message=str(problem),
                         client_msg_id=cmid)))
                     if strikes > 2 * self.limits.rate_burst:
@@ -378,7 +378,7 @@ class ChatService:
         if not dup:
             self.metrics.inc("messages_total")
             self.hub.publish(sub.room, codec.message_item(msg))
-        sub.push(codec.event_item(sent=pb.Sent(client_msg_id=send.client_msg_id, id=msg.id)))
+        self.hub.reply(sub, codec.sent_item(send.client_msg_id, msg.id))
 
     async def Subscribe(self, request: Any,
                         context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:

@@ -4,6 +4,11 @@ One process writes (the server); the CLI may read and write tokens/revocations c
 (WAL + busy timeout make that safe). Calls are synchronous and short; the server calls them
 from its event loop, which keeps message ids and commit order identical.
 
+Checkpoints (copying the WAL back into the database file, with an fsync) run in a thread of
+their own on a second connection, never inside ``append``: SQLite's automatic checkpoint runs
+in whichever commit crosses the threshold, and that commit took milliseconds, which was the
+p99 of delivery at a moderate rate (4.4 ms against 2.3 ms without it; bench/README.md).
+
 Guarantees:
 
 * ``append`` returns only after the row is committed. With ``fsync=False`` (WAL,
@@ -19,6 +24,7 @@ sqlite3 errors are translated to StoreError here and nowhere else.
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -103,7 +109,46 @@ def _row(r: tuple[object, ...]) -> StoredMessage:
                          kind=int(r[6]), text=str(r[7]), client_msg_id=str(r[8]))  # type: ignore[call-overload]
 
 
+class _Checkpointer(threading.Thread):
+    """Runs ``PRAGMA wal_checkpoint(PASSIVE)`` on its own connection each time it is asked.
+    PASSIVE never blocks the writer; SQLite restarts the WAL from its beginning once a
+    checkpoint has caught up. (The last connection to close checkpoints whatever is left.)"""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(name="tsnetchat-checkpoint", daemon=True)
+        self.path = path
+        self._due = threading.Event()
+        self._stopping = False
+        self.runs = 0  # completed checkpoints, for tests and metrics
+
+    def request(self) -> None:
+        self._due.set()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._due.set()
+        self.join()
+
+    def run(self) -> None:
+        db = sqlite3.connect(self.path, isolation_level=None, timeout=5.0)
+        try:
+            while not self._stopping:
+                self._due.wait()
+                self._due.clear()
+                if self._stopping:
+                    break
+                try:
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                    self.runs += 1
+                except sqlite3.Error:
+                    pass  # busy or locked: the next round retries; the WAL only grows meanwhile
+        finally:
+            db.close()
+
+
 class Store:
+    CHECKPOINT_EVERY = 500  # appends between checkpoint requests (~SQLite's own 1000 pages)
+
     def __init__(self, path: Path, *, fsync: bool = False) -> None:
         self.path = path
         try:
@@ -112,12 +157,17 @@ class Store:
                                        timeout=5.0)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
+            self._db.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer thread does it
             self._db.executescript(SCHEMA)
             self._last = dict(self._db.execute("SELECT name, last_id FROM rooms").fetchall())
         except sqlite3.Error as e:
             raise StoreError(f"cannot open history database {path}: {e}") from e
+        self._appends = 0
+        self.checkpointer: _Checkpointer | None = None  # started by the first busy writer
 
     def close(self) -> None:
+        if self.checkpointer is not None:
+            self.checkpointer.stop()
         try:
             self._db.close()
         except sqlite3.Error as e:
@@ -164,6 +214,12 @@ class Store:
             db.execute("INSERT INTO rooms (name, last_id) VALUES (?, ?) ON CONFLICT(name) "
                        "DO UPDATE SET last_id=excluded.last_id", (room, new_id))
         self._last[room] = new_id
+        self._appends += 1
+        if self._appends % self.CHECKPOINT_EVERY == 0:
+            if self.checkpointer is None:
+                self.checkpointer = _Checkpointer(self.path)
+                self.checkpointer.start()
+            self.checkpointer.request()
         return StoredMessage(room, new_id, ts, sender, kind, text, client_msg_id), False
 
     def last_id(self, room: str) -> int:

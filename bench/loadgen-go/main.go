@@ -89,12 +89,14 @@ func subscribeRequest(room string) []byte {
 	return protowire.AppendString(b, room)
 }
 
-// ClientEvent{hello=1: Hello{room=1, after_id=2}}
+// ClientEvent{hello=1: Hello{room=1, after_id=2, batch_acks=3}}
 func helloEvent(room string, afterID uint64) []byte {
 	h := protowire.AppendTag(nil, 1, protowire.BytesType)
 	h = protowire.AppendString(h, room)
 	h = protowire.AppendTag(h, 2, protowire.VarintType)
 	h = protowire.AppendVarint(h, afterID)
+	h = protowire.AppendTag(h, 3, protowire.VarintType) // batch_acks: acks may come in batches
+	h = protowire.AppendVarint(h, 1)
 	b := protowire.AppendTag(nil, 1, protowire.BytesType)
 	return protowire.AppendBytes(b, h)
 }
@@ -317,9 +319,20 @@ func send(a *args) {
 		if err := s.RecvMsg(&buf); err != nil {
 			break
 		}
-		sent := false
-		eachField(buf, func(num protowire.Number, _ []byte) { sent = sent || num == 4 })
-		if sent {
+		// ServerEvent.sent (4), or Batch.sent (2) inside ServerEvent.batch (6)
+		n := 0
+		eachField(buf, func(num protowire.Number, p []byte) {
+			if num == 4 {
+				n++
+			} else if num == 6 {
+				eachField(p, func(m protowire.Number, _ []byte) {
+					if m == 2 {
+						n++
+					}
+				})
+			}
+		})
+		for ; n > 0; n-- {
 			acked++
 			<-window
 		}

@@ -54,12 +54,14 @@ class ChatMessage(_message.Message):
     def __init__(self, id: _Optional[int] = ..., room: _Optional[str] = ..., sent_unix_ms: _Optional[int] = ..., sender: _Optional[_Union[Identity, _Mapping]] = ..., text: _Optional[str] = ..., kind: _Optional[_Union[MessageKind, str]] = ..., client_msg_id: _Optional[str] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("room", "after_id")
+    __slots__ = ("room", "after_id", "batch_acks")
     ROOM_FIELD_NUMBER: _ClassVar[int]
     AFTER_ID_FIELD_NUMBER: _ClassVar[int]
+    BATCH_ACKS_FIELD_NUMBER: _ClassVar[int]
     room: str
     after_id: int
-    def __init__(self, room: _Optional[str] = ..., after_id: _Optional[int] = ...) -> None: ...
+    batch_acks: bool
+    def __init__(self, room: _Optional[str] = ..., after_id: _Optional[int] = ..., batch_acks: _Optional[bool] = ...) -> None: ...
 
 class SendMessage(_message.Message):
     __slots__ = ("text", "kind", "client_msg_id", "claimed_sender")
@@ -146,10 +148,12 @@ class GoingAway(_message.Message):
     def __init__(self, reason: _Optional[str] = ...) -> None: ...
 
 class Batch(_message.Message):
-    __slots__ = ("messages",)
+    __slots__ = ("messages", "sent")
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    SENT_FIELD_NUMBER: _ClassVar[int]
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
-    def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ...) -> None: ...
+    sent: _containers.RepeatedCompositeFieldContainer[Sent]
+    def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., sent: _Optional[_Iterable[_Union[Sent, _Mapping]]] = ...) -> None: ...
 
 class ServerEvent(_message.Message):
     __slots__ = ("welcome", "message", "presence", "sent", "error", "batch", "replay_done", "going_away")
