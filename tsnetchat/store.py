@@ -5,9 +5,13 @@ One process writes (the server); the CLI may read and write tokens/revocations c
 from its event loop, which keeps message ids and commit order identical.
 
 Checkpoints (copying the WAL back into the database file, with an fsync) run in a thread of
-their own on a second connection, never inside ``append``: SQLite's automatic checkpoint runs
-in whichever commit crosses the threshold, and that commit took milliseconds, which was the
-p99 of delivery at a moderate rate (4.4 ms against 2.3 ms without it; bench/README.md).
+their own on a second connection, every ``CHECKPOINT_EVERY`` appends. SQLite's automatic
+checkpoint runs inside whichever commit crosses its threshold, on the event loop, and that
+commit took milliseconds: it was the p99 of delivery at a moderate rate (bench/README.md).
+The automatic checkpoint stays on as the backstop that keeps the WAL bounded: under a
+continuous stream of commits a checkpoint from another connection never catches up, so the
+WAL would never restart (it grew to 650 MB in a test). Then it finds most pages already
+copied and costs about the fsync alone.
 
 Guarantees:
 
@@ -147,7 +151,7 @@ class _Checkpointer(threading.Thread):
 
 
 class Store:
-    CHECKPOINT_EVERY = 500  # appends between checkpoint requests (~SQLite's own 1000 pages)
+    CHECKPOINT_EVERY = 100  # appends between background checkpoints (SQLite's: ~1000 pages)
 
     def __init__(self, path: Path, *, fsync: bool = False) -> None:
         self.path = path
@@ -157,9 +161,13 @@ class Store:
                                        timeout=5.0)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
-            self._db.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer thread does it
             self._db.executescript(SCHEMA)
-            self._last = dict(self._db.execute("SELECT name, last_id FROM rooms").fetchall())
+            # rooms.last_id is written when a room is created and before pruning; between
+            # the two the newest message holds the room's high-water mark. One row per append
+            # fewer is one page less in every commit.
+            self._last = dict(self._db.execute(
+                "SELECT name, MAX(last_id, COALESCE((SELECT MAX(id) FROM messages "
+                "WHERE room = rooms.name), 0)) FROM rooms").fetchall())
         except sqlite3.Error as e:
             raise StoreError(f"cannot open history database {path}: {e}") from e
         self._appends = 0
@@ -207,12 +215,16 @@ class Store:
                 return _row(rows[0]), True
         ts = int(time.time() * 1000) if now_ms is None else now_ms
         new_id = self._last.get(room, 0) + 1
-        with self._tx() as db:
-            db.execute(f"INSERT INTO messages ({_COLS}) VALUES (?,?,?,?,?,?,?,?,?)",
-                       (room, new_id, ts, sender.login, sender.display_name, sender.node, kind,
-                        text, client_msg_id))
-            db.execute("INSERT INTO rooms (name, last_id) VALUES (?, ?) ON CONFLICT(name) "
-                       "DO UPDATE SET last_id=excluded.last_id", (room, new_id))
+        row = (room, new_id, ts, sender.login, sender.display_name, sender.node, kind, text,
+               client_msg_id)
+        insert = f"INSERT INTO messages ({_COLS}) VALUES (?,?,?,?,?,?,?,?,?)"
+        if room in self._last:
+            self._q(insert, row)  # one statement, its own transaction
+        else:
+            with self._tx() as db:
+                db.execute("INSERT INTO rooms (name, last_id) VALUES (?, ?) ON CONFLICT(name) "
+                           "DO UPDATE SET last_id=excluded.last_id", (room, new_id))
+                db.execute(insert, row)
         self._last[room] = new_id
         self._appends += 1
         if self._appends % self.CHECKPOINT_EVERY == 0:
@@ -247,6 +259,9 @@ class Store:
         """Apply retention; returns the number of messages deleted. ids are not reused."""
         deleted = 0
         with self._tx() as db:
+            # Keep the high-water marks: pruning may delete a room's newest message.
+            db.executemany("UPDATE rooms SET last_id=? WHERE name=?",
+                           [(last, room) for room, last in self._last.items()])
             if keep_count > 0:
                 for room, last in self._last.items():
                     deleted += db.execute("DELETE FROM messages WHERE room=? AND id<=?",
