@@ -245,14 +245,14 @@ async def test_an_ack_in_a_quiet_room_goes_at_once() -> None:
 
 
 def test_the_linger_stretches_only_when_the_event_loop_is_saturated() -> None:
-    p = Pacing(frame_cost=25e-6, linger_max=0.005, overload_from=0.85, overload_full=0.97,
-               overload_linger=0.02)
-    assert p.linger(10) == p.linger(10, load=0.85) == pytest.approx(250e-6)
+    p = Pacing(frame_cost=25e-6, linger_max=0.005, min_linger=0.001, loaded_from=0.5,
+               overload_from=0.85, overload_full=0.97, overload_linger=0.02)
+    assert p.linger(10) == p.linger(10, load=0.5) == pytest.approx(250e-6)  # i.e. none
+    assert p.linger(10, load=0.6) == p.linger(10, load=0.85) == 0.001  # loaded: a real batch
     assert p.linger(1000, load=0.5) == 0.005  # capped
     assert p.linger(10, load=0.97) == p.linger(10, load=1.0) == pytest.approx(0.02)
     halfway = p.linger(10, load=0.91)
-    assert 250e-6 < halfway < 0.02
-    assert halfway == pytest.approx((250e-6 + 0.02) / 2)
+    assert halfway == pytest.approx((0.001 + 0.02) / 2)
 
 
 async def test_a_saturated_loop_makes_a_busy_room_linger_longer() -> None:

@@ -47,9 +47,11 @@ class Pacing:
     linger_max: float = 0.005
     busy_window: float = 0.02
     wake_at: int = FRAME_BATCH  # a full frame's worth is drained at once, whatever the linger
-    # Between these loop loads the linger moves linearly from the normal one to
-    # overload_linger. Measured busy fractions: 0.4 at 1,000 msg/s into 9 subscribers,
-    # 0.6 at 500 msg/s into 100, 0.95-0.99 saturated (bench/README.md).
+    # Above loaded_from the linger is at least min_linger, whatever the room's size; between
+    # overload_from and overload_full it moves linearly to overload_linger. Measured busy
+    # fractions: 0.35 at 1,000 msg/s into 9 subscribers, 0.6 at 500 msg/s into 100,
+    # 0.95-0.99 saturated (bench/README.md).
+    loaded_from: float = 0.5
     overload_from: float = 0.85
     overload_full: float = 0.97
     overload_linger: float = 0.02
@@ -59,6 +61,8 @@ class Pacing:
 
     def linger(self, subscribers: int, load: float = 0.0) -> float:
         normal = min(self.linger_max, self.frame_cost * subscribers)
+        if load > self.loaded_from:
+            normal = max(normal, self.min_linger)
         if load <= self.overload_from:
             return normal
         f = min(1.0, (load - self.overload_from) / (self.overload_full - self.overload_from))
