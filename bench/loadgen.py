@@ -31,6 +31,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tsnetchat.client import acks_in
 from tsnetchat.pb import chat_pb2 as pb
 from tsnetchat.pb import chat_pb2_grpc as pb_grpc
 
@@ -126,8 +127,7 @@ async def send(a: argparse.Namespace) -> None:
     cpu0 = cpu()
     call = stub.Join(requests(), metadata=md)
     async for ev in call:
-        which = ev.WhichOneof("event")
-        n = 1 if which == "sent" else len(ev.batch.sent) if which == "batch" else 0
+        n = len(acks_in(ev))
         for _ in range(n):
             acked += 1
             window.release()

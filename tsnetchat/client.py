@@ -24,7 +24,7 @@ import os
 import random
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -223,8 +223,7 @@ class Connection:
         try:
             async for ev in call:
                 which = ev.WhichOneof("event")
-                for sent in ([ev.sent] if which == "sent" else
-                             ev.batch.sent if which == "batch" else ()):
+                for sent in acks_in(ev):
                     if sent.client_msg_id == cmid:
                         return int(sent.id)
                 if which == "error" and ev.error.client_msg_id == cmid:
@@ -235,6 +234,12 @@ class Connection:
             done.set()
             call.cancel()
         raise TsnetchatError("the server closed the stream before confirming the message")
+
+
+def acks_in(ev: pb.ServerEvent) -> Sequence[pb.Sent]:
+    """The acknowledgements a server event carries: its Sent, or those inside a batch."""
+    which = ev.WhichOneof("event")
+    return [ev.sent] if which == "sent" else ev.batch.sent if which == "batch" else ()
 
 
 def _code(value: int) -> tuple[int, str]:
@@ -361,14 +366,8 @@ class RoomSession:
                     elif which == "batch":
                         for e in self._accept(list(ev.batch.messages)):
                             yield e
-                        for sent in ev.batch.sent:
-                            self.pending.pop(sent.client_msg_id, None)
-                            yield SessionEvent("sent", text=sent.client_msg_id)
                     elif which == "presence":
                         yield SessionEvent("presence", presence=ev.presence)
-                    elif which == "sent":
-                        self.pending.pop(ev.sent.client_msg_id, None)
-                        yield SessionEvent("sent", text=ev.sent.client_msg_id)
                     elif which == "error":
                         if ev.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]:
                             self.pending.pop(ev.error.client_msg_id, None)
@@ -376,6 +375,9 @@ class RoomSession:
                     elif which == "going_away":
                         yield SessionEvent("status", text=f"server going away: "
                                                           f"{ev.going_away.reason}")
+                    for sent in acks_in(ev):  # after a batch's messages, as the proto says
+                        self.pending.pop(sent.client_msg_id, None)
+                        yield SessionEvent("sent", text=sent.client_msg_id)
                 # The server ended the stream normally: treat as a drop and rejoin.
                 raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(),
                                            grpc.aio.Metadata(), "stream ended")

@@ -123,7 +123,7 @@ class _Checkpointer(threading.Thread):
         self.path = path
         self._due = threading.Event()
         self._stopping = False
-        self.runs = 0  # completed checkpoints, for tests and metrics
+        self.runs = 0  # completed checkpoints (the tests read it)
 
     def request(self) -> None:
         self._due.set()
