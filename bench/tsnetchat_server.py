@@ -34,8 +34,9 @@ async def main() -> None:
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--token-file", required=True)
     ap.add_argument("--metrics-port", type=int, default=0)
+    ap.add_argument("--state-dir", help="history and key (default: a new temporary dir)")
     args = ap.parse_args()
-    state = tempfile.mkdtemp(prefix="tsnetchat-bench-")
+    state = args.state_dir or tempfile.mkdtemp(prefix="tsnetchat-bench-")
     cfg = load_config(env={}, flags={
         "state_dir": state, "listen": "127.0.0.1", "port": args.port, "rate_burst": 10**9,
         "rate_per_second": 1e9, "call_burst": 10**9, "call_rate": 1e9,

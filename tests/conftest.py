@@ -29,6 +29,7 @@ from fakenet import FakeTailnet  # noqa: E402
 from tsnetchat import auth  # noqa: E402
 from tsnetchat.client import Connection, connect  # noqa: E402
 from tsnetchat.config import ServerConfig, load_config  # noqa: E402
+from tsnetchat.hub import Pacing  # noqa: E402
 from tsnetchat.netio import splice  # noqa: E402
 from tsnetchat.server import Server  # noqa: E402
 
@@ -56,6 +57,7 @@ class Chat:
     server: Server
     net: FakeTailnet
     cfg: ServerConfig
+    pacing: Pacing | None = None
     conns: list[Connection] = field(default_factory=list)
 
     def token(self, login: str, rooms: tuple[str, ...] = ("*",), *, admin: bool = False,
@@ -80,7 +82,7 @@ class Chat:
         await self.server.stop(grace=0.5)
         cfg = self.cfg if not changes else ServerConfig(**{**self.cfg.__dict__, **changes})
         self.cfg = cfg
-        self.server = Server(cfg, whois=self.net.whois)
+        self.server = Server(cfg, whois=self.net.whois, pacing=self.pacing)
         await self.server.start()
 
 
@@ -96,10 +98,12 @@ async def chat(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[
     marker = request.node.get_closest_marker("server_config")
     overrides = marker.kwargs if marker else {}
     cfg = make_config(tmp_path, **overrides)
+    marker = request.node.get_closest_marker("pacing")
+    pacing = Pacing(**marker.kwargs) if marker else None
     net = FakeTailnet(server_port=cfg.port)
-    server = Server(cfg, whois=net.whois)
+    server = Server(cfg, whois=net.whois, pacing=pacing)
     await server.start()
-    c = Chat(server, net, cfg)
+    c = Chat(server, net, cfg, pacing)
     try:
         yield c
     finally:
@@ -111,6 +115,7 @@ async def chat(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "server_config(**kw): overrides for the chat fixture")
+    config.addinivalue_line("markers", "pacing(**kw): the chat fixture's hub Pacing")
 
 
 # --- the real lab ---------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -17,6 +18,11 @@ from conftest import Chat, make_config
 
 from tsnetchat.client import RoomSession
 from tsnetchat.pb import chat_pb2 as pb
+
+GROUP_COMMIT = pytest.mark.pacing(commit_from=-1.0, commit_window=0.02)  # always share commits
+COMMIT_MODES = pytest.mark.parametrize("commits", [
+    pytest.param("each", id="commit-each"),
+    pytest.param("group", marks=GROUP_COMMIT, id="group-commit")])
 
 
 async def hello_events(room: str, after: int | None = None,
@@ -159,7 +165,53 @@ async def test_resume_replays_exactly_what_was_missed(chat: Chat) -> None:
 
 
 @pytest.mark.server_config(rate_burst=10_000, rate_per_second=10_000.0)
-async def test_resume_while_messages_arrive_has_no_gap_or_duplicate(chat: Chat) -> None:
+@pytest.mark.pacing(commit_from=-1.0, commit_window=0.5)  # one group for the whole burst
+async def test_under_group_commit_nothing_is_seen_or_acked_before_it_is_durable(
+        chat: Chat) -> None:
+    """Messages that share a commit are delivered and acknowledged only once it is on disk,
+    in id order; a resend inside the same open group gets the original's id."""
+    disk = sqlite3.connect(f"file:{chat.cfg.db_path}?mode=ro", uri=True)  # another reader
+
+    def durable(msg_id: int) -> bool:
+        return disk.execute("SELECT COUNT(*) FROM messages WHERE id=?", (msg_id,)).fetchone()[0]
+
+    bob = await chat.connect("bob@tailnet.test")
+    sub = bob.subscribe("general")
+    await collect(sub, 1, kind="replay_done")
+    n = 40
+    seen: list[tuple[int, bool]] = []
+
+    async def watch() -> None:
+        async for ev in sub:
+            batch = [ev.message] if ev.WhichOneof("event") == "message" else ev.batch.messages
+            seen.extend((m.id, durable(m.id)) for m in batch)
+            if len(seen) >= n:
+                return
+
+    watcher = asyncio.create_task(watch())
+    alice = await chat.connect("alice@tailnet.test")
+    events = [send(f"m{i}", f"c{i}") for i in range(n)] + [send("m3", "c3")]  # c3 resent
+    call = alice.stub.Join(hello_events("general", after=2**62, batch_acks=True, then=events),
+                           metadata=alice.metadata)
+    acks: list[tuple[str, int, bool]] = []
+    async for ev in call:
+        which = ev.WhichOneof("event")
+        sent = [ev.sent] if which == "sent" else list(ev.batch.sent) if which == "batch" else []
+        acks.extend((s.client_msg_id, s.id, durable(s.id)) for s in sent)
+        if len(acks) == n + 1:
+            break
+    await asyncio.wait_for(watcher, 10)
+    assert acks == [(f"c{i}", i + 1, True) for i in range(n)] + [("c3", 4, True)]
+    assert seen == [(i, True) for i in range(1, n + 1)]
+    disk.close()
+    call.cancel()
+    sub.cancel()
+
+
+@pytest.mark.server_config(rate_burst=10_000, rate_per_second=10_000.0)
+@COMMIT_MODES
+async def test_resume_while_messages_arrive_has_no_gap_or_duplicate(chat: Chat,
+                                                                     commits: str) -> None:
     """Messages published while the replay is running appear once, in order."""
     alice = await chat.connect("alice@tailnet.test")
     hold = asyncio.Event()
@@ -229,7 +281,8 @@ async def test_history_page_is_capped_at_the_advertised_maximum(chat: Chat) -> N
     assert len(page.messages) == 7 and page.max_page == 7 and page.more
 
 
-async def test_resend_after_reconnect_is_not_duplicated(chat: Chat) -> None:
+@COMMIT_MODES
+async def test_resend_after_reconnect_is_not_duplicated(chat: Chat, commits: str) -> None:
     alice = await chat.connect("alice@tailnet.test")
     first = alice.stub.Join(hello_events("general", then=[send("once", "k1")]),
                             metadata=alice.metadata)
@@ -244,7 +297,8 @@ async def test_resend_after_reconnect_is_not_duplicated(chat: Chat) -> None:
     again.cancel()
 
 
-async def test_history_survives_restart_and_resume_continues(chat: Chat) -> None:
+@COMMIT_MODES
+async def test_history_survives_restart_and_resume_continues(chat: Chat, commits: str) -> None:
     alice = await chat.connect("alice@tailnet.test")
     for i in range(1, 4):
         await alice.send_one("general", f"m{i}")
@@ -294,6 +348,7 @@ SIGKILL_WRITER = textwrap.dedent("""
     from fakenet import FakeTailnet
     from conftest import make_config
     from tsnetchat.server import Server
+    from tsnetchat.hub import Pacing
     from tsnetchat import auth
     from tsnetchat.client import connect
     from pathlib import Path
@@ -301,7 +356,8 @@ SIGKILL_WRITER = textwrap.dedent("""
     async def main():
         cfg = make_config(Path(sys.argv[2]))
         net = FakeTailnet(server_port=cfg.port)
-        s = Server(cfg, whois=net.whois)
+        group = sys.argv[3] == "group"  # share commits whatever the load
+        s = Server(cfg, whois=net.whois, pacing=Pacing(commit_from=-1.0) if group else None)
         await s.start()
         tok, _ = auth.issue_token(cfg.key_path.read_bytes().strip(), "alice@t", ["*"],
                                   ttl_seconds=600)
@@ -316,9 +372,11 @@ SIGKILL_WRITER = textwrap.dedent("""
 
 
 @pytest.mark.timeout(60)
-def test_every_acknowledged_message_survives_sigkill(tmp_path: Any) -> None:
+@pytest.mark.parametrize("commits", ["each", "group"])
+def test_every_acknowledged_message_survives_sigkill(tmp_path: Any, commits: str) -> None:
     tests_dir = os.path.dirname(__file__)
-    proc = subprocess.Popen([sys.executable, "-c", SIGKILL_WRITER, tests_dir, str(tmp_path)],
+    proc = subprocess.Popen([sys.executable, "-c", SIGKILL_WRITER, tests_dir, str(tmp_path),
+                             commits],
                             stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "TSNETCHAT_RATE_BURST": "100000",
                                  "TSNETCHAT_RATE_PER_SECOND": "100000"})

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import time
 import unicodedata
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import tsnetchat
 from tsnetchat import auth, codec
 from tsnetchat.config import ServerConfig, load_config
-from tsnetchat.errors import ConfigError, PermissionDenied, Unauthenticated
+from tsnetchat.errors import ConfigError, PermissionDenied, StoreError, Unauthenticated
 from tsnetchat.hub import Hub, Item, Pacing, Subscriber
 from tsnetchat.loop import LoopLoad, new_event_loop
 from tsnetchat.pb import chat_pb2 as pb
@@ -424,6 +426,60 @@ def test_checkpoints_run_beside_the_writer_and_the_wal_stays_bounded(tmp_path: P
     s.close()
     assert [m.id for m in Store(tmp_path / "db").after("r", 3995, 10)] == [3996, 3997, 3998,
                                                                              3999, 4000]
+
+
+def test_deferred_appends_are_invisible_until_commit_then_call_back_in_order(
+        tmp_path: Path) -> None:
+    s = Store(tmp_path / "db")
+    other = sqlite3.connect(tmp_path / "db")  # what a crash would leave behind
+    done: list[tuple[int, bool, StoreError | None]] = []
+    for i in range(3):
+        s.append_later("r", Sender("a", "A", "n"), 1, f"m{i}", f"k{i}",
+                       lambda m, dup, err: done.append((m.id, dup, err)))
+    s.append_later("r", Sender("a", "A", "n"), 1, "m1", "k1",  # a resend in the same group
+                   lambda m, dup, err: done.append((m.id, dup, err)))
+    assert done == [] and s.waiting == 4
+    assert other.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 0
+    s.commit()
+    assert done == [(1, False, None), (2, False, None), (3, False, None), (2, True, None)]
+    assert other.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 3
+    other.close()
+    s.close()
+
+
+def test_any_other_store_call_commits_deferred_appends_first(tmp_path: Path) -> None:
+    s = Store(tmp_path / "db")
+    done: list[int] = []
+    s.append_later("r", Sender("a", "A", "n"), 1, "early", "", lambda m, d, e: done.append(m.id))
+    assert [m.text for m in s.after("r", 0, 10)] == ["early"]  # committed for the read,
+    assert done == [1]  # and the sender was told first
+    assert s.append("r", Sender("a", "A", "n"), 1, "next")[0].id == 2
+    s.close()
+
+
+def test_a_failed_group_commit_loses_the_whole_group_and_says_so(tmp_path: Path) -> None:
+    s = Store(tmp_path / "db")
+    a = Sender("a", "A", "n")
+    s.append("r", a, 1, "kept")
+    real = s._db
+
+    class FullDisk:  # the connection, except that COMMIT fails as on a full disk
+        def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+            if sql == "COMMIT":
+                raise sqlite3.OperationalError("database or disk is full")
+            return real.execute(sql, *args)
+
+    s._db = FullDisk()  # type: ignore[assignment]
+    errors: list[str] = []
+    for i in range(2):
+        s.append_later("r", a, 1, f"lost{i}", "", lambda m, d, e: errors.append(str(e)))
+    s.commit()
+    assert errors == ["history database error: database or disk is full"] * 2
+    s._db = real
+    assert s.last_id("r") == 1  # the lost ids were never seen by anyone
+    assert [m.text for m in s.after("r", 0, 10)] == ["kept"]
+    assert s.append("r", a, 1, "after")[0].id == 2
+    s.close()
 
 
 def test_embedded_auth_key_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -26,7 +26,7 @@ from . import auth
 from .config import ServerConfig, parse_listen
 from .errors import ConfigError, LocalAPIUnavailable, TailnetError
 from .gate import Gate, WhoIsFunc
-from .hub import Hub
+from .hub import Hub, Pacing
 from .loop import LoopLoad
 from .metrics import Metrics
 from .notify import Notifier
@@ -82,8 +82,10 @@ def limits_from(cfg: ServerConfig) -> Limits:
 class Server:
     def __init__(self, cfg: ServerConfig, *, whois: WhoIsFunc | None = None,
                  notifier: Notifier | None = None,
-                 progress: Callable[[str], None] | None = None) -> None:
+                 progress: Callable[[str], None] | None = None,
+                 pacing: Pacing | None = None) -> None:
         self.cfg = cfg
+        self.pacing = pacing  # the hub's latency/throughput trade; tests force its branches
         self._whois_override = whois  # tests of pure chat logic may stand in for tailscaled
         self.notifier = notifier or Notifier()
         self.progress = progress or (lambda m: log.info("%s", m))
@@ -124,7 +126,7 @@ class Server:
         gate = Gate(whois=whois, key=key, cap_name=cfg.cap_name, require_grant=cfg.require_grant,
                     whois_timeout=cfg.whois_timeout, revoked=revoked)
         load = LoopLoad(asyncio.get_running_loop())
-        self.service = ChatService(store=self.store, hub=Hub(load=load), gate=gate,
+        self.service = ChatService(store=self.store, hub=Hub(self.pacing, load=load), gate=gate,
                                    limits=limits_from(cfg), metrics=self.metrics)
         self.metrics.gauge("subscribers", lambda: float(self.service.hub.counts()[1])
                            if self.service else 0.0)

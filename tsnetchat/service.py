@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import grpc
@@ -35,7 +36,7 @@ from .gate import Gate
 from .hub import FRAME_BATCH, CloseKind, CloseReason, Hub, Subscriber
 from .metrics import Metrics
 from .pb import chat_pb2 as pb
-from .store import Sender, Store
+from .store import Sender, Store, StoredMessage
 
 log = logging.getLogger("tsnetchat.service")
 
@@ -148,6 +149,7 @@ class ChatService:
         self.metrics = metrics or Metrics()
         self._buckets: dict[str, TokenBucket] = {}
         self._call_buckets: dict[str, TokenBucket] = {}
+        self._commit_timer: asyncio.TimerHandle | None = None
         self.going_away = False
 
     # registration ------------------------------------------------------------------
@@ -373,12 +375,41 @@ class ChatService:
                 f"slow down: at most {self.limits.rate_per_second:g} messages/s (bursts of "
                 f"{self.limits.rate_burst}); this one was not sent, retry in {wait:.1f}s")
         # The sender is the connection's identity. send.claimed_sender is ignored on purpose.
-        msg, dup = self.store.append(sub.room, Sender(p.login, p.display_name, p.node), kind,
-                                     send.text, send.client_msg_id)
+        sender = Sender(p.login, p.display_name, p.node)
+        pacing = self.hub.pacing
+        if self.store.waiting or self.hub.load() > pacing.commit_from:
+            # Group commit: the message is published and acknowledged once its shared
+            # transaction commits, within commit_window (or at once when a frame's worth
+            # is waiting). Nobody sees it before it is durable.
+            self.store.append_later(sub.room, sender, kind, send.text, send.client_msg_id,
+                                    partial(self._stored, sub, send.client_msg_id))
+            if self.store.waiting >= FRAME_BATCH:
+                self._commit()
+            elif self._commit_timer is None:
+                self._commit_timer = asyncio.get_running_loop().call_later(
+                    pacing.commit_window, self._commit)
+            return
+        msg, dup = self.store.append(sub.room, sender, kind, send.text, send.client_msg_id)
+        self._stored(sub, send.client_msg_id, msg, dup, None)
+
+    def _commit(self) -> None:
+        if self._commit_timer is not None:
+            self._commit_timer.cancel()
+            self._commit_timer = None
+        self.store.commit()
+
+    def _stored(self, sub: Subscriber, client_msg_id: str, msg: StoredMessage, dup: bool,
+                error: StoreError | None) -> None:
+        """Publish a committed message and acknowledge it; or tell the sender it was lost."""
+        if error is not None:
+            self.hub.reply(sub, codec.event_item(error=pb.Error(
+                code=status_for(error).value[0], client_msg_id=client_msg_id,
+                message=f"{error}; this message was not saved, send it again")))
+            return
         if not dup:
             self.metrics.inc("messages_total")
             self.hub.publish(sub.room, codec.message_item(msg))
-        self.hub.reply(sub, codec.sent_item(send.client_msg_id, msg.id))
+        self.hub.reply(sub, codec.sent_item(client_msg_id, msg.id))
 
     async def Subscribe(self, request: Any,
                         context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:

@@ -13,12 +13,19 @@ continuous stream of commits a checkpoint from another connection never catches 
 WAL would never restart (it grew to 650 MB in a test). Then it finds most pages already
 copied and costs about the fsync alone.
 
+Group commit: ``append_later`` joins an open transaction and calls back once it ends, so a
+busy server pays one commit for many messages (a commit is most of an append's cost). The
+caller decides when to ``commit()``; any other call commits first, so reads never see an
+uncommitted row and callbacks run in append order.
+
 Guarantees:
 
-* ``append`` returns only after the row is committed. With ``fsync=False`` (WAL,
+* ``append`` returns, and ``append_later`` calls back without an error, only after the row
+  is committed. With ``fsync=False`` (WAL,
   synchronous=NORMAL) a committed message survives a crashed or SIGKILLed process; with
   ``fsync=True`` (synchronous=FULL) it also survives power loss.
 * ids are strictly increasing per room, starting at 1, never reused (also after pruning).
+  The one exception is an id whose group commit rolled back: nobody saw it or its ack.
 * A repeated (room, sender, client_msg_id) returns the original message with
   ``duplicate=True`` and writes nothing.
 
@@ -27,10 +34,11 @@ sqlite3 errors are translated to StoreError here and nowhere else.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,6 +112,9 @@ class TokenRecord:
     revoked_at: int | None
 
 
+# A deferred append's callback: (message, duplicate, error or None).
+Settled = Callable[["StoredMessage", bool, "StoreError | None"], None]
+
 _COLS = "room, id, ts_ms, login, display_name, node, kind, text, client_msg_id"
 
 
@@ -172,8 +183,13 @@ class Store:
             raise StoreError(f"cannot open history database {path}: {e}") from e
         self._appends = 0
         self.checkpointer: _Checkpointer | None = None  # started by the first busy writer
+        # The open group-commit transaction: _last as it was when it began (restored if it
+        # rolls back), and the appends waiting for it to end.
+        self._open: dict[str, int] | None = None
+        self._waiting: list[tuple[StoredMessage, bool, Settled]] = []
 
     def close(self) -> None:
+        self.commit()
         if self.checkpointer is not None:
             self.checkpointer.stop()
         try:
@@ -204,7 +220,63 @@ class Store:
 
     def append(self, room: str, sender: Sender, kind: int, text: str, client_msg_id: str = "",
                *, now_ms: int | None = None) -> tuple[StoredMessage, bool]:
-        """Store a message and return it with its new id; see the module doc for guarantees."""
+        """Store a message, commit it, and return it with its new id (see the module doc)."""
+        self.commit()
+        if room in self._last:
+            return self._insert(room, sender, kind, text, client_msg_id, now_ms)  # one statement
+        try:
+            with self._tx():
+                return self._insert(room, sender, kind, text, client_msg_id, now_ms)
+        except StoreError:
+            self._last.pop(room, None)
+            raise
+
+    def append_later(self, room: str, sender: Sender, kind: int, text: str,
+                     client_msg_id: str, then: Settled) -> None:
+        """Store a message in the open transaction (beginning one). ``then(message,
+        duplicate, None)`` runs when it commits, ``then(message, duplicate, error)`` if it
+        rolls back. Raises StoreError (and rolls back the others) if the row cannot be
+        written at all."""
+        if self._open is None:
+            self._q("BEGIN IMMEDIATE")
+            self._open = dict(self._last)
+        try:
+            msg, dup = self._insert(room, sender, kind, text, client_msg_id, None)
+        except StoreError as e:
+            self._end(e)
+            raise
+        self._waiting.append((msg, dup, then))
+
+    @property
+    def waiting(self) -> int:
+        """Appends waiting for ``commit()``."""
+        return len(self._waiting)
+
+    def commit(self) -> None:
+        """End the open transaction, if any: commit it (or roll it back when the commit
+        fails) and run the waiting callbacks in append order."""
+        if self._open is None:
+            return
+        try:
+            self._db.execute("COMMIT")
+        except sqlite3.Error as e:
+            self._end(StoreError(f"history database error: {e}"))
+        else:
+            self._end(None)
+
+    def _end(self, error: StoreError | None) -> None:
+        if error is not None:
+            with contextlib.suppress(sqlite3.Error):  # SQLite may have rolled back already
+                self._db.execute("ROLLBACK")
+            assert self._open is not None
+            self._last = self._open
+        self._open = None
+        waiting, self._waiting = self._waiting, []
+        for msg, dup, then in waiting:
+            then(msg, dup, error)
+
+    def _insert(self, room: str, sender: Sender, kind: int, text: str, client_msg_id: str,
+                now_ms: int | None) -> tuple[StoredMessage, bool]:
         if client_msg_id:
             # INDEXED BY: without statistics the planner picks the primary key and scans the
             # whole room, which made every send O(history).
@@ -215,16 +287,12 @@ class Store:
                 return _row(rows[0]), True
         ts = int(time.time() * 1000) if now_ms is None else now_ms
         new_id = self._last.get(room, 0) + 1
-        row = (room, new_id, ts, sender.login, sender.display_name, sender.node, kind, text,
-               client_msg_id)
-        insert = f"INSERT INTO messages ({_COLS}) VALUES (?,?,?,?,?,?,?,?,?)"
-        if room in self._last:
-            self._q(insert, row)  # one statement, its own transaction
-        else:
-            with self._tx() as db:
-                db.execute("INSERT INTO rooms (name, last_id) VALUES (?, ?) ON CONFLICT(name) "
-                           "DO UPDATE SET last_id=excluded.last_id", (room, new_id))
-                db.execute(insert, row)
+        if room not in self._last:
+            self._q("INSERT INTO rooms (name, last_id) VALUES (?, ?) ON CONFLICT(name) "
+                    "DO UPDATE SET last_id=excluded.last_id", (room, new_id))
+        self._q(f"INSERT INTO messages ({_COLS}) VALUES (?,?,?,?,?,?,?,?,?)",
+                (room, new_id, ts, sender.login, sender.display_name, sender.node, kind, text,
+                 client_msg_id))
         self._last[room] = new_id
         self._appends += 1
         if self._appends % self.CHECKPOINT_EVERY == 0:
@@ -235,19 +303,23 @@ class Store:
         return StoredMessage(room, new_id, ts, sender, kind, text, client_msg_id), False
 
     def last_id(self, room: str) -> int:
+        self.commit()
         return int(self._last.get(room, 0))
 
     def rooms(self) -> dict[str, int]:
+        self.commit()
         return dict(self._last)
 
     def after(self, room: str, after_id: int, limit: int) -> list[StoredMessage]:
         """Up to ``limit`` messages with id > after_id, ascending."""
+        self.commit()
         return [_row(r) for r in self._q(
             f"SELECT {_COLS} FROM messages WHERE room=? AND id>? ORDER BY id LIMIT ?",
             (room, after_id, limit))]
 
     def before(self, room: str, before_id: int, limit: int) -> list[StoredMessage]:
         """Up to ``limit`` newest messages with id < before_id, returned ascending."""
+        self.commit()
         rows = self._q(f"SELECT {_COLS} FROM messages WHERE room=? AND id<? ORDER BY id DESC "
                        "LIMIT ?", (room, before_id, limit))
         return [_row(r) for r in reversed(rows)]
@@ -257,6 +329,7 @@ class Store:
 
     def prune(self, *, keep_count: int, keep_days: float, now: float | None = None) -> int:
         """Apply retention; returns the number of messages deleted. ids are not reused."""
+        self.commit()
         deleted = 0
         with self._tx() as db:
             # Keep the high-water marks: pruning may delete a room's newest message.
@@ -274,11 +347,13 @@ class Store:
     # tokens -------------------------------------------------------------------------
 
     def record_token(self, row: dict[str, object]) -> None:
+        self.commit()
         with self._tx() as db:
             db.execute("INSERT INTO tokens (jti, sub, rooms, admin, iat, exp) "
                        "VALUES (:jti, :sub, :rooms, :admin, :iat, :exp)", row)
 
     def list_tokens(self) -> list[TokenRecord]:
+        self.commit()
         rows = self._q("SELECT t.jti, t.sub, t.rooms, t.admin, t.iat, t.exp, r.at FROM tokens t "
                        "LEFT JOIN revocations r ON r.jti = t.jti ORDER BY t.iat")
         return [TokenRecord(str(r[0]), str(r[1]), str(r[2]), bool(r[3]), int(r[4]),  # type: ignore[call-overload]
@@ -287,12 +362,14 @@ class Store:
 
     def revoke(self, jti: str) -> bool:
         """Revoke a token id (known or not). Returns False if it was already revoked."""
+        self.commit()
         with self._tx() as db:
             cur = db.execute("INSERT OR IGNORE INTO revocations (jti, at) VALUES (?, ?)",
                              (jti, int(time.time())))
         return cur.rowcount > 0
 
     def revocations_since(self, seq: int) -> tuple[list[str], int]:
+        self.commit()
         rows = self._q("SELECT seq, jti FROM revocations WHERE seq>? ORDER BY seq", (seq,))
         if not rows:
             return [], seq
