@@ -348,9 +348,7 @@ class ChatService:
                     problem = e
                 if problem is not None:
                     strikes += 1
-                    self.hub.reply(sub, codec.event_item(error=pb.Error(
-                        code=status_for(problem).value[0], message=str(problem),
-                        client_msg_id=cmid)))
+                    self._refuse(sub, problem, cmid)
                     if strikes > 2 * self.limits.rate_burst:
                         sub.close(CloseReason(CloseKind.FLOOD, (
                             "too many rejected events in a row (flooding); disconnected. "
@@ -392,6 +390,14 @@ class ChatService:
         msg, dup = self.store.append(sub.room, sender, kind, send.text, send.client_msg_id)
         self._stored(sub, send.client_msg_id, msg, dup, None)
 
+    def _refuse(self, sub: Subscriber, problem: TsnetchatError, client_msg_id: str,
+                more: str = "") -> None:
+        """Tell a member why the event it sent was not taken (an error event, not the end
+        of the stream)."""
+        self.hub.reply(sub, codec.event_item(error=pb.Error(
+            code=status_for(problem).value[0], message=f"{problem}{more}",
+            client_msg_id=client_msg_id)))
+
     def _commit(self) -> None:
         if self._commit_timer is not None:
             self._commit_timer.cancel()
@@ -402,9 +408,7 @@ class ChatService:
                 error: StoreError | None) -> None:
         """Publish a committed message and acknowledge it; or tell the sender it was lost."""
         if error is not None:
-            self.hub.reply(sub, codec.event_item(error=pb.Error(
-                code=status_for(error).value[0], client_msg_id=client_msg_id,
-                message=f"{error}; this message was not saved, send it again")))
+            self._refuse(sub, error, client_msg_id, "; this message was not saved, send it again")
             return
         if not dup:
             self.metrics.inc("messages_total")
