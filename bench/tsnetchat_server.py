@@ -42,7 +42,7 @@ async def main() -> None:
         "rate_per_second": 1e9, "call_burst": 10**9, "call_rate": 1e9,
         "max_rooms_per_client": 10**6, "subscriber_queue": 8192, "history_on_join": 0,
         "retention_count": 0, "metrics_port": args.metrics_port or None})
-    server = Server(cfg, whois=whois)
+    server = Server(cfg, whois=whois, owns_process=True)  # as `tsnetchat serve`
     await server.start()
     tok, _ = auth.issue_token(cfg.key_path.read_bytes().strip(), BENCH.login, ["*"],
                               ttl_seconds=86400)

@@ -109,6 +109,27 @@ def test_ready_is_sent_only_once_listening_and_names_the_magicdns_name(
     assert local_addrs == {"127.0.0.1"}
 
 
+def policies(pid: int) -> dict[int, int]:
+    return {int(t): os.sched_getscheduler(int(t)) for t in os.listdir(f"/proc/{pid}/task")}
+
+
+@pytest.mark.parametrize("batch", [True, False])
+def test_once_ready_only_the_event_loop_thread_keeps_the_normal_policy(
+        lab: Any, tmp_path: Path, batch: bool) -> None:
+    d = start_daemon(lab, tmp_path, env={"TSNETCHAT_BATCH_HELPER_THREADS": str(batch).lower()})
+    try:
+        d.wait_for("READY=1")
+        threads = policies(d.proc.pid)
+        assert len(threads) > 3  # gRPC's poller and EventEngine threads, the checkpointer
+        assert threads.pop(d.proc.pid) == os.SCHED_OTHER  # the loop runs on the main thread
+        want = os.SCHED_BATCH if batch else os.SCHED_OTHER
+        assert set(threads.values()) == {want}
+    finally:
+        d.proc.kill()
+        d.proc.wait()
+        d.notify.close()
+
+
 def test_sigterm_drains_streams_and_exits_zero(lab: Any, daemon: Daemon) -> None:
     daemon.wait_for("READY=1")
     tok = daemon.token("alice@tailnet.test")

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import hashlib
 import os
 import sqlite3
+import subprocess
+import sys
+import threading
 import time
 import unicodedata
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +23,7 @@ from tsnetchat import auth, codec
 from tsnetchat.config import ServerConfig, load_config
 from tsnetchat.errors import ConfigError, PermissionDenied, StoreError, Unauthenticated
 from tsnetchat.hub import Hub, Item, Pacing, Subscriber
-from tsnetchat.loop import LoopLoad, new_event_loop
+from tsnetchat.loop import LoopLoad, freeze_startup_heap, new_event_loop
 from tsnetchat.pb import chat_pb2 as pb
 from tsnetchat.service import _FORBIDDEN, TokenBucket
 from tsnetchat.store import Sender, Store, StoredMessage
@@ -292,6 +298,77 @@ def test_the_loop_load_is_low_when_waiting_and_high_when_running_callbacks() -> 
         waiting, working = runner.run(scenario())
     assert waiting < 0.3
     assert working > 0.8
+
+
+def test_the_loop_load_counts_cpu_the_other_threads_use_while_the_loop_waits() -> None:
+    # With helper threads that yield to the loop (yield_helper_threads), gRPC's threads do
+    # their work while the loop sits in select: the loop's own measure reads idle.
+    stop = threading.Event()
+
+    def burn() -> None:
+        block = b"x" * 1_000_000
+        while not stop.is_set():
+            hashlib.sha256(block).digest()  # releases the GIL: pure CPU beside the loop
+
+    async def scenario() -> float:
+        load = LoopLoad(asyncio.get_running_loop(), window=0.02)
+        for _ in range(10):
+            await asyncio.sleep(0.02)
+            load()
+        return load()
+
+    allowed = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(allowed)})  # this thread, so the loop's share is of one core
+    helper = threading.Thread(target=burn)
+    helper.start()
+    try:
+        with asyncio.Runner(loop_factory=new_event_loop) as runner:
+            assert runner.run(scenario()) > 0.8
+    finally:
+        stop.set()
+        helper.join()
+        os.sched_setaffinity(0, allowed)
+
+
+def test_helper_threads_yield_to_the_loop_thread_which_keeps_its_policy() -> None:
+    # In a child: the policy applies to every thread of the process it runs in.
+    script = """
+import os, threading
+from tsnetchat.loop import yield_helper_threads
+started, stop = threading.Event(), threading.Event()
+def helper():
+    started.set(); stop.wait()
+t = threading.Thread(target=helper); t.start(); started.wait()
+changed = yield_helper_threads()
+print(changed, os.sched_getscheduler(t.native_id) == os.SCHED_BATCH,
+      os.sched_getscheduler(0) == os.SCHED_OTHER)
+stop.set(); t.join()
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=30, check=True).stdout.split()
+    assert int(out[0]) >= 1
+    assert out[1:] == ["True", "True"]
+
+
+def test_frozen_startup_heap_is_skipped_but_later_garbage_is_still_collected() -> None:
+    class Node:
+        ref: object = None
+
+    def cycle() -> weakref.ref[Node]:
+        a, b = Node(), Node()
+        a.ref, b.ref = b, a
+        return weakref.ref(a)
+
+    before = cycle()  # garbage at startup is collected, not frozen for ever
+    try:
+        freeze_startup_heap()
+        assert before() is None
+        assert gc.get_freeze_count() > 1000
+        after = cycle()
+        gc.collect()
+        assert after() is None
+    finally:
+        gc.unfreeze()
 
 
 async def test_the_loop_load_reads_zero_on_a_loop_it_cannot_measure() -> None:

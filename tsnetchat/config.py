@@ -67,6 +67,8 @@ class ServerConfig:
     call_burst: int = 200  # RPCs per person: burst, then call_rate per second
     call_rate: float = 50.0
     fsync: bool = False  # True: survive power loss, not only a crashed process
+    # gRPC's helper threads run SCHED_BATCH so they do not preempt the event loop (loop.py)
+    batch_helper_threads: bool = True
     shutdown_grace: float = 5.0
     # Embedded tailscaled (serve --embedded)
     embedded: bool = False

@@ -48,10 +48,10 @@ class Pacing:
     busy_window: float = 0.02
     wake_at: int = FRAME_BATCH  # a full frame's worth is drained at once, whatever the linger
     # Above loaded_from the linger is at least min_linger, whatever the room's size; between
-    # overload_from and overload_full it moves linearly to overload_linger. Measured busy
-    # fractions: 0.35 at 1,000 msg/s into 9 subscribers, 0.6 at 500 msg/s into 100,
-    # 0.95-0.99 saturated (bench/README.md).
-    loaded_from: float = 0.5
+    # overload_from and overload_full it moves linearly to overload_linger. Measured load
+    # (tsnetchat.loop): 0.45 at 1,000 msg/s into 9 subscribers, 0.57 at 500 msg/s into 100,
+    # 0.73 at 1,000 msg/s into 100, 0.97-0.99 saturated (bench/README.md).
+    loaded_from: float = 0.6
     overload_from: float = 0.85
     overload_full: float = 0.97
     overload_linger: float = 0.02

@@ -27,7 +27,7 @@ from .config import ServerConfig, parse_listen
 from .errors import ConfigError, LocalAPIUnavailable, TailnetError
 from .gate import Gate, WhoIsFunc
 from .hub import Hub, Pacing
-from .loop import LoopLoad
+from .loop import LoopLoad, freeze_startup_heap, yield_helper_threads
 from .metrics import Metrics
 from .notify import Notifier
 from .pb import chat_pb2 as pb
@@ -83,9 +83,12 @@ class Server:
     def __init__(self, cfg: ServerConfig, *, whois: WhoIsFunc | None = None,
                  notifier: Notifier | None = None,
                  progress: Callable[[str], None] | None = None,
-                 pacing: Pacing | None = None) -> None:
+                 pacing: Pacing | None = None, owns_process: bool = False) -> None:
         self.cfg = cfg
         self.pacing = pacing  # the hub's latency/throughput trade; tests force its branches
+        # The daemon's server may tune the whole process (thread scheduling, the collector)
+        # once started; tests run several servers in one process and leave it alone.
+        self.owns_process = owns_process
         self._whois_override = whois  # tests of pure chat logic may stand in for tailscaled
         self.notifier = notifier or Notifier()
         self.progress = progress or (lambda m: log.info("%s", m))
@@ -143,6 +146,10 @@ class Server:
             self._tasks.append(asyncio.create_task(self._watch_addresses()))
         if cfg.metrics_port:
             await self._start_metrics()
+        if self.owns_process:
+            if cfg.batch_helper_threads:
+                log.debug("%d helper threads set to SCHED_BATCH", yield_helper_threads())
+            freeze_startup_heap()
         wd = self.notifier.watchdog_interval()
         if wd:
             self._tasks.append(asyncio.create_task(self._watchdog(wd)))
@@ -315,7 +322,7 @@ async def serve(cfg: ServerConfig, *, reload_config: Callable[[], ServerConfig] 
         loop.add_signal_handler(sig, on_stop)
     loop.add_signal_handler(signal.SIGHUP, hup.set)
 
-    server = Server(cfg)
+    server = Server(cfg, owns_process=True)
     try:
         if before_start is not None:
             await before_start()
