@@ -208,6 +208,43 @@ async def test_under_group_commit_nothing_is_seen_or_acked_before_it_is_durable(
     sub.cancel()
 
 
+@GROUP_COMMIT
+async def test_under_group_commit_a_failed_commit_refuses_each_message_and_shows_none(
+        chat: Chat) -> None:
+    """When the shared commit fails (here: a full disk), each sender in the group is told its
+    message was not saved; nobody receives those messages, and their ids are not used up."""
+    store = chat.server.store
+    assert store is not None
+    real = store._db
+
+    class FullDisk:  # the connection, except that COMMIT fails
+        def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+            if sql == "COMMIT":
+                raise sqlite3.OperationalError("database or disk is full")
+            return real.execute(sql, *args)
+
+    bob = await chat.connect("bob@tailnet.test")
+    sub = bob.subscribe("general")
+    await collect(sub, 1, kind="replay_done")
+    alice = await chat.connect("alice@tailnet.test")
+    assert await alice.send_one("general", "kept") == 1
+    store._db = FullDisk()  # type: ignore[assignment]
+    call = alice.stub.Join(hello_events("general", after=2**62, batch_acks=True,
+                                        then=[send(f"lost{i}", f"c{i}") for i in range(3)]),
+                           metadata=alice.metadata)
+    errors = await collect(call, 3, kind="error")
+    assert [(e.client_msg_id, e.code) for e in errors] == [
+        (f"c{i}", grpc.StatusCode.UNAVAILABLE.value[0]) for i in range(3)]
+    assert all("database or disk is full" in e.message and "was not saved, send it again"
+               in e.message for e in errors)
+    store._db = real
+    assert await alice.send_one("general", "after") == 2
+    got = await collect(sub, 2)
+    assert [(m.id, m.text) for m in got] == [(1, "kept"), (2, "after")]
+    call.cancel()
+    sub.cancel()
+
+
 @pytest.mark.server_config(rate_burst=10_000, rate_per_second=10_000.0)
 @COMMIT_MODES
 async def test_resume_while_messages_arrive_has_no_gap_or_duplicate(chat: Chat,
