@@ -23,7 +23,7 @@ from tsnetchat import auth, codec
 from tsnetchat.config import ServerConfig, load_config
 from tsnetchat.errors import ConfigError, PermissionDenied, StoreError, Unauthenticated
 from tsnetchat.hub import Hub, Item, Pacing, Subscriber
-from tsnetchat.loop import LoopLoad, freeze_startup_heap, new_event_loop
+from tsnetchat.loop import LoopLoad, freeze_startup_heap, new_event_loop, yield_helper_threads
 from tsnetchat.pb import chat_pb2 as pb
 from tsnetchat.service import _FORBIDDEN, TokenBucket
 from tsnetchat.store import Sender, Store, StoredMessage
@@ -348,6 +348,24 @@ stop.set(); t.join()
                          timeout=30, check=True).stdout.split()
     assert int(out[0]) >= 1
     assert out[1:] == ["True", "True"]
+
+
+def test_where_the_policy_cannot_be_set_the_server_says_so_and_carries_on(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    def forbidden(*_: Any) -> None:  # as under a seccomp filter without sched_setscheduler
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "sched_setscheduler", forbidden)
+    stop = threading.Event()
+    helper = threading.Thread(target=stop.wait)
+    helper.start()
+    try:
+        assert yield_helper_threads() == 0
+    finally:
+        stop.set()
+        helper.join()
+    assert "helper threads keep their scheduling: [Errno 1] Operation not permitted" \
+        in caplog.text
 
 
 def test_frozen_startup_heap_is_skipped_but_later_garbage_is_still_collected() -> None:

@@ -124,7 +124,7 @@ def yield_helper_threads() -> int:
         except ProcessLookupError:  # the thread ended meanwhile
             continue
         except OSError as e:
-            log.info("helper threads keep their scheduling: %s", e)
+            log.warning("helper threads keep their scheduling: %s", e)
             return changed
         changed += 1
     return changed
