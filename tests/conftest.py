@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -25,29 +24,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import tailnet_lab  # noqa: E402
 from fakenet import FakeTailnet  # noqa: E402
+from helpers import free_port, issue_recorded, need  # noqa: E402
 
-from tsnetchat import auth  # noqa: E402
 from tsnetchat.client import Connection, connect  # noqa: E402
 from tsnetchat.config import ServerConfig, load_config  # noqa: E402
 from tsnetchat.hub import Pacing  # noqa: E402
 from tsnetchat.netio import splice  # noqa: E402
 from tsnetchat.server import Server  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def issue_recorded(server: Server, login: str, rooms: tuple[str, ...], *, admin: bool,
-                   ttl: float) -> str:
-    """Sign a token with the server's key and record it, as `tsnetchat token issue` does."""
-    key = server.cfg.key_path.read_bytes().strip()
-    tok, claims = auth.issue_token(key, login, rooms, admin=admin, ttl_seconds=ttl)
-    assert server.store is not None
-    server.store.record_token(claims.to_row())
-    return tok
 
 
 @dataclass
@@ -121,19 +104,12 @@ def pytest_configure(config: pytest.Config) -> None:
 # --- the real lab ---------------------------------------------------------------------
 
 
-def _lab_unavailable(reason: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(f"tailnet lab required in CI but unavailable: {reason}", pytrace=False)
-    print(f"\n*** SKIPPING TAILNET TESTS: {reason} ***\n", file=sys.stderr)
-    pytest.skip(f"tailnet lab unavailable: {reason}")
-
-
 @pytest.fixture(scope="session")
 def lab() -> Iterator[tailnet_lab.Lab]:
     try:
         tailnet_lab.ensure_binaries()
     except tailnet_lab.LabError as e:
-        _lab_unavailable(str(e))
+        need("the tailnet lab", str(e))
     with tailnet_lab.running_lab() as lab_:
         yield lab_
 

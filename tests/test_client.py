@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import free_port
+from helpers import free_port, need
 
-from tsnetchat.client import find_peer
+from tsnetchat.discovery import find_peer
 from tsnetchat.errors import PeerNotFound
 from tsnetchat.tailnet import parse_status
 
@@ -197,9 +197,7 @@ def _q(s: str) -> str:
 @pytest.fixture
 def terminals(chat_server: ServerProc) -> Iterator[dict[str, Tmux]]:
     if shutil.which("tmux") is None:
-        if os.environ.get("CI"):
-            pytest.fail("tmux is required in CI (make sysdeps installs it)")
-        pytest.skip("tmux not installed")
+        need("tmux", "make sysdeps installs it")
     env = {"TERM": "xterm-256color", "PATH": os.environ["PATH"], "HOME": os.environ["HOME"],
            "LANG": "C.UTF-8"}
     sessions: dict[str, Tmux] = {}

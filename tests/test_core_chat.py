@@ -9,12 +9,12 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
-from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 import pytest
 from conftest import Chat, make_config
+from helpers import collect, collect_ids, hello_events, send
 
 from tsnetchat.client import RoomSession
 from tsnetchat.pb import chat_pb2 as pb
@@ -23,56 +23,6 @@ GROUP_COMMIT = pytest.mark.pacing(commit_from=-1.0, commit_window=0.02)  # alway
 COMMIT_MODES = pytest.mark.parametrize("commits", [
     pytest.param("each", id="commit-each"),
     pytest.param("group", marks=GROUP_COMMIT, id="group-commit")])
-
-
-async def hello_events(room: str, after: int | None = None,
-                       then: list[pb.ClientEvent] | None = None,
-                       hold: asyncio.Event | None = None,
-                       batch_acks: bool = False) -> AsyncIterator[pb.ClientEvent]:
-    h = pb.Hello(room=room, batch_acks=batch_acks)
-    if after is not None:
-        h.after_id = after
-    yield pb.ClientEvent(hello=h)
-    for ev in then or []:
-        yield ev
-    await (hold or asyncio.Event()).wait()
-
-
-def send(text: str, cmid: str = "") -> pb.ClientEvent:
-    return pb.ClientEvent(send=pb.SendMessage(text=text, kind=pb.MESSAGE_KIND_TEXT,
-                                              client_msg_id=cmid))
-
-
-async def collect(call: Any, n: int, *, kind: str = "message", timeout: float = 10) -> list[Any]:
-    """Read events until n of `kind` (batches unpacked) have arrived."""
-    got: list[Any] = []
-
-    async def loop() -> None:
-        async for ev in call:
-            which = ev.WhichOneof("event")
-            if kind == "message" and which == "message":
-                got.append(ev.message)
-            elif kind == "message" and which == "batch":
-                got.extend(ev.batch.messages)
-            elif which == kind:
-                got.append(getattr(ev, which))
-            if len(got) >= n:
-                return
-
-    await asyncio.wait_for(loop(), timeout)
-    return got
-
-
-def collect_ids(session: RoomSession, seen: list[int], n: int) -> asyncio.Task[None]:
-    """A task that appends the ids of a RoomSession's messages to ``seen`` until it has n."""
-    async def consume() -> None:
-        async for ev in session.events():
-            if ev.kind == "message":
-                seen.append(ev.message.id)
-            if len(seen) >= n:
-                return
-
-    return asyncio.create_task(consume())
 
 
 async def test_fan_out_reaches_every_member_in_order(chat: Chat) -> None:

@@ -8,75 +8,18 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from conftest import free_port
+from helpers import CLI, Daemon, free_port, start_daemon
 
 from tsnetchat.client import connect
 
 pytestmark = pytest.mark.tailnet
-
-CLI = str(Path(sys.executable).with_name("tsnetchat"))
-
-
-@dataclass
-class Daemon:
-    proc: subprocess.Popen[str]
-    state: Path
-    port: int
-    notify: socket.socket
-    log: Path
-
-    def token(self, login: str, *, admin: bool = False) -> str:
-        out = subprocess.run([CLI, "token", "issue", login, "--state-dir", str(self.state),
-                              *(["--admin"] if admin else [])],
-                             capture_output=True, text=True, check=True)
-        return out.stdout.strip()
-
-    def notifications(self, timeout: float) -> list[str]:
-        self.notify.settimeout(timeout)
-        msgs = []
-        try:
-            while True:
-                msgs.extend(self.notify.recv(4096).decode().splitlines())
-                self.notify.settimeout(0.05)
-        except (TimeoutError, BlockingIOError):
-            pass
-        return msgs
-
-    def wait_for(self, line: str, timeout: float = 30) -> list[str]:
-        seen: list[str] = []
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            seen += self.notifications(0.5)
-            if any(s.startswith(line) for s in seen):
-                return seen
-            assert self.proc.poll() is None, self.log.read_text()
-        raise AssertionError(f"no {line} in {seen}; log:\n{self.log.read_text()}")
-
-
-def start_daemon(lab: Any, tmp: Path, *extra: str, env: dict[str, str] | None = None
-                 ) -> Daemon:
-    state = tmp / "state"
-    port = free_port()
-    sock_path = str(tmp / "notify.sock")
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(sock_path)
-    log = tmp / "serve.log"
-    proc = subprocess.Popen(
-        [CLI, "serve", "--state-dir", str(state), "--socket", lab.nodes["chat-server"].socket,
-         "--port", str(port), *extra],
-        stdout=open(log, "w"), stderr=subprocess.STDOUT, text=True,  # noqa: SIM115
-        env={**os.environ, "NOTIFY_SOCKET": sock_path, **(env or {})})
-    return Daemon(proc, state, port, notify, log)
-
 
 @pytest.fixture
 def daemon(lab: Any, tmp_path: Path) -> Iterator[Daemon]:

@@ -10,7 +10,7 @@ from typing import Any
 import grpc
 import pytest
 from conftest import Chat
-from test_core_chat import collect, hello_events, send
+from helpers import collect, hello_events, send
 
 from tsnetchat.pb import chat_pb2 as pb
 

@@ -14,9 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import free_port
-from test_core_chat import collect_ids
-from test_daemon import CLI, start_daemon
+from helpers import CLI, collect_ids, free_port, need, start_daemon
 
 from tsnetchat.client import RoomSession, connect
 from tsnetchat.config import load_config
@@ -205,9 +203,7 @@ def test_doctor_history_store_not_writable(tmp_path: Path) -> None:
 def _need_systemd_analyze() -> str:
     exe = shutil.which("systemd-analyze")
     if exe is None:
-        if os.environ.get("CI"):
-            pytest.fail("systemd-analyze is required in CI (make sysdeps installs systemd)")
-        pytest.skip("systemd-analyze not installed")
+        need("systemd-analyze", "make sysdeps installs systemd")
     return exe
 
 

@@ -22,8 +22,8 @@ import grpc
 import jwt
 import pytest
 import tailnet_lab
-from conftest import LabChat, free_port
-from test_core_chat import hello_events
+from conftest import LabChat
+from helpers import free_port, hello_events
 
 from tsnetchat import auth
 from tsnetchat.config import load_config

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import free_port
+from helpers import free_port, need
 
 from tsnetchat.client import connect
 
@@ -62,9 +62,7 @@ def _tun_possible() -> str:
 def tun_node(lab: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TunNode]:
     why = _tun_possible()
     if why:
-        if os.environ.get("CI"):
-            pytest.fail(f"TUN test required in CI: {why}")
-        pytest.skip(why)
+        need("a TUN device in a network namespace", why)
     tag = f"{os.getpid() % 100000}"
     ns, vh, vn = f"tsnc{tag}", f"tsncvh{tag}", f"tsncvn{tag}"
     d = tmp_path_factory.mktemp("tun")

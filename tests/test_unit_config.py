@@ -1,0 +1,64 @@
+"""Configuration and the public surface: one config type, sourced errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import tsnetchat
+from tsnetchat.config import ServerConfig, load_config
+from tsnetchat.errors import ConfigError
+
+# --- public surface -----------------------------------------------------------------------
+
+
+def test_public_api_is_sorted_and_importable() -> None:
+    assert tsnetchat.__all__ == sorted(tsnetchat.__all__)
+    for name in tsnetchat.__all__:
+        assert hasattr(tsnetchat, name)
+
+
+# --- configuration ------------------------------------------------------------------------
+
+
+def test_precedence_is_defaults_then_file_then_env_then_flags(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text("port = 1000\nmax_page = 10\nrate_burst = 7\n")
+    cfg = load_config(file=f, env={"TSNETCHAT_PORT": "2000", "TSNETCHAT_MAX_PAGE": "20"},
+                      flags={"port": 3000, "rate_burst": None})
+    assert (cfg.port, cfg.max_page, cfg.rate_burst) == (3000, 20, 7)
+    assert cfg.history_on_join == ServerConfig().history_on_join
+
+
+@pytest.mark.parametrize("source,expect", [
+    ({"flags": {"port": 70000}}, "--port: 70000 is not a TCP port"),
+    ({"env": {"TSNETCHAT_PORT": "abc"}}, "TSNETCHAT_PORT: invalid value 'abc'"),
+    ({"env": {"TSNETCHAT_REQUIRE_GRANT": "maybe"}}, "expected true or false"),
+    ({"flags": {"listen": "0.0.0.0"}}, "--listen: 0.0.0.0 would listen on every interface"),
+    ({"flags": {"listen": "::"}}, "would listen on every interface"),
+    ({"flags": {"cap_domain": "not a domain"}}, "--cap-domain"),
+])
+def test_bad_settings_name_where_they_came_from(source: dict[str, dict[str, object]],
+                                               expect: str) -> None:
+    with pytest.raises(ConfigError, match=expect.replace("(", r"\(").replace(")", r"\)")):
+        load_config(file=None, env=source.get("env", {}),  # type: ignore[arg-type]
+                    flags=source.get("flags", {}))
+
+
+def test_unknown_file_key_and_bad_toml_are_reported(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text("prot = 1\n")
+    with pytest.raises(ConfigError, match="unknown key 'prot'"):
+        load_config(file=f, env={})
+    f.write_text("port = = 1\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(file=f, env={})
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(file=tmp_path / "missing.toml", env={})
+
+
+def test_config_show_masks_secrets() -> None:
+    cfg = load_config(file=None, env={"TSNETCHAT_AUTH_KEY": "tskey-auth-secret"})
+    assert cfg.masked()["auth_key"] == "********"
+    assert "tskey" not in str(cfg.masked())

@@ -1,0 +1,133 @@
+"""The event loop's load meter and the serving process's tuning."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import hashlib
+import os
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from typing import Any
+
+import pytest
+
+from tsnetchat.loop import LoopLoad, freeze_startup_heap, new_event_loop, yield_helper_threads
+
+
+def test_the_loop_load_is_low_when_waiting_and_high_when_running_callbacks() -> None:
+    async def scenario() -> tuple[float, float]:
+        load = LoopLoad(asyncio.get_running_loop(), window=0.02)
+        for _ in range(10):  # waiting: the loop sits in select
+            await asyncio.sleep(0.02)
+            load()
+        waiting = load()
+        t = time.perf_counter()
+        while time.perf_counter() - t < 0.2:  # working: callbacks back to back
+            time.sleep(0.002)
+            await asyncio.sleep(0)
+            load()
+        return waiting, load()
+
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        waiting, working = runner.run(scenario())
+    assert waiting < 0.3
+    assert working > 0.8
+
+
+def test_the_loop_load_counts_cpu_the_other_threads_use_while_the_loop_waits() -> None:
+    # With helper threads that yield to the loop (yield_helper_threads), gRPC's threads do
+    # their work while the loop sits in select: the loop's own measure reads idle.
+    stop = threading.Event()
+
+    def burn() -> None:
+        block = b"x" * 1_000_000
+        while not stop.is_set():
+            hashlib.sha256(block).digest()  # releases the GIL: pure CPU beside the loop
+
+    async def scenario() -> float:
+        load = LoopLoad(asyncio.get_running_loop(), window=0.02)
+        for _ in range(10):
+            await asyncio.sleep(0.02)
+            load()
+        return load()
+
+    allowed = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(allowed)})  # this thread, so the loop's share is of one core
+    helper = threading.Thread(target=burn)
+    helper.start()
+    try:
+        with asyncio.Runner(loop_factory=new_event_loop) as runner:
+            assert runner.run(scenario()) > 0.8
+    finally:
+        stop.set()
+        helper.join()
+        os.sched_setaffinity(0, allowed)
+
+
+def test_helper_threads_yield_to_the_loop_thread_which_keeps_its_policy() -> None:
+    # In a child: the policy applies to every thread of the process it runs in.
+    script = """
+import os, threading
+from tsnetchat.loop import yield_helper_threads
+started, stop = threading.Event(), threading.Event()
+def helper():
+    started.set(); stop.wait()
+t = threading.Thread(target=helper); t.start(); started.wait()
+changed = yield_helper_threads()
+print(changed, os.sched_getscheduler(t.native_id) == os.SCHED_BATCH,
+      os.sched_getscheduler(0) == os.SCHED_OTHER)
+stop.set(); t.join()
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=30, check=True).stdout.split()
+    assert int(out[0]) >= 1
+    assert out[1:] == ["True", "True"]
+
+
+def test_where_the_policy_cannot_be_set_the_server_says_so_and_carries_on(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    def forbidden(*_: Any) -> None:  # as under a seccomp filter without sched_setscheduler
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "sched_setscheduler", forbidden)
+    stop = threading.Event()
+    helper = threading.Thread(target=stop.wait)
+    helper.start()
+    try:
+        assert yield_helper_threads() == 0
+    finally:
+        stop.set()
+        helper.join()
+    assert "helper threads keep their scheduling: [Errno 1] Operation not permitted" \
+        in caplog.text
+
+
+def test_frozen_startup_heap_is_skipped_but_later_garbage_is_still_collected() -> None:
+    class Node:
+        ref: object = None
+
+    def cycle() -> weakref.ref[Node]:
+        a, b = Node(), Node()
+        a.ref, b.ref = b, a
+        return weakref.ref(a)
+
+    before = cycle()  # garbage at startup is collected, not frozen for ever
+    try:
+        freeze_startup_heap()
+        assert before() is None
+        assert gc.get_freeze_count() > 1000
+        after = cycle()
+        gc.collect()
+        assert after() is None
+    finally:
+        gc.unfreeze()
+
+
+async def test_the_loop_load_reads_zero_on_a_loop_it_cannot_measure() -> None:
+    load = LoopLoad(asyncio.get_running_loop(), window=0.0)
+    time.sleep(0.01)
+    assert load() == 0.0

@@ -1,0 +1,21 @@
+"""The servicer's pure rules: message text and rate buckets."""
+
+from __future__ import annotations
+
+import unicodedata
+
+from tsnetchat.service import _FORBIDDEN, TokenBucket
+
+
+def test_text_rule_regex_matches_unicode_categories_everywhere_in_the_bmp() -> None:
+    bidi = set("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+    for cp in range(0x10000):
+        ch = chr(cp)
+        want = ch not in "\n\t" and (unicodedata.category(ch) in ("Cc", "Cs") or ch in bidi)
+        assert (_FORBIDDEN.search(ch) is not None) == want, hex(cp)
+
+
+def test_token_bucket_allows_a_burst_then_the_rate() -> None:
+    b = TokenBucket(3, 1000.0)
+    assert [b.take() for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert b.take() > 0

@@ -1,0 +1,26 @@
+"""Parsing what grpc and tailscaled say about peers."""
+
+from __future__ import annotations
+
+import pytest
+
+from tsnetchat.tailnet import format_addr, parse_grpc_peer
+
+# --- peers and encoding -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("peer,expect", [
+    ("ipv4:127.0.0.1:33634", ("127.0.0.1", 33634)),
+    ("ipv6:[::1]:56980", ("::1", 56980)),
+    ("ipv6:%5B::1%5D:56980", ("::1", 56980)),
+    ("ipv6:[fd7a:115c:a1e0::2]:443", ("fd7a:115c:a1e0::2", 443)),
+])
+def test_grpc_peer_strings_parse(peer: str, expect: tuple[str, int]) -> None:
+    assert parse_grpc_peer(peer) == expect
+    assert format_addr(*expect).endswith(f":{expect[1]}")
+
+
+@pytest.mark.parametrize("peer", ["unix:/tmp/x.sock", "ipv4:nope", "ipv6:::1:5", ""])
+def test_non_ip_peers_are_rejected(peer: str) -> None:
+    with pytest.raises(ValueError):
+        parse_grpc_peer(peer)
