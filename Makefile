@@ -4,6 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 ARGS   ?=
+# Every test run's children carry this, so scripts/no-leftovers.sh finds only its own.
+RUN_ID := $(shell od -An -N6 -tx1 /dev/urandom | tr -d ' \n')
 
 .PHONY: setup sysdeps lab-bins codegen check-codegen lint test demo bench lab-up lab-down clean
 
@@ -34,9 +36,8 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 test: setup check-codegen lint
-	@scripts/no-leftovers.sh before
-	$(BIN)/pytest $(ARGS)
-	@scripts/no-leftovers.sh after
+	TSNETCHAT_RUN_ID=$(RUN_ID) $(BIN)/pytest $(ARGS)
+	@TSNETCHAT_RUN_ID=$(RUN_ID) scripts/no-leftovers.sh after
 
 demo: setup
 	$(BIN)/python scripts/demo.py $(ARGS)

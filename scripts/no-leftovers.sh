@@ -1,17 +1,26 @@
 #!/usr/bin/env bash
-# `before`: remember lab processes already running (a developer's `dev-tailnet up`).
-# `after`: fail if the test run left any new tailscaled/headscale behind.
+# `after`: fail if the test run left any lab process behind (tailscaled, headscale, and the
+# other test services: nats-server, systemd-nspawn). Only this run's processes count: the
+# Makefile gives each run a TSNETCHAT_RUN_ID, which every child inherits, so labs of other
+# runs on the same machine (a developer's `dev-tailnet up`, a parallel checkout) are ignored.
 set -u
-f=${TMPDIR:-/tmp}/tsnetchat-leftovers.$(id -u)
-list() { pgrep -f 'tsnetchat/tools/.*/(tailscaled|headscale)' | sort; }
 case "${1:-}" in
-  before) list > "$f" ;;
-  after)
-    new=$(comm -13 "$f" <(list))
-    if [ -n "$new" ]; then
-      echo "test run left processes behind:" >&2
-      ps -o pid,args -p $(echo $new | tr ' ' ',') >&2
-      exit 1
-    fi
-    echo "no leftover tailnet processes" ;;
+  before) exit 0 ;;
+  after) ;;
+  *) echo "usage: $0 before|after" >&2; exit 2 ;;
 esac
+id=${TSNETCHAT_RUN_ID:-}
+[ -n "$id" ] || { echo "no-leftovers: TSNETCHAT_RUN_ID is not set" >&2; exit 2; }
+left=()
+for pid in $(pgrep -f '(tailscaled|headscale|nats-server|systemd-nspawn)' || true); do
+  [ "$pid" = "$$" ] && continue
+  if tr '\0' '\n' < "/proc/$pid/environ" 2>/dev/null | grep -qx "TSNETCHAT_RUN_ID=$id"; then
+    left+=("$pid")
+  fi
+done
+if [ ${#left[@]} -gt 0 ]; then
+  echo "test run left processes behind:" >&2
+  ps -o pid,args -p "$(IFS=,; echo "${left[*]}")" >&2
+  exit 1
+fi
+echo "no leftover tailnet processes"
