@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import sys
 import tempfile
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -19,14 +20,27 @@ from tsnetchat import auth
 from tsnetchat.config import load_config
 from tsnetchat.loop import new_event_loop
 from tsnetchat.server import Server
-from tsnetchat.tailnet import WhoIs
+from tsnetchat.tailnet import Change, PeerInfo, Status, WhoIs
 
 BENCH = WhoIs(login="bench@tailnet.test", display_name="Bench", node_name="bench",
               node_id="b", tags=(), addresses=())
 
 
-async def whois(addr: str) -> WhoIs:
-    return BENCH
+class BenchTailnet:
+    """Every peer is bench@tailnet.test; nothing ever changes."""
+
+    async def status(self) -> Status:
+        me = PeerInfo(host_name="bench-server", dns_name="bench-server.", ips=("127.0.0.1",),
+                      online=True, last_seen="", login="chat@bench", node_id="server")
+        return Status(backend_state="Running", tun=False, self_node=me, peers=(),
+                      magic_dns_suffix="", magic_dns_enabled=False)
+
+    async def whois(self, addr: str) -> WhoIs:
+        return BENCH
+
+    async def watch(self) -> AsyncIterator[Change]:
+        yield Change(everything=True)
+        await asyncio.Event().wait()
 
 
 async def main() -> None:
@@ -42,7 +56,7 @@ async def main() -> None:
         "rate_per_second": 1e9, "call_burst": 10**9, "call_rate": 1e9,
         "max_rooms_per_client": 10**6, "subscriber_queue": 8192, "history_on_join": 0,
         "retention_count": 0, "metrics_port": args.metrics_port or None})
-    server = Server(cfg, whois=whois, owns_process=True)  # as `tsnetchat serve`
+    server = Server(cfg, tailnet=BenchTailnet(), owns_process=True)  # as `tsnetchat serve`
     await server.start()
     tok, _ = auth.issue_token(cfg.key_path.read_bytes().strip(), BENCH.login, ["*"],
                               ttl_seconds=86400)

@@ -469,6 +469,56 @@ class Lab:
             f"--hostname={node.name}", "--reset", "--timeout=60s",
         )
 
+    def add_user(self, name: str, display_name: str = "") -> None:
+        """Another user of the tailnet (``name@tailnet.test``)."""
+        out = json.loads(self.headscale(
+            "users", "create", name, f"--email={name}@{BASE_DOMAIN}",
+            f"--display-name={display_name or name.capitalize()}", "-o", "json"))
+        self.user_ids[name] = str(out["id"])
+
+    def add_node(self, name: str, user: str, timeout: float = 60) -> Node:
+        """Start and join another node for ``user``; returns once it and chat-server see
+        each other online."""
+        self._start_node(name, user)
+        node = self.nodes[name]
+        self._join(node, self._preauth_key(user))
+        deadline = time.monotonic() + timeout
+        server = self.nodes["chat-server"]
+        while True:
+            with contextlib.suppress(LabError, subprocess.TimeoutExpired):
+                st = self.status(node)
+                seen = self.status(server)
+                online = {p.get("HostName") for p in (seen.get("Peer") or {}).values()
+                          if p.get("Online")}
+                if st.get("BackendState") == "Running" and name in online:
+                    me = st["Self"]
+                    node.ips = list(me.get("TailscaleIPs") or [])
+                    node.dns_name = me.get("DNSName", "")
+                    node.login = (st.get("User") or {}).get(str(me.get("UserID")), {}).get(
+                        "LoginName", "")
+                    return node
+            if time.monotonic() > deadline:
+                raise LabError(f"{name} not Running and seen by chat-server after {timeout}s")
+            time.sleep(0.25)
+
+    def remove_node(self, name: str) -> None:
+        """Delete a node from headscale, as an admin removing a device. Its tailscaled keeps
+        running (logged out) until ``drop_node``."""
+        nodes = json.loads(self.headscale("nodes", "list", "-o", "json"))
+        for n in nodes:
+            if n.get("given_name") == name or n.get("name") == name:
+                self.headscale("nodes", "delete", "-i", str(n["id"]), "--force")
+
+    def drop_node(self, name: str) -> None:
+        """Stop a node added with ``add_node`` (removing it from headscale first if needed)."""
+        node = self.nodes.get(name)
+        if node is None:
+            return
+        with contextlib.suppress(LabError, subprocess.TimeoutExpired):
+            self.remove_node(name)
+        del self.nodes[name]
+        self.kill_tailscaled(node)
+
     def status(self, node: Node) -> dict[str, Any]:
         return json.loads(self.tailscale(node, "status", "--json"))  # type: ignore[no-any-return]
 

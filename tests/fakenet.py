@@ -1,19 +1,26 @@
 """A stand-in for userspace tailscaled, for tests of pure chat logic only.
 
-Like tailscaled in userspace mode, it accepts a connection on a per-user front port,
-re-dials the server on loopback, and remembers the source port of that re-dial so WhoIs can
-name the user. It proves nothing about Tailscale; the tailnet tests do that on the real lab.
+It implements ``tsnetchat.tailnet.Tailnet`` (status, whois, watch), so the server starts the
+same way as on a real node. Like tailscaled in userspace mode, it accepts a connection on a
+per-user front port, re-dials the server on loopback, and remembers the source port of that
+re-dial so WhoIs can name the user. It proves nothing about Tailscale; the tailnet tests do
+that on the real lab.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from tsnetchat.errors import PeerNotFound
 from tsnetchat.netio import splice
-from tsnetchat.tailnet import WhoIs
+from tsnetchat.tailnet import Change, PeerInfo, Status, WhoIs
+
+SELF = PeerInfo(host_name="chat-server", dns_name="chat-server.tailnet.test.",
+                ips=("100.64.0.1", "fd7a:115c:a1e0::1"), online=True, last_seen="",
+                login="chat@tailnet.test", node_id="server")
 
 
 @dataclass
@@ -21,10 +28,26 @@ class FakeTailnet:
     server_port: int = 0
     fronts: dict[str, int] = field(default_factory=dict)
     by_port: dict[int, WhoIs] = field(default_factory=dict)
+    whois_addrs: list[str] = field(default_factory=list)  # every WhoIs asked, in order
     _servers: list[asyncio.base_events.Server] = field(default_factory=list)
     _conns: set[asyncio.StreamWriter] = field(default_factory=set)
+    _changes: asyncio.Queue[Change] = field(default_factory=asyncio.Queue)
+
+    async def status(self) -> Status:
+        return Status(backend_state="Running", tun=False, self_node=SELF, peers=(),
+                      magic_dns_suffix="tailnet.test", magic_dns_enabled=True)
+
+    async def watch(self) -> AsyncIterator[Change]:
+        yield Change(everything=True)
+        while True:
+            yield await self._changes.get()
+
+    def announce(self, change: Change) -> None:
+        """As if tailscaled announced ``change`` on its IPN bus."""
+        self._changes.put_nowait(change)
 
     async def whois(self, addr: str) -> WhoIs:
+        self.whois_addrs.append(addr)
         port = int(addr.rsplit(":", 1)[1])
         who = self.by_port.get(port)
         if who is None:
@@ -32,24 +55,26 @@ class FakeTailnet:
         return who
 
     async def front(self, login: str, *, tags: tuple[str, ...] = (),
-                    cap_map: dict[str, list[object]] | None = None, node: str = "") -> str:
-        """A loopback address that reaches the server as ``login``."""
+                    cap_map: dict[str, list[object]] | None = None, node: str = "",
+                    port: int = 0) -> str:
+        """A loopback address that reaches the server (or its ``port``) as ``login``."""
         who = WhoIs(login="tagged-devices" if tags else login,
                     display_name=login.split("@")[0].capitalize(),
-                    node_name=node or f"{login.split('@')[0]}-laptop.tailnet.test", node_id="n",
+                    node_name=node or f"{login.split('@')[0]}-laptop.tailnet.test",
+                    node_id=node or f"{login}-laptop",
                     tags=tags, addresses=("100.64.0.9",), cap_map=cap_map or {})
 
         async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
             try:
-                ur, uw = await asyncio.open_connection("127.0.0.1", self.server_port)
+                ur, uw = await asyncio.open_connection("127.0.0.1", port or self.server_port)
             except OSError:
                 w.close()
                 return
-            port = uw.get_extra_info("sockname")[1]
-            self.by_port[port] = who
+            source = uw.get_extra_info("sockname")[1]
+            self.by_port[source] = who
             self._conns.update((w, uw))
             await splice((r, w), (ur, uw))
-            self.by_port.pop(port, None)
+            self.by_port.pop(source, None)
             self._conns.difference_update((w, uw))
 
         srv = await asyncio.start_server(handle, "127.0.0.1", 0)

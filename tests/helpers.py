@@ -6,27 +6,36 @@
   (grpc's Python client otherwise shares one connection between channels to one target).
 * chat protocol helpers (``hello_events``, ``send``, ``collect``, ``collect_ids``), token
   issuing (``issue_recorded``), and the real ``tsnetchat serve`` process (``start_daemon``).
+* what the fixtures yield: ``Chat`` (a server over FakeTailnet, ``make_config``) and
+  ``LabChat`` (a server on the lab's chat-server node, ``lab_server``), and
+  ``LocalAPIRelay`` (makes the server's LocalAPI vanish while tailnet traffic flows).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+from fakenet import FakeTailnet
 
 from tsnetchat import auth
-from tsnetchat.client import RoomSession
+from tsnetchat.client import Connection, RoomSession, connect
+from tsnetchat.config import ServerConfig, load_config
+from tsnetchat.hub import Pacing
+from tsnetchat.netio import splice
 from tsnetchat.pb import chat_pb2 as pb
 from tsnetchat.server import Server
+from tsnetchat.tailnet import LocalAPI
 
 # A channel with these options opens its own TCP connection instead of sharing one with
 # every other channel to the same target (grpc's global subchannel pool).
@@ -54,7 +63,6 @@ def issue_recorded(server: Server, login: str, rooms: tuple[str, ...], *, admin:
     """Sign a token with the server's key and record it, as `tsnetchat token issue` does."""
     key = server.cfg.key_path.read_bytes().strip()
     tok, claims = auth.issue_token(key, login, rooms, admin=admin, ttl_seconds=ttl)
-    assert server.store is not None
     server.store.record_token(claims.to_row())
     return tok
 
@@ -167,3 +175,205 @@ def start_daemon(lab: Any, tmp: Path, *extra: str, env: dict[str, str] | None = 
     return Daemon(proc, state, port, notify, log)
 
 
+# --- servers the fixtures yield -------------------------------------------------------
+
+
+def make_config(tmp: Path, **overrides: Any) -> ServerConfig:
+    # Generous rate limits by default; the limit tests set their own.
+    flags = {"state_dir": str(tmp / "state"), "listen": "127.0.0.1", "port": free_port(),
+             "rate_burst": 1000, "rate_per_second": 1000.0, **overrides}
+    return load_config(file=None, env={}, flags=flags)
+
+
+@dataclass
+class Chat:
+    """A running server over FakeTailnet, plus helpers to act as different tailnet users."""
+
+    server: Server
+    net: FakeTailnet
+    cfg: ServerConfig
+    pacing: Pacing | None = None
+    conns: list[Connection] = field(default_factory=list)
+
+    def token(self, login: str, rooms: tuple[str, ...] = ("*",), *, admin: bool = False,
+              ttl: float = 3600) -> str:
+        return issue_recorded(self.server, login, rooms, admin=admin, ttl=ttl)
+
+    async def connect(self, login: str, token: str | None = None, **front: Any) -> Connection:
+        """A new connection (its own TCP connection) that reaches the server as ``login``."""
+        addr = await self.net.front(login, **front)
+        conn = await connect("chat-server", token if token is not None else self.token(login),
+                             socket="", address=addr)
+        self.conns.append(conn)
+        return conn
+
+    async def direct(self, token: str) -> Connection:
+        """A loopback connection that does not come through the (fake) tailnet."""
+        conn = await connect("chat-server", token, socket="",
+                             address=f"127.0.0.1:{self.server.ports[0]}")
+        self.conns.append(conn)
+        return conn
+
+    async def restart(self, **changes: Any) -> None:
+        await self.server.stop(grace=0.5)
+        cfg = self.cfg if not changes else ServerConfig(**{**self.cfg.__dict__, **changes})
+        self.cfg = cfg
+        self.server = Server(cfg, tailnet=self.net, pacing=self.pacing)
+        await self.server.start()
+
+
+class LocalAPIRelay:
+    """Forwards a unix socket to a node's LocalAPI; `pause()` makes the LocalAPI vanish for
+    whoever uses the relay (the server), while tailnet traffic keeps flowing."""
+
+    def __init__(self, target: str, path: str) -> None:
+        self.target, self.path = target, path
+        self._server: asyncio.base_events.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def resume(self) -> None:
+        async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            try:
+                ur, uw = await asyncio.open_unix_connection(self.target)
+            except OSError:
+                w.close()
+                return
+            self._writers.update((w, uw))
+            await splice((r, w), (ur, uw))
+
+        self._server = await asyncio.start_unix_server(handle, self.path)
+
+    async def pause(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for w in list(self._writers):
+            w.transport.abort()
+        self._writers.clear()
+        if os.path.exists(self.path):
+            os.unlink(self.path)
+
+
+@dataclass
+class LabChat:
+    """An in-process server on the lab's chat-server node (real LocalAPI, real WhoIs)."""
+
+    lab: Any
+    server: Server
+    cfg: ServerConfig
+    relay: LocalAPIRelay
+    conns: list[Connection] = field(default_factory=list)
+
+    @property
+    def port(self) -> int:
+        return self.cfg.port
+
+    def token(self, login: str, rooms: tuple[str, ...] = ("*",), *, admin: bool = False,
+              ttl: float = 3600) -> str:
+        return issue_recorded(self.server, login, rooms, admin=admin, ttl=ttl)
+
+    async def connect(self, node: str, token: str, *, mode: str = "proxy") -> Connection:
+        """A new connection (its own TCP connection) from ``node`` over the tailnet."""
+        n = self.lab.nodes[node]
+        conn = await connect("chat-server", token, socket=n.socket, port=self.port,
+                             proxy=f"http://{n.http_proxy}" if mode == "proxy" else "")
+        self.conns.append(conn)
+        return conn
+
+    async def direct(self, token: str) -> Connection:
+        conn = await connect("chat-server", token, socket="", address=f"127.0.0.1:{self.port}")
+        self.conns.append(conn)
+        return conn
+
+
+@contextlib.asynccontextmanager
+async def lab_server(lab: Any, tmp: Path, **overrides: Any) -> AsyncIterator[LabChat]:
+    """A server on the lab's chat-server node, its LocalAPI reached through a relay."""
+    relay = LocalAPIRelay(lab.nodes["chat-server"].socket, str(tmp / "relay.sock"))
+    await relay.resume()
+    cfg = load_config(file=None, env={}, flags={
+        "state_dir": str(tmp / "state"), "socket": relay.path, "port": free_port(),
+        "cap_domain": "example.com", "startup_timeout": 20.0, **overrides})
+    api = LocalAPI(cfg.effective_socket(), timeout=cfg.whois_timeout)
+    try:
+        server = Server(cfg, tailnet=api)
+        await server.start()
+        lc = LabChat(lab, server, cfg, relay)
+        try:
+            yield lc
+        finally:
+            for c in lc.conns:
+                await c.close()
+            await server.stop(grace=0.2)
+    finally:
+        await api.aclose()
+        await relay.pause()
+
+
+# --- changing the lab's tailnet -----------------------------------------------------------
+
+
+async def apply_policy(lab: Any, policy: dict[str, Any], timeout: float = 20) -> None:
+    """Write headscale's policy and return once chat-server's tailscaled has the netmap that
+    follows (its IPN bus announces it)."""
+    async with LocalAPI(lab.nodes["chat-server"].socket) as api:
+        notices = api.watch()
+        try:
+            await asyncio.wait_for(anext(notices), timeout)  # watching from here on
+            lab.write_policy(policy)
+
+            async def applied() -> None:
+                async for change in notices:
+                    if change.everything:
+                        return
+
+            await asyncio.wait_for(applied(), timeout)
+        finally:
+            await notices.aclose()
+
+
+@contextlib.asynccontextmanager
+async def policy_changed(lab: Any, policy: dict[str, Any]) -> AsyncIterator[None]:
+    """The lab runs under ``policy`` inside the block, and under its default one again after."""
+    import tailnet_lab
+
+    await apply_policy(lab, policy)
+    try:
+        yield
+    finally:
+        await apply_policy(lab, tailnet_lab.default_policy())
+
+
+def token_id(token: str) -> str:
+    import jwt
+
+    return str(jwt.decode(token, options={"verify_signature": False})["jti"])
+
+
+async def until(predicate: Any, timeout: float = 10, what: str = "") -> None:
+    """Poll ``predicate()`` until it is true."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true within {timeout}s: {what or predicate}")
+        await asyncio.sleep(0.02)
+
+
+async def first_of(call: Any, kind: str, timeout: float = 10) -> Any:
+    """The first event of ``kind`` on a stream (None if it ends first)."""
+    async def loop() -> Any:
+        async for ev in call:
+            if ev.WhichOneof("event") == kind:
+                return getattr(ev, kind)
+        return None
+
+    return await asyncio.wait_for(loop(), timeout)
+
+
+async def refused(coro: Any) -> Any:
+    """The gRPC error ``coro`` ends with (it must end with one)."""
+    import grpc
+
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await coro
+    return e.value

@@ -13,8 +13,7 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import Chat, make_config
-from helpers import collect, collect_ids, hello_events, send
+from helpers import Chat, collect, collect_ids, hello_events, make_config, send
 
 from tsnetchat.client import RoomSession
 from tsnetchat.pb import chat_pb2 as pb
@@ -333,7 +332,7 @@ SIGKILL_WRITER = textwrap.dedent("""
     import asyncio, sys
     sys.path.insert(0, sys.argv[1])
     from fakenet import FakeTailnet
-    from conftest import make_config
+    from helpers import make_config
     from tsnetchat.server import Server
     from tsnetchat.hub import Pacing
     from tsnetchat import auth
@@ -344,7 +343,7 @@ SIGKILL_WRITER = textwrap.dedent("""
         cfg = make_config(Path(sys.argv[2]))
         net = FakeTailnet(server_port=cfg.port)
         group = sys.argv[3] == "group"  # share commits whatever the load
-        s = Server(cfg, whois=net.whois, pacing=Pacing(commit_from=-1.0) if group else None)
+        s = Server(cfg, tailnet=net, pacing=Pacing(commit_from=-1.0) if group else None)
         await s.start()
         tok, _ = auth.issue_token(cfg.key_path.read_bytes().strip(), "alice@t", ["*"],
                                   ttl_seconds=600)
@@ -395,8 +394,6 @@ async def test_graceful_shutdown_tells_clients_and_closes_unavailable(chat: Chat
         await collect(call, 1)
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE
     await asyncio.wait_for(stopper, 5)
-    chat.server.service = None  # already stopped; the fixture's stop is then a no-op
-    chat.server._grpc = None
 
 
 def test_make_config_is_loopback_only(tmp_path: Any) -> None:

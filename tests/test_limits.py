@@ -9,8 +9,7 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import Chat
-from helpers import collect, hello_events, send
+from helpers import Chat, collect, hello_events, send
 
 from tsnetchat.pb import chat_pb2 as pb
 

@@ -290,15 +290,15 @@ def test_config_show_prints_effective_config_with_secrets_masked(tmp_path: Path)
 async def test_prometheus_metrics_count_messages_and_refusals(tmp_path: Path) -> None:
     import urllib.request
 
-    from conftest import Chat, make_config
     from fakenet import FakeTailnet
+    from helpers import Chat, make_config
 
     from tsnetchat.server import Server
 
     mport = free_port()
     cfg = make_config(tmp_path, metrics_port=mport)
     net = FakeTailnet(server_port=cfg.port)
-    server = Server(cfg, whois=net.whois)
+    server = Server(cfg, tailnet=net)
     await server.start()
     chat = Chat(server, net, cfg)
     try:
@@ -307,9 +307,12 @@ async def test_prometheus_metrics_count_messages_and_refusals(tmp_path: Path) ->
         outsider = await chat.direct(chat.token("alice@tailnet.test"))
         with pytest.raises(Exception):  # noqa: B017 - the refusal itself is tested elsewhere
             await outsider.whoami()
+        # The metrics endpoint is behind the tailnet lock (tests/test_security.py proves it
+        # over the lab): scrape it through the stand-in tailnet.
+        front = await net.front("prometheus@tailnet.test", port=mport)
 
         def scrape() -> str:
-            with urllib.request.urlopen(f"http://127.0.0.1:{mport}/", timeout=5) as r:
+            with urllib.request.urlopen(f"http://{front}/", timeout=5) as r:
                 return r.read().decode()
 
         text = await asyncio.to_thread(scrape)

@@ -22,24 +22,18 @@ import grpc
 import jwt
 import pytest
 import tailnet_lab
-from conftest import LabChat
-from helpers import free_port, hello_events
+from helpers import LabChat, first_of, free_port, hello_events, refused
 
 from tsnetchat import auth
 from tsnetchat.config import load_config
 from tsnetchat.errors import ConfigError
 from tsnetchat.pb import chat_pb2 as pb
 from tsnetchat.server import Server
+from tsnetchat.tailnet import LocalAPI
 
 pytestmark = [pytest.mark.tailnet, pytest.mark.security]
 
 ALICE, BOB, MALLORY = "alice@tailnet.test", "bob@tailnet.test", "mallory@tailnet.test"
-
-
-async def refused(coro: Any) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as e:
-        await coro
-    return e.value
 
 
 def forge(payload: dict[str, Any], key: bytes, alg: str = "HS256", **header: Any) -> str:
@@ -56,16 +50,6 @@ def claims(sub: str = ALICE, **over: Any) -> dict[str, Any]:
 
 def b64(d: dict[str, Any]) -> str:
     return base64.urlsafe_b64encode(json.dumps(d).encode()).rstrip(b"=").decode()
-
-
-async def first_of(call: Any, kind: str, timeout: float = 10) -> Any:
-    async def loop() -> Any:
-        async for ev in call:
-            if ev.WhichOneof("event") == kind:
-                return getattr(ev, kind)
-        return None
-
-    return await asyncio.wait_for(loop(), timeout)
 
 
 # --- the token lock ---------------------------------------------------------------------
@@ -331,8 +315,13 @@ def test_secret_key_file_with_open_permissions_refuses_to_start(tmp_path: Path,
         "port": free_port()})
     auth.load_or_create_key(cfg.key_path)
     os.chmod(cfg.key_path, 0o644)
+
+    async def start() -> None:
+        async with LocalAPI(cfg.effective_socket()) as api:
+            await Server(cfg, tailnet=api).start()
+
     with pytest.raises(ConfigError, match="readable by others"):
-        asyncio.run(Server(cfg).start())
+        asyncio.run(start())
     cli = Path(sys.executable).with_name("tsnetchat")
     proc = subprocess.run([str(cli), "serve", "--state-dir", str(state), "--socket",
                            lab.nodes["chat-server"].socket, "--port", str(free_port())],

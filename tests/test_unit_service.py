@@ -1,10 +1,11 @@
-"""The servicer's pure rules: message text and rate buckets."""
+"""The servicer's pure rules: message text (tsnetchat.render) and rate buckets."""
 
 from __future__ import annotations
 
 import unicodedata
 
-from tsnetchat.service import _FORBIDDEN, TokenBucket
+from tsnetchat.render import UNSAFE as _FORBIDDEN
+from tsnetchat.throttle import TokenBucket
 
 
 def test_text_rule_regex_matches_unicode_categories_everywhere_in_the_bmp() -> None:

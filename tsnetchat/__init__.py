@@ -13,6 +13,7 @@ from .errors import (
     TailnetNotReady,
     TsnetchatError,
     Unauthenticated,
+    Unavailable,
 )
 
 __version__ = "0.1.0"
@@ -30,6 +31,7 @@ __all__ = [
     "TailnetNotReady",
     "TsnetchatError",
     "Unauthenticated",
+    "Unavailable",
     "__version__",
     "load_config",
 ]

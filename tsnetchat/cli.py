@@ -1,4 +1,5 @@
-"""The `tsnetchat` command. Parses options and calls one function per command; no logic.
+"""The `tsnetchat` command. Parses options and calls one function per command. The one loop
+here is `tail`'s: it follows a room across reconnects (a feed, not a chat session).
 
 Exit codes (for scripts): 0 ok, 1 error, 2 usage, 3 configuration, 4 tailnet (tailscaled not
 running, no such peer), 5 unauthenticated, 6 permission denied, 7 server unavailable.
@@ -21,7 +22,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 import grpc
 import typer
 
-from . import __version__
+from . import __version__, render
 from .config import ServerConfig, load_config
 from .errors import (
     ConfigError,
@@ -136,6 +137,18 @@ def serve(
 # --- tokens --------------------------------------------------------------------------
 
 
+def _store(cfg: ServerConfig) -> Any:
+    """The history/token database, its state dir made private first (statedir.py)."""
+    from .statedir import secure_state_dir
+    from .store import Store
+
+    try:
+        secure_state_dir(cfg.state_dir, (cfg.db_path,))
+        return Store(cfg.db_path)
+    except TsnetchatError as e:
+        raise fail(e) from None
+
+
 def _parse_ttl(ttl: str) -> float:
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
     try:
@@ -152,25 +165,27 @@ def token_issue(
     room: Annotated[list[str] | None, typer.Option(
         help="Allowed room (repeat); default all.")] = None,
     admin: Annotated[bool, typer.Option(help="May kick and revoke.")] = False,
-    ttl: Annotated[str, typer.Option(help="Lifetime, e.g. 12h, 30d.")] = "30d",
+    ttl: Annotated[str | None, typer.Option(
+        help="Lifetime, e.g. 12h, 30d (default: token_ttl_hours, 30 days).")] = None,
     json_out: Annotated[bool, typer.Option("--json")] = False,
     config: ConfigOpt = None,
     state_dir: StateOpt = None,
 ) -> None:
     """Sign a token for a tailnet user. It only works from that user's own devices."""
     from . import auth
-    from .store import Store
 
     cfg = _server_config(config, state_dir=state_dir)
+    seconds = _parse_ttl(ttl) if ttl else cfg.token_ttl_hours * 3600
+    store = _store(cfg)
     try:
         key = auth.load_or_create_key(cfg.key_path)
         tok, claims = auth.issue_token(key, subject, room or [], admin=admin,
-                                       ttl_seconds=_parse_ttl(ttl))
-        store = Store(cfg.db_path)
+                                       ttl_seconds=seconds)
         store.record_token(claims.to_row())
-        store.close()
     except TsnetchatError as e:
         raise fail(e) from None
+    finally:
+        store.close()
     if json_out:
         typer.echo(json.dumps({"token": tok, "id": claims.token_id, "subject": subject,
                                "rooms": sorted(claims.rooms), "admin": admin,
@@ -187,10 +202,8 @@ def token_list(config: ConfigOpt = None, state_dir: StateOpt = None,
     """List issued tokens (ids, subjects, rooms, expiry, revocation)."""
     import time
 
-    from .store import Store
-
     cfg = _server_config(config, state_dir=state_dir)
-    store = Store(cfg.db_path)
+    store = _store(cfg)
     rows = store.list_tokens()
     store.close()
     if json_out:
@@ -205,13 +218,25 @@ def token_list(config: ConfigOpt = None, state_dir: StateOpt = None,
 @token_app.command("revoke")
 def token_revoke(token_id: str, config: ConfigOpt = None, state_dir: StateOpt = None) -> None:
     """Revoke a token; a running server closes its streams within a second."""
-    from .store import Store
-
     cfg = _server_config(config, state_dir=state_dir)
-    store = Store(cfg.db_path)
+    store = _store(cfg)
     new = store.revoke(token_id)
     store.close()
     typer.echo(f"revoked {token_id}" if new else f"{token_id} was already revoked")
+
+
+@token_app.command("rotate-key")
+def token_rotate_key(config: ConfigOpt = None, state_dir: StateOpt = None) -> None:
+    """Replace the signing key: every token issued so far stops working (a running server
+    closes their streams within a second). Issue new tokens afterwards."""
+    from . import auth
+
+    cfg = _server_config(config, state_dir=state_dir)
+    try:
+        auth.rotate_key(cfg.key_path)
+    except OSError as e:
+        raise fail(ConfigError(f"cannot write {cfg.key_path}: {e.strerror}")) from None
+    typer.echo(f"rotated {cfg.key_path}; every token issued before is now refused")
 
 
 @config_app.command("show")
@@ -306,14 +331,6 @@ def message_json(m: Any) -> str:
                        "kind": "action" if m.kind == 2 else "text"})
 
 
-def message_line(m: Any) -> str:
-    import time
-
-    t = time.strftime("%H:%M:%S", time.localtime(m.sent_unix_ms / 1000))
-    who = m.sender.display_name or m.sender.login
-    return f"[{t}] * {who} {m.text}" if m.kind == 2 else f"[{t}] <{who}> {m.text}"
-
-
 @app.command()
 def tail(
     server: ServerArg, room: RoomOpt = "general",
@@ -343,7 +360,7 @@ def tail(
                         if last is not None and m.id <= last:
                             continue
                         last = m.id
-                        typer.echo(message_json(m) if json_out else message_line(m))
+                        typer.echo(message_json(m) if json_out else render.plain(m))
                         seen += 1
                         if count and seen >= count:
                             return
@@ -375,7 +392,7 @@ def history(
     page = _with_connection(server, port, address, s,
                             lambda conn: conn.history(room, before=before, limit=limit))
     for m in page.messages:
-        typer.echo(message_json(m) if json_out else message_line(m))
+        typer.echo(message_json(m) if json_out else render.plain(m))
 
 
 @app.command()

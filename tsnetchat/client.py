@@ -35,7 +35,8 @@ FATAL = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_D
 
 
 class Connection:
-    """A channel plus the token: the stub calls everything else uses."""
+    """A channel plus the token: the stub calls everything else uses. Each Connection has
+    its own TCP connection (discovery.CHANNEL_OPTIONS), never shared with another one."""
 
     def __init__(self, channel: grpc.aio.Channel, token: str, *,
                  bridge: DialBridge | None = None, target: Target | None = None) -> None:

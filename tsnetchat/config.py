@@ -9,7 +9,6 @@ CLI -> config -> server.
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import os
 import re
@@ -23,7 +22,9 @@ from .errors import ConfigError
 
 ENV_PREFIX = "TSNETCHAT_"
 DEFAULT_CONFIG_FILE = Path("/etc/tsnetchat/config.toml")
-ROOM_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+# Always used with fullmatch: `$` in a `match` pattern also matches before a final newline,
+# which let "general\n" through as a look-alike room.
+ROOM_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 SECRET_FIELDS = frozenset({"auth_key"})
 
 
@@ -38,9 +39,26 @@ def default_state_dir() -> Path:
 
 
 @dataclass(frozen=True)
-class ServerConfig:
+class Limits:
+    """The chat limits: what a SIGHUP reload changes for calls and streams already running
+    (``ChatService.apply``). Defined once: they are also ServerConfig's keys."""
+
+    max_message_bytes: int = 4096
+    history_on_join: int = 50
+    max_page: int = 200
+    rate_burst: int = 20  # messages per person: burst, then rate_per_second
+    rate_per_second: float = 5.0
+    max_rooms_per_client: int = 16
+    subscriber_queue: int = 2048
+    call_burst: int = 200  # RPCs per person: burst, then call_rate per second
+    call_rate: float = 50.0
+
+
+@dataclass(frozen=True)
+class ServerConfig(Limits):
     """Everything `tsnetchat serve` needs. Field names are the TOML keys and, upper-cased
-    with the TSNETCHAT_ prefix, the environment variables."""
+    with the TSNETCHAT_ prefix, the environment variables. The chat limits come first
+    (inherited from Limits)."""
 
     state_dir: Path = field(default_factory=default_state_dir)
     socket: str = ""  # LocalAPI socket; "" = the system tailscaled's default
@@ -53,19 +71,15 @@ class ServerConfig:
     # Authorization
     cap_domain: str = "example.com"  # grants are read from <cap_domain>/cap/tsnetchat
     require_grant: bool = False  # True: no app-capability grant = no access
-    token_ttl_hours: float = 24.0 * 30
-    # Chat limits
-    max_message_bytes: int = 4096
-    history_on_join: int = 50
-    max_page: int = 200
+    # True: connections from the server's own node (local processes going out through its
+    # tailscaled and back in) are let in like any other device; by default they are refused.
+    allow_own_node: bool = False
+    # Seconds between re-asking tailscaled about every device with an open stream: the
+    # backstop for changes it does not announce on its IPN bus (see gate.py).
+    recheck_interval: float = 10.0
+    token_ttl_hours: float = 24.0 * 30  # `tsnetchat token issue` without --ttl
     retention_count: int = 100_000  # per room; 0 = keep all
     retention_days: float = 0.0  # 0 = keep forever
-    rate_burst: int = 20
-    rate_per_second: float = 5.0
-    max_rooms_per_client: int = 16
-    subscriber_queue: int = 2048
-    call_burst: int = 200  # RPCs per person: burst, then call_rate per second
-    call_rate: float = 50.0
     fsync: bool = False  # True: survive power loss, not only a crashed process
     # gRPC's helper threads run SCHED_BATCH so they do not preempt the event loop (loop.py)
     batch_helper_threads: bool = True
@@ -78,8 +92,14 @@ class ServerConfig:
     auth_key: str = ""
     auth_key_file: str = ""
     # Operations
-    metrics_port: int = 0  # 0 = off; otherwise a Prometheus text endpoint on the same IPs
+    # 0 = off; otherwise a Prometheus text endpoint on the same addresses, behind the tailnet
+    # lock (only connections that come through tailscaled from another device).
+    metrics_port: int = 0
     log_level: str = "info"
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(**{f.name: getattr(self, f.name) for f in fields(Limits)})
 
     @property
     def cap_name(self) -> str:
@@ -216,13 +236,13 @@ def _validate(cfg: ServerConfig, where: Any) -> None:
             raise bad(name, "must be at least 1")
     if cfg.max_message_bytes > 60_000:
         raise bad("max_message_bytes", "must be at most 60000 (gRPC frames are capped at 64 KiB)")
-    if cfg.rate_per_second <= 0:
-        raise bad("rate_per_second", "must be greater than 0")
-    for name in ("history_on_join", "retention_count"):
+    for name in ("rate_per_second", "call_rate", "startup_timeout", "whois_timeout",
+                 "recheck_interval", "token_ttl_hours"):
+        if not getattr(cfg, name) > 0:
+            raise bad(name, "must be greater than 0")
+    for name in ("history_on_join", "retention_count", "retention_days", "shutdown_grace"):
         if getattr(cfg, name) < 0:
             raise bad(name, "must not be negative")
-    if cfg.retention_days < 0 or cfg.shutdown_grace < 0 or cfg.startup_timeout <= 0:
-        raise bad("retention_days", "durations must not be negative")
     if not re.fullmatch(r"[a-z0-9.-]+\.[a-z]{2,}", cfg.cap_domain):
         raise bad("cap_domain", f"{cfg.cap_domain!r} is not a domain name like example.com")
     if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
@@ -246,7 +266,3 @@ def parse_listen(value: str, where: str = "listen") -> list[str]:
     if not out:
         raise ConfigError(f"{where}: no addresses given")
     return out
-
-
-def with_changes(cfg: ServerConfig, **changes: Any) -> ServerConfig:
-    return dataclasses.replace(cfg, **changes)

@@ -88,6 +88,10 @@ async def resolve(api: LocalAPI, name: str, port: int, *, proxy: str = "") -> Ta
 
 
 CHANNEL_OPTIONS: list[tuple[str, str | int]] = [
+    # One Connection, one TCP connection: grpc's Python client otherwise shares a connection
+    # between all channels to the same target (its global subchannel pool), so a "new"
+    # connection could silently be an old one, with the old one's server-side identity.
+    ("grpc.use_local_subchannel_pool", 1),
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.enable_retries", 0),

@@ -5,17 +5,20 @@
     TsnetchatError
     ├── ConfigError              a setting is wrong; names the flag/key/variable at fault
     ├── TailnetError             something about tailscaled
-    │   ├── LocalAPIUnavailable  the LocalAPI socket does not answer (absent, down, timeout)
+    │   ├── LocalAPIUnavailable  the LocalAPI socket does not answer (absent, down, timeout),
+    │   │                        so nobody's tailnet identity can be checked (fail closed)
     │   ├── TailnetNotReady      tailscaled answers but is not Running (logged out, stopped)
     │   └── PeerNotFound         WhoIs/discovery found no such peer
     ├── Unauthenticated          one of the two locks (token, tailnet identity) failed
     ├── PermissionDenied         both locks passed but this action is not allowed
     ├── InvalidInput             a request is malformed (bad room name, bad text, garbage)
-    ├── LimitExceeded            size, rate, rooms or queue limits
+    ├── LimitExceeded            size, rate, rooms, queue or refusal limits
+    ├── Unavailable              the server cannot take the call now (shutting down); retry
     └── StoreError               the history database failed
 
 Foreign errors (httpx, sqlite3, jwt) are translated at one boundary each, raised ``from``
-the original. ``grpc_status`` maps these to gRPC status codes; only the servicer uses it.
+the original (tailnet.py, store.py, auth.py). ``tsnetchat.service.status_for`` maps these to
+gRPC status codes; only the servicer uses it.
 """
 
 from __future__ import annotations
@@ -58,6 +61,10 @@ class InvalidInput(TsnetchatError):
 
 
 class LimitExceeded(TsnetchatError):
+    pass
+
+
+class Unavailable(TsnetchatError):
     pass
 
 

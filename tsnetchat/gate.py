@@ -1,100 +1,480 @@
-"""The door: turns (peer address, metadata) into a Principal or a refusal.
+"""The door, and what keeps it shut behind every caller.
 
-Identity is looked up with WhoIs on the connection's peer address. It is cached per
-connection, never per message: an entry lives while at least one call on that peer
-address is in progress (a TCP 4-tuple cannot belong to two live connections, so concurrent
-calls with the same peer string share one connection). When the last call ends, the entry
-is dropped, because after the connection closes the same source port may be reused by a
-different tailnet peer.
+``Gate.admit`` turns (connection, metadata) into a ``Lease`` that stays true for as long as
+the call runs, or into a refusal. Cheapest checks first, so that refusals cost little:
 
-Fail closed: no WhoIs match, LocalAPI down or slow, or a non-IP peer -> refused.
+1. the refusal budget of the connection and of its device: one that keeps being refused is
+   refused at once (RESOURCE_EXHAUSTED) without its token being read;
+2. the token: size, shape, header, HMAC, claims, revocation (no I/O at all);
+3. the tailnet identity: WhoIs on the connection's address, asked once per connection and
+   shared by its concurrent calls, at most ``WHOIS_SLOTS`` lookups at a time; no answer in
+   time, or no tailscaled: refused (fail closed);
+4. the server's own node (refused unless ``allow_own_node``), then the two locks must agree,
+   and grants narrow the token's rights (``auth.authorize``).
+
+Authorization is continuous. A lease is decided again, within a second, when an input to its
+decision changes:
+
+* a token is revoked (``revoke``): its leases fail at once;
+* the key or the settings change (``apply``): every lease is decided again (no WhoIs);
+* tailscaled announces a change on its IPN bus (``tailnet_changed``): the identity of every
+  connection the change may concern is stale, is asked again, and its leases decided again;
+* the token expires: its leases fail at ``exp`` + ``auth.LEEWAY``;
+* every ``recheck_interval`` seconds (every second while the IPN bus is lost), one
+  connection per device with leases is asked again and the answer compared: the backstop
+  for changes tailscaled applies without announcing them (see tailnet.WATCH_MASK).
+
+A lease fails when the locks no longer pass (its error names the lock), when tailscaled
+cannot answer (UNAVAILABLE: fail closed), or when the room its stream holds is no longer
+allowed; otherwise it takes the new, possibly narrower, rights. A stream attaches to its
+lease (``Lease.attach``) and is closed when it fails; a Join is admitted (and so
+registered) before its hello is read, and ``Lease.hold_room`` decides again before the
+room is entered if anything changed meanwhile.
+
+The identity cache belongs to one connection: an entry lives while at least one call on
+that peer address is in progress (a TCP 4-tuple cannot belong to two live connections), is
+dropped with the last one (the port may then be reused by another device), and is never
+used after a change that may concern it: it is asked again before anything is admitted on
+it. The device behind a connection never changes during its life: if WhoIs names another
+device, its calls fail.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from . import auth
-from .errors import LocalAPIUnavailable, PeerNotFound, TailnetError, Unauthenticated
-from .tailnet import WhoIs, format_addr, parse_grpc_peer
+from .errors import (
+    InvalidInput,
+    LimitExceeded,
+    LocalAPIUnavailable,
+    PeerNotFound,
+    PermissionDenied,
+    TailnetError,
+    TsnetchatError,
+    Unauthenticated,
+)
+from .tailnet import Change, Tailnet, WhoIs, format_addr, parse_grpc_peer
+from .throttle import Buckets, LogLimiter
 
-WhoIsFunc = Callable[[str], Awaitable[WhoIs]]
+log = logging.getLogger("tsnetchat.gate")
+
+WHOIS_SLOTS = 16  # WhoIs lookups in flight at once; the others wait (within whois_timeout)
+# Refusals one connection, and one device, may collect before it is refused unread.
+CONN_REFUSALS = (10, 1.0)  # (burst, per second)
+NODE_REFUSALS = (30, 3.0)
+BLIND_INTERVAL = 1.0  # seconds between re-checks while tailscaled's IPN bus is not followed
+SETTLE = 0.05  # changes arriving this close together are handled in one round
+REVOKED = "token lock: your token was revoked; ask an admin for a new one"
+EXPIRED = "token lock: the token has expired; ask an admin for a new one (tsnetchat token issue)"
 
 
-class Unavailable(LocalAPIUnavailable):
-    """WhoIs could not be answered in time; the caller may retry (gRPC UNAVAILABLE)."""
+@dataclass(frozen=True)
+class Policy:
+    """Everything a decision depends on besides the token and the tailnet's answer."""
+
+    key: bytes
+    cap_name: str
+    require_grant: bool
+    allow_own_node: bool = False
+    own_node: str = ""  # StableID of the server's own node, once tailscaled has said
 
 
-@dataclass
-class _Entry:
-    refs: int
-    task: asyncio.Task[WhoIs]
+class _Conn:
+    """One client connection (peer address) while it has calls in progress."""
+
+    __slots__ = ("addr", "leases", "lookup", "node_id", "peer", "refs", "stale", "who")
+
+    def __init__(self, peer: str, addr: str) -> None:
+        self.peer, self.addr = peer, addr  # addr "" when it is not an IP connection
+        self.refs = 0
+        self.lookup: asyncio.Task[WhoIs] | None = None
+        self.stale = False  # a change may concern it: ask tailscaled again before use
+        self.node_id = ""  # the device, once known; it never changes for a connection
+        self.who: WhoIs | None = None
+        self.leases: set[Lease] = set()
+
+
+class Lease:
+    """One admitted call: its current rights (``principal``), or why it may no longer run
+    (``error``)."""
+
+    def __init__(self, gate: Gate, conn: _Conn, token: str, claims: auth.Claims,
+                 principal: auth.Principal, *, stream: bool) -> None:
+        self._gate, self.conn, self.token, self.claims = gate, conn, token, claims
+        self.principal = principal
+        self.stream = stream
+        self.room = ""  # a room stream: the room must stay allowed
+        self.stale = False  # decided before a change to the key or settings
+        self.error: TsnetchatError | None = None
+        self._failed: asyncio.Future[None] | None = None
+        self._on_fail: Callable[[TsnetchatError], None] | None = None
+        self.expiry: asyncio.TimerHandle | None = None
+
+    def fail(self, error: TsnetchatError) -> None:
+        if self.error is not None:
+            return
+        self.error = error
+        if self._failed is not None and not self._failed.done():
+            self._failed.set_result(None)
+        if self._on_fail is not None:
+            self._on_fail(error)
+
+    def check(self) -> None:
+        """Raise the reason this call may no longer run, if there is one."""
+        if self.error is not None:
+            raise self.error
+
+    def failure(self) -> asyncio.Future[None]:
+        """Done once the lease has failed."""
+        if self._failed is None:
+            self._failed = asyncio.get_running_loop().create_future()
+            if self.error is not None:
+                self._failed.set_result(None)
+        return self._failed
+
+    def attach(self, on_fail: Callable[[TsnetchatError], None]) -> None:
+        """Call ``on_fail(error)`` when the lease fails (at once if it already has)."""
+        self._on_fail = on_fail
+        if self.error is not None:
+            on_fail(self.error)
+
+    async def hold_room(self, room: str) -> auth.Principal:
+        """The rights to enter ``room`` now, decided on current information; from now on
+        the lease fails if the room stops being allowed."""
+        auth.check_room_name(room)
+        await self._gate.refresh(self)
+        self.check()
+        auth.check_room(self.principal, room)
+        self.room = room
+        return self.principal
 
 
 class Gate:
-    def __init__(self, *, whois: WhoIsFunc, key: bytes, cap_name: str, require_grant: bool,
-                 whois_timeout: float = 2.0, revoked: Iterable[str] = ()) -> None:
-        self._whois = whois  # replaceable so unit tests can stand in for tailscaled
-        self.key = key
-        self.cap_name = cap_name
-        self.require_grant = require_grant
-        self.whois_timeout = whois_timeout
+    def __init__(self, tailnet: Tailnet, policy: Policy, *, revoked: Iterable[str] = (),
+                 whois_timeout: float = 2.0, recheck_interval: float = 10.0) -> None:
+        self._tailnet = tailnet
+        self.policy = policy
         self.revoked: set[str] = set(revoked)
-        self._cache: dict[str, _Entry] = {}
+        self.whois_timeout = whois_timeout
+        self.recheck_interval = recheck_interval
+        self._conns: dict[str, _Conn] = {}
+        self._leases: set[Lease] = set()
+        self._slots = asyncio.Semaphore(WHOIS_SLOTS)
+        self._conn_refusals = Buckets(*CONN_REFUSALS)
+        self._node_refusals = Buckets(*NODE_REFUSALS)
+        self._refusal_log = LogLimiter()
+        self._due = asyncio.Event()
+        self.blind = True  # the IPN bus is not followed (yet): re-check every second
+        # Counters for metrics.
         self.whois_calls = 0
+        self.rechecks = 0
+        self.throttled = 0
+        self.lease_failures = 0
+
+    # admission -------------------------------------------------------------------------
 
     @asynccontextmanager
-    async def identity(self, peer: str) -> AsyncIterator[WhoIs]:
-        """WhoIs of ``peer`` (grpc peer string), shared by concurrent calls on one connection."""
-        entry = self._cache.get(peer)
-        if entry is None:
-            entry = _Entry(0, asyncio.ensure_future(self._lookup(peer)))
-            self._cache[peer] = entry
-        entry.refs += 1
+    async def admit(self, peer: str, metadata: Iterable[tuple[str, str | bytes]],
+                    method: str, *, stream: bool = False) -> AsyncIterator[Lease]:
+        """Admit a call for its whole duration (see the module doc for the order of checks).
+
+        Raises Unauthenticated, PermissionDenied, LimitExceeded (refused unread), or
+        LocalAPIUnavailable (tailscaled cannot answer). Refusals, also those raised by the
+        caller's body, count against the connection's and the device's budget and are
+        logged at most a few per second."""
+        conn = self._enter(peer)
+        lease: Lease | None = None
         try:
-            yield await asyncio.shield(entry.task)
+            self._check_budget(conn.peer, conn.node_id)
+            token = auth.bearer_token(metadata)
+            claims = self._verify(token)  # the cheap checks: no WhoIs yet
+            if not conn.addr:
+                raise Unauthenticated("tailnet lock: this connection is not an IP connection "
+                                      "through tailscaled")
+            who = await self._identity(conn)
+            self._check_budget(conn.peer, who.node_id)
+            lease = Lease(self, conn, token, claims, self._decide(who, claims), stream=stream)
+            self._hold(lease)
+            yield lease
+        except (Unauthenticated, PermissionDenied, InvalidInput) as e:
+            self._refused(conn, method, e)
+            raise
         finally:
-            entry.refs -= 1
-            if entry.refs == 0 and self._cache.get(peer) is entry:
-                del self._cache[peer]
+            if lease is not None:
+                self._release(lease)
+            self._leave(conn)
 
-    async def _lookup(self, peer: str) -> WhoIs:
-        try:
-            host, port = parse_grpc_peer(peer)
-        except ValueError:
-            raise Unauthenticated("tailnet lock: this connection is not an IP connection "
-                                  "through tailscaled") from None
-        self.whois_calls += 1
-        try:
-            return await asyncio.wait_for(self._whois(format_addr(host, port)), self.whois_timeout)
-        except PeerNotFound:
-            raise Unauthenticated(
-                "tailnet lock: this connection did not come through tailscaled (WhoIs has no "
-                "match for it); connect over the tailnet") from None
-        except TimeoutError:
-            raise Unavailable("cannot verify your tailnet identity: tailscaled did not answer "
-                              "WhoIs in time; try again") from None
-        except LocalAPIUnavailable as e:
-            raise Unavailable(f"cannot verify your tailnet identity: {e}") from None
-        except TailnetError as e:
-            raise Unavailable(f"cannot verify your tailnet identity: {e}") from None
+    def _enter(self, peer: str) -> _Conn:
+        conn = self._conns.get(peer)
+        if conn is None:
+            try:
+                addr = format_addr(*parse_grpc_peer(peer))
+            except ValueError:
+                addr = ""
+            conn = self._conns[peer] = _Conn(peer, addr)
+        conn.refs += 1
+        return conn
 
-    def admit(self, who: WhoIs, token: str) -> auth.Principal:
-        """Both locks plus revocation and grants; raises Unauthenticated/PermissionDenied."""
-        claims = auth.verify_token(self.key, token)
+    def _leave(self, conn: _Conn) -> None:
+        conn.refs -= 1
+        if conn.refs == 0 and self._conns.get(conn.peer) is conn:
+            del self._conns[conn.peer]
+
+    def _check_budget(self, peer: str, node_id: str) -> None:
+        wait = max(self._conn_refusals.wait(peer),
+                   self._node_refusals.wait(node_id) if node_id else 0.0)
+        if wait:
+            self.throttled += 1
+            raise LimitExceeded(f"too many refused calls from this connection or device; "
+                                f"wait {wait:.0f}s and fix what the earlier refusals said")
+
+    def _refused(self, conn: _Conn, method: str, e: TsnetchatError) -> None:
+        self._conn_refusals.take(conn.peer)
+        if conn.node_id:
+            self._node_refusals.take(conn.node_id)
+        if self._refusal_log.allow():
+            skipped = self._refusal_log.skipped()
+            # %r: names and reasons carry what clients and tailnet admins chose; escaped.
+            log.info("refused method=%s peer=%s device=%r reason=%r%s", method, conn.peer,
+                     conn.who.node_name if conn.who else "", str(e),
+                     f" ({skipped} more refusals not logged)" if skipped else "")
+
+    def _verify(self, token: str) -> auth.Claims:
+        claims = auth.verify_token(self.policy.key, token)
         if claims.token_id in self.revoked:
-            raise Unauthenticated("token lock: this token has been revoked; ask an admin for a "
-                                  "new one")
-        grant = auth.grant_from_capmap(who.cap_map, self.cap_name)
-        return auth.authorize(who, claims, grant, require_grant=self.require_grant)
+            raise Unauthenticated("token lock: this token has been revoked; ask an admin for "
+                                  "a new one")
+        return claims
 
-    @asynccontextmanager
-    async def enter(self, peer: str,
-                    metadata: Iterable[tuple[str, str | bytes]]) -> AsyncIterator[auth.Principal]:
-        """Admit a call for its whole duration (keeps the connection's WhoIs cached)."""
-        token = auth.bearer_token(metadata)  # cheap check first: no token, no WhoIs
-        async with self.identity(peer) as who:
-            yield self.admit(who, token)
+    def _decide(self, who: WhoIs, claims: auth.Claims) -> auth.Principal:
+        self._check_own_node(who)
+        grant = auth.grant_from_capmap(who.cap_map, self.policy.cap_name)
+        return auth.authorize(who, claims, grant, require_grant=self.policy.require_grant)
+
+    def _check_own_node(self, who: WhoIs) -> None:
+        p = self.policy
+        if not p.allow_own_node and p.own_node and who.node_id == p.own_node:
+            raise Unauthenticated(
+                "tailnet lock: this connection comes from the server's own node (a process on "
+                "the server going out through its tailscaled and back in), not from a "
+                "person's device; set allow_own_node = true to let such bots in")
+
+    async def identify(self, addr: str) -> WhoIs:
+        """The tailnet lock alone, for a connection gRPC does not serve (the metrics
+        endpoint): who is behind ``addr``, if it came through tailscaled from a device other
+        than ours. Raises Unauthenticated or LocalAPIUnavailable."""
+        try:
+            who = await asyncio.wait_for(self._lookup(addr), self.whois_timeout)
+        except (TailnetError, TimeoutError) as e:
+            raise self._translate(_Conn("", addr), e) from None
+        self._check_own_node(who)
+        return who
+
+    # identity --------------------------------------------------------------------------
+
+    async def _lookup(self, addr: str) -> WhoIs:
+        async with self._slots:
+            self.whois_calls += 1
+            return await self._tailnet.whois(addr)
+
+    async def _identity(self, conn: _Conn) -> WhoIs:
+        """The connection's WhoIs, asked again if a change may concern the cached answer."""
+        for _ in range(3):
+            task = conn.lookup
+            if task is None or conn.stale:
+                conn.stale = False
+                task = conn.lookup = asyncio.ensure_future(
+                    asyncio.wait_for(self._lookup(conn.addr), self.whois_timeout))
+                task.add_done_callback(_retrieve)
+            try:
+                who = await asyncio.shield(task)
+            except (TailnetError, TimeoutError) as e:
+                if conn.lookup is task:
+                    conn.lookup = None  # the next call asks again
+                raise self._translate(conn, e) from None
+            if conn.stale or conn.lookup is not task:
+                continue  # a change arrived while we asked: ask again
+            if conn.node_id and who.node_id != conn.node_id:
+                raise Unauthenticated("tailnet lock: tailscaled now names another device "
+                                      "behind this connection")
+            conn.node_id, conn.who = who.node_id, who
+            return who
+        raise LocalAPIUnavailable("cannot verify your tailnet identity: the tailnet kept "
+                                  "changing while it was checked; try again")
+
+    @staticmethod
+    def _translate(conn: _Conn, e: BaseException) -> TsnetchatError:
+        if isinstance(e, PeerNotFound):
+            if conn.node_id:
+                return Unauthenticated("tailnet lock: tailscaled no longer knows the device "
+                                       "behind this connection (removed from the tailnet?)")
+            return Unauthenticated(
+                "tailnet lock: this connection did not come through tailscaled (WhoIs has no "
+                "match for it); connect over the tailnet")
+        if isinstance(e, TimeoutError):
+            return LocalAPIUnavailable("cannot verify your tailnet identity: tailscaled did "
+                                       "not answer WhoIs in time; try again")
+        return LocalAPIUnavailable(f"cannot verify your tailnet identity: {e}")
+
+    # leases ----------------------------------------------------------------------------
+
+    def _hold(self, lease: Lease) -> None:
+        self._leases.add(lease)
+        lease.conn.leases.add(lease)
+        delay = lease.claims.expires_at + auth.LEEWAY - time.time()
+        lease.expiry = asyncio.get_running_loop().call_later(
+            max(0.0, delay) + 0.01, self._fail, lease, Unauthenticated(EXPIRED))
+
+    def _release(self, lease: Lease) -> None:
+        self._leases.discard(lease)
+        lease.conn.leases.discard(lease)
+        if lease.expiry is not None:
+            lease.expiry.cancel()
+        lease.attach(lambda _e: None)
+
+    def _fail(self, lease: Lease, error: TsnetchatError) -> None:
+        if lease.error is not None:
+            return
+        self.lease_failures += 1
+        lease.fail(error)
+        if lease.stream and self._refusal_log.allow():
+            who = lease.conn.who
+            log.info("closed a stream of %r on device %r: %r", lease.principal.login,
+                     who.node_name if who else "", str(error))
+
+    def _redecide(self, lease: Lease, who: WhoIs) -> None:
+        if lease.error is not None:
+            return
+        try:
+            p = self._decide(who, self._verify(lease.token))
+            if lease.room and not p.may_use(lease.room):
+                allowed = ("any room" if auth.ALL_ROOMS in p.rooms
+                           else ", ".join(sorted(p.rooms)))
+                raise PermissionDenied(f"the tailnet policy changed: you may no longer use room "
+                                       f"{lease.room!r} (allowed now: {allowed})")
+        except TsnetchatError as e:
+            self._fail(lease, e)
+            return
+        lease.principal, lease.stale = p, False
+
+    async def refresh(self, lease: Lease) -> None:
+        """Decide ``lease`` again now if anything changed since it was decided."""
+        if lease.error is None and (lease.stale or lease.conn.stale):
+            try:
+                who = await self._identity(lease.conn)
+            except TsnetchatError as e:
+                self._fail(lease, e)
+                return
+            self._redecide(lease, who)
+
+    def revoke(self, token_ids: Iterable[str]) -> int:
+        """Refuse these tokens from now on; fail their leases. Returns the streams closed."""
+        ids = set(token_ids)
+        self.revoked |= ids
+        victims = [lease for lease in self._leases
+                   if lease.claims.token_id in ids and lease.error is None]
+        for lease in victims:
+            self._fail(lease, Unauthenticated(REVOKED))
+        return sum(lease.stream for lease in victims)
+
+    def apply(self, policy: Policy) -> None:
+        """New key or settings: every lease is decided again within a second."""
+        if policy == self.policy:
+            return
+        self.policy = policy
+        for lease in self._leases:
+            lease.stale = True
+        self._due.set()
+
+    def tailnet_changed(self, change: Change) -> None:
+        """tailscaled announced a change: ask again about every connection it may concern."""
+        self.blind = False
+        self._mark(change)
+
+    def tailnet_lost(self) -> None:
+        """The IPN bus is lost: changes may go unannounced. Ask again about everyone now
+        (failing them if tailscaled cannot answer), then every second until it is back."""
+        self.blind = True
+        self._mark(Change(everything=True))
+
+    def _mark(self, change: Change) -> None:
+        for conn in self._conns.values():
+            if change.everything or not conn.node_id or conn.node_id in change.nodes:
+                conn.stale = True
+        self._due.set()
+
+    # the re-checking task --------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Decide stale leases again as soon as they are stale, and probe every device with
+        leases every ``recheck_interval`` seconds (every second while blind). Runs until
+        cancelled."""
+        loop = asyncio.get_running_loop()
+        last_probe = loop.time()
+        while True:
+            interval = BLIND_INTERVAL if self.blind else self.recheck_interval
+            wait = last_probe + interval - loop.time()
+            if wait > 0 and not self._due.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._due.wait(), min(wait, BLIND_INTERVAL))
+            if loop.time() - last_probe >= interval:
+                last_probe = loop.time()
+                await self._probe()
+            if self._due.is_set():
+                await asyncio.sleep(SETTLE)
+                self._due.clear()
+                await self._recheck()
+
+    async def _probe(self) -> None:
+        """Ask about one connection per device with leases; if the answer differs (or there
+        is none), every connection of that device is stale."""
+        by_node: dict[str, list[_Conn]] = {}
+        for c in self._conns.values():
+            if c.leases and c.who is not None and not c.stale:
+                by_node.setdefault(c.node_id, []).append(c)
+
+        async def probe(conns: list[_Conn]) -> None:
+            try:
+                who: WhoIs | None = await asyncio.wait_for(self._lookup(conns[0].addr),
+                                                           self.whois_timeout)
+            except (TailnetError, TimeoutError):
+                who = None
+            if who is None or who != conns[0].who:
+                for c in conns:
+                    c.stale = True
+                self._due.set()
+
+        await asyncio.gather(*(probe(cs) for cs in by_node.values()))
+
+    async def _recheck(self) -> None:
+        self.rechecks += 1
+        conns = [c for c in self._conns.values()
+                 if c.leases and (c.stale or any(lease.stale for lease in c.leases))]
+
+        async def recheck(conn: _Conn) -> None:
+            try:
+                who = await self._identity(conn)
+            except TsnetchatError as e:
+                for lease in list(conn.leases):
+                    self._fail(lease, e)
+                return
+            for lease in list(conn.leases):
+                self._redecide(lease, who)
+
+        await asyncio.gather(*(recheck(c) for c in conns))
+
+    def leases(self) -> int:
+        return len(self._leases)
+
+
+def _retrieve(task: asyncio.Task[WhoIs]) -> None:
+    """A lookup nobody waits for any more must not log 'exception never retrieved'."""
+    if not task.cancelled():
+        task.exception()

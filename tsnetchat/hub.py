@@ -79,11 +79,16 @@ class CloseKind(enum.Enum):
     KICKED = "kicked"
     SHUTDOWN = "shutdown"
     FLOOD = "flood"
+    # Authorization decided again while the stream was open (gate.py):
+    REFUSED = "refused"  # a lock no longer passes
+    NARROWED = "narrowed"  # the room is no longer allowed
+    UNVERIFIED = "unverified"  # tailscaled cannot say who is behind the connection
     DONE = "done"  # the client finished: end the stream normally
 
 
 # Closes that drop what is still queued: nothing more should reach that subscriber.
-_DROPPING = frozenset({CloseKind.OVERFLOW, CloseKind.REVOKED, CloseKind.KICKED, CloseKind.FLOOD})
+_DROPPING = frozenset({CloseKind.OVERFLOW, CloseKind.REVOKED, CloseKind.KICKED, CloseKind.FLOOD,
+                       CloseKind.REFUSED, CloseKind.NARROWED, CloseKind.UNVERIFIED})
 
 
 @dataclass(frozen=True)
@@ -271,9 +276,6 @@ class Hub:
         for s in victims:
             s.close(reason)
         return len(victims)
-
-    def close_all(self, reason: CloseReason) -> int:
-        return self.close_where(lambda _s: True, reason)
 
     def counts(self) -> tuple[int, int]:
         """(rooms with subscribers, subscribers)."""

@@ -1,10 +1,16 @@
-"""The daemon's lifecycle: start -> serve -> stop(grace).
+"""The daemon's lifecycle: assemble -> start -> serve -> stop(grace).
 
-``Server.start`` asks tailscaled (LocalAPI) whether it is up, picks the listen addresses
-(tailnet IPs with a TUN device; loopback in userspace mode, where tailscaled delivers
-tailnet traffic), opens the store and the key, and only then binds and reports READY.
-``Server.stop`` stops accepting, tells streams the server is going away, waits up to the
-grace period, and closes the store. Signals only set events (see ``run``).
+``Server(cfg, tailnet=...)`` assembles the parts in order, each given what it needs: the
+state dir made private, the signing key, the store, the gate (over the given ``Tailnet``:
+the real ``LocalAPI`` in production, a stand-in in tests of pure chat logic, the same start-up
+either way), the hub and the servicer. Construct it in the event loop that will run it.
+``Server.start`` waits until tailscaled is up, picks the listen addresses (tailnet IPs with a
+TUN device; loopback in userspace mode, where tailscaled delivers tailnet traffic), and only
+then binds and reports READY. Background tasks follow tailscaled's IPN bus (the gate's
+changes, and new addresses), re-decide leases (``Gate.run``), pick up revocations and a
+rotated key written by the CLI, and apply retention. ``Server.stop`` stops accepting, tells
+streams the server is going away, waits up to the grace period, and closes the store.
+Signals only set events (see ``serve``).
 """
 
 from __future__ import annotations
@@ -15,7 +21,9 @@ import ipaddress
 import logging
 import signal
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -24,18 +32,24 @@ from grpc_reflection.v1alpha import reflection
 
 from . import auth
 from .config import ServerConfig, parse_listen
-from .errors import ConfigError, LocalAPIUnavailable, TailnetError
-from .gate import Gate, WhoIsFunc
+from .errors import ConfigError, TailnetError, TsnetchatError
+from .gate import Gate, Policy
 from .hub import Hub, Pacing
 from .loop import LoopLoad, freeze_startup_heap, yield_helper_threads
 from .metrics import Metrics
 from .notify import Notifier
 from .pb import chat_pb2 as pb
-from .service import SERVICE_NAME, ChatService, Limits
+from .service import SERVICE_NAME, ChatService
+from .statedir import secure_state_dir
 from .store import Store
-from .tailnet import LocalAPI, Status, wait_running
+from .tailnet import LocalAPI, Status, Tailnet, format_addr, wait_running
 
 log = logging.getLogger("tsnetchat.server")
+
+# Health.Watch streams need no token (probes have none). Each held one costs about 21 KB
+# (3,000 took the server from 70 to 132 MiB, 2026-11-22), so they are bounded.
+MAX_HEALTH_WATCHES = 64
+MAX_HEALTH_WATCHES_PER_CONNECTION = 4
 
 GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024),
@@ -70,80 +84,111 @@ def listen_addresses(status: Status) -> list[str]:
     return ["127.0.0.1"]
 
 
-def limits_from(cfg: ServerConfig) -> Limits:
-    return Limits(max_message_bytes=cfg.max_message_bytes, history_on_join=cfg.history_on_join,
-                  max_page=cfg.max_page, rate_burst=cfg.rate_burst,
-                  rate_per_second=cfg.rate_per_second,
-                  max_rooms_per_client=cfg.max_rooms_per_client,
-                  subscriber_queue=cfg.subscriber_queue, call_burst=cfg.call_burst,
-                  call_rate=cfg.call_rate)
+def policy_for(cfg: ServerConfig, key: bytes, own_node: str = "") -> Policy:
+    return Policy(key=key, cap_name=cfg.cap_name, require_grant=cfg.require_grant,
+                  allow_own_node=cfg.allow_own_node, own_node=own_node)
+
+
+class BoundedHealth(health.aio.HealthServicer):  # type: ignore[misc]
+    """gRPC's health service, with Watch streams bounded per connection and in all."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._watches: Counter[str] = Counter()
+
+    async def Watch(self, request: Any, context: grpc.aio.ServicerContext) -> None:
+        peer = context.peer()
+        if (self._watches.total() >= MAX_HEALTH_WATCHES
+                or self._watches[peer] >= MAX_HEALTH_WATCHES_PER_CONNECTION):
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"too many health watches (at most "
+                                f"{MAX_HEALTH_WATCHES_PER_CONNECTION} per connection, "
+                                f"{MAX_HEALTH_WATCHES} in all); use Check")
+        self._watches[peer] += 1
+        try:
+            await super().Watch(request, context)
+        finally:
+            self._watches[peer] -= 1
+            if not self._watches[peer]:
+                del self._watches[peer]
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 class Server:
-    def __init__(self, cfg: ServerConfig, *, whois: WhoIsFunc | None = None,
+    def __init__(self, cfg: ServerConfig, *, tailnet: Tailnet,
                  notifier: Notifier | None = None,
                  progress: Callable[[str], None] | None = None,
                  pacing: Pacing | None = None, owns_process: bool = False) -> None:
         self.cfg = cfg
-        self.pacing = pacing  # the hub's latency/throughput trade; tests force its branches
+        self.tailnet = tailnet
         # The daemon's server may tune the whole process (thread scheduling, the collector)
         # once started; tests run several servers in one process and leave it alone.
         self.owns_process = owns_process
-        self._whois_override = whois  # tests of pure chat logic may stand in for tailscaled
         self.notifier = notifier or Notifier()
         self.progress = progress or (lambda m: log.info("%s", m))
+        secure_state_dir(cfg.state_dir, (cfg.db_path,))
+        key = auth.load_or_create_key(cfg.key_path)  # refuses an open key file
+        self._key_stamp = _stamp(cfg.key_path)
+        self.store = Store(cfg.db_path, fsync=cfg.fsync)
+        revoked, self._revocation_seq = self.store.revocations_since(0)
+        self.gate = Gate(tailnet, policy_for(cfg, key), revoked=revoked,
+                         whois_timeout=cfg.whois_timeout, recheck_interval=cfg.recheck_interval)
+        self.load = LoopLoad(asyncio.get_running_loop())
+        self.hub = Hub(pacing, load=self.load)
         self.metrics = Metrics()
+        self.service = ChatService(store=self.store, hub=self.hub, gate=self.gate,
+                                   limits=cfg.limits, metrics=self.metrics)
+        self.health = BoundedHealth()
+        gate = self.gate
+        for name, fn in [("subscribers", lambda: float(self.hub.counts()[1])),
+                         ("leases", lambda: float(gate.leases())),
+                         ("whois_lookups_total", lambda: float(gate.whois_calls)),
+                         ("rechecks_total", lambda: float(gate.rechecks)),
+                         ("lease_failures_total", lambda: float(gate.lease_failures)),
+                         ("refusals_throttled_total", lambda: float(gate.throttled)),
+                         ("loop_busy", lambda: self.load.value)]:
+            self.metrics.gauge(name, fn)
+        # Set by start(): what tailscaled said, where we listen.
+        self.status: Status | None = None
         self.addresses: list[str] = []
         self.ports: list[int] = []
-        self.status: Status | None = None
-        self.api: LocalAPI | None = None
-        self.store: Store | None = None
-        self.service: ChatService | None = None
-        self.health = health.aio.HealthServicer()
         self._grpc: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task[Any]] = []
-        self._revocation_seq = 0
+        self._stopped = False
         self.started_at = 0.0
+
+    def _policy(self, key: bytes) -> Policy:
+        own = self.status.self_node.node_id if self.status else ""
+        return policy_for(self.cfg, key, own)
 
     # start -----------------------------------------------------------------------------
 
     async def start(self) -> None:
         cfg = self.cfg
-        key = auth.load_or_create_key(cfg.key_path)  # refuses an open key file
-        self.api = LocalAPI(cfg.effective_socket(), timeout=cfg.whois_timeout)
-        if cfg.listen == "auto":
-            self.status = await wait_running(self.api, cfg.startup_timeout,
-                                             progress=self.progress)
-            self.addresses = listen_addresses(self.status)
-        else:
-            self.addresses = parse_listen(cfg.listen)
-            if self._whois_override is None:
-                self.status = await wait_running(self.api, cfg.startup_timeout,
-                                                 progress=self.progress)
-        self.store = Store(cfg.db_path, fsync=cfg.fsync)
+        self.status = await wait_running(self.tailnet, cfg.startup_timeout,
+                                         progress=self.progress)
+        self.gate.apply(self._policy(self.gate.policy.key))  # now knowing our own node
+        self.addresses = (listen_addresses(self.status) if cfg.listen == "auto"
+                          else parse_listen(cfg.listen))
         pruned = self.store.prune(keep_count=cfg.retention_count, keep_days=cfg.retention_days)
         if pruned:
             log.info("retention: pruned %d old messages", pruned)
-        revoked, self._revocation_seq = self.store.revocations_since(0)
-        whois: WhoIsFunc = self._whois_override or self.api.whois
-        gate = Gate(whois=whois, key=key, cap_name=cfg.cap_name, require_grant=cfg.require_grant,
-                    whois_timeout=cfg.whois_timeout, revoked=revoked)
-        load = LoopLoad(asyncio.get_running_loop())
-        self.service = ChatService(store=self.store, hub=Hub(self.pacing, load=load), gate=gate,
-                                   limits=limits_from(cfg), metrics=self.metrics)
-        self.metrics.gauge("subscribers", lambda: float(self.service.hub.counts()[1])
-                           if self.service else 0.0)
-        self.metrics.gauge("whois_lookups_total", lambda: float(gate.whois_calls))
-        self.metrics.gauge("loop_busy", lambda: load.value)
         self._grpc = self._build_grpc(self.addresses)
         await self._grpc.start()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         self.started_at = time.time()
-        self._tasks = [asyncio.create_task(self._revocation_loop()),
+        self._tasks = [asyncio.create_task(self.gate.run()),
+                       asyncio.create_task(self._follow_tailnet()),
+                       asyncio.create_task(self._revocation_loop()),
                        asyncio.create_task(self._retention_loop())]
-        if self._whois_override is None and cfg.listen == "auto":
-            self._tasks.append(asyncio.create_task(self._watch_addresses()))
         if cfg.metrics_port:
             await self._start_metrics()
         if self.owns_process:
@@ -154,15 +199,13 @@ class Server:
         if wd:
             self._tasks.append(asyncio.create_task(self._watchdog(wd)))
         where = ", ".join(f"{a}:{p}" for a, p in zip(self.addresses, self.ports, strict=True))
-        name = self.status.dns_name if self.status else "(no tailnet status)"
+        name = self.status.dns_name
         log.info("serving on %s; clients connect with: tsnetchat connect %s", where,
-                 name.split(".")[0] if self.status else "<name>")
-        if self.status:
-            self.progress(f"ready: MagicDNS name {name}, listening on {where}")
+                 name.split(".")[0] or "<name>")
+        self.progress(f"ready: MagicDNS name {name}, listening on {where}")
         self.notifier.send("READY=1", f"STATUS=serving on {where} as {name}")
 
     def _build_grpc(self, addresses: list[str]) -> grpc.aio.Server:
-        assert self.service is not None
         server = grpc.aio.server(options=GRPC_OPTIONS)
         server.add_generic_rpc_handlers((self.service.handlers(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -187,14 +230,14 @@ class Server:
     # background ----------------------------------------------------------------------
 
     async def _revocation_loop(self) -> None:
-        """Revocations written by `tsnetchat token revoke` (another process) take effect here
+        """Revocations and a new key written by the CLI (another process) take effect here
         within a second, also for streams already open."""
         while True:
             await asyncio.sleep(1.0)
             self.check_revocations()
+            self.check_key()
 
     def check_revocations(self) -> int:
-        assert self.store is not None and self.service is not None
         try:
             new, self._revocation_seq = self.store.revocations_since(self._revocation_seq)
         except Exception as e:  # a locked db must not kill the loop
@@ -206,10 +249,28 @@ class Server:
         log.info("revoked %d token(s); closed %d stream(s)", len(new), closed)
         return closed
 
+    def check_key(self) -> bool:
+        """Pick up a rotated signing key (`tsnetchat token rotate-key`, or the file deleted):
+        every token signed with the old one stops working, open streams included."""
+        stamp = _stamp(self.cfg.key_path)
+        if stamp == self._key_stamp:
+            return False
+        try:
+            key = auth.load_or_create_key(self.cfg.key_path)
+        except ConfigError as e:
+            log.error("the signing key changed but cannot be used; keeping the old one: %s", e)
+            self._key_stamp = stamp
+            return False
+        self._key_stamp = _stamp(self.cfg.key_path)
+        if key != self.gate.policy.key:
+            self.gate.apply(self._policy(key))
+            log.warning("the token signing key was rotated: tokens signed with the old key "
+                        "are refused from now on, open streams included")
+        return True
+
     async def _retention_loop(self) -> None:
         while True:
             await asyncio.sleep(300)
-            assert self.store is not None
             with contextlib.suppress(Exception):
                 self.store.prune(keep_count=self.cfg.retention_count,
                                  keep_days=self.cfg.retention_days)
@@ -219,20 +280,24 @@ class Server:
             self.notifier.send("WATCHDOG=1")
             await asyncio.sleep(interval)
 
-    async def _watch_addresses(self) -> None:
-        """Follow tailscaled's IPN bus; when our tailnet addresses change (TUN mode), listen
-        on the new ones. If tailscaled goes away, keep serving and keep trying."""
-        assert self.api is not None
+    async def _follow_tailnet(self) -> None:
+        """Follow tailscaled's IPN bus: every change goes to the gate (identities to ask
+        again); with listen = auto, new tailnet addresses are listened on. If the bus is
+        lost, the gate is told (it re-checks every second meanwhile) and we keep trying."""
         backoff = 1.0
         while True:
             try:
-                async for _note in self.api.watch():
+                async for change in self.tailnet.watch():
                     backoff = 1.0
-                    st = await self.api.status()
-                    if st.running and st.ips:
-                        await self._maybe_rebind(st)
-            except (LocalAPIUnavailable, TailnetError) as e:
+                    self.gate.tailnet_changed(change)
+                    if change.everything and self.cfg.listen == "auto":
+                        st = await self.tailnet.status()
+                        if st.running and st.ips:
+                            await self._maybe_rebind(st)
+                log.warning("tailscaled's IPN bus ended; retrying in %.0fs", backoff)
+            except TailnetError as e:
                 log.warning("lost tailscaled's IPN bus (%s); retrying in %.0fs", e, backoff)
+            self.gate.tailnet_lost()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 30)
 
@@ -249,12 +314,21 @@ class Server:
             await old.stop(self.cfg.shutdown_grace)
 
     async def _start_metrics(self) -> None:
+        """Prometheus text, behind the tailnet lock: only connections that come through
+        tailscaled from a device (not this server's own node, unless allow_own_node) get an
+        answer; anything else is closed with 403."""
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             with contextlib.suppress(Exception):
+                host, port = writer.get_extra_info("peername")[:2]
                 await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-                body = self.metrics.render_prometheus().encode()
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
-                             b"Content-Length: " + str(len(body)).encode() +
+                try:
+                    await self.gate.identify(format_addr(host, port))
+                except TsnetchatError as e:
+                    body, status = f"{e}\n".encode(), b"403 Forbidden"
+                else:
+                    body, status = self.metrics.render_prometheus().encode(), b"200 OK"
+                writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: text/plain; "
+                             b"version=0.0.4\r\nContent-Length: " + str(len(body)).encode() +
                              b"\r\nConnection: close\r\n\r\n" + body)
                 await writer.drain()
             writer.close()
@@ -266,23 +340,27 @@ class Server:
     # reload / stop -------------------------------------------------------------------
 
     def reload(self, cfg: ServerConfig) -> None:
-        """Apply what can change without a restart: limits, grants policy, revocations."""
-        assert self.service is not None
+        """Apply what can change without a restart: limits (also for the rate buckets of
+        people already connected), require_grant, cap_domain, allow_own_node, and the
+        revocations; everything open is decided again under the new settings."""
         self.cfg = cfg
-        self.service.limits = limits_from(cfg)
-        self.service.gate.require_grant = cfg.require_grant
-        self.service.gate.cap_name = cfg.cap_name
+        self.service.apply(cfg.limits)
+        self.gate.apply(self._policy(self.gate.policy.key))
         self.check_revocations()
+        self.check_key()
         log.info("reloaded configuration and revocations")
 
     async def stop(self, grace: float | None = None) -> None:
+        """Drain and close. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
         grace = self.cfg.shutdown_grace if grace is None else grace
         self.notifier.send("STOPPING=1", "STATUS=draining")
         with contextlib.suppress(Exception):
             await self.health.enter_graceful_shutdown()
-        if self.service is not None:
-            n = self.service.begin_shutdown()
-            log.info("shutting down: told %d stream(s) to reconnect", n)
+        n = self.service.begin_shutdown()
+        log.info("shutting down: told %d stream(s) to reconnect", n)
         if self._grpc is not None:
             await self._grpc.stop(grace)
         for t in self._tasks:
@@ -290,15 +368,7 @@ class Server:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
-        if self.store is not None:
-            self.store.close()
-            self.store = None
-        if self.api is not None:
-            await self.api.aclose()
-
-    async def wait_closed(self) -> None:
-        if self._grpc is not None:
-            await self._grpc.wait_for_termination()
+        self.store.close()
 
 
 async def serve(cfg: ServerConfig, *, reload_config: Callable[[], ServerConfig] | None = None,
@@ -322,10 +392,12 @@ async def serve(cfg: ServerConfig, *, reload_config: Callable[[], ServerConfig] 
         loop.add_signal_handler(sig, on_stop)
     loop.add_signal_handler(signal.SIGHUP, hup.set)
 
-    server = Server(cfg, owns_process=True)
+    api = LocalAPI(cfg.effective_socket(), timeout=cfg.whois_timeout)
+    server: Server | None = None
     try:
         if before_start is not None:
             await before_start()
+        server = Server(cfg, tailnet=api, owns_process=True)
         await server.start()
         while not stop.is_set():
             hup.clear()
@@ -340,8 +412,9 @@ async def serve(cfg: ServerConfig, *, reload_config: Callable[[], ServerConfig] 
                 except ConfigError as e:
                     log.error("reload refused, keeping the old config: %s", e)
     finally:
-        await server.stop()
+        if server is not None:
+            await server.stop()
+        await api.aclose()
         if after_stop is not None:
             await after_stop()
     return 0
-

@@ -1,28 +1,28 @@
 """The gRPC servicer: tsnetchat.v1.Chat on grpc.aio.
 
-It joins the pieces: the Gate admits a call, the Store persists, the Hub fans out, the codec
-encodes. It is the only module that maps tsnetchat errors to gRPC status codes
-(``status_for``). Handlers are registered by hand (``handlers()``) so that responses may be
-pre-encoded bytes (sent as-is, encoded once for all subscribers) and undecodable requests
-reach the handler as GARBAGE and get INVALID_ARGUMENT instead of an opaque INTERNAL.
+It joins the pieces: the Gate admits a call (and keeps deciding it while it runs), the Store
+persists, the Hub fans out, the codec encodes. It is the only module that maps tsnetchat
+errors to gRPC status codes (``status_for``). Nothing a client sends ends in a traceback: an
+unexpected error is logged (a few per minute at most) and answered INTERNAL. Handlers are
+registered by hand (``handlers()``) so that responses may be pre-encoded bytes (sent as-is,
+encoded once for all subscribers) and undecodable requests reach the handler as GARBAGE and
+get INVALID_ARGUMENT instead of an opaque INTERNAL.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import re
-import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
 
-from . import auth, codec
+from . import auth, codec, render
+from .config import Limits
 from .errors import (
     InvalidInput,
     LimitExceeded,
@@ -31,18 +31,21 @@ from .errors import (
     StoreError,
     TsnetchatError,
     Unauthenticated,
+    Unavailable,
 )
-from .gate import Gate
+from .gate import Gate, Lease
 from .hub import FRAME_BATCH, CloseKind, CloseReason, Hub, Subscriber
 from .metrics import Metrics
 from .pb import chat_pb2 as pb
 from .store import Sender, Store, StoredMessage
+from .throttle import Buckets, LogLimiter, TokenBucket
 
 log = logging.getLogger("tsnetchat.service")
 
 SERVICE_NAME = "tsnetchat.v1.Chat"
 HELLO_TIMEOUT = 10.0
 MAX_CLIENT_MSG_ID = 64
+MAX_ID = 2**63 - 1  # SQLite's largest integer; larger cursors are not message ids
 
 
 class _Garbage:
@@ -61,7 +64,7 @@ def status_for(e: BaseException) -> grpc.StatusCode:
         return grpc.StatusCode.INVALID_ARGUMENT
     if isinstance(e, LimitExceeded):
         return grpc.StatusCode.RESOURCE_EXHAUSTED
-    if isinstance(e, LocalAPIUnavailable | StoreError):
+    if isinstance(e, LocalAPIUnavailable | StoreError | Unavailable):
         return grpc.StatusCode.UNAVAILABLE
     return grpc.StatusCode.INTERNAL
 
@@ -72,39 +75,23 @@ _CLOSE_STATUS = {
     CloseKind.REVOKED: grpc.StatusCode.UNAUTHENTICATED,
     CloseKind.KICKED: grpc.StatusCode.PERMISSION_DENIED,
     CloseKind.SHUTDOWN: grpc.StatusCode.UNAVAILABLE,
+    CloseKind.REFUSED: grpc.StatusCode.UNAUTHENTICATED,
+    CloseKind.NARROWED: grpc.StatusCode.PERMISSION_DENIED,
+    CloseKind.UNVERIFIED: grpc.StatusCode.UNAVAILABLE,
 }
 
 
-@dataclass(frozen=True)
-class Limits:
-    max_message_bytes: int = 4096
-    history_on_join: int = 50
-    max_page: int = 200
-    rate_burst: int = 20
-    rate_per_second: float = 5.0
-    max_rooms_per_client: int = 16
-    subscriber_queue: int = 2048
-    call_burst: int = 200  # any RPC, per person: a flood guard for unary calls and stream opens
-    call_rate: float = 50.0
+def _closing(e: TsnetchatError) -> CloseReason:
+    """How a stream whose lease failed is closed: the status says which lock failed."""
+    code = status_for(e)
+    kind = (CloseKind.NARROWED if code == grpc.StatusCode.PERMISSION_DENIED else
+            CloseKind.UNVERIFIED if code == grpc.StatusCode.UNAVAILABLE else CloseKind.REFUSED)
+    return CloseReason(kind, str(e))
 
 
-class TokenBucket:
-    """``burst`` tokens, refilled at ``rate`` per second."""
-
-    def __init__(self, burst: int, rate: float) -> None:
-        self.burst, self.rate = float(burst), rate
-        self.tokens = float(burst)
-        self.stamp = time.monotonic()
-
-    def take(self) -> float:
-        """Take one token; returns 0 on success or the seconds until one is available."""
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return 0.0
-        return (1 - self.tokens) / self.rate
+def _check_id(name: str, value: int) -> None:
+    if value > MAX_ID:
+        raise InvalidInput(f"{name} {value} is not a message id (at most {MAX_ID})")
 
 
 def _safe(cls: Any) -> Callable[[bytes], Any]:
@@ -121,21 +108,16 @@ def _encode(x: Any) -> bytes:
     return x if isinstance(x, bytes) else bytes(x.SerializeToString())
 
 
-# Unicode category Cc (C0 and C1 controls, DEL) except tab and newline, surrogates (Cs), and
-# the bidi embedding/override/isolate characters. One C-level scan instead of a Python loop.
-_FORBIDDEN = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff\u202a-\u202e\u2066-\u2069]")
-
-
 def validate_text(text: str, kind: int, max_bytes: int) -> None:
     size = len(text.encode("utf-8", "surrogatepass"))
     if size > max_bytes:
         raise InvalidInput(f"message is {size} bytes; the limit is {max_bytes} bytes of UTF-8 "
                            "text. Split it up.")
-    if not text.strip():
+    if render.is_blank(text):  # also zero-width characters only: an invisible message
         raise InvalidInput("message is empty")
     if kind not in (pb.MESSAGE_KIND_TEXT, pb.MESSAGE_KIND_ACTION):
         raise InvalidInput(f"unknown message kind {kind}")
-    bad = _FORBIDDEN.search(text)
+    bad = render.UNSAFE.search(text)
     if bad is not None:
         # Terminal escapes and bidi overrides would let one user rewrite others' screens.
         raise InvalidInput(f"message contains a control character (U+{ord(bad.group()):04X}); "
@@ -147,10 +129,17 @@ class ChatService:
                  metrics: Metrics | None = None) -> None:
         self.store, self.hub, self.gate, self.limits = store, hub, gate, limits
         self.metrics = metrics or Metrics()
-        self._buckets: dict[str, TokenBucket] = {}
-        self._call_buckets: dict[str, TokenBucket] = {}
+        self._buckets = Buckets(limits.rate_burst, limits.rate_per_second)  # messages
+        self._call_buckets = Buckets(limits.call_burst, limits.call_rate)  # calls
         self._commit_timer: asyncio.TimerHandle | None = None
+        self._error_log = LogLimiter(burst=5, rate=0.2)
         self.going_away = False
+
+    def apply(self, limits: Limits) -> None:
+        """New limits (a reload): for new calls, and for the rate buckets of everyone."""
+        self.limits = limits
+        self._buckets.configure(limits.rate_burst, limits.rate_per_second)
+        self._call_buckets.configure(limits.call_burst, limits.call_rate)
 
     # registration ------------------------------------------------------------------
 
@@ -173,17 +162,16 @@ class ChatService:
 
     @asynccontextmanager
     async def _call(self, context: grpc.aio.ServicerContext, request: Any = None,
-                    method: str = "") -> AsyncIterator[auth.Principal]:
-        """Admit the caller, translate our errors to statuses, count outcomes."""
+                    method: str = "", *, stream: bool = False) -> AsyncIterator[Lease]:
+        """Admit the caller for the whole call (the lease stays decided while it runs),
+        translate our errors to statuses, count outcomes. Refusals are logged by the gate."""
         try:
             if self.going_away:
-                raise LocalAPIUnavailable("the server is shutting down; reconnect shortly")
-            async with self.gate.enter(context.peer(), context.invocation_metadata() or ()) as p:
-                bucket = self._call_buckets.get(p.login)
-                if bucket is None:
-                    bucket = self._call_buckets[p.login] = TokenBucket(self.limits.call_burst,
-                                                                       self.limits.call_rate)
-                wait = bucket.take()
+                raise Unavailable("the server is shutting down; reconnect shortly")
+            async with self.gate.admit(context.peer(), context.invocation_metadata() or (),
+                                       method, stream=stream) as lease:
+                login = lease.principal.login
+                wait = self._call_buckets.take(login)
                 if wait:
                     raise LimitExceeded(f"{method}: too many calls (at most "
                                         f"{self.limits.call_rate:g}/s, bursts of "
@@ -191,21 +179,25 @@ class ChatService:
                 if request is GARBAGE:
                     raise InvalidInput(f"{method}: the request could not be decoded as a "
                                        f"tsnetchat.v1 message (garbage or wrong schema)")
-                yield p
+                yield lease
         except TsnetchatError as e:
             code = status_for(e)
             self.metrics.inc(f"rpc_errors_total{{code=\"{code.name}\"}}")
-            if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
-                log.info("refused peer=%s method=%s code=%s reason=%s", context.peer(), method,
-                         code.name, e)
             await context.abort(code, str(e))
+        except grpc.aio.AbortError:
+            raise  # a status already chosen (a closed stream): not an error of ours
+        except Exception as e:
+            # A bug, not the client's doing; still, a client must not be able to fill the
+            # journal with tracebacks by repeating the request.
+            self.metrics.inc("rpc_errors_total{code=\"INTERNAL\"}")
+            if self._error_log.allow():
+                log.error("%s failed unexpectedly (%d more not logged)", method,
+                          self._error_log.skipped(), exc_info=e)
+            await context.abort(grpc.StatusCode.INTERNAL,
+                                f"{method}: internal error; the server's log says more")
 
     def _bucket(self, login: str) -> TokenBucket:
-        b = self._buckets.get(login)
-        if b is None:
-            b = self._buckets[login] = TokenBucket(self.limits.rate_burst,
-                                                   self.limits.rate_per_second)
-        return b
+        return self._buckets.get(login)
 
     @staticmethod
     def _me(p: auth.Principal) -> pb.Identity:
@@ -273,15 +265,17 @@ class ChatService:
 
     async def Join(self, request_iterator: AsyncIterator[Any],
                    context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-        # The whole stream runs inside _call, which keeps this connection's WhoIs entry.
-        async with self._call(context, None, "Join") as p:
-            hello = await self._read_hello(request_iterator)
-            auth.check_room(p, hello.room)
+        # The whole stream runs inside its lease: admitted (and so revocable) before the hello
+        # is read, decided again before the room is entered, closed when it fails.
+        async with self._call(context, None, "Join", stream=True) as lease:
+            hello = await self._read_hello(request_iterator, lease)
+            p = await lease.hold_room(hello.room)
             self._check_capacity(p)
             me = self._me(p)
             sub = Subscriber(hello.room, p.login, p.token_id, self.limits.subscriber_queue,
                              member=me)
             first = self.hub.add(sub)
+            lease.attach(lambda e: sub.close(_closing(e)))
             reader: asyncio.Task[None] | None = None
             self.metrics.inc("streams_opened_total{kind=\"join\"}")
             try:
@@ -305,18 +299,27 @@ class ChatService:
                 if self.hub.remove(sub):
                     self._presence(hello.room, pb.PRESENCE_KIND_LEFT, me)
 
-    async def _read_hello(self, it: AsyncIterator[Any]) -> pb.Hello:
+    async def _read_hello(self, it: AsyncIterator[Any], lease: Lease) -> pb.Hello:
+        """The first event, which must be a hello; given up as soon as the lease fails."""
+        read = asyncio.ensure_future(anext(it, None))
         try:
-            first = await asyncio.wait_for(anext(it), HELLO_TIMEOUT)
-        except StopAsyncIteration:
-            raise InvalidInput("Join: the stream ended before a hello") from None
-        except TimeoutError:
+            done, _ = await asyncio.wait({read, lease.failure()}, timeout=HELLO_TIMEOUT,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not read.done():
+                read.cancel()
+        lease.check()
+        if read not in done:
             raise InvalidInput(f"Join: no hello within {HELLO_TIMEOUT:.0f}s; the first event "
-                               "must be hello{room}") from None
+                               "must be hello{room}")
+        first = read.result()
+        if first is None:
+            raise InvalidInput("Join: the stream ended before a hello")
         if first is GARBAGE:
             raise InvalidInput("Join: the first event could not be decoded (garbage)")
         if first.WhichOneof("event") != "hello":
             raise InvalidInput("Join: the first event must be hello{room, after_id}")
+        _check_id("after_id", first.hello.after_id)
         return first.hello  # type: ignore[no-any-return]
 
     async def _read_client(self, it: AsyncIterator[Any], sub: Subscriber,
@@ -417,11 +420,13 @@ class ChatService:
 
     async def Subscribe(self, request: Any,
                         context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-        async with self._call(context, request, "Subscribe") as p:
-            auth.check_room(p, request.room)
+        async with self._call(context, request, "Subscribe", stream=True) as lease:
+            _check_id("after_id", request.after_id)
+            p = await lease.hold_room(request.room)
             self._check_capacity(p)
             sub = Subscriber(request.room, p.login, p.token_id, self.limits.subscriber_queue)
             self.hub.add(sub)
+            lease.attach(lambda e: sub.close(_closing(e)))
             self.metrics.inc("streams_opened_total{kind=\"subscribe\"}")
             try:
                 after = request.after_id if request.HasField("after_id") else None
@@ -434,8 +439,11 @@ class ChatService:
                 self.hub.remove(sub)
 
     async def History(self, request: Any, context: grpc.aio.ServicerContext) -> pb.HistoryResponse:
-        async with self._call(context, request, "History") as p:
+        async with self._call(context, request, "History") as lease:
+            p = lease.principal
             auth.check_room(p, request.room)
+            _check_id("after_id", request.after_id)
+            _check_id("before_id", request.before_id)
             limit = min(request.limit or self.limits.max_page, self.limits.max_page)
             anchor = request.WhichOneof("anchor")
             if anchor == "after_id":
@@ -453,7 +461,8 @@ class ChatService:
 
     async def ListRooms(self, request: Any,
                         context: grpc.aio.ServicerContext) -> pb.ListRoomsResponse:
-        async with self._call(context, request, "ListRooms") as p:
+        async with self._call(context, request, "ListRooms") as lease:
+            p = lease.principal
             names = set(self.store.rooms()) | set(self.hub.rooms())
             if auth.ALL_ROOMS not in p.rooms:
                 names |= p.rooms
@@ -465,45 +474,48 @@ class ChatService:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def WhoAmI(self, request: Any, context: grpc.aio.ServicerContext) -> pb.WhoAmIResponse:
-        async with self._call(context, request, "WhoAmI") as p:
+        async with self._call(context, request, "WhoAmI") as lease:
+            p = lease.principal
             return pb.WhoAmIResponse(identity=self._me(p), rooms=sorted(p.rooms), admin=p.admin,
                                      token_id=p.token_id, token_expires_unix=p.token_expires,
                                      grant_applied=p.grant_applied)
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def Kick(self, request: Any, context: grpc.aio.ServicerContext) -> pb.KickResponse:
-        async with self._call(context, request, "Kick") as p:
+        async with self._call(context, request, "Kick") as lease:
+            p = lease.principal
             auth.check_admin(p)
             auth.check_room(p, request.room)
+            if not 0 < len(request.login) <= 256:
+                raise InvalidInput("login must be a tailnet login or tag")
             n = self.hub.close_where(
                 lambda s: s.room == request.room and s.login == request.login,
                 CloseReason(CloseKind.KICKED, f"you were removed from {request.room!r} by "
                                               f"{p.login}"))
-            log.info("kick room=%s login=%s by=%s streams=%d", request.room, request.login,
+            log.info("kick room=%r login=%r by=%r streams=%d", request.room, request.login,
                      p.login, n)
             return pb.KickResponse(streams_closed=n)
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def RevokeToken(self, request: Any,
                           context: grpc.aio.ServicerContext) -> pb.RevokeTokenResponse:
-        async with self._call(context, request, "RevokeToken") as p:
+        async with self._call(context, request, "RevokeToken") as lease:
+            p = lease.principal
             auth.check_admin(p)
             if not request.token_id or len(request.token_id) > 64:
                 raise InvalidInput("token_id must be a token id from `tsnetchat token list`")
             self.store.revoke(request.token_id)
             n = self.apply_revocations([request.token_id])
-            log.info("revoke token=%s by=%s streams=%d", request.token_id, p.login, n)
+            log.info("revoke token=%r by=%r streams=%d", request.token_id, p.login, n)
             return pb.RevokeTokenResponse(streams_closed=n)
         raise AssertionError("unreachable")  # pragma: no cover
 
     # server-side controls ----------------------------------------------------------
 
     def apply_revocations(self, token_ids: list[str]) -> int:
-        """Refuse these tokens from now on and close the streams that use them."""
-        ids = set(token_ids)
-        self.gate.revoked |= ids
-        return self.hub.close_where(lambda s: s.token_id in ids, CloseReason(
-            CloseKind.REVOKED, "token lock: your token was revoked; ask an admin for a new one"))
+        """Refuse these tokens from now on and close the streams that use them (also a Join
+        still waiting for its hello). Returns the number of streams closed."""
+        return self.gate.revoke(token_ids)
 
     def begin_shutdown(self, reason: str = "server is restarting") -> int:
         """Tell every stream the server is going away and close them (UNAVAILABLE)."""

@@ -5,6 +5,9 @@ PyPI (tslocal) is synchronous and has neither ``watch-ipn-bus`` nor ``dial``, bo
 we need; httpx is async, streams, and is already well kept. We parse only the fields we use
 into small frozen dataclasses, so a newer tailscaled that adds fields does not break us.
 
+``Tailnet`` is the seam the server is built on (status, whois, watch): ``LocalAPI``
+implements it for a real tailscaled; tests may pass a stand-in through the same start-up.
+
 Every foreign error is translated here, once:
 
 * the socket is missing / refuses / times out   -> LocalAPIUnavailable
@@ -20,7 +23,7 @@ import json
 import urllib.parse
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 
@@ -29,6 +32,19 @@ from .errors import LocalAPIUnavailable, PeerNotFound, TailnetError, TailnetNotR
 DEFAULT_SOCKET = "/var/run/tailscale/tailscaled.sock"
 # tailscaled only accepts these Host values on the LocalAPI (a DNS-rebinding guard).
 _HOST = "local-tailscaled.sock"
+
+# IPN bus watch options (tailscale ipn.NotifyWatchOpt). Read in tailscale v1.102.3's
+# ipn/backend.go and ipn/ipnlocal/local.go, and seen in the lab (2026-11-22): on Linux a
+# watcher gets no NetMap after the first message; every full netmap (headscale sends one
+# for a policy change and for a node removal, 0.8-1.6 s after it) arrives as SelfChange, peer
+# additions and replacements (user, tags, addresses, CapMap) as PeersChanged, removals as
+# PeersRemoved. With PEER_PATCHES, Online/LastSeen/Endpoints changes come as narrow patches
+# we can ignore instead of full nodes. A packet-filter-only update (Tailscale's incremental
+# PacketFilters) is applied without any notice: the gate's periodic re-check covers it.
+NOTIFY_INITIAL_STATE = 1 << 1
+NOTIFY_PEER_CHANGES = 1 << 12
+NOTIFY_PEER_PATCHES = 1 << 15
+WATCH_MASK = NOTIFY_INITIAL_STATE | NOTIFY_PEER_CHANGES | NOTIFY_PEER_PATCHES
 
 
 @dataclass(frozen=True)
@@ -42,6 +58,7 @@ class PeerInfo:
     last_seen: str
     login: str
     tags: tuple[str, ...] = ()
+    node_id: str = ""  # StableID, as WhoIs names it
 
     @property
     def short_name(self) -> str:
@@ -88,6 +105,48 @@ class WhoIs:
         return bool(self.tags)
 
 
+@dataclass(frozen=True)
+class Change:
+    """tailscaled announced that something an identity depends on may have changed.
+
+    ``everything``: any device's answer may differ (a new netmap, our own node, the login
+    state, user profiles, or the watch just (re)connected and may have missed notices).
+    Otherwise only the devices in ``nodes`` (StableIDs) changed."""
+
+    everything: bool = False
+    nodes: frozenset[str] = frozenset()
+
+
+class Tailnet(Protocol):
+    """What the server needs from tailscaled. ``LocalAPI`` is the real one."""
+
+    async def status(self) -> Status: ...
+
+    async def whois(self, addr: str) -> WhoIs:
+        """Who is behind ``ip:port``; PeerNotFound when nobody (not a tailnet connection),
+        LocalAPIUnavailable/TailnetError when tailscaled cannot say."""
+        ...
+
+    def watch(self) -> AsyncIterator[Change]:
+        """Changes as tailscaled announces them; the first one is ``everything``. Ends (or
+        raises TailnetError) when the connection to tailscaled is lost."""
+        ...
+
+
+def parse_notice(data: Mapping[str, Any]) -> Change | None:
+    """What an IPN bus notice means for identities; None when it cannot change any."""
+    if data.get("SelfChange") or data.get("State") is not None or data.get("UserProfiles") \
+            or data.get("PeersRemoved") or data.get("NetMap") or data.get("LoginFinished"):
+        return Change(everything=True)
+    changed = data.get("PeersChanged") or ()
+    nodes = frozenset(str(n.get("StableID", "")) for n in changed if isinstance(n, dict))
+    if not nodes:
+        return None
+    if "" in nodes:
+        return Change(everything=True)
+    return Change(nodes=nodes)
+
+
 def _peer_from(d: Mapping[str, Any], users: Mapping[str, Any]) -> PeerInfo:
     user = users.get(str(d.get("UserID")), {}) if users else {}
     return PeerInfo(
@@ -98,6 +157,7 @@ def _peer_from(d: Mapping[str, Any], users: Mapping[str, Any]) -> PeerInfo:
         last_seen=str(d.get("LastSeen", "")),
         login=str(user.get("LoginName", "")),
         tags=tuple(d.get("Tags") or ()),
+        node_id=str(d.get("ID", "")),
     )
 
 
@@ -134,7 +194,7 @@ def parse_grpc_peer(peer: str) -> tuple[str, int]:
     """Turn grpc's ``context.peer()`` into (host, port).
 
     Forms: ``ipv4:127.0.0.1:33634``, ``ipv6:[::1]:56980``, ``ipv6:%5B::1%5D:56980``.
-    Raises InvalidPeer (a ValueError) for anything else, e.g. ``unix:...``.
+    Raises ValueError for anything else, e.g. ``unix:...``.
     """
     kind, _, rest = peer.partition(":")
     rest = urllib.parse.unquote(rest)
@@ -203,12 +263,19 @@ class LocalAPI:
         """WhoIs for ``ip:port`` (``[v6]:port``). Raises PeerNotFound when there is no match."""
         return parse_whois(await self._get_json("/localapi/v0/whois", {"addr": addr}))
 
-    async def watch(self, mask: int = 2 | 8) -> AsyncIterator[dict[str, Any]]:
-        """Stream IPN bus notifications (default mask: initial state + netmap).
+    async def watch(self) -> AsyncIterator[Change]:
+        """The IPN bus as ``Change`` notices (see WATCH_MASK). The first notice is
+        ``Change(everything=True)``. Ends or raises LocalAPIUnavailable/TailnetError when the
+        connection drops; the caller decides whether to reconnect."""
+        first = True
+        async for data in self.watch_raw(WATCH_MASK):
+            change = Change(everything=True) if first else parse_notice(data)
+            first = False
+            if change is not None:
+                yield change
 
-        Yields one dict per notification until the connection drops, then raises
-        LocalAPIUnavailable. The caller decides whether to reconnect.
-        """
+    async def watch_raw(self, mask: int) -> AsyncIterator[dict[str, Any]]:
+        """Stream IPN bus notifications, one dict each, until the connection drops."""
         try:
             async with self._client.stream(
                 "GET", "/localapi/v0/watch-ipn-bus", params={"mask": str(mask)},
@@ -218,7 +285,10 @@ class LocalAPI:
                     raise TailnetError(f"watch-ipn-bus answered {r.status_code}")
                 async for line in r.aiter_lines():
                     if line.strip():
-                        yield json.loads(line)
+                        try:
+                            yield json.loads(line)
+                        except json.JSONDecodeError as e:
+                            raise TailnetError("watch-ipn-bus sent invalid JSON") from e
         except (httpx.TransportError, OSError) as e:
             raise self._unavailable(e) from e
 
@@ -255,7 +325,7 @@ class LocalAPI:
         return reader, writer
 
 
-async def wait_running(api: LocalAPI, timeout: float, *, progress: Any = None) -> Status:
+async def wait_running(api: Tailnet, timeout: float, *, progress: Any = None) -> Status:
     """Poll status until tailscaled is Running with an address, or raise with advice.
 
     ``progress(msg)`` is called when the state changes so people see what we wait for.

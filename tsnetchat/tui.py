@@ -16,6 +16,7 @@ from prompt_toolkit import PromptSession, print_formatted_text
 from prompt_toolkit.formatted_text import FormattedText
 from prompt_toolkit.patch_stdout import patch_stdout
 
+from . import render
 from .client import Connection, RoomSession, connect
 from .config import ROOM_RE
 from .pb import chat_pb2 as pb
@@ -39,14 +40,17 @@ def say(*parts: tuple[str, str]) -> None:
 
 def show_message(m: pb.ChatMessage, current: str) -> None:
     t = time.strftime("%H:%M", time.localtime(m.sent_unix_ms / 1000))
-    who = m.sender.display_name or m.sender.login
+    who = render.who(m.sender)
+    first, *more = render.lines(m.text)
     prefix = [("ansibrightblack", f"{t} ")]
     if m.room != current:
         prefix.append(("ansibrightblack", f"[{m.room}] "))
     if m.kind == pb.MESSAGE_KIND_ACTION:
-        say(*prefix, (f"{colour(m.sender.login)} italic", f"* {who} {m.text}"))
+        say(*prefix, (f"{colour(m.sender.login)} italic", f"* {who} {first}"))
     else:
-        say(*prefix, (f"{colour(m.sender.login)} bold", f"<{who}>"), ("", f" {m.text}"))
+        say(*prefix, (f"{colour(m.sender.login)} bold", f"<{who}>"), ("", f" {first}"))
+    for line in more:  # visibly not a message of its own (render.py)
+        say(("ansibrightblack", render.continuation(len(t))), ("", line))
 
 
 class ChatUI:
@@ -86,19 +90,20 @@ class ChatUI:
             if ev.kind == "message" and ev.message is not None:
                 show_message(ev.message, self.current)
             elif ev.kind == "welcome" and ev.welcome is not None:
-                self.members[s.room] = [m.display_name or m.login for m in ev.welcome.members]
+                self.members[s.room] = [render.who(m) for m in ev.welcome.members]
                 if s.reconnects == 0:
-                    say(("ansibrightblack", f"-- joined #{s.room} as {ev.welcome.you.login} "
+                    me = render.name(ev.welcome.you.login)
+                    say(("ansibrightblack", f"-- joined #{s.room} as {me} "
                                             f"({len(ev.welcome.members)} here)"))
                 else:
                     say(("ansibrightblack", f"-- reconnected to #{s.room}"))
             elif ev.kind == "presence" and ev.presence is not None:
                 p = ev.presence
-                self.members[s.room] = [m.display_name or m.login for m in p.members]
+                self.members[s.room] = [render.who(m) for m in p.members]
                 verb = "joined" if p.kind == pb.PRESENCE_KIND_JOINED else "left"
                 if p.who.login and (p.kind == pb.PRESENCE_KIND_LEFT or
                                     p.who.login != self.info_login):
-                    say(("ansibrightblack", f"-- {p.who.display_name or p.who.login} {verb} "
+                    say(("ansibrightblack", f"-- {render.who(p.who)} {verb} "
                                             f"#{p.room}"))
             elif ev.kind == "error":
                 say(("ansired", f"!! {ev.text}"))
@@ -138,7 +143,7 @@ class ChatUI:
             say(("", HELP))
         elif cmd == "me" and arg and self.current:
             self.rooms[self.current].send(arg, pb.MESSAGE_KIND_ACTION)
-        elif cmd == "join" and ROOM_RE.match(arg):
+        elif cmd == "join" and ROOM_RE.fullmatch(arg):
             await self.join(arg)
         elif cmd == "join":
             say(("ansired", "!! /join ROOM (a-z, 0-9, -, _)"))
@@ -160,7 +165,7 @@ class ChatUI:
             if cmd == "rooms":
                 rooms = await conn.list_rooms()
                 for r in rooms.rooms:
-                    who = ", ".join(m.display_name or m.login for m in r.members)
+                    who = ", ".join(render.who(m) for m in r.members)
                     here = f"  here: {who}" if who else ""
                     say(("", f"#{r.name}"), ("ansibrightblack", f"  {r.last_id} messages{here}"))
             else:
@@ -199,8 +204,8 @@ async def run_tui(server: str, room: str, *, token: str, socket: str, proxy: str
     ui.info_login = me.identity.login
     session: PromptSession[str] = PromptSession(bottom_toolbar=ui.toolbar, refresh_interval=0.5)
     ui.session = session
-    say(("ansibrightblack", f"tsnetchat: {me.identity.login} on {me.identity.node}; "
-                            "/help for commands"))
+    say(("ansibrightblack", f"tsnetchat: {render.name(me.identity.login)} on "
+                            f"{render.name(me.identity.node)}; /help for commands"))
     with patch_stdout(raw=True):
         await ui.join(room)
         try:

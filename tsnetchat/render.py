@@ -1,0 +1,74 @@
+"""How text that came from someone else is checked and shown: one rule for the server, for
+`tsnetchat history`/`tail`, and for the terminal client.
+
+* ``UNSAFE``: characters that would let one person rewrite another's terminal: C0 and C1
+  controls (except tab and newline), DEL, lone surrogates, and the bidi embedding, override
+  and isolate characters. The server refuses messages that contain them; names are shown
+  with each one replaced by ``?``.
+* ``is_blank``: text made only of whitespace and characters that show nothing (zero-width
+  space, joiners, BOM, variation selectors, Hangul fillers ...): an invisible message.
+* ``name``: a display name or device name fit to show: one line, unsafe and invisible
+  characters replaced by ``?`` (so ``Ali\\u200bce`` does not pass for ``Alice``), at most
+  ``NAME_MAX`` characters.
+* ``lines``/``plain``: a message as lines; every line after the first starts with
+  ``CONTINUATION`` after blank space, so no line of a message can pass for a message of its
+  own (those start with ``[time]``).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff\u202a-\u202e\u2066-\u2069]")
+
+# Unicode's Default_Ignorable_Code_Point set (they render as nothing), plus the braille
+# blank, which renders as an empty cell.
+_INVISIBLE = ("\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f"
+              "\u202a-\u202e\u2060-\u206f\u2800\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff0-\ufff8"
+              "\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0000-\U000e0fff")
+_BLANK = re.compile(f"[\\s{_INVISIBLE}]*")
+_NAME_BAD = re.compile(f"[\\s{_INVISIBLE}\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+NAME_MAX = 64
+CONTINUATION = "| "
+
+
+def is_blank(text: str) -> bool:
+    """True when ``text`` shows nothing: only whitespace and invisible characters."""
+    return _BLANK.fullmatch(text) is not None
+
+
+def name(shown: str, fallback: str = "") -> str:
+    """``shown`` made safe to print as a name (see the module doc), or ``fallback`` (made
+    safe the same way) when nothing visible is left."""
+    clean = _NAME_BAD.sub(lambda m: " " if m.group() == " " else "?", shown).strip()
+    if not clean or set(clean) <= {"?", " "}:
+        return name(fallback) if fallback else "?"
+    return clean if len(clean) <= NAME_MAX else clean[:NAME_MAX - 1] + "…"
+
+
+def who(identity: Any) -> str:
+    """How a sender (a ``tsnetchat.v1.Identity``) is named on screen."""
+    return name(str(identity.display_name), str(identity.login))
+
+
+def lines(text: str) -> list[str]:
+    """A message's lines, each safe to print (unsafe characters replaced by ``?``)."""
+    return UNSAFE.sub("?", text).split("\n")
+
+
+def continuation(width: int) -> str:
+    """The start of a message's second and later lines: ``width`` blanks, then the mark."""
+    return " " * width + CONTINUATION
+
+
+def plain(m: Any, clock: str = "%H:%M:%S") -> str:
+    """A ``tsnetchat.v1.ChatMessage`` as text lines: ``[time] <who> text``, or
+    ``[time] * who text`` for an action; later lines marked as continuations."""
+    stamp = f"[{time.strftime(clock, time.localtime(m.sent_unix_ms / 1000))}]"
+    first, *rest = lines(m.text)
+    head = f"{stamp} * {who(m.sender)} {first}" if m.kind == 2 else (
+        f"{stamp} <{who(m.sender)}> {first}")
+    return "\n".join([head, *(continuation(len(stamp)) + line for line in rest)])

@@ -1,0 +1,106 @@
+"""Token buckets: per person (messages, calls), per connection and per device (refusals), and
+for the log (refusal lines).
+
+A bucket holds at most ``burst`` tokens and refills at ``rate`` per second. ``Buckets`` keeps
+one per key and forgets keys whose bucket is full again (a full bucket is the same as a new
+one), so a stream of one-off keys (connections) costs memory only while they are active.
+``configure`` changes the numbers of every bucket, existing ones included (a SIGHUP reload).
+"""
+
+from __future__ import annotations
+
+import time
+
+
+class TokenBucket:
+    """``burst`` tokens, refilled at ``rate`` per second."""
+
+    __slots__ = ("burst", "rate", "stamp", "tokens")
+
+    def __init__(self, burst: int, rate: float) -> None:
+        self.burst, self.rate = float(burst), rate
+        self.tokens = float(burst)
+        self.stamp = time.monotonic()
+
+    def _refill(self, now: float) -> None:
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+
+    def take(self) -> float:
+        """Take one token; returns 0 on success or the seconds until one is available."""
+        self._refill(time.monotonic())
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return 0.0
+        return (1 - self.tokens) / self.rate
+
+    def wait(self) -> float:
+        """Seconds until a token is available (0: now), taking nothing."""
+        self._refill(time.monotonic())
+        return 0.0 if self.tokens >= 1 else (1 - self.tokens) / self.rate
+
+    def configure(self, burst: int, rate: float) -> None:
+        """New numbers from now on; the tokens already held are kept (up to the new burst)."""
+        self._refill(time.monotonic())
+        self.burst, self.rate = float(burst), rate
+        self.tokens = min(self.tokens, self.burst)
+
+    @property
+    def full(self) -> bool:
+        self._refill(time.monotonic())
+        return self.tokens >= self.burst
+
+
+class Buckets:
+    """One TokenBucket per key, all with the same numbers."""
+
+    SWEEP_EVERY = 1024  # takes between sweeps of full buckets
+
+    def __init__(self, burst: int, rate: float) -> None:
+        self.burst, self.rate = burst, rate
+        self._b: dict[str, TokenBucket] = {}
+        self._ops = 0
+
+    def get(self, key: str) -> TokenBucket:
+        b = self._b.get(key)
+        if b is None:
+            b = self._b[key] = TokenBucket(self.burst, self.rate)
+            self._ops += 1
+            if self._ops >= self.SWEEP_EVERY:
+                self._ops = 0
+                self._b = {k: v for k, v in self._b.items() if v is b or not v.full}
+        return b
+
+    def take(self, key: str) -> float:
+        return self.get(key).take()
+
+    def wait(self, key: str) -> float:
+        b = self._b.get(key)
+        return 0.0 if b is None else b.wait()
+
+    def configure(self, burst: int, rate: float) -> None:
+        self.burst, self.rate = burst, rate
+        for b in self._b.values():
+            b.configure(burst, rate)
+
+    def __len__(self) -> int:
+        return len(self._b)
+
+
+class LogLimiter:
+    """At most ``burst`` lines at once and ``rate`` per second after that; ``allow()`` says
+    whether to log now, ``skipped()`` how many were dropped since the last line logged."""
+
+    def __init__(self, burst: int = 20, rate: float = 2.0) -> None:
+        self._bucket = TokenBucket(burst, rate)
+        self._skipped = 0
+
+    def allow(self) -> bool:
+        if self._bucket.take():
+            self._skipped += 1
+            return False
+        return True
+
+    def skipped(self) -> int:
+        n, self._skipped = self._skipped, 0
+        return n
