@@ -10,8 +10,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import copy
+import dataclasses
 import json
+import logging
 import os
+import signal
+import stat
 import subprocess
 import sys
 import time
@@ -22,7 +26,18 @@ import grpc
 import jwt
 import pytest
 import tailnet_lab
-from helpers import LabChat, first_of, free_port, hello_events, refused
+from helpers import (
+    CLI,
+    LabChat,
+    first_of,
+    free_port,
+    fresh_channel_options,
+    hello_events,
+    lab_server,
+    policy_changed,
+    refused,
+    start_daemon,
+)
 
 from tsnetchat import auth
 from tsnetchat.config import load_config
@@ -232,28 +247,16 @@ async def test_room_outside_the_grant(lab_chat: LabChat) -> None:
 
 
 @pytest.mark.server_config(require_grant=True)
-async def test_grant_removed_from_policy_takes_access_away(lab_chat: LabChat) -> None:
+async def test_a_new_connection_after_the_grant_is_removed_is_refused(lab_chat: LabChat) -> None:
     conn = await lab_chat.connect("bob-laptop", lab_chat.token(BOB))
     assert (await conn.whoami()).identity.login == BOB
-    lab = lab_chat.lab
-    policy = tailnet_lab.default_policy()
-    narrowed = copy.deepcopy(policy)
+    narrowed = copy.deepcopy(tailnet_lab.default_policy())
     narrowed["grants"] = [g for g in narrowed["grants"] if g["src"] != ["bob@"]]
-    lab.write_policy(narrowed)
-    try:
-        code = None
-        for _ in range(60):
-            conn2 = await lab_chat.connect("bob-laptop", lab_chat.token(BOB))
-            try:
-                await conn2.whoami()
-            except grpc.aio.AioRpcError as e:
-                code, details = e.code(), e.details()
-                break
-            await asyncio.sleep(0.5)
-        assert code == grpc.StatusCode.PERMISSION_DENIED
-        assert "no app capability grant" in details
-    finally:
-        lab.write_policy(policy)
+    async with policy_changed(lab_chat.lab, narrowed):  # returns once chat-server has it
+        fresh = await lab_chat.connect("bob-laptop", lab_chat.token(BOB))
+        e = await refused(fresh.whoami())
+        assert e.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "no app capability grant" in e.details()
 
 
 @pytest.mark.server_config(require_grant=True)
@@ -328,3 +331,337 @@ def test_secret_key_file_with_open_permissions_refuses_to_start(tmp_path: Path,
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 3
     assert "chmod 600" in proc.stderr
+
+
+# --- every refusal is cheap and quiet -----------------------------------------------------
+
+
+async def test_crafted_token_headers_from_a_peer_without_the_key_are_refused_in_words(
+        lab_chat: LabChat, caplog: pytest.LogCaptureFixture) -> None:
+    """The attack: unsigned tokens whose headers PyJWT chokes on (``crit``, an integer
+    ``kid``) used to end in UNKNOWN with Python's exception text and a 2 KB traceback in the
+    journal per call. Now: the token lock refuses them, in words, and nothing is logged
+    with a traceback."""
+    caplog.set_level(logging.DEBUG)
+    conn = await lab_chat.connect("mallory-laptop", "")
+    for header in ({"alg": "HS256", "crit": ["exp"]}, {"alg": "HS256", "kid": 5},
+                   {"alg": "HS256", "kid": {"url": "x"}}, {"alg": "HS256", "b64": False}):
+        tok = f"{b64(header)}.{b64(claims())}.c2lnbmF0dXJl"
+        e = await refused(conn.stub.WhoAmI(pb.WhoAmIRequest(),
+                                           metadata=(("authorization", f"Bearer {tok}"),)))
+        assert e.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert e.details().startswith("token lock: the token's header has fields")
+    assert not [r for r in caplog.records if r.exc_info] and "Traceback" not in caplog.text
+
+
+async def test_tokens_signed_with_the_real_key_but_off_the_contract_are_refused(
+        lab_chat: LabChat) -> None:
+    """Signed with the server's own key (a bug in another issuer, or an insider), but with
+    headers or claims tsnetchat never issues: refused, on the strict side."""
+    key = lab_chat.cfg.key_path.read_bytes().strip()
+    no_rooms = claims()
+    del no_rooms["rooms"]
+    cases = [(forge(claims(), key, kid="key-1"), "header has fields"),
+             (forge(claims(), key, jku="http://evil.example/keys"), "header has fields"),
+             (forge(no_rooms, key), "lacks the 'rooms' claim"),
+             (forge(claims(exp=str(int(time.time()) + 600)), key), "'exp' claim is not a time"),
+             (forge(claims(exp=2**63 + 5), key), "'exp' claim is not a time")]
+    for tok, why in cases:
+        conn = await lab_chat.connect("alice-laptop", tok)
+        e = await refused(conn.whoami())
+        assert e.code() == grpc.StatusCode.UNAUTHENTICATED and why in e.details(), e.details()
+
+
+async def test_a_flood_of_junk_tokens_is_refused_without_whois_and_soon_unread(
+        lab_chat: LabChat, caplog: pytest.LogCaptureFixture) -> None:
+    """The attack: thousands of refused calls per second from one peer, each a log line and
+    (for junk JWTs) a WhoIs. Now the cheap checks come first (no WhoIs for a bad token),
+    the connection's refusal budget runs out (the rest are refused unread), and the log
+    gets a few lines, not one per call."""
+    caplog.set_level(logging.INFO, "tsnetchat")
+    gate = lab_chat.server.gate
+    whois_before = gate.whois_calls
+    conn = await lab_chat.connect("mallory-laptop", "")
+    codes = []
+    for i in range(300):
+        junk = forge(claims(jti=f"junk{i}"), b"not the key" * 4)
+        try:
+            await conn.stub.WhoAmI(pb.WhoAmIRequest(),
+                                   metadata=(("authorization", f"Bearer {junk}"),))
+        except grpc.aio.AioRpcError as e:
+            codes.append(e.code())
+    assert gate.whois_calls == whois_before
+    assert set(codes[:5]) == {grpc.StatusCode.UNAUTHENTICATED}
+    assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 250
+    lines = [r for r in caplog.records if r.name == "tsnetchat.gate"]
+    assert len(lines) <= 25
+
+
+async def test_a_stolen_token_tried_over_many_connections_runs_out_the_devices_budget(
+        lab_chat: LabChat) -> None:
+    """A new connection per try resets nothing: once mallory's device has collected its
+    refusals, its new connections are refused unread after one WhoIs each."""
+    stolen = lab_chat.token(ALICE)
+    codes = []
+    for _ in range(40):
+        conn = await lab_chat.connect("mallory-laptop", stolen)
+        codes.append((await refused(conn.whoami())).code())
+        await conn.close()
+    assert codes[0] == grpc.StatusCode.UNAUTHENTICATED
+    assert codes[-1] == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # ...while alice, on her own device, is not affected.
+    mine = await lab_chat.connect("alice-laptop", lab_chat.token(ALICE))
+    assert (await mine.whoami()).identity.login == ALICE
+
+
+async def test_held_health_watches_are_bounded_even_from_plain_loopback(
+        lab_chat: LabChat) -> None:
+    """The attack: Health.Watch needs no token; 3,000 held from plain loopback (no tailnet at
+    all) cost the server 62 MiB. Now: a few per connection, and a bound for all."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from tsnetchat.server import MAX_HEALTH_WATCHES, MAX_HEALTH_WATCHES_PER_CONNECTION
+
+    channels, held = [], []
+    try:
+        def watch(ch: grpc.aio.Channel) -> Any:
+            return health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest())
+
+        one = grpc.aio.insecure_channel(f"127.0.0.1:{lab_chat.port}",
+                                        options=fresh_channel_options)
+        channels.append(one)
+        for _ in range(MAX_HEALTH_WATCHES_PER_CONNECTION):
+            held.append(watch(one))
+            assert (await held[-1].read()).status == health_pb2.HealthCheckResponse.SERVING
+        e = await refused(watch(one).read())
+        assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "health watches" in e.details()
+        while len(held) < MAX_HEALTH_WATCHES:
+            ch = grpc.aio.insecure_channel(f"127.0.0.1:{lab_chat.port}",
+                                           options=fresh_channel_options)
+            channels.append(ch)
+            for _ in range(MAX_HEALTH_WATCHES_PER_CONNECTION):
+                held.append(watch(ch))
+                await held[-1].read()
+        e = await refused(watch(channels[-1]).read())
+        assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        for call in held:
+            call.cancel()
+        for ch in channels:
+            await ch.close()
+
+
+# --- identities, names and text -----------------------------------------------------------
+
+
+async def test_a_local_process_going_out_through_the_servers_own_node_is_refused(
+        lab_chat: LabChat) -> None:
+    """The attack: a process on the server machine dials the server through the server
+    node's own tailscaled proxy; WhoIs names the server node itself (and its login). Refused
+    by default: the server's own node is not a person's device."""
+    conn = await lab_chat.connect("chat-server", lab_chat.token("chat@tailnet.test"))
+    e = await refused(conn.whoami())
+    assert e.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert e.details().startswith("tailnet lock:") and "server's own node" in e.details()
+
+
+@pytest.mark.server_config(allow_own_node=True)
+async def test_bots_on_the_server_get_in_when_allow_own_node_is_set(lab_chat: LabChat) -> None:
+    conn = await lab_chat.connect("chat-server", lab_chat.token("chat@tailnet.test"))
+    assert (await conn.whoami()).identity.login == "chat@tailnet.test"
+
+
+async def test_a_room_name_with_a_trailing_newline_is_no_room_anywhere(
+        lab_chat: LabChat, tmp_path: Path) -> None:
+    """``general\\n`` used to pass the room rule (``$`` matches before a final newline) and
+    show up as a look-alike of general."""
+    conn = await lab_chat.connect("alice-laptop", lab_chat.token(ALICE))
+    for call in (conn.history("general\n"), first_of(conn.subscribe("general\n"), "message"),
+                 first_of(conn.stub.Join(hello_events("general\n"), metadata=conn.metadata),
+                          "welcome")):
+        e = await refused(call)
+        assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "not a valid room" in e.details()
+    out = subprocess.run([str(CLI), "token", "issue", ALICE, "--room", "general\n",
+                          "--state-dir", str(tmp_path / "other")], capture_output=True, text=True)
+    assert out.returncode == 3 and "invalid room name" in out.stderr
+
+
+async def test_a_kick_with_a_newline_in_the_login_cannot_forge_a_log_line(
+        lab_chat: LabChat, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "tsnetchat")
+    admin = await lab_chat.connect("alice-laptop", lab_chat.token(ALICE, admin=True))
+    forged = "bob\n12:00:00 info tsnetchat.service: revoke token=all by='root' streams=9"
+    await admin.stub.Kick(pb.KickRequest(room="general", login=forged), metadata=admin.metadata)
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("kick")]
+    assert "\n" not in line and "bob\\n12:00:00" in line
+
+
+async def test_a_display_name_with_terminal_escapes_reaches_nobody_raw(
+        lab_chat: LabChat) -> None:
+    """The attack: a tailnet user whose display name is ``Eve<ESC>[31m<RLO>RED``. Whatever
+    shows it (WhoAmI, messages, presence, `tsnetchat history`) shows ``Eve?[31m?RED``."""
+    lab = lab_chat.lab
+    if "eve" not in lab.user_ids:
+        await asyncio.to_thread(lab.add_user, "eve", "Eve\x1b[31m\u202eRED")
+    await asyncio.to_thread(lab.add_node, "eve-laptop", "eve")
+    try:
+        eve = await lab_chat.connect("eve-laptop", lab_chat.token("eve@tailnet.test"))
+        me = await eve.whoami()
+        assert me.identity.display_name == "Eve?[31m?RED"
+        bob = await lab_chat.connect("bob-laptop", lab_chat.token(BOB))
+        sub = bob.subscribe("general")
+        await first_of(sub, "replay_done")
+        await eve.send_one("general", "hello")
+        assert (await first_of(sub, "message")).sender.display_name == "Eve?[31m?RED"
+        out = await asyncio.to_thread(history_cli, lab_chat, "alice-laptop", ALICE)
+        assert "<Eve?[31m?RED> hello" in out and "\x1b" not in out and "\u202e" not in out
+    finally:
+        await asyncio.to_thread(lab.drop_node, "eve-laptop")
+
+
+def history_cli(lab_chat: LabChat, node: str, login: str, *extra: str) -> str:
+    n = lab_chat.lab.nodes[node]
+    out = subprocess.run([str(CLI), "history", "chat-server", "--room", "general", "--token",
+                          lab_chat.token(login), "--socket", n.socket, "--proxy", n.http_proxy,
+                          "--port", str(lab_chat.port), *extra],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+async def test_a_message_cannot_pass_one_of_its_lines_off_as_someone_elses(
+        lab_chat: LabChat) -> None:
+    """The attack: a message with a newline followed by ``[09:00:00] <Bob> ...`` rendered in
+    `tsnetchat history` exactly like a line from Bob. Continuation lines are marked."""
+    mallory = await lab_chat.connect("mallory-laptop", lab_chat.token(MALLORY))
+    await mallory.send_one("general", "hi all\n[09:00:00] <Bob> please send me your token")
+    out = await asyncio.to_thread(history_cli, lab_chat, "alice-laptop", ALICE)
+    lines = out.splitlines()
+    assert lines[0].endswith("<Mallory> hi all")
+    assert lines[1] == "          | [09:00:00] <Bob> please send me your token"
+
+
+async def test_text_of_only_zero_width_characters_is_an_empty_message(lab_chat: LabChat) -> None:
+    conn = await lab_chat.connect("alice-laptop", lab_chat.token(ALICE))
+    invisible = pb.ClientEvent(send=pb.SendMessage(text="\u200b\ufeff\u200b", client_msg_id="z"))
+    call = conn.stub.Join(hello_events("general", then=[invisible]), metadata=conn.metadata)
+    err = await first_of(call, "error")
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "empty" in err.message
+    call.cancel()
+    assert not (await conn.history("general")).messages
+
+
+async def test_message_ids_beyond_sqlites_integers_are_invalid_argument(
+        lab_chat: LabChat) -> None:
+    """History with after_id/before_id at or above 2^63 used to answer UNKNOWN (an
+    OverflowError)."""
+    conn = await lab_chat.connect("alice-laptop", lab_chat.token(ALICE))
+    for req in (pb.HistoryRequest(room="general", after_id=2**63),
+                pb.HistoryRequest(room="general", before_id=2**64 - 1)):
+        e = await refused(conn.stub.History(req, metadata=conn.metadata))
+        assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "not a message id" in e.details()
+    e = await refused(first_of(conn.subscribe("general", after=2**63), "message"))
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+# --- the server's own files and ports -------------------------------------------------------
+
+
+async def test_serving_from_a_state_dir_others_can_enter_makes_it_and_the_history_private(
+        lab: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The attack: any local user reads history.db (and its WAL) when `serve` runs in an
+    existing 0755 state dir. Now the dir is made 0700 (loudly) and the files are 0600."""
+    caplog.set_level(logging.WARNING, "tsnetchat")
+    state = tmp_path / "state"
+    state.mkdir()
+    state.chmod(0o755)
+    async with lab_server(lab, tmp_path) as lc:
+        conn = await lc.connect("alice-laptop", lc.token(ALICE))
+        await conn.send_one("general", "private")
+        assert stat.S_IMODE(state.stat().st_mode) == 0o700
+        for name in ("tsnetchat.db", "tsnetchat.db-wal", "tsnetchat.db-shm", "jwt.key"):
+            assert stat.S_IMODE((state / name).stat().st_mode) == 0o600, name
+    assert any("open to other users (mode 0755); made it 0700" in r.getMessage()
+               for r in caplog.records)
+    other = tmp_path / "cli-state"
+    out = subprocess.run([str(CLI), "token", "issue", ALICE, "--state-dir", str(other)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert stat.S_IMODE(other.stat().st_mode) == 0o700
+    assert stat.S_IMODE((other / "tsnetchat.db").stat().st_mode) == 0o600
+
+
+async def http_get(host: str, port: int, *, via: str = "", path: str = "/") -> str:
+    """A plain HTTP GET, directly or through a node's HTTP proxy (CONNECT)."""
+    if via:
+        ph, pp = via.rsplit(":", 1)
+        r, w = await asyncio.open_connection(ph, int(pp))
+        w.write(f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
+        await w.drain()
+        head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 10)
+        assert b" 200 " in head.split(b"\r\n")[0], head
+    else:
+        r, w = await asyncio.open_connection(host, port)
+    w.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    await w.drain()
+    data = await asyncio.wait_for(r.read(), 10)
+    w.close()
+    return data.decode(errors="replace")
+
+
+async def test_metrics_are_behind_the_tailnet_lock(lab: Any, tmp_path: Path) -> None:
+    """The attack: in userspace mode the metrics port is on loopback, so any local process
+    could read it. Now only connections that come through tailscaled from another device
+    get an answer."""
+    mport = free_port()
+    async with lab_server(lab, tmp_path, metrics_port=mport) as lc:
+        local = await http_get("127.0.0.1", mport)
+        assert local.startswith("HTTP/1.1 403") and "tailnet lock" in local
+        alice = lc.lab.nodes["alice-laptop"]
+        ok = await http_get("chat-server", mport, via=alice.http_proxy)
+        assert ok.startswith("HTTP/1.1 200") and "tsnetchat_whois_lookups_total" in ok
+        own = await http_get("chat-server", mport, via=lc.lab.nodes["chat-server"].http_proxy)
+        assert own.startswith("HTTP/1.1 403") and "server's own node" in own
+
+
+# --- reloads ---------------------------------------------------------------------------------
+
+
+async def test_a_reload_that_requires_grants_closes_the_open_stream_of_a_user_without_one(
+        lab_chat: LabChat) -> None:
+    mallory = await lab_chat.connect("mallory-laptop", lab_chat.token(MALLORY))
+    sub = mallory.subscribe("general")
+    await first_of(sub, "replay_done")
+    lab_chat.server.reload(dataclasses.replace(lab_chat.cfg, require_grant=True))
+    e = await refused(first_of(sub, "message"))
+    assert e.code() == grpc.StatusCode.PERMISSION_DENIED and "no app capability" in e.details()
+
+
+def test_sighup_gives_people_already_limited_the_new_message_rate(lab: Any,
+                                                                  tmp_path: Path) -> None:
+    """A SIGHUP used to leave the rate buckets of people already seen as they were."""
+    cfg = tmp_path / "config.toml"
+    cfg.write_text("rate_burst = 2\nrate_per_second = 0.001\n")
+    d = start_daemon(lab, tmp_path, "--config", str(cfg))
+    alice = lab.nodes["alice-laptop"]
+    try:
+        d.wait_for("READY=1")
+        tok = d.token(ALICE)
+
+        def send_cli(text: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([str(CLI), "send", "chat-server", text, "--token", tok,
+                                   "--socket", alice.socket, "--port", str(d.port),
+                                   "--proxy", alice.http_proxy],
+                                  capture_output=True, text=True, timeout=60)
+
+        assert [send_cli(f"m{i}").returncode for i in range(2)] == [0, 0]
+        limited = send_cli("m3")
+        assert limited.returncode == 1 and "slow down" in limited.stderr
+        cfg.write_text("rate_burst = 2\nrate_per_second = 1000\n")
+        d.proc.send_signal(signal.SIGHUP)
+        time.sleep(1)
+        assert send_cli("m4").returncode == 0
+    finally:
+        d.proc.terminate()
+        d.proc.wait(timeout=15)
+        d.notify.close()

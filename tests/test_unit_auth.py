@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 from pathlib import Path
 
 import pytest
@@ -79,3 +80,84 @@ def test_key_file_is_created_private_and_refused_when_open(tmp_path: Path) -> No
     path.chmod(0o640)
     with pytest.raises(ConfigError, match="chmod 600"):
         auth.load_or_create_key(path)
+
+
+# --- tokens: strict, and nothing a client sends raises anything else -------------------
+
+
+def _b64(d: object) -> str:
+    import base64
+    import json
+
+    return base64.urlsafe_b64encode(json.dumps(d).encode()).rstrip(b"=").decode()
+
+
+def _claims(**over: object) -> dict[str, object]:
+    base: dict[str, object] = {"sub": "alice@t", "rooms": ["general"], "admin": False,
+                               "jti": "j1", "iat": 1000, "nbf": 1000, "exp": 2000,
+                               "iss": "tsnetchat", "aud": "tsnetchat"}
+    base.update(over)
+    return {k: v for k, v in base.items() if v is not None}
+
+
+@pytest.mark.parametrize("header", [
+    {"alg": "HS256", "crit": ["exp"]}, {"alg": "HS256", "kid": 5}, {"alg": "HS256", "kid": "k"},
+    {"alg": "HS256", "jku": "http://evil/"}, {"alg": "HS256", "typ": "JWS"},
+    {"alg": "HS256", "b64": False}, {"alg": ["HS256"]}, {"alg": None}, [1, 2], "x", 5,
+])
+def test_any_header_but_ours_is_refused_in_words(header: object) -> None:
+    import jwt
+
+    key = b"k" * 64
+    body = _b64(_claims())
+    signing = f"{_b64(header)}.{body}"
+    sig = jwt.utils.base64url_encode(  # a valid HMAC over what was sent
+        hmac.new(key, signing.encode(), "sha256").digest()).decode()
+    with pytest.raises(Unauthenticated, match=r"^token lock: "):
+        auth.verify_token(key, f"{signing}.{sig}", now=1500)
+
+
+@pytest.mark.parametrize("over,why", [
+    ({"rooms": None}, "lacks the 'rooms'"), ({"admin": None}, "lacks the 'admin'"),
+    ({"exp": "2000"}, "'exp' claim is not a time"), ({"exp": 2**63 + 5}, "not a time"),
+    ({"iat": 1.5}, "'iat' claim is not a time"), ({"exp": True}, "not a time"),
+    ({"rooms": "general"}, "rooms claim"), ({"rooms": []}, "rooms claim"),
+    ({"rooms": ["general\n"]}, "rooms claim"), ({"admin": 1}, "admin claim"),
+    ({"sub": "eve\x1b[31m"}, "subject"), ({"sub": 5}, "subject"), ({"jti": 5}, "token's id"),
+    ({"jti": "x" * 65}, "token's id"), ({"aud": ["tsnetchat"]}, "not issued for"),
+    ({"extra": 1}, "claims tsnetchat does not issue"),
+])
+def test_claims_off_the_contract_are_refused_though_signed_with_the_real_key(
+        over: dict[str, object], why: str) -> None:
+    import jwt
+
+    key = b"k" * 64
+    tok = jwt.encode(_claims(**over), key, algorithm="HS256")
+    with pytest.raises(Unauthenticated, match=why.replace("(", r"\(")):
+        auth.verify_token(key, tok, now=1500)
+
+
+@pytest.mark.parametrize("token", ["", ".", "..", "a.b.c", "x" * 4096, "é.é.é", "=.=.=",
+                                   f"{_b64({'alg': 'HS256'})}.bm90IGpzb24.x",
+                                   f"{_b64({'alg': 'HS256'})}.{_b64([1])}.x"])
+def test_garbage_tokens_raise_only_unauthenticated(token: str) -> None:
+    with pytest.raises(Unauthenticated, match=r"^token lock: "):
+        auth.verify_token(b"k" * 64, token, now=1500)
+
+
+def test_a_token_as_issued_verifies_and_says_what_it_carries() -> None:
+    key = b"k" * 64
+    tok, issued = auth.issue_token(key, "tag:bot", ["general", "ops"], admin=True,
+                                   ttl_seconds=60, now=1000)
+    assert auth.verify_token(key, tok, now=1000) == issued
+
+
+def test_rotating_the_key_refuses_tokens_signed_with_the_old_one(tmp_path: Path) -> None:
+    path = tmp_path / "jwt.key"
+    old = auth.load_or_create_key(path)
+    tok, _ = auth.issue_token(old, "alice@t", [], ttl_seconds=60)
+    auth.rotate_key(path)
+    new = auth.load_or_create_key(path)
+    assert new != old and oct(path.stat().st_mode & 0o777) == "0o600"
+    with pytest.raises(Unauthenticated, match="signature"):
+        auth.verify_token(new, tok)

@@ -24,3 +24,24 @@ def test_grpc_peer_strings_parse(peer: str, expect: tuple[str, int]) -> None:
 def test_non_ip_peers_are_rejected(peer: str) -> None:
     with pytest.raises(ValueError):
         parse_grpc_peer(peer)
+
+
+# --- IPN bus notices ----------------------------------------------------------------------
+
+from tsnetchat.tailnet import Change, parse_notice  # noqa: E402
+
+
+@pytest.mark.parametrize("notice,expect", [
+    ({"Version": "1.102.3"}, None),
+    ({"PeerChangedPatch": [{"NodeID": 3, "Online": True}]}, None),
+    ({"SelfChange": {"ID": 1}}, Change(everything=True)),
+    ({"State": 6}, Change(everything=True)),
+    ({"PeersRemoved": [3]}, Change(everything=True)),
+    ({"UserProfiles": {"1": {"LoginName": "a"}}}, Change(everything=True)),
+    ({"PeersChanged": [{"ID": 3, "StableID": "n3"}, {"ID": 4, "StableID": "n4"}]},
+     Change(nodes=frozenset({"n3", "n4"}))),
+    ({"PeersChanged": [{"ID": 3}]}, Change(everything=True)),
+])
+def test_bus_notices_say_which_identities_may_have_changed(notice: dict[str, object],
+                                                           expect: Change | None) -> None:
+    assert parse_notice(notice) == expect

@@ -182,7 +182,8 @@ def verify_token(key: bytes, token: str, *, now: float | None = None) -> Claims:
         # Only the signature is PyJWT's to check; every claim is checked below, strictly.
         payload = jwt.decode(token, key, algorithms=[ALGORITHM], options={
             "verify_signature": True, "verify_exp": False, "verify_nbf": False,
-            "verify_iat": False, "verify_aud": False, "verify_iss": False, "require": []})
+            "verify_iat": False, "verify_aud": False, "verify_iss": False, "verify_sub": False,
+            "verify_jti": False, "require": []})
     except jwt.InvalidSignatureError:
         raise _refuse("the token's signature does not match this server's key (issued by "
                       "another server or before the key was rotated, or altered)") from None

@@ -68,7 +68,7 @@ log = logging.getLogger("tsnetchat.gate")
 WHOIS_SLOTS = 16  # WhoIs lookups in flight at once; the others wait (within whois_timeout)
 # Refusals one connection, and one device, may collect before it is refused unread.
 CONN_REFUSALS = (10, 1.0)  # (burst, per second)
-NODE_REFUSALS = (30, 3.0)
+NODE_REFUSALS = (20, 1.0)
 BLIND_INTERVAL = 1.0  # seconds between re-checks while tailscaled's IPN bus is not followed
 SETTLE = 0.05  # changes arriving this close together are handled in one round
 REVOKED = "token lock: your token was revoked; ask an admin for a new one"

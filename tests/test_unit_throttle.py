@@ -1,0 +1,36 @@
+"""Token buckets (tsnetchat.throttle): reconfigurable, and forgetful of idle keys."""
+
+from __future__ import annotations
+
+from tsnetchat.throttle import Buckets, LogLimiter, TokenBucket
+
+
+def test_a_reconfigured_bucket_refills_at_the_new_rate_from_now_on() -> None:
+    b = TokenBucket(2, 0.001)
+    assert b.take() == 0 and b.take() == 0 and b.take() > 100
+    b.configure(10, 1e6)  # a SIGHUP raised the rate
+    assert b.take() == 0
+
+
+def test_buckets_apply_new_numbers_to_existing_keys_and_forget_full_ones() -> None:
+    bs = Buckets(1, 0.001)
+    assert bs.take("alice") == 0 and bs.take("alice") > 0
+    bs.configure(5, 1e6)
+    assert bs.take("alice") == 0
+    bs.SWEEP_EVERY = 4
+    for i in range(8):
+        bs.get(f"idle{i}")
+    assert len(bs) < 8  # full (unused) buckets are dropped on a sweep
+
+
+def test_wait_takes_nothing() -> None:
+    bs = Buckets(1, 0.001)
+    assert bs.wait("x") == 0 and bs.wait("x") == 0
+    bs.take("x")
+    assert bs.wait("x") > 0
+
+
+def test_the_log_limiter_counts_what_it_drops() -> None:
+    lim = LogLimiter(burst=2, rate=0.001)
+    assert [lim.allow() for _ in range(5)] == [True, True, False, False, False]
+    assert lim.skipped() == 3 and lim.skipped() == 0
