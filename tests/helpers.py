@@ -230,16 +230,23 @@ class LocalAPIRelay:
         self.target, self.path = target, path
         self._server: asyncio.base_events.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._handlers: set[asyncio.Task[Any]] = set()
 
     async def resume(self) -> None:
         async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            self._handlers.add(task)
             try:
-                ur, uw = await asyncio.open_unix_connection(self.target)
-            except OSError:
-                w.close()
-                return
-            self._writers.update((w, uw))
-            await splice((r, w), (ur, uw))
+                try:
+                    ur, uw = await asyncio.open_unix_connection(self.target)
+                except OSError:
+                    w.close()
+                    return
+                self._writers.update((w, uw))
+                await splice((r, w), (ur, uw))
+            finally:
+                self._handlers.discard(task)
 
         self._server = await asyncio.start_unix_server(handle, self.path)
 
@@ -250,6 +257,8 @@ class LocalAPIRelay:
         for w in list(self._writers):
             w.transport.abort()
         self._writers.clear()
+        if self._handlers:  # let them see the end (a handler cancelled at exit logs errors)
+            await asyncio.wait(set(self._handlers), timeout=2)
         if os.path.exists(self.path):
             os.unlink(self.path)
 

@@ -75,20 +75,19 @@ class Pacing:
 
 class CloseKind(enum.Enum):
     OVERFLOW = "overflow"
-    REVOKED = "revoked"
     KICKED = "kicked"
     SHUTDOWN = "shutdown"
     FLOOD = "flood"
     # Authorization decided again while the stream was open (gate.py):
-    REFUSED = "refused"  # a lock no longer passes
+    REFUSED = "refused"  # a lock no longer passes (token revoked or expired, key, device)
     NARROWED = "narrowed"  # the room is no longer allowed
     UNVERIFIED = "unverified"  # tailscaled cannot say who is behind the connection
     DONE = "done"  # the client finished: end the stream normally
 
 
 # Closes that drop what is still queued: nothing more should reach that subscriber.
-_DROPPING = frozenset({CloseKind.OVERFLOW, CloseKind.REVOKED, CloseKind.KICKED, CloseKind.FLOOD,
-                       CloseKind.REFUSED, CloseKind.NARROWED, CloseKind.UNVERIFIED})
+_DROPPING = frozenset({CloseKind.OVERFLOW, CloseKind.KICKED, CloseKind.FLOOD, CloseKind.REFUSED,
+                       CloseKind.NARROWED, CloseKind.UNVERIFIED})
 
 
 @dataclass(frozen=True)

@@ -72,7 +72,6 @@ def status_for(e: BaseException) -> grpc.StatusCode:
 _CLOSE_STATUS = {
     CloseKind.OVERFLOW: grpc.StatusCode.RESOURCE_EXHAUSTED,
     CloseKind.FLOOD: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    CloseKind.REVOKED: grpc.StatusCode.UNAUTHENTICATED,
     CloseKind.KICKED: grpc.StatusCode.PERMISSION_DENIED,
     CloseKind.SHUTDOWN: grpc.StatusCode.UNAVAILABLE,
     CloseKind.REFUSED: grpc.StatusCode.UNAUTHENTICATED,
