@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
-from tsnetchat.errors import PeerNotFound
+from tsnetchat.errors import LocalAPIUnavailable, PeerNotFound, TailnetError
 from tsnetchat.netio import splice
 from tsnetchat.tailnet import Change, PeerInfo, Status, WhoIs
 
@@ -31,7 +33,8 @@ class FakeTailnet:
     whois_addrs: list[str] = field(default_factory=list)  # every WhoIs asked, in order
     _servers: list[asyncio.base_events.Server] = field(default_factory=list)
     _conns: set[asyncio.StreamWriter] = field(default_factory=set)
-    _changes: asyncio.Queue[Change] = field(default_factory=asyncio.Queue)
+    answering: bool = True  # False: WhoIs fails as if tailscaled were gone
+    _changes: asyncio.Queue[Change | None] = field(default_factory=asyncio.Queue)
 
     async def status(self) -> Status:
         return Status(backend_state="Running", tun=False, self_node=SELF, peers=(),
@@ -40,13 +43,32 @@ class FakeTailnet:
     async def watch(self) -> AsyncIterator[Change]:
         yield Change(everything=True)
         while True:
-            yield await self._changes.get()
+            change = await self._changes.get()
+            if change is None:
+                raise TailnetError("the IPN bus went away")
+            yield change
 
     def announce(self, change: Change) -> None:
         """As if tailscaled announced ``change`` on its IPN bus."""
         self._changes.put_nowait(change)
 
+    def announce_everything(self) -> None:
+        self.announce(Change(everything=True))
+
+    def lose_bus(self) -> None:
+        """As if the IPN bus connection broke (the server reconnects)."""
+        self._changes.put_nowait(None)
+
+    def update(self, login: str, **changes: Any) -> None:
+        """Change what WhoIs says about ``login``'s open connections, announcing nothing
+        (as tailscaled does for a packet-filter-only update)."""
+        for port, who in list(self.by_port.items()):
+            if who.login == login:
+                self.by_port[port] = dataclasses.replace(who, **changes)
+
     async def whois(self, addr: str) -> WhoIs:
+        if not self.answering:
+            raise LocalAPIUnavailable("tailscaled's LocalAPI is not answering (stand-in)")
         self.whois_addrs.append(addr)
         port = int(addr.rsplit(":", 1)[1])
         who = self.by_port.get(port)

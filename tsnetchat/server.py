@@ -297,6 +297,9 @@ class Server:
                 log.warning("tailscaled's IPN bus ended; retrying in %.0fs", backoff)
             except TailnetError as e:
                 log.warning("lost tailscaled's IPN bus (%s); retrying in %.0fs", e, backoff)
+            except Exception as e:  # e.g. a failed re-listen: follow the bus again anyway
+                log.error("following tailscaled's IPN bus failed; retrying in %.0fs", backoff,
+                          exc_info=e)
             self.gate.tailnet_lost()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 30)

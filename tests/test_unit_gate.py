@@ -1,0 +1,64 @@
+"""The gate's decisions over time where the lab cannot stage the situation: a change
+tailscaled applies without announcing it, tailscaled going away, a connection that turns
+out to be another device. A stand-in tailnet (fakenet) answers WhoIs; everything else is the
+real server."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from helpers import Chat, first_of, refused, until
+
+GRANT = {"example.com/cap/tsnetchat": [{"rooms": ["general"], "admin": False}]}
+
+
+@pytest.mark.server_config(require_grant=True, recheck_interval=0.3)
+async def test_an_unannounced_grant_removal_is_caught_by_the_periodic_recheck(
+        chat: Chat) -> None:
+    conn = await chat.connect("bob@t", cap_map=GRANT)
+    sub = conn.subscribe("general")
+    await first_of(sub, "replay_done")
+    chat.net.update("bob@t", cap_map={})  # nothing announced on the bus
+    e = await refused(first_of(sub, "message", timeout=10))
+    assert e.code() == grpc.StatusCode.PERMISSION_DENIED and "no app capability" in e.details()
+
+
+async def test_when_tailscaled_stops_answering_open_streams_are_closed_unavailable(
+        chat: Chat) -> None:
+    conn = await chat.connect("bob@t")
+    sub = conn.subscribe("general")
+    await first_of(sub, "replay_done")
+    chat.net.answering = False
+    chat.net.lose_bus()
+    e = await refused(first_of(sub, "message", timeout=10))
+    assert e.code() == grpc.StatusCode.UNAVAILABLE
+    assert "cannot verify your tailnet identity" in e.details()
+    chat.net.answering = True
+    assert (await conn.whoami()).identity.login == "bob@t"
+
+
+async def test_a_connection_whose_source_now_belongs_to_another_device_is_refused(
+        chat: Chat) -> None:
+    conn = await chat.connect("bob@t")
+    sub = conn.subscribe("general")
+    await first_of(sub, "replay_done")
+    chat.net.update("bob@t", node_id="someone-elses-laptop")
+    chat.net.announce_everything()
+    e = await refused(first_of(sub, "message", timeout=10))
+    assert e.code() == grpc.StatusCode.UNAUTHENTICATED and "another device" in e.details()
+
+
+async def test_a_change_announced_for_one_device_asks_again_only_about_that_device(
+        chat: Chat) -> None:
+    from tsnetchat.tailnet import Change
+
+    bob = await chat.connect("bob@t")
+    alice = await chat.connect("alice@t")
+    subs = [bob.subscribe("general"), alice.subscribe("general")]
+    for s in subs:
+        await first_of(s, "replay_done")
+    before = len(chat.net.whois_addrs)
+    rechecks = chat.server.gate.rechecks
+    chat.net.announce(Change(nodes=frozenset({"bob@t-laptop"})))
+    await until(lambda: chat.server.gate.rechecks > rechecks)
+    assert len(chat.net.whois_addrs) == before + 1
