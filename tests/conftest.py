@@ -22,31 +22,19 @@ sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import tailnet_lab  # noqa: E402
-from fakenet import FakeTailnet  # noqa: E402
-from helpers import Chat, LabChat, lab_server, make_config, need  # noqa: E402
+from helpers import Chat, LabChat, chat_server, lab_server, need  # noqa: E402
 
 from tsnetchat.hub import Pacing  # noqa: E402
-from tsnetchat.server import Server  # noqa: E402
 
 
 @pytest.fixture
 async def chat(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Chat]:
     marker = request.node.get_closest_marker("server_config")
     overrides = marker.kwargs if marker else {}
-    cfg = make_config(tmp_path, **overrides)
     marker = request.node.get_closest_marker("pacing")
     pacing = Pacing(**marker.kwargs) if marker else None
-    net = FakeTailnet(server_port=cfg.port)
-    server = Server(cfg, tailnet=net, pacing=pacing)
-    await server.start()
-    c = Chat(server, net, cfg, pacing)
-    try:
+    async with chat_server(tmp_path, pacing=pacing, **overrides) as c:
         yield c
-    finally:
-        for conn in c.conns:
-            await conn.close()
-        await c.server.stop(grace=0.2)
-        await net.close()
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -222,6 +222,28 @@ class Chat:
         await self.server.start()
 
 
+@contextlib.asynccontextmanager
+async def chat_server(tmp: Path, *, pacing: Pacing | None = None,
+                      **overrides: Any) -> AsyncIterator[Chat]:
+    """A server over FakeTailnet (``make_config(tmp, **overrides)``), stopped afterwards."""
+    cfg = make_config(tmp, **overrides)
+    net = FakeTailnet(server_port=cfg.port)
+    server = Server(cfg, tailnet=net, pacing=pacing)
+    await server.start()
+    chat = Chat(server, net, cfg, pacing)
+    try:
+        yield chat
+    finally:
+        await _close(chat.conns, chat.server)
+        await net.close()
+
+
+async def _close(conns: list[Connection], server: Server) -> None:
+    for conn in conns:
+        await conn.close()
+    await server.stop(grace=0.2)
+
+
 class LocalAPIRelay:
     """Forwards a unix socket to a node's LocalAPI; `pause()` makes the LocalAPI vanish for
     whoever uses the relay (the server), while tailnet traffic keeps flowing."""
@@ -311,9 +333,7 @@ async def lab_server(lab: Any, tmp: Path, **overrides: Any) -> AsyncIterator[Lab
         try:
             yield lc
         finally:
-            for c in lc.conns:
-                await c.close()
-            await server.stop(grace=0.2)
+            await _close(lc.conns, server)
     finally:
         await api.aclose()
         await relay.pause()

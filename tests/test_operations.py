@@ -290,18 +290,10 @@ def test_config_show_prints_effective_config_with_secrets_masked(tmp_path: Path)
 async def test_prometheus_metrics_count_messages_and_refusals(tmp_path: Path) -> None:
     import urllib.request
 
-    from fakenet import FakeTailnet
-    from helpers import Chat, make_config
-
-    from tsnetchat.server import Server
+    from helpers import chat_server
 
     mport = free_port()
-    cfg = make_config(tmp_path, metrics_port=mport)
-    net = FakeTailnet(server_port=cfg.port)
-    server = Server(cfg, tailnet=net)
-    await server.start()
-    chat = Chat(server, net, cfg)
-    try:
+    async with chat_server(tmp_path, metrics_port=mport) as chat:
         alice = await chat.connect("alice@tailnet.test")
         await alice.send_one("general", "hello")
         outsider = await chat.direct(chat.token("alice@tailnet.test"))
@@ -309,7 +301,7 @@ async def test_prometheus_metrics_count_messages_and_refusals(tmp_path: Path) ->
             await outsider.whoami()
         # The metrics endpoint is behind the tailnet lock (tests/test_security.py proves it
         # over the lab): scrape it through the stand-in tailnet.
-        front = await net.front("prometheus@tailnet.test", port=mport)
+        front = await chat.net.front("prometheus@tailnet.test", port=mport)
 
         def scrape() -> str:
             with urllib.request.urlopen(f"http://{front}/", timeout=5) as r:
@@ -320,8 +312,3 @@ async def test_prometheus_metrics_count_messages_and_refusals(tmp_path: Path) ->
         assert "tsnetchat_messages_total 1" in text
         assert 'tsnetchat_rpc_errors_total{code="UNAUTHENTICATED"} 1' in text
         assert "tsnetchat_whois_lookups_total" in text
-    finally:
-        for c in chat.conns:
-            await c.close()
-        await server.stop(grace=0.2)
-        await net.close()
