@@ -6,9 +6,12 @@
   (grpc's Python client otherwise shares one connection between channels to one target).
 * chat protocol helpers (``hello_events``, ``send``, ``collect``, ``collect_ids``), token
   issuing (``issue_recorded``), and the real ``tsnetchat serve`` process (``start_daemon``).
-* what the fixtures yield: ``Chat`` (a server over FakeTailnet, ``make_config``) and
-  ``LabChat`` (a server on the lab's chat-server node, ``lab_server``), and
-  ``LocalAPIRelay`` (makes the server's LocalAPI vanish while tailnet traffic flows).
+* what the fixtures yield: ``Chat`` (a server over FakeTailnet: ``chat_server``,
+  ``make_config``) and ``LabChat`` (a server on the lab's chat-server node:
+  ``lab_server``), and ``LocalAPIRelay`` (makes the server's LocalAPI vanish while tailnet
+  traffic flows).
+* changing the lab's tailnet (``apply_policy``, ``policy_changed``) and small waits and
+  reads (``until``, ``first_of``, ``refused``, ``token_id``).
 """
 
 from __future__ import annotations

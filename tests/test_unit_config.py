@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import tsnetchat
-from tsnetchat.config import ServerConfig, load_config
+from tsnetchat.config import Limits, ServerConfig, load_config
 from tsnetchat.errors import ConfigError
 
 # --- public surface -----------------------------------------------------------------------
@@ -38,6 +38,10 @@ def test_precedence_is_defaults_then_file_then_env_then_flags(tmp_path: Path) ->
     ({"flags": {"listen": "0.0.0.0"}}, "--listen: 0.0.0.0 would listen on every interface"),
     ({"flags": {"listen": "::"}}, "would listen on every interface"),
     ({"flags": {"cap_domain": "not a domain"}}, "--cap-domain"),
+    ({"flags": {"shutdown_grace": -1}}, "--shutdown-grace: must not be negative"),
+    ({"env": {"TSNETCHAT_STARTUP_TIMEOUT": "0"}},
+     "TSNETCHAT_STARTUP_TIMEOUT: must be greater than 0"),
+    ({"flags": {"recheck_interval": 0}}, "--recheck-interval: must be greater than 0"),
 ])
 def test_bad_settings_name_where_they_came_from(source: dict[str, dict[str, object]],
                                                expect: str) -> None:
@@ -62,3 +66,11 @@ def test_config_show_masks_secrets() -> None:
     cfg = load_config(file=None, env={"TSNETCHAT_AUTH_KEY": "tskey-auth-secret"})
     assert cfg.masked()["auth_key"] == "********"
     assert "tskey" not in str(cfg.masked())
+
+
+def test_limits_are_defined_once_and_read_from_the_config(tmp_path: Path) -> None:
+    assert ServerConfig().limits == Limits()
+    f = tmp_path / "c.toml"
+    f.write_text("rate_burst = 7\ncall_rate = 3.5\n")
+    limits = load_config(file=f, env={}).limits
+    assert (limits.rate_burst, limits.call_rate) == (7, 3.5)
