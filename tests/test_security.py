@@ -414,36 +414,46 @@ async def test_a_stolen_token_tried_over_many_connections_runs_out_the_devices_b
     assert (await mine.whoami()).identity.login == ALICE
 
 
-async def test_held_health_watches_are_bounded_even_from_plain_loopback(
+async def test_held_tokenless_streams_are_bounded_even_from_plain_loopback(
         lab_chat: LabChat) -> None:
-    """The attack: Health.Watch needs no token; 3,000 held from plain loopback (no tailnet at
-    all) cost the server 62 MiB. Now: a few per connection, and a bound for all."""
+    """The attack: Health.Watch (and reflection) streams need no token; 3,000 Watches held
+    from plain loopback (no tailnet at all) cost the server 62 MiB. Now: a few per
+    connection, and a bound for all."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-    from tsnetchat.server import MAX_HEALTH_WATCHES, MAX_HEALTH_WATCHES_PER_CONNECTION
+    from tsnetchat.server import MAX_OPEN_STREAMS, MAX_OPEN_STREAMS_PER_CONNECTION
 
-    channels, held = [], []
+    def channel() -> grpc.aio.Channel:
+        ch = grpc.aio.insecure_channel(f"127.0.0.1:{lab_chat.port}",
+                                       options=fresh_channel_options)
+        channels.append(ch)
+        return ch
+
+    async def watch(ch: grpc.aio.Channel) -> Any:
+        call = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest())
+        assert (await call.read()).status == health_pb2.HealthCheckResponse.SERVING
+        return call
+
+    async def reflect(ch: grpc.aio.Channel) -> Any:
+        call = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo()
+        await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+        assert (await call.read()).list_services_response.service
+        return call
+
+    channels: list[grpc.aio.Channel] = []
+    held: list[Any] = []
     try:
-        def watch(ch: grpc.aio.Channel) -> Any:
-            return health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest())
-
-        one = grpc.aio.insecure_channel(f"127.0.0.1:{lab_chat.port}",
-                                        options=fresh_channel_options)
-        channels.append(one)
-        for _ in range(MAX_HEALTH_WATCHES_PER_CONNECTION):
-            held.append(watch(one))
-            assert (await held[-1].read()).status == health_pb2.HealthCheckResponse.SERVING
-        e = await refused(watch(one).read())
-        assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "health watches" in e.details()
-        while len(held) < MAX_HEALTH_WATCHES:
-            ch = grpc.aio.insecure_channel(f"127.0.0.1:{lab_chat.port}",
-                                           options=fresh_channel_options)
-            channels.append(ch)
-            for _ in range(MAX_HEALTH_WATCHES_PER_CONNECTION):
-                held.append(watch(ch))
-                await held[-1].read()
-        e = await refused(watch(channels[-1]).read())
-        assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        for open_one, what in ((watch, "health watches"), (reflect, "reflection streams")):
+            one = channel()
+            held += [await open_one(one) for _ in range(MAX_OPEN_STREAMS_PER_CONNECTION)]
+            e = await refused(open_one(one))
+            assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and what in e.details()
+        held += [await watch(ch) for ch in [channel() for _ in range(
+            MAX_OPEN_STREAMS // MAX_OPEN_STREAMS_PER_CONNECTION - 1)]
+                 for _ in range(MAX_OPEN_STREAMS_PER_CONNECTION)]
+        e = await refused(watch(channel()))
+        assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "in all" in e.details()
     finally:
         for call in held:
             call.cancel()

@@ -22,13 +22,13 @@ import logging
 import signal
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from . import auth
 from .config import ServerConfig, parse_listen
@@ -46,10 +46,11 @@ from .tailnet import LocalAPI, Status, Tailnet, format_addr, wait_running
 
 log = logging.getLogger("tsnetchat.server")
 
-# Health.Watch streams need no token (probes have none). Each held one costs about 21 KB
-# (3,000 took the server from 70 to 132 MiB, 2026-11-22), so they are bounded.
-MAX_HEALTH_WATCHES = 64
-MAX_HEALTH_WATCHES_PER_CONNECTION = 4
+# Health.Watch and reflection streams need no token (probes and tools have none). A held
+# Health.Watch cost about 21 KB (3,000 from plain loopback took the server from 70 to
+# 132 MiB; issue 14, 2026-11-22), so each kind is bounded per connection and in all.
+MAX_OPEN_STREAMS = 64
+MAX_OPEN_STREAMS_PER_CONNECTION = 4
 
 GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024),
@@ -89,28 +90,56 @@ def policy_for(cfg: ServerConfig, key: bytes, own_node: str = "") -> Policy:
                   allow_own_node=cfg.allow_own_node, own_node=own_node)
 
 
+class StreamBound:
+    """At most MAX_OPEN_STREAMS_PER_CONNECTION streams of one kind per connection, and
+    MAX_OPEN_STREAMS in all; one more is refused (RESOURCE_EXHAUSTED)."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self._open: Counter[str] = Counter()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        peer = context.peer()
+        if (self._open.total() >= MAX_OPEN_STREAMS
+                or self._open[peer] >= MAX_OPEN_STREAMS_PER_CONNECTION):
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"too many open {self.what} (at most "
+                                f"{MAX_OPEN_STREAMS_PER_CONNECTION} per connection, "
+                                f"{MAX_OPEN_STREAMS} in all)")
+        self._open[peer] += 1
+        try:
+            yield
+        finally:
+            self._open[peer] -= 1
+            if not self._open[peer]:
+                del self._open[peer]
+
+
 class BoundedHealth(health.aio.HealthServicer):  # type: ignore[misc]
-    """gRPC's health service, with Watch streams bounded per connection and in all."""
+    """gRPC's health service, with Watch streams bounded."""
 
     def __init__(self) -> None:
         super().__init__()
-        self._watches: Counter[str] = Counter()
+        self._bound = StreamBound("health watches; use Check")
 
     async def Watch(self, request: Any, context: grpc.aio.ServicerContext) -> None:
-        peer = context.peer()
-        if (self._watches.total() >= MAX_HEALTH_WATCHES
-                or self._watches[peer] >= MAX_HEALTH_WATCHES_PER_CONNECTION):
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"too many health watches (at most "
-                                f"{MAX_HEALTH_WATCHES_PER_CONNECTION} per connection, "
-                                f"{MAX_HEALTH_WATCHES} in all); use Check")
-        self._watches[peer] += 1
-        try:
+        async with self._bound.hold(context):
             await super().Watch(request, context)
-        finally:
-            self._watches[peer] -= 1
-            if not self._watches[peer]:
-                del self._watches[peer]
+
+
+class BoundedReflection(reflection.aio.ReflectionServicer):  # type: ignore[misc]
+    """gRPC's reflection service, with its streams bounded."""
+
+    def __init__(self, service_names: tuple[str, ...]) -> None:
+        super().__init__(service_names)
+        self._bound = StreamBound("reflection streams")
+
+    async def ServerReflectionInfo(self, request_iterator: Any,
+                                   context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async with self._bound.hold(context):
+            async for response in super().ServerReflectionInfo(request_iterator, context):
+                yield response
 
 
 def _stamp(path: Path) -> tuple[int, int, int] | None:
@@ -146,6 +175,9 @@ class Server:
         self.service = ChatService(store=self.store, hub=self.hub, gate=self.gate,
                                    limits=cfg.limits, metrics=self.metrics)
         self.health = BoundedHealth()
+        self.reflection = BoundedReflection((
+            pb.DESCRIPTOR.services_by_name["Chat"].full_name, health.SERVICE_NAME,
+            reflection.SERVICE_NAME))
         gate = self.gate
         for name, fn in [("subscribers", lambda: float(self.hub.counts()[1])),
                          ("leases", lambda: float(gate.leases())),
@@ -209,9 +241,7 @@ class Server:
         server = grpc.aio.server(options=GRPC_OPTIONS)
         server.add_generic_rpc_handlers((self.service.handlers(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (pb.DESCRIPTOR.services_by_name["Chat"].full_name, health.SERVICE_NAME,
-             reflection.SERVICE_NAME), server)
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(self.reflection, server)
         self.ports = []
         for addr in addresses:
             if ipaddress.ip_address(addr).is_unspecified:  # belt and braces
