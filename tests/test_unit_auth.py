@@ -92,6 +92,12 @@ def _b64(d: object) -> str:
     return base64.urlsafe_b64encode(json.dumps(d).encode()).rstrip(b"=").decode()
 
 
+def _b64_raw(raw: bytes) -> str:
+    import base64
+
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
 def _claims(**over: object) -> dict[str, object]:
     base: dict[str, object] = {"sub": "alice@t", "rooms": ["general"], "admin": False,
                                "jti": "j1", "iat": 1000, "nbf": 1000, "exp": 2000,
@@ -139,7 +145,9 @@ def test_claims_off_the_contract_are_refused_though_signed_with_the_real_key(
 
 @pytest.mark.parametrize("token", ["", ".", "..", "a.b.c", "x" * 4096, "é.é.é", "=.=.=",
                                    f"{_b64({'alg': 'HS256'})}.bm90IGpzb24.x",
-                                   f"{_b64({'alg': 'HS256'})}.{_b64([1])}.x"])
+                                   f"{_b64({'alg': 'HS256'})}.{_b64([1])}.x",
+                                   f"{_b64_raw(b'[' * 2500)}.e30.x",
+                                   f"{_b64({'alg': 'HS256'})}.{_b64_raw(b'{' * 2500)}.x"])
 def test_garbage_tokens_raise_only_unauthenticated(token: str) -> None:
     with pytest.raises(Unauthenticated, match=r"^token lock: "):
         auth.verify_token(b"k" * 64, token, now=1500)

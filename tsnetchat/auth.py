@@ -21,7 +21,6 @@ Contracts:
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import os
 import secrets
@@ -165,7 +164,7 @@ def verify_token(key: bytes, token: str, *, now: float | None = None) -> Claims:
         raise _refuse("the token is not a JWT (malformed)")
     try:
         header = _segment(parts[0])
-    except (ValueError, binascii.Error):
+    except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested past the limit
         raise _refuse("the token is not a JWT (malformed)") from None
     if not isinstance(header, dict):
         raise _refuse("the token is not a JWT (malformed)")
@@ -187,7 +186,7 @@ def verify_token(key: bytes, token: str, *, now: float | None = None) -> Claims:
     except jwt.InvalidSignatureError:
         raise _refuse("the token's signature does not match this server's key (issued by "
                       "another server or before the key was rotated, or altered)") from None
-    except (jwt.PyJWTError, ValueError, TypeError, OverflowError):
+    except (jwt.PyJWTError, ValueError, TypeError, OverflowError, RecursionError):
         raise _refuse("the token is not a JWT (malformed)") from None
     if not isinstance(payload, dict):
         raise _refuse("the token is not a JWT (malformed)")
