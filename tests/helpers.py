@@ -243,8 +243,16 @@ async def chat_server(tmp: Path, *, pacing: Pacing | None = None,
 
 async def _close(conns: list[Connection], server: Server) -> None:
     for conn in conns:
-        await conn.close()
-    await server.stop(grace=0.2)
+        await bounded(conn.close(), "closing a client connection")
+    await bounded(server.stop(grace=0.2), "stopping the server")
+
+
+async def bounded(step: Any, what: str, timeout: float = 30) -> Any:
+    """Await ``step``; a hang fails the test naming the step instead of timing it out."""
+    try:
+        return await asyncio.wait_for(step, timeout)
+    except TimeoutError:
+        raise AssertionError(f"{what} did not finish in {timeout:.0f}s") from None
 
 
 class LocalAPIRelay:
@@ -338,8 +346,8 @@ async def lab_server(lab: Any, tmp: Path, **overrides: Any) -> AsyncIterator[Lab
         finally:
             await _close(lc.conns, server)
     finally:
-        await api.aclose()
-        await relay.pause()
+        await bounded(api.aclose(), "closing the server's LocalAPI client")
+        await bounded(relay.pause(), "stopping the LocalAPI relay")
 
 
 # --- changing the lab's tailnet -----------------------------------------------------------
