@@ -353,23 +353,52 @@ async def lab_server(lab: Any, tmp: Path, **overrides: Any) -> AsyncIterator[Lab
 # --- changing the lab's tailnet -----------------------------------------------------------
 
 
-async def apply_policy(lab: Any, policy: dict[str, Any], timeout: float = 20) -> None:
-    """Write headscale's policy and return once chat-server's tailscaled has the netmap that
-    follows (its IPN bus announces it)."""
+async def apply_policy(lab: Any, policy: dict[str, Any], timeout: float = 30) -> None:
+    """Write headscale's policy and return once chat-server's tailscaled applies it: WhoIs
+    there shows each lab user exactly the app grants the policy gives them. (Waiting for
+    the next IPN bus notice is not enough: a notice from an earlier change may come first.)"""
+    import tailnet_lab
+
+    users = ("alice", "bob", "mallory")
+    want = {u: [v for g in policy["grants"] if g.get("src") == [f"{u}@"]
+                for v in g.get("app", {}).get(tailnet_lab.CAP_NAME, [])] or None
+            for u in users}
+    lab.write_policy(policy)
+    deadline = time.monotonic() + timeout
     async with LocalAPI(lab.nodes["chat-server"].socket) as api:
-        notices = api.watch()
-        try:
-            await asyncio.wait_for(anext(notices), timeout)  # watching from here on
-            lab.write_policy(policy)
+        while True:
+            seen = {u: (await _whois_through(lab, api, f"{u}-laptop")).cap_map.get(
+                tailnet_lab.CAP_NAME) for u in users}
+            if seen == want:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"chat-server did not apply the policy in {timeout}s: "
+                                     f"{seen} != {want}")
+            await asyncio.sleep(0.2)
 
-            async def applied() -> None:
-                async for change in notices:
-                    if change.everything:
-                        return
 
-            await asyncio.wait_for(applied(), timeout)
-        finally:
-            await notices.aclose()
+async def _whois_through(lab: Any, api: LocalAPI, node: str) -> Any:
+    """WhoIs, on chat-server, of a connection ``node`` opens to it over the tailnet."""
+    accepted: asyncio.Queue[tuple[str, int]] = asyncio.Queue()
+
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await accepted.put(w.get_extra_info("peername")[:2])
+        await r.read()
+        w.close()
+
+    listener = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    proxy_host, proxy_port = lab.nodes[node].http_proxy.rsplit(":", 1)
+    r, w = await asyncio.open_connection(proxy_host, int(proxy_port))
+    try:
+        w.write(f"CONNECT chat-server:{port} HTTP/1.1\r\nHost: chat-server:{port}\r\n\r\n"
+                .encode())
+        await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 10)
+        host, peer_port = await asyncio.wait_for(accepted.get(), 10)
+        return await api.whois(f"{host}:{peer_port}")  # while the connection is open
+    finally:
+        w.close()
+        listener.close()
 
 
 @contextlib.asynccontextmanager
