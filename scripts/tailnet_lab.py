@@ -419,8 +419,8 @@ class Lab:
             f"--outbound-http-proxy-listen={node.http_proxy}",
         ]
 
-    def _start_node(self, name: str, user: str) -> None:
-        d = self.root / "nodes" / name
+    def _start_node(self, name: str, user: str, node_dir: Path | None = None) -> None:
+        d = node_dir or self.root / "nodes" / name
         (d / "logs").mkdir(parents=True, exist_ok=True)
         node = Node(
             name=name, user=user, dir=str(d), socket=str(d / "ts.sock"),
@@ -443,6 +443,18 @@ class Lab:
             if time.monotonic() > deadline:
                 raise LabError(f"tailscaled {node.name} made no socket in 20s")
             time.sleep(0.05)
+
+    def add_node(self, name: str, user: str, *, node_dir: Path | None = None) -> Node:
+        """Start and join one more userspace node for ``user`` (e.g. a person's second
+        device); ``node_dir`` puts its state and socket elsewhere (default under the lab).
+        Waits until it is Running and sees the others; it lives as long as the lab."""
+        if name in self.nodes:
+            raise LabError(f"the lab already has a node {name!r}")
+        self._start_node(name, user, node_dir)
+        node = self.nodes[name]
+        self._join(node, self._preauth_key(user))
+        self._wait_all_see_each_other()
+        return node
 
     def kill_tailscaled(self, node: Node) -> None:
         """SIGKILL a node's tailscaled (to test recovery); restart with start_tailscaled."""

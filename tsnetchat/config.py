@@ -54,6 +54,10 @@ class ServerConfig:
     cap_domain: str = "example.com"  # grants are read from <cap_domain>/cap/tsnetchat
     require_grant: bool = False  # True: no app-capability grant = no access
     token_ttl_hours: float = 24.0 * 30
+    # Self-service tokens (`tsnetchat login`, enroll.py): "off", "grant" (people with a tailnet
+    # grant of cap_name) or "any" (every tailnet user). Off unless the admin opts in.
+    enroll: str = "off"
+    enroll_ttl_hours: float = 24.0 * 7  # renewed while in use (enroll.py)
     # Chat limits
     max_message_bytes: int = 4096
     history_on_join: int = 50
@@ -225,6 +229,10 @@ def _validate(cfg: ServerConfig, where: Any) -> None:
         raise bad("retention_days", "durations must not be negative")
     if not re.fullmatch(r"[a-z0-9.-]+\.[a-z]{2,}", cfg.cap_domain):
         raise bad("cap_domain", f"{cfg.cap_domain!r} is not a domain name like example.com")
+    if cfg.enroll not in ("off", "grant", "any"):
+        raise bad("enroll", f"{cfg.enroll!r} is not one of off, grant, any")
+    if cfg.enroll_ttl_hours <= 0:
+        raise bad("enroll_ttl_hours", "must be greater than 0")
     if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise bad("log_level", "must be debug, info, warning or error")
     if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,62}", cfg.hostname):

@@ -22,7 +22,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from . import auth
+from . import auth, enroll
 from .config import ServerConfig, parse_listen
 from .errors import ConfigError, LocalAPIUnavailable, TailnetError
 from .gate import Gate, WhoIsFunc
@@ -129,8 +129,13 @@ class Server:
         gate = Gate(whois=whois, key=key, cap_name=cfg.cap_name, require_grant=cfg.require_grant,
                     whois_timeout=cfg.whois_timeout, revoked=revoked)
         load = LoopLoad(asyncio.get_running_loop())
+        enrollment = enroll.Enrollment(door=gate, key=key, store=self.store,
+                                       policy=enroll.policy_from(cfg, self._name()),
+                                       server_node=lambda: self.status.self_node
+                                       if self.status else None)
         self.service = ChatService(store=self.store, hub=Hub(self.pacing, load=load), gate=gate,
-                                   limits=limits_from(cfg), metrics=self.metrics)
+                                   limits=limits_from(cfg), metrics=self.metrics,
+                                   enrollment=enrollment)
         self.metrics.gauge("subscribers", lambda: float(self.service.hub.counts()[1])
                            if self.service else 0.0)
         self.metrics.gauge("whois_lookups_total", lambda: float(gate.whois_calls))
@@ -160,6 +165,9 @@ class Server:
         if self.status:
             self.progress(f"ready: MagicDNS name {name}, listening on {where}")
         self.notifier.send("READY=1", f"STATUS=serving on {where} as {name}")
+
+    def _name(self) -> str:
+        return self.status.self_node.short_name if self.status else "the server"
 
     def _build_grpc(self, addresses: list[str]) -> grpc.aio.Server:
         assert self.service is not None
@@ -272,6 +280,8 @@ class Server:
         self.service.limits = limits_from(cfg)
         self.service.gate.require_grant = cfg.require_grant
         self.service.gate.cap_name = cfg.cap_name
+        if self.service.enrollment is not None:
+            self.service.enrollment.policy = enroll.policy_from(cfg, self._name())
         self.check_revocations()
         log.info("reloaded configuration and revocations")
 

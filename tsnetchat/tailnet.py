@@ -42,6 +42,7 @@ class PeerInfo:
     last_seen: str
     login: str
     tags: tuple[str, ...] = ()
+    node_id: str = ""  # Tailscale's stable node id ("ID"); survives renames and new addresses
 
     @property
     def short_name(self) -> str:
@@ -98,6 +99,7 @@ def _peer_from(d: Mapping[str, Any], users: Mapping[str, Any]) -> PeerInfo:
         last_seen=str(d.get("LastSeen", "")),
         login=str(user.get("LoginName", "")),
         tags=tuple(d.get("Tags") or ()),
+        node_id=str(d.get("ID", "")),
     )
 
 
