@@ -28,6 +28,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -401,3 +402,40 @@ def test_discovery_reports_are_printed_in_the_order_they_were_tried(
     assert step("- 3. resolver", "not needed", out.stderr)
     assert step("✔ dial", f"{lab.nodes['chat-server'].ipv4}:{server.port} through the HTTP "
                 "proxy", out.stderr)
+
+
+@pytest.mark.tmux
+def test_connect_v_reports_each_step_then_chats_and_save_token_keeps_it_for_the_node(
+        lab: Any, server: LabServer, tmp_path: Path) -> None:
+    if shutil.which("tmux") is None:
+        need("tmux", "make sysdeps installs it")
+    bob = lab.nodes["bob-laptop"]
+    env = client_env(tmp_path)
+    where = ["--socket", bob.socket, "--proxy", f"http://{bob.http_proxy}", "--port",
+             str(server.port)]
+    argv = [CLI, "connect", "chat-server", "-v", "--save-token", "--token",
+            server.token("bob@tailnet.test"), *where]
+    session = f"tsnetchat-i17-{os.getpid()}"
+    exports = " ".join(f"{k}='{v}'" for k, v in {**env, "TERM": "xterm-256color"}.items())
+    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "160", "-y", "40",
+                    f"env {exports} {' '.join(argv)} 2>&1; sleep 30"], check=True)
+    try:
+        deadline = time.monotonic() + 60
+        screen = ""
+        while "joined #general" not in screen:
+            assert time.monotonic() < deadline, screen
+            time.sleep(0.3)
+            screen = subprocess.run(["tmux", "capture-pane", "-p", "-t", session],
+                                    capture_output=True, text=True).stdout
+        assert step("✔ 1. LocalAPI", f"{bob.socket} (userspace networking)", screen)
+        assert step("- 3. resolver", "not needed", screen)
+        assert step("✔ dial", "through the HTTP proxy", screen)
+        assert "saved the token for chat-server.tailnet.test" in screen
+        subprocess.run(["tmux", "send-keys", "-t", session, "/quit", "Enter"], check=True)
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+    # kept under the node: the full name and the tailnet IP find it too
+    for name in ("chat-server.tailnet.test", lab.nodes["chat-server"].ipv4):
+        out = run([CLI, "whoami", name, *where], env)
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["login"] == "bob@tailnet.test"
