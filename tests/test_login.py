@@ -273,6 +273,35 @@ def test_revocation_stops_renewal(lab: Any, short_lived: LabServer, tmp_path: Pa
     assert "renew refused login=alice@tailnet.test" in short_lived.log.read_text()
 
 
+def test_a_renewal_refused_because_the_grant_went_away_is_said_and_the_token_lasts_its_life(
+        lab: Any, short_lived: LabServer, tmp_path: Path) -> None:
+    import tailnet_lab
+
+    alice = person(lab, short_lived, "alice-laptop", tmp_path)
+    assert alice("login").returncode == 0
+    kept = alice.stored()
+    policy = tailnet_lab.default_policy()
+    lab.write_policy({"grants": [g for g in policy["grants"] if g["src"] != ["alice@"]]})
+    try:
+        time.sleep(max(0.0, kept["received"] + TTL / 2 + 1 - time.time()))  # due, grant gone
+        out = alice("whoami")
+        assert out.returncode == 0, out.stderr  # the token itself is still good
+        assert "chat-server will not renew your token: the tailnet policy grants " \
+               "alice@tailnet.test no access to tsnetchat" in out.stderr
+        assert "It keeps working until" in out.stderr
+        time.sleep(max(0.0, kept["received"] + TTL + 1 - time.time()))
+        out = alice("whoami")
+        assert out.returncode == 5, out.stderr
+        assert "your token for chat-server expired on" in out.stderr
+        assert "and chat-server had refused to renew it: the tailnet policy grants" in out.stderr
+    finally:
+        lab.write_policy(policy)
+        deadline = time.monotonic() + 30  # until WhoIs shows alice's grant again
+        while alice("login").returncode != 0:
+            assert time.monotonic() < deadline, "alice's grant did not come back"
+            time.sleep(1)
+
+
 # --- the client without the server's dependencies --------------------------------------------
 
 

@@ -549,18 +549,36 @@ class ProxyRefused(Exception):
     """Internal: the proxy answered, but did not connect (its words attached)."""
 
 
+Handshake = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def _proxied(proxy: Proxy, handshake: Handshake, timeout: float
+                   ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Open a connection to ``proxy`` and ask it for a stream (``handshake``); the
+    connection is closed unless the proxy agreed."""
+    r, w = await asyncio.wait_for(asyncio.open_connection(proxy.host, proxy.port), timeout)
+    try:
+        await asyncio.wait_for(handshake(r, w), timeout)
+    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+        w.close()
+        raise ProxyRefused("it closed the connection") from None
+    except BaseException:
+        w.close()
+        raise
+    return r, w
+
+
 async def socks5_connect(proxy: Proxy, ip: str, port: int, timeout: float = PROBE_TIMEOUT
                          ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """A TCP stream to ``ip:port`` through a SOCKS5 proxy (RFC 1928, no authentication)."""
-    r, w = await asyncio.wait_for(asyncio.open_connection(proxy.host, proxy.port), timeout)
-    try:
+    async def handshake(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         w.write(b"\x05\x01\x00")
-        if await asyncio.wait_for(r.readexactly(2), timeout) != b"\x05\x00":
+        if await r.readexactly(2) != b"\x05\x00":
             raise ProxyRefused("it wants a username and password, or is not a SOCKS5 proxy")
         addr = ipaddress.ip_address(ip)
         atyp = b"\x01" if addr.version == 4 else b"\x04"
         w.write(b"\x05\x01\x00" + atyp + addr.packed + port.to_bytes(2, "big"))
-        head = await asyncio.wait_for(r.readexactly(4), timeout)
+        head = await r.readexactly(4)
         bound = {1: 4, 4: 16}.get(head[3])
         if bound is None:  # a name: one length byte first
             bound = (await r.readexactly(1))[0]
@@ -569,33 +587,22 @@ async def socks5_connect(proxy: Proxy, ip: str, port: int, timeout: float = PROB
             words = {1: "general failure", 2: "not allowed", 3: "network unreachable",
                      4: "host unreachable", 5: "connection refused", 6: "TTL expired"}
             raise ProxyRefused(f"SOCKS5 reply: {words.get(head[1], f'code {head[1]}')}")
-    except asyncio.IncompleteReadError:
-        w.close()
-        raise ProxyRefused("it closed the connection") from None
-    except BaseException:
-        w.close()
-        raise
-    return r, w
+
+    return await _proxied(proxy, handshake, timeout)
 
 
 async def http_connect(proxy: Proxy, ip: str, port: int, timeout: float = PROBE_TIMEOUT
                        ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """A TCP stream to ``ip:port`` through an HTTP CONNECT proxy."""
-    r, w = await asyncio.wait_for(asyncio.open_connection(proxy.host, proxy.port), timeout)
     hostport = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
-    try:
+
+    async def handshake(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         w.write(f"CONNECT {hostport} HTTP/1.1\r\nHost: {hostport}\r\n\r\n".encode())
-        head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), timeout)
-        status = head.split(b"\r\n", 1)[0].decode(errors="replace")
+        status = (await r.readuntil(b"\r\n\r\n")).split(b"\r\n", 1)[0].decode(errors="replace")
         if status.split(" ")[1:2] != ["200"]:
             raise ProxyRefused(status)
-    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-        w.close()
-        raise ProxyRefused("it closed the connection") from None
-    except BaseException:
-        w.close()
-        raise
-    return r, w
+
+    return await _proxied(proxy, handshake, timeout)
 
 
 # --- routes -------------------------------------------------------------------------------

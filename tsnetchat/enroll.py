@@ -171,35 +171,39 @@ class Enrollment:
     # RPCs ----------------------------------------------------------------------------
 
     async def Login(self, request: Any, context: grpc.aio.ServicerContext) -> pb.LoginResponse:
-        who: WhoIs | None = None
-        try:
-            async with self.door.identity(context.peer()) as who:
-                self._take(who)
-                rights = rights_for(self.policy, who)
-                token, claims = self._issue(who, rights, ID_PREFIX + uuid.uuid4().hex)
-                self.store.record_token(claims.to_row())
-                self._issued("login", who, claims)
-                return self._response(who, token, claims)
-        except TsnetchatError as e:
-            await self._refuse(context, "login", who, e)
-        raise AssertionError("unreachable")  # pragma: no cover - abort raised
+        def login(who: WhoIs) -> tuple[str, auth.Claims]:
+            self._take(who)
+            token, claims = self._issue(who, rights_for(self.policy, who),
+                                        ID_PREFIX + uuid.uuid4().hex)
+            self.store.record_token(claims.to_row())
+            return token, claims
+
+        return await self._answer(context, "login", login)
 
     async def RenewToken(self, request: Any,
                          context: grpc.aio.ServicerContext) -> pb.LoginResponse:
+        def renew(who: WhoIs) -> tuple[str, auth.Claims]:
+            current = auth.bearer_token(_metadata(context))
+            self.door.admit(who, current)  # valid, not revoked, both locks agree
+            old = auth.verify_token(self.key, current)
+            check_renewable(old, time.time())
+            token, claims = self._issue(who, rights_for(self.policy, who), old.token_id)
+            self.store.renew_token(claims.to_row())
+            return token, claims
+
+        return await self._answer(context, "renew", renew)
+
+    async def _answer(self, context: grpc.aio.ServicerContext, method: str,
+                      issue: Callable[[WhoIs], tuple[str, auth.Claims]]) -> pb.LoginResponse:
+        """Look up the caller, ``issue`` a token for them, answer; or refuse and log why."""
         who: WhoIs | None = None
         try:
-            token = auth.bearer_token(_metadata(context))
             async with self.door.identity(context.peer()) as who:
-                self.door.admit(who, token)  # valid, not revoked, both locks agree
-                old = auth.verify_token(self.key, token)
-                check_renewable(old, time.time())
-                rights = rights_for(self.policy, who)
-                token, claims = self._issue(who, rights, old.token_id)
-                self.store.renew_token(claims.to_row())
-                self._issued("renew", who, claims)
+                token, claims = issue(who)
+                self._issued(method, who, claims)
                 return self._response(who, token, claims)
         except TsnetchatError as e:
-            await self._refuse(context, "renew", who, e)
+            await self._refuse(context, method, who, e)
         raise AssertionError("unreachable")  # pragma: no cover - abort raised
 
     def _issued(self, method: str, who: WhoIs, claims: auth.Claims) -> None:
