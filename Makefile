@@ -12,7 +12,7 @@ RUN_ID := $(shell od -An -N6 -tx1 /dev/urandom | tr -d ' \n')
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev,bench]'
+	$(BIN)/pip install -q -e '.[server,dev,bench]'
 	touch $@
 
 sysdeps:

@@ -2,7 +2,8 @@
 """`make demo`: a local tailnet, the server, and clients chatting.
 
 Starts the lab (headscale + chat-server, alice-laptop, bob-laptop, mallory-laptop), runs
-`tsnetchat serve` on chat-server, issues tokens, then:
+`tsnetchat serve --enroll grant` on chat-server, has alice and bob get their own tokens with
+`tsnetchat login` (mallory, without a grant, is refused), then:
 
 * without a terminal on stdin: plays a short scripted conversation with the real CLI
   (send/tail/history, plus a stolen-token attempt that is refused) and exits 0;
@@ -41,8 +42,28 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([CLI, *args], capture_output=True, text=True, check=check, timeout=60)
+def run(*args: str, check: bool = True, home: Path | None = None
+        ) -> subprocess.CompletedProcess[str]:
+    """The CLI; ``home`` is a person's config dir (where `login` keeps their token)."""
+    env = {**os.environ, "XDG_CONFIG_HOME": str(home)} if home else None
+    return subprocess.run([CLI, *args], capture_output=True, text=True, check=check, timeout=60,
+                          env=env)
+
+
+def login(lab: tailnet_lab.Lab, port: int, state: Path) -> dict[str, str]:
+    """alice and bob log in from their laptops; their tokens (read from where the client
+    keeps them) serve the rest of the demo. mallory has no grant and is refused."""
+    tokens = {}
+    for who in ("alice", "bob", "mallory"):
+        home = state / f"home-{who}"
+        out = run("login", "chat-server", *node_args(lab, f"{who}-laptop", port), home=home,
+                  check=False)
+        shown = (out.stdout or out.stderr).strip().splitlines()[0]
+        print(f"   {who:8} $ tsnetchat login chat-server  -> exit {out.returncode}: {shown}")
+        if who != "mallory":
+            kept = json.loads((home / "tsnetchat" / "tokens.json").read_text())
+            tokens[who] = kept["servers"][0]["token"]
+    return tokens
 
 
 def node_args(lab: tailnet_lab.Lab, node: str, port: int) -> list[str]:
@@ -150,7 +171,8 @@ def main() -> int:
         port = free_port()
         say(f"tsnetchat serve on chat-server (port {port})")
         server = subprocess.Popen([CLI, "serve", "--state-dir", str(state), "--socket",
-                                   lab.nodes["chat-server"].socket, "--port", str(port)],
+                                   lab.nodes["chat-server"].socket, "--port", str(port),
+                                   "--enroll", "grant"],
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
             assert server.stdout is not None
@@ -163,9 +185,8 @@ def main() -> int:
             # Keep draining the server's log so it never blocks on a full pipe.
             threading.Thread(target=lambda: [None for _ in server.stdout or ()],
                              daemon=True).start()
-            tokens = {who: run("token", "issue", f"{who}@tailnet.test", "--state-dir",
-                               str(state)).stdout.strip() for who in ("alice", "bob")}
-            say("issued tokens for alice@tailnet.test and bob@tailnet.test")
+            say("everyone asks for a token of their own (the policy grants alice and bob)")
+            tokens = login(lab, port, state)
             if sys.stdin.isatty() and "--scripted" not in sys.argv:
                 rc = interactive(lab, port, tokens)
             else:

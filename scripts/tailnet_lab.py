@@ -419,8 +419,8 @@ class Lab:
             f"--outbound-http-proxy-listen={node.http_proxy}",
         ]
 
-    def _start_node(self, name: str, user: str) -> None:
-        d = self.root / "nodes" / name
+    def _start_node(self, name: str, user: str, node_dir: Path | None = None) -> None:
+        d = node_dir or self.root / "nodes" / name
         (d / "logs").mkdir(parents=True, exist_ok=True)
         node = Node(
             name=name, user=user, dir=str(d), socket=str(d / "ts.sock"),
@@ -476,10 +476,14 @@ class Lab:
             f"--display-name={display_name or name.capitalize()}", "-o", "json"))
         self.user_ids[name] = str(out["id"])
 
-    def add_node(self, name: str, user: str, timeout: float = 60) -> Node:
-        """Start and join another node for ``user``; returns once it and chat-server see
-        each other online."""
-        self._start_node(name, user)
+    def add_node(self, name: str, user: str, *, node_dir: Path | None = None,
+                 timeout: float = 60) -> Node:
+        """Start and join another node for ``user`` (e.g. a person's second device);
+        ``node_dir`` puts its state and socket elsewhere (default under the lab). Returns
+        once it and chat-server see each other online; it lives as long as the lab."""
+        if name in self.nodes:
+            raise LabError(f"the lab already has a node {name!r}")
+        self._start_node(name, user, node_dir)
         node = self.nodes[name]
         self._join(node, self._preauth_key(user))
         deadline = time.monotonic() + timeout

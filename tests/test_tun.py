@@ -10,104 +10,29 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import free_port, need
+from helpers import TunNode, free_port, sh, tun_node
 
 from tsnetchat.client import connect
 
 pytestmark = pytest.mark.tailnet
 
 CLI = str(Path(sys.executable).with_name("tsnetchat"))
-HERE = Path(__file__).resolve().parent
-# The veth between the host and the test's namespace: link-local, never routed.
-HOST_IP, NS_IP = "169.254.213.1", "169.254.213.2"
 
 
-def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(args), capture_output=True, text=True, check=check)
-
-
-@dataclass
-class TunNode:
-    ns: str
-    dir: Path
-    socket: str
-    procs: list[subprocess.Popen[Any]]
-
-    def exec(self, *args: str) -> list[str]:
-        return ["ip", "netns", "exec", self.ns, *args]
-
-
-def _tun_possible() -> str:
-    if os.geteuid() != 0:
-        return "needs root for network namespaces"
-    if not os.path.exists("/dev/net/tun"):
-        return "no /dev/net/tun"
-    if shutil.which("ip") is None:
-        return "no iproute2 (ip)"
-    return ""
-
-
-@pytest.fixture(scope="module")
-def tun_node(lab: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TunNode]:
-    why = _tun_possible()
-    if why:
-        need("a TUN device in a network namespace", why)
-    tag = f"{os.getpid() % 100000}"
-    ns, vh, vn = f"tsnc{tag}", f"tsncvh{tag}", f"tsncvn{tag}"
-    d = tmp_path_factory.mktemp("tun")
-    node = TunNode(ns, d, str(d / "ts.sock"), [])
-    hs_port = int(lab.headscale_url.rsplit(":", 1)[1])
-    routes = sh("ip", "-4", "route", "show", "table", "all").stdout
-    assert HOST_IP.rsplit(".", 1)[0] not in routes, "the test's /30 is already in use here"
-    try:
-        sh("ip", "netns", "add", ns)
-        sh("ip", "link", "add", vh, "type", "veth", "peer", "name", vn)
-        sh("ip", "link", "set", vn, "netns", ns)
-        sh("ip", "addr", "add", f"{HOST_IP}/30", "dev", vh)
-        sh("ip", "link", "set", vh, "up")
-        sh(*node.exec("ip", "addr", "add", f"{NS_IP}/30", "dev", vn))
-        sh(*node.exec("ip", "link", "set", vn, "up"))
-        sh(*node.exec("ip", "link", "set", "lo", "up"))
-        fwd = [sys.executable, str(HERE / "tcpfwd.py")]
-        for argv in ([*fwd, HOST_IP, str(hs_port), "127.0.0.1", str(hs_port)],
-                     node.exec(*fwd, "127.0.0.1", str(hs_port), HOST_IP, str(hs_port))):
-            p = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
-            node.procs.append(p)
-            assert p.stdout is not None and p.stdout.readline().strip() == "ready"
-        (d / "logs").mkdir()
-        env = lab.node_env(d)
-        node.procs.append(subprocess.Popen(
-            node.exec(str(lab.bin.tailscaled), "--tun=tsnctun0", f"--statedir={d}",
-                      f"--socket={node.socket}", "--port=0"),
-            env=env, stdout=open(d / "tailscaled.log", "w"), stderr=subprocess.STDOUT))  # noqa: SIM115
-        for _ in range(100):
-            if os.path.exists(node.socket):
-                break
-            time.sleep(0.1)
-        up = subprocess.run(
-            node.exec(str(lab.bin.tailscale), f"--socket={node.socket}", "up",
-                      f"--login-server={lab.headscale_url}", f"--auth-key={lab.auth_key('chat')}",
-                      "--hostname=chat-tun", "--accept-dns=false", "--netfilter-mode=off",
-                      "--timeout=60s"), env=env, capture_output=True, text=True)
-        assert up.returncode == 0, up.stderr + (d / "tailscaled.log").read_text()[-3000:]
+@pytest.fixture(scope="module", name="tun_node")
+def tun_server_node(lab: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TunNode]:
+    with tun_node(lab, tmp_path_factory.mktemp("tun"), user="chat", hostname="chat-tun",
+                  tag=f"{os.getpid() % 100000}") as node:
         yield node
-    finally:
-        for p in reversed(node.procs):
-            p.kill()
-            p.wait()
-        sh("ip", "netns", "del", ns, check=False)
-        sh("ip", "link", "del", vh, check=False)
 
 
 def test_tun_server_listens_only_on_the_tailnet_addresses(lab: Any, tun_node: TunNode,

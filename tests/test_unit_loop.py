@@ -48,12 +48,15 @@ def test_the_loop_load_counts_cpu_the_other_threads_use_while_the_loop_waits() -
         while not stop.is_set():
             hashlib.sha256(block).digest()  # releases the GIL: pure CPU beside the loop
 
-    async def scenario() -> float:
+    async def scenario() -> tuple[float, float]:
         load = LoopLoad(asyncio.get_running_loop(), window=0.02)
+        t0, cpu0 = time.perf_counter(), time.process_time()
         for _ in range(10):
             await asyncio.sleep(0.02)
             load()
-        return load()
+        # What this process really got of its one core: on a loaded machine less than all.
+        got = (time.process_time() - cpu0) / (time.perf_counter() - t0)
+        return load(), got
 
     allowed = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {min(allowed)})  # this thread, so the loop's share is of one core
@@ -61,7 +64,14 @@ def test_the_loop_load_counts_cpu_the_other_threads_use_while_the_loop_waits() -
     helper.start()
     try:
         with asyncio.Runner(loop_factory=new_event_loop) as runner:
-            assert runner.run(scenario()) > 0.8
+            for _ in range(5):  # other processes may starve this one for a moment
+                reading, got = runner.run(scenario())
+                if got > 0.2:
+                    break
+        # The loop slept the whole time, so its own measure reads idle; the load follows the
+        # CPU the helper used (the smoothing lags a little behind).
+        assert got > 0.2, f"this process got only {got:.0%} of a core; cannot tell"
+        assert reading > 0.6 * got, (reading, got)
     finally:
         stop.set()
         helper.join()

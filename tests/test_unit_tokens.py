@@ -1,33 +1,126 @@
-"""Where the client finds its token."""
+"""The client's token store: where tokens come from and which server node they belong to."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import time
 from pathlib import Path
 
 import pytest
 
+from tsnetchat.discovery import ServerNode
 from tsnetchat.errors import ConfigError, Unauthenticated
-from tsnetchat.tokens import find_token, load_store, save_token
+from tsnetchat.tokens import Entry, Renewal, TokenStore, explicit_token, save_admin_token
 
-# --- client token store ------------------------------------------------------------------
+SERVER = ServerNode(short_name="chat-server", dns_name="chat-server.tailnet.test",
+                    ips=("100.64.0.1", "fd7a:115c:a1e0::1"), node_id="nSTABLE1")
+# The same node as the resolver alone sees it: no stable id, one address.
+BY_RESOLVER = ServerNode(short_name="chat-server", dns_name="", ips=("100.64.0.1",))
+OTHER = ServerNode(short_name="other", dns_name="other.tailnet.test", ips=("100.64.0.7",),
+                   node_id="nOTHER")
 
 
-def test_token_sources_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    store = tmp_path / "tokens.json"
-    save_token("Chat-Server.", "saved", store)
-    assert oct(store.stat().st_mode & 0o777) == "0o600"
+def entry(token: str = "tok", **over: object) -> Entry:
+    fields: dict[str, object] = dict(node_id="nSTABLE1", name="chat-server.tailnet.test",
+                                     ips=["100.64.0.1", "fd7a:115c:a1e0::1"], token=token,
+                                     token_id="login-1", source="login",
+                                     received=time.time(), lifetime=3600.0)
+    fields.update(over)
+    return Entry(**fields)  # type: ignore[arg-type]
+
+
+def test_explicit_sources_come_in_order_flag_file_environment(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TSNETCHAT_TOKEN", raising=False)
-    assert find_token("chat-server", path=store) == "saved"
+    assert explicit_token() is None
     monkeypatch.setenv("TSNETCHAT_TOKEN", "env")
-    assert find_token("chat-server", path=store) == "env"
+    assert explicit_token() == "env"
     f = tmp_path / "t"
     f.write_text("file\n")
-    assert find_token("chat-server", token_file=f, path=store) == "file"
-    assert find_token("chat-server", token="flag", token_file=f, path=store) == "flag"
-    monkeypatch.delenv("TSNETCHAT_TOKEN")
-    with pytest.raises(Unauthenticated, match="no token for other"):
-        find_token("other", path=store)
-    os.chmod(store, 0o644)
+    assert explicit_token(token_file=f) == "file"
+    assert explicit_token("flag", f) == "flag"
+    with pytest.raises(ConfigError, match="--token-file"):
+        explicit_token(token_file=tmp_path / "missing")
+
+
+def test_a_stored_token_is_found_by_node_id_or_by_address_not_by_the_name_typed(
+        tmp_path: Path) -> None:
+    store = TokenStore(tmp_path / "tokens.json")
+    store.put(entry())
+    assert oct(store.path.stat().st_mode & 0o777) == "0o600"
+    for typed in ("chat-server", "chat-server.tailnet.test", "100.64.0.1", "whatever"):
+        found = store.find(SERVER, typed)
+        assert found is not None and found.token == "tok"
+    found = store.find(BY_RESOLVER, "chat-server")
+    assert found is not None and found.token == "tok"
+    assert store.find(OTHER, "chat-server") is None  # a name alone finds nothing
+    # a renamed server with a new address keeps its token: the node id decides
+    moved = ServerNode(short_name="chat", dns_name="chat.tailnet.test", ips=("100.64.0.9",),
+                       node_id="nSTABLE1")
+    assert store.find(moved, "chat") is not None
+
+
+def test_keeping_a_token_replaces_the_one_for_the_same_node_only(tmp_path: Path) -> None:
+    store = TokenStore(tmp_path / "tokens.json")
+    store.put(entry("first"))
+    store.put(entry("other", node_id="nOTHER", ips=["100.64.0.7"]))
+    store.put(entry("second"))
+    entries, _ = store.read()
+    assert sorted(e.token for e in entries) == ["other", "second"]
+
+
+def test_a_file_from_the_older_version_is_read_as_tokens_by_name(tmp_path: Path) -> None:
+    path = tmp_path / "tokens.json"
+    path.write_text(json.dumps({"chat-server": "old"}))
+    os.chmod(path, 0o600)
+    store = TokenStore(path)
+    assert store.find(SERVER, "Chat-Server.").token == "old"  # type: ignore[union-attr]
+    assert store.find(OTHER, "other") is None
+    store.put(entry("new", node_id="nOTHER", ips=["100.64.0.7"]))
+    assert store.find(SERVER, "chat-server").token == "old"  # type: ignore[union-attr]
+
+
+def test_a_token_file_others_can_read_is_refused(tmp_path: Path) -> None:
+    store = TokenStore(tmp_path / "tokens.json")
+    store.put(entry())
+    os.chmod(store.path, 0o644)
     with pytest.raises(ConfigError, match="chmod 600"):
-        load_store(store)
+        store.read()
+
+
+def test_an_admin_token_is_kept_with_its_expiry_and_is_not_renewable(tmp_path: Path) -> None:
+    import base64
+
+    payload = {"sub": "alice@x", "jti": "j1", "iat": 1000, "exp": 4000}
+    part = base64.urlsafe_b64encode(json.dumps(payload).encode()).rstrip(b"=").decode()
+    store = TokenStore(tmp_path / "tokens.json")
+    save_admin_token(SERVER, f"h.{part}.s", store)
+    kept = store.find(SERVER, "chat-server")
+    assert kept is not None and kept.source == "admin" and kept.token_id == "j1"
+    assert kept.expires == 4000 and not kept.renewable()
+
+
+async def test_no_stored_token_says_how_to_get_one(tmp_path: Path) -> None:
+    store = TokenStore(tmp_path / "tokens.json")
+    with pytest.raises(Unauthenticated, match="tsnetchat login chat-server"):
+        Renewal.for_server(SERVER, "chat-server", store)
+
+
+async def test_an_expired_token_whose_renewal_was_refused_says_why(tmp_path: Path) -> None:
+    store = TokenStore(tmp_path / "tokens.json")
+    store.put(entry(received=time.time() - 7200, refused="no grant any more"))
+    with pytest.raises(Unauthenticated, match=r"expired on .*had refused to renew it: no grant"):
+        Renewal.for_server(SERVER, "chat-server", store)
+    store.put(entry(refused="token lock: this token has been revoked", dead=True))
+    with pytest.raises(Unauthenticated, match=re.escape(
+            "refused to renew your token: token lock: this token has been revoked. Run "
+            "`tsnetchat login")):
+        Renewal.for_server(SERVER, "chat-server", store)
+
+
+async def test_a_login_token_is_due_for_renewal_after_half_its_life(tmp_path: Path) -> None:
+    young, old = entry(received=time.time() - 1000), entry(received=time.time() - 2000)
+    assert time.time() < young.renew_at() and time.time() >= old.renew_at()
+    assert young.renewable() and not entry(refused="x").renewable()

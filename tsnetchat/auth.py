@@ -118,15 +118,20 @@ def validate_subject(subject: str) -> None:
 
 
 def issue_token(key: bytes, subject: str, rooms: Iterable[str], *, admin: bool = False,
-                ttl_seconds: float, now: float | None = None) -> tuple[str, Claims]:
-    """Sign a token for ``subject`` (a tailnet login, or ``tag:x`` for tagged devices)."""
+                ttl_seconds: float, now: float | None = None,
+                token_id: str | None = None) -> tuple[str, Claims]:
+    """Sign a token for ``subject`` (a tailnet login, or ``tag:x`` for tagged devices).
+
+    ``token_id`` reuses an id (a renewal: revoking the id ends every copy); default a new one.
+    """
     validate_subject(subject)
     room_set = frozenset(rooms) or frozenset({ALL_ROOMS})
     for r in room_set:
         if r != ALL_ROOMS and not ROOM_RE.fullmatch(r):
             raise ConfigError(f"invalid room name {r!r} in token")
     now_i = int(time.time() if now is None else now)
-    claims = Claims(subject=subject, rooms=room_set, admin=admin, token_id=uuid.uuid4().hex,
+    claims = Claims(subject=subject, rooms=room_set, admin=admin,
+                    token_id=token_id or uuid.uuid4().hex,
                     issued_at=now_i, expires_at=now_i + int(ttl_seconds))
     payload = {
         "sub": subject, "rooms": sorted(room_set), "admin": admin, "jti": claims.token_id,

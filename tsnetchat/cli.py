@@ -27,6 +27,7 @@ from .config import ServerConfig, load_config
 from .errors import (
     ConfigError,
     PermissionDenied,
+    ServerUnavailable,
     TailnetError,
     TsnetchatError,
     Unauthenticated,
@@ -40,7 +41,8 @@ config_app = typer.Typer(no_args_is_help=True, help="Inspect the effective confi
 app.add_typer(token_app, name="token")
 app.add_typer(config_app, name="config")
 
-EXIT = {ConfigError: 3, TailnetError: 4, Unauthenticated: 5, PermissionDenied: 6}
+EXIT = {ConfigError: 3, TailnetError: 4, Unauthenticated: 5, PermissionDenied: 6,
+        ServerUnavailable: 7}
 GRPC_EXIT = {grpc.StatusCode.UNAUTHENTICATED: 5, grpc.StatusCode.PERMISSION_DENIED: 6,
              grpc.StatusCode.UNAVAILABLE: 7, grpc.StatusCode.DEADLINE_EXCEEDED: 7,
              grpc.StatusCode.INVALID_ARGUMENT: 2, grpc.StatusCode.RESOURCE_EXHAUSTED: 1}
@@ -93,6 +95,19 @@ StateOpt = Annotated[Path | None, typer.Option(help="State directory (history, k
 SocketOpt = Annotated[str | None, typer.Option(help="tailscaled LocalAPI socket.")]
 
 
+def _need_server() -> None:
+    """The server's commands need the `server` extra; a client-only install says so."""
+    import importlib
+
+    for module in ("jwt", "grpc_health.v1", "grpc_reflection.v1alpha"):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            raise fail(ConfigError(
+                f"this command runs the server side, which needs more than the client: "
+                f"pip install 'tsnetchat[server]' (missing: {module.split('.')[0]})")) from None
+
+
 def _server_config(config: Path | None, **flags: Any) -> ServerConfig:
     try:
         return load_config(file=config, flags=flags)
@@ -119,6 +134,8 @@ def serve(
     require_grant: Annotated[bool | None, typer.Option(
         "--require-grant/--no-require-grant", help="Refuse users without an app grant.")] = None,
     cap_domain: Annotated[str | None, typer.Option(help="Grant capability domain.")] = None,
+    enroll: Annotated[str | None, typer.Option(
+        help="Self-service tokens (tsnetchat login): off, grant or any.")] = None,
     metrics_port: Annotated[int | None, typer.Option(help="Prometheus text endpoint port.")] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error.")] = None,
 ) -> None:
@@ -126,7 +143,9 @@ def serve(
     flags = dict(state_dir=state_dir, socket=socket, port=port, listen=listen, embedded=embedded,
                  hostname=hostname, login_server=login_server, auth_key_file=auth_key_file,
                  tailscaled_path=tailscaled_path, require_grant=require_grant,
-                 cap_domain=cap_domain, metrics_port=metrics_port, log_level=log_level)
+                 cap_domain=cap_domain, enroll=enroll, metrics_port=metrics_port,
+                 log_level=log_level)
+    _need_server()
     cfg = _server_config(config, **flags)
     setup_logging(cfg.log_level)
     from .daemon import run_daemon
@@ -172,6 +191,7 @@ def token_issue(
     state_dir: StateOpt = None,
 ) -> None:
     """Sign a token for a tailnet user. It only works from that user's own devices."""
+    _need_server()
     from . import auth
 
     cfg = _server_config(config, state_dir=state_dir)
@@ -254,50 +274,117 @@ RoomOpt = Annotated[str, typer.Option("--room", "-r", help="Room name.")]
 TokenOpt = Annotated[str | None, typer.Option(help="Token (or TSNETCHAT_TOKEN).")]
 TokenFileOpt = Annotated[Path | None, typer.Option(help="File holding the token.")]
 ProxyOpt = Annotated[str | None, typer.Option(
-    help="Local node's HTTP proxy (userspace mode), e.g. 127.0.0.1:1055 (or TSNETCHAT_PROXY).")]
+    help="The local node's proxy in userspace-networking mode: socks5://127.0.0.1:1055 or "
+         "http://127.0.0.1:1055 (or TSNETCHAT_PROXY).")]
+ClientSocketOpt = Annotated[str | None, typer.Option(
+    help="tailscaled's LocalAPI socket (default: look in the usual places).")]
 PortOpt = Annotated[int, typer.Option(help="Server port.")]
 AddressOpt = Annotated[str | None, typer.Option(hidden=True, help="host:port, skip discovery.")]
+VerboseOpt = Annotated[bool, typer.Option(
+    "--verbose", "-v", help="Say how the server was found and how it is dialled.")]
 
 
 def _client_settings(server: str, token: str | None, token_file: Path | None,
                      socket: str | None, proxy: str | None) -> dict[str, Any]:
-    from .tailnet import DEFAULT_SOCKET
-    from .tokens import find_token
+    """Token (None: the stored one, looked up once discovery found the server), LocalAPI
+    socket ("" = the usual places) and proxy, from flags and TSNETCHAT_* variables."""
+    from .tokens import explicit_token
 
     try:
-        tok = find_token(server, token=token, token_file=token_file)
+        tok = explicit_token(token, token_file)
     except TsnetchatError as e:
         raise fail(e) from None
     return {"token": tok,
-            "socket": socket or os.environ.get("TSNETCHAT_SOCKET") or DEFAULT_SOCKET,
+            "socket": socket or os.environ.get("TSNETCHAT_SOCKET", ""),
             "proxy": proxy if proxy is not None else os.environ.get("TSNETCHAT_PROXY", "")}
+
+
+def _say_step(step: Any) -> None:
+    typer.echo(step.line(), err=True)
+
+
+def _report(verbose: bool) -> Any:
+    return _say_step if verbose else None
+
+
+async def _find(server: str, port: int, settings: dict[str, Any], verbose: bool) -> Any:
+    """Discovery and route alone (connect -v before the terminal opens, --save-token)."""
+    from .discovery import discover, route
+
+    found = await discover(server, socket=settings["socket"], report=_report(verbose))
+    await route(found, port, proxy=settings["proxy"], report=_report(verbose))
+    return found
 
 
 @app.command(name="connect")
 def connect_cmd(
     server: ServerArg, room: RoomOpt = "general", token: TokenOpt = None,
-    token_file: TokenFileOpt = None, socket: SocketOpt = None, proxy: ProxyOpt = None,
+    token_file: TokenFileOpt = None, socket: ClientSocketOpt = None, proxy: ProxyOpt = None,
     port: PortOpt = 50051, address: AddressOpt = None,
     save_token: Annotated[bool, typer.Option(help="Remember the token for this server.")] = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Interactive terminal chat."""
     s = _client_settings(server, token, token_file, socket, proxy)
-    if save_token:
-        from .tokens import save_token as save
+    if save_token and not s["token"]:
+        raise fail(ConfigError("--save-token: give the token with --token or --token-file"))
+    if (verbose or save_token) and not address:
+        found = run(_find(server, port, s, verbose))
+        if save_token:
+            from .tokens import save_admin_token
 
-        save(server, s["token"])
+            where = save_admin_token(found.node, s["token"])
+            typer.echo(f"saved the token for {found.node.dns_name or server} in {where}",
+                       err=True)
     from .tui import run_tui
 
     raise typer.Exit(run(run_tui(server, room, port=port, address=address or "", **s)))
 
 
 @app.command()
+def login(
+    server: ServerArg, socket: ClientSocketOpt = None, proxy: ProxyOpt = None,
+    port: PortOpt = 50051, verbose: VerboseOpt = False,
+    json_out: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Ask the server for a token of your own (when it hands them out), and keep it.
+
+    The server checks who you are on the tailnet; your rooms come from the tailnet grant.
+    The token renews itself while you use tsnetchat."""
+    import time
+
+    from .tokens import login as ask
+
+    s = _client_settings(server, None, None, socket, proxy)
+    entry, res = run(ask(server, socket=s["socket"], port=port, proxy=s["proxy"],
+                         report=_report(verbose)))
+    rooms = "any room" if "*" in res.rooms else ", ".join(res.rooms)
+    if json_out:
+        typer.echo(json.dumps({"login": res.identity.login, "server": entry.name,
+                               "node_id": entry.node_id, "token_id": res.token_id,
+                               "rooms": list(res.rooms), "admin": res.admin,
+                               "expires": res.expires_unix}))
+        return
+    exp = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.expires or 0))
+    typer.echo(f"logged in to {entry.name} as {res.identity.login} (rooms: {rooms}"
+               f"{'; admin' if res.admin else ''}).\nThe token is kept in "
+               f"{store_location()} and renews itself while you use tsnetchat "
+               f"(unused, it expires {exp}).")
+
+
+def store_location() -> str:
+    from .tokens import store_path
+
+    return str(store_path())
+
+
+@app.command()
 def send(
     server: ServerArg, text: Annotated[str, typer.Argument(help="Message text ('-' = stdin).")],
     room: RoomOpt = "general", action: Annotated[bool, typer.Option(help="Send as /me.")] = False,
-    token: TokenOpt = None, token_file: TokenFileOpt = None, socket: SocketOpt = None,
+    token: TokenOpt = None, token_file: TokenFileOpt = None, socket: ClientSocketOpt = None,
     proxy: ProxyOpt = None, port: PortOpt = 50051, address: AddressOpt = None,
-    json_out: Annotated[bool, typer.Option("--json")] = False,
+    json_out: Annotated[bool, typer.Option("--json")] = False, verbose: VerboseOpt = False,
 ) -> None:
     """Send one message and print its id once the server has stored it."""
     from .pb import chat_pb2 as pb
@@ -306,17 +393,18 @@ def send(
     body = (sys.stdin.read() if text == "-" else text).rstrip("\n")
     kind = pb.MESSAGE_KIND_ACTION if action else pb.MESSAGE_KIND_TEXT
     mid = _with_connection(server, port, address, s,
-                           lambda conn: conn.send_one(room, body, kind=kind))
+                           lambda conn: conn.send_one(room, body, kind=kind), verbose)
     typer.echo(json.dumps({"id": mid, "room": room}) if json_out else f"sent #{mid} to {room}")
 
 
 def _with_connection(server: str, port: int, address: str | None, settings: dict[str, Any],
-                     fn: Any) -> Any:
+                     fn: Any, verbose: bool = False) -> Any:
     """Connect, run ``await fn(connection)``, always close; errors become exit codes."""
     from .client import connect
 
     async def go() -> Any:
-        conn = await connect(server, port=port, address=address or "", **settings)
+        conn = await connect(server, port=port, address=address or "", report=_report(verbose),
+                             **settings)
         try:
             return await fn(conn)
         finally:
@@ -336,9 +424,9 @@ def tail(
     server: ServerArg, room: RoomOpt = "general",
     after: Annotated[int | None, typer.Option(help="Start after this message id.")] = None,
     count: Annotated[int, typer.Option(help="Exit after this many messages (0 = follow).")] = 0,
-    token: TokenOpt = None, token_file: TokenFileOpt = None, socket: SocketOpt = None,
+    token: TokenOpt = None, token_file: TokenFileOpt = None, socket: ClientSocketOpt = None,
     proxy: ProxyOpt = None, port: PortOpt = 50051, address: AddressOpt = None,
-    json_out: Annotated[bool, typer.Option("--json")] = False,
+    json_out: Annotated[bool, typer.Option("--json")] = False, verbose: VerboseOpt = False,
 ) -> None:
     """Follow a room read-only (the server stream). Reconnects and resumes on its own."""
     from .client import connect
@@ -349,8 +437,19 @@ def tail(
         last = after
         seen = 0
         backoff = 0.5
+        first = True
         while True:
-            conn = await connect(server, port=port, address=address or "", **s)
+            try:
+                conn = await connect(server, port=port, address=address or "",
+                                     report=_report(verbose and first), **s)
+            except ServerUnavailable as e:  # restarting: keep following
+                if first:  # but the first connection must work
+                    raise
+                typer.secho(f"reconnecting: {e}", err=True, fg="yellow")
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5)
+                continue
+            first = False
             try:
                 async for ev in conn.subscribe(room, after=last):
                     which = ev.WhichOneof("event")
@@ -383,14 +482,14 @@ def tail(
 def history(
     server: ServerArg, room: RoomOpt = "general",
     before: Annotated[int | None, typer.Option()] = None, limit: int = 50,
-    token: TokenOpt = None, token_file: TokenFileOpt = None, socket: SocketOpt = None,
+    token: TokenOpt = None, token_file: TokenFileOpt = None, socket: ClientSocketOpt = None,
     proxy: ProxyOpt = None, port: PortOpt = 50051, address: AddressOpt = None,
-    json_out: Annotated[bool, typer.Option("--json")] = False,
+    json_out: Annotated[bool, typer.Option("--json")] = False, verbose: VerboseOpt = False,
 ) -> None:
     """Print a page of a room's history."""
     s = _client_settings(server, token, token_file, socket, proxy)
     page = _with_connection(server, port, address, s,
-                            lambda conn: conn.history(room, before=before, limit=limit))
+                            lambda conn: conn.history(room, before=before, limit=limit), verbose)
     for m in page.messages:
         typer.echo(message_json(m) if json_out else render.plain(m))
 
@@ -398,12 +497,12 @@ def history(
 @app.command()
 def whoami(
     server: ServerArg, token: TokenOpt = None, token_file: TokenFileOpt = None,
-    socket: SocketOpt = None, proxy: ProxyOpt = None, port: PortOpt = 50051,
-    address: AddressOpt = None,
+    socket: ClientSocketOpt = None, proxy: ProxyOpt = None, port: PortOpt = 50051,
+    address: AddressOpt = None, verbose: VerboseOpt = False,
 ) -> None:
     """Who the server thinks you are, and what you may do."""
     s = _client_settings(server, token, token_file, socket, proxy)
-    me = _with_connection(server, port, address, s, lambda conn: conn.whoami())
+    me = _with_connection(server, port, address, s, lambda conn: conn.whoami(), verbose)
     typer.echo(json.dumps({"login": me.identity.login, "node": me.identity.node,
                            "rooms": list(me.rooms), "admin": me.admin,
                            "grant_applied": me.grant_applied, "token_id": me.token_id}))
@@ -413,19 +512,24 @@ def whoami(
 def doctor(
     config: ConfigOpt = None, socket: SocketOpt = None,
     server: Annotated[str | None, typer.Option(
-        help="Also check that this server is reachable from this node.")] = None,
+        help="Check this machine as a client of that server instead: how discovery finds it, "
+             "how it is dialled, the token, and whether it answers.")] = None,
     token: TokenOpt = None, token_file: TokenFileOpt = None, proxy: ProxyOpt = None,
     state_dir: StateOpt = None,
     port: Annotated[int | None, typer.Option()] = None,
 ) -> None:
     """Check this node and explain what is wrong, one line per check."""
+    if server:
+        from .doctor import run_client_doctor
+
+        s = _client_settings(server, token, token_file, socket, proxy)
+        ok = run(run_client_doctor(server, port=port or 50051, **s))
+        raise typer.Exit(0 if ok else 1)
     from .doctor import run_doctor
 
+    _need_server()
     cfg = _server_config(config, socket=socket, state_dir=state_dir, port=port)
-    tok = token or os.environ.get("TSNETCHAT_TOKEN") or (
-        token_file.read_text().strip() if token_file else "")
-    ok = run(run_doctor(cfg, server=server, token=tok,
-                        proxy=proxy or os.environ.get("TSNETCHAT_PROXY", "")))
+    ok = run(run_doctor(cfg))
     raise typer.Exit(0 if ok else 1)
 
 

@@ -20,11 +20,11 @@ from typing import Any
 
 import grpc
 
-from .discovery import CHANNEL_OPTIONS, DialBridge, Target, open_channel, resolve
+from .discovery import CHANNEL_OPTIONS, DialBridge, Report, Target, discover, open_channel, route
 from .errors import TsnetchatError
 from .pb import chat_pb2 as pb
 from .pb import chat_pb2_grpc as pb_grpc
-from .tailnet import LocalAPI
+from .tokens import Renewal
 
 DEFAULT_PORT = 50051
 
@@ -119,26 +119,36 @@ def _code(value: int) -> tuple[int, str]:
     return grpc.StatusCode.UNKNOWN.value  # type: ignore[no-any-return]
 
 
-async def connect(name: str, token: str, *, socket: str, port: int = DEFAULT_PORT,
-                  proxy: str = "", address: str = "") -> Connection:
-    """Resolve ``name`` through the local tailscaled and open a channel.
+async def connect(name: str, token: str | None, *, socket: str = "", port: int = DEFAULT_PORT,
+                  proxy: str = "", address: str = "", report: Report | None = None
+                  ) -> Connection:
+    """Find ``name`` on the tailnet and open a channel (``tsnetchat.discovery``).
 
-    ``address`` ("host:port") skips discovery (for tests and unusual setups).
+    ``token=None`` uses the token stored for that server node, renewed while in use
+    (``tsnetchat.tokens``); it is looked up after discovery, so a typo gets "did you mean"
+    first. ``socket=""`` looks for tailscaled at the platform's known places. ``report``
+    receives each discovery step. ``address`` ("host:port") skips discovery (for tests and
+    unusual setups).
     """
     if address:
         host, _, p = address.rpartition(":")
         target = Target(name=name, host=host.strip("[]"), ip=host.strip("[]"), port=int(p),
                         mode="address")
         return Connection(grpc.aio.insecure_channel(address, options=[
-            *CHANNEL_OPTIONS, ("grpc.enable_http_proxy", 0)]), token, target=target)
-    api = LocalAPI(socket)
-    try:
-        target = await resolve(api, name, port, proxy=proxy)
-        channel, bridge = await open_channel(target, proxy=proxy, api=api)
-    except BaseException:
-        await api.aclose()
-        raise
-    return Connection(channel, token, bridge=bridge, target=target)
+            *CHANNEL_OPTIONS, ("grpc.enable_http_proxy", 0)]), token or "", target=target)
+    found = await discover(name, socket=socket, report=report)
+    renewal = None if token is not None else Renewal.for_server(found.node, name)
+    target = await route(found, port, proxy=proxy, report=report)
+    channel, bridge = await open_channel(target)
+    conn = Connection(channel, renewal.token if renewal else token or "", bridge=bridge,
+                      target=target)
+    if renewal is not None:
+        try:
+            await renewal.ready(conn)
+        except BaseException:
+            await conn.close()
+            raise
+    return conn
 
 
 # --- a room session that survives reconnects ------------------------------------------

@@ -78,6 +78,10 @@ class ServerConfig(Limits):
     # backstop for changes it does not announce on its IPN bus (see gate.py).
     recheck_interval: float = 10.0
     token_ttl_hours: float = 24.0 * 30  # `tsnetchat token issue` without --ttl
+    # Self-service tokens (`tsnetchat login`, enroll.py): "off", "grant" (people with a tailnet
+    # grant of cap_name) or "any" (every tailnet user). Off unless the admin opts in.
+    enroll: str = "off"
+    enroll_ttl_hours: float = 24.0 * 7  # renewed while in use (enroll.py)
     retention_count: int = 100_000  # per room; 0 = keep all
     retention_days: float = 0.0  # 0 = keep forever
     fsync: bool = False  # True: survive power loss, not only a crashed process
@@ -237,7 +241,7 @@ def _validate(cfg: ServerConfig, where: Any) -> None:
     if cfg.max_message_bytes > 60_000:
         raise bad("max_message_bytes", "must be at most 60000 (gRPC frames are capped at 64 KiB)")
     for name in ("rate_per_second", "call_rate", "startup_timeout", "whois_timeout",
-                 "recheck_interval", "token_ttl_hours"):
+                 "recheck_interval", "token_ttl_hours", "enroll_ttl_hours"):
         if not getattr(cfg, name) > 0:
             raise bad(name, "must be greater than 0")
     for name in ("history_on_join", "retention_count", "retention_days", "shutdown_grace"):
@@ -245,6 +249,8 @@ def _validate(cfg: ServerConfig, where: Any) -> None:
             raise bad(name, "must not be negative")
     if not re.fullmatch(r"[a-z0-9.-]+\.[a-z]{2,}", cfg.cap_domain):
         raise bad("cap_domain", f"{cfg.cap_domain!r} is not a domain name like example.com")
+    if cfg.enroll not in ("off", "grant", "any"):
+        raise bad("enroll", f"{cfg.enroll!r} is not one of off, grant, any")
     if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise bad("log_level", "must be debug, info, warning or error")
     if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,62}", cfg.hostname):

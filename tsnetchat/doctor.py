@@ -1,4 +1,9 @@
-"""`tsnetchat doctor`: a checklist, one verdict per line, in plain words."""
+"""`tsnetchat doctor`: a checklist, one verdict per line, in plain words.
+
+On a server (``checks``): tailscaled, login, addresses, MagicDNS, listening, key file, store.
+On a client (``client_checks``, ``doctor --server NAME``): each discovery step, how the
+server is dialled, the token, and whether the server answers.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,11 @@ import asyncio
 import os
 import stat
 import tempfile
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 
 from .config import ServerConfig
+from .discovery import Step
 from .errors import TsnetchatError
 from .tailnet import LocalAPI, Status
 
@@ -35,8 +42,7 @@ async def _port_open(host: str, port: int) -> bool:
     return True
 
 
-async def checks(cfg: ServerConfig, *, server: str | None = None, token: str = "",
-                 proxy: str = "") -> list[Check]:
+async def checks(cfg: ServerConfig) -> list[Check]:
     out: list[Check] = []
     sock = cfg.effective_socket()
     st: Status | None = None
@@ -106,20 +112,62 @@ async def checks(cfg: ServerConfig, *, server: str | None = None, token: str = "
         out.append(Check("history store", FAIL, f"cannot write in {cfg.state_dir}: "
                          f"{e.strerror or e}; check ownership (StateDirectory= under systemd)"))
 
-    if server:
-        out.append(await _reach(server, cfg, sock, token, proxy))
     return out
 
 
-async def _reach(server: str, cfg: ServerConfig, sock: str, token: str, proxy: str) -> Check:
+# --- on a client ------------------------------------------------------------------------
+
+
+def _from_step(step: Step) -> Check:
+    return Check(step.name, {True: OK, False: FAIL, None: SKIP}[step.ok], step.detail)
+
+
+async def client_checks(server: str, *, port: int, token: str | None, socket: str = "",
+                        proxy: str = "") -> list[Check]:
+    """How this machine finds and reaches ``server``; ``token`` None = the stored one."""
+    from .discovery import discover, route
+    from .tokens import Renewal
+
+    steps: list[Step] = []
+    try:
+        found = await discover(server, socket=socket, report=steps.append)
+    except TsnetchatError as e:
+        return [*map(_from_step, steps),
+                Check("server found", FAIL, str(e).split("\ntried, in order:")[0])]
+    # A step that failed before a later one found the server is worth knowing, not a problem.
+    out = [replace(c, verdict=WARN) if c.verdict == FAIL else c for c in map(_from_step, steps)]
+    try:
+        await route(found, port, proxy=proxy, report=lambda s: out.append(_from_step(s)))
+    except TsnetchatError as e:
+        out.append(Check("dial", FAIL, str(e)))
+        return out
+    if token is None:
+        try:
+            renewal = Renewal.for_server(found.node, server)
+        except TsnetchatError as e:
+            out.append(Check("token", FAIL, str(e)))
+            return out
+        entry = renewal.entry
+        left = f", expires {time.strftime('%Y-%m-%d %H:%M', time.localtime(entry.expires))}" \
+            if entry.expires else ""
+        how = "from `tsnetchat login`, renewed while used" if entry.source == "login" else \
+            "issued by an admin"
+        warn = f"; the server refused to renew it: {entry.refused}" if entry.refused else ""
+        out.append(Check("token", WARN if warn else OK, f"stored for {entry.name} ({how}{left})"
+                                                         f"{warn}"))
+    else:
+        out.append(Check("token", OK, "given on the command line or in TSNETCHAT_TOKEN"))
+    out.append(await _reach(server, port, token, socket, proxy))
+    return out
+
+
+async def _reach(server: str, port: int, token: str | None, socket: str, proxy: str) -> Check:
     import grpc
 
     from .client import connect
 
-    if not token:
-        return Check("server reachable", SKIP, "give --token to check the server end to end")
     try:
-        conn = await connect(server, token, socket=sock, port=cfg.port, proxy=proxy)
+        conn = await connect(server, token, socket=socket, port=port, proxy=proxy)
     except TsnetchatError as e:
         return Check("server reachable", FAIL, str(e))
     try:
@@ -137,11 +185,19 @@ async def _reach(server: str, cfg: ServerConfig, sock: str, token: str, proxy: s
         await conn.close()
 
 
-async def run_doctor(cfg: ServerConfig, *, server: str | None = None, token: str = "",
-                     proxy: str = "") -> bool:
-    results = await checks(cfg, server=server, token=token, proxy=proxy)
+def _print(results: list[Check]) -> bool:
     for c in results:
         print(c.line())
     bad = [c for c in results if c.verdict == FAIL]
     print(f"\n{'all good' if not bad else f'{len(bad)} problem(s) found'}")
     return not bad
+
+
+async def run_client_doctor(server: str, *, port: int, token: str | None, socket: str = "",
+                            proxy: str = "") -> bool:
+    return _print(await client_checks(server, port=port, token=token, socket=socket,
+                                      proxy=proxy))
+
+
+async def run_doctor(cfg: ServerConfig) -> bool:
+    return _print(await checks(cfg))

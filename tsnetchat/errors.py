@@ -9,6 +9,7 @@
     │   │                        so nobody's tailnet identity can be checked (fail closed)
     │   ├── TailnetNotReady      tailscaled answers but is not Running (logged out, stopped)
     │   └── PeerNotFound         WhoIs/discovery found no such peer
+    ├── ServerUnavailable        the server's node answers but nothing serves tsnetchat there
     ├── Unauthenticated          one of the two locks (token, tailnet identity) failed
     ├── PermissionDenied         both locks passed but this action is not allowed
     ├── InvalidInput             a request is malformed (bad room name, bad text, garbage)
@@ -46,6 +47,11 @@ class TailnetNotReady(TailnetError):
 
 class PeerNotFound(TailnetError):
     pass
+
+
+class ServerUnavailable(TsnetchatError):
+    """The server's machine is reachable, but the server is not (not running, wrong port).
+    Trying again later may help."""
 
 
 class Unauthenticated(TsnetchatError):

@@ -218,6 +218,32 @@ class Gate:
                 self._release(lease)
             self._leave(conn)
 
+    @asynccontextmanager
+    async def identity(self, peer: str, method: str = "Login") -> AsyncIterator[WhoIs]:
+        """The tailnet lock alone, for a call that carries no token yet (enrollment, see
+        enroll.py): the connection's identity under the same refusal budget, cache and
+        fail-closed rules as ``admit``. Refusals raised by the caller's body count too."""
+        conn = self._enter(peer)
+        try:
+            self._check_budget(conn.peer, conn.node_id)
+            if not conn.addr:
+                raise Unauthenticated("tailnet lock: this connection is not an IP connection "
+                                      "through tailscaled")
+            who = await self._identity(conn)
+            self._check_budget(conn.peer, who.node_id)
+            self._check_own_node(who)
+            yield who
+        except (Unauthenticated, PermissionDenied, InvalidInput) as e:
+            self._refused(conn, method, e)
+            raise
+        finally:
+            self._leave(conn)
+
+    def check_token(self, who: WhoIs, token: str) -> auth.Principal:
+        """Both locks for ``token`` from ``who``, as ``admit`` decides them (valid, not
+        revoked, subject matches, grants narrow); for enrollment's renewal."""
+        return self._decide(who, self._verify(token))
+
     def _enter(self, peer: str) -> _Conn:
         conn = self._conns.get(peer)
         if conn is None:

@@ -30,7 +30,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
-from . import auth
+from . import auth, enroll
 from .config import ServerConfig, parse_listen
 from .errors import ConfigError, TailnetError, TsnetchatError
 from .gate import Gate, Policy
@@ -172,8 +172,13 @@ class Server:
         self.load = LoopLoad(asyncio.get_running_loop())
         self.hub = Hub(pacing, load=self.load)
         self.metrics = Metrics()
+        self.enrollment = enroll.Enrollment(
+            door=self.gate, key=lambda: self.gate.policy.key, store=self.store,
+            policy=enroll.policy_from(cfg),  # named once start() knows our name
+            server_node=lambda: self.status.self_node if self.status else None)
         self.service = ChatService(store=self.store, hub=self.hub, gate=self.gate,
-                                   limits=cfg.limits, metrics=self.metrics)
+                                   limits=cfg.limits, metrics=self.metrics,
+                                   enrollment=self.enrollment)
         self.health = BoundedHealth()
         self.reflection = BoundedReflection((
             pb.DESCRIPTOR.services_by_name["Chat"].full_name, health.SERVICE_NAME,
@@ -207,6 +212,7 @@ class Server:
         self.status = await wait_running(self.tailnet, cfg.startup_timeout,
                                          progress=self.progress)
         self.gate.apply(self._policy(self.gate.policy.key))  # now knowing our own node
+        self.enrollment.policy = enroll.policy_from(cfg, self._name())  # now knowing our name
         self.addresses = (listen_addresses(self.status) if cfg.listen == "auto"
                           else parse_listen(cfg.listen))
         pruned = self.store.prune(keep_count=cfg.retention_count, keep_days=cfg.retention_days)
@@ -236,6 +242,9 @@ class Server:
                  name.split(".")[0] or "<name>")
         self.progress(f"ready: MagicDNS name {name}, listening on {where}")
         self.notifier.send("READY=1", f"STATUS=serving on {where} as {name}")
+
+    def _name(self) -> str:
+        return self.status.self_node.short_name if self.status else "the server"
 
     def _build_grpc(self, addresses: list[str]) -> grpc.aio.Server:
         server = grpc.aio.server(options=GRPC_OPTIONS)
@@ -379,6 +388,7 @@ class Server:
         self.cfg = cfg
         self.service.apply(cfg.limits)
         self.gate.apply(self._policy(self.gate.policy.key))
+        self.enrollment.policy = enroll.policy_from(cfg, self._name())
         self.check_revocations()
         self.check_key()
         log.info("reloaded configuration and revocations")

@@ -16,7 +16,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -39,6 +39,9 @@ from .metrics import Metrics
 from .pb import chat_pb2 as pb
 from .store import Sender, Store, StoredMessage
 from .throttle import Buckets, LogLimiter, TokenBucket
+
+if TYPE_CHECKING:
+    from .enroll import Enrollment
 
 log = logging.getLogger("tsnetchat.service")
 
@@ -125,8 +128,9 @@ def validate_text(text: str, kind: int, max_bytes: int) -> None:
 
 class ChatService:
     def __init__(self, *, store: Store, hub: Hub, gate: Gate, limits: Limits,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, enrollment: Enrollment | None = None) -> None:
         self.store, self.hub, self.gate, self.limits = store, hub, gate, limits
+        self.enrollment = enrollment  # Login and RenewToken (enroll.py)
         self.metrics = metrics or Metrics()
         self._buckets = Buckets(limits.rate_burst, limits.rate_per_second)  # messages
         self._call_buckets = Buckets(limits.call_burst, limits.call_rate)  # calls
@@ -155,6 +159,11 @@ class ChatService:
                           ("RevokeToken", pb.RevokeTokenRequest)]:
             h[name] = grpc.unary_unary_rpc_method_handler(
                 getattr(self, name), request_deserializer=_safe(req), response_serializer=_encode)
+        if self.enrollment is not None:
+            for name, req in [("Login", pb.LoginRequest), ("RenewToken", pb.RenewTokenRequest)]:
+                h[name] = grpc.unary_unary_rpc_method_handler(
+                    getattr(self.enrollment, name), request_deserializer=_safe(req),
+                    response_serializer=_encode)
         return grpc.method_handlers_generic_handler(SERVICE_NAME, h)
 
     # helpers -----------------------------------------------------------------------

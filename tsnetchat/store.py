@@ -352,6 +352,15 @@ class Store:
             db.execute("INSERT INTO tokens (jti, sub, rooms, admin, iat, exp) "
                        "VALUES (:jti, :sub, :rooms, :admin, :iat, :exp)", row)
 
+    def renew_token(self, row: dict[str, object]) -> None:
+        """Record a renewed token: same id, new rights and lifetime (inserted if unknown)."""
+        self.commit()
+        with self._tx() as db:
+            db.execute("INSERT INTO tokens (jti, sub, rooms, admin, iat, exp) "
+                       "VALUES (:jti, :sub, :rooms, :admin, :iat, :exp) ON CONFLICT (jti) DO "
+                       "UPDATE SET rooms=excluded.rooms, admin=excluded.admin, iat=excluded.iat, "
+                       "exp=excluded.exp", row)
+
     def list_tokens(self) -> list[TokenRecord]:
         self.commit()
         rows = self._q("SELECT t.jti, t.sub, t.rooms, t.admin, t.iat, t.exp, r.at FROM tokens t "

@@ -58,7 +58,7 @@ class PeerInfo:
     last_seen: str
     login: str
     tags: tuple[str, ...] = ()
-    node_id: str = ""  # StableID, as WhoIs names it
+    node_id: str = ""  # StableID, as WhoIs names it; survives renames and new addresses
 
     @property
     def short_name(self) -> str:

@@ -1,14 +1,51 @@
-"""Where the client finds its token: --token, --token-file, TSNETCHAT_TOKEN, or the
-per-server store in the user's config dir (~/.config/tsnetchat/tokens.json, mode 0600)."""
+"""The client's tokens: where they come from, where they are kept, how they stay fresh.
+
+Sources, first match wins: ``--token``, ``--token-file``, ``TSNETCHAT_TOKEN``
+(``explicit_token``), then the token store. The store is read only after discovery has found
+the server, so a typo gets "did you mean" before any question about tokens.
+
+The store (``~/.config/tsnetchat/tokens.json``, mode 0600) keys each token by the server's
+node, not by the name typed: its stable node id when discovery knows it (LocalAPI or the
+tailscale command), else its tailnet addresses (what the resolver gives). The short name,
+the full MagicDNS name and the tailnet IP all find the same token, and a renamed server
+keeps it. A file written by an older tsnetchat (``{name: token}``) is read as tokens for
+those exact names.
+
+Tokens from ``tsnetchat login`` (``login``) renew themselves while they are used: a
+connection made past half a token's life renews it first (``Renewal.ready``), and
+connections that stay open get it renewed in the background, their metadata updated. A
+renewal the server refuses is kept in the store with the server's words and said plainly:
+a revoked token stops at once; a token whose grant went away works until it expires.
+Admin-issued tokens are used as they are and never renewed.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import binascii
 import json
+import logging
 import os
 import stat
+import time
+import weakref
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any, ClassVar, Protocol
 
-from .errors import ConfigError, Unauthenticated
+import grpc
+
+from . import discovery
+from .errors import ConfigError, TailnetError, TsnetchatError, Unauthenticated
+from .pb import chat_pb2 as pb
+from .pb import chat_pb2_grpc as pb_grpc
+
+log = logging.getLogger("tsnetchat.tokens")
+
+STORE_VERSION = 2
+RENEW_AT = 0.5  # share of a login token's life after which the client renews it
+RPC_TIMEOUT = 15.0
 
 
 def store_path() -> Path:
@@ -16,42 +53,8 @@ def store_path() -> Path:
     return Path(base) / "tsnetchat" / "tokens.json"
 
 
-def _key(server: str) -> str:
-    return server.strip().rstrip(".").lower()
-
-
-def load_store(path: Path | None = None) -> dict[str, str]:
-    path = path or store_path()
-    if not path.exists():
-        return {}
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & 0o077:
-        raise ConfigError(f"{path} holds tokens but others can read it (mode {mode:04o}); run "
-                          f"`chmod 600 {path}`")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON: {e}") from None
-    return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
-
-
-def save_token(server: str, token: str, path: Path | None = None) -> Path:
-    path = path or store_path()
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    data = load_store(path)
-    data[_key(server)] = token
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.chmod(tmp, 0o600)
-    tmp.replace(path)
-    return path
-
-
-def find_token(server: str, *, token: str | None = None, token_file: Path | None = None,
-               path: Path | None = None) -> str:
-    """The first of: explicit token, token file, TSNETCHAT_TOKEN, the saved token."""
+def explicit_token(token: str | None = None, token_file: Path | None = None) -> str | None:
+    """The token a person gave for this command: flag, file, or TSNETCHAT_TOKEN; else None."""
     if token:
         return token.strip()
     if token_file is not None:
@@ -59,12 +62,324 @@ def find_token(server: str, *, token: str | None = None, token_file: Path | None
             return token_file.read_text().strip()
         except OSError as e:
             raise ConfigError(f"--token-file {token_file}: {e.strerror}") from None
-    if os.environ.get("TSNETCHAT_TOKEN"):
-        return os.environ["TSNETCHAT_TOKEN"].strip()
-    saved = load_store(path).get(_key(server))
-    if saved:
-        return saved
-    raise Unauthenticated(
-        f"no token for {server}: pass --token or --token-file, set TSNETCHAT_TOKEN, or save one "
-        f"with `tsnetchat connect {server} --token ... --save-token`. Ask the server's admin "
-        "for a token (`tsnetchat token issue <your login>`).")
+    env = os.environ.get("TSNETCHAT_TOKEN", "").strip()
+    return env or None
+
+
+def _norm(name: str) -> str:
+    return name.strip().rstrip(".").lower()
+
+
+def _when(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+@dataclass
+class Entry:
+    """One stored token and the server node it belongs to."""
+
+    node_id: str  # the server's stable node id; "" when unknown
+    name: str  # the server's MagicDNS name (or the name typed), for people
+    ips: list[str]
+    token: str = field(repr=False)
+    token_id: str = ""
+    source: str = "admin"  # "login": renewed while used; "admin": used as it is
+    received: float = 0.0  # this machine's clock when the token arrived (login tokens)
+    lifetime: float = 0.0  # seconds it was issued for; 0 = unknown
+    refused: str = ""  # the server's words when it refused a renewal
+    dead: bool = False  # the refusal also ended the token (revoked)
+
+    @property
+    def expires(self) -> float | None:
+        return self.received + self.lifetime if self.lifetime else None
+
+    def renew_at(self) -> float:
+        return self.received + self.lifetime * RENEW_AT
+
+    def renewable(self) -> bool:
+        return self.source == "login" and self.lifetime > 0 and not self.refused
+
+    def expired(self, now: float) -> bool:
+        exp = self.expires
+        return exp is not None and now >= exp
+
+    def matches(self, node: discovery.ServerNode) -> bool:
+        if node.node_id and self.node_id:
+            return node.node_id == self.node_id
+        return bool(set(node.ips) & set(self.ips))
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Entry:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+class TokenStore:
+    """The token file. Every call reads it afresh: another tsnetchat may have renewed."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path or store_path()
+
+    def read(self) -> tuple[list[Entry], dict[str, str]]:
+        """Entries, and tokens an older version saved by name."""
+        if not self.path.exists():
+            return [], {}
+        mode = stat.S_IMODE(self.path.stat().st_mode)
+        if mode & 0o077:
+            raise ConfigError(f"{self.path} holds tokens but others can read it (mode "
+                              f"{mode:04o}); run `chmod 600 {self.path}`")
+        try:
+            data = json.loads(self.path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{self.path} is not valid JSON: {e}") from None
+        except OSError as e:
+            raise ConfigError(f"cannot read {self.path}: {e.strerror}") from None
+        if not isinstance(data, dict):
+            return [], {}
+        if data.get("version") != STORE_VERSION:  # version 1: {name: token}
+            return [], {_norm(k): str(v) for k, v in data.items() if isinstance(v, str)}
+        try:
+            entries = [Entry.from_json(e) for e in data.get("servers", [])]
+        except TypeError as e:
+            raise ConfigError(f"{self.path} has an entry tsnetchat cannot read ({e})") from None
+        names = data.get("names") or {}
+        return entries, {str(k): str(v) for k, v in names.items()}
+
+    def write(self, entries: list[Entry], names: dict[str, str]) -> Path:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        data = {"version": STORE_VERSION, "servers": [asdict(e) for e in entries],
+                "names": names}
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+        os.chmod(tmp, 0o600)
+        tmp.replace(self.path)
+        return self.path
+
+    def find(self, node: discovery.ServerNode, typed: str) -> Entry | None:
+        entries, names = self.read()
+        found = next((e for e in reversed(entries) if e.matches(node)), None)
+        if found is not None:
+            return found
+        for name in (typed, node.dns_name, node.short_name):
+            if name and _norm(name) in names:
+                return Entry(node_id="", name=name, ips=[], token=names[_norm(name)])
+        return None
+
+    def put(self, entry: Entry) -> Path:
+        """Keep ``entry``, replacing what was stored for the same server node."""
+        entries, names = self.read()
+        node = discovery.ServerNode(short_name="", dns_name="", ips=tuple(entry.ips),
+                                    node_id=entry.node_id)
+        kept = [e for e in entries if not e.matches(node)]
+        return self.write([*kept, entry], names)
+
+
+def _unverified_claims(token: str) -> dict[str, Any]:
+    """The payload of a JWT, without checking it (only to show and schedule; the server
+    checks). {} when it is not a JWT."""
+    try:
+        part = token.split(".")[1]
+        data = json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
+    except (IndexError, ValueError, binascii.Error):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def save_admin_token(node: discovery.ServerNode, token: str,
+                     store: TokenStore | None = None) -> Path:
+    """Keep a token an admin issued, for this server node (``connect --save-token``)."""
+    claims = _unverified_claims(token)
+    iat, exp = claims.get("iat"), claims.get("exp")
+    timed = isinstance(iat, int) and isinstance(exp, int) and exp > iat
+    entry = Entry(node_id=node.node_id, name=node.dns_name or node.short_name,
+                  ips=list(node.ips), token=token, token_id=str(claims.get("jti", "")),
+                  source="admin", received=float(iat) if timed else 0.0,  # type: ignore[arg-type]
+                  lifetime=float(exp - iat) if timed else 0.0)  # type: ignore[operator]
+    return (store or TokenStore()).put(entry)
+
+
+# --- renewal ------------------------------------------------------------------------------
+
+
+class Conn(Protocol):
+    """What renewal needs of a client connection (client.Connection)."""
+
+    stub: Any
+    metadata: Any  # replaced with the renewed token's
+    channel: grpc.aio.Channel
+
+
+def bearer(token: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+def _is_open(conn: Conn) -> bool:
+    try:
+        state = conn.channel.get_state(try_to_connect=False)
+    except Exception:  # a closed grpc.aio channel may raise instead of answering
+        return False
+    return bool(state != grpc.ChannelConnectivity.SHUTDOWN)
+
+
+class Renewal:
+    """Keeps one stored login token fresh for this process's connections to its server."""
+
+    _live: ClassVar[weakref.WeakKeyDictionary[asyncio.AbstractEventLoop,
+                                               dict[tuple[str, str], Renewal]]] = (
+        weakref.WeakKeyDictionary())
+
+    def __init__(self, store: TokenStore, entry: Entry, typed: str) -> None:
+        self.store, self.entry, self.typed = store, entry, typed
+        self._conns: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._timer: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._next = 0.0
+
+    @classmethod
+    def for_server(cls, node: discovery.ServerNode, typed: str,
+                   store: TokenStore | None = None) -> Renewal:
+        """The stored token for ``node``; raises Unauthenticated, in words, when there is
+        none or it can no longer be used."""
+        store = store or TokenStore()
+        entry = store.find(node, typed)
+        now = time.time()
+        if entry is None:
+            raise Unauthenticated(
+                f"no token for {typed}: run `tsnetchat login {typed}` (if that server hands "
+                "out tokens), or pass the token its admin gave you with --token or "
+                "--token-file (`--save-token` keeps it)")
+        if entry.dead:
+            raise Unauthenticated(
+                f"{typed} refused to renew your token: {entry.refused}. Run `tsnetchat login "
+                f"{typed}` to ask for a new one")
+        exp = entry.expires
+        if exp is not None and entry.expired(now):
+            why = f", and {typed} had refused to renew it: {entry.refused}" if entry.refused \
+                else ""
+            again = f"`tsnetchat login {typed}`" if entry.source == "login" else \
+                "a new token from its admin"
+            raise Unauthenticated(f"your token for {typed} expired on {_when(exp)}{why}. "
+                                  f"Get a new one: {again}")
+        loop = asyncio.get_running_loop()
+        live = cls._live.setdefault(loop, {})
+        key = (str(store.path), entry.node_id or ",".join(sorted(entry.ips)) or entry.name)
+        r = live.get(key)
+        if r is None or r.entry.token_id != entry.token_id:
+            r = live[key] = cls(store, entry, typed)
+        elif entry.received > r.entry.received:  # renewed by another process meanwhile
+            r.entry = entry
+        return r
+
+    @property
+    def token(self) -> str:
+        return self.entry.token
+
+    async def ready(self, conn: Conn) -> None:
+        """Renew now if the token is past ``RENEW_AT`` of its life, and keep it fresh for
+        ``conn`` while it stays open. Raises Unauthenticated when the renewal is refused
+        because the token itself is no longer valid (revoked)."""
+        self._conns.add(conn)
+        if self.entry.renewable() and time.time() >= max(self.entry.renew_at(), self._next):
+            await self.renew(conn)
+        self._schedule()
+
+    async def renew(self, conn: Conn) -> None:
+        """One renewal over ``conn``. A transient failure is retried later (background);
+        refusals are stored and said."""
+        try:
+            res = await conn.stub.RenewToken(pb.RenewTokenRequest(),
+                                             metadata=bearer(self.entry.token),
+                                             timeout=RPC_TIMEOUT)
+        except grpc.aio.AioRpcError as e:
+            self._failed(e)
+            return
+        self.entry = replace(self.entry, token=res.token, token_id=res.token_id,
+                             received=time.time(),
+                             lifetime=float(res.expires_unix - res.issued_unix), refused="")
+        self.store.put(self.entry)
+        for c in list(self._conns):
+            c.metadata = bearer(res.token)
+        log.debug("renewed token %s for %s", res.token_id, self.typed)
+
+    def _failed(self, e: grpc.aio.AioRpcError) -> None:
+        code, words = e.code(), e.details() or e.code().name
+        if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
+                    grpc.StatusCode.UNIMPLEMENTED):
+            dead = code == grpc.StatusCode.UNAUTHENTICATED
+            self.entry = replace(self.entry, refused=words, dead=dead)
+            self.store.put(self.entry)
+            if dead:
+                raise Unauthenticated(f"{self.typed} refused to renew your token: {words}. Run "
+                                      f"`tsnetchat login {self.typed}` to ask for a new one")
+            exp = self.entry.expires or time.time()
+            log.warning("%s will not renew your token: %s. It keeps working until %s",
+                        self.typed, words, _when(exp))
+            return
+        # Busy, too early, or unreachable: try again, well before it expires.
+        left = (self.entry.expires or time.time()) - time.time()
+        self._next = time.time() + min(30.0, max(1.0, left / 4))
+        log.debug("renewal of the token for %s failed (%s); retrying", self.typed, code.name)
+
+    def _schedule(self) -> None:
+        if self._timer is not None or self._task is not None or not self.entry.renewable():
+            return
+        delay = max(1.0, max(self.entry.renew_at(), self._next) - time.time())
+        self._timer = asyncio.get_running_loop().call_later(delay, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        live = [c for c in list(self._conns) if _is_open(c)]
+        if live:
+            self._task = asyncio.ensure_future(self._background(live[0]))
+
+    async def _background(self, conn: Conn) -> None:
+        try:
+            await self.renew(conn)
+        except TsnetchatError as e:  # refused: stored; the server also closes its streams
+            log.warning("%s", e)
+            return
+        finally:
+            self._task = None
+        self._schedule()
+
+
+# --- login --------------------------------------------------------------------------------
+
+
+def _check_server(found: discovery.ServerNode, claimed: pb.ServerNode, ip: str) -> None:
+    """The server's word about its node must agree with what this side knows: tailscale's
+    stable id when discovery had it, else the address that was dialled."""
+    if found.node_id and claimed.node_id and found.node_id != claimed.node_id:
+        raise TailnetError(f"the server at {ip} says it is node {claimed.node_id}, but "
+                           f"tailscale says that is node {found.node_id}; not keeping its "
+                           "token")
+    if not found.node_id and claimed.addresses and ip not in claimed.addresses:
+        raise TailnetError(f"the server at {ip} gives other addresses for itself "
+                           f"({', '.join(claimed.addresses)}); not keeping its token")
+
+
+async def login(name: str, *, socket: str = "", port: int, proxy: str = "",
+                report: discovery.Report | None = None,
+                store: TokenStore | None = None) -> tuple[Entry, pb.LoginResponse]:
+    """Ask the server ``name`` for a token of one's own and keep it. Discovery first (a typo
+    gets "did you mean"); gRPC refusals propagate as AioRpcError with the server's words."""
+    found = await discovery.discover(name, socket=socket, report=report)
+    target = await discovery.route(found, port, proxy=proxy, report=report)
+    channel, bridge = await discovery.open_channel(target)
+    try:
+        stub: Any = pb_grpc.ChatStub(channel)  # type: ignore[no-untyped-call]
+        res: pb.LoginResponse = await stub.Login(pb.LoginRequest(), timeout=RPC_TIMEOUT)
+    finally:
+        await channel.close()
+        if bridge is not None:
+            await bridge.close()
+    _check_server(found.node, res.server, target.ip)
+    ips = list(dict.fromkeys([*found.node.ips, *res.server.addresses]))
+    entry = Entry(node_id=found.node.node_id or res.server.node_id,
+                  name=res.server.name or found.node.dns_name or name, ips=ips,
+                  token=res.token, token_id=res.token_id, source="login",
+                  received=time.time(), lifetime=float(res.expires_unix - res.issued_unix))
+    (store or TokenStore()).put(entry)
+    return entry, res

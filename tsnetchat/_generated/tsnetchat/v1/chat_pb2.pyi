@@ -272,3 +272,41 @@ class RevokeTokenResponse(_message.Message):
     STREAMS_CLOSED_FIELD_NUMBER: _ClassVar[int]
     streams_closed: int
     def __init__(self, streams_closed: _Optional[int] = ...) -> None: ...
+
+class ServerNode(_message.Message):
+    __slots__ = ("node_id", "name", "addresses")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    name: str
+    addresses: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., addresses: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class LoginRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RenewTokenRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class LoginResponse(_message.Message):
+    __slots__ = ("token", "token_id", "issued_unix", "expires_unix", "rooms", "admin", "identity", "server")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    ISSUED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_UNIX_FIELD_NUMBER: _ClassVar[int]
+    ROOMS_FIELD_NUMBER: _ClassVar[int]
+    ADMIN_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    SERVER_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    token_id: str
+    issued_unix: int
+    expires_unix: int
+    rooms: _containers.RepeatedScalarFieldContainer[str]
+    admin: bool
+    identity: Identity
+    server: ServerNode
+    def __init__(self, token: _Optional[str] = ..., token_id: _Optional[str] = ..., issued_unix: _Optional[int] = ..., expires_unix: _Optional[int] = ..., rooms: _Optional[_Iterable[str]] = ..., admin: _Optional[bool] = ..., identity: _Optional[_Union[Identity, _Mapping]] = ..., server: _Optional[_Union[ServerNode, _Mapping]] = ...) -> None: ...

@@ -69,6 +69,16 @@ class ChatStub:
                 request_serializer=tsnetchat_dot_v1_dot_chat__pb2.RevokeTokenRequest.SerializeToString,
                 response_deserializer=tsnetchat_dot_v1_dot_chat__pb2.RevokeTokenResponse.FromString,
                 _registered_method=True)
+        self.Login = channel.unary_unary(
+                '/tsnetchat.v1.Chat/Login',
+                request_serializer=tsnetchat_dot_v1_dot_chat__pb2.LoginRequest.SerializeToString,
+                response_deserializer=tsnetchat_dot_v1_dot_chat__pb2.LoginResponse.FromString,
+                _registered_method=True)
+        self.RenewToken = channel.unary_unary(
+                '/tsnetchat.v1.Chat/RenewToken',
+                request_serializer=tsnetchat_dot_v1_dot_chat__pb2.RenewTokenRequest.SerializeToString,
+                response_deserializer=tsnetchat_dot_v1_dot_chat__pb2.LoginResponse.FromString,
+                _registered_method=True)
 
 
 class ChatServicer:
@@ -125,6 +135,25 @@ class ChatServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Login(self, request, context):
+        """Self-service: a token for the caller's own tailnet login, with rooms and admin taken
+        from the tailnet grant, when the server's enrollment policy (`enroll`) allows it. Needs
+        no token: the connection's tailnet identity (WhoIs) is the proof. Rate-limited per
+        device.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RenewToken(self, request, context):
+        """A fresh copy of a token that Login issued: the same token id (so revoking it also ends
+        its renewals), a new expiry, rights from the current grant. Needs that token, once part
+        of its life has passed; refused once it is revoked or the policy no longer allows it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ChatServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -162,6 +191,16 @@ def add_ChatServicer_to_server(servicer, server):
                     servicer.RevokeToken,
                     request_deserializer=tsnetchat_dot_v1_dot_chat__pb2.RevokeTokenRequest.FromString,
                     response_serializer=tsnetchat_dot_v1_dot_chat__pb2.RevokeTokenResponse.SerializeToString,
+            ),
+            'Login': grpc.unary_unary_rpc_method_handler(
+                    servicer.Login,
+                    request_deserializer=tsnetchat_dot_v1_dot_chat__pb2.LoginRequest.FromString,
+                    response_serializer=tsnetchat_dot_v1_dot_chat__pb2.LoginResponse.SerializeToString,
+            ),
+            'RenewToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewToken,
+                    request_deserializer=tsnetchat_dot_v1_dot_chat__pb2.RenewTokenRequest.FromString,
+                    response_serializer=tsnetchat_dot_v1_dot_chat__pb2.LoginResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -353,6 +392,60 @@ class Chat:
             '/tsnetchat.v1.Chat/RevokeToken',
             tsnetchat_dot_v1_dot_chat__pb2.RevokeTokenRequest.SerializeToString,
             tsnetchat_dot_v1_dot_chat__pb2.RevokeTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Login(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tsnetchat.v1.Chat/Login',
+            tsnetchat_dot_v1_dot_chat__pb2.LoginRequest.SerializeToString,
+            tsnetchat_dot_v1_dot_chat__pb2.LoginResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tsnetchat.v1.Chat/RenewToken',
+            tsnetchat_dot_v1_dot_chat__pb2.RenewTokenRequest.SerializeToString,
+            tsnetchat_dot_v1_dot_chat__pb2.LoginResponse.FromString,
             options,
             channel_credentials,
             insecure,

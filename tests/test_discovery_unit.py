@@ -1,0 +1,123 @@
+"""The pure parts of discovery: tailnet ranges, proxies, where the LocalAPI is on each
+platform, and the bridge's shutdown. The behaviour over real tailscaled is test_discovery.py."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+from tsnetchat.discovery import (
+    DialBridge,
+    Proxy,
+    ProxyRefused,
+    is_tailnet_ip,
+    localapi_places,
+    macos_app_endpoint,
+    parse_lsof,
+    parse_proxy,
+    parse_sameuserproof,
+    read_macsys,
+    socks5_connect,
+)
+from tsnetchat.errors import ConfigError
+
+
+@pytest.mark.parametrize(("ip", "ok"), [
+    ("100.64.0.1", True), ("100.127.255.254", True), ("fd7a:115c:a1e0::1", True),
+    ("[fd7a:115c:a1e0::1]", True), ("100.128.0.1", False), ("100.63.255.255", False),
+    ("192.168.1.5", False), ("fd7a:115c:a1e1::1", False), ("chat-server", False),
+])
+def test_only_tailscales_ranges_count_as_tailnet_addresses(ip: str, ok: bool) -> None:
+    assert is_tailnet_ip(ip) is ok
+
+
+def test_proxies_are_read_with_or_without_a_scheme() -> None:
+    assert parse_proxy("127.0.0.1:1055") == Proxy("http", "127.0.0.1", 1055)
+    assert parse_proxy("socks5h://localhost:1080/") == Proxy("socks5", "localhost", 1080)
+    assert parse_proxy("http://[::1]:8080").url == "http://[::1]:8080"
+    for bad in ("ftp://h:1", "h", "socks5://h:0", "http://:1"):
+        with pytest.raises(ConfigError, match=r"--proxy: .* is not a proxy address"):
+            parse_proxy(bad)
+
+
+def test_the_macos_apps_password_is_read_from_its_file_names_and_files(
+        tmp_path: Path) -> None:
+    assert parse_sameuserproof("sameuserproof-61577-2ae2ec9e0aa2005784f1") == (
+        61577, "2ae2ec9e0aa2005784f1")
+    assert parse_sameuserproof("sameuserproof-61577") is None
+    lsof = ("p123\nn/private/var/folders/x/T/io.tailscale.ipn.macos/"
+            "sameuserproof-50123-abcdef\n")
+    assert parse_lsof(lsof) == (50123, "abcdef")
+    assert parse_lsof("p1\nn/tmp/other\n") is None
+    (tmp_path / "ipnport").symlink_to("41112")
+    (tmp_path / "sameuserproof-41112").write_text("s3cret\n")
+    assert read_macsys(str(tmp_path)) == (41112, "s3cret")
+    assert read_macsys(str(tmp_path / "absent")) is None
+    shared = tmp_path / "cli-shared"
+    shared.mkdir()
+    (shared / "sameuserproof-40001-fromcli").write_text("")
+    place = macos_app_endpoint(env={"TS_MACOS_CLI_SHARED_DIR": str(shared)},
+                               shared_dir=str(tmp_path))
+    assert place is not None and (place.port, place.password) == (40001, "fromcli")
+    place = macos_app_endpoint(env={}, shared_dir=str(tmp_path))
+    assert place is not None and "s3cret" not in repr(place)
+
+
+def test_where_the_localapi_is_looked_for_on_each_platform() -> None:
+    places, absent = localapi_places("/some/where.sock")
+    assert [p.socket for p in places] == ["/some/where.sock"] and absent == []
+    places, absent = localapi_places(platform="win32")
+    assert places == [] and "tailscale command" in absent[0]
+    places, absent = localapi_places(platform="linux")
+    if not os.path.exists("/var/run/tailscale/tailscaled.sock"):
+        assert "no socket at /var/run/tailscale/tailscaled.sock" in absent
+
+
+async def test_a_socks5_refusal_is_reported_in_words() -> None:
+    """A stand-in proxy that accepts the greeting and refuses the connection (reply 5)."""
+    async def proxy(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await r.readexactly(3)
+        w.write(b"\x05\x00")
+        await r.readexactly(4 + 4 + 2)
+        w.write(b"\x05\x05\x00\x01" + bytes(4) + bytes(2))
+        await w.drain()
+        w.close()
+
+    srv = await asyncio.start_server(proxy, "127.0.0.1", 0)
+    port = srv.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(ProxyRefused, match="SOCKS5 reply: connection refused"):
+            await socks5_connect(Proxy("socks5", "127.0.0.1", port), "100.64.0.1", 50051)
+    finally:
+        srv.close()
+
+
+async def test_closing_the_bridge_ends_its_connections_without_a_stray_task(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A connection carried by the bridge is ended by close(), and its handler finishes
+    normally (Python 3.11 logs a handler that is merely cancelled at loop end)."""
+    async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while data := await r.read(100):
+            w.write(data)
+        w.close()
+
+    srv = await asyncio.start_server(echo, "127.0.0.1", 0)
+    port = srv.sockets[0].getsockname()[1]
+    bridge = DialBridge(lambda: asyncio.open_connection("127.0.0.1", port))
+    addr = await bridge.start()
+    r, w = await asyncio.open_unix_connection(addr.removeprefix("unix:"))
+    w.write(b"ping")
+    assert await r.readexactly(4) == b"ping"
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        await bridge.close()
+        assert await asyncio.wait_for(r.read(), 5) == b""  # the carried connection ended
+        await asyncio.sleep(0)
+    assert not bridge._handlers  # every handler finished
+    assert not os.path.exists(bridge.path)
+    assert not [rec for rec in caplog.records if rec.name == "asyncio"]
+    w.close()
+    srv.close()

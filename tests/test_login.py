@@ -1,0 +1,327 @@
+"""`tsnetchat login` over the real lab: people get their own token, bound to their tailnet
+login, with rooms from the tailnet grant, kept fresh while they use it.
+
+The server is the real `tsnetchat serve` on chat-server; each person is a `tsnetchat`
+process on their own lab node (through its HTTP proxy), with a config dir of their own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import CLI, LabDaemon, extra_node, lab_daemon
+
+pytestmark = pytest.mark.tailnet
+
+VENV_BIN = str(Path(sys.executable).parent)
+ALICE, BOB, MALLORY = "alice@tailnet.test", "bob@tailnet.test", "mallory@tailnet.test"
+TTL = 12.0  # seconds, for the renewal tests: renewed after 6 s, expired after 12 s
+
+
+class Person:
+    """One person on one device: their own config dir (where tokens are kept)."""
+
+    def __init__(self, lab: Any, server: LabDaemon, node: str, home: Path) -> None:
+        self.node, self.server, self.home = lab.nodes[node], server, home
+        home.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def store(self) -> Path:
+        return self.home / "config" / "tsnetchat" / "tokens.json"
+
+    def env(self) -> dict[str, str]:
+        return {"PATH": VENV_BIN, "HOME": str(self.home), "LANG": "C.UTF-8",
+                "XDG_CONFIG_HOME": str(self.home / "config")}
+
+    def args(self) -> list[str]:
+        return ["--socket", self.node.socket, "--proxy", f"http://{self.node.http_proxy}",
+                "--port", str(self.server.port)]
+
+    def __call__(self, cmd: str, *args: str, server: str = "chat-server"
+                 ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([CLI, cmd, server, *args, *self.args()], env=self.env(),
+                              capture_output=True, text=True, timeout=90)
+
+    def popen(self, cmd: str, *args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen([CLI, cmd, "chat-server", *args, *self.args()], env=self.env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def stored(self) -> dict[str, Any]:
+        entries = json.loads(self.store.read_text())["servers"]
+        assert len(entries) == 1, entries
+        return entries[0]  # type: ignore[no-any-return]
+
+    def device_of(self, other: Person) -> Person:
+        """``other``'s person on this device: their token file, copied here."""
+        self.store.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(other.store, self.store)
+        return self
+
+
+@pytest.fixture
+def enrolling(lab: Any, tmp_path: Path) -> Iterator[LabDaemon]:
+    with lab_daemon(lab, tmp_path, "--enroll", "grant") as s:
+        yield s
+
+
+@pytest.fixture
+def short_lived(lab: Any, tmp_path: Path) -> Iterator[LabDaemon]:
+    env = {"TSNETCHAT_ENROLL_TTL_HOURS": str(TTL / 3600)}
+    with lab_daemon(lab, tmp_path, "--enroll", "grant", env=env) as s:
+        yield s
+
+
+def person(lab: Any, server: LabDaemon, node: str, tmp_path: Path) -> Person:
+    return Person(lab, server, node, tmp_path / node)
+
+
+def whoami(p: Person, *args: str, server: str = "chat-server") -> dict[str, Any]:
+    out = p("whoami", *args, server=server)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+
+# --- getting a token ----------------------------------------------------------------------
+
+
+def test_alice_with_a_grant_gets_a_token_and_chats_without_handling_it(
+        lab: Any, enrolling: LabDaemon, tmp_path: Path) -> None:
+    alice = person(lab, enrolling, "alice-laptop", tmp_path)
+    out = alice("login")
+    assert out.returncode == 0, out.stderr
+    assert "logged in to chat-server.tailnet.test as alice@tailnet.test (rooms: general, ops, " \
+           "random; admin)" in out.stdout
+    assert oct(alice.store.stat().st_mode & 0o777) == "0o600"
+    sent = alice("send", "hello, with a token of my own", "--room", "ops")
+    assert sent.returncode == 0, sent.stderr
+    history = alice("history", "--room", "ops", "--json")
+    assert [json.loads(x)["text"] for x in history.stdout.splitlines()] == [
+        "hello, with a token of my own"]
+    me = whoami(alice)
+    assert me["login"] == ALICE and me["admin"] and me["token_id"].startswith("login-")
+    assert sorted(me["rooms"]) == ["general", "ops", "random"]
+    # the server logged it, and lists it with the tokens admins issued
+    assert f"login issued token={me['token_id']} login={ALICE} " \
+           "device=alice-laptop.tailnet.test" in enrolling.log.read_text()
+    assert me["token_id"] in enrolling.cli("token", "list")
+
+
+def test_mallory_without_a_grant_is_refused_and_told_whom_to_ask(
+        lab: Any, enrolling: LabDaemon, tmp_path: Path) -> None:
+    mallory = person(lab, enrolling, "mallory-laptop", tmp_path)
+    out = mallory("login")
+    assert out.returncode == 6, out.stderr
+    assert "the tailnet policy grants mallory@tailnet.test no access to tsnetchat" in out.stderr
+    assert "Ask a tailnet admin to grant it to you, or a tsnetchat admin for a token " \
+           "(`tsnetchat token issue mallory@tailnet.test`)" in out.stderr
+    assert not mallory.store.exists()
+    assert f"login refused login={MALLORY}" in enrolling.log.read_text()
+
+
+def test_the_token_works_from_alices_second_device_and_not_from_bobs(
+        lab: Any, enrolling: LabDaemon, tmp_path: Path) -> None:
+    extra_node(lab, "alice-desktop", "alice")
+    alice = person(lab, enrolling, "alice-laptop", tmp_path)
+    assert alice("login").returncode == 0
+    desktop = person(lab, enrolling, "alice-desktop", tmp_path).device_of(alice)
+    me = whoami(desktop)
+    assert me["login"] == ALICE and me["node"] == "alice-desktop.tailnet.test"
+    bob = person(lab, enrolling, "bob-laptop", tmp_path).device_of(alice)
+    out = bob("whoami")
+    assert out.returncode == 5, out.stderr
+    assert "the two locks disagree: the token was issued to 'alice@tailnet.test' but this " \
+           "connection comes from bob@tailnet.test" in out.stderr
+
+
+def test_the_kept_token_is_found_by_short_name_full_name_and_tailnet_ip(
+        lab: Any, enrolling: LabDaemon, tmp_path: Path) -> None:
+    alice = person(lab, enrolling, "alice-laptop", tmp_path)
+    assert alice("login", server="chat-server.tailnet.test").returncode == 0
+    chat = lab.nodes["chat-server"]
+    for name in ("chat-server", "chat-server.tailnet.test.", chat.ipv4, chat.ipv6):
+        assert whoami(alice, server=name)["login"] == ALICE
+    # kept under the server's stable node id, not under what was typed
+    assert alice.stored()["node_id"] == lab.status(chat)["Self"]["ID"]
+
+
+def test_a_typo_gets_did_you_mean_before_any_question_about_tokens(
+        lab: Any, enrolling: LabDaemon, tmp_path: Path) -> None:
+    bob = person(lab, enrolling, "bob-laptop", tmp_path)
+    for cmd in ("whoami", "login"):
+        out = bob(cmd, server="chat-servr")
+        assert out.returncode == 4, out.stderr
+        assert "no peer named 'chat-servr' on this tailnet; did you mean chat-server?" \
+            in out.stderr
+    out = bob("whoami")  # the right name, and no token yet
+    assert out.returncode == 5
+    assert "no token for chat-server: run `tsnetchat login chat-server`" in out.stderr
+
+
+def test_admin_issued_tokens_keep_working(lab: Any, enrolling: LabDaemon,
+                                          tmp_path: Path) -> None:
+    bob = person(lab, enrolling, "bob-laptop", tmp_path)
+    tok = enrolling.token(BOB)
+    assert whoami(bob, "--token", tok)["login"] == BOB
+    # ... also from a token file an older tsnetchat saved by name
+    bob.store.parent.mkdir(parents=True)
+    bob.store.write_text(json.dumps({"chat-server": tok}))
+    bob.store.chmod(0o600)
+    me = whoami(bob)
+    assert me["login"] == BOB and not me["token_id"].startswith("login-")
+
+
+def test_with_enrollment_off_alice_is_told_to_ask_the_servers_admin(
+        lab: Any, tmp_path: Path) -> None:
+    with lab_daemon(lab, tmp_path) as default:  # the default: off
+        out = person(lab, default, "alice-laptop", tmp_path)("login")
+    assert out.returncode == 6, out.stderr
+    assert "chat-server does not hand out tokens itself (enroll = off). Ask its admin for one: " \
+           "`tsnetchat token issue alice@tailnet.test`" in out.stderr
+
+
+def test_enrolling_any_user_gives_mallory_every_room_and_alice_no_more_than_her_grant(
+        lab: Any, tmp_path: Path) -> None:
+    with lab_daemon(lab, tmp_path, "--enroll", "any") as anyone:
+        mallory = person(lab, anyone, "mallory-laptop", tmp_path)
+        out = mallory("login")
+        assert out.returncode == 0, out.stderr
+        assert "(rooms: any room)" in out.stdout
+        me = whoami(mallory)
+        assert me["rooms"] == ["*"] and not me["admin"]
+        bob = person(lab, anyone, "bob-laptop", tmp_path)
+        assert bob("login").returncode == 0
+        assert sorted(whoami(bob)["rooms"]) == ["general", "random"]
+
+
+def test_logins_are_rate_limited_per_device(lab: Any, enrolling: LabDaemon,
+                                            tmp_path: Path) -> None:
+    bob = person(lab, enrolling, "bob-laptop", tmp_path)
+    codes = [bob("login").returncode for _ in range(6)]
+    assert codes == [0, 0, 0, 0, 0, 1]
+    last = bob("login")
+    assert "too many logins from this device" in last.stderr
+    assert person(lab, enrolling, "alice-laptop", tmp_path)("login").returncode == 0
+    assert "login refused login=bob@tailnet.test" in enrolling.log.read_text()
+
+
+# --- keeping it fresh -----------------------------------------------------------------------
+
+
+def read_json_line(proc: subprocess.Popen[str], timeout: float = 60) -> dict[str, Any]:
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    assert ready, "no line in time"
+    return json.loads(proc.stdout.readline())  # type: ignore[no-any-return]
+
+
+def test_renewal_before_expiry_keeps_a_session_going_across_the_first_tokens_expiry(
+        lab: Any, short_lived: LabDaemon, tmp_path: Path) -> None:
+    alice = person(lab, short_lived, "alice-laptop", tmp_path)
+    bob = person(lab, short_lived, "bob-laptop", tmp_path)
+    assert alice("login").returncode == 0
+    bob_token = short_lived.token(BOB)  # an admin's token, not short-lived
+    first = alice.stored()
+    tail = alice.popen("tail", "--room", "general", "--json", "--count", "2")
+    try:
+        assert bob("send", "before the first token expired", "--token", bob_token).returncode == 0
+        assert read_json_line(tail)["text"] == "before the first token expired"
+        # past its expiry and the server's 5 s of leeway for clocks
+        time.sleep(first["received"] + TTL + 7 - time.time())
+        # The token alice started with is dead by now ...
+        dead = alice("whoami", "--token", first["token"])
+        assert dead.returncode == 5 and "the token has expired" in dead.stderr
+        # ... and a restart makes her session connect again, with the renewed one.
+        short_lived.restart()
+        sent = bob("send", "after the first token expired", "--token", bob_token)
+        assert sent.returncode == 0, sent.stderr
+        assert read_json_line(tail)["text"] == "after the first token expired"
+        _, err = tail.communicate(timeout=30)
+        assert tail.returncode == 0, err
+    finally:
+        if tail.poll() is None:
+            tail.kill()
+            tail.wait()
+    now = alice.stored()
+    assert now["token_id"] == first["token_id"] and now["token"] != first["token"]
+    assert now["received"] > first["received"] + TTL / 2
+    assert f"renew issued token={first['token_id']}" in short_lived.log.read_text()
+
+
+def test_revocation_stops_renewal(lab: Any, short_lived: LabDaemon, tmp_path: Path) -> None:
+    alice = person(lab, short_lived, "alice-laptop", tmp_path)
+    assert alice("login").returncode == 0
+    kept = alice.stored()
+    assert short_lived.cli("token", "revoke", kept["token_id"]) == f"revoked {kept['token_id']}"
+    time.sleep(max(0.0, kept["received"] + TTL / 2 + 0.5 - time.time()))  # due for renewal
+    for _ in range(2):  # the second time from what the first one stored
+        out = alice("whoami")
+        assert out.returncode == 5, out.stderr
+        assert "chat-server refused to renew your token: token lock: this token has been " \
+               "revoked" in out.stderr
+        assert "Run `tsnetchat login chat-server` to ask for a new one" in out.stderr
+    assert alice.stored()["dead"]
+    assert "renew refused login=alice@tailnet.test" in short_lived.log.read_text()
+
+
+def test_a_renewal_refused_because_the_grant_went_away_is_said_and_the_token_lasts_its_life(
+        lab: Any, short_lived: LabDaemon, tmp_path: Path) -> None:
+    import tailnet_lab
+
+    alice = person(lab, short_lived, "alice-laptop", tmp_path)
+    assert alice("login").returncode == 0
+    kept = alice.stored()
+    policy = tailnet_lab.default_policy()
+    lab.write_policy({"grants": [g for g in policy["grants"] if g["src"] != ["alice@"]]})
+    try:
+        time.sleep(max(0.0, kept["received"] + TTL / 2 + 1 - time.time()))  # due, grant gone
+        out = alice("whoami")
+        assert out.returncode == 0, out.stderr  # the token itself is still good
+        assert "chat-server will not renew your token: the tailnet policy grants " \
+               "alice@tailnet.test no access to tsnetchat" in out.stderr
+        assert "It keeps working until" in out.stderr
+        time.sleep(max(0.0, kept["received"] + TTL + 1 - time.time()))
+        out = alice("whoami")
+        assert out.returncode == 5, out.stderr
+        assert "your token for chat-server expired on" in out.stderr
+        assert "and chat-server had refused to renew it: the tailnet policy grants" in out.stderr
+    finally:
+        lab.write_policy(policy)
+        deadline = time.monotonic() + 30  # until WhoIs shows alice's grant again
+        while alice("login").returncode != 0:
+            assert time.monotonic() < deadline, "alice's grant did not come back"
+            time.sleep(1)
+
+
+# --- the client without the server's dependencies --------------------------------------------
+
+
+def test_the_client_runs_without_the_servers_dependencies(
+        lab: Any, enrolling: LabDaemon, tmp_path: Path) -> None:
+    """`pip install tsnetchat` is the client alone; jwt, grpc_health and grpc_reflection
+    belong to `tsnetchat[server]`. Here they cannot be imported at all."""
+    boot = ("import sys; [sys.modules.__setitem__(m, None) for m in ('jwt', 'grpc_health', "
+            "'grpc_reflection')]; sys.argv[0] = 'tsnetchat'; from tsnetchat.cli import main; "
+            "main()")
+    alice = person(lab, enrolling, "alice-laptop", tmp_path)
+
+    def client(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-c", boot, *args], env=alice.env(),
+                              capture_output=True, text=True, timeout=90)
+
+    for cmd in (["login"], ["send", "from a client-only install"], ["whoami"]):
+        out = client(cmd[0], "chat-server", *cmd[1:], *alice.args())
+        assert out.returncode == 0, out.stderr
+    serve = client("serve", "--state-dir", str(tmp_path / "s"))
+    assert serve.returncode == 3
+    assert "pip install 'tsnetchat[server]' (missing: jwt)" in serve.stderr
+    assert os.path.exists(alice.store)

@@ -1,0 +1,155 @@
+"""Enrollment policy and the Login/RenewToken RPCs' rules, on a real gRPC server whose
+tailnet identities come from FakeTailnet (the lab tests, test_login.py, are the proof over
+real tailscaled)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+import pytest
+from conftest import Chat
+
+from tsnetchat import auth
+from tsnetchat.config import load_config
+from tsnetchat.enroll import EnrollPolicy, check_renewable, rights_for
+from tsnetchat.errors import LimitExceeded, PermissionDenied
+from tsnetchat.pb import chat_pb2 as pb
+from tsnetchat.tailnet import WhoIs
+
+CAP = "example.com/cap/tsnetchat"
+ALICE = "alice@tailnet.test"
+GRANT = {CAP: [{"rooms": ["general", "ops"], "admin": True}]}
+
+
+def who(login: str = ALICE, cap_map: dict[str, list[Any]] | None = None,
+        tags: tuple[str, ...] = ()) -> WhoIs:
+    return WhoIs(login="tagged-devices" if tags else login, display_name="", node_name="n",
+                 node_id="nID", tags=tags, addresses=(), cap_map=cap_map or {})
+
+
+def policy(mode: str, require_grant: bool = False) -> EnrollPolicy:
+    return EnrollPolicy(mode=mode, ttl_seconds=3600, cap_name=CAP, require_grant=require_grant,
+                        server="chat-server")
+
+
+@pytest.mark.parametrize(("mode", "cap_map", "rooms", "admin"), [
+    ("grant", GRANT, {"general", "ops"}, True),
+    ("any", GRANT, {"general", "ops"}, True),  # never more than the grant
+    ("any", {}, {"*"}, False),  # no grant: every room, never admin
+    ("grant", {CAP: [{"rooms": ["*"]}, {"rooms": ["x"], "admin": True}]}, {"*", "x"}, True),
+])
+def test_rights_come_from_the_grant(mode: str, cap_map: dict[str, list[Any]], rooms: set[str],
+                                    admin: bool) -> None:
+    r = rights_for(policy(mode), who(cap_map=cap_map))
+    assert (set(r.rooms), r.admin) == (rooms, admin)
+
+
+@pytest.mark.parametrize(("p", "w", "words"), [
+    (policy("off"), who(cap_map=GRANT), "does not hand out tokens itself (enroll = off)"),
+    (policy("grant"), who(), "grants alice@tailnet.test no access to tsnetchat"),
+    (policy("any", require_grant=True), who(), "Ask a tailnet admin to grant it to you"),
+    (policy("any"), who(tags=("tag:bot",)), "tagged devices (tag:bot) do not log in"),
+    (policy("grant"), who(cap_map={CAP: [{"rooms": []}]}), "lists no rooms"),
+])
+def test_refusals_say_whom_to_ask(p: EnrollPolicy, w: WhoIs, words: str) -> None:
+    with pytest.raises(PermissionDenied, match=words.replace("(", r"\(").replace(")", r"\)")):
+        rights_for(p, w)
+
+
+def test_only_login_tokens_past_a_share_of_their_life_are_renewable() -> None:
+    def claims(token_id: str, iat: int) -> auth.Claims:
+        return auth.Claims(subject=ALICE, rooms=frozenset({"*"}), admin=False,
+                           token_id=token_id, issued_at=iat, expires_at=iat + 100)
+
+    check_renewable(claims("login-x", 1000), 1041)
+    with pytest.raises(LimitExceeded, match="too early to renew"):
+        check_renewable(claims("login-x", 1000), 1039)
+    with pytest.raises(PermissionDenied, match="issued by an admin"):
+        check_renewable(claims("0123abcd", 1000), 1099)
+
+
+# --- over gRPC ------------------------------------------------------------------------------
+
+
+async def login(chat: Chat, login_name: str = ALICE, **front: Any) -> pb.LoginResponse:
+    conn = await chat.connect(login_name, token="", **front)
+    res: pb.LoginResponse = await conn.stub.Login(pb.LoginRequest(), timeout=10)
+    return res
+
+
+@pytest.mark.server_config(enroll="grant", cap_domain="example.com")
+async def test_login_issues_a_token_bound_to_the_callers_login_that_the_door_accepts(
+        chat: Chat) -> None:
+    res = await login(chat, cap_map=GRANT)
+    assert res.identity.login == ALICE and sorted(res.rooms) == ["general", "ops"]
+    assert res.admin and res.token_id.startswith("login-")
+    assert res.expires_unix - res.issued_unix == 7 * 24 * 3600
+    conn = await chat.connect(ALICE, token=res.token, cap_map=GRANT)
+    me = await conn.whoami()
+    assert me.token_id == res.token_id and me.identity.login == ALICE
+    other = await chat.connect("bob@tailnet.test", token=res.token, cap_map=GRANT)
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await other.whoami()
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+@pytest.mark.server_config(enroll="grant", enroll_ttl_hours=2 / 3600)
+async def test_renewal_keeps_the_token_id_and_follows_the_grant_as_it_is_now(
+        chat: Chat) -> None:
+    res = await login(chat, cap_map=GRANT)
+    conn = await chat.connect(ALICE, token=res.token, cap_map=GRANT)
+    bearer = (("authorization", f"Bearer {res.token}"),)
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await conn.stub.RenewToken(pb.RenewTokenRequest(), metadata=bearer, timeout=10)
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # too early
+    await asyncio.sleep(1.0)
+    new = await conn.stub.RenewToken(pb.RenewTokenRequest(), metadata=bearer, timeout=10)
+    assert new.token_id == res.token_id and new.token != res.token
+    assert new.expires_unix >= res.expires_unix
+    assert chat.server.store is not None
+    rows = [r for r in chat.server.store.list_tokens() if r.jti == res.token_id]
+    assert len(rows) == 1 and rows[0].exp == new.expires_unix
+    # The grant went away: renewal is refused, saying why.
+    await asyncio.sleep(1.0)
+    gone = await chat.connect(ALICE, token=new.token)
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await gone.stub.RenewToken(pb.RenewTokenRequest(), metadata=(
+            ("authorization", f"Bearer {new.token}"),), timeout=10)
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "no access to tsnetchat" in (e.value.details() or "")
+
+
+@pytest.mark.server_config(enroll="grant")
+async def test_an_admin_token_is_not_renewed(chat: Chat) -> None:
+    tok = chat.token(ALICE)
+    conn = await chat.connect(ALICE, token=tok, cap_map=GRANT)
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await conn.stub.RenewToken(pb.RenewTokenRequest(), metadata=conn.metadata, timeout=10)
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "issued by an admin" in (e.value.details() or "")
+
+
+@pytest.mark.server_config(enroll="grant")
+async def test_a_reload_changes_the_enrollment_policy(chat: Chat) -> None:
+    assert (await login(chat, cap_map=GRANT)).token
+    chat.server.reload(load_config(file=None, env={}, flags={
+        **{k: v for k, v in chat.cfg.masked().items() if k != "auth_key"}, "enroll": "off"}))
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await login(chat, cap_map=GRANT)
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "enroll = off" in (e.value.details() or "")
+
+
+@pytest.mark.server_config(enroll="grant")
+async def test_a_connection_that_did_not_come_through_the_tailnet_gets_no_token(
+        chat: Chat) -> None:
+    conn = await chat.direct("")
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await conn.stub.Login(pb.LoginRequest(), timeout=10)
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "did not come through tailscaled" in (e.value.details() or "")
+    assert chat.server.store is not None  # nothing was issued
+
+    assert not [r for r in chat.server.store.list_tokens() if r.jti.startswith("login-")]
