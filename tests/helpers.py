@@ -6,15 +6,21 @@
   (grpc's Python client otherwise shares one connection between channels to one target).
 * chat protocol helpers (``hello_events``, ``send``, ``collect``, ``collect_ids``), token
   issuing (``issue_recorded``), and the real ``tsnetchat serve`` process (``start_daemon``).
+* ``ServerProc`` (a restartable `tsnetchat serve` on the lab's chat-server node),
+  ``run_cli`` and ``Tmux`` (a terminal in a tmux server of its own) for the client tests.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import re
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -167,3 +173,108 @@ def start_daemon(lab: Any, tmp: Path, *extra: str, env: dict[str, str] | None = 
     return Daemon(proc, state, port, notify, log)
 
 
+
+
+# --- `tsnetchat serve` on the lab's chat-server node, and terminals in tmux ----------------
+
+
+@dataclass
+class ServerProc:
+    """`tsnetchat serve` on the lab's chat-server node, restartable on the same state and
+    port. ``env`` adds settings (TSNETCHAT_RATE_BURST=...)."""
+
+    lab: Any
+    state: Path
+    port: int
+    env: dict[str, str] | None = None
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = open(self.state.parent / "serve.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [CLI, "serve", "--state-dir", str(self.state), "--socket",
+             self.lab.nodes["chat-server"].socket, "--port", str(self.port)],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(self.env or {})})
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if subprocess.run(["ss", "-ltnH", f"sport = :{self.port}"], capture_output=True,
+                              text=True).stdout.strip():
+                return
+            assert self.proc.poll() is None
+            time.sleep(0.1)
+        raise AssertionError("server did not listen")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=20)
+
+    def token(self, login: str, rooms: tuple[str, ...] = ()) -> str:
+        return subprocess.run([CLI, "token", "issue", login, "--state-dir", str(self.state),
+                               *[a for r in rooms for a in ("--room", r)]],
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    def client_args(self, node: str) -> list[str]:
+        n = self.lab.nodes[node]
+        return ["--socket", n.socket, "--port", str(self.port), "--proxy", n.http_proxy]
+
+
+def run_cli(*args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([CLI, *args], capture_output=True, text=True, timeout=60, **kw)
+
+
+def shell_quote(s: str) -> str:
+    return "'" + s.replace("'", "'\\''") + "'"
+
+
+class Tmux:
+    """A terminal running ``cmd`` in a tmux server of its own (its own socket, so nothing
+    is shared with other tmux users on the machine). When ``cmd`` ends the pane shows
+    ``EXITED <code>``; every bell is counted (tmux's alert-bell hook)."""
+
+    def __init__(self, name: str, cmd: list[str], env: dict[str, str], *,
+                 width: int = 120, height: int = 50) -> None:
+        self.name = name
+        self.socket = f"tsnetchat-{name}"
+        self.bells = Path(tempfile.mkdtemp(prefix="tsnetchat-tmux-")) / "bells"
+        self.bells.touch()
+        exports = " ".join(f"{k}={shell_quote(v)}" for k, v in env.items())
+        command = " ".join(shell_quote(c) for c in cmd)
+        self.tmux("new-session", "-d", "-s", name, "-x", str(width), "-y", str(height),
+                  f"env {exports} {command}; echo EXITED $?; sleep 60")
+        self.tmux("set-option", "-t", name, "monitor-bell", "on")
+        self.tmux("set-option", "-t", name, "bell-action", "any")
+        self.tmux("set-hook", "-t", name, "alert-bell",
+                  f"run-shell 'echo bell >> {self.bells}'")
+
+    def tmux(self, *args: str) -> str:
+        return subprocess.run(["tmux", "-L", self.socket, *args], capture_output=True,
+                              text=True, check=True).stdout
+
+    def type(self, text: str, enter: bool = True) -> None:
+        self.tmux("send-keys", "-t", self.name, "-l", text)
+        if enter:
+            self.keys("Enter")
+
+    def keys(self, *keys: str) -> None:
+        """Named keys: Enter, C-j, M-2, PageUp, ..."""
+        self.tmux("send-keys", "-t", self.name, *keys)
+
+    def screen(self, *, colours: bool = False) -> str:
+        return self.tmux("capture-pane", "-p", *(["-e"] if colours else []), "-t", self.name)
+
+    def wait_for(self, pattern: str, timeout: float = 30) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            s = self.screen()
+            if re.search(pattern, s):
+                return s
+            time.sleep(0.2)
+        raise AssertionError(f"{pattern!r} not on {self.name}'s screen:\n{self.screen()}")
+
+    def bell_count(self) -> int:
+        return len(self.bells.read_text().splitlines())
+
+    def kill(self) -> None:
+        subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True)
+        shutil.rmtree(self.bells.parent, ignore_errors=True)
