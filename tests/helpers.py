@@ -260,8 +260,10 @@ class Tmux:
         """Named keys: Enter, C-j, M-2, PageUp, ..."""
         self.tmux("send-keys", "-t", self.name, *keys)
 
-    def screen(self, *, colours: bool = False) -> str:
-        return self.tmux("capture-pane", "-p", *(["-e"] if colours else []), "-t", self.name)
+    def screen(self, *, colours: bool = False, scrollback: bool = False) -> str:
+        """What the terminal shows (``scrollback``: and what scrolled off above it)."""
+        return self.tmux("capture-pane", "-p", *(["-e"] if colours else []),
+                         *(["-S", "-"] if scrollback else []), "-t", self.name)
 
     def wait_for(self, pattern: str, timeout: float = 30) -> str:
         deadline = time.monotonic() + timeout

@@ -9,6 +9,7 @@ handler in ``tui.ChatApp``.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -83,8 +84,8 @@ def parse(line: str) -> Parsed | Message | Problem:
     arg = rest.strip()
     cmd = _BY_NAME.get(word.lower())
     if cmd is None:
-        close = [c.usage for c in COMMANDS if c.name.startswith(word.lower()[:2])] if word \
-            else []
+        names = difflib.get_close_matches(word.lower(), list(_BY_NAME), n=2, cutoff=0.6)
+        close = list(dict.fromkeys(_BY_NAME[n].usage for n in names))
         hint = f"; did you mean {', '.join(close)}?" if close else "; /help lists them"
         return Problem(f"unknown command /{word}{hint} (// at the start sends a /)")
     usage = Problem(f"usage: {cmd.usage}  ({cmd.help})")
@@ -150,3 +151,38 @@ def _unique(names: Iterable[str]) -> Sequence[str]:
     for n in names:
         seen.setdefault(n, None)
     return sorted(seen, key=str.lower)
+
+
+class InputHistory:
+    """The lines a person submitted, for Up/Down: Up from the draft goes to the newest, Down
+    past the newest gives the draft back. (Ours rather than prompt_toolkit's, whose history
+    reloads in a background task after each submit and can miss an Up typed right after.)"""
+
+    def __init__(self, limit: int = 1000) -> None:
+        self.lines: list[str] = []
+        self.limit = limit
+        self.pos: int | None = None  # None: editing the draft
+        self.draft = ""
+
+    def add(self, text: str) -> None:
+        if text.strip() and (not self.lines or self.lines[-1] != text):
+            self.lines.append(text)
+            del self.lines[:-self.limit]
+        self.pos = None
+
+    def older(self, current: str) -> str | None:
+        if self.pos is None:
+            self.draft, self.pos = current, len(self.lines)
+        if self.pos == 0:
+            return None
+        self.pos -= 1
+        return self.lines[self.pos]
+
+    def newer(self) -> str | None:
+        if self.pos is None:
+            return None
+        self.pos += 1
+        if self.pos >= len(self.lines):
+            self.pos = None
+            return self.draft
+        return self.lines[self.pos]

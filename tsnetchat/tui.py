@@ -38,18 +38,14 @@ from typing import Any
 
 from prompt_toolkit.application import Application
 from prompt_toolkit.buffer import Buffer
-from prompt_toolkit.completion import CompleteEvent, Completer, Completion
 from prompt_toolkit.document import Document
 from prompt_toolkit.filters import Condition
 from prompt_toolkit.formatted_text import StyleAndTextTuples
-from prompt_toolkit.history import InMemoryHistory
 from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
 from prompt_toolkit.keys import Keys
 from prompt_toolkit.layout import (
     ConditionalContainer,
     Dimension,
-    Float,
-    FloatContainer,
     FormattedTextControl,
     HSplit,
     Layout,
@@ -57,7 +53,6 @@ from prompt_toolkit.layout import (
     Window,
 )
 from prompt_toolkit.layout.controls import BufferControl, UIContent, UIControl
-from prompt_toolkit.layout.menus import CompletionsMenu
 from prompt_toolkit.layout.processors import (
     BeforeInput,
     Processor,
@@ -81,7 +76,7 @@ from .chatview import (
 from .client import Link, RoomSession, SessionEvent, link_for
 from .clienterrors import ClientError
 from .errors import InvalidInput
-from .outbox import Pacer, split_text, utf8_len
+from .outbox import Pacer, State, split_text, utf8_len
 from .pb import chat_pb2 as pb
 from .resume import Phase, worst
 from .service import validate_text
@@ -159,18 +154,32 @@ class HangingPrompt(Processor):
                               display_to_source=lambda i: max(0, i - pad))
 
 
-class ChatCompleter(Completer):
-    def __init__(self, chat: ChatApp) -> None:
-        self.chat = chat
+class TabCompletion:
+    """Tab completes the word before the cursor at once (no menu, so typing on right after
+    Tab cannot race it); Tab again, with nothing typed in between, cycles the candidates."""
 
-    def get_completions(self, document: Document,
-                        complete_event: CompleteEvent) -> Iterator[Completion]:
-        conv = self.chat.conversation
-        nicks = [who(m) for m in conv.members] if conv else []
-        rooms = set(self.chat.known_rooms) | set(self.chat.conversations)
-        for text, start in commands.complete(document.text_before_cursor, rooms=rooms,
-                                             nicks=nicks):
-            yield Completion(text, start_position=start)
+    def __init__(self) -> None:
+        self.candidates: list[str] = []
+        self.index = 0
+        self.start = 0  # where the completed word begins
+        self.applied = ""  # the text before the cursor right after the last Tab
+
+    def press(self, buffer: Buffer, candidates: Callable[[str], list[tuple[str, int]]]
+              ) -> None:
+        before = buffer.document.text_before_cursor
+        if self.candidates and before == self.applied:
+            self.index = (self.index + 1) % len(self.candidates)
+        else:
+            found = candidates(before)
+            if not found:
+                self.candidates = []
+                return
+            self.candidates = [text for text, _ in found]
+            self.start, self.index = len(before) + found[0][1], 0
+        after = buffer.document.text_after_cursor
+        new_before = before[:self.start] + self.candidates[self.index]
+        buffer.document = Document(new_before + after, len(new_before))
+        self.applied = new_before
 
 
 class ChatApp:
@@ -195,8 +204,9 @@ class ChatApp:
         self.quitting = False
         self.mentions = mention_pattern([self.me.login, self.me.login.split("@")[0],
                                          self.me.display_name])
-        self.input = Buffer(multiline=True, history=InMemoryHistory(),
-                            completer=ChatCompleter(self), complete_while_typing=False)
+        self.input = Buffer(multiline=True)
+        self.history = commands.InputHistory()
+        self.tab = TabCompletion()
         self.input.on_text_changed += lambda _: setattr(self, "split_offer", None)
         self.pane = MessagePane(self)
         self.app: Application[int] = Application(
@@ -210,9 +220,9 @@ class ChatApp:
     def conversation(self) -> Conversation | None:
         return self.conversations.get(self.current) if self.current else None
 
-    def _layout(self) -> FloatContainer:
+    def _layout(self) -> HSplit:
         problem = Condition(lambda: bool(self.problem()))
-        body = HSplit([
+        return HSplit([
             VSplit([
                 Window(FormattedTextControl(self.sidebar), width=SIDEBAR, style="class:sidebar"),
                 Window(width=1, char="│", style="class:border"),
@@ -226,8 +236,6 @@ class ChatApp:
                 HangingPrompt(lambda: width_of(self.prompt()))]),
                 height=Dimension(min=1, max=10), dont_extend_height=True, wrap_lines=True),
         ])
-        return FloatContainer(body, floats=[Float(xcursor=True, ycursor=True,
-                                                  content=CompletionsMenu(max_height=8))])
 
     def prompt(self) -> str:
         return f"#{self.current}> " if self.current else "(no room)> "
@@ -325,6 +333,21 @@ class ChatApp:
         def _(event: KeyPressEvent) -> None:
             self.quit()
 
+        @kb.add("up")
+        def _(event: KeyPressEvent) -> None:
+            if self.input.document.cursor_position_row > 0:
+                self.input.cursor_up()
+            else:
+                self.recall(self.history.older(self.input.text))
+
+        @kb.add("down")
+        def _(event: KeyPressEvent) -> None:
+            doc = self.input.document
+            if doc.cursor_position_row < doc.line_count - 1:
+                self.input.cursor_down()
+            else:
+                self.recall(self.history.newer())
+
         @kb.add("pageup")
         def _(event: KeyPressEvent) -> None:
             self.scroll(+1)
@@ -356,12 +379,19 @@ class ChatApp:
 
         @kb.add("tab")
         def _(event: KeyPressEvent) -> None:
-            if self.input.complete_state:
-                self.input.complete_next()
-            else:
-                self.input.start_completion(select_first=True)
+            self.tab.press(self.input, self.completions)
 
         return kb
+
+    def recall(self, text: str | None) -> None:
+        if text is not None:
+            self.input.document = Document(text, len(text))
+
+    def completions(self, before: str) -> list[tuple[str, int]]:
+        conv = self.conversation
+        nicks = [who(m) for m in conv.members] if conv else []
+        rooms = self.known_rooms | set(self.conversations)
+        return commands.complete(before, rooms=rooms, nicks=nicks)
 
     def scroll(self, direction: int) -> None:
         conv = self.conversation
@@ -395,8 +425,8 @@ class ChatApp:
         if not text.strip():
             return
         keep = self.handle(text)
+        self.history.add(text)
         if not keep:
-            self.input.append_to_history()
             self.input.reset()
         self.invalidate()
 
@@ -654,7 +684,10 @@ class ChatApp:
 
     def unsent(self) -> list[str]:
         """What was typed but not stored, to print after the screen is gone."""
-        out = [f"#{room}: {o.text}" for room, s in self.sessions.items() for o in s.outbox]
+        notes = {State.SENDING: "  (sent, not confirmed: it may have been stored)",
+                 State.FAILED: "  (refused)"}
+        out = [f"#{room}: {o.text}{notes.get(o.state, '')}"
+               for room, s in self.sessions.items() for o in s.outbox]
         if self.input.text.strip():
             out.append(f"(input) {self.input.text}")
         return out
