@@ -190,6 +190,7 @@ def test_reconnecting_backs_off_with_a_countdown_and_resets_on_success() -> None
     assert s.countdown(12.0) == pytest.approx(3.0)
     assert s.describe(12.0) == "reconnecting in 3s: down"
     s.connecting()
+    assert s.describe(13.0) == "reconnecting now: down"  # the attempt is under way
     assert s.connected(25.0) == pytest.approx(15.0)  # the outage it ended
     assert s.phase is Phase.CONNECTED and s.attempts == 0 and s.error is None
     assert s.lost(retryable(), 30.0, 0.0) == 0.25  # jitter: half to one and a half

@@ -148,6 +148,9 @@ class Conversation:
         self.width = 80  # as last drawn; keeps a scrolled view still when lines arrive
         self.backlog_done = False
         self.oldest_loaded: int | None = None  # for loading older history
+        self.history_complete = False  # nothing older than oldest_loaded on the server
+        self.away_from: set[str] = set()  # members when our connection dropped (quiet rejoins)
+        self.quiet_until = 0.0
 
     @property
     def title(self) -> str:
@@ -176,10 +179,12 @@ class Conversation:
         return e
 
     def add_older(self, messages: Sequence[pb.ChatMessage], *, me: str,
-                  mentions: re.Pattern[str] | None) -> int:
-        """Messages from History, older than everything here; returns how many were new."""
+                  mentions: re.Pattern[str] | None, more: bool = True) -> int:
+        """Messages from History, older than everything here; returns how many were new.
+        ``more``: the server has older ones still."""
         first = self.oldest_loaded
         older = [m for m in messages if first is None or m.id < first]
+        self.history_complete = not more or not older or older[0].id <= 1
         entries = [Entry(Kind.MESSAGE, m.sent_unix_ms, message=m, own=m.sender.login == me,
                          mention=bool(mentions and mentions.search(m.text)))
                    for m in older]

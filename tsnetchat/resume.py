@@ -133,6 +133,8 @@ class StreamState:
         if self.phase is Phase.RECONNECTING:
             reason = f": {self.error}" if self.error else ""
             return f"reconnecting in {self.countdown(now):.0f}s{reason}"
+        if self.phase is Phase.CONNECTING and self.error is not None:
+            return f"reconnecting now: {self.error}"
         if self.phase is Phase.FAILED and self.error is not None:
             return f"failed: {self.error}"
         return str(self.phase.value)

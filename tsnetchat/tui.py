@@ -84,6 +84,9 @@ from .service import validate_text
 log = logging.getLogger("tsnetchat.tui")
 
 SIDEBAR = 20
+# After our own reconnect, people who were here before it and rejoin within this many
+# seconds were cut off by the same outage (a server restart): no "joined" line for them.
+QUIET_REJOINS = 15.0
 STYLE = Style.from_dict({
     "time": "#8a8a8a",
     "notice": "#8a8a8a",
@@ -128,7 +131,7 @@ class MessagePane(UIControl):
         session = self.chat.sessions.get(conv.name)
         lines, at_top = visible_lines(conv, self.chat.renderer, width, self.height,
                                       list(session.outbox) if session else [], self.chat.me)
-        if at_top and conv.scroll:
+        if at_top and conv.scroll and not conv.history_complete:
             self.chat.load_older(conv)
         pad: list[StyleAndTextTuples] = [[] for _ in range(max(0, self.height - len(lines)))]
         shown: list[StyleAndTextTuples] = [*pad, *lines]  # type: ignore[list-item]
@@ -201,6 +204,7 @@ class ChatApp:
         self.system = Conversation("tsnetchat", kind="system")  # shown when in no room
         self.split_offer: str | None = None  # an over-long text the person may send in parts
         self.loading: set[str] = set()
+        self.background: set[asyncio.Task[None]] = set()
         self.quitting = False
         self.mentions = mention_pattern([self.me.login, self.me.login.split("@")[0],
                                          self.me.display_name])
@@ -267,7 +271,8 @@ class ChatApp:
     def problem(self) -> str:
         states = [s.state for s in self.sessions.values() if s.state.phase is not Phase.FAILED]
         bad = worst(states)
-        if bad is None or bad.phase is not Phase.RECONNECTING:
+        if bad is None or bad.error is None or bad.phase not in (Phase.RECONNECTING,
+                                                                  Phase.CONNECTING):
             return ""
         return " " + bad.describe(time.monotonic())
 
@@ -561,20 +566,30 @@ class ChatApp:
             conv.notice(f"you joined #{conv.name} as {visible(self.me.login)}; here: "
                         f"{describe_members(conv.members)}", renderer=self.renderer)
         elif ev.kind == "presence" and ev.presence is not None:
-            p = ev.presence
-            conv.members = list(p.members)
-            if p.who.login and p.who.login != self.me.login:
-                verb = "joined" if p.kind == pb.PRESENCE_KIND_JOINED else "left"
-                conv.notice(f"{who(p.who)} {verb} #{conv.name}", renderer=self.renderer)
-                if conv.name != self.current:
-                    conv.activity = True
+            self.on_presence(conv, ev.presence)
+        elif ev.kind == "state" and ev.error is not None and session.state.attempts == 1:
+            conv.away_from = {m.login for m in conv.members}
         elif ev.kind == "state" and ev.seconds is not None:
             conv.notice(f"reconnected after {ev.seconds:.0f}s; nothing missed",
                         renderer=self.renderer)
+            conv.quiet_until = time.monotonic() + QUIET_REJOINS
         elif ev.kind == "error":
             conv.notice(ev.text, error=True, renderer=self.renderer)
         elif ev.kind == "fatal" and ev.error is not None:
             self.on_fatal(conv, session, ev.error)
+
+    def on_presence(self, conv: Conversation, p: pb.Presence) -> None:
+        conv.members = list(p.members)
+        if not p.who.login or p.who.login == self.me.login:
+            return
+        joined = p.kind == pb.PRESENCE_KIND_JOINED
+        if joined and p.who.login in conv.away_from and time.monotonic() < conv.quiet_until:
+            conv.away_from.discard(p.who.login)  # back after the same outage as ours
+            return
+        verb = "joined" if joined else "left"
+        conv.notice(f"{who(p.who)} {verb} #{conv.name}", renderer=self.renderer)
+        if conv.name != self.current:
+            conv.activity = True
 
     def on_message(self, conv: Conversation, m: pb.ChatMessage) -> None:
         own = m.sender.login == self.me.login
@@ -623,6 +638,7 @@ class ChatApp:
     # --- calls ------------------------------------------------------------------------------
 
     def spawn(self, coro: Any) -> None:
+        """Run ``coro`` in the background; a failure is one line on the screen."""
         async def guarded() -> None:
             try:
                 await coro
@@ -631,7 +647,9 @@ class ChatApp:
             except Exception as e:
                 self.say(str(self.link.translate(e)), error=True)
 
-        asyncio.get_running_loop().create_task(guarded())
+        task = asyncio.get_running_loop().create_task(guarded())
+        self.background.add(task)  # the loop keeps only a weak reference
+        task.add_done_callback(self.background.discard)
 
     async def list_rooms(self) -> None:
         conn = await self.link.get()
@@ -654,7 +672,8 @@ class ChatApp:
                 conn = await self.link.get()
                 before = conv.oldest_loaded
                 page = await conn.history(conv.name, before=before, limit=count)
-                n = conv.add_older(page.messages, me=self.me.login, mentions=self.mentions)
+                n = conv.add_older(page.messages, me=self.me.login, mentions=self.mentions,
+                                   more=page.more)
                 if say:
                     self.say(f"loaded {n} older message(s); PgUp to read them" if n else
                              "no older messages")
