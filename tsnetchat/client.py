@@ -282,6 +282,8 @@ class RoomSession:
         self._wake = asyncio.Event()  # something to send, or the pacer may have a token
         self._closing = asyncio.Event()
         self._replays = 0
+        self._read_to = 0  # the newest message the person has seen (Ack: read position)
+        self._acked_to = 0  # ... as last told to the server on this stream
 
     @property
     def last_id(self) -> int | None:
@@ -299,6 +301,14 @@ class RoomSession:
         out = self.outbox.add(text, kind)
         self._wake.set()
         return out
+
+    def read_up_to(self, message_id: int) -> None:
+        """The person has seen everything up to ``message_id``: tell the server (an Ack on
+        the stream, so their read position and unread counts follow them to other
+        devices where the server keeps them)."""
+        if message_id > self._read_to:
+            self._read_to = message_id
+            self._wake.set()
 
     def retry_failed(self) -> list[Outgoing]:
         again = self.outbox.retry()
@@ -357,6 +367,7 @@ class RoomSession:
                 hello.after_id = after
             await call.write(pb.ClientEvent(hello=hello))
         self._call = call
+        self._acked_to = 0
         sender: asyncio.Task[None] | None = None
         try:
             while True:
@@ -443,10 +454,15 @@ class RoomSession:
         return [SessionEvent("failed", outgoing=out, error=err, text=str(err))]
 
     async def _send_loop(self, call: Any) -> None:
-        """Write the outbox's head when the pacer allows, one message in flight at a time."""
+        """Write the outbox's head when the pacer allows, one message in flight at a time;
+        and the read position when it moved. (One writer: a stream takes one write at a
+        time.)"""
         try:
             while True:
                 self._wake.clear()
+                if self._read_to > self._acked_to:
+                    self._acked_to = self._read_to
+                    await call.write(pb.ClientEvent(ack=pb.Ack(last_seen_id=self._read_to)))
                 now = time.monotonic()
                 out = self.outbox.head()
                 if out is None:

@@ -191,7 +191,6 @@ class ChatApp:
     def __init__(self, link: Link, me: pb.WhoAmIResponse, *, notify: bool = False) -> None:
         self.link = link
         self.me = me.identity
-        self.allowed = list(me.rooms)
         self.notify = notify
         self.pacer = Pacer()
         self.renderer = Renderer()
@@ -421,7 +420,15 @@ class ChatApp:
         self.current = name
         conv = self.conversations[name]
         conv.looked_at()
+        self.seen(conv)
         self.invalidate()
+
+    def seen(self, conv: Conversation) -> None:
+        """Everything in ``conv`` is on screen: its read position moves (Ack)."""
+        session = self.sessions.get(conv.name)
+        last = next((e.id for e in reversed(conv.entries) if e.id), 0)
+        if session is not None and last:
+            session.read_up_to(last)
 
     # --- input ----------------------------------------------------------------------------
 
@@ -597,6 +604,8 @@ class ChatApp:
         shown = conv.name == self.current
         conv.add_message(m, own=own, mention=mention, shown=shown, live=conv.backlog_done,
                          renderer=self.renderer)
+        if shown:
+            self.seen(conv)
         if conv.backlog_done and mention:
             self.ring(conv, m)
 
