@@ -283,7 +283,7 @@ class ChatApp:
         parts: StyleAndTextTuples = [("", f" {visible(self.me.login)} ({visible(node)}) │ ")]
         conv = self.conversation
         if conv is None:
-            parts.append(("", "not in a room │ "))
+            parts.append(("", "not in a room: /join ROOM"))
         else:
             n = len(conv.members)
             parts.append(("", f"{conv.title} │ {n} member{'s' if n != 1 else ''} │ "))
@@ -663,13 +663,14 @@ class ChatApp:
     async def list_rooms(self) -> None:
         conn = await self.link.get()
         rooms = await conn.list_rooms()
-        lines = []
+        lines = ["rooms you may use:" if rooms.rooms else "no rooms yet"]
         for r in rooms.rooms:
             self.known_rooms.add(r.name)
             here = f"; here: {describe_members(r.members)}" if r.members else ""
-            lines.append(f"#{r.name} ({r.last_id} messages{here})")
-        self.say("rooms you may use: " + ("; ".join(lines) if lines else "none yet") + (
-            "; you may also create any room with /join" if rooms.all_rooms_allowed else ""))
+            lines.append(f"  #{r.name} ({r.last_id} messages{here})")
+        if rooms.all_rooms_allowed:
+            lines.append("and any new one: /join NAME creates it")
+        self.say("\n".join(lines))
 
     def load_older(self, conv: Conversation, count: int = 100, *, say: bool = False) -> None:
         if conv.name in self.loading or conv.kind != "room":
@@ -782,7 +783,7 @@ async def run_tui(server: str, room: str, *, token: str, socket: str, proxy: str
             loop.set_exception_handler(old_handler)
     left = chat.unsent()
     if left:
-        print("not sent (you left before the server stored them):")
+        print("not sent when you left (the server has not stored these):")
         for line in left:
             print(f"  {line}")
     return int(result or 0)
