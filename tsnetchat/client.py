@@ -182,8 +182,11 @@ class Link:
             if self.closed:
                 raise ClientError("the client is closing", retryable=False)
             if self._conn is None:
-                self._conn = await self._dial()
-                self.target = self._conn.target
+                conn = await self._dial()
+                if self.closed:  # closed while dialling
+                    await _close_quietly(conn)
+                    raise ClientError("the client is closing", retryable=False)
+                self._conn, self.target = conn, conn.target
             return self._conn
 
     async def reset(self, conn: Connection) -> None:
@@ -203,15 +206,15 @@ class Link:
         return translate(e, self.target, server=self.name, proxy=self.proxy)
 
 
+# Closing never waits longer than this (Ctrl-C and /quit exit within a second).
+CLOSE_WITHIN = 0.5
+
+
 async def _close_quietly(conn: Connection) -> None:
     try:
         await asyncio.wait_for(conn.close(), CLOSE_WITHIN)
     except Exception as e:  # a channel that fails to close is gone for us anyway
         log.debug("closing a channel: %r", e)
-
-
-# Closing never waits longer than this (Ctrl-C and /quit exit within a second).
-CLOSE_WITHIN = 0.5
 
 
 def link_for(server: str, token: str, *, socket: str, port: int = DEFAULT_PORT,

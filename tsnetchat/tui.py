@@ -621,6 +621,8 @@ class ChatApp:
                 self.current = None
                 self.switch(next(iter(self.conversations), ""))
             self.say(f"cannot join #{conv.name}: {err}", error=True)
+            for out in session.outbox:  # typed while it was joining: not lost, not sent
+                self.say(f"not sent to #{conv.name}: {visible(out.text)}", error=True)
             return
         conv.notice(f"#{conv.name} is closed for good: {err}", error=True,
                     renderer=self.renderer)
