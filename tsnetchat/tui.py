@@ -225,10 +225,14 @@ class ChatApp:
 
     def _layout(self) -> HSplit:
         problem = Condition(lambda: bool(self.problem()))
+        # Below this many columns the room list would leave too little for the messages.
+        wide = Condition(lambda: self.app.output.get_size().columns >= 3 * SIDEBAR)
         return HSplit([
             VSplit([
-                Window(FormattedTextControl(self.sidebar), width=SIDEBAR, style="class:sidebar"),
-                Window(width=1, char="│", style="class:border"),
+                ConditionalContainer(VSplit([
+                    Window(FormattedTextControl(self.sidebar), width=SIDEBAR,
+                           style="class:sidebar"),
+                    Window(width=1, char="│", style="class:border")]), filter=wide),
                 Window(self.pane, wrap_lines=False),
             ]),
             ConditionalContainer(Window(FormattedTextControl(self.problem_bar), height=1,
