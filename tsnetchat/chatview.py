@@ -1,6 +1,6 @@
 """What the chat screen shows, without a terminal: one buffer per conversation (room now,
 DM later) with its scrollback, unread and mention counts, and the rule that turns a message
-into screen lines. ``tui`` draws these; ``cli`` prints messages with the same rule.
+into screen lines. ``tui`` draws these; ``clientcmds`` prints messages with the same rule.
 
 The line rule, for every place a message is shown::
 

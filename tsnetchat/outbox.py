@@ -137,7 +137,8 @@ class Pacer:
     It runs a little below the server's bucket (one token less, 90% of the rate), because the
     server counts from when a message arrives and a message can arrive sooner after the one
     before than it was sent (network jitter). A refusal that carries "retry in X" holds every
-    send until then.
+    send until then. (2026-11-22, over the lab against the default limit of bursts of 20 and
+    5/s: 50 lines typed at once were all stored, in order, and none was refused.)
     """
 
     RATE_MARGIN = 0.9

@@ -158,8 +158,10 @@ class HangingPrompt(Processor):
 
 
 class TabCompletion:
-    """Tab completes the word before the cursor at once (no menu, so typing on right after
-    Tab cannot race it); Tab again, with nothing typed in between, cycles the candidates."""
+    """Tab completes the word before the cursor at once; Tab again, with nothing typed in
+    between, cycles the candidates. (prompt_toolkit's own completion runs in the background:
+    2026-11-22, in tmux, text typed right after Tab arrived first and the completion was
+    dropped.)"""
 
     def __init__(self) -> None:
         self.candidates: list[str] = []
