@@ -192,6 +192,10 @@ def test_three_server_restarts_and_a_tailscaled_restart_while_typing_lose_and_do
                        rf"answers on port {chat_server.port}")
         say(alice, "Alice", f"said during restart {r}, first")
         say(bob, "Bob", f"bob during restart {r}")
+        if r == 2:  # more than a burst's worth while it is down: resent paced, not refused
+            many = [f"said during restart {r}, more {i:02d}" for i in range(25)]
+            alice.keys(*[k for line in many for k in (line, "Enter")])
+            said["Alice"] += many
         say(alice, "Alice", f"said during restart {r}, second")
         alice.wait_for(rf"… <Alice> said during restart {r}, second")  # pending, on screen
         chat_server.start()
