@@ -545,6 +545,8 @@ class ChatApp:
             if rest:
                 self.switch(rest[min(i, len(rest) - 1)])
         self.say(f"left #{room}")
+        for out in session.outbox:  # still on their way: not lost without a word
+            self.say(f"not sent to #{room} (you left it): {visible(out.text)}", error=True)
 
     async def _pump(self, conv: Conversation, session: RoomSession) -> None:
         try:
