@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import shutil
@@ -246,6 +247,7 @@ class Tmux:
         self.tmux("set-option", "-t", name, "bell-action", "any")
         self.tmux("set-hook", "-t", name, "alert-bell",
                   f"run-shell 'echo bell >> {self.bells}'")
+        self.socket_path = self.tmux("display-message", "-p", "#{socket_path}").strip()
 
     def tmux(self, *args: str) -> str:
         return subprocess.run(["tmux", "-L", self.socket, *args], capture_output=True,
@@ -280,3 +282,5 @@ class Tmux:
     def kill(self) -> None:
         subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True)
         shutil.rmtree(self.bells.parent, ignore_errors=True)
+        with contextlib.suppress(OSError):  # tmux leaves its socket file behind
+            os.unlink(self.socket_path)
