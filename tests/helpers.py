@@ -15,6 +15,7 @@
 * ``tun_node`` - a kernel-TUN tailscaled in a network namespace the test creates;
   ``lab_daemon`` - the real ``tsnetchat serve`` process on chat-server, restartable on one
   port; ``extra_node`` - a person's second device added to the lab.
+* ``run_cli`` and ``Tmux`` (a terminal in a tmux server of its own) for the client tests.
 """
 
 from __future__ import annotations
@@ -22,10 +23,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -601,9 +605,10 @@ class LabDaemon:
         finally:
             notify.close()
 
-    def stop(self) -> None:
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """SIGTERM drains (SIGKILL for a crash); waits for the process to end."""
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
+            self.proc.send_signal(sig)
             try:
                 self.proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
@@ -620,8 +625,14 @@ class LabDaemon:
                              capture_output=True, text=True, check=True)
         return out.stdout.strip()
 
-    def token(self, login: str, *extra: str) -> str:
-        return self.cli("token", "issue", login, *extra)
+    def token(self, login: str, rooms: tuple[str, ...] = (), *extra: str) -> str:
+        return self.cli("token", "issue", login, *[a for r in rooms for a in ("--room", r)],
+                        *extra)
+
+    def client_args(self, node: str) -> list[str]:
+        """CLI options that reach this server from ``node`` through its HTTP proxy."""
+        n = self.lab.nodes[node]
+        return ["--socket", n.socket, "--port", str(self.port), "--proxy", n.http_proxy]
 
 
 @contextlib.contextmanager
@@ -645,3 +656,72 @@ def extra_node(lab: Any, name: str, user: str) -> Any:
     for d in (lab.root, shared, shared / name):
         os.chmod(d, 0o711 if d == lab.root else 0o755)
     return lab.add_node(name, user, node_dir=shared / name)
+
+
+# --- the client on the command line and in terminals (tmux) -----------------------------
+
+
+def run_cli(*args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([CLI, *args], capture_output=True, text=True, timeout=60, **kw)
+
+
+def shell_quote(s: str) -> str:
+    return "'" + s.replace("'", "'\\''") + "'"
+
+
+class Tmux:
+    """A terminal running ``cmd`` in a tmux server of its own (its own socket, so nothing
+    is shared with other tmux users on the machine). When ``cmd`` ends the pane shows
+    ``EXITED <code>``; every bell is counted (tmux's alert-bell hook)."""
+
+    def __init__(self, name: str, cmd: list[str], env: dict[str, str], *,
+                 width: int = 120, height: int = 50) -> None:
+        self.name = name
+        self.socket = f"tsnetchat-{name}"
+        self.bells = Path(tempfile.mkdtemp(prefix="tsnetchat-tmux-")) / "bells"
+        self.bells.touch()
+        exports = " ".join(f"{k}={shell_quote(v)}" for k, v in env.items())
+        command = " ".join(shell_quote(c) for c in cmd)
+        self.tmux("new-session", "-d", "-s", name, "-x", str(width), "-y", str(height),
+                  f"env {exports} {command}; echo EXITED $?; sleep 60")
+        self.tmux("set-option", "-t", name, "monitor-bell", "on")
+        self.tmux("set-option", "-t", name, "bell-action", "any")
+        self.tmux("set-hook", "-t", name, "alert-bell",
+                  f"run-shell 'echo bell >> {self.bells}'")
+        self.socket_path = self.tmux("display-message", "-p", "#{socket_path}").strip()
+
+    def tmux(self, *args: str) -> str:
+        return subprocess.run(["tmux", "-L", self.socket, *args], capture_output=True,
+                              text=True, check=True).stdout
+
+    def type(self, text: str, enter: bool = True) -> None:
+        self.tmux("send-keys", "-t", self.name, "-l", text)
+        if enter:
+            self.keys("Enter")
+
+    def keys(self, *keys: str) -> None:
+        """Named keys: Enter, C-j, M-2, PageUp, ..."""
+        self.tmux("send-keys", "-t", self.name, *keys)
+
+    def screen(self, *, colours: bool = False, scrollback: bool = False) -> str:
+        """What the terminal shows (``scrollback``: and what scrolled off above it)."""
+        return self.tmux("capture-pane", "-p", *(["-e"] if colours else []),
+                         *(["-S", "-"] if scrollback else []), "-t", self.name)
+
+    def wait_for(self, pattern: str, timeout: float = 30) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            s = self.screen()
+            if re.search(pattern, s):
+                return s
+            time.sleep(0.2)
+        raise AssertionError(f"{pattern!r} not on {self.name}'s screen:\n{self.screen()}")
+
+    def bell_count(self) -> int:
+        return len(self.bells.read_text().splitlines())
+
+    def kill(self) -> None:
+        subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True)
+        shutil.rmtree(self.bells.parent, ignore_errors=True)
+        with contextlib.suppress(OSError):  # tmux leaves its socket file behind
+            os.unlink(self.socket_path)

@@ -22,7 +22,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 import grpc
 import typer
 
-from . import __version__, render
+from . import __version__
 from .config import ServerConfig, load_config
 from .errors import (
     ConfigError,
@@ -49,6 +49,11 @@ GRPC_EXIT = {grpc.StatusCode.UNAUTHENTICATED: 5, grpc.StatusCode.PERMISSION_DENI
 
 
 def fail(e: BaseException) -> typer.Exit:
+    from .clienterrors import ClientError
+
+    if isinstance(e, ClientError):
+        typer.secho(f"error: {e}", err=True, fg="red")
+        return typer.Exit(e.exit_code)
     if isinstance(e, grpc.aio.AioRpcError):
         typer.secho(f"error: {e.details()} ({e.code().name})", err=True, fg="red")
         return typer.Exit(GRPC_EXIT.get(e.code(), 1))
@@ -323,8 +328,16 @@ def connect_cmd(
     port: PortOpt = 50051, address: AddressOpt = None,
     save_token: Annotated[bool, typer.Option(help="Remember the token for this server.")] = False,
     verbose: VerboseOpt = False,
+    notify: Annotated[bool, typer.Option(
+        help="Also a desktop notification when you are mentioned (notify-send, or the "
+             "terminal's own).")] = False,
 ) -> None:
     """Interactive terminal chat."""
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        typer.secho("error: `tsnetchat connect` is the interactive chat and needs a terminal; "
+                    "in scripts use `tsnetchat send` to post and `tsnetchat tail` to follow a "
+                    "room", err=True, fg="red")
+        raise typer.Exit(2)
     s = _client_settings(server, token, token_file, socket, proxy)
     if save_token and not s["token"]:
         raise fail(ConfigError("--save-token: give the token with --token or --token-file"))
@@ -338,7 +351,17 @@ def connect_cmd(
                        err=True)
     from .tui import run_tui
 
-    raise typer.Exit(run(run_tui(server, room, port=port, address=address or "", **s)))
+    raise typer.Exit(run(run_tui(server, room, port=port, address=address or "", notify=notify,
+                                 **s)))
+
+
+def _link(server: str, port: int, address: str | None, settings: dict[str, Any],
+          verbose: bool = False) -> Any:
+    from .client import link_for
+
+    return link_for(server, settings["token"], socket=settings["socket"],
+                    proxy=settings["proxy"], port=port, address=address or "",
+                    report=_report(verbose))
 
 
 @app.command()
@@ -384,98 +407,47 @@ def send(
     room: RoomOpt = "general", action: Annotated[bool, typer.Option(help="Send as /me.")] = False,
     token: TokenOpt = None, token_file: TokenFileOpt = None, socket: ClientSocketOpt = None,
     proxy: ProxyOpt = None, port: PortOpt = 50051, address: AddressOpt = None,
+    timeout: Annotated[float, typer.Option(
+        help="Seconds to wait for the server to store it (through reconnects).")] = 15.0,
     json_out: Annotated[bool, typer.Option("--json")] = False, verbose: VerboseOpt = False,
 ) -> None:
     """Send one message and print its id once the server has stored it."""
+    from . import clientcmds
     from .pb import chat_pb2 as pb
 
     s = _client_settings(server, token, token_file, socket, proxy)
     body = (sys.stdin.read() if text == "-" else text).rstrip("\n")
     kind = pb.MESSAGE_KIND_ACTION if action else pb.MESSAGE_KIND_TEXT
-    mid = _with_connection(server, port, address, s,
-                           lambda conn: conn.send_one(room, body, kind=kind), verbose)
-    typer.echo(json.dumps({"id": mid, "room": room}) if json_out else f"sent #{mid} to {room}")
+    typer.echo(run(clientcmds.send(_link(server, port, address, s, verbose), room, body,
+                                   kind=kind, timeout=timeout, json_out=json_out)))
 
 
-def _with_connection(server: str, port: int, address: str | None, settings: dict[str, Any],
-                     fn: Any, verbose: bool = False) -> Any:
-    """Connect, run ``await fn(connection)``, always close; errors become exit codes."""
-    from .client import connect
-
-    async def go() -> Any:
-        conn = await connect(server, port=port, address=address or "", report=_report(verbose),
-                             **settings)
-        try:
-            return await fn(conn)
-        finally:
-            await conn.close()
-
-    return run(go())
+def _echo(line: str) -> None:
+    typer.echo(line)
 
 
-def message_json(m: Any) -> str:
-    return json.dumps({"id": m.id, "room": m.room, "ts": m.sent_unix_ms, "from": m.sender.login,
-                       "node": m.sender.node, "text": m.text,
-                       "kind": "action" if m.kind == 2 else "text"})
+def _warn(line: str) -> None:
+    typer.secho(line, err=True, fg="yellow")
 
 
 @app.command()
 def tail(
     server: ServerArg, room: RoomOpt = "general",
     after: Annotated[int | None, typer.Option(help="Start after this message id.")] = None,
+    new: Annotated[bool, typer.Option(
+        "--new", help="From now on: no backlog, only what is sent from now.")] = False,
     count: Annotated[int, typer.Option(help="Exit after this many messages (0 = follow).")] = 0,
     token: TokenOpt = None, token_file: TokenFileOpt = None, socket: ClientSocketOpt = None,
     proxy: ProxyOpt = None, port: PortOpt = 50051, address: AddressOpt = None,
     json_out: Annotated[bool, typer.Option("--json")] = False, verbose: VerboseOpt = False,
 ) -> None:
-    """Follow a room read-only (the server stream). Reconnects and resumes on its own."""
-    from .client import connect
+    """Follow a room read-only: the backlog (or after --after, or --new), a "live" marker,
+    then messages as they come. Reconnects and resumes on its own."""
+    from . import clientcmds
 
     s = _client_settings(server, token, token_file, socket, proxy)
-
-    async def go() -> None:
-        last = after
-        seen = 0
-        backoff = 0.5
-        first = True
-        while True:
-            try:
-                conn = await connect(server, port=port, address=address or "",
-                                     report=_report(verbose and first), **s)
-            except ServerUnavailable as e:  # restarting: keep following
-                if first:  # but the first connection must work
-                    raise
-                typer.secho(f"reconnecting: {e}", err=True, fg="yellow")
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5)
-                continue
-            first = False
-            try:
-                async for ev in conn.subscribe(room, after=last):
-                    which = ev.WhichOneof("event")
-                    msgs = ([ev.message] if which == "message" else
-                            list(ev.batch.messages) if which == "batch" else [])
-                    for m in msgs:
-                        if last is not None and m.id <= last:
-                            continue
-                        last = m.id
-                        typer.echo(message_json(m) if json_out else render.plain(m))
-                        seen += 1
-                        if count and seen >= count:
-                            return
-                    backoff = 0.5
-            except grpc.aio.AioRpcError as e:
-                if e.code() in (grpc.StatusCode.UNAUTHENTICATED,
-                                grpc.StatusCode.PERMISSION_DENIED,
-                                grpc.StatusCode.INVALID_ARGUMENT):
-                    raise
-                typer.secho(f"reconnecting: {e.details()}", err=True, fg="yellow")
-            finally:
-                await conn.close()
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 5)
-
-    run(go())
+    run(clientcmds.tail(_link(server, port, address, s, verbose), room, after=after, new=new,
+                        count=count, json_out=json_out, echo=_echo, warn=_warn))
 
 
 @app.command()
@@ -486,12 +458,12 @@ def history(
     proxy: ProxyOpt = None, port: PortOpt = 50051, address: AddressOpt = None,
     json_out: Annotated[bool, typer.Option("--json")] = False, verbose: VerboseOpt = False,
 ) -> None:
-    """Print a page of a room's history."""
+    """Print a page of a room's history (--json: one array)."""
+    from . import clientcmds
+
     s = _client_settings(server, token, token_file, socket, proxy)
-    page = _with_connection(server, port, address, s,
-                            lambda conn: conn.history(room, before=before, limit=limit), verbose)
-    for m in page.messages:
-        typer.echo(message_json(m) if json_out else render.plain(m))
+    run(clientcmds.history(_link(server, port, address, s, verbose), room, before=before,
+                           limit=limit, json_out=json_out, echo=_echo))
 
 
 @app.command()
@@ -499,13 +471,13 @@ def whoami(
     server: ServerArg, token: TokenOpt = None, token_file: TokenFileOpt = None,
     socket: ClientSocketOpt = None, proxy: ProxyOpt = None, port: PortOpt = 50051,
     address: AddressOpt = None, verbose: VerboseOpt = False,
+    json_out: Annotated[bool, typer.Option("--json", help="(The output is always JSON.)")] = True,
 ) -> None:
-    """Who the server thinks you are, and what you may do."""
+    """Who the server thinks you are, and what you may do (JSON)."""
+    from . import clientcmds
+
     s = _client_settings(server, token, token_file, socket, proxy)
-    me = _with_connection(server, port, address, s, lambda conn: conn.whoami(), verbose)
-    typer.echo(json.dumps({"login": me.identity.login, "node": me.identity.node,
-                           "rooms": list(me.rooms), "admin": me.admin,
-                           "grant_applied": me.grant_applied, "token_id": me.token_id}))
+    typer.echo(run(clientcmds.whoami(_link(server, port, address, s, verbose))))
 
 
 @app.command()

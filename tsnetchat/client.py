@@ -3,28 +3,41 @@
 Finding and dialling the server is ``tsnetchat.discovery``'s job; this module only uses the
 channel it opens.
 
-``RoomSession`` turns one Join stream into a session that survives reconnects: it resumes
-after the last message id it has seen (so nothing is missed and nothing shown twice) and
-resends unacknowledged messages with their idempotency keys (so nothing is lost or doubled).
+* ``Connection``: the raw API (the generated stub plus the token); its methods raise
+  ``grpc.aio.AioRpcError`` as the stub does.
+* ``Link``: one channel for a whole client, redialled when the way to the server changed.
+* ``RoomSession``: one Join (or, read-only, Subscribe) stream turned into a session that
+  survives reconnects. It resumes after the last message id it has shown (nothing missed,
+  nothing twice: ``resume.Cursor``), keeps every submitted message in its outbox until the
+  server stored or refused it, and resends with the same idempotency key (nothing lost or
+  doubled: ``outbox``), paced under the server's rate limit. Failures pass through the one
+  error boundary (``clienterrors``); its events carry only what a person can read.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
+import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
+from .clienterrors import EXIT_UNAVAILABLE, ClientError, refusal, translate
 from .discovery import CHANNEL_OPTIONS, DialBridge, Report, Target, discover, open_channel, route
 from .errors import TsnetchatError
+from .outbox import Outbox, Outgoing, Pacer
 from .pb import chat_pb2 as pb
 from .pb import chat_pb2_grpc as pb_grpc
+from .resume import Cursor, Phase, StreamState
 from .tokens import Renewal
+
+log = logging.getLogger("tsnetchat.client")
 
 DEFAULT_PORT = 50051
 
@@ -151,24 +164,110 @@ async def connect(name: str, token: str | None, *, socket: str = "", port: int =
     return conn
 
 
-# --- a room session that survives reconnects ------------------------------------------
+# --- one channel for a whole client ------------------------------------------------------
 
 
-@dataclass
-class Outgoing:
-    text: str
-    kind: int
-    client_msg_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+class Link:
+    """One channel to the server, shared by every stream and call of a client.
+
+    ``get()`` dials (discovery through the local tailscaled, then a channel) on first use
+    and after ``reset``. gRPC reconnects a channel by itself, but only on its own backoff
+    and to the address it was given; a stream that keeps failing on the way to the server
+    resets the link, so the next attempt finds the server again (tailscaled restarted, the
+    proxy moved, the peer's address changed). A reset closes the old channel, which ends the
+    other streams on it; they resume like after any other drop.
+    """
+
+    def __init__(self, dial: Callable[[], Awaitable[Connection]], *, name: str = "",
+                 proxy: str = "") -> None:
+        self._dial = dial
+        self._conn: Connection | None = None
+        self._lock = asyncio.Lock()
+        self.name = name  # the server as the person typed it, for messages
+        self.proxy = proxy
+        self.target: Target | None = None
+        self.closed = False
+
+    async def get(self) -> Connection:
+        async with self._lock:
+            if self.closed:
+                raise ClientError("the client is closing", retryable=False)
+            if self._conn is None:
+                conn = await self._dial()
+                if self.closed:  # closed while dialling
+                    await _close_quietly(conn)
+                    raise ClientError("the client is closing", retryable=False)
+                self._conn, self.target = conn, conn.target
+            return self._conn
+
+    async def reset(self, conn: Connection) -> None:
+        """Forget ``conn`` (if it is still the current channel) and close it."""
+        if conn is self._conn:
+            self._conn = None
+            await _close_quietly(conn)
+
+    async def close(self) -> None:
+        self.closed = True
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await _close_quietly(conn)
+
+    def translate(self, e: BaseException) -> ClientError:
+        """``clienterrors.translate`` with what this link knows about the server."""
+        return translate(e, self.target, server=self.name, proxy=self.proxy)
+
+
+# Closing never waits longer than this (Ctrl-C and /quit exit within a second).
+CLOSE_WITHIN = 0.5
+
+
+async def _close_quietly(conn: Connection) -> None:
+    try:
+        await asyncio.wait_for(conn.close(), CLOSE_WITHIN)
+    except Exception as e:  # a channel that fails to close is gone for us anyway
+        log.debug("closing a channel: %r", e)
+
+
+def link_for(server: str, token: str | None, *, socket: str, port: int = DEFAULT_PORT,
+             proxy: str = "", address: str = "", report: Report | None = None) -> Link:
+    """A Link that dials ``server`` (``connect``). ``report`` hears the discovery steps of
+    the first dial only (``-v``); later dials are reconnects."""
+    steps = [report]
+
+    async def dial() -> Connection:
+        conn = await connect(server, token, socket=socket, port=port, proxy=proxy,
+                             address=address, report=steps[0])
+        steps[0] = None
+        return conn
+
+    return Link(dial, name=server, proxy=proxy)
+
+
+# --- a room session that survives reconnects --------------------------------------------
 
 
 @dataclass
 class SessionEvent:
-    """What a UI needs to show. kind: message, presence, welcome, status, error, sent."""
+    """What a UI needs to show, one of these kinds:
+
+    * ``state``: the connection changed (``RoomSession.state``); ``seconds`` is the outage a
+      reconnect ended, ``error`` why it was lost;
+    * ``welcome``, ``message``, ``presence``: what the server sent (each message once, in id
+      order); ``replay_done``: the backlog or what was missed is in (``first`` on the first);
+    * ``sent``: ``outgoing`` was stored as message ``message_id``; ``failed``: ``outgoing``
+      was refused for good (``error``); ``error``: the server refused something else;
+    * ``fatal``: the session ended for good (``error``): refused, or could not start.
+    """
 
     kind: str
     message: pb.ChatMessage | None = None
     presence: pb.Presence | None = None
     welcome: pb.Welcome | None = None
+    outgoing: Outgoing | None = None
+    error: ClientError | None = None
+    message_id: int = 0
+    seconds: float | None = None
+    first: bool = False
     text: str = ""
 
 
@@ -176,124 +275,280 @@ class RoomSession:
     """One room, kept joined across network loss, server restarts and tailscaled restarts.
 
     Guarantees to the consumer of ``events()``: every message is yielded once, in id order,
-    with no gaps while the server still has them in history; a message given to ``send`` is
-    delivered once even if the connection drops before it is acknowledged.
+    with no gaps while the server still has them in history (``resume.Cursor``); a message
+    given to ``send`` stays in ``outbox`` until the server stores it (once, whatever the
+    reconnects: ``outbox``) or refuses it for good; sends are paced under the server's rate
+    limit (``outbox.Pacer``, shared by the rooms of one client). ``read_only`` follows the
+    room with Subscribe (no presence, no sending), as ``tail`` does.
     """
 
-    def __init__(self, connect_fn: Callable[[], Any], room: str, *, after_id: int | None = None,
-                 max_backoff: float = 5.0) -> None:
-        self._connect = connect_fn  # async () -> Connection; called for every (re)connect
+    def __init__(self, link: Link | Callable[[], Awaitable[Connection]], room: str, *,
+                 after_id: int | None = None, from_now: bool = False,
+                 max_backoff: float = 5.0, pacer: Pacer | None = None,
+                 read_only: bool = False, fail_fast: bool = True) -> None:
+        self._own_link = not isinstance(link, Link)
+        self.link = link if isinstance(link, Link) else Link(link)
         self.room = room
-        self.last_id = after_id
-        self.pending: dict[str, Outgoing] = {}
-        self._outbox: asyncio.Queue[Outgoing] = asyncio.Queue()
-        self.max_backoff = max_backoff
-        self.connected = False
-        self.closed = False
-        self.conn: Connection | None = None
+        self.cursor = Cursor(after_id, from_now=from_now)
+        self.outbox = Outbox()
+        self.pacer = pacer or Pacer()
+        self.state = StreamState(max_backoff=max_backoff, fail_fast=fail_fast)
+        self.read_only = read_only
+        self.me: pb.Identity | None = None
+        self.max_message_bytes = 4096
         self.reconnects = 0
+        self.closed = False
+        self._call: Any = None
+        self._stream_metadata: Any = ()  # the metadata the current stream was opened with
+        self._wake = asyncio.Event()  # something to send, or the pacer may have a token
+        self._closing = asyncio.Event()
+        self._replays = 0
+        self._read_to = 0  # the newest message the person has seen (Ack: read position)
+        self._acked_to = 0  # ... as last told to the server on this stream
+
+    @property
+    def last_id(self) -> int | None:
+        return self.cursor.last_id
+
+    @property
+    def connected(self) -> bool:
+        return self.state.phase is Phase.CONNECTED
+
+    @property
+    def pending(self) -> dict[str, Outgoing]:
+        return {o.client_msg_id: o for o in self.outbox.pending}
 
     def send(self, text: str, kind: int = pb.MESSAGE_KIND_TEXT) -> Outgoing:
-        out = Outgoing(text, kind)
-        self.pending[out.client_msg_id] = out
-        self._outbox.put_nowait(out)
+        out = self.outbox.add(text, kind)
+        self._wake.set()
         return out
+
+    def read_up_to(self, message_id: int) -> None:
+        """The person has seen everything up to ``message_id``: tell the server (an Ack on
+        the stream, so their read position and unread counts follow them to other
+        devices where the server keeps them)."""
+        if message_id > self._read_to:
+            self._read_to = message_id
+            self._wake.set()
+
+    def retry_failed(self) -> list[Outgoing]:
+        again = self.outbox.retry()
+        self._wake.set()
+        return again
 
     async def close(self) -> None:
         self.closed = True
-        if self.conn is not None:
-            await self.conn.close()
-
-    async def _requests(self, resend: list[Outgoing],
-                        outbox: asyncio.Queue[Outgoing]) -> AsyncIterator[pb.ClientEvent]:
-        hello = pb.Hello(room=self.room, batch_acks=True)
-        if self.last_id is not None:
-            hello.after_id = self.last_id
-        yield pb.ClientEvent(hello=hello)
-        for out in resend:
-            yield pb.ClientEvent(send=pb.SendMessage(text=out.text, kind=out.kind,  # type: ignore[arg-type]
-                                                     client_msg_id=out.client_msg_id))
-        while True:
-            out = await outbox.get()
-            if out.client_msg_id not in self.pending:
-                continue
-            yield pb.ClientEvent(send=pb.SendMessage(text=out.text, kind=out.kind,  # type: ignore[arg-type]
-                                                     client_msg_id=out.client_msg_id))
+        self.state.close()
+        self._closing.set()
+        self._wake.set()
+        if self._call is not None:
+            self._call.cancel()
+        if self._own_link:
+            await self.link.close()
 
     async def events(self) -> AsyncIterator[SessionEvent]:
-        backoff = 0.5
-        call: Any = None
         while not self.closed:
+            self.state.connecting()
+            yield SessionEvent("state")
+            conn: Connection | None = None
             try:
-                if self.conn is None:
-                    self.conn = await self._connect()
-                # A fresh outbox per call: the previous call's request generator may still be
-                # parked on its own queue and must not steal new messages. Everything unacked
-                # is in `pending` and is resent (the server deduplicates by client_msg_id).
-                self._outbox = asyncio.Queue()
-                resend = list(self.pending.values())
-                call = self.conn.stub.Join(self._requests(resend, self._outbox),
-                                           metadata=self.conn.metadata)
-                async for ev in call:
-                    which = ev.WhichOneof("event")
-                    if which == "welcome":
-                        self.connected = True
-                        backoff = 0.5
-                        yield SessionEvent("welcome", welcome=ev.welcome)
-                    elif which == "message":
-                        for e in self._accept([ev.message]):
-                            yield e
-                    elif which == "batch":
-                        for e in self._accept(list(ev.batch.messages)):
-                            yield e
-                    elif which == "presence":
-                        yield SessionEvent("presence", presence=ev.presence)
-                    elif which == "error":
-                        if ev.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]:
-                            self.pending.pop(ev.error.client_msg_id, None)
-                        yield SessionEvent("error", text=ev.error.message)
-                    elif which == "going_away":
-                        yield SessionEvent("status", text=f"server going away: "
-                                                          f"{ev.going_away.reason}")
-                    for sent in acks_in(ev):  # after a batch's messages, as the proto says
-                        self.pending.pop(sent.client_msg_id, None)
-                        yield SessionEvent("sent", text=sent.client_msg_id)
-                # The server ended the stream normally: treat as a drop and rejoin.
-                raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(),
-                                           grpc.aio.Metadata(), "stream ended")
-            except grpc.aio.AioRpcError as e:
-                self.connected = False
-                if call is not None:
-                    call.cancel()  # releases the request generator of the dead call
-                if self.closed:
-                    return
-                if e.code() in FATAL:
-                    yield SessionEvent("fatal", text=f"{e.code().name}: {e.details()}")
-                    self.closed = True
-                    return
-                yield SessionEvent("status", text=f"reconnecting ({e.code().name}: "
-                                                  f"{e.details()})")
-            except TsnetchatError as e:
-                self.connected = False
-                yield SessionEvent("status", text=f"reconnecting ({e})")
-                if self.conn is not None:
-                    await self.conn.close()
-                self.conn = None
+                conn = await self.link.get()
+                async for ev in self._stream(conn):
+                    yield ev
+                raise ClientError("the server ended the stream", retryable=True,
+                                  transport=True)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # the boundary: whatever it was, a person reads str(err)
+                err = self.link.translate(e)
+                if not isinstance(e, ClientError | grpc.aio.AioRpcError | TsnetchatError):
+                    log.warning("room %s: %s", self.room, err, exc_info=e)
+                if (err.status == grpc.StatusCode.UNAUTHENTICATED and conn is not None
+                        and conn.metadata != self._stream_metadata):
+                    # The stream was opened with a token that has since been renewed
+                    # (tokens.Renewal): the old one expired under it. Open it again with the
+                    # new one instead of giving up.
+                    err = ClientError(f"{err}; reconnecting with the renewed token",
+                                      retryable=True, status=err.status)
+            self.outbox.disconnected()
+            if self.closed:
+                return
+            delay = self.state.lost(err, time.monotonic(), random.random())
+            if delay is None:
+                yield SessionEvent("fatal", error=err, text=str(err))
+                return
+            yield SessionEvent("state", error=err)
+            if conn is not None and err.transport and self.state.attempts >= 2:
+                await self.link.reset(conn)
             self.reconnects += 1
-            await asyncio.sleep(backoff * (0.5 + random.random()))
-            backoff = min(backoff * 2, self.max_backoff)
-            if self.conn is not None and backoff >= 2:
-                # A long outage: rebuild the channel (tailscaled or the proxy may have moved).
-                with contextlib.suppress(Exception):
-                    await self.conn.close()
-                self.conn = None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), delay)
 
-    def _accept(self, msgs: list[pb.ChatMessage]) -> list[SessionEvent]:
-        out = []
-        for m in msgs:
-            if self.last_id is not None and m.id <= self.last_id:
-                continue  # already shown: never twice
-            self.last_id = m.id
-            out.append(SessionEvent("message", message=m))
+    async def _stream(self, conn: Connection) -> AsyncIterator[SessionEvent]:
+        after = self.cursor.resume_after()
+        self._stream_metadata = conn.metadata  # the token this stream is opened with
+        if self.read_only:
+            call = conn.subscribe(self.room, after=after)
+        else:
+            call = conn.stub.Join(metadata=conn.metadata)
+            hello = pb.Hello(room=self.room, batch_acks=True)
+            if after is not None:
+                hello.after_id = after
+            await call.write(pb.ClientEvent(hello=hello))
+        self._call = call
+        self._acked_to = 0
+        sender: asyncio.Task[None] | None = None
+        try:
+            while True:
+                ev = await call.read()
+                if ev is grpc.aio.EOF:
+                    return
+                which = ev.WhichOneof("event")
+                if which == "welcome":
+                    self._welcomed(ev.welcome)
+                    yield SessionEvent("welcome", welcome=ev.welcome)
+                    yield self._connected()
+                    sender = asyncio.create_task(self._send_loop(call))
+                    continue
+                if self.read_only and self.state.phase is not Phase.CONNECTED:
+                    yield self._connected()  # Subscribe has no welcome
+                for e in self._handle(ev):
+                    yield e
+        finally:
+            if sender is not None:
+                sender.cancel()
+            call.cancel()
+            self._call = None
+
+    def _welcomed(self, w: pb.Welcome) -> None:
+        self.me = w.you
+        if w.max_message_bytes:
+            self.max_message_bytes = w.max_message_bytes
+        limit = advertised_rate(w)
+        if limit is not None:
+            self.pacer.configure(*limit)
+
+    def _connected(self) -> SessionEvent:
+        return SessionEvent("state", seconds=self.state.connected(time.monotonic()))
+
+    def _handle(self, ev: pb.ServerEvent) -> list[SessionEvent]:
+        which = ev.WhichOneof("event")
+        out: list[SessionEvent] = []
+        if which == "message":
+            out += self._accept([ev.message])
+        elif which == "batch":
+            out += self._accept(ev.batch.messages)
+        elif which == "presence":
+            out.append(SessionEvent("presence", presence=ev.presence))
+        elif which == "replay_done":
+            self.cursor.replay_done(ev.replay_done.last_id)
+            self._replays += 1
+            out.append(SessionEvent("replay_done", first=self._replays == 1,
+                                    message_id=ev.replay_done.last_id))
+        elif which == "error":
+            out += self._refused(ev.error)
+        for sent in acks_in(ev):  # after a batch's messages, as the proto says
+            done = self.outbox.acked(sent.client_msg_id)
+            if done is not None:
+                self._wake.set()
+                out.append(SessionEvent("sent", outgoing=done, message_id=sent.id))
         return out
 
+    def _accept(self, msgs: Sequence[pb.ChatMessage]) -> list[SessionEvent]:
+        out = []
+        for m in self.cursor.accept(msgs):
+            out.append(SessionEvent("message", message=m))
+            if m.client_msg_id and self.me is not None and m.sender.login == self.me.login:
+                # Our own message is stored: it is no longer pending, even before its ack.
+                done = self.outbox.acked(m.client_msg_id)
+                if done is not None:
+                    self._wake.set()
+                    out.append(SessionEvent("sent", outgoing=done, message_id=m.id))
+        return out
+
+    def _refused(self, e: pb.Error) -> list[SessionEvent]:
+        err = refusal(e.code, e.message)
+        out = self.outbox.find(e.client_msg_id) if e.client_msg_id else None
+        if out is None:
+            return [SessionEvent("error", error=err, text=str(err))]
+        now = time.monotonic()
+        if err.retryable:  # "slow down" or "not saved": the same message again, later
+            wait = err.retry_after or 1 / self.pacer.rate
+            self.pacer.refused(now, wait)
+            self.outbox.refused(e.client_msg_id, for_good=False, not_before=now + wait)
+            self._wake.set()
+            return []
+        self.outbox.refused(e.client_msg_id, for_good=True, reason=str(err))
+        self._wake.set()
+        return [SessionEvent("failed", outgoing=out, error=err, text=str(err))]
+
+    async def _send_loop(self, call: Any) -> None:
+        """Write the outbox's head when the pacer allows, one message in flight at a time;
+        and the read position when it moved. (One writer: a stream takes one write at a
+        time.)"""
+        try:
+            while True:
+                self._wake.clear()
+                if self._read_to > self._acked_to:
+                    self._acked_to = self._read_to
+                    await call.write(pb.ClientEvent(ack=pb.Ack(last_seen_id=self._read_to)))
+                now = time.monotonic()
+                out = self.outbox.head()
+                if out is None:
+                    await self._wake.wait()
+                    continue
+                wait = max(self.pacer.delay(now), out.not_before - now)
+                if wait > 0:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), wait)
+                    continue
+                self.pacer.take(now)
+                self.outbox.sending(out)
+                await call.write(pb.ClientEvent(send=pb.SendMessage(
+                    text=out.text, kind=out.kind,  # type: ignore[arg-type]
+                    client_msg_id=out.client_msg_id)))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # the stream broke; the reader sees it and reconnects
+            log.debug("room %s: sending stopped: %r", self.room, e)
+
+
+def advertised_rate(w: pb.Welcome) -> tuple[int, float] | None:
+    """The per-person message rate a Welcome advertises (burst, per second), if the server
+    sends it (a newer server; older ones leave the README defaults in place)."""
+    fields = w.DESCRIPTOR.fields_by_name
+    if "rate_burst" not in fields or "rate_per_second" not in fields:
+        return None
+    burst, rate = getattr(w, "rate_burst"), getattr(w, "rate_per_second")  # noqa: B009
+    return (int(burst), float(rate)) if burst and rate else None
+
+
+async def deliver(link: Link, room: str, text: str, *, kind: int = pb.MESSAGE_KIND_TEXT,
+                  timeout: float = 15.0) -> int:
+    """Send one message through a RoomSession and return its id once the server stored it.
+
+    A drop or a rate refusal before the acknowledgement is handled like in the chat (resent
+    with the same key: stored once). Raises ClientError when the server refuses it, cannot
+    be reached at first, or does not confirm it within ``timeout`` seconds.
+    """
+    session = RoomSession(link, room, from_now=True)
+    out = session.send(text, kind)
+
+    async def wait() -> int:
+        async for ev in session.events():
+            if ev.kind == "sent" and ev.outgoing is out:
+                return ev.message_id
+            if ev.kind in ("failed", "fatal") and ev.error is not None:
+                raise ev.error
+        raise ClientError("the session ended before the message was confirmed",
+                          retryable=True, exit_code=EXIT_UNAVAILABLE)
+
+    try:
+        return await asyncio.wait_for(wait(), timeout)
+    except TimeoutError:
+        why = f" (last problem: {session.state.error})" if session.state.error else ""
+        raise ClientError(f"the server did not confirm the message within {timeout:g}s{why}; "
+                          "it was not stored unless the server got it just before",
+                          retryable=True, exit_code=EXIT_UNAVAILABLE) from None
+    finally:
+        await session.close()

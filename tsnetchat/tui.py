@@ -1,226 +1,799 @@
-"""The interactive terminal chat (prompt_toolkit).
+"""The interactive terminal chat: a prompt_toolkit full-screen application.
 
-Incoming messages are printed above the line being typed (patch_stdout), senders coloured,
-with timestamps; a bottom toolbar shows the room and connected/reconnecting. Each room is a
-RoomSession, so reconnects resume after the last message shown: nothing missed, nothing twice.
+Why prompt_toolkit and not Textual: it was already our dependency, it runs on the same
+asyncio loop as grpc.aio with nothing in between, it starts in a few tens of milliseconds
+(Textual pulls in Rich and its own CSS and widget machinery, about 10 MB, for a screen
+that is three panes and an input line), and its ``UIControl`` lets the message pane draw
+exactly the lines ``chatview`` lays out (hanging indents, markers, scrollback) instead of
+fighting a widget's own wrapping.
+
+Screen::
+
+    rooms │ messages of the current conversation (scrollback: PgUp/PgDn)
+          │
+    [a line saying what is wrong with the connection, only while something is]
+    status: you, room, members, connection, pending
+    #room> the input (several lines: Alt-Enter or Ctrl-J)
+
+Every room is a ``client.RoomSession`` on one shared ``client.Link`` and ``outbox.Pacer``:
+what is typed stays in the room's outbox, shown pending, until the server stores it;
+nothing is lost across reconnects, nothing shown twice. No exception text ever reaches the
+screen: failures pass through ``clienterrors``; anything unexpected is logged to a file
+(``log_path``) and shown as one line.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
 import time
-import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
-from prompt_toolkit import PromptSession, print_formatted_text
-from prompt_toolkit.formatted_text import FormattedText
-from prompt_toolkit.patch_stdout import patch_stdout
+from prompt_toolkit.application import Application
+from prompt_toolkit.buffer import Buffer
+from prompt_toolkit.document import Document
+from prompt_toolkit.filters import Condition
+from prompt_toolkit.formatted_text import StyleAndTextTuples
+from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
+from prompt_toolkit.keys import Keys
+from prompt_toolkit.layout import (
+    ConditionalContainer,
+    Dimension,
+    FormattedTextControl,
+    HSplit,
+    Layout,
+    VSplit,
+    Window,
+)
+from prompt_toolkit.layout.controls import BufferControl, UIContent, UIControl
+from prompt_toolkit.layout.processors import (
+    BeforeInput,
+    Processor,
+    Transformation,
+    TransformationInput,
+)
+from prompt_toolkit.output import create_output
+from prompt_toolkit.styles import Style
 
-from . import render
-from .client import Connection, RoomSession, connect
-from .config import ROOM_RE
+from . import commands
+from .chatview import (
+    Conversation,
+    Renderer,
+    describe_members,
+    mention_pattern,
+    visible,
+    visible_lines,
+    who,
+    width_of,
+)
+from .client import Link, RoomSession, SessionEvent, link_for
+from .clienterrors import ClientError
+from .errors import InvalidInput
+from .outbox import Pacer, State, split_text, utf8_len
 from .pb import chat_pb2 as pb
+from .resume import Phase, worst
+from .service import validate_text
 
-COLOURS = ["ansigreen", "ansicyan", "ansimagenta", "ansiyellow", "ansiblue", "ansired",
-           "ansibrightgreen", "ansibrightcyan", "ansibrightmagenta"]
-HELP = """commands:
-  /join ROOM     join (and switch to) a room      /leave        leave the current room
-  /who           who is in this room              /rooms        rooms you may use
-  /me TEXT       an action ("* alice waves")      /history [N]  older messages
-  /help          this help                        /quit         exit (also Ctrl-D)"""
+log = logging.getLogger("tsnetchat.tui")
+
+SIDEBAR = 20
+# After our own reconnect, people who were here before it and rejoin within this many
+# seconds were cut off by the same outage (a server restart): no "joined" line for them.
+QUIET_REJOINS = 15.0
+STYLE = Style.from_dict({
+    "time": "#8a8a8a",
+    "notice": "#8a8a8a",
+    "error": "#ff5f5f bold",
+    "separator": "#6c6c6c",
+    "marker": "#ff8700 bold",
+    "continuation": "#6c6c6c",
+    "gutter.own": "#5fafff bold",
+    "gutter.mention": "#ffd700 bold",
+    "gutter.failed": "#ff5f5f bold",
+    "text.mention": "#ffd700",
+    "pending": "#8a8a8a italic",
+    "sidebar": "",
+    "sidebar.current": "reverse bold",
+    "sidebar.unread": "bold",
+    "sidebar.mention": "#ffd700 bold",
+    "sidebar.down": "#8a8a8a",
+    "border": "#6c6c6c",
+    "status": "bg:#303030 #d0d0d0",
+    "status.ok": "bg:#303030 #87d75f bold",
+    "status.bad": "bg:#303030 #ffaf00 bold",
+    "problem": "bg:#5f0000 #ffffff",
+    "prompt": "bold",
+})
 
 
-def colour(login: str) -> str:
-    return COLOURS[zlib.crc32(login.encode()) % len(COLOURS)]
+def log_path() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "tsnetchat" / "client.log"
 
 
-def say(*parts: tuple[str, str]) -> None:
-    print_formatted_text(FormattedText(list(parts)))
+class MessagePane(UIControl):
+    """Draws the current conversation at the pane's size (``chatview.visible_lines``)."""
+
+    def __init__(self, chat: ChatApp) -> None:
+        self.chat = chat
+        self.height = 20
+
+    def create_content(self, width: int, height: int | None) -> UIContent:
+        self.height = height or self.height
+        conv = self.chat.conversation or self.chat.system
+        session = self.chat.sessions.get(conv.name)
+        lines, at_top = visible_lines(conv, self.chat.renderer, width, self.height,
+                                      list(session.outbox) if session else [], self.chat.me)
+        if at_top and conv.scroll and not conv.history_complete:
+            self.chat.load_older(conv)
+        pad: list[StyleAndTextTuples] = [[] for _ in range(max(0, self.height - len(lines)))]
+        shown: list[StyleAndTextTuples] = [*pad, *lines]  # type: ignore[list-item]
+        return UIContent(get_line=lambda i: shown[i], line_count=len(shown),
+                         show_cursor=False)
+
+    def is_focusable(self) -> bool:
+        return False
 
 
-def show_message(m: pb.ChatMessage, current: str) -> None:
-    t = time.strftime("%H:%M", time.localtime(m.sent_unix_ms / 1000))
-    who = render.who(m.sender)
-    first, *more = render.lines(m.text)
-    prefix = [("ansibrightblack", f"{t} ")]
-    if m.room != current:
-        prefix.append(("ansibrightblack", f"[{m.room}] "))
-    if m.kind == pb.MESSAGE_KIND_ACTION:
-        say(*prefix, (f"{colour(m.sender.login)} italic", f"* {who} {first}"))
-    else:
-        say(*prefix, (f"{colour(m.sender.login)} bold", f"<{who}>"), ("", f" {first}"))
-    for line in more:  # visibly not a message of its own (render.py)
-        say(("ansibrightblack", render.continuation(len(t))), ("", line))
+class HangingPrompt(Processor):
+    """Lines after the first of a multi-line input start under the first line's text."""
+
+    def __init__(self, width: Callable[[], int]) -> None:
+        self.width = width
+
+    def apply_transformation(self, ti: TransformationInput) -> Transformation:
+        if ti.lineno == 0:
+            return Transformation(ti.fragments)
+        pad = self.width()
+        return Transformation([("class:continuation", " " * pad), *ti.fragments],
+                              source_to_display=lambda i: i + pad,
+                              display_to_source=lambda i: max(0, i - pad))
 
 
-class ChatUI:
-    def __init__(self, connect_fn: Any, server: str) -> None:
-        self.connect_fn = connect_fn
-        self.server = server
-        self.rooms: dict[str, RoomSession] = {}
-        self.tasks: dict[str, asyncio.Task[None]] = {}
-        self.members: dict[str, list[str]] = {}
-        self.current = ""
-        self.fatal = ""
-        self.session: PromptSession[str] | None = None
-        self.info_login = ""  # our own login, to skip announcing our own join
+class TabCompletion:
+    """Tab completes the word before the cursor at once; Tab again, with nothing typed in
+    between, cycles the candidates. (prompt_toolkit's own completion runs in the background:
+    2026-11-22, in tmux, text typed right after Tab arrived first and the completion was
+    dropped.)"""
 
-    def toolbar(self) -> Any:
-        s = self.rooms.get(self.current)
-        state = ("connected" if s and s.connected else "reconnecting…") if s else "no room"
-        style = "bg:ansigreen fg:ansiblack" if s and s.connected else "bg:ansiyellow fg:ansiblack"
-        return FormattedText([(style, f" {self.server} #{self.current} — {state} "),
-                              ("", "  /help for commands")])
+    def __init__(self) -> None:
+        self.candidates: list[str] = []
+        self.index = 0
+        self.start = 0  # where the completed word begins
+        self.applied = ""  # the text before the cursor right after the last Tab
 
-    def refresh(self) -> None:
-        if self.session is not None and self.session.app.is_running:
-            self.session.app.invalidate()
-
-    async def join(self, room: str) -> None:
-        if room in self.rooms:
-            self.current = room
-            return
-        session = RoomSession(self.connect_fn, room)
-        self.rooms[room] = session
-        self.current = room
-        self.tasks[room] = asyncio.create_task(self._pump(session))
-
-    async def _pump(self, s: RoomSession) -> None:
-        async for ev in s.events():
-            if ev.kind == "message" and ev.message is not None:
-                show_message(ev.message, self.current)
-            elif ev.kind == "welcome" and ev.welcome is not None:
-                self.members[s.room] = [render.who(m) for m in ev.welcome.members]
-                if s.reconnects == 0:
-                    me = render.name(ev.welcome.you.login)
-                    say(("ansibrightblack", f"-- joined #{s.room} as {me} "
-                                            f"({len(ev.welcome.members)} here)"))
-                else:
-                    say(("ansibrightblack", f"-- reconnected to #{s.room}"))
-            elif ev.kind == "presence" and ev.presence is not None:
-                p = ev.presence
-                self.members[s.room] = [render.who(m) for m in p.members]
-                verb = "joined" if p.kind == pb.PRESENCE_KIND_JOINED else "left"
-                if p.who.login and (p.kind == pb.PRESENCE_KIND_LEFT or
-                                    p.who.login != self.info_login):
-                    say(("ansibrightblack", f"-- {render.who(p.who)} {verb} "
-                                            f"#{p.room}"))
-            elif ev.kind == "error":
-                say(("ansired", f"!! {ev.text}"))
-            elif ev.kind == "status":
-                say(("ansiyellow", f"-- {ev.text}"))
-            elif ev.kind == "fatal":
-                say(("ansired bold", f"!! {ev.text}"))
-                self.fatal = ev.text
-                if self.session is not None and self.session.app.is_running:
-                    self.session.app.exit()
-            self.refresh()
-
-    async def leave(self) -> None:
-        s = self.rooms.pop(self.current, None)
-        if s is None:
-            return
-        self.tasks.pop(self.current).cancel()
-        await s.close()
-        say(("ansibrightblack", f"-- left #{self.current}"))
-        self.current = next(iter(self.rooms), "")
-
-    async def command(self, line: str) -> bool:
-        """Handle one input line; False means quit."""
-        if not line.strip():
-            return True
-        if not line.startswith("/") or line.startswith("//"):
-            if not self.current:
-                say(("ansired", "!! not in a room; /join ROOM"))
-            else:
-                self.rooms[self.current].send(line[1:] if line.startswith("//") else line)
-            return True
-        cmd, _, arg = line[1:].partition(" ")
-        arg = arg.strip()
-        if cmd in ("quit", "exit", "q"):
-            return False
-        if cmd == "help":
-            say(("", HELP))
-        elif cmd == "me" and arg and self.current:
-            self.rooms[self.current].send(arg, pb.MESSAGE_KIND_ACTION)
-        elif cmd == "join" and ROOM_RE.fullmatch(arg):
-            await self.join(arg)
-        elif cmd == "join":
-            say(("ansired", "!! /join ROOM (a-z, 0-9, -, _)"))
-        elif cmd == "leave":
-            await self.leave()
-        elif cmd == "who":
-            say(("", f"in #{self.current}: " + ", ".join(self.members.get(self.current, []))))
-        elif cmd in ("rooms", "history"):
-            await self._query(cmd, arg)
+    def press(self, buffer: Buffer, candidates: Callable[[str], list[tuple[str, int]]]
+              ) -> None:
+        before = buffer.document.text_before_cursor
+        if self.candidates and before == self.applied:
+            self.index = (self.index + 1) % len(self.candidates)
         else:
-            say(("ansired", f"!! unknown command /{cmd}; /help"))
-        return True
+            found = candidates(before)
+            if not found:
+                self.candidates = []
+                return
+            self.candidates = [text for text, _ in found]
+            self.start, self.index = len(before) + found[0][1], 0
+        after = buffer.document.text_after_cursor
+        new_before = before[:self.start] + self.candidates[self.index]
+        buffer.document = Document(new_before + after, len(new_before))
+        self.applied = new_before
 
-    async def _query(self, cmd: str, arg: str) -> None:
-        import grpc
 
-        conn = await self.connect_fn()
-        try:
-            if cmd == "rooms":
-                rooms = await conn.list_rooms()
-                for r in rooms.rooms:
-                    who = ", ".join(render.who(m) for m in r.members)
-                    here = f"  here: {who}" if who else ""
-                    say(("", f"#{r.name}"), ("ansibrightblack", f"  {r.last_id} messages{here}"))
+class ChatApp:
+    """The conversations, their sessions, the screen and the commands."""
+
+    def __init__(self, link: Link, me: pb.WhoAmIResponse, *, notify: bool = False) -> None:
+        self.link = link
+        self.me = me.identity
+        self.notify = notify
+        self.pacer = Pacer()
+        self.renderer = Renderer()
+        self.conversations: dict[str, Conversation] = {}
+        self.sessions: dict[str, RoomSession] = {}
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.known_rooms: set[str] = {r for r in me.rooms if r != "*"}
+        self.current: str | None = None
+        self.joining: str | None = None  # switch to it once the server welcomes us
+        self.system = Conversation("tsnetchat", kind="system")  # shown when in no room
+        self.split_offer: str | None = None  # an over-long text the person may send in parts
+        self.loading: set[str] = set()
+        self.background: set[asyncio.Task[None]] = set()
+        self.quitting = False
+        self.mentions = mention_pattern([self.me.login, self.me.login.split("@")[0],
+                                         self.me.display_name])
+        self.input = Buffer(multiline=True)
+        self.history = commands.InputHistory()
+        self.tab = TabCompletion()
+        self.input.on_text_changed += lambda _: setattr(self, "split_offer", None)
+        self.pane = MessagePane(self)
+        self.app: Application[int] = Application(
+            layout=Layout(self._layout(), focused_element=self.input),
+            key_bindings=self._keys(), style=STYLE, full_screen=True, mouse_support=False,
+            refresh_interval=0.5, output=create_output(stdout=sys.stdout))
+
+    # --- what is on screen ------------------------------------------------------------
+
+    @property
+    def conversation(self) -> Conversation | None:
+        return self.conversations.get(self.current) if self.current else None
+
+    def _layout(self) -> HSplit:
+        problem = Condition(lambda: bool(self.problem()))
+        # Below this many columns the room list would leave too little for the messages.
+        wide = Condition(lambda: self.app.output.get_size().columns >= 3 * SIDEBAR)
+        return HSplit([
+            VSplit([
+                ConditionalContainer(VSplit([
+                    Window(FormattedTextControl(self.sidebar), width=SIDEBAR,
+                           style="class:sidebar"),
+                    Window(width=1, char="│", style="class:border")]), filter=wide),
+                Window(self.pane, wrap_lines=False),
+            ]),
+            ConditionalContainer(Window(FormattedTextControl(self.problem_bar), height=1,
+                                        style="class:problem"), filter=problem),
+            Window(FormattedTextControl(self.status_bar), height=1, style="class:status"),
+            Window(BufferControl(self.input, input_processors=[
+                BeforeInput(self.prompt, style="class:prompt"),
+                HangingPrompt(lambda: width_of(self.prompt()))]),
+                height=Dimension(min=1, max=10), dont_extend_height=True, wrap_lines=True),
+        ])
+
+    def prompt(self) -> str:
+        return f"#{self.current}> " if self.current else "(no room)> "
+
+    def sidebar(self) -> StyleAndTextTuples:
+        out: StyleAndTextTuples = []
+        for n, (name, conv) in enumerate(self.conversations.items(), 1):
+            session = self.sessions.get(name)
+            phase = session.state.phase if session else Phase.CLOSED
+            counts = ""
+            if conv.mentions:
+                counts = f"@{conv.mentions}"
+            if conv.unread:
+                counts += f"{'·' if counts else ''}{conv.unread}"
+            if phase is not Phase.CONNECTED:
+                counts = {Phase.FAILED: "✗", Phase.CONNECTING: "…"}.get(phase, "~") + counts
+            elif conv.activity and not counts:
+                counts = "*"
+            label = f"{n if n < 10 else ' '} {conv.title}"
+            room_w = SIDEBAR - 1 - width_of(counts)
+            label = label[:room_w].ljust(room_w)
+            style = ("class:sidebar.current" if name == self.current else
+                     "class:sidebar.mention" if conv.mentions else
+                     "class:sidebar.unread" if conv.unread else
+                     "class:sidebar.down" if phase is not Phase.CONNECTED else "")
+            out.append((style, f"{label}{counts} \n"))
+        return out
+
+    def problem(self) -> str:
+        states = [s.state for s in self.sessions.values() if s.state.phase is not Phase.FAILED]
+        bad = worst(states)
+        if bad is None or bad.error is None or bad.phase not in (Phase.RECONNECTING,
+                                                                  Phase.CONNECTING):
+            return ""
+        return " " + bad.describe(time.monotonic())
+
+    def problem_bar(self) -> StyleAndTextTuples:
+        return [("", self.problem())]
+
+    def status_bar(self) -> StyleAndTextTuples:
+        node = self.me.node.split(".")[0]
+        parts: StyleAndTextTuples = [("", f" {visible(self.me.login)} ({visible(node)}) │ ")]
+        conv = self.conversation
+        if conv is None:
+            parts.append(("", "not in a room: /join ROOM"))
+        else:
+            n = len(conv.members)
+            parts.append(("", f"{conv.title} │ {n} member{'s' if n != 1 else ''} │ "))
+        session = self.sessions.get(self.current or "")
+        if session is not None:
+            state = session.state
+            if state.phase is Phase.CONNECTED:
+                parts.append(("class:status.ok", "connected"))
+            elif state.phase is Phase.RECONNECTING:
+                parts.append(("class:status.bad",
+                              f"reconnecting in {state.countdown(time.monotonic()):.0f}s"))
             else:
-                n = int(arg) if arg.isdigit() else 20
-                page = await conn.history(self.current, limit=n)
-                first_live = min((m.id for m in page.messages), default=0)
-                say(("ansibrightblack", f"-- last {len(page.messages)} messages of #"
-                                        f"{self.current} (from #{first_live})"))
-                for m in page.messages:
-                    show_message(m, self.current)
-        except grpc.aio.AioRpcError as e:
-            say(("ansired", f"!! {e.details()}"))
-        finally:
-            await conn.close()
+                parts.append(("class:status.bad", state.phase.value))
+            pending = len(session.outbox.pending)
+            if pending:
+                parts.append(("", f" │ {pending} pending"))
+            failed = len(session.outbox.failed)
+            if failed:
+                parts.append(("class:status.bad", f" │ {failed} not sent: /retry"))
+        if conv is not None and conv.scroll:
+            parts.append(("class:status.bad", " │ scrolled up: PgDn"))
+        return parts
+
+    def invalidate(self) -> None:
+        if self.app.is_running:
+            self.app.invalidate()
+
+    def say(self, text: str, *, error: bool = False) -> None:
+        """A line in the current conversation (or, in none, on the screen shown then)."""
+        conv = self.conversation or self.system
+        conv.notice(text, error=error, renderer=self.renderer)
+        self.invalidate()
+
+    # --- keys -----------------------------------------------------------------------------
+
+    def _keys(self) -> KeyBindings:
+        kb = KeyBindings()
+
+        @kb.add("enter")
+        def _(event: KeyPressEvent) -> None:
+            self.submit()
+
+        @kb.add("escape", "enter")
+        @kb.add("c-j")
+        def _(event: KeyPressEvent) -> None:
+            self.input.insert_text("\n")
+
+        @kb.add("c-c")
+        @kb.add("c-d")
+        @kb.add(Keys.SIGINT)
+        def _(event: KeyPressEvent) -> None:
+            self.quit()
+
+        @kb.add("up")
+        def _(event: KeyPressEvent) -> None:
+            if self.input.document.cursor_position_row > 0:
+                self.input.cursor_up()
+            else:
+                self.recall(self.history.older(self.input.text))
+
+        @kb.add("down")
+        def _(event: KeyPressEvent) -> None:
+            doc = self.input.document
+            if doc.cursor_position_row < doc.line_count - 1:
+                self.input.cursor_down()
+            else:
+                self.recall(self.history.newer())
+
+        @kb.add("pageup")
+        def _(event: KeyPressEvent) -> None:
+            self.scroll(+1)
+
+        @kb.add("pagedown")
+        def _(event: KeyPressEvent) -> None:
+            self.scroll(-1)
+
+        @kb.add("c-end")
+        def _(event: KeyPressEvent) -> None:
+            if self.conversation is not None:
+                self.conversation.scroll = 0
+
+        @kb.add("c-n")
+        def _(event: KeyPressEvent) -> None:
+            self.cycle(+1)
+
+        @kb.add("c-p")
+        def _(event: KeyPressEvent) -> None:
+            self.cycle(-1)
+
+        for i in range(1, 10):
+            @kb.add("escape", str(i))
+            def _(event: KeyPressEvent, i: int = i) -> None:
+                names = list(self.conversations)
+                if i <= len(names):
+                    self.joining = None
+                    self.switch(names[i - 1])
+
+        @kb.add("tab")
+        def _(event: KeyPressEvent) -> None:
+            self.tab.press(self.input, self.completions)
+
+        return kb
+
+    def recall(self, text: str | None) -> None:
+        if text is not None:
+            self.input.document = Document(text, len(text))
+
+    def completions(self, before: str) -> list[tuple[str, int]]:
+        conv = self.conversation
+        nicks = [who(m) for m in conv.members] if conv else []
+        rooms = self.known_rooms | set(self.conversations)
+        return commands.complete(before, rooms=rooms, nicks=nicks)
+
+    def scroll(self, direction: int) -> None:
+        conv = self.conversation
+        if conv is None:
+            return
+        page = max(1, self.pane.height - 2)
+        conv.scroll = max(0, conv.scroll + direction * page)
+
+    def cycle(self, step: int) -> None:
+        names = list(self.conversations)
+        self.joining = None
+        if names:
+            i = names.index(self.current) if self.current in names else -step
+            self.switch(names[(i + step) % len(names)])
+
+    def switch(self, name: str) -> None:
+        if name == self.current or name not in self.conversations:
+            return
+        old = self.conversation
+        if old is not None:
+            old.left()
+        self.current = name
+        conv = self.conversations[name]
+        conv.looked_at()
+        self.seen(conv)
+        self.invalidate()
+
+    def seen(self, conv: Conversation) -> None:
+        """Everything in ``conv`` is on screen: its read position moves (Ack)."""
+        session = self.sessions.get(conv.name)
+        last = next((e.id for e in reversed(conv.entries) if e.id), 0)
+        if session is not None and last:
+            session.read_up_to(last)
+
+    # --- input ----------------------------------------------------------------------------
+
+    def submit(self) -> None:
+        text = self.input.text
+        if not text.strip():
+            return
+        keep = self.handle(text)
+        self.history.add(text)
+        if not keep:
+            self.input.reset()
+        self.invalidate()
+
+    def handle(self, line: str) -> bool:
+        """Carry out one submitted line; True keeps it in the input for editing."""
+        parsed = commands.parse(line)
+        if isinstance(parsed, commands.Problem):
+            self.say(parsed.text, error=True)
+            return True
+        if isinstance(parsed, commands.Message):
+            return self.send(parsed.text, pb.MESSAGE_KIND_TEXT, line)
+        name = parsed.command.name
+        if name == "quit":
+            self.quit()
+        elif name == "help":
+            self.say(commands.help_text(parsed.text))
+        elif name == "me":
+            return self.send(parsed.text, pb.MESSAGE_KIND_ACTION, line)
+        elif name == "join":
+            self.join(parsed.room)
+        elif name == "leave":
+            self.leave(parsed.room or self.current or "")
+        elif name == "who":
+            conv = self.conversation
+            if conv is None:
+                self.say("not in a room: /join ROOM", error=True)
+            else:
+                self.say(f"in {conv.title}: {describe_members(conv.members)}")
+        elif name == "history":
+            if self.conversation is not None:
+                self.load_older(self.conversation, parsed.number, say=True)
+        elif name == "rooms":
+            self.spawn(self.list_rooms())
+        elif name == "retry":
+            session = self.sessions.get(self.current or "")
+            again = session.retry_failed() if session else []
+            self.say(f"sending {len(again)} message(s) again" if again else
+                     "nothing failed here")
+        return False
+
+    def send(self, text: str, kind: int, line: str) -> bool:
+        session = self.sessions.get(self.current or "")
+        if session is None:
+            self.say("not in a room: /join ROOM first (your text is still in the input)",
+                     error=True)
+            return True
+        if not text.strip():
+            return False
+        limit = session.max_message_bytes
+        size = utf8_len(text)
+        if size > limit:
+            parts = split_text(text, limit)
+            if self.split_offer == line:
+                for p in parts:
+                    session.send(p, kind)
+                return False
+            self.say(f"that is {size} bytes, over the {limit}-byte limit: press Enter again "
+                     f"to send it as {len(parts)} messages, or edit it", error=True)
+            self.split_offer = line
+            return True
+        try:
+            validate_text(text, kind, limit)
+        except InvalidInput as e:
+            self.say(f"{e} (your text is still in the input)", error=True)
+            return True
+        session.send(text, kind)
+        return False
+
+    # --- rooms ----------------------------------------------------------------------------
+
+    def join(self, room: str) -> None:
+        if room in self.sessions:
+            self.switch(room)
+            return
+        conv = Conversation(room)
+        session = RoomSession(self.link, room, pacer=self.pacer, fail_fast=True)
+        self.conversations[room] = conv
+        self.sessions[room] = session
+        if self.current is None:
+            self.switch(room)
+        else:
+            self.joining = room
+        self.tasks[room] = asyncio.get_running_loop().create_task(self._pump(conv, session))
+
+    def leave(self, room: str) -> None:
+        session = self.sessions.pop(room, None)
+        if session is None:
+            self.say(f"not in #{room}" if room else "not in a room", error=True)
+            return
+        self.tasks.pop(room).cancel()
+        self.spawn(session.close())
+        names = list(self.conversations)
+        i = names.index(room)
+        del self.conversations[room]
+        if self.current == room:
+            self.current = None
+            rest = list(self.conversations)
+            if rest:
+                self.switch(rest[min(i, len(rest) - 1)])
+        self.say(f"left #{room}")
+        for out in session.outbox:  # still on their way: not lost without a word
+            self.say(f"not sent to #{room} (you left it): {visible(out.text)}", error=True)
+
+    async def _pump(self, conv: Conversation, session: RoomSession) -> None:
+        try:
+            async for ev in session.events():
+                try:
+                    self.on_event(conv, session, ev)
+                except Exception as e:  # a bug in showing an event must not stop the room
+                    log.exception("showing %s in #%s", ev.kind, conv.name)
+                    self.say(f"internal error showing an event ({type(e).__name__}); see "
+                             f"{log_path()}", error=True)
+                self.invalidate()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("room %s stopped", conv.name)
+            self.say(f"#{conv.name} stopped after an internal error; see {log_path()}",
+                     error=True)
+
+    def on_event(self, conv: Conversation, session: RoomSession, ev: SessionEvent) -> None:
+        if ev.kind == "welcome" and ev.welcome is not None:
+            conv.members = list(ev.welcome.members)
+            self.known_rooms.add(conv.name)
+            if self.joining == conv.name:
+                self.joining = None
+                self.switch(conv.name)
+        elif ev.kind == "message" and ev.message is not None:
+            self.on_message(conv, ev.message)
+        elif ev.kind == "replay_done" and ev.first:
+            conv.backlog_done = True
+            conv.notice("end of backlog" if conv.entries else "no earlier messages",
+                        renderer=self.renderer)
+            conv.notice(f"you joined #{conv.name} as {visible(self.me.login)}; here: "
+                        f"{describe_members(conv.members)}", renderer=self.renderer)
+        elif ev.kind == "presence" and ev.presence is not None:
+            self.on_presence(conv, ev.presence)
+        elif ev.kind == "state" and ev.error is not None and session.state.attempts == 1:
+            conv.away_from = {m.login for m in conv.members}
+        elif ev.kind == "state" and ev.seconds is not None:
+            conv.notice(f"reconnected after {ev.seconds:.0f}s; nothing missed",
+                        renderer=self.renderer)
+            conv.quiet_until = time.monotonic() + QUIET_REJOINS
+        elif ev.kind == "error":
+            conv.notice(ev.text, error=True, renderer=self.renderer)
+        elif ev.kind == "fatal" and ev.error is not None:
+            self.on_fatal(conv, session, ev.error)
+
+    def on_presence(self, conv: Conversation, p: pb.Presence) -> None:
+        conv.members = list(p.members)
+        if not p.who.login or p.who.login == self.me.login:
+            return
+        joined = p.kind == pb.PRESENCE_KIND_JOINED
+        if joined and p.who.login in conv.away_from and time.monotonic() < conv.quiet_until:
+            conv.away_from.discard(p.who.login)  # back after the same outage as ours
+            return
+        verb = "joined" if joined else "left"
+        conv.notice(f"{who(p.who)} {verb} #{conv.name}", renderer=self.renderer)
+        if conv.name != self.current:
+            conv.activity = True
+
+    def on_message(self, conv: Conversation, m: pb.ChatMessage) -> None:
+        own = m.sender.login == self.me.login
+        mention = bool(not own and self.mentions and self.mentions.search(m.text))
+        shown = conv.name == self.current
+        conv.add_message(m, own=own, mention=mention, shown=shown, live=conv.backlog_done,
+                         renderer=self.renderer)
+        if shown:
+            self.seen(conv)
+        if conv.backlog_done and mention:
+            self.ring(conv, m)
+
+    def on_fatal(self, conv: Conversation, session: RoomSession, err: ClientError) -> None:
+        if not session.state.ever_connected:
+            # A refused /join: one line where the person is, and they stay there.
+            self.sessions.pop(conv.name, None)
+            self.tasks.pop(conv.name, None)
+            self.conversations.pop(conv.name, None)
+            if self.joining == conv.name:
+                self.joining = None
+            if self.current == conv.name:
+                self.current = None
+                self.switch(next(iter(self.conversations), ""))
+            self.say(f"cannot join #{conv.name}: {err}", error=True)
+            for out in session.outbox:  # typed while it was joining: not lost, not sent
+                self.say(f"not sent to #{conv.name}: {visible(out.text)}", error=True)
+            return
+        conv.notice(f"#{conv.name} is closed for good: {err}", error=True,
+                    renderer=self.renderer)
+
+    def ring(self, conv: Conversation, m: pb.ChatMessage) -> None:
+        """A mention: the terminal bell, and a desktop notification if asked for."""
+        with contextlib.suppress(Exception):
+            self.app.output.bell()
+        if not self.notify:
+            return
+        title = f"{who(m.sender)} in #{conv.name}"
+        body = visible(m.text)[:200].replace("\n", " ")
+        notify_send = shutil.which("notify-send")
+        if notify_send:
+            with contextlib.suppress(OSError):
+                subprocess.Popen([notify_send, "--app-name=tsnetchat", title, body],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        else:  # the terminal's own notification (OSC 777; OSC 9 where that is unknown)
+            clean = f"{title}: {body}".replace("\x1b", "").replace("\x07", "")
+            with contextlib.suppress(Exception):
+                self.app.output.write_raw(f"\x1b]777;notify;tsnetchat;{clean}\x07")
+                self.app.output.flush()
+
+    # --- calls ------------------------------------------------------------------------------
+
+    def spawn(self, coro: Any) -> None:
+        """Run ``coro`` in the background; a failure is one line on the screen."""
+        async def guarded() -> None:
+            try:
+                await coro
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                self.say(str(self.link.translate(e)), error=True)
+
+        task = asyncio.get_running_loop().create_task(guarded())
+        self.background.add(task)  # the loop keeps only a weak reference
+        task.add_done_callback(self.background.discard)
+
+    async def list_rooms(self) -> None:
+        conn = await self.link.get()
+        rooms = await conn.list_rooms()
+        lines = ["rooms you may use:" if rooms.rooms else "no rooms yet"]
+        for r in rooms.rooms:
+            self.known_rooms.add(r.name)
+            here = f"; here: {describe_members(r.members)}" if r.members else ""
+            lines.append(f"  #{r.name} ({r.last_id} messages{here})")
+        if rooms.all_rooms_allowed:
+            lines.append("and any new one: /join NAME creates it")
+        self.say("\n".join(lines))
+
+    def load_older(self, conv: Conversation, count: int = 100, *, say: bool = False) -> None:
+        if conv.name in self.loading or conv.kind != "room":
+            return
+        self.loading.add(conv.name)
+
+        async def fetch() -> None:
+            try:
+                conn = await self.link.get()
+                before = conv.oldest_loaded
+                page = await conn.history(conv.name, before=before, limit=count)
+                n = conv.add_older(page.messages, me=self.me.login, mentions=self.mentions,
+                                   more=page.more)
+                if say:
+                    self.say(f"loaded {n} older message(s); PgUp to read them" if n else
+                             "no older messages")
+                self.invalidate()
+            finally:
+                self.loading.discard(conv.name)
+
+        self.spawn(fetch())
+
+    # --- start and end ----------------------------------------------------------------------
+
+    def quit(self) -> None:
+        if not self.quitting:
+            self.quitting = True
+            if self.app.is_running:
+                self.app.exit(result=0)
 
     async def close(self) -> None:
+        """Stop every room and the link, within a second whatever the network does."""
         for t in self.tasks.values():
             t.cancel()
-        for s in self.rooms.values():
-            await s.close()
+        closing = [s.close() for s in self.sessions.values()]
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.gather(*closing, return_exceptions=True), 0.5)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.link.close(), 0.5)
+
+    def unsent(self) -> list[str]:
+        """What was typed but not stored, to print after the screen is gone."""
+        notes = {State.SENDING: "  (sent, not confirmed: it may have been stored)",
+                 State.FAILED: "  (refused)"}
+        out = [f"#{room}: {o.text}{notes.get(o.state, '')}"
+               for room, s in self.sessions.items() for o in s.outbox]
+        if self.input.text.strip():
+            out.append(f"(input) {self.input.text}")
+        return out
 
 
-async def run_tui(server: str, room: str, *, token: str, socket: str, proxy: str, port: int,
-                  address: str = "") -> int:
-    async def connect_fn() -> Connection:
-        return await connect(server, token, socket=socket, port=port, proxy=proxy,
-                             address=address)
+def _on_loop_error(chat: ChatApp) -> Callable[[asyncio.AbstractEventLoop, dict[str, Any]],
+                                              None]:
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        log.error("event loop: %s", context.get("message"), exc_info=exc)
+        if exc is not None and not isinstance(exc, asyncio.CancelledError):
+            chat.say(f"internal error ({type(exc).__name__}); see {log_path()}", error=True)
 
-    # Fail fast with a clear message if discovery or the locks refuse us.
-    first = await connect_fn()
+    return handler
+
+
+@contextlib.contextmanager
+def _stderr_to_log() -> Iterator[None]:
+    """While the screen is up, anything written to stderr (logging, gRPC's C core) goes to
+    the log file instead of scribbling over the screen."""
+    path = log_path()
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    saved = os.dup(2)
+    handler = logging.StreamHandler(os.fdopen(os.dup(fd), "a", buffering=1))
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    old_handlers, old_level = root.handlers[:], root.level
+    root.handlers, root.level = [handler], logging.INFO
+    sys.stderr.flush()
+    os.dup2(fd, 2)
     try:
-        me = await first.whoami()
+        yield
     finally:
-        await first.close()
-    ui = ChatUI(connect_fn, server)
-    ui.info_login = me.identity.login
-    session: PromptSession[str] = PromptSession(bottom_toolbar=ui.toolbar, refresh_interval=0.5)
-    ui.session = session
-    say(("ansibrightblack", f"tsnetchat: {render.name(me.identity.login)} on "
-                            f"{render.name(me.identity.node)}; /help for commands"))
-    with patch_stdout(raw=True):
-        await ui.join(room)
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(fd)
+        root.handlers, root.level = old_handlers, old_level
+        handler.close()
+
+
+async def run_tui(server: str, room: str, *, token: str | None, socket: str, proxy: str, port: int,
+                  address: str = "", notify: bool = False) -> int:
+    """The chat in this terminal until /quit, Ctrl-D or Ctrl-C. Raises ClientError when the
+    server cannot be reached or refuses us at the start."""
+    link = link_for(server, token, socket=socket, port=port, proxy=proxy, address=address)
+    try:
+        conn = await link.get()
+        me = await conn.whoami()
+    except Exception as e:
+        await link.close()
+        raise link.translate(e) from None
+    chat = ChatApp(link, me, notify=notify)
+    loop = asyncio.get_running_loop()
+    with _stderr_to_log():
+        old_handler = loop.get_exception_handler()
+        loop.set_exception_handler(_on_loop_error(chat))
         try:
-            while True:
-                try:
-                    line = await session.prompt_async(lambda: f"#{ui.current}> ")
-                except EOFError:
-                    break
-                except KeyboardInterrupt:
-                    continue
-                if line is None or not await ui.command(line):
-                    break
+            chat.join(room)
+            result = await chat.app.run_async(set_exception_handler=False)
         finally:
-            await ui.close()
-    if ui.fatal:
-        say(("ansired", f"disconnected: {ui.fatal}"))
-        return 5
-    return 0
+            await chat.close()
+            loop.set_exception_handler(old_handler)
+    left = chat.unsent()
+    if left:
+        print("not sent when you left (the server has not stored these):")
+        for line in left:
+            print(f"  {line}")
+    return int(result or 0)

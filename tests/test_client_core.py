@@ -1,0 +1,285 @@
+"""The client's sending and resuming logic without gRPC: the outbox, the pacer, the cursor,
+the stream state machine, and the error boundary's classification."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+import pytest
+
+from tsnetchat.clienterrors import ClientError, from_status, refusal, retry_hint, translate
+from tsnetchat.errors import LocalAPIUnavailable, PeerNotFound, TailnetNotReady
+from tsnetchat.outbox import Outbox, Pacer, State, split_text, utf8_len
+from tsnetchat.resume import FROM_NOW, Cursor, Phase, StreamState, worst
+
+TEXT = 1
+
+# --- the outbox ---------------------------------------------------------------------------
+
+
+def test_a_submitted_message_stays_pending_until_acknowledged() -> None:
+    box = Outbox()
+    a = box.add("a", TEXT)
+    assert box.pending == [a] and a.state is State.QUEUED
+    assert box.head() is a
+    box.sending(a)
+    assert box.pending == [a] and a.state is State.SENDING
+    assert box.acked(a.client_msg_id) is a
+    assert box.pending == [] and len(box) == 0
+
+
+def test_one_message_is_in_flight_at_a_time_so_order_is_kept() -> None:
+    box = Outbox()
+    a, b, c = (box.add(t, TEXT) for t in "abc")
+    assert box.head() is a
+    box.sending(a)
+    assert box.head() is None  # b waits for a's answer
+    box.refused(a.client_msg_id, for_good=False, not_before=5.0)
+    assert box.head() is a and a.not_before == 5.0  # a "slow down" keeps a first
+    box.sending(a)
+    box.acked(a.client_msg_id)
+    assert box.head() is b
+    box.sending(b)
+    box.acked(b.client_msg_id)
+    assert box.head() is c
+
+
+def test_a_message_refused_for_good_keeps_its_text_and_does_not_block_the_rest() -> None:
+    box = Outbox()
+    a, b = box.add("x" * 5000, TEXT), box.add("b", TEXT)
+    box.sending(a)
+    box.refused(a.client_msg_id, for_good=True, reason="too long")
+    assert a.state is State.FAILED and a.error == "too long" and a.text == "x" * 5000
+    assert box.failed == [a] and box.pending == [b]
+    assert box.head() is b
+    box.sending(b)
+    box.acked(b.client_msg_id)
+    assert box.failed == [a]  # still there, for editing or /retry
+    key = a.client_msg_id
+    assert box.retry() == [a]
+    assert a.state is State.QUEUED and a.error == "" and a.client_msg_id != key
+    box.refused(a.client_msg_id, for_good=True, reason="again")
+    box.discard(a)
+    assert len(box) == 0
+
+
+def test_a_drop_resends_what_was_in_flight_first_with_the_same_key() -> None:
+    box = Outbox()
+    a = box.add("a", TEXT)
+    box.add("b", TEXT)
+    box.sending(a)
+    key = a.client_msg_id
+    box.disconnected()
+    assert box.head() is a and a.client_msg_id == key and a.attempts == 1
+    box.sending(a)
+    assert a.attempts == 2
+    assert [o.text for o in box.pending] == ["a", "b"]
+
+
+def test_an_unknown_acknowledgement_changes_nothing() -> None:
+    box = Outbox()
+    a = box.add("a", TEXT)
+    assert box.acked("not-ours") is None
+    assert box.refused("not-ours", for_good=True) is None
+    assert box.pending == [a]
+
+
+# --- pacing -------------------------------------------------------------------------------
+
+
+def test_the_pacer_sends_a_burst_then_stays_below_the_servers_rate() -> None:
+    p = Pacer(burst=20, rate=5.0)
+    now = 100.0
+    sent_at = []
+    while len(sent_at) < 50:
+        wait = p.delay(now)
+        if wait:
+            now += wait
+            continue
+        p.take(now)
+        sent_at.append(now)
+    # The server's bucket (20, 5/s) would accept every one of these, with room to spare.
+    tokens, last = 20.0, sent_at[0]
+    for t in sent_at:
+        tokens = min(20.0, tokens + (t - last) * 5.0)
+        last = t
+        assert tokens >= 1, t
+        tokens -= 1
+    assert sent_at[18] == 100.0 and sent_at[19] > 100.0  # a burst of 19, then paced
+    assert sent_at[-1] - sent_at[19] == pytest.approx(30 / 4.5)
+
+
+def test_a_rate_refusal_holds_every_send_until_the_servers_hint() -> None:
+    p = Pacer(burst=20, rate=5.0)
+    assert p.delay(0.0) == 0
+    p.refused(0.0, 1.5)
+    assert p.delay(0.0) == pytest.approx(1.5)
+    assert p.delay(1.0) == pytest.approx(0.5)
+    assert p.delay(1.5) == 0  # refilled enough by then
+    p.take(1.5)
+
+
+def test_an_advertised_limit_replaces_the_defaults_without_refunding_tokens() -> None:
+    p = Pacer()
+    for _ in range(19):
+        p.take(0.0)
+    p.configure(100, 50.0)
+    assert p.burst == 99 and p.rate == pytest.approx(45.0)
+    assert p.delay(0.0) > 0  # what was spent stays spent
+
+
+def test_a_long_paste_is_split_between_lines_then_words_within_the_limit() -> None:
+    text = "\n".join(f"line {i} " + "word " * 30 for i in range(40))
+    parts = split_text(text, 1000)
+    assert all(utf8_len(p) <= 1000 for p in parts)
+    assert len(parts) == 7 and "\n".join(parts) == text  # whole lines, none cut
+    one_line = "é" * 3000  # 6000 bytes, no spaces
+    cut = split_text(one_line, 4096)
+    assert [utf8_len(p) for p in cut] == [4096, 1904] and "".join(cut) == one_line
+    words = " ".join(["abcdefghi"] * 100)
+    assert all(not p.startswith(" ") and utf8_len(p) <= 95 for p in split_text(words, 95))
+    assert " ".join(split_text(words, 95)) == words
+
+
+# --- the cursor -----------------------------------------------------------------------------
+
+
+@dataclass
+class Msg:
+    id: int
+
+
+def test_the_cursor_shows_each_message_once_in_order_across_replays() -> None:
+    c = Cursor()
+    assert c.resume_after() is None  # first join: the server's backlog
+    assert [m.id for m in c.accept([Msg(1), Msg(2), Msg(3)])] == [1, 2, 3]
+    assert c.resume_after() == 3
+    # After a reconnect the server replays from 3; anything at or below is not shown again.
+    assert [m.id for m in c.accept([Msg(2), Msg(3), Msg(4)])] == [4]
+
+
+def test_from_now_starts_after_the_rooms_newest_message() -> None:
+    c = Cursor(from_now=True)
+    assert c.resume_after() == FROM_NOW
+    c.replay_done(41)
+    assert c.resume_after() == 41
+    assert [m.id for m in c.accept([Msg(42)])] == [42]
+    assert Cursor(7, from_now=True).resume_after() == 7  # an explicit start wins
+
+
+# --- the stream state machine ---------------------------------------------------------------
+
+
+def retryable(msg: str = "down", **kw: object) -> ClientError:
+    return ClientError(msg, retryable=True, **kw)  # type: ignore[arg-type]
+
+
+def test_a_fail_fast_stream_fails_on_its_first_error_whatever_it_is() -> None:
+    s = StreamState()
+    assert s.lost(retryable(), 0.0, 0.5) is None
+    assert s.phase is Phase.FAILED and str(s.error) == "down"
+
+
+def test_reconnecting_backs_off_with_a_countdown_and_resets_on_success() -> None:
+    s = StreamState(first=0.5, max_backoff=5.0)
+    s.connected(0.0)
+    delays = [s.lost(retryable(), 10.0, 0.5) for _ in range(6)]
+    assert delays == [0.5, 1.0, 2.0, 4.0, 5.0, 5.0]
+    assert s.phase is Phase.RECONNECTING and s.attempts == 6
+    assert s.countdown(12.0) == pytest.approx(3.0)
+    assert s.describe(12.0) == "reconnecting in 3s: down"
+    s.connecting()
+    assert s.describe(13.0) == "reconnecting now: down"  # the attempt is under way
+    assert s.connected(25.0) == pytest.approx(15.0)  # the outage it ended
+    assert s.phase is Phase.CONNECTED and s.attempts == 0 and s.error is None
+    assert s.lost(retryable(), 30.0, 0.0) == 0.25  # jitter: half to one and a half
+
+
+def test_a_refusal_after_being_connected_is_final_and_a_hint_is_respected() -> None:
+    s = StreamState()
+    s.connected(0.0)
+    assert s.lost(retryable("slow", retry_after=7.0), 1.0, 0.0) == 7.0
+    assert s.lost(ClientError("token revoked", retryable=False), 2.0, 0.0) is None
+    assert s.phase is Phase.FAILED and s.describe(2.0) == "failed: token revoked"
+    s.close()
+    assert s.lost(retryable(), 3.0, 0.0) is None and s.phase is Phase.CLOSED
+
+
+def test_the_status_bar_speaks_of_the_worst_stream() -> None:
+    ok, down = StreamState(), StreamState()
+    ok.connected(0.0)
+    down.connected(0.0)
+    down.lost(retryable(), 1.0, 0.0)
+    assert worst([ok, down]) is down and worst([ok]) is ok and worst([]) is None
+
+
+# --- the error boundary ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Where:
+    name: str = "chat-server"
+    port: int = 50051
+    mode: str = "proxy"
+
+
+@pytest.mark.parametrize("details", [
+    "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:59493: HTTP "
+    "proxy returned response code 500",
+    "failed to connect to all addresses; last error: UNAVAILABLE: ipv4:100.64.0.1:50051: "
+    "Connection refused",
+    "Socket closed",
+])
+def test_nothing_listening_on_the_port_is_said_plainly(details: str) -> None:
+    e = from_status(grpc.StatusCode.UNAVAILABLE, details, Where(mode="direct"))
+    assert str(e) == ("chat-server is on the tailnet but nothing answers on port 50051: is "
+                      "`tsnetchat serve` running there?")
+    assert e.retryable and e.transport and e.exit_code == 7
+
+
+def test_the_local_proxy_refusing_is_blamed_on_the_local_tailscaled() -> None:
+    e = from_status(grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses; last "
+                    "error: UNAVAILABLE: ipv4:127.0.0.1:1055: Connection refused", Where(),
+                    proxy="127.0.0.1:1055")
+    assert "this machine's tailscaled proxy (127.0.0.1:1055)" in str(e) and e.retryable
+
+
+@pytest.mark.parametrize(("code", "exit_code", "retry"), [
+    (grpc.StatusCode.UNAUTHENTICATED, 5, False),
+    (grpc.StatusCode.PERMISSION_DENIED, 6, False),
+    (grpc.StatusCode.INVALID_ARGUMENT, 2, False),
+    (grpc.StatusCode.RESOURCE_EXHAUSTED, 1, True),
+    (grpc.StatusCode.UNAVAILABLE, 7, True),
+])
+def test_the_servers_own_words_are_kept_with_an_exit_code(code: grpc.StatusCode,
+                                                          exit_code: int, retry: bool) -> None:
+    e = from_status(code, "token lock: expired; ask for a new one", Where())
+    assert str(e) == "token lock: expired; ask for a new one"
+    assert (e.exit_code, e.retryable, e.transport) == (exit_code, retry, False)
+    assert "StatusCode" not in str(e) and code.name not in str(e)
+
+
+def test_tailnet_errors_say_whether_waiting_helps() -> None:
+    assert translate(LocalAPIUnavailable("no tailscaled")).retryable
+    assert translate(TailnetNotReady("starting")).retryable
+    gone = translate(PeerNotFound("no peer named 'x'; did you mean chat-server?"))
+    assert not gone.retryable and gone.exit_code == 4 and "did you mean" in str(gone)
+
+
+def test_anything_else_becomes_one_plain_line() -> None:
+    e = translate(RuntimeError("aclose(): asynchronous generator is already running\nmore"))
+    assert str(e) == ("internal error in the client (RuntimeError: aclose(): asynchronous "
+                      "generator is already running)")
+    assert "\n" not in str(e)
+
+
+def test_a_rate_refusal_means_wait_and_a_bad_message_means_failed() -> None:
+    slow = refusal(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], "slow down: at most 5 "
+                   "messages/s (bursts of 20); this one was not sent, retry in 0.4s")
+    assert slow.retryable and slow.retry_after == pytest.approx(0.4)
+    lost = refusal(grpc.StatusCode.UNAVAILABLE.value[0], "disk full; send it again")
+    assert lost.retryable
+    bad = refusal(grpc.StatusCode.INVALID_ARGUMENT.value[0], "message is 5000 bytes")
+    assert not bad.retryable and str(bad) == "message is 5000 bytes"
+    assert retry_hint("nothing here") == 0.0

@@ -1,0 +1,179 @@
+"""RoomSession against a real in-process server (identities from FakeTailnet): what a person
+submits arrives once, in order, under the rate limit, across drops and restarts; refusals are
+said plainly. The tailnet itself is proven in test_client.py and test_tui.py."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from conftest import Chat
+
+from tsnetchat.client import Link, RoomSession, SessionEvent, deliver
+from tsnetchat.clienterrors import ClientError
+from tsnetchat.outbox import Pacer, State
+
+
+def link_as(chat: Chat, login: str, rooms: tuple[str, ...] = ("*",)) -> Link:
+    token = chat.token(login, rooms)
+
+    async def dial() -> Any:
+        return await chat.connect(login, token)
+
+    return Link(dial, name="chat-server")
+
+
+async def stored_texts(chat: Chat, room: str = "general") -> list[str]:
+    conn = await chat.connect("carol@tailnet.test")
+    page = await conn.history(room, limit=200)
+    return [m.text for m in page.messages]
+
+
+class Pump:
+    """Runs a session's events in the background and keeps them."""
+
+    def __init__(self, session: RoomSession) -> None:
+        self.session = session
+        self.events: list[SessionEvent] = []
+        self.changed = asyncio.Event()
+        self.task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        async for ev in self.session.events():
+            self.events.append(ev)
+            self.changed.set()
+
+    def kinds(self, kind: str) -> list[SessionEvent]:
+        return [e for e in self.events if e.kind == kind]
+
+    async def until(self, check: Any, timeout: float = 30) -> None:
+        async def wait() -> None:
+            while not check():
+                self.changed.clear()
+                await self.changed.wait()
+
+        await asyncio.wait_for(wait(), timeout)
+
+    async def welcomed(self) -> None:
+        await self.until(lambda: self.kinds("replay_done"))
+
+    async def close(self) -> None:
+        await self.session.close()
+        self.task.cancel()
+
+
+@pytest.fixture
+async def pumps() -> AsyncIterator[list[Pump]]:
+    made: list[Pump] = []
+    yield made
+    for p in made:
+        await p.close()
+
+
+def pump(pumps: list[Pump], session: RoomSession) -> Pump:
+    p = Pump(session)
+    pumps.append(p)
+    return p
+
+
+@pytest.mark.server_config(rate_burst=5, rate_per_second=40.0)
+async def test_a_burst_faster_than_the_rate_limit_arrives_once_in_order_none_refused(
+        chat: Chat, pumps: list[Pump]) -> None:
+    alice = pump(pumps, RoomSession(link_as(chat, "alice@tailnet.test"), "general",
+                                    pacer=Pacer(burst=5, rate=40.0)))
+    await alice.welcomed()
+    outs = [alice.session.send(f"line {i}") for i in range(50)]
+    await alice.until(lambda: len(alice.kinds("sent")) == 50)
+    assert await stored_texts(chat) == [f"line {i}" for i in range(50)]
+    assert [o.attempts for o in outs] == [1] * 50  # paced: the server refused none
+    assert not alice.kinds("failed") and not alice.session.outbox.pending
+
+
+@pytest.mark.server_config(rate_burst=3, rate_per_second=20.0)
+async def test_a_client_that_overestimates_the_limit_waits_and_resends_never_fails(
+        chat: Chat, pumps: list[Pump]) -> None:
+    # The pacer believes the README's defaults (20, 5/s); this server allows bursts of 3.
+    alice = pump(pumps, RoomSession(link_as(chat, "alice@tailnet.test"), "general"))
+    await alice.welcomed()
+    outs = [alice.session.send(f"line {i}") for i in range(30)]
+    await alice.until(lambda: len(alice.kinds("sent")) == 30)
+    assert await stored_texts(chat) == [f"line {i}" for i in range(30)]
+    assert any(o.attempts > 1 for o in outs)  # some were refused ("slow down") and resent
+    assert not alice.kinds("failed") and not alice.kinds("error")
+
+
+@pytest.mark.server_config(rate_burst=5, rate_per_second=40.0)
+async def test_typing_through_server_restarts_loses_and_doubles_nothing(
+        chat: Chat, pumps: list[Pump]) -> None:
+    alice = pump(pumps, RoomSession(link_as(chat, "alice@tailnet.test"), "general",
+                                    max_backoff=0.5, fail_fast=False,
+                                    pacer=Pacer(burst=5, rate=40.0)))
+    bob = pump(pumps, RoomSession(link_as(chat, "bob@tailnet.test"), "general",
+                                  max_backoff=0.5))
+    await alice.welcomed()
+    await bob.welcomed()
+    typed = []
+    for r in range(3):
+        for i in range(10):
+            typed.append(f"round {r} line {i}")
+            alice.session.send(typed[-1])
+            if i == 4:
+                await chat.restart()
+            await asyncio.sleep(0.01)
+        await alice.until(lambda: len(alice.kinds("sent")) == len(typed))
+    await bob.until(lambda: len(bob.kinds("message")) == len(typed))
+    shown = [e.message.text for e in bob.kinds("message") if e.message]
+    assert shown == typed
+    assert await stored_texts(chat) == typed
+    assert alice.session.reconnects >= 3 and [e for e in alice.kinds("state") if e.seconds]
+
+
+async def test_a_message_refused_for_good_is_failed_with_its_text_and_the_rest_go_on(
+        chat: Chat, pumps: list[Pump]) -> None:
+    alice = pump(pumps, RoomSession(link_as(chat, "alice@tailnet.test"), "general"))
+    await alice.welcomed()
+    bad = alice.session.send("bell \x07 in the middle")
+    alice.session.send("after it")
+    await alice.until(lambda: alice.kinds("failed") and alice.kinds("sent"))
+    (failed,) = alice.kinds("failed")
+    assert failed.outgoing is bad and bad.state is State.FAILED
+    assert bad.text == "bell \x07 in the middle"
+    assert "control character (U+0007)" in failed.text
+    assert await stored_texts(chat) == ["after it"]
+    assert alice.session.outbox.failed == [bad]
+
+
+async def test_a_refused_join_is_one_plain_fatal_event(chat: Chat, pumps: list[Pump]) -> None:
+    bob = pump(pumps, RoomSession(link_as(chat, "bob@tailnet.test", ("general",)), "ops"))
+    await bob.until(lambda: bob.kinds("fatal"))
+    (fatal,) = bob.kinds("fatal")
+    assert fatal.error is not None and fatal.error.exit_code == 6
+    assert "ops" in fatal.text and "PERMISSION_DENIED" not in fatal.text
+    assert not bob.kinds("welcome")
+
+
+async def test_a_read_only_session_from_now_sees_only_new_messages_and_a_live_marker(
+        chat: Chat, pumps: list[Pump]) -> None:
+    link = link_as(chat, "alice@tailnet.test")
+    for i in range(3):
+        await deliver(link, "general", f"old {i}")
+    feed = pump(pumps, RoomSession(link_as(chat, "bob@tailnet.test"), "general",
+                                   read_only=True, from_now=True))
+    await feed.until(lambda: feed.kinds("replay_done"))
+    assert feed.kinds("replay_done")[0].first and not feed.kinds("message")
+    await deliver(link, "general", "new")
+    await feed.until(lambda: feed.kinds("message"))
+    assert [e.message.text for e in feed.kinds("message") if e.message] == ["new"]
+    await link.close()
+
+
+async def test_deliver_returns_the_id_and_says_why_a_message_is_refused(chat: Chat) -> None:
+    link = link_as(chat, "alice@tailnet.test")
+    assert await deliver(link, "general", "one") == 1
+    assert await deliver(link, "general", "two") == 2
+    with pytest.raises(ClientError) as e:
+        await deliver(link, "general", "x" * 5000)
+    assert e.value.exit_code == 2 and "limit is 4096 bytes" in str(e.value)
+    await link.close()

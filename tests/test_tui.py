@@ -1,0 +1,370 @@
+"""The terminal chat over the real lab: alice and bob, each `tsnetchat connect` in a tmux
+terminal on their own tailnet node, against `tsnetchat serve` on chat-server (default rate
+limit: bursts of 20, 5 messages/s). Every test asserts on what the screens show."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import CLI, LabDaemon, Tmux, free_port, need, run_cli
+
+from tsnetchat.client import RoomSession, link_for
+from tsnetchat.outbox import Pacer
+
+pytestmark = [pytest.mark.tailnet, pytest.mark.tmux]
+
+NODES = {"alice": "alice-laptop", "bob": "bob-laptop", "mallory": "mallory-laptop"}
+Opener = Callable[..., Tmux]
+
+
+@pytest.fixture
+def chat_server(lab: Any, tmp_path: Path, request: pytest.FixtureRequest
+                ) -> Iterator[LabDaemon]:
+    env = getattr(request, "param", None)
+    s = LabDaemon(lab, tmp_path / "state", free_port(), env=env)
+    s.start()
+    try:
+        yield s
+    finally:
+        s.stop(signal.SIGKILL)
+
+
+@pytest.fixture
+def open_terminal(chat_server: LabDaemon, tmp_path: Path) -> Iterator[Opener]:
+    """Starts `tsnetchat connect` for a person in a terminal; waits until they are in."""
+    if shutil.which("tmux") is None:
+        need("tmux", "make sysdeps installs it")
+    made: list[Tmux] = []
+
+    def open_(who: str, *, rooms: tuple[str, ...] = (), height: int = 50,
+              wait: bool = True) -> Tmux:
+        home = tmp_path / f"home-{who}-{len(made)}"
+        home.mkdir()
+        env = {"TERM": "xterm-256color", "PATH": os.environ["PATH"], "HOME": str(home),
+               "LANG": "C.UTF-8", "TZ": "UTC"}
+        tok = chat_server.token(f"{who}@tailnet.test", rooms)
+        t = Tmux(f"{who}-{os.getpid()}-{len(made)}",
+                 [CLI, "connect", "chat-server", "--token", tok,
+                  *chat_server.client_args(NODES[who])], env, height=height)
+        made.append(t)
+        if wait:
+            t.wait_for(r"you joined #general")
+        return t
+
+    try:
+        yield open_
+    finally:
+        for t in made:
+            t.kill()
+
+
+@pytest.fixture
+def terminals(open_terminal: Opener) -> dict[str, Tmux]:
+    return {"alice": open_terminal("alice"), "bob": open_terminal("bob")}
+
+
+def count(screen: str, pattern: str) -> int:
+    return len(re.findall(pattern, screen))
+
+
+def texts_of(screen: str, nick: str, prefix: str) -> list[str]:
+    """The texts of ``nick``'s messages that start with ``prefix``, top to bottom."""
+    return re.findall(rf"<{nick}> ({re.escape(prefix)}[^│\n]*?)\s*$", screen, re.M)
+
+
+def no_python_on(*terms: Tmux) -> None:
+    for t in terms:
+        s = t.screen()
+        for bad in ("Traceback", "Exception", "Error:", "StatusCode", "UNAVAILABLE",
+                    "Press ENTER"):
+            assert bad not in s, f"{bad!r} on {t.name}'s screen:\n{s}"
+
+
+def status_line(t: Tmux) -> str:
+    return next(line for line in t.screen().splitlines() if "@tailnet.test (" in line)
+
+
+# --- talking ------------------------------------------------------------------------------
+
+
+def test_alice_and_bob_chat_each_line_once_own_marked_nicks_coloured_apart(
+        terminals: dict[str, Tmux]) -> None:
+    alice, bob = terminals["alice"], terminals["bob"]
+    alice.type("good morning")
+    bob.wait_for(r"\d\d:\d\d   <Alice> good morning")  # time, no mark, nick, text
+    alice.wait_for(r"\d\d:\d\d ▸ <Alice> good morning")  # your own line, marked
+    bob.type("/me waves")
+    alice.wait_for(r"\d\d:\d\d   \* Bob waves")
+    for t in (alice, bob):
+        s = t.screen()
+        assert count(s, "good morning") == 1 and count(s, "Bob waves") == 1, s
+    assert status_line(alice).split("│")[1:4] == [" #general ", " 2 members ", " connected"]
+    assert "alice@tailnet.test (alice-laptop)" in status_line(alice)
+    coloured = alice.screen(colours=True)
+    sgr = [re.findall(rf"\x1b\[([\d;]*)m{nick}", coloured) for nick in ("<Alice>", r"\* Bob")]
+    assert sgr[0] and sgr[1] and sgr[0][-1] != sgr[1][-1], (sgr, coloured)
+    alice.type("first thing")
+    alice.keys("Up")  # input history
+    alice.wait_for(r"#general> first thing")
+    no_python_on(alice, bob)
+
+
+def test_a_message_arriving_mid_typing_leaves_the_input_alone(
+        terminals: dict[str, Tmux]) -> None:
+    alice, bob = terminals["alice"], terminals["bob"]
+    alice.type("half a thought", enter=False)
+    bob.type("interrupting")
+    screen = alice.wait_for(r"<Bob> interrupting")
+    lines = screen.splitlines()
+    bob_line = next(i for i, line in enumerate(lines) if "<Bob> interrupting" in line)
+    input_line = next(i for i, line in enumerate(lines) if "#general> half a thought" in line)
+    assert bob_line < input_line
+    alice.keys("M-Enter")  # a second line in the same message
+    alice.type(" finished")
+    bob.wait_for(r"<Alice> half a thought\n.*┊  finished")
+
+
+def test_a_mention_rings_the_bell_and_is_highlighted(terminals: dict[str, Tmux]) -> None:
+    alice, bob = terminals["alice"], terminals["bob"]
+    bob.type("no one in particular")
+    alice.wait_for(r"<Bob> no one in particular")
+    assert alice.bell_count() == 0
+    bob.type("alice: are you there?")
+    alice.wait_for(r"\d\d:\d\d ! <Bob> alice: are you there\?")
+    deadline = time.monotonic() + 10
+    while alice.bell_count() == 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert alice.bell_count() == 1
+    assert bob.bell_count() == 0
+
+
+# --- sending faster than the server allows -----------------------------------------------------
+
+
+def test_a_50_line_burst_typed_faster_than_the_rate_limit_arrives_once_in_order(
+        chat_server: LabDaemon, open_terminal: Opener) -> None:
+    alice = open_terminal("alice", height=60)
+    bob = open_terminal("bob", height=70)
+    lines = [f"burst line {i:02d}" for i in range(1, 51)]
+    alice.keys(*[k for line in lines for k in (line, "Enter")])  # one write: all 50 at once
+    alice.wait_for(r"│ \d+ pending")  # the client holds them and paces itself
+    bob.wait_for(r"<Alice> burst line 50", timeout=60)
+    assert texts_of(bob.screen(), "Alice", "burst line") == lines
+    alice.wait_for(r"│ connected *\n")  # nothing pending any more
+    own = texts_of(alice.screen(), "Alice", "burst line")
+    assert own == lines[-len(own):] and len(own) > 40  # as many as fit, in order
+    assert "not sent" not in alice.screen() and "slow down" not in alice.screen()
+    hist = run_cli("history", "chat-server", "--json", "--limit", "100", "--token",
+                   chat_server.token("bob@tailnet.test"), *chat_server.client_args("bob-laptop"))
+    assert [m["text"] for m in json.loads(hist.stdout)] == lines
+    no_python_on(alice, bob)
+
+
+# --- restarts while typing ------------------------------------------------------------------
+
+
+def test_three_server_restarts_and_a_tailscaled_restart_while_typing_lose_and_double_nothing(
+        lab: Any, chat_server: LabDaemon, open_terminal: Opener) -> None:
+    alice = open_terminal("alice", height=80)
+    bob = open_terminal("bob", height=80)
+    said: dict[str, list[str]] = {"Alice": [], "Bob": []}
+
+    def say(t: Tmux, nick: str, text: str) -> None:
+        t.type(text)
+        said[nick].append(text)
+
+    say(alice, "Alice", "said before any restart")
+    bob.wait_for(r"<Alice> said before any restart")
+    for r in range(3):
+        chat_server.stop(signal.SIGKILL if r == 1 else signal.SIGTERM)
+        alice.wait_for(r"reconnecting in \d+s: chat-server is on the tailnet but nothing "
+                       rf"answers on port {chat_server.port}")
+        say(alice, "Alice", f"said during restart {r}, first")
+        say(bob, "Bob", f"bob during restart {r}")
+        if r == 2:  # more than a burst's worth while it is down: resent paced, not refused
+            many = [f"said during restart {r}, more {i:02d}" for i in range(25)]
+            alice.keys(*[k for line in many for k in (line, "Enter")])
+            said["Alice"] += many
+        say(alice, "Alice", f"said during restart {r}, second")
+        alice.wait_for(rf"… <Alice> said during restart {r}, second")  # pending, on screen
+        chat_server.start()
+        bob.wait_for(rf"<Alice> said during restart {r}, second", timeout=60)
+        alice.wait_for(rf"<Bob> bob during restart {r}", timeout=60)
+    node = lab.nodes["alice-laptop"]
+    lab.kill_tailscaled(node)
+    try:
+        alice.wait_for(r"reconnecting in \d+s", timeout=60)
+        say(alice, "Alice", "said while my tailscaled restarts")
+        say(bob, "Bob", "bob while alice's tailscaled restarts")
+    finally:
+        lab.start_tailscaled(node)
+        lab.wait_running(node)
+    bob.wait_for(r"<Alice> said while my tailscaled restarts", timeout=90)
+    alice.wait_for(r"<Bob> bob while alice's tailscaled restarts", timeout=90)
+    for t in (alice, bob):
+        s = t.screen()
+        assert texts_of(s, "Alice", "said ") == said["Alice"], s
+        assert texts_of(s, "Bob", "bob ") == said["Bob"], s
+    assert count(alice.screen(), r"reconnected after \d+s; nothing missed") == 4
+    no_python_on(alice, bob)
+
+
+# --- rooms ---------------------------------------------------------------------------------
+
+
+def test_a_refused_join_is_one_error_line_and_bob_stays_in_general(
+        open_terminal: Opener) -> None:
+    alice = open_terminal("alice")
+    bob = open_terminal("bob", rooms=("general",))
+    bob.type("/join #ops")
+    bob.wait_for(r"!! cannot join #ops: ")
+    s = bob.screen()
+    assert count(s, "!!") == 1 and "#ops" not in s.split("!!")[0]  # not in the room list
+    assert status_line(bob).split("│")[1] == " #general "
+    bob.type("still here")
+    alice.wait_for(r"<Bob> still here")
+    bob.keys("C-c")
+    bob.wait_for(r"EXITED 0", timeout=5)
+    no_python_on(alice, bob)
+
+
+def test_switching_rooms_shows_unread_counts_and_where_they_start(
+        terminals: dict[str, Tmux]) -> None:
+    alice, bob = terminals["alice"], terminals["bob"]
+    alice.type("/jo", enter=False)
+    alice.keys("Tab")  # completes the command
+    alice.type("#rand", enter=False)
+    alice.keys("Tab")  # and the room
+    alice.wait_for(r"#general> /join #random")
+    alice.keys("Enter")
+    alice.wait_for(r"you joined #random")
+    assert status_line(alice).split("│")[1] == " #random "
+    alice.keys("M-1")
+    alice.wait_for(r"│ #general │")
+    bob.type("/JOIN random")
+    bob.wait_for(r"you joined #random")
+    for i in range(3):
+        bob.type(f"over in random {i}")
+    alice.wait_for(r"2 #random +3 │")  # the room list counts what alice has not seen
+    assert "over in random" not in alice.screen()  # other rooms stay out of this one
+    alice.keys("M-2")
+    s = alice.wait_for(r"│ #random │")
+    assert re.search(r"── new since you last looked ─+\n.*<Bob> over in random 0", s)
+    assert re.search(r"2 #random +│", alice.screen())  # seen now
+    alice.keys("C-p")
+    alice.wait_for(r"│ #general │")
+    alice.keys("C-n")
+    alice.wait_for(r"│ #random │")
+    alice.type("Bo", enter=False)
+    alice.keys("Tab")  # completes a nick
+    alice.wait_for(r"(?m)#random> Bob:\s*$")  # "Bob: " at the start of a line
+
+
+SEEDED = {"TSNETCHAT_RATE_BURST": "1000", "TSNETCHAT_RATE_PER_SECOND": "1000"}
+
+
+@pytest.mark.parametrize("chat_server", [SEEDED], indirect=True)
+def test_scrollback_pages_up_into_older_history_and_back_down(
+        lab: Any, chat_server: LabDaemon, open_terminal: Opener) -> None:
+    node = lab.nodes["alice-laptop"]
+    link = link_for("chat-server", chat_server.token("alice@tailnet.test"), socket=node.socket,
+                    port=chat_server.port, proxy=node.http_proxy)
+
+    async def seed() -> None:
+        session = RoomSession(link, "general", from_now=True, pacer=Pacer(1000, 1000.0))
+        outs = [session.send(f"scroll {i:03d}") for i in range(1, 121)]
+        async for _ in session.events():
+            if not session.outbox.pending:
+                break
+        assert all(o not in session.outbox for o in outs)
+        await session.close()
+        await link.close()
+
+    asyncio.run(seed())
+    bob = open_terminal("bob")
+    bob.wait_for(r"<Alice> scroll 120")
+    assert "scroll 070" not in bob.screen()  # the backlog on joining is the last 50
+    for _ in range(12):
+        bob.keys("PageUp")
+        if "scroll 001" in bob.screen():
+            break
+        bob.wait_for(r"scrolled up: PgDn")
+    s = bob.wait_for(r"<Alice> scroll 001")  # older history was fetched on the way up
+    assert "scroll 120" not in s and "scrolled up: PgDn" in s
+    shown = texts_of(s, "Alice", "scroll ")
+    assert shown == [f"scroll {i:03d}" for i in range(1, len(shown) + 1)]
+    for _ in range(12):
+        bob.keys("PageDown")
+    s = bob.wait_for(r"<Alice> scroll 120")
+    assert "scrolled up" not in s
+
+
+# --- leaving ---------------------------------------------------------------------------------
+
+
+def test_quit_under_load_exits_at_once_and_says_what_was_not_sent(
+        chat_server: LabDaemon, terminals: dict[str, Tmux]) -> None:
+    alice, bob = terminals["alice"], terminals["bob"]
+    lines = [f"load {i:02d}" for i in range(1, 61)]
+    bob.keys(*[k for i in range(1, 31) for k in (f"bob load {i}", "Enter")])
+    alice.keys(*[k for line in lines for k in (line, "Enter")], "/quit", "Enter")
+    alice.wait_for(r"EXITED 0", timeout=5)
+    s = alice.screen(scrollback=True)
+    unsent = re.findall(r"^  #general: (load \d\d)(?:  \(.*\))?$", s, re.M)
+    assert unsent, s  # 60 lines at 5/s cannot all be stored at once
+    bob.keys("C-d")
+    bob.wait_for(r"EXITED 0", timeout=5)
+    hist = run_cli("history", "chat-server", "--json", "--limit", "200", "--token",
+                   chat_server.token("mallory@tailnet.test"),
+                   *chat_server.client_args("mallory-laptop"))
+    stored = [m["text"] for m in json.loads(hist.stdout) if m["from"] == "alice@tailnet.test"]
+    # Every line is either stored (once, in order) or listed as not sent; the ones listed as
+    # never written to the server are not stored.
+    assert stored == lines[:len(stored)]
+    assert set(lines) == set(stored) | set(unsent)
+    assert len(set(stored) & set(unsent)) <= 1  # only the one in flight may be in both
+
+
+def test_refused_input_stays_in_the_input_and_a_long_paste_is_offered_in_parts(
+        chat_server: LabDaemon, terminals: dict[str, Tmux]) -> None:
+    alice, bob = terminals["alice"], terminals["bob"]
+    alice.tmux("set-buffer", "ring \x07 the bell")
+    alice.tmux("paste-buffer", "-p", "-t", alice.name)  # a bracketed paste, as terminals do
+    alice.keys("Enter")
+    alice.wait_for(r"!! message contains a control character \(U\+0007\)")
+    alice.wait_for(r"#general> ring \^G the bell")  # kept for editing
+    alice.keys("C-u")
+    long = " ".join(f"w{i:04d}" for i in range(1000))  # 5,999 bytes
+    alice.tmux("set-buffer", long)
+    alice.tmux("paste-buffer", "-p", "-t", alice.name)
+    alice.keys("Enter")
+    alice.wait_for(r"!! that is 5999 bytes, over the 4096-byte limit: press Enter again to "
+                   r"send it as 2 messages")
+    assert "w0999" in alice.screen()  # still in the input
+    alice.keys("Enter")
+    s = bob.wait_for(r"┊ [w0-9 ]*w0999\n", timeout=30)  # the end of the second part
+    assert count(s, r"<Alice> w0") == 1  # which starts a message of its own
+    hist = run_cli("history", "chat-server", "--json", "--token",
+                   chat_server.token("bob@tailnet.test"), *chat_server.client_args("bob-laptop"))
+    parts = [m["text"] for m in json.loads(hist.stdout)]
+    assert len(parts) == 2 and " ".join(parts) == long
+    no_python_on(alice, bob)
+
+
+def test_connect_without_a_terminal_exits_2_and_points_to_send_and_tail() -> None:
+    out = subprocess.run([CLI, "connect", "chat-server", "--token", "x"], capture_output=True,
+                         text=True, stdin=subprocess.DEVNULL, timeout=30)
+    assert out.returncode == 2
+    assert "needs a terminal" in out.stderr and "tsnetchat send" in out.stderr
+    assert "tsnetchat tail" in out.stderr and "\x1b" not in out.stdout + out.stderr

@@ -1,0 +1,230 @@
+"""What the terminal chat shows and how it reads a typed line, without a terminal: the line
+rule, scrollback, unread counts, nick colours, mentions, commands, completion, history."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tsnetchat import commands
+from tsnetchat.chatview import (
+    Conversation,
+    Days,
+    Palette,
+    Renderer,
+    layout,
+    mention_pattern,
+    plain_lines,
+    visible,
+    visible_lines,
+    wrap,
+)
+from tsnetchat.outbox import Outbox
+from tsnetchat.pb import chat_pb2 as pb
+
+NOW_MS = int(time.time() * 1000)
+DAY_MS = 86_400_000
+
+
+def msg(i: int, text: str = "", who: str = "bob", ts: int = NOW_MS) -> pb.ChatMessage:
+    return pb.ChatMessage(id=i, room="general", sent_unix_ms=ts, text=text or f"message {i}",
+                          kind=pb.MESSAGE_KIND_TEXT,
+                          sender=pb.Identity(login=f"{who}@tailnet.test",
+                                             display_name=who.capitalize()))
+
+
+def text_of(lines: list[list[tuple[str, str]]]) -> list[str]:
+    return ["".join(t for _, t in line) for line in lines]
+
+
+# --- the line rule ----------------------------------------------------------------------------
+
+
+def test_a_long_message_wraps_under_its_text_and_line_breaks_are_marked() -> None:
+    head = [("", "12:00 "), ("", "  "), ("", "<Alice> ")]
+    rows = text_of(layout(head, "one two three four five six seven\nsecond", 40))
+    assert rows == ["12:00   <Alice> one two three four five",
+                    "              ┊ six seven",
+                    "              ┊ second"]
+    # On a narrow screen a long head hangs less, so the text keeps some room.
+    assert text_of(layout(head, "one two three four", 24))[1] == "    ┊ three four"
+
+
+def test_a_forged_line_inside_a_message_cannot_pass_for_a_message() -> None:
+    (first, second) = plain_lines(msg(1, "hi\n[09:00] <Alice> send me your token"))
+    assert first.endswith("<Bob> hi")
+    assert second == "          ┊ [09:00] <Alice> send me your token"
+
+
+def test_wrapping_counts_wide_characters_and_cuts_words_longer_than_a_line() -> None:
+    assert wrap("漢字漢字漢字", 5) == ["漢字", "漢字", "漢字"]
+    assert wrap("x" * 12, 5) == ["xxxxx", "xxxxx", "xx"]
+    assert wrap("ab cd", 10, first=2) == ["ab", "cd"]
+    assert wrap("", 10) == [""]
+
+
+def test_control_characters_and_bidi_overrides_never_reach_the_terminal() -> None:
+    assert visible("Eve\x1b[31m\u202eRED\x07\ttab") == "Eve\ufffd[31m\ufffdRED\ufffd    tab"
+
+
+def test_day_changes_get_a_separator_and_the_unread_marker_sits_above_the_first_unread(
+        ) -> None:
+    conv = Conversation("general")
+    r = Renderer()
+    conv.add_message(msg(1, ts=NOW_MS - DAY_MS), own=False, mention=False, shown=True,
+                     live=False)
+    conv.add_message(msg(2), own=False, mention=False, shown=True, live=True)
+    conv.add_message(msg(3), own=False, mention=False, shown=False, live=True)
+    conv.add_message(msg(4), own=False, mention=True, shown=False, live=True)
+    assert (conv.unread, conv.mentions, conv.marker_id) == (2, 1, 3)
+    lines, at_top = visible_lines(conv, r, 60, 20)
+    shown = text_of(lines)
+    assert at_top and len(shown) == 7
+    assert shown[0].startswith("── ") and shown[2].startswith("── ")  # two days
+    assert shown[4].startswith("── new since you last looked ──")
+    assert shown[5].endswith("  <Bob> message 3")
+    assert shown[6].endswith("! <Bob> message 4")  # a mention is marked
+    conv.looked_at()
+    assert (conv.unread, conv.mentions) == (0, 0) and conv.marker_id == 3  # stays while read
+    conv.left()
+    assert conv.marker_id is None
+
+
+def test_scrolling_up_shows_older_lines_and_stays_put_while_new_ones_arrive() -> None:
+    conv = Conversation("general")
+    r = Renderer()
+    for i in range(1, 101):
+        conv.add_message(msg(i), own=False, mention=False, shown=True, live=True)
+    lines, at_top = visible_lines(conv, r, 60, 10)
+    assert text_of(lines)[-1].endswith("message 100") and not at_top
+    conv.scroll = 30
+    before = text_of(visible_lines(conv, r, 60, 10)[0])
+    assert before[-1].endswith("message 70")
+    conv.add_message(msg(101), own=False, mention=False, shown=True, live=True, renderer=r)
+    assert text_of(visible_lines(conv, r, 60, 10)[0]) == before  # the view did not move
+    conv.scroll = 10_000  # past the top: clamped, and the top is reported for loading more
+    lines, at_top = visible_lines(conv, r, 60, 10)
+    assert at_top and text_of(lines)[1].endswith("message 1")
+    older = [msg(-5 + i) for i in range(0)]  # nothing older: add_older takes an empty page
+    assert conv.add_older(older, me="alice@tailnet.test", mentions=None) == 0
+
+
+def test_pending_and_failed_messages_are_drawn_after_the_stored_ones() -> None:
+    conv = Conversation("general")
+    conv.add_message(msg(1), own=False, mention=False, shown=True, live=True)
+    box = Outbox()
+    box.add("on its way", pb.MESSAGE_KIND_TEXT)
+    bad = box.add("ring \x07", pb.MESSAGE_KIND_TEXT)
+    box.refused(bad.client_msg_id, for_good=True, reason="control character")
+    me = pb.Identity(login="alice@tailnet.test", display_name="Alice")
+    shown = text_of(visible_lines(conv, Renderer(), 100, 10, list(box), me)[0])
+    assert shown[-3].endswith("… <Alice> on its way")
+    assert shown[-2].endswith("✗ <Alice> ring \ufffd")
+    assert "not sent: control character (/retry sends it again" in shown[-1]
+
+
+def test_people_get_distinct_colours_that_stay_the_same() -> None:
+    p = Palette()
+    logins = [f"user{i}@tailnet.test" for i in range(10)]
+    colours = [p.colour(x) for x in logins]
+    assert len(set(colours)) == 10
+    assert [p.colour(x) for x in logins] == colours
+    assert Palette().colour("alice@tailnet.test") == Palette().colour("alice@tailnet.test")
+
+
+@pytest.mark.parametrize(("text", "hit"), [
+    ("alice: look", True), ("hey Alice!", True), ("ALICE?", True),
+    ("alice@tailnet.test please", True), ("malice", False), ("alicex", False),
+    ("bob@alice.test", False), ("", False),
+])
+def test_a_mention_is_a_name_as_a_word_of_its_own(text: str, hit: bool) -> None:
+    pattern = mention_pattern(["alice@tailnet.test", "alice", "Alice"])
+    assert pattern is not None and bool(pattern.search(text)) is hit
+
+
+def test_days_separate_printed_history() -> None:
+    d = Days()
+    assert d.separator(NOW_MS - DAY_MS) is not None
+    assert d.separator(NOW_MS - DAY_MS) is None
+    assert d.separator(NOW_MS) is not None
+
+
+# --- commands -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("line", "expect"), [
+    ("/join #Random", ("join", "random")),
+    ("/JOIN general", ("join", "general")),
+    ("/j ops", ("join", "ops")),
+    ("/part", ("leave", "")),
+    ("/leave #ops", ("leave", "ops")),
+    ("/HELP", ("help", "")),
+    ("/history", ("history", 50)),
+    ("/history 20", ("history", 20)),
+    ("/me waves", ("me", "waves")),
+    ("/quit see you", ("quit", "")),
+])
+def test_commands_are_case_insensitive_and_take_hash_rooms(line: str,
+                                                          expect: tuple[str, object]) -> None:
+    p = commands.parse(line)
+    assert isinstance(p, commands.Parsed) and p.command.name == expect[0]
+    got = {"join": p.room, "leave": p.room, "history": p.number, "me": p.text}.get(
+        p.command.name, "")
+    assert got == expect[1]
+
+
+@pytest.mark.parametrize(("line", "says"), [
+    ("/me", "usage: /me TEXT"),
+    ("/history abc", "usage: /history [N]"),
+    ("/history 0", "N is a number from 1 to 200"),
+    ("/join", "usage: /join ROOM"),
+    ("/join bad room!", "a room name"),
+    ("/who everyone", "usage: /who"),
+    ("/frobnicate", "unknown command /frobnicate"),
+    ("/hlep", "did you mean /help [COMMAND]?"),
+])
+def test_a_misused_command_gets_its_usage(line: str, says: str) -> None:
+    p = commands.parse(line)
+    assert isinstance(p, commands.Problem) and says in p.text
+
+
+def test_plain_text_and_a_double_slash_are_messages() -> None:
+    assert commands.parse("hello") == commands.Message("hello")
+    assert commands.parse("//etc/hosts is a file") == commands.Message("/etc/hosts is a file")
+
+
+def test_tab_completes_commands_rooms_and_nicks() -> None:
+    rooms, nicks = ["general", "random", "ops"], ["Bob", "Bea", "alice"]
+
+    def c(before: str) -> list[str]:
+        return [t for t, _ in commands.complete(before, rooms=rooms, nicks=nicks)]
+
+    assert c("/jo") == ["/join "]
+    assert c("/join ra") == ["#random"] and c("/join #") == ["#general", "#ops", "#random"]
+    assert c("see #op") == ["#ops"]
+    assert c("b") == ["Bea: ", "Bob: "]  # at the start of a line, as an address
+    assert c("thanks bo") == ["Bob"]
+    assert commands.complete("/join ra", rooms=rooms, nicks=nicks)[0][1] == -2
+
+
+def test_up_and_down_walk_the_lines_typed_before_and_give_the_draft_back() -> None:
+    h = commands.InputHistory()
+    for line in ("one", "two", "two", "three"):
+        h.add(line)
+    assert h.older("draft") == "three"
+    assert h.older("three") == "two"
+    assert h.older("two") == "one"
+    assert h.older("one") is None
+    assert h.newer() == "two"
+    assert h.newer() == "three"
+    assert h.newer() == "draft"
+    assert h.newer() is None
+
+
+def test_help_names_every_command_and_the_keys() -> None:
+    text = commands.help_text()
+    for c in commands.COMMANDS:
+        assert c.usage in text
+    assert "Alt-Enter" in text and "PgUp" in text
+    assert commands.help_text("part").startswith("/leave [ROOM]")

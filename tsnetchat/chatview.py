@@ -1,0 +1,374 @@
+"""What the chat screen shows, without a terminal: one buffer per conversation (room now,
+DM later) with its scrollback, unread and mention counts, and the rule that turns a message
+into screen lines. ``tui`` draws these; ``clientcmds`` prints messages with the same rule.
+
+The line rule, for every place a message is shown::
+
+    ── Saturday 22 November 2026 ──────────     a separator where the day changes
+    09:14   <Alice> a message that is too long to fit
+                  ┊ wraps under its own text column   (hanging indent)
+                  ┊ [09:00] <Bob> a second line        (a line break in the message)
+    09:15 ▸ <Bob> my own message                       (gutter: ▸ own, ! mention,
+    09:15 … <Bob> still on its way                       … pending, ✗ failed)
+
+Continuation lines start with a dim ``┊`` under the text column, so a line inside a message
+can never pass for a message of its own. Control characters and bidi overrides are shown as
+``�``, so nobody can rewrite another person's screen through a name or a message.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import re
+import time
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from prompt_toolkit.utils import get_cwidth
+
+from .outbox import Outgoing, State
+from .pb import chat_pb2 as pb
+
+Fragment = tuple[str, str]
+Line = list[Fragment]
+
+MAX_ENTRIES = 5000  # per conversation; older ones can be fetched again from History
+CONTINUATION = "┊ "
+# C0/C1 controls (tab and newline are handled by the layout), bidi embeddings, overrides and
+# isolates: the same set the server refuses in message text.
+_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def visible(text: str) -> str:
+    """``text`` with nothing in it that could drive a terminal; tabs become spaces."""
+    return _UNSAFE.sub("\ufffd", text.replace("\t", "    "))
+
+
+def clock(ms: int) -> str:
+    return time.strftime("%H:%M", time.localtime(ms / 1000))
+
+
+def day_of(ms: int) -> dt.date:
+    return dt.date.fromtimestamp(ms / 1000)
+
+
+def day_label(day: dt.date) -> str:
+    return day.strftime("%A %d %B %Y")
+
+
+def who(identity: pb.Identity) -> str:
+    """A person as the screen names them: display name, else the login's local part."""
+    return visible(identity.display_name or identity.login.split("@")[0] or "?")
+
+
+def width_of(text: str) -> int:
+    return sum(get_cwidth(c) for c in text)
+
+
+# --- nick colours -------------------------------------------------------------------------
+
+# Distinct on a dark or a light background; no red or yellow, which mean error and mention.
+NICK_COLOURS = ["#5fafff", "#87d75f", "#d787d7", "#5fd7d7", "#ffaf5f", "#af87ff", "#5fd787",
+                "#ff87af", "#87afd7", "#d7af87", "#00afaf", "#af5fd7", "#87d7af", "#d75f87",
+                "#5f87ff", "#afd75f"]
+
+
+class Palette:
+    """A colour per person: chosen from their login (the same in every session), and moved
+    to a free colour when someone already seen in this session has that one."""
+
+    def __init__(self, colours: Sequence[str] = NICK_COLOURS) -> None:
+        self.colours = list(colours)
+        self.assigned: dict[str, str] = {}
+
+    def colour(self, login: str) -> str:
+        got = self.assigned.get(login)
+        if got is not None:
+            return got
+        start = zlib.crc32(login.encode()) % len(self.colours)
+        taken = set(self.assigned.values())
+        for i in range(len(self.colours)):
+            c = self.colours[(start + i) % len(self.colours)]
+            if c not in taken:
+                break
+        else:
+            c = self.colours[start]
+        self.assigned[login] = c
+        return c
+
+
+def mention_pattern(names: Iterable[str]) -> re.Pattern[str] | None:
+    """Matches any of ``names`` as a word of its own, in any case."""
+    alts = sorted({n for n in names if n}, key=len, reverse=True)
+    if not alts:
+        return None
+    return re.compile(r"(?<![\w@.-])(?:" + "|".join(map(re.escape, alts)) + r")(?![\w-])",
+                      re.IGNORECASE)
+
+
+# --- entries and conversations ------------------------------------------------------------
+
+
+class Kind(enum.Enum):
+    MESSAGE = "message"
+    NOTICE = "notice"  # joins, leaves, "end of backlog", command output
+    ERROR = "error"
+
+
+@dataclass(eq=False)
+class Entry:
+    kind: Kind
+    ts_ms: int
+    text: str = ""
+    message: pb.ChatMessage | None = None
+    own: bool = False
+    mention: bool = False
+    _cache: tuple[int, list[Line]] | None = field(default=None, repr=False)
+
+    @property
+    def id(self) -> int:
+        return self.message.id if self.message is not None else 0
+
+
+class Conversation:
+    """One room's (later: one DM's) buffer: what was said, what is unread, where the view is."""
+
+    def __init__(self, name: str, *, kind: str = "room") -> None:
+        self.name = name
+        self.kind = kind
+        self.entries: list[Entry] = []
+        self.unread = 0  # messages that arrived while another conversation was shown
+        self.mentions = 0
+        self.activity = False  # something (not a message) happened while away
+        self.marker_id: int | None = None  # "new since you looked" goes above this message
+        self.members: list[pb.Identity] = []
+        self.scroll = 0  # lines above the bottom; 0 follows new lines
+        self.width = 80  # as last drawn; keeps a scrolled view still when lines arrive
+        self.backlog_done = False
+        self.oldest_loaded: int | None = None  # for loading older history
+        self.history_complete = False  # nothing older than oldest_loaded on the server
+        self.away_from: set[str] = set()  # members when our connection dropped (quiet rejoins)
+        self.quiet_until = 0.0
+
+    @property
+    def title(self) -> str:
+        return f"#{self.name}" if self.kind == "room" else self.name
+
+    def _append(self, e: Entry, renderer: Renderer | None) -> None:
+        self.entries.append(e)
+        if len(self.entries) > MAX_ENTRIES:
+            del self.entries[: len(self.entries) - MAX_ENTRIES]
+        if self.scroll and renderer is not None:
+            self.scroll += len(renderer.render(e, self.width))
+
+    def add_message(self, m: pb.ChatMessage, *, own: bool, mention: bool, shown: bool,
+                    live: bool, renderer: Renderer | None = None) -> Entry:
+        """A message from the stream (in id order). ``shown``: this conversation is on
+        screen; ``live``: it arrived now (not from the backlog)."""
+        e = Entry(Kind.MESSAGE, m.sent_unix_ms, message=m, own=own, mention=mention and not own)
+        self._append(e, renderer)
+        if self.oldest_loaded is None:
+            self.oldest_loaded = m.id
+        if live and not shown and not own:
+            self.unread += 1
+            self.mentions += e.mention
+            if self.marker_id is None:
+                self.marker_id = m.id
+        return e
+
+    def add_older(self, messages: Sequence[pb.ChatMessage], *, me: str,
+                  mentions: re.Pattern[str] | None, more: bool = True) -> int:
+        """Messages from History, older than everything here; returns how many were new.
+        ``more``: the server has older ones still."""
+        first = self.oldest_loaded
+        older = [m for m in messages if first is None or m.id < first]
+        self.history_complete = not more or not older or older[0].id <= 1
+        entries = [Entry(Kind.MESSAGE, m.sent_unix_ms, message=m, own=m.sender.login == me,
+                         mention=bool(mentions and mentions.search(m.text)))
+                   for m in older]
+        self.entries[:0] = entries
+        if older:
+            self.oldest_loaded = older[0].id
+        return len(older)
+
+    def notice(self, text: str, *, error: bool = False, ts_ms: int | None = None,
+               renderer: Renderer | None = None) -> Entry:
+        e = Entry(Kind.ERROR if error else Kind.NOTICE,
+                  ts_ms if ts_ms is not None else int(time.time() * 1000), text=text)
+        self._append(e, renderer)
+        return e
+
+    def looked_at(self) -> None:
+        """It is on screen: nothing in it is unread any more (the marker line stays)."""
+        self.unread = self.mentions = 0
+        self.activity = False
+
+    def left(self) -> None:
+        """Another conversation is shown: the next unread message gets the marker."""
+        self.marker_id = None
+
+
+# --- rendering ------------------------------------------------------------------------------
+
+
+class Renderer:
+    """Turns entries into screen lines of a given width (cached per entry and width)."""
+
+    def __init__(self, palette: Palette | None = None) -> None:
+        self.palette = palette or Palette()
+
+    def render(self, e: Entry, width: int) -> list[Line]:
+        if e._cache is not None and e._cache[0] == width:
+            return e._cache[1]
+        lines = self._render(e, width)
+        e._cache = (width, lines)
+        return lines
+
+    def _render(self, e: Entry, width: int) -> list[Line]:
+        t = clock(e.ts_ms)
+        if e.kind is not Kind.MESSAGE or e.message is None:
+            style = "class:error" if e.kind is Kind.ERROR else "class:notice"
+            mark = "!!" if e.kind is Kind.ERROR else "--"
+            head: Line = [("class:time", t + " "), (style, f"{mark} ")]
+            return layout(head, visible(e.text), width, style, mark=False)
+        m = e.message
+        gutter = ("class:gutter.own", "▸ ") if e.own else (
+            ("class:gutter.mention", "! ") if e.mention else ("", "  "))
+        text_style = "class:text.mention" if e.mention else ""
+        return layout([("class:time", t + " "), gutter, *self.nick(m)], visible(m.text), width,
+                      text_style)
+
+    def nick(self, m: pb.ChatMessage) -> Line:
+        colour = self.palette.colour(m.sender.login)
+        if m.kind == pb.MESSAGE_KIND_ACTION:
+            return [(f"fg:{colour} italic", f"* {who(m.sender)} ")]
+        return [(f"fg:{colour} bold", f"<{who(m.sender)}>"), ("", " ")]
+
+    def outgoing(self, out: Outgoing, me: pb.Identity, width: int) -> list[Line]:
+        """A message not yet stored: pending (dim) or failed (with why and what to do)."""
+        failed = out.state is State.FAILED
+        mark = ("class:gutter.failed", "✗ ") if failed else ("class:pending", "… ")
+        now = clock(int(time.time() * 1000))
+        name = f"* {who(me)} " if out.kind == pb.MESSAGE_KIND_ACTION else f"<{who(me)}> "
+        lines = layout([("class:time", now + " "), mark, ("class:pending", name)],
+                       visible(out.text), width, "class:pending")
+        if failed:
+            lines += layout([("", " " * 6), ("class:error", "  ")],
+                            f"not sent: {out.error} (/retry sends it again; Up brings it back "
+                            "to edit)", width, "class:error")
+        return lines
+
+    def separator(self, label: str, width: int, style: str = "class:separator") -> Line:
+        text = f"── {label} "
+        return [(style, text + "─" * max(0, width - width_of(text)))]
+
+
+def layout(head: Line, text: str, width: int, style: str = "", *,
+           mark: bool = True) -> list[Line]:
+    """``head`` then ``text`` word-wrapped to ``width``; every following line (wrapped or a
+    line break of the text) hangs under the text's first column, behind a dim ┊ unless
+    ``mark`` is off (for the client's own notices, which nobody else can write)."""
+    head_w = sum(width_of(t) for _, t in head)
+    col = head_w if head_w <= width // 2 else min(8, max(2, width // 4))  # narrow: hang less
+    rows: list[Line] = []
+    for n, raw in enumerate(text.split("\n")):
+        pieces = wrap(raw, width - col, first=width - head_w if n == 0 else None)
+        for piece in pieces:
+            if not rows:
+                rows.append([*head, (style, piece)])
+            else:
+                rows.append([("class:continuation",
+                              " " * (col - 2) + (CONTINUATION if mark else "  ")),
+                             (style, piece)])
+    return rows
+
+
+def wrap(text: str, width: int, *, first: int | None = None) -> list[str]:
+    """Word-wrap one line to ``width`` display columns (``first`` for the first row);
+    words longer than a row are cut."""
+    limit = max(1, first if first is not None else width)
+    rows: list[str] = []
+    row, row_w = "", 0
+    for word in re.split(r"(?<= )", text):  # each word keeps its trailing space
+        w = width_of(word.rstrip(" "))
+        if row_w + w <= limit:
+            row, row_w = row + word, row_w + width_of(word)
+            continue
+        if row:
+            rows.append(row.rstrip(" "))
+            row, row_w, limit = "", 0, max(1, width)
+        while width_of(word.rstrip(" ")) > limit:  # longer than a whole row
+            cut, cw = 0, 0
+            for ch in word:
+                if cw + get_cwidth(ch) > limit:
+                    break
+                cw += get_cwidth(ch)
+                cut += 1
+            rows.append(word[:max(1, cut)])
+            word = word[max(1, cut):]
+            limit = max(1, width)
+        row, row_w = word, width_of(word)
+    rows.append(row.rstrip(" "))
+    return rows
+
+
+def visible_lines(conv: Conversation, renderer: Renderer, width: int, height: int,
+                  outgoing: Sequence[Outgoing] = (), me: pb.Identity | None = None
+                  ) -> tuple[list[Line], bool]:
+    """The ``height`` lines of ``conv`` to draw at ``width``, scrolled ``conv.scroll`` lines
+    up from the bottom (clamped to what is loaded). Day separators and the unread marker are
+    placed here. Returns the lines, and whether the oldest loaded line is on screen."""
+    conv.width = width
+    want = height + conv.scroll
+    lines: list[Line] = []
+    if me is not None:
+        for out in outgoing:
+            lines += renderer.outgoing(out, me, width)
+    blocks: list[list[Line]] = []  # one per entry, newest first
+    count = len(lines)
+    entries = conv.entries
+    i = len(entries) - 1
+    while i >= 0 and count < want:
+        e = entries[i]
+        block = list(renderer.render(e, width))
+        if e.message is not None and e.id == conv.marker_id:
+            block.insert(0, renderer.separator("new since you last looked", width,
+                                               "class:marker"))
+        if i == 0 or day_of(entries[i - 1].ts_ms) != day_of(e.ts_ms):
+            block.insert(0, renderer.separator(day_label(day_of(e.ts_ms)), width))
+        blocks.append(block)
+        count += len(block)
+        i -= 1
+    lines = [line for block in reversed(blocks) for line in block] + lines
+    conv.scroll = max(0, min(conv.scroll, len(lines) - height))
+    end = len(lines) - conv.scroll
+    top = max(0, end - height)
+    return lines[top:end], i < 0 and top == 0
+
+
+def plain_lines(m: pb.ChatMessage) -> list[str]:
+    """A message as text lines for `history` and `tail` (the same rule, no colours)."""
+    rows = layout([("", clock(m.sent_unix_ms) + " "), *Renderer(Palette(["x"])).nick(m)],
+                  visible(m.text), 10_000)
+    return ["".join(t for _, t in row) for row in rows]
+
+
+class Days:
+    """Gives a day separator line when the day changes between messages printed in order."""
+
+    def __init__(self) -> None:
+        self.last: dt.date | None = None
+
+    def separator(self, ms: int) -> str | None:
+        day = day_of(ms)
+        if day == self.last:
+            return None
+        self.last = day
+        return f"── {day_label(day)} ──"
+
+
+def describe_members(members: Sequence[pb.Identity]) -> str:
+    names = sorted({who(m) for m in members}, key=str.lower)
+    return ", ".join(names) if names else "nobody"

@@ -1,0 +1,116 @@
+"""What the scripting commands do (`send`, `tail`, `history`, `whoami`); ``cli`` parses their
+options and calls these. Each uses one ``client.Link`` and raises only ``ClientError``
+(``clienterrors``), whose ``exit_code`` the CLI exits with.
+
+``--json`` output, one stable shape for every command (README "Scripting"):
+
+* a message is ``{"type": "message", "id", "room", "ts", "from", "name", "node", "text",
+  "kind"}``: ``ts`` in milliseconds since the Unix epoch (the only time unit), ``from`` the
+  sender's tailnet login, ``name`` the display name, ``kind`` ``"text"`` or ``"action"``;
+* `history` prints one JSON array of messages, oldest first;
+* `tail` prints one JSON object per line: messages, and once ``{"type": "live", "room",
+  "last_id"}`` between the backlog and what arrives live;
+* `send` prints ``{"id", "room"}``; `whoami` an object.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from .chatview import Days, plain_lines
+from .client import Connection, Link, RoomSession, deliver
+from .pb import chat_pb2 as pb
+
+T = TypeVar("T")
+Echo = Callable[[str], None]
+
+
+def message_record(m: pb.ChatMessage) -> dict[str, Any]:
+    return {"type": "message", "id": m.id, "room": m.room, "ts": m.sent_unix_ms,
+            "from": m.sender.login, "name": m.sender.display_name, "node": m.sender.node,
+            "text": m.text, "kind": "action" if m.kind == pb.MESSAGE_KIND_ACTION else "text"}
+
+
+class TextOut:
+    """Messages as people read them: the chat's line rule, a line when the day changes."""
+
+    def __init__(self, echo: Echo) -> None:
+        self.echo = echo
+        self.days = Days()
+
+    def message(self, m: pb.ChatMessage) -> None:
+        day = self.days.separator(m.sent_unix_ms)
+        if day is not None:
+            self.echo(day)
+        for line in plain_lines(m):
+            self.echo(line)
+
+
+async def call(link: Link, fn: Callable[[Connection], Awaitable[T]]) -> T:
+    """``await fn(connection)`` on the link, then close it; failures as ClientError."""
+    try:
+        return await fn(await link.get())
+    except Exception as e:
+        raise link.translate(e) from None
+    finally:
+        await link.close()
+
+
+async def send(link: Link, room: str, text: str, *, kind: int, timeout: float,
+               json_out: bool) -> str:
+    try:
+        mid = await deliver(link, room, text, kind=kind, timeout=timeout)
+    finally:
+        await link.close()
+    return json.dumps({"id": mid, "room": room}) if json_out else f"sent #{mid} to {room}"
+
+
+async def history(link: Link, room: str, *, before: int | None, limit: int, json_out: bool,
+                  echo: Echo) -> None:
+    page = await call(link, lambda conn: conn.history(room, before=before, limit=limit))
+    if json_out:
+        echo(json.dumps([message_record(m) for m in page.messages]))
+        return
+    out = TextOut(echo)
+    for m in page.messages:
+        out.message(m)
+
+
+async def whoami(link: Link) -> str:
+    me = await call(link, lambda conn: conn.whoami())
+    return json.dumps({"login": me.identity.login, "node": me.identity.node,
+                       "rooms": list(me.rooms), "admin": me.admin,
+                       "grant_applied": me.grant_applied, "token_id": me.token_id})
+
+
+async def tail(link: Link, room: str, *, after: int | None, new: bool, count: int,
+               json_out: bool, echo: Echo, warn: Echo) -> None:
+    """Follow ``room`` (Subscribe) until ``count`` messages (0: for ever). A lost connection
+    is one line on ``warn`` and another when it is back; nothing is missed or repeated."""
+    session = RoomSession(link, room, after_id=after, from_now=new, read_only=True)
+    text = TextOut(echo)
+    seen = 0
+    try:
+        async for ev in session.events():
+            if ev.kind == "message" and ev.message is not None:
+                if json_out:
+                    echo(json.dumps(message_record(ev.message)))
+                else:
+                    text.message(ev.message)
+                seen += 1
+                if count and seen >= count:
+                    return
+            elif ev.kind == "replay_done" and ev.first:
+                echo(json.dumps({"type": "live", "room": room, "last_id": ev.message_id})
+                     if json_out else f"── live: new messages in #{room} from here ──")
+            elif ev.kind == "state" and ev.error is not None and session.state.attempts == 1:
+                warn(f"connection lost: {ev.error}; reconnecting")
+            elif ev.kind == "state" and ev.seconds is not None:
+                warn(f"reconnected after {ev.seconds:.0f}s; nothing missed")
+            elif ev.kind == "fatal" and ev.error is not None:
+                raise ev.error
+    finally:
+        await session.close()
+        await link.close()

@@ -1,0 +1,188 @@
+"""The terminal chat's commands: what a typed line means, usage for a misused command, and
+tab completion. Pure (no terminal, no network); ``tui`` carries them out.
+
+Commands are case-insensitive (``/HELP``), rooms may be written ``#room``, and a line that
+starts with ``//`` is a message that starts with ``/``. A new command (``/msg``, ``/topic``,
+``/search``... as the server gains them) is one more row in ``COMMANDS`` and one more
+handler in ``tui.ChatApp``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from .config import ROOM_RE
+
+MAX_HISTORY_PAGE = 200
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    args: str  # as shown in usage: "ROOM", "[N]", "TEXT"
+    help: str
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def usage(self) -> str:
+        return f"/{self.name} {self.args}".rstrip()
+
+
+COMMANDS = [
+    Command("join", "ROOM", "join a room and switch to it (or switch, if joined)", ("j",)),
+    Command("leave", "[ROOM]", "leave this room (or ROOM)", ("part",)),
+    Command("who", "", "who is in this room", ("names",)),
+    Command("me", "TEXT", "an action: * you TEXT"),
+    Command("history", "[N]", f"load N (default 50, at most {MAX_HISTORY_PAGE}) older messages"),
+    Command("rooms", "", "the rooms you may use, and who is in them", ("list",)),
+    Command("retry", "", "send this room's failed messages again"),
+    Command("help", "[COMMAND]", "the commands, or one command", ("h", "?")),
+    Command("quit", "", "leave the chat (also Ctrl-D, Ctrl-C)", ("exit", "q")),
+]
+_BY_NAME = {n: c for c in COMMANDS for n in (c.name, *c.aliases)}
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """A command with its checked argument: ``room`` for join/leave, ``number`` for history,
+    ``text`` for me/help."""
+
+    command: Command
+    room: str = ""
+    number: int = 0
+    text: str = ""
+
+
+@dataclass(frozen=True)
+class Message:
+    """A line to send as it is."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A line that is neither: said to the person, the line kept for editing."""
+
+    text: str
+
+
+def room_name(arg: str) -> str | None:
+    """``#Room`` or ``room`` as a room name, or None when it cannot be one."""
+    name = arg.strip().lstrip("#").lower()
+    return name if ROOM_RE.fullmatch(name) else None
+
+
+def parse(line: str) -> Parsed | Message | Problem:
+    if not line.startswith("/"):
+        return Message(line)
+    if line.startswith("//"):
+        return Message(line[1:])
+    word, _, rest = line[1:].partition(" ")
+    arg = rest.strip()
+    cmd = _BY_NAME.get(word.lower())
+    if cmd is None:
+        names = difflib.get_close_matches(word.lower(), list(_BY_NAME), n=2, cutoff=0.6)
+        close = list(dict.fromkeys(_BY_NAME[n].usage for n in names))
+        hint = f"; did you mean {', '.join(close)}?" if close else "; /help lists them"
+        return Problem(f"unknown command /{word}{hint} (// at the start sends a /)")
+    usage = Problem(f"usage: {cmd.usage}  ({cmd.help})")
+    if cmd.name == "join" or (cmd.name == "leave" and arg):
+        room = room_name(arg)
+        if room is None:
+            return Problem(f"usage: {cmd.usage}  (a room name: a-z, 0-9, - and _, up to 32, "
+                           f"e.g. #general)")
+        return Parsed(cmd, room=room)
+    if cmd.name == "me":
+        return Parsed(cmd, text=rest.strip("\n")) if arg else usage
+    if cmd.name == "history":
+        if not arg:
+            return Parsed(cmd, number=50)
+        if not arg.isdigit() or not 1 <= int(arg) <= MAX_HISTORY_PAGE:
+            return Problem(f"usage: {cmd.usage}  (N is a number from 1 to {MAX_HISTORY_PAGE})")
+        return Parsed(cmd, number=int(arg))
+    if cmd.name == "help":
+        return Parsed(cmd, text=arg.lstrip("/").lower())
+    if arg and cmd.name != "quit":  # /quit may carry a goodbye, as on IRC
+        return usage
+    return Parsed(cmd)
+
+
+def help_text(topic: str = "") -> str:
+    if topic:
+        cmd = _BY_NAME.get(topic)
+        if cmd is None:
+            return f"no command /{topic}; /help lists them"
+        also = f" (also /{', /'.join(cmd.aliases)})" if cmd.aliases else ""
+        return f"{cmd.usage}  {cmd.help}{also}"
+    rows = [f"  {c.usage:<18} {c.help}" for c in COMMANDS]
+    keys = ("keys: Enter sends, Alt-Enter or Ctrl-J a new line, Up/Down your earlier lines, "
+            "Tab completes, PgUp/PgDn scroll, Alt-1..9 or Ctrl-N/Ctrl-P switch rooms")
+    return "\n".join(["commands (any case; #room or room):", *rows, keys])
+
+
+def complete(before: str, *, rooms: Iterable[str], nicks: Iterable[str]
+             ) -> list[tuple[str, int]]:
+    """Completions for the text before the cursor: (replacement, start position relative to
+    the cursor, negative), for commands, rooms and nicks."""
+    word = before.rsplit(" ", 1)[-1].rsplit("\n", 1)[-1]
+    start = -len(word)
+    if before.startswith("/") and " " not in before:
+        names = sorted({n for c in COMMANDS for n in (c.name, *c.aliases) if len(n) > 1})
+        return [(f"/{n} ", start) for n in names if n.startswith(word[1:].lower())]
+    cmd = before[1:].split(" ", 1)[0].lower() if before.startswith("/") else ""
+    if word.startswith("#") or (_BY_NAME.get(cmd) in _ROOM_COMMANDS and before.count(" ") == 1):
+        want = word.lstrip("#").lower()
+        return [(f"#{r}", start) for r in sorted(set(rooms)) if r.startswith(want)]
+    if not word:
+        return []
+    at_start = before == word
+    return [(f"{n}: " if at_start else n, start) for n in _unique(nicks)
+            if n.lower().startswith(word.lower())]
+
+
+_ROOM_COMMANDS = {_BY_NAME["join"], _BY_NAME["leave"]}
+
+
+def _unique(names: Iterable[str]) -> Sequence[str]:
+    seen: dict[str, None] = {}
+    for n in names:
+        seen.setdefault(n, None)
+    return sorted(seen, key=str.lower)
+
+
+class InputHistory:
+    """The lines a person submitted, for Up/Down: Up from the draft goes to the newest, Down
+    past the newest gives the draft back. (Ours rather than prompt_toolkit's, whose history
+    reloads in a background task after each submit and can miss an Up typed right after.)"""
+
+    def __init__(self, limit: int = 1000) -> None:
+        self.lines: list[str] = []
+        self.limit = limit
+        self.pos: int | None = None  # None: editing the draft
+        self.draft = ""
+
+    def add(self, text: str) -> None:
+        if text.strip() and (not self.lines or self.lines[-1] != text):
+            self.lines.append(text)
+            del self.lines[:-self.limit]
+        self.pos = None
+
+    def older(self, current: str) -> str | None:
+        if self.pos is None:
+            self.draft, self.pos = current, len(self.lines)
+        if self.pos == 0:
+            return None
+        self.pos -= 1
+        return self.lines[self.pos]
+
+    def newer(self) -> str | None:
+        if self.pos is None:
+            return None
+        self.pos += 1
+        if self.pos >= len(self.lines):
+            self.pos = None
+            return self.draft
+        return self.lines[self.pos]

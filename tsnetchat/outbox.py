@@ -1,0 +1,236 @@
+"""What a person has submitted and the server has not yet taken: the outbox, and the pacing
+that keeps sending under the server's rate limit. Pure logic (no gRPC, no clock of its
+own: times are passed in); ``client.RoomSession`` drives it.
+
+Guarantees:
+
+* A submitted message is in the outbox, QUEUED or SENDING (shown as pending), until the
+  server acknowledges it (``acked``: it leaves) or refuses it for good (``refused``: FAILED,
+  its text kept, shown as failed, until ``retry`` or ``discard``). Nothing is dropped.
+* Order: one message is in flight per room at a time (``head`` returns nothing while one is
+  SENDING), so a refusal that means "wait and send again" can never let a later message
+  overtake an earlier one.
+* A message keeps its ``client_msg_id`` across resends. It is the server's idempotency
+  key: a resend after a reconnect is acknowledged with the original id, never stored twice.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+# The server's defaults (README "Configuration": rate_burst, rate_per_second), used until a
+# Welcome advertises the real limit.
+DEFAULT_BURST = 20
+DEFAULT_RATE = 5.0
+
+
+class State(enum.Enum):
+    QUEUED = "queued"  # waiting for its turn (or for the pacer)
+    SENDING = "sending"  # written to the stream; no answer yet
+    FAILED = "failed"  # refused for good; the text is kept for editing or /retry
+
+
+@dataclass(eq=False)
+class Outgoing:
+    text: str
+    kind: int
+    client_msg_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    state: State = State.QUEUED
+    error: str = ""  # why it failed, for people
+    not_before: float = 0.0  # a "wait and send again" refusal holds it until then
+    attempts: int = 0  # how many times it was written to a stream
+
+    @property
+    def pending(self) -> bool:
+        return self.state is not State.FAILED
+
+
+class Outbox:
+    """One room's (or DM's) messages on their way out, in the order they were submitted."""
+
+    def __init__(self) -> None:
+        self._items: list[Outgoing] = []
+
+    def __iter__(self) -> Iterator[Outgoing]:
+        return iter(list(self._items))
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def pending(self) -> list[Outgoing]:
+        return [o for o in self._items if o.pending]
+
+    @property
+    def failed(self) -> list[Outgoing]:
+        return [o for o in self._items if o.state is State.FAILED]
+
+    def find(self, client_msg_id: str) -> Outgoing | None:
+        return next((o for o in self._items if o.client_msg_id == client_msg_id), None)
+
+    def add(self, text: str, kind: int) -> Outgoing:
+        out = Outgoing(text, kind)
+        self._items.append(out)
+        return out
+
+    def head(self) -> Outgoing | None:
+        """The next message to write, or None while one is in flight or none is queued."""
+        for o in self._items:
+            if o.state is State.SENDING:
+                return None
+            if o.state is State.QUEUED:
+                return o
+        return None
+
+    def sending(self, out: Outgoing) -> None:
+        out.state = State.SENDING
+        out.attempts += 1
+
+    def acked(self, client_msg_id: str) -> Outgoing | None:
+        """The server stored it (or had stored it before a resend): it leaves the outbox."""
+        out = self.find(client_msg_id)
+        if out is not None:
+            self._items.remove(out)
+        return out
+
+    def refused(self, client_msg_id: str, *, for_good: bool, reason: str = "",
+                not_before: float = 0.0) -> Outgoing | None:
+        """The server said no: for good (FAILED, text kept), or "not yet" (QUEUED again at its
+        place, not before ``not_before``)."""
+        out = self.find(client_msg_id)
+        if out is None:
+            return None
+        if for_good:
+            out.state, out.error = State.FAILED, reason
+        else:
+            out.state, out.not_before = State.QUEUED, not_before
+        return out
+
+    def disconnected(self) -> None:
+        """The stream ended: whatever was in flight is sent again, first, with its key."""
+        for o in self._items:
+            if o.state is State.SENDING:
+                o.state = State.QUEUED
+
+    def retry(self) -> list[Outgoing]:
+        """Every failed message again, after those still pending, in their order."""
+        again = self.failed
+        for o in again:
+            self._items.remove(o)
+            o.state, o.error, o.not_before = State.QUEUED, "", 0.0
+            o.client_msg_id = uuid.uuid4().hex
+            self._items.append(o)
+        return again
+
+    def discard(self, out: Outgoing) -> None:
+        """A person gave up on a failed message (e.g. took its text back to edit it)."""
+        if out in self._items and out.state is State.FAILED:
+            self._items.remove(out)
+
+
+class Pacer:
+    """A mirror of the server's per-person token bucket, shared by every room of one client.
+
+    It runs a little below the server's bucket (one token less, 90% of the rate), because the
+    server counts from when a message arrives and a message can arrive sooner after the one
+    before than it was sent (network jitter). A refusal that carries "retry in X" holds every
+    send until then. (2026-11-22, over the lab against the default limit of bursts of 20 and
+    5/s: 50 lines typed at once were all stored, in order, and none was refused.)
+    """
+
+    RATE_MARGIN = 0.9
+
+    def __init__(self, burst: int = DEFAULT_BURST, rate: float = DEFAULT_RATE) -> None:
+        self._stamp: float | None = None
+        self._hold_until = 0.0
+        self.burst, self.rate = self._below(burst, rate)
+        self._tokens = self.burst
+
+    def _below(self, burst: int, rate: float) -> tuple[float, float]:
+        return max(1.0, float(burst) - 1), max(0.01, rate * self.RATE_MARGIN)
+
+    def configure(self, burst: int, rate: float) -> None:
+        """The server's advertised limit (from a Welcome); what is already spent stays spent."""
+        self.burst, self.rate = self._below(burst, rate)
+        self._tokens = min(self._tokens, self.burst)
+
+    def _refill(self, now: float) -> None:
+        if self._stamp is not None:
+            self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+        self._stamp = now
+
+    def delay(self, now: float) -> float:
+        """Seconds until a message may be sent (0: now)."""
+        self._refill(now)
+        if now < self._hold_until:
+            return self._hold_until - now
+        # (A hair under one counts as one: waiting for a rounding error could never end.)
+        return 0.0 if self._tokens >= 1 - 1e-9 else (1 - self._tokens) / self.rate
+
+    def take(self, now: float) -> None:
+        self._refill(now)
+        self._tokens -= 1
+
+    def refused(self, now: float, retry_after: float) -> None:
+        """The server refused a message for its rate: we were ahead of its bucket."""
+        self._refill(now)
+        self._tokens = min(self._tokens, 0.0)
+        self._hold_until = max(self._hold_until, now + max(retry_after, 1 / self.rate))
+
+
+def utf8_len(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def split_text(text: str, max_bytes: int) -> list[str]:
+    """Cut ``text`` into messages of at most ``max_bytes`` UTF-8 bytes: between lines where
+    possible, else between words, else between characters. Only whitespace at a cut and
+    empty parts are left out."""
+    if max_bytes < 4:
+        raise ValueError("max_bytes must fit one character")
+    parts: list[str] = []
+    current = ""
+    for line in text.split("\n"):
+        candidate = f"{current}\n{line}" if current else line
+        if utf8_len(candidate) <= max_bytes:
+            current = candidate
+            continue
+        if current:
+            parts.append(current)
+        current = ""
+        for piece in _split_long(line, max_bytes):
+            if current:
+                parts.append(current)
+            current = piece
+    if current:
+        parts.append(current)
+    return [p for p in parts if p.strip()]
+
+
+def _split_long(line: str, max_bytes: int) -> list[str]:
+    if utf8_len(line) <= max_bytes:
+        return [line]
+    out: list[str] = []
+    rest = line
+    while utf8_len(rest) > max_bytes:
+        cut = _fit(rest, max_bytes)
+        space = rest.rfind(" ", 0, cut)
+        if space > 0:
+            cut = space + 1  # keep the space at the end of the first piece
+        out.append(rest[:cut].rstrip(" ") or rest[:cut])
+        rest = rest[cut:]
+    out.append(rest)
+    return out
+
+
+def _fit(text: str, max_bytes: int) -> int:
+    """How many characters of ``text`` fit in ``max_bytes`` UTF-8 bytes."""
+    size = 0
+    for i, ch in enumerate(text):
+        size += utf8_len(ch)
+        if size > max_bytes:
+            return max(1, i)
+    return len(text)

@@ -1,0 +1,146 @@
+"""Where a reader of a room is, and the state of its connection. Pure logic (times and
+randomness are passed in), shared by the terminal chat, ``send`` and ``tail`` through
+``client.RoomSession``.
+
+``Cursor``: the last message id shown. A (re)join resumes after it and messages at or below
+it are never shown again, so after any number of reconnects every message is shown once, in
+id order.
+
+``StreamState``, the state machine of one stream::
+
+    CONNECTING --welcome--> CONNECTED --lost(retryable)--> RECONNECTING --(delay)--> CONNECTING
+         |                      |                                              ^
+         |                      +--lost(not retryable)--> FAILED               |
+         +--lost: not retryable, or the first attempt of a fail-fast session --> FAILED
+         +--lost(retryable) after having been connected once ------------------+
+
+    close() from any state --> CLOSED
+
+RECONNECTING carries the reason and the time of the next attempt (a countdown for the status
+bar); delays double from ``first`` up to ``max_backoff``, with jitter, and never undercut the
+server's "retry in" hint.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Sequence
+from typing import Protocol, TypeVar
+
+from .clienterrors import ClientError
+
+# Ask the server for "everything after this id" to get nothing but what comes next: it
+# clamps the resume point to the room's newest id (service ``_replay``).
+FROM_NOW = 2**62
+
+
+class HasId(Protocol):
+    @property
+    def id(self) -> int: ...
+
+
+M = TypeVar("M", bound=HasId)
+
+
+class Cursor:
+    """The last message id a reader has shown (None: nothing yet, the server sends its recent
+    backlog). ``from_now``: start after the room's newest message, without backlog."""
+
+    def __init__(self, after: int | None = None, *, from_now: bool = False) -> None:
+        self.last_id = after
+        self.from_now = from_now and after is None
+
+    def resume_after(self) -> int | None:
+        """What to put in a hello/subscribe request's ``after_id``."""
+        if self.last_id is None and self.from_now:
+            return FROM_NOW
+        return self.last_id
+
+    def accept(self, messages: Iterable[M]) -> list[M]:
+        """The messages not shown yet, in order; they count as shown from now on."""
+        new = []
+        for m in messages:
+            if self.last_id is not None and m.id <= self.last_id:
+                continue
+            self.last_id = m.id
+            new.append(m)
+        return new
+
+    def replay_done(self, last_id: int) -> None:
+        """The server replayed up to ``last_id``: a "from now" reader starts there."""
+        if self.last_id is None and self.from_now:
+            self.last_id = last_id
+
+
+class Phase(enum.Enum):
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    RECONNECTING = "reconnecting"
+    FAILED = "failed"
+    CLOSED = "closed"
+
+
+class StreamState:
+    """The state machine above. ``fail_fast``: a failure before the first success is final
+    (a `/join` refused, a command that cannot reach the server), whatever its kind."""
+
+    def __init__(self, *, first: float = 0.5, max_backoff: float = 5.0,
+                 fail_fast: bool = True) -> None:
+        self.first, self.max_backoff, self.fail_fast = first, max_backoff, fail_fast
+        self.phase = Phase.CONNECTING
+        self.error: ClientError | None = None
+        self.retry_at = 0.0
+        self.attempts = 0  # failed attempts since the last success
+        self.ever_connected = False
+        self.lost_at: float | None = None  # when the current outage began
+
+    def connecting(self) -> None:
+        if self.phase is not Phase.CLOSED:
+            self.phase = Phase.CONNECTING
+
+    def connected(self, now: float) -> float | None:
+        """Returns how long the outage lasted when this ends one."""
+        outage = None if self.lost_at is None else now - self.lost_at
+        self.phase, self.error, self.attempts, self.lost_at = Phase.CONNECTED, None, 0, None
+        self.ever_connected = True
+        return outage
+
+    def lost(self, error: ClientError, now: float, jitter: float) -> float | None:
+        """The stream failed. Returns the delay before the next attempt, or None when it is
+        over (FAILED). ``jitter`` is in [0, 1)."""
+        if self.phase is Phase.CLOSED:
+            return None
+        self.error = error
+        if not error.retryable or (self.fail_fast and not self.ever_connected):
+            self.phase = Phase.FAILED
+            return None
+        if self.lost_at is None:
+            self.lost_at = now
+        self.attempts += 1
+        backoff = min(self.max_backoff, self.first * 2.0 ** (self.attempts - 1))
+        delay = max(error.retry_after, backoff * (0.5 + jitter))
+        self.phase, self.retry_at = Phase.RECONNECTING, now + delay
+        return delay
+
+    def close(self) -> None:
+        self.phase = Phase.CLOSED
+
+    def countdown(self, now: float) -> float:
+        return max(0.0, self.retry_at - now) if self.phase is Phase.RECONNECTING else 0.0
+
+    def describe(self, now: float) -> str:
+        """One line for a status bar."""
+        if self.phase is Phase.RECONNECTING:
+            reason = f": {self.error}" if self.error else ""
+            return f"reconnecting in {self.countdown(now):.0f}s{reason}"
+        if self.phase is Phase.CONNECTING and self.error is not None:
+            return f"reconnecting now: {self.error}"
+        if self.phase is Phase.FAILED and self.error is not None:
+            return f"failed: {self.error}"
+        return str(self.phase.value)
+
+
+def worst(states: Sequence[StreamState]) -> StreamState | None:
+    """The stream a status bar should speak of: a failed or reconnecting one before the rest."""
+    order = [Phase.RECONNECTING, Phase.CONNECTING, Phase.FAILED, Phase.CONNECTED, Phase.CLOSED]
+    return min(states, key=lambda s: order.index(s.phase), default=None)
