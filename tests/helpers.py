@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
+import queue
 import re
 import shutil
 import signal
@@ -30,6 +32,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -725,3 +728,41 @@ class Tmux:
         shutil.rmtree(self.bells.parent, ignore_errors=True)
         with contextlib.suppress(OSError):  # tmux leaves its socket file behind
             os.unlink(self.socket_path)
+
+
+# --- reading a client process's output as it comes ----------------------------------------
+
+
+class Lines:
+    """The lines a process prints on stdout, as they come (a thread reads them into a queue).
+
+    ``select`` on a pipe cannot be used with Python's buffered readers: one ``readline`` may
+    pull two lines into the buffer, and the second then waits for more output that may
+    never come.
+    """
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        self._q: queue.Queue[str] = queue.Queue()
+        stdout = proc.stdout
+
+        def pump() -> None:
+            for line in stdout:
+                self._q.put(line)
+
+        threading.Thread(target=pump, daemon=True).start()
+
+    def next(self, timeout: float = 60) -> str:
+        try:
+            return self._q.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"no line within {timeout:g}s") from None
+
+    def message(self, timeout: float = 60) -> dict[str, Any]:
+        """The next message `tail --json` prints (other records, such as the "live"
+        marker, are skipped)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            record: dict[str, Any] = json.loads(self.next(max(0.1, deadline - time.monotonic())))
+            if record.get("type") == "message":
+                return record

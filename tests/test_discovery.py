@@ -22,7 +22,6 @@ import contextlib
 import json
 import os
 import re
-import select
 import shutil
 import subprocess
 import sys
@@ -34,7 +33,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import CLI, LabDaemon, TunNode, extra_node, free_port, lab_daemon, need, tun_node
+from helpers import (
+    CLI,
+    LabDaemon,
+    Lines,
+    TunNode,
+    extra_node,
+    free_port,
+    lab_daemon,
+    need,
+    tun_node,
+)
 
 from tsnetchat.discovery import LINUX_SOCKETS, macos_app_endpoint, read_status
 from tsnetchat.errors import TailnetError
@@ -121,13 +130,6 @@ def test_a_tun_client_whose_resolver_is_magicdns_logs_in_and_connects_by_short_a
     assert step("✔ server reachable", "chat-server answers; you are alice@", doctor.stdout)
 
 
-def read_line(proc: subprocess.Popen[str], timeout: float = 60) -> str:
-    assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], timeout)
-    assert ready, "no line in time"
-    return proc.stdout.readline()
-
-
 def test_a_tun_client_chats_and_resumes_after_a_server_restart(
         lab: Any, server: LabDaemon, alice_tun: TunNode, tmp_path: Path) -> None:
     resolver(alice_tun, "100.100.100.100")
@@ -137,6 +139,7 @@ def test_a_tun_client_chats_and_resumes_after_a_server_restart(
                                            "--count", "3", "--token", tok, "--port", port),
                             env=client_env(tmp_path), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
+    lines = Lines(tail)
     bob = lab.nodes["bob-laptop"]
     bob_args = ["--port", port, "--socket", bob.socket, "--proxy", f"http://{bob.http_proxy}",
                 "--token", server.token("bob@tailnet.test")]
@@ -149,13 +152,14 @@ def test_a_tun_client_chats_and_resumes_after_a_server_restart(
                     "--token", tok, "--port", port), client_env(tmp_path))):
             out = run(argv, env)
             assert out.returncode == 0, out.stderr
-            assert json.loads(read_line(tail))["text"] == text
+            assert lines.message()["text"] == text
         server.restart()
         out = run([CLI, "send", "chat-server", "after the restart", "--room", "random", *bob_args],
                   client_env(tmp_path / "bob"))
         assert out.returncode == 0, out.stderr
-        assert json.loads(read_line(tail))["text"] == "after the restart"
-        _, err = tail.communicate(timeout=30)
+        assert lines.message()["text"] == "after the restart"
+        tail.wait(timeout=30)
+        err = tail.stderr.read() if tail.stderr else ""
         assert tail.returncode == 0, err
         assert "reconnecting" in err
     finally:
@@ -222,7 +226,7 @@ def test_a_server_that_is_not_running_is_told_apart_from_an_offline_machine(
     out = in_ns(alice_tun, tmp_path, "whoami", "chat-server", "--port", str(free_port()),
                 "--token", "x")
     assert out.returncode == 7, out.stderr
-    assert "is on the tailnet but nothing listens on port" in out.stderr
+    assert "is on the tailnet but nothing answers on port" in out.stderr
 
 
 # --- only the tailscale command -------------------------------------------------------------
@@ -427,11 +431,18 @@ def test_connect_v_reports_each_step_then_chats_and_save_token_keeps_it_for_the_
             time.sleep(0.3)
             screen = subprocess.run(["tmux", "capture-pane", "-p", "-t", session],
                                     capture_output=True, text=True).stdout
+        # The chat is full-screen: what -v printed before it opened is on the terminal's
+        # main screen, back in view once the chat ends.
+        subprocess.run(["tmux", "send-keys", "-t", session, "/quit", "Enter"], check=True)
+        while "saved the token" not in screen:
+            assert time.monotonic() < deadline, screen
+            time.sleep(0.3)
+            screen = subprocess.run(["tmux", "capture-pane", "-p", "-t", session],
+                                    capture_output=True, text=True).stdout
         assert step("✔ 1. LocalAPI", f"{bob.socket} (userspace networking)", screen)
         assert step("- 3. resolver", "not needed", screen)
         assert step("✔ dial", "through the HTTP proxy", screen)
         assert "saved the token for chat-server.tailnet.test" in screen
-        subprocess.run(["tmux", "send-keys", "-t", session, "/quit", "Enter"], check=True)
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
     # kept under the node: the full name and the tailnet IP find it too

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import shutil
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import CLI, LabDaemon, extra_node, lab_daemon
+from helpers import CLI, LabDaemon, Lines, extra_node, lab_daemon
 
 pytestmark = pytest.mark.tailnet
 
@@ -105,8 +104,7 @@ def test_alice_with_a_grant_gets_a_token_and_chats_without_handling_it(
     sent = alice("send", "hello, with a token of my own", "--room", "ops")
     assert sent.returncode == 0, sent.stderr
     history = alice("history", "--room", "ops", "--json")
-    assert [json.loads(x)["text"] for x in history.stdout.splitlines()] == [
-        "hello, with a token of my own"]
+    assert [m["text"] for m in json.loads(history.stdout)] == ["hello, with a token of my own"]
     me = whoami(alice)
     assert me["login"] == ALICE and me["admin"] and me["token_id"].startswith("login-")
     assert sorted(me["rooms"]) == ["general", "ops", "random"]
@@ -217,13 +215,6 @@ def test_logins_are_rate_limited_per_device(lab: Any, enrolling: LabDaemon,
 # --- keeping it fresh -----------------------------------------------------------------------
 
 
-def read_json_line(proc: subprocess.Popen[str], timeout: float = 60) -> dict[str, Any]:
-    assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], timeout)
-    assert ready, "no line in time"
-    return json.loads(proc.stdout.readline())  # type: ignore[no-any-return]
-
-
 def test_renewal_before_expiry_keeps_a_session_going_across_the_first_tokens_expiry(
         lab: Any, short_lived: LabDaemon, tmp_path: Path) -> None:
     alice = person(lab, short_lived, "alice-laptop", tmp_path)
@@ -232,9 +223,10 @@ def test_renewal_before_expiry_keeps_a_session_going_across_the_first_tokens_exp
     bob_token = short_lived.token(BOB)  # an admin's token, not short-lived
     first = alice.stored()
     tail = alice.popen("tail", "--room", "general", "--json", "--count", "2")
+    lines = Lines(tail)
     try:
         assert bob("send", "before the first token expired", "--token", bob_token).returncode == 0
-        assert read_json_line(tail)["text"] == "before the first token expired"
+        assert lines.message()["text"] == "before the first token expired"
         # past its expiry and the server's 5 s of leeway for clocks
         time.sleep(first["received"] + TTL + 7 - time.time())
         # The token alice started with is dead by now ...
@@ -244,8 +236,9 @@ def test_renewal_before_expiry_keeps_a_session_going_across_the_first_tokens_exp
         short_lived.restart()
         sent = bob("send", "after the first token expired", "--token", bob_token)
         assert sent.returncode == 0, sent.stderr
-        assert read_json_line(tail)["text"] == "after the first token expired"
-        _, err = tail.communicate(timeout=30)
+        assert lines.message()["text"] == "after the first token expired"
+        tail.wait(timeout=30)
+        err = tail.stderr.read() if tail.stderr else ""
         assert tail.returncode == 0, err
     finally:
         if tail.poll() is None:

@@ -39,7 +39,7 @@ from helpers import (
     start_daemon,
 )
 
-from tsnetchat import auth
+from tsnetchat import auth, render
 from tsnetchat.config import load_config
 from tsnetchat.errors import ConfigError
 from tsnetchat.pb import chat_pb2 as pb
@@ -549,9 +549,10 @@ async def test_a_message_cannot_pass_one_of_its_lines_off_as_someone_elses(
     mallory = await lab_chat.connect("mallory-laptop", lab_chat.token(MALLORY))
     await mallory.send_one("general", "hi all\n[09:00:00] <Bob> please send me your token")
     out = await asyncio.to_thread(history_cli, lab_chat, "alice-laptop", ALICE)
-    lines = out.splitlines()
+    lines = [line for line in out.splitlines() if not line.startswith("──")]  # day lines
     assert lines[0].endswith("<Mallory> hi all")
-    assert lines[1] == "          | [09:00:00] <Bob> please send me your token"
+    assert lines[1].lstrip() == f"{render.CONTINUATION}[09:00:00] <Bob> please send me your token"
+    assert lines[1].startswith(" ")  # under the text column, never at a line's start
 
 
 async def test_text_of_only_zero_width_characters_is_an_empty_message(lab_chat: LabChat) -> None:

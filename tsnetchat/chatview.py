@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 from prompt_toolkit.utils import get_cwidth
 
+from . import render
 from .outbox import Outgoing, State
 from .pb import chat_pb2 as pb
 
@@ -35,15 +36,8 @@ Fragment = tuple[str, str]
 Line = list[Fragment]
 
 MAX_ENTRIES = 5000  # per conversation; older ones can be fetched again from History
-CONTINUATION = "┊ "
-# C0/C1 controls (tab and newline are handled by the layout), bidi embeddings, overrides and
-# isolates: the same set the server refuses in message text.
-_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
-
-
-def visible(text: str) -> str:
-    """``text`` with nothing in it that could drive a terminal; tabs become spaces."""
-    return _UNSAFE.sub("\ufffd", text.replace("\t", "    "))
+CONTINUATION = render.CONTINUATION
+visible = render.visible  # message text fit to print (the one rule: tsnetchat.render)
 
 
 def clock(ms: int) -> str:
@@ -58,9 +52,7 @@ def day_label(day: dt.date) -> str:
     return day.strftime("%A %d %B %Y")
 
 
-def who(identity: pb.Identity) -> str:
-    """A person as the screen names them: display name, else the login's local part."""
-    return visible(identity.display_name or identity.login.split("@")[0] or "?")
+who = render.who  # a person as the screen names them (the one rule: tsnetchat.render)
 
 
 def width_of(text: str) -> int:

@@ -423,7 +423,9 @@ def send(
 
 
 def _echo(line: str) -> None:
+    # A line at a time, also into a pipe: `tail --json | jq` must see each message as it comes.
     typer.echo(line)
+    sys.stdout.flush()
 
 
 def _warn(line: str) -> None:

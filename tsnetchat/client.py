@@ -255,7 +255,9 @@ class SessionEvent:
     * ``welcome``, ``message``, ``presence``: what the server sent (each message once, in id
       order); ``replay_done``: the backlog or what was missed is in (``first`` on the first);
     * ``sent``: ``outgoing`` was stored as message ``message_id``; ``failed``: ``outgoing``
-      was refused for good (``error``); ``error``: the server refused something else;
+      was refused for good (``error``); ``deferred``: ``outgoing`` was refused for now
+      ("slow down", "not saved") and waits until ``outgoing.not_before`` to be sent again;
+      ``error``: the server refused something else;
     * ``fatal``: the session ended for good (``error``): refused, or could not start.
     """
 
@@ -477,7 +479,7 @@ class RoomSession:
             self.pacer.refused(now, wait)
             self.outbox.refused(e.client_msg_id, for_good=False, not_before=now + wait)
             self._wake.set()
-            return []
+            return [SessionEvent("deferred", outgoing=out, error=err, text=str(err))]
         self.outbox.refused(e.client_msg_id, for_good=True, reason=str(err))
         self._wake.set()
         return [SessionEvent("failed", outgoing=out, error=err, text=str(err))]
@@ -534,12 +536,20 @@ async def deliver(link: Link, room: str, text: str, *, kind: int = pb.MESSAGE_KI
     session = RoomSession(link, room, from_now=True)
     out = session.send(text, kind)
 
+    deadline = time.monotonic() + timeout
+
     async def wait() -> int:
         async for ev in session.events():
             if ev.kind == "sent" and ev.outgoing is out:
                 return ev.message_id
             if ev.kind in ("failed", "fatal") and ev.error is not None:
                 raise ev.error
+            if (ev.kind == "deferred" and ev.outgoing is out and ev.error is not None
+                    and out.not_before > deadline):
+                # Refused for now ("slow down, retry in N s") for longer than we may wait:
+                # the server did not store it, and says so; no point waiting out the timeout.
+                raise ClientError(f"{ev.error}; not sent", retryable=True,
+                                  retry_after=ev.error.retry_after)
         raise ClientError("the session ended before the message was confirmed",
                           retryable=True, exit_code=EXIT_UNAVAILABLE)
 

@@ -34,6 +34,7 @@ from .errors import (
     LocalAPIUnavailable,
     PeerNotFound,
     PermissionDenied,
+    ServerUnavailable,
     TailnetError,
     TailnetNotReady,
     TsnetchatError,
@@ -154,6 +155,8 @@ def translate(e: BaseException, where: Where | None = None, *, server: str = "",
     if isinstance(e, grpc.aio.AioRpcError):
         return from_status(e.code(), e.details() or "", where, server=server, proxy=proxy)
     name = _where(where, server)[0]
+    if isinstance(e, ServerUnavailable):  # the machine answers, the server does not (yet)
+        return ClientError(str(e), retryable=True, exit_code=EXIT_UNAVAILABLE, transport=True)
     if isinstance(e, PeerNotFound):
         return ClientError(str(e), retryable=False, exit_code=EXIT_TAILNET, transport=True)
     if isinstance(e, LocalAPIUnavailable | TailnetNotReady | TailnetError):

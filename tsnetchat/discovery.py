@@ -670,10 +670,8 @@ async def probe(target: Target) -> None:
     try:
         _, w = await _open(target)
     except ProxyRefused as e:
-        if online:
-            raise ServerUnavailable(f"{where} is online but the proxy could not connect to port "
-                                    f"{target.port} ({e}): is `tsnetchat serve` running there, "
-                                    "on this port?") from None
+        if online:  # the proxy says only "could not connect" (HTTP 500, SOCKS5 failure)
+            raise not_serving(target) from None
         raise TailnetError(f"the proxy could not reach {where} port {target.port} ({e}); is "
                            "its machine online, and the server running?") from None
     except TailnetError as e:
@@ -681,15 +679,19 @@ async def probe(target: Target) -> None:
             raise no_way_to_dial(target.name, " (and this tailscaled refuses LocalAPI dial to "
                                  "this user)") from None
         if target.mode == "localapi" and "refused" in str(e):  # 502: the peer sent a reset
-            raise ServerUnavailable(f"{where} is on the tailnet but nothing listens on port "
-                                    f"{target.port}: is `tsnetchat serve` running there, on "
-                                    "this port?") from None
+            raise not_serving(target) from None
         raise
     except (TimeoutError, OSError) as e:
         raise _unreachable(target, where, e, proxied) from None
     w.close()
     with contextlib.suppress(OSError):
         await w.wait_closed()
+
+
+def not_serving(target: Target) -> ServerUnavailable:
+    """The server's machine is on the tailnet, but nothing serves tsnetchat on the port."""
+    return ServerUnavailable(f"{target.name} is on the tailnet but nothing answers on port "
+                             f"{target.port}: is `tsnetchat serve` running there?")
 
 
 def _words(e: OSError) -> str:
@@ -707,9 +709,7 @@ def _unreachable(target: Target, where: str, e: OSError | TimeoutError,
                             "tailscaled running with that proxy (--socks5-server or "
                             "--outbound-http-proxy-listen)?")
     if isinstance(e, ConnectionRefusedError):
-        return ServerUnavailable(f"{where} is on the tailnet but nothing listens on port "
-                                 f"{target.port}: is `tsnetchat serve` running there, on this "
-                                 "port?")
+        return not_serving(target)
     if isinstance(e, TimeoutError) or e.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH,
                                                   errno.ETIMEDOUT):
         return TailnetError(f"{where} does not answer on the tailnet: its machine is offline "

@@ -10,15 +10,16 @@
 * ``name``: a display name or device name fit to show: one line, unsafe and invisible
   characters replaced by ``?`` (so ``Ali\\u200bce`` does not pass for ``Alice``), at most
   ``NAME_MAX`` characters.
-* ``lines``/``plain``: a message as lines; every line after the first starts with
-  ``CONTINUATION`` after blank space, so no line of a message can pass for a message of its
-  own (those start with ``[time]``).
+* ``visible``: message text fit to print.
+* ``CONTINUATION``: the mark that starts every line of a message after its first (a line
+  break in the text, or a wrapped line), after blank space under the text column, so no
+  line of a message can pass for a message of its own. ``chatview.layout`` lays messages
+  out with it, for the terminal chat and for `tsnetchat history`/`tail` alike.
 """
 
 from __future__ import annotations
 
 import re
-import time
 from typing import Any
 
 UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff\u202a-\u202e\u2066-\u2069]")
@@ -32,7 +33,7 @@ _BLANK = re.compile(f"[\\s{_INVISIBLE}]*")
 _NAME_BAD = re.compile(f"[\\s{_INVISIBLE}\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 NAME_MAX = 64
-CONTINUATION = "| "
+CONTINUATION = "┊ "
 
 
 def is_blank(text: str) -> bool:
@@ -54,21 +55,7 @@ def who(identity: Any) -> str:
     return name(str(identity.display_name), str(identity.login))
 
 
-def lines(text: str) -> list[str]:
-    """A message's lines, each safe to print (unsafe characters replaced by ``?``)."""
-    return UNSAFE.sub("?", text).split("\n")
-
-
-def continuation(width: int) -> str:
-    """The start of a message's second and later lines: ``width`` blanks, then the mark."""
-    return " " * width + CONTINUATION
-
-
-def plain(m: Any, clock: str = "%H:%M:%S") -> str:
-    """A ``tsnetchat.v1.ChatMessage`` as text lines: ``[time] <who> text``, or
-    ``[time] * who text`` for an action; later lines marked as continuations."""
-    stamp = f"[{time.strftime(clock, time.localtime(m.sent_unix_ms / 1000))}]"
-    first, *rest = lines(m.text)
-    head = f"{stamp} * {who(m.sender)} {first}" if m.kind == 2 else (
-        f"{stamp} <{who(m.sender)}> {first}")
-    return "\n".join([head, *(continuation(len(stamp)) + line for line in rest)])
+def visible(text: str) -> str:
+    """Message text safe to print: unsafe characters replaced by ``?``, tabs by spaces. (The
+    server refuses such text; this is for what was stored before, or came another way.)"""
+    return UNSAFE.sub("?", text.replace("\t", "    "))
