@@ -16,7 +16,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from tsnetchat import auth
 from tsnetchat.client import RoomSession
 from tsnetchat.pb import chat_pb2 as pb
 from tsnetchat.server import Server
+from tsnetchat.store import Store
 
 # A channel with these options opens its own TCP connection instead of sharing one with
 # every other channel to the same target (grpc's global subchannel pool).
@@ -51,11 +53,15 @@ def free_port() -> int:
 
 def issue_recorded(server: Server, login: str, rooms: tuple[str, ...], *, admin: bool,
                    ttl: float) -> str:
-    """Sign a token with the server's key and record it, as `tsnetchat token issue` does."""
+    """Sign a token with the server's key and record it, as `tsnetchat token issue` does
+    (from a connection of its own, beside the running server)."""
     key = server.cfg.key_path.read_bytes().strip()
     tok, claims = auth.issue_token(key, login, rooms, admin=admin, ttl_seconds=ttl)
-    assert server.store is not None
-    server.store.record_token(claims.to_row())
+    store = Store(server.cfg.db_path)
+    try:
+        store.record_token(claims.to_row())
+    finally:
+        store.close()
     return tok
 
 
@@ -167,3 +173,61 @@ def start_daemon(lab: Any, tmp: Path, *extra: str, env: dict[str, str] | None = 
     return Daemon(proc, state, port, notify, log)
 
 
+
+
+# --- another process holding the history database's write lock --------------------------
+
+_HOLD_LOCK = """
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("BEGIN IMMEDIATE")
+print("locked", flush=True)
+sys.stdin.readline()
+db.execute("COMMIT")
+print("released", flush=True)
+"""
+
+
+class WriteLock:
+    """A process that holds SQLite's write lock on a database until ``release()``."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.held = True
+
+    async def release(self) -> None:
+        if not self.held:
+            return
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(b"go\n")
+        await self.proc.stdin.drain()
+        assert await self.proc.stdout.readline() == b"released\n"
+        await self.proc.wait()
+        self.held = False
+
+
+@asynccontextmanager
+async def write_lock_held(db: Path) -> AsyncIterator[WriteLock]:
+    """Another process holds the write lock on ``db`` (as `sqlite3` in a shell, a backup
+    tool, or a stalled disk would) until released, or until the block ends."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _HOLD_LOCK, str(db), stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE)
+    assert proc.stdout is not None
+    assert await proc.stdout.readline() == b"locked\n"
+    lock = WriteLock(proc)
+    try:
+        yield lock
+    finally:
+        if lock.held:
+            await lock.release()
+
+
+async def until(condition: Callable[[], bool], what: str, timeout: float = 10) -> None:
+    """Wait (without asserting anything about time) until ``condition()`` holds."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + timeout
+    while not condition():
+        if loop.time() > give_up:
+            raise AssertionError(f"never happened: {what}")
+        await asyncio.sleep(0.01)

@@ -48,12 +48,14 @@ def test_the_loop_load_counts_cpu_the_other_threads_use_while_the_loop_waits() -
         while not stop.is_set():
             hashlib.sha256(block).digest()  # releases the GIL: pure CPU beside the loop
 
-    async def scenario() -> float:
+    async def scenario() -> tuple[float, float]:
         load = LoopLoad(asyncio.get_running_loop(), window=0.02)
+        wall, cpu = time.perf_counter(), time.process_time()
         for _ in range(10):
             await asyncio.sleep(0.02)
             load()
-        return load()
+        share = (time.process_time() - cpu) / (time.perf_counter() - wall)
+        return load(), share
 
     allowed = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {min(allowed)})  # this thread, so the loop's share is of one core
@@ -61,7 +63,10 @@ def test_the_loop_load_counts_cpu_the_other_threads_use_while_the_loop_waits() -
     helper.start()
     try:
         with asyncio.Runner(loop_factory=new_event_loop) as runner:
-            assert runner.run(scenario()) > 0.8
+            load, share = runner.run(scenario())
+        # The loop slept throughout; what it reports is the burner's share of the core (less
+        # than all of it when other processes want that core too).
+        assert share > 0.2 and load > 0.7 * share
     finally:
         stop.set()
         helper.join()

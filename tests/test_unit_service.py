@@ -1,10 +1,10 @@
-"""The servicer's pure rules: message text and rate buckets."""
+"""The message path's pure rules (tsnetchat.ledger): message text and rate buckets."""
 
 from __future__ import annotations
 
 import unicodedata
 
-from tsnetchat.service import _FORBIDDEN, TokenBucket
+from tsnetchat.ledger import _FORBIDDEN, TokenBucket
 
 
 def test_text_rule_regex_matches_unicode_categories_everywhere_in_the_bmp() -> None:

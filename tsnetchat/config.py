@@ -67,6 +67,9 @@ class ServerConfig:
     call_burst: int = 200  # RPCs per person: burst, then call_rate per second
     call_rate: float = 50.0
     fsync: bool = False  # True: survive power loss, not only a crashed process
+    # Seconds a message may wait for the history database (locked by another process, a
+    # stalled disk) before it is refused as not stored (the sender may send it again).
+    store_wait: float = 5.0
     # gRPC's helper threads run SCHED_BATCH so they do not preempt the event loop (loop.py)
     batch_helper_threads: bool = True
     shutdown_grace: float = 5.0
@@ -218,6 +221,8 @@ def _validate(cfg: ServerConfig, where: Any) -> None:
         raise bad("max_message_bytes", "must be at most 60000 (gRPC frames are capped at 64 KiB)")
     if cfg.rate_per_second <= 0:
         raise bad("rate_per_second", "must be greater than 0")
+    if cfg.store_wait <= 0:
+        raise bad("store_wait", "must be greater than 0 (seconds)")
     for name in ("history_on_join", "retention_count"):
         if getattr(cfg, name) < 0:
             raise bad(name, "must not be negative")

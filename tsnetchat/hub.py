@@ -58,10 +58,6 @@ class Pacing:
     # An idle loop cannot fire a timer sooner than this: epoll waits in whole milliseconds,
     # so a 250 us linger took 1-1.4 ms (measured). A shorter linger is no linger.
     min_linger: float = 0.001
-    # Above commit_from messages share SQLite commits, one per commit_window (see
-    # Store.append_later): a commit is most of what storing a message costs.
-    commit_from: float = 0.85
-    commit_window: float = 0.002
 
     def linger(self, subscribers: int, load: float = 0.0) -> float:
         normal = min(self.linger_max, self.frame_cost * subscribers)
@@ -100,6 +96,7 @@ class Subscriber:
     limit: int
     member: object | None = None  # presence info when this is an interactive member
     replayed_to: int = 0  # highest message id already sent from history; skip up to it
+    inflight: int = 0  # this member's sends taken and not yet settled (see wait_for_room)
     queue: deque[Item] = field(default_factory=deque)
     closed: CloseReason | None = None
     # A bare future rather than an asyncio.Event: this is the hottest wait in the server.
@@ -158,13 +155,15 @@ class Subscriber:
         return items
 
     async def wait_for_room(self) -> None:
-        """Backpressure for a sender: return once its own queue is at most half full.
+        """Backpressure for a sender: return once its own queue, counting what its sends
+        still being stored will bring (an echo and an ack each), is at most half full.
 
         A member's sends come back to it as messages and acks; reading its requests faster
         than it reads its stream would overflow its own queue. Waiting here stops reading,
         and HTTP/2 flow control then slows the sender down instead.
         """
-        while len(self.queue) > self.limit // 2 and self.closed is None:
+        while (len(self.queue) + 2 * self.inflight > self.limit // 2
+               and self.closed is None):
             self._drained.clear()
             await self._drained.wait()
 

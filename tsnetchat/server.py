@@ -32,7 +32,7 @@ from .metrics import Metrics
 from .notify import Notifier
 from .pb import chat_pb2 as pb
 from .service import SERVICE_NAME, ChatService, Limits
-from .store import Store
+from .store import MAX_GROUP, SqliteHistory
 from .tailnet import LocalAPI, Status, wait_running
 
 log = logging.getLogger("tsnetchat.server")
@@ -97,7 +97,7 @@ class Server:
         self.ports: list[int] = []
         self.status: Status | None = None
         self.api: LocalAPI | None = None
-        self.store: Store | None = None
+        self.store: SqliteHistory | None = None
         self.service: ChatService | None = None
         self.health = health.aio.HealthServicer()
         self._grpc: grpc.aio.Server | None = None
@@ -120,11 +120,14 @@ class Server:
             if self._whois_override is None:
                 self.status = await wait_running(self.api, cfg.startup_timeout,
                                                  progress=self.progress)
-        self.store = Store(cfg.db_path, fsync=cfg.fsync)
-        pruned = self.store.prune(keep_count=cfg.retention_count, keep_days=cfg.retention_days)
+        self.store = await SqliteHistory.open(
+            cfg.db_path, fsync=cfg.fsync, wait=cfg.store_wait,
+            max_group=max(1, min(MAX_GROUP, cfg.subscriber_queue // 4)))
+        pruned = await self.store.prune(keep_count=cfg.retention_count,
+                                        keep_days=cfg.retention_days)
         if pruned:
             log.info("retention: pruned %d old messages", pruned)
-        revoked, self._revocation_seq = self.store.revocations_since(0)
+        revoked, self._revocation_seq = await self.store.revocations_since(0)
         whois: WhoIsFunc = self._whois_override or self.api.whois
         gate = Gate(whois=whois, key=key, cap_name=cfg.cap_name, require_grant=cfg.require_grant,
                     whois_timeout=cfg.whois_timeout, revoked=revoked)
@@ -191,12 +194,13 @@ class Server:
         within a second, also for streams already open."""
         while True:
             await asyncio.sleep(1.0)
-            self.check_revocations()
+            await self.check_revocations()
 
-    def check_revocations(self) -> int:
+    async def check_revocations(self) -> int:
         assert self.store is not None and self.service is not None
         try:
-            new, self._revocation_seq = self.store.revocations_since(self._revocation_seq)
+            new, self._revocation_seq = await self.store.revocations_since(
+                self._revocation_seq)
         except Exception as e:  # a locked db must not kill the loop
             log.warning("could not read revocations: %s", e)
             return 0
@@ -211,8 +215,8 @@ class Server:
             await asyncio.sleep(300)
             assert self.store is not None
             with contextlib.suppress(Exception):
-                self.store.prune(keep_count=self.cfg.retention_count,
-                                 keep_days=self.cfg.retention_days)
+                await self.store.prune(keep_count=self.cfg.retention_count,
+                                       keep_days=self.cfg.retention_days)
 
     async def _watchdog(self, interval: float) -> None:
         while True:
@@ -272,8 +276,8 @@ class Server:
         self.service.limits = limits_from(cfg)
         self.service.gate.require_grant = cfg.require_grant
         self.service.gate.cap_name = cfg.cap_name
-        self.check_revocations()
-        log.info("reloaded configuration and revocations")
+        self._tasks.append(asyncio.ensure_future(self.check_revocations()))
+        log.info("reloaded configuration; reading revocations")
 
     async def stop(self, grace: float | None = None) -> None:
         grace = self.cfg.shutdown_grace if grace is None else grace
@@ -281,7 +285,7 @@ class Server:
         with contextlib.suppress(Exception):
             await self.health.enter_graceful_shutdown()
         if self.service is not None:
-            n = self.service.begin_shutdown()
+            n = await self.service.begin_shutdown(drain_timeout=max(grace, self.cfg.store_wait))
             log.info("shutting down: told %d stream(s) to reconnect", n)
         if self._grpc is not None:
             await self._grpc.stop(grace)
@@ -291,7 +295,7 @@ class Server:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         if self.store is not None:
-            self.store.close()
+            await self.store.close()
             self.store = None
         if self.api is not None:
             await self.api.aclose()

@@ -1,7 +1,8 @@
 """The gRPC servicer: tsnetchat.v1.Chat on grpc.aio.
 
-It joins the pieces: the Gate admits a call, the Store persists, the Hub fans out, the codec
-encodes. It is the only module that maps tsnetchat errors to gRPC status codes
+It joins the pieces: the Gate admits a call, the Ledger takes messages (stores, publishes
+and acknowledges them, or refuses them), the Hub fans out, the codec encodes, the history
+answers reads. It is the only module that maps tsnetchat errors to gRPC status codes
 (``status_for``). Handlers are registered by hand (``handlers()``) so that responses may be
 pre-encoded bytes (sent as-is, encoded once for all subscribers) and undecodable requests
 reach the handler as GARBAGE and get INVALID_ARGUMENT instead of an opaque INTERNAL.
@@ -11,13 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
-import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -34,15 +32,19 @@ from .errors import (
 )
 from .gate import Gate
 from .hub import FRAME_BATCH, CloseKind, CloseReason, Hub, Subscriber
+from .ledger import History, Ledger, TokenBucket
 from .metrics import Metrics
 from .pb import chat_pb2 as pb
-from .store import Sender, Store, StoredMessage
+from .store import Sender
 
 log = logging.getLogger("tsnetchat.service")
 
 SERVICE_NAME = "tsnetchat.v1.Chat"
 HELLO_TIMEOUT = 10.0
-MAX_CLIENT_MSG_ID = 64
+# Malformed events in a row (garbage, bad text, a second hello) before a Join stream is cut
+# off as flooding. Refusals (rate limit, storage) never count: a client that is told to wait
+# has done nothing wrong (issues 16 and 18).
+INVALID_IN_A_ROW = 20
 
 
 class _Garbage:
@@ -88,25 +90,6 @@ class Limits:
     call_rate: float = 50.0
 
 
-class TokenBucket:
-    """``burst`` tokens, refilled at ``rate`` per second."""
-
-    def __init__(self, burst: int, rate: float) -> None:
-        self.burst, self.rate = float(burst), rate
-        self.tokens = float(burst)
-        self.stamp = time.monotonic()
-
-    def take(self) -> float:
-        """Take one token; returns 0 on success or the seconds until one is available."""
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return 0.0
-        return (1 - self.tokens) / self.rate
-
-
 def _safe(cls: Any) -> Callable[[bytes], Any]:
     def decode(data: bytes) -> Any:
         try:
@@ -121,35 +104,20 @@ def _encode(x: Any) -> bytes:
     return x if isinstance(x, bytes) else bytes(x.SerializeToString())
 
 
-# Unicode category Cc (C0 and C1 controls, DEL) except tab and newline, surrogates (Cs), and
-# the bidi embedding/override/isolate characters. One C-level scan instead of a Python loop.
-_FORBIDDEN = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff\u202a-\u202e\u2066-\u2069]")
+class ServerStore(History, Protocol):
+    """What the servicer needs of storage: the message history, and revocations."""
 
-
-def validate_text(text: str, kind: int, max_bytes: int) -> None:
-    size = len(text.encode("utf-8", "surrogatepass"))
-    if size > max_bytes:
-        raise InvalidInput(f"message is {size} bytes; the limit is {max_bytes} bytes of UTF-8 "
-                           "text. Split it up.")
-    if not text.strip():
-        raise InvalidInput("message is empty")
-    if kind not in (pb.MESSAGE_KIND_TEXT, pb.MESSAGE_KIND_ACTION):
-        raise InvalidInput(f"unknown message kind {kind}")
-    bad = _FORBIDDEN.search(text)
-    if bad is not None:
-        # Terminal escapes and bidi overrides would let one user rewrite others' screens.
-        raise InvalidInput(f"message contains a control character (U+{ord(bad.group()):04X}); "
-                           "only printable text, newlines and tabs are allowed")
+    async def revoke(self, jti: str) -> bool: ...
 
 
 class ChatService:
-    def __init__(self, *, store: Store, hub: Hub, gate: Gate, limits: Limits,
+    def __init__(self, *, store: ServerStore, hub: Hub, gate: Gate, limits: Limits,
                  metrics: Metrics | None = None) -> None:
         self.store, self.hub, self.gate, self.limits = store, hub, gate, limits
         self.metrics = metrics or Metrics()
-        self._buckets: dict[str, TokenBucket] = {}
+        self.ledger = Ledger(store, hub, limits=lambda: self.limits, refuse=self._refuse,
+                             metrics=self.metrics)
         self._call_buckets: dict[str, TokenBucket] = {}
-        self._commit_timer: asyncio.TimerHandle | None = None
         self.going_away = False
 
     # registration ------------------------------------------------------------------
@@ -200,13 +168,6 @@ class ChatService:
                          code.name, e)
             await context.abort(code, str(e))
 
-    def _bucket(self, login: str) -> TokenBucket:
-        b = self._buckets.get(login)
-        if b is None:
-            b = self._buckets[login] = TokenBucket(self.limits.rate_burst,
-                                                   self.limits.rate_per_second)
-        return b
-
     @staticmethod
     def _me(p: auth.Principal) -> pb.Identity:
         return codec.identity_pb(p.login, p.display_name, p.node)
@@ -217,16 +178,12 @@ class ChatService:
                 f"you already have {self.limits.max_rooms_per_client} open room streams (the "
                 "limit per person); leave a room first")
 
-    def _resume_point(self, room: str, after: int | None) -> int:
-        last = self.store.last_id(room)
-        return min(after, last) if after is not None else last
-
     async def _replay(self, sub: Subscriber, after: int | None) -> AsyncIterator[bytes]:
         """History frames: everything after ``after``, or the recent backlog. Sets
         ``sub.replayed_to`` so live items already sent here are skipped."""
         room = sub.room
         if after is None:
-            msgs = self.store.latest(room, self.limits.history_on_join)
+            msgs = await self.store.latest(room, self.limits.history_on_join)
             sub.replayed_to = msgs[-1].id if msgs else 0
             for i in range(0, len(msgs), FRAME_BATCH):
                 chunk = [codec.message_item(m) for m in msgs[i:i + FRAME_BATCH]]
@@ -236,7 +193,7 @@ class ChatService:
         cursor = min(after, self.store.last_id(room))
         sub.replayed_to = cursor
         while True:
-            msgs = self.store.after(room, cursor, FRAME_BATCH)
+            msgs = await self.store.after(room, cursor, FRAME_BATCH)
             if not msgs:
                 return
             cursor = msgs[-1].id
@@ -290,7 +247,9 @@ class ChatService:
                 yield codec.event(welcome=pb.Welcome(
                     room=hello.room, you=me, members=members,
                     last_id=self.store.last_id(hello.room),
-                    max_message_bytes=self.limits.max_message_bytes))
+                    max_message_bytes=self.limits.max_message_bytes,
+                    rate_per_second=self.limits.rate_per_second,
+                    rate_burst=self.limits.rate_burst))
                 async for f in self._replay(sub, after):
                     yield f
                 yield codec.event(replay_done=pb.ReplayDone(last_id=sub.replayed_to))
@@ -321,21 +280,24 @@ class ChatService:
 
     async def _read_client(self, it: AsyncIterator[Any], sub: Subscriber,
                            p: auth.Principal) -> None:
+        # The sender is the connection's identity. send.claimed_sender is ignored on purpose.
+        sender = Sender(p.login, p.display_name, p.node)
+        send = self.ledger.send
         strikes = 0
         try:
             async for ev in it:
                 await sub.wait_for_room()
                 if sub.closed is not None:
                     return
-                problem: TsnetchatError | None = None
                 cmid = ""
                 try:
                     if ev is GARBAGE:
                         raise InvalidInput("could not decode that event (garbage); ignored")
                     which = ev.WhichOneof("event")
                     if which == "send":
-                        cmid = ev.send.client_msg_id
-                        self._send(sub, p, ev.send)
+                        m = ev.send
+                        cmid = m.client_msg_id
+                        send(sub, sender, m.text, m.kind, cmid)
                     elif which == "ack":
                         continue
                     elif which == "hello":
@@ -344,16 +306,12 @@ class ChatService:
                     else:
                         raise InvalidInput("empty or unknown event; ignored")
                     strikes = 0
-                except (InvalidInput, LimitExceeded, StoreError) as e:
-                    problem = e
-                if problem is not None:
+                except InvalidInput as e:
                     strikes += 1
-                    self._refuse(sub, problem, cmid)
-                    if strikes > 2 * self.limits.rate_burst:
+                    self._refuse(sub, e, cmid)
+                    if strikes >= INVALID_IN_A_ROW:
                         sub.close(CloseReason(CloseKind.FLOOD, (
-                            "too many rejected events in a row (flooding); disconnected. "
-                            f"The limit is {self.limits.rate_per_second:g} messages/s with bursts "
-                            f"of {self.limits.rate_burst}.")))
+                            f"{strikes} malformed events in a row (flooding); disconnected")))
                         return
             sub.close(CloseReason(CloseKind.DONE, "client finished"))
         except asyncio.CancelledError:
@@ -362,58 +320,13 @@ class ChatService:
             log.debug("reader ended: %r", e)
             sub.close(CloseReason(CloseKind.DONE, "connection ended"))
 
-    def _send(self, sub: Subscriber, p: auth.Principal, send: pb.SendMessage) -> None:
-        kind = send.kind or pb.MESSAGE_KIND_TEXT
-        if len(send.client_msg_id) > MAX_CLIENT_MSG_ID:
-            raise InvalidInput(f"client_msg_id longer than {MAX_CLIENT_MSG_ID} characters")
-        validate_text(send.text, kind, self.limits.max_message_bytes)
-        wait = self._bucket(p.login).take()
-        if wait:
-            raise LimitExceeded(
-                f"slow down: at most {self.limits.rate_per_second:g} messages/s (bursts of "
-                f"{self.limits.rate_burst}); this one was not sent, retry in {wait:.1f}s")
-        # The sender is the connection's identity. send.claimed_sender is ignored on purpose.
-        sender = Sender(p.login, p.display_name, p.node)
-        pacing = self.hub.pacing
-        if self.store.waiting or self.hub.load() > pacing.commit_from:
-            # Group commit: the message is published and acknowledged once its shared
-            # transaction commits, within commit_window (or at once when a frame's worth
-            # is waiting). Nobody sees it before it is durable.
-            self.store.append_later(sub.room, sender, kind, send.text, send.client_msg_id,
-                                    partial(self._stored, sub, send.client_msg_id))
-            if self.store.waiting >= FRAME_BATCH:
-                self._commit()
-            elif self._commit_timer is None:
-                self._commit_timer = asyncio.get_running_loop().call_later(
-                    pacing.commit_window, self._commit)
-            return
-        msg, dup = self.store.append(sub.room, sender, kind, send.text, send.client_msg_id)
-        self._stored(sub, send.client_msg_id, msg, dup, None)
-
     def _refuse(self, sub: Subscriber, problem: TsnetchatError, client_msg_id: str,
-                more: str = "") -> None:
+                retry_after: float = 0.0) -> None:
         """Tell a member why the event it sent was not taken (an error event, not the end
         of the stream)."""
         self.hub.reply(sub, codec.event_item(error=pb.Error(
-            code=status_for(problem).value[0], message=f"{problem}{more}",
-            client_msg_id=client_msg_id)))
-
-    def _commit(self) -> None:
-        if self._commit_timer is not None:
-            self._commit_timer.cancel()
-            self._commit_timer = None
-        self.store.commit()
-
-    def _stored(self, sub: Subscriber, client_msg_id: str, msg: StoredMessage, dup: bool,
-                error: StoreError | None) -> None:
-        """Publish a committed message and acknowledge it; or tell the sender it was lost."""
-        if error is not None:
-            self._refuse(sub, error, client_msg_id, "; this message was not saved, send it again")
-            return
-        if not dup:
-            self.metrics.inc("messages_total")
-            self.hub.publish(sub.room, codec.message_item(msg))
-        self.hub.reply(sub, codec.sent_item(client_msg_id, msg.id))
+            code=status_for(problem).value[0], message=str(problem),
+            client_msg_id=client_msg_id, retry_after_ms=round(retry_after * 1000))))
 
     async def Subscribe(self, request: Any,
                         context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
@@ -439,12 +352,12 @@ class ChatService:
             limit = min(request.limit or self.limits.max_page, self.limits.max_page)
             anchor = request.WhichOneof("anchor")
             if anchor == "after_id":
-                msgs = self.store.after(request.room, request.after_id, limit + 1)
+                msgs = await self.store.after(request.room, request.after_id, limit + 1)
                 more = len(msgs) > limit
                 msgs = msgs[:limit]
             else:
                 before = request.before_id if anchor == "before_id" else 2**62
-                msgs = self.store.before(request.room, before, limit + 1)
+                msgs = await self.store.before(request.room, before, limit + 1)
                 more = len(msgs) > limit
                 msgs = msgs[-limit:]
             return pb.HistoryResponse(messages=[codec.message_pb(m) for m in msgs], more=more,
@@ -490,7 +403,7 @@ class ChatService:
             auth.check_admin(p)
             if not request.token_id or len(request.token_id) > 64:
                 raise InvalidInput("token_id must be a token id from `tsnetchat token list`")
-            self.store.revoke(request.token_id)
+            await self.store.revoke(request.token_id)
             n = self.apply_revocations([request.token_id])
             log.info("revoke token=%s by=%s streams=%d", request.token_id, p.login, n)
             return pb.RevokeTokenResponse(streams_closed=n)
@@ -505,9 +418,20 @@ class ChatService:
         return self.hub.close_where(lambda s: s.token_id in ids, CloseReason(
             CloseKind.REVOKED, "token lock: your token was revoked; ask an admin for a new one"))
 
-    def begin_shutdown(self, reason: str = "server is restarting") -> int:
-        """Tell every stream the server is going away and close them (UNAVAILABLE)."""
+    async def begin_shutdown(self, reason: str = "server is restarting",
+                             drain_timeout: float = 10.0) -> int:
+        """Tell every stream the server is going away and close them (UNAVAILABLE).
+
+        Sends read from now on are refused as not stored; the messages already taken are
+        stored, published and acknowledged first (within ``drain_timeout``), so an open
+        group commit ends in acks that reach their senders before the streams close."""
         self.going_away = True
+        self.ledger.stop_accepting()
+        try:
+            await asyncio.wait_for(self.ledger.drain(), drain_timeout)
+        except TimeoutError:
+            log.warning("shutting down with %d message(s) still waiting for storage",
+                        self.store.pending())
         frame = codec.event_item(going_away=pb.GoingAway(reason=reason))
         for room in self.hub.rooms():
             self.hub.publish(room, frame)

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17tsnetchat/v1/chat.proto\x12\x0ctsnetchat.v1\"=\n\x08Identity\x12\r\n\x05login\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x0c\n\x04node\x18\x03 \x01(\t\"\xb3\x01\n\x0b\x43hatMessage\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0c\n\x04room\x18\x02 \x01(\t\x12\x14\n\x0csent_unix_ms\x18\x03 \x01(\x03\x12&\n\x06sender\x18\x04 \x01(\x0b\x32\x16.tsnetchat.v1.Identity\x12\x0c\n\x04text\x18\x05 \x01(\t\x12\'\n\x04kind\x18\x06 \x01(\x0e\x32\x19.tsnetchat.v1.MessageKind\x12\x15\n\rclient_msg_id\x18\x07 \x01(\t\"M\n\x05Hello\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\x15\n\x08\x61\x66ter_id\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\nbatch_acks\x18\x03 \x01(\x08\x42\x0b\n\t_after_id\"\x8b\x01\n\x0bSendMessage\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\'\n\x04kind\x18\x02 \x01(\x0e\x32\x19.tsnetchat.v1.MessageKind\x12\x15\n\rclient_msg_id\x18\x03 \x01(\t\x12.\n\x0e\x63laimed_sender\x18\x0f \x01(\x0b\x32\x16.tsnetchat.v1.Identity\"\x1b\n\x03\x41\x63k\x12\x14\n\x0clast_seen_id\x18\x01 \x01(\x04\"\x89\x01\n\x0b\x43lientEvent\x12$\n\x05hello\x18\x01 \x01(\x0b\x32\x13.tsnetchat.v1.HelloH\x00\x12)\n\x04send\x18\x02 \x01(\x0b\x32\x19.tsnetchat.v1.SendMessageH\x00\x12 \n\x03\x61\x63k\x18\x03 \x01(\x0b\x32\x11.tsnetchat.v1.AckH\x00\x42\x07\n\x05\x65vent\"\x91\x01\n\x07Welcome\x12\x0c\n\x04room\x18\x01 \x01(\t\x12#\n\x03you\x18\x02 \x01(\x0b\x32\x16.tsnetchat.v1.Identity\x12\'\n\x07members\x18\x03 \x03(\x0b\x32\x16.tsnetchat.v1.Identity\x12\x19\n\x11max_message_bytes\x18\x04 \x01(\r\x12\x0f\n\x07last_id\x18\x05 \x01(\x04\"\x90\x01\n\x08Presence\x12\x0c\n\x04room\x18\x01 \x01(\t\x12(\n\x04kind\x18\x02 \x01(\x0e\x32\x1a.tsnetchat.v1.PresenceKind\x12#\n\x03who\x18\x03 \x01(\x0b\x32\x16.tsnetchat.v1.Identity\x12\'\n\x07members\x18\x04 \x03(\x0b\x32\x16.tsnetchat.v1.Identity\")\n\x04Sent\x12\x15\n\rclient_msg_id\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\x04\"=\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x15\n\rclient_msg_id\x18\x03 \x01(\t\"\x1d\n\nReplayDone\x12\x0f\n\x07last_id\x18\x01 \x01(\x04\"\x1b\n\tGoingAway\x12\x0e\n\x06reason\x18\x01 \x01(\t\"V\n\x05\x42\x61tch\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.tsnetchat.v1.ChatMessage\x12 \n\x04sent\x18\x02 \x03(\x0b\x32\x12.tsnetchat.v1.Sent\"\xea\x02\n\x0bServerEvent\x12(\n\x07welcome\x18\x01 \x01(\x0b\x32\x15.tsnetchat.v1.WelcomeH\x00\x12,\n\x07message\x18\x02 \x01(\x0b\x32\x19.tsnetchat.v1.ChatMessageH\x00\x12*\n\x08presence\x18\x03 \x01(\x0b\x32\x16.tsnetchat.v1.PresenceH\x00\x12\"\n\x04sent\x18\x04 \x01(\x0b\x32\x12.tsnetchat.v1.SentH\x00\x12$\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x13.tsnetchat.v1.ErrorH\x00\x12$\n\x05\x62\x61tch\x18\x06 \x01(\x0b\x32\x13.tsnetchat.v1.BatchH\x00\x12/\n\x0breplay_done\x18\x07 \x01(\x0b\x32\x18.tsnetchat.v1.ReplayDoneH\x00\x12-\n\ngoing_away\x18\x08 \x01(\x0b\x32\x17.tsnetchat.v1.GoingAwayH\x00\x42\x07\n\x05\x65vent\"D\n\x10SubscribeRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\x15\n\x08\x61\x66ter_id\x18\x02 \x01(\x04H\x00\x88\x01\x01\x42\x0b\n\t_after_id\"`\n\x0eHistoryRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\x13\n\tbefore_id\x18\x02 \x01(\x04H\x00\x12\x12\n\x08\x61\x66ter_id\x18\x03 \x01(\x04H\x00\x12\r\n\x05limit\x18\x04 \x01(\rB\x08\n\x06\x61nchor\"^\n\x0fHistoryResponse\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.tsnetchat.v1.ChatMessage\x12\x0c\n\x04more\x18\x02 \x01(\x08\x12\x10\n\x08max_page\x18\x03 \x01(\r\"\x12\n\x10ListRoomsRequest\"R\n\x08RoomInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07last_id\x18\x02 \x01(\x04\x12\'\n\x07members\x18\x03 \x03(\x0b\x32\x16.tsnetchat.v1.Identity\"U\n\x11ListRoomsResponse\x12%\n\x05rooms\x18\x01 \x03(\x0b\x32\x16.tsnetchat.v1.RoomInfo\x12\x19\n\x11\x61ll_rooms_allowed\x18\x02 \x01(\x08\"\x0f\n\rWhoAmIRequest\"\x9d\x01\n\x0eWhoAmIResponse\x12(\n\x08identity\x18\x01 \x01(\x0b\x32\x16.tsnetchat.v1.Identity\x12\r\n\x05rooms\x18\x02 \x03(\t\x12\r\n\x05\x61\x64min\x18\x03 \x01(\x08\x12\x10\n\x08token_id\x18\x04 \x01(\t\x12\x1a\n\x12token_expires_unix\x18\x05 \x01(\x03\x12\x15\n\rgrant_applied\x18\x06 \x01(\x08\"*\n\x0bKickRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\r\n\x05login\x18\x02 \x01(\t\"&\n\x0cKickResponse\x12\x16\n\x0estreams_closed\x18\x01 \x01(\r\"&\n\x12RevokeTokenRequest\x12\x10\n\x08token_id\x18\x01 \x01(\t\"-\n\x13RevokeTokenResponse\x12\x16\n\x0estreams_closed\x18\x01 \x01(\r*[\n\x0bMessageKind\x12\x1c\n\x18MESSAGE_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11MESSAGE_KIND_TEXT\x10\x01\x12\x17\n\x13MESSAGE_KIND_ACTION\x10\x02*_\n\x0cPresenceKind\x12\x1d\n\x19PRESENCE_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14PRESENCE_KIND_JOINED\x10\x01\x12\x16\n\x12PRESENCE_KIND_LEFT\x10\x02\x32\x80\x04\n\x04\x43hat\x12@\n\x04Join\x12\x19.tsnetchat.v1.ClientEvent\x1a\x19.tsnetchat.v1.ServerEvent(\x01\x30\x01\x12H\n\tSubscribe\x12\x1e.tsnetchat.v1.SubscribeRequest\x1a\x19.tsnetchat.v1.ServerEvent0\x01\x12\x46\n\x07History\x12\x1c.tsnetchat.v1.HistoryRequest\x1a\x1d.tsnetchat.v1.HistoryResponse\x12L\n\tListRooms\x12\x1e.tsnetchat.v1.ListRoomsRequest\x1a\x1f.tsnetchat.v1.ListRoomsResponse\x12\x43\n\x06WhoAmI\x12\x1b.tsnetchat.v1.WhoAmIRequest\x1a\x1c.tsnetchat.v1.WhoAmIResponse\x12=\n\x04Kick\x12\x19.tsnetchat.v1.KickRequest\x1a\x1a.tsnetchat.v1.KickResponse\x12R\n\x0bRevokeToken\x12 .tsnetchat.v1.RevokeTokenRequest\x1a!.tsnetchat.v1.RevokeTokenResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17tsnetchat/v1/chat.proto\x12\x0ctsnetchat.v1\"=\n\x08Identity\x12\r\n\x05login\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x0c\n\x04node\x18\x03 \x01(\t\"\xb3\x01\n\x0b\x43hatMessage\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0c\n\x04room\x18\x02 \x01(\t\x12\x14\n\x0csent_unix_ms\x18\x03 \x01(\x03\x12&\n\x06sender\x18\x04 \x01(\x0b\x32\x16.tsnetchat.v1.Identity\x12\x0c\n\x04text\x18\x05 \x01(\t\x12\'\n\x04kind\x18\x06 \x01(\x0e\x32\x19.tsnetchat.v1.MessageKind\x12\x15\n\rclient_msg_id\x18\x07 \x01(\t\"M\n\x05Hello\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\x15\n\x08\x61\x66ter_id\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\nbatch_acks\x18\x03 \x01(\x08\x42\x0b\n\t_after_id\"\x8b\x01\n\x0bSendMessage\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\'\n\x04kind\x18\x02 \x01(\x0e\x32\x19.tsnetchat.v1.MessageKind\x12\x15\n\rclient_msg_id\x18\x03 \x01(\t\x12.\n\x0e\x63laimed_sender\x18\x0f \x01(\x0b\x32\x16.tsnetchat.v1.Identity\"\x1b\n\x03\x41\x63k\x12\x14\n\x0clast_seen_id\x18\x01 \x01(\x04\"\x89\x01\n\x0b\x43lientEvent\x12$\n\x05hello\x18\x01 \x01(\x0b\x32\x13.tsnetchat.v1.HelloH\x00\x12)\n\x04send\x18\x02 \x01(\x0b\x32\x19.tsnetchat.v1.SendMessageH\x00\x12 \n\x03\x61\x63k\x18\x03 \x01(\x0b\x32\x11.tsnetchat.v1.AckH\x00\x42\x07\n\x05\x65vent\"\xbe\x01\n\x07Welcome\x12\x0c\n\x04room\x18\x01 \x01(\t\x12#\n\x03you\x18\x02 \x01(\x0b\x32\x16.tsnetchat.v1.Identity\x12\'\n\x07members\x18\x03 \x03(\x0b\x32\x16.tsnetchat.v1.Identity\x12\x19\n\x11max_message_bytes\x18\x04 \x01(\r\x12\x0f\n\x07last_id\x18\x05 \x01(\x04\x12\x17\n\x0frate_per_second\x18\x06 \x01(\x01\x12\x12\n\nrate_burst\x18\x07 \x01(\r\"\x90\x01\n\x08Presence\x12\x0c\n\x04room\x18\x01 \x01(\t\x12(\n\x04kind\x18\x02 \x01(\x0e\x32\x1a.tsnetchat.v1.PresenceKind\x12#\n\x03who\x18\x03 \x01(\x0b\x32\x16.tsnetchat.v1.Identity\x12\'\n\x07members\x18\x04 \x03(\x0b\x32\x16.tsnetchat.v1.Identity\")\n\x04Sent\x12\x15\n\rclient_msg_id\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\x04\"U\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x15\n\rclient_msg_id\x18\x03 \x01(\t\x12\x16\n\x0eretry_after_ms\x18\x04 \x01(\r\"\x1d\n\nReplayDone\x12\x0f\n\x07last_id\x18\x01 \x01(\x04\"\x1b\n\tGoingAway\x12\x0e\n\x06reason\x18\x01 \x01(\t\"V\n\x05\x42\x61tch\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.tsnetchat.v1.ChatMessage\x12 \n\x04sent\x18\x02 \x03(\x0b\x32\x12.tsnetchat.v1.Sent\"\xea\x02\n\x0bServerEvent\x12(\n\x07welcome\x18\x01 \x01(\x0b\x32\x15.tsnetchat.v1.WelcomeH\x00\x12,\n\x07message\x18\x02 \x01(\x0b\x32\x19.tsnetchat.v1.ChatMessageH\x00\x12*\n\x08presence\x18\x03 \x01(\x0b\x32\x16.tsnetchat.v1.PresenceH\x00\x12\"\n\x04sent\x18\x04 \x01(\x0b\x32\x12.tsnetchat.v1.SentH\x00\x12$\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x13.tsnetchat.v1.ErrorH\x00\x12$\n\x05\x62\x61tch\x18\x06 \x01(\x0b\x32\x13.tsnetchat.v1.BatchH\x00\x12/\n\x0breplay_done\x18\x07 \x01(\x0b\x32\x18.tsnetchat.v1.ReplayDoneH\x00\x12-\n\ngoing_away\x18\x08 \x01(\x0b\x32\x17.tsnetchat.v1.GoingAwayH\x00\x42\x07\n\x05\x65vent\"D\n\x10SubscribeRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\x15\n\x08\x61\x66ter_id\x18\x02 \x01(\x04H\x00\x88\x01\x01\x42\x0b\n\t_after_id\"`\n\x0eHistoryRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\x13\n\tbefore_id\x18\x02 \x01(\x04H\x00\x12\x12\n\x08\x61\x66ter_id\x18\x03 \x01(\x04H\x00\x12\r\n\x05limit\x18\x04 \x01(\rB\x08\n\x06\x61nchor\"^\n\x0fHistoryResponse\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.tsnetchat.v1.ChatMessage\x12\x0c\n\x04more\x18\x02 \x01(\x08\x12\x10\n\x08max_page\x18\x03 \x01(\r\"\x12\n\x10ListRoomsRequest\"R\n\x08RoomInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07last_id\x18\x02 \x01(\x04\x12\'\n\x07members\x18\x03 \x03(\x0b\x32\x16.tsnetchat.v1.Identity\"U\n\x11ListRoomsResponse\x12%\n\x05rooms\x18\x01 \x03(\x0b\x32\x16.tsnetchat.v1.RoomInfo\x12\x19\n\x11\x61ll_rooms_allowed\x18\x02 \x01(\x08\"\x0f\n\rWhoAmIRequest\"\x9d\x01\n\x0eWhoAmIResponse\x12(\n\x08identity\x18\x01 \x01(\x0b\x32\x16.tsnetchat.v1.Identity\x12\r\n\x05rooms\x18\x02 \x03(\t\x12\r\n\x05\x61\x64min\x18\x03 \x01(\x08\x12\x10\n\x08token_id\x18\x04 \x01(\t\x12\x1a\n\x12token_expires_unix\x18\x05 \x01(\x03\x12\x15\n\rgrant_applied\x18\x06 \x01(\x08\"*\n\x0bKickRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\r\n\x05login\x18\x02 \x01(\t\"&\n\x0cKickResponse\x12\x16\n\x0estreams_closed\x18\x01 \x01(\r\"&\n\x12RevokeTokenRequest\x12\x10\n\x08token_id\x18\x01 \x01(\t\"-\n\x13RevokeTokenResponse\x12\x16\n\x0estreams_closed\x18\x01 \x01(\r*[\n\x0bMessageKind\x12\x1c\n\x18MESSAGE_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11MESSAGE_KIND_TEXT\x10\x01\x12\x17\n\x13MESSAGE_KIND_ACTION\x10\x02*_\n\x0cPresenceKind\x12\x1d\n\x19PRESENCE_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14PRESENCE_KIND_JOINED\x10\x01\x12\x16\n\x12PRESENCE_KIND_LEFT\x10\x02\x32\x80\x04\n\x04\x43hat\x12@\n\x04Join\x12\x19.tsnetchat.v1.ClientEvent\x1a\x19.tsnetchat.v1.ServerEvent(\x01\x30\x01\x12H\n\tSubscribe\x12\x1e.tsnetchat.v1.SubscribeRequest\x1a\x19.tsnetchat.v1.ServerEvent0\x01\x12\x46\n\x07History\x12\x1c.tsnetchat.v1.HistoryRequest\x1a\x1d.tsnetchat.v1.HistoryResponse\x12L\n\tListRooms\x12\x1e.tsnetchat.v1.ListRoomsRequest\x1a\x1f.tsnetchat.v1.ListRoomsResponse\x12\x43\n\x06WhoAmI\x12\x1b.tsnetchat.v1.WhoAmIRequest\x1a\x1c.tsnetchat.v1.WhoAmIResponse\x12=\n\x04Kick\x12\x19.tsnetchat.v1.KickRequest\x1a\x1a.tsnetchat.v1.KickResponse\x12R\n\x0bRevokeToken\x12 .tsnetchat.v1.RevokeTokenRequest\x1a!.tsnetchat.v1.RevokeTokenResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tsnetchat.v1.chat_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MESSAGEKIND']._serialized_start=2393
-  _globals['_MESSAGEKIND']._serialized_end=2484
-  _globals['_PRESENCEKIND']._serialized_start=2486
-  _globals['_PRESENCEKIND']._serialized_end=2581
+  _globals['_MESSAGEKIND']._serialized_start=2462
+  _globals['_MESSAGEKIND']._serialized_end=2553
+  _globals['_PRESENCEKIND']._serialized_start=2555
+  _globals['_PRESENCEKIND']._serialized_end=2650
   _globals['_IDENTITY']._serialized_start=41
   _globals['_IDENTITY']._serialized_end=102
   _globals['_CHATMESSAGE']._serialized_start=105
@@ -48,45 +48,45 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLIENTEVENT']._serialized_start=537
   _globals['_CLIENTEVENT']._serialized_end=674
   _globals['_WELCOME']._serialized_start=677
-  _globals['_WELCOME']._serialized_end=822
-  _globals['_PRESENCE']._serialized_start=825
-  _globals['_PRESENCE']._serialized_end=969
-  _globals['_SENT']._serialized_start=971
-  _globals['_SENT']._serialized_end=1012
-  _globals['_ERROR']._serialized_start=1014
-  _globals['_ERROR']._serialized_end=1075
-  _globals['_REPLAYDONE']._serialized_start=1077
-  _globals['_REPLAYDONE']._serialized_end=1106
-  _globals['_GOINGAWAY']._serialized_start=1108
-  _globals['_GOINGAWAY']._serialized_end=1135
-  _globals['_BATCH']._serialized_start=1137
-  _globals['_BATCH']._serialized_end=1223
-  _globals['_SERVEREVENT']._serialized_start=1226
-  _globals['_SERVEREVENT']._serialized_end=1588
-  _globals['_SUBSCRIBEREQUEST']._serialized_start=1590
-  _globals['_SUBSCRIBEREQUEST']._serialized_end=1658
-  _globals['_HISTORYREQUEST']._serialized_start=1660
-  _globals['_HISTORYREQUEST']._serialized_end=1756
-  _globals['_HISTORYRESPONSE']._serialized_start=1758
-  _globals['_HISTORYRESPONSE']._serialized_end=1852
-  _globals['_LISTROOMSREQUEST']._serialized_start=1854
-  _globals['_LISTROOMSREQUEST']._serialized_end=1872
-  _globals['_ROOMINFO']._serialized_start=1874
-  _globals['_ROOMINFO']._serialized_end=1956
-  _globals['_LISTROOMSRESPONSE']._serialized_start=1958
-  _globals['_LISTROOMSRESPONSE']._serialized_end=2043
-  _globals['_WHOAMIREQUEST']._serialized_start=2045
-  _globals['_WHOAMIREQUEST']._serialized_end=2060
-  _globals['_WHOAMIRESPONSE']._serialized_start=2063
-  _globals['_WHOAMIRESPONSE']._serialized_end=2220
-  _globals['_KICKREQUEST']._serialized_start=2222
-  _globals['_KICKREQUEST']._serialized_end=2264
-  _globals['_KICKRESPONSE']._serialized_start=2266
-  _globals['_KICKRESPONSE']._serialized_end=2304
-  _globals['_REVOKETOKENREQUEST']._serialized_start=2306
-  _globals['_REVOKETOKENREQUEST']._serialized_end=2344
-  _globals['_REVOKETOKENRESPONSE']._serialized_start=2346
-  _globals['_REVOKETOKENRESPONSE']._serialized_end=2391
-  _globals['_CHAT']._serialized_start=2584
-  _globals['_CHAT']._serialized_end=3096
+  _globals['_WELCOME']._serialized_end=867
+  _globals['_PRESENCE']._serialized_start=870
+  _globals['_PRESENCE']._serialized_end=1014
+  _globals['_SENT']._serialized_start=1016
+  _globals['_SENT']._serialized_end=1057
+  _globals['_ERROR']._serialized_start=1059
+  _globals['_ERROR']._serialized_end=1144
+  _globals['_REPLAYDONE']._serialized_start=1146
+  _globals['_REPLAYDONE']._serialized_end=1175
+  _globals['_GOINGAWAY']._serialized_start=1177
+  _globals['_GOINGAWAY']._serialized_end=1204
+  _globals['_BATCH']._serialized_start=1206
+  _globals['_BATCH']._serialized_end=1292
+  _globals['_SERVEREVENT']._serialized_start=1295
+  _globals['_SERVEREVENT']._serialized_end=1657
+  _globals['_SUBSCRIBEREQUEST']._serialized_start=1659
+  _globals['_SUBSCRIBEREQUEST']._serialized_end=1727
+  _globals['_HISTORYREQUEST']._serialized_start=1729
+  _globals['_HISTORYREQUEST']._serialized_end=1825
+  _globals['_HISTORYRESPONSE']._serialized_start=1827
+  _globals['_HISTORYRESPONSE']._serialized_end=1921
+  _globals['_LISTROOMSREQUEST']._serialized_start=1923
+  _globals['_LISTROOMSREQUEST']._serialized_end=1941
+  _globals['_ROOMINFO']._serialized_start=1943
+  _globals['_ROOMINFO']._serialized_end=2025
+  _globals['_LISTROOMSRESPONSE']._serialized_start=2027
+  _globals['_LISTROOMSRESPONSE']._serialized_end=2112
+  _globals['_WHOAMIREQUEST']._serialized_start=2114
+  _globals['_WHOAMIREQUEST']._serialized_end=2129
+  _globals['_WHOAMIRESPONSE']._serialized_start=2132
+  _globals['_WHOAMIRESPONSE']._serialized_end=2289
+  _globals['_KICKREQUEST']._serialized_start=2291
+  _globals['_KICKREQUEST']._serialized_end=2333
+  _globals['_KICKRESPONSE']._serialized_start=2335
+  _globals['_KICKRESPONSE']._serialized_end=2373
+  _globals['_REVOKETOKENREQUEST']._serialized_start=2375
+  _globals['_REVOKETOKENREQUEST']._serialized_end=2413
+  _globals['_REVOKETOKENRESPONSE']._serialized_start=2415
+  _globals['_REVOKETOKENRESPONSE']._serialized_end=2460
+  _globals['_CHAT']._serialized_start=2653
+  _globals['_CHAT']._serialized_end=3165
 # @@protoc_insertion_point(module_scope)
