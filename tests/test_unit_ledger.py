@@ -53,18 +53,21 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
 
 
 def events(sub: Subscriber) -> list[tuple[str, Any]]:
-    """What a subscriber has been sent so far: (kind, (id, text) or (client_msg_id, id))."""
+    """What a subscriber is sent now: (kind, (id, text) or (client_msg_id, id))."""
     out: list[tuple[str, Any]] = []
-    for item in sub.drain(10_000):
-        ev = pb.ServerEvent.FromString(item.frame)
-        which = ev.WhichOneof("event")
-        if which == "message":
-            out.append(("message", (ev.message.id, ev.message.text)))
-        elif which == "sent":
-            out.append(("sent", (ev.sent.client_msg_id, ev.sent.id)))
-        else:
-            out.append((str(which), None))
-    return out
+    while True:
+        frames, _ = sub.take()
+        if not frames:
+            return out
+        for f in frames:
+            ev = pb.ServerEvent.FromString(f)
+            which = ev.WhichOneof("event")
+            msgs = [ev.message] if which == "message" else list(ev.batch.messages)
+            acks = [ev.sent] if which == "sent" else list(ev.batch.sent)
+            out.extend(("message", (m.id, m.text)) for m in msgs)
+            out.extend(("sent", (a.client_msg_id, a.id)) for a in acks)
+            if which not in ("message", "sent", "batch"):
+                out.append((str(which), None))
 
 
 async def test_a_message_is_stored_then_shown_to_the_room_then_acknowledged(

@@ -15,7 +15,13 @@ from typing import Any
 
 import pytest
 
-from tsnetchat.loop import LoopLoad, freeze_startup_heap, new_event_loop, yield_helper_threads
+from tsnetchat.loop import (
+    Collector,
+    LoopLoad,
+    freeze_startup_heap,
+    new_event_loop,
+    yield_helper_threads,
+)
 
 
 def test_the_loop_load_is_low_when_waiting_and_high_when_running_callbacks() -> None:
@@ -129,6 +135,46 @@ def test_frozen_startup_heap_is_skipped_but_later_garbage_is_still_collected() -
         gc.collect()
         assert after() is None
     finally:
+        gc.unfreeze()
+
+
+def test_young_collections_scale_with_the_streams_and_full_ones_skip_their_survivors() -> None:
+    class Node:
+        ref: object = None
+
+    def cycle() -> weakref.ref[Node]:
+        a, b = Node(), Node()
+        a.ref, b.ref = b, a
+        return weakref.ref(a)
+
+    before = gc.get_threshold()
+    collector = Collector(refresh=3600)
+    try:
+        collector.scale(10)
+        assert gc.get_threshold() == (700, *before[1:])  # never below Python's own
+        collector.scale(10_000)
+        assert gc.get_threshold() == (100_000, *before[1:])
+        collector.install()
+        gc.collect()
+        assert collector.frozen_after == 1 and gc.get_freeze_count() > 1000
+        later = cycle()  # garbage made after the freeze is collected as usual
+        gc.collect(0)
+        assert later() is None
+    finally:
+        collector.uninstall()
+        gc.unfreeze()
+        gc.set_threshold(*before)
+
+
+def test_every_refresh_the_freeze_is_undone_so_old_cycles_are_collected_once() -> None:
+    collector = Collector(refresh=0.0)
+    try:
+        collector.install()
+        gc.freeze()  # as an earlier full collection left it
+        gc.collect()
+        assert collector.frozen_after == 0 and gc.get_freeze_count() == 0
+    finally:
+        collector.uninstall()
         gc.unfreeze()
 
 

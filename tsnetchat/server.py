@@ -27,7 +27,7 @@ from .config import ServerConfig, parse_listen
 from .errors import ConfigError, LocalAPIUnavailable, TailnetError
 from .gate import Gate, WhoIsFunc
 from .hub import Hub, Pacing
-from .loop import LoopLoad, freeze_startup_heap, yield_helper_threads
+from .loop import Collector, LoopLoad, freeze_startup_heap, yield_helper_threads
 from .metrics import Metrics
 from .notify import Notifier
 from .pb import chat_pb2 as pb
@@ -132,7 +132,9 @@ class Server:
         gate = Gate(whois=whois, key=key, cap_name=cfg.cap_name, require_grant=cfg.require_grant,
                     whois_timeout=cfg.whois_timeout, revoked=revoked)
         load = LoopLoad(asyncio.get_running_loop())
-        self.service = ChatService(store=self.store, hub=Hub(self.pacing, load=load), gate=gate,
+        hub = Hub(self.pacing, load=load)
+        self.store.linger = lambda: hub.pacing.commit_linger(load())
+        self.service = ChatService(store=self.store, hub=hub, gate=gate,
                                    limits=limits_from(cfg), metrics=self.metrics)
         self.metrics.gauge("subscribers", lambda: float(self.service.hub.counts()[1])
                            if self.service else 0.0)
@@ -153,6 +155,9 @@ class Server:
             if cfg.batch_helper_threads:
                 log.debug("%d helper threads set to SCHED_BATCH", yield_helper_threads())
             freeze_startup_heap()
+            collector = Collector()
+            collector.install()
+            self._tasks.append(asyncio.create_task(self._scale_collector(collector)))
         wd = self.notifier.watchdog_interval()
         if wd:
             self._tasks.append(asyncio.create_task(self._watchdog(wd)))
@@ -217,6 +222,12 @@ class Server:
             with contextlib.suppress(Exception):
                 await self.store.prune(keep_count=self.cfg.retention_count,
                                        keep_days=self.cfg.retention_days)
+
+    async def _scale_collector(self, collector: Collector) -> None:
+        while True:
+            if self.service is not None:
+                collector.scale(self.service.hub.counts()[1])
+            await asyncio.sleep(1.0)
 
     async def _watchdog(self, interval: float) -> None:
         while True:

@@ -201,21 +201,21 @@ class ChatService:
             for f in codec.pack([codec.message_item(m) for m in msgs]):
                 yield f
 
-    async def _live(self, sub: Subscriber, context: grpc.aio.ServicerContext, *,
-                    batch_acks: bool = False) -> AsyncIterator[bytes]:
-        skip = sub.replayed_to
+    async def _live(self, sub: Subscriber,
+                    context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        counters = self.metrics.counters
         while True:
             await sub.wait()
-            if sub.queue:
-                items = sub.drain(FRAME_BATCH)
-                frames = codec.pack(items, skip, batch_acks=batch_acks)
-                self.metrics.inc("deliveries_total", sum(1 for i in items if i.id > skip))
-                self.metrics.inc("frames_total", len(frames))
+            frames, delivered = sub.take()
+            if frames:
+                counters["deliveries_total"] += delivered
+                counters["frames_total"] += len(frames)
                 for f in frames:
                     yield f
                 continue
             reason = sub.closed
-            assert reason is not None
+            if reason is None:
+                continue  # what was due had been sent from history already
             if reason.kind is CloseKind.DONE:
                 return
             await context.abort(_CLOSE_STATUS.get(reason.kind, grpc.StatusCode.INTERNAL),
@@ -237,7 +237,7 @@ class ChatService:
             self._check_capacity(p)
             me = self._me(p)
             sub = Subscriber(hello.room, p.login, p.token_id, self.limits.subscriber_queue,
-                             member=me)
+                             member=me, batch_acks=hello.batch_acks)
             first = self.hub.add(sub)
             reader: asyncio.Task[None] | None = None
             self.metrics.inc("streams_opened_total{kind=\"join\"}")
@@ -256,7 +256,7 @@ class ChatService:
                 if first:
                     self._presence(hello.room, pb.PRESENCE_KIND_JOINED, me)
                 reader = asyncio.create_task(self._read_client(request_iterator, sub, p))
-                async for f in self._live(sub, context, batch_acks=hello.batch_acks):
+                async for f in self._live(sub, context):
                     yield f
             finally:
                 if reader is not None:
@@ -435,5 +435,6 @@ class ChatService:
         frame = codec.event_item(going_away=pb.GoingAway(reason=reason))
         for room in self.hub.rooms():
             self.hub.publish(room, frame)
+            self.hub.flush(room)
         return self.hub.close_where(lambda s: True, CloseReason(
             CloseKind.SHUTDOWN, f"{reason}; reconnect and resume after your last message id"))
