@@ -281,6 +281,7 @@ class Store:
         except sqlite3.Error as e:
             raise StoreError(f"cannot open history database {path}: {e}") from e
         self._appends = 0
+        self._timeout_ms = int(timeout * 1000)
         self.checkpointer: _Checkpointer | None = None  # started by the first busy writer
         # The writer's view: room name -> (room number, last id); sender -> number.
         self._rooms: dict[str, tuple[int, int]] = {}
@@ -399,8 +400,12 @@ class Store:
         return out
 
     def set_timeout(self, seconds: float) -> None:
-        """How long the next statements wait for another connection's lock."""
-        self._db.execute(f"PRAGMA busy_timeout={max(1, int(seconds * 1000))}")
+        """How long the next statements wait for another connection's lock (to within 10%
+        below: a statement per commit saved; the caller checks its own deadline)."""
+        ms = max(1, int(seconds * 1000))
+        if ms < self._timeout_ms * 0.9 or ms > self._timeout_ms:
+            self._db.execute(f"PRAGMA busy_timeout={ms}")
+            self._timeout_ms = ms
 
     def begin(self, timeout: float) -> None:
         """Open a write transaction for ``write_open``, waiting up to ``timeout`` seconds for
@@ -413,6 +418,25 @@ class Store:
             if _locked(e):
                 raise
             raise StoreError(f"history database error: {e}") from e
+
+    def write_one(self, draft: Draft, timeout: float) -> Written | None:
+        """Store one message into a room and from a sender already known, as one statement
+        (SQLite's own transaction): a commit alone costs the writer three statements more.
+        None if it is not that simple (use ``begin`` and ``write_open``). Raises
+        sqlite3.OperationalError while locked and StoreError for anything else."""
+        room = self._rooms.get(draft.room)
+        if room is None or draft.sender not in self._senders:
+            return None
+        self.set_timeout(timeout)
+        try:
+            w = self._insert(draft, None)
+        except sqlite3.Error as e:
+            self._rooms[draft.room] = room
+            if _locked(e):
+                raise
+            raise StoreError(f"history database error: {e}") from e
+        self._count(1)
+        return w
 
     def write_open(self, drafts: Sequence[Draft]) -> list[Written]:
         """``write`` inside a transaction opened by ``begin``: commits, or rolls back and
@@ -606,6 +630,9 @@ class SqliteHistory:
         self._unsettled = 0
         self._settled = asyncio.Event()
         self._settled.set()
+        self._post_lock = threading.Lock()
+        self._posted: list[tuple[Settle, Outcome]] = []
+        self._post_due = False
         self._readers = ThreadPoolExecutor(readers, thread_name_prefix="tsnetchat-read")
         self._local = threading.local()
         self._reader_dbs: list[Store] = []
@@ -697,16 +724,33 @@ class SqliteHistory:
     def _write_group(self) -> None:
         q = self._queue
         first = q[0]
-        try:
-            self._store.begin(max(0.0, first.deadline - time.monotonic()))
-        except sqlite3.Error as e:  # still locked: everything waiting now is refused
-            self._refuse_waiting(StoreError(
-                f"the history database stayed locked for {self.wait:g}s ({e}; another process "
-                "holds it, or the disk is stalled)"))
-            return
-        except StoreError as e:
-            self._refuse_waiting(e)
-            return
+        assert isinstance(first, _Pending)
+        while True:
+            try:
+                if len(q) == 1:
+                    w = self._store.write_one(first.draft, first.deadline - time.monotonic())
+                    if w is not None:
+                        q.popleft()
+                        self._post([(first.then, w)])
+                        return
+                self._store.begin(max(0.0, first.deadline - time.monotonic()))
+                break
+            except sqlite3.Error as e:
+                if first.deadline > time.monotonic():
+                    time.sleep(0.001)  # (never a busy loop, whatever SQLite returned)
+                    continue  # a lock timeout set for a later deadline: wait on
+                # Still locked: everything waiting now is refused.
+                self._refuse_waiting(StoreError(
+                    f"the history database stayed locked for {self.wait:g}s ({e}; another "
+                    "process holds it, or the disk is stalled)"))
+                return
+            except StoreError as e:
+                if len(q) == 1 and q[0] is first:
+                    q.popleft()
+                    self._post([(first.then, e)])
+                else:
+                    self._refuse_waiting(e)
+                return
         group: list[_Pending] = []
         while q and len(group) < self.max_group and isinstance(q[0], _Pending):
             group.append(q.popleft())  # type: ignore[arg-type]
@@ -733,8 +777,21 @@ class SqliteHistory:
             job.future.set_exception(e)
 
     def _post(self, results: list[tuple[Settle, Outcome]]) -> None:
+        """Hand results to the loop: one wake-up while the loop has not taken the last ones
+        (each wake-up is a write to its self-pipe and a read on the loop)."""
+        with self._post_lock:
+            self._posted.extend(results)
+            if self._post_due:
+                return
+            self._post_due = True
         with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
-            self._loop.call_soon_threadsafe(self._settle, results)
+            self._loop.call_soon_threadsafe(self._take_posted)
+
+    def _take_posted(self) -> None:
+        with self._post_lock:
+            results, self._posted = self._posted, []
+            self._post_due = False
+        self._settle(results)
 
     # reading (reader threads) -----------------------------------------------------------
 
