@@ -158,18 +158,18 @@ async def test_under_group_commit_nothing_is_seen_or_acked_before_it_is_durable(
     sub.cancel()
 
 
-async def test_under_group_commit_a_failed_commit_refuses_each_message_and_shows_none(
+async def test_a_full_disk_refuses_each_message_as_not_stored_and_shows_none(
         chat: Chat) -> None:
-    """When the shared commit fails (here: a full disk), each sender in the group is told its
-    message was not stored; nobody receives those messages, and their ids are not used up."""
+    """When storing fails (here: a full disk), each sender is told its message was not
+    stored; nobody receives those messages, and their ids are not used up."""
     history = chat.server.store
     assert history is not None
     store = history._store  # the writer thread's connection
     real = store._db
 
-    class FullDisk:  # the connection, except that COMMIT fails
+    class FullDisk:  # the connection, except that writing a message fails
         def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
-            if sql == "COMMIT":
+            if sql == "COMMIT" or sql.startswith("INSERT INTO messages"):
                 raise sqlite3.OperationalError("database or disk is full")
             return real.execute(sql, *args)
 
@@ -178,14 +178,11 @@ async def test_under_group_commit_a_failed_commit_refuses_each_message_and_shows
     await collect(sub, 1, kind="replay_done")
     alice = await chat.connect("alice@tailnet.test")
     assert await alice.send_one("general", "kept") == 1
-    async with write_lock_held(chat.cfg.db_path) as lock:  # so the three share one commit
-        call = alice.stub.Join(hello_events("general", after=2**62, batch_acks=True,
-                                            then=[send(f"lost{i}", f"c{i}") for i in range(3)]),
-                               metadata=alice.metadata)
-        await until(lambda: history.pending() == 3, "three sends wait for the lock")
-        store._db = FullDisk()  # type: ignore[assignment]
-        await lock.release()
-        errors = await collect(call, 3, kind="error")
+    store._db = FullDisk()  # type: ignore[assignment]
+    call = alice.stub.Join(hello_events("general", after=2**62, batch_acks=True,
+                                        then=[send(f"lost{i}", f"c{i}") for i in range(3)]),
+                           metadata=alice.metadata)
+    errors = await collect(call, 3, kind="error")
     assert [(e.client_msg_id, e.code) for e in errors] == [
         (f"c{i}", grpc.StatusCode.UNAVAILABLE.value[0]) for i in range(3)]
     assert all("database or disk is full" in e.message and "was not stored: send it again"

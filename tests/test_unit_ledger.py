@@ -139,7 +139,7 @@ async def test_a_storage_failure_is_refused_as_not_stored_and_shown_to_nobody(
 
     class FullDisk:
         def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
-            if sql == "COMMIT":
+            if sql == "COMMIT" or sql.startswith("INSERT INTO messages"):
                 raise sqlite3.OperationalError("database or disk is full")
             return real.execute(sql, *args)
 

@@ -75,13 +75,13 @@ def test_a_group_is_one_transaction_and_a_resend_inside_it_gets_the_original_id(
 
 
 class FullDisk:
-    """A connection whose COMMIT fails as on a full disk."""
+    """A connection on a full disk: writing a message, or committing, fails."""
 
-    def __init__(self, real: sqlite3.Connection) -> None:
-        self.real = real
+    def __init__(self, real: sqlite3.Connection, *, insert_fails: bool = True) -> None:
+        self.real, self.insert_fails = real, insert_fails
 
     def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
-        if sql == "COMMIT":
+        if sql == "COMMIT" or (self.insert_fails and sql.startswith("INSERT INTO messages")):
             raise sqlite3.OperationalError("database or disk is full")
         return self.real.execute(sql, *args)
 
@@ -90,7 +90,7 @@ def test_a_failed_group_commit_loses_the_whole_group_and_says_so(tmp_path: Path)
     s = Store(tmp_path / "db")
     s.append("r", A, 1, "kept")
     real = s._db
-    s._db = FullDisk(real)  # type: ignore[assignment]
+    s._db = FullDisk(real, insert_fails=False)  # type: ignore[assignment]  # only COMMIT
     with pytest.raises(StoreError, match="database or disk is full"):
         s.write([Draft("r", A, 1, f"lost{i}") for i in range(2)] + [Draft("new", A, 1, "x")])
     s._db = real
