@@ -6,8 +6,10 @@
         arrived on every stream (or after --ready-timeout), then counts deliveries until a
         line arrives on stdin, then prints a JSON result and exits.
     loadgen.py send --target H:P --token T --room R --count N --rate R [--window W]
-        one Join stream; sends N messages at R/s (0 = as fast as acks allow, W in flight);
-        each text starts with the send time in ns. Prints a JSON result.
+                     [--start-after S]
+        one Join stream; sends N messages at R/s (0 = as fast as acks allow, W in flight),
+        the first S seconds after the hello; each text starts with the send time in ns.
+        Prints a JSON result.
 
 Latency = receive time - send time, on the same machine clock. To keep memory flat, only
 the first --sample streams of a worker record latencies; all streams count deliveries.
@@ -123,6 +125,7 @@ async def send(a: argparse.Namespace) -> None:
 
     async def requests() -> Any:
         yield pb.ClientEvent(hello=pb.Hello(room=a.room, after_id=2**62, batch_acks=True))
+        await asyncio.sleep(a.start_after)  # the join's presence event goes out first
         t0 = time.monotonic()
         for i in range(a.count):
             if a.rate:
@@ -166,6 +169,7 @@ def main() -> None:
     ap.add_argument("--count", type=int, default=1000)
     ap.add_argument("--rate", type=float, default=0)
     ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--start-after", type=float, default=0.0)
     ap.add_argument("--size", type=int, default=64)
     a = ap.parse_args()
     asyncio.run(subscribe(a) if a.mode == "subscribe" else send(a))

@@ -125,6 +125,25 @@ async def test_a_reader_that_falls_behind_is_cut_off_and_the_log_stays_bounded()
     assert len(hub._rooms["r"].log) == 10
 
 
+async def test_the_log_keeps_only_what_its_slowest_reader_has_not_taken() -> None:
+    hub = Hub()
+    fast, slow = room_of(hub, 2, limit=1000)
+    log = hub._rooms["r"].log
+    for i in range(1, 300):
+        hub.publish("r", msg(i))
+        hub.flush("r")
+        fast.take()
+    assert len(log) == 299  # slow has taken nothing yet
+    while slow.take()[0]:
+        pass
+    for i in range(300, 700):  # past the next trim (the log may double before one)
+        hub.publish("r", msg(i))
+        hub.flush("r")
+        fast.take()
+        slow.take()
+    assert len(log) < 64  # both current: the log holds only the latest few
+
+
 async def test_an_ack_in_a_busy_room_rides_with_the_held_echo_of_its_message() -> None:
     hub, [sub] = await busy_room()
     sub.batch_acks = True

@@ -117,15 +117,18 @@ def test_where_the_policy_cannot_be_set_the_server_says_so_and_carries_on(
         in caplog.text
 
 
+class Node:
+    ref: object = None
+
+
+def cycle() -> weakref.ref[Node]:
+    """Garbage only the collector can free: two objects that refer to each other."""
+    a, b = Node(), Node()
+    a.ref, b.ref = b, a
+    return weakref.ref(a)
+
+
 def test_frozen_startup_heap_is_skipped_but_later_garbage_is_still_collected() -> None:
-    class Node:
-        ref: object = None
-
-    def cycle() -> weakref.ref[Node]:
-        a, b = Node(), Node()
-        a.ref, b.ref = b, a
-        return weakref.ref(a)
-
     before = cycle()  # garbage at startup is collected, not frozen for ever
     try:
         freeze_startup_heap()
@@ -139,14 +142,6 @@ def test_frozen_startup_heap_is_skipped_but_later_garbage_is_still_collected() -
 
 
 def test_young_collections_scale_with_the_streams_and_full_ones_skip_their_survivors() -> None:
-    class Node:
-        ref: object = None
-
-    def cycle() -> weakref.ref[Node]:
-        a, b = Node(), Node()
-        a.ref, b.ref = b, a
-        return weakref.ref(a)
-
     before = gc.get_threshold()
     collector = Collector(refresh=3600)
     try:

@@ -11,9 +11,10 @@ cursor into it, plus a short queue of answers meant for it alone (acks, errors).
   at the same position get the very same bytes, built once per room and slice
   (``_Room.frames``); only a subscriber that is behind, or that has answers of its own to add,
   costs work of its own.
-* A subscriber that falls more than ``limit`` events behind the end of the log is closed with
-  ``CloseKind.OVERFLOW``: the log never holds more than that, a slow reader never slows the
-  others, and it costs nothing while it stays stuck.
+* The log keeps what its slowest reader has not taken yet (``_Room.trim``, one pass over the
+  subscribers each time it has doubled), and never more than ``limit`` events: a subscriber
+  that falls further behind is closed with ``CloseKind.OVERFLOW``. A slow reader never slows
+  the others, and costs nothing while it stays stuck.
 
 Pacing (measured, bench/README.md): every frame costs the server a write on that stream,
 about 25 us of the one core, whatever it holds, and packing one more message into it almost
@@ -247,6 +248,7 @@ class _Room:
     members: dict[str, list[Subscriber]] = field(default_factory=dict)
     last_publish: float = -math.inf
     timer: asyncio.TimerHandle | None = None
+    _trim_at: int = 64  # log length at which to look for what every reader has taken
     _frames: dict[tuple[int, int], tuple[list[bytes], int]] = field(default_factory=dict)
 
     @property
@@ -258,6 +260,25 @@ class _Room:
         if len(self.log) > self.limit:
             self.log.popleft()
             self.base += 1
+        elif len(self.log) >= self._trim_at:
+            self.trim()
+
+    def trim(self) -> None:
+        """Drop what every reader has taken; close readers the log has already left behind.
+        (A log kept at its limit held 8,192 events of 2 KB, 16 MB, in a room whose readers
+        were all current.)"""
+        low = self.end
+        for s in self.subs:
+            if s.closed is not None:
+                continue
+            if s.cursor < self.base:
+                s.close(_overflow(s))
+            elif s.cursor < low:
+                low = s.cursor
+        for _ in range(low - self.base):
+            self.log.popleft()
+        self.base = low
+        self._trim_at = max(64, 2 * len(self.log))
 
     def flush(self) -> None:
         """Release the log up to its end and wake whoever was waiting for it."""

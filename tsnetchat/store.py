@@ -845,7 +845,12 @@ class SqliteHistory:
         await self.drain()
         self._stopping = True
         self._wake.set()
-        await asyncio.to_thread(self._writer.join)
+        await asyncio.to_thread(self._close_threads)
+
+    def _close_threads(self) -> None:
+        # Off the loop: joining waits for a read in progress, and the last connection to
+        # close checkpoints the WAL.
+        self._writer.join()
         self._readers.shutdown(wait=True)
         for db in [*self._reader_dbs, self._store]:
             db.close()

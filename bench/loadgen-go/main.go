@@ -63,7 +63,7 @@ type args struct {
 	mode, target, token, room              string
 	n, conns, stall, sample, count, window int
 	size                                   int
-	rate, readyTimeout                     float64
+	rate, readyTimeout, startAfter         float64
 	spread                                 bool
 }
 
@@ -323,6 +323,9 @@ func send(a *args) {
 	window := make(chan struct{}, a.window)
 	pad := strings.Repeat("x", max(0, a.size-20))
 	go func() {
+		// The sender's own join announces it to the room (a presence event to everyone);
+		// --start-after lets that go out before the first message.
+		time.Sleep(time.Duration(a.startAfter * float64(time.Second)))
 		t0 := time.Now()
 		for i := 0; i < a.count; i++ {
 			if a.rate > 0 {
@@ -386,6 +389,7 @@ func main() {
 	fs.IntVar(&a.count, "count", 1000, "messages to send")
 	fs.Float64Var(&a.rate, "rate", 0, "messages per second (0 = as fast as acks allow)")
 	fs.IntVar(&a.window, "window", 512, "unacknowledged messages in flight")
+	fs.Float64Var(&a.startAfter, "start-after", 0, "seconds between the hello and the first message")
 	fs.IntVar(&a.size, "size", 64, "message size in bytes")
 	_ = fs.Parse(os.Args[2:])
 	if a.mode == "subscribe" {
