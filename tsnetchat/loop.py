@@ -166,7 +166,9 @@ class Collector:
 
     When the number of streams has doubled (from 1,000 on), ``scale`` collects and freezes at
     once: the one full walk over the new streams' objects then happens while they connect,
-    not in the middle of the next broadcast.
+    not in the middle of a broadcast. (Without it one of two runs of 20 broadcasts to 10,000
+    had one take 1.5 s instead of 0.4 s; with it the slowest of both was 0.6 s. Measured
+    2026-11-22 on a busy machine.)
     """
 
     def __init__(self, *, refresh: float = 600.0, per_stream: int = 10) -> None:
