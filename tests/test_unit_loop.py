@@ -79,24 +79,27 @@ def test_the_loop_load_counts_cpu_the_other_threads_use_while_the_loop_waits() -
         os.sched_setaffinity(0, allowed)
 
 
-def test_helper_threads_yield_to_the_loop_thread_which_keeps_its_policy() -> None:
+def test_helper_threads_yield_to_the_loop_thread_and_those_kept_which_keep_their_policy(
+        ) -> None:
     # In a child: the policy applies to every thread of the process it runs in.
     script = """
 import os, threading
 from tsnetchat.loop import yield_helper_threads
-started, stop = threading.Event(), threading.Event()
-def helper():
-    started.set(); stop.wait()
-t = threading.Thread(target=helper); t.start(); started.wait()
-changed = yield_helper_threads()
-print(changed, os.sched_getscheduler(t.native_id) == os.SCHED_BATCH,
+stop = threading.Event()
+threads = [threading.Thread(target=stop.wait) for _ in range(2)]
+for t in threads:
+    t.start()
+helper, kept = threads
+changed = yield_helper_threads(keep={kept.native_id})
+print(changed, os.sched_getscheduler(helper.native_id) == os.SCHED_BATCH,
+      os.sched_getscheduler(kept.native_id) == os.SCHED_OTHER,
       os.sched_getscheduler(0) == os.SCHED_OTHER)
-stop.set(); t.join()
+stop.set()
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          timeout=30, check=True).stdout.split()
     assert int(out[0]) >= 1
-    assert out[1:] == ["True", "True"]
+    assert out[1:] == ["True", "True", "True"]
 
 
 def test_where_the_policy_cannot_be_set_the_server_says_so_and_carries_on(

@@ -153,7 +153,8 @@ class Server:
             await self._start_metrics()
         if self.owns_process:
             if cfg.batch_helper_threads:
-                log.debug("%d helper threads set to SCHED_BATCH", yield_helper_threads())
+                log.debug("%d helper threads set to SCHED_BATCH",
+                          yield_helper_threads(keep=self.store.thread_ids()))
             freeze_startup_heap()
             collector = Collector()
             collector.install()

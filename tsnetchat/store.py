@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
 from .errors import StoreError
+from .loop import name_thread
 
 log = logging.getLogger("tsnetchat.store")
 
@@ -637,6 +638,7 @@ class SqliteHistory:
         self._local = threading.local()
         self._reader_dbs: list[Store] = []
         self._reader_lock = threading.Lock()
+        self._thread_ids: set[int] = set()
         self._writer = threading.Thread(target=self._run, name="tsnetchat-write", daemon=True)
         self._writer.start()
 
@@ -708,7 +710,16 @@ class SqliteHistory:
 
     # the writer thread ------------------------------------------------------------------
 
+    def thread_ids(self) -> set[int]:
+        """Native ids of the writer and reader threads started so far: they are on every
+        message's path (see tsnetchat.loop.yield_helper_threads)."""
+        with self._reader_lock:
+            return set(self._thread_ids)
+
     def _run(self) -> None:
+        name_thread("tsnetchat-write")
+        with self._reader_lock:
+            self._thread_ids.add(threading.get_native_id())
         q = self._queue
         while True:
             self._wake.wait()
@@ -798,9 +809,11 @@ class SqliteHistory:
     def _reader(self) -> Store:
         db: Store | None = getattr(self._local, "db", None)
         if db is None:
+            name_thread("tsnetchat-read")
             db = self._local.db = Store(self.path, readonly=True, timeout=self.wait)
             with self._reader_lock:
                 self._reader_dbs.append(db)
+                self._thread_ids.add(threading.get_native_id())
         return db
 
     async def _read(self, fn: Callable[[Store], T]) -> T:
