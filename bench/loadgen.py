@@ -6,12 +6,16 @@
         arrived on every stream (or after --ready-timeout), then counts deliveries until a
         line arrives on stdin, then prints a JSON result and exits.
     loadgen.py send --target H:P --token T --room R --count N --rate R [--window W]
-        one Join stream; sends N messages at R/s (0 = as fast as acks allow, W in flight);
-        each text starts with the send time in ns. Prints a JSON result.
+                     [--start-after S]
+        one Join stream; sends N messages at R/s (0 = as fast as acks allow, W in flight),
+        the first S seconds after the hello; each text starts with the send time in ns.
+        Prints a JSON result.
 
 Latency = receive time - send time, on the same machine clock. To keep memory flat, only
 the first --sample streams of a worker record latencies; all streams count deliveries.
 Stalled streams (--stall K) never read after replay_done: a client that stopped reading.
+With --spread, the result also has ``last_arrival_ms``: per message, in the order sent, how
+long until the last stream had it.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ async def subscribe(a: argparse.Namespace) -> None:
     first_ns = [0]
     last_ns = [0]
     errors: dict[str, int] = {}
+    last_of: dict[int, int] = {}  # --spread: send time -> the latest arrival over all streams
 
     async def one(i: int) -> None:
         nonlocal ready
@@ -79,9 +84,13 @@ async def subscribe(a: argparse.Namespace) -> None:
                     first_ns[0] = now
                 last_ns[0] = now
                 counts[i] += len(msgs)
-                if sample:
+                if sample or a.spread:
                     for m in msgs:
-                        lat.append((now - int(m.text.split("|", 1)[0])) / 1e6)
+                        sent = int(m.text.split("|", 1)[0])
+                        if sample:
+                            lat.append((now - sent) / 1e6)
+                        if a.spread and now > last_of.get(sent, 0):
+                            last_of[sent] = now
         except grpc.aio.AioRpcError as e:
             errors[e.code().name] = errors.get(e.code().name, 0) + 1
         except asyncio.CancelledError:
@@ -95,9 +104,12 @@ async def subscribe(a: argparse.Namespace) -> None:
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
     for t in tasks:
         t.cancel()
-    print(json.dumps({"deliveries": sum(counts), "per_stream_min": min(counts[a.stall:] or [0]),
-                      "latencies_ms": lat, "first_ns": first_ns[0], "last_ns": last_ns[0],
-                      "cpu_s": cpu() - cpu0, "errors": errors, "ready": ready}), flush=True)
+    out = {"deliveries": sum(counts), "per_stream_min": min(counts[a.stall:] or [0]),
+           "latencies_ms": lat, "first_ns": first_ns[0], "last_ns": last_ns[0],
+           "cpu_s": cpu() - cpu0, "errors": errors, "ready": ready}
+    if a.spread:
+        out["last_arrival_ms"] = [(last_of[t] - t) / 1e6 for t in sorted(last_of)]
+    print(json.dumps(out), flush=True)
     os._exit(0)  # skip slow teardown of thousands of streams
 
 
@@ -113,6 +125,7 @@ async def send(a: argparse.Namespace) -> None:
 
     async def requests() -> Any:
         yield pb.ClientEvent(hello=pb.Hello(room=a.room, after_id=2**62, batch_acks=True))
+        await asyncio.sleep(a.start_after)  # the join's presence event goes out first
         t0 = time.monotonic()
         for i in range(a.count):
             if a.rate:
@@ -151,10 +164,12 @@ def main() -> None:
     ap.add_argument("--conns", type=int, default=1)
     ap.add_argument("--stall", type=int, default=0)
     ap.add_argument("--sample", type=int, default=10)
+    ap.add_argument("--spread", action="store_true")
     ap.add_argument("--ready-timeout", type=float, default=120)
     ap.add_argument("--count", type=int, default=1000)
     ap.add_argument("--rate", type=float, default=0)
     ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--start-after", type=float, default=0.0)
     ap.add_argument("--size", type=int, default=64)
     a = ap.parse_args()
     asyncio.run(subscribe(a) if a.mode == "subscribe" else send(a))

@@ -34,7 +34,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ from tsnetchat.hub import Pacing
 from tsnetchat.netio import splice
 from tsnetchat.pb import chat_pb2 as pb
 from tsnetchat.server import Server
+from tsnetchat.store import Store
 from tsnetchat.tailnet import LocalAPI
 
 # A channel with these options opens its own TCP connection instead of sharing one with
@@ -74,10 +76,15 @@ def free_port() -> int:
 
 def issue_recorded(server: Server, login: str, rooms: tuple[str, ...], *, admin: bool,
                    ttl: float) -> str:
-    """Sign a token with the server's key and record it, as `tsnetchat token issue` does."""
+    """Sign a token with the server's key and record it, as `tsnetchat token issue` does
+    (from a connection of its own, beside the running server)."""
     key = server.cfg.key_path.read_bytes().strip()
     tok, claims = auth.issue_token(key, login, rooms, admin=admin, ttl_seconds=ttl)
-    server.store.record_token(claims.to_row())
+    store = Store(server.cfg.db_path)
+    try:
+        store.record_token(claims.to_row())
+    finally:
+        store.close()
     return tok
 
 
@@ -430,8 +437,9 @@ def token_id(token: str) -> str:
     return str(jwt.decode(token, options={"verify_signature": False})["jti"])
 
 
-async def until(predicate: Any, timeout: float = 10, what: str = "") -> None:
-    """Poll ``predicate()`` until it is true."""
+async def until(predicate: Callable[[], bool], what: str = "", timeout: float = 10) -> None:
+    """Poll ``predicate()`` until it is true (asserting nothing about how long it took,
+    within a generous ``timeout``)."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
@@ -766,3 +774,51 @@ class Lines:
             record: dict[str, Any] = json.loads(self.next(max(0.1, deadline - time.monotonic())))
             if record.get("type") == "message":
                 return record
+
+
+# --- another process holding the history database's write lock --------------------------
+
+_HOLD_LOCK = """
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("BEGIN IMMEDIATE")
+print("locked", flush=True)
+sys.stdin.readline()
+db.execute("COMMIT")
+print("released", flush=True)
+"""
+
+
+class WriteLock:
+    """A process that holds SQLite's write lock on a database until ``release()``."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.held = True
+
+    async def release(self) -> None:
+        if not self.held:
+            return
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(b"go\n")
+        await self.proc.stdin.drain()
+        assert await self.proc.stdout.readline() == b"released\n"
+        await self.proc.wait()
+        self.held = False
+
+
+@asynccontextmanager
+async def write_lock_held(db: Path) -> AsyncIterator[WriteLock]:
+    """Another process holds the write lock on ``db`` (as `sqlite3` in a shell, a backup
+    tool, or a stalled disk would) until released, or until the block ends."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _HOLD_LOCK, str(db), stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE)
+    assert proc.stdout is not None
+    assert await proc.stdout.readline() == b"locked\n"
+    lock = WriteLock(proc)
+    try:
+        yield lock
+    finally:
+        if lock.held:
+            await lock.release()

@@ -13,15 +13,19 @@ from typing import Any
 
 import grpc
 import pytest
-from helpers import Chat, collect, collect_ids, hello_events, make_config, send
+from helpers import (
+    Chat,
+    collect,
+    collect_ids,
+    hello_events,
+    make_config,
+    send,
+    until,
+    write_lock_held,
+)
 
-from tsnetchat.client import RoomSession
+from tsnetchat.client import RoomSession, acks_in
 from tsnetchat.pb import chat_pb2 as pb
-
-GROUP_COMMIT = pytest.mark.pacing(commit_from=-1.0, commit_window=0.02)  # always share commits
-COMMIT_MODES = pytest.mark.parametrize("commits", [
-    pytest.param("each", id="commit-each"),
-    pytest.param("group", marks=GROUP_COMMIT, id="group-commit")])
 
 
 async def test_fan_out_reaches_every_member_in_order(chat: Chat) -> None:
@@ -65,6 +69,8 @@ async def test_join_gets_history_backlog_then_live(chat: Chat) -> None:
     (welcome,) = await collect(call, 1, kind="welcome")
     assert welcome.room == "general" and welcome.you.login == "bob@tailnet.test"
     assert welcome.last_id == 5 and welcome.max_message_bytes == 4096
+    # The send limit, so a client can pace itself (make_config: 1000/s, bursts of 1000).
+    assert (welcome.rate_per_second, welcome.rate_burst) == (1000.0, 1000)
     backlog = await collect(call, 5)
     assert [m.text for m in backlog] == [f"old{i}" for i in range(5)]
     (done,) = await collect(call, 1, kind="replay_done")
@@ -114,11 +120,11 @@ async def test_resume_replays_exactly_what_was_missed(chat: Chat) -> None:
 
 
 @pytest.mark.server_config(rate_burst=10_000, rate_per_second=10_000.0)
-@pytest.mark.pacing(commit_from=-1.0, commit_window=0.5)  # one group for the whole burst
 async def test_under_group_commit_nothing_is_seen_or_acked_before_it_is_durable(
         chat: Chat) -> None:
     """Messages that share a commit are delivered and acknowledged only once it is on disk,
-    in id order; a resend inside the same open group gets the original's id."""
+    in id order; a resend inside the same group gets the original's id. (The burst arrives
+    while another process holds the write lock, so it is all one group.)"""
     disk = sqlite3.connect(f"file:{chat.cfg.db_path}?mode=ro", uri=True)  # another reader
 
     def durable(msg_id: int) -> bool:
@@ -140,15 +146,18 @@ async def test_under_group_commit_nothing_is_seen_or_acked_before_it_is_durable(
     watcher = asyncio.create_task(watch())
     alice = await chat.connect("alice@tailnet.test")
     events = [send(f"m{i}", f"c{i}") for i in range(n)] + [send("m3", "c3")]  # c3 resent
-    call = alice.stub.Join(hello_events("general", after=2**62, batch_acks=True, then=events),
-                           metadata=alice.metadata)
-    acks: list[tuple[str, int, bool]] = []
-    async for ev in call:
-        which = ev.WhichOneof("event")
-        sent = [ev.sent] if which == "sent" else list(ev.batch.sent) if which == "batch" else []
-        acks.extend((s.client_msg_id, s.id, durable(s.id)) for s in sent)
-        if len(acks) == n + 1:
-            break
+    store = chat.server.store
+    assert store is not None
+    async with write_lock_held(chat.cfg.db_path) as lock:
+        call = alice.stub.Join(hello_events("general", after=2**62, batch_acks=True,
+                                            then=events), metadata=alice.metadata)
+        await until(lambda: store.pending() == n + 1, "the whole burst waits for the lock")
+        await lock.release()
+        acks: list[tuple[str, int, bool]] = []
+        async for ev in call:
+            acks.extend((s.client_msg_id, s.id, durable(s.id)) for s in acks_in(ev))
+            if len(acks) == n + 1:
+                break
     await asyncio.wait_for(watcher, 10)
     assert acks == [(f"c{i}", i + 1, True) for i in range(n)] + [("c3", 4, True)]
     assert seen == [(i, True) for i in range(1, n + 1)]
@@ -157,18 +166,18 @@ async def test_under_group_commit_nothing_is_seen_or_acked_before_it_is_durable(
     sub.cancel()
 
 
-@GROUP_COMMIT
-async def test_under_group_commit_a_failed_commit_refuses_each_message_and_shows_none(
+async def test_a_full_disk_refuses_each_message_as_not_stored_and_shows_none(
         chat: Chat) -> None:
-    """When the shared commit fails (here: a full disk), each sender in the group is told its
-    message was not saved; nobody receives those messages, and their ids are not used up."""
-    store = chat.server.store
-    assert store is not None
+    """When storing fails (here: a full disk), each sender is told its message was not
+    stored; nobody receives those messages, and their ids are not used up."""
+    history = chat.server.store
+    assert history is not None
+    store = history._store  # the writer thread's connection
     real = store._db
 
-    class FullDisk:  # the connection, except that COMMIT fails
+    class FullDisk:  # the connection, except that writing a message fails
         def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
-            if sql == "COMMIT":
+            if sql == "COMMIT" or sql.startswith("INSERT INTO messages"):
                 raise sqlite3.OperationalError("database or disk is full")
             return real.execute(sql, *args)
 
@@ -184,8 +193,8 @@ async def test_under_group_commit_a_failed_commit_refuses_each_message_and_shows
     errors = await collect(call, 3, kind="error")
     assert [(e.client_msg_id, e.code) for e in errors] == [
         (f"c{i}", grpc.StatusCode.UNAVAILABLE.value[0]) for i in range(3)]
-    assert all("database or disk is full" in e.message and "was not saved, send it again"
-               in e.message for e in errors)
+    assert all("database or disk is full" in e.message and "was not stored: send it again"
+               in e.message and e.retry_after_ms > 0 for e in errors)
     store._db = real
     assert await alice.send_one("general", "after") == 2
     got = await collect(sub, 2)
@@ -195,9 +204,7 @@ async def test_under_group_commit_a_failed_commit_refuses_each_message_and_shows
 
 
 @pytest.mark.server_config(rate_burst=10_000, rate_per_second=10_000.0)
-@COMMIT_MODES
-async def test_resume_while_messages_arrive_has_no_gap_or_duplicate(chat: Chat,
-                                                                     commits: str) -> None:
+async def test_resume_while_messages_arrive_has_no_gap_or_duplicate(chat: Chat) -> None:
     """Messages published while the replay is running appear once, in order."""
     alice = await chat.connect("alice@tailnet.test")
     hold = asyncio.Event()
@@ -267,8 +274,7 @@ async def test_history_page_is_capped_at_the_advertised_maximum(chat: Chat) -> N
     assert len(page.messages) == 7 and page.max_page == 7 and page.more
 
 
-@COMMIT_MODES
-async def test_resend_after_reconnect_is_not_duplicated(chat: Chat, commits: str) -> None:
+async def test_resend_after_reconnect_is_not_duplicated(chat: Chat) -> None:
     alice = await chat.connect("alice@tailnet.test")
     first = alice.stub.Join(hello_events("general", then=[send("once", "k1")]),
                             metadata=alice.metadata)
@@ -283,8 +289,7 @@ async def test_resend_after_reconnect_is_not_duplicated(chat: Chat, commits: str
     again.cancel()
 
 
-@COMMIT_MODES
-async def test_history_survives_restart_and_resume_continues(chat: Chat, commits: str) -> None:
+async def test_history_survives_restart_and_resume_continues(chat: Chat) -> None:
     alice = await chat.connect("alice@tailnet.test")
     for i in range(1, 4):
         await alice.send_one("general", f"m{i}")
@@ -334,25 +339,40 @@ SIGKILL_WRITER = textwrap.dedent("""
     from fakenet import FakeTailnet
     from helpers import make_config
     from tsnetchat.server import Server
-    from tsnetchat.hub import Pacing
     from tsnetchat import auth
-    from tsnetchat.client import connect
+    from tsnetchat.client import acks_in, connect
+    from tsnetchat.pb import chat_pb2 as pb
     from pathlib import Path
 
     async def main():
         cfg = make_config(Path(sys.argv[2]))
         net = FakeTailnet(server_port=cfg.port)
-        group = sys.argv[3] == "group"  # share commits whatever the load
-        s = Server(cfg, tailnet=net, pacing=Pacing(commit_from=-1.0) if group else None)
+        s = Server(cfg, tailnet=net)
         await s.start()
         tok, _ = auth.issue_token(cfg.key_path.read_bytes().strip(), "alice@t", ["*"],
                                   ttl_seconds=600)
         conn = await connect("x", tok, socket="", address=await net.front("alice@t"))
-        i = 0
-        while True:
-            i += 1
-            mid = await conn.send_one("general", f"m{i}")
-            print(mid, flush=True)   # printed only after the server acknowledged it
+        if sys.argv[3] == "each":
+            i = 0
+            while True:
+                i += 1
+                mid = await conn.send_one("general", f"m{i}")
+                print(mid, flush=True)   # printed only after the server acknowledged it
+        async def events():  # "group": 50 in flight at a time, so they share commits
+            yield pb.ClientEvent(hello=pb.Hello(room="general", after_id=2**62, batch_acks=True))
+            for i in range(10**6):
+                yield pb.ClientEvent(send=pb.SendMessage(text=f"m{i}", client_msg_id=str(i)))
+                if i % 50 == 49:
+                    await acked.wait()
+                    acked.clear()
+        acked = asyncio.Event()
+        n = 0
+        async for ev in conn.stub.Join(events(), metadata=conn.metadata):
+            for a in acks_in(ev):
+                print(a.id, flush=True)
+                n += 1
+                if n % 50 == 0:
+                    acked.set()
     asyncio.run(main())
 """)
 
@@ -360,6 +380,7 @@ SIGKILL_WRITER = textwrap.dedent("""
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("commits", ["each", "group"])
 def test_every_acknowledged_message_survives_sigkill(tmp_path: Any, commits: str) -> None:
+    """Acknowledged means committed: one message at a time, and many sharing commits."""
     tests_dir = os.path.dirname(__file__)
     proc = subprocess.Popen([sys.executable, "-c", SIGKILL_WRITER, tests_dir, str(tmp_path),
                              commits],
@@ -370,7 +391,7 @@ def test_every_acknowledged_message_survives_sigkill(tmp_path: Any, commits: str
     assert proc.stdout is not None
     for line in proc.stdout:
         acked.append(int(line))
-        if len(acked) >= 40:
+        if len(acked) >= 400:
             break
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()

@@ -52,21 +52,29 @@ def test_ready_is_sent_only_once_listening_and_names_the_magicdns_name(
     assert local_addrs == {"127.0.0.1"}
 
 
-def policies(pid: int) -> dict[int, int]:
-    return {int(t): os.sched_getscheduler(int(t)) for t in os.listdir(f"/proc/{pid}/task")}
+def policies(pid: int) -> dict[int, tuple[str, int]]:
+    """Each thread's name and scheduling policy."""
+    task = Path(f"/proc/{pid}/task")
+    return {int(t.name): ((t / "comm").read_text().strip(), os.sched_getscheduler(int(t.name)))
+            for t in task.iterdir()}
 
 
 @pytest.mark.parametrize("batch", [True, False])
-def test_once_ready_only_the_event_loop_thread_keeps_the_normal_policy(
+def test_once_ready_only_the_event_loop_and_history_threads_keep_the_normal_policy(
         lab: Any, tmp_path: Path, batch: bool) -> None:
     d = start_daemon(lab, tmp_path, env={"TSNETCHAT_BATCH_HELPER_THREADS": str(batch).lower()})
     try:
         d.wait_for("READY=1")
         threads = policies(d.proc.pid)
-        assert len(threads) > 3  # gRPC's poller and EventEngine threads, the checkpointer
-        assert threads.pop(d.proc.pid) == os.SCHED_OTHER  # the loop runs on the main thread
-        want = os.SCHED_BATCH if batch else os.SCHED_OTHER
-        assert set(threads.values()) == {want}
+        assert threads.pop(d.proc.pid)[1] == os.SCHED_OTHER  # the loop runs on the main thread
+        # The history's writer and readers are on every message's path: never batched.
+        history = {tid: v for tid, v in threads.items() if v[0].startswith(("tsnetchat-write",
+                                                                           "tsnetchat-read"))}
+        assert [v[0] for v in history.values()].count("tsnetchat-write") == 1
+        assert {v[1] for v in history.values()} == {os.SCHED_OTHER}
+        helpers = {v[1] for tid, v in threads.items() if tid not in history}
+        assert len(threads) - len(history) > 3  # gRPC's poller and EventEngine threads, ...
+        assert helpers == {os.SCHED_BATCH if batch else os.SCHED_OTHER}
     finally:
         d.proc.kill()
         d.proc.wait()

@@ -158,8 +158,8 @@ async def test_revoked_token_is_refused(lab_chat: LabChat) -> None:
     tok = lab_chat.token(ALICE)
     jti = jwt.decode(tok, options={"verify_signature": False})["jti"]
     assert lab_chat.server.store is not None
-    lab_chat.server.store.revoke(jti)
-    lab_chat.server.check_revocations()
+    await lab_chat.server.store.revoke(jti)
+    await lab_chat.server.check_revocations()
     e = await refused((await lab_chat.connect("alice-laptop", tok)).whoami())
     assert e.code() == grpc.StatusCode.UNAUTHENTICATED and "revoked" in e.details()
 

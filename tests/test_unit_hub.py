@@ -1,4 +1,4 @@
-"""Fan-out pacing: when a room's subscribers are woken."""
+"""Fan-out: one shared log per room, subscribers as cursors, and when they are woken."""
 
 from __future__ import annotations
 
@@ -6,126 +6,212 @@ import asyncio
 
 import pytest
 
-from tsnetchat.hub import Hub, Item, Pacing, Subscriber
+from tsnetchat import codec
+from tsnetchat.hub import CloseKind, CloseReason, Hub, Item, Pacing, Subscriber
+from tsnetchat.pb import chat_pb2 as pb
+from tsnetchat.store import Sender, StoredMessage
 
-# --- fan-out pacing -------------------------------------------------------------------------
-# A long linger and a wide busy window, so what these assert is order, not speed.
-SLOW = Pacing(frame_cost=1.0, linger_max=0.05, busy_window=60.0, wake_at=4)
-
-
-def _item(i: int) -> Item:
-    return Item(i, b"m%d" % i, b"")
+# A long linger, so what these assert is order, not speed: one subscriber = one second.
+SLOW = Pacing(frame_cost=1.0)
 
 
-async def _pending_after_yields(task: asyncio.Task[None]) -> bool:
+def msg(i: int) -> Item:
+    return codec.message_item(StoredMessage("r", i, 1000 + i, Sender("a@t", "A", "n"),
+                                            pb.MESSAGE_KIND_TEXT, f"m{i}", f"c{i}"))
+
+
+def ids(frames: list[bytes]) -> list[int]:
+    out: list[int] = []
+    for f in frames:
+        ev = pb.ServerEvent.FromString(f)
+        which = ev.WhichOneof("event")
+        out += [ev.message.id] if which == "message" else [m.id for m in ev.batch.messages]
+    return out
+
+
+async def pending_after_yields(task: asyncio.Task[None]) -> bool:
     for _ in range(5):
         await asyncio.sleep(0)
     return not task.done()
 
 
-async def test_a_quiet_room_wakes_its_subscribers_at_once() -> None:
-    hub = Hub(SLOW)
-    sub = Subscriber("r", "a", "t", limit=100)
-    hub.add(sub)
-    waiting = asyncio.create_task(sub.wait())
-    await asyncio.sleep(0)
-    hub.publish("r", _item(1))
-    assert not await _pending_after_yields(waiting)
-    assert sub.drain(10) == [_item(1)]
-
-
-async def _busy_room(n: int = 1, hub: Hub | None = None) -> tuple[Hub, list[Subscriber]]:
-    """A room whose first message went out at once; the next ones find it busy."""
-    hub = hub or Hub(SLOW)
-    subs = [Subscriber("r", f"u{i}", "t", limit=100) for i in range(n)]
+def room_of(hub: Hub, n: int, limit: int = 100) -> list[Subscriber]:
+    subs = [Subscriber("r", f"u{i}", "t", limit=limit) for i in range(n)]
     for s in subs:
         hub.add(s)
-    hub.publish("r", _item(1))
+    return subs
+
+
+async def busy_room(n: int = 1, hub: Hub | None = None) -> tuple[Hub, list[Subscriber]]:
+    """A room whose first message went out at once; the next ones find it busy."""
+    hub = hub or Hub(SLOW)
+    subs = room_of(hub, n)
+    hub.publish("r", msg(1))
     for s in subs:
         await s.wait()
-        s.drain(10)
+        assert ids(s.take()[0]) == [1]
     return hub, subs
 
 
-async def test_a_busy_room_holds_messages_so_they_share_one_frame() -> None:
-    hub, subs = await _busy_room(3)
-    waiting = [asyncio.create_task(s.wait()) for s in subs]
-    hub.publish("r", _item(2))  # busy now: held for the room's linger
-    hub.publish("r", _item(3))
-    assert all([await _pending_after_yields(t) for t in waiting])
-    await asyncio.wait_for(asyncio.gather(*waiting), 10)
-    assert [s.drain(10) for s in subs] == [[_item(2), _item(3)]] * 3
-
-
-async def test_a_linger_shorter_than_the_loops_timer_resolution_is_no_linger() -> None:
-    hub, [sub] = await _busy_room(hub=Hub(Pacing(frame_cost=1e-4, busy_window=60.0)))
-    waiting = asyncio.create_task(sub.wait())
-    hub.publish("r", _item(2))  # busy, but 100 us of linger would really be 1 ms or more
-    assert not await _pending_after_yields(waiting)
-
-
-async def test_a_long_queue_is_drained_without_waiting_for_the_linger() -> None:
-    hub, [sub] = await _busy_room()
-    waiting = asyncio.create_task(sub.wait())
-    for i in range(2, SLOW.wake_at + 2):
-        hub.publish("r", _item(i))
-    assert not await _pending_after_yields(waiting)
-
-
-async def test_what_one_drain_leaves_behind_is_drained_next_without_waiting() -> None:
+async def test_a_quiet_room_wakes_its_subscribers_at_once() -> None:
     hub = Hub(SLOW)
-    sub = Subscriber("r", "a", "t", limit=100)
-    hub.add(sub)
-    for i in range(3):
-        sub.push(_item(i))
-    await sub.wait()
-    assert sub.drain(2) == [_item(0), _item(1)]
-    assert not await _pending_after_yields(asyncio.create_task(sub.wait()))
-    assert sub.drain(2) == [_item(2)]
+    (sub,) = room_of(hub, 1)
+    waiting = asyncio.create_task(sub.wait())
+    await asyncio.sleep(0)
+    hub.publish("r", msg(1))
+    assert not await pending_after_yields(waiting)
+    frames, delivered = sub.take()
+    assert ids(frames) == [1] and delivered == 1
+
+
+async def test_a_busy_room_holds_messages_so_they_share_one_frame() -> None:
+    hub, subs = await busy_room(3)
+    waiting = [asyncio.create_task(s.wait()) for s in subs]
+    hub.publish("r", msg(2))  # busy now: held for the room's linger
+    hub.publish("r", msg(3))
+    assert all([await pending_after_yields(t) for t in waiting])
+    hub.flush("r")  # as the linger's timer does
+    await asyncio.wait_for(asyncio.gather(*waiting), 10)
+    frames = [s.take()[0] for s in subs]
+    assert [ids(f) for f in frames] == [[2, 3]] * 3
+
+
+async def test_subscribers_at_the_same_position_are_sent_the_same_bytes() -> None:
+    hub = Hub()
+    subs = room_of(hub, 50)
+    for i in range(1, 6):
+        hub.publish("r", msg(i))
+    hub.flush("r")
+    taken = [s.take()[0] for s in subs]
+    assert ids(taken[0]) == [1, 2, 3, 4, 5]
+    assert all(t[0] is taken[0][0] for t in taken)  # one frame object, encoded once
+
+
+async def test_publishing_touches_no_subscriber_until_the_flush() -> None:
+    hub, subs = await busy_room(1000)
+    waiting = [asyncio.create_task(s.wait()) for s in subs[:3]]
+    await asyncio.sleep(0)
+    for i in range(2, 20):
+        hub.publish("r", msg(i))
+    assert all(s.cursor == 1 and not s.replies for s in subs)
+    assert all([await pending_after_yields(t) for t in waiting])
+    hub.flush("r")
+    await asyncio.wait_for(asyncio.gather(*waiting), 10)
+    assert ids(subs[0].take()[0]) == list(range(2, 20))
+
+
+async def test_a_late_joiner_skips_what_its_replay_sent_then_shares_frames() -> None:
+    hub = Hub()
+    (early,) = room_of(hub, 1)
+    late = Subscriber("r", "late", "t", limit=100)
+    hub.add(late)
+    for i in range(1, 4):
+        hub.publish("r", msg(i))
+    late.replayed_to = 2  # its replay from history already had 1 and 2
+    assert ids(late.take()[0]) == [3] and ids(early.take()[0]) == [1, 2, 3]
+    hub.publish("r", msg(4))
+    assert late.take()[0][0] is early.take()[0][0]
+
+
+async def test_a_reader_that_falls_behind_is_cut_off_and_the_log_stays_bounded() -> None:
+    hub = Hub()
+    slow, healthy = room_of(hub, 2, limit=10)
+    for i in range(1, 30):
+        hub.publish("r", msg(i))
+        assert ids(healthy.take()[0]) == [i]
+    assert slow.take() == ([], 0)
+    assert slow.closed is not None and slow.closed.kind is CloseKind.OVERFLOW
+    assert "fell more than 10 events behind" in slow.closed.message
+    assert len(hub._rooms["r"].log) == 10
+
+
+async def test_the_log_keeps_only_what_its_slowest_reader_has_not_taken() -> None:
+    hub = Hub()
+    fast, slow = room_of(hub, 2, limit=1000)
+    log = hub._rooms["r"].log
+    for i in range(1, 300):
+        hub.publish("r", msg(i))
+        hub.flush("r")
+        fast.take()
+    assert len(log) == 299  # slow has taken nothing yet
+    while slow.take()[0]:
+        pass
+    for i in range(300, 700):  # past the next trim (the log may double before one)
+        hub.publish("r", msg(i))
+        hub.flush("r")
+        fast.take()
+        slow.take()
+    assert len(log) < 64  # both current: the log holds only the latest few
 
 
 async def test_an_ack_in_a_busy_room_rides_with_the_held_echo_of_its_message() -> None:
-    hub, [sub] = await _busy_room()
+    hub, [sub] = await busy_room()
+    sub.batch_acks = True
     waiting = asyncio.create_task(sub.wait())
-    hub.publish("r", _item(2))  # held for the room's linger
-    hub.reply(sub, Item(0, b"ack"))  # held too: one frame for the echo and its ack
-    assert await _pending_after_yields(waiting)
+    hub.publish("r", msg(2))  # held for the room's linger
+    hub.reply(sub, codec.sent_item("c2", 2))  # held too
+    assert await pending_after_yields(waiting)
+    hub.flush("r")
     await asyncio.wait_for(waiting, 10)
-    assert [i.id for i in sub.drain(10)] == [2, 0]
+    (frame,) = sub.take()[0]
+    batch = pb.ServerEvent.FromString(frame).batch
+    assert [m.id for m in batch.messages] == [2] and [s.id for s in batch.sent] == [2]
 
 
 async def test_an_ack_in_a_quiet_room_goes_at_once() -> None:
     hub = Hub(SLOW)
-    sub = Subscriber("r", "a", "t", limit=100)
-    hub.add(sub)
+    (sub,) = room_of(hub, 1)
     waiting = asyncio.create_task(sub.wait())
-    hub.reply(sub, Item(0, b"ack"))
-    assert not await _pending_after_yields(waiting)
+    await asyncio.sleep(0)
+    hub.reply(sub, codec.sent_item("c", 1))
+    assert not await pending_after_yields(waiting)
+    assert [pb.ServerEvent.FromString(f).WhichOneof("event") for f in sub.take()[0]] == ["sent"]
 
 
-def test_the_linger_stretches_only_when_the_event_loop_is_saturated() -> None:
-    p = Pacing(frame_cost=25e-6, linger_max=0.005, min_linger=0.001, loaded_from=0.5,
-               overload_from=0.85, overload_full=0.97, overload_linger=0.02)
-    assert p.linger(10) == p.linger(10, load=0.5) == pytest.approx(250e-6)  # i.e. none
-    assert p.linger(10, load=0.6) == p.linger(10, load=0.85) == 0.001  # loaded: a real batch
-    assert p.linger(1000, load=0.5) == 0.005  # capped
+async def test_closing_for_shutdown_delivers_what_was_published_first() -> None:
+    hub, [leaving, kicked] = await busy_room(2)
+    hub.publish("r", msg(2))  # held by the linger
+    leaving.close(CloseReason(CloseKind.SHUTDOWN, "bye"))
+    kicked.close(CloseReason(CloseKind.KICKED, "out"))
+    await asyncio.wait_for(leaving.wait(), 1)
+    assert ids(leaving.take()[0]) == [2] and leaving.take() == ([], 0)
+    await asyncio.wait_for(kicked.wait(), 1)
+    assert kicked.take() == ([], 0)
+
+
+async def test_a_large_held_backlog_is_released_without_waiting_for_the_linger() -> None:
+    hub, [sub] = await busy_room()
+    waiting = asyncio.create_task(sub.wait())
+    for i in range(2, 2 + 100 // 4):  # a quarter of what the log keeps
+        hub.publish("r", msg(i))
+    assert not await pending_after_yields(waiting)
+
+
+def test_the_linger_follows_the_rooms_size_and_stretches_only_when_saturated() -> None:
+    p = Pacing(frame_cost=25e-6, min_linger=0.001, loaded_from=0.6, overload_from=0.85,
+               overload_full=0.97, overload_factor=4.0, overload_linger=0.02)
+    assert p.linger(10) == p.linger(10, load=0.6) == pytest.approx(250e-6)  # i.e. none
+    assert p.linger(10, load=0.61) == p.linger(10, load=0.85) == 0.001  # loaded: a real batch
+    assert p.linger(100) == pytest.approx(0.0025)
+    assert p.linger(10_000) == pytest.approx(0.25)  # a flush takes that long to write out
     assert p.linger(10, load=0.97) == p.linger(10, load=1.0) == pytest.approx(0.02)
-    halfway = p.linger(10, load=0.91)
-    assert halfway == pytest.approx((0.001 + 0.02) / 2)
+    assert p.linger(10_000, load=1.0) == pytest.approx(1.0)
+    assert p.linger(10, load=0.91) == pytest.approx((0.001 + 0.02) / 2)
 
 
 async def test_a_saturated_loop_makes_a_busy_room_linger_longer() -> None:
     load = [0.0]
-    pacing = Pacing(frame_cost=1e-4, linger_max=0.005, busy_window=60.0, overload_linger=0.3)
-    hub, [sub] = await _busy_room(hub=Hub(pacing, load=lambda: load[0]))
+    pacing = Pacing(frame_cost=1e-3, overload_linger=0.3)
+    hub, [sub] = await busy_room(hub=Hub(pacing, load=lambda: load[0]))
 
     async def held_for(i: int) -> float:
+        hub.flush("r")  # the room's last flush was just now
         t = asyncio.get_running_loop().time()
-        hub.publish("r", _item(i))
+        hub.publish("r", msg(i))  # held for the linger
         await asyncio.wait_for(sub.wait(), 10)
-        sub.drain(10)
+        assert ids(sub.take()[0]) == [i]
         return asyncio.get_running_loop().time() - t
 
-    assert await held_for(2) < 0.1  # the normal linger: 100 us for one subscriber
+    assert await held_for(2) < 0.1  # the normal linger: 1 ms for one subscriber
     load[0] = 1.0
     assert await held_for(3) >= 0.25  # saturated: the overload linger

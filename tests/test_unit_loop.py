@@ -15,7 +15,13 @@ from typing import Any
 
 import pytest
 
-from tsnetchat.loop import LoopLoad, freeze_startup_heap, new_event_loop, yield_helper_threads
+from tsnetchat.loop import (
+    Collector,
+    LoopLoad,
+    freeze_startup_heap,
+    new_event_loop,
+    yield_helper_threads,
+)
 
 
 def test_the_loop_load_is_low_when_waiting_and_high_when_running_callbacks() -> None:
@@ -78,24 +84,27 @@ def test_the_loop_load_counts_cpu_the_other_threads_use_while_the_loop_waits() -
         os.sched_setaffinity(0, allowed)
 
 
-def test_helper_threads_yield_to_the_loop_thread_which_keeps_its_policy() -> None:
+def test_helper_threads_yield_to_the_loop_thread_and_those_kept_which_keep_their_policy(
+        ) -> None:
     # In a child: the policy applies to every thread of the process it runs in.
     script = """
 import os, threading
 from tsnetchat.loop import yield_helper_threads
-started, stop = threading.Event(), threading.Event()
-def helper():
-    started.set(); stop.wait()
-t = threading.Thread(target=helper); t.start(); started.wait()
-changed = yield_helper_threads()
-print(changed, os.sched_getscheduler(t.native_id) == os.SCHED_BATCH,
+stop = threading.Event()
+threads = [threading.Thread(target=stop.wait) for _ in range(2)]
+for t in threads:
+    t.start()
+helper, kept = threads
+changed = yield_helper_threads(keep={kept.native_id})
+print(changed, os.sched_getscheduler(helper.native_id) == os.SCHED_BATCH,
+      os.sched_getscheduler(kept.native_id) == os.SCHED_OTHER,
       os.sched_getscheduler(0) == os.SCHED_OTHER)
-stop.set(); t.join()
+stop.set()
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          timeout=30, check=True).stdout.split()
     assert int(out[0]) >= 1
-    assert out[1:] == ["True", "True"]
+    assert out[1:] == ["True", "True", "True"]
 
 
 def test_where_the_policy_cannot_be_set_the_server_says_so_and_carries_on(
@@ -116,15 +125,18 @@ def test_where_the_policy_cannot_be_set_the_server_says_so_and_carries_on(
         in caplog.text
 
 
+class Node:
+    ref: object = None
+
+
+def cycle() -> weakref.ref[Node]:
+    """Garbage only the collector can free: two objects that refer to each other."""
+    a, b = Node(), Node()
+    a.ref, b.ref = b, a
+    return weakref.ref(a)
+
+
 def test_frozen_startup_heap_is_skipped_but_later_garbage_is_still_collected() -> None:
-    class Node:
-        ref: object = None
-
-    def cycle() -> weakref.ref[Node]:
-        a, b = Node(), Node()
-        a.ref, b.ref = b, a
-        return weakref.ref(a)
-
     before = cycle()  # garbage at startup is collected, not frozen for ever
     try:
         freeze_startup_heap()
@@ -134,6 +146,38 @@ def test_frozen_startup_heap_is_skipped_but_later_garbage_is_still_collected() -
         gc.collect()
         assert after() is None
     finally:
+        gc.unfreeze()
+
+
+def test_young_collections_scale_with_the_streams_and_full_ones_skip_their_survivors() -> None:
+    before = gc.get_threshold()
+    collector = Collector(refresh=3600)
+    try:
+        collector.scale(10)
+        assert gc.get_threshold() == (700, *before[1:])  # never below Python's own
+        collector.scale(10_000)
+        assert gc.get_threshold() == (100_000, *before[1:])
+        collector.install()
+        gc.collect()
+        assert collector.frozen_after == 1 and gc.get_freeze_count() > 1000
+        later = cycle()  # garbage made after the freeze is collected as usual
+        gc.collect(0)
+        assert later() is None
+    finally:
+        collector.uninstall()
+        gc.unfreeze()
+        gc.set_threshold(*before)
+
+
+def test_every_refresh_the_freeze_is_undone_so_old_cycles_are_collected_once() -> None:
+    collector = Collector(refresh=0.0)
+    try:
+        collector.install()
+        gc.freeze()  # as an earlier full collection left it
+        gc.collect()
+        assert collector.frozen_after == 0 and gc.get_freeze_count() == 0
+    finally:
+        collector.uninstall()
         gc.unfreeze()
 
 

@@ -1,4 +1,4 @@
-"""The servicer's pure rules: message text (tsnetchat.render) and rate buckets."""
+"""The message path's pure rules (tsnetchat.ledger): message text and rate buckets."""
 
 from __future__ import annotations
 

@@ -2,37 +2,57 @@
 
 from __future__ import annotations
 
+import asyncio
+import random
 import sqlite3
+import uuid
 from pathlib import Path
 from typing import Any
 
-from tsnetchat.errors import StoreError
-from tsnetchat.store import Sender, Store
+import pytest
+from helpers import until, write_lock_held
 
-# --- storage ------------------------------------------------------------------------------
+from tsnetchat.errors import StoreError
+from tsnetchat.store import SCHEMA_VERSION, Draft, Outcome, Sender, SqliteHistory, Store, Written
+
+A = Sender("a@example.com", "A", "a-laptop.example.ts.net")
+
+# --- the synchronous store ------------------------------------------------------------------
 
 
 def test_retention_keeps_ids_increasing_and_never_reused(tmp_path: Path) -> None:
     s = Store(tmp_path / "db")
-    a = Sender("a", "A", "n")
     for i in range(10):
-        s.append("r", a, 1, f"m{i}", now_ms=1000 * i)
+        s.append("r", A, 1, f"m{i}", now_ms=1000 * i)
     assert s.prune(keep_count=3, keep_days=0) == 7
     assert [m.id for m in s.after("r", 0, 100)] == [8, 9, 10]
     s.close()
     s = Store(tmp_path / "db")
-    assert s.append("r", a, 1, "next")[0].id == 11
+    assert s.append("r", A, 1, "next")[0].id == 11
     assert s.prune(keep_count=0, keep_days=1, now=10**6) == 3  # m7..m9 are old by then
+    s.close()
+
+
+def test_retention_in_steps_deletes_the_same_as_at_once(tmp_path: Path) -> None:
+    s = Store(tmp_path / "db")
+    for i in range(50):
+        s.append(f"r{i % 3}", A, 1, f"m{i}")
+    steps = []
+    while (n := s.prune(keep_count=4, keep_days=0, max_rows=7)) == 7:
+        steps.append(n)
+    steps.append(n)
+    assert sum(steps) == 50 - 3 * 4 and len(steps) > 1
+    assert {r: [m.id for m in s.after(r, 0, 100)] for r in ("r0", "r1", "r2")} == {
+        "r0": [14, 15, 16, 17], "r1": [14, 15, 16, 17], "r2": [13, 14, 15, 16]}
     s.close()
 
 
 def test_checkpoints_run_beside_the_writer_and_the_wal_stays_bounded(tmp_path: Path) -> None:
     s = Store(tmp_path / "db")
-    a = Sender("a", "A", "n")
     rounds = 40  # back to back, as a saturated server writes
     one_round = 0
     for i in range(rounds * Store.CHECKPOINT_EVERY):
-        s.append("r", a, 1, f"m{i}", f"k{i}")
+        s.append("r", A, 1, f"m{i}", f"k{i}")
         if i == Store.CHECKPOINT_EVERY - 2:
             one_round = (tmp_path / "db-wal").stat().st_size  # before any checkpoint
     assert s.checkpointer is not None and s.checkpointer.runs >= 1
@@ -43,55 +63,255 @@ def test_checkpoints_run_beside_the_writer_and_the_wal_stays_bounded(tmp_path: P
                                                                              3999, 4000]
 
 
-def test_deferred_appends_are_invisible_until_commit_then_call_back_in_order(
+def test_a_group_is_one_transaction_and_a_resend_inside_it_gets_the_original_id(
         tmp_path: Path) -> None:
     s = Store(tmp_path / "db")
-    other = sqlite3.connect(tmp_path / "db")  # what a crash would leave behind
-    done: list[tuple[int, bool, StoreError | None]] = []
-    for i in range(3):
-        s.append_later("r", Sender("a", "A", "n"), 1, f"m{i}", f"k{i}",
-                       lambda m, dup, err: done.append((m.id, dup, err)))
-    s.append_later("r", Sender("a", "A", "n"), 1, "m1", "k1",  # a resend in the same group
-                   lambda m, dup, err: done.append((m.id, dup, err)))
-    assert done == [] and s.waiting == 4
-    assert other.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 0
-    s.commit()
-    assert done == [(1, False, None), (2, False, None), (3, False, None), (2, True, None)]
-    assert other.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 3
-    other.close()
+    drafts = [Draft("r", A, 1, f"m{i}", f"k{i}") for i in range(3)]
+    drafts.append(Draft("r", A, 1, "m1", "k1"))  # a resend in the same group
+    drafts.append(Draft("r", Sender("b@example.com", "B", "b"), 1, "m1", "k1"))  # not B's
+    got = [(w.message.id, w.duplicate) for w in s.write(drafts)]
+    assert got == [(1, False), (2, False), (3, False), (2, True), (4, False)]
     s.close()
 
 
-def test_any_other_store_call_commits_deferred_appends_first(tmp_path: Path) -> None:
-    s = Store(tmp_path / "db")
-    done: list[int] = []
-    s.append_later("r", Sender("a", "A", "n"), 1, "early", "", lambda m, d, e: done.append(m.id))
-    assert [m.text for m in s.after("r", 0, 10)] == ["early"]  # committed for the read,
-    assert done == [1]  # and the sender was told first
-    assert s.append("r", Sender("a", "A", "n"), 1, "next")[0].id == 2
-    s.close()
+class FullDisk:
+    """A connection on a full disk: writing a message, or committing, fails."""
+
+    def __init__(self, real: sqlite3.Connection, *, insert_fails: bool = True) -> None:
+        self.real, self.insert_fails = real, insert_fails
+
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        if sql == "COMMIT" or (self.insert_fails and sql.startswith("INSERT INTO messages")):
+            raise sqlite3.OperationalError("database or disk is full")
+        return self.real.execute(sql, *args)
 
 
 def test_a_failed_group_commit_loses_the_whole_group_and_says_so(tmp_path: Path) -> None:
     s = Store(tmp_path / "db")
-    a = Sender("a", "A", "n")
-    s.append("r", a, 1, "kept")
+    s.append("r", A, 1, "kept")
     real = s._db
-
-    class FullDisk:  # the connection, except that COMMIT fails as on a full disk
-        def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
-            if sql == "COMMIT":
-                raise sqlite3.OperationalError("database or disk is full")
-            return real.execute(sql, *args)
-
-    s._db = FullDisk()  # type: ignore[assignment]
-    errors: list[str] = []
-    for i in range(2):
-        s.append_later("r", a, 1, f"lost{i}", "", lambda m, d, e: errors.append(str(e)))
-    s.commit()
-    assert errors == ["history database error: database or disk is full"] * 2
+    s._db = FullDisk(real, insert_fails=False)  # type: ignore[assignment]  # only COMMIT
+    with pytest.raises(StoreError, match="database or disk is full"):
+        s.write([Draft("r", A, 1, f"lost{i}") for i in range(2)] + [Draft("new", A, 1, "x")])
     s._db = real
-    assert s.last_id("r") == 1  # the lost ids were never seen by anyone
+    assert s.last_ids() == {"r": 1}  # the lost ids were never seen by anyone
     assert [m.text for m in s.after("r", 0, 10)] == ["kept"]
-    assert s.append("r", a, 1, "after")[0].id == 2
+    assert s.append("r", A, 1, "after")[0].id == 2
+    assert s.append("new", A, 1, "first")[0].id == 1
     s.close()
+
+
+# --- schema versions -------------------------------------------------------------------------
+
+# The schema round 1 shipped (tsnetchat/store.py at dd7c15f), verbatim.
+ROUND_1_SCHEMA = """
+CREATE TABLE IF NOT EXISTS rooms (
+    name TEXT PRIMARY KEY,
+    last_id INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS messages (
+    room TEXT NOT NULL,
+    id INTEGER NOT NULL,
+    ts_ms INTEGER NOT NULL,
+    login TEXT NOT NULL,
+    display_name TEXT NOT NULL,
+    node TEXT NOT NULL,
+    kind INTEGER NOT NULL,
+    text TEXT NOT NULL,
+    client_msg_id TEXT NOT NULL,
+    PRIMARY KEY (room, id)
+) WITHOUT ROWID;
+DROP INDEX IF EXISTS messages_dedup;
+CREATE INDEX IF NOT EXISTS messages_by_sender_key ON messages (room, login, client_msg_id);
+CREATE INDEX IF NOT EXISTS messages_ts ON messages (ts_ms);
+CREATE TABLE IF NOT EXISTS tokens (
+    jti TEXT PRIMARY KEY,
+    sub TEXT NOT NULL,
+    rooms TEXT NOT NULL,
+    admin INTEGER NOT NULL,
+    iat INTEGER NOT NULL,
+    exp INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS revocations (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    jti TEXT NOT NULL UNIQUE,
+    at INTEGER NOT NULL
+);
+"""
+
+
+def round_1_database(path: Path) -> None:
+    """A database as round 1 left it: two rooms, one of them pruned past its newest message,
+    two devices of one person, a token and a revocation."""
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.executescript(ROUND_1_SCHEMA)
+    rows = []
+    for i in range(1, 6):
+        node = "a-laptop" if i % 2 else "a-phone"
+        rows.append(("general", i, 1000 + i, "a@example.com", "A", node, 1, f"g{i}", f"k{i}"))
+    rows.append(("ops", 7, 2000, "b@example.com", "B", "b", 2, "waves", ""))
+    db.executemany("INSERT INTO messages VALUES (?,?,?,?,?,?,?,?,?)", rows)
+    db.executemany("INSERT INTO rooms VALUES (?,?)", [("general", 1), ("ops", 9)])
+    db.execute("INSERT INTO tokens VALUES ('t1', 'a@example.com', '*', 0, 1, 2)")
+    db.execute("INSERT INTO revocations (jti, at) VALUES ('t1', 3)")
+    db.close()
+
+
+def test_round_1_database_is_upgraded_in_place_keeping_everything(tmp_path: Path) -> None:
+    path = tmp_path / "tsnetchat.db"
+    round_1_database(path)
+    s = Store(path)
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert db.execute("PRAGMA page_size").fetchone()[0] == 16384  # rewritten by the upgrade
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    db.close()
+    general = s.after("general", 0, 10)
+    assert [(m.id, m.ts_ms, m.text, m.client_msg_id, m.sender.node) for m in general] == [
+        (i, 1000 + i, f"g{i}", f"k{i}", "a-laptop" if i % 2 else "a-phone") for i in range(1, 6)]
+    (ops,) = s.after("ops", 0, 10)
+    assert (ops.id, ops.kind, ops.sender) == (7, 2, Sender("b@example.com", "B", "b"))
+    # ops was pruned past its newest message: its high-water mark (9) still holds.
+    assert s.last_ids() == {"general": 5, "ops": 9}
+    assert s.append("ops", A, 1, "next")[0].id == 10
+    # A resend of a message stored before the upgrade is still recognised, from any device.
+    msg, dup = s.append("general", Sender("a@example.com", "A", "a-tablet"), 1, "g3", "k3")
+    assert dup and msg.id == 3
+    assert [(t.jti, t.revoked_at) for t in s.list_tokens()] == [("t1", 3)]
+    assert s.revocations_since(0) == (["t1"], 1)
+    s.close()
+    s = Store(path)  # opening again changes nothing
+    assert s.last_ids() == {"general": 5, "ops": 10}
+    s.close()
+
+
+def test_a_database_from_a_newer_tsnetchat_is_refused(tmp_path: Path) -> None:
+    Store(tmp_path / "db").close()
+    db = sqlite3.connect(tmp_path / "db")
+    db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    db.close()
+    with pytest.raises(StoreError, match="newer than this tsnetchat understands"):
+        Store(tmp_path / "db")
+
+
+@pytest.mark.parametrize("sizes", [
+    pytest.param("random", id="900-4000-random"),
+    *(pytest.param(n, id=f"{n}-bytes") for n in (900, 2100, 3300, 4096))])
+def test_disk_use_stays_within_one_and_a_half_times_the_text_plus_a_fixed_overhead(
+        tmp_path: Path, sizes: int | str) -> None:
+    """Round 1 used 4,783 bytes for an average 2,455-byte text (an overflow page per row)."""
+    rng = random.Random(1)
+    n = 600
+    lengths = [rng.randint(900, 4000) if sizes == "random" else int(sizes) for _ in range(n)]
+    s = Store(tmp_path / "db")
+    for i in range(0, n, 20):  # three rooms, interleaved, in groups as a busy server writes
+        s.write([Draft(f"room{j % 3}", A, 1, "x" * lengths[j], uuid.uuid4().hex)
+                 for j in range(i, i + 20)])
+    s.close()
+    db = sqlite3.connect(tmp_path / "db")
+    pages = db.execute("PRAGMA page_count").fetchone()[0]
+    free = db.execute("PRAGMA freelist_count").fetchone()[0]
+    used = (pages - free) * db.execute("PRAGMA page_size").fetchone()[0]
+    db.close()
+    assert used <= 1.5 * sum(lengths) + 200 * n
+
+
+# --- the server's history, off the event loop -----------------------------------------------
+
+
+async def test_submitted_messages_settle_on_the_loop_in_order_after_their_commit(
+        tmp_path: Path) -> None:
+    h = await SqliteHistory.open(tmp_path / "db")
+    disk = sqlite3.connect(tmp_path / "db")  # another reader: what a crash would leave
+    settled: list[tuple[int, bool, int]] = []
+
+    def then(outcome: Outcome) -> None:
+        assert isinstance(outcome, Written)
+        on_disk = disk.execute("SELECT COUNT(*) FROM messages WHERE id=?",
+                               (outcome.message.id,)).fetchone()[0]
+        settled.append((outcome.message.id, outcome.duplicate, on_disk))
+
+    for i in range(20):
+        h.submit(Draft("r", A, 1, f"m{i}", f"k{i}"), then)
+    h.submit(Draft("r", A, 1, "m4", "k4"), then)
+    assert h.pending() == 21
+    await h.drain()
+    assert settled == [(i, False, 1) for i in range(1, 21)] + [(5, True, 1)]
+    assert h.pending() == 0 and h.last_id("r") == 20 and h.rooms() == {"r": 20}
+    assert [m.id for m in await h.after("r", 17, 10)] == [18, 19, 20]
+    assert [m.id for m in await h.before("r", 3, 10)] == [1, 2]
+    assert [m.id for m in await h.latest("r", 2)] == [19, 20]
+    disk.close()
+    await h.close()
+
+
+async def test_reads_are_answered_while_another_process_holds_the_write_lock(
+        tmp_path: Path) -> None:
+    h = await SqliteHistory.open(tmp_path / "db", wait=60)
+    h.submit(Draft("r", A, 1, "stored"), lambda o: None)
+    await h.drain()
+    outcomes: list[Outcome] = []
+    async with write_lock_held(tmp_path / "db") as lock:
+        h.submit(Draft("r", A, 1, "waiting"), outcomes.append)
+        await until(lambda: h.pending() == 1, "the message waits for the lock")
+        assert [m.text for m in await h.after("r", 0, 10)] == ["stored"]
+        assert await h.revocations_since(0) == ([], 0)
+        assert outcomes == [] and lock.held
+    await h.drain()
+    assert [o.message.id for o in outcomes if isinstance(o, Written)] == [2]
+    await h.close()
+
+
+async def test_while_the_lock_outlasts_the_wait_every_waiting_message_is_refused(
+        tmp_path: Path) -> None:
+    h = await SqliteHistory.open(tmp_path / "db", wait=0.2)
+    outcomes: list[Outcome] = []
+    async with write_lock_held(tmp_path / "db"):
+        for i in range(5):
+            h.submit(Draft("r", A, 1, f"m{i}"), outcomes.append)
+        await h.drain()
+    assert len(outcomes) == 5 and all(isinstance(o, StoreError) for o in outcomes)
+    assert "stayed locked for 0.2s" in str(outcomes[0])
+    h.submit(Draft("r", A, 1, "again"), outcomes.append)
+    await h.drain()
+    again = outcomes[-1]
+    assert isinstance(again, Written) and again.message.id == 1  # no id was used up
+    await h.close()
+
+
+async def test_a_full_disk_refuses_the_group_and_the_history_goes_on(tmp_path: Path) -> None:
+    h = await SqliteHistory.open(tmp_path / "db")
+    outcomes: list[Outcome] = []
+    real = h._store._db
+    h._store._db = FullDisk(real)  # type: ignore[assignment]
+    for i in range(3):
+        h.submit(Draft("r", A, 1, f"m{i}"), outcomes.append)
+    await h.drain()
+    h._store._db = real
+    assert [type(o) for o in outcomes] == [StoreError] * 3
+    h.submit(Draft("r", A, 1, "after"), outcomes.append)
+    await h.drain()
+    assert isinstance(outcomes[-1], Written) and outcomes[-1].message.id == 1
+    assert h.last_id("r") == 1
+    await h.close()
+
+
+async def test_token_writes_and_retention_run_between_groups(tmp_path: Path) -> None:
+    h = await SqliteHistory.open(tmp_path / "db")
+    for i in range(10):
+        h.submit(Draft("r", A, 1, f"m{i}"), lambda o: None)
+    assert await h.revoke("t1") and not await h.revoke("t1")
+    assert await h.prune(keep_count=4, keep_days=0) == 6
+    assert (await h.revocations_since(0))[0] == ["t1"]
+    assert [m.id for m in await h.after("r", 0, 100)] == [7, 8, 9, 10]
+    await h.close()
+
+
+async def test_closing_settles_what_was_submitted(tmp_path: Path) -> None:
+    h = await SqliteHistory.open(tmp_path / "db")
+    outcomes: list[Outcome] = []
+    for i in range(50):
+        h.submit(Draft("r", A, 1, f"m{i}"), outcomes.append)
+    await asyncio.wait_for(h.close(), 10)
+    assert len(outcomes) == 50 and all(isinstance(o, Written) for o in outcomes)

@@ -9,11 +9,21 @@ plain concatenation below, in any interleaving of the two repeated fields.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
-from .hub import Item
 from .pb import chat_pb2 as pb
 from .store import StoredMessage
+
+
+class Item(NamedTuple):
+    """One server event, encoded once for every stream it goes to. ``frame`` is the event on
+    its own; ``part`` is its encoding inside a batch frame (b"" when it cannot be batched).
+    Messages have their id; other events have id 0."""
+
+    id: int
+    frame: bytes
+    part: bytes = b""
+
 
 _MESSAGE_FIELD = 2  # ServerEvent.message
 _SENT_FIELD = 4  # ServerEvent.sent

@@ -85,6 +85,9 @@ class ServerConfig(Limits):
     retention_count: int = 100_000  # per room; 0 = keep all
     retention_days: float = 0.0  # 0 = keep forever
     fsync: bool = False  # True: survive power loss, not only a crashed process
+    # Seconds a message may wait for the history database (locked by another process, a
+    # stalled disk) before it is refused as not stored (the sender may send it again).
+    store_wait: float = 5.0
     # gRPC's helper threads run SCHED_BATCH so they do not preempt the event loop (loop.py)
     batch_helper_threads: bool = True
     shutdown_grace: float = 5.0
@@ -241,7 +244,8 @@ def _validate(cfg: ServerConfig, where: Any) -> None:
     if cfg.max_message_bytes > 60_000:
         raise bad("max_message_bytes", "must be at most 60000 (gRPC frames are capped at 64 KiB)")
     for name in ("rate_per_second", "call_rate", "startup_timeout", "whois_timeout",
-                 "recheck_interval", "token_ttl_hours", "enroll_ttl_hours"):
+                 "recheck_interval", "token_ttl_hours", "enroll_ttl_hours",
+                 "store_wait"):
         if not getattr(cfg, name) > 0:
             raise bad(name, "must be greater than 0")
     for name in ("history_on_join", "retention_count", "retention_days", "shutdown_grace"):

@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -41,7 +41,6 @@ from .config import ServerConfig
 from .errors import LimitExceeded, PermissionDenied, TsnetchatError
 from .pb import chat_pb2 as pb
 from .service import status_for
-from .store import Store
 from .tailnet import PeerInfo, WhoIs
 from .throttle import TokenBucket
 
@@ -57,6 +56,14 @@ RENEW_FROM = 0.4
 # only stops a script from filling the log and the token table.
 LOGIN_BURST = 5
 LOGIN_PER_SECOND = 1 / 60
+
+
+class TokenRecords(Protocol):
+    """Where issued tokens are recorded (`tsnetchat token list`, revocation)."""
+
+    async def record_token(self, row: dict[str, object]) -> None: ...
+
+    async def renew_token(self, row: dict[str, object]) -> None: ...
 
 
 class Door(Protocol):
@@ -124,7 +131,8 @@ def _where(who: WhoIs) -> str:
 class Enrollment:
     """The Login and RenewToken RPCs. ``policy`` may be replaced at any time (reload)."""
 
-    def __init__(self, *, door: Door, key: Callable[[], bytes], store: Store, policy: EnrollPolicy,
+    def __init__(self, *, door: Door, key: Callable[[], bytes], store: TokenRecords,
+                 policy: EnrollPolicy,
                  server_node: Callable[[], PeerInfo | None] = lambda: None) -> None:
         self.door, self.key, self.store, self.policy = door, key, store, policy
         self._server_node = server_node
@@ -172,35 +180,36 @@ class Enrollment:
     # RPCs ----------------------------------------------------------------------------
 
     async def Login(self, request: Any, context: grpc.aio.ServicerContext) -> pb.LoginResponse:
-        def login(who: WhoIs) -> tuple[str, auth.Claims]:
+        async def login(who: WhoIs) -> tuple[str, auth.Claims]:
             self._take(who)
             token, claims = self._issue(who, rights_for(self.policy, who),
                                         ID_PREFIX + uuid.uuid4().hex)
-            self.store.record_token(claims.to_row())
+            await self.store.record_token(claims.to_row())
             return token, claims
 
         return await self._answer(context, "login", login)
 
     async def RenewToken(self, request: Any,
                          context: grpc.aio.ServicerContext) -> pb.LoginResponse:
-        def renew(who: WhoIs) -> tuple[str, auth.Claims]:
+        async def renew(who: WhoIs) -> tuple[str, auth.Claims]:
             current = auth.bearer_token(_metadata(context))
             self.door.check_token(who, current)  # valid, not revoked, both locks agree
             old = auth.verify_token(self.key(), current)
             check_renewable(old, time.time())
             token, claims = self._issue(who, rights_for(self.policy, who), old.token_id)
-            self.store.renew_token(claims.to_row())
+            await self.store.renew_token(claims.to_row())
             return token, claims
 
         return await self._answer(context, "renew", renew)
 
     async def _answer(self, context: grpc.aio.ServicerContext, method: str,
-                      issue: Callable[[WhoIs], tuple[str, auth.Claims]]) -> pb.LoginResponse:
+                      issue: Callable[[WhoIs], Awaitable[tuple[str, auth.Claims]]]
+                      ) -> pb.LoginResponse:
         """Look up the caller, ``issue`` a token for them, answer; or refuse and log why."""
         who: WhoIs | None = None
         try:
             async with self.door.identity(context.peer()) as who:
-                token, claims = issue(who)
+                token, claims = await issue(who)
                 self._issued(method, who, claims)
                 return self._response(who, token, claims)
         except TsnetchatError as e:

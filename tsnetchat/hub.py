@@ -1,76 +1,96 @@
-"""Fan-out of room events to subscribers, with bounded queues. Knows nothing of gRPC or
-SQLite: payloads are opaque bytes prepared once by the caller and shared by every queue.
+"""Fan-out of room events to subscribers. Knows nothing of gRPC or SQLite: events are
+encoded once by the caller (``codec.Item``).
 
-A Subscriber is fed by ``Hub.publish`` (never blocks, O(1) per subscriber) and drained by
-exactly one consumer task. When a queue would exceed its limit the subscriber is closed with
-``CloseKind.OVERFLOW`` instead of growing: a slow reader never slows the others and never
-holds more than ``limit`` items. Everything runs on one event loop; no locks are needed.
+Each room keeps one log of its recent events, shared by every subscriber; a subscriber is a
+cursor into it, plus a short queue of answers meant for it alone (acks, errors). So:
 
-Pacing: in a busy room (messages arriving less than ``busy_window`` apart) the hub queues a
-message without waking the consumers and wakes the whole room once, ``linger`` later, so
-several messages share one frame. A frame costs the server about 25-40 us of CPU (measured:
-bench/README.md) and packing one more message into it almost nothing, so the linger is about
-one frame-cost per subscriber (a 100-person room waits 2.5 ms), capped at ``linger_max``.
-When the event loop itself is saturated (``load``, see tsnetchat.loop) every frame saved is
-a message ingested, so the linger stretches towards ``overload_linger``: latency is then
-queueing anyway, and bigger frames are what lets the server catch up. One timer per room,
-not one sleep per subscriber. Quiet rooms are never delayed.
+* ``publish`` is O(1): it appends to the log. It does not touch the subscribers.
+* A flush releases the log up to its end (the room's ``mark``) and wakes the subscribers that
+  were waiting for it: one wake-up per subscriber per flush, not per message.
+* A woken subscriber takes everything between its cursor and the mark as frames. Subscribers
+  at the same position get the very same bytes, built once per room and slice
+  (``_Room.frames``); only a subscriber that is behind, or that has answers of its own to add,
+  costs work of its own.
+* The log keeps what its slowest reader has not taken yet (``_Room.trim``, one pass over the
+  subscribers each time it has doubled), and never more than ``limit`` events: a subscriber
+  that falls further behind is closed with ``CloseKind.OVERFLOW``. A slow reader never slows
+  the others, and costs nothing while it stays stuck.
+
+Pacing (measured, bench/README.md): every frame costs the server a write on that stream,
+about 25 us of the one core, whatever it holds, and packing one more message into it almost
+nothing. A quiet room flushes at once. A busy room flushes at most once per ``linger``,
+about one frame-cost per subscriber (a 100-person room every 2.5 ms, a 10,000-person one
+every 250 ms): the time its previous flush takes to write out. When the event loop is
+saturated the linger stretches further (``Pacing.linger``): then latency is queueing anyway,
+and the time between flushes is what lets the server read new messages at all. A write's
+completion reaches the loop through the same queue as a read's, so a read waits behind every
+write in flight. At 10,000 subscribers, with the linger capped at 20 ms, the sender got one
+message read per pass over the room, and every frame carried one message.
+
+Everything runs on one event loop; no locks are needed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import itertools
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
+from . import codec
+from .codec import Item
 
-class Item(NamedTuple):
-    """One queued event, encoded once for every queue it is in. ``frame`` is the event on
-    its own; ``part`` is its encoding inside a batch frame (b"" when it cannot be batched).
-    Messages have their id; other events have id 0."""
-
-    id: int
-    frame: bytes
-    part: bytes = b""
-
+__all__ = ["FRAME_BATCH", "CloseKind", "CloseReason", "Hub", "Item", "Pacing", "Subscriber"]
 
 FRAME_BATCH = 256  # most messages in one frame
 
 
 @dataclass(frozen=True)
 class Pacing:
+    # Server CPU per frame written to one stream (bench/README.md).
     frame_cost: float = 25e-6
-    linger_max: float = 0.005
+    # A room is quiet, and a message goes out at once, when the one before it is older than
+    # this and than the room's linger. (Counting from the last flush instead let the first of
+    # every clump of arrivals go out alone: 36% of the flushes at 1,000 msg/s into 100, and a
+    # p99 4x round 1's.)
     busy_window: float = 0.02
-    wake_at: int = FRAME_BATCH  # a full frame's worth is drained at once, whatever the linger
     # Above loaded_from the linger is at least min_linger, whatever the room's size; between
-    # overload_from and overload_full it moves linearly to overload_linger. Measured load
-    # (tsnetchat.loop): 0.45 at 1,000 msg/s into 9 subscribers, 0.57 at 500 msg/s into 100,
-    # 0.73 at 1,000 msg/s into 100, 0.97-0.99 saturated (bench/README.md).
+    # overload_from and overload_full it moves linearly to overload_factor times the normal
+    # linger (at least overload_linger). Measured load (tsnetchat.loop): 0.45 at 1,000 msg/s
+    # into 9 subscribers, 0.57 at 500 msg/s into 100, 0.73 at 1,000 msg/s into 100,
+    # 0.97-0.99 saturated (bench/README.md).
     loaded_from: float = 0.6
     overload_from: float = 0.85
     overload_full: float = 0.97
+    overload_factor: float = 4.0
     overload_linger: float = 0.02
     # An idle loop cannot fire a timer sooner than this: epoll waits in whole milliseconds,
     # so a 250 us linger took 1-1.4 ms (measured). A shorter linger is no linger.
     min_linger: float = 0.001
-    # Above commit_from messages share SQLite commits, one per commit_window (see
-    # Store.append_later): a commit is most of what storing a message costs.
+    # Above commit_from messages wait up to commit_window for others to share their SQLite
+    # commit (SqliteHistory.linger): at saturation an idle writer thread committed every 2.8
+    # messages (measured), and a commit is most of what storing a message costs. Round 1
+    # measured 0.5 instead of 0.85 to cost the 9-subscriber p99 at 1,000 msg/s (2.3 -> 4.5 ms).
     commit_from: float = 0.85
     commit_window: float = 0.002
 
     def linger(self, subscribers: int, load: float = 0.0) -> float:
-        normal = min(self.linger_max, self.frame_cost * subscribers)
+        """Least time between two flushes of a busy room."""
+        normal = self.frame_cost * subscribers
         if load > self.loaded_from:
             normal = max(normal, self.min_linger)
         if load <= self.overload_from:
             return normal
         f = min(1.0, (load - self.overload_from) / (self.overload_full - self.overload_from))
-        return normal + f * max(0.0, self.overload_linger - normal)
+        stretched = max(normal * self.overload_factor, self.overload_linger)
+        return normal + f * (stretched - normal)
+
+    def commit_linger(self, load: float) -> float:
+        return self.commit_window if load > self.commit_from else 0.0
 
 
 class CloseKind(enum.Enum):
@@ -103,88 +123,197 @@ class Subscriber:
     token_id: str
     limit: int
     member: object | None = None  # presence info when this is an interactive member
+    batch_acks: bool = False  # acks may share batch frames with messages (Hello.batch_acks)
     replayed_to: int = 0  # highest message id already sent from history; skip up to it
-    queue: deque[Item] = field(default_factory=deque)
+    inflight: int = 0  # this member's sends taken and not yet settled (see wait_for_room)
+    cursor: int = 0  # the next position in the room's log to send
+    # Answers for this subscriber alone, each due once the cursor reaches its position (an
+    # ack follows the echo of its message).
+    replies: deque[tuple[int, Item]] = field(default_factory=deque)
     closed: CloseReason | None = None
+    _room: _Room | None = None
     # A bare future rather than an asyncio.Event: this is the hottest wait in the server.
     _waiter: asyncio.Future[None] | None = None
     # Kept: on Python 3.11 every asyncio.get_running_loop() is a getpid() system call,
     # which was 6% of the loop's time at 100k deliveries/s (py-spy --native).
     _loop: asyncio.AbstractEventLoop | None = None
-    _woken: bool = False  # queued without a wake (busy room): wait for the room's timer
     _drained: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def push(self, item: Item, *, wake: bool = True) -> None:
-        """Queue an item; with ``wake=False`` the consumer is woken later by ``wake()``."""
+    def _has_work(self) -> bool:
+        r = self._room
+        if r is None:
+            return False
         if self.closed is not None:
-            return
-        if len(self.queue) >= self.limit:
-            self.close(CloseReason(CloseKind.OVERFLOW, (
-                f"you fell more than {self.limit} events behind in room {self.room!r} and were "
-                "disconnected so others are not slowed down; reconnect with after_id set to the "
-                "last message you saw to catch up from history")))
-            return
-        self.queue.append(item)
-        if wake:
-            self.wake()
+            return True
+        return self.cursor < r.mark or bool(self.replies and self.replies[0][0] <= self.cursor)
 
-    def wake(self) -> None:
-        self._woken = True
+    async def wait(self) -> None:
+        """Return when there is something to ``take``, or the subscriber is closed."""
+        r = self._room
+        while not self._has_work() and r is not None:
+            r.idle.add(self)
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+                r.idle.discard(self)
+
+    def _wake(self) -> None:
         w = self._waiter
-        if w is not None:
-            self._waiter = None
-            if not w.done():
-                w.set_result(None)
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def take(self) -> tuple[list[bytes], int]:
+        """The frames due now (at most FRAME_BATCH messages of the log at a time, then the
+        answers that are due), and how many messages they deliver. Advances the cursor."""
+        r = self._room
+        self._drained.set()
+        if r is None or (self.closed is not None and self.closed.kind in _DROPPING):
+            return [], 0
+        if self.cursor < r.base:
+            self.close(_overflow(self))
+            return [], 0
+        # A closed (finishing) subscriber gets everything published before the close.
+        upto = r.end if self.closed is not None else r.mark
+        start, stop = self.cursor, min(upto, self.cursor + FRAME_BATCH)
+        self.cursor = max(start, stop)
+        due: list[Item] = []
+        while self.replies and self.replies[0][0] <= self.cursor:
+            due.append(self.replies.popleft()[1])
+        frames: list[bytes] = []
+        n = 0
+        if start < stop:
+            if due and self.batch_acks:  # its own frame: acks ride with the messages
+                items = r.slice(start, stop)
+                n = sum(1 for i in items if i.id > self.replayed_to)
+                frames = codec.pack([*items, *due], self.replayed_to, batch_acks=True)
+                return frames, n
+            frames, n = r.frames(start, stop, self.replayed_to)
+            if n:
+                self.replayed_to = 0  # ids only grow: the replay cannot matter any more
+        if due:
+            frames = [*frames, *codec.pack(due, batch_acks=self.batch_acks)]
+        return frames, n
+
+    def backlog(self) -> int:
+        """Events due to this subscriber and not yet taken."""
+        r = self._room
+        return (r.end - self.cursor if r is not None else 0) + len(self.replies)
+
+    def reply(self, item: Item) -> None:
+        r = self._room
+        if r is None or self.closed is not None:
+            return
+        if len(self.replies) >= self.limit:
+            self.close(_overflow(self))
+            return
+        self.replies.append((r.end, item))
+        if self in r.idle and r.end <= self.cursor:
+            self._wake()
 
     def close(self, reason: CloseReason) -> None:
         if self.closed is None:
             self.closed = reason
             if reason.kind in _DROPPING:
-                self.queue.clear()
-            self.wake()
-
-    async def wait(self) -> None:
-        """Return when the consumer has been woken with something to drain, or closed."""
-        while not (self._woken and self.queue) and self.closed is None:
-            if self._loop is None:
-                self._loop = asyncio.get_running_loop()
-            self._waiter = self._loop.create_future()
-            await self._waiter
-        self._woken = False
-
-    def drain(self, max_items: int) -> list[Item]:
-        n = min(max_items, len(self.queue))
-        q = self.queue
-        items = [q.popleft() for _ in range(n)]
-        if q:
-            self._woken = True  # more than one drain's worth was due: keep going
-        self._drained.set()
-        return items
+                self.replies.clear()
+            self._wake()
 
     async def wait_for_room(self) -> None:
-        """Backpressure for a sender: return once its own queue is at most half full.
+        """Backpressure for a sender: return once what is due to it, counting what its sends
+        still being stored will bring (an echo and an ack each), is at most half its limit.
 
         A member's sends come back to it as messages and acks; reading its requests faster
-        than it reads its stream would overflow its own queue. Waiting here stops reading,
-        and HTTP/2 flow control then slows the sender down instead.
+        than it reads its stream would make it fall behind and be cut off. Waiting here stops
+        reading, and HTTP/2 flow control then slows the sender down instead.
         """
-        while len(self.queue) > self.limit // 2 and self.closed is None:
+        while self.backlog() + 2 * self.inflight > self.limit // 2 and self.closed is None:
             self._drained.clear()
             await self._drained.wait()
 
 
+def _overflow(sub: Subscriber) -> CloseReason:
+    return CloseReason(CloseKind.OVERFLOW, (
+        f"you fell more than {sub.limit} events behind in room {sub.room!r} and were "
+        "disconnected so others are not slowed down; reconnect with after_id set to the "
+        "last message you saw to catch up from history"))
+
+
 @dataclass(eq=False)
 class _Room:
+    limit: int  # events kept in the log: how far behind a subscriber may fall
+    log: deque[Item] = field(default_factory=deque)
+    base: int = 0  # the position of log[0]
+    mark: int = 0  # positions before this are released to subscribers
     subs: set[Subscriber] = field(default_factory=set)
+    idle: set[Subscriber] = field(default_factory=set)  # caught up, waiting for a flush
     members: dict[str, list[Subscriber]] = field(default_factory=dict)
-    last_publish: float = 0.0
-    flush: asyncio.TimerHandle | None = None
+    last_publish: float = -math.inf
+    timer: asyncio.TimerHandle | None = None
+    _trim_at: int = 64  # log length at which to look for what every reader has taken
+    _frames: dict[tuple[int, int], tuple[list[bytes], int]] = field(default_factory=dict)
 
-    def wake_all(self) -> None:
-        self.flush = None
+    @property
+    def end(self) -> int:
+        return self.base + len(self.log)
+
+    def append(self, item: Item) -> None:
+        self.log.append(item)
+        if len(self.log) > self.limit:
+            self.log.popleft()
+            self.base += 1
+        elif len(self.log) >= self._trim_at:
+            self.trim()
+
+    def trim(self) -> None:
+        """Drop what every reader has taken; close readers the log has already left behind.
+        (A log kept at its limit held 8,192 events of 2 KB, 16 MB, in a room whose readers
+        were all current.)"""
+        low = self.end
         for s in self.subs:
-            if s.queue:
-                s.wake()
+            if s.closed is not None:
+                continue
+            if s.cursor < self.base:
+                s.close(_overflow(s))
+            elif s.cursor < low:
+                low = s.cursor
+        for _ in range(low - self.base):
+            self.log.popleft()
+        self.base = low
+        self._trim_at = max(64, 2 * len(self.log))
+
+    def flush(self) -> None:
+        """Release the log up to its end and wake whoever was waiting for it."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.mark = self.end
+        for s in self.idle:
+            s._wake()
+        self.idle.clear()
+        if len(self._frames) > 64:
+            self._frames.clear()
+
+    def slice(self, start: int, stop: int) -> list[Item]:
+        return list(itertools.islice(self.log, start - self.base, stop - self.base))
+
+    def frames(self, start: int, stop: int, skip_through: int) -> tuple[list[bytes], int]:
+        """Frames for log positions [start, stop), and the messages they deliver; built once
+        and shared, except for a subscriber whose replay already covered some of them."""
+        cached = self._frames.get((start, stop))
+        if cached is not None and not skip_through:
+            return cached
+        items = self.slice(start, stop)
+        first = next((i.id for i in items if i.id), 0)
+        if skip_through and first and first <= skip_through:
+            return (codec.pack(items, skip_through),
+                    sum(1 for i in items if i.id > skip_through))
+        if cached is None:
+            cached = self._frames[(start, stop)] = (codec.pack(items),
+                                                    sum(1 for i in items if i.id))
+        return cached
 
 
 class Hub:
@@ -194,12 +323,19 @@ class Hub:
         self.load = load or (lambda: 0.0)  # the event loop's busy fraction, 0..1
         self._rooms: dict[str, _Room] = {}
         self._by_login: dict[str, set[Subscriber]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def add(self, sub: Subscriber) -> bool:
-        """Register a subscriber. For members, returns True if this login just joined the room
-        (first stream of that login there), so the caller announces presence."""
-        room = self._rooms.setdefault(sub.room, _Room())
+        """Register a subscriber; it gets what is published from now on. For members,
+        returns True if this login just joined the room (first stream of that login there),
+        so the caller announces presence."""
+        room = self._rooms.get(sub.room)
+        if room is None:
+            room = self._rooms[sub.room] = _Room(sub.limit)
+        room.limit = max(room.limit, sub.limit)
         room.subs.add(sub)
+        sub._room = room
+        sub.cursor = room.end
         self._by_login.setdefault(sub.login, set()).add(sub)
         if sub.member is None:
             return False
@@ -218,6 +354,7 @@ class Hub:
         if room is None:
             return False
         room.subs.discard(sub)
+        room.idle.discard(sub)
         left = False
         if sub.member is not None and sub.login in room.members:
             streams = room.members[sub.login]
@@ -227,35 +364,45 @@ class Hub:
                 del room.members[sub.login]
                 left = True
         if not room.subs:
+            if room.timer is not None:
+                room.timer.cancel()
             del self._rooms[sub.room]
         return left
 
     def publish(self, room: str, item: Item) -> int:
-        """Queue ``item`` for every subscriber of ``room``; returns how many got it."""
+        """Add ``item`` to the room's log (O(1)) and see that it is flushed: at once in a
+        quiet room, else within the room's linger. Returns how many subscribers get it."""
         r = self._rooms.get(room)
         if r is None:
             return 0
+        r.append(item)
         now = time.monotonic()
-        busy = now - r.last_publish < self.pacing.busy_window
-        r.last_publish = now
-        linger = self.pacing.linger(len(r.subs), self.load()) if busy else 0.0
-        if linger < self.pacing.min_linger:
-            for s in r.subs:
-                s.push(item)
+        since, r.last_publish = now - r.last_publish, now
+        if r.timer is not None:
+            if r.end - r.mark >= r.limit // 4:  # never let a linger push readers out
+                r.flush()
             return len(r.subs)
-        wake_at = self.pacing.wake_at
-        for s in r.subs:
-            s.push(item, wake=len(s.queue) + 1 >= wake_at)
-        if r.flush is None:
-            r.flush = asyncio.get_running_loop().call_later(linger, r.wake_all)
+        linger = self.pacing.linger(len(r.subs), self.load())
+        if linger < self.pacing.min_linger or since >= max(linger, self.pacing.busy_window):
+            r.flush()  # a quiet room: at once
+        else:
+            # Busy: this message and those after it go out one linger from now.
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+            r.timer = self._loop.call_later(linger, r.flush)
         return len(r.subs)
 
+    def flush(self, room: str) -> None:
+        """Release what a room holds now (e.g. before its streams are closed)."""
+        r = self._rooms.get(room)
+        if r is not None:
+            r.flush()
+
     def reply(self, sub: Subscriber, item: Item) -> None:
-        """Queue an answer for one subscriber (an ack, an error). While its room has a flush
-        pending the answer waits for it, so an ack shares a frame with the echo of the
-        message it acknowledges; otherwise it goes at once."""
-        r = self._rooms.get(sub.room)
-        sub.push(item, wake=r is None or r.flush is None)
+        """Queue an answer for one subscriber (an ack, an error). It follows everything
+        published to the room before it: while the room has a flush pending it waits for
+        it, so an ack shares a frame with the echo of the message it acknowledges."""
+        sub.reply(item)
 
     def members(self, room: str) -> list[object]:
         r = self._rooms.get(room)

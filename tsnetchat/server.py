@@ -35,13 +35,13 @@ from .config import ServerConfig, parse_listen
 from .errors import ConfigError, TailnetError, TsnetchatError
 from .gate import Gate, Policy
 from .hub import Hub, Pacing
-from .loop import LoopLoad, freeze_startup_heap, yield_helper_threads
+from .loop import Collector, LoopLoad, freeze_startup_heap, yield_helper_threads
 from .metrics import Metrics
 from .notify import Notifier
 from .pb import chat_pb2 as pb
 from .service import SERVICE_NAME, ChatService
 from .statedir import secure_state_dir
-from .store import Store
+from .store import MAX_GROUP, SqliteHistory, Store
 from .tailnet import LocalAPI, Status, Tailnet, format_addr, wait_running
 
 log = logging.getLogger("tsnetchat.server")
@@ -165,12 +165,17 @@ class Server:
         secure_state_dir(cfg.state_dir, (cfg.db_path,))
         key = auth.load_or_create_key(cfg.key_path)  # refuses an open key file
         self._key_stamp = _stamp(cfg.key_path)
-        self.store = Store(cfg.db_path, fsync=cfg.fsync)
-        revoked, self._revocation_seq = self.store.revocations_since(0)
+        # Opening (creating or upgrading) the database is start-up work: nothing is served
+        # yet, so the loop may wait for it here. From now on it runs on its own threads.
+        db = Store(cfg.db_path, fsync=cfg.fsync, timeout=cfg.store_wait)
+        revoked, self._revocation_seq = db.revocations_since(0)
+        self.store = SqliteHistory(db, asyncio.get_running_loop(), wait=cfg.store_wait,
+                                   max_group=max(1, min(MAX_GROUP, cfg.subscriber_queue // 4)))
         self.gate = Gate(tailnet, policy_for(cfg, key), revoked=revoked,
                          whois_timeout=cfg.whois_timeout, recheck_interval=cfg.recheck_interval)
         self.load = LoopLoad(asyncio.get_running_loop())
         self.hub = Hub(pacing, load=self.load)
+        self.store.linger = lambda: self.hub.pacing.commit_linger(self.load())
         self.metrics = Metrics()
         self.enrollment = enroll.Enrollment(
             door=self.gate, key=lambda: self.gate.policy.key, store=self.store,
@@ -215,7 +220,8 @@ class Server:
         self.enrollment.policy = enroll.policy_from(cfg, self._name())  # now knowing our name
         self.addresses = (listen_addresses(self.status) if cfg.listen == "auto"
                           else parse_listen(cfg.listen))
-        pruned = self.store.prune(keep_count=cfg.retention_count, keep_days=cfg.retention_days)
+        pruned = await self.store.prune(keep_count=cfg.retention_count,
+                                        keep_days=cfg.retention_days)
         if pruned:
             log.info("retention: pruned %d old messages", pruned)
         self._grpc = self._build_grpc(self.addresses)
@@ -231,8 +237,12 @@ class Server:
             await self._start_metrics()
         if self.owns_process:
             if cfg.batch_helper_threads:
-                log.debug("%d helper threads set to SCHED_BATCH", yield_helper_threads())
+                log.debug("%d helper threads set to SCHED_BATCH",
+                          yield_helper_threads(keep=self.store.thread_ids()))
             freeze_startup_heap()
+            collector = Collector()
+            collector.install()
+            self._tasks.append(asyncio.create_task(self._scale_collector(collector)))
         wd = self.notifier.watchdog_interval()
         if wd:
             self._tasks.append(asyncio.create_task(self._watchdog(wd)))
@@ -273,12 +283,13 @@ class Server:
         within a second, also for streams already open."""
         while True:
             await asyncio.sleep(1.0)
-            self.check_revocations()
+            await self.check_revocations()
             self.check_key()
 
-    def check_revocations(self) -> int:
+    async def check_revocations(self) -> int:
         try:
-            new, self._revocation_seq = self.store.revocations_since(self._revocation_seq)
+            new, self._revocation_seq = await self.store.revocations_since(
+                self._revocation_seq)
         except Exception as e:  # a locked db must not kill the loop
             log.warning("could not read revocations: %s", e)
             return 0
@@ -311,8 +322,13 @@ class Server:
         while True:
             await asyncio.sleep(300)
             with contextlib.suppress(Exception):
-                self.store.prune(keep_count=self.cfg.retention_count,
-                                 keep_days=self.cfg.retention_days)
+                await self.store.prune(keep_count=self.cfg.retention_count,
+                                       keep_days=self.cfg.retention_days)
+
+    async def _scale_collector(self, collector: Collector) -> None:
+        while True:
+            collector.scale(self.hub.counts()[1])
+            await asyncio.sleep(1.0)
 
     async def _watchdog(self, interval: float) -> None:
         while True:
@@ -389,9 +405,9 @@ class Server:
         self.service.apply(cfg.limits)
         self.gate.apply(self._policy(self.gate.policy.key))
         self.enrollment.policy = enroll.policy_from(cfg, self._name())
-        self.check_revocations()
         self.check_key()
-        log.info("reloaded configuration and revocations")
+        self._tasks.append(asyncio.ensure_future(self.check_revocations()))
+        log.info("reloaded configuration; reading revocations")
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain and close. Idempotent."""
@@ -402,7 +418,7 @@ class Server:
         self.notifier.send("STOPPING=1", "STATUS=draining")
         with contextlib.suppress(Exception):
             await self.health.enter_graceful_shutdown()
-        n = self.service.begin_shutdown()
+        n = await self.service.begin_shutdown(drain_timeout=max(grace, self.cfg.store_wait))
         log.info("shutting down: told %d stream(s) to reconnect", n)
         if self._grpc is not None:
             await self._grpc.stop(grace)
@@ -411,7 +427,7 @@ class Server:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
-        self.store.close()
+        await self.store.close()
 
 
 async def serve(cfg: ServerConfig, *, reload_config: Callable[[], ServerConfig] | None = None,

@@ -1,7 +1,8 @@
 """The gRPC servicer: tsnetchat.v1.Chat on grpc.aio.
 
-It joins the pieces: the Gate admits a call (and keeps deciding it while it runs), the Store
-persists, the Hub fans out, the codec encodes. It is the only module that maps tsnetchat
+It joins the pieces: the Gate admits a call (and keeps deciding it while it runs), the Ledger
+takes messages (stores, publishes and acknowledges them, or refuses them), the Hub fans out,
+the codec encodes, the history answers reads. It is the only module that maps tsnetchat
 errors to gRPC status codes (``status_for``). Nothing a client sends ends in a traceback: an
 unexpected error is logged (a few per minute at most) and answered INTERNAL. Handlers are
 registered by hand (``handlers()``) so that responses may be pre-encoded bytes (sent as-is,
@@ -15,13 +16,12 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 from google.protobuf.message import DecodeError
 
-from . import auth, codec, render
+from . import auth, codec
 from .config import Limits
 from .errors import (
     InvalidInput,
@@ -35,10 +35,11 @@ from .errors import (
 )
 from .gate import Gate, Lease
 from .hub import FRAME_BATCH, CloseKind, CloseReason, Hub, Subscriber
+from .ledger import History, Ledger
 from .metrics import Metrics
 from .pb import chat_pb2 as pb
-from .store import Sender, Store, StoredMessage
-from .throttle import Buckets, LogLimiter, TokenBucket
+from .store import Sender
+from .throttle import Buckets, LogLimiter
 
 if TYPE_CHECKING:
     from .enroll import Enrollment
@@ -47,8 +48,11 @@ log = logging.getLogger("tsnetchat.service")
 
 SERVICE_NAME = "tsnetchat.v1.Chat"
 HELLO_TIMEOUT = 10.0
-MAX_CLIENT_MSG_ID = 64
 MAX_ID = 2**63 - 1  # SQLite's largest integer; larger cursors are not message ids
+# Malformed events in a row (garbage, bad text, a second hello) before a Join stream is cut
+# off as flooding. Refusals (rate limit, storage) never count: a client that is told to wait
+# has done nothing wrong (issues 16 and 18).
+INVALID_IN_A_ROW = 20
 
 
 class _Garbage:
@@ -110,38 +114,28 @@ def _encode(x: Any) -> bytes:
     return x if isinstance(x, bytes) else bytes(x.SerializeToString())
 
 
-def validate_text(text: str, kind: int, max_bytes: int) -> None:
-    size = len(text.encode("utf-8", "surrogatepass"))
-    if size > max_bytes:
-        raise InvalidInput(f"message is {size} bytes; the limit is {max_bytes} bytes of UTF-8 "
-                           "text. Split it up.")
-    if render.is_blank(text):  # also zero-width characters only: an invisible message
-        raise InvalidInput("message is empty")
-    if kind not in (pb.MESSAGE_KIND_TEXT, pb.MESSAGE_KIND_ACTION):
-        raise InvalidInput(f"unknown message kind {kind}")
-    bad = render.UNSAFE.search(text)
-    if bad is not None:
-        # Terminal escapes and bidi overrides would let one user rewrite others' screens.
-        raise InvalidInput(f"message contains a control character (U+{ord(bad.group()):04X}); "
-                           "only printable text, newlines and tabs are allowed")
+class ServerStore(History, Protocol):
+    """What the servicer needs of storage: the message history, and revocations."""
+
+    async def revoke(self, jti: str) -> bool: ...
 
 
 class ChatService:
-    def __init__(self, *, store: Store, hub: Hub, gate: Gate, limits: Limits,
+    def __init__(self, *, store: ServerStore, hub: Hub, gate: Gate, limits: Limits,
                  metrics: Metrics | None = None, enrollment: Enrollment | None = None) -> None:
         self.store, self.hub, self.gate, self.limits = store, hub, gate, limits
         self.enrollment = enrollment  # Login and RenewToken (enroll.py)
         self.metrics = metrics or Metrics()
-        self._buckets = Buckets(limits.rate_burst, limits.rate_per_second)  # messages
+        self.ledger = Ledger(store, hub, limits=lambda: self.limits, refuse=self._refuse,
+                             metrics=self.metrics)
         self._call_buckets = Buckets(limits.call_burst, limits.call_rate)  # calls
-        self._commit_timer: asyncio.TimerHandle | None = None
         self._error_log = LogLimiter(burst=5, rate=0.2)
         self.going_away = False
 
     def apply(self, limits: Limits) -> None:
         """New limits (a reload): for new calls, and for the rate buckets of everyone."""
         self.limits = limits
-        self._buckets.configure(limits.rate_burst, limits.rate_per_second)
+        self.ledger.apply(limits)
         self._call_buckets.configure(limits.call_burst, limits.call_rate)
 
     # registration ------------------------------------------------------------------
@@ -204,9 +198,6 @@ class ChatService:
             await context.abort(grpc.StatusCode.INTERNAL,
                                 f"{method}: internal error; the server's log says more")
 
-    def _bucket(self, login: str) -> TokenBucket:
-        return self._buckets.get(login)
-
     @staticmethod
     def _me(p: auth.Principal) -> pb.Identity:
         return codec.identity_pb(p.login, p.display_name, p.node)
@@ -217,16 +208,12 @@ class ChatService:
                 f"you already have {self.limits.max_rooms_per_client} open room streams (the "
                 "limit per person); leave a room first")
 
-    def _resume_point(self, room: str, after: int | None) -> int:
-        last = self.store.last_id(room)
-        return min(after, last) if after is not None else last
-
     async def _replay(self, sub: Subscriber, after: int | None) -> AsyncIterator[bytes]:
         """History frames: everything after ``after``, or the recent backlog. Sets
         ``sub.replayed_to`` so live items already sent here are skipped."""
         room = sub.room
         if after is None:
-            msgs = self.store.latest(room, self.limits.history_on_join)
+            msgs = await self.store.latest(room, self.limits.history_on_join)
             sub.replayed_to = msgs[-1].id if msgs else 0
             for i in range(0, len(msgs), FRAME_BATCH):
                 chunk = [codec.message_item(m) for m in msgs[i:i + FRAME_BATCH]]
@@ -236,7 +223,7 @@ class ChatService:
         cursor = min(after, self.store.last_id(room))
         sub.replayed_to = cursor
         while True:
-            msgs = self.store.after(room, cursor, FRAME_BATCH)
+            msgs = await self.store.after(room, cursor, FRAME_BATCH)
             if not msgs:
                 return
             cursor = msgs[-1].id
@@ -244,21 +231,21 @@ class ChatService:
             for f in codec.pack([codec.message_item(m) for m in msgs]):
                 yield f
 
-    async def _live(self, sub: Subscriber, context: grpc.aio.ServicerContext, *,
-                    batch_acks: bool = False) -> AsyncIterator[bytes]:
-        skip = sub.replayed_to
+    async def _live(self, sub: Subscriber,
+                    context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        counters = self.metrics.counters
         while True:
             await sub.wait()
-            if sub.queue:
-                items = sub.drain(FRAME_BATCH)
-                frames = codec.pack(items, skip, batch_acks=batch_acks)
-                self.metrics.inc("deliveries_total", sum(1 for i in items if i.id > skip))
-                self.metrics.inc("frames_total", len(frames))
+            frames, delivered = sub.take()
+            if frames:
+                counters["deliveries_total"] += delivered
+                counters["frames_total"] += len(frames)
                 for f in frames:
                     yield f
                 continue
             reason = sub.closed
-            assert reason is not None
+            if reason is None:
+                continue  # what was due had been sent from history already
             if reason.kind is CloseKind.DONE:
                 return
             await context.abort(_CLOSE_STATUS.get(reason.kind, grpc.StatusCode.INTERNAL),
@@ -281,7 +268,7 @@ class ChatService:
             self._check_capacity(p)
             me = self._me(p)
             sub = Subscriber(hello.room, p.login, p.token_id, self.limits.subscriber_queue,
-                             member=me)
+                             member=me, batch_acks=hello.batch_acks)
             first = self.hub.add(sub)
             lease.attach(lambda e: sub.close(_closing(e)))
             reader: asyncio.Task[None] | None = None
@@ -292,14 +279,16 @@ class ChatService:
                 yield codec.event(welcome=pb.Welcome(
                     room=hello.room, you=me, members=members,
                     last_id=self.store.last_id(hello.room),
-                    max_message_bytes=self.limits.max_message_bytes))
+                    max_message_bytes=self.limits.max_message_bytes,
+                    rate_per_second=self.limits.rate_per_second,
+                    rate_burst=self.limits.rate_burst))
                 async for f in self._replay(sub, after):
                     yield f
                 yield codec.event(replay_done=pb.ReplayDone(last_id=sub.replayed_to))
                 if first:
                     self._presence(hello.room, pb.PRESENCE_KIND_JOINED, me)
                 reader = asyncio.create_task(self._read_client(request_iterator, sub, p))
-                async for f in self._live(sub, context, batch_acks=hello.batch_acks):
+                async for f in self._live(sub, context):
                     yield f
             finally:
                 if reader is not None:
@@ -332,21 +321,24 @@ class ChatService:
 
     async def _read_client(self, it: AsyncIterator[Any], sub: Subscriber,
                            p: auth.Principal) -> None:
+        # The sender is the connection's identity. send.claimed_sender is ignored on purpose.
+        sender = Sender(p.login, p.display_name, p.node)
+        send = self.ledger.send
         strikes = 0
         try:
             async for ev in it:
                 await sub.wait_for_room()
                 if sub.closed is not None:
                     return
-                problem: TsnetchatError | None = None
                 cmid = ""
                 try:
                     if ev is GARBAGE:
                         raise InvalidInput("could not decode that event (garbage); ignored")
                     which = ev.WhichOneof("event")
                     if which == "send":
-                        cmid = ev.send.client_msg_id
-                        self._send(sub, p, ev.send)
+                        m = ev.send
+                        cmid = m.client_msg_id
+                        send(sub, sender, m.text, m.kind, cmid)
                     elif which == "ack":
                         continue
                     elif which == "hello":
@@ -355,16 +347,12 @@ class ChatService:
                     else:
                         raise InvalidInput("empty or unknown event; ignored")
                     strikes = 0
-                except (InvalidInput, LimitExceeded, StoreError) as e:
-                    problem = e
-                if problem is not None:
+                except InvalidInput as e:
                     strikes += 1
-                    self._refuse(sub, problem, cmid)
-                    if strikes > 2 * self.limits.rate_burst:
+                    self._refuse(sub, e, cmid)
+                    if strikes >= INVALID_IN_A_ROW:
                         sub.close(CloseReason(CloseKind.FLOOD, (
-                            "too many rejected events in a row (flooding); disconnected. "
-                            f"The limit is {self.limits.rate_per_second:g} messages/s with bursts "
-                            f"of {self.limits.rate_burst}.")))
+                            f"{strikes} malformed events in a row (flooding); disconnected")))
                         return
             sub.close(CloseReason(CloseKind.DONE, "client finished"))
         except asyncio.CancelledError:
@@ -373,58 +361,13 @@ class ChatService:
             log.debug("reader ended: %r", e)
             sub.close(CloseReason(CloseKind.DONE, "connection ended"))
 
-    def _send(self, sub: Subscriber, p: auth.Principal, send: pb.SendMessage) -> None:
-        kind = send.kind or pb.MESSAGE_KIND_TEXT
-        if len(send.client_msg_id) > MAX_CLIENT_MSG_ID:
-            raise InvalidInput(f"client_msg_id longer than {MAX_CLIENT_MSG_ID} characters")
-        validate_text(send.text, kind, self.limits.max_message_bytes)
-        wait = self._bucket(p.login).take()
-        if wait:
-            raise LimitExceeded(
-                f"slow down: at most {self.limits.rate_per_second:g} messages/s (bursts of "
-                f"{self.limits.rate_burst}); this one was not sent, retry in {wait:.1f}s")
-        # The sender is the connection's identity. send.claimed_sender is ignored on purpose.
-        sender = Sender(p.login, p.display_name, p.node)
-        pacing = self.hub.pacing
-        if self.store.waiting or self.hub.load() > pacing.commit_from:
-            # Group commit: the message is published and acknowledged once its shared
-            # transaction commits, within commit_window (or at once when a frame's worth
-            # is waiting). Nobody sees it before it is durable.
-            self.store.append_later(sub.room, sender, kind, send.text, send.client_msg_id,
-                                    partial(self._stored, sub, send.client_msg_id))
-            if self.store.waiting >= FRAME_BATCH:
-                self._commit()
-            elif self._commit_timer is None:
-                self._commit_timer = asyncio.get_running_loop().call_later(
-                    pacing.commit_window, self._commit)
-            return
-        msg, dup = self.store.append(sub.room, sender, kind, send.text, send.client_msg_id)
-        self._stored(sub, send.client_msg_id, msg, dup, None)
-
     def _refuse(self, sub: Subscriber, problem: TsnetchatError, client_msg_id: str,
-                more: str = "") -> None:
+                retry_after: float = 0.0) -> None:
         """Tell a member why the event it sent was not taken (an error event, not the end
         of the stream)."""
         self.hub.reply(sub, codec.event_item(error=pb.Error(
-            code=status_for(problem).value[0], message=f"{problem}{more}",
-            client_msg_id=client_msg_id)))
-
-    def _commit(self) -> None:
-        if self._commit_timer is not None:
-            self._commit_timer.cancel()
-            self._commit_timer = None
-        self.store.commit()
-
-    def _stored(self, sub: Subscriber, client_msg_id: str, msg: StoredMessage, dup: bool,
-                error: StoreError | None) -> None:
-        """Publish a committed message and acknowledge it; or tell the sender it was lost."""
-        if error is not None:
-            self._refuse(sub, error, client_msg_id, "; this message was not saved, send it again")
-            return
-        if not dup:
-            self.metrics.inc("messages_total")
-            self.hub.publish(sub.room, codec.message_item(msg))
-        self.hub.reply(sub, codec.sent_item(client_msg_id, msg.id))
+            code=status_for(problem).value[0], message=str(problem),
+            client_msg_id=client_msg_id, retry_after_ms=round(retry_after * 1000))))
 
     async def Subscribe(self, request: Any,
                         context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
@@ -455,12 +398,12 @@ class ChatService:
             limit = min(request.limit or self.limits.max_page, self.limits.max_page)
             anchor = request.WhichOneof("anchor")
             if anchor == "after_id":
-                msgs = self.store.after(request.room, request.after_id, limit + 1)
+                msgs = await self.store.after(request.room, request.after_id, limit + 1)
                 more = len(msgs) > limit
                 msgs = msgs[:limit]
             else:
                 before = request.before_id if anchor == "before_id" else 2**62
-                msgs = self.store.before(request.room, before, limit + 1)
+                msgs = await self.store.before(request.room, before, limit + 1)
                 more = len(msgs) > limit
                 msgs = msgs[-limit:]
             return pb.HistoryResponse(messages=[codec.message_pb(m) for m in msgs], more=more,
@@ -512,7 +455,7 @@ class ChatService:
             auth.check_admin(p)
             if not request.token_id or len(request.token_id) > 64:
                 raise InvalidInput("token_id must be a token id from `tsnetchat token list`")
-            self.store.revoke(request.token_id)
+            await self.store.revoke(request.token_id)
             n = self.apply_revocations([request.token_id])
             log.info("revoke token=%r by=%r streams=%d", request.token_id, p.login, n)
             return pb.RevokeTokenResponse(streams_closed=n)
@@ -525,11 +468,23 @@ class ChatService:
         still waiting for its hello). Returns the number of streams closed."""
         return self.gate.revoke(token_ids)
 
-    def begin_shutdown(self, reason: str = "server is restarting") -> int:
-        """Tell every stream the server is going away and close them (UNAVAILABLE)."""
+    async def begin_shutdown(self, reason: str = "server is restarting",
+                             drain_timeout: float = 10.0) -> int:
+        """Tell every stream the server is going away and close them (UNAVAILABLE).
+
+        Sends read from now on are refused as not stored; the messages already taken are
+        stored, published and acknowledged first (within ``drain_timeout``), so an open
+        group commit ends in acks that reach their senders before the streams close."""
         self.going_away = True
+        self.ledger.stop_accepting()
+        try:
+            await asyncio.wait_for(self.ledger.drain(), drain_timeout)
+        except TimeoutError:
+            log.warning("shutting down with %d message(s) still waiting for storage",
+                        self.store.pending())
         frame = codec.event_item(going_away=pb.GoingAway(reason=reason))
         for room in self.hub.rooms():
             self.hub.publish(room, frame)
+            self.hub.flush(room)
         return self.hub.close_where(lambda s: True, CloseReason(
             CloseKind.SHUTDOWN, f"{reason}; reconnect and resume after your last message id"))

@@ -1,72 +1,97 @@
 """Durable history and token records in SQLite (WAL).
 
-One process writes (the server); the CLI may read and write tokens/revocations concurrently
-(WAL + busy timeout make that safe). Calls are synchronous and short; the server calls them
-from its event loop, which keeps message ids and commit order identical.
+Two layers:
 
-Checkpoints (copying the WAL back into the database file, with an fsync) run in a thread of
-their own on a second connection, every ``CHECKPOINT_EVERY`` appends. SQLite's automatic
-checkpoint runs inside whichever commit crosses its threshold, on the event loop, and that
-commit took milliseconds: it was the p99 of delivery at a moderate rate (bench/README.md).
-The automatic checkpoint stays on as the backstop that keeps the WAL bounded: under a
-continuous stream of commits a checkpoint from another connection never catches up, so the
-WAL would never restart (it grew to 650 MB in a test). Then it finds most pages already
-copied and costs about the fsync alone.
-
-Group commit: ``append_later`` joins an open transaction and calls back once it ends, so a
-busy server pays one commit for many messages (a commit is most of an append's cost). The
-caller decides when to ``commit()``; any other call commits first, so reads never see an
-uncommitted row and callbacks run in append order.
+* ``Store``: one connection, synchronous. The CLI uses it (tokens), tests use it, and the
+  server uses it only from threads of its own, never from the event loop.
+* ``SqliteHistory``: the server's history (``ledger.History``). A writer thread owns one
+  ``Store`` and commits messages in groups: whatever was submitted while the previous group
+  was being written goes into the next transaction, so a busy server pays one commit for
+  many messages and a quiet one commits each message at once. When the event loop is
+  saturated (``linger``) a message waits up to a couple of milliseconds for company before
+  the writer is woken: an idle writer would otherwise commit every two or three messages
+  apart. Results come back to the event loop in one callback per group, in submission order.
+  Reads run on reader threads, each with its own connection: a WAL reader is never blocked by
+  a writer, ours or another process's. So nothing here makes the event loop wait on the
+  disk (bench/README.md).
 
 Guarantees:
 
-* ``append`` returns, and ``append_later`` calls back without an error, only after the row
-  is committed. With ``fsync=False`` (WAL,
-  synchronous=NORMAL) a committed message survives a crashed or SIGKILLed process; with
-  ``fsync=True`` (synchronous=FULL) it also survives power loss.
+* A message is reported stored (``Written``) only after its transaction committed. With
+  ``fsync=False`` (WAL, synchronous=NORMAL) it survives a crashed or SIGKILLed process; with
+  ``fsync=True`` (synchronous=FULL) also power loss.
 * ids are strictly increasing per room, starting at 1, never reused (also after pruning).
-  The one exception is an id whose group commit rolled back: nobody saw it or its ack.
-* A repeated (room, sender, client_msg_id) returns the original message with
+  The one exception is an id whose group rolled back: nobody saw it or its ack.
+* A repeated (room, sender login, client_msg_id) returns the original message with
   ``duplicate=True`` and writes nothing.
+* When the database stays locked by another process (or the disk does not answer) for
+  ``wait`` seconds, every message waiting for it is refused with a StoreError saying it was
+  not stored; the next ones are tried afresh.
 
-sqlite3 errors are translated to StoreError here and nowhere else.
+Schema versions (``PRAGMA user_version``) and forward migrations are below; a database
+written by a newer tsnetchat is refused rather than guessed at. sqlite3 errors are
+translated to StoreError here and nowhere else.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NamedTuple, TypeVar
 
 from .errors import StoreError
+from .loop import name_thread
 
+log = logging.getLogger("tsnetchat.store")
+
+T = TypeVar("T")
+
+# Version 1 (round 2). Messages are a rowid table in arrival order: appends always go to the
+# end of the b-tree, so its pages are full. Round 1's WITHOUT ROWID table kept rows of more
+# than ~1,000 bytes in an overflow page each (4,783 bytes on disk for an average 2,455-byte
+# text, measured), and 4 KB pages hold one 2,100-byte row (1.99x). 16 KB pages hold 900-4,096
+# byte texts within 1.36x (tests/test_unit_store.py measures it). Rooms and senders are
+# stored once and referred to by number.
+SCHEMA_VERSION = 1
+PAGE_SIZE = 16384
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS rooms (
-    name TEXT PRIMARY KEY,
+CREATE TABLE rooms (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    -- The high-water mark, written when the room is created and before pruning; in between
+    -- the newest message holds it (one row fewer to write per commit).
     last_id INTEGER NOT NULL
 );
-CREATE TABLE IF NOT EXISTS messages (
-    room TEXT NOT NULL,
-    id INTEGER NOT NULL,
-    ts_ms INTEGER NOT NULL,
+CREATE TABLE senders (
+    id INTEGER PRIMARY KEY,
     login TEXT NOT NULL,
     display_name TEXT NOT NULL,
     node TEXT NOT NULL,
+    UNIQUE (login, display_name, node)
+);
+CREATE TABLE messages (
+    seq INTEGER PRIMARY KEY,
+    room INTEGER NOT NULL,
+    id INTEGER NOT NULL,
+    ts_ms INTEGER NOT NULL,
+    sender INTEGER NOT NULL,
     kind INTEGER NOT NULL,
     text TEXT NOT NULL,
-    client_msg_id TEXT NOT NULL,
-    PRIMARY KEY (room, id)
-) WITHOUT ROWID;
--- A plain index: the resend check must not scan the room. (A partial index WHERE
--- client_msg_id != '' was not chosen by the planner for a bound parameter; dropped below.)
-DROP INDEX IF EXISTS messages_dedup;
-CREATE INDEX IF NOT EXISTS messages_by_sender_key ON messages (room, login, client_msg_id);
-CREATE INDEX IF NOT EXISTS messages_ts ON messages (ts_ms);
+    client_msg_id TEXT NOT NULL
+);
+CREATE UNIQUE INDEX messages_by_room ON messages (room, id);
+-- The resend check. Queries repeat the WHERE term literally so the planner may use it.
+CREATE INDEX messages_resend ON messages (room, client_msg_id) WHERE client_msg_id != '';
 CREATE TABLE IF NOT EXISTS tokens (
     jti TEXT PRIMARY KEY,
     sub TEXT NOT NULL,
@@ -83,11 +108,68 @@ CREATE TABLE IF NOT EXISTS revocations (
 """
 
 
+def _script(db: sqlite3.Connection, sql: str) -> None:
+    """Run several statements inside the caller's transaction (``executescript`` would commit
+    it first)."""
+    buf = ""
+    for line in sql.splitlines(keepends=True):
+        buf += line
+        if sqlite3.complete_statement(buf):
+            db.execute(buf)
+            buf = ""
+
+
+def _from_round_1(db: sqlite3.Connection) -> None:
+    """Version 0 -> 1: round 1's tables (messages keyed by room name WITHOUT ROWID, sender
+    columns in every row) into the version 1 layout. ids, timestamps, resend keys, the rooms'
+    high-water marks, tokens and revocations are kept."""
+    _script(db, """
+        ALTER TABLE messages RENAME TO messages_r1;
+        ALTER TABLE rooms RENAME TO rooms_r1;
+        DROP INDEX IF EXISTS messages_by_sender_key;
+        DROP INDEX IF EXISTS messages_ts;
+        DROP INDEX IF EXISTS messages_dedup;
+    """)
+    _script(db, SCHEMA)
+    _script(db, """
+        INSERT INTO rooms (name, last_id)
+            SELECT name, MAX(last_id) FROM (
+                SELECT name, last_id FROM rooms_r1
+                UNION ALL SELECT room, MAX(id) FROM messages_r1 GROUP BY room)
+            GROUP BY name ORDER BY name;
+        INSERT INTO senders (login, display_name, node)
+            SELECT DISTINCT login, display_name, node FROM messages_r1;
+        INSERT INTO messages (room, id, ts_ms, sender, kind, text, client_msg_id)
+            SELECT r.id, m.id, m.ts_ms, s.id, m.kind, m.text, m.client_msg_id
+            FROM messages_r1 m JOIN rooms r ON r.name = m.room
+            JOIN senders s ON s.login = m.login AND s.display_name = m.display_name
+                AND s.node = m.node
+            ORDER BY m.ts_ms, r.id, m.id;
+        DROP TABLE messages_r1;
+        DROP TABLE rooms_r1;
+    """)
+
+
+# Each step takes the database from the version before it to its own, inside one transaction.
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _from_round_1}
+
+
 @dataclass(frozen=True)
 class Sender:
     login: str
     display_name: str
     node: str
+
+
+@dataclass(frozen=True)
+class Draft:
+    """A message as a member sent it, not yet stored (no id, no timestamp)."""
+
+    room: str
+    sender: Sender
+    kind: int
+    text: str
+    client_msg_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -101,6 +183,14 @@ class StoredMessage:
     client_msg_id: str
 
 
+class Written(NamedTuple):
+    """A draft once committed: the stored message, and whether it was a resend of one
+    stored before (then nothing new was written)."""
+
+    message: StoredMessage
+    duplicate: bool
+
+
 @dataclass(frozen=True)
 class TokenRecord:
     jti: str
@@ -112,22 +202,30 @@ class TokenRecord:
     revoked_at: int | None
 
 
-# A deferred append's callback: (message, duplicate, error or None).
-Settled = Callable[["StoredMessage", bool, "StoreError | None"], None]
+_SELECT = ("SELECT r.name, m.id, m.ts_ms, s.login, s.display_name, s.node, m.kind, m.text, "
+           "m.client_msg_id FROM messages m JOIN rooms r ON r.id = m.room "
+           "JOIN senders s ON s.id = m.sender ")
 
-_COLS = "room, id, ts_ms, login, display_name, node, kind, text, client_msg_id"
+
+def _row(r: tuple[Any, ...]) -> StoredMessage:
+    return StoredMessage(room=r[0], id=r[1], ts_ms=r[2], sender=Sender(r[3], r[4], r[5]),
+                         kind=r[6], text=r[7], client_msg_id=r[8])
 
 
-def _row(r: tuple[object, ...]) -> StoredMessage:
-    return StoredMessage(room=str(r[0]), id=int(r[1]), ts_ms=int(r[2]),  # type: ignore[call-overload]
-                         sender=Sender(str(r[3]), str(r[4]), str(r[5])),
-                         kind=int(r[6]), text=str(r[7]), client_msg_id=str(r[8]))  # type: ignore[call-overload]
+def _locked(e: sqlite3.Error) -> bool:
+    return isinstance(e, sqlite3.OperationalError) and (
+        "locked" in str(e) or "busy" in str(e))
 
 
 class _Checkpointer(threading.Thread):
     """Runs ``PRAGMA wal_checkpoint(PASSIVE)`` on its own connection each time it is asked.
     PASSIVE never blocks the writer; SQLite restarts the WAL from its beginning once a
-    checkpoint has caught up. (The last connection to close checkpoints whatever is left.)"""
+    checkpoint has caught up. (The last connection to close checkpoints whatever is left.)
+
+    SQLite's automatic checkpoint stays on as the backstop that keeps the WAL bounded: under a
+    continuous stream of commits a checkpoint from another connection never catches up, so
+    the WAL would never restart (it grew to 650 MB in a test). It then finds most pages
+    already copied, and runs inside the writer thread's commit, not on the event loop."""
 
     def __init__(self, path: Path) -> None:
         super().__init__(name="tsnetchat-checkpoint", daemon=True)
@@ -162,34 +260,95 @@ class _Checkpointer(threading.Thread):
 
 
 class Store:
+    """One SQLite connection. Not for the event loop: every call may wait on the disk or on
+    another process's lock (up to ``timeout`` seconds)."""
+
     CHECKPOINT_EVERY = 100  # appends between background checkpoints (SQLite's: ~1000 pages)
 
-    def __init__(self, path: Path, *, fsync: bool = False) -> None:
+    def __init__(self, path: Path, *, fsync: bool = False, timeout: float = 5.0,
+                 readonly: bool = False) -> None:
         self.path = path
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
-                                       timeout=5.0)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
-            self._db.executescript(SCHEMA)
-            # rooms.last_id is written when a room is created and before pruning; between
-            # the two the newest message holds the room's high-water mark. One row per append
-            # fewer is one page less in every commit.
-            self._last = dict(self._db.execute(
-                "SELECT name, MAX(last_id, COALESCE((SELECT MAX(id) FROM messages "
-                "WHERE room = rooms.name), 0)) FROM rooms").fetchall())
+            if readonly:
+                self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
+                                           timeout=timeout)
+                self._db.execute("PRAGMA query_only=ON")
+                self._check_version(int(self._db.execute("PRAGMA user_version").fetchone()[0]))
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
+                                           timeout=timeout)
+                self._open_for_writing(fsync)
         except sqlite3.Error as e:
             raise StoreError(f"cannot open history database {path}: {e}") from e
         self._appends = 0
+        self._timeout_ms = int(timeout * 1000)
         self.checkpointer: _Checkpointer | None = None  # started by the first busy writer
-        # The open group-commit transaction: _last as it was when it began (restored if it
-        # rolls back), and the appends waiting for it to end.
-        self._open: dict[str, int] | None = None
-        self._waiting: list[tuple[StoredMessage, bool, Settled]] = []
+        # The writer's view: room name -> (room number, last id); sender -> number.
+        self._rooms: dict[str, tuple[int, int]] = {}
+        self._senders: dict[Sender, int] = {}
+        if not readonly:
+            self._load_marks()
+
+    # schema ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_version(version: int) -> None:
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"the history database has schema version {version}, newer than "
+                             f"this tsnetchat understands ({SCHEMA_VERSION}); upgrade tsnetchat")
+
+    def _open_for_writing(self, fsync: bool) -> None:
+        db = self._db
+        version = int(db.execute("PRAGMA user_version").fetchone()[0])
+        self._check_version(version)
+        fresh = not db.execute("SELECT 1 FROM sqlite_master").fetchone()
+        if fresh:  # the page size can only be chosen before the first table exists
+            db.execute(f"PRAGMA page_size={PAGE_SIZE}")
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
+        if fresh:
+            with self._tx():
+                _script(db, SCHEMA)
+                db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            return
+        if version == SCHEMA_VERSION:
+            return
+        with self._tx():
+            version = int(db.execute("PRAGMA user_version").fetchone()[0])  # another upgrader?
+            for target in range(version + 1, SCHEMA_VERSION + 1):
+                log.warning("upgrading the history database %s to schema version %d",
+                            self.path, target)
+                MIGRATIONS[target](db)
+                db.execute(f"PRAGMA user_version={target}")
+        self._compact()
+
+    def _compact(self) -> None:
+        """After an upgrade: rewrite the file with the current page size, dropping the old
+        layout's pages. Best effort (it needs the database to itself and free space for a
+        copy); the upgraded data is committed either way."""
+        try:
+            self._db.execute("PRAGMA journal_mode=DELETE")
+            self._db.execute(f"PRAGMA page_size={PAGE_SIZE}")
+            self._db.execute("VACUUM")
+        except sqlite3.Error as e:
+            log.warning("could not compact %s after the upgrade (%s); it keeps working, only "
+                        "larger than it needs to be", self.path, e)
+        finally:
+            self._db.execute("PRAGMA journal_mode=WAL")
+
+    def _load_marks(self) -> None:
+        try:
+            for rid, name, last in self._db.execute(
+                    "SELECT id, name, MAX(last_id, COALESCE((SELECT MAX(id) FROM messages "
+                    "WHERE room = rooms.id), 0)) FROM rooms"):
+                self._rooms[name] = (rid, last)
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot read history database {self.path}: {e}") from e
+
+    # plumbing -------------------------------------------------------------------------
 
     def close(self) -> None:
-        self.commit()
         if self.checkpointer is not None:
             self.checkpointer.stop()
         try:
@@ -203,158 +362,207 @@ class Store:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                # Also when COMMIT itself failed: a transaction left open would be committed
+                # by the next write, with the rows its callers were told were lost.
+                with contextlib.suppress(sqlite3.Error):  # SQLite may have rolled back already
+                    self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
         except sqlite3.Error as e:
             raise StoreError(f"history database error: {e}") from e
 
-    def _q(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+    def _q(self, sql: str, args: Sequence[object] = ()) -> list[tuple[Any, ...]]:
         try:
             return self._db.execute(sql, args).fetchall()
         except sqlite3.Error as e:
             raise StoreError(f"history database error: {e}") from e
 
-    # messages -----------------------------------------------------------------------
+    # messages -------------------------------------------------------------------------
 
     def append(self, room: str, sender: Sender, kind: int, text: str, client_msg_id: str = "",
                *, now_ms: int | None = None) -> tuple[StoredMessage, bool]:
-        """Store a message, commit it, and return it with its new id (see the module doc)."""
-        self.commit()
-        if room in self._last:
-            return self._insert(room, sender, kind, text, client_msg_id, now_ms)  # one statement
+        """Store one message in a transaction of its own (see ``write``)."""
+        (w,) = self.write([Draft(room, sender, kind, text, client_msg_id)], now_ms=now_ms)
+        return w.message, w.duplicate
+
+    def write(self, drafts: Sequence[Draft], *, now_ms: int | None = None) -> list[Written]:
+        """Store messages in one transaction and return them in order, with their ids. All
+        or nothing: on any error nothing is stored and StoreError is raised."""
+        before = dict(self._rooms)
         try:
             with self._tx():
-                return self._insert(room, sender, kind, text, client_msg_id, now_ms)
-        except StoreError:
-            self._last.pop(room, None)
+                out = [self._insert(d, now_ms) for d in drafts]
+        except BaseException:
+            self._rooms = before
+            self._senders.clear()  # a rolled-back sender row may be cached
             raise
+        self._count(len(out))
+        return out
 
-    def append_later(self, room: str, sender: Sender, kind: int, text: str,
-                     client_msg_id: str, then: Settled) -> None:
-        """Store a message in the open transaction (beginning one). ``then(message,
-        duplicate, None)`` runs when it commits, ``then(message, duplicate, error)`` if it
-        rolls back. Raises StoreError (and rolls back the others) if the row cannot be
-        written at all."""
-        if self._open is None:
-            self._q("BEGIN IMMEDIATE")
-            self._open = dict(self._last)
+    def set_timeout(self, seconds: float) -> None:
+        """How long the next statements wait for another connection's lock (to within 10%
+        below: a statement per commit saved; the caller checks its own deadline)."""
+        ms = max(1, int(seconds * 1000))
+        if ms < self._timeout_ms * 0.9 or ms > self._timeout_ms:
+            self._db.execute(f"PRAGMA busy_timeout={ms}")
+            self._timeout_ms = ms
+
+    def begin(self, timeout: float) -> None:
+        """Open a write transaction for ``write_open``, waiting up to ``timeout`` seconds for
+        another connection's write lock. Raises sqlite3.OperationalError when still locked
+        (the writer thread decides what a timeout means) and StoreError for anything else."""
+        self.set_timeout(timeout)
         try:
-            msg, dup = self._insert(room, sender, kind, text, client_msg_id, None)
-        except StoreError as e:
-            self._end(e)
-            raise
-        self._waiting.append((msg, dup, then))
-
-    @property
-    def waiting(self) -> int:
-        """Appends waiting for ``commit()``."""
-        return len(self._waiting)
-
-    def commit(self) -> None:
-        """End the open transaction, if any: commit it (or roll it back when the commit
-        fails) and run the waiting callbacks in append order."""
-        if self._open is None:
-            return
-        try:
-            self._db.execute("COMMIT")
+            self._db.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as e:
-            self._end(StoreError(f"history database error: {e}"))
-        else:
-            self._end(None)
+            if _locked(e):
+                raise
+            raise StoreError(f"history database error: {e}") from e
 
-    def _end(self, error: StoreError | None) -> None:
-        if error is not None:
+    def write_one(self, draft: Draft, timeout: float) -> Written | None:
+        """Store one message into a room and from a sender already known, as one statement
+        (SQLite's own transaction): a commit alone costs the writer three statements more.
+        None if it is not that simple (use ``begin`` and ``write_open``). Raises
+        sqlite3.OperationalError while locked and StoreError for anything else."""
+        room = self._rooms.get(draft.room)
+        if room is None or draft.sender not in self._senders:
+            return None
+        self.set_timeout(timeout)
+        try:
+            w = self._insert(draft, None)
+        except sqlite3.Error as e:
+            self._rooms[draft.room] = room
+            if _locked(e):
+                raise
+            raise StoreError(f"history database error: {e}") from e
+        self._count(1)
+        return w
+
+    def write_open(self, drafts: Sequence[Draft]) -> list[Written]:
+        """``write`` inside a transaction opened by ``begin``: commits, or rolls back and
+        raises StoreError."""
+        before = dict(self._rooms)
+        try:
+            out = [self._insert(d, None) for d in drafts]
+            self._db.execute("COMMIT")
+        except BaseException as e:
             with contextlib.suppress(sqlite3.Error):  # SQLite may have rolled back already
                 self._db.execute("ROLLBACK")
-            assert self._open is not None
-            self._last = self._open
-        self._open = None
-        waiting, self._waiting = self._waiting, []
-        for msg, dup, then in waiting:
-            then(msg, dup, error)
+            self._rooms = before
+            self._senders.clear()
+            if isinstance(e, sqlite3.Error):
+                raise StoreError(f"history database error: {e}") from e
+            raise
+        self._count(len(out))
+        return out
 
-    def _insert(self, room: str, sender: Sender, kind: int, text: str, client_msg_id: str,
-                now_ms: int | None) -> tuple[StoredMessage, bool]:
-        if client_msg_id:
-            # INDEXED BY: without statistics the planner picks the primary key and scans the
-            # whole room, which made every send O(history).
-            rows = self._q(f"SELECT {_COLS} FROM messages INDEXED BY messages_by_sender_key "
-                           "WHERE room=? AND login=? AND client_msg_id=?",
-                           (room, sender.login, client_msg_id))
-            if rows:
-                return _row(rows[0]), True
-        ts = int(time.time() * 1000) if now_ms is None else now_ms
-        new_id = self._last.get(room, 0) + 1
-        if room not in self._last:
-            self._q("INSERT INTO rooms (name, last_id) VALUES (?, ?) ON CONFLICT(name) "
-                    "DO UPDATE SET last_id=excluded.last_id", (room, new_id))
-        self._q(f"INSERT INTO messages ({_COLS}) VALUES (?,?,?,?,?,?,?,?,?)",
-                (room, new_id, ts, sender.login, sender.display_name, sender.node, kind, text,
-                 client_msg_id))
-        self._last[room] = new_id
-        self._appends += 1
-        if self._appends % self.CHECKPOINT_EVERY == 0:
+    def _count(self, n: int) -> None:
+        before, self._appends = self._appends, self._appends + n
+        if before // self.CHECKPOINT_EVERY != self._appends // self.CHECKPOINT_EVERY:
             if self.checkpointer is None:
                 self.checkpointer = _Checkpointer(self.path)
                 self.checkpointer.start()
             self.checkpointer.request()
-        return StoredMessage(room, new_id, ts, sender, kind, text, client_msg_id), False
+
+    def _sender_id(self, s: Sender) -> int:
+        sid = self._senders.get(s)
+        if sid is None:
+            db = self._db
+            row = db.execute("SELECT id FROM senders WHERE login=? AND display_name=? AND node=?",
+                             (s.login, s.display_name, s.node)).fetchone()
+            sid = row[0] if row else db.execute(
+                "INSERT INTO senders (login, display_name, node) VALUES (?,?,?)",
+                (s.login, s.display_name, s.node)).lastrowid
+            assert sid is not None
+            self._senders[s] = sid
+        return sid
+
+    def _insert(self, d: Draft, now_ms: int | None) -> Written:
+        db = self._db
+        room = self._rooms.get(d.room)
+        if room is not None and d.client_msg_id:
+            row = db.execute(
+                _SELECT + "WHERE m.room=? AND m.client_msg_id=? AND m.client_msg_id != '' "
+                "AND s.login=?", (room[0], d.client_msg_id, d.sender.login)).fetchone()
+            if row:
+                return Written(_row(row), True)
+        ts = int(time.time() * 1000) if now_ms is None else now_ms
+        if room is None:
+            rid = db.execute("INSERT INTO rooms (name, last_id) VALUES (?, 1)",
+                             (d.room,)).lastrowid
+            assert rid is not None
+            room = (rid, 0)
+        new_id = room[1] + 1
+        db.execute("INSERT INTO messages (room, id, ts_ms, sender, kind, text, client_msg_id) "
+                   "VALUES (?,?,?,?,?,?,?)", (room[0], new_id, ts, self._sender_id(d.sender),
+                                              d.kind, d.text, d.client_msg_id))
+        self._rooms[d.room] = (room[0], new_id)
+        return Written(StoredMessage(d.room, new_id, ts, d.sender, d.kind, d.text,
+                                     d.client_msg_id), False)
+
+    def last_ids(self) -> dict[str, int]:
+        """Every room's newest id (the writer's view: what it committed)."""
+        return {name: last for name, (_rid, last) in self._rooms.items()}
 
     def last_id(self, room: str) -> int:
-        self.commit()
-        return int(self._last.get(room, 0))
-
-    def rooms(self) -> dict[str, int]:
-        self.commit()
-        return dict(self._last)
+        return self._rooms.get(room, (0, 0))[1]
 
     def after(self, room: str, after_id: int, limit: int) -> list[StoredMessage]:
         """Up to ``limit`` messages with id > after_id, ascending."""
-        self.commit()
         return [_row(r) for r in self._q(
-            f"SELECT {_COLS} FROM messages WHERE room=? AND id>? ORDER BY id LIMIT ?",
-            (room, after_id, limit))]
+            _SELECT + "WHERE r.name=? AND m.id>? ORDER BY m.id LIMIT ?", (room, after_id, limit))]
 
     def before(self, room: str, before_id: int, limit: int) -> list[StoredMessage]:
         """Up to ``limit`` newest messages with id < before_id, returned ascending."""
-        self.commit()
-        rows = self._q(f"SELECT {_COLS} FROM messages WHERE room=? AND id<? ORDER BY id DESC "
-                       "LIMIT ?", (room, before_id, limit))
+        rows = self._q(_SELECT + "WHERE r.name=? AND m.id<? ORDER BY m.id DESC LIMIT ?",
+                       (room, before_id, limit))
         return [_row(r) for r in reversed(rows)]
 
     def latest(self, room: str, n: int) -> list[StoredMessage]:
         return self.before(room, 2**62, n) if n > 0 else []
 
-    def prune(self, *, keep_count: int, keep_days: float, now: float | None = None) -> int:
-        """Apply retention; returns the number of messages deleted. ids are not reused."""
-        self.commit()
+    def prune(self, *, keep_count: int, keep_days: float, now: float | None = None,
+              max_rows: int = 0) -> int:
+        """Apply retention; returns the number of messages deleted (at most ``max_rows`` when
+        it is set: call again until it returns less). ids are not reused."""
+        cutoff = int(((time.time() if now is None else now) - keep_days * 86400) * 1000)
         deleted = 0
         with self._tx() as db:
             # Keep the high-water marks: pruning may delete a room's newest message.
-            db.executemany("UPDATE rooms SET last_id=? WHERE name=?",
-                           [(last, room) for room, last in self._last.items()])
-            if keep_count > 0:
-                for room, last in self._last.items():
-                    deleted += db.execute("DELETE FROM messages WHERE room=? AND id<=?",
-                                          (room, last - keep_count)).rowcount
-            if keep_days > 0:
-                cutoff = int(((time.time() if now is None else now) - keep_days * 86400) * 1000)
-                deleted += db.execute("DELETE FROM messages WHERE ts_ms<?", (cutoff,)).rowcount
+            db.executemany("UPDATE rooms SET last_id=? WHERE id=?",
+                           [(last, rid) for rid, last in self._rooms.values()])
+            for rid, last in self._rooms.values():
+                upto = last - keep_count if keep_count > 0 else 0
+                if keep_days > 0:
+                    # ids follow time within a room, so everything before the first message
+                    # newer than the cutoff is older: no index on time needed.
+                    row = db.execute("SELECT id FROM messages WHERE room=? AND ts_ms>=? "
+                                     "ORDER BY id LIMIT 1", (rid, cutoff)).fetchone()
+                    upto = max(upto, (row[0] - 1) if row else last)
+                if upto <= 0:
+                    continue
+                if max_rows:
+                    row = db.execute("SELECT id FROM messages WHERE room=? AND id<=? ORDER BY id "
+                                     "LIMIT 1 OFFSET ?", (rid, upto, max_rows - deleted - 1)
+                                     ).fetchone()
+                    if row is not None:
+                        upto = row[0]
+                deleted += db.execute("DELETE FROM messages WHERE room=? AND id<=?",
+                                      (rid, upto)).rowcount
+                if max_rows and deleted >= max_rows:
+                    break
         return deleted
 
     # tokens -------------------------------------------------------------------------
 
     def record_token(self, row: dict[str, object]) -> None:
-        self.commit()
         with self._tx() as db:
             db.execute("INSERT INTO tokens (jti, sub, rooms, admin, iat, exp) "
                        "VALUES (:jti, :sub, :rooms, :admin, :iat, :exp)", row)
 
     def renew_token(self, row: dict[str, object]) -> None:
         """Record a renewed token: same id, new rights and lifetime (inserted if unknown)."""
-        self.commit()
         with self._tx() as db:
             db.execute("INSERT INTO tokens (jti, sub, rooms, admin, iat, exp) "
                        "VALUES (:jti, :sub, :rooms, :admin, :iat, :exp) ON CONFLICT (jti) DO "
@@ -362,24 +570,311 @@ class Store:
                        "exp=excluded.exp", row)
 
     def list_tokens(self) -> list[TokenRecord]:
-        self.commit()
         rows = self._q("SELECT t.jti, t.sub, t.rooms, t.admin, t.iat, t.exp, r.at FROM tokens t "
                        "LEFT JOIN revocations r ON r.jti = t.jti ORDER BY t.iat")
-        return [TokenRecord(str(r[0]), str(r[1]), str(r[2]), bool(r[3]), int(r[4]),  # type: ignore[call-overload]
-                            int(r[5]), None if r[6] is None else int(r[6]))  # type: ignore[call-overload]
-                for r in rows]
+        return [TokenRecord(str(r[0]), str(r[1]), str(r[2]), bool(r[3]), int(r[4]), int(r[5]),
+                            None if r[6] is None else int(r[6])) for r in rows]
 
     def revoke(self, jti: str) -> bool:
         """Revoke a token id (known or not). Returns False if it was already revoked."""
-        self.commit()
         with self._tx() as db:
             cur = db.execute("INSERT OR IGNORE INTO revocations (jti, at) VALUES (?, ?)",
                              (jti, int(time.time())))
         return cur.rowcount > 0
 
     def revocations_since(self, seq: int) -> tuple[list[str], int]:
-        self.commit()
         rows = self._q("SELECT seq, jti FROM revocations WHERE seq>? ORDER BY seq", (seq,))
         if not rows:
             return [], seq
-        return [str(r[1]) for r in rows], int(rows[-1][0])  # type: ignore[call-overload]
+        return [str(r[1]) for r in rows], int(rows[-1][0])
+
+
+# --- the server's history: SQLite off the event loop ----------------------------------------
+
+# A message's outcome: stored (or found stored before), or why it was not.
+Outcome = Written | StoreError
+Settle = Callable[[Outcome], None]
+
+
+@dataclass(eq=False)
+class _Pending:
+    draft: Draft
+    then: Settle
+    deadline: float
+
+
+@dataclass(eq=False)
+class _Job:
+    run: Callable[[Store], Any]
+    future: Future[Any]
+    deadline: float
+
+
+MAX_GROUP = 1024  # messages in one transaction at most (see SqliteHistory's max_group)
+PRUNE_STEP = 5000  # rows deleted per transaction, so sends wait at most one step for a prune
+
+
+class SqliteHistory:
+    """The server's history on threads of its own (see the module doc). Implements
+    ``ledger.History``. Create it with ``await SqliteHistory.open(...)`` on the loop that
+    will use it; ``submit`` and ``last_id``/``rooms`` are for that loop only."""
+
+    def __init__(self, store: Store, loop: asyncio.AbstractEventLoop, *, wait: float,
+                 readers: int = 2, max_group: int = MAX_GROUP) -> None:
+        self.path = store.path
+        self.wait = wait
+        # A group is published at once: every subscriber of the room is that far behind for a
+        # moment, so it must stay well below the queue limit that cuts slow readers off.
+        self.max_group = max_group
+        # Seconds a submitted message may wait for others before the writer is woken; the
+        # server makes it depend on the loop's load (0: wake at once).
+        self.linger: Callable[[], float] = lambda: 0.0
+        self._release: asyncio.TimerHandle | None = None
+        self._store = store  # the writer thread's
+        self._loop = loop
+        self._visible = store.last_ids()  # what the loop has been told is stored
+        self._queue: deque[_Pending | _Job] = deque()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._unsettled = 0
+        self._settled = asyncio.Event()
+        self._settled.set()
+        self._post_lock = threading.Lock()
+        self._posted: list[tuple[Settle, Outcome]] = []
+        self._post_due = False
+        self._readers = ThreadPoolExecutor(readers, thread_name_prefix="tsnetchat-read")
+        self._local = threading.local()
+        self._reader_dbs: list[Store] = []
+        self._reader_lock = threading.Lock()
+        self._thread_ids: set[int] = set()
+        self._writer = threading.Thread(target=self._run, name="tsnetchat-write", daemon=True)
+        self._writer.start()
+
+    @classmethod
+    async def open(cls, path: Path, *, fsync: bool = False, wait: float = 5.0,
+                   readers: int = 2, max_group: int = MAX_GROUP) -> SqliteHistory:
+        """Open (creating or upgrading) the database on a helper thread; raises StoreError."""
+        store = await asyncio.to_thread(Store, path, fsync=fsync, timeout=wait)
+        return cls(store, asyncio.get_running_loop(), wait=wait, readers=readers,
+                   max_group=max_group)
+
+    # writing (from the loop) -----------------------------------------------------------
+
+    def submit(self, draft: Draft, then: Settle) -> None:
+        """Queue a message for storing; ``then`` runs on the loop with its outcome, after the
+        commit, in submission order. Never blocks."""
+        self._unsettled += 1
+        self._settled.clear()
+        self._queue.append(_Pending(draft, then, time.monotonic() + self.wait))
+        if self._release is not None and len(self._queue) < self.max_group:
+            return  # a wake-up is already due
+        linger = self.linger()
+        if linger <= 0 or len(self._queue) >= self.max_group:
+            self._wake_writer()
+        else:
+            self._release = self._loop.call_later(linger, self._wake_writer)
+
+    def _wake_writer(self) -> None:
+        if self._release is not None:
+            self._release.cancel()
+            self._release = None
+        self._wake.set()
+
+    def pending(self) -> int:
+        """Messages submitted and not yet settled."""
+        return self._unsettled
+
+    def last_id(self, room: str) -> int:
+        """The room's newest stored id that has been settled on the loop."""
+        return self._visible.get(room, 0)
+
+    def rooms(self) -> dict[str, int]:
+        return dict(self._visible)
+
+    async def drain(self) -> None:
+        """Return once every message submitted so far is settled."""
+        if not self._settled.is_set():
+            self._wake_writer()
+        await self._settled.wait()
+
+    def _settle(self, results: list[tuple[Settle, Outcome]]) -> None:
+        for _then, outcome in results:
+            if isinstance(outcome, Written):
+                m = outcome.message
+                if m.id > self._visible.get(m.room, 0):
+                    self._visible[m.room] = m.id
+        self._unsettled -= len(results)
+        if not self._unsettled:
+            self._settled.set()
+        for then, outcome in results:
+            then(outcome)
+
+    async def _job(self, run: Callable[[Store], T]) -> T:
+        """Run ``run(store)`` on the writer thread, in order with the messages."""
+        fut: Future[T] = Future()
+        self._queue.append(_Job(run, fut, time.monotonic() + self.wait))
+        self._wake.set()
+        return await asyncio.wrap_future(fut)
+
+    # the writer thread ------------------------------------------------------------------
+
+    def thread_ids(self) -> set[int]:
+        """Native ids of the writer and reader threads started so far: they are on every
+        message's path (see tsnetchat.loop.yield_helper_threads)."""
+        with self._reader_lock:
+            return set(self._thread_ids)
+
+    def _run(self) -> None:
+        name_thread("tsnetchat-write")
+        with self._reader_lock:
+            self._thread_ids.add(threading.get_native_id())
+        q = self._queue
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            while q:
+                if isinstance(q[0], _Job):
+                    self._run_job(q.popleft())  # type: ignore[arg-type]
+                else:
+                    self._write_group()
+            if self._stopping:
+                return
+
+    def _write_group(self) -> None:
+        q = self._queue
+        first = q[0]
+        assert isinstance(first, _Pending)
+        while True:
+            try:
+                if len(q) == 1:
+                    w = self._store.write_one(first.draft, first.deadline - time.monotonic())
+                    if w is not None:
+                        q.popleft()
+                        self._post([(first.then, w)])
+                        return
+                self._store.begin(max(0.0, first.deadline - time.monotonic()))
+                break
+            except sqlite3.Error as e:
+                if first.deadline > time.monotonic():
+                    time.sleep(0.001)  # (never a busy loop, whatever SQLite returned)
+                    continue  # a lock timeout set for a later deadline: wait on
+                # Still locked: everything waiting now is refused.
+                self._refuse_waiting(StoreError(
+                    f"the history database stayed locked for {self.wait:g}s ({e}; another "
+                    "process holds it, or the disk is stalled)"))
+                return
+            except StoreError as e:
+                if len(q) == 1 and q[0] is first:
+                    q.popleft()
+                    self._post([(first.then, e)])
+                else:
+                    self._refuse_waiting(e)
+                return
+        group: list[_Pending] = []
+        while q and len(group) < self.max_group and isinstance(q[0], _Pending):
+            group.append(q.popleft())  # type: ignore[arg-type]
+        results: list[tuple[Settle, Outcome]]
+        try:
+            written = self._store.write_open([p.draft for p in group])
+            results = [(p.then, w) for p, w in zip(group, written, strict=True)]
+        except StoreError as e:
+            results = [(p.then, e) for p in group]
+        self._post(results)
+
+    def _refuse_waiting(self, error: StoreError) -> None:
+        results: list[tuple[Settle, Outcome]] = []
+        while self._queue and isinstance(self._queue[0], _Pending):
+            p = self._queue.popleft()
+            results.append((p.then, error))  # type: ignore[union-attr]
+        self._post(results)
+
+    def _run_job(self, job: _Job) -> None:
+        try:
+            self._store.set_timeout(job.deadline - time.monotonic())
+            job.future.set_result(job.run(self._store))
+        except BaseException as e:
+            job.future.set_exception(e)
+
+    def _post(self, results: list[tuple[Settle, Outcome]]) -> None:
+        """Hand results to the loop: one wake-up while the loop has not taken the last ones
+        (each wake-up is a write to its self-pipe and a read on the loop)."""
+        with self._post_lock:
+            self._posted.extend(results)
+            if self._post_due:
+                return
+            self._post_due = True
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
+            self._loop.call_soon_threadsafe(self._take_posted)
+
+    def _take_posted(self) -> None:
+        with self._post_lock:
+            results, self._posted = self._posted, []
+            self._post_due = False
+        self._settle(results)
+
+    # reading (reader threads) -----------------------------------------------------------
+
+    def _reader(self) -> Store:
+        db: Store | None = getattr(self._local, "db", None)
+        if db is None:
+            name_thread("tsnetchat-read")
+            db = self._local.db = Store(self.path, readonly=True, timeout=self.wait)
+            with self._reader_lock:
+                self._reader_dbs.append(db)
+                self._thread_ids.add(threading.get_native_id())
+        return db
+
+    async def _read(self, fn: Callable[[Store], T]) -> T:
+        return await asyncio.wrap_future(self._readers.submit(lambda: fn(self._reader())))
+
+    async def after(self, room: str, after_id: int, limit: int) -> list[StoredMessage]:
+        return await self._read(lambda s: s.after(room, after_id, limit))
+
+    async def before(self, room: str, before_id: int, limit: int) -> list[StoredMessage]:
+        return await self._read(lambda s: s.before(room, before_id, limit))
+
+    async def latest(self, room: str, n: int) -> list[StoredMessage]:
+        return await self._read(lambda s: s.latest(room, n))
+
+    async def revocations_since(self, seq: int) -> tuple[list[str], int]:
+        return await self._read(lambda s: s.revocations_since(seq))
+
+    async def list_tokens(self) -> list[TokenRecord]:
+        return await self._read(lambda s: s.list_tokens())
+
+    # other writes (on the writer thread, between groups) --------------------------------
+
+    async def revoke(self, jti: str) -> bool:
+        return await self._job(lambda s: s.revoke(jti))
+
+    async def record_token(self, row: dict[str, object]) -> None:
+        await self._job(lambda s: s.record_token(row))
+
+    async def renew_token(self, row: dict[str, object]) -> None:
+        await self._job(lambda s: s.renew_token(row))
+
+    async def prune(self, *, keep_count: int, keep_days: float,
+                    now: float | None = None) -> int:
+        """Apply retention in steps of PRUNE_STEP rows, so messages never wait long for it."""
+        total = 0
+        while True:
+            n = await self._job(lambda s: s.prune(keep_count=keep_count, keep_days=keep_days,
+                                                  now=now, max_rows=PRUNE_STEP))
+            total += n
+            if n < PRUNE_STEP:
+                return total
+
+    async def close(self) -> None:
+        """Settle what was submitted, stop the threads, close the connections."""
+        await self.drain()
+        self._stopping = True
+        self._wake.set()
+        await asyncio.to_thread(self._close_threads)
+
+    def _close_threads(self) -> None:
+        # Off the loop: joining waits for a read in progress, and the last connection to
+        # close checkpoints the WAL.
+        self._writer.join()
+        self._readers.shutdown(wait=True)
+        for db in [*self._reader_dbs, self._store]:
+            db.close()

@@ -76,10 +76,10 @@ from .chatview import (
 from .client import Link, RoomSession, SessionEvent, link_for
 from .clienterrors import ClientError
 from .errors import InvalidInput
+from .ledger import validate_text
 from .outbox import Pacer, State, split_text, utf8_len
 from .pb import chat_pb2 as pb
 from .resume import Phase, worst
-from .service import validate_text
 
 log = logging.getLogger("tsnetchat.tui")
 

@@ -17,6 +17,7 @@ import (
 	"flag"
 	"fmt"
 	"os"
+	"sort"
 	"strconv"
 	"strings"
 	"sync"
@@ -62,7 +63,8 @@ type args struct {
 	mode, target, token, room              string
 	n, conns, stall, sample, count, window int
 	size                                   int
-	rate, readyTimeout                     float64
+	rate, readyTimeout, startAfter         float64
+	spread                                 bool
 }
 
 func dial(a *args, n int) []*grpc.ClientConn {
@@ -169,6 +171,9 @@ func subscribe(a *args) {
 	var mu sync.Mutex
 	var lat []float64
 	errs := map[string]int{}
+	// --spread: per message (keyed by its send time), the latest arrival over every stream:
+	// "how long until the last subscriber had it".
+	lastOf := map[int64]int64{}
 
 	for i := 0; i < a.n; i++ {
 		go func(i int) {
@@ -233,11 +238,18 @@ func subscribe(a *args) {
 					}
 				}
 				atomic.AddInt64(&counts[i], int64(len(msgs)))
-				if sample {
+				if sample || a.spread {
 					mu.Lock()
 					for _, m := range msgs {
-						if t := sentNs(m); t > 0 {
+						t := sentNs(m)
+						if t <= 0 {
+							continue
+						}
+						if sample {
 							lat = append(lat, float64(now-t)/1e6)
+						}
+						if a.spread && now > lastOf[t] {
+							lastOf[t] = now
 						}
 					}
 					mu.Unlock()
@@ -271,6 +283,18 @@ func subscribe(a *args) {
 	if lat == nil {
 		out["latencies_ms"] = []float64{}
 	}
+	if a.spread { // in the order the messages were sent
+		sent := make([]int64, 0, len(lastOf))
+		for t := range lastOf {
+			sent = append(sent, t)
+		}
+		sort.Slice(sent, func(i, j int) bool { return sent[i] < sent[j] })
+		last := make([]float64, 0, len(sent))
+		for _, t := range sent {
+			last = append(last, float64(lastOf[t]-t)/1e6)
+		}
+		out["last_arrival_ms"] = last
+	}
 	emit(out)
 	mu.Unlock()
 	os.Exit(0)
@@ -299,6 +323,9 @@ func send(a *args) {
 	window := make(chan struct{}, a.window)
 	pad := strings.Repeat("x", max(0, a.size-20))
 	go func() {
+		// The sender's own join announces it to the room (a presence event to everyone);
+		// --start-after lets that go out before the first message.
+		time.Sleep(time.Duration(a.startAfter * float64(time.Second)))
 		t0 := time.Now()
 		for i := 0; i < a.count; i++ {
 			if a.rate > 0 {
@@ -357,10 +384,12 @@ func main() {
 	fs.IntVar(&a.conns, "conns", 1, "connections")
 	fs.IntVar(&a.stall, "stall", 0, "streams that stop reading after replay_done")
 	fs.IntVar(&a.sample, "sample", 10, "streams that record latencies")
+	fs.BoolVar(&a.spread, "spread", false, "per message, record when the last stream had it")
 	fs.Float64Var(&a.readyTimeout, "ready-timeout", 120, "seconds")
 	fs.IntVar(&a.count, "count", 1000, "messages to send")
 	fs.Float64Var(&a.rate, "rate", 0, "messages per second (0 = as fast as acks allow)")
 	fs.IntVar(&a.window, "window", 512, "unacknowledged messages in flight")
+	fs.Float64Var(&a.startAfter, "start-after", 0, "seconds between the hello and the first message")
 	fs.IntVar(&a.size, "size", 64, "message size in bytes")
 	_ = fs.Parse(os.Args[2:])
 	if a.mode == "subscribe" {

@@ -92,18 +92,22 @@ class ClientEvent(_message.Message):
     def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., send: _Optional[_Union[SendMessage, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("room", "you", "members", "max_message_bytes", "last_id")
+    __slots__ = ("room", "you", "members", "max_message_bytes", "last_id", "rate_per_second", "rate_burst")
     ROOM_FIELD_NUMBER: _ClassVar[int]
     YOU_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     LAST_ID_FIELD_NUMBER: _ClassVar[int]
+    RATE_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    RATE_BURST_FIELD_NUMBER: _ClassVar[int]
     room: str
     you: Identity
     members: _containers.RepeatedCompositeFieldContainer[Identity]
     max_message_bytes: int
     last_id: int
-    def __init__(self, room: _Optional[str] = ..., you: _Optional[_Union[Identity, _Mapping]] = ..., members: _Optional[_Iterable[_Union[Identity, _Mapping]]] = ..., max_message_bytes: _Optional[int] = ..., last_id: _Optional[int] = ...) -> None: ...
+    rate_per_second: float
+    rate_burst: int
+    def __init__(self, room: _Optional[str] = ..., you: _Optional[_Union[Identity, _Mapping]] = ..., members: _Optional[_Iterable[_Union[Identity, _Mapping]]] = ..., max_message_bytes: _Optional[int] = ..., last_id: _Optional[int] = ..., rate_per_second: _Optional[float] = ..., rate_burst: _Optional[int] = ...) -> None: ...
 
 class Presence(_message.Message):
     __slots__ = ("room", "kind", "who", "members")
@@ -126,14 +130,16 @@ class Sent(_message.Message):
     def __init__(self, client_msg_id: _Optional[str] = ..., id: _Optional[int] = ...) -> None: ...
 
 class Error(_message.Message):
-    __slots__ = ("code", "message", "client_msg_id")
+    __slots__ = ("code", "message", "client_msg_id", "retry_after_ms")
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     CLIENT_MSG_ID_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
     code: int
     message: str
     client_msg_id: str
-    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., client_msg_id: _Optional[str] = ...) -> None: ...
+    retry_after_ms: int
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., client_msg_id: _Optional[str] = ..., retry_after_ms: _Optional[int] = ...) -> None: ...
 
 class ReplayDone(_message.Message):
     __slots__ = ("last_id",)

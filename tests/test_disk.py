@@ -1,0 +1,158 @@
+"""The event loop never waits on the disk: another process holding SQLite's write lock, a
+bounded wait for sends, and what shutdown does with messages waiting for their commit."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from typing import Any
+
+import grpc
+import pytest
+from conftest import Chat
+from helpers import collect, hello_events, send, until, write_lock_held
+
+from tsnetchat.client import acks_in
+from tsnetchat.pb import chat_pb2 as pb
+
+
+def stored_ids(chat: Chat, room: str = "general") -> list[int]:
+    db = sqlite3.connect(f"file:{chat.cfg.db_path}?mode=ro", uri=True)
+    try:
+        return [r[0] for r in db.execute(
+            "SELECT m.id FROM messages m JOIN rooms r ON r.id = m.room WHERE r.name=? "
+            "ORDER BY m.id", (room,))]
+    finally:
+        db.close()
+
+
+class Outcomes:
+    """Acks and refusals of a Join stream's sends, as they arrive."""
+
+    def __init__(self, call: Any) -> None:
+        self.acks: dict[str, int] = {}
+        self.errors: dict[str, pb.Error] = {}
+        self.task = asyncio.create_task(self._read(call))
+
+    async def _read(self, call: Any) -> None:
+        async for ev in call:
+            for a in acks_in(ev):
+                self.acks[a.client_msg_id] = a.id
+            if ev.WhichOneof("event") == "error":
+                self.errors[ev.error.client_msg_id] = ev.error
+
+    def settled(self, *cmids: str) -> bool:
+        return all(c in self.acks or c in self.errors for c in cmids)
+
+
+@pytest.mark.server_config(store_wait=60.0)
+async def test_while_a_send_waits_for_a_locked_database_everything_else_is_served(
+        chat: Chat) -> None:
+    """WhoAmI, rooms, history pages, a replay and presence are all answered while a send is
+    still waiting for the lock another process holds; the send is stored once it is free."""
+    alice = await chat.connect("alice@tailnet.test")
+    for i in range(3):
+        await alice.send_one("general", f"old{i}")
+    bob = await chat.connect("bob@tailnet.test")  # (issuing a token writes a record)
+    store = chat.server.store
+    assert store is not None
+    async with write_lock_held(chat.cfg.db_path) as lock:
+        writer = alice.stub.Join(hello_events("general", after=2**62, then=[send("late", "k")]),
+                                 metadata=alice.metadata)
+        out = Outcomes(writer)
+        await until(lambda: store.pending() == 1, "the send waits for the lock")
+        assert (await bob.whoami()).identity.login == "bob@tailnet.test"
+        assert [(r.name, r.last_id) for r in (await bob.list_rooms()).rooms] == [("general", 3)]
+        assert [m.text for m in (await bob.history("general")).messages] == [
+            "old0", "old1", "old2"]
+        replay = bob.subscribe("general", after=0)
+        assert [m.id for m in await collect(replay, 3)] == [1, 2, 3]
+        member = bob.stub.Join(hello_events("general", after=2**62), metadata=bob.metadata)
+        (joined,) = await collect(replay, 1, kind="presence")
+        assert joined.who.login == "bob@tailnet.test"
+        assert lock.held and store.pending() == 1 and not out.settled("k")  # still waiting
+        await lock.release()
+        (late,) = await collect(replay, 1)
+        assert (late.id, late.text) == (4, "late")
+    await until(lambda: out.settled("k"), "the send is acknowledged")
+    assert out.acks == {"k": 4} and stored_ids(chat) == [1, 2, 3, 4]
+    for c in (writer, replay, member):
+        c.cancel()
+
+
+@pytest.mark.server_config(store_wait=0.3)
+async def test_sends_are_refused_as_not_stored_after_a_bounded_wait_and_work_again_after(
+        chat: Chat) -> None:
+    alice = await chat.connect("alice@tailnet.test")
+    assert await alice.send_one("general", "before") == 1
+    call = alice.stub.Join(metadata=alice.metadata)
+    await call.write(pb.ClientEvent(hello=pb.Hello(room="general", after_id=2**62,
+                                                   batch_acks=True)))
+    out = Outcomes(call)
+    async with write_lock_held(chat.cfg.db_path):
+        for i in range(3):
+            await call.write(send(f"locked{i}", f"l{i}"))
+        await until(lambda: out.settled("l0", "l1", "l2"), "the waiting sends are refused")
+    assert out.acks == {}
+    for e in out.errors.values():
+        assert e.code == grpc.StatusCode.UNAVAILABLE.value[0]
+        assert "stayed locked for 0.3s" in e.message and "not stored: send it again" in e.message
+        assert e.retry_after_ms > 0
+    for i in range(3):  # the same messages again, once the lock is gone
+        await call.write(send(f"locked{i}", f"l{i}"))
+    await until(lambda: len(out.acks) == 3, "the resends are acknowledged")
+    assert sorted(out.acks.values()) == [2, 3, 4]
+    assert stored_ids(chat) == [1, 2, 3, 4]  # everything acknowledged, nothing else
+    call.cancel()
+
+
+@pytest.mark.server_config(store_wait=60.0)
+async def test_on_shutdown_waiting_messages_are_stored_and_acknowledged_before_streams_close(
+        chat: Chat) -> None:
+    """Messages waiting for their commit when the server is told to stop are committed and
+    acknowledged first; a send read after that is refused as not stored (never a bare
+    UNAVAILABLE that could mean "maybe stored"); then the stream closes."""
+    bob = await chat.connect("bob@tailnet.test")
+    watcher = bob.subscribe("general")
+    await collect(watcher, 1, kind="replay_done")
+    alice = await chat.connect("alice@tailnet.test")
+    call = alice.stub.Join(metadata=alice.metadata)
+    await call.write(pb.ClientEvent(hello=pb.Hello(room="general", batch_acks=True)))
+    events: list[pb.ServerEvent] = []
+
+    async def read() -> grpc.StatusCode:
+        try:
+            async for ev in call:
+                events.append(ev)
+        except grpc.aio.AioRpcError as e:
+            return e.code()
+        return grpc.StatusCode.OK
+
+    reader = asyncio.create_task(read())
+    store = chat.server.store
+    service = chat.server.service
+    assert store is not None and service is not None
+    async with write_lock_held(chat.cfg.db_path) as lock:
+        for i in range(3):
+            await call.write(send(f"m{i}", f"c{i}"))
+        await until(lambda: store.pending() == 3, "three sends wait for their commit")
+        stopping = asyncio.create_task(chat.server.stop(grace=5))
+        await until(lambda: not service.ledger.accepting, "the server stops taking sends")
+        await call.write(send("too late", "late"))
+        await until(lambda: any(ev.WhichOneof("event") == "error" for ev in events),
+                    "the late send is refused")
+        await lock.release()
+    assert await asyncio.wait_for(reader, 10) == grpc.StatusCode.UNAVAILABLE
+    await asyncio.wait_for(stopping, 10)
+    acks = [(a.client_msg_id, a.id) for ev in events for a in acks_in(ev)]
+    assert acks == [("c0", 1), ("c1", 2), ("c2", 3)]
+    (late,) = [ev.error for ev in events if ev.WhichOneof("event") == "error"]
+    assert late.client_msg_id == "late" and late.code == grpc.StatusCode.UNAVAILABLE.value[0]
+    assert "shutting down" in late.message and "not stored" in late.message
+    kinds = [ev.WhichOneof("event") for ev in events]
+    assert kinds.index("going_away") > max(i for i, ev in enumerate(events) if acks_in(ev))
+    assert stored_ids(chat) == [1, 2, 3]
+    seen = await collect(watcher, 3, timeout=5)
+    assert [m.id for m in seen] == [1, 2, 3]
+    chat.server.service = None  # already stopped; the fixture's stop is then a no-op
+    chat.server._grpc = None

@@ -1,0 +1,178 @@
+"""The ledger, driven directly: no gRPC, a real SQLite history and a real hub."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tsnetchat.errors import InvalidInput, LimitExceeded, StoreError, TsnetchatError
+from tsnetchat.hub import Hub, Subscriber
+from tsnetchat.ledger import Ledger
+from tsnetchat.pb import chat_pb2 as pb
+from tsnetchat.store import Sender, SqliteHistory
+
+ALICE = Sender("alice@example.com", "Alice", "alice-laptop")
+
+
+@dataclass
+class Rules:
+    max_message_bytes: int = 100
+    rate_burst: int = 1000
+    rate_per_second: float = 1000.0
+
+
+@dataclass
+class World:
+    history: SqliteHistory
+    hub: Hub
+    ledger: Ledger
+    rules: Rules
+    refused: list[tuple[Subscriber, TsnetchatError, str, float]] = field(default_factory=list)
+
+    def member(self, login: str = "alice@example.com") -> Subscriber:
+        sub = Subscriber("general", login, "t", limit=1000)
+        self.hub.add(sub)
+        return sub
+
+
+@pytest.fixture
+async def world(tmp_path: Path) -> AsyncIterator[World]:
+    history = await SqliteHistory.open(tmp_path / "db", wait=0.3)
+    hub = Hub()
+    rules = Rules()
+    refused: list[tuple[Subscriber, TsnetchatError, str, float]] = []
+    ledger = Ledger(history, hub, limits=lambda: rules,
+                    refuse=lambda *a: refused.append(a))
+    yield World(history, hub, ledger, rules, refused)
+    await history.close()
+
+
+def events(sub: Subscriber) -> list[tuple[str, Any]]:
+    """What a subscriber is sent now: (kind, (id, text) or (client_msg_id, id))."""
+    out: list[tuple[str, Any]] = []
+    while True:
+        frames, _ = sub.take()
+        if not frames:
+            return out
+        for f in frames:
+            ev = pb.ServerEvent.FromString(f)
+            which = ev.WhichOneof("event")
+            msgs = [ev.message] if which == "message" else list(ev.batch.messages)
+            acks = [ev.sent] if which == "sent" else list(ev.batch.sent)
+            out.extend(("message", (m.id, m.text)) for m in msgs)
+            out.extend(("sent", (a.client_msg_id, a.id)) for a in acks)
+            if which not in ("message", "sent", "batch"):
+                out.append((str(which), None))
+
+
+async def test_a_message_is_stored_then_shown_to_the_room_then_acknowledged(
+        world: World, tmp_path: Path) -> None:
+    alice, bob = world.member(), world.member("bob@example.com")
+    world.ledger.send(alice, ALICE, "hello", pb.MESSAGE_KIND_TEXT, "c1")
+    assert events(bob) == [] and events(alice) == []  # nothing before it is durable
+    await world.ledger.drain()
+    disk = sqlite3.connect(tmp_path / "db")
+    assert disk.execute("SELECT text FROM messages").fetchall() == [("hello",)]
+    disk.close()
+    assert events(bob) == [("message", (1, "hello"))]
+    assert events(alice) == [("message", (1, "hello")), ("sent", ("c1", 1))]
+    assert world.refused == [] and world.history.last_id("general") == 1
+
+
+async def test_a_resend_is_acknowledged_with_the_original_id_and_shown_once(
+        world: World) -> None:
+    alice, bob = world.member(), world.member("bob@example.com")
+    world.ledger.send(alice, ALICE, "once", 0, "k")
+    world.ledger.send(alice, ALICE, "once", 0, "k")
+    await world.ledger.drain()
+    assert events(bob) == [("message", (1, "once"))]
+    assert [e for e in events(alice) if e[0] == "sent"] == [("sent", ("k", 1))] * 2
+
+
+@pytest.mark.parametrize("text,kind,cmid,why", [
+    ("", 1, "", "empty"), ("   ", 1, "", "empty"), ("x" * 101, 1, "", "101 bytes"),
+    ("a\x1b[2Jb", 1, "", "control character"), ("\u202eevil", 1, "", "control character"),
+    ("hi", 9, "", "unknown message kind"), ("hi", 1, "k" * 65, "client_msg_id longer")])
+async def test_malformed_input_is_raised_at_once_and_nothing_is_stored(
+        world: World, text: str, kind: int, cmid: str, why: str) -> None:
+    alice = world.member()
+    with pytest.raises(InvalidInput, match=why):
+        world.ledger.send(alice, ALICE, text, kind, cmid)
+    assert world.history.pending() == 0 and world.refused == []
+
+
+async def test_over_the_rate_a_send_is_refused_with_the_wait_and_is_not_a_strike(
+        world: World) -> None:
+    world.rules.rate_burst, world.rules.rate_per_second = 2, 4.0
+    alice = world.member()
+    for i in range(3):
+        world.ledger.send(alice, ALICE, f"m{i}", 0, f"c{i}")  # raises nothing
+    await world.ledger.drain()
+    ((sub, error, cmid, retry_after),) = world.refused
+    assert sub is alice and cmid == "c2" and isinstance(error, LimitExceeded)
+    assert "slow down: at most 4 messages/s (bursts of 2)" in str(error)
+    assert 0 < retry_after <= 0.25
+    assert world.history.last_id("general") == 2
+
+
+async def test_a_reloaded_rate_applies_to_the_next_send(world: World) -> None:
+    world.rules.rate_burst, world.rules.rate_per_second = 1, 0.01
+    alice = world.member()
+    world.ledger.send(alice, ALICE, "a", 0, "a")
+    world.ledger.send(alice, ALICE, "b", 0, "b")
+    assert [r[2] for r in world.refused] == ["b"]
+    world.rules.rate_burst, world.rules.rate_per_second = 1, 1e6
+    world.ledger.send(alice, ALICE, "c", 0, "c")
+    await world.ledger.drain()
+    assert [r[2] for r in world.refused] == ["b"] and world.history.last_id("general") == 2
+
+
+async def test_a_storage_failure_is_refused_as_not_stored_and_shown_to_nobody(
+        world: World) -> None:
+    alice, bob = world.member(), world.member("bob@example.com")
+    real = world.history._store._db
+
+    class FullDisk:
+        def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+            if sql == "COMMIT" or sql.startswith("INSERT INTO messages"):
+                raise sqlite3.OperationalError("database or disk is full")
+            return real.execute(sql, *args)
+
+    world.history._store._db = FullDisk()  # type: ignore[assignment]
+    world.ledger.send(alice, ALICE, "lost", 0, "c1")
+    await world.ledger.drain()
+    world.history._store._db = real
+    ((_, error, cmid, retry_after),) = world.refused
+    assert isinstance(error, StoreError) and cmid == "c1" and retry_after > 0
+    assert "database or disk is full; this message was not stored: send it again" in str(error)
+    assert events(bob) == [] and events(alice) == []
+
+
+async def test_once_stopped_sends_are_refused_as_not_stored_and_earlier_ones_finish(
+        world: World) -> None:
+    alice = world.member()
+    world.ledger.send(alice, ALICE, "taken", 0, "c1")
+    world.ledger.stop_accepting()
+    world.ledger.send(alice, ALICE, "too late", 0, "c2")
+    await world.ledger.drain()
+    assert events(alice) == [("message", (1, "taken")), ("sent", ("c1", 1))]
+    ((_, error, cmid, _),) = world.refused
+    assert cmid == "c2" and isinstance(error, StoreError)
+    assert "shutting down; this message was not stored" in str(error)
+
+
+async def test_when_too_many_messages_wait_for_storage_new_ones_are_refused(
+        world: World) -> None:
+    world.ledger.max_pending = 3
+    alice = world.member()
+    for i in range(5):
+        world.ledger.send(alice, ALICE, f"m{i}", 0, f"c{i}")
+    await world.ledger.drain()
+    assert [r[2] for r in world.refused] == ["c3", "c4"]
+    assert "messages waiting to be stored" in str(world.refused[0][1])
+    assert world.history.last_id("general") == 3
