@@ -92,16 +92,26 @@ async def test_a_burst_faster_than_the_rate_limit_arrives_once_in_order_none_ref
 
 
 @pytest.mark.server_config(rate_burst=3, rate_per_second=20.0)
-async def test_a_client_that_overestimates_the_limit_waits_and_resends_never_fails(
+async def test_two_devices_sharing_one_limit_wait_and_resend_and_never_fail(
         chat: Chat, pumps: list[Pump]) -> None:
-    # The pacer believes the README's defaults (20, 5/s); this server allows bursts of 3.
-    alice = pump(pumps, RoomSession(link_as(chat, "alice@tailnet.test"), "general"))
-    await alice.welcomed()
-    outs = [alice.session.send(f"line {i}") for i in range(30)]
-    await alice.until(lambda: len(alice.kinds("sent")) == 30)
-    assert await stored_texts(chat) == [f"line {i}" for i in range(30)]
+    # The limit is per person; each device paces itself under it, so together they go over
+    # it and some lines are refused ("slow down"): those wait and go again, none is lost.
+    laptop = pump(pumps, RoomSession(link_as(chat, "alice@tailnet.test"), "general"))
+    phone = pump(pumps, RoomSession(link_as(chat, "alice@tailnet.test"), "general"))
+    await laptop.welcomed()
+    await phone.welcomed()
+    outs = []
+    for i in range(15):
+        outs.append(laptop.session.send(f"laptop {i}"))
+        outs.append(phone.session.send(f"phone {i}"))
+    await laptop.until(lambda: len(laptop.kinds("sent")) == 15)
+    await phone.until(lambda: len(phone.kinds("sent")) == 15)
+    stored = await stored_texts(chat)
+    for device in ("laptop", "phone"):  # each device's lines once, in its order
+        assert [s for s in stored if s.startswith(device)] == [f"{device} {i}" for i in range(15)]
     assert any(o.attempts > 1 for o in outs)  # some were refused ("slow down") and resent
-    assert not alice.kinds("failed") and not alice.kinds("error")
+    for p in (laptop, phone):
+        assert not p.kinds("failed") and not p.kinds("error")
 
 
 @pytest.mark.server_config(rate_burst=5, rate_per_second=40.0)

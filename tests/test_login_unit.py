@@ -111,7 +111,7 @@ async def test_renewal_keeps_the_token_id_and_follows_the_grant_as_it_is_now(
     assert new.token_id == res.token_id and new.token != res.token
     assert new.expires_unix >= res.expires_unix
     assert chat.server.store is not None
-    rows = [r for r in chat.server.store.list_tokens() if r.jti == res.token_id]
+    rows = [r for r in await chat.server.store.list_tokens() if r.jti == res.token_id]
     assert len(rows) == 1 and rows[0].exp == new.expires_unix
     # The grant went away: renewal is refused, saying why.
     await asyncio.sleep(2.5)
@@ -154,4 +154,4 @@ async def test_a_connection_that_did_not_come_through_the_tailnet_gets_no_token(
     assert "did not come through tailscaled" in (e.value.details() or "")
     assert chat.server.store is not None  # nothing was issued
 
-    assert not [r for r in chat.server.store.list_tokens() if r.jti.startswith("login-")]
+    assert not [r for r in await chat.server.store.list_tokens() if r.jti.startswith("login-")]

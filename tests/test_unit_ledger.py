@@ -109,6 +109,7 @@ async def test_malformed_input_is_raised_at_once_and_nothing_is_stored(
 async def test_over_the_rate_a_send_is_refused_with_the_wait_and_is_not_a_strike(
         world: World) -> None:
     world.rules.rate_burst, world.rules.rate_per_second = 2, 4.0
+    world.ledger.apply(world.rules)
     alice = world.member()
     for i in range(3):
         world.ledger.send(alice, ALICE, f"m{i}", 0, f"c{i}")  # raises nothing
@@ -122,11 +123,13 @@ async def test_over_the_rate_a_send_is_refused_with_the_wait_and_is_not_a_strike
 
 async def test_a_reloaded_rate_applies_to_the_next_send(world: World) -> None:
     world.rules.rate_burst, world.rules.rate_per_second = 1, 0.01
+    world.ledger.apply(world.rules)
     alice = world.member()
     world.ledger.send(alice, ALICE, "a", 0, "a")
     world.ledger.send(alice, ALICE, "b", 0, "b")
     assert [r[2] for r in world.refused] == ["b"]
     world.rules.rate_burst, world.rules.rate_per_second = 1, 1e6
+    world.ledger.apply(world.rules)  # a reload: also for alice's bucket, already there
     world.ledger.send(alice, ALICE, "c", 0, "c")
     await world.ledger.drain()
     assert [r[2] for r in world.refused] == ["b"] and world.history.last_id("general") == 2
