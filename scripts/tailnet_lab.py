@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import json
 import os
 import shutil
@@ -171,14 +170,17 @@ def ensure_binaries() -> Binaries:
 
 # --- processes ----------------------------------------------------------------------
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """preexec_fn: the child gets SIGKILL when the process that started it dies."""
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    os.setpgrp()
+def die_with_parent(argv: list[str]) -> list[str]:
+    """``argv`` run so that it gets SIGKILL when the thread that started it dies
+    (PR_SET_PDEATHSIG, through util-linux's setpriv). Not a ``preexec_fn``: Python code
+    between fork and exec in a process with gRPC's threads once aborted the child before it
+    ran ("epoll_wait error: Bad file descriptor", 2026-11-22), and a lab node that should
+    have been restarted was gone for the rest of the run."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        raise LabError("setpriv (util-linux) is needed to tie the lab's processes to the test "
+                       "run; install util-linux")
+    return [setpriv, "--pdeathsig", "KILL", "--", *argv]
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
@@ -250,12 +252,12 @@ class Lab:
                env: dict[str, str]) -> subprocess.Popen[bytes]:
         logf = open(self.root / "logs" / log_name, "ab")  # noqa: SIM115 - lives with the process
         proc = subprocess.Popen(
-            argv,
+            argv if self.detached else die_with_parent(argv),
             stdout=logf,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env=env,
-            preexec_fn=(os.setpgrp if self.detached else _die_with_parent),
+            start_new_session=True,  # its own process group: `down` kills the whole group
         )
         logf.close()
         self.procs.append(proc)
