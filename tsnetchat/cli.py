@@ -420,9 +420,15 @@ def install_systemd(
     """Install the shipped systemd unit (then: systemctl daemon-reload && enable --now)."""
     from .systemd import install_unit
 
-    path = install_unit(dest, embedded=embedded)
-    typer.echo(f"installed {path}\nnext: systemctl daemon-reload && systemctl enable --now "
-               f"{path.name}")
+    try:
+        path = install_unit(dest, embedded=embedded)
+    except TsnetchatError as e:
+        raise fail(e) from None
+    typer.echo(f"installed {path}")
+    if embedded:
+        typer.echo("the auth key: /etc/tsnetchat/authkey (mode 0600; read through the "
+                   "credential 'authkey'), or an OAuth client (see README, Operations)")
+    typer.echo(f"next: systemctl daemon-reload && systemctl enable --now {path.name}")
 
 
 @app.command()
