@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Debian packages the tests and demo use: tmux (terminal test), systemd (systemd-analyze),
 # iproute2 (network namespaces for the TUN test), debootstrap and systemd-container (the
-# Debian root and systemd-nspawn that boot a real systemd for the unit tests). Installs only
-# what is missing.
+# Debian root and systemd-nspawn that boot a real systemd for the unit tests), openssl (the
+# certificate of the Tailscale API stand-in). Installs only what is missing.
 set -euo pipefail
 need=()
 command -v tmux >/dev/null || need+=(tmux)
@@ -10,6 +10,7 @@ command -v systemd-analyze >/dev/null || need+=(systemd)
 command -v ip >/dev/null || need+=(iproute2)
 command -v debootstrap >/dev/null || [ -x /usr/sbin/debootstrap ] || need+=(debootstrap)
 command -v systemd-nspawn >/dev/null || need+=(systemd-container)
+command -v openssl >/dev/null || need+=(openssl)
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then
   echo "missing ${need[*]}: install them (tests that need them fail in CI, skip elsewhere)" >&2

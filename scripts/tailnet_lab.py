@@ -388,8 +388,12 @@ class Lab:
 
     def write_policy(self, policy: dict[str, Any], *, reload: bool = True) -> None:
         """Replace the policy file; with reload, SIGHUP headscale so it takes effect."""
+        self.write_policy_text(json.dumps(policy, indent=2), reload=reload)
+
+    def write_policy_text(self, text: str, *, reload: bool = True) -> None:
+        """Replace the policy file with HuJSON text (comments kept), as write_policy does."""
         tmp = self.policy_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(policy, indent=2))
+        tmp.write_text(text)
         tmp.replace(self.policy_path)
         if reload and self.headscale_pid:
             os.kill(self.headscale_pid, signal.SIGHUP)

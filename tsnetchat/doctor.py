@@ -36,7 +36,7 @@ async def _port_open(host: str, port: int) -> bool:
 
 
 async def checks(cfg: ServerConfig, *, server: str | None = None, token: str = "",
-                 proxy: str = "") -> list[Check]:
+                 proxy: str = "", with_api: bool = False) -> list[Check]:
     out: list[Check] = []
     sock = cfg.effective_socket()
     st: Status | None = None
@@ -108,6 +108,10 @@ async def checks(cfg: ServerConfig, *, server: str | None = None, token: str = "
 
     if server:
         out.append(await _reach(server, cfg, sock, token, proxy))
+    if with_api:
+        from .apidoctor import api_checks
+
+        out.extend(await api_checks(cfg, st))
     return out
 
 
@@ -138,8 +142,8 @@ async def _reach(server: str, cfg: ServerConfig, sock: str, token: str, proxy: s
 
 
 async def run_doctor(cfg: ServerConfig, *, server: str | None = None, token: str = "",
-                     proxy: str = "") -> bool:
-    results = await checks(cfg, server=server, token=token, proxy=proxy)
+                     proxy: str = "", with_api: bool = False) -> bool:
+    results = await checks(cfg, server=server, token=token, proxy=proxy, with_api=with_api)
     for c in results:
         print(c.line())
     bad = [c for c in results if c.verdict == FAIL]

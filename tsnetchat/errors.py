@@ -7,15 +7,18 @@
     ├── TailnetError             something about tailscaled
     │   ├── LocalAPIUnavailable  the LocalAPI socket does not answer (absent, down, timeout)
     │   ├── TailnetNotReady      tailscaled answers but is not Running (logged out, stopped)
-    │   └── PeerNotFound         WhoIs/discovery found no such peer
+    │   ├── PeerNotFound         WhoIs/discovery found no such peer
+    │   └── TailscaleAPIError    Tailscale's API refused or failed a call (tsapi.py)
+    │       └── PolicyConflict   the policy file changed since it was read; nothing was saved
     ├── Unauthenticated          one of the two locks (token, tailnet identity) failed
     ├── PermissionDenied         both locks passed but this action is not allowed
     ├── InvalidInput             a request is malformed (bad room name, bad text, garbage)
     ├── LimitExceeded            size, rate, rooms or queue limits
     └── StoreError               the history database failed
 
-Foreign errors (httpx, sqlite3, jwt) are translated at one boundary each, raised ``from``
-the original. ``grpc_status`` maps these to gRPC status codes; only the servicer uses it.
+Foreign errors (httpx, sqlite3, jwt, the `tailscale` package in tsapi.py) are translated at one
+boundary each, raised ``from`` the original. ``grpc_status`` maps these to gRPC status codes;
+only the servicer uses it.
 """
 
 from __future__ import annotations
@@ -42,6 +45,14 @@ class TailnetNotReady(TailnetError):
 
 
 class PeerNotFound(TailnetError):
+    pass
+
+
+class TailscaleAPIError(TailnetError):
+    pass
+
+
+class PolicyConflict(TailscaleAPIError):
     pass
 
 
