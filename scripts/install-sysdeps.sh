@@ -18,5 +18,7 @@ if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then
 fi
 echo "installing ${need[*]} ..." >&2
 export DEBIAN_FRONTEND=noninteractive
-apt-get -o DPkg::Lock::Timeout=300 update -qq >/dev/null
-apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+# Quiet unless it fails (dpkg chatters on stderr even when all is well).
+out=$(apt-get -o DPkg::Lock::Timeout=300 update -qq 2>&1 &&
+      apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends "${need[@]}" 2>&1) ||
+  { echo "$out" >&2; exit 1; }

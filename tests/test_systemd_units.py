@@ -293,3 +293,26 @@ def test_the_embedded_unit_joins_with_the_auth_key_credential(unit: Unit) -> Non
     assert peer["Online"] and st["User"][str(peer["UserID"])]["LoginName"] == "chat@tailnet.test"
     key = unit.c.read("/etc/tsnetchat/authkey")
     assert key not in unit.journal()
+
+
+def test_a_token_issued_while_the_service_is_stopped_works_once_it_runs(unit: Unit) -> None:
+    """`sudo tsnetchat token issue` writes to the service's state as root; the service, which
+    runs as its own (dynamic) user, must still open everything afterwards."""
+    unit.ensure_running()
+    unit.c.sh(f"systemctl stop {unit.name}")
+    token = unit.c.sh(f"{CLI} token issue bob@tailnet.test").stdout.strip()
+    unit.c.sh(f"systemctl start {unit.name}")
+    owners = unit.c.sh("stat -c '%U %n' /var/lib/private/tsnetchat/*").stdout
+    assert "root" not in owners, owners
+
+    async def whoami() -> str:
+        n = unit.lab.nodes["bob-laptop"]
+        conn = await connect(unit.hostname, token, socket=n.socket, port=unit.port,
+                             proxy=f"http://{n.http_proxy}")
+        try:
+            return (await conn.whoami()).identity.login
+        finally:
+            await conn.close()
+
+    assert asyncio.run(whoami()) == "bob@tailnet.test"
+    chat_works(unit)
