@@ -33,6 +33,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from tailnet_lab import cache_root  # one place decides where test caches live (scripts/)
+
 # --- the recipe: any change here builds a new root ---------------------------------------
 
 SUITE = "bookworm"
@@ -63,11 +65,7 @@ def log(msg: str) -> None:
 
 
 def cache_base() -> Path:
-    base = os.environ.get("TSNETCHAT_CACHE") or os.environ.get("XDG_CACHE_HOME")
-    root = Path(base) if base else Path.home() / ".cache"
-    if not os.environ.get("TSNETCHAT_CACHE"):
-        root = root / "tsnetchat"
-    return root / "nspawn"
+    return cache_root() / "nspawn"
 
 
 def root_dir() -> Path:

@@ -98,12 +98,18 @@ def log(msg: str) -> None:
 # --- binaries -----------------------------------------------------------------------
 
 
-def cache_dir() -> Path:
+def cache_root() -> Path:
+    """Where test tools are built and kept, outside the git tree: $TSNETCHAT_CACHE, else
+    ~/.cache/tsnetchat (or $XDG_CACHE_HOME/tsnetchat)."""
     base = os.environ.get("TSNETCHAT_CACHE") or os.environ.get("XDG_CACHE_HOME")
     root = Path(base) if base else Path.home() / ".cache"
     if not os.environ.get("TSNETCHAT_CACHE"):
         root = root / "tsnetchat"
-    return root / "tools"
+    return root
+
+
+def cache_dir() -> Path:
+    return cache_root() / "tools"
 
 
 @dataclass(frozen=True)
