@@ -43,6 +43,9 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import container_root  # noqa: E402
 
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# What the README's install lines install (with the extras they name), quoted for sh.
+EXTRAS = "api"
+PKG = f"'tsnetchat[{EXTRAS}]'"
 WHEELHOUSE = "/srv/wheelhouse"
 # pip inside the machine installs from the wheelhouse only: the wheel built from this
 # checkout and its dependencies (what PyPI would serve), like a site's offline mirror.
@@ -71,12 +74,12 @@ def missing() -> str:
 
 
 def build_wheelhouse(dest: Path) -> Path:
-    """This checkout's wheel (with the api extra) and every dependency, plus pip, setuptools
+    """This checkout's wheel (with the README's extras) and every dependency, plus pip, setuptools
     and wheel (pipx upgrades its shared venv with them)."""
     dest.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--wheel-dir", str(dest),
-         f"{ROOT}[api]", "pip", "setuptools", "wheel"],
+         f"{ROOT}[{EXTRAS}]", "pip", "setuptools", "wheel"],
         capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         raise ContainerError(f"building the wheelhouse failed:\n{proc.stderr[-3000:]}")

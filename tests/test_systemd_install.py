@@ -12,12 +12,11 @@ from typing import Any
 
 import pytest
 from helpers import free_port, need
-from nspawn import Container, forget_node, join_system_tailscaled, lab_machine, missing
+from nspawn import PKG, Container, forget_node, join_system_tailscaled, lab_machine, missing
 
 pytestmark = [pytest.mark.systemd, pytest.mark.tailnet]
 
 HOSTNAME = "chat-vm-install"
-PKG = "'tsnetchat[api]'"  # what the README's install lines install
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +40,9 @@ def vm(lab: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Con
 #  where ExecStart must point)
 METHODS = {
     "venv in /opt": (
-        [("root", f"python3 -m venv /opt/tsnetchat && /opt/tsnetchat/bin/pip install -q {PKG}")],
-        "/opt/tsnetchat/bin/tsnetchat", "/opt/tsnetchat/bin/tsnetchat"),
+        [("root", f"python3 -m venv /opt/tsnetchat && /opt/tsnetchat/bin/pip install -q {PKG} "
+                  "&& ln -s /opt/tsnetchat/bin/tsnetchat /usr/local/bin/tsnetchat")],
+        "tsnetchat", "/opt/tsnetchat/bin/tsnetchat"),
     "pipx as root (in /root)": (
         [("root", f"pipx install {PKG}")],
         "/root/.local/bin/tsnetchat", "/root/.local/pipx/venvs/tsnetchat/bin/tsnetchat"),
@@ -84,7 +84,8 @@ def test_the_installed_unit_starts_and_serves_for_each_documented_install_method
             assert "ProtectHome=yes\n" in unit
     finally:
         c.sh("systemctl stop tsnetchat.service; rm -f /etc/systemd/system/tsnetchat.service; "
-             "systemctl daemon-reload; systemctl reset-failed", check=False)
+             "systemctl daemon-reload; systemctl reset-failed; rm -f /usr/local/bin/tsnetchat",
+             check=False)
 
 
 def test_pip_install_user_is_refused_with_the_fix(vm: tuple[Container, int]) -> None:

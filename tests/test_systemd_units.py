@@ -27,7 +27,15 @@ from typing import Any
 import grpc
 import pytest
 from helpers import free_port, need
-from nspawn import LAB_KNOBS, Container, forget_node, join_system_tailscaled, lab_machine, missing
+from nspawn import (
+    LAB_KNOBS,
+    PKG,
+    Container,
+    forget_node,
+    join_system_tailscaled,
+    lab_machine,
+    missing,
+)
 
 from tsnetchat.client import Connection, connect
 
@@ -97,7 +105,7 @@ def vm(lab: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container
         try:
             join_system_tailscaled(c, lab, "chat-vm")
             # The README's install: a venv outside any home.
-            c.sh(f"python3 -m venv {VENV} && {VENV}/bin/pip install -q 'tsnetchat[api]'")
+            c.sh(f"python3 -m venv {VENV} && {VENV}/bin/pip install -q {PKG}")
             yield c
         finally:
             forget_node(lab, "chat-vm")
