@@ -177,3 +177,12 @@ def test_doctor_api_without_credentials_is_one_failed_line(tmp_path: Path) -> No
     cfg = load_config(file=None, env={}, flags={"state_dir": str(tmp_path)})
     (check,) = asyncio.run(api_checks(cfg, st))
     assert check.verdict == "FAIL" and "needs credentials" in check.detail
+
+
+def test_install_systemd_into_a_directory_it_cannot_write_is_a_clear_error(
+        tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    out = _cli("install-systemd", "--dest", str(blocker / "units"))
+    assert out.returncode == 3 and "Traceback" not in out.stderr
+    assert f"cannot write {blocker}/units/tsnetchat.service" in out.stderr

@@ -463,10 +463,13 @@ def provision_cmd(
     if out is None:
         typer.echo(key)
         return
-    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(key + "\n")
-    os.chmod(out, 0o600)
+    try:
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(key + "\n")
+        os.chmod(out, 0o600)
+    except OSError as e:  # the key was minted but is lost; it expires unused
+        raise fail(ConfigError(f"--out {out}: {e.strerror}")) from None
     typer.echo(f"wrote a single-use auth key for {cfg.hostname} to {out}", err=True)
 
 

@@ -141,7 +141,11 @@ def install_unit(dest: Path, *, embedded: bool = False, exe: str | None = None) 
     Raises ConfigError (saying how to install instead) for an installation a service cannot
     run."""
     text = render_unit(find_installation(exe), embedded=embedded)
-    dest.mkdir(parents=True, exist_ok=True)
     path = dest / UNITS[embedded]
-    path.write_text(text)
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    except OSError as e:
+        raise ConfigError(f"install-systemd: cannot write {path}: {e.strerror} (as root: "
+                          "sudo tsnetchat install-systemd)") from None
     return path
