@@ -186,3 +186,13 @@ def test_install_systemd_into_a_directory_it_cannot_write_is_a_clear_error(
     out = _cli("install-systemd", "--dest", str(blocker / "units"))
     assert out.returncode == 3 and "Traceback" not in out.stderr
     assert f"cannot write {blocker}/units/tsnetchat.service" in out.stderr
+
+
+def test_removing_one_of_two_items_on_a_line_keeps_the_other_in_place() -> None:
+    text = '{\n  "grants": [\n    {"a": 1}, {"b": 2},\n    {"c": 3},\n  ],\n}\n'
+    arr = hujson.parse(text).member("grants")
+    assert arr is not None
+    assert hujson.remove_item(text, arr, 0) == (
+        '{\n  "grants": [\n    {"b": 2},\n    {"c": 3},\n  ],\n}\n')
+    assert hujson.remove_item(text, arr, 1) == (
+        '{\n  "grants": [\n    {"a": 1},\n    {"c": 3},\n  ],\n}\n')

@@ -159,12 +159,17 @@ def _after_blanks(text: str, i: int) -> int:
     return i
 
 
+def _rest_is_blank(text: str, i: int) -> bool:
+    """Whether only blanks or a // comment are left on the line from ``i``."""
+    j = _after_blanks(text, i)
+    return j == len(text) or text[j] in "\r\n" or text.startswith("//", j)
+
+
 def _line_end_if_only_comment(text: str, i: int) -> int:
     """From ``i``: the end of the line (at its newline) if only blanks or a // comment are
     left on it, else ``i``."""
-    j = _after_blanks(text, i)
-    if j == len(text) or text[j] in "\r\n" or text.startswith("//", j):
-        nl = text.find("\n", j)
+    if _rest_is_blank(text, i):
+        nl = text.find("\n", i)
         return len(text) if nl < 0 else nl
     return i
 
@@ -200,7 +205,7 @@ def remove_item(text: str, array: Node, index: int) -> str:
     item = items[index]
     after = _after_blanks(text, item.end)
     comma = text.startswith(",", after)
-    if _starts_line(text, item.start):
+    if _starts_line(text, item.start) and _rest_is_blank(text, after + 1 if comma else item.end):
         start = _line_start(text, item.start)
         end = _line_end_if_only_comment(text, after + 1 if comma else item.end)
         if end < len(text) and text[end] == "\n":
@@ -210,6 +215,10 @@ def remove_item(text: str, array: Node, index: int) -> str:
         prev = items[index - 1]  # the item before keeps no comma it no longer needs
         pc = _after_blanks(text, prev.end)
         return text[:pc] + text[pc + 1:start] + text[end:]
+    if comma and index > 0 and _rest_is_blank(text, after + 1):
+        # the last on a line that holds others: the line ends after the item before it
+        pc = _after_blanks(text, items[index - 1].end)
+        return text[:pc + 1] + text[after + 1:]
     if comma:
         return text[:item.start] + text[_after_blanks(text, after + 1):]
     if index == 0:
