@@ -11,11 +11,11 @@ Why these flags (2026-11-22, this machine: host PID 1 is not systemd, cgroups ar
 * the host's network is shared (no ``--private-network``): the lab's headscale and DERP on
   127.0.0.1 are reachable from the container as they are from every other lab node.
 
-Processes: nspawn gets ``PR_SET_PDEATHSIG=SIGTERM`` (a killed pytest still halts the
-container); ``stop`` sends SIGTERM (nspawn halts the container), and if that does not end
-it in time, SIGKILLs nspawn and the container's PID 1 (which ends its whole PID namespace:
-a SIGKILLed nspawn alone leaves the container running). PID 1 carries TSNETCHAT_RUN_ID so
-scripts/no-leftovers.sh finds a container left behind.
+Processes: nspawn gets ``PR_SET_PDEATHSIG=SIGTERM`` through ``setpriv`` (a killed pytest
+still halts the container); ``stop`` sends SIGTERM (nspawn halts the container), and if
+that does not end it in time, SIGKILLs nspawn and the container's PID 1 (which ends its
+whole PID namespace: a SIGKILLed nspawn alone leaves the container running). PID 1
+carries TSNETCHAT_RUN_ID so scripts/no-leftovers.sh finds a container left behind.
 
 Commands run inside with ``nsenter --all`` into PID 1's namespaces, with a clean
 environment, as an operator's root shell on the machine would.
@@ -24,7 +24,6 @@ environment, as an operator's root shell on the machine would.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import shutil
@@ -54,12 +53,6 @@ PIP_CONF = f"[global]\nno-index = true\nfind-links = {WHEELHOUSE}\n"
 
 class ContainerError(RuntimeError):
     pass
-
-
-def _term_with_parent() -> None:
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: nspawn halts the container on SIGTERM
-    os.setpgrp()
 
 
 def missing() -> str:
@@ -109,15 +102,18 @@ class Container:
         self.stop()
 
     def start(self, timeout: float = 90) -> None:
-        argv = ["systemd-nspawn", "--quiet", "--register=no", "--keep-unit", "-D",
-                str(self.root), "--boot", "--console=pipe", "--volatile=overlay",
-                f"--machine={self.name}", "--resolv-conf=off", "--timezone=off",
+        # PR_SET_PDEATHSIG through setpriv, not a preexec_fn: Python code between fork and
+        # exec in this process (gRPC's threads and fork handlers live here) once aborted the
+        # child (2026-11-22, "epoll_wait error: Bad file descriptor", SIGABRT).
+        argv = ["setpriv", "--pdeathsig", "SIGTERM", "--",
+                "systemd-nspawn", "--quiet", "--register=no", "--keep-unit", "-D", str(self.root),
+                "--boot", "--console=pipe", "--volatile=overlay", f"--machine={self.name}",
+                "--resolv-conf=off", "--timezone=off",
                 f"--setenv=TSNETCHAT_RUN_ID={os.environ.get('TSNETCHAT_RUN_ID', '')}"]
         argv += [f"--bind-ro={src}:{dst}" for src, dst in self.binds]
         with open(self.log, "ab") as logf:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf,
-                                         stderr=subprocess.STDOUT,
-                                         preexec_fn=_term_with_parent)
+                                         stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while not self.init_pid:
             if self.proc.poll() is not None:
