@@ -7,12 +7,12 @@ ARGS   ?=
 # Every test run's children carry this, so scripts/no-leftovers.sh finds only its own.
 RUN_ID := $(shell od -An -N6 -tx1 /dev/urandom | tr -d ' \n')
 
-.PHONY: setup sysdeps lab-bins codegen check-codegen lint test demo bench lab-up lab-down clean
+.PHONY: setup sysdeps lab-bins container-root codegen check-codegen lint test demo bench lab-up lab-down clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[server,dev,bench]'
+	$(BIN)/pip install -q -e '.[server,dev,bench,api]'
 	touch $@
 
 sysdeps:
@@ -23,7 +23,13 @@ lab-bins: $(STAMP)
 	  if [ -n "$$CI" ]; then echo "tailnet binaries are required in CI" >&2; exit 1; fi; \
 	  echo "*** tailnet binaries unavailable: tailnet tests will SKIP ***" >&2; }
 
-setup: $(STAMP) sysdeps lab-bins
+# The Debian root the systemd tests boot (systemd-nspawn), cached in ~/.cache/tsnetchat/nspawn.
+container-root: $(STAMP) sysdeps
+	@$(BIN)/python scripts/container_root.py build >/dev/null || { \
+	  if [ -n "$$CI" ]; then echo "the container root is required in CI" >&2; exit 1; fi; \
+	  echo "*** container root unavailable: systemd boot tests will SKIP ***" >&2; }
+
+setup: $(STAMP) sysdeps lab-bins container-root
 
 codegen: $(STAMP)
 	$(BIN)/python scripts/codegen.py

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `after`: fail if the test run left any lab process behind (tailscaled, headscale, and the
-# other test services: nats-server, systemd-nspawn). Only this run's processes count: the
+# other test services: nats-server, systemd-nspawn, and a container's systemd as PID 1, which
+# tests/nspawn.py gives this run's TSNETCHAT_RUN_ID). Only this run's processes count: the
 # Makefile gives each run a TSNETCHAT_RUN_ID, which every child inherits, so labs of other
 # runs on the same machine (a developer's `dev-tailnet up`, a parallel checkout) are ignored.
 set -u
@@ -12,7 +13,7 @@ esac
 id=${TSNETCHAT_RUN_ID:-}
 [ -n "$id" ] || { echo "no-leftovers: TSNETCHAT_RUN_ID is not set" >&2; exit 2; }
 left=()
-for pid in $(pgrep -f '(tailscaled|headscale|nats-server|systemd-nspawn)' || true); do
+for pid in $(pgrep -f '(tailscaled|headscale|nats-server|systemd-nspawn|/lib/systemd/systemd$)' || true); do
   [ "$pid" = "$$" ] && continue
   if tr '\0' '\n' < "/proc/$pid/environ" 2>/dev/null | grep -qx "TSNETCHAT_RUN_ID=$id"; then
     left+=("$pid")

@@ -97,12 +97,18 @@ def log(msg: str) -> None:
 # --- binaries -----------------------------------------------------------------------
 
 
-def cache_dir() -> Path:
+def cache_root() -> Path:
+    """Where test tools are built and kept, outside the git tree: $TSNETCHAT_CACHE, else
+    ~/.cache/tsnetchat (or $XDG_CACHE_HOME/tsnetchat)."""
     base = os.environ.get("TSNETCHAT_CACHE") or os.environ.get("XDG_CACHE_HOME")
     root = Path(base) if base else Path.home() / ".cache"
     if not os.environ.get("TSNETCHAT_CACHE"):
         root = root / "tsnetchat"
-    return root / "tools"
+    return root
+
+
+def cache_dir() -> Path:
+    return cache_root() / "tools"
 
 
 @dataclass(frozen=True)
@@ -390,8 +396,12 @@ class Lab:
 
     def write_policy(self, policy: dict[str, Any], *, reload: bool = True) -> None:
         """Replace the policy file; with reload, SIGHUP headscale so it takes effect."""
+        self.write_policy_text(json.dumps(policy, indent=2), reload=reload)
+
+    def write_policy_text(self, text: str, *, reload: bool = True) -> None:
+        """Replace the policy file with HuJSON text (comments kept), as write_policy does."""
         tmp = self.policy_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(policy, indent=2))
+        tmp.write_text(text)
         tmp.replace(self.policy_path)
         if reload and self.headscale_pid:
             os.kill(self.headscale_pid, signal.SIGHUP)

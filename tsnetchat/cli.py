@@ -26,6 +26,7 @@ from . import __version__
 from .config import ServerConfig, load_config
 from .errors import (
     ConfigError,
+    InvalidInput,
     PermissionDenied,
     ServerUnavailable,
     TailnetError,
@@ -40,9 +41,12 @@ token_app = typer.Typer(no_args_is_help=True, help="Issue, list and revoke acces
 config_app = typer.Typer(no_args_is_help=True, help="Inspect the effective configuration.")
 app.add_typer(token_app, name="token")
 app.add_typer(config_app, name="config")
+grants_app = typer.Typer(no_args_is_help=True, help="Show and edit tsnetchat's grants in the "
+                         "tailnet policy file (Tailscale's API).")
+app.add_typer(grants_app, name="grants")
 
 EXIT = {ConfigError: 3, TailnetError: 4, Unauthenticated: 5, PermissionDenied: 6,
-        ServerUnavailable: 7}
+        ServerUnavailable: 7, InvalidInput: 2}
 GRPC_EXIT = {grpc.StatusCode.UNAUTHENTICATED: 5, grpc.StatusCode.PERMISSION_DENIED: 6,
              grpc.StatusCode.UNAVAILABLE: 7, grpc.StatusCode.DEADLINE_EXCEEDED: 7,
              grpc.StatusCode.INVALID_ARGUMENT: 2, grpc.StatusCode.RESOURCE_EXHAUSTED: 1}
@@ -491,6 +495,8 @@ def doctor(
     token: TokenOpt = None, token_file: TokenFileOpt = None, proxy: ProxyOpt = None,
     state_dir: StateOpt = None,
     port: Annotated[int | None, typer.Option()] = None,
+    api: Annotated[bool, typer.Option(
+        "--api", help="Also ask Tailscale's API about this server's device and policy.")] = False,
 ) -> None:
     """Check this node and explain what is wrong, one line per check."""
     if server:
@@ -503,7 +509,7 @@ def doctor(
 
     _need_server()
     cfg = _server_config(config, socket=socket, state_dir=state_dir, port=port)
-    ok = run(run_doctor(cfg))
+    ok = run(run_doctor(cfg, with_api=api))
     raise typer.Exit(0 if ok else 1)
 
 
@@ -515,9 +521,102 @@ def install_systemd(
     """Install the shipped systemd unit (then: systemctl daemon-reload && enable --now)."""
     from .systemd import install_unit
 
-    path = install_unit(dest, embedded=embedded)
-    typer.echo(f"installed {path}\nnext: systemctl daemon-reload && systemctl enable --now "
-               f"{path.name}")
+    try:
+        path = install_unit(dest, embedded=embedded)
+    except TsnetchatError as e:
+        raise fail(e) from None
+    typer.echo(f"installed {path}")
+    if embedded:
+        typer.echo("the auth key: /etc/tsnetchat/authkey (mode 0600; read through the "
+                   "credential 'authkey'), or an OAuth client (see README, Operations)")
+    typer.echo(f"next: systemctl daemon-reload && systemctl enable --now {path.name}")
+
+
+# --- Tailscale's API: provisioning and grants ----------------------------------------
+
+
+@app.command(name="provision")
+def provision_cmd(
+    hostname: Annotated[str | None, typer.Option(
+        help="The name the node will join as (default: the config's hostname).")] = None,
+    tags: Annotated[str | None, typer.Option(
+        help="Tags for the key, comma-separated (default: the config's tags).")] = None,
+    out: Annotated[Path | None, typer.Option(
+        help="Write the key to this file (mode 0600) instead of printing it.")] = None,
+    ephemeral: Annotated[bool, typer.Option(help="A key for an ephemeral node.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Mint a pre-authorised, tagged auth key through Tailscale's API (an OAuth client), after
+    removing or reporting a stale device that still holds the node's name."""
+    from .provision import provision
+
+    cfg = _server_config(config, hostname=hostname, tags=tags)
+    key, holders = run(provision(cfg, cfg.hostname, ephemeral=ephemeral))
+    for h in holders:
+        typer.echo(h.message(cfg.hostname), err=True)
+    if out is None:
+        typer.echo(key)
+        return
+    try:
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(key + "\n")
+        os.chmod(out, 0o600)
+    except OSError as e:  # the key was minted but is lost; it expires unused
+        raise fail(ConfigError(f"--out {out}: {e.strerror}")) from None
+    typer.echo(f"wrote a single-use auth key for {cfg.hostname} to {out}", err=True)
+
+
+@grants_app.command("show")
+def grants_show(config: ConfigOpt = None,
+                json_out: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List the tsnetchat grants of the tailnet policy file, each with its id."""
+    from .grants import read
+
+    cfg = _server_config(config)
+    _, found = run(read(cfg))
+    if json_out:
+        typer.echo(json.dumps([g.as_json() for g in found]))
+        return
+    for g in found:
+        typer.echo(g.describe())
+    if not found:
+        typer.echo(f"no grant of {cfg.cap_name} in the policy file", err=True)
+
+
+@grants_app.command("add")
+def grants_add(
+    src: Annotated[list[str], typer.Option(
+        help="Who (repeat): a login, group:x, tag:x, autogroup:member or *.")],
+    dst: Annotated[list[str] | None, typer.Option(
+        help="Which server (repeat; default: the config's tags).")] = None,
+    room: Annotated[list[str] | None, typer.Option(
+        help="A room they may use (repeat; default all).")] = None,
+    admin: Annotated[bool, typer.Option(help="May kick and revoke.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Add a tsnetchat grant; the API validates the policy before it is saved."""
+    from .grants import apply, describe_new, new_grant, with_grant
+
+    cfg = _server_config(config)
+    try:
+        entry = new_grant(cfg.cap_name, src=src, dst=dst or cfg.tag_list, rooms=room or [],
+                          admin=admin)
+    except TsnetchatError as e:
+        raise fail(e) from None
+    run(apply(cfg, lambda text: with_grant(text, entry)))
+    typer.echo(f"added {describe_new(entry, cfg.cap_name)}")
+
+
+@grants_app.command("remove")
+def grants_remove(grant_id: Annotated[str, typer.Argument(help="The id `grants show` gives.")],
+                  config: ConfigOpt = None) -> None:
+    """Remove a tsnetchat grant by its id (the rest of the policy file stays as it was)."""
+    from .grants import apply, without_grant
+
+    cfg = _server_config(config)
+    run(apply(cfg, lambda text: without_grant(text, cfg.cap_name, grant_id)))
+    typer.echo(f"removed grant {grant_id}")
 
 
 @app.command()

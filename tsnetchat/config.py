@@ -25,7 +25,9 @@ DEFAULT_CONFIG_FILE = Path("/etc/tsnetchat/config.toml")
 # Always used with fullmatch: `$` in a `match` pattern also matches before a final newline,
 # which let "general\n" through as a look-alike room.
 ROOM_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
-SECRET_FIELDS = frozenset({"auth_key"})
+SECRET_FIELDS = frozenset({"auth_key", "api_key", "oauth_client_secret"})
+DEFAULT_API_URL = "https://api.tailscale.com"
+TAG_RE = re.compile(r"tag:[A-Za-z0-9][A-Za-z0-9-]*")  # fullmatch
 
 
 def default_state_dir() -> Path:
@@ -98,6 +100,14 @@ class ServerConfig(Limits):
     login_server: str = ""  # "" = Tailscale's default control plane
     auth_key: str = ""
     auth_key_file: str = ""
+    # Tailscale's API (tsapi.py): off unless an API key or an OAuth client is given
+    api_key: str = ""
+    oauth_client_id: str = ""
+    oauth_client_secret: str = ""  # or in the `authkey` credential/file (tskey-client-...)
+    tailnet: str = "-"  # "-" = the credentials' own tailnet
+    api_url: str = DEFAULT_API_URL  # where api.tailscale.com is reached (tests: a stand-in)
+    tags: str = ""  # comma-separated; minted auth keys carry them, grants default to them
+    stale_device: str = "remove"  # a fresh node's name held by an offline device: remove|report
     # Operations
     # 0 = off; otherwise a Prometheus text endpoint on the same addresses, behind the tailnet
     # lock (only connections that come through tailscaled from another device).
@@ -111,6 +121,10 @@ class ServerConfig(Limits):
     @property
     def cap_name(self) -> str:
         return f"{self.cap_domain}/cap/tsnetchat"
+
+    @property
+    def tag_list(self) -> list[str]:
+        return [t.strip() for t in self.tags.split(",") if t.strip()]
 
     @property
     def db_path(self) -> Path:
@@ -259,6 +273,13 @@ def _validate(cfg: ServerConfig, where: Any) -> None:
         raise bad("log_level", "must be debug, info, warning or error")
     if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,62}", cfg.hostname):
         raise bad("hostname", "must be a DNS label (a-z, 0-9, -)")
+    for tag in cfg.tag_list:
+        if not TAG_RE.fullmatch(tag):
+            raise bad("tags", f"{tag!r} is not a tag like tag:chat")
+    if not cfg.api_url.startswith("https://"):
+        raise bad("api_url", "must be an https:// URL (the API is only spoken over TLS)")
+    if cfg.stale_device not in ("remove", "report"):
+        raise bad("stale_device", "must be remove or report")
     if cfg.metrics_port and (cfg.metrics_port == cfg.port or not 1 <= cfg.metrics_port <= 65535):
         raise bad("metrics_port", "must be a free TCP port other than --port")
 

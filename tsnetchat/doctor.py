@@ -42,7 +42,7 @@ async def _port_open(host: str, port: int) -> bool:
     return True
 
 
-async def checks(cfg: ServerConfig) -> list[Check]:
+async def checks(cfg: ServerConfig, *, with_api: bool = False) -> list[Check]:
     out: list[Check] = []
     sock = cfg.effective_socket()
     st: Status | None = None
@@ -112,6 +112,10 @@ async def checks(cfg: ServerConfig) -> list[Check]:
         out.append(Check("history store", FAIL, f"cannot write in {cfg.state_dir}: "
                          f"{e.strerror or e}; check ownership (StateDirectory= under systemd)"))
 
+    if with_api:
+        from .apidoctor import api_checks
+
+        out.extend(await api_checks(cfg, st))
     return out
 
 
@@ -199,5 +203,5 @@ async def run_client_doctor(server: str, *, port: int, token: str | None, socket
                                       proxy=proxy))
 
 
-async def run_doctor(cfg: ServerConfig) -> bool:
-    return _print(await checks(cfg))
+async def run_doctor(cfg: ServerConfig, *, with_api: bool = False) -> bool:
+    return _print(await checks(cfg, with_api=with_api))

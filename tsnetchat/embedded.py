@@ -4,6 +4,10 @@ It gets its own state dir, LocalAPI socket and hostname under the server's state
 with an auth key (env TSNETCHAT_AUTH_KEY, --auth-key-file, or a systemd credential named
 `authkey`), is restarted with backoff if it dies, and is stopped when the server stops.
 The auth key never appears on a command line: it is passed as `--auth-key=file:...`.
+
+With Tailscale API credentials (an OAuth client, whose secret may sit where the auth key
+would), a node that needs to log in gets a freshly minted key instead (provision.py), and on
+a fresh state dir the stale device still holding its name is removed or reported first.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pathlib import Path
 from .config import ServerConfig
 from .errors import ConfigError, TailnetError
 from .tailnet import LocalAPI
+from .tsapi import CLIENT_SECRET_PREFIX
 
 log = logging.getLogger("tsnetchat.embedded")
 
@@ -57,6 +62,8 @@ class EmbeddedTailscaled:
         self.restarts = 0
         self._supervisor: asyncio.Task[None] | None = None
         self._stopping = False
+        # No state yet: this node has never joined, and its name may be held by an old one.
+        self.fresh = not (self.dir / "tailscaled.state").exists()
 
     def _env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC",
@@ -92,10 +99,19 @@ class EmbeddedTailscaled:
         if st.running:
             return
         key = find_auth_key(self.cfg)
+        from .provision import api_configured
+
+        minting = not key or key.startswith(CLIENT_SECRET_PREFIX)
+        if api_configured(self.cfg) and (self.fresh or minting):
+            from .provision import provision
+
+            minted, _ = await provision(self.cfg, self.cfg.hostname, fresh=self.fresh,
+                                        mint=minting)
+            key = minted or key
         if not key and st.backend_state == "NeedsLogin":
             raise ConfigError("the embedded node is not logged in and no auth key was given: set "
                               "TSNETCHAT_AUTH_KEY, --auth-key-file, or the systemd credential "
-                              "'authkey'")
+                              "'authkey', or give an OAuth client (oauth_client_id) to mint one")
         args = [self.tailscale, f"--socket={self.socket}", "up", f"--hostname={self.cfg.hostname}",
                 "--timeout=60s"]
         keyfile = self.dir / "authkey"

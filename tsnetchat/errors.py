@@ -8,7 +8,9 @@
     │   ├── LocalAPIUnavailable  the LocalAPI socket does not answer (absent, down, timeout),
     │   │                        so nobody's tailnet identity can be checked (fail closed)
     │   ├── TailnetNotReady      tailscaled answers but is not Running (logged out, stopped)
-    │   └── PeerNotFound         WhoIs/discovery found no such peer
+    │   ├── PeerNotFound         WhoIs/discovery found no such peer
+    │   └── TailscaleAPIError    Tailscale's API refused or failed a call (tsapi.py)
+    │       └── PolicyConflict   the policy file changed since it was read; nothing was saved
     ├── ServerUnavailable        the server's node answers but nothing serves tsnetchat there
     ├── Unauthenticated          one of the two locks (token, tailnet identity) failed
     ├── PermissionDenied         both locks passed but this action is not allowed
@@ -17,9 +19,9 @@
     ├── Unavailable              the server cannot take the call now (shutting down); retry
     └── StoreError               the history database failed
 
-Foreign errors (httpx, sqlite3, jwt) are translated at one boundary each, raised ``from``
-the original (tailnet.py, store.py, auth.py). ``tsnetchat.service.status_for`` maps these to
-gRPC status codes; only the servicer uses it.
+Foreign errors (httpx, sqlite3, jwt, the `tailscale` package) are translated at one boundary
+each, raised ``from`` the original (tailnet.py, store.py, auth.py, tsapi.py).
+``tsnetchat.service.status_for`` maps these to gRPC status codes; only the servicer uses it.
 """
 
 from __future__ import annotations
@@ -52,6 +54,14 @@ class PeerNotFound(TailnetError):
 class ServerUnavailable(TsnetchatError):
     """The server's machine is reachable, but the server is not (not running, wrong port).
     Trying again later may help."""
+
+
+class TailscaleAPIError(TailnetError):
+    pass
+
+
+class PolicyConflict(TailscaleAPIError):
+    pass
 
 
 class Unauthenticated(TsnetchatError):
