@@ -7,7 +7,7 @@ ARGS   ?=
 # Every test run's children carry this, so scripts/no-leftovers.sh finds only its own.
 RUN_ID := $(shell od -An -N6 -tx1 /dev/urandom | tr -d ' \n')
 
-.PHONY: setup sysdeps lab-bins codegen check-codegen lint test demo bench lab-up lab-down clean
+.PHONY: setup sysdeps lab-bins nats-bin codegen check-codegen lint test demo bench lab-up lab-down clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,12 @@ lab-bins: $(STAMP)
 	  if [ -n "$$CI" ]; then echo "tailnet binaries are required in CI" >&2; exit 1; fi; \
 	  echo "*** tailnet binaries unavailable: tailnet tests will SKIP ***" >&2; }
 
-setup: $(STAMP) sysdeps lab-bins
+nats-bin: $(STAMP)
+	@$(BIN)/python scripts/nats_lab.py build >/dev/null || { \
+	  if [ -n "$$CI" ]; then echo "nats-server is required in CI" >&2; exit 1; fi; \
+	  echo "*** nats-server unavailable: cluster tests will SKIP ***" >&2; }
+
+setup: $(STAMP) sysdeps lab-bins nats-bin
 
 codegen: $(STAMP)
 	$(BIN)/python scripts/codegen.py

@@ -4,6 +4,8 @@
   dir; identities come from FakeTailnet (a stand-in for tailscaled used only for chat logic).
 * ``lab`` - the real tailnet lab (headscale + userspace tailscaled), once per session, for
   tests marked ``tailnet``. Without Go they skip loudly; with CI set they fail instead.
+* ``nats_cluster`` - a real three-node NATS JetStream cluster (scripts/nats_lab.py), fresh
+  for each test marked ``cluster``; the same rule for a missing nats-server.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import nats_lab  # noqa: E402
 import tailnet_lab  # noqa: E402
 from fakenet import FakeTailnet  # noqa: E402
 from helpers import free_port, issue_recorded, need  # noqa: E402
@@ -200,3 +203,18 @@ async def lab_chat(lab: Any, tmp_path: Path, request: pytest.FixtureRequest
             await c.close()
         await server.stop(grace=0.2)
         await relay.pause()
+
+
+# --- a real NATS JetStream cluster (tests marked ``cluster``) ------------------------------
+
+
+@pytest.fixture
+def nats_cluster() -> Iterator[nats_lab.NatsCluster]:
+    """Three fresh nats-server nodes with JetStream on loopback (under a second to start),
+    stopped and removed afterwards; tests may kill, stop and restart nodes."""
+    try:
+        nats_lab.ensure_binary()
+    except nats_lab.NatsLabError as e:
+        need("nats-server", str(e))
+    with nats_lab.running_cluster() as cluster:
+        yield cluster
