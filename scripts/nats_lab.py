@@ -266,6 +266,7 @@ authorization {{
         self._spawn(n)
         if wait:
             self.wait_healthy([n])
+            self.wait_settled()
 
     # readiness ---------------------------------------------------------------------
 
@@ -330,6 +331,25 @@ authorization {{
                                    f"{timeout:.0f}s:\n{self.tail_log(pending[0].name)}")
             if pending:
                 time.sleep(0.1)
+
+    def wait_settled(self, timeout: float = 30) -> None:
+        """Wait until the meta leader hears from every running node within the last second
+        (after a restart the meta layer may still count the node offline for a moment, and
+        refuses to place a new R3 stream: 10005 "no suitable peers for placement")."""
+        running = {n.name for n in self.nodes if self.running(n.name)}
+        deadline = time.monotonic() + timeout
+        while True:
+            leader = self.meta_leader()
+            meta = ((self.jsz(leader) if leader else None) or {}).get("meta_cluster") or {}
+            fresh = {leader} | {r["name"] for r in meta.get("replicas") or []
+                                if r.get("current") and not r.get("offline")
+                                and r.get("active", 1 << 62) < 1_000_000_000}
+            if leader and running <= fresh:
+                return
+            if time.monotonic() > deadline:
+                raise NatsLabError(f"meta group not settled after {timeout:.0f}s: "
+                                   f"running {sorted(running)}, heard from {sorted(fresh)}")
+            time.sleep(0.1)
 
     def wait_ready(self, timeout: float = 60) -> None:
         """Every node healthy and the meta group has a leader (streams can be created)."""
