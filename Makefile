@@ -7,7 +7,7 @@ ARGS   ?=
 # Every test run's children carry this, so scripts/no-leftovers.sh finds only its own.
 RUN_ID := $(shell od -An -N6 -tx1 /dev/urandom | tr -d ' \n')
 
-.PHONY: setup sysdeps lab-bins container-root codegen check-codegen lint test demo bench lab-up lab-down clean
+.PHONY: setup sysdeps lab-bins container-root nats-bin codegen check-codegen lint test demo bench lab-up lab-down clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +29,12 @@ container-root: $(STAMP) sysdeps
 	  if [ -n "$$CI" ]; then echo "the container root is required in CI" >&2; exit 1; fi; \
 	  echo "*** container root unavailable: systemd boot tests will SKIP ***" >&2; }
 
-setup: $(STAMP) sysdeps lab-bins container-root
+nats-bin: $(STAMP)
+	@$(BIN)/python scripts/nats_lab.py build >/dev/null || { \
+	  if [ -n "$$CI" ]; then echo "nats-server is required in CI" >&2; exit 1; fi; \
+	  echo "*** nats-server unavailable: cluster tests will SKIP ***" >&2; }
+
+setup: $(STAMP) sysdeps lab-bins container-root nats-bin
 
 codegen: $(STAMP)
 	$(BIN)/python scripts/codegen.py

@@ -55,9 +55,11 @@ CAP_NAME = "example.com/cap/tsnetchat"
 BASE_DOMAIN = "tailnet.test"
 DEFAULT_STATE = Path(os.environ.get("TSNETCHAT_LAB_STATE", Path.cwd() / ".lab" / "state.json"))
 
-# Users of the lab and the node each of them owns.
+# Users of the lab and the node each of them owns. chat-server-2 is a second server of the
+# same tailnet identity (user chat) for cluster mode: two tsnetchat servers, one conversation.
 NODES: list[tuple[str, str]] = [
     ("chat-server", "chat"),
+    ("chat-server-2", "chat"),
     ("alice-laptop", "alice"),
     ("bob-laptop", "bob"),
     ("mallory-laptop", "mallory"),

@@ -6,6 +6,8 @@
   tests marked ``tailnet``. Without Go they skip loudly; with CI set they fail instead.
 * ``lab_chat`` - an in-process server on the lab's chat-server node (real LocalAPI, real
   WhoIs, real IPN bus), reached by real tailnet peers.
+* ``nats_cluster`` - a real three-node NATS JetStream cluster (scripts/nats_lab.py), fresh
+  for each test marked ``cluster``; the same rule for a missing nats-server.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import nats_lab  # noqa: E402
 import tailnet_lab  # noqa: E402
 from helpers import Chat, LabChat, chat_server, lab_server, need  # noqa: E402
 
@@ -62,3 +65,18 @@ async def lab_chat(lab: Any, tmp_path: Path, request: pytest.FixtureRequest
     marker = request.node.get_closest_marker("server_config")
     async with lab_server(lab, tmp_path, **(marker.kwargs if marker else {})) as lc:
         yield lc
+
+
+# --- a real NATS JetStream cluster (tests marked ``cluster``) ------------------------------
+
+
+@pytest.fixture
+def nats_cluster() -> Iterator[nats_lab.NatsCluster]:
+    """Three fresh nats-server nodes with JetStream on loopback (under a second to start),
+    stopped and removed afterwards; tests may kill, stop and restart nodes."""
+    try:
+        nats_lab.ensure_binary()
+    except nats_lab.NatsLabError as e:
+        need("nats-server", str(e))
+    with nats_lab.running_cluster() as cluster:
+        yield cluster
