@@ -42,7 +42,7 @@ from .errors import LimitExceeded, PermissionDenied, TsnetchatError
 from .pb import chat_pb2 as pb
 from .service import status_for
 from .tailnet import PeerInfo, WhoIs
-from .throttle import TokenBucket
+from .throttle import Buckets
 
 log = logging.getLogger("tsnetchat.enroll")
 
@@ -136,7 +136,7 @@ class Enrollment:
                  server_node: Callable[[], PeerInfo | None] = lambda: None) -> None:
         self.door, self.key, self.store, self.policy = door, key, store, policy
         self._server_node = server_node
-        self._buckets: dict[str, TokenBucket] = {}
+        self._buckets = Buckets(LOGIN_BURST, LOGIN_PER_SECOND)  # one per device
 
     # helpers -----------------------------------------------------------------------
 
@@ -149,10 +149,7 @@ class Enrollment:
 
     def _take(self, who: WhoIs) -> None:
         device = who.node_id or who.node_name or who.login
-        bucket = self._buckets.get(device)
-        if bucket is None:
-            bucket = self._buckets[device] = TokenBucket(LOGIN_BURST, LOGIN_PER_SECOND)
-        wait = bucket.take()
+        wait = self._buckets.take(device)
         if wait:
             raise LimitExceeded(f"too many logins from this device ({LOGIN_BURST} in a row, "
                                 f"then one a minute); try again in {wait:.0f}s")
