@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tailnet_lab import cache_dir, die_with_parent, free_port
+from tailnet_lab import Running, cache_dir, die_with_parent, free_port
 
 # The module's main package is its root. Rebuilt only when the pin changes.
 PIN = ("github.com/nats-io/nats-server/v2", "v2.15.2")
@@ -127,7 +127,7 @@ class NatsNode:
         return f"nats://127.0.0.1:{self.port}"
 
 
-class NatsCluster:
+class NatsCluster(Running):
     """Three (by default) JetStream nodes. Use as a context manager; ``stop()`` is
     idempotent and also stops nodes that were restarted."""
 
@@ -164,17 +164,6 @@ class NatsCluster:
         return next(n for n in self.nodes if n.name == name)
 
     # lifecycle ---------------------------------------------------------------------
-
-    def __enter__(self) -> NatsCluster:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def start(self) -> None:
         started = time.monotonic()

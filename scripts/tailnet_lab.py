@@ -38,7 +38,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 # --- pins -------------------------------------------------------------------------
 # name -> (module, version, [package dirs inside the module]). Rebuilt only when a pin changes.
@@ -203,6 +203,29 @@ def _clean_env() -> dict[str, str]:
     return env
 
 
+class Running:
+    """A context manager for something with ``start()`` and ``stop()``: stopped on every exit
+    path, also when ``start()`` itself fails half way (the lab, the NATS cluster, a container).
+    """
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
 @dataclass
 class Node:
     """One tailscaled of the lab, as tests and `dev-tailnet env` see it."""
@@ -227,7 +250,7 @@ class Node:
         return next(ip for ip in self.ips if ":" in ip)
 
 
-class Lab:
+class Lab(Running):
     """A headscale and its nodes. Use as a context manager; `stop()` is idempotent."""
 
     def __init__(self, root: Path, *, binaries: Binaries, detached: bool = False) -> None:
@@ -244,17 +267,6 @@ class Lab:
         self.startup_seconds = 0.0
 
     # lifecycle ---------------------------------------------------------------------
-
-    def __enter__(self) -> Lab:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def _spawn(self, argv: list[str], *, log_name: str,
                env: dict[str, str]) -> subprocess.Popen[bytes]:

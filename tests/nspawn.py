@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import container_root  # noqa: E402
+from tailnet_lab import Running  # noqa: E402
 
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # What the README's install lines install (with the extras they name), quoted for sh.
@@ -79,7 +80,7 @@ def build_wheelhouse(dest: Path) -> Path:
     return dest
 
 
-class Container:
+class Container(Running):
     """One boot of the cached root. Use as a context manager; ``stop`` is idempotent."""
 
     def __init__(self, root: Path, log: Path, *, binds: list[tuple[Path, str]]) -> None:
@@ -89,17 +90,6 @@ class Container:
         self.name = f"tsnetchat-{uuid.uuid4().hex[:8]}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.init_pid = 0
-
-    def __enter__(self) -> Container:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def start(self, timeout: float = 90) -> None:
         # PR_SET_PDEATHSIG through setpriv, not a preexec_fn: Python code between fork and
