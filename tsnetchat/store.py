@@ -699,6 +699,11 @@ class Store:
         except sqlite3.Error as e:
             log.warning("could not purge deleted text from %s yet: %s", self.path, e)
 
+    def people(self) -> dict[str, str]:
+        """login -> display name of everybody who has sent a message (the latest name)."""
+        return {str(r[0]): str(r[1]) for r in
+                self._q("SELECT login, display_name FROM senders ORDER BY id")}
+
     def last_ids(self) -> dict[str, int]:
         """Every room's newest id (the writer's view: what it committed)."""
         return {name: last for name, (_rid, last) in self._rooms.items()}
@@ -941,6 +946,7 @@ class SqliteHistory:
         self._loop = loop
         self._visible = store.last_ids()  # what the loop has been told is stored
         self._private = store.private_rooms()  # private room -> members (loop's copy)
+        self._people = store.people()
         self._queue: deque[_Pending | _Job] = deque()
         self._wake = threading.Event()
         self._stopping = False
@@ -1172,6 +1178,9 @@ class SqliteHistory:
         return await self._read(lambda s: s.search(
             query, rooms, author=author, since_ms=since_ms, until_ms=until_ms, newest=newest,
             limit=limit, offset=offset))
+
+    def people(self) -> dict[str, str]:
+        return dict(self._people)
 
     def private_members(self, room: str) -> frozenset[str]:
         """A private room's members (from memory); empty when there is no such room."""
