@@ -46,12 +46,14 @@ def is_conversation(room: str) -> bool:
 
 def dm_room(me: str, room: str, max_members: int) -> str:
     """The canonical name of the DM that ``room`` ("dm:bob@example.com" or the full name)
-    means for ``me``: the caller is always a member. Raises InvalidInput."""
+    means for ``me``: the caller is always a member (``me`` "" only for an admin reading
+    other people's conversations, admins_read_dms). Raises InvalidInput."""
     logins = {x.strip() for x in room[len(DM_PREFIX):].split(",") if x.strip()}
     bad = sorted(x for x in logins if not LOGIN_RE.fullmatch(x) or len(x) > 256)
     if bad:
         raise InvalidInput(f"{bad[0][:60]!r} is not a tailnet login (dm:alice@example.com,...)")
-    logins.add(me)
+    if me:
+        logins.add(me)
     if len(logins) < 2:
         raise InvalidInput("a direct conversation needs somebody else: dm:bob@example.com")
     if len(logins) > max_members:

@@ -631,9 +631,10 @@ class Store:
         new_id = room[1] + 1
         if d.target:
             db.execute("INSERT INTO messages (room, id, ts_ms, sender, kind, text, "
-                       "client_msg_id, target) VALUES (?,?,?,?,?,?,?,?)",
+                       "client_msg_id, target, deleted_by) VALUES (?,?,?,?,?,?,?,?,?)",
                        (room[0], new_id, ts, self._sender_id(d.sender), d.kind, d.text,
-                        d.client_msg_id, d.target))
+                        d.client_msg_id, d.target,
+                        d.sender.login if d.kind == DELETE else None))
         else:
             db.execute("INSERT INTO messages (room, id, ts_ms, sender, kind, text, client_msg_id) "
                        "VALUES (?,?,?,?,?,?,?)", (room[0], new_id, ts, self._sender_id(d.sender),
@@ -700,9 +701,12 @@ class Store:
             log.warning("could not purge deleted text from %s yet: %s", self.path, e)
 
     def people(self) -> dict[str, str]:
-        """login -> display name of everybody who has sent a message (the latest name)."""
-        return {str(r[0]): str(r[1]) for r in
-                self._q("SELECT login, display_name FROM senders ORDER BY id")}
+        """login -> display name of everybody who has sent a message (the latest name), or
+        holds a token (no name known yet)."""
+        out = {str(r[0]): "" for r in self._q("SELECT DISTINCT sub FROM tokens")}
+        out.update((str(r[0]), str(r[1])) for r in
+                   self._q("SELECT login, display_name FROM senders ORDER BY id"))
+        return out
 
     def last_ids(self) -> dict[str, int]:
         """Every room's newest id (the writer's view: what it committed)."""
