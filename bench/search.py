@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import sqlite3
 import statistics
 import time
 from pathlib import Path
@@ -47,8 +48,10 @@ def main() -> None:
     st = Store(path, readonly=True)
     rooms = [f"room{i}" for i in range(a.rooms)]
     # words by frequency, from the index itself
-    st._q("CREATE VIRTUAL TABLE IF NOT EXISTS temp.v USING fts5vocab(main, messages_fts, row)")
-    terms = [r[0] for r in st._q("SELECT term FROM temp.v ORDER BY doc DESC")]
+    vocab = sqlite3.connect(path)  # the server's readers are query_only; this one is not
+    vocab.execute("CREATE VIRTUAL TABLE temp.v USING fts5vocab(main, messages_fts, row)")
+    terms = [r[0] for r in vocab.execute("SELECT term FROM temp.v ORDER BY doc DESC")]
+    vocab.close()
     cases = {"common word (top 10)": terms[5], "mid word (rank 500)": terms[500],
              "rare word": terms[-100], "two common words": f"{terms[3]} {terms[8]}",
              "prefix (3 letters)": terms[1000][:3] + "*"}
