@@ -24,6 +24,9 @@ class Rules:
     max_message_bytes: int = 100
     rate_burst: int = 1000
     rate_per_second: float = 1000.0
+    edit_window_seconds: float = 900.0
+    edits_per_minute: int = 30
+    max_topic_bytes: int = 256
 
 
 @dataclass

@@ -472,6 +472,154 @@ def history(
                            limit=limit, json_out=json_out, echo=_echo))
 
 
+# --- a team's day (issue 15) ------------------------------------------------------------
+
+JsonOpt = Annotated[bool, typer.Option("--json")]
+
+
+@app.command()
+def search(
+    server: ServerArg, query: Annotated[str, typer.Argument(help="Words; all must occur; "
+                                                             "word* matches a prefix.")],
+    room: Annotated[list[str] | None, typer.Option(help="Only this room (repeatable).")] = None,
+    author: Annotated[str, typer.Option(help="Only from this login.")] = "",
+    since: Annotated[int, typer.Option(help="Only from this time (ms since the epoch).")] = 0,
+    until: Annotated[int, typer.Option(help="Only before this time (ms since the epoch).")] = 0,
+    newest: Annotated[bool, typer.Option("--newest", help="Newest first, not best first.")
+                      ] = False,
+    limit: int = 20, offset: int = 0,
+    token: TokenOpt = None, token_file: TokenFileOpt = None, socket: ClientSocketOpt = None,
+    proxy: ProxyOpt = None, port: PortOpt = 50051, address: AddressOpt = None,
+    json_out: JsonOpt = False, verbose: VerboseOpt = False,
+) -> None:
+    """Search the rooms and direct conversations you may read."""
+    from . import clientcmds
+
+    s = _client_settings(server, token, token_file, socket, proxy)
+    run(clientcmds.search(_link(server, port, address, s, verbose), query, rooms=room or [],
+                          author=author, since_ms=since, until_ms=until, newest=newest,
+                          limit=limit, offset=offset, json_out=json_out, echo=_echo))
+
+
+@app.command()
+def unread(
+    server: ServerArg, token: TokenOpt = None, token_file: TokenFileOpt = None,
+    socket: ClientSocketOpt = None, proxy: ProxyOpt = None, port: PortOpt = 50051,
+    address: AddressOpt = None, json_out: JsonOpt = False, verbose: VerboseOpt = False,
+) -> None:
+    """Unread messages and mentions per room and direct conversation (any device)."""
+    from . import clientcmds
+
+    s = _client_settings(server, token, token_file, socket, proxy)
+    run(clientcmds.unread(_link(server, port, address, s, verbose), json_out=json_out,
+                          echo=_echo))
+
+
+@app.command()
+def mentions(
+    server: ServerArg,
+    all_: Annotated[bool, typer.Option("--all", help="Also the ones already read.")] = False,
+    token: TokenOpt = None, token_file: TokenFileOpt = None, socket: ClientSocketOpt = None,
+    proxy: ProxyOpt = None, port: PortOpt = 50051, address: AddressOpt = None,
+    json_out: JsonOpt = False, verbose: VerboseOpt = False,
+) -> None:
+    """Messages that mention you (unread ones, newest first)."""
+    from . import clientcmds
+
+    s = _client_settings(server, token, token_file, socket, proxy)
+    run(clientcmds.mentions(_link(server, port, address, s, verbose), include_read=all_,
+                            json_out=json_out, echo=_echo))
+
+
+@app.command()
+def edit(
+    server: ServerArg, message_id: Annotated[int, typer.Argument(help="The id to edit.")],
+    text: Annotated[str, typer.Argument(help="The new text.")], room: RoomOpt = "general",
+    token: TokenOpt = None, token_file: TokenFileOpt = None, socket: ClientSocketOpt = None,
+    proxy: ProxyOpt = None, port: PortOpt = 50051, address: AddressOpt = None,
+    json_out: JsonOpt = False, verbose: VerboseOpt = False,
+) -> None:
+    """Replace the text of one of your messages (within edit_window_seconds)."""
+    from . import clientcmds
+
+    s = _client_settings(server, token, token_file, socket, proxy)
+    typer.echo(run(clientcmds.change(_link(server, port, address, s, verbose), room, "edit",
+                                     target=message_id, text=text, json_out=json_out)))
+
+
+@app.command()
+def delete(
+    server: ServerArg, message_id: Annotated[int, typer.Argument(help="The id to delete.")],
+    room: RoomOpt = "general",
+    token: TokenOpt = None, token_file: TokenFileOpt = None, socket: ClientSocketOpt = None,
+    proxy: ProxyOpt = None, port: PortOpt = 50051, address: AddressOpt = None,
+    json_out: JsonOpt = False, verbose: VerboseOpt = False,
+) -> None:
+    """Delete a message (yours, or any as an admin); its text is removed from the server."""
+    from . import clientcmds
+
+    s = _client_settings(server, token, token_file, socket, proxy)
+    typer.echo(run(clientcmds.change(_link(server, port, address, s, verbose), room, "delete",
+                                     target=message_id, json_out=json_out)))
+
+
+@app.command()
+def topic(
+    server: ServerArg, text: Annotated[str, typer.Argument(help="The topic ('' clears it).")],
+    room: RoomOpt = "general",
+    token: TokenOpt = None, token_file: TokenFileOpt = None, socket: ClientSocketOpt = None,
+    proxy: ProxyOpt = None, port: PortOpt = 50051, address: AddressOpt = None,
+    json_out: JsonOpt = False, verbose: VerboseOpt = False,
+) -> None:
+    """Set a room's topic (shown on join, with who set it and when)."""
+    from . import clientcmds
+
+    s = _client_settings(server, token, token_file, socket, proxy)
+    typer.echo(run(clientcmds.change(_link(server, port, address, s, verbose), room, "topic",
+                                     text=text, json_out=json_out)))
+
+
+@app.command()
+def dm(
+    server: ServerArg, login: Annotated[str, typer.Argument(help="Whom to write to "
+                                                             "(comma-separated for several).")],
+    text: Annotated[str, typer.Argument(help="Message text ('-' = stdin).")],
+    token: TokenOpt = None, token_file: TokenFileOpt = None, socket: ClientSocketOpt = None,
+    proxy: ProxyOpt = None, port: PortOpt = 50051, address: AddressOpt = None,
+    json_out: JsonOpt = False, verbose: VerboseOpt = False,
+) -> None:
+    """Send a direct message (the same as `send --room dm:LOGIN`)."""
+    from . import clientcmds
+    from .pb import chat_pb2 as pb
+
+    s = _client_settings(server, token, token_file, socket, proxy)
+    body = (sys.stdin.read() if text == "-" else text).rstrip("\n")
+    typer.echo(run(clientcmds.send(_link(server, port, address, s, verbose), f"dm:{login}",
+                                   body, kind=pb.MESSAGE_KIND_TEXT, timeout=15.0,
+                                   json_out=json_out)))
+
+
+@app.command("room-members")
+def room_members(
+    server: ServerArg, room: Annotated[str, typer.Argument(help="A private room: +name.")],
+    add: Annotated[list[str] | None, typer.Option(help="Invite this login (repeatable).")
+                   ] = None,
+    remove: Annotated[list[str] | None, typer.Option(help="Remove this login (repeatable).")
+                      ] = None,
+    create: Annotated[bool, typer.Option("--create", help="Create the room.")] = False,
+    token: TokenOpt = None, token_file: TokenFileOpt = None, socket: ClientSocketOpt = None,
+    proxy: ProxyOpt = None, port: PortOpt = 50051, address: AddressOpt = None,
+    json_out: JsonOpt = False, verbose: VerboseOpt = False,
+) -> None:
+    """Admin: create a private room, or invite and remove its members."""
+    from . import clientcmds
+
+    s = _client_settings(server, token, token_file, socket, proxy)
+    typer.echo(run(clientcmds.members(_link(server, port, address, s, verbose), room,
+                                      create=create, add=add or [], remove=remove or [],
+                                      json_out=json_out)))
+
+
 @app.command()
 def whoami(
     server: ServerArg, token: TokenOpt = None, token_file: TokenFileOpt = None,

@@ -91,15 +91,75 @@ class Connection:
             req.after_id = after
         return self.stub.Subscribe(req, metadata=self.metadata)
 
+    # a team's day (issue 15) ----------------------------------------------------------
+
+    async def unread(self, timeout: float = 10) -> pb.UnreadResponse:
+        """Unread and unread-mention counts per room and DM (the same on every device)."""
+        res: pb.UnreadResponse = await self.stub.Unread(pb.UnreadRequest(),
+                                                        metadata=self.metadata, timeout=timeout)
+        return res
+
+    async def mark_read(self, room: str, last_read_id: int, timeout: float = 10) -> int:
+        res: pb.MarkReadResponse = await self.stub.MarkRead(
+            pb.MarkReadRequest(room=room, last_read_id=last_read_id), metadata=self.metadata,
+            timeout=timeout)
+        return int(res.last_read_id)
+
+    async def mentions(self, *, include_read: bool = False, limit: int = 0,
+                       timeout: float = 10) -> list[pb.ChatMessage]:
+        res: pb.MentionsResponse = await self.stub.Mentions(
+            pb.MentionsRequest(include_read=include_read, limit=limit),
+            metadata=self.metadata, timeout=timeout)
+        return list(res.messages)
+
+    async def search(self, query: str, *, rooms: Sequence[str] = (), author: str = "",
+                     since_ms: int = 0, until_ms: int = 0, newest: bool = False,
+                     limit: int = 0, offset: int = 0, timeout: float = 10) -> pb.SearchResponse:
+        res: pb.SearchResponse = await self.stub.Search(pb.SearchRequest(
+            query=query, rooms=rooms, author=author, since_unix_ms=since_ms,
+            until_unix_ms=until_ms, limit=limit, offset=offset,
+            order=pb.SEARCH_ORDER_NEWEST if newest else pb.SEARCH_ORDER_RANK),
+            metadata=self.metadata, timeout=timeout)
+        return res
+
+    async def create_room(self, room: str, members: Sequence[str],
+                          timeout: float = 10) -> pb.RoomMembersResponse:
+        res: pb.RoomMembersResponse = await self.stub.CreateRoom(
+            pb.CreateRoomRequest(room=room, members=members), metadata=self.metadata,
+            timeout=timeout)
+        return res
+
+    async def set_room_members(self, room: str, *, add: Sequence[str] = (),
+                               remove: Sequence[str] = (),
+                               timeout: float = 10) -> pb.RoomMembersResponse:
+        res: pb.RoomMembersResponse = await self.stub.SetRoomMembers(
+            pb.SetRoomMembersRequest(room=room, add=add, remove=remove),
+            metadata=self.metadata, timeout=timeout)
+        return res
+
+    async def edit(self, room: str, message_id: int, text: str, timeout: float = 15) -> int:
+        """Replace the text of one's own message; returns the id of the EDIT event."""
+        return await self.send_one(room, text, kind=pb.MESSAGE_KIND_EDIT, target_id=message_id,
+                                   timeout=timeout)
+
+    async def delete(self, room: str, message_id: int, timeout: float = 15) -> int:
+        """Delete a message (one's own, or any as an admin); returns the DELETE event's id."""
+        return await self.send_one(room, "", kind=pb.MESSAGE_KIND_DELETE, target_id=message_id,
+                                   timeout=timeout)
+
+    async def set_topic(self, room: str, topic: str, timeout: float = 15) -> int:
+        return await self.send_one(room, topic, kind=pb.MESSAGE_KIND_TOPIC, timeout=timeout)
+
     async def send_one(self, room: str, text: str, *, kind: int = pb.MESSAGE_KIND_TEXT,
-                       timeout: float = 15) -> int:
+                       target_id: int = 0, timeout: float = 15) -> int:
         """Join, send one message, wait for its id, leave. Returns the id."""
         cmid = uuid.uuid4().hex
         done = asyncio.Event()
 
         async def requests() -> AsyncIterator[pb.ClientEvent]:
             yield pb.ClientEvent(hello=pb.Hello(room=room, after_id=2**62, batch_acks=True))
-            yield pb.ClientEvent(send=pb.SendMessage(text=text, kind=kind, client_msg_id=cmid))  # type: ignore[arg-type]
+            yield pb.ClientEvent(send=pb.SendMessage(text=text, kind=kind, client_msg_id=cmid,  # type: ignore[arg-type]
+                                                     target_id=target_id))
             await done.wait()
 
         call = self.stub.Join(requests(), metadata=self.metadata, timeout=timeout)
@@ -117,6 +177,12 @@ class Connection:
             done.set()
             call.cancel()
         raise TsnetchatError("the server closed the stream before confirming the message")
+
+
+def dm_room(*logins: str) -> str:
+    """The room name of a direct conversation with these people (the caller is added by the
+    server): ``dm_room("bob@example.com")`` -> "dm:bob@example.com"."""
+    return "dm:" + ",".join(sorted(set(logins)))
 
 
 def acks_in(ev: pb.ServerEvent) -> Sequence[pb.Sent]:

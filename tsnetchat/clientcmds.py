@@ -27,10 +27,24 @@ T = TypeVar("T")
 Echo = Callable[[str], None]
 
 
+KINDS = {pb.MESSAGE_KIND_ACTION: "action", pb.MESSAGE_KIND_EDIT: "edit",
+         pb.MESSAGE_KIND_DELETE: "delete", pb.MESSAGE_KIND_TOPIC: "topic"}
+
+
 def message_record(m: pb.ChatMessage) -> dict[str, Any]:
-    return {"type": "message", "id": m.id, "room": m.room, "ts": m.sent_unix_ms,
-            "from": m.sender.login, "name": m.sender.display_name, "node": m.sender.node,
-            "text": m.text, "kind": "action" if m.kind == pb.MESSAGE_KIND_ACTION else "text"}
+    rec = {"type": "message", "id": m.id, "room": m.room, "ts": m.sent_unix_ms,
+           "from": m.sender.login, "name": m.sender.display_name, "node": m.sender.node,
+           "text": m.text, "kind": KINDS.get(m.kind, "text")}
+    # Issue 15's keys, only when they say something (the shape above stays as it was).
+    if m.target_id:
+        rec["target"] = m.target_id
+    if m.deleted_by:
+        rec["deleted_by"] = m.deleted_by
+    if m.edited_unix_ms:
+        rec["edited_ts"] = m.edited_unix_ms
+    if m.mentions:
+        rec["mentions"] = list(m.mentions)
+    return rec
 
 
 class TextOut:
@@ -114,3 +128,70 @@ async def tail(link: Link, room: str, *, after: int | None, new: bool, count: in
     finally:
         await session.close()
         await link.close()
+
+
+# --- a team's day (issue 15) ------------------------------------------------------------
+
+
+def _messages(msgs: Any, json_out: bool, echo: Echo) -> None:
+    if json_out:
+        echo(json.dumps([message_record(m) for m in msgs]))
+        return
+    for m in msgs:
+        echo(f"#{m.room} [{m.id}] <{m.sender.login}> {m.text}")
+
+
+async def search(link: Link, query: str, *, rooms: list[str], author: str, since_ms: int,
+                 until_ms: int, newest: bool, limit: int, offset: int, json_out: bool,
+                 echo: Echo) -> None:
+    res = await call(link, lambda c: c.search(query, rooms=rooms, author=author,
+                                              since_ms=since_ms, until_ms=until_ms,
+                                              newest=newest, limit=limit, offset=offset))
+    _messages(res.messages, json_out, echo)
+    if res.more and not json_out:
+        echo(f"(more: --offset {res.next_offset})")
+
+
+async def unread(link: Link, *, json_out: bool, echo: Echo) -> None:
+    res = await call(link, lambda c: c.unread())
+    if json_out:
+        echo(json.dumps({"total": res.total_unread, "mentions": res.total_mentions,
+                         "rooms": [{"room": r.name, "unread": r.unread,
+                                    "mentions": r.unread_mentions, "last_read": r.last_read_id,
+                                    "last_id": r.last_id} for r in res.rooms]}))
+        return
+    for r in res.rooms:
+        if r.unread:
+            echo(f"{r.name}: {r.unread} unread" + (f", {r.unread_mentions} mentioning you"
+                                                   if r.unread_mentions else ""))
+    echo(f"total: {res.total_unread} unread, {res.total_mentions} mentions")
+
+
+async def mentions(link: Link, *, include_read: bool, json_out: bool, echo: Echo) -> None:
+    _messages(await call(link, lambda c: c.mentions(include_read=include_read)), json_out, echo)
+
+
+async def change(link: Link, room: str, what: str, *, target: int = 0, text: str = "",
+                 json_out: bool) -> str:
+    """edit, delete or topic: the id of the event, once stored."""
+    async def run(c: Connection) -> int:
+        if what == "edit":
+            return await c.edit(room, target, text)
+        if what == "delete":
+            return await c.delete(room, target)
+        return await c.set_topic(room, text)
+
+    mid = await call(link, run)
+    return json.dumps({"id": mid, "room": room}) if json_out else str(mid)
+
+
+async def members(link: Link, room: str, *, create: bool, add: list[str], remove: list[str],
+                  json_out: bool) -> str:
+    async def run(c: Connection) -> pb.RoomMembersResponse:
+        if create:
+            return await c.create_room(room, add)
+        return await c.set_room_members(room, add=add, remove=remove)
+
+    res = await call(link, run)
+    return (json.dumps({"room": res.room, "members": list(res.members)}) if json_out
+            else f"{res.room}: {', '.join(res.members) or '(nobody)'}")

@@ -53,7 +53,9 @@ def message_pb(m: StoredMessage) -> pb.ChatMessage:
     return pb.ChatMessage(
         id=m.id, room=m.room, sent_unix_ms=m.ts_ms, text=m.text, kind=m.kind,  # type: ignore[arg-type]
         client_msg_id=m.client_msg_id,
-        sender=identity_pb(m.sender.login, m.sender.display_name, m.sender.node))
+        sender=identity_pb(m.sender.login, m.sender.display_name, m.sender.node),
+        target_id=m.target, mentions=m.mentions, deleted_by=m.deleted_by,
+        edited_unix_ms=m.edited_ms)
 
 
 def message_item(m: StoredMessage) -> Item:

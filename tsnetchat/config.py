@@ -54,6 +54,19 @@ class Limits:
     subscriber_queue: int = 2048
     call_burst: int = 200  # RPCs per person: burst, then call_rate per second
     call_rate: float = 50.0
+    # A team's day (issue 15). Authors may edit or delete their messages for this long
+    # (0 = always); admins may delete any message at any time.
+    edit_window_seconds: float = 900.0
+    edits_per_minute: int = 30  # edits, deletions and topic changes per person
+    max_topic_bytes: int = 256  # also away messages
+    topic_admins_only: bool = False  # False: whoever may use a room may set its topic
+    max_dm_members: int = 8  # people in one direct conversation, the sender included
+    search_max_query_bytes: int = 256
+    searches_per_minute: int = 30  # per person
+    max_search_page: int = 50
+    # Not a limit, but reloadable like one: True lets admins read every direct conversation
+    # (History, Subscribe, search); False (the default) keeps them to their members.
+    admins_read_dms: bool = False
 
 
 @dataclass(frozen=True)
@@ -252,7 +265,8 @@ def _validate(cfg: ServerConfig, where: Any) -> None:
                 raise bad("listen", f"{a} would listen on every interface; tsnetchat listens "
                                     "only where tailnet traffic arrives")
     for name in ("max_message_bytes", "max_page", "rate_burst", "max_rooms_per_client",
-                 "subscriber_queue", "call_burst"):
+                 "subscriber_queue", "call_burst", "edits_per_minute", "max_topic_bytes",
+                 "search_max_query_bytes", "searches_per_minute", "max_search_page"):
         if getattr(cfg, name) < 1:
             raise bad(name, "must be at least 1")
     if cfg.max_message_bytes > 60_000:
@@ -262,7 +276,10 @@ def _validate(cfg: ServerConfig, where: Any) -> None:
                  "store_wait"):
         if not getattr(cfg, name) > 0:
             raise bad(name, "must be greater than 0")
-    for name in ("history_on_join", "retention_count", "retention_days", "shutdown_grace"):
+    if cfg.max_dm_members < 2:
+        raise bad("max_dm_members", "must be at least 2")
+    for name in ("history_on_join", "retention_count", "retention_days", "shutdown_grace",
+                 "edit_window_seconds"):
         if getattr(cfg, name) < 0:
             raise bad(name, "must not be negative")
     if not re.fullmatch(r"[a-z0-9.-]+\.[a-z]{2,}", cfg.cap_domain):

@@ -163,6 +163,15 @@ class Lease:
         return self.principal
 
 
+    async def hold_conversation(self) -> auth.Principal:
+        """The caller's rights, decided on current information, for a private room or a
+        direct conversation: their readers are their members (the servicer checks that,
+        tsnetchat.rooms), not the token's rooms, so no room is held against the token."""
+        await self._gate.refresh(self)
+        self.check()
+        return self.principal
+
+
 class Gate:
     def __init__(self, tailnet: Tailnet, policy: Policy, *, revoked: Iterable[str] = (),
                  whois_timeout: float = 2.0, recheck_interval: float = 10.0) -> None:

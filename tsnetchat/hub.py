@@ -416,6 +416,10 @@ class Hub:
     def rooms(self) -> Iterable[str]:
         return list(self._rooms)
 
+    def rooms_of(self, login: str) -> set[str]:
+        """The rooms where ``login`` has an open stream."""
+        return {s.room for s in self._by_login.get(login, ())}
+
     def close_where(self, pred: Callable[[Subscriber], bool], reason: CloseReason) -> int:
         victims = [s for subs in self._by_login.values() for s in subs
                    if s.closed is None and pred(s)]

@@ -17,14 +17,23 @@ exactly one of:
 Knows nothing of gRPC: refusals go out through the ``refuse`` callback the servicer gives,
 which turns the error into an event. Tests drive it directly (tests/test_unit_ledger.py).
 
-Future kinds of room events (edits, deletes, topics) are drafts too: validated here, stored
-through the same ``History.submit``, published from the same settle step. Direct messages
-are rooms whose name and access the servicer derives; the ledger path is the same.
+Edits, deletions and topic changes are drafts too (kinds EDIT, DELETE, TOPIC): validated and
+rate-limited here (``edits_per_minute``, a bucket of their own), decided by the history in
+the transaction that stores them (the author within ``edit_window_seconds``; an admin may
+delete anything), published from the same settle step, and so replayed on resume like any
+message. A draft the history turns down settles as ``Refused`` and reaches the sender as an
+error naming its client_msg_id. Direct messages and private rooms are rooms whose name and
+access the servicer derives; the ledger path is the same. Mentions are recognised here
+(``rooms.Mentions``) and stored with the message. Read positions (``mark_read``) are
+gathered here and written in batches, so a client acknowledging every message costs one
+write per batch, not one per message.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Protocol
 
@@ -33,13 +42,28 @@ from .errors import InvalidInput, LimitExceeded, StoreError, TsnetchatError
 from .hub import Hub, Subscriber
 from .metrics import Metrics
 from .pb import chat_pb2 as pb
-from .store import Draft, Outcome, Sender, Settle, StoredMessage
+from .rooms import Mentions
+from .store import (
+    Draft,
+    Outcome,
+    Refused,
+    RoomState,
+    Sender,
+    Settle,
+    StoredMessage,
+    Topic,
+)
 from .throttle import Buckets
+
+log = logging.getLogger("tsnetchat.ledger")
 
 MAX_CLIENT_MSG_ID = 64
 # More messages waiting for storage than this and new ones are refused at once: a bound on
 # memory while the disk is stalled (each waits at most History's wait before it is refused).
 MAX_PENDING = 50_000
+# Read positions wait this long for others before they are written in one transaction.
+MARK_DELAY = 0.2
+CHANGES = (pb.MESSAGE_KIND_EDIT, pb.MESSAGE_KIND_DELETE, pb.MESSAGE_KIND_TOPIC)
 
 def validate_text(text: str, kind: int, max_bytes: int) -> None:
     """Raise InvalidInput unless ``text`` may be a message (the rules: tsnetchat.render)."""
@@ -79,6 +103,39 @@ class History(Protocol):
 
     async def drain(self) -> None: ...
 
+    # A team's day (issue 15). ``submit`` also takes EDIT/DELETE/TOPIC drafts: the backend
+    # decides an edit or deletion in the same atomic step that stores it (Draft's rules) and
+    # settles a refusal as ``Refused``; a deletion removes the target's text (and its edits')
+    # from storage and from the search index, keeping a tombstone (``deleted_by``).
+
+    def people(self) -> dict[str, str]:
+        """Every sender seen: login -> display name (for recognising mentions)."""
+        ...
+
+    def private_members(self, room: str) -> frozenset[str]:
+        """A private room's members, from memory; empty when there is no such room."""
+        ...
+
+    def private_rooms(self) -> dict[str, frozenset[str]]: ...
+
+    async def set_members(self, room: str, by: str, add: Sequence[str], remove: Sequence[str],
+                          *, create: bool = False) -> frozenset[str]: ...
+
+    async def topic(self, room: str) -> Topic | None: ...
+
+    async def mark_read(self, marks: Sequence[tuple[str, str, int]]) -> None: ...
+
+    async def read_mark(self, login: str, room: str) -> int: ...
+
+    async def unread(self, login: str, rooms: Sequence[str]) -> list[RoomState]: ...
+
+    async def mentions_of(self, login: str, *, include_read: bool,
+                          limit: int) -> list[StoredMessage]: ...
+
+    async def search(self, query: str, rooms: Sequence[str], *, author: str = "",
+                     since_ms: int = 0, until_ms: int = 0, newest: bool = False,
+                     limit: int = 20, offset: int = 0) -> list[StoredMessage]: ...
+
 
 class SendLimits(Protocol):
     @property
@@ -90,6 +147,15 @@ class SendLimits(Protocol):
     @property
     def rate_per_second(self) -> float: ...
 
+    @property
+    def edit_window_seconds(self) -> float: ...
+
+    @property
+    def edits_per_minute(self) -> int: ...
+
+    @property
+    def max_topic_bytes(self) -> int: ...
+
 
 # How a refusal reaches the member: (its stream, why, client_msg_id, retry after seconds).
 Refuse = Callable[[Subscriber, TsnetchatError, str, float], None]
@@ -98,8 +164,15 @@ Refuse = Callable[[Subscriber, TsnetchatError, str, float], None]
 class Ledger:
     def __init__(self, history: History, hub: Hub, *, limits: Callable[[], SendLimits],
                  refuse: Refuse, metrics: Metrics | None = None,
-                 max_pending: int = MAX_PENDING) -> None:
+                 max_pending: int = MAX_PENDING,
+                 may_mention: Callable[[str, str], bool] = lambda room, login: True) -> None:
         self.history, self.hub = history, hub
+        # Who may be mentioned in a room (the servicer: members of a private conversation).
+        self.may_mention = may_mention
+        self.people = Mentions(history.people() if hasattr(history, "people") else {})
+        self._marks: dict[tuple[str, str], int] = {}
+        self._marks_due: asyncio.TimerHandle | None = None
+        self._marks_writing: set[asyncio.Task[None]] = set()
         self.limits = limits  # read on every send; ``apply`` reaches the buckets
         self.refuse = refuse
         self.metrics = metrics or Metrics()
@@ -107,16 +180,27 @@ class Ledger:
         self.accepting = True
         first = limits()
         self._buckets = Buckets(first.rate_burst, first.rate_per_second)  # per person
+        self._change_buckets = Buckets(first.edits_per_minute, first.edits_per_minute / 60)
 
     def send(self, sub: Subscriber, sender: Sender, text: str, kind: int,
-             client_msg_id: str) -> None:
-        """Take a member's message for ``sub.room`` (see the module doc). Raises InvalidInput
-        for malformed input; every other outcome reaches ``sub`` as an event."""
+             client_msg_id: str, *, target: int = 0, admin: bool = False) -> None:
+        """Take a member's message (or edit, deletion, topic) for ``sub.room`` (see the
+        module doc). Raises InvalidInput for malformed input; every other outcome reaches
+        ``sub`` as an event."""
         limits = self.limits()
         kind = kind or pb.MESSAGE_KIND_TEXT
         if len(client_msg_id) > MAX_CLIENT_MSG_ID:
             raise InvalidInput(f"client_msg_id longer than {MAX_CLIENT_MSG_ID} characters")
-        validate_text(text, kind, limits.max_message_bytes)
+        mentions: tuple[str, ...] = ()
+        if kind in CHANGES:
+            text = self._check_change(kind, text, target, limits)
+        else:
+            if target:
+                raise InvalidInput("target_id is only for edits and deletions")
+            validate_text(text, kind, limits.max_message_bytes)
+            self.people.add(sender.login, sender.display_name)
+            mentions = tuple(x for x in self.people.find(text)
+                             if x != sender.login and self.may_mention(sub.room, x))
         if not self.accepting:
             self._refused(sub, client_msg_id, "shutdown", StoreError(
                 "the server is shutting down; this message was not stored: send it again "
@@ -134,13 +218,75 @@ class Ledger:
                 f"the server has {pending} messages waiting to be stored; this one was not "
                 "stored: send it again shortly"), 1.0)
             return
+        if kind in CHANGES:
+            wait = self._change_buckets.take(sender.login)
+            if wait:
+                self._refused(sub, client_msg_id, "rate", LimitExceeded(
+                    f"slow down: at most {limits.edits_per_minute} edits, deletions and topic "
+                    f"changes a minute (edits_per_minute); retry in {wait:.1f}s"), wait)
+                return
         sub.inflight += 1
-        self.history.submit(Draft(sub.room, sender, kind, text, client_msg_id),
+        self.history.submit(Draft(sub.room, sender, kind, text, client_msg_id, target, mentions,
+                                  admin, int(limits.edit_window_seconds * 1000)),
                             partial(self._settled, sub, client_msg_id))
+
+    @staticmethod
+    def _check_change(kind: int, text: str, target: int, limits: SendLimits) -> str:
+        if kind == pb.MESSAGE_KIND_TOPIC:
+            if target:
+                raise InvalidInput("a topic has no target_id")
+            size = len(text.encode("utf-8", "surrogatepass"))
+            if size > limits.max_topic_bytes:
+                raise InvalidInput(f"the topic is {size} bytes; the limit is "
+                                   f"{limits.max_topic_bytes} (max_topic_bytes)")
+            bad = render.UNSAFE.search(text) or (text and "\n" in text)
+            if bad:
+                raise InvalidInput("a topic is one line of printable text")
+            return text.strip()
+        if not target:
+            raise InvalidInput("an edit or deletion needs the target_id of a message")
+        if kind == pb.MESSAGE_KIND_DELETE:
+            return ""
+        validate_text(text, pb.MESSAGE_KIND_TEXT, limits.max_message_bytes)
+        return text
 
     def apply(self, limits: SendLimits) -> None:
         """New rate limits (a reload), also for the buckets of people already seen."""
         self._buckets.configure(limits.rate_burst, limits.rate_per_second)
+        self._change_buckets.configure(limits.edits_per_minute, limits.edits_per_minute / 60)
+
+    # read positions ----------------------------------------------------------------------
+
+    def mark_read(self, login: str, room: str, last_read: int) -> int:
+        """Record that ``login`` has read ``room`` up to ``last_read`` (clamped to the newest
+        stored id); written within MARK_DELAY, with others. Returns the clamped id."""
+        last_read = min(last_read, self.history.last_id(room))
+        key = (login, room)
+        if last_read <= self._marks.get(key, 0):
+            return last_read
+        self._marks[key] = last_read
+        if self._marks_due is None:
+            self._marks_due = asyncio.get_running_loop().call_later(MARK_DELAY, self._write_marks)
+        return last_read
+
+    def _write_marks(self) -> None:
+        self._marks_due = None
+        task = asyncio.ensure_future(self.flush_marks())
+        self._marks_writing.add(task)
+        task.add_done_callback(self._marks_writing.discard)
+
+    async def flush_marks(self) -> None:
+        """Write the read positions gathered so far (now)."""
+        if self._marks_due is not None:
+            self._marks_due.cancel()
+            self._marks_due = None
+        marks, self._marks = self._marks, {}
+        if not marks:
+            return
+        try:
+            await self.history.mark_read([(lg, rm, i) for (lg, rm), i in marks.items()])
+        except StoreError as e:  # read positions are a convenience: never fail a stream
+            log.warning("could not store %d read positions: %s", len(marks), e)
 
     def _settled(self, sub: Subscriber, client_msg_id: str, outcome: Outcome) -> None:
         """Publish a stored message and acknowledge it; or tell the sender it was not."""
@@ -148,6 +294,9 @@ class Ledger:
         if isinstance(outcome, StoreError):
             self._refused(sub, client_msg_id, "storage", StoreError(
                 f"{outcome}; this message was not stored: send it again"), 1.0)
+            return
+        if isinstance(outcome, Refused):
+            self._refused(sub, client_msg_id, "refused", outcome.error)
             return
         msg, duplicate = outcome
         if not duplicate:
@@ -168,3 +317,4 @@ class Ledger:
         """Return once every message taken so far is stored (and published and acknowledged)
         or refused."""
         await self.history.drain()
+        await self.flush_marks()

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import grpc
 from google.protobuf.message import DecodeError
 
-from . import auth, codec
+from . import auth, codec, render, rooms
 from .config import Limits
 from .errors import (
     InvalidInput,
@@ -127,8 +127,11 @@ class ChatService:
         self.enrollment = enrollment  # Login and RenewToken (enroll.py)
         self.metrics = metrics or Metrics()
         self.ledger = Ledger(store, hub, limits=lambda: self.limits, refuse=self._refuse,
-                             metrics=self.metrics)
+                             metrics=self.metrics, may_mention=self._may_mention)
         self._call_buckets = Buckets(limits.call_burst, limits.call_rate)  # calls
+        self._search_buckets = Buckets(limits.searches_per_minute,
+                                       limits.searches_per_minute / 60)
+        self._away: dict[str, str] = {}  # login -> away message (set by an Away event)
         self._error_log = LogLimiter(burst=5, rate=0.2)
         self.going_away = False
 
@@ -137,6 +140,60 @@ class ChatService:
         self.limits = limits
         self.ledger.apply(limits)
         self._call_buckets.configure(limits.call_burst, limits.call_rate)
+        self._search_buckets.configure(limits.searches_per_minute,
+                                       limits.searches_per_minute / 60)
+
+    # who may read what (tsnetchat.rooms) ---------------------------------------------
+
+    def access(self) -> rooms.Access:
+        return rooms.Access(self.store.private_members, self.limits.admins_read_dms)
+
+    def _canonical(self, p: auth.Principal, room: str) -> str:
+        """The room ``room`` names for ``p`` (a DM's canonical name); raises InvalidInput."""
+        if rooms.is_dm(room):
+            listed = rooms.dm_members(room)
+            # An admin allowed to read others' conversations names them as they are.
+            me = "" if (p.admin and self.limits.admins_read_dms and len(listed) > 1
+                        and p.login not in listed) else p.login
+            return rooms.dm_room(me, room, self.limits.max_dm_members)
+        rooms.check_name(room)
+        return room
+
+    def _readable(self, p: auth.Principal, room: str) -> str:
+        room = self._canonical(p, room)
+        self.access().check(p, room)
+        return room
+
+    async def _hold(self, lease: Lease, room: str) -> tuple[auth.Principal, str]:
+        """Enter a room for a stream: token rooms are held against the token (the gate),
+        private rooms and DMs against their membership."""
+        if rooms.is_conversation(room):
+            room = self._canonical(lease.principal, room)
+            p = await lease.hold_conversation()
+            self.access().check(p, room)
+            return p, room
+        return await lease.hold_room(room), room
+
+    def _may_mention(self, room: str, login: str) -> bool:
+        if rooms.is_dm(room):
+            return login in rooms.dm_members(room)
+        if rooms.is_private(room):
+            return login in self.store.private_members(room)
+        return True
+
+    def _room_members(self, room: str) -> list[str]:
+        if rooms.is_dm(room):
+            return sorted(rooms.dm_members(room))
+        return sorted(self.store.private_members(room))
+
+    async def _topic(self, room: str) -> pb.Topic | None:
+        t = await self.store.topic(room)
+        if t is None or not t.text:
+            return None
+        return pb.Topic(text=t.text, set_by=codec.identity_pb(t.set_by.login,
+                                                               t.set_by.display_name,
+                                                               t.set_by.node),
+                        set_unix_ms=t.ts_ms, id=t.id)
 
     # registration ------------------------------------------------------------------
 
@@ -150,7 +207,11 @@ class ChatService:
         }
         for name, req in [("History", pb.HistoryRequest), ("ListRooms", pb.ListRoomsRequest),
                           ("WhoAmI", pb.WhoAmIRequest), ("Kick", pb.KickRequest),
-                          ("RevokeToken", pb.RevokeTokenRequest)]:
+                          ("RevokeToken", pb.RevokeTokenRequest),
+                          ("Unread", pb.UnreadRequest), ("MarkRead", pb.MarkReadRequest),
+                          ("Mentions", pb.MentionsRequest), ("Search", pb.SearchRequest),
+                          ("CreateRoom", pb.CreateRoomRequest),
+                          ("SetRoomMembers", pb.SetRoomMembersRequest)]:
             h[name] = grpc.unary_unary_rpc_method_handler(
                 getattr(self, name), request_deserializer=_safe(req), response_serializer=_encode)
         if self.enrollment is not None:
@@ -173,6 +234,8 @@ class ChatService:
             async with self.gate.admit(context.peer(), context.invocation_metadata() or (),
                                        method, stream=stream) as lease:
                 login = lease.principal.login
+                # Everybody who calls can be mentioned by login, short login or name.
+                self.ledger.people.add(login, lease.principal.display_name)
                 wait = self._call_buckets.take(login)
                 if wait:
                     raise LimitExceeded(f"{method}: too many calls (at most "
@@ -251,10 +314,13 @@ class ChatService:
             await context.abort(_CLOSE_STATUS.get(reason.kind, grpc.StatusCode.INTERNAL),
                                 reason.message)
 
-    def _presence(self, room: str, kind: int, who: pb.Identity) -> None:
+    def _presence(self, room: str, kind: int, who: pb.Identity, *, away_message: str = "",
+                  reason: str = "") -> None:
         members = [m for m in self.hub.members(room) if isinstance(m, pb.Identity)]
+        away = sorted({m.login for m in members if m.login in self._away})
         self.hub.publish(room, codec.event_item(presence=pb.Presence(
-            room=room, kind=kind, who=who, members=members)))  # type: ignore[arg-type]
+            room=room, kind=kind, who=who, members=members,  # type: ignore[arg-type]
+            away_message=away_message, reason=reason, away_logins=away)))
 
     # RPCs ----------------------------------------------------------------------------
 
@@ -264,9 +330,11 @@ class ChatService:
         # is read, decided again before the room is entered, closed when it fails.
         async with self._call(context, None, "Join", stream=True) as lease:
             hello = await self._read_hello(request_iterator, lease)
-            p = await lease.hold_room(hello.room)
+            p, room = await self._hold(lease, hello.room)
+            hello.room = room
             self._check_capacity(p)
             me = self._me(p)
+            self.ledger.people.add(p.login, p.display_name)
             sub = Subscriber(hello.room, p.login, p.token_id, self.limits.subscriber_queue,
                              member=me, batch_acks=hello.batch_acks)
             first = self.hub.add(sub)
@@ -281,7 +349,11 @@ class ChatService:
                     last_id=self.store.last_id(hello.room),
                     max_message_bytes=self.limits.max_message_bytes,
                     rate_per_second=self.limits.rate_per_second,
-                    rate_burst=self.limits.rate_burst))
+                    rate_burst=self.limits.rate_burst, topic=await self._topic(room),
+                    private=rooms.is_conversation(room),
+                    member_logins=self._room_members(room) if rooms.is_conversation(room)
+                    else (),
+                    last_read_id=await self.store.read_mark(p.login, room)))
                 async for f in self._replay(sub, after):
                     yield f
                 yield codec.event(replay_done=pb.ReplayDone(last_id=sub.replayed_to))
@@ -294,7 +366,8 @@ class ChatService:
                 if reader is not None:
                     reader.cancel()
                 if self.hub.remove(sub):
-                    self._presence(hello.room, pb.PRESENCE_KIND_LEFT, me)
+                    self._presence(hello.room, pb.PRESENCE_KIND_LEFT, me,
+                                   reason=sub.closed.message if sub.closed else "")
 
     async def _read_hello(self, it: AsyncIterator[Any], lease: Lease) -> pb.Hello:
         """The first event, which must be a hello; given up as soon as the lease fails."""
@@ -338,9 +411,19 @@ class ChatService:
                     if which == "send":
                         m = ev.send
                         cmid = m.client_msg_id
-                        send(sub, sender, m.text, m.kind, cmid)
+                        if (m.kind == pb.MESSAGE_KIND_TOPIC and self.limits.topic_admins_only
+                                and not p.admin):
+                            self._refuse(sub, PermissionDenied(
+                                "only admins may set topics here (topic_admins_only)"), cmid)
+                            continue
+                        send(sub, sender, m.text, m.kind, cmid, target=m.target_id,
+                             admin=p.admin)
                     elif which == "ack":
+                        _check_id("last_seen_id", ev.ack.last_seen_id)
+                        self.ledger.mark_read(p.login, sub.room, ev.ack.last_seen_id)
                         continue
+                    elif which == "away":
+                        self._set_away(sub, p, ev.away.away, ev.away.message)
                     elif which == "hello":
                         raise InvalidInput("already in a room on this stream; open another Join "
                                            "stream to be in another room")
@@ -361,6 +444,22 @@ class ChatService:
             log.debug("reader ended: %r", e)
             sub.close(CloseReason(CloseKind.DONE, "connection ended"))
 
+    def _set_away(self, sub: Subscriber, p: auth.Principal, away: bool, message: str) -> None:
+        """/away [message] (or back): for the person, announced in every room they are in."""
+        message = message.strip()
+        if len(message.encode()) > self.limits.max_topic_bytes or (
+                render.UNSAFE.search(message) or "\n" in message):
+            raise InvalidInput(f"an away message is one line of at most "
+                               f"{self.limits.max_topic_bytes} bytes of printable text")
+        if away:
+            self._away[p.login] = message
+        elif self._away.pop(p.login, None) is None:
+            return
+        me = self._me(p)
+        for room in self.hub.rooms_of(p.login):
+            self._presence(room, pb.PRESENCE_KIND_AWAY if away else pb.PRESENCE_KIND_BACK, me,
+                           away_message=message)
+
     def _refuse(self, sub: Subscriber, problem: TsnetchatError, client_msg_id: str,
                 retry_after: float = 0.0) -> None:
         """Tell a member why the event it sent was not taken (an error event, not the end
@@ -373,9 +472,9 @@ class ChatService:
                         context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         async with self._call(context, request, "Subscribe", stream=True) as lease:
             _check_id("after_id", request.after_id)
-            p = await lease.hold_room(request.room)
+            p, room = await self._hold(lease, request.room)
             self._check_capacity(p)
-            sub = Subscriber(request.room, p.login, p.token_id, self.limits.subscriber_queue)
+            sub = Subscriber(room, p.login, p.token_id, self.limits.subscriber_queue)
             self.hub.add(sub)
             lease.attach(lambda e: sub.close(_closing(e)))
             self.metrics.inc("streams_opened_total{kind=\"subscribe\"}")
@@ -392,18 +491,18 @@ class ChatService:
     async def History(self, request: Any, context: grpc.aio.ServicerContext) -> pb.HistoryResponse:
         async with self._call(context, request, "History") as lease:
             p = lease.principal
-            auth.check_room(p, request.room)
+            room = self._readable(p, request.room)
             _check_id("after_id", request.after_id)
             _check_id("before_id", request.before_id)
             limit = min(request.limit or self.limits.max_page, self.limits.max_page)
             anchor = request.WhichOneof("anchor")
             if anchor == "after_id":
-                msgs = await self.store.after(request.room, request.after_id, limit + 1)
+                msgs = await self.store.after(room, request.after_id, limit + 1)
                 more = len(msgs) > limit
                 msgs = msgs[:limit]
             else:
                 before = request.before_id if anchor == "before_id" else 2**62
-                msgs = await self.store.before(request.room, before, limit + 1)
+                msgs = await self.store.before(room, before, limit + 1)
                 more = len(msgs) > limit
                 msgs = msgs[-limit:]
             return pb.HistoryResponse(messages=[codec.message_pb(m) for m in msgs], more=more,
@@ -414,15 +513,136 @@ class ChatService:
                         context: grpc.aio.ServicerContext) -> pb.ListRoomsResponse:
         async with self._call(context, request, "ListRooms") as lease:
             p = lease.principal
-            names = set(self.store.rooms()) | set(self.hub.rooms())
-            if auth.ALL_ROOMS not in p.rooms:
-                names |= p.rooms
-            rooms = [pb.RoomInfo(name=n, last_id=self.store.last_id(n),
-                                 members=[m for m in self.hub.members(n)
-                                          if isinstance(m, pb.Identity)])
-                     for n in sorted(names) if p.may_use(n)]
-            return pb.ListRoomsResponse(rooms=rooms, all_rooms_allowed=auth.ALL_ROOMS in p.rooms)
+            infos = []
+            for st in await self._states(p):
+                n = st.room
+                private = rooms.is_conversation(n)
+                infos.append(pb.RoomInfo(
+                    name=n, last_id=self.store.last_id(n),
+                    members=[m for m in self.hub.members(n) if isinstance(m, pb.Identity)],
+                    unread=st.unread, unread_mentions=st.mentions, last_read_id=st.last_read,
+                    private=private, direct=rooms.is_dm(n),
+                    member_logins=self._room_members(n) if private else (),
+                    topic=await self._topic(n)))
+            return pb.ListRoomsResponse(rooms=infos,
+                                        all_rooms_allowed=auth.ALL_ROOMS in p.rooms)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _states(self, p: auth.Principal) -> list[Any]:
+        """Read position and unread counts of every room ``p`` may read (and only those)."""
+        names = (set(self.store.rooms()) | set(self.hub.rooms())
+                 | set(self.store.private_rooms()))
+        if auth.ALL_ROOMS not in p.rooms:
+            names |= p.rooms
+        return await self.store.unread(p.login, self.access().readable(p, names))
+
+    async def Unread(self, request: Any, context: grpc.aio.ServicerContext) -> pb.UnreadResponse:
+        async with self._call(context, request, "Unread") as lease:
+            states = await self._states(lease.principal)
+            return pb.UnreadResponse(
+                rooms=[pb.RoomInfo(name=s.room, last_id=self.store.last_id(s.room),
+                                   unread=s.unread, unread_mentions=s.mentions,
+                                   last_read_id=s.last_read, private=rooms.is_conversation(s.room),
+                                   direct=rooms.is_dm(s.room)) for s in states],
+                total_unread=sum(s.unread for s in states),
+                total_mentions=sum(s.mentions for s in states))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def MarkRead(self, request: Any,
+                       context: grpc.aio.ServicerContext) -> pb.MarkReadResponse:
+        async with self._call(context, request, "MarkRead") as lease:
+            p = lease.principal
+            room = self._readable(p, request.room)
+            _check_id("last_read_id", request.last_read_id)
+            self.ledger.mark_read(p.login, room, request.last_read_id)
+            await self.ledger.flush_marks()
+            return pb.MarkReadResponse(last_read_id=await self.store.read_mark(p.login, room))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def Mentions(self, request: Any,
+                       context: grpc.aio.ServicerContext) -> pb.MentionsResponse:
+        async with self._call(context, request, "Mentions") as lease:
+            p = lease.principal
+            limit = min(request.limit or self.limits.max_page, self.limits.max_page)
+            access = self.access()
+            msgs = await self.store.mentions_of(p.login, include_read=request.include_read,
+                                                limit=limit)
+            return pb.MentionsResponse(messages=[codec.message_pb(m) for m in msgs
+                                                 if access.may_read(p, m.room)])
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def Search(self, request: Any, context: grpc.aio.ServicerContext) -> pb.SearchResponse:
+        async with self._call(context, request, "Search") as lease:
+            p = lease.principal
+            lim = self.limits
+            size = len(request.query.encode("utf-8", "surrogatepass"))
+            if size > lim.search_max_query_bytes:
+                raise InvalidInput(f"the search is {size} bytes; the limit is "
+                                   f"{lim.search_max_query_bytes} (search_max_query_bytes)")
+            if request.offset > 10_000:
+                raise InvalidInput("offset beyond 10000: narrow the search instead")
+            wait = self._search_buckets.take(p.login)
+            if wait:
+                raise LimitExceeded(f"slow down: at most {lim.searches_per_minute} searches a "
+                                    f"minute (searches_per_minute); retry in {wait:.1f}s")
+            access = self.access()
+            if request.rooms:
+                wanted = [self._canonical(p, r) for r in request.rooms]
+                names = [r for r in wanted if access.may_read(p, r)]
+            else:
+                names = access.readable(p, self.store.rooms())
+            limit = min(request.limit or lim.max_search_page, lim.max_search_page)
+            msgs = await self.store.search(
+                request.query, names, author=request.author,
+                since_ms=request.since_unix_ms, until_ms=request.until_unix_ms,
+                newest=request.order == pb.SEARCH_ORDER_NEWEST, limit=limit + 1,
+                offset=request.offset)
+            more = len(msgs) > limit
+            return pb.SearchResponse(messages=[codec.message_pb(m) for m in msgs[:limit]],
+                                     more=more,
+                                     next_offset=request.offset + limit if more else 0)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def CreateRoom(self, request: Any,
+                         context: grpc.aio.ServicerContext) -> pb.RoomMembersResponse:
+        async with self._call(context, request, "CreateRoom") as lease:
+            p = lease.principal
+            auth.check_admin(p)
+            if not rooms.is_private(request.room):
+                raise InvalidInput("a private room's name starts with '+' (+name)")
+            rooms.check_name(request.room)
+            members = await self.store.set_members(
+                request.room, p.login, self._logins(request.members), (), create=True)
+            log.info("private room %r created by %r", request.room, p.login)
+            return pb.RoomMembersResponse(room=request.room, members=sorted(members))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def SetRoomMembers(self, request: Any,
+                             context: grpc.aio.ServicerContext) -> pb.RoomMembersResponse:
+        async with self._call(context, request, "SetRoomMembers") as lease:
+            p = lease.principal
+            auth.check_admin(p)
+            if not rooms.is_private(request.room):
+                raise InvalidInput("only private rooms (+name) have members")
+            rooms.check_name(request.room)
+            gone = self._logins(request.remove)
+            members = await self.store.set_members(request.room, p.login,
+                                                   self._logins(request.add), gone)
+            n = self.hub.close_where(
+                lambda s: s.room == request.room and s.login in gone,
+                CloseReason(CloseKind.KICKED, f"you were removed from {request.room!r} by "
+                                              f"{p.login}"))
+            return pb.RoomMembersResponse(room=request.room, members=sorted(members),
+                                          streams_closed=n)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    @staticmethod
+    def _logins(values: Any) -> list[str]:
+        out = [str(v).strip() for v in values]
+        bad = [v for v in out if not rooms.LOGIN_RE.fullmatch(v) or len(v) > 256]
+        if bad or len(out) > 1000:
+            raise InvalidInput(f"{(bad or ['too many'])[0][:60]!r} is not a tailnet login")
+        return out
 
     async def WhoAmI(self, request: Any, context: grpc.aio.ServicerContext) -> pb.WhoAmIResponse:
         async with self._call(context, request, "WhoAmI") as lease:

@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import sqlite3
 import threading
 import time
@@ -49,7 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
-from .errors import StoreError
+from .errors import InvalidInput, PermissionDenied, StoreError, TsnetchatError
 from .loop import name_thread
 
 log = logging.getLogger("tsnetchat.store")
@@ -62,7 +63,7 @@ T = TypeVar("T")
 # text, measured), and 4 KB pages hold one 2,100-byte row (1.99x). 16 KB pages hold 900-4,096
 # byte texts within 1.36x (tests/test_unit_store.py measures it). Rooms and senders are
 # stored once and referred to by number.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 PAGE_SIZE = 16384
 SCHEMA = """
 CREATE TABLE rooms (
@@ -150,8 +151,79 @@ def _from_round_1(db: sqlite3.Connection) -> None:
     """)
 
 
+# Version 2 (issue 15): what a team uses every day. Edits, deletions and topics are rows of
+# ``messages`` too (kinds 3-5, ``target`` naming the message they change), so they replay on
+# resume in id order like everything else; an edit also rewrites its target's text, and a
+# deletion blanks the target and its edits (``deleted_by`` is the tombstone). The full-text
+# index is external-content FTS5 over ``messages.text``, kept in step by triggers (inserts,
+# edits, deletions and retention alike); only text and /me rows are indexed.
+SCHEMA_V2 = """
+ALTER TABLE messages ADD COLUMN target INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE messages ADD COLUMN deleted_by TEXT;
+ALTER TABLE messages ADD COLUMN edited_ms INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX messages_target ON messages (room, target) WHERE target != 0;
+CREATE TABLE mentions (
+    login TEXT NOT NULL,
+    room INTEGER NOT NULL,
+    id INTEGER NOT NULL,
+    PRIMARY KEY (login, room, id)
+) WITHOUT ROWID;
+CREATE INDEX mentions_by_message ON mentions (room, id);
+CREATE TABLE read_marks (
+    login TEXT NOT NULL,
+    room TEXT NOT NULL,
+    last_read INTEGER NOT NULL,
+    PRIMARY KEY (login, room)
+) WITHOUT ROWID;
+CREATE TABLE topics (
+    room TEXT PRIMARY KEY,
+    id INTEGER NOT NULL,
+    text TEXT NOT NULL,
+    login TEXT NOT NULL,
+    display_name TEXT NOT NULL,
+    node TEXT NOT NULL,
+    ts_ms INTEGER NOT NULL
+);
+CREATE TABLE private_rooms (
+    name TEXT PRIMARY KEY,
+    created_by TEXT NOT NULL,
+    created_ms INTEGER NOT NULL
+);
+CREATE TABLE room_members (
+    room TEXT NOT NULL,
+    login TEXT NOT NULL,
+    added_by TEXT NOT NULL,
+    PRIMARY KEY (room, login)
+) WITHOUT ROWID;
+CREATE VIRTUAL TABLE messages_fts USING fts5 (
+    text, content='messages', content_rowid='seq', tokenize='unicode61 remove_diacritics 2');
+CREATE TRIGGER messages_fts_insert AFTER INSERT ON messages WHEN new.kind IN (1, 2) BEGIN
+    INSERT INTO messages_fts (rowid, text) VALUES (new.seq, new.text);
+END;
+CREATE TRIGGER messages_fts_delete AFTER DELETE ON messages WHEN old.kind IN (1, 2) BEGIN
+    INSERT INTO messages_fts (messages_fts, rowid, text) VALUES ('delete', old.seq, old.text);
+END;
+CREATE TRIGGER messages_fts_update AFTER UPDATE OF text ON messages
+        WHEN old.kind IN (1, 2) BEGIN
+    INSERT INTO messages_fts (messages_fts, rowid, text) VALUES ('delete', old.seq, old.text);
+    INSERT INTO messages_fts (rowid, text) VALUES (new.seq, new.text);
+END;
+"""
+
+
+def _team_features(db: sqlite3.Connection) -> None:
+    """Version 1 -> 2: the tables above; messages already stored are indexed for search."""
+    _script(db, SCHEMA_V2)
+    db.execute("INSERT INTO messages_fts (messages_fts) VALUES ('rebuild')")
+
+
 # Each step takes the database from the version before it to its own, inside one transaction.
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _from_round_1}
+# A fresh database gets SCHEMA (version 1) and then every later step.
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _from_round_1,
+                                                               2: _team_features}
+
+# Message kinds (tsnetchat.v1.MessageKind): kept in step with the proto.
+TEXT, ACTION, EDIT, DELETE, TOPIC = 1, 2, 3, 4, 5
 
 
 @dataclass(frozen=True)
@@ -170,6 +242,12 @@ class Draft:
     kind: int
     text: str
     client_msg_id: str = ""
+    target: int = 0  # EDIT and DELETE: the message they change
+    mentions: tuple[str, ...] = ()  # logins the text mentions (ledger: rooms.Mentions)
+    # EDIT and DELETE are decided in the same transaction that writes them: the author
+    # within ``edit_window_ms`` of sending (0: any time), or for DELETE an admin.
+    admin: bool = False
+    edit_window_ms: int = 0
 
 
 @dataclass(frozen=True)
@@ -181,6 +259,36 @@ class StoredMessage:
     kind: int
     text: str
     client_msg_id: str
+    target: int = 0
+    mentions: tuple[str, ...] = ()
+    deleted_by: str = ""  # a tombstone: deleted by this login, text gone
+    edited_ms: int = 0
+
+
+@dataclass(frozen=True)
+class Topic:
+    room: str
+    id: int
+    text: str
+    set_by: Sender
+    ts_ms: int
+
+
+@dataclass(frozen=True)
+class RoomState:
+    """One person's view of a room: read position and what is unread after it."""
+
+    room: str
+    last_read: int
+    unread: int
+    mentions: int
+
+
+class Refused(NamedTuple):
+    """A draft the history decided not to write (an edit of somebody else's message, ...):
+    nothing was stored; ``error`` says why (InvalidInput or PermissionDenied)."""
+
+    error: TsnetchatError
 
 
 class Written(NamedTuple):
@@ -203,13 +311,28 @@ class TokenRecord:
 
 
 _SELECT = ("SELECT r.name, m.id, m.ts_ms, s.login, s.display_name, s.node, m.kind, m.text, "
-           "m.client_msg_id FROM messages m JOIN rooms r ON r.id = m.room "
-           "JOIN senders s ON s.id = m.sender ")
+           "m.client_msg_id, m.target, m.deleted_by, m.edited_ms FROM messages m "
+           "JOIN rooms r ON r.id = m.room JOIN senders s ON s.id = m.sender ")
 
 
 def _row(r: tuple[Any, ...]) -> StoredMessage:
     return StoredMessage(room=r[0], id=r[1], ts_ms=r[2], sender=Sender(r[3], r[4], r[5]),
-                         kind=r[6], text=r[7], client_msg_id=r[8])
+                         kind=r[6], text=r[7], client_msg_id=r[8], target=r[9],
+                         deleted_by=r[10] or "", edited_ms=r[11])
+
+
+# Unread counts stop at this many per room (a client shows "10000+").
+UNREAD_CAP = 10_000
+_WORDS = re.compile(r"\w+\*?")
+
+
+def fts_query(text: str) -> str:
+    """A user's search words as an FTS5 query: every word must occur (a trailing * makes a
+    prefix); FTS5's own syntax (NEAR, column filters, quotes) is not passed through."""
+    words = _WORDS.findall(text)
+    if not words:
+        raise InvalidInput("the search has no words to look for")
+    return " ".join(f'"{w[:-1]}" *' if w.endswith("*") else f'"{w}"' for w in words)
 
 
 def _locked(e: sqlite3.Error) -> bool:
@@ -282,6 +405,7 @@ class Store:
         except sqlite3.Error as e:
             raise StoreError(f"cannot open history database {path}: {e}") from e
         self._appends = 0
+        self.purge_due = False  # a deletion committed: run ``purge`` (the writer thread)
         self._timeout_ms = int(timeout * 1000)
         self.checkpointer: _Checkpointer | None = None  # started by the first busy writer
         # The writer's view: room name -> (room number, last id); sender -> number.
@@ -307,9 +431,14 @@ class Store:
             db.execute(f"PRAGMA page_size={PAGE_SIZE}")
         db.execute("PRAGMA journal_mode=WAL")
         db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
+        # A deleted message's text is overwritten, not only unlinked (a pasted secret must
+        # really disappear); see ``purge``.
+        db.execute("PRAGMA secure_delete=ON")
         if fresh:
             with self._tx():
                 _script(db, SCHEMA)
+                for target in range(2, SCHEMA_VERSION + 1):
+                    MIGRATIONS[target](db)
                 db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             return
         if version == SCHEMA_VERSION:
@@ -384,9 +513,11 @@ class Store:
                *, now_ms: int | None = None) -> tuple[StoredMessage, bool]:
         """Store one message in a transaction of its own (see ``write``)."""
         (w,) = self.write([Draft(room, sender, kind, text, client_msg_id)], now_ms=now_ms)
+        assert isinstance(w, Written)  # plain messages are never refused
         return w.message, w.duplicate
 
-    def write(self, drafts: Sequence[Draft], *, now_ms: int | None = None) -> list[Written]:
+    def write(self, drafts: Sequence[Draft], *,
+              now_ms: int | None = None) -> list[Written | Refused]:
         """Store messages in one transaction and return them in order, with their ids. All
         or nothing: on any error nothing is stored and StoreError is raised."""
         before = dict(self._rooms)
@@ -420,7 +551,7 @@ class Store:
                 raise
             raise StoreError(f"history database error: {e}") from e
 
-    def write_one(self, draft: Draft, timeout: float) -> Written | None:
+    def write_one(self, draft: Draft, timeout: float) -> Written | Refused | None:
         """Store one message into a room and from a sender already known, as one statement
         (SQLite's own transaction): a commit alone costs the writer three statements more.
         None if it is not that simple (use ``begin`` and ``write_open``). Raises
@@ -439,7 +570,7 @@ class Store:
         self._count(1)
         return w
 
-    def write_open(self, drafts: Sequence[Draft]) -> list[Written]:
+    def write_open(self, drafts: Sequence[Draft]) -> list[Written | Refused]:
         """``write`` inside a transaction opened by ``begin``: commits, or rolls back and
         raises StoreError."""
         before = dict(self._rooms)
@@ -478,7 +609,7 @@ class Store:
             self._senders[s] = sid
         return sid
 
-    def _insert(self, d: Draft, now_ms: int | None) -> Written:
+    def _insert(self, d: Draft, now_ms: int | None) -> Written | Refused:
         db = self._db
         room = self._rooms.get(d.room)
         if room is not None and d.client_msg_id:
@@ -488,18 +619,94 @@ class Store:
             if row:
                 return Written(_row(row), True)
         ts = int(time.time() * 1000) if now_ms is None else now_ms
+        if d.kind in (EDIT, DELETE):
+            refused = self._change(d, room, ts)
+            if refused is not None:
+                return refused
         if room is None:
             rid = db.execute("INSERT INTO rooms (name, last_id) VALUES (?, 1)",
                              (d.room,)).lastrowid
             assert rid is not None
             room = (rid, 0)
         new_id = room[1] + 1
-        db.execute("INSERT INTO messages (room, id, ts_ms, sender, kind, text, client_msg_id) "
-                   "VALUES (?,?,?,?,?,?,?)", (room[0], new_id, ts, self._sender_id(d.sender),
-                                              d.kind, d.text, d.client_msg_id))
+        if d.target:
+            db.execute("INSERT INTO messages (room, id, ts_ms, sender, kind, text, "
+                       "client_msg_id, target, deleted_by) VALUES (?,?,?,?,?,?,?,?,?)",
+                       (room[0], new_id, ts, self._sender_id(d.sender), d.kind, d.text,
+                        d.client_msg_id, d.target,
+                        d.sender.login if d.kind == DELETE else None))
+        else:
+            db.execute("INSERT INTO messages (room, id, ts_ms, sender, kind, text, client_msg_id) "
+                       "VALUES (?,?,?,?,?,?,?)", (room[0], new_id, ts, self._sender_id(d.sender),
+                                                  d.kind, d.text, d.client_msg_id))
+        if d.mentions:
+            db.executemany("INSERT OR IGNORE INTO mentions (login, room, id) VALUES (?,?,?)",
+                           [(login, room[0], new_id) for login in d.mentions])
+        if d.kind == TOPIC:
+            db.execute("INSERT OR REPLACE INTO topics (room, id, text, login, display_name, node, "
+                       "ts_ms) VALUES (?,?,?,?,?,?,?)", (d.room, new_id, d.text, d.sender.login,
+                                                         d.sender.display_name, d.sender.node, ts))
         self._rooms[d.room] = (room[0], new_id)
         return Written(StoredMessage(d.room, new_id, ts, d.sender, d.kind, d.text,
-                                     d.client_msg_id), False)
+                                     d.client_msg_id, d.target, d.mentions,
+                                     d.sender.login if d.kind == DELETE else ""), False)
+
+    def _change(self, d: Draft, room: tuple[int, int] | None, ts: int) -> Refused | None:
+        """Decide and apply an edit or deletion of ``d.target`` (see Draft); the event row
+        itself is written by the caller."""
+        db = self._db
+        row = None if room is None else db.execute(
+            "SELECT m.seq, m.ts_ms, s.login, m.deleted_by, m.kind FROM messages m "
+            "JOIN senders s ON s.id = m.sender WHERE m.room=? AND m.id=?",
+            (room[0], d.target)).fetchone()
+        if row is None or row[4] not in (TEXT, ACTION):
+            return Refused(InvalidInput(f"there is no message {d.target} in {d.room!r} to "
+                                        f"{'edit' if d.kind == EDIT else 'delete'}"))
+        seq, sent_ms, author, deleted_by, _kind = row
+        if deleted_by:
+            return Refused(InvalidInput(f"message {d.target} was already deleted"))
+        own = author == d.sender.login
+        if d.kind == EDIT and not own:
+            return Refused(PermissionDenied("only its author can edit a message"))
+        if not (d.kind == DELETE and d.admin):
+            if not own:
+                return Refused(PermissionDenied(
+                    "only its author (or an admin) can delete a message"))
+            if d.edit_window_ms and ts - sent_ms > d.edit_window_ms:
+                return Refused(PermissionDenied(
+                    f"message {d.target} is older than {d.edit_window_ms // 1000}s "
+                    "(edit_window_seconds); it can no longer be changed by its author"))
+        assert room is not None
+        if d.kind == EDIT:
+            db.execute("UPDATE messages SET text=?, edited_ms=? WHERE seq=?", (d.text, ts, seq))
+            return None
+        db.execute("UPDATE messages SET text='', deleted_by=? WHERE seq=?", (d.sender.login, seq))
+        db.execute("UPDATE messages SET text='' WHERE room=? AND target=? AND target != 0 "
+                   "AND kind=?", (room[0], d.target, EDIT))
+        db.execute("DELETE FROM mentions WHERE room=? AND id=?", (room[0], d.target))
+        self.purge_due = True
+        return None
+
+    def purge(self) -> None:
+        """After a deletion has committed: rewrite the search index without the deleted
+        words, and copy the WAL into the database and truncate it, so the text is in neither
+        file (secure_delete zeroes what is freed). Best effort: a reader holding an old
+        snapshot keeps the WAL until it is done (the next purge finishes the job).
+        Costs a merge of the whole index (measured in bench/README.md)."""
+        self.purge_due = False
+        try:
+            self._db.execute("INSERT INTO messages_fts (messages_fts) VALUES ('optimize')")
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        except sqlite3.Error as e:
+            log.warning("could not purge deleted text from %s yet: %s", self.path, e)
+
+    def people(self) -> dict[str, str]:
+        """login -> display name of everybody who has sent a message (the latest name), or
+        holds a token (no name known yet)."""
+        out = {str(r[0]): "" for r in self._q("SELECT DISTINCT sub FROM tokens")}
+        out.update((str(r[0]), str(r[1])) for r in
+                   self._q("SELECT login, display_name FROM senders ORDER BY id"))
+        return out
 
     def last_ids(self) -> dict[str, int]:
         """Every room's newest id (the writer's view: what it committed)."""
@@ -550,9 +757,118 @@ class Store:
                         upto = row[0]
                 deleted += db.execute("DELETE FROM messages WHERE room=? AND id<=?",
                                       (rid, upto)).rowcount
+                db.execute("DELETE FROM mentions WHERE room=? AND id<=?", (rid, upto))
                 if max_rows and deleted >= max_rows:
                     break
         return deleted
+
+    # a team's day (schema version 2) -------------------------------------------------
+
+    def topic(self, room: str) -> Topic | None:
+        rows = self._q("SELECT room, id, text, login, display_name, node, ts_ms FROM topics "
+                       "WHERE room=?", (room,))
+        if not rows:
+            return None
+        r = rows[0]
+        return Topic(r[0], r[1], r[2], Sender(r[3], r[4], r[5]), r[6])
+
+    def private_rooms(self) -> dict[str, frozenset[str]]:
+        """Every private room and its members."""
+        out: dict[str, set[str]] = {name: set() for (name,) in
+                                    self._q("SELECT name FROM private_rooms")}
+        for room, login in self._q("SELECT room, login FROM room_members"):
+            out.setdefault(room, set()).add(login)
+        return {k: frozenset(v) for k, v in out.items()}
+
+    def set_members(self, room: str, by: str, add: Sequence[str], remove: Sequence[str],
+                    *, create: bool = False) -> frozenset[str]:
+        """Create a private room or change its members; returns the members now. Raises
+        InvalidInput when creating one that exists, or changing one that does not."""
+        with self._tx() as db:
+            exists = db.execute("SELECT 1 FROM private_rooms WHERE name=?", (room,)).fetchone()
+            if create and exists:
+                raise InvalidInput(f"private room {room!r} already exists")
+            if not create and not exists:
+                raise InvalidInput(f"there is no private room {room!r}")
+            if create:
+                db.execute("INSERT INTO private_rooms (name, created_by, created_ms) "
+                           "VALUES (?,?,?)", (room, by, int(time.time() * 1000)))
+            db.executemany("INSERT OR IGNORE INTO room_members (room, login, added_by) "
+                           "VALUES (?,?,?)", [(room, x, by) for x in add])
+            db.executemany("DELETE FROM room_members WHERE room=? AND login=?",
+                           [(room, x) for x in remove])
+            rows = db.execute("SELECT login FROM room_members WHERE room=?", (room,)).fetchall()
+        return frozenset(r[0] for r in rows)
+
+    def mark_read(self, marks: Sequence[tuple[str, str, int]]) -> None:
+        """(login, room, id): read positions, which only move forward."""
+        with self._tx() as db:
+            db.executemany("INSERT INTO read_marks (login, room, last_read) VALUES (?,?,?) "
+                           "ON CONFLICT (login, room) DO UPDATE SET "
+                           "last_read=MAX(last_read, excluded.last_read)", marks)
+
+    def read_mark(self, login: str, room: str) -> int:
+        rows = self._q("SELECT last_read FROM read_marks WHERE login=? AND room=?",
+                       (login, room))
+        return int(rows[0][0]) if rows else 0
+
+    def unread(self, login: str, rooms: Sequence[str]) -> list[RoomState]:
+        """Read position, unread messages (text and /me, not deleted, not one's own; at most
+        UNREAD_CAP) and unread mentions of ``login`` in each room."""
+        marks = dict(self._q("SELECT room, last_read FROM read_marks WHERE login=?", (login,)))
+        ids = dict(self._q("SELECT name, id FROM rooms"))
+        mine = [r[0] for r in self._q("SELECT id FROM senders WHERE login=?", (login,))]
+        own = f"AND sender NOT IN ({','.join('?' * len(mine))})" if mine else ""
+        out = []
+        for room in rooms:
+            last = int(marks.get(room, 0))
+            rid = ids.get(room)
+            if rid is None:
+                out.append(RoomState(room, last, 0, 0))
+                continue
+            n = self._q(f"SELECT COUNT(*) FROM (SELECT 1 FROM messages WHERE room=? AND id>? "
+                        f"AND kind IN (1, 2) AND deleted_by IS NULL {own} LIMIT {UNREAD_CAP})",
+                        (rid, last, *mine))[0][0]
+            m = self._q("SELECT COUNT(*) FROM mentions WHERE login=? AND room=? AND id>?",
+                        (login, rid, last))[0][0]
+            out.append(RoomState(room, last, int(n), int(m)))
+        return out
+
+    def mentions_of(self, login: str, *, include_read: bool, limit: int) -> list[StoredMessage]:
+        """Messages that mention ``login``, newest first (the caller filters by access)."""
+        rows = self._q(
+            _SELECT + "JOIN mentions x ON x.room = m.room AND x.id = m.id "
+            "LEFT JOIN read_marks k ON k.login = x.login AND k.room = r.name "
+            "WHERE x.login=? AND m.deleted_by IS NULL AND (? OR x.id > COALESCE(k.last_read, 0)) "
+            "ORDER BY m.ts_ms DESC, m.seq DESC LIMIT ?", (login, include_read, limit))
+        return [_row(r) for r in rows]
+
+    def search(self, query: str, rooms: Sequence[str], *, author: str = "", since_ms: int = 0,
+               until_ms: int = 0, newest: bool = False, limit: int = 20,
+               offset: int = 0) -> list[StoredMessage]:
+        """Messages in ``rooms`` (the caller decides which it may read) matching every word
+        of ``query`` (``fts_query``), best match or newest first. Deleted ones never match:
+        their text is no longer in the index."""
+        if not rooms:
+            return []
+        where = [f"r.name IN ({','.join('?' * len(rooms))})"]
+        args: list[object] = [fts_query(query), *rooms]
+        if author:
+            where.append("s.login=?")
+            args.append(author)
+        if since_ms:
+            where.append("m.ts_ms>=?")
+            args.append(since_ms)
+        if until_ms:
+            where.append("m.ts_ms<?")
+            args.append(until_ms)
+        order = "f.rowid DESC" if newest else "f.rank"
+        rows = self._q(
+            _SELECT.replace("FROM messages m", "FROM messages_fts f JOIN messages m "
+                            "ON m.seq = f.rowid") + "WHERE messages_fts MATCH ? AND "
+            + " AND ".join(where) + f" ORDER BY {order} LIMIT ? OFFSET ?",
+            (*args, limit, offset))
+        return [_row(r) for r in rows]
 
     # tokens -------------------------------------------------------------------------
 
@@ -592,7 +908,7 @@ class Store:
 # --- the server's history: SQLite off the event loop ----------------------------------------
 
 # A message's outcome: stored (or found stored before), or why it was not.
-Outcome = Written | StoreError
+Outcome = Written | StoreError | Refused
 Settle = Callable[[Outcome], None]
 
 
@@ -633,6 +949,8 @@ class SqliteHistory:
         self._store = store  # the writer thread's
         self._loop = loop
         self._visible = store.last_ids()  # what the loop has been told is stored
+        self._private = store.private_rooms()  # private room -> members (loop's copy)
+        self._people = store.people()
         self._queue: deque[_Pending | _Job] = deque()
         self._wake = threading.Event()
         self._stopping = False
@@ -737,6 +1055,8 @@ class SqliteHistory:
                     self._run_job(q.popleft())  # type: ignore[arg-type]
                 else:
                     self._write_group()
+                if self._store.purge_due:
+                    self._store.purge()
             if self._stopping:
                 return
 
@@ -842,7 +1162,48 @@ class SqliteHistory:
     async def list_tokens(self) -> list[TokenRecord]:
         return await self._read(lambda s: s.list_tokens())
 
+    async def topic(self, room: str) -> Topic | None:
+        return await self._read(lambda s: s.topic(room))
+
+    async def read_mark(self, login: str, room: str) -> int:
+        return await self._read(lambda s: s.read_mark(login, room))
+
+    async def unread(self, login: str, rooms: Sequence[str]) -> list[RoomState]:
+        return await self._read(lambda s: s.unread(login, rooms))
+
+    async def mentions_of(self, login: str, *, include_read: bool,
+                          limit: int) -> list[StoredMessage]:
+        return await self._read(lambda s: s.mentions_of(login, include_read=include_read,
+                                                        limit=limit))
+
+    async def search(self, query: str, rooms: Sequence[str], *, author: str = "",
+                     since_ms: int = 0, until_ms: int = 0, newest: bool = False,
+                     limit: int = 20, offset: int = 0) -> list[StoredMessage]:
+        return await self._read(lambda s: s.search(
+            query, rooms, author=author, since_ms=since_ms, until_ms=until_ms, newest=newest,
+            limit=limit, offset=offset))
+
+    def people(self) -> dict[str, str]:
+        return dict(self._people)
+
+    def private_members(self, room: str) -> frozenset[str]:
+        """A private room's members (from memory); empty when there is no such room."""
+        return self._private.get(room, frozenset())
+
+    def private_rooms(self) -> dict[str, frozenset[str]]:
+        return dict(self._private)
+
     # other writes (on the writer thread, between groups) --------------------------------
+
+    async def mark_read(self, marks: Sequence[tuple[str, str, int]]) -> None:
+        await self._job(lambda s: s.mark_read(marks))
+
+    async def set_members(self, room: str, by: str, add: Sequence[str], remove: Sequence[str],
+                          *, create: bool = False) -> frozenset[str]:
+        members = await self._job(lambda s: s.set_members(room, by, add, remove,
+                                                          create=create))
+        self._private[room] = members
+        return members
 
     async def revoke(self, jti: str) -> bool:
         return await self._job(lambda s: s.revoke(jti))

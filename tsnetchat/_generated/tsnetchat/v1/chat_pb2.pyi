@@ -12,18 +12,37 @@ class MessageKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MESSAGE_KIND_UNSPECIFIED: _ClassVar[MessageKind]
     MESSAGE_KIND_TEXT: _ClassVar[MessageKind]
     MESSAGE_KIND_ACTION: _ClassVar[MessageKind]
+    MESSAGE_KIND_EDIT: _ClassVar[MessageKind]
+    MESSAGE_KIND_DELETE: _ClassVar[MessageKind]
+    MESSAGE_KIND_TOPIC: _ClassVar[MessageKind]
 
 class PresenceKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     PRESENCE_KIND_UNSPECIFIED: _ClassVar[PresenceKind]
     PRESENCE_KIND_JOINED: _ClassVar[PresenceKind]
     PRESENCE_KIND_LEFT: _ClassVar[PresenceKind]
+    PRESENCE_KIND_AWAY: _ClassVar[PresenceKind]
+    PRESENCE_KIND_BACK: _ClassVar[PresenceKind]
+
+class SearchOrder(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SEARCH_ORDER_UNSPECIFIED: _ClassVar[SearchOrder]
+    SEARCH_ORDER_RANK: _ClassVar[SearchOrder]
+    SEARCH_ORDER_NEWEST: _ClassVar[SearchOrder]
 MESSAGE_KIND_UNSPECIFIED: MessageKind
 MESSAGE_KIND_TEXT: MessageKind
 MESSAGE_KIND_ACTION: MessageKind
+MESSAGE_KIND_EDIT: MessageKind
+MESSAGE_KIND_DELETE: MessageKind
+MESSAGE_KIND_TOPIC: MessageKind
 PRESENCE_KIND_UNSPECIFIED: PresenceKind
 PRESENCE_KIND_JOINED: PresenceKind
 PRESENCE_KIND_LEFT: PresenceKind
+PRESENCE_KIND_AWAY: PresenceKind
+PRESENCE_KIND_BACK: PresenceKind
+SEARCH_ORDER_UNSPECIFIED: SearchOrder
+SEARCH_ORDER_RANK: SearchOrder
+SEARCH_ORDER_NEWEST: SearchOrder
 
 class Identity(_message.Message):
     __slots__ = ("login", "display_name", "node")
@@ -36,7 +55,7 @@ class Identity(_message.Message):
     def __init__(self, login: _Optional[str] = ..., display_name: _Optional[str] = ..., node: _Optional[str] = ...) -> None: ...
 
 class ChatMessage(_message.Message):
-    __slots__ = ("id", "room", "sent_unix_ms", "sender", "text", "kind", "client_msg_id")
+    __slots__ = ("id", "room", "sent_unix_ms", "sender", "text", "kind", "client_msg_id", "target_id", "mentions", "deleted_by", "edited_unix_ms")
     ID_FIELD_NUMBER: _ClassVar[int]
     ROOM_FIELD_NUMBER: _ClassVar[int]
     SENT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +63,10 @@ class ChatMessage(_message.Message):
     TEXT_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     CLIENT_MSG_ID_FIELD_NUMBER: _ClassVar[int]
+    TARGET_ID_FIELD_NUMBER: _ClassVar[int]
+    MENTIONS_FIELD_NUMBER: _ClassVar[int]
+    DELETED_BY_FIELD_NUMBER: _ClassVar[int]
+    EDITED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     id: int
     room: str
     sent_unix_ms: int
@@ -51,7 +74,11 @@ class ChatMessage(_message.Message):
     text: str
     kind: MessageKind
     client_msg_id: str
-    def __init__(self, id: _Optional[int] = ..., room: _Optional[str] = ..., sent_unix_ms: _Optional[int] = ..., sender: _Optional[_Union[Identity, _Mapping]] = ..., text: _Optional[str] = ..., kind: _Optional[_Union[MessageKind, str]] = ..., client_msg_id: _Optional[str] = ...) -> None: ...
+    target_id: int
+    mentions: _containers.RepeatedScalarFieldContainer[str]
+    deleted_by: str
+    edited_unix_ms: int
+    def __init__(self, id: _Optional[int] = ..., room: _Optional[str] = ..., sent_unix_ms: _Optional[int] = ..., sender: _Optional[_Union[Identity, _Mapping]] = ..., text: _Optional[str] = ..., kind: _Optional[_Union[MessageKind, str]] = ..., client_msg_id: _Optional[str] = ..., target_id: _Optional[int] = ..., mentions: _Optional[_Iterable[str]] = ..., deleted_by: _Optional[str] = ..., edited_unix_ms: _Optional[int] = ...) -> None: ...
 
 class Hello(_message.Message):
     __slots__ = ("room", "after_id", "batch_acks")
@@ -64,16 +91,26 @@ class Hello(_message.Message):
     def __init__(self, room: _Optional[str] = ..., after_id: _Optional[int] = ..., batch_acks: _Optional[bool] = ...) -> None: ...
 
 class SendMessage(_message.Message):
-    __slots__ = ("text", "kind", "client_msg_id", "claimed_sender")
+    __slots__ = ("text", "kind", "client_msg_id", "claimed_sender", "target_id")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     CLIENT_MSG_ID_FIELD_NUMBER: _ClassVar[int]
     CLAIMED_SENDER_FIELD_NUMBER: _ClassVar[int]
+    TARGET_ID_FIELD_NUMBER: _ClassVar[int]
     text: str
     kind: MessageKind
     client_msg_id: str
     claimed_sender: Identity
-    def __init__(self, text: _Optional[str] = ..., kind: _Optional[_Union[MessageKind, str]] = ..., client_msg_id: _Optional[str] = ..., claimed_sender: _Optional[_Union[Identity, _Mapping]] = ...) -> None: ...
+    target_id: int
+    def __init__(self, text: _Optional[str] = ..., kind: _Optional[_Union[MessageKind, str]] = ..., client_msg_id: _Optional[str] = ..., claimed_sender: _Optional[_Union[Identity, _Mapping]] = ..., target_id: _Optional[int] = ...) -> None: ...
+
+class Away(_message.Message):
+    __slots__ = ("away", "message")
+    AWAY_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    away: bool
+    message: str
+    def __init__(self, away: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("last_seen_id",)
@@ -82,17 +119,19 @@ class Ack(_message.Message):
     def __init__(self, last_seen_id: _Optional[int] = ...) -> None: ...
 
 class ClientEvent(_message.Message):
-    __slots__ = ("hello", "send", "ack")
+    __slots__ = ("hello", "send", "ack", "away")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     SEND_FIELD_NUMBER: _ClassVar[int]
     ACK_FIELD_NUMBER: _ClassVar[int]
+    AWAY_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     send: SendMessage
     ack: Ack
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., send: _Optional[_Union[SendMessage, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ...) -> None: ...
+    away: Away
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., send: _Optional[_Union[SendMessage, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., away: _Optional[_Union[Away, _Mapping]] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("room", "you", "members", "max_message_bytes", "last_id", "rate_per_second", "rate_burst")
+    __slots__ = ("room", "you", "members", "max_message_bytes", "last_id", "rate_per_second", "rate_burst", "topic", "private", "member_logins", "last_read_id")
     ROOM_FIELD_NUMBER: _ClassVar[int]
     YOU_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +139,10 @@ class Welcome(_message.Message):
     LAST_ID_FIELD_NUMBER: _ClassVar[int]
     RATE_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     RATE_BURST_FIELD_NUMBER: _ClassVar[int]
+    TOPIC_FIELD_NUMBER: _ClassVar[int]
+    PRIVATE_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_LOGINS_FIELD_NUMBER: _ClassVar[int]
+    LAST_READ_ID_FIELD_NUMBER: _ClassVar[int]
     room: str
     you: Identity
     members: _containers.RepeatedCompositeFieldContainer[Identity]
@@ -107,19 +150,41 @@ class Welcome(_message.Message):
     last_id: int
     rate_per_second: float
     rate_burst: int
-    def __init__(self, room: _Optional[str] = ..., you: _Optional[_Union[Identity, _Mapping]] = ..., members: _Optional[_Iterable[_Union[Identity, _Mapping]]] = ..., max_message_bytes: _Optional[int] = ..., last_id: _Optional[int] = ..., rate_per_second: _Optional[float] = ..., rate_burst: _Optional[int] = ...) -> None: ...
+    topic: Topic
+    private: bool
+    member_logins: _containers.RepeatedScalarFieldContainer[str]
+    last_read_id: int
+    def __init__(self, room: _Optional[str] = ..., you: _Optional[_Union[Identity, _Mapping]] = ..., members: _Optional[_Iterable[_Union[Identity, _Mapping]]] = ..., max_message_bytes: _Optional[int] = ..., last_id: _Optional[int] = ..., rate_per_second: _Optional[float] = ..., rate_burst: _Optional[int] = ..., topic: _Optional[_Union[Topic, _Mapping]] = ..., private: _Optional[bool] = ..., member_logins: _Optional[_Iterable[str]] = ..., last_read_id: _Optional[int] = ...) -> None: ...
+
+class Topic(_message.Message):
+    __slots__ = ("text", "set_by", "set_unix_ms", "id")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    SET_BY_FIELD_NUMBER: _ClassVar[int]
+    SET_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    set_by: Identity
+    set_unix_ms: int
+    id: int
+    def __init__(self, text: _Optional[str] = ..., set_by: _Optional[_Union[Identity, _Mapping]] = ..., set_unix_ms: _Optional[int] = ..., id: _Optional[int] = ...) -> None: ...
 
 class Presence(_message.Message):
-    __slots__ = ("room", "kind", "who", "members")
+    __slots__ = ("room", "kind", "who", "members", "away_message", "reason", "away_logins")
     ROOM_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     WHO_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    AWAY_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    AWAY_LOGINS_FIELD_NUMBER: _ClassVar[int]
     room: str
     kind: PresenceKind
     who: Identity
     members: _containers.RepeatedCompositeFieldContainer[Identity]
-    def __init__(self, room: _Optional[str] = ..., kind: _Optional[_Union[PresenceKind, str]] = ..., who: _Optional[_Union[Identity, _Mapping]] = ..., members: _Optional[_Iterable[_Union[Identity, _Mapping]]] = ...) -> None: ...
+    away_message: str
+    reason: str
+    away_logins: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, room: _Optional[str] = ..., kind: _Optional[_Union[PresenceKind, str]] = ..., who: _Optional[_Union[Identity, _Mapping]] = ..., members: _Optional[_Iterable[_Union[Identity, _Mapping]]] = ..., away_message: _Optional[str] = ..., reason: _Optional[str] = ..., away_logins: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Sent(_message.Message):
     __slots__ = ("client_msg_id", "id")
@@ -216,14 +281,128 @@ class ListRoomsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class RoomInfo(_message.Message):
-    __slots__ = ("name", "last_id", "members")
+    __slots__ = ("name", "last_id", "members", "unread", "unread_mentions", "last_read_id", "private", "direct", "member_logins", "topic")
     NAME_FIELD_NUMBER: _ClassVar[int]
     LAST_ID_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    UNREAD_FIELD_NUMBER: _ClassVar[int]
+    UNREAD_MENTIONS_FIELD_NUMBER: _ClassVar[int]
+    LAST_READ_ID_FIELD_NUMBER: _ClassVar[int]
+    PRIVATE_FIELD_NUMBER: _ClassVar[int]
+    DIRECT_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_LOGINS_FIELD_NUMBER: _ClassVar[int]
+    TOPIC_FIELD_NUMBER: _ClassVar[int]
     name: str
     last_id: int
     members: _containers.RepeatedCompositeFieldContainer[Identity]
-    def __init__(self, name: _Optional[str] = ..., last_id: _Optional[int] = ..., members: _Optional[_Iterable[_Union[Identity, _Mapping]]] = ...) -> None: ...
+    unread: int
+    unread_mentions: int
+    last_read_id: int
+    private: bool
+    direct: bool
+    member_logins: _containers.RepeatedScalarFieldContainer[str]
+    topic: Topic
+    def __init__(self, name: _Optional[str] = ..., last_id: _Optional[int] = ..., members: _Optional[_Iterable[_Union[Identity, _Mapping]]] = ..., unread: _Optional[int] = ..., unread_mentions: _Optional[int] = ..., last_read_id: _Optional[int] = ..., private: _Optional[bool] = ..., direct: _Optional[bool] = ..., member_logins: _Optional[_Iterable[str]] = ..., topic: _Optional[_Union[Topic, _Mapping]] = ...) -> None: ...
+
+class UnreadRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class UnreadResponse(_message.Message):
+    __slots__ = ("rooms", "total_unread", "total_mentions")
+    ROOMS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_UNREAD_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_MENTIONS_FIELD_NUMBER: _ClassVar[int]
+    rooms: _containers.RepeatedCompositeFieldContainer[RoomInfo]
+    total_unread: int
+    total_mentions: int
+    def __init__(self, rooms: _Optional[_Iterable[_Union[RoomInfo, _Mapping]]] = ..., total_unread: _Optional[int] = ..., total_mentions: _Optional[int] = ...) -> None: ...
+
+class MarkReadRequest(_message.Message):
+    __slots__ = ("room", "last_read_id")
+    ROOM_FIELD_NUMBER: _ClassVar[int]
+    LAST_READ_ID_FIELD_NUMBER: _ClassVar[int]
+    room: str
+    last_read_id: int
+    def __init__(self, room: _Optional[str] = ..., last_read_id: _Optional[int] = ...) -> None: ...
+
+class MarkReadResponse(_message.Message):
+    __slots__ = ("last_read_id",)
+    LAST_READ_ID_FIELD_NUMBER: _ClassVar[int]
+    last_read_id: int
+    def __init__(self, last_read_id: _Optional[int] = ...) -> None: ...
+
+class MentionsRequest(_message.Message):
+    __slots__ = ("include_read", "limit")
+    INCLUDE_READ_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    include_read: bool
+    limit: int
+    def __init__(self, include_read: _Optional[bool] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class MentionsResponse(_message.Message):
+    __slots__ = ("messages",)
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
+    def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ...) -> None: ...
+
+class SearchRequest(_message.Message):
+    __slots__ = ("query", "rooms", "author", "since_unix_ms", "until_unix_ms", "order", "limit", "offset")
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    ROOMS_FIELD_NUMBER: _ClassVar[int]
+    AUTHOR_FIELD_NUMBER: _ClassVar[int]
+    SINCE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    UNTIL_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    ORDER_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    query: str
+    rooms: _containers.RepeatedScalarFieldContainer[str]
+    author: str
+    since_unix_ms: int
+    until_unix_ms: int
+    order: SearchOrder
+    limit: int
+    offset: int
+    def __init__(self, query: _Optional[str] = ..., rooms: _Optional[_Iterable[str]] = ..., author: _Optional[str] = ..., since_unix_ms: _Optional[int] = ..., until_unix_ms: _Optional[int] = ..., order: _Optional[_Union[SearchOrder, str]] = ..., limit: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class SearchResponse(_message.Message):
+    __slots__ = ("messages", "more", "next_offset")
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
+    NEXT_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
+    more: bool
+    next_offset: int
+    def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., more: _Optional[bool] = ..., next_offset: _Optional[int] = ...) -> None: ...
+
+class CreateRoomRequest(_message.Message):
+    __slots__ = ("room", "members")
+    ROOM_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    room: str
+    members: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, room: _Optional[str] = ..., members: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SetRoomMembersRequest(_message.Message):
+    __slots__ = ("room", "add", "remove")
+    ROOM_FIELD_NUMBER: _ClassVar[int]
+    ADD_FIELD_NUMBER: _ClassVar[int]
+    REMOVE_FIELD_NUMBER: _ClassVar[int]
+    room: str
+    add: _containers.RepeatedScalarFieldContainer[str]
+    remove: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, room: _Optional[str] = ..., add: _Optional[_Iterable[str]] = ..., remove: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RoomMembersResponse(_message.Message):
+    __slots__ = ("room", "members", "streams_closed")
+    ROOM_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    STREAMS_CLOSED_FIELD_NUMBER: _ClassVar[int]
+    room: str
+    members: _containers.RepeatedScalarFieldContainer[str]
+    streams_closed: int
+    def __init__(self, room: _Optional[str] = ..., members: _Optional[_Iterable[str]] = ..., streams_closed: _Optional[int] = ...) -> None: ...
 
 class ListRoomsResponse(_message.Message):
     __slots__ = ("rooms", "all_rooms_allowed")

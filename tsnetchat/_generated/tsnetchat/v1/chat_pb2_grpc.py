@@ -79,6 +79,36 @@ class ChatStub:
                 request_serializer=tsnetchat_dot_v1_dot_chat__pb2.RenewTokenRequest.SerializeToString,
                 response_deserializer=tsnetchat_dot_v1_dot_chat__pb2.LoginResponse.FromString,
                 _registered_method=True)
+        self.Unread = channel.unary_unary(
+                '/tsnetchat.v1.Chat/Unread',
+                request_serializer=tsnetchat_dot_v1_dot_chat__pb2.UnreadRequest.SerializeToString,
+                response_deserializer=tsnetchat_dot_v1_dot_chat__pb2.UnreadResponse.FromString,
+                _registered_method=True)
+        self.MarkRead = channel.unary_unary(
+                '/tsnetchat.v1.Chat/MarkRead',
+                request_serializer=tsnetchat_dot_v1_dot_chat__pb2.MarkReadRequest.SerializeToString,
+                response_deserializer=tsnetchat_dot_v1_dot_chat__pb2.MarkReadResponse.FromString,
+                _registered_method=True)
+        self.Mentions = channel.unary_unary(
+                '/tsnetchat.v1.Chat/Mentions',
+                request_serializer=tsnetchat_dot_v1_dot_chat__pb2.MentionsRequest.SerializeToString,
+                response_deserializer=tsnetchat_dot_v1_dot_chat__pb2.MentionsResponse.FromString,
+                _registered_method=True)
+        self.Search = channel.unary_unary(
+                '/tsnetchat.v1.Chat/Search',
+                request_serializer=tsnetchat_dot_v1_dot_chat__pb2.SearchRequest.SerializeToString,
+                response_deserializer=tsnetchat_dot_v1_dot_chat__pb2.SearchResponse.FromString,
+                _registered_method=True)
+        self.CreateRoom = channel.unary_unary(
+                '/tsnetchat.v1.Chat/CreateRoom',
+                request_serializer=tsnetchat_dot_v1_dot_chat__pb2.CreateRoomRequest.SerializeToString,
+                response_deserializer=tsnetchat_dot_v1_dot_chat__pb2.RoomMembersResponse.FromString,
+                _registered_method=True)
+        self.SetRoomMembers = channel.unary_unary(
+                '/tsnetchat.v1.Chat/SetRoomMembers',
+                request_serializer=tsnetchat_dot_v1_dot_chat__pb2.SetRoomMembersRequest.SerializeToString,
+                response_deserializer=tsnetchat_dot_v1_dot_chat__pb2.RoomMembersResponse.FromString,
+                _registered_method=True)
 
 
 class ChatServicer:
@@ -154,6 +184,51 @@ class ChatServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Unread(self, request, context):
+        """---- a team's day (issue 15) ----
+        Unread and unread-mention counts of every room and direct conversation the caller may
+        read: ListRooms without the members (cheap; a second device shows the same counts).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MarkRead(self, request, context):
+        """Record that the caller (the person, not the device) has read a room up to an id; the
+        same as an Ack on a Join stream. Read positions only move forward.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Mentions(self, request, context):
+        """Messages that mention the caller, across the rooms and conversations they may read.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Search(self, request, context):
+        """Full-text search over what the caller may read (and nothing else).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateRoom(self, request, context):
+        """Admin only: create a private room ("+name") that only its members see and join.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetRoomMembers(self, request, context):
+        """Admin only: invite people to a private room, or remove them (their streams close).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ChatServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -201,6 +276,36 @@ def add_ChatServicer_to_server(servicer, server):
                     servicer.RenewToken,
                     request_deserializer=tsnetchat_dot_v1_dot_chat__pb2.RenewTokenRequest.FromString,
                     response_serializer=tsnetchat_dot_v1_dot_chat__pb2.LoginResponse.SerializeToString,
+            ),
+            'Unread': grpc.unary_unary_rpc_method_handler(
+                    servicer.Unread,
+                    request_deserializer=tsnetchat_dot_v1_dot_chat__pb2.UnreadRequest.FromString,
+                    response_serializer=tsnetchat_dot_v1_dot_chat__pb2.UnreadResponse.SerializeToString,
+            ),
+            'MarkRead': grpc.unary_unary_rpc_method_handler(
+                    servicer.MarkRead,
+                    request_deserializer=tsnetchat_dot_v1_dot_chat__pb2.MarkReadRequest.FromString,
+                    response_serializer=tsnetchat_dot_v1_dot_chat__pb2.MarkReadResponse.SerializeToString,
+            ),
+            'Mentions': grpc.unary_unary_rpc_method_handler(
+                    servicer.Mentions,
+                    request_deserializer=tsnetchat_dot_v1_dot_chat__pb2.MentionsRequest.FromString,
+                    response_serializer=tsnetchat_dot_v1_dot_chat__pb2.MentionsResponse.SerializeToString,
+            ),
+            'Search': grpc.unary_unary_rpc_method_handler(
+                    servicer.Search,
+                    request_deserializer=tsnetchat_dot_v1_dot_chat__pb2.SearchRequest.FromString,
+                    response_serializer=tsnetchat_dot_v1_dot_chat__pb2.SearchResponse.SerializeToString,
+            ),
+            'CreateRoom': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateRoom,
+                    request_deserializer=tsnetchat_dot_v1_dot_chat__pb2.CreateRoomRequest.FromString,
+                    response_serializer=tsnetchat_dot_v1_dot_chat__pb2.RoomMembersResponse.SerializeToString,
+            ),
+            'SetRoomMembers': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetRoomMembers,
+                    request_deserializer=tsnetchat_dot_v1_dot_chat__pb2.SetRoomMembersRequest.FromString,
+                    response_serializer=tsnetchat_dot_v1_dot_chat__pb2.RoomMembersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -446,6 +551,168 @@ class Chat:
             '/tsnetchat.v1.Chat/RenewToken',
             tsnetchat_dot_v1_dot_chat__pb2.RenewTokenRequest.SerializeToString,
             tsnetchat_dot_v1_dot_chat__pb2.LoginResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Unread(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tsnetchat.v1.Chat/Unread',
+            tsnetchat_dot_v1_dot_chat__pb2.UnreadRequest.SerializeToString,
+            tsnetchat_dot_v1_dot_chat__pb2.UnreadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MarkRead(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tsnetchat.v1.Chat/MarkRead',
+            tsnetchat_dot_v1_dot_chat__pb2.MarkReadRequest.SerializeToString,
+            tsnetchat_dot_v1_dot_chat__pb2.MarkReadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Mentions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tsnetchat.v1.Chat/Mentions',
+            tsnetchat_dot_v1_dot_chat__pb2.MentionsRequest.SerializeToString,
+            tsnetchat_dot_v1_dot_chat__pb2.MentionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Search(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tsnetchat.v1.Chat/Search',
+            tsnetchat_dot_v1_dot_chat__pb2.SearchRequest.SerializeToString,
+            tsnetchat_dot_v1_dot_chat__pb2.SearchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateRoom(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tsnetchat.v1.Chat/CreateRoom',
+            tsnetchat_dot_v1_dot_chat__pb2.CreateRoomRequest.SerializeToString,
+            tsnetchat_dot_v1_dot_chat__pb2.RoomMembersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetRoomMembers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tsnetchat.v1.Chat/SetRoomMembers',
+            tsnetchat_dot_v1_dot_chat__pb2.SetRoomMembersRequest.SerializeToString,
+            tsnetchat_dot_v1_dot_chat__pb2.RoomMembersResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,73 @@
+"""Search over a large history (issue 15): build a database of N messages (default
+1,000,000, cached in the given directory), then time Store.search the way the server runs it
+(a reader connection, FTS5, the rooms filter) for rare, common and prefix words, ranked and
+newest first. A benchmark, never a timed test.
+
+    .venv/bin/python bench/search.py --dir /tmp/tsnetchat-search --messages 1000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sqlite3
+import statistics
+import time
+from pathlib import Path
+
+from tsnetchat.store import Draft, Sender, Store
+
+
+def build(path: Path, n: int, rooms: int) -> None:
+    rng = random.Random(15)
+    vocab = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 9)))
+             for _ in range(20_000)]
+    weights = [1 / (i + 1) for i in range(len(vocab))]  # Zipf-like, as chat words are
+    senders = [Sender(f"user{i}@example.com", f"User {i}", f"node{i}") for i in range(50)]
+    s = Store(path)
+    t0 = time.monotonic()
+    for start in range(0, n, 1000):
+        words = rng.choices(vocab, weights, k=12 * 1000)
+        s.write([Draft(f"room{rng.randrange(rooms)}", rng.choice(senders), 1,
+                       " ".join(words[i * 12:(i + 1) * 12]), "")
+                 for i in range(min(1000, n - start))])
+    s.close()
+    print(f"built {n} messages in {time.monotonic() - t0:.0f}s")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dir", default="/tmp/tsnetchat-search")
+    ap.add_argument("--messages", type=int, default=1_000_000)
+    ap.add_argument("--rooms", type=int, default=20)
+    ap.add_argument("--runs", type=int, default=20)
+    a = ap.parse_args()
+    path = Path(a.dir) / f"search-{a.messages}.db"
+    if not path.exists():
+        build(path, a.messages, a.rooms)
+    st = Store(path, readonly=True)
+    rooms = [f"room{i}" for i in range(a.rooms)]
+    # words by frequency, from the index itself
+    vocab = sqlite3.connect(path)  # the server's readers are query_only; this one is not
+    vocab.execute("CREATE VIRTUAL TABLE temp.v USING fts5vocab(main, messages_fts, row)")
+    terms = [r[0] for r in vocab.execute("SELECT term FROM temp.v ORDER BY doc DESC")]
+    vocab.close()
+    cases = {"common word (top 10)": terms[5], "mid word (rank 500)": terms[500],
+             "rare word": terms[-100], "two common words": f"{terms[3]} {terms[8]}",
+             "prefix (3 letters)": terms[1000][:3] + "*"}
+    for name, q in cases.items():
+        for newest in (False, True):
+            times = []
+            for _ in range(a.runs):
+                t0 = time.perf_counter()
+                st.search(q, rooms, newest=newest, limit=20, offset=0)
+                times.append((time.perf_counter() - t0) * 1000)
+            one = st.search(q, rooms[:1], newest=newest, limit=20)
+            print(f"{name:24} {'newest' if newest else 'ranked':6} q={q!r:24} "
+                  f"median {statistics.median(times):7.1f} ms  max {max(times):7.1f} ms  "
+                  f"(one room: {len(one)} hits)")
+    st.close()
+
+
+if __name__ == "__main__":
+    main()
