@@ -4,13 +4,19 @@ bounded wait for sends, and what shutdown does with messages waiting for their c
 from __future__ import annotations
 
 import asyncio
+import json
+import shlex
+import shutil
 import sqlite3
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 from conftest import Chat
-from helpers import collect, hello_events, send, until, write_lock_held
+from helpers import collect, hello_events, need, send, until, write_lock_held
 
 from tsnetchat.client import acks_in
 from tsnetchat.pb import chat_pb2 as pb
@@ -156,3 +162,29 @@ async def test_on_shutdown_waiting_messages_are_stored_and_acknowledged_before_s
     assert [m.id for m in seen] == [1, 2, 3]
     chat.server.service = None  # already stopped; the fixture's stop is then a no-op
     chat.server._grpc = None
+
+
+def test_a_restart_on_a_full_disk_serves_reads_and_refuses_sends_as_not_stored(
+        tmp_path: Path) -> None:
+    """A real full disk (a small tmpfs in a mount namespace of its own). The server died
+    while the disk filled; started again, it serves what it has and refuses sends as not
+    stored. (Issue 18: start-up pruning opened a write transaction with nothing to prune,
+    and the server did not start.)"""
+    if not shutil.which("unshare") or subprocess.run(
+            ["unshare", "-m", "true"], capture_output=True).returncode:
+        need("a mount namespace (unshare -m, as root)", "the full-disk test mounts a tmpfs")
+    child = Path(__file__).with_name("fulldisk_child.py")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    py = shlex.quote(sys.executable)
+    steps = " && ".join(f"{py} {shlex.quote(str(child))} {step} {shlex.quote(str(disk))}"
+                        for step in ("first", "fill", "second"))
+    proc = subprocess.run(
+        ["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size=8m tmpfs {disk} && {steps}"],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["history"] == ["m0", "m1", "m2"]
+    code, message = out["refused"]
+    assert code == "UNAVAILABLE"
+    assert "disk is full" in message and "not stored: send it again" in message
