@@ -33,7 +33,7 @@ from .errors import InvalidInput, LimitExceeded, StoreError, TsnetchatError
 from .hub import Hub, Subscriber
 from .metrics import Metrics
 from .pb import chat_pb2 as pb
-from .store import Draft, Outcome, Sender, Settle, StoredMessage
+from .store import Draft, HistoryIdentity, Outcome, Sender, Settle, StoredMessage
 from .throttle import Buckets
 
 MAX_CLIENT_MSG_ID = 64
@@ -64,6 +64,12 @@ class History(Protocol):
     are coroutines; ``last_id`` and ``rooms`` answer from memory (what has been settled)."""
 
     def submit(self, draft: Draft, then: Settle) -> None: ...
+
+    @property
+    def identity(self) -> HistoryIdentity:
+        """Which history the ids belong to; another identity or generation (a restore, a
+        replaced database) tells resuming clients to start over (store.HistoryIdentity)."""
+        ...
 
     def pending(self) -> int: ...
 

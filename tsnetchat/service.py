@@ -231,6 +231,11 @@ class ChatService:
             for f in codec.pack([codec.message_item(m) for m in msgs]):
                 yield f
 
+    def _replay_done(self, sub: Subscriber) -> pb.ReplayDone:
+        who = self.store.identity
+        return pb.ReplayDone(last_id=sub.replayed_to, history_id=who.history_id,
+                             history_generation=who.generation)
+
     async def _live(self, sub: Subscriber,
                     context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         counters = self.metrics.counters
@@ -281,10 +286,12 @@ class ChatService:
                     last_id=self.store.last_id(hello.room),
                     max_message_bytes=self.limits.max_message_bytes,
                     rate_per_second=self.limits.rate_per_second,
-                    rate_burst=self.limits.rate_burst))
+                    rate_burst=self.limits.rate_burst,
+                    history_id=self.store.identity.history_id,
+                    history_generation=self.store.identity.generation))
                 async for f in self._replay(sub, after):
                     yield f
-                yield codec.event(replay_done=pb.ReplayDone(last_id=sub.replayed_to))
+                yield codec.event(replay_done=self._replay_done(sub))
                 if first:
                     self._presence(hello.room, pb.PRESENCE_KIND_JOINED, me)
                 reader = asyncio.create_task(self._read_client(request_iterator, sub, p))
@@ -383,7 +390,7 @@ class ChatService:
                 after = request.after_id if request.HasField("after_id") else None
                 async for f in self._replay(sub, after):
                     yield f
-                yield codec.event(replay_done=pb.ReplayDone(last_id=sub.replayed_to))
+                yield codec.event(replay_done=self._replay_done(sub))
                 async for f in self._live(sub, context):
                     yield f
             finally:

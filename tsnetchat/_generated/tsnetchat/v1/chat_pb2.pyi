@@ -92,7 +92,7 @@ class ClientEvent(_message.Message):
     def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., send: _Optional[_Union[SendMessage, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("room", "you", "members", "max_message_bytes", "last_id", "rate_per_second", "rate_burst")
+    __slots__ = ("room", "you", "members", "max_message_bytes", "last_id", "rate_per_second", "rate_burst", "history_id", "history_generation")
     ROOM_FIELD_NUMBER: _ClassVar[int]
     YOU_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +100,8 @@ class Welcome(_message.Message):
     LAST_ID_FIELD_NUMBER: _ClassVar[int]
     RATE_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     RATE_BURST_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_ID_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_GENERATION_FIELD_NUMBER: _ClassVar[int]
     room: str
     you: Identity
     members: _containers.RepeatedCompositeFieldContainer[Identity]
@@ -107,7 +109,9 @@ class Welcome(_message.Message):
     last_id: int
     rate_per_second: float
     rate_burst: int
-    def __init__(self, room: _Optional[str] = ..., you: _Optional[_Union[Identity, _Mapping]] = ..., members: _Optional[_Iterable[_Union[Identity, _Mapping]]] = ..., max_message_bytes: _Optional[int] = ..., last_id: _Optional[int] = ..., rate_per_second: _Optional[float] = ..., rate_burst: _Optional[int] = ...) -> None: ...
+    history_id: str
+    history_generation: int
+    def __init__(self, room: _Optional[str] = ..., you: _Optional[_Union[Identity, _Mapping]] = ..., members: _Optional[_Iterable[_Union[Identity, _Mapping]]] = ..., max_message_bytes: _Optional[int] = ..., last_id: _Optional[int] = ..., rate_per_second: _Optional[float] = ..., rate_burst: _Optional[int] = ..., history_id: _Optional[str] = ..., history_generation: _Optional[int] = ...) -> None: ...
 
 class Presence(_message.Message):
     __slots__ = ("room", "kind", "who", "members")
@@ -142,10 +146,14 @@ class Error(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., client_msg_id: _Optional[str] = ..., retry_after_ms: _Optional[int] = ...) -> None: ...
 
 class ReplayDone(_message.Message):
-    __slots__ = ("last_id",)
+    __slots__ = ("last_id", "history_id", "history_generation")
     LAST_ID_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_ID_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_GENERATION_FIELD_NUMBER: _ClassVar[int]
     last_id: int
-    def __init__(self, last_id: _Optional[int] = ...) -> None: ...
+    history_id: str
+    history_generation: int
+    def __init__(self, last_id: _Optional[int] = ..., history_id: _Optional[str] = ..., history_generation: _Optional[int] = ...) -> None: ...
 
 class GoingAway(_message.Message):
     __slots__ = ("reason",)
