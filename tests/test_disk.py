@@ -188,3 +188,42 @@ def test_a_restart_on_a_full_disk_serves_reads_and_refuses_sends_as_not_stored(
     code, message = out["refused"]
     assert code == "UNAVAILABLE"
     assert "disk is full" in message and "not stored: send it again" in message
+
+
+class DiskFull:
+    """The writer's connection on a full disk: every message insert fails."""
+
+    def __init__(self, real: sqlite3.Connection) -> None:
+        self.real = real
+
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        if sql == "COMMIT" or sql.startswith("INSERT INTO messages"):
+            raise sqlite3.OperationalError("database or disk is full")
+        return self.real.execute(sql, *args)
+
+
+async def test_sends_refused_for_a_full_disk_are_not_strikes_and_the_stream_stays_open(
+        chat: Chat) -> None:
+    """More refusals in a row than the flooding limit (20 malformed events): a well-behaved
+    client on a full disk is told each time that its message was not stored, and is never
+    cut off as "flooding" (issue 18)."""
+    alice = await chat.connect("alice@tailnet.test")
+    call = alice.stub.Join(metadata=alice.metadata)
+    await call.write(pb.ClientEvent(hello=pb.Hello(room="general", after_id=2**62,
+                                                   batch_acks=True)))
+    out = Outcomes(call)
+    writer = chat.server.store._store
+    real = writer._db
+    writer._db = DiskFull(real)  # type: ignore[assignment]
+    cmids = [f"f{i}" for i in range(30)]
+    for c in cmids:
+        await call.write(send(f"text {c}", c))
+    await until(lambda: out.settled(*cmids), "every send is answered")
+    writer._db = real
+    assert out.acks == {} and set(out.errors) == set(cmids)
+    for e in out.errors.values():
+        assert "database or disk is full" in e.message and "not stored" in e.message
+    await call.write(send("room again", "ok"))
+    await until(lambda: out.settled("ok"), "the same stream is answered")
+    assert out.acks == {"ok": 1} and not out.task.done()  # still open, and stored
+    call.cancel()
