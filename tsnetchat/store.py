@@ -275,8 +275,13 @@ def _create(path: Path) -> None:
             db.execute("PRAGMA journal_mode=WAL")
         finally:
             db.close()
-        with contextlib.suppress(FileExistsError):  # another process made it first: use that
-            os.link(tmp, path)
+        try:
+            os.link(tmp, path)  # never over a database another process made meanwhile
+        except FileExistsError:
+            pass  # that one is used
+        except OSError:  # a file system without hard links
+            if not path.exists():
+                os.rename(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
