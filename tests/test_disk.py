@@ -4,13 +4,19 @@ bounded wait for sends, and what shutdown does with messages waiting for their c
 from __future__ import annotations
 
 import asyncio
+import json
+import shlex
+import shutil
 import sqlite3
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 from conftest import Chat
-from helpers import collect, hello_events, send, until, write_lock_held
+from helpers import collect, hello_events, need, send, until, write_lock_held
 
 from tsnetchat.client import acks_in
 from tsnetchat.pb import chat_pb2 as pb
@@ -156,3 +162,68 @@ async def test_on_shutdown_waiting_messages_are_stored_and_acknowledged_before_s
     assert [m.id for m in seen] == [1, 2, 3]
     chat.server.service = None  # already stopped; the fixture's stop is then a no-op
     chat.server._grpc = None
+
+
+def test_a_restart_on_a_full_disk_serves_reads_and_refuses_sends_as_not_stored(
+        tmp_path: Path) -> None:
+    """A real full disk (a small tmpfs in a mount namespace of its own). The server died
+    while the disk filled; started again, it serves what it has and refuses sends as not
+    stored. (Issue 18: start-up pruning opened a write transaction with nothing to prune,
+    and the server did not start.)"""
+    if not shutil.which("unshare") or subprocess.run(
+            ["unshare", "-m", "true"], capture_output=True).returncode:
+        need("a mount namespace (unshare -m, as root)", "the full-disk test mounts a tmpfs")
+    child = Path(__file__).with_name("fulldisk_child.py")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    py = shlex.quote(sys.executable)
+    steps = " && ".join(f"{py} {shlex.quote(str(child))} {step} {shlex.quote(str(disk))}"
+                        for step in ("first", "fill", "second"))
+    proc = subprocess.run(
+        ["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size=8m tmpfs {disk} && {steps}"],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["history"] == ["m0", "m1", "m2"]
+    code, message = out["refused"]
+    assert code == "UNAVAILABLE"
+    assert "disk is full" in message and "not stored: send it again" in message
+
+
+class DiskFull:
+    """The writer's connection on a full disk: every message insert fails."""
+
+    def __init__(self, real: sqlite3.Connection) -> None:
+        self.real = real
+
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        if sql == "COMMIT" or sql.startswith("INSERT INTO messages"):
+            raise sqlite3.OperationalError("database or disk is full")
+        return self.real.execute(sql, *args)
+
+
+async def test_sends_refused_for_a_full_disk_are_not_strikes_and_the_stream_stays_open(
+        chat: Chat) -> None:
+    """More refusals in a row than the flooding limit (20 malformed events): a well-behaved
+    client on a full disk is told each time that its message was not stored, and is never
+    cut off as "flooding" (issue 18)."""
+    alice = await chat.connect("alice@tailnet.test")
+    call = alice.stub.Join(metadata=alice.metadata)
+    await call.write(pb.ClientEvent(hello=pb.Hello(room="general", after_id=2**62,
+                                                   batch_acks=True)))
+    out = Outcomes(call)
+    writer = chat.server.store._store
+    real = writer._db
+    writer._db = DiskFull(real)  # type: ignore[assignment]
+    cmids = [f"f{i}" for i in range(30)]
+    for c in cmids:
+        await call.write(send(f"text {c}", c))
+    await until(lambda: out.settled(*cmids), "every send is answered")
+    writer._db = real
+    assert out.acks == {} and set(out.errors) == set(cmids)
+    for e in out.errors.values():
+        assert "database or disk is full" in e.message and "not stored" in e.message
+    await call.write(send("room again", "ok"))
+    await until(lambda: out.settled("ok"), "the same stream is answered")
+    assert out.acks == {"ok": 1} and not out.task.done()  # still open, and stored
+    call.cancel()

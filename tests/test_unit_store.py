@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import random
 import sqlite3
+import stat
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,16 @@ import pytest
 from helpers import until, write_lock_held
 
 from tsnetchat.errors import StoreError
-from tsnetchat.store import SCHEMA_VERSION, Draft, Outcome, Sender, SqliteHistory, Store, Written
+from tsnetchat.store import (
+    SCHEMA_VERSION,
+    WAL_SIZE_LIMIT,
+    Draft,
+    Outcome,
+    Sender,
+    SqliteHistory,
+    Store,
+    Written,
+)
 
 A = Sender("a@example.com", "A", "a-laptop.example.ts.net")
 
@@ -316,3 +327,125 @@ async def test_closing_settles_what_was_submitted(tmp_path: Path) -> None:
         h.submit(Draft("r", A, 1, f"m{i}"), outcomes.append)
     await asyncio.wait_for(h.close(), 10)
     assert len(outcomes) == 50 and all(isinstance(o, Written) for o in outcomes)
+
+
+# --- issue 18: storage an operator can trust ------------------------------------------------
+
+
+class ReadOnlyDisk:
+    """A connection on a disk with no room left: every write statement fails."""
+
+    def __init__(self, real: sqlite3.Connection) -> None:
+        self.real = real
+
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        if sql.split()[0].upper() in ("BEGIN", "INSERT", "UPDATE", "DELETE", "COMMIT"):
+            raise sqlite3.OperationalError("database or disk is full")
+        return self.real.execute(sql, *args)
+
+    def executemany(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        raise sqlite3.OperationalError("database or disk is full")
+
+
+def test_retention_with_nothing_to_delete_writes_nothing(tmp_path: Path) -> None:
+    """So it cannot fail on a full disk (a restart used to fail right there)."""
+    s = Store(tmp_path / "db")
+    for i in range(5):
+        s.append("r", A, 1, f"m{i}")
+    s.prune(keep_count=2, keep_days=0)
+    real = s._db
+    s._db = ReadOnlyDisk(real)  # type: ignore[assignment]
+    assert s.prune(keep_count=2, keep_days=0) == 0  # already pruned
+    assert s.prune(keep_count=0, keep_days=0) == 0  # retention off
+    assert s.prune(keep_count=0, keep_days=30) == 0  # nothing that old
+    with pytest.raises(StoreError, match="disk is full"):
+        s.prune(keep_count=1, keep_days=0)  # something to delete: it needs the disk
+    s._db = real
+    assert [m.id for m in s.after("r", 0, 10)] == [4, 5]
+    s.close()
+
+
+def test_database_files_are_created_private(tmp_path: Path) -> None:
+    s = Store(tmp_path / "state" / "db")
+    s.append("r", A, 1, "m")
+    names = sorted(p.name for p in (tmp_path / "state").iterdir())
+    assert names == ["db", "db-shm", "db-wal"]
+    for p in (tmp_path / "state").iterdir():
+        assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
+    s.close()
+
+
+def test_an_empty_history_file_is_refused_with_what_to_do(tmp_path: Path) -> None:
+    """A zero-length file is a truncated or replaced database, never a new one (new ones are
+    made with their tables, under another name): starting on it would silently show an empty
+    history and forget every token record."""
+    s = Store(tmp_path / "db")
+    s.append("r", A, 1, "m")
+    s.close()
+    (tmp_path / "db").write_bytes(b"")
+    with pytest.raises(StoreError) as e:
+        Store(tmp_path / "db")
+    assert "is empty (0 bytes)" in str(e.value)
+    assert "tsnetchat restore BACKUP" in str(e.value) and "delete the file" in str(e.value)
+    assert (tmp_path / "db").stat().st_size == 0  # left as it was
+    (tmp_path / "db").unlink()
+    assert Store(tmp_path / "db").last_ids() == {}  # deleted: a new, empty history
+
+
+def test_a_history_has_an_identity_that_survives_reopening_and_a_generation(
+        tmp_path: Path) -> None:
+    s = Store(tmp_path / "db")
+    first = s.identity()
+    assert first.generation == 1 and len(first.history_id) == 32
+    s.close()
+    s = Store(tmp_path / "db")
+    assert s.identity() == first
+    assert s.next_generation(above=5) == (first.history_id, 6)
+    s.close()
+    other = Store(tmp_path / "other")
+    assert other.identity().history_id != first.history_id
+    other.close()
+
+
+def test_a_schema_2_database_gains_an_identity_keeping_its_messages(tmp_path: Path) -> None:
+    s = Store(tmp_path / "db")
+    s.append("r", A, 1, "kept")
+    s.close()
+    db = sqlite3.connect(tmp_path / "db")
+    db.execute("DROP TABLE meta")
+    db.execute("PRAGMA user_version=2")
+    db.close()
+    s = Store(tmp_path / "db")
+    assert s.identity().generation == 1
+    assert [m.text for m in s.after("r", 0, 10)] == ["kept"]
+    s.close()
+
+
+def test_the_wal_shrinks_back_after_a_burst(tmp_path: Path) -> None:
+    """A burst while a reader holds an old snapshot grows the WAL (no checkpoint can catch
+    up); once the reader is gone the next checkpoint truncates it to WAL_SIZE_LIMIT instead of
+    keeping the burst's size on disk for good."""
+    s = Store(tmp_path / "db")
+    s.append("r", A, 1, "first")
+    reader = sqlite3.connect(tmp_path / "db")
+    reader.execute("BEGIN")
+    reader.execute("SELECT COUNT(*) FROM messages").fetchone()  # holds its snapshot
+    for _ in range(0, 4000, 50):
+        s.write([Draft("r", A, 1, "x" * 1000) for _ in range(50)])
+    wal = tmp_path / "db-wal"
+    burst = wal.stat().st_size
+    assert burst > 2 * WAL_SIZE_LIMIT
+    reader.execute("COMMIT")
+    reader.close()
+    other = sqlite3.connect(tmp_path / "db")  # a checkpoint as _Checkpointer runs it
+    while True:  # (until it catches up; the store's own checkpointer may be busy at it)
+        busy, log, done = other.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        if not busy and log == done:
+            break
+        time.sleep(0.01)
+    other.close()
+    assert wal.stat().st_size == burst  # (a checkpoint alone leaves the file as it is)
+    s.append("r", A, 1, "next")  # the writer starts the WAL over: and cuts it down
+    assert wal.stat().st_size <= WAL_SIZE_LIMIT
+    assert s.after("r", 4000, 10)[-1].text == "next"
+    s.close()

@@ -2,7 +2,9 @@
 here is `tail`'s: it follows a room across reconnects (a feed, not a chat session).
 
 Exit codes (for scripts): 0 ok, 1 error, 2 usage, 3 configuration, 4 tailnet (tailscaled not
-running, no such peer), 5 unauthenticated, 6 permission denied, 7 server unavailable.
+running, no such peer), 5 unauthenticated, 6 permission denied, 7 server unavailable,
+8 history database (missing, empty, not tsnetchat's, from a newer tsnetchat, damaged, the
+disk full), 9 the state dir is in use (`restore` under a running server).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from .errors import (
     InvalidInput,
     PermissionDenied,
     ServerUnavailable,
+    StateDirInUse,
+    StoreError,
     TailnetError,
     TsnetchatError,
     Unauthenticated,
@@ -46,7 +50,7 @@ grants_app = typer.Typer(no_args_is_help=True, help="Show and edit tsnetchat's g
 app.add_typer(grants_app, name="grants")
 
 EXIT = {ConfigError: 3, TailnetError: 4, Unauthenticated: 5, PermissionDenied: 6,
-        ServerUnavailable: 7, InvalidInput: 2}
+        ServerUnavailable: 7, InvalidInput: 2, StateDirInUse: 9, StoreError: 8}
 GRPC_EXIT = {grpc.StatusCode.UNAUTHENTICATED: 5, grpc.StatusCode.PERMISSION_DENIED: 6,
              grpc.StatusCode.UNAVAILABLE: 7, grpc.StatusCode.DEADLINE_EXCEEDED: 7,
              grpc.StatusCode.INVALID_ARGUMENT: 2, grpc.StatusCode.RESOURCE_EXHAUSTED: 1}
@@ -266,6 +270,48 @@ def token_rotate_key(config: ConfigOpt = None, state_dir: StateOpt = None) -> No
     except OSError as e:
         raise fail(ConfigError(f"cannot write {cfg.key_path}: {e.strerror}")) from None
     typer.echo(f"rotated {cfg.key_path}; every token issued before is now refused")
+
+
+# --- backup and restore ------------------------------------------------------------------
+
+
+@app.command(name="backup")
+def backup_cmd(
+    file: Annotated[Path, typer.Argument(help="Where to write the copy (replaced if it "
+                                         "exists).")],
+    config: ConfigOpt = None,
+    state_dir: StateOpt = None,
+) -> None:
+    """Copy the history and token records to FILE: a consistent copy as of one moment,
+    also while the server runs (never `cp` a live database)."""
+    from .backup import backup
+
+    cfg = _server_config(config, state_dir=state_dir)
+    try:
+        summary = backup(cfg.db_path, file)
+    except TsnetchatError as e:
+        raise fail(e) from None
+    typer.echo(f"backed up {summary.describe()} to {file}")
+
+
+@app.command(name="restore")
+def restore_cmd(
+    file: Annotated[Path, typer.Argument(help="A file `tsnetchat backup` wrote.")],
+    config: ConfigOpt = None,
+    state_dir: StateOpt = None,
+) -> None:
+    """Put a backup in place of the history (stop the server first). The database it
+    replaces is kept beside it; clients start over from the restored history."""
+    from .backup import restore
+
+    cfg = _server_config(config, state_dir=state_dir)
+    try:
+        summary = restore(file, cfg.db_path, cfg.state_dir)
+    except TsnetchatError as e:
+        raise fail(e) from None
+    typer.echo(f"restored {summary.describe()} from {file} into {cfg.db_path}")
+    if summary.replaced is not None:
+        typer.echo(f"the history it replaced is kept as {summary.replaced}")
 
 
 @config_app.command("show")

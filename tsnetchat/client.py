@@ -324,6 +324,10 @@ class SessionEvent:
       was refused for good (``error``); ``deferred``: ``outgoing`` was refused for now
       ("slow down", "not saved") and waits until ``outgoing.not_before`` to be sent again;
       ``error``: the server refused something else;
+    * ``restart``: the server's history is not the one the reader's position came from
+      (restored, replaced: ``resume.Cursor.check_history``); ``text`` says so. The session
+      starts over from what the server has: earlier messages may be shown again, and
+      differ.
     * ``fatal``: the session ended for good (``error``): refused, or could not start.
     """
 
@@ -371,6 +375,7 @@ class RoomSession:
         self._wake = asyncio.Event()  # something to send, or the pacer may have a token
         self._closing = asyncio.Event()
         self._replays = 0
+        self._start_over = False  # the stream ended to resume from what the server has
         self._read_to = 0  # the newest message the person has seen (Ack: read position)
         self._acked_to = 0  # ... as last told to the server on this stream
 
@@ -423,6 +428,10 @@ class RoomSession:
                 conn = await self.link.get()
                 async for ev in self._stream(conn):
                     yield ev
+                if self._start_over:
+                    self._start_over = False
+                    self.outbox.disconnected()
+                    continue
                 raise ClientError("the server ended the stream", retryable=True,
                                   transport=True)
             except asyncio.CancelledError:
@@ -473,6 +482,12 @@ class RoomSession:
                     return
                 which = ev.WhichOneof("event")
                 if which == "welcome":
+                    w = ev.welcome
+                    why = self.cursor.check_history(w.history_id, w.history_generation,
+                                                    w.last_id)
+                    if why is not None:
+                        yield self._restart(why)
+                        return
                     self._welcomed(ev.welcome)
                     yield SessionEvent("welcome", welcome=ev.welcome)
                     yield self._connected()
@@ -482,6 +497,8 @@ class RoomSession:
                     yield self._connected()  # Subscribe has no welcome
                 for e in self._handle(ev):
                     yield e
+                if self._start_over:
+                    return
         finally:
             if sender is not None:
                 sender.cancel()
@@ -496,6 +513,13 @@ class RoomSession:
         if limit is not None:
             self.pacer.configure(*limit)
 
+    def _restart(self, why: str) -> SessionEvent:
+        """End this stream and open the next one at once, from what the server has."""
+        self._start_over = True
+        self._replays = 0
+        return SessionEvent("restart", text=f"{why}; showing #{self.room} again from what the "
+                            "server has (messages shown before may appear again, or differ)")
+
     def _connected(self) -> SessionEvent:
         return SessionEvent("state", seconds=self.state.connected(time.monotonic()))
 
@@ -509,6 +533,12 @@ class RoomSession:
         elif which == "presence":
             out.append(SessionEvent("presence", presence=ev.presence))
         elif which == "replay_done":
+            rd = ev.replay_done
+            if self.read_only:  # (a Join stream checked its Welcome)
+                why = self.cursor.check_history(rd.history_id, rd.history_generation,
+                                                rd.last_id)
+                if why is not None:
+                    return [self._restart(why)]
             self.cursor.replay_done(ev.replay_done.last_id)
             self._replays += 1
             out.append(SessionEvent("replay_done", first=self._replays == 1,

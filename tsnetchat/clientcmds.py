@@ -123,6 +123,8 @@ async def tail(link: Link, room: str, *, after: int | None, new: bool, count: in
                 warn(f"connection lost: {ev.error}; reconnecting")
             elif ev.kind == "state" and ev.seconds is not None:
                 warn(f"reconnected after {ev.seconds:.0f}s; nothing missed")
+            elif ev.kind == "restart":
+                warn(ev.text)
             elif ev.kind == "fatal" and ev.error is not None:
                 raise ev.error
     finally:

@@ -17,7 +17,9 @@
     ├── InvalidInput             a request is malformed (bad room name, bad text, garbage)
     ├── LimitExceeded            size, rate, rooms, queue or refusal limits
     ├── Unavailable              the server cannot take the call now (shutting down); retry
-    └── StoreError               the history database failed
+    └── StoreError               the history database failed, or is not one we can use
+        └── StateDirInUse        another tsnetchat process (a server, a restore) holds the
+                                 state dir's lock
 
 Foreign errors (httpx, sqlite3, jwt, the `tailscale` package) are translated at one boundary
 each, raised ``from`` the original (tailnet.py, store.py, auth.py, tsapi.py).
@@ -85,4 +87,8 @@ class Unavailable(TsnetchatError):
 
 
 class StoreError(TsnetchatError):
+    pass
+
+
+class StateDirInUse(StoreError):
     pass

@@ -45,6 +45,7 @@ from .pb import chat_pb2 as pb
 from .rooms import Mentions
 from .store import (
     Draft,
+    HistoryIdentity,
     Outcome,
     Refused,
     RoomState,
@@ -88,6 +89,12 @@ class History(Protocol):
     are coroutines; ``last_id`` and ``rooms`` answer from memory (what has been settled)."""
 
     def submit(self, draft: Draft, then: Settle) -> None: ...
+
+    @property
+    def identity(self) -> HistoryIdentity:
+        """Which history the ids belong to; another identity or generation (a restore, a
+        replaced database) tells resuming clients to start over (store.HistoryIdentity)."""
+        ...
 
     def pending(self) -> int: ...
 

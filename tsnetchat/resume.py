@@ -4,7 +4,11 @@ randomness are passed in), shared by the terminal chat, ``send`` and ``tail`` th
 
 ``Cursor``: the last message id shown. A (re)join resumes after it and messages at or below
 it are never shown again, so after any number of reconnects every message is shown once, in
-id order.
+id order. That holds within one history: the cursor keeps the history's identity and
+generation with its position (``check_history``), and when the server's differ (a restored
+backup, a replaced database) or the server's newest id is below the position, the position
+means nothing there any more: it is forgotten and the reader starts over from what the server
+has, saying so, instead of hiding every message up to its old id.
 
 ``StreamState``, the state machine of one stream::
 
@@ -49,6 +53,27 @@ class Cursor:
     def __init__(self, after: int | None = None, *, from_now: bool = False) -> None:
         self.last_id = after
         self.from_now = from_now and after is None
+        self.history: tuple[str, int] | None = None  # (history_id, generation) of last_id
+
+    def check_history(self, history_id: str, generation: int, server_last: int) -> str | None:
+        """What the server says of its history (Welcome, ReplayDone): returns why the
+        position does not hold there, having forgotten it (start over), or None. An older
+        server sends no identity; the newest-id check still applies."""
+        here = (history_id, generation) if history_id else None
+        why = None
+        if self.last_id is not None:
+            if here is not None and self.history is not None and here != self.history:
+                why = ("the server's history was restored from a backup" if here[0] ==
+                       self.history[0] else "the server's history was replaced")
+            elif self.last_id > server_last:
+                why = (f"the server's history ends at message {server_last}, before the "
+                       f"last one shown here ({self.last_id}): it was restored or replaced")
+        if why is not None:
+            self.last_id = None
+            self.from_now = False
+        if here is not None:
+            self.history = here
+        return why
 
     def resume_after(self) -> int | None:
         """What to put in a hello/subscribe request's ``after_id``."""

@@ -32,7 +32,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from . import auth, enroll
 from .config import ServerConfig, parse_listen
-from .errors import ConfigError, TailnetError, TsnetchatError
+from .errors import ConfigError, StoreError, TailnetError, TsnetchatError
 from .gate import Gate, Policy
 from .hub import Hub, Pacing
 from .loop import Collector, LoopLoad, freeze_startup_heap, yield_helper_threads
@@ -40,7 +40,7 @@ from .metrics import Metrics
 from .notify import Notifier
 from .pb import chat_pb2 as pb
 from .service import SERVICE_NAME, ChatService
-from .statedir import secure_state_dir
+from .statedir import StateLock, secure_state_dir
 from .store import MAX_GROUP, SqliteHistory, Store
 from .tailnet import LocalAPI, Status, Tailnet, format_addr, wait_running
 
@@ -163,12 +163,19 @@ class Server:
         self.notifier = notifier or Notifier()
         self.progress = progress or (lambda m: log.info("%s", m))
         secure_state_dir(cfg.state_dir, (cfg.db_path,))
-        key = auth.load_or_create_key(cfg.key_path)  # refuses an open key file
-        self._key_stamp = _stamp(cfg.key_path)
-        # Opening (creating or upgrading) the database is start-up work: nothing is served
-        # yet, so the loop may wait for it here. From now on it runs on its own threads.
-        db = Store(cfg.db_path, fsync=cfg.fsync, timeout=cfg.store_wait)
-        revoked, self._revocation_seq = db.revocations_since(0)
+        # Held until stop(): `tsnetchat restore` refuses to run under a live server.
+        self._lock = StateLock(cfg.state_dir, "server")
+        try:
+            key = auth.load_or_create_key(cfg.key_path)  # refuses an open key file
+            self._key_stamp = _stamp(cfg.key_path)
+            # Opening (creating or upgrading) the database is start-up work: nothing is
+            # served yet, so the loop may wait for it here. From now on it runs on its own
+            # threads.
+            db = Store(cfg.db_path, fsync=cfg.fsync, timeout=cfg.store_wait)
+            revoked, self._revocation_seq = db.revocations_since(0)
+        except BaseException:
+            self._lock.release()
+            raise
         self.store = SqliteHistory(db, asyncio.get_running_loop(), wait=cfg.store_wait,
                                    max_group=max(1, min(MAX_GROUP, cfg.subscriber_queue // 4)))
         self.gate = Gate(tailnet, policy_for(cfg, key), revoked=revoked,
@@ -220,10 +227,16 @@ class Server:
         self.enrollment.policy = enroll.policy_from(cfg, self._name())  # now knowing our name
         self.addresses = (listen_addresses(self.status) if cfg.listen == "auto"
                           else parse_listen(cfg.listen))
-        pruned = await self.store.prune(keep_count=cfg.retention_count,
-                                        keep_days=cfg.retention_days)
-        if pruned:
-            log.info("retention: pruned %d old messages", pruned)
+        try:
+            pruned = await self.store.prune(keep_count=cfg.retention_count,
+                                            keep_days=cfg.retention_days)
+        except StoreError as e:
+            # A full disk: reads are still worth serving, and sends are refused as not
+            # stored until there is room (the retention loop tries again).
+            log.error("retention could not run at start-up (%s); serving anyway", e)
+        else:
+            if pruned:
+                log.info("retention: pruned %d old messages", pruned)
         self._grpc = self._build_grpc(self.addresses)
         await self._grpc.start()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -428,6 +441,7 @@ class Server:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         await self.store.close()
+        self._lock.release()
 
 
 async def serve(cfg: ServerConfig, *, reload_config: Callable[[], ServerConfig] | None = None,

@@ -294,6 +294,11 @@ class ChatService:
             for f in codec.pack([codec.message_item(m) for m in msgs]):
                 yield f
 
+    def _replay_done(self, sub: Subscriber) -> pb.ReplayDone:
+        who = self.store.identity
+        return pb.ReplayDone(last_id=sub.replayed_to, history_id=who.history_id,
+                             history_generation=who.generation)
+
     async def _live(self, sub: Subscriber,
                     context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         counters = self.metrics.counters
@@ -353,10 +358,12 @@ class ChatService:
                     private=rooms.is_conversation(room),
                     member_logins=self._room_members(room) if rooms.is_conversation(room)
                     else (),
-                    last_read_id=await self.store.read_mark(p.login, room)))
+                    last_read_id=await self.store.read_mark(p.login, room),
+                    history_id=self.store.identity.history_id,
+                    history_generation=self.store.identity.generation))
                 async for f in self._replay(sub, after):
                     yield f
-                yield codec.event(replay_done=pb.ReplayDone(last_id=sub.replayed_to))
+                yield codec.event(replay_done=self._replay_done(sub))
                 if first:
                     self._presence(hello.room, pb.PRESENCE_KIND_JOINED, me)
                 reader = asyncio.create_task(self._read_client(request_iterator, sub, p))
@@ -482,7 +489,7 @@ class ChatService:
                 after = request.after_id if request.HasField("after_id") else None
                 async for f in self._replay(sub, after):
                     yield f
-                yield codec.event(replay_done=pb.ReplayDone(last_id=sub.replayed_to))
+                yield codec.event(replay_done=self._replay_done(sub))
                 async for f in self._live(sub, context):
                     yield f
             finally:

@@ -3,33 +3,39 @@ enter it, and its files are only the server's to read.
 
 ``secure_state_dir`` creates the dir 0700, or makes an existing one 0700 (loudly: a warning
 in the log) when group or others could enter it, and refuses (ConfigError) when it cannot.
-The history database is created 0600 before SQLite opens it: SQLite gives its -wal and -shm
-files the database file's mode. Existing files that group or others can read are made 0600,
+The history database is created 0600 by ``store.Store`` (SQLite gives its -wal and -shm files
+the database file's mode). Existing files that group or others can read are made 0600,
 loudly.
+
+``StateLock``: the server holds an exclusive ``flock`` on ``tsnetchat.lock`` in the state
+dir for as long as it runs, and ``tsnetchat restore`` takes it too, so neither runs under the
+other. The kernel drops the lock when its process ends, also by SIGKILL: a crashed server
+never leaves a stale lock behind. (flock is not reliable on NFS; keep the state dir local.)
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import stat
 from collections.abc import Iterable
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import ConfigError, StateDirInUse
 
 log = logging.getLogger("tsnetchat.statedir")
 
 
 def secure_state_dir(state_dir: Path, files: Iterable[Path] = ()) -> None:
-    """Make ``state_dir`` private; create each SQLite database of ``files`` (empty, 0600)
-    unless it exists; make existing ones and their -wal/-shm files 0600. (The signing key is
-    not fixed but refused when open: see auth.load_or_create_key.)"""
+    """Make ``state_dir`` private; make the SQLite databases of ``files`` that exist, and
+    their -wal/-shm files, 0600. (The signing key is not fixed but refused when open: see
+    auth.load_or_create_key.)"""
     try:
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         _private(state_dir, 0o700, "state dir")
         for f in files:
-            os.close(os.open(f, os.O_WRONLY | os.O_CREAT, 0o600))
             for p in (f, f.with_name(f.name + "-wal"), f.with_name(f.name + "-shm")):
                 if p.exists():
                     _private(p, 0o600, "file")
@@ -49,3 +55,35 @@ def _private(path: Path, mode: int, what: str) -> None:
             f"private ({e.strerror}); run `chmod {mode:o} {path}` as its owner") from None
     log.warning("the %s %s was open to other users (mode %04o); made it %04o", what, path, now,
                 mode)
+
+
+LOCK_NAME = "tsnetchat.lock"
+
+
+class StateLock:
+    """The state dir's lock (see the module doc), held until ``release`` (or the process
+    ends). ``what`` ("server", "restore") is written into the file for the next one's error
+    message."""
+
+    def __init__(self, state_dir: Path, what: str) -> None:
+        path = state_dir / LOCK_NAME
+        try:
+            self._fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as e:
+            raise ConfigError(f"cannot open the lock file {path}: {e.strerror}") from None
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self._fd, 200, 0).decode("utf-8", "replace").strip()
+            self.release()
+            raise StateDirInUse(
+                f"the state dir {state_dir} is in use by another tsnetchat process "
+                f"({holder or 'unknown'}); stop it first (systemctl stop tsnetchat)") from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{what}, pid {os.getpid()}".encode(), 0)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)  # (closing drops the flock)
+            self._fd = None

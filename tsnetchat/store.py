@@ -38,10 +38,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
+import shutil
 import sqlite3
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -63,8 +66,11 @@ T = TypeVar("T")
 # text, measured), and 4 KB pages hold one 2,100-byte row (1.99x). 16 KB pages hold 900-4,096
 # byte texts within 1.36x (tests/test_unit_store.py measures it). Rooms and senders are
 # stored once and referred to by number.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 PAGE_SIZE = 16384
+# After a checkpoint has caught up, SQLite truncates the WAL to this size (without it the file
+# keeps the size of its largest burst forever; tests/test_unit_store.py measures it).
+WAL_SIZE_LIMIT = 4 * 1024 * 1024
 SCHEMA = """
 CREATE TABLE rooms (
     id INTEGER PRIMARY KEY,
@@ -217,13 +223,37 @@ def _team_features(db: sqlite3.Connection) -> None:
     db.execute("INSERT INTO messages_fts (messages_fts) VALUES ('rebuild')")
 
 
+def _add_identity(db: sqlite3.Connection) -> None:
+    """Version 2 -> 3: the history's identity (a random id, made once, kept by backups) and
+    its generation (raised by every restore). A client that resumes in a different identity
+    or generation starts over instead of trusting its message ids (``HistoryIdentity``)."""
+    _script(db, """
+        CREATE TABLE meta (
+            key TEXT PRIMARY KEY,
+            value TEXT NOT NULL
+        );
+    """)
+    db.execute("INSERT INTO meta (key, value) VALUES ('history_id', ?), ('generation', '1')",
+               (uuid.uuid4().hex,))
+
+
 # Each step takes the database from the version before it to its own, inside one transaction.
 # A fresh database gets SCHEMA (version 1) and then every later step.
 MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _from_round_1,
-                                                               2: _team_features}
+                                                               2: _team_features,
+                                                               3: _add_identity}
 
 # Message kinds (tsnetchat.v1.MessageKind): kept in step with the proto.
 TEXT, ACTION, EDIT, DELETE, TOPIC = 1, 2, 3, 4, 5
+
+
+class HistoryIdentity(NamedTuple):
+    """Which history a message id belongs to. ``history_id`` is made with the database and
+    kept by backups; ``generation`` is raised by every restore. Ids from another identity or
+    generation may name other messages (a restored copy reuses the ids issued after it)."""
+
+    history_id: str
+    generation: int
 
 
 @dataclass(frozen=True)
@@ -340,6 +370,76 @@ def _locked(e: sqlite3.Error) -> bool:
         "locked" in str(e) or "busy" in str(e))
 
 
+def _new_schema(db: sqlite3.Connection) -> None:
+    _script(db, SCHEMA)
+    for target in range(2, SCHEMA_VERSION + 1):
+        MIGRATIONS[target](db)
+    db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+
+def _create(path: Path) -> None:
+    """Make a new database at ``path``, mode 0600, all at once: it is written under another
+    name and linked into place with its tables in it, so a database file that exists always
+    has them (and an empty one is never ours: ``_refuse_empty``). SQLite gives the -wal and
+    -shm files the database file's mode."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".new")
+    for stale in (tmp, tmp.with_name(tmp.name + "-journal")):
+        stale.unlink(missing_ok=True)  # left by a crash while creating
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    try:
+        db = sqlite3.connect(tmp, isolation_level=None)
+        try:
+            db.execute(f"PRAGMA page_size={PAGE_SIZE}")
+            db.execute("BEGIN IMMEDIATE")
+            _new_schema(db)
+            db.execute("COMMIT")
+            db.execute("PRAGMA journal_mode=WAL")
+        finally:
+            db.close()
+        try:
+            os.link(tmp, path)  # never over a database another process made meanwhile
+        except FileExistsError:
+            pass  # that one is used
+        except OSError:  # a file system without hard links
+            if not path.exists():
+                os.rename(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _refuse_empty(path: Path) -> None:
+    """An existing database file of 0 bytes (and no WAL holding its pages) is not a new
+    history: a database file is never empty (``_create``), so it was truncated or replaced.
+    Starting on it would silently present an empty history and forget every token record."""
+    try:
+        empty = path.stat().st_size == 0
+        wal = path.with_name(path.name + "-wal")
+        empty = empty and (not wal.exists() or wal.stat().st_size == 0)
+    except FileNotFoundError:
+        return
+    if empty:
+        raise StoreError(
+            f"the history database {path} is empty (0 bytes): it was truncated or replaced "
+            "(a full disk while copying it, an interrupted restore?), so its messages and "
+            "token records are not there, and tsnetchat will not start over on it silently. "
+            "Restore a backup with `tsnetchat restore BACKUP`, or delete the file to start "
+            "with an empty history")
+
+
+def _full(path: Path) -> str:
+    """A hint for an error while opening: the disk is full (SQLite says only "disk I/O
+    error" when it cannot make its -shm file)."""
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        return ""
+    if free >= 1024 * 1024:
+        return ""
+    return (f" (the disk holding {path.parent} has {free} bytes free: free some space, "
+            "then start again)")
+
+
 class _Checkpointer(threading.Thread):
     """Runs ``PRAGMA wal_checkpoint(PASSIVE)`` on its own connection each time it is asked.
     PASSIVE never blocks the writer; SQLite restarts the WAL from its beginning once a
@@ -398,12 +498,17 @@ class Store:
                 self._db.execute("PRAGMA query_only=ON")
                 self._check_version(int(self._db.execute("PRAGMA user_version").fetchone()[0]))
             else:
-                path.parent.mkdir(parents=True, exist_ok=True)
+                _refuse_empty(path)
+                if not path.exists():
+                    _create(path)
                 self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
                                            timeout=timeout)
                 self._open_for_writing(fsync)
         except sqlite3.Error as e:
-            raise StoreError(f"cannot open history database {path}: {e}") from e
+            raise StoreError(f"cannot open history database {path}: {e}{_full(path)}") from e
+        except OSError as e:
+            raise StoreError(f"cannot create history database {path}: {e.strerror}"
+                             f"{_full(path)}") from e
         self._appends = 0
         self.purge_due = False  # a deletion committed: run ``purge`` (the writer thread)
         self._timeout_ms = int(timeout * 1000)
@@ -427,19 +532,17 @@ class Store:
         version = int(db.execute("PRAGMA user_version").fetchone()[0])
         self._check_version(version)
         fresh = not db.execute("SELECT 1 FROM sqlite_master").fetchone()
-        if fresh:  # the page size can only be chosen before the first table exists
+        if fresh:  # (a file made by round 1 before its first table was written)
             db.execute(f"PRAGMA page_size={PAGE_SIZE}")
         db.execute("PRAGMA journal_mode=WAL")
         db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
         # A deleted message's text is overwritten, not only unlinked (a pasted secret must
         # really disappear); see ``purge``.
         db.execute("PRAGMA secure_delete=ON")
+        db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
         if fresh:
             with self._tx():
-                _script(db, SCHEMA)
-                for target in range(2, SCHEMA_VERSION + 1):
-                    MIGRATIONS[target](db)
-                db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                _new_schema(db)
             return
         if version == SCHEMA_VERSION:
             return
@@ -450,7 +553,8 @@ class Store:
                             self.path, target)
                 MIGRATIONS[target](db)
                 db.execute(f"PRAGMA user_version={target}")
-        self._compact()
+        if version < 1:  # round 1's layout left pages worth dropping; later steps do not
+            self._compact()
 
     def _compact(self) -> None:
         """After an upgrade: rewrite the file with the current page size, dropping the old
@@ -732,23 +836,34 @@ class Store:
     def prune(self, *, keep_count: int, keep_days: float, now: float | None = None,
               max_rows: int = 0) -> int:
         """Apply retention; returns the number of messages deleted (at most ``max_rows`` when
-        it is set: call again until it returns less). ids are not reused."""
+        it is set: call again until it returns less). ids are not reused. Nothing to delete
+        writes nothing: on a full disk a start-up must not fail on a transaction it did not
+        need (issue 18)."""
         cutoff = int(((time.time() if now is None else now) - keep_days * 86400) * 1000)
-        deleted = 0
-        with self._tx() as db:
-            # Keep the high-water marks: pruning may delete a room's newest message.
-            db.executemany("UPDATE rooms SET last_id=? WHERE id=?",
-                           [(last, rid) for rid, last in self._rooms.values()])
+        plan: list[tuple[int, int]] = []  # (room number, delete ids up to)
+        try:
             for rid, last in self._rooms.values():
                 upto = last - keep_count if keep_count > 0 else 0
                 if keep_days > 0:
                     # ids follow time within a room, so everything before the first message
                     # newer than the cutoff is older: no index on time needed.
-                    row = db.execute("SELECT id FROM messages WHERE room=? AND ts_ms>=? "
-                                     "ORDER BY id LIMIT 1", (rid, cutoff)).fetchone()
+                    row = self._db.execute("SELECT id FROM messages WHERE room=? AND ts_ms>=? "
+                                           "ORDER BY id LIMIT 1", (rid, cutoff)).fetchone()
                     upto = max(upto, (row[0] - 1) if row else last)
-                if upto <= 0:
-                    continue
+                if upto > 0 and self._db.execute(
+                        "SELECT 1 FROM messages WHERE room=? AND id<=? LIMIT 1",
+                        (rid, upto)).fetchone():
+                    plan.append((rid, upto))
+        except sqlite3.Error as e:
+            raise StoreError(f"history database error: {e}") from e
+        if not plan:
+            return 0
+        deleted = 0
+        with self._tx() as db:
+            # Keep the high-water marks: pruning may delete a room's newest message.
+            db.executemany("UPDATE rooms SET last_id=? WHERE id=?",
+                           [(last, rid) for rid, last in self._rooms.values()])
+            for rid, upto in plan:
                 if max_rows:
                     row = db.execute("SELECT id FROM messages WHERE room=? AND id<=? ORDER BY id "
                                      "LIMIT 1 OFFSET ?", (rid, upto, max_rows - deleted - 1)
@@ -870,6 +985,56 @@ class Store:
             (*args, limit, offset))
         return [_row(r) for r in rows]
 
+    # identity -------------------------------------------------------------------------
+
+    def identity(self) -> HistoryIdentity:
+        """This history's identity and generation (see ``HistoryIdentity``)."""
+        rows = dict(self._q("SELECT key, value FROM meta WHERE key IN "
+                            "('history_id', 'generation')"))
+        try:
+            return HistoryIdentity(str(rows["history_id"]), int(rows["generation"]))
+        except (KeyError, ValueError) as e:
+            raise StoreError(f"the history database {self.path} has no valid identity "
+                             f"({e!r} in its meta table)") from None
+
+    def next_generation(self, above: int = 0) -> HistoryIdentity:
+        """Raise the generation past both its own and ``above`` (a restore does this, so
+        clients positioned in any earlier generation start over)."""
+        with self._tx() as db:
+            gen = int(db.execute("SELECT value FROM meta WHERE key='generation'").fetchone()[0])
+            db.execute("UPDATE meta SET value=? WHERE key='generation'",
+                       (str(max(gen, above) + 1),))
+        return self.identity()
+
+    def counts(self) -> tuple[int, int]:
+        """(messages, rooms) stored."""
+        (row,) = self._q("SELECT (SELECT COUNT(*) FROM messages), (SELECT COUNT(*) FROM rooms)")
+        return int(row[0]), int(row[1])
+
+    def copy_to(self, dest: Path) -> None:
+        """A consistent copy of the database as of one moment into ``dest`` (which must not
+        exist), with ``VACUUM INTO``: one read transaction, so a server writing meanwhile
+        is neither blocked nor half-copied (WAL), and the copy is compact, one file, 0600."""
+        os.close(os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        try:
+            # query_only refuses VACUUM INTO, which writes only ``dest``.
+            only = int(self._db.execute("PRAGMA query_only").fetchone()[0])
+            self._db.execute("PRAGMA query_only=OFF")
+            try:
+                self._db.execute("VACUUM INTO ?", (str(dest),))
+            finally:
+                self._db.execute(f"PRAGMA query_only={only}")
+            with open(dest, "rb+") as f:
+                os.fsync(f.fileno())
+        except BaseException as e:
+            dest.unlink(missing_ok=True)
+            if isinstance(e, sqlite3.Error):
+                raise StoreError(f"cannot copy the history database {self.path} to {dest}: "
+                                 f"{e}{_full(dest)}") from e
+            if isinstance(e, OSError):
+                raise StoreError(f"cannot write {dest}: {e.strerror}{_full(dest)}") from e
+            raise
+
     # tokens -------------------------------------------------------------------------
 
     def record_token(self, row: dict[str, object]) -> None:
@@ -947,6 +1112,7 @@ class SqliteHistory:
         self.linger: Callable[[], float] = lambda: 0.0
         self._release: asyncio.TimerHandle | None = None
         self._store = store  # the writer thread's
+        self.identity = store.identity()  # (a restore needs the server stopped: fixed here)
         self._loop = loop
         self._visible = store.last_ids()  # what the loop has been told is stored
         self._private = store.private_rooms()  # private room -> members (loop's copy)

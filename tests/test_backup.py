@@ -1,0 +1,241 @@
+"""`tsnetchat backup` and `restore` (the real CLI beside a real server), and what a client
+does when the history under it was restored: it starts over and says so, instead of hiding
+every message up to the id it had seen (issue 18)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import sqlite3
+import stat
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from conftest import Chat
+from helpers import make_config
+from test_client_session import Pump, link_as, pump
+
+from tsnetchat.backup import backup, restore
+from tsnetchat.client import RoomSession
+from tsnetchat.errors import StateDirInUse
+from tsnetchat.server import Server
+from tsnetchat.statedir import StateLock
+from tsnetchat.store import SCHEMA_VERSION, Store
+
+CLI = Path(sys.executable).with_name("tsnetchat")
+
+
+@pytest.fixture
+async def pumps() -> AsyncIterator[list[Pump]]:
+    made: list[Pump] = []
+    yield made
+    for p in made:
+        await p.close()
+
+
+def cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(CLI), *map(str, args)], capture_output=True, text=True,
+                          timeout=60)
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+async def restart_with(chat: Chat, backup_file: Path) -> None:
+    """Stop the server, restore ``backup_file`` as an operator would, start it again."""
+    await chat.server.stop(grace=0.5)
+    done = cli("restore", backup_file, "--state-dir", chat.cfg.state_dir)
+    assert done.returncode == 0, done.stderr
+    chat.server = Server(chat.cfg, tailnet=chat.net, pacing=chat.pacing)
+    await chat.server.start()
+
+
+@pytest.mark.parametrize("read_only", [False, True], ids=["join", "subscribe"])
+async def test_a_reader_beyond_a_restored_history_starts_over_and_says_so(
+        chat: Chat, pumps: list[Pump], tmp_path: Path, read_only: bool) -> None:
+    """The case from the reliability run: a backup at id 51, the room goes on to 100, the
+    backup is restored and 11 new messages arrive (52..62). A reader that had shown 100 used
+    to show none of them (ids at or below its last are never shown again)."""
+    alice = await chat.connect("alice@tailnet.test")
+    for i in range(51):
+        await alice.send_one("general", f"old{i}")
+    copy = tmp_path / "at-51.db"
+    backup(chat.cfg.db_path, copy)
+    for i in range(51, 100):
+        await alice.send_one("general", f"old{i}")
+    reader = pump(pumps, RoomSession(link_as(chat, "bob@tailnet.test"), "general",
+                                     after_id=90, read_only=read_only, fail_fast=False))
+    await reader.until(lambda: reader.session.last_id == 100)
+
+    await restart_with(chat, copy)
+    alice = await chat.connect("alice@tailnet.test")
+    for i in range(11):
+        assert await alice.send_one("general", f"new{i}") == 52 + i
+
+    await reader.until(lambda: "new10" in [e.message.text for e in reader.kinds("message")
+                                           if e.message is not None])
+    (restart,) = reader.kinds("restart")
+    assert "restored from a backup" in restart.text or "ends at message" in restart.text
+    assert "showing #general again from what the server has" in restart.text
+    after = reader.events[reader.events.index(restart):]
+    shown = [(e.message.id, e.message.text) for e in after
+             if e.kind == "message" and e.message is not None]
+    assert [(52 + i, f"new{i}") for i in range(11)] == shown[-11:]
+    assert reader.session.last_id == 62
+
+
+async def test_a_backup_taken_while_the_server_writes_is_a_consistent_private_copy(
+        chat: Chat, tmp_path: Path) -> None:
+    alice = await chat.connect("alice@tailnet.test")
+    await alice.send_one("general", "first")
+    writing = True
+
+    async def write() -> int:
+        n = 1
+        while writing:
+            await alice.send_one("general", f"m{n}")
+            n += 1
+        return n
+
+    writer = asyncio.create_task(write())
+    await asyncio.sleep(0)
+    dest = tmp_path / "backups" / "tsnetchat.db"
+    dest.parent.mkdir()
+    done = await asyncio.to_thread(cli, "backup", dest, "--state-dir", chat.cfg.state_dir)
+    writing = False
+    sent = await writer
+    assert done.returncode == 0, done.stderr
+    assert "backed up" in done.stdout and "generation 1" in done.stdout
+    assert stat.S_IMODE(dest.stat().st_mode) == 0o600
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["tsnetchat.db"]  # one file
+    db = sqlite3.connect(f"file:{dest}?mode=ro", uri=True)
+    assert db.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+    ids = [r[0] for r in db.execute("SELECT id FROM messages ORDER BY id")]
+    db.close()
+    assert ids == list(range(1, len(ids) + 1)) and 1 <= len(ids) <= sent  # a moment's state
+
+
+async def test_restore_refuses_to_run_under_a_live_server_and_touches_nothing(
+        chat: Chat, tmp_path: Path) -> None:
+    alice = await chat.connect("alice@tailnet.test")
+    await alice.send_one("general", "kept")
+    copy = tmp_path / "copy.db"
+    backup(chat.cfg.db_path, copy)
+    before = sorted(p.name for p in chat.cfg.state_dir.iterdir())
+    done = cli("restore", copy, "--state-dir", chat.cfg.state_dir)
+    assert done.returncode == 9
+    assert "is in use by another tsnetchat process (server, pid" in done.stderr
+    assert "stop it first" in done.stderr and "Traceback" not in done.stderr
+    assert sorted(p.name for p in chat.cfg.state_dir.iterdir()) == before
+    assert await alice.send_one("general", "still serving") == 2
+
+
+def test_a_server_does_not_start_while_a_restore_holds_the_state_dir(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path)
+    cfg.state_dir.mkdir(parents=True)
+    lock = StateLock(cfg.state_dir, "restore")
+
+    async def start() -> None:
+        from fakenet import FakeTailnet
+
+        Server(cfg, tailnet=FakeTailnet(server_port=cfg.port))
+
+    with pytest.raises(StateDirInUse, match=r"in use by another tsnetchat process \(restore"):
+        asyncio.run(start())
+    lock.release()
+
+
+def test_a_restore_keeps_what_it_replaced_and_starts_a_new_generation(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    live = Store(state / "tsnetchat.db")
+    live.append("r", *_msg("in the backup"))
+    live.close()
+    copy = tmp_path / "copy.db"
+    backup(state / "tsnetchat.db", copy)
+    live = Store(state / "tsnetchat.db")
+    live.append("r", *_msg("after the backup"))
+    history = live.identity()
+    live.close()
+    summary = restore(copy, state / "tsnetchat.db", state)
+    assert summary.identity == (history.history_id, history.generation + 1)
+    assert summary.replaced is not None and summary.replaced.parent == state
+    assert [m.text for m in Store(summary.replaced).after("r", 0, 10)] == [
+        "in the backup", "after the backup"]
+    restored = Store(state / "tsnetchat.db")
+    assert [m.text for m in restored.after("r", 0, 10)] == ["in the backup"]
+    assert restored.identity() == summary.identity
+    restored.close()
+    assert stat.S_IMODE((state / "tsnetchat.db").stat().st_mode) == 0o600
+
+
+def _msg(text: str) -> tuple[object, ...]:
+    from tsnetchat.store import Sender
+
+    return Sender("a@example.com", "A", "a"), 1, text
+
+
+def _sqlite_not_ours(path: Path) -> None:
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE notes (x)")
+    db.commit()
+    db.close()
+
+
+def _newer(path: Path) -> None:
+    Store(path).close()
+    db = sqlite3.connect(path)
+    db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    db.close()
+
+
+@pytest.mark.parametrize(("make", "says"), [
+    (None, "no such file"),
+    (lambda p: p.write_bytes(b""), "is empty (0 bytes): not a tsnetchat backup"),
+    (lambda p: p.write_text("hello\n" * 1000), "not an SQLite database"),
+    (_sqlite_not_ours, "not a tsnetchat history"),
+    (_newer, "written by a newer tsnetchat"),
+], ids=["missing", "empty", "text", "other-sqlite", "newer-schema"])
+def test_restore_of_bad_input_says_what_is_wrong_and_loses_nothing(
+        tmp_path: Path, make: object, says: str) -> None:
+    state = tmp_path / "state"
+    live = Store(state / "tsnetchat.db")
+    live.append("r", *_msg("precious"))
+    live.close()
+    before = digest(state / "tsnetchat.db"), sorted(p.name for p in state.iterdir())
+    bad = tmp_path / "bad.db"
+    if callable(make):
+        make(bad)
+    done = cli("restore", bad, "--state-dir", state)
+    assert done.returncode == 8, done.stderr
+    assert says in done.stderr and "Traceback" not in done.stderr
+    assert (digest(state / "tsnetchat.db"), sorted(p.name for p in state.iterdir())) == before
+
+
+def test_backup_without_a_history_says_where_it_looked(tmp_path: Path) -> None:
+    done = cli("backup", tmp_path / "out.db", "--state-dir", tmp_path / "nothing-here")
+    assert done.returncode == 8
+    assert "there is no history database at" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "out.db").exists()
+
+
+def test_a_cursor_keeps_its_position_only_within_the_history_it_came_from() -> None:
+    from tsnetchat.resume import Cursor
+
+    c = Cursor(40)
+    assert c.check_history("h1", 1, 62) is None and c.last_id == 40  # first contact
+    assert c.check_history("h1", 1, 40) is None and c.last_id == 40  # same history
+    why = c.check_history("h1", 2, 62)  # restored: ids past the backup name other messages
+    assert why is not None and "restored from a backup" in why and c.last_id is None
+    c = Cursor(40)
+    c.check_history("h1", 1, 62)
+    why = c.check_history("h2", 1, 62)
+    assert why is not None and "replaced" in why and c.last_id is None
+    c = Cursor(100)  # a server without identities: only the newest id can tell
+    assert c.check_history("", 0, 100) is None and c.last_id == 100
+    why = c.check_history("", 0, 62)
+    assert why is not None and "ends at message 62, before the last one shown here (100)" in why
+    assert Cursor(from_now=True).check_history("h1", 1, 0) is None  # nothing shown: nothing lost

@@ -1,0 +1,187 @@
+"""`tsnetchat backup` and `tsnetchat restore`: the history database copied safely.
+
+* ``backup(db, dest)`` writes a consistent copy of the live database as of one moment
+  (``Store.copy_to``: SQLite's ``VACUUM INTO`` in one read transaction), while the server
+  runs and writes. ``cp`` is not a backup of a WAL database: the newest commits live in the
+  -wal file until a checkpoint, and a copy taken mid-write can be torn. The copy is written
+  under a temporary name, checked, then renamed over ``dest``: a failed backup never leaves a
+  half file where the last good one was.
+* ``restore(src, db, state_dir)`` puts a backup in place of the database. It refuses while
+  a server runs on the state dir (``statedir.StateLock``), checks the backup first (missing,
+  empty, not SQLite, not tsnetchat, written by a newer tsnetchat, damaged: StoreError, and
+  nothing is touched), raises the history's generation past the one it replaces (clients
+  positioned in the old history start over instead of hiding messages), and keeps the
+  database it replaces beside it (``<name>.before-restore-<time>``): nothing is deleted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import StoreError
+from .statedir import StateLock
+from .store import SCHEMA_VERSION, HistoryIdentity, Store
+
+
+@dataclass(frozen=True)
+class Summary:
+    path: Path
+    messages: int
+    rooms: int
+    identity: HistoryIdentity | None  # None: a database from before identities (round 1)
+    replaced: Path | None = None  # restore: where the database it replaced now is
+
+    def describe(self) -> str:
+        who = (f"history {self.identity.history_id[:12]} generation {self.identity.generation}"
+               if self.identity else "a history from before identities")
+        return f"{self.messages} messages in {self.rooms} rooms ({who})"
+
+
+def backup(db: Path, dest: Path) -> Summary:
+    """Copy the live database ``db`` to ``dest`` (replaced if it exists). Raises StoreError."""
+    if not db.is_file():
+        raise StoreError(f"there is no history database at {db} (is --state-dir or the config "
+                         "file the server's?)")
+    if dest.is_dir():
+        raise StoreError(f"{dest} is a directory; give the backup's file name, e.g. "
+                         f"{dest / 'tsnetchat.db'}")
+    tmp = dest.with_name(f".{dest.name}.partial")
+    _remove(tmp)
+    src = Store(db, readonly=True)
+    try:
+        src.copy_to(tmp)
+    finally:
+        src.close()
+    try:
+        summary = inspect(tmp)
+        os.replace(tmp, dest)
+    finally:
+        _remove(tmp)
+    _sync_dir(dest.parent)
+    return Summary(dest, summary.messages, summary.rooms, summary.identity)
+
+
+def inspect(path: Path) -> Summary:
+    """What a backup file holds, after checking it is one this tsnetchat can restore.
+    Raises StoreError naming what is wrong; opens the file read-only."""
+    if not path.exists():
+        raise StoreError(f"{path}: no such file")
+    if not path.is_file():
+        raise StoreError(f"{path} is not a file")
+    if path.stat().st_size == 0:
+        raise StoreError(f"{path} is empty (0 bytes): not a tsnetchat backup")
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    except sqlite3.Error as e:
+        raise StoreError(f"cannot open {path}: {e}") from e
+    try:
+        try:
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master "
+                                               "WHERE type='table'")}
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"{path} is not a tsnetchat backup (not an SQLite database: "
+                             f"{e})") from e
+        if not {"messages", "rooms", "tokens"} <= tables:
+            raise StoreError(f"{path} is an SQLite database but not a tsnetchat history (it "
+                             "has no messages, rooms and tokens tables)")
+        version = int(db.execute("PRAGMA user_version").fetchone()[0])
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"{path} was written by a newer tsnetchat (schema version "
+                             f"{version}; this one understands up to {SCHEMA_VERSION}): "
+                             "upgrade tsnetchat, then restore")
+        check = [r[0] for r in db.execute("PRAGMA quick_check")]
+        if check != ["ok"]:
+            raise StoreError(f"{path} is damaged (SQLite's quick_check: "
+                             f"{'; '.join(map(str, check[:3]))})")
+        identity = None
+        if "meta" in tables:
+            meta = dict(db.execute("SELECT key, value FROM meta"))
+            with contextlib.suppress(KeyError, ValueError):
+                identity = HistoryIdentity(str(meta["history_id"]), int(meta["generation"]))
+        messages, rooms = db.execute("SELECT (SELECT COUNT(*) FROM messages), "
+                                     "(SELECT COUNT(*) FROM rooms)").fetchone()
+    except sqlite3.Error as e:
+        raise StoreError(f"cannot read {path}: {e}") from e
+    finally:
+        db.close()
+    return Summary(path, int(messages), int(rooms), identity)
+
+
+def restore(src: Path, db: Path, state_dir: Path) -> Summary:
+    """Replace the database ``db`` with the backup ``src`` (see the module doc). Raises
+    StoreError (StateDirInUse while a server runs)."""
+    inspect(src)  # before anything is touched
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    lock = StateLock(state_dir, "restore")
+    try:
+        return _restore_locked(src, db, state_dir)
+    finally:
+        lock.release()
+
+
+def _restore_locked(src: Path, db: Path, state_dir: Path) -> Summary:
+    tmp = db.with_name(db.name + ".restoring")
+    _remove(tmp)
+    try:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        source = sqlite3.connect(f"file:{src}?mode=ro", uri=True)
+        target = sqlite3.connect(tmp)
+        try:
+            source.backup(target)  # also reads a -wal the backup file may have beside it
+        finally:
+            target.close()
+            source.close()
+        above = _generation(db)
+        store = Store(tmp)  # upgrades an older backup in place
+        try:
+            identity = store.next_generation(above)
+            messages, rooms = store.counts()
+        finally:
+            store.close()
+        st = state_dir.stat()
+        if os.geteuid() == 0 and (st.st_uid, st.st_gid) != (0, 0):
+            os.chown(tmp, st.st_uid, st.st_gid)  # the server's user must open it
+        replaced = None
+        if db.exists():
+            replaced = db.with_name(f"{db.name}.before-restore-{time.strftime('%Y%m%dT%H%M%S')}")
+            os.rename(db, replaced)
+            for suffix in ("-wal", "-shm"):
+                side = db.with_name(db.name + suffix)
+                if side.exists():  # a -wal may hold its last commits: it goes along
+                    os.rename(side, replaced.with_name(replaced.name + suffix))
+        os.rename(tmp, db)
+        _sync_dir(db.parent)
+    except sqlite3.Error as e:
+        raise StoreError(f"cannot restore {src}: {e}") from e
+    except OSError as e:
+        raise StoreError(f"cannot restore {src} to {db}: {e.strerror}") from e
+    finally:
+        _remove(tmp)
+    return Summary(db, messages, rooms, identity, replaced)
+
+
+def _generation(db: Path) -> int:
+    """The generation of the database a restore replaces (0 if it has none we can read)."""
+    try:
+        summary = inspect(db)
+    except StoreError:
+        return 0
+    return summary.identity.generation if summary.identity else 0
+
+
+def _remove(path: Path) -> None:
+    for p in (path, *(path.with_name(path.name + s) for s in ("-wal", "-shm", "-journal"))):
+        p.unlink(missing_ok=True)
+
+
+def _sync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
