@@ -48,12 +48,12 @@ def open_terminal(chat_server: LabDaemon, tmp_path: Path) -> Iterator[Opener]:
     made: list[Tmux] = []
 
     def open_(who: str, *, rooms: tuple[str, ...] = (), height: int = 50,
-              wait: bool = True) -> Tmux:
+              wait: bool = True, admin: bool = False) -> Tmux:
         home = tmp_path / f"home-{who}-{len(made)}"
         home.mkdir()
         env = {"TERM": "xterm-256color", "PATH": os.environ["PATH"], "HOME": str(home),
                "LANG": "C.UTF-8", "TZ": "UTC"}
-        tok = chat_server.token(f"{who}@tailnet.test", rooms)
+        tok = chat_server.token(f"{who}@tailnet.test", rooms, *(["--admin"] if admin else []))
         t = Tmux(f"{who}-{os.getpid()}-{len(made)}",
                  [CLI, "connect", "chat-server", "--token", tok,
                   *chat_server.client_args(NODES[who])], env, height=height)
@@ -364,6 +364,25 @@ def test_search_results_open_in_a_buffer_of_their_own(terminals: dict[str, Tmux]
     alice.type("/search nothingmatchesthis")
     alice.wait_for(r"nothing found")
     no_python_on(alice, bob)
+
+
+def test_a_private_room_is_created_joined_by_its_members_and_refused_to_others(
+        open_terminal: Opener) -> None:
+    alice = open_terminal("alice", admin=True)
+    bob = open_terminal("bob")
+    mallory = open_terminal("mallory")
+    alice.type("/create +ops bob")
+    alice.wait_for(r"\+ops: members alice@tailnet.test, bob@tailnet.test")
+    alice.wait_for(r"│ \+ops │")  # and she is in it
+    bob.type("/join +OPS")
+    bob.wait_for(r"you joined \+ops")
+    alice.type("for the two of us")
+    bob.wait_for(r"<Alice> for the two of us")
+    mallory.type("/join +ops")
+    mallory.wait_for(r"!! cannot join \+ops: ")
+    assert "for the two of us" not in mallory.screen()
+    assert status_line(mallory).split("│")[1] == " #general "
+    no_python_on(alice, bob, mallory)
 
 
 def test_a_topic_and_away_are_shown_to_everyone_in_the_room(

@@ -689,9 +689,13 @@ class ChatApp:
             else:
                 res = await conn.set_room_members(room, add=logins if what == "invite" else (),
                                                   remove=logins if what == "remove" else ())
-            self.say(f"{res.room}: members {', '.join(res.members) or 'nobody'}")
+            said = f"{res.room}: members {', '.join(res.members) or 'nobody'}"
             if what == "create":
-                self.join(room)
+                self.join(room)  # the line goes into the room's own buffer
+                self.conversations[room].notice(said, renderer=self.renderer)
+                self.invalidate()
+            else:
+                self.say(said)
 
         self.spawn(run())
         return False
@@ -777,7 +781,8 @@ class ChatApp:
             if room in self.conversations and room not in self.tasks:
                 self.close_buffer(room)  # search results, or a room only listed
                 return
-            self.say(f"not in #{room}" if room else "not in a room", error=True)
+            where = room if room.startswith("+") else f"#{room}"
+            self.say(f"not in {where}" if room else "not in a room", error=True)
             return
         self.tasks.pop(room).cancel()
         self.spawn(session.close())
@@ -811,7 +816,7 @@ class ChatApp:
             raise
         except Exception:
             log.exception("room %s stopped", conv.name)
-            self.say(f"#{conv.name} stopped after an internal error; see {log_path()}",
+            self.say(f"{conv.title} stopped after an internal error; see {log_path()}",
                      error=True)
 
     def on_event(self, conv: Conversation, session: RoomSession, ev: SessionEvent) -> None:
@@ -898,11 +903,11 @@ class ChatApp:
             if self.current == conv.name:
                 self.current = None
                 self.switch(next(iter(self.conversations), ""))
-            self.say(f"cannot join #{conv.name}: {err}", error=True)
+            self.say(f"cannot join {conv.title}: {err}", error=True)
             for out in session.outbox:  # typed while it was joining: not lost, not sent
-                self.say(f"not sent to #{conv.name}: {visible(out.text)}", error=True)
+                self.say(f"not sent to {conv.title}: {visible(out.text)}", error=True)
             return
-        conv.notice(f"#{conv.name} is closed for good: {err}", error=True,
+        conv.notice(f"{conv.title} is closed for good: {err}", error=True,
                     renderer=self.renderer)
 
     def ring(self, conv: Conversation, m: pb.ChatMessage) -> None:
@@ -999,7 +1004,8 @@ class ChatApp:
         """What was typed but not stored, to print after the screen is gone."""
         notes = {State.SENDING: "  (sent, not confirmed: it may have been stored)",
                  State.FAILED: "  (refused)"}
-        out = [f"#{room}: {o.text}{notes.get(o.state, '')}"
+        titles = {name: c.title for name, c in self.conversations.items()}
+        out = [f"{titles.get(room, room)}: {o.text}{notes.get(o.state, '')}"
                for room, s in self.sessions.items() for o in s.outbox]
         if self.input.text.strip():
             out.append(f"(input) {self.input.text}")
