@@ -341,6 +341,11 @@ def test_an_edit_and_a_delete_reach_the_other_screen_also_one_that_was_offline(
     alice.wait_for(r"▸ <Alice> \(deleted\)")
     for t in (alice, bob):
         assert "deploy is at" not in t.screen()
+    alice.type("keep this line")
+    bob.wait_for(r"<Alice> keep this line")
+    alice.keys("oops, a secret: hunter2", "Enter", "/delete", "Enter")  # at once
+    s = bob.wait_for(r"<Alice> keep this line\n.*<Alice> \(deleted\)")  # not the line before
+    assert "hunter2" not in s and count(s, r"<Alice> \(deleted\)") == 2, s
     bob.type("/edit not mine")  # bob has nothing of his own here
     bob.wait_for(r"!! nothing of yours to edit here")
     no_python_on(alice, bob)

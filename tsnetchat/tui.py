@@ -228,6 +228,9 @@ class ChatApp:
         self.quitting = False
         self.away = False
         self.unread_wake = asyncio.Event()  # ask the server for unread counts now
+        # /edit or /delete typed while one's last message is still on its way: done once the
+        # server has stored it (with its id), or dropped with a line if it is refused.
+        self.after_sent: dict[str, Callable[[int | None], None]] = {}
         self.mentions = mention_pattern([self.me.login, self.me.login.split("@")[0],
                                          self.me.display_name])
         self.input = Buffer(multiline=True)
@@ -614,26 +617,39 @@ class ChatApp:
         return False
 
     def change(self, what: str, text: str) -> bool:
-        """/edit TEXT or /delete: the person's own last message in this conversation."""
+        """/edit TEXT or /delete: the person's own last message in this conversation. When
+        that one is still on its way (typed just before), the change waits for its id: it
+        never falls on the message before it."""
         conv = self.conversation
-        if conv is None or conv.name not in self.sessions:
+        session = self.sessions.get(self.current or "")
+        if conv is None or session is None:
             self.say("not in a room: /join ROOM first", error=True)
             return True
+        room = conv.name
+
+        def run(target: int | None) -> None:
+            if target is None:
+                self.say(f"not {what}ed: your last message was not sent", error=True)
+                return
+
+            async def call() -> None:
+                conn = await self.link.get()
+                if what == "edit":
+                    await conn.edit(room, target, text)
+                else:
+                    await conn.delete(room, target)
+
+            self.spawn(call())
+
+        waiting = session.outbox.pending
+        if waiting:
+            self.after_sent[waiting[-1].client_msg_id] = run
+            return False
         last = conv.last_own()
-        if last is None or last.message is None:
-            self.say(f"nothing of yours to {what} here (only what is on screen, once stored)",
-                     error=True)
+        if last is None:
+            self.say(f"nothing of yours to {what} here (only what is on screen)", error=True)
             return True
-        room, target = conv.name, last.id
-
-        async def run() -> None:
-            conn = await self.link.get()
-            if what == "edit":
-                await conn.edit(room, target, text)
-            else:
-                await conn.delete(room, target)
-
-        self.spawn(run())
+        run(last.id)
         return False
 
     async def search(self, words: str) -> None:
@@ -848,6 +864,10 @@ class ChatApp:
             conv.notice(f"reconnected after {ev.seconds:.0f}s; nothing missed",
                         renderer=self.renderer)
             conv.quiet_until = time.monotonic() + QUIET_REJOINS
+        elif ev.kind in ("sent", "failed") and ev.outgoing is not None:
+            then = self.after_sent.pop(ev.outgoing.client_msg_id, None)
+            if then is not None:
+                then(ev.message_id if ev.kind == "sent" else None)
         elif ev.kind == "error":
             conv.notice(ev.text, error=True, renderer=self.renderer)
         elif ev.kind == "fatal" and ev.error is not None:
