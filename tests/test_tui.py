@@ -48,12 +48,12 @@ def open_terminal(chat_server: LabDaemon, tmp_path: Path) -> Iterator[Opener]:
     made: list[Tmux] = []
 
     def open_(who: str, *, rooms: tuple[str, ...] = (), height: int = 50,
-              wait: bool = True) -> Tmux:
+              wait: bool = True, admin: bool = False) -> Tmux:
         home = tmp_path / f"home-{who}-{len(made)}"
         home.mkdir()
         env = {"TERM": "xterm-256color", "PATH": os.environ["PATH"], "HOME": str(home),
                "LANG": "C.UTF-8", "TZ": "UTC"}
-        tok = chat_server.token(f"{who}@tailnet.test", rooms)
+        tok = chat_server.token(f"{who}@tailnet.test", rooms, *(["--admin"] if admin else []))
         t = Tmux(f"{who}-{os.getpid()}-{len(made)}",
                  [CLI, "connect", "chat-server", "--token", tok,
                   *chat_server.client_args(NODES[who])], env, height=height)
@@ -269,6 +269,144 @@ def test_switching_rooms_shows_unread_counts_and_where_they_start(
     alice.type("Bo", enter=False)
     alice.keys("Tab")  # completes a nick
     alice.wait_for(r"(?m)#random> Bob:\s*$")  # "Bob: " at the start of a line
+
+
+def test_unread_counts_are_the_servers_so_a_second_device_shows_them_and_sees_them_read(
+        terminals: dict[str, Tmux], open_terminal: Opener) -> None:
+    alice, bob = terminals["alice"], terminals["bob"]
+    alice.type("/join random")
+    alice.wait_for(r"you joined #random")
+    alice.keys("M-1")
+    alice.wait_for(r"│ #general │")
+    bob.type("/join random")
+    bob.wait_for(r"you joined #random")
+    for i in range(3):
+        bob.type(f"unread on every device {i}")
+    alice.wait_for(r"2 #random +3 │")
+    phone = open_terminal("alice")  # alice's second client, only in #general
+    phone.wait_for(r"2 #random +3 │")  # listed from the server's count, not joined
+    assert "unread on every device" not in phone.screen()
+    alice.keys("M-2")  # read on the first device ...
+    alice.wait_for(r"<Bob> unread on every device 2")
+    phone.wait_for(r"2 #random +│")  # ... and the second one's count is gone
+    phone.keys("M-2")  # switching to a listed room joins it
+    phone.wait_for(r"<Bob> unread on every device 2")
+    no_python_on(alice, bob, phone)
+
+
+def test_a_direct_message_opens_a_buffer_for_both_and_rings_the_receiver(
+        terminals: dict[str, Tmux]) -> None:
+    alice, bob = terminals["alice"], terminals["bob"]
+    bob.type("here for a bit")  # alice has now seen Bob (his display name)
+    alice.wait_for(r"<Bob> here for a bit")
+    alice.type("/MSG Bob lunch at noon?")
+    alice.wait_for(r"│ @bob │")  # alice is in the conversation at once
+    alice.wait_for(r"▸ <Alice> lunch at noon\?")
+    assert re.search(r"2 @bob +│", alice.screen())  # listed under the rooms
+    s = bob.wait_for(r"2 @alice +1 │")  # bob's list: a new conversation with one unread
+    assert "lunch at noon" not in s
+    deadline = time.monotonic() + 10
+    while bob.bell_count() == 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert bob.bell_count() >= 1
+    bob.keys("M-2")
+    bob.wait_for(r"<Alice> lunch at noon\?")
+    bob.type("sure, see you there")
+    alice.wait_for(r"<Bob> sure, see you there")
+    assert re.search(r"2 @alice +│", bob.screen())  # read
+    alice.keys("M-1")
+    s = alice.wait_for(r"│ #general │")
+    assert "lunch at noon" not in s and "see you there" not in s  # not in the room
+    no_python_on(alice, bob)
+
+
+def test_an_edit_and_a_delete_reach_the_other_screen_also_one_that_was_offline(
+        lab: Any, terminals: dict[str, Tmux]) -> None:
+    alice, bob = terminals["alice"], terminals["bob"]
+    alice.type("the deploy is at 5pm")
+    bob.wait_for(r"<Alice> the deploy is at 5pm")
+    node = lab.nodes["bob-laptop"]
+    lab.kill_tailscaled(node)
+    try:
+        bob.wait_for(r"reconnecting in \d+s", timeout=60)
+        alice.type("/edit the deploy is at 6pm")
+        alice.wait_for(r"▸ <Alice> the deploy is at 6pm \(edited\)")
+    finally:
+        lab.start_tailscaled(node)
+        lab.wait_running(node)
+    bob.wait_for(r"<Alice> the deploy is at 6pm \(edited\)", timeout=90)  # on resume
+    assert "5pm" not in bob.screen()
+    alice.type("/delete")
+    bob.wait_for(r"<Alice> \(deleted\)")
+    alice.wait_for(r"▸ <Alice> \(deleted\)")
+    for t in (alice, bob):
+        assert "deploy is at" not in t.screen()
+    alice.type("keep this line")
+    bob.wait_for(r"<Alice> keep this line")
+    alice.keys("oops, a secret: hunter2", "Enter", "/delete", "Enter")  # at once
+    s = bob.wait_for(r"<Alice> keep this line\n.*<Alice> \(deleted\)")  # not the line before
+    assert "hunter2" not in s and count(s, r"<Alice> \(deleted\)") == 2, s
+    bob.type("/edit not mine")  # bob has nothing of his own here
+    bob.wait_for(r"!! nothing of yours to edit here")
+    no_python_on(alice, bob)
+
+
+def test_search_results_open_in_a_buffer_of_their_own(terminals: dict[str, Tmux]) -> None:
+    alice, bob = terminals["alice"], terminals["bob"]
+    bob.type("the canary build is green")
+    bob.type("lunch anyone?")
+    alice.type("/msg bob is the canary on staging too?")
+    alice.wait_for(r"▸ <Alice> is the canary on staging too\?")
+    bob.type("/search CANARY")
+    s = bob.wait_for(r"│ \?CANARY │")
+    assert re.search(r"search 'CANARY': 2 result\(s\)", s), s
+    assert re.search(r"▸ #general <Bob> the canary build is green", s), s  # his own
+    assert re.search(r"  @alice <Alice> is the canary on staging too\?", s), s
+    assert "lunch anyone" not in s, s
+    bob.type("/leave")
+    s = bob.wait_for(r"│ #general │")
+    assert "?CANARY" not in s
+    alice.type("/search nothingmatchesthis")
+    alice.wait_for(r"nothing found")
+    no_python_on(alice, bob)
+
+
+def test_a_private_room_is_created_joined_by_its_members_and_refused_to_others(
+        open_terminal: Opener) -> None:
+    alice = open_terminal("alice", admin=True)
+    bob = open_terminal("bob")
+    mallory = open_terminal("mallory")
+    alice.type("/create +ops bob")
+    alice.wait_for(r"\+ops: members alice@tailnet.test, bob@tailnet.test")
+    alice.wait_for(r"│ \+ops │")  # and she is in it
+    bob.type("/join +OPS")
+    bob.wait_for(r"you joined \+ops")
+    alice.type("for the two of us")
+    bob.wait_for(r"<Alice> for the two of us")
+    mallory.type("/join +ops")
+    mallory.wait_for(r"!! cannot join \+ops: ")
+    assert "for the two of us" not in mallory.screen()
+    assert status_line(mallory).split("│")[1] == " #general "
+    no_python_on(alice, bob, mallory)
+
+
+def test_a_topic_and_away_are_shown_to_everyone_in_the_room(
+        terminals: dict[str, Tmux]) -> None:
+    alice, bob = terminals["alice"], terminals["bob"]
+    alice.type("/topic release week: freeze on Friday")
+    bob.wait_for(r"-- Alice set the topic: release week: freeze on Friday")
+    bob.wait_for(r"│ release week: freeze on Friday  \(set by Alice\)")  # the topic bar
+    bob.type("/topic")
+    bob.wait_for(r"topic of #general: release week: freeze on Friday \(set by Alice\)")
+    alice.type("/away lunch")
+    alice.wait_for(r"│ away: /back")
+    bob.wait_for(r"-- Alice is away: lunch")
+    bob.type("/who")
+    bob.wait_for(r"in #general: Alice \(away\), Bob")
+    alice.type("/back")
+    bob.wait_for(r"-- Alice is back")
+    assert "away: /back" not in status_line(alice)
+    no_python_on(alice, bob)
 
 
 SEEDED = {"TSNETCHAT_RATE_BURST": "1000", "TSNETCHAT_RATE_PER_SECOND": "1000"}

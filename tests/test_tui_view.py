@@ -13,8 +13,13 @@ from tsnetchat.chatview import (
     Days,
     Palette,
     Renderer,
+    dm_name,
+    dm_title,
+    is_mention,
+    kind_of,
     layout,
     mention_pattern,
+    person_login,
     plain_lines,
     visible,
     visible_lines,
@@ -228,3 +233,167 @@ def test_help_names_every_command_and_the_keys() -> None:
         assert c.usage in text
     assert "Alt-Enter" in text and "PgUp" in text
     assert commands.help_text("part").startswith("/leave [ROOM]")
+
+
+# --- a team's day: edits, deletions, topics, mentions, DMs, search -----------------------------
+
+
+def change(i: int, kind: int, target: int, text: str = "", who: str = "bob") -> pb.ChatMessage:
+    m = msg(i, text, who)
+    m.kind, m.target_id, m.text = kind, target, text  # type: ignore[assignment]
+    if kind == pb.MESSAGE_KIND_DELETE:
+        m.deleted_by = f"{who}@tailnet.test"
+    return m
+
+
+def test_an_edit_and_a_delete_change_the_line_already_shown_and_add_none() -> None:
+    conv = Conversation("general")
+    r = Renderer()
+    for i in (1, 2):
+        conv.add_message(msg(i, f"draft {i}"), own=False, mention=False, shown=True, live=True)
+    edit = conv.add_message(change(3, pb.MESSAGE_KIND_EDIT, 1, "final 1"), own=False,
+                            mention=False, shown=False, live=True)
+    gone = conv.add_message(change(4, pb.MESSAGE_KIND_DELETE, 2), own=False, mention=False,
+                            shown=False, live=True)
+    assert edit is None and gone is None and conv.unread == 0  # events, not messages
+    shown = text_of(visible_lines(conv, r, 80, 10)[0])
+    assert shown[-2].endswith("<Bob> final 1 (edited)")
+    assert shown[-1].endswith("<Bob> (deleted)") and "draft" not in "".join(shown)
+    # An edit of a message deleted since (replayed in id order on resume) changes nothing.
+    conv.add_message(change(5, pb.MESSAGE_KIND_EDIT, 2, "too late"), own=False,
+                     mention=False, shown=True, live=False)
+    assert text_of(visible_lines(conv, r, 80, 10)[0])[-1].endswith("<Bob> (deleted)")
+
+
+def test_a_message_deleted_by_an_admin_names_who_deleted_it_and_history_prints_marks() -> None:
+    m = msg(1, "")
+    m.deleted_by = "root@tailnet.test"
+    assert plain_lines(m)[0].endswith("<Bob> (deleted by root@tailnet.test)")
+    e = msg(2, "fixed")
+    e.edited_unix_ms = NOW_MS
+    assert plain_lines(e) == [plain_lines(msg(2, "fixed"))[0] + " (edited)"]
+
+
+def test_the_edited_mark_goes_on_a_line_of_its_own_when_the_last_is_full() -> None:
+    conv = Conversation("general")
+    text = "x" * 30
+    conv.add_message(msg(1, text), own=False, mention=False, shown=True, live=True)
+    conv.add_message(change(2, pb.MESSAGE_KIND_EDIT, 1, text), own=False, mention=False,
+                     shown=True, live=True)
+    shown = text_of(visible_lines(conv, Renderer(), 45, 10)[0])
+    assert shown[-2].endswith(text) and shown[-1] == " " * 14 + "(edited)"
+
+
+def test_a_topic_change_is_a_notice_and_becomes_the_rooms_topic() -> None:
+    conv = Conversation("general")
+    conv.add_message(change(1, pb.MESSAGE_KIND_TOPIC, 0, "release week"), own=False,
+                     mention=False, shown=True, live=True)
+    assert conv.topic is not None and conv.topic.text == "release week"
+    assert conv.topic.set_by.display_name == "Bob"
+    assert text_of(visible_lines(conv, Renderer(), 80, 5)[0])[-1].endswith(
+        "-- Bob set the topic: release week")
+
+
+def test_the_server_decides_live_mentions_and_our_names_only_the_backlog() -> None:
+    pattern = mention_pattern(["alice@tailnet.test", "alice", "Alice"])
+    live = msg(1, "ask the alice team")
+    live.mentions.append("carol@tailnet.test")  # the server says: not alice
+    assert not is_mention(live, "alice@tailnet.test", pattern)
+    live.mentions.append("alice@tailnet.test")
+    assert is_mention(live, "alice@tailnet.test", pattern)
+    assert is_mention(msg(2, "alice: hi"), "alice@tailnet.test", pattern)  # backlog
+    assert not is_mention(msg(3, "alice: hi", who="alice"), "alice@tailnet.test", pattern)
+
+
+def test_unread_counts_are_the_servers_and_the_marker_follows_the_read_position() -> None:
+    conv = Conversation("random")
+    conv.last_read = 2  # from Welcome: read up to 2 on some device
+    for i in range(1, 5):
+        conv.add_message(msg(i), own=False, mention=False, shown=False, live=False)
+    assert conv.marker_id == 3 and conv.unread == 0  # the backlog does not count here
+    conv.set_counts(2, 1)
+    assert (conv.unread, conv.mentions) == (2, 1)
+
+
+def test_direct_conversations_have_one_name_for_both_and_show_the_other_person() -> None:
+    assert dm_name("bob@t.test", "alice@t.test") == dm_name("alice@t.test", "bob@t.test")
+    assert dm_name("alice@t.test", "bob@t.test") == "dm:alice@t.test,bob@t.test"
+    assert dm_title("dm:alice@t.test,bob@t.test", "alice@t.test") == "@bob"
+    assert dm_title("dm:alice@t.test,bob@t.test,carol@t.test", "bob@t.test") == "@alice,@carol"
+    assert kind_of("dm:a@t,b@t") == "dm" and kind_of("+ops") == "private"
+    assert kind_of("general") == "room"
+
+
+@pytest.mark.parametrize(("typed", "login"), [
+    ("bob", "bob@tailnet.test"),  # a short login seen in a room
+    ("Robert", "bob@tailnet.test"),  # a display name, any case
+    ("ROBERT", "bob@tailnet.test"),
+    ("carol", "carol@tailnet.test"),  # never seen: at my own domain
+    ("dave@other.test", "dave@other.test"),  # a login as it is
+])
+def test_a_person_in_a_command_is_a_name_or_a_login(typed: str, login: str) -> None:
+    seen = [pb.Identity(login="bob@tailnet.test", display_name="Robert")]
+    assert person_login(typed, "alice@tailnet.test", seen) == login
+
+
+def test_search_results_say_where_each_message_is() -> None:
+    conv = Conversation("?search", kind="search", title="?canary")
+    conv.add_result(msg(7, "the canary is green"), where="#general", own=False, mention=False)
+    shown = text_of(visible_lines(conv, Renderer(), 80, 5)[0])
+    assert shown[-1].endswith("  #general <Bob> the canary is green")
+    assert conv.title == "?canary" and conv.unread == 0
+
+
+@pytest.mark.parametrize(("line", "expect"), [
+    ("/msg bob lunch?", ("msg", ("bob",), "lunch?")),
+    ("/MSG @Bob: hi there", ("msg", ("Bob",), "hi there")),
+    ("/query bob@tailnet.test", ("msg", ("bob@tailnet.test",), "")),
+    ("/Topic release week", ("topic", (), "release week")),
+    ("/topic", ("topic", (), "")),
+    ("/edit the right text", ("edit", (), "the right text")),
+    ("/DELETE", ("delete", (), "")),
+    ("/search deploy  friday", ("search", (), "deploy friday")),
+    ("/away lunch", ("away", (), "lunch")),
+    ("/back", ("back", (), "")),
+    ("/create +ops bob carol", ("create", ("bob", "carol"), "")),
+    ("/invite dave", ("invite", ("dave",), "")),
+    ("/remove dave", ("remove", ("dave",), "")),
+])
+def test_the_team_commands_take_people_and_text(line: str,
+                                                expect: tuple[str, tuple[str, ...], str]
+                                                ) -> None:
+    p = commands.parse(line)
+    assert isinstance(p, commands.Parsed)
+    assert (p.command.name, p.nicks, p.text) == expect
+
+
+def test_join_takes_a_private_room() -> None:
+    p = commands.parse("/join +Ops")
+    assert isinstance(p, commands.Parsed) and p.room == "+ops"
+
+
+@pytest.mark.parametrize(("line", "says"), [
+    ("/msg", "usage: /msg NICK [TEXT]"),
+    ("/edit", "usage: /edit TEXT"),
+    ("/search", "usage: /search WORDS"),
+    ("/delete it", "usage: /delete"),
+    ("/back soon", "usage: /back"),
+    ("/create ops bob", "usage: /create +ROOM NICK..."),
+    ("/create +ops", "usage: /create +ROOM NICK..."),
+    ("/invite", "usage: /invite NICK..."),
+    ("/serch x", "did you mean /search WORDS?"),
+])
+def test_a_misused_team_command_gets_its_usage(line: str, says: str) -> None:
+    p = commands.parse(line)
+    assert isinstance(p, commands.Problem) and says in p.text, p
+
+
+def test_tab_completes_the_new_commands_and_private_rooms() -> None:
+    def c(before: str) -> list[str]:
+        return [t for t, _ in commands.complete(before, rooms=["general", "+ops", "dm:a,b"],
+                                                nicks=["Bob"])]
+
+    assert c("/se") == ["/search "] and c("/to") == ["/topic "]
+    assert c("/ed") == ["/edit "] and c("/aw") == ["/away "] and c("/m") == ["/me ", "/msg "]
+    assert c("/join +") == ["+ops"] and c("/join ") == ["+ops", "#general"]
+    assert c("/msg B") == ["Bob"]

@@ -1,6 +1,7 @@
-"""What the chat screen shows, without a terminal: one buffer per conversation (room now,
-DM later) with its scrollback, unread and mention counts, and the rule that turns a message
-into screen lines. ``tui`` draws these; ``clientcmds`` prints messages with the same rule.
+"""What the chat screen shows, without a terminal: one buffer per conversation (a room, a
+private room, a direct conversation, search results) with its scrollback, unread and
+mention counts, and the rule that turns a message into screen lines. ``tui`` draws these;
+``clientcmds`` prints messages with the same rule.
 
 The line rule, for every place a message is shown::
 
@@ -10,6 +11,13 @@ The line rule, for every place a message is shown::
                   ┊ [09:00] <Bob> a second line        (a line break in the message)
     09:15 ▸ <Bob> my own message                       (gutter: ▸ own, ! mention,
     09:15 … <Bob> still on its way                       … pending, ✗ failed)
+    09:16   <Bob> the corrected text (edited)              an EDIT applied in place
+    09:16   <Bob> (deleted by Bob)                         a DELETE: a tombstone
+
+Edits and deletions arrive as events in the room (``MESSAGE_KIND_EDIT``/``_DELETE`` with
+``target_id``), after the message they change; ``Conversation.add_message`` applies them to
+the line already shown instead of showing them as lines of their own, so a client that
+resumes after missing them converges on what everyone else sees.
 
 Continuation lines start with a dim ``┊`` under the text column, so a line inside a message
 can never pass for a message of its own. Control characters and bidi overrides are shown as
@@ -91,6 +99,21 @@ class Palette:
         return c
 
 
+def is_mention(m: pb.ChatMessage, me: str, pattern: re.Pattern[str] | None) -> bool:
+    """Whether ``m`` mentions the person logged in as ``me``. The server says so in
+    ``mentions`` for live messages (the one rule, rooms.Mentions: logins, short logins and
+    display names it knows); messages from History and the backlog do not carry the field,
+    so for those our own names (``pattern``) decide, for the highlight only."""
+    if m.sender.login == me or m.deleted_by:
+        return False
+    if m.mentions:
+        return me in m.mentions
+    return bool(pattern and pattern.search(m.text))
+
+
+CHANGES = (pb.MESSAGE_KIND_EDIT, pb.MESSAGE_KIND_DELETE)
+
+
 def mention_pattern(names: Iterable[str]) -> re.Pattern[str] | None:
     """Matches any of ``names`` as a word of its own, in any case."""
     alts = sorted({n for n in names if n}, key=len, reverse=True)
@@ -117,6 +140,7 @@ class Entry:
     message: pb.ChatMessage | None = None
     own: bool = False
     mention: bool = False
+    where: str = ""  # search results: the conversation a message is in
     _cache: tuple[int, list[Line]] | None = field(default=None, repr=False)
 
     @property
@@ -124,12 +148,56 @@ class Entry:
         return self.message.id if self.message is not None else 0
 
 
-class Conversation:
-    """One room's (later: one DM's) buffer: what was said, what is unread, where the view is."""
+def kind_of(name: str) -> str:
+    """"room", "private" (``+name``) or "dm" (``dm:...``), from a room's name."""
+    return "dm" if name.startswith("dm:") else "private" if name.startswith("+") else "room"
 
-    def __init__(self, name: str, *, kind: str = "room") -> None:
+
+def dm_title(name: str, me: str) -> str:
+    """A direct conversation as the room list shows it: ``@bob`` (the others' short
+    logins), from its canonical name ``dm:alice@x,bob@x``."""
+    others = [x for x in name[3:].split(",") if x and x != me] or [me]
+    return ",".join("@" + render.name(x.split("@")[0]) for x in others)
+
+
+def person_login(word: str, me: str, known: Iterable[pb.Identity]) -> str:
+    """The login a person typed in a command means: a login as it is; else the display name
+    or short login of someone seen in this session (members, senders), case-insensitively;
+    else ``word`` at the caller's own domain (``bob`` -> ``bob@example.com`` for
+    ``alice@example.com``), which the server checks like any login."""
+    if "@" in word or word.startswith("tag:"):
+        return word
+    low = word.lower()
+    for ident in known:
+        if low in (ident.display_name.lower(), ident.login.split("@")[0].lower()):
+            return str(ident.login)
+    domain = me.partition("@")[2]
+    return f"{word}@{domain}" if domain else word
+
+
+def dm_name(me: str, *others: str) -> str:
+    """The canonical name of a direct conversation (the server's rule, rooms.dm_room): the
+    logins, the caller's included, unique and sorted, after ``dm:``."""
+    return "dm:" + ",".join(sorted({me, *others}))
+
+
+class Conversation:
+    """One buffer: a room, a private room, a DM, or search results (``kind`` "room",
+    "private", "dm", "search", "system"): what was said, what is unread, where the view is.
+
+    ``listed``: a room the server counts unread messages in (another device, or a DM that
+    started elsewhere) that this client has not joined yet; switching to it joins it."""
+
+    def __init__(self, name: str, *, kind: str = "room", title: str = "",
+                 listed: bool = False) -> None:
         self.name = name
         self.kind = kind
+        self._title = title
+        self.listed = listed
+        self.topic: pb.Topic | None = None
+        self.away: set[str] = set()  # logins of members who are away
+        self.last_read = 0  # the server's read position for us when we joined
+        self.looked = 0.0  # time.monotonic() when unread counts last changed here
         self.entries: list[Entry] = []
         self.unread = 0  # messages that arrived while another conversation was shown
         self.mentions = 0
@@ -146,6 +214,8 @@ class Conversation:
 
     @property
     def title(self) -> str:
+        if self._title:
+            return self._title
         return f"#{self.name}" if self.kind == "room" else self.name
 
     def _append(self, e: Entry, renderer: Renderer | None) -> None:
@@ -156,19 +226,67 @@ class Conversation:
             self.scroll += len(renderer.render(e, self.width))
 
     def add_message(self, m: pb.ChatMessage, *, own: bool, mention: bool, shown: bool,
-                    live: bool, renderer: Renderer | None = None) -> Entry:
+                    live: bool, renderer: Renderer | None = None) -> Entry | None:
         """A message from the stream (in id order). ``shown``: this conversation is on
-        screen; ``live``: it arrived now (not from the backlog)."""
-        e = Entry(Kind.MESSAGE, m.sent_unix_ms, message=m, own=own, mention=mention and not own)
-        self._append(e, renderer)
+        screen; ``live``: it arrived now (not from the backlog). An edit or a deletion is
+        applied to the message it changes (None: no line of its own); a topic change is a
+        notice and sets ``topic``."""
         if self.oldest_loaded is None:
             self.oldest_loaded = m.id
+        if m.kind in CHANGES:
+            self.apply_change(m)
+            return None
+        if m.kind == pb.MESSAGE_KIND_TOPIC:
+            return self.topic_changed(m, renderer)
+        e = Entry(Kind.MESSAGE, m.sent_unix_ms, message=m, own=own, mention=mention and not own)
+        self._append(e, renderer)
+        if m.deleted_by:
+            return e
         if live and not shown and not own:
             self.unread += 1
             self.mentions += e.mention
             if self.marker_id is None:
                 self.marker_id = m.id
+        elif not live and not own and self.last_read and m.id > self.last_read and (
+                self.marker_id is None):
+            self.marker_id = m.id  # the first one after our read position, on any device
         return e
+
+    def apply_change(self, change: pb.ChatMessage) -> Entry | None:
+        """An EDIT or DELETE event: the shown message it targets takes the new text, or
+        becomes a tombstone. Returns that entry (None when it is not loaded here: History
+        has it changed already)."""
+        for e in reversed(self.entries):
+            if e.message is None or e.id != change.target_id:
+                continue
+            m = pb.ChatMessage()
+            m.CopyFrom(e.message)
+            if change.kind == pb.MESSAGE_KIND_DELETE:
+                m.text, m.deleted_by = "", change.deleted_by or change.sender.login
+                e.mention = False
+            elif not m.deleted_by:
+                m.text, m.edited_unix_ms = change.text, change.sent_unix_ms
+            e.message, e._cache = m, None
+            return e
+        return None
+
+    def topic_changed(self, m: pb.ChatMessage, renderer: Renderer | None = None) -> Entry:
+        self.topic = pb.Topic(text=m.text, set_by=m.sender, set_unix_ms=m.sent_unix_ms,
+                              id=m.id)
+        said = (f"{who(m.sender)} set the topic: {m.text}" if m.text else
+                f"{who(m.sender)} cleared the topic")
+        return self.notice(said, ts_ms=m.sent_unix_ms, renderer=renderer)
+
+    def add_result(self, m: pb.ChatMessage, *, where: str, own: bool, mention: bool) -> Entry:
+        """A search result (a buffer of results: nothing in it counts as unread)."""
+        e = Entry(Kind.MESSAGE, m.sent_unix_ms, message=m, own=own, mention=mention,
+                  where=where)
+        self._append(e, None)
+        return e
+
+    def set_counts(self, unread: int, mentions: int) -> None:
+        """The server's unread and mention counts (the same on every device)."""
+        self.unread, self.mentions = unread, mentions
 
     def add_older(self, messages: Sequence[pb.ChatMessage], *, me: str,
                   mentions: re.Pattern[str] | None, more: bool = True) -> int:
@@ -178,8 +296,8 @@ class Conversation:
         older = [m for m in messages if first is None or m.id < first]
         self.history_complete = not more or not older or older[0].id <= 1
         entries = [Entry(Kind.MESSAGE, m.sent_unix_ms, message=m, own=m.sender.login == me,
-                         mention=bool(mentions and mentions.search(m.text)))
-                   for m in older]
+                         mention=is_mention(m, me, mentions))
+                   for m in older if m.kind not in (*CHANGES, pb.MESSAGE_KIND_TOPIC)]
         self.entries[:0] = entries
         if older:
             self.oldest_loaded = older[0].id
@@ -196,10 +314,19 @@ class Conversation:
         """It is on screen: nothing in it is unread any more (the marker line stays)."""
         self.unread = self.mentions = 0
         self.activity = False
+        self.looked = time.monotonic()
 
     def left(self) -> None:
         """Another conversation is shown: the next unread message gets the marker."""
         self.marker_id = None
+        self.looked = time.monotonic()
+
+    def last_own(self) -> Entry | None:
+        """The person's own newest message still standing (for /edit and /delete)."""
+        for e in reversed(self.entries):
+            if e.own and e.message is not None and not e.message.deleted_by:
+                return e
+        return None
 
 
 # --- rendering ------------------------------------------------------------------------------
@@ -223,14 +350,19 @@ class Renderer:
         if e.kind is not Kind.MESSAGE or e.message is None:
             style = "class:error" if e.kind is Kind.ERROR else "class:notice"
             mark = "!!" if e.kind is Kind.ERROR else "--"
-            head: Line = [("class:time", t + " "), (style, f"{mark} ")]
-            return layout(head, visible(e.text), width, style, mark=False)
+            return layout([("class:time", t + " "), (style, f"{mark} ")], visible(e.text),
+                          width, style, mark=False)
         m = e.message
         gutter = ("class:gutter.own", "▸ ") if e.own else (
             ("class:gutter.mention", "! ") if e.mention else ("", "  "))
+        head: Line = [("class:time", t + " "), gutter]
+        if e.where:
+            head.append(("class:notice", f"{e.where} "))
+        head += self.nick(m)
+        if m.deleted_by:
+            return layout(head, tombstone(m), width, "class:deleted", mark=False)
         text_style = "class:text.mention" if e.mention else ""
-        return layout([("class:time", t + " "), gutter, *self.nick(m)], visible(m.text), width,
-                      text_style)
+        return edited_mark(layout(head, visible(m.text), width, text_style), m, width)
 
     def nick(self, m: pb.ChatMessage) -> Line:
         colour = self.palette.colour(m.sender.login)
@@ -274,6 +406,29 @@ def layout(head: Line, text: str, width: int, style: str = "", *,
                 rows.append([("class:continuation",
                               " " * (col - 2) + (CONTINUATION if mark else "  ")),
                              (style, piece)])
+    return rows
+
+
+def tombstone(m: pb.ChatMessage) -> str:
+    """What a deleted message shows instead of its text (the server no longer has it)."""
+    by = m.deleted_by
+    return "(deleted)" if by == m.sender.login else f"(deleted by {render.name(by)})"
+
+
+EDITED = "(edited)"
+
+
+def edited_mark(rows: list[Line], m: pb.ChatMessage, width: int) -> list[Line]:
+    """``(edited)`` after an edited message's text, dim: on its last line if it fits."""
+    if not m.edited_unix_ms or not rows:
+        return rows
+    used = sum(width_of(t) for _, t in rows[-1])
+    if used + 1 + width_of(EDITED) <= width:
+        rows[-1] = [*rows[-1], ("class:edited", " " + EDITED)]
+    else:
+        head = sum(width_of(t) for _, t in rows[0][:-1])  # under the text column
+        pad = head if head <= width // 2 else min(8, max(2, width // 4))
+        rows.append([("", " " * pad), ("class:edited", EDITED)])
     return rows
 
 
@@ -342,8 +497,9 @@ def visible_lines(conv: Conversation, renderer: Renderer, width: int, height: in
 
 def plain_lines(m: pb.ChatMessage) -> list[str]:
     """A message as text lines for `history` and `tail` (the same rule, no colours)."""
-    rows = layout([("", clock(m.sent_unix_ms) + " "), *Renderer(Palette(["x"])).nick(m)],
-                  visible(m.text), 10_000)
+    head: Line = [("", clock(m.sent_unix_ms) + " "), *Renderer(Palette(["x"])).nick(m)]
+    rows = (layout(head, tombstone(m), 10_000, mark=False) if m.deleted_by else
+            edited_mark(layout(head, visible(m.text), 10_000), m, 10_000))
     return ["".join(t for _, t in row) for row in rows]
 
 
@@ -361,6 +517,8 @@ class Days:
         return f"── {day_label(day)} ──"
 
 
-def describe_members(members: Sequence[pb.Identity]) -> str:
-    names = sorted({who(m) for m in members}, key=str.lower)
+def describe_members(members: Sequence[pb.Identity], away: Iterable[str] = ()) -> str:
+    gone = set(away)
+    names = sorted({who(m) + (" (away)" if m.login in gone else "") for m in members},
+                   key=str.lower)
     return ", ".join(names) if names else "nobody"

@@ -378,6 +378,7 @@ class RoomSession:
         self._start_over = False  # the stream ended to resume from what the server has
         self._read_to = 0  # the newest message the person has seen (Ack: read position)
         self._acked_to = 0  # ... as last told to the server on this stream
+        self._away: pb.Away | None = None  # /away or /back, until written on a stream
 
     @property
     def last_id(self) -> int | None:
@@ -403,6 +404,13 @@ class RoomSession:
         if message_id > self._read_to:
             self._read_to = message_id
             self._wake.set()
+
+    def set_away(self, away: bool, message: str = "") -> None:
+        """/away [message] (``away``) or /back: written on this room's stream as soon as it
+        is connected; the server announces it in every room the person is in. A refusal
+        (a message too long) comes back as an ``error`` event."""
+        self._away = pb.Away(away=away, message=message)
+        self._wake.set()
 
     def retry_failed(self) -> list[Outgoing]:
         again = self.outbox.retry()
@@ -590,6 +598,9 @@ class RoomSession:
                 if self._read_to > self._acked_to:
                     self._acked_to = self._read_to
                     await call.write(pb.ClientEvent(ack=pb.Ack(last_seen_id=self._read_to)))
+                if self._away is not None:
+                    away, self._away = self._away, None
+                    await call.write(pb.ClientEvent(away=away))
                 now = time.monotonic()
                 out = self.outbox.head()
                 if out is None:

@@ -2,18 +2,19 @@
 tab completion. Pure (no terminal, no network); ``tui`` carries them out.
 
 Commands are case-insensitive (``/HELP``), rooms may be written ``#room``, and a line that
-starts with ``//`` is a message that starts with ``/``. A new command (``/msg``, ``/topic``,
-``/search``... as the server gains them) is one more row in ``COMMANDS`` and one more
-handler in ``tui.ChatApp``.
+starts with ``//`` is a message that starts with ``/``. A new command is one more row in
+``COMMANDS`` and one more handler in ``tui.ChatApp``.
 """
 
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from .config import ROOM_RE
+from .rooms import LOGIN_RE, PRIVATE_RE
 
 MAX_HISTORY_PAGE = 200
 
@@ -31,12 +32,27 @@ class Command:
 
 
 COMMANDS = [
-    Command("join", "ROOM", "join a room and switch to it (or switch, if joined)", ("j",)),
-    Command("leave", "[ROOM]", "leave this room (or ROOM)", ("part",)),
+    Command("join", "ROOM", "join a room (#room, or +room if you are a member) and switch to "
+            "it", ("j",)),
+    Command("leave", "[ROOM]", "leave this room (or ROOM); closes a DM or search buffer",
+            ("part", "close")),
+    Command("msg", "NICK [TEXT]", "a direct message: opens the conversation with NICK "
+            "(a name or login) and sends TEXT", ("query", "dm")),
     Command("who", "", "who is in this room", ("names",)),
     Command("me", "TEXT", "an action: * you TEXT"),
+    Command("topic", "[TEXT]", "show this room's topic, or set it"),
+    Command("edit", "TEXT", "replace the text of your last message here"),
+    Command("delete", "", "delete your last message here (its text is gone for everyone)",
+            ("del",)),
+    Command("search", "WORDS", "search every room and DM you may read (word* a prefix); "
+            "results in a buffer of their own"),
+    Command("away", "[MESSAGE]", "tell your rooms you are away (and why)"),
+    Command("back", "", "no longer away"),
     Command("history", "[N]", f"load N (default 50, at most {MAX_HISTORY_PAGE}) older messages"),
     Command("rooms", "", "the rooms you may use, and who is in them", ("list",)),
+    Command("create", "+ROOM NICK...", "(admins) create a private room for these people"),
+    Command("invite", "NICK...", "(admins) add people to this private room"),
+    Command("remove", "NICK...", "(admins) remove people from this private room"),
     Command("retry", "", "send this room's failed messages again"),
     Command("help", "[COMMAND]", "the commands, or one command", ("h", "?")),
     Command("quit", "", "leave the chat (also Ctrl-D, Ctrl-C)", ("exit", "q")),
@@ -46,13 +62,15 @@ _BY_NAME = {n: c for c in COMMANDS for n in (c.name, *c.aliases)}
 
 @dataclass(frozen=True)
 class Parsed:
-    """A command with its checked argument: ``room`` for join/leave, ``number`` for history,
-    ``text`` for me/help."""
+    """A command with its checked arguments: ``room`` for join/leave/create, ``number`` for
+    history, ``text`` for me/help/msg/topic/edit/search/away, ``nicks`` for
+    msg/create/invite/remove (as typed: names or logins)."""
 
     command: Command
     room: str = ""
     number: int = 0
     text: str = ""
+    nicks: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -70,9 +88,19 @@ class Problem:
 
 
 def room_name(arg: str) -> str | None:
-    """``#Room`` or ``room`` as a room name, or None when it cannot be one."""
+    """``#Room``, ``room`` or ``+private`` as a room name, or None when it cannot be one."""
     name = arg.strip().lstrip("#").lower()
-    return name if ROOM_RE.fullmatch(name) else None
+    return name if ROOM_RE.fullmatch(name) or PRIVATE_RE.fullmatch(name) else None
+
+
+NICK_RE = re.compile(r"@?(?:" + LOGIN_RE.pattern + r"|[^\s@,:]{1,64})")
+
+
+def nick(word: str) -> str | None:
+    """A person as typed in a command (``bob``, ``@Bob``, ``bob@example.com``), without the
+    ``@`` and a trailing ``:`` or ``,`` that completion adds; None if it cannot be one."""
+    word = word.rstrip(":,")
+    return word.lstrip("@") if word and NICK_RE.fullmatch(word) else None
 
 
 def parse(line: str) -> Parsed | Message | Problem:
@@ -93,10 +121,34 @@ def parse(line: str) -> Parsed | Message | Problem:
         room = room_name(arg)
         if room is None:
             return Problem(f"usage: {cmd.usage}  (a room name: a-z, 0-9, - and _, up to 32, "
-                           f"e.g. #general)")
+                           f"e.g. #general, or +private)")
         return Parsed(cmd, room=room)
-    if cmd.name == "me":
+    if cmd.name in ("me", "edit"):
         return Parsed(cmd, text=rest.strip("\n")) if arg else usage
+    if cmd.name in ("topic", "away"):
+        if "\n" in arg:
+            return Problem(f"usage: {cmd.usage}  (one line)")
+        return Parsed(cmd, text=arg)
+    if cmd.name == "search":
+        return Parsed(cmd, text=" ".join(arg.split())) if arg else usage
+    if cmd.name == "msg":
+        who, _, text = rest.strip(" ").partition(" ")
+        person = nick(who)
+        if person is None:
+            return Problem(f"usage: {cmd.usage}  (a name or a login, e.g. /msg bob hi)")
+        return Parsed(cmd, nicks=(person,), text=text.strip(" \n"))
+    if cmd.name == "create":
+        first, _, others = arg.partition(" ")
+        room = room_name(first)
+        people = [nick(w) for w in others.split()]
+        if room is None or not room.startswith("+") or not people or None in people:
+            return Problem(f"usage: {cmd.usage}  (e.g. /create +ops alice bob)")
+        return Parsed(cmd, room=room, nicks=tuple(p for p in people if p))
+    if cmd.name in ("invite", "remove"):
+        people = [nick(w) for w in arg.split()]
+        if not people or None in people:
+            return usage
+        return Parsed(cmd, nicks=tuple(p for p in people if p))
     if cmd.name == "history":
         if not arg:
             return Parsed(cmd, number=50)
@@ -117,7 +169,7 @@ def help_text(topic: str = "") -> str:
             return f"no command /{topic}; /help lists them"
         also = f" (also /{', /'.join(cmd.aliases)})" if cmd.aliases else ""
         return f"{cmd.usage}  {cmd.help}{also}"
-    rows = [f"  {c.usage:<18} {c.help}" for c in COMMANDS]
+    rows = [f"  {c.usage:<20} {c.help}" for c in COMMANDS]
     keys = ("keys: Enter sends, Alt-Enter or Ctrl-J a new line, Up/Down your earlier lines, "
             "Tab completes, PgUp/PgDn scroll, Alt-1..9 or Ctrl-N/Ctrl-P switch rooms")
     return "\n".join(["commands (any case; #room or room):", *rows, keys])
@@ -135,7 +187,8 @@ def complete(before: str, *, rooms: Iterable[str], nicks: Iterable[str]
     cmd = before[1:].split(" ", 1)[0].lower() if before.startswith("/") else ""
     if word.startswith("#") or (_BY_NAME.get(cmd) in _ROOM_COMMANDS and before.count(" ") == 1):
         want = word.lstrip("#").lower()
-        return [(f"#{r}", start) for r in sorted(set(rooms)) if r.startswith(want)]
+        return [(r if r.startswith("+") else f"#{r}", start) for r in sorted(set(rooms))
+                if r.startswith(want) and not r.startswith("dm:")]
     if not word:
         return []
     at_start = before == word
@@ -143,7 +196,7 @@ def complete(before: str, *, rooms: Iterable[str], nicks: Iterable[str]
             if n.lower().startswith(word.lower())]
 
 
-_ROOM_COMMANDS = {_BY_NAME["join"], _BY_NAME["leave"]}
+_ROOM_COMMANDS = {_BY_NAME["join"], _BY_NAME["leave"], _BY_NAME["create"]}
 
 
 def _unique(names: Iterable[str]) -> Sequence[str]:

@@ -9,7 +9,8 @@ fighting a widget's own wrapping.
 
 Screen::
 
-    rooms │ messages of the current conversation (scrollback: PgUp/PgDn)
+    rooms │ [the topic of the current room, when it has one]
+    DMs   │ messages of the current conversation (scrollback: PgUp/PgDn)
           │
     [a line saying what is wrong with the connection, only while something is]
     status: you, room, members, connection, pending
@@ -17,8 +18,12 @@ Screen::
 
 Every room is a ``client.RoomSession`` on one shared ``client.Link`` and ``outbox.Pacer``:
 what is typed stays in the room's outbox, shown pending, until the server stores it;
-nothing is lost across reconnects, nothing shown twice. No exception text ever reaches the
-screen: failures pass through ``clienterrors``; anything unexpected is logged to a file
+nothing is lost across reconnects, nothing shown twice. Unread and mention counts in the
+room list are the server's (``Unread``, polled, and at once when something arrives in a
+room not on screen), so every device of a person shows the same; reading a buffer moves the
+read position (an Ack on its stream). DMs are rooms named ``dm:`` plus logins; one that
+someone else starts appears when the server first counts it unread. No exception text ever
+reaches the screen: failures pass through ``clienterrors``; anything unexpected is logged to a file
 (``log_path``) and shown as one line.
 """
 
@@ -67,7 +72,12 @@ from .chatview import (
     Conversation,
     Renderer,
     describe_members,
+    dm_name,
+    dm_title,
+    is_mention,
+    kind_of,
     mention_pattern,
+    person_login,
     visible,
     visible_lines,
     who,
@@ -87,6 +97,12 @@ SIDEBAR = 20
 # After our own reconnect, people who were here before it and rejoin within this many
 # seconds were cut off by the same outage (a server restart): no "joined" line for them.
 QUIET_REJOINS = 15.0
+# How often the room list asks the server for unread counts when nothing happens here (a
+# second device reading, a DM started elsewhere); one cheap call (Unread).
+UNREAD_EVERY = 3.0
+SEARCH_PAGE = 100
+SEARCH = "?search"  # the search buffer's key: no room can be named so
+MAX_LISTED_DMS = 20  # DMs in the room list at the start, newest first
 STYLE = Style.from_dict({
     "time": "#8a8a8a",
     "notice": "#8a8a8a",
@@ -98,6 +114,9 @@ STYLE = Style.from_dict({
     "gutter.mention": "#ffd700 bold",
     "gutter.failed": "#ff5f5f bold",
     "text.mention": "#ffd700",
+    "edited": "#8a8a8a",
+    "deleted": "#8a8a8a italic",
+    "topic": "bg:#262626 #d0d0d0",
     "pending": "#8a8a8a italic",
     "sidebar": "",
     "sidebar.current": "reverse bold",
@@ -207,6 +226,11 @@ class ChatApp:
         self.loading: set[str] = set()
         self.background: set[asyncio.Task[None]] = set()
         self.quitting = False
+        self.away = False
+        self.unread_wake = asyncio.Event()  # ask the server for unread counts now
+        # /edit or /delete typed while one's last message is still on its way: done once the
+        # server has stored it (with its id), or dropped with a line if it is refused.
+        self.after_sent: dict[str, Callable[[int | None], None]] = {}
         self.mentions = mention_pattern([self.me.login, self.me.login.split("@")[0],
                                          self.me.display_name])
         self.input = Buffer(multiline=True)
@@ -227,6 +251,7 @@ class ChatApp:
 
     def _layout(self) -> HSplit:
         problem = Condition(lambda: bool(self.problem()))
+        topic = Condition(lambda: bool(self.topic_bar()))
         # Below this many columns the room list would leave too little for the messages.
         wide = Condition(lambda: self.app.output.get_size().columns >= 3 * SIDEBAR)
         return HSplit([
@@ -235,7 +260,10 @@ class ChatApp:
                     Window(FormattedTextControl(self.sidebar), width=SIDEBAR,
                            style="class:sidebar"),
                     Window(width=1, char="│", style="class:border")]), filter=wide),
-                Window(self.pane, wrap_lines=False),
+                HSplit([
+                    ConditionalContainer(Window(FormattedTextControl(self.topic_bar), height=1,
+                                                style="class:topic"), filter=topic),
+                    Window(self.pane, wrap_lines=False)]),
             ]),
             ConditionalContainer(Window(FormattedTextControl(self.problem_bar), height=1,
                                         style="class:problem"), filter=problem),
@@ -247,7 +275,16 @@ class ChatApp:
         ])
 
     def prompt(self) -> str:
-        return f"#{self.current}> " if self.current else "(no room)> "
+        conv = self.conversation
+        return f"{conv.title}> " if conv else "(no room)> "
+
+    def topic_bar(self) -> StyleAndTextTuples:
+        conv = self.conversation
+        if conv is None or conv.topic is None or not conv.topic.text:
+            return []
+        by = who(conv.topic.set_by) if conv.topic.set_by.login else ""
+        return [("", f" {visible(conv.topic.text)}".replace("\n", " ")),
+                ("class:notice", f"  (set by {by})" if by else "")]
 
     def sidebar(self) -> StyleAndTextTuples:
         out: StyleAndTextTuples = []
@@ -259,7 +296,9 @@ class ChatApp:
                 counts = f"@{conv.mentions}"
             if conv.unread:
                 counts += f"{'·' if counts else ''}{conv.unread}"
-            if phase is not Phase.CONNECTED:
+            if session is None:
+                pass  # a search buffer, or a room listed for its unread count: not joined
+            elif phase is not Phase.CONNECTED:
                 counts = {Phase.FAILED: "✗", Phase.CONNECTING: "…"}.get(phase, "~") + counts
             elif conv.activity and not counts:
                 counts = "*"
@@ -269,7 +308,7 @@ class ChatApp:
             style = ("class:sidebar.current" if name == self.current else
                      "class:sidebar.mention" if conv.mentions else
                      "class:sidebar.unread" if conv.unread else
-                     "class:sidebar.down" if phase is not Phase.CONNECTED else "")
+                     "class:sidebar.down" if phase is not Phase.CONNECTED and session else "")
             out.append((style, f"{label}{counts} \n"))
         return out
 
@@ -292,7 +331,9 @@ class ChatApp:
             parts.append(("", "not in a room: /join ROOM"))
         else:
             n = len(conv.members)
-            parts.append(("", f"{conv.title} │ {n} member{'s' if n != 1 else ''} │ "))
+            parts.append(("", f"{conv.title} │ "))
+            if conv.name in self.sessions:
+                parts.append(("", f"{n} member{'s' if n != 1 else ''} │ "))
         session = self.sessions.get(self.current or "")
         if session is not None:
             state = session.state
@@ -309,6 +350,8 @@ class ChatApp:
             failed = len(session.outbox.failed)
             if failed:
                 parts.append(("class:status.bad", f" │ {failed} not sent: /retry"))
+        if self.away:
+            parts.append(("class:status.bad", " │ away: /back"))
         if conv is not None and conv.scroll:
             parts.append(("class:status.bad", " │ scrolled up: PgDn"))
         return parts
@@ -400,7 +443,10 @@ class ChatApp:
     def completions(self, before: str) -> list[tuple[str, int]]:
         conv = self.conversation
         nicks = [who(m) for m in conv.members] if conv else []
-        rooms = self.known_rooms | set(self.conversations)
+        if before.lower().startswith(("/msg ", "/query ", "/dm ", "/invite ", "/remove ",
+                                      "/create ")):
+            nicks += [who(m) for m in self.people()]
+        rooms = self.known_rooms | {n for n in self.conversations if n != SEARCH}
         return commands.complete(before, rooms=rooms, nicks=nicks)
 
     def scroll(self, direction: int) -> None:
@@ -420,6 +466,8 @@ class ChatApp:
     def switch(self, name: str) -> None:
         if name == self.current or name not in self.conversations:
             return
+        if self.conversations[name].listed:  # counted by the server, not joined yet
+            self.join(name, switch=False)
         old = self.conversation
         if old is not None:
             old.left()
@@ -467,12 +515,24 @@ class ChatApp:
             self.join(parsed.room)
         elif name == "leave":
             self.leave(parsed.room or self.current or "")
+        elif name == "msg":
+            return self.direct(parsed.nicks[0], parsed.text, line)
+        elif name == "topic":
+            return self.topic(parsed.text)
+        elif name in ("edit", "delete"):
+            return self.change(name, parsed.text)
+        elif name == "search":
+            self.spawn(self.search(parsed.text))
+        elif name in ("away", "back"):
+            return self.set_away(name == "away", parsed.text)
+        elif name in ("create", "invite", "remove"):
+            return self.members(name, parsed.room, parsed.nicks)
         elif name == "who":
             conv = self.conversation
             if conv is None:
                 self.say("not in a room: /join ROOM", error=True)
             else:
-                self.say(f"in {conv.title}: {describe_members(conv.members)}")
+                self.say(f"in {conv.title}: {describe_members(conv.members, conv.away)}")
         elif name == "history":
             if self.conversation is not None:
                 self.load_older(self.conversation, parsed.number, say=True)
@@ -485,8 +545,8 @@ class ChatApp:
                      "nothing failed here")
         return False
 
-    def send(self, text: str, kind: int, line: str) -> bool:
-        session = self.sessions.get(self.current or "")
+    def send(self, text: str, kind: int, line: str, room: str | None = None) -> bool:
+        session = self.sessions.get(room or self.current or "")
         if session is None:
             self.say("not in a room: /join ROOM first (your text is still in the input)",
                      error=True)
@@ -513,29 +573,242 @@ class ChatApp:
         session.send(text, kind)
         return False
 
+    # --- a team's day: DMs, topics, edits, search, away, private rooms ----------------------
+
+    def people(self) -> list[pb.Identity]:
+        """Everyone seen in this session: members of our rooms, senders of what is shown."""
+        out = [m for c in self.conversations.values() for m in c.members]
+        out += [e.message.sender for c in self.conversations.values() for e in c.entries[-200:]
+                if e.message is not None]
+        return out
+
+    def direct(self, person: str, text: str, line: str) -> bool:
+        """/msg NICK [TEXT]: open (or show) the DM with NICK and send TEXT there."""
+        login = person_login(person, self.me.login, self.people())
+        if login == self.me.login:
+            self.say("a direct message needs somebody else: /msg NICK TEXT", error=True)
+            return True
+        room = dm_name(self.me.login, login)
+        self.join(room, switch=False)
+        self.joining = None
+        self.switch(room)
+        if text:
+            return self.send(text, pb.MESSAGE_KIND_TEXT, line, room)
+        return False
+
+    def topic(self, text: str) -> bool:
+        conv = self.conversation
+        if conv is None or conv.name not in self.sessions:
+            self.say("not in a room: /join ROOM first", error=True)
+            return True
+        if not text:
+            t = conv.topic
+            self.say(f"topic of {conv.title}: {t.text} (set by {who(t.set_by)})"
+                     if t is not None and t.text else f"{conv.title} has no topic; "
+                     "/topic TEXT sets one")
+            return False
+        room = conv.name
+
+        async def set_it() -> None:
+            conn = await self.link.get()
+            await conn.set_topic(room, text)
+
+        self.spawn(set_it())
+        return False
+
+    def change(self, what: str, text: str) -> bool:
+        """/edit TEXT or /delete: the person's own last message in this conversation. When
+        that one is still on its way (typed just before), the change waits for its id: it
+        never falls on the message before it."""
+        conv = self.conversation
+        session = self.sessions.get(self.current or "")
+        if conv is None or session is None:
+            self.say("not in a room: /join ROOM first", error=True)
+            return True
+        room = conv.name
+
+        def run(target: int | None) -> None:
+            if target is None:
+                self.say(f"not {what}ed: your last message was not sent", error=True)
+                return
+
+            async def call() -> None:
+                conn = await self.link.get()
+                if what == "edit":
+                    await conn.edit(room, target, text)
+                else:
+                    await conn.delete(room, target)
+
+            self.spawn(call())
+
+        waiting = session.outbox.pending
+        if waiting:
+            self.after_sent[waiting[-1].client_msg_id] = run
+            return False
+        last = conv.last_own()
+        if last is None:
+            self.say(f"nothing of yours to {what} here (only what is on screen)", error=True)
+            return True
+        run(last.id)
+        return False
+
+    async def search(self, words: str) -> None:
+        """/search WORDS: the results in a buffer of their own (oldest at the top)."""
+        conn = await self.link.get()
+        res = await conn.search(words, newest=True, limit=SEARCH_PAGE)
+        conv = Conversation(SEARCH, kind="search", title=f"?{words}")
+        conv.history_complete = conv.backlog_done = True
+        found = list(reversed(res.messages))
+        conv.notice(f"search {words!r}: {len(found)} result(s), newest at the bottom"
+                    + (f" (the newest {SEARCH_PAGE}; narrow it to see older ones)"
+                       if res.more else "") + "; /leave closes this buffer")
+        for m in found:
+            where = (dm_title(m.room, self.me.login) if m.room.startswith("dm:") else
+                     m.room if m.room.startswith("+") else f"#{m.room}")
+            conv.add_result(m, where=where, own=m.sender.login == self.me.login,
+                            mention=is_mention(m, self.me.login, self.mentions))
+        if not found:
+            conv.notice("nothing found (every word must occur; word* matches a prefix)")
+        old = self.conversations.pop(SEARCH, None)
+        if old is not None and self.current == SEARCH:
+            self.current = None
+        self.conversations[SEARCH] = conv
+        self.joining = None
+        self.switch(SEARCH)
+
+    def set_away(self, away: bool, message: str) -> bool:
+        session = self.sessions.get(self.current or "") or next(iter(self.sessions.values()),
+                                                                 None)
+        if session is None:
+            self.say("not in a room: /join ROOM first", error=True)
+            return True
+        session.set_away(away, message)
+        self.away = away
+        self.say(("you are away" + (f": {message}" if message else "") + "; /back when you "
+                  "return") if away else "you are back")
+        return False
+
+    def members(self, what: str, room: str, nicks: tuple[str, ...]) -> bool:
+        """/create +room NICK..., /invite NICK..., /remove NICK... (admins)."""
+        if what != "create":
+            conv = self.conversation
+            if conv is None or conv.kind != "private":
+                self.say(f"/{what} works in a private room (+name)", error=True)
+                return True
+            room = conv.name
+        logins = [person_login(n, self.me.login, self.people()) for n in nicks]
+
+        async def run() -> None:
+            conn = await self.link.get()
+            if what == "create":
+                res = await conn.create_room(room, [self.me.login, *logins])
+            else:
+                res = await conn.set_room_members(room, add=logins if what == "invite" else (),
+                                                  remove=logins if what == "remove" else ())
+            said = f"{res.room}: members {', '.join(res.members) or 'nobody'}"
+            if what == "create":
+                self.join(room)  # the line goes into the room's own buffer
+                self.conversations[room].notice(said, renderer=self.renderer)
+                self.invalidate()
+            else:
+                self.say(said)
+
+        self.spawn(run())
+        return False
+
+    # --- unread counts from the server --------------------------------------------------------
+
+    async def poll_unread(self) -> None:
+        """Keep the room list's counts the server's; list DMs and rooms with unread messages
+        that this client is not in (a DM someone started is joined: its buffer appears)."""
+        with contextlib.suppress(Exception):
+            conn = await self.link.get()
+            listed = await conn.list_rooms()
+            dms = sorted((r for r in listed.rooms if r.direct), key=lambda r: -r.last_id)
+            for r in dms[:MAX_LISTED_DMS]:
+                if r.name not in self.conversations:
+                    self.conversations[r.name] = self.conversation_for(r.name, listed=True)
+        while not self.quitting:
+            started = time.monotonic()
+            try:
+                conn = await self.link.get()
+                res = await conn.unread()
+                self.apply_unread(res.rooms, started)
+                self.invalidate()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # the rooms' own state says when the server is away
+                log.debug("unread: %r", e)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.unread_wake.wait(), UNREAD_EVERY)
+            self.unread_wake.clear()
+            await asyncio.sleep(0.2)  # a burst of messages: one call
+
+    def apply_unread(self, rooms: Any, started: float) -> None:
+        """The server's counts (``RoomInfo``s) asked for at ``started`` (monotonic)."""
+        for r in rooms:
+            conv = self.conversations.get(r.name)
+            if conv is None:
+                if not r.unread:
+                    continue
+                conv = self.conversation_for(r.name, listed=True)
+                self.conversations[r.name] = conv
+            if conv.listed and conv.kind == "dm" and r.unread > conv.unread:
+                self.join(r.name, switch=False)  # someone wrote to us: its buffer
+                with contextlib.suppress(Exception):
+                    self.app.output.bell()
+            if r.name == self.current or conv.looked > started:
+                continue  # on screen, or read here since we asked
+            if conv.listed and r.unread_mentions > conv.mentions:
+                with contextlib.suppress(Exception):
+                    self.app.output.bell()  # mentioned in a room we are not in
+            conv.set_counts(r.unread, r.unread_mentions)
+
     # --- rooms ----------------------------------------------------------------------------
 
-    def join(self, room: str) -> None:
+    def join(self, room: str, *, switch: bool = True) -> None:
+        """Join ``room`` (a room, ``+private`` or a canonical ``dm:`` name). ``switch``: show
+        it, once the server has welcomed us (at once if it is already listed)."""
         if room in self.sessions:
-            self.switch(room)
+            if switch:
+                self.switch(room)
             return
-        conv = Conversation(room)
+        conv = self.conversations.get(room)
+        listed = conv is not None
+        if conv is None:
+            conv = self.conversations[room] = self.conversation_for(room)
+        conv.listed = False
         session = RoomSession(self.link, room, pacer=self.pacer, fail_fast=True)
-        self.conversations[room] = conv
         self.sessions[room] = session
-        if self.current is None:
+        if switch and (self.current is None or listed):
             self.switch(room)
-        else:
+        elif switch:
             self.joining = room
         self.tasks[room] = asyncio.get_running_loop().create_task(self._pump(conv, session))
+
+    def conversation_for(self, room: str, *, listed: bool = False) -> Conversation:
+        kind = kind_of(room)
+        title = dm_title(room, self.me.login) if kind == "dm" else ""
+        return Conversation(room, kind=kind, title=title, listed=listed)
 
     def leave(self, room: str) -> None:
         session = self.sessions.pop(room, None)
         if session is None:
-            self.say(f"not in #{room}" if room else "not in a room", error=True)
+            if room in self.conversations and room not in self.tasks:
+                self.close_buffer(room)  # search results, or a room only listed
+                return
+            where = room if room.startswith("+") else f"#{room}"
+            self.say(f"not in {where}" if room else "not in a room", error=True)
             return
         self.tasks.pop(room).cancel()
         self.spawn(session.close())
+        title = self.conversations[room].title
+        self.close_buffer(room)
+        self.say(f"left {title}")
+        for out in session.outbox:  # still on their way: not lost without a word
+            self.say(f"not sent to {title} (you left it): {visible(out.text)}", error=True)
+
+    def close_buffer(self, room: str) -> None:
         names = list(self.conversations)
         i = names.index(room)
         del self.conversations[room]
@@ -544,9 +817,6 @@ class ChatApp:
             rest = list(self.conversations)
             if rest:
                 self.switch(rest[min(i, len(rest) - 1)])
-        self.say(f"left #{room}")
-        for out in session.outbox:  # still on their way: not lost without a word
-            self.say(f"not sent to #{room} (you left it): {visible(out.text)}", error=True)
 
     async def _pump(self, conv: Conversation, session: RoomSession) -> None:
         try:
@@ -562,12 +832,15 @@ class ChatApp:
             raise
         except Exception:
             log.exception("room %s stopped", conv.name)
-            self.say(f"#{conv.name} stopped after an internal error; see {log_path()}",
+            self.say(f"{conv.title} stopped after an internal error; see {log_path()}",
                      error=True)
 
     def on_event(self, conv: Conversation, session: RoomSession, ev: SessionEvent) -> None:
         if ev.kind == "welcome" and ev.welcome is not None:
-            conv.members = list(ev.welcome.members)
+            w = ev.welcome
+            conv.members = list(w.members)
+            conv.topic = w.topic if w.HasField("topic") else None
+            conv.last_read = w.last_read_id
             self.known_rooms.add(conv.name)
             if self.joining == conv.name:
                 self.joining = None
@@ -578,8 +851,11 @@ class ChatApp:
             conv.backlog_done = True
             conv.notice("end of backlog" if conv.entries else "no earlier messages",
                         renderer=self.renderer)
-            conv.notice(f"you joined #{conv.name} as {visible(self.me.login)}; here: "
-                        f"{describe_members(conv.members)}", renderer=self.renderer)
+            conv.notice(f"you joined {conv.title} as {visible(self.me.login)}; here: "
+                        f"{describe_members(conv.members, conv.away)}", renderer=self.renderer)
+            if conv.topic is not None and conv.topic.text:
+                conv.notice(f"topic: {conv.topic.text} (set by {who(conv.topic.set_by)})",
+                            ts_ms=conv.topic.set_unix_ms, renderer=self.renderer)
         elif ev.kind == "presence" and ev.presence is not None:
             self.on_presence(conv, ev.presence)
         elif ev.kind == "state" and ev.error is not None and session.state.attempts == 1:
@@ -588,34 +864,55 @@ class ChatApp:
             conv.notice(f"reconnected after {ev.seconds:.0f}s; nothing missed",
                         renderer=self.renderer)
             conv.quiet_until = time.monotonic() + QUIET_REJOINS
+        elif ev.kind in ("sent", "failed") and ev.outgoing is not None:
+            then = self.after_sent.pop(ev.outgoing.client_msg_id, None)
+            if then is not None:
+                then(ev.message_id if ev.kind == "sent" else None)
         elif ev.kind == "error":
+            conv.notice(ev.text, error=True, renderer=self.renderer)
+        elif ev.kind == "restart":  # the server's history was restored or replaced
             conv.notice(ev.text, error=True, renderer=self.renderer)
         elif ev.kind == "fatal" and ev.error is not None:
             self.on_fatal(conv, session, ev.error)
 
     def on_presence(self, conv: Conversation, p: pb.Presence) -> None:
         conv.members = list(p.members)
+        conv.away = set(p.away_logins)
         if not p.who.login or p.who.login == self.me.login:
+            return
+        if p.kind == pb.PRESENCE_KIND_AWAY:
+            why = f": {p.away_message}" if p.away_message else ""
+            conv.notice(f"{who(p.who)} is away{why}", renderer=self.renderer)
+            return
+        if p.kind == pb.PRESENCE_KIND_BACK:
+            conv.notice(f"{who(p.who)} is back", renderer=self.renderer)
             return
         joined = p.kind == pb.PRESENCE_KIND_JOINED
         if joined and p.who.login in conv.away_from and time.monotonic() < conv.quiet_until:
             conv.away_from.discard(p.who.login)  # back after the same outage as ours
             return
         verb = "joined" if joined else "left"
-        conv.notice(f"{who(p.who)} {verb} #{conv.name}", renderer=self.renderer)
+        why = f" ({p.reason})" if p.reason and not joined else ""
+        conv.notice(f"{who(p.who)} {verb} {conv.title}{why}", renderer=self.renderer)
         if conv.name != self.current:
             conv.activity = True
 
     def on_message(self, conv: Conversation, m: pb.ChatMessage) -> None:
         own = m.sender.login == self.me.login
-        mention = bool(not own and self.mentions and self.mentions.search(m.text))
+        # Live messages: the server's ``mentions`` decide (and ring); the backlog: our names.
+        mention = is_mention(m, self.me.login, self.mentions)
         shown = conv.name == self.current
-        conv.add_message(m, own=own, mention=mention, shown=shown, live=conv.backlog_done,
-                         renderer=self.renderer)
+        live = conv.backlog_done
+        entry = conv.add_message(m, own=own, mention=mention, shown=shown, live=live,
+                                 renderer=self.renderer)
         if shown:
             self.seen(conv)
-        if conv.backlog_done and mention:
+        elif live and entry is not None and not own:
+            self.unread_wake.set()  # the server's counts, now
+        if live and entry is not None and not own and entry.mention:
             self.ring(conv, m)
+        elif live and entry is not None and not own and conv.kind == "dm" and not shown:
+            self.ring(conv, m)  # a direct message is meant for you
 
     def on_fatal(self, conv: Conversation, session: RoomSession, err: ClientError) -> None:
         if not session.state.ever_connected:
@@ -628,11 +925,11 @@ class ChatApp:
             if self.current == conv.name:
                 self.current = None
                 self.switch(next(iter(self.conversations), ""))
-            self.say(f"cannot join #{conv.name}: {err}", error=True)
+            self.say(f"cannot join {conv.title}: {err}", error=True)
             for out in session.outbox:  # typed while it was joining: not lost, not sent
-                self.say(f"not sent to #{conv.name}: {visible(out.text)}", error=True)
+                self.say(f"not sent to {conv.title}: {visible(out.text)}", error=True)
             return
-        conv.notice(f"#{conv.name} is closed for good: {err}", error=True,
+        conv.notice(f"{conv.title} is closed for good: {err}", error=True,
                     renderer=self.renderer)
 
     def ring(self, conv: Conversation, m: pb.ChatMessage) -> None:
@@ -641,7 +938,7 @@ class ChatApp:
             self.app.output.bell()
         if not self.notify:
             return
-        title = f"{who(m.sender)} in #{conv.name}"
+        title = f"{who(m.sender)} in {conv.title}"
         body = visible(m.text)[:200].replace("\n", " ")
         notify_send = shutil.which("notify-send")
         if notify_send:
@@ -675,15 +972,19 @@ class ChatApp:
         rooms = await conn.list_rooms()
         lines = ["rooms you may use:" if rooms.rooms else "no rooms yet"]
         for r in rooms.rooms:
-            self.known_rooms.add(r.name)
+            if not r.direct:
+                self.known_rooms.add(r.name)
+            title = (dm_title(r.name, self.me.login) if r.direct else
+                     r.name if r.private else f"#{r.name}")
+            unread = f", {r.unread} unread" if r.unread else ""
             here = f"; here: {describe_members(r.members)}" if r.members else ""
-            lines.append(f"  #{r.name} ({r.last_id} messages{here})")
+            lines.append(f"  {title} ({r.last_id} messages{unread}{here})")
         if rooms.all_rooms_allowed:
             lines.append("and any new one: /join NAME creates it")
         self.say("\n".join(lines))
 
     def load_older(self, conv: Conversation, count: int = 100, *, say: bool = False) -> None:
-        if conv.name in self.loading or conv.kind != "room":
+        if conv.name in self.loading or conv.kind not in ("room", "private", "dm"):
             return
         self.loading.add(conv.name)
 
@@ -713,7 +1014,7 @@ class ChatApp:
 
     async def close(self) -> None:
         """Stop every room and the link, within a second whatever the network does."""
-        for t in self.tasks.values():
+        for t in [*self.tasks.values(), *self.background]:
             t.cancel()
         closing = [s.close() for s in self.sessions.values()]
         with contextlib.suppress(Exception):
@@ -725,7 +1026,8 @@ class ChatApp:
         """What was typed but not stored, to print after the screen is gone."""
         notes = {State.SENDING: "  (sent, not confirmed: it may have been stored)",
                  State.FAILED: "  (refused)"}
-        out = [f"#{room}: {o.text}{notes.get(o.state, '')}"
+        titles = {name: c.title for name, c in self.conversations.items()}
+        out = [f"{titles.get(room, room)}: {o.text}{notes.get(o.state, '')}"
                for room, s in self.sessions.items() for o in s.outbox]
         if self.input.text.strip():
             out.append(f"(input) {self.input.text}")
@@ -787,6 +1089,7 @@ async def run_tui(server: str, room: str, *, token: str | None, socket: str, pro
         loop.set_exception_handler(_on_loop_error(chat))
         try:
             chat.join(room)
+            chat.spawn(chat.poll_unread())
             result = await chat.app.run_async(set_exception_handler=False)
         finally:
             await chat.close()
