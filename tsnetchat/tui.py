@@ -868,9 +868,7 @@ class ChatApp:
             then = self.after_sent.pop(ev.outgoing.client_msg_id, None)
             if then is not None:
                 then(ev.message_id if ev.kind == "sent" else None)
-        elif ev.kind == "error":
-            conv.notice(ev.text, error=True, renderer=self.renderer)
-        elif ev.kind == "restart":  # the server's history was restored or replaced
+        elif ev.kind in ("error", "restart"):  # restart: the server's history was restored
             conv.notice(ev.text, error=True, renderer=self.renderer)
         elif ev.kind == "fatal" and ev.error is not None:
             self.on_fatal(conv, session, ev.error)
