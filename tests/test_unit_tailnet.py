@@ -41,6 +41,12 @@ from tsnetchat.tailnet import Change, parse_notice  # noqa: E402
     ({"PeersChanged": [{"ID": 3, "StableID": "n3"}, {"ID": 4, "StableID": "n4"}]},
      Change(nodes=frozenset({"n3", "n4"}))),
     ({"PeersChanged": [{"ID": 3}]}, Change(everything=True)),
+    ({"PeerChangedPatch": [{"NodeID": 6, "Online": False}, {"NodeID": 3, "Online": True}]},
+     Change(offline=frozenset({6}))),
+    ({"PeersChanged": [{"ID": 4, "StableID": "n4", "Online": False}]},
+     Change(nodes=frozenset({"n4"}), offline=frozenset({4}))),
+    ({"PeerChangedPatch": [{"NodeID": 6, "Online": False}], "SelfChange": {"ID": 1}},
+     Change(everything=True, offline=frozenset({6}))),
 ])
 def test_bus_notices_say_which_identities_may_have_changed(notice: dict[str, object],
                                                            expect: Change | None) -> None:

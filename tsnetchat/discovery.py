@@ -725,8 +725,15 @@ CHANNEL_OPTIONS: list[tuple[str, str | int]] = [
     # between all channels to the same target (its global subchannel pool), so a "new"
     # connection could silently be an old one, with the old one's server-side identity.
     ("grpc.use_local_subchannel_pool", 1),
-    ("grpc.keepalive_time_ms", 20_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
+    # A server (or its node) that vanished without closing shows only as an unanswered
+    # HTTP/2 PING: detected within 15 s, then the session reconnects. The server accepts a
+    # ping every 5 s without data (server.GRPC_OPTIONS); without max_pings_without_data = 0
+    # core stops after two pings on a quiet stream, and since grpc core's PR 34647 the
+    # answer is awaited for grpc.http2.ping_timeout_ms (default 60 s), not the keepalive one.
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.http2.ping_timeout_ms", 5_000),
+    ("grpc.http2.max_pings_without_data", 0),
     ("grpc.enable_retries", 0),
     ("grpc.initial_reconnect_backoff_ms", 500),
     ("grpc.max_reconnect_backoff_ms", 5_000),

@@ -19,6 +19,9 @@ decision changes:
 * the key or the settings change (``apply``): every lease is decided again (no WhoIs);
 * tailscaled announces a change on its IPN bus (``tailnet_changed``): the identity of every
   connection the change may concern is stale, is asked again, and its leases decided again;
+  a device the control server says went offline has its leases failed at once (UNAVAILABLE):
+  its connections are dead, or will be, even while WhoIs still names it (presence must not
+  wait for TCP to notice; gRPC keepalive is the other half, server.GRPC_OPTIONS);
 * the token expires: its leases fail at ``exp`` + ``auth.LEEWAY``;
 * every ``recheck_interval`` seconds (every second while the IPN bus is lost), one
   connection per device with leases is asked again and the answer compared: the backstop
@@ -59,6 +62,7 @@ from .errors import (
     TailnetError,
     TsnetchatError,
     Unauthenticated,
+    Unavailable,
 )
 from .tailnet import Change, Tailnet, WhoIs, format_addr, parse_grpc_peer
 from .throttle import Buckets, LogLimiter
@@ -80,6 +84,8 @@ BLIND_INTERVAL = 1.0  # seconds between re-checks while tailscaled's IPN bus is 
 SETTLE = 0.05  # changes arriving this close together are handled in one round
 REVOKED = "token lock: your token was revoked; ask an admin for a new one"
 EXPIRED = "token lock: the token has expired; ask an admin for a new one (tsnetchat token issue)"
+OFFLINE = ("the device went offline on the tailnet (its coordination server lost it); "
+           "reconnect when it is back")
 
 
 @dataclass(frozen=True)
@@ -436,9 +442,15 @@ class Gate:
         self._due.set()
 
     def tailnet_changed(self, change: Change) -> None:
-        """tailscaled announced a change: ask again about every connection it may concern."""
+        """tailscaled announced a change: ask again about every connection it may concern,
+        and end the calls of devices that went offline."""
         self.blind = False
         self._mark(change)
+        if change.offline:
+            for conn in list(self._conns.values()):
+                if conn.who is not None and conn.who.node_num in change.offline:
+                    for lease in list(conn.leases):
+                        self._fail(lease, Unavailable(OFFLINE))
 
     def tailnet_lost(self) -> None:
         """The IPN bus is lost: changes may go unannounced. Ask again about everyone now

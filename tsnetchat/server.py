@@ -52,15 +52,33 @@ log = logging.getLogger("tsnetchat.server")
 MAX_OPEN_STREAMS = 64
 MAX_OPEN_STREAMS_PER_CONNECTION = 4
 
+KEEPALIVE_TIME_MS = 4_000
+KEEPALIVE_TIMEOUT_MS = 4_000
+
 GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024),
     ("grpc.max_send_message_length", 16 * 1024 * 1024),
     ("grpc.max_metadata_size", 16 * 1024),
     ("grpc.max_concurrent_streams", 256),
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    # Presence must tell the truth: a peer that vanished without closing (a killed
+    # tailscaled, a laptop lid, a cut network) still has an open TCP connection here, and in
+    # userspace mode that connection is to our own tailscaled, which keeps it open for as
+    # long as its netstack retries. Only an unanswered HTTP/2 PING shows it: one after
+    # KEEPALIVE_TIME_MS without anything read, the connection closed (its streams "left")
+    # KEEPALIVE_TIMEOUT_MS later. Since grpc core's PR 34647 the wait for the PING's answer
+    # is grpc.http2.ping_timeout_ms (default 60 s; with keepalive_timeout_ms alone a frozen
+    # client stayed a member for as long as we watched, grpcio 1.85.1, 2026-11-22). Without
+    # max_pings_without_data = 0, core stops pinging a quiet stream after two pings. The IPN
+    # bus says "offline" too, but only ~10 s after the node died (headscale v0.29.2,
+    # measured in the lab 2026-11-22): gate.tailnet_changed.
+    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    ("grpc.http2.max_pings_without_data", 0),
     ("grpc.keepalive_permit_without_calls", 1),
+    # Clients ping us too (discovery.CHANNEL_OPTIONS, every 10 s): accept pings this often
+    # without data, with room for timer jitter; faster ones are strikes (GOAWAY after 2).
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
     ("grpc.so_reuseport", 0),
     # gRPC's core parks a new call in a "pending" queue until the application asks for it;
     # grpc.aio asks for one call at a time from the event loop, so a burst of clients

@@ -796,7 +796,8 @@ class Store:
         words, and copy the WAL into the database and truncate it, so the text is in neither
         file (secure_delete zeroes what is freed). Best effort: a reader holding an old
         snapshot keeps the WAL until it is done (the next purge finishes the job).
-        Costs a merge of the whole index (measured in bench/README.md)."""
+        Costs a merge of the whole index (measured in bench/README.md), so the writer
+        thread runs it in a pause of writing, or PURGE_WITHIN after the deletion."""
         self.purge_due = False
         try:
             self._db.execute("INSERT INTO messages_fts (messages_fts) VALUES ('optimize')")
@@ -1091,6 +1092,16 @@ class _Job:
     deadline: float
 
 
+# A deletion's purge (``Store.purge``) rewrites the whole search index: 0.62-0.64 s on
+# 1,000,000 messages (bench/README.md), during which nothing else is written. SQLite 3.40's
+# FTS5 has no 'secure-delete' (3.42+), and its incremental 'merge' with a negative page count,
+# interleaved with inserts, left the index "malformed" (2026-11-22). So the purge waits for
+# a pause in writing (PURGE_IDLE without anything to write), one purge covering every
+# deletion so far; under writing that never pauses it runs PURGE_WITHIN after the first
+# deletion anyway: a deleted text is gone from the file within about that long.
+PURGE_IDLE = 0.5
+PURGE_WITHIN = 10.0
+
 MAX_GROUP = 1024  # messages in one transaction at most (see SqliteHistory's max_group)
 PRUNE_STEP = 5000  # rows deleted per transaction, so sends wait at most one step for a prune
 
@@ -1213,16 +1224,20 @@ class SqliteHistory:
         with self._reader_lock:
             self._thread_ids.add(threading.get_native_id())
         q = self._queue
+        deleted_at = 0.0  # when the oldest deletion not yet purged committed
         while True:
-            self._wake.wait()
+            idle = not self._wake.wait(PURGE_IDLE if self._store.purge_due else None)
             self._wake.clear()
             while q:
                 if isinstance(q[0], _Job):
                     self._run_job(q.popleft())  # type: ignore[arg-type]
                 else:
                     self._write_group()
-                if self._store.purge_due:
+            if self._store.purge_due:
+                deleted_at = deleted_at or time.monotonic()
+                if idle or self._stopping or time.monotonic() - deleted_at >= PURGE_WITHIN:
                     self._store.purge()
+                    deleted_at = 0.0
             if self._stopping:
                 return
 

@@ -99,6 +99,7 @@ class WhoIs:
     tags: tuple[str, ...]
     addresses: tuple[str, ...]
     cap_map: Mapping[str, list[Any]] = field(default_factory=dict)
+    node_num: int = 0  # the control server's numeric NodeID, as IPN bus patches name it
 
     @property
     def is_tagged(self) -> bool:
@@ -111,10 +112,13 @@ class Change:
 
     ``everything``: any device's answer may differ (a new netmap, our own node, the login
     state, user profiles, or the watch just (re)connected and may have missed notices).
-    Otherwise only the devices in ``nodes`` (StableIDs) changed."""
+    Otherwise only the devices in ``nodes`` (StableIDs) changed. ``offline``: devices (the
+    numeric NodeIDs of ``WhoIs.node_num``) the control server now says are offline; their
+    connections are dead or about to be, whatever WhoIs still answers."""
 
     everything: bool = False
     nodes: frozenset[str] = frozenset()
+    offline: frozenset[int] = frozenset()
 
 
 class Tailnet(Protocol):
@@ -134,17 +138,28 @@ class Tailnet(Protocol):
 
 
 def parse_notice(data: Mapping[str, Any]) -> Change | None:
-    """What an IPN bus notice means for identities; None when it cannot change any."""
+    """What an IPN bus notice means for identities and presence; None when nothing."""
+    offline = _offline(data)
     if data.get("SelfChange") or data.get("State") is not None or data.get("UserProfiles") \
             or data.get("PeersRemoved") or data.get("NetMap") or data.get("LoginFinished"):
-        return Change(everything=True)
+        return Change(everything=True, offline=offline)
     changed = data.get("PeersChanged") or ()
     nodes = frozenset(str(n.get("StableID", "")) for n in changed if isinstance(n, dict))
-    if not nodes:
-        return None
     if "" in nodes:
-        return Change(everything=True)
-    return Change(nodes=nodes)
+        return Change(everything=True, offline=offline)
+    if not nodes and not offline:
+        return None
+    return Change(nodes=nodes, offline=offline)
+
+
+def _offline(data: Mapping[str, Any]) -> frozenset[int]:
+    """NodeIDs the notice says went offline: a patch (``PeerChangedPatch``, how headscale
+    v0.29.2 announced a killed tailscaled to its peers, 10.6 s after the kill, in the lab on
+    2026-11-22) or a full node, with ``Online: false``."""
+    ids = {_int(n.get("NodeID", n.get("ID")))
+           for n in [*(data.get("PeerChangedPatch") or ()), *(data.get("PeersChanged") or ())]
+           if isinstance(n, dict) and n.get("Online") is False}
+    return frozenset(ids - {0})
 
 
 def _peer_from(d: Mapping[str, Any], users: Mapping[str, Any]) -> PeerInfo:
@@ -187,7 +202,15 @@ def parse_whois(data: Mapping[str, Any]) -> WhoIs:
         tags=tuple(node.get("Tags") or ()),
         addresses=tuple(a.split("/")[0] for a in node.get("Addresses") or ()),
         cap_map=dict(data.get("CapMap") or {}),
+        node_num=_int(node.get("ID")),
     )
+
+
+def _int(v: Any) -> int:
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        return 0
 
 
 def parse_grpc_peer(peer: str) -> tuple[str, int]:
