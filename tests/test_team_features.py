@@ -286,3 +286,23 @@ async def test_away_with_a_message_is_announced_to_the_rooms_of_the_person(
     assert ALICE in p.away_logins
     call.cancel()
     watch.cancel()
+
+
+async def test_history_replay_search_and_mentions_carry_the_mentions_stored_with_a_message(
+        lab_chat: LabChat) -> None:
+    alice, bob, _ = await people(lab_chat)
+    await alice.whoami()  # the server knows alice's name
+    before = await bob.send_one("general", "nothing for anyone")
+    mid = await bob.send_one("general", "alice: the quokka7 build is green")
+    history = {m.id: tuple(m.mentions) for m in (await alice.history("general")).messages}
+    assert history[mid] == (ALICE,)
+    assert history[before] == ()
+    call = alice.stub.Join(hello_events("general", after=before), metadata=alice.metadata)
+    (replayed,) = await collect(call, 1)
+    call.cancel()
+    assert (replayed.id, tuple(replayed.mentions)) == (mid, (ALICE,))
+    for newest in (False, True):
+        (found,) = (await alice.search("quokka7", newest=newest)).messages
+        assert tuple(found.mentions) == (ALICE,)
+    (mentioned,) = await alice.mentions()
+    assert tuple(mentioned.mentions) == (ALICE,)

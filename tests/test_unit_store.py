@@ -16,6 +16,7 @@ from helpers import until, write_lock_held
 
 from tsnetchat.errors import StoreError
 from tsnetchat.store import (
+    RANK_WINDOW,
     SCHEMA_VERSION,
     WAL_SIZE_LIMIT,
     Draft,
@@ -448,4 +449,33 @@ def test_the_wal_shrinks_back_after_a_burst(tmp_path: Path) -> None:
     s.append("r", A, 1, "next")  # the writer starts the WAL over: and cuts it down
     assert wal.stat().st_size <= WAL_SIZE_LIMIT
     assert s.after("r", 4000, 10)[-1].text == "next"
+    s.close()
+
+
+def test_ranked_search_fills_its_window_only_with_messages_the_caller_may_read(
+        tmp_path: Path) -> None:
+    s = Store(tmp_path / "h.db")
+    who = Sender("a@x", "A", "n")
+    s.write([Draft("open", who, 1, f"kiwi open {i}") for i in range(3)])
+    # Newer than every open match, and more of them than the ranked window holds.
+    s.write([Draft("secret", who, 1, "kiwi kiwi kiwi secret") for _ in range(RANK_WINDOW + 5)])
+    found = s.search("kiwi", ["open"], limit=50)
+    assert sorted(m.text for m in found) == ["kiwi open 0", "kiwi open 1", "kiwi open 2"]
+    ranked = s.search("kiwi", ["open", "secret"], limit=50, offset=RANK_WINDOW - 2)
+    assert len(ranked) == 2  # ranked pages end with the window
+    assert all(m.room == "secret" for m in ranked)
+    s.close()
+
+
+def test_a_message_read_back_carries_the_mentions_stored_with_it(tmp_path: Path) -> None:
+    s = Store(tmp_path / "h.db")
+    who = Sender("a@x", "A", "n")
+    expected = ("bob@x", "carol@x")
+    (w,) = s.write([Draft("r", who, 1, "bob and carol: kiwi", mentions=expected)])
+    assert isinstance(w, Written)
+    assert w.message.mentions == expected
+    s.write([Draft("r", who, 1, "nobody")])
+    assert [m.mentions for m in s.after("r", 0, 10)] == [expected, ()]
+    assert [m.mentions for m in s.search("kiwi", ["r"])] == [expected]
+    assert [m.mentions for m in s.mentions_of("bob@x", include_read=True, limit=5)] == [expected]
     s.close()
