@@ -595,6 +595,12 @@ class ChatService:
             access = self.access()
             if request.rooms:
                 wanted = [self._canonical(p, r) for r in request.rooms]
+                # A room the token does not allow is refused as everywhere else (naming the
+                # rooms it does); a conversation the caller may not read is left out without
+                # a word, so a search infers nothing about it.
+                for r in wanted:
+                    if not rooms.is_conversation(r):
+                        access.check(p, r)
                 names = [r for r in wanted if access.may_read(p, r)]
             else:
                 names = access.readable(p, self.store.rooms())
