@@ -101,9 +101,9 @@ class Palette:
 
 def is_mention(m: pb.ChatMessage, me: str, pattern: re.Pattern[str] | None) -> bool:
     """Whether ``m`` mentions the person logged in as ``me``. The server says so in
-    ``mentions`` for live messages (the one rule, rooms.Mentions: logins, short logins and
-    display names it knows); messages from History and the backlog do not carry the field,
-    so for those our own names (``pattern``) decide, for the highlight only."""
+    ``mentions`` (the one rule, rooms.Mentions: logins, short logins and display names it
+    knows), live and read back alike; a server older than that field leaves it empty, and
+    then our own names (``pattern``) decide, for the highlight only."""
     if m.sender.login == me or m.deleted_by:
         return False
     if m.mentions:
