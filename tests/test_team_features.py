@@ -13,7 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from helpers import LabChat, collect, first_of, hello_events, refused, until
+from helpers import LabChat, collect, extra_node, first_of, hello_events, refused, until
 
 from tsnetchat.client import Connection, dm_room
 from tsnetchat.pb import chat_pb2 as pb
@@ -119,8 +119,9 @@ async def test_a_second_device_of_alice_sees_the_unread_counts_the_first_one_lef
     ack = pb.ClientEvent(ack=pb.Ack(last_seen_id=2))
     call = alice.stub.Join(hello_events("general", then=[ack]), metadata=alice.metadata)
     await first_of(call, "replay_done")
-    # Device two: a new connection (its own TCP connection) of the same person.
-    phone = await lab_chat.connect("alice-laptop", lab_chat.token(ALICE))
+    # Device two: another node of alice's on the tailnet, with its own connection.
+    extra_node(lab_chat.lab, "alice-desktop", "alice")
+    phone = await lab_chat.connect("alice-desktop", lab_chat.token(ALICE))
     counts: dict[str, pb.RoomInfo] = {}
 
     async def refresh() -> None:
