@@ -31,6 +31,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from . import auth, enroll
+from .cluster import ClusterHistory
 from .config import ServerConfig, parse_listen
 from .errors import ConfigError, TailnetError, TsnetchatError
 from .gate import Gate, Policy
@@ -169,13 +170,17 @@ class Server:
         # yet, so the loop may wait for it here. From now on it runs on its own threads.
         db = Store(cfg.db_path, fsync=cfg.fsync, timeout=cfg.store_wait)
         revoked, self._revocation_seq = db.revocations_since(0)
-        self.store = SqliteHistory(db, asyncio.get_running_loop(), wait=cfg.store_wait,
-                                   max_group=max(1, min(MAX_GROUP, cfg.subscriber_queue // 4)))
+        local = SqliteHistory(db, asyncio.get_running_loop(), wait=cfg.store_wait,
+                              max_group=max(1, min(MAX_GROUP, cfg.subscriber_queue // 4)))
         self.gate = Gate(tailnet, policy_for(cfg, key), revoked=revoked,
                          whois_timeout=cfg.whois_timeout, recheck_interval=cfg.recheck_interval)
         self.load = LoopLoad(asyncio.get_running_loop())
         self.hub = Hub(pacing, load=self.load)
-        self.store.linger = lambda: self.hub.pacing.commit_linger(self.load())
+        local.linger = lambda: self.hub.pacing.commit_linger(self.load())
+        # Cluster mode: the same service on a NATS JetStream cluster; ``local`` becomes this
+        # server's copy of the cluster's stream (tsnetchat.cluster).
+        self.store: SqliteHistory | ClusterHistory = (
+            ClusterHistory(local, self.hub, cfg) if cfg.cluster else local)
         self.metrics = Metrics()
         self.enrollment = enroll.Enrollment(
             door=self.gate, key=lambda: self.gate.policy.key, store=self.store,
@@ -216,6 +221,13 @@ class Server:
         cfg = self.cfg
         self.status = await wait_running(self.tailnet, cfg.startup_timeout,
                                          progress=self.progress)
+        if isinstance(self.store, ClusterHistory):
+            key = await self.store.start(self.gate.policy.key, cfg.startup_timeout)
+            if key != self.gate.policy.key:  # the cluster's, so tokens work on every server
+                auth.write_key(cfg.key_path, key)
+                self._key_stamp = _stamp(cfg.key_path)
+            self.store.on_revoked = self.service.apply_revocations
+            self.gate.apply(self._policy(key))
         self.gate.apply(self._policy(self.gate.policy.key))  # now knowing our own node
         self.enrollment.policy = enroll.policy_from(cfg, self._name())  # now knowing our name
         self.addresses = (listen_addresses(self.status) if cfg.listen == "auto"
