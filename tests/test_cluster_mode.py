@@ -1,0 +1,227 @@
+"""Cluster mode (issue 20) over the real tailnet lab and a real three-node NATS cluster.
+
+Server 1 runs on the lab's chat-server node, server 2 on chat-server-2; both in this
+process, each asking its own tailscaled who is calling, both on the same NATS JetStream
+cluster (``nats_cluster``: fresh per test). People connect over the tailnet from their
+laptops' tailscaled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import nats_lab
+import pytest
+from helpers import LabChat, bounded, collect, hello_events, lab_server, send, token_id, until
+
+from tsnetchat.client import Connection
+from tsnetchat.pb import chat_pb2 as pb
+
+pytestmark = [pytest.mark.tailnet, pytest.mark.cluster]
+
+ALICE, BOB = "alice@tailnet.test", "bob@tailnet.test"
+
+
+def cluster_flags(cluster: nats_lab.NatsCluster) -> dict[str, Any]:
+    return {"cluster": ",".join(cluster.urls), "nats_user": cluster.user,
+            "nats_password": cluster.password}
+
+
+@contextlib.asynccontextmanager
+async def two_servers(lab: Any, tmp: Path, cluster: nats_lab.NatsCluster, **overrides: Any
+                      ) -> AsyncIterator[tuple[LabChat, LabChat]]:
+    flags = {**cluster_flags(cluster), **overrides}
+    async with lab_server(lab, tmp, **flags) as one, \
+            lab_server(lab, tmp, node="chat-server-2", **flags) as two:
+        yield one, two
+
+
+class Joined:
+    """A Join stream, read up to its replay_done; ``write`` queues another client event."""
+
+    def __init__(self, conn: Connection, room: str, after: int | None,
+                 then: list[pb.ClientEvent] | None) -> None:
+        self._queue: asyncio.Queue[pb.ClientEvent] = asyncio.Queue()
+        for ev in then or []:
+            self._queue.put_nowait(ev)
+        self.call = conn.stub.Join(self._events(room, after), metadata=conn.metadata)
+
+    async def _events(self, room: str, after: int | None) -> AsyncIterator[pb.ClientEvent]:
+        async for ev in hello_events(room, after, hold=asyncio.Event()):
+            yield ev
+            break
+        while True:
+            yield await self._queue.get()
+
+    async def write(self, ev: pb.ClientEvent) -> None:
+        self._queue.put_nowait(ev)
+
+    def __aiter__(self) -> Any:
+        return self.call.__aiter__()
+
+    def cancel(self) -> None:
+        self.call.cancel()
+
+
+async def join(conn: Connection, room: str, after: int | None = None,
+               then: list[pb.ClientEvent] | None = None) -> Joined:
+    joined = Joined(conn, room, after, then)
+    await collect(joined.call, 1, kind="replay_done")
+    return joined
+
+
+async def ack_or_error(call: Any, cmid: str, timeout: float = 30) -> Any:
+    """The Sent or the Error the server answers ``cmid`` with."""
+    async def loop() -> Any:
+        async for ev in call:
+            which = ev.WhichOneof("event")
+            acks = [ev.sent] if which == "sent" else ev.batch.sent if which == "batch" else []
+            for s in acks:
+                if s.client_msg_id == cmid:
+                    return s
+            if which == "error" and ev.error.client_msg_id == cmid:
+                return ev.error
+        raise AssertionError("the stream ended")
+
+    return await bounded(loop(), f"the answer to {cmid}", timeout)
+
+
+async def test_alice_on_server_1_and_bob_on_server_2_chat_in_one_room(
+        lab: Any, tmp_path: Path, nats_cluster: nats_lab.NatsCluster) -> None:
+    async with two_servers(lab, tmp_path, nats_cluster) as (one, two):
+        alice = await one.connect("alice-laptop", one.token(ALICE))
+        bob = await two.connect("bob-laptop", two.token(BOB))
+        bob_sees = await join(bob, "general")
+        alice_sees = await join(alice, "general")
+        first = await alice.send_one("general", "hello from server 1")
+        [m] = await collect(bob_sees.call, 1)
+        assert (m.id, m.text, m.sender.login) == (first, "hello from server 1", ALICE)
+        second = await bob.send_one("general", "hello back from server 2")
+        got = await collect(alice_sees.call, 2)
+        assert [(x.id, x.sender.login) for x in got] == [(first, ALICE), (second, BOB)]
+        assert second == first + 1
+        on_one = await alice.history("general")
+        on_two = await bob.history("general")
+        assert [(x.id, x.text) for x in on_one.messages] == [
+            (x.id, x.text) for x in on_two.messages] == [
+            (first, "hello from server 1"), (second, "hello back from server 2")]
+        assert {r.name: r.last_id for r in (await bob.list_rooms()).rooms}["general"] == second
+        bob_sees.cancel()
+        alice_sees.cancel()
+
+
+async def test_a_resend_through_the_other_server_gets_the_original_id(
+        lab: Any, tmp_path: Path, nats_cluster: nats_lab.NatsCluster) -> None:
+    async with two_servers(lab, tmp_path, nats_cluster) as (one, two):
+        token = one.token(ALICE)
+        on_one = await one.connect("alice-laptop", token)
+        on_two = await two.connect("alice-laptop", token)
+        cmid = uuid.uuid4().hex
+        first = await join(on_one, "general", then=[send("typed once", cmid)])
+        stored = await ack_or_error(first, cmid)
+        again = await join(on_two, "general", after=stored.id, then=[send("typed once", cmid)])
+        resent = await ack_or_error(again, cmid)
+        assert isinstance(resent, pb.Sent) and resent.id == stored.id
+        history = await on_two.history("general")
+        assert [m.text for m in history.messages] == ["typed once"]
+        first.cancel()
+        again.cancel()
+
+
+async def test_sends_go_on_when_one_nats_node_dies_and_nothing_acknowledged_is_lost(
+        lab: Any, tmp_path: Path, nats_cluster: nats_lab.NatsCluster) -> None:
+    async with two_servers(lab, tmp_path, nats_cluster) as (one, two):
+        alice = await one.connect("alice-laptop", one.token(ALICE))
+        bob = await two.connect("bob-laptop", two.token(BOB))
+        call = await join(alice, "general")
+        acked: dict[str, int] = {}
+        for i in range(5):
+            cmid = f"before-{i}"
+            await call.write(send(f"before {i}", cmid))
+            answer = await ack_or_error(call, cmid)
+            acked[cmid] = answer.id
+        # The stream's leader: its death stalls appends for an election (4-9 s).
+        nats_cluster.kill(nats_cluster.stream_leader("TSNETCHAT"))
+        for i in range(5):
+            cmid = f"after-{i}"
+            while True:  # as a client does: resend the same message until it is confirmed
+                await call.write(send(f"after {i}", cmid))
+                answer = await ack_or_error(call, cmid)
+                if isinstance(answer, pb.Sent):
+                    acked[cmid] = answer.id
+                    break
+                assert answer.code == grpc.StatusCode.UNAVAILABLE.value[0]
+        ids = sorted(acked.values())
+        assert ids == list(range(ids[0], ids[0] + 10))
+        for conn in (alice, bob):
+            history = await conn.history("general")
+            assert sorted((m.client_msg_id, m.id) for m in history.messages) == sorted(
+                acked.items(), key=lambda kv: kv[0])
+        call.cancel()
+
+
+async def test_without_a_nats_quorum_sends_are_refused_as_retryable_and_succeed_when_it_returns(
+        lab: Any, tmp_path: Path, nats_cluster: nats_lab.NatsCluster) -> None:
+    async with two_servers(lab, tmp_path, nats_cluster, cluster_wait=2.0) as (one, two):
+        alice = await one.connect("alice-laptop", one.token(ALICE))
+        bob = await two.connect("bob-laptop", two.token(BOB))
+        call = await join(alice, "general", then=[send("with a quorum", "q0")])
+        assert isinstance(await ack_or_error(call, "q0"), pb.Sent)
+        stopped = [n.name for n in nats_cluster.nodes][:2]
+        for name in stopped:
+            nats_cluster.stop_node(name)
+        await call.write(send("without a quorum", "q1"))
+        refusal = await ack_or_error(call, "q1")
+        assert isinstance(refusal, pb.Error)
+        assert refusal.code == grpc.StatusCode.UNAVAILABLE.value[0]
+        assert "did not confirm" in refusal.message and "same client_msg_id" in refusal.message
+        assert refusal.retry_after_ms > 0
+        for name in stopped:
+            nats_cluster.start_node(name)
+        while True:  # the client's resend, with the same id, until the cluster confirms it
+            await call.write(send("without a quorum", "q1"))
+            answer = await ack_or_error(call, "q1")
+            if isinstance(answer, pb.Sent):
+                break
+            assert answer.code == grpc.StatusCode.UNAVAILABLE.value[0]
+        history = await bob.history("general")
+        assert [m.client_msg_id for m in history.messages] == ["q0", "q1"]
+        call.cancel()
+
+
+async def test_a_token_revoked_through_server_2_closes_alices_stream_on_server_1(
+        lab: Any, tmp_path: Path, nats_cluster: nats_lab.NatsCluster) -> None:
+    async with two_servers(lab, tmp_path, nats_cluster) as (one, two):
+        token = one.token(ALICE)
+        alice = await one.connect("alice-laptop", token)
+        # alice's admin token (the lab grants alice admin), on her laptop, through server 2
+        admin = await two.connect("alice-laptop", two.token(ALICE, admin=True))
+        call = await join(alice, "general")
+        await admin.stub.RevokeToken(pb.RevokeTokenRequest(token_id=token_id(token)),
+                                     metadata=admin.metadata)
+        with pytest.raises(grpc.aio.AioRpcError) as closed:
+            await collect(call.call, 1)
+        assert closed.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        fresh = await one.connect("alice-laptop", token)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await fresh.whoami()
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_a_server_that_starts_later_catches_up_from_the_stream(
+        lab: Any, tmp_path: Path, nats_cluster: nats_lab.NatsCluster) -> None:
+    flags = cluster_flags(nats_cluster)
+    async with lab_server(lab, tmp_path, **flags) as one:
+        alice = await one.connect("alice-laptop", one.token(ALICE))
+        ids = [await alice.send_one("general", f"early {i}") for i in range(3)]
+        async with lab_server(lab, tmp_path, node="chat-server-2", **flags) as two:
+            bob = await two.connect("bob-laptop", two.token(BOB))
+            history = await bob.history("general")
+            assert [m.id for m in history.messages] == ids
+            await until(lambda: two.server.store.last_id("general") == ids[-1])
