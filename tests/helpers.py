@@ -591,6 +591,7 @@ class LabDaemon:
     args: tuple[str, ...] = ()
     env: dict[str, str] | None = None
     proc: subprocess.Popen[str] | None = None
+    node: str = "chat-server"  # the lab node whose tailscaled it serves on
 
     @property
     def log(self) -> Path:
@@ -606,7 +607,7 @@ class LabDaemon:
         notify.settimeout(1)
         self.proc = subprocess.Popen(
             [CLI, "serve", "--state-dir", str(self.state), "--socket",
-             self.lab.nodes["chat-server"].socket, "--port", str(self.port), *self.args],
+             self.lab.nodes[self.node].socket, "--port", str(self.port), *self.args],
             stdout=open(self.log, "a"), stderr=subprocess.STDOUT, text=True,  # noqa: SIM115
             env={**os.environ, "NOTIFY_SOCKET": sock_path, **(self.env or {})})
         try:

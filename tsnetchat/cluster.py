@@ -23,8 +23,10 @@ the measured facts this relies on ("fact N" below).
   fact 2), then refused with ``Unconfirmed``: it may still appear (fact 5), and a resend with
   the same client_msg_id is answered with its id, never stored twice.
 * **Shared state in KV**: revoked token ids (``REVOKED``, watched by every server: streams
-  close on all servers when one revokes) and the token signing key (``STATE``), so a token
-  issued by one server is good on all.
+  close on all servers when one revokes), the token signing key (``STATE``), so a token
+  issued by one server is good on all, and the servers themselves (``register``), which
+  every Welcome lists so clients can fail over. Kicks go to every server on a plain NATS
+  subject (``KICKS``).
 
 Reads (history, resume, ListRooms) are answered from the local copy. nats-py errors are
 translated here and nowhere else.
@@ -79,7 +81,8 @@ STREAM = "TSNETCHAT"
 PREFIX = "tsnetchat.msg."
 ROOM_PREFIX = PREFIX + "room."
 REVOKED = "tsnetchat-revoked"  # KV: token id -> revocation time
-STATE = "tsnetchat-state"  # KV: signing-key, ...
+STATE = "tsnetchat-state"  # KV: signing-key, server.<name> (where clients reach it)
+KICKS = "tsnetchat.ctl.kick"  # core NATS: {room, login, by}
 SOURCE = "nats:" + STREAM  # the local copy's name for how far the stream is applied
 MAX_BATCH = 256  # messages per atomic batch (JetStream allows 1,000)
 MAX_BATCHES_IN_FLIGHT = 32  # JetStream allows 50 per stream
@@ -187,7 +190,13 @@ class ClusterHistory:
         self._tasks: list[asyncio.Task[Any]] = []
         self._subs: list[Any] = []
         self._kv_revoked: Any = None
+        self._kv_state: Any = None
         self._shared_revocations: set[str] = set()
+        # The servers of the cluster (``register``), as clients may reach them: name -> port.
+        self.servers: dict[str, int] = {}
+        self._registered = ""
+        # Called when a person is kicked through another server: (room, login, by whom).
+        self.on_kick: Callable[[str, str, str], object] = lambda room, login, by: None
 
     # start / stop ------------------------------------------------------------------------
 
@@ -217,6 +226,8 @@ class ClusterHistory:
             "the revocations bucket")
         key = await _retrying(lambda: self._shared_key(kv_state, key), deadline,
                               "the signing key")
+        self._kv_state = kv_state
+        self._subs.append(await self._nc.subscribe(KICKS, cb=self._on_kick))
         self._applied = await self.local.read(lambda s: s.applied(SOURCE))
         target = info.state.last_seq
         start = (dict(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
@@ -256,10 +267,60 @@ class ClusterHistory:
             entry = await kv.get("signing-key")
             return bytes(entry.value)
 
+    async def register(self, name: str, port: int) -> None:
+        """Tell the cluster (and so every client's Welcome) that this server serves at
+        ``name``:``port``, and follow the others. A server that stops cleanly takes itself
+        off the list; a crashed one stays on it (a client trying it moves on to the next)."""
+        try:
+            await self._kv_state.put(f"server.{name}", json.dumps(
+                {"name": name, "port": port}).encode())
+            self._registered = name
+        except (nats.errors.Error, OSError) as e:  # serving matters more than being listed
+            log.warning("cluster: could not list this server for failover: %s", _why(e))
+        watcher = await self._kv_state.watch("server.*")
+        self._tasks.append(asyncio.create_task(self._watch_servers(watcher)))
+
+    async def _watch_servers(self, watcher: Any) -> None:
+        while True:
+            try:
+                entry = await watcher.updates(timeout=3600)
+            except nats.errors.TimeoutError:
+                continue
+            except Exception as e:  # the watcher recovers on its own; keep asking it
+                log.debug("server watch: %r", e)
+                await asyncio.sleep(0.5)
+                continue
+            if entry is None:
+                continue
+            name = entry.key.removeprefix("server.")
+            if entry.operation is not None:
+                self.servers.pop(name, None)
+                continue
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                self.servers[name] = int(json.loads(entry.value)["port"])
+
+    async def kick(self, room: str, login: str, by: str) -> None:
+        """Close ``login``'s streams in ``room`` on the other servers too (a message to every
+        server connected now; a kick is a moment, not a state)."""
+        with contextlib.suppress(nats.errors.Error, OSError):
+            await self._nc.publish(KICKS, json.dumps(
+                {"room": room, "login": login, "by": by, "o": self._me}).encode())
+
+    async def _on_kick(self, msg: Any) -> None:
+        try:
+            k = json.loads(msg.data)
+            if k.get("o") != self._me:
+                self.on_kick(str(k["room"]), str(k["login"]), str(k["by"]))
+        except (ValueError, KeyError, TypeError) as e:
+            log.warning("cluster: ignoring a malformed kick: %s", e)
+
     async def close(self) -> None:
         """Settle what was submitted (acknowledged or refused), stop following the stream,
-        disconnect, close the local copy."""
+        leave the list of servers, disconnect, close the local copy."""
         await self.drain()
+        if self._registered:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._kv_state.delete(f"server.{self._registered}"), 2)
         for sub in self._subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()

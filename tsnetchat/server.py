@@ -227,6 +227,11 @@ class Server:
                 auth.write_key(cfg.key_path, key)
                 self._key_stamp = _stamp(cfg.key_path)
             self.store.on_revoked = self.service.apply_revocations
+            self.store.on_kick = self.service.kick_here
+            self.service.kick_elsewhere = self.store.kick
+            cluster = self.store
+            self.service.servers = lambda: [pb.ClusterServer(name=n, port=p)
+                                            for n, p in sorted(cluster.servers.items())]
             self.gate.apply(self._policy(key))
         self.gate.apply(self._policy(self.gate.policy.key))  # now knowing our own node
         self.enrollment.policy = enroll.policy_from(cfg, self._name())  # now knowing our name
@@ -240,6 +245,8 @@ class Server:
         await self._grpc.start()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        if isinstance(self.store, ClusterHistory):  # clients may now fail over to us
+            await self.store.register(self.status.self_node.short_name, self.ports[0])
         self.started_at = time.time()
         self._tasks = [asyncio.create_task(self.gate.run()),
                        asyncio.create_task(self._follow_tailnet()),

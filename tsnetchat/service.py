@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -131,6 +131,10 @@ class ChatService:
         self._call_buckets = Buckets(limits.call_burst, limits.call_rate)  # calls
         self._error_log = LogLimiter(burst=5, rate=0.2)
         self.going_away = False
+        # Cluster mode (tsnetchat.cluster): every server, for the Welcome; and a kick passed
+        # on to the other servers.
+        self.servers: Callable[[], list[pb.ClusterServer]] = list
+        self.kick_elsewhere: Callable[[str, str, str], Awaitable[None]] | None = None
 
     def apply(self, limits: Limits) -> None:
         """New limits (a reload): for new calls, and for the rate buckets of everyone."""
@@ -281,7 +285,7 @@ class ChatService:
                     last_id=self.store.last_id(hello.room),
                     max_message_bytes=self.limits.max_message_bytes,
                     rate_per_second=self.limits.rate_per_second,
-                    rate_burst=self.limits.rate_burst))
+                    rate_burst=self.limits.rate_burst, servers=self.servers()))
                 async for f in self._replay(sub, after):
                     yield f
                 yield codec.event(replay_done=pb.ReplayDone(last_id=sub.replayed_to))
@@ -439,10 +443,9 @@ class ChatService:
             auth.check_room(p, request.room)
             if not 0 < len(request.login) <= 256:
                 raise InvalidInput("login must be a tailnet login or tag")
-            n = self.hub.close_where(
-                lambda s: s.room == request.room and s.login == request.login,
-                CloseReason(CloseKind.KICKED, f"you were removed from {request.room!r} by "
-                                              f"{p.login}"))
+            n = self.kick_here(request.room, request.login, p.login)
+            if self.kick_elsewhere is not None:
+                await self.kick_elsewhere(request.room, request.login, p.login)
             log.info("kick room=%r login=%r by=%r streams=%d", request.room, request.login,
                      p.login, n)
             return pb.KickResponse(streams_closed=n)
@@ -462,6 +465,12 @@ class ChatService:
         raise AssertionError("unreachable")  # pragma: no cover
 
     # server-side controls ----------------------------------------------------------
+
+    def kick_here(self, room: str, login: str, by: str) -> int:
+        """Close ``login``'s streams in ``room`` on this server; returns how many."""
+        return self.hub.close_where(
+            lambda s: s.room == room and s.login == login,
+            CloseReason(CloseKind.KICKED, f"you were removed from {room!r} by {by}"))
 
     def apply_revocations(self, token_ids: list[str]) -> int:
         """Refuse these tokens from now on and close the streams that use them (also a Join

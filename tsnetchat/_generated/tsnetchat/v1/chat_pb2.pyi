@@ -92,7 +92,7 @@ class ClientEvent(_message.Message):
     def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., send: _Optional[_Union[SendMessage, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("room", "you", "members", "max_message_bytes", "last_id", "rate_per_second", "rate_burst")
+    __slots__ = ("room", "you", "members", "max_message_bytes", "last_id", "rate_per_second", "rate_burst", "servers")
     ROOM_FIELD_NUMBER: _ClassVar[int]
     YOU_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +100,7 @@ class Welcome(_message.Message):
     LAST_ID_FIELD_NUMBER: _ClassVar[int]
     RATE_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     RATE_BURST_FIELD_NUMBER: _ClassVar[int]
+    SERVERS_FIELD_NUMBER: _ClassVar[int]
     room: str
     you: Identity
     members: _containers.RepeatedCompositeFieldContainer[Identity]
@@ -107,7 +108,16 @@ class Welcome(_message.Message):
     last_id: int
     rate_per_second: float
     rate_burst: int
-    def __init__(self, room: _Optional[str] = ..., you: _Optional[_Union[Identity, _Mapping]] = ..., members: _Optional[_Iterable[_Union[Identity, _Mapping]]] = ..., max_message_bytes: _Optional[int] = ..., last_id: _Optional[int] = ..., rate_per_second: _Optional[float] = ..., rate_burst: _Optional[int] = ...) -> None: ...
+    servers: _containers.RepeatedCompositeFieldContainer[ClusterServer]
+    def __init__(self, room: _Optional[str] = ..., you: _Optional[_Union[Identity, _Mapping]] = ..., members: _Optional[_Iterable[_Union[Identity, _Mapping]]] = ..., max_message_bytes: _Optional[int] = ..., last_id: _Optional[int] = ..., rate_per_second: _Optional[float] = ..., rate_burst: _Optional[int] = ..., servers: _Optional[_Iterable[_Union[ClusterServer, _Mapping]]] = ...) -> None: ...
+
+class ClusterServer(_message.Message):
+    __slots__ = ("name", "port")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    port: int
+    def __init__(self, name: _Optional[str] = ..., port: _Optional[int] = ...) -> None: ...
 
 class Presence(_message.Message):
     __slots__ = ("room", "kind", "who", "members")
