@@ -318,3 +318,17 @@ async def test_when_server_1_is_killed_alice_goes_on_through_server_2_losing_not
             await p.link.close()
         one.stop()
         two.stop()
+
+
+async def test_a_kick_through_server_2_closes_bobs_stream_on_server_1(
+        lab: Any, tmp_path: Path, nats_cluster: nats_lab.NatsCluster) -> None:
+    async with two_servers(lab, tmp_path, nats_cluster) as (one, two):
+        bob = await one.connect("bob-laptop", one.token(BOB))
+        admin = await two.connect("alice-laptop", two.token(ALICE, admin=True))
+        call = await join(bob, "general")
+        await admin.stub.Kick(pb.KickRequest(room="general", login=BOB),
+                              metadata=admin.metadata)
+        with pytest.raises(grpc.aio.AioRpcError) as closed:
+            await collect(call.call, 1)
+        assert closed.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert f"removed from 'general' by {ALICE}" in (closed.value.details() or "")
