@@ -195,6 +195,9 @@ class ClusterHistory:
         # The servers of the cluster (``register``), as clients may reach them: name -> port.
         self.servers: dict[str, int] = {}
         self._registered = ""
+        # Called with the sender of each message stored through another server (the rate
+        # limit is charged for it here too).
+        self.on_foreign: Callable[[str], object] = lambda login: None
         # Called when a person is kicked through another server: (room, login, by whom).
         self.on_kick: Callable[[str, str, str], object] = lambda room, login, by: None
 
@@ -229,7 +232,8 @@ class ClusterHistory:
         self._kv_state = kv_state
         self._subs.append(await self._nc.subscribe(KICKS, cb=self._on_kick))
         self._applied = await self.local.read(lambda s: s.applied(SOURCE))
-        target = info.state.last_seq
+        # (An emptied stream, every message aged out, has nothing at its last sequence.)
+        target = info.state.last_seq if info.state.messages else self._applied
         start = (dict(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
                       config=ConsumerConfig(opt_start_seq=self._applied + 1))
                  if self._applied else dict(deliver_policy=DeliverPolicy.ALL))
@@ -597,6 +601,8 @@ class ClusterHistory:
                 if p is not None:
                     self._settle(p, Written(m, False))  # the ledger publishes and acks
                 else:
+                    if not origin.startswith(self._me + ":"):
+                        self.on_foreign(m.sender.login)
                     self.hub.publish(m.room, codec.message_item(m))
             async with self._progress:
                 self._applied = last

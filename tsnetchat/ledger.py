@@ -140,6 +140,12 @@ class Ledger:
         self.history.submit(Draft(sub.room, sender, kind, text, client_msg_id),
                             partial(self._settled, sub, client_msg_id))
 
+    def charge(self, login: str) -> None:
+        """Cluster mode: a message this person sent through another server counts against
+        their rate limit here too, so the limit holds across servers (as far as their
+        buckets are full: a message already stored elsewhere is never refused)."""
+        self._buckets.take(login)
+
     def apply(self, limits: SendLimits) -> None:
         """New rate limits (a reload), also for the buckets of people already seen."""
         self._buckets.configure(limits.rate_burst, limits.rate_per_second)

@@ -228,6 +228,7 @@ class Server:
                 self._key_stamp = _stamp(cfg.key_path)
             self.store.on_revoked = self.service.apply_revocations
             self.store.on_kick = self.service.kick_here
+            self.store.on_foreign = self.service.ledger.charge
             self.service.kick_elsewhere = self.store.kick
             cluster = self.store
             self.service.servers = lambda: [pb.ClusterServer(name=n, port=p)
