@@ -332,3 +332,27 @@ async def test_a_kick_through_server_2_closes_bobs_stream_on_server_1(
             await collect(call.call, 1)
         assert closed.value.code() == grpc.StatusCode.PERMISSION_DENIED
         assert f"removed from 'general' by {ALICE}" in (closed.value.details() or "")
+
+
+async def test_bob_on_server_2_sees_alice_join_and_leave_on_server_1(
+        lab: Any, tmp_path: Path, nats_cluster: nats_lab.NatsCluster) -> None:
+    async with two_servers(lab, tmp_path, nats_cluster) as (one, two):
+        bob = await two.connect("bob-laptop", two.token(BOB))
+        alice = await one.connect("alice-laptop", one.token(ALICE))
+        bob_sees = await join(bob, "general")
+        alice_in = await join(alice, "general")
+        [own] = await collect(bob_sees.call, 1, kind="presence")  # bob's own join first
+        assert (own.kind, own.who.login) == (pb.PRESENCE_KIND_JOINED, BOB)
+        [joined] = await collect(bob_sees.call, 1, kind="presence")
+        assert (joined.kind, joined.who.login) == (pb.PRESENCE_KIND_JOINED, ALICE)
+        assert [m.login for m in joined.members] == [ALICE, BOB]
+        # A later Welcome on server 2 lists her too.
+        again = bob.stub.Join(hello_events("general"), metadata=bob.metadata)
+        [welcome] = await collect(again, 1, kind="welcome")
+        assert [m.login for m in welcome.members] == [ALICE, BOB]
+        again.cancel()
+        alice_in.cancel()
+        [left] = await collect(bob_sees.call, 1, kind="presence")
+        assert (left.kind, left.who.login) == (pb.PRESENCE_KIND_LEFT, ALICE)
+        assert [m.login for m in left.members] == [BOB]
+        bob_sees.cancel()

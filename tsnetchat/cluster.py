@@ -25,8 +25,10 @@ the measured facts this relies on ("fact N" below).
 * **Shared state in KV**: revoked token ids (``REVOKED``, watched by every server: streams
   close on all servers when one revokes), the token signing key (``STATE``), so a token
   issued by one server is good on all, and the servers themselves (``register``), which
-  every Welcome lists so clients can fail over. Kicks go to every server on a plain NATS
-  subject (``KICKS``).
+  every Welcome lists so clients can fail over; presence (``PRESENCE``, entries that expire
+  unless their server keeps them fresh). Kicks go to every server on a plain NATS subject
+  (``KICKS``). Each server also charges a person's rate bucket for what they sent through
+  the others (``on_foreign``).
 
 Reads (history, resume, ListRooms) are answered from the local copy. nats-py errors are
 translated here and nowhere else.
@@ -40,6 +42,7 @@ are KV keys written with compare-and-set; search runs on the local copy.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
@@ -63,6 +66,7 @@ from . import codec
 from .config import ServerConfig
 from .errors import ConfigError, StoreError, Unconfirmed
 from .hub import Hub
+from .pb import chat_pb2 as pb
 from .store import (
     Draft,
     Outcome,
@@ -83,6 +87,12 @@ ROOM_PREFIX = PREFIX + "room."
 REVOKED = "tsnetchat-revoked"  # KV: token id -> revocation time
 STATE = "tsnetchat-state"  # KV: signing-key, server.<name> (where clients reach it)
 KICKS = "tsnetchat.ctl.kick"  # core NATS: {room, login, by}
+# KV: <room>.<server process>.<login, base64url> -> Identity, for as long as that server
+# keeps it fresh: a server that dies takes its members with it within PRESENCE_TTL
+# (docs/nats-cluster.md fact 13).
+PRESENCE = "tsnetchat-presence"
+PRESENCE_TTL = 30
+PRESENCE_REFRESH = 10.0
 SOURCE = "nats:" + STREAM  # the local copy's name for how far the stream is applied
 MAX_BATCH = 256  # messages per atomic batch (JetStream allows 1,000)
 MAX_BATCHES_IN_FLIGHT = 32  # JetStream allows 50 per stream
@@ -198,6 +208,13 @@ class ClusterHistory:
         # Called with the sender of each message stored through another server (the rate
         # limit is charged for it here too).
         self.on_foreign: Callable[[str], object] = lambda login: None
+        # Presence on the other servers: room -> key -> who; and ours, kept fresh.
+        self._elsewhere: dict[str, dict[str, pb.Identity]] = {}
+        self._here: dict[str, bytes] = {}
+        self._presence_writes: set[asyncio.Task[None]] = set()
+        # Called when someone joins the room on another server, or has left it everywhere
+        # else: (room, PRESENCE_KIND_*, who).
+        self.on_presence: Callable[[str, int, pb.Identity], object] = lambda r, k, w: None
         # Called when a person is kicked through another server: (room, login, by whom).
         self.on_kick: Callable[[str, str, str], object] = lambda room, login, by: None
 
@@ -231,6 +248,12 @@ class ClusterHistory:
                               "the signing key")
         self._kv_state = kv_state
         self._subs.append(await self._nc.subscribe(KICKS, cb=self._on_kick))
+        kv_presence = await _retrying(lambda: self._js.create_key_value(KeyValueConfig(
+            bucket=PRESENCE, replicas=self.cfg.cluster_replicas, history=1,
+            limit_marker_ttl=PRESENCE_TTL)), deadline, "the presence bucket")
+        self._tasks.append(asyncio.create_task(self._watch_presence(
+            await kv_presence.watchall())))
+        self._tasks.append(asyncio.create_task(self._refresh_presence()))
         self._applied = await self.local.read(lambda s: s.applied(SOURCE))
         # (An emptied stream, every message aged out, has nothing at its last sequence.)
         target = info.state.last_seq if info.state.messages else self._applied
@@ -303,6 +326,85 @@ class ClusterHistory:
             with contextlib.suppress(ValueError, KeyError, TypeError):
                 self.servers[name] = int(json.loads(entry.value)["port"])
 
+    # presence ------------------------------------------------------------------------
+
+    def members(self, room: str) -> list[pb.Identity]:
+        """Who is in ``room`` through the other servers (one entry per login)."""
+        seen: dict[str, pb.Identity] = {}
+        for who in self._elsewhere.get(room, {}).values():
+            seen.setdefault(who.login, who)
+        return list(seen.values())
+
+    def share_presence(self, room: str, kind: int, who: pb.Identity) -> None:
+        """``who`` joined or left ``room`` here: tell the other servers."""
+        key = f"{room}.{self._me}.{_b64(who.login)}"
+        if kind == pb.PRESENCE_KIND_JOINED:
+            self._here[key] = who.SerializeToString()
+            write = self._put_presence(key, self._here[key])
+        else:
+            self._here.pop(key, None)
+            write = self._delete_presence(key)
+        task = asyncio.ensure_future(write)
+        self._presence_writes.add(task)
+        task.add_done_callback(self._presence_writes.discard)
+
+    def share_presence_gone(self, key: str) -> None:
+        self._here.pop(key, None)
+        task = asyncio.ensure_future(self._delete_presence(key))
+        self._presence_writes.add(task)
+        task.add_done_callback(self._presence_writes.discard)
+
+    async def _put_presence(self, key: str, value: bytes) -> None:
+        with contextlib.suppress(nats.errors.Error, OSError):  # the refresh tries again
+            await self._js.publish(f"$KV.{PRESENCE}.{key}", value,
+                                   headers={"Nats-TTL": f"{PRESENCE_TTL}s"})
+
+    async def _delete_presence(self, key: str) -> None:
+        with contextlib.suppress(nats.errors.Error, OSError):  # else it expires
+            await self._js.publish(f"$KV.{PRESENCE}.{key}", b"",
+                                   headers={"KV-Operation": "DEL"})
+
+    async def _refresh_presence(self) -> None:
+        while True:
+            await asyncio.sleep(PRESENCE_REFRESH)
+            for key, value in list(self._here.items()):
+                await self._put_presence(key, value)
+
+    async def _watch_presence(self, watcher: Any) -> None:
+        while True:
+            try:
+                entry = await watcher.updates(timeout=3600)
+            except nats.errors.TimeoutError:
+                continue
+            except Exception as e:  # the watcher recovers on its own; keep asking it
+                log.debug("presence watch: %r", e)
+                await asyncio.sleep(0.5)
+                continue
+            if entry is None:
+                continue
+            try:
+                room, server, _login = entry.key.split(".", 2)
+            except ValueError:
+                continue
+            if server == self._me:
+                continue
+            there = self._elsewhere.setdefault(room, {})
+            if entry.operation is None:
+                try:
+                    who = pb.Identity.FromString(entry.value)
+                except Exception:  # not a member record of ours: skip it
+                    continue
+                new = all(w.login != who.login for w in there.values())
+                there[entry.key] = who
+                if new:
+                    self.on_presence(room, pb.PRESENCE_KIND_JOINED, who)
+                continue
+            gone = there.pop(entry.key, None)
+            if not there:
+                del self._elsewhere[room]
+            if gone is not None and all(w.login != gone.login for w in there.values()):
+                self.on_presence(room, pb.PRESENCE_KIND_LEFT, gone)
+
     async def kick(self, room: str, login: str, by: str) -> None:
         """Close ``login``'s streams in ``room`` on the other servers too (a message to every
         server connected now; a kick is a moment, not a state)."""
@@ -322,6 +424,10 @@ class ClusterHistory:
         """Settle what was submitted (acknowledged or refused), stop following the stream,
         leave the list of servers, disconnect, close the local copy."""
         await self.drain()
+        for key in list(self._here):  # our members leave with us
+            self.share_presence_gone(key)
+        if self._presence_writes:
+            await asyncio.wait(set(self._presence_writes), timeout=2)
         if self._registered:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._kv_state.delete(f"server.{self._registered}"), 2)
@@ -607,6 +713,11 @@ class ClusterHistory:
             async with self._progress:
                 self._applied = last
                 self._progress.notify_all()
+
+
+def _b64(text: str) -> str:
+    """A login as a KV key token (letters, digits, - and _ only)."""
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
 
 
 def _find_resends(room: str, keys: list[tuple[str, str]], s: Store

@@ -229,6 +229,16 @@ class Server:
             self.store.on_revoked = self.service.apply_revocations
             self.store.on_kick = self.service.kick_here
             self.store.on_foreign = self.service.ledger.charge
+            self.service.members_elsewhere = self.store.members
+            self.service.presence_shared = self.store.share_presence
+            service, hub = self.service, self.hub
+
+            def elsewhere(room: str, kind: int, who: pb.Identity) -> None:
+                # (someone also in the room here has neither joined nor left it)
+                if all(getattr(m, "login", None) != who.login for m in hub.members(room)):
+                    service.announce(room, kind, who)
+
+            self.store.on_presence = elsewhere
             self.service.kick_elsewhere = self.store.kick
             cluster = self.store
             self.service.servers = lambda: [pb.ClusterServer(name=n, port=p)

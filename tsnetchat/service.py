@@ -135,6 +135,8 @@ class ChatService:
         # on to the other servers.
         self.servers: Callable[[], list[pb.ClusterServer]] = list
         self.kick_elsewhere: Callable[[str, str, str], Awaitable[None]] | None = None
+        self.members_elsewhere: Callable[[str], list[pb.Identity]] = lambda room: []
+        self.presence_shared: Callable[[str, int, pb.Identity], None] | None = None
 
     def apply(self, limits: Limits) -> None:
         """New limits (a reload): for new calls, and for the rate buckets of everyone."""
@@ -255,10 +257,22 @@ class ChatService:
             await context.abort(_CLOSE_STATUS.get(reason.kind, grpc.StatusCode.INTERNAL),
                                 reason.message)
 
+    def members(self, room: str) -> list[pb.Identity]:
+        """Who is in the room: here, and (cluster mode) on the other servers."""
+        here = [m for m in self.hub.members(room) if isinstance(m, pb.Identity)]
+        logins = {m.login for m in here}
+        there = [m for m in self.members_elsewhere(room) if m.login not in logins]
+        return sorted([*here, *there], key=lambda m: m.login) if there else here
+
     def _presence(self, room: str, kind: int, who: pb.Identity) -> None:
-        members = [m for m in self.hub.members(room) if isinstance(m, pb.Identity)]
+        self.announce(room, kind, who)
+        if self.presence_shared is not None:
+            self.presence_shared(room, kind, who)
+
+    def announce(self, room: str, kind: int, who: pb.Identity) -> None:
+        """Tell the room's streams here that ``who`` joined or left."""
         self.hub.publish(room, codec.event_item(presence=pb.Presence(
-            room=room, kind=kind, who=who, members=members)))  # type: ignore[arg-type]
+            room=room, kind=kind, who=who, members=self.members(room))))  # type: ignore[arg-type]
 
     # RPCs ----------------------------------------------------------------------------
 
@@ -279,7 +293,7 @@ class ChatService:
             self.metrics.inc("streams_opened_total{kind=\"join\"}")
             try:
                 after = hello.after_id if hello.HasField("after_id") else None
-                members = [m for m in self.hub.members(hello.room) if isinstance(m, pb.Identity)]
+                members = self.members(hello.room)
                 yield codec.event(welcome=pb.Welcome(
                     room=hello.room, you=me, members=members,
                     last_id=self.store.last_id(hello.room),
@@ -422,8 +436,7 @@ class ChatService:
             if auth.ALL_ROOMS not in p.rooms:
                 names |= p.rooms
             rooms = [pb.RoomInfo(name=n, last_id=self.store.last_id(n),
-                                 members=[m for m in self.hub.members(n)
-                                          if isinstance(m, pb.Identity)])
+                                 members=self.members(n))
                      for n in sorted(names) if p.may_use(n)]
             return pb.ListRoomsResponse(rooms=rooms, all_rooms_allowed=auth.ALL_ROOMS in p.rooms)
         raise AssertionError("unreachable")  # pragma: no cover
