@@ -171,6 +171,8 @@ async def test_sends_go_on_when_one_nats_node_dies_and_nothing_acknowledged_is_l
                 assert answer.code == grpc.StatusCode.UNAVAILABLE.value[0]
         ids = sorted(acked.values())
         assert ids == list(range(ids[0], ids[0] + 10))
+        # Server 2 applies what server 1 stored from the stream, a moment later.
+        await until(lambda: two.server.store.last_id("general") == ids[-1], "server 2 applying")
         for conn in (alice, bob):
             history = await conn.history("general")
             assert sorted((m.client_msg_id, m.id) for m in history.messages) == sorted(
@@ -202,6 +204,8 @@ async def test_without_a_nats_quorum_sends_are_refused_as_retryable_and_succeed_
             if isinstance(answer, pb.Sent):
                 break
             assert answer.code == grpc.StatusCode.UNAVAILABLE.value[0]
+        await until(lambda: two.server.store.last_id("general") == answer.id,
+                    "server 2 applying")
         history = await bob.history("general")
         assert [m.client_msg_id for m in history.messages] == ["q0", "q1"]
         call.cancel()
