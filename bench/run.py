@@ -7,8 +7,9 @@ the server and of the generators next to the figures, so a saturated generator s
 bench/results/latest.json (and a timestamped copy) and bench/results/latest.png.
 
 Scenarios (see bench/README.md): fan-out (9 to 10,000 subscribers), one broadcast to
-10,000, concurrency, connect cost over the real tailnet, slow consumer, and another process
-holding the history database's write lock.
+10,000, concurrency, connect cost over the real tailnet, slow consumer, another process
+holding the history database's write lock, and cluster mode on a real NATS cluster (one and
+two servers against the embedded default; ``--only-cluster`` runs just that).
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ MEMORY_DIR = Path("/dev/shm")
 
 
 class ServerProc:
-    def __init__(self, kind: str, *, history_in_memory: bool = False) -> None:
+    def __init__(self, kind: str, *, history_in_memory: bool = False,
+                 cluster: list[str] | None = None, cpus: set[int] | None = None) -> None:
         self.kind = kind
         self.port = free_port()
         self.tmp = Path(tempfile.mkdtemp(
@@ -96,11 +98,16 @@ class ServerProc:
             tokfile = self.tmp / "token"
             argv = [PY, str(BENCH / "tsnetchat_server.py"), "--port", str(self.port),
                     "--token-file", str(tokfile), "--metrics-port", str(self.metrics_port),
-                    "--state-dir", str(self.tmp / "state")]
+                    "--state-dir", str(self.tmp / "state"), *(cluster or [])]
         else:
             argv = [PY, str(BENCH / "baselines" / "original_server.py"), "--port", str(self.port)]
+
+        def child() -> None:
+            _die_with_parent()
+            os.sched_setaffinity(0, cpus or SERVER_CPUS)
+
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                     text=True, preexec_fn=_server_child)
+                                     text=True, preexec_fn=child)
         assert self.proc.stdout is not None
         if self.proc.stdout.readline().strip() != "ready":
             raise RuntimeError(f"{kind} server did not start")
@@ -443,6 +450,104 @@ def concurrency(kind: str, n: int) -> dict[str, Any]:
         srv.stop()
 
 
+def _cluster_run(servers: list[ServerProc], subs_on: list[int], sender_on: int, n: int, *,
+                 count: int, rate: float, room: str) -> dict[str, Any]:
+    """``n`` subscribers spread over ``servers`` (``subs_on``: which servers), one sender on
+    ``servers[sender_on]``; deliveries/s and the subscribers' latency."""
+    subs: list[subprocess.Popen[str]] = []
+    ready = 0
+    for i, k in enumerate(subs_on):
+        share = n // len(subs_on) + (1 if i < n % len(subs_on) else 0)
+        ps, r = start_subs(servers[k], room, share, procs=1, sample=min(share, 100))
+        subs += ps
+        ready += r
+    cpu0 = [s.cpu() for s in servers]
+    snd = run_sender(servers[sender_on], room, count=count, rate=rate, timeout=180)
+    expected = count * ready
+    give_up = time.monotonic() + 120
+    while time.monotonic() < give_up:  # the subscribers' servers' deliveries (not the sender's)
+        done = sum(servers[k].counters().get("deliveries_total", 0.0) for k in set(subs_on))
+        if done >= expected:
+            break
+        time.sleep(0.1)
+    time.sleep(0.5)
+    cpu1 = [s.cpu() for s in servers]
+    res = finish_subs(subs)
+    deliveries = sum(r["deliveries"] for r in res)
+    lat = [x for r in res for x in r["latencies_ms"]]
+    out: dict[str, Any] = {
+        "servers": len(servers), "subscribers": ready, "messages": count, "rate": rate or "max",
+        "deliveries": deliveries, "sender_served": snd is not None,
+        "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99),
+        "server_cpu_s": [round(b - a, 2) for a, b in zip(cpu0, cpu1, strict=True)]}
+    if snd is not None and deliveries:
+        secs = (max(r["last_ns"] for r in res) - snd["start_ns"]) / 1e9
+        out["seconds"] = round(secs, 2)
+        out["deliveries_per_s"] = round(deliveries / secs)
+    return out
+
+
+def cluster_scenario(quick: bool) -> dict[str, Any]:
+    """Cluster mode (a real three-node NATS JetStream cluster on this machine, unpinned)
+    next to the embedded default, alternated in the same run: saturation with one server
+    and with two (subscribers split between them; server i pinned to core i), and the
+    latency of a message from a sender on one server to subscribers on the other."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import nats_lab
+
+    try:
+        nats_lab.ensure_binary()
+    except nats_lab.NatsLabError as e:
+        return {"not_run": str(e)}
+    n, count = 100, (5000 if quick else 10000)
+    rate, dur = 500, (3 if quick else 10)
+    out: dict[str, Any] = {"subscribers": n, "nats_nodes": 3, "replicas": 3}
+    with nats_lab.running_cluster() as nc:
+        args = ["--cluster", ",".join(nc.urls), "--nats-user", nc.user,
+                "--nats-password", nc.password]
+        cores = [{i % CORES} for i in range(2)]
+        for rnd in range(2 if quick else 3):
+            log(f"cluster: saturation, embedded / one cluster server / two (round {rnd + 1})")
+            one = ServerProc("tsnetchat")
+            try:
+                out.setdefault("saturation_embedded", []).append(_cluster_run(
+                    [one], [0], 0, n, count=count, rate=0, room=f"e{rnd}"))
+            finally:
+                one.stop()
+            a = ServerProc("tsnetchat", cluster=args, cpus=cores[0])
+            try:
+                out.setdefault("saturation_cluster_1_server", []).append(_cluster_run(
+                    [a], [0], 0, n, count=count, rate=0, room=f"c1-{rnd}"))
+                b = ServerProc("tsnetchat", cluster=args, cpus=cores[1])
+                try:
+                    out.setdefault("saturation_cluster_2_servers", []).append(_cluster_run(
+                        [a, b], [0, 1], 0, n, count=count, rate=0, room=f"c2-{rnd}"))
+                    log("cluster: latency from a sender on one server to the other")
+                    out.setdefault("latency_cross_server", []).append(_cluster_run(
+                        [a, b], [1], 0, 10, count=rate * dur, rate=rate, room=f"x{rnd}"))
+                    out.setdefault("latency_same_server", []).append(_cluster_run(
+                        [a, b], [0], 0, 10, count=rate * dur, rate=rate, room=f"s{rnd}"))
+                finally:
+                    b.stop()
+            finally:
+                a.stop()
+            one = ServerProc("tsnetchat")
+            try:
+                out.setdefault("latency_embedded", []).append(_cluster_run(
+                    [one], [0], 0, 10, count=rate * dur, rate=rate, room=f"le{rnd}"))
+            finally:
+                one.stop()
+    for key in [k for k in out if isinstance(out[k], list)]:
+        runs = out[key]
+        dps = [r["deliveries_per_s"] for r in runs if r.get("deliveries_per_s")]
+        p99 = [r["p99_ms"] for r in runs if r.get("p99_ms") is not None]
+        out[key] = {"median_deliveries_per_s": round(statistics.median(dps)) if dps else None,
+                    "median_p50_ms": statistics.median([r["p50_ms"] for r in runs
+                                                        if r.get("p50_ms") is not None] or [0]),
+                    "median_p99_ms": statistics.median(p99) if p99 else None, "runs": runs}
+    return out
+
+
 async def _lab_measurements(quick: bool) -> dict[str, Any]:
     sys.path.insert(0, str(ROOT / "scripts"))
     sys.path.insert(0, str(ROOT))
@@ -606,6 +711,8 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="finish in under 3 minutes")
     ap.add_argument("--no-lab", action="store_true", help="skip the real-tailnet scenario")
+    ap.add_argument("--only-cluster", action="store_true",
+                    help="run only the cluster-mode scenario (and its embedded comparison)")
     ap.add_argument("--python-generator", action="store_true",
                     help="drive the load with bench/loadgen.py instead of the Go generator")
     a = ap.parse_args()
@@ -627,6 +734,13 @@ def main() -> int:
     # The original design serves at most 10 streams (9 subscribers and the sender): it is run
     # at 1,000 to show that, and not at 10,000, where it would only queue the same refusal.
     not_run = {"not_run": "the original design serves at most 10 streams (see 1,000)"}
+    if a.only_cluster:
+        res["cluster"] = cluster_scenario(quick)
+        res["elapsed_s"] = round(time.time() - started, 1)
+        print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "runs"}
+                          if isinstance(v, dict) else v
+                          for k, v in res["cluster"].items()}, indent=2))
+        return 0
     for n, count in ((9, sat), (100, sat), (1000, sat // 2), (10_000, sat // 20)):
         key = f"saturation_{n}_subscribers"
         log(f"fan-out saturation, {n} subscribers")
@@ -687,6 +801,8 @@ def main() -> int:
         log(f"concurrency: {n} receiving clients")
         res["concurrency"]["tsnetchat"].append(concurrency("tsnetchat", n))
     res["concurrency"]["baseline"] = [concurrency("baseline", 20)]
+    log("cluster mode on a real NATS cluster, next to the embedded default")
+    res["cluster"] = cluster_scenario(quick)
     if not a.no_lab:
         log("connect cost over the real tailnet lab")
         try:
@@ -737,6 +853,10 @@ def summary(res: dict[str, Any]) -> None:
     print(f"concurrency baseline {res['concurrency']['baseline']}")
     if "connect_cost" in res:
         print(f"connect cost {json.dumps(res['connect_cost'])}")
+    for k, v in res.get("cluster", {}).items():
+        if isinstance(v, dict):
+            print(f"cluster {k:32} {v.get('median_deliveries_per_s')}/s p50 "
+                  f"{v.get('median_p50_ms')} p99 {v.get('median_p99_ms')} ms")
 
 
 if __name__ == "__main__":

@@ -49,9 +49,14 @@ async def main() -> None:
     ap.add_argument("--token-file", required=True)
     ap.add_argument("--metrics-port", type=int, default=0)
     ap.add_argument("--state-dir", help="history and key (default: a new temporary dir)")
+    ap.add_argument("--cluster", default="", help="cluster mode: the NATS URLs")
+    ap.add_argument("--nats-user", default="")
+    ap.add_argument("--nats-password", default="")
     args = ap.parse_args()
     state = args.state_dir or tempfile.mkdtemp(prefix="tsnetchat-bench-")
-    cfg = load_config(env={}, flags={
+    cluster = ({"cluster": args.cluster, "nats_user": args.nats_user,
+                "nats_password": args.nats_password} if args.cluster else {})
+    cfg = load_config(env={}, flags={**cluster,
         "state_dir": state, "listen": "127.0.0.1", "port": args.port, "rate_burst": 10**9,
         "rate_per_second": 1e9, "call_burst": 10**9, "call_rate": 1e9,
         "max_rooms_per_client": 10**6, "subscriber_queue": 8192, "history_on_join": 0,

@@ -323,6 +323,7 @@ class LabChat:
     cfg: ServerConfig
     relay: LocalAPIRelay
     conns: list[Connection] = field(default_factory=list)
+    node: str = "chat-server"  # the lab node the server runs on
 
     @property
     def port(self) -> int:
@@ -335,7 +336,7 @@ class LabChat:
     async def connect(self, node: str, token: str, *, mode: str = "proxy") -> Connection:
         """A new connection (its own TCP connection) from ``node`` over the tailnet."""
         n = self.lab.nodes[node]
-        conn = await connect("chat-server", token, socket=n.socket, port=self.port,
+        conn = await connect(self.node, token, socket=n.socket, port=self.port,
                              proxy=f"http://{n.http_proxy}" if mode == "proxy" else "")
         self.conns.append(conn)
         return conn
@@ -347,18 +348,21 @@ class LabChat:
 
 
 @contextlib.asynccontextmanager
-async def lab_server(lab: Any, tmp: Path, **overrides: Any) -> AsyncIterator[LabChat]:
-    """A server on the lab's chat-server node, its LocalAPI reached through a relay."""
-    relay = LocalAPIRelay(lab.nodes["chat-server"].socket, str(tmp / "relay.sock"))
+async def lab_server(lab: Any, tmp: Path, *, node: str = "chat-server",
+                     **overrides: Any) -> AsyncIterator[LabChat]:
+    """A server on the lab's chat-server node (or ``node``: chat-server-2 for a cluster's
+    second server), its LocalAPI reached through a relay."""
+    suffix = "" if node == "chat-server" else f"-{node}"
+    relay = LocalAPIRelay(lab.nodes[node].socket, str(tmp / f"relay{suffix}.sock"))
     await relay.resume()
     cfg = load_config(file=None, env={}, flags={
-        "state_dir": str(tmp / "state"), "socket": relay.path, "port": free_port(),
+        "state_dir": str(tmp / f"state{suffix}"), "socket": relay.path, "port": free_port(),
         "cap_domain": "example.com", "startup_timeout": 20.0, **overrides})
     api = LocalAPI(cfg.effective_socket(), timeout=cfg.whois_timeout)
     try:
         server = Server(cfg, tailnet=api)
         await server.start()
-        lc = LabChat(lab, server, cfg, relay)
+        lc = LabChat(lab, server, cfg, relay, node=node)
         try:
             yield lc
         finally:
@@ -587,6 +591,7 @@ class LabDaemon:
     args: tuple[str, ...] = ()
     env: dict[str, str] | None = None
     proc: subprocess.Popen[str] | None = None
+    node: str = "chat-server"  # the lab node whose tailscaled it serves on
 
     @property
     def log(self) -> Path:
@@ -602,7 +607,7 @@ class LabDaemon:
         notify.settimeout(1)
         self.proc = subprocess.Popen(
             [CLI, "serve", "--state-dir", str(self.state), "--socket",
-             self.lab.nodes["chat-server"].socket, "--port", str(self.port), *self.args],
+             self.lab.nodes[self.node].socket, "--port", str(self.port), *self.args],
             stdout=open(self.log, "a"), stderr=subprocess.STDOUT, text=True,  # noqa: SIM115
             env={**os.environ, "NOTIFY_SOCKET": sock_path, **(self.env or {})})
         try:

@@ -8,6 +8,7 @@ here, not in production. Each test starts its own cluster (well under a second).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -43,6 +44,16 @@ async def js(nats_cluster: nats_lab.NatsCluster) -> AsyncIterator[Any]:
     ctx = nc.jetstream()
     await ctx.add_stream(StreamConfig(name="T", subjects=["t.>"], num_replicas=3,
                                       allow_atomic=True))
+    # A new R3 stream answers publishes once its group has elected a leader: until then a
+    # publish gets no responders (seen under load in a full test run).
+    deadline = time.monotonic() + 20
+    while True:
+        with contextlib.suppress(nats.errors.Error):
+            info = await ctx.stream_info("T")
+            if info.cluster is not None and info.cluster.leader:
+                break
+        assert time.monotonic() < deadline, "the new stream has no leader after 20 s"
+        await asyncio.sleep(0.05)
     try:
         yield ctx
     finally:

@@ -80,12 +80,18 @@ def load_or_create_key(path: Path) -> bytes:
 def rotate_key(path: Path) -> None:
     """Replace the signing key with a new one (0600, atomically). Every token signed with the
     old key stops working; a running server notices within a second."""
+    write_key(path, secrets.token_bytes(32).hex().encode())
+
+
+def write_key(path: Path, key: bytes) -> None:
+    """Replace the signing key with ``key`` (0600, atomically): cluster mode adopts the
+    cluster's key this way, so `tsnetchat token issue` on any server signs with it."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_name(path.name + ".new")
     tmp.unlink(missing_ok=True)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
-        f.write(secrets.token_bytes(32).hex().encode())
+        f.write(key)
         f.flush()
         os.fsync(f.fileno())
     tmp.replace(path)

@@ -151,13 +151,16 @@ def serve(
         help="Self-service tokens (tsnetchat login): off, grant or any.")] = None,
     metrics_port: Annotated[int | None, typer.Option(help="Prometheus text endpoint port.")] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error.")] = None,
+    cluster: Annotated[str | None, typer.Option(
+        help="Cluster mode: the NATS JetStream cluster's URLs (nats://h1:4222,nats://h2:4222)."
+    )] = None,
 ) -> None:
     """Run the chat server on this node's tailnet addresses."""
     flags = dict(state_dir=state_dir, socket=socket, port=port, listen=listen, embedded=embedded,
                  hostname=hostname, login_server=login_server, auth_key_file=auth_key_file,
                  tailscaled_path=tailscaled_path, require_grant=require_grant,
                  cap_domain=cap_domain, enroll=enroll, metrics_port=metrics_port,
-                 log_level=log_level)
+                 log_level=log_level, cluster=cluster)
     _need_server()
     cfg = _server_config(config, **flags)
     setup_logging(cfg.log_level)

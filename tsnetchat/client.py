@@ -241,11 +241,14 @@ class Link:
     and to the address it was given; a stream that keeps failing on the way to the server
     resets the link, so the next attempt finds the server again (tailscaled restarted, the
     proxy moved, the peer's address changed). A reset closes the old channel, which ends the
-    other streams on it; they resume like after any other drop.
+    other streams on it; they resume like after any other drop. In a cluster (the Welcome
+    lists its servers, ``learn``) a reset moves on to the next server: a client whose server
+    went away goes on through another, with the same ids and history.
     """
 
     def __init__(self, dial: Callable[[], Awaitable[Connection]], *, name: str = "",
-                 proxy: str = "") -> None:
+                 proxy: str = "",
+                 dial_other: Callable[[str, int], Awaitable[Connection]] | None = None) -> None:
         self._dial = dial
         self._conn: Connection | None = None
         self._lock = asyncio.Lock()
@@ -253,13 +256,46 @@ class Link:
         self.proxy = proxy
         self.target: Target | None = None
         self.closed = False
+        # Cluster mode: the other servers the Welcome named, and how to dial one of them.
+        # After a reset the next dial goes to the next server in turn (the first is the one
+        # the person named, dialled with ``dial``).
+        self._dial_other = dial_other
+        self.servers: list[tuple[str, int]] = []
+        self._turn = 0
+
+    @property
+    def alternates(self) -> bool:
+        """Whether a reset moves on to another server of a cluster."""
+        return self._dial_other is not None and bool(self.servers)
+
+    def learn(self, servers: Sequence[tuple[str, int]]) -> None:
+        """The cluster's servers, from a Welcome (the one we are on among them)."""
+        if self._dial_other is None or not servers:
+            return
+        current = self.servers[self._turn - 1] if 0 < self._turn <= len(self.servers) else None
+        named = self.name.split(".")[0]
+        self.servers = sorted({s for s in servers if s[0] != named})
+        if current is not None:
+            self._turn = self.servers.index(current) + 1 if current in self.servers else 0
+
+    def _next_server(self) -> None:
+        if self.alternates:
+            self._turn = (self._turn + 1) % (len(self.servers) + 1)
 
     async def get(self) -> Connection:
         async with self._lock:
             if self.closed:
                 raise ClientError("the client is closing", retryable=False)
             if self._conn is None:
-                conn = await self._dial()
+                try:
+                    if self._turn and self._dial_other is not None and self.servers:
+                        name, port = self.servers[(self._turn - 1) % len(self.servers)]
+                        conn = await self._dial_other(name, port)
+                    else:
+                        conn = await self._dial()
+                except Exception:
+                    self._next_server()  # in a cluster, try the next one next time
+                    raise
                 if self.closed:  # closed while dialling
                     await _close_quietly(conn)
                     raise ClientError("the client is closing", retryable=False)
@@ -267,9 +303,11 @@ class Link:
             return self._conn
 
     async def reset(self, conn: Connection) -> None:
-        """Forget ``conn`` (if it is still the current channel) and close it."""
+        """Forget ``conn`` (if it is still the current channel) and close it; in a cluster,
+        the next dial goes to the next server."""
         if conn is self._conn:
             self._conn = None
+            self._next_server()
             await _close_quietly(conn)
 
     async def close(self) -> None:
@@ -306,7 +344,11 @@ def link_for(server: str, token: str | None, *, socket: str, port: int = DEFAULT
         steps[0] = None
         return conn
 
-    return Link(dial, name=server, proxy=proxy)
+    async def dial_other(name: str, other_port: int) -> Connection:
+        return await connect(name, token, socket=socket, port=other_port, proxy=proxy)
+
+    return Link(dial, name=server, proxy=proxy,
+                dial_other=None if address or token is None else dial_other)
 
 
 # --- a room session that survives reconnects --------------------------------------------
@@ -463,7 +505,9 @@ class RoomSession:
                 yield SessionEvent("fatal", error=err, text=str(err))
                 return
             yield SessionEvent("state", error=err)
-            if conn is not None and err.transport and self.state.attempts >= 2:
+            # A server of a cluster that fails once is left for the next one at once.
+            if conn is not None and err.transport and (
+                    self.state.attempts >= 2 or self.link.alternates):
                 await self.link.reset(conn)
             self.reconnects += 1
             with contextlib.suppress(TimeoutError):
@@ -515,6 +559,8 @@ class RoomSession:
 
     def _welcomed(self, w: pb.Welcome) -> None:
         self.me = w.you
+        if "servers" in w.DESCRIPTOR.fields_by_name:
+            self.link.learn([(s.name, s.port) for s in w.servers])
         if w.max_message_bytes:
             self.max_message_bytes = w.max_message_bytes
         limit = advertised_rate(w)

@@ -25,7 +25,7 @@ DEFAULT_CONFIG_FILE = Path("/etc/tsnetchat/config.toml")
 # Always used with fullmatch: `$` in a `match` pattern also matches before a final newline,
 # which let "general\n" through as a look-alike room.
 ROOM_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
-SECRET_FIELDS = frozenset({"auth_key", "api_key", "oauth_client_secret"})
+SECRET_FIELDS = frozenset({"auth_key", "api_key", "oauth_client_secret", "nats_password"})
 DEFAULT_API_URL = "https://api.tailscale.com"
 TAG_RE = re.compile(r"tag:[A-Za-z0-9][A-Za-z0-9-]*")  # fullmatch
 
@@ -121,6 +121,18 @@ class ServerConfig(Limits):
     api_url: str = DEFAULT_API_URL  # where api.tailscale.com is reached (tests: a stand-in)
     tags: str = ""  # comma-separated; minted auth keys carry them, grants default to them
     stale_device: str = "remove"  # a fresh node's name held by an offline device: remove|report
+    # Cluster mode (tsnetchat.cluster): "" = one server on SQLite (the default); otherwise the
+    # NATS JetStream cluster's URLs, comma-separated (nats://host:4222,nats://host2:4222).
+    cluster: str = ""
+    nats_user: str = ""
+    nats_password: str = ""  # or in a file / the `nats` systemd credential (nats_credentials)
+    # A NATS .creds file (user JWT + nkey), or a file holding the password; "" = the `nats`
+    # credential in $CREDENTIALS_DIRECTORY when there is one.
+    nats_credentials: str = ""
+    # Seconds a send waits for the cluster to confirm it (a stream leader's election takes
+    # 4-9 s, docs/nats-cluster.md fact 2) before it is refused as not confirmed.
+    cluster_wait: float = 12.0
+    cluster_replicas: int = 3  # copies of every message in JetStream (a quorum acks)
     # Operations
     # 0 = off; otherwise a Prometheus text endpoint on the same addresses, behind the tailnet
     # lock (only connections that come through tailscaled from another device).
@@ -141,7 +153,13 @@ class ServerConfig(Limits):
 
     @property
     def db_path(self) -> Path:
-        return self.state_dir / "tsnetchat.db"
+        # In cluster mode the database is this server's copy of the cluster's stream, kept
+        # apart from a single server's history it may have had before.
+        return self.state_dir / ("cluster.db" if self.cluster else "tsnetchat.db")
+
+    @property
+    def cluster_urls(self) -> list[str]:
+        return [u.strip() for u in self.cluster.split(",") if u.strip()]
 
     @property
     def key_path(self) -> Path:
@@ -297,6 +315,13 @@ def _validate(cfg: ServerConfig, where: Any) -> None:
         raise bad("api_url", "must be an https:// URL (the API is only spoken over TLS)")
     if cfg.stale_device not in ("remove", "report"):
         raise bad("stale_device", "must be remove or report")
+    for url in cfg.cluster_urls:
+        if not re.fullmatch(r"(nats|tls)://([^/@\s]+@)?[^/@\s:]+(:\d{1,5})?/?", url):
+            raise bad("cluster", f"{url!r} is not a NATS URL like nats://nats1.example:4222")
+    if cfg.cluster_wait <= 0:
+        raise bad("cluster_wait", "must be greater than 0")
+    if cfg.cluster_replicas not in (1, 3, 5):
+        raise bad("cluster_replicas", "must be 1, 3 or 5 (a quorum of an odd number of copies)")
     if cfg.metrics_port and (cfg.metrics_port == cfg.port or not 1 <= cfg.metrics_port <= 65535):
         raise bad("metrics_port", "must be a free TCP port other than --port")
 

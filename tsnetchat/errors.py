@@ -18,11 +18,14 @@
     ├── LimitExceeded            size, rate, rooms, queue or refusal limits
     ├── Unavailable              the server cannot take the call now (shutting down); retry
     └── StoreError               the history database failed, or is not one we can use
-        └── StateDirInUse        another tsnetchat process (a server, a restore) holds the
-                                 state dir's lock
+        ├── StateDirInUse        another tsnetchat process (a server, a restore) holds the
+        │                        state dir's lock
+        └── Unconfirmed          cluster mode: the cluster did not confirm a message in time;
+                                 it may still appear (a resend with its client_msg_id is safe)
 
 Foreign errors (httpx, sqlite3, jwt, the `tailscale` package) are translated at one boundary
-each, raised ``from`` the original (tailnet.py, store.py, auth.py, tsapi.py).
+each, raised ``from`` the original (tailnet.py, store.py, auth.py, tsapi.py; nats-py in
+cluster.py).
 ``tsnetchat.service.status_for`` maps these to gRPC status codes; only the servicer uses it.
 """
 
@@ -92,3 +95,8 @@ class StoreError(TsnetchatError):
 
 class StateDirInUse(StoreError):
     pass
+
+
+class Unconfirmed(StoreError):
+    """Not confirmed within the wait, which is not "not stored": the message may still
+    appear. Sending it again with the same client_msg_id never stores it twice."""

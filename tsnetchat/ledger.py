@@ -11,6 +11,8 @@ exactly one of:
   resend of a stored message, with the original id and nothing published);
 * a refusal: an error event naming its ``client_msg_id``, which means it was NOT stored and
   may be sent again with the same id (rate limit, storage failure or timeout, shutdown);
+* in cluster mode, a refusal as ``Unconfirmed``: the cluster did not confirm it in time, so
+  it may still appear; sent again with the same ``client_msg_id`` it is stored once;
 * ``InvalidInput`` raised at once for malformed input (the caller counts those as strikes
   against a flooding client; refusals above never count).
 
@@ -38,7 +40,7 @@ from functools import partial
 from typing import Protocol
 
 from . import codec, render
-from .errors import InvalidInput, LimitExceeded, StoreError, TsnetchatError
+from .errors import InvalidInput, LimitExceeded, StoreError, TsnetchatError, Unconfirmed
 from .hub import Hub, Subscriber
 from .metrics import Metrics
 from .pb import chat_pb2 as pb
@@ -257,6 +259,12 @@ class Ledger:
         validate_text(text, pb.MESSAGE_KIND_TEXT, limits.max_message_bytes)
         return text
 
+    def charge(self, login: str) -> None:
+        """Cluster mode: a message this person sent through another server counts against
+        their rate limit here too, so the limit holds across servers (as far as their
+        buckets are full: a message already stored elsewhere is never refused)."""
+        self._buckets.take(login)
+
     def apply(self, limits: SendLimits) -> None:
         """New rate limits (a reload), also for the buckets of people already seen."""
         self._buckets.configure(limits.rate_burst, limits.rate_per_second)
@@ -298,6 +306,9 @@ class Ledger:
     def _settled(self, sub: Subscriber, client_msg_id: str, outcome: Outcome) -> None:
         """Publish a stored message and acknowledge it; or tell the sender it was not."""
         sub.inflight -= 1
+        if isinstance(outcome, Unconfirmed):  # cluster mode: it may still appear
+            self._refused(sub, client_msg_id, "unconfirmed", outcome, 1.0)
+            return
         if isinstance(outcome, StoreError):
             self._refused(sub, client_msg_id, "storage", StoreError(
                 f"{outcome}; this message was not stored: send it again"), 1.0)

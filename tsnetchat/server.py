@@ -31,6 +31,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from . import auth, enroll
+from .cluster import ClusterHistory
 from .config import ServerConfig, parse_listen
 from .errors import ConfigError, StoreError, TailnetError, TsnetchatError
 from .gate import Gate, Policy
@@ -194,13 +195,17 @@ class Server:
         except BaseException:
             self._lock.release()
             raise
-        self.store = SqliteHistory(db, asyncio.get_running_loop(), wait=cfg.store_wait,
-                                   max_group=max(1, min(MAX_GROUP, cfg.subscriber_queue // 4)))
+        local = SqliteHistory(db, asyncio.get_running_loop(), wait=cfg.store_wait,
+                              max_group=max(1, min(MAX_GROUP, cfg.subscriber_queue // 4)))
         self.gate = Gate(tailnet, policy_for(cfg, key), revoked=revoked,
                          whois_timeout=cfg.whois_timeout, recheck_interval=cfg.recheck_interval)
         self.load = LoopLoad(asyncio.get_running_loop())
         self.hub = Hub(pacing, load=self.load)
-        self.store.linger = lambda: self.hub.pacing.commit_linger(self.load())
+        local.linger = lambda: self.hub.pacing.commit_linger(self.load())
+        # Cluster mode: the same service on a NATS JetStream cluster; ``local`` becomes this
+        # server's copy of the cluster's stream (tsnetchat.cluster).
+        self.store: SqliteHistory | ClusterHistory = (
+            ClusterHistory(local, self.hub, cfg) if cfg.cluster else local)
         self.metrics = Metrics()
         self.enrollment = enroll.Enrollment(
             door=self.gate, key=lambda: self.gate.policy.key, store=self.store,
@@ -241,6 +246,29 @@ class Server:
         cfg = self.cfg
         self.status = await wait_running(self.tailnet, cfg.startup_timeout,
                                          progress=self.progress)
+        if isinstance(self.store, ClusterHistory):
+            key = await self.store.start(self.gate.policy.key, cfg.startup_timeout)
+            if key != self.gate.policy.key:  # the cluster's, so tokens work on every server
+                auth.write_key(cfg.key_path, key)
+                self._key_stamp = _stamp(cfg.key_path)
+            self.store.on_revoked = self.service.apply_revocations
+            self.store.on_kick = self.service.kick_here
+            self.store.on_foreign = self.service.ledger.charge
+            self.service.members_elsewhere = self.store.members
+            self.service.presence_shared = self.store.share_presence
+            service, hub = self.service, self.hub
+
+            def elsewhere(room: str, kind: int, who: pb.Identity) -> None:
+                # (someone also in the room here has neither joined nor left it)
+                if all(getattr(m, "login", None) != who.login for m in hub.members(room)):
+                    service.announce(room, kind, who)
+
+            self.store.on_presence = elsewhere
+            self.service.kick_elsewhere = self.store.kick
+            cluster = self.store
+            self.service.servers = lambda: [pb.ClusterServer(name=n, port=p)
+                                            for n, p in sorted(cluster.servers.items())]
+            self.gate.apply(self._policy(key))
         self.gate.apply(self._policy(self.gate.policy.key))  # now knowing our own node
         self.enrollment.policy = enroll.policy_from(cfg, self._name())  # now knowing our name
         self.addresses = (listen_addresses(self.status) if cfg.listen == "auto"
@@ -259,6 +287,8 @@ class Server:
         await self._grpc.start()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        if isinstance(self.store, ClusterHistory):  # clients may now fail over to us
+            await self.store.register(self.status.self_node.short_name, self.ports[0])
         self.started_at = time.time()
         self._tasks = [asyncio.create_task(self.gate.run()),
                        asyncio.create_task(self._follow_tailnet()),

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -134,6 +134,12 @@ class ChatService:
         self._away: dict[str, str] = {}  # login -> away message (set by an Away event)
         self._error_log = LogLimiter(burst=5, rate=0.2)
         self.going_away = False
+        # Cluster mode (tsnetchat.cluster): every server, for the Welcome; and a kick passed
+        # on to the other servers.
+        self.servers: Callable[[], list[pb.ClusterServer]] = list
+        self.kick_elsewhere: Callable[[str, str, str], Awaitable[None]] | None = None
+        self.members_elsewhere: Callable[[str], list[pb.Identity]] = lambda room: []
+        self.presence_shared: Callable[[str, int, pb.Identity], None] | None = None
 
     def apply(self, limits: Limits) -> None:
         """New limits (a reload): for new calls, and for the rate buckets of everyone."""
@@ -319,9 +325,23 @@ class ChatService:
             await context.abort(_CLOSE_STATUS.get(reason.kind, grpc.StatusCode.INTERNAL),
                                 reason.message)
 
+    def members(self, room: str) -> list[pb.Identity]:
+        """Who is in the room: here, and (cluster mode) on the other servers."""
+        here = [m for m in self.hub.members(room) if isinstance(m, pb.Identity)]
+        logins = {m.login for m in here}
+        there = [m for m in self.members_elsewhere(room) if m.login not in logins]
+        return sorted([*here, *there], key=lambda m: m.login) if there else here
+
     def _presence(self, room: str, kind: int, who: pb.Identity, *, away_message: str = "",
                   reason: str = "") -> None:
-        members = [m for m in self.hub.members(room) if isinstance(m, pb.Identity)]
+        self.announce(room, kind, who, away_message=away_message, reason=reason)
+        if self.presence_shared is not None:
+            self.presence_shared(room, kind, who)
+
+    def announce(self, room: str, kind: int, who: pb.Identity, *, away_message: str = "",
+                 reason: str = "") -> None:
+        """Tell the room's streams here that ``who`` joined, left or went away."""
+        members = self.members(room)
         away = sorted({m.login for m in members if m.login in self._away})
         self.hub.publish(room, codec.event_item(presence=pb.Presence(
             room=room, kind=kind, who=who, members=members,  # type: ignore[arg-type]
@@ -348,7 +368,7 @@ class ChatService:
             self.metrics.inc("streams_opened_total{kind=\"join\"}")
             try:
                 after = hello.after_id if hello.HasField("after_id") else None
-                members = [m for m in self.hub.members(hello.room) if isinstance(m, pb.Identity)]
+                members = self.members(hello.room)
                 yield codec.event(welcome=pb.Welcome(
                     room=hello.room, you=me, members=members,
                     last_id=self.store.last_id(hello.room),
@@ -360,7 +380,8 @@ class ChatService:
                     else (),
                     last_read_id=await self.store.read_mark(p.login, room),
                     history_id=self.store.identity.history_id,
-                    history_generation=self.store.identity.generation))
+                    history_generation=self.store.identity.generation,
+                    servers=self.servers()))
                 async for f in self._replay(sub, after):
                     yield f
                 yield codec.event(replay_done=self._replay_done(sub))
@@ -526,7 +547,7 @@ class ChatService:
                 private = rooms.is_conversation(n)
                 infos.append(pb.RoomInfo(
                     name=n, last_id=self.store.last_id(n),
-                    members=[m for m in self.hub.members(n) if isinstance(m, pb.Identity)],
+                    members=self.members(n),
                     unread=st.unread, unread_mentions=st.mentions, last_read_id=st.last_read,
                     private=private, direct=rooms.is_dm(n),
                     member_logins=self._room_members(n) if private else (),
@@ -672,10 +693,9 @@ class ChatService:
             auth.check_room(p, request.room)
             if not 0 < len(request.login) <= 256:
                 raise InvalidInput("login must be a tailnet login or tag")
-            n = self.hub.close_where(
-                lambda s: s.room == request.room and s.login == request.login,
-                CloseReason(CloseKind.KICKED, f"you were removed from {request.room!r} by "
-                                              f"{p.login}"))
+            n = self.kick_here(request.room, request.login, p.login)
+            if self.kick_elsewhere is not None:
+                await self.kick_elsewhere(request.room, request.login, p.login)
             log.info("kick room=%r login=%r by=%r streams=%d", request.room, request.login,
                      p.login, n)
             return pb.KickResponse(streams_closed=n)
@@ -695,6 +715,12 @@ class ChatService:
         raise AssertionError("unreachable")  # pragma: no cover
 
     # server-side controls ----------------------------------------------------------
+
+    def kick_here(self, room: str, login: str, by: str) -> int:
+        """Close ``login``'s streams in ``room`` on this server; returns how many."""
+        return self.hub.close_where(
+            lambda s: s.room == room and s.login == login,
+            CloseReason(CloseKind.KICKED, f"you were removed from {room!r} by {by}"))
 
     def apply_revocations(self, token_ids: list[str]) -> int:
         """Refuse these tokens from now on and close the streams that use them (also a Join

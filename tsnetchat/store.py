@@ -824,6 +824,60 @@ class Store:
                    self._q("SELECT login, display_name FROM senders ORDER BY id"))
         return out
 
+    # cluster mode (tsnetchat.cluster): this database is one server's copy of the stream --
+
+    def import_messages(self, msgs: Sequence[StoredMessage], source: str, seq: int) -> None:
+        """Store messages numbered elsewhere (their ids are kept), and remember that
+        ``source`` has been applied through ``seq``, in one transaction. A message at or
+        below its room's newest id is skipped (already here)."""
+        before = dict(self._rooms)
+        try:
+            with self._tx() as db:
+                db.execute("CREATE TABLE IF NOT EXISTS applied (source TEXT PRIMARY KEY, "
+                           "seq INTEGER NOT NULL)")
+                for m in msgs:
+                    room = self._rooms.get(m.room)
+                    if room is None:
+                        rid = db.execute("INSERT INTO rooms (name, last_id) VALUES (?, ?)",
+                                         (m.room, m.id)).lastrowid
+                        assert rid is not None
+                        room = (rid, 0)
+                    if m.id <= room[1]:
+                        continue
+                    db.execute("INSERT INTO messages (room, id, ts_ms, sender, kind, text, "
+                               "client_msg_id) VALUES (?,?,?,?,?,?,?)",
+                               (room[0], m.id, m.ts_ms, self._sender_id(m.sender), m.kind,
+                                m.text, m.client_msg_id))
+                    self._rooms[m.room] = (room[0], m.id)
+                db.execute("INSERT INTO applied (source, seq) VALUES (?, ?) ON CONFLICT (source) "
+                           "DO UPDATE SET seq=excluded.seq", (source, seq))
+        except BaseException:
+            self._rooms = before
+            self._senders.clear()
+            raise
+        self._count(len(msgs))
+
+    def applied(self, source: str) -> int:
+        """How far ``source`` has been applied here (``import_messages``); 0 if never."""
+        try:
+            row = self._db.execute("SELECT seq FROM applied WHERE source=?", (source,)).fetchone()
+        except sqlite3.OperationalError as e:
+            if "no such table" in str(e):
+                return 0
+            raise StoreError(f"history database error: {e}") from e
+        return int(row[0]) if row else 0
+
+    def find_resends(self, room: str, keys: Sequence[tuple[str, str]]
+                     ) -> dict[tuple[str, str], StoredMessage]:
+        """The stored messages among (sender login, client_msg_id) ``keys`` of ``room``."""
+        out: dict[tuple[str, str], StoredMessage] = {}
+        for login, cmid in keys:
+            rows = self._q(_SELECT + "WHERE r.name=? AND m.client_msg_id=? AND "
+                           "m.client_msg_id != '' AND s.login=?", (room, cmid, login))
+            if rows:
+                out[(login, cmid)] = _row(rows[0])
+        return out
+
     def last_ids(self) -> dict[str, int]:
         """Every room's newest id (the writer's view: what it committed)."""
         return {name: last for name, (_rid, last) in self._rooms.items()}
@@ -1333,6 +1387,15 @@ class SqliteHistory:
             results, self._posted = self._posted, []
             self._post_due = False
         self._settle(results)
+
+    async def job(self, run: Callable[[Store], T]) -> T:
+        """Run ``run(store)`` on the writer thread, in order with the messages (cluster mode
+        writes what it applies from the stream this way)."""
+        return await self._job(run)
+
+    async def read(self, fn: Callable[[Store], T]) -> T:
+        """Run ``fn(store)`` on a reader thread."""
+        return await self._read(fn)
 
     # reading (reader threads) -----------------------------------------------------------
 

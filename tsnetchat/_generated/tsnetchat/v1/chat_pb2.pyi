@@ -131,7 +131,7 @@ class ClientEvent(_message.Message):
     def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., send: _Optional[_Union[SendMessage, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., away: _Optional[_Union[Away, _Mapping]] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("room", "you", "members", "max_message_bytes", "last_id", "rate_per_second", "rate_burst", "topic", "private", "member_logins", "last_read_id", "history_id", "history_generation")
+    __slots__ = ("room", "you", "members", "max_message_bytes", "last_id", "rate_per_second", "rate_burst", "topic", "private", "member_logins", "last_read_id", "history_id", "history_generation", "servers")
     ROOM_FIELD_NUMBER: _ClassVar[int]
     YOU_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
@@ -145,6 +145,7 @@ class Welcome(_message.Message):
     LAST_READ_ID_FIELD_NUMBER: _ClassVar[int]
     HISTORY_ID_FIELD_NUMBER: _ClassVar[int]
     HISTORY_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    SERVERS_FIELD_NUMBER: _ClassVar[int]
     room: str
     you: Identity
     members: _containers.RepeatedCompositeFieldContainer[Identity]
@@ -158,7 +159,8 @@ class Welcome(_message.Message):
     last_read_id: int
     history_id: str
     history_generation: int
-    def __init__(self, room: _Optional[str] = ..., you: _Optional[_Union[Identity, _Mapping]] = ..., members: _Optional[_Iterable[_Union[Identity, _Mapping]]] = ..., max_message_bytes: _Optional[int] = ..., last_id: _Optional[int] = ..., rate_per_second: _Optional[float] = ..., rate_burst: _Optional[int] = ..., topic: _Optional[_Union[Topic, _Mapping]] = ..., private: _Optional[bool] = ..., member_logins: _Optional[_Iterable[str]] = ..., last_read_id: _Optional[int] = ..., history_id: _Optional[str] = ..., history_generation: _Optional[int] = ...) -> None: ...
+    servers: _containers.RepeatedCompositeFieldContainer[ClusterServer]
+    def __init__(self, room: _Optional[str] = ..., you: _Optional[_Union[Identity, _Mapping]] = ..., members: _Optional[_Iterable[_Union[Identity, _Mapping]]] = ..., max_message_bytes: _Optional[int] = ..., last_id: _Optional[int] = ..., rate_per_second: _Optional[float] = ..., rate_burst: _Optional[int] = ..., topic: _Optional[_Union[Topic, _Mapping]] = ..., private: _Optional[bool] = ..., member_logins: _Optional[_Iterable[str]] = ..., last_read_id: _Optional[int] = ..., history_id: _Optional[str] = ..., history_generation: _Optional[int] = ..., servers: _Optional[_Iterable[_Union[ClusterServer, _Mapping]]] = ...) -> None: ...
 
 class Topic(_message.Message):
     __slots__ = ("text", "set_by", "set_unix_ms", "id")
@@ -171,6 +173,14 @@ class Topic(_message.Message):
     set_unix_ms: int
     id: int
     def __init__(self, text: _Optional[str] = ..., set_by: _Optional[_Union[Identity, _Mapping]] = ..., set_unix_ms: _Optional[int] = ..., id: _Optional[int] = ...) -> None: ...
+
+class ClusterServer(_message.Message):
+    __slots__ = ("name", "port")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    port: int
+    def __init__(self, name: _Optional[str] = ..., port: _Optional[int] = ...) -> None: ...
 
 class Presence(_message.Message):
     __slots__ = ("room", "kind", "who", "members", "away_message", "reason", "away_logins")

@@ -1,0 +1,365 @@
+"""Cluster mode (issue 20) over the real tailnet lab and a real three-node NATS cluster.
+
+Server 1 runs on the lab's chat-server node, server 2 on chat-server-2; both in this
+process, each asking its own tailscaled who is calling, both on the same NATS JetStream
+cluster (``nats_cluster``: fresh per test). People connect over the tailnet from their
+laptops' tailscaled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import nats_lab
+import pytest
+from helpers import (
+    LabChat,
+    LabDaemon,
+    bounded,
+    collect,
+    free_port,
+    hello_events,
+    lab_server,
+    send,
+    token_id,
+    until,
+)
+
+from tsnetchat.client import Connection, Link, RoomSession, link_for
+from tsnetchat.pb import chat_pb2 as pb
+
+pytestmark = [pytest.mark.tailnet, pytest.mark.cluster]
+
+ALICE, BOB = "alice@tailnet.test", "bob@tailnet.test"
+
+
+def cluster_flags(cluster: nats_lab.NatsCluster) -> dict[str, Any]:
+    return {"cluster": ",".join(cluster.urls), "nats_user": cluster.user,
+            "nats_password": cluster.password}
+
+
+@contextlib.asynccontextmanager
+async def two_servers(lab: Any, tmp: Path, cluster: nats_lab.NatsCluster, **overrides: Any
+                      ) -> AsyncIterator[tuple[LabChat, LabChat]]:
+    flags = {**cluster_flags(cluster), **overrides}
+    async with lab_server(lab, tmp, **flags) as one, \
+            lab_server(lab, tmp, node="chat-server-2", **flags) as two:
+        yield one, two
+
+
+class Joined:
+    """A Join stream, read up to its replay_done; ``write`` queues another client event."""
+
+    def __init__(self, conn: Connection, room: str, after: int | None,
+                 then: list[pb.ClientEvent] | None) -> None:
+        self._queue: asyncio.Queue[pb.ClientEvent] = asyncio.Queue()
+        for ev in then or []:
+            self._queue.put_nowait(ev)
+        self.call = conn.stub.Join(self._events(room, after), metadata=conn.metadata)
+
+    async def _events(self, room: str, after: int | None) -> AsyncIterator[pb.ClientEvent]:
+        async for ev in hello_events(room, after, hold=asyncio.Event()):
+            yield ev
+            break
+        while True:
+            yield await self._queue.get()
+
+    async def write(self, ev: pb.ClientEvent) -> None:
+        self._queue.put_nowait(ev)
+
+    def __aiter__(self) -> Any:
+        return self.call.__aiter__()
+
+    def cancel(self) -> None:
+        self.call.cancel()
+
+
+async def join(conn: Connection, room: str, after: int | None = None,
+               then: list[pb.ClientEvent] | None = None) -> Joined:
+    joined = Joined(conn, room, after, then)
+    await collect(joined.call, 1, kind="replay_done")
+    return joined
+
+
+async def ack_or_error(call: Any, cmid: str, timeout: float = 30) -> Any:
+    """The Sent or the Error the server answers ``cmid`` with."""
+    async def loop() -> Any:
+        async for ev in call:
+            which = ev.WhichOneof("event")
+            acks = [ev.sent] if which == "sent" else ev.batch.sent if which == "batch" else []
+            for s in acks:
+                if s.client_msg_id == cmid:
+                    return s
+            if which == "error" and ev.error.client_msg_id == cmid:
+                return ev.error
+        raise AssertionError("the stream ended")
+
+    return await bounded(loop(), f"the answer to {cmid}", timeout)
+
+
+async def test_alice_on_server_1_and_bob_on_server_2_chat_in_one_room(
+        lab: Any, tmp_path: Path, nats_cluster: nats_lab.NatsCluster) -> None:
+    async with two_servers(lab, tmp_path, nats_cluster) as (one, two):
+        alice = await one.connect("alice-laptop", one.token(ALICE))
+        bob = await two.connect("bob-laptop", two.token(BOB))
+        bob_sees = await join(bob, "general")
+        alice_sees = await join(alice, "general")
+        first = await alice.send_one("general", "hello from server 1")
+        [m] = await collect(bob_sees.call, 1)
+        assert (m.id, m.text, m.sender.login) == (first, "hello from server 1", ALICE)
+        second = await bob.send_one("general", "hello back from server 2")
+        got = await collect(alice_sees.call, 2)
+        assert [(x.id, x.sender.login) for x in got] == [(first, ALICE), (second, BOB)]
+        assert second == first + 1
+        on_one = await alice.history("general")
+        on_two = await bob.history("general")
+        assert [(x.id, x.text) for x in on_one.messages] == [
+            (x.id, x.text) for x in on_two.messages] == [
+            (first, "hello from server 1"), (second, "hello back from server 2")]
+        assert {r.name: r.last_id for r in (await bob.list_rooms()).rooms}["general"] == second
+        bob_sees.cancel()
+        alice_sees.cancel()
+
+
+async def test_a_resend_through_the_other_server_gets_the_original_id(
+        lab: Any, tmp_path: Path, nats_cluster: nats_lab.NatsCluster) -> None:
+    async with two_servers(lab, tmp_path, nats_cluster) as (one, two):
+        token = one.token(ALICE)
+        on_one = await one.connect("alice-laptop", token)
+        on_two = await two.connect("alice-laptop", token)
+        cmid = uuid.uuid4().hex
+        first = await join(on_one, "general", then=[send("typed once", cmid)])
+        stored = await ack_or_error(first, cmid)
+        again = await join(on_two, "general", after=stored.id, then=[send("typed once", cmid)])
+        resent = await ack_or_error(again, cmid)
+        assert isinstance(resent, pb.Sent) and resent.id == stored.id
+        history = await on_two.history("general")
+        assert [m.text for m in history.messages] == ["typed once"]
+        first.cancel()
+        again.cancel()
+
+
+async def test_sends_go_on_when_one_nats_node_dies_and_nothing_acknowledged_is_lost(
+        lab: Any, tmp_path: Path, nats_cluster: nats_lab.NatsCluster) -> None:
+    async with two_servers(lab, tmp_path, nats_cluster) as (one, two):
+        alice = await one.connect("alice-laptop", one.token(ALICE))
+        bob = await two.connect("bob-laptop", two.token(BOB))
+        call = await join(alice, "general")
+        acked: dict[str, int] = {}
+        for i in range(5):
+            cmid = f"before-{i}"
+            await call.write(send(f"before {i}", cmid))
+            answer = await ack_or_error(call, cmid)
+            acked[cmid] = answer.id
+        # The stream's leader: its death stalls appends for an election (4-9 s).
+        nats_cluster.kill(nats_cluster.stream_leader("TSNETCHAT"))
+        for i in range(5):
+            cmid = f"after-{i}"
+            while True:  # as a client does: resend the same message until it is confirmed
+                await call.write(send(f"after {i}", cmid))
+                answer = await ack_or_error(call, cmid)
+                if isinstance(answer, pb.Sent):
+                    acked[cmid] = answer.id
+                    break
+                assert answer.code == grpc.StatusCode.UNAVAILABLE.value[0]
+        ids = sorted(acked.values())
+        assert ids == list(range(ids[0], ids[0] + 10))
+        # Server 2 applies what server 1 stored from the stream, a moment later.
+        await until(lambda: two.server.store.last_id("general") == ids[-1], "server 2 applying")
+        for conn in (alice, bob):
+            history = await conn.history("general")
+            assert sorted((m.client_msg_id, m.id) for m in history.messages) == sorted(
+                acked.items(), key=lambda kv: kv[0])
+        call.cancel()
+
+
+async def test_without_a_nats_quorum_sends_are_refused_as_retryable_and_succeed_when_it_returns(
+        lab: Any, tmp_path: Path, nats_cluster: nats_lab.NatsCluster) -> None:
+    async with two_servers(lab, tmp_path, nats_cluster, cluster_wait=2.0) as (one, two):
+        alice = await one.connect("alice-laptop", one.token(ALICE))
+        bob = await two.connect("bob-laptop", two.token(BOB))
+        call = await join(alice, "general", then=[send("with a quorum", "q0")])
+        assert isinstance(await ack_or_error(call, "q0"), pb.Sent)
+        stopped = [n.name for n in nats_cluster.nodes][:2]
+        for name in stopped:
+            nats_cluster.stop_node(name)
+        await call.write(send("without a quorum", "q1"))
+        refusal = await ack_or_error(call, "q1")
+        assert isinstance(refusal, pb.Error)
+        assert refusal.code == grpc.StatusCode.UNAVAILABLE.value[0]
+        assert "did not confirm" in refusal.message and "same client_msg_id" in refusal.message
+        assert refusal.retry_after_ms > 0
+        for name in stopped:
+            nats_cluster.start_node(name)
+        while True:  # the client's resend, with the same id, until the cluster confirms it
+            await call.write(send("without a quorum", "q1"))
+            answer = await ack_or_error(call, "q1")
+            if isinstance(answer, pb.Sent):
+                break
+            assert answer.code == grpc.StatusCode.UNAVAILABLE.value[0]
+        await until(lambda: two.server.store.last_id("general") == answer.id,
+                    "server 2 applying")
+        history = await bob.history("general")
+        assert [m.client_msg_id for m in history.messages] == ["q0", "q1"]
+        call.cancel()
+
+
+async def test_a_token_revoked_through_server_2_closes_alices_stream_on_server_1(
+        lab: Any, tmp_path: Path, nats_cluster: nats_lab.NatsCluster) -> None:
+    async with two_servers(lab, tmp_path, nats_cluster) as (one, two):
+        token = one.token(ALICE)
+        alice = await one.connect("alice-laptop", token)
+        # alice's admin token (the lab grants alice admin), on her laptop, through server 2
+        admin = await two.connect("alice-laptop", two.token(ALICE, admin=True))
+        call = await join(alice, "general")
+        started = time.monotonic()
+        await admin.stub.RevokeToken(pb.RevokeTokenRequest(token_id=token_id(token)),
+                                     metadata=admin.metadata)
+        with pytest.raises(grpc.aio.AioRpcError) as closed:
+            await collect(call.call, 1)
+        assert closed.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        print(f"revoked on server 2 -> closed on server 1: {time.monotonic() - started:.3f}s")
+        fresh = await one.connect("alice-laptop", token)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await fresh.whoami()
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_a_server_that_starts_later_catches_up_from_the_stream(
+        lab: Any, tmp_path: Path, nats_cluster: nats_lab.NatsCluster) -> None:
+    flags = cluster_flags(nats_cluster)
+    async with lab_server(lab, tmp_path, **flags) as one:
+        alice = await one.connect("alice-laptop", one.token(ALICE))
+        ids = [await alice.send_one("general", f"early {i}") for i in range(3)]
+        async with lab_server(lab, tmp_path, node="chat-server-2", **flags) as two:
+            bob = await two.connect("bob-laptop", two.token(BOB))
+            history = await bob.history("general")
+            assert [m.id for m in history.messages] == ids
+            await until(lambda: two.server.store.last_id("general") == ids[-1])
+
+
+class Person:
+    """A RoomSession (the client core the chat uses), its events pumped into lists."""
+
+    def __init__(self, link: Link, room: str) -> None:
+        self.link = link
+        self.session = RoomSession(link, room, max_backoff=1.0)
+        self.messages: list[pb.ChatMessage] = []
+        self.sent: dict[str, int] = {}  # text -> id
+        self.outages: list[float] = []
+        self.connected = asyncio.Event()
+        self.task = asyncio.create_task(self._pump())
+
+    async def _pump(self) -> None:
+        async for ev in self.session.events():
+            if ev.kind == "message" and ev.message is not None:
+                self.messages.append(ev.message)
+            elif ev.kind == "sent" and ev.outgoing is not None:
+                assert ev.outgoing.text not in self.sent, f"{ev.outgoing.text} acked twice"
+                self.sent[ev.outgoing.text] = ev.message_id
+            elif ev.kind == "state" and self.session.connected:
+                self.connected.set()
+                if ev.seconds is not None:
+                    self.outages.append(ev.seconds)
+
+    def texts(self) -> list[str]:
+        return [m.text for m in self.messages]
+
+    async def close(self) -> None:
+        await self.session.close()
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+
+
+async def test_when_server_1_is_killed_alice_goes_on_through_server_2_losing_nothing(
+        lab: Any, tmp_path: Path, nats_cluster: nats_lab.NatsCluster) -> None:
+    env = {"TSNETCHAT_CLUSTER": ",".join(nats_cluster.urls),
+           "TSNETCHAT_NATS_USER": nats_cluster.user,
+           "TSNETCHAT_NATS_PASSWORD": nats_cluster.password}
+    one = LabDaemon(lab, tmp_path / "state-1", free_port(), (), env).start()
+    two = LabDaemon(lab, tmp_path / "state-2", free_port(), (), env, node="chat-server-2")
+    people: list[Person] = []
+    try:
+        two.start()
+        a, b = lab.nodes["alice-laptop"], lab.nodes["bob-laptop"]
+        alice = Person(link_for("chat-server", one.token(ALICE), socket=a.socket,
+                                port=one.port, proxy=f"http://{a.http_proxy}"), "general")
+        bob = Person(link_for("chat-server-2", two.token(BOB), socket=b.socket,
+                              port=two.port, proxy=f"http://{b.http_proxy}"), "general")
+        people += [alice, bob]
+        await bounded(alice.connected.wait(), "alice joining through server 1")
+        await bounded(bob.connected.wait(), "bob joining through server 2")
+        for i in range(5):
+            alice.session.send(f"alice {i}")
+        bob.session.send("bob 0")
+        await until(lambda: len(bob.messages) == 6 and len(alice.sent) == 5,
+                    "the first messages reach bob", 30)
+        one.stop(signal.SIGKILL)  # mid-conversation
+        for i in range(5, 10):  # typed while her server is gone
+            alice.session.send(f"alice {i}")
+        bob.session.send("bob 1")
+        await until(lambda: len(alice.sent) == 10 and len(alice.messages) == 12
+                    and len(bob.messages) == 12, "the conversation going on", 60)
+        assert alice.link.target is not None and alice.link.target.name == "chat-server-2"
+        ids = [m.id for m in alice.messages]
+        assert ids == list(range(1, 13))  # no gap, nothing twice, in order
+        assert [m.id for m in bob.messages] == ids
+        assert sorted(alice.texts()) == sorted([f"alice {i}" for i in range(10)] +
+                                               ["bob 0", "bob 1"])
+        conn = await bob.link.get()
+        history = await conn.history("general")
+        assert [m.id for m in history.messages] == ids
+        print(f"alice's outage: {alice.outages}")
+    finally:
+        for p in people:
+            await p.close()
+            await p.link.close()
+        one.stop()
+        two.stop()
+
+
+async def test_a_kick_through_server_2_closes_bobs_stream_on_server_1(
+        lab: Any, tmp_path: Path, nats_cluster: nats_lab.NatsCluster) -> None:
+    async with two_servers(lab, tmp_path, nats_cluster) as (one, two):
+        bob = await one.connect("bob-laptop", one.token(BOB))
+        admin = await two.connect("alice-laptop", two.token(ALICE, admin=True))
+        call = await join(bob, "general")
+        await admin.stub.Kick(pb.KickRequest(room="general", login=BOB),
+                              metadata=admin.metadata)
+        with pytest.raises(grpc.aio.AioRpcError) as closed:
+            await collect(call.call, 1)
+        assert closed.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert f"removed from 'general' by {ALICE}" in (closed.value.details() or "")
+
+
+async def test_bob_on_server_2_sees_alice_join_and_leave_on_server_1(
+        lab: Any, tmp_path: Path, nats_cluster: nats_lab.NatsCluster) -> None:
+    async with two_servers(lab, tmp_path, nats_cluster) as (one, two):
+        bob = await two.connect("bob-laptop", two.token(BOB))
+        alice = await one.connect("alice-laptop", one.token(ALICE))
+        bob_sees = await join(bob, "general")
+        alice_in = await join(alice, "general")
+        [own] = await collect(bob_sees.call, 1, kind="presence")  # bob's own join first
+        assert (own.kind, own.who.login) == (pb.PRESENCE_KIND_JOINED, BOB)
+        [joined] = await collect(bob_sees.call, 1, kind="presence")
+        assert (joined.kind, joined.who.login) == (pb.PRESENCE_KIND_JOINED, ALICE)
+        assert [m.login for m in joined.members] == [ALICE, BOB]
+        # A later Welcome on server 2 lists her too.
+        again = bob.stub.Join(hello_events("general"), metadata=bob.metadata)
+        [welcome] = await collect(again, 1, kind="welcome")
+        assert [m.login for m in welcome.members] == [ALICE, BOB]
+        again.cancel()
+        alice_in.cancel()
+        [left] = await collect(bob_sees.call, 1, kind="presence")
+        assert (left.kind, left.who.login) == (pb.PRESENCE_KIND_LEFT, ALICE)
+        assert [m.login for m in left.members] == [BOB]
+        bob_sees.cancel()

@@ -1,0 +1,812 @@
+"""Cluster mode: the history on a NATS JetStream cluster (``serve --cluster nats://...``).
+
+Every tsnetchat server of a cluster is equal. The messages of all rooms are one R3 stream
+(``STREAM``), a subject per room (``tsnetchat.msg.room.<room>``); docs/nats-cluster.md has
+the measured facts this relies on ("fact N" below).
+
+* **Writing** (``ClusterHistory.submit``, the ledger's ``History``): drafts queue per room; one
+  appender per room sends what queued up as one atomic batch (fact 8), numbered from the
+  room's last id, the first message expecting the room's last stream sequence (fact 6). The
+  expectation serialises appends to a room across servers: ids have no gaps and no
+  doubles. A refusal naming another sequence (10071) means another server got in first:
+  wait until that is applied here, drop what turned out to be resends, renumber, retry.
+  Retrying an unconfirmed batch is harmless for the same reason (fact 5).
+* **Applying** (every server, ordered consumer from the last applied sequence, fact 12):
+  messages go into this server's SQLite copy (``Store.import_messages``, with the stream
+  position in the same transaction), then to the local hub, in stream order. A draft of our
+  own is settled (published and acknowledged by the ledger) when it is applied, so the
+  sender's ack comes after JetStream's quorum ack AND after the local copy has it.
+* **Resends** are found in the local copy by (room, sender login, client_msg_id), exact for
+  as long as history is kept (not JetStream's 2-minute dedup window, fact 7), plus the
+  drafts still in flight here.
+* **No quorum**: a batch is retried until ``wait`` seconds (covering a leader election,
+  fact 2), then refused with ``Unconfirmed``: it may still appear (fact 5), and a resend with
+  the same client_msg_id is answered with its id, never stored twice.
+* **Shared state in KV**: revoked token ids (``REVOKED``, watched by every server: streams
+  close on all servers when one revokes), the token signing key (``STATE``), so a token
+  issued by one server is good on all, and the servers themselves (``register``), which
+  every Welcome lists so clients can fail over; presence (``PRESENCE``, entries that expire
+  unless their server keeps them fresh). Kicks go to every server on a plain NATS subject
+  (``KICKS``). Each server also charges a person's rate bucket for what they sent through
+  the others (``on_foreign``).
+
+Reads (history, resume, ListRooms) are answered from the local copy. nats-py errors are
+translated here and nowhere else.
+
+Later (the History protocol grows, issue 15): DMs are subjects ``tsnetchat.msg.dm.<a>.<b>``
+of the same stream through the same appender; edits/deletes are further message kinds in
+the room's subject (a delete also erases the original, fact 14); read positions and topics
+are KV keys written with compare-and-set; search runs on the local copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import os
+import re
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NATS
+from nats.js.api import ConsumerConfig, DeliverPolicy, KeyValueConfig, StreamConfig
+
+from . import codec
+from .config import ServerConfig
+from .errors import ConfigError, InvalidInput, StoreError, Unconfirmed
+from .hub import Hub
+from .pb import chat_pb2 as pb
+from .store import (
+    DELETE,
+    EDIT,
+    TOPIC,
+    Draft,
+    HistoryIdentity,
+    Outcome,
+    Refused,
+    RoomState,
+    Sender,
+    Settle,
+    SqliteHistory,
+    Store,
+    StoredMessage,
+    TokenRecord,
+    Topic,
+    Written,
+)
+
+log = logging.getLogger("tsnetchat.cluster")
+
+STREAM = "TSNETCHAT"
+PREFIX = "tsnetchat.msg."
+ROOM_PREFIX = PREFIX + "room."
+REVOKED = "tsnetchat-revoked"  # KV: token id -> revocation time
+STATE = "tsnetchat-state"  # KV: signing-key, server.<name> (where clients reach it)
+KICKS = "tsnetchat.ctl.kick"  # core NATS: {room, login, by}
+# KV: <room>.<server process>.<login, base64url> -> Identity, for as long as that server
+# keeps it fresh: a server that dies takes its members with it within PRESENCE_TTL
+# (docs/nats-cluster.md fact 13).
+PRESENCE = "tsnetchat-presence"
+PRESENCE_TTL = 30
+PRESENCE_REFRESH = 10.0
+SOURCE = "nats:" + STREAM  # the local copy's name for how far the stream is applied
+MAX_BATCH = 256  # messages per atomic batch (JetStream allows 1,000)
+MAX_BATCHES_IN_FLIGHT = 32  # JetStream allows 50 per stream
+ATTEMPT_TIMEOUT = 2.0  # one attempt at a batch; then again with the same expectation
+WRONG_LAST_SEQUENCE = 10071
+_LAST = re.compile(r"wrong last sequence: (\d+)")
+NOT_YET = (EDIT, DELETE, TOPIC)  # message kinds cluster mode does not carry yet
+CREDS_MARK = "-----BEGIN NATS USER JWT-----"
+
+
+async def _shared(kv: Any, name: str, value: bytes) -> bytes:
+    """The cluster's value of ``name``: ``value`` if we are the first to set it, else the
+    one that was set first."""
+    try:
+        await kv.create(name, value)
+        return value
+    except nats.js.errors.KeyWrongLastSequenceError:
+        entry = await kv.get(name)
+        return bytes(entry.value)
+
+
+async def _quiet(e: Exception) -> None:
+    """nats-py prints a traceback for every reconnect unless it is given an error callback."""
+    log.debug("nats: %r", e)
+
+
+def connect_options(cfg: ServerConfig, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """nats-py's connect arguments from the config: servers, and the credentials from the
+    config, a file (``nats_credentials``) or the ``nats`` systemd credential. A .creds file
+    (user JWT and nkey) is passed as one; any other file holds the password."""
+    env = dict(os.environ) if env is None else env
+    opts: dict[str, Any] = {"servers": cfg.cluster_urls}
+    path = cfg.nats_credentials
+    where = "nats_credentials"
+    if not path and env.get("CREDENTIALS_DIRECTORY"):
+        candidate = Path(env["CREDENTIALS_DIRECTORY"].split(":")[0]) / "nats"
+        if candidate.is_file():
+            path, where = str(candidate), "the systemd credential `nats`"
+    password = cfg.nats_password
+    if path:
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"{where}: cannot read {path}: {e.strerror}") from None
+        if CREDS_MARK in text:
+            opts["user_credentials"] = path
+        else:
+            password = text.strip()
+    if password:
+        if not cfg.nats_user:
+            raise ConfigError("nats_user: a NATS password is given but no user name")
+        opts["user"], opts["password"] = cfg.nats_user, password
+    return opts
+
+
+def _encode(d: Draft, msg_id: int, ts_ms: int, origin: str) -> bytes:
+    return json.dumps({"id": msg_id, "ts": ts_ms, "l": d.sender.login,
+                       "d": d.sender.display_name, "n": d.sender.node, "k": d.kind,
+                       "t": d.text, "c": d.client_msg_id, "o": origin},
+                      separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _decode(subject: str, data: bytes) -> tuple[StoredMessage, str]:
+    """A message of the stream, and the origin tag of the server that sent it."""
+    if not subject.startswith(ROOM_PREFIX):
+        raise ValueError(f"not a room subject: {subject}")
+    o = json.loads(data)
+    return StoredMessage(subject[len(ROOM_PREFIX):], int(o["id"]), int(o["ts"]),
+                         Sender(str(o["l"]), str(o["d"]), str(o["n"])), int(o["k"]),
+                         str(o["t"]), str(o["c"])), str(o.get("o", ""))
+
+
+@dataclass(eq=False)
+class _Pending:
+    draft: Draft
+    then: Settle
+    deadline: float
+    origin: str
+    resends: list[Settle] = field(default_factory=list)  # the same message sent again
+    done: bool = False
+
+
+class ClusterHistory:
+    """The ledger's ``History`` on a JetStream cluster, with ``local`` (this server's SQLite)
+    as the copy reads come from. Construct on the serving loop; ``start`` connects, creates
+    the stream and KV buckets if needed, adopts the cluster's signing key, and returns once
+    the local copy has caught up with the stream; ``close`` settles what is in flight."""
+
+    def __init__(self, local: SqliteHistory, hub: Hub, cfg: ServerConfig) -> None:
+        self.local, self.hub, self.cfg = local, hub, cfg
+        self.wait = cfg.cluster_wait
+        self.path = local.path
+        self.identity = local.identity  # the cluster's, once ``start`` has read it
+        # Called with token ids revoked anywhere in the cluster (the server closes streams).
+        self.on_revoked: Callable[[list[str]], object] = lambda ids: None
+        self._nc = NATS()
+        self._js = self._nc.jetstream()
+        self._me = uuid.uuid4().hex[:12]  # this process, in the origin tags of its messages
+        self._n = 0
+        self._queues: dict[str, deque[_Pending]] = {}
+        self._appenders: dict[str, asyncio.Task[None]] = {}
+        self._mine: dict[str, _Pending] = {}  # origin tag -> draft not yet applied
+        self._inflight: dict[tuple[str, str, str], _Pending] = {}  # (room, login, cmid)
+        self._unsettled = 0
+        self._settled = asyncio.Event()
+        self._settled.set()
+        self._slots = asyncio.Semaphore(MAX_BATCHES_IN_FLIGHT)
+        # What has been applied: stream position, each room's last id and stream sequence.
+        self._applied = 0
+        self._last_ids: dict[str, int] = local.rooms()
+        self._last_seqs: dict[str, int] = {}
+        self._progress = asyncio.Condition()
+        # The appenders' view: (last id, its stream sequence), ahead of the applied one by
+        # our own batches acknowledged and not yet applied.
+        self._heads: dict[str, tuple[int, int]] = {}
+        self._inbox: list[Any] = []
+        self._inbox_ready = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._subs: list[Any] = []
+        self._kv_revoked: Any = None
+        self._kv_state: Any = None
+        self._shared_revocations: set[str] = set()
+        # The servers of the cluster (``register``), as clients may reach them: name -> port.
+        self.servers: dict[str, int] = {}
+        self._registered = ""
+        # Called with the sender of each message stored through another server (the rate
+        # limit is charged for it here too).
+        self.on_foreign: Callable[[str], object] = lambda login: None
+        # Presence on the other servers: room -> key -> who; and ours, kept fresh.
+        self._elsewhere: dict[str, dict[str, pb.Identity]] = {}
+        self._here: dict[str, bytes] = {}
+        self._presence_writes: set[asyncio.Task[None]] = set()
+        # Called when someone joins the room on another server, or has left it everywhere
+        # else: (room, PRESENCE_KIND_*, who).
+        self.on_presence: Callable[[str, int, pb.Identity], object] = lambda r, k, w: None
+        # Called when a person is kicked through another server: (room, login, by whom).
+        self.on_kick: Callable[[str, str, str], object] = lambda room, login, by: None
+
+    # start / stop ------------------------------------------------------------------------
+
+    async def start(self, key: bytes, timeout: float) -> bytes:
+        """Connect and catch up (see the class doc). Returns the cluster's signing key: ours
+        if we are the first server, else the one the first server put there. Raises
+        StoreError if the cluster cannot be reached or used within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        opts = connect_options(self.cfg)
+        try:
+            await self._nc.connect(**opts, error_cb=_quiet, max_reconnect_attempts=-1,
+                                   reconnect_time_wait=0.1, connect_timeout=2,  # type: ignore[arg-type]
+                                   name=f"tsnetchat {self.cfg.hostname}")
+        except (nats.errors.Error, OSError) as e:
+            raise StoreError(f"cannot reach the NATS cluster at {self.cfg.cluster}: {e}") from e
+        retention = self.cfg.retention_count or -1
+        stream = StreamConfig(name=STREAM, subjects=[PREFIX + ">"],
+                              num_replicas=self.cfg.cluster_replicas, allow_atomic=True,
+                              max_msgs_per_subject=retention,
+                              max_age=self.cfg.retention_days * 86400 or None)
+        info = await _retrying(lambda: self._ensure_stream(stream), deadline, "the stream")
+        kv_state = await _retrying(lambda: self._js.create_key_value(KeyValueConfig(
+            bucket=STATE, replicas=self.cfg.cluster_replicas, history=1)), deadline,
+            "the state bucket")
+        self._kv_revoked = await _retrying(lambda: self._js.create_key_value(KeyValueConfig(
+            bucket=REVOKED, replicas=self.cfg.cluster_replicas, history=1)), deadline,
+            "the revocations bucket")
+        key = await _retrying(lambda: _shared(kv_state, "signing-key", key), deadline,
+                              "the signing key")
+        # One identity for the whole cluster: a client that fails over to another server
+        # resumes in the same history (each server's local copy has its own).
+        made = uuid.uuid4().hex.encode()
+        self.identity = HistoryIdentity((await _retrying(
+            lambda: _shared(kv_state, "history-id", made), deadline, "the history id"
+        )).decode(), 1)
+        self._kv_state = kv_state
+        self._subs.append(await self._nc.subscribe(KICKS, cb=self._on_kick))
+        kv_presence = await _retrying(lambda: self._js.create_key_value(KeyValueConfig(
+            bucket=PRESENCE, replicas=self.cfg.cluster_replicas, history=1,
+            limit_marker_ttl=PRESENCE_TTL)), deadline, "the presence bucket")
+        self._tasks.append(asyncio.create_task(self._watch_presence(
+            await kv_presence.watchall())))
+        self._tasks.append(asyncio.create_task(self._refresh_presence()))
+        self._applied = await self.local.read(lambda s: s.applied(SOURCE))
+        # (An emptied stream, every message aged out, has nothing at its last sequence.)
+        target = info.state.last_seq if info.state.messages else self._applied
+        start = (dict(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                      config=ConsumerConfig(opt_start_seq=self._applied + 1))
+                 if self._applied else dict(deliver_policy=DeliverPolicy.ALL))
+        self._tasks.append(asyncio.create_task(self._apply_loop()))
+        self._subs.append(await self._js.subscribe(
+            PREFIX + ">", cb=self._on_msg, ordered_consumer=True, idle_heartbeat=0.5,
+            **start))
+        watcher = await self._kv_revoked.watchall()
+        self._tasks.append(asyncio.create_task(self._watch_revocations(watcher)))
+        try:
+            await asyncio.wait_for(self._applied_through(target), deadline - time.monotonic())
+        except TimeoutError:
+            raise StoreError(f"the local copy did not catch up with the cluster's stream "
+                             f"(at {self._applied} of {target}) within {timeout:g}s") from None
+        log.info("cluster: joined %s; stream at %d, %d room(s)", self.cfg.cluster, target,
+                 len(self._last_ids))
+        return key
+
+    async def _ensure_stream(self, cfg: StreamConfig) -> Any:
+        try:
+            info = await self._js.stream_info(STREAM)
+        except nats.js.errors.NotFoundError:
+            return await self._js.add_stream(cfg)
+        have = info.config
+        if (have.max_msgs_per_subject, have.max_age) != (cfg.max_msgs_per_subject,
+                                                          cfg.max_age):
+            await self._js.update_stream(cfg)  # retention changed
+        return info
+
+    async def register(self, name: str, port: int) -> None:
+        """Tell the cluster (and so every client's Welcome) that this server serves at
+        ``name``:``port``, and follow the others. A server that stops cleanly takes itself
+        off the list; a crashed one stays on it (a client trying it moves on to the next)."""
+        try:
+            await self._kv_state.put(f"server.{name}", json.dumps(
+                {"name": name, "port": port}).encode())
+            self._registered = name
+        except (nats.errors.Error, OSError) as e:  # serving matters more than being listed
+            log.warning("cluster: could not list this server for failover: %s", _why(e))
+        watcher = await self._kv_state.watch("server.*")
+        self._tasks.append(asyncio.create_task(self._watch_servers(watcher)))
+
+    async def _watch_servers(self, watcher: Any) -> None:
+        while True:
+            try:
+                entry = await watcher.updates(timeout=3600)
+            except nats.errors.TimeoutError:
+                continue
+            except Exception as e:  # the watcher recovers on its own; keep asking it
+                log.debug("server watch: %r", e)
+                await asyncio.sleep(0.5)
+                continue
+            if entry is None:
+                continue
+            name = entry.key.removeprefix("server.")
+            if entry.operation is not None:
+                self.servers.pop(name, None)
+                continue
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                self.servers[name] = int(json.loads(entry.value)["port"])
+
+    # presence ------------------------------------------------------------------------
+
+    def members(self, room: str) -> list[pb.Identity]:
+        """Who is in ``room`` through the other servers (one entry per login)."""
+        seen: dict[str, pb.Identity] = {}
+        for who in self._elsewhere.get(room, {}).values():
+            seen.setdefault(who.login, who)
+        return list(seen.values())
+
+    def share_presence(self, room: str, kind: int, who: pb.Identity) -> None:
+        """``who`` joined or left ``room`` here: tell the other servers."""
+        key = f"{room}.{self._me}.{_b64(who.login)}"
+        if kind == pb.PRESENCE_KIND_JOINED:
+            self._here[key] = who.SerializeToString()
+            write = self._put_presence(key, self._here[key])
+        else:
+            self._here.pop(key, None)
+            write = self._delete_presence(key)
+        task = asyncio.ensure_future(write)
+        self._presence_writes.add(task)
+        task.add_done_callback(self._presence_writes.discard)
+
+    def share_presence_gone(self, key: str) -> None:
+        self._here.pop(key, None)
+        task = asyncio.ensure_future(self._delete_presence(key))
+        self._presence_writes.add(task)
+        task.add_done_callback(self._presence_writes.discard)
+
+    async def _put_presence(self, key: str, value: bytes) -> None:
+        with contextlib.suppress(nats.errors.Error, OSError):  # the refresh tries again
+            await self._js.publish(f"$KV.{PRESENCE}.{key}", value,
+                                   headers={"Nats-TTL": f"{PRESENCE_TTL}s"})
+
+    async def _delete_presence(self, key: str) -> None:
+        with contextlib.suppress(nats.errors.Error, OSError):  # else it expires
+            await self._js.publish(f"$KV.{PRESENCE}.{key}", b"",
+                                   headers={"KV-Operation": "DEL"})
+
+    async def _refresh_presence(self) -> None:
+        while True:
+            await asyncio.sleep(PRESENCE_REFRESH)
+            for key, value in list(self._here.items()):
+                await self._put_presence(key, value)
+
+    async def _watch_presence(self, watcher: Any) -> None:
+        while True:
+            try:
+                entry = await watcher.updates(timeout=3600)
+            except nats.errors.TimeoutError:
+                continue
+            except Exception as e:  # the watcher recovers on its own; keep asking it
+                log.debug("presence watch: %r", e)
+                await asyncio.sleep(0.5)
+                continue
+            if entry is None:
+                continue
+            try:
+                room, server, _login = entry.key.split(".", 2)
+            except ValueError:
+                continue
+            if server == self._me:
+                continue
+            there = self._elsewhere.setdefault(room, {})
+            if entry.operation is None:
+                try:
+                    who = pb.Identity.FromString(entry.value)
+                except Exception:  # not a member record of ours: skip it
+                    continue
+                new = all(w.login != who.login for w in there.values())
+                there[entry.key] = who
+                if new:
+                    self.on_presence(room, pb.PRESENCE_KIND_JOINED, who)
+                continue
+            gone = there.pop(entry.key, None)
+            if not there:
+                del self._elsewhere[room]
+            if gone is not None and all(w.login != gone.login for w in there.values()):
+                self.on_presence(room, pb.PRESENCE_KIND_LEFT, gone)
+
+    async def kick(self, room: str, login: str, by: str) -> None:
+        """Close ``login``'s streams in ``room`` on the other servers too (a message to every
+        server connected now; a kick is a moment, not a state)."""
+        with contextlib.suppress(nats.errors.Error, OSError):
+            await self._nc.publish(KICKS, json.dumps(
+                {"room": room, "login": login, "by": by, "o": self._me}).encode())
+
+    async def _on_kick(self, msg: Any) -> None:
+        try:
+            k = json.loads(msg.data)
+            if k.get("o") != self._me:
+                self.on_kick(str(k["room"]), str(k["login"]), str(k["by"]))
+        except (ValueError, KeyError, TypeError) as e:
+            log.warning("cluster: ignoring a malformed kick: %s", e)
+
+    async def close(self) -> None:
+        """Settle what was submitted (acknowledged or refused), stop following the stream,
+        leave the list of servers, disconnect, close the local copy."""
+        await self.drain()
+        for key in list(self._here):  # our members leave with us
+            self.share_presence_gone(key)
+        if self._presence_writes:
+            await asyncio.wait(set(self._presence_writes), timeout=2)
+        if self._registered:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._kv_state.delete(f"server.{self._registered}"), 2)
+        for sub in self._subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        for t in [*self._tasks, *self._appenders.values()]:
+            t.cancel()
+        for t in [*self._tasks, *self._appenders.values()]:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        with contextlib.suppress(Exception):
+            await self._nc.close()
+        await self.local.close()
+
+    # the History protocol ---------------------------------------------------------------
+
+    def submit(self, draft: Draft, then: Settle) -> None:
+        if draft.kind in NOT_YET:
+            asyncio.get_running_loop().call_soon(then, Refused(InvalidInput(
+                "edits, deletions and topics are not available in cluster mode yet")))
+            return
+        self._unsettled += 1
+        self._settled.clear()
+        key = (draft.room, draft.sender.login, draft.client_msg_id)
+        if draft.client_msg_id:
+            first = self._inflight.get(key)
+            if first is not None:  # sent again before the first try settled
+                first.resends.append(then)
+                return
+        self._n += 1
+        p = _Pending(draft, then, time.monotonic() + self.wait, f"{self._me}:{self._n}")
+        if draft.client_msg_id:
+            self._inflight[key] = p
+        self._queues.setdefault(draft.room, deque()).append(p)
+        if draft.room not in self._appenders:
+            self._appenders[draft.room] = asyncio.create_task(self._append_room(draft.room))
+
+    def pending(self) -> int:
+        return self._unsettled
+
+    def last_id(self, room: str) -> int:
+        return self._last_ids.get(room, 0)
+
+    def rooms(self) -> dict[str, int]:
+        return dict(self._last_ids)
+
+    async def after(self, room: str, after_id: int, limit: int) -> list[StoredMessage]:
+        return await self.local.after(room, after_id, limit)
+
+    async def before(self, room: str, before_id: int, limit: int) -> list[StoredMessage]:
+        return await self.local.before(room, before_id, limit)
+
+    async def latest(self, room: str, n: int) -> list[StoredMessage]:
+        return await self.local.latest(room, n)
+
+    async def drain(self) -> None:
+        await self._settled.wait()
+
+    # A team's day (issue 15), for now answered by this server's local copy: DMs are rooms
+    # of the stream like any other; read positions, mentions and search are this server's
+    # own (not shared: a person's unread counts differ between servers); private rooms,
+    # edits, deletions and topics are refused in cluster mode (the README says so).
+
+    def people(self) -> dict[str, str]:
+        return self.local.people()
+
+    def private_members(self, room: str) -> frozenset[str]:
+        return self.local.private_members(room)
+
+    def private_rooms(self) -> dict[str, frozenset[str]]:
+        return self.local.private_rooms()
+
+    async def set_members(self, room: str, by: str, add: Sequence[str], remove: Sequence[str],
+                          *, create: bool = False) -> frozenset[str]:
+        raise InvalidInput("private rooms are not available in cluster mode yet")
+
+    async def topic(self, room: str) -> Topic | None:
+        return await self.local.topic(room)
+
+    async def mark_read(self, marks: Sequence[tuple[str, str, int]]) -> None:
+        await self.local.mark_read(marks)
+
+    async def read_mark(self, login: str, room: str) -> int:
+        return await self.local.read_mark(login, room)
+
+    async def unread(self, login: str, rooms: Sequence[str]) -> list[RoomState]:
+        return await self.local.unread(login, rooms)
+
+    async def mentions_of(self, login: str, *, include_read: bool,
+                          limit: int) -> list[StoredMessage]:
+        return await self.local.mentions_of(login, include_read=include_read, limit=limit)
+
+    async def search(self, query: str, rooms: Sequence[str], *, author: str = "",
+                     since_ms: int = 0, until_ms: int = 0, newest: bool = False,
+                     limit: int = 20, offset: int = 0) -> list[StoredMessage]:
+        return await self.local.search(query, rooms, author=author, since_ms=since_ms,
+                                       until_ms=until_ms, newest=newest, limit=limit,
+                                       offset=offset)
+
+    # what the server needs besides (tokens, revocations, retention) ------------------------
+
+    def thread_ids(self) -> set[int]:
+        return self.local.thread_ids()
+
+    async def revoke(self, jti: str) -> bool:
+        """Revoke everywhere: in the cluster's bucket (every server's watcher closes the
+        token's streams) and in the local copy. Raises StoreError without a quorum."""
+        try:
+            await self._kv_revoked.put(jti, str(int(time.time())).encode())
+        except (nats.errors.Error, OSError) as e:
+            raise StoreError(f"the revocation could not be shared with the cluster: {e}; "
+                             "nothing was revoked, try again") from e
+        self._shared_revocations.add(jti)
+        return await self.local.revoke(jti)
+
+    async def revocations_since(self, seq: int) -> tuple[list[str], int]:
+        """Revocations written to the local database (also by `tsnetchat token revoke`),
+        shared with the cluster as they are found."""
+        new, seq = await self.local.revocations_since(seq)
+        for jti in new:
+            if jti not in self._shared_revocations:
+                with contextlib.suppress(nats.errors.Error, OSError):
+                    await self._kv_revoked.put(jti, str(int(time.time())).encode())
+                    self._shared_revocations.add(jti)
+        return new, seq
+
+    async def list_tokens(self) -> list[TokenRecord]:
+        return await self.local.list_tokens()
+
+    async def record_token(self, row: dict[str, object]) -> None:
+        await self.local.record_token(row)
+
+    async def renew_token(self, row: dict[str, object]) -> None:
+        await self.local.renew_token(row)
+
+    async def prune(self, *, keep_count: int, keep_days: float,
+                    now: float | None = None) -> int:
+        """The local copy's retention (the stream applies the same limits itself)."""
+        return await self.local.prune(keep_count=keep_count, keep_days=keep_days, now=now)
+
+    async def _watch_revocations(self, watcher: Any) -> None:
+        while True:
+            try:
+                entry = await watcher.updates(timeout=3600)
+            except nats.errors.TimeoutError:
+                continue
+            except Exception as e:  # the watcher recovers on its own; keep asking it
+                log.debug("revocation watch: %r", e)
+                await asyncio.sleep(0.5)
+                continue
+            if entry is None or entry.operation is not None:
+                continue
+            jti = entry.key
+            self._shared_revocations.add(jti)
+            self.on_revoked([jti])
+            with contextlib.suppress(Exception):
+                await self.local.revoke(jti)
+
+    # appending ------------------------------------------------------------------------
+
+    def _settle(self, p: _Pending, outcome: Outcome) -> None:
+        if p.done:
+            return
+        p.done = True
+        self._mine.pop(p.origin, None)
+        d = p.draft
+        if self._inflight.get((d.room, d.sender.login, d.client_msg_id)) is p:
+            del self._inflight[(d.room, d.sender.login, d.client_msg_id)]
+        self._unsettled -= 1 + len(p.resends)
+        if not self._unsettled:
+            self._settled.set()
+        p.then(outcome)
+        for then in p.resends:
+            then(Written(outcome.message, True) if isinstance(outcome, Written) else outcome)
+
+    async def _append_room(self, room: str) -> None:
+        q = self._queues[room]
+        try:
+            while q:
+                batch = [q.popleft() for _ in range(min(len(q), MAX_BATCH))]
+                try:
+                    async with self._slots:
+                        await self._append(room, batch)
+                except Exception as e:  # a bug: refuse rather than leave senders waiting
+                    log.error("cluster: appending to %r failed", room, exc_info=e)
+                    for p in batch:
+                        if p.origin in self._mine:
+                            continue  # acknowledged: settled when applied
+                        self._settle(p, StoreError(f"internal error: {e}"))
+        finally:
+            if not q:
+                self._queues.pop(room, None)
+            self._appenders.pop(room, None)
+            if q:  # cancelled with drafts left (shutting down)
+                for p in list(q):
+                    self._settle(p, StoreError("the server is shutting down; not stored"))
+
+    async def _append(self, room: str, batch: list[_Pending]) -> None:
+        """Append ``batch`` to the room (see the module doc); returns once the stream has
+        acknowledged it (the drafts settle when applied) or the drafts are refused."""
+        live = batch
+        why = "no answer"
+        subject = ROOM_PREFIX + room
+        while True:
+            live = [p for p in live if not p.done]
+            now = time.monotonic()
+            for p in [p for p in live if p.deadline <= now]:
+                self._settle(p, Unconfirmed(
+                    f"the chat cluster did not confirm this message within {self.wait:g}s "
+                    f"({why}); it may still appear. Sending it again with the same "
+                    "client_msg_id is safe: it is never stored twice"))
+            live = [p for p in live if not p.done]
+            if not live:
+                return
+            keys = [(p.draft.sender.login, p.draft.client_msg_id) for p in live
+                    if p.draft.client_msg_id]
+            if keys:
+                found = await self.local.read(partial(_find_resends, room, keys))
+                for p in live:
+                    m = found.get((p.draft.sender.login, p.draft.client_msg_id))
+                    if m is not None:
+                        self._settle(p, Written(m, True))
+                live = [p for p in live if not p.done]
+                if not live:
+                    return
+            last_id, last_seq = self._heads.get(room) or (
+                self._last_ids.get(room, 0), self._last_seqs.get(room, 0))
+            ts = int(time.time() * 1000)
+            payloads = [_encode(p.draft, last_id + i, ts, p.origin)
+                        for i, p in enumerate(live, 1)]
+            for p in live:
+                self._mine[p.origin] = p  # settled by the applier once it sees it
+            timeout = max(0.1, min(ATTEMPT_TIMEOUT, min(p.deadline for p in live) - now))
+            try:
+                answer = await self._commit(subject, payloads, last_seq, timeout)
+            except (nats.errors.Error, OSError) as e:
+                why = _why(e)
+                await asyncio.sleep(0.1)
+                continue  # the same expectation again: harmless if the first one landed
+            err = answer.get("error")
+            if err is None:
+                self._heads[room] = (last_id + len(live), int(answer["seq"]))
+                return
+            actual = _LAST.search(str(err.get("description", "")))
+            if err.get("err_code") == WRONG_LAST_SEQUENCE and actual:
+                seq = int(actual.group(1))
+                try:
+                    await asyncio.wait_for(self._applied_through(seq),
+                                           max(0.01, min(p.deadline for p in live) - now))
+                except TimeoutError:
+                    why = "this server has not caught up with the stream"
+                    continue
+                self._heads[room] = (self._last_ids.get(room, 0),
+                                     max(self._last_seqs.get(room, 0), seq))
+                continue
+            why = f"{err.get('description', 'error')} ({err.get('err_code')})"
+            await asyncio.sleep(0.1)
+
+    async def _commit(self, subject: str, payloads: list[bytes], expected: int,
+                      timeout: float) -> dict[str, Any]:
+        """Publish one message, or an atomic batch; the stream's answer (ack or error)."""
+        head = {"Nats-Expected-Last-Subject-Sequence": str(expected)}
+        if len(payloads) == 1:
+            reply = await self._nc.request(subject, payloads[0], timeout=timeout, headers=head)
+            return json.loads(reply.data)  # type: ignore[no-any-return]
+        bid = uuid.uuid4().hex
+        for i, data in enumerate(payloads, 1):
+            h = {"Nats-Batch-Id": bid, "Nats-Batch-Sequence": str(i)}
+            if i == 1:
+                h.update(head)
+            if i == len(payloads):
+                h["Nats-Batch-Commit"] = "1"
+                reply = await self._nc.request(subject, data, timeout=timeout, headers=h)
+                return json.loads(reply.data)  # type: ignore[no-any-return]
+            await self._nc.publish(subject, data, headers=h)
+        raise AssertionError("empty batch")
+
+    # applying ---------------------------------------------------------------------------
+
+    async def _on_msg(self, msg: Any) -> None:
+        self._inbox.append(msg)
+        self._inbox_ready.set()
+
+    async def _applied_through(self, seq: int) -> None:
+        async with self._progress:
+            await self._progress.wait_for(lambda: self._applied >= seq)
+
+    async def _apply_loop(self) -> None:
+        while True:
+            await self._inbox_ready.wait()
+            self._inbox_ready.clear()
+            msgs, self._inbox = self._inbox, []
+            todo: list[tuple[int, StoredMessage, str]] = []
+            for raw in msgs:
+                seq = raw.metadata.sequence.stream
+                if seq <= self._applied or (todo and seq <= todo[-1][0]):
+                    continue
+                try:
+                    m, origin = _decode(raw.subject, raw.data)
+                except (ValueError, KeyError, TypeError) as e:
+                    log.warning("cluster: skipping stream message %d on %s: %s", seq,
+                                raw.subject, e)
+                    continue
+                todo.append((seq, m, origin))
+            if not msgs:
+                continue
+            last = max(msgs[-1].metadata.sequence.stream, self._applied)
+            while True:
+                try:
+                    await self.local.job(partial(_import, [m for _, m, _ in todo], last))
+                    break
+                except StoreError as e:  # keep them: the stream does not move on without us
+                    log.error("cluster: cannot write the local copy (%s); retrying", e)
+                    await asyncio.sleep(1.0)
+            for seq, m, origin in todo:
+                if m.id <= self._last_ids.get(m.room, 0):
+                    continue  # (was in the local copy already)
+                self._last_ids[m.room] = m.id
+                self._last_seqs[m.room] = seq
+                p = self._mine.get(origin)
+                if p is not None:
+                    self._settle(p, Written(m, False))  # the ledger publishes and acks
+                else:
+                    if not origin.startswith(self._me + ":"):
+                        self.on_foreign(m.sender.login)
+                    self.hub.publish(m.room, codec.message_item(m))
+            async with self._progress:
+                self._applied = last
+                self._progress.notify_all()
+
+
+def _b64(text: str) -> str:
+    """A login as a KV key token (letters, digits, - and _ only)."""
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def _find_resends(room: str, keys: list[tuple[str, str]], s: Store
+                  ) -> dict[tuple[str, str], StoredMessage]:
+    return s.find_resends(room, keys)
+
+
+def _import(msgs: list[StoredMessage], seq: int, s: Store) -> None:
+    s.import_messages(msgs, SOURCE, seq)
+
+
+def _why(e: BaseException) -> str:
+    if isinstance(e, nats.errors.NoRespondersError):
+        return "no stream leader answers: the NATS cluster has no quorum"
+    if isinstance(e, nats.errors.TimeoutError):
+        return "the NATS cluster did not answer in time"
+    return f"NATS: {e or type(e).__name__}"
+
+
+async def _retrying(step: Callable[[], Any], deadline: float, what: str) -> Any:
+    """Start-up against a cluster that may be electing leaders (10005, 10008, no
+    responders): try again until ``deadline``."""
+    while True:
+        try:
+            return await step()
+        except (nats.errors.Error, OSError) as e:
+            if time.monotonic() > deadline:
+                raise StoreError(f"cluster: could not set up {what}: {_why(e)}") from e
+            await asyncio.sleep(0.25)
