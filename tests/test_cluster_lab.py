@@ -9,14 +9,24 @@ node is unknown to the other's WhoIs.
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
 
+import grpc
+import nats_lab
 import pytest
 import tailnet_lab
+from helpers import until
+from test_cluster_mode import ALICE, BOB, two_servers
 
+from tsnetchat.client import dm_room
 from tsnetchat.errors import PeerNotFound
 from tsnetchat.tailnet import LocalAPI
 
 pytestmark = pytest.mark.tailnet
+T = TypeVar("T")
 
 
 async def test_chat_server_2_is_a_second_node_of_the_server_identity(
@@ -61,3 +71,56 @@ async def test_only_the_node_a_connection_came_through_knows_who_is_calling(
     finally:
         w.close()
         service.close()
+
+
+# A team's day in cluster mode (issues 15 and 20): alice through chat-server, bob through
+# chat-server-2, one real three-node NATS cluster. The servers and helpers are the ones of
+# tests/test_cluster_mode.py.
+
+async def eventually(read: Callable[[], Awaitable[T]], ok: Callable[[T], bool], what: str,
+                     timeout: float = 30) -> T:
+    """Ask ``read()`` again until its answer is ``ok`` (no assertion on how long it took)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = await read()
+        if ok(got):
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true within {timeout}s: {what} (last: {got!r})")
+        await asyncio.sleep(0.1)
+
+
+@pytest.mark.cluster
+async def test_alice_on_server_1_and_bob_on_server_2_share_a_dm_its_history_and_search(
+        lab: tailnet_lab.Lab, tmp_path: Path, nats_cluster: nats_lab.NatsCluster) -> None:
+    async with two_servers(lab, tmp_path, nats_cluster) as (one, two):
+        alice = await one.connect("alice-laptop", one.token(ALICE))
+        bob = await two.connect("bob-laptop", two.token(BOB))
+        first = await alice.send_one(dm_room(BOB), "the quarterly numbers are in")
+        second = await bob.send_one(dm_room(ALICE), "thanks, the numbers look fine")
+        assert second == first + 1
+        dm = dm_room(ALICE, BOB)
+        await until(lambda: one.server.store.last_id(dm) == second, "server 1 applying")
+        on_one = await alice.history(dm_room(BOB))
+        on_two = await bob.history(dm_room(ALICE))
+        assert [(m.id, m.sender.login, m.text) for m in on_one.messages] == [
+            (m.id, m.sender.login, m.text) for m in on_two.messages] == [
+            (first, ALICE, "the quarterly numbers are in"),
+            (second, BOB, "thanks, the numbers look fine")]
+        found_one = await alice.search("numbers", newest=True)
+        found_two = await bob.search("numbers", newest=True)
+        assert [(m.room, m.id) for m in found_one.messages] == [
+            (m.room, m.id) for m in found_two.messages] == [(dm, second), (dm, first)]
+
+
+@pytest.mark.cluster
+async def test_an_edit_in_cluster_mode_is_refused_with_a_clear_error(
+        lab: tailnet_lab.Lab, tmp_path: Path, nats_cluster: nats_lab.NatsCluster) -> None:
+    async with two_servers(lab, tmp_path, nats_cluster) as (one, _two):
+        alice = await one.connect("alice-laptop", one.token(ALICE))
+        sent = await alice.send_one("general", "a typo hree")
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await alice.edit("general", sent, "a typo here")
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not available in cluster mode" in str(refused.value.details())
+        assert [m.text for m in (await alice.history("general")).messages] == ["a typo hree"]
