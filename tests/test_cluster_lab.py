@@ -23,6 +23,7 @@ from test_cluster_mode import ALICE, BOB, two_servers
 
 from tsnetchat.client import dm_room
 from tsnetchat.errors import PeerNotFound
+from tsnetchat.pb import chat_pb2 as pb
 from tsnetchat.tailnet import LocalAPI
 
 pytestmark = pytest.mark.tailnet
@@ -124,3 +125,54 @@ async def test_an_edit_in_cluster_mode_is_refused_with_a_clear_error(
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "not available in cluster mode" in str(refused.value.details())
         assert [m.text for m in (await alice.history("general")).messages] == ["a typo hree"]
+
+
+def unread_in(res: pb.UnreadResponse, room: str) -> tuple[int, int]:
+    """(unread, unread mentions) of ``room`` in an Unread answer."""
+    return next(((r.unread, r.unread_mentions) for r in res.rooms if r.name == room), (0, 0))
+
+
+@pytest.mark.cluster
+async def test_what_alice_reads_through_server_1_is_read_on_server_2_too(
+        lab: tailnet_lab.Lab, tmp_path: Path, nats_cluster: nats_lab.NatsCluster) -> None:
+    async with two_servers(lab, tmp_path, nats_cluster) as (one, two):
+        token = one.token(ALICE)
+        alice_one = await one.connect("alice-laptop", token)
+        alice_two = await two.connect("alice-laptop", token)
+        bob = await two.connect("bob-laptop", two.token(BOB))
+        ids = [await bob.send_one("general", f"status {i}") for i in range(3)]
+        await until(lambda: one.server.store.last_id("general") == ids[-1], "server 1 applying")
+        for alice in (alice_one, alice_two):
+            assert unread_in(await alice.unread(), "general") == (3, 0)
+        assert await alice_one.mark_read("general", ids[1]) == ids[1]
+        await eventually(alice_two.unread, lambda r: unread_in(r, "general") == (1, 0),
+                         "alice's unread on server 2 following server 1")
+        assert unread_in(await alice_one.unread(), "general") == (1, 0)
+        # A position only moves forward, whichever server is told an older one.
+        await alice_two.mark_read("general", ids[0])
+        await alice_two.mark_read("general", ids[2])
+        await eventually(alice_one.unread, lambda r: unread_in(r, "general") == (0, 0),
+                         "alice's unread on server 1 following server 2")
+        assert unread_in(await alice_two.unread(), "general") == (0, 0)
+
+
+@pytest.mark.cluster
+async def test_a_mention_of_bob_through_server_1_counts_for_bob_on_server_2(
+        lab: tailnet_lab.Lab, tmp_path: Path, nats_cluster: nats_lab.NatsCluster) -> None:
+    async with two_servers(lab, tmp_path, nats_cluster) as (one, two):
+        alice = await one.connect("alice-laptop", one.token(ALICE))
+        bob_two = await two.connect("bob-laptop", two.token(BOB))
+        # Server 1 learns of bob only from his message in the stream.
+        hello = await bob_two.send_one("general", "morning all")
+        await until(lambda: one.server.store.last_id("general") == hello, "server 1 applying")
+        said = await alice.send_one("general", "@bob can you look at the deploy?")
+        await until(lambda: two.server.store.last_id("general") == said, "server 2 applying")
+        [mention] = await bob_two.mentions()
+        assert (mention.id, mention.sender.login) == (said, ALICE)
+        assert BOB in mention.mentions
+        bob_one = await one.connect("bob-laptop", one.token(BOB))
+        for bob in (bob_one, bob_two):
+            assert unread_in(await bob.unread(), "general") == (1, 1)
+        await bob_two.mark_read("general", said)
+        await eventually(bob_one.unread, lambda r: unread_in(r, "general") == (0, 0),
+                         "bob's mention read on server 1 too")

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import contextlib
 import json
 import logging
@@ -98,6 +99,10 @@ KICKS = "tsnetchat.ctl.kick"  # core NATS: {room, login, by}
 # keeps it fresh: a server that dies takes its members with it within PRESENCE_TTL
 # (docs/nats-cluster.md fact 13).
 PRESENCE = "tsnetchat-presence"
+# KV: <login, base64url>.<room, base64url> -> the newest id that person has read there (per
+# person, not per device), only ever raised (compare-and-set); every server applies it to
+# its local copy's read positions, so unread counts agree on all servers.
+READS = "tsnetchat-reads"
 PRESENCE_TTL = 30
 PRESENCE_REFRESH = 10.0
 SOURCE = "nats:" + STREAM  # the local copy's name for how far the stream is applied
@@ -156,10 +161,12 @@ def connect_options(cfg: ServerConfig, env: dict[str, str] | None = None) -> dic
 
 
 def _encode(d: Draft, msg_id: int, ts_ms: int, origin: str) -> bytes:
-    return json.dumps({"id": msg_id, "ts": ts_ms, "l": d.sender.login,
-                       "d": d.sender.display_name, "n": d.sender.node, "k": d.kind,
-                       "t": d.text, "c": d.client_msg_id, "o": origin},
-                      separators=(",", ":"), ensure_ascii=False).encode()
+    o: dict[str, object] = {"id": msg_id, "ts": ts_ms, "l": d.sender.login,
+                            "d": d.sender.display_name, "n": d.sender.node, "k": d.kind,
+                            "t": d.text, "c": d.client_msg_id, "o": origin}
+    if d.mentions:  # recognised by the sender's server (the ledger), stored by every copy
+        o["m"] = list(d.mentions)
+    return json.dumps(o, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def _decode(subject: str, data: bytes) -> tuple[StoredMessage, str]:
@@ -169,7 +176,9 @@ def _decode(subject: str, data: bytes) -> tuple[StoredMessage, str]:
     o = json.loads(data)
     return StoredMessage(subject[len(ROOM_PREFIX):], int(o["id"]), int(o["ts"]),
                          Sender(str(o["l"]), str(o["d"]), str(o["n"])), int(o["k"]),
-                         str(o["t"]), str(o["c"])), str(o.get("o", ""))
+                         str(o["t"]), str(o["c"]),
+                         mentions=tuple(sorted(str(x) for x in o.get("m", ())))
+                         ), str(o.get("o", ""))
 
 
 @dataclass(eq=False)
@@ -221,6 +230,12 @@ class ClusterHistory:
         self._subs: list[Any] = []
         self._kv_revoked: Any = None
         self._kv_state: Any = None
+        self._kv_reads: Any = None
+        # Everybody whose message has been applied here: login -> display name (mentions).
+        self._senders: dict[str, str] = {}
+        # Called with the sender of each message applied from another server (the ledger
+        # learns who can be mentioned).
+        self.on_sender: Callable[[Sender], object] = lambda sender: None
         self._shared_revocations: set[str] = set()
         # The servers of the cluster (``register``), as clients may reach them: name -> port.
         self.servers: dict[str, int] = {}
@@ -280,6 +295,11 @@ class ClusterHistory:
         self._tasks.append(asyncio.create_task(self._watch_presence(
             await kv_presence.watchall())))
         self._tasks.append(asyncio.create_task(self._refresh_presence()))
+        self._kv_reads = await _retrying(lambda: self._js.create_key_value(KeyValueConfig(
+            bucket=READS, replicas=self.cfg.cluster_replicas, history=1)), deadline,
+            "the read positions bucket")
+        self._tasks.append(asyncio.create_task(self._watch_reads(
+            await self._kv_reads.watchall())))
         self._applied = await self.local.read(lambda s: s.applied(SOURCE))
         # (An emptied stream, every message aged out, has nothing at its last sequence.)
         target = info.state.last_seq if info.state.messages else self._applied
@@ -505,13 +525,15 @@ class ClusterHistory:
     async def drain(self) -> None:
         await self._settled.wait()
 
-    # A team's day (issue 15), for now answered by this server's local copy: DMs are rooms
-    # of the stream like any other; read positions, mentions and search are this server's
-    # own (not shared: a person's unread counts differ between servers); private rooms,
-    # edits, deletions and topics are refused in cluster mode (the README says so).
+    # A team's day (issue 15). DMs are rooms of the stream like any other. Mentions are
+    # recognised by the sender's server and ride the stream with the message, so every copy
+    # stores them. Read positions are shared through the READS bucket and applied to every
+    # local copy. Unread counts, mention lists and search are then answered by the local
+    # copy (the same on every server once it has applied the stream and the bucket).
+    # Private rooms, edits, deletions and topics are refused in cluster mode (README).
 
     def people(self) -> dict[str, str]:
-        return self.local.people()
+        return {**self.local.people(), **self._senders}
 
     def private_members(self, room: str) -> frozenset[str]:
         return self.local.private_members(room)
@@ -527,7 +549,60 @@ class ClusterHistory:
         return await self.local.topic(room)
 
     async def mark_read(self, marks: Sequence[tuple[str, str, int]]) -> None:
+        """Here at once, then in the cluster's READS bucket (raised only, compare-and-set),
+        from which every other server applies it. Raises StoreError if the cluster could not
+        take one (the ledger logs it; this server keeps the position)."""
         await self.local.mark_read(marks)
+        failed = []
+        for login, room, last_read in marks:
+            try:
+                await self._share_read(f"{_b64(login)}.{_b64(room)}", last_read)
+            except (nats.errors.Error, OSError) as e:
+                failed.append(f"{login} in {room}: {_why(e)}")
+        if failed:
+            raise StoreError("read positions not shared with the cluster: "
+                             + "; ".join(failed))
+
+    async def _share_read(self, key: str, last_read: int) -> None:
+        for _ in range(10):  # another server raised it meanwhile: look again
+            try:
+                entry = await self._kv_reads.get(key)
+            except nats.js.errors.KeyNotFoundError:
+                entry = None
+            try:
+                if entry is None or entry.value is None or entry.operation is not None:
+                    await self._kv_reads.create(key, str(last_read).encode())
+                elif int(entry.value) >= last_read:
+                    return
+                else:
+                    await self._kv_reads.update(key, str(last_read).encode(),
+                                                last=entry.revision)
+                return
+            except nats.js.errors.KeyWrongLastSequenceError:
+                continue
+
+    async def _watch_reads(self, watcher: Any) -> None:
+        while True:
+            try:
+                entry = await watcher.updates(timeout=3600)
+            except nats.errors.TimeoutError:
+                continue
+            except Exception as e:  # the watcher recovers on its own; keep asking it
+                log.debug("read positions watch: %r", e)
+                await asyncio.sleep(0.5)
+                continue
+            if entry is None or entry.operation is not None or not entry.value:
+                continue
+            try:
+                login, room = (_unb64(x) for x in entry.key.split("."))
+                mark = (login, room, int(entry.value))
+            except ValueError:
+                log.warning("cluster: ignoring read position %r", entry.key)
+                continue
+            try:
+                await self.local.mark_read([mark])
+            except StoreError as e:  # a later position (or a restart) brings it
+                log.warning("cluster: could not apply a read position: %s", e)
 
     async def read_mark(self, login: str, room: str) -> int:
         return await self.local.read_mark(login, room)
@@ -766,6 +841,9 @@ class ClusterHistory:
                     continue  # (was in the local copy already)
                 self._last_ids[m.room] = m.id
                 self._last_seqs[m.room] = seq
+                if self._senders.get(m.sender.login) != m.sender.display_name:
+                    self._senders[m.sender.login] = m.sender.display_name
+                    self.on_sender(m.sender)
                 p = self._mine.get(origin)
                 if p is not None:
                     self._settle(p, Written(m, False))  # the ledger publishes and acks
@@ -781,6 +859,14 @@ class ClusterHistory:
 def _b64(text: str) -> str:
     """A login as a KV key token (letters, digits, - and _ only)."""
     return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def _unb64(token: str) -> str:
+    """``_b64``'s text again; ValueError if ``token`` is not one."""
+    try:
+        return base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError) as e:
+        raise ValueError(str(e)) from None
 
 
 def _find_resends(room: str, keys: list[tuple[str, str]], s: Store

@@ -254,6 +254,10 @@ class Server:
             self.store.on_revoked = self.service.apply_revocations
             self.store.on_kick = self.service.kick_here
             self.store.on_foreign = self.service.ledger.charge
+            people = self.service.ledger.people  # who can be mentioned, also from elsewhere
+            self.store.on_sender = lambda s: people.add(s.login, s.display_name)
+            for login, name in self.store.people().items():
+                people.add(login, name)
             self.service.members_elsewhere = self.store.members
             self.service.presence_shared = self.store.share_presence
             service, hub = self.service, self.hub

@@ -848,6 +848,10 @@ class Store:
                                "client_msg_id) VALUES (?,?,?,?,?,?,?)",
                                (room[0], m.id, m.ts_ms, self._sender_id(m.sender), m.kind,
                                 m.text, m.client_msg_id))
+                    if m.mentions:  # (cluster mode: recognised by the sender's server)
+                        db.executemany("INSERT OR IGNORE INTO mentions (login, room, id) "
+                                       "VALUES (?,?,?)",
+                                       [(login, room[0], m.id) for login in m.mentions])
                     self._rooms[m.room] = (room[0], m.id)
                 db.execute("INSERT INTO applied (source, seq) VALUES (?, ?) ON CONFLICT (source) "
                            "DO UPDATE SET seq=excluded.seq", (source, seq))
