@@ -33,10 +33,12 @@ the measured facts this relies on ("fact N" below).
 Reads (history, resume, ListRooms) are answered from the local copy. nats-py errors are
 translated here and nowhere else.
 
-Later (the History protocol grows, issue 15): DMs are subjects ``tsnetchat.msg.dm.<a>.<b>``
-of the same stream through the same appender; edits/deletes are further message kinds in
-the room's subject (a delete also erases the original, fact 14); read positions and topics
-are KV keys written with compare-and-set; search runs on the local copy.
+A team's day (issue 15): a DM is a room (``dm:<logins>``) of the same stream through the
+same appender; mentions ride with each message (``_encode``) and are imported with it; read
+positions are KV keys (``READS``) raised with compare-and-set and applied to every local
+copy; search, unread and mention lists run on the local copy. Later: edits/deletes as
+further message kinds in the room's subject (a delete also erases the original, fact 14),
+topics likewise; private rooms' membership in KV.
 """
 
 from __future__ import annotations
