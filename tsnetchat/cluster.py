@@ -36,9 +36,10 @@ translated here and nowhere else.
 A team's day (issue 15): a DM is a room (``dm:<logins>``) of the same stream through the
 same appender; mentions ride with each message (``_encode``) and are imported with it; read
 positions are KV keys (``READS``) raised with compare-and-set and applied to every local
-copy; search, unread and mention lists run on the local copy. Later: edits/deletes as
-further message kinds in the room's subject (a delete also erases the original, fact 14),
-topics likewise; private rooms' membership in KV.
+copy; search, unread and mention lists run on the local copy; a topic is a TOPIC message of
+the room, imported into each copy's topics. Later: edits/deletes as further message kinds in
+the room's subject (a delete also erases the original, fact 14); private rooms' membership
+in KV.
 """
 
 from __future__ import annotations
@@ -73,7 +74,6 @@ from .pb import chat_pb2 as pb
 from .store import (
     DELETE,
     EDIT,
-    TOPIC,
     Draft,
     HistoryIdentity,
     Outcome,
@@ -113,7 +113,7 @@ MAX_BATCHES_IN_FLIGHT = 32  # JetStream allows 50 per stream
 ATTEMPT_TIMEOUT = 2.0  # one attempt at a batch; then again with the same expectation
 WRONG_LAST_SEQUENCE = 10071
 _LAST = re.compile(r"wrong last sequence: (\d+)")
-NOT_YET = (EDIT, DELETE, TOPIC)  # message kinds cluster mode does not carry yet
+NOT_YET = (EDIT, DELETE)  # message kinds cluster mode does not carry yet
 CREDS_MARK = "-----BEGIN NATS USER JWT-----"
 
 
@@ -488,7 +488,7 @@ class ClusterHistory:
     def submit(self, draft: Draft, then: Settle) -> None:
         if draft.kind in NOT_YET:
             asyncio.get_running_loop().call_soon(then, Refused(InvalidInput(
-                "edits, deletions and topics are not available in cluster mode yet")))
+                "edits and deletions are not available in cluster mode yet")))
             return
         self._unsettled += 1
         self._settled.clear()
@@ -532,7 +532,8 @@ class ClusterHistory:
     # stores them. Read positions are shared through the READS bucket and applied to every
     # local copy. Unread counts, mention lists and search are then answered by the local
     # copy (the same on every server once it has applied the stream and the bucket).
-    # Private rooms, edits, deletions and topics are refused in cluster mode (README).
+    # Topics ride the stream as TOPIC messages and are imported into each copy's topics.
+    # Private rooms, edits and deletions are refused in cluster mode (README).
 
     def people(self) -> dict[str, str]:
         return {**self.local.people(), **self._senders}

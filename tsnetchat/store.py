@@ -852,6 +852,11 @@ class Store:
                         db.executemany("INSERT OR IGNORE INTO mentions (login, room, id) "
                                        "VALUES (?,?,?)",
                                        [(login, room[0], m.id) for login in m.mentions])
+                    if m.kind == TOPIC:
+                        db.execute("INSERT OR REPLACE INTO topics (room, id, text, login, "
+                                   "display_name, node, ts_ms) VALUES (?,?,?,?,?,?,?)",
+                                   (m.room, m.id, m.text, m.sender.login,
+                                    m.sender.display_name, m.sender.node, m.ts_ms))
                     self._rooms[m.room] = (room[0], m.id)
                 db.execute("INSERT INTO applied (source, seq) VALUES (?, ?) ON CONFLICT (source) "
                            "DO UPDATE SET seq=excluded.seq", (source, seq))
