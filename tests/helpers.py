@@ -827,3 +827,24 @@ async def write_lock_held(db: Path) -> AsyncIterator[WriteLock]:
     finally:
         if lock.held:
             await lock.release()
+
+
+# --- cluster mode: two servers on the lab's two server nodes, one NATS cluster --------------
+
+ALICE, BOB = "alice@tailnet.test", "bob@tailnet.test"
+
+
+def cluster_flags(cluster: Any) -> dict[str, Any]:
+    """The config of a server on ``cluster`` (a nats_lab.NatsCluster)."""
+    return {"cluster": ",".join(cluster.urls), "nats_user": cluster.user,
+            "nats_password": cluster.password}
+
+
+@asynccontextmanager
+async def two_servers(lab: Any, tmp: Path, cluster: Any, **overrides: Any
+                      ) -> AsyncIterator[tuple[LabChat, LabChat]]:
+    """Server 1 on chat-server and server 2 on chat-server-2, both on ``cluster``."""
+    flags = {**cluster_flags(cluster), **overrides}
+    async with lab_server(lab, tmp, **flags) as one, \
+            lab_server(lab, tmp, node="chat-server-2", **flags) as two:
+        yield one, two

@@ -18,8 +18,7 @@ import grpc
 import nats_lab
 import pytest
 import tailnet_lab
-from helpers import until
-from test_cluster_mode import ALICE, BOB, two_servers
+from helpers import ALICE, BOB, two_servers, until
 
 from tsnetchat.client import dm_room
 from tsnetchat.errors import PeerNotFound

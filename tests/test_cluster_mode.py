@@ -21,15 +21,18 @@ import grpc
 import nats_lab
 import pytest
 from helpers import (
-    LabChat,
+    ALICE,
+    BOB,
     LabDaemon,
     bounded,
+    cluster_flags,
     collect,
     free_port,
     hello_events,
     lab_server,
     send,
     token_id,
+    two_servers,
     until,
 )
 
@@ -37,23 +40,6 @@ from tsnetchat.client import Connection, Link, RoomSession, link_for
 from tsnetchat.pb import chat_pb2 as pb
 
 pytestmark = [pytest.mark.tailnet, pytest.mark.cluster]
-
-ALICE, BOB = "alice@tailnet.test", "bob@tailnet.test"
-
-
-def cluster_flags(cluster: nats_lab.NatsCluster) -> dict[str, Any]:
-    return {"cluster": ",".join(cluster.urls), "nats_user": cluster.user,
-            "nats_password": cluster.password}
-
-
-@contextlib.asynccontextmanager
-async def two_servers(lab: Any, tmp: Path, cluster: nats_lab.NatsCluster, **overrides: Any
-                      ) -> AsyncIterator[tuple[LabChat, LabChat]]:
-    flags = {**cluster_flags(cluster), **overrides}
-    async with lab_server(lab, tmp, **flags) as one, \
-            lab_server(lab, tmp, node="chat-server-2", **flags) as two:
-        yield one, two
-
 
 class Joined:
     """A Join stream, read up to its replay_done; ``write`` queues another client event."""
