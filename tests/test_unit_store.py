@@ -479,3 +479,24 @@ def test_a_message_read_back_carries_the_mentions_stored_with_it(tmp_path: Path)
     assert [m.mentions for m in s.search("kiwi", ["r"])] == [expected]
     assert [m.mentions for m in s.mentions_of("bob@x", include_read=True, limit=5)] == [expected]
     s.close()
+
+
+def test_messages_changed_before_the_search_index_took_them_are_found_as_they_are_now(
+        tmp_path: Path) -> None:
+    """New messages are indexed in batches (schema 4): an edit or deletion that comes before
+    the batch must leave the index as if it had followed it."""
+    s = Store(tmp_path / "h.db")
+    (kept,) = s.write([Draft("r", A, 1, "plum before")])
+    s.search("plum", ["r"])  # indexes what there is: "plum before"
+    (edited, gone) = s.write([Draft("r", A, 1, "apple draft"), Draft("r", A, 1, "apple secret")])
+    assert isinstance(kept, Written) and isinstance(edited, Written)
+    assert isinstance(gone, Written)
+    s.write([Draft("r", A, 3, "pear final", target=edited.message.id),
+             Draft("r", A, 4, "", target=gone.message.id)])
+    s.write([Draft("r", A, 3, "plum after", target=kept.message.id)])  # an indexed one
+    assert [m.text for m in s.search("pear", ["r"])] == ["pear final"]
+    assert s.search("apple", ["r"]) == []
+    assert s.search("secret", ["r"]) == []
+    assert [m.text for m in s.search("plum", ["r"])] == ["plum after"]
+    assert s.search("before", ["r"]) == []
+    s.close()
