@@ -9,14 +9,16 @@ def test_a_reconfigured_bucket_refills_at_the_new_rate_from_now_on() -> None:
     b = TokenBucket(2, 0.001)
     assert b.take() == 0 and b.take() == 0 and b.take() > 100
     b.configure(10, 1e6)  # a SIGHUP raised the rate
-    assert b.take() == 0
+    # At most a microsecond to wait (the old rate: 1,000 s). Not "== 0": that needs a
+    # microsecond to pass between the two calls, which a fast machine may not give.
+    assert b.take() <= 1e-6
 
 
 def test_buckets_apply_new_numbers_to_existing_keys_and_forget_full_ones() -> None:
     bs = Buckets(1, 0.001)
     assert bs.take("alice") == 0 and bs.take("alice") > 0
     bs.configure(5, 1e6)
-    assert bs.take("alice") == 0
+    assert bs.take("alice") <= 1e-6  # (see above)
     bs.SWEEP_EVERY = 4
     for i in range(8):
         bs.get(f"idle{i}")
