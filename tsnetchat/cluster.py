@@ -55,7 +55,7 @@ import re
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -126,6 +126,23 @@ async def _shared(kv: Any, name: str, value: bytes) -> bytes:
     except nats.js.errors.KeyWrongLastSequenceError:
         entry = await kv.get(name)
         return bytes(entry.value)
+
+
+async def _entries(watcher: Any, what: str) -> AsyncIterator[Any]:
+    """A KV watcher's entries, for as long as the server runs (the end-of-history marker
+    left out). nats-py's watcher recovers from a lost connection on its own, so an error is
+    logged and the watcher asked again."""
+    while True:
+        try:
+            entry = await watcher.updates(timeout=3600)
+        except nats.errors.TimeoutError:
+            continue
+        except Exception as e:
+            log.debug("%s watch: %r", what, e)
+            await asyncio.sleep(0.5)
+            continue
+        if entry is not None:
+            yield entry
 
 
 async def _quiet(e: Exception) -> None:
@@ -348,17 +365,7 @@ class ClusterHistory:
         self._tasks.append(asyncio.create_task(self._watch_servers(watcher)))
 
     async def _watch_servers(self, watcher: Any) -> None:
-        while True:
-            try:
-                entry = await watcher.updates(timeout=3600)
-            except nats.errors.TimeoutError:
-                continue
-            except Exception as e:  # the watcher recovers on its own; keep asking it
-                log.debug("server watch: %r", e)
-                await asyncio.sleep(0.5)
-                continue
-            if entry is None:
-                continue
+        async for entry in _entries(watcher, "server"):
             name = entry.key.removeprefix("server.")
             if entry.operation is not None:
                 self.servers.pop(name, None)
@@ -411,17 +418,7 @@ class ClusterHistory:
                 await self._put_presence(key, value)
 
     async def _watch_presence(self, watcher: Any) -> None:
-        while True:
-            try:
-                entry = await watcher.updates(timeout=3600)
-            except nats.errors.TimeoutError:
-                continue
-            except Exception as e:  # the watcher recovers on its own; keep asking it
-                log.debug("presence watch: %r", e)
-                await asyncio.sleep(0.5)
-                continue
-            if entry is None:
-                continue
+        async for entry in _entries(watcher, "presence"):
             try:
                 room, server, _login = entry.key.split(".", 2)
             except ValueError:
@@ -585,16 +582,8 @@ class ClusterHistory:
                 continue
 
     async def _watch_reads(self, watcher: Any) -> None:
-        while True:
-            try:
-                entry = await watcher.updates(timeout=3600)
-            except nats.errors.TimeoutError:
-                continue
-            except Exception as e:  # the watcher recovers on its own; keep asking it
-                log.debug("read positions watch: %r", e)
-                await asyncio.sleep(0.5)
-                continue
-            if entry is None or entry.operation is not None or not entry.value:
+        async for entry in _entries(watcher, "read positions"):
+            if entry.operation is not None or not entry.value:
                 continue
             try:
                 login, room = (_unb64(x) for x in entry.key.split("."))
@@ -666,16 +655,8 @@ class ClusterHistory:
         return await self.local.prune(keep_count=keep_count, keep_days=keep_days, now=now)
 
     async def _watch_revocations(self, watcher: Any) -> None:
-        while True:
-            try:
-                entry = await watcher.updates(timeout=3600)
-            except nats.errors.TimeoutError:
-                continue
-            except Exception as e:  # the watcher recovers on its own; keep asking it
-                log.debug("revocation watch: %r", e)
-                await asyncio.sleep(0.5)
-                continue
-            if entry is None or entry.operation is not None:
+        async for entry in _entries(watcher, "revocation"):
+            if entry.operation is not None:
                 continue
             jti = entry.key
             self._shared_revocations.add(jti)
