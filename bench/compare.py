@@ -3,6 +3,7 @@
 
     git worktree add /tmp/before 114c436          # e.g. round 2 before issue 15
     .venv/bin/python bench/compare.py /tmp/before  # against this tree
+    .venv/bin/python bench/compare.py /tmp/a /tmp/b --only latency_9_at_1000 --rounds 5
 
 Each tree's own bench/run.py starts its own server (so each runs its own code) with one
 load generator for both; the order alternates every round, and the medians are printed as
@@ -38,18 +39,23 @@ def load(name: str, tree: Path) -> ModuleType:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("other", type=Path, help="the tree to compare this one with")
+    ap.add_argument("others", type=Path, nargs="+", help="the trees to compare this one with")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--only", choices=sorted(SCENARIOS), action="append",
+                    help="run only this scenario (again for more)")
     a = ap.parse_args()
-    trees = {"other": load("run_other", a.other.resolve()), "this": load("run_this", HERE)}
+    scenarios = {s: SCENARIOS[s] for s in a.only or SCENARIOS}
+    trees = {("other" if len(a.others) == 1 else str(t)): load(f"run_other{i}", t.resolve())
+             for i, t in enumerate(a.others)}
+    trees["this"] = load("run_this", HERE)
     generator = trees["this"].build_generator()
     for m in trees.values():
         m.GENERATOR[:] = generator
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {
-        s: {t: [] for t in trees} for s in SCENARIOS}
+        s: {t: [] for t in trees} for s in scenarios}
     for rnd in range(a.rounds):
         order = list(trees) if rnd % 2 == 0 else list(reversed(trees))
-        for scenario, (n, count, rate) in SCENARIOS.items():
+        for scenario, (n, count, rate) in scenarios.items():
             for t in order:
                 r = trees[t].fanout("tsnetchat", n, count=count, rate=rate, sample=min(n, 100))
                 runs[scenario][t].append({k: r.get(k) for k in FIGURES})

@@ -17,6 +17,7 @@ import statistics
 import time
 from pathlib import Path
 
+from tsnetchat import store
 from tsnetchat.store import Draft, Sender, Store
 
 
@@ -48,6 +49,24 @@ def add_small_room(path: Path, vocab: list[str]) -> None:
     s = Store(path)
     s.write([Draft("small", Sender("small@example.com", "Small", "node-s"), 1,
                    " ".join(vocab[:10])) for _ in range(10)])
+    s.index_pending()
+    s.close()
+
+
+def add_sized_rooms(path: Path, vocab: list[str], sizes: list[int]) -> None:
+    """Rooms of ``sizes`` messages (``size<N>``) of 12 Zipf-distributed words, each written
+    spread over the history as a DM's would be: where store.SEARCH_BY_ROOM is decided."""
+    db = sqlite3.connect(path)
+    have = {r[0] for r in db.execute("SELECT name FROM rooms WHERE name LIKE 'size%'")}
+    db.close()
+    rng = random.Random(16)
+    weights = [1 / (i + 1) for i in range(len(vocab))]
+    s = Store(path)
+    for n in sizes:
+        if f"size{n}" not in have:
+            s.write([Draft(f"size{n}", Sender("sized@example.com", "Sized", "node-z"), 1,
+                           " ".join(rng.choices(vocab, weights, k=12))) for _ in range(n)])
+    s.index_pending()  # (the server's writer does this within a second)
     s.close()
 
 
@@ -57,7 +76,13 @@ def main() -> None:
     ap.add_argument("--messages", type=int, default=1_000_000)
     ap.add_argument("--rooms", type=int, default=20)
     ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--sizes", default="",
+                    help="also rooms of these many messages, e.g. 300,3000 (comma-separated)")
+    ap.add_argument("--by-room", type=int, default=None,
+                    help="store.SEARCH_BY_ROOM for this run (0: never message by message)")
     a = ap.parse_args()
+    if a.by_room is not None:
+        store.SEARCH_BY_ROOM = a.by_room
     path = Path(a.dir) / f"search-{a.messages}.db"
     if not path.exists():
         build(path, a.messages, a.rooms)
@@ -67,12 +92,15 @@ def main() -> None:
     terms = [r[0] for r in vocab.execute("SELECT term FROM temp.v ORDER BY doc DESC")]
     vocab.close()
     add_small_room(path, terms)
+    sizes = [int(x) for x in a.sizes.split(",") if x]
+    add_sized_rooms(path, terms, sizes)
     st = Store(path, readonly=True)
     rooms = [f"room{i}" for i in range(a.rooms)]
     cases = {"common word (top 10)": terms[5], "mid word (rank 500)": terms[500],
              "rare word": terms[-100], "two common words": f"{terms[3]} {terms[8]}",
              "prefix (3 letters)": terms[1000][:3] + "*"}
-    scopes = {"all": rooms, "one": rooms[:1], "small": ["small"]}
+    scopes = {"all": rooms, "one": rooms[:1], "small": ["small"],
+              **{f"size{n}": [f"size{n}"] for n in sizes}}
     for name, q in cases.items():
         for newest in (False, True):
             line = f"{name:24} {'newest' if newest else 'ranked':6} q={q!r:24}"

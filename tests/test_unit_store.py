@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 from helpers import until, write_lock_held
 
+from tsnetchat import store as store_module
 from tsnetchat.errors import StoreError
 from tsnetchat.store import (
     RANK_WINDOW,
     SCHEMA_VERSION,
-    WAL_SIZE_LIMIT,
     Draft,
     Outcome,
     Sender,
@@ -422,10 +422,15 @@ def test_a_schema_2_database_gains_an_identity_keeping_its_messages(tmp_path: Pa
     s.close()
 
 
-def test_the_wal_shrinks_back_after_a_burst(tmp_path: Path) -> None:
+def test_the_wal_shrinks_back_after_a_burst(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """A burst while a reader holds an old snapshot grows the WAL (no checkpoint can catch
     up); once the reader is gone the next checkpoint truncates it to WAL_SIZE_LIMIT instead of
-    keeping the burst's size on disk for good."""
+    keeping the burst's size on disk for good. (With the limit at 4 MB: a burst past the real
+    64 MB would take the test a while.)"""
+    limit = 4 * 1024 * 1024
+    assert limit < store_module.WAL_SIZE_LIMIT
+    monkeypatch.setattr(store_module, "WAL_SIZE_LIMIT", limit)
     s = Store(tmp_path / "db")
     s.append("r", A, 1, "first")
     reader = sqlite3.connect(tmp_path / "db")
@@ -435,7 +440,7 @@ def test_the_wal_shrinks_back_after_a_burst(tmp_path: Path) -> None:
         s.write([Draft("r", A, 1, "x" * 1000) for _ in range(50)])
     wal = tmp_path / "db-wal"
     burst = wal.stat().st_size
-    assert burst > 2 * WAL_SIZE_LIMIT
+    assert burst > 2 * limit
     reader.execute("COMMIT")
     reader.close()
     other = sqlite3.connect(tmp_path / "db")  # a checkpoint as _Checkpointer runs it
@@ -447,7 +452,7 @@ def test_the_wal_shrinks_back_after_a_burst(tmp_path: Path) -> None:
     other.close()
     assert wal.stat().st_size == burst  # (a checkpoint alone leaves the file as it is)
     s.append("r", A, 1, "next")  # the writer starts the WAL over: and cuts it down
-    assert wal.stat().st_size <= WAL_SIZE_LIMIT
+    assert wal.stat().st_size <= limit
     assert s.after("r", 4000, 10)[-1].text == "next"
     s.close()
 
@@ -499,4 +504,49 @@ def test_messages_changed_before_the_search_index_took_them_are_found_as_they_ar
     assert s.search("secret", ["r"]) == []
     assert [m.text for m in s.search("plum", ["r"])] == ["plum after"]
     assert s.search("before", ["r"]) == []
+    s.close()
+
+
+def test_search_finds_the_same_whether_it_reads_small_rooms_message_by_message_or_not(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small rooms are searched message by message (SEARCH_BY_ROOM), larger ones from the
+    words' lists: both ways give the same pages newest first, and the same matches ranked
+    (small rooms weigh words against the caller's rooms, so the order may differ)."""
+    rng = random.Random(15)
+    words = ["kiwi", "plum", "fig", "pear", "lime"]
+    s = Store(tmp_path / "h.db")
+    people = [A, Sender("b@example.com", "B", "b-laptop.example.ts.net")]
+    for room in ("big", "small", "other"):
+        for i in range({"small": 15}.get(room, 400)):
+            s.write([Draft(room, rng.choice(people), 1,
+                           " ".join(rng.choices(words, k=rng.randint(1, 6))))], now_ms=1000 * i)
+    asks: list[tuple[str, list[str], dict[str, Any]]] = [
+        ("kiwi", ["small"], {}), ("kiwi plum", ["small", "big"], {}),
+        ("fig", ["big"], {"author": "b@example.com"}),
+        ("pear", ["small", "other"], {"since_ms": 100_000, "until_ms": 300_000}),
+        ("li*", ["big", "other", "small"], {}), ("plum", ["nowhere"], {})]
+    newest, ranked, pages = {}, {}, {}
+    for by_room in (0, 10_000):
+        monkeypatch.setattr(store_module, "SEARCH_BY_ROOM", by_room)
+        newest[by_room] = [[(m.room, m.id) for m in s.search(
+            q, rooms, newest=True, limit=7, offset=3, **kw)] for q, rooms, kw in asks]
+        ranked[by_room] = [sorted((m.room, m.id) for m in s.search(
+            q, rooms, limit=RANK_WINDOW, **kw)) for q, rooms, kw in asks]
+        pages[by_room] = [len(s.search(q, rooms, limit=5, offset=2, **kw))
+                          for q, rooms, kw in asks]
+    assert newest[0] == newest[10_000]
+    assert ranked[0] == ranked[10_000]
+    assert pages[0] == pages[10_000]
+    assert all(ranked[0][:5]) and ranked[0][5] == []
+    s.close()
+
+
+def test_ranked_search_in_a_small_room_puts_the_best_match_first(tmp_path: Path) -> None:
+    s = Store(tmp_path / "h.db")
+    s.write([Draft("dm:a,b", A, 1, t) for t in (
+        "kiwi and a great many other words around it in a long line", "kiwi kiwi kiwi",
+        "nothing here")])
+    assert store_module.SEARCH_BY_ROOM >= 3
+    assert [m.text for m in s.search("kiwi", ["dm:a,b"])] == [
+        "kiwi kiwi kiwi", "kiwi and a great many other words around it in a long line"]
     s.close()

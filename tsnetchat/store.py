@@ -69,8 +69,14 @@ T = TypeVar("T")
 SCHEMA_VERSION = 4
 PAGE_SIZE = 16384
 # After a checkpoint has caught up, SQLite truncates the WAL to this size (without it the file
-# keeps the size of its largest burst forever; tests/test_unit_store.py measures it).
-WAL_SIZE_LIMIT = 4 * 1024 * 1024
+# keeps the size of its largest burst forever; tests/test_unit_store.py measures it). Well
+# above what one checkpoint cycle writes: 100 single-message commits (CHECKPOINT_EVERY) put
+# 4.7 MB in the WAL (16 KB pages, about three per commit; measured 2026-11-22), and a limit
+# of 4 MB truncated and regrew the file every cycle: p99 at 1,000 msg/s into 9 subscribers
+# 4.6 ms against 2.9 ms without it (bench/compare.py, alternated, 5 rounds).
+WAL_SIZE_LIMIT = 64 * 1024 * 1024
+# How search splits text into words: the index's, and the ranker's for small rooms (search).
+TOKENIZE = "unicode61 remove_diacritics 2"
 SCHEMA = """
 CREATE TABLE rooms (
     id INTEGER PRIMARY KEY,
@@ -202,7 +208,7 @@ CREATE TABLE room_members (
     PRIMARY KEY (room, login)
 ) WITHOUT ROWID;
 CREATE VIRTUAL TABLE messages_fts USING fts5 (
-    text, content='messages', content_rowid='seq', tokenize='unicode61 remove_diacritics 2');
+    text, content='messages', content_rowid='seq', tokenize='""" + TOKENIZE + """');
 CREATE TRIGGER messages_fts_insert AFTER INSERT ON messages WHEN new.kind IN (1, 2) BEGIN
     INSERT INTO messages_fts (rowid, text) VALUES (new.seq, new.text);
 END;
@@ -393,6 +399,12 @@ def _row(r: tuple[Any, ...]) -> StoredMessage:
 # of messages took 157-188 ms; over the newest 1,000, 5 ms (14 ms when the caller reads one
 # room of 20, as the window is filled from further back); 5,000 gave 12 ms and 58 ms.
 RANK_WINDOW = 1000
+# Rooms this small (their ids added up) are searched in an index of their own messages
+# (``_search_apart``) instead of reading every match of the query's words in every room: a
+# common word over 1,000,000 messages cost 65 ms (newest) and 112 ms (ranked) for a caller
+# who reads only a room of 10 messages (bench/search.py, 2026-11-22; bench/README.md has
+# the crossover this is set from).
+SEARCH_BY_ROOM = 5_000
 # Unread counts stop at this many per room (a client shows "10000+").
 UNREAD_CAP = 10_000
 _WORDS = re.compile(r"\w+\*?")
@@ -535,6 +547,14 @@ class Store:
         self.path = path
         self._readonly = readonly
         try:
+            # Ranks the matches found in small rooms (``search``): an index of those alone.
+            self._ranker = sqlite3.connect(":memory:", isolation_level=None,
+                                           check_same_thread=False)
+            self._ranker.execute(f"CREATE VIRTUAL TABLE ranked USING fts5 (text, "
+                                 f"tokenize='{TOKENIZE}')")
+            # (held in memory until the query, never written out in segments)
+            self._ranker.execute("INSERT INTO ranked (ranked, rank) VALUES ('hashsize', ?)",
+                                 (64 * 1024 * 1024,))
             if readonly:
                 self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
                                            timeout=timeout)
@@ -629,6 +649,7 @@ class Store:
         if self.checkpointer is not None:
             self.checkpointer.stop()
         try:
+            self._ranker.close()
             self._db.close()
         except sqlite3.Error as e:
             raise StoreError(f"closing {self.path}: {e}") from e
@@ -1111,6 +1132,13 @@ class Store:
         if until_ms:
             where.append("m.ts_ms<?")
             args.append(until_ms)
+        size = self._q(  # (at most this many rows: ids are dense; two index lookups a room)
+            "SELECT COALESCE(SUM((SELECT MAX(id) FROM messages WHERE room = r.id) "
+            "- (SELECT MIN(id) FROM messages WHERE room = r.id) + 1), 0) FROM rooms r "
+            f"WHERE name IN ({','.join('?' * len(rooms))})",
+            tuple(rooms))[0][0]
+        if size <= SEARCH_BY_ROOM:
+            return self._search_apart(" AND ".join(where), args, newest, limit, offset)
         matches = ("FROM messages_fts f JOIN messages m ON m.seq = f.rowid "
                    "JOIN rooms r ON r.id = m.room JOIN senders s ON s.id = m.sender "
                    "WHERE messages_fts MATCH ? AND " + " AND ".join(where))
@@ -1125,6 +1153,42 @@ class Store:
                 "JOIN rooms r ON r.id = m.room JOIN senders s ON s.id = m.sender "
                 "ORDER BY w.score, w.seq DESC LIMIT ? OFFSET ?", (*args, limit, offset))
         return [_row(r) for r in rows]
+
+    def _search_apart(self, where: str, args: Sequence[object], newest: bool, limit: int,
+                      offset: int) -> list[StoredMessage]:
+        """``search`` in rooms of at most SEARCH_BY_ROOM messages: their messages are indexed
+        on their own (the same tokenizer, in memory) and searched there, rather than reading
+        every match of the words in every room. (Looking each message up in the big index
+        instead cost 70-170 us a message, and ranked 3-6 ms a message, as bm25 recomputes
+        its word statistics for each; bench/search.py, 2026-11-22.) Ranked, the words are
+        weighed against the caller's rooms, not against every room."""
+        texts = self._q("SELECT m.seq, m.text FROM rooms r CROSS JOIN messages m ON "
+                        "m.room = r.id JOIN senders s ON s.id = m.sender WHERE m.kind IN "
+                        f"(1, 2) AND {where}", args[1:])
+        if not texts:
+            return []
+        window = ("SELECT rowid AS seq, bm25(ranked) AS score FROM ranked WHERE ranked MATCH ? "
+                  "ORDER BY rowid DESC")
+        rk = self._ranker
+        try:
+            rk.execute("BEGIN")  # (rolled back: the index is empty again at no cost)
+            rk.executemany("INSERT INTO ranked (rowid, text) VALUES (?, ?)", texts)
+            order = [r[0] for r in rk.execute(
+                f"{window} LIMIT ? OFFSET ?" if newest else
+                f"WITH w AS ({window} LIMIT {RANK_WINDOW}) "
+                "SELECT seq FROM w ORDER BY score, seq DESC LIMIT ? OFFSET ?",
+                (args[0], limit, offset))]
+        except sqlite3.Error as e:
+            raise StoreError(f"history database error: {e}") from e
+        finally:
+            with contextlib.suppress(sqlite3.Error):
+                rk.execute("ROLLBACK")
+        if not order:
+            return []
+        rows = {r[-1]: r[:-1] for r in self._q(
+            _COLUMNS + ", m.seq " + _FROM + f"WHERE m.seq IN ({','.join('?' * len(order))})",
+            order)}
+        return [_row(rows[seq]) for seq in order if seq in rows]
 
     # identity -------------------------------------------------------------------------
 
