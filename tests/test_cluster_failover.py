@@ -174,10 +174,10 @@ async def test_a_key_rotated_on_server_2_is_every_servers_and_ends_the_old_token
             assert (await refused(fresh.whoami())).code() == grpc.StatusCode.UNAUTHENTICATED
         new = two.token(ALICE)  # signed on server 2 with the new key
         on_one = await one.connect("alice-laptop", new)
-        assert (await on_one.whoami()).login == ALICE
+        assert (await on_one.whoami()).identity.login == ALICE
         # ... and `tsnetchat token issue` on server 1 signs with it too (its key file).
         assert (await (await two.connect("alice-laptop", one.token(ALICE))).whoami()
-                ).login == ALICE
+                ).identity.login == ALICE
 
 
 def test_rotating_the_key_of_a_stopped_cluster_server_is_refused_in_words(
