@@ -53,6 +53,10 @@ test: setup check-codegen lint
 demo: setup
 	$(BIN)/python scripts/demo.py $(ARGS)
 
+.PHONY: demo-cluster
+demo-cluster: setup
+	$(BIN)/python scripts/demo.py --cluster $(ARGS)
+
 bench: setup
 	$(BIN)/python bench/run.py $(ARGS)
 

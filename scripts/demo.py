@@ -9,6 +9,14 @@ Starts the lab (headscale + chat-server, alice-laptop, bob-laptop, mallory-lapto
   (send/tail/history, plus a stolen-token attempt that is refused) and exits 0;
 * with a terminal: you are alice in `tsnetchat connect chat-server`; bob (a small bot on
   bob-laptop) answers. /quit to leave; everything is torn down afterwards.
+
+`make demo ARGS=--cluster` shows cluster mode instead (always scripted): a three-node NATS
+JetStream cluster (scripts/nats_lab.py) and `serve --cluster` on chat-server and
+chat-server-2. alice (logged in, her token stored) chats through chat-server with the
+client core `tsnetchat connect` uses, bob follows through chat-server-2 with `tsnetchat
+tail`; chat-server is SIGKILLed mid-conversation, alice's client goes on through
+chat-server-2 with what she typed meanwhile, and the history shows every message once, in
+order. Exits 0 when all of that held.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -24,9 +33,11 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+import nats_lab  # noqa: E402
 import tailnet_lab  # noqa: E402
 
 CLI = str(Path(sys.executable).with_name("tsnetchat"))
@@ -45,9 +56,43 @@ def free_port() -> int:
 def run(*args: str, check: bool = True, home: Path | None = None
         ) -> subprocess.CompletedProcess[str]:
     """The CLI; ``home`` is a person's config dir (where `login` keeps their token)."""
-    env = {**os.environ, "XDG_CONFIG_HOME": str(home)} if home else None
+    env = person_env(home) if home else None
     return subprocess.run([CLI, *args], capture_output=True, text=True, check=check, timeout=60,
                           env=env)
+
+
+def person_env(home: Path) -> dict[str, str]:
+    return {**os.environ, "XDG_CONFIG_HOME": str(home)}
+
+
+def start_server(lab: tailnet_lab.Lab, node: str, state: Path, port: int,
+                 env: dict[str, str] | None = None) -> subprocess.Popen[str] | None:
+    """`tsnetchat serve --enroll grant` on ``node``, its log shown until it is ready, then
+    drained in the background. None if it exits first."""
+    server = subprocess.Popen([CLI, "serve", "--state-dir", str(state), "--socket",
+                               lab.nodes[node].socket, "--port", str(port),
+                               "--enroll", "grant"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, **(env or {})})
+    assert server.stdout is not None
+    for line in server.stdout:
+        print(f"   {node}: " + line.rstrip())
+        if "ready:" in line:
+            break
+    if server.poll() is not None:
+        return None
+    # Keep draining the server's log so it never blocks on a full pipe.
+    threading.Thread(target=lambda: [None for _ in server.stdout or ()], daemon=True).start()
+    return server
+
+
+def stop_server(server: subprocess.Popen[str]) -> None:
+    server.send_signal(signal.SIGTERM)
+    try:
+        server.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
 
 
 def login(lab: tailnet_lab.Lab, port: int, state: Path) -> dict[str, str]:
@@ -158,6 +203,8 @@ def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--bob-bot":
         bot_main(sys.argv[2:])
         return 0
+    if "--cluster" in sys.argv:
+        return cluster_main()
     say("building or reusing pinned tailscale/headscale (first time: a few minutes)")
     try:
         tailnet_lab.ensure_binaries()
@@ -171,21 +218,10 @@ def main() -> int:
         state = Path(tempfile.mkdtemp(prefix="tsnetchat-demo-"))
         port = free_port()
         say(f"tsnetchat serve on chat-server (port {port})")
-        server = subprocess.Popen([CLI, "serve", "--state-dir", str(state), "--socket",
-                                   lab.nodes["chat-server"].socket, "--port", str(port),
-                                   "--enroll", "grant"],
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        server = start_server(lab, "chat-server", state / "server", port)
+        if server is None:
+            return 1
         try:
-            assert server.stdout is not None
-            for line in server.stdout:
-                print("   server: " + line.rstrip())
-                if "ready:" in line:
-                    break
-                if server.poll() is not None:
-                    return 1
-            # Keep draining the server's log so it never blocks on a full pipe.
-            threading.Thread(target=lambda: [None for _ in server.stdout or ()],
-                             daemon=True).start()
             say("everyone asks for a token of their own (the policy grants alice and bob)")
             tokens = login(lab, port, state)
             if sys.stdin.isatty() and "--scripted" not in sys.argv:
@@ -193,16 +229,160 @@ def main() -> int:
             else:
                 rc = scripted(lab, port, tokens)
         finally:
-            server.send_signal(signal.SIGTERM)
-            try:
-                server.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                server.kill()
-            import shutil
-
+            stop_server(server)
             shutil.rmtree(state, ignore_errors=True)
         say("tearing down the tailnet")
     return rc
+
+
+# --- `make demo ARGS=--cluster`: a failover -------------------------------------------
+
+
+def cluster_main() -> int:
+    say("building or reusing pinned tailscale/headscale and nats-server (first time: minutes)")
+    try:
+        tailnet_lab.ensure_binaries()
+        nats_lab.ensure_binary()
+    except (tailnet_lab.LabError, nats_lab.NatsLabError) as e:
+        print(f"cannot build the lab: {e}", file=sys.stderr)
+        return 2
+    say("starting a private tailnet (headscale + userspace tailscaled nodes) and a "
+        "three-node NATS JetStream cluster")
+    with tailnet_lab.running_lab() as lab, nats_lab.running_cluster() as nats:
+        for n in lab.nodes.values():
+            print(f"   {n.name:15} {n.login:22} {n.ipv4:12} {n.dns_name}")
+        print(f"   NATS: {nats.url}")
+        state = Path(tempfile.mkdtemp(prefix="tsnetchat-demo-"))
+        env = {"TSNETCHAT_CLUSTER": nats.url, "TSNETCHAT_NATS_USER": nats.user,
+               "TSNETCHAT_NATS_PASSWORD": nats.password}
+        ports = {"chat-server": free_port(), "chat-server-2": free_port()}
+        servers: dict[str, subprocess.Popen[str]] = {}
+        try:
+            for i, (node, port) in enumerate(ports.items(), 1):
+                say(f"tsnetchat serve --cluster on {node} (port {port})")
+                started = start_server(lab, node, state / f"server-{i}", port, env)
+                if started is None:
+                    return 1
+                servers[node] = started
+            say("alice logs in through chat-server, bob through chat-server-2 (no --token "
+                "from here on: their clients use the tokens they keep)")
+            for who, node in (("alice", "chat-server"), ("bob", "chat-server-2")):
+                out = run("login", node, *node_args(lab, f"{who}-laptop", ports[node]),
+                          home=state / f"home-{who}", check=False)
+                shown = (out.stdout or out.stderr).strip().splitlines()[0]
+                print(f"   {who:6} $ tsnetchat login {node}  -> exit {out.returncode}: {shown}")
+                if out.returncode != 0:
+                    return 1
+            total = 7  # alice's messages and bob's answer (``failover``)
+            say("bob follows #general through chat-server-2 (tsnetchat tail)")
+            tail = subprocess.Popen([CLI, "tail", "chat-server-2", "--count", str(total),
+                                     *node_args(lab, "bob-laptop", ports["chat-server-2"])],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    env=person_env(state / "home-bob"))
+            try:
+                rc = asyncio.run(failover(lab, ports, state, servers["chat-server"], tail,
+                                          total))
+            finally:
+                if tail.poll() is None:
+                    tail.kill()
+                    tail.wait()
+        finally:
+            for server in servers.values():
+                stop_server(server)
+            shutil.rmtree(state, ignore_errors=True)
+        say("tearing down the tailnet and the NATS cluster")
+    return rc
+
+
+async def failover(lab: tailnet_lab.Lab, ports: dict[str, int], state: Path,
+                   one: subprocess.Popen[str], tail: subprocess.Popen[str], total: int) -> int:
+    """alice chats through chat-server with the client core of `tsnetchat connect`; it is
+    killed; she goes on through chat-server-2. 0 when bob saw everything once, in order."""
+    os.environ["XDG_CONFIG_HOME"] = str(state / "home-alice")  # where her token is kept
+    from tsnetchat.client import RoomSession, link_for
+
+    first, typed_after = ["hi bob, alice here, through chat-server",
+                          "the history is on a NATS JetStream cluster",
+                          "watch: chat-server is about to be killed"], [
+                          "typed while chat-server was gone", "still here, through "
+                          "chat-server-2", "nothing lost, nothing doubled"]
+    assert total == len(first) + len(typed_after) + 1  # and bob's answer
+    a = lab.nodes["alice-laptop"]
+    link = link_for("chat-server", None, socket=a.socket, port=ports["chat-server"],
+                    proxy=f"http://{a.http_proxy}")
+    session = RoomSession(link, "general", max_backoff=1.0)
+    acked: dict[str, int] = {}
+    lost_at = 0.0
+
+    async def pump() -> None:
+        nonlocal lost_at
+        async for ev in session.events():
+            where = link.target.name if link.target else "?"
+            if ev.kind == "sent" and ev.outgoing is not None:
+                acked[ev.outgoing.text] = ev.message_id
+                print(f"   alice's client: stored as #{ev.message_id} via {where}: "
+                      f"{ev.outgoing.text!r}")
+            elif ev.kind == "state" and session.connected:
+                back = (f" after {time.monotonic() - lost_at:.1f}s, nothing missed"
+                        if lost_at else "")
+                print(f"   alice's client: connected through {where}{back}")
+            elif ev.kind == "state" and ev.error is not None and not lost_at:
+                lost_at = time.monotonic()
+                print(f"   alice's client: {ev.error}; going on through another server")
+            elif ev.kind == "fatal":
+                print(f"   alice's client: gave up: {ev.text}")
+                return
+
+    task = asyncio.create_task(pump())
+    try:
+        say("alice chats through chat-server")
+        for text in first:
+            session.send(text)
+        await until(lambda: all(t in acked for t in first), 30)
+        say("SIGKILL chat-server mid-conversation; alice keeps typing")
+        one.send_signal(signal.SIGKILL)
+        await asyncio.to_thread(one.wait)
+        for text in typed_after:
+            session.send(text)
+        await until(lambda: all(t in acked for t in typed_after), 60)
+        out = await asyncio.to_thread(
+            run, "send", "chat-server-2", "welcome to chat-server-2, alice",
+            *node_args(lab, "bob-laptop", ports["chat-server-2"]), home=state / "home-bob",
+            check=False)
+        print(f"   bob    $ tsnetchat send chat-server-2 ...  -> {out.stdout.strip()}")
+    finally:
+        await session.close()
+        task.cancel()
+        await link.close()
+    try:
+        out_text, err = await asyncio.to_thread(tail.communicate, timeout=30)
+    except subprocess.TimeoutExpired:
+        tail.kill()
+        out_text, err = await asyncio.to_thread(tail.communicate)
+    say("what bob's tail (through chat-server-2) printed")
+    print("\n".join("   " + line for line in out_text.splitlines()))
+    hist = await asyncio.to_thread(
+        run, "history", "chat-server-2", "--json",
+        *node_args(lab, "bob-laptop", ports["chat-server-2"]), home=state / "home-bob",
+        check=False)
+    ids = [m["id"] for m in json.loads(hist.stdout or "[]")]
+    texts = [m["text"] for m in json.loads(hist.stdout or "[]")]
+    whole = ids == list(range(1, total + 1)) and len(set(texts)) == total
+    say(f"history on chat-server-2: ids {ids}: "
+        f"{'every message once, in order' if whole else 'NOT as expected'}")
+    if tail.returncode != 0 or not whole or len(acked) != len(first) + len(typed_after):
+        print(err, file=sys.stderr)
+        return 1
+    say("demo finished: one server died, the conversation went on through the other")
+    return 0
+
+
+async def until(predicate: Any, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not done within {timeout:g}s")
+        await asyncio.sleep(0.05)
 
 
 if __name__ == "__main__":

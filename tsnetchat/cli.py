@@ -264,15 +264,41 @@ def token_revoke(token_id: str, config: ConfigOpt = None, state_dir: StateOpt = 
 @token_app.command("rotate-key")
 def token_rotate_key(config: ConfigOpt = None, state_dir: StateOpt = None) -> None:
     """Replace the signing key: every token issued so far stops working (a running server
-    closes their streams within a second). Issue new tokens afterwards."""
+    closes their streams within a second). Issue new tokens afterwards. In cluster mode, run
+    it where a server of the cluster runs: that server makes the new key every server's."""
     from . import auth
 
     cfg = _server_config(config, state_dir=state_dir)
+    if cfg.cluster and not _server_running(cfg.state_dir):
+        raise fail(ConfigError(
+            f"cluster mode: no tsnetchat server is running on {cfg.state_dir}, so nothing "
+            "would share a new key with the cluster (a server adopts the cluster's key when "
+            "it starts, undoing a rotation made while it was stopped). Run `tsnetchat token "
+            "rotate-key` on a machine where a server of the cluster is running"))
     try:
         auth.rotate_key(cfg.key_path)
     except OSError as e:
         raise fail(ConfigError(f"cannot write {cfg.key_path}: {e.strerror}")) from None
-    typer.echo(f"rotated {cfg.key_path}; every token issued before is now refused")
+    if cfg.cluster:
+        typer.echo(f"rotated {cfg.key_path}; the server running here shares the new key with "
+                   "the cluster: every token issued before is refused on every server within "
+                   "a few seconds")
+    else:
+        typer.echo(f"rotated {cfg.key_path}; every token issued before is now refused")
+
+
+def _server_running(state_dir: Path) -> bool:
+    """Whether a server holds the state dir's lock (statedir.StateLock)."""
+    from .errors import StateDirInUse
+    from .statedir import StateLock
+
+    try:
+        StateLock(state_dir, "token rotate-key").release()
+    except StateDirInUse:
+        return True
+    except ConfigError:  # no state dir: no server either
+        return False
+    return False
 
 
 # --- backup and restore ------------------------------------------------------------------

@@ -58,6 +58,7 @@ class Connection:
         self.metadata = (("authorization", f"Bearer {token}"),)
         self.bridge = bridge
         self.target = target
+        self.renewal: Renewal | None = None  # the stored token in use, kept fresh
 
     async def close(self) -> None:
         await self.channel.close()
@@ -227,6 +228,7 @@ async def connect(name: str, token: str | None, *, socket: str = "", port: int =
         except BaseException:
             await conn.close()
             raise
+        conn.renewal = renewal
     return conn
 
 
@@ -248,7 +250,8 @@ class Link:
 
     def __init__(self, dial: Callable[[], Awaitable[Connection]], *, name: str = "",
                  proxy: str = "",
-                 dial_other: Callable[[str, int], Awaitable[Connection]] | None = None) -> None:
+                 dial_other: Callable[[str, int, str], Awaitable[Connection]] | None = None
+                 ) -> None:
         self._dial = dial
         self._conn: Connection | None = None
         self._lock = asyncio.Lock()
@@ -256,11 +259,13 @@ class Link:
         self.proxy = proxy
         self.target: Target | None = None
         self.closed = False
-        # Cluster mode: the other servers the Welcome named, and how to dial one of them.
+        # Cluster mode: the other servers the Welcome named (and the stable node id each
+        # registered with), and how to dial one of them: ``dial_other(name, port, node_id)``.
         # After a reset the next dial goes to the next server in turn (the first is the one
         # the person named, dialled with ``dial``).
         self._dial_other = dial_other
         self.servers: list[tuple[str, int]] = []
+        self.node_ids: dict[str, str] = {}
         self._turn = 0
 
     @property
@@ -268,13 +273,15 @@ class Link:
         """Whether a reset moves on to another server of a cluster."""
         return self._dial_other is not None and bool(self.servers)
 
-    def learn(self, servers: Sequence[tuple[str, int]]) -> None:
-        """The cluster's servers, from a Welcome (the one we are on among them)."""
+    def learn(self, servers: Sequence[tuple[str, int, str]]) -> None:
+        """The cluster's servers (name, port, stable node id), from a Welcome (the one we
+        are on among them)."""
         if self._dial_other is None or not servers:
             return
         current = self.servers[self._turn - 1] if 0 < self._turn <= len(self.servers) else None
         named = self.name.split(".")[0]
-        self.servers = sorted({s for s in servers if s[0] != named})
+        self.servers = sorted({(n, p) for n, p, _ in servers if n != named})
+        self.node_ids = {n: node for n, _, node in servers}
         if current is not None:
             self._turn = self.servers.index(current) + 1 if current in self.servers else 0
 
@@ -290,7 +297,7 @@ class Link:
                 try:
                     if self._turn and self._dial_other is not None and self.servers:
                         name, port = self.servers[(self._turn - 1) % len(self.servers)]
-                        conn = await self._dial_other(name, port)
+                        conn = await self._dial_other(name, port, self.node_ids.get(name, ""))
                     else:
                         conn = await self._dial()
                 except Exception:
@@ -335,20 +342,62 @@ async def _close_quietly(conn: Connection) -> None:
 def link_for(server: str, token: str | None, *, socket: str, port: int = DEFAULT_PORT,
              proxy: str = "", address: str = "", report: Report | None = None) -> Link:
     """A Link that dials ``server`` (``connect``). ``report`` hears the discovery steps of
-    the first dial only (``-v``); later dials are reconnects."""
+    the first dial only (``-v``); later dials are reconnects.
+
+    In a cluster the link fails over to the other servers the Welcome lists, with the same
+    token: ``token``, or (``token=None``) the stored token ``server`` accepted, kept fresh by
+    the same ``tokens.Renewal`` (every server of a cluster shares the signing key, so it is
+    good on all). That token is held in memory for this client only and never written down
+    for the other servers: a list in the token store would outlive the cluster it came from.
+    It goes only to a node the tailnet finds under a name the authenticated server listed
+    AND whose stable node id is the one that server registered with (``_failover_target``).
+    """
     steps = [report]
+    held: list[Renewal] = []  # the stored token the named server accepted
 
     async def dial() -> Connection:
         conn = await connect(server, token, socket=socket, port=port, proxy=proxy,
                              address=address, report=steps[0])
         steps[0] = None
+        if conn.renewal is not None:
+            held[:] = [conn.renewal]
         return conn
 
-    async def dial_other(name: str, other_port: int) -> Connection:
-        return await connect(name, token, socket=socket, port=other_port, proxy=proxy)
+    async def dial_other(name: str, other_port: int, node_id: str) -> Connection:
+        renewal = held[0] if token is None and held else None
+        if token is None and renewal is None:  # (the named server never let us in)
+            raise ClientError(f"no token to fail over to {name} with", retryable=True)
+        conn = await connect(name, token if renewal is None else renewal.token,
+                             socket=socket, port=other_port, proxy=proxy)
+        try:  # nothing was sent yet: a Connection with a token makes no call by itself
+            _failover_target(conn, name, node_id, stored=renewal is not None)
+            if renewal is not None:
+                await renewal.ready(conn)  # renewed for this channel too from now on
+                conn.renewal = renewal
+        except BaseException:
+            await _close_quietly(conn)
+            raise
+        return conn
 
-    return Link(dial, name=server, proxy=proxy,
-                dial_other=None if address or token is None else dial_other)
+    return Link(dial, name=server, proxy=proxy, dial_other=None if address else dial_other)
+
+
+def _failover_target(conn: Connection, name: str, node_id: str, *, stored: bool) -> None:
+    """Refuse to fail over to ``name`` when the tailnet's node under that name is not the
+    one the cluster registered (``node_id``): the token stays here. A stored token needs
+    that proof (the person never typed this server); a token given on the command line
+    goes on as before when either side does not know the node id."""
+    node = conn.target.node if conn.target is not None else None
+    found = node.node_id if node is not None else ""
+    if node_id and found and found == node_id:
+        return
+    if not stored and not (node_id and found):
+        return
+    why = (f"the tailnet's node {name} is {found}, not {node_id}, the node the cluster "
+           "registered under that name" if node_id and found else
+           f"cannot confirm that the tailnet's node {name} is the server the cluster lists "
+           "(no stable node id on one side)")
+    raise ClientError(f"not failing over to {name} with your token: {why}", retryable=True)
 
 
 # --- a room session that survives reconnects --------------------------------------------
@@ -560,7 +609,7 @@ class RoomSession:
     def _welcomed(self, w: pb.Welcome) -> None:
         self.me = w.you
         if "servers" in w.DESCRIPTOR.fields_by_name:
-            self.link.learn([(s.name, s.port) for s in w.servers])
+            self.link.learn([(s.name, s.port, s.node_id) for s in w.servers])
         if w.max_message_bytes:
             self.max_message_bytes = w.max_message_bytes
         limit = advertised_rate(w)

@@ -24,7 +24,8 @@ the measured facts this relies on ("fact N" below).
   the same client_msg_id is answered with its id, never stored twice.
 * **Shared state in KV**: revoked token ids (``REVOKED``, watched by every server: streams
   close on all servers when one revokes), the token signing key (``STATE``), so a token
-  issued by one server is good on all, and the servers themselves (``register``), which
+  issued by one server is good on all (a rotation on one is adopted by all: ``share_key``,
+  ``follow_key``), and the servers themselves (``register``), which
   every Welcome lists so clients can fail over; presence (``PRESENCE``, entries that expire
   unless their server keeps them fresh). Kicks go to every server on a plain NATS subject
   (``KICKS``). Each server also charges a person's rate bucket for what they sent through
@@ -258,6 +259,7 @@ class ClusterHistory:
         self._shared_revocations: set[str] = set()
         # The servers of the cluster (``register``), as clients may reach them: name -> port.
         self.servers: dict[str, int] = {}
+        self.server_nodes: dict[str, str] = {}  # name -> stable node id, as it registered
         self._registered = ""
         # Called with the sender of each message stored through another server (the rate
         # limit is charged for it here too).
@@ -351,13 +353,14 @@ class ClusterHistory:
             await self._js.update_stream(cfg)  # retention changed
         return info
 
-    async def register(self, name: str, port: int) -> None:
+    async def register(self, name: str, port: int, node_id: str = "") -> None:
         """Tell the cluster (and so every client's Welcome) that this server serves at
-        ``name``:``port``, and follow the others. A server that stops cleanly takes itself
-        off the list; a crashed one stays on it (a client trying it moves on to the next)."""
+        ``name``:``port`` on node ``node_id``, and follow the others. A server that stops
+        cleanly takes itself off the list; a crashed one stays on it (a client trying it
+        moves on to the next)."""
         try:
             await self._kv_state.put(f"server.{name}", json.dumps(
-                {"name": name, "port": port}).encode())
+                {"name": name, "port": port, "node_id": node_id}).encode())
             self._registered = name
         except (nats.errors.Error, OSError) as e:  # serving matters more than being listed
             log.warning("cluster: could not list this server for failover: %s", _why(e))
@@ -369,9 +372,36 @@ class ClusterHistory:
             name = entry.key.removeprefix("server.")
             if entry.operation is not None:
                 self.servers.pop(name, None)
+                self.server_nodes.pop(name, None)
                 continue
             with contextlib.suppress(ValueError, KeyError, TypeError):
-                self.servers[name] = int(json.loads(entry.value)["port"])
+                listed = json.loads(entry.value)
+                self.servers[name] = int(listed["port"])
+                self.server_nodes[name] = str(listed.get("node_id", ""))
+
+    # the signing key: one for the cluster; a rotation on any server is every server's ----
+
+    async def share_key(self, key: bytes) -> None:
+        """Make ``key`` the cluster's signing key (`tsnetchat token rotate-key` on this
+        server); every server's ``follow_key`` adopts it. Raises StoreError when the cluster
+        does not confirm it (no quorum): the other servers still have the old key."""
+        try:
+            await self._kv_state.put("signing-key", key)
+        except (nats.errors.Error, OSError) as e:
+            raise StoreError(f"the rotated signing key could not be shared with the "
+                             f"cluster: {_why(e)}") from e
+
+    async def follow_key(self, on_key: Callable[[bytes], object]) -> None:
+        """Call ``on_key`` with the cluster's signing key: now, and after each rotation on
+        any server (within a second: a KV watch)."""
+        watcher = await self._kv_state.watch("signing-key")
+
+        async def follow() -> None:
+            async for entry in _entries(watcher, "signing key"):
+                if entry.operation is None and entry.value:
+                    on_key(bytes(entry.value))
+
+        self._tasks.append(asyncio.create_task(follow()))
 
     # presence ------------------------------------------------------------------------
 

@@ -270,9 +270,11 @@ class Server:
             self.store.on_presence = elsewhere
             self.service.kick_elsewhere = self.store.kick
             cluster = self.store
-            self.service.servers = lambda: [pb.ClusterServer(name=n, port=p)
-                                            for n, p in sorted(cluster.servers.items())]
+            self.service.servers = lambda: [
+                pb.ClusterServer(name=n, port=p, node_id=cluster.server_nodes.get(n, ""))
+                for n, p in sorted(cluster.servers.items())]
             self.gate.apply(self._policy(key))
+            await cluster.follow_key(self._adopt_key)  # a rotation on another server
         self.gate.apply(self._policy(self.gate.policy.key))  # now knowing our own node
         self.enrollment.policy = enroll.policy_from(cfg, self._name())  # now knowing our name
         self.addresses = (listen_addresses(self.status) if cfg.listen == "auto"
@@ -292,7 +294,8 @@ class Server:
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         if isinstance(self.store, ClusterHistory):  # clients may now fail over to us
-            await self.store.register(self.status.self_node.short_name, self.ports[0])
+            await self.store.register(self.status.self_node.short_name, self.ports[0],
+                                      self.status.self_node.node_id)
         self.started_at = time.time()
         self._tasks = [asyncio.create_task(self.gate.run()),
                        asyncio.create_task(self._follow_tailnet()),
@@ -381,7 +384,46 @@ class Server:
             self.gate.apply(self._policy(key))
             log.warning("the token signing key was rotated: tokens signed with the old key "
                         "are refused from now on, open streams included")
+            if isinstance(self.store, ClusterHistory):  # every server of the cluster too
+                self._tasks.append(asyncio.ensure_future(self._share_key(self.store, key)))
         return True
+
+    async def _share_key(self, cluster: ClusterHistory, key: bytes) -> None:
+        """Make a key rotated here the cluster's, retried until the cluster confirms it or
+        another rotation replaces it (until then, tokens signed with it work only here)."""
+        wait = 0.5
+        while key == self.gate.policy.key and not self._stopped:
+            try:
+                await cluster.share_key(key)
+            except StoreError as e:
+                log.error("%s; trying again in %gs", e, wait)
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, 10.0)
+                continue
+            log.info("cluster: the rotated signing key is now every server's")
+            return
+
+    def _adopt_key(self, key: bytes) -> None:
+        """The cluster's signing key (``ClusterHistory.follow_key``). A new one was rotated on
+        another server: it becomes ours, in the key file too (so `tsnetchat token issue` here
+        signs with it), and tokens signed with the old one are refused from now on, open
+        streams included (as after a rotation here)."""
+        if key == self.gate.policy.key:
+            return
+        if len(key) < 32:  # never from a tsnetchat server; keep ours rather than a weak one
+            log.error("cluster: ignoring a signing key of %d bytes in the cluster's state",
+                      len(key))
+            return
+        try:
+            auth.write_key(self.cfg.key_path, key)
+        except OSError as e:  # the key in memory is what counts for serving
+            log.error("cluster: could not write the cluster's new signing key to %s: %s",
+                      self.cfg.key_path, e.strerror)
+        self._key_stamp = _stamp(self.cfg.key_path)
+        self.gate.apply(self._policy(key))
+        log.warning("the token signing key was rotated on another server of the cluster: "
+                    "tokens signed with the old key are refused from now on, open streams "
+                    "included")
 
     async def _retention_loop(self) -> None:
         while True:

@@ -175,12 +175,14 @@ class Topic(_message.Message):
     def __init__(self, text: _Optional[str] = ..., set_by: _Optional[_Union[Identity, _Mapping]] = ..., set_unix_ms: _Optional[int] = ..., id: _Optional[int] = ...) -> None: ...
 
 class ClusterServer(_message.Message):
-    __slots__ = ("name", "port")
+    __slots__ = ("name", "port", "node_id")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PORT_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
     name: str
     port: int
-    def __init__(self, name: _Optional[str] = ..., port: _Optional[int] = ...) -> None: ...
+    node_id: str
+    def __init__(self, name: _Optional[str] = ..., port: _Optional[int] = ..., node_id: _Optional[str] = ...) -> None: ...
 
 class Presence(_message.Message):
     __slots__ = ("room", "kind", "who", "members", "away_message", "reason", "away_logins")
