@@ -35,10 +35,10 @@ from .errors import (
 )
 from .gate import Gate, Lease
 from .hub import FRAME_BATCH, CloseKind, CloseReason, Hub, Subscriber
-from .ledger import History, Ledger
+from .ledger import MAX_ID, History, Ledger
 from .metrics import Metrics
 from .pb import chat_pb2 as pb
-from .store import Sender
+from .store import Sender, fts_query
 from .throttle import Buckets, LogLimiter
 
 if TYPE_CHECKING:
@@ -48,7 +48,6 @@ log = logging.getLogger("tsnetchat.service")
 
 SERVICE_NAME = "tsnetchat.v1.Chat"
 HELLO_TIMEOUT = 10.0
-MAX_ID = 2**63 - 1  # SQLite's largest integer; larger cursors are not message ids
 # Malformed events in a row (garbage, bad text, a second hello) before a Join stream is cut
 # off as flooding. Refusals (rate limit, storage) never count: a client that is told to wait
 # has done nothing wrong (issues 16 and 18).
@@ -609,6 +608,7 @@ class ChatService:
                                    f"{lim.search_max_query_bytes} (search_max_query_bytes)")
             if request.offset > 10_000:
                 raise InvalidInput("offset beyond 10000: narrow the search instead")
+            fts_query(request.query)  # a query without words is refused, whatever one reads
             wait = self._search_buckets.take(p.login)
             if wait:
                 raise LimitExceeded(f"slow down: at most {lim.searches_per_minute} searches a "
