@@ -386,7 +386,7 @@ class ChatService:
                 yield codec.event(replay_done=self._replay_done(sub))
                 if first:
                     self._presence(hello.room, pb.PRESENCE_KIND_JOINED, me)
-                reader = asyncio.create_task(self._read_client(request_iterator, sub, p))
+                reader = asyncio.create_task(self._read_client(request_iterator, sub, lease))
                 async for f in self._live(sub, context):
                     yield f
             finally:
@@ -419,9 +419,9 @@ class ChatService:
         _check_id("after_id", first.hello.after_id)
         return first.hello  # type: ignore[no-any-return]
 
-    async def _read_client(self, it: AsyncIterator[Any], sub: Subscriber,
-                           p: auth.Principal) -> None:
+    async def _read_client(self, it: AsyncIterator[Any], sub: Subscriber, lease: Lease) -> None:
         # The sender is the connection's identity. send.claimed_sender is ignored on purpose.
+        p = lease.principal
         sender = Sender(p.login, p.display_name, p.node)
         send = self.ledger.send
         strikes = 0
@@ -438,6 +438,9 @@ class ChatService:
                     if which == "send":
                         m = ev.send
                         cmid = m.client_msg_id
+                        # Rights as decided now: a grant that took admin away while the
+                        # stream stayed open takes admin deletes and topics with it.
+                        p = lease.principal
                         if (m.kind == pb.MESSAGE_KIND_TOPIC and self.limits.topic_admins_only
                                 and not p.admin):
                             self._refuse(sub, PermissionDenied(
