@@ -141,8 +141,14 @@ class ChatService:
         self.presence_shared: Callable[[str, int, pb.Identity], None] | None = None
 
     def apply(self, limits: Limits) -> None:
-        """New limits (a reload): for new calls, and for the rate buckets of everyone."""
+        """New limits (a reload): for new calls, and for the rate buckets of everyone.
+        Admins reading others' conversations stop when admins_read_dms is turned off."""
         self.limits = limits
+        if not limits.admins_read_dms:
+            self.hub.close_where(
+                lambda s: rooms.is_dm(s.room) and s.login not in rooms.dm_members(s.room),
+                CloseReason(CloseKind.NARROWED, "admins_read_dms was turned off: admins no "
+                                                "longer read conversations they are not in"))
         self.ledger.apply(limits)
         self._call_buckets.configure(limits.call_burst, limits.call_rate)
         self._search_buckets.configure(limits.searches_per_minute,
@@ -169,13 +175,18 @@ class ChatService:
         self.access().check(p, room)
         return room
 
-    async def _hold(self, lease: Lease, room: str) -> tuple[auth.Principal, str]:
-        """Enter a room for a stream: token rooms are held against the token (the gate),
-        private rooms and DMs against their membership."""
+    async def _hold(self, lease: Lease, room: str, *,
+                    speak: bool = False) -> tuple[auth.Principal, str]:
+        """Enter a room for a stream (``speak``: to take part, a Join): token rooms are held
+        against the token (the gate), private rooms and DMs against their membership."""
         if rooms.is_conversation(room):
             room = self._canonical(lease.principal, room)
-            p = await lease.hold_conversation()
+            p = await lease.hold_conversation(lambda q: self.access().may_read(q, room))
             self.access().check(p, room)
+            if speak and rooms.is_dm(room) and p.login not in rooms.dm_members(room):
+                raise PermissionDenied(
+                    "admins_read_dms lets an admin read a conversation they are not part of "
+                    "(History, Subscribe, Search), not join it or write in it")
             return p, room
         return await lease.hold_room(room), room
 
@@ -354,7 +365,7 @@ class ChatService:
         # is read, decided again before the room is entered, closed when it fails.
         async with self._call(context, None, "Join", stream=True) as lease:
             hello = await self._read_hello(request_iterator, lease)
-            p, room = await self._hold(lease, hello.room)
+            p, room = await self._hold(lease, hello.room, speak=True)
             hello.room = room
             self._check_capacity(p)
             me = self._me(p)
