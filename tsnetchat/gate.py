@@ -124,6 +124,8 @@ class Lease:
         self.principal = principal
         self.stream = stream
         self.room = ""  # a room stream: the room must stay allowed
+        # A conversation stream (hold_conversation): what must stay true of the rights.
+        self.keep: Callable[[auth.Principal], bool] | None = None
         self.stale = False  # decided before a change to the key or settings
         self.error: TsnetchatError | None = None
         self._failed: asyncio.Future[None] | None = None
@@ -169,12 +171,16 @@ class Lease:
         return self.principal
 
 
-    async def hold_conversation(self) -> auth.Principal:
+    async def hold_conversation(self, keep: Callable[[auth.Principal], bool]
+                                ) -> auth.Principal:
         """The caller's rights, decided on current information, for a private room or a
         direct conversation: their readers are their members (the servicer checks that,
-        tsnetchat.rooms), not the token's rooms, so no room is held against the token."""
+        tsnetchat.rooms), not the token's rooms, so no room is held against the token.
+        From now on the lease fails when rights decided again no longer pass ``keep`` (an
+        admin reading others' conversations who is no longer an admin)."""
         await self._gate.refresh(self)
         self.check()
+        self.keep = keep
         return self.principal
 
 
@@ -407,6 +413,9 @@ class Gate:
                            else ", ".join(sorted(p.rooms)))
                 raise PermissionDenied(f"the tailnet policy changed: you may no longer use room "
                                        f"{lease.room!r} (allowed now: {allowed})")
+            if lease.keep is not None and not lease.keep(p):
+                raise PermissionDenied("your rights changed: you may no longer read this "
+                                       "conversation")
         except TsnetchatError as e:
             self._fail(lease, e)
             return

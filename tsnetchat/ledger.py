@@ -61,6 +61,7 @@ from .throttle import Buckets
 log = logging.getLogger("tsnetchat.ledger")
 
 MAX_CLIENT_MSG_ID = 64
+MAX_ID = 2**63 - 1  # SQLite's largest integer; larger numbers are not message ids
 # More messages waiting for storage than this and new ones are refused at once: a bound on
 # memory while the disk is stalled (each waits at most History's wait before it is refused).
 MAX_PENDING = 50_000
@@ -254,6 +255,10 @@ class Ledger:
             return text.strip()
         if not target:
             raise InvalidInput("an edit or deletion needs the target_id of a message")
+        if target > MAX_ID:
+            # Reaching SQLite, it raised OverflowError on the writer thread and ended it: no
+            # message of anybody's was stored after one such edit (found 2026-11-22).
+            raise InvalidInput(f"target_id {target} is not a message id (at most {MAX_ID})")
         if kind == pb.MESSAGE_KIND_DELETE:
             return ""
         validate_text(text, pb.MESSAGE_KIND_TEXT, limits.max_message_bytes)

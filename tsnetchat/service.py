@@ -35,10 +35,10 @@ from .errors import (
 )
 from .gate import Gate, Lease
 from .hub import FRAME_BATCH, CloseKind, CloseReason, Hub, Subscriber
-from .ledger import History, Ledger
+from .ledger import MAX_ID, History, Ledger
 from .metrics import Metrics
 from .pb import chat_pb2 as pb
-from .store import Sender
+from .store import Sender, fts_query
 from .throttle import Buckets, LogLimiter
 
 if TYPE_CHECKING:
@@ -48,7 +48,6 @@ log = logging.getLogger("tsnetchat.service")
 
 SERVICE_NAME = "tsnetchat.v1.Chat"
 HELLO_TIMEOUT = 10.0
-MAX_ID = 2**63 - 1  # SQLite's largest integer; larger cursors are not message ids
 # Malformed events in a row (garbage, bad text, a second hello) before a Join stream is cut
 # off as flooding. Refusals (rate limit, storage) never count: a client that is told to wait
 # has done nothing wrong (issues 16 and 18).
@@ -142,8 +141,14 @@ class ChatService:
         self.presence_shared: Callable[[str, int, pb.Identity], None] | None = None
 
     def apply(self, limits: Limits) -> None:
-        """New limits (a reload): for new calls, and for the rate buckets of everyone."""
+        """New limits (a reload): for new calls, and for the rate buckets of everyone.
+        Admins reading others' conversations stop when admins_read_dms is turned off."""
         self.limits = limits
+        if not limits.admins_read_dms:
+            self.hub.close_where(
+                lambda s: rooms.is_dm(s.room) and s.login not in rooms.dm_members(s.room),
+                CloseReason(CloseKind.NARROWED, "admins_read_dms was turned off: admins no "
+                                                "longer read conversations they are not in"))
         self.ledger.apply(limits)
         self._call_buckets.configure(limits.call_burst, limits.call_rate)
         self._search_buckets.configure(limits.searches_per_minute,
@@ -170,13 +175,18 @@ class ChatService:
         self.access().check(p, room)
         return room
 
-    async def _hold(self, lease: Lease, room: str) -> tuple[auth.Principal, str]:
-        """Enter a room for a stream: token rooms are held against the token (the gate),
-        private rooms and DMs against their membership."""
+    async def _hold(self, lease: Lease, room: str, *,
+                    speak: bool = False) -> tuple[auth.Principal, str]:
+        """Enter a room for a stream (``speak``: to take part, a Join): token rooms are held
+        against the token (the gate), private rooms and DMs against their membership."""
         if rooms.is_conversation(room):
             room = self._canonical(lease.principal, room)
-            p = await lease.hold_conversation()
+            p = await lease.hold_conversation(lambda q: self.access().may_read(q, room))
             self.access().check(p, room)
+            if speak and rooms.is_dm(room) and p.login not in rooms.dm_members(room):
+                raise PermissionDenied(
+                    "admins_read_dms lets an admin read a conversation they are not part of "
+                    "(History, Subscribe, Search), not join it or write in it")
             return p, room
         return await lease.hold_room(room), room
 
@@ -355,7 +365,7 @@ class ChatService:
         # is read, decided again before the room is entered, closed when it fails.
         async with self._call(context, None, "Join", stream=True) as lease:
             hello = await self._read_hello(request_iterator, lease)
-            p, room = await self._hold(lease, hello.room)
+            p, room = await self._hold(lease, hello.room, speak=True)
             hello.room = room
             self._check_capacity(p)
             me = self._me(p)
@@ -387,7 +397,7 @@ class ChatService:
                 yield codec.event(replay_done=self._replay_done(sub))
                 if first:
                     self._presence(hello.room, pb.PRESENCE_KIND_JOINED, me)
-                reader = asyncio.create_task(self._read_client(request_iterator, sub, p))
+                reader = asyncio.create_task(self._read_client(request_iterator, sub, lease))
                 async for f in self._live(sub, context):
                     yield f
             finally:
@@ -420,9 +430,9 @@ class ChatService:
         _check_id("after_id", first.hello.after_id)
         return first.hello  # type: ignore[no-any-return]
 
-    async def _read_client(self, it: AsyncIterator[Any], sub: Subscriber,
-                           p: auth.Principal) -> None:
+    async def _read_client(self, it: AsyncIterator[Any], sub: Subscriber, lease: Lease) -> None:
         # The sender is the connection's identity. send.claimed_sender is ignored on purpose.
+        p = lease.principal
         sender = Sender(p.login, p.display_name, p.node)
         send = self.ledger.send
         strikes = 0
@@ -439,6 +449,9 @@ class ChatService:
                     if which == "send":
                         m = ev.send
                         cmid = m.client_msg_id
+                        # Rights as decided now: a grant that took admin away while the
+                        # stream stayed open takes admin deletes and topics with it.
+                        p = lease.principal
                         if (m.kind == pb.MESSAGE_KIND_TOPIC and self.limits.topic_admins_only
                                 and not p.admin):
                             self._refuse(sub, PermissionDenied(
@@ -609,6 +622,7 @@ class ChatService:
                                    f"{lim.search_max_query_bytes} (search_max_query_bytes)")
             if request.offset > 10_000:
                 raise InvalidInput("offset beyond 10000: narrow the search instead")
+            fts_query(request.query)  # a query without words is refused, whatever one reads
             wait = self._search_buckets.take(p.login)
             if wait:
                 raise LimitExceeded(f"slow down: at most {lim.searches_per_minute} searches a "
