@@ -259,6 +259,32 @@ async def test_submitted_messages_settle_on_the_loop_in_order_after_their_commit
     await h.close()
 
 
+async def test_a_message_the_store_cannot_take_is_refused_and_the_writer_goes_on(
+        tmp_path: Path) -> None:
+    """An error that is not the database's (an id beyond SQLite's integers reached it once:
+    the writer thread died and nothing was stored after it) refuses the message, with the
+    others of its commit group (refusals say "send it again"); those before and after it are
+    stored."""
+    h = await SqliteHistory.open(tmp_path / "db")
+    outcomes: list[Outcome] = []
+    h.submit(Draft("r", A, 1, "before", "k0"), outcomes.append)
+    await h.drain()
+    h.submit(Draft("r", A, 3, "edit", "k1", target=2**64), outcomes.append)  # alone
+    await h.drain()
+    for i in range(3):  # in one group with another
+        h.submit(Draft("r", A, 3 if i == 1 else 1, f"m{i}", f"g{i}", target=2**64 * (i == 1)),
+                 outcomes.append)
+    await h.drain()
+    h.submit(Draft("r", A, 1, "after", "k2"), outcomes.append)
+    await h.drain()
+    assert isinstance(outcomes[0], Written) and isinstance(outcomes[1], StoreError)
+    assert "not stored" in str(outcomes[1])
+    assert isinstance(outcomes[-1], Written)
+    stored = [m.text for m in await h.after("r", 0, 10)]
+    assert stored[0] == "before" and stored[-1] == "after"
+    await h.close()
+
+
 async def test_reads_are_answered_while_another_process_holds_the_write_lock(
         tmp_path: Path) -> None:
     h = await SqliteHistory.open(tmp_path / "db", wait=60)

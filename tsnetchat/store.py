@@ -1313,6 +1313,14 @@ MAX_GROUP = 1024  # messages in one transaction at most (see SqliteHistory's max
 PRUNE_STEP = 5000  # rows deleted per transaction, so sends wait at most one step for a prune
 
 
+def _unexpected(e: Exception) -> StoreError:
+    """What the writer thread makes of an error that is not the database's (a bug): logged
+    with its traceback; the messages it hit are refused, and the writer goes on."""
+    log.error("the history's writer thread: unexpected error", exc_info=e)
+    return StoreError(f"this message was not stored: an error in the server ({e!r}); send "
+                      "it again, and tell the server's operator if it happens again")
+
+
 class SqliteHistory:
     """The server's history on threads of its own (see the module doc). Implements
     ``ledger.History``. Create it with ``await SqliteHistory.open(...)`` on the loop that
@@ -1444,16 +1452,19 @@ class SqliteHistory:
                 else:
                     self._write_group()
                 store.unindexed = True  # (jobs too: cluster mode imports messages in jobs)
-            if store.unindexed:
-                written_at = written_at or time.monotonic()
-                if idle or self._stopping or time.monotonic() - written_at >= INDEX_WITHIN:
-                    store.index_pending()
-                    written_at = 0.0
-            if self._store.purge_due:
-                deleted_at = deleted_at or time.monotonic()
-                if idle or self._stopping or time.monotonic() - deleted_at >= PURGE_WITHIN:
-                    self._store.purge()
-                    deleted_at = 0.0
+            try:
+                if store.unindexed:
+                    written_at = written_at or time.monotonic()
+                    if idle or self._stopping or time.monotonic() - written_at >= INDEX_WITHIN:
+                        written_at = 0.0
+                        store.index_pending()
+                if self._store.purge_due:
+                    deleted_at = deleted_at or time.monotonic()
+                    if idle or self._stopping or time.monotonic() - deleted_at >= PURGE_WITHIN:
+                        deleted_at = 0.0
+                        self._store.purge()
+            except Exception:  # a bug: logged, and the writer goes on storing messages
+                log.exception("the history's writer thread: indexing or purging failed")
             if self._stopping:
                 return
 
@@ -1480,12 +1491,13 @@ class SqliteHistory:
                     f"the history database stayed locked for {self.wait:g}s ({e}; another "
                     "process holds it, or the disk is stalled)"))
                 return
-            except StoreError as e:
+            except Exception as e:  # StoreError, or a bug: never the writer thread's end
+                err = e if isinstance(e, StoreError) else _unexpected(e)
                 if len(q) == 1 and q[0] is first:
                     q.popleft()
-                    self._post([(first.then, e)])
+                    self._post([(first.then, err)])
                 else:
-                    self._refuse_waiting(e)
+                    self._refuse_waiting(err)
                 return
         group: list[_Pending] = []
         while q and len(group) < self.max_group and isinstance(q[0], _Pending):
@@ -1494,8 +1506,9 @@ class SqliteHistory:
         try:
             written = self._store.write_open([p.draft for p in group])
             results = [(p.then, w) for p, w in zip(group, written, strict=True)]
-        except StoreError as e:
-            results = [(p.then, e) for p in group]
+        except Exception as e:
+            err = e if isinstance(e, StoreError) else _unexpected(e)
+            results = [(p.then, err) for p in group]
         self._post(results)
 
     def _refuse_waiting(self, error: StoreError) -> None:
