@@ -183,6 +183,44 @@ async def test_an_admin_reading_a_conversation_stops_when_admin_or_admins_read_d
         assert not (await admin.history(theirs)).messages  # her own, empty, conversation
 
 
+async def test_an_admin_reading_a_conversation_is_not_announced_in_it_going_away(
+        lab_chat: LabChat) -> None:
+    """admins_read_dms: the admin's Subscribe to alice and bob's conversation counted as being
+    in it, so their /away was announced there."""
+    alice, bob, mallory = await people(lab_chat, mallory_admin=True)
+    configure(lab_chat, admins_read_dms=True)
+    await alice.send_one(dm_room(BOB), "just us")
+    reading = mallory.subscribe(ALICE_BOB)
+    await first_of(reading, "replay_done")
+    in_dm = alice.stub.Join(hello_events(dm_room(BOB)), metadata=alice.metadata)
+    await first_of(in_dm, "replay_done")
+    watch = bob.stub.Join(hello_events("general"), metadata=bob.metadata)
+    await first_of(watch, "replay_done")
+    away = pb.ClientEvent(away=pb.Away(away=True, message="reading along"))
+    in_general = mallory.stub.Join(hello_events("general", then=[away]),
+                                   metadata=mallory.metadata)
+    seen: list[str] = []
+
+    async def until_away(call: Any) -> None:
+        async for ev in call:
+            if ev.WhichOneof("event") == "presence":
+                seen.append(ev.presence.room)
+                if ev.presence.kind == pb.PRESENCE_KIND_AWAY:
+                    return
+
+    await asyncio.wait_for(until_away(watch), 10)  # announced in general, where she is
+    await alice.send_one(dm_room(BOB), "still just us")
+    kinds = []
+    async for ev in in_dm:  # alice's stream in the conversation, up to her own message
+        which = ev.WhichOneof("event")
+        kinds.append((which, ev.presence.kind if which == "presence" else 0))
+        if which == "message" and ev.message.text == "still just us":
+            break
+    assert ("presence", pb.PRESENCE_KIND_AWAY) not in kinds
+    for call in (reading, in_dm, in_general, watch):
+        call.cancel()
+
+
 # --- held -----------------------------------------------------------------------------------
 
 

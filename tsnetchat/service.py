@@ -498,8 +498,9 @@ class ChatService:
             return
         me = self._me(p)
         for room in self.hub.rooms_of(p.login):
-            self._presence(room, pb.PRESENCE_KIND_AWAY if away else pb.PRESENCE_KIND_BACK, me,
-                           away_message=message)
+            if self._may_mention(room, p.login):  # (not where an admin only reads along)
+                self._presence(room, pb.PRESENCE_KIND_AWAY if away else pb.PRESENCE_KIND_BACK,
+                               me, away_message=message)
 
     def _refuse(self, sub: Subscriber, problem: TsnetchatError, client_msg_id: str,
                 retry_after: float = 0.0) -> None:
