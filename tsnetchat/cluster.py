@@ -118,7 +118,9 @@ ATTEMPT_TIMEOUT = 2.0  # one attempt at a batch; then again with the same expect
 WRONG_LAST_SEQUENCE = 10071
 _LAST = re.compile(r"wrong last sequence: (\d+)")
 CHANGES = (EDIT, DELETE)  # decided against the room's history before they are appended
-NO_MESSAGE = 10037  # JetStream: no message at that sequence (erased already, aged out)
+# JetStream's answer to erasing a sequence it does not hold (erased already, aged out):
+# 10043 "sequence N not found" (nats-server 2.15.2, seen 2026-11-22), or 10037.
+NO_MESSAGE = (10043, 10037)
 CREDS_MARK = "-----BEGIN NATS USER JWT-----"
 
 
@@ -1012,7 +1014,7 @@ class ClusterHistory:
                 try:
                     await self._js.delete_msg(STREAM, seq)
                 except nats.js.errors.APIError as e:
-                    if e.code != 404 and e.err_code != NO_MESSAGE:
+                    if e.code != 404 and e.err_code not in NO_MESSAGE:
                         log.warning("cluster: could not erase stream message %d yet: %s",
                                     seq, e)
                         await asyncio.sleep(1.0)
