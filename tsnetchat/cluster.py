@@ -37,9 +37,25 @@ A team's day (issue 15): a DM is a room (``dm:<logins>``) of the same stream thr
 same appender; mentions ride with each message (``_encode``) and are imported with it; read
 positions are KV keys (``READS``) raised with compare-and-set and applied to every local
 copy; search, unread and mention lists run on the local copy; a topic is a TOPIC message of
-the room, imported into each copy's topics. Later: edits/deletes as further message kinds in
-the room's subject (a delete also erases the original, fact 14); private rooms' membership
-in KV.
+the room, imported into each copy's topics.
+
+* **Edits and deletions** are messages of the room's subject too, each appended alone: the
+  appender waits until the local copy has applied the room up to the sequence it expects,
+  decides the change there (``Store.decide_change``: author, edit window, admin), and
+  appends it with what the decision rests on (admin, window); if the append lands, nothing
+  came in between, so every copy's import decides it the same way and applies it with the
+  store's own code (``Store.import_messages``: tombstone, search index, purge). A deletion
+  carries the stream sequences of its target and the target's edits (each copy keeps a
+  text's sequence) and their rows without text, so a copy that never had them (erased
+  before it caught up: the ordered consumer skips erased sequences) still gets the
+  tombstones. Every server that applies a deletion erases those sequences from the stream
+  (a secure delete, fact 14; again harmless: 10043), so it happens even if the sender died.
+* **Private rooms**: members live in KV (``ROOMS``, one entry per room, created and changed
+  with compare-and-set) rather than in the room's subject: the stream's retention
+  (``max_age``, ``max_msgs_per_subject``) would drop a room's membership from a subject,
+  and a server rebuilding its copy would then take a private room for an open one. Every
+  server applies the entries to its copy (before serving, at start-up) and closes the
+  streams of members removed through another server (``on_removed``).
 """
 
 from __future__ import annotations
@@ -579,8 +595,8 @@ class ClusterHistory:
     # stores them. Read positions are shared through the READS bucket and applied to every
     # local copy. Unread counts, mention lists and search are then answered by the local
     # copy (the same on every server once it has applied the stream and the bucket).
-    # Topics ride the stream as TOPIC messages and are imported into each copy's topics.
-    # Private rooms, edits and deletions are refused in cluster mode (README).
+    # Topics, edits and deletions ride the stream as messages and are imported into each
+    # copy. Private rooms' members are in the ROOMS bucket, applied to each copy.
 
     def people(self) -> dict[str, str]:
         return {**self.local.people(), **self._senders}
