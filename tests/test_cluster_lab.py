@@ -14,7 +14,6 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
-import grpc
 import nats_lab
 import pytest
 import tailnet_lab
@@ -111,20 +110,6 @@ async def test_alice_on_server_1_and_bob_on_server_2_share_a_dm_its_history_and_
         found_two = await bob.search("numbers", newest=True)
         assert [(m.room, m.id) for m in found_one.messages] == [
             (m.room, m.id) for m in found_two.messages] == [(dm, second), (dm, first)]
-
-
-@pytest.mark.cluster
-async def test_an_edit_in_cluster_mode_is_refused_with_a_clear_error(
-        lab: tailnet_lab.Lab, tmp_path: Path, nats_cluster: nats_lab.NatsCluster) -> None:
-    async with two_servers(lab, tmp_path, nats_cluster) as (one, _two):
-        alice = await one.connect("alice-laptop", one.token(ALICE))
-        sent = await alice.send_one("general", "a typo hree")
-        with pytest.raises(grpc.aio.AioRpcError) as refused:
-            await alice.edit("general", sent, "a typo here")
-        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "not available in cluster mode" in str(refused.value.details())
-        assert "Traceback" not in str(refused.value.details())
-        assert [m.text for m in (await alice.history("general")).messages] == ["a typo hree"]
 
 
 def unread_in(res: pb.UnreadResponse, room: str) -> tuple[int, int]:

@@ -7,9 +7,21 @@ from pathlib import Path
 
 import pytest
 
-from tsnetchat.cluster import connect_options
+from tsnetchat.cluster import _decode, _encode, connect_options
 from tsnetchat.config import load_config
 from tsnetchat.errors import ConfigError
+from tsnetchat.store import (
+    DELETE,
+    EDIT,
+    TEXT,
+    Draft,
+    Imported,
+    Refused,
+    Sender,
+    Store,
+    StoredMessage,
+    Written,
+)
 
 
 def test_without_cluster_the_server_keeps_its_single_server_database(tmp_path: Path) -> None:
@@ -63,3 +75,99 @@ def test_a_password_without_a_user_is_refused_naming_the_setting(tmp_path: Path)
                                                  "nats_credentials": str(tmp_path / "none")})
     with pytest.raises(ConfigError, match="nats_credentials: cannot read"):
         connect_options(cfg, env={})
+
+
+# --- applying the stream: edits and deletions as the embedded store makes them -----------
+
+ALICE = Sender("alice@example.com", "Alice", "laptop")
+BOB = Sender("bob@example.com", "Bob", "laptop")
+
+
+def _as_stream(written: list[StoredMessage], drafts: list[Draft]) -> list[Imported]:
+    """What the stream would carry for messages a Store wrote (its seq = list position)."""
+    out = []
+    for i, (m, d) in enumerate(zip(written, drafts, strict=True), 1):
+        data = _encode(d, m.id, m.ts_ms, "o:1")
+        out.append(_decode("tsnetchat.msg.room.general", data, i)[0])
+    return out
+
+
+def _written(store: Store, drafts: list[Draft]) -> list[StoredMessage]:
+    out = []
+    for d in drafts:
+        (w,) = store.write([d])
+        assert isinstance(w, Written), w
+        out.append(w.message)
+    return out
+
+
+def test_an_imported_edit_and_deletion_leave_the_copy_as_the_embedded_store_leaves_it(
+        tmp_path: Path) -> None:
+    drafts = [Draft("general", ALICE, TEXT, "my token is hunter2xyzzy", "c1"),
+              Draft("general", BOB, TEXT, "ok", "c2"),
+              Draft("general", ALICE, EDIT, "my token is hunter2xyzzy!", "c3", target=1),
+              Draft("general", BOB, TEXT, "fixed wording", "c4"),
+              Draft("general", ALICE, EDIT, "corrected and clean", "c5", target=4)]
+    embedded = Store(tmp_path / "embedded.db")
+    written = _written(embedded, drafts[:3])
+    copy = Store(tmp_path / "copy.db")
+    assert copy.import_messages(_as_stream(written, drafts[:3]), "s", 3) == {}
+    dele = Draft("general", ALICE, DELETE, "", "c6", target=1)
+    verdict = copy.decide_change(dele, written[-1].ts_ms)
+    assert not isinstance(verdict, Refused)
+    assert [(seq, m.id) for seq, m in verdict] == [(1, 1), (3, 3)]
+    (w,) = embedded.write([dele])
+    assert isinstance(w, Written)
+    data = _encode(dele, w.message.id, w.message.ts_ms, "o:2", verdict)
+    imported, _, erases = _decode("tsnetchat.msg.room.general", data, 4)
+    assert erases == [1, 3]
+    assert copy.import_messages([imported], "s", 4) == {}
+    assert copy.after("general", 0, 10) == embedded.after("general", 0, 10)
+    assert copy.search("hunter2xyzzy", ["general"]) == []
+    assert copy.purge_due  # the writer thread purges the text from the files
+    assert copy.applied("s") == 4
+    embedded.close()
+    copy.close()
+
+
+def test_a_copy_that_never_got_a_deleted_message_gets_its_tombstone_and_never_its_text(
+        tmp_path: Path) -> None:
+    drafts = [Draft("general", ALICE, TEXT, "secret hunter2xyzzy", "c1"),
+              Draft("general", ALICE, EDIT, "secret hunter2xyzzy v2", "c2", target=1),
+              Draft("general", BOB, TEXT, "after", "c3")]
+    embedded = Store(tmp_path / "embedded.db")
+    written = _written(embedded, drafts)
+    dele = Draft("general", ALICE, DELETE, "", "c4", target=1)
+    verdict = embedded.decide_change(dele, written[-1].ts_ms)
+    assert not isinstance(verdict, Refused)
+    (w,) = embedded.write([dele])
+    assert isinstance(w, Written)
+    late = Store(tmp_path / "late.db")  # the stream has lost messages 1 and 2 (erased)
+    stream = _as_stream(written, drafts)[2:]
+    data = _encode(dele, w.message.id, w.message.ts_ms, "o:2", verdict)
+    stream.append(_decode("tsnetchat.msg.room.general", data, 4)[0])
+    assert late.import_messages(stream, "s", 4) == {}
+    assert late.after("general", 0, 10) == embedded.after("general", 0, 10)
+    gone = late.after("general", 0, 1)[0]
+    assert (gone.text, gone.deleted_by) == ("", ALICE.login)
+    embedded.close()
+    late.close()
+
+
+def test_a_change_is_decided_on_the_copy_as_the_embedded_store_decides_it(
+        tmp_path: Path) -> None:
+    copy = Store(tmp_path / "copy.db")
+    d = Draft("general", BOB, TEXT, "mine", "c1")
+    copy.import_messages(_as_stream(_written(Store(tmp_path / "e.db"), [d]), [d]), "s", 1)
+    now = copy.after("general", 0, 1)[0].ts_ms
+    edit = copy.decide_change(Draft("general", ALICE, EDIT, "x", "c2", target=1), now)
+    assert isinstance(edit, Refused) and "only its author" in str(edit.error)
+    admin = copy.decide_change(Draft("general", ALICE, DELETE, "", "c3", target=1,
+                                     admin=True), now)
+    assert not isinstance(admin, Refused) and [m.id for _, m in admin] == [1]
+    late = copy.decide_change(Draft("general", BOB, EDIT, "x", "c4", target=1,
+                                    edit_window_ms=1000), now + 5000)
+    assert isinstance(late, Refused) and "edit_window_seconds" in str(late.error)
+    missing = copy.decide_change(Draft("general", BOB, EDIT, "x", "c5", target=9), now)
+    assert isinstance(missing, Refused) and "no message 9" in str(missing.error)
+    copy.close()

@@ -38,9 +38,25 @@ A team's day (issue 15): a DM is a room (``dm:<logins>``) of the same stream thr
 same appender; mentions ride with each message (``_encode``) and are imported with it; read
 positions are KV keys (``READS``) raised with compare-and-set and applied to every local
 copy; search, unread and mention lists run on the local copy; a topic is a TOPIC message of
-the room, imported into each copy's topics. Later: edits/deletes as further message kinds in
-the room's subject (a delete also erases the original, fact 14); private rooms' membership
-in KV.
+the room, imported into each copy's topics.
+
+* **Edits and deletions** are messages of the room's subject too, each appended alone: the
+  appender waits until the local copy has applied the room up to the sequence it expects,
+  decides the change there (``Store.decide_change``: author, edit window, admin), and
+  appends it with what the decision rests on (admin, window); if the append lands, nothing
+  came in between, so every copy's import decides it the same way and applies it with the
+  store's own code (``Store.import_messages``: tombstone, search index, purge). A deletion
+  carries the stream sequences of its target and the target's edits (each copy keeps a
+  text's sequence) and their rows without text, so a copy that never had them (erased
+  before it caught up: the ordered consumer skips erased sequences) still gets the
+  tombstones. Every server that applies a deletion erases those sequences from the stream
+  (a secure delete, fact 14; again harmless: 10043), so it happens even if the sender died.
+* **Private rooms**: members live in KV (``ROOMS``, one entry per room, created and changed
+  with compare-and-set) rather than in the room's subject: the stream's retention
+  (``max_age``, ``max_msgs_per_subject``) would drop a room's membership from a subject,
+  and a server rebuilding its copy would then take a private room for an open one. Every
+  server applies the entries to its copy (before serving, at start-up) and closes the
+  streams of members removed through another server (``on_removed``).
 """
 
 from __future__ import annotations
@@ -77,6 +93,7 @@ from .store import (
     EDIT,
     Draft,
     HistoryIdentity,
+    Imported,
     Outcome,
     Refused,
     RoomState,
@@ -106,6 +123,9 @@ PRESENCE = "tsnetchat-presence"
 # person, not per device), only ever raised (compare-and-set); every server applies it to
 # its local copy's read positions, so unread counts agree on all servers.
 READS = "tsnetchat-reads"
+# KV: <room, base64url> -> {"room", "by", "members"}: a private room's members (issue 15),
+# changed with compare-and-set; every server applies it to its local copy.
+ROOMS = "tsnetchat-rooms"
 PRESENCE_TTL = 30
 PRESENCE_REFRESH = 10.0
 SOURCE = "nats:" + STREAM  # the local copy's name for how far the stream is applied
@@ -114,7 +134,10 @@ MAX_BATCHES_IN_FLIGHT = 32  # JetStream allows 50 per stream
 ATTEMPT_TIMEOUT = 2.0  # one attempt at a batch; then again with the same expectation
 WRONG_LAST_SEQUENCE = 10071
 _LAST = re.compile(r"wrong last sequence: (\d+)")
-NOT_YET = (EDIT, DELETE)  # message kinds cluster mode does not carry yet
+CHANGES = (EDIT, DELETE)  # decided against the room's history before they are appended
+# JetStream's answer to erasing a sequence it does not hold (erased already, aged out):
+# 10043 "sequence N not found" (nats-server 2.15.2, seen 2026-11-22), or 10037.
+NO_MESSAGE = (10043, 10037)
 CREDS_MARK = "-----BEGIN NATS USER JWT-----"
 
 
@@ -129,10 +152,12 @@ async def _shared(kv: Any, name: str, value: bytes) -> bytes:
         return bytes(entry.value)
 
 
-async def _entries(watcher: Any, what: str) -> AsyncIterator[Any]:
+async def _entries(watcher: Any, what: str, *,
+                   ready: asyncio.Event | None = None) -> AsyncIterator[Any]:
     """A KV watcher's entries, for as long as the server runs (the end-of-history marker
-    left out). nats-py's watcher recovers from a lost connection on its own, so an error is
-    logged and the watcher asked again."""
+    left out; it sets ``ready``, once the entries before it have been handled). nats-py's
+    watcher recovers from a lost connection on its own, so an error is logged and the
+    watcher asked again."""
     while True:
         try:
             entry = await watcher.updates(timeout=3600)
@@ -144,6 +169,8 @@ async def _entries(watcher: Any, what: str) -> AsyncIterator[Any]:
             continue
         if entry is not None:
             yield entry
+        elif ready is not None:
+            ready.set()
 
 
 async def _quiet(e: Exception) -> None:
@@ -180,25 +207,41 @@ def connect_options(cfg: ServerConfig, env: dict[str, str] | None = None) -> dic
     return opts
 
 
-def _encode(d: Draft, msg_id: int, ts_ms: int, origin: str) -> bytes:
+def _encode(d: Draft, msg_id: int, ts_ms: int, origin: str,
+            erased: Sequence[tuple[int, StoredMessage]] = ()) -> bytes:
     o: dict[str, object] = {"id": msg_id, "ts": ts_ms, "l": d.sender.login,
                             "d": d.sender.display_name, "n": d.sender.node, "k": d.kind,
                             "t": d.text, "c": d.client_msg_id, "o": origin}
     if d.mentions:  # recognised by the sender's server (the ledger), stored by every copy
         o["m"] = list(d.mentions)
+    if d.kind in CHANGES:  # decided alike by every copy (Store.import_messages)
+        o.update(g=d.target, a=d.admin, w=d.edit_window_ms)
+    if erased:  # a deletion: what it erases from the stream, and tombstones for copies
+        o["x"] = [{"s": seq, "id": m.id, "ts": m.ts_ms, "k": m.kind, "l": m.sender.login,
+                   "d": m.sender.display_name, "n": m.sender.node, "c": m.client_msg_id,
+                   "g": m.target, "e": m.edited_ms} for seq, m in erased]
     return json.dumps(o, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def _decode(subject: str, data: bytes) -> tuple[StoredMessage, str]:
-    """A message of the stream, and the origin tag of the server that sent it."""
+def _decode(subject: str, data: bytes, seq: int) -> tuple[Imported, str, list[int]]:
+    """A message of the stream at ``seq``, the origin tag of the server that sent it, and
+    (a deletion) the stream sequences it erases."""
     if not subject.startswith(ROOM_PREFIX):
         raise ValueError(f"not a room subject: {subject}")
+    room = subject[len(ROOM_PREFIX):]
     o = json.loads(data)
-    return StoredMessage(subject[len(ROOM_PREFIX):], int(o["id"]), int(o["ts"]),
-                         Sender(str(o["l"]), str(o["d"]), str(o["n"])), int(o["k"]),
-                         str(o["t"]), str(o["c"]),
-                         mentions=tuple(sorted(str(x) for x in o.get("m", ())))
-                         ), str(o.get("o", ""))
+    kind, login = int(o["k"]), str(o["l"])
+    erased = [(int(x["s"]), StoredMessage(
+        room, int(x["id"]), int(x["ts"]), Sender(str(x["l"]), str(x["d"]), str(x["n"])),
+        int(x["k"]), "", str(x["c"]), int(x["g"]), edited_ms=int(x["e"])))
+        for x in o.get("x", ())]
+    m = StoredMessage(room, int(o["id"]), int(o["ts"]), Sender(login, str(o["d"]), str(o["n"])),
+                      kind, str(o["t"]), str(o["c"]), target=int(o.get("g", 0)),
+                      mentions=tuple(sorted(str(x) for x in o.get("m", ()))),
+                      deleted_by=login if kind == DELETE else "")
+    return (Imported(m, seq, bool(o.get("a", False)), int(o.get("w", 0)),
+                     tuple(r for _, r in erased)),
+            str(o.get("o", "")), [s for s, _ in erased if s > 0])
 
 
 @dataclass(eq=False)
@@ -273,6 +316,16 @@ class ClusterHistory:
         self.on_presence: Callable[[str, int, pb.Identity], object] = lambda r, k, w: None
         # Called when a person is kicked through another server: (room, login, by whom).
         self.on_kick: Callable[[str, str, str], object] = lambda room, login, by: None
+        # Stream sequences of deleted messages still to be erased from the stream.
+        self._erasing: deque[int] = deque()
+        self._erase_ready = asyncio.Event()
+        # Private rooms (ROOMS): the revision of each room's entry applied to the local copy,
+        # changes applied one at a time; called with (room, logins, by whom) when members
+        # are removed through another server (their streams here close).
+        self._kv_rooms: Any = None
+        self._room_revs: dict[str, int] = {}
+        self._rooms_lock = asyncio.Lock()
+        self.on_removed: Callable[[str, frozenset[str], str], object] = lambda r, gone, by: None
 
     # start / stop ------------------------------------------------------------------------
 
@@ -333,11 +386,23 @@ class ClusterHistory:
             **start))
         watcher = await self._kv_revoked.watchall()
         self._tasks.append(asyncio.create_task(self._watch_revocations(watcher)))
+        self._tasks.append(asyncio.create_task(self._erase_loop()))
+        self._kv_rooms = await _retrying(lambda: self._js.create_key_value(KeyValueConfig(
+            bucket=ROOMS, replicas=self.cfg.cluster_replicas, history=1)), deadline,
+            "the private rooms bucket")
+        rooms_known = asyncio.Event()
+        self._tasks.append(asyncio.create_task(self._watch_rooms(
+            await self._kv_rooms.watchall(), rooms_known)))
         try:
             await asyncio.wait_for(self._applied_through(target), deadline - time.monotonic())
         except TimeoutError:
             raise StoreError(f"the local copy did not catch up with the cluster's stream "
                              f"(at {self._applied} of {target}) within {timeout:g}s") from None
+        try:  # (a member removed while this server was down must not read on here)
+            await asyncio.wait_for(rooms_known.wait(), max(0.01, deadline - time.monotonic()))
+        except TimeoutError:
+            raise StoreError(f"the private rooms' members did not arrive from the cluster "
+                             f"within {timeout:g}s") from None
         log.info("cluster: joined %s; stream at %d, %d room(s)", self.cfg.cluster, target,
                  len(self._last_ids))
         return key
@@ -488,9 +553,14 @@ class ClusterHistory:
             log.warning("cluster: ignoring a malformed kick: %s", e)
 
     async def close(self) -> None:
-        """Settle what was submitted (acknowledged or refused), stop following the stream,
-        leave the list of servers, disconnect, close the local copy."""
+        """Settle what was submitted (acknowledged or refused), erase what deletions left
+        to erase (for up to 2 s: the other servers erase them too), stop following the
+        stream, leave the list of servers, disconnect, close the local copy."""
         await self.drain()
+        for _ in range(20):
+            if not self._erasing:
+                break
+            await asyncio.sleep(0.1)
         for key in list(self._here):  # our members leave with us
             self.share_presence_gone(key)
         if self._presence_writes:
@@ -513,10 +583,6 @@ class ClusterHistory:
     # the History protocol ---------------------------------------------------------------
 
     def submit(self, draft: Draft, then: Settle) -> None:
-        if draft.kind in NOT_YET:
-            asyncio.get_running_loop().call_soon(then, Refused(InvalidInput(
-                "edits and deletions are not available in cluster mode yet")))
-            return
         self._unsettled += 1
         self._settled.clear()
         key = (draft.room, draft.sender.login, draft.client_msg_id)
@@ -559,8 +625,8 @@ class ClusterHistory:
     # stores them. Read positions are shared through the READS bucket and applied to every
     # local copy. Unread counts, mention lists and search are then answered by the local
     # copy (the same on every server once it has applied the stream and the bucket).
-    # Topics ride the stream as TOPIC messages and are imported into each copy's topics.
-    # Private rooms, edits and deletions are refused in cluster mode (README).
+    # Topics, edits and deletions ride the stream as messages and are imported into each
+    # copy. Private rooms' members are in the ROOMS bucket, applied to each copy.
 
     def people(self) -> dict[str, str]:
         return {**self.local.people(), **self._senders}
@@ -573,7 +639,82 @@ class ClusterHistory:
 
     async def set_members(self, room: str, by: str, add: Sequence[str], remove: Sequence[str],
                           *, create: bool = False) -> frozenset[str]:
-        raise InvalidInput("private rooms are not available in cluster mode yet")
+        """Create a private room or change its members in the cluster's ROOMS bucket
+        (compare-and-set: of two servers creating one room, one succeeds), then here; the
+        other servers apply it from their watch (``on_removed``). Raises InvalidInput as
+        Store.set_members does, StoreError when the cluster did not confirm the change."""
+        key = _b64(room)
+        try:
+            async with self._rooms_lock:  # (our own watch waits: it finds this applied)
+                for _ in range(10):
+                    if create:
+                        value = {"room": room, "by": by, "members": sorted(set(add) - set(remove))}
+                        try:
+                            rev = await self._kv_rooms.create(key, _json(value))
+                        except nats.js.errors.KeyWrongLastSequenceError:
+                            raise InvalidInput(f"private room {room!r} already exists") from None
+                    else:
+                        try:
+                            entry = await self._kv_rooms.get(key)
+                        except nats.js.errors.KeyNotFoundError:
+                            entry = None
+                        if entry is None or entry.operation is not None or not entry.value:
+                            raise InvalidInput(f"there is no private room {room!r}")
+                        value = json.loads(entry.value)
+                        value["members"] = sorted((set(value["members"]) | set(add))
+                                                  - set(remove))
+                        value["by"] = by
+                        try:
+                            rev = await self._kv_rooms.update(key, _json(value),
+                                                              last=entry.revision)
+                        except nats.js.errors.KeyWrongLastSequenceError:
+                            continue  # changed through another server meanwhile: again
+                    await self._apply_room(room, value, rev)
+                    return frozenset(value["members"])
+        except (nats.errors.Error, OSError) as e:
+            raise StoreError(f"the cluster did not confirm the change of {room!r} ({_why(e)}); "
+                             "it may still take effect: look at the room's members, then try "
+                             "again") from e
+        raise StoreError(f"{room!r} kept changing through other servers; try again")
+
+    async def _apply_room(self, room: str, value: dict[str, Any], rev: int) -> frozenset[str]:
+        """Make the local copy's members of ``room`` those of revision ``rev`` (older
+        revisions than the one applied are ignored); returns who was removed. Called under
+        ``_rooms_lock``."""
+        if rev <= self._room_revs.get(room, 0):
+            return frozenset()
+        new = frozenset(str(x) for x in value["members"])
+        exists = room in self.local.private_rooms()
+        now = self.local.private_members(room)
+        if not exists or new != now:
+            await self.local.set_members(room, str(value.get("by", "")), sorted(new - now),
+                                         sorted(now - new), create=not exists)
+        self._room_revs[room] = rev
+        return now - new
+
+    async def _watch_rooms(self, watcher: Any, known: asyncio.Event) -> None:
+        async for entry in _entries(watcher, "private rooms", ready=known):
+            if entry.operation is not None or not entry.value:
+                continue  # (rooms are never deleted; a purge by hand changes nothing here)
+            try:
+                value = json.loads(entry.value)
+                room = str(value["room"])
+                if _b64(room) != entry.key or not isinstance(value["members"], list):
+                    raise ValueError(entry.key)
+            except (ValueError, KeyError, TypeError) as e:
+                log.warning("cluster: ignoring private room entry %r: %s", entry.key, e)
+                continue
+            while True:
+                try:
+                    async with self._rooms_lock:
+                        gone = await self._apply_room(room, value, entry.revision)
+                    break
+                except StoreError as e:  # the local copy must follow: try until it does
+                    log.error("cluster: cannot apply the members of %r here (%s); retrying",
+                              room, e)
+                    await asyncio.sleep(1.0)
+            if gone:
+                self.on_removed(room, gone, str(value.get("by", "")))
 
     async def topic(self, room: str) -> Topic | None:
         return await self.local.topic(room)
@@ -682,7 +823,10 @@ class ClusterHistory:
     async def prune(self, *, keep_count: int, keep_days: float,
                     now: float | None = None) -> int:
         """The local copy's retention (the stream applies the same limits itself)."""
-        return await self.local.prune(keep_count=keep_count, keep_days=keep_days, now=now)
+        n = await self.local.prune(keep_count=keep_count, keep_days=keep_days, now=now)
+        if n:
+            await self.local.job(lambda s: s.forget_stream_seqs())
+        return n
 
     async def _watch_revocations(self, watcher: Any) -> None:
         async for entry in _entries(watcher, "revocation"):
@@ -715,7 +859,12 @@ class ClusterHistory:
         q = self._queues[room]
         try:
             while q:
-                batch = [q.popleft() for _ in range(min(len(q), MAX_BATCH))]
+                # An edit or deletion goes alone: it is decided against the room as the
+                # stream has it just before (``_append``).
+                batch = [q.popleft()]
+                while (q and len(batch) < MAX_BATCH and batch[0].draft.kind not in CHANGES
+                       and q[0].draft.kind not in CHANGES):
+                    batch.append(q.popleft())
                 try:
                     async with self._slots:
                         await self._append(room, batch)
@@ -764,7 +913,24 @@ class ClusterHistory:
             last_id, last_seq = self._heads.get(room) or (
                 self._last_ids.get(room, 0), self._last_seqs.get(room, 0))
             ts = int(time.time() * 1000)
-            payloads = [_encode(p.draft, last_id + i, ts, p.origin)
+            erased: list[tuple[int, StoredMessage]] = []
+            if live[0].draft.kind in CHANGES:  # (alone in its batch)
+                # Decided here against the room up to ``last_seq``: if the append then
+                # lands, nothing came in between (the expectation), so every copy that
+                # applies it decides the same (Store.import_messages); else decided again.
+                try:
+                    await asyncio.wait_for(self._applied_through(last_seq),
+                                           max(0.01, live[0].deadline - now))
+                except TimeoutError:
+                    why = "this server has not caught up with the stream"
+                    continue
+                ts = int(time.time() * 1000)
+                verdict = await self.local.read(partial(_decide, live[0].draft, ts))
+                if isinstance(verdict, Refused):
+                    self._settle(live[0], verdict)
+                    return
+                erased = verdict
+            payloads = [_encode(p.draft, last_id + i, ts, p.origin, erased)
                         for i, p in enumerate(live, 1)]
             for p in live:
                 self._mine[p.origin] = p  # settled by the applier once it sees it
@@ -828,37 +994,51 @@ class ClusterHistory:
             await self._inbox_ready.wait()
             self._inbox_ready.clear()
             msgs, self._inbox = self._inbox, []
-            todo: list[tuple[int, StoredMessage, str]] = []
+            todo: list[tuple[int, Imported, str, list[int]]] = []
             for raw in msgs:
                 seq = raw.metadata.sequence.stream
                 if seq <= self._applied or (todo and seq <= todo[-1][0]):
                     continue
                 try:
-                    m, origin = _decode(raw.subject, raw.data)
+                    it, origin, erases = _decode(raw.subject, raw.data, seq)
                 except (ValueError, KeyError, TypeError) as e:
                     log.warning("cluster: skipping stream message %d on %s: %s", seq,
                                 raw.subject, e)
                     continue
-                todo.append((seq, m, origin))
+                todo.append((seq, it, origin, erases))
             if not msgs:
                 continue
             last = max(msgs[-1].metadata.sequence.stream, self._applied)
             while True:
                 try:
-                    await self.local.job(partial(_import, [m for _, m, _ in todo], last))
+                    refused = await self.local.job(partial(_import, [t[1] for t in todo],
+                                                           last))
                     break
                 except StoreError as e:  # keep them: the stream does not move on without us
                     log.error("cluster: cannot write the local copy (%s); retrying", e)
                     await asyncio.sleep(1.0)
-            for seq, m, origin in todo:
+            for i, (seq, it, origin, erases) in enumerate(todo):
+                m = it.message
                 if m.id <= self._last_ids.get(m.room, 0):
                     continue  # (was in the local copy already)
-                self._last_ids[m.room] = m.id
                 self._last_seqs[m.room] = seq
+                p = self._mine.get(origin)
+                why = refused.get(i)
+                if why is not None:
+                    # Decided alike by every copy; normally refused before it was appended
+                    # (``_decide``), so only when this copy differs (its retention, say).
+                    log.warning("cluster: %s %d in %r not applied: %s", "a change", m.id,
+                                m.room, why.error)
+                    if p is not None:
+                        self._settle(p, why)
+                    continue
+                self._last_ids[m.room] = m.id
+                if erases:  # every server erases (again): whoever sent it may be gone
+                    self._erasing.extend(erases)
+                    self._erase_ready.set()
                 if self._senders.get(m.sender.login) != m.sender.display_name:
                     self._senders[m.sender.login] = m.sender.display_name
                     self.on_sender(m.sender)
-                p = self._mine.get(origin)
                 if p is not None:
                     self._settle(p, Written(m, False))  # the ledger publishes and acks
                 else:
@@ -868,6 +1048,32 @@ class ClusterHistory:
             async with self._progress:
                 self._applied = last
                 self._progress.notify_all()
+
+    async def _erase_loop(self) -> None:
+        """Erase deleted messages from the stream (fact 14: a secure delete, the bytes
+        overwritten on every node), retrying while the cluster cannot."""
+        while True:
+            await self._erase_ready.wait()
+            self._erase_ready.clear()
+            while self._erasing:
+                seq = self._erasing[0]
+                try:
+                    await self._js.delete_msg(STREAM, seq)
+                except nats.js.errors.APIError as e:
+                    if e.code != 404 and e.err_code not in NO_MESSAGE:
+                        log.warning("cluster: could not erase stream message %d yet: %s",
+                                    seq, e)
+                        await asyncio.sleep(1.0)
+                        continue
+                except (nats.errors.Error, OSError) as e:
+                    log.debug("cluster: erasing %d: %s", seq, _why(e))
+                    await asyncio.sleep(1.0)
+                    continue
+                self._erasing.popleft()  # erased, or gone already (erased, aged out)
+
+
+def _json(value: object) -> bytes:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def _b64(text: str) -> str:
@@ -888,8 +1094,12 @@ def _find_resends(room: str, keys: list[tuple[str, str]], s: Store
     return s.find_resends(room, keys)
 
 
-def _import(msgs: list[StoredMessage], seq: int, s: Store) -> None:
-    s.import_messages(msgs, SOURCE, seq)
+def _import(items: list[Imported], seq: int, s: Store) -> dict[int, Refused]:
+    return s.import_messages(items, SOURCE, seq)
+
+
+def _decide(d: Draft, ts: int, s: Store) -> Refused | list[tuple[int, StoredMessage]]:
+    return s.decide_change(d, ts)
 
 
 def _why(e: BaseException) -> str:

@@ -253,6 +253,7 @@ class Server:
                 self._key_stamp = _stamp(cfg.key_path)
             self.store.on_revoked = self.service.apply_revocations
             self.store.on_kick = self.service.kick_here
+            self.store.on_removed = self.service.removed_here
             self.store.on_foreign = self.service.ledger.charge
             people = self.service.ledger.people  # who can be mentioned, also from elsewhere
             self.store.on_sender = lambda s: people.add(s.login, s.display_name)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -677,10 +677,7 @@ class ChatService:
             gone = self._logins(request.remove)
             members = await self.store.set_members(request.room, p.login,
                                                    self._logins(request.add), gone)
-            n = self.hub.close_where(
-                lambda s: s.room == request.room and s.login in gone,
-                CloseReason(CloseKind.KICKED, f"you were removed from {request.room!r} by "
-                                              f"{p.login}"))
+            n = self.removed_here(request.room, gone, p.login)
             return pb.RoomMembersResponse(room=request.room, members=sorted(members),
                                           streams_closed=n)
         raise AssertionError("unreachable")  # pragma: no cover
@@ -735,6 +732,13 @@ class ChatService:
         """Close ``login``'s streams in ``room`` on this server; returns how many."""
         return self.hub.close_where(
             lambda s: s.room == room and s.login == login,
+            CloseReason(CloseKind.KICKED, f"you were removed from {room!r} by {by}"))
+
+    def removed_here(self, room: str, logins: Collection[str], by: str) -> int:
+        """Close the streams in private room ``room`` of members removed from it (also
+        through another server of a cluster); returns how many."""
+        return self.hub.close_where(
+            lambda s: s.room == room and s.login in logins,
             CloseReason(CloseKind.KICKED, f"you were removed from {room!r} by {by}"))
 
     def apply_revocations(self, token_ids: list[str]) -> int:
