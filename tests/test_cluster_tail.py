@@ -67,6 +67,7 @@ def test_tail_through_server_1_goes_on_through_server_2_when_server_1_is_killed(
             f"after {i}" for i in range(3)]
         assert "connection lost:" in stderr and "nothing missed" in stderr
         assert "Traceback" not in stderr
+        print(f"the tail's stderr: {stderr.strip()}")
     finally:
         if tail is not None and tail.poll() is None:
             tail.kill()
