@@ -14,6 +14,7 @@ from conftest import Chat
 from tsnetchat.client import Link, RoomSession, SessionEvent, deliver
 from tsnetchat.clienterrors import ClientError
 from tsnetchat.outbox import Pacer, State
+from tsnetchat.pb import chat_pb2 as pb
 
 
 def link_as(chat: Chat, login: str, rooms: tuple[str, ...] = ("*",)) -> Link:
@@ -187,3 +188,39 @@ async def test_deliver_returns_the_id_and_says_why_a_message_is_refused(chat: Ch
         await deliver(link, "general", "x" * 5000)
     assert e.value.exit_code == 2 and "limit is 4096 bytes" in str(e.value)
     await link.close()
+
+
+async def test_a_read_only_session_learns_the_cluster_from_replay_done_and_fails_over(
+        chat: Chat, pumps: list[Pump]) -> None:
+    # Subscribe has no Welcome: its ReplayDone names the cluster's servers (a stand-in list
+    # here, both on this one server; tests/test_cluster_tail.py has the real cluster).
+    port = chat.cfg.port
+
+    def cluster() -> list[pb.ClusterServer]:
+        return [pb.ClusterServer(name="chat-server", port=port, node_id="n1"),
+                pb.ClusterServer(name="chat-server-2", port=port, node_id="n2")]
+
+    chat.server.service.servers = cluster
+    token = chat.token("bob@tailnet.test")
+    dialled: list[tuple[str, int, str]] = []
+
+    async def dial() -> Any:
+        return await chat.connect("bob@tailnet.test", token)
+
+    async def dial_other(name: str, other_port: int, node_id: str) -> Any:
+        dialled.append((name, other_port, node_id))
+        return await chat.connect("bob@tailnet.test", token)
+
+    link = Link(dial, name="chat-server", dial_other=dial_other)
+    feed = pump(pumps, RoomSession(link, "general", read_only=True, max_backoff=0.5))
+    await feed.welcomed()
+    assert link.servers == [("chat-server-2", port)] and link.alternates
+    alice = link_as(chat, "alice@tailnet.test")
+    assert await deliver(alice, "general", "one") == 1
+    await feed.until(lambda: feed.kinds("message"))
+    chat.net.drop_all()  # the way to "chat-server" breaks (as when it is killed)
+    assert await deliver(alice, "general", "two") == 2
+    await feed.until(lambda: len(feed.kinds("message")) == 2)
+    assert dialled[0] == ("chat-server-2", port, "n2")  # the next server, not the same one
+    assert [e.message.id for e in feed.kinds("message") if e.message] == [1, 2]
+    await alice.close()

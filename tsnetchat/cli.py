@@ -523,7 +523,8 @@ def tail(
     json_out: Annotated[bool, typer.Option("--json")] = False, verbose: VerboseOpt = False,
 ) -> None:
     """Follow a room read-only: the backlog (or after --after, or --new), a "live" marker,
-    then messages as they come. Reconnects and resumes on its own."""
+    then messages as they come. Reconnects and resumes on its own (in a cluster, through
+    another server when its own goes away)."""
     from . import clientcmds
 
     s = _client_settings(server, token, token_file, socket, proxy)

@@ -280,8 +280,8 @@ class Link:
         return self._dial_other is not None and bool(self.servers)
 
     def learn(self, servers: Sequence[tuple[str, int, str]]) -> None:
-        """The cluster's servers (name, port, stable node id), from a Welcome (the one we
-        are on among them)."""
+        """The cluster's servers (name, port, stable node id), from a Welcome or, on a
+        read-only stream, a ReplayDone (the one we are on among them)."""
         if self._dial_other is None or not servers:
             return
         current = self.servers[self._turn - 1] if 0 < self._turn <= len(self.servers) else None
@@ -614,13 +614,16 @@ class RoomSession:
 
     def _welcomed(self, w: pb.Welcome) -> None:
         self.me = w.you
-        if "servers" in w.DESCRIPTOR.fields_by_name:
-            self.link.learn([(s.name, s.port, s.node_id) for s in w.servers])
+        self._learn(w.servers)
         if w.max_message_bytes:
             self.max_message_bytes = w.max_message_bytes
         limit = advertised_rate(w)
         if limit is not None:
             self.pacer.configure(*limit)
+
+    def _learn(self, servers: Sequence[pb.ClusterServer]) -> None:
+        """The cluster's servers, from a Welcome (Join) or a ReplayDone (Subscribe)."""
+        self.link.learn([(s.name, s.port, s.node_id) for s in servers])
 
     def _restart(self, why: str) -> SessionEvent:
         """End this stream and open the next one at once, from what the server has."""
@@ -648,6 +651,7 @@ class RoomSession:
                                                 rd.last_id)
                 if why is not None:
                     return [self._restart(why)]
+                self._learn(rd.servers)  # Subscribe's only news of the other servers
             self.cursor.replay_done(ev.replay_done.last_id)
             self._replays += 1
             out.append(SessionEvent("replay_done", first=self._replays == 1,

@@ -133,8 +133,8 @@ class ChatService:
         self._away: dict[str, str] = {}  # login -> away message (set by an Away event)
         self._error_log = LogLimiter(burst=5, rate=0.2)
         self.going_away = False
-        # Cluster mode (tsnetchat.cluster): every server, for the Welcome; and a kick passed
-        # on to the other servers.
+        # Cluster mode (tsnetchat.cluster): every server, for the Welcome and the ReplayDone
+        # (a Subscribe stream's only news of them); and a kick passed on to the other servers.
         self.servers: Callable[[], list[pb.ClusterServer]] = list
         self.kick_elsewhere: Callable[[str, str, str], Awaitable[None]] | None = None
         self.members_elsewhere: Callable[[str], list[pb.Identity]] = lambda room: []
@@ -313,7 +313,7 @@ class ChatService:
     def _replay_done(self, sub: Subscriber) -> pb.ReplayDone:
         who = self.store.identity
         return pb.ReplayDone(last_id=sub.replayed_to, history_id=who.history_id,
-                             history_generation=who.generation)
+                             history_generation=who.generation, servers=self.servers())
 
     async def _live(self, sub: Subscriber,
                     context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:

@@ -223,14 +223,16 @@ class Error(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., client_msg_id: _Optional[str] = ..., retry_after_ms: _Optional[int] = ...) -> None: ...
 
 class ReplayDone(_message.Message):
-    __slots__ = ("last_id", "history_id", "history_generation")
+    __slots__ = ("last_id", "history_id", "history_generation", "servers")
     LAST_ID_FIELD_NUMBER: _ClassVar[int]
     HISTORY_ID_FIELD_NUMBER: _ClassVar[int]
     HISTORY_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    SERVERS_FIELD_NUMBER: _ClassVar[int]
     last_id: int
     history_id: str
     history_generation: int
-    def __init__(self, last_id: _Optional[int] = ..., history_id: _Optional[str] = ..., history_generation: _Optional[int] = ...) -> None: ...
+    servers: _containers.RepeatedCompositeFieldContainer[ClusterServer]
+    def __init__(self, last_id: _Optional[int] = ..., history_id: _Optional[str] = ..., history_generation: _Optional[int] = ..., servers: _Optional[_Iterable[_Union[ClusterServer, _Mapping]]] = ...) -> None: ...
 
 class GoingAway(_message.Message):
     __slots__ = ("reason",)
