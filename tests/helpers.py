@@ -44,7 +44,7 @@ import pytest
 from fakenet import FakeTailnet
 
 from tsnetchat import auth
-from tsnetchat.client import Connection, RoomSession, connect
+from tsnetchat.client import Connection, Link, RoomSession, connect
 from tsnetchat.config import ServerConfig, load_config
 from tsnetchat.errors import PeerNotFound
 from tsnetchat.hub import Pacing
@@ -852,3 +852,69 @@ async def two_servers(lab: Any, tmp: Path, cluster: Any, **overrides: Any
     async with lab_server(lab, tmp, **flags) as one, \
             lab_server(lab, tmp, node="chat-server-2", **flags) as two:
         yield one, two
+
+
+class Talker:
+    """A RoomSession (the client core the chat uses) on ``link``, its events pumped into
+    lists: what a person in the chat sees."""
+
+    def __init__(self, link: Link, room: str) -> None:
+        self.link = link
+        self.session = RoomSession(link, room, max_backoff=1.0)
+        self.messages: list[pb.ChatMessage] = []
+        self.sent: dict[str, int] = {}  # text -> id
+        self.outages: list[float] = []
+        self.fatal = ""
+        self.connected = asyncio.Event()
+        self.task = asyncio.create_task(self._pump())
+
+    async def _pump(self) -> None:
+        async for ev in self.session.events():
+            if ev.kind == "message" and ev.message is not None:
+                self.messages.append(ev.message)
+            elif ev.kind == "sent" and ev.outgoing is not None:
+                assert ev.outgoing.text not in self.sent, f"{ev.outgoing.text} acked twice"
+                self.sent[ev.outgoing.text] = ev.message_id
+            elif ev.kind == "fatal":
+                self.fatal = ev.text
+            elif ev.kind == "state" and self.session.connected:
+                self.connected.set()
+                if ev.seconds is not None:
+                    self.outages.append(ev.seconds)
+
+    def texts(self) -> list[str]:
+        return [m.text for m in self.messages]
+
+    async def close(self) -> None:
+        await self.session.close()
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+        await self.link.close()
+
+
+async def server_1_killed_mid_conversation(one: Any, alice: Talker, bob: Talker) -> None:
+    """alice (joined through server ``one``) and bob (through the other) talk; ``one`` is
+    SIGKILLed mid-conversation and both go on typing. Returns once alice is through the other
+    server with all 12 messages, each once, in order, the same as bob's (cluster mode)."""
+    await bounded(alice.connected.wait(), "alice joining through server 1")
+    await bounded(bob.connected.wait(), "bob joining through server 2")
+    for i in range(5):
+        alice.session.send(f"alice {i}")
+    bob.session.send("bob 0")
+    await until(lambda: len(bob.messages) == 6 and len(alice.sent) == 5,
+                "the first messages reach bob", 30)
+    one.stop(signal.SIGKILL)  # mid-conversation
+    for i in range(5, 10):  # typed while her server is gone
+        alice.session.send(f"alice {i}")
+    bob.session.send("bob 1")
+    await until(lambda: len(alice.sent) == 10 and len(alice.messages) == 12
+                and len(bob.messages) == 12, "the conversation going on", 60)
+    assert not alice.fatal, alice.fatal
+    assert alice.link.target is not None and alice.link.target.name == "chat-server-2"
+    ids = [m.id for m in alice.messages]
+    assert ids == list(range(1, 13))  # no gap, nothing twice, in order
+    assert [m.id for m in bob.messages] == ids
+    assert sorted(alice.texts()) == sorted([f"alice {i}" for i in range(10)] +
+                                           ["bob 0", "bob 1"])
+    print(f"alice's outage: {alice.outages}")

@@ -8,10 +8,8 @@ test): servers on chat-server and chat-server-2, people on their laptops' tailsc
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -23,18 +21,18 @@ from helpers import (
     ALICE,
     BOB,
     LabDaemon,
-    bounded,
+    Talker,
     collect,
     free_port,
     hello_events,
     refused,
     run_cli,
+    server_1_killed_mid_conversation,
     two_servers,
     until,
 )
 
-from tsnetchat.client import Link, RoomSession, link_for
-from tsnetchat.pb import chat_pb2 as pb
+from tsnetchat.client import link_for
 
 TTL = 12.0  # seconds a login token lasts in the failover test: renewed after 6 s
 
@@ -42,41 +40,6 @@ TTL = 12.0  # seconds a login token lasts in the failover test: renewed after 6 
 def cluster_env(cluster: nats_lab.NatsCluster) -> dict[str, str]:
     return {"TSNETCHAT_CLUSTER": ",".join(cluster.urls),
             "TSNETCHAT_NATS_USER": cluster.user, "TSNETCHAT_NATS_PASSWORD": cluster.password}
-
-
-class Talker:
-    """A RoomSession (the client core the chat uses), its events pumped into lists."""
-
-    def __init__(self, link: Link, room: str) -> None:
-        self.link = link
-        self.session = RoomSession(link, room, max_backoff=1.0)
-        self.messages: list[pb.ChatMessage] = []
-        self.sent: dict[str, int] = {}  # text -> id
-        self.outages: list[float] = []
-        self.fatal = ""
-        self.connected = asyncio.Event()
-        self.task = asyncio.create_task(self._pump())
-
-    async def _pump(self) -> None:
-        async for ev in self.session.events():
-            if ev.kind == "message" and ev.message is not None:
-                self.messages.append(ev.message)
-            elif ev.kind == "sent" and ev.outgoing is not None:
-                assert ev.outgoing.text not in self.sent, f"{ev.outgoing.text} acked twice"
-                self.sent[ev.outgoing.text] = ev.message_id
-            elif ev.kind == "fatal":
-                self.fatal = ev.text
-            elif ev.kind == "state" and self.session.connected:
-                self.connected.set()
-                if ev.seconds is not None:
-                    self.outages.append(ev.seconds)
-
-    async def close(self) -> None:
-        await self.session.close()
-        self.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.task
-        await self.link.close()
 
 
 @pytest.mark.tailnet
@@ -106,27 +69,7 @@ async def test_alice_logged_in_without_a_token_fails_over_to_server_2_with_her_s
         bob = Talker(link_for("chat-server-2", two.token(BOB), socket=b.socket,
                               port=two.port, proxy=f"http://{b.http_proxy}"), "general")
         people += [alice, bob]
-        await bounded(alice.connected.wait(), "alice joining through server 1")
-        await bounded(bob.connected.wait(), "bob joining through server 2")
-        for i in range(5):
-            alice.session.send(f"alice {i}")
-        bob.session.send("bob 0")
-        await until(lambda: len(bob.messages) == 6 and len(alice.sent) == 5,
-                    "the first messages reach bob", 30)
-        one.stop(signal.SIGKILL)  # mid-conversation
-        for i in range(5, 10):  # typed while her server is gone
-            alice.session.send(f"alice {i}")
-        bob.session.send("bob 1")
-        await until(lambda: len(alice.sent) == 10 and len(alice.messages) == 12
-                    and len(bob.messages) == 12, "the conversation going on", 60)
-        assert not alice.fatal, alice.fatal
-        assert alice.link.target is not None and alice.link.target.name == "chat-server-2"
-        ids = [m.id for m in alice.messages]
-        assert ids == list(range(1, 13))  # no gap, nothing twice, in order
-        assert [m.id for m in bob.messages] == ids
-        assert sorted(m.text for m in alice.messages) == sorted(
-            [f"alice {i}" for i in range(10)] + ["bob 0", "bob 1"])
-        print(f"alice's outage: {alice.outages}")
+        await server_1_killed_mid_conversation(one, alice, bob)
         # The token is renewed through server 2 (server 1 is gone) and keeps her going
         # past the first token's expiry; it is kept for server 1's node only.
         await until(lambda: json.loads(store.read_text())["servers"][0]["received"]

@@ -9,8 +9,6 @@ laptops' tailscaled.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import signal
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -24,6 +22,7 @@ from helpers import (
     ALICE,
     BOB,
     LabDaemon,
+    Talker,
     bounded,
     cluster_flags,
     collect,
@@ -31,12 +30,13 @@ from helpers import (
     hello_events,
     lab_server,
     send,
+    server_1_killed_mid_conversation,
     token_id,
     two_servers,
     until,
 )
 
-from tsnetchat.client import Connection, Link, RoomSession, link_for
+from tsnetchat.client import Connection, link_for
 from tsnetchat.pb import chat_pb2 as pb
 
 pytestmark = [pytest.mark.tailnet, pytest.mark.cluster]
@@ -232,40 +232,6 @@ async def test_a_server_that_starts_later_catches_up_from_the_stream(
             await until(lambda: two.server.store.last_id("general") == ids[-1])
 
 
-class Person:
-    """A RoomSession (the client core the chat uses), its events pumped into lists."""
-
-    def __init__(self, link: Link, room: str) -> None:
-        self.link = link
-        self.session = RoomSession(link, room, max_backoff=1.0)
-        self.messages: list[pb.ChatMessage] = []
-        self.sent: dict[str, int] = {}  # text -> id
-        self.outages: list[float] = []
-        self.connected = asyncio.Event()
-        self.task = asyncio.create_task(self._pump())
-
-    async def _pump(self) -> None:
-        async for ev in self.session.events():
-            if ev.kind == "message" and ev.message is not None:
-                self.messages.append(ev.message)
-            elif ev.kind == "sent" and ev.outgoing is not None:
-                assert ev.outgoing.text not in self.sent, f"{ev.outgoing.text} acked twice"
-                self.sent[ev.outgoing.text] = ev.message_id
-            elif ev.kind == "state" and self.session.connected:
-                self.connected.set()
-                if ev.seconds is not None:
-                    self.outages.append(ev.seconds)
-
-    def texts(self) -> list[str]:
-        return [m.text for m in self.messages]
-
-    async def close(self) -> None:
-        await self.session.close()
-        self.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.task
-
-
 async def test_when_server_1_is_killed_alice_goes_on_through_server_2_losing_nothing(
         lab: Any, tmp_path: Path, nats_cluster: nats_lab.NatsCluster) -> None:
     env = {"TSNETCHAT_CLUSTER": ",".join(nats_cluster.urls),
@@ -273,38 +239,20 @@ async def test_when_server_1_is_killed_alice_goes_on_through_server_2_losing_not
            "TSNETCHAT_NATS_PASSWORD": nats_cluster.password}
     one = LabDaemon(lab, tmp_path / "state-1", free_port(), (), env).start()
     two = LabDaemon(lab, tmp_path / "state-2", free_port(), (), env, node="chat-server-2")
-    people: list[Person] = []
+    people: list[Talker] = []
     try:
         two.start()
         a, b = lab.nodes["alice-laptop"], lab.nodes["bob-laptop"]
-        alice = Person(link_for("chat-server", one.token(ALICE), socket=a.socket,
+        alice = Talker(link_for("chat-server", one.token(ALICE), socket=a.socket,
                                 port=one.port, proxy=f"http://{a.http_proxy}"), "general")
-        bob = Person(link_for("chat-server-2", two.token(BOB), socket=b.socket,
+        bob = Talker(link_for("chat-server-2", two.token(BOB), socket=b.socket,
                               port=two.port, proxy=f"http://{b.http_proxy}"), "general")
         people += [alice, bob]
-        await bounded(alice.connected.wait(), "alice joining through server 1")
-        await bounded(bob.connected.wait(), "bob joining through server 2")
-        for i in range(5):
-            alice.session.send(f"alice {i}")
-        bob.session.send("bob 0")
-        await until(lambda: len(bob.messages) == 6 and len(alice.sent) == 5,
-                    "the first messages reach bob", 30)
-        one.stop(signal.SIGKILL)  # mid-conversation
-        for i in range(5, 10):  # typed while her server is gone
-            alice.session.send(f"alice {i}")
-        bob.session.send("bob 1")
-        await until(lambda: len(alice.sent) == 10 and len(alice.messages) == 12
-                    and len(bob.messages) == 12, "the conversation going on", 60)
-        assert alice.link.target is not None and alice.link.target.name == "chat-server-2"
+        await server_1_killed_mid_conversation(one, alice, bob)
         ids = [m.id for m in alice.messages]
-        assert ids == list(range(1, 13))  # no gap, nothing twice, in order
-        assert [m.id for m in bob.messages] == ids
-        assert sorted(alice.texts()) == sorted([f"alice {i}" for i in range(10)] +
-                                               ["bob 0", "bob 1"])
         conn = await bob.link.get()
         history = await conn.history("general")
         assert [m.id for m in history.messages] == ids
-        print(f"alice's outage: {alice.outages}")
     finally:
         for p in people:
             await p.close()
