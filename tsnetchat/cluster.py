@@ -128,6 +128,7 @@ READS = "tsnetchat-reads"
 ROOMS = "tsnetchat-rooms"
 PRESENCE_TTL = 30
 PRESENCE_REFRESH = 10.0
+READS_RETRY = 1.0  # seconds between tries to share read positions the cluster did not take
 SOURCE = "nats:" + STREAM  # the local copy's name for how far the stream is applied
 MAX_BATCH = 256  # messages per atomic batch (JetStream allows 1,000)
 MAX_BATCHES_IN_FLIGHT = 32  # JetStream allows 50 per stream
@@ -239,9 +240,10 @@ def _decode(subject: str, data: bytes, seq: int) -> tuple[Imported, str, list[in
                       kind, str(o["t"]), str(o["c"]), target=int(o.get("g", 0)),
                       mentions=tuple(sorted(str(x) for x in o.get("m", ()))),
                       deleted_by=login if kind == DELETE else "")
+    erases = [s for s, _ in erased if s > 0]
     return (Imported(m, seq, bool(o.get("a", False)), int(o.get("w", 0)),
-                     tuple(r for _, r in erased)),
-            str(o.get("o", "")), [s for s, _ in erased if s > 0])
+                     tuple(r for _, r in erased), tuple(erases)),
+            str(o.get("o", "")), erases)
 
 
 @dataclass(eq=False)
@@ -294,6 +296,9 @@ class ClusterHistory:
         self._kv_revoked: Any = None
         self._kv_state: Any = None
         self._kv_reads: Any = None
+        # READS keys -> positions the cluster did not take (no quorum): shared again until
+        # it does, so every server's unread counts converge once it returns.
+        self._unshared_reads: dict[str, int] = {}
         # Everybody whose message has been applied here: login -> display name (mentions).
         self._senders: dict[str, str] = {}
         # Called with the sender of each message applied from another server (the ledger
@@ -374,7 +379,12 @@ class ClusterHistory:
             "the read positions bucket")
         self._tasks.append(asyncio.create_task(self._watch_reads(
             await self._kv_reads.watchall())))
+        self._tasks.append(asyncio.create_task(self._reshare_reads()))
         self._applied = await self.local.read(lambda s: s.applied(SOURCE))
+        # Deletions applied here whose erasure this server did not see confirmed (killed
+        # right after applying one): erased now, whoever else erased them already.
+        self._erasing.extend(await self.local.read(lambda s: s.to_erase()))
+        self._erase_ready.set()
         # (An emptied stream, every message aged out, has nothing at its last sequence.)
         target = info.state.last_seq if info.state.messages else self._applied
         start = (dict(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
@@ -722,17 +732,33 @@ class ClusterHistory:
     async def mark_read(self, marks: Sequence[tuple[str, str, int]]) -> None:
         """Here at once, then in the cluster's READS bucket (raised only, compare-and-set),
         from which every other server applies it. Raises StoreError if the cluster could not
-        take one (the ledger logs it; this server keeps the position)."""
+        take one (the ledger logs it; this server keeps the position and shares it again
+        every READS_RETRY seconds until the cluster takes it)."""
         await self.local.mark_read(marks)
         failed = []
         for login, room, last_read in marks:
+            key = f"{_b64(login)}.{_b64(room)}"
             try:
-                await self._share_read(f"{_b64(login)}.{_b64(room)}", last_read)
+                await self._share_read(key, last_read)
+                if self._unshared_reads.get(key, 0) <= last_read:
+                    self._unshared_reads.pop(key, None)
             except (nats.errors.Error, OSError) as e:
+                self._unshared_reads[key] = max(last_read, self._unshared_reads.get(key, 0))
                 failed.append(f"{login} in {room}: {_why(e)}")
         if failed:
-            raise StoreError("read positions not shared with the cluster: "
-                             + "; ".join(failed))
+            raise StoreError("read positions not shared with the cluster yet (tried again "
+                             "until it takes them): " + "; ".join(failed))
+
+    async def _reshare_reads(self) -> None:
+        while True:
+            await asyncio.sleep(READS_RETRY)
+            for key, last_read in list(self._unshared_reads.items()):
+                try:
+                    await self._share_read(key, last_read)
+                except (nats.errors.Error, OSError):
+                    break  # still no quorum: all of them later
+                if self._unshared_reads.get(key) == last_read:
+                    del self._unshared_reads[key]
 
     async def _share_read(self, key: str, last_read: int) -> None:
         for _ in range(10):  # another server raised it meanwhile: look again
@@ -1070,6 +1096,8 @@ class ClusterHistory:
                     await asyncio.sleep(1.0)
                     continue
                 self._erasing.popleft()  # erased, or gone already (erased, aged out)
+                with contextlib.suppress(StoreError):  # (else erased again at start-up)
+                    await self.local.job(partial(_erased, seq))
 
 
 def _json(value: object) -> bytes:
@@ -1096,6 +1124,10 @@ def _find_resends(room: str, keys: list[tuple[str, str]], s: Store
 
 def _import(items: list[Imported], seq: int, s: Store) -> dict[int, Refused]:
     return s.import_messages(items, SOURCE, seq)
+
+
+def _erased(seq: int, s: Store) -> None:
+    s.erased(seq)
 
 
 def _decide(d: Draft, ts: int, s: Store) -> Refused | list[tuple[int, StoredMessage]]:

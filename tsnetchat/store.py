@@ -339,13 +339,16 @@ class Imported:
     decided with ``admin`` and ``edit_window_ms`` as Draft says, at its own ``ts_ms``, so
     every copy decides it alike. A DELETE's ``erased`` are the rows it blanks (its target
     and the target's edits), text left out: a copy that never had them (their text was
-    erased from the source before it got there) gets them as tombstones."""
+    erased from the source before it got there) gets them as tombstones; ``erase`` their
+    positions in the source, still to be erased there once the DELETE is applied
+    (``to_erase``)."""
 
     message: StoredMessage
     seq: int = 0
     admin: bool = False
     edit_window_ms: int = 0
     erased: tuple[StoredMessage, ...] = ()
+    erase: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -935,7 +938,10 @@ class Store:
         index and purge); one refused here is not stored, and is returned by its place in
         ``items``.
         Each text's position in the source is kept (``stream_seqs``: what a deletion
-        erases there, ``decide_change``)."""
+        erases there, ``decide_change``), and an applied deletion's ``erase`` positions are
+        kept until the source confirms them erased (``to_erase``, ``erased``): a server
+        killed between applying a deletion and erasing its text erases it when it starts
+        again, not never."""
         before = dict(self._rooms)
         refused: dict[int, Refused] = {}
         try:
@@ -945,6 +951,7 @@ class Store:
                 db.execute("CREATE TABLE IF NOT EXISTS stream_seqs (room INTEGER NOT NULL, "
                            "id INTEGER NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (room, id)) "
                            "WITHOUT ROWID")
+                db.execute("CREATE TABLE IF NOT EXISTS to_erase (seq INTEGER PRIMARY KEY)")
                 for i, it in enumerate(items):
                     m = it.message
                     room = self._rooms.get(m.room)
@@ -964,6 +971,8 @@ class Store:
                         if why is not None:
                             refused[i] = why
                             continue
+                        db.executemany("INSERT OR IGNORE INTO to_erase (seq) VALUES (?)",
+                                       [(s,) for s in it.erase])
                     db.execute("INSERT INTO messages (room, id, ts_ms, sender, kind, text, "
                                "client_msg_id, target, deleted_by) VALUES (?,?,?,?,?,?,?,?,?)",
                                (room[0], m.id, m.ts_ms, self._sender_id(m.sender), m.kind,
@@ -1028,6 +1037,21 @@ class Store:
         except sqlite3.Error as e:
             raise StoreError(f"history database error: {e}") from e
         return [(seqs.get(m.id, 0), m) for m in blanked]
+
+    def to_erase(self) -> list[int]:
+        """Positions in the source that applied deletions still have to erase there."""
+        try:
+            return [int(r[0]) for r in
+                    self._db.execute("SELECT seq FROM to_erase ORDER BY seq").fetchall()]
+        except sqlite3.OperationalError as e:
+            if "no such table" in str(e):
+                return []
+            raise StoreError(f"history database error: {e}") from e
+
+    def erased(self, seq: int) -> None:
+        """The source confirmed ``seq`` erased (or gone already): no longer ``to_erase``."""
+        with self._tx() as db:
+            db.execute("DELETE FROM to_erase WHERE seq=?", (seq,))
 
     def forget_stream_seqs(self) -> None:
         """Drop the positions of messages retention has removed here."""
