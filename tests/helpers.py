@@ -34,17 +34,21 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import nats
+import nats.js.errors
+import nats_lab
 import pytest
 from fakenet import FakeTailnet
 
 from tsnetchat import auth
 from tsnetchat.client import Connection, Link, RoomSession, connect
+from tsnetchat.cluster import STREAM
 from tsnetchat.config import ServerConfig, load_config
 from tsnetchat.errors import PeerNotFound
 from tsnetchat.hub import Pacing
@@ -57,6 +61,9 @@ from tsnetchat.tailnet import LocalAPI
 # A channel with these options opens its own TCP connection instead of sharing one with
 # every other channel to the same target (grpc's global subchannel pool).
 fresh_channel_options: list[tuple[str, int]] = [("grpc.use_local_subchannel_pool", 1)]
+
+
+T = TypeVar("T")
 
 
 def need(what: str, why: str = "") -> None:
@@ -918,3 +925,100 @@ async def server_1_killed_mid_conversation(one: Any, alice: Talker, bob: Talker)
     assert sorted(alice.texts()) == sorted([f"alice {i}" for i in range(10)] +
                                            ["bob 0", "bob 1"])
     print(f"alice's outage: {alice.outages}")
+
+
+# --- cluster mode: streams, the stream's content, and what reaches another server --------
+
+
+class Joined:
+    """A Join stream, read up to its replay_done; ``write`` queues another client event."""
+
+    def __init__(self, conn: Connection, room: str, after: int | None,
+                 then: list[pb.ClientEvent] | None) -> None:
+        self._queue: asyncio.Queue[pb.ClientEvent] = asyncio.Queue()
+        for ev in then or []:
+            self._queue.put_nowait(ev)
+        self.call = conn.stub.Join(self._events(room, after), metadata=conn.metadata)
+
+    async def _events(self, room: str, after: int | None) -> AsyncIterator[pb.ClientEvent]:
+        async for ev in hello_events(room, after, hold=asyncio.Event()):
+            yield ev
+            break
+        while True:
+            yield await self._queue.get()
+
+    async def write(self, ev: pb.ClientEvent) -> None:
+        self._queue.put_nowait(ev)
+
+    def __aiter__(self) -> Any:
+        return self.call.__aiter__()
+
+    def cancel(self) -> None:
+        self.call.cancel()
+
+
+async def join(conn: Connection, room: str, after: int | None = None,
+               then: list[pb.ClientEvent] | None = None) -> Joined:
+    joined = Joined(conn, room, after, then)
+    await collect(joined.call, 1, kind="replay_done")
+    return joined
+
+
+async def ack_or_error(call: Any, cmid: str, timeout: float = 30) -> Any:
+    """The Sent or the Error the server answers ``cmid`` with."""
+    async def loop() -> Any:
+        async for ev in call:
+            which = ev.WhichOneof("event")
+            acks = [ev.sent] if which == "sent" else ev.batch.sent if which == "batch" else []
+            for s in acks:
+                if s.client_msg_id == cmid:
+                    return s
+            if which == "error" and ev.error.client_msg_id == cmid:
+                return ev.error
+        raise AssertionError("the stream ended")
+
+    return await bounded(loop(), f"the answer to {cmid}", timeout)
+
+
+async def eventually(get: Callable[[], Awaitable[T]], ok: Callable[[T], bool],
+                     what: str, timeout: float = 10) -> T:
+    """``await get()`` until ``ok`` holds for its answer (another server applies a change
+    a moment after the one that made it answered)."""
+    last: list[T] = []
+
+    async def poll() -> bool:
+        last[:] = [await get()]
+        return ok(last[0])
+
+    deadline = time.monotonic() + timeout
+    while not await poll():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true within {timeout}s: {what} (last: {last[0]!r})")
+        await asyncio.sleep(0.05)
+    return last[0]
+
+
+async def stream_holding(js: Any, text: str) -> list[int]:
+    """The sequences of the stream's messages whose bytes contain ``text``."""
+    info = await js.stream_info(STREAM)
+    found = []
+    for seq in range(info.state.first_seq, info.state.last_seq + 1):
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            if text.encode() in (await js.get_msg(STREAM, seq)).data:
+                found.append(seq)
+    return found
+
+
+def file_holds(db: Path, text: str) -> bool:
+    wal = db.with_name(db.name + "-wal")
+    return text.encode() in db.read_bytes() or (wal.exists() and text.encode() in
+                                                 wal.read_bytes())
+
+
+@contextlib.asynccontextmanager
+async def jetstream(cluster: nats_lab.NatsCluster) -> AsyncIterator[Any]:
+    nc = await nats.connect(servers=cluster.urls, user=cluster.user, password=cluster.password)
+    try:
+        yield nc.jetstream()
+    finally:
+        await nc.close()

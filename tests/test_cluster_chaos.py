@@ -12,9 +12,22 @@ from typing import Any
 import grpc
 import nats_lab
 import pytest
-from helpers import ALICE, BOB, cluster_flags, lab_server, refused, send, two_servers, until
-from test_cluster_mode import ack_or_error, join
-from test_cluster_team import eventually, file_holds, jetstream, stream_holding
+from helpers import (
+    ALICE,
+    BOB,
+    ack_or_error,
+    cluster_flags,
+    eventually,
+    file_holds,
+    jetstream,
+    join,
+    lab_server,
+    refused,
+    send,
+    stream_holding,
+    two_servers,
+    until,
+)
 
 from tsnetchat.cluster import READS, ClusterHistory
 from tsnetchat.pb import chat_pb2 as pb

@@ -8,10 +8,8 @@ laptops' tailscaled.
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +21,12 @@ from helpers import (
     BOB,
     LabDaemon,
     Talker,
-    bounded,
+    ack_or_error,
     cluster_flags,
     collect,
     free_port,
     hello_events,
+    join,
     lab_server,
     send,
     server_1_killed_mid_conversation,
@@ -36,60 +35,10 @@ from helpers import (
     until,
 )
 
-from tsnetchat.client import Connection, link_for
+from tsnetchat.client import link_for
 from tsnetchat.pb import chat_pb2 as pb
 
 pytestmark = [pytest.mark.tailnet, pytest.mark.cluster]
-
-class Joined:
-    """A Join stream, read up to its replay_done; ``write`` queues another client event."""
-
-    def __init__(self, conn: Connection, room: str, after: int | None,
-                 then: list[pb.ClientEvent] | None) -> None:
-        self._queue: asyncio.Queue[pb.ClientEvent] = asyncio.Queue()
-        for ev in then or []:
-            self._queue.put_nowait(ev)
-        self.call = conn.stub.Join(self._events(room, after), metadata=conn.metadata)
-
-    async def _events(self, room: str, after: int | None) -> AsyncIterator[pb.ClientEvent]:
-        async for ev in hello_events(room, after, hold=asyncio.Event()):
-            yield ev
-            break
-        while True:
-            yield await self._queue.get()
-
-    async def write(self, ev: pb.ClientEvent) -> None:
-        self._queue.put_nowait(ev)
-
-    def __aiter__(self) -> Any:
-        return self.call.__aiter__()
-
-    def cancel(self) -> None:
-        self.call.cancel()
-
-
-async def join(conn: Connection, room: str, after: int | None = None,
-               then: list[pb.ClientEvent] | None = None) -> Joined:
-    joined = Joined(conn, room, after, then)
-    await collect(joined.call, 1, kind="replay_done")
-    return joined
-
-
-async def ack_or_error(call: Any, cmid: str, timeout: float = 30) -> Any:
-    """The Sent or the Error the server answers ``cmid`` with."""
-    async def loop() -> Any:
-        async for ev in call:
-            which = ev.WhichOneof("event")
-            acks = [ev.sent] if which == "sent" else ev.batch.sent if which == "batch" else []
-            for s in acks:
-                if s.client_msg_id == cmid:
-                    return s
-            if which == "error" and ev.error.client_msg_id == cmid:
-                return ev.error
-        raise AssertionError("the stream ended")
-
-    return await bounded(loop(), f"the answer to {cmid}", timeout)
-
 
 async def test_alice_on_server_1_and_bob_on_server_2_chat_in_one_room(
         lab: Any, tmp_path: Path, nats_cluster: nats_lab.NatsCluster) -> None:

@@ -10,10 +10,6 @@ the stream itself (docs/nats-cluster.md, "Erasure").
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,10 +23,14 @@ from helpers import (
     BOB,
     cluster_flags,
     collect,
+    eventually,
+    file_holds,
     first_of,
     hello_events,
+    jetstream,
     lab_server,
     refused,
+    stream_holding,
     two_servers,
     until,
 )
@@ -43,50 +43,6 @@ pytestmark = [pytest.mark.tailnet, pytest.mark.cluster]
 
 MALLORY = "mallory@tailnet.test"
 T = TypeVar("T")
-
-
-async def eventually(get: Callable[[], Awaitable[T]], ok: Callable[[T], bool],
-                     what: str, timeout: float = 10) -> T:
-    """``await get()`` until ``ok`` holds for its answer (another server applies a change
-    a moment after the one that made it answered)."""
-    last: list[T] = []
-
-    async def poll() -> bool:
-        last[:] = [await get()]
-        return ok(last[0])
-
-    deadline = time.monotonic() + timeout
-    while not await poll():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not true within {timeout}s: {what} (last: {last[0]!r})")
-        await asyncio.sleep(0.05)
-    return last[0]
-
-
-@contextlib.asynccontextmanager
-async def jetstream(cluster: nats_lab.NatsCluster) -> AsyncIterator[Any]:
-    nc = await nats.connect(servers=cluster.urls, user=cluster.user, password=cluster.password)
-    try:
-        yield nc.jetstream()
-    finally:
-        await nc.close()
-
-
-async def stream_holding(js: Any, text: str) -> list[int]:
-    """The sequences of the stream's messages whose bytes contain ``text``."""
-    info = await js.stream_info(STREAM)
-    found = []
-    for seq in range(info.state.first_seq, info.state.last_seq + 1):
-        with contextlib.suppress(nats.js.errors.NotFoundError):
-            if text.encode() in (await js.get_msg(STREAM, seq)).data:
-                found.append(seq)
-    return found
-
-
-def file_holds(db: Path, text: str) -> bool:
-    wal = db.with_name(db.name + "-wal")
-    return text.encode() in db.read_bytes() or (wal.exists() and text.encode() in
-                                                 wal.read_bytes())
 
 
 def texts(page: pb.HistoryResponse) -> dict[int, tuple[str, str]]:
