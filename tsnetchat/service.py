@@ -54,6 +54,17 @@ HELLO_TIMEOUT = 10.0
 INVALID_IN_A_ROW = 20
 
 
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCode,
+                 details: str) -> None:
+    """End the call with ``code``, unless it already has a status: a stream closed a moment
+    before (``Service._live``) made grpc.aio raise UsageError "Abort already called!" here,
+    a traceback in the log (seen by the kill -9 review, 2026-11-22)."""
+    try:
+        await context.abort(code, details)
+    except grpc.aio.UsageError:
+        raise grpc.aio.AbortError() from None
+
 class _Garbage:
     """Stands for a request that could not be decoded."""
 
@@ -264,7 +275,7 @@ class ChatService:
         except TsnetchatError as e:
             code = status_for(e)
             self.metrics.inc(f"rpc_errors_total{{code=\"{code.name}\"}}")
-            await context.abort(code, str(e))
+            await _abort(context, code, str(e))
         except grpc.aio.AbortError:
             raise  # a status already chosen (a closed stream): not an error of ours
         except Exception as e:
@@ -274,8 +285,8 @@ class ChatService:
             if self._error_log.allow():
                 log.error("%s failed unexpectedly (%d more not logged)", method,
                           self._error_log.skipped(), exc_info=e)
-            await context.abort(grpc.StatusCode.INTERNAL,
-                                f"{method}: internal error; the server's log says more")
+            await _abort(context, grpc.StatusCode.INTERNAL,
+                         f"{method}: internal error; the server's log says more")
 
     @staticmethod
     def _me(p: auth.Principal) -> pb.Identity:
