@@ -238,6 +238,12 @@ def test_nothing_listening_on_the_port_is_said_plainly(details: str) -> None:
     assert e.retryable and e.transport and e.exit_code == 7
 
 
+def test_grpc_aio_losing_the_status_of_a_stream_that_just_ended_counts_as_a_broken_connection(
+        ) -> None:
+    e = from_status(grpc.StatusCode.INTERNAL, "Internal error from Core", Where())
+    assert e.retryable and e.transport and "Core" not in str(e)
+
+
 def test_the_local_proxy_refusing_is_blamed_on_the_local_tailscaled() -> None:
     e = from_status(grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses; last "
                     "error: UNAVAILABLE: ipv4:127.0.0.1:1055: Connection refused", Where(),

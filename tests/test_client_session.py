@@ -219,6 +219,8 @@ async def test_a_read_only_session_learns_the_cluster_from_replay_done_and_fails
     assert await deliver(alice, "general", "one") == 1
     await feed.until(lambda: feed.kinds("message"))
     chat.net.drop_all()  # the way to "chat-server" breaks (as when it is killed)
+    await alice.close()  # (alice's own connection broke too: she comes back on a new one)
+    alice = link_as(chat, "alice@tailnet.test")
     assert await deliver(alice, "general", "two") == 2
     await feed.until(lambda: len(feed.kinds("message")) == 2)
     assert dialled[0] == ("chat-server-2", port, "n2")  # the next server, not the same one

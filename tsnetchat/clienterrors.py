@@ -74,10 +74,12 @@ class Where(Protocol):
 
 # gRPC's own words for "the connection could not be made or broke", as opposed to a status
 # the server chose (whose details are a sentence meant for people).
+# "Internal error from Core": grpc.aio's word for a write on a stream whose connection or
+# call had just ended, in place of the real status (grpc/grpc#36066): a reconnect learns it.
 _TRANSPORT = re.compile(r"failed to connect|socket closed|connection reset|connection refused|"
                         r"broken pipe|http proxy|dns resolution|keepalive|goaway|"
                         r"end of tcp stream|stream removed|connection attempt timed out|"
-                        r"too_many_pings|handshake|unreachable", re.I)
+                        r"too_many_pings|handshake|unreachable|internal error from core", re.I)
 _NOTHING_LISTENS = re.compile(r"http proxy returned response code|connection refused|"
                               r"socket closed|connection reset", re.I)
 _RETRY_IN = re.compile(r"retry in (\d+(?:\.\d+)?)\s*s")
