@@ -38,11 +38,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import nats
 import nats.js.errors
-import nats_lab
 import pytest
 from fakenet import FakeTailnet
 
@@ -57,6 +56,9 @@ from tsnetchat.pb import chat_pb2 as pb
 from tsnetchat.server import Server
 from tsnetchat.store import Store
 from tsnetchat.tailnet import LocalAPI
+
+if TYPE_CHECKING:  # (scripts/ is on the path in pytest only: tests/fulldisk_child.py)
+    import nats_lab
 
 # A channel with these options opens its own TCP connection instead of sharing one with
 # every other channel to the same target (grpc's global subchannel pool).
