@@ -199,6 +199,52 @@ def test_the_linger_follows_the_rooms_size_and_stretches_only_when_saturated() -
     assert p.linger(10, load=0.91) == pytest.approx((0.001 + 0.02) / 2)
 
 
+def test_a_room_that_timed_its_flushes_lingers_for_what_a_frame_took_there() -> None:
+    p = Pacing(frame_cost=25e-6)
+    assert p.linger(1000, measured=45e-6) == pytest.approx(0.045)
+    assert p.linger(1000, measured=10e-6) == pytest.approx(0.025)  # never below frame_cost
+    assert p.linger(1000, load=0.91, measured=45e-6) == pytest.approx((0.045 + 0.1) / 2)
+    assert p.linger(1000, load=1.0, measured=45e-6) == pytest.approx(0.1)  # saturated: as before
+
+
+async def writing_readers(subs: list[Subscriber], write: float,
+                          stalled: int = 0) -> list[asyncio.Task[None]]:
+    """Each reader takes what is due and spends ``write`` seconds writing it; the first
+    ``stalled`` readers never finish their first write."""
+    async def read(i: int, sub: Subscriber) -> None:
+        while True:
+            await sub.wait()
+            sub.take()
+            await asyncio.sleep(3600 if i < stalled else write)
+
+    tasks = [asyncio.create_task(read(i, s)) for i, s in enumerate(subs)]
+    await asyncio.sleep(0)
+    return tasks
+
+
+async def test_a_busy_room_waits_for_its_last_flush_to_be_written_even_with_a_stalled_reader(
+        ) -> None:
+    # Frames that take 2 ms each to write, in a room that assumes 1 us: 20 readers writing
+    # at once take 2 ms, so the room now counts 2 ms / 18 a frame (nine in ten back), and a
+    # message in the busy room waits about 20 of those, not 20 us.
+    hub = Hub(Pacing(frame_cost=1e-6, measure_from=20, busy_window=10.0))
+    subs = room_of(hub, 21)
+    tasks = await writing_readers(subs, write=0.002, stalled=1)
+    try:
+        hub.publish("r", msg(1))  # quiet: out at once, and timed
+        await asyncio.sleep(0.05)  # every reader but the stalled one is back and waiting
+        t = asyncio.get_running_loop().time()
+        hub.publish("r", msg(2))  # busy: held for the room's linger
+        watcher = subs[5]
+        while watcher.cursor < 2:
+            await asyncio.sleep(0.0005)
+        held = asyncio.get_running_loop().time() - t
+        assert held >= 0.002  # 21 frames at the measured 2/18 ms, not 21 us
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
 async def test_a_saturated_loop_makes_a_busy_room_linger_longer() -> None:
     load = [0.0]
     pacing = Pacing(frame_cost=1e-3, overload_linger=0.3)

@@ -17,10 +17,14 @@ cursor into it, plus a short queue of answers meant for it alone (acks, errors).
   the others, and costs nothing while it stays stuck.
 
 Pacing (measured, bench/README.md): every frame costs the server a write on that stream,
-about 25 us of the one core, whatever it holds, and packing one more message into it almost
-nothing. A quiet room flushes at once. A busy room flushes at most once per ``linger``,
-about one frame-cost per subscriber (a 100-person room every 2.5 ms, a 10,000-person one
-every 250 ms): the time its previous flush takes to write out. When the event loop is
+25-45 us of the one core, whatever it holds, and packing one more message into it almost
+nothing. A quiet room flushes at once. A busy room flushes at most once per ``linger``: the
+time its previous flush takes to write out, one frame-cost per subscriber. Rooms where a
+flush wakes at least ``Pacing.measure_from`` subscribers time their own flushes (``_Room``'s
+wave) and use what a frame really took there, if more than ``Pacing.frame_cost``: at 1,000
+subscribers a flush took 42-46 us a frame, so a linger of 25 us a frame started the next
+flush while the last was still being written, the sender's stream was read only between
+flushes, and a message waited there 75 ms (p50; p99 200 ms) before it was even stored. When the event loop is
 saturated the linger stretches further (``Pacing.linger``): then latency is queueing anyway,
 and the time between flushes is what lets the server read new messages at all. A write's
 completion reaches the loop through the same queue as a read's, so a read waits behind every
@@ -51,8 +55,11 @@ FRAME_BATCH = 256  # most messages in one frame
 
 @dataclass(frozen=True)
 class Pacing:
-    # Server CPU per frame written to one stream (bench/README.md).
+    # Server CPU per frame written to one stream (bench/README.md): the least a room assumes.
     frame_cost: float = 25e-6
+    # A flush that wakes this many subscribers or more is timed, and the room's linger uses
+    # the time a frame took there (``_Room.wave_cost``) when that is more than frame_cost.
+    measure_from: int = 20
     # A room is quiet, and a message goes out at once, when the one before it is older than
     # this and than the room's linger. (Counting from the last flush instead let the first of
     # every clump of arrivals go out alone: 36% of the flushes at 1,000 msg/s into 100, and a
@@ -78,15 +85,21 @@ class Pacing:
     commit_from: float = 0.85
     commit_window: float = 0.002
 
-    def linger(self, subscribers: int, load: float = 0.0) -> float:
-        """Least time between two flushes of a busy room."""
-        normal = self.frame_cost * subscribers
+    def linger(self, subscribers: int, load: float = 0.0, measured: float = 0.0) -> float:
+        """Least time between two flushes of a busy room. ``measured`` is the time a frame
+        took in the room's own recent flushes (0: not known): the room does not flush again
+        sooner than its last flush took to write out. Saturated, it moves to the stretched
+        linger, which comes from ``frame_cost`` alone: flushes timed on a saturated core
+        take longer still, and a floor from those cost 23% of the saturation figure at
+        1,000 subscribers (medians of 3 alternated runs, 2026-11-22)."""
+        normal = max(self.frame_cost, measured) * subscribers
         if load > self.loaded_from:
             normal = max(normal, self.min_linger)
         if load <= self.overload_from:
             return normal
         f = min(1.0, (load - self.overload_from) / (self.overload_full - self.overload_from))
-        stretched = max(normal * self.overload_factor, self.overload_linger)
+        stretched = max(self.frame_cost * subscribers * self.overload_factor,
+                        self.overload_linger)
         return normal + f * (stretched - normal)
 
     def commit_linger(self, load: float) -> float:
@@ -138,6 +151,7 @@ class Subscriber:
     # which was 6% of the loop's time at 100k deliveries/s (py-spy --native).
     _loop: asyncio.AbstractEventLoop | None = None
     _drained: asyncio.Event = field(default_factory=asyncio.Event)
+    _wave: int = 0  # the timed flush that woke this subscriber, until it is back (_Room)
 
     def _has_work(self) -> bool:
         r = self._room
@@ -150,6 +164,10 @@ class Subscriber:
     async def wait(self) -> None:
         """Return when there is something to ``take``, or the subscriber is closed."""
         r = self._room
+        if self._wave:  # back from writing what a timed flush released
+            if r is not None and self._wave == r.wave:
+                r.returned()
+            self._wave = 0
         while not self._has_work() and r is not None:
             r.idle.add(self)
             if self._loop is None:
@@ -254,6 +272,13 @@ class _Room:
     timer: asyncio.TimerHandle | None = None
     _trim_at: int = 64  # log length at which to look for what every reader has taken
     _frames: dict[tuple[int, int], tuple[list[bytes], int]] = field(default_factory=dict)
+    # The last timed flush ("wave"): its number, when it woke how many, how many of those
+    # are not back yet; and the time a frame took, smoothed over waves (seconds).
+    wave: int = 0
+    wave_started: float = 0.0
+    wave_size: int = 0
+    wave_left: int = 0
+    wave_cost: float = 0.0
 
     @property
     def end(self) -> int:
@@ -284,17 +309,34 @@ class _Room:
         self.base = low
         self._trim_at = max(64, 2 * len(self.log))
 
-    def flush(self) -> None:
-        """Release the log up to its end and wake whoever was waiting for it."""
+    def flush(self, measure_from: int = 0) -> None:
+        """Release the log up to its end and wake whoever was waiting for it; time the flush
+        if it wakes at least ``measure_from`` subscribers (0: never)."""
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
         self.mark = self.end
+        timed = 0 < measure_from <= len(self.idle)
+        if timed:
+            self.wave += 1
+            self.wave_started = time.monotonic()
+            self.wave_size = self.wave_left = len(self.idle)
         for s in self.idle:
+            if timed:
+                s._wave = self.wave
             s._wake()
         self.idle.clear()
         if len(self._frames) > 64:
             self._frames.clear()
+
+    def returned(self) -> None:
+        """A subscriber woken by the last timed flush has written what it took. When nine in
+        ten are back, that is the flush's time per frame. (Not all: one stalled reader would
+        keep the wave open for ever.)"""
+        self.wave_left -= 1
+        if self.wave_left == self.wave_size // 10:
+            took = (time.monotonic() - self.wave_started) / (self.wave_size - self.wave_left)
+            self.wave_cost = took if not self.wave_cost else 0.7 * self.wave_cost + 0.3 * took
 
     def slice(self, start: int, stop: int) -> list[Item]:
         return list(itertools.islice(self.log, start - self.base, stop - self.base))
@@ -380,23 +422,23 @@ class Hub:
         since, r.last_publish = now - r.last_publish, now
         if r.timer is not None:
             if r.end - r.mark >= r.limit // 4:  # never let a linger push readers out
-                r.flush()
+                r.flush(self.pacing.measure_from)
             return len(r.subs)
-        linger = self.pacing.linger(len(r.subs), self.load())
+        linger = self.pacing.linger(len(r.subs), self.load(), r.wave_cost)
         if linger < self.pacing.min_linger or since >= max(linger, self.pacing.busy_window):
-            r.flush()  # a quiet room: at once
+            r.flush(self.pacing.measure_from)  # a quiet room: at once
         else:
             # Busy: this message and those after it go out one linger from now.
             if self._loop is None:
                 self._loop = asyncio.get_running_loop()
-            r.timer = self._loop.call_later(linger, r.flush)
+            r.timer = self._loop.call_later(linger, r.flush, self.pacing.measure_from)
         return len(r.subs)
 
     def flush(self, room: str) -> None:
         """Release what a room holds now (e.g. before its streams are closed)."""
         r = self._rooms.get(room)
         if r is not None:
-            r.flush()
+            r.flush(self.pacing.measure_from)
 
     def reply(self, sub: Subscriber, item: Item) -> None:
         """Queue an answer for one subscriber (an ack, an error). It follows everything
