@@ -25,7 +25,7 @@ HERE = Path(__file__).resolve().parents[1]
 # name -> (subscribers, messages, rate; 0 = as fast as it goes)
 SCENARIOS = {"saturation_100": (100, 10_000, 0), "latency_9_at_1000": (9, 3_000, 1000),
              "latency_100_at_1000": (100, 3_000, 1000), "saturation_1000": (1000, 5_000, 0),
-             "latency_1000_at_100": (1000, 500, 100)}
+             "saturation_10000": (10_000, 500, 0), "latency_1000_at_100": (1000, 500, 100)}
 FIGURES = ("deliveries_per_s", "p50_ms", "p99_ms", "server_cpu_s")
 
 

@@ -203,6 +203,7 @@ def test_a_room_that_timed_its_flushes_lingers_for_what_a_frame_took_there() -> 
     p = Pacing(frame_cost=25e-6)
     assert p.linger(1000, measured=45e-6) == pytest.approx(0.045)
     assert p.linger(1000, measured=10e-6) == pytest.approx(0.025)  # never below frame_cost
+    assert p.linger(20, measured=60e-6) == pytest.approx(20 * 25e-6)  # too short to wait for
     assert p.linger(1000, load=0.91, measured=45e-6) == pytest.approx((0.045 + 0.1) / 2)
     assert p.linger(1000, load=1.0, measured=45e-6) == pytest.approx(0.1)  # saturated: as before
 
@@ -227,7 +228,7 @@ async def test_a_busy_room_waits_for_its_last_flush_to_be_written_even_with_a_st
     # Frames that take 2 ms each to write, in a room that assumes 1 us: 20 readers writing
     # at once take 2 ms, so the room now counts 2 ms / 18 a frame (nine in ten back), and a
     # message in the busy room waits about 20 of those, not 20 us.
-    hub = Hub(Pacing(frame_cost=1e-6, measure_from=20, busy_window=10.0))
+    hub = Hub(Pacing(frame_cost=1e-6, min_linger=1e-6, measure_from=20, busy_window=10.0))
     subs = room_of(hub, 21)
     tasks = await writing_readers(subs, write=0.002, stalled=1)
     try:
