@@ -208,14 +208,18 @@ def test_a_room_that_timed_its_flushes_lingers_for_what_a_frame_took_there() -> 
     assert p.linger(1000, load=1.0, measured=45e-6) == pytest.approx(0.1)  # saturated: as before
 
 
-async def writing_readers(subs: list[Subscriber], write: float,
-                          stalled: int = 0) -> list[asyncio.Task[None]]:
+async def writing_readers(subs: list[Subscriber], write: float, stalled: int = 0,
+                          got: dict[int, asyncio.Event] | None = None,
+                          ) -> list[asyncio.Task[None]]:
     """Each reader takes what is due and spends ``write`` seconds writing it; the first
-    ``stalled`` readers never finish their first write."""
+    ``stalled`` readers never finish their first write. ``got[id]`` is set when any reader
+    takes message ``id``."""
     async def read(i: int, sub: Subscriber) -> None:
         while True:
             await sub.wait()
-            sub.take()
+            for m in ids(sub.take()[0]):
+                if got is not None and m in got:
+                    got[m].set()
             await asyncio.sleep(3600 if i < stalled else write)
 
     tasks = [asyncio.create_task(read(i, s)) for i, s in enumerate(subs)]
@@ -230,15 +234,14 @@ async def test_a_busy_room_waits_for_its_last_flush_to_be_written_even_with_a_st
     # message in the busy room waits about 20 of those, not 20 us.
     hub = Hub(Pacing(frame_cost=1e-6, min_linger=1e-6, measure_from=20, busy_window=10.0))
     subs = room_of(hub, 21)
-    tasks = await writing_readers(subs, write=0.002, stalled=1)
+    got = {2: asyncio.Event()}
+    tasks = await writing_readers(subs, write=0.002, stalled=1, got=got)
     try:
         hub.publish("r", msg(1))  # quiet: out at once, and timed
         await asyncio.sleep(0.05)  # every reader but the stalled one is back and waiting
         t = asyncio.get_running_loop().time()
         hub.publish("r", msg(2))  # busy: held for the room's linger
-        watcher = subs[5]
-        while watcher.cursor < 2:
-            await asyncio.sleep(0.0005)
+        await asyncio.wait_for(got[2].wait(), 10)
         held = asyncio.get_running_loop().time() - t
         assert held >= 0.002  # 21 frames at the measured 2/18 ms, not 21 us
     finally:

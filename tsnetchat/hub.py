@@ -24,8 +24,9 @@ flush wakes at least ``Pacing.measure_from`` subscribers time their own flushes 
 wave) and use what a frame really took there, if more than ``Pacing.frame_cost``: at 1,000
 subscribers a flush took 42-46 us a frame, so a linger of 25 us a frame started the next
 flush while the last was still being written, the sender's stream was read only between
-flushes, and a message waited there 75 ms (p50; p99 200 ms) before it was even stored. When the event loop is
-saturated the linger stretches further (``Pacing.linger``): then latency is queueing anyway,
+flushes, and a message waited 75 ms (p50; p99 200 ms) before it was even read (bench/README.md,
+item 22). When the event loop is saturated the linger stretches further (``Pacing.linger``),
+from ``frame_cost`` alone: then latency is queueing anyway,
 and the time between flushes is what lets the server read new messages at all. A write's
 completion reaches the loop through the same queue as a read's, so a read waits behind every
 write in flight. At 10,000 subscribers, with the linger capped at 20 ms, the sender got one
