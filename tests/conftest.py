@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import nats_lab  # noqa: E402
 import tailnet_lab  # noqa: E402
-from helpers import Chat, LabChat, chat_server, lab_server, need  # noqa: E402
+from helpers import Chat, LabChat, Pump, chat_server, lab_server, need  # noqa: E402
 
 from tsnetchat.hub import Pacing  # noqa: E402
 
@@ -80,3 +80,12 @@ def nats_cluster() -> Iterator[nats_lab.NatsCluster]:
         need("nats-server", str(e))
     with nats_lab.running_cluster() as cluster:
         yield cluster
+
+
+@pytest.fixture
+async def pumps() -> AsyncIterator[list[Pump]]:
+    """RoomSessions running in the background (helpers.pump), closed at the end."""
+    made: list[Pump] = []
+    yield made
+    for p in made:
+        await p.close()

@@ -46,7 +46,7 @@ import pytest
 from fakenet import FakeTailnet
 
 from tsnetchat import auth
-from tsnetchat.client import Connection, Link, RoomSession, connect
+from tsnetchat.client import Connection, Link, RoomSession, SessionEvent, connect
 from tsnetchat.cluster import STREAM
 from tsnetchat.config import ServerConfig, load_config
 from tsnetchat.errors import PeerNotFound
@@ -1024,3 +1024,53 @@ async def jetstream(cluster: nats_lab.NatsCluster) -> AsyncIterator[Any]:
         yield nc.jetstream()
     finally:
         await nc.close()
+
+
+# RoomSession against an in-process server (test_client_session.py, test_backup.py)
+
+def link_as(chat: Chat, login: str, rooms: tuple[str, ...] = ("*",)) -> Link:
+    token = chat.token(login, rooms)
+
+    async def dial() -> Any:
+        return await chat.connect(login, token)
+
+    return Link(dial, name="chat-server")
+
+
+class Pump:
+    """Runs a session's events in the background and keeps them."""
+
+    def __init__(self, session: RoomSession) -> None:
+        self.session = session
+        self.events: list[SessionEvent] = []
+        self.changed = asyncio.Event()
+        self.task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        async for ev in self.session.events():
+            self.events.append(ev)
+            self.changed.set()
+
+    def kinds(self, kind: str) -> list[SessionEvent]:
+        return [e for e in self.events if e.kind == kind]
+
+    async def until(self, check: Any, timeout: float = 30) -> None:
+        async def wait() -> None:
+            while not check():
+                self.changed.clear()
+                await self.changed.wait()
+
+        await asyncio.wait_for(wait(), timeout)
+
+    async def welcomed(self) -> None:
+        await self.until(lambda: self.kinds("replay_done"))
+
+    async def close(self) -> None:
+        await self.session.close()
+        self.task.cancel()
+
+
+def pump(pumps: list[Pump], session: RoomSession) -> Pump:
+    p = Pump(session)
+    pumps.append(p)
+    return p

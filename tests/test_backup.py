@@ -10,13 +10,11 @@ import sqlite3
 import stat
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from conftest import Chat
-from helpers import make_config
-from test_client_session import Pump, link_as, pump
+from helpers import Pump, link_as, make_config, pump
 
 from tsnetchat.backup import backup, restore
 from tsnetchat.client import RoomSession
@@ -26,14 +24,6 @@ from tsnetchat.statedir import StateLock
 from tsnetchat.store import SCHEMA_VERSION, Store
 
 CLI = Path(sys.executable).with_name("tsnetchat")
-
-
-@pytest.fixture
-async def pumps() -> AsyncIterator[list[Pump]]:
-    made: list[Pump] = []
-    yield made
-    for p in made:
-        await p.close()
 
 
 def cli(*args: str | Path) -> subprocess.CompletedProcess[str]:

@@ -5,78 +5,22 @@ said plainly. The tailnet itself is proven in test_client.py and test_tui.py."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from conftest import Chat
+from helpers import Pump, link_as, pump
 
-from tsnetchat.client import Link, RoomSession, SessionEvent, deliver
+from tsnetchat.client import Link, RoomSession, deliver
 from tsnetchat.clienterrors import ClientError
 from tsnetchat.outbox import Pacer, State
 from tsnetchat.pb import chat_pb2 as pb
-
-
-def link_as(chat: Chat, login: str, rooms: tuple[str, ...] = ("*",)) -> Link:
-    token = chat.token(login, rooms)
-
-    async def dial() -> Any:
-        return await chat.connect(login, token)
-
-    return Link(dial, name="chat-server")
 
 
 async def stored_texts(chat: Chat, room: str = "general") -> list[str]:
     conn = await chat.connect("carol@tailnet.test")
     page = await conn.history(room, limit=200)
     return [m.text for m in page.messages]
-
-
-class Pump:
-    """Runs a session's events in the background and keeps them."""
-
-    def __init__(self, session: RoomSession) -> None:
-        self.session = session
-        self.events: list[SessionEvent] = []
-        self.changed = asyncio.Event()
-        self.task = asyncio.create_task(self._run())
-
-    async def _run(self) -> None:
-        async for ev in self.session.events():
-            self.events.append(ev)
-            self.changed.set()
-
-    def kinds(self, kind: str) -> list[SessionEvent]:
-        return [e for e in self.events if e.kind == kind]
-
-    async def until(self, check: Any, timeout: float = 30) -> None:
-        async def wait() -> None:
-            while not check():
-                self.changed.clear()
-                await self.changed.wait()
-
-        await asyncio.wait_for(wait(), timeout)
-
-    async def welcomed(self) -> None:
-        await self.until(lambda: self.kinds("replay_done"))
-
-    async def close(self) -> None:
-        await self.session.close()
-        self.task.cancel()
-
-
-@pytest.fixture
-async def pumps() -> AsyncIterator[list[Pump]]:
-    made: list[Pump] = []
-    yield made
-    for p in made:
-        await p.close()
-
-
-def pump(pumps: list[Pump], session: RoomSession) -> Pump:
-    p = Pump(session)
-    pumps.append(p)
-    return p
 
 
 @pytest.mark.server_config(rate_burst=5, rate_per_second=40.0)

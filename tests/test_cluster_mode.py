@@ -204,8 +204,7 @@ async def test_when_server_1_is_killed_alice_goes_on_through_server_2_losing_not
         assert [m.id for m in history.messages] == ids
     finally:
         for p in people:
-            await p.close()
-            await p.link.close()
+            await p.close()  # (its link too)
         one.stop()
         two.stop()
 

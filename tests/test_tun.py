@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import TunNode, free_port, sh, tun_node
+from helpers import TunNode, free_port, sh, start_daemon, tun_node
 
 from tsnetchat.client import connect
 
@@ -149,8 +149,6 @@ def test_client_on_a_tun_node_dials_the_server_directly(lab: Any, tun_node: TunN
                                                         tmp_path: Path) -> None:
     """No proxy, no LocalAPI dial: the client sees TUN, dials chat-server's tailnet IP, and
     the kernel routes it through tailscale. The server identifies the TUN node's user."""
-    from test_daemon import start_daemon
-
     d = start_daemon(lab, tmp_path)
     try:
         d.wait_for("READY=1")
