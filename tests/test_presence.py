@@ -161,7 +161,9 @@ async def main():
     async def events():
         yield pb.ClientEvent(hello=pb.Hello(room="general"))
         await asyncio.Event().wait()
-    async for ev in conn.stub.Join(events(), metadata=conn.metadata):
+    # wait_for_ready: a first dial through the node's proxy can fail once ("HTTP proxy
+    # handshake ... Endpoint closing", seen in a clean-clone CI run); a client retries it.
+    async for ev in conn.stub.Join(events(), metadata=conn.metadata, wait_for_ready=True):
         if ev.WhichOneof("event") == "replay_done":
             print("in", flush=True)
 
