@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from helpers import until
 
 from tsnetchat import codec
 from tsnetchat.hub import CloseKind, CloseReason, Hub, Item, Pacing, Subscriber
@@ -206,6 +207,9 @@ def test_a_room_that_timed_its_flushes_lingers_for_what_a_frame_took_there() -> 
     assert p.linger(20, measured=60e-6) == pytest.approx(20 * 25e-6)  # too short to wait for
     assert p.linger(1000, load=0.91, measured=45e-6) == pytest.approx((0.045 + 0.1) / 2)
     assert p.linger(1000, load=1.0, measured=45e-6) == pytest.approx(0.1)  # saturated: as before
+    assert p.linger(1000, measured=1.0) == pytest.approx(0.1)  # a stall counts 4x frame_cost
+    lingers = [p.linger(1000, load, measured=90e-6) for load in (0.85, 0.91, 0.97, 1.0)]
+    assert lingers == sorted(lingers)  # never shorter as the load rises
 
 
 async def writing_readers(subs: list[Subscriber], write: float, stalled: int = 0,
@@ -229,21 +233,37 @@ async def writing_readers(subs: list[Subscriber], write: float, stalled: int = 0
 
 async def test_a_busy_room_waits_for_its_last_flush_to_be_written_even_with_a_stalled_reader(
         ) -> None:
-    # Frames that take 2 ms each to write, in a room that assumes 1 us: 20 readers writing
-    # at once take 2 ms, so the room now counts 2 ms / 18 a frame (nine in ten back), and a
-    # message in the busy room waits about 20 of those, not 20 us.
-    hub = Hub(Pacing(frame_cost=1e-6, min_linger=1e-6, measure_from=20, busy_window=10.0))
+    # Frames that take 2 ms each to write, in a room that assumes 50 us: 21 readers writing
+    # at once take 2 ms, so the room counts 2 ms / 19 = 105 us a frame (nine in ten back),
+    # and a message in the busy room waits 21 of those (2.2 ms), not 21 x 50 us (1 ms).
+    hub = Hub(Pacing(frame_cost=50e-6, min_linger=1e-6, measure_from=20, busy_window=10.0))
     subs = room_of(hub, 21)
     got = {2: asyncio.Event()}
     tasks = await writing_readers(subs, write=0.002, stalled=1, got=got)
     try:
         hub.publish("r", msg(1))  # quiet: out at once, and timed
-        await asyncio.sleep(0.05)  # every reader but the stalled one is back and waiting
+        await until(lambda: hub._rooms["r"].wave_cost > 0, "the flush was timed")
         t = asyncio.get_running_loop().time()
         hub.publish("r", msg(2))  # busy: held for the room's linger
         await asyncio.wait_for(got[2].wait(), 10)
         held = asyncio.get_running_loop().time() - t
-        assert held >= 0.002  # 21 frames at the measured 2/18 ms, not 21 us
+        assert held >= 0.002
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def test_a_flush_that_wakes_only_part_of_the_room_is_not_timed() -> None:
+    # Ten of 30 readers are still writing (not waiting): a flush of the other 20 would take
+    # their writes' time as its own.
+    hub = Hub(Pacing(frame_cost=1e-6, min_linger=1e-6, measure_from=20))
+    subs = room_of(hub, 30)
+    tasks = await writing_readers(subs[10:], write=0.001)
+    try:
+        hub.publish("r", msg(1))
+        await asyncio.sleep(0.05)  # all 20 have written it and wait again
+        assert all(s.cursor == 1 for s in subs[10:])
+        assert hub._rooms["r"].wave_cost == 0
     finally:
         for task in tasks:
             task.cancel()

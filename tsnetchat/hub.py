@@ -58,8 +58,9 @@ FRAME_BATCH = 256  # most messages in one frame
 class Pacing:
     # Server CPU per frame written to one stream (bench/README.md): the least a room assumes.
     frame_cost: float = 25e-6
-    # A flush that wakes this many subscribers or more is timed, and the room's linger uses
-    # the time a frame took there (``_Room.wave_cost``) when that is more than frame_cost.
+    # A flush that wakes this many subscribers or more (and nine in ten of the room) is
+    # timed, and the room's linger uses the time a frame took there (``_Room.wave_cost``)
+    # when that is more than frame_cost.
     measure_from: int = 20
     # A room is quiet, and a message goes out at once, when the one before it is older than
     # this and than the room's linger. (Counting from the last flush instead let the first of
@@ -97,6 +98,9 @@ class Pacing:
         saturation figure at 1,000 subscribers. (Medians of 3 alternated runs, 2026-11-22.)"""
         normal = self.frame_cost * subscribers
         if normal >= self.min_linger:  # (a room whose flush is shorter goes out at once)
+            # At most the overload factor: one stall of the loop during a timed flush must
+            # not hold the room for many times its flush.
+            measured = min(measured, self.frame_cost * self.overload_factor)
             normal = max(normal, measured * subscribers)
         if load > self.loaded_from:
             normal = max(normal, self.min_linger)
@@ -104,7 +108,7 @@ class Pacing:
             return normal
         f = min(1.0, (load - self.overload_from) / (self.overload_full - self.overload_from))
         stretched = max(self.frame_cost * subscribers * self.overload_factor,
-                        self.overload_linger)
+                        self.overload_linger, normal)  # (never shorter as the load rises)
         return normal + f * (stretched - normal)
 
     def commit_linger(self, load: float) -> float:
@@ -321,7 +325,10 @@ class _Room:
             self.timer.cancel()
             self.timer = None
         self.mark = self.end
-        timed = 0 < measure_from <= len(self.idle)
+        # Timed only when nearly the whole room is waiting: a flush that wakes half of it
+        # while the other half is still writing would count their writes as its own.
+        woken = len(self.idle)
+        timed = 0 < measure_from <= woken and woken >= len(self.subs) - len(self.subs) // 10
         if timed:
             self.wave += 1
             self.wave_started = time.monotonic()
