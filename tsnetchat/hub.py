@@ -20,14 +20,14 @@ Pacing (measured, bench/README.md): every frame costs the server a write on that
 25-45 us of the one core, whatever it holds, and packing one more message into it almost
 nothing. A quiet room flushes at once. A busy room flushes at most once per ``linger``: the
 time its previous flush takes to write out, one frame-cost per subscriber. Rooms where a
-flush wakes at least ``Pacing.measure_from`` subscribers time their own flushes (``_Room``'s
-wave) and use what a frame really took there, if more than ``Pacing.frame_cost``: at 1,000
-subscribers a flush took 42-46 us a frame, so a linger of 25 us a frame started the next
-flush while the last was still being written, the sender's stream was read only between
-flushes, and a message waited 75 ms (p50; p99 200 ms) before it was even read (bench/README.md,
-item 22). When the event loop is saturated the linger stretches further (``Pacing.linger``),
-from ``frame_cost`` alone: then latency is queueing anyway,
-and the time between flushes is what lets the server read new messages at all. A write's
+flush wakes at least ``Pacing.measure_from`` subscribers, and nine in ten of the room, time
+their own flushes (``_Room``'s wave) and use what a frame really took there, if more than
+``Pacing.frame_cost``: at 1,000 subscribers a flush took 42-46 us a frame, so a linger of
+25 us a frame started the next flush while the last was still being written, the sender's
+stream was read only between flushes, and a message waited 75 ms (p50; p99 200 ms) before
+it was even read (bench/README.md, item 22). When the event loop is saturated the linger
+stretches further (``Pacing.linger``), from ``frame_cost`` alone: then latency is queueing
+anyway, and the time between flushes is what lets the server read new messages at all. A write's
 completion reaches the loop through the same queue as a read's, so a read waits behind every
 write in flight. At 10,000 subscribers, with the linger capped at 20 ms, the sender got one
 message read per pass over the room, and every frame carried one message.
@@ -281,6 +281,7 @@ class _Room:
     timer: asyncio.TimerHandle | None = None
     _trim_at: int = 64  # log length at which to look for what every reader has taken
     _frames: dict[tuple[int, int], tuple[list[bytes], int]] = field(default_factory=dict)
+    measure_from: int = 0  # time flushes that wake this many subscribers (0: never; Pacing)
     # The last timed flush ("wave"): its number, when it woke how many, how many of those
     # are not back yet; and the time a frame took, smoothed over waves (seconds).
     wave: int = 0
@@ -318,9 +319,9 @@ class _Room:
         self.base = low
         self._trim_at = max(64, 2 * len(self.log))
 
-    def flush(self, measure_from: int = 0) -> None:
+    def flush(self) -> None:
         """Release the log up to its end and wake whoever was waiting for it; time the flush
-        if it wakes at least ``measure_from`` subscribers (0: never)."""
+        if it wakes at least ``measure_from`` subscribers."""
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -328,11 +329,12 @@ class _Room:
         # Timed only when nearly the whole room is waiting: a flush that wakes half of it
         # while the other half is still writing would count their writes as its own.
         woken = len(self.idle)
-        timed = 0 < measure_from <= woken and woken >= len(self.subs) - len(self.subs) // 10
+        timed = (0 < self.measure_from <= woken
+                 and woken >= len(self.subs) - len(self.subs) // 10)
         if timed:
             self.wave += 1
             self.wave_started = time.monotonic()
-            self.wave_size = self.wave_left = len(self.idle)
+            self.wave_size = self.wave_left = woken
         for s in self.idle:
             if timed:
                 s._wave = self.wave
@@ -385,7 +387,8 @@ class Hub:
         so the caller announces presence."""
         room = self._rooms.get(sub.room)
         if room is None:
-            room = self._rooms[sub.room] = _Room(sub.limit)
+            room = self._rooms[sub.room] = _Room(sub.limit,
+                                                 measure_from=self.pacing.measure_from)
         room.limit = max(room.limit, sub.limit)
         room.subs.add(sub)
         sub._room = room
@@ -434,23 +437,23 @@ class Hub:
         since, r.last_publish = now - r.last_publish, now
         if r.timer is not None:
             if r.end - r.mark >= r.limit // 4:  # never let a linger push readers out
-                r.flush(self.pacing.measure_from)
+                r.flush()
             return len(r.subs)
         linger = self.pacing.linger(len(r.subs), self.load(), r.wave_cost)
         if linger < self.pacing.min_linger or since >= max(linger, self.pacing.busy_window):
-            r.flush(self.pacing.measure_from)  # a quiet room: at once
+            r.flush()  # a quiet room: at once
         else:
             # Busy: this message and those after it go out one linger from now.
             if self._loop is None:
                 self._loop = asyncio.get_running_loop()
-            r.timer = self._loop.call_later(linger, r.flush, self.pacing.measure_from)
+            r.timer = self._loop.call_later(linger, r.flush)
         return len(r.subs)
 
     def flush(self, room: str) -> None:
         """Release what a room holds now (e.g. before its streams are closed)."""
         r = self._rooms.get(room)
         if r is not None:
-            r.flush(self.pacing.measure_from)
+            r.flush()
 
     def reply(self, sub: Subscriber, item: Item) -> None:
         """Queue an answer for one subscriber (an ack, an error). It follows everything
