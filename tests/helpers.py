@@ -448,6 +448,31 @@ async def policy_changed(lab: Any, policy: dict[str, Any]) -> AsyncIterator[None
         await apply_policy(lab, tailnet_lab.default_policy())
 
 
+def policy_granting(src: str, rooms: list[str], *, admin: bool = False) -> dict[str, Any]:
+    """The lab's default policy with the grant of ``src`` (e.g. "alice@") narrowed to
+    ``rooms`` and ``admin``."""
+    import copy
+
+    import tailnet_lab
+
+    policy = copy.deepcopy(tailnet_lab.default_policy())
+    for g in policy["grants"]:
+        if g["src"] == [src]:
+            g["app"] = {tailnet_lab.CAP_NAME: [{"rooms": rooms, "admin": admin}]}
+    return policy
+
+
+def without_grant_of(user: str) -> dict[str, Any]:
+    """The lab's default policy without ``user``'s grant (e.g. "bob")."""
+    import copy
+
+    import tailnet_lab
+
+    policy = copy.deepcopy(tailnet_lab.default_policy())
+    policy["grants"] = [g for g in policy["grants"] if g["src"] != [f"{user}@"]]
+    return policy
+
+
 def token_id(token: str) -> str:
     import jwt
 

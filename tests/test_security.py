@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import copy
 import dataclasses
 import json
 import logging
@@ -25,7 +24,6 @@ from typing import Any
 import grpc
 import jwt
 import pytest
-import tailnet_lab
 from helpers import (
     CLI,
     LabChat,
@@ -37,6 +35,7 @@ from helpers import (
     policy_changed,
     refused,
     start_daemon,
+    without_grant_of,
 )
 
 from tsnetchat import auth, render
@@ -250,8 +249,7 @@ async def test_room_outside_the_grant(lab_chat: LabChat) -> None:
 async def test_a_new_connection_after_the_grant_is_removed_is_refused(lab_chat: LabChat) -> None:
     conn = await lab_chat.connect("bob-laptop", lab_chat.token(BOB))
     assert (await conn.whoami()).identity.login == BOB
-    narrowed = copy.deepcopy(tailnet_lab.default_policy())
-    narrowed["grants"] = [g for g in narrowed["grants"] if g["src"] != ["bob@"]]
+    narrowed = without_grant_of("bob")
     async with policy_changed(lab_chat.lab, narrowed):  # returns once chat-server has it
         fresh = await lab_chat.connect("bob-laptop", lab_chat.token(BOB))
         e = await refused(fresh.whoami())

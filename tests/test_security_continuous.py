@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import logging
 import subprocess
 import time
@@ -18,17 +17,18 @@ from typing import Any
 
 import grpc
 import pytest
-import tailnet_lab
 from helpers import (
     CLI,
     LabChat,
     first_of,
     hello_events,
     policy_changed,
+    policy_granting,
     refused,
     send,
     token_id,
     until,
+    without_grant_of,
 )
 
 from tsnetchat import auth
@@ -43,12 +43,6 @@ def cli(*args: str) -> str:
     out = subprocess.run([CLI, *args], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     return out.stdout
-
-
-def without_grant_of(user: str) -> dict[str, Any]:
-    policy = copy.deepcopy(tailnet_lab.default_policy())
-    policy["grants"] = [g for g in policy["grants"] if g["src"] != [f"{user}@"]]
-    return policy
 
 
 # --- the token ------------------------------------------------------------------------
@@ -167,10 +161,7 @@ async def test_alice_loses_admin_and_a_room_while_her_other_subscribe_stays_open
     await first_of(kept, "replay_done")
     await first_of(lost, "replay_done")
     assert (await alice.whoami()).admin
-    narrowed = copy.deepcopy(tailnet_lab.default_policy())
-    for g in narrowed["grants"]:
-        if g["src"] == ["alice@"]:
-            g["app"] = {tailnet_lab.CAP_NAME: [{"rooms": ["general", "random"], "admin": False}]}
+    narrowed = policy_granting("alice@", ["general", "random"])
     async with policy_changed(lab_chat.lab, narrowed):
         e = await refused(first_of(lost, "message", timeout=15))
         assert e.code() == grpc.StatusCode.PERMISSION_DENIED

@@ -12,17 +12,16 @@ tests/test_team_features.py does not already cover).
 from __future__ import annotations
 
 import asyncio
-import copy
 from typing import Any
 
 import grpc
 import pytest
-import tailnet_lab
 from helpers import (
     LabChat,
     first_of,
     hello_events,
     policy_changed,
+    policy_granting,
     refused,
     until,
 )
@@ -115,10 +114,7 @@ async def test_an_admin_who_loses_admin_cannot_delete_or_set_topics_on_a_stream_
 
     call = alice.stub.Join(events(), metadata=alice.metadata)
     await first_of(call, "replay_done")
-    narrowed = copy.deepcopy(tailnet_lab.default_policy())
-    for g in narrowed["grants"]:
-        if g["src"] == ["alice@"]:
-            g["app"] = {tailnet_lab.CAP_NAME: [{"rooms": ["general"], "admin": False}]}
+    narrowed = policy_granting("alice@", ["general"])
     async with policy_changed(lab_chat.lab, narrowed):
         # A new call is decided with the new grant at once (WhoAmI); the open stream when
         # the tailnet's change notice has been taken, a moment later: wait for that.
@@ -174,10 +170,7 @@ async def test_an_admin_reading_a_conversation_stops_when_admin_or_admins_read_d
     configure(lab_chat, admins_read_dms=True)
     reading = admin.subscribe(theirs)
     await first_of(reading, "replay_done")
-    narrowed = copy.deepcopy(tailnet_lab.default_policy())
-    for g in narrowed["grants"]:
-        if g["src"] == ["alice@"]:
-            g["app"] = {tailnet_lab.CAP_NAME: [{"rooms": ["general"], "admin": False}]}
+    narrowed = policy_granting("alice@", ["general"])
     async with policy_changed(lab_chat.lab, narrowed):
         e = await refused(first_of(reading, "message", timeout=15))
         assert e.code() == grpc.StatusCode.PERMISSION_DENIED
