@@ -18,6 +18,7 @@ import pytest
 from tsnetchat.loop import (
     Collector,
     LoopLoad,
+    batch_grpc_wakeups,
     freeze_startup_heap,
     new_event_loop,
     yield_helper_threads,
@@ -185,3 +186,66 @@ async def test_the_loop_load_reads_zero_on_a_loop_it_cannot_measure() -> None:
     load = LoopLoad(asyncio.get_running_loop(), window=0.0)
     time.sleep(0.01)
     assert load() == 0.0
+
+
+async def _burst_of_calls(n: int, *, batched: bool) -> tuple[bool, int]:
+    """A real grpc.aio server and client in this loop; ``n`` concurrent calls. Returns whether
+    gRPC's reader was wrapped, and how many times the loop found gRPC's socket readable."""
+    import grpc
+
+    loop = asyncio.get_running_loop()
+
+    async def echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return request
+
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+        "t.T", {"Echo": grpc.unary_unary_rpc_method_handler(echo)})])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            call = ch.unary_unary("/t.T/Echo")
+            await call(b"warm-up")  # gRPC's completion queue (and its reader) exist from here
+            wrapped = batch_grpc_wakeups(loop) if batched else False
+            sel = loop._selector  # type: ignore[attr-defined]
+            fd = next(k.fd for k in sel.get_map().values()
+                      if "_handle_events" in repr(k.data[0]) or "on_readable" in repr(k.data[0]))
+            seen = 0
+            select = sel.select
+
+            def counting(timeout: float | None = None) -> Any:
+                nonlocal seen
+                events = select(timeout)
+                seen += sum(1 for key, _ in events if key.fd == fd)
+                return events
+
+            sel.select = counting
+            try:
+                answers = await asyncio.gather(*(call(b"%d" % i) for i in range(n)))
+            finally:
+                del sel.select
+            assert answers == [b"%d" % i for i in range(n)]
+            return wrapped, seen
+    finally:
+        await server.stop(None)
+
+
+def test_a_burst_of_grpc_completions_wakes_the_loop_a_few_times_not_once_each() -> None:
+    n = 300
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        wrapped, batched = runner.run(_burst_of_calls(n, batched=True))
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        _, plain = runner.run(_burst_of_calls(n, batched=False))
+    assert wrapped
+    # Each call completes twice on the server and once or more on the client.
+    assert plain >= n, f"without batching the socket was readable only {plain} times"
+    assert batched < plain / 2, (batched, plain)
+
+
+def test_without_a_grpc_server_in_the_loop_nothing_is_wrapped() -> None:
+    async def scenario() -> bool:
+        return batch_grpc_wakeups(asyncio.get_running_loop())
+
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        assert runner.run(scenario()) is False

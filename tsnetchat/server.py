@@ -36,7 +36,7 @@ from .config import ServerConfig, parse_listen
 from .errors import ConfigError, StoreError, TailnetError, TsnetchatError
 from .gate import Gate, Policy
 from .hub import Hub, Pacing
-from .loop import Collector, LoopLoad, freeze_startup_heap, yield_helper_threads
+from .loop import Collector, LoopLoad, batch_grpc_wakeups, freeze_startup_heap, yield_helper_threads
 from .metrics import Metrics
 from .notify import Notifier
 from .pb import chat_pb2 as pb
@@ -308,6 +308,8 @@ class Server:
             if cfg.batch_helper_threads:
                 log.debug("%d helper threads set to SCHED_BATCH",
                           yield_helper_threads(keep=self.store.thread_ids()))
+            if not batch_grpc_wakeups(asyncio.get_running_loop()):
+                log.debug("gRPC's completion reader not found; its wake-ups stay one a turn")
             freeze_startup_heap()
             collector = Collector()
             collector.install()
