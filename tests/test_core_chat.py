@@ -81,6 +81,47 @@ async def test_join_gets_history_backlog_then_live(chat: Chat) -> None:
     call.cancel()
 
 
+_ROLLING = {"roll_from": 5, "roll_chunk": 2, "roll_wait": 0.05, "saturated_below": 1.5}
+
+
+@pytest.mark.server_config(rate_burst=10_000, rate_per_second=10_000.0)
+@pytest.mark.parametrize("stays_rolling", [
+    pytest.param(True, marks=pytest.mark.pacing(**_ROLLING, saturated_above=1000.0),
+                 id="rolling"),
+    pytest.param(False, marks=pytest.mark.pacing(**_ROLLING, saturated_above=2.0),
+                 id="turning-saturated")])
+async def test_a_big_room_delivers_a_burst_to_every_reader_in_order_with_every_ack(
+        chat: Chat, stays_rolling: bool) -> None:
+    # A room of 5 or more rolls here (1,000 readers are for the benchmark); with frames of
+    # more than 2 messages it counts as saturated and goes back to flushing per linger.
+    readers = [await chat.connect(f"u{i}@tailnet.test") for i in range(8)]
+    calls = [r.subscribe("general") for r in readers]
+    for c in calls:
+        await collect(c, 1, kind="replay_done")
+    assert chat.server.hub._rooms["general"].rolling
+    alice = await chat.connect("alice@tailnet.test")
+    n = 60
+    call = alice.stub.Join(hello_events("general", after=2**62, batch_acks=True,
+                                        then=[send(f"m{i}", f"c{i}") for i in range(n)]),
+                           metadata=alice.metadata)
+    acks: list[str] = []
+    async for ev in call:
+        which = ev.WhichOneof("event")
+        if which == "sent":
+            acks.append(ev.sent.client_msg_id)
+        elif which == "batch":
+            acks.extend(s.client_msg_id for s in ev.batch.sent)
+        if len(acks) == n:
+            break
+    assert acks == [f"c{i}" for i in range(n)]
+    for c in calls:
+        msgs = await collect(c, n)
+        assert [m.text for m in msgs] == [f"m{i}" for i in range(n)]
+    assert chat.server.hub._rooms["general"].rolling == stays_rolling
+    for c in [*calls, call]:
+        c.cancel()
+
+
 @pytest.mark.server_config(rate_burst=10_000, rate_per_second=10_000.0)
 @pytest.mark.parametrize("batch_acks", [True, False])
 async def test_a_busy_senders_acks_share_frames_with_its_messages_only_if_it_asked(

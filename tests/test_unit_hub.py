@@ -285,3 +285,103 @@ async def test_a_saturated_loop_makes_a_busy_room_linger_longer() -> None:
     assert await held_for(2) < 0.1  # the normal linger: 1 ms for one subscriber
     load[0] = 1.0
     assert await held_for(3) >= 0.25  # saturated: the overload linger
+
+
+# --- big rooms roll (hub module docstring; bench/README.md item 24) ----------------------
+
+def rolling(n: int, *, wait: float = 10.0, saturated_above: float = 1000.0) -> Pacing:
+    """Rooms of n roll, in chunks of 4, the next once two of the last are back (or after
+    ``wait``); a 1-second linger otherwise, so a held message is plain to see."""
+    return Pacing(frame_cost=1.0, roll_from=n, roll_chunk=4, roll_gate=0.5, roll_wait=wait,
+                  saturated_above=saturated_above, saturated_below=2.0)
+
+
+async def waiting(subs: list[Subscriber]) -> list[asyncio.Task[None]]:
+    tasks = [asyncio.create_task(s.wait()) for s in subs]
+    await asyncio.sleep(0)
+    return tasks
+
+
+async def test_a_quiet_big_room_wakes_every_reader_at_once() -> None:
+    hub = Hub(rolling(8))
+    subs = room_of(hub, 8)
+    tasks = await waiting(subs)
+    hub.publish("r", msg(1))
+    assert not any([await pending_after_yields(t) for t in tasks])
+    assert all(ids(s.take()[0]) == [1] for s in subs)
+
+
+async def test_a_busy_big_room_wakes_readers_in_chunks_and_the_later_take_what_came_meanwhile(
+        ) -> None:
+    hub = Hub(rolling(8))
+    subs = room_of(hub, 8)
+    for t in await waiting(subs):  # the first message: a quiet room, everyone at once
+        hub.publish("r", msg(1))
+        await t
+    for s in subs:
+        s.take()
+    tasks = await waiting(subs)
+    hub.publish("r", msg(2))  # busy: a chunk of 4, in the order they began to wait
+    first = [not await pending_after_yields(t) for t in tasks]
+    assert first == [True] * 4 + [False] * 4
+    assert all(ids(s.take()[0]) == [2] for s in subs[:4])
+    hub.publish("r", msg(3))  # while the first chunk writes
+    assert all([await pending_after_yields(t) for t in tasks[4:]])
+    back = [asyncio.create_task(s.wait()) for s in subs[:2]]  # two of four have written
+    await asyncio.sleep(0)
+    assert not any([await pending_after_yields(t) for t in tasks[4:]])
+    # The second chunk takes everything stored when its turn came, in one frame.
+    for s in subs[4:]:
+        frames, delivered = s.take()
+        assert ids(frames) == [2, 3] and len(frames) == 1 and delivered == 2
+    for t in back:
+        t.cancel()
+
+
+async def test_a_reader_with_something_to_take_in_an_idle_big_room_is_woken_at_once() -> None:
+    hub = Hub(rolling(4))
+    subs = room_of(hub, 4)
+    hub.publish("r", msg(1))  # nobody was waiting
+    await asyncio.wait_for(subs[0].wait(), 1)  # queued, and its own chunk wakes it
+    assert ids(subs[0].take()[0]) == [1]
+
+
+async def test_a_chunk_with_stalled_readers_holds_the_room_only_for_roll_wait() -> None:
+    hub = Hub(rolling(8, wait=0.2))
+    subs = room_of(hub, 8)
+    hub.publish("r", msg(1))
+    tasks = await waiting(subs)  # four are woken; they take and never come back
+    for s in subs[:4]:
+        s.take()
+    assert all([await pending_after_yields(t) for t in tasks[4:]])
+    await asyncio.wait_for(asyncio.gather(*tasks[4:]), 5)
+    assert all(ids(s.take()[0]) == [1] for s in subs[4:])
+
+
+async def test_a_big_room_whose_frames_carry_many_messages_stops_rolling_until_they_carry_few(
+        ) -> None:
+    hub = Hub(rolling(4, saturated_above=3.0))
+    subs = room_of(hub, 4)
+    room = hub._rooms["r"]
+    assert room.rolling
+    for i in range(1, 6):
+        hub.publish("r", msg(i))
+    assert all(s.take()[1] == 5 for s in subs)  # four frames of five: saturated
+    assert not room.rolling
+    tasks = await waiting(subs)
+    hub.publish("r", msg(6))  # flushed per linger again: held
+    assert all([await pending_after_yields(t) for t in tasks])
+    hub.flush("r")
+    await asyncio.gather(*tasks)
+    assert all(s.take()[1] == 1 for s in subs)  # four frames of one: rolling again
+    assert room.rolling
+
+
+def test_only_rooms_of_roll_from_readers_or_more_roll() -> None:
+    hub = Hub(Pacing(roll_from=3))
+    subs = room_of(hub, 2)
+    assert not hub._rooms["r"].rolling
+    (third,) = room_of(hub, 1)
+    assert hub._rooms["r"].rolling
+    hub.remove(third)
+    assert not hub._rooms["r"].rolling and len(subs) == 2

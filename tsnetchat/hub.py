@@ -32,6 +32,20 @@ completion reaches the loop through the same queue as a read's, so a read waits 
 write in flight. At 10,000 subscribers, with the linger capped at 20 ms, the sender got one
 message read per pass over the room, and every frame carried one message.
 
+Big rooms roll (``Pacing.roll_from``): a room of 800 or more is not woken all at once but
+in chunks of ``Pacing.roll_chunk`` subscribers, in the order they became ready, the next
+chunk once half of the last has written (or after ``Pacing.roll_wait``), each subscriber
+taking everything up to the log's end when its turn comes. Waking 1,000 at once ran 1,000
+writes in one turn of the loop (about 28 ms): the sender's stream was not read meanwhile,
+so a message waited for the wave to end, then for the room's linger, then for its place in
+the next wave (p99 93 ms at 100 msg/s into 1,000). Waiting on the writes' completions lets
+the loop read between chunks, and what arrives during a pass goes out in the same pass.
+The price is the whole core for a busy room (about 28 us a frame, 2.7 messages a frame
+there), so a room whose frames carry many messages (``Pacing.saturated_above``: its sender
+is faster than its readers) goes back to flushing once per linger, where big frames are
+what lets the server read at all (rolling, saturation at 1,000 fell from 3.3M to 0.8M
+deliveries/s). bench/README.md, item 24.
+
 Everything runs on one event loop; no locks are needed.
 """
 
@@ -86,6 +100,23 @@ class Pacing:
     # measured 0.5 instead of 0.85 to cost the 9-subscriber p99 at 1,000 msg/s (2.3 -> 4.5 ms).
     commit_from: float = 0.85
     commit_window: float = 0.002
+    # Rooms of at least roll_from subscribers roll while not saturated (see the module's
+    # docstring; 0: never). At 25-45 us a frame a flush of 800 takes 20-36 ms, longer than
+    # busy_window. The next chunk of roll_chunk goes once roll_gate of the last one has
+    # written or after roll_wait, whichever is first (one stalled reader must not hold it).
+    # Tried at 100 msg/s into 1,000 (2026-11-22, in a version whose big rooms began by
+    # flushing per linger): chunks of 32, 64 and 128 and gates of 0.25, 0.5 and 0.75 all gave
+    # a p99 of 37-59 ms, one run each, within the noise; 64 and 0.5 kept.
+    roll_from: int = 800
+    roll_chunk: int = 64
+    roll_gate: float = 0.5
+    roll_wait: float = 0.005
+    # A big room is saturated when its frames carried more than saturated_above messages on
+    # average over its last min(room, 1,024) frames, and no longer when under
+    # saturated_below. Measured: 2.7 a frame rolling at 100 msg/s into 1,000; 23 rolling
+    # and 150-190 flushed per linger with a sender at full speed.
+    saturated_above: float = 16.0
+    saturated_below: float = 8.0
 
     def linger(self, subscribers: int, load: float = 0.0, measured: float = 0.0) -> float:
         """Least time between two flushes of a busy room. ``measured`` is the time a frame
@@ -161,6 +192,7 @@ class Subscriber:
     _loop: asyncio.AbstractEventLoop | None = None
     _drained: asyncio.Event = field(default_factory=asyncio.Event)
     _wave: int = 0  # the timed flush that woke this subscriber, until it is back (_Room)
+    _chunk: int = 0  # the rolling chunk that woke this subscriber, until it is back (_Room)
 
     def _has_work(self) -> bool:
         r = self._room
@@ -173,20 +205,48 @@ class Subscriber:
     async def wait(self) -> None:
         """Return when there is something to ``take``, or the subscriber is closed."""
         r = self._room
+        if self._chunk:  # back from writing what a rolling chunk let it take
+            if r is not None and self._chunk == r.chunk:
+                r.chunk_returned()
+            self._chunk = 0
         if self._wave:  # back from writing what a timed flush released
             if r is not None and self._wave == r.wave:
                 r.returned()
             self._wave = 0
+        if r is not None and r.rolling:
+            await self._wait_turn(r)
+            return
         while not self._has_work() and r is not None:
-            r.idle.add(self)
             if self._loop is None:
                 self._loop = asyncio.get_running_loop()
             self._waiter = self._loop.create_future()
+            r.idle[self] = None
             try:
                 await self._waiter
             finally:
                 self._waiter = None
-                r.idle.discard(self)
+                r.idle.pop(self, None)
+
+    async def _wait_turn(self, r: _Room) -> None:
+        """In a rolling room: with something to take, queue for a chunk; caught up, wait
+        for the next publish. The waiter exists before the room may look for it."""
+        if self.closed is not None or (self.replies and self.replies[0][0] <= self.cursor):
+            return
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        self._waiter = self._loop.create_future()
+        if self.cursor < r.end:
+            r.queue[self] = None
+            if not r.passing:
+                r.next_chunk()
+        else:
+            r.idle[self] = None
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+            r.idle.pop(self, None)
+            r.queue.pop(self, None)
 
     def _wake(self) -> None:
         w = self._waiter
@@ -204,7 +264,8 @@ class Subscriber:
             self.close(_overflow(self))
             return [], 0
         # A closed (finishing) subscriber gets everything published before the close.
-        upto = r.end if self.closed is not None else r.mark
+        # (A rolling room's readers take everything stored when their turn comes.)
+        upto = r.end if self.closed is not None or r.rolling else r.mark
         start, stop = self.cursor, min(upto, self.cursor + FRAME_BATCH)
         self.cursor = max(start, stop)
         due: list[Item] = []
@@ -217,10 +278,12 @@ class Subscriber:
                 items = r.slice(start, stop)
                 n = sum(1 for i in items if i.id > self.replayed_to)
                 frames = codec.pack([*items, *due], self.replayed_to, batch_acks=True)
+                r.count_frame(n)
                 return frames, n
             frames, n = r.frames(start, stop, self.replayed_to)
             if n:
                 self.replayed_to = 0  # ids only grow: the replay cannot matter any more
+                r.count_frame(n)
         if due:
             frames = [*frames, *codec.pack(due, batch_acks=self.batch_acks)]
         return frames, n
@@ -271,11 +334,13 @@ def _overflow(sub: Subscriber) -> CloseReason:
 @dataclass(eq=False)
 class _Room:
     limit: int  # events kept in the log: how far behind a subscriber may fall
+    pacing: Pacing
     log: deque[Item] = field(default_factory=deque)
     base: int = 0  # the position of log[0]
     mark: int = 0  # positions before this are released to subscribers
     subs: set[Subscriber] = field(default_factory=set)
-    idle: set[Subscriber] = field(default_factory=set)  # caught up, waiting for a flush
+    # Caught up, waiting for a flush; in the order they began to wait (a dict: ordered).
+    idle: dict[Subscriber, None] = field(default_factory=dict)
     members: dict[str, list[Subscriber]] = field(default_factory=dict)
     last_publish: float = -math.inf
     timer: asyncio.TimerHandle | None = None
@@ -289,6 +354,20 @@ class _Room:
     wave_size: int = 0
     wave_left: int = 0
     wave_cost: float = 0.0
+    # Rolling (see the module's docstring): whether the room rolls, and whether its frames
+    # say it is saturated (counted over ``counted_frames`` frames); who has something to take
+    # and waits for a chunk, in order; the last chunk: its number, how many of it are not
+    # back yet, at how many left the next one goes, whether it is out, its timer.
+    rolling: bool = False
+    saturated: bool = False
+    counted_frames: int = 0
+    counted_messages: int = 0
+    queue: dict[Subscriber, None] = field(default_factory=dict)
+    chunk: int = 0
+    chunk_left: int = 0
+    chunk_gate: int = 0
+    passing: bool = False
+    chunk_timer: asyncio.TimerHandle | None = None
 
     @property
     def end(self) -> int:
@@ -319,29 +398,96 @@ class _Room:
         self.base = low
         self._trim_at = max(64, 2 * len(self.log))
 
-    def flush(self) -> None:
-        """Release the log up to its end and wake whoever was waiting for it; time the flush
-        if it wakes at least ``measure_from`` subscribers."""
+    def flush(self, at_once: bool = False) -> None:
+        """Release the log up to its end and wake whoever was waiting for it (in a rolling
+        room, queue them for chunks unless ``at_once``); time the flush if it wakes at least
+        ``measure_from`` subscribers at once."""
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
         self.mark = self.end
+        queue = self.rolling and not at_once
         # Timed only when nearly the whole room is waiting: a flush that wakes half of it
         # while the other half is still writing would count their writes as its own.
         woken = len(self.idle)
-        timed = (0 < self.measure_from <= woken
+        timed = (not queue and 0 < self.measure_from <= woken
                  and woken >= len(self.subs) - len(self.subs) // 10)
         if timed:
             self.wave += 1
             self.wave_started = time.monotonic()
             self.wave_size = self.wave_left = woken
         for s in self.idle:
+            if queue:
+                self.queue[s] = None
+                continue
             if timed:
                 s._wave = self.wave
             s._wake()
         self.idle.clear()
-        if len(self._frames) > 64:
-            self._frames.clear()
+        if queue and not self.passing:
+            self.next_chunk()
+
+    def next_chunk(self) -> None:
+        """Wake the next ``roll_chunk`` subscribers that wait with something to take, in
+        the order they began to wait. The next chunk goes when ``roll_gate`` of these have
+        written (``chunk_returned``) or after ``roll_wait``."""
+        if self.chunk_timer is not None:
+            self.chunk_timer.cancel()
+            self.chunk_timer = None
+        self.chunk += 1
+        n = 0
+        while self.queue and n < self.pacing.roll_chunk:
+            s = next(iter(self.queue))
+            del self.queue[s]
+            if s._waiter is None:  # (its stream has ended)
+                continue
+            s._chunk = self.chunk
+            s._wake()
+            n += 1
+        self.passing = n > 0
+        if n:
+            self.chunk_left = n
+            self.chunk_gate = int(n * (1 - self.pacing.roll_gate))
+            self.chunk_timer = asyncio.get_running_loop().call_later(self.pacing.roll_wait,
+                                                                     self.next_chunk)
+
+    def chunk_returned(self) -> None:
+        self.chunk_left -= 1
+        if self.chunk_left == self.chunk_gate:
+            self.next_chunk()
+
+    def count_frame(self, messages: int) -> None:
+        """A frame of ``messages`` was taken: every min(room, 1,024) frames, decide again
+        whether the room is saturated."""
+        self.counted_frames += 1
+        self.counted_messages += messages
+        if self.counted_frames < min(len(self.subs), 1024):
+            return
+        per_frame = self.counted_messages / self.counted_frames
+        self.counted_frames = self.counted_messages = 0
+        if per_frame > self.pacing.saturated_above:
+            self.saturated = True
+        elif per_frame < self.pacing.saturated_below:
+            self.saturated = False
+        self.choose_mode()
+
+    def choose_mode(self) -> None:
+        """Roll when big enough and not saturated. Leaving it, release everything to
+        everyone: the queued readers are woken and the waiting ones flushed."""
+        roll = 0 < self.pacing.roll_from <= len(self.subs) and not self.saturated
+        if roll == self.rolling:
+            return
+        self.rolling = roll
+        if roll:
+            return
+        if self.chunk_timer is not None:
+            self.chunk_timer.cancel()
+            self.chunk_timer = None
+        self.passing = False
+        queued, self.queue = self.queue, {}
+        for s in queued:
+            s._wake()
+        self.flush()
 
     def returned(self) -> None:
         """A subscriber woken by the last timed flush has written what it took. When nine in
@@ -367,6 +513,8 @@ class _Room:
             return (codec.pack(items, skip_through),
                     sum(1 for i in items if i.id > skip_through))
         if cached is None:
+            if len(self._frames) >= 64:  # (a rolling room may not flush for a long time)
+                self._frames.clear()
             cached = self._frames[(start, stop)] = (codec.pack(items),
                                                     sum(1 for i in items if i.id))
         return cached
@@ -387,10 +535,11 @@ class Hub:
         so the caller announces presence."""
         room = self._rooms.get(sub.room)
         if room is None:
-            room = self._rooms[sub.room] = _Room(sub.limit,
+            room = self._rooms[sub.room] = _Room(sub.limit, self.pacing,
                                                  measure_from=self.pacing.measure_from)
         room.limit = max(room.limit, sub.limit)
         room.subs.add(sub)
+        room.choose_mode()
         sub._room = room
         sub.cursor = room.end
         self._by_login.setdefault(sub.login, set()).add(sub)
@@ -411,7 +560,9 @@ class Hub:
         if room is None:
             return False
         room.subs.discard(sub)
-        room.idle.discard(sub)
+        room.idle.pop(sub, None)
+        room.queue.pop(sub, None)
+        room.choose_mode()
         left = False
         if sub.member is not None and sub.login in room.members:
             streams = room.members[sub.login]
@@ -421,8 +572,9 @@ class Hub:
                 del room.members[sub.login]
                 left = True
         if not room.subs:
-            if room.timer is not None:
-                room.timer.cancel()
+            for t in (room.timer, room.chunk_timer):
+                if t is not None:
+                    t.cancel()
             del self._rooms[sub.room]
         return left
 
@@ -435,6 +587,13 @@ class Hub:
         r.append(item)
         now = time.monotonic()
         since, r.last_publish = now - r.last_publish, now
+        if r.rolling:
+            if r.idle:  # (the readers with something to take are queued or writing)
+                # Quiet, as below: everyone at once, the quickest way to the last reader.
+                quiet = since >= max(self.pacing.linger(len(r.subs), 0.0, r.wave_cost),
+                                     self.pacing.busy_window)
+                r.flush(at_once=quiet)
+            return len(r.subs)
         if r.timer is not None:
             if r.end - r.mark >= r.limit // 4:  # never let a linger push readers out
                 r.flush()
@@ -453,7 +612,7 @@ class Hub:
         """Release what a room holds now (e.g. before its streams are closed)."""
         r = self._rooms.get(room)
         if r is not None:
-            r.flush()
+            r.flush(at_once=True)
 
     def reply(self, sub: Subscriber, item: Item) -> None:
         """Queue an answer for one subscriber (an ack, an error). It follows everything
