@@ -81,6 +81,27 @@ async def test_join_gets_history_backlog_then_live(chat: Chat) -> None:
     call.cancel()
 
 
+async def burst(sender: Any, n: int, *, batch_acks: bool) -> tuple[Any, list[str], int]:
+    """Send n messages at once on one Join stream and read it until all n are acked: the
+    stream (still open), the acks' client ids in order, and how many frames carried
+    messages and acks together."""
+    call = sender.stub.Join(hello_events("general", after=2**62, batch_acks=batch_acks,
+                                         then=[send(f"m{i}", f"c{i}") for i in range(n)]),
+                            metadata=sender.metadata)
+    acks: list[str] = []
+    shared = 0
+    async for ev in call:
+        which = ev.WhichOneof("event")
+        if which == "sent":
+            acks.append(ev.sent.client_msg_id)
+        elif which == "batch":
+            acks.extend(s.client_msg_id for s in ev.batch.sent)
+            shared += bool(ev.batch.sent and ev.batch.messages)
+        if len(acks) == n:
+            break
+    return call, acks, shared
+
+
 _ROLLING = {"roll_from": 5, "roll_chunk": 2, "roll_wait": 0.05, "saturated_below": 1.5}
 
 
@@ -101,18 +122,7 @@ async def test_a_big_room_delivers_a_burst_to_every_reader_in_order_with_every_a
     assert chat.server.hub._rooms["general"].rolling
     alice = await chat.connect("alice@tailnet.test")
     n = 60
-    call = alice.stub.Join(hello_events("general", after=2**62, batch_acks=True,
-                                        then=[send(f"m{i}", f"c{i}") for i in range(n)]),
-                           metadata=alice.metadata)
-    acks: list[str] = []
-    async for ev in call:
-        which = ev.WhichOneof("event")
-        if which == "sent":
-            acks.append(ev.sent.client_msg_id)
-        elif which == "batch":
-            acks.extend(s.client_msg_id for s in ev.batch.sent)
-        if len(acks) == n:
-            break
+    call, acks, _ = await burst(alice, n, batch_acks=True)
     assert acks == [f"c{i}" for i in range(n)]
     for c in calls:
         msgs = await collect(c, n)
@@ -128,20 +138,7 @@ async def test_a_busy_senders_acks_share_frames_with_its_messages_only_if_it_ask
         chat: Chat, batch_acks: bool) -> None:
     alice = await chat.connect("alice@tailnet.test")
     n = 30
-    call = alice.stub.Join(hello_events("general", after=2**62, batch_acks=batch_acks,
-                                        then=[send(f"m{i}", f"c{i}") for i in range(n)]),
-                           metadata=alice.metadata)
-    acks: list[str] = []
-    shared = 0  # frames that carry messages and acks together
-    async for ev in call:
-        which = ev.WhichOneof("event")
-        if which == "sent":
-            acks.append(ev.sent.client_msg_id)
-        elif which == "batch":
-            acks.extend(s.client_msg_id for s in ev.batch.sent)
-            shared += bool(ev.batch.sent and ev.batch.messages)
-        if len(acks) == n:
-            break
+    call, acks, shared = await burst(alice, n, batch_acks=batch_acks)
     assert acks == [f"c{i}" for i in range(n)]
     assert (shared > 0) == batch_acks  # older clients still get every ack on its own
     call.cancel()
