@@ -213,42 +213,35 @@ class Subscriber:
             if r is not None and self._wave == r.wave:
                 r.returned()
             self._wave = 0
-        if r is not None and r.rolling:
-            await self._wait_turn(r)
-            return
-        while not self._has_work() and r is not None:
+        while r is not None:
+            if r.rolling:
+                # With something to take, queue for a chunk; caught up, wait for a publish.
+                if self.closed is not None or (self.replies
+                                               and self.replies[0][0] <= self.cursor):
+                    return
+                queued = self.cursor < r.end
+            elif self._has_work():
+                return
+            else:
+                queued = False
             if self._loop is None:
                 self._loop = asyncio.get_running_loop()
+            # The waiter exists before the room may look for it (``next_chunk``).
             self._waiter = self._loop.create_future()
-            r.idle[self] = None
+            if queued:
+                r.queue[self] = None
+                if not r.passing:
+                    r.next_chunk()
+            else:
+                r.idle[self] = None
             try:
                 await self._waiter
             finally:
                 self._waiter = None
                 r.idle.pop(self, None)
-
-    async def _wait_turn(self, r: _Room) -> None:
-        """In a rolling room: with something to take, queue for a chunk; caught up, wait
-        for the next publish. The waiter exists before the room may look for it. (Written
-        out like the loop in ``wait``, not shared with it: that is the hottest wait in the
-        server, and a shared coroutine would add a frame to every wake-up.)"""
-        if self.closed is not None or (self.replies and self.replies[0][0] <= self.cursor):
-            return
-        if self._loop is None:
-            self._loop = asyncio.get_running_loop()
-        self._waiter = self._loop.create_future()
-        if self.cursor < r.end:
-            r.queue[self] = None
-            if not r.passing:
-                r.next_chunk()
-        else:
-            r.idle[self] = None
-        try:
-            await self._waiter
-        finally:
-            self._waiter = None
-            r.idle.pop(self, None)
-            r.queue.pop(self, None)
+                r.queue.pop(self, None)
+            if r.rolling:
+                return  # its turn (or it was closed, or an answer of its own is due)
 
     def _wake(self) -> None:
         w = self._waiter
@@ -348,7 +341,6 @@ class _Room:
     timer: asyncio.TimerHandle | None = None
     _trim_at: int = 64  # log length at which to look for what every reader has taken
     _frames: dict[tuple[int, int], tuple[list[bytes], int]] = field(default_factory=dict)
-    measure_from: int = 0  # time flushes that wake this many subscribers (0: never; Pacing)
     # The last timed flush ("wave"): its number, when it woke how many, how many of those
     # are not back yet; and the time a frame took, smoothed over waves (seconds).
     wave: int = 0
@@ -403,7 +395,7 @@ class _Room:
     def flush(self, at_once: bool = False) -> None:
         """Release the log up to its end and wake whoever was waiting for it (in a rolling
         room, queue them for chunks unless ``at_once``); time the flush if it wakes at least
-        ``measure_from`` subscribers at once."""
+        ``Pacing.measure_from`` subscribers at once."""
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -412,19 +404,19 @@ class _Room:
         # Timed only when nearly the whole room is waiting: a flush that wakes half of it
         # while the other half is still writing would count their writes as its own.
         woken = len(self.idle)
-        timed = (not queue and 0 < self.measure_from <= woken
+        timed = (not queue and 0 < self.pacing.measure_from <= woken
                  and woken >= len(self.subs) - len(self.subs) // 10)
         if timed:
             self.wave += 1
             self.wave_started = time.monotonic()
             self.wave_size = self.wave_left = woken
-        for s in self.idle:
-            if queue:
-                self.queue[s] = None
-                continue
-            if timed:
-                s._wave = self.wave
-            s._wake()
+        if queue:
+            self.queue.update(self.idle)
+        else:
+            for s in self.idle:
+                if timed:
+                    s._wave = self.wave
+                s._wake()
         self.idle.clear()
         if queue and not self.passing:
             self.next_chunk()
@@ -441,8 +433,6 @@ class _Room:
         while self.queue and n < self.pacing.roll_chunk:
             s = next(iter(self.queue))
             del self.queue[s]
-            if s._waiter is None:  # (its stream has ended)
-                continue
             s._chunk = self.chunk
             s._wake()
             n += 1
@@ -537,8 +527,7 @@ class Hub:
         so the caller announces presence."""
         room = self._rooms.get(sub.room)
         if room is None:
-            room = self._rooms[sub.room] = _Room(sub.limit, self.pacing,
-                                                 measure_from=self.pacing.measure_from)
+            room = self._rooms[sub.room] = _Room(sub.limit, self.pacing)
         room.limit = max(room.limit, sub.limit)
         room.subs.add(sub)
         room.choose_mode()
