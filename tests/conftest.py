@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import stat
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -40,7 +41,32 @@ async def chat(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[
         yield c
 
 
+def let_other_users_reach(path: Path) -> list[Path]:
+    """Give others search permission (o+x: to pass through, not to list) on each directory
+    above ``path`` that lacks it, and return those changed.
+
+    Some tests run this checkout as another user: the units' checks (a DynamicUser service
+    must be able to read the installation, ``systemd.find_installation``, in
+    test_operations.py and test_tsapi_units.py) and the unprivileged client in
+    test_discovery.py. A checkout made in ``mktemp -d`` (mode 0700),
+    as CI makes it, stopped all of them: 4 errors and 4 failures (2026-11-22). What is inside
+    the checkout keeps git's and pip's modes; nothing is made readable that was not."""
+    changed = []
+    for d in path.parents:
+        mode = d.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            try:
+                d.chmod(mode | stat.S_IXOTH)
+            except OSError:
+                continue  # (not ours to change: the tests that need it say what stopped them)
+            changed.append(d)
+    return changed
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    for d in let_other_users_reach(ROOT):
+        print(f"*** {d}: search permission for others added, so that other users (a "
+              "service's, nobody) can reach this checkout ***", file=sys.stderr)
     config.addinivalue_line("markers", "server_config(**kw): overrides for the chat and "
                                        "lab_chat fixtures")
     config.addinivalue_line("markers", "pacing(**kw): the chat fixture's hub Pacing")
