@@ -42,8 +42,8 @@ async def chat(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[
 
 
 def let_other_users_reach(path: Path) -> list[Path]:
-    """Give others search permission (o+x: to pass through, not to list) on each directory
-    above ``path`` that lacks it, and return those changed.
+    """Give others search permission (o+x: to pass through, not to list) on the directory
+    ``path`` and each directory above it that lacks it, and return those changed.
 
     Some tests run this checkout as another user: the units' checks (a DynamicUser service
     must be able to read the installation, ``systemd.find_installation``, in
@@ -52,7 +52,7 @@ def let_other_users_reach(path: Path) -> list[Path]:
     as CI makes it, stopped all of them: 4 errors and 4 failures (2026-11-22). What is inside
     the checkout keeps git's and pip's modes; nothing is made readable that was not."""
     changed = []
-    for d in path.parents:
+    for d in (path, *path.parents):  # (`git clone . "$(mktemp -d)"`: path is the 0700 one)
         mode = d.stat().st_mode
         if not mode & stat.S_IXOTH:
             try:
