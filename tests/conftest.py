@@ -41,22 +41,24 @@ async def chat(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[
         yield c
 
 
-def let_other_users_reach(path: Path) -> list[Path]:
-    """Give others search permission (o+x: to pass through, not to list) on the directory
-    ``path`` and each directory above it that lacks it, and return those changed.
+def let_other_users_reach(root: Path) -> list[Path]:
+    """Let other users read the checkout ``root`` (o+rx on it: git's and pip's modes inside
+    already let them) and pass through each directory above it (o+x: not list), where they
+    may not yet; return the directories changed.
 
     Some tests run this checkout as another user: the units' checks (a DynamicUser service
     must be able to read the installation, ``systemd.find_installation``, in
     test_operations.py and test_tsapi_units.py) and the unprivileged client in
-    test_discovery.py. A checkout made in ``mktemp -d`` (mode 0700),
-    as CI makes it, stopped all of them: 4 errors and 4 failures (2026-11-22). What is inside
-    the checkout keeps git's and pip's modes; nothing is made readable that was not."""
+    test_discovery.py, which imports the editable install from ``root`` (Python lists the
+    directory to import from it). A checkout made by ``git clone . "$(mktemp -d)"``, as CI
+    makes it, is mode 0700: 4 errors and 4 failures (2026-11-22)."""
     changed = []
-    for d in (path, *path.parents):  # (`git clone . "$(mktemp -d)"`: path is the 0700 one)
+    for d, wanted in ((root, stat.S_IROTH | stat.S_IXOTH),
+                      *((p, stat.S_IXOTH) for p in root.parents)):
         mode = d.stat().st_mode
-        if not mode & stat.S_IXOTH:
+        if mode & wanted != wanted:
             try:
-                d.chmod(mode | stat.S_IXOTH)
+                d.chmod(mode | wanted)
             except OSError:
                 continue  # (not ours to change: the tests that need it say what stopped them)
             changed.append(d)
@@ -65,8 +67,8 @@ def let_other_users_reach(path: Path) -> list[Path]:
 
 def pytest_configure(config: pytest.Config) -> None:
     for d in let_other_users_reach(ROOT):
-        print(f"*** {d}: search permission for others added, so that other users (a "
-              "service's, nobody) can reach this checkout ***", file=sys.stderr)
+        print(f"*** {d}: opened to other users (a service's, nobody), who run this "
+              "checkout in some tests ***", file=sys.stderr)
     config.addinivalue_line("markers", "server_config(**kw): overrides for the chat and "
                                        "lab_chat fixtures")
     config.addinivalue_line("markers", "pacing(**kw): the chat fixture's hub Pacing")
