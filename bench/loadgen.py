@@ -101,7 +101,15 @@ async def subscribe(a: argparse.Namespace) -> None:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(all_ready.wait(), a.ready_timeout)
     print(json.dumps({"ready": ready}), flush=True)
-    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    line = await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    if len(words := line.split()) == 2:  # "stop N": as in loadgen-go's awaitCounts
+        want, last, since = int(words[1]), -1, time.monotonic()
+        while min(counts[a.stall:] or [want]) < want:
+            if sum(counts) != last:
+                last, since = sum(counts), time.monotonic()
+            elif time.monotonic() - since > 2:
+                break
+            await asyncio.sleep(0.01)
     for t in tasks:
         t.cancel()
     out = {"deliveries": sum(counts), "per_stream_min": min(counts[a.stall:] or [0]),

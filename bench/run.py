@@ -197,11 +197,13 @@ def start_subs(srv: ServerProc, room: str, n: int, *, procs: int, stall: int = 0
     return ps, ready
 
 
-def finish_subs(ps: list[subprocess.Popen[str]]) -> list[dict[str, Any]]:
+def finish_subs(ps: list[subprocess.Popen[str]], expect: int = 0) -> list[dict[str, Any]]:
+    """Stop the subscribers and collect their reports; with ``expect``, each reading stream
+    first waits (while messages keep arriving) until it has that many."""
     out = []
     for p in ps:
         assert p.stdin is not None and p.stdout is not None
-        p.stdin.write("stop\n")
+        p.stdin.write(f"stop {expect}\n" if expect else "stop\n")
         p.stdin.flush()
     for p in ps:
         assert p.stdout is not None
@@ -262,7 +264,7 @@ def fanout(kind: str, n: int, *, count: int, rate: float, stall: int = 0, size: 
         # Every subscriber and the sender's own stream (it sees its echoes) get each message.
         wait_delivered(srv, count * (ready + 1) if s is not None else 0, settle)
         cpu1 = srv.cpu()
-        res = finish_subs(subs)
+        res = finish_subs(subs, expect=count if s is not None else 0)
         deliveries = sum(r["deliveries"] for r in res)
         lat = [x for r in res for x in r["latencies_ms"]]
         c = srv.counters()
@@ -301,7 +303,7 @@ def broadcast(n: int, *, messages: int, rate: float) -> dict[str, Any]:
         s = run_sender(srv, "b", count=messages, rate=rate, timeout=120, start_after=2.0)
         wait_delivered(srv, messages * (ready + 1) if s is not None else 0, 0.5)
         cpu1 = srv.cpu()
-        res = finish_subs(subs)
+        res = finish_subs(subs, expect=messages if s is not None else 0)
         # With several generator processes, the last arrival is the latest over all of them.
         per_msg = [max(xs) for xs in zip(*(r["last_arrival_ms"] for r in res), strict=True)]
         return {"subscribers_served": ready, "broadcasts": messages, "rate": rate,
