@@ -8,6 +8,9 @@ laptops' tailscaled.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -19,6 +22,8 @@ import pytest
 from helpers import (
     ALICE,
     BOB,
+    CLI,
+    LabChat,
     LabDaemon,
     Talker,
     ack_or_error,
@@ -162,6 +167,37 @@ async def test_a_token_revoked_through_server_2_closes_alices_stream_on_server_1
             await collect(call.call, 1)
         assert closed.value.code() == grpc.StatusCode.UNAUTHENTICATED
         print(f"revoked on server 2 -> closed on server 1: {time.monotonic() - started:.3f}s")
+        fresh = await one.connect("alice-laptop", token)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await fresh.whoami()
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def operator(chat: LabChat, cluster: nats_lab.NatsCluster, *args: str) -> str:
+    """`tsnetchat ARGS` as an operator runs it on that server's machine, whose config names
+    the cluster (so the command opens the server's cluster.db)."""
+    env = {**os.environ, "TSNETCHAT_CLUSTER": ",".join(cluster.urls)}
+    return subprocess.run([CLI, *args, "--state-dir", str(chat.cfg.state_dir)], env=env,
+                          capture_output=True, text=True, check=True, timeout=60).stdout
+
+
+async def test_a_token_revoked_with_the_cli_on_server_2s_machine_closes_alices_stream_on_server_1(
+        lab: Any, tmp_path: Path, nats_cluster: nats_lab.NatsCluster) -> None:
+    async with two_servers(lab, tmp_path, nats_cluster) as (one, two):
+        token = one.token(ALICE)
+        jti = token_id(token)
+
+        def listed(chat: LabChat) -> set[str]:
+            rows = json.loads(operator(chat, nats_cluster, "token", "list", "--json"))
+            return {r["jti"] for r in rows}
+
+        assert jti in listed(one) and jti not in listed(two)  # records are not shared (README)
+        alice = await one.connect("alice-laptop", token)
+        call = await join(alice, "general")
+        assert operator(two, nats_cluster, "token", "revoke", jti).strip() == f"revoked {jti}"
+        with pytest.raises(grpc.aio.AioRpcError) as closed:
+            await collect(call.call, 1)
+        assert closed.value.code() == grpc.StatusCode.UNAUTHENTICATED
         fresh = await one.connect("alice-laptop", token)
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await fresh.whoami()
