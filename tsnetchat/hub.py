@@ -194,13 +194,10 @@ class Subscriber:
     _wave: int = 0  # the timed flush that woke this subscriber, until it is back (_Room)
     _chunk: int = 0  # the rolling chunk that woke this subscriber, until it is back (_Room)
 
-    def _has_work(self) -> bool:
-        r = self._room
-        if r is None:
-            return False
-        if self.closed is not None:
-            return True
-        return self.cursor < r.mark or bool(self.replies and self.replies[0][0] <= self.cursor)
+    def _own_due(self) -> bool:
+        """Closed, or an answer of its own is due: what needs no flush or chunk."""
+        return self.closed is not None or bool(self.replies
+                                               and self.replies[0][0] <= self.cursor)
 
     async def wait(self) -> None:
         """Return when there is something to ``take``, or the subscriber is closed."""
@@ -214,13 +211,12 @@ class Subscriber:
                 r.returned()
             self._wave = 0
         while r is not None:
+            if self._own_due():
+                return
             if r.rolling:
                 # With something to take, queue for a chunk; caught up, wait for a publish.
-                if self.closed is not None or (self.replies
-                                               and self.replies[0][0] <= self.cursor):
-                    return
                 queued = self.cursor < r.end
-            elif self._has_work():
+            elif self.cursor < r.mark:
                 return
             else:
                 queued = False
