@@ -40,6 +40,7 @@ from helpers import (
     until,
 )
 
+from tsnetchat import cluster
 from tsnetchat.client import link_for
 from tsnetchat.pb import chat_pb2 as pb
 
@@ -171,6 +172,52 @@ async def test_a_token_revoked_through_server_2_closes_alices_stream_on_server_1
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await fresh.whoami()
         assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_a_revocation_made_while_its_bucket_elects_a_leader_waits_for_it_and_takes_effect(
+        lab: Any, tmp_path: Path, nats_cluster: nats_lab.NatsCluster) -> None:
+    async with two_servers(lab, tmp_path, nats_cluster) as (one, two):
+        token = one.token(ALICE)
+        alice = await one.connect("alice-laptop", token)
+        admin = await two.connect("alice-laptop", two.token(ALICE, admin=True))
+        call = await join(alice, "general")
+        leader = nats_cluster.stream_leader("KV_" + cluster.REVOKED)
+        assert leader
+        nats_cluster.kill(leader)  # no leader for the bucket until the other two elect one
+        started = time.monotonic()
+        await admin.stub.RevokeToken(pb.RevokeTokenRequest(token_id=token_id(token)),
+                                     metadata=admin.metadata)
+        print(f"revoked during the election in {time.monotonic() - started:.3f}s")
+        with pytest.raises(grpc.aio.AioRpcError) as closed:
+            await collect(call.call, 1)
+        assert closed.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_a_revocation_without_a_nats_quorum_is_refused_and_the_token_works_until_it_succeeds(
+        lab: Any, tmp_path: Path, nats_cluster: nats_lab.NatsCluster) -> None:
+    async with two_servers(lab, tmp_path, nats_cluster, cluster_wait=2.0) as (one, two):
+        token = one.token(ALICE)
+        alice = await one.connect("alice-laptop", token)
+        admin = await two.connect("alice-laptop", two.token(ALICE, admin=True))
+        call = await join(alice, "general")
+        stopped = [n.name for n in nats_cluster.nodes][:2]
+        for name in stopped:
+            nats_cluster.stop_node(name)
+        revoke = pb.RevokeTokenRequest(token_id=token_id(token))
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await admin.stub.RevokeToken(revoke, metadata=admin.metadata)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "nothing was revoked, try again" in refused.value.details()
+        # As it said: the token still works, on server 2 as on server 1.
+        assert (await alice.whoami()).identity.login == ALICE
+        fresh = await two.connect("alice-laptop", token)
+        assert (await fresh.whoami()).identity.login == ALICE
+        for name in stopped:
+            nats_cluster.start_node(name)
+        await admin.stub.RevokeToken(revoke, metadata=admin.metadata)
+        with pytest.raises(grpc.aio.AioRpcError) as closed:
+            await collect(call.call, 1)  # (open through the refusal, closed now)
+        assert closed.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 def operator(chat: LabChat, cluster: nats_lab.NatsCluster, *args: str) -> str:

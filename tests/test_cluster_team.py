@@ -35,7 +35,7 @@ from helpers import (
     until,
 )
 
-from tsnetchat.cluster import STREAM
+from tsnetchat.cluster import ROOMS, STREAM
 from tsnetchat.pb import chat_pb2 as pb
 from tsnetchat.rooms import NOT_VISIBLE
 
@@ -182,3 +182,26 @@ async def test_a_private_room_made_through_server_1_is_invisible_to_mallory_on_s
         assert f"removed from '+ops' by {ALICE}" in (closed.details() or "")
         assert "+ops" not in [r.name for r in (await bob_one.list_rooms()).rooms]
         assert (await refused(bob_one.history("+ops"))).details() == NOT_VISIBLE
+
+
+async def test_a_private_room_made_and_changed_while_its_bucket_elects_a_leader_waits_for_it(
+        lab: Any, tmp_path: Path, nats_cluster: nats_lab.NatsCluster) -> None:
+    async with two_servers(lab, tmp_path, nats_cluster) as (one, two):
+        admin = await one.connect("alice-laptop", one.token(ALICE, admin=True))
+        leader = nats_cluster.stream_leader("KV_" + ROOMS)
+        assert leader
+        nats_cluster.kill(leader)  # no leader for the bucket until the other two elect one
+        # (a patient client: the server waits up to cluster_wait, 12 s, for the election)
+        made = await admin.create_room("+ops", [ALICE, BOB], timeout=30)
+        assert list(made.members) == [ALICE, BOB]
+        nats_cluster.start_node(leader)
+        leader = nats_cluster.stream_leader("KV_" + ROOMS)
+        nats_cluster.kill(leader)
+        res = await admin.set_room_members("+ops", remove=[BOB], timeout=30)
+        assert list(res.members) == [ALICE]
+        alice_two = await two.connect("alice-laptop", two.token(ALICE))
+        await eventually(alice_two.list_rooms, lambda r: "+ops" in [x.name for x in r.rooms],
+                         "server 2 learning the room")
+        bob_two = await two.connect("bob-laptop", two.token(BOB))
+        await eventually(bob_two.list_rooms, lambda r: "+ops" not in [x.name for x in r.rooms],
+                         "server 2 applying the removal")

@@ -132,7 +132,7 @@ READS_RETRY = 1.0  # seconds between tries to share read positions the cluster d
 SOURCE = "nats:" + STREAM  # the local copy's name for how far the stream is applied
 MAX_BATCH = 256  # messages per atomic batch (JetStream allows 1,000)
 MAX_BATCHES_IN_FLIGHT = 32  # JetStream allows 50 per stream
-ATTEMPT_TIMEOUT = 2.0  # one attempt at a batch; then again with the same expectation
+ATTEMPT_TIMEOUT = 2.0  # one attempt at a batch or a request's KV write; then again
 WRONG_LAST_SEQUENCE = 10071
 _LAST = re.compile(r"wrong last sequence: (\d+)")
 CHANGES = (EDIT, DELETE)  # decided against the room's history before they are appended
@@ -271,6 +271,10 @@ class ClusterHistory:
         self.on_revoked: Callable[[list[str]], object] = lambda ids: None
         self._nc = NATS()
         self._js = self._nc.jetstream()
+        # For the buckets people's requests write to (revocations, private rooms): a lost
+        # request costs an attempt, not the default 5 s, so several fit in ``cluster_wait``
+        # (a replica catching up after a restart ignores direct gets: they time out).
+        self._js_attempt = self._nc.jetstream(timeout=ATTEMPT_TIMEOUT)
         self._me = uuid.uuid4().hex[:12]  # this process, in the origin tags of its messages
         self._n = 0
         self._queues: dict[str, deque[_Pending]] = {}
@@ -355,7 +359,7 @@ class ClusterHistory:
         kv_state = await _retrying(lambda: self._js.create_key_value(KeyValueConfig(
             bucket=STATE, replicas=self.cfg.cluster_replicas, history=1)), deadline,
             "the state bucket")
-        self._kv_revoked = await _retrying(lambda: self._js.create_key_value(KeyValueConfig(
+        self._kv_revoked = await _retrying(lambda: self._js_attempt.create_key_value(KeyValueConfig(
             bucket=REVOKED, replicas=self.cfg.cluster_replicas, history=1)), deadline,
             "the revocations bucket")
         key = await _retrying(lambda: _shared(kv_state, "signing-key", key), deadline,
@@ -397,7 +401,7 @@ class ClusterHistory:
         watcher = await self._kv_revoked.watchall()
         self._tasks.append(asyncio.create_task(self._watch_revocations(watcher)))
         self._tasks.append(asyncio.create_task(self._erase_loop()))
-        self._kv_rooms = await _retrying(lambda: self._js.create_key_value(KeyValueConfig(
+        self._kv_rooms = await _retrying(lambda: self._js_attempt.create_key_value(KeyValueConfig(
             bucket=ROOMS, replicas=self.cfg.cluster_replicas, history=1)), deadline,
             "the private rooms bucket")
         rooms_known = asyncio.Event()
@@ -654,18 +658,20 @@ class ClusterHistory:
         other servers apply it from their watch (``on_removed``). Raises InvalidInput as
         Store.set_members does, StoreError when the cluster did not confirm the change."""
         key = _b64(room)
+        deadline = time.monotonic() + self.wait  # (while the bucket elects a leader)
+        kv = self._kv_rooms
         try:
             async with self._rooms_lock:  # (our own watch waits: it finds this applied)
                 for _ in range(10):
                     if create:
                         value = {"room": room, "by": by, "members": sorted(set(add) - set(remove))}
                         try:
-                            rev = await self._kv_rooms.create(key, _json(value))
+                            rev = await self._create_room(key, value, deadline)
                         except nats.js.errors.KeyWrongLastSequenceError:
                             raise InvalidInput(f"private room {room!r} already exists") from None
                     else:
                         try:
-                            entry = await self._kv_rooms.get(key)
+                            entry = await _until(lambda: kv.get(key), deadline, UNSURE)
                         except nats.js.errors.KeyNotFoundError:
                             entry = None
                         if entry is None or entry.operation is not None or not entry.value:
@@ -675,10 +681,12 @@ class ClusterHistory:
                                                   - set(remove))
                         value["by"] = by
                         try:
-                            rev = await self._kv_rooms.update(key, _json(value),
-                                                              last=entry.revision)
+                            rev = await _until(partial(kv.update, key, _json(value),
+                                                       last=entry.revision), deadline, UNSURE)
                         except nats.js.errors.KeyWrongLastSequenceError:
-                            continue  # changed through another server meanwhile: again
+                            # Changed through another server meanwhile (or by an attempt
+                            # that timed out and landed): again, from what is there.
+                            continue
                     await self._apply_room(room, value, rev)
                     return frozenset(value["members"])
         except (nats.errors.Error, OSError) as e:
@@ -686,6 +694,29 @@ class ClusterHistory:
                              "it may still take effect: look at the room's members, then try "
                              "again") from e
         raise StoreError(f"{room!r} kept changing through other servers; try again")
+
+    async def _create_room(self, key: str, value: dict[str, Any], deadline: float) -> int:
+        """Create the room's entry; its revision. An attempt that timed out may have landed,
+        so an "already exists" after one is checked: the entry we meant is ours."""
+        retried = False
+
+        async def attempt() -> int:
+            nonlocal retried
+            try:
+                rev: int = await self._kv_rooms.create(key, _json(value))
+                return rev
+            except nats.js.errors.KeyWrongLastSequenceError:
+                if retried:
+                    entry = await self._kv_rooms.get(key)
+                    if entry.value and json.loads(entry.value) == value:
+                        return int(entry.revision)
+                raise
+            except UNSURE:
+                retried = True
+                raise
+
+        rev: int = await _until(attempt, deadline, UNSURE)
+        return rev
 
     async def _apply_room(self, room: str, value: dict[str, Any], rev: int) -> frozenset[str]:
         """Make the local copy's members of ``room`` those of revision ``rev`` (older
@@ -817,12 +848,16 @@ class ClusterHistory:
 
     async def revoke(self, jti: str) -> bool:
         """Revoke everywhere: in the cluster's bucket (every server's watcher closes the
-        token's streams) and in the local copy. Raises StoreError without a quorum."""
+        token's streams) and in the local copy. While the bucket has no leader it tries
+        again for up to ``cluster_wait`` seconds (a put of a revocation twice is harmless,
+        so after a time-out too); then raises StoreError."""
+        value = str(int(time.time())).encode()
         try:
-            await self._kv_revoked.put(jti, str(int(time.time())).encode())
+            await _until(lambda: self._kv_revoked.put(jti, value),
+                         time.monotonic() + self.wait, UNSURE)
         except (nats.errors.Error, OSError) as e:
-            raise StoreError(f"the revocation could not be shared with the cluster: {e}; "
-                             "nothing was revoked, try again") from e
+            raise StoreError(f"the revocation could not be shared with the cluster "
+                             f"({_why(e)}); nothing was revoked, try again") from e
         self._shared_revocations.add(jti)
         return await self.local.revoke(jti)
 
@@ -1142,13 +1177,35 @@ def _why(e: BaseException) -> str:
     return f"NATS: {e or type(e).__name__}"
 
 
-async def _retrying(step: Callable[[], Any], deadline: float, what: str) -> Any:
-    """Start-up against a cluster that may be electing leaders (10005, 10008, no
-    responders): try again until ``deadline``."""
+# Answers that mean nothing was written: no stream leader took the request (none elected
+# yet, or an election under way), so the same request again is safe. (A time-out is not
+# one of them: the write may have landed.)
+UNANSWERED: tuple[type[BaseException], ...] = (
+    nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError,
+    nats.js.errors.ServiceUnavailableError)
+# ... and a time-out besides: for requests that may be made twice (reads, puts of one value,
+# compare-and-set updates).
+UNSURE: tuple[type[BaseException], ...] = (*UNANSWERED, nats.errors.TimeoutError)
+
+
+async def _until(step: Callable[[], Any], deadline: float,
+                 again: tuple[type[BaseException], ...] = UNANSWERED) -> Any:
+    """``step()``, again while it raises one of ``again`` and ``deadline`` has not passed;
+    then the last error is raised. A new R3 bucket, or one whose leader just died, has no
+    leader for a moment (2026-11: up to 9 s after a SIGKILL of the leader in the lab)."""
     while True:
         try:
             return await step()
-        except (nats.errors.Error, OSError) as e:
+        except again:
             if time.monotonic() > deadline:
-                raise StoreError(f"cluster: could not set up {what}: {_why(e)}") from e
+                raise
             await asyncio.sleep(0.25)
+
+
+async def _retrying(step: Callable[[], Any], deadline: float, what: str) -> Any:
+    """Start-up against a cluster that may be electing leaders (10005, 10008, no
+    responders): try again until ``deadline``."""
+    try:
+        return await _until(step, deadline, (nats.errors.Error, OSError))
+    except (nats.errors.Error, OSError) as e:
+        raise StoreError(f"cluster: could not set up {what}: {_why(e)}") from e
