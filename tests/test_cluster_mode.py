@@ -220,11 +220,13 @@ async def test_a_revocation_without_a_nats_quorum_is_refused_and_the_token_works
         assert closed.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
-def operator(chat: LabChat, cluster: nats_lab.NatsCluster, *args: str) -> str:
-    """`tsnetchat ARGS` as an operator runs it on that server's machine, whose config names
-    the cluster (so the command opens the server's cluster.db)."""
+def operator(chat: LabChat | Path, cluster: nats_lab.NatsCluster, *args: str) -> str:
+    """`tsnetchat ARGS` as an operator runs it on that server's machine (or the one whose
+    state directory is given), whose config names the cluster (so the command opens the
+    server's cluster.db)."""
+    state_dir = chat if isinstance(chat, Path) else chat.cfg.state_dir
     env = {**os.environ, "TSNETCHAT_CLUSTER": ",".join(cluster.urls)}
-    return subprocess.run([CLI, *args, "--state-dir", str(chat.cfg.state_dir)], env=env,
+    return subprocess.run([CLI, *args, "--state-dir", str(state_dir)], env=env,
                           capture_output=True, text=True, check=True, timeout=60).stdout
 
 
@@ -249,6 +251,42 @@ async def test_a_token_revoked_with_the_cli_on_server_2s_machine_closes_alices_s
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await fresh.whoami()
         assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_a_cli_revocation_made_without_a_nats_quorum_reaches_the_other_server_when_it_returns(
+        lab: Any, tmp_path: Path, nats_cluster: nats_lab.NatsCluster) -> None:
+    async with two_servers(lab, tmp_path, nats_cluster) as (one, two):
+        token = one.token(ALICE)
+        alice = await one.connect("alice-laptop", token)
+        call = await join(alice, "general")
+        stopped = [n.name for n in nats_cluster.nodes][:2]
+        for name in stopped:
+            nats_cluster.stop_node(name)
+        jti = token_id(token)
+        assert operator(two, nats_cluster, "token", "revoke", jti).strip() == f"revoked {jti}"
+        await until(lambda: jti in two.server.gate.revoked, "server 2 taking the revocation")
+        for name in stopped:
+            nats_cluster.start_node(name)
+        with pytest.raises(grpc.aio.AioRpcError) as closed:
+            await collect(call.call, 1, timeout=30)
+        assert closed.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_a_cli_revocation_made_while_its_server_was_down_reaches_the_other_server_at_start(
+        lab: Any, tmp_path: Path, nats_cluster: nats_lab.NatsCluster) -> None:
+    flags = cluster_flags(nats_cluster)
+    async with lab_server(lab, tmp_path, **flags) as one:
+        token = one.token(ALICE)
+        alice = await one.connect("alice-laptop", token)
+        call = await join(alice, "general")
+        async with lab_server(lab, tmp_path, node="chat-server-2", **flags) as two:
+            state_2 = two.cfg.state_dir
+        jti = token_id(token)
+        assert operator(state_2, nats_cluster, "token", "revoke", jti).strip() == f"revoked {jti}"
+        async with lab_server(lab, tmp_path, node="chat-server-2", **flags):
+            with pytest.raises(grpc.aio.AioRpcError) as closed:
+                await collect(call.call, 1, timeout=30)
+            assert closed.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 async def test_a_server_that_starts_later_catches_up_from_the_stream(

@@ -308,7 +308,15 @@ class ClusterHistory:
         # Called with the sender of each message applied from another server (the ledger
         # learns who can be mentioned).
         self.on_sender: Callable[[Sender], object] = lambda sender: None
+        # Token ids in the revocations bucket (as the watch has them), and those revoked in
+        # the local database (`tsnetchat token revoke` on this machine) that the cluster has
+        # not taken yet: shared again every second until it does. Once the watch has the
+        # bucket's contents (``_revocations_known``), every local revocation is checked
+        # once: those made while this server was down, or while NATS had no quorum.
         self._shared_revocations: set[str] = set()
+        self._unshared_revocations: set[str] = set()
+        self._revocations_known = asyncio.Event()
+        self._local_revocations_checked = False
         # The servers of the cluster (``register``), as clients may reach them: name -> port.
         self.servers: dict[str, int] = {}
         self.server_nodes: dict[str, str] = {}  # name -> stable node id, as it registered
@@ -863,13 +871,21 @@ class ClusterHistory:
 
     async def revocations_since(self, seq: int) -> tuple[list[str], int]:
         """Revocations written to the local database (also by `tsnetchat token revoke`),
-        shared with the cluster as they are found."""
+        shared with the cluster as they are found, and again until the cluster takes them
+        (the server asks every second)."""
         new, seq = await self.local.revocations_since(seq)
-        for jti in new:
-            if jti not in self._shared_revocations:
-                with contextlib.suppress(nats.errors.Error, OSError):
-                    await self._kv_revoked.put(jti, str(int(time.time())).encode())
-                    self._shared_revocations.add(jti)
+        self._unshared_revocations.update(new)
+        if self._revocations_known.is_set() and not self._local_revocations_checked:
+            self._local_revocations_checked = True
+            self._unshared_revocations.update((await self.local.revocations_since(0))[0])
+        for jti in sorted(self._unshared_revocations - self._shared_revocations):
+            try:
+                await self._kv_revoked.put(jti, str(int(time.time())).encode())
+            except (nats.errors.Error, OSError) as e:
+                log.debug("cluster: revocation %s not shared yet: %s", jti, _why(e))
+                break  # no quorum: all of them next time
+            self._shared_revocations.add(jti)
+        self._unshared_revocations -= self._shared_revocations
         return new, seq
 
     async def list_tokens(self) -> list[TokenRecord]:
@@ -890,7 +906,7 @@ class ClusterHistory:
         return n
 
     async def _watch_revocations(self, watcher: Any) -> None:
-        async for entry in _entries(watcher, "revocation"):
+        async for entry in _entries(watcher, "revocation", ready=self._revocations_known):
             if entry.operation is not None:
                 continue
             jti = entry.key
