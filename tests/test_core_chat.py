@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import sqlite3
@@ -469,3 +470,45 @@ async def test_graceful_shutdown_tells_clients_and_closes_unavailable(chat: Chat
 def test_make_config_is_loopback_only(tmp_path: Any) -> None:
     cfg = make_config(tmp_path)
     assert cfg.listen == "127.0.0.1"
+
+
+class _GoneCaller:
+    """A call whose client has hung up: grpc core refuses to send its status (grpc.aio's
+    ExecuteBatchError, an InternalError). Stands in for the moment only: the server, its
+    gate and the tailnet (stand-in) it asks are the real path."""
+
+    def __init__(self, port: int, token: str) -> None:
+        self.port, self.token = port, token
+        self.aborts: list[grpc.StatusCode] = []
+
+    def peer(self) -> str:
+        return f"ipv4:127.0.0.1:{self.port}"
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.token}"),)
+
+    async def abort(self, code: grpc.StatusCode, details: str = "") -> None:
+        self.aborts.append(code)
+        raise grpc.aio.InternalError('Failed "execute_batch": SendStatusFromServerOperation')
+
+    def done(self) -> bool:
+        return True
+
+
+async def test_a_status_that_cannot_be_sent_to_a_caller_who_hung_up_is_not_logged_as_a_bug(
+        chat: Chat, caplog: pytest.LogCaptureFixture) -> None:
+    alice = "alice@tailnet.test"
+    await (await chat.connect(alice)).whoami()  # (the stand-in now knows alice's laptop)
+    who = next(w for w in chat.net.by_port.values() if w.login == alice)
+    chat.net.by_port[1] = who
+    caller = _GoneCaller(1, chat.token(alice))
+    caplog.set_level(logging.INFO, "tsnetchat")
+    admitted = []
+    with pytest.raises(grpc.aio.InternalError):
+        async with chat.server.service._call(caller, None, "Join", stream=True) as lease:  # type: ignore[arg-type]
+            admitted.append(lease.principal.login)
+            # As Service._live closes a stream (its token revoked) as the client hangs up:
+            await caller.abort(grpc.StatusCode.UNAUTHENTICATED, "revoked")
+    assert admitted == [alice]
+    assert caller.aborts == [grpc.StatusCode.UNAUTHENTICATED]  # not a second status
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

@@ -278,6 +278,12 @@ class ChatService:
             await _abort(context, code, str(e))
         except grpc.aio.AbortError:
             raise  # a status already chosen (a closed stream): not an error of ours
+        except grpc.aio.InternalError:
+            # grpc core could not send the status just chosen: the caller is gone (a stream
+            # closed by a revocation as its client hung up; seen in CI, 2026-11-22). grpc.aio
+            # drops it then; a second abort here would be its AssertionError "Abort error
+            # has been replaced!" and an ERROR with a traceback.
+            raise
         except Exception as e:
             # A bug, not the client's doing; still, a client must not be able to fill the
             # journal with tracebacks by repeating the request.
