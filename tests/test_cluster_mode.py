@@ -46,6 +46,15 @@ from tsnetchat.pb import chat_pb2 as pb
 
 pytestmark = [pytest.mark.tailnet, pytest.mark.cluster]
 
+async def closed_as(call: Any, code: grpc.StatusCode, timeout: float = 10) -> str:
+    """The Join stream ``call`` is (or, within ``timeout``, gets) closed with ``code``; the
+    status's details."""
+    with pytest.raises(grpc.aio.AioRpcError) as closed:
+        await collect(call.call, 1, timeout=timeout)
+    assert closed.value.code() == code
+    return closed.value.details() or ""
+
+
 async def test_alice_on_server_1_and_bob_on_server_2_chat_in_one_room(
         lab: Any, tmp_path: Path, nats_cluster: nats_lab.NatsCluster) -> None:
     async with two_servers(lab, tmp_path, nats_cluster) as (one, two):
@@ -153,44 +162,29 @@ async def test_without_a_nats_quorum_sends_are_refused_as_retryable_and_succeed_
         call.cancel()
 
 
+@pytest.mark.parametrize("election", [False, True],
+                         ids=["bucket-led", "while-the-revocations-bucket-elects-a-leader"])
 async def test_a_token_revoked_through_server_2_closes_alices_stream_on_server_1(
-        lab: Any, tmp_path: Path, nats_cluster: nats_lab.NatsCluster) -> None:
+        lab: Any, tmp_path: Path, nats_cluster: nats_lab.NatsCluster, election: bool) -> None:
     async with two_servers(lab, tmp_path, nats_cluster) as (one, two):
         token = one.token(ALICE)
         alice = await one.connect("alice-laptop", token)
         # alice's admin token (the lab grants alice admin), on her laptop, through server 2
         admin = await two.connect("alice-laptop", two.token(ALICE, admin=True))
         call = await join(alice, "general")
+        if election:  # no leader for the bucket until the other two nodes elect one
+            leader = nats_cluster.stream_leader("KV_" + cluster.REVOKED)
+            assert leader
+            nats_cluster.kill(leader)
         started = time.monotonic()
         await admin.stub.RevokeToken(pb.RevokeTokenRequest(token_id=token_id(token)),
                                      metadata=admin.metadata)
-        with pytest.raises(grpc.aio.AioRpcError) as closed:
-            await collect(call.call, 1)
-        assert closed.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        await closed_as(call, grpc.StatusCode.UNAUTHENTICATED)
         print(f"revoked on server 2 -> closed on server 1: {time.monotonic() - started:.3f}s")
         fresh = await one.connect("alice-laptop", token)
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await fresh.whoami()
         assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
-
-
-async def test_a_revocation_made_while_its_bucket_elects_a_leader_waits_for_it_and_takes_effect(
-        lab: Any, tmp_path: Path, nats_cluster: nats_lab.NatsCluster) -> None:
-    async with two_servers(lab, tmp_path, nats_cluster) as (one, two):
-        token = one.token(ALICE)
-        alice = await one.connect("alice-laptop", token)
-        admin = await two.connect("alice-laptop", two.token(ALICE, admin=True))
-        call = await join(alice, "general")
-        leader = nats_cluster.stream_leader("KV_" + cluster.REVOKED)
-        assert leader
-        nats_cluster.kill(leader)  # no leader for the bucket until the other two elect one
-        started = time.monotonic()
-        await admin.stub.RevokeToken(pb.RevokeTokenRequest(token_id=token_id(token)),
-                                     metadata=admin.metadata)
-        print(f"revoked during the election in {time.monotonic() - started:.3f}s")
-        with pytest.raises(grpc.aio.AioRpcError) as closed:
-            await collect(call.call, 1)
-        assert closed.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 async def test_a_revocation_without_a_nats_quorum_is_refused_and_the_token_works_until_it_succeeds(
@@ -215,9 +209,8 @@ async def test_a_revocation_without_a_nats_quorum_is_refused_and_the_token_works
         for name in stopped:
             nats_cluster.start_node(name)
         await admin.stub.RevokeToken(revoke, metadata=admin.metadata)
-        with pytest.raises(grpc.aio.AioRpcError) as closed:
-            await collect(call.call, 1)  # (open through the refusal, closed now)
-        assert closed.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        # (open through the refusal, closed now)
+        await closed_as(call, grpc.StatusCode.UNAUTHENTICATED)
 
 
 def operator(chat: LabChat | Path, cluster: nats_lab.NatsCluster, *args: str) -> str:
@@ -244,9 +237,7 @@ async def test_a_token_revoked_with_the_cli_on_server_2s_machine_closes_alices_s
         alice = await one.connect("alice-laptop", token)
         call = await join(alice, "general")
         assert operator(two, nats_cluster, "token", "revoke", jti).strip() == f"revoked {jti}"
-        with pytest.raises(grpc.aio.AioRpcError) as closed:
-            await collect(call.call, 1)
-        assert closed.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        await closed_as(call, grpc.StatusCode.UNAUTHENTICATED)
         fresh = await one.connect("alice-laptop", token)
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await fresh.whoami()
@@ -267,9 +258,7 @@ async def test_a_cli_revocation_made_without_a_nats_quorum_reaches_the_other_ser
         await until(lambda: jti in two.server.gate.revoked, "server 2 taking the revocation")
         for name in stopped:
             nats_cluster.start_node(name)
-        with pytest.raises(grpc.aio.AioRpcError) as closed:
-            await collect(call.call, 1, timeout=30)
-        assert closed.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        await closed_as(call, grpc.StatusCode.UNAUTHENTICATED, timeout=30)
 
 
 async def test_a_cli_revocation_made_while_its_server_was_down_reaches_the_other_server_at_start(
@@ -284,9 +273,7 @@ async def test_a_cli_revocation_made_while_its_server_was_down_reaches_the_other
         jti = token_id(token)
         assert operator(state_2, nats_cluster, "token", "revoke", jti).strip() == f"revoked {jti}"
         async with lab_server(lab, tmp_path, node="chat-server-2", **flags):
-            with pytest.raises(grpc.aio.AioRpcError) as closed:
-                await collect(call.call, 1, timeout=30)
-            assert closed.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            await closed_as(call, grpc.StatusCode.UNAUTHENTICATED, timeout=30)
 
 
 async def test_a_server_that_starts_later_catches_up_from_the_stream(
@@ -338,10 +325,8 @@ async def test_a_kick_through_server_2_closes_bobs_stream_on_server_1(
         call = await join(bob, "general")
         await admin.stub.Kick(pb.KickRequest(room="general", login=BOB),
                               metadata=admin.metadata)
-        with pytest.raises(grpc.aio.AioRpcError) as closed:
-            await collect(call.call, 1)
-        assert closed.value.code() == grpc.StatusCode.PERMISSION_DENIED
-        assert f"removed from 'general' by {ALICE}" in (closed.value.details() or "")
+        details = await closed_as(call, grpc.StatusCode.PERMISSION_DENIED)
+        assert f"removed from 'general' by {ALICE}" in details
 
 
 async def test_bob_on_server_2_sees_alice_join_and_leave_on_server_1(

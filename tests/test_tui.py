@@ -500,6 +500,30 @@ def test_refused_input_stays_in_the_input_and_a_long_paste_is_offered_in_parts(
     no_python_on(alice, bob)
 
 
+def test_a_chat_started_just_before_its_server_comes_up_joins_once_it_does(
+        chat_server: LabDaemon, open_terminal: Opener) -> None:
+    chat_server.stop()
+    alice = open_terminal("alice", wait=False)
+    alice.wait_for(r"cannot reach chat-server yet: trying again \(chat-server is on the")
+    chat_server.start()
+    alice.wait_for(r"you joined #general")
+    no_python_on(alice)
+
+
+def test_a_chat_whose_server_stays_down_tries_for_a_few_seconds_then_exits_7(
+        chat_server: LabDaemon, open_terminal: Opener) -> None:
+    chat_server.stop()
+    started = time.monotonic()
+    alice = open_terminal("alice", wait=False)
+    s = alice.wait_for(r"EXITED 7")
+    print(f"gave up after {time.monotonic() - started:.1f}s")
+    assert count(s, r"trying again") >= 2, s
+    assert s.rstrip().splitlines()[-2] == (
+        f"error: chat-server is on the tailnet but nothing answers on port {chat_server.port}: "
+        "is `tsnetchat serve` running there?"), s
+    no_python_on(alice)
+
+
 def test_connect_without_a_terminal_exits_2_and_points_to_send_and_tail() -> None:
     out = subprocess.run([CLI, "connect", "chat-server", "--token", "x"], capture_output=True,
                          text=True, stdin=subprocess.DEVNULL, timeout=30)
