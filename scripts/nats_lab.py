@@ -32,8 +32,10 @@ import argparse
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -56,6 +58,28 @@ DEFAULT_STATE = Path(os.environ.get("TSNETCHAT_NATS_STATE", Path.cwd() / ".lab" 
 
 class NatsLabError(RuntimeError):
     """The cluster could not be built or started; the message says what to do."""
+
+
+def listen_port() -> int:
+    """A free port below the kernel's ephemeral range. nats-server binds its three ports a
+    moment after they are chosen; a port from ``free_port`` (bind to 0: the ephemeral range)
+    can meanwhile become the source port of any outgoing connection: a full CI run saw
+    "bind: address already in use" on a route port (2026-11-22)."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return free_port()
+    if low <= 12000:
+        return free_port()
+    for _ in range(100):
+        port = random.randrange(10000, low)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    return free_port()
 
 
 def log(msg: str) -> None:
@@ -142,8 +166,9 @@ class NatsCluster(Running):
         self.startup_seconds = 0.0
         for i in range(1, size + 1):
             d = root / f"n{i}"
-            self.nodes.append(NatsNode(name=f"n{i}", port=free_port(), route_port=free_port(),
-                                       http_port=free_port(), dir=str(d)))
+            self.nodes.append(NatsNode(name=f"n{i}", port=listen_port(),
+                                       route_port=listen_port(), http_port=listen_port(),
+                                       dir=str(d)))
 
     # what clients use --------------------------------------------------------------
 
