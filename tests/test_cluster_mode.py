@@ -55,6 +55,14 @@ async def closed_as(call: Any, code: grpc.StatusCode, timeout: float = 10) -> st
     return closed.value.details() or ""
 
 
+async def refused_anew(chat: LabChat, token: str) -> None:
+    """A new connection from alice's laptop to ``chat`` with ``token`` is refused (revoked)."""
+    fresh = await chat.connect("alice-laptop", token)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await fresh.whoami()
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
 async def test_alice_on_server_1_and_bob_on_server_2_chat_in_one_room(
         lab: Any, tmp_path: Path, nats_cluster: nats_lab.NatsCluster) -> None:
     async with two_servers(lab, tmp_path, nats_cluster) as (one, two):
@@ -181,10 +189,7 @@ async def test_a_token_revoked_through_server_2_closes_alices_stream_on_server_1
                                      metadata=admin.metadata)
         await closed_as(call, grpc.StatusCode.UNAUTHENTICATED)
         print(f"revoked on server 2 -> closed on server 1: {time.monotonic() - started:.3f}s")
-        fresh = await one.connect("alice-laptop", token)
-        with pytest.raises(grpc.aio.AioRpcError) as refused:
-            await fresh.whoami()
-        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        await refused_anew(one, token)
 
 
 async def test_a_revocation_without_a_nats_quorum_is_refused_and_the_token_works_until_it_succeeds(
@@ -238,10 +243,7 @@ async def test_a_token_revoked_with_the_cli_on_server_2s_machine_closes_alices_s
         call = await join(alice, "general")
         assert operator(two, nats_cluster, "token", "revoke", jti).strip() == f"revoked {jti}"
         await closed_as(call, grpc.StatusCode.UNAUTHENTICATED)
-        fresh = await one.connect("alice-laptop", token)
-        with pytest.raises(grpc.aio.AioRpcError) as refused:
-            await fresh.whoami()
-        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        await refused_anew(one, token)
 
 
 async def test_a_cli_revocation_made_without_a_nats_quorum_reaches_the_other_server_when_it_returns(
