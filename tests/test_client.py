@@ -113,6 +113,63 @@ def test_send_when_nothing_listens_on_the_port_says_so_plainly(chat_server: LabD
         "is `tsnetchat serve` running there?")
 
 
+def wait_for_stderr_line(proc: subprocess.Popen[str], pattern: str, timeout: float = 30) -> str:
+    assert proc.stderr is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stderr], [], [], max(0.0, deadline - time.monotonic()))
+        line = proc.stderr.readline() if ready else ""
+        if re.search(pattern, line):
+            return line
+        assert line or proc.poll() is None, f"exited {proc.returncode} before {pattern!r}"
+    raise AssertionError(f"no {pattern!r} on stderr within {timeout}s")
+
+
+@pytest.mark.parametrize("command", [["whoami"], ["history", "--json"], ["send", "hello"],
+                                     ["tail", "--count", "1", "--json"]])
+def test_a_command_started_while_its_server_is_down_goes_through_once_it_is_up(
+        chat_server: LabDaemon, command: list[str]) -> None:
+    tok = chat_server.token("alice@tailnet.test")
+    if command[0] == "tail":
+        run_cli("send", "chat-server", "already there", "--token", tok,
+                *chat_server.client_args("alice-laptop"))
+    chat_server.stop()
+    proc = subprocess.Popen([CLI, command[0], "chat-server", *command[1:], "--token", tok,
+                             *chat_server.client_args("alice-laptop")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        if command[0] != "send":  # (send waits quietly, within its --timeout)
+            line = wait_for_stderr_line(proc, r"trying again")
+            assert line.startswith("cannot reach chat-server yet: trying again (chat-server is "
+                                   "on the tailnet but nothing answers on port"), line
+        chat_server.start()
+        stdout, stderr = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr
+    assert "Traceback" not in stderr
+    if command[0] == "whoami":
+        assert json.loads(stdout)["login"] == "alice@tailnet.test"
+    elif command[0] == "history":
+        assert json.loads(stdout) == []
+    elif command[0] == "send":
+        assert stdout.strip() == "sent #1 to general"
+    else:
+        assert json.loads(stdout.splitlines()[0])["text"] == "already there"
+
+
+def test_a_command_that_changes_something_is_not_repeated_when_the_server_is_down(
+        chat_server: LabDaemon) -> None:
+    tok = chat_server.token("alice@tailnet.test")
+    chat_server.stop()
+    started = time.monotonic()
+    out = run_cli("topic", "chat-server", "new topic", "--token", tok,
+                  *chat_server.client_args("alice-laptop"))
+    assert out.returncode == 7, out.stderr
+    assert "trying again" not in out.stderr
+    assert time.monotonic() - started < 8, "a change must fail at once, not wait out a grace"
+
+
 def test_a_room_the_token_does_not_allow_exits_6_with_the_reason(
         chat_server: LabDaemon) -> None:
     tok = chat_server.token("bob@tailnet.test", ("general",))

@@ -181,6 +181,38 @@ def test_a_fail_fast_stream_fails_on_its_first_error_whatever_it_is() -> None:
     assert s.phase is Phase.FAILED and str(s.error) == "down"
 
 
+def unreachable(msg: str = "cannot reach chat-server") -> ClientError:
+    return ClientError(msg, retryable=True, transport=True)
+
+
+def test_a_fail_fast_stream_tries_again_on_the_way_to_the_server_until_its_grace_ends() -> None:
+    s = StreamState(grace=8.0)
+    assert s.lost(unreachable(), 100.0, 0.5) == 0.5
+    assert s.phase is Phase.RECONNECTING
+    assert s.lost(unreachable(), 101.0, 0.5) == 1.0
+    assert s.lost(unreachable(), 103.0, 0.5) == 2.0
+    # The next attempt would start 8.0 s after the first failure: over, with its reason.
+    assert s.lost(unreachable("still down"), 106.5, 0.5) is None
+    assert s.phase is Phase.FAILED and str(s.error) == "still down"
+
+
+def test_within_its_grace_a_fail_fast_stream_still_takes_a_refusal_as_final() -> None:
+    s = StreamState(grace=8.0)
+    assert s.lost(unreachable(), 0.0, 0.5) is not None
+    assert s.lost(retryable("the server is shutting down"), 1.0, 0.5) is None  # an answer
+    s = StreamState(grace=8.0)
+    assert s.lost(ClientError("token revoked", retryable=False, transport=True), 0.0, 0.5) is None
+    assert s.phase is Phase.FAILED
+
+
+def test_a_first_success_after_failed_attempts_is_not_reported_as_a_reconnect() -> None:
+    s = StreamState(grace=8.0)
+    s.lost(unreachable(), 0.0, 0.5)
+    assert s.connected(2.0) is None  # nothing was lost before the first success
+    s.lost(unreachable(), 10.0, 0.5)
+    assert s.connected(13.0) == pytest.approx(3.0)
+
+
 def test_reconnecting_backs_off_with_a_countdown_and_resets_on_success() -> None:
     s = StreamState(first=0.5, max_backoff=5.0)
     s.connected(0.0)

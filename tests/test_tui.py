@@ -510,6 +510,22 @@ def test_a_chat_started_just_before_its_server_comes_up_joins_once_it_does(
     no_python_on(alice)
 
 
+def test_a_join_typed_while_the_server_restarts_joins_once_it_is_back(
+        chat_server: LabDaemon, open_terminal: Opener) -> None:
+    alice = open_terminal("alice")
+    chat_server.stop()
+    alice.wait_for(r"reconnecting")
+    alice.type("/join #ops")
+    time.sleep(2)  # its first attempts fail on the way: tried again, not refused
+    assert "cannot join" not in alice.screen()
+    chat_server.start()
+    alice.wait_for(r"you joined #ops")
+    alice.type("made it")
+    s = alice.wait_for(r"<Alice> made it")
+    assert "cannot join" not in s and status_line(alice).split("│")[1] == " #ops "
+    no_python_on(alice)
+
+
 def test_a_chat_whose_server_stays_down_tries_for_a_few_seconds_then_exits_7(
         chat_server: LabDaemon, open_terminal: Opener) -> None:
     chat_server.stop()

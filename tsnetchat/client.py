@@ -24,7 +24,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -34,9 +34,10 @@ from .errors import TsnetchatError
 from .outbox import Outbox, Outgoing, Pacer
 from .pb import chat_pb2 as pb
 from .pb import chat_pb2_grpc as pb_grpc
-from .resume import Cursor, Phase, StreamState
+from .resume import START_GRACE, Cursor, Phase, StreamState
 from .tokens import Renewal
 
+T = TypeVar("T")
 log = logging.getLogger("tsnetchat.client")
 
 DEFAULT_PORT = 50051
@@ -334,6 +335,32 @@ class Link:
         return translate(e, self.target, server=self.name, proxy=self.proxy)
 
 
+async def first_answer(link: Link, fn: Callable[[Connection], Awaitable[T]], *,
+                       grace: float = START_GRACE,
+                       warn: Callable[[str], None] | None = None) -> T:
+    """``await fn(connection)`` for a call safe to repeat, on a link that has not answered
+    yet. A failure on the way to the server is tried again on a new connection (the server
+    found again) while ``StreamState``'s ``grace`` allows, each attempt said on ``warn``;
+    then, or at once for the server's refusal, the failure is raised as a ClientError."""
+    state = StreamState(grace=grace)
+    while True:
+        state.connecting()
+        conn = None
+        try:
+            conn = await link.get()
+            return await fn(conn)
+        except Exception as e:
+            err = link.translate(e)
+            delay = state.lost(err, time.monotonic(), random.random())
+            if delay is None:
+                raise err from None
+        if warn is not None:
+            warn(f"cannot reach {link.name or 'the server'} yet: trying again ({err})")
+        if conn is not None:
+            await link.reset(conn)  # a new connection next time, the server found again
+        await asyncio.sleep(delay)
+
+
 # Closing never waits longer than this (Ctrl-C and /quit exit within a second).
 CLOSE_WITHIN = 0.5
 
@@ -454,14 +481,15 @@ class RoomSession:
     def __init__(self, link: Link | Callable[[], Awaitable[Connection]], room: str, *,
                  after_id: int | None = None, from_now: bool = False,
                  max_backoff: float = 5.0, pacer: Pacer | None = None,
-                 read_only: bool = False, fail_fast: bool = True) -> None:
+                 read_only: bool = False, fail_fast: bool = True,
+                 grace: float = START_GRACE) -> None:
         self._own_link = not isinstance(link, Link)
         self.link = link if isinstance(link, Link) else Link(link)
         self.room = room
         self.cursor = Cursor(after_id, from_now=from_now)
         self.outbox = Outbox()
         self.pacer = pacer or Pacer()
-        self.state = StreamState(max_backoff=max_backoff, fail_fast=fail_fast)
+        self.state = StreamState(max_backoff=max_backoff, fail_fast=fail_fast, grace=grace)
         self.read_only = read_only
         self.me: pb.Identity | None = None
         self.max_message_bytes = 4096
@@ -768,6 +796,8 @@ async def deliver(link: Link, room: str, text: str, *, kind: int = pb.MESSAGE_KI
     try:
         return await asyncio.wait_for(wait(), timeout)
     except TimeoutError:
+        if session.state.error is not None and not session.state.ever_connected:
+            raise session.state.error from None  # never reached it: why (nothing was stored)
         why = f" (last problem: {session.state.error})" if session.state.error else ""
         raise ClientError(f"the server did not confirm the message within {timeout:g}s{why}; "
                           "it was not stored unless the server got it just before",

@@ -16,12 +16,14 @@ options and calls these. Each uses one ``client.Link`` and raises only ``ClientE
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from .chatview import Days, plain_lines
-from .client import Connection, Link, RoomSession, deliver
+from .client import Connection, Link, RoomSession, deliver, first_answer
 from .pb import chat_pb2 as pb
+from .resume import START_GRACE
 
 T = TypeVar("T")
 Echo = Callable[[str], None]
@@ -62,12 +64,18 @@ class TextOut:
             self.echo(line)
 
 
-async def call(link: Link, fn: Callable[[Connection], Awaitable[T]]) -> T:
-    """``await fn(connection)`` on the link, then close it; failures as ClientError."""
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+async def call(link: Link, fn: Callable[[Connection], Awaitable[T]], *,
+               again: bool = True, warn: Echo = _stderr) -> T:
+    """``await fn(connection)`` on the link, then close it; failures as ClientError. A call
+    safe to repeat (``again``: it reads, or asks who we are) is tried again for a while when
+    the way to the server fails (``client.first_answer``), a line on ``warn`` each time; one
+    that changes something is not: its first attempt may have landed."""
     try:
-        return await fn(await link.get())
-    except Exception as e:
-        raise link.translate(e) from None
+        return await first_answer(link, fn, grace=START_GRACE if again else 0.0, warn=warn)
     finally:
         await link.close()
 
@@ -119,6 +127,8 @@ async def tail(link: Link, room: str, *, after: int | None, new: bool, count: in
             elif ev.kind == "replay_done" and ev.first:
                 echo(json.dumps({"type": "live", "room": room, "last_id": ev.message_id})
                      if json_out else f"── live: new messages in #{room} from here ──")
+            elif ev.kind == "state" and ev.error is not None and not session.state.ever_connected:
+                warn(f"cannot reach {link.name or 'the server'} yet: trying again ({ev.error})")
             elif ev.kind == "state" and ev.error is not None and session.state.attempts == 1:
                 warn(f"connection lost: {ev.error}; reconnecting")
             elif ev.kind == "state" and ev.seconds is not None:
@@ -183,7 +193,7 @@ async def change(link: Link, room: str, what: str, *, target: int = 0, text: str
             return await c.delete(room, target)
         return await c.set_topic(room, text)
 
-    mid = await call(link, run)
+    mid = await call(link, run, again=False)
     return json.dumps({"id": mid, "room": room}) if json_out else str(mid)
 
 
@@ -194,6 +204,6 @@ async def members(link: Link, room: str, *, create: bool, add: list[str], remove
             return await c.create_room(room, add)
         return await c.set_room_members(room, add=add, remove=remove)
 
-    res = await call(link, run)
+    res = await call(link, run, again=False)
     return (json.dumps({"room": res.room, "members": list(res.members)}) if json_out
             else f"{res.room}: {', '.join(res.members) or '(nobody)'}")

@@ -83,7 +83,7 @@ from .chatview import (
     who,
     width_of,
 )
-from .client import Link, RoomSession, SessionEvent, link_for
+from .client import Link, RoomSession, SessionEvent, first_answer, link_for
 from .clienterrors import ClientError
 from .errors import InvalidInput
 from .ledger import validate_text
@@ -100,11 +100,6 @@ QUIET_REJOINS = 15.0
 # How often the room list asks the server for unread counts when nothing happens here (a
 # second device reading, a DM started elsewhere); one cheap call (Unread).
 UNREAD_EVERY = 3.0
-# How long a starting chat tries again when the connection fails on the way (not a refusal):
-# a tailnet blip. In the lab, about one new connection in a few minutes hung for 5 s or
-# more (2026-11-22: CONNECTs through two laptops' HTTP proxies every 0.2 s for 400 s), and a
-# full CI run met one as a chat started.
-START_GRACE = 8.0
 SEARCH_PAGE = 100
 SEARCH = "?search"  # the search buffer's key: no room can be named so
 MAX_LISTED_DMS = 20  # DMs in the room list at the start, newest first
@@ -1075,27 +1070,16 @@ def _stderr_to_log() -> Iterator[None]:
 
 
 async def _first_contact(link: Link) -> pb.WhoAmIResponse:
-    """Who we are, from the server. A connection that fails on the way is tried again, with
-    a line saying so, for up to START_GRACE seconds; then (or at once, for a refusal) the
-    link is closed and the error raised."""
-    deadline = time.monotonic() + START_GRACE
-    delay = 0.5
-    while True:
-        conn = None
-        try:
-            conn = await link.get()
-            me: pb.WhoAmIResponse = await conn.whoami()
-            return me
-        except Exception as e:
-            err = link.translate(e)
-            if not err.transport or time.monotonic() + delay > deadline:
-                await link.close()
-                raise err from None
-        print(f"cannot reach {link.name} yet: trying again ({err})", file=sys.stderr)
-        if conn is not None:
-            await link.reset(conn)  # a new connection, found again
-        await asyncio.sleep(delay)
-        delay *= 2
+    """Who we are, from the server, tried again for a while if the way there fails
+    (``client.first_answer``, a line each time); the link is closed when it fails."""
+    def say(line: str) -> None:
+        print(line, file=sys.stderr)
+
+    try:
+        return await first_answer(link, lambda conn: conn.whoami(), warn=say)
+    except BaseException:
+        await link.close()
+        raise
 
 
 async def run_tui(server: str, room: str, *, token: str | None, socket: str, proxy: str, port: int,
