@@ -218,6 +218,25 @@ async def test_a_revocation_without_a_nats_quorum_is_refused_and_the_token_works
         await closed_as(call, grpc.StatusCode.UNAUTHENTICATED)
 
 
+async def test_without_a_nats_quorum_a_room_change_is_refused_before_the_callers_deadline(
+        lab: Any, tmp_path: Path, nats_cluster: nats_lab.NatsCluster) -> None:
+    # The server would wait up to cluster_wait (30 s) for the ROOMS bucket; the caller waits
+    # 3 s, so it must hear the server's reason within those, not its own DEADLINE_EXCEEDED.
+    async with two_servers(lab, tmp_path, nats_cluster, cluster_wait=30.0) as (one, _two):
+        admin = await one.connect("alice-laptop", one.token(ALICE, admin=True))
+        for name in [n.name for n in nats_cluster.nodes][:2]:
+            nats_cluster.stop_node(name)
+        started = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await admin.stub.CreateRoom(pb.CreateRoomRequest(room="+ops", members=[BOB]),
+                                        metadata=admin.metadata, timeout=3.0)
+        took = time.monotonic() - started
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value
+        assert "the cluster did not confirm the change of '+ops'" in refused.value.details()
+        assert took < 3.0, took
+        print(f"refused after {took:.2f}s")
+
+
 def operator(chat: LabChat | Path, cluster: nats_lab.NatsCluster, *args: str) -> str:
     """`tsnetchat ARGS` as an operator runs it on that server's machine (or the one whose
     state directory is given), whose config names the cluster (so the command opens the

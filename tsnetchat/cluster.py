@@ -660,13 +660,15 @@ class ClusterHistory:
         return self.local.private_rooms()
 
     async def set_members(self, room: str, by: str, add: Sequence[str], remove: Sequence[str],
-                          *, create: bool = False) -> frozenset[str]:
+                          *, create: bool = False, within: float | None = None
+                          ) -> frozenset[str]:
         """Create a private room or change its members in the cluster's ROOMS bucket
         (compare-and-set: of two servers creating one room, one succeeds), then here; the
         other servers apply it from their watch (``on_removed``). Raises InvalidInput as
-        Store.set_members does, StoreError when the cluster did not confirm the change."""
+        Store.set_members does, StoreError when the cluster did not confirm the change
+        within ``cluster_wait`` (while the bucket elects a leader) or ``within``."""
         key = _b64(room)
-        deadline = time.monotonic() + self.wait  # (while the bucket elects a leader)
+        deadline = self._deadline(within)
         kv = self._kv_rooms
         try:
             async with self._rooms_lock:  # (our own watch waits: it finds this applied)
@@ -702,6 +704,12 @@ class ClusterHistory:
                              "it may still take effect: look at the room's members, then try "
                              "again") from e
         raise StoreError(f"{room!r} kept changing through other servers; try again")
+
+    def _deadline(self, within: float | None) -> float:
+        """When a change waiting for the cluster gives up: after ``cluster_wait``, or sooner
+        when its caller stops waiting (``within`` seconds)."""
+        wait = self.wait if within is None else min(self.wait, within)
+        return time.monotonic() + wait
 
     async def _create_room(self, key: str, value: dict[str, Any], deadline: float) -> int:
         """Create the room's entry; its revision. An attempt that timed out may have landed,
@@ -854,15 +862,15 @@ class ClusterHistory:
     def thread_ids(self) -> set[int]:
         return self.local.thread_ids()
 
-    async def revoke(self, jti: str) -> bool:
+    async def revoke(self, jti: str, *, within: float | None = None) -> bool:
         """Revoke everywhere: in the cluster's bucket (every server's watcher closes the
         token's streams) and in the local copy. While the bucket has no leader it tries
-        again for up to ``cluster_wait`` seconds (a put of a revocation twice is harmless,
-        so after a time-out too); then raises StoreError."""
+        again for up to ``cluster_wait`` seconds, or ``within`` (a put of a revocation twice
+        is harmless, so after a time-out too); then raises StoreError."""
         value = str(int(time.time())).encode()
         try:
-            await _until(lambda: self._kv_revoked.put(jti, value),
-                         time.monotonic() + self.wait, UNSURE)
+            await _until(lambda: self._kv_revoked.put(jti, value), self._deadline(within),
+                         UNSURE)
         except (nats.errors.Error, OSError) as e:
             raise StoreError(f"the revocation could not be shared with the cluster "
                              f"({_why(e)}); nothing was revoked, try again") from e

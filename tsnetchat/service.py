@@ -120,6 +120,18 @@ def _safe(cls: Any) -> Callable[[bytes], Any]:
     return decode
 
 
+# What an answer needs to get back to the caller before its deadline (a refusal it can read
+# instead of its own DEADLINE_EXCEEDED); over the lab's tailnet a reply takes a few ms.
+ANSWER_MARGIN = 0.5
+
+
+def _answer_within(context: grpc.aio.ServicerContext) -> float | None:
+    """How long a call may wait for the cluster and still answer before the caller's
+    deadline (None: the caller set none)."""
+    left = context.time_remaining()
+    return None if left is None else max(0.1, left - ANSWER_MARGIN)
+
+
 def _encode(x: Any) -> bytes:
     return x if isinstance(x, bytes) else bytes(x.SerializeToString())
 
@@ -127,7 +139,7 @@ def _encode(x: Any) -> bytes:
 class ServerStore(History, Protocol):
     """What the servicer needs of storage: the message history, and revocations."""
 
-    async def revoke(self, jti: str) -> bool: ...
+    async def revoke(self, jti: str, *, within: float | None = None) -> bool: ...
 
 
 class ChatService:
@@ -678,7 +690,8 @@ class ChatService:
                 raise InvalidInput("a private room's name starts with '+' (+name)")
             rooms.check_name(request.room)
             members = await self.store.set_members(
-                request.room, p.login, self._logins(request.members), (), create=True)
+                request.room, p.login, self._logins(request.members), (), create=True,
+                within=_answer_within(context))
             log.info("private room %r created by %r", request.room, p.login)
             return pb.RoomMembersResponse(room=request.room, members=sorted(members))
         raise AssertionError("unreachable")  # pragma: no cover
@@ -693,7 +706,8 @@ class ChatService:
             rooms.check_name(request.room)
             gone = self._logins(request.remove)
             members = await self.store.set_members(request.room, p.login,
-                                                   self._logins(request.add), gone)
+                                                   self._logins(request.add), gone,
+                                                   within=_answer_within(context))
             n = self.removed_here(request.room, gone, p.login)
             return pb.RoomMembersResponse(room=request.room, members=sorted(members),
                                           streams_closed=n)
@@ -737,7 +751,7 @@ class ChatService:
             auth.check_admin(p)
             if not request.token_id or len(request.token_id) > 64:
                 raise InvalidInput("token_id must be a token id from `tsnetchat token list`")
-            await self.store.revoke(request.token_id)
+            await self.store.revoke(request.token_id, within=_answer_within(context))
             n = self.apply_revocations([request.token_id])
             log.info("revoke token=%r by=%r streams=%d", request.token_id, p.login, n)
             return pb.RevokeTokenResponse(streams_closed=n)

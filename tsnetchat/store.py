@@ -1741,13 +1741,15 @@ class SqliteHistory:
         await self._job(lambda s: s.mark_read(marks))
 
     async def set_members(self, room: str, by: str, add: Sequence[str], remove: Sequence[str],
-                          *, create: bool = False) -> frozenset[str]:
+                          *, create: bool = False, within: float | None = None
+                          ) -> frozenset[str]:
+        # (``within`` is not needed here: a job waits at most ``wait``, the store_wait.)
         members = await self._job(lambda s: s.set_members(room, by, add, remove,
                                                           create=create))
         self._private[room] = members
         return members
 
-    async def revoke(self, jti: str) -> bool:
+    async def revoke(self, jti: str, *, within: float | None = None) -> bool:
         return await self._job(lambda s: s.revoke(jti))
 
     async def record_token(self, row: dict[str, object]) -> None:
