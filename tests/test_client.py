@@ -126,7 +126,8 @@ def wait_for_stderr_line(proc: subprocess.Popen[str], pattern: str, timeout: flo
 
 
 @pytest.mark.parametrize("command", [["whoami"], ["history", "--json"], ["send", "hello"],
-                                     ["tail", "--count", "1", "--json"]])
+                                     ["tail", "--count", "1", "--json"],
+                                     ["topic", "retried topic", "--json"]])
 def test_a_command_started_while_its_server_is_down_goes_through_once_it_is_up(
         chat_server: LabDaemon, command: list[str]) -> None:
     tok = chat_server.token("alice@tailnet.test")
@@ -154,17 +155,22 @@ def test_a_command_started_while_its_server_is_down_goes_through_once_it_is_up(
         assert json.loads(stdout) == []
     elif command[0] == "send":
         assert stdout.strip() == "sent #1 to general"
+    elif command[0] == "topic":
+        assert json.loads(stdout) == {"id": 1, "room": "general"}
+        history = run_cli("history", "chat-server", "--json", "--token", tok,
+                          *chat_server.client_args("alice-laptop"))
+        assert [m["text"] for m in json.loads(history.stdout)] == ["retried topic"]
     else:
         assert json.loads(stdout.splitlines()[0])["text"] == "already there"
 
 
-def test_a_command_that_changes_something_is_not_repeated_when_the_server_is_down(
+def test_a_room_members_change_is_not_repeated_when_the_server_is_down(
         chat_server: LabDaemon) -> None:
-    tok = chat_server.token("alice@tailnet.test")
+    tok = chat_server.token("alice@tailnet.test", (), "--admin")
     chat_server.stop()
     started = time.monotonic()
-    out = run_cli("topic", "chat-server", "new topic", "--token", tok,
-                  *chat_server.client_args("alice-laptop"))
+    out = run_cli("room-members", "chat-server", "+ops", "--create", "--add", "bob@tailnet.test",
+                  "--token", tok, *chat_server.client_args("alice-laptop"))
     assert out.returncode == 7, out.stderr
     assert "trying again" not in out.stderr
     assert time.monotonic() - started < 8, "a change must fail at once, not wait out a grace"

@@ -4,10 +4,13 @@ the stream state machine, and the error boundary's classification."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import pytest
 
+from tsnetchat import clientcmds
+from tsnetchat.client import Link
 from tsnetchat.clienterrors import ClientError, from_status, refusal, retry_hint, translate
 from tsnetchat.errors import LocalAPIUnavailable, PeerNotFound, TailnetNotReady
 from tsnetchat.outbox import Outbox, Pacer, State, split_text, utf8_len
@@ -321,3 +324,43 @@ def test_a_rate_refusal_means_wait_and_a_bad_message_means_failed() -> None:
     bad = refusal(grpc.StatusCode.INVALID_ARGUMENT.value[0], "message is 5000 bytes")
     assert not bad.retryable and str(bad) == "message is 5000 bytes"
     assert retry_hint("nothing here") == 0.0
+
+
+# --- one-shot changes tried again ------------------------------------------------------------
+
+
+class _Breaking:
+    """A connection whose first topic change lands on the server and then breaks on the way
+    back (what a blip does to a call): the person's retry must carry the same id."""
+
+    target = None
+    metadata = ()
+
+    def __init__(self, seen: list[str]) -> None:
+        self.seen = seen
+
+    async def set_topic(self, room: str, topic: str, timeout: float = 15, *,
+                        client_msg_id: str = "") -> int:
+        self.seen.append(client_msg_id)
+        if len(self.seen) == 1:
+            raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(),
+                                       grpc.aio.Metadata(), "Socket closed")
+        return 7
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_a_topic_change_tried_again_after_a_break_carries_the_same_client_msg_id() -> None:
+    seen: list[str] = []
+    warned: list[str] = []
+
+    async def dial() -> Any:
+        return _Breaking(seen)
+
+    link = Link(dial, name="chat-server")
+    out = await clientcmds.change(link, "general", "topic", text="t", json_out=True,
+                                  warn=warned.append)
+    assert out == '{"id": 7, "room": "general"}'
+    assert len(seen) == 2 and seen[0] == seen[1] and seen[0]  # stored once by the server
+    assert len(warned) == 1 and warned[0].startswith("cannot reach chat-server yet: trying again")

@@ -139,23 +139,29 @@ class Connection:
             metadata=self.metadata, timeout=timeout)
         return res
 
-    async def edit(self, room: str, message_id: int, text: str, timeout: float = 15) -> int:
+    async def edit(self, room: str, message_id: int, text: str, timeout: float = 15, *,
+                   client_msg_id: str = "") -> int:
         """Replace the text of one's own message; returns the id of the EDIT event."""
         return await self.send_one(room, text, kind=pb.MESSAGE_KIND_EDIT, target_id=message_id,
-                                   timeout=timeout)
+                                   timeout=timeout, client_msg_id=client_msg_id)
 
-    async def delete(self, room: str, message_id: int, timeout: float = 15) -> int:
+    async def delete(self, room: str, message_id: int, timeout: float = 15, *,
+                     client_msg_id: str = "") -> int:
         """Delete a message (one's own, or any as an admin); returns the DELETE event's id."""
         return await self.send_one(room, "", kind=pb.MESSAGE_KIND_DELETE, target_id=message_id,
-                                   timeout=timeout)
+                                   timeout=timeout, client_msg_id=client_msg_id)
 
-    async def set_topic(self, room: str, topic: str, timeout: float = 15) -> int:
-        return await self.send_one(room, topic, kind=pb.MESSAGE_KIND_TOPIC, timeout=timeout)
+    async def set_topic(self, room: str, topic: str, timeout: float = 15, *,
+                        client_msg_id: str = "") -> int:
+        return await self.send_one(room, topic, kind=pb.MESSAGE_KIND_TOPIC, timeout=timeout,
+                                   client_msg_id=client_msg_id)
 
     async def send_one(self, room: str, text: str, *, kind: int = pb.MESSAGE_KIND_TEXT,
-                       target_id: int = 0, timeout: float = 15) -> int:
-        """Join, send one message, wait for its id, leave. Returns the id."""
-        cmid = uuid.uuid4().hex
+                       target_id: int = 0, timeout: float = 15, client_msg_id: str = "") -> int:
+        """Join, send one message, wait for its id, leave. Returns the id. Called again with
+        the same ``client_msg_id`` (a new one when empty), the message is stored once and
+        the same id returned."""
+        cmid = client_msg_id or uuid.uuid4().hex
         done, welcomed = asyncio.Event(), asyncio.Event()
 
         async def requests() -> AsyncIterator[pb.ClientEvent]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import sys
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -71,9 +72,9 @@ def _stderr(line: str) -> None:
 async def call(link: Link, fn: Callable[[Connection], Awaitable[T]], *,
                again: bool = True, warn: Echo = _stderr) -> T:
     """``await fn(connection)`` on the link, then close it; failures as ClientError. A call
-    safe to repeat (``again``: it reads, or asks who we are) is tried again for a while when
-    the way to the server fails (``client.first_answer``), a line on ``warn`` each time; one
-    that changes something is not: its first attempt may have landed."""
+    safe to repeat (``again``: it reads, or resends under one client_msg_id) is tried again for
+    a while when the way to the server fails (``client.first_answer``), a line on ``warn``
+    each time; one that is not (a room's members) is not: its first attempt may have landed."""
     try:
         return await first_answer(link, fn, grace=START_GRACE if again else 0.0, warn=warn)
     finally:
@@ -184,16 +185,19 @@ async def mentions(link: Link, *, include_read: bool, json_out: bool, echo: Echo
 
 
 async def change(link: Link, room: str, what: str, *, target: int = 0, text: str = "",
-                 json_out: bool) -> str:
-    """edit, delete or topic: the id of the event, once stored."""
+                 json_out: bool, warn: Echo = _stderr) -> str:
+    """edit, delete or topic: the id of the event, once stored. Every attempt carries the
+    same client_msg_id, so one that landed before its connection broke is not stored twice."""
+    cmid = uuid.uuid4().hex
+
     async def run(c: Connection) -> int:
         if what == "edit":
-            return await c.edit(room, target, text)
+            return await c.edit(room, target, text, client_msg_id=cmid)
         if what == "delete":
-            return await c.delete(room, target)
-        return await c.set_topic(room, text)
+            return await c.delete(room, target, client_msg_id=cmid)
+        return await c.set_topic(room, text, client_msg_id=cmid)
 
-    mid = await call(link, run, again=False)
+    mid = await call(link, run, warn=warn)
     return json.dumps({"id": mid, "room": room}) if json_out else str(mid)
 
 
