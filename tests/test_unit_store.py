@@ -6,6 +6,7 @@ import asyncio
 import random
 import sqlite3
 import stat
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -344,6 +345,28 @@ async def test_token_writes_and_retention_run_between_groups(tmp_path: Path) -> 
     assert await h.prune(keep_count=4, keep_days=0) == 6
     assert (await h.revocations_since(0))[0] == ["t1"]
     assert [m.id for m in await h.after("r", 0, 100)] == [7, 8, 9, 10]
+    await h.close()
+
+
+async def test_a_caller_that_stops_waiting_for_its_job_leaves_the_writer_working(
+        tmp_path: Path) -> None:
+    h = await SqliteHistory.open(tmp_path / "db")
+    taken, release = threading.Event(), threading.Event()
+
+    def hold(_: Any) -> bool:
+        taken.set()
+        return release.wait(10)
+
+    busy = asyncio.ensure_future(h._job(hold))
+    await asyncio.to_thread(taken.wait, 5)  # the writer is inside the first job
+    gone = asyncio.ensure_future(h.revoke("t1"))  # queued behind it
+    await asyncio.sleep(0.05)
+    gone.cancel()
+    await asyncio.sleep(0.05)
+    release.set()
+    assert await busy
+    assert await asyncio.wait_for(h.revoke("t2"), 5)  # the writer thread is still there
+    assert (await h.revocations_since(0))[0] == ["t2"]  # the abandoned job was dropped
     await h.close()
 
 

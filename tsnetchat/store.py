@@ -1641,6 +1641,12 @@ class SqliteHistory:
         self._post(results)
 
     def _run_job(self, job: _Job) -> None:
+        # A caller that stopped waiting (its task cancelled: a client hung up, the server
+        # stopping) cancelled the future; its job is dropped, as an executor drops cancelled
+        # work. Setting a result on it raised InvalidStateError here and ended this thread
+        # (a full CI run, 2026-11-23, on a server closing while a job was queued).
+        if not job.future.set_running_or_notify_cancel():
+            return
         try:
             self._store.set_timeout(job.deadline - time.monotonic())
             job.future.set_result(job.run(self._store))
