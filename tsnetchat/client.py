@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -341,6 +342,17 @@ class Link:
         return translate(e, self.target, server=self.name, proxy=self.proxy)
 
 
+def to_stderr(line: str) -> None:
+    """Where a command's and a starting chat's "trying again" lines go."""
+    print(line, file=sys.stderr, flush=True)
+
+
+def not_yet(link: Link, err: ClientError) -> str:
+    """The line for an attempt that failed on the way to a server that has not answered yet
+    (``first_answer``; ``tail``'s first stream)."""
+    return f"cannot reach {link.name or 'the server'} yet: trying again ({err})"
+
+
 async def first_answer(link: Link, fn: Callable[[Connection], Awaitable[T]], *,
                        grace: float = START_GRACE,
                        warn: Callable[[str], None] | None = None) -> T:
@@ -361,7 +373,7 @@ async def first_answer(link: Link, fn: Callable[[Connection], Awaitable[T]], *,
             if delay is None:
                 raise err from None
         if warn is not None:
-            warn(f"cannot reach {link.name or 'the server'} yet: trying again ({err})")
+            warn(not_yet(link, err))
         if conn is not None:
             await link.reset(conn)  # a new connection next time, the server found again
         await asyncio.sleep(delay)

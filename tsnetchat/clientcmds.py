@@ -16,13 +16,12 @@ options and calls these. Each uses one ``client.Link`` and raises only ``ClientE
 from __future__ import annotations
 
 import json
-import sys
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from .chatview import Days, plain_lines
-from .client import Connection, Link, RoomSession, deliver, first_answer
+from .client import Connection, Link, RoomSession, deliver, first_answer, not_yet, to_stderr
 from .pb import chat_pb2 as pb
 from .resume import START_GRACE
 
@@ -65,12 +64,8 @@ class TextOut:
             self.echo(line)
 
 
-def _stderr(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
-
-
 async def call(link: Link, fn: Callable[[Connection], Awaitable[T]], *,
-               again: bool = True, warn: Echo = _stderr) -> T:
+               again: bool = True, warn: Echo = to_stderr) -> T:
     """``await fn(connection)`` on the link, then close it; failures as ClientError. A call
     safe to repeat (``again``: it reads, or resends under one client_msg_id) is tried again for
     a while when the way to the server fails (``client.first_answer``), a line on ``warn``
@@ -129,7 +124,7 @@ async def tail(link: Link, room: str, *, after: int | None, new: bool, count: in
                 echo(json.dumps({"type": "live", "room": room, "last_id": ev.message_id})
                      if json_out else f"── live: new messages in #{room} from here ──")
             elif ev.kind == "state" and ev.error is not None and not session.state.ever_connected:
-                warn(f"cannot reach {link.name or 'the server'} yet: trying again ({ev.error})")
+                warn(not_yet(link, ev.error))
             elif ev.kind == "state" and ev.error is not None and session.state.attempts == 1:
                 warn(f"connection lost: {ev.error}; reconnecting")
             elif ev.kind == "state" and ev.seconds is not None:
@@ -185,7 +180,7 @@ async def mentions(link: Link, *, include_read: bool, json_out: bool, echo: Echo
 
 
 async def change(link: Link, room: str, what: str, *, target: int = 0, text: str = "",
-                 json_out: bool, warn: Echo = _stderr) -> str:
+                 json_out: bool, warn: Echo = to_stderr) -> str:
     """edit, delete or topic: the id of the event, once stored. Every attempt carries the
     same client_msg_id, so one that landed before its connection broke is not stored twice."""
     cmid = uuid.uuid4().hex

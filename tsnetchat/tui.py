@@ -83,7 +83,7 @@ from .chatview import (
     who,
     width_of,
 )
-from .client import Link, RoomSession, SessionEvent, first_answer, link_for
+from .client import Link, RoomSession, SessionEvent, first_answer, link_for, to_stderr
 from .clienterrors import ClientError
 from .errors import InvalidInput
 from .ledger import validate_text
@@ -1072,11 +1072,8 @@ def _stderr_to_log() -> Iterator[None]:
 async def _first_contact(link: Link) -> pb.WhoAmIResponse:
     """Who we are, from the server, tried again for a while if the way there fails
     (``client.first_answer``, a line each time); the link is closed when it fails."""
-    def say(line: str) -> None:
-        print(line, file=sys.stderr)
-
     try:
-        return await first_answer(link, lambda conn: conn.whoami(), warn=say)
+        return await first_answer(link, lambda conn: conn.whoami(), warn=to_stderr)
     except BaseException:
         await link.close()
         raise
