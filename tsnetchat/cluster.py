@@ -22,9 +22,10 @@ the measured facts this relies on ("fact N" below).
 * **No quorum**: a batch is retried until ``wait`` seconds (covering a leader election,
   fact 2), then refused with ``Unconfirmed``: it may still appear (fact 5), and a resend with
   the same client_msg_id is answered with its id, never stored twice.
-* **Shared state in KV**: revoked token ids (``REVOKED``, watched by every server: streams
-  close on all servers when one revokes), the token signing key (``STATE``), so a token
-  issued by one server is good on all (a rotation on one is adopted by all: ``share_key``,
+* **Shared state in KV**: revoked token ids (``REVOKED``, watched by every server, and
+  announced on ``REVOCATIONS`` once stored: streams close on all servers when one
+  revokes), the token signing key (``STATE``), so a token issued by one server is good on
+  all (a rotation on one is adopted by all: ``share_key``,
   ``follow_key``), and the servers themselves (``register``), which
   every Welcome lists so clients can fail over; presence (``PRESENCE``, entries that expire
   unless their server keeps them fresh). Kicks go to every server on a plain NATS subject
@@ -115,6 +116,14 @@ ROOM_PREFIX = PREFIX + "room."
 REVOKED = "tsnetchat-revoked"  # KV: token id -> revocation time
 STATE = "tsnetchat-state"  # KV: signing-key, server.<name> (where clients reach it)
 KICKS = "tsnetchat.ctl.kick"  # core NATS: {room, login, by}
+# core NATS: {jti}, published once a revocation is in REVOKED: the other servers close its
+# streams at once, not when their watch of REVOKED has it. That watch is an R1 consumer
+# that lives on the bucket's stream leader; when that node died it was re-created only
+# after two missed 5 s heartbeats (nats-py), and a revocation made after the election
+# reached the other server 9-15 s after the kill (lab, 2026-11-23: 3 of 5 runs of
+# test_a_token_revoked_through_server_2_... past its 10 s). The watch stays: it is what
+# catches up a server that missed the message.
+REVOCATIONS = "tsnetchat.ctl.revoked"
 # KV: <room>.<server process>.<login, base64url> -> Identity, for as long as that server
 # keeps it fresh: a server that dies takes its members with it within PRESENCE_TTL
 # (docs/nats-cluster.md fact 13).
@@ -380,6 +389,7 @@ class ClusterHistory:
         )).decode(), 1)
         self._kv_state = kv_state
         self._subs.append(await self._nc.subscribe(KICKS, cb=self._on_kick))
+        self._subs.append(await self._nc.subscribe(REVOCATIONS, cb=self._on_revocation))
         kv_presence = await _retrying(lambda: self._js.create_key_value(KeyValueConfig(
             bucket=PRESENCE, replicas=self.cfg.cluster_replicas, history=1,
             limit_marker_ttl=PRESENCE_TTL)), deadline, "the presence bucket")
@@ -867,15 +877,39 @@ class ClusterHistory:
         token's streams) and in the local copy. While the bucket has no leader it tries
         again for up to ``cluster_wait`` seconds, or ``within`` (a put of a revocation twice
         is harmless, so after a time-out too); then raises StoreError."""
-        value = str(int(time.time())).encode()
         try:
-            await _until(lambda: self._kv_revoked.put(jti, value), self._deadline(within),
-                         UNSURE)
+            await _until(lambda: self._share_revocation(jti), self._deadline(within), UNSURE)
         except (nats.errors.Error, OSError) as e:
             raise StoreError(f"the revocation could not be shared with the cluster "
                              f"({_why(e)}); nothing was revoked, try again") from e
         self._shared_revocations.add(jti)
         return await self.local.revoke(jti)
+
+    async def _share_revocation(self, jti: str) -> None:
+        """One put of ``jti`` into the revocations bucket (its value: when, Unix seconds);
+        once it is there, word to the other servers (``REVOCATIONS``; lost words are
+        harmless: their watch brings it too)."""
+        await self._kv_revoked.put(jti, str(int(time.time())).encode())
+        with contextlib.suppress(nats.errors.Error, OSError):
+            await self._nc.publish(REVOCATIONS, json.dumps({"jti": jti, "o": self._me}).encode())
+
+    async def _on_revocation(self, msg: Any) -> None:
+        try:
+            r = json.loads(msg.data)
+            jti, origin = str(r["jti"]), r.get("o")
+        except (ValueError, KeyError, TypeError) as e:
+            log.warning("cluster: ignoring a malformed revocation: %s", e)
+            return
+        if origin != self._me:
+            await self._take_revocation(jti)
+
+    async def _take_revocation(self, jti: str) -> None:
+        """A revocation from the cluster (its word or the bucket's watch; twice is harmless):
+        close the token's streams here and keep it in the local copy."""
+        self._shared_revocations.add(jti)
+        self.on_revoked([jti])
+        with contextlib.suppress(Exception):
+            await self.local.revoke(jti)
 
     async def revocations_since(self, seq: int) -> tuple[list[str], int]:
         """Revocations written to the local database (also by `tsnetchat token revoke`),
@@ -888,7 +922,7 @@ class ClusterHistory:
             self._unshared_revocations.update((await self.local.revocations_since(0))[0])
         for jti in sorted(self._unshared_revocations - self._shared_revocations):
             try:
-                await self._kv_revoked.put(jti, str(int(time.time())).encode())
+                await self._share_revocation(jti)
             except (nats.errors.Error, OSError) as e:
                 log.debug("cluster: revocation %s not shared yet: %s", jti, _why(e))
                 break  # no quorum: all of them next time
@@ -917,11 +951,7 @@ class ClusterHistory:
         async for entry in _entries(watcher, "revocation", ready=self._revocations_known):
             if entry.operation is not None:
                 continue
-            jti = entry.key
-            self._shared_revocations.add(jti)
-            self.on_revoked([jti])
-            with contextlib.suppress(Exception):
-                await self.local.revoke(jti)
+            await self._take_revocation(entry.key)
 
     # appending ------------------------------------------------------------------------
 
