@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import nats.errors
 import nats_lab
 import pytest
 from helpers import (
@@ -28,8 +29,9 @@ from helpers import (
     two_servers,
     until,
 )
+from nats.js.kv import KeyValue
 
-from tsnetchat.cluster import READS, ClusterHistory
+from tsnetchat.cluster import PRESENCE, READS, REVOKED, ROOMS, STATE, ClusterHistory
 from tsnetchat.pb import chat_pb2 as pb
 from tsnetchat.rooms import NOT_VISIBLE
 
@@ -82,6 +84,31 @@ async def test_a_read_mark_made_without_a_nats_quorum_reaches_the_other_server_o
             nats_cluster.start_node(name)
         await eventually(lambda: unread(bob_two, "general"), lambda n: n == 0,
                          "bob's read mark reaching server 2", timeout=30)
+
+
+async def test_a_server_starts_when_the_cluster_first_leaves_each_of_its_watches_unanswered(
+        lab: Any, tmp_path: Path, nats_cluster: nats_lab.NatsCluster,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # As in a CI run (2026-11-22): a new bucket's consumer was not made within nats-py's
+    # 5 s, and the server did not start. Here the first ask for each watch times out.
+    unanswered: list[tuple[str, str]] = []
+    real_watch = KeyValue.watch
+
+    async def watch(self: KeyValue, keys: str, **kwargs: Any) -> Any:
+        if (self._name, keys) not in unanswered:
+            unanswered.append((self._name, keys))
+            raise nats.errors.TimeoutError
+        return await real_watch(self, keys, **kwargs)
+
+    monkeypatch.setattr(KeyValue, "watch", watch)
+    async with lab_server(lab, tmp_path, **cluster_flags(nats_cluster)) as one:
+        alice = await one.connect("alice-laptop", one.token(ALICE))
+        assert await alice.send_one("general", "hello") > 0
+        await until(lambda: one.server.store.servers == {"chat-server": one.server.ports[0]},
+                    "server 1 listing itself for failover", 10)
+    assert sorted(unanswered) == sorted([
+        (PRESENCE, ">"), (READS, ">"), (REVOKED, ">"), (ROOMS, ">"),
+        (STATE, "signing-key"), (STATE, "server.*")])
 
 
 async def test_a_burst_from_both_servers_across_a_stream_leader_kill_loses_and_doubles_nothing(

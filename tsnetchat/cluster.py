@@ -393,14 +393,14 @@ class ClusterHistory:
         kv_presence = await _retrying(lambda: self._js.create_key_value(KeyValueConfig(
             bucket=PRESENCE, replicas=self.cfg.cluster_replicas, history=1,
             limit_marker_ttl=PRESENCE_TTL)), deadline, "the presence bucket")
-        self._tasks.append(asyncio.create_task(self._watch_presence(
-            await kv_presence.watchall())))
+        self._tasks.append(asyncio.create_task(self._watch_presence(await _retrying(
+            kv_presence.watchall, deadline, "the presence watch"))))
         self._tasks.append(asyncio.create_task(self._refresh_presence()))
         self._kv_reads = await _retrying(lambda: self._js.create_key_value(KeyValueConfig(
             bucket=READS, replicas=self.cfg.cluster_replicas, history=1)), deadline,
             "the read positions bucket")
-        self._tasks.append(asyncio.create_task(self._watch_reads(
-            await self._kv_reads.watchall())))
+        self._tasks.append(asyncio.create_task(self._watch_reads(await _retrying(
+            self._kv_reads.watchall, deadline, "the read positions watch"))))
         self._tasks.append(asyncio.create_task(self._reshare_reads()))
         self._applied = await self.local.read(lambda s: s.applied(SOURCE))
         # Deletions applied here whose erasure this server did not see confirmed (killed
@@ -413,18 +413,18 @@ class ClusterHistory:
                       config=ConsumerConfig(opt_start_seq=self._applied + 1))
                  if self._applied else dict(deliver_policy=DeliverPolicy.ALL))
         self._tasks.append(asyncio.create_task(self._apply_loop()))
-        self._subs.append(await self._js.subscribe(
+        self._subs.append(await _retrying(lambda: self._js.subscribe(
             PREFIX + ">", cb=self._on_msg, ordered_consumer=True, idle_heartbeat=0.5,
-            **start))
-        watcher = await self._kv_revoked.watchall()
-        self._tasks.append(asyncio.create_task(self._watch_revocations(watcher)))
+            **start), deadline, "the stream's consumer"))
+        self._tasks.append(asyncio.create_task(self._watch_revocations(await _retrying(
+            self._kv_revoked.watchall, deadline, "the revocations watch"))))
         self._tasks.append(asyncio.create_task(self._erase_loop()))
         self._kv_rooms = await _retrying(lambda: self._js_attempt.create_key_value(KeyValueConfig(
             bucket=ROOMS, replicas=self.cfg.cluster_replicas, history=1)), deadline,
             "the private rooms bucket")
         rooms_known = asyncio.Event()
-        self._tasks.append(asyncio.create_task(self._watch_rooms(
-            await self._kv_rooms.watchall(), rooms_known)))
+        self._tasks.append(asyncio.create_task(self._watch_rooms(await _retrying(
+            self._kv_rooms.watchall, deadline, "the private rooms watch"), rooms_known)))
         try:
             await asyncio.wait_for(self._applied_through(target), deadline - time.monotonic())
         except TimeoutError:
@@ -461,10 +461,12 @@ class ClusterHistory:
             self._registered = name
         except (nats.errors.Error, OSError) as e:  # serving matters more than being listed
             log.warning("cluster: could not list this server for failover: %s", _why(e))
-        watcher = await self._kv_state.watch("server.*")
-        self._tasks.append(asyncio.create_task(self._watch_servers(watcher)))
+        self._tasks.append(asyncio.create_task(self._watch_servers()))
 
-    async def _watch_servers(self, watcher: Any) -> None:
+    async def _watch_servers(self) -> None:
+        # (already serving: the watch is asked for until the cluster answers)
+        watcher = await _until(lambda: self._kv_state.watch("server.*"), float("inf"),
+                               (nats.errors.Error, OSError))
         async for entry in _entries(watcher, "server"):
             name = entry.key.removeprefix("server.")
             if entry.operation is not None:
@@ -490,8 +492,10 @@ class ClusterHistory:
 
     async def follow_key(self, on_key: Callable[[bytes], object]) -> None:
         """Call ``on_key`` with the cluster's signing key: now, and after each rotation on
-        any server (within a second: a KV watch)."""
-        watcher = await self._kv_state.watch("signing-key")
+        any server (within a second: a KV watch). Raises StoreError if the cluster does not
+        answer within ``cluster_wait``."""
+        watcher = await _retrying(lambda: self._kv_state.watch("signing-key"),
+                                  time.monotonic() + self.wait, "the signing key watch")
 
         async def follow() -> None:
             async for entry in _entries(watcher, "signing key"):
