@@ -60,26 +60,33 @@ class NatsLabError(RuntimeError):
     """The cluster could not be built or started; the message says what to do."""
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def listen_port() -> int:
-    """A free port below the kernel's ephemeral range. nats-server binds its three ports a
-    moment after they are chosen; a port from ``free_port`` (bind to 0: the ephemeral range)
-    can meanwhile become the source port of any outgoing connection: a full CI run saw
-    "bind: address already in use" on a route port (2026-11-22)."""
+    """A free port below the kernel's ephemeral range, never one handed out before in this
+    process. nats-server binds its three ports a moment after they are chosen; a port from
+    ``free_port`` (bind to 0: the ephemeral range) can meanwhile become the source port of
+    any outgoing connection: a full CI run saw "bind: address already in use" on a route
+    port (2026-11-22). A port is free until its node starts, so two draws for one cluster
+    could be the same port: one node's client and route ports were (2026-11-23; about 1 in
+    600 clusters of nine ports)."""
     try:
         low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
-        return free_port()
-    if low <= 12000:
-        return free_port()
-    for _ in range(100):
-        port = random.randrange(10000, low)
+        low = 0
+    for _ in range(1000):
+        port = random.randrange(10000, low) if low > 12000 else free_port()
+        if port in _HANDED_OUT:
+            continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            return port
-    return free_port()
+        _HANDED_OUT.add(port)
+        return port
+    raise NatsLabError("no free loopback port for a NATS node in 1,000 tries")
 
 
 def log(msg: str) -> None:

@@ -281,3 +281,10 @@ async def test_a_key_with_a_ttl_expires_with_a_marker_that_watchers_see(
         assert 0.9 < seen[-1][2] < 3.0
     finally:
         await nc.close()
+
+
+def test_the_lab_never_hands_out_one_port_twice() -> None:
+    # A cluster's nine ports are all free when drawn and bound only when its nodes start:
+    # a run saw one node's client and route ports drawn as the same port (2026-11-23).
+    ports = [nats_lab.listen_port() for _ in range(3000)]
+    assert len(set(ports)) == len(ports)
