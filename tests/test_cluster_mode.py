@@ -29,6 +29,7 @@ from helpers import (
     ack_or_error,
     cluster_flags,
     collect,
+    eventually,
     free_port,
     hello_events,
     join,
@@ -213,7 +214,17 @@ async def test_a_revocation_without_a_nats_quorum_is_refused_and_the_token_works
         assert (await fresh.whoami()).identity.login == ALICE
         for name in stopped:
             nats_cluster.start_node(name)
-        await admin.stub.RevokeToken(revoke, metadata=admin.metadata)
+
+        async def revoked() -> str:  # as the refusal says: again, until the bucket has a leader
+            try:
+                await admin.stub.RevokeToken(revoke, metadata=admin.metadata)
+            except grpc.aio.AioRpcError as e:  # (its leader elected after cluster_wait, 2 s)
+                assert e.code() == grpc.StatusCode.UNAVAILABLE, e
+                return e.details() or ""
+            return "revoked"
+
+        await eventually(revoked, lambda said: said == "revoked", "the revocation, tried again",
+                         timeout=30)
         # (open through the refusal, closed now)
         await closed_as(call, grpc.StatusCode.UNAUTHENTICATED)
 
