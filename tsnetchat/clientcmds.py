@@ -197,7 +197,7 @@ async def change(link: Link, room: str, what: str, *, target: int = 0, text: str
 
 
 async def members(link: Link, room: str, *, create: bool, add: list[str], remove: list[str],
-                  json_out: bool, warn: Echo = to_stderr) -> str:
+                  json_out: bool) -> str:
     """Create a private room, or add and remove members. Adding and removing is tried again
     on a first contact that fails (the same change twice leaves the same members); creating is
     not (a creation that landed before its connection broke would be refused as existing)."""
@@ -206,6 +206,6 @@ async def members(link: Link, room: str, *, create: bool, add: list[str], remove
             return await c.create_room(room, add)
         return await c.set_room_members(room, add=add, remove=remove)
 
-    res = await call(link, run, again=not create, warn=warn)
+    res = await call(link, run, again=not create)
     return (json.dumps({"room": res.room, "members": list(res.members)}) if json_out
             else f"{res.room}: {', '.join(res.members) or '(nobody)'}")
