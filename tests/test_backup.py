@@ -109,6 +109,50 @@ async def test_a_backup_taken_while_the_server_writes_is_a_consistent_private_co
     assert ids == list(range(1, len(ids) + 1)) and 1 <= len(ids) <= sent  # a moment's state
 
 
+@pytest.mark.parametrize("target", ["tsnetchat.db", "tsnetchat.db-wal", "jwt.key", "link"])
+async def test_a_backup_onto_the_live_servers_own_files_is_refused_and_loses_nothing(
+        chat: Chat, tmp_path: Path, target: str) -> None:
+    """Found from outside: `backup` onto the live database said "backed up" and renamed a
+    copy over it; the server went on writing to the deleted file, lost what it acknowledged
+    next and did not start again ("database disk image is malformed")."""
+    alice = await chat.connect("alice@tailnet.test")
+    await alice.send_one("general", "before")
+    db = chat.cfg.db_path
+    dest = db.parent / target
+    if target == "link":  # another name for the same file
+        dest = tmp_path / "same.db"
+        dest.hardlink_to(db)
+    inode = db.stat().st_ino
+    done = await asyncio.to_thread(cli, "backup", dest, "--state-dir", chat.cfg.state_dir)
+    assert done.returncode == 8, done.stdout
+    assert "one of the server's own files" in done.stderr and "Traceback" not in done.stderr
+    assert db.stat().st_ino == inode
+    assert await alice.send_one("general", "after") == 2
+    await chat.server.stop(grace=0.5)
+    rows = sqlite3.connect(db).execute("SELECT text FROM messages ORDER BY id").fetchall()
+    assert [r[0] for r in rows] == ["before", "after"]
+
+
+def test_a_backup_into_a_directory_that_does_not_exist_says_so(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    Store(state / "tsnetchat.db").close()
+    done = cli("backup", tmp_path / "no-such-dir" / "b.db", "--state-dir", state)
+    assert done.returncode == 8
+    assert done.stderr.strip() == (f"error: cannot write the backup {tmp_path}/no-such-dir/b.db: "
+                                   f"the directory {tmp_path}/no-such-dir does not exist")
+
+
+def test_a_restore_into_a_state_dir_that_is_a_file_says_so(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    Store(state / "tsnetchat.db").close()
+    assert cli("backup", tmp_path / "b.db", "--state-dir", state).returncode == 0
+    (tmp_path / "a-file").write_text("x")
+    done = cli("restore", tmp_path / "b.db", "--state-dir", tmp_path / "a-file")
+    assert done.returncode == 8
+    assert "it is a file, not a directory" in done.stderr and "Traceback" not in done.stderr
+    assert (tmp_path / "a-file").read_text() == "x"
+
+
 async def test_restore_refuses_to_run_under_a_live_server_and_touches_nothing(
         chat: Chat, tmp_path: Path) -> None:
     alice = await chat.connect("alice@tailnet.test")

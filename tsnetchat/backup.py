@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import StoreError
-from .statedir import StateLock
+from .statedir import LOCK_NAME, StateLock
 from .store import SCHEMA_VERSION, HistoryIdentity, Store
 
 
@@ -50,20 +50,45 @@ def backup(db: Path, dest: Path) -> Summary:
     if dest.is_dir():
         raise StoreError(f"{dest} is a directory; give the backup's file name, e.g. "
                          f"{dest / 'tsnetchat.db'}")
+    if _the_servers_own(db, dest):
+        # (Renamed over the live database, a backup left the server writing to a deleted
+        # file: what it acknowledged afterwards was lost, and the next start failed.)
+        raise StoreError(f"{dest} is one of the server's own files in {db.parent}; a backup "
+                         "goes somewhere else, e.g. /var/backups/tsnetchat.db")
+    if not dest.parent.is_dir():
+        raise StoreError(f"cannot write the backup {dest}: the directory {dest.parent} does "
+                         "not exist")
     tmp = dest.with_name(f".{dest.name}.partial")
-    _remove(tmp)
-    src = Store(db, readonly=True)
     try:
-        src.copy_to(tmp)
-    finally:
-        src.close()
-    try:
-        summary = inspect(tmp)
-        os.replace(tmp, dest)
-    finally:
         _remove(tmp)
-    _sync_dir(dest.parent)
+        src = Store(db, readonly=True)
+        try:
+            src.copy_to(tmp)
+        finally:
+            src.close()
+        try:
+            summary = inspect(tmp)
+            os.replace(tmp, dest)
+        finally:
+            _remove(tmp)
+        _sync_dir(dest.parent)
+    except OSError as e:
+        raise StoreError(f"cannot write the backup {dest}: {e.strerror}") from e
     return Summary(dest, summary.messages, summary.rooms, summary.identity)
+
+
+def _the_servers_own(db: Path, dest: Path) -> bool:
+    """Whether ``dest`` is the database, its -wal/-shm, or the key or lock beside it."""
+    own = [db.with_name(db.name + s) for s in ("", "-wal", "-shm")]
+    own += [db.with_name(n) for n in ("jwt.key", LOCK_NAME)]
+    target = dest.resolve()
+    for p in own:
+        if p.resolve() == target:
+            return True
+        with contextlib.suppress(OSError):
+            if dest.exists() and p.exists() and os.path.samefile(p, dest):  # (a hard link)
+                return True
+    return False
 
 
 def inspect(path: Path) -> Summary:
@@ -116,7 +141,11 @@ def restore(src: Path, db: Path, state_dir: Path) -> Summary:
     """Replace the database ``db`` with the backup ``src`` (see the module doc). Raises
     StoreError (StateDirInUse while a server runs)."""
     inspect(src)  # before anything is touched
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as e:
+        why = "it is a file, not a directory" if state_dir.is_file() else e.strerror
+        raise StoreError(f"cannot restore into the state dir {state_dir}: {why}") from e
     lock = StateLock(state_dir, "restore")
     try:
         return _restore_locked(src, db, state_dir)

@@ -184,14 +184,31 @@ def _store(cfg: ServerConfig) -> Any:
         raise fail(e) from None
 
 
+def _existing_store(cfg: ServerConfig) -> Any:
+    """The database of a state dir a server has used; never a new one made for a mistyped
+    ``--state-dir`` (an admin command that finds nothing there must say so, not succeed on
+    an empty database)."""
+    if not cfg.db_path.is_file():
+        raise fail(ConfigError(
+            f"there is no tsnetchat history at {cfg.db_path} (is --state-dir or the config "
+            "file the server's? `tsnetchat serve` makes it when it first starts)"))
+    return _store(cfg)
+
+
+# The longest --ttl: ten years. (A mistyped 99999999999d signed a token until the year
+# 273,792,727.)
+MAX_TTL_SECONDS = 3650 * 86400
+
+
 def _parse_ttl(ttl: str) -> float:
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
     try:
-        if ttl[-1] in units:
-            return float(ttl[:-1]) * units[ttl[-1]]
-        return float(ttl)
+        seconds = (float(ttl[:-1]) * units[ttl[-1]] if ttl[-1] in units else float(ttl))
     except (ValueError, IndexError):
-        raise fail(ConfigError(f"--ttl: {ttl!r} is not a duration like 12h, 30d")) from None
+        raise fail(InvalidInput(f"--ttl: {ttl!r} is not a duration like 12h, 30d")) from None
+    if not 0 < seconds <= MAX_TTL_SECONDS:  # (NaN fails this too)
+        raise fail(InvalidInput(f"--ttl: {ttl!r} is not a lifetime between 1s and 3650d"))
+    return seconds
 
 
 @token_app.command("issue")
@@ -212,9 +229,14 @@ def token_issue(
 
     cfg = _server_config(config, state_dir=state_dir)
     seconds = _parse_ttl(ttl) if ttl else cfg.token_ttl_hours * 3600
+    new_key = not cfg.key_path.exists()
     store = _store(cfg)
     try:
         key = auth.load_or_create_key(cfg.key_path)
+        if new_key:  # (a mistyped --state-dir would otherwise sign with a key nobody checks)
+            typer.secho(f"made a new signing key at {cfg.key_path}: no server had used "
+                        f"{cfg.state_dir} yet; its `tsnetchat serve` must use the same "
+                        "state dir", err=True)
         tok, claims = auth.issue_token(key, subject, room or [], admin=admin,
                                        ttl_seconds=seconds)
         store.record_token(claims.to_row())
@@ -239,7 +261,7 @@ def token_list(config: ConfigOpt = None, state_dir: StateOpt = None,
     import time
 
     cfg = _server_config(config, state_dir=state_dir)
-    store = _store(cfg)
+    store = _existing_store(cfg)
     rows = store.list_tokens()
     store.close()
     if json_out:
@@ -255,10 +277,26 @@ def token_list(config: ConfigOpt = None, state_dir: StateOpt = None,
 def token_revoke(token_id: str, config: ConfigOpt = None, state_dir: StateOpt = None) -> None:
     """Revoke a token; a running server closes its streams within a second."""
     cfg = _server_config(config, state_dir=state_dir)
-    store = _store(cfg)
-    new = store.revoke(token_id)
-    store.close()
+    token_id = token_id.strip()
+    if not token_id:
+        raise fail(InvalidInput("give the id of the token to revoke (`tsnetchat token list` "
+                                "shows them)"))
+    store = _existing_store(cfg)
+    try:
+        # Every token a lone server signed is recorded here (issued, enrolled or renewed); a
+        # cluster's are recorded where they were signed, so there an unknown id is revoked.
+        known = store.knows_token(token_id)
+        if not known and not cfg.cluster:
+            raise fail(InvalidInput(
+                f"no token with id {token_id!r} was issued here (`tsnetchat token list` shows "
+                "the ids, in full); nothing was revoked"))
+        new = store.revoke(token_id)
+    finally:
+        store.close()
     typer.echo(f"revoked {token_id}" if new else f"{token_id} was already revoked")
+    if not known:
+        typer.secho(f"({token_id} was not issued by this server; the cluster's servers refuse "
+                    "it all the same)", err=True)
 
 
 @token_app.command("rotate-key")
@@ -275,6 +313,10 @@ def token_rotate_key(config: ConfigOpt = None, state_dir: StateOpt = None) -> No
             "would share a new key with the cluster (a server adopts the cluster's key when "
             "it starts, undoing a rotation made while it was stopped). Run `tsnetchat token "
             "rotate-key` on a machine where a server of the cluster is running"))
+    if not cfg.key_path.is_file():
+        raise fail(ConfigError(
+            f"there is no signing key at {cfg.key_path}, so nothing to rotate (is --state-dir "
+            "or the config file the server's? a server makes the key when it first starts)"))
     try:
         auth.rotate_key(cfg.key_path)
     except OSError as e:
@@ -362,7 +404,11 @@ ProxyOpt = Annotated[str | None, typer.Option(
          "http://127.0.0.1:1055 (or TSNETCHAT_PROXY).")]
 ClientSocketOpt = Annotated[str | None, typer.Option(
     help="tailscaled's LocalAPI socket (default: look in the usual places).")]
-PortOpt = Annotated[int, typer.Option(help="Server port.")]
+PortOpt = Annotated[int, typer.Option(help="Server port.", min=1, max=65535)]
+# Message ids are the protocol's uint64, kept to what SQLite stores (a signed 64-bit rowid).
+MAX_ID = 2**63 - 1
+# Page sizes and offsets are the protocol's uint32; the server caps pages lower still.
+MAX_COUNT = 2**31 - 1
 AddressOpt = Annotated[str | None, typer.Option(hidden=True, help="host:port, skip discovery.")]
 VerboseOpt = Annotated[bool, typer.Option(
     "--verbose", "-v", help="Say how the server was found and how it is dialled.")]
@@ -487,7 +533,8 @@ def send(
     token: TokenOpt = None, token_file: TokenFileOpt = None, socket: ClientSocketOpt = None,
     proxy: ProxyOpt = None, port: PortOpt = 50051, address: AddressOpt = None,
     timeout: Annotated[float, typer.Option(
-        help="Seconds to wait for the server to store it (through reconnects).")] = 15.0,
+        help="Seconds to wait for the server to store it (through reconnects).",
+        min=0.1, max=86400.0)] = 15.0,
     json_out: Annotated[bool, typer.Option("--json")] = False, verbose: VerboseOpt = False,
 ) -> None:
     """Send one message and print its id once the server has stored it."""
@@ -495,10 +542,21 @@ def send(
     from .pb import chat_pb2 as pb
 
     s = _client_settings(server, token, token_file, socket, proxy)
-    body = (sys.stdin.read() if text == "-" else text).rstrip("\n")
+    body = _message_text(text)
     kind = pb.MESSAGE_KIND_ACTION if action else pb.MESSAGE_KIND_TEXT
     typer.echo(run(clientcmds.send(_link(server, port, address, s, verbose), room, body,
                                    kind=kind, timeout=timeout, json_out=json_out)))
+
+
+def _message_text(text: str) -> str:
+    """The message: ``text``, or stdin for "-" (which must be UTF-8 text)."""
+    if text != "-":
+        return text.rstrip("\n")
+    try:
+        return sys.stdin.buffer.read().decode("utf-8").rstrip("\n")
+    except UnicodeDecodeError as e:
+        raise fail(InvalidInput(f"the message on stdin is not UTF-8 text (byte {e.start}); "
+                                "nothing was sent")) from None
 
 
 def _echo(line: str) -> None:
@@ -514,10 +572,12 @@ def _warn(line: str) -> None:
 @app.command()
 def tail(
     server: ServerArg, room: RoomOpt = "general",
-    after: Annotated[int | None, typer.Option(help="Start after this message id.")] = None,
+    after: Annotated[int | None, typer.Option(help="Start after this message id.", min=0,
+                                              max=MAX_ID)] = None,
     new: Annotated[bool, typer.Option(
         "--new", help="From now on: no backlog, only what is sent from now.")] = False,
-    count: Annotated[int, typer.Option(help="Exit after this many messages (0 = follow).")] = 0,
+    count: Annotated[int, typer.Option(help="Exit after this many messages (0 = follow).",
+                                       min=0, max=MAX_COUNT)] = 0,
     token: TokenOpt = None, token_file: TokenFileOpt = None, socket: ClientSocketOpt = None,
     proxy: ProxyOpt = None, port: PortOpt = 50051, address: AddressOpt = None,
     json_out: Annotated[bool, typer.Option("--json")] = False, verbose: VerboseOpt = False,
@@ -527,6 +587,8 @@ def tail(
     another server when its own goes away)."""
     from . import clientcmds
 
+    if new and after is not None:
+        raise fail(InvalidInput("--new and --after both say where to start; give one"))
     s = _client_settings(server, token, token_file, socket, proxy)
     run(clientcmds.tail(_link(server, port, address, s, verbose), room, after=after, new=new,
                         count=count, json_out=json_out, echo=_echo, warn=_warn))
@@ -535,7 +597,9 @@ def tail(
 @app.command()
 def history(
     server: ServerArg, room: RoomOpt = "general",
-    before: Annotated[int | None, typer.Option()] = None, limit: int = 50,
+    before: Annotated[int | None, typer.Option(help="Only messages before this id.", min=1,
+                                               max=MAX_ID)] = None,
+    limit: Annotated[int, typer.Option(min=1, max=MAX_COUNT)] = 50,
     token: TokenOpt = None, token_file: TokenFileOpt = None, socket: ClientSocketOpt = None,
     proxy: ProxyOpt = None, port: PortOpt = 50051, address: AddressOpt = None,
     json_out: Annotated[bool, typer.Option("--json")] = False, verbose: VerboseOpt = False,
@@ -559,11 +623,14 @@ def search(
                                                              "word* matches a prefix.")],
     room: Annotated[list[str] | None, typer.Option(help="Only this room (repeatable).")] = None,
     author: Annotated[str, typer.Option(help="Only from this login.")] = "",
-    since: Annotated[int, typer.Option(help="Only from this time (ms since the epoch).")] = 0,
-    until: Annotated[int, typer.Option(help="Only before this time (ms since the epoch).")] = 0,
+    since: Annotated[int, typer.Option(help="Only from this time (ms since the epoch).",
+                                       min=0, max=MAX_ID)] = 0,
+    until: Annotated[int, typer.Option(help="Only before this time (ms since the epoch).",
+                                       min=0, max=MAX_ID)] = 0,
     newest: Annotated[bool, typer.Option("--newest", help="Newest first, not best first.")
                       ] = False,
-    limit: int = 20, offset: int = 0,
+    limit: Annotated[int, typer.Option(min=1, max=MAX_COUNT)] = 20,
+    offset: Annotated[int, typer.Option(min=0, max=MAX_COUNT)] = 0,
     token: TokenOpt = None, token_file: TokenFileOpt = None, socket: ClientSocketOpt = None,
     proxy: ProxyOpt = None, port: PortOpt = 50051, address: AddressOpt = None,
     json_out: JsonOpt = False, verbose: VerboseOpt = False,
@@ -609,7 +676,8 @@ def mentions(
 
 @app.command()
 def edit(
-    server: ServerArg, message_id: Annotated[int, typer.Argument(help="The id to edit.")],
+    server: ServerArg, message_id: Annotated[int, typer.Argument(
+        help="The id to edit.", min=1, max=MAX_ID)],
     text: Annotated[str, typer.Argument(help="The new text.")], room: RoomOpt = "general",
     token: TokenOpt = None, token_file: TokenFileOpt = None, socket: ClientSocketOpt = None,
     proxy: ProxyOpt = None, port: PortOpt = 50051, address: AddressOpt = None,
@@ -625,7 +693,8 @@ def edit(
 
 @app.command()
 def delete(
-    server: ServerArg, message_id: Annotated[int, typer.Argument(help="The id to delete.")],
+    server: ServerArg, message_id: Annotated[int, typer.Argument(
+        help="The id to delete.", min=1, max=MAX_ID)],
     room: RoomOpt = "general",
     token: TokenOpt = None, token_file: TokenFileOpt = None, socket: ClientSocketOpt = None,
     proxy: ProxyOpt = None, port: PortOpt = 50051, address: AddressOpt = None,
@@ -669,7 +738,7 @@ def dm(
     from .pb import chat_pb2 as pb
 
     s = _client_settings(server, token, token_file, socket, proxy)
-    body = (sys.stdin.read() if text == "-" else text).rstrip("\n")
+    body = _message_text(text)
     typer.echo(run(clientcmds.send(_link(server, port, address, s, verbose), f"dm:{login}",
                                    body, kind=pb.MESSAGE_KIND_TEXT, timeout=15.0,
                                    json_out=json_out)))
@@ -723,6 +792,8 @@ def doctor(
         "--api", help="Also ask Tailscale's API about this server's device and policy.")] = False,
 ) -> None:
     """Check this node and explain what is wrong, one line per check."""
+    if server is not None and not server.strip():
+        raise fail(InvalidInput("--server: give the server's name (e.g. chat-server)"))
     if server:
         from .doctor import run_client_doctor
 

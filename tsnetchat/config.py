@@ -10,6 +10,7 @@ CLI -> config -> server.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 import tomllib
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+
+DEFAULT_PORT = 50051
 
 ENV_PREFIX = "TSNETCHAT_"
 DEFAULT_CONFIG_FILE = Path("/etc/tsnetchat/config.toml")
@@ -77,7 +80,7 @@ class ServerConfig(Limits):
 
     state_dir: Path = field(default_factory=default_state_dir)
     socket: str = ""  # LocalAPI socket; "" = the system tailscaled's default
-    port: int = 50051
+    port: int = DEFAULT_PORT
     # "auto" = ask tailscaled: its tailnet IPs with TUN, loopback in userspace mode.
     # A comma-separated list overrides (tests); unspecified addresses are refused.
     listen: str = "auto"
@@ -201,15 +204,23 @@ def _convert(name: str, raw: Any, typ: Any, where: str) -> Any:
                 return False
             raise ValueError("expected true or false")
         if typ in (int, "int"):
-            if isinstance(raw, bool):
+            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
                 raise ValueError("expected a whole number")
             return int(raw)
         if typ in (float, "float"):
-            return float(raw)
+            if isinstance(raw, bool):
+                raise ValueError("expected a number")
+            value = float(raw)
+            if not math.isfinite(value):
+                raise ValueError("expected a finite number")
+            return value
+        # A TOML number or list where text belongs is a mistake, not a name to use.
+        if not isinstance(raw, str | os.PathLike):
+            raise ValueError("expected a string")
         if typ in (Path, "Path"):
-            return Path(str(raw)).expanduser()
+            return Path(raw).expanduser()
         return str(raw)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:
         raise ConfigError(f"{where}: invalid value {raw!r} for {name}: {e}") from None
 
 
@@ -243,9 +254,15 @@ def load_config(
         file = DEFAULT_CONFIG_FILE
     if file is not None:
         try:
-            data = tomllib.loads(Path(file).read_text())
+            data = tomllib.loads(Path(file).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"config file {file} does not exist") from None
+        except IsADirectoryError:
+            raise ConfigError(f"config file {file} is a directory, not a file") from None
+        except OSError as e:
+            raise ConfigError(f"cannot read the config file {file}: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {file} is not text (TOML is UTF-8)") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {file} is not valid TOML: {e}") from None
         for k, v in data.items():
@@ -275,6 +292,10 @@ def _validate(cfg: ServerConfig, where: Any) -> None:
     def bad(name: str, why: str) -> ConfigError:
         return ConfigError(f"{where(name)}: {why}")
 
+    if str(cfg.state_dir) in ("", "."):
+        # (An empty value is the current directory, which the server would make private.)
+        raise bad("state_dir", "must name a directory, e.g. /var/lib/tsnetchat (empty would "
+                               "mean the current directory)")
     if not 1 <= cfg.port <= 65535:
         raise bad("port", f"{cfg.port} is not a TCP port (1-65535)")
     if cfg.listen != "auto":

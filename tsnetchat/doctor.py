@@ -13,6 +13,7 @@ import stat
 import tempfile
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from .config import ServerConfig
 from .discovery import Step
@@ -101,16 +102,7 @@ async def checks(cfg: ServerConfig, *, with_api: bool = False) -> list[Check]:
         else:
             out.append(Check("key file", OK, f"{key} mode {key_mode:04o}"))
 
-    try:
-        cfg.state_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=cfg.state_dir, prefix=".doctor-"):
-            pass
-        if cfg.db_path.exists() and not os.access(cfg.db_path, os.W_OK):
-            raise PermissionError(f"{cfg.db_path} is not writable")
-        out.append(Check("history store", OK, f"{cfg.state_dir} is writable"))
-    except OSError as e:
-        out.append(Check("history store", FAIL, f"cannot write in {cfg.state_dir}: "
-                         f"{e.strerror or e}; check ownership (StateDirectory= under systemd)"))
+    out.append(_history_store(cfg))
 
     if with_api:
         from .apidoctor import api_checks
@@ -205,3 +197,26 @@ async def run_client_doctor(server: str, *, port: int, token: str | None, socket
 
 async def run_doctor(cfg: ServerConfig, *, with_api: bool = False) -> bool:
     return _print(await checks(cfg, with_api=with_api))
+
+
+def _history_store(cfg: ServerConfig) -> Check:
+    """Whether the state dir can hold the history. A doctor only looks: a state dir that
+    does not exist yet is not made (the server makes it when it first starts)."""
+    if not cfg.state_dir.exists():
+        parent = next((p for p in cfg.state_dir.parents if p.exists()), Path("/"))
+        if parent.is_dir() and os.access(parent, os.W_OK | os.X_OK):
+            return Check("history store", WARN, f"{cfg.state_dir} does not exist yet; "
+                         "`tsnetchat serve` makes it when it first starts (is --state-dir or "
+                         "the config file the server's?)")
+        return Check("history store", FAIL, f"cannot write in {cfg.state_dir}: it does not "
+                     f"exist and {parent} is not writable; check ownership (StateDirectory= "
+                     "under systemd)")
+    try:
+        with tempfile.NamedTemporaryFile(dir=cfg.state_dir, prefix=".doctor-"):
+            pass
+        if cfg.db_path.exists() and not os.access(cfg.db_path, os.W_OK):
+            raise PermissionError(f"{cfg.db_path} is not writable")
+        return Check("history store", OK, f"{cfg.state_dir} is writable")
+    except OSError as e:
+        return Check("history store", FAIL, f"cannot write in {cfg.state_dir}: "
+                     f"{e.strerror or e}; check ownership (StateDirectory= under systemd)")

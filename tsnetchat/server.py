@@ -32,7 +32,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from . import auth, enroll
 from .cluster import ClusterHistory
-from .config import ServerConfig, parse_listen
+from .config import DEFAULT_PORT, ServerConfig, parse_listen
 from .errors import ConfigError, StoreError, TailnetError, TsnetchatError
 from .gate import Gate, Policy
 from .hub import Hub, Pacing
@@ -319,8 +319,9 @@ class Server:
             self._tasks.append(asyncio.create_task(self._watchdog(wd)))
         where = ", ".join(f"{a}:{p}" for a, p in zip(self.addresses, self.ports, strict=True))
         name = self.status.dns_name
-        log.info("serving on %s; clients connect with: tsnetchat connect %s", where,
-                 name.split(".")[0] or "<name>")
+        log.info("serving on %s; clients connect with: tsnetchat connect %s%s", where,
+                 name.split(".")[0] or "<name>",
+                 "" if self.cfg.port == DEFAULT_PORT else f" --port {self.cfg.port}")
         self.progress(f"ready: MagicDNS name {name}, listening on {where}")
         self.notifier.send("READY=1", f"STATUS=serving on {where} as {name}")
 
@@ -541,6 +542,25 @@ class Server:
         self._lock.release()
 
 
+async def _unless_stopped(stop: asyncio.Event, step: Awaitable[None]) -> bool:
+    """Run a start-up step unless a stop signal comes first: then cancel it and return False.
+    (Waiting for tailscaled, `serve` ignored SIGTERM for its whole startup_timeout.)"""
+    task = asyncio.ensure_future(step)
+    stopped = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+    if task.done():
+        task.result()
+        return True
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    log.info("stopped before start-up was done")
+    return False
+
+
 async def serve(cfg: ServerConfig, *, reload_config: Callable[[], ServerConfig] | None = None,
                 before_start: Callable[[], Awaitable[None]] | None = None,
                 after_stop: Callable[[], Awaitable[None]] | None = None) -> int:
@@ -565,10 +585,11 @@ async def serve(cfg: ServerConfig, *, reload_config: Callable[[], ServerConfig] 
     api = LocalAPI(cfg.effective_socket(), timeout=cfg.whois_timeout)
     server: Server | None = None
     try:
-        if before_start is not None:
-            await before_start()
+        if before_start is not None and not await _unless_stopped(stop, before_start()):
+            return 0
         server = Server(cfg, tailnet=api, owns_process=True)
-        await server.start()
+        if not await _unless_stopped(stop, server.start()):
+            return 0
         while not stop.is_set():
             hup.clear()
             stop_wait = asyncio.create_task(stop.wait())

@@ -1383,6 +1383,10 @@ class Store:
         return [TokenRecord(str(r[0]), str(r[1]), str(r[2]), bool(r[3]), int(r[4]), int(r[5]),
                             None if r[6] is None else int(r[6])) for r in rows]
 
+    def knows_token(self, jti: str) -> bool:
+        """Whether a token with this id was issued (or renewed) here."""
+        return bool(self._q("SELECT 1 FROM tokens WHERE jti=?", (jti,)))
+
     def revoke(self, jti: str) -> bool:
         """Revoke a token id (known or not). Returns False if it was already revoked."""
         with self._tx() as db:

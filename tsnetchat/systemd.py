@@ -146,6 +146,7 @@ def install_unit(dest: Path, *, embedded: bool = False, exe: str | None = None) 
         dest.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
     except OSError as e:
-        raise ConfigError(f"install-systemd: cannot write {path}: {e.strerror} (as root: "
-                          "sudo tsnetchat install-systemd)") from None
+        hint = (" (as root: sudo tsnetchat install-systemd)" if os.geteuid() != 0
+                else f" (is {dest} a directory?)")
+        raise ConfigError(f"install-systemd: cannot write {path}: {e.strerror}{hint}") from None
     return path

@@ -1,0 +1,163 @@
+"""Bad input to the operator's commands (token, config, doctor, serve) and to the numbers of
+the client's: a clear error and the right exit code, nothing changed, never a traceback.
+Each case was found from outside (2026-11-23) doing the wrong thing."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from helpers import CLI, run_cli
+
+from tsnetchat.config import load_config
+from tsnetchat.doctor import WARN, checks
+
+
+def issued_state(tmp_path: Path) -> tuple[Path, str]:
+    """A state dir with one token issued (as `token issue` on a new machine), and its id."""
+    state = tmp_path / "state"
+    out = run_cli("token", "issue", "alice@tailnet.test", "--json", "--state-dir", str(state))
+    assert out.returncode == 0, out.stderr
+    return state, out.stdout.split('"id": "')[1].split('"')[0]
+
+
+def test_revoking_an_id_that_was_never_issued_is_refused_and_revokes_nothing(
+        tmp_path: Path) -> None:
+    state, jti = issued_state(tmp_path)
+    for wrong in (jti[:12], "nosuchid", " "):
+        out = run_cli("token", "revoke", wrong, "--state-dir", str(state))
+        assert out.returncode == 2, (wrong, out.stdout)
+        assert "Traceback" not in out.stderr and out.stderr.startswith("error: ")
+    listed = run_cli("token", "list", "--state-dir", str(state))
+    assert listed.stdout.rstrip().endswith("active")
+    done = run_cli("token", "revoke", jti, "--state-dir", str(state))
+    assert (done.returncode, done.stdout.strip()) == (0, f"revoked {jti}")
+
+
+@pytest.mark.parametrize("command", [("token", "list"), ("token", "revoke", "abc"),
+                                     ("token", "rotate-key"), ("backup", "/tmp/never.db")])
+def test_an_operators_command_on_a_state_dir_that_does_not_exist_creates_nothing(
+        tmp_path: Path, command: tuple[str, ...]) -> None:
+    """A mistyped --state-dir used to get a new directory, key and database, and "rotated" or
+    "revoked": the server's real state was untouched and the operator told otherwise."""
+    missing = tmp_path / "typo"
+    out = run_cli(*command, "--state-dir", str(missing))
+    assert out.returncode in (3, 8), out.stdout
+    assert "is --state-dir or the config file the server's?" in out.stderr
+    assert not missing.exists()
+
+
+def test_issuing_into_a_new_state_dir_says_it_made_a_new_key(tmp_path: Path) -> None:
+    state = tmp_path / "new"
+    out = run_cli("token", "issue", "alice@tailnet.test", "--state-dir", str(state))
+    assert out.returncode == 0
+    assert f"made a new signing key at {state / 'jwt.key'}" in out.stderr
+    again = run_cli("token", "issue", "bob@tailnet.test", "--state-dir", str(state))
+    assert "made a new signing key" not in again.stderr
+
+
+@pytest.mark.parametrize("ttl", ["0", "-5h", "1e400h", "99999999999d", "nanh"])
+def test_a_token_lifetime_that_is_not_positive_or_is_absurd_is_refused(
+        tmp_path: Path, ttl: str) -> None:
+    state, _ = issued_state(tmp_path)
+    out = run_cli("token", "issue", "bob@tailnet.test", "--ttl", ttl, "--state-dir", str(state))
+    assert out.returncode == 2
+    assert out.stderr.strip() == f"error: --ttl: {ttl!r} is not a lifetime between 1s and 3650d"
+    assert "bob@" not in run_cli("token", "list", "--state-dir", str(state)).stdout
+
+
+def test_an_empty_state_dir_is_refused_rather_than_taken_for_the_current_directory(
+        tmp_path: Path) -> None:
+    """`serve --state-dir ""` made the current directory 0700 and wrote its key and database
+    there."""
+    here = tmp_path / "checkout"
+    here.mkdir(mode=0o755)
+    (tmp_path / "c.toml").write_text('state_dir = ""\n')
+    for args in (["serve", "--state-dir", ""], ["serve", "--config", str(tmp_path / "c.toml")],
+                 ["token", "issue", "alice@tailnet.test", "--state-dir", ""]):
+        out = subprocess.run([CLI, *args], capture_output=True, text=True, cwd=here, timeout=60)
+        assert out.returncode == 3, args
+        assert "must name a directory" in out.stderr
+    assert list(here.iterdir()) == [] and stat.S_IMODE(here.stat().st_mode) == 0o755
+
+
+@pytest.mark.parametrize(("line", "says"), [
+    ("port = 1.5", "expected a whole number"),
+    ("port = 1e400", "expected a whole number"),
+    ("state_dir = 5", "expected a string"),
+    ("rate_per_second = inf", "expected a finite number"),
+    ("rate_per_second = nan", "expected a finite number"),
+])
+def test_a_config_value_of_the_wrong_kind_is_refused_in_words(
+        tmp_path: Path, line: str, says: str) -> None:
+    (tmp_path / "c.toml").write_text(line + "\n")
+    out = run_cli("config", "show", "--config", str(tmp_path / "c.toml"))
+    assert out.returncode == 3 and says in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_config_file_that_is_a_directory_or_not_text_is_refused_in_words(
+        tmp_path: Path) -> None:
+    (tmp_path / "bin.toml").write_bytes(b"\xff\xfe")
+    for path, says in ((tmp_path, "is a directory, not a file"),
+                       (tmp_path / "bin.toml", "is not text (TOML is UTF-8)")):
+        out = run_cli("config", "show", "--config", str(path))
+        assert (out.returncode, out.stderr.strip()) == (3, f"error: config file {path} {says}")
+
+
+def test_the_doctor_looks_at_a_state_dir_without_making_it(tmp_path: Path) -> None:
+    state = tmp_path / "nowhere"
+    cfg = load_config(env={}, flags={"state_dir": str(state), "socket": "/nonexistent"})
+    found = {c.name: c for c in asyncio.run(checks(cfg))}
+    assert found["history store"].verdict == WARN
+    assert "does not exist yet" in found["history store"].detail
+    assert not state.exists()
+
+
+def test_serve_stops_at_sigterm_while_it_still_waits_for_tailscaled(tmp_path: Path) -> None:
+    """It used to ignore SIGTERM (and ^C) until its startup_timeout, 60 s, had passed."""
+    proc = subprocess.Popen([CLI, "serve", "--socket", str(tmp_path / "no.sock"),
+                             "--state-dir", str(tmp_path / "state"), "--port", "50999"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    while "not answering yet" not in proc.stdout.readline():
+        pass
+    proc.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    assert proc.wait(timeout=30) == 0
+    assert time.monotonic() - sent < 10
+    assert "stopped before start-up was done" in proc.stdout.read()
+
+
+@pytest.mark.parametrize("args", [
+    ("tail", "x", "--after", "-1"), ("delete", "x", "--", "-1"),
+    ("edit", "x", "99999999999999999999", "new"), ("history", "x", "--limit", "-5"),
+    ("history", "x", "--before", "-1"), ("history", "x", "--limit", "99999999999999999999"),
+    ("search", "x", "q", "--offset", "-1"), ("search", "x", "q", "--limit", "0"),
+    ("send", "x", "hi", "--timeout", "nan"), ("send", "x", "hi", "--timeout", "0"),
+    ("send", "x", "hi", "--port", "70000"), ("tail", "x", "--count", "-1"),
+    ("tail", "x", "--new", "--after", "3"), ("doctor", "--server", ""),
+])
+def test_a_number_out_of_range_on_a_client_command_is_bad_input_before_anything_is_dialled(
+        args: tuple[str, ...]) -> None:
+    """These were "internal error in the client (ValueError: Value out of range)", a
+    64-line traceback, or a dial of port 70000 retried for 8 s."""
+    started = time.monotonic()
+    out = run_cli(*args, env={**os.environ, "TSNETCHAT_SOCKET": "/nonexistent"})
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr and "internal error" not in out.stderr
+    assert time.monotonic() - started < 5
+
+
+def test_a_message_on_stdin_that_is_not_utf8_is_refused_before_anything_is_dialled() -> None:
+    """It used to wait the whole --timeout and then blame the server."""
+    out = subprocess.run([CLI, "send", "x", "-"], input=b"\xff\xfe hi", capture_output=True,
+                         timeout=60)
+    assert out.returncode == 2
+    assert out.stderr.decode().strip() == ("error: the message on stdin is not UTF-8 text (byte "
+                                           "0); nothing was sent")
