@@ -7,9 +7,10 @@ Three kinds of room:
 * private rooms (``+name``): only their members (``room_members``, kept by admins with
   CreateRoom/SetRoomMembers), whatever a token says, ``*`` included;
 * direct conversations (``dm:alice@example.com,bob@example.com``): only the logins in the
-  name. The name is canonical (sorted, unique, the caller included); a conversation exists
-  once its first message is stored. Admins cannot read them unless the server's
-  ``admins_read_dms`` is true.
+  name. The name is canonical (sorted, unique, the caller included, each login spelled as
+  the person the server knows by it: ``spelling``); a conversation exists once its first
+  message is stored, and a new one only with people the server knows. Admins cannot read
+  them unless the server's ``admins_read_dms`` is true.
 
 A non-member is told the same thing whether or not a private room or conversation exists
 (``NOT_VISIBLE``), so that nothing can be inferred from the answer.
@@ -18,7 +19,7 @@ A non-member is told the same thing whether or not a private room or conversatio
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 from . import auth
@@ -64,6 +65,16 @@ def dm_room(me: str, room: str, max_members: int) -> str:
 
 def dm_members(room: str) -> frozenset[str]:
     return frozenset(room[len(DM_PREFIX):].split(","))
+
+
+def spelling(login: str, like: Collection[str]) -> str | None:
+    """The person ``login`` (as somebody typed it) means, given ``like``: the known logins
+    equal to it case-insensitively. ``login`` itself when it is one of them (logins are
+    compared exactly everywhere else, and may have capitals: GitHub logins), else the only
+    one; None when nobody, or several people, have it (no guessing which)."""
+    if login in like:
+        return login
+    return next(iter(like)) if len(like) == 1 else None
 
 
 def check_name(room: str) -> None:
@@ -150,6 +161,14 @@ class Mentions:
             else:
                 self._first_words.add(first.group())
         self._re = None
+
+    def knows(self, login: str) -> bool:
+        return login in self._people
+
+    def logins_like(self, login: str) -> set[str]:
+        """The logins known here equal to ``login`` case-insensitively (a new set)."""
+        key = login.lower()
+        return {x for x in self._by_name.get(key, ()) if x.lower() == key}
 
     def find(self, text: str) -> tuple[str, ...]:
         """The logins ``text`` mentions, sorted."""

@@ -212,7 +212,7 @@ class Server:
             policy=enroll.policy_from(cfg),  # named once start() knows our name
             server_node=lambda: self.status.self_node if self.status else None)
         self.service = ChatService(store=self.store, hub=self.hub, gate=self.gate,
-                                   limits=cfg.limits, metrics=self.metrics,
+                                   tailnet=tailnet, limits=cfg.limits, metrics=self.metrics,
                                    enrollment=self.enrollment)
         self.health = BoundedHealth()
         self.reflection = BoundedReflection((

@@ -29,6 +29,7 @@ from .errors import (
     LocalAPIUnavailable,
     PermissionDenied,
     StoreError,
+    TailnetError,
     TsnetchatError,
     Unauthenticated,
     Unavailable,
@@ -39,6 +40,7 @@ from .ledger import MAX_ID, History, Ledger
 from .metrics import Metrics
 from .pb import chat_pb2 as pb
 from .store import Sender, fts_query
+from .tailnet import Tailnet
 from .throttle import Buckets, LogLimiter
 
 if TYPE_CHECKING:
@@ -144,8 +146,10 @@ class ServerStore(History, Protocol):
 
 class ChatService:
     def __init__(self, *, store: ServerStore, hub: Hub, gate: Gate, limits: Limits,
-                 metrics: Metrics | None = None, enrollment: Enrollment | None = None) -> None:
+                 tailnet: Tailnet, metrics: Metrics | None = None,
+                 enrollment: Enrollment | None = None) -> None:
         self.store, self.hub, self.gate, self.limits = store, hub, gate, limits
+        self.tailnet = tailnet  # who is on the tailnet (a new DM's logins)
         self.enrollment = enrollment  # Login and RenewToken (enroll.py)
         self.metrics = metrics or Metrics()
         self.ledger = Ledger(store, hub, limits=lambda: self.limits, refuse=self._refuse,
@@ -185,13 +189,78 @@ class ChatService:
     def _canonical(self, p: auth.Principal, room: str) -> str:
         """The room ``room`` names for ``p`` (a DM's canonical name); raises InvalidInput."""
         if rooms.is_dm(room):
-            listed = rooms.dm_members(room)
-            # An admin allowed to read others' conversations names them as they are.
-            me = "" if (p.admin and self.limits.admins_read_dms and len(listed) > 1
-                        and p.login not in listed) else p.login
-            return rooms.dm_room(me, room, self.limits.max_dm_members)
+            return self._dm(p, room)[0]
         rooms.check_name(room)
         return room
+
+    def _dm(self, p: auth.Principal, room: str,
+            peers: Collection[str] | None = None) -> tuple[str, list[str]]:
+        """The conversation DM ``room`` names for ``p``, and the logins in it that nobody
+        known has (kept as typed). Each login is spelled as the one person who has it,
+        compared case-insensitively (rooms.spelling), among whoever has used this server
+        (``ledger.people``) and ``peers`` (the tailnet's logins); failing those, among the
+        members of stored conversations (who may have left the tailnet since).
+
+        To read (``peers`` None), a stored conversation named exactly is that one, as
+        before. To write, the person comes first: "Bob@X" is bob@x's conversation even
+        where a conversation with "Bob@X" was stored before logins were resolved."""
+        listed = rooms.dm_members(room)
+        # An admin allowed to read others' conversations names them as they are.
+        me = "" if (p.admin and self.limits.admins_read_dms and len(listed) > 1
+                    and p.login not in listed) else p.login
+        name = rooms.dm_room(me, room, self.limits.max_dm_members)
+        if peers is None and self.store.last_id(name):
+            return name, []
+        stored: set[str] | None = None
+        spelled, unknown = [], []
+        for login in sorted(rooms.dm_members(name) - {p.login}):
+            key = login.lower()
+            like = self.ledger.people.logins_like(login)
+            like |= {x for x in peers or () if x.lower() == key}
+            if not like:
+                if stored is None:
+                    stored = {m for r in self.store.rooms() if rooms.is_dm(r)
+                              for m in rooms.dm_members(r)}
+                like = {x for x in stored if x.lower() == key}
+            known = rooms.spelling(login, like)
+            spelled.append(known or login)
+            if known is None:
+                unknown.append(login)
+        name = rooms.dm_room(me, rooms.DM_PREFIX + ",".join(spelled),
+                             self.limits.max_dm_members)
+        return name, unknown
+
+    async def _dm_to_write(self, p: auth.Principal, room: str) -> str:
+        """``_dm`` for taking part in a conversation (a Join): a login must be somebody's,
+        or a message to a typo would be stored where nobody ever reads it. Asks tailscaled
+        who is on the tailnet unless every login is of somebody who has used this server.
+        Raises InvalidInput, or Unavailable when tailscaled cannot say."""
+        name, unknown = self._dm(p, room, ())  # (a malformed name is refused here)
+        typed = {x.strip() for x in room[len(rooms.DM_PREFIX):].split(",")} - {"", p.login}
+        if unknown or not all(self.ledger.people.knows(x) for x in typed):
+            # (a login typed exactly as somebody's is theirs, whatever the tailnet says)
+            try:
+                peers = await self._tailnet_logins()
+            except TailnetError as e:
+                raise Unavailable(f"cannot check the logins in {room[:80]!r}: tailscaled did "
+                                  f"not say who is on the tailnet ({e}); try again") from e
+            name, unknown = self._dm(p, room, peers)
+        if unknown:
+            raise InvalidInput(
+                f"nobody with the login {unknown[0][:60]!r} is on the tailnet or has used this "
+                "server (or several people have it, in different capitals); check the "
+                "spelling")
+        return name
+
+    async def _tailnet_logins(self) -> set[str]:
+        """The logins (and tags) of every device on the server's tailnet, itself included."""
+        st = await self.tailnet.status()
+        out: set[str] = set()
+        for node in (st.self_node, *st.peers):
+            out.update(node.tags)
+            if node.login and not node.tags:  # a tagged node's login is "tagged-devices"
+                out.add(node.login)
+        return out
 
     def _readable(self, p: auth.Principal, room: str) -> str:
         room = self._canonical(p, room)
@@ -203,7 +272,8 @@ class ChatService:
         """Enter a room for a stream (``speak``: to take part, a Join): token rooms are held
         against the token (the gate), private rooms and DMs against their membership."""
         if rooms.is_conversation(room):
-            room = self._canonical(lease.principal, room)
+            room = (await self._dm_to_write(lease.principal, room)
+                    if speak and rooms.is_dm(room) else self._canonical(lease.principal, room))
             p = await lease.hold_conversation(lambda q: self.access().may_read(q, room))
             self.access().check(p, room)
             if speak and rooms.is_dm(room) and p.login not in rooms.dm_members(room):
