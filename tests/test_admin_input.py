@@ -72,6 +72,16 @@ def test_a_token_lifetime_that_is_not_positive_or_is_absurd_is_refused(
     assert "bob@" not in run_cli("token", "list", "--state-dir", str(state)).stdout
 
 
+@pytest.mark.parametrize("subject", ["tag:", "alice", "alice @x.y", "", "tag:Bot!"])
+def test_a_token_for_something_that_is_not_a_login_or_a_tag_is_bad_input(
+        tmp_path: Path, subject: str) -> None:
+    state, _ = issued_state(tmp_path)
+    out = run_cli("token", "issue", subject, "--state-dir", str(state))
+    assert out.returncode == 2, out.stdout
+    assert "is not a tailnet login (alice@example.com) or a tag (tag:bot)" in out.stderr
+    assert len(run_cli("token", "list", "--state-dir", str(state)).stdout.splitlines()) == 1
+
+
 def test_an_empty_state_dir_is_refused_rather_than_taken_for_the_current_directory(
         tmp_path: Path) -> None:
     """`serve --state-dir ""` made the current directory 0700 and wrote its key and database

@@ -226,7 +226,12 @@ def token_issue(
     """Sign a token for a tailnet user. It only works from that user's own devices."""
     _need_server()
     from . import auth
+    from .config import TAG_RE
+    from .rooms import LOGIN_RE
 
+    if not (LOGIN_RE.fullmatch(subject) or TAG_RE.fullmatch(subject)):
+        raise fail(InvalidInput(f"{subject[:80]!r} is not a tailnet login (alice@example.com) "
+                                "or a tag (tag:bot); no token was issued"))
     cfg = _server_config(config, state_dir=state_dir)
     seconds = _parse_ttl(ttl) if ttl else cfg.token_ttl_hours * 3600
     new_key = not cfg.key_path.exists()
