@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import CLI, LabDaemon, free_port, run_cli
+from helpers import CLI, LabDaemon, free_port, lab_daemon, run_cli
 
 from tsnetchat.discovery import find_peer
 from tsnetchat.errors import PeerNotFound
@@ -105,12 +105,16 @@ def test_history_text_hangs_continuation_lines_under_the_text(chat_server: LabDa
 def test_send_when_nothing_listens_on_the_port_says_so_plainly(chat_server: LabDaemon) -> None:
     tok = chat_server.token("alice@tailnet.test")
     chat_server.stop()
-    out = run_cli("send", "chat-server", "hello?", "--timeout", "3", "--token", tok,
-                  *chat_server.client_args("alice-laptop"))
-    assert out.returncode == 7
-    assert out.stderr.strip() == (
-        f"error: chat-server is on the tailnet but nothing answers on port {chat_server.port}: "
-        "is `tsnetchat serve` running there?")
+    for timeout, within in (("3", (2.5, 5.0)), ("20", (7.5, 14.0))):  # up to 8 s, in --timeout
+        started = time.monotonic()
+        out = run_cli("send", "chat-server", "hello?", "--timeout", timeout, "--token", tok,
+                      *chat_server.client_args("alice-laptop"))
+        took = time.monotonic() - started
+        assert out.returncode == 7
+        assert out.stderr.strip() == (
+            "error: the message was not sent: chat-server is on the tailnet but nothing "
+            f"answers on port {chat_server.port}: is `tsnetchat serve` running there?")
+        assert within[0] <= took <= within[1], (timeout, took)
 
 
 def wait_for_stderr_line(proc: subprocess.Popen[str], pattern: str, timeout: float = 30) -> str:
@@ -259,3 +263,101 @@ def test_magicdns_off_is_explained() -> None:
     assert find_peer(st, "100.64.0.1").host_name == "chat-server"
 
 
+
+
+# --- what a person may get wrong ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(("args", "code", "words"), [
+    (["whoami", ""], 2, "no server given"),
+    (["whoami", "a" * 300], 2, "is not a server name"),
+    (["whoami", "100.64.0.99"], 4, "no peer named '100.64.0.99' on this tailnet"),
+    (["whoami", "alice-laptop"], 4, "alice-laptop is this machine"),
+])
+def test_bad_input_and_wrong_targets_are_one_line_with_their_exit_code(
+        chat_server: LabDaemon, args: list[str], code: int, words: str) -> None:
+    out = run_cli(*args, *chat_server.client_args("alice-laptop"))
+    assert out.returncode == code, out.stderr
+    assert "Traceback" not in out.stderr and "no token for" not in out.stderr
+    assert out.stderr.startswith("error: ") and words in out.stderr
+
+
+@pytest.mark.parametrize(("content", "words"), [
+    (b"\xff\xfe", "does not hold a token: it is not text"),
+    (b"", "is empty"),
+    (b"t" * 20_000, "does not hold a token: it is longer than 4096 characters"),
+])
+def test_a_token_file_without_a_token_is_said_for_commands_and_doctor(
+        chat_server: LabDaemon, tmp_path: Path, content: bytes, words: str) -> None:
+    f = tmp_path / "token"
+    f.write_bytes(content)
+    for cmd in (["whoami", "chat-server"], ["doctor", "--server", "chat-server"]):
+        out = run_cli(*cmd, "--token-file", str(f), *chat_server.client_args("alice-laptop"))
+        assert out.returncode == 2, out.stderr
+        assert out.stderr.startswith(f"error: token file {f} {words}")
+        assert len(out.stderr.splitlines()) == 1
+
+
+def test_history_and_tail_show_edits_deletions_and_topics_as_the_chat_does(
+        chat_server: LabDaemon) -> None:
+    args = ["--token", chat_server.token("alice@tailnet.test"),
+            *chat_server.client_args("alice-laptop")]
+    tail = subprocess.Popen([CLI, "tail", "chat-server", "--count", "6", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert read_line(tail).startswith("── live")
+        for step in (["send", "chat-server", "the wrong text"],
+                     ["edit", "chat-server", "1", "the corrected text"],
+                     ["send", "chat-server", "oops"], ["delete", "chat-server", "3"],
+                     ["topic", "chat-server", "release week"], ["topic", "chat-server", ""]):
+            done = run_cli(*step, *args)
+            assert done.returncode == 0, done.stderr
+        live = tail.communicate(timeout=30)[0].splitlines()
+    finally:
+        tail.kill()
+    hist = run_cli("history", "chat-server", *args).stdout.splitlines()
+    texts = [re.sub(r"^\d\d:\d\d ", "", line) for line in hist[1:]]
+    assert texts == ["<Alice> the corrected text (edited)", "<Alice> (deleted)",
+                     "-- Alice set the topic: release week", "-- Alice cleared the topic"]
+    live_texts = [re.sub(r"^\d\d:\d\d ", "", line) for line in live]
+    assert live_texts[0].startswith("── ")  # the day
+    assert live_texts[1:3] == ["<Alice> the wrong text",
+                               live_texts[2]]  # (the edit's notice names the time)
+    assert re.fullmatch(r"-- Alice edited their message of \d\d:\d\d: the corrected text",
+                        live_texts[2])
+    assert live_texts[3] == "<Alice> oops"
+    assert re.fullmatch(r"-- Alice deleted their message of \d\d:\d\d", live_texts[4])
+    assert live_texts[5:] == ["-- Alice set the topic: release week",
+                              "-- Alice cleared the topic"]
+
+
+def test_tail_after_an_id_past_the_end_says_there_is_no_such_message(
+        chat_server: LabDaemon) -> None:
+    args = ["--token", chat_server.token("alice@tailnet.test"),
+            *chat_server.client_args("alice-laptop")]
+    assert run_cli("send", "chat-server", "only one", *args).returncode == 0
+    out = run_cli("tail", "chat-server", "--after", "100000", "--count", "1", *args)
+    assert out.returncode == 0, out.stderr
+    assert "there is no message 100000 to start after: the server's history ends at " \
+           "message 1; showing #general from what the server has" in out.stderr
+    assert "restored or replaced" not in out.stderr
+
+
+def test_login_says_where_a_token_cannot_be_kept_and_leaves_a_newer_store_alone(
+        lab: Any, tmp_path: Path) -> None:
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where the config directory should be")
+    newer = tmp_path / "config" / "tsnetchat" / "tokens.json"
+    newer.parent.mkdir(parents=True)
+    newer.write_text('{"version": 99, "servers": {"from": "the future"}}')
+    newer.chmod(0o600)
+    with lab_daemon(lab, tmp_path, "--enroll", "grant") as s:
+        for config, words in ((blocker, f"cannot save tokens in {blocker}/tsnetchat/tokens.json"),
+                              (newer.parent.parent, "written by a newer tsnetchat")):
+            out = run_cli("login", "chat-server", *s.client_args("alice-laptop"),
+                          env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
+                               "XDG_CONFIG_HOME": str(config)})
+            assert out.returncode == 3, out.stderr
+            assert out.stderr.startswith("error: ") and words in out.stderr
+            assert "Traceback" not in out.stderr
+    assert newer.read_text() == '{"version": 99, "servers": {"from": "the future"}}'

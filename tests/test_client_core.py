@@ -171,6 +171,19 @@ def test_from_now_starts_after_the_rooms_newest_message() -> None:
     assert Cursor(7, from_now=True).resume_after() == 7  # an explicit start wins
 
 
+def test_a_start_past_the_end_is_told_apart_from_a_history_that_went_back() -> None:
+    typed = Cursor(100000)  # tail --after 100000, in a room whose newest message is 9
+    assert typed.check_history("h1", 1, 9) == ("there is no message 100000 to start after: "
+                                                "the server's history ends at message 9")
+    assert typed.last_id is None  # the room from what the server has
+    shown = Cursor()
+    shown.check_history("h1", 1, 0)
+    shown.accept([Msg(1), Msg(2), Msg(12)])
+    assert shown.check_history("", 0, 9) == (
+        "the server's history ends at message 9, before the last one shown here (12): it was "
+        "restored or replaced")
+
+
 # --- the stream state machine ---------------------------------------------------------------
 
 
@@ -194,8 +207,11 @@ def test_a_fail_fast_stream_tries_again_on_the_way_to_the_server_until_its_grace
     assert s.phase is Phase.RECONNECTING
     assert s.lost(unreachable(), 101.0, 0.5) == 1.0
     assert s.lost(unreachable(), 103.0, 0.5) == 2.0
-    # The next attempt would start 8.0 s after the first failure: over, with its reason.
-    assert s.lost(unreachable("still down"), 106.5, 0.5) is None
+    # The backoff (4 s) would overrun the grace: the last attempt starts as it ends.
+    assert s.lost(unreachable(), 106.5, 0.5) == pytest.approx(1.5)
+    assert s.phase is Phase.RECONNECTING
+    # That one failed too, 8 s after the first failure: over, with its reason.
+    assert s.lost(unreachable("still down"), 108.2, 0.5) is None
     assert s.phase is Phase.FAILED and str(s.error) == "still down"
 
 

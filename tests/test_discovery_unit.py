@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,8 @@ from tsnetchat.discovery import (
     DialBridge,
     Proxy,
     ProxyRefused,
+    check_name,
+    discover,
     is_tailnet_ip,
     localapi_places,
     macos_app_endpoint,
@@ -23,7 +26,7 @@ from tsnetchat.discovery import (
     read_macsys,
     socks5_connect,
 )
-from tsnetchat.errors import ConfigError
+from tsnetchat.errors import ConfigError, InvalidInput
 
 
 @pytest.mark.parametrize(("ip", "ok"), [
@@ -121,3 +124,23 @@ async def test_closing_the_bridge_ends_its_connections_without_a_stray_task(
     assert not [rec for rec in caplog.records if rec.name == "asyncio"]
     w.close()
     srv.close()
+
+
+@pytest.mark.parametrize(("name", "words"), [
+    ("", "no server given"),
+    ("  ", "no server given"),
+    ("a" * 300, "is not a server name: a name is at most 253 characters"),
+    ("x" * 64 + ".tailnet.test", "each part between dots at most 63"),
+    ("chat server", "is not a server name: give its MagicDNS name"),
+])
+async def test_a_server_name_that_cannot_be_one_is_bad_input_before_any_lookup(
+        name: str, words: str) -> None:
+    # (--socket names nothing: the check comes before any step would fail to find it)
+    with pytest.raises(InvalidInput, match=re.escape(words)):
+        await discover(name, socket="/nonexistent/tailscaled.sock")
+
+
+@pytest.mark.parametrize("name", ["chat-server", "chat-server.tailnet.test.", "100.64.0.5",
+                                  "[fd7a:115c:a1e0::5]", "a" * 63 + ".b"])
+def test_names_and_addresses_of_a_server_pass_the_check(name: str) -> None:
+    check_name(name)

@@ -5,6 +5,8 @@ real tailscaled)."""
 from __future__ import annotations
 
 import asyncio
+import re
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -13,10 +15,12 @@ from conftest import Chat
 
 from tsnetchat import auth
 from tsnetchat.config import load_config
+from tsnetchat.discovery import ServerNode
 from tsnetchat.enroll import EnrollPolicy, check_renewable, rights_for
-from tsnetchat.errors import LimitExceeded, PermissionDenied
+from tsnetchat.errors import ConfigError, InvalidInput, LimitExceeded, PermissionDenied
 from tsnetchat.pb import chat_pb2 as pb
 from tsnetchat.tailnet import WhoIs
+from tsnetchat.tokens import Entry, TokenStore, explicit_token
 
 CAP = "example.com/cap/tsnetchat"
 ALICE = "alice@tailnet.test"
@@ -155,3 +159,97 @@ async def test_a_connection_that_did_not_come_through_the_tailnet_gets_no_token(
     assert chat.server.store is not None  # nothing was issued
 
     assert not [r for r in await chat.server.store.list_tokens() if r.jti.startswith("login-")]
+
+
+# --- the token a person gives, and the token file (the client side) -----------------------
+
+
+@pytest.mark.parametrize(("content", "words"), [
+    (b"\xff\xfe", "does not hold a token: it is not text"),
+    (b"", "is empty"),
+    (b"  \n", "is empty"),
+    (b"a" * 20_000, "does not hold a token: it is longer than 4096 characters"),
+    (b"x" * 100_000_000, "does not hold a token: it is longer than 4096 characters"),
+    (b"eyJ.abc def", "does not hold a token: it contains a space"),
+])
+def test_a_token_file_that_holds_no_token_is_said_before_dialling(
+        tmp_path: Path, content: bytes, words: str) -> None:
+    f = tmp_path / "tok"
+    f.write_bytes(content)
+    with pytest.raises(InvalidInput) as caught:
+        explicit_token(None, f)
+    assert str(caught.value).startswith(f"token file {f} {words}")
+
+
+def test_a_long_token_in_the_flag_or_the_environment_is_refused_too(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(InvalidInput, match=r"^--token does not hold a token"):
+        explicit_token("t" * 20_000)
+    monkeypatch.setenv("TSNETCHAT_TOKEN", "t" * 5000)
+    with pytest.raises(InvalidInput, match=r"^TSNETCHAT_TOKEN does not hold a token"):
+        explicit_token()
+    monkeypatch.setenv("TSNETCHAT_TOKEN", " good.token \n")
+    assert explicit_token() == "good.token"
+
+
+def entry(node_id: str = "n1") -> Entry:
+    return Entry(node_id=node_id, name="chat-server.tailnet.test", ips=["100.64.0.5"],
+                 token="tok", token_id="t1", source="login")
+
+
+def private(path: Path, content: bytes) -> Path:
+    path.write_bytes(content)
+    path.chmod(0o600)
+    return path
+
+
+@pytest.mark.parametrize(("content", "words"), [
+    (b'{"version": 2, "servers": "x"}', "is damaged"),
+    (b'{"version": 2, "servers": [], "names": [1]}', "is damaged"),
+    (b"\xff\xfe\x00", "is not a token file tsnetchat wrote (it is not text)"),
+    (b"[1, 2]", "is not a token file tsnetchat wrote (not a JSON object)"),
+])
+def test_a_damaged_token_store_is_said_in_words_and_left_alone(
+        tmp_path: Path, content: bytes, words: str) -> None:
+    store = TokenStore(private(tmp_path / "tokens.json", content))
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        store.read()
+    with pytest.raises(ConfigError):
+        store.put(entry())
+    assert store.path.read_bytes() == content
+
+
+def test_a_token_store_written_by_a_newer_version_is_neither_read_nor_overwritten(
+        tmp_path: Path) -> None:
+    content = b'{"version": 99, "servers": {"future": true}}'
+    store = TokenStore(private(tmp_path / "tokens.json", content))
+    with pytest.raises(ConfigError, match=r"version 99; it reads version 2\), written by a "
+                                          "newer tsnetchat"):
+        store.find(ServerNode(short_name="chat-server", dns_name="", ips=("100.64.0.5",)),
+                   "chat-server")
+    with pytest.raises(ConfigError, match="Not reading or changing it"):
+        store.put(entry())
+    with pytest.raises(ConfigError, match="version 99"):
+        store.check_writable()  # login asks this before the server issues a token
+    assert store.path.read_bytes() == content
+
+
+def test_a_token_store_that_is_a_directory_is_not_blamed_on_its_mode(tmp_path: Path) -> None:
+    path = tmp_path / "tokens.json"
+    path.mkdir()
+    with pytest.raises(ConfigError) as caught:
+        TokenStore(path).read()
+    assert "chmod" not in str(caught.value)
+    assert str(caught.value) == (f"{path} should be the file that keeps your tokens, but it "
+                                 "is a directory or another kind of file: move it away")
+
+
+def test_a_token_store_that_cannot_be_written_names_the_place(tmp_path: Path) -> None:
+    blocker = tmp_path / "home"
+    blocker.write_text("a file where a directory should be")
+    store = TokenStore(blocker / ".config" / "tsnetchat" / "tokens.json")
+    with pytest.raises(ConfigError, match=f"^cannot save tokens in {re.escape(str(store.path))}"):
+        store.check_writable()
+    with pytest.raises(ConfigError, match="set XDG_CONFIG_HOME to a directory you can write"):
+        store.put(entry())
+    assert TokenStore(tmp_path / "ok" / "tokens.json").put(entry()).is_file()

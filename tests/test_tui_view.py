@@ -4,6 +4,7 @@ rule, scrollback, unread counts, nick colours, mentions, commands, completion, h
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
@@ -397,3 +398,18 @@ def test_tab_completes_the_new_commands_and_private_rooms() -> None:
     assert c("/ed") == ["/edit "] and c("/aw") == ["/away "] and c("/m") == ["/me ", "/msg "]
     assert c("/join +") == ["+ops"] and c("/join ") == ["+ops", "#general"]
     assert c("/msg B") == ["Bob"]
+
+
+def test_a_chat_log_that_cannot_be_opened_is_one_line_not_a_traceback(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`connect` with an unwritable HOME died with PermissionError on ~/.local (found from
+    outside, 2026-11-23); here the log's directory would have to be made under a file."""
+    from tsnetchat.errors import ConfigError
+    from tsnetchat.tui import _stderr_to_log
+
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "a-file" / "state"))
+    says = (r"cannot open the chat's log .*client\.log: Not a directory \(set XDG_STATE_HOME "
+            r"to a directory you can write\)")
+    with pytest.raises(ConfigError, match=says), _stderr_to_log():
+        pass

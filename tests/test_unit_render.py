@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from tsnetchat import render
-from tsnetchat.chatview import plain_lines
+from tsnetchat.chatview import PlainView, plain_lines
 from tsnetchat.pb import chat_pb2 as pb
 
 
@@ -53,3 +55,50 @@ def test_no_line_of_a_message_passes_for_a_message_of_its_own() -> None:
 def test_actions_and_sanitized_senders_render_on_one_head_line() -> None:
     [line] = plain_lines(msg("waves", kind=2, name="Eve\x1b[31m"))
     assert line.endswith(" * Eve?[31m waves") and "\x1b" not in line
+
+
+# --- `history` and `tail`: edits, deletions and topics as the chat shows them --------------
+
+
+def event(mid: int, text: str, *, kind: int = pb.MESSAGE_KIND_TEXT, target: int = 0,
+        login: str = "alice@t", name: str = "Alice", minute: int = 0,
+        edited: int = 0, deleted_by: str = "") -> pb.ChatMessage:
+    ts = int(time.mktime((2026, 11, 22, 9, minute, 0, 0, 0, -1)) * 1000)
+    return pb.ChatMessage(id=mid, room="general", text=text, kind=kind, target_id=target,  # type: ignore[arg-type]
+                          sent_unix_ms=ts, edited_unix_ms=edited, deleted_by=deleted_by,
+                          sender=pb.Identity(login=login, display_name=name))
+
+
+def printed(msgs: list[pb.ChatMessage]) -> list[str]:
+    view = PlainView()
+    return [line for m in msgs for line in view.lines(m)]
+
+
+def test_history_shows_edits_and_deletions_on_their_messages_and_topics_as_notices() -> None:
+    # What History gives: messages as they now are, and the change events after them.
+    page = [event(1, "the corrected text", edited=1), event(2, "", deleted_by="alice@t"),
+            event(3, "release week", kind=pb.MESSAGE_KIND_TOPIC, minute=1),
+            event(4, "the corrected text", kind=pb.MESSAGE_KIND_EDIT, target=1, minute=2),
+            event(5, "", kind=pb.MESSAGE_KIND_DELETE, target=2, minute=3,
+                deleted_by="alice@t"),
+            event(6, "", kind=pb.MESSAGE_KIND_TOPIC, minute=4, login="bob@t", name="Bob"),
+            event(7, "", kind=pb.MESSAGE_KIND_EDIT, target=99, minute=5)]  # not on this page
+    assert printed(page) == [
+        "── Sunday 22 November 2026 ──",
+        "09:00 <Alice> the corrected text (edited)",
+        "09:00 <Alice> (deleted)",
+        "09:01 -- Alice set the topic: release week",
+        "09:04 -- Bob cleared the topic"]
+
+
+def test_a_change_arriving_after_its_message_was_printed_is_one_notice() -> None:
+    live = [event(1, "the rollback is at 17:00"),
+            event(2, "the rollback is at 18:00\nsharp", kind=pb.MESSAGE_KIND_EDIT, target=1,
+                minute=1),
+            event(3, "", kind=pb.MESSAGE_KIND_DELETE, target=1, minute=2, login="carol@t",
+                name="Carol", deleted_by="carol@t")]
+    assert printed(live)[1:] == [
+        "09:00 <Alice> the rollback is at 17:00",
+        "09:01 -- Alice edited their message of 09:00: the rollback is at 18:00",
+        "       ┊ sharp",
+        "09:02 -- Carol deleted Alice's message of 09:00"]

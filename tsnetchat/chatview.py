@@ -273,9 +273,7 @@ class Conversation:
     def topic_changed(self, m: pb.ChatMessage, renderer: Renderer | None = None) -> Entry:
         self.topic = pb.Topic(text=m.text, set_by=m.sender, set_unix_ms=m.sent_unix_ms,
                               id=m.id)
-        said = (f"{who(m.sender)} set the topic: {m.text}" if m.text else
-                f"{who(m.sender)} cleared the topic")
-        return self.notice(said, ts_ms=m.sent_unix_ms, renderer=renderer)
+        return self.notice(topic_said(m), ts_ms=m.sent_unix_ms, renderer=renderer)
 
     def add_result(self, m: pb.ChatMessage, *, where: str, own: bool, mention: bool) -> Entry:
         """A search result (a buffer of results: nothing in it counts as unread)."""
@@ -495,12 +493,73 @@ def visible_lines(conv: Conversation, renderer: Renderer, width: int, height: in
     return lines[top:end], i < 0 and top == 0
 
 
+def topic_said(m: pb.ChatMessage) -> str:
+    """The notice a TOPIC event is shown as."""
+    return (f"{who(m.sender)} set the topic: {m.text}" if m.text else
+            f"{who(m.sender)} cleared the topic")
+
+
+def change_said(change: pb.ChatMessage, target: pb.ChatMessage) -> str:
+    """The notice for an EDIT or DELETE of ``target`` when its line cannot be changed in
+    place (`tail` prints lines; the chat changes the line already on screen)."""
+    whose = "their" if change.sender.login == target.sender.login else f"{who(target.sender)}'s"
+    what = f"{whose} message of {clock(target.sent_unix_ms)}"
+    if change.kind == pb.MESSAGE_KIND_DELETE:
+        return f"{who(change.sender)} deleted {what}"
+    return f"{who(change.sender)} edited {what}: {change.text}"
+
+
+def _text(rows: list[Line]) -> list[str]:
+    return ["".join(t for _, t in row) for row in rows]
+
+
 def plain_lines(m: pb.ChatMessage) -> list[str]:
     """A message as text lines for `history` and `tail` (the same rule, no colours)."""
     head: Line = [("", clock(m.sent_unix_ms) + " "), *Renderer(Palette(["x"])).nick(m)]
     rows = (layout(head, tombstone(m), 10_000, mark=False) if m.deleted_by else
             edited_mark(layout(head, visible(m.text), 10_000), m, 10_000))
-    return ["".join(t for _, t in row) for row in rows]
+    return _text(rows)
+
+
+def plain_notice(ts_ms: int, text: str, *, mark: bool = False) -> list[str]:
+    """A notice (``-- ...``) as text lines, as the chat shows one. ``mark``: the text is
+    someone's words that may hold line breaks (an edit), hung behind ┊ like a message's."""
+    return _text(layout([("", clock(ts_ms) + " "), ("", "-- ")], visible(text), 10_000,
+                        mark=mark))
+
+
+class PlainView:
+    """Messages printed as text lines in order (`history`, `tail`) under the chat's rules
+    (``Conversation``): a message as its lines, a topic change as the chat's notice, an edit
+    or deletion applied to the message it changes. Such a change prints nothing when the
+    message is not shown here or is shown so already (History and a replay give messages as
+    they now are); otherwise (a change that arrives live in `tail`, after its message was
+    printed) it is one notice, the printed line being past changing."""
+
+    def __init__(self) -> None:
+        self.conv = Conversation("")
+        self.days = Days()
+
+    def lines(self, m: pb.ChatMessage) -> list[str]:
+        if m.kind in CHANGES:
+            target = next((e for e in reversed(self.conv.entries)
+                           if e.message is not None and e.id == m.target_id), None)
+            before = None if target is None or target.message is None else (
+                target.message.text, target.message.deleted_by)
+            changed = self.conv.apply_change(m)
+            if changed is None or changed.message is None or before == (
+                    changed.message.text, changed.message.deleted_by):
+                return []
+            out = plain_notice(m.sent_unix_ms, change_said(m, changed.message),
+                               mark=m.kind == pb.MESSAGE_KIND_EDIT)
+        elif m.kind == pb.MESSAGE_KIND_TOPIC:
+            e = self.conv.topic_changed(m)
+            out = plain_notice(e.ts_ms, e.text)
+        else:
+            self.conv.add_message(m, own=False, mention=False, shown=True, live=False)
+            out = plain_lines(m)
+        day = self.days.separator(m.sent_unix_ms)
+        return [day, *out] if day is not None else out
 
 
 class Days:

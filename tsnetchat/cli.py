@@ -410,7 +410,8 @@ ProxyOpt = Annotated[str | None, typer.Option(
 ClientSocketOpt = Annotated[str | None, typer.Option(
     help="tailscaled's LocalAPI socket (default: look in the usual places).")]
 PortOpt = Annotated[int, typer.Option(help="Server port.", min=1, max=65535)]
-# Message ids are the protocol's uint64, kept to what SQLite stores (a signed 64-bit rowid).
+# Message ids are the protocol's uint64, kept to what SQLite stores: client.MAX_MESSAGE_ID
+# (and the server's ledger.MAX_ID), not imported so that the CLI starts without the client.
 MAX_ID = 2**63 - 1
 # Page sizes and offsets are the protocol's uint32; the server caps pages lower still.
 MAX_COUNT = 2**31 - 1
@@ -476,7 +477,10 @@ def connect_cmd(
         if save_token:
             from .tokens import save_admin_token
 
-            where = save_admin_token(found.node, s["token"])
+            try:
+                where = save_admin_token(found.node, s["token"])
+            except TsnetchatError as e:
+                raise fail(e) from None
             typer.echo(f"saved the token for {found.node.dns_name or server} in {where}",
                        err=True)
     from .tui import run_tui
@@ -557,11 +561,18 @@ def _message_text(text: str) -> str:
     """The message: ``text``, or stdin for "-" (which must be UTF-8 text)."""
     if text != "-":
         return text.rstrip("\n")
+    from .outbox import MAX_ANY_SERVER
+
+    raw = sys.stdin.buffer.read(MAX_ANY_SERVER + 4096).rstrip(b"\n")  # (never a whole pipe)
+    if len(raw) > MAX_ANY_SERVER:
+        raise fail(InvalidInput(f"the message was not sent: it is more than {MAX_ANY_SERVER} "
+                                f"bytes; no tsnetchat server takes more than {MAX_ANY_SERVER} "
+                                "(4096 by default): split it up"))
     try:
-        return sys.stdin.buffer.read().decode("utf-8").rstrip("\n")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise fail(InvalidInput(f"the message on stdin is not UTF-8 text (byte {e.start}); "
-                                "nothing was sent")) from None
+        raise fail(InvalidInput(f"the message was not sent: what came on stdin is not UTF-8 "
+                                f"text (byte {e.start})")) from None
 
 
 def _echo(line: str) -> None:

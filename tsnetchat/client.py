@@ -31,7 +31,7 @@ import grpc
 
 from .clienterrors import EXIT_UNAVAILABLE, ClientError, refusal, translate
 from .discovery import CHANNEL_OPTIONS, DialBridge, Report, Target, discover, open_channel, route
-from .errors import TsnetchatError
+from .errors import InvalidInput, TsnetchatError
 from .outbox import Outbox, Outgoing, Pacer
 from .pb import chat_pb2 as pb
 from .pb import chat_pb2_grpc as pb_grpc
@@ -164,20 +164,31 @@ class Connection:
         the same id returned."""
         cmid = client_msg_id or uuid.uuid4().hex
         done, welcomed = asyncio.Event(), asyncio.Event()
+        # Built here, not in the request iterator: grpc.aio swallows an exception raised
+        # there (a field out of range) and only cancels the call, which then surfaces as a
+        # bare asyncio.CancelledError that no error boundary catches.
+        hello = outgoing_event(lambda: pb.ClientEvent(
+            hello=pb.Hello(room=room, after_id=2**62, batch_acks=True)))
+        send = outgoing_event(lambda: pb.ClientEvent(send=pb.SendMessage(
+            text=text, kind=kind, client_msg_id=cmid, target_id=target_id)))  # type: ignore[arg-type]
+        failed: list[BaseException] = []
 
         async def requests() -> AsyncIterator[pb.ClientEvent]:
-            yield pb.ClientEvent(hello=pb.Hello(room=room, after_id=2**62, batch_acks=True))
-            # Not before the hello is taken: a write racing the server's refusal of the
-            # hello makes grpc.aio report INTERNAL "Internal error from Core" instead of the
-            # server's status (grpc/grpc#36066; seen once in a full run, 2026-11-22).
-            await welcomed.wait()
-            yield pb.ClientEvent(send=pb.SendMessage(text=text, kind=kind, client_msg_id=cmid,  # type: ignore[arg-type]
-                                                     target_id=target_id))
-            await done.wait()
+            try:
+                yield hello
+                # Not before the hello is taken: a write racing the server's refusal of the
+                # hello makes grpc.aio report INTERNAL "Internal error from Core" instead of
+                # the server's status (grpc/grpc#36066; seen once in a full run, 2026-11-22).
+                await welcomed.wait()
+                yield send
+                await done.wait()
+            except Exception as e:  # said by the reader below instead of a cancellation
+                failed.append(e)
+                raise
 
         call = self.stub.Join(requests(), metadata=self.metadata, timeout=timeout)
         try:
-            async for ev in call:
+            async for ev in _reraising(call, failed):
                 which = ev.WhichOneof("event")
                 if which == "welcome":
                     welcomed.set()
@@ -192,6 +203,43 @@ class Connection:
             done.set()
             call.cancel()
         raise TsnetchatError("the server closed the stream before confirming the message")
+
+
+# The largest message id a server stores (SQLite's largest integer: the server's
+# ledger.MAX_ID, which a client-only install cannot import).
+MAX_MESSAGE_ID = 2**63 - 1
+
+
+def outgoing_event(make: Callable[[], pb.ClientEvent]) -> pb.ClientEvent:
+    """``make()``, or InvalidInput when a field cannot be encoded (an id out of range, text
+    that is not Unicode): raised before anything is written to a stream."""
+    try:
+        return make()
+    except UnicodeError:
+        raise InvalidInput("the text is not valid Unicode (is it UTF-8?)") from None
+    except (ValueError, TypeError) as e:
+        raise InvalidInput(f"cannot send this: {str(e).splitlines()[0][:200]}") from None
+
+
+def check_message_id(target_id: int) -> None:
+    """InvalidInput unless ``target_id`` could be a message id."""
+    if not 0 < target_id <= MAX_MESSAGE_ID:
+        raise InvalidInput(f"{target_id} is not a message id (ids are whole numbers from 1 to "
+                           f"{MAX_MESSAGE_ID})")
+
+
+async def _reraising(call: Any, failed: list[BaseException]) -> AsyncIterator[Any]:
+    """The responses of ``call``; when its request iterator failed (``failed``), that
+    failure instead of the CancelledError grpc.aio ends the call with. A cancellation of
+    the caller's own task stays a cancellation."""
+    try:
+        async for ev in call:
+            yield ev
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if failed and (task is None or not task.cancelling()):
+            raise failed[0] from None
+        raise
 
 
 def dm_room(*logins: str) -> str:
@@ -367,6 +415,15 @@ async def first_answer(link: Link, fn: Callable[[Connection], Awaitable[T]], *,
         try:
             conn = await link.get()
             return await fn(conn)
+        except asyncio.CancelledError as e:
+            task = asyncio.current_task()
+            if task is None or task.cancelling():
+                raise  # the caller's own cancellation (Ctrl-C, a timeout): not ours to say
+            # gRPC cancelled the call under us without a status: a client bug, said in one
+            # line (the details go to the log), never a traceback.
+            log.warning("a call to %s was cancelled without a reason", link.name, exc_info=e)
+            raise ClientError("internal error in the client (the call was cancelled without a "
+                              "reason)", retryable=False) from None
         except Exception as e:
             err = link.translate(e)
             delay = state.lost(err, time.monotonic(), random.random())
@@ -536,6 +593,10 @@ class RoomSession:
         return {o.client_msg_id: o for o in self.outbox.pending}
 
     def send(self, text: str, kind: int = pb.MESSAGE_KIND_TEXT) -> Outgoing:
+        """Queue ``text``. Raises InvalidInput, queueing nothing, when it cannot be encoded
+        at all (text that is not Unicode): it could never be written to a stream."""
+        outgoing_event(lambda: pb.ClientEvent(send=pb.SendMessage(
+            text=text, kind=kind)))  # type: ignore[arg-type]
         out = self.outbox.add(text, kind)
         self._wake.set()
         return out
@@ -674,9 +735,12 @@ class RoomSession:
     def _restart(self, why: str) -> SessionEvent:
         """End this stream and open the next one at once, from what the server has."""
         self._start_over = True
+        shown_before = self._replays > 0 or self.cursor.confirmed
         self._replays = 0
         return SessionEvent("restart", text=f"{why}; showing #{self.room} again from what the "
-                            "server has (messages shown before may appear again, or differ)")
+                            "server has (messages shown before may appear again, or differ)"
+                            if shown_before else
+                            f"{why}; showing #{self.room} from what the server has")
 
     def _connected(self) -> SessionEvent:
         return SessionEvent("state", seconds=self.state.connected(time.monotonic()))

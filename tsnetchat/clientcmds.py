@@ -20,8 +20,19 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from .chatview import Days, plain_lines
-from .client import Connection, Link, RoomSession, deliver, first_answer, not_yet, to_stderr
+from .chatview import PlainView
+from .client import (
+    Connection,
+    Link,
+    RoomSession,
+    check_message_id,
+    deliver,
+    first_answer,
+    not_yet,
+    to_stderr,
+)
+from .clienterrors import EXIT_USAGE, ClientError
+from .outbox import sendable
 from .pb import chat_pb2 as pb
 from .resume import START_GRACE
 
@@ -50,17 +61,15 @@ def message_record(m: pb.ChatMessage) -> dict[str, Any]:
 
 
 class TextOut:
-    """Messages as people read them: the chat's line rule, a line when the day changes."""
+    """Messages as people read them: the chat's rules (``chatview.PlainView``), a line when
+    the day changes."""
 
     def __init__(self, echo: Echo) -> None:
         self.echo = echo
-        self.days = Days()
+        self.view = PlainView()
 
     def message(self, m: pb.ChatMessage) -> None:
-        day = self.days.separator(m.sent_unix_ms)
-        if day is not None:
-            self.echo(day)
-        for line in plain_lines(m):
+        for line in self.view.lines(m):
             self.echo(line)
 
 
@@ -78,11 +87,30 @@ async def call(link: Link, fn: Callable[[Connection], Awaitable[T]], *,
 
 async def send(link: Link, room: str, text: str, *, kind: int, timeout: float,
                json_out: bool) -> str:
+    """`send` and `dm`: the message's id once stored. Text no server could take (not UTF-8,
+    too long for any) is refused before dialling; every failure says the message was not
+    sent (or, when the server may have got it, that it is unknown)."""
     try:
+        why = sendable(text)
+        if why is not None:
+            raise ClientError(f"the message was not sent: {why}", retryable=False,
+                              exit_code=EXIT_USAGE)
         mid = await deliver(link, room, text, kind=kind, timeout=timeout)
+    except Exception as e:
+        raise not_sent(link.translate(e)) from None
     finally:
         await link.close()
     return json.dumps({"id": mid, "room": room}) if json_out else f"sent #{mid} to {room}"
+
+
+def not_sent(e: ClientError) -> ClientError:
+    """``e`` saying that the message was not sent (unless it says what became of it)."""
+    words = str(e)
+    if "not sent" in words or "not stored" in words:
+        return e
+    return ClientError(f"the message was not sent: {words}", retryable=e.retryable,
+                       exit_code=e.exit_code, transport=e.transport,
+                       retry_after=e.retry_after, status=e.status)
 
 
 async def history(link: Link, room: str, *, before: int | None, limit: int, json_out: bool,
@@ -186,6 +214,10 @@ async def change(link: Link, room: str, what: str, *, target: int = 0, text: str
     cmid = uuid.uuid4().hex
 
     async def run(c: Connection) -> int:
+        # (Here, not in Connection.send_one: the raw API lets a test, or an attacker, put any
+        # encodable id to the server, whose refusal is what the security tests check.)
+        if what in ("edit", "delete"):
+            check_message_id(target)
         if what == "edit":
             return await c.edit(room, target, text, client_msg_id=cmid)
         if what == "delete":

@@ -57,6 +57,7 @@ import httpx
 
 from .errors import (
     ConfigError,
+    InvalidInput,
     LocalAPIUnavailable,
     PeerNotFound,
     ServerUnavailable,
@@ -117,6 +118,7 @@ class ServerNode:
     ips: tuple[str, ...]
     node_id: str = ""  # stable node id; "" when only the resolver found it
     online: bool | None = None  # None: unknown (the resolver cannot tell)
+    this_machine: bool = False  # the name is this machine's own node, not a peer
 
 
 @dataclass(frozen=True)
@@ -186,9 +188,9 @@ def find_peer(status: Status, name: str) -> PeerInfo:
     raise PeerNotFound(f"no peer named {name!r} on this tailnet{hint}")
 
 
-def _node_of(p: PeerInfo) -> ServerNode:
+def _node_of(p: PeerInfo, *, this_machine: bool = False) -> ServerNode:
     return ServerNode(short_name=p.short_name, dns_name=p.dns_name.rstrip("."), ips=p.ips,
-                      node_id=p.node_id, online=p.online)
+                      node_id=p.node_id, online=p.online, this_machine=this_machine)
 
 
 def _pick_ip(ips: Sequence[str]) -> str:
@@ -372,6 +374,8 @@ async def resolve_name(name: str) -> list[str]:
             loop.getaddrinfo(host, None, type=socket.SOCK_STREAM), RESOLVE_TIMEOUT)
     except socket.gaierror as e:
         raise PeerNotFound(f"{name!r} does not resolve ({e.strerror})") from None
+    except UnicodeError:  # a name IDNA cannot encode (check_name stops the usual ones)
+        raise PeerNotFound(f"{name!r} is not a name the resolver can look up") from None
     except TimeoutError:
         raise PeerNotFound(f"the resolver did not answer for {name!r} in "
                            f"{RESOLVE_TIMEOUT:.0f}s") from None
@@ -398,6 +402,7 @@ async def discover(name: str, *, socket: str = "", report: Report | None = None)
     Raises PeerNotFound (with "did you mean" when a step could list peers), TailnetNotReady,
     or TailnetError (offline, or the resolver answered outside the tailnet).
     """
+    check_name(name)
     steps: list[Step] = []
 
     def note(step: Step) -> None:
@@ -427,9 +432,10 @@ async def discover(name: str, *, socket: str = "", report: Report | None = None)
         except TailnetError as e:  # offline: final, the resolver cannot do better
             note(Step(label, False, f"{where}: {e}"))
             raise TailnetError(_explain(str(e), steps)) from None
-        node = _node_of(peer)
+        node = _node_of(peer, this_machine=peer is st.self_node)
         note(Step(label, True, f"{where} ({mode}): {node.short_name} is "
-                               f"{node.dns_name or '?'} {', '.join(node.ips)}, online"))
+                               f"{node.dns_name or '?'} {', '.join(node.ips)}, "
+                               + ("this machine" if node.this_machine else "online")))
         for later in ("2. tailscale command", "3. resolver"):
             if later > label:
                 note(Step(later, None, "not needed"))
@@ -498,18 +504,52 @@ async def discover(name: str, *, socket: str = "", report: Report | None = None)
         note(Step(label, False, msg))
         raise TailnetError(_explain(f"{hint}; and {msg}" if hint else msg, steps))
     if status is not None and status.running:
-        known = next((p for p in status.peers if set(p.ips) & set(tailnet)), None)
+        known = next((p for p in [*status.peers, status.self_node]
+                      if set(p.ips) & set(tailnet)), None)
         if known is not None:  # a peer status knows under another name: use what it knows
             found = match(status, label, f"{name} -> {', '.join(tailnet)}",
                           query=next(ip for ip in known.ips if ip in tailnet))
             if found is not None:
                 return found
+        else:
+            # The status lists every node this one can reach: an address none of them has
+            # is nobody's here (a typo, a removed machine), not a server without a token.
+            msg = (f"{name!r} is {', '.join(tailnet)}, which no node of this tailnet has"
+                   if name.strip("[]") not in tailnet else
+                   f"no node of this tailnet has the address {name.strip('[]')}")
+            note(Step(label, False, msg))
+            head = f"{hint}; and {msg}" if hint and name.strip("[]") not in tailnet else (
+                str(hint) if hint else msg)
+            raise PeerNotFound(_explain(head, steps))
     short = name.strip().rstrip(".").split(".")[0] if not is_tailnet_ip(name) else name
     dns = name.strip().rstrip(".") if "." in name and not is_tailnet_ip(name) else ""
     node = ServerNode(short_name=short, dns_name=dns, ips=tuple(tailnet))
     note(Step(label, True, f"{name} -> {', '.join(tailnet)} (a tailnet address)"))
     return Found(node=node, ip=_pick_ip(tailnet), tun=None if status is None else status.tun,
                  socket=status_socket, via=label)
+
+
+# DNS's limits (RFC 1035): a whole name, and one label of it.
+MAX_NAME, MAX_LABEL = 253, 63
+
+
+def check_name(name: str) -> None:
+    """InvalidInput unless ``name`` could name a server: not empty, and within DNS's limits
+    (an IP literal always can)."""
+    host = name.strip().rstrip(".").strip("[]")
+    if not host:
+        raise InvalidInput("no server given: name it by its MagicDNS name (chat-server), full "
+                           "name or tailnet IP")
+    with contextlib.suppress(ValueError):
+        ipaddress.ip_address(host)
+        return
+    shown = host if len(host) <= 40 else host[:40] + "…"
+    if len(host) > MAX_NAME or any(len(label) > MAX_LABEL for label in host.split(".")):
+        raise InvalidInput(f"{shown!r} is not a server name: a name is at most {MAX_NAME} "
+                           f"characters, each part between dots at most {MAX_LABEL}")
+    if any(c.isspace() or not c.isprintable() or c in "/@:" for c in host):
+        raise InvalidInput(f"{shown!r} is not a server name: give its MagicDNS name "
+                           "(chat-server), full name or tailnet IP")
 
 
 def _explain(head: str, steps: Sequence[Step]) -> str:

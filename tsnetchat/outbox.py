@@ -185,6 +185,24 @@ def utf8_len(text: str) -> int:
     return len(text.encode("utf-8", "surrogatepass"))
 
 
+# No server takes a longer message (its max_message_bytes is capped there: gRPC frames are
+# at most 64 KiB); a server's own limit, 4096 bytes by default, comes with its Welcome.
+MAX_ANY_SERVER = 60_000
+
+
+def sendable(text: str) -> str | None:
+    """Why ``text`` can never be a message on any server (checked before dialling), or
+    None. The server's own rules (its size limit, control characters) are its to say."""
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeError:  # lone surrogates: bytes that were not UTF-8 (surrogateescape)
+        return "it is not UTF-8 text"
+    if size > MAX_ANY_SERVER:
+        return (f"it is {size} bytes; no tsnetchat server takes more than {MAX_ANY_SERVER} "
+                "(4096 by default): split it up")
+    return None
+
+
 def split_text(text: str, max_bytes: int) -> list[str]:
     """Cut ``text`` into messages of at most ``max_bytes`` UTF-8 bytes: between lines where
     possible, else between words, else between characters. Only whitespace at a cut and

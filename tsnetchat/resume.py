@@ -40,6 +40,9 @@ from .clienterrors import ClientError
 # through two laptops' HTTP proxies every 0.2 s for 400 s), and a full CI run met one as a
 # chat started.
 START_GRACE = 8.0
+# Less of the grace left than this and a fail-fast stream gives up instead of trying once
+# more (an attempt that could not even start before the grace ends).
+LAST_ATTEMPT = 0.1
 
 # Ask the server for "everything after this id" to get nothing but what comes next: it
 # clamps the resume point to the room's newest id (service ``_replay``).
@@ -62,6 +65,9 @@ class Cursor:
         self.last_id = after
         self.from_now = from_now and after is None
         self.history: tuple[str, int] | None = None  # (history_id, generation) of last_id
+        # last_id has been a real position: a server had it, or messages were shown up to
+        # it (not only a number given to start after, which may be past the end)
+        self.confirmed = False
 
     def check_history(self, history_id: str, generation: int, server_last: int) -> str | None:
         """What the server says of its history (Welcome, ReplayDone): returns why the
@@ -73,9 +79,14 @@ class Cursor:
             if here is not None and self.history is not None and here != self.history:
                 why = ("the server's history was restored from a backup" if here[0] ==
                        self.history[0] else "the server's history was replaced")
+            elif self.last_id > server_last and not self.confirmed:
+                why = (f"there is no message {self.last_id} to start after: the server's "
+                       f"history ends at message {server_last}")
             elif self.last_id > server_last:
                 why = (f"the server's history ends at message {server_last}, before the "
                        f"last one shown here ({self.last_id}): it was restored or replaced")
+            else:
+                self.confirmed = True
         if why is not None:
             self.last_id = None
             self.from_now = False
@@ -96,6 +107,7 @@ class Cursor:
             if self.last_id is not None and m.id <= self.last_id:
                 continue
             self.last_id = m.id
+            self.confirmed = True
             new.append(m)
         return new
 
@@ -103,6 +115,7 @@ class Cursor:
         """The server replayed up to ``last_id``: a "from now" reader starts there."""
         if self.last_id is None and self.from_now:
             self.last_id = last_id
+            self.confirmed = True
 
 
 class Phase(enum.Enum):
@@ -155,10 +168,14 @@ class StreamState:
             self.lost_at = now
         backoff = min(self.max_backoff, self.first * 2.0 ** self.attempts)
         delay = max(error.retry_after, backoff * (0.5 + jitter))
-        if self.fail_fast and not self.ever_connected and (
-                not error.transport or now + delay > self.lost_at + self.grace):
-            self.phase = Phase.FAILED
-            return None
+        if self.fail_fast and not self.ever_connected:
+            # Tried again until the grace is over, the last attempt when it ends (not given
+            # up early because the next backoff would overrun it: README's "up to 8 s").
+            left = self.lost_at + self.grace - now
+            if not error.transport or left < LAST_ATTEMPT:
+                self.phase = Phase.FAILED
+                return None
+            delay = min(delay, left)
         self.attempts += 1
         self.phase, self.retry_at = Phase.RECONNECTING, now + delay
         return delay

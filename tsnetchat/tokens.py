@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import json
 import logging
 import os
@@ -37,7 +38,14 @@ from typing import Any, ClassVar, Protocol
 import grpc
 
 from . import discovery
-from .errors import ConfigError, TailnetError, TsnetchatError, Unauthenticated
+from .errors import (
+    ConfigError,
+    InvalidInput,
+    PeerNotFound,
+    TailnetError,
+    TsnetchatError,
+    Unauthenticated,
+)
 from .pb import chat_pb2 as pb
 from .pb import chat_pb2_grpc as pb_grpc
 
@@ -53,17 +61,48 @@ def store_path() -> Path:
     return Path(base) / "tsnetchat" / "tokens.json"
 
 
+# No token is longer (a server refuses longer ones, auth.MAX_TOKEN_BYTES; gRPC refuses
+# metadata past 16 KiB with words meant for nobody).
+MAX_TOKEN_CHARS = 4096
+
+
 def explicit_token(token: str | None = None, token_file: Path | None = None) -> str | None:
-    """The token a person gave for this command: flag, file, or TSNETCHAT_TOKEN; else None."""
+    """The token a person gave for this command: flag, file, or TSNETCHAT_TOKEN; else None.
+
+    Raises ConfigError when the file cannot be read, InvalidInput when what was given cannot
+    be a token (empty, not text, absurdly long): said here, not by the server."""
     if token:
-        return token.strip()
+        return check_token(token.strip(), "--token")
     if token_file is not None:
+        where = f"token file {token_file}"
         try:
-            return token_file.read_text().strip()
+            with token_file.open("rb") as f:
+                raw = f.read(MAX_TOKEN_CHARS * 4 + 1)  # never the whole of a huge file
         except OSError as e:
-            raise ConfigError(f"--token-file {token_file}: {e.strerror}") from None
+            raise ConfigError(f"--token-file {token_file}: {e.strerror or e}") from None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidInput(f"{where} does not hold a token: it is not text") from None
+        if not text.strip():
+            raise InvalidInput(f"{where} is empty")
+        return check_token(text.strip(), where)
     env = os.environ.get("TSNETCHAT_TOKEN", "").strip()
-    return env or None
+    return check_token(env, "TSNETCHAT_TOKEN") if env else None
+
+
+def check_token(token: str, where: str) -> str:
+    """``token``, or InvalidInput naming ``where`` it came from when it cannot be one: a
+    token is one word of printable ASCII, at most MAX_TOKEN_CHARS long."""
+    if len(token) > MAX_TOKEN_CHARS:
+        raise InvalidInput(f"{where} does not hold a token: it is longer than "
+                           f"{MAX_TOKEN_CHARS} characters, which no token is")
+    bad = next((c for c in token if not "!" <= c <= "~"), None)
+    if bad is not None:
+        raise InvalidInput(f"{where} does not hold a token: it contains "
+                           f"{'a space' if bad.isspace() else f'U+{ord(bad):04X}'} (a token is "
+                           "one word of printable ASCII)")
+    return token
 
 
 def _norm(name: str) -> str:
@@ -121,41 +160,91 @@ class TokenStore:
         self.path = path or store_path()
 
     def read(self) -> tuple[list[Entry], dict[str, str]]:
-        """Entries, and tokens an older version saved by name."""
-        if not self.path.exists():
+        """Entries, and tokens an older version saved by name. Raises ConfigError, in
+        words, for a file this version cannot read (a directory, not JSON, a newer version's
+        format): nothing here ever writes over such a file (``put`` reads first)."""
+        try:
+            st = self.path.stat()
+        except (FileNotFoundError, NotADirectoryError):  # nothing kept there (yet)
             return [], {}
-        mode = stat.S_IMODE(self.path.stat().st_mode)
+        except OSError as e:
+            raise ConfigError(f"cannot read {self.path}: {e.strerror or e}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"{self.path} should be the file that keeps your tokens, but it "
+                              "is a directory or another kind of file: move it away")
+        mode = stat.S_IMODE(st.st_mode)
         if mode & 0o077:
             raise ConfigError(f"{self.path} holds tokens but others can read it (mode "
                               f"{mode:04o}); run `chmod 600 {self.path}`")
         try:
-            data = json.loads(self.path.read_text())
+            data = json.loads(self.path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError:
+            raise ConfigError(f"{self.path} is not a token file tsnetchat wrote (it is not "
+                              "text): move it away") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"{self.path} is not valid JSON: {e}") from None
         except OSError as e:
-            raise ConfigError(f"cannot read {self.path}: {e.strerror}") from None
+            raise ConfigError(f"cannot read {self.path}: {e.strerror or e}") from None
         if not isinstance(data, dict):
-            return [], {}
-        if data.get("version") != STORE_VERSION:  # version 1: {name: token}
-            return [], {_norm(k): str(v) for k, v in data.items() if isinstance(v, str)}
+            raise ConfigError(f"{self.path} is not a token file tsnetchat wrote (not a JSON "
+                              "object): move it away")
+        version = data.get("version")
+        if version is None:  # version 1: {name: token}
+            return [], {_norm(k): v for k, v in data.items() if isinstance(v, str)}
+        if version != STORE_VERSION:
+            newer = isinstance(version, int) and version > STORE_VERSION
+            raise ConfigError(
+                f"{self.path} is in a format this tsnetchat does not know (version "
+                f"{str(version)[:20]}; it reads version {STORE_VERSION})"
+                + (", written by a newer tsnetchat: use that one" if newer else "")
+                + ". Not reading or changing it")
+        servers, names = data.get("servers", []), data.get("names") or {}
+        if not isinstance(servers, list) or not all(isinstance(e, dict) for e in servers) \
+                or not isinstance(names, dict):
+            raise ConfigError(f"{self.path} is damaged (its servers or names are not what "
+                              "tsnetchat writes): move it away, then log in again")
         try:
-            entries = [Entry.from_json(e) for e in data.get("servers", [])]
+            entries = [Entry.from_json(e) for e in servers]
         except TypeError as e:
             raise ConfigError(f"{self.path} has an entry tsnetchat cannot read ({e})") from None
-        names = data.get("names") or {}
         return entries, {str(k): str(v) for k, v in names.items()}
 
     def write(self, entries: list[Entry], names: dict[str, str]) -> Path:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        """Replace the file (atomically, mode 0600). Raises ConfigError naming the file when
+        it cannot be written."""
         data = {"version": STORE_VERSION, "servers": [asdict(e) for e in entries],
                 "names": names}
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-        os.chmod(tmp, 0o600)
-        tmp.replace(self.path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f, indent=2)
+            os.chmod(tmp, 0o600)
+            tmp.replace(self.path)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            where = e.filename if e.filename and str(e.filename) != str(tmp) else self.path
+            raise ConfigError(f"cannot save tokens in {self.path}: {where}: "
+                              f"{e.strerror or e} (set XDG_CONFIG_HOME to a directory you "
+                              "can write)") from None
         return self.path
+
+    def check_writable(self) -> None:
+        """ConfigError, naming the file, unless ``put`` could keep a token: the file is one
+        this version reads, and its directory can be made and written."""
+        self.read()
+        d = self.path.parent
+        try:
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as e:
+            raise ConfigError(f"cannot save tokens in {self.path}: {e.filename or d}: "
+                              f"{e.strerror or e} (set XDG_CONFIG_HOME to a directory you "
+                              "can write)") from None
+        if not os.access(d, os.W_OK | os.X_OK):
+            raise ConfigError(f"cannot save tokens in {self.path}: {d} is not writable (set "
+                              "XDG_CONFIG_HOME to a directory you can write)")
 
     def find(self, node: discovery.ServerNode, typed: str) -> Entry | None:
         entries, names = self.read()
@@ -245,6 +334,11 @@ class Renewal:
         store = store or TokenStore()
         entry = store.find(node, typed)
         now = time.time()
+        if entry is None and node.this_machine:
+            raise PeerNotFound(
+                f"{typed} is this machine ({node.dns_name or node.short_name}), not a "
+                "tsnetchat server you have a token for: give the server's name (a bot on the "
+                "server's own machine passes its token with --token)")
         if entry is None:
             raise Unauthenticated(
                 f"no token for {typed}: run `tsnetchat login {typed}` (if that server hands "
@@ -298,10 +392,17 @@ class Renewal:
         self.entry = replace(self.entry, token=res.token, token_id=res.token_id,
                              received=time.time(),
                              lifetime=float(res.expires_unix - res.issued_unix), refused="")
-        self.store.put(self.entry)
+        self._keep()
         for c in list(self._conns):
             c.metadata = bearer(res.token)
         log.debug("renewed token %s for %s", res.token_id, self.typed)
+
+    def _keep(self) -> None:
+        """Store the entry; one that cannot be stored still serves this process."""
+        try:
+            self.store.put(self.entry)
+        except ConfigError as e:
+            log.warning("the renewed token for %s is used but not kept: %s", self.typed, e)
 
     def _failed(self, e: grpc.aio.AioRpcError) -> None:
         code, words = e.code(), e.details() or e.code().name
@@ -309,7 +410,7 @@ class Renewal:
                     grpc.StatusCode.UNIMPLEMENTED):
             dead = code == grpc.StatusCode.UNAUTHENTICATED
             self.entry = replace(self.entry, refused=words, dead=dead)
-            self.store.put(self.entry)
+            self._keep()
             if dead:
                 raise Unauthenticated(f"{self.typed} refused to renew your token: {words}. Run "
                                       f"`tsnetchat login {self.typed}` to ask for a new one")
@@ -365,8 +466,10 @@ async def login(name: str, *, socket: str = "", port: int, proxy: str = "",
                 store: TokenStore | None = None) -> tuple[Entry, pb.LoginResponse]:
     """Ask the server ``name`` for a token of one's own and keep it. Discovery first (a typo
     gets "did you mean"); gRPC refusals propagate as AioRpcError with the server's words."""
+    store = store or TokenStore()
     found = await discovery.discover(name, socket=socket, report=report)
     target = await discovery.route(found, port, proxy=proxy, report=report)
+    store.check_writable()  # before the server issues a token that could not be kept
     channel, bridge = await discovery.open_channel(target)
     try:
         stub: Any = pb_grpc.ChatStub(channel)  # type: ignore[no-untyped-call]
@@ -381,5 +484,9 @@ async def login(name: str, *, socket: str = "", port: int, proxy: str = "",
                   name=res.server.name or found.node.dns_name or name, ips=ips,
                   token=res.token, token_id=res.token_id, source="login",
                   received=time.time(), lifetime=float(res.expires_unix - res.issued_unix))
-    (store or TokenStore()).put(entry)
+    try:
+        store.put(entry)
+    except ConfigError as e:
+        raise ConfigError(f"{entry.name} issued you a token (id {entry.token_id}), but it "
+                          f"could not be kept: {e}") from None
     return entry, res

@@ -85,7 +85,7 @@ from .chatview import (
 )
 from .client import Link, RoomSession, SessionEvent, first_answer, link_for, to_stderr
 from .clienterrors import ClientError
-from .errors import InvalidInput
+from .errors import ConfigError, InvalidInput
 from .ledger import validate_text
 from .outbox import Pacer, State, split_text, utf8_len
 from .pb import chat_pb2 as pb
@@ -1048,8 +1048,12 @@ def _stderr_to_log() -> Iterator[None]:
     """While the screen is up, anything written to stderr (logging, gRPC's C core) goes to
     the log file instead of scribbling over the screen."""
     path = log_path()
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    except OSError as e:
+        raise ConfigError(f"cannot open the chat's log {path}: {e.strerror} (set "
+                          "XDG_STATE_HOME to a directory you can write)") from None
     saved = os.dup(2)
     handler = logging.StreamHandler(os.fdopen(os.dup(fd), "a", buffering=1))
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

@@ -1,0 +1,150 @@
+"""What the scripting commands do with input they cannot use, and with a server that does not
+answer: one plain line, the right exit code, no traceback; against a real in-process server
+(identities from FakeTailnet). The tailnet itself is proven in test_client.py."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from conftest import Chat
+from helpers import free_port, link_as
+
+from tsnetchat import clientcmds
+from tsnetchat.client import Link, connect, first_answer
+from tsnetchat.clienterrors import EXIT_UNAVAILABLE, EXIT_USAGE, ClientError
+from tsnetchat.errors import InvalidInput
+from tsnetchat.pb import chat_pb2 as pb
+
+TEXT = pb.MESSAGE_KIND_TEXT
+
+
+async def stored_texts(chat: Chat, room: str = "general") -> list[str]:
+    conn = await chat.connect("carol@tailnet.test")
+    page = await conn.history(room, limit=200)
+    return [m.text for m in page.messages]
+
+
+# --- 1. a message id that cannot be one ----------------------------------------------------
+
+
+@pytest.mark.parametrize(("what", "target"), [("delete", -1), ("edit", 10**20)])
+async def test_a_message_id_out_of_range_is_bad_input_not_a_cancelled_call(
+        chat: Chat, what: str, target: int) -> None:
+    link = link_as(chat, "alice@tailnet.test")
+    with pytest.raises(ClientError) as caught:
+        await clientcmds.change(link, "general", what, target=target, text="x", json_out=False,
+                                warn=lambda line: None)
+    assert caught.value.exit_code == EXIT_USAGE
+    assert str(caught.value) == (f"{target} is not a message id (ids are whole numbers from 1 "
+                                 f"to {2**63 - 1})")
+
+
+async def test_a_request_that_cannot_be_encoded_is_said_not_swallowed_into_a_cancellation(
+        chat: Chat) -> None:
+    # The raw API: the request iterator's failure used to surface as CancelledError.
+    conn = await chat.connect("alice@tailnet.test")
+    with pytest.raises(InvalidInput, match="not valid Unicode"):
+        await conn.send_one("general", "bad \udcff bytes")
+
+
+# --- 7. a server that does not answer ------------------------------------------------------
+
+
+def nowhere() -> Link:
+    """A link to a port where nothing listens (a stopped server)."""
+    address = f"127.0.0.1:{free_port()}"
+
+    async def dial() -> object:
+        return await connect("chat-server", "token", socket="", address=address)
+
+    return Link(dial, name="chat-server")  # type: ignore[arg-type]
+
+
+async def test_send_to_a_stopped_server_keeps_trying_for_the_documented_8_s() -> None:
+    start = time.monotonic()
+    with pytest.raises(ClientError) as caught:
+        await clientcmds.send(nowhere(), "general", "hello?", kind=TEXT, timeout=15,
+                              json_out=False)
+    took = time.monotonic() - start
+    assert 7.5 <= took < 11, took
+    assert caught.value.exit_code == EXIT_UNAVAILABLE
+    assert str(caught.value).startswith("the message was not sent: chat-server is on the "
+                                        "tailnet but nothing answers on port ")
+
+
+async def test_send_to_a_stopped_server_gives_up_within_its_timeout_saying_it_was_not_sent(
+        ) -> None:
+    start = time.monotonic()
+    with pytest.raises(ClientError) as caught:
+        await clientcmds.send(nowhere(), "general", "hello?", kind=TEXT, timeout=2,
+                              json_out=False)
+    assert time.monotonic() - start < 3
+    assert str(caught.value).startswith("the message was not sent: ")
+    assert caught.value.exit_code == EXIT_UNAVAILABLE
+
+
+async def test_a_refusal_of_a_send_says_the_message_was_not_sent(chat: Chat) -> None:
+    link = link_as(chat, "alice@tailnet.test")
+    with pytest.raises(ClientError) as caught:
+        await clientcmds.send(link, "general", "x" * 5000, kind=TEXT, timeout=15,
+                              json_out=False)
+    assert caught.value.exit_code == EXIT_USAGE
+    assert str(caught.value).startswith("the message was not sent: message is 5000 bytes")
+
+
+# --- 8. text no server could take ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "why"), [
+    ("caf\udce9 au lait", "it is not UTF-8 text"),
+    ("y" * 10_000_000, "it is 10000000 bytes; no tsnetchat server takes more than 60000"),
+])
+async def test_text_no_server_could_take_is_refused_before_dialling(text: str, why: str
+                                                                    ) -> None:
+    dialled = []
+
+    async def dial() -> object:
+        dialled.append(1)
+        raise AssertionError("dialled")
+
+    start = time.monotonic()
+    with pytest.raises(ClientError) as caught:
+        await clientcmds.send(Link(dial, name="chat-server"),  # type: ignore[arg-type]
+                              "general", text, kind=TEXT, timeout=15, json_out=False)
+    assert time.monotonic() - start < 1 and not dialled
+    assert caught.value.exit_code == EXIT_USAGE
+    assert str(caught.value).startswith(f"the message was not sent: {why}")
+
+
+def test_send_dash_with_10_mb_on_stdin_is_bad_input_at_once(tmp_path: Path) -> None:
+    cli = Path(sys.executable).with_name("tsnetchat")
+    start = time.monotonic()
+    out = subprocess.run([str(cli), "send", "chat-server", "-", "--token", "t",
+                          "--address", f"127.0.0.1:{free_port()}"],
+                         input=b"z" * 10_000_000, capture_output=True, timeout=30,
+                         env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert time.monotonic() - start < 5
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.decode() == (
+        "error: the message was not sent: it is more than 60000 bytes; no tsnetchat server "
+        "takes more than 60000 (4096 by default): split it up\n")
+
+
+async def test_a_call_grpc_cancelled_under_a_command_is_one_line_not_a_cancellation() -> None:
+    # What grpc.aio does when a request iterator fails: the call ends as CancelledError
+    # though nobody cancelled the command. The boundary says so instead of letting it escape.
+    async def dial() -> object:
+        return SimpleNamespace(target=None)
+
+    async def cancelled_underneath(conn: object) -> int:
+        raise asyncio.CancelledError
+
+    with pytest.raises(ClientError, match=r"^internal error in the client \(the call was "
+                                          r"cancelled without a reason\)$"):
+        await first_answer(Link(dial, name="chat-server"), cancelled_underneath)  # type: ignore[arg-type]
