@@ -89,7 +89,8 @@ def test_an_empty_state_dir_is_refused_rather_than_taken_for_the_current_directo
     here = tmp_path / "checkout"
     here.mkdir(mode=0o755)
     (tmp_path / "c.toml").write_text('state_dir = ""\n')
-    for args in (["serve", "--state-dir", ""], ["serve", "--config", str(tmp_path / "c.toml")],
+    for args in (["serve", "--state-dir", ""], ["serve", "--state-dir", "  "],
+                 ["serve", "--config", str(tmp_path / "c.toml")],
                  ["token", "issue", "alice@tailnet.test", "--state-dir", ""]):
         out = subprocess.run([CLI, *args], capture_output=True, text=True, cwd=here, timeout=60)
         assert out.returncode == 3, args
@@ -118,6 +119,18 @@ def test_a_config_file_that_is_a_directory_or_not_text_is_refused_in_words(
                        (tmp_path / "bin.toml", "is not text (TOML is UTF-8)")):
         out = run_cli("config", "show", "--config", str(path))
         assert (out.returncode, out.stderr.strip()) == (3, f"error: config file {path} {says}")
+
+
+def test_the_doctor_does_not_call_warnings_all_good(capsys: pytest.CaptureFixture[str]) -> None:
+    """With a mistyped --state-dir it warned twice and ended "all good"."""
+    from tsnetchat.doctor import FAIL, OK, Check, _print
+
+    assert _print([Check("a", OK, "fine"), Check("b", WARN, "look")])
+    assert capsys.readouterr().out.splitlines()[-1] == "no problems; 1 warning(s) (!) above"
+    assert _print([Check("a", OK, "fine")])
+    assert capsys.readouterr().out.splitlines()[-1] == "all good"
+    assert not _print([Check("a", FAIL, "broken"), Check("b", WARN, "look")])
+    assert capsys.readouterr().out.splitlines()[-1] == "1 problem(s) found"
 
 
 def test_the_doctor_looks_at_a_state_dir_without_making_it(tmp_path: Path) -> None:

@@ -51,6 +51,7 @@ async def test_a_direct_message_to_a_login_in_other_capitals_reaches_that_person
     # The outside tester's command line: it exits 0 and bob reads it.
     out = await cli(lab_chat, ALICE, "dm", "chat-server", "Bob@Tailnet.Test", "caps again")
     assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"sent #3 to {ALICE_AND_BOB}"  # the room it went to
     page = await bob.history(f"dm:{ALICE}")
     assert [m.text for m in page.messages] == ["caps", "got it", "caps again"]
     assert await dms_of(alice) == [ALICE_AND_BOB]

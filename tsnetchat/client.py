@@ -848,8 +848,10 @@ def advertised_rate(w: pb.Welcome) -> tuple[int, float] | None:
 
 
 async def deliver(link: Link, room: str, text: str, *, kind: int = pb.MESSAGE_KIND_TEXT,
-                  timeout: float = 15.0) -> int:
-    """Send one message through a RoomSession and return its id once the server stored it.
+                  timeout: float = 15.0,
+                  welcomed: Callable[[pb.Welcome], None] | None = None) -> int:
+    """Send one message through a RoomSession and return its id once the server stored it;
+    ``welcomed`` sees each Welcome (the room as the server names it: a DM's canonical name).
 
     A drop or a rate refusal before the acknowledgement is handled like in the chat (resent
     with the same key: stored once). Raises ClientError when the server refuses it, cannot
@@ -862,6 +864,8 @@ async def deliver(link: Link, room: str, text: str, *, kind: int = pb.MESSAGE_KI
 
     async def wait() -> int:
         async for ev in session.events():
+            if ev.kind == "welcome" and welcomed is not None and ev.welcome is not None:
+                welcomed(ev.welcome)
             if ev.kind == "sent" and ev.outgoing is out:
                 return ev.message_id
             if ev.kind in ("failed", "fatal") and ev.error is not None:

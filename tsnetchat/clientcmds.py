@@ -95,11 +95,14 @@ async def send(link: Link, room: str, text: str, *, kind: int, timeout: float,
         if why is not None:
             raise ClientError(f"the message was not sent: {why}", retryable=False,
                               exit_code=EXIT_USAGE)
-        mid = await deliver(link, room, text, kind=kind, timeout=timeout)
+        named: list[str] = []  # the room as the server names it (a DM's canonical name)
+        mid = await deliver(link, room, text, kind=kind, timeout=timeout,
+                            welcomed=lambda w: named.append(w.room))
     except Exception as e:
         raise not_sent(link.translate(e)) from None
     finally:
         await link.close()
+    room = named[-1] if named else room
     return json.dumps({"id": mid, "room": room}) if json_out else f"sent #{mid} to {room}"
 
 

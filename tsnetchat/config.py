@@ -292,7 +292,7 @@ def _validate(cfg: ServerConfig, where: Any) -> None:
     def bad(name: str, why: str) -> ConfigError:
         return ConfigError(f"{where(name)}: {why}")
 
-    if str(cfg.state_dir) in ("", "."):
+    if str(cfg.state_dir).strip() in ("", "."):
         # (An empty value is the current directory, which the server would make private.)
         raise bad("state_dir", "must name a directory, e.g. /var/lib/tsnetchat (empty would "
                                "mean the current directory)")

@@ -185,7 +185,9 @@ def _print(results: list[Check]) -> bool:
     for c in results:
         print(c.line())
     bad = [c for c in results if c.verdict == FAIL]
-    print(f"\n{'all good' if not bad else f'{len(bad)} problem(s) found'}")
+    warned = sum(c.verdict == WARN for c in results)
+    print("\n" + (f"{len(bad)} problem(s) found" if bad else
+                  f"no problems; {warned} warning(s) (!) above" if warned else "all good"))
     return not bad
 
 
