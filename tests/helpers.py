@@ -49,10 +49,11 @@ from tsnetchat import auth
 from tsnetchat.client import Connection, Link, RoomSession, SessionEvent, connect
 from tsnetchat.cluster import STREAM
 from tsnetchat.config import ServerConfig, load_config
-from tsnetchat.errors import PeerNotFound
+from tsnetchat.errors import PeerNotFound, ServerUnavailable
 from tsnetchat.hub import Pacing
 from tsnetchat.netio import splice
 from tsnetchat.pb import chat_pb2 as pb
+from tsnetchat.resume import START_GRACE
 from tsnetchat.server import Server
 from tsnetchat.store import Store
 from tsnetchat.tailnet import LocalAPI
@@ -344,10 +345,21 @@ class LabChat:
         return issue_recorded(self.server, login, rooms, admin=admin, ttl=ttl)
 
     async def connect(self, node: str, token: str, *, mode: str = "proxy") -> Connection:
-        """A new connection (its own TCP connection) from ``node`` over the tailnet."""
+        """A new connection (its own TCP connection) from ``node`` over the tailnet. A first
+        dial that finds nothing answering is tried again for up to 8 s, as the client does
+        (resume.START_GRACE): in a full CI run on a loaded machine (2026-11-23) mallory's
+        proxy once could not reach a server alice and bob had just reached."""
         n = self.lab.nodes[node]
-        conn = await connect(self.node, token, socket=n.socket, port=self.port,
-                             proxy=f"http://{n.http_proxy}" if mode == "proxy" else "")
+        deadline = time.monotonic() + START_GRACE
+        while True:
+            try:
+                conn = await connect(self.node, token, socket=n.socket, port=self.port,
+                                     proxy=f"http://{n.http_proxy}" if mode == "proxy" else "")
+                break
+            except ServerUnavailable:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.5)
         self.conns.append(conn)
         return conn
 
