@@ -31,7 +31,8 @@ from .client import (
     not_yet,
     to_stderr,
 )
-from .clienterrors import EXIT_USAGE, ClientError
+from .clienterrors import ClientError
+from .errors import InvalidInput
 from .outbox import sendable
 from .pb import chat_pb2 as pb
 from .resume import START_GRACE
@@ -93,8 +94,7 @@ async def send(link: Link, room: str, text: str, *, kind: int, timeout: float,
     try:
         why = sendable(text)
         if why is not None:
-            raise ClientError(f"the message was not sent: {why}", retryable=False,
-                              exit_code=EXIT_USAGE)
+            raise InvalidInput(f"the message was not sent: {why}")  # (translated below)
         named: list[str] = []  # the room as the server names it (a DM's canonical name)
         mid = await deliver(link, room, text, kind=kind, timeout=timeout,
                             welcomed=lambda w: named.append(w.room))

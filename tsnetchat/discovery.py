@@ -514,12 +514,14 @@ async def discover(name: str, *, socket: str = "", report: Report | None = None)
         else:
             # The status lists every node this one can reach: an address none of them has
             # is nobody's here (a typo, a removed machine), not a server without a token.
-            msg = (f"{name!r} is {', '.join(tailnet)}, which no node of this tailnet has"
-                   if name.strip("[]") not in tailnet else
-                   f"no node of this tailnet has the address {name.strip('[]')}")
+            address = name.strip("[]")
+            if address in tailnet:  # an IP literal: any "did you mean" is about it alone
+                msg = f"no node of this tailnet has the address {address}"
+                head = str(hint) if hint else msg
+            else:
+                msg = f"{name!r} is {', '.join(tailnet)}, which no node of this tailnet has"
+                head = f"{hint}; and {msg}" if hint else msg
             note(Step(label, False, msg))
-            head = f"{hint}; and {msg}" if hint and name.strip("[]") not in tailnet else (
-                str(hint) if hint else msg)
             raise PeerNotFound(_explain(head, steps))
     short = name.strip().rstrip(".").split(".")[0] if not is_tailnet_ip(name) else name
     dns = name.strip().rstrip(".") if "." in name and not is_tailnet_ip(name) else ""

@@ -226,9 +226,7 @@ class TokenStore:
             with contextlib.suppress(OSError):
                 tmp.unlink()
             where = e.filename if e.filename and str(e.filename) != str(tmp) else self.path
-            raise ConfigError(f"cannot save tokens in {self.path}: {where}: "
-                              f"{e.strerror or e} (set XDG_CONFIG_HOME to a directory you "
-                              "can write)") from None
+            raise self._cannot_save(f"{where}: {e.strerror or e}") from None
         return self.path
 
     def check_writable(self) -> None:
@@ -239,12 +237,13 @@ class TokenStore:
         try:
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as e:
-            raise ConfigError(f"cannot save tokens in {self.path}: {e.filename or d}: "
-                              f"{e.strerror or e} (set XDG_CONFIG_HOME to a directory you "
-                              "can write)") from None
+            raise self._cannot_save(f"{e.filename or d}: {e.strerror or e}") from None
         if not os.access(d, os.W_OK | os.X_OK):
-            raise ConfigError(f"cannot save tokens in {self.path}: {d} is not writable (set "
-                              "XDG_CONFIG_HOME to a directory you can write)")
+            raise self._cannot_save(f"{d} is not writable")
+
+    def _cannot_save(self, why: str) -> ConfigError:
+        return ConfigError(f"cannot save tokens in {self.path}: {why} (set XDG_CONFIG_HOME to "
+                           "a directory you can write)")
 
     def find(self, node: discovery.ServerNode, typed: str) -> Entry | None:
         entries, names = self.read()
