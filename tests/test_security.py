@@ -12,6 +12,7 @@ import base64
 import dataclasses
 import json
 import logging
+import math
 import os
 import signal
 import stat
@@ -402,14 +403,24 @@ async def test_a_stolen_token_tried_over_many_connections_runs_out_the_devices_b
         lab_chat: LabChat) -> None:
     """A new connection per try resets nothing: once mallory's device has collected its
     refusals, its new connections are refused unread after one WhoIs each."""
+    from tsnetchat.gate import NODE_REFUSALS
+
     stolen = lab_chat.token(ALICE)
     codes = []
+    started = time.monotonic()
     for _ in range(40):
         conn = await lab_chat.connect("mallory-laptop", stolen)
         codes.append((await refused(conn.whoami())).code())
         await conn.close()
+    took = time.monotonic() - started
     assert codes[0] == grpc.StatusCode.UNAUTHENTICATED
-    assert codes[-1] == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
+    # Read past the budget: the burst, then what it refilled while the tries went on. (The
+    # last try's code alone depended on the timing: in a CI run on a slow machine,
+    # 2026-11-23, it came just after a refill and was read.)
+    burst, per_second = NODE_REFUSALS
+    read = codes.count(grpc.StatusCode.UNAUTHENTICATED)
+    assert read <= burst + math.ceil(took * per_second) + 1, (read, took)
     # ...while alice, on her own device, is not affected.
     mine = await lab_chat.connect("alice-laptop", lab_chat.token(ALICE))
     assert (await mine.whoami()).identity.login == ALICE
