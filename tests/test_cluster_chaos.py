@@ -17,6 +17,7 @@ from helpers import (
     ALICE,
     BOB,
     ack_or_error,
+    bounded,
     cluster_flags,
     eventually,
     file_holds,
@@ -31,7 +32,7 @@ from helpers import (
 )
 from nats.js.kv import KeyValue
 
-from tsnetchat.cluster import PRESENCE, READS, REVOKED, ROOMS, STATE, ClusterHistory
+from tsnetchat.cluster import PRESENCE, READS, REVOKED, ROOMS, STATE, STREAM, ClusterHistory
 from tsnetchat.pb import chat_pb2 as pb
 from tsnetchat.rooms import NOT_VISIBLE
 
@@ -172,3 +173,53 @@ async def test_a_copy_rebuilt_after_a_member_was_removed_and_a_text_deleted_keep
             assert [(m.id, m.text, m.deleted_by) for m in page.messages if m.id == mid] == [
                 (mid, "", ALICE)]
             assert not file_holds(db, secret)
+
+
+async def test_when_the_streams_consumers_stop_delivering_each_server_subscribes_again(
+        lab: Any, tmp_path: Path, nats_cluster: nats_lab.NatsCluster,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # A paused consumer delivers nothing and goes on sending heartbeats, so nats-py sees
+    # nothing wrong: a stall its own recovery never notices.
+    async with two_servers(lab, tmp_path, nats_cluster) as (one, two), \
+            jetstream(nats_cluster) as js:
+        alice = await one.connect("alice-laptop", one.token(ALICE))
+        bob = await two.connect("bob-laptop", two.token(BOB))
+        call = await join(alice, "general", then=[send("before the stall", "s0")])
+        assert isinstance(await ack_or_error(call, "s0"), pb.Sent)
+        consumers = [c.name for c in await js.consumers_info(STREAM)]
+        assert len(consumers) >= 2  # (one per server)
+        for name in consumers:
+            await js.pause_consumer(STREAM, name, "2099-01-01T00:00:00Z")
+        # Each server acknowledges a send once its own copy has applied it.
+        await call.write(send("still there?", "s1"))
+        assert isinstance(await ack_or_error(call, "s1"), pb.Sent)
+        mid = await bob.send_one("general", "during the stall")
+        history = await eventually(lambda: alice.history("general"),
+                                   lambda h: len(h.messages) == 3, "server 1 applying")
+        assert [m.text for m in history.messages] == [
+            "before the stall", "still there?", "during the stall"]
+        assert history.messages[-1].id == mid
+        assert "the stream's consumer delivered nothing" in caplog.text
+        call.cancel()
+
+
+async def test_a_server_stops_in_time_with_a_message_its_stalled_copy_never_applied(
+        lab: Any, tmp_path: Path, nats_cluster: nats_lab.NatsCluster,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    async def never_notices() -> None:  # a stall the server does not recover from
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(ClusterHistory, "_watch_consumer", lambda self: never_notices())
+    async with two_servers(lab, tmp_path, nats_cluster, cluster_wait=2.0) as (one, _two), \
+            jetstream(nats_cluster) as js:
+        alice = await one.connect("alice-laptop", one.token(ALICE))
+        call = await join(alice, "general")
+        for c in await js.consumers_info(STREAM):
+            await js.pause_consumer(STREAM, c.name, "2099-01-01T00:00:00Z")
+        await call.write(send("in the stream, never applied on server 1", "n1"))
+        await eventually(lambda: js.stream_info(STREAM), lambda i: i.state.messages == 1,
+                         "the stream holding it")
+        # Before: server 1 waited for it to be applied, for ever (systemd's stop timeout).
+        await bounded(one.server.stop(grace=0.2), "stopping server 1", timeout=30)
+        assert "stopping with 1 message(s) not applied here" in caplog.text
+        call.cancel()

@@ -15,7 +15,9 @@ the measured facts this relies on ("fact N" below).
   messages go into this server's SQLite copy (``Store.import_messages``, with the stream
   position in the same transaction), then to the local hub, in stream order. A draft of our
   own is settled (published and acknowledged by the ledger) when it is applied, so the
-  sender's ack comes after JetStream's quorum ack AND after the local copy has it.
+  sender's ack comes after JetStream's quorum ack AND after the local copy has it. A
+  consumer that stops delivering while the stream moves on is replaced
+  (``_watch_consumer``); a server stopping does not wait for it longer than ``wait``.
 * **Resends** are found in the local copy by (room, sender login, client_msg_id), exact for
   as long as history is kept (not JetStream's 2-minute dedup window, fact 7), plus the
   drafts still in flight here.
@@ -142,6 +144,7 @@ SOURCE = "nats:" + STREAM  # the local copy's name for how far the stream is app
 MAX_BATCH = 256  # messages per atomic batch (JetStream allows 1,000)
 MAX_BATCHES_IN_FLIGHT = 32  # JetStream allows 50 per stream
 ATTEMPT_TIMEOUT = 2.0  # one attempt at a batch or a request's KV write; then again
+CONSUMER_STALL = 5.0  # seconds without anything applied before the stream is asked
 WRONG_LAST_SEQUENCE = 10071
 _LAST = re.compile(r"wrong last sequence: (\d+)")
 CHANGES = (EDIT, DELETE)  # decided against the room's history before they are appended
@@ -304,6 +307,12 @@ class ClusterHistory:
         self._heads: dict[str, tuple[int, int]] = {}
         self._inbox: list[Any] = []
         self._inbox_ready = asyncio.Event()
+        # The stream's consumer (``_subscribe``); messages of an older one are dropped.
+        self._consumer: Any = None
+        self._generation = 0
+        # The stream's last sequence when the consumer was last found stalled (one new
+        # consumer per sequence: an emptied stream's last sequence is never delivered).
+        self._stall_checked = 0
         self._tasks: list[asyncio.Task[Any]] = []
         self._subs: list[Any] = []
         self._kv_revoked: Any = None
@@ -409,13 +418,10 @@ class ClusterHistory:
         self._erase_ready.set()
         # (An emptied stream, every message aged out, has nothing at its last sequence.)
         target = info.state.last_seq if info.state.messages else self._applied
-        start = (dict(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-                      config=ConsumerConfig(opt_start_seq=self._applied + 1))
-                 if self._applied else dict(deliver_policy=DeliverPolicy.ALL))
         self._tasks.append(asyncio.create_task(self._apply_loop()))
-        self._subs.append(await _retrying(lambda: self._js.subscribe(
-            PREFIX + ">", cb=self._on_msg, ordered_consumer=True, idle_heartbeat=0.5,
-            **start), deadline, "the stream's consumer"))
+        self._consumer = await _retrying(lambda: self._subscribe(self._applied), deadline,
+                                         "the stream's consumer")
+        self._tasks.append(asyncio.create_task(self._watch_consumer()))
         self._tasks.append(asyncio.create_task(self._watch_revocations(await _retrying(
             self._kv_revoked.watchall, deadline, "the revocations watch"))))
         self._tasks.append(asyncio.create_task(self._erase_loop()))
@@ -591,8 +597,14 @@ class ClusterHistory:
     async def close(self) -> None:
         """Settle what was submitted (acknowledged or refused), erase what deletions left
         to erase (for up to 2 s: the other servers erase them too), stop following the
-        stream, leave the list of servers, disconnect, close the local copy."""
-        await self.drain()
+        stream, leave the list of servers, disconnect, close the local copy. What the
+        cluster has not confirmed and this copy not applied within ``wait`` seconds is
+        refused as Unconfirmed (a stalled consumer must not keep the server from stopping)."""
+        try:
+            await asyncio.wait_for(self.drain(), self.wait)
+        except TimeoutError:
+            log.warning("cluster: stopping with %d message(s) not applied here",
+                        self._unsettled)
         for _ in range(20):
             if not self._erasing:
                 break
@@ -604,7 +616,7 @@ class ClusterHistory:
         if self._registered:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._kv_state.delete(f"server.{self._registered}"), 2)
-        for sub in self._subs:
+        for sub in [*self._subs, *([self._consumer] if self._consumer else [])]:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
         for t in [*self._tasks, *self._appenders.values()]:
@@ -612,6 +624,10 @@ class ClusterHistory:
         for t in [*self._tasks, *self._appenders.values()]:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+        for p in list(self._mine.values()):  # (queued ones: settled by their appender)
+            self._settle(p, Unconfirmed(
+                "the server stopped before the chat cluster confirmed this message; it may "
+                "still appear. Sending it again with the same client_msg_id is safe"))
         with contextlib.suppress(Exception):
             await self._nc.close()
         await self.local.close()
@@ -1100,9 +1116,61 @@ class ClusterHistory:
 
     # applying ---------------------------------------------------------------------------
 
-    async def _on_msg(self, msg: Any) -> None:
-        self._inbox.append(msg)
-        self._inbox_ready.set()
+    async def _subscribe(self, applied: int) -> Any:
+        """A new ordered consumer of the stream from after ``applied``, feeding the applier;
+        from now on only its messages are taken (those of the one before, if any, are
+        delivered again by this one: it starts where the applied ones end)."""
+        self._generation += 1
+        generation = self._generation
+
+        async def take(msg: Any) -> None:
+            if generation == self._generation:
+                self._inbox.append(msg)
+                self._inbox_ready.set()
+
+        start = (dict(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                      config=ConsumerConfig(opt_start_seq=applied + 1))
+                 if applied else dict(deliver_policy=DeliverPolicy.ALL))
+        return await self._js.subscribe(PREFIX + ">", cb=take, ordered_consumer=True,
+                                        idle_heartbeat=0.5, **start)
+
+    async def _watch_consumer(self) -> None:
+        """nats-py re-creates the ordered consumer when its heartbeats stop, not when it
+        stops delivering while they go on (a consumer paused on the server, say). A stalled
+        applier would refuse every send as "not caught up" and show nobody's messages, so:
+        when nothing has been applied for CONSUMER_STALL seconds, ask the stream for its
+        last sequence, and if that is past the applied one, subscribe again from there."""
+        seen, since = self._applied, time.monotonic()
+        while True:
+            await asyncio.sleep(CONSUMER_STALL / 5)
+            if self._applied != seen:
+                seen, since = self._applied, time.monotonic()
+                continue
+            if time.monotonic() - since < CONSUMER_STALL:
+                continue
+            since = time.monotonic()
+            try:
+                last = (await self._js_attempt.stream_info(STREAM)).state.last_seq
+            except (nats.errors.Error, OSError) as e:
+                log.debug("cluster: the stream's state: %s", _why(e))
+                continue
+            if last <= max(self._applied, self._stall_checked) or self._applied != seen:
+                continue
+            log.warning("cluster: the stream's consumer delivered nothing for %.0fs while "
+                        "the stream holds %d (applied here: %d); subscribing again",
+                        CONSUMER_STALL, last, self._applied)
+            old, self._consumer = self._consumer, None
+            if old is not None:
+                with contextlib.suppress(Exception):
+                    await old.unsubscribe()
+            try:
+                self._consumer = await self._subscribe(self._applied)
+            except (nats.errors.Error, OSError) as e:
+                log.warning("cluster: could not subscribe to the stream again (%s); "
+                            "trying again", _why(e))
+                since -= CONSUMER_STALL  # (again at the next look)
+                continue
+            self._stall_checked = last
 
     async def _applied_through(self, seq: int) -> None:
         async with self._progress:

@@ -198,8 +198,8 @@ def sendable(text: str) -> str | None:
     except UnicodeError:  # lone surrogates: bytes that were not UTF-8 (surrogateescape)
         return "it is not UTF-8 text"
     if size > MAX_ANY_SERVER:
-        return (f"it is {size} bytes; no tsnetchat server takes more than {MAX_ANY_SERVER} "
-                "(4096 by default): split it up")
+        return (f"it is more than {MAX_ANY_SERVER} bytes, the most any tsnetchat server "
+                "takes (4096 by default): split it up")
     return None
 
 
