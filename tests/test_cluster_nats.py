@@ -263,7 +263,9 @@ async def test_a_key_with_a_ttl_expires_with_a_marker_that_watchers_see(
         nats_cluster: nats_lab.NatsCluster) -> None:
     nc = await connect(nats_cluster)
     try:
-        js = nc.jetstream()
+        # (A fresh cluster's first R3 placement took over nats-py's default 5 s in a full CI
+        # run on 2026-11-23; the product tries again until its startup_timeout.)
+        js = nc.jetstream(timeout=20)
         kv = await js.create_key_value(KeyValueConfig(bucket="presence", replicas=3,
                                                       limit_marker_ttl=1.0))
         watcher = await kv.watchall()
