@@ -616,7 +616,7 @@ class ClusterHistory:
         if self._registered:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._kv_state.delete(f"server.{self._registered}"), 2)
-        for sub in [*self._subs, *([self._consumer] if self._consumer else [])]:
+        for sub in [s for s in (*self._subs, self._consumer) if s is not None]:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
         for t in [*self._tasks, *self._appenders.values()]:
@@ -625,9 +625,8 @@ class ClusterHistory:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         for p in list(self._mine.values()):  # (queued ones: settled by their appender)
-            self._settle(p, Unconfirmed(
-                "the server stopped before the chat cluster confirmed this message; it may "
-                "still appear. Sending it again with the same client_msg_id is safe"))
+            self._settle(p, _unconfirmed("the server stopped before the chat cluster "
+                                         "confirmed this message"))
         with contextlib.suppress(Exception):
             await self._nc.close()
         await self.local.close()
@@ -1027,10 +1026,9 @@ class ClusterHistory:
             live = [p for p in live if not p.done]
             now = time.monotonic()
             for p in [p for p in live if p.deadline <= now]:
-                self._settle(p, Unconfirmed(
+                self._settle(p, _unconfirmed(
                     f"the chat cluster did not confirm this message within {self.wait:g}s "
-                    f"({why}); it may still appear. Sending it again with the same "
-                    "client_msg_id is safe: it is never stored twice"))
+                    f"({why})"))
             live = [p for p in live if not p.done]
             if not live:
                 return
@@ -1259,6 +1257,11 @@ class ClusterHistory:
                 self._erasing.popleft()  # erased, or gone already (erased, aged out)
                 with contextlib.suppress(StoreError):  # (else erased again at start-up)
                     await self.local.job(partial(_erased, seq))
+
+
+def _unconfirmed(what: str) -> Unconfirmed:
+    return Unconfirmed(f"{what}; it may still appear. Sending it again with the same "
+                       "client_msg_id is safe: it is never stored twice")
 
 
 def _json(value: object) -> bytes:
