@@ -18,7 +18,7 @@ from helpers import free_port, link_as
 from tsnetchat import clientcmds
 from tsnetchat.client import Link, connect, first_answer
 from tsnetchat.clienterrors import EXIT_UNAVAILABLE, EXIT_USAGE, ClientError
-from tsnetchat.errors import InvalidInput
+from tsnetchat.errors import InvalidInput, TailnetNotReady
 from tsnetchat.pb import chat_pb2 as pb
 
 TEXT = pb.MESSAGE_KIND_TEXT
@@ -43,6 +43,21 @@ async def test_a_message_id_out_of_range_is_bad_input_not_a_cancelled_call(
     assert caught.value.exit_code == EXIT_USAGE
     assert str(caught.value) == (f"{target} is not a message id (ids are whole numbers from 1 "
                                  f"to {2**63 - 1})")
+
+
+async def test_a_message_id_out_of_range_is_refused_before_the_server_is_looked_for() -> None:
+    dialled = []
+
+    async def dial() -> object:  # as when tailscaled is down: finding the server fails
+        dialled.append(1)
+        raise TailnetNotReady("tailscaled is not running")
+
+    with pytest.raises(ClientError) as caught:
+        await clientcmds.change(Link(dial, name="chat-server"),  # type: ignore[arg-type]
+                                "general", "delete", target=0, json_out=False)
+    assert (caught.value.exit_code, str(caught.value)) == (
+        EXIT_USAGE, f"0 is not a message id (ids are whole numbers from 1 to {2**63 - 1})")
+    assert not dialled
 
 
 async def test_a_request_that_cannot_be_encoded_is_said_not_swallowed_into_a_cancellation(

@@ -215,12 +215,16 @@ async def change(link: Link, room: str, what: str, *, target: int = 0, text: str
     """edit, delete or topic: the id of the event, once stored. Every attempt carries the
     same client_msg_id, so one that landed before its connection broke is not stored twice."""
     cmid = uuid.uuid4().hex
+    # Before dialling (and here, not in Connection: the raw API lets a test, or an attacker,
+    # put any encodable id to the server, whose refusal is what the security tests check).
+    if what in ("edit", "delete"):
+        try:
+            check_message_id(target)
+        except InvalidInput as e:
+            await link.close()
+            raise link.translate(e) from None
 
     async def run(c: Connection) -> int:
-        # (Here, not in Connection.send_one: the raw API lets a test, or an attacker, put any
-        # encodable id to the server, whose refusal is what the security tests check.)
-        if what in ("edit", "delete"):
-            check_message_id(target)
         if what == "edit":
             return await c.edit(room, target, text, client_msg_id=cmid)
         if what == "delete":

@@ -84,7 +84,7 @@ from .chatview import (
     width_of,
 )
 from .client import Link, RoomSession, SessionEvent, first_answer, link_for, to_stderr
-from .clienterrors import ClientError
+from .clienterrors import EXIT_ERROR, ClientError
 from .errors import ConfigError, InvalidInput
 from .ledger import validate_text
 from .outbox import Pacer, State, split_text, utf8_len
@@ -1106,4 +1106,6 @@ async def run_tui(server: str, room: str, *, token: str | None, socket: str, pro
         print("not sent when you left (the server has not stored these):")
         for line in left:
             print(f"  {line}")
+    if any(len(s.outbox) for s in chat.sessions.values()):
+        return EXIT_ERROR  # a wrapper script can tell that something typed was not stored
     return int(result or 0)
