@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import sqlite3
 import stat
 import subprocess
@@ -140,6 +141,24 @@ def test_a_backup_into_a_directory_that_does_not_exist_says_so(tmp_path: Path) -
     assert done.returncode == 8
     assert done.stderr.strip() == (f"error: cannot write the backup {tmp_path}/no-such-dir/b.db: "
                                    f"the directory {tmp_path}/no-such-dir does not exist")
+
+
+def test_a_backup_over_a_file_that_is_no_backup_is_refused_and_replaces_an_earlier_one(
+        tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    Store(state / "tsnetchat.db").close()
+    config = tmp_path / "config.toml"
+    config.write_text('listen = "auto"\n')
+    fifo = tmp_path / "a-fifo"
+    os.mkfifo(fifo)
+    for dest, why in ((config, "is not a tsnetchat backup"), (fifo, "is not a regular file")):
+        done = cli("backup", dest, "--state-dir", state)
+        assert done.returncode == 8, done.stderr
+        assert why in done.stderr and "nothing was written" in done.stderr, done.stderr
+    assert config.read_text() == 'listen = "auto"\n' and stat.S_ISFIFO(fifo.lstat().st_mode)
+    earlier = tmp_path / "b.db"
+    assert cli("backup", earlier, "--state-dir", state).returncode == 0
+    assert cli("backup", earlier, "--state-dir", state).returncode == 0  # an earlier backup
 
 
 def test_a_restore_into_a_state_dir_that_is_a_file_says_so(tmp_path: Path) -> None:

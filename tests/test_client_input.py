@@ -163,3 +163,28 @@ async def test_a_call_grpc_cancelled_under_a_command_is_one_line_not_a_cancellat
     with pytest.raises(ClientError, match=r"^internal error in the client \(the call was "
                                           r"cancelled without a reason\)$"):
         await first_answer(Link(dial, name="chat-server"), cancelled_underneath)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("room", ["gen\udcffral", "dm:b\udcff@x"])
+async def test_a_room_given_as_bytes_that_are_not_utf8_is_bad_input_not_an_internal_error(
+        chat: Chat, room: str) -> None:
+    # (`tsnetchat history --room $'\xff'` reaches here as a surrogate-escaped str)
+    with pytest.raises(ClientError) as caught:
+        await clientcmds.history(link_as(chat, "alice@tailnet.test"), room, before=None,
+                                 limit=10, json_out=False, echo=print)
+    assert (caught.value.exit_code, str(caught.value)) == (
+        EXIT_USAGE, "the text is not valid Unicode (is it UTF-8?)")
+
+
+@pytest.mark.parametrize("command", ["send", "tail"])
+def test_a_room_argument_that_is_not_utf8_is_one_line_and_exit_2(command: str) -> None:
+    cli = Path(sys.executable).with_name("tsnetchat")
+    argv = [bytes(cli), command.encode(), b"chat-server", *([b"hi"] if command == "send" else []),
+            b"--room", b"\xff", b"--address", f"127.0.0.1:{free_port()}".encode(), b"--token",
+            b"x"]
+    done = subprocess.run(argv, capture_output=True, timeout=60)
+    assert done.returncode == EXIT_USAGE, done.stderr
+    assert done.stderr.decode().strip().endswith(
+        "error: " + ("the message was not sent: " if command == "send" else "")
+        + "the text is not valid Unicode (is it UTF-8?)"), done.stderr
+    assert b"Traceback" not in done.stderr

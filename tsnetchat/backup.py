@@ -58,6 +58,7 @@ def backup(db: Path, dest: Path) -> Summary:
     if not dest.parent.is_dir():
         raise StoreError(f"cannot write the backup {dest}: the directory {dest.parent} does "
                          "not exist")
+    _replaceable(dest)
     tmp = dest.with_name(f".{dest.name}.partial")
     try:
         _remove(tmp)
@@ -75,6 +76,20 @@ def backup(db: Path, dest: Path) -> Summary:
     except OSError as e:
         raise StoreError(f"cannot write the backup {dest}: {e.strerror}") from e
     return Summary(dest, summary.messages, summary.rooms, summary.identity)
+
+
+def _replaceable(dest: Path) -> None:
+    """StoreError unless ``dest`` is absent, empty or an earlier backup: the backup is renamed
+    over it, so `backup /etc/tsnetchat/config.toml` (or /dev/null, as root) replaced that."""
+    if dest.is_symlink() or (dest.exists() and not dest.is_file()):
+        raise StoreError(f"{dest} exists and is not a regular file; nothing was written: give "
+                         "a new file name, or an earlier backup to replace")
+    if dest.is_file() and dest.stat().st_size > 0:
+        try:
+            inspect(dest)
+        except StoreError as e:
+            raise StoreError(f"{dest} exists and is not a tsnetchat backup, so it is not "
+                             f"replaced; nothing was written ({e})") from None
 
 
 def _the_servers_own(db: Path, dest: Path) -> bool:

@@ -650,7 +650,8 @@ class RoomSession:
                 raise
             except Exception as e:  # the boundary: whatever it was, a person reads str(err)
                 err = self.link.translate(e)
-                if not isinstance(e, ClientError | grpc.aio.AioRpcError | TsnetchatError):
+                if not isinstance(e, ClientError | grpc.aio.AioRpcError | TsnetchatError
+                                  | UnicodeError):  # (bad input: said, not a bug)
                     log.warning("room %s: %s", self.room, err, exc_info=e)
                 if (err.status == grpc.StatusCode.UNAUTHENTICATED and conn is not None
                         and conn.metadata != self._stream_metadata):

@@ -179,6 +179,9 @@ def translate(e: BaseException, where: Where | None = None, *, server: str = "",
     if isinstance(e, TimeoutError):
         return ClientError(f"{name} did not answer in time", retryable=True,
                            exit_code=EXIT_UNAVAILABLE, transport=True)
+    if isinstance(e, UnicodeError):  # a room, login or query given as bytes that are not UTF-8
+        return ClientError("the text is not valid Unicode (is it UTF-8?)", retryable=False,
+                           exit_code=EXIT_USAGE)
     if isinstance(e, asyncio.InvalidStateError):  # writing to a stream that already ended
         return ClientError(f"the connection to {name} ended", retryable=True,
                            exit_code=EXIT_UNAVAILABLE, transport=True)
