@@ -323,3 +323,41 @@ async def test_a_burst_of_thousands_of_streams_opening_at_once_is_served_in_full
     assert not failed, f"{len(failed)} of {len(calls)} streams never started: {failed[0]!r}"
     for c in calls:
         c.cancel()
+
+
+async def test_away_changes_flooded_on_one_stream_reach_the_room_ten_times_not_thousands(
+        chat: Chat) -> None:
+    bob = await chat.connect("bob@tailnet.test")
+    watch = bob.stub.Join(hello_events("general"), metadata=bob.metadata)
+    await collect(watch, 1, kind="replay_done")
+    mallory = await chat.connect("mallory@tailnet.test")
+    flood = [pb.ClientEvent(away=pb.Away(away=bool(i % 2 == 0), message="spam"))
+             for i in range(300)]
+    call = mallory.stub.Join(hello_events("general", then=flood), metadata=mallory.metadata)
+    errors = await collect(call, 290, kind="error", timeout=30)
+    assert {e.code for e in errors} == {grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]}
+    assert "slow down: at most 10 away changes at once" in errors[0].message
+    await bob.send_one("general", "marker")  # everything before it has reached bob's stream
+    seen: list[int] = []
+    async for ev in watch:
+        which = ev.WhichOneof("event")
+        if which == "presence" and ev.presence.who.login == "mallory@tailnet.test":
+            seen.append(ev.presence.kind)
+        if (which == "message" and ev.message.text == "marker") or (
+                which == "batch" and any(m.text == "marker" for m in ev.batch.messages)):
+            break
+    changes = [k for k in seen if k in (pb.PRESENCE_KIND_AWAY, pb.PRESENCE_KIND_BACK)]
+    assert len(changes) == 10, seen  # the burst, then the limit
+    assert (await mallory.whoami()).identity.login == "mallory@tailnet.test"  # still served
+    call.cancel()
+    watch.cancel()
+
+
+async def test_a_search_naming_more_than_100_rooms_is_refused_before_any_is_looked_up(
+        chat: Chat) -> None:
+    alice = await chat.connect("alice@tailnet.test")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await alice.stub.Search(pb.SearchRequest(query="x", rooms=[
+            f"dm:u{i}@x" for i in range(101)]), metadata=alice.metadata)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "at most 100 rooms" in (caught.value.details() or "")

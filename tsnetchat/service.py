@@ -46,6 +46,12 @@ from .throttle import Buckets, LogLimiter
 if TYPE_CHECKING:
     from .enroll import Enrollment
 
+# An Away event is announced to every stream of every room its person is in: 10 at once, then
+# one every 5 s (a client sends one per /away or /back). Unlimited, one member sent about 2,470
+# presence events to a room in 3 s (a review over the real server, 2026-11-23).
+AWAY_BURST, AWAY_RATE = 10, 0.2
+MAX_SEARCH_ROOMS = 100  # rooms named in one Search
+
 log = logging.getLogger("tsnetchat.service")
 
 SERVICE_NAME = "tsnetchat.v1.Chat"
@@ -157,6 +163,7 @@ class ChatService:
         self._call_buckets = Buckets(limits.call_burst, limits.call_rate)  # calls
         self._search_buckets = Buckets(limits.searches_per_minute,
                                        limits.searches_per_minute / 60)
+        self._away_buckets = Buckets(AWAY_BURST, AWAY_RATE)  # Away events, per person
         self._away: dict[str, str] = {}  # login -> away message (set by an Away event)
         self._error_log = LogLimiter(burst=5, rate=0.2)
         self.going_away = False
@@ -563,6 +570,13 @@ class ChatService:
                         self.ledger.mark_read(p.login, sub.room, ev.ack.last_seen_id)
                         continue
                     elif which == "away":
+                        wait = self._away_buckets.take(p.login)
+                        if wait:  # (each change is a presence event to every room's streams)
+                            self._refuse(sub, LimitExceeded(
+                                f"slow down: at most {AWAY_BURST} away changes at once, then "
+                                f"one every {1 / AWAY_RATE:.0f}s; retry in {wait:.1f}s"),
+                                cmid, retry_after=wait)
+                            continue
                         self._set_away(sub, p, ev.away.away, ev.away.message)
                     elif which == "hello":
                         raise InvalidInput("already in a room on this stream; open another Join "
@@ -591,6 +605,8 @@ class ChatService:
                 render.UNSAFE.search(message) or "\n" in message):
             raise InvalidInput(f"an away message is one line of at most "
                                f"{self.limits.max_topic_bytes} bytes of printable text")
+        if away and self._away.get(p.login) == message:
+            return  # nothing changed: nothing to announce
         if away:
             self._away[p.login] = message
         elif self._away.pop(p.login, None) is None:
@@ -728,8 +744,13 @@ class ChatService:
                 raise LimitExceeded(f"slow down: at most {lim.searches_per_minute} searches a "
                                     f"minute (searches_per_minute); retry in {wait:.1f}s")
             access = self.access()
+            if len(request.rooms) > MAX_SEARCH_ROOMS:  # (each DM name may be resolved)
+                raise InvalidInput(f"a search names at most {MAX_SEARCH_ROOMS} rooms; name none "
+                                   "to search every room you can read")
+            if len(request.author) > 320:
+                raise InvalidInput("the author is not a login (at most 320 characters)")
             if request.rooms:
-                wanted = [self._canonical(p, r) for r in request.rooms]
+                wanted = [self._canonical(p, r) for r in dict.fromkeys(request.rooms)]
                 # A room the token does not allow is refused as everywhere else (naming the
                 # rooms it does); a conversation the caller may not read is left out without
                 # a word, so a search infers nothing about it.
