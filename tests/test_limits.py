@@ -361,3 +361,15 @@ async def test_a_search_naming_more_than_100_rooms_is_refused_before_any_is_look
             f"dm:u{i}@x" for i in range(101)]), metadata=alice.metadata)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "at most 100 rooms" in (caught.value.details() or "")
+
+
+async def test_a_search_by_an_author_longer_than_any_login_is_refused(chat: Chat) -> None:
+    alice = await chat.connect("alice@tailnet.test")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await alice.stub.Search(pb.SearchRequest(query="x", author="a" * 257),
+                                metadata=alice.metadata)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "at most 256 characters" in (caught.value.details() or "")
+    found = await alice.stub.Search(pb.SearchRequest(query="x", author="a" * 256),
+                                    metadata=alice.metadata)
+    assert list(found.messages) == []  # accepted: a login may be that long

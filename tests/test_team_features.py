@@ -103,6 +103,11 @@ async def test_a_private_room_is_seen_and_joined_only_by_its_members(lab_chat: L
     # only admins manage members
     e = await refused(alice.create_room("+mine", [ALICE]))
     assert e.code() == grpc.StatusCode.PERMISSION_DENIED
+    # a kick is for token rooms: in a private room it says how to remove someone
+    e = await refused(admin.stub.Kick(pb.KickRequest(room="+ops", login=ALICE),
+                                      metadata=admin.metadata))
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "room-members SERVER +room --remove LOGIN" in (e.details() or "")
 
 
 async def test_a_second_device_of_alice_sees_the_unread_counts_the_first_one_left(

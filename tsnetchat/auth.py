@@ -44,6 +44,7 @@ ISSUER = "tsnetchat"
 AUDIENCE = "tsnetchat"
 ALL_ROOMS = "*"
 MAX_TOKEN_BYTES = 4096
+MAX_LOGIN = 256  # characters in a login or tag (token subject, DM member, author)
 LEEWAY = 5  # seconds of clock difference allowed for exp, nbf and iat
 MAX_TIME = 253402300799  # 9999-12-31T23:59:59Z: later "times" are garbage
 MAX_TOKEN_ID = 64
@@ -112,7 +113,7 @@ class Claims:
 
 
 def _valid_subject(subject: object) -> bool:
-    return (isinstance(subject, str) and 0 < len(subject) <= 256
+    return (isinstance(subject, str) and 0 < len(subject) <= MAX_LOGIN
             and render.UNSAFE.search(subject) is None and not any(c.isspace() for c in subject)
             and not render.is_blank(subject))
 
@@ -242,7 +243,8 @@ def grant_from_capmap(cap_map: Mapping[str, list[Any]], cap_name: str) -> Grant 
     """Combine every grant value for ``cap_name``. None when the policy grants nothing.
 
     Each value looks like ``{"rooms": ["general"], "admin": false}``; ``"rooms": ["*"]`` is
-    every room. Values of another shape contribute nothing (fail closed).
+    every room. Values of another shape, and names that are no room, contribute nothing (fail
+    closed; a Login would otherwise sign them into a token and fail as an internal error).
     """
     values = cap_map.get(cap_name)
     if values is None:
@@ -254,7 +256,8 @@ def grant_from_capmap(cap_map: Mapping[str, list[Any]], cap_name: str) -> Grant 
             continue
         rs = v.get("rooms", [])
         if isinstance(rs, list):
-            rooms.update(r for r in rs if isinstance(r, str))
+            rooms.update(r for r in rs
+                         if isinstance(r, str) and (r == ALL_ROOMS or ROOM_RE.fullmatch(r)))
         admin = admin or v.get("admin") is True
     return Grant(rooms=frozenset(rooms), admin=admin)
 

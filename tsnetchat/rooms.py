@@ -50,7 +50,7 @@ def dm_room(me: str, room: str, max_members: int) -> str:
     means for ``me``: the caller is always a member (``me`` "" only for an admin reading
     other people's conversations, admins_read_dms). Raises InvalidInput."""
     logins = {x.strip() for x in room[len(DM_PREFIX):].split(",") if x.strip()}
-    bad = sorted(x for x in logins if not LOGIN_RE.fullmatch(x) or len(x) > 256)
+    bad = sorted(x for x in logins if not LOGIN_RE.fullmatch(x) or len(x) > auth.MAX_LOGIN)
     if bad:
         raise InvalidInput(f"{bad[0][:60]!r} is not a tailnet login (dm:alice@example.com,...)")
     if me:

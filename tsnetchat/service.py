@@ -747,8 +747,9 @@ class ChatService:
             if len(request.rooms) > MAX_SEARCH_ROOMS:  # (each DM name may be resolved)
                 raise InvalidInput(f"a search names at most {MAX_SEARCH_ROOMS} rooms; name none "
                                    "to search every room you can read")
-            if len(request.author) > 320:
-                raise InvalidInput("the author is not a login (at most 320 characters)")
+            if len(request.author) > auth.MAX_LOGIN:
+                raise InvalidInput(f"the author is not a login (at most {auth.MAX_LOGIN} "
+                                   "characters)")
             if request.rooms:
                 wanted = [self._canonical(p, r) for r in dict.fromkeys(request.rooms)]
                 # A room the token does not allow is refused as everywhere else (naming the
@@ -807,7 +808,7 @@ class ChatService:
     @staticmethod
     def _logins(values: Any) -> list[str]:
         out = [str(v).strip() for v in values]
-        bad = [v for v in out if not rooms.LOGIN_RE.fullmatch(v) or len(v) > 256]
+        bad = [v for v in out if not rooms.LOGIN_RE.fullmatch(v) or len(v) > auth.MAX_LOGIN]
         if bad or len(out) > 1000:
             raise InvalidInput(f"{(bad or ['too many'])[0][:60]!r} is not a tailnet login")
         return out
@@ -824,8 +825,12 @@ class ChatService:
         async with self._call(context, request, "Kick") as lease:
             p = lease.principal
             auth.check_admin(p)
+            if rooms.is_conversation(request.room):
+                raise InvalidInput("a kick closes streams in a token room; a private room's "
+                                   "members are removed with `tsnetchat room-members SERVER "
+                                   "+room --remove LOGIN`, a direct conversation's cannot be")
             auth.check_room(p, request.room)
-            if not 0 < len(request.login) <= 256:
+            if not 0 < len(request.login) <= auth.MAX_LOGIN:
                 raise InvalidInput("login must be a tailnet login or tag")
             n = self.kick_here(request.room, request.login, p.login)
             if self.kick_elsewhere is not None:
