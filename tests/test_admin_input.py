@@ -183,3 +183,32 @@ def test_a_message_on_stdin_that_is_not_utf8_is_refused_before_anything_is_diall
                          timeout=60)
     assert out.returncode == 2
     assert out.stderr.decode().strip() == "error: the message was not sent: it is not UTF-8 text"
+
+
+@pytest.mark.parametrize(("line", "says"), [
+    ("token_ttl_hours = 1e15", "token_ttl_hours: must be at most 87,600"),
+    ("rate_burst = 4294967296", "rate_burst: must be at most 2,147,483,647"),
+    ("max_page = 99999999999", "max_page: must be at most 2,147,483,647"),
+    ("history_on_join = 5000000000", "history_on_join: must be at most 2,147,483,647"),
+    ("retention_days = 1e9", "retention_days: must be at most 36,500"),
+    ("edit_window_seconds = 1e300", "edit_window_seconds: must be at most 2,147,483,647"),
+])
+def test_a_config_number_beyond_what_the_server_can_use_is_refused_naming_its_key(
+        tmp_path: Path, line: str, says: str) -> None:
+    """`token_ttl_hours = 1e15` issued tokens that broke `token list`; counts beyond the
+    protocol's 32-bit fields started a server that failed every call."""
+    (tmp_path / "c.toml").write_text(line + "\n")
+    out = run_cli("config", "show", "--config", str(tmp_path / "c.toml"))
+    assert out.returncode == 3 and says in out.stderr, out.stderr
+    at_bound = line.split("=")[0] + f"= {says.rsplit(' ', 1)[1].replace(',', '')}\n"
+    (tmp_path / "c.toml").write_text(at_bound)
+    assert run_cli("config", "show", "--config", str(tmp_path / "c.toml")).returncode == 0
+
+
+def test_an_empty_token_lifetime_is_refused_rather_than_taken_as_the_default(
+        tmp_path: Path) -> None:
+    state, _ = issued_state(tmp_path)
+    out = run_cli("token", "issue", "bob@tailnet.test", "--ttl", "", "--state-dir", str(state))
+    assert out.returncode == 2
+    assert out.stderr.strip() == "error: --ttl: '' is not a duration like 12h, 30d"
+    assert "bob@" not in run_cli("token", "list", "--state-dir", str(state)).stdout

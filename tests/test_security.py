@@ -505,7 +505,8 @@ async def test_a_room_name_with_a_trailing_newline_is_no_room_anywhere(
         assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "not a valid room" in e.details()
     out = subprocess.run([str(CLI), "token", "issue", ALICE, "--room", "general\n",
                           "--state-dir", str(tmp_path / "other")], capture_output=True, text=True)
-    assert out.returncode == 3 and "invalid room name" in out.stderr
+    assert out.returncode == 2 and "not a valid room name" in out.stderr
+    assert not (tmp_path / "other").exists()  # no key, no state dir: nothing was issued
 
 
 async def test_a_kick_with_a_newline_in_the_login_cannot_forge_a_log_line(

@@ -226,14 +226,19 @@ def token_issue(
     """Sign a token for a tailnet user. It only works from that user's own devices."""
     _need_server()
     from . import auth
-    from .config import TAG_RE
+    from .config import ROOM_RE, TAG_RE
     from .rooms import LOGIN_RE
 
     if not (LOGIN_RE.fullmatch(subject) or TAG_RE.fullmatch(subject)):
         raise fail(InvalidInput(f"{subject[:80]!r} is not a tailnet login (alice@example.com) "
                                 "or a tag (tag:bot); no token was issued"))
+    for r in room or []:  # (before anything is created: a typo must leave nothing behind)
+        if r != auth.ALL_ROOMS and not ROOM_RE.fullmatch(r):
+            raise fail(InvalidInput(f"--room: {r[:80]!r} is not a valid room name (a-z, 0-9, "
+                                    "_ and -, at most 32); no token was issued"))
+    ttl_seconds = _parse_ttl(ttl) if ttl is not None else None  # (--ttl "" is no lifetime)
     cfg = _server_config(config, state_dir=state_dir)
-    seconds = _parse_ttl(ttl) if ttl else cfg.token_ttl_hours * 3600
+    seconds = cfg.token_ttl_hours * 3600 if ttl_seconds is None else ttl_seconds
     new_key = not cfg.key_path.exists()
     store = _store(cfg)
     try:

@@ -31,6 +31,11 @@ ROOM_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 SECRET_FIELDS = frozenset({"auth_key", "api_key", "oauth_client_secret", "nats_password"})
 DEFAULT_API_URL = "https://api.tailscale.com"
 TAG_RE = re.compile(r"tag:[A-Za-z0-9][A-Za-z0-9-]*")  # fullmatch
+# Upper bounds: a number beyond them starts a server that fails every call (a count is sent
+# in the protocol's 32-bit fields; a lifetime of 1e15 hours is a date past year 9999).
+MAX_NUMBER = 2**31 - 1
+MAX_OF = {"token_ttl_hours": 3650 * 24, "enroll_ttl_hours": 3650 * 24,
+          "retention_days": 36_500}
 
 
 def default_state_dir() -> Path:
@@ -315,6 +320,10 @@ def _validate(cfg: ServerConfig, where: Any) -> None:
                  "store_wait"):
         if not getattr(cfg, name) > 0:
             raise bad(name, "must be greater than 0")
+    for f in fields(cfg):
+        top = MAX_OF.get(f.name, MAX_NUMBER)
+        if f.type in ("int", "float") and getattr(cfg, f.name) > top:
+            raise bad(f.name, f"must be at most {top:,}")
     if cfg.max_dm_members < 2:
         raise bad("max_dm_members", "must be at least 2")
     for name in ("history_on_join", "retention_count", "retention_days", "shutdown_grace",
