@@ -398,14 +398,24 @@ def test_a_topic_and_away_are_shown_to_everyone_in_the_room(
     bob.wait_for(r"│ release week: freeze on Friday  \(set by Alice\)")  # the topic bar
     bob.type("/topic")
     bob.wait_for(r"topic of #general: release week: freeze on Friday \(set by Alice\)")
+    alice.type("/away " + "too long " * 40)  # refused: over max_topic_bytes (256)
+    alice.wait_for(r"an away message is one line of at most 256 bytes")
+    assert "away: /back" not in status_line(alice)  # the server did not take it
     alice.type("/away lunch")
     alice.wait_for(r"│ away: /back")
+    alice.wait_for(r"you are away: lunch; /back when you return")
     bob.wait_for(r"-- Alice is away: lunch")
     bob.type("/who")
     bob.wait_for(r"in #general: Alice \(away\), Bob")
     alice.type("/back")
     bob.wait_for(r"-- Alice is back")
+    alice.wait_for(r"you are back")
+    for _ in range(50):  # (the status bar is drawn just after the line)
+        if "away: /back" not in status_line(alice):
+            break
+        time.sleep(0.1)
     assert "away: /back" not in status_line(alice)
+    assert "too long" not in bob.screen()
     no_python_on(alice, bob)
 
 

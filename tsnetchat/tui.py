@@ -226,7 +226,9 @@ class ChatApp:
         self.loading: set[str] = set()
         self.background: set[asyncio.Task[None]] = set()
         self.quitting = False
-        self.away = False
+        # What the server announced of us (our own AWAY/BACK presence), not what we asked
+        # for: an /away it refuses (too long, too often) must not show us away.
+        self.away: str | None = None  # the away message while away
         self.unread_wake = asyncio.Event()  # ask the server for unread counts now
         # /edit or /delete typed while one's last message is still on its way: done once the
         # server has stored it (with its id), or dropped with a line if it is refused.
@@ -350,7 +352,7 @@ class ChatApp:
             failed = len(session.outbox.failed)
             if failed:
                 parts.append(("class:status.bad", f" │ {failed} not sent: /retry"))
-        if self.away:
+        if self.away is not None:
             parts.append(("class:status.bad", " │ away: /back"))
         if conv is not None and conv.scroll:
             parts.append(("class:status.bad", " │ scrolled up: PgDn"))
@@ -682,10 +684,10 @@ class ChatApp:
         if session is None:
             self.say("not in a room: /join ROOM first", error=True)
             return True
-        session.set_away(away, message)
-        self.away = away
-        self.say(("you are away" + (f": {message}" if message else "") + "; /back when you "
-                  "return") if away else "you are back")
+        if (self.away == message.strip()) if away else self.away is None:
+            self.say("you are already away" if away else "you are not away")
+            return False
+        session.set_away(away, message)  # (the server's announcement confirms it: on_presence)
         return False
 
     def members(self, what: str, room: str, nicks: tuple[str, ...]) -> bool:
@@ -876,6 +878,13 @@ class ChatApp:
     def on_presence(self, conv: Conversation, p: pb.Presence) -> None:
         conv.members = list(p.members)
         conv.away = set(p.away_logins)
+        if p.who.login == self.me.login and p.kind in (pb.PRESENCE_KIND_AWAY,
+                                                       pb.PRESENCE_KIND_BACK):
+            self.away = p.away_message if p.kind == pb.PRESENCE_KIND_AWAY else None
+            conv.notice(("you are away" + (f": {p.away_message}" if p.away_message else "")
+                         + "; /back when you return") if self.away is not None
+                        else "you are back", renderer=self.renderer)
+            return
         if not p.who.login or p.who.login == self.me.login:
             return
         if p.kind == pb.PRESENCE_KIND_AWAY:
