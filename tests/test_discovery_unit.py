@@ -42,7 +42,8 @@ def test_proxies_are_read_with_or_without_a_scheme() -> None:
     assert parse_proxy("127.0.0.1:1055") == Proxy("http", "127.0.0.1", 1055)
     assert parse_proxy("socks5h://localhost:1080/") == Proxy("socks5", "localhost", 1080)
     assert parse_proxy("http://[::1]:8080").url == "http://[::1]:8080"
-    for bad in ("ftp://h:1", "h", "socks5://h:0", "http://:1"):
+    for bad in ("ftp://h:1", "h", "socks5://h:0", "http://:1", "http://[::1", "[::1]",
+                "http://[nope]:1", "u@h:1", "a b:1", "::1:8080", "h/x:1", "é:1"):
         with pytest.raises(ConfigError, match=r"--proxy: .* is not a proxy address"):
             parse_proxy(bad)
 

@@ -581,10 +581,22 @@ def parse_proxy(value: str, where: str = "--proxy") -> Proxy:
         scheme, rest = "http", value.strip()
     kind = {"http": "http", "socks5": "socks5", "socks5h": "socks5"}.get(scheme.lower())
     host, _, port = rest.rstrip("/").rpartition(":")
+    if host.startswith("[") and host.endswith("]"):  # an IPv6 address: [::1]:1080
+        host = host[1:-1] if _is_ipv6(host[1:-1]) else ""
+    elif not (host.isascii() and host.replace(".", "").replace("-", "").replace("_", "").isalnum()):
+        host = ""  # ("[::1", "user@h", "a b", "h/x": nothing to connect to)
     if kind is None or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(f"{where}: {value!r} is not a proxy address like "
                           "socks5://127.0.0.1:1055 or http://127.0.0.1:1055")
-    return Proxy(kind, host.strip("[]"), int(port))
+    return Proxy(kind, host, int(port))
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
 
 
 class ProxyRefused(Exception):
