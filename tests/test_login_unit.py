@@ -43,6 +43,7 @@ def policy(mode: str, require_grant: bool = False) -> EnrollPolicy:
     ("any", GRANT, {"general", "ops"}, True),  # never more than the grant
     ("any", {}, {"*"}, False),  # no grant: every room, never admin
     ("grant", {CAP: [{"rooms": ["*"]}, {"rooms": ["x"], "admin": True}]}, {"*", "x"}, True),
+    ("grant", {CAP: [{"rooms": ["general", "General", "+ops"]}]}, {"general"}, False),
 ])
 def test_rights_come_from_the_grant(mode: str, cap_map: dict[str, list[Any]], rooms: set[str],
                                     admin: bool) -> None:
@@ -55,10 +56,12 @@ def test_rights_come_from_the_grant(mode: str, cap_map: dict[str, list[Any]], ro
     (policy("grant"), who(), "grants alice@tailnet.test no access to tsnetchat"),
     (policy("any", require_grant=True), who(), "Ask a tailnet admin to grant it to you"),
     (policy("any"), who(tags=("tag:bot",)), "tagged devices (tag:bot) do not log in"),
-    (policy("grant"), who(cap_map={CAP: [{"rooms": []}]}), "lists no rooms"),
+    (policy("grant"), who(cap_map={CAP: [{"rooms": []}]}), "lists no rooms; ask"),
+    (policy("grant"), who(cap_map={CAP: [{"rooms": ["General", "ops\n"]}]}),
+     "lists no rooms (only names that are not room names: 'General', 'ops\\n'); ask"),
 ])
 def test_refusals_say_whom_to_ask(p: EnrollPolicy, w: WhoIs, words: str) -> None:
-    with pytest.raises(PermissionDenied, match=words.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(PermissionDenied, match=re.escape(words)):
         rights_for(p, w)
 
 

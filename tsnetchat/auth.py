@@ -243,8 +243,7 @@ def grant_from_capmap(cap_map: Mapping[str, list[Any]], cap_name: str) -> Grant 
     """Combine every grant value for ``cap_name``. None when the policy grants nothing.
 
     Each value looks like ``{"rooms": ["general"], "admin": false}``; ``"rooms": ["*"]`` is
-    every room. Values of another shape, and names that are no room, contribute nothing (fail
-    closed; a Login would otherwise sign them into a token and fail as an internal error).
+    every room. Values of another shape contribute nothing (fail closed).
     """
     values = cap_map.get(cap_name)
     if values is None:
@@ -256,8 +255,7 @@ def grant_from_capmap(cap_map: Mapping[str, list[Any]], cap_name: str) -> Grant 
             continue
         rs = v.get("rooms", [])
         if isinstance(rs, list):
-            rooms.update(r for r in rs
-                         if isinstance(r, str) and (r == ALL_ROOMS or ROOM_RE.fullmatch(r)))
+            rooms.update(r for r in rs if isinstance(r, str))
         admin = admin or v.get("admin") is True
     return Grant(rooms=frozenset(rooms), admin=admin)
 

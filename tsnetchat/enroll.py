@@ -37,7 +37,7 @@ from typing import Any, Protocol
 import grpc
 
 from . import auth
-from .config import ServerConfig
+from .config import ROOM_RE, ServerConfig
 from .errors import LimitExceeded, PermissionDenied, TsnetchatError
 from .pb import chat_pb2 as pb
 from .service import status_for
@@ -117,11 +117,15 @@ def rights_for(policy: EnrollPolicy, who: WhoIs) -> Rights:
                 f"tailnet admin to grant it to you, or a tsnetchat admin for a token "
                 f"(`tsnetchat token issue {who.login}`)")
         return Rights(frozenset({auth.ALL_ROOMS}), False)
-    if not grant.rooms:
+    # Only names that are rooms are signed into a token (issue_token refuses others).
+    usable = frozenset(r for r in grant.rooms if r == auth.ALL_ROOMS or ROOM_RE.fullmatch(r))
+    if not usable:
+        odd = ", ".join(repr(r[:40]) for r in sorted(grant.rooms)[:3])
         raise PermissionDenied(
-            f"your tailnet grant of {policy.cap_name} lists no rooms; ask a tailnet admin "
-            "to add the rooms you need")
-    return Rights(grant.rooms, grant.admin)
+            f"your tailnet grant of {policy.cap_name} lists no rooms"
+            + (f" (only names that are not room names: {odd})" if odd else "")
+            + "; ask a tailnet admin to add the rooms you need")
+    return Rights(usable, grant.admin)
 
 
 def _where(who: WhoIs) -> str:
