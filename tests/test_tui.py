@@ -391,7 +391,7 @@ def test_a_private_room_is_created_joined_by_its_members_and_refused_to_others(
 
 
 def test_a_topic_and_away_are_shown_to_everyone_in_the_room(
-        terminals: dict[str, Tmux]) -> None:
+        terminals: dict[str, Tmux], open_terminal: Opener) -> None:
     alice, bob = terminals["alice"], terminals["bob"]
     alice.type("/topic release week: freeze on Friday")
     bob.wait_for(r"-- Alice set the topic: release week: freeze on Friday")
@@ -407,6 +407,9 @@ def test_a_topic_and_away_are_shown_to_everyone_in_the_room(
     bob.wait_for(r"-- Alice is away: lunch")
     bob.type("/who")
     bob.wait_for(r"in #general: Alice \(away\), Bob")
+    alice.kill()  # a restarted client: the server still has her away, and the mark says so
+    alice = open_terminal("alice")
+    alice.wait_for(r"│ away: /back")
     alice.type("/back")
     bob.wait_for(r"-- Alice is back")
     alice.wait_for(r"you are back")

@@ -685,8 +685,8 @@ class ChatApp:
             self.say("not in a room: /join ROOM first", error=True)
             return True
         if (self.away == message.strip()) if away else self.away is None:
+            # (sent all the same: the server is the judge, and answers only a change)
             self.say("you are already away" if away else "you are not away")
-            return False
         session.set_away(away, message)  # (the server's announcement confirms it: on_presence)
         return False
 
@@ -878,14 +878,20 @@ class ChatApp:
     def on_presence(self, conv: Conversation, p: pb.Presence) -> None:
         conv.members = list(p.members)
         conv.away = set(p.away_logins)
-        if p.who.login == self.me.login and p.kind in (pb.PRESENCE_KIND_AWAY,
-                                                       pb.PRESENCE_KIND_BACK):
-            self.away = p.away_message if p.kind == pb.PRESENCE_KIND_AWAY else None
+        mine = p.who.login == self.me.login
+        # Every presence says who of the room is away, us included: the mark follows it (a
+        # restarted server, or another server after a failover, no longer has us away).
+        if self.me.login in conv.away:
+            self.away = p.away_message if mine and p.kind == pb.PRESENCE_KIND_AWAY else (
+                self.away or "")
+        elif any(m.login == self.me.login for m in p.members):
+            self.away = None
+        if mine and p.kind in (pb.PRESENCE_KIND_AWAY, pb.PRESENCE_KIND_BACK):
             conv.notice(("you are away" + (f": {p.away_message}" if p.away_message else "")
-                         + "; /back when you return") if self.away is not None
+                         + "; /back when you return") if p.kind == pb.PRESENCE_KIND_AWAY
                         else "you are back", renderer=self.renderer)
             return
-        if not p.who.login or p.who.login == self.me.login:
+        if not p.who.login or mine:
             return
         if p.kind == pb.PRESENCE_KIND_AWAY:
             why = f": {p.away_message}" if p.away_message else ""
