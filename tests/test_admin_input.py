@@ -72,7 +72,8 @@ def test_a_token_lifetime_that_is_not_positive_or_is_absurd_is_refused(
     assert "bob@" not in run_cli("token", "list", "--state-dir", str(state)).stdout
 
 
-@pytest.mark.parametrize("subject", ["tag:", "alice", "alice @x.y", "", "tag:Bot!"])
+@pytest.mark.parametrize("subject", ["tag:", "alice", "alice @x.y", "", "tag:Bot!",
+                                     "a" * 250 + "@x.test"])
 def test_a_token_for_something_that_is_not_a_login_or_a_tag_is_bad_input(
         tmp_path: Path, subject: str) -> None:
     state, _ = issued_state(tmp_path)
@@ -192,6 +193,7 @@ def test_a_message_on_stdin_that_is_not_utf8_is_refused_before_anything_is_diall
     ("history_on_join = 5000000000", "history_on_join: must be at most 2,147,483,647"),
     ("retention_days = 1e9", "retention_days: must be at most 36,500"),
     ("edit_window_seconds = 1e300", "edit_window_seconds: must be at most 2,147,483,647"),
+    ("store_wait = 2147484", "store_wait: must be at most 2,147,483"),
 ])
 def test_a_config_number_beyond_what_the_server_can_use_is_refused_naming_its_key(
         tmp_path: Path, line: str, says: str) -> None:

@@ -229,9 +229,11 @@ def token_issue(
     from .config import ROOM_RE, TAG_RE
     from .rooms import LOGIN_RE
 
-    if not (LOGIN_RE.fullmatch(subject) or TAG_RE.fullmatch(subject)):
+    if not (LOGIN_RE.fullmatch(subject) or TAG_RE.fullmatch(subject)) or (
+            len(subject) > auth.MAX_LOGIN):
         raise fail(InvalidInput(f"{subject[:80]!r} is not a tailnet login (alice@example.com) "
-                                "or a tag (tag:bot); no token was issued"))
+                                f"or a tag (tag:bot) of at most {auth.MAX_LOGIN} characters; "
+                                "no token was issued"))
     for r in room or []:  # (before anything is created: a typo must leave nothing behind)
         if r != auth.ALL_ROOMS and not ROOM_RE.fullmatch(r):
             raise fail(InvalidInput(f"--room: {r[:80]!r} is not a valid room name (a-z, 0-9, "

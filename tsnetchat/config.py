@@ -35,7 +35,8 @@ TAG_RE = re.compile(r"tag:[A-Za-z0-9][A-Za-z0-9-]*")  # fullmatch
 # in the protocol's 32-bit fields; a lifetime of 1e15 hours is a date past year 9999).
 MAX_NUMBER = 2**31 - 1
 MAX_OF = {"token_ttl_hours": 3650 * 24, "enroll_ttl_hours": 3650 * 24,
-          "retention_days": 36_500}
+          "retention_days": 36_500,
+          "store_wait": 2_147_483}  # (SQLite's busy timeout: a C int of milliseconds)
 
 
 def default_state_dir() -> Path:

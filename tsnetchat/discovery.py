@@ -587,7 +587,8 @@ def parse_proxy(value: str, where: str = "--proxy") -> Proxy:
         host = ""  # ("[::1", "user@h", "a b", "h/x": nothing to connect to)
     if kind is None or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(f"{where}: {value!r} is not a proxy address like "
-                          "socks5://127.0.0.1:1055 or http://127.0.0.1:1055")
+                          "socks5://127.0.0.1:1055 or http://127.0.0.1:1055 (IPv6 in "
+                          "brackets: [::1]:1055)")
     return Proxy(kind, host, int(port))
 
 
