@@ -247,6 +247,11 @@ async def test_a_topic_is_shown_on_join_with_who_set_it_and_changes_are_events(
     again.cancel()
     assert (w.topic.text, w.topic.set_by.login) == ("Release week: freeze on Friday", ALICE)
     assert w.topic.set_unix_ms > 0
+    await bob.send_one("random", "a room without a topic")
+    listed = {r.name: r for r in (await bob.list_rooms()).rooms}  # every topic in one read
+    assert (listed["general"].topic.text, listed["general"].topic.id) == (
+        "Release week: freeze on Friday", w.topic.id)
+    assert not listed["random"].HasField("topic")
     e = await refused(alice.set_topic("general", "x" * 300))
     assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "max_topic_bytes" in e.details()
 

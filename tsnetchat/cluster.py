@@ -75,7 +75,7 @@ import re
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -804,6 +804,9 @@ class ClusterHistory:
 
     async def topic(self, room: str) -> Topic | None:
         return await self.local.topic(room)
+
+    async def topics(self, rooms: Collection[str]) -> dict[str, Topic]:
+        return await self.local.topics(rooms)
 
     async def mark_read(self, marks: Sequence[tuple[str, str, int]]) -> None:
         """Here at once, then in the cluster's READS bucket (raised only, compare-and-set),

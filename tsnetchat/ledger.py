@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from functools import partial
 from typing import Protocol
 
@@ -135,6 +135,10 @@ class History(Protocol):
         ...
 
     async def topic(self, room: str) -> Topic | None: ...
+
+    async def topics(self, rooms: Collection[str]) -> dict[str, Topic]:
+        """The topics of those of ``rooms`` that have one."""
+        ...
 
     async def mark_read(self, marks: Sequence[tuple[str, str, int]]) -> None: ...
 

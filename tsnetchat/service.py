@@ -39,7 +39,7 @@ from .hub import FRAME_BATCH, CloseKind, CloseReason, Hub, Subscriber
 from .ledger import MAX_ID, History, Ledger
 from .metrics import Metrics
 from .pb import chat_pb2 as pb
-from .store import Sender, fts_query
+from .store import Sender, Topic, fts_query
 from .tailnet import Tailnet
 from .throttle import Buckets, LogLimiter
 
@@ -303,7 +303,10 @@ class ChatService:
         return sorted(self.store.private_members(room))
 
     async def _topic(self, room: str) -> pb.Topic | None:
-        t = await self.store.topic(room)
+        return self._topic_pb(await self.store.topic(room))
+
+    @staticmethod
+    def _topic_pb(t: Topic | None) -> pb.Topic | None:
         if t is None or not t.text:
             return None
         return pb.Topic(text=t.text, set_by=codec.identity_pb(t.set_by.login,
@@ -671,7 +674,9 @@ class ChatService:
         async with self._call(context, request, "ListRooms") as lease:
             p = lease.principal
             infos = []
-            for st in await self._states(p):
+            states = await self._states(p)
+            topics = await self.store.topics([st.room for st in states])
+            for st in states:
                 n = st.room
                 private = rooms.is_conversation(n)
                 infos.append(pb.RoomInfo(
@@ -680,7 +685,7 @@ class ChatService:
                     unread=st.unread, unread_mentions=st.mentions, last_read_id=st.last_read,
                     private=private, direct=rooms.is_dm(n),
                     member_logins=self._room_members(n) if private else (),
-                    topic=await self._topic(n)))
+                    topic=self._topic_pb(topics.get(n))))
             return pb.ListRoomsResponse(rooms=infos,
                                         all_rooms_allowed=auth.ALL_ROOMS in p.rooms)
         raise AssertionError("unreachable")  # pragma: no cover

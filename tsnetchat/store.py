@@ -46,7 +46,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -1152,12 +1152,16 @@ class Store:
     # a team's day (schema version 2) -------------------------------------------------
 
     def topic(self, room: str) -> Topic | None:
-        rows = self._q("SELECT room, id, text, login, display_name, node, ts_ms FROM topics "
-                       "WHERE room=?", (room,))
-        if not rows:
-            return None
-        r = rows[0]
-        return Topic(r[0], r[1], r[2], Sender(r[3], r[4], r[5]), r[6])
+        return self.topics((room,)).get(room)
+
+    def topics(self, rooms: Collection[str]) -> dict[str, Topic]:
+        """The topics of those of ``rooms`` that have one, in one read: ListRooms took
+        about 90 us a room reading them one at a time (270 ms for 3,000 rooms, 2026-11-23)."""
+        wanted = set(rooms)
+        sql = "SELECT room, id, text, login, display_name, node, ts_ms FROM topics"
+        rows = self._q(sql + " WHERE room=?", (next(iter(wanted)),)) if len(wanted) == 1 else [
+            r for r in self._q(sql) if r[0] in wanted]  # (one row a room: read them all)
+        return {r[0]: Topic(r[0], r[1], r[2], Sender(r[3], r[4], r[5]), r[6]) for r in rows}
 
     def private_rooms(self) -> dict[str, frozenset[str]]:
         """Every private room and its members."""
@@ -1715,6 +1719,9 @@ class SqliteHistory:
 
     async def topic(self, room: str) -> Topic | None:
         return await self._read(lambda s: s.topic(room))
+
+    async def topics(self, rooms: Collection[str]) -> dict[str, Topic]:
+        return await self._read(lambda s: s.topics(rooms))
 
     async def read_mark(self, login: str, room: str) -> int:
         return await self._read(lambda s: s.read_mark(login, room))
