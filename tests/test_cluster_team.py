@@ -10,6 +10,7 @@ the stream itself (docs/nats-cluster.md, "Erasure").
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -205,3 +206,26 @@ async def test_a_private_room_made_and_changed_while_its_bucket_elects_a_leader_
         bob_two = await two.connect("bob-laptop", two.token(BOB))
         await eventually(bob_two.list_rooms, lambda r: "+ops" not in [x.name for x in r.rooms],
                          "server 2 applying the removal")
+
+
+async def test_away_through_server_1_leaves_alice_in_the_room_for_bob_on_server_2(
+        lab: Any, tmp_path: Path, nats_cluster: nats_lab.NatsCluster) -> None:
+    """Away was passed to the cluster as a leave: the other servers took the person off the
+    room's members (and told their streams she had left)."""
+    async with two_servers(lab, tmp_path, nats_cluster) as (one, two):
+        alice = await one.connect("alice-laptop", one.token(ALICE))
+        bob = await two.connect("bob-laptop", two.token(BOB))
+
+        def in_general(res: pb.ListRoomsResponse) -> set[str]:
+            return {m.login for r in res.rooms if r.name == "general" for m in r.members}
+
+        away = pb.ClientEvent(away=pb.Away(away=True, message="lunch"))
+        call = alice.stub.Join(hello_events("general", then=[away]), metadata=alice.metadata)
+        joined, gone = await collect(call, 2, kind="presence")  # her own JOINED, then AWAY
+        assert (joined.kind, gone.kind) == (pb.PRESENCE_KIND_JOINED, pb.PRESENCE_KIND_AWAY)
+        await eventually(bob.list_rooms, lambda r: ALICE in in_general(r),
+                         "alice in #general's members on server 2")
+        for _ in range(15):  # and she stays there
+            assert ALICE in in_general(await bob.list_rooms())
+            await asyncio.sleep(0.2)
+        call.cancel()

@@ -520,14 +520,18 @@ class ClusterHistory:
         return list(seen.values())
 
     def share_presence(self, room: str, kind: int, who: pb.Identity) -> None:
-        """``who`` joined or left ``room`` here: tell the other servers."""
+        """``who`` joined or left ``room`` here: tell the other servers. (Away and back are
+        not membership: taken for a leave, they took the person off the other servers'
+        member lists.)"""
         key = f"{room}.{self._me}.{_b64(who.login)}"
         if kind == pb.PRESENCE_KIND_JOINED:
             self._here[key] = who.SerializeToString()
             write = self._put_presence(key, self._here[key])
-        else:
+        elif kind == pb.PRESENCE_KIND_LEFT:
             self._here.pop(key, None)
             write = self._delete_presence(key)
+        else:
+            return
         task = asyncio.ensure_future(write)
         self._presence_writes.add(task)
         task.add_done_callback(self._presence_writes.discard)
