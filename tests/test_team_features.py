@@ -295,8 +295,14 @@ async def test_away_with_a_message_is_announced_to_the_rooms_of_the_person(
     p = await asyncio.wait_for(away_event(), 10)
     assert (p.who.login, p.away_message) == (ALICE, "lunch")
     assert ALICE in p.away_logins
-    call.cancel()
-    watch.cancel()
+    # A second stream of hers (another device, a restarted client) gets no JOINED of its
+    # own: its Welcome says who is away.
+    second = alice.stub.Join(hello_events("general"), metadata=alice.metadata)
+    assert list((await first_of(second, "welcome")).away_logins) == [ALICE]
+    bobs = bob.stub.Join(hello_events("general"), metadata=bob.metadata)
+    assert list((await first_of(bobs, "welcome")).away_logins) == [ALICE]
+    for c in (second, bobs, call, watch):
+        c.cancel()
 
 
 async def test_history_replay_search_and_mentions_carry_the_mentions_stored_with_a_message(

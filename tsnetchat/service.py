@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -461,10 +461,12 @@ class ChatService:
                  reason: str = "") -> None:
         """Tell the room's streams here that ``who`` joined, left or went away."""
         members = self.members(room)
-        away = sorted({m.login for m in members if m.login in self._away})
         self.hub.publish(room, codec.event_item(presence=pb.Presence(
             room=room, kind=kind, who=who, members=members,  # type: ignore[arg-type]
-            away_message=away_message, reason=reason, away_logins=away)))
+            away_message=away_message, reason=reason, away_logins=self._away_of(members))))
+
+    def _away_of(self, members: Iterable[pb.Identity]) -> list[str]:
+        return sorted({m.login for m in members if m.login in self._away})
 
     # RPCs ----------------------------------------------------------------------------
 
@@ -500,7 +502,7 @@ class ChatService:
                     last_read_id=await self.store.read_mark(p.login, room),
                     history_id=self.store.identity.history_id,
                     history_generation=self.store.identity.generation,
-                    servers=self.servers()))
+                    servers=self.servers(), away_logins=self._away_of(members)))
                 async for f in self._replay(sub, after):
                     yield f
                 yield codec.event(replay_done=self._replay_done(sub))

@@ -226,9 +226,10 @@ class ChatApp:
         self.loading: set[str] = set()
         self.background: set[asyncio.Task[None]] = set()
         self.quitting = False
-        # What the server announced of us (our own AWAY/BACK presence), not what we asked
-        # for: an /away it refuses (too long, too often) must not show us away.
-        self.away: str | None = None  # the away message while away
+        # What the server says of us (a Welcome's or a presence's away list, our own AWAY
+        # with its message), not what we asked for: an /away it refuses (too long, too
+        # often) must not show us away. ("" while away with no message, or one not known.)
+        self.away: str | None = None
         self.unread_wake = asyncio.Event()  # ask the server for unread counts now
         # /edit or /delete typed while one's last message is still on its way: done once the
         # server has stored it (with its id), or dropped with a line if it is refused.
@@ -684,7 +685,7 @@ class ChatApp:
         if session is None:
             self.say("not in a room: /join ROOM first", error=True)
             return True
-        if (self.away == message.strip()) if away else self.away is None:
+        if (self.away == message.strip() != "") if away else self.away is None:
             # (sent all the same: the server is the judge, and answers only a change)
             self.say("you are already away" if away else "you are not away")
         session.set_away(away, message)  # (the server's announcement confirms it: on_presence)
@@ -841,6 +842,8 @@ class ChatApp:
         if ev.kind == "welcome" and ev.welcome is not None:
             w = ev.welcome
             conv.members = list(w.members)
+            conv.away = set(w.away_logins)
+            self.follow_away(conv)
             conv.topic = w.topic if w.HasField("topic") else None
             conv.last_read = w.last_read_id
             self.known_rooms.add(conv.name)
@@ -875,17 +878,21 @@ class ChatApp:
         elif ev.kind == "fatal" and ev.error is not None:
             self.on_fatal(conv, session, ev.error)
 
+    def follow_away(self, conv: Conversation, message: str | None = None) -> None:
+        """The away mark from the room's away list, which names us too (a restarted server,
+        or another one after a failover, no longer has us away); ``message``: ours, when
+        this is our own AWAY."""
+        if self.me.login in conv.away:
+            self.away = message if message is not None else (self.away or "")
+        elif any(m.login == self.me.login for m in conv.members):
+            self.away = None
+
     def on_presence(self, conv: Conversation, p: pb.Presence) -> None:
         conv.members = list(p.members)
         conv.away = set(p.away_logins)
         mine = p.who.login == self.me.login
-        # Every presence says who of the room is away, us included: the mark follows it (a
-        # restarted server, or another server after a failover, no longer has us away).
-        if self.me.login in conv.away:
-            self.away = p.away_message if mine and p.kind == pb.PRESENCE_KIND_AWAY else (
-                self.away or "")
-        elif any(m.login == self.me.login for m in p.members):
-            self.away = None
+        self.follow_away(conv, p.away_message if mine and p.kind == pb.PRESENCE_KIND_AWAY
+                         else None)
         if mine and p.kind in (pb.PRESENCE_KIND_AWAY, pb.PRESENCE_KIND_BACK):
             conv.notice(("you are away" + (f": {p.away_message}" if p.away_message else "")
                          + "; /back when you return") if p.kind == pb.PRESENCE_KIND_AWAY

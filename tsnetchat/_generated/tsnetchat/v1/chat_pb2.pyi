@@ -131,7 +131,7 @@ class ClientEvent(_message.Message):
     def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., send: _Optional[_Union[SendMessage, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., away: _Optional[_Union[Away, _Mapping]] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("room", "you", "members", "max_message_bytes", "last_id", "rate_per_second", "rate_burst", "topic", "private", "member_logins", "last_read_id", "history_id", "history_generation", "servers")
+    __slots__ = ("room", "you", "members", "max_message_bytes", "last_id", "rate_per_second", "rate_burst", "topic", "private", "member_logins", "last_read_id", "history_id", "history_generation", "servers", "away_logins")
     ROOM_FIELD_NUMBER: _ClassVar[int]
     YOU_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
@@ -146,6 +146,7 @@ class Welcome(_message.Message):
     HISTORY_ID_FIELD_NUMBER: _ClassVar[int]
     HISTORY_GENERATION_FIELD_NUMBER: _ClassVar[int]
     SERVERS_FIELD_NUMBER: _ClassVar[int]
+    AWAY_LOGINS_FIELD_NUMBER: _ClassVar[int]
     room: str
     you: Identity
     members: _containers.RepeatedCompositeFieldContainer[Identity]
@@ -160,7 +161,8 @@ class Welcome(_message.Message):
     history_id: str
     history_generation: int
     servers: _containers.RepeatedCompositeFieldContainer[ClusterServer]
-    def __init__(self, room: _Optional[str] = ..., you: _Optional[_Union[Identity, _Mapping]] = ..., members: _Optional[_Iterable[_Union[Identity, _Mapping]]] = ..., max_message_bytes: _Optional[int] = ..., last_id: _Optional[int] = ..., rate_per_second: _Optional[float] = ..., rate_burst: _Optional[int] = ..., topic: _Optional[_Union[Topic, _Mapping]] = ..., private: _Optional[bool] = ..., member_logins: _Optional[_Iterable[str]] = ..., last_read_id: _Optional[int] = ..., history_id: _Optional[str] = ..., history_generation: _Optional[int] = ..., servers: _Optional[_Iterable[_Union[ClusterServer, _Mapping]]] = ...) -> None: ...
+    away_logins: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, room: _Optional[str] = ..., you: _Optional[_Union[Identity, _Mapping]] = ..., members: _Optional[_Iterable[_Union[Identity, _Mapping]]] = ..., max_message_bytes: _Optional[int] = ..., last_id: _Optional[int] = ..., rate_per_second: _Optional[float] = ..., rate_burst: _Optional[int] = ..., topic: _Optional[_Union[Topic, _Mapping]] = ..., private: _Optional[bool] = ..., member_logins: _Optional[_Iterable[str]] = ..., last_read_id: _Optional[int] = ..., history_id: _Optional[str] = ..., history_generation: _Optional[int] = ..., servers: _Optional[_Iterable[_Union[ClusterServer, _Mapping]]] = ..., away_logins: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Topic(_message.Message):
     __slots__ = ("text", "set_by", "set_unix_ms", "id")
