@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import re
@@ -1157,10 +1158,11 @@ class Store:
     def topics(self, rooms: Collection[str]) -> dict[str, Topic]:
         """The topics of those of ``rooms`` that have one, in one read: ListRooms took
         about 90 us a room reading them one at a time (270 ms for 3,000 rooms, 2026-11-23)."""
-        wanted = set(rooms)
-        sql = "SELECT room, id, text, login, display_name, node, ts_ms FROM topics"
-        rows = self._q(sql + " WHERE room=?", (next(iter(wanted)),)) if len(wanted) == 1 else [
-            r for r in self._q(sql) if r[0] in wanted]  # (one row a room: read them all)
+        if not rooms:
+            return {}
+        rows = self._q("SELECT room, id, text, login, display_name, node, ts_ms FROM topics "
+                       "WHERE room IN (SELECT value FROM json_each(?))",
+                       (json.dumps(sorted(set(rooms))),))
         return {r[0]: Topic(r[0], r[1], r[2], Sender(r[3], r[4], r[5]), r[6]) for r in rows}
 
     def private_rooms(self) -> dict[str, frozenset[str]]:
