@@ -256,3 +256,15 @@ def test_a_token_store_that_cannot_be_written_names_the_place(tmp_path: Path) ->
     with pytest.raises(ConfigError, match="set XDG_CONFIG_HOME to a directory you can write"):
         store.put(entry())
     assert TokenStore(tmp_path / "ok" / "tokens.json").put(entry()).is_file()
+
+
+async def test_names_in_a_grant_that_no_room_can_have_are_not_listed_as_rooms(
+        chat: Chat) -> None:
+    """A grant may list anything. With a `*` token the caller's rooms are the grant's, and
+    `General` or `+ops` were shown by WhoAmI and ListRooms as rooms nobody could join."""
+    alice = await chat.connect(ALICE, cap_map={CAP: [{"rooms": ["general", "General", "+ops"]}]})
+    assert list((await alice.whoami()).rooms) == ["general"]
+    assert [r.name for r in (await alice.list_rooms()).rooms] == ["general"]
+    bob = await chat.connect("bob@tailnet.test", cap_map={CAP: [{"rooms": ["+ops"]}]})
+    me = await bob.whoami()  # let in (his DMs and private rooms are his), with no room listed
+    assert (me.identity.login, list(me.rooms)) == ("bob@tailnet.test", [])

@@ -276,6 +276,12 @@ class Principal:
     def may_use(self, room: str) -> bool:
         return ALL_ROOMS in self.rooms or room in self.rooms
 
+    @property
+    def room_names(self) -> frozenset[str]:
+        """``rooms`` as lists show them: without the names no room can have, which a tailnet
+        grant may list (``General``, ``+ops``)."""
+        return frozenset(r for r in self.rooms if r == ALL_ROOMS or ROOM_RE.fullmatch(r))
+
 
 def identity_names(who: WhoIs) -> frozenset[str]:
     """The names a token subject may use for this peer: its login, or its tags if tagged."""

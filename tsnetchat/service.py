@@ -697,7 +697,7 @@ class ChatService:
         names = (set(self.store.rooms()) | set(self.hub.rooms())
                  | set(self.store.private_rooms()))
         if auth.ALL_ROOMS not in p.rooms:
-            names |= p.rooms
+            names |= p.room_names
         return await self.store.unread(p.login, self.access().readable(p, names))
 
     async def Unread(self, request: Any, context: grpc.aio.ServicerContext) -> pb.UnreadResponse:
@@ -823,8 +823,9 @@ class ChatService:
     async def WhoAmI(self, request: Any, context: grpc.aio.ServicerContext) -> pb.WhoAmIResponse:
         async with self._call(context, request, "WhoAmI") as lease:
             p = lease.principal
-            return pb.WhoAmIResponse(identity=self._me(p), rooms=sorted(p.rooms), admin=p.admin,
-                                     token_id=p.token_id, token_expires_unix=p.token_expires,
+            return pb.WhoAmIResponse(identity=self._me(p), rooms=sorted(p.room_names),
+                                     admin=p.admin, token_id=p.token_id,
+                                     token_expires_unix=p.token_expires,
                                      grant_applied=p.grant_applied)
         raise AssertionError("unreachable")  # pragma: no cover
 
