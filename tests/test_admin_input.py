@@ -214,3 +214,13 @@ def test_an_empty_token_lifetime_is_refused_rather_than_taken_as_the_default(
     assert out.returncode == 2
     assert out.stderr.strip() == "error: --ttl: '' is not a duration like 12h, 30d"
     assert "bob@" not in run_cli("token", "list", "--state-dir", str(state)).stdout
+
+
+@pytest.mark.parametrize("args", [["a" * 250 + "@x.test"], ["alice@x.test", "--room", "Ops"],
+                                  ["alice@x.test", "--ttl", ""]])
+def test_a_refused_token_issue_leaves_no_state_dir_or_key_behind(
+        tmp_path: Path, args: list[str]) -> None:
+    state = tmp_path / "fresh"
+    out = run_cli("token", "issue", *args, "--state-dir", str(state))
+    assert out.returncode == 2, out.stderr
+    assert not state.exists()
