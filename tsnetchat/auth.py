@@ -112,6 +112,11 @@ class Claims:
                 "admin": int(self.admin), "iat": self.issued_at, "exp": self.expires_at}
 
 
+def is_token_room(name: str) -> bool:
+    """Whether a token or grant may carry ``name``: a room, or ``*`` for every room."""
+    return name == ALL_ROOMS or ROOM_RE.fullmatch(name) is not None
+
+
 def _valid_subject(subject: object) -> bool:
     return (isinstance(subject, str) and 0 < len(subject) <= MAX_LOGIN
             and render.UNSAFE.search(subject) is None and not any(c.isspace() for c in subject)
@@ -134,7 +139,7 @@ def issue_token(key: bytes, subject: str, rooms: Iterable[str], *, admin: bool =
     validate_subject(subject)
     room_set = frozenset(rooms) or frozenset({ALL_ROOMS})
     for r in room_set:
-        if r != ALL_ROOMS and not ROOM_RE.fullmatch(r):
+        if not is_token_room(r):
             raise ConfigError(f"invalid room name {r!r} in token")
     now_i = int(time.time() if now is None else now)
     claims = Claims(subject=subject, rooms=room_set, admin=admin,
@@ -223,7 +228,7 @@ def verify_token(key: bytes, token: str, *, now: float | None = None) -> Claims:
     if not isinstance(jti, str) or not 0 < len(jti) <= MAX_TOKEN_ID:
         raise _refuse("the token's id (jti) is not a short string")
     if (not isinstance(rooms, list) or not rooms or not all(
-            isinstance(r, str) and (r == ALL_ROOMS or ROOM_RE.fullmatch(r)) for r in rooms)):
+            isinstance(r, str) and is_token_room(r) for r in rooms)):
         raise _refuse("the token's rooms claim is not a list of room names")
     if not isinstance(admin, bool):
         raise _refuse("the token's admin claim is not true/false")
@@ -280,7 +285,7 @@ class Principal:
     def room_names(self) -> frozenset[str]:
         """``rooms`` as lists show them: without the names no room can have, which a tailnet
         grant may list (``General``, ``+ops``)."""
-        return frozenset(r for r in self.rooms if r == ALL_ROOMS or ROOM_RE.fullmatch(r))
+        return frozenset(filter(is_token_room, self.rooms))
 
 
 def identity_names(who: WhoIs) -> frozenset[str]:

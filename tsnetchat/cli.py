@@ -226,16 +226,16 @@ def token_issue(
     """Sign a token for a tailnet user. It only works from that user's own devices."""
     _need_server()
     from . import auth
-    from .config import ROOM_RE, TAG_RE
-    from .rooms import LOGIN_RE
+    from .config import TAG_RE
+    from .rooms import is_login
 
-    if not (LOGIN_RE.fullmatch(subject) or TAG_RE.fullmatch(subject)) or (
-            len(subject) > auth.MAX_LOGIN):
+    if not (is_login(subject) or (TAG_RE.fullmatch(subject)
+                                  and len(subject) <= auth.MAX_LOGIN)):
         raise fail(InvalidInput(f"{subject[:80]!r} is not a tailnet login (alice@example.com) "
                                 f"or a tag (tag:bot) of at most {auth.MAX_LOGIN} characters; "
                                 "no token was issued"))
     for r in room or []:  # (before anything is created: a typo must leave nothing behind)
-        if r != auth.ALL_ROOMS and not ROOM_RE.fullmatch(r):
+        if not auth.is_token_room(r):
             raise fail(InvalidInput(f"--room: {r[:80]!r} is not a valid room name (a-z, 0-9, "
                                     "_ and -, at most 32); no token was issued"))
     ttl_seconds = _parse_ttl(ttl) if ttl is not None else None  # (--ttl "" is no lifetime)

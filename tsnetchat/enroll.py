@@ -37,7 +37,7 @@ from typing import Any, Protocol
 import grpc
 
 from . import auth
-from .config import ROOM_RE, ServerConfig
+from .config import ServerConfig
 from .errors import LimitExceeded, PermissionDenied, TsnetchatError
 from .pb import chat_pb2 as pb
 from .service import status_for
@@ -118,7 +118,7 @@ def rights_for(policy: EnrollPolicy, who: WhoIs) -> Rights:
                 f"(`tsnetchat token issue {who.login}`)")
         return Rights(frozenset({auth.ALL_ROOMS}), False)
     # Only names that are rooms are signed into a token (issue_token refuses others).
-    usable = frozenset(r for r in grant.rooms if r == auth.ALL_ROOMS or ROOM_RE.fullmatch(r))
+    usable = frozenset(filter(auth.is_token_room, grant.rooms))
     if not usable:
         odd = ", ".join(repr(r[:40]) for r in sorted(grant.rooms)[:3])
         raise PermissionDenied(

@@ -32,6 +32,11 @@ LOGIN_RE = re.compile(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9.\-]+|tag:[a-z0-9][a-z0-9-]
 NOT_VISIBLE = ("no such private room or conversation, or you are not a member of it")
 
 
+def is_login(name: str) -> bool:
+    """Whether ``name`` can be a tailnet login or tag (a DM member, a private room's)."""
+    return LOGIN_RE.fullmatch(name) is not None and len(name) <= auth.MAX_LOGIN
+
+
 def is_dm(room: str) -> bool:
     return room.startswith(DM_PREFIX)
 
@@ -50,7 +55,7 @@ def dm_room(me: str, room: str, max_members: int) -> str:
     means for ``me``: the caller is always a member (``me`` "" only for an admin reading
     other people's conversations, admins_read_dms). Raises InvalidInput."""
     logins = {x.strip() for x in room[len(DM_PREFIX):].split(",") if x.strip()}
-    bad = sorted(x for x in logins if not LOGIN_RE.fullmatch(x) or len(x) > auth.MAX_LOGIN)
+    bad = sorted(x for x in logins if not is_login(x))
     if bad:
         raise InvalidInput(f"{bad[0][:60]!r} is not a tailnet login (dm:alice@example.com,...)")
     if me:

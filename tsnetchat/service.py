@@ -815,7 +815,7 @@ class ChatService:
     @staticmethod
     def _logins(values: Any) -> list[str]:
         out = [str(v).strip() for v in values]
-        bad = [v for v in out if not rooms.LOGIN_RE.fullmatch(v) or len(v) > auth.MAX_LOGIN]
+        bad = [v for v in out if not rooms.is_login(v)]
         if bad or len(out) > 1000:
             raise InvalidInput(f"{(bad or ['too many'])[0][:60]!r} is not a tailnet login")
         return out
