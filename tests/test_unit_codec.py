@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from tsnetchat import codec
 from tsnetchat.pb import chat_pb2 as pb
 from tsnetchat.store import Sender, StoredMessage
@@ -44,3 +46,19 @@ def test_pack_skips_replayed_and_keeps_order() -> None:
     decoded = [pb.ServerEvent.FromString(f) for f in frames]
     assert [d.WhichOneof("event") for d in decoded] == ["presence", "batch"]
     assert [m.id for m in decoded[1].batch.messages] == [4, 5]
+
+
+def test_a_batch_of_big_messages_is_split_into_frames_a_stock_client_accepts() -> None:
+    big = [StoredMessage("r", i, 1000 + i, Sender("a@t", "A", "n"), pb.MESSAGE_KIND_TEXT,
+                         "x" * 60_000, f"c{i}") for i in range(1, 257)]
+    items = [codec.message_item(m) for m in big]
+    acks = [codec.sent_item(f"c{i}", i) for i in range(1, 257)]
+    mixed = [x for pair in zip(items, acks, strict=True) for x in pair]
+    frames = codec.pack(mixed, batch_acks=True)
+    assert len(frames) > 1 and all(len(f) <= codec.FRAME_BYTES + 100 for f in frames)
+    decoded = [pb.ServerEvent.FromString(f).batch for f in frames]
+    assert [m.id for b in decoded for m in b.messages] == list(range(1, 257))
+    assert [s.id for b in decoded for s in b.sent] == list(range(1, 257))
+    # A single message bigger than the cap still goes out whole, on its own.
+    huge = codec.message_item(dataclasses.replace(big[0], text="y" * (codec.FRAME_BYTES + 10)))
+    assert codec.pack([items[1], huge, items[2]]) == [items[1].frame, huge.frame, items[2].frame]

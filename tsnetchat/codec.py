@@ -83,12 +83,21 @@ def event_item(**kwargs: Any) -> Item:
     return Item(0, event(**kwargs))
 
 
+# The most a batch frame holds (encoded parts), far under the 4 MiB a gRPC client accepts
+# by default. 256 messages (hub.FRAME_BATCH) of the 60,000 bytes max_message_bytes allows
+# made a 15 MB frame, and a replay of 120 messages of 50 KB one of 6 MB, which every stock
+# client refused ("Received message larger than max"), ending the stream (2026-11-23).
+FRAME_BYTES = 1 << 20
+
+
 def pack(items: list[Item], skip_through: int = 0, *, batch_acks: bool = False) -> list[bytes]:
     """Turn drained queue items into frames: consecutive messages (and acks, with
-    ``batch_acks``) become one batch frame. Messages with id <= skip_through (already
-    replayed from history) are dropped."""
+    ``batch_acks``) become one batch frame of at most FRAME_BYTES (a single message is
+    never split). Messages with id <= skip_through (already replayed from history) are
+    dropped."""
     frames: list[bytes] = []
     run: list[Item] = []
+    size = 0
 
     def flush() -> None:
         if len(run) == 1:
@@ -99,12 +108,17 @@ def pack(items: list[Item], skip_through: int = 0, *, batch_acks: bool = False) 
 
     for it in items:
         if it.id:
-            if it.id > skip_through:
-                run.append(it)
-        elif batch_acks and it.part:
-            run.append(it)
-        else:
+            if it.id <= skip_through:
+                continue
+        elif not (batch_acks and it.part):
             flush()
+            size = 0
             frames.append(it.frame)
+            continue
+        size += len(it.part)
+        if size > FRAME_BYTES and run:
+            flush()
+            size = len(it.part)
+        run.append(it)
     flush()
     return frames
