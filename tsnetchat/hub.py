@@ -158,15 +158,25 @@ class CloseKind(enum.Enum):
     DONE = "done"  # the client finished: end the stream normally
 
 
+# Closes that mean the subscriber may no longer read the room: nothing more reaches it, from
+# the log or from history (``CloseReason.withdraws``).
+_WITHDRAWN = frozenset({CloseKind.KICKED, CloseKind.REFUSED, CloseKind.NARROWED,
+                        CloseKind.UNVERIFIED})
 # Closes that drop what is still queued: nothing more should reach that subscriber.
-_DROPPING = frozenset({CloseKind.OVERFLOW, CloseKind.KICKED, CloseKind.FLOOD, CloseKind.REFUSED,
-                       CloseKind.NARROWED, CloseKind.UNVERIFIED})
+_DROPPING = _WITHDRAWN | {CloseKind.OVERFLOW, CloseKind.FLOOD}
 
 
 @dataclass(frozen=True)
 class CloseReason:
     kind: CloseKind
     message: str
+
+    @property
+    def withdraws(self) -> bool:
+        """The subscriber may no longer read the room: kicked, or its lease failed (token
+        revoked or expired, grant narrowed, removed from a private room). Its replay from
+        history stops at once too (ChatService._replay)."""
+        return self.kind in _WITHDRAWN
 
 
 @dataclass(eq=False)
