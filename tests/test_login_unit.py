@@ -5,7 +5,9 @@ real tailscaled)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +130,40 @@ async def test_renewal_keeps_the_token_id_and_follows_the_grant_as_it_is_now(
             ("authorization", f"Bearer {new.token}"),), timeout=10)
     assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert "no access to tsnetchat" in (e.value.details() or "")
+
+
+@pytest.mark.server_config(enroll="grant", enroll_ttl_hours=6 / 3600)
+async def test_one_token_is_renewed_at_most_five_times_in_a_row_and_logins_are_not_used_up(
+        chat: Chat) -> None:
+    """The attack: renew the same old token over and over (each copy stays valid until its
+    own expiry, so the age rule alone never stopped it: about 940 renewals a second)."""
+    res = await login(chat, cap_map=GRANT)
+    conn = await chat.connect(ALICE, token=res.token, cap_map=GRANT)
+    bearer = (("authorization", f"Bearer {res.token}"),)
+    await asyncio.sleep(2.5)  # renewable from 40% of its 6 s life
+    for _ in range(5):
+        await conn.stub.RenewToken(pb.RenewTokenRequest(), metadata=bearer, timeout=10)
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await conn.stub.RenewToken(pb.RenewTokenRequest(), metadata=bearer, timeout=10)
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "too many token renewals from this device" in (e.value.details() or "")
+    assert (await login(chat, cap_map=GRANT)).token  # logins have their own limit
+
+
+async def test_login_refusals_fill_the_log_no_faster_than_the_doors(
+        chat: Chat, caplog: pytest.LogCaptureFixture) -> None:
+    """enroll is off (the default): every Login is refused, and used to be logged, all
+    5,103 of them in 3 s."""
+    conn = await chat.connect(ALICE, token="")
+    caplog.set_level(logging.INFO, logger="tsnetchat.enroll")
+    started = time.monotonic()
+    for _ in range(60):
+        with pytest.raises(grpc.aio.AioRpcError):
+            await conn.stub.Login(pb.LoginRequest(), timeout=10)
+    took = time.monotonic() - started
+    lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert 20 <= len(lines) <= 20 + 2 * took + 1 < 60, (len(lines), took)
+    assert "enroll = off" in lines[0]
 
 
 @pytest.mark.server_config(enroll="grant")

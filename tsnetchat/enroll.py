@@ -14,11 +14,13 @@ every other call passes; no token is needed to ask. What the server hands out:
 Renewal (``RenewToken``) re-issues a token that Login issued: the same token id, so a
 revocation ends every copy, a new expiry, and rights from the grant as it is now. It needs
 the current token (valid, not revoked, and both locks agreeing), and is accepted once
-``RENEW_FROM`` of the token's life has passed, which also bounds how often one token can be
-renewed. Admin-issued tokens are not renewable: their lifetime is the admin's decision.
+``RENEW_FROM`` of the token's life has passed. Admin-issued tokens are not renewable: their lifetime is the admin's decision.
 
-Login is rate-limited per device (WhoIs node), and every issue, renewal and refusal is
-logged with the login and device, never the token.
+Login and RenewToken are rate-limited per device (WhoIs node), each on its own. Every issue
+and renewal is logged with the login and device, never the token; refusals too, at most 20
+at once and 2 a second (as the door's). The age rule alone did not bound renewals: the copy
+renewed stays valid until its own expiry, and one old token was renewed about 940 times a
+second, a database write and a log line each (an attack, 2026-11-23).
 
 The door is used through two calls only (``Door``): the connection's WhoIs identity, and the
 admission check of a token for that identity.
@@ -42,7 +44,7 @@ from .errors import LimitExceeded, PermissionDenied, TsnetchatError
 from .pb import chat_pb2 as pb
 from .service import status_for
 from .tailnet import PeerInfo, WhoIs
-from .throttle import Buckets
+from .throttle import Buckets, LogLimiter
 
 log = logging.getLogger("tsnetchat.enroll")
 
@@ -140,7 +142,9 @@ class Enrollment:
                  server_node: Callable[[], PeerInfo | None] = lambda: None) -> None:
         self.door, self.key, self.store, self.policy = door, key, store, policy
         self._server_node = server_node
-        self._buckets = Buckets(LOGIN_BURST, LOGIN_PER_SECOND)  # one per device
+        # One per device for each method: renewals do not use up a device's logins.
+        self._buckets = {m: Buckets(LOGIN_BURST, LOGIN_PER_SECOND) for m in ("login", "renew")}
+        self._refusal_log = LogLimiter()
 
     # helpers -----------------------------------------------------------------------
 
@@ -151,11 +155,12 @@ class Enrollment:
         return pb.ServerNode(node_id=me.node_id, name=me.dns_name.rstrip("."),
                              addresses=list(me.ips))
 
-    def _take(self, who: WhoIs) -> None:
+    def _take(self, method: str, who: WhoIs) -> None:
         device = who.node_id or who.node_name or who.login
-        wait = self._buckets.take(device)
+        wait = self._buckets[method].take(device)
         if wait:
-            raise LimitExceeded(f"too many logins from this device ({LOGIN_BURST} in a row, "
+            what = "logins" if method == "login" else "token renewals"
+            raise LimitExceeded(f"too many {what} from this device ({LOGIN_BURST} in a row, "
                                 f"then one a minute); try again in {wait:.0f}s")
 
     def _issue(self, who: WhoIs, rights: Rights, token_id: str) -> tuple[str, auth.Claims]:
@@ -173,16 +178,18 @@ class Enrollment:
     async def _refuse(self, context: grpc.aio.ServicerContext, method: str, who: WhoIs | None,
                       e: TsnetchatError) -> None:
         code = status_for(e)
-        log.info("%s refused login=%s device=%s peer=%s code=%s reason=%s", method,
-                 who.login if who else "?", _where(who) if who else "?", context.peer(),
-                 code.name, e)
+        if self._refusal_log.allow():
+            skipped = self._refusal_log.skipped()
+            log.info("%s refused login=%s device=%s peer=%s code=%s reason=%s%s", method,
+                     who.login if who else "?", _where(who) if who else "?", context.peer(),
+                     code.name, e, f" ({skipped} more refusals not logged)" if skipped else "")
         await context.abort(code, str(e))
 
     # RPCs ----------------------------------------------------------------------------
 
     async def Login(self, request: Any, context: grpc.aio.ServicerContext) -> pb.LoginResponse:
         async def login(who: WhoIs) -> tuple[str, auth.Claims]:
-            self._take(who)
+            self._take("login", who)
             token, claims = self._issue(who, rights_for(self.policy, who),
                                         ID_PREFIX + uuid.uuid4().hex)
             await self.store.record_token(claims.to_row())
@@ -197,6 +204,7 @@ class Enrollment:
             self.door.check_token(who, current)  # valid, not revoked, both locks agree
             old = auth.verify_token(self.key(), current)
             check_renewable(old, time.time())
+            self._take("renew", who)
             token, claims = self._issue(who, rights_for(self.policy, who), old.token_id)
             await self.store.renew_token(claims.to_row())
             return token, claims
