@@ -14,7 +14,8 @@ every other call passes; no token is needed to ask. What the server hands out:
 Renewal (``RenewToken``) re-issues a token that Login issued: the same token id, so a
 revocation ends every copy, a new expiry, and rights from the grant as it is now. It needs
 the current token (valid, not revoked, and both locks agreeing), and is accepted once
-``RENEW_FROM`` of the token's life has passed. Admin-issued tokens are not renewable: their lifetime is the admin's decision.
+``RENEW_FROM`` of the token's life has passed. Admin-issued tokens are not renewable: their
+lifetime is the admin's decision.
 
 Login and RenewToken are rate-limited per device (WhoIs node), each on its own. Every issue
 and renewal is logged with the login and device, never the token; refusals too, at most 20
