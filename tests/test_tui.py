@@ -523,12 +523,17 @@ def test_a_chat_started_just_before_its_server_comes_up_joins_once_it_does(
     no_python_on(alice)
 
 
-def test_a_join_typed_while_the_server_restarts_joins_once_it_is_back(
+def test_a_join_typed_while_the_server_restarts_joins_once_it_is_back_with_the_next_line(
         chat_server: LabDaemon, open_terminal: Opener) -> None:
+    """The line typed right after the /join is meant for the room joined: it used to go to
+    the room shown before, which stayed shown until the server welcomed the join."""
     alice = open_terminal("alice")
     chat_server.stop()
     alice.wait_for(r"reconnecting")
     alice.type("/join #ops")
+    alice.wait_for(r"│ #ops │")  # shown at once, joined or not
+    assert status_line(alice).split("│")[1] == " #ops "
+    alice.type("meant for ops")
     time.sleep(2)  # its first attempts fail on the way: tried again, not refused
     assert "cannot join" not in alice.screen()
     chat_server.start()
@@ -536,6 +541,15 @@ def test_a_join_typed_while_the_server_restarts_joins_once_it_is_back(
     alice.type("made it")
     s = alice.wait_for(r"<Alice> made it")
     assert "cannot join" not in s and status_line(alice).split("│")[1] == " #ops "
+    assert s.index("<Alice> meant for ops") < s.index("<Alice> made it")
+    token = chat_server.token("alice@tailnet.test")
+    stored = {}
+    for room in ("ops", "general"):
+        out = run_cli("history", "chat-server", "--room", room, "--json", "--token", token,
+                      *chat_server.client_args("alice-laptop"))
+        assert out.returncode == 0, out.stderr
+        stored[room] = [m["text"] for m in json.loads(out.stdout or "[]")]
+    assert stored == {"ops": ["meant for ops", "made it"], "general": []}
     no_python_on(alice)
 
 

@@ -220,7 +220,11 @@ class ChatApp:
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.known_rooms: set[str] = {r for r in me.rooms if r != "*"}
         self.current: str | None = None
-        self.joining: str | None = None  # switch to it once the server welcomes us
+        # A /join's room and the buffer shown before it, until the server welcomes us: a
+        # refused join goes back there. (The new buffer is shown at once, so what is typed
+        # next goes to the room joined. It used to be shown only once welcomed: a line typed
+        # meanwhile, or while the server was down, went to the room before.)
+        self.came_from: dict[str, str | None] = {}
         self.system = Conversation("tsnetchat", kind="system")  # shown when in no room
         self.split_offer: str | None = None  # an over-long text the person may send in parts
         self.loading: set[str] = set()
@@ -430,7 +434,6 @@ class ChatApp:
             def _(event: KeyPressEvent, i: int = i) -> None:
                 names = list(self.conversations)
                 if i <= len(names):
-                    self.joining = None
                     self.switch(names[i - 1])
 
         @kb.add("tab")
@@ -461,7 +464,6 @@ class ChatApp:
 
     def cycle(self, step: int) -> None:
         names = list(self.conversations)
-        self.joining = None
         if names:
             i = names.index(self.current) if self.current in names else -step
             self.switch(names[(i + step) % len(names)])
@@ -593,7 +595,6 @@ class ChatApp:
             return True
         room = dm_name(self.me.login, login)
         self.join(room, switch=False)
-        self.joining = None
         self.switch(room)
         if text:
             return self.send(text, pb.MESSAGE_KIND_TEXT, line, room)
@@ -676,7 +677,6 @@ class ChatApp:
         if old is not None and self.current == SEARCH:
             self.current = None
         self.conversations[SEARCH] = conv
-        self.joining = None
         self.switch(SEARCH)
 
     def set_away(self, away: bool, message: str) -> bool:
@@ -777,16 +777,14 @@ class ChatApp:
                 self.switch(room)
             return
         conv = self.conversations.get(room)
-        listed = conv is not None
         if conv is None:
             conv = self.conversations[room] = self.conversation_for(room)
         conv.listed = False
         session = RoomSession(self.link, room, pacer=self.pacer, fail_fast=True)
         self.sessions[room] = session
-        if switch and (self.current is None or listed):
+        if switch:
+            self.came_from[room] = self.current
             self.switch(room)
-        elif switch:
-            self.joining = room
         self.tasks[room] = asyncio.get_running_loop().create_task(self._pump(conv, session))
 
     def conversation_for(self, room: str, *, listed: bool = False) -> Conversation:
@@ -804,6 +802,7 @@ class ChatApp:
             self.say(f"not in {where}" if room else "not in a room", error=True)
             return
         self.tasks.pop(room).cancel()
+        self.came_from.pop(room, None)
         self.spawn(session.close())
         title = self.conversations[room].title
         self.close_buffer(room)
@@ -847,9 +846,7 @@ class ChatApp:
             conv.topic = w.topic if w.HasField("topic") else None
             conv.last_read = w.last_read_id
             self.known_rooms.add(conv.name)
-            if self.joining == conv.name:
-                self.joining = None
-                self.switch(conv.name)
+            self.came_from.pop(conv.name, None)
         elif ev.kind == "message" and ev.message is not None:
             self.on_message(conv, ev.message)
         elif ev.kind == "replay_done" and ev.first:
@@ -940,11 +937,11 @@ class ChatApp:
             self.sessions.pop(conv.name, None)
             self.tasks.pop(conv.name, None)
             self.conversations.pop(conv.name, None)
-            if self.joining == conv.name:
-                self.joining = None
+            back = self.came_from.pop(conv.name, None)
             if self.current == conv.name:
                 self.current = None
-                self.switch(next(iter(self.conversations), ""))
+                self.switch(back if back is not None and back in self.conversations
+                            else next(iter(self.conversations), ""))
             self.say(f"cannot join {conv.title}: {err}", error=True)
             for out in session.outbox:  # typed while it was joining: not lost, not sent
                 self.say(f"not sent to {conv.title}: {visible(out.text)}", error=True)
