@@ -21,6 +21,7 @@ from helpers import (
     hello_events,
     make_config,
     send,
+    token_id,
     until,
     write_lock_held,
 )
@@ -297,6 +298,37 @@ async def test_presence_join_and_leave(chat: Chat) -> None:
     (left,) = await collect(a, 1, kind="presence")
     assert left.kind == pb.PRESENCE_KIND_LEFT and left.who.login == "bob@tailnet.test"
     assert [m.login for m in left.members] == ["alice@tailnet.test"]
+    a.cancel()
+
+
+async def test_the_room_is_told_a_neutral_reason_when_a_member_is_kicked_or_revoked(
+        chat: Chat) -> None:
+    """What the closed stream is told ("you were removed ... by alice", "your token was
+    revoked; ask an admin") is for its owner: the room sees why in the third person, and
+    nothing for a token taken away."""
+    alice = await chat.connect("alice@tailnet.test", chat.token("alice@tailnet.test",
+                                                                admin=True))
+    a = alice.stub.Join(hello_events("general", hold=asyncio.Event()),
+                        metadata=alice.metadata)
+    await collect(a, 1, kind="presence")  # alice herself
+    left = []
+    for how in ("kick", "revoke"):
+        bob_token = chat.token("bob@tailnet.test")
+        bob = await chat.connect("bob@tailnet.test", bob_token)
+        b = bob.stub.Join(hello_events("general"), metadata=bob.metadata)
+        await collect(b, 1, kind="replay_done")
+        await collect(a, 1, kind="presence")  # bob joined
+        if how == "kick":
+            await alice.stub.Kick(pb.KickRequest(room="general", login="bob@tailnet.test"),
+                                  metadata=alice.metadata)
+        else:
+            await alice.stub.RevokeToken(pb.RevokeTokenRequest(token_id=token_id(bob_token)),
+                                         metadata=alice.metadata)
+        (p,) = await collect(a, 1, kind="presence")
+        assert (p.kind, p.who.login) == (pb.PRESENCE_KIND_LEFT, "bob@tailnet.test")
+        left.append(p.reason)
+        b.cancel()
+    assert left == ["removed from the room", ""]
     a.cancel()
 
 

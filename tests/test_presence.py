@@ -21,8 +21,9 @@ import pytest
 from helpers import LabChat, first_of, hello_events
 
 from tsnetchat import server as server_module
-from tsnetchat.gate import OFFLINE
+from tsnetchat.hub import CloseKind
 from tsnetchat.pb import chat_pb2 as pb
+from tsnetchat.service import LEFT_BECAUSE
 
 pytestmark = [pytest.mark.tailnet]
 
@@ -118,7 +119,7 @@ async def test_a_device_the_tailnet_says_went_offline_leaves_without_waiting_for
 
         lab.kill_tailscaled(lab.nodes[bob_phone])
         presence = await left(watch, BOB)
-        assert presence.reason == OFFLINE
+        assert presence.reason == LEFT_BECAUSE[CloseKind.UNVERIFIED]
         assert BOB not in await who(lab_chat, alice_token, "general")
         call.cancel()
 
@@ -141,7 +142,7 @@ async def test_a_member_whose_client_stops_answering_leaves_when_keepalive_goes_
             await joined(watch, BOB)
             bob.send_signal(signal.SIGSTOP)
             presence = await left(watch, BOB)
-            assert presence.reason != OFFLINE
+            assert presence.reason != LEFT_BECAUSE[CloseKind.UNVERIFIED]
             assert BOB not in await who(lab_chat, alice_token, "general")
         finally:
             if bob.returncode is None:

@@ -105,6 +105,19 @@ _CLOSE_STATUS = {
 }
 
 
+# What the others in the room are told when a member's stream is closed (Presence.reason).
+# Not the close's own message, which speaks to the member ("you were removed from '+team' by
+# alice@...", "token lock: your token was revoked; ask an admin"), and which everyone in
+# the room used to see (a new user's day, 2026-11-23). A token or grant taken away is the
+# member's business: they just leave.
+LEFT_BECAUSE = {
+    CloseKind.OVERFLOW: "fell too far behind",
+    CloseKind.FLOOD: "sent too fast",
+    CloseKind.KICKED: "removed from the room",
+    CloseKind.UNVERIFIED: "their device went offline or left the tailnet",
+}
+
+
 async def _end(reason: CloseReason, context: grpc.aio.ServicerContext) -> None:
     """End a closed subscriber's call with the status its close stands for."""
     await context.abort(_CLOSE_STATUS.get(reason.kind, grpc.StatusCode.INTERNAL),
@@ -532,7 +545,8 @@ class ChatService:
                     reader.cancel()
                 if self.hub.remove(sub):
                     self._presence(hello.room, pb.PRESENCE_KIND_LEFT, me,
-                                   reason=sub.closed.message if sub.closed else "")
+                                   reason=LEFT_BECAUSE.get(sub.closed.kind, "")
+                                   if sub.closed else "")
 
     async def _read_hello(self, it: AsyncIterator[Any], lease: Lease) -> pb.Hello:
         """The first event, which must be a hello; given up as soon as the lease fails."""
