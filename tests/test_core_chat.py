@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -10,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -544,3 +546,23 @@ async def test_a_status_that_cannot_be_sent_to_a_caller_who_hung_up_is_not_logge
     assert admitted == [alice]
     assert caller.aborts == [grpc.StatusCode.UNAUTHENTICATED]  # not a second status
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_a_reload_applies_the_limits_and_keeps_the_state_dir_and_port_until_a_restart(
+        chat: Chat, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A SIGHUP after the config's state_dir changed used to sign with a new key made
+    there while the history stayed in the old one: every token was refused."""
+    alice = await chat.connect("alice@tailnet.test")
+    running = chat.server.cfg
+    elsewhere = tmp_path / "elsewhere"
+    with caplog.at_level(logging.WARNING, logger="tsnetchat.server"):
+        chat.server.reload(dataclasses.replace(running, state_dir=elsewhere,
+                                               port=running.port + 1, max_message_bytes=10))
+    assert "reload: port, state_dir changed in the configuration" in caplog.text
+    assert (chat.server.cfg.state_dir, chat.server.cfg.port) == (running.state_dir,
+                                                                  running.port)
+    assert chat.server.cfg.max_message_bytes == 10
+    assert not elsewhere.exists()
+    assert (await alice.whoami()).identity.login == "alice@tailnet.test"  # the same key
+    fresh = await chat.connect("bob@tailnet.test")  # a token signed by `token issue` now
+    assert (await fresh.whoami()).identity.login == "bob@tailnet.test"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import signal
@@ -32,7 +33,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from . import auth, enroll
 from .cluster import ClusterHistory
-from .config import DEFAULT_PORT, ServerConfig, parse_listen
+from .config import DEFAULT_PORT, Limits, ServerConfig, parse_listen
 from .errors import ConfigError, StoreError, TailnetError, TsnetchatError
 from .gate import Gate, Policy
 from .hub import Hub, Pacing
@@ -102,6 +103,12 @@ def listen_addresses(status: Status) -> list[str]:
             raise TailnetError("tailscaled reports a TUN device but no tailnet addresses")
         return ips
     return ["127.0.0.1"]
+
+
+# What a reload (SIGHUP) applies; every other key of ServerConfig needs a restart.
+RELOADABLE = frozenset({f.name for f in dataclasses.fields(Limits)} | {
+    "retention_count", "retention_days", "require_grant", "cap_domain", "allow_own_node",
+    "enroll", "enroll_ttl_hours", "token_ttl_hours"})
 
 
 def policy_for(cfg: ServerConfig, key: bytes, own_node: str = "") -> Policy:
@@ -509,9 +516,19 @@ class Server:
     # reload / stop -------------------------------------------------------------------
 
     def reload(self, cfg: ServerConfig) -> None:
-        """Apply what can change without a restart: limits (also for the rate buckets of
-        people already connected), require_grant, cap_domain, allow_own_node, and the
-        revocations; everything open is decided again under the new settings."""
+        """Apply what can change without a restart (``RELOADABLE``): limits (also for the
+        rate buckets of people already connected), retention, require_grant, cap_domain,
+        allow_own_node, enroll, and the revocations; everything open is decided again under
+        the new settings. Any other key keeps its running value until a restart, and the log
+        says which: a new ``state_dir`` taken on a SIGHUP made the server sign with a new
+        key there while it went on storing in the old one, so every token was refused (an
+        operator's run, 2026-11-23)."""
+        later = sorted(f.name for f in dataclasses.fields(cfg) if f.name not in RELOADABLE
+                       and getattr(cfg, f.name) != getattr(self.cfg, f.name))
+        if later:
+            log.warning("reload: %s changed in the configuration; kept as running until a "
+                        "restart (systemctl restart tsnetchat)", ", ".join(later))
+            cfg = dataclasses.replace(cfg, **{k: getattr(self.cfg, k) for k in later})
         self.cfg = cfg
         self.service.apply(cfg.limits)
         self.gate.apply(self._policy(self.gate.policy.key))
