@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import stat
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
-from helpers import CLI, run_cli
+from helpers import CLI, run_cli, write_lock_held
 
 from tsnetchat.config import load_config
 from tsnetchat.doctor import WARN, checks
@@ -224,3 +226,41 @@ def test_a_refused_token_issue_leaves_no_state_dir_or_key_behind(
     out = run_cli("token", "issue", *args, "--state-dir", str(state))
     assert out.returncode == 2, out.stderr
     assert not state.exists()
+
+
+async def test_a_revocation_while_another_process_holds_the_database_says_so_and_revokes_nothing(
+        tmp_path: Path) -> None:
+    """It used to end in a traceback (StoreError: database is locked), exit 1."""
+    state, jti = issued_state(tmp_path)
+    async with write_lock_held(state / "tsnetchat.db"):
+        out = await asyncio.to_thread(run_cli, "token", "revoke", jti, "--state-dir", str(state))
+    assert out.returncode == 8, out.stdout
+    assert "Traceback" not in out.stderr and "database is locked" in out.stderr
+    assert run_cli("token", "list", "--state-dir", str(state)).stdout.rstrip().endswith(
+        "active")
+
+
+def test_an_operators_command_run_without_sudo_says_permission_denied_not_a_traceback(
+        tmp_path: Path) -> None:
+    """The state dir is the server's (0700), named in a config file anyone may read."""
+    from test_discovery import NOBODY, client_env, nobody_cli
+
+    top = Path(tempfile.mkdtemp(prefix="tsnetchat-sudo-"))
+    try:
+        top.chmod(0o755)
+        state, _ = issued_state(top)
+        cfg = top / "config.toml"
+        cfg.write_text(f'state_dir = "{state}"\n')
+        cfg.chmod(0o644)
+        home = top / "home"
+        home.mkdir()
+        os.chown(home, 65534, 65534)
+        for command in (("token", "list"), ("token", "revoke", "x"), ("backup", "/tmp/x.db")):
+            out = subprocess.run([*nobody_cli(), *command, "--config", str(cfg)],
+                                 env=client_env(home), capture_output=True, text=True,
+                                 timeout=60, **NOBODY)  # type: ignore[call-overload]
+            assert out.returncode == 3, (command, out.stderr)
+            assert "Traceback" not in out.stderr, out.stderr
+            assert "permission denied" in out.stderr and "sudo" in out.stderr
+    finally:
+        shutil.rmtree(top, ignore_errors=True)

@@ -274,8 +274,12 @@ def token_list(config: ConfigOpt = None, state_dir: StateOpt = None,
 
     cfg = _server_config(config, state_dir=state_dir)
     store = _existing_store(cfg)
-    rows = store.list_tokens()
-    store.close()
+    try:
+        rows = store.list_tokens()
+    except TsnetchatError as e:  # (a locked database, a damaged one)
+        raise fail(e) from None
+    finally:
+        store.close()
     if json_out:
         typer.echo(json.dumps([r.__dict__ for r in rows]))
         return
@@ -303,6 +307,8 @@ def token_revoke(token_id: str, config: ConfigOpt = None, state_dir: StateOpt = 
                 f"no token with id {token_id!r} was issued here (`tsnetchat token list` shows "
                 "the ids, in full); nothing was revoked"))
         new = store.revoke(token_id)
+    except TsnetchatError as e:  # (a locked database, a full disk): nothing was revoked
+        raise fail(e) from None
     finally:
         store.close()
     typer.echo(f"revoked {token_id}" if new else f"{token_id} was already revoked")
@@ -938,4 +944,12 @@ def version() -> None:
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except PermissionError as e:
+        # The operator's commands (token, backup, doctor, ...) read the server's state dir,
+        # which is the server's alone (0700): run without sudo, each ended in a traceback.
+        where = f" {e.filename}" if e.filename else ""
+        typer.secho(f"error: permission denied:{where} (the server's files are readable by "
+                    "the user it runs as: try again with sudo)", err=True, fg="red")
+        raise SystemExit(EXIT[ConfigError]) from None
