@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import shlex
 import shutil
 import sqlite3
@@ -203,10 +204,11 @@ class DiskFull:
 
 
 async def test_sends_refused_for_a_full_disk_are_not_strikes_and_the_stream_stays_open(
-        chat: Chat) -> None:
+        chat: Chat, caplog: pytest.LogCaptureFixture) -> None:
     """More refusals in a row than the flooding limit (20 malformed events): a well-behaved
     client on a full disk is told each time that its message was not stored, and is never
-    cut off as "flooding" (issue 18)."""
+    cut off as "flooding" (issue 18). The journal says so, a few lines, not one a send."""
+    caplog.set_level(logging.WARNING, logger="tsnetchat.ledger")
     alice = await chat.connect("alice@tailnet.test")
     call = alice.stub.Join(metadata=alice.metadata)
     await call.write(pb.ClientEvent(hello=pb.Hello(room="general", after_id=2**62,
@@ -223,6 +225,8 @@ async def test_sends_refused_for_a_full_disk_are_not_strikes_and_the_stream_stay
     assert out.acks == {} and set(out.errors) == set(cmids)
     for e in out.errors.values():
         assert "database or disk is full" in e.message and "not stored" in e.message
+    lines = [r.getMessage() for r in caplog.records if "refusing messages" in r.getMessage()]
+    assert 1 <= len(lines) <= 4 and "database or disk is full" in lines[0], lines
     await call.write(send("room again", "ok"))
     await until(lambda: out.settled("ok"), "the same stream is answered")
     assert out.acks == {"ok": 1} and not out.task.done()  # still open, and stored

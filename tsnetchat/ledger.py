@@ -56,7 +56,7 @@ from .store import (
     StoredMessage,
     Topic,
 )
-from .throttle import Buckets
+from .throttle import Buckets, LogLimiter
 
 log = logging.getLogger("tsnetchat.ledger")
 
@@ -198,6 +198,7 @@ class Ledger:
         first = limits()
         self._buckets = Buckets(first.rate_burst, first.rate_per_second)  # per person
         self._change_buckets = Buckets(first.edits_per_minute, first.edits_per_minute / 60)
+        self._storage_log = LogLimiter(burst=3, rate=0.1)
 
     def send(self, sub: Subscriber, sender: Sender, text: str, kind: int,
              client_msg_id: str, *, target: int = 0, admin: bool = False) -> None:
@@ -322,6 +323,12 @@ class Ledger:
             self._refused(sub, client_msg_id, "unconfirmed", outcome, 1.0)
             return
         if isinstance(outcome, StoreError):
+            # Every send fails alike while the disk is full or the database locked: the
+            # journal must say so (it said nothing, or only that search indexing lagged).
+            if self._storage_log.allow():
+                skipped = self._storage_log.skipped()
+                log.warning("refusing messages: the history database failed (%s)%s", outcome,
+                            f"; {skipped} more refused since the last line" if skipped else "")
             self._refused(sub, client_msg_id, "storage", StoreError(
                 f"{outcome}; this message was not stored: send it again"), 1.0)
             return
