@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 from helpers import CLI, collect_ids, free_port, need, start_daemon
 
+from tsnetchat import doctor
 from tsnetchat.client import RoomSession, connect
 from tsnetchat.config import load_config
 from tsnetchat.doctor import FAIL, OK, checks
@@ -184,6 +186,40 @@ def test_doctor_open_key_and_nothing_listening(lab: Any, tmp_path: Path) -> None
     assert v["key file"] == FAIL and v["listening"] == FAIL
     text = "\n".join(c.line() for c in results)
     assert "chmod 600" in text and "is `tsnetchat serve` running" in text
+
+
+@pytest.mark.tailnet
+def test_doctor_does_not_take_another_program_on_the_port_for_the_server(
+        lab: Any, tmp_path: Path) -> None:
+    """`serve` exited with "cannot listen" (the port was taken), and doctor said all good."""
+    port = free_port()
+    other = socket.create_server(("", port), family=socket.AF_INET6, dualstack_ipv6=True)
+    try:
+        cfg = load_config(env={}, flags={"state_dir": str(tmp_path / "s"), "port": port,
+                                         "socket": lab.nodes["chat-server"].socket})
+        results = asyncio.run(checks(cfg))
+    finally:
+        other.close()
+    assert verdicts(results)["listening"] == FAIL
+    detail = next(c.detail for c in results if c.name == "listening")
+    assert "no tsnetchat server is running" in detail and "another program" in detail
+
+
+def test_doctor_fails_the_history_store_on_a_full_disk(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk was "writable, all good" while every send was refused. (statvfs is
+    replaced: filling a real disk is for tests/test_disk.py's child process.)"""
+    state = tmp_path / "s"
+    state.mkdir()
+    real = os.statvfs(state)
+
+    class Full:
+        f_frsize, f_bavail = real.f_frsize, 4 * 2**20 // real.f_frsize
+
+    monkeypatch.setattr(doctor.os, "statvfs", lambda path: Full())
+    cfg = load_config(env={}, flags={"state_dir": str(state), "socket": "/nonexistent"})
+    (check,) = [c for c in asyncio.run(checks(cfg)) if c.name == "history store"]
+    assert check.verdict == FAIL and "4 MB free" in check.detail
 
 
 def test_doctor_history_store_not_writable(tmp_path: Path) -> None:

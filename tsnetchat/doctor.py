@@ -18,9 +18,15 @@ from pathlib import Path
 from .config import ServerConfig
 from .discovery import Step
 from .errors import TsnetchatError
+from .statedir import running_server
 from .tailnet import LocalAPI, Status
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "FAIL", "skip"
+
+# Free space under the state dir below which the history store check warns, and fails. (A
+# full disk was "all good" while every send was refused; an operator's run, 2026-11-23.)
+LOW_DISK = 256 * 2**20
+FULL_DISK = 16 * 2**20
 
 
 @dataclass
@@ -84,7 +90,14 @@ async def checks(cfg: ServerConfig, *, with_api: bool = False) -> list[Check]:
             addrs = listen_addresses(st) if cfg.listen == "auto" else cfg.listen.split(",")
             up = [a for a in addrs if await _port_open(a.strip(), cfg.port)]
             where = ", ".join(f"{a}:{cfg.port}" for a in addrs)
-            if len(up) == len(addrs):
+            if len(up) == len(addrs) and running_server(cfg.state_dir) is None:
+                # (another program holding the port answered "all good" while `serve` had
+                # exited with "cannot listen": an operator's run, 2026-11-23)
+                out.append(Check("listening", FAIL, f"something answers on {where}, but no "
+                                 f"tsnetchat server is running on {cfg.state_dir}: another "
+                                 f"program holds the port (`ss -ltnp 'sport = :{cfg.port}'` "
+                                 "names it), or the server uses another state dir"))
+            elif len(up) == len(addrs):
                 out.append(Check("listening", OK, f"a server answers on {where}"))
             else:
                 out.append(Check("listening", FAIL, f"nothing listens on {where}: is `tsnetchat "
@@ -218,7 +231,15 @@ def _history_store(cfg: ServerConfig) -> Check:
             pass
         if cfg.db_path.exists() and not os.access(cfg.db_path, os.W_OK):
             raise PermissionError(f"{cfg.db_path} is not writable")
-        return Check("history store", OK, f"{cfg.state_dir} is writable")
+        vfs = os.statvfs(cfg.state_dir)
+        free = vfs.f_bavail * vfs.f_frsize
+        if free < LOW_DISK:
+            return Check("history store", FAIL if free < FULL_DISK else WARN,
+                         f"{cfg.state_dir} is writable, but its disk has {free / 2**20:.0f} MB "
+                         "free: messages are refused when it is full (the WAL alone may grow "
+                         "to 64 MB); free some space")
+        return Check("history store", OK, f"{cfg.state_dir} is writable, "
+                     f"{free / 2**30:.1f} GB free")
     except OSError as e:
         return Check("history store", FAIL, f"cannot write in {cfg.state_dir}: "
                      f"{e.strerror or e}; check ownership (StateDirectory= under systemd)")

@@ -87,3 +87,18 @@ class StateLock:
             with contextlib.suppress(OSError):
                 os.close(self._fd)  # (closing drops the flock)
             self._fd = None
+
+
+def running_server(state_dir: Path) -> int | None:
+    """The pid of the server that holds ``state_dir``'s lock, if it is alive; None if none
+    does. Only looks (the lock file's "server, pid N" and /proc): taking the lock to find
+    out, even for a moment, could make a server starting just then refuse to start."""
+    try:
+        text = (state_dir / LOCK_NAME).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    what, _, pid = text.partition(", pid ")
+    if what.strip() != "server" or not pid.strip().isdigit():
+        return None
+    return int(pid) if Path(f"/proc/{int(pid)}").exists() else None
+
