@@ -169,3 +169,17 @@ def test_rotating_the_key_refuses_tokens_signed_with_the_old_one(tmp_path: Path)
     assert new != old and oct(path.stat().st_mode & 0o777) == "0o600"
     with pytest.raises(Unauthenticated, match="signature"):
         auth.verify_token(new, tok)
+
+
+@pytest.mark.parametrize(("token_id", "advice"), [
+    ("login-0123abcd", "run `tsnetchat login` for a new one"),
+    ("0123abcd", "ask an admin for a new one"),
+])
+def test_an_expired_token_says_where_a_new_one_comes_from(token_id: str, advice: str) -> None:
+    """A person whose token came from `tsnetchat login` was told to ask an admin."""
+    key = b"k" * 64
+    tok, _ = auth.issue_token(key, "alice@tailnet.test", [], ttl_seconds=60, now=1_000_000,
+                              token_id=token_id)
+    with pytest.raises(Unauthenticated) as e:
+        auth.verify_token(key, tok, now=1_000_000 + 3600)
+    assert "has expired" in str(e.value) and advice in str(e.value)

@@ -46,6 +46,17 @@ ALL_ROOMS = "*"
 MAX_TOKEN_BYTES = 4096
 MAX_LOGIN = 256  # characters in a login or tag (token subject, DM member, author)
 LEEWAY = 5  # seconds of clock difference allowed for exp, nbf and iat
+# Token ids that self-service Login hands out start with this (enroll.py), so renewal,
+# `tsnetchat token list` and the door's advice can tell them from admin-issued ones.
+LOGIN_ID_PREFIX = "login-"
+
+
+def new_token_advice(token_id: str) -> str:
+    """How the holder of a refused token gets a new one: from `tsnetchat login` when that
+    is where it came from (a person told to "ask an admin" could do it themselves)."""
+    if token_id.startswith(LOGIN_ID_PREFIX):
+        return "run `tsnetchat login` for a new one (if you are still allowed)"
+    return "ask an admin for a new one (tsnetchat token issue)"
 MAX_TIME = 253402300799  # 9999-12-31T23:59:59Z: later "times" are garbage
 MAX_TOKEN_ID = 64
 CLAIMS = frozenset({"sub", "rooms", "admin", "exp", "iat", "nbf", "jti", "iss", "aud"})
@@ -217,8 +228,9 @@ def verify_token(key: bytes, token: str, *, now: float | None = None) -> Claims:
     exp, iat, nbf = (_time_claim(payload, n) for n in ("exp", "iat", "nbf"))
     t = time.time() if now is None else now
     if exp < t - LEEWAY:
-        raise _refuse("the token has expired; ask an admin for a new one (tsnetchat token "
-                      "issue)")
+        jti = payload["jti"]
+        raise _refuse("the token has expired; "
+                      + new_token_advice(jti if isinstance(jti, str) else ""))
     if nbf > t + LEEWAY or iat > t + LEEWAY:
         raise _refuse("the token is not valid yet (nbf or iat in the future; check the "
                       "clocks)")

@@ -50,9 +50,7 @@ from .throttle import Buckets, LogLimiter
 log = logging.getLogger("tsnetchat.enroll")
 
 POLICIES = ("off", "grant", "any")
-# Token ids that Login hands out start with this, so renewal (and `tsnetchat token list`)
-# can tell them from admin-issued ones.
-ID_PREFIX = "login-"
+ID_PREFIX = auth.LOGIN_ID_PREFIX
 # Renewal is accepted once this share of a token's life has passed; clients renew at half.
 RENEW_FROM = 0.4
 # Per device: a burst of logins, then one a minute. A person logs in once per device; this

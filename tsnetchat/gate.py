@@ -82,8 +82,6 @@ CONN_REFUSALS = (10, 1.0)
 NODE_REFUSALS = (20, 1.0)
 BLIND_INTERVAL = 1.0  # seconds between re-checks while tailscaled's IPN bus is not followed
 SETTLE = 0.05  # changes arriving this close together are handled in one round
-REVOKED = "token lock: your token was revoked; ask an admin for a new one"
-EXPIRED = "token lock: the token has expired; ask an admin for a new one (tsnetchat token issue)"
 OFFLINE = ("the device went offline on the tailnet (its coordination server lost it); "
            "reconnect when it is back")
 
@@ -303,8 +301,8 @@ class Gate:
     def _verify(self, token: str) -> auth.Claims:
         claims = auth.verify_token(self.policy.key, token)
         if claims.token_id in self.revoked:
-            raise Unauthenticated("token lock: this token has been revoked; ask an admin for "
-                                  "a new one")
+            raise Unauthenticated("token lock: this token has been revoked; "
+                                  + auth.new_token_advice(claims.token_id))
         return claims
 
     def _decide(self, who: WhoIs, claims: auth.Claims) -> auth.Principal:
@@ -383,8 +381,10 @@ class Gate:
         self._leases.add(lease)
         lease.conn.leases.add(lease)
         delay = lease.claims.expires_at + auth.LEEWAY - time.time()
+        expired = Unauthenticated("token lock: the token has expired; "
+                                  + auth.new_token_advice(lease.claims.token_id))
         lease.expiry = asyncio.get_running_loop().call_later(
-            max(0.0, delay) + 0.01, self._fail, lease, Unauthenticated(EXPIRED))
+            max(0.0, delay) + 0.01, self._fail, lease, expired)
 
     def _release(self, lease: Lease) -> None:
         self._leases.discard(lease)
@@ -438,7 +438,8 @@ class Gate:
         victims = [lease for lease in self._leases
                    if lease.claims.token_id in ids and lease.error is None]
         for lease in victims:
-            self._fail(lease, Unauthenticated(REVOKED))
+            self._fail(lease, Unauthenticated("token lock: your token was revoked; "
+                                              + auth.new_token_advice(lease.claims.token_id)))
         return sum(lease.stream for lease in victims)
 
     def apply(self, policy: Policy) -> None:
