@@ -391,7 +391,7 @@ def test_a_private_room_is_created_joined_by_its_members_and_refused_to_others(
 
 
 def test_a_topic_and_away_are_shown_to_everyone_in_the_room(
-        terminals: dict[str, Tmux], open_terminal: Opener) -> None:
+        terminals: dict[str, Tmux], open_terminal: Opener, chat_server: LabDaemon) -> None:
     alice, bob = terminals["alice"], terminals["bob"]
     alice.type("/topic release week: freeze on Friday")
     bob.wait_for(r"-- Alice set the topic: release week: freeze on Friday")
@@ -419,6 +419,11 @@ def test_a_topic_and_away_are_shown_to_everyone_in_the_room(
         time.sleep(0.1)
     assert "away: /back" not in status_line(alice)
     assert "too long" not in bob.screen()
+    alice.type("/away coffee")
+    alice.wait_for(r"│ away: /back")
+    chat_server.restart()  # it forgets who is away: alice is told, not left guessing
+    alice.wait_for(r"you are no longer marked away: the server forgot it", timeout=60)
+    assert "away: /back" not in status_line(alice)
     no_python_on(alice, bob)
 
 

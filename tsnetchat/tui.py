@@ -842,7 +842,13 @@ class ChatApp:
             w = ev.welcome
             conv.members = list(w.members)
             conv.away = set(w.away_logins)
+            was_away = self.away
             self.follow_away(conv)
+            if was_away is not None and self.away is None:
+                # (a restarted server forgets who is away: the mark went without a word)
+                conv.notice("you are no longer marked away: the server forgot it (restarted, "
+                            "or another server); /away MESSAGE to say it again", error=True,
+                            renderer=self.renderer)
             conv.topic = w.topic if w.HasField("topic") else None
             conv.last_read = w.last_read_id
             self.known_rooms.add(conv.name)
