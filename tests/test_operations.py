@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from helpers import CLI, collect_ids, free_port, need, start_daemon
 
-from tsnetchat import doctor
+from tsnetchat import doctor, statedir
 from tsnetchat.client import RoomSession, connect
 from tsnetchat.config import load_config
 from tsnetchat.doctor import FAIL, OK, checks
@@ -203,6 +203,22 @@ def test_doctor_does_not_take_another_program_on_the_port_for_the_server(
     assert verdicts(results)["listening"] == FAIL
     detail = next(c.detail for c in results if c.name == "listening")
     assert "no tsnetchat server is running" in detail and "another program" in detail
+
+
+def test_a_server_is_running_only_while_it_holds_the_lock_not_while_its_file_says_so(
+        tmp_path: Path) -> None:
+    """The lock file keeps "server, pid N" after the server ends, and N may be reused."""
+    child = subprocess.Popen([sys.executable, "-c", (
+        "import sys, pathlib; from tsnetchat.statedir import StateLock; "
+        f"StateLock(pathlib.Path({str(tmp_path)!r}), 'server'); print('held', flush=True); "
+        "sys.stdin.read()")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None and child.stdout.readline() == "held\n"
+    assert statedir.running_server(tmp_path) == child.pid
+    assert child.stdin is not None
+    child.stdin.close()
+    child.wait(timeout=10)
+    (tmp_path / statedir.LOCK_NAME).write_text(f"server, pid {os.getpid()}")  # a live pid
+    assert statedir.running_server(tmp_path) is None
 
 
 def test_doctor_fails_the_history_store_on_a_full_disk(

@@ -226,12 +226,15 @@ def test_three_server_restarts_and_a_tailscaled_restart_while_typing_lose_and_do
 def test_a_refused_join_is_one_error_line_and_bob_stays_in_general(
         open_terminal: Opener) -> None:
     alice = open_terminal("alice")
-    bob = open_terminal("bob", rooms=("general",))
+    bob = open_terminal("bob", rooms=("general", "random"))
+    bob.type("/join #random")  # (not the first buffer: the refusal goes back to where he was)
+    bob.wait_for(r"you joined #random")
     bob.type("/join #ops")
     bob.wait_for(r"!! cannot join #ops: ")
     s = bob.screen()
     assert count(s, "!!") == 1 and "#ops" not in s.split("!!")[0]  # not in the room list
-    assert status_line(bob).split("│")[1] == " #general "
+    assert status_line(bob).split("│")[1] == " #random "
+    bob.type("/join #general")
     bob.type("still here")
     alice.wait_for(r"<Bob> still here")
     bob.keys("C-c")

@@ -112,7 +112,7 @@ _CLOSE_STATUS = {
 # member's business: they just leave.
 LEFT_BECAUSE = {
     CloseKind.OVERFLOW: "fell too far behind",
-    CloseKind.FLOOD: "sent too fast",
+    CloseKind.FLOOD: "sent too many invalid requests",
     CloseKind.KICKED: "removed from the room",
     CloseKind.UNVERIFIED: "their device went offline or left the tailnet",
 }
@@ -122,6 +122,14 @@ async def _end(reason: CloseReason, context: grpc.aio.ServicerContext) -> None:
     """End a closed subscriber's call with the status its close stands for."""
     await context.abort(_CLOSE_STATUS.get(reason.kind, grpc.StatusCode.INTERNAL),
                         reason.message)
+
+
+async def _end_if_withdrawn(sub: Subscriber, lease: Lease,
+                            context: grpc.aio.ServicerContext) -> None:
+    if lease.error is not None:  # (the lease, not the first close: SHUTDOWN, then revoked)
+        await _end(_closing(lease.error), context)
+    if sub.closed is not None and sub.closed.withdraws:
+        await _end(sub.closed, context)
 
 
 def _closing(e: TsnetchatError) -> CloseReason:
@@ -415,11 +423,12 @@ class ChatService:
                 f"you already have {self.limits.max_rooms_per_client} open room streams (the "
                 "limit per person); leave a room first")
 
-    async def _replay(self, sub: Subscriber, after: int | None,
+    async def _replay(self, sub: Subscriber, after: int | None, lease: Lease,
                       context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         """History frames: everything after ``after``, or the recent backlog. Sets
         ``sub.replayed_to`` so live items already sent here are skipped. Ends the call as
-        soon as the subscriber may no longer read the room: a reader slow enough to stay in
+        soon as the subscriber may no longer read the room (its lease failed, or it was
+        kicked; whatever closed it first): a reader slow enough to stay in
         its replay got every message stored after its token was revoked (an attack on an
         in-process server, 2026-11-23: 1,316 of them in 27 s)."""
         room = sub.room
@@ -429,26 +438,21 @@ class ChatService:
             for i in range(0, len(msgs), FRAME_BATCH):
                 chunk = [codec.message_item(m) for m in msgs[i:i + FRAME_BATCH]]
                 for f in codec.pack(chunk):
-                    await self._end_if_withdrawn(sub, context)
+                    await _end_if_withdrawn(sub, lease, context)
                     yield f
             return
         cursor = min(after, self.store.last_id(room))
         sub.replayed_to = cursor
         while True:
-            await self._end_if_withdrawn(sub, context)
+            await _end_if_withdrawn(sub, lease, context)
             msgs = await self.store.after(room, cursor, FRAME_BATCH)
             if not msgs:
                 return
             cursor = msgs[-1].id
             sub.replayed_to = cursor
             for f in codec.pack([codec.message_item(m) for m in msgs]):
-                await self._end_if_withdrawn(sub, context)
+                await _end_if_withdrawn(sub, lease, context)
                 yield f
-
-    @staticmethod
-    async def _end_if_withdrawn(sub: Subscriber, context: grpc.aio.ServicerContext) -> None:
-        if sub.closed is not None and sub.closed.withdraws:
-            await _end(sub.closed, context)
 
     def _replay_done(self, sub: Subscriber) -> pb.ReplayDone:
         who = self.store.identity
@@ -532,7 +536,7 @@ class ChatService:
                     history_id=self.store.identity.history_id,
                     history_generation=self.store.identity.generation,
                     servers=self.servers(), away_logins=self._away_of(members)))
-                async for f in self._replay(sub, after, context):
+                async for f in self._replay(sub, after, lease, context):
                     yield f
                 yield codec.event(replay_done=self._replay_done(sub))
                 if first:
@@ -672,7 +676,7 @@ class ChatService:
             self.metrics.inc("streams_opened_total{kind=\"subscribe\"}")
             try:
                 after = request.after_id if request.HasField("after_id") else None
-                async for f in self._replay(sub, after, context):
+                async for f in self._replay(sub, after, lease, context):
                     yield f
                 yield codec.event(replay_done=self._replay_done(sub))
                 async for f in self._live(sub, context):

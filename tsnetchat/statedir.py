@@ -90,15 +90,23 @@ class StateLock:
 
 
 def running_server(state_dir: Path) -> int | None:
-    """The pid of the server that holds ``state_dir``'s lock, if it is alive; None if none
-    does. Only looks (the lock file's "server, pid N" and /proc): taking the lock to find
-    out, even for a moment, could make a server starting just then refuse to start."""
+    """The pid of the server that holds ``state_dir``'s lock now; None if no server does.
+    Only looks: the kernel's table of flocks (/proc/locks) for the lock file's inode, and
+    the file's "server, pid N". (Taking the lock to find out, even for a moment, could make
+    a server starting just then refuse to start; the file's text alone outlives the server,
+    and its pid may be reused.) Linux only; elsewhere None."""
+    path = state_dir / LOCK_NAME
     try:
-        text = (state_dir / LOCK_NAME).read_text(encoding="utf-8", errors="replace")
+        ino = path.stat().st_ino
+        what, _, pid = path.read_text(encoding="utf-8", errors="replace").partition(", pid ")
+        table = Path("/proc/locks").read_text()
     except OSError:
         return None
-    what, _, pid = text.partition(", pid ")
     if what.strip() != "server" or not pid.strip().isdigit():
         return None
-    return int(pid) if Path(f"/proc/{int(pid)}").exists() else None
+    for line in table.splitlines():  # "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"
+        f = line.split()
+        if len(f) > 5 and f[1] == "FLOCK" and f[5].rsplit(":", 1)[-1] == str(ino):
+            return int(pid)
+    return None
 

@@ -109,6 +109,14 @@ def _norm(name: str) -> str:
     return name.strip().rstrip(".").lower()
 
 
+def refused_renewal(server: str, words: str) -> Unauthenticated:
+    """A renewal the server refused for good (revoked, another key): what to do now, said
+    once (the server's words name `tsnetchat login` for a token that came from it)."""
+    advice = ("" if "tsnetchat login" in words else
+              f". Run `tsnetchat login {server}` to ask for a new one")
+    return Unauthenticated(f"{server} refused to renew your token: {words}{advice}")
+
+
 def _when(t: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
@@ -344,9 +352,7 @@ class Renewal:
                 "out tokens), or pass the token its admin gave you with --token or "
                 "--token-file (`--save-token` keeps it)")
         if entry.dead:
-            raise Unauthenticated(
-                f"{typed} refused to renew your token: {entry.refused}. Run `tsnetchat login "
-                f"{typed}` to ask for a new one")
+            raise refused_renewal(typed, entry.refused)
         exp = entry.expires
         if exp is not None and entry.expired(now):
             why = f", and {typed} had refused to renew it: {entry.refused}" if entry.refused \
@@ -411,8 +417,7 @@ class Renewal:
             self.entry = replace(self.entry, refused=words, dead=dead)
             self._keep()
             if dead:
-                raise Unauthenticated(f"{self.typed} refused to renew your token: {words}. Run "
-                                      f"`tsnetchat login {self.typed}` to ask for a new one")
+                raise refused_renewal(self.typed, words)
             exp = self.entry.expires or time.time()
             log.warning("%s will not renew your token: %s. It keeps working until %s",
                         self.typed, words, _when(exp))

@@ -472,6 +472,7 @@ class ChatApp:
         if name == self.current or name not in self.conversations:
             return
         if self.conversations[name].listed:  # counted by the server, not joined yet
+            self.came_from[name] = self.current
             self.join(name, switch=False)
         old = self.conversation
         if old is not None:
@@ -594,8 +595,7 @@ class ChatApp:
             self.say("a direct message needs somebody else: /msg NICK TEXT", error=True)
             return True
         room = dm_name(self.me.login, login)
-        self.join(room, switch=False)
-        self.switch(room)
+        self.join(room)
         if text:
             return self.send(text, pb.MESSAGE_KIND_TEXT, line, room)
         return False
@@ -771,7 +771,7 @@ class ChatApp:
 
     def join(self, room: str, *, switch: bool = True) -> None:
         """Join ``room`` (a room, ``+private`` or a canonical ``dm:`` name). ``switch``: show
-        it, once the server has welcomed us (at once if it is already listed)."""
+        it at once (a refused join goes back to the buffer shown before, ``came_from``)."""
         if room in self.sessions:
             if switch:
                 self.switch(room)
