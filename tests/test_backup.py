@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 from conftest import Chat
-from helpers import Pump, link_as, make_config, pump
+from helpers import Pump, link_as, make_config, pump, until
 
+from tsnetchat import clientcmds
 from tsnetchat.backup import backup, restore
 from tsnetchat.client import RoomSession
 from tsnetchat.errors import StateDirInUse
@@ -292,3 +293,32 @@ def test_a_cursor_keeps_its_position_only_within_the_history_it_came_from() -> N
     why = c.check_history("", 0, 62)
     assert why is not None and "ends at message 62, before the last one shown here (100)" in why
     assert Cursor(from_now=True).check_history("h1", 1, 0) is None  # nothing shown: nothing lost
+
+
+async def test_tail_does_not_say_nothing_missed_when_the_history_was_restored(
+        chat: Chat, tmp_path: Path) -> None:
+    """It said "reconnected after 1s; nothing missed" just before "the server's history was
+    restored from a backup" (an operator's run, 2026-11-23)."""
+    alice = await chat.connect("alice@tailnet.test")
+    for i in range(5):
+        await alice.send_one("general", f"old{i}")
+    copy = tmp_path / "at-5.db"
+    backup(chat.cfg.db_path, copy)
+    for i in range(5, 10):
+        await alice.send_one("general", f"old{i}")
+    out: list[str] = []
+    err: list[str] = []
+    task = asyncio.ensure_future(clientcmds.tail(
+        link_as(chat, "bob@tailnet.test"), "general", after=0, new=False, count=0,
+        json_out=False, echo=out.append, warn=err.append))
+    try:
+        await until(lambda: any("old9" in line for line in out), "the tail shows old9")
+        await restart_with(chat, copy)
+        alice = await chat.connect("alice@tailnet.test")
+        await alice.send_one("general", "new0")
+        await until(lambda: any("new0" in line for line in out), "the tail shows new0")
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert any("restored from a backup" in line or "ends at message" in line for line in err)
+    assert not [line for line in err if "nothing missed" in line], err

@@ -141,6 +141,9 @@ async def tail(link: Link, room: str, *, after: int | None, new: bool, count: in
     session = RoomSession(link, room, after_id=after, from_now=new, read_only=True)
     text = TextOut(echo)
     seen = 0
+    # A reconnect is reported once its replay is in: "nothing missed" was printed just
+    # before "the server's history was restored from a backup" (an operator's run).
+    reconnected: float | None = None
     try:
         async for ev in session.events():
             if ev.kind == "message" and ev.message is not None:
@@ -151,16 +154,23 @@ async def tail(link: Link, room: str, *, after: int | None, new: bool, count: in
                 seen += 1
                 if count and seen >= count:
                     return
-            elif ev.kind == "replay_done" and ev.first:
-                echo(json.dumps({"type": "live", "room": room, "last_id": ev.message_id})
-                     if json_out else f"── live: new messages in #{room} from here ──")
+            elif ev.kind == "replay_done":
+                if reconnected is not None:
+                    warn(f"reconnected after {reconnected:.0f}s; nothing missed")
+                    reconnected = None
+                if ev.first:
+                    echo(json.dumps({"type": "live", "room": room, "last_id": ev.message_id})
+                         if json_out else f"── live: new messages in #{room} from here ──")
             elif ev.kind == "state" and ev.error is not None and not session.state.ever_connected:
                 warn(not_yet(link, ev.error))
             elif ev.kind == "state" and ev.error is not None and session.state.attempts == 1:
                 warn(f"connection lost: {ev.error}; reconnecting")
             elif ev.kind == "state" and ev.seconds is not None:
-                warn(f"reconnected after {ev.seconds:.0f}s; nothing missed")
+                reconnected = ev.seconds
             elif ev.kind == "restart":
+                if reconnected is not None:
+                    warn(f"reconnected after {reconnected:.0f}s")
+                    reconnected = None
                 warn(ev.text)
             elif ev.kind == "fatal" and ev.error is not None:
                 raise ev.error
@@ -203,7 +213,8 @@ async def unread(link: Link, *, json_out: bool, echo: Echo) -> None:
         if r.unread:
             echo(f"{r.name}: {r.unread} unread" + (f", {r.unread_mentions} mentioning you"
                                                    if r.unread_mentions else ""))
-    echo(f"total: {res.total_unread} unread, {res.total_mentions} mentions")
+    echo(f"total: {res.total_unread} unread, {res.total_mentions} "
+         f"mention{'' if res.total_mentions == 1 else 's'}")
 
 
 async def mentions(link: Link, *, include_read: bool, json_out: bool, echo: Echo) -> None:
