@@ -49,14 +49,6 @@ LEEWAY = 5  # seconds of clock difference allowed for exp, nbf and iat
 # Token ids that self-service Login hands out start with this (enroll.py), so renewal,
 # `tsnetchat token list` and the door's advice can tell them from admin-issued ones.
 LOGIN_ID_PREFIX = "login-"
-
-
-def new_token_advice(token_id: str) -> str:
-    """How the holder of a refused token gets a new one: from `tsnetchat login` when that
-    is where it came from (a person told to "ask an admin" could do it themselves)."""
-    if token_id.startswith(LOGIN_ID_PREFIX):
-        return "run `tsnetchat login` for a new one (if you are still allowed)"
-    return "ask an admin for a new one (tsnetchat token issue)"
 MAX_TIME = 253402300799  # 9999-12-31T23:59:59Z: later "times" are garbage
 MAX_TOKEN_ID = 64
 CLAIMS = frozenset({"sub", "rooms", "admin", "exp", "iat", "nbf", "jti", "iss", "aud"})
@@ -121,6 +113,14 @@ class Claims:
     def to_row(self) -> dict[str, Any]:
         return {"jti": self.token_id, "sub": self.subject, "rooms": ",".join(sorted(self.rooms)),
                 "admin": int(self.admin), "iat": self.issued_at, "exp": self.expires_at}
+
+
+def new_token_advice(token_id: str) -> str:
+    """How the holder of a refused token gets a new one: from `tsnetchat login` when that
+    is where it came from (a person told to "ask an admin" could do it themselves)."""
+    if token_id.startswith(LOGIN_ID_PREFIX):
+        return "run `tsnetchat login` for a new one (if you are still allowed)"
+    return "ask an admin for a new one (tsnetchat token issue)"
 
 
 def is_token_room(name: str) -> bool:

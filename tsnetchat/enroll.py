@@ -50,7 +50,6 @@ from .throttle import Buckets, LogLimiter
 log = logging.getLogger("tsnetchat.enroll")
 
 POLICIES = ("off", "grant", "any")
-ID_PREFIX = auth.LOGIN_ID_PREFIX
 # Renewal is accepted once this share of a token's life has passed; clients renew at half.
 RENEW_FROM = 0.4
 # Per device: a burst of logins, then one a minute. A person logs in once per device; this
@@ -190,7 +189,7 @@ class Enrollment:
         async def login(who: WhoIs) -> tuple[str, auth.Claims]:
             self._take("login", who)
             token, claims = self._issue(who, rights_for(self.policy, who),
-                                        ID_PREFIX + uuid.uuid4().hex)
+                                        auth.LOGIN_ID_PREFIX + uuid.uuid4().hex)
             await self.store.record_token(claims.to_row())
             return token, claims
 
@@ -232,7 +231,7 @@ class Enrollment:
 
 def check_renewable(claims: auth.Claims, now: float) -> None:
     """Refuse admin-issued tokens, and tokens too young to renew (LimitExceeded)."""
-    if not claims.token_id.startswith(ID_PREFIX):
+    if not claims.token_id.startswith(auth.LOGIN_ID_PREFIX):
         raise PermissionDenied(
             "this token was issued by an admin, who decides how long it lasts; it is not "
             "renewed. Ask them for a new one, or `tsnetchat login` if this server hands out "

@@ -86,6 +86,11 @@ OFFLINE = ("the device went offline on the tailnet (its coordination server lost
            "reconnect when it is back")
 
 
+def _token_gone(what: str, token_id: str) -> Unauthenticated:
+    """A token revoked or expired: what happened, and where a new one comes from."""
+    return Unauthenticated(f"token lock: {what}; {auth.new_token_advice(token_id)}")
+
+
 @dataclass(frozen=True)
 class Policy:
     """Everything a decision depends on besides the token and the tailnet's answer."""
@@ -301,8 +306,7 @@ class Gate:
     def _verify(self, token: str) -> auth.Claims:
         claims = auth.verify_token(self.policy.key, token)
         if claims.token_id in self.revoked:
-            raise Unauthenticated("token lock: this token has been revoked; "
-                                  + auth.new_token_advice(claims.token_id))
+            raise _token_gone("this token has been revoked", claims.token_id)
         return claims
 
     def _decide(self, who: WhoIs, claims: auth.Claims) -> auth.Principal:
@@ -381,10 +385,9 @@ class Gate:
         self._leases.add(lease)
         lease.conn.leases.add(lease)
         delay = lease.claims.expires_at + auth.LEEWAY - time.time()
-        expired = Unauthenticated("token lock: the token has expired; "
-                                  + auth.new_token_advice(lease.claims.token_id))
         lease.expiry = asyncio.get_running_loop().call_later(
-            max(0.0, delay) + 0.01, self._fail, lease, expired)
+            max(0.0, delay) + 0.01, self._fail, lease,
+            _token_gone("the token has expired", lease.claims.token_id))
 
     def _release(self, lease: Lease) -> None:
         self._leases.discard(lease)
@@ -438,8 +441,7 @@ class Gate:
         victims = [lease for lease in self._leases
                    if lease.claims.token_id in ids and lease.error is None]
         for lease in victims:
-            self._fail(lease, Unauthenticated("token lock: your token was revoked; "
-                                              + auth.new_token_advice(lease.claims.token_id)))
+            self._fail(lease, _token_gone("your token was revoked", lease.claims.token_id))
         return sum(lease.stream for lease in victims)
 
     def apply(self, policy: Policy) -> None:
