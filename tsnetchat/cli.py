@@ -323,9 +323,10 @@ def token_rotate_key(config: ConfigOpt = None, state_dir: StateOpt = None) -> No
     closes their streams within a second). Issue new tokens afterwards. In cluster mode, run
     it where a server of the cluster runs: that server makes the new key every server's."""
     from . import auth
+    from .statedir import running_server
 
     cfg = _server_config(config, state_dir=state_dir)
-    if cfg.cluster and not _server_running(cfg.state_dir):
+    if cfg.cluster and running_server(cfg.state_dir) is None:
         raise fail(ConfigError(
             f"cluster mode: no tsnetchat server is running on {cfg.state_dir}, so nothing "
             "would share a new key with the cluster (a server adopts the cluster's key when "
@@ -345,20 +346,6 @@ def token_rotate_key(config: ConfigOpt = None, state_dir: StateOpt = None) -> No
                    "a few seconds")
     else:
         typer.echo(f"rotated {cfg.key_path}; every token issued before is now refused")
-
-
-def _server_running(state_dir: Path) -> bool:
-    """Whether a server holds the state dir's lock (statedir.StateLock)."""
-    from .errors import StateDirInUse
-    from .statedir import StateLock
-
-    try:
-        StateLock(state_dir, "token rotate-key").release()
-    except StateDirInUse:
-        return True
-    except ConfigError:  # no state dir: no server either
-        return False
-    return False
 
 
 # --- backup and restore ------------------------------------------------------------------

@@ -90,18 +90,18 @@ async def checks(cfg: ServerConfig, *, with_api: bool = False) -> list[Check]:
             addrs = listen_addresses(st) if cfg.listen == "auto" else cfg.listen.split(",")
             up = [a for a in addrs if await _port_open(a.strip(), cfg.port)]
             where = ", ".join(f"{a}:{cfg.port}" for a in addrs)
-            if len(up) == len(addrs) and running_server(cfg.state_dir) is None:
+            if len(up) < len(addrs):
+                out.append(Check("listening", FAIL, f"nothing listens on {where}: is `tsnetchat "
+                                 "serve` running (systemctl status tsnetchat)?"))
+            elif running_server(cfg.state_dir) is None:
                 # (another program holding the port answered "all good" while `serve` had
                 # exited with "cannot listen": an operator's run, 2026-11-23)
                 out.append(Check("listening", FAIL, f"something answers on {where}, but no "
                                  f"tsnetchat server is running on {cfg.state_dir}: another "
                                  f"program holds the port (`ss -ltnp 'sport = :{cfg.port}'` "
                                  "names it), or the server uses another state dir"))
-            elif len(up) == len(addrs):
-                out.append(Check("listening", OK, f"a server answers on {where}"))
             else:
-                out.append(Check("listening", FAIL, f"nothing listens on {where}: is `tsnetchat "
-                                 "serve` running (systemctl status tsnetchat)?"))
+                out.append(Check("listening", OK, f"a server answers on {where}"))
 
     key = cfg.key_path
     if not key.exists():

@@ -109,4 +109,3 @@ def running_server(state_dir: Path) -> int | None:
         if len(f) > 5 and f[1] == "FLOCK" and f[5].rsplit(":", 1)[-1] == str(ino):
             return int(pid)
     return None
-
