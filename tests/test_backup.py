@@ -46,19 +46,26 @@ async def restart_with(chat: Chat, backup_file: Path) -> None:
     await chat.server.start()
 
 
+async def backup_then_more(chat: Chat, tmp_path: Path, *, at: int, last: int) -> Path:
+    """alice posts old0.. up to id ``at``, a backup is taken, and she goes on to id ``last``;
+    returns the backup."""
+    alice = await chat.connect("alice@tailnet.test")
+    for i in range(at):
+        await alice.send_one("general", f"old{i}")
+    copy = tmp_path / f"at-{at}.db"
+    backup(chat.cfg.db_path, copy)
+    for i in range(at, last):
+        await alice.send_one("general", f"old{i}")
+    return copy
+
+
 @pytest.mark.parametrize("read_only", [False, True], ids=["join", "subscribe"])
 async def test_a_reader_beyond_a_restored_history_starts_over_and_says_so(
         chat: Chat, pumps: list[Pump], tmp_path: Path, read_only: bool) -> None:
     """The case from the reliability run: a backup at id 51, the room goes on to 100, the
     backup is restored and 11 new messages arrive (52..62). A reader that had shown 100 used
     to show none of them (ids at or below its last are never shown again)."""
-    alice = await chat.connect("alice@tailnet.test")
-    for i in range(51):
-        await alice.send_one("general", f"old{i}")
-    copy = tmp_path / "at-51.db"
-    backup(chat.cfg.db_path, copy)
-    for i in range(51, 100):
-        await alice.send_one("general", f"old{i}")
+    copy = await backup_then_more(chat, tmp_path, at=51, last=100)
     reader = pump(pumps, RoomSession(link_as(chat, "bob@tailnet.test"), "general",
                                      after_id=90, read_only=read_only, fail_fast=False))
     await reader.until(lambda: reader.session.last_id == 100)
@@ -299,13 +306,7 @@ async def test_tail_does_not_say_nothing_missed_when_the_history_was_restored(
         chat: Chat, tmp_path: Path) -> None:
     """It said "reconnected after 1s; nothing missed" just before "the server's history was
     restored from a backup" (an operator's run, 2026-11-23)."""
-    alice = await chat.connect("alice@tailnet.test")
-    for i in range(5):
-        await alice.send_one("general", f"old{i}")
-    copy = tmp_path / "at-5.db"
-    backup(chat.cfg.db_path, copy)
-    for i in range(5, 10):
-        await alice.send_one("general", f"old{i}")
+    copy = await backup_then_more(chat, tmp_path, at=5, last=10)
     out: list[str] = []
     err: list[str] = []
     task = asyncio.ensure_future(clientcmds.tail(
