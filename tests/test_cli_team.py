@@ -97,16 +97,25 @@ def test_unread_and_mentions_show_what_bob_has_not_read(alice: Person, bob: Pers
 
 def test_edit_and_delete_change_ones_own_message(alice: Person, bob: Person) -> None:
     mid = send(bob, "general", "the ibis3 typo")
-    assert bob.ok("edit", str(mid), "the ibis3 fix", "--room", "general").strip()
+    said = bob.ok("edit", str(mid), "the ibis3 fix", "--room", "general")
+    assert said.startswith(f"edited #{mid} in general (#"), said
     history = bob.json("history", "--room", "general")
     assert [m["text"] for m in history if m["id"] == mid] == ["the ibis3 fix"]
-    bob.ok("delete", str(mid), "--room", "general")
+    said = bob.ok("delete", str(mid), "--room", "general")
+    assert said.startswith(f"deleted #{mid} in general (#"), said
     assert not bob.json("search", "ibis3")
+    assert bob.ok("search", "ibis3") == "no messages match\n"
+
+
+def test_mentions_says_so_when_nothing_mentions_you(server: LabDaemon) -> None:
+    mallory = Person(server, MALLORY, "mallory-laptop")
+    assert mallory.ok("mentions") == "no unread mentions\n"
+    assert mallory.json("mentions") == []
 
 
 def test_topic_is_set_and_shown_to_others(alice: Person, bob: Person) -> None:
-    tid = alice.ok("topic", "Release week: okapi5 freeze", "--room", "general").strip()
-    (event,) = [m for m in bob.json("history", "--room", "general") if str(m["id"]) == tid]
+    tid = alice.json("topic", "Release week: okapi5 freeze", "--room", "general")["id"]
+    (event,) = [m for m in bob.json("history", "--room", "general") if m["id"] == tid]
     assert (event["kind"], event["text"]) == ("topic", "Release week: okapi5 freeze")
 
 

@@ -12,7 +12,7 @@ import pytest
 from tsnetchat import clientcmds
 from tsnetchat.client import Link
 from tsnetchat.clienterrors import ClientError, from_status, refusal, retry_hint, translate
-from tsnetchat.errors import LocalAPIUnavailable, PeerNotFound, TailnetNotReady
+from tsnetchat.errors import RESUME_HINT, LocalAPIUnavailable, PeerNotFound, TailnetNotReady
 from tsnetchat.outbox import Outbox, Pacer, State, split_text, utf8_len
 from tsnetchat.resume import FROM_NOW, Cursor, Phase, StreamState, worst
 
@@ -315,6 +315,13 @@ def test_the_servers_own_words_are_kept_with_an_exit_code(code: grpc.StatusCode,
     assert str(e) == "token lock: expired; ask for a new one"
     assert (e.exit_code, e.retryable, e.transport) == (exit_code, retry, False)
     assert "StatusCode" not in str(e) and code.name not in str(e)
+
+
+def test_a_closing_servers_hint_for_client_code_is_not_shown_to_people() -> None:
+    # (tsnetchat resumes by itself: `tail` printed "...; reconnect and resume after your last
+    # message id; reconnecting", an instruction its reader could not follow.)
+    e = from_status(grpc.StatusCode.UNAVAILABLE, "server shutting down" + RESUME_HINT, Where())
+    assert str(e) == "server shutting down" and e.retryable
 
 
 def test_tailnet_errors_say_whether_waiting_helps() -> None:

@@ -182,12 +182,16 @@ async def tail(link: Link, room: str, *, after: int | None, new: bool, count: in
 # --- a team's day (issue 15) ------------------------------------------------------------
 
 
-def _messages(msgs: Any, json_out: bool, echo: Echo) -> None:
+def _messages(msgs: Any, json_out: bool, echo: Echo, *, none: str) -> None:
+    """Found messages, one a line; ``none`` when there are none (an empty screen read as a
+    command that did not work)."""
     if json_out:
         echo(json.dumps([message_record(m) for m in msgs]))
         return
     for m in msgs:
         echo(f"#{m.room} [{m.id}] <{m.sender.login}> {m.text}")
+    if not msgs:
+        echo(none)
 
 
 async def search(link: Link, query: str, *, rooms: list[str], author: str, since_ms: int,
@@ -196,7 +200,8 @@ async def search(link: Link, query: str, *, rooms: list[str], author: str, since
     res = await call(link, lambda c: c.search(query, rooms=rooms, author=author,
                                               since_ms=since_ms, until_ms=until_ms,
                                               newest=newest, limit=limit, offset=offset))
-    _messages(res.messages, json_out, echo)
+    _messages(res.messages, json_out, echo,
+              none="no more messages match" if offset else "no messages match")
     if res.more and not json_out:
         echo(f"(more: --offset {res.next_offset})")
 
@@ -218,13 +223,15 @@ async def unread(link: Link, *, json_out: bool, echo: Echo) -> None:
 
 
 async def mentions(link: Link, *, include_read: bool, json_out: bool, echo: Echo) -> None:
-    _messages(await call(link, lambda c: c.mentions(include_read=include_read)), json_out, echo)
+    _messages(await call(link, lambda c: c.mentions(include_read=include_read)), json_out, echo,
+              none="nothing mentions you" if include_read else "no unread mentions")
 
 
 async def change(link: Link, room: str, what: str, *, target: int = 0, text: str = "",
                  json_out: bool, warn: Echo = to_stderr) -> str:
-    """edit, delete or topic: the id of the event, once stored. Every attempt carries the
-    same client_msg_id, so one that landed before its connection broke is not stored twice."""
+    """edit, delete or topic, once stored: what was done, with the id of the event that did
+    it. Every attempt carries the same client_msg_id, so one that landed before its
+    connection broke is not stored twice."""
     cmid = uuid.uuid4().hex
     # Before dialling (and here, not in Connection: the raw API lets a test, or an attacker,
     # put any encodable id to the server, whose refusal is what the security tests check).
@@ -243,7 +250,13 @@ async def change(link: Link, room: str, what: str, *, target: int = 0, text: str
         return await c.set_topic(room, text, client_msg_id=cmid)
 
     mid = await call(link, run, warn=warn)
-    return json.dumps({"id": mid, "room": room}) if json_out else str(mid)
+    if json_out:
+        return json.dumps({"id": mid, "room": room})
+    if what == "edit":
+        return f"edited #{target} in {room} (#{mid})"
+    if what == "delete":
+        return f"deleted #{target} in {room} (#{mid})"
+    return f"{'set' if text else 'cleared'} the topic of {room} (#{mid})"
 
 
 async def members(link: Link, room: str, *, create: bool, add: list[str], remove: list[str],

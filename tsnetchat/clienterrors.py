@@ -28,6 +28,7 @@ from typing import Protocol
 import grpc
 
 from .errors import (
+    RESUME_HINT,
     ConfigError,
     InvalidInput,
     LimitExceeded,
@@ -124,6 +125,7 @@ def from_status(code: grpc.StatusCode, details: str, where: Where | None = None,
                            exit_code=EXIT_UNAVAILABLE, transport=True, status=code)
     if code == S.UNAVAILABLE:
         # The server's own "unavailable": shutting down, tailscaled or the disk failing there.
+        details = details.removesuffix(RESUME_HINT)
         return ClientError(details or f"{name} is unavailable", retryable=True,
                            exit_code=EXIT_UNAVAILABLE, retry_after=retry_hint(details),
                            status=code)

@@ -31,6 +31,10 @@ cluster.py).
 
 from __future__ import annotations
 
+# What a closing server adds to its UNAVAILABLE for client code of its own; tsnetchat's
+# clients resume by themselves and leave it out of what they show (clienterrors.from_status).
+RESUME_HINT = "; reconnect and resume after your last message id"
+
 
 class TsnetchatError(Exception):
     """Base of every deliberate tsnetchat error. ``str(e)`` is meant for people."""

@@ -24,6 +24,7 @@ from google.protobuf.message import DecodeError
 from . import auth, codec, render, rooms
 from .config import Limits
 from .errors import (
+    RESUME_HINT,
     InvalidInput,
     LimitExceeded,
     LocalAPIUnavailable,
@@ -934,4 +935,4 @@ class ChatService:
             self.hub.publish(room, frame)
             self.hub.flush(room)
         return self.hub.close_where(lambda s: True, CloseReason(
-            CloseKind.SHUTDOWN, f"{reason}; reconnect and resume after your last message id"))
+            CloseKind.SHUTDOWN, reason + RESUME_HINT))
