@@ -5,6 +5,7 @@ Each case was found from outside (2026-11-23) doing the wrong thing."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -40,6 +41,20 @@ def test_revoking_an_id_that_was_never_issued_is_refused_and_revokes_nothing(
     assert listed.stdout.rstrip().endswith("active")
     done = run_cli("token", "revoke", jti, "--state-dir", str(state))
     assert (done.returncode, done.stdout.strip()) == (0, f"revoked {jti}")
+
+
+def test_after_a_key_rotation_the_tokens_signed_before_are_listed_as_refused(
+        tmp_path: Path) -> None:
+    state, old = issued_state(tmp_path)
+    time.sleep(1.0)  # (the list compares whole seconds: a rotation in the same one is unseen)
+    assert run_cli("token", "rotate-key", "--state-dir", str(state)).returncode == 0
+    new = run_cli("token", "issue", "bob@tailnet.test", "--json", "--state-dir", str(state))
+    rows = json.loads(run_cli("token", "list", "--json", "--state-dir", str(state)).stdout)
+    assert [(r["jti"], r["state"]) for r in rows] == [
+        (old, "old-key"), (json.loads(new.stdout)["id"], "active")]
+    listed = run_cli("token", "list", "--state-dir", str(state)).stdout.splitlines()
+    assert listed[0].endswith(" old-key") and listed[1].endswith(" active")
+    assert "signed before the signing key was last rotated" in listed[2]
 
 
 @pytest.mark.parametrize("command", [("token", "list"), ("token", "revoke", "abc"),

@@ -280,13 +280,31 @@ def token_list(config: ConfigOpt = None, state_dir: StateOpt = None,
         raise fail(e) from None
     finally:
         store.close()
+    # The key file is written only when the key changes (`rotate-key`, a cluster's new key),
+    # so a token issued before that second was signed with a key no server takes any more
+    # (after `rotate-key` every old token was listed "active"). Two blind spots, both
+    # said in the README: a token issued in the second of a rotation is listed "active",
+    # and a key copied without its time (`cp`, not `cp -a`) makes older ones "old-key".
+    try:
+        key_since = int(cfg.key_path.stat().st_mtime)
+    except OSError:
+        key_since = 0
+
+    def state(r: Any) -> str:  # a store.TokenRecord
+        if r.revoked_at:
+            return "revoked"
+        if r.exp < time.time():
+            return "expired"
+        return "old-key" if r.iat < key_since else "active"
+
     if json_out:
-        typer.echo(json.dumps([r.__dict__ for r in rows]))
+        typer.echo(json.dumps([{**r.__dict__, "state": state(r)} for r in rows]))
         return
     for r in rows:
-        state = "revoked" if r.revoked_at else ("expired" if r.exp < time.time() else "active")
         typer.echo(f"{r.jti}  {r.sub:30} rooms={r.rooms:20} admin={int(r.admin)} "
-                   f"expires={time.strftime('%Y-%m-%d', time.gmtime(r.exp))} {state}")
+                   f"expires={time.strftime('%Y-%m-%d', time.gmtime(r.exp))} {state(r)}")
+    if any(state(r) == "old-key" for r in rows):
+        typer.echo("(old-key: signed before the signing key was last rotated; refused)")
 
 
 @token_app.command("revoke")
