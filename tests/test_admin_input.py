@@ -19,7 +19,7 @@ import pytest
 from helpers import CLI, run_cli, write_lock_held
 
 from tsnetchat.config import load_config
-from tsnetchat.doctor import WARN, checks
+from tsnetchat.doctor import FAIL, OK, WARN, checks
 
 
 def issued_state(tmp_path: Path) -> tuple[Path, str]:
@@ -141,7 +141,7 @@ def test_a_config_file_that_is_a_directory_or_not_text_is_refused_in_words(
 
 def test_the_doctor_does_not_call_warnings_all_good(capsys: pytest.CaptureFixture[str]) -> None:
     """With a mistyped --state-dir it warned twice and ended "all good"."""
-    from tsnetchat.doctor import FAIL, OK, Check, _print
+    from tsnetchat.doctor import Check, _print
 
     assert _print([Check("a", OK, "fine"), Check("b", WARN, "look")])
     assert capsys.readouterr().out.splitlines()[-1] == "no problems; 1 warning(s) (!) above"
@@ -158,6 +158,19 @@ def test_the_doctor_looks_at_a_state_dir_without_making_it(tmp_path: Path) -> No
     assert found["history store"].verdict == WARN
     assert "does not exist yet" in found["history store"].detail
     assert not state.exists()
+
+
+async def test_the_doctor_fails_the_history_store_while_another_process_holds_its_write_lock(
+        tmp_path: Path) -> None:
+    """Every send was refused while a `sqlite3` shell held the lock, and doctor said "all
+    good"."""
+    state, _ = issued_state(tmp_path)
+    cfg = load_config(env={}, flags={"state_dir": str(state), "socket": "/nonexistent"})
+    async with write_lock_held(state / "tsnetchat.db"):
+        held = {c.name: c for c in await checks(cfg)}["history store"]
+    assert held.verdict == FAIL and "write lock" in held.detail, held
+    assert {c.name: c for c in await checks(cfg)}["history store"].verdict == OK
+    assert sorted(p.name for p in state.iterdir()) == ["jwt.key", "tsnetchat.db"]
 
 
 def test_serve_stops_at_sigterm_while_it_still_waits_for_tailscaled(tmp_path: Path) -> None:
@@ -277,5 +290,15 @@ def test_an_operators_command_run_without_sudo_says_permission_denied_not_a_trac
             assert out.returncode == 3, (command, out.stderr)
             assert "Traceback" not in out.stderr, out.stderr
             assert "permission denied" in out.stderr and "sudo" in out.stderr
+        # doctor stopped the same way, before printing a single check; now it prints them
+        # all and says which ones need sudo
+        out = subprocess.run([*nobody_cli(), "doctor", "--config", str(cfg), "--socket",
+                              str(top / "no.sock")], env=client_env(home), capture_output=True,
+                             text=True, timeout=60, **NOBODY)  # type: ignore[call-overload]
+        assert "Traceback" not in out.stderr and not out.stderr, out.stderr
+        lines = {line[2:26].strip(): line for line in out.stdout.splitlines() if line[:1]}
+        assert lines["tailscaled reachable"].startswith("✘")
+        for name in ("key file", "history store"):
+            assert lines[name].startswith("!") and "run `sudo tsnetchat doctor`" in lines[name]
     finally:
         shutil.rmtree(top, ignore_errors=True)

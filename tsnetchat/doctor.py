@@ -1,6 +1,7 @@
 """`tsnetchat doctor`: a checklist, one verdict per line, in plain words.
 
-On a server (``checks``): tailscaled, login, addresses, MagicDNS, listening, key file, store.
+On a server (``checks``): tailscaled, login, addresses, MagicDNS, listening, key file, store
+(writable, free space, its write lock); without sudo the last three say they need it.
 On a client (``client_checks``, ``doctor --server NAME``): each discovery step, how the
 server is dialled, the token, and whether the server answers.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import stat
 import tempfile
 import time
@@ -49,8 +51,23 @@ async def _port_open(host: str, port: int) -> bool:
     return True
 
 
+def _shut_out(cfg: ServerConfig) -> str | None:
+    """Why this user may not look inside the state dir (the server's alone, 0700), or None.
+    (Without sudo, doctor stopped at the key file with "permission denied" and printed none
+    of its checks: an operator's run, 2026-11-23.)"""
+    try:
+        os.listdir(cfg.state_dir)
+    except PermissionError:
+        return (f"not checked: {cfg.state_dir} is readable only by the server's user; run "
+                "`sudo tsnetchat doctor`")
+    except OSError:
+        pass
+    return None
+
+
 async def checks(cfg: ServerConfig, *, with_api: bool = False) -> list[Check]:
     out: list[Check] = []
+    shut = _shut_out(cfg)
     sock = cfg.effective_socket()
     st: Status | None = None
     api = LocalAPI(sock, timeout=3)
@@ -93,6 +110,9 @@ async def checks(cfg: ServerConfig, *, with_api: bool = False) -> list[Check]:
             if len(up) < len(addrs):
                 out.append(Check("listening", FAIL, f"nothing listens on {where}: is `tsnetchat "
                                  "serve` running (systemctl status tsnetchat)?"))
+            elif shut:
+                out.append(Check("listening", WARN, f"something answers on {where}; whether "
+                                 f"it is this state dir's server is {shut}"))
             elif running_server(cfg.state_dir) is None:
                 # (another program holding the port answered "all good" while `serve` had
                 # exited with "cannot listen": an operator's run, 2026-11-23)
@@ -104,7 +124,9 @@ async def checks(cfg: ServerConfig, *, with_api: bool = False) -> list[Check]:
                 out.append(Check("listening", OK, f"a server answers on {where}"))
 
     key = cfg.key_path
-    if not key.exists():
+    if shut:
+        out.append(Check("key file", WARN, shut))
+    elif not key.exists():
         out.append(Check("key file", WARN, f"{key} does not exist yet (created on first start)"))
     else:
         key_mode = stat.S_IMODE(key.stat().st_mode)
@@ -115,7 +137,7 @@ async def checks(cfg: ServerConfig, *, with_api: bool = False) -> list[Check]:
         else:
             out.append(Check("key file", OK, f"{key} mode {key_mode:04o}"))
 
-    out.append(_history_store(cfg))
+    out.append(Check("history store", WARN, shut) if shut else _history_store(cfg))
 
     if with_api:
         from .apidoctor import api_checks
@@ -238,8 +260,38 @@ def _history_store(cfg: ServerConfig) -> Check:
                          f"{cfg.state_dir} is writable, but its disk has {free / 2**20:.0f} MB "
                          "free: messages are refused when it is full (the WAL alone may grow "
                          "to 64 MB); free some space")
+        held = _write_lock_held(cfg.db_path)
+        if held:
+            return Check("history store", FAIL, held)
         return Check("history store", OK, f"{cfg.state_dir} is writable, "
                      f"{free / 2**30:.1f} GB free")
     except OSError as e:
         return Check("history store", FAIL, f"cannot write in {cfg.state_dir}: "
                      f"{e.strerror or e}; check ownership (StateDirectory= under systemd)")
+
+
+def _write_lock_held(db_path: Path, wait: float = 1.0) -> str | None:
+    """Why nothing can be stored now, if another process has held the database's write lock
+    for ``wait`` (a server holds it a few milliseconds a commit), else None. Takes the lock
+    and gives it back at once, writing nothing; ``mode=rw`` never makes a database. (With
+    the lock held by a `sqlite3` shell, every send was refused and doctor said "all good":
+    an operator's run, 2026-11-23.)"""
+    if not db_path.exists():
+        return None
+    try:
+        db = sqlite3.connect(f"file:{db_path}?mode=rw", uri=True, timeout=wait,
+                             isolation_level=None)
+    except sqlite3.Error:
+        return None  # (not ours to judge here: the server says what is wrong when it opens)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("ROLLBACK")
+    except sqlite3.OperationalError as e:
+        if "locked" not in str(e) and "busy" not in str(e):
+            return None
+        return (f"another process has held {db_path}'s write lock for over {wait:.0f} s: "
+                "every send is refused until it lets go (`fuser -v "
+                f"{db_path}` names it; a `sqlite3` shell in a transaction is the usual one)")
+    finally:
+        db.close()
+    return None
