@@ -797,20 +797,21 @@ class Tmux:
 
 
 class Lines:
-    """The lines a process prints on stdout, as they come (a thread reads them into a queue).
+    """The lines a process prints on stdout (``err``: stderr), as they come (a thread reads
+    them into a queue).
 
     ``select`` on a pipe cannot be used with Python's buffered readers: one ``readline`` may
     pull two lines into the buffer, and the second then waits for more output that may
     never come.
     """
 
-    def __init__(self, proc: subprocess.Popen[str]) -> None:
-        assert proc.stdout is not None
+    def __init__(self, proc: subprocess.Popen[str], *, err: bool = False) -> None:
+        out = proc.stderr if err else proc.stdout
+        assert out is not None
         self._q: queue.Queue[str] = queue.Queue()
-        stdout = proc.stdout
 
         def pump() -> None:
-            for line in stdout:
+            for line in out:
                 self._q.put(line)
 
         threading.Thread(target=pump, daemon=True).start()

@@ -250,6 +250,35 @@ def test_renewal_before_expiry_keeps_a_session_going_across_the_first_tokens_exp
     assert f"renew issued token={first['token_id']}" in short_lived.log.read_text()
 
 
+def test_a_tail_whose_token_is_revoked_waits_for_a_new_login_and_misses_nothing(
+        lab: Any, enrolling: LabDaemon, tmp_path: Path) -> None:
+    """It ended for good (exit 5): the person ran `tsnetchat login` and had to start it again
+    (and a chat, losing what they had typed)."""
+    alice = person(lab, enrolling, "alice-laptop", tmp_path)
+    bob = person(lab, enrolling, "bob-laptop", tmp_path)
+    assert alice("login").returncode == 0
+    bob_token = enrolling.token(BOB)
+    tail = alice.popen("tail", "--room", "general", "--json", "--count", "2")
+    lines, said = Lines(tail), Lines(tail, err=True)
+    try:
+        assert bob("send", "before the revocation", "--token", bob_token).returncode == 0
+        assert lines.message()["text"] == "before the revocation"
+        revoked = alice.stored()["token_id"]
+        assert enrolling.cli("token", "revoke", revoked) == f"revoked {revoked}"
+        while "carries on by itself once you have a new one" not in (line := said.next()):
+            pass
+        assert "revoked" in line, line
+        assert bob("send", "while alice had no token", "--token", bob_token).returncode == 0
+        assert alice("login").returncode == 0
+        assert alice.stored()["token_id"] != revoked
+        assert lines.message()["text"] == "while alice had no token"
+        assert tail.wait(timeout=30) == 0
+    finally:
+        if tail.poll() is None:
+            tail.kill()
+            tail.wait()
+
+
 def test_revocation_stops_renewal(lab: Any, short_lived: LabDaemon, tmp_path: Path) -> None:
     alice = person(lab, short_lived, "alice-laptop", tmp_path)
     assert alice("login").returncode == 0

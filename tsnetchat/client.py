@@ -25,18 +25,25 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 
-from .clienterrors import EXIT_UNAVAILABLE, ClientError, refusal, translate
+from .clienterrors import (
+    EXIT_UNAUTHENTICATED,
+    EXIT_UNAVAILABLE,
+    ClientError,
+    refusal,
+    translate,
+)
 from .discovery import CHANNEL_OPTIONS, DialBridge, Report, Target, discover, open_channel, route
 from .errors import InvalidInput, TsnetchatError
 from .outbox import Outbox, Outgoing, Pacer
 from .pb import chat_pb2 as pb
 from .pb import chat_pb2_grpc as pb_grpc
 from .resume import START_GRACE, Cursor, Phase, StreamState
-from .tokens import Renewal
+from .tokens import Renewal, TokenStore
 
 T = TypeVar("T")
 log = logging.getLogger("tsnetchat.client")
@@ -312,9 +319,12 @@ class Link:
 
     def __init__(self, dial: Callable[[], Awaitable[Connection]], *, name: str = "",
                  proxy: str = "",
-                 dial_other: Callable[[str, int, str], Awaitable[Connection]] | None = None
-                 ) -> None:
+                 dial_other: Callable[[str, int, str], Awaitable[Connection]] | None = None,
+                 token_store: Path | None = None) -> None:
         self._dial = dial
+        # The file the token comes from (``tokens.TokenStore``); None for a token given
+        # (--token): then a refused token is final, as nothing here can bring another.
+        self.token_store = token_store
         self._conn: Connection | None = None
         self._lock = asyncio.Lock()
         self.name = name  # the server as the person typed it, for messages
@@ -379,6 +389,14 @@ class Link:
             self._next_server()
             await _close_quietly(conn)
 
+    async def redial(self, conn: Connection | None) -> None:
+        """Forget ``conn`` (if it is still the current channel) and dial the server the
+        person named next: a token from a new `tsnetchat login` is that server's."""
+        if conn is not None and conn is self._conn:
+            self._conn = None
+            await _close_quietly(conn)
+        self._turn = 0
+
     async def close(self) -> None:
         self.closed = True
         conn, self._conn = self._conn, None
@@ -438,6 +456,8 @@ async def first_answer(link: Link, fn: Callable[[Connection], Awaitable[T]], *,
 
 # Closing never waits longer than this (Ctrl-C and /quit exit within a second).
 CLOSE_WITHIN = 0.5
+# How often a session whose stored token was refused looks for a new one (a stat a second).
+TOKEN_POLL = 1.0
 
 
 async def _close_quietly(conn: Connection) -> None:
@@ -487,7 +507,8 @@ def link_for(server: str, token: str | None, *, socket: str, port: int = DEFAULT
             raise
         return conn
 
-    return Link(dial, name=server, proxy=proxy, dial_other=None if address else dial_other)
+    return Link(dial, name=server, proxy=proxy, dial_other=None if address else dial_other,
+                token_store=None if token is not None else TokenStore().path)
 
 
 def _failover_target(conn: Connection, name: str, node_id: str, *, stored: bool) -> None:
@@ -527,6 +548,9 @@ class SessionEvent:
       (restored, replaced: ``resume.Cursor.check_history``); ``text`` says so. The session
       starts over from what the server has: earlier messages may be shown again, and
       differ.
+    * ``waiting``: the server refused the stored token (revoked, expired, renewal refused);
+      the session waits, its outbox kept, for a new one in the token store (``text`` says
+      so), then resumes where it was;
     * ``fatal``: the session ended for good (``error``): refused, or could not start.
     """
 
@@ -635,6 +659,7 @@ class RoomSession:
         while not self.closed:
             self.state.connecting()
             yield SessionEvent("state")
+            tried_at = time.time()
             conn: Connection | None = None
             try:
                 conn = await self.link.get()
@@ -664,6 +689,16 @@ class RoomSession:
             if self.closed:
                 return
             delay = self.state.lost(err, time.monotonic(), random.random())
+            if delay is None and self._login_may_mend(err):
+                waiting = ClientError(f"{err} (this chat carries on by itself once you have "
+                                      "a new one)", retryable=False, exit_code=err.exit_code,
+                                      status=err.status)
+                self.state.waiting(waiting, time.monotonic())
+                yield SessionEvent("waiting", error=waiting, text=str(waiting))
+                if not await self._token_stored_since(tried_at):
+                    return
+                await self.link.redial(conn)
+                continue
             if delay is None:
                 yield SessionEvent("fatal", error=err, text=str(err))
                 return
@@ -675,6 +710,27 @@ class RoomSession:
             self.reconnects += 1
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._closing.wait(), delay)
+
+    def _login_may_mend(self, err: ClientError) -> bool:
+        """Whether a refused token may be replaced while this session waits: it came from
+        the token store (`tsnetchat login`) and this room was open before. (A chat whose
+        token was revoked was closed for good; the person ran `tsnetchat login` and had to
+        restart it, losing what they had typed: a new user's day, 2026-11-22.)"""
+        return (err.exit_code == EXIT_UNAUTHENTICATED and self.link.token_store is not None
+                and self.state.ever_connected)
+
+    async def _token_stored_since(self, t: float) -> bool:
+        """Wait until the token store is written after ``t`` (wall clock, as file times
+        are): a login, or this process's own note of the refusal, which costs one more
+        attempt. False when the session closes first."""
+        path = self.link.token_store
+        while path is not None and not self.closed:
+            with contextlib.suppress(OSError):
+                if path.stat().st_mtime > t:
+                    return True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), TOKEN_POLL)
+        return False
 
     async def _stream(self, conn: Connection) -> AsyncIterator[SessionEvent]:
         after = self.cursor.resume_after()

@@ -167,6 +167,8 @@ async def tail(link: Link, room: str, *, after: int | None, new: bool, count: in
                 warn(f"connection lost: {ev.error}; reconnecting")
             elif ev.kind == "state" and ev.seconds is not None:
                 reconnected = ev.seconds
+            elif ev.kind == "waiting":
+                warn(ev.text)
             elif ev.kind == "restart":
                 if reconnected is not None:
                     warn(f"reconnected after {reconnected:.0f}s")

@@ -180,6 +180,13 @@ class StreamState:
         self.phase, self.retry_at = Phase.RECONNECTING, now + delay
         return delay
 
+    def waiting(self, error: ClientError, now: float) -> None:
+        """Failed, but waiting for something that may mend it (a new token): the status says
+        ``error``, and the connection that follows reports the outage from ``now``."""
+        self.error = error
+        if self.lost_at is None:
+            self.lost_at = now
+
     def close(self) -> None:
         self.phase = Phase.CLOSED
 

@@ -876,7 +876,8 @@ class ChatApp:
             then = self.after_sent.pop(ev.outgoing.client_msg_id, None)
             if then is not None:
                 then(ev.message_id if ev.kind == "sent" else None)
-        elif ev.kind in ("error", "restart"):  # restart: the server's history was restored
+        elif ev.kind in ("error", "restart", "waiting"):  # restart: the history was restored;
+            # waiting: for a new token (what is typed meanwhile waits with it)
             conv.notice(ev.text, error=True, renderer=self.renderer)
         elif ev.kind == "fatal" and ev.error is not None:
             self.on_fatal(conv, session, ev.error)
