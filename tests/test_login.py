@@ -296,8 +296,10 @@ def test_revocation_stops_renewal(lab: Any, short_lived: LabDaemon, tmp_path: Pa
     assert "renew refused login=alice@tailnet.test" in short_lived.log.read_text()
 
 
-def test_a_renewal_refused_because_the_grant_went_away_is_said_and_the_token_lasts_its_life(
+def test_a_login_token_stops_with_its_grant_and_the_refused_renewal_is_said(
         lab: Any, short_lived: LabDaemon, tmp_path: Path) -> None:
+    """It used to last its life without the grant, with every right the grant had given
+    (admin included); tests/test_security_continuous.py holds the server to it."""
     import tailnet_lab
 
     alice = person(lab, short_lived, "alice-laptop", tmp_path)
@@ -308,15 +310,11 @@ def test_a_renewal_refused_because_the_grant_went_away_is_said_and_the_token_las
     try:
         time.sleep(max(0.0, kept["received"] + TTL / 2 + 1 - time.time()))  # due, grant gone
         out = alice("whoami")
-        assert out.returncode == 0, out.stderr  # the token itself is still good
+        assert out.returncode == 6, out.stderr
         assert "chat-server will not renew your token: the tailnet policy grants " \
                "alice@tailnet.test no access to tsnetchat" in out.stderr
-        assert "It keeps working until" in out.stderr
-        time.sleep(max(0.0, kept["received"] + TTL + 1 - time.time()))
-        out = alice("whoami")
-        assert out.returncode == 5, out.stderr
-        assert "your token for chat-server expired on" in out.stderr
-        assert "and chat-server had refused to renew it: the tailnet policy grants" in out.stderr
+        assert "lasts only as long as the grant it came with" in out.stderr
+        assert "Traceback" not in out.stderr
     finally:
         lab.write_policy(policy)
         deadline = time.monotonic() + 30  # until WhoIs shows alice's grant again

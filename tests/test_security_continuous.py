@@ -152,6 +152,30 @@ async def test_bob_loses_his_grant_and_with_it_his_open_streams_and_every_call(
         assert e.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
+@pytest.mark.server_config(enroll="grant")
+async def test_a_login_token_stops_with_its_grant_and_never_gets_back_what_the_grant_took(
+        lab_chat: LabChat) -> None:
+    """Without require_grant, a token from `Login` whose grant was removed had its full
+    rights back (admin, every room it was issued with) for the rest of its 7 days: an
+    attacker's run, 2026-11-23."""
+    anon = await lab_chat.connect("alice-laptop", "no.token.yet")
+    got = await anon.stub.Login(pb.LoginRequest(), timeout=10)
+    assert got.admin and "ops" in got.rooms
+    alice = await lab_chat.connect("alice-laptop", got.token)
+    general = alice.subscribe("general")
+    await first_of(general, "replay_done")
+    async with policy_changed(lab_chat.lab, without_grant_of("alice")):
+        e = await refused(first_of(general, "message", timeout=15))
+        assert e.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "lasts only as long as the grant" in e.details()
+        for call in (alice.whoami(), alice.history("ops"),
+                     alice.stub.CreateRoom(pb.CreateRoomRequest(room="+takeover",
+                                                                members=[ALICE]),
+                                           metadata=alice.metadata, timeout=10)):
+            e = await refused(call)
+            assert e.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
 async def test_alice_loses_admin_and_a_room_while_her_other_subscribe_stays_open(
         lab_chat: LabChat) -> None:
     """Narrowed rights take away only what was taken: the stream in the room she lost closes,

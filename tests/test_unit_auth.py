@@ -19,9 +19,9 @@ def who(login: str = "alice@t", tags: tuple[str, ...] = (), cap: object = None) 
                  addresses=(), cap_map={"example.com/cap/tsnetchat": cap} if cap else {})
 
 
-def claims(sub: str = "alice@t", rooms: tuple[str, ...] = ("*",), admin: bool = False
-           ) -> auth.Claims:
-    return auth.Claims(sub, frozenset(rooms), admin, "j", 0, 9)
+def claims(sub: str = "alice@t", rooms: tuple[str, ...] = ("*",), admin: bool = False,
+           jti: str = "j") -> auth.Claims:
+    return auth.Claims(sub, frozenset(rooms), admin, jti, 0, 9)
 
 
 def test_grants_combine_as_a_union_and_ignore_malformed_values() -> None:
@@ -51,6 +51,23 @@ def test_empty_intersection_and_missing_required_grant_are_denied() -> None:
                        require_grant=False)
     with pytest.raises(PermissionDenied, match="no app capability grant"):
         auth.authorize(who(), claims(), None, require_grant=True)
+
+
+def test_a_login_token_whose_grant_is_gone_gets_no_more_than_a_login_without_a_grant(
+        ) -> None:
+    sized = claims(rooms=("general", "ops"), admin=True, jti=auth.LOGIN_ID_PREFIX + "1")
+    narrowed = auth.authorize(who(), sized, auth.Grant(frozenset({"general"}), False),
+                              require_grant=False)
+    assert (narrowed.rooms, narrowed.admin) == (frozenset({"general"}), False)
+    # enroll = grant (or off): the token lasted as long as its grant
+    with pytest.raises(PermissionDenied, match="lasts only as long as the grant"):
+        auth.authorize(who(), sized, None, require_grant=False)
+    # enroll = any: its rooms, as a login without a grant, and never admin
+    p = auth.authorize(who(), sized, None, require_grant=False, logins_need_grant=False)
+    assert (p.rooms, p.admin) == (frozenset({"general", "ops"}), False)
+    # an admin's token is as it was: the grant narrows it only where there is one
+    issued = auth.authorize(who(), claims(admin=True), None, require_grant=False)
+    assert issued.admin and issued.rooms == frozenset({"*"})
 
 
 def test_tagged_devices_match_by_tag_not_login() -> None:

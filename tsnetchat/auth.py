@@ -314,11 +314,18 @@ def _intersect(a: frozenset[str], b: frozenset[str]) -> frozenset[str]:
 
 
 def authorize(who: WhoIs, claims: Claims, grant: Grant | None, *,
-              require_grant: bool) -> Principal:
+              require_grant: bool, logins_need_grant: bool = True) -> Principal:
     """Both locks must agree; the result is the token's rights narrowed by the grant.
 
+    A token `tsnetchat login` issued (``LOGIN_ID_PREFIX``) carries the rights its grant had
+    then; without a grant now it has what a login without one would get: nothing
+    (``logins_need_grant``: enroll is not ``any``), or its rooms without admin. (It had its
+    full rights back, admin included, once the grant that had narrowed it was removed: an
+    attacker's run over the lab, 2026-11-23.)
+
     Raises Unauthenticated when the token belongs to someone else, PermissionDenied when the
-    policy grants nothing (with require_grant) or the intersection is empty.
+    policy grants nothing (with require_grant, or to a login token) or the intersection is
+    empty.
     """
     names = identity_names(who)
     if claims.subject not in names:
@@ -328,12 +335,17 @@ def authorize(who: WhoIs, claims: Claims, grant: Grant | None, *,
             f"connection comes from {shown} ({render.name(who.node_name, 'unknown device')}). "
             "Tokens only work from their owner's own devices.")
     rooms, admin = claims.rooms, claims.admin
+    login = claims.token_id.startswith(LOGIN_ID_PREFIX)
     if grant is not None:
         rooms, admin = _intersect(rooms, grant.rooms), admin and grant.admin
-    elif require_grant:
+    elif require_grant or (login and logins_need_grant):
+        why = ("; a token from `tsnetchat login` lasts only as long as the grant it came with"
+               if login else "")
         raise PermissionDenied(
             f"the tailnet policy grants {render.name(min(names, default=''))} no access to "
-            "tsnetchat (no app capability grant); ask a tailnet admin")
+            f"tsnetchat (no app capability grant){why}; ask a tailnet admin")
+    elif login:
+        admin = False
     if not rooms:
         raise PermissionDenied("your token and the tailnet grant have no room in common")
     # Names from the tailnet are shown to other people: the same rule as for message text.

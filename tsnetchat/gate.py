@@ -98,6 +98,7 @@ class Policy:
     key: bytes
     cap_name: str
     require_grant: bool
+    logins_need_grant: bool = True  # enroll is not "any" (auth.authorize)
     allow_own_node: bool = False
     own_node: str = ""  # StableID of the server's own node, once tailscaled has said
 
@@ -312,7 +313,8 @@ class Gate:
     def _decide(self, who: WhoIs, claims: auth.Claims) -> auth.Principal:
         self._check_own_node(who)
         grant = auth.grant_from_capmap(who.cap_map, self.policy.cap_name)
-        return auth.authorize(who, claims, grant, require_grant=self.policy.require_grant)
+        return auth.authorize(who, claims, grant, require_grant=self.policy.require_grant,
+                              logins_need_grant=self.policy.logins_need_grant)
 
     def _check_own_node(self, who: WhoIs) -> None:
         p = self.policy

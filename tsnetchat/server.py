@@ -113,7 +113,8 @@ RELOADABLE = frozenset({f.name for f in dataclasses.fields(Limits)} | {
 
 def policy_for(cfg: ServerConfig, key: bytes, own_node: str = "") -> Policy:
     return Policy(key=key, cap_name=cfg.cap_name, require_grant=cfg.require_grant,
-                  allow_own_node=cfg.allow_own_node, own_node=own_node)
+                  logins_need_grant=cfg.enroll != "any", allow_own_node=cfg.allow_own_node,
+                  own_node=own_node)
 
 
 class StreamBound:

@@ -419,7 +419,7 @@ class Renewal:
             if dead:
                 raise refused_renewal(self.typed, words)
             exp = self.entry.expires or time.time()
-            log.warning("%s will not renew your token: %s. It keeps working until %s",
+            log.warning("%s will not renew your token: %s. It works until %s at the latest",
                         self.typed, words, _when(exp))
             return
         # Busy, too early, or unreachable: try again, well before it expires.
