@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import logging
 import os
 import signal
@@ -11,6 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -301,6 +303,45 @@ async def test_presence_join_and_leave(chat: Chat) -> None:
     assert left.kind == pb.PRESENCE_KIND_LEFT and left.who.login == "bob@tailnet.test"
     assert [m.login for m in left.members] == ["alice@tailnet.test"]
     a.cancel()
+
+
+async def test_a_member_opening_and_closing_joins_cannot_flood_the_room_with_presence(
+        chat: Chat) -> None:
+    """Each first Join announced JOINED and each last one LEFT to everyone in the room: one
+    member sent 898 presence events in 5 s (an attacker's run, 2026-11-23). Over the limit
+    only the latest is said, and what is said last is true."""
+    from tsnetchat.service import COMINGS_BURST
+
+    bob = await chat.connect("bob@tailnet.test")
+    watch = bob.stub.Join(hello_events("general", hold=asyncio.Event()), metadata=bob.metadata)
+    await collect(watch, 1, kind="replay_done")
+    kinds: list[int] = []
+
+    async def count() -> None:
+        async for ev in watch:
+            if ev.WhichOneof("event") == "presence" and ev.presence.who.login == "mallory@t.t":
+                kinds.append(ev.presence.kind)
+
+    counter = asyncio.create_task(count())
+    mallory = await chat.connect("mallory@t.t")
+    began = time.monotonic()
+    for _ in range(COMINGS_BURST * 2):
+        call = mallory.stub.Join(hello_events("general"), metadata=mallory.metadata)
+        await collect(call, 1, kind="replay_done")
+        call.cancel()
+        await until(lambda: not chat.server.service.hub.subscriptions_of("mallory@t.t"))
+    # and now she stays: held back (her bucket is empty), then said
+    stay = mallory.stub.Join(hello_events("general", hold=asyncio.Event()),
+                             metadata=mallory.metadata)
+    await collect(stay, 1, kind="replay_done")
+    churned = time.monotonic() - began
+    await asyncio.sleep(1.5)  # what was held back is out
+    counter.cancel()
+    stay.cancel()
+    # (of 121: the burst, one a second while it went on, and the last, if it differs)
+    assert len(kinds) <= COMINGS_BURST + churned + 2, (len(kinds), churned)
+    assert kinds[-1] == pb.PRESENCE_KIND_JOINED
+    assert all(a != b for a, b in itertools.pairwise(kinds)), kinds  # each a change
 
 
 async def test_the_room_is_told_a_neutral_reason_when_a_member_is_kicked_or_revoked(

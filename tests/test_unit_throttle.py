@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from tsnetchat.throttle import Buckets, LogLimiter, TokenBucket
+import asyncio
+
+from tsnetchat.throttle import Buckets, Coalescer, LogLimiter, TokenBucket
 
 
 def test_a_reconfigured_bucket_refills_at_the_new_rate_from_now_on() -> None:
@@ -36,3 +38,16 @@ def test_the_log_limiter_counts_what_it_drops() -> None:
     lim = LogLimiter(burst=2, rate=0.001)
     assert [lim.allow() for _ in range(5)] == [True, True, False, False, False]
     assert lim.skipped() == 3 and lim.skipped() == 0
+
+
+async def test_the_coalescer_holds_what_goes_over_the_bucket_and_lets_out_the_latest() -> None:
+    said: list[tuple[str, str]] = []
+    c: Coalescer[str] = Coalescer(2, 20.0, lambda first, last: said.append((first, last)))
+    assert c.offer("mallory", "general", "in") and c.offer("mallory", "general", "out")
+    assert not c.offer("mallory", "general", "in")  # over: held ...
+    assert not c.offer("mallory", "general", "out")  # ... and replaced by the latest
+    assert not c.offer("mallory", "random", "in+")  # the same person's bucket
+    assert c.offer("bob", "general", "bob in")  # another person's is their own
+    assert said == [("in", "in"), ("out", "out"), ("bob in", "bob in")] and len(c) == 2
+    await asyncio.sleep(0.3)  # two more tokens, one at a time (20 a second)
+    assert sorted(said[3:]) == [("in", "out"), ("in+", "in+")] and len(c) == 0

@@ -16,7 +16,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -42,7 +42,7 @@ from .metrics import Metrics
 from .pb import chat_pb2 as pb
 from .store import Sender, Topic, fts_query
 from .tailnet import Tailnet
-from .throttle import Buckets, LogLimiter
+from .throttle import Buckets, Coalescer, LogLimiter
 
 if TYPE_CHECKING:
     from .enroll import Enrollment
@@ -51,6 +51,11 @@ if TYPE_CHECKING:
 # one every 5 s (a client sends one per /away or /back). Unlimited, one member sent about 2,470
 # presence events to a room in 3 s (a review over the real server, 2026-11-23).
 AWAY_BURST, AWAY_RATE = 10, 0.2
+# A person's first stream into a room announces them (JOINED), their last one leaving LEFT:
+# 30 at once (a client reconnecting 16 rooms is 32), then one a second; more are held and
+# only the latest goes out. Unlimited, one member opening and closing Joins sent 898
+# presence events in 5 s to everyone in the room (an attacker's run, 2026-11-23).
+COMINGS_BURST, COMINGS_RATE = 30, 1.0
 MAX_SEARCH_ROOMS = 100  # rooms named in one Search
 
 log = logging.getLogger("tsnetchat.service")
@@ -79,6 +84,15 @@ class _Garbage:
 
 
 GARBAGE = _Garbage()
+
+
+class _Coming(NamedTuple):
+    """A person's coming into a room (JOINED) or going (LEFT), as the room is told it."""
+
+    room: str
+    kind: int
+    who: pb.Identity
+    reason: str = ""
 
 
 def status_for(e: BaseException) -> grpc.StatusCode:
@@ -192,6 +206,8 @@ class ChatService:
         self._search_buckets = Buckets(limits.searches_per_minute,
                                        limits.searches_per_minute / 60)
         self._away_buckets = Buckets(AWAY_BURST, AWAY_RATE)  # Away events, per person
+        self._comings: Coalescer[_Coming] = Coalescer(COMINGS_BURST, COMINGS_RATE,
+                                                      self._came_or_went)
         self._away: dict[str, str] = {}  # login -> away message (set by an Away event)
         self._error_log = LogLimiter(burst=5, rate=0.2)
         self.going_away = False
@@ -485,6 +501,13 @@ class ChatService:
         there = [m for m in self.members_elsewhere(room) if m.login not in logins]
         return sorted([*here, *there], key=lambda m: m.login) if there else here
 
+    def _came_or_went(self, first: _Coming, last: _Coming) -> None:
+        """``Coalescer``'s emit: the latest of a person's comings and goings in a room,
+        unless it is where they were before the first of them that was held (each one turns
+        the last, so an odd number held ends where the first went)."""
+        if first.kind == last.kind:
+            self._presence(last.room, last.kind, last.who, reason=last.reason)
+
     def _presence(self, room: str, kind: int, who: pb.Identity, *, away_message: str = "",
                   reason: str = "") -> None:
         self.announce(room, kind, who, away_message=away_message, reason=reason)
@@ -541,7 +564,8 @@ class ChatService:
                     yield f
                 yield codec.event(replay_done=self._replay_done(sub))
                 if first:
-                    self._presence(hello.room, pb.PRESENCE_KIND_JOINED, me)
+                    self._comings.offer(p.login, hello.room,
+                                        _Coming(hello.room, pb.PRESENCE_KIND_JOINED, me))
                 reader = asyncio.create_task(self._read_client(request_iterator, sub, lease))
                 async for f in self._live(sub, context):
                     yield f
@@ -549,9 +573,9 @@ class ChatService:
                 if reader is not None:
                     reader.cancel()
                 if self.hub.remove(sub):
-                    self._presence(hello.room, pb.PRESENCE_KIND_LEFT, me,
-                                   reason=LEFT_BECAUSE.get(sub.closed.kind, "")
-                                   if sub.closed else "")
+                    self._comings.offer(p.login, hello.room, _Coming(
+                        hello.room, pb.PRESENCE_KIND_LEFT, me,
+                        LEFT_BECAUSE.get(sub.closed.kind, "") if sub.closed else ""))
 
     async def _read_hello(self, it: AsyncIterator[Any], lease: Lease) -> pb.Hello:
         """The first event, which must be a hello; given up as soon as the lease fails."""

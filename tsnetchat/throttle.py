@@ -1,5 +1,6 @@
 """Token buckets: per person (messages, calls), per connection and per device (refusals), and
-for the log (refusal lines).
+for the log (refusal lines); and ``Coalescer``, which holds back what goes over a bucket and
+lets the latest of it out when the bucket allows (a person's comings and goings in a room).
 
 A bucket holds at most ``burst`` tokens and refills at ``rate`` per second. ``Buckets`` keeps
 one per key and forgets keys whose bucket is full again (a full bucket is the same as a new
@@ -9,7 +10,12 @@ one), so a stream of one-off keys (connections) costs memory only while they are
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Callable, Hashable
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
 
 
 class TokenBucket:
@@ -104,3 +110,42 @@ class LogLimiter:
     def skipped(self) -> int:
         n, self._skipped = self._skipped, 0
         return n
+
+
+class Coalescer(Generic[T]):
+    """Events per ``who`` (a bucket each: ``burst`` at once, then ``rate`` a second), about a
+    ``topic`` each. One over the limit is held; later ones for the same (who, topic) replace
+    it, and when the bucket allows, ``emit(first, last)`` gets the first held and the latest
+    (the caller may find that nothing changed from what was said before the first). Nothing
+    is lost but the steps in between; what was said last is what is true."""
+
+    def __init__(self, burst: int, rate: float, emit: Callable[[T, T], None]) -> None:
+        self._buckets = Buckets(burst, rate)
+        self._emit = emit
+        self._held: dict[tuple[str, Hashable], tuple[T, T]] = {}
+
+    def offer(self, who: str, topic: Hashable, event: T) -> bool:
+        """Say ``event`` now (True), or hold it (False)."""
+        key = (who, topic)
+        held = self._held.get(key)
+        if held is not None:
+            self._held[key] = (held[0], event)
+            return False
+        wait = self._buckets.take(who)
+        if not wait:
+            self._emit(event, event)
+            return True
+        self._held[key] = (event, event)
+        asyncio.get_running_loop().call_later(wait, self._release, key)
+        return False
+
+    def _release(self, key: tuple[str, Hashable]) -> None:
+        wait = self._buckets.take(key[0])
+        if wait:  # (another topic of the same person took the token first)
+            asyncio.get_running_loop().call_later(wait, self._release, key)
+            return
+        first, last = self._held.pop(key)
+        self._emit(first, last)
+
+    def __len__(self) -> int:
+        return len(self._held)
