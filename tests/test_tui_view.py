@@ -413,3 +413,14 @@ def test_a_chat_log_that_cannot_be_opened_is_one_line_not_a_traceback(
             r"to a directory you can write\)")
     with pytest.raises(ConfigError, match=says), _stderr_to_log():
         pass
+
+
+def test_a_notifications_text_from_other_people_is_never_taken_for_notify_sends_options(
+        ) -> None:
+    from tsnetchat.tui import notify_argv
+
+    title, body = "--app-name=IT-Security in #general", "--urgency=critical alice, look"
+    argv = notify_argv("notify-send", title, body)
+    end = argv.index("--")  # GOption (notify-send's parser) ends its options there
+    assert argv[end + 1:] == [title, body]
+    assert all(not a.startswith("--app-name=IT") and "critical" not in a for a in argv[:end])

@@ -206,6 +206,13 @@ class TabCompletion:
         self.applied = new_before
 
 
+def notify_argv(notify_send: str, title: str, body: str) -> list[str]:
+    """notify-send's arguments for a notification whose title and body other people wrote:
+    after ``--``, so text such as "--urgency=critical" is shown, not taken as an option (an
+    attacker's run, 2026-11-23)."""
+    return [notify_send, "--app-name=tsnetchat", "--", title, body]
+
+
 class ChatApp:
     """The conversations, their sessions, the screen and the commands."""
 
@@ -967,7 +974,7 @@ class ChatApp:
         notify_send = shutil.which("notify-send")
         if notify_send:
             with contextlib.suppress(OSError):
-                subprocess.Popen([notify_send, "--app-name=tsnetchat", title, body],
+                subprocess.Popen(notify_argv(notify_send, title, body),
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         else:  # the terminal's own notification (OSC 777; OSC 9 where that is unknown)
             clean = f"{title}: {body}".replace("\x1b", "").replace("\x07", "")
