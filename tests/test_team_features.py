@@ -8,6 +8,7 @@ and deletions (with the text gone from the database file), topics, away.
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 from pathlib import Path
 
@@ -77,7 +78,9 @@ async def test_admins_read_direct_conversations_only_when_admins_read_dms_is_set
     assert [m.text for m in (await mallory.search("private")).messages] == ["private words"]
 
 
-async def test_a_private_room_is_seen_and_joined_only_by_its_members(lab_chat: LabChat) -> None:
+async def test_a_private_room_is_seen_and_joined_only_by_its_members(
+        lab_chat: LabChat, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "tsnetchat.service")
     alice, bob, mallory = await people(lab_chat, mallory_admin=False)
     admin = await lab_chat.connect("alice-laptop", lab_chat.token(ALICE, admin=True))
     made = await admin.create_room("+ops", [ALICE, BOB])
@@ -96,6 +99,7 @@ async def test_a_private_room_is_seen_and_joined_only_by_its_members(lab_chat: L
     assert (await first_of(call, "welcome")).private
     res = await admin.set_room_members("+ops", remove=[BOB])
     assert res.streams_closed == 1 and list(res.members) == [ALICE]
+    assert f"private room '+ops': '{ALICE}' added [], removed ['{BOB}']" in caplog.text
     assert (await refused(first_of(call, "going_away"))).code() == \
         grpc.StatusCode.PERMISSION_DENIED
     assert "+ops" not in [r.name for r in (await bob.list_rooms()).rooms]

@@ -862,10 +862,12 @@ class ChatService:
             if not rooms.is_private(request.room):
                 raise InvalidInput("only private rooms (+name) have members")
             rooms.check_name(request.room)
-            gone = self._logins(request.remove)
-            members = await self.store.set_members(request.room, p.login,
-                                                   self._logins(request.add), gone,
+            gone, added = self._logins(request.remove), self._logins(request.add)
+            members = await self.store.set_members(request.room, p.login, added, gone,
                                                    within=_answer_within(context))
+            # (an admin may add themselves: said in the log, as who did what)
+            log.info("private room %r: %r added %r, removed %r", request.room, p.login,
+                     sorted(added), sorted(gone))
             n = self.removed_here(request.room, gone, p.login)
             return pb.RoomMembersResponse(room=request.room, members=sorted(members),
                                           streams_closed=n)
