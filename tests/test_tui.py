@@ -272,6 +272,17 @@ def test_switching_rooms_shows_unread_counts_and_where_they_start(
     alice.type("Bo", enter=False)
     alice.keys("Tab")  # completes a nick
     alice.wait_for(r"(?m)#random> Bob:\s*$")  # "Bob: " at the start of a line
+    # each room keeps what was being typed in it (the line was shared: Enter in #general
+    # would have sent #random's half sentence there)
+    alice.type("half a thought", enter=False)
+    alice.keys("M-1")
+    alice.wait_for(r"(?m)#general>\s*$")
+    alice.type("/join #ops")  # a line carried out is no draft
+    alice.wait_for(r"you joined #ops")
+    alice.keys("M-2")
+    alice.wait_for(r"(?m)#random> Bob: half a thought\s*$")
+    alice.keys("M-1")
+    alice.wait_for(r"(?m)#general>\s*$")
 
 
 def test_unread_counts_are_the_servers_so_a_second_device_shows_them_and_sees_them_read(

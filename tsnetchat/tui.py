@@ -248,6 +248,11 @@ class ChatApp:
         self.mentions = mention_pattern([self.me.login, self.me.login.split("@")[0],
                                          self.me.display_name])
         self.input = Buffer(multiline=True)
+        # What was being typed in each room while another is shown (the line was shared:
+        # half a sentence for #ops went to #general with the next Enter; a new user's day,
+        # 2026-11-23). ``submitting``: a line is being carried out, and is not a draft.
+        self.drafts: dict[str, Document] = {}
+        self.submitting = False
         self.history = commands.InputHistory()
         self.tab = TabCompletion()
         self.input.on_text_changed += lambda _: setattr(self, "split_offer", None)
@@ -484,11 +489,28 @@ class ChatApp:
         old = self.conversation
         if old is not None:
             old.left()
+        if not self.submitting:
+            self.keep_draft(name)
         self.current = name
         conv = self.conversations[name]
         conv.looked_at()
         self.seen(conv)
         self.invalidate()
+
+    def keep_draft(self, going_to: str) -> None:
+        """Keep what is typed for the room shown now, and bring back ``going_to``'s. Typing
+        that has no room any more (a /join refused while it was typed) stays in the input,
+        with ``going_to``'s draft on the lines after it."""
+        if self.current is not None and self.current in self.conversations:
+            self.drafts[self.current] = self.input.document
+            self.input.reset()
+        draft = self.drafts.pop(going_to, None)
+        if draft is None:
+            return
+        if self.input.text:
+            text = f"{self.input.text}\n{draft.text}"
+            draft = Document(text, len(text))
+        self.input.document = draft
 
     def seen(self, conv: Conversation) -> None:
         """Everything in ``conv`` is on screen: its read position moves (Ack)."""
@@ -503,10 +525,18 @@ class ChatApp:
         text = self.input.text
         if not text.strip():
             return
-        keep = self.handle(text)
+        self.submitting = True
+        try:
+            keep = self.handle(text)
+        finally:
+            self.submitting = False
         self.history.add(text)
         if not keep:
             self.input.reset()
+            # (a /join or /leave switched rooms: the one shown now may have a draft)
+            draft = self.drafts.pop(self.current or "", None)
+            if draft is not None:
+                self.input.document = draft
         self.invalidate()
 
     def handle(self, line: str) -> bool:
@@ -821,6 +851,7 @@ class ChatApp:
         names = list(self.conversations)
         i = names.index(room)
         del self.conversations[room]
+        self.drafts.pop(room, None)
         if self.current == room:
             self.current = None
             rest = list(self.conversations)
