@@ -283,6 +283,9 @@ def test_switching_rooms_shows_unread_counts_and_where_they_start(
     alice.wait_for(r"(?m)#random> Bob: half a thought\s*$")
     alice.keys("M-1")
     alice.wait_for(r"(?m)#general>\s*$")
+    alice.type("/rooms")  # each room's newest id (not a count), unread, who is there
+    alice.wait_for(r"#random \(last #\d+; here: ")
+    alice.wait_for(r"#ops \(nothing said yet; here: Alice\)")
 
 
 def test_unread_counts_are_the_servers_so_a_second_device_shows_them_and_sees_them_read(
