@@ -124,6 +124,33 @@ async def test_over_the_rate_a_send_is_refused_with_the_wait_and_is_not_a_strike
     assert world.history.last_id("general") == 2
 
 
+async def test_a_person_brings_new_rooms_into_being_50_at_once_then_one_a_minute(
+        world: World) -> None:
+    from tsnetchat.ledger import NEW_ROOMS_BURST
+
+    def member_of(room: str, login: str = "alice@example.com") -> Subscriber:
+        sub = Subscriber(room, login, "t", limit=1000)
+        world.hub.add(sub)
+        return sub
+
+    for i in range(NEW_ROOMS_BURST + 1):
+        world.ledger.send(member_of(f"r{i}"), ALICE, "first", 0, f"c{i}")
+    await world.ledger.drain()
+    ((_, error, cmid, retry_after),) = world.refused
+    assert cmid == f"c{NEW_ROOMS_BURST}" and isinstance(error, LimitExceeded)
+    assert "at most 50 new rooms and conversations at once, then one a minute" in str(error)
+    assert 0 < retry_after <= 60
+    assert world.history.last_id(f"r{NEW_ROOMS_BURST}") == 0  # (not made)
+    # rooms that exist take any number of messages, and other people make their own
+    for i in range(3):
+        world.ledger.send(member_of("r0"), ALICE, "more", 0, f"d{i}")
+    world.ledger.send(member_of("bobs", "bob@example.com"),
+                      Sender("bob@example.com", "Bob", "bob-laptop"), "mine", 0, "b")
+    await world.ledger.drain()
+    assert len(world.refused) == 1
+    assert world.history.last_id("r0") == 4 and world.history.last_id("bobs") == 1
+
+
 async def test_a_reloaded_rate_applies_to_the_next_send(world: World) -> None:
     world.rules.rate_burst, world.rules.rate_per_second = 1, 0.01
     world.ledger.apply(world.rules)

@@ -67,6 +67,11 @@ MAX_ID = 2**63 - 1  # SQLite's largest integer; larger numbers are not message i
 MAX_PENDING = 50_000
 # Read positions wait this long for others before they are written in one transaction.
 MARK_DELAY = 0.2
+# Rooms and conversations a person may bring into being by writing the first message there:
+# 50 at once, then one a minute. Each is kept for good (ListRooms, unread counts and search
+# walk them all), and a token for every room let one person make a new one with every
+# message, 5 a second (found 2026-11-22, left open until 2026-11-23).
+NEW_ROOMS_BURST, NEW_ROOMS_RATE = 50, 1 / 60
 CHANGES = (pb.MESSAGE_KIND_EDIT, pb.MESSAGE_KIND_DELETE, pb.MESSAGE_KIND_TOPIC)
 
 def validate_text(text: str, kind: int, max_bytes: int) -> None:
@@ -198,6 +203,7 @@ class Ledger:
         first = limits()
         self._buckets = Buckets(first.rate_burst, first.rate_per_second)  # per person
         self._change_buckets = Buckets(first.edits_per_minute, first.edits_per_minute / 60)
+        self._new_room_buckets = Buckets(NEW_ROOMS_BURST, NEW_ROOMS_RATE)
         self._storage_log = LogLimiter(burst=3, rate=0.1)
 
     def send(self, sub: Subscriber, sender: Sender, text: str, kind: int,
@@ -236,6 +242,14 @@ class Ledger:
                 f"the server has {pending} messages waiting to be stored; this one was not "
                 "stored: send it again shortly"), 1.0)
             return
+        if not self.history.last_id(sub.room):
+            wait = self._new_room_buckets.take(sender.login)
+            if wait:
+                self._refused(sub, client_msg_id, "rate", LimitExceeded(
+                    f"slow down: at most {NEW_ROOMS_BURST} new rooms and conversations at "
+                    f"once, then one a minute; this message was not sent, retry in "
+                    f"{wait:.0f}s"), wait)
+                return
         if kind in CHANGES:
             wait = self._change_buckets.take(sender.login)
             if wait:
