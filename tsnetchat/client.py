@@ -715,7 +715,7 @@ class RoomSession:
         """Whether a refused token may be replaced while this session waits: it came from
         the token store (`tsnetchat login`) and this room was open before. (A chat whose
         token was revoked was closed for good; the person ran `tsnetchat login` and had to
-        restart it, losing what they had typed: a new user's day, 2026-11-22.)"""
+        restart it, losing what they had typed: a new user's day, 2026-11-23.)"""
         return (err.exit_code == EXIT_UNAUTHENTICATED and self.link.token_store is not None
                 and self.state.ever_connected)
 

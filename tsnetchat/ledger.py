@@ -70,7 +70,7 @@ MARK_DELAY = 0.2
 # Rooms and conversations a person may bring into being by writing the first message there:
 # 50 at once, then one a minute. Each is kept for good (ListRooms, unread counts and search
 # walk them all), and a token for every room let one person make a new one with every
-# message, 5 a second (found 2026-11-22, left open until 2026-11-23).
+# message, 5 a second.
 NEW_ROOMS_BURST, NEW_ROOMS_RATE = 50, 1 / 60
 CHANGES = (pb.MESSAGE_KIND_EDIT, pb.MESSAGE_KIND_DELETE, pb.MESSAGE_KIND_TOPIC)
 

@@ -1039,7 +1039,7 @@ class ChatApp:
             title = (dm_title(r.name, self.me.login) if r.direct else
                      r.name if r.private else f"#{r.name}")
             # (the newest id, not a count: "42 messages" was said of a room whose ids also
-            # went to edits, deletions and topics; a new user's day, 2026-11-22)
+            # went to edits, deletions and topics; a new user's day, 2026-11-23)
             said = f"last #{r.last_id}" if r.last_id else "nothing said yet"
             unread = f", {r.unread} unread" if r.unread else ""
             here = f"; here: {describe_members(r.members)}" if r.members else ""
