@@ -224,6 +224,20 @@ def test_within_its_grace_a_fail_fast_stream_still_takes_a_refusal_as_final() ->
     assert s.phase is Phase.FAILED
 
 
+def test_once_connected_the_way_to_the_server_failing_is_never_final_but_a_refusal_is(
+        ) -> None:
+    """This machine's tailscaled down for 6 s: discovery said "cannot find 'chat-server' on
+    the tailnet" (not retryable: a typo before the first connection) and the room closed."""
+    s = StreamState(grace=8.0)
+    s.connected(0.0)
+    gone = ClientError("cannot find 'chat-server' on the tailnet", retryable=False,
+                       transport=True)
+    for t in (10.0, 11.0, 13.0, 30.0):
+        assert s.lost(gone, t, 0.5) is not None and s.phase is Phase.RECONNECTING
+    assert s.lost(ClientError("token revoked", retryable=False), 31.0, 0.5) is None
+    assert s.phase is Phase.FAILED
+
+
 def test_a_first_success_after_failed_attempts_is_not_reported_as_a_reconnect() -> None:
     s = StreamState(grace=8.0)
     s.lost(unreachable(), 0.0, 0.5)

@@ -161,7 +161,10 @@ class StreamState:
         if self.phase is Phase.CLOSED:
             return None
         self.error = error
-        if not error.retryable:
+        # Once connected, the way to the server failing is never final, whatever it says
+        # meanwhile: this machine's tailscaled stopped for 6 s had the chat say "cannot find
+        # 'chat-server' on the tailnet" and close for good (a new user's day, 2026-11-23).
+        if not error.retryable and not (error.transport and self.ever_connected):
             self.phase = Phase.FAILED
             return None
         if self.lost_at is None:
