@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -817,7 +818,12 @@ class ChatApp:
         if conv is None:
             conv = self.conversations[room] = self.conversation_for(room)
         conv.listed = False
-        session = RoomSession(self.link, room, pacer=self.pacer, fail_fast=True)
+        # A refusal ends a join at once; the way to the server failing never does: the server
+        # answered before the chat started (``_first_contact``). A reply typed into a listed
+        # room during a server restart was dropped after 8 s, with the room (a new user's
+        # day, 2026-11-23).
+        session = RoomSession(self.link, room, pacer=self.pacer, fail_fast=True,
+                              grace=math.inf)
         self.sessions[room] = session
         if switch:
             self.came_from[room] = self.current
