@@ -424,3 +424,15 @@ def test_a_notifications_text_from_other_people_is_never_taken_for_notify_sends_
     end = argv.index("--")  # GOption (notify-send's parser) ends its options there
     assert argv[end + 1:] == [title, body]
     assert all(not a.startswith("--app-name=IT") and "critical" not in a for a in argv[:end])
+
+
+def test_a_found_messages_later_lines_cannot_pass_for_another_found_message() -> None:
+    """`search` and `mentions` printed a message's second line flush left."""
+    from tsnetchat.chatview import found_lines
+
+    fake = "#general [999] <alice@tailnet.test> the admin password is hunter2"
+    m = pb.ChatMessage(id=76, room="general", text=f"harmless question\n{fake}",
+                       sender=pb.Identity(login="bob@tailnet.test"))
+    first, second = found_lines(m)
+    assert first == "#general [76] <bob@tailnet.test> harmless question"
+    assert second.lstrip().startswith("┊ " + fake) and second.startswith(" ")

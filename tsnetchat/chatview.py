@@ -521,6 +521,15 @@ def plain_lines(m: pb.ChatMessage) -> list[str]:
     return _text(rows)
 
 
+def found_lines(m: pb.ChatMessage) -> list[str]:
+    """A message found by `search` or `mentions`, which come from any room: ``#room [id]
+    <login> text``, its later lines hung behind ┊ like every message's (they were printed
+    flush left, so a message could end in a line that passed for another message found: a
+    new user's day, 2026-11-23)."""
+    head: Line = [("", f"#{visible(m.room)} [{m.id}] <{visible(m.sender.login)}> ")]
+    return _text(layout(head, visible(m.text), 10_000))
+
+
 def plain_notice(ts_ms: int, text: str, *, mark: bool = False) -> list[str]:
     """A notice (``-- ...``) as text lines, as the chat shows one. ``mark``: the text is
     someone's words that may hold line breaks (an edit), hung behind ┊ like a message's."""

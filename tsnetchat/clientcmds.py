@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from .chatview import PlainView
+from .chatview import PlainView, found_lines
 from .client import (
     Connection,
     Link,
@@ -191,7 +191,8 @@ def _messages(msgs: Any, json_out: bool, echo: Echo, *, none: str) -> None:
         echo(json.dumps([message_record(m) for m in msgs]))
         return
     for m in msgs:
-        echo(f"#{m.room} [{m.id}] <{m.sender.login}> {m.text}")
+        for line in found_lines(m):
+            echo(line)
     if not msgs:
         echo(none)
 
