@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -49,15 +50,21 @@ def open_terminal(chat_server: LabDaemon, tmp_path: Path) -> Iterator[Opener]:
     made: list[Tmux] = []
 
     def open_(who: str, *, rooms: tuple[str, ...] = (), height: int = 50,
-              wait: bool = True, admin: bool = False) -> Tmux:
+              wait: bool = True, admin: bool = False, in_shell: bool = False) -> Tmux:
+        """``in_shell``: typed into an interactive bash, as a person does (job control:
+        Ctrl-Z, `fg`), rather than run as the terminal's command."""
         home = tmp_path / f"home-{who}-{len(made)}"
         home.mkdir()
         env = {"TERM": "xterm-256color", "PATH": os.environ["PATH"], "HOME": str(home),
-               "LANG": "C.UTF-8", "TZ": "UTC"}
+               "LANG": "C.UTF-8", "TZ": "UTC", "PS1": "$ "}
         tok = chat_server.token(f"{who}@tailnet.test", rooms, *(["--admin"] if admin else []))
-        t = Tmux(f"{who}-{os.getpid()}-{len(made)}",
-                 [CLI, "connect", "chat-server", "--token", tok,
-                  *chat_server.client_args(NODES[who])], env, height=height)
+        cmd = [CLI, "connect", "chat-server", "--token", tok,
+               *chat_server.client_args(NODES[who])]
+        shell = ["bash", "--norc", "--noprofile", "-i"]
+        t = Tmux(f"{who}-{os.getpid()}-{len(made)}", shell if in_shell else cmd, env,
+                 height=height)
+        if in_shell:
+            t.type(shlex.join(cmd))
         made.append(t)
         if wait:
             t.wait_for(r"you joined #general")
@@ -134,6 +141,22 @@ def test_a_message_arriving_mid_typing_leaves_the_input_alone(
     alice.keys("M-Enter")  # a second line in the same message
     alice.type(" finished")
     bob.wait_for(r"<Alice> half a thought\n.*┊  finished")
+
+
+def test_ctrl_z_suspends_the_chat_and_fg_brings_it_back_with_what_was_typed(
+        open_terminal: Opener) -> None:
+    """Ctrl-Z typed an invisible U+001A into the line, which the server then refused."""
+    bob = open_terminal("bob")
+    alice = open_terminal("alice", in_shell=True)
+    alice.type("typed before a break", enter=False)
+    alice.keys("C-z")
+    alice.wait_for(r"Stopped\s+.*tsnetchat connect")  # bash's word for a suspended job
+    alice.type("fg")
+    alice.wait_for(r"(?m)#general> typed before a break\s*$")
+    alice.keys("Enter")
+    bob.wait_for(r"<Alice> typed before a break")
+    assert "control character" not in alice.screen()
+    no_python_on(alice, bob)
 
 
 def test_a_mention_rings_the_bell_and_is_highlighted(terminals: dict[str, Tmux]) -> None:

@@ -406,6 +406,12 @@ class ChatApp:
         def _(event: KeyPressEvent) -> None:
             self.quit()
 
+        @kb.add("c-z")
+        def _(event: KeyPressEvent) -> None:
+            # Suspended as a shell job; `fg` redraws. (It typed an invisible U+001A that the
+            # server then refused: a new user's day, 2026-11-23.)
+            event.app.suspend_to_background()
+
         @kb.add("up")
         def _(event: KeyPressEvent) -> None:
             if self.input.document.cursor_position_row > 0:
