@@ -246,6 +246,24 @@ def test_three_server_restarts_and_a_tailscaled_restart_while_typing_lose_and_do
     no_python_on(alice, bob)
 
 
+def test_a_chat_whose_server_restores_a_backup_says_so_and_not_that_nothing_was_missed(
+        chat_server: LabDaemon, open_terminal: Opener, tmp_path: Path) -> None:
+    alice = open_terminal("alice")
+    alice.type("kept in the backup")
+    alice.wait_for(r"<Alice> kept in the backup")
+    backup = tmp_path / "backup.db"
+    chat_server.cli("backup", str(backup))
+    alice.type("not in the backup")
+    alice.wait_for(r"<Alice> not in the backup")
+    chat_server.stop()
+    chat_server.cli("restore", str(backup))
+    chat_server.start()
+    s = alice.wait_for(r"restored from a backup[\s\S]*reconnected after \d+s", timeout=60)
+    after = s[s.index("restored from a backup"):]
+    assert "nothing missed" not in after, s
+    no_python_on(alice)
+
+
 # --- rooms ---------------------------------------------------------------------------------
 
 

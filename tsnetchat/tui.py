@@ -253,6 +253,7 @@ class ChatApp:
         # half a sentence for #ops went to #general with the next Enter; a new user's day,
         # 2026-11-23). ``submitting``: a line is being carried out, and is not a draft.
         self.drafts: dict[str, Document] = {}
+        self.shown_again: set[str] = set()  # rooms restarted from a restored history
         self.submitting = False
         self.history = commands.InputHistory()
         self.tab = TabCompletion()
@@ -919,15 +920,21 @@ class ChatApp:
         elif ev.kind == "state" and ev.error is not None and session.state.attempts == 1:
             conv.away_from = {m.login for m in conv.members}
         elif ev.kind == "state" and ev.seconds is not None:
-            conv.notice(f"reconnected after {ev.seconds:.0f}s; nothing missed",
-                        renderer=self.renderer)
+            # (after a restored history the room was shown again from what the server has:
+            # "nothing missed" contradicted the line just above; a new user's day, 2026-11-23)
+            missed = "" if conv.name in self.shown_again else "; nothing missed"
+            self.shown_again.discard(conv.name)
+            conv.notice(f"reconnected after {ev.seconds:.0f}s{missed}", renderer=self.renderer)
             conv.quiet_until = time.monotonic() + QUIET_REJOINS
         elif ev.kind in ("sent", "failed") and ev.outgoing is not None:
             then = self.after_sent.pop(ev.outgoing.client_msg_id, None)
             if then is not None:
                 then(ev.message_id if ev.kind == "sent" else None)
-        elif ev.kind in ("error", "restart", "waiting"):  # restart: the history was restored;
-            # waiting: for a new token (what is typed meanwhile waits with it)
+        elif ev.kind in ("error", "restart", "waiting"):
+            # restart: the history was restored (the room is shown again from it); waiting:
+            # for a new token (what is typed meanwhile waits with it)
+            if ev.kind == "restart":
+                self.shown_again.add(conv.name)
             conv.notice(ev.text, error=True, renderer=self.renderer)
         elif ev.kind == "fatal" and ev.error is not None:
             self.on_fatal(conv, session, ev.error)
