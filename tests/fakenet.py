@@ -28,16 +28,22 @@ SELF = PeerInfo(host_name="chat-server", dns_name="chat-server.tailnet.test.",
 @dataclass
 class FakeTailnet:
     server_port: int = 0
-    fronts: dict[str, int] = field(default_factory=dict)
     by_port: dict[int, WhoIs] = field(default_factory=dict)
     whois_addrs: list[str] = field(default_factory=list)  # every WhoIs asked, in order
+    devices: list[WhoIs] = field(default_factory=list)  # each front's, for status()
     _servers: list[asyncio.base_events.Server] = field(default_factory=list)
     _conns: set[asyncio.StreamWriter] = field(default_factory=set)
     answering: bool = True  # False: WhoIs fails as if tailscaled were gone
     _changes: asyncio.Queue[Change | None] = field(default_factory=asyncio.Queue)
 
     async def status(self) -> Status:
-        return Status(backend_state="Running", tun=False, self_node=SELF, peers=(),
+        """Running, with a peer for every device a front was made for (as tailscaled lists
+        every node of the tailnet, whether or not it ever talked to us)."""
+        peers = tuple(PeerInfo(host_name=w.node_name.split(".")[0], dns_name=w.node_name + ".",
+                               ips=w.addresses, online=True, last_seen="", login=w.login,
+                               tags=w.tags, node_id=w.node_id)
+                      for w in {w.node_id: w for w in self.devices}.values())
+        return Status(backend_state="Running", tun=False, self_node=SELF, peers=peers,
                       magic_dns_suffix="tailnet.test", magic_dns_enabled=True)
 
     async def watch(self) -> AsyncIterator[Change]:
@@ -85,6 +91,7 @@ class FakeTailnet:
                     node_name=node or f"{login.split('@')[0]}-laptop.tailnet.test",
                     node_id=node or f"{login}-laptop",
                     tags=tags, addresses=("100.64.0.9",), cap_map=cap_map or {})
+        self.devices.append(who)
 
         async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
             try:

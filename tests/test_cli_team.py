@@ -131,6 +131,15 @@ def test_dm_reaches_only_its_members(alice: Person, bob: Person, server: LabDaem
 def test_room_members_creates_a_private_room_and_invites(alice: Person, bob: Person) -> None:
     made = alice.json("room-members", "+ops", "--create", "--add", ALICE)
     assert made["members"] == [ALICE]
+    # a login nobody has is refused (a typo was kept as a member, and bob left out) ...
+    refused(alice("room-members", "+ops", "--add", "bbo@tailnet.test"), 2,
+            "nobody with the login 'bbo@tailnet.test'", "nobody was added")
+    refused(alice("room-members", "+ops", "--add", "Bob@tailnet.test"), 2,
+            "did you mean bob@tailnet.test?")
+    refused(alice("room-members", "+typo", "--create", "--add", "nosuch@tailnet.test"), 2)
+    # ... one on the tailnet is somebody's, though they never used this server
+    assert MALLORY in alice.json("room-members", "+ops", "--add", MALLORY)["members"]
+    alice.ok("room-members", "+ops", "--remove", MALLORY)
     refused(bob("history", "--room", "+ops"), 6)
     alice.ok("room-members", "+ops", "--add", BOB)
     send(alice, "+ops", "ops only")

@@ -31,6 +31,7 @@ BACKLOG = 1000  # of 3,500 bytes: far more than the flow-control window lets thr
 async def test_a_reader_still_in_its_replay_gets_nothing_stored_after_losing_the_room(
         chat: Chat, taken_away: str) -> None:
     alice = await chat.connect(ALICE, chat.token(ALICE, admin=True))
+    bob_at = await chat.net.front(BOB)  # bob's device, on the tailnet: he can be a member
     room = "general" if taken_away == "token revoked" else "+ops"
     if room == "+ops":
         await alice.create_room(room, [ALICE, BOB])
@@ -41,7 +42,7 @@ async def test_a_reader_still_in_its_replay_gets_nothing_stored_after_losing_the
     bob_token = chat.token(BOB)
     # A channel of its own, with a fixed flow-control window (no BDP probing, which would
     # grow it): a reader that does not read soon holds the server's writes.
-    channel = grpc.aio.insecure_channel(await chat.net.front(BOB), options=[
+    channel = grpc.aio.insecure_channel(bob_at, options=[
         ("grpc.http2.bdp_probe", 0), ("grpc.use_local_subchannel_pool", 1)])
     try:
         stub = chat_pb2_grpc.ChatStub(channel)

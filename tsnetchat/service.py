@@ -848,8 +848,8 @@ class ChatService:
                 raise InvalidInput("a private room's name starts with '+' (+name)")
             rooms.check_name(request.room)
             members = await self.store.set_members(
-                request.room, p.login, self._logins(request.members), (), create=True,
-                within=_answer_within(context))
+                request.room, p.login, await self._somebodys(self._logins(request.members)),
+                (), create=True, within=_answer_within(context))
             log.info("private room %r created by %r", request.room, p.login)
             return pb.RoomMembersResponse(room=request.room, members=sorted(members))
         raise AssertionError("unreachable")  # pragma: no cover
@@ -862,7 +862,8 @@ class ChatService:
             if not rooms.is_private(request.room):
                 raise InvalidInput("only private rooms (+name) have members")
             rooms.check_name(request.room)
-            gone, added = self._logins(request.remove), self._logins(request.add)
+            gone = self._logins(request.remove)
+            added = await self._somebodys(self._logins(request.add))
             members = await self.store.set_members(request.room, p.login, added, gone,
                                                    within=_answer_within(context))
             # (an admin may add themselves: said in the log, as who did what)
@@ -872,6 +873,28 @@ class ChatService:
             return pb.RoomMembersResponse(room=request.room, members=sorted(members),
                                           streams_closed=n)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _somebodys(self, logins: list[str]) -> list[str]:
+        """``logins``, each of somebody who has used this server or is on the tailnet (a
+        typo was kept as a member, and the person meant was left out: a new user's day,
+        2026-11-23). Raises InvalidInput naming the first that is nobody's, with the
+        login it may mean; Unavailable when tailscaled cannot say."""
+        people = self.ledger.people
+        if all(people.knows(x) for x in logins):
+            return logins
+        try:
+            peers = await self._tailnet_logins()
+        except TailnetError as e:
+            raise Unavailable(f"cannot check the logins: tailscaled did not say who is on "
+                              f"the tailnet ({e}); nobody was added, try again") from e
+        for x in logins:
+            if not people.knows(x) and x not in peers:
+                like = sorted(people.logins_like(x) | {y for y in peers
+                                                       if y.lower() == x.lower()})
+                meant = f" (did you mean {like[0]}?)" if like else ""
+                raise InvalidInput(f"nobody with the login {x[:60]!r} is on the tailnet or "
+                                   f"has used this server{meant}; nobody was added")
+        return logins
 
     @staticmethod
     def _logins(values: Any) -> list[str]:
