@@ -356,8 +356,8 @@ def test_a_rate_refusal_means_wait_and_a_bad_message_means_failed() -> None:
     slow = refusal(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], "slow down: at most 5 "
                    "messages/s (bursts of 20); this one was not sent, retry in 0.4s")
     assert slow.retryable and slow.retry_after == pytest.approx(0.4)
-    lost = refusal(grpc.StatusCode.UNAVAILABLE.value[0], "disk full; send it again")
-    assert lost.retryable
+    lost = refusal(grpc.StatusCode.UNAVAILABLE.value[0], "disk full; send it again", 1000)
+    assert lost.retryable and lost.retry_after == 1.0  # the event's own retry_after_ms
     bad = refusal(grpc.StatusCode.INVALID_ARGUMENT.value[0], "message is 5000 bytes")
     assert not bad.retryable and str(bad) == "message is 5000 bytes"
     assert retry_hint("nothing here") == 0.0

@@ -19,7 +19,7 @@ import pytest
 from conftest import Chat
 from helpers import collect, hello_events, need, send, until, write_lock_held
 
-from tsnetchat.client import acks_in
+from tsnetchat.client import RoomSession, acks_in
 from tsnetchat.pb import chat_pb2 as pb
 
 
@@ -111,6 +111,31 @@ async def test_sends_are_refused_as_not_stored_after_a_bounded_wait_and_work_aga
     assert sorted(out.acks.values()) == [2, 3, 4]
     assert stored_ids(chat) == [1, 2, 3, 4]  # everything acknowledged, nothing else
     call.cancel()
+
+
+@pytest.mark.server_config(store_wait=0.1, rate_burst=1000, rate_per_second=1000.0)
+async def test_a_client_refused_for_storage_waits_the_servers_retry_after_before_resending(
+        chat: Chat) -> None:
+    """It waited what its pacer allowed (here a millisecond) and not the second the server
+    asked for: thousands of resends in 10 s against a full disk (an operator's run)."""
+    session = RoomSession(lambda: chat.connect("alice@tailnet.test"), "general")
+    kinds: list[str] = []
+
+    async def follow() -> None:
+        async for ev in session.events():
+            kinds.append(ev.kind)
+
+    follower = asyncio.create_task(follow())
+    await until(lambda: session.connected, "alice is in")
+    async with write_lock_held(chat.cfg.db_path):
+        session.send("while the disk is locked")
+        await asyncio.sleep(3.0)
+        refused = kinds.count("deferred")
+    assert 1 <= refused <= 4, refused  # one a second (a refusal takes store_wait, 0.1 s)
+    await until(lambda: "sent" in kinds, "sent once the lock is gone")
+    assert stored_ids(chat) == [1]
+    follower.cancel()
+    await session.close()
 
 
 @pytest.mark.server_config(store_wait=60.0)

@@ -845,7 +845,7 @@ class RoomSession:
         return out
 
     def _refused(self, e: pb.Error) -> list[SessionEvent]:
-        err = refusal(e.code, e.message)
+        err = refusal(e.code, e.message, e.retry_after_ms)
         out = self.outbox.find(e.client_msg_id) if e.client_msg_id else None
         if out is None:
             return [SessionEvent("error", error=err, text=str(err))]

@@ -195,16 +195,20 @@ def translate(e: BaseException, where: Where | None = None, *, server: str = "",
                        retryable=True)
 
 
-def refusal(code: int, message: str) -> ClientError:
+def refusal(code: int, message: str, retry_after_ms: int = 0) -> ClientError:
     """The server refused one message and kept the stream open (an Error event).
 
     Retryable: a rate refusal ("slow down ... retry in 0.4s") and a commit that failed ("send
-    it again"); the message is sent again after ``retry_after``. Anything else (too long, a
-    control character, not allowed) is refused for good.
+    it again"); the message is sent again after ``retry_after``: the event's own
+    ``retry_after_ms``, or the words' "retry in". (The words alone were read: a refusal for a
+    full disk, which says no "retry in", was sent again at the pace of the client's rate,
+    thousands of times in 10 s with a high one; an operator's run, 2026-11-23.) Anything else
+    (too long, a control character, not allowed) is refused for good.
     """
     status = next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
     if status in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE):
-        return ClientError(message, retryable=True, retry_after=retry_hint(message),
+        return ClientError(message, retryable=True,
+                           retry_after=max(retry_after_ms / 1000, retry_hint(message)),
                            status=status)
     return ClientError(message or status.name.lower().replace("_", " "), retryable=False,
                        exit_code=EXIT_USAGE if status == grpc.StatusCode.INVALID_ARGUMENT
