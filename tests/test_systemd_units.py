@@ -324,3 +324,43 @@ def test_a_token_issued_while_the_service_is_stopped_works_once_it_runs(unit: Un
 
     assert asyncio.run(whoami()) == "bob@tailnet.test"
     chat_works(unit)
+
+
+def test_a_key_rotated_with_sudo_while_the_service_runs_is_its_own_and_revocations_go_on(
+        unit: Unit) -> None:
+    """`sudo tsnetchat token rotate-key` wrote a key only root could read: the service kept
+    the old key (old tokens went on working), and its once-a-second check of revocations
+    ended with it, so later `token revoke`s did nothing (an operator's run, 2026-11-23)."""
+    unit.ensure_running()
+
+    async def whoami(token: str) -> grpc.StatusCode:
+        conn = await unit.connect()
+        conn.metadata = (("authorization", f"Bearer {token}"),)
+        try:
+            await conn.whoami()
+            return grpc.StatusCode.OK
+        except grpc.aio.AioRpcError as e:
+            return e.code()
+        finally:
+            await conn.close()
+
+    def until_refused(token: str) -> None:
+        deadline = time.monotonic() + 15
+        while asyncio.run(whoami(token)) == grpc.StatusCode.OK:
+            assert time.monotonic() < deadline, f"still accepted\n{unit.journal()[-3000:]}"
+            time.sleep(0.5)
+
+    old = unit.token
+    assert asyncio.run(whoami(old)) == grpc.StatusCode.OK
+    unit.c.sh(f"{CLI} token rotate-key")
+    owner = unit.c.sh("stat -c %U /var/lib/private/tsnetchat/jwt.key").stdout.strip()
+    assert owner != "root"
+    until_refused(old)
+    unit.token = unit.c.sh(f"{CLI} token issue alice@tailnet.test").stdout.strip()
+    assert asyncio.run(whoami(unit.token)) == grpc.StatusCode.OK
+    doomed = unit.c.sh(f"{CLI} token issue alice@tailnet.test --json").stdout
+    doomed_token, doomed_id = json.loads(doomed)["token"], json.loads(doomed)["id"]
+    assert asyncio.run(whoami(doomed_token)) == grpc.StatusCode.OK
+    unit.c.sh(f"{CLI} token revoke {doomed_id}")
+    until_refused(doomed_token)
+    assert "cannot be read" not in unit.journal()

@@ -37,6 +37,7 @@ import jwt
 from . import render
 from .config import ROOM_RE
 from .errors import ConfigError, InvalidInput, PermissionDenied, Unauthenticated
+from .statedir import give_to_server
 from .tailnet import WhoIs
 
 ALGORITHM = "HS256"
@@ -68,6 +69,7 @@ def load_or_create_key(path: Path) -> bytes:
     else:
         with os.fdopen(fd, "wb") as f:
             f.write(secrets.token_bytes(32).hex().encode())
+        give_to_server(path, path.parent)
     mode = stat.S_IMODE(path.stat().st_mode)
     if mode & 0o077:
         raise ConfigError(
@@ -98,6 +100,7 @@ def write_key(path: Path, key: bytes) -> None:
         f.write(key)
         f.flush()
         os.fsync(f.fileno())
+    give_to_server(tmp, path.parent)
     tmp.replace(path)
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import StoreError
-from .statedir import LOCK_NAME, StateLock
+from .statedir import LOCK_NAME, StateLock, give_to_server
 from .store import SCHEMA_VERSION, HistoryIdentity, Store
 
 
@@ -187,9 +187,7 @@ def _restore_locked(src: Path, db: Path, state_dir: Path) -> Summary:
             messages, rooms = store.counts()
         finally:
             store.close()
-        st = state_dir.stat()
-        if os.geteuid() == 0 and (st.st_uid, st.st_gid) != (0, 0):
-            os.chown(tmp, st.st_uid, st.st_gid)  # the server's user must open it
+        give_to_server(tmp, state_dir)
         replaced = None
         if db.exists():
             replaced = db.with_name(f"{db.name}.before-restore-{time.strftime('%Y%m%dT%H%M%S')}")

@@ -174,7 +174,7 @@ def _stamp(path: Path) -> tuple[int, int, int] | None:
         st = path.stat()
     except FileNotFoundError:
         return None
-    return st.st_ino, st.st_mtime_ns, st.st_size
+    return st.st_ino, st.st_mtime_ns, st.st_ctime_ns  # (ctime: a chown or chmod as well)
 
 
 class Server:
@@ -364,7 +364,10 @@ class Server:
         while True:
             await asyncio.sleep(1.0)
             await self.check_revocations()
-            self.check_key()
+            try:
+                self.check_key()
+            except Exception:  # nothing about the key may end the revocation checks
+                log.exception("checking the signing key failed")
 
     async def check_revocations(self) -> int:
         try:
@@ -389,6 +392,13 @@ class Server:
             key = auth.load_or_create_key(self.cfg.key_path)
         except ConfigError as e:
             log.error("the signing key changed but cannot be used; keeping the old one: %s", e)
+            self._key_stamp = stamp
+            return False
+        except OSError as e:  # (not ours to read: written by root for a DynamicUser server)
+            log.error("the signing key changed but cannot be read (%s: %s); keeping the old "
+                      "one: tokens it signs are refused here until the file is the server's "
+                      "user's (`tsnetchat token rotate-key` run again does that)",
+                      self.cfg.key_path, e.strerror or e)
             self._key_stamp = stamp
             return False
         self._key_stamp = _stamp(self.cfg.key_path)

@@ -28,6 +28,16 @@ from .errors import ConfigError, StateDirInUse
 log = logging.getLogger("tsnetchat.statedir")
 
 
+def give_to_server(path: Path, state_dir: Path) -> None:
+    """A file root made for the state dir becomes the server's (the dir's owner: the unit's
+    DynamicUser), or the server could not read it. (`sudo tsnetchat token rotate-key` left a
+    key only root could read: the server kept the old key, and its revocation checks
+    stopped; an operator's run, 2026-11-23.)"""
+    st = state_dir.stat()
+    if os.geteuid() == 0 and (st.st_uid, st.st_gid) != (0, 0):
+        os.chown(path, st.st_uid, st.st_gid)
+
+
 def secure_state_dir(state_dir: Path, files: Iterable[Path] = ()) -> None:
     """Make ``state_dir`` private; make the SQLite databases of ``files`` that exist, and
     their -wal/-shm files, 0600. (The signing key is not fixed but refused when open: see
