@@ -32,6 +32,7 @@ from helpers import (
     eventually,
     free_port,
     hello_events,
+    jetstream,
     join,
     lab_server,
     send,
@@ -321,6 +322,24 @@ async def test_a_server_that_starts_later_catches_up_from_the_stream(
             history = await bob.history("general")
             assert [m.id for m in history.messages] == ids
             await until(lambda: two.server.store.last_id("general") == ids[-1])
+
+
+async def test_a_server_started_with_a_smaller_retention_does_not_shrink_the_clusters_history(
+        lab: Any, tmp_path: Path, nats_cluster: nats_lab.NatsCluster,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """It cut the shared stream to its own retention_count: everyone's history, said only
+    in its own log (an operator's run, 2026-11-23)."""
+    flags = cluster_flags(nats_cluster)
+    async with lab_server(lab, tmp_path, **flags) as one:
+        alice = await one.connect("alice-laptop", one.token(ALICE))
+        for i in range(6):
+            await alice.send_one("general", f"kept {i}")
+        async with lab_server(lab, tmp_path, node="chat-server-2", retention_count=3, **flags):
+            async with jetstream(nats_cluster) as js:
+                info = await js.stream_info(cluster.STREAM)
+            assert info.config.max_msgs_per_subject == one.cfg.retention_count
+            assert info.state.messages >= 6
+    assert "retention stays the cluster's" in caplog.text
 
 
 async def test_when_server_1_is_killed_alice_goes_on_through_server_2_losing_nothing(

@@ -57,6 +57,10 @@ def test_nats_credentials_come_from_a_creds_file_or_the_systemd_credential(
     creds.write_text("-----BEGIN NATS USER JWT-----\nxyz\n------END NATS USER JWT------\n")
     cfg = load_config(file=None, env={}, flags={"cluster": "nats://a:4222",
                                                  "nats_credentials": str(creds)})
+    creds.chmod(0o644)  # whoever reads it reads the cluster's signing key from NATS
+    with pytest.raises(ConfigError, match=r"readable by others \(mode 0644\).*chmod 600"):
+        connect_options(cfg, env={})
+    creds.chmod(0o600)
     assert connect_options(cfg, env={})["user_credentials"] == str(creds)
     cred_dir = tmp_path / "credentials"
     cred_dir.mkdir()

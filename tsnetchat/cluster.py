@@ -72,6 +72,7 @@ import json
 import logging
 import os
 import re
+import stat
 import time
 import uuid
 from collections import deque
@@ -206,9 +207,16 @@ def connect_options(cfg: ServerConfig, env: dict[str, str] | None = None) -> dic
     password = cfg.nats_password
     if path:
         try:
+            mode = stat.S_IMODE(Path(path).stat().st_mode)
             text = Path(path).read_text()
         except OSError as e:
             raise ConfigError(f"{where}: cannot read {path}: {e.strerror}") from None
+        if mode & 0o077 and where == "nats_credentials":
+            # (whoever reads it reads the cluster's signing key from NATS, and can mint
+            # tokens: the same rule as for the key file; an operator's run, 2026-11-23)
+            raise ConfigError(f"{where}: {path} is readable by others (mode {mode:04o}); "
+                              f"anyone who reads it can reach the cluster's signing key. Fix "
+                              f"it with `chmod 600 {path}`")
         if CREDS_MARK in text:
             opts["user_credentials"] = path
         else:
@@ -218,6 +226,11 @@ def connect_options(cfg: ServerConfig, env: dict[str, str] | None = None) -> dic
             raise ConfigError("nats_user: a NATS password is given but no user name")
         opts["user"], opts["password"] = cfg.nats_user, password
     return opts
+
+
+def _wider(a: int, b: int) -> int:
+    """The larger of two stream limits, where 0 or less is no limit."""
+    return -1 if a <= 0 or b <= 0 else max(a, b)
 
 
 def _encode(d: Draft, msg_id: int, ts_ms: int, origin: str,
@@ -371,9 +384,17 @@ class ClusterHistory:
         deadline = time.monotonic() + timeout
         opts = connect_options(self.cfg)
         try:
-            await self._nc.connect(**opts, error_cb=_quiet, max_reconnect_attempts=-1,
-                                   reconnect_time_wait=0.1, connect_timeout=2,  # type: ignore[arg-type]
-                                   name=f"tsnetchat {self.cfg.hostname}")
+            # (within the start-up time: unreachable, or refusing the password, it waited
+            # for ever without a word; an operator's run, 2026-11-23)
+            connecting = self._nc.connect(
+                **opts, error_cb=_quiet, max_reconnect_attempts=-1,
+                reconnect_time_wait=0.1,  # type: ignore[arg-type]
+                connect_timeout=2, name=f"tsnetchat {self.cfg.hostname}")
+            await asyncio.wait_for(connecting, max(0.1, deadline - time.monotonic()))
+        except TimeoutError:
+            raise StoreError(f"cannot reach the NATS cluster at {self.cfg.cluster} within "
+                             f"{timeout:g}s (startup_timeout): is it up, and are nats_user "
+                             "and its password right?") from None
         except (nats.errors.Error, OSError) as e:
             raise StoreError(f"cannot reach the NATS cluster at {self.cfg.cluster}: {e}") from e
         retention = self.cfg.retention_count or -1
@@ -451,9 +472,21 @@ class ClusterHistory:
         except nats.js.errors.NotFoundError:
             return await self._js.add_stream(cfg)
         have = info.config
-        if (have.max_msgs_per_subject, have.max_age) != (cfg.max_msgs_per_subject,
-                                                          cfg.max_age):
-            await self._js.update_stream(cfg)  # retention changed
+        # Retention is the cluster's, and a server starting never shrinks it: one started with
+        # a smaller retention_count cut the shared stream (everyone's history) to it, with a
+        # line only in its own log (an operator's run, 2026-11-23). Larger limits apply.
+        count = _wider(have.max_msgs_per_subject, cfg.max_msgs_per_subject)
+        widest = _wider(int(have.max_age or 0), int(cfg.max_age or 0))
+        age = None if widest <= 0 else widest
+        if (count, age) != (cfg.max_msgs_per_subject, cfg.max_age):
+            log.warning("cluster: retention stays the cluster's (%s a room, %s), wider than "
+                        "this server's retention_count/retention_days; a server never shrinks "
+                        "it (to shrink it deliberately: `nats stream edit %s`)",
+                        "no limit" if count < 0 else count,
+                        "no age limit" if not age else f"{age / 86400:g} days", STREAM)
+        if (have.max_msgs_per_subject, have.max_age) != (count, age):
+            cfg.max_msgs_per_subject, cfg.max_age = count, age
+            await self._js.update_stream(cfg)  # retention widened
         return info
 
     async def register(self, name: str, port: int, node_id: str = "") -> None:

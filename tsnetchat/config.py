@@ -304,9 +304,15 @@ def _validate(cfg: ServerConfig, where: Any) -> None:
                                "mean the current directory)")
     if not 1 <= cfg.port <= 65535:
         raise bad("port", f"{cfg.port} is not a TCP port (1-65535)")
+    for f in fields(cfg):  # (a path with one made `serve` and `doctor` end in a traceback)
+        if isinstance(getattr(cfg, f.name), str | Path) and "\x00" in str(getattr(cfg, f.name)):
+            raise bad(f.name, "contains a NUL character")
     if cfg.listen != "auto":
         for a in parse_listen(cfg.listen, where("listen")):
-            if ipaddress.ip_address(a).is_unspecified:
+            ip = ipaddress.ip_address(a)
+            # (::ffff:0.0.0.0, IPv4's "any" written as IPv6, listened on every interface)
+            mapped = getattr(ip, "ipv4_mapped", None)
+            if ip.is_unspecified or (mapped is not None and mapped.is_unspecified):
                 raise bad("listen", f"{a} would listen on every interface; tsnetchat listens "
                                     "only where tailnet traffic arrives")
     for name in ("max_message_bytes", "max_page", "rate_burst", "max_rooms_per_client",
@@ -346,6 +352,8 @@ def _validate(cfg: ServerConfig, where: Any) -> None:
         raise bad("api_url", "must be an https:// URL (the API is only spoken over TLS)")
     if cfg.stale_device not in ("remove", "report"):
         raise bad("stale_device", "must be remove or report")
+    if cfg.cluster.strip() and not cfg.cluster_urls:  # (",,," spun at 95% CPU, silent)
+        raise bad("cluster", "lists no NATS URL (e.g. nats://nats1.example:4222,...)")
     for url in cfg.cluster_urls:
         if not re.fullmatch(r"(nats|tls)://([^/@\s]+@)?[^/@\s:]+(:\d{1,5})?/?", url):
             raise bad("cluster", f"{url!r} is not a NATS URL like nats://nats1.example:4222")
