@@ -3,6 +3,7 @@ NATS cluster in tests/test_cluster_mode.py)."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -175,3 +176,22 @@ def test_a_change_is_decided_on_the_copy_as_the_embedded_store_decides_it(
     missing = copy.decide_change(Draft("general", BOB, EDIT, "x", "c5", target=9), now)
     assert isinstance(missing, Refused) and "no message 9" in str(missing.error)
     copy.close()
+
+
+async def test_a_nats_cluster_that_cannot_be_reached_fails_the_start_within_startup_timeout(
+        tmp_path: Path) -> None:
+    """It waited for ever, without a word (an operator's run, 2026-11-23)."""
+    from fakenet import FakeTailnet
+    from helpers import free_port, make_config
+
+    from tsnetchat.errors import StoreError
+    from tsnetchat.server import Server
+
+    cfg = make_config(tmp_path, cluster=f"nats://127.0.0.1:{free_port()}", nats_user="chat",
+                      nats_password="x", startup_timeout=2.0)
+    server = Server(cfg, tailnet=FakeTailnet())
+    try:
+        with pytest.raises(StoreError, match=r"cannot reach the NATS cluster .* within 2s"):
+            await asyncio.wait_for(server.start(), 60)
+    finally:
+        await server.stop(grace=0)
