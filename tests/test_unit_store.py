@@ -114,6 +114,21 @@ def test_a_failed_group_commit_loses_the_whole_group_and_says_so(tmp_path: Path)
     s.close()
 
 
+def test_indexing_for_search_on_a_full_disk_is_logged_a_few_times_not_after_every_commit(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    s = Store(tmp_path / "db")
+    s.append("r", A, 1, "waiting to be indexed")
+    real = s._db
+    s._db = FullDisk(real, insert_fails=False)  # type: ignore[assignment]  # only COMMIT
+    for _ in range(50):
+        assert s.index_pending() == 0 and s.unindexed
+    s._db = real
+    said = [r for r in caplog.records if "could not index" in r.getMessage()]
+    assert 1 <= len(said) <= 3, len(said)  # (it was 50: one a commit, 85 a minute)
+    assert s.index_pending() == 1  # and it is indexed once the disk has room
+    s.close()
+
+
 # --- schema versions -------------------------------------------------------------------------
 
 # The schema round 1 shipped (tsnetchat/store.py at dd7c15f), verbatim.

@@ -56,6 +56,7 @@ from typing import Any, NamedTuple, TypeVar
 
 from .errors import InvalidInput, PermissionDenied, StoreError, TsnetchatError
 from .loop import name_thread
+from .throttle import LogLimiter
 
 log = logging.getLogger("tsnetchat.store")
 
@@ -595,6 +596,7 @@ class Store:
         self._appends = 0
         self.purge_due = False  # a deletion committed: run ``purge`` (the writer thread)
         self.unindexed = False  # messages written since the last ``index_pending``
+        self._index_log = LogLimiter(burst=3, rate=0.1)
         self._timeout_ms = int(timeout * 1000)
         self.checkpointer: _Checkpointer | None = None  # started by the first busy writer
         # The writer's view: room name -> (room number, last id); sender -> number.
@@ -903,7 +905,13 @@ class Store:
                 return int(n)
         except StoreError as e:
             self.unindexed = True
-            log.warning("could not index new messages for search yet: %s", e)
+            # (tried after every group of commits: about 85 lines a minute for as long as the
+            # disk stayed full, where refused sends say one in 10 s; an operator's run,
+            # 2026-11-23)
+            if self._index_log.allow():
+                skipped = self._index_log.skipped()
+                log.warning("could not index new messages for search yet: %s%s", e,
+                            f" ({skipped} more times since the last line)" if skipped else "")
             return 0
 
     def purge(self) -> None:
