@@ -12,6 +12,7 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import Chat
@@ -231,6 +232,37 @@ def test_a_restore_keeps_what_it_replaced_and_starts_a_new_generation(tmp_path: 
     assert restored.identity() == summary.identity
     restored.close()
     assert stat.S_IMODE((state / "tsnetchat.db").stat().st_mode) == 0o600
+
+
+def test_a_restore_killed_before_its_last_rename_leaves_the_old_history_in_place(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """It moved the database aside first: killed then, it left none, and the next `serve`
+    began an empty history without a word (an operator's run, 2026-11-23)."""
+    from tsnetchat import backup as backup_module
+
+    state = tmp_path / "state"
+    live = Store(state / "tsnetchat.db")
+    live.append("r", *_msg("in the backup"))
+    live.close()
+    copy = tmp_path / "copy.db"
+    backup(state / "tsnetchat.db", copy)
+    live = Store(state / "tsnetchat.db")
+    live.append("r", *_msg("after the backup"))
+    live.close()
+    real_rename = os.rename
+
+    def killed_at_the_swap(src: Any, dst: Any) -> None:
+        if str(src).endswith(".restoring"):
+            raise SystemExit("killed")  # as kill -9 at that moment: nothing after it runs
+        real_rename(src, dst)
+
+    monkeypatch.setattr(backup_module.os, "rename", killed_at_the_swap)
+    with pytest.raises(SystemExit):
+        restore(copy, state / "tsnetchat.db", state)
+    monkeypatch.undo()
+    kept = Store(state / "tsnetchat.db")
+    assert [m.text for m in kept.after("r", 0, 10)] == ["in the backup", "after the backup"]
+    kept.close()
 
 
 def _msg(text: str) -> tuple[object, ...]:

@@ -190,11 +190,16 @@ def _restore_locked(src: Path, db: Path, state_dir: Path) -> Summary:
         give_to_server(tmp, state_dir)
         replaced = None
         if db.exists():
+            # The database is never missing: the old one is kept under a second name, then
+            # the new one takes its place in one rename. (Moved aside first, a restore killed
+            # between the two renames left none, and the next `serve` began an empty history
+            # without a word: an operator's run, 2026-11-23.)
             replaced = db.with_name(f"{db.name}.before-restore-{time.strftime('%Y%m%dT%H%M%S')}")
-            os.rename(db, replaced)
+            _checkpoint(db)  # its last commits into the file itself, where it can
+            os.link(db, replaced)
             for suffix in ("-wal", "-shm"):
                 side = db.with_name(db.name + suffix)
-                if side.exists():  # a -wal may hold its last commits: it goes along
+                if side.exists():  # a -wal may still hold its last commits: it goes along
                     os.rename(side, replaced.with_name(replaced.name + suffix))
         os.rename(tmp, db)
         _sync_dir(db.parent)
@@ -205,6 +210,19 @@ def _restore_locked(src: Path, db: Path, state_dir: Path) -> Summary:
     finally:
         _remove(tmp)
     return Summary(db, messages, rooms, identity, replaced)
+
+
+def _checkpoint(db: Path) -> None:
+    """Move what ``db``'s WAL holds into the database file, if SQLite can (a damaged
+    database, the reason for many a restore, may refuse: its WAL then goes along)."""
+    try:
+        conn = sqlite3.connect(db, timeout=1.0)
+        try:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        pass
 
 
 def _generation(db: Path) -> int:
