@@ -42,8 +42,9 @@ from helpers import (
     until,
 )
 
-from tsnetchat import cluster
+from tsnetchat import clientcmds, cluster
 from tsnetchat.client import link_for
+from tsnetchat.clienterrors import ClientError
 from tsnetchat.pb import chat_pb2 as pb
 
 pytestmark = [pytest.mark.tailnet, pytest.mark.cluster]
@@ -157,6 +158,17 @@ async def test_without_a_nats_quorum_sends_are_refused_as_retryable_and_succeed_
         assert refusal.code == grpc.StatusCode.UNAVAILABLE.value[0]
         assert "did not confirm" in refusal.message and "same client_msg_id" in refusal.message
         assert refusal.retry_after_ms > 0
+        # `tsnetchat send` (the client core) says so too, not "it was not stored": that
+        # message, too, appeared once the cluster was back (a script resending it posted it
+        # twice; an operator's run, 2026-11-23)
+        a = lab.nodes["alice-laptop"]
+        link = link_for("chat-server", one.token(ALICE), socket=a.socket, port=one.port,
+                        proxy=f"http://{a.http_proxy}")
+        with pytest.raises(ClientError) as unsure:
+            await clientcmds.send(link, "random", "sent by a script", kind=1, timeout=5.0,
+                                  json_out=False)
+        assert "may still store it" in str(unsure.value), str(unsure.value)
+        assert "not stored" not in str(unsure.value) and "not sent" not in str(unsure.value)
         for name in stopped:
             nats_cluster.start_node(name)
         give_up = time.monotonic() + 60

@@ -918,9 +918,12 @@ async def deliver(link: Link, room: str, text: str, *, kind: int = pb.MESSAGE_KI
     out = session.send(text, kind)
 
     deadline = time.monotonic() + timeout
+    unsure: list[str] = []  # a cluster's "it may still appear", when it said so
 
     async def wait() -> int:
         async for ev in session.events():
+            if ev.kind == "deferred" and ev.outgoing is out and "may still appear" in ev.text:
+                unsure.append(ev.text)
             if ev.kind == "welcome" and welcomed is not None and ev.welcome is not None:
                 welcomed(ev.welcome)
             if ev.kind == "sent" and ev.outgoing is out:
@@ -931,8 +934,8 @@ async def deliver(link: Link, room: str, text: str, *, kind: int = pb.MESSAGE_KI
                     and out.not_before > deadline):
                 # Refused for now ("slow down, retry in N s") for longer than we may wait:
                 # the server did not store it, and says so; no point waiting out the timeout.
-                raise ClientError(f"{ev.error}; not sent", retryable=True,
-                                  retry_after=ev.error.retry_after)
+                raise ClientError(f"{ev.error}" if unsure else f"{ev.error}; not sent",
+                                  retryable=True, retry_after=ev.error.retry_after)
         raise ClientError("the session ended before the message was confirmed",
                           retryable=True, exit_code=EXIT_UNAVAILABLE)
 
@@ -942,8 +945,11 @@ async def deliver(link: Link, room: str, text: str, *, kind: int = pb.MESSAGE_KI
         if session.state.error is not None and not session.state.ever_connected:
             raise session.state.error from None  # never reached it: why (nothing was stored)
         why = f" (last problem: {session.state.error})" if session.state.error else ""
+        # (after a cluster's "it may still appear", "it was not stored" was said of a message
+        # that was: a script sending it again posted it twice; an operator's run, 2026-11-23)
+        fate = ("the cluster may still store it: look at the room's history before sending it "
+                "again" if unsure else "it was not stored unless the server got it just before")
         raise ClientError(f"the server did not confirm the message within {timeout:g}s{why}; "
-                          "it was not stored unless the server got it just before",
-                          retryable=True, exit_code=EXIT_UNAVAILABLE) from None
+                          f"{fate}", retryable=True, exit_code=EXIT_UNAVAILABLE) from None
     finally:
         await session.close()

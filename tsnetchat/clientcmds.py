@@ -109,7 +109,7 @@ async def send(link: Link, room: str, text: str, *, kind: int, timeout: float,
 def not_sent(e: ClientError) -> ClientError:
     """``e`` saying that the message was not sent (unless it says what became of it)."""
     words = str(e)
-    if "not sent" in words or "not stored" in words:
+    if "not sent" in words or "not stored" in words or "may still" in words:
         return e
     return ClientError(f"the message was not sent: {words}", retryable=e.retryable,
                        exit_code=e.exit_code, transport=e.transport,
