@@ -134,6 +134,18 @@ def test_doctor_healthy_node(lab: Any, tmp_path: Path) -> None:
                               "--token", tok, "--proxy", alice.http_proxy, "--port",
                               str(d.port)], capture_output=True, text=True)
         assert re.search(r"✔ server reachable\s+chat-server answers; you are alice@", out.stdout)
+        assert out.returncode == 0, out.stdout
+        # alice's token used from bob's node: the server answers, and refuses it, which is a
+        # problem (it was a warning: "no problems", exit 0, for a token nothing accepts)
+        bob = lab.nodes["bob-laptop"]
+        out = subprocess.run([CLI, "doctor", "--socket", bob.socket, "--state-dir",
+                              str(tmp_path / "bob-state"), "--server", "chat-server",
+                              "--token", tok, "--proxy", bob.http_proxy, "--port",
+                              str(d.port)], capture_output=True, text=True)
+        assert re.search(r"✔ server reachable\s+chat-server answers", out.stdout), out.stdout
+        assert re.search(r"✘ let in\s+chat-server refuses you: .*the two locks disagree",
+                         out.stdout), out.stdout
+        assert out.returncode == 1
     finally:
         d.proc.terminate()
         d.proc.wait(timeout=15)

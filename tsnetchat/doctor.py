@@ -188,11 +188,12 @@ async def client_checks(server: str, *, port: int, token: str | None, socket: st
                                                          f"{warn}"))
     else:
         out.append(Check("token", OK, "given on the command line or in TSNETCHAT_TOKEN"))
-    out.append(await _reach(server, port, token, socket, proxy))
+    out.extend(await _reach(server, port, token, socket, proxy))
     return out
 
 
-async def _reach(server: str, port: int, token: str | None, socket: str, proxy: str) -> Check:
+async def _reach(server: str, port: int, token: str | None, socket: str, proxy: str
+                 ) -> list[Check]:
     import grpc
 
     from .client import connect
@@ -200,18 +201,20 @@ async def _reach(server: str, port: int, token: str | None, socket: str, proxy: 
     try:
         conn = await connect(server, token, socket=socket, port=port, proxy=proxy)
     except TsnetchatError as e:
-        return Check("server reachable", FAIL, str(e))
+        return [Check("server reachable", FAIL, str(e))]
     try:
         me = await conn.whoami(timeout=5)
-        return Check("server reachable", OK, f"{server} answers; you are {me.identity.login} "
-                     f"(rooms: {', '.join(me.rooms)})")
+        return [Check("server reachable", OK, f"{server} answers; you are {me.identity.login} "
+                      f"(rooms: {', '.join(me.rooms)})")]
     except grpc.aio.AioRpcError as e:
         code = e.code()
         if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
-            return Check("server reachable", WARN, f"{server} answers but refuses you: "
-                         f"{e.details()}")
-        return Check("server reachable", FAIL, f"{server} does not answer ({code.name}: "
-                     f"{e.details()})")
+            # (a warning: "no problems", exit 0, for a token every command refuses; an
+            # operator's run, 2026-11-23)
+            return [Check("server reachable", OK, f"{server} answers"),
+                    Check("let in", FAIL, f"{server} refuses you: {e.details()}")]
+        return [Check("server reachable", FAIL, f"{server} does not answer ({code.name}: "
+                      f"{e.details()})")]
     finally:
         await conn.close()
 
