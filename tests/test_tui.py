@@ -11,6 +11,7 @@ import re
 import shlex
 import shutil
 import signal
+import stat
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -551,6 +552,27 @@ def test_quit_under_load_exits_at_once_and_says_what_was_not_sent(
     assert stored == lines[:len(stored)]
     assert set(lines) == set(stored) | set(unsent)
     assert len(set(stored) & set(unsent)) <= 1  # only the one in flight may be in both
+
+
+def test_a_terminal_closed_with_lines_not_yet_sent_keeps_them_in_a_file(
+        chat_server: LabDaemon, open_terminal: Opener, tmp_path: Path) -> None:
+    """Closing the window (or losing the ssh connection) hung the chat up: it ended on the
+    spot and what it had not sent was gone (a new user's day, 2026-11-23)."""
+    alice = open_terminal("alice")
+    chat_server.stop()
+    alice.wait_for(r"reconnecting")
+    alice.type("typed as the terminal closed")
+    alice.wait_for(r"… <Alice> typed as the terminal closed")
+    alice.type("half a sentence", enter=False)
+    alice.kill()  # the terminal goes: the chat is hung up
+    kept = tmp_path / "home-alice-0" / ".local" / "state" / "tsnetchat" / "unsent.txt"
+    deadline = time.monotonic() + 10
+    while "half a sentence" not in (kept.read_text() if kept.exists() else ""):
+        assert time.monotonic() < deadline, "nothing was kept"
+        time.sleep(0.2)
+    text = kept.read_text()
+    assert "#general: typed as the terminal closed" in text and "(input) half a sentence" in text
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o600
 
 
 def test_refused_input_stays_in_the_input_and_a_long_paste_is_offered_in_parts(

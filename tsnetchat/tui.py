@@ -35,6 +35,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -1093,7 +1094,8 @@ class ChatApp:
     def quit(self) -> None:
         if not self.quitting:
             self.quitting = True
-            if self.app.is_running:
+            ending = self.app.future is not None and self.app.future.done()
+            if self.app.is_running and not ending:  # (a lost terminal may have ended it)
                 self.app.exit(result=0)
 
     async def close(self) -> None:
@@ -1115,7 +1117,24 @@ class ChatApp:
                for room, s in self.sessions.items() for o in s.outbox]
         if self.input.text.strip():
             out.append(f"(input) {self.input.text}")
+        out += [f"(typed in {titles.get(room, room)}) {d.text}"
+                for room, d in self.drafts.items() if d.text.strip()]
         return out
+
+
+def _keep_unsent(lines: list[str]) -> Path | None:
+    """Append what was typed and not stored to ``unsent.txt`` beside the client's log (0600),
+    under the time; where it went, or None if it could not be written."""
+    path = log_path().with_name("unsent.txt")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with os.fdopen(fd, "a", encoding="utf-8", errors="surrogateescape") as f:
+            f.write(f"-- {time.strftime('%Y-%m-%d %H:%M:%S')}, not sent:\n")
+            f.writelines(f"  {line}\n" for line in lines)
+    except OSError:
+        return None
+    return path
 
 
 def _on_loop_error(chat: ChatApp) -> Callable[[asyncio.AbstractEventLoop, dict[str, Any]],
@@ -1180,18 +1199,31 @@ async def run_tui(server: str, room: str, *, token: str | None, socket: str, pro
     with _stderr_to_log():
         old_handler = loop.get_exception_handler()
         loop.set_exception_handler(_on_loop_error(chat))
+        # The terminal closing (a window, an ssh connection) hangs up: leave as /quit does,
+        # keeping what was not sent (SIGHUP's default ended the process on the spot), and
+        # as a service manager's SIGTERM.
+        for sig in (signal.SIGHUP, signal.SIGTERM):
+            loop.add_signal_handler(sig, chat.quit)
         try:
             chat.join(room)
             chat.spawn(chat.poll_unread())
             result = await chat.app.run_async(set_exception_handler=False)
         finally:
+            for sig in (signal.SIGHUP, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
             await chat.close()
             loop.set_exception_handler(old_handler)
-    left = chat.unsent()
+            # Kept whatever ended the screen: a terminal that went away ends it with an
+            # I/O error, and what was typed went with it, printed to nowhere (a new user's
+            # day, 2026-11-23).
+            left = chat.unsent()
+            kept = _keep_unsent(left) if left else None
     if left:
-        print("not sent when you left (the server has not stored these):")
-        for line in left:
-            print(f"  {line}")
+        with contextlib.suppress(OSError):
+            print("not sent when you left (the server has not stored these)"
+                  + (f"; also kept in {kept}:" if kept else ":"))
+            for line in left:
+                print(f"  {line}")
     if any(len(s.outbox) for s in chat.sessions.values()):
         return EXIT_ERROR  # a wrapper script can tell that something typed was not stored
     return int(result or 0)
