@@ -204,6 +204,7 @@ class Ledger:
         self._buckets = Buckets(first.rate_burst, first.rate_per_second)  # per person
         self._change_buckets = Buckets(first.edits_per_minute, first.edits_per_minute / 60)
         self._new_room_buckets = Buckets(NEW_ROOMS_BURST, NEW_ROOMS_RATE)
+        self._coming_rooms: set[str] = set()  # new rooms whose first message is not settled
         self._storage_log = LogLimiter(burst=3, rate=0.1)
 
     def send(self, sub: Subscriber, sender: Sender, text: str, kind: int,
@@ -242,14 +243,6 @@ class Ledger:
                 f"the server has {pending} messages waiting to be stored; this one was not "
                 "stored: send it again shortly"), 1.0)
             return
-        if not self.history.last_id(sub.room):
-            wait = self._new_room_buckets.take(sender.login)
-            if wait:
-                self._refused(sub, client_msg_id, "rate", LimitExceeded(
-                    f"slow down: at most {NEW_ROOMS_BURST} new rooms and conversations at "
-                    f"once, then one a minute; this message was not sent, retry in "
-                    f"{wait:.0f}s"), wait)
-                return
         if kind in CHANGES:
             wait = self._change_buckets.take(sender.login)
             if wait:
@@ -257,6 +250,15 @@ class Ledger:
                     f"slow down: at most {limits.edits_per_minute} edits, deletions and topic "
                     f"changes a minute (edits_per_minute); retry in {wait:.1f}s"), wait)
                 return
+        if not self.history.last_id(sub.room) and sub.room not in self._coming_rooms:
+            wait = self._new_room_buckets.take(sender.login)
+            if wait:
+                self._refused(sub, client_msg_id, "rate", LimitExceeded(
+                    f"slow down: at most {NEW_ROOMS_BURST} new rooms and conversations at "
+                    f"once, then one a minute; this message was not sent, retry in "
+                    f"{wait:.0f}s"), wait)
+                return
+            self._coming_rooms.add(sub.room)  # (one token a room, however many lines)
         sub.inflight += 1
         self.history.submit(Draft(sub.room, sender, kind, text, client_msg_id, target, mentions,
                                   admin, int(limits.edit_window_seconds * 1000)),
@@ -333,6 +335,7 @@ class Ledger:
     def _settled(self, sub: Subscriber, client_msg_id: str, outcome: Outcome) -> None:
         """Publish a stored message and acknowledge it; or tell the sender it was not."""
         sub.inflight -= 1
+        self._coming_rooms.discard(sub.room)
         if isinstance(outcome, Unconfirmed):  # cluster mode: it may still appear
             self._refused(sub, client_msg_id, "unconfirmed", outcome, 1.0)
             return

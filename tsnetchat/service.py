@@ -52,10 +52,10 @@ if TYPE_CHECKING:
 # presence events to a room in 3 s (a review over the real server, 2026-11-23).
 AWAY_BURST, AWAY_RATE = 10, 0.2
 # A person's first stream into a room announces them (JOINED), their last one leaving LEFT:
-# 30 at once (a client reconnecting 16 rooms is 32), then one a second; more are held and
-# only the latest goes out. Unlimited, one member opening and closing Joins sent 898
+# 40 at once (a client reconnecting its 16 rooms is 32), then one a second; more are held
+# and only the latest goes out. Unlimited, one member opening and closing Joins sent 898
 # presence events in 5 s to everyone in the room (an attacker's run, 2026-11-23).
-COMINGS_BURST, COMINGS_RATE = 30, 1.0
+COMINGS_BURST, COMINGS_RATE = 40, 1.0
 MAX_SEARCH_ROOMS = 100  # rooms named in one Search
 
 log = logging.getLogger("tsnetchat.service")
@@ -208,6 +208,7 @@ class ChatService:
         self._away_buckets = Buckets(AWAY_BURST, AWAY_RATE)  # Away events, per person
         self._comings: Coalescer[_Coming] = Coalescer(COMINGS_BURST, COMINGS_RATE,
                                                       self._came_or_went)
+        self._present: set[tuple[str, str]] = set()  # (login, room) rooms were told are in
         self._away: dict[str, str] = {}  # login -> away message (set by an Away event)
         self._error_log = LogLimiter(burst=5, rate=0.2)
         self.going_away = False
@@ -501,12 +502,18 @@ class ChatService:
         there = [m for m in self.members_elsewhere(room) if m.login not in logins]
         return sorted([*here, *there], key=lambda m: m.login) if there else here
 
-    def _came_or_went(self, first: _Coming, last: _Coming) -> None:
-        """``Coalescer``'s emit: the latest of a person's comings and goings in a room,
-        unless it is where they were before the first of them that was held (each one turns
-        the last, so an odd number held ends where the first went)."""
-        if first.kind == last.kind:
-            self._presence(last.room, last.kind, last.who, reason=last.reason)
+    def _came_or_went(self, c: _Coming) -> None:
+        """``Coalescer``'s emit: a person's coming or going, unless the room was told so
+        last (``_present``: who it was last told is in). Comings and goings do not always
+        turn: a Join ended in its replay leaves without having been announced."""
+        key = (c.who.login, c.room)
+        if (c.kind == pb.PRESENCE_KIND_JOINED) == (key in self._present):
+            return
+        if c.kind == pb.PRESENCE_KIND_JOINED:
+            self._present.add(key)
+        else:
+            self._present.discard(key)
+        self._presence(c.room, c.kind, c.who, reason=c.reason)
 
     def _presence(self, room: str, kind: int, who: pb.Identity, *, away_message: str = "",
                   reason: str = "") -> None:

@@ -115,27 +115,25 @@ class LogLimiter:
 class Coalescer(Generic[T]):
     """Events per ``who`` (a bucket each: ``burst`` at once, then ``rate`` a second), about a
     ``topic`` each. One over the limit is held; later ones for the same (who, topic) replace
-    it, and when the bucket allows, ``emit(first, last)`` gets the first held and the latest
-    (the caller may find that nothing changed from what was said before the first). Nothing
-    is lost but the steps in between; what was said last is what is true."""
+    it, and when the bucket allows ``emit`` gets the latest. Nothing is lost but the steps
+    in between: what is said last is the latest."""
 
-    def __init__(self, burst: int, rate: float, emit: Callable[[T, T], None]) -> None:
+    def __init__(self, burst: int, rate: float, emit: Callable[[T], None]) -> None:
         self._buckets = Buckets(burst, rate)
         self._emit = emit
-        self._held: dict[tuple[str, Hashable], tuple[T, T]] = {}
+        self._held: dict[tuple[str, Hashable], T] = {}
 
     def offer(self, who: str, topic: Hashable, event: T) -> bool:
         """Say ``event`` now (True), or hold it (False)."""
         key = (who, topic)
-        held = self._held.get(key)
-        if held is not None:
-            self._held[key] = (held[0], event)
+        if key in self._held:
+            self._held[key] = event
             return False
         wait = self._buckets.take(who)
         if not wait:
-            self._emit(event, event)
+            self._emit(event)
             return True
-        self._held[key] = (event, event)
+        self._held[key] = event
         asyncio.get_running_loop().call_later(wait, self._release, key)
         return False
 
@@ -144,8 +142,7 @@ class Coalescer(Generic[T]):
         if wait:  # (another topic of the same person took the token first)
             asyncio.get_running_loop().call_later(wait, self._release, key)
             return
-        first, last = self._held.pop(key)
-        self._emit(first, last)
+        self._emit(self._held.pop(key))
 
     def __len__(self) -> int:
         return len(self._held)
