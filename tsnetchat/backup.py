@@ -190,16 +190,22 @@ def _restore_locked(src: Path, db: Path, state_dir: Path) -> Summary:
         give_to_server(tmp, state_dir)
         replaced = None
         if db.exists():
-            # The database is never missing: the old one is kept under a second name, then
-            # the new one takes its place in one rename. (Moved aside first, a restore killed
-            # between the two renames left none, and the next `serve` began an empty history
-            # without a word: an operator's run, 2026-11-23.)
             replaced = db.with_name(f"{db.name}.before-restore-{time.strftime('%Y%m%dT%H%M%S')}")
-            _checkpoint(db)  # its last commits into the file itself, where it can
-            os.link(db, replaced)
+            # Moved aside first, a restore killed between its two renames left no database,
+            # and the next `serve` began an empty history without a word (an operator's run,
+            # 2026-11-23). Now, once the old database's WAL is in its file, the old one is
+            # kept under a second name and the new one takes its place in one rename: never
+            # missing. A database whose WAL cannot be written back (damaged: the reason for
+            # many a restore) still goes aside with its WAL first, as before; the new one
+            # must never meet the old one's WAL.
+            emptied = _checkpoint(db)
+            if emptied:
+                os.link(db, replaced)
+            else:
+                os.rename(db, replaced)
             for suffix in ("-wal", "-shm"):
                 side = db.with_name(db.name + suffix)
-                if side.exists():  # a -wal may still hold its last commits: it goes along
+                if side.exists():
                     os.rename(side, replaced.with_name(replaced.name + suffix))
         os.rename(tmp, db)
         _sync_dir(db.parent)
@@ -212,17 +218,19 @@ def _restore_locked(src: Path, db: Path, state_dir: Path) -> Summary:
     return Summary(db, messages, rooms, identity, replaced)
 
 
-def _checkpoint(db: Path) -> None:
-    """Move what ``db``'s WAL holds into the database file, if SQLite can (a damaged
-    database, the reason for many a restore, may refuse: its WAL then goes along)."""
+def _checkpoint(db: Path) -> bool:
+    """Move all that ``db``'s WAL holds into the database file and empty it; whether that
+    was done (a damaged database may refuse)."""
     try:
         conn = sqlite3.connect(db, timeout=1.0)
         try:
-            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
         finally:
             conn.close()
     except sqlite3.Error:
-        pass
+        return False
+    wal = db.with_name(db.name + "-wal")
+    return busy == 0 and (not wal.exists() or wal.stat().st_size == 0)
 
 
 def _generation(db: Path) -> int:
