@@ -238,6 +238,19 @@ def test_once_connected_the_way_to_the_server_failing_is_never_final_but_a_refus
     assert s.phase is Phase.FAILED
 
 
+def test_a_stream_waiting_for_a_new_token_says_so_and_reports_the_outage_when_back() -> None:
+    s = StreamState()
+    s.connected(0.0)
+    revoked = ClientError("token lock: revoked", retryable=False)
+    assert s.lost(revoked, 10.0, 0.5) is None  # (final, unless something may mend it)
+    s.waiting(ClientError("token lock: revoked (this chat carries on ...)", retryable=False),
+              10.0)
+    assert s.phase is Phase.WAITING and s.describe(11.0).startswith("waiting: token lock")
+    assert worst([s, StreamState()]) is s
+    s.connecting()
+    assert s.connected(40.0) == pytest.approx(30.0)
+
+
 def test_a_first_success_after_failed_attempts_is_not_reported_as_a_reconnect() -> None:
     s = StreamState(grace=8.0)
     s.lost(unreachable(), 0.0, 0.5)

@@ -460,6 +460,11 @@ def test_a_topic_and_away_are_shown_to_everyone_in_the_room(
     bob.wait_for(r"│ release week: freeze on Friday  \(set by Alice\)")  # the topic bar
     bob.type("/topic")
     bob.wait_for(r"topic of #general: release week: freeze on Friday \(set by Alice\)")
+    bob.type("/topic " + "much too long " * 25)  # refused (max_topic_bytes): not lost
+    bob.wait_for(r"the topic is \d+ bytes[\s\S]*your text is back in the")
+    bob.wait_for(r"#general> /topic much too long much too long")
+    bob.keys("C-u")
+    bob.wait_for(r"(?m)#general>\s*$")  # (an empty line again)
     alice.type("/away " + "too long " * 40)  # refused: over max_topic_bytes (256)
     alice.wait_for(r"an away message is one line of at most 256 bytes")
     assert "away: /back" not in status_line(alice)  # the server did not take it
@@ -564,11 +569,12 @@ def test_a_terminal_closed_with_lines_not_yet_sent_keeps_them_in_a_file(
     alice.type("typed as the terminal closed")
     alice.wait_for(r"… <Alice> typed as the terminal closed")
     alice.type("half a sentence", enter=False)
+    alice.wait_for(r"#general> half a sentence")  # (typed, not still on its way)
     alice.kill()  # the terminal goes: the chat is hung up
     kept = tmp_path / "home-alice-0" / ".local" / "state" / "tsnetchat" / "unsent.txt"
     deadline = time.monotonic() + 10
     while "half a sentence" not in (kept.read_text() if kept.exists() else ""):
-        assert time.monotonic() < deadline, "nothing was kept"
+        assert time.monotonic() < deadline, kept.read_text() if kept.exists() else "nothing"
         time.sleep(0.2)
     text = kept.read_text()
     assert "#general: typed as the terminal closed" in text and "(input) half a sentence" in text

@@ -125,6 +125,8 @@ async def history(link: Link, room: str, *, before: int | None, limit: int, json
     out = TextOut(echo)
     for m in page.messages:
         out.message(m)
+    if not page.messages:  # (nothing at all read as a command that failed, or a typo'd DM)
+        echo(f"no messages in {room}" + (f" before #{before}" if before else ""))
 
 
 async def whoami(link: Link) -> str:

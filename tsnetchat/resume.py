@@ -122,6 +122,7 @@ class Phase(enum.Enum):
     CONNECTING = "connecting"
     CONNECTED = "connected"
     RECONNECTING = "reconnecting"
+    WAITING = "waiting"  # for something only the person can bring (a new token)
     FAILED = "failed"
     CLOSED = "closed"
 
@@ -184,9 +185,11 @@ class StreamState:
         return delay
 
     def waiting(self, error: ClientError, now: float) -> None:
-        """Failed, but waiting for something that may mend it (a new token): the status says
-        ``error``, and the connection that follows reports the outage from ``now``."""
-        self.error = error
+        """Refused, but waiting for something that may mend it (a new token): the status
+        says ``error``, and the connection that follows reports the outage from ``now``.
+        (Left FAILED, the chat showed the room ✗ and "failed" while it said it would carry
+        on: an independent review.)"""
+        self.phase, self.error = Phase.WAITING, error
         if self.lost_at is None:
             self.lost_at = now
 
@@ -205,10 +208,13 @@ class StreamState:
             return f"reconnecting now: {self.error}"
         if self.phase is Phase.FAILED and self.error is not None:
             return f"failed: {self.error}"
+        if self.phase is Phase.WAITING and self.error is not None:
+            return f"waiting: {self.error}"
         return str(self.phase.value)
 
 
 def worst(states: Sequence[StreamState]) -> StreamState | None:
     """The stream a status bar should speak of: a failed or reconnecting one before the rest."""
-    order = [Phase.RECONNECTING, Phase.CONNECTING, Phase.FAILED, Phase.CONNECTED, Phase.CLOSED]
+    order = [Phase.WAITING, Phase.RECONNECTING, Phase.CONNECTING, Phase.FAILED, Phase.CONNECTED,
+             Phase.CLOSED]
     return min(states, key=lambda s: order.index(s.phase), default=None)

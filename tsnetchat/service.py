@@ -263,9 +263,21 @@ class ChatService:
         name = rooms.dm_room(me, room, self.limits.max_dm_members)
         if peers is None and self.store.last_id(name):
             return name, []
+        spelled, unknown = self._spell(sorted(rooms.dm_members(name) - {p.login}), peers)
+        name = rooms.dm_room(me, rooms.DM_PREFIX + ",".join(spelled),
+                             self.limits.max_dm_members)
+        return name, unknown
+
+    def _spell(self, logins: Iterable[str], peers: Collection[str] | None
+               ) -> tuple[list[str], list[str]]:
+        """``logins`` spelled as the one person who has each, compared case-insensitively
+        (rooms.spelling), among whoever has used this server (``ledger.people``) and
+        ``peers`` (the tailnet's logins); failing those, among the members of stored
+        conversations (who may have left the tailnet since). Also the logins nobody known
+        has (kept as typed in the first list)."""
         stored: set[str] | None = None
         spelled, unknown = [], []
-        for login in sorted(rooms.dm_members(name) - {p.login}):
+        for login in logins:
             key = login.lower()
             like = self.ledger.people.logins_like(login)
             like |= {x for x in peers or () if x.lower() == key}
@@ -278,9 +290,7 @@ class ChatService:
             spelled.append(known or login)
             if known is None:
                 unknown.append(login)
-        name = rooms.dm_room(me, rooms.DM_PREFIX + ",".join(spelled),
-                             self.limits.max_dm_members)
-        return name, unknown
+        return spelled, unknown
 
     async def _dm_to_write(self, p: auth.Principal, room: str) -> str:
         """``_dm`` for taking part in a conversation (a Join): a login must be somebody's,
@@ -291,18 +301,22 @@ class ChatService:
         typed = {x.strip() for x in room[len(rooms.DM_PREFIX):].split(",")} - {"", p.login}
         if unknown or not all(self.ledger.people.knows(x) for x in typed):
             # (a login typed exactly as somebody's is theirs, whatever the tailnet says)
-            try:
-                peers = await self._tailnet_logins()
-            except TailnetError as e:
-                raise Unavailable(f"cannot check the logins in {room[:80]!r}: tailscaled did "
-                                  f"not say who is on the tailnet ({e}); try again") from e
-            name, unknown = self._dm(p, room, peers)
+            name, unknown = self._dm(p, room, await self._peers(f"in {room[:80]!r}"))
         if unknown:
             raise InvalidInput(
                 f"nobody with the login {unknown[0][:60]!r} is on the tailnet or has used this "
                 "server (or several people have it, in different capitals); check the "
                 "spelling")
         return name
+
+    async def _peers(self, where: str) -> set[str]:
+        """``_tailnet_logins``, or Unavailable saying that the logins ``where`` could not be
+        checked."""
+        try:
+            return await self._tailnet_logins()
+        except TailnetError as e:
+            raise Unavailable(f"cannot check the logins {where}: tailscaled did not say who "
+                              f"is on the tailnet ({e}); try again") from e
 
     async def _tailnet_logins(self) -> set[str]:
         """The logins (and tags) of every device on the server's tailnet, itself included."""
@@ -882,26 +896,18 @@ class ChatService:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _somebodys(self, logins: list[str]) -> list[str]:
-        """``logins``, each of somebody who has used this server or is on the tailnet (a
-        typo was kept as a member, and the person meant was left out: a new user's day,
-        2026-11-23). Raises InvalidInput naming the first that is nobody's, with the
-        login it may mean; Unavailable when tailscaled cannot say."""
-        people = self.ledger.people
-        if all(people.knows(x) for x in logins):
+        """``logins`` as the people who have them (``_spell``), for a private room's members
+        (a typo was kept as a member, and the person meant was left out: a new user's day,
+        2026-11-23). Raises InvalidInput naming the first that is nobody's, as a DM to it
+        is refused; Unavailable when tailscaled cannot say."""
+        if all(self.ledger.people.knows(x) for x in logins):
             return logins
-        try:
-            peers = await self._tailnet_logins()
-        except TailnetError as e:
-            raise Unavailable(f"cannot check the logins: tailscaled did not say who is on "
-                              f"the tailnet ({e}); nobody was added, try again") from e
-        for x in logins:
-            if not people.knows(x) and x not in peers:
-                like = sorted(people.logins_like(x) | {y for y in peers
-                                                       if y.lower() == x.lower()})
-                meant = f" (did you mean {like[0]}?)" if like else ""
-                raise InvalidInput(f"nobody with the login {x[:60]!r} is on the tailnet or "
-                                   f"has used this server{meant}; nobody was added")
-        return logins
+        spelled, unknown = self._spell(logins, await self._peers(f"in {logins!r}"[:90]))
+        if unknown:
+            raise InvalidInput(f"nobody with the login {unknown[0][:60]!r} is on the tailnet "
+                               "or has used this server (or several people have it, in "
+                               "different capitals); check the spelling. Nobody was added")
+        return spelled
 
     @staticmethod
     def _logins(values: Any) -> list[str]:

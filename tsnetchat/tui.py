@@ -337,8 +337,8 @@ class ChatApp:
     def problem(self) -> str:
         states = [s.state for s in self.sessions.values() if s.state.phase is not Phase.FAILED]
         bad = worst(states)
-        if bad is None or bad.error is None or bad.phase not in (Phase.RECONNECTING,
-                                                                  Phase.CONNECTING):
+        if bad is None or bad.error is None or bad.phase not in (
+                Phase.RECONNECTING, Phase.CONNECTING, Phase.WAITING):
             return ""
         return " " + bad.describe(time.monotonic())
 
@@ -513,7 +513,11 @@ class ChatApp:
         if self.current is not None and self.current in self.conversations:
             self.drafts[self.current] = self.input.document
             self.input.reset()
-        draft = self.drafts.pop(going_to, None)
+        self.bring_back_draft(going_to)
+
+    def bring_back_draft(self, room: str) -> None:
+        """``room``'s draft into the input, after what is there (kept) on a line of its own."""
+        draft = self.drafts.pop(room, None)
         if draft is None:
             return
         if self.input.text:
@@ -534,6 +538,7 @@ class ChatApp:
         text = self.input.text
         if not text.strip():
             return
+        before = self.current
         self.submitting = True
         try:
             keep = self.handle(text)
@@ -542,10 +547,8 @@ class ChatApp:
         self.history.add(text)
         if not keep:
             self.input.reset()
-            # (a /join or /leave switched rooms: the one shown now may have a draft)
-            draft = self.drafts.pop(self.current or "", None)
-            if draft is not None:
-                self.input.document = draft
+        if self.current != before:  # (a /join, /msg or /leave: the room shown now may have
+            self.bring_back_draft(self.current or "")  # a draft, after a line kept to edit)
         self.invalidate()
 
     def handle(self, line: str) -> bool:
@@ -570,9 +573,9 @@ class ChatApp:
         elif name == "msg":
             return self.direct(parsed.nicks[0], parsed.text, line)
         elif name == "topic":
-            return self.topic(parsed.text)
+            return self.topic(parsed.text, line)
         elif name in ("edit", "delete"):
-            return self.change(name, parsed.text)
+            return self.change(name, parsed.text, line)
         elif name == "search":
             self.spawn(self.search(parsed.text))
         elif name in ("away", "back"):
@@ -646,7 +649,7 @@ class ChatApp:
             return self.send(text, pb.MESSAGE_KIND_TEXT, line, room)
         return False
 
-    def topic(self, text: str) -> bool:
+    def topic(self, text: str, line: str = "") -> bool:
         conv = self.conversation
         if conv is None or conv.name not in self.sessions:
             self.say("not in a room: /join ROOM first", error=True)
@@ -663,10 +666,10 @@ class ChatApp:
             conn = await self.link.get()
             await conn.set_topic(room, text)
 
-        self.spawn(set_it())
+        self.spawn(set_it(), line=line)
         return False
 
-    def change(self, what: str, text: str) -> bool:
+    def change(self, what: str, text: str, line: str = "") -> bool:
         """/edit TEXT or /delete: the person's own last message in this conversation. When
         that one is still on its way (typed just before), the change waits for its id: it
         never falls on the message before it."""
@@ -689,7 +692,7 @@ class ChatApp:
                 else:
                     await conn.delete(room, target)
 
-            self.spawn(call())
+            self.spawn(call(), line=line)
 
         waiting = session.outbox.pending
         if waiting:
@@ -1035,15 +1038,21 @@ class ChatApp:
 
     # --- calls ------------------------------------------------------------------------------
 
-    def spawn(self, coro: Any) -> None:
-        """Run ``coro`` in the background; a failure is one line on the screen."""
+    def spawn(self, coro: Any, *, line: str = "") -> None:
+        """Run ``coro`` in the background; a failure is one line on the screen, and the
+        command ``line`` it carries out comes back into an empty input (a /topic refused as
+        too long was gone: a new user's day, 2026-11-23)."""
         async def guarded() -> None:
             try:
                 await coro
             except asyncio.CancelledError:
                 raise
             except Exception as e:
-                self.say(str(self.link.translate(e)), error=True)
+                back = bool(line) and not self.input.text
+                if back:
+                    self.input.document = Document(line, len(line))
+                self.say(str(self.link.translate(e))
+                         + (" (your text is back in the input)" if back else ""), error=True)
 
         task = asyncio.get_running_loop().create_task(guarded())
         self.background.add(task)  # the loop keeps only a weak reference
