@@ -211,7 +211,9 @@ def test_a_server_does_not_start_while_a_restore_holds_the_state_dir(tmp_path: P
     lock.release()
 
 
-def test_a_restore_keeps_what_it_replaced_and_starts_a_new_generation(tmp_path: Path) -> None:
+def backed_up_then_one_more(tmp_path: Path) -> tuple[Path, Path]:
+    """A state dir whose history holds "in the backup" and "after the backup", and a
+    backup taken between the two: (state dir, backup)."""
     state = tmp_path / "state"
     live = Store(state / "tsnetchat.db")
     live.append("r", *_msg("in the backup"))
@@ -220,6 +222,13 @@ def test_a_restore_keeps_what_it_replaced_and_starts_a_new_generation(tmp_path: 
     backup(state / "tsnetchat.db", copy)
     live = Store(state / "tsnetchat.db")
     live.append("r", *_msg("after the backup"))
+    live.close()
+    return state, copy
+
+
+def test_a_restore_keeps_what_it_replaced_and_starts_a_new_generation(tmp_path: Path) -> None:
+    state, copy = backed_up_then_one_more(tmp_path)
+    live = Store(state / "tsnetchat.db")
     history = live.identity()
     live.close()
     summary = restore(copy, state / "tsnetchat.db", state)
@@ -240,15 +249,7 @@ def test_a_restore_killed_before_its_last_rename_leaves_the_old_history_in_place
     began an empty history without a word (an operator's run, 2026-11-23)."""
     from tsnetchat import backup as backup_module
 
-    state = tmp_path / "state"
-    live = Store(state / "tsnetchat.db")
-    live.append("r", *_msg("in the backup"))
-    live.close()
-    copy = tmp_path / "copy.db"
-    backup(state / "tsnetchat.db", copy)
-    live = Store(state / "tsnetchat.db")
-    live.append("r", *_msg("after the backup"))
-    live.close()
+    state, copy = backed_up_then_one_more(tmp_path)
     real_rename = os.rename
 
     def killed_at_the_swap(src: Any, dst: Any) -> None:
