@@ -666,7 +666,7 @@ class ChatApp:
             conn = await self.link.get()
             await conn.set_topic(room, text)
 
-        self.spawn(set_it(), line=line)
+        self.spawn(set_it(), line=line, room=room)
         return False
 
     def change(self, what: str, text: str, line: str = "") -> bool:
@@ -692,7 +692,7 @@ class ChatApp:
                 else:
                     await conn.delete(room, target)
 
-            self.spawn(call(), line=line)
+            self.spawn(call(), line=line, room=room)
 
         waiting = session.outbox.pending
         if waiting:
@@ -1038,17 +1038,18 @@ class ChatApp:
 
     # --- calls ------------------------------------------------------------------------------
 
-    def spawn(self, coro: Any, *, line: str = "") -> None:
+    def spawn(self, coro: Any, *, line: str = "", room: str = "") -> None:
         """Run ``coro`` in the background; a failure is one line on the screen, and the
-        command ``line`` it carries out comes back into an empty input (a /topic refused as
-        too long was gone: a new user's day, 2026-11-23)."""
+        command ``line`` it carries out for ``room`` comes back into the input when that
+        room is still shown and its input empty (a /topic refused as too long was gone: a
+        new user's day, 2026-11-23; in another room's input it would act on that room)."""
         async def guarded() -> None:
             try:
                 await coro
             except asyncio.CancelledError:
                 raise
             except Exception as e:
-                back = bool(line) and not self.input.text
+                back = bool(line) and self.current == room and not self.input.text
                 if back:
                     self.input.document = Document(line, len(line))
                 self.say(str(self.link.translate(e))
