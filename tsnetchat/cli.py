@@ -282,9 +282,9 @@ def token_list(config: ConfigOpt = None, state_dir: StateOpt = None,
         store.close()
     # The key file is written only when the key changes (`rotate-key`, a cluster's new key),
     # so a token issued before that second was signed with a key no server takes any more
-    # (after `rotate-key` every old token was listed "active"). Two blind spots, both
-    # said in the README: a token issued in the second of a rotation is listed "active",
-    # and a key copied without its time (`cp`, not `cp -a`) makes older ones "old-key".
+    # (after `rotate-key` every old token was listed "active"). Two blind spots: a token
+    # issued in the second of a rotation is listed "active", and a key copied without its
+    # time (`cp`, not `cp -a`) makes older ones "old-key" (the README says so).
     try:
         key_since = int(cfg.key_path.stat().st_mtime)
     except OSError:
@@ -297,13 +297,15 @@ def token_list(config: ConfigOpt = None, state_dir: StateOpt = None,
             return "expired"
         return "old-key" if r.iat < key_since else "active"
 
+    states = [state(r) for r in rows]
     if json_out:
-        typer.echo(json.dumps([{**r.__dict__, "state": state(r)} for r in rows]))
+        typer.echo(json.dumps([{**r.__dict__, "state": st} for r, st in zip(rows, states,
+                                                                          strict=True)]))
         return
-    for r in rows:
+    for r, st in zip(rows, states, strict=True):
         typer.echo(f"{r.jti}  {r.sub:30} rooms={r.rooms:20} admin={int(r.admin)} "
-                   f"expires={time.strftime('%Y-%m-%d', time.gmtime(r.exp))} {state(r)}")
-    if any(state(r) == "old-key" for r in rows):
+                   f"expires={time.strftime('%Y-%m-%d', time.gmtime(r.exp))} {st}")
+    if "old-key" in states:
         typer.echo("(old-key: signed before the signing key was last rotated; refused)")
 
 

@@ -392,10 +392,9 @@ class Link:
     async def redial(self, conn: Connection | None) -> None:
         """Forget ``conn`` (if it is still the current channel) and dial the server the
         person named next: a token from a new `tsnetchat login` is that server's."""
-        if conn is not None and conn is self._conn:
-            self._conn = None
-            await _close_quietly(conn)
-        self._turn = 0
+        if conn is not None:
+            await self.reset(conn)
+        self._turn = 0  # (whatever server the reset moved on to)
 
     async def close(self) -> None:
         self.closed = True
