@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+
+import pytest
 
 from tsnetchat.throttle import Buckets, Coalescer, LogLimiter, TokenBucket
 
@@ -34,10 +37,19 @@ def test_wait_takes_nothing() -> None:
     assert bs.wait("x") > 0
 
 
-def test_the_log_limiter_counts_what_it_drops() -> None:
+def test_the_log_limiter_says_how_many_lines_it_dropped_on_the_next_one_it_writes(
+        caplog: pytest.LogCaptureFixture) -> None:
     lim = LogLimiter(burst=2, rate=0.001)
-    assert [lim.allow() for _ in range(5)] == [True, True, False, False, False]
-    assert lim.skipped() == 3 and lim.skipped() == 0
+    logger = logging.getLogger("tsnetchat.test")
+    with caplog.at_level(logging.INFO, logger="tsnetchat.test"):
+        written = [lim.log(logger, logging.INFO, "refused %s", i) for i in range(5)]
+        lim._bucket.tokens = 1.0  # as if time had passed
+        written.append(lim.log(logger, logging.INFO, "refused %s", 5))
+        lim._bucket.tokens = 1.0
+        written.append(lim.log(logger, logging.INFO, "refused %s", 6))
+    assert written == [True, True, False, False, False, True, True]
+    assert [r.getMessage() for r in caplog.records] == [
+        "refused 0", "refused 1", "refused 5 (3 more like this not logged)", "refused 6"]
 
 
 async def test_the_coalescer_holds_what_goes_over_the_bucket_and_lets_out_the_latest() -> None:

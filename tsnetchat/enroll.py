@@ -176,11 +176,10 @@ class Enrollment:
     async def _refuse(self, context: grpc.aio.ServicerContext, method: str, who: WhoIs | None,
                       e: TsnetchatError) -> None:
         code = status_for(e)
-        if self._refusal_log.allow():
-            skipped = self._refusal_log.skipped()
-            log.info("%s refused login=%s device=%s peer=%s code=%s reason=%s%s", method,
-                     who.login if who else "?", _where(who) if who else "?", context.peer(),
-                     code.name, e, f" ({skipped} more refusals not logged)" if skipped else "")
+        self._refusal_log.log(log, logging.INFO,
+                              "%s refused login=%s device=%s peer=%s code=%s reason=%s", method,
+                              who.login if who else "?", _where(who) if who else "?",
+                              context.peer(), code.name, e)
         await context.abort(code, str(e))
 
     # RPCs ----------------------------------------------------------------------------

@@ -297,12 +297,9 @@ class Gate:
         self._conn_refusals.take(conn.peer)
         if conn.node_id:
             self._node_refusals.take(conn.node_id)
-        if self._refusal_log.allow():
-            skipped = self._refusal_log.skipped()
-            # %r: names and reasons carry what clients and tailnet admins chose; escaped.
-            log.info("refused method=%s peer=%s device=%r reason=%r%s", method, conn.peer,
-                     conn.who.node_name if conn.who else "", str(e),
-                     f" ({skipped} more refusals not logged)" if skipped else "")
+        # %r: names and reasons carry what clients and tailnet admins chose; escaped.
+        self._refusal_log.log(log, logging.INFO, "refused method=%s peer=%s device=%r reason=%r",
+                              method, conn.peer, conn.who.node_name if conn.who else "", str(e))
 
     def _verify(self, token: str) -> auth.Claims:
         claims = auth.verify_token(self.policy.key, token)
@@ -403,10 +400,11 @@ class Gate:
             return
         self.lease_failures += 1
         lease.fail(error)
-        if lease.stream and self._refusal_log.allow():
+        if lease.stream:
             who = lease.conn.who
-            log.info("closed a stream of %r on device %r: %r", lease.principal.login,
-                     who.node_name if who else "", str(error))
+            self._refusal_log.log(log, logging.INFO, "closed a stream of %r on device %r: %r",
+                                  lease.principal.login, who.node_name if who else "",
+                                  str(error))
 
     def _redecide(self, lease: Lease, who: WhoIs) -> None:
         if lease.error is not None:
@@ -502,8 +500,8 @@ class Gate:
                     self._due.clear()
                     await self._recheck()
             except Exception as e:  # a bug here must not end re-checking for good
-                if errors.allow():
-                    log.error("re-checking leases failed; trying again", exc_info=e)
+                errors.log(log, logging.ERROR, "re-checking leases failed; trying again",
+                           exc_info=e)
                 self._due.set()
                 await asyncio.sleep(BLIND_INTERVAL)
 

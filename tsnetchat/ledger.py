@@ -342,10 +342,8 @@ class Ledger:
         if isinstance(outcome, StoreError):
             # Every send fails alike while the disk is full or the database locked: the
             # journal must say so (it said nothing, or only that search indexing lagged).
-            if self._storage_log.allow():
-                skipped = self._storage_log.skipped()
-                log.warning("refusing messages: the history database failed (%s)%s", outcome,
-                            f"; {skipped} more refused since the last line" if skipped else "")
+            self._storage_log.log(log, logging.WARNING,
+                                  "refusing messages: the history database failed (%s)", outcome)
             self._refused(sub, client_msg_id, "storage", StoreError(
                 f"{outcome}; this message was not stored: send it again"), 1.0)
             return

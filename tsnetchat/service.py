@@ -439,9 +439,8 @@ class ChatService:
             # A bug, not the client's doing; still, a client must not be able to fill the
             # journal with tracebacks by repeating the request.
             self.metrics.inc("rpc_errors_total{code=\"INTERNAL\"}")
-            if self._error_log.allow():
-                log.error("%s failed unexpectedly (%d more not logged)", method,
-                          self._error_log.skipped(), exc_info=e)
+            self._error_log.log(log, logging.ERROR, "%s failed unexpectedly", method,
+                                exc_info=e)
             await _abort(context, grpc.StatusCode.INTERNAL,
                          f"{method}: internal error; the server's log says more")
 

@@ -908,10 +908,8 @@ class Store:
             # (tried after every group of commits: about 85 lines a minute for as long as the
             # disk stayed full, where refused sends say one in 10 s; an operator's run,
             # 2026-11-23)
-            if self._index_log.allow():
-                skipped = self._index_log.skipped()
-                log.warning("could not index new messages for search yet: %s%s", e,
-                            f" ({skipped} more times since the last line)" if skipped else "")
+            self._index_log.log(log, logging.WARNING,
+                                "could not index new messages for search yet: %s", e)
             return 0
 
     def purge(self) -> None:

@@ -11,6 +11,7 @@ one), so a stream of one-off keys (connections) costs memory only while they are
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
@@ -94,22 +95,25 @@ class Buckets:
 
 
 class LogLimiter:
-    """At most ``burst`` lines at once and ``rate`` per second after that; ``allow()`` says
-    whether to log now, ``skipped()`` how many were dropped since the last line logged."""
+    """At most ``burst`` lines at once and ``rate`` per second after that. ``log`` writes a
+    line when the limit allows and ends it with how many like it were dropped since the last
+    one written; otherwise it counts the line as dropped."""
 
     def __init__(self, burst: int = 20, rate: float = 2.0) -> None:
         self._bucket = TokenBucket(burst, rate)
         self._skipped = 0
 
-    def allow(self) -> bool:
+    def log(self, logger: logging.Logger, level: int, msg: str, *args: object,
+            exc_info: BaseException | None = None) -> bool:
+        """``logger.log(level, msg, *args)`` if allowed (True), else count it (False)."""
         if self._bucket.take():
             self._skipped += 1
             return False
+        if self._skipped:
+            msg += f" ({self._skipped} more like this not logged)"
+            self._skipped = 0
+        logger.log(level, msg, *args, exc_info=exc_info)
         return True
-
-    def skipped(self) -> int:
-        n, self._skipped = self._skipped, 0
-        return n
 
 
 class Coalescer(Generic[T]):
