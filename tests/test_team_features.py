@@ -309,6 +309,21 @@ async def test_away_with_a_message_is_announced_to_the_rooms_of_the_person(
         c.cancel()
 
 
+async def test_a_refused_away_names_the_id_it_was_sent_with(lab_chat: LabChat) -> None:
+    alice, _, _ = await people(lab_chat)
+    long = pb.ClientEvent(away=pb.Away(away=True, message="x" * 300, client_msg_id="aw-1"))
+    call = alice.stub.Join(hello_events("general", then=[long]), metadata=alice.metadata)
+    e = await first_of(call, "error")
+    assert (e.client_msg_id, e.code) == ("aw-1", grpc.StatusCode.INVALID_ARGUMENT.value[0])
+    assert "an away message is one line" in e.message
+    call.cancel()
+    silly = pb.ClientEvent(away=pb.Away(away=True, message="lunch", client_msg_id="x" * 65))
+    call = alice.stub.Join(hello_events("general", then=[silly]), metadata=alice.metadata)
+    e = await first_of(call, "error")
+    assert (e.client_msg_id, e.message) == ("", "client_msg_id longer than 64 characters")
+    call.cancel()
+
+
 async def test_history_replay_search_and_mentions_carry_the_mentions_stored_with_a_message(
         lab_chat: LabChat) -> None:
     alice, bob, _ = await people(lab_chat)

@@ -542,7 +542,8 @@ class SessionEvent:
     * ``sent``: ``outgoing`` was stored as message ``message_id``; ``failed``: ``outgoing``
       was refused for good (``error``); ``deferred``: ``outgoing`` was refused for now
       ("slow down", "not saved") and waits until ``outgoing.not_before`` to be sent again;
-      ``error``: the server refused something else;
+      ``error``: the server refused something else (``refused_id``: the id that thing was
+      sent with, such as the one ``set_away`` returned; empty when it had none);
     * ``restart``: the server's history is not the one the reader's position came from
       (restored, replaced: ``resume.Cursor.check_history``); ``text`` says so. The session
       starts over from what the server has: earlier messages may be shown again, and
@@ -563,6 +564,7 @@ class SessionEvent:
     seconds: float | None = None
     first: bool = False
     text: str = ""
+    refused_id: str = ""
 
 
 class RoomSession:
@@ -632,12 +634,15 @@ class RoomSession:
             self._read_to = message_id
             self._wake.set()
 
-    def set_away(self, away: bool, message: str = "") -> None:
+    def set_away(self, away: bool, message: str = "") -> str:
         """/away [message] (``away``) or /back: written on this room's stream as soon as it
         is connected; the server announces it in every room the person is in. A refusal
-        (a message too long) comes back as an ``error`` event."""
-        self._away = pb.Away(away=away, message=message)
+        (a message too long, too many changes) comes back as an ``error`` event whose
+        ``refused_id`` is the id returned here."""
+        cmid = uuid.uuid4().hex
+        self._away = pb.Away(away=away, message=message, client_msg_id=cmid)
         self._wake.set()
+        return cmid
 
     def retry_failed(self) -> list[Outgoing]:
         again = self.outbox.retry()
@@ -847,7 +852,7 @@ class RoomSession:
         err = refusal(e.code, e.message, e.retry_after_ms)
         out = self.outbox.find(e.client_msg_id) if e.client_msg_id else None
         if out is None:
-            return [SessionEvent("error", error=err, text=str(err))]
+            return [SessionEvent("error", error=err, text=str(err), refused_id=e.client_msg_id)]
         now = time.monotonic()
         if err.retryable:  # "slow down" or "not saved": the same message again, later
             wait = err.retry_after or 1 / self.pacer.rate

@@ -37,7 +37,7 @@ from .errors import (
 )
 from .gate import Gate, Lease
 from .hub import FRAME_BATCH, CloseKind, CloseReason, Hub, Subscriber
-from .ledger import MAX_ID, History, Ledger
+from .ledger import MAX_CLIENT_MSG_ID, MAX_ID, History, Ledger
 from .metrics import Metrics
 from .pb import chat_pb2 as pb
 from .store import Sender, Topic, fts_query
@@ -654,6 +654,10 @@ class ChatService:
                         self.ledger.mark_read(p.login, sub.room, ev.ack.last_seen_id)
                         continue
                     elif which == "away":
+                        if len(ev.away.client_msg_id) > MAX_CLIENT_MSG_ID:
+                            raise InvalidInput(
+                                f"client_msg_id longer than {MAX_CLIENT_MSG_ID} characters")
+                        cmid = ev.away.client_msg_id
                         wait = self._away_buckets.take(p.login)
                         if wait:  # (each change is a presence event to every room's streams)
                             self._refuse(sub, LimitExceeded(

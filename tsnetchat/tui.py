@@ -243,6 +243,7 @@ class ChatApp:
         # with its message), not what we asked for: an /away it refuses (too long, too
         # often) must not show us away. ("" while away with no message, or one not known.)
         self.away: str | None = None
+        self.away_asked = ("", "", "")  # the last /away or /back: (its id, line, room)
         self.unread_wake = asyncio.Event()  # ask the server for unread counts now
         # /edit or /delete typed while one's last message is still on its way: done once the
         # server has stored it (with its id), or dropped with a line if it is refused.
@@ -579,7 +580,7 @@ class ChatApp:
         elif name == "search":
             self.spawn(self.search(parsed.text))
         elif name in ("away", "back"):
-            return self.set_away(name == "away", parsed.text)
+            return self.set_away(name == "away", parsed.text, line)
         elif name in ("create", "invite", "remove"):
             return self.members(name, parsed.room, parsed.nicks)
         elif name == "who":
@@ -728,7 +729,7 @@ class ChatApp:
         self.conversations[SEARCH] = conv
         self.switch(SEARCH)
 
-    def set_away(self, away: bool, message: str) -> bool:
+    def set_away(self, away: bool, message: str, line: str = "") -> bool:
         session = self.sessions.get(self.current or "") or next(iter(self.sessions.values()),
                                                                  None)
         if session is None:
@@ -737,7 +738,9 @@ class ChatApp:
         if (self.away == message.strip() != "") if away else self.away is None:
             # (sent all the same: the server is the judge, and answers only a change)
             self.say("you are already away" if away else "you are not away")
-        session.set_away(away, message)  # (the server's announcement confirms it: on_presence)
+        # (the server's announcement confirms it: on_presence; a refusal names the id, and
+        # the line comes back: a refused /away was gone, a new user's day, 2026-11-24)
+        self.away_asked = (session.set_away(away, message), line, self.current or "")
         return False
 
     def members(self, what: str, room: str, nicks: tuple[str, ...]) -> bool:
@@ -939,7 +942,13 @@ class ChatApp:
             # for a new token (what is typed meanwhile waits with it)
             if ev.kind == "restart":
                 self.shown_again.add(conv.name)
-            conv.notice(ev.text, error=True, renderer=self.renderer)
+            text = ev.text
+            asked, line, room = self.away_asked
+            if ev.refused_id and ev.refused_id == asked:
+                self.away_asked = ("", "", "")
+                if self.put_back(line, room):
+                    text += " (your text is back in the input)"
+            conv.notice(text, error=True, renderer=self.renderer)
         elif ev.kind == "fatal" and ev.error is not None:
             self.on_fatal(conv, session, ev.error)
 
@@ -1038,6 +1047,14 @@ class ChatApp:
 
     # --- calls ------------------------------------------------------------------------------
 
+    def put_back(self, line: str, room: str) -> bool:
+        """Bring a refused command's ``line`` back into the input, when it was typed in the
+        room still shown and the input is empty (True)."""
+        if not line or self.current != room or self.input.text:
+            return False
+        self.input.document = Document(line, len(line))
+        return True
+
     def spawn(self, coro: Any, *, line: str = "", room: str = "") -> None:
         """Run ``coro`` in the background; a failure is one line on the screen, and the
         command ``line`` it carries out for ``room`` comes back into the input when that
@@ -1049,9 +1066,7 @@ class ChatApp:
             except asyncio.CancelledError:
                 raise
             except Exception as e:
-                back = bool(line) and self.current == room and not self.input.text
-                if back:
-                    self.input.document = Document(line, len(line))
+                back = self.put_back(line, room)
                 self.say(str(self.link.translate(e))
                          + (" (your text is back in the input)" if back else ""), error=True)
 

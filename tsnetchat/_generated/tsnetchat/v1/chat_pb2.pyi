@@ -105,12 +105,14 @@ class SendMessage(_message.Message):
     def __init__(self, text: _Optional[str] = ..., kind: _Optional[_Union[MessageKind, str]] = ..., client_msg_id: _Optional[str] = ..., claimed_sender: _Optional[_Union[Identity, _Mapping]] = ..., target_id: _Optional[int] = ...) -> None: ...
 
 class Away(_message.Message):
-    __slots__ = ("away", "message")
+    __slots__ = ("away", "message", "client_msg_id")
     AWAY_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_MSG_ID_FIELD_NUMBER: _ClassVar[int]
     away: bool
     message: str
-    def __init__(self, away: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...
+    client_msg_id: str
+    def __init__(self, away: _Optional[bool] = ..., message: _Optional[str] = ..., client_msg_id: _Optional[str] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("last_seen_id",)
