@@ -50,7 +50,7 @@ def open_terminal(chat_server: LabDaemon, tmp_path: Path) -> Iterator[Opener]:
         need("tmux", "make sysdeps installs it")
     made: list[Tmux] = []
 
-    def open_(who: str, *, rooms: tuple[str, ...] = (), height: int = 50,
+    def open_(who: str, *, rooms: tuple[str, ...] = (), height: int = 50, width: int = 120,
               wait: bool = True, admin: bool = False, in_shell: bool = False) -> Tmux:
         """``in_shell``: typed into an interactive bash, as a person does (job control:
         Ctrl-Z, `fg`), rather than run as the terminal's command."""
@@ -63,7 +63,7 @@ def open_terminal(chat_server: LabDaemon, tmp_path: Path) -> Iterator[Opener]:
                *chat_server.client_args(NODES[who])]
         shell = ["bash", "--norc", "--noprofile", "-i"]
         t = Tmux(f"{who}-{os.getpid()}-{len(made)}", shell if in_shell else cmd, env,
-                 height=height)
+                 height=height, width=width)
         if in_shell:
             t.type(shlex.join(cmd))
         made.append(t)
@@ -179,11 +179,12 @@ def test_a_mention_rings_the_bell_and_is_highlighted(terminals: dict[str, Tmux])
 
 def test_a_50_line_burst_typed_faster_than_the_rate_limit_arrives_once_in_order(
         chat_server: LabDaemon, open_terminal: Opener) -> None:
-    alice = open_terminal("alice", height=60)
+    # (72 columns: the pending count was cut off below about 90; a new user's day, 2026-11-24)
+    alice = open_terminal("alice", height=60, width=72)
     bob = open_terminal("bob", height=70)
     lines = [f"burst line {i:02d}" for i in range(1, 51)]
     alice.keys(*[k for line in lines for k in (line, "Enter")])  # one write: all 50 at once
-    alice.wait_for(r"│ \d+ pending")  # the client holds them and paces itself
+    alice.wait_for(r" alice@tailnet.test │ #general │ 2 members │ connected │ \d+ pending")
     bob.wait_for(r"<Alice> burst line 50", timeout=60)
     assert texts_of(bob.screen(), "Alice", "burst line") == lines
     alice.wait_for(r"│ connected *\n")  # nothing pending any more

@@ -347,16 +347,38 @@ class ChatApp:
         return [("", self.problem())]
 
     def status_bar(self) -> StyleAndTextTuples:
+        """Who and where, then the state of the room shown. What is pending, not sent or
+        away must show at any width: where the line is too narrow the device, the member
+        count and then who one is go first (below about 90 columns the pending count was
+        cut off: a new user's day, 2026-11-24)."""
+        state = self.state_parts()
+        room_w = self.app.output.get_size().columns - sum(width_of(t) for _, t in state)
         node = self.me.node.split(".")[0]
-        parts: StyleAndTextTuples = [("", f" {visible(self.me.login)} ({visible(node)}) │ ")]
+        me, where = f" {visible(self.me.login)} ({visible(node)}) │ ", []
         conv = self.conversation
         if conv is None:
-            parts.append(("", "not in a room: /join ROOM"))
+            where.append(("", "not in a room: /join ROOM"))
         else:
             n = len(conv.members)
-            parts.append(("", f"{conv.title} │ "))
+            where.append(("", f"{conv.title} │ "))
             if conv.name in self.sessions:
-                parts.append(("", f"{n} member{'s' if n != 1 else ''} │ "))
+                where.append(("", f"{n} member{'s' if n != 1 else ''} │ "))
+
+        def fits(first: str, parts: StyleAndTextTuples) -> bool:
+            return width_of(first) + sum(width_of(t) for _, t in parts) <= room_w
+
+        if not fits(me, where):
+            me = f" {visible(self.me.login)} │ "
+        if not fits(me, where) and len(where) > 1:
+            where = where[:1]
+        if not fits(me, where):
+            me = " "
+        return [("", me), *where, *state]
+
+    def state_parts(self) -> StyleAndTextTuples:
+        """The shown room's connection, what is pending or not sent, away, scrolled up."""
+        parts: StyleAndTextTuples = []
+        conv = self.conversation
         session = self.sessions.get(self.current or "")
         if session is not None:
             state = session.state
