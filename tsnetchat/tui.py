@@ -352,9 +352,10 @@ class ChatApp:
         count and then who one is go first (below about 90 columns the pending count was
         cut off: a new user's day, 2026-11-24)."""
         state = self.state_parts()
-        room_w = self.app.output.get_size().columns - sum(width_of(t) for _, t in state)
+        room_w = self.app.output.get_size().columns - sum(width_of(p[1]) for p in state)
         node = self.me.node.split(".")[0]
-        me, where = f" {visible(self.me.login)} ({visible(node)}) │ ", []
+        me = f" {visible(self.me.login)} ({visible(node)}) │ "
+        where: list[tuple[str, str]] = []
         conv = self.conversation
         if conv is None:
             where.append(("", "not in a room: /join ROOM"))
@@ -364,7 +365,7 @@ class ChatApp:
             if conv.name in self.sessions:
                 where.append(("", f"{n} member{'s' if n != 1 else ''} │ "))
 
-        def fits(first: str, parts: StyleAndTextTuples) -> bool:
+        def fits(first: str, parts: list[tuple[str, str]]) -> bool:
             return width_of(first) + sum(width_of(t) for _, t in parts) <= room_w
 
         if not fits(me, where):
