@@ -78,8 +78,12 @@ def test_a_password_without_a_user_is_refused_naming_the_setting(tmp_path: Path)
         connect_options(cfg, env={})
     cfg = load_config(file=None, env={}, flags={"cluster": "nats://a:4222",
                                                  "nats_credentials": str(tmp_path / "none")})
-    with pytest.raises(ConfigError, match="nats_credentials: cannot read"):
+    with pytest.raises(ConfigError, match=r"^--nats-credentials: cannot read"):
         connect_options(cfg, env={})
+    toml = tmp_path / "config.toml"
+    toml.write_text(f'cluster = "nats://a:4222"\nnats_credentials = "{tmp_path / "none"}"\n')
+    with pytest.raises(ConfigError, match=f"^{toml}: nats_credentials: cannot read"):
+        connect_options(load_config(file=toml, env={}), env={})
 
 
 # --- applying the stream: edits and deletions as the embedded store makes them -----------

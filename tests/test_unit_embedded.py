@@ -24,5 +24,12 @@ def test_embedded_auth_key_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         == "tskey-from-file"
     assert find_auth_key(load_config(file=None, env={"TSNETCHAT_AUTH_KEY": "tskey-env"})) \
         == "tskey-env"
-    with pytest.raises(ConfigError, match="--auth-key-file"):
+    with pytest.raises(ConfigError, match=r"^--auth-key-file: "):
         find_auth_key(load_config(file=None, env={}, flags={"auth_key_file": str(tmp_path / "x")}))
+    # named where it was set (it said --auth-key-file of a config file's setting too)
+    toml = tmp_path / "config.toml"
+    toml.write_text(f'auth_key_file = "{tmp_path / "x"}"\n')
+    with pytest.raises(ConfigError, match=f"^{toml}: auth_key_file: .*: No such file"):
+        find_auth_key(load_config(file=toml, env={}))
+    with pytest.raises(ConfigError, match=r"^TSNETCHAT_AUTH_KEY_FILE: "):
+        find_auth_key(load_config(file=None, env={"TSNETCHAT_AUTH_KEY_FILE": str(tmp_path)}))

@@ -199,7 +199,7 @@ def connect_options(cfg: ServerConfig, env: dict[str, str] | None = None) -> dic
     env = dict(os.environ) if env is None else env
     opts: dict[str, Any] = {"servers": cfg.cluster_urls}
     path = cfg.nats_credentials
-    where = "nats_credentials"
+    where = cfg.where("nats_credentials")
     if not path and env.get("CREDENTIALS_DIRECTORY"):
         candidate = Path(env["CREDENTIALS_DIRECTORY"].split(":")[0]) / "nats"
         if candidate.is_file():
@@ -211,7 +211,7 @@ def connect_options(cfg: ServerConfig, env: dict[str, str] | None = None) -> dic
             text = Path(path).read_text()
         except OSError as e:
             raise ConfigError(f"{where}: cannot read {path}: {e.strerror}") from None
-        if mode & 0o077 and where == "nats_credentials":
+        if mode & 0o077 and path == cfg.nats_credentials:
             # (whoever reads it reads the cluster's signing key from NATS, and can mint
             # tokens: the same rule as for the key file; an operator's run, 2026-11-23)
             raise ConfigError(f"{where}: {path} is readable by others (mode {mode:04o}); "
@@ -223,7 +223,8 @@ def connect_options(cfg: ServerConfig, env: dict[str, str] | None = None) -> dic
             password = text.strip()
     if password:
         if not cfg.nats_user:
-            raise ConfigError("nats_user: a NATS password is given but no user name")
+            raise ConfigError(f"{cfg.where('nats_user')}: a NATS password is given but no "
+                              "user name")
         opts["user"], opts["password"] = cfg.nats_user, password
     return opts
 

@@ -14,8 +14,8 @@ import math
 import os
 import re
 import tomllib
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable, Mapping
+from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +147,16 @@ class ServerConfig(Limits):
     # lock (only connections that come through tailscaled from another device).
     metrics_port: int = 0
     log_level: str = "info"
+    # Not a setting: where each setting that is not a default came from, as ``where`` says
+    # it (``load_config`` fills it in). Errors found after loading name the same place.
+    origins: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False,
+                                       metadata={"setting": False})
+
+    def where(self, name: str) -> str:
+        """Where setting ``name`` came from, for an error: ``--auth-key-file``,
+        ``TSNETCHAT_AUTH_KEY_FILE``, ``/etc/tsnetchat/config.toml: auth_key_file``, or the
+        name itself (a default)."""
+        return self.origins.get(name, name)
 
     @property
     def limits(self) -> Limits:
@@ -190,7 +200,7 @@ class ServerConfig(Limits):
     def masked(self) -> dict[str, Any]:
         """The effective config as plain data, secrets replaced (for `config show`)."""
         out: dict[str, Any] = {}
-        for f in fields(self):
+        for f in settings():
             v = getattr(self, f.name)
             if f.name in SECRET_FIELDS and v:
                 v = "********"
@@ -230,6 +240,11 @@ def _convert(name: str, raw: Any, typ: Any, where: str) -> Any:
         raise ConfigError(f"{where}: invalid value {raw!r} for {name}: {e}") from None
 
 
+def settings() -> tuple[Field[Any], ...]:
+    """ServerConfig's fields that are settings (all but ``origins``)."""
+    return tuple(f for f in fields(ServerConfig) if f.metadata.get("setting", True))
+
+
 def _where(source: str, name: str, file: Path | None) -> str:
     if source == "flag":
         return "--" + name.replace("_", "-")
@@ -250,7 +265,7 @@ def load_config(
     that does not exist is an error.
     """
     env = os.environ if env is None else env
-    known = {f.name: f for f in fields(ServerConfig)}
+    known = {f.name: f for f in settings()}
     values: dict[str, Any] = {}
     origin: dict[str, str] = {}
 
@@ -289,12 +304,12 @@ def load_config(
         values[name] = _convert(name, raw, known[name].type, _where("flag", name, file))
         origin[name] = "flag"
 
-    cfg = ServerConfig(**values)
-    _validate(cfg, lambda n: _where(origin.get(n, "default"), n, file) if n in origin else n)
+    cfg = ServerConfig(**values, origins={n: _where(o, n, file) for n, o in origin.items()})
+    _validate(cfg, cfg.where)
     return cfg
 
 
-def _validate(cfg: ServerConfig, where: Any) -> None:
+def _validate(cfg: ServerConfig, where: Callable[[str], str]) -> None:
     def bad(name: str, why: str) -> ConfigError:
         return ConfigError(f"{where(name)}: {why}")
 
@@ -304,7 +319,7 @@ def _validate(cfg: ServerConfig, where: Any) -> None:
                                "mean the current directory)")
     if not 1 <= cfg.port <= 65535:
         raise bad("port", f"{cfg.port} is not a TCP port (1-65535)")
-    for f in fields(cfg):  # (a path with one made `serve` and `doctor` end in a traceback)
+    for f in settings():  # (a path with one made `serve` and `doctor` end in a traceback)
         if isinstance(getattr(cfg, f.name), str | Path) and "\x00" in str(getattr(cfg, f.name)):
             raise bad(f.name, "contains a NUL character")
     if cfg.listen != "auto":
@@ -327,7 +342,7 @@ def _validate(cfg: ServerConfig, where: Any) -> None:
                  "store_wait"):
         if not getattr(cfg, name) > 0:
             raise bad(name, "must be greater than 0")
-    for f in fields(cfg):
+    for f in settings():
         top = MAX_OF.get(f.name, MAX_NUMBER)
         if f.type in ("int", "float") and getattr(cfg, f.name) > top:
             raise bad(f.name, f"must be at most {top:,}")

@@ -39,7 +39,7 @@ def find_auth_key(cfg: ServerConfig) -> str:
             return Path(c).read_text().strip()
         except OSError as e:
             if c == cfg.auth_key_file:
-                raise ConfigError(f"--auth-key-file {c}: {e.strerror}") from None
+                raise ConfigError(f"{cfg.where('auth_key_file')}: {c}: {e.strerror}") from None
     return ""
 
 

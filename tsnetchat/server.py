@@ -33,7 +33,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from . import auth, enroll
 from .cluster import ClusterHistory
-from .config import DEFAULT_PORT, Limits, ServerConfig, parse_listen
+from .config import DEFAULT_PORT, Limits, ServerConfig, parse_listen, settings
 from .errors import ConfigError, StoreError, TailnetError, TsnetchatError
 from .gate import Gate, Policy
 from .hub import Hub, Pacing
@@ -534,7 +534,7 @@ class Server:
         says which: a new ``state_dir`` taken on a SIGHUP made the server sign with a new
         key there while it went on storing in the old one, so every token was refused (an
         operator's run, 2026-11-23)."""
-        later = sorted(f.name for f in dataclasses.fields(cfg) if f.name not in RELOADABLE
+        later = sorted(f.name for f in settings() if f.name not in RELOADABLE
                        and getattr(cfg, f.name) != getattr(self.cfg, f.name))
         if later:
             log.warning("reload: %s changed in the configuration; kept as running until a "
