@@ -45,6 +45,9 @@ def test_precedence_is_defaults_then_file_then_env_then_flags(tmp_path: Path) ->
     ({"env": {"TSNETCHAT_STARTUP_TIMEOUT": "0"}},
      "TSNETCHAT_STARTUP_TIMEOUT: must be greater than 0"),
     ({"flags": {"recheck_interval": 0}}, "--recheck-interval: must be greater than 0"),
+    ({"flags": {"whois_timeout": 1e-9}}, "--whois-timeout: must be at least 0.1 seconds"),
+    ({"env": {"TSNETCHAT_STORE_WAIT": "0.01"}},
+     "TSNETCHAT_STORE_WAIT: must be at least 0.1 seconds"),
 ])
 def test_bad_settings_name_where_they_came_from(source: dict[str, dict[str, object]],
                                                expect: str) -> None:

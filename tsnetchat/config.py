@@ -34,6 +34,7 @@ TAG_RE = re.compile(r"tag:[A-Za-z0-9][A-Za-z0-9-]*")  # fullmatch
 # Upper bounds: a number beyond them starts a server that fails every call (a count is sent
 # in the protocol's 32-bit fields; a lifetime of 1e15 hours is a date past year 9999).
 MAX_NUMBER = 2**31 - 1
+MIN_SECONDS = 0.1  # the shortest wait a setting in seconds may be
 MAX_OF = {"token_ttl_hours": 3650 * 24, "enroll_ttl_hours": 3650 * 24,
           "retention_days": 36_500,
           "store_wait": 2_147_483}  # (SQLite's busy timeout: a C int of milliseconds)
@@ -342,6 +343,13 @@ def _validate(cfg: ServerConfig, where: Callable[[str], str]) -> None:
                  "store_wait"):
         if not getattr(cfg, name) > 0:
             raise bad(name, "must be greater than 0")
+    # (whois_timeout = 1e-9 started a server that refused every call as tailscaled not
+    # answering; a tenth of a second is already less than a busy tailscaled may need: an
+    # operator's run, 2026-11-23)
+    for name in ("startup_timeout", "whois_timeout", "recheck_interval", "store_wait",
+                 "cluster_wait"):
+        if 0 < getattr(cfg, name) < MIN_SECONDS:
+            raise bad(name, f"must be at least {MIN_SECONDS} seconds")
     for f in settings():
         top = MAX_OF.get(f.name, MAX_NUMBER)
         if f.type in ("int", "float") and getattr(cfg, f.name) > top:
