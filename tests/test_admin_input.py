@@ -246,6 +246,19 @@ def test_an_empty_token_lifetime_is_refused_rather_than_taken_as_the_default(
     assert "bob@" not in run_cli("token", "list", "--state-dir", str(state)).stdout
 
 
+def test_a_token_for_a_known_login_with_other_capitals_is_refused_and_a_new_one_warned_of(
+        tmp_path: Path) -> None:
+    state, _ = issued_state(tmp_path)  # alice@tailnet.test holds a token
+    out = run_cli("token", "issue", "Alice@Tailnet.test", "--state-dir", str(state))
+    assert out.returncode == 2 and "no token was issued" in out.stderr, out.stderr
+    assert "'Alice@Tailnet.test' is 'alice@tailnet.test' with other capitals" in out.stderr
+    assert "Alice@" not in run_cli("token", "list", "--state-dir", str(state)).stdout
+    out = run_cli("token", "issue", "Carol@tailnet.test", "--state-dir", str(state))
+    assert out.returncode == 0 and "note: Carol@tailnet.test has capitals" in out.stderr
+    out = run_cli("token", "issue", "tag:Bot", "--state-dir", str(state))
+    assert out.returncode == 0 and "capitals" not in out.stderr
+
+
 @pytest.mark.parametrize("args", [["a" * 250 + "@x.test"], ["alice@x.test", "--room", "Ops"],
                                   ["alice@x.test", "--ttl", ""]])
 def test_a_refused_token_issue_leaves_no_state_dir_or_key_behind(

@@ -244,6 +244,19 @@ def token_issue(
     new_key = not cfg.key_path.exists()
     store = _store(cfg)
     try:
+        # Logins must match WhoIs's exactly: a token for ALICE@Example.com is refused on
+        # every device of alice@example.com (an operator's run, 2026-11-23).
+        capitals = subject != subject.lower() and not subject.startswith("tag:")
+        twin = next((k for k in store.people() if capitals and k != subject
+                     and k.lower() == subject.lower()), None)
+        if twin is not None:
+            raise InvalidInput(f"{subject!r} is {twin!r} with other capitals; a token works "
+                               "only for the login exactly as the tailnet spells it (`tailscale "
+                               "status` shows it); no token was issued")
+        if capitals:
+            typer.secho(f"note: {subject} has capitals; a token works only for the login "
+                        "exactly as the tailnet spells it (`tailscale status` shows it)",
+                        err=True)
         key = auth.load_or_create_key(cfg.key_path)
         if new_key:  # (a mistyped --state-dir would otherwise sign with a key nobody checks)
             typer.secho(f"made a new signing key at {cfg.key_path}: no server had used "
