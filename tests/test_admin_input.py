@@ -160,6 +160,24 @@ def test_the_doctor_looks_at_a_state_dir_without_making_it(tmp_path: Path) -> No
     assert not state.exists()
 
 
+async def test_the_doctor_fails_a_damaged_history_and_a_short_key_and_says_what_to_do(
+        tmp_path: Path) -> None:
+    state, _ = issued_state(tmp_path)
+    cfg = load_config(env={}, flags={"state_dir": str(state), "socket": "/nonexistent"})
+    assert {c.name: c for c in await checks(cfg)}["history store"].verdict == OK
+    db = state / "tsnetchat.db"
+    page = int.from_bytes(db.read_bytes()[16:18], "big")  # (the header's page size)
+    with db.open("r+b") as f:  # garbage over the second page: a table's b-tree page
+        f.seek(page)
+        f.write(b"\xa5" * page)
+    (state / "jwt.key").write_text("short\n")
+    short = {c.name: c for c in await checks(cfg)}["key file"]
+    assert short.verdict == FAIL and "too short" in short.detail, short
+    found = {c.name: c for c in await checks(cfg)}["history store"]
+    assert found.verdict == FAIL and f"{db} is damaged (SQLite's quick_check: " in found.detail
+    assert f"tsnetchat restore --state-dir {state} BACKUP" in found.detail
+
+
 async def test_the_doctor_fails_the_history_store_while_another_process_holds_its_write_lock(
         tmp_path: Path) -> None:
     """Every send was refused while a `sqlite3` shell held the lock, and doctor said "all

@@ -134,6 +134,11 @@ async def checks(cfg: ServerConfig, *, with_api: bool = False) -> list[Check]:
             out.append(Check("key file", FAIL, f"{key} is readable by others (mode "
                              f"{key_mode:04o}); run `chmod 600 {key}`. The server refuses to "
                              "start like this."))
+        elif len(key.read_bytes().strip()) < 32:
+            out.append(Check("key file", FAIL, f"{key} is too short to sign tokens (under 32 "
+                             "bytes): the server refuses to start with it, or keeps the key "
+                             "it had. `tsnetchat token rotate-key` writes a new one (every "
+                             "token is then issued again)"))
         else:
             out.append(Check("key file", OK, f"{key} mode {key_mode:04o}"))
 
@@ -263,7 +268,7 @@ def _history_store(cfg: ServerConfig) -> Check:
                          f"{cfg.state_dir} is writable, but its disk has {free / 2**20:.0f} MB "
                          "free: messages are refused when it is full (the WAL alone may grow "
                          "to 64 MB); free some space")
-        held = _write_lock_held(cfg.db_path)
+        held = _write_lock_held(cfg.db_path) or _damaged(cfg.db_path, cfg.state_dir)
         if held:
             return Check("history store", FAIL, held)
         return Check("history store", OK, f"{cfg.state_dir} is writable, "
@@ -271,6 +276,28 @@ def _history_store(cfg: ServerConfig) -> Check:
     except OSError as e:
         return Check("history store", FAIL, f"cannot write in {cfg.state_dir}: "
                      f"{e.strerror or e}; check ownership (StateDirectory= under systemd)")
+
+
+def _damaged(db_path: Path, state_dir: Path) -> str | None:
+    """Why the database cannot be trusted (SQLite's quick_check, which writes nothing),
+    else None. (A database with damaged pages passed every check: an operator's run,
+    2026-11-23.) ``mode=rw``, not ``ro``: a read-only connection leaves the -wal and -shm
+    files of a stopped server's database behind."""
+    if not db_path.exists():
+        return None
+    try:
+        db = sqlite3.connect(f"file:{db_path}?mode=rw", uri=True, timeout=5)
+        try:
+            found = [str(r[0]) for r in db.execute("PRAGMA quick_check")]
+        finally:
+            db.close()
+    except sqlite3.DatabaseError as e:
+        found = [str(e)]
+    if found == ["ok"]:
+        return None
+    return (f"{db_path} is damaged (SQLite's quick_check: {'; '.join(found[:3])}): stop the "
+            f"server and restore the last backup (`sudo tsnetchat restore --state-dir "
+            f"{state_dir} BACKUP`)")
 
 
 def _write_lock_held(db_path: Path, wait: float = 1.0) -> str | None:
