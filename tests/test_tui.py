@@ -453,6 +453,21 @@ def test_a_private_room_is_created_joined_by_its_members_and_refused_to_others(
     no_python_on(alice, bob, mallory)
 
 
+@pytest.mark.parametrize("chat_server", [{"TSNETCHAT_MAX_ROOMS_PER_CLIENT": "1"}],
+                         indirect=True)
+def test_a_private_room_created_at_the_limit_of_open_rooms_is_said_to_exist(
+        open_terminal: Opener) -> None:
+    """It said only "cannot join", as if /create had done nothing."""
+    alice = open_terminal("alice", admin=True)
+    alice.type("/create +ops bob")
+    alice.wait_for(r"cannot join \+ops: .*1 open room[\s\S]*\+ops was created: /join \+ops later")
+    alice.type("/leave")
+    alice.wait_for(r"left #general")
+    alice.type("/join +ops")
+    alice.wait_for(r"you joined \+ops")
+    no_python_on(alice)
+
+
 def test_a_topic_and_away_are_shown_to_everyone_in_the_room(
         terminals: dict[str, Tmux], open_terminal: Opener, chat_server: LabDaemon) -> None:
     alice, bob = terminals["alice"], terminals["bob"]

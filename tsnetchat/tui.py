@@ -234,6 +234,7 @@ class ChatApp:
         # next goes to the room joined. It used to be shown only once welcomed: a line typed
         # meanwhile, or while the server was down, went to the room before.)
         self.came_from: dict[str, str | None] = {}
+        self.created: set[str] = set()  # private rooms /create made and then joined
         self.system = Conversation("tsnetchat", kind="system")  # shown when in no room
         self.split_offer: str | None = None  # an over-long text the person may send in parts
         self.loading: set[str] = set()
@@ -785,6 +786,7 @@ class ChatApp:
                                                   remove=logins if what == "remove" else ())
             said = f"{res.room}: members {', '.join(res.members) or 'nobody'}"
             if what == "create":
+                self.created.add(room)
                 self.join(room)  # the line goes into the room's own buffer
                 self.conversations[room].notice(said, renderer=self.renderer)
                 self.invalidate()
@@ -1042,7 +1044,11 @@ class ChatApp:
                 self.current = None
                 self.switch(back if back is not None and back in self.conversations
                             else next(iter(self.conversations), ""))
-            self.say(f"cannot join {conv.title}: {err}", error=True)
+            # (a room /create made and could not join, at the limit of open rooms, seemed
+            # not to have been made: a new user's day, 2026-11-23)
+            made = (f"; {conv.title} was created: /join {conv.name} later"
+                    if conv.name in self.created else "")
+            self.say(f"cannot join {conv.title}: {err}{made}", error=True)
             for out in session.outbox:  # typed while it was joining: not lost, not sent
                 self.say(f"not sent to {conv.title}: {visible(out.text)}", error=True)
             return
