@@ -14,6 +14,7 @@ from tsnetchat.client import Link
 from tsnetchat.clienterrors import ClientError, from_status, refusal, retry_hint, translate
 from tsnetchat.errors import RESUME_HINT, LocalAPIUnavailable, PeerNotFound, TailnetNotReady
 from tsnetchat.outbox import Outbox, Pacer, State, split_text, utf8_len
+from tsnetchat.pb import chat_pb2 as pb
 from tsnetchat.resume import FROM_NOW, Cursor, Phase, StreamState, worst
 
 TEXT = 1
@@ -414,3 +415,40 @@ async def test_a_topic_change_tried_again_after_a_break_carries_the_same_client_
     assert out == '{"id": 7, "room": "general"}'
     assert len(seen) == 2 and seen[0] == seen[1] and seen[0]  # stored once by the server
     assert len(warned) == 1 and warned[0].startswith("cannot reach chat-server yet: trying again")
+
+
+# --- history: the last N messages ----------------------------------------------------------
+
+
+class PagedHistory:
+    """A room's items by id, served newest first below ``before`` as the server does (a page
+    holds at most ``max_page``)."""
+
+    def __init__(self, kinds: str, max_page: int = 200) -> None:
+        k = {"m": pb.MESSAGE_KIND_TEXT, "e": pb.MESSAGE_KIND_EDIT,
+             "d": pb.MESSAGE_KIND_DELETE, "t": pb.MESSAGE_KIND_TOPIC}
+        self.items = [pb.ChatMessage(id=i, kind=k[c]) for i, c in enumerate(kinds, 1)]
+        self.max_page = max_page
+        self.calls = 0
+
+    async def history(self, room: str, *, before: int | None = None,
+                      limit: int = 0) -> pb.HistoryResponse:
+        self.calls += 1
+        below = [m for m in self.items if before is None or m.id < before]
+        n = min(limit, self.max_page)
+        page = below[-n:]
+        return pb.HistoryResponse(messages=page, more=len(below) > len(page))
+
+
+@pytest.mark.parametrize("kinds,limit,ids", [
+    ("mmmmmeedm", 5, [2, 3, 4, 5, 6, 7, 8, 9]),  # the edits take no place of a message
+    ("mmeeeeeeee", 2, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]),  # a second page for the first two
+    ("mtm", 5, [1, 2, 3]),  # fewer than asked: all of them
+    ("", 3, []),
+])
+async def test_history_prints_the_last_n_messages_with_the_changes_among_them(
+        kinds: str, limit: int, ids: list[int]) -> None:
+    room = PagedHistory(kinds, max_page=3)
+    got = await clientcmds.last_messages(room, "general", before=None,  # type: ignore[arg-type]
+                                         limit=limit)
+    assert [m.id for m in got] == ids

@@ -642,12 +642,14 @@ def history(
     server: ServerArg, room: RoomOpt = "general",
     before: Annotated[int | None, typer.Option(help="Only messages before this id.", min=1,
                                                max=MAX_ID)] = None,
-    limit: Annotated[int, typer.Option(min=1, max=MAX_COUNT)] = 50,
+    limit: Annotated[int, typer.Option(
+        min=1, max=MAX_COUNT, help="The last N messages, with the edits, deletions and topic "
+        "changes among them.")] = 50,
     token: TokenOpt = None, token_file: TokenFileOpt = None, socket: ClientSocketOpt = None,
     proxy: ProxyOpt = None, port: PortOpt = 50051, address: AddressOpt = None,
     json_out: Annotated[bool, typer.Option("--json")] = False, verbose: VerboseOpt = False,
 ) -> None:
-    """Print a page of a room's history (--json: one array)."""
+    """Print a room's last messages (--json: one array)."""
     from . import clientcmds
 
     s = _client_settings(server, token, token_file, socket, proxy)

@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from .chatview import PlainView, found_lines
+from .chatview import CHANGES, PlainView, found_lines
 from .client import (
     Connection,
     Link,
@@ -116,16 +116,46 @@ def not_sent(e: ClientError) -> ClientError:
                        retry_after=e.retry_after, status=e.status)
 
 
+MAX_HISTORY_PAGES = 50  # pages `history` reads back for its messages (edits take places)
+
+
+async def last_messages(conn: Connection, room: str, *, before: int | None,
+                        limit: int) -> list[pb.ChatMessage]:
+    """The last ``limit`` messages before ``before``, with the edits, deletions and topic
+    changes among them, oldest first. (The server's pages count those too: `history
+    --limit 5` printed three lines after two edits; a new user's day, 2026-11-23.)"""
+    items: list[pb.ChatMessage] = []
+    said = 0
+    for _ in range(MAX_HISTORY_PAGES):
+        page = await conn.history(room, before=before, limit=limit)
+        if not page.messages:
+            break
+        items[:0] = page.messages
+        said += sum(m.kind not in CHANGES and m.kind != pb.MESSAGE_KIND_TOPIC
+                    for m in page.messages)
+        before = page.messages[0].id
+        if said >= limit or not page.more:
+            break
+    first = 0
+    for i in range(len(items) - 1, -1, -1):  # from the limit-th message from the end
+        if items[i].kind not in CHANGES and items[i].kind != pb.MESSAGE_KIND_TOPIC:
+            limit -= 1
+            if limit == 0:
+                first = i
+                break
+    return items[first:]
+
+
 async def history(link: Link, room: str, *, before: int | None, limit: int, json_out: bool,
                   echo: Echo) -> None:
-    page = await call(link, lambda conn: conn.history(room, before=before, limit=limit))
+    items = await call(link, lambda conn: last_messages(conn, room, before=before, limit=limit))
     if json_out:
-        echo(json.dumps([message_record(m) for m in page.messages]))
+        echo(json.dumps([message_record(m) for m in items]))
         return
     out = TextOut(echo)
-    for m in page.messages:
+    for m in items:
         out.message(m)
-    if not page.messages:  # (nothing at all read as a command that failed, or a typo'd DM)
+    if not items:  # (nothing at all read as a command that failed, or a typo'd DM)
         echo(f"no messages in {room}" + (f" before #{before}" if before else ""))
 
 
