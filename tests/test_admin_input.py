@@ -264,6 +264,43 @@ def test_an_empty_token_lifetime_is_refused_rather_than_taken_as_the_default(
     assert "bob@" not in run_cli("token", "list", "--state-dir", str(state)).stdout
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="root's admin commands in another's state dir")
+def test_roots_admin_commands_never_follow_a_link_the_servers_user_put_in_its_state_dir(
+        tmp_path: Path) -> None:
+    """Through such links `sudo tsnetchat token rotate-key` gave a root file to the service's
+    user, and `token list` changed a root file's mode (an attacker over the lab)."""
+    state, _ = issued_state(tmp_path)
+    for p in (state, *state.iterdir()):  # the service's user's, as under DynamicUser
+        os.chown(p, 65534, 65534)
+    victim = tmp_path / "victim"
+    victim.write_text("root's own\n")
+    victim.chmod(0o644)
+    before = victim.stat()
+
+    def untouched() -> None:
+        now = victim.stat()
+        assert (now.st_uid, now.st_mode, victim.read_text()) == (
+            before.st_uid, before.st_mode, "root's own\n")
+
+    shm = state / "tsnetchat.db-shm"
+    shm.unlink(missing_ok=True)
+    shm.symlink_to(victim)
+    out = run_cli("token", "list", "--state-dir", str(state))
+    assert out.returncode != 0 and f"{shm} is a symbolic link" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+    untouched()
+    shm.unlink()
+    out = run_cli("token", "rotate-key", "--state-dir", str(state))
+    assert out.returncode == 0, out.stderr
+    key = (state / "jwt.key").stat()
+    assert (key.st_uid, stat.S_IMODE(key.st_mode)) == (65534, 0o600)  # the server's
+    (state / "jwt.key").unlink()
+    (state / "jwt.key").symlink_to(victim)
+    out = run_cli("token", "issue", "bob@tailnet.test", "--state-dir", str(state))
+    assert out.returncode != 0 and "jwt.key is a symbolic link" in out.stderr, out.stderr
+    untouched()
+
+
 def test_a_token_for_a_known_login_with_other_capitals_is_refused_and_a_new_one_warned_of(
         tmp_path: Path) -> None:
     state, _ = issued_state(tmp_path)  # alice@tailnet.test holds a token

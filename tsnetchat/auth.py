@@ -37,7 +37,7 @@ import jwt
 from . import render
 from .config import ROOM_RE
 from .errors import ConfigError, InvalidInput, PermissionDenied, Unauthenticated
-from .statedir import give_to_server
+from .statedir import give_to_server, open_nofollow
 from .tailnet import WhoIs
 
 ALGORITHM = "HS256"
@@ -63,21 +63,21 @@ def load_or_create_key(path: Path) -> bytes:
     """
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = open_nofollow(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
     except FileExistsError:
         pass
     else:
         with os.fdopen(fd, "wb") as f:
             f.write(secrets.token_bytes(32).hex().encode())
-        give_to_server(path, path.parent)
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & 0o077:
-        raise ConfigError(
-            f"the token signing key {path} is readable by others (mode {mode:04o}); anyone who "
-            f"reads it can mint tokens. Fix it with `chmod 600 {path}` (and consider rotating it "
-            "by deleting it, which invalidates every issued token)."
-        )
-    key = path.read_bytes().strip()
+            give_to_server(f.fileno(), path.parent)
+    with os.fdopen(open_nofollow(path, os.O_RDONLY), "rb") as f:  # (see statedir.NOFOLLOW)
+        mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
+        if mode & 0o077:
+            raise ConfigError(
+                f"the token signing key {path} is readable by others (mode {mode:04o}); anyone "
+                f"who reads it can mint tokens. Fix it with `chmod 600 {path}` (and consider "
+                "rotating it by deleting it, which invalidates every issued token).")
+        key = f.read().strip()
     if len(key) < 32:
         raise ConfigError(f"the token signing key {path} is too short; delete it to regenerate")
     return key
@@ -95,12 +95,11 @@ def write_key(path: Path, key: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_name(path.name + ".new")
     tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
+    with os.fdopen(open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL), "wb") as f:
         f.write(key)
         f.flush()
         os.fsync(f.fileno())
-    give_to_server(tmp, path.parent)
+        give_to_server(f.fileno(), path.parent)
     tmp.replace(path)
 
 

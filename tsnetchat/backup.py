@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import StoreError
-from .statedir import LOCK_NAME, StateLock, give_to_server
+from .statedir import LOCK_NAME, StateLock, give_to_server, open_nofollow
 from .store import SCHEMA_VERSION, HistoryIdentity, Store
 
 
@@ -187,7 +187,11 @@ def _restore_locked(src: Path, db: Path, state_dir: Path) -> Summary:
             messages, rooms = store.counts()
         finally:
             store.close()
-        give_to_server(tmp, state_dir)
+        fd = open_nofollow(tmp, os.O_RDONLY)
+        try:
+            give_to_server(fd, state_dir)
+        finally:
+            os.close(fd)
         replaced = None
         if db.exists():
             replaced = db.with_name(f"{db.name}.before-restore-{time.strftime('%Y%m%dT%H%M%S')}")

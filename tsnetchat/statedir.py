@@ -16,6 +16,7 @@ never leaves a stale lock behind. (flock is not reliable on NFS; keep the state 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -28,41 +29,71 @@ from .errors import ConfigError, StateDirInUse
 log = logging.getLogger("tsnetchat.statedir")
 
 
-def give_to_server(path: Path, state_dir: Path) -> None:
-    """A file root made for the state dir becomes the server's (the dir's owner: the unit's
-    DynamicUser), or the server could not read it. (`sudo tsnetchat token rotate-key` left a
-    key only root could read: the server kept the old key, and its revocation checks
-    stopped; an operator's run, 2026-11-23.)"""
+# Root's admin commands (token issue, rotate-key, restore) work in a directory the server's
+# user owns, and so can change while they run: a name there may be made a symbolic link to
+# any file on the machine. Root therefore opens what it touches there with O_NOFOLLOW and
+# changes it through the descriptor, never by name. (By name, `sudo tsnetchat token
+# rotate-key` gave /etc/shadow to the service's user, and `sudo tsnetchat token list` made
+# a root file 0600, through links the service's user had put in the state dir: an attacker
+# over the lab, 2026-11-24.)
+NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def open_nofollow(path: Path, flags: int, mode: int = 0o600) -> int:
+    """``os.open`` that refuses a symbolic link at ``path`` (ConfigError, naming it)."""
+    try:
+        return os.open(path, flags | NOFOLLOW, mode)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ConfigError(f"{path} is a symbolic link; the state dir holds only the "
+                              "server's own files: remove it") from None
+        raise
+
+
+def give_to_server(fd: int, state_dir: Path) -> None:
+    """The file open as ``fd``, which root made for the state dir, becomes the server's (the
+    dir's owner: the unit's DynamicUser), or the server could not read it.
+    (`sudo tsnetchat token rotate-key` left a key only root could read: the server kept the
+    old key, and its revocation checks stopped; an operator's run, 2026-11-23.)"""
     st = state_dir.stat()
     if os.geteuid() == 0 and (st.st_uid, st.st_gid) != (0, 0):
-        os.chown(path, st.st_uid, st.st_gid)
+        os.fchown(fd, st.st_uid, st.st_gid)
 
 
 def secure_state_dir(state_dir: Path, files: Iterable[Path] = ()) -> None:
     """Make ``state_dir`` private; make the SQLite databases of ``files`` that exist, and
-    their -wal/-shm files, 0600. (The signing key is not fixed but refused when open: see
-    auth.load_or_create_key.)"""
+    their -wal/-shm files, 0600; refuse (ConfigError) any of them that is a symbolic link.
+    (The signing key is not fixed but refused when open: see auth.load_or_create_key.)"""
     try:
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        _private(state_dir, 0o700, "state dir")
+        # (the dir itself may be a link: systemd's DynamicUser makes /var/lib/tsnetchat one
+        # to /var/lib/private/tsnetchat, in a directory only root may change)
+        _private(state_dir, 0o700, "state dir", follow=True)
         for f in files:
             for p in (f, f.with_name(f.name + "-wal"), f.with_name(f.name + "-shm")):
-                if p.exists():
+                if os.path.lexists(p):
                     _private(p, 0o600, "file")
+    except ConfigError:
+        raise
     except OSError as e:
         raise ConfigError(f"cannot prepare the state dir {state_dir}: {e}") from None
 
 
-def _private(path: Path, mode: int, what: str) -> None:
-    now = stat.S_IMODE(path.stat().st_mode)
-    if not now & 0o077:
-        return
+def _private(path: Path, mode: int, what: str, *, follow: bool = False) -> None:
+    fd = (os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC) if follow else
+          open_nofollow(path, os.O_RDONLY | os.O_NONBLOCK))
     try:
-        path.chmod(mode)
-    except OSError as e:
-        raise ConfigError(
-            f"the {what} {path} is open to other users (mode {now:04o}) and cannot be made "
-            f"private ({e.strerror}); run `chmod {mode:o} {path}` as its owner") from None
+        now = stat.S_IMODE(os.fstat(fd).st_mode)
+        if not now & 0o077:
+            return
+        try:
+            os.fchmod(fd, mode)
+        except OSError as e:
+            raise ConfigError(
+                f"the {what} {path} is open to other users (mode {now:04o}) and cannot be made "
+                f"private ({e.strerror}); run `chmod {mode:o} {path}` as its owner") from None
+    finally:
+        os.close(fd)
     log.warning("the %s %s was open to other users (mode %04o); made it %04o", what, path, now,
                 mode)
 
@@ -78,7 +109,7 @@ class StateLock:
     def __init__(self, state_dir: Path, what: str) -> None:
         path = state_dir / LOCK_NAME
         try:
-            self._fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            self._fd: int | None = open_nofollow(path, os.O_RDWR | os.O_CREAT)
         except OSError as e:
             raise ConfigError(f"cannot open the lock file {path}: {e.strerror}") from None
         try:
