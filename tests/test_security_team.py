@@ -462,8 +462,12 @@ async def test_a_removed_member_loses_a_subscribe_and_cannot_resume_or_search_th
     first = await alice.send_one("+ops", "before, bob may see this")
     watching = bob.subscribe("+ops")
     await first_of(watching, "replay_done")
-    res = await admin.set_room_members("+ops", remove=[BOB])
-    assert res.streams_closed == 1
+    for typo in ("bob@tailnet.tset", "mallory@tailnet.test"):  # nobody there: said, not done
+        e = await refused(admin.set_room_members("+ops", remove=[typo]))
+        assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert e.details().startswith(f"{typo!r} is not a member of +ops; nobody was removed")
+    res = await admin.set_room_members("+ops", remove=[BOB.capitalize()])  # capitals forgiven
+    assert (res.streams_closed, list(res.members)) == (1, [ALICE])
     e = await refused(first_of(watching, "message"))
     assert e.code() == grpc.StatusCode.PERMISSION_DENIED
     await alice.send_one("+ops", "after, bob must not see this: heron9")

@@ -886,7 +886,7 @@ class ChatService:
             if not rooms.is_private(request.room):
                 raise InvalidInput("only private rooms (+name) have members")
             rooms.check_name(request.room)
-            gone = self._logins(request.remove)
+            gone = self._members_named(request.room, self._logins(request.remove))
             added = await self._somebodys(self._logins(request.add))
             members = await self.store.set_members(request.room, p.login, added, gone,
                                                    within=_answer_within(context))
@@ -911,6 +911,23 @@ class ChatService:
                                "or has used this server (or several people have it, in "
                                "different capitals); check the spelling. Nobody was added")
         return spelled
+
+    def _members_named(self, room: str, logins: list[str]) -> list[str]:
+        """``logins`` as the members of private ``room`` they name, capitals forgiven as for
+        the ones added. Raises InvalidInput naming the first that is nobody's there: a
+        removal with a capital or a typo removed nobody, said it had, and the log agreed (an
+        attacker over the lab, 2026-11-24)."""
+        members = self.store.private_members(room)
+        out = []
+        for login in logins:
+            known = rooms.spelling(login, {m for m in members if m.lower() == login.lower()})
+            if known is None:
+                some = sorted(members)
+                raise InvalidInput(f"{login[:60]!r} is not a member of {room}; nobody was "
+                                   f"removed (members: {', '.join(some[:10]) or 'none'}"
+                                   f"{', ...' if len(some) > 10 else ''})")
+            out.append(known)
+        return out
 
     @staticmethod
     def _logins(values: Any) -> list[str]:
