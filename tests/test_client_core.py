@@ -13,7 +13,7 @@ from tsnetchat import clientcmds
 from tsnetchat.client import Link
 from tsnetchat.clienterrors import ClientError, from_status, refusal, retry_hint, translate
 from tsnetchat.errors import RESUME_HINT, LocalAPIUnavailable, PeerNotFound, TailnetNotReady
-from tsnetchat.outbox import Outbox, Pacer, State, split_text, utf8_len
+from tsnetchat.outbox import Outbox, Pacer, State, split_text, utf8_len, with_newlines
 from tsnetchat.pb import chat_pb2 as pb
 from tsnetchat.resume import FROM_NOW, Cursor, Phase, StreamState, worst
 
@@ -452,3 +452,9 @@ async def test_history_prints_the_last_n_messages_with_the_changes_among_them(
     got = await clientcmds.last_messages(room, "general", before=None,  # type: ignore[arg-type]
                                          limit=limit)
     assert [m.id for m in got] == ids
+
+
+def test_line_and_paragraph_separators_are_sent_as_the_newlines_they_mean() -> None:
+    """The server refuses them (a line break where honoured: a line that passes for someone
+    else's); copied text has them, and a person means a new line."""
+    assert with_newlines("one\u2028two\u2029three") == "one\ntwo\nthree"

@@ -100,6 +100,7 @@ async def test_a_resend_is_acknowledged_with_the_original_id_and_shown_once(
 @pytest.mark.parametrize("text,kind,cmid,why", [
     ("", 1, "", "empty"), ("   ", 1, "", "empty"), ("x" * 101, 1, "", "101 bytes"),
     ("a\x1b[2Jb", 1, "", "control character"), ("\u202eevil", 1, "", "control character"),
+    ("a\u2028<alice> fake line", 1, "", "U\\+2028"), ("a\ufff9hidden\ufffbb", 1, "", "U\\+FFF9"),
     ("hi", 9, "", "unknown message kind"), ("hi", 1, "k" * 65, "client_msg_id longer")])
 async def test_malformed_input_is_raised_at_once_and_nothing_is_stored(
         world: World, text: str, kind: int, cmid: str, why: str) -> None:

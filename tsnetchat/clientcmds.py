@@ -33,7 +33,7 @@ from .client import (
 )
 from .clienterrors import ClientError
 from .errors import InvalidInput
-from .outbox import sendable
+from .outbox import sendable, with_newlines
 from .pb import chat_pb2 as pb
 from .resume import START_GRACE
 
@@ -92,6 +92,7 @@ async def send(link: Link, room: str, text: str, *, kind: int, timeout: float,
     too long for any) is refused before dialling; every failure says the message was not
     sent (or, when the server may have got it, that it is unknown)."""
     try:
+        text = with_newlines(text)
         why = sendable(text)
         if why is not None:
             raise InvalidInput(f"the message was not sent: {why}")  # (translated below)

@@ -190,6 +190,12 @@ def utf8_len(text: str) -> int:
 MAX_ANY_SERVER = 60_000
 
 
+def with_newlines(text: str) -> str:
+    """``text`` with Unicode's line and paragraph separators (U+2028, U+2029), which some
+    copied text has and the server refuses (render.UNSAFE), as the newlines they mean."""
+    return text.replace("\u2028", "\n").replace("\u2029", "\n")
+
+
 def sendable(text: str) -> str | None:
     """Why ``text`` can never be a message on any server (checked before dialling), or
     None. The server's own rules (its size limit, control characters) are its to say."""

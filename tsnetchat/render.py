@@ -2,8 +2,10 @@
 `tsnetchat history`/`tail`, and for the terminal client.
 
 * ``UNSAFE``: characters that would let one person rewrite another's terminal: C0 and C1
-  controls (except tab and newline), DEL, lone surrogates, and the bidi embedding, override
-  and isolate characters. The server refuses messages that contain them; names are shown
+  controls (except tab and newline), DEL, lone surrogates, the bidi embedding, override
+  and isolate characters, the line and paragraph separators (a line break where they are
+  honoured: a line that passes for someone else's) and the interlinear annotation marks
+  (text that some renderers hide). The server refuses messages that contain them; names are shown
   with each one replaced by ``?``.
 * ``is_blank``: text made only of whitespace and characters that show nothing (zero-width
   space, joiners, BOM, variation selectors, Hangul fillers ...): an invisible message.
@@ -22,7 +24,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff\u202a-\u202e\u2066-\u2069]")
+UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff\u202a-\u202e\u2066-\u2069"
+                    "\u2028\u2029\ufff9-\ufffb]")
 
 # Unicode's Default_Ignorable_Code_Point set (they render as nothing), plus the braille
 # blank, which renders as an empty cell.

@@ -89,7 +89,7 @@ from .client import Link, RoomSession, SessionEvent, first_answer, link_for, to_
 from .clienterrors import EXIT_ERROR, ClientError
 from .errors import ConfigError, InvalidInput
 from .ledger import validate_text
-from .outbox import Pacer, State, split_text, utf8_len
+from .outbox import Pacer, State, split_text, utf8_len, with_newlines
 from .pb import chat_pb2 as pb
 from .resume import Phase, worst
 
@@ -633,6 +633,7 @@ class ChatApp:
             return True
         if not text.strip():
             return False
+        text = with_newlines(text)
         limit = session.max_message_bytes
         size = utf8_len(text)
         if size > limit:
