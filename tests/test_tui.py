@@ -587,16 +587,23 @@ def test_a_terminal_closed_with_lines_not_yet_sent_keeps_them_in_a_file(
     alice.wait_for(r"reconnecting")
     alice.type("typed as the terminal closed")
     alice.wait_for(r"… <Alice> typed as the terminal closed")
+    alice.type("a first line", enter=False)
+    alice.keys("C-j")
+    alice.type("and a second")
+    alice.wait_for(r"<Alice> a first line")
     alice.type("half a sentence", enter=False)
     alice.wait_for(r"#general> half a sentence")  # (typed, not still on its way)
-    alice.kill()  # the terminal goes: the chat is hung up
     kept = tmp_path / "home-alice-0" / ".local" / "state" / "tsnetchat" / "unsent.txt"
+    kept.write_text("")
+    kept.chmod(0o644)  # (one made before, open to all: it is made private)
+    alice.kill()  # the terminal goes: the chat is hung up
     deadline = time.monotonic() + 10
     while "half a sentence" not in (kept.read_text() if kept.exists() else ""):
         assert time.monotonic() < deadline, kept.read_text() if kept.exists() else "nothing"
         time.sleep(0.2)
     text = kept.read_text()
     assert "#general: typed as the terminal closed" in text and "(input) half a sentence" in text
+    assert "  #general: a first line\n    and a second\n" in text  # under its first line
     assert stat.S_IMODE(kept.stat().st_mode) == 0o600
 
 

@@ -1164,7 +1164,8 @@ class ChatApp:
             await asyncio.wait_for(self.link.close(), 0.5)
 
     def unsent(self) -> list[str]:
-        """What was typed but not stored, to print after the screen is gone."""
+        """What was typed but not stored, to print after the screen is gone (a message's
+        later lines indented under its first: ``indented``)."""
         notes = {State.SENDING: "  (sent, not confirmed: it may have been stored)",
                  State.FAILED: "  (refused)"}
         titles = {name: c.title for name, c in self.conversations.items()}
@@ -1174,7 +1175,14 @@ class ChatApp:
             out.append(f"(input) {self.input.text}")
         out += [f"(typed in {titles.get(room, room)}) {d.text}"
                 for room, d in self.drafts.items() if d.text.strip()]
-        return out
+        return [indented(line) for line in out]
+
+
+def indented(text: str, by: str = "    ") -> str:
+    """``text``'s second and later lines indented by ``by``: printed under "  " + its first
+    line, a multi-line message's lines no longer start flush left like the next entry's (a
+    new user's day, 2026-11-23)."""
+    return text.replace("\n", "\n" + by)
 
 
 def _keep_unsent(lines: list[str]) -> Path | None:
@@ -1182,8 +1190,9 @@ def _keep_unsent(lines: list[str]) -> Path | None:
     under the time; where it went, or None if it could not be written."""
     path = log_path().with_name("unsent.txt")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+        os.fchmod(fd, 0o600)  # (one made before, or by another program, may be open to all)
         with os.fdopen(fd, "a", encoding="utf-8", errors="surrogateescape") as f:
             f.write(f"-- {time.strftime('%Y-%m-%d %H:%M:%S')}, not sent:\n")
             f.writelines(f"  {line}\n" for line in lines)
