@@ -63,3 +63,26 @@ async def test_the_coalescer_holds_what_goes_over_the_bucket_and_lets_out_the_la
     assert said == ["in", "out", "bob in"] and len(c) == 2
     await asyncio.sleep(0.3)  # two more tokens, one at a time (20 a second)
     assert sorted(said[3:]) == ["in again", "in+"] and len(c) == 0
+
+
+async def test_the_coalescer_lets_a_persons_held_topics_out_in_turn_on_one_timer() -> None:
+    """A timer per topic, each trying the bucket again every turn, cost a share of the core
+    that grew with the rooms a person opened and closed (an attacker over the lab)."""
+    said: list[str] = []
+    c: Coalescer[str] = Coalescer(1, 50.0, said.append)
+    runs = 0
+    release = c._release
+
+    def counted(who: str) -> None:
+        nonlocal runs
+        runs += 1
+        release(who)
+
+    c._release = counted  # type: ignore[method-assign]
+    assert c.offer("mallory", "r0", "r0 in")
+    for i in range(1, 21):
+        assert not c.offer("mallory", f"r{i}", f"r{i} in")
+    assert not c.offer("mallory", "r1", "r1 out")  # in r1's place, not after r20
+    await asyncio.sleep(0.7)  # 20 tokens at 50 a second
+    assert said == ["r0 in", "r1 out", *[f"r{i} in" for i in range(2, 21)]] and len(c) == 0
+    assert runs <= 25, runs  # about one turn each, not one per topic per turn
