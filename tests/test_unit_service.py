@@ -10,9 +10,13 @@ from tsnetchat.throttle import TokenBucket
 
 def test_text_rule_regex_matches_unicode_categories_everywhere_in_the_bmp() -> None:
     bidi = set("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+    # (line and paragraph separators: a line break where honoured; interlinear annotation
+    # marks: text some renderers hide)
+    breaks = set("\u2028\u2029\ufff9\ufffa\ufffb")
     for cp in range(0x10000):
         ch = chr(cp)
-        want = ch not in "\n\t" and (unicodedata.category(ch) in ("Cc", "Cs") or ch in bidi)
+        want = ch not in "\n\t" and (unicodedata.category(ch) in ("Cc", "Cs")
+                                       or ch in bidi | breaks)
         assert (_FORBIDDEN.search(ch) is not None) == want, hex(cp)
 
 
