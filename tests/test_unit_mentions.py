@@ -1,10 +1,14 @@
-"""Mentions (tsnetchat.rooms.Mentions): who a text names, as the ledger stores it."""
+"""Mentions (tsnetchat.rooms.Mentions): who a text names, as the ledger stores it; and a
+DM's name (rooms.dm_room)."""
 
 from __future__ import annotations
 
 import random
 
-from tsnetchat.rooms import Mentions
+import pytest
+
+from tsnetchat.errors import InvalidInput
+from tsnetchat.rooms import Mentions, dm_room
 
 PEOPLE = {"alice@example.com": "Alice Smith", "bob@example.com": "Bob",
           "tag:build@example.com": "", "o'neil@example.com": "Kim O'Neil"}
@@ -38,3 +42,11 @@ def test_texts_decided_without_the_pattern_are_decided_as_the_pattern_would() ->
         text = "".join(rng.choices(pieces, k=rng.randint(0, 8)))
         assert fast.find(text) == tuple(x for x in slow.find(text) if x != "zoe@example.com"), text
     assert slow.find("hi zoë") == ("zoe@example.com",)
+
+
+def test_a_direct_conversation_with_only_oneself_is_refused_naming_oneself() -> None:
+    """It said "needs somebody else: dm:bob@example.com" to `tsnetchat dm <own login>`."""
+    with pytest.raises(InvalidInput, match=r"^a direct conversation needs somebody other than "
+                                           r"you \(alice@x\.test\): name them by their login$"):
+        dm_room("alice@x.test", "dm:alice@x.test", 8)
+    assert dm_room("bob@x.test", "dm:alice@x.test", 8) == "dm:alice@x.test,bob@x.test"

@@ -61,7 +61,10 @@ def dm_room(me: str, room: str, max_members: int) -> str:
     if me:
         logins.add(me)
     if len(logins) < 2:
-        raise InvalidInput("a direct conversation needs somebody else: dm:bob@example.com")
+        # (said of `tsnetchat dm <your own login>` with a dm: name the person never typed;
+        # a new user's day, 2026-11-23)
+        raise InvalidInput("a direct conversation needs somebody other than you"
+                           + (f" ({me})" if me else "") + ": name them by their login")
     if len(logins) > max_members:
         raise InvalidInput(f"a direct conversation has at most {max_members} people "
                            f"(max_dm_members); this one has {len(logins)}")
