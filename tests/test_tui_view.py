@@ -116,6 +116,25 @@ def test_scrolling_up_shows_older_lines_and_stays_put_while_new_ones_arrive() ->
     assert conv.add_older(older, me="alice@tailnet.test", mentions=None) == 0
 
 
+def test_older_history_shows_its_topic_changes_and_applies_its_edits() -> None:
+    """PgUp's older history left topic changes out (a new user's day)."""
+    conv = Conversation("general")
+    r = Renderer()
+    conv.add_message(msg(10, "the newest"), own=False, mention=False, shown=True, live=True)
+    topic = msg(5, "release week")
+    topic.kind = pb.MESSAGE_KIND_TOPIC
+    edit = msg(7, "message 4, fixed")
+    edit.kind, edit.target_id = pb.MESSAGE_KIND_EDIT, 4
+    assert conv.add_older([msg(4, "message 4, fixed"), topic, msg(6), edit],
+                          me="alice@tailnet.test", mentions=None) == 4
+    shown = text_of(visible_lines(conv, r, 60, 20)[0])
+    body = [s for s in shown if not s.startswith("── ")]
+    assert [s[6:].strip() for s in body] == [  # (after the time)
+        "<Bob> message 4, fixed", "-- Bob set the topic: release week", "<Bob> message 6",
+        "<Bob> the newest"], shown
+    assert conv.topic is None  # the topic shown above is the newest, not an older one
+
+
 def test_pending_and_failed_messages_are_drawn_after_the_stored_ones() -> None:
     conv = Conversation("general")
     conv.add_message(msg(1), own=False, mention=False, shown=True, live=True)

@@ -293,9 +293,14 @@ class Conversation:
         first = self.oldest_loaded
         older = [m for m in messages if first is None or m.id < first]
         self.history_complete = not more or not older or older[0].id <= 1
-        entries = [Entry(Kind.MESSAGE, m.sent_unix_ms, message=m, own=m.sender.login == me,
+        # (a topic change is the line it was when it happened, as the stream shows it; they
+        # were left out: a new user's day, 2026-11-23. The topic shown above stays the
+        # newest.)
+        entries = [Entry(Kind.NOTICE, m.sent_unix_ms, text=topic_said(m))
+                   if m.kind == pb.MESSAGE_KIND_TOPIC else
+                   Entry(Kind.MESSAGE, m.sent_unix_ms, message=m, own=m.sender.login == me,
                          mention=is_mention(m, me, mentions))
-                   for m in older if m.kind not in (*CHANGES, pb.MESSAGE_KIND_TOPIC)]
+                   for m in older if m.kind not in CHANGES]
         self.entries[:0] = entries
         if older:
             self.oldest_loaded = older[0].id
