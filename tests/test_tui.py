@@ -157,6 +157,20 @@ def test_ctrl_z_suspends_the_chat_and_fg_brings_it_back_with_what_was_typed(
     alice.keys("Enter")
     bob.wait_for(r"<Alice> typed before a break")
     assert "control character" not in alice.screen()
+    # Stopped from outside (kill -TSTP): it came back with the terminal line by line, where
+    # Enter no longer sent.
+    pids = [int(alice.tmux("display-message", "-p", "-t", alice.name, "#{pane_pid}"))]
+    for pid in pids:  # the pane's shell's descendants, to the chat
+        pids += [int(p) for p in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True,
+                                                text=True).stdout.split()]
+    chat = next(p for p in pids
+                if b"tsnetchat\x00connect" in Path(f"/proc/{p}/cmdline").read_bytes())
+    os.kill(chat, signal.SIGTSTP)
+    alice.wait_for(r"Stopped\s+.*tsnetchat connect[\s\S]*Stopped\s+.*tsnetchat connect")
+    alice.type("fg")
+    alice.wait_for(r"(?m)#general>\s*$")
+    alice.type("back after an outside stop")
+    bob.wait_for(r"<Alice> back after an outside stop")
     no_python_on(alice, bob)
 
 

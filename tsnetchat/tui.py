@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from prompt_toolkit.application import Application
+from prompt_toolkit.application import Application, run_in_terminal
 from prompt_toolkit.buffer import Buffer
 from prompt_toolkit.document import Document
 from prompt_toolkit.filters import Condition
@@ -403,6 +403,23 @@ class ChatApp:
             parts.append(("class:status.bad", " │ scrolled up: PgDn"))
         return parts
 
+    def suspend(self) -> None:
+        """Stop as a shell job, the terminal given back in its usual mode first; `fg` brings
+        the chat back in its own. For Ctrl-Z and for a SIGTSTP from outside (`kill -TSTP`,
+        which the chat now catches: stopped by the signal's default, it came back after `fg`
+        with the terminal left line by line, where Enter no longer sent; a new user's day,
+        2026-11-23)."""
+        loop = asyncio.get_running_loop()
+
+        def stop() -> None:
+            loop.remove_signal_handler(signal.SIGTSTP)  # (so the signal below stops us)
+            try:
+                os.kill(0, signal.SIGTSTP)  # the process group, as a shell's Ctrl-Z does
+            finally:
+                loop.add_signal_handler(signal.SIGTSTP, self.suspend)
+
+        run_in_terminal(stop)
+
     def invalidate(self) -> None:
         if self.app.is_running:
             self.app.invalidate()
@@ -437,7 +454,7 @@ class ChatApp:
         def _(event: KeyPressEvent) -> None:
             # Suspended as a shell job; `fg` redraws. (It typed an invisible U+001A that the
             # server then refused: a new user's day, 2026-11-23.)
-            event.app.suspend_to_background()
+            self.suspend()
 
         @kb.add("up")
         def _(event: KeyPressEvent) -> None:
@@ -1268,12 +1285,13 @@ async def run_tui(server: str, room: str, *, token: str | None, socket: str, pro
         # as a service manager's SIGTERM.
         for sig in (signal.SIGHUP, signal.SIGTERM):
             loop.add_signal_handler(sig, chat.quit)
+        loop.add_signal_handler(signal.SIGTSTP, chat.suspend)
         try:
             chat.join(room)
             chat.spawn(chat.poll_unread())
             result = await chat.app.run_async(set_exception_handler=False)
         finally:
-            for sig in (signal.SIGHUP, signal.SIGTERM):
+            for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGTSTP):
                 loop.remove_signal_handler(sig)
             await chat.close()
             loop.set_exception_handler(old_handler)
