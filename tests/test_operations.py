@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import CLI, collect_ids, free_port, need, start_daemon
+from helpers import CLI, LabDaemon, collect_ids, free_port, need, start_daemon
 
 from tsnetchat import doctor, statedir
 from tsnetchat.client import RoomSession, connect
@@ -215,6 +215,26 @@ def test_doctor_does_not_take_another_program_on_the_port_for_the_server(
     assert verdicts(results)["listening"] == FAIL
     detail = next(c.detail for c in results if c.name == "listening")
     assert "no tsnetchat server is running" in detail and "another program" in detail
+
+
+@pytest.mark.tailnet
+def test_doctor_fails_a_hung_server_that_still_takes_connections(
+        lab: Any, tmp_path: Path) -> None:
+    """A stopped server's port still completes TCP connections: doctor said it answered."""
+    server = LabDaemon(lab, tmp_path / "s", free_port()).start()
+    assert server.proc is not None
+    cfg = load_config(env={}, flags={"state_dir": str(server.state), "port": server.port,
+                                     "socket": lab.nodes["chat-server"].socket})
+    try:
+        assert verdicts(asyncio.run(checks(cfg)))["listening"] == OK
+        server.proc.send_signal(signal.SIGSTOP)
+        results = asyncio.run(checks(cfg))
+        server.proc.send_signal(signal.SIGCONT)
+    finally:
+        server.stop()
+    assert verdicts(results)["listening"] == FAIL
+    detail = next(c.detail for c in results if c.name == "listening")
+    assert "takes connections but does not answer (DEADLINE_EXCEEDED after 3 s)" in detail
 
 
 def test_a_server_is_running_only_while_it_holds_the_lock_not_while_its_file_says_so(

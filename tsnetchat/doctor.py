@@ -51,6 +51,28 @@ async def _port_open(host: str, port: int) -> bool:
     return True
 
 
+async def _no_answer(host: str, port: int, wait: float = 3.0) -> str | None:
+    """Why the server at ``host``:``port`` does not answer gRPC's health check within
+    ``wait`` seconds (it needs no token), or None when it says it serves. (A hung server
+    still completes TCP connections from the kernel's backlog, and doctor said it answered:
+    an operator's run, 2026-11-23.)"""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    async with grpc.aio.insecure_channel(
+            target, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+        try:
+            res = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=wait)
+        except grpc.aio.AioRpcError as e:
+            return f"{e.code().name} after {wait:.0f} s" if (
+                e.code() is grpc.StatusCode.DEADLINE_EXCEEDED) else f"{e.code().name}"
+    if res.status != health_pb2.HealthCheckResponse.SERVING:
+        return f"its health is {health_pb2.HealthCheckResponse.ServingStatus.Name(res.status)}"
+    return None
+
+
 def _shut_out(cfg: ServerConfig) -> str | None:
     """Why this user may not look inside the state dir (the server's alone, 0700), or None.
     (Without sudo, doctor stopped at the key file with "permission denied" and printed none
@@ -121,7 +143,12 @@ async def checks(cfg: ServerConfig, *, with_api: bool = False) -> list[Check]:
                                  f"program holds the port (`ss -ltnp 'sport = :{cfg.port}'` "
                                  "names it), or the server uses another state dir"))
             else:
-                out.append(Check("listening", OK, f"a server answers on {where}"))
+                hung = await _no_answer(addrs[0].strip(), cfg.port)
+                out.append(Check("listening", FAIL, f"the server on {where} takes connections "
+                                 f"but does not answer ({hung}): it may be hung; `journalctl "
+                                 "-u tsnetchat` says more, `systemctl restart tsnetchat` "
+                                 "restarts it") if hung else
+                           Check("listening", OK, f"a server answers on {where}"))
 
     key = cfg.key_path
     if shut:
