@@ -5,12 +5,14 @@ Each case was found from outside (2026-11-23) doing the wrong thing."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
 import signal
 import stat
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -299,6 +301,35 @@ def test_roots_admin_commands_never_follow_a_link_the_servers_user_put_in_its_st
     out = run_cli("token", "issue", "bob@tailnet.test", "--state-dir", str(state))
     assert out.returncode != 0 and "jwt.key is a symbolic link" in out.stderr, out.stderr
     untouched()
+
+
+def test_token_commands_leave_an_older_database_to_the_server_still_running_on_it(
+        tmp_path: Path) -> None:
+    """During an upgrade, the new version's `token list` upgraded the database under the old
+    server, which then failed every revocation check (an operator's run)."""
+    import sqlite3
+
+    from tsnetchat.store import SCHEMA_VERSION
+
+    state, _ = issued_state(tmp_path)
+    db = state / "tsnetchat.db"
+    with contextlib.closing(sqlite3.connect(db)) as c:
+        c.execute(f"PRAGMA user_version={SCHEMA_VERSION - 1}")  # as the old version left it
+    server = subprocess.Popen([sys.executable, "-c", (
+        "import sys, pathlib; from tsnetchat.statedir import StateLock; "
+        f"StateLock(pathlib.Path({str(state)!r}), 'server'); print('held', flush=True); "
+        "sys.stdin.read()")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None and server.stdout.readline() == "held\n"
+        for args in (["list"], ["issue", "bob@tailnet.test"]):
+            out = run_cli("token", *args, "--state-dir", str(state))
+            assert out.returncode == 8, out.stderr
+            assert f"has schema version {SCHEMA_VERSION - 1}, older than" in out.stderr
+            assert "systemctl restart tsnetchat" in out.stderr and "Traceback" not in out.stderr
+    finally:
+        server.communicate("")
+    with contextlib.closing(sqlite3.connect(db)) as c:
+        assert c.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION - 1
 
 
 def test_a_token_for_a_known_login_with_other_capitals_is_refused_and_a_new_one_warned_of(

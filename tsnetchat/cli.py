@@ -174,12 +174,13 @@ def serve(
 
 def _store(cfg: ServerConfig) -> Any:
     """The history/token database, its state dir made private first (statedir.py)."""
-    from .statedir import secure_state_dir
+    from .statedir import running_server, secure_state_dir
     from .store import Store
 
     try:
         secure_state_dir(cfg.state_dir, (cfg.db_path,))
-        return Store(cfg.db_path)
+        # (a server still running may be the version before an upgrade: it alone upgrades)
+        return Store(cfg.db_path, upgrade=running_server(cfg.state_dir) is None)
     except TsnetchatError as e:
         raise fail(e) from None
 

@@ -564,8 +564,11 @@ class Store:
     CHECKPOINT_EVERY = 100  # appends between background checkpoints (SQLite's: ~1000 pages)
 
     def __init__(self, path: Path, *, fsync: bool = False, timeout: float = 5.0,
-                 readonly: bool = False) -> None:
+                 readonly: bool = False, upgrade: bool = True) -> None:
+        """``upgrade=False``: refuse (StoreError) a database of an older schema instead of
+        upgrading it, for a command run beside a server that may be the older version."""
         self.path = path
+        self._upgrade = upgrade
         self._readonly = readonly
         try:
             # Ranks the matches found in small rooms (``search``): an index of those alone.
@@ -632,6 +635,16 @@ class Store:
             return
         if version == SCHEMA_VERSION:
             return
+        if not self._upgrade:
+            # (the new version's `token list` upgraded the database under the old server
+            # during an upgrade: it then failed every revocation check, and sends and reads;
+            # an operator's run, 2026-11-24)
+            raise StoreError(
+                f"the history database {self.path} has schema version {version}, older than "
+                f"this tsnetchat's ({SCHEMA_VERSION}), and a server runs on it: the server "
+                "was not restarted since tsnetchat was upgraded. Restart it (systemctl restart "
+                "tsnetchat), which upgrades the database, then run this again; nothing was "
+                "changed")
         with self._tx():
             version = int(db.execute("PRAGMA user_version").fetchone()[0])  # another upgrader?
             for target in range(version + 1, SCHEMA_VERSION + 1):
