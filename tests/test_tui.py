@@ -423,6 +423,9 @@ def test_an_edit_and_a_delete_reach_the_other_screen_also_one_that_was_offline(
     alice.keys("oops, a secret: hunter2", "Enter", "/delete", "Enter")  # at once
     s = bob.wait_for(r"<Alice> keep this line\n.*<Alice> \(deleted\)")  # not the line before
     assert "hunter2" not in s and count(s, r"<Alice> \(deleted\)") == 2, s
+    alice.type("/delete")  # again (Up and Enter): it deleted the message before, and so on
+    alice.wait_for(r"!! your last message here is deleted; not deleted")
+    assert count(bob.screen(), r"<Alice> keep this line") == 1
     bob.type("/edit not mine")  # bob has nothing of his own here
     bob.wait_for(r"!! nothing of yours to edit here")
     no_python_on(alice, bob)
@@ -605,6 +608,8 @@ def test_a_terminal_closed_with_lines_not_yet_sent_keeps_them_in_a_file(
     alice.keys("C-j")
     alice.type("and a second")
     alice.wait_for(r"<Alice> a first line")
+    alice.type("/edit a first line, corrected")  # waits for it: said, and kept on the way out
+    alice.wait_for(r"/edit waits for your last message, still on its way")
     alice.type("half a sentence", enter=False)
     alice.wait_for(r"#general> half a sentence")  # (typed, not still on its way)
     kept = tmp_path / "home-alice-0" / ".local" / "state" / "tsnetchat" / "unsent.txt"
@@ -618,6 +623,8 @@ def test_a_terminal_closed_with_lines_not_yet_sent_keeps_them_in_a_file(
     text = kept.read_text()
     assert "#general: typed as the terminal closed" in text and "(input) half a sentence" in text
     assert "  #general: a first line\n    and a second\n" in text  # under its first line
+    assert ("  (waiting in #general for the message above) /edit a first line, corrected\n"
+            in text), text
     assert stat.S_IMODE(kept.stat().st_mode) == 0o600
 
 

@@ -325,9 +325,10 @@ class Conversation:
         self.looked = time.monotonic()
 
     def last_own(self) -> Entry | None:
-        """The person's own newest message still standing (for /edit and /delete)."""
+        """The person's own newest message, deleted or not (for /edit and /delete, which
+        never reach past it to an older one)."""
         for e in reversed(self.entries):
-            if e.own and e.message is not None and not e.message.deleted_by:
+            if e.own and e.message is not None:
                 return e
         return None
 

@@ -249,6 +249,7 @@ class ChatApp:
         # /edit or /delete typed while one's last message is still on its way: done once the
         # server has stored it (with its id), or dropped with a line if it is refused.
         self.after_sent: dict[str, Callable[[int | None], None]] = {}
+        self.waiting_changes: dict[str, tuple[str, str]] = {}  # the same: (line, room)
         self.mentions = mention_pattern([self.me.login, self.me.login.split("@")[0],
                                          self.me.display_name])
         self.input = Buffer(multiline=True)
@@ -722,10 +723,13 @@ class ChatApp:
             self.say("not in a room: /join ROOM first", error=True)
             return True
         room = conv.name
+        done = "edited" if what == "edit" else "deleted"
 
         def run(target: int | None) -> None:
             if target is None:
-                self.say(f"not {what}ed: your last message was not sent", error=True)
+                back = self.put_back(line, room)
+                self.say(f"not {done}: your last message was not sent"
+                         + (" (your text is back in the input)" if back else ""), error=True)
                 return
 
             async def call() -> None:
@@ -739,12 +743,26 @@ class ChatApp:
 
         waiting = session.outbox.pending
         if waiting:
+            # Said, and kept with what was not sent on the way out: it was only a closure,
+            # gone without a word at /quit, and the text saved was the one it corrected (a
+            # new user's day, 2026-11-24).
             self.after_sent[waiting[-1].client_msg_id] = run
+            self.waiting_changes[waiting[-1].client_msg_id] = (line, room)
+            self.say(f"/{what} waits for your last message, still on its way")
             return False
+        if session.outbox.failed:  # (the stored one before it is not "your last message")
+            self.say(f"your last message here was not sent (✗): /retry sends it again; not "
+                     f"{done}", error=True)
+            return True
         last = conv.last_own()
         if last is None:
             self.say(f"nothing of yours to {what} here (only what is on screen)", error=True)
             return True
+        if last.message is not None and last.message.deleted_by:
+            # (a second /delete, or Up and Enter, deleted the message before it, and the one
+            # before that: a new user's day, 2026-11-24)
+            self.say(f"your last message here is deleted; not {done}", error=True)
+            return what == "edit"
         run(last.id)
         return False
 
@@ -977,6 +995,7 @@ class ChatApp:
             conv.notice(f"reconnected after {ev.seconds:.0f}s{missed}", renderer=self.renderer)
             conv.quiet_until = time.monotonic() + QUIET_REJOINS
         elif ev.kind in ("sent", "failed") and ev.outgoing is not None:
+            self.waiting_changes.pop(ev.outgoing.client_msg_id, None)
             then = self.after_sent.pop(ev.outgoing.client_msg_id, None)
             if then is not None:
                 then(ev.message_id if ev.kind == "sent" else None)
@@ -1192,6 +1211,8 @@ class ChatApp:
             out.append(f"(input) {self.input.text}")
         out += [f"(typed in {titles.get(room, room)}) {d.text}"
                 for room, d in self.drafts.items() if d.text.strip()]
+        out += [f"(waiting in {titles.get(room, room)} for the message above) {line}"
+                for line, room in self.waiting_changes.values()]
         return [indented(line) for line in out]
 
 
