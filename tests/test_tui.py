@@ -467,6 +467,12 @@ def test_a_private_room_is_created_joined_by_its_members_and_refused_to_others(
     mallory.wait_for(r"!! cannot join \+ops: ")
     assert "for the two of us" not in mallory.screen()
     assert status_line(mallory).split("│")[1] == " #general "
+    alice.type("/remove bob")
+    bob.wait_for(r"\+ops is closed for good: you were removed")
+    bob.type("typed after being removed")  # refused at once, kept: it was "pending" for ever
+    bob.wait_for(r"!! \+ops is closed for good, so this cannot be sent there")
+    bob.wait_for(r"\+ops> typed after being removed")
+    assert "pending" not in status_line(bob)
     no_python_on(alice, bob, mallory)
 
 

@@ -651,6 +651,13 @@ class ChatApp:
             return True
         if not text.strip():
             return False
+        if session.state.phase is Phase.FAILED:
+            # (it showed "… pending" for ever in a room one had been removed from: a new
+            # user's day, 2026-11-24)
+            title = self.conversations[room or self.current or ""].title
+            self.say(f"{title} is closed for good, so this cannot be sent there (your text is "
+                     "still in the input; /leave closes the room)", error=True)
+            return True
         text = with_newlines(text)
         limit = session.max_message_bytes
         size = utf8_len(text)
