@@ -178,6 +178,42 @@ async def test_the_doctor_fails_a_damaged_history_and_a_short_key_and_says_what_
     found = {c.name: c for c in await checks(cfg)}["history store"]
     assert found.verdict == FAIL and f"{db} is damaged (SQLite's quick_check: " in found.detail
     assert f"tsnetchat restore --state-dir {state} BACKUP" in found.detail
+    db.write_text("not a database at all\n" * 100)  # (doctor ended in a traceback)
+    found = {c.name: c for c in await checks(cfg)}["history store"]
+    assert found.verdict == FAIL and "is damaged" in found.detail and "not a database" in \
+        found.detail, found
+    db.write_bytes(b"")
+    found = {c.name: c for c in await checks(cfg)}["history store"]
+    assert found.verdict == FAIL and "is empty (0 bytes)" in found.detail, found
+
+
+def test_a_command_that_fails_unforeseen_says_so_in_one_line_without_a_traceback(
+        tmp_path: Path) -> None:
+    script = ("import sys\nimport tsnetchat.doctor as d\n"
+              "async def boom(*a, **k):\n    raise RuntimeError('boom')\n"
+              "d.checks = boom\n"
+              f"sys.argv = ['tsnetchat', 'doctor', '--state-dir', {str(tmp_path)!r}]\n"
+              "from tsnetchat.cli import main\nmain()\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.startswith("error: unexpected RuntimeError: boom. This is a bug")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env={**os.environ, "TSNETCHAT_TRACEBACK": "1"})
+    assert out.returncode != 0 and "RuntimeError: boom" in out.stderr
+    assert "Traceback" in out.stderr or "───" in out.stderr  # (Typer's own, with rich)
+
+
+async def test_the_doctor_fails_a_history_written_by_a_newer_tsnetchat(tmp_path: Path) -> None:
+    """`serve` refuses it; doctor said nothing."""
+    import sqlite3
+
+    state, _ = issued_state(tmp_path)
+    with contextlib.closing(sqlite3.connect(state / "tsnetchat.db")) as c:
+        c.execute("PRAGMA user_version=99")
+    cfg = load_config(env={}, flags={"state_dir": str(state), "socket": "/nonexistent"})
+    found = {c.name: c for c in await checks(cfg)}["history store"]
+    assert found.verdict == FAIL and "written by a newer tsnetchat (schema version 99" in \
+        found.detail, found
 
 
 async def test_the_doctor_fails_the_history_store_while_another_process_holds_its_write_lock(

@@ -976,3 +976,12 @@ def main() -> None:
         typer.secho(f"error: permission denied:{where} (the server's files are readable by "
                     "the user it runs as: try again with sudo)", err=True, fg="red")
         raise SystemExit(EXIT[ConfigError]) from None
+    except Exception as e:
+        # The last boundary: whatever a command did not foresee is one line, not a traceback
+        # (doctor on a database that was not SQLite ended in one: an operator's run,
+        # 2026-11-24). The traceback is there for a bug report when asked for.
+        if os.environ.get("TSNETCHAT_TRACEBACK"):
+            raise
+        typer.secho(f"error: unexpected {type(e).__name__}: {e}. This is a bug in tsnetchat; "
+                    "TSNETCHAT_TRACEBACK=1 shows where it happened", err=True, fg="red")
+        raise SystemExit(1) from None

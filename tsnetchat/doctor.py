@@ -310,16 +310,27 @@ def _damaged(db_path: Path, state_dir: Path) -> str | None:
     else None. (A database with damaged pages passed every check: an operator's run,
     2026-11-23.) ``mode=rw``, not ``ro``: a read-only connection leaves the -wal and -shm
     files of a stopped server's database behind."""
+    from .store import SCHEMA_VERSION
+
     if not db_path.exists():
         return None
+    if db_path.stat().st_size == 0:  # (`serve` refuses it; doctor said nothing)
+        return (f"{db_path} is empty (0 bytes): it was truncated or replaced, and the server "
+                f"will not start on it; restore the last backup (`sudo tsnetchat restore "
+                f"--state-dir {state_dir} BACKUP`)")
     try:
         db = sqlite3.connect(f"file:{db_path}?mode=rw", uri=True, timeout=5)
         try:
+            version = int(db.execute("PRAGMA user_version").fetchone()[0])
             found = [str(r[0]) for r in db.execute("PRAGMA quick_check")]
         finally:
             db.close()
     except sqlite3.DatabaseError as e:
-        found = [str(e)]
+        version, found = 0, [str(e)]
+    if found == ["ok"] and version > SCHEMA_VERSION:
+        return (f"{db_path} was written by a newer tsnetchat (schema version {version}; this "
+                f"one understands up to {SCHEMA_VERSION}): the server will not start on it; "
+                "install the newer tsnetchat again, or restore a backup taken before it")
     if found == ["ok"]:
         return None
     return (f"{db_path} is damaged (SQLite's quick_check: {'; '.join(found[:3])}): stop the "
@@ -343,7 +354,7 @@ def _write_lock_held(db_path: Path, wait: float = 1.0) -> str | None:
     try:
         db.execute("BEGIN IMMEDIATE")
         db.execute("ROLLBACK")
-    except sqlite3.OperationalError as e:
+    except sqlite3.DatabaseError as e:  # (not a database at all: ``_damaged`` says so)
         if "locked" not in str(e) and "busy" not in str(e):
             return None
         return (f"another process has held {db_path}'s write lock for over {wait:.0f} s: "
