@@ -40,6 +40,8 @@ def test_precedence_is_defaults_then_file_then_env_then_flags(tmp_path: Path) ->
     ({"flags": {"listen": "::ffff:0.0.0.0"}}, "would listen on every interface"),
     ({"flags": {"state_dir": "/var/lib/a\x00b"}}, "--state-dir: contains a NUL character"),
     ({"flags": {"cluster": ",,,"}}, "--cluster: lists no NATS URL"),
+    ({"env": {"TSNETCHAT_CLUSTER": "nats://a:4222,nats://chat:s3cret@b:4222"}},
+     "TSNETCHAT_CLUSTER: a NATS URL carries no user, password or token"),
     ({"flags": {"cap_domain": "not a domain"}}, "--cap-domain"),
     ({"flags": {"shutdown_grace": -1}}, "--shutdown-grace: must not be negative"),
     ({"env": {"TSNETCHAT_STARTUP_TIMEOUT": "0"}},

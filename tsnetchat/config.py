@@ -378,7 +378,13 @@ def _validate(cfg: ServerConfig, where: Callable[[str], str]) -> None:
     if cfg.cluster.strip() and not cfg.cluster_urls:  # (",,," spun at 95% CPU, silent)
         raise bad("cluster", "lists no NATS URL (e.g. nats://nats1.example:4222,...)")
     for url in cfg.cluster_urls:
-        if not re.fullmatch(r"(nats|tls)://([^/@\s]+@)?[^/@\s:]+(:\d{1,5})?/?", url):
+        if re.fullmatch(r"(nats|tls)://[^/@\s]+@\S*", url):
+            # (a password or token there was shown by `config show` and logged at every
+            # start: an operator's run, 2026-11-24)
+            raise bad("cluster", "a NATS URL carries no user, password or token (`config "
+                                 "show` and the log would show them): give them as nats_user "
+                                 "and nats_password, or in nats_credentials")
+        if not re.fullmatch(r"(nats|tls)://[^/@\s:]+(:\d{1,5})?/?", url):
             raise bad("cluster", f"{url!r} is not a NATS URL like nats://nats1.example:4222")
     if cfg.cluster_wait <= 0:
         raise bad("cluster_wait", "must be greater than 0")
