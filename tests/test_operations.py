@@ -103,6 +103,21 @@ def test_embedded_mode_serves_alice_survives_tailscaled_death_and_drains(
         assert left == []  # the embedded tailscaled stopped with the server
         log = (tmp_path / "serve.log").read_text()
         assert "restarting" in log and lab.auth_key("chat")[:10] not in log
+        # Killed with -9, it left its tailscaled running, holding the node for the next start.
+        proc = subprocess.Popen(proc.args, stdout=open(tmp_path / "serve.log", "a"),  # noqa: SIM115
+                                stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 60
+        while not subprocess.run(["pgrep", "-f", f"statedir={state}/tailscaled"],
+                                 capture_output=True).stdout:
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.2)
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 15
+        while subprocess.run(["pgrep", "-f", f"statedir={state}/tailscaled"],
+                             capture_output=True).stdout:
+            assert time.monotonic() < deadline, "the embedded tailscaled outlived its server"
+            time.sleep(0.2)
     finally:
         if proc.poll() is None:
             proc.kill()

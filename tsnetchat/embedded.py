@@ -50,6 +50,17 @@ def _which(name: str) -> str:
     return found
 
 
+def _dies_with_us() -> list[str]:
+    """A prefix that makes the kernel stop tailscaled when this process dies, also by
+    SIGKILL (PR_SET_PDEATHSIG, through util-linux's setpriv; not a ``preexec_fn``, which is
+    unsafe beside gRPC's threads). Killed with -9, `serve --embedded` left its tailscaled
+    running, holding the node's name and state dir for the next start (an operator's run,
+    2026-11-24; under systemd the unit's cgroup is stopped whole anyway). Without setpriv,
+    nothing (and stopping on exit is left to ``stop``)."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM"] if setpriv else []
+
+
 class EmbeddedTailscaled:
     def __init__(self, cfg: ServerConfig) -> None:
         self.cfg = cfg
@@ -78,8 +89,9 @@ class EmbeddedTailscaled:
         # Opening a local log file and polling for the socket are brief, bounded start-up work.
         logf = open(self.dir / "tailscaled.log", "ab")  # noqa: SIM115, ASYNC230
         self.proc = await asyncio.create_subprocess_exec(
-            self.tailscaled, "--tun=userspace-networking", f"--statedir={self.dir}",
-            f"--socket={self.socket}", "--port=0", stdin=asyncio.subprocess.DEVNULL,
+            *_dies_with_us(), self.tailscaled, "--tun=userspace-networking",
+            f"--statedir={self.dir}", f"--socket={self.socket}", "--port=0",
+            stdin=asyncio.subprocess.DEVNULL,
             stdout=logf, stderr=logf, env=self._env())
         logf.close()
         for _ in range(200):
