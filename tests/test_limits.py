@@ -224,6 +224,29 @@ async def test_a_send_flood_is_rate_limited_and_the_sender_stays_connected(chat:
     call.cancel()
 
 
+@pytest.mark.server_config(rate_burst=1, rate_per_second=1e-9)
+async def test_a_wait_longer_than_the_protocol_holds_is_capped_and_the_stream_goes_on(
+        chat: Chat) -> None:
+    """The wait overflowed retry_after_ms, which ended the stream's reader: later sends got
+    neither an ack nor a refusal (an operator's run)."""
+    conn = await chat.connect("mallory@tailnet.test")
+    call = conn.stub.Join(metadata=conn.metadata)
+    await call.write(pb.ClientEvent(hello=pb.Hello(room="general", after_id=2**62,
+                                                   batch_acks=True)))
+    for i in range(3):
+        await call.write(send(f"m{i}", f"k{i}"))
+    acked: list[str] = []
+    waits: list[int] = []
+    async for ev in call:
+        acked.extend(a.client_msg_id for a in acks_in(ev))
+        if ev.WhichOneof("event") == "error":
+            waits.append(ev.error.retry_after_ms)
+        if len(acked) + len(waits) == 3:
+            break
+    assert acked == ["k0"] and waits == [2**32 - 1] * 2
+    call.cancel()
+
+
 async def test_a_stream_of_malformed_events_is_cut_off_as_flooding(chat: Chat) -> None:
     conn = await chat.connect("mallory@tailnet.test")
     call = conn.stub.Join(metadata=conn.metadata)

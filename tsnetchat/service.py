@@ -192,6 +192,9 @@ class ServerStore(History, Protocol):
     async def revoke(self, jti: str, *, within: float | None = None) -> bool: ...
 
 
+MAX_RETRY_AFTER_MS = 2**32 - 1  # Error.retry_after_ms is a uint32
+
+
 class ChatService:
     def __init__(self, *, store: ServerStore, hub: Hub, gate: Gate, limits: Limits,
                  tailnet: Tailnet, metrics: Metrics | None = None,
@@ -708,10 +711,13 @@ class ChatService:
     def _refuse(self, sub: Subscriber, problem: TsnetchatError, client_msg_id: str,
                 retry_after: float = 0.0) -> None:
         """Tell a member why the event it sent was not taken (an error event, not the end
-        of the stream)."""
+        of the stream). The wait is capped at what the protocol's field holds: a rate of
+        1e-9 a second made it overflow, which ended the stream's reader and left later sends
+        unanswered (an operator's run, 2026-11-24)."""
         self.hub.reply(sub, codec.event_item(error=pb.Error(
             code=status_for(problem).value[0], message=str(problem),
-            client_msg_id=client_msg_id, retry_after_ms=round(retry_after * 1000))))
+            client_msg_id=client_msg_id,
+            retry_after_ms=min(round(retry_after * 1000), MAX_RETRY_AFTER_MS))))
 
     async def Subscribe(self, request: Any,
                         context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
