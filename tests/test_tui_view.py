@@ -350,6 +350,9 @@ def test_direct_conversations_have_one_name_for_both_and_show_the_other_person()
     ("ROBERT", "bob@tailnet.test"),
     ("carol", "carol@tailnet.test"),  # never seen: at my own domain
     ("dave@other.test", "dave@other.test"),  # a login as it is
+    ("Bob@Tailnet.Test", "bob@tailnet.test"),  # as the one seen spells it (not a 2nd buffer)
+    ("ALICE@tailnet.test", "alice@tailnet.test"),  # the caller, too
+    ("Dave@other.test", "Dave@other.test"),  # never seen: as typed (GitHub logins have caps)
 ])
 def test_a_person_in_a_command_is_a_name_or_a_login(typed: str, login: str) -> None:
     seen = [pb.Identity(login="bob@tailnet.test", display_name="Robert")]

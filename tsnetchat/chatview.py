@@ -161,12 +161,18 @@ def dm_title(name: str, me: str) -> str:
 
 
 def person_login(word: str, me: str, known: Iterable[pb.Identity]) -> str:
-    """The login a person typed in a command means: a login as it is; else the display name
-    or short login of someone seen in this session (members, senders), case-insensitively;
-    else ``word`` at the caller's own domain (``bob`` -> ``bob@example.com`` for
-    ``alice@example.com``), which the server checks like any login."""
-    if "@" in word or word.startswith("tag:"):
+    """The login a person typed in a command means: a login as someone seen in this session
+    (members, senders, the caller) spells it, capitals forgiven (`/msg Bob@Example.com`
+    opened a second buffer beside @bob's for the one conversation: a new user's day,
+    2026-11-24), or as typed; else the display name or short login of someone seen,
+    case-insensitively; else ``word`` at the caller's own domain (``bob`` ->
+    ``bob@example.com`` for ``alice@example.com``), which the server checks like any login."""
+    if word.startswith("tag:"):
         return word
+    if "@" in word:
+        like = {str(i.login) for i in known if i.login.lower() == word.lower()}
+        like |= {me} if me.lower() == word.lower() else set()
+        return word if word in like or len(like) != 1 else like.pop()
     low = word.lower()
     for ident in known:
         if low in (ident.display_name.lower(), ident.login.split("@")[0].lower()):
