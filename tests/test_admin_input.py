@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -18,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import CLI, run_cli, write_lock_held
+from helpers import CLI, chat_server, run_cli, write_lock_held
 
 from tsnetchat.config import load_config
 from tsnetchat.doctor import FAIL, OK, WARN, checks
@@ -201,6 +202,22 @@ def test_a_command_that_fails_unforeseen_says_so_in_one_line_without_a_traceback
                          env={**os.environ, "TSNETCHAT_TRACEBACK": "1"})
     assert out.returncode != 0 and "RuntimeError: boom" in out.stderr
     assert "Traceback" in out.stderr or "───" in out.stderr  # (Typer's own, with rich)
+
+
+async def test_a_lost_key_is_a_failure_for_the_doctor_and_a_warning_at_start(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A new key was made without a word, and every token refused (an operator's run)."""
+    state, _ = issued_state(tmp_path)
+    (state / "jwt.key").unlink()
+    cfg = load_config(env={}, flags={"state_dir": str(state), "socket": "/nonexistent"})
+    key = {c.name: c for c in await checks(cfg)}["key file"]
+    assert key.verdict == FAIL and "is missing, but 1 unexpired token(s) were issued" in \
+        key.detail, key
+    with caplog.at_level(logging.WARNING, logger="tsnetchat.server"):
+        async with chat_server(tmp_path):  # (its state dir is tmp_path / "state")
+            pass
+    assert any("but 1 unexpired token(s) were issued with one before: they no longer work"
+               in r.getMessage() for r in caplog.records), caplog.text
 
 
 async def test_the_doctor_fails_a_history_written_by_a_newer_tsnetchat(tmp_path: Path) -> None:

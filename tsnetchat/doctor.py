@@ -153,6 +153,11 @@ async def checks(cfg: ServerConfig, *, with_api: bool = False) -> list[Check]:
     key = cfg.key_path
     if shut:
         out.append(Check("key file", WARN, shut))
+    elif not key.exists() and _live_tokens(cfg.db_path):
+        out.append(Check("key file", FAIL, f"{key} is missing, but {_live_tokens(cfg.db_path)} "
+                         "unexpired token(s) were issued with it: the next start makes a new "
+                         "key and every one of them stops working. Put the key back if it was "
+                         "lost by mistake; else issue them again (tsnetchat token list)"))
     elif not key.exists():
         out.append(Check("key file", WARN, f"{key} does not exist yet (created on first start)"))
     else:
@@ -303,6 +308,23 @@ def _history_store(cfg: ServerConfig) -> Check:
     except OSError as e:
         return Check("history store", FAIL, f"cannot write in {cfg.state_dir}: "
                      f"{e.strerror or e}; check ownership (StateDirectory= under systemd)")
+
+
+def _live_tokens(db_path: Path) -> int:
+    """Tokens on record in the database that are neither revoked nor expired (0 when it
+    cannot say)."""
+    if not db_path.exists():
+        return 0
+    try:
+        db = sqlite3.connect(f"file:{db_path}?mode=rw", uri=True, timeout=1)
+        try:
+            return int(db.execute(
+                "SELECT COUNT(*) FROM tokens t LEFT JOIN revocations r ON r.jti = t.jti "
+                "WHERE r.jti IS NULL AND t.exp > ?", (int(time.time()),)).fetchone()[0])
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return 0
 
 
 def _damaged(db_path: Path, state_dir: Path) -> str | None:

@@ -169,6 +169,12 @@ class BoundedReflection(reflection.aio.ReflectionServicer):  # type: ignore[misc
                 yield response
 
 
+def live_tokens(db: Store) -> int:
+    """How many tokens on record are neither revoked nor expired."""
+    now = time.time()
+    return sum(1 for t in db.list_tokens() if t.revoked_at is None and t.exp > now)
+
+
 def _stamp(path: Path) -> tuple[int, int, int] | None:
     try:
         st = path.stat()
@@ -193,6 +199,7 @@ class Server:
         # Held until stop(): `tsnetchat restore` refuses to run under a live server.
         self._lock = StateLock(cfg.state_dir, "server")
         try:
+            new_key = not cfg.key_path.exists()
             key = auth.load_or_create_key(cfg.key_path)  # refuses an open key file
             self._key_stamp = _stamp(cfg.key_path)
             # Opening (creating or upgrading) the database is start-up work: nothing is
@@ -200,6 +207,12 @@ class Server:
             # threads.
             db = Store(cfg.db_path, fsync=cfg.fsync, timeout=cfg.store_wait)
             revoked, self._revocation_seq = db.revocations_since(0)
+            lost = live_tokens(db) if new_key and not cfg.cluster else 0
+            if lost:  # (said nowhere, every token refused: an operator's run, 2026-11-24)
+                log.warning("made a new signing key %s, but %d unexpired token(s) were issued "
+                            "with one before: they no longer work. If the key was lost by "
+                            "mistake, stop the server and put it back; else issue them again "
+                            "(tsnetchat token list)", cfg.key_path, lost)
         except BaseException:
             self._lock.release()
             raise
