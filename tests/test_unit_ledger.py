@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -10,7 +12,13 @@ from typing import Any
 
 import pytest
 
-from tsnetchat.errors import InvalidInput, LimitExceeded, StoreError, TsnetchatError
+from tsnetchat.errors import (
+    InvalidInput,
+    LimitExceeded,
+    StoreError,
+    TsnetchatError,
+    Unconfirmed,
+)
 from tsnetchat.hub import Hub, Subscriber
 from tsnetchat.ledger import Ledger
 from tsnetchat.pb import chat_pb2 as pb
@@ -213,3 +221,20 @@ async def test_when_too_many_messages_wait_for_storage_new_ones_are_refused(
     assert [r[2] for r in world.refused] == ["c3", "c4"]
     assert "messages waiting to be stored" in str(world.refused[0][1])
     assert world.history.last_id("general") == 3
+
+
+async def test_sends_the_cluster_did_not_confirm_are_refused_and_said_in_the_log(
+        world: World, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Refused for 20 s while NATS had no quorum, with nothing in the journal (an operator's
+    run)."""
+    def unconfirmed(draft: Any, then: Any) -> None:
+        asyncio.get_running_loop().call_soon(then, Unconfirmed("not confirmed within 12s"))
+
+    monkeypatch.setattr(world.history, "submit", unconfirmed)
+    alice = world.member()
+    with caplog.at_level(logging.WARNING, logger="tsnetchat.ledger"):
+        world.ledger.send(alice, ALICE, "hi", 0, "c1")
+        await asyncio.sleep(0.05)
+    ((_, error, cmid, _),) = world.refused
+    assert cmid == "c1" and isinstance(error, Unconfirmed)
+    assert "refusing messages: the cluster did not confirm them in time" in caplog.text

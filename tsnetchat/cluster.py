@@ -378,6 +378,17 @@ class ClusterHistory:
 
     # start / stop ------------------------------------------------------------------------
 
+    async def _lost(self) -> None:
+        # (a NATS node's death was not in the journal at all: an operator's run, 2026-11-24)
+        if not self._nc.is_closed:  # (not our own close at shutdown)
+            log.warning("cluster: lost the connection to NATS; reconnecting (sends wait for "
+                        "it, up to cluster_wait)")
+
+    async def _back(self) -> None:
+        url = self._nc.connected_url
+        log.warning("cluster: connected to NATS again (%s:%s)", url.hostname if url else "?",
+                    url.port if url else "?")
+
     async def start(self, key: bytes, timeout: float) -> bytes:
         """Connect and catch up (see the class doc). Returns the cluster's signing key: ours
         if we are the first server, else the one the first server put there. Raises
@@ -388,7 +399,8 @@ class ClusterHistory:
             # (within the start-up time: unreachable, or refusing the password, it waited
             # for ever without a word; an operator's run, 2026-11-23)
             connecting = self._nc.connect(
-                **opts, error_cb=_quiet, max_reconnect_attempts=-1,
+                **opts, error_cb=_quiet, disconnected_cb=self._lost, reconnected_cb=self._back,
+                max_reconnect_attempts=-1,
                 reconnect_time_wait=0.1,  # type: ignore[arg-type]
                 connect_timeout=2, name=f"tsnetchat {self.cfg.hostname}")
             await asyncio.wait_for(connecting, max(0.1, deadline - time.monotonic()))

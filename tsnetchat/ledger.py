@@ -337,6 +337,10 @@ class Ledger:
         sub.inflight -= 1
         self._coming_rooms.discard(sub.room)
         if isinstance(outcome, Unconfirmed):  # cluster mode: it may still appear
+            # (refused for 20 s while NATS had no quorum, with nothing in the journal: an
+            # operator's run, 2026-11-24)
+            self._storage_log.log(log, logging.WARNING, "refusing messages: the cluster did "
+                                  "not confirm them in time (%s)", outcome)
             self._refused(sub, client_msg_id, "unconfirmed", outcome, 1.0)
             return
         if isinstance(outcome, StoreError):
