@@ -972,6 +972,8 @@ def main() -> None:
     except PermissionError as e:
         # The operator's commands (token, backup, doctor, ...) read the server's state dir,
         # which is the server's alone (0700): run without sudo, each ended in a traceback.
+        if os.environ.get("TSNETCHAT_TRACEBACK"):
+            raise
         where = f" {e.filename}" if e.filename else ""
         typer.secho(f"error: permission denied:{where} (the server's files are readable by "
                     "the user it runs as: try again with sudo)", err=True, fg="red")

@@ -55,9 +55,9 @@ def _dies_with_us() -> list[str]:
     SIGKILL (PR_SET_PDEATHSIG, through util-linux's setpriv; not a ``preexec_fn``, which is
     unsafe beside gRPC's threads). Killed with -9, `serve --embedded` left its tailscaled
     running, holding the node's name and state dir for the next start (an operator's run,
-    2026-11-24). Not under systemd (``INVOCATION_ID``), which stops the unit's cgroup whole,
-    and whose shipped unit's system call filter stops setpriv. Without setpriv, nothing (and
-    stopping on exit is left to ``stop``)."""
+    2026-11-24). Not under systemd (``INVOCATION_ID``), which stops the unit's cgroup whole
+    (and whose shipped unit's system call filter was not tried with setpriv). Without
+    setpriv, nothing (and stopping on exit is left to ``stop``)."""
     setpriv = shutil.which("setpriv")
     return [setpriv, "--pdeathsig", "TERM"] if setpriv and not os.environ.get(
         "INVOCATION_ID") else []
