@@ -82,3 +82,9 @@ def test_limits_are_defined_once_and_read_from_the_config(tmp_path: Path) -> Non
     f.write_text("rate_burst = 7\ncall_rate = 3.5\n")
     limits = load_config(file=f, env={}).limits
     assert (limits.rate_burst, limits.call_rate) == (7, 3.5)
+
+
+def test_a_missing_config_file_named_by_the_environment_names_the_variable() -> None:
+    with pytest.raises(ConfigError, match=r"^TSNETCHAT_CONFIG: config file /nonexistent\.toml "
+                                          r"does not exist$"):
+        load_config(env={"TSNETCHAT_CONFIG": "/nonexistent.toml"})

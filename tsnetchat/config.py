@@ -270,15 +270,17 @@ def load_config(
     values: dict[str, Any] = {}
     origin: dict[str, str] = {}
 
+    named = ""  # (an error names the variable that named the file, as for any setting)
     if file is None and env.get(ENV_PREFIX + "CONFIG"):
         file = Path(env[ENV_PREFIX + "CONFIG"])
+        named = f"{ENV_PREFIX}CONFIG: "
     if file is None and DEFAULT_CONFIG_FILE.exists():
         file = DEFAULT_CONFIG_FILE
     if file is not None:
         try:
             data = tomllib.loads(Path(file).read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise ConfigError(f"config file {file} does not exist") from None
+            raise ConfigError(f"{named}config file {file} does not exist") from None
         except IsADirectoryError:
             raise ConfigError(f"config file {file} is a directory, not a file") from None
         except OSError as e:
