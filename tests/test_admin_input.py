@@ -416,6 +416,9 @@ async def test_a_revocation_while_another_process_holds_the_database_says_so_and
         out = await asyncio.to_thread(run_cli, "token", "revoke", jti, "--state-dir", str(state))
     assert out.returncode == 8, out.stdout
     assert "Traceback" not in out.stderr and "database is locked" in out.stderr
+    # (by what, and that nothing changed: a bare "database is locked" said neither)
+    assert "another process has held" in out.stderr and "nothing was changed" in out.stderr
+    assert f"fuser -v {state / 'tsnetchat.db'}" in out.stderr
     assert run_cli("token", "list", "--state-dir", str(state)).stdout.rstrip().endswith(
         "active")
 

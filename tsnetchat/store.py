@@ -569,6 +569,7 @@ class Store:
         upgrading it, for a command run beside a server that may be the older version."""
         self.path = path
         self._upgrade = upgrade
+        self._timeout_ms = int(timeout * 1000)
         self._readonly = readonly
         try:
             # Ranks the matches found in small rooms (``search``): an index of those alone.
@@ -600,7 +601,6 @@ class Store:
         self.purge_due = False  # a deletion committed: run ``purge`` (the writer thread)
         self.unindexed = False  # messages written since the last ``index_pending``
         self._index_log = LogLimiter(burst=3, rate=0.1)
-        self._timeout_ms = int(timeout * 1000)
         self.checkpointer: _Checkpointer | None = None  # started by the first busy writer
         # The writer's view: room name -> (room number, last id); sender -> number.
         self._rooms: dict[str, tuple[int, int]] = {}
@@ -703,13 +703,24 @@ class Store:
                     self._db.execute("ROLLBACK")
                 raise
         except sqlite3.Error as e:
-            raise StoreError(f"history database error: {e}") from e
+            raise self._error(e) from e
 
     def _q(self, sql: str, args: Sequence[object] = ()) -> list[tuple[Any, ...]]:
         try:
             return self._db.execute(sql, args).fetchall()
         except sqlite3.Error as e:
-            raise StoreError(f"history database error: {e}") from e
+            raise self._error(e) from e
+
+    def _error(self, e: sqlite3.Error) -> StoreError:
+        """``e`` for people; a lock held too long says by what, and that nothing changed (a
+        bare "database is locked" left `token issue` unclear on both: an operator's run,
+        2026-11-24)."""
+        if _locked(e):
+            return StoreError(
+                f"history database error: {e}: another process has held {self.path}'s write "
+                f"lock for over {self._timeout_ms / 1000:g} s (`fuser -v {self.path}` names it; "
+                "a `sqlite3` shell in a transaction is the usual one); nothing was changed")
+        return StoreError(f"history database error: {e}")
 
     # messages -------------------------------------------------------------------------
 
