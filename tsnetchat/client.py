@@ -694,9 +694,13 @@ class RoomSession:
                 return
             delay = self.state.lost(err, time.monotonic(), random.random())
             if delay is None and self._login_may_mend(err):
-                waiting = ClientError(f"{err} (this chat carries on by itself once you have "
-                                      "a new one)", retryable=False, exit_code=err.exit_code,
-                                      status=err.status)
+                # (after a rotate-key it said only that the signature did not match, not how
+                # to get a new token: a new user's day, 2026-11-24)
+                how = ("" if "tsnetchat login" in str(err) else
+                       f"; `tsnetchat login {self.link.name}` gets a new one")
+                waiting = ClientError(f"{err}{how} (this chat carries on by itself once you "
+                                      "have a new one)", retryable=False,
+                                      exit_code=err.exit_code, status=err.status)
                 self.state.waiting(waiting, time.monotonic())
                 yield SessionEvent("waiting", error=waiting, text=str(waiting))
                 if not await self._token_stored_since(tried_at):
