@@ -117,6 +117,10 @@ def test_topic_is_set_and_shown_to_others(alice: Person, bob: Person) -> None:
     tid = alice.json("topic", "Release week: okapi5 freeze", "--room", "general")["id"]
     (event,) = [m for m in bob.json("history", "--room", "general") if m["id"] == tid]
     assert (event["kind"], event["text"]) == ("topic", "Release week: okapi5 freeze")
+    # Without text it is shown, as the chat's /topic (it was a "Missing argument" box).
+    assert bob.ok("topic", "--room", "general") == (
+        "topic of general: Release week: okapi5 freeze (set by alice@tailnet.test)\n")
+    assert bob.json("topic", "--room", "general")["topic"] == "Release week: okapi5 freeze"
 
 
 def test_dm_reaches_only_its_members(alice: Person, bob: Person, server: LabDaemon) -> None:

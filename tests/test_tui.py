@@ -627,7 +627,8 @@ def test_a_terminal_closed_with_lines_not_yet_sent_keeps_them_in_a_file(
         assert time.monotonic() < deadline, kept.read_text() if kept.exists() else "nothing"
         time.sleep(0.2)
     text = kept.read_text()
-    assert "#general: typed as the terminal closed" in text and "(input) half a sentence" in text
+    assert "#general: typed as the terminal closed" in text
+    assert "(typed in #general) half a sentence" in text
     assert "  #general: a first line\n    and a second\n" in text  # under its first line
     assert ("  (waiting in #general for the message above) /edit a first line, corrected\n"
             in text), text

@@ -756,18 +756,22 @@ def delete(
 
 @app.command()
 def topic(
-    server: ServerArg, text: Annotated[str, typer.Argument(help="The topic ('' clears it).")],
+    server: ServerArg, text: Annotated[str | None, typer.Argument(
+        help="The topic ('' clears it); without it, the topic is shown.")] = None,
     room: RoomOpt = "general",
     token: TokenOpt = None, token_file: TokenFileOpt = None, socket: ClientSocketOpt = None,
     proxy: ProxyOpt = None, port: PortOpt = 50051, address: AddressOpt = None,
     json_out: JsonOpt = False, verbose: VerboseOpt = False,
 ) -> None:
-    """Set a room's topic (shown on join, with who set it and when)."""
+    """Set a room's topic (shown on join, with who set it and when), or show it."""
     from . import clientcmds
 
     s = _client_settings(server, token, token_file, socket, proxy)
-    typer.echo(run(clientcmds.change(_link(server, port, address, s, verbose), room, "topic",
-                                     text=text, json_out=json_out)))
+    link = _link(server, port, address, s, verbose)
+    if text is None:  # (as the chat's /topic: it was a "Missing argument" box)
+        typer.echo(run(clientcmds.show_topic(link, room, json_out=json_out)))
+        return
+    typer.echo(run(clientcmds.change(link, room, "topic", text=text, json_out=json_out)))
 
 
 @app.command()

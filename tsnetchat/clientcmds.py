@@ -35,6 +35,7 @@ from .clienterrors import ClientError
 from .errors import InvalidInput
 from .outbox import sendable, with_newlines
 from .pb import chat_pb2 as pb
+from .render import visible
 from .resume import START_GRACE
 
 T = TypeVar("T")
@@ -261,6 +262,23 @@ async def unread(link: Link, *, json_out: bool, echo: Echo) -> None:
 async def mentions(link: Link, *, include_read: bool, json_out: bool, echo: Echo) -> None:
     _messages(await call(link, lambda c: c.mentions(include_read=include_read)), json_out, echo,
               none="nothing mentions you" if include_read else "no unread mentions")
+
+
+async def show_topic(link: Link, room: str, *, json_out: bool) -> str:
+    """A room's topic, who set it and when (from the rooms the caller may use)."""
+    rooms = await call(link, lambda c: c.list_rooms())
+    info = next((r for r in rooms.rooms if r.name == room), None)
+    if info is None:
+        raise link.translate(InvalidInput(
+            f"no room {room!r} among the rooms you may use (the chat's /rooms lists them)"))
+    t = info.topic if info.HasField("topic") and info.topic.text else None
+    if json_out:
+        return json.dumps({"room": room, "topic": t.text if t else "",
+                           "set_by": t.set_by.login if t else "",
+                           "set_unix_ms": t.set_unix_ms if t else 0})
+    if t is None:
+        return f"{room} has no topic"
+    return f"topic of {room}: {visible(t.text)} (set by {visible(t.set_by.login)})"
 
 
 async def change(link: Link, room: str, what: str, *, target: int = 0, text: str = "",

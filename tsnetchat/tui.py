@@ -1215,7 +1215,9 @@ class ChatApp:
         out = [f"{titles.get(room, room)}: {o.text}{notes.get(o.state, '')}"
                for room, s in self.sessions.items() for o in s.outbox]
         if self.input.text.strip():
-            out.append(f"(input) {self.input.text}")
+            # (in which room: "(input)" alone did not say; a new user's day, 2026-11-24)
+            out.append(f"(typed in {titles.get(self.current or '', 'no room')}) "
+                       f"{self.input.text}")
         out += [f"(typed in {titles.get(room, room)}) {d.text}"
                 for room, d in self.drafts.items() if d.text.strip()]
         out += [f"(waiting in {titles.get(room, room)} for the message above) {line}"
