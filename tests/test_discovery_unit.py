@@ -145,3 +145,14 @@ async def test_a_server_name_that_cannot_be_one_is_bad_input_before_any_lookup(
                                   "[fd7a:115c:a1e0::5]", "a" * 63 + ".b"])
 def test_names_and_addresses_of_a_server_pass_the_check(name: str) -> None:
     check_name(name)
+
+
+def test_with_this_machines_tailscaled_stopped_the_headline_says_so(tmp_path: Path) -> None:
+    """It led with "cannot find 'chat-server' on the tailnet; no step could list this
+    tailnet's peers", the cause only in step 1 (a new user's day)."""
+    from helpers import run_cli
+
+    out = run_cli("whoami", "nosuchhost-zz", "--socket", str(tmp_path / "tailscaled.sock"))
+    assert out.returncode == 4, out.stderr
+    assert out.stderr.startswith("error: cannot find 'nosuchhost-zz': this machine's "
+                                 "tailscaled does not answer (is it running?"), out.stderr

@@ -491,9 +491,13 @@ async def discover(name: str, *, socket: str = "", report: Report | None = None)
         note(Step(label, False, detail))
         if not_ready is not None:
             raise TailnetNotReady(_explain(str(not_ready), steps)) from None
-        head = str(hint) if hint else (f"cannot find {name!r} on the tailnet; no step could "
-                                       "list this tailnet's peers, so there are no "
-                                       "suggestions")
+        # (with this machine's tailscaled stopped, the headline was that the server could
+        # not be found, and the cause only in step 1: a new user's day, 2026-11-24)
+        head = str(hint) if hint else (
+            f"cannot find {name!r}: this machine's tailscaled does not answer (is it running? "
+            "systemctl status tailscaled, or --socket)" if status is None and socket else
+            f"cannot find {name!r} on the tailnet; no step could list this tailnet's peers, "
+            "so there are no suggestions")
         raise PeerNotFound(_explain(head, steps)) from None
     tailnet = [a for a in addrs if is_tailnet_ip(a)]
     if not tailnet:
