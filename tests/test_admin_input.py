@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from helpers import CLI, chat_server, run_cli, write_lock_held
 
+from tsnetchat import statedir
 from tsnetchat.config import load_config
 from tsnetchat.doctor import FAIL, OK, WARN, checks
 
@@ -213,6 +214,14 @@ async def test_a_lost_key_is_a_failure_for_the_doctor_and_a_warning_at_start(
     key = {c.name: c for c in await checks(cfg)}["key file"]
     assert key.verdict == FAIL and "is missing, but 1 unexpired token(s) were issued" in \
         key.detail, key
+    in_cluster = load_config(env={}, flags={"state_dir": str(state), "socket": "/nonexistent",
+                                            "cluster": "nats://nats1:4222"})
+    key = {c.name: c for c in await checks(in_cluster)}["key file"]
+    assert key.verdict == WARN, key  # (the key comes from the cluster there)
+    (state / "jwt.key").symlink_to(tmp_path / "elsewhere")
+    key = {c.name: c for c in await checks(cfg)}["key file"]
+    assert key.verdict == FAIL and "is a symbolic link" in key.detail, key
+    (state / "jwt.key").unlink()
     with caplog.at_level(logging.WARNING, logger="tsnetchat.server"):
         async with chat_server(tmp_path):  # (its state dir is tmp_path / "state")
             pass
@@ -383,6 +392,22 @@ def test_token_commands_leave_an_older_database_to_the_server_still_running_on_i
         server.communicate("")
     with contextlib.closing(sqlite3.connect(db)) as c:
         assert c.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION - 1
+
+
+@pytest.mark.parametrize("target", ["/dev/zero", "fifo"])
+def test_a_lock_file_made_a_link_or_a_fifo_neither_hangs_nor_fills_memory(
+        tmp_path: Path, target: str) -> None:
+    """Root's token commands read it by name: /dev/zero ate memory, a FIFO hung (a review)."""
+    state, _ = issued_state(tmp_path)
+    lock = state / "tsnetchat.lock"
+    lock.unlink(missing_ok=True)
+    if target == "fifo":
+        os.mkfifo(lock)
+    else:
+        lock.symlink_to(target)
+    assert statedir.running_server(state) is None
+    out = run_cli("token", "list", "--state-dir", str(state))
+    assert out.returncode == 0 and "active" in out.stdout, out.stderr
 
 
 def test_a_token_for_a_known_login_with_other_capitals_is_refused_and_a_new_one_warned_of(

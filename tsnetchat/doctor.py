@@ -27,6 +27,7 @@ OK, WARN, FAIL, SKIP = "ok", "warn", "FAIL", "skip"
 
 # Free space under the state dir below which the history store check warns, and fails. (A
 # full disk was "all good" while every send was refused; an operator's run, 2026-11-23.)
+CHECK_FOR = 10.0  # seconds SQLite's quick_check may take before doctor stops it
 LOW_DISK = 256 * 2**20
 FULL_DISK = 16 * 2**20
 
@@ -60,8 +61,9 @@ async def _no_answer(host: str, port: int, wait: float = 3.0) -> str | None:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    async with grpc.aio.insecure_channel(
-            target, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+    async with grpc.aio.insecure_channel(  # (a proxy in the environment is not the server)
+            target, options=[("grpc.use_local_subchannel_pool", 1),
+                             ("grpc.enable_http_proxy", 0)]) as channel:
         try:
             res = await health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(), timeout=wait)
@@ -150,30 +152,7 @@ async def checks(cfg: ServerConfig, *, with_api: bool = False) -> list[Check]:
                                  "restarts it") if hung else
                            Check("listening", OK, f"a server answers on {where}"))
 
-    key = cfg.key_path
-    if shut:
-        out.append(Check("key file", WARN, shut))
-    elif not key.exists() and _live_tokens(cfg.db_path):
-        out.append(Check("key file", FAIL, f"{key} is missing, but {_live_tokens(cfg.db_path)} "
-                         "unexpired token(s) were issued with it: the next start makes a new "
-                         "key and every one of them stops working. Put the key back if it was "
-                         "lost by mistake; else issue them again (tsnetchat token list)"))
-    elif not key.exists():
-        out.append(Check("key file", WARN, f"{key} does not exist yet (created on first start)"))
-    else:
-        key_mode = stat.S_IMODE(key.stat().st_mode)
-        if key_mode & 0o077:
-            out.append(Check("key file", FAIL, f"{key} is readable by others (mode "
-                             f"{key_mode:04o}); run `chmod 600 {key}`. The server refuses to "
-                             "start like this."))
-        elif len(key.read_bytes().strip()) < 32:
-            out.append(Check("key file", FAIL, f"{key} is too short to sign tokens (under 32 "
-                             "bytes): the server refuses to start with it, or keeps the key "
-                             "it had. `tsnetchat token rotate-key` writes a new one (every "
-                             "token is then issued again)"))
-        else:
-            out.append(Check("key file", OK, f"{key} mode {key_mode:04o}"))
-
+    out.append(Check("key file", WARN, shut) if shut else _key_file(cfg))
     out.append(Check("history store", WARN, shut) if shut else _history_store(cfg))
 
     if with_api:
@@ -310,6 +289,42 @@ def _history_store(cfg: ServerConfig) -> Check:
                      f"{e.strerror or e}; check ownership (StateDirectory= under systemd)")
 
 
+def _key_file(cfg: ServerConfig) -> Check:
+    """The signing key: there, not a link, private, long enough; missing while tokens signed
+    with it are still on record is a failure."""
+    key = cfg.key_path
+    if not os.path.lexists(key):
+        # (not in cluster mode, where the key comes from the cluster, as the server's warning)
+        lost = 0 if cfg.cluster else _live_tokens(cfg.db_path)
+        if lost:
+            return Check("key file", FAIL, f"{key} is missing, but {lost} unexpired token(s) "
+                         "were issued with it: the next start makes a new key and every one "
+                         "of them stops working. Put the key back if it was lost by mistake; "
+                         "else issue them again (tsnetchat token list)")
+        return Check("key file", WARN, f"{key} does not exist yet (created on first start)")
+    if key.is_symlink():
+        return Check("key file", FAIL, f"{key} is a symbolic link; the server refuses it (the "
+                     "state dir holds only its own files)")
+    key_mode = stat.S_IMODE(key.lstat().st_mode)
+    if key_mode & 0o077:
+        return Check("key file", FAIL, f"{key} is readable by others (mode {key_mode:04o}); run "
+                     f"`chmod 600 {key}`. The server refuses to start like this.")
+    if len(_head(key, 4096).strip()) < 32:
+        return Check("key file", FAIL, f"{key} is too short to sign tokens (under 32 bytes): "
+                     "the server refuses to start with it, or keeps the key it had. `tsnetchat "
+                     "token rotate-key` writes a new one (every token is then issued again)")
+    return Check("key file", OK, f"{key} mode {key_mode:04o}")
+
+
+def _head(path: Path, n: int) -> bytes:
+    """At most ``n`` bytes of a regular file, never through a link (b"" otherwise)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    try:
+        return os.read(fd, n) if stat.S_ISREG(os.fstat(fd).st_mode) else b""
+    finally:
+        os.close(fd)
+
+
 def _live_tokens(db_path: Path) -> int:
     """Tokens on record in the database that are neither revoked nor expired (0 when it
     cannot say)."""
@@ -334,19 +349,30 @@ def _damaged(db_path: Path, state_dir: Path) -> str | None:
     files of a stopped server's database behind."""
     from .store import SCHEMA_VERSION
 
-    if not db_path.exists():
+    if not os.path.lexists(db_path):
         return None
+    if db_path.is_symlink():
+        return (f"{db_path} is a symbolic link; the state dir holds only the server's own "
+                "files: remove it and restore the last backup")
     if db_path.stat().st_size == 0:  # (`serve` refuses it; doctor said nothing)
         return (f"{db_path} is empty (0 bytes): it was truncated or replaced, and the server "
                 f"will not start on it; restore the last backup (`sudo tsnetchat restore "
                 f"--state-dir {state_dir} BACKUP`)")
+    deadline = time.monotonic() + CHECK_FOR
     try:
         db = sqlite3.connect(f"file:{db_path}?mode=rw", uri=True, timeout=5)
         try:
+            # (a large history's check could run for minutes, holding a snapshot that lets
+            # the WAL grow: stopped at the deadline, and then not judged)
+            db.set_progress_handler(lambda: time.monotonic() > deadline, 10_000)
             version = int(db.execute("PRAGMA user_version").fetchone()[0])
             found = [str(r[0]) for r in db.execute("PRAGMA quick_check")]
         finally:
             db.close()
+    except sqlite3.OperationalError as e:  # locked, busy, or stopped at the deadline
+        if "interrupted" in str(e) or "locked" in str(e) or "busy" in str(e):
+            return None
+        version, found = 0, [str(e)]
     except sqlite3.DatabaseError as e:
         version, found = 0, [str(e)]
     if found == ["ok"] and version > SCHEMA_VERSION:

@@ -137,9 +137,15 @@ def running_server(state_dir: Path) -> int | None:
     a server starting just then refuse to start; the file's text alone outlives the server,
     and its pid may be reused.) Linux only; elsewhere None."""
     path = state_dir / LOCK_NAME
-    try:
-        ino = path.stat().st_ino
-        what, _, pid = path.read_text(encoding="utf-8", errors="replace").partition(", pid ")
+    try:  # (not by name: a link to /dev/zero or a FIFO ate memory or hung root's commands)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | NOFOLLOW)
+        try:
+            st = os.fstat(fd)
+            text = os.read(fd, 200) if stat.S_ISREG(st.st_mode) else b""
+        finally:
+            os.close(fd)
+        ino = st.st_ino
+        what, _, pid = text.decode("utf-8", "replace").partition(", pid ")
         table = Path("/proc/locks").read_text()
     except OSError:
         return None
