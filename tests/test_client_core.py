@@ -458,3 +458,16 @@ def test_line_and_paragraph_separators_are_sent_as_the_newlines_they_mean() -> N
     """The server refuses them (a line break where honoured: a line that passes for someone
     else's); copied text has them, and a person means a new line."""
     assert with_newlines("one\u2028two\u2029three") == "one\ntwo\nthree"
+
+
+def test_the_newest_message_is_the_one_added_last_while_it_is_still_in_the_outbox() -> None:
+    """/edit and /delete refuse to reach past one's newest message only while that one is
+    the refused one: an older refusal with stored messages since is not in the way."""
+    box = Outbox()
+    bad = box.add("ring \x07", pb.MESSAGE_KIND_TEXT)
+    box.refused(bad.client_msg_id, for_good=True, reason="control character")
+    assert box.newest is bad and bad.state is State.FAILED
+    fine = box.add("fine", pb.MESSAGE_KIND_TEXT)
+    assert box.newest is fine
+    box.acked(fine.client_msg_id)
+    assert box.newest is None and box.failed == [bad]

@@ -53,6 +53,7 @@ class Outbox:
 
     def __init__(self) -> None:
         self._items: list[Outgoing] = []
+        self._newest: Outgoing | None = None
 
     def __iter__(self) -> Iterator[Outgoing]:
         return iter(list(self._items))
@@ -74,7 +75,13 @@ class Outbox:
     def add(self, text: str, kind: int) -> Outgoing:
         out = Outgoing(text, kind)
         self._items.append(out)
+        self._newest = out
         return out
+
+    @property
+    def newest(self) -> Outgoing | None:
+        """The message added last, while it is still here (not stored yet, or refused)."""
+        return self._newest if self._newest in self._items else None
 
     def head(self) -> Outgoing | None:
         """The next message to write, or None while one is in flight or none is queued."""

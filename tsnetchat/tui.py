@@ -757,7 +757,10 @@ class ChatApp:
             self.waiting_changes[waiting[-1].client_msg_id] = (line, room)
             self.say(f"/{what} waits for your last message, still on its way")
             return False
-        if session.outbox.failed:  # (the stored one before it is not "your last message")
+        newest = session.outbox.newest
+        if newest is not None and newest.state is State.FAILED:
+            # (the stored one before it is not "your last message"; an older refusal, with
+            # stored messages since, is not in the way: a review, 2026-11-24)
             self.say(f"your last message here was not sent (✗): /retry sends it again; not "
                      f"{done}", error=True)
             return True
