@@ -924,6 +924,8 @@ class ChatService:
         removal with a capital or a typo removed nobody, said it had, and the log agreed (an
         attacker over the lab, 2026-11-24)."""
         members = self.store.private_members(room)
+        if logins and not members:  # (as the store says it, not "x is not a member")
+            raise InvalidInput(f"there is no private room {room!r}")
         out = []
         for login in logins:
             known = rooms.spelling(login, {m for m in members if m.lower() == login.lower()})
