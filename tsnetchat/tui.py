@@ -351,8 +351,8 @@ class ChatApp:
     def status_bar(self) -> StyleAndTextTuples:
         """Who and where, then the state of the room shown. What is pending, not sent or
         away must show at any width: where the line is too narrow the device, the member
-        count and then who one is go first (below about 90 columns the pending count was
-        cut off: a new user's day, 2026-11-24)."""
+        count, who one is and then the end of the title go first (below about 90 columns the
+        pending count was cut off: a new user's day, 2026-11-24)."""
         state = self.state_parts()
         room_w = self.app.output.get_size().columns - sum(width_of(p[1]) for p in state)
         node = self.me.node.split(".")[0]
@@ -376,6 +376,11 @@ class ChatApp:
             where = where[:1]
         if not fits(me, where):
             me = " "
+        if conv is not None and not fits(me, where):  # last, the title (a DM of several)
+            title = conv.title
+            while title and not fits(me, [("", f"{title}… │ ")]):
+                title = title[:-1]
+            where = [("", f"{title}… │ ")]
         return [("", me), *where, *state]
 
     def state_parts(self) -> StyleAndTextTuples:
