@@ -421,6 +421,15 @@ def test_a_token_for_a_known_login_with_other_capitals_is_refused_and_a_new_one_
     assert out.returncode == 0 and "note: Carol@tailnet.test has capitals" in out.stderr
     out = run_cli("token", "issue", "tag:Bot", "--state-dir", str(state))
     assert out.returncode == 0 and "capitals" not in out.stderr
+    # The other way round: a login seen sending keeps its capitals (GitHub's do).
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(state / "tsnetchat.db")) as c, c:
+        c.execute("INSERT INTO senders (login, display_name, node) VALUES "
+                  "('Dave@github', 'Dave', 'laptop')")
+    out = run_cli("token", "issue", "dave@github", "--state-dir", str(state))
+    assert out.returncode == 2 and "'dave@github' is 'Dave@github' with other capitals" in \
+        out.stderr, out.stderr
 
 
 @pytest.mark.parametrize("args", [["a" * 250 + "@x.test"], ["alice@x.test", "--room", "Ops"],

@@ -247,11 +247,14 @@ def token_issue(
     try:
         # Logins must match WhoIs's exactly: a token for ALICE@Example.com is refused on
         # every device of alice@example.com (an operator's run, 2026-11-23).
+        # Either way round (GitHub logins keep their capitals); a login seen sending is as
+        # the tailnet spells it, one known only from a token may itself be mistyped.
         capitals = subject != subject.lower() and not subject.startswith("tag:")
-        twin = next((k for k in store.people() if capitals and k != subject
-                     and k.lower() == subject.lower()), None)
-        if twin is not None:
-            raise InvalidInput(f"{subject!r} is {twin!r} with other capitals; a token works "
+        people = store.people()
+        twins = [k for k in people if k != subject and k.lower() == subject.lower()
+                 and (people[k] or capitals)]
+        if twins:
+            raise InvalidInput(f"{subject!r} is {twins[0]!r} with other capitals; a token works "
                                "only for the login exactly as the tailnet spells it (`tailscale "
                                "status` shows it); no token was issued")
         if capitals:
