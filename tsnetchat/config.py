@@ -282,13 +282,14 @@ def load_config(
         except FileNotFoundError:
             raise ConfigError(f"{named}config file {file} does not exist") from None
         except IsADirectoryError:
-            raise ConfigError(f"config file {file} is a directory, not a file") from None
+            raise ConfigError(f"{named}config file {file} is a directory, not a file") from None
         except OSError as e:
-            raise ConfigError(f"cannot read the config file {file}: {e.strerror}") from None
+            raise ConfigError(f"{named}cannot read the config file {file}: {e.strerror}"
+                              ) from None
         except UnicodeDecodeError:
-            raise ConfigError(f"config file {file} is not text (TOML is UTF-8)") from None
+            raise ConfigError(f"{named}config file {file} is not text (TOML is UTF-8)") from None
         except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"config file {file} is not valid TOML: {e}") from None
+            raise ConfigError(f"{named}config file {file} is not valid TOML: {e}") from None
         for k, v in data.items():
             if k not in known:
                 raise ConfigError(f"{file}: unknown key {k!r} (known: {', '.join(sorted(known))})")

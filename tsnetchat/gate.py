@@ -202,6 +202,7 @@ class Gate:
         self._conn_refusals = Buckets(*CONN_REFUSALS)
         self._node_refusals = Buckets(*NODE_REFUSALS)
         self._refusal_log = LogLimiter()
+        self._closed_log = LogLimiter()  # (its own count: "N more like this")
         self._due = asyncio.Event()
         self.blind = True  # the IPN bus is not followed (yet): re-check every second
         # Counters for metrics.
@@ -402,7 +403,7 @@ class Gate:
         lease.fail(error)
         if lease.stream:
             who = lease.conn.who
-            self._refusal_log.log(log, logging.INFO, "closed a stream of %r on device %r: %r",
+            self._closed_log.log(log, logging.INFO, "closed a stream of %r on device %r: %r",
                                   lease.principal.login, who.node_name if who else "",
                                   str(error))
 

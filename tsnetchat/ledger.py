@@ -206,6 +206,7 @@ class Ledger:
         self._new_room_buckets = Buckets(NEW_ROOMS_BURST, NEW_ROOMS_RATE)
         self._coming_rooms: set[str] = set()  # new rooms whose first message is not settled
         self._storage_log = LogLimiter(burst=3, rate=0.1)
+        self._unconfirmed_log = LogLimiter(burst=3, rate=0.1)
 
     def send(self, sub: Subscriber, sender: Sender, text: str, kind: int,
              client_msg_id: str, *, target: int = 0, admin: bool = False) -> None:
@@ -339,8 +340,8 @@ class Ledger:
         if isinstance(outcome, Unconfirmed):  # cluster mode: it may still appear
             # (refused for 20 s while NATS had no quorum, with nothing in the journal: an
             # operator's run, 2026-11-24)
-            self._storage_log.log(log, logging.WARNING, "refusing messages: the cluster did "
-                                  "not confirm them in time (%s)", outcome)
+            self._unconfirmed_log.log(log, logging.WARNING, "refusing messages: the cluster "
+                                      "did not confirm them in time (%s)", outcome)
             self._refused(sub, client_msg_id, "unconfirmed", outcome, 1.0)
             return
         if isinstance(outcome, StoreError):

@@ -1246,6 +1246,8 @@ def _keep_unsent(lines: list[str]) -> Path | None:
     path = log_path().with_name("unsent.txt")
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with contextlib.suppress(OSError):  # (one made before, open to all: the client's own)
+            path.parent.chmod(0o700)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
         os.fchmod(fd, 0o600)  # (one made before, or by another program, may be open to all)
         with os.fdopen(fd, "a", encoding="utf-8", errors="surrogateescape") as f:
