@@ -88,3 +88,17 @@ def test_a_missing_config_file_named_by_the_environment_names_the_variable() -> 
     with pytest.raises(ConfigError, match=r"^TSNETCHAT_CONFIG: config file /nonexistent\.toml "
                                           r"does not exist$"):
         load_config(env={"TSNETCHAT_CONFIG": "/nonexistent.toml"})
+
+
+def test_a_secret_in_a_config_file_others_may_read_is_named(tmp_path: Path) -> None:
+    """nats_password in a 0644 config.toml was taken without a word (an operator's run)."""
+    f = tmp_path / "config.toml"
+    f.write_text('nats_user = "chat"\nnats_password = "s3cret"\nport = 50052\n')
+    f.chmod(0o644)
+    cfg = load_config(file=f, env={})
+    assert cfg.secrets_open_to_others() == ["nats_password"]
+    assert cfg.where("nats_password") == f"{f}: nats_password"
+    f.chmod(0o600)
+    assert load_config(file=f, env={}).secrets_open_to_others() == []
+    from_env = load_config(file=None, env={"TSNETCHAT_NATS_PASSWORD": "s3cret"})
+    assert from_env.secrets_open_to_others() == []

@@ -152,6 +152,23 @@ class ServerConfig(Limits):
     # it (``load_config`` fills it in). Errors found after loading name the same place.
     origins: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False,
                                        metadata={"setting": False})
+    file: Path | None = field(default=None, compare=False, metadata={"setting": False})
+
+    def secrets_open_to_others(self) -> list[str]:
+        """The secrets this config's file holds when others may read the file (the unit's
+        service user needs to: such secrets belong in systemd credentials or a 0600 file).
+        (nats_password in a 0644 config.toml was taken without a word, where a 0644
+        nats_credentials file is refused: an operator's run, 2026-11-24.)"""
+        if self.file is None:
+            return []
+        try:
+            if not self.file.stat().st_mode & 0o044:
+                return []
+        except OSError:
+            return []
+        prefix = f"{self.file}: "
+        return sorted(n for n in SECRET_FIELDS
+                      if getattr(self, n) and self.origins.get(n, "").startswith(prefix))
 
     def where(self, name: str) -> str:
         """Where setting ``name`` came from, for an error: ``--auth-key-file``,
@@ -308,7 +325,8 @@ def load_config(
         values[name] = _convert(name, raw, known[name].type, _where("flag", name, file))
         origin[name] = "flag"
 
-    cfg = ServerConfig(**values, origins={n: _where(o, n, file) for n, o in origin.items()})
+    cfg = ServerConfig(**values, origins={n: _where(o, n, file) for n, o in origin.items()},
+                       file=Path(file) if file is not None else None)
     _validate(cfg, cfg.where)
     return cfg
 

@@ -196,6 +196,10 @@ class Server:
         self.notifier = notifier or Notifier()
         self.progress = progress or (lambda m: log.info("%s", m))
         secure_state_dir(cfg.state_dir, (cfg.db_path,))
+        for name in cfg.secrets_open_to_others():
+            log.warning("%s: other users of this machine can read it; keep it in a systemd "
+                        "credential or a file only the server reads (README, Configuration)",
+                        cfg.where(name))
         # Held until stop(): `tsnetchat restore` refuses to run under a live server.
         self._lock = StateLock(cfg.state_dir, "server")
         try:
