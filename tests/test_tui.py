@@ -569,9 +569,14 @@ def test_scrollback_pages_up_into_older_history_and_back_down(
     assert "scroll 120" not in s and "scrolled up: PgDn" in s
     shown = texts_of(s, "Alice", "scroll ")
     assert shown == [f"scroll {i:03d}" for i in range(1, len(shown) + 1)]
+    sent = run_cli("send", "chat-server", "while bob reads back", "--token",
+                   chat_server.token("alice@tailnet.test"),
+                   *chat_server.client_args("alice-laptop"))
+    assert sent.returncode == 0, sent.stderr
+    bob.wait_for(r"scrolled up: PgDn \(1 new\)")  # (it changed nothing there)
     for _ in range(12):
         bob.keys("PageDown")
-    s = bob.wait_for(r"<Alice> scroll 120")
+    s = bob.wait_for(r"<Alice> while bob reads back")
     assert "scrolled up" not in s
 
 

@@ -109,6 +109,7 @@ def test_scrolling_up_shows_older_lines_and_stays_put_while_new_ones_arrive() ->
     assert before[-1].endswith("message 70")
     conv.add_message(msg(101), own=False, mention=False, shown=True, live=True, renderer=r)
     assert text_of(visible_lines(conv, r, 60, 10)[0]) == before  # the view did not move
+    assert conv.below == 1  # and the status bar can say one arrived below
     conv.scroll = 10_000  # past the top: clamped, and the top is reported for loading more
     lines, at_top = visible_lines(conv, r, 60, 10)
     assert at_top and text_of(lines)[1].endswith("message 1")

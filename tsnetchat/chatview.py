@@ -211,6 +211,7 @@ class Conversation:
         self.marker_id: int | None = None  # "new since you looked" goes above this message
         self.members: list[pb.Identity] = []
         self.scroll = 0  # lines above the bottom; 0 follows new lines
+        self.below = 0  # messages that arrived below the view while it was scrolled up
         self.width = 80  # as last drawn; keeps a scrolled view still when lines arrive
         self.backlog_done = False
         self.oldest_loaded: int | None = None  # for loading older history
@@ -230,6 +231,8 @@ class Conversation:
             del self.entries[: len(self.entries) - MAX_ENTRIES]
         if self.scroll and renderer is not None:
             self.scroll += len(renderer.render(e, self.width))
+            if e.kind is Kind.MESSAGE:
+                self.below += 1
 
     def add_message(self, m: pb.ChatMessage, *, own: bool, mention: bool, shown: bool,
                     live: bool, renderer: Renderer | None = None) -> Entry | None:

@@ -406,7 +406,10 @@ class ChatApp:
         if self.away is not None:
             parts.append(("class:status.bad", " │ away: /back"))
         if conv is not None and conv.scroll:
-            parts.append(("class:status.bad", " │ scrolled up: PgDn"))
+            # (a message arriving meanwhile, a mention too, changed nothing here: a new
+            # user's day, 2026-11-24)
+            parts.append(("class:status.bad", " │ scrolled up: PgDn"
+                          + (f" ({conv.below} new)" if conv.below else "")))
         return parts
 
     def suspend(self) -> None:
@@ -488,7 +491,7 @@ class ChatApp:
         @kb.add("c-end")
         def _(event: KeyPressEvent) -> None:
             if self.conversation is not None:
-                self.conversation.scroll = 0
+                self.conversation.scroll = self.conversation.below = 0
 
         @kb.add("c-n")
         def _(event: KeyPressEvent) -> None:
@@ -530,6 +533,8 @@ class ChatApp:
             return
         page = max(1, self.pane.height - 2)
         conv.scroll = max(0, conv.scroll + direction * page)
+        if not conv.scroll:
+            conv.below = 0
 
     def cycle(self, step: int) -> None:
         names = list(self.conversations)
