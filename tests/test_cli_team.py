@@ -133,6 +133,10 @@ def test_dm_reaches_only_its_members(alice: Person, bob: Person, server: LabDaem
     # a conversation with nothing in it (a typo, perhaps) says so rather than nothing
     assert bob.ok("history", "--room", "dm:alcie@tailnet.test") == (
         "no messages in dm:alcie@tailnet.test\n")
+    # A short name is a login at one's own domain, as the chat's /msg takes it.
+    assert bob.ok("dm", "alice", "short and sweet heron7").startswith("sent #")
+    assert "short and sweet heron7" in [m["text"] for m in alice.json(
+        "history", "--room", f"dm:{BOB}")]
 
 
 def test_room_members_creates_a_private_room_and_invites(alice: Person, bob: Person) -> None:

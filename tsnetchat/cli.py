@@ -779,8 +779,9 @@ def topic(
 
 @app.command()
 def dm(
-    server: ServerArg, login: Annotated[str, typer.Argument(help="Whom to write to "
-                                                             "(comma-separated for several).")],
+    server: ServerArg, login: Annotated[str, typer.Argument(
+        help="Whom to write to: logins, or short names at your own domain (comma-separated "
+             "for several).")],
     text: Annotated[str, typer.Argument(help="Message text ('-' = stdin).")],
     token: TokenOpt = None, token_file: TokenFileOpt = None, socket: ClientSocketOpt = None,
     proxy: ProxyOpt = None, port: PortOpt = 50051, address: AddressOpt = None,

@@ -97,6 +97,7 @@ async def send(link: Link, room: str, text: str, *, kind: int, timeout: float,
         why = sendable(text)
         if why is not None:
             raise InvalidInput(f"the message was not sent: {why}")  # (translated below)
+        room = await _at_my_domain(link, room)
         named: list[str] = []  # the room as the server names it (a DM's canonical name)
         mid = await deliver(link, room, text, kind=kind, timeout=timeout,
                             welcomed=lambda w: named.append(w.room))
@@ -106,6 +107,23 @@ async def send(link: Link, room: str, text: str, *, kind: int, timeout: float,
         await link.close()
     room = named[-1] if named else room
     return json.dumps({"id": mid, "room": room}) if json_out else f"sent #{mid} to {room}"
+
+
+async def _at_my_domain(link: Link, room: str) -> str:
+    """A DM's short names (``dm:bob``) as logins at the caller's own domain, as the chat's
+    `/msg bob` takes them (`tsnetchat dm SERVER bob` said "'bob' is not a tailnet login":
+    a new user's day, 2026-11-24). One WhoAmI, only when a name is short."""
+    if not room.startswith("dm:"):
+        return room
+    names = [x.strip() for x in room[3:].split(",") if x.strip()]
+    if all("@" in x or x.startswith("tag:") for x in names):
+        return room
+    conn = await link.get()
+    domain = (await conn.whoami()).identity.login.partition("@")[2]
+    if not domain:
+        return room
+    return "dm:" + ",".join(x if "@" in x or x.startswith("tag:") else f"{x}@{domain}"
+                            for x in names)
 
 
 def not_sent(e: ClientError) -> ClientError:
