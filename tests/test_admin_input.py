@@ -363,6 +363,33 @@ def test_roots_admin_commands_never_follow_a_link_the_servers_user_put_in_its_st
     out = run_cli("token", "issue", "bob@tailnet.test", "--state-dir", str(state))
     assert out.returncode != 0 and "jwt.key is a symbolic link" in out.stderr, out.stderr
     untouched()
+    # A hard link: root's SQLite chowned such a -wal to the service's user and wrote into it.
+    (state / "jwt.key").unlink()
+    wal = state / "tsnetchat.db-wal"
+    wal.unlink(missing_ok=True)
+    victim.chmod(0o666)  # (fs.protected_hardlinks: one the service's user may write)
+    before = victim.stat()
+    os.link(victim, wal)
+    cfg = load_config(env={}, flags={"state_dir": str(state), "socket": "/nonexistent"})
+    for args in (["token", "list"], ["backup", str(tmp_path / "b.db")]):
+        out = run_cli(*args, "--state-dir", str(state))
+        assert out.returncode != 0 and f"{wal} has 1 other name(s) (a hard link)" in \
+            out.stderr, (args, out.stderr)
+    store = {c.name: c for c in asyncio.run(checks(cfg))}["history store"]
+    assert store.verdict == FAIL and "(a hard link)" in store.detail, store
+    untouched()
+    wal.unlink()
+    # A FIFO or a huge file as the key: it hung, or tried to read 8 GB.
+    key = state / "jwt.key"
+    os.mkfifo(key, 0o600)
+    out = run_cli("token", "issue", "bob@tailnet.test", "--state-dir", str(state))
+    assert out.returncode == 3 and "is not a regular file" in out.stderr, out.stderr
+    key.unlink()
+    with key.open("wb") as f:
+        f.truncate(2**33)
+    key.chmod(0o600)
+    out = run_cli("token", "issue", "bob@tailnet.test", "--state-dir", str(state))
+    assert out.returncode == 3 and "is over 4096 bytes" in out.stderr, out.stderr
 
 
 def test_token_commands_leave_an_older_database_to_the_server_still_running_on_it(

@@ -45,6 +45,7 @@ ISSUER = "tsnetchat"
 AUDIENCE = "tsnetchat"
 ALL_ROOMS = "*"
 MAX_TOKEN_BYTES = 4096
+MAX_KEY_BYTES = 4096  # a signing key file (tsnetchat writes 64 hex characters)
 MAX_LOGIN = 256  # characters in a login or tag (token subject, DM member, author)
 LEEWAY = 5  # seconds of clock difference allowed for exp, nbf and iat
 # Token ids that self-service Login hands out start with this (enroll.py), so renewal,
@@ -70,14 +71,23 @@ def load_or_create_key(path: Path) -> bytes:
         with os.fdopen(fd, "wb") as f:
             f.write(secrets.token_bytes(32).hex().encode())
             give_to_server(f.fileno(), path.parent)
-    with os.fdopen(open_nofollow(path, os.O_RDONLY), "rb") as f:  # (see statedir.NOFOLLOW)
-        mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
+    # (see statedir.NOFOLLOW; not blocking on a FIFO, at most a few KB: a FIFO hung `token
+    # issue`, a sparse 8 GB file tried to fill memory; an attacker over the lab, 2026-11-24)
+    with os.fdopen(open_nofollow(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"the token signing key {path} is not a regular file; remove it "
+                              "(and issue the tokens again)")
+        mode = stat.S_IMODE(st.st_mode)
         if mode & 0o077:
             raise ConfigError(
                 f"the token signing key {path} is readable by others (mode {mode:04o}); anyone "
                 f"who reads it can mint tokens. Fix it with `chmod 600 {path}` (and consider "
                 "rotating it by deleting it, which invalidates every issued token).")
-        key = f.read().strip()
+        key = f.read(MAX_KEY_BYTES + 1).strip()
+    if len(key) > MAX_KEY_BYTES:
+        raise ConfigError(f"the token signing key {path} is over {MAX_KEY_BYTES} bytes: not one "
+                          "tsnetchat wrote; remove it (and issue the tokens again)")
     if len(key) < 32:
         raise ConfigError(f"the token signing key {path} is too short; delete it to regenerate")
     return key

@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sqlite3
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import StoreError
-from .statedir import LOCK_NAME, StateLock, give_to_server, open_nofollow
+from .statedir import LOCK_NAME, StateLock, check_own_files, give_to_server, open_nofollow
 from .store import SCHEMA_VERSION, HistoryIdentity, Store
 
 
@@ -59,6 +61,7 @@ def backup(db: Path, dest: Path) -> Summary:
         raise StoreError(f"cannot write the backup {dest}: the directory {dest.parent} does "
                          "not exist")
     _replaceable(dest)
+    check_own_files(db.parent, (db,))  # (before SQLite opens them by name, as root)
     tmp = dest.with_name(f".{dest.name}.partial")
     try:
         _remove(tmp)
@@ -169,7 +172,14 @@ def restore(src: Path, db: Path, state_dir: Path) -> Summary:
 
 
 def _restore_locked(src: Path, db: Path, state_dir: Path) -> Summary:
-    tmp = db.with_name(db.name + ".restoring")
+    check_own_files(state_dir, (db,))  # (before SQLite opens them by name, as root)
+    # The new database is made where only we may write: in the state dir, the service's
+    # user could swap its name for a link between our creating and SQLite's opening it, and
+    # have root write the backup over any file (an attacker over the lab, 2026-11-24). Beside
+    # the state dir when that is ours and on the same file system (/var/lib/private for the
+    # shipped unit), so one rename still puts it in place.
+    work = _work_dir(state_dir)
+    tmp = (work or state_dir) / (db.name + ".restoring")
     _remove(tmp)
     try:
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
@@ -219,7 +229,23 @@ def _restore_locked(src: Path, db: Path, state_dir: Path) -> Summary:
         raise StoreError(f"cannot restore {src} to {db}: {e.strerror}") from e
     finally:
         _remove(tmp)
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
     return Summary(db, messages, rooms, identity, replaced)
+
+
+def _work_dir(state_dir: Path) -> Path | None:
+    """A new directory only this user may enter, beside ``state_dir`` and on its file
+    system, when its parent is this user's; else None (work in the state dir, as a user
+    restoring their own does)."""
+    parent = state_dir.resolve().parent
+    try:
+        if parent.stat().st_uid != os.geteuid() or (
+                parent.stat().st_dev != state_dir.stat().st_dev):
+            return None
+        return Path(tempfile.mkdtemp(prefix=".tsnetchat-restore-", dir=parent))
+    except OSError:
+        return None
 
 
 def _checkpoint(db: Path) -> bool:

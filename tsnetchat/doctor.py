@@ -19,8 +19,8 @@ from pathlib import Path
 
 from .config import ServerConfig
 from .discovery import Step
-from .errors import TsnetchatError
-from .statedir import running_server
+from .errors import ConfigError, TsnetchatError
+from .statedir import check_own_files, running_server
 from .tailnet import LocalAPI, Status
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "FAIL", "skip"
@@ -279,6 +279,10 @@ def _history_store(cfg: ServerConfig) -> Check:
                          f"{cfg.state_dir} is writable, but its disk has {free / 2**20:.0f} MB "
                          "free: messages are refused when it is full (the WAL alone may grow "
                          "to 64 MB); free some space")
+        try:  # (before SQLite opens any of them by name: a hard-linked -wal was said fine)
+            check_own_files(cfg.state_dir, (cfg.db_path,))
+        except ConfigError as e:
+            return Check("history store", FAIL, str(e))
         held = _write_lock_held(cfg.db_path) or _damaged(cfg.db_path, cfg.state_dir)
         if held:
             return Check("history store", FAIL, held)
@@ -302,10 +306,13 @@ def _key_file(cfg: ServerConfig) -> Check:
                          "of them stops working. Put the key back if it was lost by mistake; "
                          "else issue them again (tsnetchat token list)")
         return Check("key file", WARN, f"{key} does not exist yet (created on first start)")
-    if key.is_symlink():
-        return Check("key file", FAIL, f"{key} is a symbolic link; the server refuses it (the "
-                     "state dir holds only its own files)")
-    key_mode = stat.S_IMODE(key.lstat().st_mode)
+    st = key.lstat()
+    if not stat.S_ISREG(st.st_mode):
+        return Check("key file", FAIL, f"{key} is " + (
+            "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a regular file") +
+            "; the server refuses it (the state dir holds only its own files): remove it; "
+            "the next start makes a new key, and every token must be issued again")
+    key_mode = stat.S_IMODE(st.st_mode)
     if key_mode & 0o077:
         return Check("key file", FAIL, f"{key} is readable by others (mode {key_mode:04o}); run "
                      f"`chmod 600 {key}`. The server refuses to start like this.")
@@ -317,8 +324,12 @@ def _key_file(cfg: ServerConfig) -> Check:
 
 
 def _head(path: Path, n: int) -> bytes:
-    """At most ``n`` bytes of a regular file, never through a link (b"" otherwise)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    """At most ``n`` bytes of a regular file, never through a link (b"" otherwise, or when it
+    cannot be opened: a socket, a race)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except OSError:
+        return b""
     try:
         return os.read(fd, n) if stat.S_ISREG(os.fstat(fd).st_mode) else b""
     finally:
@@ -329,6 +340,10 @@ def _live_tokens(db_path: Path) -> int:
     """Tokens on record in the database that are neither revoked nor expired (0 when it
     cannot say)."""
     if not db_path.exists():
+        return 0
+    try:  # (as root, SQLite would take a hard-linked -wal for its own)
+        check_own_files(db_path.parent, (db_path,))
+    except ConfigError:
         return 0
     try:
         db = sqlite3.connect(f"file:{db_path}?mode=rw", uri=True, timeout=1)

@@ -60,15 +60,39 @@ def give_to_server(fd: int, state_dir: Path) -> None:
         os.fchown(fd, st.st_uid, st.st_gid)
 
 
+def check_own_files(state_dir: Path, databases: Iterable[Path]) -> None:
+    """Refuse (ConfigError) a database among ``databases``, or its -wal or -shm, that is not
+    a plain file of the state dir's own: a link, another kind of file, or a file with other
+    names (a hard link: root's SQLite chowned such a -wal to the service's user and wrote
+    into it, whatever file it was; an attacker over the lab, 2026-11-24). Before root opens
+    one by name, as SQLite does."""
+    owner = os.stat(state_dir).st_uid
+    for db in databases:
+        for p in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+            try:
+                st = os.lstat(p)
+            except FileNotFoundError:
+                continue
+            why = ("is a symbolic link" if stat.S_ISLNK(st.st_mode) else
+                   "is not a regular file" if not stat.S_ISREG(st.st_mode) else
+                   f"has {st.st_nlink - 1} other name(s) (a hard link)" if st.st_nlink != 1
+                   else "belongs to another user" if st.st_uid not in (owner, 0) else "")
+            if why:
+                raise ConfigError(f"{p} {why}; the state dir holds only the server's own "
+                                  "files: remove it (nothing was opened)")
+
+
 def secure_state_dir(state_dir: Path, files: Iterable[Path] = ()) -> None:
     """Make ``state_dir`` private; make the SQLite databases of ``files`` that exist, and
-    their -wal/-shm files, 0600; refuse (ConfigError) any of them that is a symbolic link.
-    (The signing key is not fixed but refused when open: see auth.load_or_create_key.)"""
+    their -wal/-shm files, 0600; refuse (ConfigError) any of them that is not a plain file
+    of its own (``check_own_files``). (The signing key is not fixed but refused when open:
+    see auth.load_or_create_key.)"""
     try:
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         # (the dir itself may be a link: systemd's DynamicUser makes /var/lib/tsnetchat one
         # to /var/lib/private/tsnetchat, in a directory only root may change)
         _private(state_dir, 0o700, "state dir", follow=True)
+        check_own_files(state_dir, files)
         for f in files:
             for p in (f, f.with_name(f.name + "-wal"), f.with_name(f.name + "-shm")):
                 if os.path.lexists(p):
@@ -109,9 +133,15 @@ class StateLock:
     def __init__(self, state_dir: Path, what: str) -> None:
         path = state_dir / LOCK_NAME
         try:
-            self._fd: int | None = open_nofollow(path, os.O_RDWR | os.O_CREAT)
+            self._fd: int | None = open_nofollow(path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK)
         except OSError as e:
             raise ConfigError(f"cannot open the lock file {path}: {e.strerror}") from None
+        st = os.fstat(self._fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:  # (a FIFO, a hard link)
+            self.release()
+            raise ConfigError(f"the lock file {path} is not a plain file of its own: remove it")
+        # (made by root's restore on a new machine, it kept the server from starting)
+        give_to_server(self._fd, state_dir)
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
