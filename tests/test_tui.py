@@ -247,8 +247,10 @@ def test_three_server_restarts_and_a_tailscaled_restart_while_typing_lose_and_do
         alice.wait_for(r"reconnecting in \d+s", timeout=60)
         say(alice, "Alice", "said while my tailscaled restarts")
         say(bob, "Bob", "bob while alice's tailscaled restarts")
-        # down long enough that discovery itself fails (it closed the room for good)
-        alice.wait_for(r"cannot find 'chat-server' on the tailnet", timeout=60)
+        # down long enough that discovery itself fails (it closed the room for good), and
+        # saying why first (it led with the server not being found)
+        alice.wait_for(r"cannot find 'chat-server': this machine's tailscaled does not answer",
+                       timeout=60)
     finally:
         lab.start_tailscaled(node)
         lab.wait_running(node)
