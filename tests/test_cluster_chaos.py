@@ -223,3 +223,30 @@ async def test_a_server_stops_in_time_with_a_message_its_stalled_copy_never_appl
         await bounded(one.server.stop(grace=0.2), "stopping server 1", timeout=30)
         assert "stopping with 1 message(s) not applied here" in caplog.text
         call.cancel()
+
+
+async def test_doctor_says_whether_the_cluster_has_its_stream_a_leader_and_every_copy(
+        lab: Any, tmp_path: Path, nats_cluster: nats_lab.NatsCluster) -> None:
+    """With two of three NATS nodes down every send was refused as not confirmed, and doctor
+    did not look (an operator's run)."""
+    from tsnetchat.config import load_config
+    from tsnetchat.doctor import FAIL, OK, WARN, _cluster
+
+    cfg = load_config(env={}, flags={**cluster_flags(nats_cluster),
+                                     "state_dir": str(tmp_path / "doctor")})
+    assert (await _cluster(cfg)).verdict == WARN  # no stream yet
+    async with lab_server(lab, tmp_path, **cluster_flags(nats_cluster)):
+        found = await _cluster(cfg)
+        assert found.verdict == OK and "3 copies current" in found.detail, found
+        leader = nats_cluster.stream_leader(STREAM)
+        other = next(n.name for n in nats_cluster.nodes if n.name != leader)
+        nats_cluster.kill(other)
+        found = await eventually(lambda: _cluster(cfg), lambda c: c.verdict != OK,
+                                 "the leader noticing a copy gone", timeout=30)
+        assert found.verdict == WARN and f"{other} is offline or behind" in found.detail, found
+        nats_cluster.kill(leader)
+        found = await eventually(lambda: _cluster(cfg), lambda c: c.verdict == FAIL,
+                                 "doctor seeing no quorum", timeout=30)
+        assert "did not answer" in found.detail or "no leader" in found.detail, found
+        for name in (leader, other):
+            nats_cluster.start_node(name)

@@ -9,6 +9,7 @@ server is dialled, the token, and whether the server answers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sqlite3
 import stat
@@ -50,6 +51,55 @@ async def _port_open(host: str, port: int) -> bool:
         return False
     w.close()
     return True
+
+
+async def _cluster(cfg: ServerConfig, wait: float = 5.0) -> Check:
+    """Cluster mode: whether the NATS cluster answers and its stream has a leader and every
+    copy. (With two of three nodes down every send was refused as not confirmed, and doctor
+    did not look: an operator's run, 2026-11-24.)"""
+    import nats
+    import nats.errors
+    import nats.js.errors
+
+    from .cluster import STREAM, connect_options
+
+    try:
+        opts = connect_options(cfg)
+    except ConfigError as e:
+        return Check("cluster", FAIL, str(e))
+
+    async def quiet(e: Exception) -> None:  # (nats-py prints tracebacks without one)
+        pass
+
+    nc = None
+    try:
+        nc = await asyncio.wait_for(nats.connect(
+            **opts, connect_timeout=2, max_reconnect_attempts=0, allow_reconnect=False,
+            error_cb=quiet), wait)
+        info = await nc.jetstream(timeout=wait).stream_info(STREAM)
+    except nats.js.errors.NotFoundError:
+        return Check("cluster", WARN, "NATS answers, but there is no TSNETCHAT stream yet (the "
+                     "first server to start makes it)")
+    except (TimeoutError, nats.errors.TimeoutError, nats.errors.NoRespondersError):
+        return Check("cluster", FAIL, f"the NATS cluster at {cfg.cluster} did not answer "
+                     f"within {wait:g} s: is it up, and does it have a quorum (most of its "
+                     "nodes)? Without one every send is refused as not confirmed")
+    except (nats.errors.Error, OSError) as e:
+        return Check("cluster", FAIL, f"cannot use the NATS cluster at {cfg.cluster}: {e}")
+    finally:
+        if nc is not None:
+            with contextlib.suppress(Exception):
+                await nc.close()
+    group = info.cluster
+    if group is None or not group.leader:
+        return Check("cluster", FAIL, "the TSNETCHAT stream has no leader (fewer than a quorum "
+                     "of NATS nodes): every send is refused as not confirmed")
+    behind = sorted(str(r.name) for r in group.replicas or [] if r.offline or not r.current)
+    if behind:
+        return Check("cluster", WARN, f"the stream's leader is {group.leader}, but "
+                     f"{', '.join(behind)} is offline or behind: one more loss and sends stop")
+    return Check("cluster", OK, f"the stream's leader is {group.leader}; "
+                 f"{1 + len(group.replicas or [])} copies current")
 
 
 async def _no_answer(host: str, port: int, wait: float = 3.0) -> str | None:
@@ -154,6 +204,8 @@ async def checks(cfg: ServerConfig, *, with_api: bool = False) -> list[Check]:
 
     out.append(Check("key file", WARN, shut) if shut else _key_file(cfg))
     out.append(Check("history store", WARN, shut) if shut else _history_store(cfg))
+    if cfg.cluster:
+        out.append(await _cluster(cfg))
 
     if with_api:
         from .apidoctor import api_checks
