@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import CLI, chat_server, run_cli, write_lock_held
+from helpers import CLI, chat_server, need, run_cli, write_lock_held
 
 from tsnetchat import statedir
 from tsnetchat.config import load_config
@@ -328,11 +328,12 @@ def test_an_empty_token_lifetime_is_refused_rather_than_taken_as_the_default(
     assert "bob@" not in run_cli("token", "list", "--state-dir", str(state)).stdout
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="root's admin commands in another's state dir")
 def test_roots_admin_commands_never_follow_a_link_the_servers_user_put_in_its_state_dir(
         tmp_path: Path) -> None:
     """Through such links `sudo tsnetchat token rotate-key` gave a root file to the service's
     user, and `token list` changed a root file's mode (an attacker over the lab)."""
+    if os.geteuid() != 0:
+        need("root", "root's admin commands in a state dir another user owns")
     state, _ = issued_state(tmp_path)
     for p in (state, *state.iterdir()):  # the service's user's, as under DynamicUser
         os.chown(p, 65534, 65534)
