@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from .chatview import CHANGES, PlainView, found_lines
+from .chatview import CHANGES, PlainView, found_lines, person_login
 from .client import (
     Connection,
     Link,
@@ -119,11 +119,8 @@ async def _at_my_domain(link: Link, room: str) -> str:
     if all("@" in x or x.startswith("tag:") for x in names):
         return room
     conn = await link.get()
-    domain = (await conn.whoami()).identity.login.partition("@")[2]
-    if not domain:
-        return room
-    return "dm:" + ",".join(x if "@" in x or x.startswith("tag:") else f"{x}@{domain}"
-                            for x in names)
+    me = str((await conn.whoami()).identity.login)
+    return "dm:" + ",".join(person_login(x, me, ()) for x in names)
 
 
 def not_sent(e: ClientError) -> ClientError:
