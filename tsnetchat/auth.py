@@ -37,7 +37,7 @@ import jwt
 from . import render
 from .config import ROOM_RE
 from .errors import ConfigError, InvalidInput, PermissionDenied, Unauthenticated
-from .statedir import give_to_server, open_nofollow
+from .statedir import give_to_server, open_nofollow, read_small
 from .tailnet import WhoIs
 
 ALGORITHM = "HS256"
@@ -71,20 +71,17 @@ def load_or_create_key(path: Path) -> bytes:
         with os.fdopen(fd, "wb") as f:
             f.write(secrets.token_bytes(32).hex().encode())
             give_to_server(f.fileno(), path.parent)
-    # (see statedir.NOFOLLOW; not blocking on a FIFO, at most a few KB: a FIFO hung `token
-    # issue`, a sparse 8 GB file tried to fill memory; an attacker over the lab, 2026-11-24)
-    with os.fdopen(open_nofollow(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(f"the token signing key {path} is not a regular file; remove it "
-                              "(and issue the tokens again)")
-        mode = stat.S_IMODE(st.st_mode)
-        if mode & 0o077:
-            raise ConfigError(
-                f"the token signing key {path} is readable by others (mode {mode:04o}); anyone "
-                f"who reads it can mint tokens. Fix it with `chmod 600 {path}` (and consider "
-                "rotating it by deleting it, which invalidates every issued token).")
-        key = f.read(MAX_KEY_BYTES + 1).strip()
+    st, raw = read_small(path, MAX_KEY_BYTES + 1)
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"the token signing key {path} is not a regular file; remove it "
+                          "(and issue the tokens again)")
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o077:
+        raise ConfigError(
+            f"the token signing key {path} is readable by others (mode {mode:04o}); anyone "
+            f"who reads it can mint tokens. Fix it with `chmod 600 {path}` (and consider "
+            "rotating it by deleting it, which invalidates every issued token).")
+    key = raw.strip()
     if len(key) > MAX_KEY_BYTES:
         raise ConfigError(f"the token signing key {path} is over {MAX_KEY_BYTES} bytes: not one "
                           "tsnetchat wrote; remove it (and issue the tokens again)")

@@ -26,7 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import StoreError
-from .statedir import LOCK_NAME, StateLock, check_own_files, give_to_server, open_nofollow
+from .statedir import (
+    LOCK_NAME,
+    StateLock,
+    check_own_files,
+    give_to_server,
+    open_nofollow,
+    with_sides,
+)
 from .store import SCHEMA_VERSION, HistoryIdentity, Store
 
 
@@ -97,7 +104,7 @@ def _replaceable(dest: Path) -> None:
 
 def _the_servers_own(db: Path, dest: Path) -> bool:
     """Whether ``dest`` is the database, its -wal/-shm, or the key or lock beside it."""
-    own = [db.with_name(db.name + s) for s in ("", "-wal", "-shm")]
+    own = [*with_sides(db)]
     own += [db.with_name(n) for n in ("jwt.key", LOCK_NAME)]
     target = dest.resolve()
     for p in own:

@@ -18,10 +18,12 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from .auth import MAX_KEY_BYTES
 from .config import ServerConfig
 from .discovery import Step
-from .errors import ConfigError, TsnetchatError
-from .statedir import check_own_files, running_server
+from .errors import ConfigError, StoreError, TsnetchatError
+from .statedir import check_own_files, read_small, running_server
+from .store import Store
 from .tailnet import LocalAPI, Status
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "FAIL", "skip"
@@ -368,24 +370,15 @@ def _key_file(cfg: ServerConfig) -> Check:
     if key_mode & 0o077:
         return Check("key file", FAIL, f"{key} is readable by others (mode {key_mode:04o}); run "
                      f"`chmod 600 {key}`. The server refuses to start like this.")
-    if len(_head(key, 4096).strip()) < 32:
+    try:
+        key_bytes = read_small(key, MAX_KEY_BYTES)[1]
+    except (OSError, ConfigError):  # (a race: it was a plain file a moment ago)
+        key_bytes = b""
+    if len(key_bytes.strip()) < 32:
         return Check("key file", FAIL, f"{key} is too short to sign tokens (under 32 bytes): "
                      "the server refuses to start with it, or keeps the key it had. `tsnetchat "
                      "token rotate-key` writes a new one (every token is then issued again)")
     return Check("key file", OK, f"{key} mode {key_mode:04o}")
-
-
-def _head(path: Path, n: int) -> bytes:
-    """At most ``n`` bytes of a regular file, never through a link (b"" otherwise, or when it
-    cannot be opened: a socket, a race)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
-    except OSError:
-        return b""
-    try:
-        return os.read(fd, n) if stat.S_ISREG(os.fstat(fd).st_mode) else b""
-    finally:
-        os.close(fd)
 
 
 def _live_tokens(db_path: Path) -> int:
@@ -398,15 +391,16 @@ def _live_tokens(db_path: Path) -> int:
     except ConfigError:
         return 0
     try:
-        db = sqlite3.connect(f"file:{db_path}?mode=rw", uri=True, timeout=1)
-        try:
-            return int(db.execute(
-                "SELECT COUNT(*) FROM tokens t LEFT JOIN revocations r ON r.jti = t.jti "
-                "WHERE r.jti IS NULL AND t.exp > ?", (int(time.time()),)).fetchone()[0])
-        finally:
-            db.close()
-    except sqlite3.Error:
+        db = Store(db_path, readonly=True, timeout=1)
+    except StoreError:
         return 0
+    try:
+        return db.live_tokens()
+    except StoreError:
+        return 0
+    finally:
+        with contextlib.suppress(StoreError):
+            db.close()
 
 
 def _damaged(db_path: Path, state_dir: Path) -> str | None:

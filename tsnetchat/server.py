@@ -169,12 +169,6 @@ class BoundedReflection(reflection.aio.ReflectionServicer):  # type: ignore[misc
                 yield response
 
 
-def live_tokens(db: Store) -> int:
-    """How many tokens on record are neither revoked nor expired."""
-    now = time.time()
-    return sum(1 for t in db.list_tokens() if t.revoked_at is None and t.exp > now)
-
-
 def _stamp(path: Path) -> tuple[int, int, int] | None:
     try:
         st = path.stat()
@@ -211,7 +205,7 @@ class Server:
             # threads.
             db = Store(cfg.db_path, fsync=cfg.fsync, timeout=cfg.store_wait)
             revoked, self._revocation_seq = db.revocations_since(0)
-            lost = live_tokens(db) if new_key and not cfg.cluster else 0
+            lost = db.live_tokens() if new_key and not cfg.cluster else 0
             if lost:  # (said nowhere, every token refused: an operator's run, 2026-11-24)
                 log.warning("made a new signing key %s, but %d unexpired token(s) were issued "
                             "with one before: they no longer work. If the key was lost by "

@@ -50,6 +50,19 @@ def open_nofollow(path: Path, flags: int, mode: int = 0o600) -> int:
         raise
 
 
+def read_small(path: Path, limit: int) -> tuple[os.stat_result, bytes]:
+    """The file at ``path``'s stat and at most ``limit`` of its bytes (none unless it is a
+    regular file), opened without following a link (ConfigError, as open_nofollow) or
+    blocking. (By name, a FIFO hung root's `token` commands, and a link to /dev/zero or a
+    sparse 8 GB key tried to fill memory: attackers over the lab, 2026-11-24.)"""
+    fd = open_nofollow(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        return st, os.read(fd, limit) if stat.S_ISREG(st.st_mode) else b""
+    finally:
+        os.close(fd)
+
+
 def give_to_server(fd: int, state_dir: Path) -> None:
     """The file open as ``fd``, which root made for the state dir, becomes the server's (the
     dir's owner: the unit's DynamicUser), or the server could not read it.
@@ -60,6 +73,11 @@ def give_to_server(fd: int, state_dir: Path) -> None:
         os.fchown(fd, st.st_uid, st.st_gid)
 
 
+def with_sides(db: Path) -> tuple[Path, Path, Path]:
+    """``db`` and the -wal and -shm files SQLite keeps beside it."""
+    return db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")
+
+
 def check_own_files(state_dir: Path, databases: Iterable[Path]) -> None:
     """Refuse (ConfigError) a database among ``databases``, or its -wal or -shm, that is not
     a plain file of the state dir's own: a link, another kind of file, or a file with other
@@ -68,7 +86,7 @@ def check_own_files(state_dir: Path, databases: Iterable[Path]) -> None:
     one by name, as SQLite does."""
     owner = os.stat(state_dir).st_uid
     for db in databases:
-        for p in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+        for p in with_sides(db):
             try:
                 st = os.lstat(p)
             except FileNotFoundError:
@@ -93,10 +111,8 @@ def secure_state_dir(state_dir: Path, files: Iterable[Path] = ()) -> None:
         # to /var/lib/private/tsnetchat, in a directory only root may change)
         _private(state_dir, 0o700, "state dir", follow=True)
         check_own_files(state_dir, files)
-        for f in files:
-            for p in (f, f.with_name(f.name + "-wal"), f.with_name(f.name + "-shm")):
-                if os.path.lexists(p):
-                    _private(p, 0o600, "file")
+        for p in (p for f in files for p in with_sides(f) if os.path.lexists(p)):
+            _private(p, 0o600, "file")
     except ConfigError:
         raise
     except OSError as e:
@@ -167,22 +183,16 @@ def running_server(state_dir: Path) -> int | None:
     a server starting just then refuse to start; the file's text alone outlives the server,
     and its pid may be reused.) Linux only; elsewhere None."""
     path = state_dir / LOCK_NAME
-    try:  # (not by name: a link to /dev/zero or a FIFO ate memory or hung root's commands)
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | NOFOLLOW)
-        try:
-            st = os.fstat(fd)
-            text = os.read(fd, 200) if stat.S_ISREG(st.st_mode) else b""
-        finally:
-            os.close(fd)
-        ino = st.st_ino
+    try:
+        st, text = read_small(path, 200)
         what, _, pid = text.decode("utf-8", "replace").partition(", pid ")
         table = Path("/proc/locks").read_text()
-    except OSError:
+    except (OSError, ConfigError):
         return None
     if what.strip() != "server" or not pid.strip().isdigit():
         return None
     for line in table.splitlines():  # "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"
         f = line.split()
-        if len(f) > 5 and f[1] == "FLOCK" and f[5].rsplit(":", 1)[-1] == str(ino):
+        if len(f) > 5 and f[1] == "FLOCK" and f[5].rsplit(":", 1)[-1] == str(st.st_ino):
             return int(pid)
     return None

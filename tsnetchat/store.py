@@ -1419,6 +1419,13 @@ class Store:
         return [TokenRecord(str(r[0]), str(r[1]), str(r[2]), bool(r[3]), int(r[4]), int(r[5]),
                             None if r[6] is None else int(r[6])) for r in rows]
 
+    def live_tokens(self) -> int:
+        """How many tokens on record are neither revoked nor expired (the server's warning
+        on a new key, and doctor's on a missing one)."""
+        return int(self._q("SELECT COUNT(*) FROM tokens t LEFT JOIN revocations r ON "
+                           "r.jti = t.jti WHERE r.jti IS NULL AND t.exp > ?",
+                           (int(time.time()),))[0][0])
+
     def knows_token(self, jti: str) -> bool:
         """Whether a token with this id was issued (or renewed) here."""
         return bool(self._q("SELECT 1 FROM tokens WHERE jti=?", (jti,)))
