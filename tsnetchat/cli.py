@@ -977,21 +977,20 @@ def version() -> None:
 def main() -> None:
     try:
         app()
-    except PermissionError as e:
-        # The operator's commands (token, backup, doctor, ...) read the server's state dir,
-        # which is the server's alone (0700): run without sudo, each ended in a traceback.
-        if os.environ.get("TSNETCHAT_TRACEBACK"):
-            raise
-        where = f" {e.filename}" if e.filename else ""
-        typer.secho(f"error: permission denied:{where} (the server's files are readable by "
-                    "the user it runs as: try again with sudo)", err=True, fg="red")
-        raise SystemExit(EXIT[ConfigError]) from None
     except Exception as e:
+        if os.environ.get("TSNETCHAT_TRACEBACK"):  # (for a bug report, when asked for)
+            raise
+        if isinstance(e, PermissionError):
+            # The operator's commands (token, backup, doctor, ...) read the server's state
+            # dir, which is the server's alone (0700): run without sudo, each ended in a
+            # traceback.
+            where = f" {e.filename}" if e.filename else ""
+            typer.secho(f"error: permission denied:{where} (the server's files are readable "
+                        "by the user it runs as: try again with sudo)", err=True, fg="red")
+            raise SystemExit(EXIT[ConfigError]) from None
         # The last boundary: whatever a command did not foresee is one line, not a traceback
         # (doctor on a database that was not SQLite ended in one: an operator's run,
-        # 2026-11-24). The traceback is there for a bug report when asked for.
-        if os.environ.get("TSNETCHAT_TRACEBACK"):
-            raise
+        # 2026-11-24).
         typer.secho(f"error: unexpected {type(e).__name__}: {e}. This is a bug in tsnetchat; "
                     "TSNETCHAT_TRACEBACK=1 shows where it happened", err=True, fg="red")
         raise SystemExit(1) from None
