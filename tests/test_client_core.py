@@ -146,6 +146,21 @@ def test_a_long_paste_is_split_between_lines_then_words_within_the_limit() -> No
     assert " ".join(split_text(words, 95)) == words
 
 
+def test_a_paste_cut_between_characters_never_parts_an_accent_a_joined_emoji_or_a_flag(
+        ) -> None:
+    """An accent cut from its letter began the next message, drawn on nothing (a new user's
+    day, 2026-11-24)."""
+    for text, limit in (("e\u0301" * 3000, 4096), ("\U0001F1EB\U0001F1F7" * 1000, 4098),
+                        ("\U0001F469\u200d\U0001F4BB" * 1000, 4097),
+                        ("\U0001F44B\U0001F3FD" * 1000, 4098)):
+        parts = split_text(text, limit)
+        assert "".join(parts) == text and len(parts) > 1
+        assert all(utf8_len(p) <= limit for p in parts)
+        assert all(p[0] == text[0] for p in parts), [p[:2] for p in parts]
+    only_accents = "\u0301" * 3000  # nothing to keep them with: cut where they fit
+    assert [utf8_len(p) for p in split_text(only_accents, 4096)] == [4096, 1904]
+
+
 # --- the cursor -----------------------------------------------------------------------------
 
 

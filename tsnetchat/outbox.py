@@ -17,6 +17,7 @@ Guarantees:
 from __future__ import annotations
 
 import enum
+import unicodedata
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -258,10 +259,34 @@ def _split_long(line: str, max_bytes: int) -> list[str]:
 
 
 def _fit(text: str, max_bytes: int) -> int:
-    """How many characters of ``text`` fit in ``max_bytes`` UTF-8 bytes."""
+    """How many characters of ``text`` fit in ``max_bytes`` UTF-8 bytes, never cutting a
+    character from what it modifies (an accent from its letter, a skin tone or a joined
+    emoji from the one before, half a flag) unless that one character is all there is."""
     size = 0
     for i, ch in enumerate(text):
         size += utf8_len(ch)
         if size > max_bytes:
-            return max(1, i)
+            cut = i
+            while cut > 1 and _joins_previous(text, cut):
+                cut -= 1
+            return cut if cut > 1 or not _joins_previous(text, cut) else max(1, i)
     return len(text)
+
+
+ZWJ = "\u200d"
+_REGIONAL = range(0x1F1E6, 0x1F200)  # two of these are one flag
+
+
+def _joins_previous(text: str, i: int) -> bool:
+    """Whether ``text[i]`` belongs to the character before it on screen."""
+    ch, code = text[i], ord(text[i])
+    if ch == ZWJ or text[i - 1] == ZWJ or unicodedata.category(ch) in ("Mn", "Mc", "Me"):
+        return True
+    if 0xFE00 <= code <= 0xFE0F or 0x1F3FB <= code <= 0x1F3FF or 0xE0020 <= code <= 0xE007F:
+        return True  # variation selectors, skin tones, the tags of a subdivision flag
+    if code in _REGIONAL:
+        run = 0
+        while i - run - 1 >= 0 and ord(text[i - run - 1]) in _REGIONAL:
+            run += 1
+        return run % 2 == 1
+    return False
