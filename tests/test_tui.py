@@ -51,11 +51,13 @@ def open_terminal(chat_server: LabDaemon, tmp_path: Path) -> Iterator[Opener]:
     made: list[Tmux] = []
 
     def open_(who: str, *, rooms: tuple[str, ...] = (), height: int = 50, width: int = 120,
-              wait: bool = True, admin: bool = False, in_shell: bool = False) -> Tmux:
+              wait: bool = True, admin: bool = False, in_shell: bool = False,
+              home_name: str = "") -> Tmux:
         """``in_shell``: typed into an interactive bash, as a person does (job control:
-        Ctrl-Z, `fg`), rather than run as the terminal's command."""
-        home = tmp_path / f"home-{who}-{len(made)}"
-        home.mkdir()
+        Ctrl-Z, `fg`), rather than run as the terminal's command. ``home_name``: a home
+        directory an earlier terminal may have used (else a new one)."""
+        home = tmp_path / (home_name or f"home-{who}-{len(made)}")
+        home.mkdir(exist_ok=bool(home_name))
         env = {"TERM": "xterm-256color", "PATH": os.environ["PATH"], "HOME": str(home),
                "LANG": "C.UTF-8", "TZ": "UTC", "PS1": "$ "}
         tok = chat_server.token(f"{who}@tailnet.test", rooms, *(["--admin"] if admin else []))
@@ -302,6 +304,35 @@ def test_a_refused_join_is_one_error_line_and_bob_stays_in_general(
     bob.keys("C-c")
     bob.wait_for(r"EXITED 0", timeout=5)
     no_python_on(alice, bob)
+
+
+def test_a_new_chat_opens_the_rooms_the_last_one_had_open_and_shows_the_one_shown_then(
+        open_terminal: Opener) -> None:
+    """Each morning began with the same `/join`s, by hand."""
+    alice = open_terminal("alice", home_name="home-alice")
+    alice.type("/join #random")
+    alice.wait_for(r"you joined #random")
+    alice.type("/join #ops")
+    alice.wait_for(r"you joined #ops")
+    alice.type("/leave #general")  # left: not opened again
+    alice.wait_for(r"left #general")
+    alice.keys("M-1")
+    alice.wait_for(r"│ #random │")
+    alice.type("/quit")
+    alice.wait_for(r"EXITED 0", timeout=5)
+    again = open_terminal("alice", home_name="home-alice", wait=False)
+    s = again.wait_for(r"2 #ops")
+    assert re.search(r"1 #random[\s\S]*2 #ops", s) and "#general" not in s, s
+    assert status_line(again).split("│")[1] == " #random "
+    again.type("back in random")
+    again.wait_for(r"▸ <Alice> back in random")
+    again.keys("M-2")
+    again.wait_for(r"│ #ops │")
+    assert "cannot join" not in again.screen()
+    elsewhere = open_terminal("alice", wait=False)  # another home: nothing remembered
+    elsewhere.wait_for(r"you joined #general")
+    assert "#random" not in elsewhere.screen()
+    no_python_on(again, elsewhere)
 
 
 def test_switching_rooms_shows_unread_counts_and_where_they_start(
@@ -640,6 +671,20 @@ def test_a_terminal_closed_with_lines_not_yet_sent_keeps_them_in_a_file(
     assert ("  (waiting in #general for the message above) /edit a first line, corrected\n"
             in text), text
     assert stat.S_IMODE(kept.stat().st_mode) == 0o600
+
+
+def test_a_long_reason_for_reconnecting_is_shown_whole_on_a_narrow_terminal(
+        chat_server: LabDaemon, open_terminal: Opener) -> None:
+    """It was cut off at the terminal's width, with the part that says what to do."""
+    alice = open_terminal("alice", width=70)
+    chat_server.stop()
+    alice.wait_for(r"reconnecting in \d+s")
+    deadline = time.monotonic() + 30
+    whole = "is`tsnetchatserve`runningthere?"  # (spaces aside: a row may end in one)
+    while whole not in re.sub(r"\s", "", alice.screen()):
+        assert time.monotonic() < deadline, alice.screen()
+        time.sleep(0.2)
+    no_python_on(alice)
 
 
 def test_refused_input_stays_in_the_input_and_a_long_paste_is_offered_in_parts(

@@ -491,7 +491,12 @@ async def _find(server: str, port: int, settings: dict[str, Any], verbose: bool)
 
 @app.command(name="connect")
 def connect_cmd(
-    server: ServerArg, room: RoomOpt = "general", token: TokenOpt = None,
+    server: ServerArg,
+    room: Annotated[str | None, typer.Option(
+        "--room", "-r", help="The room to show first (opened if it was not). Default: the "
+             "one shown when the last chat with this server ended, else general; the rooms "
+             "open then are opened again either way.")] = None,
+    token: TokenOpt = None,
     token_file: TokenFileOpt = None, socket: ClientSocketOpt = None, proxy: ProxyOpt = None,
     port: PortOpt = 50051, address: AddressOpt = None,
     save_token: Annotated[bool, typer.Option(help="Remember the token for this server.")] = False,

@@ -69,7 +69,7 @@ from prompt_toolkit.layout.processors import (
 from prompt_toolkit.output import create_output
 from prompt_toolkit.styles import Style
 
-from . import commands
+from . import commands, openrooms
 from .chatview import (
     Conversation,
     Renderer,
@@ -290,8 +290,12 @@ class ChatApp:
                                                 style="class:topic"), filter=topic),
                     Window(self.pane, wrap_lines=False)]),
             ]),
-            ConditionalContainer(Window(FormattedTextControl(self.problem_bar), height=1,
-                                        style="class:problem"), filter=problem),
+            # (wrapped, up to three lines: one cut a long reason off mid-word, the part
+            # that said what to do; a new user's day, 2026-11-24)
+            ConditionalContainer(Window(FormattedTextControl(self.problem_bar),
+                                        height=Dimension(min=1, max=3), wrap_lines=True,
+                                        dont_extend_height=True, style="class:problem"),
+                                 filter=problem),
             Window(FormattedTextControl(self.status_bar), height=1, style="class:status"),
             Window(BufferControl(self.input, input_processors=[
                 BeforeInput(self.prompt, style="class:prompt"),
@@ -1219,6 +1223,13 @@ class ChatApp:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.link.close(), 0.5)
 
+    def open_rooms(self) -> openrooms.OpenRooms:
+        """The rooms open now, in the order listed, and the one shown: for the next chat
+        with this server (not one closed for good, nor search results)."""
+        rooms = tuple(name for name in self.conversations if name in self.sessions
+                      and self.sessions[name].state.phase is not Phase.FAILED)
+        return openrooms.OpenRooms(rooms, self.current if self.current in rooms else None)
+
     def unsent(self) -> list[str]:
         """What was typed but not stored, to print after the screen is gone (a message's
         later lines indented under its first: ``indented``)."""
@@ -1314,13 +1325,17 @@ async def _first_contact(link: Link) -> pb.WhoAmIResponse:
         raise
 
 
-async def run_tui(server: str, room: str, *, token: str | None, socket: str, proxy: str, port: int,
-                  address: str = "", notify: bool = False) -> int:
-    """The chat in this terminal until /quit, Ctrl-D or Ctrl-C. Raises ClientError when the
-    server cannot be reached or refuses us at the start."""
+async def run_tui(server: str, room: str | None, *, token: str | None, socket: str,
+                  proxy: str, port: int, address: str = "", notify: bool = False) -> int:
+    """The chat in this terminal until /quit, Ctrl-D or Ctrl-C, in the rooms open when the
+    last one with this server ended, showing ``room`` (by default the one shown then, else
+    #general). Raises ClientError when the server cannot be reached or refuses us at the
+    start."""
     link = link_for(server, token, socket=socket, port=port, proxy=proxy, address=address)
     me = await _first_contact(link)
     chat = ChatApp(link, me, notify=notify)
+    key = openrooms.server_key(server, port, address)
+    last = openrooms.load(log_path().parent, key)
     loop = asyncio.get_running_loop()
     with _stderr_to_log():
         old_handler = loop.get_exception_handler()
@@ -1332,13 +1347,16 @@ async def run_tui(server: str, room: str, *, token: str | None, socket: str, pro
             loop.add_signal_handler(sig, chat.quit)
         loop.add_signal_handler(signal.SIGTSTP, chat.suspend)
         try:
-            chat.join(room)
+            for name, shown in openrooms.in_order(last.rooms, room or last.shown or "general"):
+                chat.join(name, switch=shown)
             chat.spawn(chat.poll_unread())
             result = await chat.app.run_async(set_exception_handler=False)
         finally:
             for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGTSTP):
                 loop.remove_signal_handler(sig)
+            opened = chat.open_rooms()
             await chat.close()
+            openrooms.save(log_path().parent, key, opened)
             loop.set_exception_handler(old_handler)
             # Kept whatever ended the screen: a terminal that went away ends it with an
             # I/O error, and what was typed went with it, printed to nowhere (a new user's

@@ -1,0 +1,91 @@
+"""The rooms a chat had open, remembered per server for the next one (tsnetchat.openrooms)."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import pytest
+
+from tsnetchat import openrooms
+from tsnetchat.openrooms import OpenRooms
+
+
+def test_the_rooms_saved_for_a_server_come_back_in_order_with_the_one_shown(
+        tmp_path: Path) -> None:
+    key = openrooms.server_key("chat-server", 50051)
+    openrooms.save(tmp_path, key, OpenRooms(("general", "+ops", "dm:a@x,b@x"), "+ops"))
+    assert openrooms.load(tmp_path, key) == OpenRooms(("general", "+ops", "dm:a@x,b@x"), "+ops")
+    path = openrooms.path_for(tmp_path, key)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left
+
+
+def test_each_server_has_its_own_rooms_and_the_name_typed_is_forgiven_its_case(
+        tmp_path: Path) -> None:
+    openrooms.save(tmp_path, openrooms.server_key("chat-server", 50051),
+                   OpenRooms(("general",), "general"))
+    openrooms.save(tmp_path, openrooms.server_key("chat-server-2", 50051),
+                   OpenRooms(("random",), None))
+    assert openrooms.load(tmp_path, openrooms.server_key("Chat-Server.", 50051)).rooms == (
+        "general",)
+    assert openrooms.load(tmp_path, openrooms.server_key("chat-server-2", 50051)).rooms == (
+        "random",)
+    assert openrooms.load(tmp_path, openrooms.server_key("chat-server", 9000)) == OpenRooms()
+    assert openrooms.server_key("chat-server", 50051, "127.0.0.1:9") == "127.0.0.1:9"
+
+
+def test_a_key_cannot_name_a_file_outside_the_folder(tmp_path: Path) -> None:
+    path = openrooms.path_for(tmp_path, "../../etc/passwd:1")
+    assert path.parent == tmp_path / openrooms.FOLDER and "/" not in path.name
+
+
+@pytest.mark.parametrize("body", [
+    "{not json", "[]", '{"rooms": "general"}', '{"rooms": [1, null, ""], "shown": 1}',
+    '{"shown": "general"}', "\x00\xff"])
+def test_a_damaged_file_is_no_rooms_and_never_an_error(tmp_path: Path, body: str) -> None:
+    path = openrooms.path_for(tmp_path, "s:1")
+    path.parent.mkdir(parents=True)
+    path.write_text(body, encoding="utf-8", errors="surrogateescape")
+    assert openrooms.load(tmp_path, "s:1") == OpenRooms()
+
+
+def test_a_shown_room_that_is_not_among_the_rooms_is_not_shown(tmp_path: Path) -> None:
+    path = openrooms.path_for(tmp_path, "s:1")
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"rooms": ["general", "general", "random"], "shown": "ops"}))
+    assert openrooms.load(tmp_path, "s:1") == OpenRooms(("general", "random"), None)
+
+
+def test_a_link_in_place_of_the_file_is_not_followed(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere.json"
+    elsewhere.write_text(json.dumps({"rooms": ["secret"]}))
+    path = openrooms.path_for(tmp_path, "s:1")
+    path.parent.mkdir(parents=True)
+    path.symlink_to(elsewhere)
+    assert openrooms.load(tmp_path, "s:1") == OpenRooms()
+    openrooms.save(tmp_path, "s:1", OpenRooms(("general",), "general"))
+    assert json.loads(elsewhere.read_text()) == {"rooms": ["secret"]}  # replaced, not written
+    assert openrooms.load(tmp_path, "s:1").rooms == ("general",)
+
+
+def test_a_state_dir_that_cannot_be_written_loses_the_list_quietly(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    openrooms.save(blocker, "s:1", OpenRooms(("general",), None))  # no exception
+    assert openrooms.load(blocker, "s:1") == OpenRooms()
+
+
+def test_the_room_asked_for_is_shown_and_added_after_the_remembered_ones() -> None:
+    assert openrooms.in_order(("general", "+ops"), "+ops") == [("general", False),
+                                                              ("+ops", True)]
+    assert openrooms.in_order(("general",), "random") == [("general", False), ("random", True)]
+    assert openrooms.in_order((), "general") == [("general", True)]
+
+
+def test_at_most_max_rooms_are_opened_from_a_file(tmp_path: Path) -> None:
+    many = [f"r{i}" for i in range(openrooms.MAX_ROOMS + 10)]
+    openrooms.save(tmp_path, "s:1", OpenRooms(tuple(many), None))
+    assert len(openrooms.load(tmp_path, "s:1").rooms) == openrooms.MAX_ROOMS

@@ -1,0 +1,90 @@
+"""The rooms a `tsnetchat connect` had open when it ended, per server, so that the next one
+opens them again (each morning began with the same `/join`s, by hand, in the order of the
+day before). One small JSON file per server in the client's state dir, beside its log;
+written when the chat ends, read when it starts. A missing or damaged file is no rooms:
+a list of rooms is never worth refusing to start over."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+MAX_ROOMS = 64  # more than anyone keeps open; a damaged file cannot open thousands
+MAX_NAME = 1024  # characters; the server checks the name itself when the room is joined
+MAX_FILE = 256 * 1024  # bytes read at most
+FOLDER = "open-rooms"
+
+
+@dataclass(frozen=True)
+class OpenRooms:
+    """The rooms in the order they were listed, and the one that was shown (or None)."""
+
+    rooms: tuple[str, ...] = ()
+    shown: str | None = None
+
+
+def server_key(server: str, port: int, address: str = "") -> str:
+    """Which server the rooms were open on: ``--address`` if given, else the name typed
+    (case and a final dot forgiven) and the port."""
+    return address or f"{server.lower().rstrip('.')}:{port}"
+
+
+def path_for(state_dir: Path, key: str) -> Path:
+    """The file for ``key`` in ``state_dir`` (any character but a safe few becomes ``_``)."""
+    return state_dir / FOLDER / (re.sub(r"[^A-Za-z0-9.:_-]", "_", key)[:200] + ".json")
+
+
+def load(state_dir: Path, key: str) -> OpenRooms:
+    """What was open on ``key``'s server when the last chat with it ended."""
+    path = path_for(state_dir, key)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as f:
+            data = json.loads(f.read(MAX_FILE))
+        listed = data["rooms"]
+        if not isinstance(listed, list):
+            raise TypeError(f"rooms is a {type(listed).__name__}, not a list")
+        rooms = tuple(dict.fromkeys(
+            r for r in listed if isinstance(r, str) and 0 < len(r) <= MAX_NAME))
+        shown = data.get("shown")
+    except FileNotFoundError:
+        return OpenRooms()
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        log.warning("ignoring the rooms of the last session in %s: %s", path, e)
+        return OpenRooms()
+    rooms = rooms[:MAX_ROOMS]
+    return OpenRooms(rooms, shown if shown in rooms else None)
+
+
+def save(state_dir: Path, key: str, open_rooms: OpenRooms) -> None:
+    """Remember ``open_rooms`` for ``key``'s server (0600; replaced whole, never half
+    written). A failure is logged, not raised: the chat is ending, and nothing typed is in
+    this file."""
+    path = path_for(state_dir, key)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    body = json.dumps({"rooms": list(open_rooms.rooms[:MAX_ROOMS]), "shown": open_rooms.shown})
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(body)
+        os.replace(tmp, path)
+    except OSError as e:
+        log.warning("could not remember the open rooms in %s: %s", path, e)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def in_order(rooms: Sequence[str], shown: str) -> list[tuple[str, bool]]:
+    """The rooms to open, each with whether it is the one to show: the remembered ones in
+    their order, then ``shown`` if it was not among them."""
+    out = [(r, r == shown) for r in rooms]
+    return out if shown in rooms else [*out, (shown, True)]
