@@ -52,7 +52,7 @@ def open_terminal(chat_server: LabDaemon, tmp_path: Path) -> Iterator[Opener]:
 
     def open_(who: str, *, rooms: tuple[str, ...] = (), height: int = 50, width: int = 120,
               wait: bool = True, admin: bool = False, in_shell: bool = False,
-              home_name: str = "") -> Tmux:
+              home_name: str = "", extra: tuple[str, ...] = ()) -> Tmux:
         """``in_shell``: typed into an interactive bash, as a person does (job control:
         Ctrl-Z, `fg`), rather than run as the terminal's command. ``home_name``: a home
         directory an earlier terminal may have used (else a new one)."""
@@ -62,7 +62,7 @@ def open_terminal(chat_server: LabDaemon, tmp_path: Path) -> Iterator[Opener]:
                "LANG": "C.UTF-8", "TZ": "UTC", "PS1": "$ "}
         tok = chat_server.token(f"{who}@tailnet.test", rooms, *(["--admin"] if admin else []))
         cmd = [CLI, "connect", "chat-server", "--token", tok,
-               *chat_server.client_args(NODES[who])]
+               *chat_server.client_args(NODES[who]), *extra]
         shell = ["bash", "--norc", "--noprofile", "-i"]
         t = Tmux(f"{who}-{os.getpid()}-{len(made)}", shell if in_shell else cmd, env,
                  height=height, width=width)
@@ -332,7 +332,10 @@ def test_a_new_chat_opens_the_rooms_the_last_one_had_open_and_shows_the_one_show
     elsewhere = open_terminal("alice", wait=False)  # another home: nothing remembered
     elsewhere.wait_for(r"you joined #general")
     assert "#random" not in elsewhere.screen()
-    no_python_on(again, elsewhere)
+    asked = open_terminal("alice", wait=False, extra=("--room", "#Random"))  # as /join takes it
+    asked.wait_for(r"you joined #random")
+    assert status_line(asked).split("│")[1] == " #random "
+    no_python_on(again, elsewhere, asked)
 
 
 def test_switching_rooms_shows_unread_counts_and_where_they_start(

@@ -1347,7 +1347,8 @@ async def run_tui(server: str, room: str | None, *, token: str | None, socket: s
             loop.add_signal_handler(sig, chat.quit)
         loop.add_signal_handler(signal.SIGTSTP, chat.suspend)
         try:
-            for name, shown in openrooms.in_order(last.rooms, room or last.shown or "general"):
+            asked = (commands.room_name(room) or room) if room else None  # ("#Ops", as /join)
+            for name, shown in openrooms.in_order(last.rooms, asked or last.shown or "general"):
                 chat.join(name, switch=shown)
             chat.spawn(chat.poll_unread())
             result = await chat.app.run_async(set_exception_handler=False)
