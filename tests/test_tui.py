@@ -512,6 +512,31 @@ def test_a_private_room_is_created_joined_by_its_members_and_refused_to_others(
     no_python_on(alice, bob, mallory)
 
 
+def test_an_admin_kicks_bob_out_of_general_and_bob_may_join_it_again(
+        open_terminal: Opener) -> None:
+    alice = open_terminal("alice", admin=True)
+    bob = open_terminal("bob")
+    mallory = open_terminal("mallory")
+    mallory.type("/kick bob")  # not an admin
+    mallory.wait_for(r"!! .*admin")
+    alice.type("/kick Bob")  # a name seen in the room
+    alice.wait_for(r"bob@tailnet.test: 1 stream\(s\) in #general closed; they may join again")
+    bob.wait_for(r"#general is closed for good: .*you were removed from 'general' by "
+                 r"alice@tailnet.test")
+    alice.type("said while bob was out")
+    bob.type("/join #general")
+    bob.wait_for(r"<Alice> said while bob was out")
+    bob.type("back again")
+    alice.wait_for(r"<Bob> back again")
+    s = bob.screen()
+    assert count(s, "said while bob was out") == 1, s
+    alice.type("/create +ops bob")  # /kick is for rooms; a private room has /remove
+    alice.wait_for(r"│ \+ops │")
+    alice.type("/kick bob")
+    alice.wait_for(r"!! /kick works in a room")
+    no_python_on(alice, bob, mallory)
+
+
 @pytest.mark.parametrize("chat_server", [{"TSNETCHAT_MAX_ROOMS_PER_CLIENT": "1"}],
                          indirect=True)
 def test_a_private_room_created_at_the_limit_of_open_rooms_is_said_to_exist(

@@ -382,6 +382,7 @@ def test_search_results_say_where_each_message_is() -> None:
     ("/create +ops bob carol", ("create", ("bob", "carol"), "")),
     ("/invite dave", ("invite", ("dave",), "")),
     ("/remove dave", ("remove", ("dave",), "")),
+    ("/KICK @Mallory", ("kick", ("Mallory",), "")),
 ])
 def test_the_team_commands_take_people_and_text(line: str,
                                                 expect: tuple[str, tuple[str, ...], str]
@@ -405,6 +406,8 @@ def test_join_takes_a_private_room() -> None:
     ("/create ops bob", "usage: /create +ROOM NICK..."),
     ("/create +ops", "usage: /create +ROOM NICK..."),
     ("/invite", "usage: /invite NICK..."),
+    ("/kick", "usage: /kick NICK"),
+    ("/kick bob carol", "usage: /kick NICK"),
     ("/serch x", "did you mean /search WORDS?"),
 ])
 def test_a_misused_team_command_gets_its_usage(line: str, says: str) -> None:

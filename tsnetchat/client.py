@@ -139,6 +139,11 @@ class Connection:
             timeout=timeout)
         return res
 
+    async def kick(self, room: str, login: str, timeout: float = 10) -> pb.KickResponse:
+        res: pb.KickResponse = await self.stub.Kick(pb.KickRequest(room=room, login=login),
+                                                    metadata=self.metadata, timeout=timeout)
+        return res
+
     async def set_room_members(self, room: str, *, add: Sequence[str] = (),
                                remove: Sequence[str] = (),
                                timeout: float = 10) -> pb.RoomMembersResponse:

@@ -53,6 +53,8 @@ COMMANDS = [
     Command("create", "+ROOM NICK...", "(admins) create a private room for these people"),
     Command("invite", "NICK...", "(admins) add people to this private room"),
     Command("remove", "NICK...", "(admins) remove people from this private room"),
+    Command("kick", "NICK", "(admins) close NICK's streams in this room; they may join again "
+            "(to keep them out, revoke their token or narrow their grant)"),
     Command("retry", "", "send this room's failed messages again"),
     Command("help", "[COMMAND]", "the commands, or one command", ("h", "?")),
     Command("quit", "", "leave the chat (also Ctrl-D, Ctrl-C)", ("exit", "q")),
@@ -64,7 +66,7 @@ _BY_NAME = {n: c for c in COMMANDS for n in (c.name, *c.aliases)}
 class Parsed:
     """A command with its checked arguments: ``room`` for join/leave/create, ``number`` for
     history, ``text`` for me/help/msg/topic/edit/search/away, ``nicks`` for
-    msg/create/invite/remove (as typed: names or logins)."""
+    msg/create/invite/remove/kick (as typed: names or logins)."""
 
     command: Command
     room: str = ""
@@ -131,6 +133,9 @@ def parse(line: str) -> Parsed | Message | Problem:
         return Parsed(cmd, text=arg)
     if cmd.name == "search":
         return Parsed(cmd, text=" ".join(arg.split())) if arg else usage
+    if cmd.name == "kick":
+        person = nick(arg)
+        return Parsed(cmd, nicks=(person,)) if person else usage
     if cmd.name == "msg":
         who, _, text = rest.strip(" ").partition(" ")
         person = nick(who)

@@ -639,6 +639,8 @@ class ChatApp:
             return self.set_away(name == "away", parsed.text, line)
         elif name in ("create", "invite", "remove"):
             return self.members(name, parsed.room, parsed.nicks)
+        elif name == "kick":
+            return self.kick(parsed.nicks[0], line)
         elif name == "who":
             conv = self.conversation
             if conv is None:
@@ -856,6 +858,25 @@ class ChatApp:
         self.spawn(run())
         return False
 
+    def kick(self, nick: str, line: str) -> bool:
+        """/kick NICK (admins): the server closes NICK's streams in the room shown."""
+        conv = self.conversation
+        if conv is None or conv.kind != "room":
+            self.say("/kick works in a room (#name); in a private room /remove takes people "
+                     "out", error=True)
+            return True
+        login = person_login(nick, self.me.login, self.people())
+
+        async def run() -> None:
+            conn = await self.link.get()
+            res = await conn.kick(conv.name, login)
+            self.say(f"{login}: {res.streams_closed} stream(s) in {conv.title} closed; they "
+                     "may join again (to keep them out, revoke their token or narrow their "
+                     "grant)")
+
+        self.spawn(run(), line=line, room=conv.name)
+        return False
+
     # --- unread counts from the server --------------------------------------------------------
 
     async def poll_unread(self) -> None:
@@ -909,7 +930,8 @@ class ChatApp:
     def join(self, room: str, *, switch: bool = True) -> None:
         """Join ``room`` (a room, ``+private`` or a canonical ``dm:`` name). ``switch``: show
         it at once (a refused join goes back to the buffer shown before, ``came_from``)."""
-        if room in self.sessions:
+        old = self.sessions.get(room)
+        if old is not None and old.state.phase is not Phase.FAILED:
             if switch:
                 self.switch(room)
             return
@@ -922,7 +944,13 @@ class ChatApp:
         # room during a server restart was dropped after 8 s, with the room (a new user's
         # day, 2026-11-23).
         session = RoomSession(self.link, room, pacer=self.pacer, fail_fast=True,
-                              grace=math.inf)
+                              grace=math.inf, after_id=old.last_id if old else None)
+        if old is not None:
+            # A room closed for good (a kick, a right withdrawn) is asked for again, from
+            # where it stopped, keeping what was typed for it: /join did nothing there.
+            self.tasks.pop(room).cancel()
+            self.spawn(old.close())
+            session.outbox = old.outbox
         self.sessions[room] = session
         if switch:
             self.came_from[room] = self.current
