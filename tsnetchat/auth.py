@@ -37,7 +37,7 @@ import jwt
 from . import render
 from .config import ROOM_RE
 from .errors import ConfigError, InvalidInput, PermissionDenied, Unauthenticated
-from .statedir import give_to_server, open_nofollow, read_small
+from .statedir import MAX_KEY_BYTES, give_to_server, open_nofollow, read_small
 from .tailnet import WhoIs
 
 ALGORITHM = "HS256"
@@ -45,7 +45,6 @@ ISSUER = "tsnetchat"
 AUDIENCE = "tsnetchat"
 ALL_ROOMS = "*"
 MAX_TOKEN_BYTES = 4096
-MAX_KEY_BYTES = 4096  # a signing key file (tsnetchat writes 64 hex characters)
 MAX_LOGIN = 256  # characters in a login or tag (token subject, DM member, author)
 LEEWAY = 5  # seconds of clock difference allowed for exp, nbf and iat
 # Token ids that self-service Login hands out start with this (enroll.py), so renewal,

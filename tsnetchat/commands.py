@@ -13,8 +13,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from .config import ROOM_RE
-from .rooms import LOGIN_RE, PRIVATE_RE
+from .config import LOGIN_RE, PRIVATE_RE, ROOM_RE
 
 MAX_HISTORY_PAGE = 200
 

@@ -28,6 +28,8 @@ DEFAULT_CONFIG_FILE = Path("/etc/tsnetchat/config.toml")
 # Always used with fullmatch: `$` in a `match` pattern also matches before a final newline,
 # which let "general\n" through as a look-alike room.
 ROOM_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+PRIVATE_RE = re.compile(r"\+[a-z0-9][a-z0-9_-]{0,31}")  # a private room: +name
+LOGIN_RE = re.compile(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9.\-]+|tag:[a-z0-9][a-z0-9-]*")
 SECRET_FIELDS = frozenset({"auth_key", "api_key", "oauth_client_secret", "nats_password"})
 DEFAULT_API_URL = "https://api.tailscale.com"
 TAG_RE = re.compile(r"tag:[A-Za-z0-9][A-Za-z0-9-]*")  # fullmatch

@@ -18,11 +18,10 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .auth import MAX_KEY_BYTES
 from .config import ServerConfig
 from .discovery import Step
 from .errors import ConfigError, StoreError, TsnetchatError
-from .statedir import check_own_files, read_small, running_server
+from .statedir import MAX_KEY_BYTES, check_own_files, read_small, running_server
 from .store import Store
 from .tailnet import LocalAPI, Status
 

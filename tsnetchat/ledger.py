@@ -74,23 +74,6 @@ MARK_DELAY = 0.2
 NEW_ROOMS_BURST, NEW_ROOMS_RATE = 50, 1 / 60
 CHANGES = (pb.MESSAGE_KIND_EDIT, pb.MESSAGE_KIND_DELETE, pb.MESSAGE_KIND_TOPIC)
 
-def validate_text(text: str, kind: int, max_bytes: int) -> None:
-    """Raise InvalidInput unless ``text`` may be a message (the rules: tsnetchat.render)."""
-    size = len(text.encode("utf-8", "surrogatepass"))
-    if size > max_bytes:
-        raise InvalidInput(f"message is {size} bytes; the limit is {max_bytes} bytes of UTF-8 "
-                           "text. Split it up.")
-    if render.is_blank(text):  # also zero-width characters only: an invisible message
-        raise InvalidInput("message is empty")
-    if kind not in (pb.MESSAGE_KIND_TEXT, pb.MESSAGE_KIND_ACTION):
-        raise InvalidInput(f"unknown message kind {kind}")
-    bad = render.UNSAFE.search(text)
-    if bad is not None:
-        # Terminal escapes and bidi overrides would let one user rewrite others' screens.
-        raise InvalidInput(f"message contains a control character (U+{ord(bad.group()):04X}); "
-                           "only printable text, newlines and tabs are allowed")
-
-
 class History(Protocol):
     """Where messages become durable. ``submit`` never blocks; ``then`` runs on the event
     loop after the outcome is final, in submission order. Reads may wait on the disk, so they
@@ -223,7 +206,7 @@ class Ledger:
         else:
             if target:
                 raise InvalidInput("target_id is only for edits and deletions")
-            validate_text(text, kind, limits.max_message_bytes)
+            render.validate_text(text, kind, limits.max_message_bytes)
             self.people.add(sender.login, sender.display_name)
             mentions = tuple(x for x in self.people.find(text)
                              if x != sender.login and self.may_mention(sub.room, x))
@@ -286,7 +269,7 @@ class Ledger:
             raise InvalidInput(f"target_id {target} is not a message id (at most {MAX_ID})")
         if kind == pb.MESSAGE_KIND_DELETE:
             return ""
-        validate_text(text, pb.MESSAGE_KIND_TEXT, limits.max_message_bytes)
+        render.validate_text(text, pb.MESSAGE_KIND_TEXT, limits.max_message_bytes)
         return text
 
     def charge(self, login: str) -> None:

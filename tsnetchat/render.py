@@ -24,6 +24,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from .errors import InvalidInput
+from .pb import chat_pb2 as pb
+
 UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff\u202a-\u202e\u2066-\u2069"
                     "\u2028\u2029\ufff9-\ufffb]")
 
@@ -62,3 +65,21 @@ def visible(text: str) -> str:
     """Message text safe to print: unsafe characters replaced by ``?``, tabs by spaces. (The
     server refuses such text; this is for what was stored before, or came another way.)"""
     return UNSAFE.sub("?", text.replace("\t", "    "))
+
+
+def validate_text(text: str, kind: int, max_bytes: int) -> None:
+    """Raise InvalidInput unless ``text`` may be a message (the server's rule, and the
+    client's before it sends: ledger, tui)."""
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > max_bytes:
+        raise InvalidInput(f"message is {size} bytes; the limit is {max_bytes} bytes of UTF-8 "
+                           "text. Split it up.")
+    if is_blank(text):  # also zero-width characters only: an invisible message
+        raise InvalidInput("message is empty")
+    if kind not in (pb.MESSAGE_KIND_TEXT, pb.MESSAGE_KIND_ACTION):
+        raise InvalidInput(f"unknown message kind {kind}")
+    bad = UNSAFE.search(text)
+    if bad is not None:
+        # Terminal escapes and bidi overrides would let one user rewrite others' screens.
+        raise InvalidInput(f"message contains a control character (U+{ord(bad.group()):04X}); "
+                           "only printable text, newlines and tabs are allowed")

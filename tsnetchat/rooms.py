@@ -23,12 +23,10 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 from . import auth
-from .config import ROOM_RE
+from .config import LOGIN_RE, PRIVATE_RE, ROOM_RE
 from .errors import InvalidInput, PermissionDenied
 
 DM_PREFIX = "dm:"
-PRIVATE_RE = re.compile(r"\+[a-z0-9][a-z0-9_-]{0,31}")
-LOGIN_RE = re.compile(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9.\-]+|tag:[a-z0-9][a-z0-9-]*")
 NOT_VISIBLE = ("no such private room or conversation, or you are not a member of it")
 
 

@@ -37,6 +37,7 @@ log = logging.getLogger("tsnetchat.statedir")
 # a root file 0600, through links the service's user had put in the state dir: an attacker
 # over the lab, 2026-11-24.)
 NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
+MAX_KEY_BYTES = 4096  # a signing key file (tsnetchat writes 64 hex characters)
 
 
 def open_nofollow(path: Path, flags: int, mode: int = 0o600) -> int:

@@ -88,9 +88,9 @@ from .chatview import (
 from .client import Link, RoomSession, SessionEvent, first_answer, link_for, to_stderr
 from .clienterrors import EXIT_ERROR, ClientError
 from .errors import ConfigError, InvalidInput
-from .ledger import validate_text
 from .outbox import Pacer, State, split_text, utf8_len, with_newlines
 from .pb import chat_pb2 as pb
+from .render import validate_text
 from .resume import Phase, worst
 
 log = logging.getLogger("tsnetchat.tui")
