@@ -150,9 +150,14 @@ def test_a_paste_cut_between_characters_never_parts_an_accent_a_joined_emoji_or_
         ) -> None:
     """An accent cut from its letter began the next message, drawn on nothing (a new user's
     day, 2026-11-24)."""
-    for text, limit in (("e\u0301" * 3000, 4096), ("\U0001F1EB\U0001F1F7" * 1000, 4098),
+    for text, limit in (("e\u0301" * 3000, 4096), ("\U0001F1EB\U0001F1F7" * 1000, 4100),
                         ("\U0001F469\u200d\U0001F4BB" * 1000, 4097),
-                        ("\U0001F44B\U0001F3FD" * 1000, 4098)):
+                        ("\U0001F44B\U0001F3FD" * 1000, 4100),
+                        ("\u2615\ufe0f" * 2000, 4101),  # a variation selector
+                        ("\U0001F3F4\U000E0067\U000E0062\U000E0073\U000E0063\U000E0074"
+                         "\U000E007F" * 300, 4100),  # a subdivision flag's tags
+                        ("\u1100\u1161\u11a8" * 2000, 4100),  # Korean, decomposed
+                        ("\u0915\u094d\u200c" * 1000, 4100)):  # a virama, a ZWNJ
         parts = split_text(text, limit)
         assert "".join(parts) == text and len(parts) > 1
         assert all(utf8_len(p) <= limit for p in parts)

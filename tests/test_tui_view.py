@@ -392,6 +392,19 @@ def test_the_team_commands_take_people_and_text(line: str,
     assert (p.command.name, p.nicks, p.text) == expect
 
 
+@pytest.mark.parametrize(("typed", "room"), [
+    ("#Ops", "ops"), ("general", "general"), ("+Ops", "+ops"),
+    ("@bob", "dm:alice@tailnet.test,bob@tailnet.test"),
+    ("dm:bob", "dm:alice@tailnet.test,bob@tailnet.test"),
+    ("dm:bob@tailnet.test", "dm:alice@tailnet.test,bob@tailnet.test"),
+    ("dm:carol,bob@tailnet.test", "dm:alice@tailnet.test,bob@tailnet.test,carol@tailnet.test"),
+    ("dm:Alice@Tailnet.test", "dm:alice@tailnet.test"),
+])
+def test_connect_room_names_a_room_as_the_chat_does_and_a_dm_by_its_one_name(
+        typed: str, room: str) -> None:
+    assert commands.room_asked(typed, "alice@tailnet.test") == room
+
+
 def test_join_takes_a_private_room() -> None:
     p = commands.parse("/join +Ops")
     assert isinstance(p, commands.Parsed) and p.room == "+ops"

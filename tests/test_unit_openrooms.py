@@ -34,7 +34,17 @@ def test_each_server_has_its_own_rooms_and_the_name_typed_is_forgiven_its_case(
     assert openrooms.load(tmp_path, openrooms.server_key("chat-server-2", 50051)).rooms == (
         "random",)
     assert openrooms.load(tmp_path, openrooms.server_key("chat-server", 9000)) == OpenRooms()
-    assert openrooms.server_key("chat-server", 50051, "127.0.0.1:9") == "127.0.0.1:9"
+    assert openrooms.server_key("chat-server", 50051, address="127.0.0.1:9") == "127.0.0.1:9"
+
+
+def test_the_server_is_known_by_its_magicdns_name_whatever_name_was_typed() -> None:
+    keys = {openrooms.server_key(typed, 50051, dns_name="chat-server.tailnet.test")
+            for typed in ("chat-server", "Chat-Server.tailnet.test.", "100.64.0.1")}
+    assert keys == {"chat-server.tailnet.test:50051"}
+
+
+def test_two_keys_alike_once_made_safe_for_a_file_name_have_two_files(tmp_path: Path) -> None:
+    assert openrooms.path_for(tmp_path, "a b:1") != openrooms.path_for(tmp_path, "a_b:1")
 
 
 def test_a_key_cannot_name_a_file_outside_the_folder(tmp_path: Path) -> None:
@@ -48,7 +58,7 @@ def test_a_key_cannot_name_a_file_outside_the_folder(tmp_path: Path) -> None:
 def test_a_damaged_file_is_no_rooms_and_never_an_error(tmp_path: Path, body: str) -> None:
     path = openrooms.path_for(tmp_path, "s:1")
     path.parent.mkdir(parents=True)
-    path.write_text(body, encoding="utf-8", errors="surrogateescape")
+    path.write_text(body, encoding="utf-8")
     assert openrooms.load(tmp_path, "s:1") == OpenRooms()
 
 
@@ -76,13 +86,6 @@ def test_a_state_dir_that_cannot_be_written_loses_the_list_quietly(tmp_path: Pat
     blocker.write_text("")
     openrooms.save(blocker, "s:1", OpenRooms(("general",), None))  # no exception
     assert openrooms.load(blocker, "s:1") == OpenRooms()
-
-
-def test_the_room_asked_for_is_shown_and_added_after_the_remembered_ones() -> None:
-    assert openrooms.in_order(("general", "+ops"), "+ops") == [("general", False),
-                                                              ("+ops", True)]
-    assert openrooms.in_order(("general",), "random") == [("general", False), ("random", True)]
-    assert openrooms.in_order((), "general") == [("general", True)]
 
 
 def test_at_most_max_rooms_are_opened_from_a_file(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from .chatview import dm_name, person_login
 from .config import LOGIN_RE, PRIVATE_RE, ROOM_RE
 
 MAX_HISTORY_PAGE = 200
@@ -92,6 +93,18 @@ def room_name(arg: str) -> str | None:
     """``#Room``, ``room`` or ``+private`` as a room name, or None when it cannot be one."""
     name = arg.strip().lstrip("#").lower()
     return name if ROOM_RE.fullmatch(name) or PRIVATE_RE.fullmatch(name) else None
+
+
+def room_asked(typed: str, me: str) -> str:
+    """The room ``connect --room`` names, as the chat names rooms: ``#Ops`` is ``ops``, and
+    a DM (``@bob``, ``dm:bob``, ``dm:bob@example.com``) is its one canonical name, with the
+    caller (a DM given otherwise opened a second buffer for the same conversation: a new
+    user's day, 2026-11-24)."""
+    word = typed.strip()
+    if word.startswith("@") or word.startswith("dm:"):
+        names = [x.strip() for x in word.removeprefix("dm:").lstrip("@").split(",")]
+        return dm_name(me, *(person_login(x, me, ()) for x in names if x))
+    return room_name(word) or word
 
 
 NICK_RE = re.compile(r"@?(?:" + LOGIN_RE.pattern + r"|[^\s@,:]{1,64})")

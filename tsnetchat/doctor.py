@@ -20,9 +20,9 @@ from pathlib import Path
 
 from .config import ServerConfig
 from .discovery import Step
-from .errors import ConfigError, StoreError, TsnetchatError
+from .errors import ConfigError, TsnetchatError
 from .statedir import MAX_KEY_BYTES, check_own_files, read_small, running_server
-from .store import Store
+from .store import LIVE_TOKENS
 from .tailnet import LocalAPI, Status
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "FAIL", "skip"
@@ -390,16 +390,13 @@ def _live_tokens(db_path: Path) -> int:
     except ConfigError:
         return 0
     try:
-        db = Store(db_path, readonly=True, timeout=1)
-    except StoreError:
-        return 0
-    try:
-        return db.live_tokens()
-    except StoreError:
-        return 0
-    finally:
-        with contextlib.suppress(StoreError):
+        db = sqlite3.connect(f"file:{db_path}?mode=rw", uri=True, timeout=1)
+        try:
+            return int(db.execute(LIVE_TOKENS, (int(time.time()),)).fetchone()[0])
+        finally:
             db.close()
+    except sqlite3.Error:
+        return 0
 
 
 def _damaged(db_path: Path, state_dir: Path) -> str | None:

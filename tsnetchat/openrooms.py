@@ -7,11 +7,11 @@ a list of rooms is never worth refusing to start over."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,15 +31,21 @@ class OpenRooms:
     shown: str | None = None
 
 
-def server_key(server: str, port: int, address: str = "") -> str:
-    """Which server the rooms were open on: ``--address`` if given, else the name typed
-    (case and a final dot forgiven) and the port."""
-    return address or f"{server.lower().rstrip('.')}:{port}"
+def server_key(typed: str, port: int, *, address: str = "", dns_name: str = "") -> str:
+    """Which server the rooms were open on: ``--address`` if given, else the server's
+    MagicDNS name as discovery found it (so its short name, full name and tailnet IP are
+    one server: by the name typed, `connect chat-server.example.ts.net` forgot the rooms
+    of `connect chat-server`; a new user's day, 2026-11-24), else the name typed (case and
+    a final dot forgiven); and the port."""
+    return address or f"{(dns_name or typed).lower().rstrip('.')}:{port}"
 
 
 def path_for(state_dir: Path, key: str) -> Path:
-    """The file for ``key`` in ``state_dir`` (any character but a safe few becomes ``_``)."""
-    return state_dir / FOLDER / (re.sub(r"[^A-Za-z0-9.:_-]", "_", key)[:200] + ".json")
+    """The file for ``key`` in ``state_dir``: the key with any character but a safe few as
+    ``_``, and a hash of the whole key (two keys never share a file)."""
+    readable = re.sub(r"[^A-Za-z0-9.:_-]", "_", key)[:100]
+    digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    return state_dir / FOLDER / f"{readable}-{digest}.json"
 
 
 def load(state_dir: Path, key: str) -> OpenRooms:
@@ -81,10 +87,3 @@ def save(state_dir: Path, key: str, open_rooms: OpenRooms) -> None:
         log.warning("could not remember the open rooms in %s: %s", path, e)
         with contextlib.suppress(OSError):
             tmp.unlink()
-
-
-def in_order(rooms: Sequence[str], shown: str) -> list[tuple[str, bool]]:
-    """The rooms to open, each with whether it is the one to show: the remembered ones in
-    their order, then ``shown`` if it was not among them."""
-    out = [(r, r == shown) for r in rooms]
-    return out if shown in rooms else [*out, (shown, True)]

@@ -261,7 +261,9 @@ def _split_long(line: str, max_bytes: int) -> list[str]:
 def _fit(text: str, max_bytes: int) -> int:
     """How many characters of ``text`` fit in ``max_bytes`` UTF-8 bytes, never cutting a
     character from what it modifies (an accent from its letter, a skin tone or a joined
-    emoji from the one before, half a flag) unless that one character is all there is."""
+    emoji from the one before, half a flag, a decomposed Korean syllable) unless that one
+    character is all there is. (Not every rule of Unicode's grapheme clusters: a Thai
+    SARA AM or a prepended mark may still be cut from its neighbour.)"""
     size = 0
     for i, ch in enumerate(text):
         size += utf8_len(ch)
@@ -274,6 +276,7 @@ def _fit(text: str, max_bytes: int) -> int:
 
 
 ZWJ = "\u200d"
+ZWNJ = "\u200c"
 _REGIONAL = range(0x1F1E6, 0x1F200)  # two of these are one flag
 
 
@@ -284,6 +287,8 @@ def _joins_previous(text: str, i: int) -> bool:
         return True
     if 0xFE00 <= code <= 0xFE0F or 0x1F3FB <= code <= 0x1F3FF or 0xE0020 <= code <= 0xE007F:
         return True  # variation selectors, skin tones, the tags of a subdivision flag
+    if ch == ZWNJ or 0x1160 <= code <= 0x11FF:
+        return True  # a non-joiner; a decomposed Korean syllable's vowel and final
     if code in _REGIONAL:
         run = 0
         while i - run - 1 >= 0 and ord(text[i - run - 1]) in _REGIONAL:

@@ -557,6 +557,13 @@ class _Checkpointer(threading.Thread):
             db.close()
 
 
+# Tokens on record that are neither revoked nor expired (``?``: now), for Store.live_tokens
+# and for doctor, which reads the database without Store (it must neither create, upgrade
+# nor refuse one).
+LIVE_TOKENS = ("SELECT COUNT(*) FROM tokens t LEFT JOIN revocations r ON r.jti = t.jti "
+               "WHERE r.jti IS NULL AND t.exp > ?")
+
+
 class Store:
     """One SQLite connection. Not for the event loop: every call may wait on the disk or on
     another process's lock (up to ``timeout`` seconds)."""
@@ -1421,10 +1428,8 @@ class Store:
 
     def live_tokens(self) -> int:
         """How many tokens on record are neither revoked nor expired (the server's warning
-        on a new key, and doctor's on a missing one)."""
-        return int(self._q("SELECT COUNT(*) FROM tokens t LEFT JOIN revocations r ON "
-                           "r.jti = t.jti WHERE r.jti IS NULL AND t.exp > ?",
-                           (int(time.time()),))[0][0])
+        on a new key)."""
+        return int(self._q(LIVE_TOKENS, (int(time.time()),))[0][0])
 
     def knows_token(self, jti: str) -> bool:
         """Whether a token with this id was issued (or renewed) here."""

@@ -39,7 +39,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -1251,6 +1251,19 @@ class ChatApp:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.link.close(), 0.5)
 
+    def reopen(self, rooms: Sequence[str], shown: str, *, back: str | None) -> None:
+        """Open ``rooms`` (listed in this order, then ``shown`` if it is not among them),
+        showing ``shown``: joined first, so that the server's limit of open rooms falls on
+        the others; refused, the chat goes ``back`` (the room shown last time)."""
+        for name in (*rooms, shown):
+            if name not in self.conversations:
+                self.conversations[name] = self.conversation_for(name)
+        self.join(shown)
+        if back in rooms and back != shown:
+            self.came_from[shown] = back
+        for name in rooms:
+            self.join(name, switch=False)
+
     def open_rooms(self) -> openrooms.OpenRooms:
         """The rooms open now, in the order listed, and the one shown: for the next chat
         with this server (not one closed for good, nor search results)."""
@@ -1362,10 +1375,12 @@ async def run_tui(server: str, room: str | None, *, token: str | None, socket: s
     link = link_for(server, token, socket=socket, port=port, proxy=proxy, address=address)
     me = await _first_contact(link)
     chat = ChatApp(link, me, notify=notify)
-    key = openrooms.server_key(server, port, address)
-    last = openrooms.load(log_path().parent, key)
+    node = link.target.node if link.target else None
+    key = openrooms.server_key(server, port, address=address,
+                               dns_name=node.dns_name if node else "")
     loop = asyncio.get_running_loop()
     with _stderr_to_log():
+        last = openrooms.load(log_path().parent, key)  # (a damaged file: said in the log)
         old_handler = loop.get_exception_handler()
         loop.set_exception_handler(_on_loop_error(chat))
         # The terminal closing (a window, an ssh connection) hangs up: leave as /quit does,
@@ -1375,9 +1390,9 @@ async def run_tui(server: str, room: str | None, *, token: str | None, socket: s
             loop.add_signal_handler(sig, chat.quit)
         loop.add_signal_handler(signal.SIGTSTP, chat.suspend)
         try:
-            asked = (commands.room_name(room) or room) if room else None  # ("#Ops", as /join)
-            for name, shown in openrooms.in_order(last.rooms, asked or last.shown or "general"):
-                chat.join(name, switch=shown)
+            asked = commands.room_asked(room, me.identity.login) if room else None
+            chat.reopen(last.rooms, asked or last.shown or next(iter(last.rooms), "general"),
+                        back=last.shown)
             chat.spawn(chat.poll_unread())
             result = await chat.app.run_async(set_exception_handler=False)
         finally:
