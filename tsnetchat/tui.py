@@ -84,6 +84,7 @@ from .chatview import (
     visible_lines,
     who,
     width_of,
+    wrap,
 )
 from .client import Link, RoomSession, SessionEvent, first_answer, link_for, to_stderr
 from .clienterrors import EXIT_ERROR, ClientError
@@ -91,7 +92,7 @@ from .errors import ConfigError, InvalidInput
 from .outbox import Pacer, State, split_text, utf8_len, with_newlines
 from .pb import chat_pb2 as pb
 from .render import validate_text
-from .resume import Phase, worst
+from .resume import Phase, StreamState, worst
 
 log = logging.getLogger("tsnetchat.tui")
 
@@ -342,15 +343,24 @@ class ChatApp:
         return out
 
     def problem(self) -> str:
-        states = [s.state for s in self.sessions.values() if s.state.phase is not Phase.FAILED]
-        bad = worst(states)
-        if bad is None or bad.error is None or bad.phase not in (
-                Phase.RECONNECTING, Phase.CONNECTING, Phase.WAITING):
+        """What is wrong with the way to the server: the shown room's trouble if it has any
+        (its countdown is the status bar's: two countdowns disagreed with several rooms
+        open; a new user's day, 2026-11-24), else the worst of the others'."""
+        troubled = (Phase.RECONNECTING, Phase.CONNECTING, Phase.WAITING)
+        here = self.sessions.get(self.current or "")
+        if here is not None and here.state.phase in troubled and here.state.error is not None:
+            bad: StreamState | None = here.state
+        else:
+            bad = worst([s.state for s in self.sessions.values()
+                         if s.state.phase is not Phase.FAILED])
+        if bad is None or bad.error is None or bad.phase not in troubled:
             return ""
         return " " + bad.describe(time.monotonic())
 
     def problem_bar(self) -> StyleAndTextTuples:
-        return [("", self.problem())]
+        # (between words: cut at the terminal's edge it read "nothi / ng answers")
+        rows = wrap(self.problem(), max(10, self.app.output.get_size().columns - 1))
+        return [("", "\n".join(rows))]
 
     def status_bar(self) -> StyleAndTextTuples:
         """Who and where, then the state of the room shown. What is pending, not sent or
