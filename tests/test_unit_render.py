@@ -102,3 +102,9 @@ def test_a_change_arriving_after_its_message_was_printed_is_one_notice() -> None
         "09:01 -- Alice edited their message of 09:00: the rollback is at 18:00",
         "       ┊ sharp",
         "09:02 -- Carol deleted Alice's message of 09:00"]
+
+
+def test_text_is_shown_with_its_accents_composed_and_nothing_else_changed() -> None:
+    decomposed = "Chloe\u0301 a\u0300 Montre\u0301al \U0001F44D\U0001F3FD"
+    assert render.visible(decomposed) == "Chlo\u00e9 \u00e0 Montr\u00e9al \U0001F44D\U0001F3FD"
+    assert render.visible("x\u0301") == "x\u0301"  # no such letter: as it came

@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 from typing import Any
 
 from .errors import InvalidInput
@@ -62,9 +63,12 @@ def who(identity: Any) -> str:
 
 
 def visible(text: str) -> str:
-    """Message text safe to print: unsafe characters replaced by ``?``, tabs by spaces. (The
-    server refuses such text; this is for what was stored before, or came another way.)"""
-    return UNSAFE.sub("?", text.replace("\t", "    "))
+    """Message text safe to print: unsafe characters replaced by ``?``, tabs by spaces (the
+    server refuses such text; this is for what was stored before, or came another way), and
+    letters with accents composed where Unicode has them as one character (NFC): an ``e``
+    followed by U+0301 was drawn with the accent twice, or beside its letter, once the chat
+    scrolled (a new user's day, 2026-11-24). What is stored and sent is not changed."""
+    return UNSAFE.sub("?", unicodedata.normalize("NFC", text.replace("\t", "    ")))
 
 
 def validate_text(text: str, kind: int, max_bytes: int) -> None:
