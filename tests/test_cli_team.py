@@ -137,6 +137,12 @@ def test_dm_reaches_only_its_members(alice: Person, bob: Person, server: LabDaem
     assert bob.ok("dm", "alice", "short and sweet heron7").startswith("sent #")
     assert "short and sweet heron7" in [m["text"] for m in alice.json(
         "history", "--room", f"dm:{BOB}")]
+    # ... and `--room` takes what the chat's /join and /msg take: #room, @person, dm:name
+    for typed in ("@bob", "dm:bob"):
+        assert "short and sweet heron7" in [m["text"] for m in alice.json(
+            "history", "--room", typed)]
+    assert alice.ok("send", "--room", "#General", "hashed heron8").startswith("sent #")
+    assert "hashed heron8" in [m["text"] for m in bob.json("history", "--room", "general")]
 
 
 def test_room_members_creates_a_private_room_and_invites(alice: Person, bob: Person) -> None:

@@ -97,7 +97,8 @@ async def send(link: Link, room: str, text: str, *, kind: int, timeout: float,
         why = sendable(text)
         if why is not None:
             raise InvalidInput(f"the message was not sent: {why}")  # (translated below)
-        room = await _at_my_domain(link, room)
+        if _short_names(room):
+            room = await dm_logins(await link.get(), room)
         named: list[str] = []  # the room as the server names it (a DM's canonical name)
         mid = await deliver(link, room, text, kind=kind, timeout=timeout,
                             welcomed=lambda w: named.append(w.room))
@@ -109,18 +110,23 @@ async def send(link: Link, room: str, text: str, *, kind: int, timeout: float,
     return json.dumps({"id": mid, "room": room}) if json_out else f"sent #{mid} to {room}"
 
 
-async def _at_my_domain(link: Link, room: str) -> str:
+async def dm_logins(conn: Connection, room: str) -> str:
     """A DM's short names (``dm:bob``) as logins at the caller's own domain, as the chat's
-    `/msg bob` takes them (`tsnetchat dm SERVER bob` said "'bob' is not a tailnet login":
-    a new user's day, 2026-11-24). One WhoAmI, only when a name is short."""
-    if not room.startswith("dm:"):
+    `/msg bob` takes them (`tsnetchat dm SERVER bob` said "'bob' is not a tailnet login",
+    and so did `history --room dm:bob`: a new user's day, 2026-11-24). One WhoAmI, only
+    when a name is short."""
+    if not _short_names(room):
         return room
-    names = [x.strip() for x in room[3:].split(",") if x.strip()]
-    if all("@" in x or x.startswith("tag:") for x in names):
-        return room
-    conn = await link.get()
     me = str((await conn.whoami()).identity.login)
-    return "dm:" + ",".join(person_login(x, me, ()) for x in names)
+    return "dm:" + ",".join(person_login(x.strip(), me, ()) for x in room[3:].split(",")
+                            if x.strip())
+
+
+def _short_names(room: str) -> bool:
+    """Whether ``room`` is a DM that names someone without a domain."""
+    return room.startswith("dm:") and any(
+        "@" not in x and not x.strip().startswith("tag:") for x in room[3:].split(",")
+        if x.strip())
 
 
 def not_sent(e: ClientError) -> ClientError:
@@ -165,7 +171,11 @@ async def last_messages(conn: Connection, room: str, *, before: int | None,
 
 async def history(link: Link, room: str, *, before: int | None, limit: int, json_out: bool,
                   echo: Echo) -> None:
-    items = await call(link, lambda conn: last_messages(conn, room, before=before, limit=limit))
+    async def read(conn: Connection) -> list[pb.ChatMessage]:
+        return await last_messages(conn, await dm_logins(conn, room), before=before,
+                                   limit=limit)
+
+    items = await call(link, read)
     if json_out:
         echo(json.dumps([message_record(m) for m in items]))
         return
