@@ -187,6 +187,12 @@ def dm_name(me: str, *others: str) -> str:
     return "dm:" + ",".join(sorted({me, *others}))
 
 
+def dm_with(me: str, typed: Iterable[str]) -> str:
+    """The canonical DM of ``me`` and the people ``typed`` (names or logins, spelled by
+    ``person_login`` without anyone seen: a short name is at ``me``'s domain)."""
+    return dm_name(me, *(person_login(x.strip(), me, ()) for x in typed if x.strip()))
+
+
 class Conversation:
     """One buffer: a room, a private room, a DM, or search results (``kind`` "room",
     "private", "dm", "search", "system"): what was said, what is unread, where the view is.

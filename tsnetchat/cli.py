@@ -25,7 +25,8 @@ import grpc
 import typer
 
 from . import __version__
-from .config import PRIVATE_RE, ROOM_RE, ServerConfig, load_config
+from .commands import room_option
+from .config import ServerConfig, load_config
 from .errors import (
     ConfigError,
     InvalidInput,
@@ -438,18 +439,10 @@ def config_show(config: ConfigOpt = None) -> None:
 # --- client commands -----------------------------------------------------------------
 
 ServerArg = Annotated[str, typer.Argument(help="Server: MagicDNS name, full name or tailnet IP.")]
-def _room_typed(value: str) -> str:
-    """``--room`` as the chat's /join takes it: ``#General`` is ``general``, ``@bob`` the DM
-    ``dm:bob`` (a short name: at the caller's domain). (`send --room '#general'` was refused
-    as no room name while `connect --room '#ops'` took it: a new user's day, 2026-11-24.)"""
-    if value.startswith("@"):
-        return "dm:" + value[1:]
-    low = value.removeprefix("#").lower()  # (no stripping: "general\n" stays refused)
-    return low if ROOM_RE.fullmatch(low) or PRIVATE_RE.fullmatch(low) else value
-
-
-RoomOpt = Annotated[str, typer.Option("--room", "-r", help="Room name (#room, +private, "
-                                      "@person or dm:LOGIN,...).", callback=_room_typed)]
+RoomOpt = Annotated[str, typer.Option(
+    "--room", "-r", callback=room_option,
+    help="Room: general or #general, +private, dm:LOGIN,... (send and history also take "
+         "@person and dm:person).")]
 TokenOpt = Annotated[str | None, typer.Option(help="Token (or TSNETCHAT_TOKEN).")]
 TokenFileOpt = Annotated[Path | None, typer.Option(help="File holding the token.")]
 ProxyOpt = Annotated[str | None, typer.Option(

@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from .chatview import CHANGES, PlainView, found_lines, person_login
+from .chatview import CHANGES, PlainView, dm_with, found_lines
 from .client import (
     Connection,
     Link,
@@ -117,9 +117,7 @@ async def dm_logins(conn: Connection, room: str) -> str:
     when a name is short."""
     if not _short_names(room):
         return room
-    me = str((await conn.whoami()).identity.login)
-    return "dm:" + ",".join(person_login(x.strip(), me, ()) for x in room[3:].split(",")
-                            if x.strip())
+    return dm_with(str((await conn.whoami()).identity.login), room[3:].split(","))
 
 
 def _short_names(room: str) -> bool:

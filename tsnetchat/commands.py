@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from .chatview import dm_name, person_login
+from .chatview import dm_with
 from .config import LOGIN_RE, PRIVATE_RE, ROOM_RE
 
 MAX_HISTORY_PAGE = 200
@@ -95,6 +95,18 @@ def room_name(arg: str) -> str | None:
     return name if ROOM_RE.fullmatch(name) or PRIVATE_RE.fullmatch(name) else None
 
 
+def room_option(value: str) -> str:
+    """The one-shot commands' ``--room`` as the chat's /join takes it: ``#General`` is
+    ``general``, ``@bob`` the DM ``dm:bob`` (a short name, at the caller's domain:
+    clientcmds.dm_logins). Nothing is stripped: the server refuses ``general\n`` as it is.
+    (`send --room '#general'` was refused as no room name while `connect --room '#ops'`
+    took it: a new user's day, 2026-11-24.)"""
+    if value.startswith("@"):
+        return "dm:" + value[1:]
+    low = value.removeprefix("#").lower()
+    return low if ROOM_RE.fullmatch(low) or PRIVATE_RE.fullmatch(low) else value
+
+
 def room_asked(typed: str, me: str) -> str:
     """The room ``connect --room`` names, as the chat names rooms: ``#Ops`` is ``ops``, and
     a DM (``@bob``, ``dm:bob``, ``dm:bob@example.com``) is its one canonical name, with the
@@ -102,8 +114,7 @@ def room_asked(typed: str, me: str) -> str:
     user's day, 2026-11-24)."""
     word = typed.strip()
     if word.startswith("@") or word.startswith("dm:"):
-        names = [x.strip() for x in word.removeprefix("dm:").lstrip("@").split(",")]
-        return dm_name(me, *(person_login(x, me, ()) for x in names if x))
+        return dm_with(me, word.removeprefix("dm:").lstrip("@").split(","))
     return room_name(word) or word
 
 

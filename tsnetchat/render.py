@@ -51,7 +51,7 @@ def is_blank(text: str) -> bool:
 def name(shown: str, fallback: str = "") -> str:
     """``shown`` made safe to print as a name (see the module doc), or ``fallback`` (made
     safe the same way) when nothing visible is left."""
-    clean = _NAME_BAD.sub(lambda m: " " if m.group() == " " else "?", shown).strip()
+    clean = _NAME_BAD.sub(lambda m: " " if m.group() == " " else "?", composed(shown)).strip()
     if not clean or set(clean) <= {"?", " "}:
         return name(fallback) if fallback else "?"
     return clean if len(clean) <= NAME_MAX else clean[:NAME_MAX - 1] + "…"
@@ -62,13 +62,26 @@ def who(identity: Any) -> str:
     return name(str(identity.display_name), str(identity.login))
 
 
+# A character followed by combining marks (accents, a kana's voicing mark): such a cluster is
+# shown composed where Unicode has it as one character. An "e" followed by U+0301 was drawn
+# with the accent twice, or beside its letter, once the chat scrolled (a new user's day,
+# 2026-11-24). Only these clusters: NFC of the whole text would also swap CJK compatibility
+# ideographs (a glyph variant in a name) and take apart its composition exclusions.
+_MARKED = re.compile("[^\u0300-\u036f][\u0300-\u036f\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-"
+                     "\u20ff\u3099\u309a\ufe20-\ufe2f]+")
+
+
+def composed(text: str) -> str:
+    """``text`` with each letter and the accents that follow it composed (see _MARKED)."""
+    return _MARKED.sub(lambda m: unicodedata.normalize("NFC", m.group()), text)
+
+
 def visible(text: str) -> str:
     """Message text safe to print: unsafe characters replaced by ``?``, tabs by spaces (the
     server refuses such text; this is for what was stored before, or came another way), and
-    letters with accents composed where Unicode has them as one character (NFC): an ``e``
-    followed by U+0301 was drawn with the accent twice, or beside its letter, once the chat
-    scrolled (a new user's day, 2026-11-24). What is stored and sent is not changed."""
-    return UNSAFE.sub("?", unicodedata.normalize("NFC", text.replace("\t", "    ")))
+    accents composed with their letters (``composed``). What is stored and sent, and what
+    ``--json`` prints, is not changed."""
+    return UNSAFE.sub("?", composed(text.replace("\t", "    ")))
 
 
 def validate_text(text: str, kind: int, max_bytes: int) -> None:

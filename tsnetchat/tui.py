@@ -236,6 +236,8 @@ class ChatApp:
         # meanwhile, or while the server was down, went to the room before.)
         self.came_from: dict[str, str | None] = {}
         self.created: set[str] = set()  # private rooms /create made and then joined
+        # A room closed for good that /join asks for again: its old session, until welcomed.
+        self.rejoining: dict[str, RoomSession] = {}
         self.system = Conversation("tsnetchat", kind="system")  # shown when in no room
         self.split_offer: str | None = None  # an over-long text the person may send in parts
         self.loading: set[str] = set()
@@ -682,7 +684,8 @@ class ChatApp:
             # user's day, 2026-11-24)
             title = self.conversations[room or self.current or ""].title
             self.say(f"{title} is closed for good, so this cannot be sent there (your text is "
-                     "still in the input; /leave closes the room)", error=True)
+                     "still in the input; /join asks for it again, /leave closes it)",
+                     error=True)
             return True
         text = with_newlines(text)
         limit = session.max_message_bytes
@@ -880,9 +883,10 @@ class ChatApp:
         async def run() -> None:
             conn = await self.link.get()
             res = await conn.kick(conv.name, login)
-            self.say(f"{login}: {res.streams_closed} stream(s) in {conv.title} closed; they "
-                     "may join again (to keep them out, revoke their token or narrow their "
-                     "grant)")
+            # (in cluster mode the other servers close theirs too, uncounted here)
+            self.say(f"{login} was removed from {conv.title} ({res.streams_closed} stream(s) "
+                     "on this server); they may join again (to keep them out, revoke their "
+                     "token or narrow their grant)")
 
         self.spawn(run(), line=line, room=conv.name)
         return False
@@ -958,9 +962,10 @@ class ChatApp:
         if old is not None:
             # A room closed for good (a kick, a right withdrawn) is asked for again, from
             # where it stopped, keeping what was typed for it: /join did nothing there.
+            # Refused again, it stays as it was (``on_fatal``).
             self.tasks.pop(room).cancel()
-            self.spawn(old.close())
             session.outbox = old.outbox
+            self.rejoining[room] = old
         self.sessions[room] = session
         if switch:
             self.came_from[room] = self.current
@@ -984,6 +989,9 @@ class ChatApp:
         self.tasks.pop(room).cancel()
         self.came_from.pop(room, None)
         self.spawn(session.close())
+        old = self.rejoining.pop(room, None)
+        if old is not None:
+            self.spawn(old.close())
         title = self.conversations[room].title
         self.close_buffer(room)
         self.say(f"left {title}")
@@ -1034,6 +1042,9 @@ class ChatApp:
             conv.last_read = w.last_read_id
             self.known_rooms.add(conv.name)
             self.came_from.pop(conv.name, None)
+            old = self.rejoining.pop(conv.name, None)
+            if old is not None:
+                self.spawn(old.close())
         elif ev.kind == "message" and ev.message is not None:
             self.on_message(conv, ev.message)
         elif ev.kind == "replay_done" and ev.first:
@@ -1133,6 +1144,15 @@ class ChatApp:
             self.ring(conv, m)  # a direct message is meant for you
 
     def on_fatal(self, conv: Conversation, session: RoomSession, err: ClientError) -> None:
+        old = self.rejoining.pop(conv.name, None)
+        if old is not None and not session.state.ever_connected:
+            # A room closed for good, refused again: as it was, with what was typed for it
+            # (still listed when the chat ends, and in unsent.txt).
+            self.sessions[conv.name] = old
+            self.tasks.pop(conv.name, None)
+            self.came_from.pop(conv.name, None)
+            self.say(f"cannot join {conv.title}: {err}", error=True)
+            return
         if not session.state.ever_connected:
             # A refused /join: one line where the person is, and they stay there.
             self.sessions.pop(conv.name, None)
@@ -1255,7 +1275,7 @@ class ChatApp:
         """Stop every room and the link, within a second whatever the network does."""
         for t in [*self.tasks.values(), *self.background]:
             t.cancel()
-        closing = [s.close() for s in self.sessions.values()]
+        closing = [s.close() for s in (*self.sessions.values(), *self.rejoining.values())]
         with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.gather(*closing, return_exceptions=True), 0.5)
         with contextlib.suppress(Exception):
