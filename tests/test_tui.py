@@ -514,6 +514,11 @@ def test_a_private_room_is_created_joined_by_its_members_and_refused_to_others(
     bob.wait_for(r"!! cannot join \+ops: ")
     assert re.search(r"\d \+ops +✗", bob.screen()), bob.screen()
     assert status_line(bob).split("│")[1] == " +ops "
+    bob.type("/join +ops")  # and again: as often as one likes
+    bob.wait_for(r"!! cannot join \+ops: [\s\S]*!! cannot join \+ops: ")
+    bob.type("/leave")
+    bob.wait_for(r"left \+ops")
+    assert not re.search(r"\d \+ops", bob.screen())
     no_python_on(alice, bob, mallory)
 
 

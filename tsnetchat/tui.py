@@ -963,7 +963,9 @@ class ChatApp:
             # A room closed for good (a kick, a right withdrawn) is asked for again, from
             # where it stopped, keeping what was typed for it: /join did nothing there.
             # Refused again, it stays as it was (``on_fatal``).
-            self.tasks.pop(room).cancel()
+            task = self.tasks.pop(room, None)  # (none once refused again: on_fatal)
+            if task is not None:
+                task.cancel()
             session.outbox = old.outbox
             self.rejoining[room] = old
         self.sessions[room] = session
@@ -986,7 +988,9 @@ class ChatApp:
             where = room if room.startswith("+") else f"#{room}"
             self.say(f"not in {where}" if room else "not in a room", error=True)
             return
-        self.tasks.pop(room).cancel()
+        task = self.tasks.pop(room, None)  # (none for a room refused again: on_fatal)
+        if task is not None:
+            task.cancel()
         self.came_from.pop(room, None)
         self.spawn(session.close())
         old = self.rejoining.pop(room, None)
@@ -1400,8 +1404,8 @@ async def run_tui(server: str, room: str | None, *, token: str | None, socket: s
                   proxy: str, port: int, address: str = "", notify: bool = False) -> int:
     """The chat in this terminal until /quit, Ctrl-D or Ctrl-C, in the rooms open when the
     last one with this server ended, showing ``room`` (by default the one shown then, else
-    #general). Raises ClientError when the server cannot be reached or refuses us at the
-    start."""
+    the first of them, else #general). Raises ClientError when the server cannot be
+    reached or refuses us at the start."""
     link = link_for(server, token, socket=socket, port=port, proxy=proxy, address=address)
     me = await _first_contact(link)
     chat = ChatApp(link, me, notify=notify)
