@@ -91,7 +91,11 @@ class Problem:
 
 def room_name(arg: str) -> str | None:
     """``#Room``, ``room`` or ``+private`` as a room name, or None when it cannot be one."""
-    name = arg.strip().lstrip("#").lower()
+    return _a_room(arg.strip().lstrip("#").lower())
+
+
+def _a_room(name: str) -> str | None:
+    """``name`` if it is a room's or a private room's name as it stands, else None."""
     return name if ROOM_RE.fullmatch(name) or PRIVATE_RE.fullmatch(name) else None
 
 
@@ -103,8 +107,7 @@ def room_option(value: str) -> str:
     took it: a new user's day, 2026-11-24.)"""
     if value.startswith("@"):
         return "dm:" + value[1:]
-    low = value.removeprefix("#").lower()
-    return low if ROOM_RE.fullmatch(low) or PRIVATE_RE.fullmatch(low) else value
+    return _a_room(value.removeprefix("#").lower()) or value
 
 
 def room_asked(typed: str, me: str) -> str:
