@@ -12,9 +12,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import signal
 import stat
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +74,45 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "server_config(**kw): overrides for the chat and "
                                        "lab_chat fixtures")
     config.addinivalue_line("markers", "pacing(**kw): the chat fixture's hub Pacing")
+
+
+def _await_chain(coro: Any) -> list[str]:
+    """Where a suspended coroutine waits, through every await down to the innermost one
+    (``Task.get_stack`` shows only the outermost frame of a suspended task)."""
+    chain = []
+    while coro is not None and len(chain) < 40:
+        frame = next((getattr(coro, a) for a in ("cr_frame", "ag_frame", "gi_frame")
+                      if getattr(coro, a, None) is not None), None)
+        if frame is None:
+            chain.append(repr(coro))
+            break
+        chain.append(f"{frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}")
+        coro = next((getattr(coro, a) for a in ("cr_await", "ag_await", "gi_yieldfrom")
+                     if getattr(coro, a, None) is not None), None)
+    return chain
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_timeout_set_timer(item: pytest.Item, settings: Any) -> Generator[None, Any, Any]:
+    """Before pytest-timeout fails a test, print every asyncio task's stack, not only the
+    threads' (which it prints). A hang in an async test shows the event loop idle in
+    ``select`` and nothing of the await that never returned: the way a cluster test hung
+    once in a full CI run (2026-11-24) left no clue."""
+    result = yield
+    handler = signal.getsignal(signal.SIGALRM)
+    if callable(handler):
+        def dump_then_fail(signum: int, frame: Any) -> None:
+            loop = asyncio._get_running_loop()
+            if loop is not None:
+                print("+++ asyncio tasks at the timeout +++", file=sys.stderr)
+                for task in asyncio.all_tasks(loop):
+                    print(f"--- {task!r}", file=sys.stderr)
+                    for where in _await_chain(task.get_coro()):
+                        print(f"    {where}", file=sys.stderr)
+            handler(signum, frame)
+
+        signal.signal(signal.SIGALRM, dump_then_fail)
+    return result
 
 
 # --- the real lab ---------------------------------------------------------------------
