@@ -145,6 +145,23 @@ def test_dm_reaches_only_its_members(alice: Person, bob: Person, server: LabDaem
     assert "hashed heron8" in [m["text"] for m in bob.json("history", "--room", "general")]
 
 
+def test_every_command_that_takes_a_room_takes_a_direct_messages_short_name(
+        alice: Person, bob: Person) -> None:
+    """tail, topic, edit, delete and search said "'bob' is not a tailnet login" to a
+    `--room` that send and history took (a new user's day, 2026-11-24)."""
+    room = f"dm:{ALICE},{BOB}"
+    mid = send(alice, "@bob", "short heron9")
+    assert [m["room"] for m in alice.json("search", "heron9", "--room", "@bob")] == [room]
+    assert alice.json("edit", str(mid), "short heron10", "--room", "dm:bob")["room"] == room
+    lines = bob.ok("tail", "--room", "@alice", "--after", str(mid - 1), "--count", "2",
+                   "--json").splitlines()
+    assert [(m["kind"], m["text"]) for m in map(json.loads, lines) if m["type"] == "message"
+            ] == [("text", "short heron10"), ("edit", "short heron10")]
+    assert json.loads(lines[-1])["room"] == room
+    assert alice.json("delete", str(mid), "--room", "@bob")["room"] == room
+    assert bob.json("topic", "--room", "dm:alice")["room"] == room
+
+
 def test_room_members_creates_a_private_room_and_invites(alice: Person, bob: Person) -> None:
     made = alice.json("room-members", "+ops", "--create", "--add", ALICE)
     assert made["members"] == [ALICE]

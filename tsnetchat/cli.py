@@ -441,8 +441,8 @@ def config_show(config: ConfigOpt = None) -> None:
 ServerArg = Annotated[str, typer.Argument(help="Server: MagicDNS name, full name or tailnet IP.")]
 RoomOpt = Annotated[str, typer.Option(
     "--room", "-r", callback=room_option,
-    help="Room: general or #general, +private, dm:LOGIN,... (send and history also take "
-         "@person and dm:person).")]
+    help="Room: general or #general, +private, dm:LOGIN,... or a direct message's short "
+         "name: @person, dm:person.")]
 TokenOpt = Annotated[str | None, typer.Option(help="Token (or TSNETCHAT_TOKEN).")]
 TokenFileOpt = Annotated[Path | None, typer.Option(help="File holding the token.")]
 ProxyOpt = Annotated[str | None, typer.Option(
@@ -679,7 +679,9 @@ JsonOpt = Annotated[bool, typer.Option("--json")]
 def search(
     server: ServerArg, query: Annotated[str, typer.Argument(help="Words; all must occur; "
                                                              "word* matches a prefix.")],
-    room: Annotated[list[str] | None, typer.Option(help="Only this room (repeatable).")] = None,
+    room: Annotated[list[str] | None, typer.Option(
+        "--room", "-r", callback=lambda rooms: [room_option(r) for r in rooms or ()],
+        help="Only this room (repeatable): as --room elsewhere.")] = None,
     author: Annotated[str, typer.Option(help="Only from this login.")] = "",
     since: Annotated[int, typer.Option(help="Only from this time (ms since the epoch).",
                                        min=0, max=MAX_ID)] = 0,

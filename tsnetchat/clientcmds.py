@@ -195,6 +195,13 @@ async def tail(link: Link, room: str, *, after: int | None, new: bool, count: in
                json_out: bool, echo: Echo, warn: Echo) -> None:
     """Follow ``room`` (Subscribe) until ``count`` messages (0: for ever). A lost connection
     is one line on ``warn`` and another when it is back; nothing is missed or repeated."""
+    if _short_names(room):
+        try:
+            room = await first_answer(link, lambda c: dm_logins(c, room), grace=START_GRACE,
+                                      warn=warn)
+        except BaseException:
+            await link.close()
+            raise
     session = RoomSession(link, room, after_id=after, from_now=new, read_only=True)
     text = TextOut(echo)
     seen = 0
@@ -257,9 +264,12 @@ def _messages(msgs: Any, json_out: bool, echo: Echo, *, none: str) -> None:
 async def search(link: Link, query: str, *, rooms: list[str], author: str, since_ms: int,
                  until_ms: int, newest: bool, limit: int, offset: int, json_out: bool,
                  echo: Echo) -> None:
-    res = await call(link, lambda c: c.search(query, rooms=rooms, author=author,
-                                              since_ms=since_ms, until_ms=until_ms,
-                                              newest=newest, limit=limit, offset=offset))
+    async def find(c: Connection) -> pb.SearchResponse:
+        return await c.search(query, rooms=[await dm_logins(c, r) for r in rooms],
+                              author=author, since_ms=since_ms, until_ms=until_ms,
+                              newest=newest, limit=limit, offset=offset)
+
+    res = await call(link, find)
     _messages(res.messages, json_out, echo,
               none="no more messages match" if offset else "no messages match")
     if res.more and not json_out:
@@ -289,7 +299,10 @@ async def mentions(link: Link, *, include_read: bool, json_out: bool, echo: Echo
 
 async def show_topic(link: Link, room: str, *, json_out: bool) -> str:
     """A room's topic, who set it and when (from the rooms the caller may use)."""
-    rooms = await call(link, lambda c: c.list_rooms())
+    async def read(c: Connection) -> tuple[str, pb.ListRoomsResponse]:
+        return await dm_logins(c, room), await c.list_rooms()
+
+    room, rooms = await call(link, read)
     info = next((r for r in rooms.rooms if r.name == room), None)
     if info is None:
         raise link.translate(InvalidInput(
@@ -319,14 +332,18 @@ async def change(link: Link, room: str, what: str, *, target: int = 0, text: str
             await link.close()
             raise link.translate(e) from None
 
+    named = [room]  # the room as the server names it (a DM's logins)
+
     async def run(c: Connection) -> int:
+        named[0] = await dm_logins(c, room)
         if what == "edit":
-            return await c.edit(room, target, text, client_msg_id=cmid)
+            return await c.edit(named[0], target, text, client_msg_id=cmid)
         if what == "delete":
-            return await c.delete(room, target, client_msg_id=cmid)
-        return await c.set_topic(room, text, client_msg_id=cmid)
+            return await c.delete(named[0], target, client_msg_id=cmid)
+        return await c.set_topic(named[0], text, client_msg_id=cmid)
 
     mid = await call(link, run, warn=warn)
+    room = named[0]
     if json_out:
         return json.dumps({"id": mid, "room": room})
     if what == "edit":
