@@ -226,6 +226,9 @@ def test_no_such_peer_suggests_the_closest_names(chat_server: LabDaemon) -> None
                   *chat_server.client_args("bob-laptop"))
     assert out.returncode == 4
     assert "no peer named 'chat-servr'" in out.stderr and "did you mean chat-server" in out.stderr
+    # once: the steps tried say what each saw, not the suggestions again
+    assert out.stderr.count("did you mean") == 1, out.stderr
+    assert "1. LocalAPI: " in out.stderr and "not among the " in out.stderr, out.stderr
 
 
 def test_tailscaled_not_running_is_explained(tmp_path: Path) -> None:

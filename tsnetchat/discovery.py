@@ -426,8 +426,12 @@ async def discover(name: str, *, socket: str = "", report: Report | None = None)
         try:
             peer = find_peer(st, query)
         except PeerNotFound as e:
-            hint = e
-            note(Step(label, False, f"{where}: {e} ({len(st.peers)} peers listed)"))
+            hint = e  # the headline if nothing finds it: the step says only what it saw
+            # (the suggestions were printed twice, in the headline and in this step: a new
+            # user's day, 2026-11-24)
+            note(Step(label, False, f"{where}: not among the {len(st.peers)} peers it "
+                                    "lists" + ("" if st.magic_dns_enabled else
+                                               ", and MagicDNS is off")))
             return None
         except TailnetError as e:  # offline: final, the resolver cannot do better
             note(Step(label, False, f"{where}: {e}"))
