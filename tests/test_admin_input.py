@@ -189,6 +189,20 @@ async def test_the_doctor_fails_a_damaged_history_and_a_short_key_and_says_what_
     assert found.verdict == FAIL and "is empty (0 bytes)" in found.detail, found
 
 
+def test_a_bad_option_is_a_plain_line_and_help_wraps_without_cutting_a_word() -> None:
+    """Rich drew a bad option's error in a box, and cut `connect --help`'s proxy example to
+    "socks5://127.0.0.1…" at 80 columns (a new user's day, 2026-11-24)."""
+    out = run_cli("send", "chat-server", "--count", "3", "hello")
+    assert out.returncode == 2 and out.stdout == ""
+    assert "\nError: No such option: --count (" in out.stderr, out.stderr
+    assert not set("╭│╰…") & set(out.stderr)
+    for width in ("80", "200"):
+        shown = run_cli("connect", "--help", env={**os.environ, "COLUMNS": width})
+        assert shown.returncode == 0, shown.stderr
+        assert "socks5://127.0.0.1:1055" in shown.stdout and "…" not in shown.stdout
+        assert max(map(len, shown.stdout.splitlines())) <= int(width)
+
+
 def test_a_command_that_fails_unforeseen_says_so_in_one_line_without_a_traceback(
         tmp_path: Path) -> None:
     script = ("import sys\nimport tsnetchat.doctor as d\n"

@@ -40,14 +40,23 @@ from .errors import (
 )
 from .loop import new_event_loop
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="A private chat service on your Tailscale tailnet.")
-token_app = typer.Typer(no_args_is_help=True, help="Issue, list and revoke access tokens.")
-config_app = typer.Typer(no_args_is_help=True, help="Inspect the effective configuration.")
+
+def _typer(help: str, **kw: Any) -> typer.Typer:
+    """A command group in plain text: a bad option is one line under the usage, as every
+    other error is, and help wraps to the terminal (up to 120 columns) without cutting a
+    word. (Rich drew errors in a box and cut `--proxy`'s socks5://127.0.0.1:1055 to
+    "socks5://127.0.0.1…" at 80 columns: a new user's day, 2026-11-24.)"""
+    return typer.Typer(no_args_is_help=True, help=help, rich_markup_mode=None,
+                       context_settings={"max_content_width": 120}, **kw)
+
+
+app = _typer("A private chat service on your Tailscale tailnet.", add_completion=False)
+token_app = _typer("Issue, list and revoke access tokens.")
+config_app = _typer("Inspect the effective configuration.")
 app.add_typer(token_app, name="token")
 app.add_typer(config_app, name="config")
-grants_app = typer.Typer(no_args_is_help=True, help="Show and edit tsnetchat's grants in the "
-                         "tailnet policy file (Tailscale's API).")
+grants_app = _typer("Show and edit tsnetchat's grants in the tailnet policy file (Tailscale's "
+                    "API).")
 app.add_typer(grants_app, name="grants")
 
 EXIT = {ConfigError: 3, TailnetError: 4, Unauthenticated: 5, PermissionDenied: 6,
