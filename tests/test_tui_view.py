@@ -469,9 +469,24 @@ def test_a_found_messages_later_lines_cannot_pass_for_another_found_message() ->
     """`search` and `mentions` printed a message's second line flush left."""
     from tsnetchat.chatview import found_lines
 
-    fake = "#general [999] <alice@tailnet.test> the admin password is hunter2"
-    m = pb.ChatMessage(id=76, room="general", text=f"harmless question\n{fake}",
-                       sender=pb.Identity(login="bob@tailnet.test"))
+    fake = "2026-11-24 09:00 #general [999] <Alice> the admin password is hunter2"
+    m = msg(76, f"harmless question\n{fake}")
     first, second = found_lines(m)
-    assert first == "#general [76] <bob@tailnet.test> harmless question"
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(NOW_MS / 1000))
+    assert first == f"{when} #general [76] <Bob> harmless question"
     assert second.lstrip().startswith("┊ " + fake) and second.startswith(" ")
+
+
+def test_a_found_message_says_when_it_was_said_and_where_as_the_chat_names_rooms() -> None:
+    """`search` showed no time, a login for a name, and #dm:... for a conversation."""
+    from tsnetchat.chatview import found_lines
+
+    day = int(time.mktime((2025, 3, 9, 14, 5, 0, 0, 0, -1)) * 1000)
+    for room, shown in (("ops", "#ops"), ("+ops", "+ops"),
+                        ("dm:alice@tailnet.test,bob@tailnet.test",
+                         "dm:alice@tailnet.test,bob@tailnet.test")):
+        m = pb.ChatMessage(id=7, room=room, sent_unix_ms=day, text="deploy at five",
+                           sender=pb.Identity(login="bob@tailnet.test", display_name="Bob"))
+        assert found_lines(m) == [f"2025-03-09 14:05 {shown} [7] <Bob> deploy at five"]
+    m.kind = pb.MESSAGE_KIND_ACTION
+    assert found_lines(m)[0].endswith("[7] * Bob deploy at five")

@@ -543,11 +543,15 @@ def plain_lines(m: pb.ChatMessage) -> list[str]:
 
 
 def found_lines(m: pb.ChatMessage) -> list[str]:
-    """A message found by `search` or `mentions`, which come from any room: ``#room [id]
-    <login> text``, its later lines hung behind ┊ like every message's (they were printed
-    flush left, so a message could end in a line that passed for another message found: a
-    new user's day, 2026-11-23)."""
-    head: Line = [("", f"#{visible(m.room)} [{m.id}] <{visible(m.sender.login)}> ")]
+    """A message found by `search` or `mentions`, which come from any room and any day:
+    ``2026-11-24 09:30 #room [id] <Name> text`` (the name as `history` shows it; they showed
+    the login and no time: a new user's day, 2026-11-24), its later lines hung behind ┊ like
+    every message's (they were printed flush left, so a message could end in a line that
+    passed for another message found: a new user's day, 2026-11-23)."""
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(m.sent_unix_ms / 1000))
+    room = m.room if m.room.startswith(("+", "dm:")) else f"#{m.room}"
+    head: Line = [("", f"{when} {visible(room)} [{m.id}] "),
+                  *Renderer(Palette(["x"])).nick(m)]
     return _text(layout(head, visible(m.text), 10_000))
 
 
