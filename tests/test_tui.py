@@ -743,6 +743,12 @@ def test_refused_input_stays_in_the_input_and_a_long_paste_is_offered_in_parts(
     alice.wait_for(r"!! message contains a control character \(U\+0007\)")
     alice.wait_for(r"#general> ring \^G the bell")  # kept for editing
     alice.keys("C-u")
+    alice.type("/jion #random")  # so is a command that cannot be, and it says so
+    said = (r"!! unknown command /jion; did you mean /join ROOM\? \(// at the start sends a "
+            r"/\) \(your text is still in the input\)")
+    alice.wait_for(said.replace(" ", r"[\s│]+"))  # (wrapped where the screen ends)
+    alice.wait_for(r"#general> /jion #random")
+    alice.keys("C-u")
     long = " ".join(f"w{i:04d}" for i in range(1000))  # 5,999 bytes
     alice.tmux("set-buffer", long)
     alice.tmux("paste-buffer", "-p", "-t", alice.name)

@@ -624,7 +624,9 @@ class ChatApp:
         """Carry out one submitted line; True keeps it in the input for editing."""
         parsed = commands.parse(line)
         if isinstance(parsed, commands.Problem):
-            self.say(parsed.text, error=True)
+            # (the line stayed without a word, and read as lost or as still to be sent: a
+            # new user's day, 2026-11-24)
+            self.say(f"{parsed.text} (your text is still in the input)", error=True)
             return True
         if isinstance(parsed, commands.Message):
             return self.send(parsed.text, pb.MESSAGE_KIND_TEXT, line)
