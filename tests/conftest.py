@@ -28,7 +28,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import nats_lab  # noqa: E402
 import tailnet_lab  # noqa: E402
-from helpers import Chat, LabChat, Pump, chat_server, lab_server, need  # noqa: E402
+from helpers import (  # noqa: E402
+    Chat,
+    LabChat,
+    Pump,
+    await_chain,
+    chat_server,
+    lab_server,
+    need,
+)
 
 from tsnetchat.hub import Pacing  # noqa: E402
 
@@ -76,22 +84,6 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "pacing(**kw): the chat fixture's hub Pacing")
 
 
-def _await_chain(coro: Any) -> list[str]:
-    """Where a suspended coroutine waits, through every await down to the innermost one
-    (``Task.get_stack`` shows only the outermost frame of a suspended task)."""
-    chain = []
-    while coro is not None and len(chain) < 40:
-        frame = next((getattr(coro, a) for a in ("cr_frame", "ag_frame", "gi_frame")
-                      if getattr(coro, a, None) is not None), None)
-        if frame is None:
-            chain.append(repr(coro))
-            break
-        chain.append(f"{frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}")
-        coro = next((getattr(coro, a) for a in ("cr_await", "ag_await", "gi_yieldfrom")
-                     if getattr(coro, a, None) is not None), None)
-    return chain
-
-
 @pytest.hookimpl(wrapper=True)
 def pytest_timeout_set_timer(item: pytest.Item, settings: Any) -> Generator[None, Any, Any]:
     """Before pytest-timeout fails a test, print every asyncio task's stack, not only the
@@ -107,7 +99,7 @@ def pytest_timeout_set_timer(item: pytest.Item, settings: Any) -> Generator[None
                 print("+++ asyncio tasks at the timeout +++", file=sys.stderr)
                 for task in asyncio.all_tasks(loop):
                     print(f"--- {task!r}", file=sys.stderr)
-                    for where in _await_chain(task.get_coro()):
+                    for where in await_chain(task.get_coro()):
                         print(f"    {where}", file=sys.stderr)
             handler(signum, frame)
 

@@ -277,11 +277,37 @@ async def _close(conns: list[Connection], server: Server) -> None:
 
 
 async def bounded(step: Any, what: str, timeout: float = 30) -> Any:
-    """Await ``step``; a hang fails the test naming the step instead of timing it out."""
+    """Await ``step``; a hang fails the test naming the step, and where it waited, instead of
+    timing it out. (Not ``wait_for``: it waits for a step it cancelled to end, and a step that
+    swallowed the cancellation hung the test until pytest-timeout's 180 s.)"""
+    task = asyncio.ensure_future(step)
     try:
-        return await asyncio.wait_for(step, timeout)
-    except TimeoutError:
-        raise AssertionError(f"{what} did not finish in {timeout:.0f}s") from None
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if done:
+        return task.result()
+    where = "\n  ".join(await_chain(task.get_coro()))
+    task.cancel()
+    await asyncio.wait({task}, timeout=5)
+    raise AssertionError(f"{what} did not finish in {timeout:.0f}s; it waited at\n  {where}")
+
+
+def await_chain(coro: Any) -> list[str]:
+    """Where a suspended coroutine waits, through every await down to the innermost one
+    (``Task.get_stack`` shows only the outermost frame of a suspended task)."""
+    chain = []
+    while coro is not None and len(chain) < 40:
+        frame = next((getattr(coro, a) for a in ("cr_frame", "ag_frame", "gi_frame")
+                      if getattr(coro, a, None) is not None), None)
+        if frame is None:
+            chain.append(repr(coro))
+            break
+        chain.append(f"{frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}")
+        coro = next((getattr(coro, a) for a in ("cr_await", "ag_await", "gi_yieldfrom")
+                     if getattr(coro, a, None) is not None), None)
+    return chain
 
 
 class LocalAPIRelay:

@@ -669,11 +669,10 @@ class ClusterHistory:
         for sub in [s for s in (*self._subs, self._consumer) if s is not None]:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
-        for t in [*self._tasks, *self._appenders.values()]:
+        tasks = [*self._tasks, *self._appenders.values()]
+        for t in tasks:
             t.cancel()
-        for t in [*self._tasks, *self._appenders.values()]:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await asyncio.gather(*tasks, return_exceptions=True)  # (as Server.stop's)
         for p in list(self._mine.values()):  # (queued ones: settled by their appender)
             self._settle(p, _unconfirmed("the server stopped before the chat cluster "
                                          "confirmed this message"))

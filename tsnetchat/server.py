@@ -574,9 +574,9 @@ class Server:
             await self._grpc.stop(grace)
         for t in self._tasks:
             t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        # (gather, not `suppress(CancelledError)` around each await: that also swallowed a
+        # cancellation of stop() itself, so a stop under a time limit went on past it)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.store.close()
         self._lock.release()
 
@@ -594,8 +594,7 @@ async def _unless_stopped(stop: asyncio.Event, step: Awaitable[None]) -> bool:
         task.result()
         return True
     task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await asyncio.gather(task, return_exceptions=True)
     log.info("stopped before start-up was done")
     return False
 
