@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import hashlib
 import os
@@ -19,6 +20,7 @@ from tsnetchat.loop import (
     Collector,
     LoopLoad,
     batch_grpc_wakeups,
+    cancel_all,
     freeze_startup_heap,
     new_event_loop,
     yield_helper_threads,
@@ -249,3 +251,48 @@ def test_without_a_grpc_server_in_the_loop_nothing_is_wrapped() -> None:
 
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         assert runner.run(scenario()) is False
+
+
+async def test_cancel_all_ends_a_task_whose_loop_lost_the_first_cancellation() -> None:
+    """As Python 3.11's wait_for does when what it waits for arrives with the cancellation:
+    the task goes on waiting, and only a second cancellation ends it."""
+    cancels = 0
+
+    async def loses_one() -> None:
+        nonlocal cancels
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                cancels += 1
+                if cancels > 1:
+                    raise
+
+    async def fails() -> None:
+        raise ValueError("a task that failed before")
+
+    tasks = [asyncio.create_task(loses_one()), asyncio.create_task(fails())]
+    await asyncio.sleep(0)
+    await asyncio.wait_for(cancel_all(tasks, patience=0.05), 5)
+    assert all(t.done() for t in tasks) and cancels == 2
+    assert isinstance(tasks[1].exception(), ValueError)
+
+
+async def test_cancel_all_does_not_swallow_its_callers_cancellation() -> None:
+    released = False
+
+    async def stubborn() -> None:
+        while not released:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(3600)
+
+    task = asyncio.create_task(stubborn())
+    caller = asyncio.create_task(cancel_all([task], patience=0.05))
+    await asyncio.sleep(0.2)
+    caller.cancel()
+    done, _ = await asyncio.wait({caller}, timeout=5)
+    assert caller in done and caller.cancelled()
+    released = True
+    task.cancel()
+    await asyncio.wait({task}, timeout=5)
+    assert task.done()

@@ -91,6 +91,7 @@ from . import codec
 from .config import ServerConfig
 from .errors import ConfigError, InvalidInput, StoreError, Unconfirmed
 from .hub import Hub
+from .loop import cancel_all
 from .pb import chat_pb2 as pb
 from .store import (
     DELETE,
@@ -674,10 +675,7 @@ class ClusterHistory:
         for sub in [s for s in (*self._subs, self._consumer) if s is not None]:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
-        tasks = [*self._tasks, *self._appenders.values()]
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)  # (as Server.stop's)
+        await cancel_all([*self._tasks, *self._appenders.values()])
         for p in list(self._mine.values()):  # (queued ones: settled by their appender)
             self._settle(p, _unconfirmed("the server stopped before the chat cluster "
                                          "confirmed this message"))

@@ -12,7 +12,7 @@ gRPC's threads do their work while the loop waits, which the loop would count as
 
 ``yield_helper_threads()``, ``batch_grpc_wakeups()``, ``freeze_startup_heap()`` and
 ``Collector`` are for the serving process, once it has started (bench/README.md has the
-measurements behind them).
+measurements behind them). ``cancel_all()`` ends the server's background tasks when it stops.
 """
 
 from __future__ import annotations
@@ -267,3 +267,26 @@ class Collector:
             return
         gc.freeze()
         self.frozen_after += 1
+
+
+async def cancel_all(tasks: Collection[asyncio.Future[Any]], patience: float = 2.0) -> None:
+    """Cancel ``tasks`` and return once each has ended, whatever it ended with. One still
+    running ``patience`` seconds later is cancelled again, and the log says so: Python
+    3.11's ``asyncio.wait_for`` returns what it waited for when that arrives together with a
+    cancellation, dropping the cancellation, so a loop around it goes on (a cluster server's
+    watch of the server list, woken by its own leaving the list as it stopped, kept stop
+    waiting for ever: 2026-11-24). A cancellation of the caller is not swallowed (a
+    ``suppress(CancelledError)`` around ``await task`` took it for the task's)."""
+    pending = {t for t in tasks if not t.done()}
+    while pending:
+        for t in pending:
+            t.cancel()
+        _, pending = await asyncio.wait(pending, timeout=patience)
+        if pending:
+            log.warning("%d task(s) still running %.0f s after being cancelled (%s); "
+                        "cancelling again", len(pending), patience,
+                        ", ".join(sorted(t.get_name() for t in pending
+                                         if isinstance(t, asyncio.Task))))
+    for t in tasks:  # (retrieved: no "exception was never retrieved" at exit)
+        if not t.cancelled():
+            t.exception()

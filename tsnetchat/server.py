@@ -37,7 +37,14 @@ from .config import DEFAULT_PORT, Limits, ServerConfig, parse_listen, settings
 from .errors import ConfigError, StoreError, TailnetError, TsnetchatError
 from .gate import Gate, Policy
 from .hub import Hub, Pacing
-from .loop import Collector, LoopLoad, batch_grpc_wakeups, freeze_startup_heap, yield_helper_threads
+from .loop import (
+    Collector,
+    LoopLoad,
+    batch_grpc_wakeups,
+    cancel_all,
+    freeze_startup_heap,
+    yield_helper_threads,
+)
 from .metrics import Metrics
 from .notify import Notifier
 from .pb import chat_pb2 as pb
@@ -572,11 +579,7 @@ class Server:
         log.info("shutting down: told %d stream(s) to reconnect", n)
         if self._grpc is not None:
             await self._grpc.stop(grace)
-        for t in self._tasks:
-            t.cancel()
-        # (gather, not `suppress(CancelledError)` around each await: that also swallowed a
-        # cancellation of stop() itself, so a stop under a time limit went on past it)
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_all(self._tasks)
         await self.store.close()
         self._lock.release()
 
@@ -593,8 +596,7 @@ async def _unless_stopped(stop: asyncio.Event, step: Awaitable[None]) -> bool:
     if task.done():
         task.result()
         return True
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
+    await cancel_all([task])
     log.info("stopped before start-up was done")
     return False
 
