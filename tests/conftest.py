@@ -84,7 +84,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "pacing(**kw): the chat fixture's hub Pacing")
 
 
-@pytest.hookimpl(wrapper=True)
+@pytest.hookimpl(wrapper=True, optionalhook=True)  # (optional: `-p no:timeout` to debug)
 def pytest_timeout_set_timer(item: pytest.Item, settings: Any) -> Generator[None, Any, Any]:
     """Before pytest-timeout fails a test, print every asyncio task's stack, not only the
     threads' (which it prints). A hang in an async test shows the event loop idle in
@@ -94,14 +94,16 @@ def pytest_timeout_set_timer(item: pytest.Item, settings: Any) -> Generator[None
     handler = signal.getsignal(signal.SIGALRM)
     if callable(handler):
         def dump_then_fail(signum: int, frame: Any) -> None:
-            loop = asyncio._get_running_loop()
-            if loop is not None:
-                print("+++ asyncio tasks at the timeout +++", file=sys.stderr)
-                for task in asyncio.all_tasks(loop):
-                    print(f"--- {task!r}", file=sys.stderr)
-                    for where in await_chain(task.get_coro()):
-                        print(f"    {where}", file=sys.stderr)
-            handler(signum, frame)
+            try:
+                loop = asyncio._get_running_loop()
+                if loop is not None:
+                    print("+++ asyncio tasks at the timeout +++", file=sys.stderr)
+                    for task in asyncio.all_tasks(loop):
+                        print(f"--- {task!r}", file=sys.stderr)
+                        for where in await_chain(task.get_coro()):
+                            print(f"    {where}", file=sys.stderr)
+            finally:
+                handler(signum, frame)
 
         signal.signal(signal.SIGALRM, dump_then_fail)
     return result

@@ -22,6 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
+import gc
+import inspect
 import json
 import os
 import queue
@@ -290,8 +293,13 @@ async def bounded(step: Any, what: str, timeout: float = 30) -> Any:
         return task.result()
     where = "\n  ".join(await_chain(task.get_coro()))
     task.cancel()
-    await asyncio.wait({task}, timeout=5)
-    raise AssertionError(f"{what} did not finish in {timeout:.0f}s; it waited at\n  {where}")
+    done, _ = await asyncio.wait({task}, timeout=5)
+    if not done:
+        # The loop's end (pytest-asyncio's runner) would wait for it for ever, and
+        # pytest-timeout is off once the test has failed: end the run, stacks printed, in 60 s.
+        faulthandler.dump_traceback_later(60, exit=True)
+        where += "\n(and it ignored its cancellation: the run ends in 60 s)"
+    raise AssertionError(f"{what} did not finish in {timeout:g}s; it waited at\n  {where}")
 
 
 def await_chain(coro: Any) -> list[str]:
@@ -302,7 +310,14 @@ def await_chain(coro: Any) -> list[str]:
         frame = next((getattr(coro, a) for a in ("cr_frame", "ag_frame", "gi_frame")
                       if getattr(coro, a, None) is not None), None)
         if frame is None:
-            chain.append(repr(coro))
+            # an `async for`'s step (async_generator_asend) holds its generator; a future's
+            # iterator (FutureIter) its future: follow the one, name the other
+            inner = [r for r in gc.get_referents(coro)
+                     if inspect.isasyncgen(r) or isinstance(r, asyncio.Future)]
+            if inner and inspect.isasyncgen(inner[0]):
+                coro = inner[0]
+                continue
+            chain.append(repr(inner[0] if inner else coro))
             break
         chain.append(f"{frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}")
         coro = next((getattr(coro, a) for a in ("cr_await", "ag_await", "gi_yieldfrom")
