@@ -657,31 +657,34 @@ class ClusterHistory:
         cluster has not confirmed and this copy not applied within ``wait`` seconds is
         refused as Unconfirmed (a stalled consumer must not keep the server from stopping)."""
         try:
-            await asyncio.wait_for(self.drain(), self.wait)
-        except TimeoutError:
-            log.warning("cluster: stopping with %d message(s) not applied here",
-                        self._unsettled)
-        for _ in range(20):
-            if not self._erasing:
-                break
-            await asyncio.sleep(0.1)
-        for key in list(self._here):  # our members leave with us
-            self.share_presence_gone(key)
-        if self._presence_writes:
-            await asyncio.wait(set(self._presence_writes), timeout=2)
-        if self._registered:
+            try:
+                await asyncio.wait_for(self.drain(), self.wait)
+            except TimeoutError:
+                log.warning("cluster: stopping with %d message(s) not applied here",
+                            self._unsettled)
+            for _ in range(20):
+                if not self._erasing:
+                    break
+                await asyncio.sleep(0.1)
+            for key in list(self._here):  # our members leave with us
+                self.share_presence_gone(key)
+            if self._presence_writes:
+                await asyncio.wait(set(self._presence_writes), timeout=2)
+            if self._registered:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(
+                        self._kv_state.delete(f"server.{self._registered}"), 2)
+            for sub in [s for s in (*self._subs, self._consumer) if s is not None]:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+        finally:  # (also when close itself is cancelled, as Server.stop's)
+            await cancel_all([*self._tasks, *self._appenders.values()])
+            for p in list(self._mine.values()):  # (queued ones: settled by their appender)
+                self._settle(p, _unconfirmed("the server stopped before the chat cluster "
+                                             "confirmed this message"))
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._kv_state.delete(f"server.{self._registered}"), 2)
-        for sub in [s for s in (*self._subs, self._consumer) if s is not None]:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
-        await cancel_all([*self._tasks, *self._appenders.values()])
-        for p in list(self._mine.values()):  # (queued ones: settled by their appender)
-            self._settle(p, _unconfirmed("the server stopped before the chat cluster "
-                                         "confirmed this message"))
-        with contextlib.suppress(Exception):
-            await self._nc.close()
-        await self.local.close()
+                await self._nc.close()
+            await self.local.close()
 
     # the History protocol ---------------------------------------------------------------
 

@@ -573,15 +573,17 @@ class Server:
         self._stopped = True
         grace = self.cfg.shutdown_grace if grace is None else grace
         self.notifier.send("STOPPING=1", "STATUS=draining")
-        with contextlib.suppress(Exception):
-            await self.health.enter_graceful_shutdown()
-        n = await self.service.begin_shutdown(drain_timeout=max(grace, self.cfg.store_wait))
-        log.info("shutting down: told %d stream(s) to reconnect", n)
-        if self._grpc is not None:
-            await self._grpc.stop(grace)
-        await cancel_all(self._tasks)
-        await self.store.close()
-        self._lock.release()
+        try:
+            with contextlib.suppress(Exception):
+                await self.health.enter_graceful_shutdown()
+            n = await self.service.begin_shutdown(drain_timeout=max(grace, self.cfg.store_wait))
+            log.info("shutting down: told %d stream(s) to reconnect", n)
+            if self._grpc is not None:
+                await self._grpc.stop(grace)
+            await cancel_all(self._tasks)
+        finally:  # (also when stop itself is cancelled: a second signal, a caller's limit)
+            await self.store.close()
+            self._lock.release()
 
 
 async def _unless_stopped(stop: asyncio.Event, step: Awaitable[None]) -> bool:
@@ -597,6 +599,8 @@ async def _unless_stopped(stop: asyncio.Event, step: Awaitable[None]) -> bool:
         task.result()
         return True
     await cancel_all([task])
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("start-up failed as it was stopped: %s", task.exception())
     log.info("stopped before start-up was done")
     return False
 
