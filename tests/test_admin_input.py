@@ -191,7 +191,8 @@ async def test_the_doctor_fails_a_damaged_history_and_a_short_key_and_says_what_
 
 def test_a_bad_option_is_a_plain_line_and_help_wraps_without_cutting_a_word() -> None:
     """Rich drew a bad option's error in a box, and cut `connect --help`'s proxy example to
-    "socks5://127.0.0.1…" at 80 columns (a new user's day, 2026-11-24)."""
+    "socks5://127.0.0.1…" at 80 columns (a new user's day, 2026-11-24); plain click cut the
+    commands' descriptions (a review, the same day)."""
     out = run_cli("send", "chat-server", "--count", "3", "hello")
     assert out.returncode == 2 and out.stdout == ""
     assert "\nError: No such option: --count (" in out.stderr, out.stderr
@@ -201,6 +202,13 @@ def test_a_bad_option_is_a_plain_line_and_help_wraps_without_cutting_a_word() ->
         assert shown.returncode == 0, shown.stderr
         assert "socks5://127.0.0.1:1055" in shown.stdout and "…" not in shown.stdout
         assert max(map(len, shown.stdout.splitlines())) <= int(width)
+    # `tsnetchat` alone: its help on stdout, each command's first paragraph whole (click cut
+    # them to a line ending in "...")
+    top = run_cli(env={**os.environ, "COLUMNS": "60"})
+    assert top.returncode == 2 and top.stderr == "" and top.stdout.startswith("Usage: ")
+    assert "send Send one message and print its id once the server has stored it." in (
+        " ".join(top.stdout.split()))
+    assert not [line for line in top.stdout.splitlines()[1:] if line.endswith("...")]
 
 
 def test_a_command_that_fails_unforeseen_says_so_in_one_line_without_a_traceback(

@@ -23,6 +23,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 import grpc
 import typer
+from typer.core import TyperGroup
 
 from . import __version__
 from .commands import room_option
@@ -41,12 +42,33 @@ from .errors import (
 from .loop import new_event_loop
 
 
+class _Commands(TyperGroup):
+    """A command group's help lists each command with its whole first paragraph, wrapped
+    (click cut each to one line ending in "...": `send  Send one message and print its
+    id...` at 60 columns), and the group named alone prints its help on stdout, as
+    `--help` does (click prints it on stderr, so `tsnetchat | less` showed nothing)."""
+
+    def format_commands(self, ctx: Any, formatter: Any) -> None:
+        rows = [(name, " ".join((cmd.short_help or cmd.help or "").split("\n\n")[0].split()))
+                for name in self.list_commands(ctx)
+                if (cmd := self.get_command(ctx, name)) is not None and not cmd.hidden]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        if not args and self.no_args_is_help and not ctx.resilient_parsing:
+            typer.echo(ctx.get_help())
+            ctx.exit(2)
+        return super().parse_args(ctx, args)
+
+
 def _typer(help: str, **kw: Any) -> typer.Typer:
     """A command group in plain text: a bad option is one line under the usage, as every
     other error is, and help wraps to the terminal (up to 120 columns) without cutting a
     word. (Rich drew errors in a box and cut `--proxy`'s socks5://127.0.0.1:1055 to
     "socks5://127.0.0.1…" at 80 columns: a new user's day, 2026-11-24.)"""
-    return typer.Typer(no_args_is_help=True, help=help, rich_markup_mode=None,
+    return typer.Typer(no_args_is_help=True, help=help, rich_markup_mode=None, cls=_Commands,
                        context_settings={"max_content_width": 120}, **kw)
 
 
