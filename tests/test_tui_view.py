@@ -477,7 +477,7 @@ def test_a_found_messages_later_lines_cannot_pass_for_another_found_message() ->
     assert second.lstrip().startswith("┊ " + fake) and second.startswith(" ")
 
 
-def test_a_found_message_says_when_it_was_said_and_where_as_the_chat_names_rooms() -> None:
+def test_a_found_message_says_when_it_was_said_and_in_which_room_as_room_takes_it() -> None:
     """`search` showed no time, a login for a name, and #dm:... for a conversation."""
     from tsnetchat.chatview import found_lines
 

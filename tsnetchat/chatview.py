@@ -542,6 +542,12 @@ def plain_lines(m: pb.ChatMessage) -> list[str]:
     return _text(rows)
 
 
+def room_label(room: str) -> str:
+    """A room as the one-shot commands print it: ``#general``, ``+ops``, and a DM by its
+    full name (``dm:alice@example.com,bob@example.com``), which `--room` takes back."""
+    return room if room.startswith(("+", "dm:")) else f"#{room}"
+
+
 def found_lines(m: pb.ChatMessage) -> list[str]:
     """A message found by `search` or `mentions`, which come from any room and any day:
     ``2026-11-24 09:30 #room [id] <Name> text`` (the name as `history` shows it; they showed
@@ -549,8 +555,7 @@ def found_lines(m: pb.ChatMessage) -> list[str]:
     every message's (they were printed flush left, so a message could end in a line that
     passed for another message found: a new user's day, 2026-11-23)."""
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(m.sent_unix_ms / 1000))
-    room = m.room if m.room.startswith(("+", "dm:")) else f"#{m.room}"
-    head: Line = [("", f"{when} {visible(room)} [{m.id}] "),
+    head: Line = [("", f"{when} {visible(room_label(m.room))} [{m.id}] "),
                   *Renderer(Palette(["x"])).nick(m)]
     return _text(layout(head, visible(m.text), 10_000))
 

@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from .chatview import CHANGES, PlainView, dm_with, found_lines
+from .chatview import CHANGES, PlainView, dm_with, found_lines, room_label
 from .client import (
     Connection,
     Link,
@@ -224,7 +224,8 @@ async def tail(link: Link, room: str, *, after: int | None, new: bool, count: in
                     reconnected = None
                 if ev.first:
                     echo(json.dumps({"type": "live", "room": room, "last_id": ev.message_id})
-                         if json_out else f"── live: new messages in #{room} from here ──")
+                         if json_out else
+                         f"── live: new messages in {visible(room_label(room))} from here ──")
             elif ev.kind == "state" and ev.error is not None and not session.state.ever_connected:
                 warn(not_yet(link, ev.error))
             elif ev.kind == "state" and ev.error is not None and session.state.attempts == 1:

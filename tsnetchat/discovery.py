@@ -429,9 +429,10 @@ async def discover(name: str, *, socket: str = "", report: Report | None = None)
             hint = e  # the headline if nothing finds it: the step says only what it saw
             # (the suggestions were printed twice, in the headline and in this step: a new
             # user's day, 2026-11-24)
-            note(Step(label, False, f"{where}: not among the {len(st.peers)} peers it "
-                                    "lists" + ("" if st.magic_dns_enabled else
-                                               ", and MagicDNS is off")))
+            n = len(st.peers)
+            note(Step(label, False, f"{where}: not among the {n} peer{'' if n == 1 else 's'} "
+                                    "it lists" + ("" if st.magic_dns_enabled else
+                                                  ", and MagicDNS is off")))
             return None
         except TailnetError as e:  # offline: final, the resolver cannot do better
             note(Step(label, False, f"{where}: {e}"))
