@@ -160,6 +160,7 @@ def test_every_command_that_takes_a_room_takes_a_direct_messages_short_name(
     assert json.loads(lines[-1])["room"] == room
     assert alice.json("delete", str(mid), "--room", "@bob")["room"] == room
     assert bob.json("topic", "--room", "dm:alice")["room"] == room
+    assert bob.json("topic", "--room", f"dm:{ALICE}")["room"] == room  # (the full form too)
 
 
 def test_room_members_creates_a_private_room_and_invites(alice: Person, bob: Person) -> None:

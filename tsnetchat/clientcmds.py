@@ -301,7 +301,11 @@ async def mentions(link: Link, *, include_read: bool, json_out: bool, echo: Echo
 async def show_topic(link: Link, room: str, *, json_out: bool) -> str:
     """A room's topic, who set it and when (from the rooms the caller may use)."""
     async def read(c: Connection) -> tuple[str, pb.ListRoomsResponse]:
-        return await dm_logins(c, room), await c.list_rooms()
+        named, rooms = await dm_logins(c, room), await c.list_rooms()
+        if named.startswith("dm:") and all(r.name != named for r in rooms.rooms):
+            # (`dm:bob@example.com` names the caller's conversation with bob, as in `send`)
+            named = dm_with(str((await c.whoami()).identity.login), named[3:].split(","))
+        return named, rooms
 
     room, rooms = await call(link, read)
     info = next((r for r in rooms.rooms if r.name == room), None)
