@@ -163,6 +163,18 @@ def test_every_command_that_takes_a_room_takes_a_direct_messages_short_name(
     assert bob.json("topic", "--room", f"dm:{ALICE}")["room"] == room  # (the full form too)
 
 
+def test_send_split_reads_a_long_text_from_stdin_and_sends_it_in_parts(
+        alice: Person, bob: Person) -> None:
+    text = "\n".join(f"log line {i:04d} okapi7 " + "x" * 40 for i in range(120))  # 7 KB
+    out = run_cli("send", "chat-server", "-", "--split", "--json", "--room", "#General",
+                  *alice.args, input=text)
+    assert out.returncode == 0, out.stderr
+    ids = json.loads(out.stdout)["ids"]
+    got = {m["id"]: m["text"] for m in bob.json("history", "--room", "general")}
+    assert len(ids) == 2 and "\n".join(got[i] for i in ids) == text
+    refused(alice("send", "x" * 5000), 2, "the limit is 4096 bytes")
+
+
 def test_room_members_creates_a_private_room_and_invites(alice: Person, bob: Person) -> None:
     made = alice.json("room-members", "+ops", "--create", "--add", ALICE)
     assert made["members"] == [ALICE]

@@ -5,6 +5,7 @@ answer: one plain line, the right exit code, no traceback; against a real in-pro
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 import time
@@ -113,6 +114,48 @@ async def test_a_refusal_of_a_send_says_the_message_was_not_sent(chat: Chat) -> 
     assert str(caught.value).startswith("the message was not sent: message is 5000 bytes")
 
 
+async def test_send_split_sends_text_over_the_limit_as_messages_that_join_back_to_it(
+        chat: Chat) -> None:
+    """`send` of a log excerpt over 4 KB was refused, with no way but cutting it by hand (a
+    new user's day, 2026-11-24); the chat offers to split a long paste."""
+    text = " ".join(f"w{i:04d}" for i in range(1000))  # 5,999 bytes
+    said = await clientcmds.send(link_as(chat, "alice@tailnet.test"), "general", text,
+                                 kind=TEXT, timeout=15, json_out=True, split=True)
+    parts = await stored_texts(chat)
+    assert len(parts) == 2 and " ".join(parts) == text
+    assert max(len(p.encode()) for p in parts) <= 4096
+    got = json.loads(said)
+    assert got["room"] == "general" and got["id"] == got["ids"][0] and len(got["ids"]) == 2
+    short = await clientcmds.send(link_as(chat, "alice@tailnet.test"), "general", "one",
+                                  kind=TEXT, timeout=15, json_out=False, split=True)
+    assert short == f"sent #{got['ids'][1] + 1} to general"
+
+
+async def test_split_text_with_a_part_the_server_would_refuse_sends_no_part(
+        chat: Chat) -> None:
+    with pytest.raises(ClientError) as caught:
+        await clientcmds.send(link_as(chat, "alice@tailnet.test"), "general",
+                              "a" * 4000 + "\nring the bell \x07", kind=TEXT, timeout=15,
+                              json_out=False, split=True)
+    assert str(caught.value).startswith("the message was not sent: message contains a "
+                                        "control character (U+0007)")
+    assert caught.value.exit_code == EXIT_USAGE
+    assert await stored_texts(chat) == []
+
+
+@pytest.mark.server_config(rate_burst=1, rate_per_second=0.01)
+async def test_parts_not_stored_in_time_are_said_with_the_ones_that_were(chat: Chat) -> None:
+    with pytest.raises(ClientError) as caught:
+        await clientcmds.send(link_as(chat, "alice@tailnet.test"), "general",
+                              "a" * 4000 + "\nb" * 100, kind=TEXT, timeout=3,
+                              json_out=False, split=True)
+    conn = await chat.connect("carol@tailnet.test")
+    (stored,) = (await conn.history("general")).messages
+    assert stored.text.startswith("a" * 4000) and len(stored.text) < 4000 + 200
+    assert str(caught.value).startswith(f"1 of the 2 parts were stored (#{stored.id}); the "
+                                        "others: "), caught.value
+
+
 # --- 8. text no server could take ----------------------------------------------------------
 
 
@@ -148,7 +191,7 @@ def test_send_dash_with_10_mb_on_stdin_is_bad_input_at_once(tmp_path: Path) -> N
     assert out.returncode == 2, out.stderr
     assert out.stderr.decode() == (
         "error: the message was not sent: it is more than 60000 bytes, the most any "
-        "tsnetchat server takes (4096 by default): split it up\n")
+        "tsnetchat server takes (4096 by default): split it up (--split)\n")
 
 
 async def test_a_call_grpc_cancelled_under_a_command_is_one_line_not_a_cancellation() -> None:

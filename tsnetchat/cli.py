@@ -621,6 +621,9 @@ def send(
     timeout: Annotated[float, typer.Option(
         help="Seconds to wait for the server to store it (through reconnects).",
         min=0.1, max=86400.0)] = 15.0,
+    split: Annotated[bool, typer.Option(
+        "--split", help="Text over the server's limit goes as several messages, cut between "
+        "lines or words as the chat cuts a long paste (up to 256 KiB).")] = False,
     json_out: Annotated[bool, typer.Option("--json")] = False, verbose: VerboseOpt = False,
 ) -> None:
     """Send one message and print its id once the server has stored it."""
@@ -628,22 +631,24 @@ def send(
     from .pb import chat_pb2 as pb
 
     s = _client_settings(server, token, token_file, socket, proxy)
-    body = _message_text(text)
+    body = _message_text(text, split)
     kind = pb.MESSAGE_KIND_ACTION if action else pb.MESSAGE_KIND_TEXT
     typer.echo(run(clientcmds.send(_link(server, port, address, s, verbose), room, body,
-                                   kind=kind, timeout=timeout, json_out=json_out)))
+                                   kind=kind, timeout=timeout, json_out=json_out,
+                                   split=split)))
 
 
-def _message_text(text: str) -> str:
+def _message_text(text: str, split: bool = False) -> str:
     """The message: ``text``, or stdin for "-", read up to a little past the most any server
-    takes (never a whole pipe); bytes that are not UTF-8 are kept as surrogates, so
-    ``clientcmds.send`` refuses the text (``outbox.sendable``) before dialling."""
+    takes, or `--split` sends (never a whole pipe); bytes that are not UTF-8 are kept as
+    surrogates, so ``clientcmds.send`` refuses the text (``outbox.sendable``) before
+    dialling."""
     if text != "-":
         return text.rstrip("\n")
-    from .outbox import MAX_ANY_SERVER
+    from .outbox import MAX_ANY_SERVER, MAX_SPLIT
 
-    raw = sys.stdin.buffer.read(MAX_ANY_SERVER + 4096).rstrip(b"\n")
-    return raw.decode("utf-8", "surrogateescape")
+    raw = sys.stdin.buffer.read((MAX_SPLIT if split else MAX_ANY_SERVER) + 4096)
+    return raw.rstrip(b"\n").decode("utf-8", "surrogateescape")
 
 
 def _echo(line: str) -> None:

@@ -39,9 +39,10 @@ from .clienterrors import (
 )
 from .discovery import CHANNEL_OPTIONS, DialBridge, Report, Target, discover, open_channel, route
 from .errors import InvalidInput, TsnetchatError
-from .outbox import Outbox, Outgoing, Pacer
+from .outbox import Outbox, Outgoing, Pacer, split_text
 from .pb import chat_pb2 as pb
 from .pb import chat_pb2_grpc as pb_grpc
+from .render import validate_text
 from .resume import START_GRACE, Cursor, Phase, StreamState
 from .tokens import Renewal, TokenStore
 
@@ -927,30 +928,59 @@ async def deliver(link: Link, room: str, text: str, *, kind: int = pb.MESSAGE_KI
     with the same key: stored once). Raises ClientError when the server refuses it, cannot
     be reached at first, or does not confirm it within ``timeout`` seconds.
     """
+    return (await deliver_all(link, room, text, kind=kind, timeout=timeout,
+                              welcomed=welcomed))[0]
+
+
+async def deliver_all(link: Link, room: str, text: str, *, kind: int = pb.MESSAGE_KIND_TEXT,
+                      timeout: float = 15.0, split: bool = False,
+                      welcomed: Callable[[pb.Welcome], None] | None = None) -> list[int]:
+    """``deliver``, and with ``split`` text over the server's limit (its Welcome says it) as
+    several messages in order, cut as the chat cuts a long paste (``outbox.split_text``):
+    their ids once all are stored. When one fails, the error says which were stored."""
     session = RoomSession(link, room, from_now=True)
-    out = session.send(text, kind)
+    outs = [] if split else [session.send(text, kind)]
+    ids: dict[int, int] = {}  # id(outgoing) -> its message id, once stored
 
     deadline = time.monotonic() + timeout
     unsure: list[str] = []  # a cluster's "it may still appear", when it said so
 
-    async def wait() -> int:
+    def stored(e: ClientError, rest: str = "the rest was not sent") -> ClientError:
+        """``e``, saying which parts were stored before it (none: ``e`` as it is)."""
+        if not ids:
+            return e
+        said = ", ".join(f"#{i}" for i in ids.values())
+        return ClientError(f"{len(ids)} of the {len(outs)} parts were stored ({said}); {rest}: "
+                           f"{e}", retryable=False, exit_code=e.exit_code, status=e.status)
+
+    def mine(out: Outgoing | None) -> bool:
+        return any(out is o for o in outs)  # (by identity: two parts may hold the same text)
+
+    async def wait() -> list[int]:
         async for ev in session.events():
-            if ev.kind == "deferred" and ev.outgoing is out and "may still appear" in ev.text:
+            if ev.kind == "welcome" and split and not outs:
+                parts = split_text(text, session.max_message_bytes)
+                for part in parts:  # all or none: a part the server would refuse is said
+                    validate_text(part, kind, session.max_message_bytes)  # before any goes
+                outs.extend(session.send(part, kind) for part in parts)
+            if ev.kind == "deferred" and mine(ev.outgoing) and "may still appear" in ev.text:
                 unsure.append(ev.text)
             if ev.kind == "welcome" and welcomed is not None and ev.welcome is not None:
                 welcomed(ev.welcome)
-            if ev.kind == "sent" and ev.outgoing is out:
-                return ev.message_id
+            if ev.kind == "sent" and ev.outgoing is not None and mine(ev.outgoing):
+                ids[id(ev.outgoing)] = ev.message_id
+                if len(ids) == len(outs):
+                    return [ids[id(o)] for o in outs]
             if ev.kind in ("failed", "fatal") and ev.error is not None:
-                raise ev.error
-            if (ev.kind == "deferred" and ev.outgoing is out and ev.error is not None
-                    and out.not_before > deadline):
+                raise stored(ev.error)
+            if (ev.kind == "deferred" and ev.outgoing is not None and mine(ev.outgoing)
+                    and ev.error is not None and ev.outgoing.not_before > deadline):
                 # Refused for now ("slow down, retry in N s") for longer than we may wait:
                 # the server did not store it, and says so; no point waiting out the timeout.
-                raise ClientError(f"{ev.error}" if unsure else f"{ev.error}; not sent",
-                                  retryable=True, retry_after=ev.error.retry_after)
-        raise ClientError("the session ended before the message was confirmed",
-                          retryable=True, exit_code=EXIT_UNAVAILABLE)
+                raise stored(ClientError(f"{ev.error}" if unsure else f"{ev.error}; not sent",
+                                         retryable=True, retry_after=ev.error.retry_after))
+        raise stored(ClientError("the session ended before the message was confirmed",
+                                 retryable=True, exit_code=EXIT_UNAVAILABLE))
 
     try:
         return await asyncio.wait_for(wait(), timeout)
@@ -962,7 +992,8 @@ async def deliver(link: Link, room: str, text: str, *, kind: int = pb.MESSAGE_KI
         # that was: a script sending it again posted it twice; an operator's run, 2026-11-23)
         fate = ("the cluster may still store it: look at the room's history before sending it "
                 "again" if unsure else "it was not stored unless the server got it just before")
-        raise ClientError(f"the server did not confirm the message within {timeout:g}s{why}; "
-                          f"{fate}", retryable=True, exit_code=EXIT_UNAVAILABLE) from None
+        raise stored(ClientError(f"the server did not confirm the message within "
+                                 f"{timeout:g}s{why}; {fate}", retryable=True,
+                                 exit_code=EXIT_UNAVAILABLE), "the others") from None
     finally:
         await session.close()

@@ -26,14 +26,14 @@ from .client import (
     Link,
     RoomSession,
     check_message_id,
-    deliver,
+    deliver_all,
     first_answer,
     not_yet,
     to_stderr,
 )
 from .clienterrors import ClientError
 from .errors import InvalidInput
-from .outbox import sendable, with_newlines
+from .outbox import MAX_ANY_SERVER, MAX_SPLIT, sendable, with_newlines
 from .pb import chat_pb2 as pb
 from .render import visible
 from .resume import START_GRACE
@@ -88,26 +88,31 @@ async def call(link: Link, fn: Callable[[Connection], Awaitable[T]], *,
 
 
 async def send(link: Link, room: str, text: str, *, kind: int, timeout: float,
-               json_out: bool) -> str:
-    """`send` and `dm`: the message's id once stored. Text no server could take (not UTF-8,
-    too long for any) is refused before dialling; every failure says the message was not
-    sent (or, when the server may have got it, that it is unknown)."""
+               json_out: bool, split: bool = False) -> str:
+    """`send` and `dm`: the message's id once stored (``split``: text over the server's
+    limit as several messages, and their ids). Text no server could take (not UTF-8, too
+    long for any) is refused before dialling; every failure says the message was not sent
+    (or, when the server may have got it, that it is unknown; or which parts were stored)."""
     try:
         text = with_newlines(text)
-        why = sendable(text)
+        why = sendable(text, MAX_SPLIT if split else MAX_ANY_SERVER)
         if why is not None:
             raise InvalidInput(f"the message was not sent: {why}")  # (translated below)
         if _short_names(room):
             room = await dm_logins(await link.get(), room)
         named: list[str] = []  # the room as the server names it (a DM's canonical name)
-        mid = await deliver(link, room, text, kind=kind, timeout=timeout,
-                            welcomed=lambda w: named.append(w.room))
+        ids = await deliver_all(link, room, text, kind=kind, timeout=timeout, split=split,
+                                welcomed=lambda w: named.append(w.room))
     except Exception as e:
         raise not_sent(link.translate(e)) from None
     finally:
         await link.close()
     room = named[-1] if named else room
-    return json.dumps({"id": mid, "room": room}) if json_out else f"sent #{mid} to {room}"
+    if json_out:
+        return json.dumps({"id": ids[0], "room": room, **({"ids": ids} if split else {})})
+    if len(ids) == 1:
+        return f"sent #{ids[0]} to {room}"
+    return f"sent as {len(ids)} messages, #{ids[0]} to #{ids[-1]}, to {room}"
 
 
 async def dm_logins(conn: Connection, room: str) -> str:

@@ -196,6 +196,8 @@ def utf8_len(text: str) -> int:
 # No server takes a longer message (its max_message_bytes is capped there: gRPC frames are
 # at most 64 KiB); a server's own limit, 4096 bytes by default, comes with its Welcome.
 MAX_ANY_SERVER = 60_000
+# The most `send --split` takes: 64 messages at the default limit (a log excerpt, not a file).
+MAX_SPLIT = 262_144
 
 
 def with_newlines(text: str) -> str:
@@ -204,17 +206,20 @@ def with_newlines(text: str) -> str:
     return text.replace("\u2028", "\n").replace("\u2029", "\n")
 
 
-def sendable(text: str) -> str | None:
-    """Why ``text`` can never be a message on any server (checked before dialling), or
-    None. The server's own rules (its size limit, control characters) are its to say."""
+def sendable(text: str, most: int = MAX_ANY_SERVER) -> str | None:
+    """Why ``text`` can never be sent (checked before dialling), or None: as one message on
+    any server (``most``: MAX_ANY_SERVER), or as parts (MAX_SPLIT). The server's own rules
+    (its size limit, control characters) are its to say."""
     try:
         size = len(text.encode("utf-8"))
     except UnicodeError:  # lone surrogates: bytes that were not UTF-8 (surrogateescape)
         return "it is not UTF-8 text"
-    if size > MAX_ANY_SERVER:
-        return (f"it is more than {MAX_ANY_SERVER} bytes, the most any tsnetchat server "
-                "takes (4096 by default): split it up")
-    return None
+    if size <= most:
+        return None
+    if most == MAX_ANY_SERVER:
+        return (f"it is more than {most} bytes, the most any tsnetchat server takes (4096 by "
+                "default): split it up (--split)")
+    return f"it is more than {most} bytes, the most `send --split` sends"
 
 
 def split_text(text: str, max_bytes: int) -> list[str]:
