@@ -478,6 +478,7 @@ def test_line_and_paragraph_separators_are_sent_as_the_newlines_they_mean() -> N
     """The server refuses them (a line break where honoured: a line that passes for someone
     else's); copied text has them, and a person means a new line."""
     assert with_newlines("one\u2028two\u2029three") == "one\ntwo\nthree"
+    assert with_newlines("crlf one\r\ncrlf two\rmac") == "crlf one\ncrlf two\nmac"
 
 
 def test_the_newest_message_is_the_one_added_last_while_it_is_still_in_the_outbox() -> None:

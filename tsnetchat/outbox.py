@@ -202,8 +202,11 @@ MAX_SPLIT = 262_144
 
 def with_newlines(text: str) -> str:
     """``text`` with Unicode's line and paragraph separators (U+2028, U+2029), which some
-    copied text has and the server refuses (render.UNSAFE), as the newlines they mean."""
-    return text.replace("\u2028", "\n").replace("\u2029", "\n")
+    copied text has, and Windows' and old Macs' line ends (CR LF, CR: `send -` of a CRLF
+    file was refused for U+000D, a new user's day, 2026-11-24), which the server refuses
+    (render.UNSAFE), as the newlines they mean."""
+    return (text.replace("\r\n", "\n").replace("\r", "\n").replace("\u2028", "\n")
+            .replace("\u2029", "\n"))
 
 
 def sendable(text: str, most: int = MAX_ANY_SERVER) -> str | None:
