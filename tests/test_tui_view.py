@@ -372,6 +372,8 @@ def test_search_results_say_where_each_message_is() -> None:
     ("/msg bob lunch?", ("msg", ("bob",), "lunch?")),
     ("/MSG @Bob: hi there", ("msg", ("Bob",), "hi there")),
     ("/query bob@tailnet.test", ("msg", ("bob@tailnet.test",), "")),
+    ("/join @Bob", ("msg", ("Bob",), "")),  # a DM, as connect --room @bob
+    ("/j dm:bob@tailnet.test", ("msg", ("bob@tailnet.test",), "")),
     ("/Topic release week", ("topic", (), "release week")),
     ("/topic", ("topic", (), "")),
     ("/edit the right text", ("edit", (), "the right text")),

@@ -32,8 +32,8 @@ class Command:
 
 
 COMMANDS = [
-    Command("join", "ROOM", "join a room (#room, or +room if you are a member) and switch to "
-            "it", ("j",)),
+    Command("join", "ROOM", "join a room (#room, +room if you are a member, or @person for "
+            "a DM) and switch to it", ("j",)),
     Command("leave", "[ROOM]", "leave this room (or ROOM); closes a DM or search buffer",
             ("part", "close")),
     Command("msg", "NICK [TEXT]", "a direct message: opens the conversation with NICK "
@@ -145,6 +145,12 @@ def parse(line: str) -> Parsed | Message | Problem:
         hint = f"; did you mean {', '.join(close)}?" if close else "; /help lists them"
         return Problem(f"unknown command /{word}{hint} (// at the start sends a /)")
     usage = Problem(f"usage: {cmd.usage}  ({cmd.help})")
+    if cmd.name == "join" and arg.startswith(("@", "dm:")) and "," not in arg:
+        # a DM, as `connect --room @bob` opens one: what /msg bob does (it was a usage error:
+        # a new user's day, 2026-11-24)
+        person = nick(arg.removeprefix("dm:"))
+        if person is not None:
+            return Parsed(_BY_NAME["msg"], nicks=(person,))
     if cmd.name == "join" or (cmd.name == "leave" and arg):
         room = room_name(arg)
         if room is None:
