@@ -161,6 +161,13 @@ def test_every_command_that_takes_a_room_takes_a_direct_messages_short_name(
     assert alice.json("delete", str(mid), "--room", "@bob")["room"] == room
     assert bob.json("topic", "--room", "dm:alice")["room"] == room
     assert bob.json("topic", "--room", f"dm:{ALICE}")["room"] == room  # (the full form too)
+    # dm takes @bob as --room does; search's --author a short name; a typo'd DM is named in
+    # full when nothing is in it (it showed as "dm:bobb")
+    assert alice.json("dm", "@bob", "at heron11", "--timeout", "20")["room"] == room
+    assert [m["text"] for m in bob.json("search", "heron11", "--author", "alice")] == [
+        "at heron11"]
+    assert alice.ok("history", "--room", "@bobb") == (
+        f"no messages in dm:{ALICE},bobb@tailnet.test\n")
 
 
 def test_send_split_reads_a_long_text_from_stdin_and_sends_it_in_parts(
@@ -172,7 +179,8 @@ def test_send_split_reads_a_long_text_from_stdin_and_sends_it_in_parts(
     ids = json.loads(out.stdout)["ids"]
     got = {m["id"]: m["text"] for m in bob.json("history", "--room", "general")}
     assert len(ids) == 2 and "\n".join(got[i] for i in ids) == text
-    refused(alice("send", "x" * 5000), 2, "the limit is 4096 bytes")
+    refused(alice("send", "x" * 5000), 2, "the limit is 4096 bytes",
+            "(--split sends it as several messages)")
 
 
 def test_room_members_creates_a_private_room_and_invites(alice: Person, bob: Person) -> None:
@@ -199,6 +207,10 @@ def test_bad_input_gets_a_clear_error_and_exit_code_2_never_a_traceback(
     refused(bob("search", "!!!"), 2, "no words")
     refused(bob("edit", "seven", "text"), 2, "message_id")
     refused(bob("delete", "7x"), 2, "message_id")
+    # ids are per room: edit and delete name theirs (`delete SERVER 2` meant for a DM
+    # deleted #general's 2)
+    refused(bob("delete", "2"), 2, "Missing option '--room'")
+    refused(bob("edit", "2", "text"), 2, "Missing option '--room'")
     refused(alice("topic", "x" * 5000, "--room", "general"), 2, "topic")
     refused(alice("room-members", "+nowhere", "--add", BOB), 2, "+nowhere")
 

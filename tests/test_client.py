@@ -131,7 +131,10 @@ def wait_for_stderr_line(proc: subprocess.Popen[str], pattern: str, timeout: flo
 
 @pytest.mark.parametrize("command", [["whoami"], ["history", "--json"], ["send", "hello"],
                                      ["tail", "--count", "1", "--json"],
-                                     ["topic", "retried topic", "--json"]])
+                                     ["topic", "retried topic", "--json"],
+                                     # (a DM's short name gave up at once: a new user's day)
+                                     ["send", "hello", "--room", "@bob"],
+                                     ["dm", "@bob", "hello"]])
 def test_a_command_started_while_its_server_is_down_goes_through_once_it_is_up(
         chat_server: LabDaemon, command: list[str]) -> None:
     tok = chat_server.token("alice@tailnet.test")
@@ -143,7 +146,7 @@ def test_a_command_started_while_its_server_is_down_goes_through_once_it_is_up(
                              *chat_server.client_args("alice-laptop")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        if command[0] != "send":  # (send waits quietly, within its --timeout)
+        if command[0] not in ("send", "dm"):  # (they wait quietly, within their --timeout)
             line = wait_for_stderr_line(proc, r"trying again")
             assert line.startswith("cannot reach chat-server yet: trying again (chat-server is "
                                    "on the tailnet but nothing answers on port"), line
@@ -157,8 +160,10 @@ def test_a_command_started_while_its_server_is_down_goes_through_once_it_is_up(
         assert json.loads(stdout)["login"] == "alice@tailnet.test"
     elif command[0] == "history":
         assert json.loads(stdout) == []
-    elif command[0] == "send":
-        assert stdout.strip() == "sent #1 to general"
+    elif command[0] in ("send", "dm"):
+        to = "general" if command[0] == "send" and "@bob" not in command else (
+            "dm:alice@tailnet.test,bob@tailnet.test")
+        assert stdout.strip() == f"sent #1 to {to}"
     elif command[0] == "topic":
         assert json.loads(stdout) == {"id": 1, "room": "general"}
         history = run_cli("history", "chat-server", "--json", "--token", tok,
@@ -310,8 +315,9 @@ def test_history_and_tail_show_edits_deletions_and_topics_as_the_chat_does(
     try:
         assert read_line(tail).startswith("── live")
         for step in (["send", "chat-server", "the wrong text"],
-                     ["edit", "chat-server", "1", "the corrected text"],
-                     ["send", "chat-server", "oops"], ["delete", "chat-server", "3"],
+                     ["edit", "chat-server", "1", "the corrected text", "-r", "general"],
+                     ["send", "chat-server", "oops"],
+                     ["delete", "chat-server", "3", "--room", "general"],
                      ["topic", "chat-server", "release week"], ["topic", "chat-server", ""]):
             done = run_cli(*step, *args)
             assert done.returncode == 0, done.stderr

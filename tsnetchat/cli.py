@@ -474,6 +474,19 @@ RoomOpt = Annotated[str, typer.Option(
     "--room", "-r", callback=room_option,
     help="Room: general or #general, +private, dm:LOGIN,... or a direct message's short "
          "name: @person, dm:person.")]
+# edit and delete name their room always: ids are counted per room, so `delete SERVER 2`
+# meant for a DM deleted #general's message 2 (an admin's, for good: a new user's day,
+# 2026-11-24).
+RoomNeeded = Annotated[str, typer.Option(
+    "--room", "-r", callback=room_option,
+    help="The room the message is in (ids are per room): general or #general, +private, "
+         "@person, dm:LOGIN,...")]
+TimeoutOpt = Annotated[float, typer.Option(
+    help="Seconds to wait for the server to store it (through reconnects).",
+    min=0.1, max=86400.0)]
+SplitOpt = Annotated[bool, typer.Option(
+    "--split", help="Text over the server's limit goes as several messages, cut between "
+    "lines or words as the chat cuts a long paste (up to 256 KiB).")]
 TokenOpt = Annotated[str | None, typer.Option(help="Token (or TSNETCHAT_TOKEN).")]
 TokenFileOpt = Annotated[Path | None, typer.Option(help="File holding the token.")]
 ProxyOpt = Annotated[str | None, typer.Option(
@@ -618,12 +631,7 @@ def send(
     room: RoomOpt = "general", action: Annotated[bool, typer.Option(help="Send as /me.")] = False,
     token: TokenOpt = None, token_file: TokenFileOpt = None, socket: ClientSocketOpt = None,
     proxy: ProxyOpt = None, port: PortOpt = 50051, address: AddressOpt = None,
-    timeout: Annotated[float, typer.Option(
-        help="Seconds to wait for the server to store it (through reconnects).",
-        min=0.1, max=86400.0)] = 15.0,
-    split: Annotated[bool, typer.Option(
-        "--split", help="Text over the server's limit goes as several messages, cut between "
-        "lines or words as the chat cuts a long paste (up to 256 KiB).")] = False,
+    timeout: TimeoutOpt = 15.0, split: SplitOpt = False,
     json_out: Annotated[bool, typer.Option("--json")] = False, verbose: VerboseOpt = False,
 ) -> None:
     """Send one message and print its id once the server has stored it."""
@@ -773,8 +781,8 @@ def mentions(
 @app.command()
 def edit(
     server: ServerArg, message_id: Annotated[int, typer.Argument(
-        help="The id to edit.", min=1, max=MAX_ID)],
-    text: Annotated[str, typer.Argument(help="The new text.")], room: RoomOpt = "general",
+        help="The id to edit (send, search and --json show ids).", min=1, max=MAX_ID)],
+    text: Annotated[str, typer.Argument(help="The new text.")], room: RoomNeeded,
     token: TokenOpt = None, token_file: TokenFileOpt = None, socket: ClientSocketOpt = None,
     proxy: ProxyOpt = None, port: PortOpt = 50051, address: AddressOpt = None,
     json_out: JsonOpt = False, verbose: VerboseOpt = False,
@@ -790,8 +798,8 @@ def edit(
 @app.command()
 def delete(
     server: ServerArg, message_id: Annotated[int, typer.Argument(
-        help="The id to delete.", min=1, max=MAX_ID)],
-    room: RoomOpt = "general",
+        help="The id to delete (send, search and --json show ids).", min=1, max=MAX_ID)],
+    room: RoomNeeded,
     token: TokenOpt = None, token_file: TokenFileOpt = None, socket: ClientSocketOpt = None,
     proxy: ProxyOpt = None, port: PortOpt = 50051, address: AddressOpt = None,
     json_out: JsonOpt = False, verbose: VerboseOpt = False,
@@ -832,6 +840,7 @@ def dm(
     text: Annotated[str, typer.Argument(help="Message text ('-' = stdin).")],
     token: TokenOpt = None, token_file: TokenFileOpt = None, socket: ClientSocketOpt = None,
     proxy: ProxyOpt = None, port: PortOpt = 50051, address: AddressOpt = None,
+    timeout: TimeoutOpt = 15.0, split: SplitOpt = False,
     json_out: JsonOpt = False, verbose: VerboseOpt = False,
 ) -> None:
     """Send a direct message (the same as `send --room dm:LOGIN`)."""
@@ -839,10 +848,11 @@ def dm(
     from .pb import chat_pb2 as pb
 
     s = _client_settings(server, token, token_file, socket, proxy)
-    body = _message_text(text)
-    typer.echo(run(clientcmds.send(_link(server, port, address, s, verbose), f"dm:{login}",
-                                   body, kind=pb.MESSAGE_KIND_TEXT, timeout=15.0,
-                                   json_out=json_out)))
+    body = _message_text(text, split)
+    to = ",".join(x.strip().lstrip("@") for x in login.split(","))  # (`dm SERVER @bob`)
+    typer.echo(run(clientcmds.send(_link(server, port, address, s, verbose), f"dm:{to}",
+                                   body, kind=pb.MESSAGE_KIND_TEXT, timeout=timeout,
+                                   json_out=json_out, split=split)))
 
 
 @app.command("room-members")

@@ -16,11 +16,14 @@ options and calls these. Each uses one ``client.Link`` and raises only ``ClientE
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from .chatview import CHANGES, PlainView, dm_with, found_lines, room_label
+import grpc
+
+from .chatview import CHANGES, PlainView, dm_with, found_lines, person_login, room_label
 from .client import (
     Connection,
     Link,
@@ -98,13 +101,21 @@ async def send(link: Link, room: str, text: str, *, kind: int, timeout: float,
         why = sendable(text, MAX_SPLIT if split else MAX_ANY_SERVER)
         if why is not None:
             raise InvalidInput(f"the message was not sent: {why}")  # (translated below)
-        if _short_names(room):
-            room = await dm_logins(await link.get(), room)
+        deadline = time.monotonic() + timeout
+        if _short_names(room):  # (within the same --timeout: it gave up at once while the
+            room = await first_answer(  # server restarted; a new user's day, 2026-11-24)
+                link, lambda c: dm_logins(c, room), grace=timeout)
         named: list[str] = []  # the room as the server names it (a DM's canonical name)
-        ids = await deliver_all(link, room, text, kind=kind, timeout=timeout, split=split,
+        ids = await deliver_all(link, room, text, kind=kind, split=split,
+                                timeout=max(0.1, deadline - time.monotonic()),
                                 welcomed=lambda w: named.append(w.room))
     except Exception as e:
-        raise not_sent(link.translate(e)) from None
+        err = link.translate(e)
+        if not split and err.status == grpc.StatusCode.INVALID_ARGUMENT and (
+                "the limit is" in str(err)):  # (render.validate_text's words)
+            err = ClientError(f"{err} (--split sends it as several messages)",
+                              retryable=False, exit_code=err.exit_code, status=err.status)
+        raise not_sent(err) from None
     finally:
         await link.close()
     room = named[-1] if named else room
@@ -175,7 +186,9 @@ async def last_messages(conn: Connection, room: str, *, before: int | None,
 async def history(link: Link, room: str, *, before: int | None, limit: int, json_out: bool,
                   echo: Echo) -> None:
     async def read(conn: Connection) -> list[pb.ChatMessage]:
-        return await last_messages(conn, await dm_logins(conn, room), before=before,
+        nonlocal room
+        room = await dm_logins(conn, room)  # (said as such when empty: `@bobb` showed as
+        return await last_messages(conn, room, before=before,  # "dm:bobb", no typo seen)
                                    limit=limit)
 
     items = await call(link, read)
@@ -271,8 +284,11 @@ async def search(link: Link, query: str, *, rooms: list[str], author: str, since
                  until_ms: int, newest: bool, limit: int, offset: int, json_out: bool,
                  echo: Echo) -> None:
     async def find(c: Connection) -> pb.SearchResponse:
+        who = author.strip().lstrip("@")
+        if who and "@" not in who and not who.startswith("tag:"):  # a short name, as in DMs
+            who = person_login(who, str((await c.whoami()).identity.login), ())
         return await c.search(query, rooms=[await dm_logins(c, r) for r in rooms],
-                              author=author, since_ms=since_ms, until_ms=until_ms,
+                              author=who, since_ms=since_ms, until_ms=until_ms,
                               newest=newest, limit=limit, offset=offset)
 
     res = await call(link, find)
