@@ -161,6 +161,14 @@ async def test_a_mention_of_bob_through_server_1_counts_for_bob_on_server_2(
         await bob_two.mark_read("general", said)
         await eventually(bob_one.unread, lambda r: unread_in(r, "general") == (0, 0),
                          "bob's mention read on server 1 too")
+        # an edit through server 1 changes whom the message mentions on server 2 too
+        await alice.edit("general", said, "can someone look at the deploy?")
+        await eventually(lambda: bob_two.mentions(include_read=True), lambda found: not found,
+                         "the edit taking bob's mention away on server 2")
+        await alice.edit("general", said, "@bob can you look at the deploy after all?")
+        await eventually(lambda: bob_two.mentions(include_read=True),
+                         lambda found: [m.id for m in found] == [said],
+                         "the edit naming bob again on server 2")
 
 
 @pytest.mark.cluster

@@ -324,6 +324,26 @@ async def test_a_refused_away_names_the_id_it_was_sent_with(lab_chat: LabChat) -
     call.cancel()
 
 
+async def test_an_edit_changes_whom_its_message_mentions(lab_chat: LabChat) -> None:
+    """"hey alice" edited to "hey team" still counted as a mention of alice, in `mentions`
+    and the unread counts (a new user's day, 2026-11-24)."""
+    alice, bob, _ = await people(lab_chat)
+    await bob.whoami()  # the server knows bob's name
+
+    async def bobs() -> tuple[list[int], int, tuple[str, ...]]:
+        counts = {r.name: r.unread_mentions for r in (await bob.unread()).rooms}
+        said = {m.id: tuple(m.mentions) for m in (await bob.history("general")).messages}
+        return ([m.id for m in await bob.mentions()], counts.get("general", 0),
+                said.get(mid, ()))
+
+    mid = await alice.send_one("general", "hey bob, meeting at 3")
+    assert await bobs() == ([mid], 1, (BOB,))
+    await alice.edit("general", mid, "hey team, meeting at 3")
+    assert await bobs() == ([], 0, ())
+    await alice.edit("general", mid, "hey team and bob, meeting at 3")
+    assert await bobs() == ([mid], 1, (BOB,))
+
+
 async def test_history_replay_search_and_mentions_carry_the_mentions_stored_with_a_message(
         lab_chat: LabChat) -> None:
     alice, bob, _ = await people(lab_chat)

@@ -208,6 +208,10 @@ class Ledger:
                 raise InvalidInput("target_id is only for edits and deletions")
             render.validate_text(text, kind, limits.max_message_bytes)
             self.people.add(sender.login, sender.display_name)
+        if kind in (pb.MESSAGE_KIND_TEXT, pb.MESSAGE_KIND_ACTION, pb.MESSAGE_KIND_EDIT):
+            # (an edit's are its new text's: the message edited is mentioning them from then
+            # on, and no longer those its old text named; "hey alice" edited to "hey team"
+            # still counted for alice: a new user's day, 2026-11-24)
             mentions = tuple(x for x in self.people.find(text)
                              if x != sender.login and self.may_mention(sub.room, x))
         if not self.accepting:

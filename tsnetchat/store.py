@@ -861,7 +861,7 @@ class Store:
             db.execute("INSERT INTO messages (room, id, ts_ms, sender, kind, text, client_msg_id) "
                        "VALUES (?,?,?,?,?,?,?)", (room[0], new_id, ts, self._sender_id(d.sender),
                                                   d.kind, d.text, d.client_msg_id))
-        if d.mentions:
+        if d.mentions and d.kind != EDIT:  # (an edit's are its target's: _change)
             db.executemany("INSERT OR IGNORE INTO mentions (login, room, id) VALUES (?,?,?)",
                            [(login, room[0], new_id) for login in d.mentions])
         if d.kind == TOPIC:
@@ -883,6 +883,10 @@ class Store:
         db, seq = self._db, decided
         if d.kind == EDIT:
             db.execute("UPDATE messages SET text=?, edited_ms=? WHERE seq=?", (d.text, ts, seq))
+            # the message mentions whom its new text names (Draft.mentions), no one else
+            db.execute("DELETE FROM mentions WHERE room=? AND id=?", (room[0], d.target))
+            db.executemany("INSERT OR IGNORE INTO mentions (login, room, id) VALUES (?,?,?)",
+                           [(login, room[0], d.target) for login in d.mentions])
             return None
         db.execute("UPDATE messages SET text='', deleted_by=? WHERE seq=?", (d.sender.login, seq))
         db.execute("UPDATE messages SET text='' WHERE room=? AND target=? AND target != 0 "
@@ -1004,8 +1008,8 @@ class Store:
                     if m.kind in (EDIT, DELETE):
                         self._restore(room[0], it.erased)
                         why = self._change(Draft(m.room, m.sender, m.kind, m.text,
-                                                 m.client_msg_id, m.target, (), it.admin,
-                                                 it.edit_window_ms), room, m.ts_ms)
+                                                 m.client_msg_id, m.target, m.mentions,
+                                                 it.admin, it.edit_window_ms), room, m.ts_ms)
                         if why is not None:
                             refused[i] = why
                             continue
@@ -1022,7 +1026,8 @@ class Store:
                     if it.seq and m.kind in (TEXT, ACTION, EDIT):
                         db.execute("INSERT OR REPLACE INTO stream_seqs (room, id, seq) "
                                    "VALUES (?,?,?)", (room[0], m.id, it.seq))
-                    if m.mentions:  # (cluster mode: recognised by the sender's server)
+                    if m.mentions and m.kind != EDIT:  # (recognised by the sender's server;
+                        # an edit's are its target's: _change)
                         db.executemany("INSERT OR IGNORE INTO mentions (login, room, id) "
                                        "VALUES (?,?,?)",
                                        [(login, room[0], m.id) for login in m.mentions])
