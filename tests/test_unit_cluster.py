@@ -199,3 +199,36 @@ async def test_a_nats_cluster_that_cannot_be_reached_fails_the_start_within_star
             await asyncio.wait_for(server.start(), 60)
     finally:
         await server.stop(grace=0)
+
+
+def test_an_imported_edit_gives_its_target_the_new_texts_mentions_and_an_old_one_keeps_them(
+        tmp_path: Path) -> None:
+    """A server older than edits' mentions (2026-11-24) writes no "m" for an edit: a copy
+    rebuilt from the stream must not take that for "mentions nobody"."""
+    bob = ("bob@example.com",)
+    drafts = [Draft("general", ALICE, TEXT, "hey bob", "c1", mentions=bob),
+              Draft("general", ALICE, EDIT, "hey team", "c2", target=1),
+              Draft("general", ALICE, EDIT, "hey team and bob", "c3", target=1, mentions=bob)]
+    embedded = Store(tmp_path / "embedded.db")
+    written = _written(embedded, drafts)
+    assert [m.mentions for m in written] == [bob, (), ()]  # (an edit's are its target's)
+    copy = Store(tmp_path / "copy.db")
+    stream = _as_stream(written, drafts)
+    assert copy.import_messages(stream[:2], "s", 2) == {}
+    assert copy.mentions_of("bob@example.com", include_read=True, limit=10) == []
+    assert copy.import_messages(stream[2:], "s", 3) == {}
+    assert [m.id for m in copy.mentions_of("bob@example.com", include_read=True, limit=10)
+            ] == [1] == [m.id for m in embedded.mentions_of("bob@example.com",
+                                                           include_read=True, limit=10)]
+    # the same edit from an older server: no "m" in the stream, and bob stays mentioned
+    old = Store(tmp_path / "old.db")
+    legacy = _as_stream(written[:2], drafts[:2])
+    legacy[1] = _decode("tsnetchat.msg.room.general",
+                        _encode(drafts[1], 2, written[1].ts_ms, "o:1").replace(b',"m":[]', b""),
+                        2)[0]
+    assert legacy[1].edit_mentions is None
+    assert old.import_messages(legacy, "s", 2) == {}
+    assert [m.id for m in old.mentions_of("bob@example.com", include_read=True, limit=10)
+            ] == [1]
+    for s in (embedded, copy, old):
+        s.close()

@@ -245,8 +245,8 @@ def _encode(d: Draft, msg_id: int, ts_ms: int, origin: str,
     o: dict[str, object] = {"id": msg_id, "ts": ts_ms, "l": d.sender.login,
                             "d": d.sender.display_name, "n": d.sender.node, "k": d.kind,
                             "t": d.text, "c": d.client_msg_id, "o": origin}
-    if d.mentions:  # recognised by the sender's server (the ledger), stored by every copy
-        o["m"] = list(d.mentions)
+    if d.mentions or d.kind == EDIT:  # recognised by the sender's server (the ledger),
+        o["m"] = list(d.mentions)  # stored by every copy; an edit's, even none (Imported)
     if d.kind in CHANGES:  # decided alike by every copy (Store.import_messages)
         o.update(g=d.target, a=d.admin, w=d.edit_window_ms)
     if erased:  # a deletion: what it erases from the stream, and tombstones for copies
@@ -268,13 +268,15 @@ def _decode(subject: str, data: bytes, seq: int) -> tuple[Imported, str, list[in
         room, int(x["id"]), int(x["ts"]), Sender(str(x["l"]), str(x["d"]), str(x["n"])),
         int(x["k"]), "", str(x["c"]), int(x["g"]), edited_ms=int(x["e"])))
         for x in o.get("x", ())]
+    mentions = tuple(sorted(str(x) for x in o.get("m", ())))
     m = StoredMessage(room, int(o["id"]), int(o["ts"]), Sender(login, str(o["d"]), str(o["n"])),
                       kind, str(o["t"]), str(o["c"]), target=int(o.get("g", 0)),
-                      mentions=tuple(sorted(str(x) for x in o.get("m", ()))),
+                      mentions=mentions if kind != EDIT else (),  # (an edit's: its target's)
                       deleted_by=login if kind == DELETE else "")
     erases = [s for s, _ in erased if s > 0]
     return (Imported(m, seq, bool(o.get("a", False)), int(o.get("w", 0)),
-                     tuple(r for _, r in erased), tuple(erases)),
+                     tuple(r for _, r in erased), tuple(erases),
+                     edit_mentions=mentions if "m" in o or kind != EDIT else None),
             str(o.get("o", "")), erases)
 
 

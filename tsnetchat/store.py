@@ -351,6 +351,11 @@ class Imported:
     edit_window_ms: int = 0
     erased: tuple[StoredMessage, ...] = ()
     erase: tuple[int, ...] = ()
+    # An EDIT says whom its new text mentions, and they replace its target's (the event
+    # itself, as read back, mentions no one); one from a server older than that
+    # (2026-11-24) says nothing: None, and the target keeps the mentions it had (a copy
+    # rebuilt from the stream lost them).
+    edit_mentions: tuple[str, ...] | None = ()
 
 
 @dataclass(frozen=True)
@@ -870,12 +875,15 @@ class Store:
                                                          d.sender.display_name, d.sender.node, ts))
         self._rooms[d.room] = (room[0], new_id)
         return Written(StoredMessage(d.room, new_id, ts, d.sender, d.kind, d.text,
-                                     d.client_msg_id, d.target, d.mentions,
+                                     d.client_msg_id, d.target,
+                                     d.mentions if d.kind != EDIT else (),  # (its target's)
                                      d.sender.login if d.kind == DELETE else ""), False)
 
-    def _change(self, d: Draft, room: tuple[int, int] | None, ts: int) -> Refused | None:
+    def _change(self, d: Draft, room: tuple[int, int] | None, ts: int, *,
+                edit_mentions: bool = True) -> Refused | None:
         """Decide and apply an edit or deletion of ``d.target`` (see Draft); the event row
-        itself is written by the caller."""
+        itself is written by the caller. An edit gives its target ``d.mentions`` unless
+        ``edit_mentions`` is False (Imported.edit_mentions)."""
         decided = self._decide(d, None if room is None else room[0], ts)
         if isinstance(decided, Refused):
             return decided
@@ -883,10 +891,11 @@ class Store:
         db, seq = self._db, decided
         if d.kind == EDIT:
             db.execute("UPDATE messages SET text=?, edited_ms=? WHERE seq=?", (d.text, ts, seq))
-            # the message mentions whom its new text names (Draft.mentions), no one else
-            db.execute("DELETE FROM mentions WHERE room=? AND id=?", (room[0], d.target))
-            db.executemany("INSERT OR IGNORE INTO mentions (login, room, id) VALUES (?,?,?)",
-                           [(login, room[0], d.target) for login in d.mentions])
+            if edit_mentions:  # the message mentions whom its new text names, no one else
+                db.execute("DELETE FROM mentions WHERE room=? AND id=?", (room[0], d.target))
+                db.executemany("INSERT OR IGNORE INTO mentions (login, room, id) "
+                               "VALUES (?,?,?)", [(login, room[0], d.target)
+                                                  for login in d.mentions])
             return None
         db.execute("UPDATE messages SET text='', deleted_by=? WHERE seq=?", (d.sender.login, seq))
         db.execute("UPDATE messages SET text='' WHERE room=? AND target=? AND target != 0 "
@@ -1008,8 +1017,10 @@ class Store:
                     if m.kind in (EDIT, DELETE):
                         self._restore(room[0], it.erased)
                         why = self._change(Draft(m.room, m.sender, m.kind, m.text,
-                                                 m.client_msg_id, m.target, m.mentions,
-                                                 it.admin, it.edit_window_ms), room, m.ts_ms)
+                                                 m.client_msg_id, m.target,
+                                                 it.edit_mentions or (), it.admin,
+                                                 it.edit_window_ms), room, m.ts_ms,
+                                           edit_mentions=it.edit_mentions is not None)
                         if why is not None:
                             refused[i] = why
                             continue
@@ -1026,8 +1037,7 @@ class Store:
                     if it.seq and m.kind in (TEXT, ACTION, EDIT):
                         db.execute("INSERT OR REPLACE INTO stream_seqs (room, id, seq) "
                                    "VALUES (?,?,?)", (room[0], m.id, it.seq))
-                    if m.mentions and m.kind != EDIT:  # (recognised by the sender's server;
-                        # an edit's are its target's: _change)
+                    if m.mentions:  # (cluster mode: recognised by the sender's server)
                         db.executemany("INSERT OR IGNORE INTO mentions (login, room, id) "
                                        "VALUES (?,?,?)",
                                        [(login, room[0], m.id) for login in m.mentions])
