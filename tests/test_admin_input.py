@@ -293,8 +293,9 @@ def test_serve_stops_at_sigterm_while_it_still_waits_for_tailscaled(tmp_path: Pa
 
 
 @pytest.mark.parametrize("args", [
-    ("tail", "x", "--after", "-1"), ("delete", "x", "--", "-1"),
-    ("edit", "x", "99999999999999999999", "new"), ("history", "x", "--limit", "-5"),
+    ("tail", "x", "--after", "-1"), ("delete", "x", "-r", "general", "--", "-1"),
+    ("edit", "x", "99999999999999999999", "new", "-r", "general"),
+    ("history", "x", "--limit", "-5"),
     ("history", "x", "--before", "-1"), ("history", "x", "--limit", "99999999999999999999"),
     ("search", "x", "q", "--offset", "-1"), ("search", "x", "q", "--limit", "0"),
     ("send", "x", "hi", "--timeout", "nan"), ("send", "x", "hi", "--timeout", "0"),

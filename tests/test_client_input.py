@@ -129,6 +129,10 @@ async def test_send_split_sends_text_over_the_limit_as_messages_that_join_back_t
     short = await clientcmds.send(link_as(chat, "alice@tailnet.test"), "general", "one",
                                   kind=TEXT, timeout=15, json_out=False, split=True)
     assert short == f"sent #{got['ids'][1] + 1} to general"
+    said = await clientcmds.send(link_as(chat, "alice@tailnet.test"), "general", text,
+                                 kind=TEXT, timeout=15, json_out=False, split=True)
+    first = got["ids"][1] + 2
+    assert said == f"sent as 2 messages to general: #{first}, #{first + 1}"
 
 
 async def test_split_text_with_a_part_the_server_would_refuse_sends_no_part(
@@ -141,6 +145,17 @@ async def test_split_text_with_a_part_the_server_would_refuse_sends_no_part(
                                         "control character (U+0007)")
     assert caught.value.exit_code == EXIT_USAGE
     assert await stored_texts(chat) == []
+
+
+async def test_blank_text_with_split_is_refused_as_empty_at_once(chat: Chat) -> None:
+    """It waited out the whole --timeout and then said the server did not confirm it."""
+    start = time.monotonic()
+    with pytest.raises(ClientError) as caught:
+        await clientcmds.send(link_as(chat, "alice@tailnet.test"), "general", "   \n ",
+                              kind=TEXT, timeout=10, json_out=False, split=True)
+    assert time.monotonic() - start < 5
+    assert str(caught.value) == "the message was not sent: message is empty"
+    assert caught.value.exit_code == EXIT_USAGE
 
 
 @pytest.mark.server_config(rate_burst=1, rate_per_second=0.01)

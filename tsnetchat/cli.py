@@ -634,7 +634,10 @@ def send(
     timeout: TimeoutOpt = 15.0, split: SplitOpt = False,
     json_out: Annotated[bool, typer.Option("--json")] = False, verbose: VerboseOpt = False,
 ) -> None:
-    """Send one message and print its id once the server has stored it."""
+    """Send one message and print its id once the server has stored it.
+
+    With --split, text over the server's limit goes as several messages, and their ids are
+    printed."""
     from . import clientcmds
     from .pb import chat_pb2 as pb
 
@@ -652,11 +655,11 @@ def _message_text(text: str, split: bool = False) -> str:
     surrogates, so ``clientcmds.send`` refuses the text (``outbox.sendable``) before
     dialling."""
     if text != "-":
-        return text.rstrip("\n")
+        return text.rstrip("\r\n")
     from .outbox import MAX_ANY_SERVER, MAX_SPLIT
 
     raw = sys.stdin.buffer.read((MAX_SPLIT if split else MAX_ANY_SERVER) + 4096)
-    return raw.rstrip(b"\n").decode("utf-8", "surrogateescape")
+    return raw.rstrip(b"\r\n").decode("utf-8", "surrogateescape")
 
 
 def _echo(line: str) -> None:
@@ -726,7 +729,8 @@ def search(
     room: Annotated[list[str] | None, typer.Option(
         "--room", "-r", callback=lambda rooms: [room_option(r) for r in rooms or ()],
         help="Only this room (repeatable): as --room elsewhere.")] = None,
-    author: Annotated[str, typer.Option(help="Only from this login.")] = "",
+    author: Annotated[str, typer.Option(
+        help="Only from this person: a login, or a short name at your own domain.")] = "",
     since: Annotated[int, typer.Option(help="Only from this time (ms since the epoch).",
                                        min=0, max=MAX_ID)] = 0,
     until: Annotated[int, typer.Option(help="Only before this time (ms since the epoch).",

@@ -946,10 +946,13 @@ async def deliver_all(link: Link, room: str, text: str, *, kind: int = pb.MESSAG
     unsure: list[str] = []  # a cluster's "it may still appear", when it said so
 
     def stored(e: ClientError, rest: str = "the rest was not sent") -> ClientError:
-        """``e``, saying which parts were stored before it (none: ``e`` as it is)."""
+        """``e``, saying which parts were stored before it, in order (none: ``e`` as it
+        is), and, when the cluster said one may still appear, that the others may too."""
         if not ids:
             return e
-        said = ", ".join(f"#{i}" for i in ids.values())
+        said = ", ".join(f"#{ids[id(o)]}" for o in outs if id(o) in ids)
+        if unsure:
+            rest = "the others may still be stored: look at the room's history first"
         return ClientError(f"{len(ids)} of the {len(outs)} parts were stored ({said}); {rest}: "
                            f"{e}", retryable=False, exit_code=e.exit_code, status=e.status)
 
@@ -960,6 +963,8 @@ async def deliver_all(link: Link, room: str, text: str, *, kind: int = pb.MESSAG
         async for ev in session.events():
             if ev.kind == "welcome" and split and not outs:
                 parts = split_text(text, session.max_message_bytes)
+                if not parts:  # (blank: waited out the whole --timeout)
+                    raise InvalidInput("message is empty")
                 for part in parts:  # all or none: a part the server would refuse is said
                     validate_text(part, kind, session.max_message_bytes)  # before any goes
                 outs.extend(session.send(part, kind) for part in parts)

@@ -123,7 +123,7 @@ async def send(link: Link, room: str, text: str, *, kind: int, timeout: float,
         return json.dumps({"id": ids[0], "room": room, **({"ids": ids} if split else {})})
     if len(ids) == 1:
         return f"sent #{ids[0]} to {room}"
-    return f"sent as {len(ids)} messages, #{ids[0]} to #{ids[-1]}, to {room}"
+    return f"sent as {len(ids)} messages to {room}: " + ", ".join(f"#{i}" for i in ids)
 
 
 async def dm_logins(conn: Connection, room: str) -> str:
@@ -286,7 +286,7 @@ async def search(link: Link, query: str, *, rooms: list[str], author: str, since
     async def find(c: Connection) -> pb.SearchResponse:
         who = author.strip().lstrip("@")
         if who and "@" not in who and not who.startswith("tag:"):  # a short name, as in DMs
-            who = person_login(who, str((await c.whoami()).identity.login), ())
+            who = person_login(who.lower(), str((await c.whoami()).identity.login), ())
         return await c.search(query, rooms=[await dm_logins(c, r) for r in rooms],
                               author=who, since_ms=since_ms, until_ms=until_ms,
                               newest=newest, limit=limit, offset=offset)
