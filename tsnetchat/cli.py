@@ -656,9 +656,9 @@ def _message_text(text: str, split: bool = False) -> str:
     dialling."""
     if text != "-":
         return text.rstrip("\r\n")
-    from .outbox import MAX_ANY_SERVER, MAX_SPLIT
+    from .outbox import most_sent
 
-    raw = sys.stdin.buffer.read((MAX_SPLIT if split else MAX_ANY_SERVER) + 4096)
+    raw = sys.stdin.buffer.read(most_sent(split) + 4096)
     return raw.rstrip(b"\r\n").decode("utf-8", "surrogateescape")
 
 

@@ -36,7 +36,7 @@ from .client import (
 )
 from .clienterrors import ClientError
 from .errors import InvalidInput
-from .outbox import MAX_ANY_SERVER, MAX_SPLIT, sendable, with_newlines
+from .outbox import sendable, with_newlines
 from .pb import chat_pb2 as pb
 from .render import visible
 from .resume import START_GRACE
@@ -98,7 +98,7 @@ async def send(link: Link, room: str, text: str, *, kind: int, timeout: float,
     (or, when the server may have got it, that it is unknown; or which parts were stored)."""
     try:
         text = with_newlines(text)
-        why = sendable(text, MAX_SPLIT if split else MAX_ANY_SERVER)
+        why = sendable(text, split=split)
         if why is not None:
             raise InvalidInput(f"the message was not sent: {why}")  # (translated below)
         deadline = time.monotonic() + timeout

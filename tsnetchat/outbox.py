@@ -209,17 +209,23 @@ def with_newlines(text: str) -> str:
             .replace("\u2029", "\n"))
 
 
-def sendable(text: str, most: int = MAX_ANY_SERVER) -> str | None:
+def most_sent(split: bool) -> int:
+    """The most bytes `send` takes: one message for any server, or text for `--split`."""
+    return MAX_SPLIT if split else MAX_ANY_SERVER
+
+
+def sendable(text: str, *, split: bool = False) -> str | None:
     """Why ``text`` can never be sent (checked before dialling), or None: as one message on
-    any server (``most``: MAX_ANY_SERVER), or as parts (MAX_SPLIT). The server's own rules
-    (its size limit, control characters) are its to say."""
+    any server, or as parts (``split``, ``most_sent``). The server's own rules (its size
+    limit, control characters) are its to say."""
     try:
         size = len(text.encode("utf-8"))
     except UnicodeError:  # lone surrogates: bytes that were not UTF-8 (surrogateescape)
         return "it is not UTF-8 text"
+    most = most_sent(split)
     if size <= most:
         return None
-    if most == MAX_ANY_SERVER:
+    if not split:
         return (f"it is more than {most} bytes, the most any tsnetchat server takes (4096 by "
                 "default): split it up (--split)")
     return f"it is more than {most} bytes, the most `send --split` sends"
