@@ -15,7 +15,15 @@ from tsnetchat.clienterrors import ClientError, from_status, refusal, retry_hint
 from tsnetchat.errors import RESUME_HINT, LocalAPIUnavailable, PeerNotFound, TailnetNotReady
 from tsnetchat.outbox import Outbox, Pacer, State, split_text, utf8_len, with_newlines
 from tsnetchat.pb import chat_pb2 as pb
-from tsnetchat.resume import FROM_NOW, Cursor, Phase, StreamState, worst
+from tsnetchat.resume import (
+    FROM_NOW,
+    SAME_TOKEN_FIRST,
+    SAME_TOKEN_MOST,
+    Cursor,
+    Phase,
+    StreamState,
+    worst,
+)
 
 TEXT = 1
 
@@ -266,10 +274,29 @@ def test_a_stream_waiting_for_a_new_token_says_so_and_reports_the_outage_when_ba
     assert s.lost(revoked, 10.0, 0.5) is None  # (final, unless something may mend it)
     s.waiting(ClientError("token lock: revoked (this chat carries on ...)", retryable=False),
               10.0)
-    assert s.phase is Phase.WAITING and s.describe(11.0).startswith("waiting: token lock")
+    assert s.phase is Phase.WAITING
+    assert s.describe(11.0).startswith("waiting (this token tried again in 9s): token lock")
     assert worst([s, StreamState()]) is s
     s.connecting()
     assert s.connected(40.0) == pytest.approx(30.0)
+
+
+def test_a_stream_waiting_for_a_token_tries_the_same_one_again_ever_less_often_saying_it_once(
+        ) -> None:
+    s = StreamState()
+    s.connected(0.0)
+    wrong_key = ClientError("token lock: the signature does not match", retryable=False)
+    waits = []
+    for i in range(8):
+        s.connecting()
+        waits.append(s.waiting(wrong_key, 10.0 + i))
+    assert [w for w, _ in waits] == [SAME_TOKEN_FIRST * 2**i for i in range(5)] \
+        + [SAME_TOKEN_MOST] * 3
+    assert [news for _, news in waits] == [True] + [False] * 7  # said once
+    assert s.waiting(ClientError("token lock: revoked", retryable=False), 20.0)[1]  # news
+    s.connecting()
+    s.connected(30.0)
+    assert s.waiting(wrong_key, 40.0) == (SAME_TOKEN_FIRST, True)  # a new outage
 
 
 def test_a_first_success_after_failed_attempts_is_not_reported_as_a_reconnect() -> None:

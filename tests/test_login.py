@@ -7,6 +7,7 @@ process on their own lab node (through its HTTP proxy), with a config dir of the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -273,6 +274,46 @@ def test_a_tail_whose_token_is_revoked_waits_for_a_new_login_and_misses_nothing(
         assert alice.stored()["token_id"] != revoked
         assert lines.message()["text"] == "while alice had no token"
         assert tail.wait(timeout=30) == 0
+    finally:
+        if tail.poll() is None:
+            tail.kill()
+            tail.wait()
+
+
+def test_a_tail_refused_by_a_server_with_another_key_carries_on_once_the_right_one_is_back(
+        lab: Any, enrolling: LabDaemon, tmp_path: Path) -> None:
+    """It waited for a new token for ever: only a new `connect` helped (a new user's day,
+    2026-11-24). Now the same token is tried again now and then (resume.SAME_TOKEN_FIRST)."""
+    alice = person(lab, enrolling, "alice-laptop", tmp_path)
+    bob = person(lab, enrolling, "bob-laptop", tmp_path)
+    assert alice("login").returncode == 0
+    token = alice.stored()["token"]
+    bob_token = enrolling.token(BOB)
+    tail = alice.popen("tail", "--room", "general", "--json", "--count", "2")
+    lines, said = Lines(tail), Lines(tail, err=True)
+    kept = enrolling.state.with_name("state.kept")
+    try:
+        assert bob("send", "before the mix-up", "--token", bob_token).returncode == 0
+        assert lines.message()["text"] == "before the mix-up"
+        enrolling.stop()
+        enrolling.state.rename(kept)
+        enrolling.start()  # the same address, a new state dir: another key
+        while "carries on by itself once you have a new one" not in (line := said.next()):
+            pass
+        assert "tries this one again" in line, line
+        enrolling.stop()
+        shutil.rmtree(enrolling.state)
+        kept.rename(enrolling.state)
+        enrolling.start()
+        assert bob("send", "after the mix-up", "--token", bob_token).returncode == 0
+        assert lines.message(timeout=90)["text"] == "after the mix-up"
+        assert tail.wait(timeout=30) == 0
+        assert alice.stored()["token"] == token  # the same token, no new login
+        rest = []
+        with contextlib.suppress(AssertionError):  # (no line within the time: none left)
+            while True:
+                rest.append(said.next(timeout=2))
+        assert not [x for x in rest if "carries on by itself" in x], rest  # said once
     finally:
         if tail.poll() is None:
             tail.kill()

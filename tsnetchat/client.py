@@ -705,11 +705,13 @@ class RoomSession:
                 how = ("" if "tsnetchat login" in str(err) else
                        f"; `tsnetchat login {self.link.name}` gets a new one")
                 waiting = ClientError(f"{err}{how} (this chat carries on by itself once you "
-                                      "have a new one)", retryable=False,
-                                      exit_code=err.exit_code, status=err.status)
-                self.state.waiting(waiting, time.monotonic())
-                yield SessionEvent("waiting", error=waiting, text=str(waiting))
-                if not await self._token_stored_since(tried_at):
+                                      "have a new one, and tries this one again now and then)",
+                                      retryable=False, exit_code=err.exit_code,
+                                      status=err.status)
+                patience, news = self.state.waiting(waiting, time.monotonic())
+                if news:
+                    yield SessionEvent("waiting", error=waiting, text=str(waiting))
+                if not await self._token_stored_since(tried_at, patience):
                     return
                 await self.link.redial(conn)
                 continue
@@ -733,12 +735,16 @@ class RoomSession:
         return (err.exit_code == EXIT_UNAUTHENTICATED and self.link.token_store is not None
                 and self.state.ever_connected)
 
-    async def _token_stored_since(self, t: float) -> bool:
+    async def _token_stored_since(self, t: float, patience: float) -> bool:
         """Wait until the token store is written after ``t`` (wall clock, as file times
         are): a login, or this process's own note of the refusal, which costs one more
-        attempt. False when the session closes first."""
+        attempt; or for ``patience`` seconds, after which the same token is tried again
+        (``resume.SAME_TOKEN_FIRST``). False when the session closes first."""
         path = self.link.token_store
+        until = time.monotonic() + patience
         while path is not None and not self.closed:
+            if time.monotonic() >= until:
+                return True
             with contextlib.suppress(OSError):
                 if path.stat().st_mtime > t:
                     return True

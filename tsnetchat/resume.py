@@ -19,11 +19,18 @@ has, saying so, instead of hiding every message up to its old id.
          |   (unless the way to the server failed and the grace is not over)
          +--lost(retryable) after having been connected once ------------------+
 
+    CONNECTED --refused, the token may be replaced--> WAITING --(a new token, or
+        the same one again after ``SAME_TOKEN_FIRST``, doubling up to ``SAME_TOKEN_MOST``)
+        --> CONNECTING
+
     close() from any state --> CLOSED
 
 RECONNECTING carries the reason and the time of the next attempt (a countdown for the status
 bar); delays double from ``first`` up to ``max_backoff``, with jitter, and never undercut the
-server's "retry in" hint.
+server's "retry in" hint. WAITING (``client.RoomSession``: the token came from the token
+store) tries the same token again now and then: a server that ran for a while with another
+key refused it, and once the right one was back the chats waited for a new token for ever
+(only a new `connect` helped; a new user's day, 2026-11-24).
 """
 
 from __future__ import annotations
@@ -47,6 +54,13 @@ LAST_ATTEMPT = 0.1
 # Ask the server for "everything after this id" to get nothing but what comes next: it
 # clamps the resume point to the room's newest id (service ``_replay``).
 FROM_NOW = 2**62
+
+# A stream waiting for a new token tries the refused one again after this, then after twice
+# as long each time, at most SAME_TOKEN_MOST apart: a refusal that mends by itself (the
+# server back with its own key) is over within that, and a token that stays refused (revoked)
+# costs the server one refusal per stream every few minutes.
+SAME_TOKEN_FIRST = 10.0
+SAME_TOKEN_MOST = 300.0
 
 
 class HasId(Protocol):
@@ -143,6 +157,8 @@ class StreamState:
         self.attempts = 0  # failed attempts since the last success
         self.ever_connected = False
         self.lost_at: float | None = None  # when the current outage (or first failure) began
+        self.waits = 0  # times WAITING since the last success
+        self._waited_on = ""  # what the last of them said
 
     def connecting(self) -> None:
         if self.phase is not Phase.CLOSED:
@@ -153,7 +169,7 @@ class StreamState:
         nothing was lost before it)."""
         outage = None if self.lost_at is None or not self.ever_connected else now - self.lost_at
         self.phase, self.error, self.attempts, self.lost_at = Phase.CONNECTED, None, 0, None
-        self.ever_connected = True
+        self.ever_connected, self.waits, self._waited_on = True, 0, ""
         return outage
 
     def lost(self, error: ClientError, now: float, jitter: float) -> float | None:
@@ -184,20 +200,28 @@ class StreamState:
         self.phase, self.retry_at = Phase.RECONNECTING, now + delay
         return delay
 
-    def waiting(self, error: ClientError, now: float) -> None:
+    def waiting(self, error: ClientError, now: float) -> tuple[float, bool]:
         """Refused, but waiting for something that may mend it (a new token): the status
         says ``error``, and the connection that follows reports the outage from ``now``.
         (Left FAILED, the chat showed the room ✗ and "failed" while it said it would carry
-        on: an independent review.)"""
-        self.phase, self.error = Phase.WAITING, error
+        on: an independent review.) Returns how long to wait before trying the same token
+        again, and whether ``error`` is news: not the refusal this outage already waited on
+        (said once, not at every try)."""
+        news = str(error) != self._waited_on
+        self.phase, self.error, self._waited_on = Phase.WAITING, error, str(error)
         if self.lost_at is None:
             self.lost_at = now
+        patience = min(SAME_TOKEN_MOST, SAME_TOKEN_FIRST * 2.0 ** self.waits)
+        self.waits += 1
+        self.retry_at = now + patience
+        return patience, news
 
     def close(self) -> None:
         self.phase = Phase.CLOSED
 
     def countdown(self, now: float) -> float:
-        return max(0.0, self.retry_at - now) if self.phase is Phase.RECONNECTING else 0.0
+        waits = self.phase in (Phase.RECONNECTING, Phase.WAITING)
+        return max(0.0, self.retry_at - now) if waits else 0.0
 
     def describe(self, now: float) -> str:
         """One line for a status bar."""
@@ -209,7 +233,7 @@ class StreamState:
         if self.phase is Phase.FAILED and self.error is not None:
             return f"failed: {self.error}"
         if self.phase is Phase.WAITING and self.error is not None:
-            return f"waiting: {self.error}"
+            return f"waiting (this token tried again in {self.countdown(now):.0f}s): {self.error}"
         return str(self.phase.value)
 
 
