@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -492,3 +493,28 @@ def test_a_found_message_says_when_it_was_said_and_in_which_room_as_room_takes_i
         assert found_lines(m) == [f"2025-03-09 14:05 {shown} [7] <Bob> deploy at five"]
     m.kind = pb.MESSAGE_KIND_ACTION
     assert found_lines(m)[0].endswith("[7] * Bob deploy at five")
+
+
+async def test_leaving_the_last_open_room_never_joins_one_only_listed_for_its_unread_count(
+        ) -> None:
+    """The next buffer after a /leave was a DM the server listed as unread: showing it
+    joined it, and the next line typed went there (a new user's day, 2026-11-24)."""
+    from tsnetchat.client import Link
+    from tsnetchat.tui import ChatApp
+
+    async def dial() -> Any:
+        raise AssertionError("nothing may be joined")
+
+    me = pb.WhoAmIResponse(identity=pb.Identity(login="alice@tailnet.test",
+                                                display_name="Alice"))
+    app = ChatApp(Link(dial), me)
+    dm = dm_name("alice@tailnet.test", "bob@tailnet.test")
+    for room, listed in (("general", False), (dm, True), ("ops", False)):
+        app.conversations[room] = app.conversation_for(room, listed=listed)
+    app.current = "general"
+    app.close_buffer("general")
+    assert app.current == "ops"  # the next one open, past the listed DM
+    app.close_buffer("ops")
+    assert app.current is None and not app.sessions and app.conversations[dm].listed
+    assert app.handle("meant for #ops") is True  # kept in the input
+    assert "not in a room" in app.system.entries[-1].text

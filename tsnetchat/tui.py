@@ -1011,9 +1011,12 @@ class ChatApp:
         self.drafts.pop(room, None)
         if self.current == room:
             self.current = None
-            rest = list(self.conversations)
-            if rest:
-                self.switch(rest[min(i, len(rest) - 1)])
+            # The nearest buffer still open, never one only listed: switching to that joins
+            # it, and the next line went to a DM nobody had chosen (a new user's day,
+            # 2026-11-24). With none, the chat is in no room and says so at the next line.
+            rest = [n for n, c in self.conversations.items() if not c.listed]
+            if rest:  # (the one after it, as before, else the last)
+                self.switch(next((n for n in rest if names.index(n) > i), rest[-1]))
 
     async def _pump(self, conv: Conversation, session: RoomSession) -> None:
         try:
