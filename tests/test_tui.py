@@ -306,6 +306,23 @@ def test_a_refused_join_is_one_error_line_and_bob_stays_in_general(
     no_python_on(alice, bob)
 
 
+def test_a_room_refused_as_the_chat_starts_stays_said_at_the_bottom_until_the_next_line(
+        open_terminal: Opener) -> None:
+    """It was said only in the room shown, where the backlog that followed scrolled it away
+    (a new user's day, 2026-11-24)."""
+    bob = open_terminal("bob", wait=False, extra=("--room", "#ops"))
+    bob.wait_for(r"!! cannot join #ops: ")
+
+    def in_the_bar() -> list[str]:  # (the room's own line is marked "!!")
+        return [x for x in bob.screen().splitlines() if "cannot join #ops" in x and "!!" not in x]
+
+    assert in_the_bar(), bob.screen()
+    bob.type("/join #general")
+    bob.wait_for(r"you joined #general")
+    assert not in_the_bar(), bob.screen()
+    no_python_on(bob)
+
+
 def test_a_new_chat_opens_the_rooms_the_last_one_had_open_and_shows_the_one_shown_then(
         open_terminal: Opener) -> None:
     """Each morning began with the same `/join`s, by hand."""

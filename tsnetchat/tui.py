@@ -240,6 +240,11 @@ class ChatApp:
         self.rejoining: dict[str, RoomSession] = {}
         self.system = Conversation("tsnetchat", kind="system")  # shown when in no room
         self.split_offer: str | None = None  # an over-long text the person may send in parts
+        # Rooms refused before the first line was typed (a --room, a room reopened from last
+        # time): said in the room shown, where the backlog that followed scrolled it away (a
+        # new user's day, 2026-11-24), so also held in the problem bar until the next line.
+        self.refused_at_start: list[str] = []
+        self.typed_any = False
         self.loading: set[str] = set()
         self.background: set[asyncio.Task[None]] = set()
         self.quitting = False
@@ -347,7 +352,8 @@ class ChatApp:
     def problem(self) -> str:
         """What is wrong with the way to the server: the shown room's trouble if it has any
         (its countdown is the status bar's: two countdowns disagreed with several rooms
-        open; a new user's day, 2026-11-24), else the worst of the others'."""
+        open; a new user's day, 2026-11-24), else the worst of the others'; with none, the
+        rooms refused at the chat's start (``refused_at_start``)."""
         troubled = (Phase.RECONNECTING, Phase.CONNECTING, Phase.WAITING)
         here = self.sessions.get(self.current or "")
         if here is not None and here.state.phase in troubled and here.state.error is not None:
@@ -356,7 +362,7 @@ class ChatApp:
             bad = worst([s.state for s in self.sessions.values()
                          if s.state.phase is not Phase.FAILED])
         if bad is None or bad.error is None or bad.phase not in troubled:
-            return ""
+            return " " + " · ".join(self.refused_at_start) if self.refused_at_start else ""
         return " " + bad.describe(time.monotonic())
 
     def problem_bar(self) -> StyleAndTextTuples:
@@ -609,6 +615,7 @@ class ChatApp:
             return
         before = self.current
         self.submitting = True
+        self.typed_any, self.refused_at_start = True, []
         try:
             keep = self.handle(text)
         finally:
@@ -1177,6 +1184,8 @@ class ChatApp:
             made = (f"; {conv.title} was created: /join {conv.name} later"
                     if conv.name in self.created else "")
             self.say(f"cannot join {conv.title}: {err}{made}", error=True)
+            if not self.typed_any:
+                self.refused_at_start.append(f"cannot join {conv.title}: {err}")
             for out in session.outbox:  # typed while it was joining: not lost, not sent
                 self.say(f"not sent to {conv.title}: {visible(out.text)}", error=True)
             return
