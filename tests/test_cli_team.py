@@ -168,6 +168,8 @@ def test_every_command_that_takes_a_room_takes_a_direct_messages_short_name(
         "at heron11"]
     assert alice.ok("history", "--room", "@bobb") == (
         f"no messages in dm:{ALICE},bobb@tailnet.test\n")
+    assert alice.ok("search", "heron11", "--room", "@bobb", "--author", "bobb") == (
+        f"no messages match in dm:{ALICE},bobb@tailnet.test from bobb@tailnet.test\n")
 
 
 def test_send_split_reads_a_long_text_from_stdin_and_sends_it_in_parts(

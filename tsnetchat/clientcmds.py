@@ -136,6 +136,18 @@ async def dm_logins(conn: Connection, room: str) -> str:
     return dm_with(str((await conn.whoami()).identity.login), room[3:].split(","))
 
 
+def _short_login(who: str) -> bool:
+    """Whether ``who`` names a person without a domain (``bob``, ``@bob``)."""
+    who = who.strip().lstrip("@")
+    return bool(who) and "@" not in who and not who.startswith("tag:")
+
+
+def _login_of(who: str, me: str) -> str:
+    """A person as `search --author` takes them: a short name at ``me``'s domain."""
+    return person_login(who.strip().lstrip("@").lower(), me, ()) if _short_login(who) else \
+        who.strip().lstrip("@")
+
+
 def _short_names(room: str) -> bool:
     """Whether ``room`` is a DM that names someone without a domain."""
     return room.startswith("dm:") and any(
@@ -283,17 +295,28 @@ def _messages(msgs: Any, json_out: bool, echo: Echo, *, none: str) -> None:
 async def search(link: Link, query: str, *, rooms: list[str], author: str, since_ms: int,
                  until_ms: int, newest: bool, limit: int, offset: int, json_out: bool,
                  echo: Echo) -> None:
+    searched: list[str] = []
+    who = ""
+
     async def find(c: Connection) -> pb.SearchResponse:
-        who = author.strip().lstrip("@")
-        if who and "@" not in who and not who.startswith("tag:"):  # a short name, as in DMs
-            who = person_login(who.lower(), str((await c.whoami()).identity.login), ())
-        return await c.search(query, rooms=[await dm_logins(c, r) for r in rooms],
-                              author=who, since_ms=since_ms, until_ms=until_ms,
-                              newest=newest, limit=limit, offset=offset)
+        nonlocal searched, who
+        # Short names (a DM's `@bob`, `--author bob`) at the caller's domain: one WhoAmI.
+        short = _short_login(author) or any(_short_names(r) for r in rooms)
+        me = str((await c.whoami()).identity.login) if short else ""
+        searched = [dm_with(me, r[3:].split(",")) if _short_names(r) else r for r in rooms]
+        who = _login_of(author, me)
+        return await c.search(query, rooms=searched, author=who, since_ms=since_ms,
+                              until_ms=until_ms, newest=newest, limit=limit, offset=offset)
 
     res = await call(link, find)
+    # (the rooms and the author as searched: `--room @bobb` answered only "no messages
+    # match", and the typo went unseen; a new user's day, 2026-11-24)
+    where = (f" in {', '.join(room_label(r) for r in searched)}" if searched else "") + (
+        f" from {who}" if who else "")
+    where = visible(where)
     _messages(res.messages, json_out, echo,
-              none="no more messages match" if offset else "no messages match")
+              none=f"no more messages match{where}" if offset else
+              f"no messages match{where}")
     if res.more and not json_out:
         echo(f"(more: --offset {res.next_offset})")
 
