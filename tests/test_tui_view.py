@@ -287,6 +287,23 @@ def test_an_edit_and_a_delete_change_the_line_already_shown_and_add_none() -> No
     assert text_of(visible_lines(conv, r, 80, 10)[0])[-1].endswith("<Bob> (deleted)")
 
 
+def test_an_edit_changes_whether_the_line_it_edits_is_highlighted_as_mentioning_you() -> None:
+    """The line kept its highlight until History was read again."""
+    conv = Conversation("general")
+    hi = msg(1, "hey alice, the build")
+    hi.mentions.append("alice@tailnet.test")
+    conv.add_message(hi, own=False, mention=True, shown=True, live=True)
+    conv.add_message(msg(2, "the build broke"), own=False, mention=False, shown=True, live=True)
+    pattern = mention_pattern(["alice@tailnet.test", "alice", "Alice"])
+    for event in (change(3, pb.MESSAGE_KIND_EDIT, 1, "hey team, the build"),
+                  change(4, pb.MESSAGE_KIND_EDIT, 2, "the build broke, alice")):
+        conv.add_message(event, own=False, shown=True, live=True,
+                         mention=is_mention(event, "alice@tailnet.test", pattern))
+    first, second = (e for e in conv.entries if e.message is not None)
+    assert not first.mention and not first.message.mentions  # (its old text's are gone)
+    assert second.mention
+
+
 def test_a_message_deleted_by_an_admin_names_who_deleted_it_and_history_prints_marks() -> None:
     m = msg(1, "")
     m.deleted_by = "root@tailnet.test"

@@ -245,11 +245,17 @@ class Conversation:
         """A message from the stream (in id order). ``shown``: this conversation is on
         screen; ``live``: it arrived now (not from the backlog). An edit or a deletion is
         applied to the message it changes (None: no line of its own); a topic change is a
-        notice and sets ``topic``."""
+        notice and sets ``topic``. For an edit, ``mention`` is whether its new text mentions
+        the reader, which the message edited takes (an edit changes whom its message
+        mentions, and the server says so in no event: our own names decide, as for the
+        backlog; the line kept its highlight until History was read again)."""
         if self.oldest_loaded is None:
             self.oldest_loaded = m.id
         if m.kind in CHANGES:
-            self.apply_change(m)
+            e = self.apply_change(m)
+            if e is not None and m.kind == pb.MESSAGE_KIND_EDIT and not e.own and (
+                    e.message is not None and not e.message.deleted_by):
+                e.mention = mention
             return None
         if m.kind == pb.MESSAGE_KIND_TOPIC:
             return self.topic_changed(m, renderer)
@@ -281,6 +287,7 @@ class Conversation:
                 e.mention = False
             elif not m.deleted_by:
                 m.text, m.edited_unix_ms = change.text, change.sent_unix_ms
+                del m.mentions[:]  # (its old text's)
             e.message, e._cache = m, None
             return e
         return None
