@@ -450,6 +450,24 @@ def test_a_direct_message_opens_a_buffer_for_both_and_rings_the_receiver(
     no_python_on(alice, bob)
 
 
+def test_a_group_dm_opened_from_the_chat_reaches_everyone_in_it_and_nobody_else(
+        open_terminal: Opener) -> None:
+    """/msg took one person: a group DM could be read in the chat but not begun there (a
+    new user's day, 2026-11-24)."""
+    alice, bob, mallory = (open_terminal(w) for w in ("alice", "bob", "mallory"))
+    alice.type("/msg bob,mallory standup moved to ten")
+    alice.wait_for(r"│ @bob,@mallory │")
+    alice.wait_for(r"▸ <Alice> standup moved to ten")
+    for other, title in ((bob, "@alice,@mallory"), (mallory, "@alice,@bob")):
+        other.wait_for(rf"2 {title} +1")
+        other.keys("M-2")
+        other.wait_for(r"<Alice> standup moved to ten")
+    mallory.type("ok")
+    alice.wait_for(r"<Mallory> ok")
+    bob.wait_for(r"<Mallory> ok")
+    no_python_on(alice, bob, mallory)
+
+
 def test_an_edit_and_a_delete_reach_the_other_screen_also_one_that_was_offline(
         lab: Any, terminals: dict[str, Tmux]) -> None:
     alice, bob = terminals["alice"], terminals["bob"]

@@ -209,6 +209,8 @@ def test_commands_are_case_insensitive_and_take_hash_rooms(line: str,
     ("/join bad room!", "a room name"),
     ("/who everyone", "usage: /who"),
     ("/frobnicate", "unknown command /frobnicate"),
+    ("/msg bob,,carol hi", "/msg bob,carol hi"),
+    ("/join @bob,bad room", "a room name"),
     ("/hlep", "did you mean /help [COMMAND]?"),
 ])
 def test_a_misused_command_gets_its_usage(line: str, says: str) -> None:
@@ -392,6 +394,11 @@ def test_search_results_say_where_each_message_is() -> None:
     ("/query bob@tailnet.test", ("msg", ("bob@tailnet.test",), "")),
     ("/join @Bob", ("msg", ("Bob",), "")),  # a DM, as connect --room @bob
     ("/j dm:bob@tailnet.test", ("msg", ("bob@tailnet.test",), "")),
+    ("/msg bob,carol lunch?", ("msg", ("bob", "carol"), "lunch?")),  # a group DM
+    ("/msg @bob,@Carol,bob", ("msg", ("bob", "Carol"), "")),
+    ("/msg bob, hi", ("msg", ("bob",), "hi")),  # (as completion leaves it)
+    ("/join @bob,carol", ("msg", ("bob", "carol"), "")),
+    ("/join dm:bob,carol@tailnet.test", ("msg", ("bob", "carol@tailnet.test"), "")),
     ("/Topic release week", ("topic", (), "release week")),
     ("/topic", ("topic", (), "")),
     ("/edit the right text", ("edit", (), "the right text")),
@@ -431,7 +438,7 @@ def test_join_takes_a_private_room() -> None:
 
 
 @pytest.mark.parametrize(("line", "says"), [
-    ("/msg", "usage: /msg NICK [TEXT]"),
+    ("/msg", "usage: /msg NICK[,NICK...] [TEXT]"),
     ("/edit", "usage: /edit TEXT"),
     ("/search", "usage: /search WORDS"),
     ("/delete it", "usage: /delete"),

@@ -33,11 +33,12 @@ class Command:
 
 COMMANDS = [
     Command("join", "ROOM", "join a room (#room, +room if you are a member, or @person for "
-            "a DM) and switch to it", ("j",)),
+            "a DM, @bob,carol for a group DM) and switch to it", ("j",)),
     Command("leave", "[ROOM]", "leave this room (or ROOM); closes a DM or search buffer",
             ("part", "close")),
-    Command("msg", "NICK [TEXT]", "a direct message: opens the conversation with NICK "
-            "(a name or login) and sends TEXT", ("query", "dm")),
+    Command("msg", "NICK[,NICK...] [TEXT]", "a direct message: opens the conversation with "
+            "NICK (a name or login; several, split by commas, for a group) and sends TEXT",
+            ("query", "dm")),
     Command("who", "", "who is in this room", ("names",)),
     Command("me", "TEXT", "an action: * you TEXT"),
     Command("topic", "[TEXT]", "show this room's topic, or set it"),
@@ -131,6 +132,14 @@ def nick(word: str) -> str | None:
     return word.lstrip("@") if word and NICK_RE.fullmatch(word) else None
 
 
+def nicks(word: str) -> tuple[str, ...]:
+    """The people of a DM as typed in one word (``bob``, ``@bob,carol``: one or a group);
+    empty if any part cannot be a person. (Group DMs could not be opened from the chat: a
+    new user's day, 2026-11-24.)"""
+    parts = [nick(p) for p in word.rstrip(":,").split(",")]
+    return () if None in parts else tuple(dict.fromkeys(p for p in parts if p))
+
+
 def parse(line: str) -> Parsed | Message | Problem:
     if not line.startswith("/"):
         return Message(line)
@@ -145,12 +154,12 @@ def parse(line: str) -> Parsed | Message | Problem:
         hint = f"; did you mean {', '.join(close)}?" if close else "; /help lists them"
         return Problem(f"unknown command /{word}{hint} (// at the start sends a /)")
     usage = Problem(f"usage: {cmd.usage}  ({cmd.help})")
-    if cmd.name == "join" and arg.startswith(("@", "dm:")) and "," not in arg:
+    if cmd.name == "join" and arg.startswith(("@", "dm:")):
         # a DM, as `connect --room @bob` opens one: what /msg bob does (it was a usage error:
         # a new user's day, 2026-11-24)
-        person = nick(arg.removeprefix("dm:"))
-        if person is not None:
-            return Parsed(_BY_NAME["msg"], nicks=(person,))
+        people = nicks(arg.removeprefix("dm:"))
+        if people:
+            return Parsed(_BY_NAME["msg"], nicks=people)
     if cmd.name == "join" or (cmd.name == "leave" and arg):
         room = room_name(arg)
         if room is None:
@@ -170,10 +179,11 @@ def parse(line: str) -> Parsed | Message | Problem:
         return Parsed(cmd, nicks=(person,)) if person else usage
     if cmd.name == "msg":
         who, _, text = rest.strip(" ").partition(" ")
-        person = nick(who)
-        if person is None:
-            return Problem(f"usage: {cmd.usage}  (a name or a login, e.g. /msg bob hi)")
-        return Parsed(cmd, nicks=(person,), text=text.strip(" \n"))
+        people = nicks(who)
+        if not people:
+            return Problem(f"usage: {cmd.usage}  (a name or a login, e.g. /msg bob hi, or "
+                           "several for a group: /msg bob,carol hi)")
+        return Parsed(cmd, nicks=people, text=text.strip(" \n"))
     if cmd.name == "create":
         first, _, others = arg.partition(" ")
         room = room_name(first)

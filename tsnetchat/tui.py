@@ -649,7 +649,7 @@ class ChatApp:
         elif name == "leave":
             self.leave(parsed.room or self.current or "")
         elif name == "msg":
-            return self.direct(parsed.nicks[0], parsed.text, line)
+            return self.direct(parsed.nicks, parsed.text, line)
         elif name == "topic":
             return self.topic(parsed.text, line)
         elif name in ("edit", "delete"):
@@ -726,13 +726,14 @@ class ChatApp:
                 if e.message is not None]
         return out
 
-    def direct(self, person: str, text: str, line: str) -> bool:
-        """/msg NICK [TEXT]: open (or show) the DM with NICK and send TEXT there."""
-        login = person_login(person, self.me.login, self.people())
-        if login == self.me.login:
+    def direct(self, people: Sequence[str], text: str, line: str) -> bool:
+        """/msg NICK[,NICK...] [TEXT]: open (or show) the DM with them and send TEXT there."""
+        known = self.people()
+        logins = {person_login(p, self.me.login, known) for p in people} - {self.me.login}
+        if not logins:
             self.say("a direct message needs somebody else: /msg NICK TEXT", error=True)
             return True
-        room = dm_name(self.me.login, login)
+        room = dm_name(self.me.login, *logins)
         self.join(room)
         if text:
             return self.send(text, pb.MESSAGE_KIND_TEXT, line, room)
