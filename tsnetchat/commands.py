@@ -157,9 +157,9 @@ def parse(line: str) -> Parsed | Message | Problem:
     if cmd.name == "join" and arg.startswith(("@", "dm:")):
         # a DM, as `connect --room @bob` opens one: what /msg bob does (it was a usage error:
         # a new user's day, 2026-11-24)
-        people = nicks(arg.removeprefix("dm:"))
-        if people:
-            return Parsed(_BY_NAME["msg"], nicks=people)
+        group = nicks(arg.removeprefix("dm:"))
+        if group:
+            return Parsed(_BY_NAME["msg"], nicks=group)
     if cmd.name == "join" or (cmd.name == "leave" and arg):
         room = room_name(arg)
         if room is None:
@@ -179,11 +179,11 @@ def parse(line: str) -> Parsed | Message | Problem:
         return Parsed(cmd, nicks=(person,)) if person else usage
     if cmd.name == "msg":
         who, _, text = rest.strip(" ").partition(" ")
-        people = nicks(who)
-        if not people:
+        group = nicks(who)
+        if not group:
             return Problem(f"usage: {cmd.usage}  (a name or a login, e.g. /msg bob hi, or "
                            "several for a group: /msg bob,carol hi)")
-        return Parsed(cmd, nicks=people, text=text.strip(" \n"))
+        return Parsed(cmd, nicks=group, text=text.strip(" \n"))
     if cmd.name == "create":
         first, _, others = arg.partition(" ")
         room = room_name(first)
