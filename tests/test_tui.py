@@ -745,6 +745,21 @@ def test_a_terminal_closed_with_lines_not_yet_sent_keeps_them_in_a_file(
     assert ("  (waiting in #general for the message above) /edit a first line, corrected\n"
             in text), text
     assert stat.S_IMODE(kept.stat().st_mode) == 0o600
+    # The next chat says so (it printed to a terminal that was gone), until a line is typed;
+    # the one after that does not say it again.
+    chat_server.start()
+    again = open_terminal("alice", home_name="home-alice-0")
+    said = r"lines an earlier chat could not send are in\s+\S*unsent\.txt"
+    again.wait_for(said)
+    again.type("back again")
+    again.wait_for(r"▸ <Alice> back again")
+    assert not re.search(said, again.screen()), again.screen()
+    again.type("/quit")
+    again.wait_for(r"EXITED 0", timeout=5)
+    third = open_terminal("alice", home_name="home-alice-0")
+    time.sleep(1)  # (the notes are there at once, or not at all)
+    assert not re.search(said, third.screen()), third.screen()
+    no_python_on(again, third)
 
 
 def test_a_long_reason_for_reconnecting_is_shown_whole_on_a_narrow_terminal(

@@ -240,10 +240,11 @@ class ChatApp:
         self.rejoining: dict[str, RoomSession] = {}
         self.system = Conversation("tsnetchat", kind="system")  # shown when in no room
         self.split_offer: str | None = None  # an over-long text the person may send in parts
-        # Rooms refused before the first line was typed (a --room, a room reopened from last
-        # time): said in the room shown, where the backlog that followed scrolled it away (a
-        # new user's day, 2026-11-24), so also held in the problem bar until the next line.
-        self.refused_at_start: list[str] = []
+        # What the chat's start has to say before the first line is typed: rooms refused (a
+        # --room, a room reopened from last time), said in the room shown, where the backlog
+        # that followed scrolled it away (a new user's day, 2026-11-24); lines an earlier
+        # chat could not send. Held in the problem bar until the next line.
+        self.start_notes: list[str] = []
         self.typed_any = False
         self.loading: set[str] = set()
         self.background: set[asyncio.Task[None]] = set()
@@ -353,7 +354,7 @@ class ChatApp:
         """What is wrong with the way to the server: the shown room's trouble if it has any
         (its countdown is the status bar's: two countdowns disagreed with several rooms
         open; a new user's day, 2026-11-24), else the worst of the others'; with none, the
-        rooms refused at the chat's start (``refused_at_start``)."""
+        notes of the chat's start (``start_notes``)."""
         troubled = (Phase.RECONNECTING, Phase.CONNECTING, Phase.WAITING)
         here = self.sessions.get(self.current or "")
         if here is not None and here.state.phase in troubled and here.state.error is not None:
@@ -362,7 +363,7 @@ class ChatApp:
             bad = worst([s.state for s in self.sessions.values()
                          if s.state.phase is not Phase.FAILED])
         if bad is None or bad.error is None or bad.phase not in troubled:
-            return " " + " · ".join(self.refused_at_start) if self.refused_at_start else ""
+            return " " + " · ".join(self.start_notes) if self.start_notes else ""
         return " " + bad.describe(time.monotonic())
 
     def problem_bar(self) -> StyleAndTextTuples:
@@ -615,7 +616,7 @@ class ChatApp:
             return
         before = self.current
         self.submitting = True
-        self.typed_any, self.refused_at_start = True, []
+        self.typed_any, self.start_notes = True, []
         try:
             keep = self.handle(text)
         finally:
@@ -1186,7 +1187,7 @@ class ChatApp:
                     if conv.name in self.created else "")
             self.say(f"cannot join {conv.title}: {err}{made}", error=True)
             if not self.typed_any:
-                self.refused_at_start.append(f"cannot join {conv.title}: {err}")
+                self.start_notes.append(f"cannot join {conv.title}: {err}")
             for out in session.outbox:  # typed while it was joining: not lost, not sent
                 self.say(f"not sent to {conv.title}: {visible(out.text)}", error=True)
             return
@@ -1346,6 +1347,25 @@ def indented(text: str, by: str = "    ") -> str:
     return text.replace("\n", "\n" + by)
 
 
+def _unsent_untold() -> Path | None:
+    """``unsent.txt`` if an earlier chat added to it since a chat last said so (then
+    noted, beside it, as said). A chat whose terminal closed printed its unsent lines to
+    nowhere, and the next one did not mention them (a new user's day, 2026-11-24)."""
+    path = log_path().with_name("unsent.txt")
+    told = path.with_name("unsent.told")
+    try:
+        added = path.stat().st_mtime
+    except OSError:
+        return None
+    with contextlib.suppress(OSError):
+        if told.stat().st_mtime >= added:
+            return None
+    with contextlib.suppress(OSError):
+        os.close(os.open(told, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))
+        os.utime(told, (added, added))
+    return path
+
+
 def _keep_unsent(lines: list[str]) -> Path | None:
     """Append what was typed and not stored to ``unsent.txt`` beside the client's log (0600),
     under the time; where it went, or None if it could not be written."""
@@ -1440,6 +1460,9 @@ async def run_tui(server: str, room: str | None, *, token: str | None, socket: s
         loop.add_signal_handler(signal.SIGTSTP, chat.suspend)
         try:
             asked = commands.room_asked(room, me.identity.login) if room else None
+            untold = _unsent_untold()
+            if untold is not None:
+                chat.start_notes.append(f"lines an earlier chat could not send are in {untold}")
             chat.reopen(last.rooms, asked or last.shown or next(iter(last.rooms), "general"),
                         back=last.shown)
             chat.spawn(chat.poll_unread())
