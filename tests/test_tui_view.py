@@ -221,6 +221,16 @@ def test_a_misused_command_gets_its_usage(line: str, says: str) -> None:
 def test_plain_text_and_a_double_slash_are_messages() -> None:
     assert commands.parse("hello") == commands.Message("hello")
     assert commands.parse("//etc/hosts is a file") == commands.Message("/etc/hosts is a file")
+    assert commands.parse("  /usr/bin is full") == commands.Message("  /usr/bin is full")
+
+
+def test_a_command_typed_after_a_space_is_still_the_command() -> None:
+    """` /join #ops` went to the room as a message."""
+    p = commands.parse("  /join #ops")
+    assert isinstance(p, commands.Parsed) and (p.command.name, p.room) == ("join", "ops")
+    p = commands.parse(" /Leave")
+    assert isinstance(p, commands.Parsed) and p.command.name == "leave"
+    assert isinstance(commands.parse(" /me"), commands.Problem)  # its usage, not a message
 
 
 def test_tab_completes_commands_rooms_and_nicks() -> None:

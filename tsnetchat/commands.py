@@ -142,6 +142,12 @@ def nicks(word: str) -> tuple[str, ...]:
 
 def parse(line: str) -> Parsed | Message | Problem:
     if not line.startswith("/"):
+        # A command typed after a space is still the command (` /join #ops` went to the room
+        # as a message: a new user's day, 2026-11-24); other text after spaces is text.
+        bare = line.lstrip(" \t")
+        word = bare[1:].split(" ", 1)[0].split("\n", 1)[0].lower()
+        if bare.startswith("/") and word in _BY_NAME:
+            return parse(bare)
         return Message(line)
     if line.startswith("//"):
         return Message(line[1:])
