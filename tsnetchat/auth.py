@@ -57,10 +57,7 @@ HEADER = frozenset({"alg", "typ"})
 
 
 def load_or_create_key(path: Path) -> bytes:
-    """Return the signing key, creating it (0600) on first use.
-
-    Raises ConfigError when the file is readable by group/others or is too short.
-    """
+    """Return the signing key, creating it (0600) on first use; ConfigError as ``read_key``."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     try:
         fd = open_nofollow(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
@@ -70,10 +67,19 @@ def load_or_create_key(path: Path) -> bytes:
         with os.fdopen(fd, "wb") as f:
             f.write(secrets.token_bytes(32).hex().encode())
             give_to_server(f.fileno(), path.parent)
+    return read_key(path)
+
+
+def read_key(path: Path) -> bytes:
+    """The signing key at ``path``, checked as the server takes it (and `tsnetchat doctor`
+    says): a regular file, not a link, readable by its owner alone, 32 to MAX_KEY_BYTES
+    bytes. Raises ConfigError saying what is wrong and what to do; FileNotFoundError when
+    there is none."""
     st, raw = read_small(path, MAX_KEY_BYTES + 1)
     if not stat.S_ISREG(st.st_mode):
         raise ConfigError(f"the token signing key {path} is not a regular file; remove it "
-                          "(and issue the tokens again)")
+                          "(the next start makes a new key, and every token must be issued "
+                          "again)")
     mode = stat.S_IMODE(st.st_mode)
     if mode & 0o077:
         raise ConfigError(
@@ -85,7 +91,9 @@ def load_or_create_key(path: Path) -> bytes:
         raise ConfigError(f"the token signing key {path} is over {MAX_KEY_BYTES} bytes: not one "
                           "tsnetchat wrote; remove it (and issue the tokens again)")
     if len(key) < 32:
-        raise ConfigError(f"the token signing key {path} is too short; delete it to regenerate")
+        raise ConfigError(f"the token signing key {path} is too short (under 32 bytes); "
+                          "`tsnetchat token rotate-key` writes a new one (every token is then "
+                          "issued again)")
     return key
 
 

@@ -18,10 +18,11 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from .auth import read_key
 from .config import ServerConfig
 from .discovery import Step
 from .errors import ConfigError, TsnetchatError
-from .statedir import MAX_KEY_BYTES, check_own_files, read_small, running_server
+from .statedir import check_own_files, running_server
 from .store import LIVE_TOKENS
 from .tailnet import LocalAPI, Status
 
@@ -359,25 +360,14 @@ def _key_file(cfg: ServerConfig) -> Check:
                          "of them stops working. Put the key back if it was lost by mistake; "
                          "else issue them again (tsnetchat token list)")
         return Check("key file", WARN, f"{key} does not exist yet (created on first start)")
-    st = key.lstat()
-    if not stat.S_ISREG(st.st_mode):
-        return Check("key file", FAIL, f"{key} is " + (
-            "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a regular file") +
-            "; the server refuses it (the state dir holds only its own files): remove it; "
-            "the next start makes a new key, and every token must be issued again")
-    key_mode = stat.S_IMODE(st.st_mode)
-    if key_mode & 0o077:
-        return Check("key file", FAIL, f"{key} is readable by others (mode {key_mode:04o}); run "
-                     f"`chmod 600 {key}`. The server refuses to start like this.")
     try:
-        key_bytes = read_small(key, MAX_KEY_BYTES)[1]
-    except (OSError, ConfigError):  # (a race: it was a plain file a moment ago)
-        key_bytes = b""
-    if len(key_bytes.strip()) < 32:
-        return Check("key file", FAIL, f"{key} is too short to sign tokens (under 32 bytes): "
-                     "the server refuses to start with it, or keeps the key it had. `tsnetchat "
-                     "token rotate-key` writes a new one (every token is then issued again)")
-    return Check("key file", OK, f"{key} mode {key_mode:04o}")
+        read_key(key)
+    except ConfigError as e:  # (the server's own check, and its words)
+        return Check("key file", FAIL, f"{str(e).rstrip('.')}. The server refuses to start "
+                     "with it, or keeps the key it had")
+    except FileNotFoundError:  # (a race: it was there a moment ago)
+        return Check("key file", WARN, f"{key} does not exist yet (created on first start)")
+    return Check("key file", OK, f"{key} mode {stat.S_IMODE(key.lstat().st_mode):04o}")
 
 
 def _live_tokens(db_path: Path) -> int:
