@@ -24,7 +24,6 @@ import base64
 import json
 import os
 import secrets
-import stat
 import time
 import uuid
 from collections.abc import Iterable, Mapping
@@ -37,7 +36,7 @@ import jwt
 from . import render
 from .config import ROOM_RE
 from .errors import ConfigError, InvalidInput, PermissionDenied, Unauthenticated
-from .statedir import MAX_KEY_BYTES, give_to_server, open_nofollow, read_small
+from .statedir import give_to_server, open_nofollow, read_key
 from .tailnet import WhoIs
 
 ALGORITHM = "HS256"
@@ -68,33 +67,6 @@ def load_or_create_key(path: Path) -> bytes:
             f.write(secrets.token_bytes(32).hex().encode())
             give_to_server(f.fileno(), path.parent)
     return read_key(path)
-
-
-def read_key(path: Path) -> bytes:
-    """The signing key at ``path``, checked as the server takes it (and `tsnetchat doctor`
-    says): a regular file, not a link, readable by its owner alone, 32 to MAX_KEY_BYTES
-    bytes. Raises ConfigError saying what is wrong and what to do; FileNotFoundError when
-    there is none."""
-    st, raw = read_small(path, MAX_KEY_BYTES + 1)
-    if not stat.S_ISREG(st.st_mode):
-        raise ConfigError(f"the token signing key {path} is not a regular file; remove it "
-                          "(the next start makes a new key, and every token must be issued "
-                          "again)")
-    mode = stat.S_IMODE(st.st_mode)
-    if mode & 0o077:
-        raise ConfigError(
-            f"the token signing key {path} is readable by others (mode {mode:04o}); anyone "
-            f"who reads it can mint tokens. Fix it with `chmod 600 {path}` (and consider "
-            "rotating it by deleting it, which invalidates every issued token).")
-    key = raw.strip()
-    if len(key) > MAX_KEY_BYTES:
-        raise ConfigError(f"the token signing key {path} is over {MAX_KEY_BYTES} bytes: not one "
-                          "tsnetchat wrote; remove it (and issue the tokens again)")
-    if len(key) < 32:
-        raise ConfigError(f"the token signing key {path} is too short (under 32 bytes); "
-                          "`tsnetchat token rotate-key` writes a new one (every token is then "
-                          "issued again)")
-    return key
 
 
 def rotate_key(path: Path) -> None:

@@ -18,11 +18,10 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .auth import read_key
 from .config import ServerConfig
 from .discovery import Step
 from .errors import ConfigError, TsnetchatError
-from .statedir import check_own_files, running_server
+from .statedir import check_own_files, read_key, running_server
 from .store import LIVE_TOKENS
 from .tailnet import LocalAPI, Status
 

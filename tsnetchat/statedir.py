@@ -64,6 +64,33 @@ def read_small(path: Path, limit: int) -> tuple[os.stat_result, bytes]:
         os.close(fd)
 
 
+def read_key(path: Path) -> bytes:
+    """The signing key at ``path``, checked as the server takes it (and `tsnetchat doctor`
+    says): a regular file, not a link, readable by its owner alone, 32 to MAX_KEY_BYTES
+    bytes. Raises ConfigError saying what is wrong and what to do; FileNotFoundError when
+    there is none."""
+    st, raw = read_small(path, MAX_KEY_BYTES + 1)
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"the token signing key {path} is not a regular file; remove it "
+                          "(the next start makes a new key, and every token must be issued "
+                          "again)")
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o077:
+        raise ConfigError(
+            f"the token signing key {path} is readable by others (mode {mode:04o}); anyone "
+            f"who reads it can mint tokens. Fix it with `chmod 600 {path}` (and consider "
+            "rotating it by deleting it, which invalidates every issued token).")
+    key = raw.strip()
+    if len(key) > MAX_KEY_BYTES:
+        raise ConfigError(f"the token signing key {path} is over {MAX_KEY_BYTES} bytes: not one "
+                          "tsnetchat wrote; remove it (and issue the tokens again)")
+    if len(key) < 32:
+        raise ConfigError(f"the token signing key {path} is too short (under 32 bytes); "
+                          "`tsnetchat token rotate-key` writes a new one (every token is then "
+                          "issued again)")
+    return key
+
+
 def give_to_server(fd: int, state_dir: Path) -> None:
     """The file open as ``fd``, which root made for the state dir, becomes the server's (the
     dir's owner: the unit's DynamicUser), or the server could not read it.
