@@ -6,13 +6,21 @@ import json
 import os
 import re
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from tsnetchat.discovery import ServerNode
 from tsnetchat.errors import ConfigError, Unauthenticated
-from tsnetchat.tokens import Entry, Renewal, TokenStore, explicit_token, save_admin_token
+from tsnetchat.tokens import (
+    DEAD_FOR,
+    Entry,
+    Renewal,
+    TokenStore,
+    explicit_token,
+    save_admin_token,
+)
 
 SERVER = ServerNode(short_name="chat-server", dns_name="chat-server.tailnet.test",
                     ips=("100.64.0.1", "fd7a:115c:a1e0::1"), node_id="nSTABLE1")
@@ -113,11 +121,32 @@ async def test_an_expired_token_whose_renewal_was_refused_says_why(tmp_path: Pat
     store.put(entry(received=time.time() - 7200, refused="no grant any more"))
     with pytest.raises(Unauthenticated, match=r"expired on .*had refused to renew it: no grant"):
         Renewal.for_server(SERVER, "chat-server", store)
-    store.put(entry(refused="token lock: this token has been revoked", dead=True))
+    store.put(entry(refused="token lock: this token has been revoked", dead=True,
+                    refused_at=time.time()))
     with pytest.raises(Unauthenticated, match=re.escape(
             "refused to renew your token: token lock: this token has been revoked. Run "
             "`tsnetchat login")):
         Renewal.for_server(SERVER, "chat-server", store)
+
+
+async def test_a_token_whose_renewal_was_refused_for_good_is_tried_again_a_minute_later(
+        tmp_path: Path) -> None:
+    """A server that ran for a while with another key refused every renewal, and the
+    tokens it refused were dead for ever, also once the right server was back."""
+    store = TokenStore(tmp_path / "tokens.json")
+    wrong_key = "token lock: the token's signature does not match"
+    store.put(entry(received=time.time() - 2000, refused=wrong_key, dead=True,
+                    refused_at=time.time() - DEAD_FOR - 1))
+    again = Renewal.for_server(SERVER, "chat-server", store)
+    assert again.entry.renewable() and not again.entry.dead  # the server decides
+    assert time.time() >= again.entry.renew_at()  # (renewed first, by ready())
+    # The same in a process whose own renewal was refused (its Renewal is kept per server).
+    again.entry = replace(again.entry, refused=wrong_key, dead=True, refused_at=time.time())
+    store.put(again.entry)
+    with pytest.raises(Unauthenticated, match="signature does not match"):
+        Renewal.for_server(SERVER, "chat-server", store)
+    store.put(replace(again.entry, refused_at=time.time() - DEAD_FOR - 1))
+    assert Renewal.for_server(SERVER, "chat-server", store) is again and again.entry.renewable()
 
 
 async def test_a_login_token_is_due_for_renewal_after_half_its_life(tmp_path: Path) -> None:

@@ -15,8 +15,11 @@ Tokens from ``tsnetchat login`` (``login``) renew themselves while they are used
 connection made past half a token's life renews it first (``Renewal.ready``), and
 connections that stay open get it renewed in the background, their metadata updated. A
 renewal the server refuses is kept in the store with the server's words and said plainly:
-a revoked token stops at once; a token whose grant went away works until it expires.
-Admin-issued tokens are used as they are and never renewed.
+a revoked token stops at once; a token whose grant went away works until it expires. A
+refusal that ended the token is believed for ``DEAD_FOR``; after that the token is tried
+again, renewal first, and the server decides (one that ran for a while with another key
+refused every token it had issued; a review, 2026-11-24). Admin-issued tokens are used as
+they are and never renewed.
 """
 
 from __future__ import annotations
@@ -53,6 +56,10 @@ log = logging.getLogger("tsnetchat.tokens")
 
 STORE_VERSION = 2
 RENEW_AT = 0.5  # share of a login token's life after which the client renews it
+# How long a renewal refusal that ended a token is believed before the token is tried again
+# (each try is one refused renewal while it stays refused). A waiting chat tries it again
+# after 10 s, doubling (resume.SAME_TOKEN_FIRST): within a few minutes of the server's return.
+DEAD_FOR = 60.0
 RPC_TIMEOUT = 15.0
 
 
@@ -135,6 +142,7 @@ class Entry:
     lifetime: float = 0.0  # seconds it was issued for; 0 = unknown
     refused: str = ""  # the server's words when it refused a renewal
     dead: bool = False  # the refusal also ended the token (revoked)
+    refused_at: float = 0.0  # this machine's clock then (0: not known, by an older tsnetchat)
 
     @property
     def expires(self) -> float | None:
@@ -351,8 +359,10 @@ class Renewal:
                 f"no token for {typed}: run `tsnetchat login {typed}` (if that server hands "
                 "out tokens), or pass the token its admin gave you with --token or "
                 "--token-file (`--save-token` keeps it)")
-        if entry.dead:
+        if entry.dead and now - entry.refused_at < DEAD_FOR:
             raise refused_renewal(typed, entry.refused)
+        if entry.dead:  # tried again: renewed first, and the server decides
+            entry = replace(entry, refused="", dead=False)
         exp = entry.expires
         if exp is not None and entry.expired(now):
             why = f", and {typed} had refused to renew it: {entry.refused}" if entry.refused \
@@ -367,8 +377,8 @@ class Renewal:
         r = live.get(key)
         if r is None or r.entry.token_id != entry.token_id:
             r = live[key] = cls(store, entry, typed)
-        elif entry.received > r.entry.received:  # renewed by another process meanwhile
-            r.entry = entry
+        elif entry.received > r.entry.received or (r.entry.dead and not entry.dead):
+            r.entry = entry  # renewed by another process meanwhile, or tried again
         return r
 
     @property
@@ -414,7 +424,7 @@ class Renewal:
         if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
                     grpc.StatusCode.UNIMPLEMENTED):
             dead = code == grpc.StatusCode.UNAUTHENTICATED
-            self.entry = replace(self.entry, refused=words, dead=dead)
+            self.entry = replace(self.entry, refused=words, dead=dead, refused_at=time.time())
             self._keep()
             if dead:
                 raise refused_renewal(self.typed, words)
