@@ -286,17 +286,17 @@ def test_a_stream_waiting_for_a_token_tries_the_same_one_again_ever_less_often_s
     s = StreamState()
     s.connected(0.0)
     wrong_key = ClientError("token lock: the signature does not match", retryable=False)
-    waits = []
+    waits, said = [], []
     for i in range(8):
         s.connecting()
-        waits.append(s.waiting(wrong_key, 10.0 + i))
-    assert [w for w, _ in waits] == [SAME_TOKEN_FIRST * 2**i for i in range(5)] \
-        + [SAME_TOKEN_MOST] * 3
-    assert [news for _, news in waits] == [True] + [False] * 7  # said once
-    assert s.waiting(ClientError("token lock: revoked", retryable=False), 20.0)[1]  # news
+        said.append(s.waiting(wrong_key, 10.0 + i))
+        waits.append(s.retry_at - (10.0 + i))
+    assert waits == [SAME_TOKEN_FIRST * 2**i for i in range(5)] + [SAME_TOKEN_MOST] * 3
+    assert said == [True] + [False] * 7  # said once
+    assert s.waiting(ClientError("token lock: revoked", retryable=False), 20.0)  # news
     s.connecting()
     s.connected(30.0)
-    assert s.waiting(wrong_key, 40.0) == (SAME_TOKEN_FIRST, True)  # a new outage
+    assert s.waiting(wrong_key, 40.0) and s.retry_at == 40.0 + SAME_TOKEN_FIRST  # a new outage
 
 
 def test_a_first_success_after_failed_attempts_is_not_reported_as_a_reconnect() -> None:

@@ -708,12 +708,15 @@ class RoomSession:
                                       "have a new one, and tries this one again now and then)",
                                       retryable=False, exit_code=err.exit_code,
                                       status=err.status)
-                patience, news = self.state.waiting(waiting, time.monotonic())
-                if news:
+                if self.state.waiting(waiting, time.monotonic()):
                     yield SessionEvent("waiting", error=waiting, text=str(waiting))
-                if not await self._token_stored_since(tried_at, patience):
+                new = await self._token_stored_since(tried_at)
+                if new is None:
                     return
-                await self.link.redial(conn)
+                if new:
+                    await self.link.redial(conn)  # (a new token is the named server's)
+                elif conn is not None:
+                    await self.link.reset(conn)  # the same one: in a cluster, the next server
                 continue
             if delay is None:
                 yield SessionEvent("fatal", error=err, text=str(err))
@@ -735,22 +738,22 @@ class RoomSession:
         return (err.exit_code == EXIT_UNAUTHENTICATED and self.link.token_store is not None
                 and self.state.ever_connected)
 
-    async def _token_stored_since(self, t: float, patience: float) -> bool:
+    async def _token_stored_since(self, t: float) -> bool | None:
         """Wait until the token store is written after ``t`` (wall clock, as file times
         are): a login, or this process's own note of the refusal, which costs one more
-        attempt; or for ``patience`` seconds, after which the same token is tried again
-        (``resume.SAME_TOKEN_FIRST``). False when the session closes first."""
+        attempt (True); or until the state's ``retry_at``, when the same token is tried
+        again (False; ``resume.SAME_TOKEN_FIRST``). None when the session closes first."""
         path = self.link.token_store
-        until = time.monotonic() + patience
         while path is not None and not self.closed:
-            if time.monotonic() >= until:
-                return True
             with contextlib.suppress(OSError):
                 if path.stat().st_mtime > t:
                     return True
+            left = self.state.retry_at - time.monotonic()
+            if left <= 0:
+                return False
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._closing.wait(), TOKEN_POLL)
-        return False
+                await asyncio.wait_for(self._closing.wait(), min(TOKEN_POLL, left))
+        return None
 
     async def _stream(self, conn: Connection) -> AsyncIterator[SessionEvent]:
         after = self.cursor.resume_after()

@@ -200,21 +200,20 @@ class StreamState:
         self.phase, self.retry_at = Phase.RECONNECTING, now + delay
         return delay
 
-    def waiting(self, error: ClientError, now: float) -> tuple[float, bool]:
+    def waiting(self, error: ClientError, now: float) -> bool:
         """Refused, but waiting for something that may mend it (a new token): the status
         says ``error``, and the connection that follows reports the outage from ``now``.
         (Left FAILED, the chat showed the room ✗ and "failed" while it said it would carry
-        on: an independent review.) Returns how long to wait before trying the same token
-        again, and whether ``error`` is news: not the refusal this outage already waited on
+        on: an independent review.) ``retry_at`` is when to try the same token again.
+        Returns whether ``error`` is news: not the refusal this outage already waited on
         (said once, not at every try)."""
         news = str(error) != self._waited_on
         self.phase, self.error, self._waited_on = Phase.WAITING, error, str(error)
         if self.lost_at is None:
             self.lost_at = now
-        patience = min(SAME_TOKEN_MOST, SAME_TOKEN_FIRST * 2.0 ** self.waits)
+        self.retry_at = now + min(SAME_TOKEN_MOST, SAME_TOKEN_FIRST * 2.0 ** self.waits)
         self.waits += 1
-        self.retry_at = now + patience
-        return patience, news
+        return news
 
     def close(self) -> None:
         self.phase = Phase.CLOSED
