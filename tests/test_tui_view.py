@@ -210,6 +210,7 @@ def test_commands_are_case_insensitive_and_take_hash_rooms(line: str,
     ("/who everyone", "usage: /who"),
     ("/frobnicate", "unknown command /frobnicate"),
     ("/msg bob,,carol hi", "/msg bob,carol hi"),
+    ("/msg bob, carol hi", "no space after a comma"),  # (it went to bob alone)
     ("/join @bob,bad room", "a room name"),
     ("/hlep", "did you mean /help [COMMAND]?"),
 ])
@@ -406,7 +407,7 @@ def test_search_results_say_where_each_message_is() -> None:
     ("/j dm:bob@tailnet.test", ("msg", ("bob@tailnet.test",), "")),
     ("/msg bob,carol lunch?", ("msg", ("bob", "carol"), "lunch?")),  # a group DM
     ("/msg @bob,@Carol,bob", ("msg", ("bob", "Carol"), "")),
-    ("/msg bob, hi", ("msg", ("bob",), "hi")),  # (as completion leaves it)
+    ("/msg bob,", ("msg", ("bob",), "")),
     ("/join @bob,carol", ("msg", ("bob", "carol"), "")),
     ("/join dm:bob,carol@tailnet.test", ("msg", ("bob", "carol@tailnet.test"), "")),
     ("/Topic release week", ("topic", (), "release week")),
@@ -474,6 +475,8 @@ def test_tab_completes_the_new_commands_and_private_rooms() -> None:
     assert c("/ed") == ["/edit "] and c("/aw") == ["/away "] and c("/m") == ["/me ", "/msg "]
     assert c("/join +") == ["+ops"] and c("/join ") == ["+ops", "#general"]
     assert c("/msg B") == ["Bob"]
+    assert commands.complete("/msg alice,B", rooms=[], nicks=["Bob"]) == [("Bob", -1)]  # a group
+    assert commands.complete("/msg alice,B hi B", rooms=[], nicks=["Bob"]) == [("Bob", -1)]
 
 
 def test_a_chat_log_that_cannot_be_opened_is_one_line_not_a_traceback(

@@ -185,6 +185,9 @@ def parse(line: str) -> Parsed | Message | Problem:
         return Parsed(cmd, nicks=(person,)) if person else usage
     if cmd.name == "msg":
         who, _, text = rest.strip(" ").partition(" ")
+        if who.endswith(",") and text.strip():
+            # (`/msg bob, carol hi` sent "carol hi" to bob alone: a review, 2026-11-24)
+            return Problem(f"usage: {cmd.usage}  (no space after a comma: /msg bob,carol hi)")
         group = nicks(who)
         if not group:
             return Problem(f"usage: {cmd.usage}  (a name or a login, e.g. /msg bob hi, or "
@@ -233,6 +236,8 @@ def complete(before: str, *, rooms: Iterable[str], nicks: Iterable[str]
     """Completions for the text before the cursor: (replacement, start position relative to
     the cursor, negative), for commands, rooms and nicks."""
     word = before.rsplit(" ", 1)[-1].rsplit("\n", 1)[-1]
+    if before[1:].split(" ", 1)[0].lower() in _DM_COMMANDS and before.count(" ") == 1:
+        word = word.rsplit(",", 1)[-1]  # the next person of a group (/msg bob,ca)
     start = -len(word)
     if before.startswith("/") and " " not in before:
         names = sorted({n for c in COMMANDS for n in (c.name, *c.aliases) if len(n) > 1})
@@ -250,6 +255,7 @@ def complete(before: str, *, rooms: Iterable[str], nicks: Iterable[str]
 
 
 _ROOM_COMMANDS = {_BY_NAME["join"], _BY_NAME["leave"], _BY_NAME["create"]}
+_DM_COMMANDS = {"msg", *_BY_NAME["msg"].aliases}
 
 
 def _unique(names: Iterable[str]) -> Sequence[str]:
