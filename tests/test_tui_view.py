@@ -555,3 +555,7 @@ async def test_leaving_the_last_open_room_never_joins_one_only_listed_for_its_un
     assert app.current is None and not app.sessions and app.conversations[dm].listed
     assert app.handle("meant for #ops") is True  # kept in the input
     assert "not in a room" in app.system.entries[-1].text
+    # A /join refused goes back where it came from, or to the first buffer open: the same.
+    app.conversations["random"] = app.conversation_for("random")
+    app.show_open(0, prefer=dm)
+    assert app.current == "random" and not app.sessions

@@ -1019,13 +1019,20 @@ class ChatApp:
         del self.conversations[room]
         self.drafts.pop(room, None)
         if self.current == room:
-            self.current = None
-            # The nearest buffer still open, never one only listed: switching to that joins
-            # it, and the next line went to a DM nobody had chosen (a new user's day,
-            # 2026-11-24). With none, the chat is in no room and says so at the next line.
-            rest = [n for n, c in self.conversations.items() if not c.listed]
-            if rest:  # (the one after it, as before, else the last)
-                self.switch(next((n for n in rest if names.index(n) > i), rest[-1]))
+            self.show_open(i)
+
+    def show_open(self, near: int, prefer: str | None = None) -> None:
+        """Show ``prefer`` if it is open, else the buffer open at position ``near`` or the
+        first after it, else the last one open; never one only listed: showing that joins
+        it, and the next line went to a DM nobody had chosen (a new user's day, 2026-11-24).
+        With none, the chat is in no room and says so at the next line."""
+        self.current = None
+        names = list(self.conversations)
+        rest = [n for n in names if not self.conversations[n].listed]
+        if prefer in rest:
+            self.switch(prefer)
+        elif rest:
+            self.switch(next((n for n in rest if names.index(n) >= near), rest[-1]))
 
     async def _pump(self, conv: Conversation, session: RoomSession) -> None:
         try:
@@ -1178,9 +1185,7 @@ class ChatApp:
             self.conversations.pop(conv.name, None)
             back = self.came_from.pop(conv.name, None)
             if self.current == conv.name:
-                self.current = None
-                self.switch(back if back is not None and back in self.conversations
-                            else next(iter(self.conversations), ""))
+                self.show_open(0, prefer=back)
             # (a room /create made and could not join, at the limit of open rooms, seemed
             # not to have been made: a new user's day, 2026-11-23)
             made = (f"; {conv.title} was created: /join {conv.name} later"
