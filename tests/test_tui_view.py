@@ -559,3 +559,33 @@ async def test_leaving_the_last_open_room_never_joins_one_only_listed_for_its_un
     app.conversations["random"] = app.conversation_for("random")
     app.show_open(0, prefer=dm)
     assert app.current == "random" and not app.sessions
+
+
+async def test_the_starts_notes_stay_below_any_trouble_until_a_line_is_typed_or_the_room_joined(
+        ) -> None:
+    """Trouble with the connection hid them, and the next line typed then cleared them
+    unseen (a review, 2026-11-24)."""
+    from tsnetchat.client import Link, RoomSession, SessionEvent
+    from tsnetchat.clienterrors import ClientError
+    from tsnetchat.tui import ChatApp
+
+    async def dial() -> Any:
+        raise AssertionError("nothing is dialled here")
+
+    me = pb.WhoAmIResponse(identity=pb.Identity(login="alice@tailnet.test",
+                                                display_name="Alice"))
+    link = Link(dial)
+    app = ChatApp(link, me)
+    app.start_notes.update({"ops": "cannot join #ops: not granted", "": "lines not sent"})
+    assert app.problem() == " cannot join #ops: not granted · lines not sent"
+    session = app.sessions["general"] = RoomSession(link, "general")
+    session.state.connected(0.0)
+    session.state.lost(ClientError("no route", retryable=True, transport=True), 1.0, 0.5)
+    first, second = app.problem().split("\n")
+    assert first.startswith(" reconnecting in") and second.startswith(" cannot join #ops")
+    app.on_event(app.conversation_for("ops"), session, SessionEvent(
+        "welcome", welcome=pb.Welcome(room="ops")))
+    assert "#ops" not in app.problem() and "lines not sent" in app.problem()
+    app.input.text = "hello"
+    app.submit()
+    assert app.problem().count("\n") == 0 and "lines not sent" not in app.problem()

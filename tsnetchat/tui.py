@@ -240,12 +240,14 @@ class ChatApp:
         self.rejoining: dict[str, RoomSession] = {}
         self.system = Conversation("tsnetchat", kind="system")  # shown when in no room
         self.split_offer: str | None = None  # an over-long text the person may send in parts
-        # What the chat's start has to say before the first line is typed: rooms refused (a
-        # --room, a room reopened from last time), said in the room shown, where the backlog
-        # that followed scrolled it away (a new user's day, 2026-11-24); lines an earlier
-        # chat could not send. Held in the problem bar until the next line.
-        self.start_notes: list[str] = []
-        self.typed_any = False
+        # What the chat's start has to say, by room (or "" for the chat): the rooms it opens
+        # (``reopen``: a --room, the rooms open last time) that are refused, said in the
+        # room shown, where the backlog that followed scrolled it away (a new user's day,
+        # 2026-11-24); lines an earlier chat could not send. Held in the problem bar, below
+        # any trouble with the connection, until the next line typed (a room's, until it is
+        # joined after all).
+        self.start_notes: dict[str, str] = {}
+        self.opening: set[str] = set()  # the rooms the start opens, until answered
         self.loading: set[str] = set()
         self.background: set[asyncio.Task[None]] = set()
         self.quitting = False
@@ -354,7 +356,7 @@ class ChatApp:
         """What is wrong with the way to the server: the shown room's trouble if it has any
         (its countdown is the status bar's: two countdowns disagreed with several rooms
         open; a new user's day, 2026-11-24), else the worst of the others'; with none, the
-        notes of the chat's start (``start_notes``)."""
+        notes of the chat's start (``start_notes``) after it."""
         troubled = (Phase.RECONNECTING, Phase.CONNECTING, Phase.WAITING)
         here = self.sessions.get(self.current or "")
         if here is not None and here.state.phase in troubled and here.state.error is not None:
@@ -362,13 +364,16 @@ class ChatApp:
         else:
             bad = worst([s.state for s in self.sessions.values()
                          if s.state.phase is not Phase.FAILED])
-        if bad is None or bad.error is None or bad.phase not in troubled:
-            return " " + " · ".join(self.start_notes) if self.start_notes else ""
-        return " " + bad.describe(time.monotonic())
+        lines = [] if bad is None or bad.error is None or bad.phase not in troubled else [
+            bad.describe(time.monotonic())]
+        if self.start_notes:
+            lines.append(" · ".join(self.start_notes.values()))
+        return "\n".join(" " + x for x in lines)
 
     def problem_bar(self) -> StyleAndTextTuples:
         # (between words: cut at the terminal's edge it read "nothi / ng answers")
-        rows = wrap(self.problem(), max(10, self.app.output.get_size().columns - 1))
+        width = max(10, self.app.output.get_size().columns - 1)
+        rows = [r for line in self.problem().split("\n") for r in wrap(line, width)]
         return [("", "\n".join(rows))]
 
     def status_bar(self) -> StyleAndTextTuples:
@@ -616,7 +621,8 @@ class ChatApp:
             return
         before = self.current
         self.submitting = True
-        self.typed_any, self.start_notes = True, []
+        self.start_notes.clear()
+        self.opening.clear()
         try:
             keep = self.handle(text)
         finally:
@@ -1053,6 +1059,8 @@ class ChatApp:
 
     def on_event(self, conv: Conversation, session: RoomSession, ev: SessionEvent) -> None:
         if ev.kind == "welcome" and ev.welcome is not None:
+            self.opening.discard(conv.name)
+            self.start_notes.pop(conv.name, None)  # (refused at the start, joined since)
             w = ev.welcome
             conv.members = list(w.members)
             conv.away = set(w.away_logins)
@@ -1191,8 +1199,8 @@ class ChatApp:
             made = (f"; {conv.title} was created: /join {conv.name} later"
                     if conv.name in self.created else "")
             self.say(f"cannot join {conv.title}: {err}{made}", error=True)
-            if not self.typed_any:
-                self.start_notes.append(f"cannot join {conv.title}: {err}")
+            if conv.name in self.opening:
+                self.start_notes[conv.name] = f"cannot join {conv.title}: {err}"
             for out in session.outbox:  # typed while it was joining: not lost, not sent
                 self.say(f"not sent to {conv.title}: {visible(out.text)}", error=True)
             return
@@ -1313,6 +1321,7 @@ class ChatApp:
         for name in (*rooms, shown):
             if name not in self.conversations:
                 self.conversations[name] = self.conversation_for(name)
+        self.opening.update((*rooms, shown))
         self.join(shown)
         if back in rooms and back != shown:
             self.came_from[shown] = back
@@ -1467,7 +1476,7 @@ async def run_tui(server: str, room: str | None, *, token: str | None, socket: s
             asked = commands.room_asked(room, me.identity.login) if room else None
             untold = _unsent_untold()
             if untold is not None:
-                chat.start_notes.append(f"lines an earlier chat could not send are in {untold}")
+                chat.start_notes[""] = f"lines an earlier chat could not send are in {untold}"
             chat.reopen(last.rooms, asked or last.shown or next(iter(last.rooms), "general"),
                         back=last.shown)
             chat.spawn(chat.poll_unread())
