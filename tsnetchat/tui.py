@@ -1169,8 +1169,8 @@ class ChatApp:
                                  renderer=self.renderer)
         if shown:
             self.seen(conv)
-        elif live and entry is not None and not own:
-            self.unread_wake.set()  # the server's counts, now
+        elif live and not own and (entry is not None or m.kind == pb.MESSAGE_KIND_EDIT):
+            self.unread_wake.set()  # the server's counts, now (an edit may change mentions)
         if live and entry is not None and not own and entry.mention:
             self.ring(conv, m)
         elif live and entry is not None and not own and conv.kind == "dm" and not shown:
