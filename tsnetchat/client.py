@@ -555,8 +555,9 @@ class SessionEvent:
       starts over from what the server has: earlier messages may be shown again, and
       differ.
     * ``waiting``: the server refused the stored token (revoked, expired, renewal refused);
-      the session waits, its outbox kept, for a new one in the token store (``text`` says
-      so), then resumes where it was;
+      the session waits, its outbox kept, for a new one in the token store, trying the same
+      one again now and then (``resume.SAME_TOKEN_FIRST``), then resumes where it was;
+      ``text`` says so, once an outage unless the refusal changes;
     * ``fatal``: the session ended for good (``error``): refused, or could not start.
     """
 

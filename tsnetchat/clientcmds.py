@@ -133,7 +133,13 @@ async def dm_logins(conn: Connection, room: str) -> str:
     when a name is short."""
     if not _short_names(room):
         return room
-    return dm_with(str((await conn.whoami()).identity.login), room[3:].split(","))
+    return room_of(room, str((await conn.whoami()).identity.login))
+
+
+def room_of(room: str, me: str) -> str:
+    """``room`` with a DM's short names as logins at ``me``'s domain (``dm_logins`` once
+    ``me`` is known)."""
+    return dm_with(me, room[3:].split(",")) if _short_names(room) else room
 
 
 def _short_login(who: str) -> bool:
@@ -303,7 +309,7 @@ async def search(link: Link, query: str, *, rooms: list[str], author: str, since
         # Short names (a DM's `@bob`, `--author bob`) at the caller's domain: one WhoAmI.
         short = _short_login(author) or any(_short_names(r) for r in rooms)
         me = str((await c.whoami()).identity.login) if short else ""
-        searched = [dm_with(me, r[3:].split(",")) if _short_names(r) else r for r in rooms]
+        searched = [room_of(r, me) for r in rooms]
         who = _login_of(author, me)
         return await c.search(query, rooms=searched, author=who, since_ms=since_ms,
                               until_ms=until_ms, newest=newest, limit=limit, offset=offset)
