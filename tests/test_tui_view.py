@@ -559,6 +559,11 @@ async def test_leaving_the_last_open_room_never_joins_one_only_listed_for_its_un
     app.conversations["random"] = app.conversation_for("random")
     app.show_open(0, prefer=dm)
     assert app.current == "random" and not app.sessions
+    # Nor a DM opened because someone wrote, until it has been shown.
+    app.conversations[dm].listed = False
+    app.unasked.add(dm)
+    app.close_buffer("random")
+    assert app.current is None
 
 
 async def test_the_starts_notes_stay_below_any_trouble_until_a_line_is_typed_or_the_room_joined(

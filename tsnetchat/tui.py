@@ -248,6 +248,9 @@ class ChatApp:
         # joined after all).
         self.start_notes: dict[str, str] = {}
         self.opening: set[str] = set()  # the rooms the start opens, until answered
+        # DMs joined because someone wrote, until shown: never shown in place of a room left
+        # (the next line went to a DM the person had not looked at; a new user's day).
+        self.unasked: set[str] = set()
         self.loading: set[str] = set()
         self.background: set[asyncio.Task[None]] = set()
         self.quitting = False
@@ -576,6 +579,7 @@ class ChatApp:
         if self.conversations[name].listed:  # counted by the server, not joined yet
             self.came_from[name] = self.current
             self.join(name, switch=False)
+        self.unasked.discard(name)
         old = self.conversation
         if old is not None:
             old.left()
@@ -947,6 +951,7 @@ class ChatApp:
                 self.conversations[r.name] = conv
             if conv.listed and conv.kind == "dm" and r.unread > conv.unread:
                 self.join(r.name, switch=False)  # someone wrote to us: its buffer
+                self.unasked.add(r.name)
                 with contextlib.suppress(Exception):
                     self.app.output.bell()
             if r.name == self.current or conv.looked > started:
@@ -1024,17 +1029,19 @@ class ChatApp:
         i = names.index(room)
         del self.conversations[room]
         self.drafts.pop(room, None)
+        self.unasked.discard(room)
         if self.current == room:
             self.show_open(i)
 
     def show_open(self, near: int, prefer: str | None = None) -> None:
         """Show ``prefer`` if it is open, else the buffer open at position ``near`` or the
-        first after it, else the last one open; never one only listed: showing that joins
-        it, and the next line went to a DM nobody had chosen (a new user's day, 2026-11-24).
-        With none, the chat is in no room and says so at the next line."""
+        first after it, else the last one open; never one only listed (showing that joins
+        it) nor a DM opened because someone wrote and not shown yet (``unasked``): the next
+        line went to a DM nobody had chosen (new users' days, 2026-11-24). With none, the
+        chat is in no room and says so at the next line."""
         self.current = None
         names = list(self.conversations)
-        rest = [n for n in names if not self.conversations[n].listed]
+        rest = [n for n in names if not self.conversations[n].listed and n not in self.unasked]
         if prefer in rest:
             self.switch(prefer)
         elif rest:
