@@ -266,6 +266,30 @@ def test_three_server_restarts_and_a_tailscaled_restart_while_typing_lose_and_do
     no_python_on(alice, bob)
 
 
+def test_a_chat_whose_server_ran_a_while_with_another_key_carries_on_once_it_is_back(
+        chat_server: LabDaemon, open_terminal: Opener) -> None:
+    """A chat started with --token had every room closed for good when its server was
+    started by mistake with another state dir (another key), and stayed so once the right
+    one was back (a new user's day, 2026-11-24). It waits and tries the token again."""
+    alice = open_terminal("alice")
+    kept = chat_server.state.with_name("state.kept")
+    chat_server.stop()
+    chat_server.state.rename(kept)
+    chat_server.start()  # the same address, a new state dir: another key
+    alice.wait_for(r"tries this token again")
+    alice.type("typed while refused")
+    alice.wait_for(r"… <Alice> typed while refused")
+    chat_server.stop()
+    shutil.rmtree(chat_server.state)
+    kept.rename(chat_server.state)
+    chat_server.start()
+    alice.wait_for(r"▸ <Alice> typed while refused", timeout=60)  # stored
+    bob = open_terminal("bob")
+    bob.wait_for(r"<Alice> typed while refused")
+    assert "closed for good" not in alice.screen()
+    no_python_on(alice, bob)
+
+
 def test_a_chat_whose_server_restores_a_backup_says_so_and_not_that_nothing_was_missed(
         chat_server: LabDaemon, open_terminal: Opener, tmp_path: Path) -> None:
     alice = open_terminal("alice")

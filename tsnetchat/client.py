@@ -582,14 +582,18 @@ class RoomSession:
     given to ``send`` stays in ``outbox`` until the server stores it (once, whatever the
     reconnects: ``outbox``) or refuses it for good; sends are paced under the server's rate
     limit (``outbox.Pacer``, shared by the rooms of one client). ``read_only`` follows the
-    room with Subscribe (no presence, no sending), as ``tail`` does.
+    room with Subscribe (no presence, no sending), as ``tail`` does. ``patient``: a token
+    given on the command line that the server refuses once the room was open is tried again
+    now and then, as a stored one is, instead of ending the room (the chat: a server that
+    ran for a while with another key closed every room for good; a new user's day,
+    2026-11-24); a stored one is always.
     """
 
     def __init__(self, link: Link | Callable[[], Awaitable[Connection]], room: str, *,
                  after_id: int | None = None, from_now: bool = False,
                  max_backoff: float = 5.0, pacer: Pacer | None = None,
                  read_only: bool = False, fail_fast: bool = True,
-                 grace: float = START_GRACE) -> None:
+                 grace: float = START_GRACE, patient: bool = False) -> None:
         self._own_link = not isinstance(link, Link)
         self.link = link if isinstance(link, Link) else Link(link)
         self.room = room
@@ -598,6 +602,7 @@ class RoomSession:
         self.pacer = pacer or Pacer()
         self.state = StreamState(max_backoff=max_backoff, fail_fast=fail_fast, grace=grace)
         self.read_only = read_only
+        self.patient = patient
         self.me: pb.Identity | None = None
         self.max_message_bytes = 4096
         self.reconnects = 0
@@ -700,15 +705,9 @@ class RoomSession:
             if self.closed:
                 return
             delay = self.state.lost(err, time.monotonic(), random.random())
-            if delay is None and self._login_may_mend(err):
-                # (after a rotate-key it said only that the signature did not match, not how
-                # to get a new token: a new user's day, 2026-11-24)
-                how = ("" if "tsnetchat login" in str(err) else
-                       f"; `tsnetchat login {self.link.name}` gets a new one")
-                waiting = ClientError(f"{err}{how} (this chat carries on by itself once you "
-                                      "have a new one, and tries this one again now and then)",
-                                      retryable=False, exit_code=err.exit_code,
-                                      status=err.status)
+            if delay is None and self._may_wait(err):
+                waiting = ClientError(self._waiting_words(err), retryable=False,
+                                      exit_code=err.exit_code, status=err.status)
                 if self.state.waiting(waiting, time.monotonic()):
                     yield SessionEvent("waiting", error=waiting, text=str(waiting))
                 new = await self._token_stored_since(tried_at)
@@ -731,13 +730,34 @@ class RoomSession:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._closing.wait(), delay)
 
-    def _login_may_mend(self, err: ClientError) -> bool:
-        """Whether a refused token may be replaced while this session waits: it came from
-        the token store (`tsnetchat login`) and this room was open before. (A chat whose
-        token was revoked was closed for good; the person ran `tsnetchat login` and had to
-        restart it, losing what they had typed: a new user's day, 2026-11-23.)"""
-        return (err.exit_code == EXIT_UNAUTHENTICATED and self.link.token_store is not None
-                and self.state.ever_connected)
+    def _may_wait(self, err: ClientError) -> bool:
+        """Whether this session waits on a refused token, trying it again now and then: this
+        room was open before, and the token came from the token store (`tsnetchat login`,
+        which may also bring a new one), or the session is ``patient``. (A chat whose token
+        was revoked was closed for good; the person ran `tsnetchat login` and had to restart
+        it, losing what they had typed: a new user's day, 2026-11-23.)"""
+        return (err.exit_code == EXIT_UNAUTHENTICATED and self.state.ever_connected
+                and (self.link.token_store is not None or self.patient))
+
+    def _waiting_words(self, err: ClientError) -> str:
+        """What a waiting session says of ``err``: what brings a new token, and that this
+        one is tried again."""
+        name = self.link.name
+        if self.link.token_store is None:
+            return (f"{err} (this chat tries this token again now and then; for another one, "
+                    "start it again with that one)")
+        how = "" if "tsnetchat login" in str(err) else (
+            f"; `tsnetchat login {name}` gets a new one")
+        if "signature does not match" in str(err):
+            # (after a rotate-key it said only that the signature did not match: a new
+            # user's day; and a login to a server started by mistake with another state dir
+            # replaced a good token with one only that server took: another, 2026-11-24)
+            how = (f"; if {name}'s key was rotated on purpose, `tsnetchat login {name}` gets "
+                   "a new one, but ask its admin first: started by mistake with another "
+                   "state dir, it refuses every token, and the one a login gets there works "
+                   "only there")
+        return (f"{err}{how} (this chat carries on by itself once you have a new one, and "
+                "tries this one again now and then)")
 
     async def _token_stored_since(self, t: float) -> bool | None:
         """Wait until the token store is written after ``t`` (wall clock, as file times
@@ -745,9 +765,9 @@ class RoomSession:
         attempt (True); or until the state's ``retry_at``, when the same token is tried
         again (False; ``resume.SAME_TOKEN_FIRST``). None when the session closes first."""
         path = self.link.token_store
-        while path is not None and not self.closed:
+        while not self.closed:
             with contextlib.suppress(OSError):
-                if path.stat().st_mtime > t:
+                if path is not None and path.stat().st_mtime > t:
                     return True
             left = self.state.retry_at - time.monotonic()
             if left <= 0:

@@ -979,7 +979,7 @@ class ChatApp:
         # answered before the chat started (``_first_contact``). A reply typed into a listed
         # room during a server restart was dropped after 8 s, with the room (a new user's
         # day, 2026-11-23).
-        session = RoomSession(self.link, room, pacer=self.pacer, fail_fast=True,
+        session = RoomSession(self.link, room, pacer=self.pacer, fail_fast=True, patient=True,
                               grace=math.inf, after_id=old.last_id if old else None)
         if old is not None:
             # A room closed for good (a kick, a right withdrawn) is asked for again, from
