@@ -168,8 +168,14 @@ def test_every_command_that_takes_a_room_takes_a_direct_messages_short_name(
         "at heron11"]
     assert alice.ok("history", "--room", "@bobb") == (
         f"no messages in dm:{ALICE},bobb@tailnet.test\n")
-    assert alice.ok("search", "heron11", "--room", "@bobb", "--author", "bobb") == (
-        f"no messages match in dm:{ALICE},bobb@tailnet.test from bobb@tailnet.test\n")
+    # search names the rooms and the author it looked in, and refuses a typo'd one
+    assert alice.ok("search", "nothing-like-it", "--room", "@bob", "--author", "alice") == (
+        f"no messages match in dm:{ALICE},{BOB} from {ALICE}\n")
+    for typo, who in ((("--room", "@bobb"), "bobb@tailnet.test"),
+                      (("--author", "bobb"), "bobb@tailnet.test")):
+        out = run_cli("search", "chat-server", "heron11", *typo, *alice.args)
+        assert out.returncode != 0 and f"nobody with the login '{who}'" in out.stderr, (
+            typo, out.stderr)
 
 
 def test_send_split_reads_a_long_text_from_stdin_and_sends_it_in_parts(

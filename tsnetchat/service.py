@@ -846,8 +846,17 @@ class ChatService:
             if len(request.author) > auth.MAX_LOGIN:
                 raise InvalidInput(f"the author is not a login (at most {auth.MAX_LOGIN} "
                                    "characters)")
+            author = request.author
+            if author:
+                # (a typo'd author or DM answered "no messages match", and the search read
+                # as done: a new user's day, 2026-11-24)
+                author = rooms.spelling(author, self.ledger.people.logins_like(author)) or ""
+                if not author:
+                    raise InvalidInput(f"nobody with the login {request.author[:60]!r} has "
+                                       "written on this server; check the spelling")
             if request.rooms:
-                wanted = [self._canonical(p, r) for r in dict.fromkeys(request.rooms)]
+                wanted = [await self._dm_to_write(p, r) if rooms.is_dm(r) else
+                          self._canonical(p, r) for r in dict.fromkeys(request.rooms)]
                 # A room the token does not allow is refused as everywhere else (naming the
                 # rooms it does); a conversation the caller may not read is left out without
                 # a word, so a search infers nothing about it.
@@ -859,7 +868,7 @@ class ChatService:
                 names = access.readable(p, self.store.rooms())
             limit = min(request.limit or lim.max_search_page, lim.max_search_page)
             msgs = await self.store.search(
-                request.query, names, author=request.author,
+                request.query, names, author=author,
                 since_ms=request.since_unix_ms, until_ms=request.until_unix_ms,
                 newest=request.order == pb.SEARCH_ORDER_NEWEST, limit=limit + 1,
                 offset=request.offset)
