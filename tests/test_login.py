@@ -309,6 +309,8 @@ def test_a_tail_refused_by_a_server_with_another_key_carries_on_once_the_right_o
         assert lines.message(timeout=90)["text"] == "after the mix-up"
         assert tail.wait(timeout=30) == 0
         assert alice.stored()["token"] == token  # the same token, no new login
+        # The journal said, at each start with a new key, to check the state dir.
+        assert enrolling.log.read_text().count("made a new signing key") == 2  # not the last
         rest = []
         with contextlib.suppress(AssertionError):  # (no line within the time: none left)
             while True:

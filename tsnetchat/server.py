@@ -218,6 +218,12 @@ class Server:
                             "with one before: they no longer work. If the key was lost by "
                             "mistake, stop the server and put it back; else issue them again "
                             "(tsnetchat token list)", cfg.key_path, lost)
+            elif new_key and not cfg.cluster:
+                # (a server started by mistake with another state dir refused every token
+                # without a word in the journal as to why: a new user's day, 2026-11-24)
+                log.info("made a new signing key %s: tokens signed with any other key are "
+                         "refused. On a first start that is expected; if this server ran "
+                         "before, check --state-dir (now %s)", cfg.key_path, cfg.state_dir)
         except BaseException:
             self._lock.release()
             raise
