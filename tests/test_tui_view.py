@@ -409,6 +409,8 @@ def test_search_results_say_where_each_message_is() -> None:
     ("/msg @bob,@Carol,bob", ("msg", ("bob", "Carol"), "")),
     ("/msg bob,", ("msg", ("bob",), "")),
     ("/join @bob,carol", ("msg", ("bob", "carol"), "")),
+    ("/leave @Bob", ("leave", ("Bob",), "")),  # a DM, from another buffer
+    ("/close dm:bob,carol", ("leave", ("bob", "carol"), "")),
     ("/join dm:bob,carol@tailnet.test", ("msg", ("bob", "carol@tailnet.test"), "")),
     ("/Topic release week", ("topic", (), "release week")),
     ("/topic", ("topic", (), "")),
@@ -564,6 +566,8 @@ async def test_leaving_the_last_open_room_never_joins_one_only_listed_for_its_un
     app.unasked.add(dm)
     app.close_buffer("random")
     assert app.current is None
+    app.handle("/leave @Bob")  # closed from another buffer, named by its person
+    assert dm not in app.conversations
 
 
 async def test_the_starts_notes_stay_below_any_trouble_until_a_line_is_typed_or_the_room_joined(

@@ -34,7 +34,8 @@ class Command:
 COMMANDS = [
     Command("join", "ROOM", "join a room (#room, +room if you are a member, or @person for "
             "a DM, @bob,carol for a group DM) and switch to it", ("j",)),
-    Command("leave", "[ROOM]", "leave this room (or ROOM); closes a DM or search buffer",
+    Command("leave", "[ROOM]", "leave this room (or ROOM, @person for a DM); closes a DM or "
+            "search buffer",
             ("part", "close")),
     Command("msg", "NICK[,NICK...] [TEXT]", "a direct message: opens the conversation with "
             "NICK (a name or login; several, split by commas, for a group) and sends TEXT",
@@ -166,6 +167,11 @@ def parse(line: str) -> Parsed | Message | Problem:
         group = nicks(arg.removeprefix("dm:"))
         if group:
             return Parsed(_BY_NAME["msg"], nicks=group)
+    if cmd.name == "leave" and arg.startswith(("@", "dm:")):
+        # (only from inside a DM could one close it: a new user's day, 2026-11-24)
+        group = nicks(arg.removeprefix("dm:"))
+        if group:
+            return Parsed(cmd, nicks=group)
     if cmd.name == "join" or (cmd.name == "leave" and arg):
         room = room_name(arg)
         if room is None:

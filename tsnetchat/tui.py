@@ -657,6 +657,11 @@ class ChatApp:
             return self.send(parsed.text, pb.MESSAGE_KIND_ACTION, line)
         elif name == "join":
             self.join(parsed.room)
+        elif name == "leave" and parsed.nicks:  # a DM, named by its people
+            known = self.people()
+            room = dm_name(self.me.login, *(person_login(p, self.me.login, known)
+                                            for p in parsed.nicks))
+            self.leave(next((n for n in self.conversations if _same_dm(n, room)), room))
         elif name == "leave":
             self.leave(parsed.room or self.current or "")
         elif name == "msg":
@@ -1385,6 +1390,13 @@ def _unsent_untold() -> Path | None:
         os.close(os.open(told, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))
         os.utime(told, (added, added))
     return path
+
+
+def _same_dm(a: str, b: str) -> bool:
+    """Whether two DM names have the same people, capitals aside (a buffer's name is the
+    server's spelling; a name typed may differ)."""
+    return a.startswith("dm:") and b.startswith("dm:") and (
+        sorted(a[3:].lower().split(",")) == sorted(b[3:].lower().split(",")))
 
 
 def _keep_unsent(lines: list[str]) -> Path | None:
