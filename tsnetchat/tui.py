@@ -358,8 +358,8 @@ class ChatApp:
     def problem(self) -> str:
         """What is wrong with the way to the server: the shown room's trouble if it has any
         (its countdown is the status bar's: two countdowns disagreed with several rooms
-        open; a new user's day, 2026-11-24), else the worst of the others'; with none, the
-        notes of the chat's start (``start_notes``) after it."""
+        open; a new user's day, 2026-11-24), else the worst of the others'; and on a line
+        after it, the notes of the chat's start (``start_notes``)."""
         troubled = (Phase.RECONNECTING, Phase.CONNECTING, Phase.WAITING)
         here = self.sessions.get(self.current or "")
         if here is not None and here.state.phase in troubled and here.state.error is not None:
