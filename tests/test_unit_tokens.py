@@ -140,12 +140,17 @@ async def test_a_token_whose_renewal_was_refused_for_good_is_tried_again_a_minut
     again = Renewal.for_server(SERVER, "chat-server", store)
     assert again.entry.renewable() and not again.entry.dead  # the server decides
     assert time.time() >= again.entry.renew_at()  # (renewed first, by ready())
-    # The same in a process whose own renewal was refused (its Renewal is kept per server).
-    again.entry = replace(again.entry, refused=wrong_key, dead=True, refused_at=time.time())
+    # The same in a process whose own renewal was refused (its Renewal is kept per server),
+    # also where the store could not be written (the refusal is then only in memory).
+    alive = again.entry
+    again.entry = replace(alive, refused=wrong_key, dead=True, refused_at=time.time())
+    with pytest.raises(Unauthenticated, match="signature does not match"):
+        Renewal.for_server(SERVER, "chat-server", store)  # (the store says nothing of it)
     store.put(again.entry)
     with pytest.raises(Unauthenticated, match="signature does not match"):
         Renewal.for_server(SERVER, "chat-server", store)
-    store.put(replace(again.entry, refused_at=time.time() - DEAD_FOR - 1))
+    again.entry = replace(again.entry, refused_at=time.time() - DEAD_FOR - 1)  # a minute on
+    store.put(again.entry)
     assert Renewal.for_server(SERVER, "chat-server", store) is again and again.entry.renewable()
 
 

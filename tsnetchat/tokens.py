@@ -359,10 +359,6 @@ class Renewal:
                 f"no token for {typed}: run `tsnetchat login {typed}` (if that server hands "
                 "out tokens), or pass the token its admin gave you with --token or "
                 "--token-file (`--save-token` keeps it)")
-        if entry.dead and now - entry.refused_at < DEAD_FOR:
-            raise refused_renewal(typed, entry.refused)
-        if entry.dead:  # tried again: renewed first, and the server decides
-            entry = replace(entry, refused="", dead=False)
         exp = entry.expires
         if exp is not None and entry.expired(now):
             why = f", and {typed} had refused to renew it: {entry.refused}" if entry.refused \
@@ -375,7 +371,16 @@ class Renewal:
         live = cls._live.setdefault(loop, {})
         key = (str(store.path), entry.node_id or ",".join(sorted(entry.ips)) or entry.name)
         r = live.get(key)
-        if r is None or r.entry.token_id != entry.token_id:
+        if r is not None and r.entry.token_id != entry.token_id:
+            r = None  # (another token since: a login)
+        # The latest refusal: the store's, or this process's own (kept only here when the
+        # store could not be written).
+        last = r.entry if r is not None and r.entry.refused_at > entry.refused_at else entry
+        if last.dead and now - last.refused_at < DEAD_FOR:
+            raise refused_renewal(typed, last.refused)
+        if last.dead:  # tried again: renewed first, and the server decides
+            entry = replace(entry, refused="", dead=False)
+        if r is None:
             r = live[key] = cls(store, entry, typed)
         elif entry.received > r.entry.received or (r.entry.dead and not entry.dead):
             r.entry = entry  # renewed by another process meanwhile, or tried again
