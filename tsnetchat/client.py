@@ -329,7 +329,8 @@ class Link:
                  token_store: Path | None = None) -> None:
         self._dial = dial
         # The file the token comes from (``tokens.TokenStore``); None for a token given
-        # (--token): then a refused token is final, as nothing here can bring another.
+        # (--token): nothing here can bring another, and a refused one is final but for a
+        # patient session (the chat: ``RoomSession``), which tries it again now and then.
         self.token_store = token_store
         self._conn: Connection | None = None
         self._lock = asyncio.Lock()
@@ -554,10 +555,11 @@ class SessionEvent:
       (restored, replaced: ``resume.Cursor.check_history``); ``text`` says so. The session
       starts over from what the server has: earlier messages may be shown again, and
       differ.
-    * ``waiting``: the server refused the stored token (revoked, expired, renewal refused);
+    * ``waiting``: the server refused the token once the room was open (revoked, expired,
+      renewal refused) and it came from the token store, or the session is ``patient``;
       the session waits, its outbox kept, for a new one in the token store, trying the same
       one again now and then (``resume.SAME_TOKEN_FIRST``), then resumes where it was;
-      ``text`` says so, once an outage unless the refusal changes;
+      ``text`` says so, once for each refusal in an outage;
     * ``fatal``: the session ended for good (``error``): refused, or could not start.
     """
 
@@ -675,7 +677,7 @@ class RoomSession:
         while not self.closed:
             self.state.connecting()
             yield SessionEvent("state")
-            tried_at = time.time()
+            tried_with = self._stored_tokens()
             conn: Connection | None = None
             try:
                 conn = await self.link.get()
@@ -708,9 +710,11 @@ class RoomSession:
             if delay is None and self._may_wait(err):
                 waiting = ClientError(self._waiting_words(err), retryable=False,
                                       exit_code=err.exit_code, status=err.status)
-                if self.state.waiting(waiting, time.monotonic()):
+                # (the refusal alone for the status bar, which has three rows; the room's
+                # line says what to do: a review, 2026-11-24)
+                if self.state.waiting(err, time.monotonic()):
                     yield SessionEvent("waiting", error=waiting, text=str(waiting))
-                new = await self._token_stored_since(tried_at)
+                new = await self._token_stored_since(tried_with)
                 if new is None:
                     return
                 if new:
@@ -752,23 +756,37 @@ class RoomSession:
             # (after a rotate-key it said only that the signature did not match: a new
             # user's day; and a login to a server started by mistake with another state dir
             # replaced a good token with one only that server took: another, 2026-11-24)
-            how = (f"; if {name}'s key was rotated on purpose, `tsnetchat login {name}` gets "
-                   "a new one, but ask its admin first: started by mistake with another "
-                   "state dir, it refuses every token, and the one a login gets there works "
-                   "only there")
+            how = (f"; before `tsnetchat login {name}`, ask its admin whether its key was "
+                   "rotated: a server started by mistake with another state dir refuses every "
+                   "token, and a token got there works only there")
         return (f"{err}{how} (this chat carries on by itself once you have a new one, and "
                 "tries this one again now and then)")
 
-    async def _token_stored_since(self, t: float) -> bool | None:
-        """Wait until the token store is written after ``t`` (wall clock, as file times
-        are): a login, or this process's own note of the refusal, which costs one more
-        attempt (True); or until the state's ``retry_at``, when the same token is tried
-        again (False; ``resume.SAME_TOKEN_FIRST``). None when the session closes first."""
+    def _stored_tokens(self) -> frozenset[str]:
+        """The tokens in the token store now (none without one, or when it cannot be
+        read)."""
         path = self.link.token_store
+        if path is None:
+            return frozenset()
+        try:
+            return frozenset(e.token for e in TokenStore(path).read()[0])
+        except Exception:  # (said where the token is used; here only a change matters)
+            return frozenset()
+
+    async def _token_stored_since(self, tried_with: frozenset[str]) -> bool | None:
+        """Wait until the token store holds a token it did not hold when this attempt
+        began (``tried_with``): a login (True); or until the state's ``retry_at``, when the
+        same token is tried again (False; ``resume.SAME_TOKEN_FIRST``). None when the
+        session closes first. (Any write woke every waiting room, also the note of a
+        refusal: a review, 2026-11-24.)"""
+        path = self.link.token_store
+        seen = 0.0
         while not self.closed:
             with contextlib.suppress(OSError):
-                if path is not None and path.stat().st_mtime > t:
-                    return True
+                if path is not None and (mtime := path.stat().st_mtime) != seen:
+                    seen = mtime
+                    if self._stored_tokens() - tried_with:
+                        return True
             left = self.state.retry_at - time.monotonic()
             if left <= 0:
                 return False

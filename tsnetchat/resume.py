@@ -28,9 +28,10 @@ has, saying so, instead of hiding every message up to its old id.
 RECONNECTING carries the reason and the time of the next attempt (a countdown for the status
 bar); delays double from ``first`` up to ``max_backoff``, with jitter, and never undercut the
 server's "retry in" hint. WAITING (``client.RoomSession``: the token came from the token
-store) tries the same token again now and then: a server that ran for a while with another
-key refused it, and once the right one was back the chats waited for a new token for ever
-(only a new `connect` helped; a new user's day, 2026-11-24).
+store, or the session is patient) tries the same token again now and then: a server that
+ran for a while with another key refused it, and once the right one was back the chats
+waited for a new token for ever (only a new `connect` helped; a new user's day,
+2026-11-24).
 """
 
 from __future__ import annotations
@@ -158,7 +159,7 @@ class StreamState:
         self.ever_connected = False
         self.lost_at: float | None = None  # when the current outage (or first failure) began
         self.waits = 0  # times WAITING since the last success
-        self._waited_on = ""  # what the last of them said
+        self._waited_on: set[str] = set()  # the refusals said since then
 
     def connecting(self) -> None:
         if self.phase is not Phase.CLOSED:
@@ -169,7 +170,7 @@ class StreamState:
         nothing was lost before it)."""
         outage = None if self.lost_at is None or not self.ever_connected else now - self.lost_at
         self.phase, self.error, self.attempts, self.lost_at = Phase.CONNECTED, None, 0, None
-        self.ever_connected, self.waits, self._waited_on = True, 0, ""
+        self.ever_connected, self.waits, self._waited_on = True, 0, set()
         return outage
 
     def lost(self, error: ClientError, now: float, jitter: float) -> float | None:
@@ -205,10 +206,12 @@ class StreamState:
         says ``error``, and the connection that follows reports the outage from ``now``.
         (Left FAILED, the chat showed the room ✗ and "failed" while it said it would carry
         on: an independent review.) ``retry_at`` is when to try the same token again.
-        Returns whether ``error`` is news: not the refusal this outage already waited on
-        (said once, not at every try)."""
-        news = str(error) != self._waited_on
-        self.phase, self.error, self._waited_on = Phase.WAITING, error, str(error)
+        Returns whether ``error`` is news: not a refusal this outage already waited on (said
+        once, not at every try, nor at every other one where two servers of a cluster
+        refuse in their own words)."""
+        news = str(error) not in self._waited_on
+        self.phase, self.error = Phase.WAITING, error
+        self._waited_on.add(str(error))
         if self.lost_at is None:
             self.lost_at = now
         self.retry_at = now + min(SAME_TOKEN_MOST, SAME_TOKEN_FIRST * 2.0 ** self.waits)
