@@ -210,7 +210,6 @@ def test_commands_are_case_insensitive_and_take_hash_rooms(line: str,
     ("/who everyone", "usage: /who"),
     ("/frobnicate", "unknown command /frobnicate"),
     ("/msg bob,,carol hi", "/msg bob,carol hi"),
-    ("/msg bob, carol hi", "no space after a comma"),  # (it went to bob alone)
     ("/join @bob,bad room", "a room name"),
     ("/hlep", "did you mean /help [COMMAND]?"),
 ])
@@ -232,6 +231,8 @@ def test_a_command_typed_after_a_space_is_still_the_command() -> None:
     p = commands.parse(" /Leave")
     assert isinstance(p, commands.Parsed) and p.command.name == "leave"
     assert isinstance(commands.parse(" /me"), commands.Problem)  # its usage, not a message
+    pasted = "  /quit\nhello"  # (a block of lines is text)
+    assert commands.parse(pasted) == commands.Message(pasted)
 
 
 def test_tab_completes_commands_rooms_and_nicks() -> None:
@@ -408,6 +409,7 @@ def test_search_results_say_where_each_message_is() -> None:
     ("/msg bob,carol lunch?", ("msg", ("bob", "carol"), "lunch?")),  # a group DM
     ("/msg @bob,@Carol,bob", ("msg", ("bob", "Carol"), "")),
     ("/msg bob,", ("msg", ("bob",), "")),
+    ("/msg bob, hi there", ("msg", ("bob",), "hi there")),  # (the chat asks if hi is a person)
     ("/join @bob,carol", ("msg", ("bob", "carol"), "")),
     ("/leave @Bob", ("leave", ("Bob",), "")),  # a DM, from another buffer
     ("/close dm:bob,carol", ("leave", ("bob", "carol"), "")),
@@ -568,6 +570,8 @@ async def test_leaving_the_last_open_room_never_joins_one_only_listed_for_its_un
     assert app.current is None
     app.handle("/leave @Bob")  # closed from another buffer, named by its person
     assert dm not in app.conversations
+    app.handle("/leave @Bob")
+    assert app.system.entries[-1].text == "not in @Bob"  # (it said "not in #dm:...")
 
 
 async def test_the_starts_notes_stay_below_any_trouble_until_a_line_is_typed_or_the_room_joined(
@@ -598,3 +602,24 @@ async def test_the_starts_notes_stay_below_any_trouble_until_a_line_is_typed_or_
     app.input.text = "hello"
     app.submit()
     assert app.problem().count("\n") == 0 and "lines not sent" not in app.problem()
+
+
+async def test_a_group_typed_with_a_space_after_the_comma_is_refused_not_sent_to_the_first(
+        ) -> None:
+    """`/msg bob, carol hi` sent "carol hi" to bob alone (a review, 2026-11-24); `/msg bob,
+    hi there` is bob's, as before, when nobody is called hi."""
+    from tsnetchat.client import Link
+    from tsnetchat.tui import ChatApp
+
+    async def dial() -> Any:
+        raise AssertionError("nothing is dialled here")
+
+    me = pb.WhoAmIResponse(identity=pb.Identity(login="alice@tailnet.test",
+                                                display_name="Alice"))
+    app = ChatApp(Link(dial), me)
+    general = app.conversations["general"] = app.conversation_for("general")
+    general.members = [pb.Identity(login="carol@tailnet.test", display_name="Carol")]
+    assert app.handle("/msg bob, Carol lunch?") is True  # kept in the input
+    assert "no space after a comma" in app.system.entries[-1].text
+    assert not app.sessions
+    assert app.is_somebody("@carol") and not app.is_somebody("hi")

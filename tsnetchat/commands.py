@@ -68,13 +68,16 @@ _BY_NAME = {n: c for c in COMMANDS for n in (c.name, *c.aliases)}
 class Parsed:
     """A command with its checked arguments: ``room`` for join/leave/create, ``number`` for
     history, ``text`` for me/help/msg/topic/edit/search/away, ``nicks`` for
-    msg/create/invite/remove/kick (as typed: names or logins)."""
+    msg/create/invite/remove/kick (as typed: names or logins). ``after_comma``: for
+    `/msg bob, carol hi`, "carol": a group typed with a space after the comma if that is
+    somebody (the chat knows who), else the text's first word (`/msg bob, hi there`)."""
 
     command: Command
     room: str = ""
     number: int = 0
     text: str = ""
     nicks: tuple[str, ...] = ()
+    after_comma: str = ""
 
 
 @dataclass(frozen=True)
@@ -144,10 +147,11 @@ def nicks(word: str) -> tuple[str, ...]:
 def parse(line: str) -> Parsed | Message | Problem:
     if not line.startswith("/"):
         # A command typed after a space is still the command (` /join #ops` went to the room
-        # as a message: a new user's day, 2026-11-24); other text after spaces is text.
+        # as a message: a new user's day, 2026-11-24); other text after spaces is text, and
+        # so is every pasted block of lines.
         bare = line.lstrip(" \t")
-        word = bare[1:].split(" ", 1)[0].split("\n", 1)[0].lower()
-        if bare.startswith("/") and word in _BY_NAME:
+        if "\n" not in line and bare.startswith("/") and (
+                bare[1:].split(" ", 1)[0].lower() in _BY_NAME):
             return parse(bare)
         return Message(line)
     if line.startswith("//"):
@@ -191,14 +195,13 @@ def parse(line: str) -> Parsed | Message | Problem:
         return Parsed(cmd, nicks=(person,)) if person else usage
     if cmd.name == "msg":
         who, _, text = rest.strip(" ").partition(" ")
-        if who.endswith(",") and text.strip():
-            # (`/msg bob, carol hi` sent "carol hi" to bob alone: a review, 2026-11-24)
-            return Problem(f"usage: {cmd.usage}  (no space after a comma: /msg bob,carol hi)")
         group = nicks(who)
         if not group:
             return Problem(f"usage: {cmd.usage}  (a name or a login, e.g. /msg bob hi, or "
                            "several for a group: /msg bob,carol hi)")
-        return Parsed(cmd, nicks=group, text=text.strip(" \n"))
+        text = text.strip(" \n")
+        after = text.split(None, 1)[0].rstrip(",:") if who.endswith(",") and text else ""
+        return Parsed(cmd, nicks=group, text=text, after_comma=after)
     if cmd.name == "create":
         first, _, others = arg.partition(" ")
         room = room_name(first)

@@ -665,6 +665,11 @@ class ChatApp:
         elif name == "leave":
             self.leave(parsed.room or self.current or "")
         elif name == "msg":
+            if parsed.after_comma and self.is_somebody(parsed.after_comma):
+                # (`/msg bob, carol hi` sent "carol hi" to bob alone: a review, 2026-11-24)
+                self.say("no space after a comma in a group: /msg bob,carol TEXT (your text "
+                         "is still in the input)", error=True)
+                return True
             return self.direct(parsed.nicks, parsed.text, line)
         elif name == "topic":
             return self.topic(parsed.text, line)
@@ -741,6 +746,13 @@ class ChatApp:
         out += [e.message.sender for c in self.conversations.values() for e in c.entries[-200:]
                 if e.message is not None]
         return out
+
+    def is_somebody(self, word: str) -> bool:
+        """Whether ``word`` names someone this chat has seen (a login, a short login or a
+        display name, capitals aside)."""
+        low = word.lstrip("@").lower()
+        return any(low in (i.login.lower(), i.login.split("@")[0].lower(),
+                           i.display_name.lower()) for i in self.people())
 
     def direct(self, people: Sequence[str], text: str, line: str) -> bool:
         """/msg NICK[,NICK...] [TEXT]: open (or show) the DM with them and send TEXT there."""
@@ -931,15 +943,18 @@ class ChatApp:
                     self.conversations[r.name] = self.conversation_for(r.name, listed=True)
         while not self.quitting:
             started = time.monotonic()
-            try:
-                conn = await self.link.get()
-                res = await conn.unread()
-                self.apply_unread(res.rooms, started)
-                self.invalidate()
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # the rooms' own state says when the server is away
-                log.debug("unread: %r", e)
+            # While the token is refused the rooms try it again, ever less often; this poll
+            # is not to ask every 3 s meanwhile (a review, 2026-11-24).
+            if not any(s.state.phase is Phase.WAITING for s in self.sessions.values()):
+                try:
+                    conn = await self.link.get()
+                    res = await conn.unread()
+                    self.apply_unread(res.rooms, started)
+                    self.invalidate()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:  # the rooms' own state says when the server is away
+                    log.debug("unread: %r", e)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.unread_wake.wait(), UNREAD_EVERY)
             self.unread_wake.clear()
@@ -1012,7 +1027,8 @@ class ChatApp:
             if room in self.conversations and room not in self.tasks:
                 self.close_buffer(room)  # search results, or a room only listed
                 return
-            where = room if room.startswith("+") else f"#{room}"
+            where = dm_title(room, self.me.login) if room.startswith("dm:") else (
+                room if room.startswith("+") else f"#{room}")
             self.say(f"not in {where}" if room else "not in a room", error=True)
             return
         task = self.tasks.pop(room, None)  # (none for a room refused again: on_fatal)
