@@ -226,7 +226,7 @@ async def client_checks(server: str, *, port: int, token: str | None, socket: st
                         proxy: str = "") -> list[Check]:
     """How this machine finds and reaches ``server``; ``token`` None = the stored one."""
     from .discovery import discover, route
-    from .tokens import Renewal
+    from .tokens import Renewal, TokenStore
 
     steps: list[Step] = []
     try:
@@ -243,6 +243,7 @@ async def client_checks(server: str, *, port: int, token: str | None, socket: st
         return out
     if token is None:
         try:
+            stored = TokenStore().find(found.node, server)
             renewal = Renewal.for_server(found.node, server)
         except TsnetchatError as e:
             out.append(Check("token", FAIL, str(e)))
@@ -253,6 +254,10 @@ async def client_checks(server: str, *, port: int, token: str | None, socket: st
         how = "from `tsnetchat login`, renewed while used" if entry.source == "login" else \
             "issued by an admin"
         warn = f"; the server refused to renew it: {entry.refused}" if entry.refused else ""
+        if stored is not None and stored.dead and not entry.dead:  # (tried again: tokens)
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(stored.refused_at))
+            warn = (f"; the server refused to renew it ({when}): {stored.refused}; asked "
+                    "again below")
         out.append(Check("token", WARN if warn else OK, f"stored for {entry.name} ({how}{left})"
                                                          f"{warn}"))
     else:
@@ -366,6 +371,9 @@ def _key_file(cfg: ServerConfig) -> Check:
                      "with it, or keeps the key it had")
     except FileNotFoundError:  # (a race: it was there a moment ago)
         return Check("key file", WARN, f"{key} does not exist yet (created on first start)")
+    except OSError as e:  # (the dir may be listed, the key read only by the server's user)
+        return Check("key file", WARN, f"not checked: cannot read {key} ({e.strerror or e}); "
+                     "run `sudo tsnetchat doctor`")
     return Check("key file", OK, f"{key} mode {stat.S_IMODE(key.lstat().st_mode):04o}")
 
 

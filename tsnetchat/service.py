@@ -852,11 +852,17 @@ class ChatService:
                 # as done: a new user's day, 2026-11-24)
                 author = rooms.spelling(author, self.ledger.people.logins_like(author)) or ""
                 if not author:
-                    raise InvalidInput(f"nobody with the login {request.author[:60]!r} has "
-                                       "written on this server; check the spelling")
+                    raise InvalidInput(f"nobody with the login {request.author[:60]!r} has used "
+                                       "this server (or several people have it, in different "
+                                       "capitals); check the spelling")
             if request.rooms:
-                wanted = [await self._dm_to_write(p, r) if rooms.is_dm(r) else
-                          self._canonical(p, r) for r in dict.fromkeys(request.rooms)]
+                stored = self.store.rooms()
+                wanted = []
+                for r in dict.fromkeys(request.rooms):
+                    name = self._canonical(p, r)
+                    if rooms.is_dm(name) and name not in stored:  # (a typo: said, as in /msg)
+                        name = await self._dm_to_write(p, r)
+                    wanted.append(name)
                 # A room the token does not allow is refused as everywhere else (naming the
                 # rooms it does); a conversation the caller may not read is left out without
                 # a word, so a search infers nothing about it.
