@@ -19,6 +19,7 @@ from tsnetchat.tokens import (
     Renewal,
     TokenStore,
     explicit_token,
+    outlived,
     save_admin_token,
 )
 
@@ -158,3 +159,17 @@ async def test_a_login_token_is_due_for_renewal_after_half_its_life(tmp_path: Pa
     young, old = entry(received=time.time() - 1000), entry(received=time.time() - 2000)
     assert time.time() < young.renew_at() and time.time() >= old.renew_at()
     assert young.renewable() and not entry(refused="x").renewable()
+
+
+def test_a_token_past_its_own_end_is_told_apart_without_checking_it() -> None:
+    """A chat given an expired --token does not wait for it to work again (a review)."""
+    import base64
+
+    def jwt_with(claims: dict[str, object]) -> str:
+        body = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
+        return f"eyJhbGciOiJIUzI1NiJ9.{body}.sig"
+
+    now = time.time()
+    assert outlived(jwt_with({"exp": int(now) - 1}), now)
+    assert not outlived(jwt_with({"exp": int(now) + 60}), now)
+    assert not outlived(jwt_with({}), now) and not outlived("not a jwt", now)

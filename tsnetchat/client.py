@@ -44,7 +44,7 @@ from .pb import chat_pb2 as pb
 from .pb import chat_pb2_grpc as pb_grpc
 from .render import validate_text
 from .resume import START_GRACE, Cursor, Phase, StreamState
-from .tokens import Renewal, TokenStore
+from .tokens import Renewal, TokenStore, outlived
 
 T = TypeVar("T")
 log = logging.getLogger("tsnetchat.client")
@@ -707,7 +707,7 @@ class RoomSession:
             if self.closed:
                 return
             delay = self.state.lost(err, time.monotonic(), random.random())
-            if delay is None and self._may_wait(err):
+            if delay is None and self._may_wait(err, conn):
                 waiting = ClientError(self._waiting_words(err), retryable=False,
                                       exit_code=err.exit_code, status=err.status)
                 # (the refusal alone for the status bar, which has three rows; the room's
@@ -734,14 +734,20 @@ class RoomSession:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._closing.wait(), delay)
 
-    def _may_wait(self, err: ClientError) -> bool:
+    def _may_wait(self, err: ClientError, conn: Connection | None) -> bool:
         """Whether this session waits on a refused token, trying it again now and then: this
         room was open before, and the token came from the token store (`tsnetchat login`,
-        which may also bring a new one), or the session is ``patient``. (A chat whose token
-        was revoked was closed for good; the person ran `tsnetchat login` and had to restart
-        it, losing what they had typed: a new user's day, 2026-11-23.)"""
-        return (err.exit_code == EXIT_UNAUTHENTICATED and self.state.ever_connected
-                and (self.link.token_store is not None or self.patient))
+        which may also bring a new one), or the session is ``patient`` and its token is not
+        past its own end (that one can never work again). (A chat whose token was revoked
+        was closed for good; the person ran `tsnetchat login` and had to restart it, losing
+        what they had typed: a new user's day, 2026-11-23.)"""
+        if err.exit_code != EXIT_UNAUTHENTICATED or not self.state.ever_connected:
+            return False
+        if self.link.token_store is not None:
+            return True
+        token = dict(conn.metadata).get("authorization", "").removeprefix("Bearer ") \
+            if conn is not None else ""
+        return self.patient and not outlived(token, time.time())
 
     def _waiting_words(self, err: ClientError) -> str:
         """What a waiting session says of ``err``: what brings a new token, and that this

@@ -291,6 +291,13 @@ def _unverified_claims(token: str) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def outlived(token: str, now: float) -> bool:
+    """Whether ``token`` says it expired before ``now`` (read without checking it: a token
+    past its own end can never work again, whoever signed it)."""
+    exp = _unverified_claims(token).get("exp")
+    return isinstance(exp, int) and now >= exp
+
+
 def save_admin_token(node: discovery.ServerNode, token: str,
                      store: TokenStore | None = None) -> Path:
     """Keep a token an admin issued, for this server node (``connect --save-token``)."""
