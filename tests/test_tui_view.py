@@ -233,6 +233,9 @@ def test_a_command_typed_after_a_space_is_still_the_command() -> None:
     assert isinstance(commands.parse(" /me"), commands.Problem)  # its usage, not a message
     pasted = "  /quit\nhello"  # (a block of lines is text)
     assert commands.parse(pasted) == commands.Message(pasted)
+    # ... but not one line pasted with its end: it went to the whole room
+    p = commands.parse("  /msg bob the db password\n")
+    assert isinstance(p, commands.Parsed) and (p.nicks, p.text) == (("bob",), "the db password")
 
 
 def test_tab_completes_commands_rooms_and_nicks() -> None:
@@ -623,3 +626,21 @@ async def test_a_group_typed_with_a_space_after_the_comma_is_refused_not_sent_to
     assert "no space after a comma" in app.system.entries[-1].text
     assert not app.sessions
     assert app.is_somebody("@carol") and not app.is_somebody("hi")
+
+
+async def test_a_line_pasted_with_its_end_is_sent_without_an_empty_last_line() -> None:
+    from tsnetchat.client import Link, RoomSession
+    from tsnetchat.tui import ChatApp
+
+    async def dial() -> Any:
+        raise AssertionError("nothing is dialled here")
+
+    me = pb.WhoAmIResponse(identity=pb.Identity(login="alice@tailnet.test",
+                                                display_name="Alice"))
+    link = Link(dial)
+    app = ChatApp(link, me)
+    app.conversations["general"] = app.conversation_for("general")
+    session = app.sessions["general"] = RoomSession(link, "general")
+    app.current = "general"
+    assert app.handle("deploy is done\n\n") is False
+    assert [o.text for o in session.outbox] == ["deploy is done"]

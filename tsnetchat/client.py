@@ -762,9 +762,9 @@ class RoomSession:
             # (after a rotate-key it said only that the signature did not match: a new
             # user's day; and a login to a server started by mistake with another state dir
             # replaced a good token with one only that server took: another, 2026-11-24)
-            how = (f"; before `tsnetchat login {name}`, ask its admin whether its key was "
-                   "rotated: a server started by mistake with another state dir refuses every "
-                   "token, and a token got there works only there")
+            how = (f"; ask {name}'s admin before you run `tsnetchat login {name}`: if the "
+                   "key was not rotated on purpose, the server may be running with the wrong "
+                   "state dir, and a token it gives you then works only there")
         return (f"{err}{how} (this chat carries on by itself once you have a new one, and "
                 "tries this one again now and then)")
 

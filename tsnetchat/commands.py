@@ -147,10 +147,11 @@ def nicks(word: str) -> tuple[str, ...]:
 def parse(line: str) -> Parsed | Message | Problem:
     if not line.startswith("/"):
         # A command typed after a space is still the command (` /join #ops` went to the room
-        # as a message: a new user's day, 2026-11-24); other text after spaces is text, and
-        # so is every pasted block of lines.
-        bare = line.lstrip(" \t")
-        if "\n" not in line and bare.startswith("/") and (
+        # as a message: a new user's day, 2026-11-24), also pasted with its line's end
+        # (`  /msg bob ...` and a newline went to the whole room: another, the same day);
+        # other text after spaces is text, and so is a pasted block of lines.
+        bare = line.strip(" \t\n")
+        if "\n" not in bare and bare.startswith("/") and (
                 bare[1:].split(" ", 1)[0].lower() in _BY_NAME):
             return parse(bare)
         return Message(line)

@@ -59,9 +59,10 @@ FROM_NOW = 2**62
 # A stream waiting for a new token tries the refused one again after this, then after twice
 # as long each time, at most SAME_TOKEN_MOST apart: a refusal that mends by itself (the
 # server back with its own key) is over within that, and a token that stays refused (revoked)
-# costs the server one refusal per stream every few minutes.
+# costs the server one refusal per stream every two minutes. (5 minutes kept a chat given
+# --token waiting 39 s and more after the server was right again: a new user's day.)
 SAME_TOKEN_FIRST = 10.0
-SAME_TOKEN_MOST = 300.0
+SAME_TOKEN_MOST = 120.0
 
 
 class HasId(Protocol):

@@ -717,7 +717,8 @@ class ChatApp:
                      "still in the input; /join asks for it again, /leave closes it)",
                      error=True)
             return True
-        text = with_newlines(text)
+        # (a pasted line's end was kept as an empty last line: a new user's day, 2026-11-24)
+        text = with_newlines(text).rstrip("\n")
         limit = session.max_message_bytes
         size = utf8_len(text)
         if size > limit:
