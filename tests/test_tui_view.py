@@ -210,7 +210,8 @@ def test_commands_are_case_insensitive_and_take_hash_rooms(line: str,
     ("/who everyone", "usage: /who"),
     ("/frobnicate", "unknown command /frobnicate"),
     ("/msg bob,,carol hi", "/msg bob,carol hi"),
-    ("/join @bob,bad room", "a room name"),
+    ("/join @bob, mallory", "people split by commas, no spaces"),
+    ("/leave @bob, mallory", "usage: /leave @bob, or @bob,carol"),
     ("/hlep", "did you mean /help [COMMAND]?"),
 ])
 def test_a_misused_command_gets_its_usage(line: str, says: str) -> None:

@@ -177,6 +177,9 @@ def parse(line: str) -> Parsed | Message | Problem:
         group = nicks(arg.removeprefix("dm:"))
         if group:
             return Parsed(cmd, nicks=group)
+    if cmd.name in ("join", "leave") and arg.startswith(("@", "dm:")):
+        return Problem(f"usage: /{cmd.name} @bob, or @bob,carol for a group (people split "
+                       "by commas, no spaces)")
     if cmd.name == "join" or (cmd.name == "leave" and arg):
         room = room_name(arg)
         if room is None:
