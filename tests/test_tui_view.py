@@ -540,19 +540,24 @@ def test_a_found_message_says_when_it_was_said_and_in_which_room_as_room_takes_i
     assert found_lines(m)[0].endswith("[7] * Bob deploy at five")
 
 
-async def test_leaving_the_last_open_room_never_joins_one_only_listed_for_its_unread_count(
-        ) -> None:
-    """The next buffer after a /leave was a DM the server listed as unread: showing it
-    joined it, and the next line typed went there (a new user's day, 2026-11-24)."""
+def alices_chat() -> Any:
+    """Alice's chat screen, without a terminal or a server: a dial fails the test."""
     from tsnetchat.client import Link
     from tsnetchat.tui import ChatApp
 
     async def dial() -> Any:
-        raise AssertionError("nothing may be joined")
+        raise AssertionError("nothing is dialled here")
 
     me = pb.WhoAmIResponse(identity=pb.Identity(login="alice@tailnet.test",
                                                 display_name="Alice"))
-    app = ChatApp(Link(dial), me)
+    return ChatApp(Link(dial), me)
+
+
+async def test_leaving_the_last_open_room_never_joins_one_only_listed_for_its_unread_count(
+        ) -> None:
+    """The next buffer after a /leave was a DM the server listed as unread: showing it
+    joined it, and the next line typed went there (a new user's day, 2026-11-24)."""
+    app = alices_chat()
     dm = dm_name("alice@tailnet.test", "bob@tailnet.test")
     for room, listed in (("general", False), (dm, True), ("ops", False)):
         app.conversations[room] = app.conversation_for(room, listed=listed)
@@ -582,17 +587,11 @@ async def test_the_starts_notes_stay_below_any_trouble_until_a_line_is_typed_or_
         ) -> None:
     """Trouble with the connection hid them, and the next line typed then cleared them
     unseen (a review, 2026-11-24)."""
-    from tsnetchat.client import Link, RoomSession, SessionEvent
+    from tsnetchat.client import RoomSession, SessionEvent
     from tsnetchat.clienterrors import ClientError
-    from tsnetchat.tui import ChatApp
 
-    async def dial() -> Any:
-        raise AssertionError("nothing is dialled here")
-
-    me = pb.WhoAmIResponse(identity=pb.Identity(login="alice@tailnet.test",
-                                                display_name="Alice"))
-    link = Link(dial)
-    app = ChatApp(link, me)
+    app = alices_chat()
+    link = app.link
     app.start_notes.update({"ops": "cannot join #ops: not granted", "": "lines not sent"})
     assert app.problem() == " cannot join #ops: not granted · lines not sent"
     session = app.sessions["general"] = RoomSession(link, "general")
@@ -612,15 +611,7 @@ async def test_a_group_typed_with_a_space_after_the_comma_is_refused_not_sent_to
         ) -> None:
     """`/msg bob, carol hi` sent "carol hi" to bob alone (a review, 2026-11-24); `/msg bob,
     hi there` is bob's, as before, when nobody is called hi."""
-    from tsnetchat.client import Link
-    from tsnetchat.tui import ChatApp
-
-    async def dial() -> Any:
-        raise AssertionError("nothing is dialled here")
-
-    me = pb.WhoAmIResponse(identity=pb.Identity(login="alice@tailnet.test",
-                                                display_name="Alice"))
-    app = ChatApp(Link(dial), me)
+    app = alices_chat()
     general = app.conversations["general"] = app.conversation_for("general")
     general.members = [pb.Identity(login="carol@tailnet.test", display_name="Carol")]
     assert app.handle("/msg bob, Carol lunch?") is True  # kept in the input
@@ -630,16 +621,10 @@ async def test_a_group_typed_with_a_space_after_the_comma_is_refused_not_sent_to
 
 
 async def test_a_line_pasted_with_its_end_is_sent_without_an_empty_last_line() -> None:
-    from tsnetchat.client import Link, RoomSession
-    from tsnetchat.tui import ChatApp
+    from tsnetchat.client import RoomSession
 
-    async def dial() -> Any:
-        raise AssertionError("nothing is dialled here")
-
-    me = pb.WhoAmIResponse(identity=pb.Identity(login="alice@tailnet.test",
-                                                display_name="Alice"))
-    link = Link(dial)
-    app = ChatApp(link, me)
+    app = alices_chat()
+    link = app.link
     app.conversations["general"] = app.conversation_for("general")
     session = app.sessions["general"] = RoomSession(link, "general")
     app.current = "general"
