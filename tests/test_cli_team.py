@@ -145,6 +145,19 @@ def test_dm_reaches_only_its_members(alice: Person, bob: Person, server: LabDaem
     assert "hashed heron8" in [m["text"] for m in bob.json("history", "--room", "general")]
 
 
+def test_a_typod_room_outside_the_token_names_the_allowed_room_it_may_mean(
+        alice: Person, bob: Person) -> None:
+    """`--room genral` read as a refusal of the room meant (a new user's day, 2026-11-24)."""
+    send(alice, "general", "there is a general")
+    out = bob("history", "--room", "genral")
+    assert (out.returncode, out.stderr) == (6, "error: you may not use room 'genral' "
+                                            "(allowed: general, random; did you mean "
+                                            "'general'?)\n")
+    out = bob("history", "--room", "zzzz")
+    assert (out.returncode, out.stderr) == (6, "error: you may not use room 'zzzz' "
+                                            "(allowed: general, random)\n")
+
+
 def test_every_command_that_takes_a_room_takes_a_direct_messages_short_name(
         alice: Person, bob: Person) -> None:
     """tail, topic, edit, delete and search said "'bob' is not a tailnet login" to a

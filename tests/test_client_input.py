@@ -234,6 +234,30 @@ async def test_a_room_given_as_bytes_that_are_not_utf8_is_bad_input_not_an_inter
         EXIT_USAGE, "the text is not valid Unicode (is it UTF-8?)")
 
 
+async def test_an_empty_answer_from_a_room_nobody_made_names_the_room_it_may_mean(
+        chat: Chat) -> None:
+    """`history --room genral` said "no messages in genral" and `search --room genral` "no
+    messages match", both read as done (a new user's day, 2026-11-24): with a token for any
+    room a typo is no refusal, so the empty answer says the room is not there."""
+    alice = link_as(chat, "alice@tailnet.test")
+    await clientcmds.send(alice, "general", "there is a general", kind=TEXT, timeout=10,
+                          json_out=False)
+    out: list[str] = []
+    for room in ("genral", "zzzz", "general"):
+        await clientcmds.history(link_as(chat, "alice@tailnet.test"), room, before=None,
+                                 limit=10, json_out=False, echo=out.append)
+    await clientcmds.search(link_as(chat, "alice@tailnet.test"), "nothing", rooms=["genral",
+                            "general"], author="", since_ms=0, until_ms=0, newest=False,
+                            limit=10, offset=0, json_out=False, echo=out.append)
+    assert out[:2] == [
+        "no messages in genral; there is no room #genral you can read here (did you mean "
+        "#general?)",
+        "no messages in zzzz; there is no room #zzzz you can read here"]
+    assert out[3].endswith("there is a general")  # (a day's line, the message: as before)
+    assert out[4:] == ["no messages match in #genral, #general; there is no room #genral you "
+                       "can read here (did you mean #general?)"]
+
+
 @pytest.mark.parametrize("command", ["send", "tail"])
 def test_a_room_argument_that_is_not_utf8_is_one_line_and_exit_2(command: str) -> None:
     cli = Path(sys.executable).with_name("tsnetchat")

@@ -21,6 +21,7 @@ Contracts:
 from __future__ import annotations
 
 import base64
+import difflib
 import json
 import os
 import secrets
@@ -354,7 +355,10 @@ def check_room(p: Principal, room: str) -> None:
     check_room_name(room)
     if not p.may_use(room):
         allowed = "any room" if ALL_ROOMS in p.rooms else ", ".join(sorted(p.rooms))
-        raise PermissionDenied(f"you may not use room {room!r} (allowed: {allowed})")
+        # (`--room genral` read as a refusal of the room meant: a new user's day, 2026-11-24)
+        close = difflib.get_close_matches(room, sorted(p.rooms - {ALL_ROOMS}), n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise PermissionDenied(f"you may not use room {room!r} (allowed: {allowed}{hint})")
 
 
 def check_admin(p: Principal) -> None:

@@ -15,6 +15,7 @@ options and calls these. Each uses one ``client.Link`` and raises only ``ClientE
 
 from __future__ import annotations
 
+import difflib
 import json
 import time
 import uuid
@@ -203,11 +204,16 @@ async def last_messages(conn: Connection, room: str, *, before: int | None,
 
 async def history(link: Link, room: str, *, before: int | None, limit: int, json_out: bool,
                   echo: Echo) -> None:
+    unknown = ""
+
     async def read(conn: Connection) -> list[pb.ChatMessage]:
-        nonlocal room
+        nonlocal room, unknown
         room = await dm_logins(conn, room)  # (said as such when empty: `@bobb` showed as
-        return await last_messages(conn, room, before=before,  # "dm:bobb", no typo seen)
+        msgs = await last_messages(conn, room, before=before,  # "dm:bobb", no typo seen)
                                    limit=limit)
+        if not msgs:
+            unknown = await unknown_rooms(conn, [room])
+        return msgs
 
     items = await call(link, read)
     if json_out:
@@ -217,7 +223,26 @@ async def history(link: Link, room: str, *, before: int | None, limit: int, json
     for m in items:
         out.message(m)
     if not items:  # (nothing at all read as a command that failed, or a typo'd DM)
-        echo(f"no messages in {room}" + (f" before #{before}" if before else ""))
+        echo(f"no messages in {room}" + (f" before #{before}" if before else "") + unknown)
+
+
+async def unknown_rooms(conn: Connection, named: list[str]) -> str:
+    """What to add to "no messages" when a named room (not a DM) is none the caller can
+    read: "; there is no room #genral here (did you mean #general?)". `history --room
+    genral` answered "no messages in genral", and `search --room genral` "no messages
+    match", both read as done (a new user's day, 2026-11-24). "" when all are there."""
+    wanted = [r for r in dict.fromkeys(named) if not r.startswith("dm:")]
+    if not wanted:
+        return ""
+    have = [r.name for r in (await conn.list_rooms()).rooms if not r.direct]
+    said = []
+    for r in wanted:
+        if r in have:
+            continue
+        close = difflib.get_close_matches(r, have, n=2, cutoff=0.6)
+        hint = f" (did you mean {' or '.join(room_label(c) for c in close)}?)" if close else ""
+        said.append(f"; there is no room {room_label(r)} you can read here{hint}")
+    return visible("".join(said))
 
 
 async def whoami(link: Link) -> str:
@@ -303,16 +328,20 @@ async def search(link: Link, query: str, *, rooms: list[str], author: str, since
                  echo: Echo) -> None:
     searched: list[str] = []
     who = ""
+    unknown = ""
 
     async def find(c: Connection) -> pb.SearchResponse:
-        nonlocal searched, who
+        nonlocal searched, who, unknown
         # Short names (a DM's `@bob`, `--author bob`) at the caller's domain: one WhoAmI.
         short = _short_login(author) or any(_short_names(r) for r in rooms)
         me = str((await c.whoami()).identity.login) if short else ""
         searched = [room_of(r, me) for r in rooms]
         who = _login_of(author, me)
-        return await c.search(query, rooms=searched, author=who, since_ms=since_ms,
-                              until_ms=until_ms, newest=newest, limit=limit, offset=offset)
+        res = await c.search(query, rooms=searched, author=who, since_ms=since_ms,
+                             until_ms=until_ms, newest=newest, limit=limit, offset=offset)
+        if not res.messages and not offset:
+            unknown = await unknown_rooms(c, searched)
+        return res
 
     res = await call(link, find)
     # (the rooms and the author as searched: `--room @bobb` answered only "no messages
@@ -322,7 +351,7 @@ async def search(link: Link, query: str, *, rooms: list[str], author: str, since
     where = visible(where)
     _messages(res.messages, json_out, echo,
               none=f"no more messages match{where}" if offset else
-              f"no messages match{where}")
+              f"no messages match{where}{unknown}")
     if res.more and not json_out:
         echo(f"(more: --offset {res.next_offset})")
 
