@@ -487,6 +487,27 @@ def test_tab_completes_the_new_commands_and_private_rooms() -> None:
     assert commands.complete("/msg alice,B hi B", rooms=[], nicks=["Bob"]) == [("Bob", -1)]
 
 
+def test_tab_completes_the_next_person_of_a_group_without_the_space_enter_refuses() -> None:
+    """`/msg bob, mal` completed to `/msg bob, mallory`, which Enter refuses, and `/join
+    @bob,mal` to nothing (a new user's day, 2026-11-24)."""
+    def c(before: str) -> list[tuple[str, int]]:
+        return commands.complete(before, rooms=["general"], nicks=["bob", "mallory", "Mia"])
+
+    assert c("/msg bob, mal") == [("bob,mallory", -8)]
+    assert c("/msg bob , m") == [("bob,mallory", -7), ("bob,Mia", -7)]
+    assert c("/join @bob,mal") == [("mallory", -3)] and c("/j @bo") == [("bob", -2)]
+    assert c("/leave dm:bob, ma") == [("bob,mallory", -7)]
+    assert c("/join ge") == [("#general", -2)] and c("/join @") == []
+    for typed, line in (("/msg bob, mal", "/msg bob,mallory"), ("/join @bob, m", None)):
+        (text, start), *_ = c(typed)
+        done = typed[:len(typed) + start] + text
+        assert line is None or done == line
+        parsed = commands.parse(done + " hi" if typed.startswith("/msg") else done)
+        assert not isinstance(parsed, commands.Problem), parsed
+    assert commands.wants_people("/join @b") and commands.wants_people("/MSG b")
+    assert not commands.wants_people("/join ge") and not commands.wants_people("/msg")
+
+
 def test_a_chat_log_that_cannot_be_opened_is_one_line_not_a_traceback(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`connect` with an unwritable HOME died with PermissionError on ~/.local (found from

@@ -249,13 +249,23 @@ def complete(before: str, *, rooms: Iterable[str], nicks: Iterable[str]
     """Completions for the text before the cursor: (replacement, start position relative to
     the cursor, negative), for commands, rooms and nicks."""
     word = before.rsplit(" ", 1)[-1].rsplit("\n", 1)[-1]
-    if before[1:].split(" ", 1)[0].lower() in _DM_COMMANDS and before.count(" ") == 1:
-        word = word.rsplit(",", 1)[-1]  # the next person of a group (/msg bob,ca)
+    cmd = before[1:].split(" ", 1)[0].lower() if before.startswith("/") else ""
+    group = _GROUP.fullmatch(before) if (
+        cmd in _DM_COMMANDS or _BY_NAME.get(cmd) in _ROOM_COMMANDS) else None
+    if group is not None and (cmd in _DM_COMMANDS or group["dm"]):
+        # The next person of a group (`/msg bob,ca`, `/join @bob,ca`), written without the
+        # spaces Enter would refuse (`/msg bob, mal` completed to `/msg bob, mallory`, and
+        # `/join @bob,mal` to nothing: a new user's day, 2026-11-24).
+        done, part = group["done"], group["part"]
+        kept = "".join(f"{n.strip()}," for n in done.split(",")[:-1])
+        start = -len(done) - len(part) if kept != done else -len(part)
+        lead = kept if kept != done else ""
+        return [(lead + n, start) for n in _unique(nicks)
+                if n.lower().startswith(part.lower())] if part or done else []
     start = -len(word)
     if before.startswith("/") and " " not in before:
         names = sorted({n for c in COMMANDS for n in (c.name, *c.aliases) if len(n) > 1})
         return [(f"/{n} ", start) for n in names if n.startswith(word[1:].lower())]
-    cmd = before[1:].split(" ", 1)[0].lower() if before.startswith("/") else ""
     if word.startswith("#") or (_BY_NAME.get(cmd) in _ROOM_COMMANDS and before.count(" ") == 1):
         want = word.lstrip("#").lower()
         return [(r if r.startswith("+") else f"#{r}", start) for r in sorted(set(rooms))
@@ -267,7 +277,20 @@ def complete(before: str, *, rooms: Iterable[str], nicks: Iterable[str]
             if n.lower().startswith(word.lower())]
 
 
+def wants_people(before: str) -> bool:
+    """Whether the text before the cursor names people beyond the room's members: a DM's or
+    a private room's (`/msg`, `/join @`, `/leave @`, `/create`, `/invite`, `/remove`)."""
+    cmd = _BY_NAME.get(before[1:].split(" ", 1)[0].lower()) if before.startswith("/") else None
+    if cmd is None or " " not in before:
+        return False
+    if cmd.name in ("msg", "invite", "remove", "create"):
+        return True
+    return cmd.name in ("join", "leave") and before.split(" ", 1)[1].startswith(("@", "dm:"))
+
+
 _ROOM_COMMANDS = {_BY_NAME["join"], _BY_NAME["leave"], _BY_NAME["create"]}
+# A command's people being typed: `/msg bob, ca` (done "bob, ", part "ca"); `/join @bob,ca`.
+_GROUP = re.compile(r"/\S+ (?P<dm>@|dm:)?(?P<done>(?:[^\s,]+ *, *)*)(?P<part>[^\s,]*)")
 _DM_COMMANDS = {"msg", *_BY_NAME["msg"].aliases}
 
 

@@ -552,8 +552,7 @@ class ChatApp:
     def completions(self, before: str) -> list[tuple[str, int]]:
         conv = self.conversation
         nicks = [who(m) for m in conv.members] if conv else []
-        if before.lower().startswith(("/msg ", "/query ", "/dm ", "/invite ", "/remove ",
-                                      "/create ")):
+        if commands.wants_people(before):
             nicks += [who(m) for m in self.people()]
         rooms = self.known_rooms | {n for n in self.conversations if n != SEARCH}
         return commands.complete(before, rooms=rooms, nicks=nicks)
