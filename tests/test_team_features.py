@@ -260,6 +260,34 @@ async def test_a_topic_is_shown_on_join_with_who_set_it_and_changes_are_events(
     assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "max_topic_bytes" in e.details()
 
 
+async def test_a_topic_or_away_message_of_only_invisible_characters_is_none(
+        lab_chat: LabChat) -> None:
+    """They were stored and shown as "set the topic: " and nothing, which the README says
+    no text made only of invisible characters is (an attacker's run, 2026-11-24)."""
+    alice, bob, _ = await people(lab_chat)
+    await alice.set_topic("random", "a topic to hide")
+    watch = bob.stub.Join(hello_events("random"), metadata=bob.metadata)
+    assert (await first_of(watch, "welcome")).topic.text == "a topic to hide"
+    await first_of(watch, "replay_done")
+    await alice.set_topic("random", "\u200b\u2060 \ufeff")
+    (ev,) = await collect(watch, 1)
+    assert (ev.kind, ev.text) == (pb.MESSAGE_KIND_TOPIC, "")
+    away = pb.ClientEvent(away=pb.Away(away=True, message="\u200b\u200b"))
+    call = alice.stub.Join(hello_events("random", then=[away]), metadata=alice.metadata)
+
+    async def away_event() -> pb.Presence:
+        async for ev in watch:
+            if ev.WhichOneof("event") == "presence" and \
+                    ev.presence.kind == pb.PRESENCE_KIND_AWAY:
+                return ev.presence
+        raise AssertionError("stream ended")
+
+    p = await asyncio.wait_for(away_event(), 10)
+    assert (p.who.login, p.away_message) == (ALICE, "")
+    for c in (call, watch):
+        c.cancel()
+
+
 async def test_search_pages_filters_by_author_and_orders_newest_first(lab_chat: LabChat) -> None:
     alice, bob, _ = await people(lab_chat)
     for i in range(5):
