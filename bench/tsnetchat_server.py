@@ -60,7 +60,10 @@ async def main() -> None:
         "state_dir": state, "listen": "127.0.0.1", "port": args.port, "rate_burst": 10**9,
         "rate_per_second": 1e9, "call_burst": 10**9, "call_rate": 1e9,
         "max_rooms_per_client": 10**6, "subscriber_queue": 8192, "history_on_join": 0,
-        "retention_count": 0, "metrics_port": args.metrics_port or None})
+        "retention_count": 0, "metrics_port": args.metrics_port or None,
+        # every subscriber is one device here: the guard sweeps (its cost is measured) and
+        # never closes one
+        "max_connections_per_device": 10**6})
     server = Server(cfg, tailnet=BenchTailnet(), owns_process=True)  # as `tsnetchat serve`
     await server.start()
     tok, _ = auth.issue_token(cfg.key_path.read_bytes().strip(), BENCH.login, ["*"],

@@ -104,6 +104,9 @@ class ServerConfig(Limits):
     # Seconds between re-asking tailscaled about every device with an open stream: the
     # backstop for changes it does not announce on its IPN bus (see gate.py).
     recheck_interval: float = 10.0
+    # Connections one device may hold open at once (with calls or without: connguard.py);
+    # 0 = no limit. A chat or a script uses one or two.
+    max_connections_per_device: int = 64
     token_ttl_hours: float = 24.0 * 30  # `tsnetchat token issue` without --ttl
     # Self-service tokens (`tsnetchat login`, enroll.py): "off", "grant" (people with a tailnet
     # grant of cap_name) or "any" (every tailnet user). Off unless the admin opts in.
@@ -380,7 +383,7 @@ def _validate(cfg: ServerConfig, where: Callable[[str], str]) -> None:
     if cfg.max_dm_members < 2:
         raise bad("max_dm_members", "must be at least 2")
     for name in ("history_on_join", "retention_count", "retention_days", "shutdown_grace",
-                 "edit_window_seconds"):
+                 "edit_window_seconds", "max_connections_per_device"):
         if getattr(cfg, name) < 0:
             raise bad(name, "must not be negative")
     if not re.fullmatch(r"[a-z0-9.-]+\.[a-z]{2,}", cfg.cap_domain):

@@ -53,6 +53,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from . import auth
+from .connguard import remote
 from .errors import (
     InvalidInput,
     LimitExceeded,
@@ -546,6 +547,30 @@ class Gate:
 
     def leases(self) -> int:
         return len(self._leases)
+
+    # for the connection guard (connguard.py) ---------------------------------------------
+
+    def connections(self) -> dict[tuple[str, int], str]:
+        """The device of each connection with calls whose device is known: (host, port), as
+        ``connguard.remote`` spells it, -> the device's name."""
+        out = {}
+        for conn in self._conns.values():
+            if conn.who is not None:
+                with contextlib.suppress(ValueError):
+                    out[remote(*parse_grpc_peer(conn.peer))] = _device_name(conn.who)
+        return out
+
+    async def device(self, addr: str) -> str:
+        """The name of the device behind ``addr``; "" when tailscaled does not know it or
+        does not answer in time (``WHOIS_SLOTS`` at a time, as for calls)."""
+        try:
+            return _device_name(await asyncio.wait_for(self._lookup(addr), self.whois_timeout))
+        except (TailnetError, TimeoutError):
+            return ""
+
+
+def _device_name(who: WhoIs) -> str:
+    return f"{who.node_name or who.node_id} ({who.login})"
 
 
 def _retrieve(task: asyncio.Task[WhoIs]) -> None:

@@ -34,6 +34,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from . import auth, enroll
 from .cluster import ClusterHistory
 from .config import DEFAULT_PORT, Limits, ServerConfig, parse_listen, settings
+from .connguard import ConnectionGuard, raise_file_limit
 from .errors import ConfigError, StoreError, TailnetError, TsnetchatError
 from .gate import Gate, Policy
 from .hub import Hub, Pacing
@@ -251,12 +252,15 @@ class Server:
             pb.DESCRIPTOR.services_by_name["Chat"].full_name, health.SERVICE_NAME,
             reflection.SERVICE_NAME))
         gate = self.gate
+        self.guard = ConnectionGuard(cfg.max_connections_per_device, gate.connections,
+                                     gate.device)
         for name, fn in [("subscribers", lambda: float(self.hub.counts()[1])),
                          ("leases", lambda: float(gate.leases())),
                          ("whois_lookups_total", lambda: float(gate.whois_calls)),
                          ("rechecks_total", lambda: float(gate.rechecks)),
                          ("lease_failures_total", lambda: float(gate.lease_failures)),
                          ("refusals_throttled_total", lambda: float(gate.throttled)),
+                         ("connections_closed_total", lambda: float(self.guard.closed)),
                          ("loop_busy", lambda: self.load.value)]:
             self.metrics.gauge(name, fn)
         # Set by start(): what tailscaled said, where we listen.
@@ -334,9 +338,15 @@ class Server:
                        asyncio.create_task(self._follow_tailnet()),
                        asyncio.create_task(self._revocation_loop()),
                        asyncio.create_task(self._retention_loop())]
+        if cfg.max_connections_per_device:
+            self._tasks.append(asyncio.create_task(self.guard.run(self.ports)))
         if cfg.metrics_port:
             await self._start_metrics()
         if self.owns_process:
+            files = raise_file_limit()
+            if files < 4096:
+                log.warning("this process may open only %d files, and each connection is one: "
+                            "raise LimitNOFILE (the units set 65536) or ulimit -n", files)
             if cfg.batch_helper_threads:
                 log.debug("%d helper threads set to SCHED_BATCH",
                           yield_helper_threads(keep=self.store.thread_ids()))

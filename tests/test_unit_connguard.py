@@ -1,0 +1,92 @@
+"""The connection guard's pure parts (connguard.py): the kernel's table of connections read
+right, real sockets shut down by inode, the newest of a device's connections beyond the
+limit chosen. Proven against the real lab in test_security_connections.py."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from tsnetchat import connguard
+from tsnetchat.connguard import ConnectionGuard, established, shut
+
+HEAD = ("  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  "
+        "timeout inode\n")
+
+
+def row(local: str, peer: str, state: str, inode: int) -> str:
+    return (f"   0: {local} {peer} {state} 00000000:00000000 00:00000000 00000000     0        "
+            f"0 {inode} 1 0000000000000000 100 0 0 10 0\n")
+
+
+def test_established_connections_on_the_servers_port_are_read_with_their_peers(
+        tmp_path: Path) -> None:
+    # 127.0.0.1:50051 <- 100.64.0.2:40000 (established); the listener; another port's
+    (tmp_path / "tcp").write_text(HEAD + row("0100007F:C383", "02004064:9C40", "01", 11)
+                                  + row("0100007F:C383", "00000000:0000", "0A", 12)
+                                  + row("0100007F:1F90", "02004064:9C41", "01", 13))
+    # [fd7a:115c:a1e0::2]:40002 -> [::1]:50051, and an IPv4-mapped peer ::ffff:100.64.0.3
+    (tmp_path / "tcp6").write_text(
+        HEAD + row("00000000000000000000000001000000:C383",
+                   "5C117AFD0000E0A10000000002000000:9C42", "01", 21)
+        + row("00000000000000000000000001000000:C383",
+              "0000000000000000FFFF000003004064:9C43", "01", 22))
+    assert established(tmp_path, [50051]) == {
+        11: ("100.64.0.2", 40000), 21: ("fd7a:115c:a1e0::2", 40002), 22: ("100.64.0.3", 40003)}
+    assert established(tmp_path, [8080]) == {13: ("100.64.0.2", 40001)}
+    assert connguard.remote("::ffff:100.64.0.3", 1) == ("100.64.0.3", 1)
+
+
+def test_a_real_socket_is_shut_down_by_its_inode_and_its_peer_sees_the_end() -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname())
+    accepted, _ = listener.accept()
+    kept = socket.create_connection(listener.getsockname())
+    try:
+        assert shut([os.fstat(accepted.fileno()).st_ino], Path("/proc/self/fd")) == 1
+        client.settimeout(5)
+        assert client.recv(1) == b""  # the end, at once
+        kept.settimeout(0.2)
+        try:
+            kept.recv(1)
+            raise AssertionError("the other connection was shut too")
+        except TimeoutError:
+            pass
+        assert shut([1 << 40], Path("/proc/self/fd")) == 0  # (no such socket: nothing)
+    finally:
+        for s in (listener, client, accepted, kept):
+            s.close()
+
+
+async def test_the_newest_connections_of_a_device_over_the_limit_are_the_ones_shut(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    conns = {i: ("127.0.0.1", 40000 + i) for i in range(1, 6)}
+    tables = [dict(list(conns.items())[:3]), conns, conns]  # 4 and 5 arrive later
+    asked: list[str] = []
+    shut_down: list[list[int]] = []
+
+    async def device_of(addr: str) -> str:
+        asked.append(addr)
+        return "" if addr.endswith(":40005") else "mallory-laptop"
+
+    guard = ConnectionGuard(2, lambda: {("127.0.0.1", 40001): "mallory-laptop"}, device_of,
+                            net_dir=tmp_path, fd_dir=tmp_path)
+    guard_established = iter(tables)
+    monkeypatch.setattr(connguard, "established", lambda net, ports: next(guard_established))
+
+    def record(inodes: list[int], fd_dir: Path) -> int:
+        shut_down.append(sorted(inodes))
+        return len(inodes)
+
+    monkeypatch.setattr(connguard, "shut", record)
+    assert await guard.sweep([50051]) == 0  # 1 known from its call; 2, 3 seen once
+    assert asked == [] and shut_down == []
+    assert await guard.sweep([50051]) == 1  # 2, 3 asked about: mallory holds 1, 2, 3
+    assert sorted(asked) == ["127.0.0.1:40002", "127.0.0.1:40003"]
+    assert shut_down == [[3]]
+    await guard.sweep([50051])  # 4 (mallory's) and 5 (not tailscaled's) asked about
+    assert shut_down[-1] == [3, 4]  # the oldest two kept; 5 is held to its address alone
+    assert guard.closed == 3

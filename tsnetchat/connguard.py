@@ -1,0 +1,188 @@
+"""A limit on the connections one device holds open (``max_connections_per_device``).
+
+A tailnet peer needs no token to open a TCP connection to the server and speak HTTP/2 on it:
+gRPC keeps such a connection for as long as its pings are answered, and the gate, which runs
+when a call arrives, never sees one that makes no call. 1,050 of them from one device, each
+a file descriptor, left a server at systemd's default limit (1,024) unable to accept anyone,
+with nothing in its log (an attacker's run over the lab, 2026-11-24). gRPC has no limit per
+peer, so this module keeps one. Every ``SWEEP_SECONDS`` it reads the process's established
+TCP connections on the server's ports (``/proc/self/net/tcp`` and ``tcp6``), learns each
+one's device (from the gate for a connection with calls; from WhoIs, once, for one seen in
+two sweeps without any), and shuts down the newest of a device's connections beyond the
+limit (``shutdown(2)`` on the socket: gRPC sees the connection end and closes it). A
+connection tailscaled does not know counts against its address.
+
+The units also raise the file limit (``LimitNOFILE``), so that what a device opens between
+two sweeps cannot use up the descriptors either.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import resource
+import socket
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Collection, Iterable
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SWEEP_SECONDS = 2.0
+SAY_EVERY = 60.0  # seconds between two log lines about one device
+
+Remote = tuple[str, int]  # (host as ipaddress writes it, port)
+
+
+def remote(host: str, port: int) -> Remote:
+    """``host`` as ipaddress writes it (IPv4 for an IPv4-mapped IPv6 address), with ``port``:
+    one spelling for gRPC's peer and the kernel's table."""
+    ip = ipaddress.ip_address(host.split("%", 1)[0])
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return (str(mapped or ip), port)
+
+
+def _address(hexed: str) -> Remote:
+    """A ``/proc/net/tcp{,6}`` address (``0100007F:C35F``: 32-bit words in host order)."""
+    ip_hex, _, port_hex = hexed.partition(":")
+    raw = bytes.fromhex(ip_hex)
+    ip = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))  # (little-endian hosts)
+    return remote(str(ipaddress.ip_address(ip)), int(port_hex, 16))
+
+
+def established(net_dir: Path, ports: Collection[int]) -> dict[int, Remote]:
+    """The established TCP connections whose local port is one of ``ports``: socket inode ->
+    the peer's address."""
+    ends = tuple(f":{p:04X}" for p in ports)
+    found: dict[int, Remote] = {}
+    for name in ("tcp", "tcp6"):
+        try:
+            lines = (net_dir / name).read_text().splitlines()[1:]
+        except OSError:
+            continue  # (no IPv6 in this kernel)
+        for line in lines:
+            f = line.split()
+            if len(f) > 9 and f[3] == "01" and f[1].endswith(ends):
+                found[int(f[9])] = _address(f[2])
+    return found
+
+
+def shut(inodes: Iterable[int], fd_dir: Path) -> int:
+    """Shut down this process's sockets with these inodes; how many were."""
+    wanted = set(inodes)
+    done = 0
+    for entry in os.listdir(fd_dir):
+        try:
+            target = os.readlink(fd_dir / entry)
+        except OSError:
+            continue  # (closed meanwhile)
+        if not target.startswith("socket:["):
+            continue
+        inode = int(target[8:-1])
+        if inode not in wanted:
+            continue
+        try:
+            s = socket.socket(fileno=os.dup(int(entry)))
+        except OSError:
+            continue
+        try:  # (the descriptor may have been closed and reused since it was read)
+            if os.fstat(s.fileno()).st_ino == inode:
+                s.shutdown(socket.SHUT_RDWR)
+                done += 1
+        except OSError:
+            pass
+        finally:
+            s.close()  # (our copy only; gRPC closes its own)
+    return done
+
+
+class ConnectionGuard:
+    """At most ``limit`` connections open from one device. ``devices`` says the device of
+    each connection with calls (``Gate.connections``); ``device_of`` asks tailscaled about
+    one without (``Gate.device``: "" when it does not know it)."""
+
+    def __init__(self, limit: int, devices: Callable[[], dict[Remote, str]],
+                 device_of: Callable[[str], Awaitable[str]], *,
+                 net_dir: Path = Path("/proc/self/net"), fd_dir: Path = Path("/proc/self/fd"),
+                 interval: float = SWEEP_SECONDS) -> None:
+        self.limit = limit
+        self._devices, self._device_of = devices, device_of
+        self.net_dir, self.fd_dir, self.interval = net_dir, fd_dir, interval
+        self.closed = 0  # connections shut down, for the metrics
+        self._sweeps = 0
+        self._first: dict[int, int] = {}  # inode -> the sweep that first saw it
+        self._device: dict[int, str] = {}  # inode -> its device, once known
+        self._said: dict[str, float] = {}  # device -> when its connections were last logged
+
+    async def run(self, ports: Collection[int]) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.sweep(ports)
+            except Exception:  # pragma: no cover - the next sweep tries again
+                log.exception("the connection guard's sweep failed")
+
+    async def sweep(self, ports: Collection[int]) -> int:
+        """One look at the connections; how many were shut down."""
+        conns = await asyncio.to_thread(established, self.net_dir, ports)
+        self._sweeps += 1
+        for gone in self._first.keys() - conns.keys():
+            del self._first[gone]
+            self._device.pop(gone, None)
+        with_calls = self._devices()
+        ask: list[tuple[int, Remote]] = []
+        for inode, peer in conns.items():
+            first = self._first.setdefault(inode, self._sweeps)
+            if inode in self._device:
+                continue
+            if with_calls.get(peer):
+                self._device[inode] = with_calls[peer]
+            elif first < self._sweeps:  # no call since the sweep before: ask tailscaled
+                ask.append((inode, peer))
+        if ask:
+            said = await asyncio.gather(*(self._device_of(_spelled(p)) for _, p in ask))
+            for (inode, peer), device in zip(ask, said, strict=True):
+                self._device[inode] = device or f"address {peer[0]}"
+        held: defaultdict[str, list[int]] = defaultdict(list)
+        for inode in conns:
+            if inode in self._device:
+                held[self._device[inode]].append(inode)
+        excess: list[int] = []
+        for device, inodes in held.items():
+            if len(inodes) > self.limit:
+                inodes.sort(key=lambda i: (self._first[i], i))  # the oldest are kept
+                excess += inodes[self.limit:]
+                now = time.monotonic()
+                if now - self._said.get(device, -SAY_EVERY) >= SAY_EVERY:
+                    self._said[device] = now  # (an attack goes on: a line a minute)
+                    log.warning("closing %d connection(s) of device %s: it held %d open at "
+                                "once, more than max_connections_per_device (%d)",
+                                len(inodes) - self.limit, device, len(inodes), self.limit)
+        if not excess:
+            return 0
+        done = await asyncio.to_thread(shut, excess, self.fd_dir)
+        self.closed += done
+        return done
+
+
+def raise_file_limit() -> int:
+    """The soft limit on open files raised to the hard one (systemd's default soft limit is
+    1,024: a device holding that many connections between two sweeps stops the server
+    accepting). The limit afterwards."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        want = hard if hard != resource.RLIM_INFINITY else 1 << 20
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (OSError, ValueError):  # (a seccomp filter refusing @resources: the unit's
+            pass                         # LimitNOFILE= has set it already)
+    return soft
+
+
+def _spelled(peer: Remote) -> str:
+    host, port = peer
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
