@@ -400,6 +400,15 @@ def test_a_closing_servers_hint_for_client_code_is_not_shown_to_people() -> None
     assert str(e) == "server shutting down" and e.retryable
 
 
+def test_a_damaged_servers_history_is_said_as_it_is_and_not_waited_for() -> None:
+    # (it read as "the server does not answer", exit 7: an operator's run, 2026-11-24)
+    said = "the history database /var/lib/tsnetchat/tsnetchat.db is damaged (...)"
+    e = from_status(grpc.StatusCode.DATA_LOSS, said, Where())
+    assert (str(e), e.retryable, e.exit_code) == (said, False, 1)
+    r = refusal(grpc.StatusCode.DATA_LOSS.value[0], said)
+    assert (str(r), r.retryable) == (said, False)
+
+
 def test_tailnet_errors_say_whether_waiting_helps() -> None:
     assert translate(LocalAPIUnavailable("no tailscaled")).retryable
     assert translate(TailnetNotReady("starting")).retryable

@@ -256,3 +256,47 @@ async def test_sends_refused_for_a_full_disk_are_not_strikes_and_the_stream_stay
     await until(lambda: out.settled("ok"), "the same stream is answered")
     assert out.acks == {"ok": 1} and not out.task.done()  # still open, and stored
     call.cancel()
+
+
+@pytest.mark.server_config(rate_burst=10**5, rate_per_second=1e5, call_burst=10**5,
+                           call_rate=1e5)
+async def test_a_server_started_on_a_damaged_database_says_so_and_answers_data_loss(
+        chat: Chat, caplog: pytest.LogCaptureFixture) -> None:
+    """It said "ready", refused sends with "send it again" (which cannot help) and reads as
+    "the server does not answer", and only `doctor` named the damage (an operator's run,
+    2026-11-24)."""
+    from tsnetchat.server import Server
+
+    alice = await chat.connect("alice@tailnet.test")
+    for i in range(300):
+        await alice.send_one("general", f"message {i} " + "words and more words " * 50)
+    await chat.server.stop(grace=0.5)
+    db = chat.cfg.db_path
+    page = int.from_bytes(db.read_bytes()[16:18], "big")
+    pages = db.stat().st_size // page
+    with db.open("r+b") as f:  # garbage over a tenth of the pages, in the middle
+        for n in range(pages * 6 // 10, pages * 7 // 10):
+            f.seek(n * page)
+            f.write(b"\xde\xad" * (page // 2))
+    with caplog.at_level(logging.ERROR, logger="tsnetchat.server"):
+        chat.server = Server(chat.cfg, tailnet=chat.net, pacing=chat.pacing)
+        await chat.server.start()
+        await until(lambda: any("is damaged" in r.getMessage() for r in caplog.records),
+                    "the start-up check says so")
+    said = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
+    assert said[0].startswith(f"the history database {db} is damaged ("), said
+    assert said[0].endswith("the server's operator must stop it and restore the last backup "
+                            "(`tsnetchat doctor` checks it; README, Troubleshooting)")
+    bob = await chat.connect("bob@tailnet.test")
+    assert await bob.send_one("general", "what is sound still works") == 301
+    codes = []
+    for before in range(25, 301, 25):
+        try:
+            await bob.history("general", limit=25, before=before)
+            codes.append(grpc.StatusCode.OK)
+        except grpc.aio.AioRpcError as e:
+            codes.append(e.code())
+            assert "is damaged" in (e.details() or "") and "send it again" not in (
+                e.details() or "")
+    assert grpc.StatusCode.DATA_LOSS in codes and set(codes) <= {
+        grpc.StatusCode.OK, grpc.StatusCode.DATA_LOSS}, codes

@@ -15,6 +15,7 @@ import pytest
 from tsnetchat.errors import (
     InvalidInput,
     LimitExceeded,
+    StoreDamaged,
     StoreError,
     TsnetchatError,
     Unconfirmed,
@@ -196,6 +197,35 @@ async def test_a_storage_failure_is_refused_as_not_stored_and_shown_to_nobody(
     assert isinstance(error, StoreError) and cmid == "c1" and retry_after > 0
     assert "database or disk is full; this message was not stored: send it again" in str(error)
     assert events(bob) == [] and events(alice) == []
+
+
+async def test_a_damaged_database_refuses_a_send_without_asking_for_it_again_and_logs_an_error(
+        world: World, caplog: pytest.LogCaptureFixture) -> None:
+    """"send it again" cannot help a damaged database, and a warning said too little (an
+    operator's run, 2026-11-24)."""
+    alice = world.member()
+    real = world.history._store._db
+
+    class Damaged:
+        def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+            if sql.startswith("INSERT INTO messages"):
+                e = sqlite3.DatabaseError("database disk image is malformed")
+                e.sqlite_errorcode = sqlite3.SQLITE_CORRUPT  # type: ignore[attr-defined]
+                raise e
+            return real.execute(sql, *args)
+
+    world.history._store._db = Damaged()  # type: ignore[assignment]
+    with caplog.at_level(logging.ERROR, logger="tsnetchat.ledger"):
+        world.ledger.send(alice, ALICE, "lost", 0, "c1")
+        await world.ledger.drain()
+    world.history._store._db = real
+    ((_, error, cmid, retry_after),) = world.refused
+    assert isinstance(error, StoreDamaged) and (cmid, retry_after) == ("c1", 0.0)
+    assert "is damaged (database disk image is malformed): the server's operator must stop " \
+        "it and restore the last backup" in str(error)
+    assert "send it again" not in str(error)
+    assert [r.levelno for r in caplog.records] == [logging.ERROR]
+    assert events(alice) == []
 
 
 async def test_once_stopped_sends_are_refused_as_not_stored_and_earlier_ones_finish(

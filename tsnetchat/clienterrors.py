@@ -147,6 +147,9 @@ def from_status(code: grpc.StatusCode, details: str, where: Where | None = None,
                            status=code)
     if code == S.NOT_FOUND:
         return ClientError(details or "not found", retryable=False, status=code)
+    if code == S.DATA_LOSS:  # (the server's history is damaged: waiting does not help)
+        return ClientError(details or f"{name}'s history is damaged", retryable=False,
+                           status=code)
     first = details.splitlines()[0][:200] if details else "no details"
     return ClientError(f"{name} failed to answer ({first})", retryable=True, status=code)
 

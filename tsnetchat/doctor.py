@@ -401,7 +401,7 @@ def _damaged(db_path: Path, state_dir: Path) -> str | None:
     else None. (A database with damaged pages passed every check: an operator's run,
     2026-11-23.) ``mode=rw``, not ``ro``: a read-only connection leaves the -wal and -shm
     files of a stopped server's database behind."""
-    from .store import SCHEMA_VERSION
+    from .store import SCHEMA_VERSION, quick_check
 
     if not os.path.lexists(db_path):
         return None
@@ -412,23 +412,10 @@ def _damaged(db_path: Path, state_dir: Path) -> str | None:
         return (f"{db_path} is empty (0 bytes): it was truncated or replaced, and the server "
                 f"will not start on it; restore the last backup (`sudo tsnetchat restore "
                 f"--state-dir {state_dir} BACKUP`)")
-    deadline = time.monotonic() + CHECK_FOR
-    try:
-        db = sqlite3.connect(f"file:{db_path}?mode=rw", uri=True, timeout=5)
-        try:
-            # (a large history's check could run for minutes, holding a snapshot that lets
-            # the WAL grow: stopped at the deadline, and then not judged)
-            db.set_progress_handler(lambda: time.monotonic() > deadline, 10_000)
-            version = int(db.execute("PRAGMA user_version").fetchone()[0])
-            found = [str(r[0]) for r in db.execute("PRAGMA quick_check")]
-        finally:
-            db.close()
-    except sqlite3.OperationalError as e:  # locked, busy, or stopped at the deadline
-        if "interrupted" in str(e) or "locked" in str(e) or "busy" in str(e):
-            return None
-        version, found = 0, [str(e)]
-    except sqlite3.DatabaseError as e:
-        version, found = 0, [str(e)]
+    checked = quick_check(db_path, CHECK_FOR)  # (not judged when it could not finish)
+    if checked is None:
+        return None
+    version, found = checked
     if found == ["ok"] and version > SCHEMA_VERSION:
         return (f"{db_path} was written by a newer tsnetchat (schema version {version}; this "
                 f"one understands up to {SCHEMA_VERSION}): the server will not start on it; "

@@ -20,6 +20,8 @@
     └── StoreError               the history database failed, or is not one we can use
         ├── StateDirInUse        another tsnetchat process (a server, a restore) holds the
         │                        state dir's lock
+        ├── StoreDamaged         the database file is damaged (SQLite: malformed, not a
+        │                        database): only a restore mends it; sending again cannot
         └── Unconfirmed          cluster mode: the cluster did not confirm a message in time;
                                  it may still appear (a resend with its client_msg_id is safe)
 
@@ -99,6 +101,11 @@ class StoreError(TsnetchatError):
 
 class StateDirInUse(StoreError):
     pass
+
+
+class StoreDamaged(StoreError):
+    """The history database is damaged (SQLite says malformed, or not a database): nothing
+    the client does helps, and the operator must restore the last backup."""
 
 
 class Unconfirmed(StoreError):

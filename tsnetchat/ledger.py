@@ -40,7 +40,14 @@ from functools import partial
 from typing import Protocol
 
 from . import codec, render
-from .errors import InvalidInput, LimitExceeded, StoreError, TsnetchatError, Unconfirmed
+from .errors import (
+    InvalidInput,
+    LimitExceeded,
+    StoreDamaged,
+    StoreError,
+    TsnetchatError,
+    Unconfirmed,
+)
 from .hub import Hub, Subscriber
 from .metrics import Metrics
 from .pb import chat_pb2 as pb
@@ -332,6 +339,10 @@ class Ledger:
             self._unconfirmed_log.log(log, logging.WARNING, "refusing messages: the cluster "
                                       "did not confirm them in time (%s)", outcome)
             self._refused(sub, client_msg_id, "unconfirmed", outcome, 1.0)
+            return
+        if isinstance(outcome, StoreDamaged):  # (no "send it again": only a restore helps)
+            self._storage_log.log(log, logging.ERROR, "refusing messages: %s", outcome)
+            self._refused(sub, client_msg_id, "storage", outcome)
             return
         if isinstance(outcome, StoreError):
             # Every send fails alike while the disk is full or the database locked: the

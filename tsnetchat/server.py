@@ -51,10 +51,12 @@ from .notify import Notifier
 from .pb import chat_pb2 as pb
 from .service import SERVICE_NAME, ChatService
 from .statedir import StateLock, secure_state_dir
-from .store import MAX_GROUP, SqliteHistory, Store
+from .store import MAX_GROUP, SqliteHistory, Store, damaged, quick_check
 from .tailnet import LocalAPI, Status, Tailnet, format_addr, wait_running
 
 log = logging.getLogger("tsnetchat.server")
+
+CHECK_AT_START = 60.0  # seconds the start-up quick_check may run (then it is not judged)
 
 # Health.Watch and reflection streams need no token (probes and tools have none). A held
 # Health.Watch cost about 21 KB (3,000 from plain loopback took the server from 70 to
@@ -338,6 +340,7 @@ class Server:
                        asyncio.create_task(self._follow_tailnet()),
                        asyncio.create_task(self._revocation_loop()),
                        asyncio.create_task(self._retention_loop())]
+        self._tasks.append(asyncio.create_task(self._check_database()))
         if cfg.max_connections_per_device:
             self._tasks.append(asyncio.create_task(self.guard.run(self.ports)))
         if cfg.metrics_port:
@@ -366,6 +369,17 @@ class Server:
                  "" if self.cfg.port == DEFAULT_PORT else f" --port {self.cfg.port}")
         self.progress(f"ready: MagicDNS name {name}, listening on {where}")
         self.notifier.send("READY=1", f"STATUS=serving on {where} as {name}")
+
+    async def _check_database(self) -> None:
+        """SQLite's quick_check once, on a thread while the server serves: one started on a
+        damaged database said "ready" and only warned, at every send, that the database
+        failed (an operator's run, 2026-11-24). A damaged one is an error in the journal,
+        with the way out, and in the unit's status; reads of what is sound go on."""
+        checked = await asyncio.to_thread(quick_check, self.cfg.db_path, CHECK_AT_START)
+        if checked is not None and checked[1] != ["ok"]:
+            log.error("%s", damaged(self.cfg.db_path, "; ".join(checked[1][:3])))
+            self.notifier.send("STATUS=the history database is damaged: restore the last "
+                               "backup (tsnetchat doctor)")
 
     def _name(self) -> str:
         return self.status.self_node.short_name if self.status else "the server"

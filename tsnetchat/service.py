@@ -29,6 +29,7 @@ from .errors import (
     LimitExceeded,
     LocalAPIUnavailable,
     PermissionDenied,
+    StoreDamaged,
     StoreError,
     TailnetError,
     TsnetchatError,
@@ -104,6 +105,8 @@ def status_for(e: BaseException) -> grpc.StatusCode:
         return grpc.StatusCode.INVALID_ARGUMENT
     if isinstance(e, LimitExceeded):
         return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if isinstance(e, StoreDamaged):  # (not UNAVAILABLE: nothing gets better by waiting)
+        return grpc.StatusCode.DATA_LOSS
     if isinstance(e, LocalAPIUnavailable | StoreError | Unavailable):
         return grpc.StatusCode.UNAVAILABLE
     return grpc.StatusCode.INTERNAL

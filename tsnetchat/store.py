@@ -54,7 +54,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
-from .errors import InvalidInput, PermissionDenied, StoreError, TsnetchatError
+from .errors import InvalidInput, PermissionDenied, StoreDamaged, StoreError, TsnetchatError
 from .loop import name_thread
 from .throttle import LogLimiter
 
@@ -445,6 +445,43 @@ def fts_query(text: str) -> str:
     return " ".join(f'"{w[:-1]}" *' if w.endswith("*") else f'"{w}"' for w in words)
 
 
+def _damaged(e: sqlite3.Error) -> bool:
+    return getattr(e, "sqlite_errorcode", 0) & 0xFF in (sqlite3.SQLITE_CORRUPT,
+                                                         sqlite3.SQLITE_NOTADB)
+
+
+def damaged(path: Path, e: object) -> StoreDamaged:
+    """A damaged database, for people: a server refused every send on one with "send it
+    again", which cannot help, and said it only as a warning (an operator's run,
+    2026-11-24)."""
+    return StoreDamaged(f"the history database {path} is damaged ({e}): the server's operator "
+                        "must stop it and restore the last backup (`tsnetchat doctor` checks "
+                        "it; README, Troubleshooting)")
+
+
+def quick_check(path: Path, within: float) -> tuple[int, list[str]] | None:
+    """SQLite's quick_check of the database at ``path`` (it writes nothing) and its schema
+    version: ``["ok"]`` when sound, what it found otherwise. None when it could not finish
+    within ``within`` seconds (a large history's check holds a snapshot that lets the WAL
+    grow) or the database was locked. ``mode=rw``, not ``ro``: a read-only connection leaves
+    the -wal and -shm files of a stopped server's database behind."""
+    deadline = time.monotonic() + within
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=5)
+        try:
+            db.set_progress_handler(lambda: time.monotonic() > deadline, 10_000)
+            version = int(db.execute("PRAGMA user_version").fetchone()[0])
+            return version, [str(r[0]) for r in db.execute("PRAGMA quick_check")]
+        finally:
+            db.close()
+    except sqlite3.OperationalError as e:  # locked, busy, or stopped at the deadline
+        if "interrupted" in str(e) or "locked" in str(e) or "busy" in str(e):
+            return None
+        return 0, [str(e)]
+    except sqlite3.DatabaseError as e:
+        return 0, [str(e)]
+
+
 def _locked(e: sqlite3.Error) -> bool:
     return isinstance(e, sqlite3.OperationalError) and (
         "locked" in str(e) or "busy" in str(e))
@@ -605,6 +642,8 @@ class Store:
                                            timeout=timeout)
                 self._open_for_writing(fsync)
         except sqlite3.Error as e:
+            if _damaged(e):
+                raise damaged(path, e) from e
             raise StoreError(f"cannot open history database {path}: {e}{_full(path)}") from e
         except OSError as e:
             raise StoreError(f"cannot create history database {path}: {e.strerror}"
@@ -727,6 +766,8 @@ class Store:
         """``e`` for people; a lock held too long says by what, and that nothing changed (a
         bare "database is locked" left `token issue` unclear on both: an operator's run,
         2026-11-24)."""
+        if _damaged(e):
+            return damaged(self.path, e)
         if _locked(e):
             return StoreError(
                 f"history database error: {e}: another process has held {self.path}'s write "
@@ -776,7 +817,7 @@ class Store:
         except sqlite3.Error as e:
             if _locked(e):
                 raise
-            raise StoreError(f"history database error: {e}") from e
+            raise self._error(e) from e
 
     def write_one(self, draft: Draft, timeout: float) -> Written | Refused | None:
         """Store one message into a room and from a sender already known, as one statement
@@ -793,7 +834,7 @@ class Store:
             self._rooms[draft.room] = room
             if _locked(e):
                 raise
-            raise StoreError(f"history database error: {e}") from e
+            raise self._error(e) from e
         self._count(1)
         return w
 
@@ -810,7 +851,7 @@ class Store:
             self._rooms = before
             self._senders.clear()
             if isinstance(e, sqlite3.Error):
-                raise StoreError(f"history database error: {e}") from e
+                raise self._error(e) from e
             raise
         self._count(len(out))
         return out
@@ -1086,9 +1127,9 @@ class Store:
             ).fetchall())
         except sqlite3.OperationalError as e:
             if "no such table" not in str(e):
-                raise StoreError(f"history database error: {e}") from e
+                raise self._error(e) from e
         except sqlite3.Error as e:
-            raise StoreError(f"history database error: {e}") from e
+            raise self._error(e) from e
         return [(seqs.get(m.id, 0), m) for m in blanked]
 
     def to_erase(self) -> list[int]:
@@ -1099,7 +1140,7 @@ class Store:
         except sqlite3.OperationalError as e:
             if "no such table" in str(e):
                 return []
-            raise StoreError(f"history database error: {e}") from e
+            raise self._error(e) from e
 
     def erased(self, seq: int) -> None:
         """The source confirmed ``seq`` erased (or gone already): no longer ``to_erase``."""
@@ -1123,7 +1164,7 @@ class Store:
         except sqlite3.OperationalError as e:
             if "no such table" in str(e):
                 return 0
-            raise StoreError(f"history database error: {e}") from e
+            raise self._error(e) from e
         return int(row[0]) if row else 0
 
     def find_resends(self, room: str, keys: Sequence[tuple[str, str]]
@@ -1180,7 +1221,7 @@ class Store:
                         (rid, upto)).fetchone():
                     plan.append((rid, upto))
         except sqlite3.Error as e:
-            raise StoreError(f"history database error: {e}") from e
+            raise self._error(e) from e
         if not plan:
             return 0
         deleted = 0
@@ -1359,7 +1400,7 @@ class Store:
                 "SELECT seq FROM w ORDER BY score, seq DESC LIMIT ? OFFSET ?",
                 (args[0], limit, offset))]
         except sqlite3.Error as e:
-            raise StoreError(f"history database error: {e}") from e
+            raise self._error(e) from e
         finally:
             with contextlib.suppress(sqlite3.Error):
                 rk.execute("ROLLBACK")
