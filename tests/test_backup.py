@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import sqlite3
 import stat
@@ -356,3 +357,38 @@ async def test_tail_does_not_say_nothing_missed_when_the_history_was_restored(
         await asyncio.gather(task, return_exceptions=True)
     assert any("restored from a backup" in line or "ends at message" in line for line in err)
     assert not [line for line in err if "nothing missed" in line], err
+
+
+async def test_tail_json_says_restart_so_a_reader_forgets_the_ids_it_saw(
+        chat: Chat, tmp_path: Path) -> None:
+    """After a restore the ids after the backup name other messages, and `tail --json` went
+    from id 93 back to 14 with nothing between (the notice went to stderr only), so a script
+    skipping ids it had seen dropped the new ones (an operator's run, 2026-11-24)."""
+    copy = await backup_then_more(chat, tmp_path, at=5, last=10)
+    out: list[str] = []
+    task = asyncio.ensure_future(clientcmds.tail(
+        link_as(chat, "bob@tailnet.test"), "general", after=0, new=False, count=0,
+        json_out=True, echo=out.append, warn=lambda line: None))
+
+    def seen() -> list[dict[str, object]]:
+        return [json.loads(line) for line in out]
+
+    try:
+        await until(lambda: any(r.get("text") == "old9" for r in seen()), "the tail shows old9")
+        await restart_with(chat, copy)
+        alice = await chat.connect("alice@tailnet.test")
+        await alice.send_one("general", "new0")
+        await until(lambda: any(r.get("text") == "new0" for r in seen()), "the tail shows new0")
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    kinds = [r["type"] for r in seen()]
+    restart = kinds.index("restart")
+    assert kinds.count("restart") == 1 and kinds.count("live") == 2, kinds
+    assert kinds.index("live") < restart < len(kinds) - 1 - kinds[::-1].index("live")
+    (said,) = [r for r in seen() if r["type"] == "restart"]
+    assert said["room"] == "general" and "restored from a backup" in str(said["reason"])
+    after = [r for r in seen()[restart:] if r["type"] == "message"]
+    new0 = [r["id"] for r in after if r["text"] == "new0"]
+    assert len(new0) == 1 and new0[0] in [r["id"] for r in seen()[:restart]
+                                          if r["type"] == "message"]  # (an id seen before)

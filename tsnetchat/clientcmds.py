@@ -9,7 +9,9 @@ options and calls these. Each uses one ``client.Link`` and raises only ``ClientE
   sender's tailnet login, ``name`` the display name, ``kind`` ``"text"`` or ``"action"``;
 * `history` prints one JSON array of messages, oldest first;
 * `tail` prints one JSON object per line: messages, and once ``{"type": "live", "room",
-  "last_id"}`` between the backlog and what arrives live;
+  "last_id"}`` between the backlog and what arrives live; ``{"type": "restart", "room",
+  "reason"}`` when the server's history was replaced (a restore): what was printed before
+  may be printed again, or differ, ids included; then the backlog and ``live`` again;
 * `send` prints ``{"id", "room"}``; `whoami` an object.
 """
 
@@ -300,6 +302,10 @@ async def tail(link: Link, room: str, *, after: int | None, new: bool, count: in
                     warn(f"reconnected after {reconnected:.0f}s")
                     reconnected = None
                 warn(ev.text)
+                if json_out:  # (a reader keeping ids seen had no sign that they now name
+                    # other messages: ids after a restore were new ones; an operator's run,
+                    # 2026-11-24)
+                    echo(json.dumps({"type": "restart", "room": room, "reason": ev.text}))
             elif ev.kind == "fatal" and ev.error is not None:
                 raise ev.error
     finally:
