@@ -136,7 +136,8 @@ def setup_logging(level: str) -> None:
 # Options shared by server-side commands. None = not given on the command line.
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file "
                                                 "(default /etc/tsnetchat/config.toml if present)")]
-StateOpt = Annotated[Path | None, typer.Option(help="State directory (history, key).")]
+StateOpt = Annotated[Path | None, typer.Option(
+    help="State directory (history, key).", readable=False)]  # (ours says "try sudo")
 SocketOpt = Annotated[str | None, typer.Option(help="tailscaled LocalAPI socket.")]
 
 
