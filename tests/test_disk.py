@@ -300,3 +300,27 @@ async def test_a_server_started_on_a_damaged_database_says_so_and_answers_data_l
                 e.details() or "")
     assert grpc.StatusCode.DATA_LOSS in codes and set(codes) <= {
         grpc.StatusCode.OK, grpc.StatusCode.DATA_LOSS}, codes
+
+
+def test_a_first_start_on_a_full_disk_says_so_and_leaves_no_empty_key(tmp_path: Path) -> None:
+    """It said "unexpected OSError: [Errno 28] ... a bug in tsnetchat" and left an empty
+    jwt.key behind (an operator's run, 2026-11-24)."""
+    if not shutil.which("unshare") or subprocess.run(
+            ["unshare", "-m", "true"], capture_output=True).returncode:
+        need("a mount namespace (unshare -m, as root)", "the full-disk test mounts a tmpfs")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    cli = shlex.quote(str(Path(sys.executable).with_name("tsnetchat")))
+    d = shlex.quote(str(disk))
+    proc = subprocess.run(
+        ["unshare", "-m", "sh", "-c",
+         f"mount -t tmpfs -o size=1m tmpfs {d} && (dd if=/dev/zero of={d}/fill bs=4k "
+         f"2>/dev/null; true) && {cli} serve --state-dir {d}/state --socket {d}/no.sock; "
+         f"echo exit $?; ls -A {d}/state"],
+        capture_output=True, text=True, timeout=60)
+    assert f"error: cannot write the signing key {disk}/state/jwt.key: No space left on device " \
+        f"(the disk holding {disk}/state has 0 bytes free: free some space, then start " \
+        f"again)" in proc.stderr, proc.stderr
+    assert "bug" not in proc.stderr and "Traceback" not in proc.stderr
+    lines = proc.stdout.split()
+    assert lines[:2] == ["exit", "8"] and "jwt.key" not in lines, proc.stdout

@@ -21,6 +21,7 @@ Contracts:
 from __future__ import annotations
 
 import base64
+import contextlib
 import difflib
 import json
 import os
@@ -36,8 +37,8 @@ import jwt
 
 from . import render
 from .config import ROOM_RE
-from .errors import ConfigError, InvalidInput, PermissionDenied, Unauthenticated
-from .statedir import give_to_server, open_nofollow, read_key
+from .errors import ConfigError, InvalidInput, PermissionDenied, StoreError, Unauthenticated
+from .statedir import full_disk_hint, give_to_server, open_nofollow, read_key
 from .tailnet import WhoIs
 
 ALGORITHM = "HS256"
@@ -59,14 +60,25 @@ HEADER = frozenset({"alg", "typ"})
 def load_or_create_key(path: Path) -> bytes:
     """Return the signing key, creating it (0600) on first use; ConfigError as ``read_key``."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    try:
-        fd = open_nofollow(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-    except FileExistsError:
-        pass
-    else:
-        with os.fdopen(fd, "wb") as f:
-            f.write(secrets.token_bytes(32).hex().encode())
-            give_to_server(f.fileno(), path.parent)
+    if not os.path.lexists(path):
+        # Written aside and linked into place whole: on a full disk the key was left empty,
+        # and the error said "unexpected OSError ... a bug" (an operator's run, 2026-11-24).
+        tmp = path.with_name(path.name + ".new")
+        try:
+            tmp.unlink(missing_ok=True)
+            with os.fdopen(open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL), "wb") as f:
+                f.write(secrets.token_bytes(32).hex().encode())
+                f.flush()
+                os.fsync(f.fileno())
+                give_to_server(f.fileno(), path.parent)
+            with contextlib.suppress(FileExistsError):  # (another process's came first)
+                os.link(tmp, path)
+        except OSError as e:
+            raise StoreError(f"cannot write the signing key {path}: {e.strerror}"
+                             f"{full_disk_hint(path)}") from None
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
     return read_key(path)
 
 

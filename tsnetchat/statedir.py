@@ -20,6 +20,7 @@ import errno
 import fcntl
 import logging
 import os
+import shutil
 import stat
 from collections.abc import Iterable
 from pathlib import Path
@@ -169,6 +170,19 @@ def _private(path: Path, mode: int, what: str, *, follow: bool = False) -> None:
 LOCK_NAME = "tsnetchat.lock"
 
 
+def full_disk_hint(path: Path) -> str:
+    """A hint for an error while writing ``path``: the disk is full (SQLite says only "disk
+    I/O error" when it cannot make its -shm file); "" when it is not."""
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        return ""
+    if free >= 1024 * 1024:
+        return ""
+    return (f" (the disk holding {path.parent} has {free} bytes free: free some space, "
+            "then start again)")
+
+
 class StateLock:
     """The state dir's lock (see the module doc), held until ``release`` (or the process
     ends). ``what`` ("server", "restore") is written into the file for the next one's error
@@ -195,7 +209,11 @@ class StateLock:
                 f"the state dir {state_dir} is in use by another tsnetchat process "
                 f"({holder or 'unknown'}); stop it first (systemctl stop tsnetchat)") from None
         os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, f"{what}, pid {os.getpid()}".encode(), 0)
+        # Only words for the next one's error: on a full disk (ENOSPC here was "unexpected
+        # OSError ... a bug" at a first start; an operator's run, 2026-11-24) the lock is held
+        # without them, and opening the database says what is wrong.
+        with contextlib.suppress(OSError):
+            os.pwrite(self._fd, f"{what}, pid {os.getpid()}".encode(), 0)
 
     def release(self) -> None:
         if self._fd is not None:

@@ -41,7 +41,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import sqlite3
 import threading
 import time
@@ -56,6 +55,7 @@ from typing import Any, NamedTuple, TypeVar
 
 from .errors import InvalidInput, PermissionDenied, StoreDamaged, StoreError, TsnetchatError
 from .loop import name_thread
+from .statedir import full_disk_hint
 from .throttle import LogLimiter
 
 log = logging.getLogger("tsnetchat.store")
@@ -544,19 +544,6 @@ def _refuse_empty(path: Path) -> None:
             "with an empty history")
 
 
-def _full(path: Path) -> str:
-    """A hint for an error while opening: the disk is full (SQLite says only "disk I/O
-    error" when it cannot make its -shm file)."""
-    try:
-        free = shutil.disk_usage(path.parent).free
-    except OSError:
-        return ""
-    if free >= 1024 * 1024:
-        return ""
-    return (f" (the disk holding {path.parent} has {free} bytes free: free some space, "
-            "then start again)")
-
-
 class _Checkpointer(threading.Thread):
     """Runs ``PRAGMA wal_checkpoint(PASSIVE)`` on its own connection each time it is asked.
     PASSIVE never blocks the writer; SQLite restarts the WAL from its beginning once a
@@ -644,10 +631,11 @@ class Store:
         except sqlite3.Error as e:
             if _damaged(e):
                 raise damaged(path, e) from e
-            raise StoreError(f"cannot open history database {path}: {e}{_full(path)}") from e
+            raise StoreError(f"cannot open history database {path}: {e}"
+                             f"{full_disk_hint(path)}") from e
         except OSError as e:
             raise StoreError(f"cannot create history database {path}: {e.strerror}"
-                             f"{_full(path)}") from e
+                             f"{full_disk_hint(path)}") from e
         self._appends = 0
         self.purge_due = False  # a deletion committed: run ``purge`` (the writer thread)
         self.unindexed = False  # messages written since the last ``index_pending``
@@ -1456,9 +1444,9 @@ class Store:
             dest.unlink(missing_ok=True)
             if isinstance(e, sqlite3.Error):
                 raise StoreError(f"cannot copy the history database {self.path} to {dest}: "
-                                 f"{e}{_full(dest)}") from e
+                                 f"{e}{full_disk_hint(dest)}") from e
             if isinstance(e, OSError):
-                raise StoreError(f"cannot write {dest}: {e.strerror}{_full(dest)}") from e
+                raise StoreError(f"cannot write {dest}: {e.strerror}{full_disk_hint(dest)}") from e
             raise
 
     # tokens -------------------------------------------------------------------------
