@@ -156,3 +156,24 @@ def test_with_this_machines_tailscaled_stopped_the_headline_says_so(tmp_path: Pa
     assert out.returncode == 4, out.stderr
     assert out.stderr.startswith("error: cannot find 'nosuchhost-zz': this machine's "
                                  "tailscaled does not answer (is it running?"), out.stderr
+
+
+def test_a_peer_tailscaled_never_saw_is_offline_since_never_not_since_the_year_1() -> None:
+    """Go's zero time showed as "last seen 0001-01-01T00:00:00Z" (an operator's run)."""
+    from tsnetchat.discovery import find_peer
+    from tsnetchat.errors import TailnetError
+    from tsnetchat.tailnet import PeerInfo, Status
+
+    def peer(last_seen: str) -> PeerInfo:
+        return PeerInfo(host_name="chat-server", dns_name="chat-server.example.ts.net.",
+                        ips=("100.64.0.1",), online=False, last_seen=last_seen, login="",
+                        node_id="n1")
+
+    me = PeerInfo(host_name="me", dns_name="me.example.ts.net.", ips=("100.64.0.2",),
+                  online=True, last_seen="", login="", node_id="n2")
+    for seen, said in (("0001-01-01T00:00:00Z", "never"), ("", "never"),
+                       ("2026-11-24T09:00:00Z", "2026-11-24T09:00:00Z")):
+        status = Status(backend_state="Running", tun=True, self_node=me, peers=(peer(seen),),
+                        magic_dns_suffix="example.ts.net", magic_dns_enabled=True)
+        with pytest.raises(TailnetError, match=rf"offline \(last seen {said}\)"):
+            find_peer(status, "chat-server")

@@ -33,6 +33,8 @@ def test_precedence_is_defaults_then_file_then_env_then_flags(tmp_path: Path) ->
 
 @pytest.mark.parametrize("source,expect", [
     ({"flags": {"port": 70000}}, "--port: 70000 is not a TCP port"),
+    ({"flags": {"metrics_port": 99999}}, "--metrics-port: 99999 is not a TCP port (1-65535)"),
+    ({"flags": {"metrics_port": 50051}}, "--metrics-port: must be a free TCP port other than"),
     ({"env": {"TSNETCHAT_PORT": "abc"}}, "TSNETCHAT_PORT: invalid value 'abc'"),
     ({"env": {"TSNETCHAT_REQUIRE_GRANT": "maybe"}}, "expected true or false"),
     ({"flags": {"listen": "0.0.0.0"}}, "--listen: 0.0.0.0 would listen on every interface"),

@@ -416,7 +416,9 @@ def _validate(cfg: ServerConfig, where: Callable[[str], str]) -> None:
         raise bad("cluster_wait", "must be greater than 0")
     if cfg.cluster_replicas not in (1, 3, 5):
         raise bad("cluster_replicas", "must be 1, 3 or 5 (a quorum of an odd number of copies)")
-    if cfg.metrics_port and (cfg.metrics_port == cfg.port or not 1 <= cfg.metrics_port <= 65535):
+    if cfg.metrics_port and not 1 <= cfg.metrics_port <= 65535:  # (it said "other than
+        raise bad("metrics_port", f"{cfg.metrics_port} is not a TCP port (1-65535)")  # --port")
+    if cfg.metrics_port and cfg.metrics_port == cfg.port:
         raise bad("metrics_port", "must be a free TCP port other than --port")
 
 

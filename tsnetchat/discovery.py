@@ -174,7 +174,10 @@ def find_peer(status: Status, name: str) -> PeerInfo:
         if (ip and ip in p.ips) or want in (_norm(p.dns_name), p.short_name.lower(),
                                             p.host_name.lower()):
             if p is not status.self_node and not p.online:
-                seen = p.last_seen or "never"
+                # (Go's zero time when tailscaled never saw it: "last seen 0001-01-01T00:00:00Z",
+                # an operator's run, 2026-11-24)
+                seen = p.last_seen if p.last_seen and not p.last_seen.startswith("0001-") \
+                    else "never"
                 raise TailnetError(f"{p.short_name} is on the tailnet but offline (last seen "
                                    f"{seen}); is the server's machine up?")
             return p
