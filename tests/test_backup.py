@@ -182,6 +182,27 @@ def test_a_restore_into_a_state_dir_that_is_a_file_says_so(tmp_path: Path) -> No
     assert (tmp_path / "a-file").read_text() == "x"
 
 
+def test_a_restore_into_a_new_state_dir_or_one_without_a_key_says_what_that_means(
+        tmp_path: Path) -> None:
+    """A mistyped --state-dir was made, restored into, and read as done (an operator's run,
+    2026-11-24); on a new machine the old server's tokens need its key."""
+    state = tmp_path / "state"
+    Store(state / "tsnetchat.db").close()
+    (state / "jwt.key").write_text("k" * 64)
+    assert cli("backup", tmp_path / "b.db", "--state-dir", state).returncode == 0
+    done = cli("restore", tmp_path / "b.db", "--state-dir", tmp_path / "sate")
+    assert done.returncode == 0, done.stderr
+    notes = [line for line in done.stdout.splitlines() if line.startswith("note: ")]
+    assert notes == [
+        f"note: {tmp_path / 'sate'} did not exist and was made: if the server's state dir is "
+        "another (the units use /var/lib/tsnetchat), restore there",
+        f"note: {tmp_path / 'sate'} has no signing key (jwt.key): the server will make a new "
+        "one, and every token issued before is refused; to keep them, copy the old server's "
+        "jwt.key there before it starts"]
+    done = cli("restore", tmp_path / "b.db", "--state-dir", state)
+    assert done.returncode == 0 and "note:" not in done.stdout, done.stdout
+
+
 async def test_restore_refuses_to_run_under_a_live_server_and_touches_nothing(
         chat: Chat, tmp_path: Path) -> None:
     alice = await chat.connect("alice@tailnet.test")

@@ -451,6 +451,7 @@ def restore_cmd(
     from .backup import restore
 
     cfg = _server_config(config, state_dir=state_dir)
+    new_dir = not cfg.state_dir.exists()
     try:
         summary = restore(file, cfg.db_path, cfg.state_dir)
     except TsnetchatError as e:
@@ -458,6 +459,15 @@ def restore_cmd(
     typer.echo(f"restored {summary.describe()} from {file} into {cfg.db_path}")
     if summary.replaced is not None:
         typer.echo(f"the history it replaced is kept as {summary.replaced}")
+    # (a mistyped --state-dir was made and "restored" into, and read as done: an operator's
+    # run, 2026-11-24)
+    if new_dir:
+        typer.echo(f"note: {cfg.state_dir} did not exist and was made: if the server's state "
+                   "dir is another (the units use /var/lib/tsnetchat), restore there")
+    if not cfg.key_path.exists():
+        typer.echo(f"note: {cfg.state_dir} has no signing key (jwt.key): the server will make "
+                   "a new one, and every token issued before is refused; to keep them, copy "
+                   "the old server's jwt.key there before it starts")
 
 
 @config_app.command("show")
