@@ -244,6 +244,14 @@ async def test_a_lost_key_is_a_failure_for_the_doctor_and_a_warning_at_start(
     key = {c.name: c for c in await checks(cfg)}["key file"]
     assert key.verdict == FAIL and "is a symbolic link" in key.detail, key
     (state / "jwt.key").unlink()
+    (state / "jwt.key").write_text("k" * 64)  # root reads it; the server's user could not
+    (state / "jwt.key").chmod(0)
+    key = {c.name: c for c in await checks(cfg)}["key file"]
+    assert (key.verdict, key.detail) == (FAIL, f"{state / 'jwt.key'} mode 0000: its owner "
+                                         "cannot read it (the units run the server as its own "
+                                         "user, which would refuse to start); chmod 600 "
+                                         f"{state / 'jwt.key'}"), key
+    (state / "jwt.key").unlink()
     with caplog.at_level(logging.WARNING, logger="tsnetchat.server"):
         async with chat_server(tmp_path):  # (its state dir is tmp_path / "state")
             pass
@@ -301,6 +309,7 @@ def test_serve_stops_at_sigterm_while_it_still_waits_for_tailscaled(tmp_path: Pa
     ("send", "x", "hi", "--timeout", "nan"), ("send", "x", "hi", "--timeout", "0"),
     ("send", "x", "hi", "--port", "70000"), ("tail", "x", "--count", "-1"),
     ("tail", "x", "--new", "--after", "3"), ("doctor", "--server", ""),
+    ("doctor", "--server", "x", "--port", "0"),
 ])
 def test_a_number_out_of_range_on_a_client_command_is_bad_input_before_anything_is_dialled(
         args: tuple[str, ...]) -> None:

@@ -27,7 +27,7 @@ from typer.core import TyperGroup
 
 from . import __version__
 from .commands import room_option
-from .config import ServerConfig, load_config
+from .config import DEFAULT_PORT, ServerConfig, load_config
 from .errors import (
     ConfigError,
     InvalidInput,
@@ -923,8 +923,10 @@ def doctor(
     if server:
         from .doctor import run_client_doctor
 
+        if port is not None and not 1 <= port <= 65535:  # (0 checked 50051: an operator's run)
+            raise fail(InvalidInput(f"--port: {port} is not a TCP port (1-65535)"))
         s = _client_settings(server, token, token_file, socket, proxy)
-        ok = run(run_client_doctor(server, port=port or 50051, **s))
+        ok = run(run_client_doctor(server, port=port or DEFAULT_PORT, **s))
         raise typer.Exit(0 if ok else 1)
     from .doctor import run_doctor
 

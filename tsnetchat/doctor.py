@@ -374,7 +374,13 @@ def _key_file(cfg: ServerConfig) -> Check:
     except OSError as e:  # (the dir may be listed, the key read only by the server's user)
         return Check("key file", WARN, f"not checked: cannot read {key} ({e.strerror or e}); "
                      "run `sudo tsnetchat doctor`")
-    return Check("key file", OK, f"{key} mode {stat.S_IMODE(key.lstat().st_mode):04o}")
+    mode = stat.S_IMODE(key.lstat().st_mode)
+    if not mode & 0o400:  # (root reads it anyway: ✔ for a key the service's user cannot
+        # read; an operator's run, 2026-11-24)
+        return Check("key file", FAIL, f"{key} mode {mode:04o}: its owner cannot read it (the "
+                     f"units run the server as its own user, which would refuse to start); "
+                     f"chmod 600 {key}")
+    return Check("key file", OK, f"{key} mode {mode:04o}")
 
 
 def _live_tokens(db_path: Path) -> int:
