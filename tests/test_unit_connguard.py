@@ -90,3 +90,23 @@ async def test_the_newest_connections_of_a_device_over_the_limit_are_the_ones_sh
     await guard.sweep([50051])  # 4 (mallory's) and 5 (not tailscaled's) asked about
     assert shut_down[-1] == [3, 4]  # the oldest two kept; 5 is held to its address alone
     assert guard.closed == 3
+
+
+def test_the_kernels_table_is_read_only_when_connections_without_calls_may_be_over_a_limit(
+        ) -> None:
+    known: dict[tuple[str, int], str] = {}
+    held = [40]  # the process's open files
+
+    async def device_of(addr: str) -> str:
+        return ""
+
+    guard = ConnectionGuard(10, lambda: known, device_of, files=lambda: held[0])
+    assert not guard.suspicious(base=30)  # its own files and a few more
+    held[0] = 41
+    assert guard.suspicious(base=30)  # 11 connections nobody's calls account for
+    known.update({("127.0.0.1", 40000 + i): "bob-laptop" for i in range(1000)})
+    held[0] = 30 + 1000 + 60
+    assert not guard.suspicious(base=30)  # (a twentieth of them may be arriving)
+    held[0] = 30 + 1000 + 61
+    assert guard.suspicious(base=30)
+    assert connguard.open_files(Path("/proc/self/fd")) >= 3
