@@ -269,6 +269,7 @@ def test_a_tail_whose_token_is_revoked_waits_for_a_new_login_and_misses_nothing(
         while "carries on by itself once you have a new one" not in (line := said.next()):
             pass
         assert "revoked" in line and line.count("tsnetchat login") == 1, line  # said once
+        assert "(this tail carries on by itself" in line, line  # (it said "this chat")
         assert bob("send", "while alice had no token", "--token", bob_token).returncode == 0
         assert alice("login").returncode == 0
         assert alice.stored()["token_id"] != revoked

@@ -753,8 +753,9 @@ class RoomSession:
         """What a waiting session says of ``err``: what brings a new token, and that this
         one is tried again."""
         name = self.link.name
-        if self.link.token_store is None:
-            return (f"{err} (this chat tries this token again now and then; for another one, "
+        this = "this tail" if self.read_only else "this chat"  # (`tail` was "this chat": an
+        if self.link.token_store is None:                      # operator's run, 2026-11-24)
+            return (f"{err} ({this} tries this token again now and then; for another one, "
                     "start it again with that one)")
         how = "" if "tsnetchat login" in str(err) else (
             f"; `tsnetchat login {name}` gets a new one")
@@ -765,7 +766,7 @@ class RoomSession:
             how = (f"; ask {name}'s admin before you run `tsnetchat login {name}`: if the "
                    "key was not rotated on purpose, the server may be running with the wrong "
                    "state dir, and a token it gives you then works only there")
-        return (f"{err}{how} (this chat carries on by itself once you have a new one, and "
+        return (f"{err}{how} ({this} carries on by itself once you have a new one, and "
                 "tries this one again now and then)")
 
     def _stored_tokens(self) -> frozenset[str]:

@@ -369,7 +369,9 @@ async def wait_running(api: Tailnet, timeout: float, *, progress: Any = None) ->
             }.get(st.backend_state, "waiting for it to connect")
             err: Exception = TailnetNotReady(f"{msg}; {advice}")
         except LocalAPIUnavailable as e:
-            msg, err = "tailscaled's LocalAPI is not answering yet", e
+            # (with its words, which name the socket: a mistyped --socket read as a
+            # tailscaled still starting; an operator's run, 2026-11-24)
+            msg, err = f"waiting: {e}", e
         if progress is not None and msg != last_msg:
             progress(msg)
             last_msg = msg
