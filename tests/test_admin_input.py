@@ -291,7 +291,10 @@ def test_serve_stops_at_sigterm_while_it_still_waits_for_tailscaled(tmp_path: Pa
                              "--state-dir", str(tmp_path / "state"), "--port", "50999"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
-    while "not answering yet" not in proc.stdout.readline():
+    # (waiting, it names the socket: a mistyped --socket read as a tailscaled still
+    # starting; an operator's run, 2026-11-24)
+    while f"waiting: tailscaled's LocalAPI at {tmp_path / 'no.sock'} is not answering" not in \
+            proc.stdout.readline():
         pass
     proc.send_signal(signal.SIGTERM)
     sent = time.monotonic()
