@@ -83,8 +83,8 @@ async def test_a_device_holding_connections_without_calls_keeps_only_its_limit_o
         for t in ends:
             t.cancel()
         log = server.log.read_text()
-        assert ("closing 9 connection(s) of device mallory-laptop.tailnet.test "
-                f"(mallory@tailnet.test): it held {LIMIT + 9} open at once, more than "
+        assert ("closed 9 connection(s) of device 'mallory-laptop.tailnet.test "
+                f"(mallory@tailnet.test)': it held {LIMIT + 9} open at once, more than "
                 f"max_connections_per_device ({LIMIT})") in log, log[-2000:]
         # another device is not held to mallory's count, and alice gets in on a new one
         token = server.token("alice@tailnet.test")

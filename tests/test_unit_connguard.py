@@ -24,19 +24,21 @@ def row(local: str, peer: str, state: str, inode: int) -> str:
 
 def test_established_connections_on_the_servers_port_are_read_with_their_peers(
         tmp_path: Path) -> None:
-    # 127.0.0.1:50051 <- 100.64.0.2:40000 (established); the listener; another port's
+    # 127.0.0.1:50051 <- 100.64.0.2:40000 (established); the listener; another port's; and
+    # another process's, from port 50051 of another address
     (tmp_path / "tcp").write_text(HEAD + row("0100007F:C383", "02004064:9C40", "01", 11)
                                   + row("0100007F:C383", "00000000:0000", "0A", 12)
-                                  + row("0100007F:1F90", "02004064:9C41", "01", 13))
+                                  + row("0100007F:1F90", "02004064:9C41", "01", 13)
+                                  + row("0200007F:C383", "02004064:9C44", "01", 14))
     # [fd7a:115c:a1e0::2]:40002 -> [::1]:50051, and an IPv4-mapped peer ::ffff:100.64.0.3
     (tmp_path / "tcp6").write_text(
         HEAD + row("00000000000000000000000001000000:C383",
                    "5C117AFD0000E0A10000000002000000:9C42", "01", 21)
         + row("00000000000000000000000001000000:C383",
               "0000000000000000FFFF000003004064:9C43", "01", 22))
-    assert established(tmp_path, [50051]) == {
+    assert established(tmp_path, [("127.0.0.1", 50051), ("::1", 50051)]) == {
         11: ("100.64.0.2", 40000), 21: ("fd7a:115c:a1e0::2", 40002), 22: ("100.64.0.3", 40003)}
-    assert established(tmp_path, [8080]) == {13: ("100.64.0.2", 40001)}
+    assert established(tmp_path, [("127.0.0.1", 8080)]) == {13: ("100.64.0.2", 40001)}
     assert connguard.remote("::ffff:100.64.0.3", 1) == ("100.64.0.3", 1)
 
 
@@ -63,16 +65,21 @@ def test_a_real_socket_is_shut_down_by_its_inode_and_its_peer_sees_the_end() -> 
 
 async def test_the_newest_connections_of_a_device_over_the_limit_are_the_ones_shut(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    conns = {i: ("127.0.0.1", 40000 + i) for i in range(1, 6)}
-    tables = [dict(list(conns.items())[:3]), conns, conns]  # 4 and 5 arrive later
+    conns = {i: ("127.0.0.1", 40000 + i) for i in range(1, 7)}
+    later = {i: p for i, p in conns.items() if i != 3}  # (3 was shut: gone)
+    last = {i: p for i, p in later.items() if i != 2}  # (2 was shut: gone)
+    tables = [dict(list(conns.items())[:3]), dict(list(conns.items())[:3]), later, last, last]
     asked: list[str] = []
     shut_down: list[list[int]] = []
 
-    async def device_of(addr: str) -> str:
+    async def device_of(addr: str) -> str | None:
         asked.append(addr)
+        if addr.endswith(":40006"):
+            return None  # tailscaled did not answer: asked again at the next sweep
         return "" if addr.endswith(":40005") else "mallory-laptop"
 
-    guard = ConnectionGuard(2, lambda: {("127.0.0.1", 40001): "mallory-laptop"}, device_of,
+    with_calls = {("127.0.0.1", 40004): "mallory-laptop"}  # her chat's stream
+    guard = ConnectionGuard(2, lambda: with_calls, device_of, lambda: len(with_calls),
                             net_dir=tmp_path, fd_dir=tmp_path)
     guard_established = iter(tables)
     monkeypatch.setattr(connguard, "established", lambda net, ports: next(guard_established))
@@ -82,14 +89,22 @@ async def test_the_newest_connections_of_a_device_over_the_limit_are_the_ones_sh
         return len(inodes)
 
     monkeypatch.setattr(connguard, "shut", record)
-    assert await guard.sweep([50051]) == 0  # 1 known from its call; 2, 3 seen once
+    here = [("127.0.0.1", 50051)]
+    assert await guard.sweep(here) == 0  # 1, 2, 3 seen once, without calls
     assert asked == [] and shut_down == []
-    assert await guard.sweep([50051]) == 1  # 2, 3 asked about: mallory holds 1, 2, 3
-    assert sorted(asked) == ["127.0.0.1:40002", "127.0.0.1:40003"]
-    assert shut_down == [[3]]
-    await guard.sweep([50051])  # 4 (mallory's) and 5 (not tailscaled's) asked about
-    assert shut_down[-1] == [3, 4]  # the oldest two kept; 5 is held to its address alone
-    assert guard.closed == 3
+    assert await guard.sweep(here) == 1  # 1, 2, 3 asked about: mallory holds them
+    assert sorted(asked) == ["127.0.0.1:40001", "127.0.0.1:40002", "127.0.0.1:40003"]
+    assert shut_down == [[3]]  # the oldest two kept
+    asked.clear()
+    # 4 (her chat, with calls: known at once), 5 (not tailscaled's) and 6 arrived
+    assert await guard.sweep(here) == 1 and asked == []
+    assert shut_down[-1] == [2]  # the stream with calls is kept before the idle ones
+    assert await guard.sweep(here) == 0  # 1 and 4 are hers; 5 is held to its address
+    assert sorted(asked) == ["127.0.0.1:40005", "127.0.0.1:40006"]
+    asked.clear()
+    await guard.sweep(here)
+    assert asked == ["127.0.0.1:40006"]  # (not taken for "unknown" when it could not say)
+    assert guard.closed == 2
 
 
 def test_the_kernels_table_is_read_only_when_connections_without_calls_may_be_over_a_limit(
@@ -100,7 +115,8 @@ def test_the_kernels_table_is_read_only_when_connections_without_calls_may_be_ov
     async def device_of(addr: str) -> str:
         return ""
 
-    guard = ConnectionGuard(10, lambda: known, device_of, files=lambda: held[0])
+    guard = ConnectionGuard(10, lambda: known, device_of, lambda: len(known),
+                            files=lambda: held[0])
     assert not guard.suspicious(base=30)  # its own files and a few more
     held[0] = 41
     assert guard.suspicious(base=30)  # 11 connections nobody's calls account for

@@ -62,3 +62,26 @@ async def test_a_change_announced_for_one_device_asks_again_only_about_that_devi
     chat.net.announce(Change(nodes=frozenset({"bob@t-laptop"})))
     await until(lambda: chat.server.gate.rechecks > rechecks)
     assert len(chat.net.whois_addrs) == before + 1
+
+
+async def test_the_connection_guard_learns_devices_from_calls_and_asks_about_the_rest(
+        chat: Chat) -> None:
+    """``Gate.connections``, ``connection_count`` and ``device`` (connguard.py): a device
+    tailscaled does not know is "", one it could not say about None (asked again later)."""
+    from tsnetchat.connguard import remote
+    from tsnetchat.tailnet import parse_grpc_peer
+
+    gate = chat.server.gate
+    conn = await chat.connect("bob@t")
+    sub = conn.subscribe("general")
+    await first_of(sub, "replay_done")
+    assert gate.connection_count() == 1
+    ((peer, device),) = gate.connections().items()
+    assert device.endswith("(bob@t)")
+    host, port = peer
+    assert await gate.device(f"{host}:{port}") == device  # asked of tailscaled, the same
+    assert await gate.device("127.0.0.1:1") == ""  # nobody tailscaled knows
+    chat.net.answering = False
+    assert await gate.device(f"{host}:{port}") is None
+    chat.net.answering = True
+    assert remote(*parse_grpc_peer(f"ipv6:[::ffff:{host}]:{port}")) == peer

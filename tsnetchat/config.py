@@ -104,8 +104,9 @@ class ServerConfig(Limits):
     # Seconds between re-asking tailscaled about every device with an open stream: the
     # backstop for changes it does not announce on its IPN bus (see gate.py).
     recheck_interval: float = 10.0
-    # Connections one device may hold open at once (with calls or without: connguard.py);
-    # 0 = no limit. A chat or a script uses one or two.
+    # Connections one device may hold open at once, enforced when the server holds more
+    # connections than its calls account for (connguard.py); 0 = no limit. A chat or a
+    # script uses one or two.
     max_connections_per_device: int = 64
     token_ttl_hours: float = 24.0 * 30  # `tsnetchat token issue` without --ttl
     # Self-service tokens (`tsnetchat login`, enroll.py): "off", "grant" (people with a tailnet

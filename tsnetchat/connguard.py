@@ -26,6 +26,7 @@ import logging
 import os
 import resource
 import socket
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Collection, Iterable
@@ -51,14 +52,19 @@ def _address(hexed: str) -> Remote:
     """A ``/proc/net/tcp{,6}`` address (``0100007F:C35F``: 32-bit words in host order)."""
     ip_hex, _, port_hex = hexed.partition(":")
     raw = bytes.fromhex(ip_hex)
-    ip = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))  # (little-endian hosts)
+    if sys.byteorder == "little":  # (the words are printed as the host holds them)
+        raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+    ip = raw
     return remote(str(ipaddress.ip_address(ip)), int(port_hex, 16))
 
 
-def established(net_dir: Path, ports: Collection[int]) -> dict[int, Remote]:
-    """The established TCP connections whose local port is one of ``ports``: socket inode ->
-    the peer's address."""
-    ends = tuple(f":{p:04X}" for p in ports)
+def established(net_dir: Path, listening: Collection[Remote]) -> dict[int, Remote]:
+    """The established TCP connections to the server's addresses (``listening``, as
+    ``remote`` spells them): socket inode -> the peer's address. (The table is the network
+    namespace's: another process's connection from the same port number on another address
+    is in it too.)"""
+    ends = tuple({f":{port:04X}" for _, port in listening})
+    mine = set(listening)
     found: dict[int, Remote] = {}
     for name in ("tcp", "tcp6"):
         try:
@@ -67,7 +73,7 @@ def established(net_dir: Path, ports: Collection[int]) -> dict[int, Remote]:
             continue  # (no IPv6 in this kernel)
         for line in lines:
             f = line.split()
-            if len(f) > 9 and f[3] == "01" and f[1].endswith(ends):
+            if len(f) > 9 and f[3] == "01" and f[1].endswith(ends) and _address(f[1]) in mine:
                 found[int(f[9])] = _address(f[2])
     return found
 
@@ -87,8 +93,13 @@ def shut(inodes: Iterable[int], fd_dir: Path) -> int:
         if inode not in wanted:
             continue
         try:
-            s = socket.socket(fileno=os.dup(int(entry)))
+            copy = os.dup(int(entry))
         except OSError:
+            continue  # (closed meanwhile)
+        try:
+            s = socket.socket(fileno=copy)
+        except OSError:  # (the number now names a file that is not a socket)
+            os.close(copy)
             continue
         try:  # (the descriptor may have been closed and reused since it was read)
             if os.fstat(s.fileno()).st_ino == inode:
@@ -103,16 +114,17 @@ def shut(inodes: Iterable[int], fd_dir: Path) -> int:
 
 class ConnectionGuard:
     """At most ``limit`` connections open from one device. ``devices`` says the device of
-    each connection with calls (``Gate.connections``); ``device_of`` asks tailscaled about
-    one without (``Gate.device``: "" when it does not know it)."""
+    each connection with calls (``Gate.connections``), ``calls`` how many connections have
+    calls (``Gate.connection_count``, cheap); ``device_of`` asks tailscaled about one without
+    (``Gate.device``: "" when tailscaled does not know it, None when it could not say)."""
 
     def __init__(self, limit: int, devices: Callable[[], dict[Remote, str]],
-                 device_of: Callable[[str], Awaitable[str]], *,
-                 net_dir: Path = Path("/proc/self/net"), fd_dir: Path = Path("/proc/self/fd"),
+                 device_of: Callable[[str], Awaitable[str | None]], calls: Callable[[], int],
+                 *, net_dir: Path = Path("/proc/self/net"), fd_dir: Path = Path("/proc/self/fd"),
                  files: Callable[[], int] | None = None, interval: float = SWEEP_SECONDS
                  ) -> None:
         self.limit = limit
-        self._devices, self._device_of = devices, device_of
+        self._devices, self._device_of, self._calls = devices, device_of, calls
         self.net_dir, self.fd_dir, self.interval = net_dir, fd_dir, interval
         self.files = files or (lambda: open_files(fd_dir))
         self.closed = 0  # connections shut down, for the metrics
@@ -121,13 +133,14 @@ class ConnectionGuard:
         self._device: dict[int, str] = {}  # inode -> its device, once known
         self._said: dict[str, float] = {}  # device -> when its connections were last logged
 
-    async def run(self, ports: Collection[int]) -> None:
-        base = self.files()  # the server's own: database, logs, listeners, ...
+    async def run(self, listening: Collection[Remote], base: int) -> None:
+        """Every ``interval``: a sweep when ``suspicious``. ``base``: the files the process
+        held before it listened (database, logs, tailscaled's socket, ...)."""
         while True:
             await asyncio.sleep(self.interval)
             try:
                 if self.suspicious(base):
-                    await self.sweep(ports)
+                    await self.sweep(listening)
                 else:  # (and a connection seen before starts over: two sweeps, then WhoIs)
                     self._first.clear()
                     self._device.clear()
@@ -140,13 +153,14 @@ class ConnectionGuard:
         connections whose first call is on its way): only then is the kernel's table read.
         Reading it costs about 18 ms a thousand connections (2026-11-24, this machine), much
         of it on the loop's core: swept every 2 s regardless, 100 msg/s into 1,000
-        subscribers went from p99 36.5 to 48.3 ms (medians of three alternated runs)."""
-        known = len(self._devices())
+        subscribers went from p99 36.5 to 48.3 ms (medians of three alternated runs). So a
+        device's connections with calls are held to the limit only when a sweep runs."""
+        known = self._calls()
         return self.files() - known > base + self.limit + known // 20
 
-    async def sweep(self, ports: Collection[int]) -> int:
+    async def sweep(self, listening: Collection[Remote]) -> int:
         """One look at the connections; how many were shut down."""
-        conns = await asyncio.to_thread(established, self.net_dir, ports)
+        conns = await asyncio.to_thread(established, self.net_dir, listening)
         self._sweeps += 1
         for gone in self._first.keys() - conns.keys():
             del self._first[gone]
@@ -155,34 +169,38 @@ class ConnectionGuard:
         ask: list[tuple[int, Remote]] = []
         for inode, peer in conns.items():
             first = self._first.setdefault(inode, self._sweeps)
-            if inode in self._device:
-                continue
-            if with_calls.get(peer):
+            if peer in with_calls:
                 self._device[inode] = with_calls[peer]
-            elif first < self._sweeps:  # no call since the sweep before: ask tailscaled
-                ask.append((inode, peer))
+            elif inode not in self._device and first < self._sweeps:
+                ask.append((inode, peer))  # no call since the sweep before: ask tailscaled
         if ask:
             said = await asyncio.gather(*(self._device_of(_spelled(p)) for _, p in ask))
             for (inode, peer), device in zip(ask, said, strict=True):
-                self._device[inode] = device or f"address {peer[0]}"
+                if device is not None:  # (None: tailscaled could not say; ask again later)
+                    self._device[inode] = device or f"address {peer[0]}"
         held: defaultdict[str, list[int]] = defaultdict(list)
         for inode in conns:
             if inode in self._device:
                 held[self._device[inode]].append(inode)
-        excess: list[int] = []
+        excess: dict[str, tuple[int, list[int]]] = {}
         for device, inodes in held.items():
             if len(inodes) > self.limit:
-                inodes.sort(key=lambda i: (self._first[i], i))  # the oldest are kept
-                excess += inodes[self.limit:]
-                now = time.monotonic()
-                if now - self._said.get(device, -SAY_EVERY) >= SAY_EVERY:
-                    self._said[device] = now  # (an attack goes on: a line a minute)
-                    log.warning("closing %d connection(s) of device %s: it held %d open at "
-                                "once, more than max_connections_per_device (%d)",
-                                len(inodes) - self.limit, device, len(inodes), self.limit)
+                # Kept: connections with calls first (a chat's stream over idle sockets),
+                # then the oldest.
+                inodes.sort(key=lambda i: (conns[i] not in with_calls, self._first[i], i))
+                excess[device] = (len(inodes), inodes[self.limit:])
         if not excess:
             return 0
-        done = await asyncio.to_thread(shut, excess, self.fd_dir)
+        done = 0
+        for device, (held_n, inodes) in excess.items():
+            closed = await asyncio.to_thread(shut, inodes, self.fd_dir)
+            done += closed
+            now = time.monotonic()
+            if closed and now - self._said.get(device, -SAY_EVERY) >= SAY_EVERY:
+                self._said[device] = now  # (an attack goes on: a line a minute)
+                log.warning("closed %d connection(s) of device %r: it held %d open at once, "
+                            "more than max_connections_per_device (%d)", closed, device,
+                            held_n, self.limit)
         self.closed += done
         return done
 

@@ -75,6 +75,7 @@ log = logging.getLogger("tsnetchat.gate")
 # once (2.2-2.9 ms each; measured in the lab, 2026-11-22): a burst of new connections queues
 # here instead of in tailscaled.
 WHOIS_SLOTS = 16
+GUARD_SLOTS = 4  # the connection guard's lookups at a time (``Gate.device``)
 # Refusals one connection, and one device, may collect (burst, then per second) before its
 # calls are refused unread. The shipped clients stop at the first UNAUTHENTICATED or
 # PERMISSION_DENIED; anything beyond a handful is a script or an attack (issue 14 saw
@@ -200,6 +201,7 @@ class Gate:
         self._conns: dict[str, _Conn] = {}
         self._leases: set[Lease] = set()
         self._slots = asyncio.Semaphore(WHOIS_SLOTS)
+        self._guard_slots = asyncio.Semaphore(GUARD_SLOTS)
         self._conn_refusals = Buckets(*CONN_REFUSALS)
         self._node_refusals = Buckets(*NODE_REFUSALS)
         self._refusal_log = LogLimiter()
@@ -550,6 +552,10 @@ class Gate:
 
     # for the connection guard (connguard.py) ---------------------------------------------
 
+    def connection_count(self) -> int:
+        """How many connections have calls now."""
+        return len(self._conns)
+
     def connections(self) -> dict[tuple[str, int], str]:
         """The device of each connection with calls whose device is known: (host, port), as
         ``connguard.remote`` spells it, -> the device's name."""
@@ -560,13 +566,19 @@ class Gate:
                     out[remote(*parse_grpc_peer(conn.peer))] = _device_name(conn.who)
         return out
 
-    async def device(self, addr: str) -> str:
-        """The name of the device behind ``addr``; "" when tailscaled does not know it or
-        does not answer in time (``WHOIS_SLOTS`` at a time, as for calls)."""
-        try:
-            return _device_name(await asyncio.wait_for(self._lookup(addr), self.whois_timeout))
-        except (TailnetError, TimeoutError):
-            return ""
+    async def device(self, addr: str) -> str | None:
+        """The name of the device behind ``addr``; "" when tailscaled does not know it, None
+        when it does not answer in time. ``GUARD_SLOTS`` at a time, apart from the calls'
+        ``WHOIS_SLOTS``: a burst of these must not keep people's calls waiting."""
+        async with self._guard_slots:
+            try:
+                who = await asyncio.wait_for(self._tailnet.whois(addr), self.whois_timeout)
+            except PeerNotFound:
+                return ""
+            except (TailnetError, TimeoutError):
+                return None
+        self.whois_calls += 1
+        return _device_name(who)
 
 
 def _device_name(who: WhoIs) -> str:

@@ -21,6 +21,7 @@ import dataclasses
 import ipaddress
 import logging
 import signal
+import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -34,7 +35,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from . import auth, enroll
 from .cluster import ClusterHistory
 from .config import DEFAULT_PORT, Limits, ServerConfig, parse_listen, settings
-from .connguard import ConnectionGuard, raise_file_limit
+from .connguard import ConnectionGuard, raise_file_limit, remote
 from .errors import ConfigError, StoreError, TailnetError, TsnetchatError
 from .gate import Gate, Policy
 from .hub import Hub, Pacing
@@ -255,7 +256,7 @@ class Server:
             reflection.SERVICE_NAME))
         gate = self.gate
         self.guard = ConnectionGuard(cfg.max_connections_per_device, gate.connections,
-                                     gate.device)
+                                     gate.device, gate.connection_count)
         for name, fn in [("subscribers", lambda: float(self.hub.counts()[1])),
                          ("leases", lambda: float(gate.leases())),
                          ("whois_lookups_total", lambda: float(gate.whois_calls)),
@@ -272,6 +273,7 @@ class Server:
         self._grpc: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopped = False
+        self._checking_stops = threading.Event()
         self.started_at = 0.0
 
     def _policy(self, key: bytes) -> Policy:
@@ -329,6 +331,7 @@ class Server:
             if pruned:
                 log.info("retention: pruned %d old messages", pruned)
         self._grpc = self._build_grpc(self.addresses)
+        own_files = self.guard.files()  # (before anyone connects: connguard's base)
         await self._grpc.start()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
@@ -342,7 +345,8 @@ class Server:
                        asyncio.create_task(self._retention_loop())]
         self._tasks.append(asyncio.create_task(self._check_database()))
         if cfg.max_connections_per_device:
-            self._tasks.append(asyncio.create_task(self.guard.run(self.ports)))
+            listening = [remote(a, p) for a, p in zip(self.addresses, self.ports, strict=True)]
+            self._tasks.append(asyncio.create_task(self.guard.run(listening, own_files)))
         if cfg.metrics_port:
             await self._start_metrics()
         if self.owns_process:
@@ -375,7 +379,8 @@ class Server:
         damaged database said "ready" and only warned, at every send, that the database
         failed (an operator's run, 2026-11-24). A damaged one is an error in the journal,
         with the way out, and in the unit's status; reads of what is sound go on."""
-        checked = await asyncio.to_thread(quick_check, self.cfg.db_path, CHECK_AT_START)
+        checked = await asyncio.to_thread(quick_check, self.cfg.db_path, CHECK_AT_START,
+                                          self._checking_stops)
         if checked is not None and checked[1] != ["ok"]:
             log.error("%s", damaged(self.cfg.db_path, "; ".join(checked[1][:3])))
             self.notifier.send("STATUS=the history database is damaged: restore the last "
@@ -601,6 +606,7 @@ class Server:
         if self._stopped:
             return
         self._stopped = True
+        self._checking_stops.set()  # (a long quick_check must not hold up the exit)
         grace = self.cfg.shutdown_grace if grace is None else grace
         self.notifier.send("STOPPING=1", "STATUS=draining")
         try:
