@@ -37,7 +37,7 @@ import jwt
 
 from . import render
 from .config import ROOM_RE
-from .errors import ConfigError, InvalidInput, PermissionDenied, StoreError, Unauthenticated
+from .errors import ConfigError, InvalidInput, PermissionDenied, Unauthenticated
 from .statedir import full_disk_hint, give_to_server, open_nofollow, read_key
 from .tailnet import WhoIs
 
@@ -63,9 +63,8 @@ def load_or_create_key(path: Path) -> bytes:
     if not os.path.lexists(path):
         # Written aside and linked into place whole: on a full disk the key was left empty,
         # and the error said "unexpected OSError ... a bug" (an operator's run, 2026-11-24).
-        tmp = path.with_name(path.name + ".new")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.new")  # (ours)
         try:
-            tmp.unlink(missing_ok=True)
             with os.fdopen(open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL), "wb") as f:
                 f.write(secrets.token_bytes(32).hex().encode())
                 f.flush()
@@ -73,9 +72,9 @@ def load_or_create_key(path: Path) -> bytes:
                 give_to_server(f.fileno(), path.parent)
             with contextlib.suppress(FileExistsError):  # (another process's came first)
                 os.link(tmp, path)
-        except OSError as e:
-            raise StoreError(f"cannot write the signing key {path}: {e.strerror}"
-                             f"{full_disk_hint(path)}") from None
+        except OSError as e:  # (ConfigError, as read_key's: what start-up and reload catch)
+            raise ConfigError(f"cannot write the signing key {path}: {e.strerror}"
+                              f"{full_disk_hint(path)}") from None
         finally:
             with contextlib.suppress(OSError):
                 tmp.unlink()
@@ -368,7 +367,8 @@ def check_room(p: Principal, room: str) -> None:
     if not p.may_use(room):
         allowed = "any room" if ALL_ROOMS in p.rooms else ", ".join(sorted(p.rooms))
         # (`--room genral` read as a refusal of the room meant: a new user's day, 2026-11-24)
-        close = difflib.get_close_matches(room, sorted(p.rooms - {ALL_ROOMS}), n=1, cutoff=0.6)
+        close = difflib.get_close_matches(room, sorted(p.room_names - {ALL_ROOMS}), n=1,
+                                          cutoff=0.6)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise PermissionDenied(f"you may not use room {room!r} (allowed: {allowed}{hint})")
 

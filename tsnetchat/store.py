@@ -459,27 +459,27 @@ def damaged(path: Path, e: object) -> StoreDamaged:
                         "it; README, Troubleshooting)")
 
 
-def quick_check(path: Path, within: float) -> tuple[int, list[str]] | None:
+def quick_check(path: Path, within: float, stop: threading.Event | None = None
+                ) -> tuple[int, list[str]] | None:
     """SQLite's quick_check of the database at ``path`` (it writes nothing) and its schema
-    version: ``["ok"]`` when sound, what it found otherwise. None when it could not finish
-    within ``within`` seconds (a large history's check holds a snapshot that lets the WAL
-    grow) or the database was locked. ``mode=rw``, not ``ro``: a read-only connection leaves
-    the -wal and -shm files of a stopped server's database behind."""
+    version: ``["ok"]`` when sound, what it found otherwise (also when SQLite says it is
+    malformed or not a database). None when it could not say: not finished within
+    ``within`` seconds (a large history's check holds a snapshot that lets the WAL grow) or
+    before ``stop``, locked, or another error (a disk I/O error is not damage to restore
+    from). ``mode=rw``, not ``ro``: a read-only connection leaves the -wal and -shm files of
+    a stopped server's database behind."""
     deadline = time.monotonic() + within
     try:
         db = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=5)
         try:
-            db.set_progress_handler(lambda: time.monotonic() > deadline, 10_000)
+            db.set_progress_handler(lambda: time.monotonic() > deadline or (
+                stop is not None and stop.is_set()), 10_000)
             version = int(db.execute("PRAGMA user_version").fetchone()[0])
             return version, [str(r[0]) for r in db.execute("PRAGMA quick_check")]
         finally:
             db.close()
-    except sqlite3.OperationalError as e:  # locked, busy, or stopped at the deadline
-        if "interrupted" in str(e) or "locked" in str(e) or "busy" in str(e):
-            return None
-        return 0, [str(e)]
-    except sqlite3.DatabaseError as e:
-        return 0, [str(e)]
+    except sqlite3.Error as e:
+        return (0, [str(e)]) if _damaged(e) else None
 
 
 def _locked(e: sqlite3.Error) -> bool:
