@@ -498,6 +498,7 @@ def test_tab_completes_the_next_person_of_a_group_without_the_space_enter_refuse
     assert c("/join @bob,mal") == [("mallory", -3)] and c("/j @bo") == [("bob", -2)]
     assert c("/leave dm:bob, ma") == [("bob,mallory", -7)]
     assert c("/join ge") == [("#general", -2)] and c("/join @") == []
+    assert c("/msg bob,") == [("mallory", 0), ("Mia", 0)]  # (not bob again)
     for typed, line in (("/msg bob, mal", "/msg bob,mallory"), ("/join @bob, m", None)):
         (text, start), *_ = c(typed)
         done = typed[:len(typed) + start] + text

@@ -257,11 +257,13 @@ def complete(before: str, *, rooms: Iterable[str], nicks: Iterable[str]
         # spaces Enter would refuse (`/msg bob, mal` completed to `/msg bob, mallory`, and
         # `/join @bob,mal` to nothing: a new user's day, 2026-11-24).
         done, part = group["done"], group["part"]
-        kept = "".join(f"{n.strip()}," for n in done.split(",")[:-1])
+        named = [n.strip() for n in done.split(",")[:-1]]
+        kept = "".join(f"{n}," for n in named)
         start = -len(done) - len(part) if kept != done else -len(part)
         lead = kept if kept != done else ""
-        return [(lead + n, start) for n in _unique(nicks)
-                if n.lower().startswith(part.lower())] if part or done else []
+        return [(lead + n, start) for n in _unique(nicks)  # (not one already named)
+                if n.lower().startswith(part.lower()) and n.lower() not in
+                {m.lower() for m in named}] if part or done else []
     start = -len(word)
     if before.startswith("/") and " " not in before:
         names = sorted({n for c in COMMANDS for n in (c.name, *c.aliases) if len(n) > 1})
