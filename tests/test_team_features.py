@@ -11,6 +11,7 @@ import asyncio
 import logging
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -23,6 +24,18 @@ from tsnetchat.rooms import NOT_VISIBLE
 pytestmark = [pytest.mark.tailnet, pytest.mark.security]
 
 ALICE, BOB, MALLORY = "alice@tailnet.test", "bob@tailnet.test", "mallory@tailnet.test"
+
+
+async def away_event(watch: Any) -> pb.Presence:
+    """The next AWAY on a stream (within 10 s)."""
+    async def loop() -> pb.Presence:
+        async for ev in watch:
+            if ev.WhichOneof("event") == "presence" and \
+                    ev.presence.kind == pb.PRESENCE_KIND_AWAY:
+                return ev.presence
+        raise AssertionError("stream ended")
+
+    return await asyncio.wait_for(loop(), 10)
 
 
 async def people(lab_chat: LabChat, *, mallory_admin: bool = True
@@ -274,15 +287,7 @@ async def test_a_topic_or_away_message_of_only_invisible_characters_is_none(
     assert (ev.kind, ev.text) == (pb.MESSAGE_KIND_TOPIC, "")
     away = pb.ClientEvent(away=pb.Away(away=True, message="\u200b\u200b"))
     call = alice.stub.Join(hello_events("random", then=[away]), metadata=alice.metadata)
-
-    async def away_event() -> pb.Presence:
-        async for ev in watch:
-            if ev.WhichOneof("event") == "presence" and \
-                    ev.presence.kind == pb.PRESENCE_KIND_AWAY:
-                return ev.presence
-        raise AssertionError("stream ended")
-
-    p = await asyncio.wait_for(away_event(), 10)
+    p = await away_event(watch)
     assert (p.who.login, p.away_message) == (ALICE, "")
     for c in (call, watch):
         c.cancel()
@@ -316,15 +321,7 @@ async def test_away_with_a_message_is_announced_to_the_rooms_of_the_person(
     away = pb.ClientEvent(away=pb.Away(away=True, message="lunch"))
     call = alice.stub.Join(hello_events("general", then=[away]), metadata=alice.metadata)
     await first_of(call, "replay_done")
-
-    async def away_event() -> pb.Presence:
-        async for ev in watch:
-            if ev.WhichOneof("event") == "presence" and \
-                    ev.presence.kind == pb.PRESENCE_KIND_AWAY:
-                return ev.presence
-        raise AssertionError("stream ended")
-
-    p = await asyncio.wait_for(away_event(), 10)
+    p = await away_event(watch)
     assert (p.who.login, p.away_message) == (ALICE, "lunch")
     assert ALICE in p.away_logins
     # A second stream of hers (another device, a restarted client) gets no JOINED of its
