@@ -343,7 +343,7 @@ class Server:
                        asyncio.create_task(self._follow_tailnet()),
                        asyncio.create_task(self._revocation_loop()),
                        asyncio.create_task(self._retention_loop())]
-        self._tasks.append(asyncio.create_task(self._check_database()))
+        self._check_database()  # (before the helper threads are set to SCHED_BATCH: it is one)
         if cfg.max_connections_per_device:
             listening = [remote(a, p) for a, p in zip(self.addresses, self.ports, strict=True)]
             self._tasks.append(asyncio.create_task(self.guard.run(listening, own_files)))
@@ -374,17 +374,27 @@ class Server:
         self.progress(f"ready: MagicDNS name {name}, listening on {where}")
         self.notifier.send("READY=1", f"STATUS=serving on {where} as {name}")
 
-    async def _check_database(self) -> None:
-        """SQLite's quick_check once, on a thread while the server serves: one started on a
-        damaged database said "ready" and only warned, at every send, that the database
-        failed (an operator's run, 2026-11-24). A damaged one is an error in the journal,
-        with the way out, and in the unit's status; reads of what is sound go on."""
-        checked = await asyncio.to_thread(quick_check, self.cfg.db_path, CHECK_AT_START,
-                                          self._checking_stops)
-        if checked is not None and checked[1] != ["ok"]:
-            log.error("%s", damaged(self.cfg.db_path, "; ".join(checked[1][:3])))
-            self.notifier.send("STATUS=the history database is damaged: restore the last "
-                               "backup (tsnetchat doctor)")
+    def _check_database(self) -> None:
+        """SQLite's quick_check once, on a thread of its own while the server serves: one
+        started on a damaged database said "ready" and only warned, at every send, that the
+        database failed (an operator's run, 2026-11-24). A damaged one is an error in the
+        journal, with the way out, and in the unit's status; reads of what is sound go on.
+        (Not ``asyncio.to_thread``: the executor's thread, started by the loop's, would keep
+        the normal policy that the helper threads lose.)"""
+        loop = asyncio.get_running_loop()
+
+        def check() -> None:
+            checked = quick_check(self.cfg.db_path, CHECK_AT_START, self._checking_stops)
+            if checked is not None and checked[1] != ["ok"]:
+                with contextlib.suppress(RuntimeError):  # (the loop closed meanwhile)
+                    loop.call_soon_threadsafe(self._damaged, checked[1])
+
+        threading.Thread(target=check, name="tsnetchat-check", daemon=True).start()
+
+    def _damaged(self, found: list[str]) -> None:
+        log.error("%s", damaged(self.cfg.db_path, "; ".join(found[:3])))
+        self.notifier.send("STATUS=the history database is damaged: restore the last backup "
+                           "(tsnetchat doctor)")
 
     def _name(self) -> str:
         return self.status.self_node.short_name if self.status else "the server"
