@@ -48,7 +48,8 @@ def test_a_real_socket_is_shut_down_by_its_inode_and_its_peer_sees_the_end() -> 
     accepted, _ = listener.accept()
     kept = socket.create_connection(listener.getsockname())
     try:
-        assert shut([os.fstat(accepted.fileno()).st_ino], Path("/proc/self/fd")) == 1
+        inode = os.fstat(accepted.fileno()).st_ino
+        assert shut([inode], Path("/proc/self/fd")) == {inode}
         client.settimeout(5)
         assert client.recv(1) == b""  # the end, at once
         kept.settimeout(0.2)
@@ -57,7 +58,7 @@ def test_a_real_socket_is_shut_down_by_its_inode_and_its_peer_sees_the_end() -> 
             raise AssertionError("the other connection was shut too")
         except TimeoutError:
             pass
-        assert shut([1 << 40], Path("/proc/self/fd")) == 0  # (no such socket: nothing)
+        assert shut([1 << 40], Path("/proc/self/fd")) == set()  # (no such socket: nothing)
     finally:
         for s in (listener, client, accepted, kept):
             s.close()
@@ -84,9 +85,9 @@ async def test_the_newest_connections_of_a_device_over_the_limit_are_the_ones_sh
     guard_established = iter(tables)
     monkeypatch.setattr(connguard, "established", lambda net, ports: next(guard_established))
 
-    def record(inodes: list[int], fd_dir: Path) -> int:
+    def record(inodes: list[int], fd_dir: Path) -> set[int]:
         shut_down.append(sorted(inodes))
-        return len(inodes)
+        return set(inodes)
 
     monkeypatch.setattr(connguard, "shut", record)
     here = [("127.0.0.1", 50051)]

@@ -54,8 +54,7 @@ def _address(hexed: str) -> Remote:
     raw = bytes.fromhex(ip_hex)
     if sys.byteorder == "little":  # (the words are printed as the host holds them)
         raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
-    ip = raw
-    return remote(str(ipaddress.ip_address(ip)), int(port_hex, 16))
+    return remote(str(ipaddress.ip_address(raw)), int(port_hex, 16))
 
 
 def established(net_dir: Path, listening: Collection[Remote]) -> dict[int, Remote]:
@@ -78,10 +77,10 @@ def established(net_dir: Path, listening: Collection[Remote]) -> dict[int, Remot
     return found
 
 
-def shut(inodes: Iterable[int], fd_dir: Path) -> int:
-    """Shut down this process's sockets with these inodes; how many were."""
+def shut(inodes: Iterable[int], fd_dir: Path) -> set[int]:
+    """Shut down this process's sockets with these inodes; the inodes that were."""
     wanted = set(inodes)
-    done = 0
+    done: set[int] = set()
     for entry in os.listdir(fd_dir):
         try:
             target = os.readlink(fd_dir / entry)
@@ -104,7 +103,7 @@ def shut(inodes: Iterable[int], fd_dir: Path) -> int:
         try:  # (the descriptor may have been closed and reused since it was read)
             if os.fstat(s.fileno()).st_ino == inode:
                 s.shutdown(socket.SHUT_RDWR)
-                done += 1
+                done.add(inode)
         except OSError:
             pass
         finally:
@@ -191,18 +190,18 @@ class ConnectionGuard:
                 excess[device] = (len(inodes), inodes[self.limit:])
         if not excess:
             return 0
-        done = 0
+        done = await asyncio.to_thread(  # (one walk of the process's files for them all)
+            shut, [i for _, inodes in excess.values() for i in inodes], self.fd_dir)
+        now = time.monotonic()
         for device, (held_n, inodes) in excess.items():
-            closed = await asyncio.to_thread(shut, inodes, self.fd_dir)
-            done += closed
-            now = time.monotonic()
+            closed = len(done.intersection(inodes))
             if closed and now - self._said.get(device, -SAY_EVERY) >= SAY_EVERY:
                 self._said[device] = now  # (an attack goes on: a line a minute)
                 log.warning("closed %d connection(s) of device %r: it held %d open at once, "
                             "more than max_connections_per_device (%d)", closed, device,
                             held_n, self.limit)
-        self.closed += done
-        return done
+        self.closed += len(done)
+        return len(done)
 
 
 def open_files(fd_dir: Path) -> int:
