@@ -63,22 +63,33 @@ def load_or_create_key(path: Path) -> bytes:
     if not os.path.lexists(path):
         # Written aside and linked into place whole: on a full disk the key was left empty,
         # and the error said "unexpected OSError ... a bug" (an operator's run, 2026-11-24).
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.new")  # (ours)
         try:
-            with os.fdopen(open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL), "wb") as f:
-                f.write(secrets.token_bytes(32).hex().encode())
-                f.flush()
-                os.fsync(f.fileno())
-                give_to_server(f.fileno(), path.parent)
-            with contextlib.suppress(FileExistsError):  # (another process's came first)
-                os.link(tmp, path)
+            tmp = _key_aside(path, secrets.token_bytes(32).hex().encode())
+            try:
+                with contextlib.suppress(FileExistsError):  # (another process's came first)
+                    os.link(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
         except OSError as e:  # (ConfigError, as read_key's: what start-up and reload catch)
             raise ConfigError(f"cannot write the signing key {path}: {e.strerror}"
                               f"{full_disk_hint(path)}") from None
-        finally:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
     return read_key(path)
+
+
+def _key_aside(path: Path, key: bytes) -> Path:
+    """``key`` in a new file beside ``path`` (0600, synced, the server's), under a name of
+    this process's own, for a rename or link into place; removed if it cannot be written."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.new")
+    try:
+        with os.fdopen(open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL), "wb") as f:
+            f.write(key)
+            f.flush()
+            os.fsync(f.fileno())
+            give_to_server(f.fileno(), path.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
 
 
 def rotate_key(path: Path) -> None:
@@ -91,14 +102,7 @@ def write_key(path: Path, key: bytes) -> None:
     """Replace the signing key with ``key`` (0600, atomically): cluster mode adopts the
     cluster's key this way, so `tsnetchat token issue` on any server signs with it."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(path.name + ".new")
-    tmp.unlink(missing_ok=True)
-    with os.fdopen(open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL), "wb") as f:
-        f.write(key)
-        f.flush()
-        os.fsync(f.fileno())
-        give_to_server(f.fileno(), path.parent)
-    tmp.replace(path)
+    _key_aside(path, key).replace(path)
 
 
 @dataclass(frozen=True)
