@@ -271,9 +271,7 @@ class Ledger:
             bad = render.UNSAFE.search(text) or (text and "\n" in text)
             if bad:
                 raise InvalidInput("a topic is one line of printable text")
-            # Only invisible characters is no topic, as it is no message (they were stored
-            # and shown as "set the topic: " and nothing: an attacker's run, 2026-11-24).
-            return "" if render.is_blank(text) else text.strip()
+            return render.one_line(text)
         if not target:
             raise InvalidInput("an edit or deletion needs the target_id of a message")
         if target > MAX_ID:

@@ -48,6 +48,13 @@ def is_blank(text: str) -> bool:
     return _BLANK.fullmatch(text) is not None
 
 
+def one_line(text: str) -> str:
+    """A topic or away message as kept: stripped, and "" when it shows nothing (invisible
+    characters alone were stored and shown as "set the topic: " and nothing: an attacker's
+    run, 2026-11-24)."""
+    return "" if is_blank(text) else text.strip()
+
+
 def name(shown: str, fallback: str = "") -> str:
     """``shown`` made safe to print as a name (see the module doc), or ``fallback`` (made
     safe the same way) when nothing visible is left."""

@@ -694,7 +694,7 @@ class ChatService:
 
     def _set_away(self, sub: Subscriber, p: auth.Principal, away: bool, message: str) -> None:
         """/away [message] (or back): for the person, announced in every room they are in."""
-        message = "" if render.is_blank(message) else message.strip()  # (as a topic's)
+        message = render.one_line(message)  # (as a topic's)
         if len(message.encode()) > self.limits.max_topic_bytes or (
                 render.UNSAFE.search(message) or "\n" in message):
             raise InvalidInput(f"an away message is one line of at most "
