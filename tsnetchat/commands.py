@@ -261,9 +261,9 @@ def complete(before: str, *, rooms: Iterable[str], nicks: Iterable[str]
         kept = "".join(f"{n}," for n in named)
         start = -len(done) - len(part) if kept != done else -len(part)
         lead = kept if kept != done else ""
-        return [(lead + n, start) for n in _unique(nicks)  # (not one already named)
-                if n.lower().startswith(part.lower()) and n.lower() not in
-                {m.lower() for m in named}] if part or done else []
+        taken = {n.lower() for n in named}  # (not one already named)
+        return [(lead + n, start) for n in _unique(nicks) if n.lower().startswith(
+            part.lower()) and n.lower() not in taken] if part or done else []
     start = -len(word)
     if before.startswith("/") and " " not in before:
         names = sorted({n for c in COMMANDS for n in (c.name, *c.aliases) if len(n) > 1})

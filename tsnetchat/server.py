@@ -387,11 +387,11 @@ class Server:
             checked = quick_check(self.cfg.db_path, CHECK_AT_START, self._checking_stops)
             if checked is not None and checked[1] != ["ok"]:
                 with contextlib.suppress(RuntimeError):  # (the loop closed meanwhile)
-                    loop.call_soon_threadsafe(self._damaged, checked[1])
+                    loop.call_soon_threadsafe(self._say_damaged, checked[1])
 
         threading.Thread(target=check, name="tsnetchat-check", daemon=True).start()
 
-    def _damaged(self, found: list[str]) -> None:
+    def _say_damaged(self, found: list[str]) -> None:
         log.error("%s", damaged(self.cfg.db_path, "; ".join(found[:3])))
         self.notifier.send("STATUS=the history database is damaged: restore the last backup "
                            "(tsnetchat doctor)")
