@@ -764,7 +764,7 @@ def test_a_terminal_closed_with_lines_not_yet_sent_keeps_them_in_a_file(
         time.sleep(0.2)
     text = kept.read_text()
     assert "#general: typed as the terminal closed" in text
-    assert "(typed in #general) half a sentence" in text
+    assert "(typed in #general; back in its input next time) half a sentence" in text
     assert "  #general: a first line\n    and a second\n" in text  # under its first line
     assert ("  (waiting in #general for the message above) /edit a first line, corrected\n"
             in text), text
@@ -775,6 +775,8 @@ def test_a_terminal_closed_with_lines_not_yet_sent_keeps_them_in_a_file(
     again = open_terminal("alice", home_name="home-alice-0")
     said = r"lines an earlier chat could not send are in\s+\S*unsent\.txt"
     again.wait_for(said)
+    again.wait_for(r"#general> half a sentence")  # and the half-typed line is back
+    again.keys("C-u")
     again.type("back again")
     again.wait_for(r"▸ <Alice> back again")
     assert not re.search(said, again.screen()), again.screen()
@@ -783,6 +785,46 @@ def test_a_terminal_closed_with_lines_not_yet_sent_keeps_them_in_a_file(
     third = open_terminal("alice", home_name="home-alice-0")
     time.sleep(1)  # (the notes are there at once, or not at all)
     assert not re.search(said, third.screen()), third.screen()
+    no_python_on(again, third)
+
+
+def test_a_line_half_typed_when_the_chat_ended_is_back_in_its_room_in_the_next_chat(
+        open_terminal: Opener, tmp_path: Path) -> None:
+    """It was only in unsent.txt, to be copied back by hand."""
+    alice = open_terminal("alice", home_name="home-alice")
+    alice.type("/join #random")
+    alice.wait_for(r"you joined #random")
+    alice.type("half in random", enter=False)
+    alice.keys("M-1")
+    alice.wait_for(r"│ #general │")
+    alice.type("half in general,", enter=False)
+    alice.keys("C-j")
+    alice.type("over two lines", enter=False)
+    alice.wait_for(r"over two lines")
+    alice.kill()  # the terminal goes: the chat is hung up
+    kept = tmp_path / "home-alice" / ".local" / "state" / "tsnetchat" / "unsent.txt"
+    deadline = time.monotonic() + 10
+    while "over two lines" not in (kept.read_text() if kept.exists() else ""):
+        assert time.monotonic() < deadline, kept.read_text() if kept.exists() else "nothing"
+        time.sleep(0.2)
+    text = kept.read_text()
+    assert "(typed in #random; back in its input next time) half in random" in text, text
+    assert "(typed in #general; back in its input next time) half in general," in text, text
+    again = open_terminal("alice", home_name="home-alice", wait=False)
+    again.wait_for(r"#general> half in general,")
+    again.wait_for(r"over two lines")
+    again.keys("Enter")  # sent as it was typed: two lines, one message
+    again.wait_for(r"▸ <Alice> half in general,")
+    again.keys("M-2")
+    again.wait_for(r"#random> half in random")
+    again.keys("Enter")
+    again.wait_for(r"▸ <Alice> half in random")
+    again.type("/quit")
+    again.wait_for(r"EXITED 0", timeout=5)
+    third = open_terminal("alice", home_name="home-alice", wait=False)  # sent: not again
+    third.wait_for(r"│ #random │")
+    time.sleep(1)
+    assert not re.search(r"#random> \S", third.screen()), third.screen()
     no_python_on(again, third)
 
 

@@ -54,7 +54,7 @@ def test_a_key_cannot_name_a_file_outside_the_folder(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("body", [
     "{not json", "[]", '{"rooms": "general"}', '{"rooms": [1, null, ""], "shown": 1}',
-    '{"shown": "general"}', "\x00\xff"])
+    '{"shown": "general"}', "\x00\xff", '{"rooms": ["general"], "drafts": ["a"]}'])
 def test_a_damaged_file_is_no_rooms_and_never_an_error(tmp_path: Path, body: str) -> None:
     path = openrooms.path_for(tmp_path, "s:1")
     path.parent.mkdir(parents=True)
@@ -92,3 +92,40 @@ def test_at_most_max_rooms_are_opened_from_a_file(tmp_path: Path) -> None:
     many = [f"r{i}" for i in range(openrooms.MAX_ROOMS + 10)]
     openrooms.save(tmp_path, "s:1", OpenRooms(tuple(many), None))
     assert len(openrooms.load(tmp_path, "s:1").rooms) == openrooms.MAX_ROOMS
+
+
+def test_what_was_typed_in_each_room_comes_back_with_it_exactly_as_typed(
+        tmp_path: Path) -> None:
+    typed = (("general", "half a line\n  and an indented one\t"), ("dm:a@x,b@x", "psst \ud83d"),
+             ("+ops", "ça va? 日本語 👍"))
+    openrooms.save(tmp_path, "s:1", OpenRooms(("general", "+ops", "dm:a@x,b@x"), None, typed))
+    back = openrooms.load(tmp_path, "s:1")
+    assert dict(back.drafts) == dict(typed)  # a lone surrogate too (pasted half an emoji)
+    assert [room for room, _ in back.drafts] == ["general", "+ops", "dm:a@x,b@x"]  # in order
+
+
+def test_a_draft_is_kept_only_for_a_room_that_opens_again(tmp_path: Path) -> None:
+    openrooms.save(tmp_path, "s:1", OpenRooms(("general",), None, (("left-it", "gone"),
+                                                                    ("general", "kept"))))
+    assert openrooms.load(tmp_path, "s:1").drafts == (("general", "kept"),)
+    path = openrooms.path_for(tmp_path, "s:1")
+    path.write_text(json.dumps({"rooms": ["general", "random"],
+                                "drafts": {"random": 5, "ops": "x", "general": "ok"}}))
+    assert openrooms.load(tmp_path, "s:1") == OpenRooms(("general", "random"), None,
+                                                        (("general", "ok"),))
+
+
+def test_drafts_too_long_for_the_file_are_left_out_and_the_others_still_come_back(
+        tmp_path: Path) -> None:
+    rooms = tuple(f"r{i}" for i in range(10))
+    long = "x" * (openrooms.MAX_DRAFT + 1)
+    full = "y" * openrooms.MAX_DRAFT
+    typed = (("r0", long), *((r, full) for r in rooms[1:]))
+    openrooms.save(tmp_path, "s:1", OpenRooms(rooms, "r0", typed))
+    back = openrooms.load(tmp_path, "s:1")
+    assert back.rooms == rooms and back.shown == "r0"
+    kept = dict(back.drafts)
+    assert "r0" not in kept  # too long for one room (it is in unsent.txt, see tui)
+    assert sum(map(len, kept.values())) <= openrooms.MAX_DRAFTS
+    assert kept == {r: full for r in rooms[1:1 + openrooms.MAX_DRAFTS // openrooms.MAX_DRAFT]}
+    assert openrooms.path_for(tmp_path, "s:1").stat().st_size <= openrooms.MAX_FILE

@@ -1,8 +1,9 @@
 """The rooms a `tsnetchat connect` had open when it ended, per server, so that the next one
 opens them again (each morning began with the same `/join`s, by hand, in the order of the
-day before). One small JSON file per server in the client's state dir, beside its log;
-written when the chat ends, read when it starts. A missing or damaged file is no rooms:
-a list of rooms is never worth refusing to start over."""
+day before), with what was typed in each and not sent (its draft). One small JSON file per
+server in the client's state dir, beside its log; written when the chat ends, read when it
+starts. A missing or damaged file is no rooms: a list of rooms is never worth refusing to
+start over (the drafts are in ``unsent.txt`` too, see tui)."""
 
 from __future__ import annotations
 
@@ -19,16 +20,20 @@ log = logging.getLogger(__name__)
 
 MAX_ROOMS = 64  # more than anyone keeps open; a damaged file cannot open thousands
 MAX_NAME = 1024  # characters; the server checks the name itself when the room is joined
-MAX_FILE = 256 * 1024  # bytes read at most
+MAX_DRAFT = 16 * 1024  # characters of one room's draft; a longer one is in unsent.txt only
+MAX_DRAFTS = 64 * 1024  # characters of drafts in one file (JSON-escaped, under MAX_FILE)
+MAX_FILE = 1024 * 1024  # bytes read at most
 FOLDER = "open-rooms"
 
 
 @dataclass(frozen=True)
 class OpenRooms:
-    """The rooms in the order they were listed, and the one that was shown (or None)."""
+    """The rooms in the order they were listed, the one that was shown (or None), and what
+    was typed in them and not sent, as (room, text) in the same order."""
 
     rooms: tuple[str, ...] = ()
     shown: str | None = None
+    drafts: tuple[tuple[str, str], ...] = ()
 
 
 def server_key(typed: str, port: int, *, address: str = "", dns_name: str = "") -> str:
@@ -61,22 +66,35 @@ def load(state_dir: Path, key: str) -> OpenRooms:
         rooms = tuple(dict.fromkeys(
             r for r in listed if isinstance(r, str) and 0 < len(r) <= MAX_NAME))
         shown = data.get("shown")
+        typed = data.get("drafts") or {}
+        if not isinstance(typed, dict):
+            raise TypeError(f"drafts is a {type(typed).__name__}, not an object")
     except FileNotFoundError:
         return OpenRooms()
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
         log.warning("ignoring the rooms of the last session in %s: %s", path, e)
         return OpenRooms()
     rooms = rooms[:MAX_ROOMS]
-    return OpenRooms(rooms, shown if shown in rooms else None)
+    drafts = tuple((r, typed[r]) for r in rooms
+                   if isinstance(typed.get(r), str) and 0 < len(typed[r]) <= MAX_DRAFT)
+    return OpenRooms(rooms, shown if shown in rooms else None, drafts)
 
 
 def save(state_dir: Path, key: str, open_rooms: OpenRooms) -> None:
     """Remember ``open_rooms`` for ``key``'s server (0600; replaced whole, never half
-    written). A failure is logged, not raised: the chat is ending, and nothing typed is in
-    this file."""
+    written). A failure is logged, not raised: the chat is ending, and what is typed here is
+    in ``unsent.txt`` as well. Drafts beyond ``MAX_DRAFT`` or ``MAX_DRAFTS`` are left out."""
     path = path_for(state_dir, key)
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    body = json.dumps({"rooms": list(open_rooms.rooms[:MAX_ROOMS]), "shown": open_rooms.shown})
+    rooms = open_rooms.rooms[:MAX_ROOMS]
+    drafts: dict[str, str] = {}
+    used = 0
+    for room, text in open_rooms.drafts:
+        if room in rooms and 0 < len(text) <= MAX_DRAFT and used + len(text) <= MAX_DRAFTS:
+            drafts[room] = text
+            used += len(text)
+    # (ASCII: a lone surrogate typed or pasted is escaped, and read back as it was)
+    body = json.dumps({"rooms": list(rooms), "shown": open_rooms.shown, "drafts": drafts})
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)

@@ -39,7 +39,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -1361,7 +1361,20 @@ class ChatApp:
         with this server (not one closed for good, nor search results)."""
         rooms = tuple(name for name in self.conversations if name in self.sessions
                       and self.sessions[name].state.phase is not Phase.FAILED)
-        return openrooms.OpenRooms(rooms, self.current if self.current in rooms else None)
+        typed = {name: d.text for name, d in self.drafts.items()}
+        if self.current is not None:
+            typed[self.current] = self.input.text
+        drafts = tuple((name, typed[name]) for name in rooms if typed.get(name, "").strip())
+        return openrooms.OpenRooms(rooms, self.current if self.current in rooms else None,
+                                   drafts)
+
+    def restore_drafts(self, drafts: Iterable[tuple[str, str]]) -> None:
+        """What the last chat had typed in each room and not sent, back as the rooms' drafts
+        (before ``reopen``: the room shown brings its own into the input). Only in
+        unsent.txt, a line typed before a restart had to be copied back by hand (carried
+        over since the nineteenth session)."""
+        for room, text in drafts:
+            self.drafts[room] = Document(text, len(text))
 
     def unsent(self) -> list[str]:
         """What was typed but not stored, to print after the screen is gone (a message's
@@ -1371,12 +1384,13 @@ class ChatApp:
         titles = {name: c.title for name, c in self.conversations.items()}
         out = [f"{titles.get(room, room)}: {o.text}{notes.get(o.state, '')}"
                for room, s in self.sessions.items() for o in s.outbox]
-        if self.input.text.strip():
-            # (in which room: "(input)" alone did not say; a new user's day, 2026-11-24)
-            out.append(f"(typed in {titles.get(self.current or '', 'no room')}) "
-                       f"{self.input.text}")
-        out += [f"(typed in {titles.get(room, room)}) {d.text}"
-                for room, d in self.drafts.items() if d.text.strip()]
+        kept = dict(self.open_rooms().drafts)
+        typed = [(self.current or "", self.input.text), *(
+            (room, d.text) for room, d in self.drafts.items())]
+        # (in which room: "(input)" alone did not say; a new user's day, 2026-11-24)
+        out += [f"(typed in {titles.get(room, room or 'no room')}"
+                f"{'; back in its input next time' if kept.get(room) == text else ''}) {text}"
+                for room, text in typed if text.strip()]
         out += [f"(waiting in {titles.get(room, room)} for the message above) {line}"
                 for line, room in self.waiting_changes.values()]
         return [indented(line) for line in out]
@@ -1512,22 +1526,27 @@ async def run_tui(server: str, room: str | None, *, token: str | None, socket: s
             untold = _unsent_untold()
             if untold is not None:
                 chat.start_notes[""] = f"lines an earlier chat could not send are in {untold}"
+            chat.restore_drafts(last.drafts)
             chat.reopen(last.rooms, asked or last.shown or next(iter(last.rooms), "general"),
                         back=last.shown)
             chat.spawn(chat.poll_unread())
             result = await chat.app.run_async(set_exception_handler=False)
         finally:
-            for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGTSTP):
-                loop.remove_signal_handler(sig)
+            loop.remove_signal_handler(signal.SIGTSTP)
             opened = chat.open_rooms()
             await chat.close()
             openrooms.save(log_path().parent, key, opened)
-            loop.set_exception_handler(old_handler)
             # Kept whatever ended the screen: a terminal that went away ends it with an
             # I/O error, and what was typed went with it, printed to nowhere (a new user's
-            # day, 2026-11-23).
+            # day, 2026-11-23). SIGHUP and SIGTERM stay ours until it is kept: a closed
+            # terminal hangs the chat up twice (the kernel's hangup, then again when the
+            # shell that ran it exits), and the second, at its default, ended the process
+            # before anything was written (2026-11-24).
             left = chat.unsent()
             kept = _keep_unsent(left) if left else None
+            for sig in (signal.SIGHUP, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+            loop.set_exception_handler(old_handler)
     if left:
         with contextlib.suppress(OSError):
             print("not sent when you left (the server has not stored these)"
