@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ from helpers import CLI
 from tsnetchat import grants, hujson
 from tsnetchat.config import load_config
 from tsnetchat.errors import ConfigError, InvalidInput
-from tsnetchat.systemd import Installation, render_unit
+from tsnetchat.systemd import Installation, install_unit, render_unit
 from tsnetchat.tsapi import credentials
 
 CAP = "example.com/cap/tsnetchat"
@@ -186,6 +188,24 @@ def test_install_systemd_into_a_directory_it_cannot_write_is_a_clear_error(
     out = _cli("install-systemd", "--dest", str(blocker / "units"))
     assert out.returncode == 3 and "Traceback" not in out.stderr
     assert f"cannot write {blocker}/units/tsnetchat.service" in out.stderr
+
+
+def test_an_installation_under_tmp_is_installed_with_a_warning_that_the_service_cannot_see_it(
+        tmp_path: Path) -> None:
+    """The unit's PrivateTmp=yes hides /tmp: its ExecStart would fail with 203/EXEC, and
+    install-systemd said nothing (a newcomer, 2026-11-24)."""
+    where = Path(tempfile.mkdtemp(prefix="tsnetchat-install-", dir="/tmp"))
+    try:
+        where.chmod(0o755)  # (a service's user may pass: only the place is at fault)
+        exe = where / "tsnetchat"
+        exe.write_text("#!/bin/sh\n")
+        exe.chmod(0o755)
+        path, warning = install_unit(tmp_path / "units", exe=str(exe))
+        assert f"ExecStart={exe} serve" in path.read_text()  # written all the same
+        assert f"this installation ({exe}) is under a temporary directory" in warning
+        assert "PrivateTmp=yes" in warning and "/opt/tsnetchat" in warning
+    finally:
+        shutil.rmtree(where)
 
 
 def test_removing_one_of_two_items_on_a_line_keeps_the_other_in_place() -> None:

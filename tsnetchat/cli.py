@@ -141,8 +141,9 @@ StateOpt = Annotated[Path | None, typer.Option(
 SocketOpt = Annotated[str | None, typer.Option(help="tailscaled LocalAPI socket.")]
 
 
-def _need_server() -> None:
-    """The server's commands need the `server` extra; a client-only install says so."""
+def _need_server(instead: str = "") -> None:
+    """The server's commands need the `server` extra; a client-only install says so (and
+    ``instead``, what the client may have meant)."""
     import importlib
 
     for module in ("jwt", "grpc_health.v1", "grpc_reflection.v1alpha"):
@@ -151,7 +152,9 @@ def _need_server() -> None:
         except ImportError:
             raise fail(ConfigError(
                 f"this command runs the server side, which needs more than the client: "
-                f"pip install 'tsnetchat[server]' (missing: {module.split('.')[0]})")) from None
+                f"pip install './tsnetchat[server]' from your checkout or wheel (README, Install; "
+                f"missing: {module.split('.')[0]})"
+                f"{instead}")) from None
 
 
 def _server_config(config: Path | None, **flags: Any) -> ServerConfig:
@@ -930,7 +933,8 @@ def doctor(
         raise typer.Exit(0 if ok else 1)
     from .doctor import run_doctor
 
-    _need_server()
+    # (a client-only install was told only what to install; a newcomer, 2026-11-24)
+    _need_server("; to check this machine as a client, `tsnetchat doctor --server NAME`")
     cfg = _server_config(config, socket=socket, state_dir=state_dir, port=port)
     ok = run(run_doctor(cfg, with_api=api))
     raise typer.Exit(0 if ok else 1)
@@ -945,10 +949,12 @@ def install_systemd(
     from .systemd import install_unit
 
     try:
-        path = install_unit(dest, embedded=embedded)
+        path, warning = install_unit(dest, embedded=embedded)
     except TsnetchatError as e:
         raise fail(e) from None
     typer.echo(f"installed {path}")
+    if warning:  # (written all the same: a newcomer, 2026-11-24)
+        typer.echo(f"warning: {warning}", err=True)
     if embedded:
         typer.echo("the auth key: /etc/tsnetchat/authkey (mode 0600; read through the "
                    "credential 'authkey'), or an OAuth client (see README, Operations)")

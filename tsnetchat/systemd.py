@@ -27,9 +27,12 @@ from .errors import ConfigError
 UNITS = {False: "tsnetchat.service", True: "tsnetchat-embedded.service"}
 # What ProtectHome=yes hides from the service.
 HOME_ROOTS = (Path("/home"), Path("/root"), Path("/run/user"))
+# What PrivateTmp=yes replaces with empty directories of the service's own.
+TMP_ROOTS = (Path("/tmp"), Path("/var/tmp"))
 # The install the README recommends, named in every refusal.
 VENV_FIX = ("install it where a service can run it: sudo python3 -m venv /opt/tsnetchat && "
-            "sudo /opt/tsnetchat/bin/pip install 'tsnetchat[server]', then run "
+            "sudo /opt/tsnetchat/bin/pip install './tsnetchat[server]' (your checkout or wheel; "
+            "README, Install), then run "
             "sudo /opt/tsnetchat/bin/tsnetchat install-systemd")
 
 
@@ -42,11 +45,14 @@ class Installation:
     """Where this tsnetchat lives, as a service must see it.
 
     ``exe`` is the script ExecStart runs; ``binds`` are directories under a home directory
-    the service must see (read-only); empty when nothing is under a home.
+    the service must see (read-only); empty when nothing is under a home. ``in_tmp``: the
+    first of the script and the installation's prefixes under /tmp or /var/tmp, which the
+    service cannot see (a checkout there is fine to test with, so it is said, not refused).
     """
 
     exe: Path
     binds: tuple[Path, ...] = ()
+    in_tmp: Path | None = None
 
 
 def _under(path: Path, root: Path) -> bool:
@@ -115,7 +121,9 @@ def find_installation(exe: str | None = None) -> Installation:
             raise ConfigError(f"install-systemd: a service runs as a user of its own, which "
                               f"may not read {stop}: make the installation readable by others "
                               f"(chmod -R o+rX), or {VENV_FIX}")
-    return Installation(exe=script, binds=binds)
+    in_tmp = next((p for p in (script, Path(sys.prefix), Path(sys.base_prefix))
+                   if any(_under(p, t) or _under(p.resolve(), t) for t in TMP_ROOTS)), None)
+    return Installation(exe=script, binds=binds, in_tmp=in_tmp)
 
 
 def render_unit(inst: Installation, *, embedded: bool = False) -> str:
@@ -135,12 +143,19 @@ def _quote(path: str) -> str:
     return f'"{path}"' if any(c.isspace() for c in path) else path
 
 
-def install_unit(dest: Path, *, embedded: bool = False, exe: str | None = None) -> Path:
-    """Write the unit to ``dest`` with ExecStart pointing at this installation's tsnetchat.
+def install_unit(dest: Path, *, embedded: bool = False, exe: str | None = None
+                 ) -> tuple[Path, str]:
+    """Write the unit to ``dest`` with ExecStart pointing at this installation's tsnetchat;
+    its path, and a warning ("" if none) for an installation under /tmp.
 
     Raises ConfigError (saying how to install instead) for an installation a service cannot
     run."""
-    text = render_unit(find_installation(exe), embedded=embedded)
+    inst = find_installation(exe)
+    text = render_unit(inst, embedded=embedded)
+    warning = "" if inst.in_tmp is None else (
+        f"this installation ({inst.in_tmp}) is under a temporary directory, which the unit's "
+        f"PrivateTmp=yes replaces with an empty one: the service will not start (status "
+        f"203/EXEC); {VENV_FIX}")
     path = dest / UNITS[embedded]
     try:
         dest.mkdir(parents=True, exist_ok=True)
@@ -149,4 +164,4 @@ def install_unit(dest: Path, *, embedded: bool = False, exe: str | None = None) 
         hint = (" (as root: sudo tsnetchat install-systemd)" if os.geteuid() != 0
                 else f" (is {dest} a directory?)")
         raise ConfigError(f"install-systemd: cannot write {path}: {e.strerror}{hint}") from None
-    return path
+    return path, warning
