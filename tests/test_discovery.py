@@ -462,3 +462,36 @@ def test_connect_v_reports_each_step_then_chats_and_save_token_keeps_it_for_the_
         out = run([CLI, "whoami", name, *where], env)
         assert out.returncode == 0, out.stderr
         assert json.loads(out.stdout)["login"] == "bob@tailnet.test"
+
+
+def test_a_script_checks_and_keeps_an_admins_token_with_whoami_save_token(
+        lab: Any, server: LabDaemon, tmp_path: Path) -> None:
+    """The "no token" refusal said `--save-token` keeps one, which only the interactive
+    `connect` had (a newcomer, 2026-11-24). A token the server refuses is not kept."""
+    bob = lab.nodes["bob-laptop"]
+    env = client_env(tmp_path)
+    where = ["--socket", bob.socket, "--proxy", f"http://{bob.http_proxy}", "--port",
+             str(server.port)]
+    none = run([CLI, "whoami", "chat-server", *where], env)
+    assert none.returncode == 5 and "whoami chat-server --token-file FILE --save-token" in (
+        " ".join(none.stderr.split())), none.stderr
+    stolen = server.token("alice@tailnet.test")  # bob's device: the tailnet lock refuses it
+    (tmp_path / "alice.token").write_text(stolen + "\n")
+    out = run([CLI, "whoami", "chat-server", "--token-file", str(tmp_path / "alice.token"),
+               "--save-token", *where], env)
+    assert out.returncode == 5 and "saved" not in out.stderr, out.stderr
+    assert run([CLI, "whoami", "chat-server", *where], env).returncode == 5  # still none
+    (tmp_path / "bob.token").write_text(server.token("bob@tailnet.test") + "\n")
+    out = run([CLI, "whoami", "chat-server", "--token-file", str(tmp_path / "bob.token"),
+               "--save-token", *where], env)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["login"] == "bob@tailnet.test"
+    assert "saved the token for chat-server.tailnet.test" in out.stderr
+    out = run([CLI, "whoami", "chat-server", *where], env)  # kept: no --token any more
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["login"] == "bob@tailnet.test"
+    out = run([CLI, "whoami", "chat-server", "--save-token", *where], env)
+    assert out.returncode == 3 and "give the token with --token or --token-file" in out.stderr
+    out = run([CLI, "whoami", "chat-server", "--token-file", str(tmp_path / "bob.token"),
+               "--save-token", "--address", "127.0.0.1:1"], env)
+    assert out.returncode == 3 and "leave --address out" in out.stderr, out.stderr

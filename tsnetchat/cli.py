@@ -576,17 +576,13 @@ def connect_cmd(
     s = _client_settings(server, token, token_file, socket, proxy)
     if save_token and not s["token"]:
         raise fail(ConfigError("--save-token: give the token with --token or --token-file"))
+    if save_token and address:
+        raise fail(ConfigError("--save-token keeps a token under the server's tailnet node, "
+                               "which --address skips: leave --address out"))
     if (verbose or save_token) and not address:
         found = run(_find(server, port, s, verbose))
         if save_token:
-            from .tokens import save_admin_token
-
-            try:
-                where = save_admin_token(found.node, s["token"])
-            except TsnetchatError as e:
-                raise fail(e) from None
-            typer.echo(f"saved the token for {found.node.dns_name or server} in {where}",
-                       err=True)
+            _save_token(found.node, server, s["token"])
     from .tui import run_tui
 
     raise typer.Exit(run(run_tui(server, room, port=port, address=address or "", notify=notify,
@@ -900,12 +896,38 @@ def whoami(
     socket: ClientSocketOpt = None, proxy: ProxyOpt = None, port: PortOpt = 50051,
     address: AddressOpt = None, verbose: VerboseOpt = False,
     json_out: Annotated[bool, typer.Option("--json", help="(The output is always JSON.)")] = True,
+    save_token: Annotated[bool, typer.Option(
+        help="Keep the token given with --token or --token-file for this server, once the "
+             "server has taken it (a script's or bot's way; `connect --save-token` needs a "
+             "terminal).")] = False,
 ) -> None:
     """Who the server thinks you are, and what you may do (JSON)."""
     from . import clientcmds
 
     s = _client_settings(server, token, token_file, socket, proxy)
-    typer.echo(run(clientcmds.whoami(_link(server, port, address, s, verbose))))
+    if save_token and not s["token"]:
+        raise fail(ConfigError("--save-token: give the token with --token or --token-file"))
+    if save_token and address:
+        raise fail(ConfigError("--save-token keeps a token under the server's tailnet node, "
+                               "which --address skips: leave --address out"))
+    link = _link(server, port, address, s, verbose)
+    out = run(clientcmds.whoami(link))
+    if save_token:
+        _save_token(link.target.node if link.target else None, server, s["token"])
+    typer.echo(out)
+
+
+def _save_token(node: Any, server: str, token: str) -> None:
+    """Keep an admin's ``token`` for the server ``node`` that discovery found (--save-token)."""
+    from .tokens import save_admin_token
+
+    if node is None:  # (discovery always names it; belt and braces)
+        raise fail(ConfigError(f"--save-token: {server} was not found on the tailnet"))
+    try:
+        where = save_admin_token(node, token)
+    except TsnetchatError as e:
+        raise fail(e) from None
+    typer.echo(f"saved the token for {node.dns_name or server} in {where}", err=True)
 
 
 @app.command()

@@ -300,7 +300,8 @@ def outlived(token: str, now: float) -> bool:
 
 def save_admin_token(node: discovery.ServerNode, token: str,
                      store: TokenStore | None = None) -> Path:
-    """Keep a token an admin issued, for this server node (``connect --save-token``)."""
+    """Keep a token an admin issued, for this server node (``--save-token`` of `connect`
+    and `whoami`)."""
     claims = _unverified_claims(token)
     iat, exp = claims.get("iat"), claims.get("exp")
     timed = isinstance(iat, int) and isinstance(exp, int) and exp > iat
@@ -365,7 +366,8 @@ class Renewal:
             raise Unauthenticated(
                 f"no token for {typed}: run `tsnetchat login {typed}` (if that server hands "
                 "out tokens), or pass the token its admin gave you with --token or "
-                "--token-file (`--save-token` keeps it)")
+                f"--token-file (`tsnetchat whoami {typed} --token-file FILE --save-token` "
+                "checks it and keeps it)")
         exp = entry.expires
         if exp is not None and entry.expired(now):
             why = f", and {typed} had refused to renew it: {entry.refused}" if entry.refused \
