@@ -189,6 +189,25 @@ async def test_the_doctor_fails_a_damaged_history_and_a_short_key_and_says_what_
     assert found.verdict == FAIL and "is empty (0 bytes)" in found.detail, found
 
 
+def test_a_backup_of_a_damaged_history_says_the_history_is_damaged_not_the_backups_place(
+        tmp_path: Path) -> None:
+    """It said "cannot copy ... to <backup>.partial: ..." (a newcomer, 2026-11-24)."""
+    state, _ = issued_state(tmp_path)
+    db = state / "tsnetchat.db"
+    page = int.from_bytes(db.read_bytes()[16:18], "big")
+    with db.open("r+b") as f:  # garbage over the last page
+        f.seek(db.stat().st_size - page)
+        f.write(b"\xa5" * page)
+    dest = tmp_path / "backups" / "monday.db"
+    dest.parent.mkdir()
+    out = run_cli("backup", "--state-dir", str(state), str(dest))
+    assert out.returncode == 8 and "Traceback" not in out.stderr
+    said = " ".join(out.stderr.split())
+    assert f"the history database {db} is damaged" in said, said
+    assert "restore the last backup" in said and "backups" not in said
+    assert list(dest.parent.iterdir()) == []  # nothing half made left behind
+
+
 def test_a_bad_option_is_a_plain_line_and_help_wraps_without_cutting_a_word() -> None:
     """Rich drew a bad option's error in a box, and cut `connect --help`'s proxy example to
     "socks5://127.0.0.1…" at 80 columns (a new user's day, 2026-11-24); plain click cut the
