@@ -759,6 +759,10 @@ class RoomSession:
                     "start it again with that one)")
         how = "" if "tsnetchat login" in str(err) else (
             f"; `tsnetchat login {name}` gets a new one")
+        if "ask an admin for a new one" in str(err):  # (auth.new_token_advice: an admin's
+            # token, kept with --save-token; "login gets a new one" was refused without a
+            # grant: a newcomer, 2026-11-24)
+            how = f"; `tsnetchat whoami {name} --token-file FILE --save-token` keeps it"
         if "signature does not match" in str(err):
             # (after a rotate-key it said only that the signature did not match: a new
             # user's day; and a login to a server started by mistake with another state dir
