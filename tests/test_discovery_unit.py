@@ -158,6 +158,23 @@ def test_with_this_machines_tailscaled_stopped_the_headline_says_so(tmp_path: Pa
                                  "tailscaled does not answer (is it running?"), out.stderr
 
 
+def test_a_stale_socket_asks_whether_tailscaled_is_running_once(tmp_path: Path) -> None:
+    """"nothing answers there (a stale socket? is tailscaled running?). Is tailscaled
+    running? (...)" (a newcomer, 2026-11-24)."""
+    import socket
+
+    from helpers import run_cli
+
+    stale = tmp_path / "tailscaled.sock"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(stale))  # (bound, never listening, closed: the file stays and refuses)
+    out = run_cli("whoami", "nosuchhost-zz", "--socket", str(stale))
+    assert out.returncode == 4, out.stderr
+    step = next(line for line in out.stderr.splitlines() if "1. LocalAPI" in line)
+    assert "nothing answers there (a stale socket? is tailscaled running?)" in step, step
+    assert step.lower().count("is tailscaled running") == 1, step
+
+
 def test_a_peer_tailscaled_never_saw_is_offline_since_never_not_since_the_year_1() -> None:
     """Go's zero time showed as "last seen 0001-01-01T00:00:00Z" (an operator's run)."""
     from tsnetchat.discovery import find_peer

@@ -465,7 +465,8 @@ async def discover(name: str, *, socket: str = "", report: Report | None = None)
             return found
         break
     if status is None:
-        if socket and failures:
+        if socket and failures and "is tailscaled running?" not in failures[-1]:  # (asked
+            # twice in one line: a newcomer, 2026-11-24)
             failures[-1] += (". Is tailscaled running? (systemctl status tailscaled, or "
                              "--socket)")
         note(Step("1. LocalAPI", False, "; ".join(failures) or "no known place"))
