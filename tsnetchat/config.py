@@ -246,11 +246,17 @@ def _convert(name: str, raw: Any, typ: Any, where: str) -> Any:
         if typ in (int, "int"):
             if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
                 raise ValueError("expected a whole number")
-            return int(raw)
+            try:
+                return int(raw)
+            except ValueError:  # ("invalid literal for int() with base 10": a newcomer)
+                raise ValueError("expected a whole number") from None
         if typ in (float, "float"):
             if isinstance(raw, bool):
                 raise ValueError("expected a number")
-            value = float(raw)
+            try:
+                value = float(raw)
+            except ValueError:  # ("could not convert string to float")
+                raise ValueError("expected a number") from None
             if not math.isfinite(value):
                 raise ValueError("expected a finite number")
             return value
