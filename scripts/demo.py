@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -129,7 +130,7 @@ def scripted(lab: tailnet_lab.Lab, port: int, tokens: dict[str, str]) -> int:
     for who, node, args in lines:
         out = run("send", "chat-server", *args, "--token", tokens[who],
                   *node_args(lab, node, port))
-        print(f"   {who:6} $ tsnetchat send chat-server {' '.join(args)!r}  -> "
+        print(f"   {who:6} $ tsnetchat send chat-server {shlex.join(args)}  -> "
               f"{out.stdout.strip()}")
     out_text, err = tail.communicate(timeout=30)
     say("what bob's tail printed")
@@ -211,7 +212,8 @@ def main() -> int:
     except tailnet_lab.LabError as e:
         print(f"cannot build the lab: {e}", file=sys.stderr)
         return 2
-    say("starting a private tailnet: headscale + 4 userspace tailscaled nodes")
+    say(f"starting a private tailnet: headscale + {len(tailnet_lab.NODES)} userspace "
+        "tailscaled nodes")
     with tailnet_lab.running_lab() as lab:
         for n in lab.nodes.values():
             print(f"   {n.name:15} {n.login:22} {n.ipv4:12} {n.dns_name}")

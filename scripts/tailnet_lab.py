@@ -53,7 +53,10 @@ PINS: dict[str, tuple[str, str, list[str]]] = {
 
 CAP_NAME = "example.com/cap/tsnetchat"
 BASE_DOMAIN = "tailnet.test"
-DEFAULT_STATE = Path(os.environ.get("TSNETCHAT_LAB_STATE", Path.cwd() / ".lab" / "state.json"))
+# The checkout's, whichever directory the command runs in (`env` from another directory
+# was a traceback); `--dir D` keeps a lab's state in D instead, so labs do not share it.
+DEFAULT_STATE = Path(os.environ.get("TSNETCHAT_LAB_STATE",
+                                    Path(__file__).resolve().parents[1] / ".lab" / "state.json"))
 
 # Users of the lab and the node each of them owns. chat-server-2 is a second server of the
 # same tailnet identity (user chat) for cluster mode: two tsnetchat servers, one conversation.
@@ -625,8 +628,29 @@ def running_lab(root: Path | None = None) -> Iterator[Lab]:
 # --- CLI --------------------------------------------------------------------------
 
 
+def _state_path(args: argparse.Namespace) -> Path:
+    """``--state`` if given, else ``--dir``'s state.json, else the checkout's."""
+    if args.state:
+        return Path(args.state)
+    return Path(args.dir) / "state.json" if args.dir else DEFAULT_STATE
+
+
+def _read_state(args: argparse.Namespace) -> tuple[Path, dict[str, Any] | None]:
+    """The lab's state file and what it holds (None, said on stderr, when no lab is up)."""
+    path = _state_path(args)
+    try:
+        return path, json.loads(path.read_text())
+    except FileNotFoundError:
+        where = f" --dir {args.dir}" if args.dir else ""
+        print(f"no lab is up (no {path}); start one with `scripts/dev-tailnet up{where}`",
+              file=sys.stderr)
+    except (OSError, ValueError) as e:
+        print(f"cannot read the lab's state {path}: {e}", file=sys.stderr)
+    return path, None
+
+
 def _cmd_up(args: argparse.Namespace) -> int:
-    state_path = Path(args.state)
+    state_path = _state_path(args)
     if state_path.exists():
         print(f"a lab is already up ({state_path}); run `down` first", file=sys.stderr)
         return 1
@@ -643,16 +667,15 @@ def _cmd_up(args: argparse.Namespace) -> int:
     print(f"lab up in {lab.startup_seconds:.1f}s; state in {state_path}")
     for n in lab.nodes.values():
         print(f"  {n.name:15} {n.login:10} {' '.join(n.ips):40} socket={n.socket}")
-    print(f"use a node:  eval \"$({sys.argv[0]} env alice-laptop)\"")
+    where = f" --dir {args.dir}" if args.dir and not args.state else ""
+    print(f"use a node:  eval \"$({sys.argv[0]} env{where} alice-laptop)\"")
     return 0
 
 
 def _cmd_down(args: argparse.Namespace) -> int:
-    state_path = Path(args.state)
-    if not state_path.exists():
-        print("no lab is up", file=sys.stderr)
+    state_path, state = _read_state(args)
+    if state is None:
         return 0
-    state = json.loads(state_path.read_text())
     for pid in reversed(state["pids"]):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGTERM)
@@ -661,13 +684,15 @@ def _cmd_down(args: argparse.Namespace) -> int:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
     shutil.rmtree(state["root"], ignore_errors=True)
-    state_path.unlink()
+    state_path.unlink(missing_ok=True)  # (gone with the root when --dir kept it there)
     print("lab down")
     return 0
 
 
 def _cmd_env(args: argparse.Namespace) -> int:
-    state = json.loads(Path(args.state).read_text())
+    _, state = _read_state(args)
+    if state is None:
+        return 1
     node = state["nodes"].get(args.node)
     if node is None:
         print(f"no node {args.node!r}; nodes: {', '.join(state['nodes'])}", file=sys.stderr)
@@ -680,14 +705,16 @@ def _cmd_env(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--state", default=str(DEFAULT_STATE))
+    p.add_argument("--state", help=f"the lab's state file (default: --dir's state.json, "
+                   f"else {DEFAULT_STATE})")
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("build")
-    up = sub.add_parser("up")
-    up.add_argument("--dir")
-    sub.add_parser("down")
-    env = sub.add_parser("env")
-    env.add_argument("node")
+    for name in ("up", "down", "env"):
+        cmd = sub.add_parser(name)
+        cmd.add_argument("--dir", help="the lab's directory (up: made if missing); its "
+                         "state is kept there, so labs in two directories do not meet")
+        if name == "env":
+            cmd.add_argument("node")
     args = p.parse_args(argv)
     try:
         if args.cmd == "build":
