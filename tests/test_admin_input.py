@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -19,11 +20,12 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import CLI, chat_server, need, run_cli, write_lock_held
+from helpers import CLI, chat_server, free_port, need, run_cli, write_lock_held
 
 from tsnetchat import statedir
 from tsnetchat.config import load_config
 from tsnetchat.doctor import FAIL, OK, WARN, checks
+from tsnetchat.errors import ConfigError
 
 
 def issued_state(tmp_path: Path) -> tuple[Path, str]:
@@ -577,3 +579,23 @@ def test_an_operators_command_run_without_sudo_says_permission_denied_not_a_trac
             assert lines[name].startswith("!") and "run `sudo tsnetchat doctor`" in lines[name]
     finally:
         shutil.rmtree(top, ignore_errors=True)
+
+
+@pytest.mark.parametrize("listen,taken,said", [
+    ("127.0.0.1", True, "the port is in use (is another server running on it?)"),
+    ("203.0.113.7", False, "203.0.113.7 is not an address of this machine"),
+])
+async def test_a_server_that_cannot_listen_says_why_in_words(
+        tmp_path: Path, listen: str, taken: bool, said: str) -> None:
+    """gRPC says only "Failed to bind ...; set GRPC_VERBOSITY=debug ...", and an address
+    not on this machine was "is another server running on that port?" (a newcomer,
+    2026-11-24)."""
+    port = free_port()
+    with socket.socket() as holder:
+        if taken:
+            holder.bind(("127.0.0.1", port))
+            holder.listen()
+        with pytest.raises(ConfigError) as e:
+            async with chat_server(tmp_path, listen=listen, port=port):
+                pass
+    assert str(e.value) == f"cannot listen on {listen}:{port}: {said}"

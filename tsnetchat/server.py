@@ -18,9 +18,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import ipaddress
 import logging
 import signal
+import socket
 import threading
 import time
 from collections import Counter
@@ -412,10 +414,11 @@ class Server:
             try:
                 port = server.add_insecure_port(target)
             except RuntimeError as e:
-                raise ConfigError(f"cannot listen on {target}: {e} (is another server "
-                                  "running on that port?)") from e
+                raise ConfigError(f"cannot listen on {target}: "
+                                  f"{_why_no_bind(addr, self.cfg.port)}") from e
             if not port:
-                raise ConfigError(f"cannot listen on {target} (port in use?)")
+                raise ConfigError(f"cannot listen on {target}: "
+                                  f"{_why_no_bind(addr, self.cfg.port)}")
             self.ports.append(port)
         return server
 
@@ -699,3 +702,24 @@ async def serve(cfg: ServerConfig, *, reload_config: Callable[[], ServerConfig] 
         if after_stop is not None:
             await after_stop()
     return 0
+
+
+def _why_no_bind(addr: str, port: int) -> str:
+    """Why gRPC could not listen on ``addr``:``port``, in words, from a bind of our own:
+    gRPC says only "Failed to bind ...; set GRPC_VERBOSITY=debug ...", and an address not
+    on this machine was put as "is another server running on that port?" (a newcomer,
+    2026-11-24)."""
+    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (as gRPC binds)
+            s.bind((addr, port))
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            return "the port is in use (is another server running on it?)"
+        if e.errno == errno.EADDRNOTAVAIL:
+            return f"{addr} is not an address of this machine"
+        if e.errno == errno.EACCES:
+            return "permission denied (a port under 1024 needs root)"
+        return e.strerror or str(e)
+    return "gRPC could not bind it, though it is free now (try again)"
