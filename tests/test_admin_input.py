@@ -122,6 +122,18 @@ def test_an_empty_state_dir_is_refused_rather_than_taken_for_the_current_directo
     assert list(here.iterdir()) == [] and stat.S_IMODE(here.stat().st_mode) == 0o755
 
 
+def test_a_state_dir_that_is_a_file_is_said_to_be_one(tmp_path: Path) -> None:
+    """"cannot prepare the state dir /etc/passwd: [Errno 17] File exists" (a newcomer,
+    2026-11-24)."""
+    a_file = tmp_path / "passwd"
+    a_file.write_text("root:x:0:0\n")
+    for where in (a_file, a_file / "state"):
+        out = run_cli("token", "issue", "alice@tailnet.test", "--state-dir", str(where))
+        assert out.returncode == 3 and "Errno" not in out.stderr, out.stderr
+        assert f"the state dir {where} is not a directory" in " ".join(out.stderr.split())
+    assert a_file.read_text() == "root:x:0:0\n"
+
+
 @pytest.mark.parametrize(("line", "says"), [
     ("port = 1.5", "expected a whole number"),
     ("port = 1e400", "expected a whole number"),

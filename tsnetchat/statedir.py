@@ -144,6 +144,10 @@ def secure_state_dir(state_dir: Path, files: Iterable[Path] = ()) -> None:
             _private(p, 0o600, "file")
     except ConfigError:
         raise
+    except (FileExistsError, NotADirectoryError):  # ("[Errno 17] File exists": a newcomer)
+        raise ConfigError(f"the state dir {state_dir} is not a directory (a file of that "
+                          "name, or on its path, is in the way): give --state-dir a "
+                          "directory") from None
     except OSError as e:
         raise ConfigError(f"cannot prepare the state dir {state_dir}: {e}") from None
 
