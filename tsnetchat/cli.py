@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -323,8 +324,6 @@ def token_issue(
 def token_list(config: ConfigOpt = None, state_dir: StateOpt = None,
                json_out: Annotated[bool, typer.Option("--json")] = False) -> None:
     """List issued tokens (ids, subjects, rooms, expiry, revocation)."""
-    import time
-
     cfg = _server_config(config, state_dir=state_dir)
     store = _existing_store(cfg)
     try:
@@ -608,8 +607,6 @@ def login(
 
     The server checks who you are on the tailnet; your rooms come from the tailnet grant.
     The token renews itself while you use tsnetchat."""
-    import time
-
     from .tokens import login as ask
 
     s = _client_settings(server, None, None, socket, proxy)
@@ -741,10 +738,11 @@ def search(
         help="Only this room (repeatable): as --room elsewhere.")] = None,
     author: Annotated[str, typer.Option(
         help="Only from this person: a login, or a short name at your own domain.")] = "",
-    since: Annotated[int, typer.Option(help="Only from this time (ms since the epoch).",
-                                       min=0, max=MAX_ID)] = 0,
-    until: Annotated[int, typer.Option(help="Only before this time (ms since the epoch).",
-                                       min=0, max=MAX_ID)] = 0,
+    since: Annotated[str, typer.Option(
+        help="Only from this time: 2026-11-24, 2026-11-24T09:30 (local time unless it says "
+             "+01:00 or Z), a time ago (90m, 2h, 3d, 1w), or ms since the epoch.")] = "",
+    until: Annotated[str, typer.Option(
+        help="Only before this time (as --since).")] = "",
     newest: Annotated[bool, typer.Option("--newest", help="Newest first, not best first.")
                       ] = False,
     limit: Annotated[int, typer.Option(min=1, max=MAX_COUNT)] = 20,
@@ -756,9 +754,10 @@ def search(
     """Search the rooms and direct conversations you may read."""
     from . import clientcmds
 
+    since_ms, until_ms = _when("--since", since), _when("--until", until)
     s = _client_settings(server, token, token_file, socket, proxy)
     run(clientcmds.search(_link(server, port, address, s, verbose), query, rooms=room or [],
-                          author=author, since_ms=since, until_ms=until, newest=newest,
+                          author=author, since_ms=since_ms, until_ms=until_ms, newest=newest,
                           limit=limit, offset=offset, json_out=json_out, echo=_echo))
 
 
@@ -888,6 +887,21 @@ def room_members(
     typer.echo(run(clientcmds.members(_link(server, port, address, s, verbose), room,
                                       create=create, add=add or [], remove=remove or [],
                                       json_out=json_out)))
+
+
+def _when(flag: str, text: str) -> int:
+    """``search``'s ``--since``/``--until`` in ms since the epoch (0: not given)."""
+    from .commands import when_ms
+
+    if not text.strip():
+        return 0
+    try:
+        ms = when_ms(text, time.time())
+    except ValueError as e:
+        raise fail(InvalidInput(f"{flag}: {e}")) from None
+    if ms > MAX_ID:
+        raise fail(InvalidInput(f"{flag}: {text!r} is too far in the future"))
+    return ms
 
 
 @app.command()

@@ -8,6 +8,7 @@ starts with ``//`` is a message that starts with ``/``. A new command is one mor
 
 from __future__ import annotations
 
+import datetime
 import difflib
 import re
 from collections.abc import Iterable, Sequence
@@ -113,6 +114,33 @@ def room_option(value: str) -> str:
     if value.startswith("@"):
         return "dm:" + value[1:]
     return _a_room(value.removeprefix("#").lower()) or value
+
+
+_AGO = re.compile(r"(\d{1,9})\s*(m|min|h|d|w)", re.IGNORECASE)
+_AGO_SECONDS = {"m": 60, "min": 60, "h": 3600, "d": 86_400, "w": 604_800}
+WHEN_FORMS = ("a date or time (2026-11-24, 2026-11-24T09:30, your time zone unless it "
+              "says +01:00 or Z), a time ago (90m, 2h, 3d, 1w) or milliseconds since the "
+              "epoch")
+
+
+def when_ms(text: str, now: float) -> int:
+    """``search --since/--until`` in milliseconds since the epoch: a date or time (ISO
+    8601; local time unless it names its zone), a time ago (``2h``), or milliseconds as
+    they were the only form (a newcomer, 2026-11-24: `--since 2026-11-24` was "Input should
+    be a valid integer"). ValueError names the forms."""
+    t = text.strip()
+    if t.isdigit():
+        return int(t)
+    ago = _AGO.fullmatch(t)
+    if ago is not None:
+        return max(0, int((now - int(ago[1]) * _AGO_SECONDS[ago[2].lower()]) * 1000))
+    try:
+        moment = datetime.datetime.fromisoformat(t.replace(" ", "T", 1) if " " in t else t)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a time: give {WHEN_FORMS}") from None
+    if moment.tzinfo is None:
+        moment = moment.astimezone()  # (a naive time is this machine's local time)
+    return max(0, int(moment.timestamp() * 1000))
 
 
 def room_asked(typed: str, me: str) -> str:
