@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import subprocess
+import threading
 import time
 from typing import Any
 
@@ -20,6 +21,7 @@ import pytest
 from helpers import (
     CLI,
     LabChat,
+    apply_policy,
     first_of,
     hello_events,
     policy_changed,
@@ -201,6 +203,31 @@ async def test_alice_loses_admin_and_a_room_while_her_other_subscribe_stays_open
         await bob.send_one("random", "still here")
         msg = await first_of(kept, "message")
         assert msg.text == "still here"
+
+
+async def test_a_grant_narrowed_while_the_server_stalled_closes_the_join_its_chat_keeps_open(
+        lab_chat: LabChat) -> None:
+    """The server stalls (a stopped process, a swap storm) while the admin narrows bob's
+    grant; once it runs again, a call on the same connection (a chat's ListRooms) asked
+    WhoIs first and took the connection's "ask again" for itself, and the chat's Join went
+    on sending into the room for 75 s (a daily user's run, 2026-11-24)."""
+    import tailnet_lab
+
+    bob = await lab_chat.connect("bob-laptop", lab_chat.token(BOB))
+    join = bob.stub.Join(hello_events("random"), metadata=bob.metadata)
+    await first_of(join, "replay_done")
+    narrowed = policy_granting("bob@", ["general"])
+    changing = threading.Thread(
+        target=lambda: asyncio.run(apply_policy(lab_chat.lab, narrowed)))
+    try:
+        changing.start()
+        changing.join(60)  # the whole change with this event loop (the server's) stopped
+        me = await bob.whoami()  # the chat's next call on that connection, at once
+        assert list(me.rooms) == ["general"]
+        e = await refused(first_of(join, "message", timeout=15))
+        assert e.code() == grpc.StatusCode.PERMISSION_DENIED and "'random'" in e.details()
+    finally:
+        await apply_policy(lab_chat.lab, tailnet_lab.default_policy())
 
 
 async def test_a_device_removed_from_the_tailnet_loses_its_streams_and_its_owners_others_not(

@@ -85,3 +85,22 @@ async def test_the_connection_guard_learns_devices_from_calls_and_asks_about_the
     assert await gate.device(f"{host}:{port}") is None
     chat.net.answering = True
     assert remote(*parse_grpc_peer(f"ipv6:[::ffff:{host}]:{port}")) == peer
+
+
+@pytest.mark.server_config(require_grant=True)
+async def test_a_call_admitted_just_after_a_change_does_not_spare_the_streams_on_its_connection(
+        chat: Chat) -> None:
+    """A narrowed grant after the server stalled a few seconds: the chat's ListRooms, on the
+    same connection as its Join, asked WhoIs again first and took the connection's "ask
+    again" for itself, so its Join was never decided again and went on sending into a room
+    the grant no longer gave (for 75 s; a daily user's run, 2026-11-24)."""
+    wide = {"example.com/cap/tsnetchat": [{"rooms": ["general", "random"], "admin": False}]}
+    conn = await chat.connect("bob@t", cap_map=wide)
+    sub = conn.subscribe("random")
+    await first_of(sub, "replay_done")
+    chat.net.update("bob@t", cap_map=GRANT)  # only general now
+    chat.net.announce_everything()
+    me = await conn.whoami()  # (at once: before the gate's own round of asking again)
+    assert list(me.rooms) == ["general"]
+    e = await refused(first_of(sub, "message", timeout=5))
+    assert e.code() == grpc.StatusCode.PERMISSION_DENIED and "'random'" in e.details()

@@ -348,6 +348,14 @@ class Gate:
         for _ in range(3):
             task = conn.lookup
             if task is None or conn.stale:
+                if conn.stale:
+                    # Its leases were decided on the answer now stale: they are decided again
+                    # on this one (``_recheck``). A call that asked first took the flag, and
+                    # the Join on its connection was never decided again: a narrowed grant
+                    # went on sending for 75 s (a daily user's run, 2026-11-24).
+                    for lease in conn.leases:
+                        lease.stale = True
+                    self._due.set()
                 conn.stale = False
                 task = conn.lookup = asyncio.ensure_future(
                     asyncio.wait_for(self._lookup(conn.addr), self.whois_timeout))
