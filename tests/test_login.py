@@ -251,45 +251,25 @@ def test_renewal_before_expiry_keeps_a_session_going_across_the_first_tokens_exp
     assert f"renew issued token={first['token_id']}" in short_lived.log.read_text()
 
 
-def test_a_tail_whose_token_is_revoked_waits_for_a_new_login_and_misses_nothing(
-        lab: Any, enrolling: LabDaemon, tmp_path: Path) -> None:
+@pytest.mark.parametrize("source", ["login", "admin"])
+def test_a_tail_whose_token_is_revoked_waits_for_a_new_one_and_misses_nothing(
+        lab: Any, enrolling: LabDaemon, tmp_path: Path, source: str) -> None:
     """It ended for good (exit 5): the person ran `tsnetchat login` and had to start it again
-    (and a chat, losing what they had typed)."""
-    alice = person(lab, enrolling, "alice-laptop", tmp_path)
-    bob = person(lab, enrolling, "bob-laptop", tmp_path)
-    assert alice("login").returncode == 0
-    bob_token = enrolling.token(BOB)
-    tail = alice.popen("tail", "--room", "general", "--json", "--count", "2")
-    lines, said = Lines(tail), Lines(tail, err=True)
-    try:
-        assert bob("send", "before the revocation", "--token", bob_token).returncode == 0
-        assert lines.message()["text"] == "before the revocation"
-        revoked = alice.stored()["token_id"]
-        assert enrolling.cli("token", "revoke", revoked) == f"revoked {revoked}"
-        while "carries on by itself once you have a new one" not in (line := said.next()):
-            pass
-        assert "revoked" in line and line.count("tsnetchat login") == 1, line  # said once
-        assert "(this tail carries on by itself" in line, line  # (it said "this chat")
-        assert bob("send", "while alice had no token", "--token", bob_token).returncode == 0
-        assert alice("login").returncode == 0
-        assert alice.stored()["token_id"] != revoked
-        assert lines.message()["text"] == "while alice had no token"
-        assert tail.wait(timeout=30) == 0
-    finally:
-        if tail.poll() is None:
-            tail.kill()
-            tail.wait()
-
-
-def test_a_tail_whose_admin_issued_token_is_revoked_carries_on_once_a_new_one_is_kept(
-        lab: Any, enrolling: LabDaemon, tmp_path: Path) -> None:
-    """It said both "ask an admin" and "`tsnetchat login` gets a new one", which a person
-    without a grant is refused (a newcomer, 2026-11-24)."""
+    (and a chat, losing what they had typed). With an admin's token (kept with `whoami
+    --save-token`) it said both "ask an admin" and "`tsnetchat login` gets a new one", which
+    a person without a grant is refused (a newcomer, 2026-11-24)."""
     alice = person(lab, enrolling, "alice-laptop", tmp_path)
     bob = person(lab, enrolling, "bob-laptop", tmp_path)
     issued = tmp_path / "alice.token"
-    issued.write_text(enrolling.token(ALICE) + "\n")
-    assert alice("whoami", "--token-file", str(issued), "--save-token").returncode == 0
+
+    def new_token() -> None:
+        if source == "login":
+            assert alice("login").returncode == 0
+        else:
+            issued.write_text(enrolling.token(ALICE) + "\n")
+            assert alice("whoami", "--token-file", str(issued), "--save-token").returncode == 0
+
+    new_token()
     bob_token = enrolling.token(BOB)
     tail = alice.popen("tail", "--room", "general", "--json", "--count", "2")
     lines, said = Lines(tail), Lines(tail, err=True)
@@ -300,11 +280,15 @@ def test_a_tail_whose_admin_issued_token_is_revoked_carries_on_once_a_new_one_is
         assert enrolling.cli("token", "revoke", revoked) == f"revoked {revoked}"
         while "carries on by itself once you have a new one" not in (line := said.next()):
             pass
-        assert "ask an admin for a new one" in line and "tsnetchat login" not in line, line
-        assert "`tsnetchat whoami chat-server --token-file FILE --save-token` keeps it" in line
+        if source == "login":
+            assert "revoked" in line and line.count("tsnetchat login") == 1, line  # said once
+        else:
+            assert "ask an admin for a new one" in line and "tsnetchat login" not in line, line
+            assert ("`tsnetchat whoami chat-server --token-file FILE --save-token` keeps it"
+                    in line), line
+        assert "(this tail carries on by itself" in line, line  # (it said "this chat")
         assert bob("send", "while alice had no token", "--token", bob_token).returncode == 0
-        issued.write_text(enrolling.token(ALICE) + "\n")
-        assert alice("whoami", "--token-file", str(issued), "--save-token").returncode == 0
+        new_token()
         assert alice.stored()["token_id"] != revoked
         assert lines.message()["text"] == "while alice had no token"
         assert tail.wait(timeout=30) == 0
