@@ -788,6 +788,27 @@ def test_a_terminal_closed_with_lines_not_yet_sent_keeps_them_in_a_file(
     no_python_on(again, third)
 
 
+def test_a_command_the_server_has_not_answered_when_the_chat_ends_is_kept_with_the_rest(
+        chat_server: LabDaemon, open_terminal: Opener, tmp_path: Path) -> None:
+    """A /topic typed while the server hung was gone without a word when the chat ended
+    (a daily user's run, 2026-11-24)."""
+    alice = open_terminal("alice")
+    os.kill(chat_server.proc.pid, signal.SIGSTOP)  # it hangs: nothing is answered
+    try:
+        alice.type("/topic set while the server hung")
+        time.sleep(1)
+        alice.keys("C-c")
+        alice.wait_for(r"EXITED", timeout=10)
+    finally:
+        os.kill(chat_server.proc.pid, signal.SIGCONT)
+    said = " ".join(alice.screen(scrollback=True).split())
+    assert ("(not answered yet in #general: it may have been done) /topic set while the "
+            "server hung") in said, said
+    kept = tmp_path / "home-alice-0" / ".local" / "state" / "tsnetchat" / "unsent.txt"
+    assert "/topic set while the server hung" in kept.read_text()
+    no_python_on(alice)
+
+
 def test_a_line_half_typed_when_the_chat_ended_is_back_in_its_room_in_the_next_chat(
         open_terminal: Opener, tmp_path: Path) -> None:
     """It was only in unsent.txt, to be copied back by hand."""
@@ -813,6 +834,8 @@ def test_a_line_half_typed_when_the_chat_ended_is_back_in_its_room_in_the_next_c
     again = open_terminal("alice", home_name="home-alice", wait=False)
     again.wait_for(r"#general> half in general,")
     again.wait_for(r"over two lines")
+    again.wait_for(r"what\s+you\s+had\s+typed\s+is\s+back\s+in\s+the\s+input\s+"
+                   r"\(#general,\s+#random\)")
     again.keys("Enter")  # sent as it was typed: two lines, one message
     again.wait_for(r"▸ <Alice> half in general,")
     again.keys("M-2")

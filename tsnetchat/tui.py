@@ -264,6 +264,10 @@ class ChatApp:
         # server has stored it (with its id), or dropped with a line if it is refused.
         self.after_sent: dict[str, Callable[[int | None], None]] = {}
         self.waiting_changes: dict[str, tuple[str, str]] = {}  # the same: (line, room)
+        # Commands sent and not answered yet (/topic, /edit, /kick...): (line, room), listed
+        # with what was not sent if the chat ends first (a /topic typed while the server
+        # could not be reached was gone without a word; a daily user's run, 2026-11-24).
+        self.commands_out: dict[object, tuple[str, str]] = {}
         self.mentions = mention_pattern([self.me.login, self.me.login.split("@")[0],
                                          self.me.display_name])
         self.input = Buffer(multiline=True)
@@ -1269,15 +1273,21 @@ class ChatApp:
         command ``line`` it carries out for ``room`` comes back into the input when that
         room is still shown and its input empty (a /topic refused as too long was gone: a
         new user's day, 2026-11-23; in another room's input it would act on that room)."""
+        key = object()
+        if line:
+            self.commands_out[key] = (line, room)
+
         async def guarded() -> None:
             try:
                 await coro
             except asyncio.CancelledError:
-                raise
+                raise  # (the chat is ending: still in commands_out, so listed as not done)
             except Exception as e:
                 back = self.put_back(line, room)
                 self.say(str(self.link.translate(e))
-                         + (" (your text is back in the input)" if back else ""), error=True)
+                         + (" (your text is back in the input)" if back else
+                            f" (not done: {visible(line)})" if line else ""), error=True)
+            self.commands_out.pop(key, None)
 
         task = asyncio.get_running_loop().create_task(guarded())
         self.background.add(task)  # the loop keeps only a weak reference
@@ -1393,6 +1403,8 @@ class ChatApp:
                 for room, text in typed if text.strip()]
         out += [f"(waiting in {titles.get(room, room)} for the message above) {line}"
                 for line, room in self.waiting_changes.values()]
+        out += [f"(not answered yet in {titles.get(room, room)}: it may have been done) {line}"
+                for line, room in self.commands_out.values()]
         return [indented(line) for line in out]
 
 
@@ -1440,7 +1452,7 @@ def _keep_unsent(lines: list[str]) -> Path | None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
         os.fchmod(fd, 0o600)  # (one made before, or by another program, may be open to all)
         with os.fdopen(fd, "a", encoding="utf-8", errors="surrogateescape") as f:
-            f.write(f"-- {time.strftime('%Y-%m-%d %H:%M:%S')}, not sent:\n")
+            f.write(f"-- {time.strftime('%Y-%m-%d %H:%M:%S')}, not sent or not confirmed:\n")
             f.writelines(f"  {line}\n" for line in lines)
     except OSError:
         return None
@@ -1527,6 +1539,9 @@ async def run_tui(server: str, room: str | None, *, token: str | None, socket: s
             if untold is not None:
                 chat.start_notes[""] = f"lines an earlier chat could not send are in {untold}"
             chat.restore_drafts(last.drafts)
+            if last.drafts:  # (there is text in the input that this chat did not type)
+                rooms = ", ".join(chat.conversation_for(r).title for r, _ in last.drafts)
+                chat.start_notes["drafts"] = f"what you had typed is back in the input ({rooms})"
             chat.reopen(last.rooms, asked or last.shown or next(iter(last.rooms), "general"),
                         back=last.shown)
             chat.spawn(chat.poll_unread())
@@ -1549,8 +1564,10 @@ async def run_tui(server: str, room: str | None, *, token: str | None, socket: s
             loop.set_exception_handler(old_handler)
     if left:
         with contextlib.suppress(OSError):
-            print("not sent when you left (the server has not stored these)"
-                  + (f"; also kept in {kept}:" if kept else ":"))
+            # ("has not stored these" headed lines that said "it may have been stored",
+            # and were: a daily user's run, 2026-11-24)
+            print("not sent when you left, or not confirmed (look in the room before you "
+                  "send those again)" + (f"; also kept in {kept}:" if kept else ":"))
             for line in left:
                 print(f"  {line}")
     if any(len(s.outbox) for s in chat.sessions.values()):
