@@ -5,6 +5,8 @@ real server."""
 
 from __future__ import annotations
 
+import logging
+
 import grpc
 import pytest
 from helpers import Chat, first_of, refused, until
@@ -104,3 +106,14 @@ async def test_a_call_admitted_just_after_a_change_does_not_spare_the_streams_on
     assert list(me.rooms) == ["general"]
     e = await refused(first_of(sub, "message", timeout=5))
     assert e.code() == grpc.StatusCode.PERMISSION_DENIED and "'random'" in e.details()
+
+
+async def test_the_log_says_when_tailscaleds_ipn_bus_is_followed_again(
+        chat: Chat, caplog: pytest.LogCaptureFixture) -> None:
+    """Only "lost tailscaled's IPN bus ... retrying" was logged, and an operator could not
+    tell that it came back (a daily user's run, 2026-11-24)."""
+    caplog.set_level(logging.INFO, logger="tsnetchat.server")
+    chat.net.lose_bus()
+    await until(lambda: "lost tailscaled's IPN bus" in caplog.text)
+    assert "IPN bus again" not in caplog.text
+    await until(lambda: "following tailscaled's IPN bus again" in caplog.text, timeout=10)

@@ -535,10 +535,14 @@ class Server:
         again); with listen = auto, new tailnet addresses are listened on. If the bus is
         lost, the gate is told (it re-checks every second meanwhile) and we keep trying."""
         backoff = 1.0
+        lost = False
         while True:
             try:
                 async for change in self.tailnet.watch():
                     backoff = 1.0
+                    if lost:  # (an operator saw only "lost ..." and could not tell it was
+                        lost = False  # back: a daily user's run, 2026-11-24)
+                        log.info("following tailscaled's IPN bus again")
                     self.gate.tailnet_changed(change)
                     if change.everything and self.cfg.listen == "auto":
                         st = await self.tailnet.status()
@@ -551,6 +555,7 @@ class Server:
                 log.error("following tailscaled's IPN bus failed; retrying in %.0fs", backoff,
                           exc_info=e)
             self.gate.tailnet_lost()
+            lost = True
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 30)
 
