@@ -233,6 +233,7 @@ async def test_edits_are_refused_after_the_edit_window_with_a_clear_error(
     e = await refused(alice.edit("general", mid, "too late"))
     assert e.code() == grpc.StatusCode.PERMISSION_DENIED
     assert "edit_window_seconds" in e.details()
+    assert "is older than 0 seconds, the server's edit window" in e.details()  # (not "0s")
 
 
 async def test_edits_beyond_edits_per_minute_are_refused_with_a_retry_time(

@@ -956,8 +956,9 @@ class Store:
                     "only its author (or an admin) can delete a message"))
             if d.edit_window_ms and ts - sent_ms > d.edit_window_ms:
                 return Refused(PermissionDenied(
-                    f"message {d.target} is older than {d.edit_window_ms // 1000}s "
-                    "(edit_window_seconds); it can no longer be changed by its author"))
+                    f"message {d.target} is older than {_span(d.edit_window_ms // 1000)}, "
+                    "the server's edit window (edit_window_seconds): it can no longer be "
+                    "changed by its author"))
         return int(seq)
 
     def index_pending(self) -> int:
@@ -1893,3 +1894,12 @@ class SqliteHistory:
         self._readers.shutdown(wait=True)
         for db in [*self._reader_dbs, self._store]:
             db.close()
+
+
+def _span(seconds: int) -> str:
+    """``seconds`` as a person says it: "15 minutes", "2 hours", "90 seconds"."""
+    for unit, size in (("day", 86_400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size and seconds % size == 0:
+            n = seconds // size
+            return f"{n} {unit}{'s' if n != 1 else ''}"
+    return f"{seconds} second{'s' if seconds != 1 else ''}"

@@ -854,16 +854,18 @@ class ChatApp:
         conv = Conversation(SEARCH, kind="search", title=f"?{words}")
         conv.history_complete = conv.backlog_done = True
         found = list(reversed(res.messages))
-        conv.notice(f"search {words!r}: {len(found)} result(s), newest at the bottom"
-                    + (f" (the newest {SEARCH_PAGE}; narrow it to see older ones)"
-                       if res.more else "") + "; /leave closes this buffer")
+        if not found:  # (it said "0 result(s), newest at the bottom": a daily user's run)
+            conv.notice(f"search {words!r}: nothing found (every word must occur; word* "
+                        "matches a prefix); /leave closes this buffer")
+        else:
+            conv.notice(f"search {words!r}: {len(found)} result(s), newest at the bottom"
+                        + (f" (the newest {SEARCH_PAGE}; narrow it to see older ones)"
+                           if res.more else "") + "; /leave closes this buffer")
         for m in found:
             where = (dm_title(m.room, self.me.login) if m.room.startswith("dm:") else
                      m.room if m.room.startswith("+") else f"#{m.room}")
             conv.add_result(m, where=where, own=m.sender.login == self.me.login,
                             mention=is_mention(m, self.me.login, self.mentions))
-        if not found:
-            conv.notice("nothing found (every word must occur; word* matches a prefix)")
         old = self.conversations.pop(SEARCH, None)
         if old is not None and self.current == SEARCH:
             self.current = None
