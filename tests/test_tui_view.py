@@ -250,6 +250,8 @@ def test_tab_completes_commands_rooms_and_nicks() -> None:
     assert c("see #op") == ["#ops"]
     assert c("b") == ["Bea: ", "Bob: "]  # at the start of a line, as an address
     assert c("thanks bo") == ["Bob"]
+    assert c("hey @Bo") == ["@Bob"] and c("@b") == ["@Bea", "@Bob"]  # the @ kept
+    assert commands.complete("hey @Bo", rooms=rooms, nicks=nicks)[0][1] == -3
     assert commands.complete("/join ra", rooms=rooms, nicks=nicks)[0][1] == -2
 
 

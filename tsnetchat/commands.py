@@ -300,6 +300,9 @@ def complete(before: str, *, rooms: Iterable[str], nicks: Iterable[str]
         want = word.lstrip("#").lower()
         return [(r if r.startswith("+") else f"#{r}", start) for r in sorted(set(rooms))
                 if r.startswith(want) and not r.startswith("dm:")]
+    if word.startswith("@") and len(word) > 1:  # (`hey @Bo` completed to nothing: a
+        want = word[1:].lower()                   # daily user's run, 2026-11-24)
+        return [(f"@{n}", start) for n in _unique(nicks) if n.lower().startswith(want)]
     if not word:
         return []
     at_start = before == word
