@@ -495,3 +495,18 @@ def test_a_script_checks_and_keeps_an_admins_token_with_whoami_save_token(
     out = run([CLI, "whoami", "chat-server", "--token-file", str(tmp_path / "bob.token"),
                "--save-token", "--address", "127.0.0.1:1"], env)
     assert out.returncode == 3 and "leave --address out" in out.stderr, out.stderr
+
+
+def test_tsnetchat_port_gives_every_client_command_the_servers_port(
+        lab: Any, server: LabDaemon, tmp_path: Path) -> None:
+    """Every command needed --port when the server was not on 50051 (a daily user's run,
+    2026-11-24)."""
+    bob = lab.nodes["bob-laptop"]
+    env = {**client_env(tmp_path), "TSNETCHAT_PORT": str(server.port)}
+    where = ["--socket", bob.socket, "--proxy", f"http://{bob.http_proxy}"]
+    token = server.token("bob@tailnet.test")
+    out = run([CLI, "whoami", "chat-server", "--token", token, *where], env)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["login"] == "bob@tailnet.test"
+    out = run([CLI, "history", "chat-server", "--token", token, *where], env)
+    assert out.returncode == 0, out.stderr

@@ -507,7 +507,10 @@ ProxyOpt = Annotated[str | None, typer.Option(
          "http://127.0.0.1:1055 (or TSNETCHAT_PROXY).")]
 ClientSocketOpt = Annotated[str | None, typer.Option(
     help="tailscaled's LocalAPI socket (default: look in the usual places).")]
-PortOpt = Annotated[int, typer.Option(help="Server port.", min=1, max=65535)]
+# (every command needed --port when the server was not on 50051: a daily user's run,
+# 2026-11-24; TSNETCHAT_PORT is the server's setting of the same port)
+PortOpt = Annotated[int, typer.Option(help="Server port.", min=1, max=65535,
+                                      envvar="TSNETCHAT_PORT")]
 # Message ids are the protocol's uint64, kept to what SQLite stores: client.MAX_MESSAGE_ID
 # (and the server's ledger.MAX_ID), not imported so that the CLI starts without the client.
 MAX_ID = 2**63 - 1
