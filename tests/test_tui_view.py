@@ -277,6 +277,25 @@ def test_help_names_every_command_and_the_keys() -> None:
     assert commands.help_text("part").startswith("/leave [ROOM]")
 
 
+def test_a_wrapped_help_description_goes_on_under_the_descriptions_not_at_the_left() -> None:
+    """It went on at the notice's column, under the commands (a daily user's run,
+    2026-11-24)."""
+    head = [("", "12:00 "), ("", "-- ")]
+    rows = text_of(layout(head, commands.help_text(), 70, mark=False))
+    rows = rows[1:next(i for i, r in enumerate(rows) if r.lstrip().startswith("keys:"))]
+    column = 9 + 2 + commands.USAGE_COLUMN + 2  # the notice's, the indent, usage, 2 spaces
+    helps = {c.help.split()[0] for c in commands.COMMANDS}
+    for r in rows:
+        if r.lstrip().startswith("/") and r[column - 2:column] == "  " and r[column] != " ":
+            assert r[column:].split()[0] in helps, r  # a description, in its column
+        elif not r.lstrip().startswith("/"):
+            assert len(r) - len(r.lstrip()) == column, (r, rows)  # wrapped: under it
+    assert any(not r.lstrip().startswith("/") for r in rows)  # (some wrap at 70)
+    # A message keeps its own rule: under its text, behind ┊.
+    said = text_of(layout(head, "x\n  /a  bb cc dd ee ff gg hh ii jj kk", 30))
+    assert said[2].startswith("       ┊ ") and said[2][9] != " ", said
+
+
 # --- a team's day: edits, deletions, topics, mentions, DMs, search -----------------------------
 
 

@@ -424,15 +424,27 @@ def layout(head: Line, text: str, width: int, style: str = "", *,
     col = head_w if head_w <= width // 2 else min(8, max(2, width // 4))  # narrow: hang less
     rows: list[Line] = []
     for n, raw in enumerate(text.split("\n")):
-        pieces = wrap(raw, width - col, first=width - head_w if n == 0 else None)
-        for piece in pieces:
+        # A notice's two-column line (/help's "  /join #room     join a room") goes on under
+        # its second column (it went on at the first: a daily user's run, 2026-11-24).
+        term = None if mark or n == 0 else _TERM.match(raw)
+        hang = col + width_of(term.group()) if term is not None else col
+        if hang > width // 2:
+            hang = col
+        pieces = wrap(raw, width - hang, first=width - head_w if n == 0 else width - col)
+        for i, piece in enumerate(pieces):
             if not rows:
                 rows.append([*head, (style, piece)])
             else:
+                at = col if i == 0 else hang
                 rows.append([("class:continuation",
-                              " " * (col - 2) + (CONTINUATION if mark else "  ")),
+                              " " * (at - 2) + (CONTINUATION if mark else "  ")),
                              (style, piece)])
     return rows
+
+
+# What a notice's wrapped line hangs under: its indentation, and a first column ended by
+# two spaces ("  /join #room     " of "  /join #room     join a room").
+_TERM = re.compile(r" +(?:\S+(?: \S+)*? {2,})?(?=\S)")
 
 
 def tombstone(m: pb.ChatMessage) -> str:

@@ -259,6 +259,9 @@ def parse(line: str) -> Parsed | Message | Problem:
     return Parsed(cmd)
 
 
+USAGE_COLUMN = 20  # /help's first column
+
+
 def help_text(topic: str = "") -> str:
     if topic:
         cmd = _BY_NAME.get(topic)
@@ -266,7 +269,10 @@ def help_text(topic: str = "") -> str:
             return f"no command /{topic}; /help lists them"
         also = f" (also /{', /'.join(cmd.aliases)})" if cmd.aliases else ""
         return f"{cmd.usage}  {cmd.help}{also}"
-    rows = [f"  {c.usage:<20} {c.help}" for c in COMMANDS]
+    # Two spaces after the usage, and a long usage's description on a line of its own:
+    # chatview.layout hangs a wrapped description under the descriptions' column.
+    rows = [f"  {c.usage:<{USAGE_COLUMN}}  {c.help}" if len(c.usage) <= USAGE_COLUMN else
+            f"  {c.usage}\n  {'':<{USAGE_COLUMN}}  {c.help}" for c in COMMANDS]
     keys = ("keys: Enter sends, Alt-Enter or Ctrl-J a new line, Up/Down your earlier lines, "
             "Tab completes, PgUp/PgDn scroll, Alt-1..9 or Ctrl-N/Ctrl-P switch rooms")
     return "\n".join(["commands (any case; #room or room):", *rows, keys])
