@@ -97,6 +97,9 @@ def test_a_token_file_others_can_read_is_refused(tmp_path: Path) -> None:
     os.chmod(store.path, 0o644)
     with pytest.raises(ConfigError, match="chmod 600"):
         store.read()
+    store.path.write_text("{garbage")  # (said to "hold tokens" too: a newcomer, 2026-11-24)
+    with pytest.raises(ConfigError, match="is where your tokens are kept, and others can"):
+        store.read()
 
 
 def test_an_admin_token_is_kept_with_its_expiry_and_is_not_renewable(tmp_path: Path) -> None:

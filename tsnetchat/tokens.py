@@ -190,8 +190,9 @@ class TokenStore:
                               "is a directory or another kind of file: move it away")
         mode = stat.S_IMODE(st.st_mode)
         if mode & 0o077:
-            raise ConfigError(f"{self.path} holds tokens but others can read it (mode "
-                              f"{mode:04o}); run `chmod 600 {self.path}`")
+            # ("holds tokens" was said of a damaged file too: a newcomer, 2026-11-24)
+            raise ConfigError(f"{self.path} is where your tokens are kept, and others can "
+                              f"read it (mode {mode:04o}); run `chmod 600 {self.path}`")
         try:
             data = json.loads(self.path.read_bytes().decode("utf-8"))
         except UnicodeDecodeError:
