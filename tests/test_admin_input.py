@@ -611,3 +611,21 @@ async def test_a_server_that_cannot_listen_says_why_in_words(
             async with chat_server(tmp_path, listen=listen, port=port):
                 pass
     assert str(e.value) == f"cannot listen on {listen}:{port}: {said}"
+
+
+async def test_a_start_refused_for_its_database_leaves_no_new_key_behind(
+        tmp_path: Path) -> None:
+    """The next start took the key a refused one had made as the server's own (a newcomer,
+    2026-11-24)."""
+    from tsnetchat.errors import StoreError
+
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    db = state / "tsnetchat.db"
+    db.write_text("not a database at all\n" * 100)
+    db.chmod(0o600)
+    with pytest.raises(StoreError, match="is damaged"):
+        async with chat_server(tmp_path):
+            pass
+    assert not (state / "jwt.key").exists()
+    assert db.read_text() == "not a database at all\n" * 100  # (left as it was)
