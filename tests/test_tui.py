@@ -173,6 +173,13 @@ def test_ctrl_z_suspends_the_chat_and_fg_brings_it_back_with_what_was_typed(
     alice.wait_for(r"(?m)#general>\s*$")
     alice.type("back after an outside stop")
     bob.wait_for(r"<Alice> back after an outside stop")
+    # Stopped by a signal it cannot catch (kill -STOP): the same (a daily user's run).
+    os.kill(chat, signal.SIGSTOP)
+    alice.wait_for(r"Stopped\s+.*tsnetchat connect")  # (over the chat: it could not leave)
+    alice.type("fg")
+    alice.wait_for(r"(?m)#general>\s*$")
+    alice.type("back after a stop it could not catch")
+    bob.wait_for(r"<Alice> back after a stop it could not catch")
     no_python_on(alice, bob)
 
 

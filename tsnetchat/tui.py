@@ -464,6 +464,21 @@ class ChatApp:
 
         run_in_terminal(stop)
 
+    def resumed(self) -> None:
+        """SIGCONT: the chat runs again. After a stop it could not catch (kill -STOP), the
+        shell had put the terminal back line by line, where Enter no longer sent (a daily
+        user's run, 2026-11-24): the chat's mode is set again (prompt_toolkit's own, which
+        its ``raw_mode`` from the start still undoes when the chat ends) and the screen is
+        drawn whole. (After Ctrl-Z, the mode is already set: one more redraw.)"""
+        if not self.app.is_running or self.quitting:
+            return
+        from prompt_toolkit.input.vt100 import raw_mode
+
+        with contextlib.suppress(Exception):  # (not a terminal: nothing to set)
+            raw_mode(self.app.input.fileno()).__enter__()  # (no __exit__: see above)
+        self.app.renderer.reset()
+        self.app.invalidate()
+
     def invalidate(self) -> None:
         if self.app.is_running:
             self.app.invalidate()
@@ -1535,6 +1550,7 @@ async def run_tui(server: str, room: str | None, *, token: str | None, socket: s
         for sig in (signal.SIGHUP, signal.SIGTERM):
             loop.add_signal_handler(sig, chat.quit)
         loop.add_signal_handler(signal.SIGTSTP, chat.suspend)
+        loop.add_signal_handler(signal.SIGCONT, chat.resumed)
         try:
             asked = commands.room_asked(room, me.identity.login) if room else None
             untold = _unsent_untold()
@@ -1550,6 +1566,7 @@ async def run_tui(server: str, room: str | None, *, token: str | None, socket: s
             result = await chat.app.run_async(set_exception_handler=False)
         finally:
             loop.remove_signal_handler(signal.SIGTSTP)
+            loop.remove_signal_handler(signal.SIGCONT)
             opened = chat.open_rooms()
             await chat.close()
             openrooms.save(log_path().parent, key, opened)
