@@ -838,10 +838,17 @@ def test_a_line_half_typed_when_the_chat_ended_is_back_in_its_room_in_the_next_c
     text = kept.read_text()
     assert "(typed in #random; back in its input next time) half in random" in text, text
     assert "(typed in #general; back in its input next time) half in general," in text, text
+    # A chat that leaves them as they came back neither lists them again nor adds them to
+    # unsent.txt once more (they were, at every exit: a review, 2026-11-24).
+    idle = open_terminal("alice", home_name="home-alice", wait=False)
+    idle.wait_for(r"#general> half in general,")
+    idle.keys("C-d")
+    idle.wait_for(r"EXITED 0", timeout=5)
+    assert "not sent when you left" not in idle.screen() and kept.read_text() == text
     again = open_terminal("alice", home_name="home-alice", wait=False)
     again.wait_for(r"#general> half in general,")
     again.wait_for(r"over two lines")
-    again.wait_for(r"what\s+you\s+had\s+typed\s+is\s+back\s+in\s+the\s+input\s+"
+    again.wait_for(r"what\s+you\s+had\s+typed\s+comes\s+back\s+in\s+the\s+input\s+"
                    r"\(#general,\s+#random\)")
     again.keys("Enter")  # sent as it was typed: two lines, one message
     again.wait_for(r"▸ <Alice> half in general,")

@@ -84,7 +84,8 @@ def test_a_link_in_place_of_the_file_is_not_followed(tmp_path: Path) -> None:
 def test_a_state_dir_that_cannot_be_written_loses_the_list_quietly(tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    openrooms.save(blocker, "s:1", OpenRooms(("general",), None))  # no exception
+    assert openrooms.save(blocker, "s:1", OpenRooms(("general",), None, (("general", "x"),))
+                          ) == {}  # no exception, and no draft said to be kept
     assert openrooms.load(blocker, "s:1") == OpenRooms()
 
 
@@ -98,7 +99,9 @@ def test_what_was_typed_in_each_room_comes_back_with_it_exactly_as_typed(
         tmp_path: Path) -> None:
     typed = (("general", "half a line\n  and an indented one\t"), ("dm:a@x,b@x", "psst \ud83d"),
              ("+ops", "ça va? 日本語 👍"))
-    openrooms.save(tmp_path, "s:1", OpenRooms(("general", "+ops", "dm:a@x,b@x"), None, typed))
+    written = openrooms.save(tmp_path, "s:1",
+                             OpenRooms(("general", "+ops", "dm:a@x,b@x"), None, typed))
+    assert written == dict(typed)  # (what the chat says will be back)
     back = openrooms.load(tmp_path, "s:1")
     assert dict(back.drafts) == dict(typed)  # a lone surrogate too (pasted half an emoji)
     assert [room for room, _ in back.drafts] == ["general", "+ops", "dm:a@x,b@x"]  # in order
@@ -121,8 +124,9 @@ def test_drafts_too_long_for_the_file_are_left_out_and_the_others_still_come_bac
     long = "x" * (openrooms.MAX_DRAFT + 1)
     full = "y" * openrooms.MAX_DRAFT
     typed = (("r0", long), *((r, full) for r in rooms[1:]))
-    openrooms.save(tmp_path, "s:1", OpenRooms(rooms, "r0", typed))
+    written = openrooms.save(tmp_path, "s:1", OpenRooms(rooms, "r0", typed))
     back = openrooms.load(tmp_path, "s:1")
+    assert written == dict(back.drafts)
     assert back.rooms == rooms and back.shown == "r0"
     kept = dict(back.drafts)
     assert "r0" not in kept  # too long for one room (it is in unsent.txt, see tui)

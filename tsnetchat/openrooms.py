@@ -80,10 +80,11 @@ def load(state_dir: Path, key: str) -> OpenRooms:
     return OpenRooms(rooms, shown if shown in rooms else None, drafts)
 
 
-def save(state_dir: Path, key: str, open_rooms: OpenRooms) -> None:
+def save(state_dir: Path, key: str, open_rooms: OpenRooms) -> dict[str, str]:
     """Remember ``open_rooms`` for ``key``'s server (0600; replaced whole, never half
-    written). A failure is logged, not raised: the chat is ending, and what is typed here is
-    in ``unsent.txt`` as well. Drafts beyond ``MAX_DRAFT`` or ``MAX_DRAFTS`` are left out."""
+    written); the drafts written, by room. A failure is logged, not raised (no drafts
+    written): the chat is ending, and what is typed here is in ``unsent.txt`` as well.
+    Drafts beyond ``MAX_DRAFT`` or ``MAX_DRAFTS`` are left out."""
     path = path_for(state_dir, key)
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     rooms = open_rooms.rooms[:MAX_ROOMS]
@@ -105,3 +106,5 @@ def save(state_dir: Path, key: str, open_rooms: OpenRooms) -> None:
         log.warning("could not remember the open rooms in %s: %s", path, e)
         with contextlib.suppress(OSError):
             tmp.unlink()
+        return {}
+    return drafts

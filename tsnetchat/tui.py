@@ -39,7 +39,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -275,6 +275,9 @@ class ChatApp:
         # half a sentence for #ops went to #general with the next Enter; a new user's day,
         # 2026-11-23). ``submitting``: a line is being carried out, and is not a draft.
         self.drafts: dict[str, Document] = {}
+        # What the last chat had typed, by room, until the room is joined; and as it was.
+        self.restored: dict[str, str] = {}
+        self.restored_as: dict[str, str] = {}
         self.shown_again: set[str] = set()  # rooms restarted from a restored history
         self.submitting = False
         self.history = commands.InputHistory()
@@ -1110,6 +1113,7 @@ class ChatApp:
         if ev.kind == "welcome" and ev.welcome is not None:
             self.opening.discard(conv.name)
             self.start_notes.pop(conv.name, None)  # (refused at the start, joined since)
+            self.bring_back_restored(conv.name)
             w = ev.welcome
             conv.members = list(w.members)
             conv.away = set(w.away_logins)
@@ -1388,36 +1392,61 @@ class ChatApp:
         with this server (not one closed for good, nor search results)."""
         rooms = tuple(name for name in self.conversations if name in self.sessions
                       and self.sessions[name].state.phase is not Phase.FAILED)
-        typed = {name: d.text for name, d in self.drafts.items()}
-        if self.current is not None:
-            typed[self.current] = self.input.text
+        typed = dict(self.typed())
         drafts = tuple((name, typed[name]) for name in rooms if typed.get(name, "").strip())
         return openrooms.OpenRooms(rooms, self.current if self.current in rooms else None,
                                    drafts)
 
-    def restore_drafts(self, drafts: Iterable[tuple[str, str]]) -> None:
-        """What the last chat had typed in each room and not sent, back as the rooms' drafts
-        (before ``reopen``: the room shown brings its own into the input). Only in
-        unsent.txt, a line typed before a restart had to be copied back by hand (carried
-        over since the nineteenth session)."""
-        for room, text in drafts:
-            self.drafts[room] = Document(text, len(text))
+    def typed(self) -> list[tuple[str, str]]:
+        """What is typed and not sent, by room ("" for typing that has no room): the input,
+        each other room's draft, and what the last chat had typed in a room not joined yet
+        (``restored``)."""
+        out = [(self.current or "", self.input.text)]
+        out += [(room, d.text) for room, d in self.drafts.items()]
+        out += [(room, text) for room, text in self.restored.items()]
+        return [(room, text) for room, text in out if text.strip()]
 
-    def unsent(self) -> list[str]:
+    def restore_drafts(self, drafts: Iterable[tuple[str, str]]) -> None:
+        """What the last chat had typed in each room and not sent: each comes back into its
+        room's input once the room is joined (``bring_back_restored``), never before, so a
+        room refused at the start cannot hand its text to the next one shown (a review,
+        2026-11-24). Only in unsent.txt, a line typed before a restart had to be copied back
+        by hand (carried over since the nineteenth session)."""
+        self.restored = dict(drafts)
+        self.restored_as = dict(self.restored)
+
+    def bring_back_restored(self, room: str) -> None:
+        """``room`` is joined: what the last chat had typed there becomes its draft (in the
+        input, if it is shown), after anything typed there since."""
+        text = self.restored.pop(room, None)
+        if text is None:
+            return
+        if room == self.current:
+            before = self.input.text
+            joined = f"{before}\n{text}" if before else text
+            self.input.document = Document(joined, len(joined))
+        else:
+            before = self.drafts[room].text if room in self.drafts else ""
+            joined = f"{before}\n{text}" if before else text
+            self.drafts[room] = Document(joined, len(joined))
+        self.invalidate()
+
+    def unsent(self, kept: Mapping[str, str]) -> list[str]:
         """What was typed but not stored, to print after the screen is gone (a message's
-        later lines indented under its first: ``indented``)."""
+        later lines indented under its first: ``indented``). ``kept``: the drafts
+        ``openrooms.save`` wrote, back in their inputs next time; one brought back
+        unchanged from the last chat is not listed again (it is in unsent.txt already, and
+        was listed at every exit: a review, 2026-11-24)."""
         notes = {State.SENDING: "  (sent, not confirmed: it may have been stored)",
                  State.FAILED: "  (refused)"}
         titles = {name: c.title for name, c in self.conversations.items()}
         out = [f"{titles.get(room, room)}: {o.text}{notes.get(o.state, '')}"
                for room, s in self.sessions.items() for o in s.outbox]
-        kept = dict(self.open_rooms().drafts)
-        typed = [(self.current or "", self.input.text), *(
-            (room, d.text) for room, d in self.drafts.items())]
         # (in which room: "(input)" alone did not say; a new user's day, 2026-11-24)
         out += [f"(typed in {titles.get(room, room or 'no room')}"
                 f"{'; back in its input next time' if kept.get(room) == text else ''}) {text}"
-                for room, text in typed if text.strip()]
+                for room, text in self.typed()
+                if not (kept.get(room) == text == self.restored_as.get(room))]
         out += [f"(waiting in {titles.get(room, room)} for the message above) {line}"
                 for line, room in self.waiting_changes.values()]
         out += [f"(not answered yet in {titles.get(room, room)}: it may have been done) {line}"
@@ -1559,7 +1588,8 @@ async def run_tui(server: str, room: str | None, *, token: str | None, socket: s
             chat.restore_drafts(last.drafts)
             if last.drafts:  # (there is text in the input that this chat did not type)
                 rooms = ", ".join(chat.conversation_for(r).title for r, _ in last.drafts)
-                chat.start_notes["drafts"] = f"what you had typed is back in the input ({rooms})"
+                chat.start_notes["drafts"] = (f"what you had typed comes back in the input "
+                                              f"({rooms})")
             chat.reopen(last.rooms, asked or last.shown or next(iter(last.rooms), "general"),
                         back=last.shown)
             chat.spawn(chat.poll_unread())
@@ -1569,14 +1599,14 @@ async def run_tui(server: str, room: str | None, *, token: str | None, socket: s
             loop.remove_signal_handler(signal.SIGCONT)
             opened = chat.open_rooms()
             await chat.close()
-            openrooms.save(log_path().parent, key, opened)
+            saved = openrooms.save(log_path().parent, key, opened)
             # Kept whatever ended the screen: a terminal that went away ends it with an
             # I/O error, and what was typed went with it, printed to nowhere (a new user's
             # day, 2026-11-23). SIGHUP and SIGTERM stay ours until it is kept: a closed
             # terminal hangs the chat up twice (the kernel's hangup, then again when the
             # shell that ran it exits), and the second, at its default, ended the process
             # before anything was written (2026-11-24).
-            left = chat.unsent()
+            left = chat.unsent(saved)
             kept = _keep_unsent(left) if left else None
             for sig in (signal.SIGHUP, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
