@@ -405,7 +405,7 @@ def test_the_client_runs_without_the_servers_dependencies(
         assert out.returncode == 0, out.stderr
     serve = client("serve", "--state-dir", str(tmp_path / "s"))
     assert serve.returncode == 3
-    assert "pip install './tsnetchat[server]' from your checkout" in serve.stderr
+    assert "pip install '/path/to/tsnetchat[server]' (your checkout" in serve.stderr
     assert "missing: jwt" in serve.stderr
     doctor = client("doctor")  # (this machine as a server: said, and what a client means)
     assert doctor.returncode == 3

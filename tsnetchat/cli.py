@@ -153,8 +153,8 @@ def _need_server(instead: str = "") -> None:
         except ImportError:
             raise fail(ConfigError(
                 f"this command runs the server side, which needs more than the client: "
-                f"pip install './tsnetchat[server]' from your checkout or wheel (README, Install; "
-                f"missing: {module.split('.')[0]})"
+                f"pip install '/path/to/tsnetchat[server]' (your checkout, or the wheel; README, "
+                f"Install; missing: {module.split('.')[0]})"
                 f"{instead}")) from None
 
 

@@ -31,8 +31,8 @@ HOME_ROOTS = (Path("/home"), Path("/root"), Path("/run/user"))
 TMP_ROOTS = (Path("/tmp"), Path("/var/tmp"))
 # The install the README recommends, named in every refusal.
 VENV_FIX = ("install it where a service can run it: sudo python3 -m venv /opt/tsnetchat && "
-            "sudo /opt/tsnetchat/bin/pip install './tsnetchat[server]' (your checkout or wheel; "
-            "README, Install), then run "
+            "sudo /opt/tsnetchat/bin/pip install '/path/to/tsnetchat[server]' (your checkout, "
+            "or the wheel; README, Install), then run "
             "sudo /opt/tsnetchat/bin/tsnetchat install-systemd")
 
 
