@@ -345,14 +345,19 @@ def test_serve_stops_at_sigterm_while_it_still_waits_for_tailscaled(tmp_path: Pa
     ("send", "x", "hi", "--timeout", "nan"), ("send", "x", "hi", "--timeout", "0"),
     ("send", "x", "hi", "--port", "70000"), ("tail", "x", "--count", "-1"),
     ("tail", "x", "--new", "--after", "3"), ("doctor", "--server", ""),
-    ("doctor", "--server", "x", "--port", "0"),
+    ("doctor", "--server", "x", "--port", "0"), ("doctor", "--server", "x", "--port", "-5"),
+    ("TSNETCHAT_PORT=²", "doctor", "--server", "x"), ("TSNETCHAT_PORT=abc", "whoami", "x"),
 ])
 def test_a_number_out_of_range_on_a_client_command_is_bad_input_before_anything_is_dialled(
         args: tuple[str, ...]) -> None:
     """These were "internal error in the client (ValueError: Value out of range)", a
     64-line traceback, or a dial of port 70000 retried for 8 s."""
     started = time.monotonic()
-    out = run_cli(*args, env={**os.environ, "TSNETCHAT_SOCKET": "/nonexistent"})
+    env = {**os.environ, "TSNETCHAT_SOCKET": "/nonexistent"}
+    while "=" in args[0]:  # (a variable for the command)
+        name, value = args[0].split("=", 1)
+        env, args = {**env, name: value}, args[1:]
+    out = run_cli(*args, env=env)
     assert out.returncode == 2, out.stderr
     assert "Traceback" not in out.stderr and "internal error" not in out.stderr
     assert time.monotonic() - started < 5

@@ -965,13 +965,12 @@ def doctor(
     if server:
         from .doctor import run_client_doctor
 
-        flag, text = "--port", ""
+        flag, said = "--port", str(port)
         if port is None and os.environ.get("TSNETCHAT_PORT", "").strip():  # (as the others)
-            flag, text = "TSNETCHAT_PORT", os.environ["TSNETCHAT_PORT"].strip()
-            port = int(text) if text.isdigit() else -1
+            flag, said = "TSNETCHAT_PORT", os.environ["TSNETCHAT_PORT"].strip()
+            port = int(said) if said.isascii() and said.isdigit() else -1
         if port is not None and not 1 <= port <= 65535:  # (0 checked 50051: an operator's run)
-            raise fail(InvalidInput(f"{flag}: {port if port >= 0 else text!r} is not a TCP "
-                                    "port (1-65535)"))
+            raise fail(InvalidInput(f"{flag}: {said!r} is not a TCP port (1-65535)"))
         s = _client_settings(server, token, token_file, socket, proxy)
         ok = run(run_client_doctor(server, port=port or DEFAULT_PORT, **s))
         raise typer.Exit(0 if ok else 1)

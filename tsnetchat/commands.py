@@ -129,18 +129,22 @@ def when_ms(text: str, now: float) -> int:
     they were the only form (a newcomer, 2026-11-24: `--since 2026-11-24` was "Input should
     be a valid integer"). ValueError names the forms."""
     t = text.strip()
-    if t.isdigit():
-        return int(t)
-    ago = _AGO.fullmatch(t)
-    if ago is not None:
-        return max(0, int((now - int(ago[1]) * _AGO_SECONDS[ago[2].lower()]) * 1000))
-    try:
-        moment = datetime.datetime.fromisoformat(t.replace(" ", "T", 1) if " " in t else t)
-    except ValueError:
-        raise ValueError(f"{text!r} is not a time: give {WHEN_FORMS}") from None
-    if moment.tzinfo is None:
-        moment = moment.astimezone()  # (a naive time is this machine's local time)
-    return max(0, int(moment.timestamp() * 1000))
+    if t.isascii() and t.isdigit() and len(t) != 8:  # (8 digits: a date, 20261124)
+        ms = int(t)
+    elif (ago := _AGO.fullmatch(t)) is not None:
+        ms = int((now - int(ago[1]) * _AGO_SECONDS[ago[2].lower()]) * 1000)
+    else:
+        try:
+            moment = datetime.datetime.fromisoformat(t.replace(" ", "T", 1) if " " in t else t)
+            if moment.tzinfo is None:
+                moment = moment.astimezone()  # (a naive time is this machine's local time)
+            ms = int(moment.timestamp() * 1000)
+        except (ValueError, OverflowError, OSError):  # (OverflowError near year 9999 in
+            # some zones, ValueError for year 1: a review, 2026-11-24)
+            raise ValueError(f"{text!r} is not a time: give {WHEN_FORMS}") from None
+    if ms <= 0:  # (0 is "not given": the search had no bound at all)
+        raise ValueError(f"{text!r} is not after 1970: give {WHEN_FORMS}")
+    return ms
 
 
 def room_asked(typed: str, me: str) -> str:
