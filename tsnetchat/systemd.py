@@ -46,8 +46,9 @@ class Installation:
 
     ``exe`` is the script ExecStart runs; ``binds`` are directories under a home directory
     the service must see (read-only); empty when nothing is under a home. ``in_tmp``: the
-    first of the script and the installation's prefixes under /tmp or /var/tmp, which the
-    service cannot see (a checkout there is fine to test with, so it is said, not refused).
+    first of the script, the package (an editable install's checkout) and the
+    installation's prefixes under /tmp or /var/tmp, which the service cannot see (a
+    checkout there is fine to test with, so it is said, not refused).
     """
 
     exe: Path
@@ -121,7 +122,7 @@ def find_installation(exe: str | None = None) -> Installation:
             raise ConfigError(f"install-systemd: a service runs as a user of its own, which "
                               f"may not read {stop}: make the installation readable by others "
                               f"(chmod -R o+rX), or {VENV_FIX}")
-    in_tmp = next((p for p in (script, Path(sys.prefix), Path(sys.base_prefix))
+    in_tmp = next((p for p in (script, package, Path(sys.prefix), Path(sys.base_prefix))
                    if any(_under(p, t) or _under(p.resolve(), t) for t in TMP_ROOTS)), None)
     return Installation(exe=script, binds=binds, in_tmp=in_tmp)
 

@@ -701,7 +701,7 @@ class ChatApp:
         elif name in ("away", "back"):
             return self.set_away(name == "away", parsed.text, line)
         elif name in ("create", "invite", "remove"):
-            return self.members(name, parsed.room, parsed.nicks)
+            return self.members(name, parsed.room, parsed.nicks, line)
         elif name == "kick":
             return self.kick(parsed.nicks[0], line)
         elif name == "who":
@@ -904,7 +904,7 @@ class ChatApp:
         self.away_asked = (session.set_away(away, message), line, self.current or "")
         return False
 
-    def members(self, what: str, room: str, nicks: tuple[str, ...]) -> bool:
+    def members(self, what: str, room: str, nicks: tuple[str, ...], line: str = "") -> bool:
         """/create +room NICK..., /invite NICK..., /remove NICK... (admins)."""
         if what != "create":
             conv = self.conversation
@@ -930,7 +930,7 @@ class ChatApp:
             else:
                 self.say(said)
 
-        self.spawn(run())
+        self.spawn(run(), line=line, room=self.current or "")  # (listed at quit if unanswered)
         return False
 
     def kick(self, nick: str, line: str) -> bool:
