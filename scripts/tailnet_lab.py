@@ -632,7 +632,7 @@ def _state_path(args: argparse.Namespace) -> Path:
     """``--state`` if given, else ``--dir``'s state.json, else the checkout's."""
     if args.state:
         return Path(args.state)
-    return Path(args.dir) / "state.json" if args.dir else DEFAULT_STATE
+    return Path(args.dir).resolve() / "state.json" if args.dir else DEFAULT_STATE
 
 
 def _read_state(args: argparse.Namespace) -> tuple[Path, dict[str, Any] | None]:
@@ -654,8 +654,14 @@ def _cmd_up(args: argparse.Namespace) -> int:
     if state_path.exists():
         print(f"a lab is already up ({state_path}); run `down` first", file=sys.stderr)
         return 1
+    root = Path(args.dir).resolve() if args.dir else None
+    if root is not None and root.exists() and any(root.iterdir()):
+        # (`down` deletes the lab's directory whole: a review, 2026-11-24)
+        print(f"{root} is not empty; give --dir a new or empty directory: `down` deletes it",
+              file=sys.stderr)
+        return 1
     binaries = ensure_binaries()
-    root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="tsnetchat-lab-"))
+    root = root or Path(tempfile.mkdtemp(prefix="tsnetchat-lab-"))
     lab = Lab(root, binaries=binaries, detached=True)
     try:
         lab.start()
@@ -711,8 +717,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("build")
     for name in ("up", "down", "env"):
         cmd = sub.add_parser(name)
-        cmd.add_argument("--dir", help="the lab's directory (up: made if missing); its "
-                         "state is kept there, so labs in two directories do not meet")
+        cmd.add_argument("--dir", help="the lab's directory (up: a new or empty one; down "
+                         "deletes it); its state is kept there, so two labs do not meet")
         if name == "env":
             cmd.add_argument("node")
     args = p.parse_args(argv)
