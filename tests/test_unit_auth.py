@@ -99,6 +99,15 @@ def test_key_file_is_created_private_and_refused_when_open(tmp_path: Path) -> No
         auth.load_or_create_key(path)
 
 
+def test_only_the_call_that_made_the_key_says_it_did(tmp_path: Path) -> None:
+    """A server whose start fails removes a key only if it made it (server.Server)."""
+    path = tmp_path / "state" / "jwt.key"
+    assert auth.create_key(path) is True
+    made = path.read_bytes()
+    assert auth.create_key(path) is False and path.read_bytes() == made
+    assert sorted(p.name for p in path.parent.iterdir()) == ["jwt.key"]  # nothing aside
+
+
 # --- tokens: strict, and nothing a client sends raises anything else -------------------
 
 

@@ -21,7 +21,6 @@ Contracts:
 from __future__ import annotations
 
 import base64
-import contextlib
 import difflib
 import json
 import os
@@ -59,21 +58,30 @@ HEADER = frozenset({"alg", "typ"})
 
 def load_or_create_key(path: Path) -> bytes:
     """Return the signing key, creating it (0600) on first use; ConfigError as ``read_key``."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if not os.path.lexists(path):
-        # Written aside and linked into place whole: on a full disk the key was left empty,
-        # and the error said "unexpected OSError ... a bug" (an operator's run, 2026-11-24).
-        try:
-            tmp = _key_aside(path, secrets.token_bytes(32).hex().encode())
-            try:
-                with contextlib.suppress(FileExistsError):  # (another process's came first)
-                    os.link(tmp, path)
-            finally:
-                tmp.unlink(missing_ok=True)
-        except OSError as e:  # (ConfigError, as read_key's: what start-up and reload catch)
-            raise ConfigError(f"cannot write the signing key {path}: {e.strerror}"
-                              f"{full_disk_hint(path)}") from None
+    create_key(path)
     return read_key(path)
+
+
+def create_key(path: Path) -> bool:
+    """Make the signing key (0600) if there is none; whether this call made it (another
+    process's may come first). ConfigError when it cannot be written."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if os.path.lexists(path):
+        return False
+    # Written aside and linked into place whole: on a full disk the key was left empty,
+    # and the error said "unexpected OSError ... a bug" (an operator's run, 2026-11-24).
+    try:
+        tmp = _key_aside(path, secrets.token_bytes(32).hex().encode())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:  # (another process's came first)
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+    except OSError as e:  # (ConfigError, as read_key's: what start-up and reload catch)
+        raise ConfigError(f"cannot write the signing key {path}: {e.strerror}"
+                          f"{full_disk_hint(path)}") from None
+    return True
 
 
 def _key_aside(path: Path, key: bytes) -> Path:

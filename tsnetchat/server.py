@@ -53,7 +53,7 @@ from .metrics import Metrics
 from .notify import Notifier
 from .pb import chat_pb2 as pb
 from .service import SERVICE_NAME, ChatService
-from .statedir import StateLock, secure_state_dir
+from .statedir import StateLock, read_key, secure_state_dir
 from .store import MAX_GROUP, SqliteHistory, Store, damaged, quick_check
 from .tailnet import LocalAPI, Status, Tailnet, format_addr, wait_running
 
@@ -209,11 +209,10 @@ class Server:
                         cfg.where(name))
         # Held until stop(): `tsnetchat restore` refuses to run under a live server.
         self._lock = StateLock(cfg.state_dir, "server")
-        new_key = made_key = False
+        new_key = False
         try:
-            new_key = not cfg.key_path.exists()
-            key = auth.load_or_create_key(cfg.key_path)  # refuses an open key file
-            made_key = new_key
+            new_key = auth.create_key(cfg.key_path)  # (True only if this start made it)
+            key = read_key(cfg.key_path)  # refuses an open key file
             self._key_stamp = _stamp(cfg.key_path)
             # Opening (creating or upgrading) the database is start-up work: nothing is
             # served yet, so the loop may wait for it here. From now on it runs on its own
@@ -233,7 +232,7 @@ class Server:
                          "refused. On a first start that is expected; if this server ran "
                          "before, check --state-dir (now %s)", cfg.key_path, cfg.state_dir)
         except BaseException:
-            if made_key:  # (a start refused for its database left a new key behind, which
+            if new_key:  # (a start refused for its database left a new key behind, which
                 # the next start took as the server's own: a newcomer, 2026-11-24)
                 with contextlib.suppress(OSError):
                     cfg.key_path.unlink()
