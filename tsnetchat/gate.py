@@ -132,7 +132,7 @@ class Lease:
         self.room = ""  # a room stream: the room must stay allowed
         # A conversation stream (hold_conversation): what must stay true of the rights.
         self.keep: Callable[[auth.Principal], bool] | None = None
-        self.stale = False  # decided before a change to the key or settings
+        self.stale = False  # decided before a change (key, settings, the tailnet's answer)
         self.error: TsnetchatError | None = None
         self._failed: asyncio.Future[None] | None = None
         self._on_fail: Callable[[TsnetchatError], None] | None = None
