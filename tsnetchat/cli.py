@@ -576,11 +576,8 @@ def connect_cmd(
                     "room", err=True, fg="red")
         raise typer.Exit(2)
     s = _client_settings(server, token, token_file, socket, proxy)
-    if save_token and not s["token"]:
-        raise fail(ConfigError("--save-token: give the token with --token or --token-file"))
-    if save_token and address:
-        raise fail(ConfigError("--save-token keeps a token under the server's tailnet node, "
-                               "which --address skips: leave --address out"))
+    if save_token:
+        _may_save_token(s["token"], address)
     if (verbose or save_token) and not address:
         found = run(_find(server, port, s, verbose))
         if save_token:
@@ -922,16 +919,22 @@ def whoami(
     from . import clientcmds
 
     s = _client_settings(server, token, token_file, socket, proxy)
-    if save_token and not s["token"]:
-        raise fail(ConfigError("--save-token: give the token with --token or --token-file"))
-    if save_token and address:
-        raise fail(ConfigError("--save-token keeps a token under the server's tailnet node, "
-                               "which --address skips: leave --address out"))
+    if save_token:
+        _may_save_token(s["token"], address)
     link = _link(server, port, address, s, verbose)
     out = run(clientcmds.whoami(link))
     if save_token:
         _save_token(link.target.node if link.target else None, server, s["token"])
     typer.echo(out)
+
+
+def _may_save_token(token: str | None, address: str | None) -> None:
+    """Refuse --save-token without a token given, or with --address (before any call)."""
+    if not token:
+        raise fail(ConfigError("--save-token: give the token with --token or --token-file"))
+    if address:
+        raise fail(ConfigError("--save-token keeps a token under the server's tailnet node, "
+                               "which --address skips: leave --address out"))
 
 
 def _save_token(node: Any, server: str, token: str) -> None:
