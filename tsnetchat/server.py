@@ -418,9 +418,8 @@ class Server:
             target = f"[{addr}]:{self.cfg.port}" if ":" in addr else f"{addr}:{self.cfg.port}"
             try:
                 port = server.add_insecure_port(target)
-            except RuntimeError as e:
-                raise ConfigError(f"cannot listen on {target}: "
-                                  f"{_why_no_bind(addr, self.cfg.port)}") from e
+            except RuntimeError:  # (gRPC's words say nothing: _why_no_bind)
+                port = 0
             if not port:
                 raise ConfigError(f"cannot listen on {target}: "
                                   f"{_why_no_bind(addr, self.cfg.port)}")

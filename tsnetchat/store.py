@@ -1446,8 +1446,9 @@ class Store:
             if isinstance(e, sqlite3.Error):
                 # A damaged history is said as such: "cannot copy ... to <the backup>: unable
                 # to open database" blamed the backup's place (a newcomer, 2026-11-24).
-                found = ((0, [str(e)]) if _damaged(e) else None if full_disk_hint(dest)
-                         else quick_check(self.path, within=5))
+                if _damaged(e):
+                    raise damaged(self.path, e) from e
+                found = None if full_disk_hint(dest) else quick_check(self.path, within=5)
                 if found is not None and found[1] != ["ok"]:
                     raise damaged(self.path, "; ".join(found[1][:3])) from e
                 raise StoreError(f"cannot copy the history database {self.path} to {dest}: "
