@@ -673,3 +673,18 @@ async def test_a_line_pasted_with_its_end_is_sent_without_an_empty_last_line() -
     app.current = "general"
     assert app.handle("deploy is done\n\n") is False
     assert [o.text for o in session.outbox] == ["deploy is done"]
+
+
+async def test_a_reconnect_under_a_second_says_how_long_it_took_not_zero_seconds() -> None:
+    """"reconnected after 0s" read as if nothing had happened (carried over since
+    2026-11-23)."""
+    from tsnetchat.client import RoomSession, SessionEvent
+
+    app = alices_chat()
+    general = app.conversation_for("general")
+    session = app.sessions["general"] = RoomSession(app.link, "general")
+    app.on_event(general, session, SessionEvent("state", seconds=0.42))
+    app.on_event(general, session, SessionEvent("state", seconds=12.4))
+    said = [e.text for e in general.entries if "reconnected" in e.text]
+    assert said == ["reconnected after 0.4s; nothing missed",
+                    "reconnected after 12s; nothing missed"], said

@@ -575,6 +575,12 @@ class SessionEvent:
     text: str = ""
     refused_id: str = ""
 
+    def outage(self) -> str:
+        """``seconds`` as a reconnect notice says it: "0.4s" under ten seconds ("after 0s"
+        read as if nothing had happened; carried over since 2026-11-23), "12s" above."""
+        seconds = self.seconds or 0.0
+        return f"{seconds:.1f}s" if seconds < 9.95 else f"{seconds:.0f}s"
+
 
 class RoomSession:
     """One room, kept joined across network loss, server restarts and tailscaled restarts.

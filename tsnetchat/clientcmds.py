@@ -31,6 +31,7 @@ from .client import (
     Connection,
     Link,
     RoomSession,
+    SessionEvent,
     check_message_id,
     deliver_all,
     first_answer,
@@ -270,7 +271,7 @@ async def tail(link: Link, room: str, *, after: int | None, new: bool, count: in
     seen = 0
     # A reconnect is reported once its replay is in: "nothing missed" was printed just
     # before "the server's history was restored from a backup" (an operator's run).
-    reconnected: float | None = None
+    reconnected: SessionEvent | None = None
     try:
         async for ev in session.events():
             if ev.kind == "message" and ev.message is not None:
@@ -283,7 +284,7 @@ async def tail(link: Link, room: str, *, after: int | None, new: bool, count: in
                     return
             elif ev.kind == "replay_done":
                 if reconnected is not None:
-                    warn(f"reconnected after {reconnected:.0f}s; nothing missed")
+                    warn(f"reconnected after {reconnected.outage()}; nothing missed")
                     reconnected = None
                 if ev.first:
                     echo(json.dumps({"type": "live", "room": room, "last_id": ev.message_id})
@@ -294,12 +295,12 @@ async def tail(link: Link, room: str, *, after: int | None, new: bool, count: in
             elif ev.kind == "state" and ev.error is not None and session.state.attempts == 1:
                 warn(f"connection lost: {ev.error}; reconnecting")
             elif ev.kind == "state" and ev.seconds is not None:
-                reconnected = ev.seconds
+                reconnected = ev
             elif ev.kind == "waiting":
                 warn(ev.text)
             elif ev.kind == "restart":
                 if reconnected is not None:
-                    warn(f"reconnected after {reconnected:.0f}s")
+                    warn(f"reconnected after {reconnected.outage()}")
                     reconnected = None
                 warn(ev.text)
                 if json_out:  # (a reader keeping ids seen had no sign that they now name

@@ -1151,7 +1151,7 @@ class ChatApp:
             # "nothing missed" contradicted the line just above; a new user's day, 2026-11-23)
             missed = "" if conv.name in self.shown_again else "; nothing missed"
             self.shown_again.discard(conv.name)
-            conv.notice(f"reconnected after {ev.seconds:.0f}s{missed}", renderer=self.renderer)
+            conv.notice(f"reconnected after {ev.outage()}{missed}", renderer=self.renderer)
             conv.quiet_until = time.monotonic() + QUIET_REJOINS
         elif ev.kind in ("sent", "failed") and ev.outgoing is not None:
             self.waiting_changes.pop(ev.outgoing.client_msg_id, None)
