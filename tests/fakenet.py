@@ -34,6 +34,8 @@ class FakeTailnet:
     _servers: list[asyncio.base_events.Server] = field(default_factory=list)
     _conns: set[asyncio.StreamWriter] = field(default_factory=set)
     answering: bool = True  # False: WhoIs fails as if tailscaled were gone
+    # Cleared: WhoIs waits (a stalled tailscaled), asked but not yet answered, until it is set.
+    whois_open: asyncio.Event = field(default_factory=asyncio.Event)
     _changes: asyncio.Queue[Change | None] = field(default_factory=asyncio.Queue)
 
     async def status(self) -> Status:
@@ -72,10 +74,14 @@ class FakeTailnet:
             if who.login == login:
                 self.by_port[port] = dataclasses.replace(who, **changes)
 
+    def __post_init__(self) -> None:
+        self.whois_open.set()
+
     async def whois(self, addr: str) -> WhoIs:
         if not self.answering:
             raise LocalAPIUnavailable("tailscaled's LocalAPI is not answering (stand-in)")
         self.whois_addrs.append(addr)
+        await self.whois_open.wait()
         port = int(addr.rsplit(":", 1)[1])
         who = self.by_port.get(port)
         if who is None:

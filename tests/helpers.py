@@ -327,13 +327,17 @@ def await_chain(coro: Any) -> list[str]:
 
 class LocalAPIRelay:
     """Forwards a unix socket to a node's LocalAPI; `pause()` makes the LocalAPI vanish for
-    whoever uses the relay (the server), while tailnet traffic keeps flowing."""
+    whoever uses the relay (the server), while tailnet traffic keeps flowing; ``answering``
+    cleared holds tailscaled's answers back (a stalled tailscaled: asked, not answering)
+    until it is set again."""
 
     def __init__(self, target: str, path: str) -> None:
         self.target, self.path = target, path
         self._server: asyncio.base_events.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._handlers: set[asyncio.Task[Any]] = set()
+        self.answering = asyncio.Event()
+        self.answering.set()
 
     async def resume(self) -> None:
         async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
@@ -347,7 +351,7 @@ class LocalAPIRelay:
                     w.close()
                     return
                 self._writers.update((w, uw))
-                await splice((r, w), (ur, uw))
+                await splice((r, w), (_HeldBack(ur, self.answering), uw))  # type: ignore[arg-type]
             finally:
                 self._handlers.discard(task)
 
@@ -364,6 +368,18 @@ class LocalAPIRelay:
             await asyncio.wait(set(self._handlers), timeout=2)
         if os.path.exists(self.path):
             os.unlink(self.path)
+
+
+class _HeldBack:
+    """A stream reader whose bytes are handed on only while ``flowing`` is set."""
+
+    def __init__(self, reader: asyncio.StreamReader, flowing: asyncio.Event) -> None:
+        self._reader, self._flowing = reader, flowing
+
+    async def read(self, n: int) -> bytes:
+        data = await self._reader.read(n)
+        await self._flowing.wait()
+        return data
 
 
 @dataclass

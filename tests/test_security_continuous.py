@@ -69,6 +69,29 @@ async def test_a_join_revoked_before_its_hello_gets_no_welcome_and_stores_nothin
     assert not (await reader.history("general")).messages
 
 
+@pytest.mark.server_config(whois_timeout=20.0)
+async def test_a_token_revoked_while_tailscaled_is_slow_to_say_who_calls_ends_that_call(
+        lab_chat: LabChat) -> None:
+    """The attack: open a Subscribe on a new connection while the server's tailscaled is
+    slow to answer WhoIs, and have the token revoked meanwhile. The revocation acted on the
+    streams held, and this one was admitted afterwards on its check from before: it stayed
+    open 26 s after the revocation, and got what was posted (an attacker's run, 2026-11-24)."""
+    gate = lab_chat.server.gate
+    tok = lab_chat.token(BOB)
+    bob = await lab_chat.connect("bob-laptop", tok)  # (dialled; no call yet: no WhoIs)
+    asked = gate.whois_calls
+    lab_chat.relay.answering.clear()  # tailscaled asked, not answering
+    try:
+        sub = bob.subscribe("general")
+        await until(lambda: gate.whois_calls > asked, what="the server asking who calls")
+        cli("token", "revoke", token_id(tok), "--state-dir", str(lab_chat.cfg.state_dir))
+        assert await lab_chat.server.check_revocations() == 0  # (its poll, at once)
+    finally:
+        lab_chat.relay.answering.set()
+    e = await refused(first_of(sub, "replay_done", timeout=15))
+    assert e.code() == grpc.StatusCode.UNAUTHENTICATED and "revoked" in e.details()
+
+
 async def test_revoking_a_token_closes_the_subscribe_open_with_it(lab_chat: LabChat) -> None:
     bob_token = lab_chat.token(BOB)
     bob = await lab_chat.connect("bob-laptop", bob_token)

@@ -5,6 +5,7 @@ real server."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import grpc
@@ -117,3 +118,55 @@ async def test_the_log_says_when_tailscaleds_ipn_bus_is_followed_again(
     await until(lambda: "lost tailscaled's IPN bus" in caplog.text)
     assert "IPN bus again" not in caplog.text
     await until(lambda: "following tailscaled's IPN bus again" in caplog.text, timeout=10)
+
+
+@pytest.mark.parametrize("change", ["revoked", "key rotated"])
+async def test_a_token_revoked_or_its_key_rotated_while_its_call_waits_on_whois_is_refused(
+        chat: Chat, change: str) -> None:
+    """Revocations and new keys act on the leases held; a call still waiting for WhoIs had
+    none yet, and was admitted afterwards on its check from before: its stream stayed open
+    26 s after the revocation (an attacker's run over the lab, 2026-11-24)."""
+    import dataclasses
+
+    from tsnetchat import auth
+
+    gate = chat.server.gate
+    token = chat.token("bob@t")
+    conn = await chat.connect("bob@t", token=token)
+    asked = len(chat.net.whois_addrs)
+    chat.net.whois_open.clear()  # tailscaled stalls
+    sub = conn.subscribe("general")
+    await until(lambda: len(chat.net.whois_addrs) > asked)  # the call waits on WhoIs
+    if change == "revoked":
+        gate.revoke([auth.verify_token(gate.policy.key, token).token_id])
+    else:
+        gate.apply(dataclasses.replace(gate.policy, key=b"another key" * 4))
+    chat.net.whois_open.set()
+    e = await refused(first_of(sub, "replay_done", timeout=10))
+    assert e.code() == grpc.StatusCode.UNAUTHENTICATED, e.details()
+    assert ("revoked" if change == "revoked" else "signature") in e.details(), e.details()
+
+
+@pytest.mark.server_config(require_grant=True)
+async def test_a_join_stores_nothing_its_narrowed_grant_no_longer_allows_while_that_is_decided(
+        chat: Chat) -> None:
+    """What a stalled server read from an open Join after a narrowed grant was stored (10
+    messages into a room no longer allowed) before the gate's round decided it again (an
+    attacker's run over the lab, 2026-11-24): the reader now waits for that decision."""
+    from helpers import join, send
+
+    wide = {"example.com/cap/tsnetchat": [{"rooms": ["general", "random"], "admin": False}]}
+    conn = await chat.connect("bob@t", cap_map=wide)
+    joined = await join(conn, "random")
+    asked = len(chat.net.whois_addrs)
+    chat.net.whois_open.clear()  # the decision cannot be made yet
+    chat.net.update("bob@t", cap_map=GRANT)  # only general now
+    chat.net.announce_everything()
+    await until(lambda: len(chat.net.whois_addrs) > asked, "the gate asking again")
+    await joined.write(send("into random after the change", "late"))
+    await asyncio.sleep(0.3)  # (stored by now, before)
+    chat.net.whois_open.set()
+    e = await refused(first_of(joined.call, "message", timeout=10))
+    assert e.code() == grpc.StatusCode.PERMISSION_DENIED and "'random'" in e.details()
+    alice = await chat.connect("alice@t", cap_map=wide)
+    assert not [m for m in (await alice.history("random")).messages if m.text.startswith("into")]

@@ -166,16 +166,21 @@ class Lease:
         if self.error is not None:
             on_fail(self.error)
 
+    async def current(self) -> auth.Principal:
+        """The rights as decided on current information: decided again first if something
+        they were decided on changed since (the tailnet's answer, the key, the settings).
+        Raises why the call may no longer run."""
+        await self._gate.refresh(self)
+        self.check()
+        return self.principal
+
     async def hold_room(self, room: str) -> auth.Principal:
         """The rights to enter ``room`` now, decided on current information; from now on
         the lease fails if the room stops being allowed."""
         auth.check_room_name(room)
-        await self._gate.refresh(self)
-        self.check()
-        auth.check_room(self.principal, room)
+        auth.check_room(await self.current(), room)
         self.room = room
         return self.principal
-
 
     async def hold_conversation(self, keep: Callable[[auth.Principal], bool]
                                 ) -> auth.Principal:
@@ -184,8 +189,7 @@ class Lease:
         tsnetchat.rooms), not the token's rooms, so no room is held against the token.
         From now on the lease fails when rights decided again no longer pass ``keep`` (an
         admin reading others' conversations who is no longer an admin)."""
-        await self._gate.refresh(self)
-        self.check()
+        await self.current()
         self.keep = keep
         return self.principal
 
@@ -236,6 +240,11 @@ class Gate:
                                       "through tailscaled")
             who = await self._identity(conn)
             self._check_budget(conn.peer, who.node_id)
+            # Again after the wait: a revocation or a new key that came while WhoIs was asked
+            # acts only on leases held, and nothing decided this one again (a stream opened
+            # during a stalled WhoIs was still open 26 s after its token was revoked; an
+            # attacker's run, 2026-11-24).
+            claims = self._verify(token)
             lease = Lease(self, conn, token, claims, self._decide(who, claims), stream=stream)
             self._hold(lease)
             yield lease

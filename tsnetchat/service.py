@@ -637,6 +637,15 @@ class ChatService:
                 await sub.wait_for_room()
                 if sub.closed is not None:
                     return
+                if lease.stale or lease.conn.stale:
+                    # Decided again before it is read: what a stalled server read after a
+                    # narrowed grant was stored, 10 messages in a room no longer allowed,
+                    # before the gate's round came (an attacker's run, 2026-11-24). A
+                    # failed lease ends the stream (``Join``); this event is dropped.
+                    try:
+                        await lease.current()
+                    except TsnetchatError:
+                        return
                 cmid = ""
                 try:
                     if ev is GARBAGE:
