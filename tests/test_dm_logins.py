@@ -7,6 +7,7 @@ the pure rule at the end."""
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 from typing import Any
 
 import grpc
@@ -14,6 +15,7 @@ import pytest
 from helpers import LabChat, refused, run_cli
 
 from tsnetchat.client import Connection
+from tsnetchat.pb import chat_pb2 as pb
 from tsnetchat.rooms import Mentions, spelling
 
 ALICE, BOB, MALLORY = "alice@tailnet.test", "bob@tailnet.test", "mallory@tailnet.test"
@@ -116,6 +118,35 @@ async def test_a_conversation_with_someone_who_left_the_tailnet_can_still_be_rea
 
 
 # --- the rule, on its own ------------------------------------------------------------------
+
+
+@pytest.mark.tailnet
+@pytest.mark.security
+async def test_a_search_naming_many_spellings_of_new_conversations_asks_tailscaled_once(
+        lab_chat: LabChat, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each new DM name asked tailscaled for the whole tailnet's status: one Search naming 100
+    of them made 100 LocalAPI calls, and 30 such searches took 3.4 s of the server's core (an
+    attacker's run, 2026-11-24). tailscaled's real answer, counted on its way to the service
+    (the server's own watch of the IPN bus asks too, on its own)."""
+    service = lab_chat.server.service
+    asked: list[float] = []
+    status = service.tailnet.status
+
+    async def counted() -> Any:
+        asked.append(asyncio.get_running_loop().time())
+        return await status()
+
+    monkeypatch.setattr(service, "tailnet", SimpleNamespace(status=counted))
+    bob = await connect(lab_chat, BOB)
+    names = [f"dm:{''.join(c.upper() if i >> k & 1 else c for k, c in enumerate('alice'))}"
+             f"@tailnet.test" for i in range(32)]  # alice, Alice, aLice ... ALICE
+    res = await bob.stub.Search(pb.SearchRequest(query="lunch", rooms=names),
+                                metadata=bob.metadata)
+    assert not res.messages
+    assert len(asked) == 1
+    e = await refused(bob.stub.Search(pb.SearchRequest(query="lunch", rooms=["dm:nobody@x"]),
+                                      metadata=bob.metadata))  # (still checked, by that answer)
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "nobody with the login" in e.details()
 
 
 @pytest.mark.parametrize(("typed", "like", "meant"), [

@@ -58,6 +58,11 @@ AWAY_BURST, AWAY_RATE = 10, 0.2
 # presence events in 5 s to everyone in the room (an attacker's run, 2026-11-23).
 COMINGS_BURST, COMINGS_RATE = 40, 1.0
 MAX_SEARCH_ROOMS = 100  # rooms named in one Search
+# How long the tailnet's logins, once asked of tailscaled, answer for the next new DM names.
+# Asked for each name, one Search naming 100 DMs made 100 LocalAPI status calls, and 30 such
+# searches took 3.4 s of the server's core and took bob's WhoAmI from 5 to 55 ms on average
+# (an attacker's run over the lab, 2026-11-24); the status grows with the tailnet.
+PEERS_FRESH = 2.0
 
 log = logging.getLogger("tsnetchat.service")
 
@@ -217,6 +222,7 @@ class ChatService:
         self._present: set[tuple[str, str]] = set()  # (login, room) rooms were told are in
         self._away: dict[str, str] = {}  # login -> away message (set by an Away event)
         self._error_log = LogLimiter(burst=5, rate=0.2)
+        self._logins_asked: tuple[float, asyncio.Future[set[str]]] | None = None  # (when, what)
         self.going_away = False
         # Cluster mode (tsnetchat.cluster): every server, for the Welcome and the ReplayDone
         # (a Subscribe stream's only news of them); and a kick passed on to the other servers.
@@ -325,7 +331,18 @@ class ChatService:
                               f"is on the tailnet ({e}); try again") from e
 
     async def _tailnet_logins(self) -> set[str]:
-        """The logins (and tags) of every device on the server's tailnet, itself included."""
+        """The logins (and tags) of every device on the server's tailnet, itself included:
+        asked of tailscaled at most once every ``PEERS_FRESH`` seconds (callers meanwhile
+        share the answer, or the question in flight); a failure is not kept."""
+        now = asyncio.get_running_loop().time()
+        asked = self._logins_asked
+        failed = asked is not None and asked[1].done() and (
+            asked[1].cancelled() or asked[1].exception() is not None)
+        if asked is None or failed or now - asked[0] > PEERS_FRESH:
+            asked = self._logins_asked = (now, asyncio.ensure_future(self._ask_logins()))
+        return await asyncio.shield(asked[1])
+
+    async def _ask_logins(self) -> set[str]:
         st = await self.tailnet.status()
         out: set[str] = set()
         for node in (st.self_node, *st.peers):
