@@ -272,6 +272,22 @@ async def test_crafted_names_never_reach_the_conversation_or_private_room_of_ali
         assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+async def test_a_conversation_with_a_made_up_login_cannot_be_followed_into_someones_list(
+        lab_chat: LabChat) -> None:
+    """A Subscribe to a new conversation is listed as that conversation's while it lasts:
+    mallory's, with alice and a made-up login, put that login in alice's list of
+    conversations (an attacker's run, 2026-11-24). Its logins are now checked as a Join's
+    are; one with real people only is still followed."""
+    alice, _bob, mallory = await people(lab_chat)
+    phish = f"dm:{ALICE},it-support-reset-your-password-at@evil.example"
+    e = await refused(first_of(mallory.subscribe(phish), "replay_done"))
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "nobody with the login" in e.details()
+    assert not [r for r in (await alice.unread()).rooms if "evil" in r.name]
+    real = mallory.subscribe(f"dm:{ALICE.upper()},{BOB}")
+    assert (await first_of(real, "replay_done")).last_id == 0
+    real.cancel()
+
+
 async def test_nothing_about_a_private_room_reaches_a_non_member_mentioned_in_it(
         lab_chat: LabChat) -> None:
     """Not as a mention, not as an unread count, not in presence: bob names mallory in a

@@ -361,8 +361,13 @@ class ChatService:
         """Enter a room for a stream (``speak``: to take part, a Join): token rooms are held
         against the token (the gate), private rooms and DMs against their membership."""
         if rooms.is_conversation(room):
-            room = (await self._dm_to_write(lease.principal, room)
-                    if speak and rooms.is_dm(room) else self._canonical(lease.principal, room))
+            name = self._canonical(lease.principal, room)
+            if rooms.is_dm(room) and (speak or name not in self.store.rooms()):
+                # (a Subscribe is listed as the conversation's too, until it ends: one to a
+                # made-up login put "it-support-reset-your-password-at@evil.example" in
+                # alice's list of conversations; an attacker's run, 2026-11-24)
+                name = await self._dm_to_write(lease.principal, room)
+            room = name
             p = await lease.hold_conversation(lambda q: self.access().may_read(q, room))
             self.access().check(p, room)
             if speak and rooms.is_dm(room) and p.login not in rooms.dm_members(room):
