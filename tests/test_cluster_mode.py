@@ -323,6 +323,22 @@ async def test_a_cli_revocation_made_while_its_server_was_down_reaches_the_other
             await closed_as(call, grpc.StatusCode.UNAUTHENTICATED, timeout=30)
 
 
+async def test_a_server_joining_after_a_revocation_refuses_the_token_from_its_first_call(
+        lab: Any, tmp_path: Path, nats_cluster: nats_lab.NatsCluster) -> None:
+    """A server with no copy of its own yet (new, or its cluster.db deleted) took the
+    cluster's revocations only at its first poll of that copy: a revoked token worked
+    there for a second after it was ready (a kill -9 run, 2026-11-24)."""
+    flags = cluster_flags(nats_cluster)
+    async with lab_server(lab, tmp_path, **flags) as one:
+        token = one.token(ALICE)
+        admin = await one.connect("alice-laptop", one.token(ALICE, admin=True))
+        await admin.stub.RevokeToken(pb.RevokeTokenRequest(token_id=token_id(token)),
+                                     metadata=admin.metadata)
+        async with lab_server(lab, tmp_path, node="chat-server-2", **flags) as two:
+            assert token_id(token) in two.server.gate.revoked  # (as it starts to serve)
+            await refused_anew(two, token)
+
+
 async def test_a_server_that_starts_later_catches_up_from_the_stream(
         lab: Any, tmp_path: Path, nats_cluster: nats_lab.NatsCluster) -> None:
     flags = cluster_flags(nats_cluster)

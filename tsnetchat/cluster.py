@@ -483,6 +483,12 @@ class ClusterHistory:
         except TimeoutError:
             raise StoreError(f"the private rooms' members did not arrive from the cluster "
                              f"within {timeout:g}s") from None
+        try:  # (nor a token revoked meanwhile work here: ``on_revoked`` has them all now)
+            await asyncio.wait_for(self._revocations_known.wait(),
+                                   max(0.01, deadline - time.monotonic()))
+        except TimeoutError:
+            raise StoreError(f"the cluster's token revocations did not arrive within "
+                             f"{timeout:g}s") from None
         log.info("cluster: joined %s; stream at %d, %d room(s)", self.cfg.cluster, target,
                  len(self._last_ids))
         return key

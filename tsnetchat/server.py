@@ -294,11 +294,14 @@ class Server:
         self.status = await wait_running(self.tailnet, cfg.startup_timeout,
                                          progress=self.progress)
         if isinstance(self.store, ClusterHistory):
+            # (before start(), which waits for the cluster's revocations: a server whose
+            # copy was deleted took them only at its first poll of that copy, and a revoked
+            # token worked for a second; a kill -9 run, 2026-11-24)
+            self.store.on_revoked = self.service.apply_revocations
             key = await self.store.start(self.gate.policy.key, cfg.startup_timeout)
             if key != self.gate.policy.key:  # the cluster's, so tokens work on every server
                 auth.write_key(cfg.key_path, key)
                 self._key_stamp = _stamp(cfg.key_path)
-            self.store.on_revoked = self.service.apply_revocations
             self.store.on_kick = self.service.kick_here
             self.store.on_removed = self.service.removed_here
             self.store.on_foreign = self.service.ledger.charge
