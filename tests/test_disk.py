@@ -324,3 +324,37 @@ def test_a_first_start_on_a_full_disk_says_so_and_leaves_no_empty_key(tmp_path: 
     assert "bug" not in proc.stderr and "Traceback" not in proc.stderr
     lines = proc.stdout.split()
     assert lines[:2] == ["exit", "3"] and not [n for n in lines if "jwt.key" in n], proc.stdout
+
+
+def test_lines_the_chat_cannot_keep_on_a_full_disk_leave_no_empty_file_and_say_why(
+        tmp_path: Path) -> None:
+    """A full disk under the chat's state left an empty unsent.txt (the next chat announced
+    it as holding the lines) and the exit said nothing of it (a kill -9 run, 2026-11-24).
+    Now what was there stays as it was, and the caller is told why nothing was kept."""
+    if not shutil.which("unshare") or subprocess.run(
+            ["unshare", "-m", "true"], capture_output=True).returncode:
+        need("a mount namespace (unshare -m, as root)", "the full-disk test mounts a tmpfs")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    d = shlex.quote(str(disk))
+    keep = ("import json, os, sys; from tsnetchat import tui; "
+            "print(json.dumps(tui._keep_unsent(['#general: hello ' * 2000]), default=str))")
+    py = shlex.quote(sys.executable)
+    proc = subprocess.run(
+        ["unshare", "-m", "sh", "-c",
+         f"mount -t tmpfs -o size=64k tmpfs {d} && mkdir -p {d}/fresh/tsnetchat "
+         f"{d}/old/tsnetchat && printf 'kept before\\n' > {d}/old/tsnetchat/unsent.txt && "
+         f"touch -d 2026-01-02 {d}/old/tsnetchat/unsent.txt && (dd if=/dev/zero "
+         f"of={d}/fill bs=4k 2>/dev/null; true) && "
+         f"XDG_STATE_HOME={d}/fresh {py} -c {shlex.quote(keep)} && "
+         f"XDG_STATE_HOME={d}/old {py} -c {shlex.quote(keep)} && "
+         f"ls -A {d}/fresh/tsnetchat && cat {d}/old/tsnetchat/unsent.txt && "
+         f"stat -c %y {d}/old/tsnetchat/unsent.txt"],
+        capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    fresh, old, *rest = proc.stdout.splitlines()
+    assert json.loads(fresh) == [f"{disk}/fresh/tsnetchat/unsent.txt",
+                                 "No space left on device"]
+    assert json.loads(old)[1] == "No space left on device"
+    assert "unsent.txt" not in rest  # (ls of fresh/tsnetchat: nothing left there)
+    assert rest[0] == "kept before" and rest[1].startswith("2026-01-02"), rest

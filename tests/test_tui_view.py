@@ -688,3 +688,24 @@ async def test_a_reconnect_under_a_second_says_how_long_it_took_not_zero_seconds
     said = [e.text for e in general.entries if "reconnected" in e.text]
     assert said == ["reconnected after 0.4s; nothing missed",
                     "reconnected after 12s; nothing missed"], said
+
+
+async def test_a_line_written_before_the_link_broke_is_listed_at_exit_as_maybe_stored() -> None:
+    """The broken link put it back in the queue, and it was listed as plainly not sent:
+    it had been stored (a kill -9 run, 2026-11-24). A line never written is listed plainly,
+    one refused for good as refused; /retry's new key starts it over."""
+    from tsnetchat.client import RoomSession
+
+    app = alices_chat()
+    app.conversations["general"] = app.conversation_for("general")
+    session = app.sessions["general"] = RoomSession(app.link, "general")
+    written, never, refused = (session.send(t) for t in ("written", "never", "refused"))
+    box = session.outbox
+    box.sending(written)
+    box.disconnected()
+    box.sending(refused)
+    box.refused(refused.client_msg_id, for_good=True, reason="no")
+    assert app.unsent({}) == ["#general: written  (sent, not confirmed: it may have been stored)",
+                              "#general: never", "#general: refused  (refused)"]
+    box.retry()
+    assert app.unsent({})[-1] == "#general: refused"

@@ -42,7 +42,7 @@ class Outgoing:
     state: State = State.QUEUED
     error: str = ""  # why it failed, for people
     not_before: float = 0.0  # a "wait and send again" refusal holds it until then
-    attempts: int = 0  # how many times it was written to a stream
+    attempts: int = 0  # how many times it was written to a stream (under this key)
 
     @property
     def pending(self) -> bool:
@@ -128,8 +128,8 @@ class Outbox:
         again = self.failed
         for o in again:
             self._items.remove(o)
-            o.state, o.error, o.not_before = State.QUEUED, "", 0.0
-            o.client_msg_id = uuid.uuid4().hex
+            o.state, o.error, o.not_before, o.attempts = State.QUEUED, "", 0.0, 0
+            o.client_msg_id = uuid.uuid4().hex  # (a new message: nothing sent under it yet)
             self._items.append(o)
         return again
 

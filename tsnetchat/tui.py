@@ -89,7 +89,7 @@ from .chatview import (
 from .client import Link, RoomSession, SessionEvent, first_answer, link_for, to_stderr
 from .clienterrors import EXIT_ERROR, ClientError
 from .errors import ConfigError, InvalidInput
-from .outbox import Pacer, State, split_text, utf8_len, with_newlines
+from .outbox import Outgoing, Pacer, State, split_text, utf8_len, with_newlines
 from .pb import chat_pb2 as pb
 from .render import validate_text
 from .resume import Phase, StreamState, worst
@@ -1437,10 +1437,15 @@ class ChatApp:
         ``openrooms.save`` wrote, back in their inputs next time; one brought back
         unchanged from the last chat is not listed again (it is in unsent.txt already, and
         was listed at every exit: a review, 2026-11-24)."""
-        notes = {State.SENDING: "  (sent, not confirmed: it may have been stored)",
-                 State.FAILED: "  (refused)"}
+        # (one written before the link broke is QUEUED again: it was listed as plainly not
+        # sent, and had been stored; a kill -9 run, 2026-11-24)
+        def note(o: Outgoing) -> str:
+            if o.state is State.FAILED:
+                return "  (refused)"
+            return "  (sent, not confirmed: it may have been stored)" if o.attempts else ""
+
         titles = {name: c.title for name, c in self.conversations.items()}
-        out = [f"{titles.get(room, room)}: {o.text}{notes.get(o.state, '')}"
+        out = [f"{titles.get(room, room)}: {o.text}{note(o)}"
                for room, s in self.sessions.items() for o in s.outbox]
         # (in which room: "(input)" alone did not say; a new user's day, 2026-11-24)
         out += [f"(typed in {titles.get(room, room or 'no room')}"
@@ -1487,22 +1492,36 @@ def _same_dm(a: str, b: str) -> bool:
         sorted(a[3:].lower().split(",")) == sorted(b[3:].lower().split(",")))
 
 
-def _keep_unsent(lines: list[str]) -> Path | None:
+def _keep_unsent(lines: list[str]) -> tuple[Path, str]:
     """Append what was typed and not stored to ``unsent.txt`` beside the client's log (0600),
-    under the time; where it went, or None if it could not be written."""
+    under the time: the file, and "" or why it could not be written. A write that failed
+    half-way is taken back (a full disk left an empty file that the next chat announced as
+    holding the lines; 2026-11-24)."""
     path = log_path().with_name("unsent.txt")
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         with contextlib.suppress(OSError):  # (one made before, open to all: the client's own)
             path.parent.chmod(0o700)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+    except OSError as e:
+        return path, e.strerror or str(e)
+    before = os.fstat(fd)
+    try:
         os.fchmod(fd, 0o600)  # (one made before, or by another program, may be open to all)
-        with os.fdopen(fd, "a", encoding="utf-8", errors="surrogateescape") as f:
+        with os.fdopen(os.dup(fd), "a", encoding="utf-8", errors="surrogateescape") as f:
             f.write(f"-- {time.strftime('%Y-%m-%d %H:%M:%S')}, not sent or not confirmed:\n")
             f.writelines(f"  {line}\n" for line in lines)
-    except OSError:
-        return None
-    return path
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            if before.st_size:
+                os.ftruncate(fd, before.st_size)
+                os.utime(fd, ns=(before.st_atime_ns, before.st_mtime_ns))
+            else:
+                path.unlink()
+        return path, e.strerror or str(e)
+    finally:
+        os.close(fd)
+    return path, ""
 
 
 def _on_loop_error(chat: ChatApp) -> Callable[[asyncio.AbstractEventLoop, dict[str, Any]],
@@ -1538,12 +1557,16 @@ def _stderr_to_log() -> Iterator[None]:
     try:
         yield
     finally:
-        sys.stderr.flush()
+        # (on a full disk the flush raised, stderr stayed the log, and what was typed and
+        # not sent went unprinted and unkept: exit 120, nothing said; 2026-11-24)
+        with contextlib.suppress(OSError):
+            sys.stderr.flush()
         os.dup2(saved, 2)
         os.close(saved)
         os.close(fd)
         root.handlers, root.level = old_handlers, old_level
-        handler.close()
+        with contextlib.suppress(OSError):
+            handler.close()
 
 
 async def _first_contact(link: Link) -> pb.WhoAmIResponse:
@@ -1607,7 +1630,7 @@ async def run_tui(server: str, room: str | None, *, token: str | None, socket: s
             # shell that ran it exits), and the second, at its default, ended the process
             # before anything was written (2026-11-24).
             left = chat.unsent(saved)
-            kept = _keep_unsent(left) if left else None
+            kept, not_kept = _keep_unsent(left) if left else (None, "")
             for sig in (signal.SIGHUP, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
             loop.set_exception_handler(old_handler)
@@ -1616,7 +1639,9 @@ async def run_tui(server: str, room: str | None, *, token: str | None, socket: s
             # ("has not stored these" headed lines that said "it may have been stored",
             # and were: a daily user's run, 2026-11-24)
             print("not sent when you left, or not confirmed (look in the room before you "
-                  "send those again)" + (f"; also kept in {kept}:" if kept else ":"))
+                  "send those again)" + (
+                      f"; NOT kept in {kept} ({not_kept}): copy them now:" if not_kept else
+                      f"; also kept in {kept}:"))
             for line in left:
                 print(f"  {line}")
     if any(len(s.outbox) for s in chat.sessions.values()):
