@@ -170,3 +170,23 @@ async def test_a_read_only_session_learns_the_cluster_from_replay_done_and_fails
     assert dialled[0] == ("chat-server-2", port, "n2")  # the next server, not the same one
     assert [e.message.id for e in feed.kinds("message") if e.message] == [1, 2]
     await alice.close()
+
+
+@pytest.mark.server_config(whois_timeout=30.0)
+async def test_a_room_whose_opening_gets_no_answer_is_opened_again_not_left_connecting(
+        chat: Chat, pumps: list[Pump], monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a server restart one room stayed "connecting" for over 5 minutes, its stream's
+    opening waiting for ever, while the chat's other rooms went on (a kill -9 run,
+    2026-11-24). Here the server cannot say who calls (tailscaled stalls) and answers
+    nothing; the room gives up on that opening and opens again, and is in once it can."""
+    from tsnetchat import client
+
+    monkeypatch.setattr(client, "OPEN_WITHIN", 1.0)
+    chat.net.whois_open.clear()
+    alice = pump(pumps, RoomSession(link_as(chat, "alice@tailnet.test"), "general"))
+    await alice.until(lambda: any(e.error is not None for e in alice.kinds("state")))
+    (lost, *_) = [e.error for e in alice.kinds("state") if e.error is not None]
+    assert "did not open the room within 1s" in str(lost) and lost.retryable
+    chat.net.whois_open.set()
+    await alice.welcomed()
+    assert not alice.kinds("fatal")

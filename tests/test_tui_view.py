@@ -699,7 +699,7 @@ async def test_a_line_written_before_the_link_broke_is_listed_at_exit_as_maybe_s
     app = alices_chat()
     app.conversations["general"] = app.conversation_for("general")
     session = app.sessions["general"] = RoomSession(app.link, "general")
-    written, never, refused = (session.send(t) for t in ("written", "never", "refused"))
+    written, _never, refused = (session.send(t) for t in ("written", "never", "refused"))
     box = session.outbox
     box.sending(written)
     box.disconnected()

@@ -464,6 +464,11 @@ async def first_answer(link: Link, fn: Callable[[Connection], Awaitable[T]], *,
 CLOSE_WITHIN = 0.5
 # How often a session whose stored token was refused looks for a new one (a stat a second).
 TOKEN_POLL = 1.0
+# A room's stream that has not opened (its hello written, its first answer read) by then is
+# taken as lost, and opened again: one stayed "connecting" for over 5 minutes after a server
+# restart, its hello's write waiting on the call for ever (a kill -9 run, 2026-11-24). The
+# server gives a hello 10 s (service.HELLO_TIMEOUT).
+OPEN_WITHIN = 20.0
 
 
 async def _close_quietly(conn: Connection) -> None:
@@ -814,20 +819,22 @@ class RoomSession:
     async def _stream(self, conn: Connection) -> AsyncIterator[SessionEvent]:
         after = self.cursor.resume_after()
         self._stream_metadata = conn.metadata  # the token this stream is opened with
-        if self.read_only:
-            call = conn.subscribe(self.room, after=after)
-        else:
-            call = conn.stub.Join(metadata=conn.metadata)
-            hello = pb.Hello(room=self.room, batch_acks=True)
-            if after is not None:
-                hello.after_id = after
-            await call.write(pb.ClientEvent(hello=hello))
+        call = (conn.subscribe(self.room, after=after) if self.read_only
+                else conn.stub.Join(metadata=conn.metadata))
         self._call = call
         self._acked_to = 0
         sender: asyncio.Task[None] | None = None
         try:
+            opening = asyncio.get_running_loop().time() + OPEN_WITHIN
+            if not self.read_only:
+                hello = pb.Hello(room=self.room, batch_acks=True)
+                if after is not None:
+                    hello.after_id = after
+                await self._opening(call.write(pb.ClientEvent(hello=hello)), opening)
+            first = True
             while True:
-                ev = await call.read()
+                ev = await (self._opening(call.read(), opening) if first else call.read())
+                first = False
                 if ev is grpc.aio.EOF:
                     return
                 which = ev.WhichOneof("event")
@@ -854,6 +861,15 @@ class RoomSession:
                 sender.cancel()
             call.cancel()
             self._call = None
+
+    @staticmethod
+    async def _opening(step: Awaitable[T], by: float) -> T:
+        """``step`` of a stream's opening, or a lost connection if it is not done ``by``."""
+        try:
+            return await asyncio.wait_for(step, max(0.0, by - asyncio.get_running_loop().time()))
+        except TimeoutError:
+            raise ClientError(f"the server did not open the room within {OPEN_WITHIN:.0f}s",
+                              retryable=True, transport=True) from None
 
     def _welcomed(self, w: pb.Welcome) -> None:
         self.me = w.you
