@@ -25,6 +25,18 @@ SELF = PeerInfo(host_name="chat-server", dns_name="chat-server.tailnet.test.",
                 login="chat@tailnet.test", node_id="server")
 
 
+class HeldBack:
+    """A stream reader whose bytes are handed on only while ``flowing`` is set."""
+
+    def __init__(self, reader: asyncio.StreamReader, flowing: asyncio.Event) -> None:
+        self._reader, self._flowing = reader, flowing
+
+    async def read(self, n: int) -> bytes:
+        data = await self._reader.read(n)
+        await self._flowing.wait()
+        return data
+
+
 @dataclass
 class FakeTailnet:
     server_port: int = 0
@@ -36,6 +48,9 @@ class FakeTailnet:
     answering: bool = True  # False: WhoIs fails as if tailscaled were gone
     # Cleared: WhoIs waits (a stalled tailscaled), asked but not yet answered, until it is set.
     whois_open: asyncio.Event = field(default_factory=asyncio.Event)
+    # Cleared: the fronts' connections carry nothing either way (a server stopped with
+    # SIGSTOP: its connections stay open, nothing answers), until it is set.
+    flowing: asyncio.Event = field(default_factory=asyncio.Event)
     _changes: asyncio.Queue[Change | None] = field(default_factory=asyncio.Queue)
 
     async def status(self) -> Status:
@@ -76,6 +91,7 @@ class FakeTailnet:
 
     def __post_init__(self) -> None:
         self.whois_open.set()
+        self.flowing.set()
 
     async def whois(self, addr: str) -> WhoIs:
         if not self.answering:
@@ -108,7 +124,8 @@ class FakeTailnet:
             source = uw.get_extra_info("sockname")[1]
             self.by_port[source] = who
             self._conns.update((w, uw))
-            await splice((r, w), (ur, uw))
+            await splice((HeldBack(r, self.flowing), w),  # type: ignore[arg-type]
+                         (HeldBack(ur, self.flowing), uw))
             self.by_port.pop(source, None)
             self._conns.difference_update((w, uw))
 

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import nats
 import nats.js.errors
 import pytest
-from fakenet import FakeTailnet
+from fakenet import FakeTailnet, HeldBack
 
 from tsnetchat import auth
 from tsnetchat.client import Connection, Link, RoomSession, SessionEvent, connect
@@ -351,7 +351,7 @@ class LocalAPIRelay:
                     w.close()
                     return
                 self._writers.update((w, uw))
-                await splice((r, w), (_HeldBack(ur, self.answering), uw))  # type: ignore[arg-type]
+                await splice((r, w), (HeldBack(ur, self.answering), uw))  # type: ignore[arg-type]
             finally:
                 self._handlers.discard(task)
 
@@ -368,18 +368,6 @@ class LocalAPIRelay:
             await asyncio.wait(set(self._handlers), timeout=2)
         if os.path.exists(self.path):
             os.unlink(self.path)
-
-
-class _HeldBack:
-    """A stream reader whose bytes are handed on only while ``flowing`` is set."""
-
-    def __init__(self, reader: asyncio.StreamReader, flowing: asyncio.Event) -> None:
-        self._reader, self._flowing = reader, flowing
-
-    async def read(self, n: int) -> bytes:
-        data = await self._reader.read(n)
-        await self._flowing.wait()
-        return data
 
 
 @dataclass

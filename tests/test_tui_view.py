@@ -3,11 +3,13 @@ rule, scrollback, unread counts, nick colours, mentions, commands, completion, h
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import until
 
 from tsnetchat import commands
 from tsnetchat.chatview import (
@@ -709,3 +711,25 @@ async def test_a_line_written_before_the_link_broke_is_listed_at_exit_as_maybe_s
                               "#general: never", "#general: refused  (refused)"]
     box.retry()
     assert app.unsent({})[-1] == "#general: refused"
+
+
+async def test_a_command_whose_connection_closes_under_it_says_so_and_gives_the_line_back(
+        chat: Any) -> None:
+    """A room reconnecting after a server's restart closes the connection the chat's rooms
+    and commands share; a /topic waiting on it ended with grpc.aio's own cancellation: no
+    word, or "internal error" (a kill -9 run, 2026-11-24)."""
+    app = alices_chat()
+    app.conversations["general"] = app.conversation_for("general")
+    app.current = "general"
+    conn = await chat.connect("alice@tailnet.test")
+    await conn.whoami()
+    chat.net.flowing.clear()  # the server stops answering (SIGSTOP)
+    app.spawn(conn.set_topic("general", "lunch at noon"), line="/topic lunch at noon",
+              room="general")
+    await asyncio.sleep(0.5)
+    await conn.close()  # (what Link.reset does)
+    chat.net.flowing.set()
+    await until(lambda: not app.background, "the command's end")
+    said = app.conversations["general"].entries[-1].text
+    assert "connection closed before the server answered" in said, said
+    assert app.input.text == "/topic lunch at noon" and not app.commands_out

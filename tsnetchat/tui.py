@@ -1300,9 +1300,18 @@ class ChatApp:
 
         async def guarded() -> None:
             try:
-                await coro
-            except asyncio.CancelledError:
-                raise  # (the chat is ending: still in commands_out, so listed as not done)
+                try:
+                    await coro
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if task is None or task.cancelling():
+                        raise  # (the chat is ending: still in commands_out, listed as not done)
+                    # grpc.aio's own: the connection it was on was closed under it (a room
+                    # reconnecting, after a server's restart, closes the one they share).
+                    # It said nothing, or "internal error" (a kill -9 run, 2026-11-24).
+                    raise ClientError("the connection closed before the server answered; it "
+                                      "may have been done: look before you do it again",
+                                      retryable=True, transport=True) from None
             except Exception as e:
                 back = self.put_back(line, room)
                 self.say(str(self.link.translate(e))
