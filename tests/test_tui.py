@@ -161,12 +161,7 @@ def test_ctrl_z_suspends_the_chat_and_fg_brings_it_back_with_what_was_typed(
     assert "control character" not in alice.screen()
     # Stopped from outside (kill -TSTP): it came back with the terminal line by line, where
     # Enter no longer sent.
-    pids = [int(alice.tmux("display-message", "-p", "-t", alice.name, "#{pane_pid}"))]
-    for pid in pids:  # the pane's shell's descendants, to the chat
-        pids += [int(p) for p in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True,
-                                                text=True).stdout.split()]
-    chat = next(p for p in pids
-                if b"tsnetchat\x00connect" in Path(f"/proc/{p}/cmdline").read_bytes())
+    chat = chat_pid(alice)
     os.kill(chat, signal.SIGTSTP)
     alice.wait_for(r"Stopped\s+.*tsnetchat connect[\s\S]*Stopped\s+.*tsnetchat connect")
     alice.type("fg")
@@ -863,6 +858,39 @@ def test_a_line_half_typed_when_the_chat_ended_is_back_in_its_room_in_the_next_c
     time.sleep(1)
     assert not re.search(r"#random> \S", third.screen()), third.screen()
     no_python_on(again, third)
+
+
+def chat_pid(term: Tmux) -> int:
+    """The `tsnetchat connect` process in ``term``'s pane (the pane's command, or a child
+    of its shell)."""
+    pids = [int(term.tmux("display-message", "-p", "-t", term.name, "#{pane_pid}"))]
+    for pid in pids:  # the pane's shell's descendants, to the chat
+        pids += [int(p) for p in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True,
+                                                text=True).stdout.split()]
+    return next(p for p in pids
+                if b"tsnetchat\x00connect" in Path(f"/proc/{p}/cmdline").read_bytes())
+
+
+def test_a_draft_brought_back_and_sent_is_not_brought_back_again_after_a_crash(
+        open_terminal: Opener) -> None:
+    """The file of open rooms was written only at a clean exit, so a chat killed (kill -9,
+    the OOM killer) after sending a draft it had brought back brought it back once more,
+    to be sent twice (a kill -9 run, 2026-11-24)."""
+    alice = open_terminal("alice", home_name="home-alice")
+    alice.type("the plan for monday", enter=False)
+    alice.wait_for(r"#general> the plan for monday")
+    alice.kill()  # hung up: the draft is kept
+    again = open_terminal("alice", home_name="home-alice", wait=False)
+    again.wait_for(r"#general> the plan for monday")
+    again.keys("Enter")
+    again.wait_for(r"▸ <Alice> the plan for monday")
+    os.kill(chat_pid(again), signal.SIGKILL)
+    again.wait_for(r"EXITED", timeout=10)
+    third = open_terminal("alice", home_name="home-alice", wait=False)
+    third.wait_for(r"you joined #general")
+    time.sleep(1)
+    assert not re.search(r"#general> \S", third.screen()), third.screen()
+    no_python_on(third)
 
 
 def test_a_long_reason_for_reconnecting_is_shown_whole_on_a_narrow_terminal(

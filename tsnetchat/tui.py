@@ -40,6 +40,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -1619,6 +1620,11 @@ async def run_tui(server: str, room: str | None, *, token: str | None, socket: s
                 chat.start_notes[""] = f"lines an earlier chat could not send are in {untold}"
             chat.restore_drafts(last.drafts)
             if last.drafts:  # (there is text in the input that this chat did not type)
+                # Taken out of the file now that they are in the inputs: a chat killed
+                # later (kill -9, the OOM killer) brought them back again, one already
+                # sent among them (a kill -9 run, 2026-11-24). This chat's exit saves
+                # them again if they are still there.
+                openrooms.save(log_path().parent, key, replace(last, drafts=()))
                 rooms = ", ".join(chat.conversation_for(r).title for r, _ in last.drafts)
                 chat.start_notes["drafts"] = (f"what you had typed comes back in the input "
                                               f"({rooms})")
