@@ -169,6 +169,15 @@ async def test_without_a_nats_quorum_sends_are_refused_as_retryable_and_succeed_
                                   json_out=False)
         assert "may still store it" in str(unsure.value), str(unsure.value)
         assert "not stored" not in str(unsure.value) and "not sent" not in str(unsure.value)
+        # ...also when its --timeout ends before the cluster's refusal (cluster_wait) comes:
+        # "it was not stored" (a kill -9 run, 2026-11-24)
+        link = link_for("chat-server", one.token(ALICE), socket=a.socket, port=one.port,
+                        proxy=f"http://{a.http_proxy}")
+        await link.get()  # (dialled first: the 1.5 s are the message's)
+        with pytest.raises(ClientError) as early:
+            await clientcmds.send(link, "random", "sent with a short timeout", kind=1,
+                                  timeout=1.5, json_out=False)
+        assert "may still store it" in str(early.value), str(early.value)
         for name in stopped:
             nats_cluster.start_node(name)
         give_up = time.monotonic() + 60

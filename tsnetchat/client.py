@@ -1025,6 +1025,7 @@ async def deliver_all(link: Link, room: str, text: str, *, kind: int = pb.MESSAG
 
     deadline = time.monotonic() + timeout
     unsure: list[str] = []  # a cluster's "it may still appear", when it said so
+    clustered: list[bool] = []  # (a Welcome listing the cluster's servers came)
 
     def stored(e: ClientError, rest: str = "the rest was not sent") -> ClientError:
         """``e``, saying which parts were stored before it, in order (none: ``e`` as it
@@ -1051,6 +1052,8 @@ async def deliver_all(link: Link, room: str, text: str, *, kind: int = pb.MESSAG
                 outs.extend(session.send(part, kind) for part in parts)
             if ev.kind == "deferred" and mine(ev.outgoing) and "may still appear" in ev.text:
                 unsure.append(ev.text)
+            if ev.kind == "welcome" and ev.welcome is not None and ev.welcome.servers:
+                clustered.append(True)
             if ev.kind == "welcome" and welcomed is not None and ev.welcome is not None:
                 welcomed(ev.welcome)
             if ev.kind == "sent" and ev.outgoing is not None and mine(ev.outgoing):
@@ -1075,9 +1078,13 @@ async def deliver_all(link: Link, room: str, text: str, *, kind: int = pb.MESSAG
             raise session.state.error from None  # never reached it: why (nothing was stored)
         why = f" (last problem: {session.state.error})" if session.state.error else ""
         # (after a cluster's "it may still appear", "it was not stored" was said of a message
-        # that was: a script sending it again posted it twice; an operator's run, 2026-11-23)
+        # that was: a script sending it again posted it twice; an operator's run, 2026-11-23.
+        # The same before the cluster said so: its refusal takes cluster_wait, 12 s, and
+        # --timeout 5 ended first; a kill -9 run, 2026-11-24)
+        written = clustered and any(o.attempts for o in outs)
         fate = ("the cluster may still store it: look at the room's history before sending it "
-                "again" if unsure else "it was not stored unless the server got it just before")
+                "again" if unsure or written else
+                "it was not stored unless the server got it just before")
         raise stored(ClientError(f"the server did not confirm the message within "
                                  f"{timeout:g}s{why}; {fate}", retryable=True,
                                  exit_code=EXIT_UNAVAILABLE), "the others") from None
