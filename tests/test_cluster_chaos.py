@@ -250,3 +250,16 @@ async def test_doctor_says_whether_the_cluster_has_its_stream_a_leader_and_every
         assert "did not answer" in found.detail or "no leader" in found.detail, found
         for name in (leader, other):
             nats_cluster.start_node(name)
+        # The two that do not lead: the leader goes on naming itself for a while, and doctor
+        # said "no problems; 1 warning" while every send was refused (2026-11-24).
+        found = await eventually(lambda: _cluster(cfg), lambda c: c.verdict == OK,
+                                 "the cluster whole again", timeout=60)
+        leader = nats_cluster.stream_leader(STREAM)
+        others = [n.name for n in nats_cluster.nodes if n.name != leader]
+        for name in others:
+            nats_cluster.kill(name)
+        found = await eventually(lambda: _cluster(cfg), lambda c: c.verdict == FAIL or all(
+            n in c.detail for n in others), "the leader noticing both gone", timeout=30)
+        assert found.verdict == FAIL, found
+        for name in others:
+            nats_cluster.start_node(name)
