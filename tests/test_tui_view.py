@@ -733,3 +733,26 @@ async def test_a_command_whose_connection_closes_under_it_says_so_and_gives_the_
     said = app.conversations["general"].entries[-1].text
     assert "connection closed before the server answered" in said, said
     assert app.input.text == "/topic lunch at noon" and not app.commands_out
+
+
+async def test_leaving_a_room_from_another_keeps_what_was_typed_there_for_the_next_join(
+        ) -> None:
+    """/leave #random, typed in #general, dropped #random's draft without a word (a kill -9
+    run, 2026-11-24)."""
+    from prompt_toolkit.document import Document
+
+    from tsnetchat.client import RoomSession
+
+    app = alices_chat()
+    for room in ("general", "random"):
+        app.conversations[room] = app.conversation_for(room)
+        app.sessions[room] = RoomSession(app.link, room)
+    app.current = "general"
+    app.drafts["random"] = Document("half in random", 14)
+    app.handle("/leave #random")
+    said = app.conversations["general"].entries[-1].text
+    assert said == "left #random (what you had typed there is back when you join it again)"
+    assert app.unsent({}) == ["(typed in #random) half in random"]
+    app.conversations["random"] = app.conversation_for("random")
+    app.switch("random")
+    assert app.input.text == "half in random"

@@ -1066,7 +1066,9 @@ class ChatApp:
             self.spawn(old.close())
         title = self.conversations[room].title
         self.close_buffer(room)
-        self.say(f"left {title}")
+        kept = " (what you had typed there is back when you join it again)" if (
+            room in self.drafts) else ""
+        self.say(f"left {title}{kept}")
         for out in session.outbox:  # still on their way: not lost without a word
             self.say(f"not sent to {title} (you left it): {visible(out.text)}", error=True)
 
@@ -1074,7 +1076,8 @@ class ChatApp:
         names = list(self.conversations)
         i = names.index(room)
         del self.conversations[room]
-        self.drafts.pop(room, None)
+        # (its draft stays: back at a /join, listed at the exit if not; /leave from another
+        # room dropped it without a word, a kill -9 run, 2026-11-24)
         self.unasked.discard(room)
         if self.current == room:
             self.show_open(i)
@@ -1454,7 +1457,8 @@ class ChatApp:
                 return "  (refused)"
             return "  (sent, not confirmed: it may have been stored)" if o.attempts else ""
 
-        titles = {name: c.title for name, c in self.conversations.items()}
+        titles = {room: self.conversation_for(room).title for room, _ in self.typed()}
+        titles.update((name, c.title) for name, c in self.conversations.items())
         out = [f"{titles.get(room, room)}: {o.text}{note(o)}"
                for room, s in self.sessions.items() for o in s.outbox]
         # (in which room: "(input)" alone did not say; a new user's day, 2026-11-24)
