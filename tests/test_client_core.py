@@ -529,3 +529,14 @@ def test_the_newest_message_is_the_one_added_last_while_it_is_still_in_the_outbo
     assert box.newest is fine
     box.acked(fine.client_msg_id)
     assert box.newest is None and box.failed == [bad]
+
+
+def test_the_status_line_says_the_first_line_of_a_reason_that_lists_what_was_tried() -> None:
+    """Discovery's failure goes on with each way it tried; the status bar showed its first
+    line and a dangling "tried, in order:" (a kill -9 run, 2026-11-24)."""
+    s = StreamState(first=0.5, max_backoff=5.0)
+    s.connected(0.0)
+    s.lost(ClientError("cannot find chat-server: tailscaled is not running\ntried, in order:\n"
+                       "  MagicDNS: no answer", retryable=True, transport=True), 10.0, 0.5)
+    assert s.describe(10.0) == ("reconnecting in 0s: cannot find chat-server: tailscaled is "
+                                "not running")

@@ -227,16 +227,19 @@ class StreamState:
         return max(0.0, self.retry_at - now) if waits else 0.0
 
     def describe(self, now: float) -> str:
-        """One line for a status bar."""
+        """One line for a status bar: the error's first line (discovery's failure goes on
+        with the ways it tried, and the bar showed "tried, in order:" cut off after it; a
+        kill -9 run, 2026-11-24)."""
+        error = str(self.error).split("\n", 1)[0]
         if self.phase is Phase.RECONNECTING:
-            reason = f": {self.error}" if self.error else ""
+            reason = f": {error}" if self.error else ""
             return f"reconnecting in {self.countdown(now):.0f}s{reason}"
         if self.phase is Phase.CONNECTING and self.error is not None:
-            return f"reconnecting now: {self.error}"
+            return f"reconnecting now: {error}"
         if self.phase is Phase.FAILED and self.error is not None:
-            return f"failed: {self.error}"
+            return f"failed: {error}"
         if self.phase is Phase.WAITING and self.error is not None:
-            return f"waiting (this token tried again in {self.countdown(now):.0f}s): {self.error}"
+            return f"waiting (this token tried again in {self.countdown(now):.0f}s): {error}"
         return str(self.phase.value)
 
 
