@@ -22,8 +22,12 @@ Command line::
 
     python scripts/nats_lab.py build              # build/reuse the binary, print its path
     python scripts/nats_lab.py up [--dir D]       # a cluster that outlives the command
-    python scripts/nats_lab.py env                # TSNETCHAT_CLUSTER=... for a shell
-    python scripts/nats_lab.py down               # stop it and delete its files
+    python scripts/nats_lab.py env [--dir D]      # TSNETCHAT_CLUSTER=... for a shell
+    python scripts/nats_lab.py down [--dir D]     # stop it and delete its files
+
+With ``--dir D`` the cluster's files and its state (``D/state.json``) are in D, so several
+clusters can be up at once; without it, in a temp dir, with the state in ``--state``
+(``.lab/nats.json`` under the current directory, or $TSNETCHAT_NATS_STATE).
 """
 
 from __future__ import annotations
@@ -411,8 +415,14 @@ def running_cluster(root: Path | None = None, size: int = 3) -> Iterator[NatsClu
 # --- CLI --------------------------------------------------------------------------
 
 
+def _state_path(args: argparse.Namespace) -> Path:
+    """Where the cluster's state is: in ``--dir`` when given (an up with --dir kept it in
+    the checkout's .lab/, and a second cluster could not be up; a kill -9 run, 2026-11-24)."""
+    return Path(args.dir) / "state.json" if args.dir else Path(args.state)
+
+
 def _cmd_up(args: argparse.Namespace) -> int:
-    state_path = Path(args.state)
+    state_path = _state_path(args)
     if state_path.exists():
         print(f"a NATS cluster is already up ({state_path}); run `down` first", file=sys.stderr)
         return 1
@@ -430,12 +440,13 @@ def _cmd_up(args: argparse.Namespace) -> int:
     print(f"NATS cluster up in {cluster.startup_seconds:.1f}s; state in {state_path}")
     for n in cluster.nodes:
         print(f"  {n.name}  {n.url}  monitor http://127.0.0.1:{n.http_port}  pid {n.pid}")
-    print(f"use it:  eval \"$({sys.argv[0]} env)\"")
+    where = f" --dir {args.dir}" if args.dir else ""
+    print(f"use it:  eval \"$({sys.argv[0]} env{where})\"")
     return 0
 
 
 def _cmd_down(args: argparse.Namespace) -> int:
-    state_path = Path(args.state)
+    state_path = _state_path(args)
     if not state_path.exists():
         print("no NATS cluster is up", file=sys.stderr)
         return 0
@@ -448,13 +459,17 @@ def _cmd_down(args: argparse.Namespace) -> int:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
     shutil.rmtree(state["root"], ignore_errors=True)
-    state_path.unlink()
+    state_path.unlink(missing_ok=True)  # (in --dir, gone with its root)
     print("NATS cluster down")
     return 0
 
 
 def _cmd_env(args: argparse.Namespace) -> int:
-    state = json.loads(Path(args.state).read_text())
+    state_path = _state_path(args)
+    if not state_path.exists():  # (it was a FileNotFoundError's traceback)
+        print(f"no NATS cluster is up ({state_path}): run `up` first", file=sys.stderr)
+        return 1
+    state = json.loads(state_path.read_text())
     print(f"export TSNETCHAT_CLUSTER={state['url']}")
     print(f"export TSNETCHAT_NATS_USER={state['user']}")
     print(f"export TSNETCHAT_NATS_PASSWORD={state['password']}")
@@ -466,10 +481,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--state", default=str(DEFAULT_STATE))
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("build")
-    up = sub.add_parser("up")
-    up.add_argument("--dir")
-    sub.add_parser("down")
-    sub.add_parser("env")
+    for name in ("up", "down", "env"):
+        sub.add_parser(name).add_argument("--dir")
     args = p.parse_args(argv)
     try:
         if args.cmd == "build":
