@@ -148,6 +148,11 @@ MAX_BATCHES_IN_FLIGHT = 32  # JetStream allows 50 per stream
 ATTEMPT_TIMEOUT = 2.0  # one attempt at a batch or a request's KV write; then again
 CONSUMER_STALL = 5.0  # seconds without anything applied before the stream is asked
 WRONG_LAST_SEQUENCE = 10071
+# The same refusal with no sequence: an earlier append to the room's subject (this one's
+# last attempt, or another server's) is still in flight in the stream, waiting for its
+# quorum; tried again until the deadline. Its words
+# ("wrong last sequence (10164)") reached people as the reason (a kill -9 run, 2026-11-24).
+IN_FLIGHT = 10164
 _LAST = re.compile(r"wrong last sequence: (\d+)")
 CHANGES = (EDIT, DELETE)  # decided against the room's history before they are appended
 # JetStream's answer to erasing a sequence it does not hold (erased already, aged out):
@@ -1156,7 +1161,9 @@ class ClusterHistory:
                 self._heads[room] = (self._last_ids.get(room, 0),
                                      max(self._last_seqs.get(room, 0), seq))
                 continue
-            why = f"{err.get('description', 'error')} ({err.get('err_code')})"
+            why = ("the stream still waits for a quorum on an earlier write to this room"
+                   if err.get("err_code") == IN_FLIGHT else
+                   f"{err.get('description', 'error')} ({err.get('err_code')})")
             await asyncio.sleep(0.1)
 
     async def _commit(self, subject: str, payloads: list[bytes], expected: int,
