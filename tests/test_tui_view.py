@@ -756,3 +756,27 @@ async def test_leaving_a_room_from_another_keeps_what_was_typed_there_for_the_ne
     app.conversations["random"] = app.conversation_for("random")
     app.switch("random")
     assert app.input.text == "half in random"
+
+
+async def test_a_line_the_server_keeps_refusing_as_not_stored_says_why_once_not_at_each_try(
+        ) -> None:
+    """With the server's disk full lines sat at "2 pending" for 20 s with nothing said (a
+    kill -9 run, 2026-11-24); the rate limit's "slow down" is the chat's own pacing, said
+    nowhere."""
+    import grpc
+
+    from tsnetchat.client import RoomSession, SessionEvent
+    from tsnetchat.clienterrors import ClientError
+
+    app = alices_chat()
+    general = app.conversations["general"] = app.conversation_for("general")
+    session = app.sessions["general"] = RoomSession(app.link, "general")
+    out = session.send("hello")
+    full = ClientError("database or disk is full; this message was not stored: send it again",
+                       retryable=True, status=grpc.StatusCode.UNAVAILABLE)
+    slow = ClientError("slow down", retryable=True, status=grpc.StatusCode.RESOURCE_EXHAUSTED)
+    for err in (full, slow, full, full):
+        app.on_event(general, session, SessionEvent("deferred", outgoing=out, error=err,
+                                                    text=str(err)))
+    said = [e.text for e in general.entries if "not stored" in e.text or "slow" in e.text]
+    assert said == [f"{full} (the chat sends it again by itself)"], said

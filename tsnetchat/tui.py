@@ -44,6 +44,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import grpc
 from prompt_toolkit.application import Application, run_in_terminal
 from prompt_toolkit.buffer import Buffer
 from prompt_toolkit.document import Document
@@ -101,6 +102,10 @@ SIDEBAR = 20
 # After our own reconnect, people who were here before it and rejoin within this many
 # seconds were cut off by the same outage (a server restart): no "joined" line for them.
 QUIET_REJOINS = 15.0
+# A line the server keeps refusing for now for a reason other than the rate ("not stored":
+# a full or locked disk) says so once in this long, per room and reason: it sat at "2
+# pending" for 20 s with nothing said (a kill -9 run, 2026-11-24).
+DEFERRED_SAID_EVERY = 30.0
 # How often the room list asks the server for unread counts when nothing happens here (a
 # second device reading, a DM started elsewhere); one cheap call (Unread).
 UNREAD_EVERY = 3.0
@@ -280,6 +285,7 @@ class ChatApp:
         self.restored: dict[str, str] = {}
         self.restored_as: dict[str, str] = {}
         self.shown_again: set[str] = set()  # rooms restarted from a restored history
+        self.deferred_said: dict[str, tuple[str, float]] = {}  # room -> (reason, when said)
         self.submitting = False
         self.history = commands.InputHistory()
         self.tab = TabCompletion()
@@ -1162,6 +1168,13 @@ class ChatApp:
             then = self.after_sent.pop(ev.outgoing.client_msg_id, None)
             if then is not None:
                 then(ev.message_id if ev.kind == "sent" else None)
+        elif (ev.kind == "deferred" and ev.error is not None
+              and ev.error.status is not grpc.StatusCode.RESOURCE_EXHAUSTED):
+            said, when = self.deferred_said.get(conv.name, ("", 0.0))
+            if ev.text != said or time.monotonic() - when > DEFERRED_SAID_EVERY:
+                self.deferred_said[conv.name] = (ev.text, time.monotonic())
+                conv.notice(f"{ev.text} (the chat sends it again by itself)", error=True,
+                            renderer=self.renderer)
         elif ev.kind in ("error", "restart", "waiting"):
             # restart: the history was restored (the room is shown again from it); waiting:
             # for a new token (what is typed meanwhile waits with it)
