@@ -362,6 +362,7 @@ class ClusterHistory:
         self._unshared_revocations: set[str] = set()
         self._revocations_known = asyncio.Event()
         self._local_revocations_checked = False
+        self._copy_error = ""  # why the local copy could not be written, while it cannot
         # The servers of the cluster (``register``), as clients may reach them: name -> port.
         self.servers: dict[str, int] = {}
         self.server_nodes: dict[str, str] = {}  # name -> stable node id, as it registered
@@ -1126,7 +1127,7 @@ class ClusterHistory:
                     await asyncio.wait_for(self._applied_through(last_seq),
                                            max(0.01, live[0].deadline - now))
                 except TimeoutError:
-                    why = "this server has not caught up with the stream"
+                    why = self._behind()
                     continue
                 ts = int(time.time() * 1000)
                 verdict = await self.local.read(partial(_decide, live[0].draft, ts))
@@ -1156,7 +1157,7 @@ class ClusterHistory:
                     await asyncio.wait_for(self._applied_through(seq),
                                            max(0.01, min(p.deadline for p in live) - now))
                 except TimeoutError:
-                    why = "this server has not caught up with the stream"
+                    why = self._behind()
                     continue
                 self._heads[room] = (self._last_ids.get(room, 0),
                                      max(self._last_seqs.get(room, 0), seq))
@@ -1247,6 +1248,14 @@ class ClusterHistory:
         async with self._progress:
             await self._progress.wait_for(lambda: self._applied >= seq)
 
+    def _behind(self) -> str:
+        """Why a send waits for this server's copy to catch up with the stream."""
+        # (with its disk full, sends were refused as "not caught up" only: a kill -9 run
+        # over a real NATS cluster, 2026-11-24)
+        if self._copy_error:
+            return f"this server cannot write its copy of the stream: {self._copy_error}"
+        return "this server has not caught up with the stream"
+
     async def _apply_loop(self) -> None:
         while True:
             await self._inbox_ready.wait()
@@ -1271,9 +1280,11 @@ class ClusterHistory:
                 try:
                     refused = await self.local.job(partial(_import, [t[1] for t in todo],
                                                            last))
+                    self._copy_error = ""
                     break
                 except StoreError as e:  # keep them: the stream does not move on without us
                     log.error("cluster: cannot write the local copy (%s); retrying", e)
+                    self._copy_error = str(e)
                     await asyncio.sleep(1.0)
             for i, (seq, it, origin, erases) in enumerate(todo):
                 m = it.message
