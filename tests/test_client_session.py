@@ -190,3 +190,22 @@ async def test_a_room_whose_opening_gets_no_answer_is_opened_again_not_left_conn
     chat.net.whois_open.set()
     await alice.welcomed()
     assert not alice.kinds("fatal")
+
+
+async def test_the_rooms_of_a_chat_reconnect_when_one_of_them_opens_the_connection_again(
+        chat: Chat, pumps: list[Pump]) -> None:
+    """A room that gives up on its connection closes it for every room of the chat
+    (Link.reset); grpc.aio ended the others' streams with a bare cancellation, and their
+    tasks ended without a word, shown connected for good (a review, 2026-11-24)."""
+    link = link_as(chat, "alice@tailnet.test")
+    general = pump(pumps, RoomSession(link, "general"))
+    random = pump(pumps, RoomSession(link, "random"))
+    await general.welcomed()
+    await random.welcomed()
+    await link.reset(await link.get())  # (what a room whose opening got no answer does)
+    for room in (general, random):
+        await room.until(lambda r=room: len(r.kinds("welcome")) == 2)
+        assert not room.task.done()
+    general.session.send("still here")
+    await general.until(lambda: general.kinds("sent"))
+    assert "still here" in await stored_texts(chat)

@@ -780,3 +780,11 @@ async def test_a_line_the_server_keeps_refusing_as_not_stored_says_why_once_not_
                                                     text=str(err)))
     said = [e.text for e in general.entries if "not stored" in e.text or "slow" in e.text]
     assert said == [f"{full} (the chat sends it again by itself)"], said
+
+
+async def test_text_typed_in_no_room_is_listed_at_exit_as_typed_in_no_room() -> None:
+    """It read "(typed in #)" once rooms no longer open were named by their titles (a
+    review, 2026-11-24)."""
+    app = alices_chat()
+    app.input.text = "typed with no room"
+    assert app.unsent({}) == ["(typed in no room) typed with no room"]

@@ -241,6 +241,14 @@ def check_message_id(target_id: int) -> None:
                            f"{MAX_MESSAGE_ID})")
 
 
+def cancelled_under_us() -> bool:
+    """Whether the CancelledError just caught is grpc.aio's, not a cancellation of the task
+    running: a call ends so when its request iterator failed, or when its channel is closed
+    under it (``Link.reset``, by another room of the same chat)."""
+    task = asyncio.current_task()
+    return task is not None and not task.cancelling()
+
+
 async def _reraising(call: Any, failed: list[BaseException]) -> AsyncIterator[Any]:
     """The responses of ``call``; when its request iterator failed (``failed``), that
     failure instead of the CancelledError grpc.aio ends the call with. A cancellation of
@@ -249,8 +257,7 @@ async def _reraising(call: Any, failed: list[BaseException]) -> AsyncIterator[An
         async for ev in call:
             yield ev
     except asyncio.CancelledError:
-        task = asyncio.current_task()
-        if failed and (task is None or not task.cancelling()):
+        if failed and cancelled_under_us():
             raise failed[0] from None
         raise
 
@@ -440,8 +447,7 @@ async def first_answer(link: Link, fn: Callable[[Connection], Awaitable[T]], *,
             conn = await link.get()
             return await fn(conn)
         except asyncio.CancelledError as e:
-            task = asyncio.current_task()
-            if task is None or task.cancelling():
+            if not cancelled_under_us():
                 raise  # the caller's own cancellation (Ctrl-C, a timeout): not ours to say
             # gRPC cancelled the call under us without a status: a client bug, said in one
             # line (the details go to the log), never a traceback.
@@ -701,7 +707,13 @@ class RoomSession:
                 raise ClientError("the server ended the stream", retryable=True,
                                   transport=True)
             except asyncio.CancelledError:
-                raise
+                if self.closed or not cancelled_under_us():
+                    raise
+                # Its channel was closed under it: another room of the chat opened the
+                # connection again (``Link.reset``). The room's task ended without a word,
+                # shown connected for good (a review, 2026-11-24).
+                err = ClientError("the connection was opened again by another room; "
+                                  "reconnecting", retryable=True, transport=True)
             except Exception as e:  # the boundary: whatever it was, a person reads str(err)
                 err = self.link.translate(e)
                 if not isinstance(e, ClientError | grpc.aio.AioRpcError | TsnetchatError

@@ -88,7 +88,15 @@ from .chatview import (
     width_of,
     wrap,
 )
-from .client import Link, RoomSession, SessionEvent, first_answer, link_for, to_stderr
+from .client import (
+    Link,
+    RoomSession,
+    SessionEvent,
+    cancelled_under_us,
+    first_answer,
+    link_for,
+    to_stderr,
+)
 from .clienterrors import EXIT_ERROR, ClientError
 from .errors import ConfigError, InvalidInput
 from .outbox import Outgoing, Pacer, State, split_text, utf8_len, with_newlines
@@ -983,7 +991,9 @@ class ChatApp:
                     self.apply_unread(res.rooms, started)
                     self.invalidate()
                 except asyncio.CancelledError:
-                    raise
+                    if not cancelled_under_us():
+                        raise
+                    log.debug("unread: the connection was opened again under the call")
                 except Exception as e:  # the rooms' own state says when the server is away
                     log.debug("unread: %r", e)
             with contextlib.suppress(TimeoutError):
@@ -1320,15 +1330,14 @@ class ChatApp:
                 try:
                     await coro
                 except asyncio.CancelledError:
-                    task = asyncio.current_task()
-                    if task is None or task.cancelling():
+                    if not cancelled_under_us():
                         raise  # (the chat is ending: still in commands_out, listed as not done)
                     # grpc.aio's own: the connection it was on was closed under it (a room
                     # reconnecting, after a server's restart, closes the one they share).
                     # It said nothing, or "internal error" (a kill -9 run, 2026-11-24).
-                    raise ClientError("the connection closed before the server answered; it "
-                                      "may have been done: look before you do it again",
-                                      retryable=True, transport=True) from None
+                    raise ClientError("the connection closed before the server answered" + (
+                        "; it may have been done: look before you do it again" if line else
+                        "; try again"), retryable=True, transport=True) from None
             except Exception as e:
                 back = self.put_back(line, room)
                 self.say(str(self.link.translate(e))
@@ -1470,7 +1479,7 @@ class ChatApp:
                 return "  (refused)"
             return "  (sent, not confirmed: it may have been stored)" if o.attempts else ""
 
-        titles = {room: self.conversation_for(room).title for room, _ in self.typed()}
+        titles = {room: self.conversation_for(room).title for room, _ in self.typed() if room}
         titles.update((name, c.title) for name, c in self.conversations.items())
         out = [f"{titles.get(room, room)}: {o.text}{note(o)}"
                for room, s in self.sessions.items() for o in s.outbox]
