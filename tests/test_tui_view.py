@@ -709,6 +709,14 @@ async def test_a_line_written_before_the_link_broke_is_listed_at_exit_as_maybe_s
     box.refused(refused.client_msg_id, for_good=True, reason="no")
     assert app.unsent({}) == ["#general: written  (sent, not confirmed: it may have been stored)",
                               "#general: never", "#general: refused  (refused)"]
+    # A "not stored" refusal (a full disk) says it was not; a cluster's "it may still
+    # appear" that it may have been (every refused line was "maybe stored": a review).
+    box.sending(written)
+    box.refused(written.client_msg_id, for_good=False, not_before=0.0)
+    assert app.unsent({})[0] == "#general: written"
+    box.sending(written)
+    box.refused(written.client_msg_id, for_good=False, not_before=0.0, unsure=True)
+    assert app.unsent({})[0].endswith("(sent, not confirmed: it may have been stored)")
     box.retry()
     assert app.unsent({})[-1] == "#general: refused"
 

@@ -466,6 +466,9 @@ async def first_answer(link: Link, fn: Callable[[Connection], Awaitable[T]], *,
         await asyncio.sleep(delay)
 
 
+# A cluster's refusal of a message it did not confirm in time says this (cluster.py): the
+# message may be stored all the same.
+MAY_STILL_APPEAR = "may still appear"
 # Closing never waits longer than this (Ctrl-C and /quit exit within a second).
 CLOSE_WITHIN = 0.5
 # How often a session whose stored token was refused looks for a new one (a stat a second).
@@ -960,7 +963,8 @@ class RoomSession:
         if err.retryable:  # "slow down" or "not saved": the same message again, later
             wait = err.retry_after or 1 / self.pacer.rate
             self.pacer.refused(now, wait)
-            self.outbox.refused(e.client_msg_id, for_good=False, not_before=now + wait)
+            self.outbox.refused(e.client_msg_id, for_good=False, not_before=now + wait,
+                                unsure=MAY_STILL_APPEAR in str(err))
             self._wake.set()
             return [SessionEvent("deferred", outgoing=out, error=err, text=str(err))]
         self.outbox.refused(e.client_msg_id, for_good=True, reason=str(err))
@@ -1062,7 +1066,7 @@ async def deliver_all(link: Link, room: str, text: str, *, kind: int = pb.MESSAG
                 for part in parts:  # all or none: a part the server would refuse is said
                     validate_text(part, kind, session.max_message_bytes)  # before any goes
                 outs.extend(session.send(part, kind) for part in parts)
-            if ev.kind == "deferred" and mine(ev.outgoing) and "may still appear" in ev.text:
+            if ev.kind == "deferred" and mine(ev.outgoing) and MAY_STILL_APPEAR in ev.text:
                 unsure.append(ev.text)
             if ev.kind == "welcome" and ev.welcome is not None and ev.welcome.servers:
                 clustered.append(True)
@@ -1093,7 +1097,7 @@ async def deliver_all(link: Link, room: str, text: str, *, kind: int = pb.MESSAG
         # that was: a script sending it again posted it twice; an operator's run, 2026-11-23.
         # The same before the cluster said so: its refusal takes cluster_wait, 12 s, and
         # --timeout 5 ended first; a kill -9 run, 2026-11-24)
-        written = clustered and any(o.attempts for o in outs)
+        written = clustered and any(o.unsure for o in outs)
         fate = ("the cluster may still store it: look at the room's history before sending it "
                 "again" if unsure or written else
                 "it was not stored unless the server got it just before")

@@ -43,6 +43,9 @@ class Outgoing:
     error: str = ""  # why it failed, for people
     not_before: float = 0.0  # a "wait and send again" refusal holds it until then
     attempts: int = 0  # how many times it was written to a stream (under this key)
+    # Written, and not answered since with a refusal that says it was not stored: it may
+    # have been (the link broke under it, or a cluster's "it may still appear").
+    unsure: bool = False
 
     @property
     def pending(self) -> bool:
@@ -96,6 +99,7 @@ class Outbox:
     def sending(self, out: Outgoing) -> None:
         out.state = State.SENDING
         out.attempts += 1
+        out.unsure = True
 
     def acked(self, client_msg_id: str) -> Outgoing | None:
         """The server stored it (or had stored it before a resend): it leaves the outbox."""
@@ -105,12 +109,14 @@ class Outbox:
         return out
 
     def refused(self, client_msg_id: str, *, for_good: bool, reason: str = "",
-                not_before: float = 0.0) -> Outgoing | None:
+                not_before: float = 0.0, unsure: bool = False) -> Outgoing | None:
         """The server said no: for good (FAILED, text kept), or "not yet" (QUEUED again at its
-        place, not before ``not_before``)."""
+        place, not before ``not_before``); ``unsure``: a "not yet" that says it may have
+        been stored all the same."""
         out = self.find(client_msg_id)
         if out is None:
             return None
+        out.unsure = unsure and not for_good
         if for_good:
             out.state, out.error = State.FAILED, reason
         else:
@@ -128,7 +134,7 @@ class Outbox:
         again = self.failed
         for o in again:
             self._items.remove(o)
-            o.state, o.error, o.not_before, o.attempts = State.QUEUED, "", 0.0, 0
+            o.state, o.error, o.not_before, o.attempts, o.unsure = State.QUEUED, "", 0.0, 0, False
             o.client_msg_id = uuid.uuid4().hex  # (a new message: nothing sent under it yet)
             self._items.append(o)
         return again

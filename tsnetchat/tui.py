@@ -1477,7 +1477,7 @@ class ChatApp:
         def note(o: Outgoing) -> str:
             if o.state is State.FAILED:
                 return "  (refused)"
-            return "  (sent, not confirmed: it may have been stored)" if o.attempts else ""
+            return "  (sent, not confirmed: it may have been stored)" if o.unsure else ""
 
         titles = {room: self.conversation_for(room).title for room, _ in self.typed() if room}
         titles.update((name, c.title) for name, c in self.conversations.items())
