@@ -782,12 +782,17 @@ async def test_a_line_the_server_keeps_refusing_as_not_stored_says_why_once_not_
     out = session.send("hello")
     full = ClientError("database or disk is full; this message was not stored: send it again",
                        retryable=True, status=grpc.StatusCode.UNAVAILABLE)
-    slow = ClientError("slow down", retryable=True, status=grpc.StatusCode.RESOURCE_EXHAUSTED)
-    for err in (full, slow, full, full):
+    slow = ClientError("slow down; retry in 0.2s", retryable=True, retry_after=0.2,
+                       status=grpc.StatusCode.RESOURCE_EXHAUSTED)
+    new_dm = ClientError("slow down: one new conversation a minute; retry in 58s",
+                         retryable=True, retry_after=58, status=grpc.StatusCode.RESOURCE_EXHAUSTED)
+    for err in (full, slow, full, full, new_dm):
         app.on_event(general, session, SessionEvent("deferred", outgoing=out, error=err,
                                                     text=str(err)))
-    said = [e.text for e in general.entries if "not stored" in e.text or "slow" in e.text]
-    assert said == [f"{full} (the chat sends it again by itself)"], said
+    said = [e.text for e in general.entries if "yet" in e.text]
+    assert said == ["not stored yet: database or disk is full (the chat tries again by itself)",
+                    "not sent yet: slow down: one new conversation a minute (the chat tries "
+                    "again by itself)"], said
 
 
 async def test_text_typed_in_no_room_is_listed_at_exit_as_typed_in_no_room() -> None:

@@ -110,10 +110,13 @@ SIDEBAR = 20
 # After our own reconnect, people who were here before it and rejoin within this many
 # seconds were cut off by the same outage (a server restart): no "joined" line for them.
 QUIET_REJOINS = 15.0
-# A line the server keeps refusing for now for a reason other than the rate ("not stored":
-# a full or locked disk) says so once in this long, per room and reason: it sat at "2
-# pending" for 20 s with nothing said (a kill -9 run, 2026-11-24).
+# A line the server keeps refusing for now ("not stored": a full or locked disk) says so
+# once in this long, per room and reason: it sat at "2 pending" for 20 s with nothing said
+# (a kill -9 run, 2026-11-24).
 DEFERRED_SAID_EVERY = 30.0
+# A rate refusal shorter than this is the chat's own pacing, said nowhere; a longer one (a
+# new conversation a minute, edits a minute) is said: a first DM sat "pending" a minute.
+DEFERRED_QUIET = 2.0
 # How often the room list asks the server for unread counts when nothing happens here (a
 # second device reading, a DM started elsewhere); one cheap call (Unread).
 UNREAD_EVERY = 3.0
@@ -1178,13 +1181,17 @@ class ChatApp:
             then = self.after_sent.pop(ev.outgoing.client_msg_id, None)
             if then is not None:
                 then(ev.message_id if ev.kind == "sent" else None)
-        elif (ev.kind == "deferred" and ev.error is not None
-              and ev.error.status is not grpc.StatusCode.RESOURCE_EXHAUSTED):
+        elif ev.kind == "deferred" and ev.error is not None:
+            paced = ev.error.status is grpc.StatusCode.RESOURCE_EXHAUSTED
             said, when = self.deferred_said.get(conv.name, ("", 0.0))
-            if ev.text != said or time.monotonic() - when > DEFERRED_SAID_EVERY:
+            if (not paced or ev.error.retry_after >= DEFERRED_QUIET) and (
+                    ev.text != said or time.monotonic() - when > DEFERRED_SAID_EVERY):
                 self.deferred_said[conv.name] = (ev.text, time.monotonic())
-                conv.notice(f"{ev.text} (the chat sends it again by itself)", error=True,
-                            renderer=self.renderer)
+                # (the server's words go on for a script: "send it again", "the same
+                # client_msg_id is safe"; the chat does that itself: a review)
+                reason = ev.text.split("; ")[0]
+                conv.notice(f"{'not sent' if paced else 'not stored'} yet: {reason} (the chat "
+                            "tries again by itself)", error=True, renderer=self.renderer)
         elif ev.kind in ("error", "restart", "waiting"):
             # restart: the history was restored (the room is shown again from it); waiting:
             # for a new token (what is typed meanwhile waits with it)
