@@ -97,15 +97,17 @@ async def _cluster(cfg: ServerConfig, wait: float = 5.0) -> Check:
                      "of NATS nodes): every send is refused as not confirmed")
     behind = sorted(str(r.name) for r in group.replicas or [] if r.offline or not r.current)
     copies = 1 + len(group.replicas or [])
-    if copies - len(behind) <= copies // 2:
+    current, quorum = copies - len(behind), copies // 2 + 1
+    gone = f"offline or behind: {', '.join(behind)}; {current} of {copies} copies current"
+    if current < quorum:
         # (the leader goes on naming itself for a while after the others are gone, and
         # doctor said "no problems" while every send was refused; a kill -9 run, 2026-11-24)
-        return Check("cluster", FAIL, f"the stream's leader is {group.leader}, but "
-                     f"{', '.join(behind)} are offline or behind: fewer than a quorum of its "
-                     f"{copies} copies is current, so every send is refused as not confirmed")
+        return Check("cluster", FAIL, f"the stream's leader is {group.leader}; {gone}, and a "
+                     f"quorum needs {quorum}: every send is refused as not confirmed")
     if behind:
-        return Check("cluster", WARN, f"the stream's leader is {group.leader}, but "
-                     f"{', '.join(behind)} is offline or behind: one more loss and sends stop")
+        more = current - quorum + 1
+        return Check("cluster", WARN, f"the stream's leader is {group.leader}; {gone}: "
+                     f"{more} more lost and sends stop")
     return Check("cluster", OK, f"the stream's leader is {group.leader}; "
                  f"{1 + len(group.replicas or [])} copies current")
 

@@ -1608,8 +1608,9 @@ def _stderr_to_log() -> Iterator[None]:
         os.close(saved)
         os.close(fd)
         root.handlers, root.level = old_handlers, old_level
-        with contextlib.suppress(OSError):
-            handler.close()
+        handler.close()
+        with contextlib.suppress(OSError):  # (the handler's close leaves its stream open)
+            handler.stream.close()
 
 
 async def _first_contact(link: Link) -> pb.WhoAmIResponse:
