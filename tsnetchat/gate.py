@@ -32,7 +32,9 @@ cannot answer (UNAVAILABLE: fail closed), or when the room its stream holds is n
 allowed; otherwise it takes the new, possibly narrower, rights. A stream attaches to its
 lease (``Lease.attach``) and is closed when it fails; a Join is admitted (and so
 registered) before its hello is read, and ``Lease.hold_room`` decides again before the
-room is entered if anything changed meanwhile.
+room is entered if anything changed meanwhile, as ``Lease.current`` does before the Join's
+next event is read. A token is checked again once its call's WhoIs is answered: a
+revocation or a new key acts on the leases held, and the call had none yet.
 
 The identity cache belongs to one connection: an entry lives while at least one call on
 that peer address is in progress (a TCP 4-tuple cannot belong to two live connections), is

@@ -304,11 +304,23 @@ class ChatService:
                 unknown.append(login)
         return spelled, unknown
 
+    async def _conversation(self, p: auth.Principal, room: str, *, speak: bool = False) -> str:
+        """The room ``room`` names for ``p`` (``_canonical``); a DM's logins checked as
+        somebody's (``_dm_to_write``) when ``p`` takes part in it (``speak``: a Join) or it
+        is not stored yet. A Subscribe is listed as the conversation's while it lasts: one to
+        a made-up login put "it-support-reset-your-password-at@evil.example" in alice's list
+        of conversations (an attacker's run, 2026-11-24); a Search naming a typo read as
+        done, "no messages match"."""
+        name = self._canonical(p, room)
+        if rooms.is_dm(name) and (speak or name not in self.store.rooms()):
+            name = await self._dm_to_write(p, room)
+        return name
+
     async def _dm_to_write(self, p: auth.Principal, room: str) -> str:
-        """``_dm`` for taking part in a conversation (a Join): a login must be somebody's,
-        or a message to a typo would be stored where nobody ever reads it. Asks tailscaled
-        who is on the tailnet unless every login is of somebody who has used this server.
-        Raises InvalidInput, or Unavailable when tailscaled cannot say."""
+        """``_dm`` with each login that of somebody (``_conversation``): a message to a typo
+        would be stored where nobody ever reads it. Asks tailscaled who is on the tailnet
+        unless every login is of somebody who has used this server. Raises InvalidInput, or
+        Unavailable when tailscaled cannot say."""
         name, unknown = self._dm(p, room, ())  # (a malformed name is refused here)
         typed = {x.strip() for x in room[len(rooms.DM_PREFIX):].split(",")} - {"", p.login}
         if unknown or not all(self.ledger.people.knows(x) for x in typed):
@@ -361,13 +373,7 @@ class ChatService:
         """Enter a room for a stream (``speak``: to take part, a Join): token rooms are held
         against the token (the gate), private rooms and DMs against their membership."""
         if rooms.is_conversation(room):
-            name = self._canonical(lease.principal, room)
-            if rooms.is_dm(room) and (speak or name not in self.store.rooms()):
-                # (a Subscribe is listed as the conversation's too, until it ends: one to a
-                # made-up login put "it-support-reset-your-password-at@evil.example" in
-                # alice's list of conversations; an attacker's run, 2026-11-24)
-                name = await self._dm_to_write(lease.principal, room)
-            room = name
+            room = await self._conversation(lease.principal, room, speak=speak)
             p = await lease.hold_conversation(lambda q: self.access().may_read(q, room))
             self.access().check(p, room)
             if speak and rooms.is_dm(room) and p.login not in rooms.dm_members(room):
@@ -890,13 +896,7 @@ class ChatService:
                                        "this server (or several people have it, in different "
                                        "capitals); check the spelling")
             if request.rooms:
-                stored = self.store.rooms()
-                wanted = []
-                for r in dict.fromkeys(request.rooms):
-                    name = self._canonical(p, r)
-                    if rooms.is_dm(name) and name not in stored:  # (a typo: said, as in /msg)
-                        name = await self._dm_to_write(p, r)
-                    wanted.append(name)
+                wanted = [await self._conversation(p, r) for r in dict.fromkeys(request.rooms)]
                 # A room the token does not allow is refused as everywhere else (naming the
                 # rooms it does); a conversation the caller may not read is left out without
                 # a word, so a search infers nothing about it.
