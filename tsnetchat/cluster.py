@@ -198,6 +198,11 @@ async def _entries(watcher: Any, what: str, *,
             ready.set()
 
 
+def _keep_revoked(jtis: list[str], store: Store) -> None:
+    for jti in jtis:
+        store.revoke(jti)
+
+
 async def _quiet(e: Exception) -> None:
     """nats-py prints a traceback for every reconnect unless it is given an error callback."""
     log.debug("nats: %r", e)
@@ -363,6 +368,8 @@ class ClusterHistory:
         self._revocations_known = asyncio.Event()
         self._local_revocations_checked = False
         self._copy_error = ""  # why the local copy could not be written, while it cannot
+        self._to_keep: list[str] = []  # revocations taken, not yet in the local copy
+        self._keep_wake = asyncio.Event()
         # The servers of the cluster (``register``), as clients may reach them: name -> port.
         self.servers: dict[str, int] = {}
         self.server_nodes: dict[str, str] = {}  # name -> stable node id, as it registered
@@ -470,6 +477,7 @@ class ClusterHistory:
         self._consumer = await _retrying(lambda: self._subscribe(self._applied), deadline,
                                          "the stream's consumer")
         self._tasks.append(asyncio.create_task(self._watch_consumer()))
+        self._tasks.append(asyncio.create_task(self._keep_revocations()))
         self._tasks.append(asyncio.create_task(self._watch_revocations(await _retrying(
             self._kv_revoked.watchall, deadline, "the revocations watch"))))
         self._tasks.append(asyncio.create_task(self._erase_loop()))
@@ -992,15 +1000,28 @@ class ClusterHistory:
             log.warning("cluster: ignoring a malformed revocation: %s", e)
             return
         if origin != self._me:
-            await self._take_revocation(jti)
+            self._take_revocation(jti)
 
-    async def _take_revocation(self, jti: str) -> None:
+    def _take_revocation(self, jti: str) -> None:
         """A revocation from the cluster (its word or the bucket's watch; twice is harmless):
-        close the token's streams here and keep it in the local copy."""
+        close the token's streams here at once, and keep it in the local copy soon
+        (``_keep_revocations``): the watch waited for each write, and start-up (which waits
+        for the watch) for all of them, one transaction each (a review, 2026-11-24)."""
         self._shared_revocations.add(jti)
         self.on_revoked([jti])
-        with contextlib.suppress(Exception):
-            await self.local.revoke(jti)
+        self._to_keep.append(jti)
+        self._keep_wake.set()
+
+    async def _keep_revocations(self) -> None:
+        while True:
+            await self._keep_wake.wait()
+            self._keep_wake.clear()
+            jtis, self._to_keep = self._to_keep, []
+            try:  # (the bucket stays the cluster's record: the next start takes them again)
+                await self.local.job(partial(_keep_revoked, jtis))
+            except Exception as e:
+                log.debug("cluster: %d revocation(s) not kept in the local copy: %s",
+                          len(jtis), e)
 
     async def revocations_since(self, seq: int) -> tuple[list[str], int]:
         """Revocations written to the local database (also by `tsnetchat token revoke`),
@@ -1042,7 +1063,7 @@ class ClusterHistory:
         async for entry in _entries(watcher, "revocation", ready=self._revocations_known):
             if entry.operation is not None:
                 continue
-            await self._take_revocation(entry.key)
+            self._take_revocation(entry.key)
 
     # appending ------------------------------------------------------------------------
 
