@@ -222,7 +222,8 @@ class ChatService:
         self._present: set[tuple[str, str]] = set()  # (login, room) rooms were told are in
         self._away: dict[str, str] = {}  # login -> away message (set by an Away event)
         self._error_log = LogLimiter(burst=5, rate=0.2)
-        self._logins_asked: tuple[float, asyncio.Future[set[str]]] | None = None  # (when, what)
+        # (when answered, or asked while in flight; the question)
+        self._logins_asked: tuple[float, asyncio.Future[set[str]]] | None = None
         self.going_away = False
         # Cluster mode (tsnetchat.cluster): every server, for the Welcome and the ReplayDone
         # (a Subscribe stream's only news of them); and a kick passed on to the other servers.
@@ -344,14 +345,23 @@ class ChatService:
 
     async def _tailnet_logins(self) -> set[str]:
         """The logins (and tags) of every device on the server's tailnet, itself included:
-        asked of tailscaled at most once every ``PEERS_FRESH`` seconds (callers meanwhile
-        share the answer, or the question in flight); a failure is not kept."""
-        now = asyncio.get_running_loop().time()
+        asked of tailscaled again once the answer is ``PEERS_FRESH`` seconds old (callers
+        meanwhile share it, or the question in flight); a failure is not kept."""
+        loop = asyncio.get_running_loop()
         asked = self._logins_asked
-        failed = asked is not None and asked[1].done() and (
-            asked[1].cancelled() or asked[1].exception() is not None)
-        if asked is None or failed or now - asked[0] > PEERS_FRESH:
-            asked = self._logins_asked = (now, asyncio.ensure_future(self._ask_logins()))
+        if asked is not None and asked[1].done() and (
+                asked[1].cancelled() or asked[1].exception() is not None
+                or loop.time() - asked[0] > PEERS_FRESH):
+            asked = None
+        if asked is None:
+            question = asyncio.ensure_future(self._ask_logins())
+            asked = self._logins_asked = (loop.time(), question)
+
+            def answered(f: asyncio.Future[set[str]]) -> None:  # (fresh from the answer on)
+                if self._logins_asked is not None and self._logins_asked[1] is f:
+                    self._logins_asked = (loop.time(), f)
+
+            question.add_done_callback(answered)
         return await asyncio.shield(asked[1])
 
     async def _ask_logins(self) -> set[str]:
