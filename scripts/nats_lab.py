@@ -426,6 +426,11 @@ def _cmd_up(args: argparse.Namespace) -> int:
     if state_path.exists():
         print(f"a NATS cluster is already up ({state_path}); run `down` first", file=sys.stderr)
         return 1
+    if args.dir and Path(args.dir).exists() and any(Path(args.dir).iterdir()):
+        # (`down` deletes the dir it was given: only one `up` made)
+        print(f"{args.dir} is not empty: give a new directory (down deletes it)",
+              file=sys.stderr)
+        return 1
     binary = ensure_binary()
     root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="tsnetchat-nats-"))
     cluster = NatsCluster(root, binary=binary, detached=True)
