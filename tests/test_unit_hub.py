@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from dataclasses import replace
 
 import pytest
 from helpers import until
@@ -90,7 +91,10 @@ async def test_subscribers_at_the_same_position_are_sent_the_same_bytes() -> Non
 
 
 async def test_publishing_touches_no_subscriber_until_the_flush() -> None:
-    hub, subs = await busy_room(1000)
+    # (a room that lingers: 1,000 subscribers are a room that rolls, whose next chunk goes
+    # after roll_wait, 5 ms, by itself; a loaded CI run, 2026-11-24, was descheduled that
+    # long between the publishing and the checks, and failed; reproduced with a 20 ms stall)
+    hub, subs = await busy_room(1000, Hub(replace(SLOW, roll_from=0)))
     waiting = [asyncio.create_task(s.wait()) for s in subs[:3]]
     await asyncio.sleep(0)
     for i in range(2, 20):
