@@ -313,7 +313,7 @@ class ChatService:
         of conversations (an attacker's run, 2026-11-24); a Search naming a typo read as
         done, "no messages match"."""
         name = self._canonical(p, room)
-        if rooms.is_dm(name) and (speak or name not in self.store.rooms()):
+        if rooms.is_dm(name) and (speak or not self.store.last_id(name)):
             name = await self._dm_to_write(p, room)
         return name
 
