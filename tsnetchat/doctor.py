@@ -108,8 +108,7 @@ async def _cluster(cfg: ServerConfig, wait: float = 5.0) -> Check:
         more = current - quorum + 1
         return Check("cluster", WARN, f"the stream's leader is {group.leader}; {gone}: "
                      f"{more} more lost and sends stop")
-    return Check("cluster", OK, f"the stream's leader is {group.leader}; "
-                 f"{1 + len(group.replicas or [])} copies current")
+    return Check("cluster", OK, f"the stream's leader is {group.leader}; {copies} copies current")
 
 
 async def _no_answer(host: str, port: int, wait: float = 3.0) -> str | None:

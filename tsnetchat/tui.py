@@ -1463,13 +1463,12 @@ class ChatApp:
         text = self.restored.pop(room, None)
         if text is None:
             return
-        if room == self.current:
-            before = self.input.text
-            joined = f"{before}\n{text}" if before else text
+        shown = room == self.current
+        before = self.input.text if shown else self.drafts.get(room, Document()).text
+        joined = f"{before}\n{text}" if before else text
+        if shown:
             self.input.document = Document(joined, len(joined))
         else:
-            before = self.drafts[room].text if room in self.drafts else ""
-            joined = f"{before}\n{text}" if before else text
             self.drafts[room] = Document(joined, len(joined))
         self.invalidate()
 
@@ -1486,14 +1485,15 @@ class ChatApp:
                 return "  (refused)"
             return "  (sent, not confirmed: it may have been stored)" if o.unsure else ""
 
-        titles = {room: self.conversation_for(room).title for room, _ in self.typed() if room}
+        typed = self.typed()
+        titles = {room: self.conversation_for(room).title for room, _ in typed if room}
         titles.update((name, c.title) for name, c in self.conversations.items())
         out = [f"{titles.get(room, room)}: {o.text}{note(o)}"
                for room, s in self.sessions.items() for o in s.outbox]
         # (in which room: "(input)" alone did not say; a new user's day, 2026-11-24)
         out += [f"(typed in {titles.get(room, room or 'no room')}"
                 f"{'; back in its input next time' if kept.get(room) == text else ''}) {text}"
-                for room, text in self.typed()
+                for room, text in typed
                 if not (kept.get(room) == text == self.restored_as.get(room))]
         out += [f"(waiting in {titles.get(room, room)} for the message above) {line}"
                 for line, room in self.waiting_changes.values()]
