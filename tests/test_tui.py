@@ -893,6 +893,45 @@ def test_a_draft_brought_back_and_sent_is_not_brought_back_again_after_a_crash(
     no_python_on(third)
 
 
+def test_a_chat_killed_gives_the_next_one_its_rooms_its_half_typed_line_and_its_unsent_lines(
+        chat_server: LabDaemon, open_terminal: Opener, tmp_path: Path) -> None:
+    """What was typed was kept only at the chat's exit: a chat killed (kill -9, the OOM
+    killer, a crash) lost every line typed since it started, and the rooms it had open (a
+    kill -9 run, 2026-11-24)."""
+    alice = open_terminal("alice", home_name="home-alice")
+    alice.type("/join #random")
+    alice.wait_for(r"you joined #random")
+    chat_server.stop()
+    alice.wait_for(r"reconnecting")
+    alice.type("typed while the server was down")
+    alice.wait_for(r"… <Alice> typed while the server was down")
+    alice.keys("M-1")
+    alice.wait_for(r"│ #general │")
+    alice.type("half in general", enter=False)
+    state = tmp_path / "home-alice" / ".local" / "state" / "tsnetchat"
+    deadline = time.monotonic() + 10  # (kept within a second of being typed)
+    while not any("half in general" in p.read_text()
+                  for p in (state / "running").glob("*.json")):
+        assert time.monotonic() < deadline, list((state / "running").iterdir())
+        time.sleep(0.1)
+    os.kill(chat_pid(alice), signal.SIGKILL)
+    alice.wait_for(r"EXITED", timeout=10)
+    chat_server.start()
+    again = open_terminal("alice", home_name="home-alice", wait=False)
+    again.wait_for(r"#general> half in general")
+    again.wait_for(r"lines an earlier chat could not send are in\s+\S*unsent\.txt")
+    again.wait_for(r"2 #random ")  # (its rooms, opened again)
+    text = (state / "unsent.txt").read_text()
+    assert "from a chat that ended without its exit" in text, text
+    assert "  #random: typed while the server was down\n" in text, text
+    assert "  (typed in #general; back in its input) half in general\n" in text, text
+    again.keys("C-u")
+    again.type("/quit")
+    again.wait_for(r"EXITED 0", timeout=5)
+    assert list((state / "running").iterdir()) == []  # (a clean exit leaves nothing)
+    no_python_on(again)
+
+
 def test_a_long_reason_for_reconnecting_is_shown_whole_on_a_narrow_terminal(
         chat_server: LabDaemon, open_terminal: Opener) -> None:
     """It was cut off at the terminal's width, with the part that says what to do; then

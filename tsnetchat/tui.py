@@ -71,7 +71,7 @@ from prompt_toolkit.layout.processors import (
 from prompt_toolkit.output import create_output
 from prompt_toolkit.styles import Style
 
-from . import commands, openrooms
+from . import commands, keepsafe, openrooms
 from .chatview import (
     Conversation,
     Renderer,
@@ -120,6 +120,10 @@ DEFERRED_QUIET = 2.0
 # How often the room list asks the server for unread counts when nothing happens here (a
 # second device reading, a DM started elsewhere); one cheap call (Unread).
 UNREAD_EVERY = 3.0
+# How often what is typed and not stored is written to the chat's ``keepsafe`` file when it
+# changed (and after every line submitted): what a kill -9 can take is what was typed in the
+# last second.
+KEEP_EVERY = 1.0
 SEARCH_PAGE = 100
 SEARCH = "?search"  # the search buffer's key: no room can be named so
 MAX_LISTED_DMS = 20  # DMs in the room list at the start, newest first
@@ -236,10 +240,16 @@ def notify_argv(notify_send: str, title: str, body: str) -> list[str]:
 class ChatApp:
     """The conversations, their sessions, the screen and the commands."""
 
-    def __init__(self, link: Link, me: pb.WhoAmIResponse, *, notify: bool = False) -> None:
+    def __init__(self, link: Link, me: pb.WhoAmIResponse, *, notify: bool = False,
+                 keep: keepsafe.KeepSafe | None = None) -> None:
         self.link = link
         self.me = me.identity
         self.notify = notify
+        # Where what is typed and not stored is kept while the chat runs (None: at its exit
+        # only); and lines a chat that ended without its exit left, that this one could not
+        # write to unsent.txt: listed with this chat's own until they are.
+        self.keep = keep
+        self.inherited: list[str] = []
         self.pacer = Pacer()
         self.renderer = Renderer()
         self.conversations: dict[str, Conversation] = {}
@@ -675,6 +685,9 @@ class ChatApp:
             self.input.reset()
         if self.current != before:  # (a /join, /msg or /leave: the room shown now may have
             self.bring_back_draft(self.current or "")  # a draft, after a line kept to edit)
+        # At once, not at the next second's: a line sent and then killed with the chat came
+        # back from the file as a draft, to be sent twice.
+        self.keep_safe()
         self.invalidate()
 
     def handle(self, line: str) -> bool:
@@ -1474,10 +1487,22 @@ class ChatApp:
 
     def unsent(self, kept: Mapping[str, str]) -> list[str]:
         """What was typed but not stored, to print after the screen is gone (a message's
-        later lines indented under its first: ``indented``). ``kept``: the drafts
-        ``openrooms.save`` wrote, back in their inputs next time; one brought back
-        unchanged from the last chat is not listed again (it is in unsent.txt already, and
-        was listed at every exit: a review, 2026-11-24)."""
+        later lines indented under its first: ``indented``): ``pending_lines``, then what
+        is typed. ``kept``: the drafts ``openrooms.save`` wrote, back in their inputs next
+        time; one brought back unchanged from the last chat is not listed again (it is in
+        unsent.txt already, and was listed at every exit: a review, 2026-11-24)."""
+        titles = self.titles()
+        # (in which room: "(input)" alone did not say; a new user's day, 2026-11-24)
+        typed = [f"(typed in {titles.get(room, room or 'no room')}"
+                 f"{'; back in its input next time' if kept.get(room) == text else ''}) {text}"
+                 for room, text in self.typed()
+                 if not (kept.get(room) == text == self.restored_as.get(room))]
+        return self.pending_lines() + [indented(line) for line in typed]
+
+    def pending_lines(self) -> list[str]:
+        """What was submitted and not stored: each room's outbox, the changes waiting for
+        it, the commands not answered yet, and lines an earlier chat left (``inherited``);
+        as listed at the exit."""
         # (one written before the link broke is QUEUED again: it was listed as plainly not
         # sent, and had been stored; a kill -9 run, 2026-11-24)
         def note(o: Outgoing) -> str:
@@ -1485,21 +1510,40 @@ class ChatApp:
                 return "  (refused)"
             return "  (sent, not confirmed: it may have been stored)" if o.unsure else ""
 
-        typed = self.typed()
-        titles = {room: self.conversation_for(room).title for room, _ in typed if room}
-        titles.update((name, c.title) for name, c in self.conversations.items())
+        titles = self.titles()
         out = [f"{titles.get(room, room)}: {o.text}{note(o)}"
                for room, s in self.sessions.items() for o in s.outbox]
-        # (in which room: "(input)" alone did not say; a new user's day, 2026-11-24)
-        out += [f"(typed in {titles.get(room, room or 'no room')}"
-                f"{'; back in its input next time' if kept.get(room) == text else ''}) {text}"
-                for room, text in typed
-                if not (kept.get(room) == text == self.restored_as.get(room))]
         out += [f"(waiting in {titles.get(room, room)} for the message above) {line}"
                 for line, room in self.waiting_changes.values()]
         out += [f"(not answered yet in {titles.get(room, room)}: it may have been done) {line}"
                 for line, room in self.commands_out.values()]
-        return [indented(line) for line in out]
+        return [indented(line) for line in out] + self.inherited
+
+    def titles(self) -> dict[str, str]:
+        """Each room's title, by name: the open ones' and those with something typed."""
+        titles = {room: self.conversation_for(room).title for room, _ in self.typed() if room}
+        titles.update((name, c.title) for name, c in self.conversations.items())
+        return titles
+
+    def held(self) -> keepsafe.Held:
+        """What the chat holds and has not had stored, for ``keepsafe``."""
+        opened, titles = self.open_rooms(), self.titles()
+        return keepsafe.Held(opened.rooms, opened.shown,
+                             tuple((room, titles.get(room, room or "no room"), text)
+                                   for room, text in self.typed()),
+                             tuple(self.pending_lines()))
+
+    def keep_safe(self) -> None:
+        """``held`` into this chat's ``keepsafe`` file, if it changed."""
+        if self.keep is not None:
+            self.keep.keep(self.held())
+
+    async def keep_safe_every(self, seconds: float) -> None:
+        """``keep_safe`` each ``seconds``, for what changes without a line submitted: typing,
+        a message confirmed, a command answered."""
+        while True:
+            await asyncio.sleep(seconds)
+            self.keep_safe()
 
 
 def indented(text: str, by: str = "    ") -> str:
@@ -1528,6 +1572,40 @@ def _unsent_untold() -> Path | None:
     return path
 
 
+def _take_over(state: Path, key: str) -> tuple[openrooms.OpenRooms, list[str]]:
+    """What the last chat with ``key``'s server left: the rooms it had open and its drafts,
+    from its exit (``openrooms``) and from chats that ended without one (``keepsafe``: the
+    newest one's rooms, everyone's drafts); and their lines not stored, appended to
+    unsent.txt (then said at the start, as any addition is), or returned when that cannot be
+    written, for this chat to list and keep with its own."""
+    last = openrooms.load(state, key)
+    orphans = keepsafe.take_orphans(state, key)
+    if not orphans:
+        return last, []
+    newest = orphans[-1]
+    rooms, shown = (newest.rooms, newest.shown) if newest.rooms else (last.rooms, last.shown)
+    drafts = dict(last.drafts)
+    lines: list[str] = []
+    for held in orphans:
+        lines += held.lines
+        for room, title, text in held.drafts:
+            if room in rooms and text not in drafts.get(room, ""):
+                drafts[room] = f"{drafts[room]}\n{text}" if room in drafts else text
+            back = "; back in its input" if room in rooms else ""
+            lines.append(indented(f"(typed in {title}{back}) {text}"))
+    last = openrooms.OpenRooms(rooms, shown, tuple(
+        (room, text) for room, text in drafts.items() if room in rooms))
+    log.warning("a chat with %s ended without its exit: %d line(s) not stored, %d draft(s)",
+                key, sum(len(h.lines) for h in orphans), sum(len(h.drafts) for h in orphans))
+    if not lines:
+        return last, []
+    path, not_kept = _keep_unsent(lines, "from a chat that ended without its exit")
+    if not_kept:
+        log.warning("could not add them to %s (%s): listed at this chat's exit", path, not_kept)
+        return last, lines
+    return last, []
+
+
 def _same_dm(a: str, b: str) -> bool:
     """Whether two DM names have the same people, capitals aside (a buffer's name is the
     server's spelling; a name typed may differ)."""
@@ -1535,11 +1613,11 @@ def _same_dm(a: str, b: str) -> bool:
         sorted(a[3:].lower().split(",")) == sorted(b[3:].lower().split(",")))
 
 
-def _keep_unsent(lines: list[str]) -> tuple[Path, str]:
+def _keep_unsent(lines: list[str], whose: str = "") -> tuple[Path, str]:
     """Append what was typed and not stored to ``unsent.txt`` beside the client's log (0600),
-    under the time: the file, and "" or why it could not be written. A write that failed
-    half-way is taken back (a full disk left an empty file that the next chat announced as
-    holding the lines; 2026-11-24)."""
+    under the time (and ``whose`` they were, if not this chat's): the file, and "" or why it
+    could not be written. A write that failed half-way is taken back (a full disk left an
+    empty file that the next chat announced as holding the lines; 2026-11-24)."""
     path = log_path().with_name("unsent.txt")
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -1552,7 +1630,8 @@ def _keep_unsent(lines: list[str]) -> tuple[Path, str]:
     try:
         os.fchmod(fd, 0o600)  # (one made before, or by another program, may be open to all)
         with os.fdopen(os.dup(fd), "a", encoding="utf-8", errors="surrogateescape") as f:
-            f.write(f"-- {time.strftime('%Y-%m-%d %H:%M:%S')}, not sent or not confirmed:\n")
+            f.write(f"-- {time.strftime('%Y-%m-%d %H:%M:%S')}, "
+                    f"{whose + ', ' if whose else ''}not sent or not confirmed:\n")
             f.writelines(f"  {line}\n" for line in lines)
     except OSError as e:
         with contextlib.suppress(OSError):
@@ -1631,13 +1710,15 @@ async def run_tui(server: str, room: str | None, *, token: str | None, socket: s
     reached or refuses us at the start."""
     link = link_for(server, token, socket=socket, port=port, proxy=proxy, address=address)
     me = await _first_contact(link)
-    chat = ChatApp(link, me, notify=notify)
     node = link.target.node if link.target else None
     key = openrooms.server_key(server, port, address=address,
                                dns_name=node.dns_name if node else "")
     loop = asyncio.get_running_loop()
     with _stderr_to_log():
-        last = openrooms.load(log_path().parent, key)  # (a damaged file: said in the log)
+        state = log_path().parent
+        last, inherited = _take_over(state, key)  # (a damaged file: said in the log)
+        chat = ChatApp(link, me, notify=notify, keep=keepsafe.KeepSafe.open(state, key))
+        chat.inherited = inherited
         old_handler = loop.get_exception_handler()
         loop.set_exception_handler(_on_loop_error(chat))
         # The terminal closing (a window, an ssh connection) hangs up: leave as /quit does,
@@ -1658,20 +1739,21 @@ async def run_tui(server: str, room: str | None, *, token: str | None, socket: s
                 # later (kill -9, the OOM killer) brought them back again, one already
                 # sent among them (a kill -9 run, 2026-11-24). This chat's exit saves
                 # them again if they are still there.
-                openrooms.save(log_path().parent, key, replace(last, drafts=()))
+                openrooms.save(state, key, replace(last, drafts=()))
                 rooms = ", ".join(chat.conversation_for(r).title for r, _ in last.drafts)
                 chat.start_notes["drafts"] = (f"what you had typed comes back in the input "
                                               f"({rooms})")
             chat.reopen(last.rooms, asked or last.shown or next(iter(last.rooms), "general"),
                         back=last.shown)
             chat.spawn(chat.poll_unread())
+            chat.spawn(chat.keep_safe_every(KEEP_EVERY))
             result = await chat.app.run_async(set_exception_handler=False)
         finally:
             loop.remove_signal_handler(signal.SIGTSTP)
             loop.remove_signal_handler(signal.SIGCONT)
             opened = chat.open_rooms()
             await chat.close()
-            saved = openrooms.save(log_path().parent, key, opened)
+            saved = openrooms.save(state, key, opened)
             # Kept whatever ended the screen: a terminal that went away ends it with an
             # I/O error, and what was typed went with it, printed to nowhere (a new user's
             # day, 2026-11-23). SIGHUP and SIGTERM stay ours until it is kept: a closed
@@ -1680,6 +1762,8 @@ async def run_tui(server: str, room: str | None, *, token: str | None, socket: s
             # before anything was written (2026-11-24).
             left = chat.unsent(saved)
             kept, not_kept = _keep_unsent(left) if left else (None, "")
+            if chat.keep is not None:  # (kept elsewhere now; else the next chat takes it)
+                chat.keep.close(remove=not not_kept)
             for sig in (signal.SIGHUP, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
             loop.set_exception_handler(old_handler)

@@ -1,0 +1,179 @@
+"""What a running `tsnetchat connect` has typed and not had stored, on disk while it runs, for
+the next chat when this one ends without its exit (kill -9, the OOM killer, a crash, a
+laptop that ran out of battery before the kernel killed the chat). The exit writes
+``unsent.txt`` and the file of open rooms (``openrooms``); before this, a chat that never
+reached its exit took with it everything typed since it started (a kill -9 run,
+2026-11-24).
+
+One pair of files per running chat in ``<state dir>/running/``: ``NAME.lock``, held with
+``flock`` for the chat's life (the kernel lets it go however the process ends, so a lock
+that can be taken is a chat that is gone; a pid can be reused, a lock cannot), and
+``NAME.json``, what the chat holds now, replaced whole when it changes (never half
+written). A clean exit removes both. The next chat with the same server takes what a gone
+one left (``take_orphans``): its drafts back into the inputs, its lines into unsent.txt.
+Two chats at once have a pair each, and never write each other's.
+
+Not written on every keystroke: the chat asks ``KeepSafe.keep`` after each submitted line and
+once a second, and a file is written only when what it would hold has changed."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+FOLDER = "running"
+MAX_FILE = 4 * 1024 * 1024  # bytes read at most from one file
+
+
+@dataclass(frozen=True)
+class Held:
+    """What a chat holds and has not had stored. ``rooms``, ``shown``: the rooms open and
+    the one shown (as ``openrooms.OpenRooms``). ``drafts``: (room, its title, text) typed
+    and not sent. ``lines``: what was sent and not confirmed, or is waiting, as a clean exit
+    lists it (``ChatApp.pending_lines``)."""
+
+    rooms: tuple[str, ...] = ()
+    shown: str | None = None
+    drafts: tuple[tuple[str, str, str], ...] = ()
+    lines: tuple[str, ...] = ()
+
+
+class KeepSafe:
+    """This chat's pair of files. ``open`` makes and locks them; ``keep`` writes what is held
+    when it changed; ``close`` lets them go (removed, unless the exit could not keep what
+    they hold elsewhere). A failure to write is logged once and never raised: the chat goes
+    on, and its exit still keeps what it can."""
+
+    def __init__(self, lock_fd: int, path: Path, server: str) -> None:
+        self._lock_fd = lock_fd
+        self.path = path
+        self.server = server  # (``openrooms.server_key``)
+        self._written: Held | None = None
+        self._failing = False
+
+    @classmethod
+    def open(cls, state_dir: Path, server: str) -> KeepSafe | None:
+        """The pair for a chat with ``server`` starting now, or None (logged) if the folder
+        cannot be written: the chat starts anyway."""
+        folder = state_dir / FOLDER
+        name = f"{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(folder / f"{name}.lock",
+                         os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        except OSError as e:
+            log.warning("what is typed is kept at the chat's exit only: %s", e)
+            return None
+        fcntl.flock(fd, fcntl.LOCK_EX)  # (a new file, named for us: nobody else holds it)
+        keep = cls(fd, folder / f"{name}.json", server)
+        keep.keep(Held())
+        return keep
+
+    def keep(self, held: Held) -> None:
+        """Write ``held`` if it is not what the file holds already."""
+        if held == self._written:
+            return
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        body = json.dumps({"server": self.server, "rooms": list(held.rooms),
+                           "shown": held.shown, "drafts": [list(d) for d in held.drafts],
+                           "lines": list(held.lines)})
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(body)
+            os.replace(tmp, self.path)
+        except OSError as e:
+            if not self._failing:  # (once: a full disk would fill the log once a second)
+                log.warning("could not keep what is typed in %s: %s", self.path, e)
+            self._failing = True
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            return
+        if self._failing:
+            log.info("what is typed is kept in %s again", self.path)
+        self._failing = False
+        self._written = held
+
+    def close(self, *, remove: bool = True) -> None:
+        """Let the files go: removed if ``remove`` (the exit kept what they held), else left
+        for the next chat to take, as if this one had been killed."""
+        if remove:
+            for p in (self.path, self.path.with_suffix(".lock")):
+                with contextlib.suppress(OSError):
+                    p.unlink()
+        os.close(self._lock_fd)
+
+
+def take_orphans(state_dir: Path, server: str) -> list[Held]:
+    """What the chats with ``server`` that ended without their exit had not had stored,
+    oldest first; their files are removed once read. Files of a chat still running (its lock
+    is held) or of another server are left alone. A damaged file is logged and removed."""
+    found: list[tuple[float, Held]] = []
+    for lock_path, lock_fd in _unheld(state_dir / FOLDER):
+        try:
+            data_path = lock_path.with_suffix(".json")
+            held: tuple[str, Held] | None
+            try:
+                when = data_path.stat().st_mtime
+                held = _read(data_path)
+            except FileNotFoundError:
+                held, when = None, 0.0  # (killed before its first write: nothing to take)
+            except (OSError, ValueError, TypeError, KeyError) as e:
+                log.warning("what a chat that ended without its exit had typed is lost: %s "
+                            "is damaged (%s)", data_path, e)
+                held, when = None, 0.0
+            if held is not None and held[0] != server:
+                continue  # (the next chat with that server takes it)
+            if held is not None:
+                found.append((when, held[1]))
+            for p in (data_path, lock_path):
+                with contextlib.suppress(OSError):
+                    p.unlink()
+        finally:
+            os.close(lock_fd)
+    return [held for _, held in sorted(found, key=lambda f: f[0])]
+
+
+def _unheld(folder: Path) -> Iterator[tuple[Path, int]]:
+    """The lock files in ``folder`` that no running chat holds, each locked by us now (the
+    caller closes the descriptor)."""
+    try:
+        names = sorted(p for p in folder.iterdir() if p.suffix == ".lock")
+    except OSError:
+        return
+    for path in names:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue  # (taken by another chat starting at the same moment)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)  # a chat running now
+            continue
+        if not path.exists():  # (taken and removed by another chat before our lock)
+            os.close(fd)
+            continue
+        yield path, fd
+
+
+def _read(path: Path) -> tuple[str, Held]:
+    """The server a file is for, and what it holds."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        data = json.loads(f.read(MAX_FILE))
+    rooms = tuple(r for r in data["rooms"] if isinstance(r, str) and r)
+    drafts = tuple((str(d[0]), str(d[1]), str(d[2])) for d in data["drafts"]
+                   if isinstance(d, list) and len(d) == 3 and str(d[2]).strip())
+    lines = tuple(line for line in data["lines"] if isinstance(line, str))
+    shown = data.get("shown")
+    return str(data["server"]), Held(rooms, shown if shown in rooms else None, drafts, lines)
