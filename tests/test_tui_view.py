@@ -801,3 +801,32 @@ async def test_text_typed_in_no_room_is_listed_at_exit_as_typed_in_no_room() -> 
     app = alices_chat()
     app.input.text = "typed with no room"
     assert app.unsent({}) == ["(typed in no room) typed with no room"]
+
+
+async def test_a_line_typed_before_up_is_kept_through_a_room_switch_a_submit_and_the_exit(
+        ) -> None:
+    """Up showed an old line: quitting then kept the old line and lost the one being typed,
+    and switching rooms carried the typed one over to the next room's Down (a kill -9 run,
+    2026-11-24)."""
+    app = alices_chat()
+    for room in ("general", "ops"):
+        app.conversations[room] = app.conversation_for(room)
+    app.current = "general"
+    app.history.add("/help")
+    app.input.text = "half a thought"
+    app.recall(app.history.older(app.input.text))
+    assert app.input.text == "/help"
+    assert ("general", "half a thought") in app.typed()  # what the exit and keepsafe keep
+    assert all(text != "/help" for _, text in app.typed())  # (only recalled, not typed)
+    app.input.text = "/help join"  # edited: typed too, after the line Up was pressed on
+    assert ("general", "half a thought\n/help join") in app.typed()
+    app.input.text = "/help"
+    app.switch("ops")
+    assert app.input.text == "" and app.drafts["general"].text == "half a thought"
+    app.recall(app.history.newer())  # Down in #ops: nothing of #general's
+    assert app.input.text == ""
+    app.switch("general")
+    assert app.input.text == "half a thought"
+    app.recall(app.history.older(app.input.text))
+    app.submit()  # the recalled /help is carried out; the line typed comes back
+    assert app.input.text == "half a thought" and app.history.recalled() is None

@@ -369,6 +369,15 @@ class InputHistory:
         self.pos -= 1
         return self.lines[self.pos]
 
+    def recalled(self) -> str | None:
+        """The submitted line Up showed last, while one is shown (None: editing the draft)."""
+        return None if self.pos is None else self.lines[self.pos]
+
+    def leave(self) -> str:
+        """Stop going through the lines: the draft they were entered from ("" if none)."""
+        draft, self.pos, self.draft = (self.draft if self.pos is not None else ""), None, ""
+        return draft
+
     def newer(self) -> str | None:
         if self.pos is None:
             return None

@@ -645,9 +645,25 @@ class ChatApp:
         that has no room any more (a /join refused while it was typed) stays in the input,
         with ``going_to``'s draft on the lines after it."""
         if self.current is not None and self.current in self.conversations:
-            self.drafts[self.current] = self.input.document
+            if self.history.recalled() is None:
+                self.drafts[self.current] = self.input.document
+            else:  # (Up's line is not the room's draft: the line Up was pressed on is)
+                text = self.typed_here()
+                self.drafts[self.current] = Document(text, len(text))
+            self.history.leave()
             self.input.reset()
         self.bring_back_draft(going_to)
+
+    def typed_here(self) -> str:
+        """What the person typed in the input: the text shown, except a line Up brought back
+        unchanged, and the line Up was pressed on (``InputHistory.draft``) before it. Quitting
+        while Up showed an old line kept the old line and lost the one being typed, and
+        the half-typed line followed the next room switched to (a kill -9 run, 2026-11-24)."""
+        recalled = self.history.recalled()
+        if recalled is None:
+            return self.input.text
+        shown = "" if self.input.text == recalled else self.input.text
+        return "\n".join(t for t in (self.history.draft, shown) if t.strip())
 
     def bring_back_draft(self, room: str) -> None:
         """``room``'s draft into the input, after what is there (kept) on a line of its own."""
@@ -680,9 +696,19 @@ class ChatApp:
             keep = self.handle(text)
         finally:
             self.submitting = False
+        # The line Up was pressed on comes back once the one Up brought is submitted (it was
+        # gone): into the input, after the line if that is kept to edit; or its room's draft.
+        draft = self.history.leave()
         self.history.add(text)
         if not keep:
             self.input.reset()
+        if draft.strip() and before != self.current and before in self.conversations:
+            had = self.drafts[before].text if before in self.drafts else ""
+            joined = f"{had}\n{draft}" if had else draft
+            self.drafts[before] = Document(joined, len(joined))
+        elif draft.strip():
+            joined = f"{self.input.text}\n{draft}" if self.input.text else draft
+            self.input.document = Document(joined, len(joined))
         if self.current != before:  # (a /join, /msg or /leave: the room shown now may have
             self.bring_back_draft(self.current or "")  # a draft, after a line kept to edit)
         # At once, not at the next second's: a line sent and then killed with the chat came
@@ -1456,7 +1482,7 @@ class ChatApp:
         """What is typed and not sent, by room ("" for typing that has no room): the input,
         each other room's draft, and what the last chat had typed in a room not joined yet
         (``restored``)."""
-        out = [(self.current or "", self.input.text)]
+        out = [(self.current or "", self.typed_here())]
         out += [(room, d.text) for room, d in self.drafts.items()]
         out += [(room, text) for room, text in self.restored.items()]
         return [(room, text) for room, text in out if text.strip()]
