@@ -133,3 +133,21 @@ def test_drafts_too_long_for_the_file_are_left_out_and_the_others_still_come_bac
     assert sum(map(len, kept.values())) <= openrooms.MAX_DRAFTS
     assert kept == {r: full for r in rooms[1:1 + openrooms.MAX_DRAFTS // openrooms.MAX_DRAFT]}
     assert openrooms.path_for(tmp_path, "s:1").stat().st_size <= openrooms.MAX_FILE
+
+
+def test_a_second_chat_ending_keeps_the_drafts_the_first_one_left_in_the_file(
+        tmp_path: Path) -> None:
+    openrooms.save(tmp_path, "s:1", OpenRooms(("general", "+ops"), "general",
+                                              (("general", "first's"), ("+ops", "ops plan"))))
+    written = openrooms.save(tmp_path, "s:1", OpenRooms(("general", "random"), "random", (
+        ("general", "second's"), ("random", "hi"))), others=True)
+    assert written == {"general": "second's", "random": "hi"}  # (ours: what we say is back)
+    back = openrooms.load(tmp_path, "s:1")
+    assert back.rooms == ("general", "random", "+ops") and back.shown == "random"
+    assert dict(back.drafts) == {"general": "first's\nsecond's", "random": "hi",
+                                 "+ops": "ops plan"}
+    openrooms.save(tmp_path, "s:1", OpenRooms(("general",), None, (
+        ("general", "first's\nsecond's"),)), others=True)  # (the same text twice is once)
+    assert dict(openrooms.load(tmp_path, "s:1").drafts)["general"] == "first's\nsecond's"
+    openrooms.save(tmp_path, "s:1", OpenRooms(("general",), None))  # (without: ours alone)
+    assert openrooms.load(tmp_path, "s:1").drafts == ()

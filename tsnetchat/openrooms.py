@@ -80,20 +80,33 @@ def load(state_dir: Path, key: str) -> OpenRooms:
     return OpenRooms(rooms, shown if shown in rooms else None, drafts)
 
 
-def save(state_dir: Path, key: str, open_rooms: OpenRooms) -> dict[str, str]:
+def save(state_dir: Path, key: str, open_rooms: OpenRooms, *,
+         others: bool = False) -> dict[str, str]:
     """Remember ``open_rooms`` for ``key``'s server (0600; replaced whole, never half
-    written); the drafts written, by room. A failure is logged, not raised (no drafts
-    written): the chat is ending, and what is typed here is in ``unsent.txt`` as well.
-    Drafts beyond ``MAX_DRAFT`` or ``MAX_DRAFTS`` are left out."""
+    written); the drafts of ``open_rooms`` written, by room. A failure is logged, not raised
+    (no drafts written): the chat is ending, and what is typed here is in ``unsent.txt`` as
+    well. Drafts beyond ``MAX_DRAFT`` or ``MAX_DRAFTS`` are left out.
+
+    ``others``: the drafts in the file now are another chat's (a chat takes the file's out
+    when it starts), and are kept: before ours in the same room, their rooms after ours.
+    With two chats open to one server, the second to end wrote over what the first had
+    promised would be back in its input (a kill -9 run, 2026-11-24)."""
     path = path_for(state_dir, key)
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    rooms = open_rooms.rooms[:MAX_ROOMS]
+    theirs = dict(load(state_dir, key).drafts) if others else {}
+    rooms = tuple(dict.fromkeys((*open_rooms.rooms, *theirs)))[:MAX_ROOMS]
+    ours = dict(open_rooms.drafts)
     drafts: dict[str, str] = {}
+    written: dict[str, str] = {}
     used = 0
-    for room, text in open_rooms.drafts:
-        if room in rooms and 0 < len(text) <= MAX_DRAFT and used + len(text) <= MAX_DRAFTS:
+    for room in rooms:
+        both = [t for t in (theirs.get(room), ours.get(room)) if t]
+        text = "\n".join(dict.fromkeys(both))
+        if 0 < len(text) <= MAX_DRAFT and used + len(text) <= MAX_DRAFTS:
             drafts[room] = text
             used += len(text)
+            if room in ours:
+                written[room] = ours[room]
     # (ASCII: a lone surrogate typed or pasted is escaped, and read back as it was)
     body = json.dumps({"rooms": list(rooms), "shown": open_rooms.shown, "drafts": drafts})
     try:
@@ -107,4 +120,4 @@ def save(state_dir: Path, key: str, open_rooms: OpenRooms) -> dict[str, str]:
         with contextlib.suppress(OSError):
             tmp.unlink()
         return {}
-    return drafts
+    return written

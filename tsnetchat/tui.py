@@ -1779,7 +1779,7 @@ async def run_tui(server: str, room: str | None, *, token: str | None, socket: s
             loop.remove_signal_handler(signal.SIGCONT)
             opened = chat.open_rooms()
             await chat.close()
-            saved = openrooms.save(state, key, opened)
+            saved = openrooms.save(state, key, opened, others=True)
             # Kept whatever ended the screen: a terminal that went away ends it with an
             # I/O error, and what was typed went with it, printed to nowhere (a new user's
             # day, 2026-11-23). SIGHUP and SIGTERM stay ours until it is kept: a closed
