@@ -241,7 +241,8 @@ class ChatApp:
     """The conversations, their sessions, the screen and the commands."""
 
     def __init__(self, link: Link, me: pb.WhoAmIResponse, *, notify: bool = False,
-                 keep: keepsafe.KeepSafe | None = None) -> None:
+                 keep: keepsafe.KeepSafe | None = None, inherited: Sequence[str] = ()
+                 ) -> None:
         self.link = link
         self.me = me.identity
         self.notify = notify
@@ -249,7 +250,7 @@ class ChatApp:
         # only); and lines a chat that ended without its exit left, that this one could not
         # write to unsent.txt: listed with this chat's own until they are.
         self.keep = keep
-        self.inherited: list[str] = []
+        self.inherited = list(inherited)
         self.pacer = Pacer()
         self.renderer = Renderer()
         self.conversations: dict[str, Conversation] = {}
@@ -1743,8 +1744,8 @@ async def run_tui(server: str, room: str | None, *, token: str | None, socket: s
     with _stderr_to_log():
         state = log_path().parent
         last, inherited = _take_over(state, key)  # (a damaged file: said in the log)
-        chat = ChatApp(link, me, notify=notify, keep=keepsafe.KeepSafe.open(state, key))
-        chat.inherited = inherited
+        chat = ChatApp(link, me, notify=notify, keep=keepsafe.KeepSafe.open(state, key),
+                       inherited=inherited)
         old_handler = loop.get_exception_handler()
         loop.set_exception_handler(_on_loop_error(chat))
         # The terminal closing (a window, an ssh connection) hangs up: leave as /quit does,
