@@ -473,6 +473,44 @@ async def test_held_tokenless_streams_are_bounded_even_from_plain_loopback(
             await ch.close()
 
 
+async def test_one_device_cannot_hold_every_tokenless_stream_however_many_connections_it_opens(
+        lab_chat: LabChat) -> None:
+    """The attack: one tailnet device with no token held all 64 Health.Watch streams, on 16
+    connections, and every other probe was refused (an attacker's run over the lab,
+    2026-11-24). Now a device has a bound of its own, and another device still gets in."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from tsnetchat.server import MAX_OPEN_STREAMS_PER_CONNECTION, MAX_OPEN_STREAMS_PER_DEVICE
+
+    async def watch(conn: Any) -> Any:
+        call = health_pb2_grpc.HealthStub(conn.channel).Watch(health_pb2.HealthCheckRequest())
+        assert (await call.read()).status == health_pb2.HealthCheckResponse.SERVING
+        return call
+
+    full = MAX_OPEN_STREAMS_PER_DEVICE // MAX_OPEN_STREAMS_PER_CONNECTION
+    alices = [await lab_chat.connect("alice-laptop", lab_chat.token(ALICE))
+              for _ in range(full + 1)]  # (each its own TCP connection)
+    held = [await watch(conn) for conn in alices[:full]
+            for _ in range(MAX_OPEN_STREAMS_PER_CONNECTION)]
+    try:
+        e = await refused(watch(alices[full]))
+        assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "per device" in e.details()
+        bob = await lab_chat.connect("bob-laptop", lab_chat.token(BOB))
+        held.append(await watch(bob))  # another device is not held to alice's bound
+        held.pop(0).cancel()  # one of alice's ends: its place is free again
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                held.append(await watch(alices[full]))
+                break
+            except grpc.aio.AioRpcError:
+                assert time.monotonic() < deadline, "the place of a Watch ended stayed taken"
+                await asyncio.sleep(0.1)
+    finally:
+        for call in held:
+            call.cancel()
+
+
 # --- identities, names and text -----------------------------------------------------------
 
 

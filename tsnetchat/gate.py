@@ -585,6 +585,23 @@ class Gate:
                     out[remote(*parse_grpc_peer(conn.peer))] = _device_name(conn.who)
         return out
 
+    @asynccontextmanager
+    async def device_behind(self, peer: str) -> AsyncIterator[str]:
+        """The node id of the device behind gRPC's ``peer``, for a call with no token (a
+        health Watch), held for the call's life: from the connection's WhoIs, as ``admit``
+        asks and caches it (one per connection while any call on it is held). "" when there
+        is none: not through tailscaled (a process on this machine), or tailscaled does not
+        know it or does not answer in time. Never raises for that: the caller decides."""
+        conn = self._enter(peer)
+        try:
+            device = ""
+            if conn.addr:
+                with contextlib.suppress(TsnetchatError):
+                    device = (await self._identity(conn)).node_id
+            yield device
+        finally:
+            self._leave(conn)
+
     async def device(self, addr: str) -> str | None:
         """The name of the device behind ``addr``; "" when tailscaled does not know it, None
         when it does not answer in time. ``GUARD_SLOTS`` at a time, apart from the calls'

@@ -63,9 +63,13 @@ CHECK_AT_START = 60.0  # seconds the start-up quick_check may run (then it is no
 
 # Health.Watch and reflection streams need no token (probes and tools have none). A held
 # Health.Watch cost about 21 KB (3,000 from plain loopback took the server from 70 to
-# 132 MiB; issue 14, 2026-11-22), so each kind is bounded per connection and in all.
+# 132 MiB; issue 14, 2026-11-22), so each kind is bounded per connection and in all; and
+# per tailnet device, since one device with no token held all 64 Watches, on 16
+# connections (an attacker's run over the lab, 2026-11-24). A connection tailscaled does
+# not know (a process on the server's machine, in userspace mode) has no device bound.
 MAX_OPEN_STREAMS = 64
 MAX_OPEN_STREAMS_PER_CONNECTION = 4
+MAX_OPEN_STREAMS_PER_DEVICE = 8
 
 KEEPALIVE_TIME_MS = 4_000
 KEEPALIVE_TIMEOUT_MS = 4_000
@@ -130,38 +134,56 @@ def policy_for(cfg: ServerConfig, key: bytes, own_node: str = "") -> Policy:
                   own_node=own_node)
 
 
-class StreamBound:
-    """At most MAX_OPEN_STREAMS_PER_CONNECTION streams of one kind per connection, and
-    MAX_OPEN_STREAMS in all; one more is refused (RESOURCE_EXHAUSTED)."""
+# The device behind a peer, held for a stream's life (``Gate.device_behind``).
+DeviceOf = Callable[[str], contextlib.AbstractAsyncContextManager[str]]
 
-    def __init__(self, what: str) -> None:
+
+class StreamBound:
+    """At most MAX_OPEN_STREAMS_PER_CONNECTION streams of one kind per connection,
+    MAX_OPEN_STREAMS_PER_DEVICE per tailnet device (``device``: the node id behind a peer,
+    "" for none), and MAX_OPEN_STREAMS in all; one more is refused (RESOURCE_EXHAUSTED)."""
+
+    def __init__(self, what: str, device: DeviceOf) -> None:
         self.what = what
+        self._device = device
         self._open: Counter[str] = Counter()
+        self._by_device: Counter[str] = Counter()
 
     @contextlib.asynccontextmanager
     async def hold(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
         peer = context.peer()
         if (self._open.total() >= MAX_OPEN_STREAMS
                 or self._open[peer] >= MAX_OPEN_STREAMS_PER_CONNECTION):
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"too many open {self.what} (at most "
-                                f"{MAX_OPEN_STREAMS_PER_CONNECTION} per connection, "
-                                f"{MAX_OPEN_STREAMS} in all)")
-        self._open[peer] += 1
-        try:
-            yield
-        finally:
-            self._open[peer] -= 1
-            if not self._open[peer]:
-                del self._open[peer]
+            await self._refuse(context)
+        async with self._device(peer) as device:  # (after the cheap bounds: no WhoIs)
+            if (self._open.total() >= MAX_OPEN_STREAMS
+                    or self._open[peer] >= MAX_OPEN_STREAMS_PER_CONNECTION
+                    or (device and self._by_device[device] >= MAX_OPEN_STREAMS_PER_DEVICE)):
+                await self._refuse(context)  # (again: others came in while WhoIs answered)
+            self._open[peer] += 1
+            self._by_device[device] += 1
+            try:
+                yield
+            finally:
+                for counts, key in ((self._open, peer), (self._by_device, device)):
+                    counts[key] -= 1
+                    if not counts[key]:
+                        del counts[key]
+
+    async def _refuse(self, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f"too many open {self.what} (at most "
+                            f"{MAX_OPEN_STREAMS_PER_CONNECTION} per connection, "
+                            f"{MAX_OPEN_STREAMS_PER_DEVICE} per device, "
+                            f"{MAX_OPEN_STREAMS} in all)")
 
 
 class BoundedHealth(health.aio.HealthServicer):  # type: ignore[misc]
     """gRPC's health service, with Watch streams bounded."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: DeviceOf) -> None:
         super().__init__()
-        self._bound = StreamBound("health watches; use Check")
+        self._bound = StreamBound("health watches; use Check", device)
 
     async def Watch(self, request: Any, context: grpc.aio.ServicerContext) -> None:
         async with self._bound.hold(context):
@@ -171,9 +193,10 @@ class BoundedHealth(health.aio.HealthServicer):  # type: ignore[misc]
 class BoundedReflection(reflection.aio.ReflectionServicer):  # type: ignore[misc]
     """gRPC's reflection service, with its streams bounded."""
 
-    def __init__(self, service_names: tuple[str, ...]) -> None:
+    def __init__(self, service_names: tuple[str, ...],
+                 device: DeviceOf) -> None:
         super().__init__(service_names)
-        self._bound = StreamBound("reflection streams")
+        self._bound = StreamBound("reflection streams", device)
 
     async def ServerReflectionInfo(self, request_iterator: Any,
                                    context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
@@ -257,11 +280,11 @@ class Server:
         self.service = ChatService(store=self.store, hub=self.hub, gate=self.gate,
                                    tailnet=tailnet, limits=cfg.limits, metrics=self.metrics,
                                    enrollment=self.enrollment)
-        self.health = BoundedHealth()
+        gate = self.gate
+        self.health = BoundedHealth(gate.device_behind)
         self.reflection = BoundedReflection((
             pb.DESCRIPTOR.services_by_name["Chat"].full_name, health.SERVICE_NAME,
-            reflection.SERVICE_NAME))
-        gate = self.gate
+            reflection.SERVICE_NAME), gate.device_behind)
         self.guard = ConnectionGuard(cfg.max_connections_per_device, gate.connections,
                                      gate.device, gate.connection_count)
         for name, fn in [("subscribers", lambda: float(self.hub.counts()[1])),
