@@ -3,14 +3,17 @@ when it ends without its exit (tsnetchat.keepsafe, and tui's ``_take_over`` of i
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import os
 import shutil
 import signal
 import stat
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -29,7 +32,7 @@ def chat_in_another_process(state: Path, server: str, held: Held) -> subprocess.
         from pathlib import Path
         from tsnetchat.keepsafe import Held, KeepSafe
         keep = KeepSafe.open(Path({str(state)!r}), {server!r})
-        keep.keep(Held(*{(held.rooms, held.shown, held.drafts, held.lines)!r}))
+        keep.keep(Held(*{dataclasses.astuple(held)!r}))
         print("kept", flush=True)
         time.sleep(60)
     """)
@@ -96,13 +99,14 @@ def test_the_file_is_written_only_when_what_it_holds_changes(tmp_path: Path) -> 
 def test_a_chat_killed_before_it_wrote_anything_leaves_nothing_to_take(tmp_path: Path) -> None:
     keep = KeepSafe.open(tmp_path, "s:1")
     assert keep is not None
-    keep.path.unlink()  # (as if killed between making its lock and its first write)
-    keep.close(remove=False)
+    keep.close(remove=False)  # (as if killed between making its lock and its first write)
     assert keepsafe.take_orphans(tmp_path, "s:1") == []
     assert list((tmp_path / keepsafe.FOLDER).iterdir()) == []
 
 
-@pytest.mark.parametrize("body", ["{not json", "[]", '{"server": "s:1"}', "\x00\xff",
+@pytest.mark.parametrize("body", ["{not json", "[]", '{"rooms": []}', "\x00\xff",
+                                  '{"server": "s:1", "rooms": "abc"}', "[" * 99_999 + "]" * 99_999,
+                                  '{"server": "s:1", "drafts": [[1, 2, 3]], "lines": {"a": 1}}',
                                   '{"server": "s:1", "rooms": 5, "drafts": [], "lines": []}'])
 def test_a_damaged_file_is_said_in_the_log_removed_and_never_an_error(
         tmp_path: Path, body: str, caplog: pytest.LogCaptureFixture) -> None:
@@ -125,7 +129,29 @@ def test_a_write_that_fails_is_said_once_in_the_log_and_the_chat_goes_on(
         keep.keep(HELD)
         keep.keep(Held(HELD.rooms))
     assert caplog.text.count("could not keep what is typed") == 1
+    assert "No such file" in keep.failing  # (for the chat to say)
     keep.close()
+
+
+def test_a_fifo_or_folder_named_like_a_lock_is_passed_over_without_waiting(
+        tmp_path: Path) -> None:
+    """A FIFO by a lock's name hung the chat's start, blank, deaf to Ctrl-C (2026-11-25)."""
+    folder = tmp_path / keepsafe.FOLDER
+    folder.mkdir()
+    os.mkfifo(folder / "1-x.lock")
+    (folder / "2-y.lock").mkdir()
+    assert keepsafe.take_orphans(tmp_path, "s:1") == []
+    assert sorted(p.name for p in folder.iterdir()) == ["1-x.lock", "2-y.lock"]
+
+
+def test_a_write_cut_short_by_a_kill_leaves_no_file_behind_once_taken(tmp_path: Path) -> None:
+    keep = KeepSafe.open(tmp_path, "s:1")
+    assert keep is not None
+    keep.keep(HELD)
+    keep.path.with_name(f".{keep.path.name}.tmp").write_text('{"server": "s:1", "ro')
+    keep.close(remove=False)
+    assert keepsafe.take_orphans(tmp_path, "s:1") == [HELD]
+    assert list((tmp_path / keepsafe.FOLDER).iterdir()) == []
 
 
 def test_a_folder_that_cannot_be_made_leaves_the_chat_to_keep_at_its_exit_only(
@@ -136,40 +162,73 @@ def test_a_folder_that_cannot_be_made_leaves_the_chat_to_keep_at_its_exit_only(
     assert keepsafe.take_orphans(blocker, "s:1") == []
 
 
+def killed_chat(state: Path, server: str, held: Held) -> None:
+    proc = chat_in_another_process(state, server, held)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 def test_the_next_chat_takes_the_rooms_and_drafts_back_and_the_lines_into_unsent_txt(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
     state = tui.log_path().parent
-    openrooms.save(state, "s:1", openrooms.OpenRooms(("general",), "general",
-                                                     (("general", "from a clean exit"),)))
-    proc = chat_in_another_process(state, "s:1", Held(
+    openrooms.save(state, "s:1", openrooms.OpenRooms(("general", "random"), "general", (
+        ("general", "from a clean exit"), ("random", "other chat's draft"))))
+    killed_chat(state, "s:1", Held(
         ("general", "+ops"), "+ops",
         (("+ops", "ops", "half a line"), ("general", "#general", "and one here"),
          ("", "no room", "typed with no room")),
         ("#general: not confirmed  (sent, not confirmed: it may have been stored)",)))
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    last, inherited = tui._take_over(state, "s:1")
-    assert inherited == []  # (in unsent.txt)
-    assert last.rooms == ("general", "+ops") and last.shown == "+ops"  # the newest rooms
-    assert dict(last.drafts) == {"general": "from a clean exit\nand one here",
-                                 "+ops": "half a line"}
+    taken = tui._take_over(state, "s:1")
+    assert taken.inherited == []  # (in unsent.txt)
+    # Every chat's rooms (the killed one's first) and every chat's drafts, each in its room.
+    assert taken.rooms.rooms == ("general", "+ops", "random") and taken.rooms.shown == "+ops"
+    assert dict(taken.rooms.drafts) == {"general": "from a clean exit\nand one here",
+                                        "+ops": "half a line", "random": "other chat's draft"}
+    assert taken.took == {"general": "from a clean exit", "random": "other chat's draft"}
     text = (state / "unsent.txt").read_text()
-    assert "from a chat that ended without its exit, not sent or not confirmed:" in text
+    assert ("s:1, from a chat that ended without keeping them, not sent or not confirmed:"
+            in text), text
     assert "  #general: not confirmed  (sent, not confirmed: it may have been stored)\n" in text
     assert "  (typed in ops; back in its input) half a line\n" in text
     assert "  (typed in no room) typed with no room\n" in text
-    assert tui._take_over(state, "s:1") == (openrooms.load(state, "s:1"), [])  # once
+    # Taken once, and out of the file of open rooms: a chat killed later does not bring
+    # them back (they are in its own file while it runs).
+    again = tui._take_over(state, "s:1")
+    assert again.rooms == replace(taken.rooms, drafts=()) and again.took == {}
+
+
+def test_a_draft_a_killed_chat_had_brought_back_unchanged_is_not_added_to_unsent_txt_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three kills of a chat holding the draft it had brought back added it three times
+    (a kill -9 run, 2026-11-25)."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    state = tui.log_path().parent
+    for _ in range(3):
+        killed_chat(state, "s:1", Held(("general",), "general",
+                                       (("general", "#general", "the plan"),),
+                                       as_restored=("general",)))
+        taken = tui._take_over(state, "s:1")
+        assert dict(taken.rooms.drafts) == {"general": "the plan"}
+    assert not (state / "unsent.txt").exists()
 
 
 def test_lines_left_that_unsent_txt_cannot_take_stay_with_the_next_chat(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
     state = tui.log_path().parent
-    proc = chat_in_another_process(state, "s:1", HELD)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    killed_chat(state, "s:1", HELD)
     (state / "unsent.txt").mkdir()  # (cannot be appended to)
-    _, inherited = tui._take_over(state, "s:1")
-    assert inherited == [*HELD.lines, "(typed in ops; back in its input) half a line\n"
-                         "    and more \ud83d"]
+    taken = tui._take_over(state, "s:1")
+    assert taken.inherited == [*HELD.lines, "(typed in ops; back in its input) half a line\n"
+                               "    and more \ud83d"]
+
+
+def test_a_lone_surrogate_is_written_to_unsent_txt_escaped_and_the_rest_as_typed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Half an emoji failed the whole write, and the chat's end, with "This is a bug" (a
+    kill -9 run, 2026-11-25)."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    path, not_kept = tui._keep_unsent(["half \ud83d", "ça va \udcff"], "s:1")
+    assert not_kept == ""
+    assert path.read_bytes().endswith(b"  half \\ud83d\n  " + "ça va ".encode() + b"\xff\n")

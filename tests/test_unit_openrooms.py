@@ -140,14 +140,23 @@ def test_a_second_chat_ending_keeps_the_drafts_the_first_one_left_in_the_file(
     openrooms.save(tmp_path, "s:1", OpenRooms(("general", "+ops"), "general",
                                               (("general", "first's"), ("+ops", "ops plan"))))
     written = openrooms.save(tmp_path, "s:1", OpenRooms(("general", "random"), "random", (
-        ("general", "second's"), ("random", "hi"))), others=True)
+        ("general", "second's"), ("random", "hi"))), took={})
     assert written == {"general": "second's", "random": "hi"}  # (ours: what we say is back)
     back = openrooms.load(tmp_path, "s:1")
     assert back.rooms == ("general", "random", "+ops") and back.shown == "random"
     assert dict(back.drafts) == {"general": "first's\nsecond's", "random": "hi",
                                  "+ops": "ops plan"}
     openrooms.save(tmp_path, "s:1", OpenRooms(("general",), None, (
-        ("general", "first's\nsecond's"),)), others=True)  # (the same text twice is once)
+        ("general", "first's\nsecond's"),)), took={})  # (the same text twice is once)
     assert dict(openrooms.load(tmp_path, "s:1").drafts)["general"] == "first's\nsecond's"
     openrooms.save(tmp_path, "s:1", OpenRooms(("general",), None))  # (without: ours alone)
+    assert openrooms.load(tmp_path, "s:1").drafts == ()
+
+
+def test_a_draft_a_chat_took_at_its_start_and_sent_is_not_kept_as_another_chats(
+        tmp_path: Path) -> None:
+    """Taking it out of the file at the start failed (a full disk): at the exit it read as
+    another chat's, and came back after it had been sent (a kill -9 run, 2026-11-25)."""
+    openrooms.save(tmp_path, "s:1", OpenRooms(("general",), None, (("general", "draft D"),)))
+    openrooms.save(tmp_path, "s:1", OpenRooms(("general",), None), took={"general": "draft D"})
     assert openrooms.load(tmp_path, "s:1").drafts == ()

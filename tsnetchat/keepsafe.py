@@ -24,9 +24,13 @@ import json
 import logging
 import os
 import secrets
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from .openrooms import MAX_ROOMS
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +49,10 @@ class Held:
     shown: str | None = None
     drafts: tuple[tuple[str, str, str], ...] = ()
     lines: tuple[str, ...] = ()
+    # Rooms whose draft is still what the chat brought back at its start: in unsent.txt
+    # already (a chat killed three times added the same draft three times; a kill -9 run,
+    # 2026-11-25).
+    as_restored: tuple[str, ...] = ()
 
 
 class KeepSafe:
@@ -58,7 +66,7 @@ class KeepSafe:
         self.path = path
         self.server = server  # (``openrooms.server_key``)
         self._written: Held | None = None
-        self._failing = False
+        self.failing = ""  # why the last write failed ("" when it did not)
 
     @classmethod
     def open(cls, state_dir: Path, server: str) -> KeepSafe | None:
@@ -66,48 +74,58 @@ class KeepSafe:
         cannot be written: the chat starts anyway."""
         folder = state_dir / FOLDER
         name = f"{os.getpid()}-{secrets.token_hex(4)}"
+        # Locked before it has the name other chats look for (``take_orphans`` would take
+        # a lock file found unlocked, between its making and its lock, as a chat gone).
+        making = folder / f".{name}.lock.new"
         try:
             folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd = os.open(folder / f"{name}.lock",
-                         os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            fd = os.open(making, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         except OSError as e:
             log.warning("what is typed is kept at the chat's exit only: %s", e)
             return None
-        fcntl.flock(fd, fcntl.LOCK_EX)  # (a new file, named for us: nobody else holds it)
-        keep = cls(fd, folder / f"{name}.json", server)
-        keep.keep(Held())
-        return keep
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # (a new file: nobody else holds it)
+            os.rename(making, folder / f"{name}.lock")
+        except OSError as e:
+            log.warning("what is typed is kept at the chat's exit only: %s", e)
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                making.unlink()
+            return None
+        return cls(fd, folder / f"{name}.json", server)
 
     def keep(self, held: Held) -> None:
-        """Write ``held`` if it is not what the file holds already."""
+        """Write ``held`` if it is not what the file holds already (``failing`` says why it
+        could not be)."""
         if held == self._written:
             return
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp = _tmp(self.path)
+        # (ASCII: a lone surrogate typed or pasted is escaped, and read back as it was)
         body = json.dumps({"server": self.server, "rooms": list(held.rooms),
                            "shown": held.shown, "drafts": [list(d) for d in held.drafts],
-                           "lines": list(held.lines)})
+                           "lines": list(held.lines), "as_restored": list(held.as_restored)})
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
+            with os.fdopen(fd, "w", encoding="ascii") as f:
                 f.write(body)
             os.replace(tmp, self.path)
         except OSError as e:
-            if not self._failing:  # (once: a full disk would fill the log once a second)
+            if not self.failing:  # (once: a full disk would fill the log once a second)
                 log.warning("could not keep what is typed in %s: %s", self.path, e)
-            self._failing = True
+            self.failing = e.strerror or str(e)
             with contextlib.suppress(OSError):
                 tmp.unlink()
             return
-        if self._failing:
+        if self.failing:
             log.info("what is typed is kept in %s again", self.path)
-        self._failing = False
+        self.failing = ""
         self._written = held
 
     def close(self, *, remove: bool = True) -> None:
         """Let the files go: removed if ``remove`` (the exit kept what they held), else left
         for the next chat to take, as if this one had been killed."""
         if remove:
-            for p in (self.path, self.path.with_suffix(".lock")):
+            for p in (self.path, _tmp(self.path), self.path.with_suffix(".lock")):
                 with contextlib.suppress(OSError):
                     p.unlink()
         os.close(self._lock_fd)
@@ -127,7 +145,8 @@ def take_orphans(state_dir: Path, server: str) -> list[Held]:
                 held = _read(data_path)
             except FileNotFoundError:
                 held, when = None, 0.0  # (killed before its first write: nothing to take)
-            except (OSError, ValueError, TypeError, KeyError) as e:
+            except (OSError, ValueError, TypeError, KeyError, AttributeError,
+                    RecursionError) as e:
                 log.warning("what a chat that ended without its exit had typed is lost: %s "
                             "is damaged (%s)", data_path, e)
                 held, when = None, 0.0
@@ -135,7 +154,7 @@ def take_orphans(state_dir: Path, server: str) -> list[Held]:
                 continue  # (the next chat with that server takes it)
             if held is not None:
                 found.append((when, held[1]))
-            for p in (data_path, lock_path):
+            for p in (data_path, _tmp(data_path), lock_path):
                 with contextlib.suppress(OSError):
                     p.unlink()
         finally:
@@ -151,14 +170,16 @@ def _unheld(folder: Path) -> Iterator[tuple[Path, int]]:
     except OSError:
         return
     for path in names:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        try:  # (non-blocking: a FIFO by that name hung the chat's start; 2026-11-25)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError:
             continue  # (taken by another chat starting at the same moment)
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(f"{path} is not a file")
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            os.close(fd)  # a chat running now
+            os.close(fd)  # a chat running now (or not a lock of ours)
             continue
         if not path.exists():  # (taken and removed by another chat before our lock)
             os.close(fd)
@@ -166,14 +187,30 @@ def _unheld(folder: Path) -> Iterator[tuple[Path, int]]:
         yield path, fd
 
 
+def _tmp(path: Path) -> Path:
+    """Where ``path`` is written before it replaces the file (left by a kill mid-write)."""
+    return path.with_name(f".{path.name}.tmp")
+
+
 def _read(path: Path) -> tuple[str, Held]:
-    """The server a file is for, and what it holds."""
+    """The server a file is for, and what it holds (at most ``MAX_ROOMS`` rooms)."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     with os.fdopen(fd, "rb") as f:
         data = json.loads(f.read(MAX_FILE))
-    rooms = tuple(r for r in data["rooms"] if isinstance(r, str) and r)
-    drafts = tuple((str(d[0]), str(d[1]), str(d[2])) for d in data["drafts"]
-                   if isinstance(d, list) and len(d) == 3 and str(d[2]).strip())
-    lines = tuple(line for line in data["lines"] if isinstance(line, str))
+
+    def listed(key: str) -> list[Any]:
+        value = data.get(key) or []
+        if not isinstance(value, list):
+            raise TypeError(f"{key} is a {type(value).__name__}, not a list")
+        return value
+
+    rooms = tuple(dict.fromkeys(r for r in listed("rooms") if isinstance(r, str) and r))
+    rooms = rooms[:MAX_ROOMS]
+    drafts = tuple((d[0], d[1], d[2]) for d in listed("drafts")
+                   if isinstance(d, list) and len(d) == 3 and all(isinstance(x, str) for x in d)
+                   and d[2].strip())
+    lines = tuple(line for line in listed("lines") if isinstance(line, str))
+    as_restored = tuple(r for r in listed("as_restored") if isinstance(r, str))
     shown = data.get("shown")
-    return str(data["server"]), Held(rooms, shown if shown in rooms else None, drafts, lines)
+    return str(data["server"]), Held(rooms, shown if shown in rooms else None, drafts, lines,
+                                     as_restored)

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,7 +72,8 @@ def load(state_dir: Path, key: str) -> OpenRooms:
             raise TypeError(f"drafts is a {type(typed).__name__}, not an object")
     except FileNotFoundError:
         return OpenRooms()
-    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
+        # (RecursionError: JSON nested 200,000 deep stopped every start; 2026-11-25)
         log.warning("ignoring the rooms of the last session in %s: %s", path, e)
         return OpenRooms()
     rooms = rooms[:MAX_ROOMS]
@@ -81,19 +83,22 @@ def load(state_dir: Path, key: str) -> OpenRooms:
 
 
 def save(state_dir: Path, key: str, open_rooms: OpenRooms, *,
-         others: bool = False) -> dict[str, str]:
+         took: Mapping[str, str] | None = None) -> dict[str, str]:
     """Remember ``open_rooms`` for ``key``'s server (0600; replaced whole, never half
     written); the drafts of ``open_rooms`` written, by room. A failure is logged, not raised
     (no drafts written): the chat is ending, and what is typed here is in ``unsent.txt`` as
     well. Drafts beyond ``MAX_DRAFT`` or ``MAX_DRAFTS`` are left out.
 
-    ``others``: the drafts in the file now are another chat's (a chat takes the file's out
-    when it starts), and are kept: before ours in the same room, their rooms after ours.
-    With two chats open to one server, the second to end wrote over what the first had
-    promised would be back in its input (a kill -9 run, 2026-11-24)."""
+    ``took``: the drafts in the file now are another chat's (a chat takes the file's out
+    when it starts), and are kept, before ours in the same room, their rooms after ours;
+    except one that is what this chat took at its start (``took``, by room: its taking out
+    may have failed, on a full disk). With two chats open to one server, the second to end
+    wrote over what the first had promised would be back in its input (a kill -9 run,
+    2026-11-24)."""
     path = path_for(state_dir, key)
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    theirs = dict(load(state_dir, key).drafts) if others else {}
+    theirs = {} if took is None else {room: text for room, text in load(state_dir, key).drafts
+                                      if took.get(room) != text}
     rooms = tuple(dict.fromkeys((*open_rooms.rooms, *theirs)))[:MAX_ROOMS]
     ours = dict(open_rooms.drafts)
     drafts: dict[str, str] = {}
@@ -101,7 +106,7 @@ def save(state_dir: Path, key: str, open_rooms: OpenRooms, *,
     used = 0
     for room in rooms:
         both = [t for t in (theirs.get(room), ours.get(room)) if t]
-        text = "\n".join(dict.fromkeys(both))
+        text = "\n".join(dict.fromkeys(both))  # (the same text twice is once)
         if 0 < len(text) <= MAX_DRAFT and used + len(text) <= MAX_DRAFTS:
             drafts[room] = text
             used += len(text)

@@ -40,7 +40,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -1526,19 +1526,26 @@ class ChatApp:
                  if not (kept.get(room) == text == self.restored_as.get(room))]
         return self.pending_lines() + [indented(line) for line in typed]
 
-    def pending_lines(self) -> list[str]:
+    def pending_lines(self, *, if_killed: bool = False) -> list[str]:
         """What was submitted and not stored: each room's outbox, the changes waiting for
         it, the commands not answered yet, and lines an earlier chat left (``inherited``);
-        as listed at the exit."""
+        as listed at the exit. ``if_killed``: as a chat killed after this would have to
+        list them, each message on its way "may have been stored" (one sent the moment
+        before a kill -9 was stored, and listed as not sent; 2026-11-25)."""
         # (one written before the link broke is QUEUED again: it was listed as plainly not
         # sent, and had been stored; a kill -9 run, 2026-11-24)
         def note(o: Outgoing) -> str:
             if o.state is State.FAILED:
                 return "  (refused)"
-            return "  (sent, not confirmed: it may have been stored)" if o.unsure else ""
+            if o.unsure or if_killed:
+                return "  (sent, not confirmed: it may have been stored)"
+            return ""
+
+        def text(o: Outgoing) -> str:  # (a /me listed as plain text was sent back as one)
+            return f"/me {o.text}" if o.kind == pb.MESSAGE_KIND_ACTION else o.text
 
         titles = self.titles()
-        out = [f"{titles.get(room, room)}: {o.text}{note(o)}"
+        out = [f"{titles.get(room, room)}: {text(o)}{note(o)}"
                for room, s in self.sessions.items() for o in s.outbox]
         out += [f"(waiting in {titles.get(room, room)} for the message above) {line}"
                 for line, room in self.waiting_changes.values()]
@@ -1554,16 +1561,26 @@ class ChatApp:
 
     def held(self) -> keepsafe.Held:
         """What the chat holds and has not had stored, for ``keepsafe``."""
-        opened, titles = self.open_rooms(), self.titles()
+        opened, titles, typed = self.open_rooms(), self.titles(), self.typed()
         return keepsafe.Held(opened.rooms, opened.shown,
                              tuple((room, titles.get(room, room or "no room"), text)
-                                   for room, text in self.typed()),
-                             tuple(self.pending_lines()))
+                                   for room, text in typed),
+                             tuple(self.pending_lines(if_killed=True)),
+                             tuple(room for room, text in typed
+                                   if self.restored_as.get(room) == text))
 
     def keep_safe(self) -> None:
-        """``held`` into this chat's ``keepsafe`` file, if it changed."""
-        if self.keep is not None:
-            self.keep.keep(self.held())
+        """``held`` into this chat's ``keepsafe`` file, if it changed; said once when it
+        cannot be (it was in the log alone: crash protection off without a word; a kill -9
+        run, 2026-11-25)."""
+        if self.keep is None:
+            return
+        was = self.keep.failing
+        self.keep.keep(self.held())
+        if self.keep.failing and not was:
+            self.say(f"cannot keep what you type in {self.keep.path.parent} "
+                     f"({self.keep.failing}): until it can, a crash of this chat loses it",
+                     error=True)
 
     async def keep_safe_every(self, seconds: float) -> None:
         """``keep_safe`` each ``seconds``, for what changes without a line submitted: typing,
@@ -1599,38 +1616,61 @@ def _unsent_untold() -> Path | None:
     return path
 
 
-def _take_over(state: Path, key: str) -> tuple[openrooms.OpenRooms, list[str]]:
-    """What the last chat with ``key``'s server left: the rooms it had open and its drafts,
-    from its exit (``openrooms``) and from chats that ended without one (``keepsafe``: the
-    newest one's rooms, everyone's drafts); and their lines not stored, appended to
-    unsent.txt (then said at the start, as any addition is), or returned when that cannot be
-    written, for this chat to list and keep with its own."""
-    last = openrooms.load(state, key)
+@dataclass(frozen=True)
+class TakenOver:
+    """What the chats before this one with its server left it (``_take_over``): the rooms to
+    open with the drafts to bring back; the drafts this chat took out of the file of open
+    rooms (``openrooms.save``'s ``took``); lines not stored that unsent.txt could not take,
+    for this chat to list and keep with its own."""
+
+    rooms: openrooms.OpenRooms
+    took: dict[str, str]
+    inherited: list[str]
+
+
+def _take_over(state: Path, key: str) -> TakenOver:
+    """What the last chat with ``key``'s server left at its exit (``openrooms``) and what the
+    chats that ended without keeping it left (``keepsafe``): every one's rooms, the newest
+    first, and the one it showed; every one's drafts; and their lines not stored, appended
+    to unsent.txt (then said at the start, as any addition is). The file's drafts are taken
+    out of it (in the inputs now: a chat killed later must not bring them back twice).
+
+    Two chats with one server, one killed and one that exits: the killed one's rooms alone
+    were opened, and the other's draft in another room was not brought back, or came back
+    later after it had been sent (a kill -9 run, 2026-11-25)."""
+    exited = openrooms.load(state, key)
     orphans = keepsafe.take_orphans(state, key)
-    if not orphans:
-        return last, []
-    newest = orphans[-1]
-    rooms, shown = (newest.rooms, newest.shown) if newest.rooms else (last.rooms, last.shown)
-    drafts = dict(last.drafts)
+    newest = next((h for h in reversed(orphans) if h.rooms), None)
+    rooms = tuple(dict.fromkeys(
+        (*(r for h in reversed(orphans) for r in h.rooms), *exited.rooms)))
+    rooms = rooms[:openrooms.MAX_ROOMS]
+    drafts = dict(exited.drafts)
     lines: list[str] = []
     for held in orphans:
         lines += held.lines
         for room, title, text in held.drafts:
-            if room in rooms and text not in drafts.get(room, ""):
+            if room in rooms and drafts.get(room) != text:
                 drafts[room] = f"{drafts[room]}\n{text}" if room in drafts else text
-            back = "; back in its input" if room in rooms else ""
-            lines.append(indented(f"(typed in {title}{back}) {text}"))
-    last = openrooms.OpenRooms(rooms, shown, tuple(
-        (room, text) for room, text in drafts.items() if room in rooms))
-    log.warning("a chat with %s ended without its exit: %d line(s) not stored, %d draft(s)",
-                key, sum(len(h.lines) for h in orphans), sum(len(h.drafts) for h in orphans))
+            if room not in held.as_restored:  # (else in unsent.txt already)
+                back = "; back in its input" if room in rooms else ""
+                lines.append(indented(f"(typed in {title}{back}) {text}"))
+    taken = TakenOver(openrooms.OpenRooms(
+        rooms, newest.shown if newest else exited.shown,
+        tuple((room, text) for room, text in drafts.items() if room in rooms)),
+        dict(exited.drafts), [])
+    if exited.drafts or orphans:
+        openrooms.save(state, key, replace(taken.rooms, drafts=()))
+    if orphans:
+        log.warning("a chat with %s ended without keeping what it held: %d line(s) not "
+                    "stored, %d draft(s)", key, sum(len(h.lines) for h in orphans),
+                    sum(len(h.drafts) for h in orphans))
     if not lines:
-        return last, []
-    path, not_kept = _keep_unsent(lines, "from a chat that ended without its exit")
+        return taken
+    path, not_kept = _keep_unsent(lines, key, "from a chat that ended without keeping them")
     if not_kept:
         log.warning("could not add them to %s (%s): listed at this chat's exit", path, not_kept)
-        return last, lines
-    return last, []
+        return replace(taken, inherited=lines)
+    return taken
 
 
 def _same_dm(a: str, b: str) -> bool:
@@ -1640,9 +1680,10 @@ def _same_dm(a: str, b: str) -> bool:
         sorted(a[3:].lower().split(",")) == sorted(b[3:].lower().split(",")))
 
 
-def _keep_unsent(lines: list[str], whose: str = "") -> tuple[Path, str]:
+def _keep_unsent(lines: list[str], server: str, whose: str = "") -> tuple[Path, str]:
     """Append what was typed and not stored to ``unsent.txt`` beside the client's log (0600),
-    under the time (and ``whose`` they were, if not this chat's): the file, and "" or why it
+    under the time, the server (``openrooms.server_key``: with two servers, "#general" did
+    not say which) and ``whose`` they were, if not this chat's: the file, and "" or why it
     could not be written. A write that failed half-way is taken back (a full disk left an
     empty file that the next chat announced as holding the lines; 2026-11-24)."""
     path = log_path().with_name("unsent.txt")
@@ -1656,10 +1697,10 @@ def _keep_unsent(lines: list[str], whose: str = "") -> tuple[Path, str]:
     before = os.fstat(fd)
     try:
         os.fchmod(fd, 0o600)  # (one made before, or by another program, may be open to all)
-        with os.fdopen(os.dup(fd), "a", encoding="utf-8", errors="surrogateescape") as f:
-            f.write(f"-- {time.strftime('%Y-%m-%d %H:%M:%S')}, "
-                    f"{whose + ', ' if whose else ''}not sent or not confirmed:\n")
-            f.writelines(f"  {line}\n" for line in lines)
+        with os.fdopen(os.dup(fd), "ab") as f:
+            f.write(_bytes(f"-- {time.strftime('%Y-%m-%d %H:%M:%S')}, {server}, "
+                           f"{whose + ', ' if whose else ''}not sent or not confirmed:\n"))
+            f.writelines(_bytes(f"  {line}\n") for line in lines)
     except OSError as e:
         with contextlib.suppress(OSError):
             if before.st_size:
@@ -1671,6 +1712,16 @@ def _keep_unsent(lines: list[str], whose: str = "") -> tuple[Path, str]:
     finally:
         os.close(fd)
     return path, ""
+
+
+def _bytes(text: str) -> bytes:
+    """``text`` for a file: UTF-8, bytes the terminal sent that are not UTF-8 as they came,
+    and a lone surrogate (half an emoji) as ``\\ud83d`` (it failed the whole write, and the
+    chat's end with "This is a bug"; a kill -9 run, 2026-11-25)."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace")
 
 
 def _on_loop_error(chat: ChatApp) -> Callable[[asyncio.AbstractEventLoop, dict[str, Any]],
@@ -1743,9 +1794,10 @@ async def run_tui(server: str, room: str | None, *, token: str | None, socket: s
     loop = asyncio.get_running_loop()
     with _stderr_to_log():
         state = log_path().parent
-        last, inherited = _take_over(state, key)  # (a damaged file: said in the log)
+        taken = _take_over(state, key)  # (a damaged file: said in the log)
+        last = taken.rooms
         chat = ChatApp(link, me, notify=notify, keep=keepsafe.KeepSafe.open(state, key),
-                       inherited=inherited)
+                       inherited=taken.inherited)
         old_handler = loop.get_exception_handler()
         loop.set_exception_handler(_on_loop_error(chat))
         # The terminal closing (a window, an ssh connection) hangs up: leave as /quit does,
@@ -1759,19 +1811,19 @@ async def run_tui(server: str, room: str | None, *, token: str | None, socket: s
             asked = commands.room_asked(room, me.identity.login) if room else None
             untold = _unsent_untold()
             if untold is not None:
-                chat.start_notes[""] = f"lines an earlier chat could not send are in {untold}"
+                chat.start_notes[""] = (f"lines an earlier chat had not sent, or not "
+                                        f"confirmed, are in {untold}")
+            if chat.keep is None:
+                chat.start_notes["keep"] = (f"what you type is kept only when the chat ends "
+                                            f"({state / keepsafe.FOLDER}: see {log_path()})")
             chat.restore_drafts(last.drafts)
             if last.drafts:  # (there is text in the input that this chat did not type)
-                # Taken out of the file now that they are in the inputs: a chat killed
-                # later (kill -9, the OOM killer) brought them back again, one already
-                # sent among them (a kill -9 run, 2026-11-24). This chat's exit saves
-                # them again if they are still there.
-                openrooms.save(state, key, replace(last, drafts=()))
                 rooms = ", ".join(chat.conversation_for(r).title for r, _ in last.drafts)
                 chat.start_notes["drafts"] = (f"what you had typed comes back in the input "
                                               f"({rooms})")
             chat.reopen(last.rooms, asked or last.shown or next(iter(last.rooms), "general"),
                         back=last.shown)
+            chat.keep_safe()  # (the drafts brought back are out of the file of open rooms)
             chat.spawn(chat.poll_unread())
             chat.spawn(chat.keep_safe_every(KEEP_EVERY))
             result = await chat.app.run_async(set_exception_handler=False)
@@ -1780,7 +1832,7 @@ async def run_tui(server: str, room: str | None, *, token: str | None, socket: s
             loop.remove_signal_handler(signal.SIGCONT)
             opened = chat.open_rooms()
             await chat.close()
-            saved = openrooms.save(state, key, opened, others=True)
+            saved = openrooms.save(state, key, opened, took=taken.took)
             # Kept whatever ended the screen: a terminal that went away ends it with an
             # I/O error, and what was typed went with it, printed to nowhere (a new user's
             # day, 2026-11-23). SIGHUP and SIGTERM stay ours until it is kept: a closed
@@ -1788,9 +1840,12 @@ async def run_tui(server: str, room: str | None, *, token: str | None, socket: s
             # shell that ran it exits), and the second, at its default, ended the process
             # before anything was written (2026-11-24).
             left = chat.unsent(saved)
-            kept, not_kept = _keep_unsent(left) if left else (None, "")
-            if chat.keep is not None:  # (kept elsewhere now; else the next chat takes it)
-                chat.keep.close(remove=not not_kept)
+            kept, not_kept = _keep_unsent(left, key) if left else (None, "")
+            if chat.keep is not None:
+                # Kept elsewhere now; else the next chat takes it, if it holds what is left
+                # now (one a full disk left as it was brought back a draft sent since).
+                chat.keep_safe()
+                chat.keep.close(remove=not not_kept or bool(chat.keep.failing))
             for sig in (signal.SIGHUP, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
             loop.set_exception_handler(old_handler)
