@@ -6,6 +6,7 @@ chat-server-2 (helpers.two_servers)."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from helpers import (
     ack_or_error,
     bounded,
     cluster_flags,
+    collect,
     eventually,
     file_holds,
     jetstream,
@@ -29,6 +31,7 @@ from helpers import (
     stream_holding,
     two_servers,
     until,
+    write_lock_held,
 )
 from nats.js.kv import KeyValue
 
@@ -222,6 +225,47 @@ async def test_a_server_stops_in_time_with_a_message_its_stalled_copy_never_appl
         # Before: server 1 waited for it to be applied, for ever (systemd's stop timeout).
         await bounded(one.server.stop(grace=0.2), "stopping server 1", timeout=30)
         assert "stopping with 1 message(s) not applied here" in caplog.text
+        call.cancel()
+
+
+async def test_a_message_the_stream_took_while_the_copy_was_locked_is_refused_in_time_and_kept_once(
+        lab: Any, tmp_path: Path, nats_cluster: nats_lab.NatsCluster) -> None:
+    """Another process holds the write lock of server 1's copy (cluster.db) while the stream
+    acknowledges a message: its sender waited for the copy with no deadline (a `send` until
+    its own time-out, a /topic until the client's deadline; a kill -9 run, 2026-11-25)."""
+    flags = {**cluster_flags(nats_cluster), "cluster_wait": 3.0, "store_wait": 1.0}
+    text = "sent while the copy was locked"
+    async with lab_server(lab, tmp_path, **flags) as one, jetstream(nats_cluster) as js:
+        alice = await one.connect("alice-laptop", one.token(ALICE))
+        call = await join(alice, "general", then=[send("before the lock", "m0")])
+        assert isinstance(await ack_or_error(call, "m0"), pb.Sent)
+        async with write_lock_held(one.cfg.db_path) as lock:
+            began = time.monotonic()
+            await call.write(send(text, "m1"))
+            refusal = await ack_or_error(call, "m1", timeout=20)
+            assert isinstance(refusal, pb.Error), refusal
+            assert refusal.code == grpc.StatusCode.UNAVAILABLE.value[0]
+            assert time.monotonic() - began < 3.0 + 2  # cluster_wait, with room for a slow CI
+            assert "the chat cluster has this message" in refusal.message
+            assert "this server cannot write its copy of the stream" in refusal.message
+            with pytest.raises(grpc.aio.AioRpcError) as topic:
+                await alice.set_topic("general", "set while locked", timeout=10)
+            assert topic.value.code() == grpc.StatusCode.UNAVAILABLE, topic.value
+            # Sent again meanwhile: refused again, and not appended to the stream twice.
+            await call.write(send(text, "m1"))
+            assert isinstance(await ack_or_error(call, "m1", timeout=20), pb.Error)
+            assert len(await stream_holding(js, text)) == 1
+            await lock.release()
+        shown = await collect(call.call, 2, timeout=20)  # applied once the lock is gone
+        assert [(m.text, m.kind) for m in shown] == [
+            (text, pb.MESSAGE_KIND_TEXT), ("set while locked", pb.MESSAGE_KIND_TOPIC)]
+        await call.write(send(text, "m1"))
+        resent = await ack_or_error(call, "m1")
+        assert isinstance(resent, pb.Sent) and resent.id == shown[0].id
+        history = await alice.history("general")
+        assert [m.text for m in history.messages if m.kind == pb.MESSAGE_KIND_TEXT] == [
+            "before the lock", text]
+        assert len(await stream_holding(js, text)) == 1
         call.cancel()
 
 

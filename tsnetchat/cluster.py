@@ -15,7 +15,10 @@ the measured facts this relies on ("fact N" below).
   messages go into this server's SQLite copy (``Store.import_messages``, with the stream
   position in the same transaction), then to the local hub, in stream order. A draft of our
   own is settled (published and acknowledged by the ledger) when it is applied, so the
-  sender's ack comes after JetStream's quorum ack AND after the local copy has it. A
+  sender's ack comes after JetStream's quorum ack AND after the local copy has it. A copy
+  that cannot take it by the draft's deadline (another process holds its write lock, a full
+  disk) gets its sender refused as ``Unconfirmed`` (``_too_late``); the draft stays until it
+  is applied, then reaches the room, and a resend meanwhile waits for it. A
   consumer that stops delivering while the stream moves on is replaced
   (``_watch_consumer``); a server stopping does not wait for it longer than ``wait``.
 * **Resends** are found in the local copy by (room, sender login, client_msg_id), exact for
@@ -147,6 +150,9 @@ MAX_BATCH = 256  # messages per atomic batch (JetStream allows 1,000)
 MAX_BATCHES_IN_FLIGHT = 32  # JetStream allows 50 per stream
 ATTEMPT_TIMEOUT = 2.0  # one attempt at a batch or a request's KV write; then again
 CONSUMER_STALL = 5.0  # seconds without anything applied before the stream is asked
+# A draft the stream acknowledged at its deadline still gets this long to be applied here
+# (normally a few ms) before its sender is told it is late.
+APPLY_GRACE = 0.5
 WRONG_LAST_SEQUENCE = 10071
 # The same refusal with no sequence: an earlier append to the room's subject (this one's
 # last attempt, or another server's) is still in flight in the stream, waiting for its
@@ -293,11 +299,13 @@ def _decode(subject: str, data: bytes, seq: int) -> tuple[Imported, str, list[in
 @dataclass(eq=False)
 class _Pending:
     draft: Draft
-    then: Settle
+    then: Settle | None  # None once its sender was refused (``_too_late``)
     deadline: float
     origin: str
     resends: list[Settle] = field(default_factory=list)  # the same message sent again
     done: bool = False
+    # Acknowledged by the stream: applied here sooner or later, whoever still waits for it.
+    stored: bool = False
 
 
 class ClusterHistory:
@@ -368,6 +376,7 @@ class ClusterHistory:
         self._revocations_known = asyncio.Event()
         self._local_revocations_checked = False
         self._copy_error = ""  # why the local copy could not be written, while it cannot
+        self._importing_since = 0.0  # when the applier began its current write (0: idle)
         self._to_keep: list[str] = []  # revocations taken, not yet in the local copy
         self._keep_wake = asyncio.Event()
         # The servers of the cluster (``register``), as clients may reach them: name -> port.
@@ -718,6 +727,8 @@ class ClusterHistory:
             first = self._inflight.get(key)
             if first is not None:  # sent again before the first try settled
                 first.resends.append(then)
+                if first.stored:  # (waits for the copy, for a wait of its own)
+                    self._bound(first, then, time.monotonic() + self.wait)
                 return
         self._n += 1
         p = _Pending(draft, then, time.monotonic() + self.wait, f"{self._me}:{self._n}")
@@ -1075,12 +1086,45 @@ class ClusterHistory:
         d = p.draft
         if self._inflight.get((d.room, d.sender.login, d.client_msg_id)) is p:
             del self._inflight[(d.room, d.sender.login, d.client_msg_id)]
-        self._unsettled -= 1 + len(p.resends)
+        self._unsettled -= (p.then is not None) + len(p.resends)
         if not self._unsettled:
             self._settled.set()
-        p.then(outcome)
+        if p.then is not None:
+            p.then(outcome)
+        elif isinstance(outcome, Written):  # its sender was refused (``_too_late``): the room
+            self.hub.publish(outcome.message.room, codec.message_item(outcome.message))
         for then in p.resends:
             then(Written(outcome.message, True) if isinstance(outcome, Written) else outcome)
+
+    def _bound(self, p: _Pending, then: Settle, deadline: float) -> None:
+        """``then`` waits for ``p``, which the stream has acknowledged, to be applied here
+        until ``deadline`` at most (``_too_late``)."""
+        asyncio.get_running_loop().call_later(
+            max(APPLY_GRACE, deadline - time.monotonic()), self._too_late, p, then)
+
+    def _too_late(self, p: _Pending, then: Settle) -> None:
+        """Refuse ``then`` if ``p`` is still not applied here: the stream has it, but this
+        server's copy cannot take it (another process holds its database's write lock, its
+        disk is full). The applier retries until it can, so ``p`` stays in ``_mine`` and
+        ``_inflight``: applied, it is published to the room then, and a resend in the
+        meantime waits for it instead of being appended a second time."""
+        if p.done:
+            return
+        if p.then is then:
+            p.then = None
+        elif then in p.resends:
+            p.resends.remove(then)
+        else:
+            return
+        self._unsettled -= 1
+        if not self._unsettled:
+            self._settled.set()
+        # (it waited for ever: a send's own client timeout, a /topic the client's deadline;
+        # a kill -9 run with cluster.db's write lock held by another process, 2026-11-25)
+        then(Unconfirmed(
+            f"the chat cluster has this message, but this server could not add it to its "
+            f"copy within {self.wait:g}s ({self._behind()}); it appears once it can. Sending "
+            "it again with the same client_msg_id is safe: it is never stored twice"))
 
     async def _append_room(self, room: str) -> None:
         q = self._queues[room]
@@ -1170,6 +1214,10 @@ class ClusterHistory:
             err = answer.get("error")
             if err is None:
                 self._heads[room] = (last_id + len(live), int(answer["seq"]))
+                for p in live:
+                    p.stored = True
+                    for then in [t for t in (p.then, *p.resends) if t is not None]:
+                        self._bound(p, then, p.deadline)
                 return
             actual = _LAST.search(str(err.get("description", "")))
             if err.get("err_code") == WRONG_LAST_SEQUENCE and actual:
@@ -1236,7 +1284,9 @@ class ClusterHistory:
         seen, since = self._applied, time.monotonic()
         while True:
             await asyncio.sleep(CONSUMER_STALL / 5)
-            if self._applied != seen:
+            if self._applied != seen or self._importing_since:
+                # (the applier waiting on its own copy is no stalled consumer: a new one
+                # would only deliver again what the applier holds)
                 seen, since = self._applied, time.monotonic()
                 continue
             if time.monotonic() - since < CONSUMER_STALL:
@@ -1275,6 +1325,10 @@ class ClusterHistory:
         # over a real NATS cluster, 2026-11-24)
         if self._copy_error:
             return f"this server cannot write its copy of the stream: {self._copy_error}"
+        if self._importing_since and time.monotonic() - self._importing_since > 1.0:
+            return (f"this server has been writing its copy of the stream for "
+                    f"{time.monotonic() - self._importing_since:.0f}s: another process may "
+                    "hold its database's write lock, or its disk is slow")
         return "this server has not caught up with the stream"
 
     async def _apply_loop(self) -> None:
@@ -1297,11 +1351,13 @@ class ClusterHistory:
             if not msgs:
                 continue
             last = max(msgs[-1].metadata.sequence.stream, self._applied)
+            self._importing_since = time.monotonic()
             while True:
                 try:
                     refused = await self.local.job(partial(_import, [t[1] for t in todo],
                                                            last))
                     self._copy_error = ""
+                    self._importing_since = 0.0
                     break
                 except StoreError as e:  # keep them: the stream does not move on without us
                     log.error("cluster: cannot write the local copy (%s); retrying", e)
