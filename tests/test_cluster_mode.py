@@ -8,8 +8,10 @@ laptops' tailscaled.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import signal
 import subprocess
 import time
 import uuid
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import nats
 import nats_lab
 import pytest
 from helpers import (
@@ -422,6 +425,76 @@ async def test_a_kick_through_server_2_closes_bobs_stream_on_server_1(
                               metadata=admin.metadata)
         details = await closed_as(call, grpc.StatusCode.PERMISSION_DENIED)
         assert f"removed from 'general' by {ALICE}" in details
+
+
+async def lead_elsewhere(cluster_: nats_lab.NatsCluster, stream: str, node: str) -> None:
+    """Make a node other than ``node`` lead ``stream`` (a no-op when one does already)."""
+    nc = await nats.connect(servers=cluster_.urls, user=cluster_.user,
+                            password=cluster_.password)
+    try:
+        for _ in range(10):
+            if cluster_.stream_leader(stream) != node:
+                return
+            await nc.request(f"$JS.API.STREAM.LEADER.STEPDOWN.{stream}", b"", timeout=5)
+            await asyncio.sleep(1.0)
+        raise AssertionError(f"{node} still leads {stream}")
+    finally:
+        await nc.close()
+
+
+async def test_a_kick_in_flight_to_server_1_when_its_nats_node_dies_still_closes_bobs_stream(
+        lab: Any, tmp_path: Path, nats_cluster: nats_lab.NatsCluster) -> None:
+    """A kick sent to the other servers on a plain NATS subject was lost on a server that
+    was reconnecting to NATS, while the admin was told it worked (once in 9 tries of a
+    kill -9 run, 2026-11-25). Here it is on its way to server 1 through server 1's NATS node
+    (held by SIGSTOP) when that node is SIGKILLed: server 1 reconnects to another."""
+    flags = cluster_flags(nats_cluster)
+    first, *others = nats_cluster.nodes
+    async with lab_server(lab, tmp_path, **{**flags, "cluster": first.url}) as one, \
+            lab_server(lab, tmp_path, node="chat-server-2",
+                       **{**flags, "cluster": ",".join(n.url for n in others)}) as two:
+        # (the kick must not wait for its bucket to elect a leader: 4-9 s, fact 2)
+        await lead_elsewhere(nats_cluster, f"KV_{cluster.KICKS}", first.name)
+        bob = await one.connect("bob-laptop", one.token(BOB))
+        admin = await two.connect("alice-laptop", two.token(ALICE, admin=True))
+        call = await join(bob, "general")
+        os.kill(first.pid, signal.SIGSTOP)
+        try:
+            await admin.stub.Kick(pb.KickRequest(room="general", login=BOB),
+                                  metadata=admin.metadata, timeout=10)
+            kicked = time.monotonic()
+            await asyncio.sleep(1.0)  # (on its way: in server 1's node's sockets)
+        finally:
+            nats_cluster.kill(first.name)
+        details = await closed_as(call, grpc.StatusCode.PERMISSION_DENIED, timeout=30)
+        assert f"removed from 'general' by {ALICE}" in details
+        print(f"bob's stream on server 1 closed {time.monotonic() - kicked:.1f}s after the kick")
+        # A moment, not a ban: bob is back at once, and stays.
+        again = await join(bob, "general", then=[send("back again", "b1")])
+        assert isinstance(await ack_or_error(again, "b1"), pb.Sent)
+        again.cancel()
+
+
+async def test_without_a_nats_quorum_a_kick_is_refused_before_the_admins_deadline(
+        lab: Any, tmp_path: Path, nats_cluster: nats_lab.NatsCluster) -> None:
+    # The other servers cannot be told: the admin hears so, not that it worked.
+    async with lab_server(lab, tmp_path, **cluster_flags(nats_cluster)) as one:
+        bob = await one.connect("bob-laptop", one.token(BOB))
+        admin = await one.connect("alice-laptop", one.token(ALICE, admin=True))
+        call = await join(bob, "general")
+        for name in [n.name for n in nats_cluster.nodes][:2]:
+            nats_cluster.stop_node(name)
+        started = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await admin.stub.Kick(pb.KickRequest(room="general", login=BOB),
+                                  metadata=admin.metadata, timeout=3.0)
+        took = time.monotonic() - started
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value
+        assert refused.value.details().startswith("the chat cluster did not confirm the kick")
+        assert f"{BOB}'s streams in 'general' are closed on this server" in (
+            refused.value.details())
+        assert took < 3.0, took
+        await closed_as(call, grpc.StatusCode.PERMISSION_DENIED)  # (this server's: closed)
 
 
 async def test_bob_on_server_2_sees_alice_join_and_leave_on_server_1(

@@ -4,11 +4,12 @@ NATS cluster in tests/test_cluster_mode.py)."""
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import pytest
 
-from tsnetchat.cluster import _decode, _encode, connect_options
+from tsnetchat.cluster import _decode, _encode, _Kicks, connect_options
 from tsnetchat.config import load_config
 from tsnetchat.errors import ConfigError
 from tsnetchat.store import (
@@ -232,3 +233,20 @@ def test_an_imported_edit_gives_its_target_the_new_texts_mentions_and_an_old_one
             ] == [1]
     for s in (embedded, copy, old):
         s.close()
+
+
+def test_a_server_applies_each_kick_stored_after_it_started_once_and_none_of_its_own() -> None:
+    kicks = _Kicks("me", after=5)  # the kicks bucket's last sequence when it started
+
+    def kick(seq: int, kid: str, origin: str = "other") -> tuple[str, str, str] | None:
+        return kicks.take(seq, json.dumps({"id": kid, "room": "general", "login": "bob@x",
+                                           "by": "alice@x", "o": origin}).encode())
+
+    assert kick(5, "before") is None  # a moment, not a ban: bob may have joined again since
+    assert kick(6, "k1") == ("general", "bob@x", "alice@x")
+    assert kick(6, "k1") is None  # delivered again by a re-created consumer
+    assert kick(2, "older") is None  # ... re-created from the stream's start
+    assert kick(7, "k1") is None  # stored twice: a publish tried again after a time-out
+    assert kick(8, "mine", origin="me") is None  # closed here before it was published
+    assert kicks.take(9, b"") is None and kicks.take(10, b"{not json") is None
+    assert kick(11, "k2") == ("general", "bob@x", "alice@x")

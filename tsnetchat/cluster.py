@@ -33,9 +33,9 @@ the measured facts this relies on ("fact N" below).
   all (a rotation on one is adopted by all: ``share_key``,
   ``follow_key``), and the servers themselves (``register``), which
   every Welcome lists so clients can fail over; presence (``PRESENCE``, entries that expire
-  unless their server keeps them fresh). Kicks go to every server on a plain NATS subject
-  (``KICKS``). Each server also charges a person's rate bucket for what they sent through
-  the others (``on_foreign``).
+  unless their server keeps them fresh). Kicks are stored for a minute in ``KICKS``,
+  which every server follows from when it starts (``kick``, ``_Kicks``). Each server also
+  charges a person's rate bucket for what they sent through the others (``on_foreign``).
 
 Reads (history, resume, ListRooms) are answered from the local copy. nats-py errors are
 translated here and nowhere else.
@@ -79,7 +79,7 @@ import stat
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -122,7 +122,15 @@ PREFIX = "tsnetchat.msg."
 ROOM_PREFIX = PREFIX + "room."
 REVOKED = "tsnetchat-revoked"  # KV: token id -> revocation time
 STATE = "tsnetchat-state"  # KV: signing-key, server.<name> (where clients reach it)
-KICKS = "tsnetchat.ctl.kick"  # core NATS: {room, login, by}
+# KV used as a short log: <kick id> -> {id, room, login, by, o}, kept KICK_TTL seconds.
+# Every server follows it from when it starts with an ordered consumer (``_follow``, as the
+# stream's applier), so a server that was reconnecting to NATS when a kick was made gets
+# it once back; the Kick call answers after a quorum stored it. (A plain core-NATS subject
+# before: a kick made while another server reconnected was lost there, and the admin was
+# told it worked; once in 9 tries of a kill -9 run, 2026-11-25.)
+KICKS = "tsnetchat-kicks"
+KICK_TTL = 60
+KICKS_CHECK = 2.0  # seconds between looks at the kicks bucket's last sequence (_watch_kicks)
 # core NATS: {jti}, published once a revocation is in REVOKED: the other servers close its
 # streams at once, not when their watch of REVOKED has it. That watch is an R1 consumer
 # that lives on the bucket's stream leader; when that node died it was re-created only
@@ -308,6 +316,42 @@ class _Pending:
     stored: bool = False
 
 
+class _Kicks:
+    """Which kicks of the KICKS bucket this server applies: those stored after it began to
+    follow the bucket (stream sequence above ``after``: a kick is a moment, not a ban, so
+    one made before this server started never throws out someone who joined again since),
+    each once (nats-py re-creates a lost consumer from after its last delivery, or from
+    the start if it delivered none; a publish retried after a time-out beyond the bucket's
+    duplicate window is stored twice), and not this server's own (``me``: closed here
+    before they were published)."""
+
+    def __init__(self, me: str, after: int = 0) -> None:
+        self.me, self.after = me, after
+        self._ids: dict[str, None] = {}  # the latest kick ids taken, oldest first
+
+    def take(self, seq: int, data: bytes) -> tuple[str, str, str] | None:
+        """The (room, login, by) to close streams for, given the kick stored at ``seq``;
+        None for one to skip."""
+        if seq <= self.after:
+            return None
+        self.after = seq
+        if not data:  # (a purge or delete marker: nats CLI by hand)
+            return None
+        try:
+            k = json.loads(data)
+            kid, origin = str(k["id"]), k.get("o")
+            kick = (str(k["room"]), str(k["login"]), str(k["by"]))
+        except (ValueError, KeyError, TypeError) as e:
+            log.warning("cluster: ignoring a malformed kick: %s", e)
+            return None
+        if kid in self._ids or origin == self.me:
+            return None
+        self._ids[kid] = None
+        if len(self._ids) > 1000:
+            del self._ids[next(iter(self._ids))]
+        return kick
+
+
 class ClusterHistory:
     """The ledger's ``History`` on a JetStream cluster, with ``local`` (this server's SQLite)
     as the copy reads come from. Construct on the serving loop; ``start`` connects, creates
@@ -395,6 +439,8 @@ class ClusterHistory:
         self.on_presence: Callable[[str, int, pb.Identity], object] = lambda r, k, w: None
         # Called when a person is kicked through another server: (room, login, by whom).
         self.on_kick: Callable[[str, str, str], object] = lambda room, login, by: None
+        self._kicks = _Kicks(self._me)
+        self._kick_sub: Any = None  # the kicks' consumer (``_follow``)
         # Stream sequences of deleted messages still to be erased from the stream.
         self._erasing: deque[int] = deque()
         self._erase_ready = asyncio.Event()
@@ -461,7 +507,13 @@ class ClusterHistory:
             lambda: _shared(kv_state, "history-id", made), deadline, "the history id"
         )).decode(), 1)
         self._kv_state = kv_state
-        self._subs.append(await self._nc.subscribe(KICKS, cb=self._on_kick))
+        kv_kicks = await _retrying(lambda: self._js.create_key_value(KeyValueConfig(
+            bucket=KICKS, replicas=self.cfg.cluster_replicas, history=1, ttl=KICK_TTL)),
+            deadline, "the kicks bucket")
+        self._kicks.after = (await _retrying(kv_kicks.status, deadline, "the kicks bucket")
+                             ).stream_info.state.last_seq
+        self._kick_sub = await _retrying(self._follow_kicks, deadline, "the kicks' consumer")
+        self._tasks.append(asyncio.create_task(self._watch_kicks()))
         self._subs.append(await self._nc.subscribe(REVOCATIONS, cb=self._on_revocation))
         kv_presence = await _retrying(lambda: self._js.create_key_value(KeyValueConfig(
             bucket=PRESENCE, replicas=self.cfg.cluster_replicas, history=1,
@@ -666,20 +718,72 @@ class ClusterHistory:
             if gone is not None and all(w.login != gone.login for w in there.values()):
                 self.on_presence(room, pb.PRESENCE_KIND_LEFT, gone)
 
-    async def kick(self, room: str, login: str, by: str) -> None:
-        """Close ``login``'s streams in ``room`` on the other servers too (a message to every
-        server connected now; a kick is a moment, not a state)."""
-        with contextlib.suppress(nats.errors.Error, OSError):
-            await self._nc.publish(KICKS, json.dumps(
-                {"room": room, "login": login, "by": by, "o": self._me}).encode())
+    async def kick(self, room: str, login: str, by: str, within: float | None = None) -> None:
+        """Close ``login``'s streams in ``room`` on the other servers too (this server has
+        closed its own): the kick is stored in KICKS, whose consumer on every server that
+        is up delivers it, also on one reconnecting to NATS meanwhile (once it is back).
+        Returns once a quorum has stored it; while the bucket has no leader it tries again
+        for up to ``cluster_wait`` seconds, or ``within``; then raises StoreError. A kick
+        is a moment, not a state: a server that starts later does not apply it."""
+        kid = uuid.uuid4().hex
+        data = _json({"id": kid, "room": room, "login": login, "by": by, "o": self._me})
+        deadline = self._deadline(within)
+
+        def attempt() -> Awaitable[Any]:  # (each within what is left: the caller's answer)
+            return self._js.publish(
+                f"$KV.{KICKS}.{kid}", data, headers={"Nats-Msg-Id": kid},
+                timeout=max(0.1, min(ATTEMPT_TIMEOUT, deadline - time.monotonic())))
+
+        try:  # (tried again after a time-out: the same Nats-Msg-Id is stored once, fact 7)
+            await _until(attempt, deadline, UNSURE)
+        except (nats.errors.Error, OSError) as e:
+            raise StoreError(f"the chat cluster did not confirm the kick ({_why(e)}): "
+                             f"{login}'s streams in {room!r} are closed on this server, maybe "
+                             "not on the others; try again") from e
+
+    async def _follow_kicks(self) -> Any:
+        return await self._follow(f"$KV.{KICKS}.>", self._kicks.after, self._on_kick,
+                                  stream=f"KV_{KICKS}")
+
+    async def _watch_kicks(self) -> None:
+        """nats-py notices a delivery lost on the way (a NATS node that died with it) by a
+        heartbeat naming a later consumer sequence than the last message it got, so never
+        on a consumer that has got nothing yet, which the kicks' one usually is: a kick on
+        its way to this server through its node when that node was SIGKILLed never came
+        (3 of 4 runs of test_a_kick_in_flight_to_server_1_when_its_nats_node_dies_..., on
+        2026-11-25). So every KICKS_CHECK seconds: the bucket's last sequence; past what
+        was taken here at two looks in a row, the kicks are followed again from there."""
+        seen = checked = 0
+        while True:
+            await asyncio.sleep(KICKS_CHECK)
+            try:
+                last = (await self._js_attempt.stream_info(f"KV_{KICKS}")).state.last_seq
+            except (nats.errors.Error, OSError) as e:
+                log.debug("cluster: the kicks bucket's state: %s", _why(e))
+                continue
+            if last <= max(self._kicks.after, checked):
+                seen = 0
+                continue
+            if last != seen:  # (maybe on its way: look again)
+                seen = last
+                continue
+            log.info("cluster: the kicks up to %d did not all arrive (taken: %d); following "
+                     "them again", last, self._kicks.after)
+            old, self._kick_sub = self._kick_sub, None
+            with contextlib.suppress(Exception):
+                await old.unsubscribe()
+            try:
+                self._kick_sub = await self._follow_kicks()
+            except (nats.errors.Error, OSError) as e:
+                log.warning("cluster: could not follow the kicks again (%s); trying again",
+                            _why(e))
+                continue
+            checked = last  # (once per sequence: an aged-out kick is never delivered)
 
     async def _on_kick(self, msg: Any) -> None:
-        try:
-            k = json.loads(msg.data)
-            if k.get("o") != self._me:
-                self.on_kick(str(k["room"]), str(k["login"]), str(k["by"]))
-        except (ValueError, KeyError, TypeError) as e:
-            log.warning("cluster: ignoring a malformed kick: %s", e)
+        kick = self._kicks.take(msg.metadata.sequence.stream, msg.data)
+        if kick is not None:
+            self.on_kick(*kick)
 
     async def close(self) -> None:
         """Settle what was submitted (acknowledged or refused), erase what deletions left
@@ -705,7 +809,8 @@ class ClusterHistory:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(
                         self._kv_state.delete(f"server.{self._registered}"), 2)
-            for sub in [s for s in (*self._subs, self._consumer) if s is not None]:
+            for sub in [s for s in (*self._subs, self._consumer, self._kick_sub)
+                        if s is not None]:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
         finally:  # (also when close itself is cancelled, as Server.stop's)
@@ -1269,10 +1374,18 @@ class ClusterHistory:
                 self._inbox.append(msg)
                 self._inbox_ready.set()
 
+        return await self._follow(PREFIX + ">", applied, take)
+
+    async def _follow(self, subject: str, after: int, take: Callable[[Any], Awaitable[None]],
+                      stream: str | None = None) -> Any:
+        """An ordered consumer (fact 12) delivering ``subject``'s messages to ``take`` from
+        after stream sequence ``after``. nats-py re-creates it when two heartbeats are
+        missed (a lost NATS node or connection) from after the last sequence it delivered,
+        or from the stream's start if it delivered none: ``take`` skips what it has had."""
         start = (dict(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-                      config=ConsumerConfig(opt_start_seq=applied + 1))
-                 if applied else dict(deliver_policy=DeliverPolicy.ALL))
-        return await self._js.subscribe(PREFIX + ">", cb=take, ordered_consumer=True,
+                      config=ConsumerConfig(opt_start_seq=after + 1))
+                 if after else dict(deliver_policy=DeliverPolicy.ALL))
+        return await self._js.subscribe(subject, stream=stream, cb=take, ordered_consumer=True,
                                         idle_heartbeat=0.5, **start)
 
     async def _watch_consumer(self) -> None:

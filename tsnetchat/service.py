@@ -226,9 +226,12 @@ class ChatService:
         self._logins_asked: tuple[float, asyncio.Future[set[str]]] | None = None
         self.going_away = False
         # Cluster mode (tsnetchat.cluster): every server, for the Welcome and the ReplayDone
-        # (a Subscribe stream's only news of them); and a kick passed on to the other servers.
+        # (a Subscribe stream's only news of them); and a kick passed on to the other servers
+        # (room, login, by whom, seconds the caller still waits), raising StoreError when
+        # the cluster does not confirm it.
         self.servers: Callable[[], list[pb.ClusterServer]] = list
-        self.kick_elsewhere: Callable[[str, str, str], Awaitable[None]] | None = None
+        self.kick_elsewhere: Callable[[str, str, str, float | None],
+                                      Awaitable[None]] | None = None
         self.members_elsewhere: Callable[[str], list[pb.Identity]] = lambda room: []
         self.presence_shared: Callable[[str, int, pb.Identity], None] | None = None
 
@@ -1025,8 +1028,9 @@ class ChatService:
             if not 0 < len(request.login) <= auth.MAX_LOGIN:
                 raise InvalidInput("login must be a tailnet login or tag")
             n = self.kick_here(request.room, request.login, p.login)
-            if self.kick_elsewhere is not None:
-                await self.kick_elsewhere(request.room, request.login, p.login)
+            if self.kick_elsewhere is not None:  # (UNAVAILABLE when not sure it got there)
+                await self.kick_elsewhere(request.room, request.login, p.login,
+                                          _answer_within(context))
             log.info("kick room=%r login=%r by=%r streams=%d", request.room, request.login,
                      p.login, n)
             return pb.KickResponse(streams_closed=n)
