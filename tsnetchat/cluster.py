@@ -792,11 +792,12 @@ class ClusterHistory:
         cluster has not confirmed and this copy not applied within ``wait`` seconds is
         refused as Unconfirmed (a stalled consumer must not keep the server from stopping)."""
         try:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.drain(), self.wait)
-            except TimeoutError:
-                log.warning("cluster: stopping with %d message(s) not applied here",
-                            self._unsettled)
+            # (and those the stream has whose senders were refused already: ``_too_late``)
+            left = self._unsettled + sum(p.then is None for p in self._mine.values())
+            if left:
+                log.warning("cluster: stopping with %d message(s) not applied here", left)
             for _ in range(20):
                 if not self._erasing:
                     break
