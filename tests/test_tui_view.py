@@ -803,7 +803,7 @@ async def test_text_typed_in_no_room_is_listed_at_exit_as_typed_in_no_room() -> 
     assert app.unsent({}) == ["(typed in no room) typed with no room"]
 
 
-async def test_a_line_typed_before_up_is_kept_through_a_room_switch_a_submit_and_the_exit(
+async def test_a_line_typed_before_up_is_what_a_room_switch_a_submit_and_the_exit_keep(
         ) -> None:
     """Up showed an old line: quitting then kept the old line and lost the one being typed,
     and switching rooms carried the typed one over to the next room's Down (a kill -9 run,
@@ -830,3 +830,48 @@ async def test_a_line_typed_before_up_is_kept_through_a_room_switch_a_submit_and
     app.recall(app.history.older(app.input.text))
     app.submit()  # the recalled /help is carried out; the line typed comes back
     assert app.input.text == "half a thought" and app.history.recalled() is None
+
+
+async def test_up_with_nothing_sent_yet_leaves_the_line_typed_as_it_is() -> None:
+    """It raised IndexError, and the chat's end with it kept nothing (a review,
+    2026-11-25)."""
+    app = alices_chat()
+    app.conversations["general"] = app.conversation_for("general")
+    app.current = "general"
+    app.input.text = "half typed"
+    app.recall(app.history.older(app.input.text))
+    assert app.input.text == "half typed" and app.typed() == [("general", "half typed")]
+    app.recall(app.history.newer())
+    assert app.input.text == "half typed"
+
+
+async def test_the_line_typed_before_up_stays_with_its_room_when_the_recalled_line_leaves_it(
+        ) -> None:
+    """Up brought /leave back in #ops: the plan typed there went into #general's input (a
+    review, 2026-11-25)."""
+    app = alices_chat()
+    for room in ("general", "ops"):
+        app.conversations[room] = app.conversation_for(room)
+    app.current = "ops"
+    app.history.add("/leave")
+    app.input.text = "ops-only plan"
+    app.recall(app.history.older(app.input.text))
+    app.submit()
+    assert app.current == "general" and app.input.text == ""
+    assert app.drafts["ops"].text == "ops-only plan"  # (back at the next /join of #ops)
+
+
+async def test_a_recalled_line_kept_to_edit_keeps_the_line_typed_before_up_for_down() -> None:
+    """It was added to the kept line, and went with it at the next Enter (a review,
+    2026-11-25)."""
+    app = alices_chat()
+    app.conversations["general"] = app.conversation_for("general")
+    app.current = "general"
+    app.history.add("/history abc")
+    app.input.text = "my draft"
+    app.recall(app.history.older(app.input.text))
+    app.submit()  # refused (usage), kept in the input to edit
+    assert app.input.text == "/history abc"
+    assert "N is a number" in app.conversations["general"].entries[-1].text
+    app.recall(app.history.newer())
+    assert app.input.text == "my draft"

@@ -25,6 +25,13 @@ HELD = Held(("general", "+ops"), "+ops", (("+ops", "ops", "half a line\nand more
             ("#general: sent before the crash  (sent, not confirmed: it may have been stored)",))
 
 
+def take(state: Path, server: str) -> list[Held]:
+    """What the next chat with ``server`` takes, as one whose keeping of it worked."""
+    orphans = keepsafe.take_orphans(state, server)
+    orphans.forget()
+    return orphans.held
+
+
 def chat_in_another_process(state: Path, server: str, held: Held) -> subprocess.Popen[str]:
     """A process that keeps ``held`` as a chat does, and then waits to be killed."""
     code = textwrap.dedent(f"""
@@ -41,17 +48,36 @@ def chat_in_another_process(state: Path, server: str, held: Held) -> subprocess.
     return proc
 
 
+def killed_chat(state: Path, server: str, held: Held) -> None:
+    proc = chat_in_another_process(state, server, held)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 def test_a_chat_killed_leaves_what_it_held_to_the_next_chat_with_its_server_once(
         tmp_path: Path) -> None:
     proc = chat_in_another_process(tmp_path, "chat-server:50051", HELD)
     try:
-        assert keepsafe.take_orphans(tmp_path, "chat-server:50051") == []  # still running
+        assert take(tmp_path, "chat-server:50051") == []  # still running
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    assert keepsafe.take_orphans(tmp_path, "chat-server:50051") == [HELD]
+    assert take(tmp_path, "chat-server:50051") == [HELD]
     assert list((tmp_path / keepsafe.FOLDER).iterdir()) == []
-    assert keepsafe.take_orphans(tmp_path, "chat-server:50051") == []  # taken once
+    assert take(tmp_path, "chat-server:50051") == []  # taken once
+
+
+def test_a_killed_chats_files_stay_until_what_they_held_is_kept_elsewhere(
+        tmp_path: Path) -> None:
+    """They were removed as they were read: with the disk full, what they held was then in
+    the next chat's memory alone (a review, 2026-11-25)."""
+    killed_chat(tmp_path, "s:1", HELD)
+    orphans = keepsafe.take_orphans(tmp_path, "s:1")
+    assert orphans.held == [HELD]
+    assert take(tmp_path, "s:1") == []  # (another chat starting now: they are taken)
+    orphans.release()  # (could not keep them: for the next chat)
+    assert take(tmp_path, "s:1") == [HELD]
+    assert list((tmp_path / keepsafe.FOLDER).iterdir()) == []
 
 
 def test_what_a_chat_with_another_server_left_waits_for_a_chat_with_that_server(
@@ -59,17 +85,17 @@ def test_what_a_chat_with_another_server_left_waits_for_a_chat_with_that_server(
     proc = chat_in_another_process(tmp_path, "other:50051", HELD)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert keepsafe.take_orphans(tmp_path, "chat-server:50051") == []
-    assert keepsafe.take_orphans(tmp_path, "other:50051") == [HELD]
+    assert take(tmp_path, "chat-server:50051") == []
+    assert take(tmp_path, "other:50051") == [HELD]
 
 
 def test_a_running_chat_in_this_very_process_is_not_taken_from(tmp_path: Path) -> None:
     keep = KeepSafe.open(tmp_path, "s:1")
     assert keep is not None
     keep.keep(HELD)
-    assert keepsafe.take_orphans(tmp_path, "s:1") == []
+    assert take(tmp_path, "s:1") == []
     keep.close(remove=False)  # an exit that could not keep them elsewhere: as if killed
-    assert keepsafe.take_orphans(tmp_path, "s:1") == [HELD]
+    assert take(tmp_path, "s:1") == [HELD]
 
 
 def test_a_clean_exit_leaves_nothing_behind(tmp_path: Path) -> None:
@@ -80,7 +106,7 @@ def test_a_clean_exit_leaves_nothing_behind(tmp_path: Path) -> None:
     assert stat.S_IMODE(keep.path.parent.stat().st_mode) == 0o700
     keep.close()
     assert list((tmp_path / keepsafe.FOLDER).iterdir()) == []
-    assert keepsafe.take_orphans(tmp_path, "s:1") == []
+    assert take(tmp_path, "s:1") == []
 
 
 def test_the_file_is_written_only_when_what_it_holds_changes(tmp_path: Path) -> None:
@@ -100,7 +126,7 @@ def test_a_chat_killed_before_it_wrote_anything_leaves_nothing_to_take(tmp_path:
     keep = KeepSafe.open(tmp_path, "s:1")
     assert keep is not None
     keep.close(remove=False)  # (as if killed between making its lock and its first write)
-    assert keepsafe.take_orphans(tmp_path, "s:1") == []
+    assert take(tmp_path, "s:1") == []
     assert list((tmp_path / keepsafe.FOLDER).iterdir()) == []
 
 
@@ -115,7 +141,7 @@ def test_a_damaged_file_is_said_in_the_log_removed_and_never_an_error(
     keep.path.write_text(body, encoding="utf-8", errors="surrogateescape")
     keep.close(remove=False)
     with caplog.at_level(logging.WARNING):
-        assert keepsafe.take_orphans(tmp_path, "s:1") == []
+        assert take(tmp_path, "s:1") == []
     assert "is damaged" in caplog.text
     assert list((tmp_path / keepsafe.FOLDER).iterdir()) == []
 
@@ -140,7 +166,7 @@ def test_a_fifo_or_folder_named_like_a_lock_is_passed_over_without_waiting(
     folder.mkdir()
     os.mkfifo(folder / "1-x.lock")
     (folder / "2-y.lock").mkdir()
-    assert keepsafe.take_orphans(tmp_path, "s:1") == []
+    assert take(tmp_path, "s:1") == []
     assert sorted(p.name for p in folder.iterdir()) == ["1-x.lock", "2-y.lock"]
 
 
@@ -150,7 +176,7 @@ def test_a_write_cut_short_by_a_kill_leaves_no_file_behind_once_taken(tmp_path: 
     keep.keep(HELD)
     keep.path.with_name(f".{keep.path.name}.tmp").write_text('{"server": "s:1", "ro')
     keep.close(remove=False)
-    assert keepsafe.take_orphans(tmp_path, "s:1") == [HELD]
+    assert take(tmp_path, "s:1") == [HELD]
     assert list((tmp_path / keepsafe.FOLDER).iterdir()) == []
 
 
@@ -159,13 +185,7 @@ def test_a_folder_that_cannot_be_made_leaves_the_chat_to_keep_at_its_exit_only(
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     assert KeepSafe.open(blocker, "s:1") is None
-    assert keepsafe.take_orphans(blocker, "s:1") == []
-
-
-def killed_chat(state: Path, server: str, held: Held) -> None:
-    proc = chat_in_another_process(state, server, held)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    assert take(blocker, "s:1") == []
 
 
 def test_the_next_chat_takes_the_rooms_and_drafts_back_and_the_lines_into_unsent_txt(
@@ -232,3 +252,16 @@ def test_a_lone_surrogate_is_written_to_unsent_txt_escaped_and_the_rest_as_typed
     path, not_kept = tui._keep_unsent(["half \ud83d", "ça va \udcff"], "s:1")
     assert not_kept == ""
     assert path.read_bytes().endswith(b"  half \\ud83d\n  " + "ça va ".encode() + b"\xff\n")
+
+
+def test_text_in_any_script_is_kept_as_utf_8_and_comes_back_exactly(tmp_path: Path) -> None:
+    """Escaped as ASCII, a long CJK paste made a file six times its size, past what is read
+    back: all of that chat's lines were lost as "damaged" (a review, 2026-11-25)."""
+    typed = "日本語の文" * 20_000 + " \ud83d \udcff"  # (and half an emoji, a byte not UTF-8)
+    held = Held(("general",), "general", (("general", "#general", typed),))
+    keep = KeepSafe.open(tmp_path, "s:1")
+    assert keep is not None
+    keep.keep(held)
+    assert keep.path.stat().st_size < 4 * len(typed)  # (3 bytes a character, not 6)
+    keep.close(remove=False)
+    assert take(tmp_path, "s:1") == [held]

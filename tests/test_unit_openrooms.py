@@ -160,3 +160,12 @@ def test_a_draft_a_chat_took_at_its_start_and_sent_is_not_kept_as_another_chats(
     openrooms.save(tmp_path, "s:1", OpenRooms(("general",), None, (("general", "draft D"),)))
     openrooms.save(tmp_path, "s:1", OpenRooms(("general",), None), took={"general": "draft D"})
     assert openrooms.load(tmp_path, "s:1").drafts == ()
+
+
+def test_two_chats_drafts_too_long_together_keep_this_ones(tmp_path: Path) -> None:
+    first, second = "a" * (openrooms.MAX_DRAFT - 10), "b" * 20
+    openrooms.save(tmp_path, "s:1", OpenRooms(("general",), None, (("general", first),)))
+    written = openrooms.save(tmp_path, "s:1", OpenRooms(("general",), None, (
+        ("general", second),)), took={})
+    assert written == {"general": second}
+    assert dict(openrooms.load(tmp_path, "s:1").drafts) == {"general": second}

@@ -362,6 +362,8 @@ class InputHistory:
         self.pos = None
 
     def older(self, current: str) -> str | None:
+        if not self.lines:
+            return None  # (nothing to go through: still the draft)
         if self.pos is None:
             self.draft, self.pos = current, len(self.lines)
         if self.pos == 0:
@@ -371,7 +373,7 @@ class InputHistory:
 
     def recalled(self) -> str | None:
         """The submitted line Up showed last, while one is shown (None: editing the draft)."""
-        return None if self.pos is None else self.lines[self.pos]
+        return self.lines[self.pos] if self.pos is not None and self.pos < len(self.lines) else None
 
     def leave(self) -> str:
         """Stop going through the lines: the draft they were entered from ("" if none)."""

@@ -1,6 +1,6 @@
 """What a running `tsnetchat connect` has typed and not had stored, on disk while it runs, for
-the next chat when this one ends without its exit (kill -9, the OOM killer, a crash, a
-laptop that ran out of battery before the kernel killed the chat). The exit writes
+the next chat when this one ends without its exit (kill -9, the OOM killer, a crash; not
+written through to the disk, so a machine that loses power may lose more). The exit writes
 ``unsent.txt`` and the file of open rooms (``openrooms``); before this, a chat that never
 reached its exit took with it everything typed since it started (a kill -9 run,
 2026-11-24).
@@ -10,8 +10,9 @@ One pair of files per running chat in ``<state dir>/running/``: ``NAME.lock``, h
 that can be taken is a chat that is gone; a pid can be reused, a lock cannot), and
 ``NAME.json``, what the chat holds now, replaced whole when it changes (never half
 written). A clean exit removes both. The next chat with the same server takes what a gone
-one left (``take_orphans``): its drafts back into the inputs, its lines into unsent.txt.
-Two chats at once have a pair each, and never write each other's.
+one left (``take_orphans``): its drafts back into the inputs, its lines into unsent.txt;
+it removes the gone chat's files only once that is done (``Orphans.forget``). Two chats at
+once have a pair each, and never write each other's.
 
 Not written on every keystroke: the chat asks ``KeepSafe.keep`` after each submitted line and
 once a second, and a file is written only when what it would hold has changed."""
@@ -23,8 +24,10 @@ import fcntl
 import json
 import logging
 import os
+import re
 import secrets
 import stat
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +38,12 @@ from .openrooms import MAX_ROOMS
 log = logging.getLogger(__name__)
 
 FOLDER = "running"
-MAX_FILE = 4 * 1024 * 1024  # bytes read at most from one file
+# Bytes of one file, written and read at most: a paste of 700,000 CJK characters made a
+# file of 4 MB (escaped as ASCII then), read back as damaged, and every line in it was lost
+# (a review, 2026-11-25). UTF-8 now; a file that would be longer is not written (said).
+MAX_FILE = 64 * 1024 * 1024
+_SURROGATE = re.compile("[\ud800-\udfff]")
+STALE_NEW = 60.0  # seconds after which a lock file never named is a chat killed making it
 
 
 @dataclass(frozen=True)
@@ -100,13 +108,17 @@ class KeepSafe:
         if held == self._written:
             return
         tmp = _tmp(self.path)
-        # (ASCII: a lone surrogate typed or pasted is escaped, and read back as it was)
-        body = json.dumps({"server": self.server, "rooms": list(held.rooms),
+        text = json.dumps({"server": self.server, "rooms": list(held.rooms),
                            "shown": held.shown, "drafts": [list(d) for d in held.drafts],
-                           "lines": list(held.lines), "as_restored": list(held.as_restored)})
+                           "lines": list(held.lines), "as_restored": list(held.as_restored)},
+                          ensure_ascii=False)
+        # (a lone surrogate, half an emoji pasted, escaped: read back as it was)
+        body = _SURROGATE.sub(lambda m: f"\\u{ord(m[0]):04x}", text).encode()
         try:
+            if len(body) > MAX_FILE:
+                raise OSError(f"what is typed is over {MAX_FILE // 2**20} MiB")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-            with os.fdopen(fd, "w", encoding="ascii") as f:
+            with os.fdopen(fd, "wb") as f:
                 f.write(body)
             os.replace(tmp, self.path)
         except OSError as e:
@@ -131,44 +143,72 @@ class KeepSafe:
         os.close(self._lock_fd)
 
 
-def take_orphans(state_dir: Path, server: str) -> list[Held]:
-    """What the chats with ``server`` that ended without their exit had not had stored,
-    oldest first; their files are removed once read. Files of a chat still running (its lock
-    is held) or of another server are left alone. A damaged file is logged and removed."""
-    found: list[tuple[float, Held]] = []
-    for lock_path, lock_fd in _unheld(state_dir / FOLDER):
-        try:
-            data_path = lock_path.with_suffix(".json")
-            held: tuple[str, Held] | None
-            try:
-                when = data_path.stat().st_mtime
-                held = _read(data_path)
-            except FileNotFoundError:
-                held, when = None, 0.0  # (killed before its first write: nothing to take)
-            except (OSError, ValueError, TypeError, KeyError, AttributeError,
-                    RecursionError) as e:
-                log.warning("what a chat that ended without its exit had typed is lost: %s "
-                            "is damaged (%s)", data_path, e)
-                held, when = None, 0.0
-            if held is not None and held[0] != server:
-                continue  # (the next chat with that server takes it)
-            if held is not None:
-                found.append((when, held[1]))
-            for p in (data_path, _tmp(data_path), lock_path):
+class Orphans:
+    """What chats that ended without their exit left (``take_orphans``): ``held``, oldest
+    first, and their files, locked by us until ``forget`` (what they held is safe elsewhere
+    now: the files go) or ``release`` (it is not: the files stay, for the next chat)."""
+
+    def __init__(self, found: list[tuple[float, Held, list[Path], int]]) -> None:
+        found.sort(key=lambda f: f[0])
+        self.held = [h for _, h, _, _ in found]
+        self._files = [(paths, fd) for _, _, paths, fd in found]
+
+    def forget(self) -> None:
+        for paths, _ in self._files:
+            for p in paths:
                 with contextlib.suppress(OSError):
                     p.unlink()
-        finally:
-            os.close(lock_fd)
-    return [held for _, held in sorted(found, key=lambda f: f[0])]
+        self.release()
+
+    def release(self) -> None:
+        for _, fd in self._files:
+            os.close(fd)
+        self._files = []
+
+
+def take_orphans(state_dir: Path, server: str) -> Orphans:
+    """What the chats with ``server`` that ended without their exit had not had stored.
+    Files of a chat still running (its lock is held) or of another server are left alone;
+    a damaged file, and a gone chat's that held nothing, are logged and removed."""
+    found: list[tuple[float, Held, list[Path], int]] = []
+    for lock_path, lock_fd in _unheld(state_dir / FOLDER):
+        data_path = lock_path.with_suffix(".json")
+        paths = [data_path, _tmp(data_path), lock_path]
+        held: tuple[str, Held] | None
+        try:
+            when = data_path.stat().st_mtime
+            held = _read(data_path)
+        except FileNotFoundError:
+            held, when = None, 0.0  # (killed before its first write: nothing to take)
+        except (OSError, ValueError, TypeError, KeyError, AttributeError,
+                RecursionError) as e:
+            log.warning("what a chat that ended without its exit had typed is lost: %s "
+                        "is damaged (%s)", data_path, e)
+            held, when = None, 0.0
+        if held is not None and held[0] == server:
+            found.append((when, held[1], paths, lock_fd))
+            continue
+        if held is None:
+            for p in paths:
+                with contextlib.suppress(OSError):
+                    p.unlink()
+        os.close(lock_fd)  # (another server's: the next chat with that server takes it)
+    return Orphans(found)
 
 
 def _unheld(folder: Path) -> Iterator[tuple[Path, int]]:
     """The lock files in ``folder`` that no running chat holds, each locked by us now (the
     caller closes the descriptor)."""
     try:
-        names = sorted(p for p in folder.iterdir() if p.suffix == ".lock")
+        listed = list(folder.iterdir())
     except OSError:
         return
+    for path in listed:  # (a chat killed between making its lock file and naming it)
+        with contextlib.suppress(OSError):
+            if path.name.endswith(".lock.new") and (
+                    time.time() - path.lstat().st_mtime > STALE_NEW):
+                path.unlink()
+    names = sorted(p for p in listed if p.suffix == ".lock")
     for path in names:
         try:  # (non-blocking: a FIFO by that name hung the chat's start; 2026-11-25)
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)

@@ -106,12 +106,15 @@ def save(state_dir: Path, key: str, open_rooms: OpenRooms, *,
     used = 0
     for room in rooms:
         both = [t for t in (theirs.get(room), ours.get(room)) if t]
-        text = "\n".join(dict.fromkeys(both))  # (the same text twice is once)
-        if 0 < len(text) <= MAX_DRAFT and used + len(text) <= MAX_DRAFTS:
-            drafts[room] = text
-            used += len(text)
-            if room in ours:
-                written[room] = ours[room]
+        # Both (the same text twice is once), else ours alone, else theirs alone: two too
+        # long together lost both (a review, 2026-11-25).
+        for text in ("\n".join(dict.fromkeys(both)), ours.get(room, ""), theirs.get(room, "")):
+            if 0 < len(text) <= MAX_DRAFT and used + len(text) <= MAX_DRAFTS:
+                drafts[room] = text
+                used += len(text)
+                if room in ours and ours[room] in text:
+                    written[room] = ours[room]
+                break
     # (ASCII: a lone surrogate typed or pasted is escaped, and read back as it was)
     body = json.dumps({"rooms": list(rooms), "shown": open_rooms.shown, "drafts": drafts})
     try:

@@ -241,8 +241,8 @@ class ChatApp:
     """The conversations, their sessions, the screen and the commands."""
 
     def __init__(self, link: Link, me: pb.WhoAmIResponse, *, notify: bool = False,
-                 keep: keepsafe.KeepSafe | None = None, inherited: Sequence[str] = ()
-                 ) -> None:
+                 keep: keepsafe.KeepSafe | None = None, inherited: Sequence[str] = (),
+                 orphans: keepsafe.Orphans | None = None) -> None:
         self.link = link
         self.me = me.identity
         self.notify = notify
@@ -251,6 +251,7 @@ class ChatApp:
         # write to unsent.txt: listed with this chat's own until they are.
         self.keep = keep
         self.inherited = list(inherited)
+        self.orphans = orphans  # (their files: forgotten once ``keep`` holds what they held)
         self.pacer = Pacer()
         self.renderer = Renderer()
         self.conversations: dict[str, Conversation] = {}
@@ -697,19 +698,23 @@ class ChatApp:
             keep = self.handle(text)
         finally:
             self.submitting = False
-        # The line Up was pressed on comes back once the one Up brought is submitted (it was
-        # gone): into the input, after the line if that is kept to edit; or its room's draft.
-        draft = self.history.leave()
-        self.history.add(text)
-        if not keep:
-            self.input.reset()
-        if draft.strip() and before != self.current and before in self.conversations:
-            had = self.drafts[before].text if before in self.drafts else ""
-            joined = f"{had}\n{draft}" if had else draft
-            self.drafts[before] = Document(joined, len(joined))
-        elif draft.strip():
-            joined = f"{self.input.text}\n{draft}" if self.input.text else draft
-            self.input.document = Document(joined, len(joined))
+        if keep and self.current == before and self.history.recalled() is not None:
+            pass  # (a line Up brought, kept to edit: the one Up was pressed on waits for Down)
+        else:
+            # The line Up was pressed on comes back once the one Up brought is submitted (it
+            # was gone): into the input, or the draft of its room if this line left it (a
+            # room left keeps its draft for the next /join).
+            draft = self.history.leave()
+            self.history.add(text)
+            if not keep:
+                self.input.reset()
+            if draft.strip() and before is not None and before != self.current:
+                had = self.drafts[before].text if before in self.drafts else ""
+                joined = f"{had}\n{draft}" if had else draft
+                self.drafts[before] = Document(joined, len(joined))
+            elif draft.strip():
+                joined = f"{self.input.text}\n{draft}" if self.input.text else draft
+                self.input.document = Document(joined, len(joined))
         if self.current != before:  # (a /join, /msg or /leave: the room shown now may have
             self.bring_back_draft(self.current or "")  # a draft, after a line kept to edit)
         # At once, not at the next second's: a line sent and then killed with the chat came
@@ -1577,6 +1582,9 @@ class ChatApp:
             return
         was = self.keep.failing
         self.keep.keep(self.held())
+        if self.orphans is not None and not self.keep.failing:
+            self.orphans.forget()
+            self.orphans = None
         if self.keep.failing and not was:
             self.say(f"cannot keep what you type in {self.keep.path.parent} "
                      f"({self.keep.failing}): until it can, a crash of this chat loses it",
@@ -1626,20 +1634,25 @@ class TakenOver:
     rooms: openrooms.OpenRooms
     took: dict[str, str]
     inherited: list[str]
+    # Their files, until what they held is kept elsewhere (``ChatApp.keep_safe``): None
+    # once it is in unsent.txt.
+    orphans: keepsafe.Orphans | None
 
 
 def _take_over(state: Path, key: str) -> TakenOver:
     """What the last chat with ``key``'s server left at its exit (``openrooms``) and what the
-    chats that ended without keeping it left (``keepsafe``): every one's rooms, the newest
-    first, and the one it showed; every one's drafts; and their lines not stored, appended
-    to unsent.txt (then said at the start, as any addition is). The file's drafts are taken
-    out of it (in the inputs now: a chat killed later must not bring them back twice).
+    chats that ended without keeping it left (``keepsafe``): the rooms of those (the newest
+    first) and then the exit's, and the room the newest of them showed; every one's drafts;
+    and their lines not stored, appended to unsent.txt (then said at the start, as any
+    addition is). The file's drafts are taken out of it (in the inputs now: a chat killed
+    later must not bring them back twice).
 
     Two chats with one server, one killed and one that exits: the killed one's rooms alone
     were opened, and the other's draft in another room was not brought back, or came back
     later after it had been sent (a kill -9 run, 2026-11-25)."""
     exited = openrooms.load(state, key)
-    orphans = keepsafe.take_orphans(state, key)
+    taken_over = keepsafe.take_orphans(state, key)
+    orphans = taken_over.held
     newest = next((h for h in reversed(orphans) if h.rooms), None)
     rooms = tuple(dict.fromkeys(
         (*(r for h in reversed(orphans) for r in h.rooms), *exited.rooms)))
@@ -1657,19 +1670,19 @@ def _take_over(state: Path, key: str) -> TakenOver:
     taken = TakenOver(openrooms.OpenRooms(
         rooms, newest.shown if newest else exited.shown,
         tuple((room, text) for room, text in drafts.items() if room in rooms)),
-        dict(exited.drafts), [])
+        dict(exited.drafts), [], None)
     if exited.drafts or orphans:
         openrooms.save(state, key, replace(taken.rooms, drafts=()))
     if orphans:
         log.warning("a chat with %s ended without keeping what it held: %d line(s) not "
                     "stored, %d draft(s)", key, sum(len(h.lines) for h in orphans),
                     sum(len(h.drafts) for h in orphans))
-    if not lines:
-        return taken
-    path, not_kept = _keep_unsent(lines, key, "from a chat that ended without keeping them")
-    if not_kept:
+    path, not_kept = (_keep_unsent(lines, key, "from a chat that ended without keeping them")
+                      if lines else (None, ""))
+    if not_kept:  # (their files stay until this chat keeps what they held: a full disk)
         log.warning("could not add them to %s (%s): listed at this chat's exit", path, not_kept)
-        return replace(taken, inherited=lines)
+        return replace(taken, inherited=lines, orphans=taken_over)
+    taken_over.forget()
     return taken
 
 
@@ -1797,7 +1810,7 @@ async def run_tui(server: str, room: str | None, *, token: str | None, socket: s
         taken = _take_over(state, key)  # (a damaged file: said in the log)
         last = taken.rooms
         chat = ChatApp(link, me, notify=notify, keep=keepsafe.KeepSafe.open(state, key),
-                       inherited=taken.inherited)
+                       inherited=taken.inherited, orphans=taken.orphans)
         old_handler = loop.get_exception_handler()
         loop.set_exception_handler(_on_loop_error(chat))
         # The terminal closing (a window, an ssh connection) hangs up: leave as /quit does,
@@ -1846,6 +1859,10 @@ async def run_tui(server: str, room: str | None, *, token: str | None, socket: s
                 # now (one a full disk left as it was brought back a draft sent since).
                 chat.keep_safe()
                 chat.keep.close(remove=not not_kept or bool(chat.keep.failing))
+            if chat.orphans is not None and not_kept:  # (left for the next chat)
+                chat.orphans.release()
+            elif chat.orphans is not None:  # (kept by this exit)
+                chat.orphans.forget()
             for sig in (signal.SIGHUP, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
             loop.set_exception_handler(old_handler)
