@@ -461,6 +461,7 @@ async def test_held_tokenless_streams_are_bounded_even_from_plain_loopback(
             held += [await open_one(one) for _ in range(MAX_OPEN_STREAMS_PER_CONNECTION)]
             e = await refused(open_one(one))
             assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and what in e.details()
+            assert "per connection" in e.details()  # (the bound reached, named)
         held += [await watch(ch) for ch in [channel() for _ in range(
             MAX_OPEN_STREAMS // MAX_OPEN_STREAMS_PER_CONNECTION - 1)]
                  for _ in range(MAX_OPEN_STREAMS_PER_CONNECTION)]

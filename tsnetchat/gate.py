@@ -78,6 +78,7 @@ log = logging.getLogger("tsnetchat.gate")
 # here instead of in tailscaled.
 WHOIS_SLOTS = 16
 GUARD_SLOTS = 4  # the connection guard's lookups at a time (``Gate.device``)
+UNANSWERED = "?"  # ``Gate.device_behind``'s device for a peer WhoIs did not answer for
 # Refusals one connection, and one device, may collect (burst, then per second) before its
 # calls are refused unread. The shipped clients stop at the first UNAUTHENTICATED or
 # PERMISSION_DENIED; anything beyond a handful is a script or an attack (issue 14 saw
@@ -588,16 +589,31 @@ class Gate:
     @asynccontextmanager
     async def device_behind(self, peer: str) -> AsyncIterator[str]:
         """The node id of the device behind gRPC's ``peer``, for a call with no token (a
-        health Watch), held for the call's life: from the connection's WhoIs, as ``admit``
-        asks and caches it (one per connection while any call on it is held). "" when there
-        is none: not through tailscaled (a process on this machine), or tailscaled does not
-        know it or does not answer in time. Never raises for that: the caller decides."""
+        health Watch), held for the call's life: the connection's WhoIs if a call has it,
+        else asked (``GUARD_SLOTS`` at a time, as ``device``: tokenless calls must not keep
+        people's admissions waiting for WhoIs; a review, 2026-11-25), kept for the other
+        calls on the connection while this one is held. "" when tailscaled does not know
+        the peer (a process on this machine); ``UNANSWERED`` when it does not answer, or
+        fails: one device for all of those. Never raises for that: the caller decides."""
         conn = self._enter(peer)
         try:
-            device = ""
-            if conn.addr:
-                with contextlib.suppress(TsnetchatError):
-                    device = (await self._identity(conn)).node_id
+            if conn.who is not None and not conn.stale:
+                device = conn.who.node_id
+            elif not conn.addr:
+                device = ""
+            else:
+                async with self._guard_slots:
+                    try:
+                        who = await asyncio.wait_for(self._tailnet.whois(conn.addr),
+                                                     self.whois_timeout)
+                        self.whois_calls += 1
+                        device = who.node_id
+                        if not conn.node_id:
+                            conn.node_id, conn.who = who.node_id, who
+                    except PeerNotFound:
+                        device = ""
+                    except (TailnetError, TimeoutError):
+                        device = UNANSWERED
             yield device
         finally:
             self._leave(conn)

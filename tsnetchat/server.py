@@ -141,7 +141,8 @@ DeviceOf = Callable[[str], contextlib.AbstractAsyncContextManager[str]]
 class StreamBound:
     """At most MAX_OPEN_STREAMS_PER_CONNECTION streams of one kind per connection,
     MAX_OPEN_STREAMS_PER_DEVICE per tailnet device (``device``: the node id behind a peer,
-    "" for none), and MAX_OPEN_STREAMS in all; one more is refused (RESOURCE_EXHAUSTED)."""
+    "" for none; ``Gate.device_behind``), and MAX_OPEN_STREAMS in all; one more is refused
+    (RESOURCE_EXHAUSTED, naming the bound)."""
 
     def __init__(self, what: str, device: DeviceOf) -> None:
         self.what = what
@@ -152,14 +153,9 @@ class StreamBound:
     @contextlib.asynccontextmanager
     async def hold(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
         peer = context.peer()
-        if (self._open.total() >= MAX_OPEN_STREAMS
-                or self._open[peer] >= MAX_OPEN_STREAMS_PER_CONNECTION):
-            await self._refuse(context)
+        await self._check(context, peer, "")
         async with self._device(peer) as device:  # (after the cheap bounds: no WhoIs)
-            if (self._open.total() >= MAX_OPEN_STREAMS
-                    or self._open[peer] >= MAX_OPEN_STREAMS_PER_CONNECTION
-                    or (device and self._by_device[device] >= MAX_OPEN_STREAMS_PER_DEVICE)):
-                await self._refuse(context)  # (again: others came in while WhoIs answered)
+            await self._check(context, peer, device)  # (again: others came in meanwhile)
             self._open[peer] += 1
             self._by_device[device] += 1
             try:
@@ -170,12 +166,19 @@ class StreamBound:
                     if not counts[key]:
                         del counts[key]
 
-    async def _refuse(self, context: grpc.aio.ServicerContext) -> None:
+    async def _check(self, context: grpc.aio.ServicerContext, peer: str, device: str
+                     ) -> None:
+        """Refuse the stream if a bound is reached, naming that bound."""
+        if self._open.total() >= MAX_OPEN_STREAMS:
+            bound = f"{MAX_OPEN_STREAMS} in all"
+        elif self._open[peer] >= MAX_OPEN_STREAMS_PER_CONNECTION:
+            bound = f"{MAX_OPEN_STREAMS_PER_CONNECTION} per connection"
+        elif device and self._by_device[device] >= MAX_OPEN_STREAMS_PER_DEVICE:
+            bound = f"{MAX_OPEN_STREAMS_PER_DEVICE} per device"
+        else:
+            return
         await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                            f"too many open {self.what} (at most "
-                            f"{MAX_OPEN_STREAMS_PER_CONNECTION} per connection, "
-                            f"{MAX_OPEN_STREAMS_PER_DEVICE} per device, "
-                            f"{MAX_OPEN_STREAMS} in all)")
+                            f"too many open {self.what} (at most {bound})")
 
 
 class BoundedHealth(health.aio.HealthServicer):  # type: ignore[misc]
