@@ -314,6 +314,9 @@ class _Pending:
     done: bool = False
     # Acknowledged by the stream: applied here sooner or later, whoever still waits for it.
     stored: bool = False
+    # The deadlines of those who wait (``_bound``), cancelled once it is settled: a timer
+    # per message lived for ``cluster_wait`` after its application (a review, 2026-11-25).
+    timers: list[asyncio.TimerHandle] = field(default_factory=list)
 
 
 class _Kicks:
@@ -1188,6 +1191,8 @@ class ClusterHistory:
         if p.done:
             return
         p.done = True
+        for timer in p.timers:
+            timer.cancel()
         self._mine.pop(p.origin, None)
         d = p.draft
         if self._inflight.get((d.room, d.sender.login, d.client_msg_id)) is p:
@@ -1205,8 +1210,9 @@ class ClusterHistory:
     def _bound(self, p: _Pending, then: Settle, deadline: float) -> None:
         """``then`` waits for ``p``, which the stream has acknowledged, to be applied here
         until ``deadline`` at most (``_too_late``)."""
-        asyncio.get_running_loop().call_later(
-            max(APPLY_GRACE, deadline - time.monotonic()), self._too_late, p, then)
+        if not p.done:  # (settled while the append's answer was on its way)
+            p.timers.append(asyncio.get_running_loop().call_later(
+                max(APPLY_GRACE, deadline - time.monotonic()), self._too_late, p, then))
 
     def _too_late(self, p: _Pending, then: Settle) -> None:
         """Refuse ``then`` if ``p`` is still not applied here: the stream has it, but this

@@ -1028,11 +1028,12 @@ class ChatService:
             if not 0 < len(request.login) <= auth.MAX_LOGIN:
                 raise InvalidInput("login must be a tailnet login or tag")
             n = self.kick_here(request.room, request.login, p.login)
+            # (before the cluster's answer: the streams here are closed even when it fails)
+            log.info("kick room=%r login=%r by=%r streams=%d", request.room, request.login,
+                     p.login, n)
             if self.kick_elsewhere is not None:  # (UNAVAILABLE when not sure it got there)
                 await self.kick_elsewhere(request.room, request.login, p.login,
                                           _answer_within(context))
-            log.info("kick room=%r login=%r by=%r streams=%d", request.room, request.login,
-                     p.login, n)
             return pb.KickResponse(streams_closed=n)
         raise AssertionError("unreachable")  # pragma: no cover
 
