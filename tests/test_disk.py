@@ -338,7 +338,8 @@ def test_lines_the_chat_cannot_keep_on_a_full_disk_leave_no_empty_file_and_say_w
     disk.mkdir()
     d = shlex.quote(str(disk))
     keep = ("import json, os, sys; from tsnetchat import tui; "
-            "print(json.dumps(tui._keep_unsent(['#general: hello ' * 2000]), default=str))")
+            "print(json.dumps(tui._keep_unsent(['#general: hello ' * 2000], 's:1'), "
+            "default=str))")
     py = shlex.quote(sys.executable)
     proc = subprocess.run(
         ["unshare", "-m", "sh", "-c",
