@@ -803,18 +803,26 @@ async def test_text_typed_in_no_room_is_listed_at_exit_as_typed_in_no_room() -> 
     assert app.unsent({}) == ["(typed in no room) typed with no room"]
 
 
+def up_pressed(rooms: tuple[str, ...], shown: str, sent: str, typed: str) -> Any:
+    """Alice's chat with ``rooms`` open, ``shown`` shown, ``sent`` sent earlier (if any), and
+    Up pressed while ``typed`` was in the input."""
+    app = alices_chat()
+    for room in rooms:
+        app.conversations[room] = app.conversation_for(room)
+    app.current = shown
+    if sent:
+        app.history.add(sent)
+    app.input.text = typed
+    app.recall(app.history.older(app.input.text))
+    return app
+
+
 async def test_a_line_typed_before_up_is_what_a_room_switch_a_submit_and_the_exit_keep(
         ) -> None:
     """Up showed an old line: quitting then kept the old line and lost the one being typed,
     and switching rooms carried the typed one over to the next room's Down (a kill -9 run,
     2026-11-24)."""
-    app = alices_chat()
-    for room in ("general", "ops"):
-        app.conversations[room] = app.conversation_for(room)
-    app.current = "general"
-    app.history.add("/help")
-    app.input.text = "half a thought"
-    app.recall(app.history.older(app.input.text))
+    app = up_pressed(("general", "ops"), "general", "/help", "half a thought")
     assert app.input.text == "/help"
     assert ("general", "half a thought") in app.typed()  # what the exit and keepsafe keep
     assert all(text != "/help" for _, text in app.typed())  # (only recalled, not typed)
@@ -835,11 +843,7 @@ async def test_a_line_typed_before_up_is_what_a_room_switch_a_submit_and_the_exi
 async def test_up_with_nothing_sent_yet_leaves_the_line_typed_as_it_is() -> None:
     """It raised IndexError, and the chat's end with it kept nothing (a review,
     2026-11-25)."""
-    app = alices_chat()
-    app.conversations["general"] = app.conversation_for("general")
-    app.current = "general"
-    app.input.text = "half typed"
-    app.recall(app.history.older(app.input.text))
+    app = up_pressed(("general",), "general", "", "half typed")
     assert app.input.text == "half typed" and app.typed() == [("general", "half typed")]
     app.recall(app.history.newer())
     assert app.input.text == "half typed"
@@ -849,13 +853,7 @@ async def test_the_line_typed_before_up_stays_with_its_room_when_the_recalled_li
         ) -> None:
     """Up brought /leave back in #ops: the plan typed there went into #general's input (a
     review, 2026-11-25)."""
-    app = alices_chat()
-    for room in ("general", "ops"):
-        app.conversations[room] = app.conversation_for(room)
-    app.current = "ops"
-    app.history.add("/leave")
-    app.input.text = "ops-only plan"
-    app.recall(app.history.older(app.input.text))
+    app = up_pressed(("general", "ops"), "ops", "/leave", "ops-only plan")
     app.submit()
     assert app.current == "general" and app.input.text == ""
     assert app.drafts["ops"].text == "ops-only plan"  # (back at the next /join of #ops)
@@ -864,12 +862,7 @@ async def test_the_line_typed_before_up_stays_with_its_room_when_the_recalled_li
 async def test_a_recalled_line_kept_to_edit_keeps_the_line_typed_before_up_for_down() -> None:
     """It was added to the kept line, and went with it at the next Enter (a review,
     2026-11-25)."""
-    app = alices_chat()
-    app.conversations["general"] = app.conversation_for("general")
-    app.current = "general"
-    app.history.add("/history abc")
-    app.input.text = "my draft"
-    app.recall(app.history.older(app.input.text))
+    app = up_pressed(("general",), "general", "/history abc", "my draft")
     app.submit()  # refused (usage), kept in the input to edit
     assert app.input.text == "/history abc"
     assert "N is a number" in app.conversations["general"].entries[-1].text
