@@ -53,6 +53,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Literal
 
 from . import auth
 from .connguard import remote
@@ -602,18 +603,15 @@ class Gate:
             elif not conn.addr:
                 device = ""
             else:
-                async with self._guard_slots:
-                    try:
-                        who = await asyncio.wait_for(self._tailnet.whois(conn.addr),
-                                                     self.whois_timeout)
-                        self.whois_calls += 1
-                        device = who.node_id
-                        if not conn.node_id:
-                            conn.node_id, conn.who = who.node_id, who
-                    except PeerNotFound:
-                        device = ""
-                    except (TailnetError, TimeoutError):
-                        device = UNANSWERED
+                who = await self._guarded_whois(conn.addr)
+                if who is None:
+                    device = UNANSWERED
+                elif who is False:
+                    device = ""
+                else:
+                    device = who.node_id
+                    if not conn.node_id:
+                        conn.node_id, conn.who = who.node_id, who
             yield device
         finally:
             self._leave(conn)
@@ -622,15 +620,23 @@ class Gate:
         """The name of the device behind ``addr``; "" when tailscaled does not know it, None
         when it does not answer in time. ``GUARD_SLOTS`` at a time, apart from the calls'
         ``WHOIS_SLOTS``: a burst of these must not keep people's calls waiting."""
+        who = await self._guarded_whois(addr)
+        if who is None or who is False:
+            return None if who is None else ""
+        return _device_name(who)
+
+    async def _guarded_whois(self, addr: str) -> WhoIs | Literal[False] | None:
+        """WhoIs of ``addr``, ``GUARD_SLOTS`` at a time (``device``, ``device_behind``):
+        False when tailscaled does not know it, None when it does not answer in time."""
         async with self._guard_slots:
             try:
                 who = await asyncio.wait_for(self._tailnet.whois(addr), self.whois_timeout)
             except PeerNotFound:
-                return ""
+                return False
             except (TailnetError, TimeoutError):
                 return None
         self.whois_calls += 1
-        return _device_name(who)
+        return who
 
 
 def _device_name(who: WhoIs) -> str:
