@@ -1197,15 +1197,19 @@ class ClusterHistory:
         d = p.draft
         if self._inflight.get((d.room, d.sender.login, d.client_msg_id)) is p:
             del self._inflight[(d.room, d.sender.login, d.client_msg_id)]
-        self._unsettled -= (p.then is not None) + len(p.resends)
-        if not self._unsettled:
-            self._settled.set()
+        self._unsettle((p.then is not None) + len(p.resends))
         if p.then is not None:
             p.then(outcome)
         elif isinstance(outcome, Written):  # its sender was refused (``_too_late``): the room
             self.hub.publish(outcome.message.room, codec.message_item(outcome.message))
         for then in p.resends:
             then(Written(outcome.message, True) if isinstance(outcome, Written) else outcome)
+
+    def _unsettle(self, n: int) -> None:
+        """``n`` fewer senders wait for an answer (``drain`` returns once none do)."""
+        self._unsettled -= n
+        if not self._unsettled:
+            self._settled.set()
 
     def _bound(self, p: _Pending, then: Settle, deadline: float) -> None:
         """``then`` waits for ``p``, which the stream has acknowledged, to be applied here
@@ -1228,9 +1232,7 @@ class ClusterHistory:
             p.resends.remove(then)
         else:
             return
-        self._unsettled -= 1
-        if not self._unsettled:
-            self._settled.set()
+        self._unsettle(1)
         # (it waited for ever: a send's own client timeout, a /topic the client's deadline;
         # a kill -9 run with cluster.db's write lock held by another process, 2026-11-25)
         then(Unconfirmed(
