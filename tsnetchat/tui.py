@@ -709,12 +709,9 @@ class ChatApp:
             if not keep:
                 self.input.reset()
             if draft.strip() and before is not None and before != self.current:
-                had = self.drafts[before].text if before in self.drafts else ""
-                joined = f"{had}\n{draft}" if had else draft
-                self.drafts[before] = Document(joined, len(joined))
+                self.drafts[before] = appended(self.drafts.get(before, Document()).text, draft)
             elif draft.strip():
-                joined = f"{self.input.text}\n{draft}" if self.input.text else draft
-                self.input.document = Document(joined, len(joined))
+                self.input.document = appended(self.input.text, draft)
         if self.current != before:  # (a /join, /msg or /leave: the room shown now may have
             self.bring_back_draft(self.current or "")  # a draft, after a line kept to edit)
         # At once, not at the next second's: a line sent and then killed with the chat came
@@ -1510,11 +1507,10 @@ class ChatApp:
             return
         shown = room == self.current
         before = self.input.text if shown else self.drafts.get(room, Document()).text
-        joined = f"{before}\n{text}" if before else text
         if shown:
-            self.input.document = Document(joined, len(joined))
+            self.input.document = appended(before, text)
         else:
-            self.drafts[room] = Document(joined, len(joined))
+            self.drafts[room] = appended(before, text)
         self.invalidate()
 
     def unsent(self, kept: Mapping[str, str]) -> list[str]:
@@ -1523,20 +1519,23 @@ class ChatApp:
         is typed. ``kept``: the drafts ``openrooms.save`` wrote, back in their inputs next
         time; one brought back unchanged from the last chat is not listed again (it is in
         unsent.txt already, and was listed at every exit: a review, 2026-11-24)."""
-        titles = self.titles()
+        typed_now = self.typed()
+        titles = self.titles(typed_now)
         # (in which room: "(input)" alone did not say; a new user's day, 2026-11-24)
         typed = [f"(typed in {titles.get(room, room or 'no room')}"
                  f"{'; back in its input next time' if kept.get(room) == text else ''}) {text}"
-                 for room, text in self.typed()
+                 for room, text in typed_now
                  if not (kept.get(room) == text == self.restored_as.get(room))]
-        return self.pending_lines() + [indented(line) for line in typed]
+        return self.pending_lines(titles) + [indented(line) for line in typed]
 
-    def pending_lines(self, *, if_killed: bool = False) -> list[str]:
+    def pending_lines(self, titles: Mapping[str, str], *, if_killed: bool = False
+                      ) -> list[str]:
         """What was submitted and not stored: each room's outbox, the changes waiting for
         it, the commands not answered yet, and lines an earlier chat left (``inherited``);
-        as listed at the exit. ``if_killed``: as a chat killed after this would have to
-        list them, each message on its way "may have been stored" (one sent the moment
-        before a kill -9 was stored, and listed as not sent; 2026-11-25)."""
+        as listed at the exit, rooms by their ``titles``. ``if_killed``: as a chat killed
+        after this would have to list them, each message on its way "may have been stored"
+        (one sent the moment before a kill -9 was stored, and listed as not sent;
+        2026-11-25)."""
         # (one written before the link broke is QUEUED again: it was listed as plainly not
         # sent, and had been stored; a kill -9 run, 2026-11-24)
         def note(o: Outgoing) -> str:
@@ -1549,7 +1548,6 @@ class ChatApp:
         def text(o: Outgoing) -> str:  # (a /me listed as plain text was sent back as one)
             return f"/me {o.text}" if o.kind == pb.MESSAGE_KIND_ACTION else o.text
 
-        titles = self.titles()
         out = [f"{titles.get(room, room)}: {text(o)}{note(o)}"
                for room, s in self.sessions.items() for o in s.outbox]
         out += [f"(waiting in {titles.get(room, room)} for the message above) {line}"
@@ -1558,19 +1556,20 @@ class ChatApp:
                 for line, room in self.commands_out.values()]
         return [indented(line) for line in out] + self.inherited
 
-    def titles(self) -> dict[str, str]:
-        """Each room's title, by name: the open ones' and those with something typed."""
-        titles = {room: self.conversation_for(room).title for room, _ in self.typed() if room}
+    def titles(self, typed: Iterable[tuple[str, str]]) -> dict[str, str]:
+        """Each room's title, by name: the open ones' and those with something ``typed``."""
+        titles = {room: self.conversation_for(room).title for room, _ in typed if room}
         titles.update((name, c.title) for name, c in self.conversations.items())
         return titles
 
     def held(self) -> keepsafe.Held:
         """What the chat holds and has not had stored, for ``keepsafe``."""
-        opened, titles, typed = self.open_rooms(), self.titles(), self.typed()
+        typed = self.typed()
+        opened, titles = self.open_rooms(), self.titles(typed)
         return keepsafe.Held(opened.rooms, opened.shown,
                              tuple((room, titles.get(room, room or "no room"), text)
                                    for room, text in typed),
-                             tuple(self.pending_lines(if_killed=True)),
+                             tuple(self.pending_lines(titles, if_killed=True)),
                              tuple(room for room, text in typed
                                    if self.restored_as.get(room) == text))
 
@@ -1596,6 +1595,13 @@ class ChatApp:
         while True:
             await asyncio.sleep(seconds)
             self.keep_safe()
+
+
+def appended(before: str, text: str) -> Document:
+    """``text`` on a line of its own after ``before`` (alone when there is none), with the
+    cursor at its end: a draft brought back to what is typed already."""
+    joined = f"{before}\n{text}" if before else text
+    return Document(joined, len(joined))
 
 
 def indented(text: str, by: str = "    ") -> str:
@@ -1663,7 +1669,7 @@ def _take_over(state: Path, key: str) -> TakenOver:
         lines += held.lines
         for room, title, text in held.drafts:
             if room in rooms and drafts.get(room) != text:
-                drafts[room] = f"{drafts[room]}\n{text}" if room in drafts else text
+                drafts[room] = appended(drafts.get(room, ""), text).text
             if room not in held.as_restored:  # (else in unsent.txt already)
                 back = "; back in its input" if room in rooms else ""
                 lines.append(indented(f"(typed in {title}{back}) {text}"))
