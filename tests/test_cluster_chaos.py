@@ -265,6 +265,8 @@ async def test_a_message_the_stream_took_while_the_copy_was_locked_is_refused_in
         shown = await collect(call.call, 2, timeout=20)  # applied once the lock is gone
         assert [(m.text, m.kind) for m in shown] == [
             (text, pb.MESSAGE_KIND_TEXT), ("set while locked", pb.MESSAGE_KIND_TOPIC)]
+        # Stored through this server, so counted here, as every other of its messages is.
+        assert one.server.metrics.counters["messages_total"] == 3
         await call.write(send(text, "m1"))
         resent = await ack_or_error(call, "m1")
         assert isinstance(resent, pb.Sent) and resent.id == shown[0].id

@@ -23,7 +23,7 @@ from tsnetchat.errors import (
 from tsnetchat.hub import Hub, Subscriber
 from tsnetchat.ledger import Ledger
 from tsnetchat.pb import chat_pb2 as pb
-from tsnetchat.store import Sender, SqliteHistory
+from tsnetchat.store import Sender, SqliteHistory, StoredMessage
 
 ALICE = Sender("alice@example.com", "Alice", "alice-laptop")
 
@@ -132,6 +132,28 @@ async def test_over_the_rate_a_send_is_refused_with_the_wait_and_is_not_a_strike
     assert "slow down: at most 4 messages/s (bursts of 2)" in str(error)
     assert 0 < retry_after <= 0.25
     assert world.history.last_id("general") == 2
+
+
+async def test_a_message_applied_from_the_cluster_is_shown_and_charged_or_counted_by_whose(
+        world: World) -> None:
+    """Cluster mode hands the ledger what no send here settles (ClusterHistory.on_applied):
+    another server's message uses up its sender's rate here; one of ours that was applied
+    after its sender was refused counts as stored here (it was not counted, 2026-11-25)."""
+    world.rules.rate_burst, world.rules.rate_per_second = 1, 0.01
+    world.ledger.apply(world.rules)
+    bob = world.member("bob@example.com")
+    elsewhere = StoredMessage("general", 7, 0, ALICE, pb.MESSAGE_KIND_TEXT, "via two", "x")
+    world.ledger.applied(elsewhere, False)
+    assert events(bob) == [("message", (7, "via two"))]
+    assert world.ledger.metrics.counters["messages_total"] == 0
+    alice = world.member()
+    world.ledger.send(alice, ALICE, "over her rate", 0, "c1")
+    ((_, error, cmid, _),) = world.refused
+    assert cmid == "c1" and isinstance(error, LimitExceeded)
+    late = StoredMessage("general", 8, 0, ALICE, pb.MESSAGE_KIND_TEXT, "late", "c0")
+    world.ledger.applied(late, True)
+    assert events(bob) == [("message", (8, "late"))]
+    assert world.ledger.metrics.counters["messages_total"] == 1
 
 
 async def test_a_person_brings_new_rooms_into_being_50_at_once_then_one_a_minute(

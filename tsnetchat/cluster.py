@@ -35,7 +35,7 @@ the measured facts this relies on ("fact N" below).
   every Welcome lists so clients can fail over; presence (``PRESENCE``, entries that expire
   unless their server keeps them fresh). Kicks are stored for a minute in ``KICKS``,
   which every server follows from when it starts (``kick``, ``_Kicks``). Each server also
-  charges a person's rate bucket for what they sent through the others (``on_foreign``).
+  charges a person's rate bucket for what they sent through the others (``on_applied``).
 
 Reads (history, resume, ListRooms) are answered from the local copy. nats-py errors are
 translated here and nowhere else.
@@ -362,7 +362,7 @@ class ClusterHistory:
     the local copy has caught up with the stream; ``close`` settles what is in flight."""
 
     def __init__(self, local: SqliteHistory, hub: Hub, cfg: ServerConfig) -> None:
-        self.local, self.hub, self.cfg = local, hub, cfg
+        self.local, self.cfg = local, cfg
         self.wait = cfg.cluster_wait
         self.path = local.path
         self.identity = local.identity  # the cluster's, once ``start`` has read it
@@ -430,9 +430,13 @@ class ClusterHistory:
         self.servers: dict[str, int] = {}
         self.server_nodes: dict[str, str] = {}  # name -> stable node id, as it registered
         self._registered = ""
-        # Called with the sender of each message stored through another server (the rate
-        # limit is charged for it here too).
-        self.on_foreign: Callable[[str], object] = lambda login: None
+        # Called with each message applied here that no sender here is waiting for, to make
+        # it visible: another server's (``ours`` False), or one of this server's whose sender
+        # was refused before this copy had it (``_too_late``). The server hands it to the
+        # ledger (``Ledger.applied``), which counts it, charges a foreign sender's rate limit
+        # and publishes it; until then the room alone sees it.
+        self.on_applied: Callable[[StoredMessage, bool], object] = (
+            lambda m, ours: hub.publish(m.room, codec.message_item(m)))
         # Presence on the other servers: room -> key -> who; and ours, kept fresh.
         self._elsewhere: dict[str, dict[str, pb.Identity]] = {}
         self._here: dict[str, bytes] = {}
@@ -1200,8 +1204,8 @@ class ClusterHistory:
         self._unsettle((p.then is not None) + len(p.resends))
         if p.then is not None:
             p.then(outcome)
-        elif isinstance(outcome, Written):  # its sender was refused (``_too_late``): the room
-            self.hub.publish(outcome.message.room, codec.message_item(outcome.message))
+        elif isinstance(outcome, Written):  # its sender was refused (``_too_late``)
+            self.on_applied(outcome.message, True)
         for then in p.resends:
             then(Written(outcome.message, True) if isinstance(outcome, Written) else outcome)
 
@@ -1510,9 +1514,7 @@ class ClusterHistory:
                 if p is not None:
                     self._settle(p, Written(m, False))  # the ledger publishes and acks
                 else:
-                    if not origin.startswith(self._me + ":"):
-                        self.on_foreign(m.sender.login)
-                    self.hub.publish(m.room, codec.message_item(m))
+                    self.on_applied(m, origin.startswith(self._me + ":"))
             async with self._progress:
                 self._applied = last
                 self._progress.notify_all()

@@ -283,11 +283,18 @@ class Ledger:
         render.validate_text(text, pb.MESSAGE_KIND_TEXT, limits.max_message_bytes)
         return text
 
-    def charge(self, login: str) -> None:
-        """Cluster mode: a message this person sent through another server counts against
-        their rate limit here too, so the limit holds across servers (as far as their
-        buckets are full: a message already stored elsewhere is never refused)."""
-        self._buckets.take(login)
+    def applied(self, msg: StoredMessage, ours: bool) -> None:
+        """Cluster mode (``ClusterHistory.on_applied``): make visible a message stored
+        through the cluster that no ``send`` here settles. Another server's (``ours``
+        False) counts against its sender's rate limit here too, so the limit holds across
+        servers (as far as their buckets are full: a message already stored elsewhere is
+        never refused); one of ours, whose sender was refused before this server's copy
+        had it, is counted as stored here."""
+        if ours:
+            self.metrics.inc("messages_total")
+        else:
+            self._buckets.take(msg.sender.login)
+        self.hub.publish(msg.room, codec.message_item(msg))
 
     def apply(self, limits: SendLimits) -> None:
         """New rate limits (a reload), also for the buckets of people already seen."""

@@ -330,7 +330,7 @@ class Server:
                 self._key_stamp = _stamp(cfg.key_path)
             self.store.on_kick = self.service.kick_here
             self.store.on_removed = self.service.removed_here
-            self.store.on_foreign = self.service.ledger.charge
+            self.store.on_applied = self.service.ledger.applied
             people = self.service.ledger.people  # who can be mentioned, also from elsewhere
             self.store.on_sender = lambda s: people.add(s.login, s.display_name)
             for login, name in self.store.people().items():
