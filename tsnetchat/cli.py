@@ -500,7 +500,11 @@ TimeoutOpt = Annotated[float, typer.Option(
 SplitOpt = Annotated[bool, typer.Option(
     "--split", help="Text over the server's limit goes as several messages, cut between "
     "lines or words as the chat cuts a long paste (up to 256 KiB).")]
-TokenOpt = Annotated[str | None, typer.Option(help="Token (or TSNETCHAT_TOKEN).")]
+# (a command line is readable by every user of the machine, `ps`: an attacker's run,
+# 2026-11-25; the help says so rather than refusing what scripts already pass)
+TokenOpt = Annotated[str | None, typer.Option(
+    help="Token (or TSNETCHAT_TOKEN). Other users of this machine can see a command line "
+         "(ps): prefer --token-file or the variable.")]
 TokenFileOpt = Annotated[Path | None, typer.Option(help="File holding the token.")]
 ProxyOpt = Annotated[str | None, typer.Option(
     help="The local node's proxy in userspace-networking mode: socks5://127.0.0.1:1055 or "
