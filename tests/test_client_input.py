@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import grpc
 import pytest
 from conftest import Chat
 from helpers import free_port, link_as
@@ -270,3 +271,28 @@ def test_a_room_argument_that_is_not_utf8_is_one_line_and_exit_2(command: str) -
         "error: " + ("the message was not sent: " if command == "send" else "")
         + "the text is not valid Unicode (is it UTF-8?)"), done.stderr
     assert b"Traceback" not in done.stderr
+
+
+async def test_a_topic_refused_at_join_leaves_no_running_generator_for_the_loop_to_report(
+        chat: Chat) -> None:
+    """The chat's /topic, /edit and /delete (``send_one``) refused at the Join (a room one was
+    removed from, the limit of open room streams) put "internal error (RuntimeError)" on the
+    chat's screen: "aclose(): asynchronous generator is already running" (a daily user's day,
+    2026-11-25)."""
+    import gc
+
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, object]] = []
+    old = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, ctx: reported.append(ctx))
+    try:
+        conn = await chat.connect("alice@tailnet.test")
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await conn.set_topic("+nosuchroom", "hello")
+        assert "no such private room" in str(refused.value.details()), refused.value
+        for _ in range(5):
+            gc.collect()
+            await asyncio.sleep(0.1)
+    finally:
+        loop.set_exception_handler(old)
+    assert not reported, [str(c.get("exception") or c.get("message")) for c in reported]

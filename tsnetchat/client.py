@@ -176,35 +176,26 @@ class Connection:
         the same ``client_msg_id`` (a new one when empty), the message is stored once and
         the same id returned."""
         cmid = client_msg_id or uuid.uuid4().hex
-        done, welcomed = asyncio.Event(), asyncio.Event()
-        # Built here, not in the request iterator: grpc.aio swallows an exception raised
-        # there (a field out of range) and only cancels the call, which then surfaces as a
-        # bare asyncio.CancelledError that no error boundary catches.
+        # Built here, before the call: a field out of range is InvalidInput, said at once.
         hello = outgoing_event(lambda: pb.ClientEvent(
             hello=pb.Hello(room=room, after_id=2**62, batch_acks=True)))
         send = outgoing_event(lambda: pb.ClientEvent(send=pb.SendMessage(
             text=text, kind=kind, client_msg_id=cmid, target_id=target_id)))  # type: ignore[arg-type]
-        failed: list[BaseException] = []
-
-        async def requests() -> AsyncIterator[pb.ClientEvent]:
-            try:
-                yield hello
-                # Not before the hello is taken: a write racing the server's refusal of the
-                # hello makes grpc.aio report INTERNAL "Internal error from Core" instead of
-                # the server's status (grpc/grpc#36066; seen once in a full run, 2026-11-22).
-                await welcomed.wait()
-                yield send
-                await done.wait()
-            except Exception as e:  # said by the reader below instead of a cancellation
-                failed.append(e)
-                raise
-
-        call = self.stub.Join(requests(), metadata=self.metadata, timeout=timeout)
+        # Written by this task, not by a request iterator: one left waiting for the welcome
+        # when the hello was refused (a room one was removed from, the limit of open
+        # streams) was destroyed pending, and its "aclose(): asynchronous generator is
+        # already running" reached the chat's screen as an internal error (a daily user's
+        # day, 2026-11-25). The send goes after the welcome: a write racing the server's
+        # refusal of the hello makes grpc.aio report INTERNAL "Internal error from Core"
+        # instead of the server's status (grpc/grpc#36066; seen once in a full run,
+        # 2026-11-22).
+        call = self.stub.Join(metadata=self.metadata, timeout=timeout)
         try:
-            async for ev in _reraising(call, failed):
+            await call.write(hello)
+            while (ev := await call.read()) is not grpc.aio.EOF:  # (a refusal raises)
                 which = ev.WhichOneof("event")
                 if which == "welcome":
-                    welcomed.set()
+                    await call.write(send)
                 for sent in acks_in(ev):
                     if sent.client_msg_id == cmid:
                         return int(sent.id)
@@ -213,7 +204,6 @@ class Connection:
                                                grpc.aio.Metadata(), grpc.aio.Metadata(),
                                                ev.error.message)
         finally:
-            done.set()
             call.cancel()
         raise TsnetchatError("the server closed the stream before confirming the message")
 
@@ -247,19 +237,6 @@ def cancelled_under_us() -> bool:
     under it (``Link.reset``, by another room of the same chat)."""
     task = asyncio.current_task()
     return task is not None and not task.cancelling()
-
-
-async def _reraising(call: Any, failed: list[BaseException]) -> AsyncIterator[Any]:
-    """The responses of ``call``; when its request iterator failed (``failed``), that
-    failure instead of the CancelledError grpc.aio ends the call with. A cancellation of
-    the caller's own task stays a cancellation."""
-    try:
-        async for ev in call:
-            yield ev
-    except asyncio.CancelledError:
-        if failed and cancelled_under_us():
-            raise failed[0] from None
-        raise
 
 
 def dm_room(*logins: str) -> str:
