@@ -868,3 +868,60 @@ async def test_a_recalled_line_kept_to_edit_keeps_the_line_typed_before_up_for_d
     assert "N is a number" in app.conversations["general"].entries[-1].text
     app.recall(app.history.newer())
     assert app.input.text == "my draft"
+
+
+async def test_a_line_for_a_room_whose_join_is_refused_is_kept_not_only_said() -> None:
+    """`/msg zorro hi there` (a typo), `/msg chat ...` at the limit of open rooms or after a
+    revocation, or a line typed right after `/join #ops` before its refusal: the text was
+    said once on screen ("not sent to @zorro: hi there") and was then in neither the input
+    nor unsent.txt (a daily user's day, 2026-11-25)."""
+    from tsnetchat.client import RoomSession
+    from tsnetchat.clienterrors import ClientError
+
+    app = alices_chat()
+    app.conversations["general"] = app.conversation_for("general")
+    app.sessions["general"] = RoomSession(app.link, "general")
+    app.current = "general"
+    dm = dm_name("alice@tailnet.test", "zorro@tailnet.test")
+    conv = app.conversations[dm] = app.conversation_for(dm)
+    session = app.sessions[dm] = RoomSession(app.link, dm)
+    app.current = dm
+    session.send("hi there")
+    app.on_fatal(conv, session, ClientError("nobody with the login 'zorro@tailnet.test'",
+                                            retryable=False))
+    kept = [*app.unsent({}), app.input.text]
+    assert any("hi there" in line for line in kept), kept
+    said = [e.text for e in app.conversations["general"].entries]
+    assert any("hi there" in t and "kept: listed when the chat ends" in t for t in said), said
+
+
+async def test_a_line_still_on_its_way_when_its_room_is_left_is_kept_not_only_said() -> None:
+    """Server down, a line typed in #random, `/leave`: "not sent to #random (you left it):
+    ..." on screen, and then nothing at the exit, nor in unsent.txt (2026-11-25)."""
+    from tsnetchat.client import RoomSession
+
+    app = alices_chat()
+    for room in ("general", "random"):
+        app.conversations[room] = app.conversation_for(room)
+        app.sessions[room] = RoomSession(app.link, room)
+    app.current = "random"
+    app.sessions["random"].send("pending line L1 then I leave")
+    app.leave("random")
+    kept = [*app.unsent({}), app.input.text]
+    assert any("pending line L1" in line for line in kept), kept
+    assert any("pending line L1" in line for line in app.held().lines)  # (and if killed)
+
+
+async def test_a_search_that_fails_gives_its_words_back_and_is_never_listed_as_maybe_done(
+        ) -> None:
+    """A /search that failed (the server down) said why, and its words were only in the Up
+    history (a daily user's day, 2026-11-25); a search changes nothing, so it is not listed
+    at the exit as "it may have been done" either."""
+    app = alices_chat()
+    app.conversations["general"] = app.conversation_for("general")
+    app.current = "general"
+    app.handle("/search deploy plan")
+    assert not app.commands_out
+    await asyncio.gather(*app.background, return_exceptions=True)
+    assert app.input.text == "/search deploy plan"
+    assert "(your text is back in the input)" in app.conversations["general"].entries[-1].text

@@ -251,6 +251,9 @@ class ChatApp:
         # write to unsent.txt: listed with this chat's own until they are.
         self.keep = keep
         self.inherited = list(inherited)
+        # Lines on their way to a room that went away without them (``keep_outbox``), as
+        # listed at the exit.
+        self.dropped: list[str] = []
         self.orphans = orphans  # (their files: forgotten once ``keep`` holds what they held)
         self.pacer = Pacer()
         self.renderer = Renderer()
@@ -756,8 +759,9 @@ class ChatApp:
             return self.topic(parsed.text, line)
         elif name in ("edit", "delete"):
             return self.change(name, parsed.text, line)
-        elif name == "search":
-            self.spawn(self.search(parsed.text))
+        elif name == "search":  # (a failed one's words were gone: a daily user, 2026-11-25)
+            self.spawn(self.search(parsed.text), line=line, room=self.current or "",
+                       asks_only=True)
         elif name in ("away", "back"):
             return self.set_away(name == "away", parsed.text, line)
         elif name in ("create", "invite", "remove"):
@@ -1130,8 +1134,16 @@ class ChatApp:
         kept = " (what you had typed there is back when you join it again)" if (
             room in self.drafts) else ""
         self.say(f"left {title}{kept}")
-        for out in session.outbox:  # still on their way: not lost without a word
-            self.say(f"not sent to {title} (you left it): {visible(out.text)}", error=True)
+        self.keep_outbox(session, title, "you left it")
+
+    def keep_outbox(self, session: RoomSession, title: str, why: str) -> None:
+        """What was on its way to a room that goes away without it (a refused /join, a
+        /leave): said, and kept with what is pending: listed at the exit, in unsent.txt (it
+        was said once, then in neither: a daily user's day, 2026-11-25)."""
+        for o in session.outbox:
+            self.dropped.append(indented(f"{title}: {as_typed(o)}  ({why}{unsure_note(o)})"))
+            self.say(f"not sent to {title} ({why}): {visible(o.text)} (kept: listed when the "
+                     "chat ends, and in unsent.txt)", error=True)
 
     def close_buffer(self, room: str) -> None:
         names = list(self.conversations)
@@ -1186,9 +1198,10 @@ class ChatApp:
             self.follow_away(conv)
             if was_away is not None and self.away is None:
                 # (a restarted server forgets who is away: the mark went without a word)
-                conv.notice("you are no longer marked away: the server forgot it (restarted, "
-                            "or another server); /away MESSAGE to say it again", error=True,
-                            renderer=self.renderer)
+                # (said where the person is: in the room whose welcome came first, it was
+                # missed; a daily user's day, 2026-11-25)
+                self.say("you are no longer marked away: the server forgot it (restarted, or "
+                         "another server); /away MESSAGE to say it again", error=True)
             conv.topic = w.topic if w.HasField("topic") else None
             conv.last_read = w.last_read_id
             self.known_rooms.add(conv.name)
@@ -1330,8 +1343,7 @@ class ChatApp:
             self.say(f"cannot join {conv.title}: {err}{made}", error=True)
             if conv.name in self.opening:
                 self.start_notes[conv.name] = f"cannot join {conv.title}: {err}"
-            for out in session.outbox:  # typed while it was joining: not lost, not sent
-                self.say(f"not sent to {conv.title}: {visible(out.text)}", error=True)
+            self.keep_outbox(session, conv.title, "its join was refused")
             return
         conv.notice(f"{conv.title} is closed for good: {err}", error=True,
                     renderer=self.renderer)
@@ -1365,13 +1377,16 @@ class ChatApp:
         self.input.document = Document(line, len(line))
         return True
 
-    def spawn(self, coro: Any, *, line: str = "", room: str = "") -> None:
+    def spawn(self, coro: Any, *, line: str = "", room: str = "", asks_only: bool = False
+              ) -> None:
         """Run ``coro`` in the background; a failure is one line on the screen, and the
         command ``line`` it carries out for ``room`` comes back into the input when that
         room is still shown and its input empty (a /topic refused as too long was gone: a
-        new user's day, 2026-11-23; in another room's input it would act on that room)."""
+        new user's day, 2026-11-23; in another room's input it would act on that room).
+        Until answered, ``line`` is listed at the exit as maybe done, unless it ``asks_only``
+        (a /search changes nothing)."""
         key = object()
-        if line:
+        if line and not asks_only:
             self.commands_out[key] = (line, room)
 
         async def guarded() -> None:
@@ -1385,8 +1400,9 @@ class ChatApp:
                     # reconnecting, after a server's restart, closes the one they share).
                     # It said nothing, or "internal error" (a kill -9 run, 2026-11-24).
                     raise ClientError("the connection closed before the server answered" + (
-                        "; it may have been done: look before you do it again" if line else
-                        "; try again"), retryable=True, transport=True) from None
+                        "; it may have been done: look before you do it again"
+                        if line and not asks_only else "; try again"),
+                        retryable=True, transport=True) from None
             except Exception as e:
                 back = self.put_back(line, room)
                 self.say(str(self.link.translate(e))
@@ -1531,7 +1547,8 @@ class ChatApp:
     def pending_lines(self, titles: Mapping[str, str], *, if_killed: bool = False
                       ) -> list[str]:
         """What was submitted and not stored: each room's outbox, the changes waiting for
-        it, the commands not answered yet, and lines an earlier chat left (``inherited``);
+        it, the commands not answered yet, those on their way to a room that went away
+        (``dropped``) and lines an earlier chat left (``inherited``);
         as listed at the exit, rooms by their ``titles``. ``if_killed``: as a chat killed
         after this would have to list them, each message on its way "may have been stored"
         (one sent the moment before a kill -9 was stored, and listed as not sent;
@@ -1545,16 +1562,13 @@ class ChatApp:
                 return "  (sent, not confirmed: it may have been stored)"
             return ""
 
-        def text(o: Outgoing) -> str:  # (a /me listed as plain text was sent back as one)
-            return f"/me {o.text}" if o.kind == pb.MESSAGE_KIND_ACTION else o.text
-
-        out = [f"{titles.get(room, room)}: {text(o)}{note(o)}"
+        out = [f"{titles.get(room, room)}: {as_typed(o)}{note(o)}"
                for room, s in self.sessions.items() for o in s.outbox]
         out += [f"(waiting in {titles.get(room, room)} for the message above) {line}"
                 for line, room in self.waiting_changes.values()]
         out += [f"(not answered yet in {titles.get(room, room)}: it may have been done) {line}"
                 for line, room in self.commands_out.values()]
-        return [indented(line) for line in out] + self.inherited
+        return [indented(line) for line in out] + self.dropped + self.inherited
 
     def titles(self, typed: Iterable[tuple[str, str]]) -> dict[str, str]:
         """Each room's title, by name: the open ones' and those with something ``typed``."""
@@ -1602,6 +1616,17 @@ def appended(before: str, text: str) -> Document:
     cursor at its end: a draft brought back to what is typed already."""
     joined = f"{before}\n{text}" if before else text
     return Document(joined, len(joined))
+
+
+def as_typed(o: Outgoing) -> str:
+    """A message as it would be typed again (a /me listed as plain text was sent back as
+    one)."""
+    return f"/me {o.text}" if o.kind == pb.MESSAGE_KIND_ACTION else o.text
+
+
+def unsure_note(o: Outgoing) -> str:
+    """"; it may have been stored" for a message written and not answered."""
+    return "; sent, not confirmed: it may have been stored" if o.unsure else ""
 
 
 def indented(text: str, by: str = "    ") -> str:
