@@ -386,6 +386,32 @@ def test_config_show_prints_effective_config_with_secrets_masked(tmp_path: Path)
     assert bad.returncode == 3 and "TSNETCHAT_PORT: 0 is not a TCP port" in bad.stderr
 
 
+async def test_a_metrics_port_in_use_is_a_clear_error_and_the_server_stops_cleanly(
+        tmp_path: Path) -> None:
+    """It was "unexpected OSError: [Errno 98] ... This is a bug in tsnetchat" (an attacker's
+    run, 2026-11-25), where the gRPC port in use is said in words."""
+    from helpers import FakeTailnet, make_config
+
+    from tsnetchat.errors import ConfigError
+    from tsnetchat.server import Server
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        mport = taken.getsockname()[1]
+        cfg = make_config(tmp_path, metrics_port=mport)
+        net = FakeTailnet(server_port=cfg.port)
+        server = Server(cfg, tailnet=net)
+        try:
+            with pytest.raises(ConfigError) as refused:
+                await server.start()
+        finally:
+            await server.stop(grace=0.2)
+            await net.close()
+    assert str(refused.value) == (f"cannot serve metrics on 127.0.0.1:{mport} (metrics_port): "
+                                  "the port is in use (is another server running on it?)")
+
+
 async def test_prometheus_metrics_count_messages_and_refusals(tmp_path: Path) -> None:
     import urllib.request
 

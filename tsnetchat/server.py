@@ -625,7 +625,12 @@ class Server:
             writer.close()
 
         for addr in self.addresses:
-            srv = await asyncio.start_server(handle, addr, self.cfg.metrics_port)
+            try:
+                srv = await asyncio.start_server(handle, addr, self.cfg.metrics_port)
+            except OSError as e:  # (it was "unexpected OSError ... a bug": an attacker's run,
+                # 2026-11-25, with the port taken)
+                raise ConfigError(f"cannot serve metrics on {addr}:{self.cfg.metrics_port} "
+                                  f"(metrics_port): {_bind_words(e, addr)}") from None
             self._tasks.append(asyncio.create_task(srv.serve_forever()))
 
     # reload / stop -------------------------------------------------------------------
@@ -753,11 +758,16 @@ def _why_no_bind(addr: str, port: int) -> str:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (as gRPC binds)
             s.bind((addr, port))
     except OSError as e:
-        if e.errno == errno.EADDRINUSE:
-            return "the port is in use (is another server running on it?)"
-        if e.errno == errno.EADDRNOTAVAIL:
-            return f"{addr} is not an address of this machine"
-        if e.errno == errno.EACCES:
-            return "permission denied (a port under 1024 needs root)"
-        return e.strerror or str(e)
+        return _bind_words(e, addr)
     return "gRPC could not bind it, though it is free now (try again)"
+
+
+def _bind_words(e: OSError, addr: str) -> str:
+    """Why a bind to ``addr`` failed, in words."""
+    if e.errno == errno.EADDRINUSE:
+        return "the port is in use (is another server running on it?)"
+    if e.errno == errno.EADDRNOTAVAIL:
+        return f"{addr} is not an address of this machine"
+    if e.errno == errno.EACCES:
+        return "permission denied (a port under 1024 needs root)"
+    return e.strerror or str(e)
