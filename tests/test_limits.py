@@ -5,6 +5,7 @@ flooding input for every RPC, each with its status code and a message a person u
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import grpc
@@ -374,6 +375,54 @@ async def test_away_changes_flooded_on_one_stream_reach_the_room_ten_times_not_t
     assert (await mallory.whoami()).identity.login == "mallory@tailnet.test"  # still served
     call.cancel()
     watch.cancel()
+
+
+async def _until_cut_off(call: Any) -> tuple[int, str]:
+    """Read ``call`` until the server ends it: (error events before, the ending's details)."""
+    refusals = 0
+    with pytest.raises(grpc.aio.AioRpcError) as ended:
+        async with asyncio.timeout(60):
+            async for ev in call:
+                refusals += ev.WhichOneof("event") == "error"
+    assert ended.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, ended.value
+    return refusals, ended.value.details() or ""
+
+
+@pytest.mark.server_config(rate_burst=20, rate_per_second=5.0)
+async def test_a_member_who_never_waits_as_told_is_cut_off_and_others_are_served(
+        chat: Chat) -> None:
+    """Sends refused for their rate were each answered, for ever, at the pace of the sender:
+    16,500 a second on 4 streams slowed everyone (an attacker's run, 2026-11-25). A burst of
+    IDLE_BURST refusals at once is still answered (a window refused whole), not more."""
+    from tsnetchat.service import IDLE_BURST
+
+    conn = await chat.connect("mallory@tailnet.test")
+    flood = [send("x", f"m{i}") for i in range(IDLE_BURST + 500)]
+    call = conn.stub.Join(hello_events("general", then=flood), metadata=conn.metadata)
+    refusals, why = await _until_cut_off(call)
+    assert IDLE_BURST - 50 <= refusals <= IDLE_BURST + 20, refusals
+    assert "not waiting as told: retry_after" in why, why
+    bob = await chat.connect("bob@tailnet.test")
+    assert await bob.send_one("general", "hello") == 21  # (after mallory's burst of 20)
+    assert (await conn.whoami()).identity.login == "mallory@tailnet.test"  # not shut out
+
+
+async def test_acks_that_move_no_read_mark_are_cut_off_like_refused_sends(chat: Chat) -> None:
+    """32,000 acks a second were taken from one stream, with no answer and no bound (an
+    attacker's run, 2026-11-25). Each ack that moves the mark is work worth doing."""
+    from tsnetchat.service import IDLE_BURST
+
+    conn = await chat.connect("mallory@tailnet.test")
+    for i in range(3):
+        await conn.send_one("general", f"m{i}")
+    call = conn.stub.Join(metadata=conn.metadata)
+    await call.write(pb.ClientEvent(hello=pb.Hello(room="general")))
+    acks = [1, 2, 3] * 3 + [3] * (IDLE_BURST + 500)  # (three that move the mark)
+    with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+        for i in acks:  # (a write fails once the server has ended the stream)
+            await call.write(pb.ClientEvent(ack=pb.Ack(last_seen_id=i)))
+    refusals, why = await _until_cut_off(call)
+    assert refusals == 0 and "events refused at once or doing nothing" in why, why
 
 
 async def test_a_search_naming_more_than_100_rooms_is_refused_before_any_is_looked_up(

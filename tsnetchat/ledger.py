@@ -199,10 +199,11 @@ class Ledger:
         self._unconfirmed_log = LogLimiter(burst=3, rate=0.1)
 
     def send(self, sub: Subscriber, sender: Sender, text: str, kind: int,
-             client_msg_id: str, *, target: int = 0, admin: bool = False) -> None:
+             client_msg_id: str, *, target: int = 0, admin: bool = False) -> bool:
         """Take a member's message (or edit, deletion, topic) for ``sub.room`` (see the
         module doc). Raises InvalidInput for malformed input; every other outcome reaches
-        ``sub`` as an event."""
+        ``sub`` as an event. False when it was refused at once (the rate, a full queue,
+        shutdown): the servicer counts those against a stream that does not wait."""
         limits = self.limits()
         kind = kind or pb.MESSAGE_KIND_TEXT
         if len(client_msg_id) > MAX_CLIENT_MSG_ID:
@@ -225,26 +226,26 @@ class Ledger:
             self._refused(sub, client_msg_id, "shutdown", StoreError(
                 "the server is shutting down; this message was not stored: send it again "
                 "after reconnecting"))
-            return
+            return False
         wait = self._buckets.take(sender.login)
         if wait:
             self._refused(sub, client_msg_id, "rate", LimitExceeded(
                 f"slow down: at most {limits.rate_per_second:g} messages/s (bursts of "
                 f"{limits.rate_burst}); this one was not sent, retry in {wait:.1f}s"), wait)
-            return
+            return False
         pending = self.history.pending()
         if pending >= self.max_pending:
             self._refused(sub, client_msg_id, "busy", StoreError(
                 f"the server has {pending} messages waiting to be stored; this one was not "
                 "stored: send it again shortly"), 1.0)
-            return
+            return False
         if kind in CHANGES:
             wait = self._change_buckets.take(sender.login)
             if wait:
                 self._refused(sub, client_msg_id, "rate", LimitExceeded(
                     f"slow down: at most {limits.edits_per_minute} edits, deletions and topic "
                     f"changes a minute (edits_per_minute); retry in {wait:.1f}s"), wait)
-                return
+                return False
         if not self.history.last_id(sub.room) and sub.room not in self._coming_rooms:
             wait = self._new_room_buckets.take(sender.login)
             if wait:
@@ -252,12 +253,13 @@ class Ledger:
                     f"slow down: at most {NEW_ROOMS_BURST} new rooms and conversations at "
                     f"once, then one a minute; this message was not sent, retry in "
                     f"{wait:.0f}s"), wait)
-                return
+                return False
             self._coming_rooms.add(sub.room)  # (one token a room, however many lines)
         sub.inflight += 1
         self.history.submit(Draft(sub.room, sender, kind, text, client_msg_id, target, mentions,
                                   admin, int(limits.edit_window_seconds * 1000)),
                             partial(self._settled, sub, client_msg_id))
+        return True
 
     @staticmethod
     def _check_change(kind: int, text: str, target: int, limits: SendLimits) -> str:
