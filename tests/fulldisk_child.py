@@ -1,7 +1,10 @@
 """Run by tests/test_disk.py inside a private mount namespace on a small tmpfs: a real full
 disk. ``first DIR``: a server stores three messages and dies without closing anything (as
 SIGKILL leaves it). ``fill DIR``: fill the disk. ``second DIR``: start a server again; print
-what a client could read and what happened to its send, as JSON."""
+what a client could read and what happened to its send, as JSON. ``paced DIR``: a server
+with 3 MB free takes 150 messages one at a time (each its own commit, as paced chat is),
+then more on a disk filled up until one is refused, then 150 more once 3 MB is freed again;
+prints how many were refused in each part, as JSON."""
 
 from __future__ import annotations
 
@@ -54,9 +57,45 @@ async def second(d: Path) -> None:
     print(json.dumps(out), flush=True)
 
 
+def leave_free(d: Path, free: int) -> None:
+    """Make the filler file as large as leaves ``free`` bytes free."""
+    st = os.statvfs(d)
+    with open(d / "filler", "ab") as f:  # (written: a file extended by truncate is a hole)
+        f.write(b"\0" * (st.f_bavail * st.f_frsize - free))
+
+
+async def paced(d: Path) -> None:
+    free = 3 * 2**20
+    leave_free(d, free)
+    out: dict[str, int] = {"before": 0, "full": 0, "sent_while_full": 0, "after": 0}
+    async with chat_server(d) as chat:
+        alice = await chat.connect("alice@tailnet.test")
+
+        async def send(i: int) -> bool:
+            await asyncio.sleep(0.02)
+            try:
+                await alice.send_one("general", f"message {i}", timeout=30)
+            except grpc.aio.AioRpcError:
+                return False
+            return True
+
+        for i in range(150):
+            out["before"] += not await send(i)
+        fill(d)
+        for i in range(150, 450):  # (the WAL's file is reused as long as it can be)
+            if not await send(i):
+                out["full"] += 1
+                break
+            out["sent_while_full"] += 1
+        os.truncate(d / "filler", (d / "filler").stat().st_size - free)
+        for i in range(450, 600):
+            out["after"] += not await send(i)
+    print(json.dumps(out), flush=True)
+
+
 if __name__ == "__main__":
     step, where = sys.argv[1], Path(sys.argv[2])
     if step == "fill":
         fill(where)
     else:
-        asyncio.run(first(where) if step == "first" else second(where))
+        asyncio.run({"first": first, "second": second, "paced": paced}[step](where))

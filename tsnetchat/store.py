@@ -525,6 +525,15 @@ def _create(path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _free_bytes(folder: Path) -> int:
+    """Bytes free for this process on ``folder``'s file system (a great many if unknown)."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return 2**62
+    return st.f_bavail * st.f_frsize
+
+
 def _refuse_empty(path: Path) -> None:
     """An existing database file of 0 bytes (and no WAL holding its pages) is not a new
     history: a database file is never empty (``_create``), so it was truncated or replaced.
@@ -548,6 +557,9 @@ class _Checkpointer(threading.Thread):
     """Runs ``PRAGMA wal_checkpoint(PASSIVE)`` on its own connection each time it is asked.
     PASSIVE never blocks the writer; SQLite restarts the WAL from its beginning once a
     checkpoint has caught up. (The last connection to close checkpoints whatever is left.)
+    Asked with ``truncate`` (a write failed for a full disk), TRUNCATE instead: it waits
+    for the writer, and once the WAL is all in the database it cuts the file to nothing,
+    which gives its space back to the database.
 
     SQLite's automatic checkpoint stays on as the backstop that keeps the WAL bounded: under a
     continuous stream of commits a checkpoint from another connection never catches up, so
@@ -559,9 +571,11 @@ class _Checkpointer(threading.Thread):
         self.path = path
         self._due = threading.Event()
         self._stopping = False
+        self._truncate = False
         self.runs = 0  # completed checkpoints (the tests read it)
 
-    def request(self) -> None:
+    def request(self, *, truncate: bool = False) -> None:
+        self._truncate = self._truncate or truncate
         self._due.set()
 
     def stop(self) -> None:
@@ -577,8 +591,9 @@ class _Checkpointer(threading.Thread):
                 self._due.clear()
                 if self._stopping:
                     break
+                mode, self._truncate = ("TRUNCATE" if self._truncate else "PASSIVE"), False
                 try:
-                    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                    db.execute(f"PRAGMA wal_checkpoint({mode})").fetchall()
                     self.runs += 1
                 except sqlite3.Error:
                     pass  # busy or locked: the next round retries; the WAL only grows meanwhile
@@ -598,6 +613,14 @@ class Store:
     another process's lock (up to ``timeout`` seconds)."""
 
     CHECKPOINT_EVERY = 100  # appends between background checkpoints (SQLite's: ~1000 pages)
+    # Below LOW_FREE bytes free on the database's disk, a checkpoint every TIGHT_EVERY
+    # appends (the free space is looked at that often). A message committed alone puts
+    # about 48 KB in the WAL (three 16 KB pages), so 100 of them took 4.8 MB: with 3 MB
+    # free, the disk was full before the next checkpoint, and no write (nor checkpoint,
+    # which needs room to grow the database) ever succeeded again, also once some space was
+    # freed (a reliability run, 2026-11-25: 49 of 300 messages stored).
+    TIGHT_EVERY = 10
+    LOW_FREE = 64 * 1024 * 1024
 
     def __init__(self, path: Path, *, fsync: bool = False, timeout: float = 5.0,
                  readonly: bool = False, upgrade: bool = True) -> None:
@@ -756,6 +779,10 @@ class Store:
         2026-11-24)."""
         if _damaged(e):
             return damaged(self.path, e)
+        if getattr(e, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_FULL and not self._readonly:
+            # (the space the WAL holds comes back once it is all in the database; nothing
+            # asked for a checkpoint while every write failed: see TIGHT_EVERY)
+            self._checkpoint(truncate=True)
         if _locked(e):
             return StoreError(
                 f"history database error: {e}: another process has held {self.path}'s write "
@@ -846,11 +873,17 @@ class Store:
 
     def _count(self, n: int) -> None:
         before, self._appends = self._appends, self._appends + n
-        if before // self.CHECKPOINT_EVERY != self._appends // self.CHECKPOINT_EVERY:
-            if self.checkpointer is None:
-                self.checkpointer = _Checkpointer(self.path)
-                self.checkpointer.start()
-            self.checkpointer.request()
+        if before // self.TIGHT_EVERY == self._appends // self.TIGHT_EVERY:
+            return
+        if (before // self.CHECKPOINT_EVERY != self._appends // self.CHECKPOINT_EVERY
+                or _free_bytes(self.path.parent) < self.LOW_FREE):
+            self._checkpoint()
+
+    def _checkpoint(self, *, truncate: bool = False) -> None:
+        if self.checkpointer is None:
+            self.checkpointer = _Checkpointer(self.path)
+            self.checkpointer.start()
+        self.checkpointer.request(truncate=truncate)
 
     def _sender_id(self, s: Sender) -> int:
         sid = self._senders.get(s)
