@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 from typing import Any
 
 import grpc
@@ -375,6 +376,41 @@ async def test_away_changes_flooded_on_one_stream_reach_the_room_ten_times_not_t
     assert (await mallory.whoami()).identity.login == "mallory@tailnet.test"  # still served
     call.cancel()
     watch.cancel()
+
+
+async def test_a_connection_carries_32_calls_at_once_and_the_next_waits_for_one_to_end(
+        chat: Chat) -> None:
+    """With 256, one device without a token held 8,192 calls that never sent their request
+    (16 KB each, and none of our code runs before it comes), and 1,200 refused calls queued
+    ahead of everyone's made another person's WhoAmI take 245 ms instead of 2 (attacker
+    runs, 2026-11-25). A client's calls beyond the bound wait; they are not refused."""
+    from helpers import fresh_channel_options
+
+    from tsnetchat.server import streams_per_connection
+
+    n = streams_per_connection(chat.cfg.limits)
+    assert n == 32  # (the default max_rooms_per_client, 16, twice over)
+    addr = await chat.net.front("mallory@tailnet.test")
+    async with grpc.aio.insecure_channel(addr, options=fresh_channel_options) as ch:
+        held = ch.stream_unary("/tsnetchat.v1.Chat/WhoAmI", request_serializer=bytes,
+                               response_deserializer=bytes)
+        whoami = ch.unary_unary("/tsnetchat.v1.Chat/WhoAmI", request_serializer=bytes,
+                                response_deserializer=bytes)
+        assert (await code_of(whoami(b"", timeout=10)))[0] == grpc.StatusCode.UNAUTHENTICATED
+        calls = [held() for _ in range(n)]  # requests that never come
+        code, _ = await code_of(whoami(b"", timeout=1.5))
+        assert code == grpc.StatusCode.DEADLINE_EXCEEDED  # waited for a free stream
+        for ended in calls[:4]:
+            ended.cancel()
+        await asyncio.sleep(0.5)  # (the cancellations settled)
+        # (grpc.aio's client frees a call's stream only with the call object, and here
+        # one more was needed than the bound says, grpcio 1.85: 4 leave room to spare)
+        del calls[:4], ended
+        gc.collect()
+        code, _ = await code_of(whoami(b"", timeout=10))
+        assert code == grpc.StatusCode.UNAUTHENTICATED  # (reached the server, no token)
+        for c in calls:
+            c.cancel()
 
 
 async def _until_cut_off(call: Any) -> tuple[int, str]:

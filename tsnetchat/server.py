@@ -78,7 +78,6 @@ GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024),
     ("grpc.max_send_message_length", 16 * 1024 * 1024),
     ("grpc.max_metadata_size", 16 * 1024),
-    ("grpc.max_concurrent_streams", 256),
     # Presence must tell the truth: a peer that vanished without closing (a killed
     # tailscaled, a laptop lid, a cut network) still has an open TCP connection here, and in
     # userspace mode that connection is to our own tailscaled, which keeps it open for as
@@ -109,6 +108,19 @@ GRPC_OPTIONS = [
     ("grpc.server.max_pending_requests", 100_000),
     ("grpc.server.max_pending_requests_hard_limit", 200_000),
 ]
+
+
+def streams_per_connection(limits: Limits) -> int:
+    """Calls one connection may carry at once (HTTP/2's MAX_CONCURRENT_STREAMS; a client's
+    further calls wait for one to end, they are not refused): a person's open rooms twice
+    over (their streams, and the calls made beside them), at least 32, at most 1,024.
+
+    Every call gRPC holds costs about 16 KB before its request is read, and nothing of ours
+    runs until it is: with 256, one device without a token held 8,192 calls that never sent
+    one (270 MB), and 1,200 refused calls queued ahead of everyone else's made another
+    person's WhoAmI take 245 ms instead of 2 (attacker runs over the lab and in-process,
+    2026-11-25). A device holds at most max_connections_per_device connections."""
+    return min(max(32, 2 * limits.max_rooms_per_client), 1024)
 
 
 def listen_addresses(status: Status) -> list[str]:
@@ -436,7 +448,8 @@ class Server:
         return self.status.self_node.short_name if self.status else "the server"
 
     def _build_grpc(self, addresses: list[str]) -> grpc.aio.Server:
-        server = grpc.aio.server(options=GRPC_OPTIONS)
+        streams = ("grpc.max_concurrent_streams", streams_per_connection(self.cfg.limits))
+        server = grpc.aio.server(options=[*GRPC_OPTIONS, streams])
         server.add_generic_rpc_handlers((self.service.handlers(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(self.reflection, server)
