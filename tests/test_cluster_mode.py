@@ -111,6 +111,33 @@ async def test_a_resend_through_the_other_server_gets_the_original_id(
         again.cancel()
 
 
+async def test_a_burst_sent_through_server_2_uses_up_alices_rate_on_server_1_too(
+        lab: Any, tmp_path: Path, nats_cluster: nats_lab.NatsCluster) -> None:
+    """The rate limit holds across servers: what she sent through one counts on the others
+    (Ledger.applied, charging the sender of another server's message); each message counts
+    as stored only on the server it was sent through (messages_total)."""
+    async with two_servers(lab, tmp_path, nats_cluster, rate_burst=3,
+                           rate_per_second=0.01) as (one, two):
+        token = one.token(ALICE)
+        through_two = await join(await two.connect("alice-laptop", token), "general")
+        for i in range(3):
+            await through_two.write(send(f"burst {i}", f"b{i}"))
+            assert isinstance(await ack_or_error(through_two, f"b{i}"), pb.Sent)
+        alice = await one.connect("alice-laptop", token)
+        for _ in range(100):  # until server 1 has applied them
+            if len((await alice.history("general")).messages) == 3:
+                break
+            await asyncio.sleep(0.1)
+        through_one = await join(alice, "general")
+        await through_one.write(send("one more", "m"))
+        refused = await ack_or_error(through_one, "m")
+        assert isinstance(refused, pb.Error) and "slow down" in refused.message, refused
+        assert one.server.metrics.counters["messages_total"] == 0
+        assert two.server.metrics.counters["messages_total"] == 3
+        through_two.cancel()
+        through_one.cancel()
+
+
 async def test_sends_go_on_when_one_nats_node_dies_and_nothing_acknowledged_is_lost(
         lab: Any, tmp_path: Path, nats_cluster: nats_lab.NatsCluster) -> None:
     async with two_servers(lab, tmp_path, nats_cluster) as (one, two):
