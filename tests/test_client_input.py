@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -289,10 +290,35 @@ async def test_a_topic_refused_at_join_leaves_no_running_generator_for_the_loop_
         conn = await chat.connect("alice@tailnet.test")
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await conn.set_topic("+nosuchroom", "hello")
-        assert "no such private room" in str(refused.value.details()), refused.value
+        said = refused.value.details() or ""
+        del refused  # (its traceback kept send_one's frame, and what it held, alive)
+        assert "no such private room" in said, said
         for _ in range(5):
             gc.collect()
             await asyncio.sleep(0.1)
     finally:
         loop.set_exception_handler(old)
     assert not reported, [str(c.get("exception") or c.get("message")) for c in reported]
+
+
+async def test_a_join_the_server_ends_after_its_welcome_reports_the_servers_words_not_internal(
+        chat: Chat, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``send_one`` wrote its message at the welcome: when the server ended the call just
+    after it (a kick, a revocation, a restart at that moment), the write raced the end and
+    grpc.aio reported INTERNAL "Internal error from Core", shown as a broken connection: 178
+    of 200 calls (grpc/grpc#36066; a review, 2026-11-25)."""
+    from tsnetchat.errors import StoreError
+
+    async def ended(*args: object) -> AsyncIterator[bytes]:
+        raise StoreError("the server is going away (for this test)")
+        yield b""  # pragma: no cover
+
+    monkeypatch.setattr(chat.server.service, "_replay", ended)
+    conn = await chat.connect("alice@tailnet.test")
+    codes = []
+    for i in range(50):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await conn.set_topic("general", f"topic {i}")
+        codes.append((refused.value.code(), refused.value.details()))
+    assert set(codes) == {(grpc.StatusCode.UNAVAILABLE,
+                           "the server is going away (for this test)")}, codes[:3]
