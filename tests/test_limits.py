@@ -433,8 +433,13 @@ async def test_a_member_who_never_waits_as_told_is_cut_off_and_others_are_served
     from tsnetchat.service import IDLE_BURST
 
     conn = await chat.connect("mallory@tailnet.test")
-    flood = [send("x", f"m{i}") for i in range(IDLE_BURST + 500)]
-    call = conn.stub.Join(hello_events("general", then=flood), metadata=conn.metadata)
+    call = conn.stub.Join(metadata=conn.metadata)
+    await call.write(pb.ClientEvent(hello=pb.Hello(room="general")))
+    # (written here, stopping at the end: a request iterator writing on past it made
+    # grpc.aio report INTERNAL instead of the server's status, 4 runs in 14; grpc#36066)
+    with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+        for i in range(IDLE_BURST + 500):
+            await call.write(send("x", f"m{i}"))
     refusals, why = await _until_cut_off(call)
     assert IDLE_BURST - 50 <= refusals <= IDLE_BURST + 20, refusals
     assert "not waiting as told: retry_after" in why, why

@@ -72,13 +72,13 @@ HELLO_TIMEOUT = 10.0
 # off as flooding. Refusals (rate limit, storage) never count: a client that is told to wait
 # has done nothing wrong (issues 16 and 18).
 INVALID_IN_A_ROW = 20
-# Events a Join stream sends that do nothing (a send or an away change refused at once for
-# its rate, an ack that moves no read mark), after which it is cut off: a burst of
-# IDLE_BURST, then IDLE_RATE a second. One member sending without ever waiting as told
-# (retry_after) had 16,500 events a second refused on 4 streams, or 32,000 acks a second
-# taken, and everyone else's messages took 96 ms instead of 8 (an attacker's run over the
-# lab, 2026-11-25). A client that waits as told, or a window of 512 refused at once, stays
-# far below.
+# Events a Join stream sends that do nothing (a send or an away change refused at once: its
+# rate, the server busy or shutting down, a topic only admins may set; an ack that moves no
+# read mark), after which it is cut off: a burst of IDLE_BURST, then IDLE_RATE a second.
+# One member sending without ever waiting as told (retry_after) had 16,500 events a second
+# refused on 4 streams, or 32,000 acks a second taken, and everyone else's messages took
+# 96 ms instead of 8 (an attacker's run over the lab, 2026-11-25). A client that waits as
+# told, or a window of 512 refused at once, stays far below.
 IDLE_BURST, IDLE_RATE = 1000, 50.0
 
 
@@ -712,6 +712,8 @@ class ChatService:
                                 and not p.admin):
                             self._refuse(sub, PermissionDenied(
                                 "only admins may set topics here (topic_admins_only)"), cmid)
+                            if idle.take():
+                                break
                             continue
                         taken = send(sub, sender, m.text, m.kind, cmid, target=m.target_id,
                                      admin=p.admin)
