@@ -629,8 +629,11 @@ async def test_a_reload_applies_the_limits_and_keeps_the_state_dir_and_port_unti
     elsewhere = tmp_path / "elsewhere"
     with caplog.at_level(logging.WARNING, logger="tsnetchat.server"):
         chat.server.reload(dataclasses.replace(running, state_dir=elsewhere,
-                                               port=running.port + 1, max_message_bytes=10))
+                                               port=running.port + 1, max_message_bytes=10,
+                                               max_rooms_per_client=40))
     assert "reload: port, state_dir changed in the configuration" in caplog.text
+    assert ("max_rooms_per_client is 40 now; the calls one connection may carry at once "
+            "stay 32 (twice the old value) until a restart") in caplog.text
     assert (chat.server.cfg.state_dir, chat.server.cfg.port) == (running.state_dir,
                                                                   running.port)
     assert chat.server.cfg.max_message_bytes == 10

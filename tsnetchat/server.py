@@ -662,6 +662,11 @@ class Server:
             log.warning("reload: %s changed in the configuration; kept as running until a "
                         "restart (systemctl restart tsnetchat)", ", ".join(later))
             cfg = dataclasses.replace(cfg, **{k: getattr(self.cfg, k) for k in later})
+        streams = streams_per_connection(self.cfg.limits)
+        if streams_per_connection(cfg.limits) != streams:  # (a review, 2026-11-25)
+            log.warning("reload: max_rooms_per_client is %d now; the calls one connection may "
+                        "carry at once stay %d (twice the old value) until a restart",
+                        cfg.limits.max_rooms_per_client, streams)
         self.cfg = cfg
         self.service.apply(cfg.limits)
         self.gate.apply(self._policy(self.gate.policy.key))
