@@ -76,6 +76,32 @@ def test_checkpoints_run_beside_the_writer_and_the_wal_stays_bounded(tmp_path: P
                                                                              3999, 4000]
 
 
+def test_a_write_refused_for_a_full_disk_has_the_wal_checkpointed_and_cut_to_nothing(
+        tmp_path: Path) -> None:
+    """Nothing asked for a checkpoint while every write failed: the WAL kept the space a
+    database could have grown into (a reliability run, 2026-11-25). SQLITE_FULL here from
+    the writer's max_page_count, which the checkpoint's own connection does not have."""
+    s = Store(tmp_path / "db")
+    for i in range(5):
+        s.append("r", A, 1, f"m{i}")
+    assert (tmp_path / "db-wal").stat().st_size > 0
+    pages = s._db.execute("PRAGMA page_count").fetchone()[0]
+    s._db.execute(f"PRAGMA max_page_count={pages}")
+    with pytest.raises(StoreError, match="full"):
+        for _ in range(100):
+            s.append("r", A, 1, "x" * 3000)
+    checkpointer = s.checkpointer
+    assert checkpointer is not None
+    deadline = time.monotonic() + 10
+    while not checkpointer.truncated and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert checkpointer.truncated >= 1
+    assert (tmp_path / "db-wal").stat().st_size == 0  # all of it in the database
+    s.close()
+    assert [m.text for m in Store(tmp_path / "db").after("r", 0, 10)][:5] == [
+        f"m{i}" for i in range(5)]
+
+
 def test_a_group_is_one_transaction_and_a_resend_inside_it_gets_the_original_id(
         tmp_path: Path) -> None:
     s = Store(tmp_path / "db")

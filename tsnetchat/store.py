@@ -572,10 +572,13 @@ class _Checkpointer(threading.Thread):
         self._due = threading.Event()
         self._stopping = False
         self._truncate = False
+        self._lock = threading.Lock()  # (a TRUNCATE asked for as a round began was lost)
         self.runs = 0  # completed checkpoints (the tests read it)
+        self.truncated = 0  # of which TRUNCATE
 
     def request(self, *, truncate: bool = False) -> None:
-        self._truncate = self._truncate or truncate
+        with self._lock:
+            self._truncate = self._truncate or truncate
         self._due.set()
 
     def stop(self) -> None:
@@ -591,10 +594,13 @@ class _Checkpointer(threading.Thread):
                 self._due.clear()
                 if self._stopping:
                     break
-                mode, self._truncate = ("TRUNCATE" if self._truncate else "PASSIVE"), False
+                with self._lock:
+                    truncate, self._truncate = self._truncate, False
                 try:
-                    db.execute(f"PRAGMA wal_checkpoint({mode})").fetchall()
+                    db.execute(f"PRAGMA wal_checkpoint({'TRUNCATE' if truncate else 'PASSIVE'})"
+                               ).fetchall()
                     self.runs += 1
+                    self.truncated += truncate
                 except sqlite3.Error:
                     pass  # busy or locked: the next round retries; the WAL only grows meanwhile
         finally:
@@ -779,7 +785,8 @@ class Store:
         2026-11-24)."""
         if _damaged(e):
             return damaged(self.path, e)
-        if getattr(e, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_FULL and not self._readonly:
+        if (getattr(e, "sqlite_errorcode", None) or 0) & 0xFF == sqlite3.SQLITE_FULL and (
+                not self._readonly):
             # (the space the WAL holds comes back once it is all in the database; nothing
             # asked for a checkpoint while every write failed: see TIGHT_EVERY)
             self._checkpoint(truncate=True)
