@@ -925,3 +925,49 @@ async def test_a_search_that_fails_gives_its_words_back_and_is_never_listed_as_m
     await asyncio.gather(*app.background, return_exceptions=True)
     assert app.input.text == "/search deploy plan"
     assert "(your text is back in the input)" in app.conversations["general"].entries[-1].text
+
+
+async def test_a_search_typed_in_no_room_that_fails_also_gives_its_words_back() -> None:
+    """put_back compared the room it was typed in ("") with the one shown (None)."""
+    app = alices_chat()
+    assert app.current is None
+    app.handle("/search deploy")
+    await asyncio.gather(*app.background, return_exceptions=True)
+    assert app.input.text == "/search deploy"
+
+
+async def test_a_command_failing_with_a_bug_is_logged_and_the_screen_names_the_log(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """It said "internal error in the client (RuntimeError: ...)", with nothing in the log
+    (a review, 2026-11-25)."""
+    from tsnetchat.tui import log_path
+
+    app = alices_chat()
+    app.conversations["general"] = app.conversation_for("general")
+    app.current = "general"
+
+    async def broken() -> None:
+        raise RuntimeError("a bug in a command")
+
+    app.spawn(broken(), line="/topic hello", room="general")
+    await asyncio.gather(*app.background, return_exceptions=True)
+    said = app.conversations["general"].entries[-1].text
+    assert "internal error in the client (RuntimeError: a bug in a command)" in said
+    assert f"see {log_path()}" in said and "(your text is back in the input)" in said
+    assert any(r.exc_info and "a command failed: /topic hello" in r.getMessage()
+               for r in caplog.records)
+
+
+async def test_a_refused_line_of_a_room_left_is_kept_marked_refused() -> None:
+    from tsnetchat.client import RoomSession
+
+    app = alices_chat()
+    for room in ("general", "random"):
+        app.conversations[room] = app.conversation_for(room)
+        app.sessions[room] = RoomSession(app.link, room)
+    app.current = "random"
+    out = app.sessions["random"].send("too long for the server")
+    app.sessions["random"].outbox.refused(out.client_msg_id, for_good=True, reason="too long")
+    app.leave("random")
+    assert any("too long for the server  (you left it; refused)" in line
+               for line in app.unsent({})), app.unsent({})

@@ -154,6 +154,13 @@ def from_status(code: grpc.StatusCode, details: str, where: Where | None = None,
     return ClientError(f"{name} failed to answer ({first})", retryable=True, status=code)
 
 
+def is_bug(e: BaseException) -> bool:
+    """Whether ``e`` is none of what talking to a server raises: ``translate`` can only call
+    it "internal error in the client", and it belongs in the log."""
+    return not isinstance(e, ClientError | grpc.aio.AioRpcError | TsnetchatError | TimeoutError
+                          | UnicodeError | asyncio.InvalidStateError | OSError)
+
+
 def translate(e: BaseException, where: Where | None = None, *, server: str = "",
               proxy: str = "") -> ClientError:
     """Any exception met while talking to the server, as a ClientError (raise it ``from e``)."""

@@ -97,7 +97,7 @@ from .client import (
     link_for,
     to_stderr,
 )
-from .clienterrors import EXIT_ERROR, ClientError
+from .clienterrors import EXIT_ERROR, ClientError, is_bug
 from .errors import ConfigError, InvalidInput
 from .outbox import Outgoing, Pacer, State, split_text, utf8_len, with_newlines
 from .pb import chat_pb2 as pb
@@ -1141,7 +1141,8 @@ class ChatApp:
         /leave): said, and kept with what is pending: listed at the exit, in unsent.txt (it
         was said once, then in neither: a daily user's day, 2026-11-25)."""
         for o in session.outbox:
-            self.dropped.append(indented(f"{title}: {as_typed(o)}  ({why}{unsure_note(o)})"))
+            was = "; refused" if o.state is State.FAILED else unsure_note(o)
+            self.dropped.append(indented(f"{title}: {as_typed(o)}  ({why}{was})"))
             self.say(f"not sent to {title} ({why}): {visible(o.text)} (kept: listed when the "
                      "chat ends, and in unsent.txt)", error=True)
 
@@ -1372,7 +1373,7 @@ class ChatApp:
     def put_back(self, line: str, room: str) -> bool:
         """Bring a refused command's ``line`` back into the input, when it was typed in the
         room still shown and the input is empty (True)."""
-        if not line or self.current != room or self.input.text:
+        if not line or (self.current or "") != room or self.input.text:
             return False
         self.input.document = Document(line, len(line))
         return True
@@ -1405,9 +1406,14 @@ class ChatApp:
                         retryable=True, transport=True) from None
             except Exception as e:
                 back = self.put_back(line, room)
-                self.say(str(self.link.translate(e))
-                         + (" (your text is back in the input)" if back else
-                            f" (not done: {visible(line)})" if line else ""), error=True)
+                said = str(self.link.translate(e))
+                if is_bug(e):
+                    # (a bug: "internal error in the client (...)", with nothing in the log;
+                    # a review, 2026-11-25)
+                    log.error("a command failed: %s", visible(line), exc_info=e)
+                    said += f"; see {log_path()}"
+                self.say(said + (" (your text is back in the input)" if back else
+                                 f" (not done: {visible(line)})" if line else ""), error=True)
             self.commands_out.pop(key, None)
 
         task = asyncio.get_running_loop().create_task(guarded())
