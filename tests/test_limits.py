@@ -301,6 +301,30 @@ async def test_stream_flood_hits_rooms_per_client(chat: Chat) -> None:
         c.cancel()
 
 
+@pytest.mark.server_config(max_rooms_per_client=3)
+async def test_at_the_limit_of_rooms_a_topic_in_a_room_already_open_still_goes_through(
+        chat: Chat) -> None:
+    """A /topic, /edit or /delete is a Join stream of its own: at the limit (two chats with
+    8 rooms each) it was refused even in a room that was open (a daily user's day,
+    2026-11-25). A few more streams in rooms already open, and no more."""
+    from tsnetchat.service import SAME_ROOM_HEADROOM
+
+    conn = await chat.connect("alice@tailnet.test")
+    calls = [conn.subscribe(f"room{i}") for i in range(3)]
+    for c in calls:
+        await collect(c, 1, kind="replay_done")
+    assert await conn.set_topic("room0", "set at the limit") > 0
+    code, msg = await code_of(conn.set_topic("room9", "in a room not open"))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "open room streams" in msg
+    extra = [conn.subscribe("room0") for _ in range(SAME_ROOM_HEADROOM)]
+    for c in extra:
+        await collect(c, 1, kind="replay_done")
+    code, msg = await code_of(drain(conn.subscribe("room0")))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "open room streams" in msg
+    for c in [*calls, *extra]:
+        c.cancel()
+
+
 @pytest.mark.server_config(subscriber_queue=256, rate_burst=100_000, rate_per_second=100_000.0)
 async def test_slow_subscriber_is_cut_off_while_others_stay_current(chat: Chat) -> None:
     healthy = [(await chat.connect(f"h{i}@t")).subscribe("general") for i in range(3)]
