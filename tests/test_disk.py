@@ -190,12 +190,9 @@ async def test_on_shutdown_waiting_messages_are_stored_and_acknowledged_before_s
     chat.server._grpc = None
 
 
-def test_a_restart_on_a_full_disk_serves_reads_and_refuses_sends_as_not_stored(
-        tmp_path: Path) -> None:
-    """A real full disk (a small tmpfs in a mount namespace of its own). The server died
-    while the disk filled; started again, it serves what it has and refuses sends as not
-    stored. (Issue 18: start-up pruning opened a write transaction with nothing to prune,
-    and the server did not start.)"""
+def on_a_small_disk(tmp_path: Path, *steps: str, timeout: float = 120) -> Any:
+    """Run tests/fulldisk_child.py's ``steps`` in turn, in a mount namespace of their own on
+    an 8 MB tmpfs: a real full disk. Returns the JSON of the last line they printed."""
     if not shutil.which("unshare") or subprocess.run(
             ["unshare", "-m", "true"], capture_output=True).returncode:
         need("a mount namespace (unshare -m, as root)", "the full-disk test mounts a tmpfs")
@@ -203,37 +200,37 @@ def test_a_restart_on_a_full_disk_serves_reads_and_refuses_sends_as_not_stored(
     disk = tmp_path / "disk"
     disk.mkdir()
     py = shlex.quote(sys.executable)
-    steps = " && ".join(f"{py} {shlex.quote(str(child))} {step} {shlex.quote(str(disk))}"
-                        for step in ("first", "fill", "second"))
+    run = " && ".join(f"{py} {shlex.quote(str(child))} {step} {shlex.quote(str(disk))}"
+                      for step in steps)
     proc = subprocess.run(
-        ["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size=8m tmpfs {disk} && {steps}"],
-        capture_output=True, text=True, timeout=120)
+        ["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size=8m tmpfs {disk} && {run}"],
+        capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_a_restart_on_a_full_disk_serves_reads_and_refuses_sends_as_not_stored(
+        tmp_path: Path) -> None:
+    """A real full disk (a small tmpfs in a mount namespace of its own). The server died
+    while the disk filled; started again, it serves what it has and refuses sends as not
+    stored. (Issue 18: start-up pruning opened a write transaction with nothing to prune,
+    and the server did not start.)"""
+    out = on_a_small_disk(tmp_path, "first", "fill", "second")
     assert out["history"] == ["m0", "m1", "m2"]
     code, message = out["refused"]
     assert code == "UNAVAILABLE"
     assert "disk is full" in message and "not stored: send it again" in message
 
 
-def test_a_server_with_3_mb_free_stores_300_paced_messages_and_stores_again_once_space_is_freed(
+def test_a_server_with_3_mb_free_stores_paced_messages_and_stores_again_once_space_is_freed(
         tmp_path: Path) -> None:
     """Each message committed alone puts about 48 KB in the WAL, and a checkpoint came every
     100: with 3 MB free the disk was full after 49, and once full, freeing space did not
     help, as no checkpoint was asked for while every write failed (a reliability run,
-    2026-11-25: 251 of 300 refused; 1,029 left pending after 2.5 MB was freed)."""
-    if not shutil.which("unshare") or subprocess.run(
-            ["unshare", "-m", "true"], capture_output=True).returncode:
-        need("a mount namespace (unshare -m, as root)", "the full-disk test mounts a tmpfs")
-    child = Path(__file__).with_name("fulldisk_child.py")
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    run = f"{shlex.quote(sys.executable)} {shlex.quote(str(child))} paced {shlex.quote(str(disk))}"
-    proc = subprocess.run(
-        ["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size=8m tmpfs {disk} && {run}"],
-        capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    refused = json.loads(proc.stdout.strip().splitlines()[-1])
+    2026-11-25: 251 of 300 refused; 1,029 left pending after 2.5 MB was freed). 150 with
+    3 MB free, then more on a disk filled until one is refused, then 150 once 3 MB is
+    freed."""
+    refused = on_a_small_disk(tmp_path, "paced", timeout=300)
     assert refused["before"] == 0 and refused["after"] == 0, refused
     assert refused["full"] == 1, refused  # (the disk was full: the test tested something)
 
