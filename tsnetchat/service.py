@@ -70,7 +70,7 @@ SERVICE_NAME = "tsnetchat.v1.Chat"
 HELLO_TIMEOUT = 10.0
 # Malformed events in a row (garbage, bad text, a second hello) before a Join stream is cut
 # off as flooding. Refusals (rate limit, storage) never count: a client that is told to wait
-# has done nothing wrong (issues 16 and 18).
+# has done nothing wrong (issues 16 and 18); only one that never waits is cut off (below).
 INVALID_IN_A_ROW = 20
 # Events a Join stream sends that do nothing (a send or an away change refused at once: its
 # rate, the server busy or shutting down, a topic only admins may set; an ack that moves no
