@@ -52,13 +52,14 @@ class ClientError(TsnetchatError):
 
     def __init__(self, message: str, *, retryable: bool, exit_code: int = EXIT_ERROR,
                  transport: bool = False, retry_after: float = 0.0,
-                 status: grpc.StatusCode | None = None) -> None:
+                 status: grpc.StatusCode | None = None, bug: bool = False) -> None:
         super().__init__(message)
         self.retryable = retryable
         self.exit_code = exit_code
         self.transport = transport
         self.retry_after = retry_after
         self.status = status
+        self.bug = bug  # nothing ``translate`` knows: it belongs in the log
 
 
 class Where(Protocol):
@@ -154,13 +155,6 @@ def from_status(code: grpc.StatusCode, details: str, where: Where | None = None,
     return ClientError(f"{name} failed to answer ({first})", retryable=True, status=code)
 
 
-def is_bug(e: BaseException) -> bool:
-    """Whether ``e`` is none of what talking to a server raises: ``translate`` can only call
-    it "internal error in the client", and it belongs in the log."""
-    return not isinstance(e, ClientError | grpc.aio.AioRpcError | TsnetchatError | TimeoutError
-                          | UnicodeError | asyncio.InvalidStateError | OSError)
-
-
 def translate(e: BaseException, where: Where | None = None, *, server: str = "",
               proxy: str = "") -> ClientError:
     """Any exception met while talking to the server, as a ClientError (raise it ``from e``)."""
@@ -202,7 +196,7 @@ def translate(e: BaseException, where: Where | None = None, *, server: str = "",
                            exit_code=EXIT_UNAVAILABLE, transport=True)
     return ClientError(f"internal error in the client ({type(e).__name__}: "
                        f"{str(e).splitlines()[0][:200] if str(e) else 'no details'})",
-                       retryable=True)
+                       retryable=True, bug=True)
 
 
 def refusal(code: int, message: str, retry_after_ms: int = 0) -> ClientError:

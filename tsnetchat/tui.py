@@ -97,7 +97,7 @@ from .client import (
     link_for,
     to_stderr,
 )
-from .clienterrors import EXIT_ERROR, ClientError, is_bug
+from .clienterrors import EXIT_ERROR, ClientError
 from .errors import ConfigError, InvalidInput
 from .outbox import Outgoing, Pacer, State, split_text, utf8_len, with_newlines
 from .pb import chat_pb2 as pb
@@ -1141,8 +1141,9 @@ class ChatApp:
         /leave): said, and kept with what is pending: listed at the exit, in unsent.txt (it
         was said once, then in neither: a daily user's day, 2026-11-25)."""
         for o in session.outbox:
-            was = "; refused" if o.state is State.FAILED else unsure_note(o)
-            self.dropped.append(indented(f"{title}: {as_typed(o)}  ({why}{was})"))
+            was = outgoing_note(o)
+            note = f"{why}; {was}" if was else why
+            self.dropped.append(indented(f"{title}: {as_typed(o)}  ({note})"))
             self.say(f"not sent to {title} ({why}): {visible(o.text)} (kept: listed when the "
                      "chat ends, and in unsent.txt)", error=True)
 
@@ -1406,10 +1407,10 @@ class ChatApp:
                         retryable=True, transport=True) from None
             except Exception as e:
                 back = self.put_back(line, room)
-                said = str(self.link.translate(e))
-                if is_bug(e):
-                    # (a bug: "internal error in the client (...)", with nothing in the log;
-                    # a review, 2026-11-25)
+                err = self.link.translate(e)
+                said = str(err)
+                if err.bug:  # (said "internal error in the client (...)", with nothing in
+                    # the log; a review, 2026-11-25)
                     log.error("a command failed: %s", visible(line), exc_info=e)
                     said += f"; see {log_path()}"
                 self.say(said + (" (your text is back in the input)" if back else
@@ -1562,11 +1563,8 @@ class ChatApp:
         # (one written before the link broke is QUEUED again: it was listed as plainly not
         # sent, and had been stored; a kill -9 run, 2026-11-24)
         def note(o: Outgoing) -> str:
-            if o.state is State.FAILED:
-                return "  (refused)"
-            if o.unsure or if_killed:
-                return "  (sent, not confirmed: it may have been stored)"
-            return ""
+            was = outgoing_note(o, if_killed=if_killed)
+            return f"  ({was})" if was else ""
 
         out = [f"{titles.get(room, room)}: {as_typed(o)}{note(o)}"
                for room, s in self.sessions.items() for o in s.outbox]
@@ -1630,9 +1628,15 @@ def as_typed(o: Outgoing) -> str:
     return f"/me {o.text}" if o.kind == pb.MESSAGE_KIND_ACTION else o.text
 
 
-def unsure_note(o: Outgoing) -> str:
-    """"; it may have been stored" for a message written and not answered."""
-    return "; sent, not confirmed: it may have been stored" if o.unsure else ""
+def outgoing_note(o: Outgoing, *, if_killed: bool = False) -> str:
+    """What to say of a message not stored, when listed: "refused", "sent, not confirmed:
+    it may have been stored" (written and not answered; ``if_killed``: any on its way, see
+    ``pending_lines``), or nothing."""
+    if o.state is State.FAILED:
+        return "refused"
+    if o.unsure or if_killed:
+        return "sent, not confirmed: it may have been stored"
+    return ""
 
 
 def indented(text: str, by: str = "    ") -> str:
