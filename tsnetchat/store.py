@@ -782,7 +782,8 @@ class Store:
     def _error(self, e: sqlite3.Error) -> StoreError:
         """``e`` for people; a lock held too long says by what, and that nothing changed (a
         bare "database is locked" left `token issue` unclear on both: an operator's run,
-        2026-11-24)."""
+        2026-11-24). Every SQLite error of this connection passes here, so a full disk
+        also asks for the WAL to be cut back here (``_checkpoint``)."""
         if _damaged(e):
             return damaged(self.path, e)
         if (getattr(e, "sqlite_errorcode", None) or 0) & 0xFF == sqlite3.SQLITE_FULL and (
