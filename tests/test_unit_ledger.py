@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -290,3 +291,24 @@ async def test_sends_the_cluster_did_not_confirm_are_refused_and_said_in_the_log
     ((_, error, cmid, _),) = world.refused
     assert cmid == "c1" and isinstance(error, Unconfirmed)
     assert "refusing messages: the cluster did not confirm them in time" in caplog.text
+
+
+async def test_a_caller_that_stops_waiting_for_a_flush_loses_nobodys_read_positions(
+        world: World) -> None:
+    """MarkRead flushes everyone's gathered read positions; its caller hanging up before
+    the writer thread took the batch dropped the whole batch, other people's too."""
+    for who in ("alice@example.com", "bob@example.com"):
+        world.ledger.send(world.member(who), Sender(who, who, "laptop"), "hi", 0, who)
+    await world.ledger.drain()
+    writer_free = threading.Event()
+    busy = asyncio.ensure_future(world.history.job(lambda s: writer_free.wait(5)))
+    world.ledger.mark_read("bob@example.com", "general", 2)
+    flush = asyncio.ensure_future(world.ledger.flush_marks())  # alice's MarkRead ...
+    await asyncio.sleep(0.05)
+    flush.cancel()  # ... and alice hangs up while the writer is busy
+    with pytest.raises(asyncio.CancelledError):
+        await flush
+    writer_free.set()
+    await busy
+    await world.ledger.drain()
+    assert await world.history.read_mark("bob@example.com", "general") == 2

@@ -324,13 +324,21 @@ class Ledger:
         task.add_done_callback(self._marks_writing.discard)
 
     async def flush_marks(self) -> None:
-        """Write the read positions gathered so far (now)."""
+        """Write the read positions gathered so far (now). The write goes on if the caller
+        stops waiting: the batch holds everybody's positions, not only the caller's (a
+        MarkRead whose client hung up dropped them all)."""
         if self._marks_due is not None:
             self._marks_due.cancel()
             self._marks_due = None
         marks, self._marks = self._marks, {}
         if not marks:
             return
+        task = asyncio.ensure_future(self._store_marks(marks))
+        self._marks_writing.add(task)
+        task.add_done_callback(self._marks_writing.discard)
+        await asyncio.shield(task)
+
+    async def _store_marks(self, marks: dict[tuple[str, str], int]) -> None:
         try:
             await self.history.mark_read([(lg, rm, i) for (lg, rm), i in marks.items()])
         except StoreError as e:  # read positions are a convenience: never fail a stream
@@ -382,3 +390,5 @@ class Ledger:
         or refused."""
         await self.history.drain()
         await self.flush_marks()
+        if self._marks_writing:  # (those whose callers stopped waiting)
+            await asyncio.wait(set(self._marks_writing))
