@@ -640,3 +640,28 @@ def test_ranked_search_in_a_small_room_puts_the_best_match_first(tmp_path: Path)
     assert [m.text for m in s.search("kiwi", ["dm:a,b"])] == [
         "kiwi kiwi kiwi", "kiwi and a great many other words around it in a long line"]
     s.close()
+
+
+async def test_a_member_removed_by_a_caller_that_stopped_waiting_is_removed_for_the_loop_too(
+        tmp_path: Path) -> None:
+    """The change is committed by the writer thread even when its caller is cancelled while
+    it waits for the lock (an admin's deadline, a hang-up); the loop's copy, which every
+    access decision reads, kept the removed member in the room until a restart."""
+    history = await SqliteHistory.open(tmp_path / "db", wait=5.0)
+    try:
+        await history.set_members("+ops", "root@example.com",
+                                  ["alice@example.com", "bob@example.com"], (), create=True)
+        async with write_lock_held(tmp_path / "db") as lock:
+            change = asyncio.ensure_future(history.set_members(
+                "+ops", "root@example.com", (), ["bob@example.com"]))
+            await asyncio.sleep(0.3)  # the writer runs the change, waiting for the lock
+            change.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await change
+            await lock.release()
+        await history.job(lambda s: None)  # (after the change, in order)
+        stored = await history.read(lambda s: s.private_rooms())
+        assert stored["+ops"] == {"alice@example.com"}
+        assert history.private_members("+ops") == {"alice@example.com"}
+    finally:
+        await history.close()

@@ -1898,10 +1898,15 @@ class SqliteHistory:
                           *, create: bool = False, within: float | None = None
                           ) -> frozenset[str]:
         # (``within`` is not needed here: a job waits at most ``wait``, the store_wait.)
-        members = await self._job(lambda s: s.set_members(room, by, add, remove,
-                                                          create=create))
-        self._private[room] = members
-        return members
+        def change(s: Store) -> frozenset[str]:
+            members = s.set_members(room, by, add, remove, create=create)
+            # The loop's copy follows the commit whether or not the caller still waits (set
+            # after the await, a caller cancelled while the lock was held kept a removed
+            # member in the room until a restart). Queued before the caller's result.
+            self._loop.call_soon_threadsafe(self._private.__setitem__, room, members)
+            return members
+
+        return await self._job(change)
 
     async def revoke(self, jti: str, *, within: float | None = None) -> bool:
         return await self._job(lambda s: s.revoke(jti))
