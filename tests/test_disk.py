@@ -378,3 +378,26 @@ def test_lines_the_chat_cannot_keep_on_a_full_disk_leave_no_empty_file_and_say_w
     assert json.loads(old)[1] == "No space left on device"
     assert "unsent.txt" not in rest  # (ls of fresh/tsnetchat: nothing left there)
     assert rest[0] == "kept before" and rest[1].startswith("2026-01-02"), rest
+
+
+@pytest.mark.server_config(store_wait=60.0)
+async def test_a_member_removed_while_the_database_is_locked_is_cut_off_when_it_commits(
+        chat: Chat) -> None:
+    """The admin's call ends (its deadline) while the removal waits for the lock; the
+    removal is stored once the lock is free, and the removed member's open stream in the
+    room must end then too. (It stayed open, reading and writing the room.)"""
+    admin = await chat.connect("alice@tailnet.test", chat.token("alice@tailnet.test",
+                                                                admin=True))
+    bob = await chat.connect("bob@tailnet.test")
+    await admin.create_room("+ops", ["alice@tailnet.test", "bob@tailnet.test"])
+    call = bob.stub.Join(hello_events("+ops", hold=asyncio.Event()), metadata=bob.metadata)
+    await collect(call, 1, kind="replay_done")
+    async with write_lock_held(chat.cfg.db_path) as lock:
+        with pytest.raises(grpc.aio.AioRpcError) as gave_up:
+            await admin.set_room_members("+ops", remove=["bob@tailnet.test"], timeout=0.5)
+        assert gave_up.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        await lock.release()
+    with pytest.raises(grpc.aio.AioRpcError) as closed:
+        await collect(call, 1, kind="never", timeout=10)
+    assert closed.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "removed from '+ops'" in (closed.value.details() or "")

@@ -990,12 +990,18 @@ class ChatService:
             rooms.check_name(request.room)
             gone = self._members_named(request.room, self._logins(request.remove))
             added = await self._somebodys(self._logins(request.add))
-            members = await self.store.set_members(request.room, p.login, added, gone,
-                                                   within=_answer_within(context))
-            # (an admin may add themselves: said in the log, as who did what)
-            log.info("private room %r: %r added %r, removed %r", request.room, p.login,
-                     sorted(added), sorted(gone))
-            n = self.removed_here(request.room, gone, p.login)
+
+            async def change() -> tuple[frozenset[str], int]:
+                members = await self.store.set_members(request.room, p.login, added, gone,
+                                                       within=_answer_within(context))
+                # (an admin may add themselves: said in the log, as who did what)
+                log.info("private room %r: %r added %r, removed %r", request.room, p.login,
+                         sorted(added), sorted(gone))
+                return members, self.removed_here(request.room, gone, p.login)
+
+            # Shielded: a change stored after the caller gave up (its deadline, while the
+            # database was locked) left the removed members' streams open in the room.
+            members, n = await asyncio.shield(change())
             return pb.RoomMembersResponse(room=request.room, members=sorted(members),
                                           streams_closed=n)
         raise AssertionError("unreachable")  # pragma: no cover
