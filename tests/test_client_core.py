@@ -540,3 +540,19 @@ def test_the_status_line_says_the_first_line_of_a_reason_that_lists_what_was_tri
                        "  MagicDNS: no answer", retryable=True, transport=True), 10.0, 0.5)
     assert s.describe(10.0) == ("reconnecting in 0s: cannot find chat-server: tailscaled is "
                                 "not running")
+
+
+def test_a_grpc_error_reaching_the_command_line_goes_through_the_boundary(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`tsnetchat login` lets the stub's error through (tokens.login); the command line
+    printed gRPC core's words and the status name ("... Connection refused (UNAVAILABLE)")."""
+    from tsnetchat.cli import fail
+
+    raw = grpc.aio.AioRpcError(
+        grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
+        details="failed to connect to all addresses; last error: UNAVAILABLE: "
+                "ipv4:100.64.0.1:50051: Connection refused")
+    assert fail(raw).exit_code == 7
+    said = capsys.readouterr().err
+    assert "nothing answers" in said and "is `tsnetchat serve` running there?" in said
+    assert "UNAVAILABLE" not in said and "ipv4" not in said

@@ -84,20 +84,16 @@ app.add_typer(grants_app, name="grants")
 
 EXIT = {ConfigError: 3, TailnetError: 4, Unauthenticated: 5, PermissionDenied: 6,
         ServerUnavailable: 7, InvalidInput: 2, StateDirInUse: 9, StoreError: 8}
-GRPC_EXIT = {grpc.StatusCode.UNAUTHENTICATED: 5, grpc.StatusCode.PERMISSION_DENIED: 6,
-             grpc.StatusCode.UNAVAILABLE: 7, grpc.StatusCode.DEADLINE_EXCEEDED: 7,
-             grpc.StatusCode.INVALID_ARGUMENT: 2, grpc.StatusCode.RESOURCE_EXHAUSTED: 1}
 
 
 def fail(e: BaseException) -> typer.Exit:
-    from .clienterrors import ClientError
+    from .clienterrors import ClientError, translate
 
+    if isinstance(e, grpc.aio.AioRpcError):  # (`login`: the client's one boundary says it)
+        e = translate(e)
     if isinstance(e, ClientError):
         typer.secho(f"error: {e}", err=True, fg="red")
         return typer.Exit(e.exit_code)
-    if isinstance(e, grpc.aio.AioRpcError):
-        typer.secho(f"error: {e.details()} ({e.code().name})", err=True, fg="red")
-        return typer.Exit(GRPC_EXIT.get(e.code(), 1))
     code = next((c for t, c in EXIT.items() if isinstance(e, t)), 1)
     typer.secho(f"error: {e}", err=True, fg="red")
     return typer.Exit(code)
