@@ -511,3 +511,26 @@ async def test_a_search_by_an_author_longer_than_any_login_is_refused(chat: Chat
         await alice.stub.Search(pb.SearchRequest(query="x", author="a" * 256),
                                 metadata=alice.metadata)
     assert "nobody with the login 'aaaa" in (caught.value.details() or "")  # ... nobody's
+
+
+@pytest.mark.server_config(rate_burst=1, rate_per_second=0.01)
+async def test_malformed_events_between_refused_sends_are_cut_off_like_refused_sends(
+        chat: Chat) -> None:
+    """Nineteen malformed events and a send refused for its rate, over and over: the
+    strikes start again at every send, and the malformed events were not counted as doing
+    nothing, so they were answered for ever (19 for each refused send: 950 a second)."""
+    from tsnetchat.service import IDLE_BURST, INVALID_IN_A_ROW
+
+    conn = await chat.connect("mallory@tailnet.test")
+    call = conn.stub.Join(metadata=conn.metadata)
+    await call.write(pb.ClientEvent(hello=pb.Hello(room="general")))
+    rounds = 2 * IDLE_BURST // INVALID_IN_A_ROW
+    with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+        for i in range(rounds):  # (a write fails once the server has ended the stream)
+            for j in range(INVALID_IN_A_ROW - 1):
+                await call.write(send("", f"m{i}-{j}"))  # empty: malformed
+            await call.write(send("x", f"m{i}"))  # refused for its rate
+        await call.done_writing()
+    refusals, why = await _until_cut_off(call)
+    assert refusals <= IDLE_BURST + 20, refusals
+    assert "events refused at once or doing nothing" in why, why

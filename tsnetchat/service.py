@@ -74,7 +74,8 @@ HELLO_TIMEOUT = 10.0
 INVALID_IN_A_ROW = 20
 # Events a Join stream sends that do nothing (a send or an away change refused at once: its
 # rate, the server busy or shutting down, a topic only admins may set; an ack that moves no
-# read mark), after which it is cut off: a burst of IDLE_BURST, then IDLE_RATE a second.
+# read mark; a malformed event), after which it is cut off: a burst of IDLE_BURST, then
+# IDLE_RATE a second.
 # One member sending without ever waiting as told (retry_after) had 16,500 events a second
 # refused on 4 streams, or 32,000 acks a second taken, and everyone else's messages took
 # 96 ms instead of 8 (an attacker's run over the lab, 2026-11-25). A client that waits as
@@ -764,6 +765,10 @@ class ChatService:
                         sub.close(CloseReason(CloseKind.FLOOD, (
                             f"{strikes} malformed events in a row (flooding); disconnected")))
                         return
+                    # (does nothing either: 19 between two refused sends, whose strikes start
+                    # again, were answered for ever)
+                    if idle.take():
+                        break
             else:
                 sub.close(CloseReason(CloseKind.DONE, "client finished"))
                 return
