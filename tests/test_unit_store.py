@@ -665,3 +665,33 @@ async def test_a_member_removed_by_a_caller_that_stopped_waiting_is_removed_for_
         assert history.private_members("+ops") == {"alice@example.com"}
     finally:
         await history.close()
+
+
+@pytest.mark.parametrize("draft", [
+    Draft("r", A, 1, "hi b", "k1", mentions=("b@example.com",)),
+    Draft("r", A, 5, "the topic", "k1"),
+    Draft("r", A, 3, "edited", "k1", target=1)])
+async def test_a_lone_message_of_several_statements_is_stored_whole_or_not_at_all(
+        tmp_path: Path, draft: Draft) -> None:
+    """A lone message into a known room from a known sender is written without a
+    transaction of its own (one statement, SQLite's own). A mention, a topic or an edit
+    takes more statements: when a later one failed (a full disk, another process taking
+    the lock in between), the message stayed stored while its sender was told it was not;
+    sent again, it was acknowledged as a resend and never shown to the room."""
+    h = await SqliteHistory.open(tmp_path / "db")
+    try:
+        outcomes: list[Outcome] = []
+        h.submit(Draft("r", A, 1, "first", "k0"), outcomes.append)  # (room and sender known)
+        await h.drain()
+        await h.job(lambda s: [s._db.execute(  # a later statement fails, as on a full disk
+            f"CREATE TEMP TRIGGER fail_{n} BEFORE INSERT ON main.{t} {when} "
+            "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END")
+            for n, (t, when) in enumerate([("mentions", ""), ("topics", ""),
+                                           ("messages", "WHEN new.kind = 3")])])
+        h.submit(draft, outcomes.append)
+        await h.drain()
+        assert isinstance(outcomes[-1], StoreError), outcomes[-1]
+        stored = await h.read(lambda s: s._q("SELECT id, text FROM messages"))
+        assert [tuple(r) for r in stored] == [(1, "first")]
+    finally:
+        await h.close()

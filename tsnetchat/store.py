@@ -848,7 +848,11 @@ class Store:
         None if it is not that simple (use ``begin`` and ``write_open``). Raises
         sqlite3.OperationalError while locked and StoreError for anything else."""
         room = self._rooms.get(draft.room)
-        if room is None or draft.sender not in self._senders:
+        if (room is None or draft.sender not in self._senders or draft.mentions
+                or draft.kind not in (TEXT, ACTION)):
+            # (a mention, a topic, an edit or a deletion takes more statements: each was a
+            # transaction of its own, and a later one failing left the message stored while
+            # its sender was told it was not, and the resend was never shown)
             return None
         self.set_timeout(timeout)
         try:
