@@ -941,7 +941,7 @@ class ChatApp:
                         "matches a prefix); /leave closes this buffer")
         else:
             conv.notice(f"search {words!r}: {len(found)} result(s), newest at the bottom"
-                        + (f" (the newest {SEARCH_PAGE}; narrow it to see older ones)"
+                        + (f" (the newest {len(found)}; narrow it to see older ones)"
                            if res.more else "") + "; /leave closes this buffer")
         for m in found:
             where = (dm_title(m.room, self.me.login) if m.room.startswith("dm:") else
