@@ -1,4 +1,5 @@
-"""The message path's pure rules (tsnetchat.ledger): message text and rate buckets."""
+"""The message path's pure rules: message text (tsnetchat.render) and rate buckets
+(tsnetchat.throttle)."""
 
 from __future__ import annotations
 

@@ -14,7 +14,8 @@ exactly one of:
 * in cluster mode, a refusal as ``Unconfirmed``: the cluster did not confirm it in time, so
   it may still appear; sent again with the same ``client_msg_id`` it is stored once;
 * ``InvalidInput`` raised at once for malformed input (the caller counts those as strikes
-  against a flooding client; refusals above never count).
+  against a flooding client; refusals above are never strikes, though ``send`` says which
+  were refused at once, and the caller cuts off a stream that never waits as told).
 
 Knows nothing of gRPC: refusals go out through the ``refuse`` callback the servicer gives,
 which turns the error into an event. Tests drive it directly (tests/test_unit_ledger.py).
