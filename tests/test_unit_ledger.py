@@ -312,3 +312,19 @@ async def test_a_caller_that_stops_waiting_for_a_flush_loses_nobodys_read_positi
     await busy
     await world.ledger.drain()
     assert await world.history.read_mark("bob@example.com", "general") == 2
+
+
+async def test_a_rate_refusal_due_in_milliseconds_never_says_retry_in_0s(world: World) -> None:
+    """A wait of a few ms said "retry in 0.0s" (seen on the call limit in a full run), and a
+    client that reads the words (``clienterrors.retry_hint``) tried again at once."""
+    from tsnetchat.clienterrors import retry_hint
+
+    world.rules.rate_burst, world.rules.rate_per_second = 1, 1000.0
+    world.ledger.apply(world.rules)
+    alice = world.member()
+    world.ledger.send(alice, ALICE, "first", 0, "c0")
+    world.ledger.send(alice, ALICE, "at once", 0, "c1")  # due in about a millisecond
+    await world.ledger.drain()
+    ((_, error, _, retry_after),) = world.refused
+    assert 0 < retry_after <= 0.001
+    assert "retry in 0.1s" in str(error) and retry_hint(str(error)) == 0.1

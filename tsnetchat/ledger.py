@@ -64,7 +64,7 @@ from .store import (
     StoredMessage,
     Topic,
 )
-from .throttle import Buckets, LogLimiter
+from .throttle import Buckets, LogLimiter, retry_in
 
 log = logging.getLogger("tsnetchat.ledger")
 
@@ -232,7 +232,7 @@ class Ledger:
         if wait:
             self._refused(sub, client_msg_id, "rate", LimitExceeded(
                 f"slow down: at most {limits.rate_per_second:g} messages/s (bursts of "
-                f"{limits.rate_burst}); this one was not sent, retry in {wait:.1f}s"), wait)
+                f"{limits.rate_burst}); this one was not sent, {retry_in(wait)}"), wait)
             return False
         pending = self.history.pending()
         if pending >= self.max_pending:
@@ -245,7 +245,7 @@ class Ledger:
             if wait:
                 self._refused(sub, client_msg_id, "rate", LimitExceeded(
                     f"slow down: at most {limits.edits_per_minute} edits, deletions and topic "
-                    f"changes a minute (edits_per_minute); retry in {wait:.1f}s"), wait)
+                    f"changes a minute (edits_per_minute); {retry_in(wait)}"), wait)
                 return False
         if not self.history.last_id(sub.room) and sub.room not in self._coming_rooms:
             wait = self._new_room_buckets.take(sender.login)

@@ -43,7 +43,7 @@ from .metrics import Metrics
 from .pb import chat_pb2 as pb
 from .store import Sender, Topic, fts_query
 from .tailnet import Tailnet
-from .throttle import Buckets, Coalescer, LogLimiter, TokenBucket
+from .throttle import Buckets, Coalescer, LogLimiter, TokenBucket, retry_in
 
 if TYPE_CHECKING:
     from .enroll import Enrollment
@@ -477,7 +477,7 @@ class ChatService:
                 if wait:
                     raise LimitExceeded(f"{method}: too many calls (at most "
                                         f"{self.limits.call_rate:g}/s, bursts of "
-                                        f"{self.limits.call_burst}); retry in {wait:.1f}s")
+                                        f"{self.limits.call_burst}); {retry_in(wait)}")
                 if request is GARBAGE:
                     raise InvalidInput(f"{method}: the request could not be decoded as a "
                                        f"tsnetchat.v1 message (garbage or wrong schema)")
@@ -746,7 +746,7 @@ class ChatService:
                         if wait:  # (each change is a presence event to every room's streams)
                             self._refuse(sub, LimitExceeded(
                                 f"slow down: at most {AWAY_BURST} away changes at once, then "
-                                f"one every {1 / AWAY_RATE:.0f}s; retry in {wait:.1f}s"),
+                                f"one every {1 / AWAY_RATE:.0f}s; {retry_in(wait)}"),
                                 cmid, retry_after=wait)
                             if idle.take():
                                 break
@@ -930,7 +930,7 @@ class ChatService:
             wait = self._search_buckets.take(p.login)
             if wait:
                 raise LimitExceeded(f"slow down: at most {lim.searches_per_minute} searches a "
-                                    f"minute (searches_per_minute); retry in {wait:.1f}s")
+                                    f"minute (searches_per_minute); {retry_in(wait)}")
             access = self.access()
             if len(request.rooms) > MAX_SEARCH_ROOMS:  # (each DM name may be resolved)
                 raise InvalidInput(f"a search names at most {MAX_SEARCH_ROOMS} rooms; name none "

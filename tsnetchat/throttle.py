@@ -12,11 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
+
+
+def retry_in(wait: float) -> str:
+    """"retry in 0.3s": a bucket's wait as a hint, rounded up (a wait of 20 ms said "retry in
+    0.0s", and a client reading the words tried again at once)."""
+    return f"retry in {math.ceil(wait * 10) / 10:.1f}s"
 
 
 class TokenBucket:
