@@ -304,3 +304,20 @@ async def test_names_in_a_grant_that_no_room_can_have_are_not_listed_as_rooms(
     bob = await chat.connect("bob@tailnet.test", cap_map={CAP: [{"rooms": ["+ops"]}]})
     me = await bob.whoami()  # let in (his DMs and private rooms are his), with no room listed
     assert (me.identity.login, list(me.rooms)) == ("bob@tailnet.test", [])
+
+
+@pytest.mark.server_config(enroll="any", cap_domain="example.com")
+async def test_a_login_that_fails_unexpectedly_is_answered_internal_without_pythons_words(
+        chat: Chat, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Login and RenewToken are answered outside the servicer's boundary: a bug there reached
+    the caller as UNKNOWN "Unexpected <class 'KeyError'>: ..." and a traceback in the log."""
+    from tsnetchat.store import SqliteHistory
+
+    async def broken(self: Any, row: Any) -> None:
+        raise KeyError("a detail of the server's")
+
+    monkeypatch.setattr(SqliteHistory, "record_token", broken)
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await login(chat)
+    assert e.value.code() == grpc.StatusCode.INTERNAL
+    assert e.value.details() == "login: internal error; the server's log says more"

@@ -143,6 +143,7 @@ class Enrollment:
         # One per device for each method: renewals do not use up a device's logins.
         self._buckets = {m: Buckets(LOGIN_BURST, LOGIN_PER_SECOND) for m in ("login", "renew")}
         self._refusal_log = LogLimiter()
+        self._error_log = LogLimiter(burst=5, rate=0.2)  # (as the servicer's)
 
     # helpers -----------------------------------------------------------------------
 
@@ -220,6 +221,14 @@ class Enrollment:
                 return self._response(who, token, claims)
         except TsnetchatError as e:
             await self._refuse(context, method, who, e)
+        except Exception as e:
+            # A bug: answered as the servicer answers one (service's ``_call``), not by
+            # grpc.aio, which logged a traceback each time and sent the caller UNKNOWN with
+            # Python's words ("Unexpected <class 'KeyError'>: ...").
+            self._error_log.log(log, logging.ERROR, "%s failed unexpectedly", method,
+                                exc_info=e)
+            await context.abort(grpc.StatusCode.INTERNAL,
+                                f"{method}: internal error; the server's log says more")
         raise AssertionError("unreachable")  # pragma: no cover - abort raised
 
     def _issued(self, method: str, who: WhoIs, claims: auth.Claims) -> None:
