@@ -13,10 +13,11 @@ the measured facts this relies on ("fact N" below).
   Retrying an unconfirmed batch is harmless for the same reason (fact 5).
 * **Applying** (every server, ordered consumer from the last applied sequence, fact 12):
   messages go into this server's SQLite copy (``Store.import_messages``, with the stream
-  position in the same transaction), then to the local hub, in stream order. A draft of our
-  own is settled (published and acknowledged by the ledger) when it is applied, so the
-  sender's ack comes after JetStream's quorum ack AND after the local copy has it. A copy
-  that cannot take it by the draft's deadline (another process holds its write lock, a full
+  position in the same transaction), then to the ledger (``on_applied``), in stream order,
+  which publishes them to the local hub. A draft of our own is settled (published and
+  acknowledged by the ledger) when it is applied, so the sender's ack comes after
+  JetStream's quorum ack AND after the local copy has it. A copy that cannot take it by the
+  draft's deadline (another process holds its write lock, a full
   disk) gets its sender refused as ``Unconfirmed`` (``_too_late``); the draft stays until it
   is applied, then reaches the room, and a resend meanwhile waits for it. A
   consumer that stops delivering while the stream moves on is replaced
@@ -90,10 +91,8 @@ import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.js.api import ConsumerConfig, DeliverPolicy, KeyValueConfig, StreamConfig
 
-from . import codec
 from .config import ServerConfig
 from .errors import ConfigError, InvalidInput, StoreError, Unconfirmed
-from .hub import Hub
 from .loop import cancel_all
 from .pb import chat_pb2 as pb
 from .store import (
@@ -361,7 +360,7 @@ class ClusterHistory:
     the stream and KV buckets if needed, adopts the cluster's signing key, and returns once
     the local copy has caught up with the stream; ``close`` settles what is in flight."""
 
-    def __init__(self, local: SqliteHistory, hub: Hub, cfg: ServerConfig) -> None:
+    def __init__(self, local: SqliteHistory, cfg: ServerConfig) -> None:
         self.local, self.cfg = local, cfg
         self.wait = cfg.cluster_wait
         self.path = local.path
@@ -432,11 +431,10 @@ class ClusterHistory:
         self._registered = ""
         # Called with each message applied here that no sender here is waiting for, to make
         # it visible: another server's (``ours`` False), or one of this server's whose sender
-        # was refused before this copy had it (``_too_late``). The server hands it to the
-        # ledger (``Ledger.applied``), which counts it, charges a foreign sender's rate limit
-        # and publishes it; until then the room alone sees it.
-        self.on_applied: Callable[[StoredMessage, bool], object] = (
-            lambda m, ours: hub.publish(m.room, codec.message_item(m)))
+        # was refused before this copy had it (``_too_late``). The server assembles it with
+        # the ledger (``Ledger.applied``), which counts it, charges a foreign sender's rate
+        # limit and publishes it: the one place a message becomes visible.
+        self.on_applied: Callable[[StoredMessage, bool], object] = lambda m, ours: None
         # Presence on the other servers: room -> key -> who; and ours, kept fresh.
         self._elsewhere: dict[str, dict[str, pb.Identity]] = {}
         self._here: dict[str, bytes] = {}

@@ -286,7 +286,7 @@ class Server:
         # Cluster mode: the same service on a NATS JetStream cluster; ``local`` becomes this
         # server's copy of the cluster's stream (tsnetchat.cluster).
         self.store: SqliteHistory | ClusterHistory = (
-            ClusterHistory(local, self.hub, cfg) if cfg.cluster else local)
+            ClusterHistory(local, cfg) if cfg.cluster else local)
         self.metrics = Metrics()
         self.enrollment = enroll.Enrollment(
             door=self.gate, key=lambda: self.gate.policy.key, store=self.store,
@@ -295,6 +295,8 @@ class Server:
         self.service = ChatService(store=self.store, hub=self.hub, gate=self.gate,
                                    tailnet=tailnet, limits=cfg.limits, metrics=self.metrics,
                                    enrollment=self.enrollment)
+        if isinstance(self.store, ClusterHistory):  # (what other servers stored, made visible)
+            self.store.on_applied = self.service.ledger.applied
         gate = self.gate
         self.health = BoundedHealth(gate.device_behind)
         self.reflection = BoundedReflection((
@@ -342,7 +344,6 @@ class Server:
                 self._key_stamp = _stamp(cfg.key_path)
             self.store.on_kick = self.service.kick_here
             self.store.on_removed = self.service.removed_here
-            self.store.on_applied = self.service.ledger.applied
             people = self.service.ledger.people  # who can be mentioned, also from elsewhere
             self.store.on_sender = lambda s: people.add(s.login, s.display_name)
             for login, name in self.store.people().items():
