@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from tsnetchat.cluster import _decode, _encode, _Kicks, connect_options
+from tsnetchat.cluster import ClusterHistory, _decode, _encode, _Kicks, connect_options
 from tsnetchat.config import load_config
-from tsnetchat.errors import ConfigError
+from tsnetchat.errors import ConfigError, StoreError
+from tsnetchat.loop import cancel_all
 from tsnetchat.store import (
     DELETE,
     EDIT,
@@ -20,6 +21,7 @@ from tsnetchat.store import (
     Imported,
     Refused,
     Sender,
+    SqliteHistory,
     Store,
     StoredMessage,
     Written,
@@ -250,3 +252,30 @@ def test_a_server_applies_each_kick_stored_after_it_started_once_and_none_of_its
     assert kick(8, "mine", origin="me") is None  # closed here before it was published
     assert kicks.take(9, b"") is None and kicks.take(10, b"{not json") is None
     assert kick(11, "k2") == ("general", "bob@x", "alice@x")
+
+
+async def test_a_message_still_being_appended_when_the_server_stops_is_refused_not_left_waiting(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = load_config(file=None, env={}, flags={"state_dir": str(tmp_path),
+                                                "cluster": "nats://127.0.0.1:1"})
+    local = await SqliteHistory.open(cfg.db_path)
+    history = ClusterHistory(local, cfg)
+    reached = asyncio.Event()
+
+    async def looking_for_resends(room: str, batch: list[object]) -> None:
+        reached.set()  # (as while the copy is read for resends, before anything is sent)
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(history, "_append", looking_for_resends)
+    answers: list[object] = []
+    sender = Sender("alice", "Alice", "n1")
+    history.submit(Draft("general", sender, TEXT, "hello", client_msg_id="c1"), answers.append)
+    history.submit(Draft("general", sender, TEXT, "again", client_msg_id="c2"), answers.append)
+    await asyncio.wait_for(reached.wait(), 5)
+    await cancel_all(list(history._appenders.values()))
+    try:
+        assert len(answers) == 2
+        assert all(isinstance(a, StoreError) and "shutting down" in str(a) for a in answers)
+        assert history.pending() == 0
+    finally:
+        await local.close()

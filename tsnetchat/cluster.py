@@ -1255,6 +1255,12 @@ class ClusterHistory:
                 try:
                     async with self._slots:
                         await self._append(room, batch)
+                except asyncio.CancelledError:
+                    # (shutting down: those not sent yet are refused with the queue's below,
+                    # those sent are ``close``'s; left out of both, they were never answered:
+                    # a review, 2026-11-25)
+                    q.extendleft(p for p in reversed(batch) if p.origin not in self._mine)
+                    raise
                 except Exception as e:  # a bug: refuse rather than leave senders waiting
                     log.error("cluster: appending to %r failed", room, exc_info=e)
                     for p in batch:
