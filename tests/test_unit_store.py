@@ -275,6 +275,14 @@ def test_disk_use_stays_within_one_and_a_half_times_the_text_plus_a_fixed_overhe
 # --- the server's history, off the event loop -----------------------------------------------
 
 
+async def test_a_write_asked_of_a_closed_history_is_refused_not_left_waiting(
+        tmp_path: Path) -> None:
+    h = await SqliteHistory.open(tmp_path / "db")
+    await h.close()
+    with pytest.raises(StoreError, match="closed"):
+        await asyncio.wait_for(h.mark_read([("alice", "r", 1)]), 5)
+
+
 async def test_submitted_messages_settle_on_the_loop_in_order_after_their_commit(
         tmp_path: Path) -> None:
     h = await SqliteHistory.open(tmp_path / "db")

@@ -1691,7 +1691,11 @@ class SqliteHistory:
             then(outcome)
 
     async def _job(self, run: Callable[[Store], T]) -> T:
-        """Run ``run(store)`` on the writer thread, in order with the messages."""
+        """Run ``run(store)`` on the writer thread, in order with the messages; StoreError
+        once the history is closing (its writer may be gone: a job queued then waited for
+        ever; a review, 2026-11-25)."""
+        if self._stopping:
+            raise StoreError("the history is closed: the server is stopping")
         fut: Future[T] = Future()
         self._queue.append(_Job(run, fut, time.monotonic() + self.wait))
         self._wake.set()
