@@ -170,3 +170,30 @@ async def test_a_join_stores_nothing_its_narrowed_grant_no_longer_allows_while_t
     assert e.code() == grpc.StatusCode.PERMISSION_DENIED and "'random'" in e.details()
     alice = await chat.connect("alice@t", cap_map=wide)
     assert not [m for m in (await alice.history("random")).messages if m.text.startswith("into")]
+
+
+async def test_a_stolen_tokens_calls_refused_for_its_devices_budget_soon_cost_no_whois(
+        chat: Chat) -> None:
+    """Once a device's refusal budget is spent, a connection of it is refused after one
+    WhoIs; the device is forgotten with the connection's last call, so each of its calls,
+    one after the other, asked WhoIs again: a stolen token on 64 connections made 330 WhoIs
+    a second, and other people's calls, waiting for WhoIs, took up to 2.5 s (an attacker's
+    run over the lab, 2026-11-25). Those refusals count against the connection too."""
+    import math
+    import time
+
+    from tsnetchat.gate import CONN_REFUSALS
+
+    stolen = chat.token("bob@t")
+    for _ in range(2):  # the device's budget, spent on two connections
+        conn = await chat.connect("mallory@t", token=stolen)
+        for _ in range(CONN_REFUSALS[0]):
+            await refused(conn.whoami())
+    conn = await chat.connect("mallory@t", token=stolen)
+    asked = len(chat.net.whois_addrs)
+    started = time.monotonic()
+    codes = {(await refused(conn.whoami())).code() for _ in range(60)}
+    took = time.monotonic() - started
+    assert codes == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+    burst, per_second = CONN_REFUSALS
+    assert len(chat.net.whois_addrs) - asked <= burst + math.ceil(took * per_second) + 1

@@ -243,7 +243,7 @@ class Gate:
                 raise Unauthenticated("tailnet lock: this connection is not an IP connection "
                                       "through tailscaled")
             who = await self._identity(conn)
-            self._check_budget(conn.peer, who.node_id)
+            self._check_budget(conn.peer, who.node_id, asked=True)
             # Again after the wait: a revocation or a new key that came while WhoIs was asked
             # acts only on leases held, and nothing decided this one again (a stream opened
             # during a stalled WhoIs was still open 26 s after its token was revoked; an
@@ -272,7 +272,7 @@ class Gate:
                 raise Unauthenticated("tailnet lock: this connection is not an IP connection "
                                       "through tailscaled")
             who = await self._identity(conn)
-            self._check_budget(conn.peer, who.node_id)
+            self._check_budget(conn.peer, who.node_id, asked=True)
             self._check_own_node(who)
             yield who
         except (Unauthenticated, PermissionDenied, InvalidInput) as e:
@@ -302,11 +302,19 @@ class Gate:
         if conn.refs == 0 and self._conns.get(conn.peer) is conn:
             del self._conns[conn.peer]
 
-    def _check_budget(self, peer: str, node_id: str) -> None:
+    def _check_budget(self, peer: str, node_id: str, *, asked: bool = False) -> None:
+        """Refuse the call if its connection's or device's refusal budget is spent.
+        ``asked``: a WhoIs was spent to learn the device, and that refusal is charged to the
+        connection, so that it too is soon refused before WhoIs. (The device is forgotten
+        with the connection's last call: each call of a stolen token, refused one after the
+        other on 64 connections, cost a WhoIs, 330 a second; other people's calls, waiting
+        for WhoIs slots, took up to 2.5 s. An attacker's run over the lab, 2026-11-25.)"""
         wait = max(self._conn_refusals.wait(peer),
                    self._node_refusals.wait(node_id) if node_id else 0.0)
         if wait:
             self.throttled += 1
+            if asked:
+                self._conn_refusals.take(peer)
             raise LimitExceeded(f"too many refused calls from this connection or device; "
                                 f"wait {wait:.0f}s and fix what the earlier refusals said")
 
