@@ -534,3 +534,16 @@ async def test_malformed_events_between_refused_sends_are_cut_off_like_refused_s
     refusals, why = await _until_cut_off(call)
     assert refusals <= IDLE_BURST + 20, refusals
     assert "events refused at once or doing nothing" in why, why
+
+
+async def test_a_private_room_request_naming_more_than_1000_logins_says_how_many_are_allowed(
+        chat: Chat) -> None:
+    """It said "'too many' is not a tailnet login" (an attacker's run, 2026-11-25)."""
+    admin = await chat.connect("alice@tailnet.test", chat.token("alice@tailnet.test",
+                                                                admin=True))
+    for call in (admin.create_room("+big", [f"u{i}@x" for i in range(1001)]),
+                 admin.set_room_members("+big", add=[f"u{i}@x" for i in range(1001)])):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "1001 logins in one request; at most 1000" in (caught.value.details() or "")
