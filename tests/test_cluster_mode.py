@@ -252,6 +252,26 @@ async def test_a_token_revoked_through_server_2_closes_alices_stream_on_server_1
         await refused_anew(one, token)
 
 
+async def test_a_token_revoked_through_server_1_counts_the_streams_it_closed_there(
+        lab: Any, tmp_path: Path, nats_cluster: nats_lab.NatsCluster) -> None:
+    """The cluster's word of the revocation came back to server 1 and closed alice's streams
+    before RevokeToken counted them: it answered, and logged, 0 streams closed (an
+    attacker's run over the lab, 2026-11-25)."""
+    async with two_servers(lab, tmp_path, nats_cluster) as (one, _two):
+        admin = await one.connect("alice-laptop", one.token(ALICE, admin=True))
+        said = []
+        for _ in range(5):  # (which comes first is a race: 2 runs in 3 said 0 by hand)
+            token = one.token(ALICE)
+            alice = await one.connect("alice-laptop", token)
+            calls = [await join(alice, room) for room in ("general", "random")]
+            res = await admin.stub.RevokeToken(pb.RevokeTokenRequest(token_id=token_id(token)),
+                                               metadata=admin.metadata)
+            for call in calls:
+                await closed_as(call, grpc.StatusCode.UNAUTHENTICATED)
+            said.append(res.streams_closed)
+        assert said == [2] * 5
+
+
 async def test_a_revocation_without_a_nats_quorum_is_refused_and_the_token_works_until_it_succeeds(
         lab: Any, tmp_path: Path, nats_cluster: nats_lab.NatsCluster) -> None:
     async with two_servers(lab, tmp_path, nats_cluster, cluster_wait=2.0) as (one, two):

@@ -467,6 +467,11 @@ class Gate:
                 return
             self._redecide(lease, who)
 
+    def streams_of(self, token_id: str) -> set[Lease]:
+        """The streams of ``token_id`` open here now (leases not failed)."""
+        return {lease for lease in self._leases
+                if lease.stream and lease.error is None and lease.claims.token_id == token_id}
+
     def revoke(self, token_ids: Iterable[str]) -> int:
         """Refuse these tokens from now on; fail their leases. Returns the streams closed."""
         ids = set(token_ids)

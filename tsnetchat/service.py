@@ -1093,8 +1093,13 @@ class ChatService:
             auth.check_admin(p)
             if not request.token_id or len(request.token_id) > 64:
                 raise InvalidInput("token_id must be a token id from `tsnetchat token list`")
+            # (counted first: in cluster mode the cluster's word of the revocation comes back
+            # here too, and closed them before apply_revocations could count them: the
+            # answer and the log said 0 streams; an attacker's run, 2026-11-25)
+            open_here = self.gate.streams_of(request.token_id)
             await self.store.revoke(request.token_id, within=_answer_within(context))
             n = self.apply_revocations([request.token_id])
+            n = max(n, sum(lease.error is not None for lease in open_here))
             log.info("revoke token=%r by=%r streams=%d", request.token_id, p.login, n)
             return pb.RevokeTokenResponse(streams_closed=n)
         raise AssertionError("unreachable")  # pragma: no cover
