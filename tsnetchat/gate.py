@@ -69,7 +69,7 @@ from .errors import (
     Unavailable,
 )
 from .tailnet import Change, Tailnet, WhoIs, format_addr, parse_grpc_peer
-from .throttle import Buckets, LogLimiter
+from .throttle import Buckets, LogLimiter, retry_in
 
 log = logging.getLogger("tsnetchat.gate")
 
@@ -316,7 +316,7 @@ class Gate:
             if asked:
                 self._conn_refusals.take(peer)
             raise LimitExceeded(f"too many refused calls from this connection or device; "
-                                f"wait {wait:.0f}s and fix what the earlier refusals said")
+                                f"{retry_in(wait)} and fix what the earlier refusals said")
 
     def _refused(self, conn: _Conn, method: str, e: TsnetchatError) -> None:
         self._conn_refusals.take(conn.peer)
