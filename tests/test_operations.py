@@ -437,3 +437,35 @@ async def test_prometheus_metrics_count_messages_and_refusals(tmp_path: Path) ->
         assert "tsnetchat_messages_total 1" in text
         assert 'tsnetchat_rpc_errors_total{code="UNAUTHENTICATED"} 1' in text
         assert "tsnetchat_whois_lookups_total" in text
+
+
+async def test_a_flood_of_metrics_requests_is_answered_429_without_asking_the_tailnet_who_each_is(
+        tmp_path: Path) -> None:
+    """Every request asked WhoIs: 280 a second from a device with no grant took alice's
+    WhoAmI from 4 to 126 ms (an attacker's run over the lab, 2026-11-25)."""
+    import urllib.error
+    import urllib.request
+
+    from helpers import chat_server
+
+    from tsnetchat.server import METRICS_BURST
+
+    mport = free_port()
+    async with chat_server(tmp_path, metrics_port=mport) as chat:
+        front = await chat.net.front("mallory@tailnet.test", port=mport)
+
+        def scrape() -> tuple[int, str]:
+            try:
+                with urllib.request.urlopen(f"http://{front}/", timeout=5) as r:
+                    return r.status, r.read().decode()
+            except urllib.error.HTTPError as e:
+                return e.code, e.read().decode()
+
+        before = chat.server.gate.whois_calls
+        answers = [await asyncio.to_thread(scrape) for _ in range(3 * METRICS_BURST)]
+        asked = chat.server.gate.whois_calls - before
+        codes = [code for code, _ in answers]
+        assert codes.count(200) >= METRICS_BURST and 429 in codes, codes
+        assert asked <= codes.count(200), (asked, codes)
+        refused = next(text for code, text in answers if code == 429)
+        assert re.search(r"too many metrics requests .*; retry in \d+\.\ds", refused), refused

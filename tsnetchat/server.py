@@ -56,6 +56,7 @@ from .service import SERVICE_NAME, ChatService
 from .statedir import StateLock, read_key, secure_state_dir
 from .store import MAX_GROUP, SqliteHistory, Store, damaged, quick_check
 from .tailnet import LocalAPI, Status, Tailnet, format_addr, wait_running
+from .throttle import TokenBucket, retry_in
 
 log = logging.getLogger("tsnetchat.server")
 
@@ -70,6 +71,13 @@ CHECK_AT_START = 60.0  # seconds the start-up quick_check may run (then it is no
 MAX_OPEN_STREAMS = 64
 MAX_OPEN_STREAMS_PER_CONNECTION = 4
 MAX_OPEN_STREAMS_PER_DEVICE = 8
+
+# Metrics requests answered a second (and at once), whoever asks, before the tailnet lock
+# asks WhoIs: every request cost a LocalAPI call, and 280 a second from a device with no
+# grant took alice's WhoAmI from 4 to 126 ms (p99 412; an attacker's run over the lab,
+# 2026-11-25). One budget for all (in userspace mode every caller's address is loopback):
+# a flood can keep a scraper out, not slow the chat.
+METRICS_BURST, METRICS_RATE = 20, 5.0
 
 KEEPALIVE_TIME_MS = 4_000
 KEEPALIVE_TIMEOUT_MS = 4_000
@@ -621,17 +629,25 @@ class Server:
     async def _start_metrics(self) -> None:
         """Prometheus text, behind the tailnet lock: only connections that come through
         tailscaled from a device (not this server's own node, unless allow_own_node) get an
-        answer; anything else is closed with 403."""
+        answer; anything else is closed with 403; beyond ``METRICS_RATE``, 429."""
+        budget = TokenBucket(METRICS_BURST, METRICS_RATE)
+
+        async def answer(peer: str) -> tuple[bytes, bytes]:
+            wait = budget.take()
+            if wait:
+                return (f"too many metrics requests (at most {METRICS_RATE:g} a second); "
+                        f"{retry_in(wait)}\n").encode(), b"429 Too Many Requests"
+            try:
+                await self.gate.identify(peer)
+            except TsnetchatError as e:
+                return f"{e}\n".encode(), b"403 Forbidden"
+            return self.metrics.render_prometheus().encode(), b"200 OK"
+
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             with contextlib.suppress(Exception):
                 host, port = writer.get_extra_info("peername")[:2]
                 await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-                try:
-                    await self.gate.identify(format_addr(host, port))
-                except TsnetchatError as e:
-                    body, status = f"{e}\n".encode(), b"403 Forbidden"
-                else:
-                    body, status = self.metrics.render_prometheus().encode(), b"200 OK"
+                body, status = await answer(format_addr(host, port))
                 writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: text/plain; "
                              b"version=0.0.4\r\nContent-Length: " + str(len(body)).encode() +
                              b"\r\nConnection: close\r\n\r\n" + body)
