@@ -76,6 +76,19 @@ def test_an_operators_command_on_a_state_dir_that_does_not_exist_creates_nothing
     assert not missing.exists()
 
 
+def test_an_operators_command_on_a_cluster_servers_state_dir_asks_for_its_cluster_settings(
+        tmp_path: Path) -> None:
+    """It said there was no history there (an attacker's run over the lab, 2026-11-25)."""
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    (state / "cluster.db").write_bytes(b"")
+    out = run_cli("token", "revoke", "abc", "--state-dir", str(state))
+    assert out.returncode == 3, out.stdout
+    assert "is a cluster server's (cluster.db): give this command the server's cluster" in (
+        out.stderr)
+    assert not (state / "tsnetchat.db").exists()
+
+
 def test_issuing_into_a_new_state_dir_says_it_made_a_new_key(tmp_path: Path) -> None:
     state = tmp_path / "new"
     out = run_cli("token", "issue", "alice@tailnet.test", "--state-dir", str(state))

@@ -223,6 +223,12 @@ def _existing_store(cfg: ServerConfig) -> Any:
     ``--state-dir`` (an admin command that finds nothing there must say so, not succeed on
     an empty database)."""
     if not cfg.db_path.is_file():
+        if not cfg.cluster and (cfg.state_dir / "cluster.db").is_file():
+            # (it said there was no history: an attacker's run over the lab, 2026-11-25)
+            raise fail(ConfigError(
+                f"{cfg.state_dir} is a cluster server's (cluster.db): give this command the "
+                "server's cluster settings too (--config with its config file, or "
+                "TSNETCHAT_CLUSTER)"))
         raise fail(ConfigError(
             f"there is no tsnetchat history at {cfg.db_path} (is --state-dir or the config "
             "file the server's? `tsnetchat serve` makes it when it first starts)"))
