@@ -912,6 +912,22 @@ async def test_a_line_still_on_its_way_when_its_room_is_left_is_kept_not_only_sa
     assert any("pending line L1" in line for line in app.held().lines)  # (and if killed)
 
 
+async def test_a_line_on_its_way_to_a_room_left_makes_the_chat_exit_1_as_not_stored() -> None:
+    """It was listed as not sent at the exit, and `connect` exited 0 (a daily user's day,
+    2026-11-25)."""
+    from tsnetchat.client import RoomSession
+
+    app = alices_chat()
+    for room in ("general", "random"):
+        app.conversations[room] = app.conversation_for(room)
+        app.sessions[room] = RoomSession(app.link, room)
+    app.current = "random"
+    assert not app.left_unstored()
+    app.sessions["random"].send("pending, then I leave")
+    app.leave("random")
+    assert app.left_unstored()
+
+
 async def test_a_search_that_fails_gives_its_words_back_and_is_never_listed_as_maybe_done(
         ) -> None:
     """A /search that failed (the server down) said why, and its words were only in the Up

@@ -1574,6 +1574,12 @@ class ChatApp:
                 for line, room in self.commands_out.values()]
         return [indented(line) for line in out] + self.dropped + self.inherited
 
+    def left_unstored(self) -> bool:
+        """Whether a message sent in this chat is not stored: still in a room's outbox, or
+        on its way to a room that went away (``dropped``: listed, and the exit said 0; a
+        daily user's day, 2026-11-25)."""
+        return bool(self.dropped) or any(len(s.outbox) for s in self.sessions.values())
+
     def titles(self, typed: Iterable[tuple[str, str]]) -> dict[str, str]:
         """Each room's title, by name: the open ones' and those with something ``typed``."""
         titles = {room: self.conversation_for(room).title for room, _ in typed if room}
@@ -1917,6 +1923,6 @@ async def run_tui(server: str, room: str | None, *, token: str | None, socket: s
                       f"; also kept in {kept}:"))
             for line in left:
                 print(f"  {line}")
-    if any(len(s.outbox) for s in chat.sessions.values()):
+    if chat.left_unstored():
         return EXIT_ERROR  # a wrapper script can tell that something typed was not stored
     return int(result or 0)
