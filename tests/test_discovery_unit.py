@@ -133,6 +133,8 @@ async def test_closing_the_bridge_ends_its_connections_without_a_stray_task(
     ("a" * 300, "is not a server name: a name is at most 253 characters"),
     ("x" * 64 + ".tailnet.test", "each part between dots at most 63"),
     ("chat server", "is not a server name: give its MagicDNS name"),
+    ("chat-server:50621", "a port goes in --port (or TSNETCHAT_PORT): chat-server --port 50621"),
+    ("100.64.0.5:50621", "a port goes in --port (or TSNETCHAT_PORT): 100.64.0.5 --port 50621"),
 ])
 async def test_a_server_name_that_cannot_be_one_is_bad_input_before_any_lookup(
         name: str, words: str) -> None:

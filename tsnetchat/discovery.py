@@ -563,8 +563,13 @@ def check_name(name: str) -> None:
         raise InvalidInput(f"{shown!r} is not a server name: a name is at most {MAX_NAME} "
                            f"characters, each part between dots at most {MAX_LABEL}")
     if any(c.isspace() or not c.isprintable() or c in "/@:" for c in host):
+        base, colon, port = host.rpartition(":")
+        # ("chat-server:50621" was refused without a word about the port: a daily user's
+        # day, 2026-11-25)
+        hint = (f"; a port goes in --port (or TSNETCHAT_PORT): {base} --port {port}"
+                if colon and base and port.isdigit() and ":" not in base else "")
         raise InvalidInput(f"{shown!r} is not a server name: give its MagicDNS name "
-                           "(chat-server), full name or tailnet IP")
+                           f"(chat-server), full name or tailnet IP{hint}")
 
 
 def _explain(head: str, steps: Sequence[Step]) -> str:
