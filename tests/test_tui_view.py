@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 from helpers import until
+from prompt_toolkit.key_binding.key_processor import KeyPress
+from prompt_toolkit.keys import Keys
 
 from tsnetchat import commands
 from tsnetchat.chatview import (
@@ -838,6 +840,31 @@ async def test_a_line_typed_before_up_is_what_a_room_switch_a_submit_and_the_exi
     app.recall(app.history.older(app.input.text))
     app.submit()  # the recalled /help is carried out; the line typed comes back
     assert app.input.text == "half a thought" and app.history.recalled() is None
+
+
+async def test_a_line_accepted_with_ctrl_o_is_sent_as_with_enter_not_cleared() -> None:
+    """prompt_toolkit's Ctrl-O (accept the line) cleared the input: the line was neither
+    sent nor kept (a daily user's day, 2026-11-25)."""
+    from tsnetchat.client import RoomSession
+
+    app = alices_chat()
+    app.conversations["general"] = app.conversation_for("general")
+    app.sessions["general"] = RoomSession(app.link, "general")
+    app.current = "general"
+    app.input.text = "typed, then Ctrl-O"
+    app.input.validate_and_handle()  # what Ctrl-O does
+    assert [o.text for o in app.sessions["general"].outbox] == ["typed, then Ctrl-O"]
+    assert app.input.text == ""
+    app.input.text = "/history abc"
+    app.input.validate_and_handle()
+    assert app.input.text == "/history abc"  # refused: kept to edit, as after Enter
+    # Alt-#, prompt_toolkit's "comment the line and accept it", types a # and sends nothing.
+    app.input.reset()
+    app.input.insert_text("half typed")
+    app.app.key_processor.feed_multiple([KeyPress(Keys.Escape), KeyPress("#")])
+    app.app.key_processor.process_keys()
+    assert app.input.text == "half typed#"
+    assert len(app.sessions["general"].outbox) == 1
 
 
 async def test_up_with_nothing_sent_yet_leaves_the_line_typed_as_it_is() -> None:

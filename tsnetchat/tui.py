@@ -302,7 +302,7 @@ class ChatApp:
         self.commands_out: dict[object, tuple[str, str]] = {}
         self.mentions = mention_pattern([self.me.login, self.me.login.split("@")[0],
                                          self.me.display_name])
-        self.input = Buffer(multiline=True)
+        self.input = Buffer(multiline=True, accept_handler=self.accepted)
         # What was being typed in each room while another is shown (the line was shared:
         # half a sentence for #ops went to #general with the next Enter; a new user's day,
         # 2026-11-23). ``submitting``: a line is being carried out, and is not a draft.
@@ -539,6 +539,12 @@ class ChatApp:
         def _(event: KeyPressEvent) -> None:
             self.input.insert_text("\n")
 
+        @kb.add("escape", "#")
+        def _(event: KeyPressEvent) -> None:
+            # (prompt_toolkit's own Alt-# puts a # before every line and accepts the input:
+            # the line went out as "#..."; 2026-11-25)
+            self.input.insert_text("#")
+
         @kb.add("c-c")
         @kb.add("c-d")
         @kb.add(Keys.SIGINT)
@@ -688,6 +694,13 @@ class ChatApp:
             session.read_up_to(last)
 
     # --- input ----------------------------------------------------------------------------
+
+    def accepted(self, _: Buffer) -> bool:
+        """A line accepted by one of prompt_toolkit's own keys (Ctrl-O): carried out as by
+        Enter, the input left to ``submit`` (without a handler the input was cleared, the
+        line neither sent nor kept: a daily user's day, 2026-11-25)."""
+        self.submit()
+        return True
 
     def submit(self) -> None:
         text = self.input.text
