@@ -429,6 +429,34 @@ def test_search_results_say_where_each_message_is() -> None:
     assert conv.title == "?canary" and conv.unread == 0
 
 
+async def test_search_shows_the_newest_100_also_from_a_server_giving_50_a_call() -> None:
+    """It showed the server's first page (max_search_page, 50 by default) and said "the
+    newest 100" (a daily user's day, 2026-11-25)."""
+    from tsnetchat.client import Link
+    from tsnetchat.tui import SEARCH, ChatApp
+
+    class Server:
+        target = None
+
+        async def search(self, words: str, *, newest: bool, limit: int,
+                         offset: int = 0) -> pb.SearchResponse:
+            ids = list(range(130 - offset, 0, -1))[:min(limit, 50)]  # 130 match, newest first
+            return pb.SearchResponse(messages=[msg(i, f"deploy {i}") for i in ids],
+                                     more=offset + len(ids) < 130,
+                                     next_offset=offset + len(ids))
+
+    async def dial() -> Any:
+        return Server()
+
+    app = ChatApp(Link(dial), pb.WhoAmIResponse(identity=pb.Identity(
+        login="alice@tailnet.test", display_name="Alice")))
+    await app.search("deploy")
+    (note, *found) = app.conversations[SEARCH].entries
+    assert note.text.startswith("search 'deploy': 100 result(s), newest at the bottom (the "
+                                "newest 100;"), note.text
+    assert [e.message.text for e in found] == [f"deploy {i}" for i in range(31, 131)]
+
+
 @pytest.mark.parametrize(("line", "expect"), [
     ("/msg bob lunch?", ("msg", ("bob",), "lunch?")),
     ("/MSG @Bob: hi there", ("msg", ("Bob",), "hi there")),

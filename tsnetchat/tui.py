@@ -946,9 +946,17 @@ class ChatApp:
         """/search WORDS: the results in a buffer of their own (oldest at the top)."""
         conn = await self.link.get()
         res = await conn.search(words, newest=True, limit=SEARCH_PAGE)
+        found = list(res.messages)
+        # A server gives at most its max_search_page (50 by default) a call: the next pages
+        # until SEARCH_PAGE (it showed 50 and said "the newest 100"; a daily user's day,
+        # 2026-11-25).
+        while res.more and res.messages and len(found) < SEARCH_PAGE:
+            res = await conn.search(words, newest=True, limit=SEARCH_PAGE - len(found),
+                                    offset=res.next_offset)
+            found += res.messages
+        found.reverse()
         conv = Conversation(SEARCH, kind="search", title=f"?{words}")
         conv.history_complete = conv.backlog_done = True
-        found = list(reversed(res.messages))
         if not found:  # (it said "0 result(s), newest at the bottom": a daily user's run)
             conv.notice(f"search {words!r}: nothing found (every word must occur; word* "
                         "matches a prefix); /leave closes this buffer")
