@@ -278,6 +278,7 @@ def test_help_names_every_command_and_the_keys() -> None:
     for c in commands.COMMANDS:
         assert c.usage in text
     assert "Alt-Enter" in text and "PgUp" in text
+    assert "Ctrl-End" in text  # (the way back to the bottom was only in the README)
     assert commands.help_text("part").startswith("/leave [ROOM]")
 
 
