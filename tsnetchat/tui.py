@@ -824,6 +824,7 @@ class ChatApp:
             if self.split_offer == line:
                 for p in parts:
                     session.send(p, kind)
+                self.taken_back(session)
                 return False
             self.say(f"that is {size} bytes, over the {limit}-byte limit: press Enter again "
                      f"to send it as {len(parts)} messages, or edit it", error=True)
@@ -835,7 +836,18 @@ class ChatApp:
             self.say(f"{e} (your text is still in the input)", error=True)
             return True
         session.send(text, kind)
+        self.taken_back(session)
         return False
+
+    def taken_back(self, session: RoomSession) -> None:
+        """The failed message whose text Up brought back to edit, sent again now: out of
+        the outbox (it stayed ✗ with "1 not sent: /retry" for ever, and was listed as not
+        sent at the exit; a daily user's day, 2026-11-25)."""
+        recalled = self.history.recalled()
+        for o in session.outbox.failed:
+            if as_typed(o) == recalled:
+                session.outbox.discard(o)
+                return
 
     # --- a team's day: DMs, topics, edits, search, away, private rooms ----------------------
 
