@@ -1071,29 +1071,3 @@ async def test_a_refused_line_of_a_room_left_is_kept_marked_refused() -> None:
     app.leave("random")
     assert any("too long for the server  (you left it; refused)" in line
                for line in app.unsent({})), app.unsent({})
-
-
-async def test_a_search_cut_short_says_how_many_it_shows_not_how_many_it_asked_for() -> None:
-    """The chat asks for 100 results and a server gives at most its max_search_page (50
-    by default): the buffer said "the newest 100" over 50 results."""
-    from tsnetchat.client import Link
-    from tsnetchat.tui import SEARCH, ChatApp
-
-    class Server:
-        target = None
-
-        async def search(self, words: str, **_: Any) -> pb.SearchResponse:
-            bob = pb.Identity(login="bob@tailnet.test", display_name="Bob")
-            return pb.SearchResponse(more=True, messages=[
-                pb.ChatMessage(id=i, room="general", sender=bob, text=f"deploy {i}",
-                               kind=pb.MESSAGE_KIND_TEXT) for i in range(50, 0, -1)])
-
-    async def dial() -> Any:
-        return Server()
-
-    me = pb.WhoAmIResponse(identity=pb.Identity(login="alice@tailnet.test",
-                                                display_name="Alice"))
-    app = ChatApp(Link(dial), me)
-    await app.search("deploy")
-    said = app.conversations[SEARCH].entries[0].text
-    assert "50 result(s)" in said and "the newest 50;" in said, said
