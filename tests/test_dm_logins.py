@@ -75,8 +75,13 @@ async def test_a_direct_message_to_a_login_nobody_has_is_refused_and_stored_nowh
     assert "check the spelling" in out.stderr and "Traceback" not in out.stderr
     assert await dms_of(alice) == []
     assert not lab_chat.server.store.rooms()
-    # Reading still answers as for any conversation one is not in: nothing, no error.
-    assert not (await alice.history("dm:bobb@tailnet.test")).messages
+    # Reading it is refused the same way, as a search naming it is: "no messages" read as
+    # a conversation that is empty (a daily user's day, 2026-11-25).
+    e = await refused(alice.history("dm:bobb@tailnet.test"))
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "check the spelling" in e.details()
+    out = await cli(lab_chat, ALICE, "history", "chat-server", "--room", "dm:bobb@tailnet.test")
+    assert out.returncode == 2 and "nobody with the login 'bobb@tailnet.test'" in out.stderr, (
+        out.stdout, out.stderr)
 
 
 @pytest.mark.tailnet

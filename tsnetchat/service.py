@@ -835,7 +835,10 @@ class ChatService:
     async def History(self, request: Any, context: grpc.aio.ServicerContext) -> pb.HistoryResponse:
         async with self._call(context, request, "History") as lease:
             p = lease.principal
-            room = self._readable(p, request.room)
+            # (a DM with a typo'd login answered "no messages", as a Search once did; a daily
+            # user's day, 2026-11-25)
+            room = self._readable(p, await self._conversation(p, request.room)
+                                  if rooms.is_conversation(request.room) else request.room)
             _check_id("after_id", request.after_id)
             _check_id("before_id", request.before_id)
             limit = min(request.limit or self.limits.max_page, self.limits.max_page)
