@@ -291,6 +291,24 @@ def test_a_restore_killed_before_its_last_rename_leaves_the_old_history_in_place
     kept.close()
 
 
+def test_the_partial_copy_a_killed_restore_left_beside_the_state_dir_goes_at_the_next(
+        tmp_path: Path) -> None:
+    """kill -9 during a restore skips its clean-up: its work dir, a partial copy of the
+    history, stayed beside the state dir for good, one more each time (87 MB in an
+    operator's run, 2026-11-25). Another state dir's is left alone."""
+    state, copy = backed_up_then_one_more(tmp_path)
+    killed = tmp_path / ".tsnetchat-restore-state-k1ll3d_9"  # as mkdtemp names it
+    killed.mkdir(mode=0o700)
+    (killed / "tsnetchat.db.restoring").write_bytes(b"\0" * 4096)
+    (killed / "tsnetchat.db.restoring-journal").write_bytes(b"\0" * 512)
+    others = tmp_path / ".tsnetchat-restore-state-b-k1ll3d_9"  # the state dir "state-b"'s
+    others.mkdir(mode=0o700)
+    restore(copy, state / "tsnetchat.db", state)
+    assert not killed.exists()
+    assert others.exists()
+    assert [p.name for p in tmp_path.glob(".tsnetchat-restore-*")] == [others.name]
+
+
 def _msg(text: str) -> tuple[object, ...]:
     from tsnetchat.store import Sender
 
