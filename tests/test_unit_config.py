@@ -75,6 +75,22 @@ def test_unknown_file_key_and_bad_toml_are_reported(tmp_path: Path) -> None:
         load_config(file=tmp_path / "missing.toml", env={})
 
 
+@pytest.mark.parametrize(("line", "says"), [
+    ("rate_brust = 10", "unknown key 'rate_brust': did you mean 'rate_burst'?"),
+    ("cap-domain = 'x.com'", "unknown key 'cap-domain': did you mean 'cap_domain'?"),
+    ("[server]\nport = 1", "unknown key 'server' (known: admins_read_dms, "),
+], ids=["typo", "dash", "table"])
+def test_a_mistyped_key_is_answered_with_the_key_it_is_closest_to(
+        tmp_path: Path, line: str, says: str) -> None:
+    """Only the list of all 60 keys was given, and a reload refused for a typo said no
+    more in the log (an operator's run, 2026-11-25). A table is no key's typo."""
+    f = tmp_path / "c.toml"
+    f.write_text(line + "\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(file=f, env={})
+    assert says in str(e.value)
+
+
 def test_config_show_masks_secrets() -> None:
     cfg = load_config(file=None, env={"TSNETCHAT_AUTH_KEY": "tskey-auth-secret"})
     assert cfg.masked()["auth_key"] == "********"

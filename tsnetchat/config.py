@@ -9,6 +9,7 @@ CLI -> config -> server.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import math
 import os
@@ -321,7 +322,12 @@ def load_config(
             raise ConfigError(f"{named}config file {file} is not valid TOML: {e}") from None
         for k, v in data.items():
             if k not in known:
-                raise ConfigError(f"{file}: unknown key {k!r} (known: {', '.join(sorted(known))})")
+                # (the list of every key alone left `rate_brust` to be found among 60 names;
+                # a reload refused for it said no more: an operator's run, 2026-11-25)
+                near = [] if isinstance(v, dict) else difflib.get_close_matches(k, known, n=1)
+                raise ConfigError(f"{file}: unknown key {k!r}: did you mean {near[0]!r}? (every "
+                                  "key: README, Configuration)" if near else
+                                  f"{file}: unknown key {k!r} (known: {', '.join(sorted(known))})")
             values[k] = _convert(k, v, known[k].type, _where("file", k, file))
             origin[k] = "file"
     for name, f in known.items():
