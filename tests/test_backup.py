@@ -21,7 +21,7 @@ from helpers import Pump, link_as, make_config, pump, until
 
 from tsnetchat import clientcmds
 from tsnetchat.backup import backup, restore
-from tsnetchat.client import RoomSession
+from tsnetchat.client import Link, RoomSession
 from tsnetchat.errors import StateDirInUse
 from tsnetchat.server import Server
 from tsnetchat.statedir import StateLock
@@ -87,6 +87,38 @@ async def test_a_reader_beyond_a_restored_history_starts_over_and_says_so(
              if e.kind == "message" and e.message is not None]
     assert [(52 + i, f"new{i}") for i in range(11)] == shown[-11:]
     assert reader.session.last_id == 62
+
+
+async def test_what_a_reader_had_read_before_a_restore_marks_nothing_read_after_it(
+        chat: Chat, pumps: list[Pump], tmp_path: Path) -> None:
+    """bob had read up to 100; the backup ends at 51 and alice writes 52..62 into the
+    restored history before bob's chat is back. Its first Ack still said 100, clamped to
+    62: eleven messages bob never saw were read on all his devices (an operator's run,
+    2026-11-25)."""
+    copy = await backup_then_more(chat, tmp_path, at=51, last=100)
+    token = chat.token("bob@tailnet.test", ("*",))
+    back = asyncio.Event()
+    back.set()
+
+    async def dial() -> Any:
+        await back.wait()
+        return await chat.connect("bob@tailnet.test", token)
+
+    reader = pump(pumps, RoomSession(Link(dial, name="chat-server"), "general",
+                                     after_id=90, fail_fast=False))
+    await reader.until(lambda: reader.session.last_id == 100)
+    reader.session.read_up_to(100)  # as the chat does for what is on screen
+    back.clear()
+    await restart_with(chat, copy)
+    alice = await chat.connect("alice@tailnet.test")
+    for i in range(11):
+        await alice.send_one("general", f"new{i}")
+    back.set()
+    await reader.until(lambda: reader.kinds("restart") and reader.session.last_id == 62)
+    await asyncio.sleep(0.5)  # (read positions are written within MARK_DELAY)
+    bob = await chat.connect("bob@tailnet.test", token)
+    (general,) = [r for r in (await bob.unread()).rooms if r.name == "general"]
+    assert (general.last_read_id, general.unread) == (0, 62)
 
 
 async def test_a_backup_taken_while_the_server_writes_is_a_consistent_private_copy(

@@ -882,6 +882,10 @@ class RoomSession:
     def _restart(self, why: str) -> SessionEvent:
         """End this stream and open the next one at once, from what the server has."""
         self._start_over = True
+        # What was read is of the history left behind: its ids may name other messages
+        # here, and the first Ack marked them read, clamped to the newest (an operator's
+        # run, 2026-11-25).
+        self._read_to = 0
         shown_before = self._replays > 0 or self.cursor.confirmed
         self._replays = 0
         return SessionEvent("restart", text=f"{why}; showing #{self.room} again from what the "
