@@ -277,6 +277,19 @@ async def test_a_message_the_stream_took_while_the_copy_was_locked_is_refused_in
         call.cancel()
 
 
+async def test_doctor_says_the_cluster_refused_the_servers_credentials_and_which_to_check(
+        tmp_path: Path, nats_cluster: nats_lab.NatsCluster) -> None:
+    """It said only "nats: 'Authorization Violation'" (an operator's run, 2026-11-25)."""
+    from tsnetchat.config import load_config
+    from tsnetchat.doctor import FAIL, _cluster
+
+    cfg = load_config(env={}, flags={**cluster_flags(nats_cluster), "nats_password": "wrong",
+                                     "state_dir": str(tmp_path / "doctor")})
+    found = await _cluster(cfg)
+    assert found.verdict == FAIL, found
+    assert "refused this server's credentials: check nats_user and its password" in found.detail
+
+
 async def test_doctor_says_whether_the_cluster_has_its_stream_a_leader_and_every_copy(
         lab: Any, tmp_path: Path, nats_cluster: nats_lab.NatsCluster) -> None:
     """With two of three NATS nodes down every send was refused as not confirmed, and doctor

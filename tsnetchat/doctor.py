@@ -86,6 +86,11 @@ async def _cluster(cfg: ServerConfig, wait: float = 5.0) -> Check:
                      f"within {wait:g} s: is it up, and does it have a quorum (most of its "
                      "nodes)? Without one every send is refused as not confirmed")
     except (nats.errors.Error, OSError) as e:
+        if "authorization violation" in str(e).lower():  # (nats-py: a plain Error)
+            # (said as "nats: 'Authorization Violation'" alone: an operator's run, 2026-11-25)
+            return Check("cluster", FAIL, f"the NATS cluster at {cfg.cluster} refused this "
+                         "server's credentials: check nats_user and its password "
+                         "(nats_password, nats_credentials or the `nats` systemd credential)")
         return Check("cluster", FAIL, f"cannot use the NATS cluster at {cfg.cluster}: {e}")
     finally:
         if nc is not None:
