@@ -364,3 +364,60 @@ def test_a_key_rotated_with_sudo_while_the_service_runs_is_its_own_and_revocatio
     unit.c.sh(f"{CLI} token revoke {doomed_id}")
     until_refused(doomed_token)
     assert "cannot be read" not in unit.journal()
+
+
+def test_a_backup_taken_while_the_unit_runs_restores_under_it_once_stopped(unit: Unit) -> None:
+    """README, Operations, steps 7 and 8 as written, under DynamicUser= (the state dir is
+    /var/lib/private/tsnetchat behind a link): the restored history is the service's own and
+    holds what the backup did."""
+    unit.ensure_running()
+    chat_works(unit)
+    backup = "/var/backups/tsnetchat.db"
+    out = unit.c.sh(f"{CLI} backup --state-dir /var/lib/tsnetchat {backup}").stdout
+    assert out.startswith("backed up ") and backup in out
+
+    async def send(text: str) -> None:
+        conn = await unit.connect()
+        try:
+            await conn.send_one("general", text)
+        finally:
+            await conn.close()
+
+    asyncio.run(send("after the backup"))
+    unit.c.sh(f"systemctl stop {unit.name}")
+    out = unit.c.sh(f"{CLI} restore --state-dir /var/lib/tsnetchat {backup}").stdout
+    assert out.startswith("restored ") and "the history it replaced is kept as" in out
+    unit.c.sh(f"systemctl start {unit.name}")
+    owners = unit.c.sh("stat -c '%U %n' /var/lib/private/tsnetchat/*").stdout
+    assert "root" not in owners, owners
+    assert unit.c.sh("ls -a /var/lib/private").stdout.split() == [".", "..", "tsnetchat"]
+
+    async def texts() -> list[str]:
+        conn = await unit.connect()
+        try:
+            return [m.text for m in (await conn.history("general", limit=50)).messages]
+        finally:
+            await conn.close()
+
+    assert "after the backup" not in asyncio.run(texts())
+    chat_works(unit)
+
+
+def test_a_reload_with_a_mistyped_key_keeps_the_running_config_and_says_why(
+        unit: Unit) -> None:
+    unit.ensure_running()
+    pid = unit.main_pid()
+    unit.c.write("/etc/tsnetchat/config.toml",
+                 unit.c.read("/etc/tsnetchat/config.toml") + "rate_brust = 1\n")
+    try:
+        unit.c.sh(f"systemctl reload {unit.name}")
+        deadline = time.monotonic() + 10
+        while "reload refused, keeping the old config" not in (log := unit.journal()):
+            assert time.monotonic() < deadline, log[-2000:]
+            time.sleep(0.2)
+        assert "unknown key 'rate_brust': did you mean 'rate_burst'?" in log
+        assert unit.main_pid() == pid and unit.show("ActiveState")["ActiveState"] == "active"
+        chat_works(unit)
+    finally:
+        unit.set_config()
+        unit.c.sh(f"systemctl reload {unit.name}")
