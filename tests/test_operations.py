@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import re
 import shutil
@@ -295,6 +296,21 @@ def test_doctor_history_store_not_writable(tmp_path: Path) -> None:
     assert verdicts(results)["history store"] == FAIL
     assert "cannot write in" in next(c.detail for c in results if c.name == "history store")
 
+
+
+def test_doctor_says_a_state_dir_on_a_read_only_file_system_is_that_not_ownership(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """It said "Read-only file system; check ownership" (an operator's run, 2026-11-25).
+    (The file system is replaced: a real read-only mount was the run's, by hand.)"""
+    def read_only(**kw: object) -> None:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(doctor.tempfile, "NamedTemporaryFile", read_only)
+    cfg = load_config(env={}, flags={"state_dir": str(tmp_path), "socket": "/nonexistent"})
+    (check,) = [c for c in asyncio.run(checks(cfg)) if c.name == "history store"]
+    assert check.verdict == FAIL
+    assert "Read-only file system; its file system is mounted read-only" in check.detail
+    assert "ownership" not in check.detail
 
 # --- systemd --------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import sqlite3
 import stat
@@ -360,8 +361,13 @@ def _history_store(cfg: ServerConfig) -> Check:
         return Check("history store", OK, f"{cfg.state_dir} is writable, "
                      f"{free / 2**30:.1f} GB free")
     except OSError as e:
+        # (a file system gone read-only was told to check ownership: an operator's run,
+        # 2026-11-25)
+        fix = (f"its file system is mounted read-only (`findmnt -T {cfg.state_dir}`; a disk "
+               "error can do that: `dmesg`)" if e.errno == errno.EROFS else
+               "check ownership (StateDirectory= under systemd)")
         return Check("history store", FAIL, f"cannot write in {cfg.state_dir}: "
-                     f"{e.strerror or e}; check ownership (StateDirectory= under systemd)")
+                     f"{e.strerror or e}; {fix}")
 
 
 def _key_file(cfg: ServerConfig) -> Check:
