@@ -279,3 +279,27 @@ async def test_a_message_still_being_appended_when_the_server_stops_is_refused_n
         assert history.pending() == 0
     finally:
         await local.close()
+
+
+async def test_a_server_moved_to_cluster_mode_says_its_earlier_history_is_not_served(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """It served empty rooms without a word, the team's history left in tsnetchat.db (an
+    operator's run, 2026-11-25)."""
+    from fakenet import FakeTailnet
+    from helpers import free_port, make_config
+
+    from tsnetchat.server import Server
+    from tsnetchat.store import Sender, Store
+
+    before = make_config(tmp_path)
+    single = Store(before.db_path)
+    single.append("general", Sender("a@example.com", "A", "a"), 1, "from before the cluster")
+    single.close()
+    cfg = make_config(tmp_path, cluster=f"nats://127.0.0.1:{free_port()}", nats_user="chat",
+                      nats_password="x", startup_timeout=0.5)
+    server = Server(cfg, tailnet=FakeTailnet())
+    try:
+        assert (f"cluster mode: {before.db_path} holds the history this server had before "
+                "cluster mode; the cluster does not serve it") in caplog.text
+    finally:
+        await server.stop(grace=0)

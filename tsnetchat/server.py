@@ -255,6 +255,15 @@ class Server:
                         cfg.where(name))
         # Held until stop(): `tsnetchat restore` refuses to run under a live server.
         self._lock = StateLock(cfg.state_dir, "server")
+        single = cfg.state_dir / "tsnetchat.db"
+        if cfg.cluster and single.is_file():
+            # (a server moved to cluster mode served empty rooms without a word, its history
+            # left in this file: an operator's run, 2026-11-25)
+            log.warning("cluster mode: %s holds the history this server had before cluster "
+                        "mode; the cluster does not serve it and nothing copies it in, so "
+                        "clients see the cluster's history instead (and tokens signed with "
+                        "this server's old key stop working unless it became the cluster's). "
+                        "Start the server without `cluster` to serve it again", single)
         new_key = False
         try:
             new_key = auth.create_key(cfg.key_path)  # (True only if this start made it)
