@@ -371,6 +371,16 @@ def test_units_carry_the_promised_settings() -> None:
     assert "LoadCredential=authkey:" in emb and "--embedded" in emb
 
 
+
+def test_the_units_send_no_one_to_a_package_index_tsnetchat_is_not_on() -> None:
+    """`systemctl status` showed "Docs: https://pypi.org/project/tsnetchat/", a name on PyPI
+    that is not ours (README, Install: installed from a checkout); an operator reading it
+    could install someone else's package (an operator's run, 2026-11-25)."""
+    from tsnetchat.systemd import unit_text
+
+    for text in (unit_text(False), unit_text(True)):
+        assert "pypi.org" not in text
+
 @pytest.mark.tailnet
 def test_watchdog_pings_when_systemd_asks(lab: Any, tmp_path: Path) -> None:
     d = start_daemon(lab, tmp_path, env={"WATCHDOG_USEC": "400000"})
