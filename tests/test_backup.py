@@ -22,7 +22,7 @@ from helpers import Pump, link_as, make_config, pump, until
 from tsnetchat import clientcmds
 from tsnetchat.backup import backup, restore
 from tsnetchat.client import Link, RoomSession
-from tsnetchat.errors import StateDirInUse
+from tsnetchat.errors import StateDirInUse, StoreError
 from tsnetchat.server import Server
 from tsnetchat.statedir import StateLock
 from tsnetchat.store import SCHEMA_VERSION, Store
@@ -186,6 +186,21 @@ def test_a_backup_into_a_directory_that_does_not_exist_says_so(tmp_path: Path) -
     assert done.returncode == 8
     assert done.stderr.strip() == (f"error: cannot write the backup {tmp_path}/no-such-dir/b.db: "
                                    f"the directory {tmp_path}/no-such-dir does not exist")
+
+
+def test_a_backup_into_the_state_dir_itself_is_not_told_to_name_the_live_database(
+        tmp_path: Path) -> None:
+    """`backup /var/lib/tsnetchat` said "give the backup's file name, e.g.
+    /var/lib/tsnetchat/tsnetchat.db", which is refused as the server's own (an operator's
+    run, 2026-11-25)."""
+    state = tmp_path / "state"
+    Store(state / "tsnetchat.db").close()
+    with pytest.raises(StoreError, match=r"is a directory; give the backup's file name, e\.g\. "
+                                         r"/var/backups/tsnetchat\.db$"):
+        backup(state / "tsnetchat.db", state)
+    with pytest.raises(StoreError) as elsewhere:
+        backup(state / "tsnetchat.db", tmp_path)
+    assert str(elsewhere.value).endswith(f"e.g. {tmp_path / 'tsnetchat.db'}")
 
 
 def test_a_backup_over_a_file_that_is_no_backup_is_refused_and_replaces_an_earlier_one(

@@ -57,8 +57,10 @@ def backup(db: Path, dest: Path) -> Summary:
         raise StoreError(f"there is no history database at {db} (is --state-dir or the config "
                          "file the server's?)")
     if dest.is_dir():
-        raise StoreError(f"{dest} is a directory; give the backup's file name, e.g. "
-                         f"{dest / 'tsnetchat.db'}")
+        example = dest / db.name
+        if _the_servers_own(db, example):  # (the state dir: it named the live database)
+            example = Path("/var/backups") / db.name
+        raise StoreError(f"{dest} is a directory; give the backup's file name, e.g. {example}")
     if _the_servers_own(db, dest):
         # (Renamed over the live database, a backup left the server writing to a deleted
         # file: what it acknowledged afterwards was lost, and the next start failed.)
