@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -301,5 +302,37 @@ async def test_a_server_moved_to_cluster_mode_says_its_earlier_history_is_not_se
     try:
         assert (f"cluster mode: {before.db_path} holds the history this server had before "
                 "cluster mode; the cluster does not serve it") in caplog.text
+    finally:
+        await server.stop(grace=0)
+
+
+@pytest.mark.cluster
+async def test_a_copy_ahead_of_the_clusters_stream_refuses_to_start_and_says_why(
+        tmp_path: Path, nats_cluster: Any) -> None:
+    """NATS rebuilt empty (or another cluster named): the server said "joined; stream at
+    20109", took its copy's sequences for applied and refused every send for good as not
+    caught up (an operator's run, 2026-11-25)."""
+    import sqlite3
+
+    from fakenet import FakeTailnet
+    from helpers import cluster_flags, make_config
+
+    from tsnetchat.cluster import SOURCE
+    from tsnetchat.errors import StoreError
+    from tsnetchat.server import Server
+
+    cfg = make_config(tmp_path, **cluster_flags(nats_cluster), startup_timeout=20.0)
+    Store(cfg.db_path).close()
+    db = sqlite3.connect(cfg.db_path)
+    db.execute("CREATE TABLE IF NOT EXISTS applied (source TEXT PRIMARY KEY, seq INTEGER)")
+    db.execute("INSERT INTO applied (source, seq) VALUES (?, 20109)", (SOURCE,))
+    db.commit()
+    db.close()
+    server = Server(cfg, tailnet=FakeTailnet())
+    try:
+        with pytest.raises(StoreError, match=r"has applied the stream TSNETCHAT up to sequence "
+                                             r"20109, but the stream on .* ends at 0: it was "
+                                             r"deleted and made again, or this is another"):
+            await asyncio.wait_for(server.start(), 60)
     finally:
         await server.stop(grace=0)

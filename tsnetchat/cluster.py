@@ -533,6 +533,18 @@ class ClusterHistory:
             self._kv_reads.watchall, deadline, "the read positions watch"))))
         self._tasks.append(asyncio.create_task(self._reshare_reads()))
         self._applied = await self.local.read(lambda s: s.applied(SOURCE))
+        if info.state.last_seq < self._applied:
+            # A stream's sequence never goes back (purged or aged out, it keeps its last):
+            # this one is not the stream the copy came from. Served on, the copy waited for
+            # sequences it took for applied, and every send was refused for good as "not
+            # caught up" (NATS rebuilt empty: an operator's run, 2026-11-25).
+            raise StoreError(
+                f"this server's copy of the cluster ({self.cfg.db_path}) has applied the "
+                f"stream {STREAM} up to sequence {self._applied}, but the stream on "
+                f"{self.cfg.cluster} ends at {info.state.last_seq}: it was deleted and made "
+                "again, or this is another NATS cluster; nothing was changed. If it is the "
+                "cluster to use, move the copy aside (it holds the history that stream does "
+                "not) and start again: the server makes a new copy from the stream")
         # Deletions applied here whose erasure this server did not see confirmed (killed
         # right after applying one): erased now, whoever else erased them already.
         self._erasing.extend(await self.local.read(lambda s: s.to_erase()))
