@@ -336,3 +336,34 @@ async def test_a_copy_ahead_of_the_clusters_stream_refuses_to_start_and_says_why
             await asyncio.wait_for(server.start(), 60)
     finally:
         await server.stop(grace=0)
+
+
+@pytest.mark.cluster
+async def test_doctor_fails_a_copy_ahead_of_the_clusters_stream_as_serve_refuses_it(
+        tmp_path: Path, nats_cluster: Any) -> None:
+    import sqlite3
+
+    import nats
+    from helpers import cluster_flags, make_config
+
+    from tsnetchat.cluster import PREFIX, SOURCE, STREAM
+    from tsnetchat.doctor import FAIL, OK, _cluster
+
+    cfg = make_config(tmp_path, **cluster_flags(nats_cluster))
+    nc = await nats.connect(nats_cluster.urls, user=nats_cluster.user,
+                            password=nats_cluster.password)
+    try:
+        await nc.jetstream().add_stream(name=STREAM, subjects=[PREFIX + ">"], num_replicas=3)
+    finally:
+        await nc.close()
+    assert (await _cluster(cfg)).verdict == OK  # (no copy yet)
+    Store(cfg.db_path).close()
+    db = sqlite3.connect(cfg.db_path)
+    db.execute("CREATE TABLE IF NOT EXISTS applied (source TEXT PRIMARY KEY, seq INTEGER)")
+    db.execute("INSERT INTO applied (source, seq) VALUES (?, 20109)", (SOURCE,))
+    db.commit()
+    db.close()
+    found = await _cluster(cfg)
+    assert found.verdict == FAIL, found
+    assert ("has applied the stream up to sequence 20109, but the cluster's ends at 0"
+            in found.detail)

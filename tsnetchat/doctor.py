@@ -63,7 +63,7 @@ async def _cluster(cfg: ServerConfig, wait: float = 5.0) -> Check:
     import nats.errors
     import nats.js.errors
 
-    from .cluster import STREAM, connect_options
+    from .cluster import SOURCE, STREAM, connect_options
 
     try:
         opts = connect_options(cfg)
@@ -97,6 +97,13 @@ async def _cluster(cfg: ServerConfig, wait: float = 5.0) -> Check:
         if nc is not None:
             with contextlib.suppress(Exception):
                 await nc.close()
+    applied = _applied(cfg.db_path, SOURCE)
+    if info.state.last_seq < applied:  # (as `serve` refuses to start: cluster.py)
+        return Check("cluster", FAIL, f"this server's copy ({cfg.db_path}) has applied the "
+                     f"stream up to sequence {applied}, but the cluster's ends at "
+                     f"{info.state.last_seq}: it was deleted and made again, or this is "
+                     "another NATS cluster; the server will not start on it (README, "
+                     "Troubleshooting)")
     group = info.cluster
     if group is None or not group.leader:
         return Check("cluster", FAIL, "the TSNETCHAT stream has no leader (fewer than a quorum "
@@ -115,6 +122,25 @@ async def _cluster(cfg: ServerConfig, wait: float = 5.0) -> Check:
         return Check("cluster", WARN, f"the stream's leader is {group.leader}; {gone}: "
                      f"{more} more lost and sends stop")
     return Check("cluster", OK, f"the stream's leader is {group.leader}; {copies} copies current")
+
+
+def _applied(db_path: Path, source: str) -> int:
+    """How far this server's copy has applied the cluster's stream (0 when it cannot say)."""
+    if not db_path.is_file():
+        return 0
+    try:  # (as root, SQLite would take a hard-linked -wal for its own)
+        check_own_files(db_path.parent, (db_path,))
+    except ConfigError:
+        return 0
+    try:  # (mode=rw, as _damaged: ro leaves a stopped server's -wal and -shm behind)
+        db = sqlite3.connect(f"file:{db_path}?mode=rw", uri=True, timeout=1)
+        try:
+            row = db.execute("SELECT seq FROM applied WHERE source=?", (source,)).fetchone()
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return 0
+    return int(row[0]) if row else 0
 
 
 async def _no_answer(host: str, port: int, wait: float = 3.0) -> str | None:
