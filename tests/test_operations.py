@@ -9,6 +9,7 @@ import re
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -21,7 +22,7 @@ from helpers import CLI, LabDaemon, collect_ids, free_port, need, start_daemon
 from tsnetchat import doctor, statedir
 from tsnetchat.client import RoomSession, connect
 from tsnetchat.config import load_config
-from tsnetchat.doctor import FAIL, OK, checks
+from tsnetchat.doctor import FAIL, OK, WARN, checks
 from tsnetchat.systemd import UNITS, install_unit
 
 # --- embedded tailscaled --------------------------------------------------------------
@@ -311,6 +312,29 @@ def test_doctor_says_a_state_dir_on_a_read_only_file_system_is_that_not_ownershi
     assert check.verdict == FAIL
     assert "Read-only file system; its file system is mounted read-only" in check.detail
     assert "ownership" not in check.detail
+
+
+def test_doctor_warns_while_the_running_server_is_older_than_the_installed_tsnetchat(
+        tmp_path: Path) -> None:
+    """Between installing a version with a newer schema and restarting the server it said
+    "all good" (an operator's run, 2026-11-25)."""
+    from tsnetchat.store import SCHEMA_VERSION, Store
+
+    Store(tmp_path / "tsnetchat.db").close()
+    db = sqlite3.connect(tmp_path / "tsnetchat.db")
+    db.execute(f"PRAGMA user_version={SCHEMA_VERSION - 1}")  # as the older server left it
+    db.close()
+    cfg = load_config(env={}, flags={"state_dir": str(tmp_path), "socket": "/nonexistent"})
+    (check,) = [c for c in asyncio.run(checks(cfg)) if c.name == "history store"]
+    assert check.verdict == OK, check  # no server runs: the next start upgrades it
+    lock = statedir.StateLock(tmp_path, "server")
+    try:
+        (check,) = [c for c in asyncio.run(checks(cfg)) if c.name == "history store"]
+    finally:
+        lock.release()
+    assert check.verdict == WARN, check
+    assert (f"is older than this tsnetchat (its database has schema version "
+            f"{SCHEMA_VERSION - 1}, this one {SCHEMA_VERSION}): restart it") in check.detail
 
 # --- systemd --------------------------------------------------------------------------
 

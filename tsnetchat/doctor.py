@@ -384,6 +384,9 @@ def _history_store(cfg: ServerConfig) -> Check:
         held = _write_lock_held(cfg.db_path) or _damaged(cfg.db_path, cfg.state_dir)
         if held:
             return Check("history store", FAIL, held)
+        behind = _not_restarted(cfg)
+        if behind:
+            return Check("history store", WARN, behind)
         return Check("history store", OK, f"{cfg.state_dir} is writable, "
                      f"{free / 2**30:.1f} GB free")
     except OSError as e:
@@ -476,6 +479,30 @@ def _damaged(db_path: Path, state_dir: Path) -> str | None:
     return (f"{db_path} is damaged (SQLite's quick_check: {'; '.join(found[:3])}): stop the "
             f"server and restore the last backup (`sudo tsnetchat restore --state-dir "
             f"{state_dir} BACKUP`)")
+
+
+def _not_restarted(cfg: ServerConfig) -> str | None:
+    """Why the upgrade is not done, when the server running on the state dir is older than
+    this tsnetchat (its database's schema is), else None. (Between the install and the
+    restart of README, Operations, step 9, doctor said "all good": an operator's run,
+    2026-11-25.)"""
+    from .store import SCHEMA_VERSION
+
+    if not cfg.db_path.is_file() or running_server(cfg.state_dir) is None:
+        return None
+    try:  # (mode=rw, as _damaged: ro leaves a stopped server's -wal and -shm behind)
+        db = sqlite3.connect(f"file:{cfg.db_path}?mode=rw", uri=True, timeout=1)
+        try:
+            version = int(db.execute("PRAGMA user_version").fetchone()[0])
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return None
+    if version >= SCHEMA_VERSION:
+        return None
+    return (f"the server running on {cfg.state_dir} is older than this tsnetchat (its "
+            f"database has schema version {version}, this one {SCHEMA_VERSION}): restart it "
+            "to finish the upgrade, after a backup (README, Operations, step 9)")
 
 
 def _write_lock_held(db_path: Path, wait: float = 1.0) -> str | None:
