@@ -336,6 +336,28 @@ def test_doctor_warns_while_the_running_server_is_older_than_the_installed_tsnet
     assert (f"is older than this tsnetchat (its database has schema version "
             f"{SCHEMA_VERSION - 1}, this one {SCHEMA_VERSION}): restart it") in check.detail
 
+
+def test_doctor_warns_of_a_wal_an_old_read_transaction_keeps_growing(tmp_path: Path) -> None:
+    """A `tsnetchat backup` stopped mid-copy kept its read transaction: the WAL grew to
+    297 MB in 30 s of load, and doctor said all good (an operator's run, 2026-11-25). (The
+    WAL is a sparse file here: its size is all doctor looks at.)"""
+    from tsnetchat.store import Store
+
+    Store(tmp_path / "tsnetchat.db").close()
+    (tmp_path / "jwt.key").write_bytes(os.urandom(32))  # (else doctor reads the tokens)
+    (tmp_path / "jwt.key").chmod(0o600)
+    lock = statedir.StateLock(tmp_path, "server")
+    try:
+        with open(tmp_path / "tsnetchat.db-wal", "wb") as wal:
+            wal.truncate(297 * 2**20)
+        cfg = load_config(env={}, flags={"state_dir": str(tmp_path), "socket": "/nonexistent"})
+        (check,) = [c for c in asyncio.run(checks(cfg)) if c.name == "history store"]
+    finally:
+        lock.release()
+    assert check.verdict == WARN, check
+    assert "tsnetchat.db-wal is 297 MB and grows with every message" in check.detail
+    assert "a `tsnetchat backup` that hangs or was stopped" in check.detail
+
 # --- systemd --------------------------------------------------------------------------
 
 

@@ -33,6 +33,7 @@ OK, WARN, FAIL, SKIP = "ok", "warn", "FAIL", "skip"
 CHECK_FOR = 10.0  # seconds SQLite's quick_check may take before doctor stops it
 LOW_DISK = 256 * 2**20
 FULL_DISK = 16 * 2**20
+WAL_HELD = 128 * 2**20  # twice what a checkpoint that caught up leaves (store.WAL_SIZE_LIMIT)
 
 
 @dataclass
@@ -381,10 +382,11 @@ def _history_store(cfg: ServerConfig) -> Check:
             check_own_files(cfg.state_dir, (cfg.db_path,))
         except ConfigError as e:
             return Check("history store", FAIL, str(e))
+        stuck = _wal_held(cfg)  # (before anything here opens the database)
         held = _write_lock_held(cfg.db_path) or _damaged(cfg.db_path, cfg.state_dir)
         if held:
             return Check("history store", FAIL, held)
-        behind = _not_restarted(cfg)
+        behind = stuck or _not_restarted(cfg)
         if behind:
             return Check("history store", WARN, behind)
         return Check("history store", OK, f"{cfg.state_dir} is writable, "
@@ -479,6 +481,26 @@ def _damaged(db_path: Path, state_dir: Path) -> str | None:
     return (f"{db_path} is damaged (SQLite's quick_check: {'; '.join(found[:3])}): stop the "
             f"server and restore the last backup (`sudo tsnetchat restore --state-dir "
             f"{state_dir} BACKUP`)")
+
+
+def _wal_held(cfg: ServerConfig) -> str | None:
+    """Why the running server's WAL keeps growing, when it is over WAL_HELD: a checkpoint
+    that catches up cuts it back to store.WAL_SIZE_LIMIT (64 MB), and one never catches up
+    past a read transaction another process keeps open. (A `tsnetchat backup` stopped
+    mid-copy grew it to 297 MB in 30 s of a steady load while doctor said all good: an
+    operator's run, 2026-11-25.)"""
+    wal = cfg.db_path.with_name(cfg.db_path.name + "-wal")
+    try:
+        size = wal.lstat().st_size
+    except OSError:
+        return None
+    if size <= WAL_HELD or running_server(cfg.state_dir) is None:
+        return None
+    return (f"{wal} is {size / 2**20:.0f} MB and grows with every message until the disk is "
+            "full: another process keeps an old read transaction open on the database (a "
+            "`tsnetchat backup` that hangs or was stopped, a `sqlite3` shell), so the server "
+            f"cannot move the WAL into the database. `fuser -v {cfg.db_path}` names it; end "
+            "it")
 
 
 def _not_restarted(cfg: ServerConfig) -> str | None:
