@@ -18,6 +18,7 @@ import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from .config import ServerConfig
 from .discovery import Step
@@ -127,21 +128,29 @@ async def _cluster(cfg: ServerConfig, wait: float = 5.0) -> Check:
 
 def _applied(db_path: Path, source: str) -> int:
     """How far this server's copy has applied the cluster's stream (0 when it cannot say)."""
+    row = _first_row(db_path, "SELECT seq FROM applied WHERE source=?", (source,))
+    return int(row[0]) if row else 0
+
+
+def _first_row(db_path: Path, sql: str, params: tuple[object, ...] = ()) -> Any:
+    """The first row ``sql`` gives in the database at ``db_path``, or None when it cannot
+    say (no database, files that are not this user's, an SQLite error). ``mode=rw``, not
+    ``ro``, as ``_damaged``: a read-only connection leaves a stopped server's -wal and -shm
+    behind."""
     if not db_path.is_file():
-        return 0
+        return None
     try:  # (as root, SQLite would take a hard-linked -wal for its own)
         check_own_files(db_path.parent, (db_path,))
     except ConfigError:
-        return 0
-    try:  # (mode=rw, as _damaged: ro leaves a stopped server's -wal and -shm behind)
+        return None
+    try:
         db = sqlite3.connect(f"file:{db_path}?mode=rw", uri=True, timeout=1)
         try:
-            row = db.execute("SELECT seq FROM applied WHERE source=?", (source,)).fetchone()
+            return db.execute(sql, params).fetchone()
         finally:
             db.close()
     except sqlite3.Error:
-        return 0
-    return int(row[0]) if row else 0
+        return None
 
 
 async def _no_answer(host: str, port: int, wait: float = 3.0) -> str | None:
@@ -436,20 +445,8 @@ def _key_file(cfg: ServerConfig) -> Check:
 def _live_tokens(db_path: Path) -> int:
     """Tokens on record in the database that are neither revoked nor expired (0 when it
     cannot say)."""
-    if not db_path.exists():
-        return 0
-    try:  # (as root, SQLite would take a hard-linked -wal for its own)
-        check_own_files(db_path.parent, (db_path,))
-    except ConfigError:
-        return 0
-    try:
-        db = sqlite3.connect(f"file:{db_path}?mode=rw", uri=True, timeout=1)
-        try:
-            return int(db.execute(LIVE_TOKENS, (int(time.time()),)).fetchone()[0])
-        finally:
-            db.close()
-    except sqlite3.Error:
-        return 0
+    row = _first_row(db_path, LIVE_TOKENS, (int(time.time()),))
+    return int(row[0]) if row else 0
 
 
 def _damaged(db_path: Path, state_dir: Path) -> str | None:
@@ -510,16 +507,12 @@ def _not_restarted(cfg: ServerConfig) -> str | None:
     2026-11-25.)"""
     from .store import SCHEMA_VERSION
 
-    if not cfg.db_path.is_file() or running_server(cfg.state_dir) is None:
+    if running_server(cfg.state_dir) is None:
         return None
-    try:  # (mode=rw, as _damaged: ro leaves a stopped server's -wal and -shm behind)
-        db = sqlite3.connect(f"file:{cfg.db_path}?mode=rw", uri=True, timeout=1)
-        try:
-            version = int(db.execute("PRAGMA user_version").fetchone()[0])
-        finally:
-            db.close()
-    except sqlite3.Error:
+    row = _first_row(cfg.db_path, "PRAGMA user_version")
+    if row is None:
         return None
+    version = int(row[0])
     if version >= SCHEMA_VERSION:
         return None
     return (f"the server running on {cfg.state_dir} is older than this tsnetchat (its "
