@@ -306,28 +306,34 @@ async def test_a_server_moved_to_cluster_mode_says_its_earlier_history_is_not_se
         await server.stop(grace=0)
 
 
+def _copy_applied_through(db_path: Path, seq: int) -> None:
+    """A server's copy of the cluster that has applied the stream up to ``seq``."""
+    import sqlite3
+
+    from tsnetchat.cluster import SOURCE
+
+    Store(db_path).close()
+    db = sqlite3.connect(db_path)
+    db.execute("CREATE TABLE IF NOT EXISTS applied (source TEXT PRIMARY KEY, seq INTEGER)")
+    db.execute("INSERT INTO applied (source, seq) VALUES (?, ?)", (SOURCE, seq))
+    db.commit()
+    db.close()
+
+
 @pytest.mark.cluster
 async def test_a_copy_ahead_of_the_clusters_stream_refuses_to_start_and_says_why(
         tmp_path: Path, nats_cluster: Any) -> None:
     """NATS rebuilt empty (or another cluster named): the server said "joined; stream at
     20109", took its copy's sequences for applied and refused every send for good as not
     caught up (an operator's run, 2026-11-25)."""
-    import sqlite3
-
     from fakenet import FakeTailnet
     from helpers import cluster_flags, make_config
 
-    from tsnetchat.cluster import SOURCE
     from tsnetchat.errors import StoreError
     from tsnetchat.server import Server
 
     cfg = make_config(tmp_path, **cluster_flags(nats_cluster), startup_timeout=20.0)
-    Store(cfg.db_path).close()
-    db = sqlite3.connect(cfg.db_path)
-    db.execute("CREATE TABLE IF NOT EXISTS applied (source TEXT PRIMARY KEY, seq INTEGER)")
-    db.execute("INSERT INTO applied (source, seq) VALUES (?, 20109)", (SOURCE,))
-    db.commit()
-    db.close()
+    _copy_applied_through(cfg.db_path, 20109)
     server = Server(cfg, tailnet=FakeTailnet())
     try:
         with pytest.raises(StoreError, match=r"has applied the stream TSNETCHAT up to sequence "
@@ -341,12 +347,11 @@ async def test_a_copy_ahead_of_the_clusters_stream_refuses_to_start_and_says_why
 @pytest.mark.cluster
 async def test_doctor_fails_a_copy_ahead_of_the_clusters_stream_as_serve_refuses_it(
         tmp_path: Path, nats_cluster: Any) -> None:
-    import sqlite3
 
     import nats
     from helpers import cluster_flags, make_config
 
-    from tsnetchat.cluster import PREFIX, SOURCE, STREAM
+    from tsnetchat.cluster import PREFIX, STREAM
     from tsnetchat.doctor import FAIL, OK, _cluster
 
     cfg = make_config(tmp_path, **cluster_flags(nats_cluster))
@@ -357,12 +362,7 @@ async def test_doctor_fails_a_copy_ahead_of_the_clusters_stream_as_serve_refuses
     finally:
         await nc.close()
     assert (await _cluster(cfg)).verdict == OK  # (no copy yet)
-    Store(cfg.db_path).close()
-    db = sqlite3.connect(cfg.db_path)
-    db.execute("CREATE TABLE IF NOT EXISTS applied (source TEXT PRIMARY KEY, seq INTEGER)")
-    db.execute("INSERT INTO applied (source, seq) VALUES (?, 20109)", (SOURCE,))
-    db.commit()
-    db.close()
+    _copy_applied_through(cfg.db_path, 20109)
     found = await _cluster(cfg)
     assert found.verdict == FAIL, found
     assert ("has applied the stream up to sequence 20109, but the cluster's ends at 0"
