@@ -367,3 +367,47 @@ async def test_doctor_fails_a_copy_ahead_of_the_clusters_stream_as_serve_refuses
     assert found.verdict == FAIL, found
     assert ("has applied the stream up to sequence 20109, but the cluster's ends at 0"
             in found.detail)
+
+
+@pytest.mark.cluster
+async def test_doctor_does_not_fail_a_running_copy_that_applied_what_came_after_it_asked(
+        tmp_path: Path, nats_cluster: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A running server applies messages while doctor looks: read after the stream's end
+    was asked, its copy was ahead of that answer, and a busy cluster failed as "deleted
+    and made again" (a review, 2026-11-25)."""
+    import sqlite3
+
+    import nats
+    from helpers import cluster_flags, make_config
+    from nats.js.client import JetStreamContext
+
+    from tsnetchat.cluster import PREFIX, SOURCE, STREAM
+    from tsnetchat.doctor import OK, _cluster
+
+    cfg = make_config(tmp_path, **cluster_flags(nats_cluster))
+    nc = await nats.connect(nats_cluster.urls, user=nats_cluster.user,
+                            password=nats_cluster.password)
+    try:
+        js = nc.jetstream()
+        await js.add_stream(name=STREAM, subjects=[PREFIX + ">"], num_replicas=3)
+        first = await js.publish(PREFIX + "general", b"m1")
+        Store(cfg.db_path).close()
+        db = sqlite3.connect(cfg.db_path)
+        db.execute("CREATE TABLE IF NOT EXISTS applied (source TEXT PRIMARY KEY, seq INTEGER)")
+        db.execute("INSERT INTO applied (source, seq) VALUES (?, ?)", (SOURCE, first.seq))
+        db.commit()
+        asked = JetStreamContext.stream_info
+
+        async def then_a_message_is_sent_and_applied(self: Any, *a: Any, **k: Any) -> Any:
+            info = await asked(self, *a, **k)
+            ack = await js.publish(PREFIX + "general", b"m2")  # (as the server applies it)
+            db.execute("UPDATE applied SET seq=? WHERE source=?", (ack.seq, SOURCE))
+            db.commit()
+            return info
+
+        monkeypatch.setattr(JetStreamContext, "stream_info", then_a_message_is_sent_and_applied)
+        found = await _cluster(cfg)
+        db.close()
+    finally:
+        await nc.close()
+    assert found.verdict == OK, found

@@ -75,6 +75,9 @@ async def _cluster(cfg: ServerConfig, wait: float = 5.0) -> Check:
     async def quiet(e: Exception) -> None:  # (nats-py prints tracebacks without one)
         pass
 
+    # Read before the stream is asked: a running server applies what comes meanwhile, and
+    # a copy read after the answer was ahead of it on a busy cluster (a false FAIL).
+    applied = _applied(cfg.db_path, SOURCE)
     nc = None
     try:
         nc = await asyncio.wait_for(nats.connect(
@@ -99,7 +102,6 @@ async def _cluster(cfg: ServerConfig, wait: float = 5.0) -> Check:
         if nc is not None:
             with contextlib.suppress(Exception):
                 await nc.close()
-    applied = _applied(cfg.db_path, SOURCE)
     if info.state.last_seq < applied:  # (as `serve` refuses to start: cluster.py)
         return Check("cluster", FAIL, f"this server's copy ({cfg.db_path}) has applied the "
                      f"stream up to sequence {applied}, but the cluster's ends at "
