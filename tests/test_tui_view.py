@@ -458,6 +458,68 @@ async def test_search_shows_the_newest_100_also_from_a_server_giving_50_a_call()
     assert [e.message.text for e in found] == [f"deploy {i}" for i in range(31, 131)]
 
 
+async def test_a_search_whose_next_page_is_refused_shows_the_results_it_has() -> None:
+    """Each page is a Search call, each against searches_per_minute: a second page refused
+    for it failed the whole /search, and the first page's 50 results were not shown."""
+    import grpc
+
+    from tsnetchat.client import Link
+    from tsnetchat.tui import SEARCH, ChatApp
+
+    class Server:
+        target = None
+
+        async def search(self, words: str, *, newest: bool, limit: int,
+                         offset: int = 0) -> pb.SearchResponse:
+            if offset:
+                raise grpc.aio.AioRpcError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.aio.Metadata(),
+                    grpc.aio.Metadata(), details="slow down: at most 1 searches a minute "
+                    "(searches_per_minute); retry in 59.0s")
+            return pb.SearchResponse(messages=[msg(i, f"deploy {i}") for i in range(130, 80, -1)],
+                                     more=True, next_offset=50)
+
+    async def dial() -> Any:
+        return Server()
+
+    app = ChatApp(Link(dial), pb.WhoAmIResponse(identity=pb.Identity(
+        login="alice@tailnet.test", display_name="Alice")))
+    await app.search("deploy")
+    (note, *found) = app.conversations[SEARCH].entries
+    assert "50 result(s)" in note.text and "the newest 50;" in note.text, note.text
+    assert [e.message.text for e in found] == [f"deploy {i}" for i in range(81, 131)]
+
+
+async def test_a_search_lists_a_result_once_when_a_match_is_stored_between_its_pages() -> None:
+    """Pages are counted from the newest: a match stored (or indexed) between two calls moves
+    every result one further, and the last of the first page came again on the second."""
+    from tsnetchat.client import Link
+    from tsnetchat.tui import SEARCH, ChatApp
+
+    stored = list(range(130, 0, -1))  # newest first
+
+    class Server:
+        target = None
+
+        async def search(self, words: str, *, newest: bool, limit: int,
+                         offset: int = 0) -> pb.SearchResponse:
+            ids = stored[offset:offset + min(limit, 50)]
+            if not offset:
+                stored.insert(0, 131)  # (a new match, between the two calls)
+            return pb.SearchResponse(messages=[msg(i, f"deploy {i}") for i in ids],
+                                     more=offset + len(ids) < len(stored),
+                                     next_offset=offset + len(ids))
+
+    async def dial() -> Any:
+        return Server()
+
+    app = ChatApp(Link(dial), pb.WhoAmIResponse(identity=pb.Identity(
+        login="alice@tailnet.test", display_name="Alice")))
+    await app.search("deploy")
+    ids = [e.message.id for e in app.conversations[SEARCH].entries[1:]]
+    assert len(ids) == len(set(ids)), [i for i in ids if ids.count(i) > 1]
+
+
 @pytest.mark.parametrize(("line", "expect"), [
     ("/msg bob lunch?", ("msg", ("bob",), "lunch?")),
     ("/MSG @Bob: hi there", ("msg", ("Bob",), "hi there")),

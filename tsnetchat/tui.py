@@ -962,10 +962,23 @@ class ChatApp:
         # A server gives at most its max_search_page (50 by default) a call: the next pages
         # until SEARCH_PAGE (it showed 50 and said "the newest 100"; a daily user's day,
         # 2026-11-25).
+        # Counted from the newest, a page after a match stored meanwhile repeats the last
+        # one shown: listed once. A later page refused (each is a search against
+        # searches_per_minute) or failed leaves those found so far shown, as cut short.
+        seen = {(m.room, m.id) for m in found}
+        cut = ""
         while res.more and res.messages and len(found) < SEARCH_PAGE:
-            res = await conn.search(words, newest=True, limit=SEARCH_PAGE - len(found),
-                                    offset=res.next_offset)
-            found += res.messages
+            try:
+                page = await conn.search(words, newest=True, limit=SEARCH_PAGE - len(found),
+                                         offset=res.next_offset)
+            except Exception as e:
+                cut = f" ({self.link.translate(e)})"
+                break
+            res = page
+            for m in res.messages:
+                if (m.room, m.id) not in seen:
+                    seen.add((m.room, m.id))
+                    found.append(m)
         found.reverse()
         conv = Conversation(SEARCH, kind="search", title=f"?{words}")
         conv.history_complete = conv.backlog_done = True
@@ -975,7 +988,7 @@ class ChatApp:
         else:
             conv.notice(f"search {words!r}: {len(found)} result(s), newest at the bottom"
                         + (f" (the newest {len(found)}; narrow it to see older ones)"
-                           if res.more else "") + "; /leave closes this buffer")
+                           if res.more else "") + cut + "; /leave closes this buffer")
         for m in found:
             where = (dm_title(m.room, self.me.login) if m.room.startswith("dm:") else
                      m.room if m.room.startswith("+") else f"#{m.room}")
