@@ -283,6 +283,33 @@ async def test_a_write_asked_of_a_closed_history_is_refused_not_left_waiting(
         await asyncio.wait_for(h.mark_read([("alice", "r", 1)]), 5)
 
 
+async def test_a_job_queued_while_the_writer_indexes_is_run_when_the_history_closes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job queued before the history began closing, while the writer was indexing (or
+    purging) after its last round, was left in the queue when the writer saw the close:
+    its caller waited for ever."""
+    monkeypatch.setattr(store_module, "INDEX_WITHIN", 0.0)  # (indexing after every round)
+    h = await SqliteHistory.open(tmp_path / "db")
+    indexing, go_on = threading.Event(), threading.Event()
+    index = h._store.index_pending
+
+    def slow_index() -> int:
+        indexing.set()
+        go_on.wait(5)
+        return index()
+
+    monkeypatch.setattr(h._store, "index_pending", slow_index)
+    await h.job(lambda s: None)  # (a round, then the writer indexes)
+    assert await asyncio.to_thread(indexing.wait, 5)
+    late = asyncio.ensure_future(h.job(lambda s: "done"))
+    await asyncio.sleep(0)
+    closing = asyncio.ensure_future(h.close())
+    await asyncio.sleep(0.1)
+    go_on.set()
+    await asyncio.wait_for(closing, 5)
+    assert await asyncio.wait_for(late, 5) == "done"
+
+
 async def test_submitted_messages_settle_on_the_loop_in_order_after_their_commit(
         tmp_path: Path) -> None:
     h = await SqliteHistory.open(tmp_path / "db")

@@ -1740,7 +1740,9 @@ class SqliteHistory:
                         self._store.purge()
             except Exception:  # a bug: logged, and the writer goes on storing messages
                 log.exception("the history's writer thread: indexing or purging failed")
-            if self._stopping:
+            # (a job queued while this round indexed or purged, before the close began, is
+            # run first: it was left in the queue, and its caller waited for ever)
+            if self._stopping and not q:
                 return
 
     def _write_group(self) -> None:
