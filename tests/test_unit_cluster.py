@@ -411,3 +411,44 @@ async def test_doctor_does_not_fail_a_running_copy_that_applied_what_came_after_
     finally:
         await nc.close()
     assert found.verdict == OK, found
+
+
+@pytest.mark.cluster
+async def test_a_copy_ahead_of_the_clusters_stream_is_refused_before_anything_is_made_there(
+        tmp_path: Path, nats_cluster: Any) -> None:
+    """The refusal says nothing was changed; the server had made the stream and every
+    bucket there, put its signing key and a new history id in it, and published its
+    presence, in what may be another NATS cluster named by mistake."""
+    import sqlite3
+
+    import nats
+    import nats.js.errors
+    from fakenet import FakeTailnet
+    from helpers import cluster_flags, make_config
+
+    from tsnetchat.cluster import SOURCE, STATE, STREAM
+    from tsnetchat.server import Server
+
+    cfg = make_config(tmp_path, **cluster_flags(nats_cluster), startup_timeout=20.0)
+    Store(cfg.db_path).close()
+    db = sqlite3.connect(cfg.db_path)
+    db.execute("CREATE TABLE IF NOT EXISTS applied (source TEXT PRIMARY KEY, seq INTEGER)")
+    db.execute("INSERT INTO applied (source, seq) VALUES (?, 20109)", (SOURCE,))
+    db.commit()
+    db.close()
+    server = Server(cfg, tailnet=FakeTailnet())
+    try:
+        with pytest.raises(StoreError, match="nothing was changed"):
+            await asyncio.wait_for(server.start(), 60)
+    finally:
+        await server.stop(grace=0)
+    nc = await nats.connect(nats_cluster.urls, user=nats_cluster.user,
+                            password=nats_cluster.password)
+    try:
+        js = nc.jetstream()
+        with pytest.raises(nats.js.errors.NotFoundError):
+            await js.stream_info(STREAM)
+        with pytest.raises(nats.js.errors.BucketNotFoundError):
+            await js.key_value(STATE)
+    finally:
+        await nc.close()

@@ -496,6 +496,9 @@ class ClusterHistory:
                               num_replicas=self.cfg.cluster_replicas, allow_atomic=True,
                               max_msgs_per_subject=retention,
                               max_age=self.cfg.retention_days * 86400 or None)
+        # How far the copy is, known before anything is made in the cluster: a copy ahead
+        # of the stream is refused there (``_ensure_stream``).
+        self._applied = await self.local.read(lambda s: s.applied(SOURCE))
         info = await _retrying(lambda: self._ensure_stream(stream), deadline, "the stream")
         kv_state = await _retrying(lambda: self._js.create_key_value(KeyValueConfig(
             bucket=STATE, replicas=self.cfg.cluster_replicas, history=1)), deadline,
@@ -532,19 +535,6 @@ class ClusterHistory:
         self._tasks.append(asyncio.create_task(self._watch_reads(await _retrying(
             self._kv_reads.watchall, deadline, "the read positions watch"))))
         self._tasks.append(asyncio.create_task(self._reshare_reads()))
-        self._applied = await self.local.read(lambda s: s.applied(SOURCE))
-        if info.state.last_seq < self._applied:
-            # A stream's sequence never goes back (purged or aged out, it keeps its last):
-            # this one is not the stream the copy came from. Served on, the copy waited for
-            # sequences it took for applied, and every send was refused for good as "not
-            # caught up" (NATS rebuilt empty: an operator's run, 2026-11-25).
-            raise StoreError(
-                f"this server's copy of the cluster ({self.cfg.db_path}) has applied the "
-                f"stream {STREAM} up to sequence {self._applied}, but the stream on "
-                f"{self.cfg.cluster} ends at {info.state.last_seq}: it was deleted and made "
-                "again, or this is another NATS cluster; nothing was changed. If it is the "
-                "cluster to use, move the copy aside (it holds the history that stream does "
-                "not) and start again: the server makes a new copy from the stream")
         # Deletions applied here whose erasure this server did not see confirmed (killed
         # right after applying one): erased now, whoever else erased them already.
         self._erasing.extend(await self.local.read(lambda s: s.to_erase()))
@@ -585,11 +575,29 @@ class ClusterHistory:
                  len(self._last_ids))
         return key
 
+    def _check_not_ahead(self, last_seq: int) -> None:
+        if last_seq < self._applied:
+            # A stream's sequence never goes back (purged or aged out, it keeps its last):
+            # this one is not the stream the copy came from. Served on, the copy waited for
+            # sequences it took for applied, and every send was refused for good as "not
+            # caught up" (NATS rebuilt empty: an operator's run, 2026-11-25).
+            raise StoreError(
+                f"this server's copy of the cluster ({self.cfg.db_path}) has applied the "
+                f"stream {STREAM} up to sequence {self._applied}, but the stream on "
+                f"{self.cfg.cluster} ends at {last_seq}: it was deleted and made "
+                "again, or this is another NATS cluster; nothing was changed. If it is the "
+                "cluster to use, move the copy aside (it holds the history that stream does "
+                "not) and start again: the server makes a new copy from the stream")
+
     async def _ensure_stream(self, cfg: StreamConfig) -> Any:
+        """The cluster's stream, made if there is none; StoreError (nothing made) if this
+        copy has applied more of it than the stream holds."""
         try:
             info = await self._js.stream_info(STREAM)
         except nats.js.errors.NotFoundError:
+            self._check_not_ahead(0)  # (a copy of a stream gone: made here, it was a new one)
             return await self._js.add_stream(cfg)
+        self._check_not_ahead(info.state.last_seq)
         have = info.config
         # Retention is the cluster's, and a server starting never shrinks it: one started with
         # a smaller retention_count cut the shared stream (everyone's history) to it, with a
