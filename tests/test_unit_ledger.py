@@ -328,3 +328,32 @@ async def test_a_rate_refusal_due_in_milliseconds_never_says_retry_in_0s(world: 
     ((_, error, _, retry_after),) = world.refused
     assert 0 < retry_after <= 0.001
     assert "retry in 0.1s" in str(error) and retry_hint(str(error)) == 0.1
+
+
+async def test_a_new_room_refused_moments_before_its_token_comes_says_a_wait_a_client_can_read(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The new-rooms refusal said its wait in whole seconds: due in 0.3 s it said "retry in
+    0s", read by clients as no wait at all, as the others did before they were rounded up."""
+    import time as real_time
+    import types
+
+    from tsnetchat import throttle
+    from tsnetchat.clienterrors import retry_hint
+    from tsnetchat.ledger import NEW_ROOMS_BURST, NEW_ROOMS_RATE
+
+    later = [0.0]
+    monkeypatch.setattr(throttle, "time", types.SimpleNamespace(
+        monotonic=lambda: real_time.monotonic() + later[0]))
+    for i in range(NEW_ROOMS_BURST):
+        sub = Subscriber(f"r{i}", "alice@example.com", "t", limit=1000)
+        world.hub.add(sub)
+        world.ledger.send(sub, ALICE, "first", 0, f"c{i}")
+    await world.ledger.drain()
+    later[0] = 1 / NEW_ROOMS_RATE - 0.3  # (the next token is 0.3 s away)
+    sub = Subscriber("one-more", "alice@example.com", "t", limit=1000)
+    world.hub.add(sub)
+    world.ledger.send(sub, ALICE, "first", 0, "late")
+    await world.ledger.drain()
+    ((_, error, _, retry_after),) = world.refused
+    assert 0 < retry_after <= 0.3
+    assert retry_hint(str(error)) >= retry_after, str(error)

@@ -252,8 +252,8 @@ class Ledger:
             if wait:
                 self._refused(sub, client_msg_id, "rate", LimitExceeded(
                     f"slow down: at most {NEW_ROOMS_BURST} new rooms and conversations at "
-                    f"once, then one a minute; this message was not sent, retry in "
-                    f"{wait:.0f}s"), wait)
+                    f"once, then one a minute; this message was not sent, {retry_in(wait)}"),
+                    wait)
                 return False
             self._coming_rooms.add(sub.room)  # (one token a room, however many lines)
         sub.inflight += 1
