@@ -401,3 +401,29 @@ async def test_a_member_removed_while_the_database_is_locked_is_cut_off_when_it_
         await collect(call, 1, kind="never", timeout=10)
     assert closed.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert "removed from '+ops'" in (closed.value.details() or "")
+
+
+@pytest.mark.server_config(store_wait=1.0)
+async def test_a_membership_change_that_fails_after_its_caller_gave_up_is_said_in_the_log(
+        chat: Chat, caplog: pytest.LogCaptureFixture) -> None:
+    """The change goes on without its caller (shielded); when it then failed (the lock held
+    past store_wait) nobody took its error: asyncio's "Task exception was never retrieved"
+    and a traceback were all the log said, and the admin had only their deadline."""
+    import gc
+
+    admin = await chat.connect("alice@tailnet.test", chat.token("alice@tailnet.test",
+                                                                admin=True))
+    await chat.connect("bob@tailnet.test")
+    await admin.create_room("+ops", ["alice@tailnet.test", "bob@tailnet.test"])
+    caplog.set_level(logging.WARNING)
+    async with write_lock_held(chat.cfg.db_path) as lock:
+        with pytest.raises(grpc.aio.AioRpcError) as gave_up:
+            await admin.set_room_members("+ops", remove=["bob@tailnet.test"], timeout=0.3)
+        assert gave_up.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        await until(lambda: "after its caller stopped waiting" in caplog.text, timeout=10)
+        await lock.release()
+    gc.collect()
+    await asyncio.sleep(0)
+    assert "never retrieved" not in caplog.text
+    assert ("private room '+ops': the change by 'alice@tailnet.test' failed after its caller "
+            "stopped waiting (nobody was added or removed)") in caplog.text

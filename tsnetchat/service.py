@@ -16,6 +16,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import grpc
@@ -214,6 +215,20 @@ class ServerStore(History, Protocol):
 
 
 MAX_RETRY_AFTER_MS = 2**32 - 1  # Error.retry_after_ms is a uint32
+
+
+def _failed_unseen(room: str, by: str, task: asyncio.Future[Any]) -> None:
+    """Say in the log how a membership change whose caller stopped waiting ended, if it
+    failed (its caller was told only its own deadline or hang-up)."""
+    if task.cancelled() or task.exception() is None:
+        return
+    e = task.exception()
+    if isinstance(e, TsnetchatError):
+        log.warning("private room %r: the change by %r failed after its caller stopped "
+                    "waiting (nobody was added or removed): %s", room, by, e)
+    else:
+        log.error("private room %r: the change by %r failed unexpectedly after its caller "
+                  "stopped waiting", room, by, exc_info=e)
 
 
 class ChatService:
@@ -1010,7 +1025,14 @@ class ChatService:
 
             # Shielded: a change stored after the caller gave up (its deadline, while the
             # database was locked) left the removed members' streams open in the room.
-            members, n = await asyncio.shield(change())
+            task = asyncio.ensure_future(change())
+            try:
+                members, n = await asyncio.shield(task)
+            except asyncio.CancelledError:
+                # (a failure then reached nobody: "Task exception was never retrieved" and
+                # a traceback were all the log said; a review, 2026-11-25)
+                task.add_done_callback(partial(_failed_unseen, request.room, p.login))
+                raise
             return pb.RoomMembersResponse(room=request.room, members=sorted(members),
                                           streams_closed=n)
         raise AssertionError("unreachable")  # pragma: no cover
