@@ -69,8 +69,12 @@ async def test_mallory_cannot_read_search_list_or_infer_a_direct_conversation_of
     # Whatever she names, her own login is part of it: "alice and bob" from mallory is a
     # conversation of the three of them, empty, exactly as for people who never talked.
     real = await mallory.history(room)
-    ghost = await mallory.history("dm:" + ",".join(sorted([ALICE, "carol@tailnet.test"])))
+    ghost = await mallory.history(dm_room(ALICE))  # (alice and mallory: never talked)
     assert not real.messages and not ghost.messages
+    # A login nobody has is refused, as a Search naming it is, whoever else is named.
+    typo = await refused(mallory.history("dm:" + ",".join(sorted([ALICE, "carol@tailnet.test"]))))
+    assert typo.code() == grpc.StatusCode.INVALID_ARGUMENT and "check the spelling" in (
+        typo.details() or "")
     sub = mallory.subscribe(room)
     welcome = await first_of(sub, "replay_done")
     assert welcome.last_id == 0
