@@ -1048,9 +1048,10 @@ async def test_a_line_on_its_way_to_a_room_left_makes_the_chat_exit_1_as_not_sto
 
 async def test_a_failed_message_brought_back_with_up_and_sent_again_is_no_longer_failed(
         ) -> None:
-    """Up brought a refused message back to edit, and the edit was sent: the ✗ line and
-    "1 not sent: /retry" stayed, and the exit listed it as not sent (a daily user's day,
-    2026-11-25)."""
+    """Up brought a refused message back and it was sent again: the ✗ line and "1 not
+    sent: /retry" stayed, and the exit listed it as not sent (a daily user's day,
+    2026-11-25). Only the very text: a line edited from it, or typed over it, leaves it
+    failed and listed (it vanished; a review, 2026-11-25)."""
     from tsnetchat.client import RoomSession
 
     app = alices_chat()
@@ -1058,20 +1059,34 @@ async def test_a_failed_message_brought_back_with_up_and_sent_again_is_no_longer
     session = app.sessions["general"] = RoomSession(app.link, "general")
     outbox = session.outbox
     app.current = "general"
-    app.input.text = "a first try"
-    app.submit()
-    (first,) = outbox
-    outbox.refused(first.client_msg_id, for_good=True, reason="too long")
+
+    def failed(text: str) -> None:
+        app.input.text = text
+        app.submit()
+        o = next(o for o in outbox if o.text == text)
+        outbox.refused(o.client_msg_id, for_good=True, reason="too long")
+
+    def up_to(text: str) -> None:
+        while app.input.text != text:
+            app.recall(app.history.older(app.input.text))
+
+    failed("a first try")
     app.input.text = "something else, typed"
     app.submit()
-    app.recall(app.history.older(app.input.text))
-    app.recall(app.history.older(app.input.text))  # Up, Up: the refused one
-    assert app.input.text == "a first try"
-    app.input.text = "a first try, shorter"
+    up_to("a first try")
+    app.input.text = "a first try, shorter"  # edited
     app.submit()
+    up_to("a first try")
+    app.input.text = "lunch?"  # typed over
+    app.submit()
+    assert [o.text for o in outbox.failed] == ["a first try"]
+    assert any("a first try  (refused" in line for line in app.unsent({})), app.unsent({})
+    up_to("a first try")
+    app.submit()  # as it was
     assert not outbox.failed
-    assert [o.text for o in outbox] == ["something else, typed", "a first try, shorter"]
-    assert not any("a first try  (refused)" in line for line in app.unsent({}))
+    assert [o.text for o in outbox] == ["something else, typed", "a first try, shorter",
+                                        "lunch?", "a first try"]
+    assert not any("a first try  (refused" in line for line in app.unsent({}))
 
 
 async def test_a_search_that_fails_gives_its_words_back_and_is_never_listed_as_maybe_done(

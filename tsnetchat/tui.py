@@ -824,7 +824,7 @@ class ChatApp:
             if self.split_offer == line:
                 for p in parts:
                     session.send(p, kind)
-                self.taken_back(session)
+                self.taken_back(session, line)
                 return False
             self.say(f"that is {size} bytes, over the {limit}-byte limit: press Enter again "
                      f"to send it as {len(parts)} messages, or edit it", error=True)
@@ -836,14 +836,18 @@ class ChatApp:
             self.say(f"{e} (your text is still in the input)", error=True)
             return True
         session.send(text, kind)
-        self.taken_back(session)
+        self.taken_back(session, line)
         return False
 
-    def taken_back(self, session: RoomSession) -> None:
-        """The failed message whose text Up brought back to edit, sent again now: out of
-        the outbox (it stayed ✗ with "1 not sent: /retry" for ever, and was listed as not
-        sent at the exit; a daily user's day, 2026-11-25)."""
+    def taken_back(self, session: RoomSession, sent: str) -> None:
+        """The failed message whose text Up brought back, sent again as it was: out of the
+        outbox (it stayed ✗ with "1 not sent: /retry" for ever, and was listed as not sent
+        at the exit; a daily user's day, 2026-11-25). Only the very text: one edited, or
+        replaced by another line, stays failed, listed and in unsent.txt (it vanished; a
+        review, 2026-11-25)."""
         recalled = self.history.recalled()
+        if recalled is None or recalled != sent:
+            return
         for o in session.outbox.failed:
             if as_typed(o) == recalled:
                 session.outbox.discard(o)
