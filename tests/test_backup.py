@@ -350,10 +350,12 @@ def test_the_partial_copy_a_killed_restore_left_beside_the_state_dir_goes_at_the
     (killed / "tsnetchat.db.restoring-journal").write_bytes(b"\0" * 512)
     others = tmp_path / ".tsnetchat-restore-state-b-k1ll3d_9"  # the state dir "state-b"'s
     others.mkdir(mode=0o700)
+    by_hand = tmp_path / ".tsnetchat-restore-state-old"  # not a name mkdtemp makes
+    by_hand.mkdir(mode=0o700)
     restore(copy, state / "tsnetchat.db", state)
     assert not killed.exists()
-    assert others.exists()
-    assert [p.name for p in tmp_path.glob(".tsnetchat-restore-*")] == [others.name]
+    assert sorted(p.name for p in tmp_path.glob(".tsnetchat-restore-*")) == sorted(
+        [others.name, by_hand.name])
 
 
 def _msg(text: str) -> tuple[object, ...]:

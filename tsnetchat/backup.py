@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import sqlite3
 import tempfile
@@ -36,6 +37,7 @@ from .statedir import (
 )
 from .store import SCHEMA_VERSION, HistoryIdentity, Store
 
+_MKDTEMP = re.compile(r"[a-z0-9_]{8}")  # the names tempfile.mkdtemp makes after its prefix
 
 @dataclass(frozen=True)
 class Summary:
@@ -256,8 +258,10 @@ def _work_dir(state_dir: Path) -> Path | None:
             return None
         prefix = f".tsnetchat-restore-{state_dir.resolve().name}-"
         for old in parent.iterdir():
-            rest = old.name.removeprefix(prefix)
-            if (rest != old.name and "-" not in rest and not old.is_symlink() and old.is_dir()
+            # (only names mkdtemp makes: 8 of its characters after the prefix; a directory
+            # an operator named so by hand is not ours to remove)
+            if (old.name.startswith(prefix) and _MKDTEMP.fullmatch(old.name[len(prefix):])
+                    and not old.is_symlink() and old.is_dir()
                     and old.stat().st_uid == os.geteuid()):
                 shutil.rmtree(old, ignore_errors=True)
         return Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
