@@ -45,7 +45,7 @@ from .errors import LimitExceeded, PermissionDenied, TsnetchatError
 from .pb import chat_pb2 as pb
 from .service import status_for
 from .tailnet import PeerInfo, WhoIs
-from .throttle import Buckets, LogLimiter
+from .throttle import Buckets, LogLimiter, retry_in
 
 log = logging.getLogger("tsnetchat.enroll")
 
@@ -160,7 +160,7 @@ class Enrollment:
         if wait:
             what = "logins" if method == "login" else "token renewals"
             raise LimitExceeded(f"too many {what} from this device ({LOGIN_BURST} in a row, "
-                                f"then one a minute); try again in {wait:.0f}s")
+                                f"then one a minute); {retry_in(wait)}")
 
     def _issue(self, who: WhoIs, rights: Rights, token_id: str) -> tuple[str, auth.Claims]:
         return auth.issue_token(self.key(), who.login, sorted(rights.rooms), admin=rights.admin,
