@@ -49,6 +49,13 @@ def default_state_dir() -> Path:
         return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
     if os.geteuid() == 0:
         return Path("/var/lib/tsnetchat")
+    return user_state_dir()
+
+
+def user_state_dir() -> Path:
+    """This user's tsnetchat state, ``$XDG_STATE_HOME/tsnetchat`` (by default
+    ``~/.local/state/tsnetchat``): the chat's log, what it kept unsent, its open rooms; and
+    a server's state when it runs as this user without ``--state-dir``."""
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(base) / "tsnetchat"
 

@@ -98,6 +98,7 @@ from .client import (
     to_stderr,
 )
 from .clienterrors import EXIT_ERROR, ClientError
+from .config import user_state_dir
 from .errors import ConfigError, InvalidInput
 from .outbox import Outgoing, Pacer, State, split_text, utf8_len, with_newlines
 from .pb import chat_pb2 as pb
@@ -157,8 +158,9 @@ STYLE = Style.from_dict({
 
 
 def log_path() -> Path:
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "tsnetchat" / "client.log"
+    """The chat's log, in this user's state dir (``config.user_state_dir``), beside the
+    rest it keeps."""
+    return user_state_dir() / "client.log"
 
 
 class MessagePane(UIControl):
