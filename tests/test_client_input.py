@@ -211,6 +211,37 @@ def test_send_dash_with_10_mb_on_stdin_is_bad_input_at_once(tmp_path: Path) -> N
         "tsnetchat server takes (4096 by default): split it up (--split)\n")
 
 
+@pytest.mark.parametrize("command", [("send", "chat-server", "hi"),
+                                     ("delete", "chat-server", "7", "--room", "general"),
+                                     ("tail", "chat-server")])
+def test_a_command_stopped_with_ctrl_c_says_whether_it_may_have_been_done(
+        tmp_path: Path, command: tuple[str, ...]) -> None:
+    """`send` stopped before its answer exited 130 without a word (a daily user's day,
+    2026-11-25); a command that only reads has nothing to say."""
+    import signal
+    import socket
+
+    from tsnetchat.cli import MAYBE_DONE
+
+    silent = socket.create_server(("127.0.0.1", 0))  # (accepts, never answers)
+    try:
+        cli = Path(sys.executable).with_name("tsnetchat")
+        proc = subprocess.Popen(
+            [str(cli), *command, "--token", "a.b.c", "--address",
+             f"127.0.0.1:{silent.getsockname()[1]}"], stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, env={"PATH": "/usr/bin:/bin",
+                                                    "HOME": str(tmp_path)})
+        silent.settimeout(30)
+        dialled, _ = silent.accept()  # (the command is waiting for its answer now)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+        dialled.close()
+    finally:
+        silent.close()
+    assert proc.returncode == 130, err
+    assert err == (MAYBE_DONE + "\n" if command[0] != "tail" else ""), err
+
+
 async def test_a_call_grpc_cancelled_under_a_command_is_one_line_not_a_cancellation() -> None:
     # What grpc.aio does when a request iterator fails: the call ends as CancelledError
     # though nobody cancelled the command. The boundary says so instead of letting it escape.

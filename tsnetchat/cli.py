@@ -99,7 +99,15 @@ def fail(e: BaseException) -> typer.Exit:
     return typer.Exit(code)
 
 
-def run(coro: Any) -> Any:
+# Said when a command that changes something is stopped (Ctrl-C) before its answer: it
+# exited 130 without a word (a daily user's day, 2026-11-25).
+MAYBE_DONE = ("stopped before the server answered: it may have been done; look (history) "
+              "before you do it again")
+
+
+def run(coro: Any, *, changes: bool = False) -> Any:
+    """Run a command's coroutine; its errors as the command line says them. ``changes``: it
+    changes something, and being stopped says that it may have been done."""
     try:
         # The server's loop must be one whose load the hub can read (tsnetchat.loop).
         with asyncio.Runner(loop_factory=new_event_loop) as runner:
@@ -107,6 +115,8 @@ def run(coro: Any) -> Any:
     except (TsnetchatError, grpc.aio.AioRpcError) as e:
         raise fail(e) from None
     except KeyboardInterrupt:
+        if changes:
+            typer.secho(MAYBE_DONE, err=True, fg="yellow")
         raise typer.Exit(130) from None
 
 
@@ -659,7 +669,7 @@ def send(
     kind = pb.MESSAGE_KIND_ACTION if action else pb.MESSAGE_KIND_TEXT
     typer.echo(run(clientcmds.send(_link(server, port, address, s, verbose), room, body,
                                    kind=kind, timeout=timeout, json_out=json_out,
-                                   split=split)))
+                                   split=split), changes=True))
 
 
 def _message_text(text: str, split: bool = False) -> str:
@@ -811,7 +821,8 @@ def edit(
 
     s = _client_settings(server, token, token_file, socket, proxy)
     typer.echo(run(clientcmds.change(_link(server, port, address, s, verbose), room, "edit",
-                                     target=message_id, text=text, json_out=json_out)))
+                                     target=message_id, text=text, json_out=json_out),
+                   changes=True))
 
 
 @app.command()
@@ -828,7 +839,7 @@ def delete(
 
     s = _client_settings(server, token, token_file, socket, proxy)
     typer.echo(run(clientcmds.change(_link(server, port, address, s, verbose), room, "delete",
-                                     target=message_id, json_out=json_out)))
+                                     target=message_id, json_out=json_out), changes=True))
 
 
 @app.command()
@@ -848,7 +859,8 @@ def topic(
     if text is None:  # (as the chat's /topic: it was a "Missing argument" box)
         typer.echo(run(clientcmds.show_topic(link, room, json_out=json_out)))
         return
-    typer.echo(run(clientcmds.change(link, room, "topic", text=text, json_out=json_out)))
+    typer.echo(run(clientcmds.change(link, room, "topic", text=text, json_out=json_out),
+                   changes=True))
 
 
 @app.command()
@@ -871,7 +883,7 @@ def dm(
     to = ",".join(x.strip().lstrip("@") for x in login.split(","))  # (`dm SERVER @bob`)
     typer.echo(run(clientcmds.send(_link(server, port, address, s, verbose), f"dm:{to}",
                                    body, kind=pb.MESSAGE_KIND_TEXT, timeout=timeout,
-                                   json_out=json_out, split=split)))
+                                   json_out=json_out, split=split), changes=True))
 
 
 @app.command("room-members")
