@@ -130,9 +130,11 @@ def test_dm_reaches_only_its_members(alice: Person, bob: Person, server: LabDaem
     assert [m["room"] for m in bob.json("search", "heron6")] == [room]
     mallory = Person(server, MALLORY, "mallory-laptop")
     assert not mallory.json("search", "heron6")
-    # a conversation with nothing in it (a typo, perhaps) says so rather than nothing
-    assert bob.ok("history", "--room", "dm:alcie@tailnet.test") == (
-        "no messages in dm:alcie@tailnet.test\n")
+    # a conversation with a login nobody has (a typo) is refused naming it, as search
+    # refuses it ("no messages" read as an empty conversation; a daily user's day, 2026-11-25)
+    typo = bob("history", "--room", "dm:alcie@tailnet.test")
+    assert typo.returncode == 2, typo.stdout
+    assert "nobody with the login 'alcie@tailnet.test'" in typo.stderr, typo.stderr
     # A short name is a login at one's own domain, as the chat's /msg takes it.
     assert bob.ok("dm", "alice", "short and sweet heron7").startswith("sent #")
     assert "short and sweet heron7" in [m["text"] for m in alice.json(
@@ -174,21 +176,19 @@ def test_every_command_that_takes_a_room_takes_a_direct_messages_short_name(
     assert alice.json("delete", str(mid), "--room", "@bob")["room"] == room
     assert bob.json("topic", "--room", "dm:alice")["room"] == room
     assert bob.json("topic", "--room", f"dm:{ALICE}")["room"] == room  # (the full form too)
-    # dm takes @bob as --room does; search's --author a short name; a typo'd DM is named in
-    # full when nothing is in it (it showed as "dm:bobb")
+    # dm takes @bob as --room does; search's --author a short name
     assert alice.json("dm", "@bob", "at heron11", "--timeout", "20")["room"] == room
     assert [m["text"] for m in bob.json("search", "heron11", "--author", "alice")] == [
         "at heron11"]
-    assert alice.ok("history", "--room", "@bobb") == (
-        f"no messages in dm:{ALICE},bobb@tailnet.test\n")
-    # search names the rooms and the author it looked in, and refuses a typo'd one
+    # search names the rooms and the author it looked in; it and history refuse a typo'd one
     assert alice.ok("search", "nothing-like-it", "--room", "@bob", "--author", "alice") == (
         f"no messages match in dm:{ALICE},{BOB} from {ALICE}\n")
-    for typo, who in ((("--room", "@bobb"), "bobb@tailnet.test"),
-                      (("--author", "bobb"), "bobb@tailnet.test")):
-        out = run_cli("search", "chat-server", "heron11", *typo, *alice.args)
-        assert out.returncode != 0 and f"nobody with the login '{who}'" in out.stderr, (
-            typo, out.stderr)
+    for command, typo in ((("search", "heron11"), ("--room", "@bobb")),
+                          (("search", "heron11"), ("--author", "bobb")),
+                          (("history",), ("--room", "@bobb"))):
+        out = run_cli(command[0], "chat-server", *command[1:], *typo, *alice.args)
+        assert out.returncode != 0 and "nobody with the login 'bobb@tailnet.test'" in (
+            out.stderr), (command, typo, out.stderr)
 
 
 def test_send_split_reads_a_long_text_from_stdin_and_sends_it_in_parts(
