@@ -430,11 +430,24 @@ def test_search_results_say_where_each_message_is() -> None:
     assert conv.title == "?canary" and conv.unread == 0
 
 
+async def searched(server: Any, words: str = "deploy") -> list[Any]:
+    """What alice's chat shows for /search ``words`` from ``server`` (a stand-in with a
+    ``search`` method): the note, then the results."""
+    from tsnetchat.client import Link
+    from tsnetchat.tui import SEARCH, ChatApp
+
+    async def dial() -> Any:
+        return server
+
+    app = ChatApp(Link(dial), pb.WhoAmIResponse(identity=pb.Identity(
+        login="alice@tailnet.test", display_name="Alice")))
+    await app.search(words)
+    return list(app.conversations[SEARCH].entries)
+
+
 async def test_search_shows_the_newest_100_also_from_a_server_giving_50_a_call() -> None:
     """It showed the server's first page (max_search_page, 50 by default) and said "the
     newest 100" (a daily user's day, 2026-11-25)."""
-    from tsnetchat.client import Link
-    from tsnetchat.tui import SEARCH, ChatApp
 
     class Server:
         target = None
@@ -446,13 +459,7 @@ async def test_search_shows_the_newest_100_also_from_a_server_giving_50_a_call()
                                      more=offset + len(ids) < 130,
                                      next_offset=offset + len(ids))
 
-    async def dial() -> Any:
-        return Server()
-
-    app = ChatApp(Link(dial), pb.WhoAmIResponse(identity=pb.Identity(
-        login="alice@tailnet.test", display_name="Alice")))
-    await app.search("deploy")
-    (note, *found) = app.conversations[SEARCH].entries
+    (note, *found) = await searched(Server())
     assert note.text.startswith("search 'deploy': 100 result(s), newest at the bottom (the "
                                 "newest 100;"), note.text
     assert [e.message.text for e in found] == [f"deploy {i}" for i in range(31, 131)]
@@ -463,8 +470,6 @@ async def test_a_search_whose_next_page_is_refused_shows_the_results_it_has() ->
     for it failed the whole /search, and the first page's 50 results were not shown."""
     import grpc
 
-    from tsnetchat.client import Link
-    from tsnetchat.tui import SEARCH, ChatApp
 
     class Server:
         target = None
@@ -479,13 +484,7 @@ async def test_a_search_whose_next_page_is_refused_shows_the_results_it_has() ->
             return pb.SearchResponse(messages=[msg(i, f"deploy {i}") for i in range(130, 80, -1)],
                                      more=True, next_offset=50)
 
-    async def dial() -> Any:
-        return Server()
-
-    app = ChatApp(Link(dial), pb.WhoAmIResponse(identity=pb.Identity(
-        login="alice@tailnet.test", display_name="Alice")))
-    await app.search("deploy")
-    (note, *found) = app.conversations[SEARCH].entries
+    (note, *found) = await searched(Server())
     assert "50 result(s)" in note.text and "the newest 50;" in note.text, note.text
     assert [e.message.text for e in found] == [f"deploy {i}" for i in range(81, 131)]
 
@@ -493,8 +492,6 @@ async def test_a_search_whose_next_page_is_refused_shows_the_results_it_has() ->
 async def test_a_search_lists_a_result_once_when_a_match_is_stored_between_its_pages() -> None:
     """Pages are counted from the newest: a match stored (or indexed) between two calls moves
     every result one further, and the last of the first page came again on the second."""
-    from tsnetchat.client import Link
-    from tsnetchat.tui import SEARCH, ChatApp
 
     stored = list(range(130, 0, -1))  # newest first
 
@@ -510,13 +507,7 @@ async def test_a_search_lists_a_result_once_when_a_match_is_stored_between_its_p
                                      more=offset + len(ids) < len(stored),
                                      next_offset=offset + len(ids))
 
-    async def dial() -> Any:
-        return Server()
-
-    app = ChatApp(Link(dial), pb.WhoAmIResponse(identity=pb.Identity(
-        login="alice@tailnet.test", display_name="Alice")))
-    await app.search("deploy")
-    ids = [e.message.id for e in app.conversations[SEARCH].entries[1:]]
+    ids = [e.message.id for e in (await searched(Server()))[1:]]
     assert len(ids) == len(set(ids)), [i for i in ids if ids.count(i) > 1]
 
 
