@@ -318,26 +318,27 @@ class Ledger:
             self._marks_due = asyncio.get_running_loop().call_later(MARK_DELAY, self._write_marks)
         return last_read
 
-    def _write_marks(self) -> None:
-        self._marks_due = None
-        task = asyncio.ensure_future(self.flush_marks())
-        self._marks_writing.add(task)
-        task.add_done_callback(self._marks_writing.discard)
-
-    async def flush_marks(self) -> None:
-        """Write the read positions gathered so far (now). The write goes on if the caller
-        stops waiting: the batch holds everybody's positions, not only the caller's (a
-        MarkRead whose client hung up dropped them all)."""
+    def _write_marks(self) -> asyncio.Task[None] | None:
+        """Start writing the read positions gathered so far, on a task of its own (None:
+        there are none): it goes on if a caller stops waiting, as the batch holds
+        everybody's positions, not only the caller's (a MarkRead whose client hung up
+        dropped them all)."""
         if self._marks_due is not None:
             self._marks_due.cancel()
             self._marks_due = None
         marks, self._marks = self._marks, {}
         if not marks:
-            return
+            return None
         task = asyncio.ensure_future(self._store_marks(marks))
         self._marks_writing.add(task)
         task.add_done_callback(self._marks_writing.discard)
-        await asyncio.shield(task)
+        return task
+
+    async def flush_marks(self) -> None:
+        """Write the read positions gathered so far (now)."""
+        task = self._write_marks()
+        if task is not None:
+            await asyncio.shield(task)
 
     async def _store_marks(self, marks: dict[tuple[str, str], int]) -> None:
         try:
