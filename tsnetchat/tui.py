@@ -847,11 +847,10 @@ class ChatApp:
         at the exit; a daily user's day, 2026-11-25). Only the very text: one edited, or
         replaced by another line, stays failed, listed and in unsent.txt (it vanished; a
         review, 2026-11-25)."""
-        recalled = self.history.recalled()
-        if recalled is None or recalled != sent:
+        if self.history.recalled() != sent:
             return
         for o in session.outbox.failed:
-            if as_typed(o) == recalled:
+            if as_typed(o) == sent:
                 session.outbox.discard(o)
                 return
 
