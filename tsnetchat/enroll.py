@@ -43,7 +43,7 @@ from . import auth
 from .config import ServerConfig
 from .errors import LimitExceeded, PermissionDenied, TsnetchatError
 from .pb import chat_pb2 as pb
-from .service import status_for
+from .service import abort_bug, status_for
 from .tailnet import PeerInfo, WhoIs
 from .throttle import Buckets, LogLimiter, retry_in
 
@@ -222,13 +222,10 @@ class Enrollment:
         except TsnetchatError as e:
             await self._refuse(context, method, who, e)
         except Exception as e:
-            # A bug: answered as the servicer answers one (service's ``_call``), not by
-            # grpc.aio, which logged a traceback each time and sent the caller UNKNOWN with
-            # Python's words ("Unexpected <class 'KeyError'>: ...").
-            self._error_log.log(log, logging.ERROR, "%s failed unexpectedly", method,
-                                exc_info=e)
-            await context.abort(grpc.StatusCode.INTERNAL,
-                                f"{method}: internal error; the server's log says more")
+            # A bug: answered as the servicer answers one, not by grpc.aio, which logged a
+            # traceback each time and sent the caller UNKNOWN with Python's words
+            # ("Unexpected <class 'KeyError'>: ...").
+            await abort_bug(context, method, e, log, self._error_log)
         raise AssertionError("unreachable")  # pragma: no cover - abort raised
 
     def _issued(self, method: str, who: WhoIs, claims: auth.Claims) -> None:

@@ -99,6 +99,16 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusC
     except grpc.aio.UsageError:
         raise grpc.aio.AbortError() from None
 
+async def abort_bug(context: grpc.aio.ServicerContext[Any, Any], method: str, e: Exception,
+                    logger: logging.Logger, error_log: LogLimiter) -> None:
+    """Answer a bug, not the client's doing: INTERNAL, and ``e`` in ``logger`` as often as
+    ``error_log`` lets (a client must not be able to fill the journal with tracebacks by
+    repeating the request)."""
+    error_log.log(logger, logging.ERROR, "%s failed unexpectedly", method, exc_info=e)
+    await _abort(context, grpc.StatusCode.INTERNAL,
+                 f"{method}: internal error; the server's log says more")
+
+
 class _Garbage:
     """Stands for a request that could not be decoded."""
 
@@ -511,13 +521,8 @@ class ChatService:
             # has been replaced!" and an ERROR with a traceback.
             raise
         except Exception as e:
-            # A bug, not the client's doing; still, a client must not be able to fill the
-            # journal with tracebacks by repeating the request.
             self.metrics.inc("rpc_errors_total{code=\"INTERNAL\"}")
-            self._error_log.log(log, logging.ERROR, "%s failed unexpectedly", method,
-                                exc_info=e)
-            await _abort(context, grpc.StatusCode.INTERNAL,
-                         f"{method}: internal error; the server's log says more")
+            await abort_bug(context, method, e, log, self._error_log)
 
     @staticmethod
     def _me(p: auth.Principal) -> pb.Identity:
