@@ -28,7 +28,7 @@ from typer.core import TyperGroup
 
 from . import __version__
 from .commands import room_option
-from .config import DEFAULT_PORT, ServerConfig, load_config
+from .config import CLUSTER_DB, DEFAULT_PORT, ServerConfig, load_config
 from .errors import (
     ConfigError,
     InvalidInput,
@@ -233,7 +233,7 @@ def _existing_store(cfg: ServerConfig) -> Any:
     ``--state-dir`` (an admin command that finds nothing there must say so, not succeed on
     an empty database)."""
     if not cfg.db_path.is_file():
-        if not cfg.cluster and (cfg.state_dir / "cluster.db").is_file():
+        if not cfg.cluster and (cfg.state_dir / CLUSTER_DB).is_file():
             # (it said there was no history: an attacker's run over the lab, 2026-11-25)
             raise fail(ConfigError(
                 f"{cfg.state_dir} is a cluster server's (cluster.db): give this command the "

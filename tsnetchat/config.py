@@ -43,6 +43,11 @@ MAX_OF = {"token_ttl_hours": 3650 * 24, "enroll_ttl_hours": 3650 * 24,
           "store_wait": 2_147_483}  # (SQLite's busy timeout: a C int of milliseconds)
 
 
+# The history database's name in the state dir: a single server's, and in cluster mode this
+# server's copy of the cluster (``ServerConfig.db_path``).
+SINGLE_DB, CLUSTER_DB = "tsnetchat.db", "cluster.db"
+
+
 def default_state_dir() -> Path:
     # systemd's StateDirectory= sets STATE_DIRECTORY; a service user may have no home.
     if os.environ.get("STATE_DIRECTORY"):
@@ -206,7 +211,7 @@ class ServerConfig(Limits):
     def db_path(self) -> Path:
         # In cluster mode the database is this server's copy of the cluster's stream, kept
         # apart from a single server's history it may have had before.
-        return self.state_dir / ("cluster.db" if self.cluster else "tsnetchat.db")
+        return self.state_dir / (CLUSTER_DB if self.cluster else SINGLE_DB)
 
     @property
     def cluster_urls(self) -> list[str]:

@@ -36,7 +36,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from . import auth, enroll
 from .cluster import ClusterHistory
-from .config import DEFAULT_PORT, Limits, ServerConfig, parse_listen, settings
+from .config import DEFAULT_PORT, SINGLE_DB, Limits, ServerConfig, parse_listen, settings
 from .connguard import ConnectionGuard, raise_file_limit, remote
 from .errors import ConfigError, StoreError, TailnetError, TsnetchatError
 from .gate import Gate, Policy
@@ -255,7 +255,7 @@ class Server:
                         cfg.where(name))
         # Held until stop(): `tsnetchat restore` refuses to run under a live server.
         self._lock = StateLock(cfg.state_dir, "server")
-        single = cfg.state_dir / "tsnetchat.db"
+        single = cfg.state_dir / SINGLE_DB
         if cfg.cluster and single.is_file():
             # (a server moved to cluster mode served empty rooms without a word, its history
             # left in this file: an operator's run, 2026-11-25)
