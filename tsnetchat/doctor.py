@@ -24,7 +24,7 @@ from .config import ServerConfig
 from .discovery import Step
 from .errors import ConfigError, TsnetchatError
 from .statedir import check_own_files, read_key, running_server
-from .store import LIVE_TOKENS
+from .store import LIVE_TOKENS, WAL_SIZE_LIMIT
 from .tailnet import LocalAPI, Status
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "FAIL", "skip"
@@ -34,7 +34,7 @@ OK, WARN, FAIL, SKIP = "ok", "warn", "FAIL", "skip"
 CHECK_FOR = 10.0  # seconds SQLite's quick_check may take before doctor stops it
 LOW_DISK = 256 * 2**20
 FULL_DISK = 16 * 2**20
-WAL_HELD = 128 * 2**20  # twice what a checkpoint that caught up leaves (store.WAL_SIZE_LIMIT)
+WAL_HELD = 2 * WAL_SIZE_LIMIT  # twice what a checkpoint that caught up leaves
 
 
 @dataclass
