@@ -1,7 +1,7 @@
 """Search over a large history (issue 15): build a database of N messages (default
 1,000,000, cached in the given directory), then time Store.search the way the server runs it
-(a reader connection, FTS5, the rooms filter) for rare, common and prefix words, ranked and
-newest first, for a caller who reads every room, one room of the 20, and only a room of 10
+(a reader connection, FTS5, the rooms filter) for rare, common and prefix words and a CJK
+word (read in the text, not the index), ranked and newest first, for a caller who reads every room, one room of the 20, and only a room of 10
 messages (the worst case: the index is read back to the first match in that room). A
 benchmark, never a timed test.
 
@@ -98,7 +98,9 @@ def main() -> None:
     rooms = [f"room{i}" for i in range(a.rooms)]
     cases = {"common word (top 10)": terms[5], "mid word (rank 500)": terms[500],
              "rare word": terms[-100], "two common words": f"{terms[3]} {terms[8]}",
-             "prefix (3 letters)": terms[1000][:3] + "*"}
+             "prefix (3 letters)": terms[1000][:3] + "*",
+             # (read in the text, not the index: store.SearchWords.inside; found nowhere)
+             "CJK word": "大阪", "CJK word, common word": f"大阪 {terms[5]}"}
     scopes = {"all": rooms, "one": rooms[:1], "small": ["small"],
               **{f"size{n}": [f"size{n}"] for n in sizes}}
     for name, q in cases.items():

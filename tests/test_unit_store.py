@@ -16,7 +16,7 @@ import pytest
 from helpers import until, write_lock_held
 
 from tsnetchat import store as store_module
-from tsnetchat.errors import StoreError
+from tsnetchat.errors import InvalidInput, StoreError
 from tsnetchat.store import (
     RANK_WINDOW,
     SCHEMA_VERSION,
@@ -675,6 +675,42 @@ def test_ranked_search_in_a_small_room_puts_the_best_match_first(tmp_path: Path)
     assert [m.text for m in s.search("kiwi", ["dm:a,b"])] == [
         "kiwi kiwi kiwi", "kiwi and a great many other words around it in a long line"]
     s.close()
+
+
+@pytest.mark.parametrize("by_room", [0, 10_000])
+def test_a_word_inside_a_sentence_written_without_spaces_is_found_in_the_rooms_searched_only(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, by_room: int) -> None:
+    """FTS5's tokenizer takes a run of CJK (Thai, Korean...) letters as one token: such words
+    are looked for in the text, in small rooms and large (SEARCH_BY_ROOM), reading the table
+    in its order (the rooms hold most of it) or through one room's index."""
+    monkeypatch.setattr(store_module, "SEARCH_BY_ROOM", by_room)
+    s = Store(tmp_path / "h.db")
+    s.write([Draft("filler", A, 1, f"plain words {i}") for i in range(300)])
+    s.write([Draft("jp", A, 1, t) for t in (
+        "明日は東京タワーに行く", "東京 kiwi", "iPhone買った", "大阪にいます",
+        "서울에서 만나요", "ไปกินข้าวกันไหม")])
+    (gone,) = s.write([Draft("jp", A, 1, "東京駅は秘密")])
+    assert isinstance(gone, Written)
+    s.write([Draft("jp", A, 4, "", target=gone.message.id)])
+    s.write([Draft("secret", A, 1, "東京の秘密")])
+    for rooms in (["jp"], ["jp", "filler"]):  # (through the room's index; the table read)
+        texts = [m.text for m in s.search("東京", rooms, limit=10)]
+        assert texts == ["東京 kiwi", "明日は東京タワーに行く"], rooms
+        assert [m.text for m in s.search("東京 kiwi", rooms)] == ["東京 kiwi"]
+        assert [m.text for m in s.search("タワー", rooms, newest=True)] == ["明日は東京タワーに行く"]
+        assert [m.text for m in s.search("iphone買", rooms)] == ["iPhone買った"]
+        assert [m.text for m in s.search("서울", rooms)] == ["서울에서 만나요"]
+        assert [m.text for m in s.search("กินข้าว", rooms)] == ["ไปกินข้าวกันไหม"]
+        assert s.search("秘密", rooms) == []  # deleted, or in a room not searched
+        assert [m.text for m in s.search("東京", rooms, limit=1, offset=1)] == [
+            "明日は東京タワーに行く"]
+        assert s.search("東京", rooms, author="b@example.com") == []
+    s.close()
+
+
+def test_a_search_of_only_punctuation_is_refused_in_words() -> None:
+    with pytest.raises(InvalidInput, match="no words to look for"):
+        store_module.search_words("、。!?")
 
 
 async def test_a_member_removed_by_a_caller_that_stopped_waiting_is_removed_for_the_loop_too(

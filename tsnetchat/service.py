@@ -42,7 +42,7 @@ from .hub import FRAME_BATCH, CloseKind, CloseReason, Hub, Subscriber
 from .ledger import MAX_CLIENT_MSG_ID, MAX_ID, History, Ledger
 from .metrics import Metrics
 from .pb import chat_pb2 as pb
-from .store import Sender, Topic, fts_query
+from .store import Sender, Topic, search_words
 from .tailnet import Tailnet
 from .throttle import Buckets, Coalescer, LogLimiter, TokenBucket, retry_in
 
@@ -950,7 +950,7 @@ class ChatService:
                                    f"{lim.search_max_query_bytes} (search_max_query_bytes)")
             if request.offset > 10_000:
                 raise InvalidInput("offset beyond 10000: narrow the search instead")
-            fts_query(request.query)  # a query without words is refused, whatever one reads
+            search_words(request.query)  # a query without words is refused, whatever one reads
             wait = self._search_buckets.take(p.login)
             if wait:
                 raise LimitExceeded(f"slow down: at most {lim.searches_per_minute} searches a "
