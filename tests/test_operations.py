@@ -177,6 +177,23 @@ def test_doctor_tailscaled_absent(tmp_path: Path) -> None:
     assert "- logged in" in out.stdout  # later checks say they need tailscaled
 
 
+def test_doctor_tells_a_missing_socket_a_regular_file_and_a_directory_apart(
+        tmp_path: Path) -> None:
+    """All three were "not answering (ConnectError)" (an operator's run, 2026-11-25)."""
+    (tmp_path / "file").write_text("")
+    (tmp_path / "dir").mkdir()
+    said = {}
+    for name in ("none.sock", "file", "dir"):
+        cfg = load_config(env={}, flags={"state_dir": str(tmp_path / "s"),
+                                         "socket": str(tmp_path / name)})
+        (check,) = [c for c in asyncio.run(checks(cfg)) if c.name == "tailscaled reachable"]
+        assert check.verdict == FAIL and "ConnectError" not in check.detail
+        said[name] = check.detail
+    assert "there is no socket there. Is tailscaled running?" in said["none.sock"]
+    assert "that is a regular file, not tailscaled's socket" in said["file"]
+    assert "that is a directory, not tailscaled's socket" in said["dir"]
+
+
 @pytest.mark.tailnet
 def test_doctor_logged_out_node(lab: Any, tmp_path: Path) -> None:
     node_dir = tmp_path / "fresh"
