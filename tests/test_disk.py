@@ -345,6 +345,31 @@ def test_a_first_start_on_a_full_disk_says_so_and_leaves_no_empty_key(tmp_path: 
     assert lines[:2] == ["exit", "3"] and not [n for n in lines if "jwt.key" in n], proc.stdout
 
 
+def test_backup_and_token_list_from_a_read_only_file_system_say_it_is_read_only(
+        tmp_path: Path) -> None:
+    """They said only "unable to open database file" (an operator's run, 2026-11-25)."""
+    if not shutil.which("unshare") or subprocess.run(
+            ["unshare", "-m", "true"], capture_output=True).returncode:
+        need("a mount namespace (unshare -m, as root)", "the test mounts a read-only tmpfs")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    cli = shlex.quote(str(Path(sys.executable).with_name("tsnetchat")))
+    d, out = shlex.quote(str(disk)), shlex.quote(str(tmp_path / "b.db"))
+    proc = subprocess.run(
+        ["unshare", "-m", "sh", "-c",
+         f"mount -t tmpfs -o size=4m tmpfs {d} && {cli} token issue a@example.com "
+         f"--state-dir {d}/state >/dev/null 2>&1 && mount -o remount,ro {d} && "
+         f"{{ {cli} backup --state-dir {d}/state {out}; echo exit $?; "
+         f"{cli} token list --state-dir {d}/state; echo exit $?; }}"],
+        capture_output=True, text=True, timeout=60)
+    assert proc.stdout.split() == ["exit", "8", "exit", "8"], (proc.stdout, proc.stderr)
+    said = proc.stderr.splitlines()
+    assert len(said) == 2 and "Traceback" not in proc.stderr
+    for line in said:
+        assert f"{disk}/state is on a read-only file system (`findmnt -T {disk}/state`" in line
+    assert not (tmp_path / "b.db").exists() and not list(tmp_path.glob(".b.db*"))
+
+
 def test_lines_the_chat_cannot_keep_on_a_full_disk_leave_no_empty_file_and_say_why(
         tmp_path: Path) -> None:
     """A full disk under the chat's state left an empty unsent.txt (the next chat announced
