@@ -8,10 +8,12 @@ import asyncio
 import hashlib
 import json
 import os
+import signal
 import sqlite3
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -399,6 +401,36 @@ def test_restore_of_bad_input_says_what_is_wrong_and_loses_nothing(
     assert done.returncode == 8, done.stderr
     assert says in done.stderr and "Traceback" not in done.stderr
     assert (digest(state / "tsnetchat.db"), sorted(p.name for p in state.iterdir())) == before
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_a_backup_stopped_by_a_signal_leaves_no_partial_copy_and_the_earlier_backup(
+        tmp_path: Path, sig: signal.Signals) -> None:
+    """Stopped (systemd's SIGTERM, a dropped ssh session's SIGHUP), it left `.NAME.partial`
+    and its journal, as big as the history, until the next backup to that name (an
+    operator's run, 2026-11-25)."""
+    state = tmp_path / "state"
+    Store(state / "tsnetchat.db").close()
+    with sqlite3.connect(state / "tsnetchat.db") as db:  # (a copy that takes a while)
+        db.execute("CREATE TABLE pad (x BLOB)")
+        db.executemany("INSERT INTO pad VALUES (randomblob(1000000))", [()] * 64)
+    db.close()
+    dest, partial = tmp_path / "b.db", tmp_path / ".b.db.partial"
+    assert cli("backup", dest, "--state-dir", state).returncode == 0
+    earlier = digest(dest)
+    proc = subprocess.Popen([str(CLI), "backup", str(dest), "--state-dir", str(state)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not partial.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    if proc.returncode == 0:
+        pytest.skip("the copy was done before the signal arrived")
+    assert proc.returncode == 128 + sig, err
+    assert err == f"backup stopped: nothing was written to {dest}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.db", "state"]
+    assert digest(dest) == earlier
 
 
 def test_backup_without_a_history_says_where_it_looked(tmp_path: Path) -> None:

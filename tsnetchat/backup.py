@@ -87,14 +87,15 @@ def backup(db: Path, dest: Path) -> Summary:
             src.copy_to(tmp)
         finally:
             src.close()
-        try:
-            summary = inspect(tmp)
-            os.replace(tmp, dest)
-        finally:
-            _remove(tmp)
+        summary = inspect(tmp)
+        os.replace(tmp, dest)
         _sync_dir(dest.parent)
     except OSError as e:
         raise StoreError(f"cannot write the backup {dest}: {e.strerror}") from e
+    finally:
+        # (also when stopped: a backup stopped by SIGTERM left `.NAME.partial` and its
+        # journal, as big as the history, until the next backup to that name)
+        _remove(tmp)
     return Summary(dest, summary.messages, summary.rooms, summary.identity)
 
 

@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -452,10 +453,23 @@ def backup_cmd(
     from .backup import backup
 
     cfg = _server_config(config, state_dir=state_dir)
+    stopped_by: list[int] = []
+
+    def stop(signum: int, frame: Any) -> None:  # (raised where the copy is: it cleans up)
+        stopped_by.append(signum)
+        raise KeyboardInterrupt
+
+    before = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
         summary = backup(cfg.db_path, file)
     except TsnetchatError as e:
         raise fail(e) from None
+    except KeyboardInterrupt:
+        typer.secho(f"backup stopped: nothing was written to {file}", err=True, fg="yellow")
+        raise typer.Exit(128 + (stopped_by[0] if stopped_by else signal.SIGINT)) from None
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
     typer.echo(f"backed up {summary.describe()} to {file}")
 
 
