@@ -89,6 +89,30 @@ def test_an_operators_command_on_a_cluster_servers_state_dir_asks_for_its_cluste
     assert not (state / "tsnetchat.db").exists()
 
 
+@pytest.mark.parametrize("command", [("token", "issue", "dave@tailnet.test"),
+                                     ("token", "rotate-key"), ("backup", "OUT")])
+def test_issue_rotate_key_and_backup_on_a_cluster_servers_state_dir_ask_for_its_settings(
+        tmp_path: Path, command: tuple[str, ...]) -> None:
+    """Without the cluster settings, `token issue` made a tsnetchat.db the cluster server
+    never reads (its record lost to `token list`), `rotate-key` rotated the key of a stopped
+    server that would adopt the cluster's again, and `backup` said there was no history (an
+    operator's run, 2026-11-25)."""
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    (state / "cluster.db").write_bytes(b"")
+    (state / "jwt.key").write_bytes(os.urandom(32))
+    (state / "jwt.key").chmod(0o600)
+    key = (state / "jwt.key").read_bytes()
+    args = [str(tmp_path / "b.db") if a == "OUT" else a for a in command]
+    out = run_cli(*args, "--state-dir", str(state))
+    assert out.returncode == 3, (out.stdout, out.stderr)
+    assert "is a cluster server's (cluster.db): give this command the server's cluster" in (
+        out.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state"]
+    assert sorted(p.name for p in state.iterdir()) == ["cluster.db", "jwt.key"]
+    assert (state / "jwt.key").read_bytes() == key
+
+
 def test_issuing_into_a_new_state_dir_says_it_made_a_new_key(tmp_path: Path) -> None:
     state = tmp_path / "new"
     out = run_cli("token", "issue", "alice@tailnet.test", "--state-dir", str(state))

@@ -234,17 +234,25 @@ def _store(cfg: ServerConfig) -> Any:
         raise fail(e) from None
 
 
+def _cluster_blind(cfg: ServerConfig) -> None:
+    """ConfigError (exit 3) when ``cfg`` names a cluster server's state dir (cluster.db, no
+    tsnetchat.db) without the cluster settings: token list said there was no history (an
+    attacker's run over the lab, 2026-11-25); token issue made a tsnetchat.db the server
+    never reads, and backup said there was no history (an operator's run, 2026-11-25)."""
+    if not cfg.cluster and not cfg.db_path.is_file() and (
+            cfg.state_dir / CLUSTER_DB).is_file():
+        raise fail(ConfigError(
+            f"{cfg.state_dir} is a cluster server's (cluster.db): give this command the "
+            "server's cluster settings too (--config with its config file, or "
+            "TSNETCHAT_CLUSTER)"))
+
+
 def _existing_store(cfg: ServerConfig) -> Any:
     """The database of a state dir a server has used; never a new one made for a mistyped
     ``--state-dir`` (an admin command that finds nothing there must say so, not succeed on
     an empty database)."""
+    _cluster_blind(cfg)
     if not cfg.db_path.is_file():
-        if not cfg.cluster and (cfg.state_dir / CLUSTER_DB).is_file():
-            # (it said there was no history: an attacker's run over the lab, 2026-11-25)
-            raise fail(ConfigError(
-                f"{cfg.state_dir} is a cluster server's (cluster.db): give this command the "
-                "server's cluster settings too (--config with its config file, or "
-                "TSNETCHAT_CLUSTER)"))
         raise fail(ConfigError(
             f"there is no tsnetchat history at {cfg.db_path} (is --state-dir or the config "
             "file the server's? `tsnetchat serve` makes it when it first starts)"))
@@ -297,6 +305,7 @@ def token_issue(
     ttl_seconds = _parse_ttl(ttl) if ttl is not None else None  # (--ttl "" is no lifetime)
     cfg = _server_config(config, state_dir=state_dir)
     seconds = cfg.token_ttl_hours * 3600 if ttl_seconds is None else ttl_seconds
+    _cluster_blind(cfg)
     new_key = not cfg.key_path.exists()
     store = _store(cfg)
     try:
@@ -416,6 +425,7 @@ def token_rotate_key(config: ConfigOpt = None, state_dir: StateOpt = None) -> No
     from .statedir import running_server
 
     cfg = _server_config(config, state_dir=state_dir)
+    _cluster_blind(cfg)
     if cfg.cluster and running_server(cfg.state_dir) is None:
         raise fail(ConfigError(
             f"cluster mode: no tsnetchat server is running on {cfg.state_dir}, so nothing "
@@ -453,6 +463,7 @@ def backup_cmd(
     from .backup import backup
 
     cfg = _server_config(config, state_dir=state_dir)
+    _cluster_blind(cfg)
     stopped_by: list[int] = []
 
     def stop(signum: int, frame: Any) -> None:  # (raised where the copy is: it cleans up)
