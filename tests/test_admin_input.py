@@ -113,6 +113,24 @@ def test_issue_rotate_key_and_backup_on_a_cluster_servers_state_dir_ask_for_its_
     assert (state / "jwt.key").read_bytes() == key
 
 
+@pytest.mark.parametrize("command", [("token", "list"), ("backup", "OUT")])
+def test_a_fifo_or_a_dangling_link_in_place_of_the_database_is_said_as_such_not_as_no_history(
+        tmp_path: Path, command: tuple[str, ...]) -> None:
+    """Both said there was no history database there (an operator's run, 2026-11-25)."""
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    args = [str(tmp_path / "b.db") if a == "OUT" else a for a in command]
+    for make, says in ((os.mkfifo, "is not a regular file"),
+                       (lambda p: p.symlink_to(tmp_path / "gone.db"), "is a symbolic link")):
+        make(state / "tsnetchat.db")
+        out = run_cli(*args, "--state-dir", str(state))
+        assert out.returncode == 3, (out.stdout, out.stderr)
+        assert out.stderr == (f"error: {state}/tsnetchat.db {says}; the state dir holds only "
+                              "the server's own files: remove it (nothing was opened)\n")
+        (state / "tsnetchat.db").unlink()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["state"]
+
+
 def test_issuing_into_a_new_state_dir_says_it_made_a_new_key(tmp_path: Path) -> None:
     state = tmp_path / "new"
     out = run_cli("token", "issue", "alice@tailnet.test", "--state-dir", str(state))

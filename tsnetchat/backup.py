@@ -56,6 +56,8 @@ class Summary:
 def backup(db: Path, dest: Path) -> Summary:
     """Copy the live database ``db`` to ``dest`` (replaced if it exists). Raises StoreError."""
     if not db.is_file():
+        if os.path.lexists(db):  # (a FIFO was "no history database": say what it is)
+            check_own_files(db.parent, (db,))
         raise StoreError(f"there is no history database at {db} (is --state-dir or the config "
                          "file the server's?)")
     if dest.is_dir():

@@ -253,6 +253,13 @@ def _existing_store(cfg: ServerConfig) -> Any:
     an empty database)."""
     _cluster_blind(cfg)
     if not cfg.db_path.is_file():
+        if os.path.lexists(cfg.db_path):  # (a FIFO was "no history": say what it is)
+            from .statedir import check_own_files
+
+            try:
+                check_own_files(cfg.state_dir, (cfg.db_path,))
+            except ConfigError as e:
+                raise fail(e) from None
         raise fail(ConfigError(
             f"there is no tsnetchat history at {cfg.db_path} (is --state-dir or the config "
             "file the server's? `tsnetchat serve` makes it when it first starts)"))
