@@ -165,6 +165,20 @@ def test_api_commands_without_credentials_say_what_to_set(args: list[str]) -> No
     assert "needs credentials" in out.stderr and "TSNETCHAT_API_KEY" in out.stderr
 
 
+def test_provision_refuses_an_out_it_cannot_write_before_it_asks_the_api_for_a_key(
+        tmp_path: Path) -> None:
+    """The key was minted, then lost to an --out in a missing directory (an operator's run,
+    2026-11-25); and a refused provision leaves no empty --out behind."""
+    out = _cli("provision", "--tags", "tag:chat", "--out", str(tmp_path / "no-dir" / "key"),
+               TSNETCHAT_API_KEY="tskey-api-x", TSNETCHAT_API_URL="https://127.0.0.1:9")
+    assert out.returncode == 3 and "Traceback" not in out.stderr
+    assert out.stderr == (f"error: --out {tmp_path}/no-dir/key: No such file or directory; "
+                          "no key was minted\n")
+    out = _cli("provision", "--tags", "tag:chat", "--out", str(tmp_path / "key"))
+    assert out.returncode == 3 and "needs credentials" in out.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_grants_add_with_a_bad_room_is_bad_input() -> None:
     out = _cli("grants", "add", "--src", "alice@", "--dst", "tag:chat", "--room", "No Way")
     assert out.returncode == 2 and "--room: 'No Way' is not a room name" in out.stderr

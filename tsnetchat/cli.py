@@ -1081,18 +1081,35 @@ def provision_cmd(
     from .provision import provision
 
     cfg = _server_config(config, hostname=hostname, tags=tags)
-    key, holders = run(provision(cfg, cfg.hostname, ephemeral=ephemeral))
+    fd = made = None
+    if out is not None:
+        # Opened before anything is asked of the API: a key minted for an --out that could
+        # not be written was lost, after a stale device may have been removed for it (an
+        # operator's run, 2026-11-25).
+        try:
+            made = not os.path.lexists(out)
+            fd = os.open(out, os.O_WRONLY | os.O_CREAT, 0o600)
+        except OSError as e:
+            raise fail(ConfigError(f"--out {out}: {e.strerror}; no key was minted")) from None
+    try:
+        key, holders = run(provision(cfg, cfg.hostname, ephemeral=ephemeral))
+    except BaseException:
+        if fd is not None:
+            os.close(fd)
+            if made and out is not None:
+                out.unlink(missing_ok=True)
+        raise
     for h in holders:
         typer.echo(h.message(cfg.hostname), err=True)
-    if out is None:
+    if fd is None:
         typer.echo(key)
         return
     try:
-        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
+            os.ftruncate(f.fileno(), 0)
+            os.fchmod(f.fileno(), 0o600)
             f.write(key + "\n")
-        os.chmod(out, 0o600)
-    except OSError as e:  # the key was minted but is lost; it expires unused
+    except OSError as e:  # (a full disk) the key was minted but is lost; it expires unused
         raise fail(ConfigError(f"--out {out}: {e.strerror}")) from None
     typer.echo(f"wrote a single-use auth key for {cfg.hostname} to {out}", err=True)
 
