@@ -205,6 +205,22 @@ def test_a_backup_into_the_state_dir_itself_is_not_told_to_name_the_live_databas
     assert str(elsewhere.value).endswith(f"e.g. {tmp_path / 'tsnetchat.db'}")
 
 
+def test_a_backup_into_the_state_dir_under_another_name_is_refused(tmp_path: Path) -> None:
+    """It was written there, by name, in a directory the server's user may change under
+    root's SQLite (a newcomer, 2026-11-25)."""
+    state = tmp_path / "state"
+    Store(state / "tsnetchat.db").close()
+    (state / "sub").mkdir()
+    for dest in (state / "extra.db", state / "sub" / "b.db"):
+        with pytest.raises(StoreError, match=rf"^{dest} is in the state dir {state}, which "
+                                             r"the server's user may change: a backup goes "
+                                             r"somewhere else, e\.g\. /var/backups/"):
+            backup(state / "tsnetchat.db", dest)
+    with pytest.raises(StoreError, match=r"e\.g\. /var/backups/tsnetchat\.db$"):
+        backup(state / "tsnetchat.db", state / "sub")
+    assert sorted(p.name for p in state.rglob("*")) == ["sub", "tsnetchat.db"]
+
+
 def test_a_backup_over_a_file_that_is_no_backup_is_refused_and_replaces_an_earlier_one(
         tmp_path: Path) -> None:
     state = tmp_path / "state"

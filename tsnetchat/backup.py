@@ -62,7 +62,7 @@ def backup(db: Path, dest: Path) -> Summary:
                          "file the server's?)")
     if dest.is_dir():
         example = dest / db.name
-        if _the_servers_own(db, example):  # (the state dir: it named the live database)
+        if _in_state_dir(db, example):  # (the state dir: it named the live database)
             example = Path("/var/backups") / db.name
         raise StoreError(f"{dest} is a directory; give the backup's file name, e.g. {example}")
     if _the_servers_own(db, dest):
@@ -70,6 +70,12 @@ def backup(db: Path, dest: Path) -> Summary:
         # file: what it acknowledged afterwards was lost, and the next start failed.)
         raise StoreError(f"{dest} is one of the server's own files in {db.parent}; a backup "
                          "goes somewhere else, e.g. /var/backups/tsnetchat.db")
+    if _in_state_dir(db, dest):
+        # (The server's user may change names there while root's SQLite writes the copy by
+        # name, and replace the backup afterwards: found by a newcomer, 2026-11-25.)
+        raise StoreError(f"{dest} is in the state dir {db.parent}, which the server's user "
+                         "may change: a backup goes somewhere else, e.g. "
+                         "/var/backups/tsnetchat.db")
     if not dest.parent.is_dir():
         raise StoreError(f"cannot write the backup {dest}: the directory {dest.parent} does "
                          "not exist")
@@ -143,6 +149,12 @@ def _the_servers_own(db: Path, dest: Path) -> bool:
             if dest.exists() and p.exists() and os.path.samefile(p, dest):  # (a hard link)
                 return True
     return False
+
+
+def _in_state_dir(db: Path, dest: Path) -> bool:
+    """Whether ``dest`` would be written in the state dir of ``db`` (or below it)."""
+    return _the_servers_own(db, dest) or dest.parent.resolve().is_relative_to(
+        db.parent.resolve())
 
 
 def inspect(path: Path) -> Summary:
