@@ -333,6 +333,23 @@ def test_a_restore_keeps_what_it_replaced_and_starts_a_new_generation(tmp_path: 
     assert stat.S_IMODE((state / "tsnetchat.db").stat().st_mode) == 0o600
 
 
+def test_two_restores_in_one_second_both_keep_what_they_replaced(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second said "cannot restore ...: File exists": both wanted the same
+    tsnetchat.db.before-restore-<time> (a newcomer, 2026-11-25)."""
+    state, copy = backed_up_then_one_more(tmp_path)
+    monkeypatch.setattr(time, "strftime", lambda fmt, *a: "20261125T103743")
+    first = restore(copy, state / "tsnetchat.db", state)
+    second = restore(copy, state / "tsnetchat.db", state)
+    assert first.replaced == state / "tsnetchat.db.before-restore-20261125T103743"
+    assert second.replaced == state / "tsnetchat.db.before-restore-20261125T103743-1"
+    kept = Store(first.replaced)
+    assert [m.text for m in kept.after("r", 0, 10)] == ["in the backup", "after the backup"]
+    kept.close()
+    assert second.identity is not None and first.identity is not None
+    assert second.identity.generation == first.identity.generation + 1
+
+
 def test_a_restore_killed_before_its_last_rename_leaves_the_old_history_in_place(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """It moved the database aside first: killed then, it left none, and the next `serve`

@@ -252,7 +252,7 @@ def _restore_locked(src: Path, db: Path, state_dir: Path) -> Summary:
             os.close(fd)
         replaced = None
         if db.exists():
-            replaced = db.with_name(f"{db.name}.before-restore-{time.strftime('%Y%m%dT%H%M%S')}")
+            replaced = _aside_name(db)
             # Moved aside first, a restore killed between its two renames left no database,
             # and the next `serve` began an empty history without a word (an operator's run,
             # 2026-11-23). Now, once the old database's WAL is in its file, the old one is
@@ -280,6 +280,18 @@ def _restore_locked(src: Path, db: Path, state_dir: Path) -> Summary:
         if work is not None:
             shutil.rmtree(work, ignore_errors=True)
     return Summary(db, messages, rooms, identity, replaced)
+
+
+def _aside_name(db: Path) -> Path:
+    """A name for the database a restore replaces, beside it, that nothing holds yet (two
+    restores in one second failed with "File exists": a newcomer, 2026-11-25)."""
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    for n in range(1000):
+        name = db.with_name(f"{db.name}.before-restore-{stamp}" + (f"-{n}" if n else ""))
+        if not any(os.path.lexists(p) for p in with_sides(name)):
+            return name
+    raise StoreError(f"cannot restore to {db}: every name for the database it replaces "
+                     f"({db.name}.before-restore-{stamp}-N) is taken")
 
 
 def _work_dir(state_dir: Path) -> Path | None:
