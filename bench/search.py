@@ -1,9 +1,9 @@
 """Search over a large history (issue 15): build a database of N messages (default
 1,000,000, cached in the given directory), then time Store.search the way the server runs it
 (a reader connection, FTS5, the rooms filter) for rare, common and prefix words and a CJK
-word (read in the text, not the index), ranked and newest first, for a caller who reads every room, one room of the 20, and only a room of 10
-messages (the worst case: the index is read back to the first match in that room). A
-benchmark, never a timed test.
+word (read in the text, not the index), ranked and newest first, for a caller who reads
+every room, one room of the 20, and only a room of 10 messages (the worst case: the index
+is read back to the first match in that room). A benchmark, never a timed test.
 
     .venv/bin/python bench/search.py --dir /tmp/tsnetchat-search --messages 1000000
 """
