@@ -26,6 +26,7 @@ from tsnetchat import statedir
 from tsnetchat.config import load_config
 from tsnetchat.doctor import FAIL, OK, WARN, checks
 from tsnetchat.errors import ConfigError
+from tsnetchat.store import Store
 
 
 def issued_state(tmp_path: Path) -> tuple[Path, str]:
@@ -111,6 +112,27 @@ def test_issue_rotate_key_and_backup_on_a_cluster_servers_state_dir_ask_for_its_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state"]
     assert sorted(p.name for p in state.iterdir()) == ["cluster.db", "jwt.key"]
     assert (state / "jwt.key").read_bytes() == key
+
+
+@pytest.mark.parametrize("cluster", ["nats://127.0.0.1:1", ""])
+def test_a_restore_for_a_cluster_server_is_refused_and_changes_nothing(
+        tmp_path: Path, cluster: str) -> None:
+    """A cluster server's history is the stream: a restore put the backup in place of its
+    copy, said clients start over from it, and nothing changed (a newcomer's run,
+    2026-11-25). With or without the cluster settings, the state dir is left as it was."""
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    (state / "cluster.db").write_bytes(b"the copy")
+    backup_file = tmp_path / "b.db"
+    Store(backup_file).close()
+    env = {**os.environ, "TSNETCHAT_CLUSTER": cluster}
+    out = run_cli("restore", "--state-dir", str(state), str(backup_file), env=env)
+    assert out.returncode == 3, (out.stdout, out.stderr)
+    assert "is a cluster server's: its history is the NATS cluster's stream TSNETCHAT" in (
+        out.stderr)
+    assert "Traceback" not in out.stderr
+    assert sorted(p.name for p in state.iterdir()) == ["cluster.db"]
+    assert (state / "cluster.db").read_bytes() == b"the copy"
 
 
 @pytest.mark.parametrize("command", [("token", "list"), ("backup", "OUT")])

@@ -498,10 +498,23 @@ def restore_cmd(
     state_dir: StateOpt = None,
 ) -> None:
     """Put a backup in place of the history (stop the server first). The database it
-    replaces is kept beside it; clients start over from the restored history."""
+    replaces is kept beside it; clients start over from the restored history. Not for a
+    cluster server: its history is the cluster's NATS stream."""
     from .backup import restore
 
     cfg = _server_config(config, state_dir=state_dir)
+    if cfg.cluster or (not cfg.db_path.is_file() and (cfg.state_dir / CLUSTER_DB).is_file()):
+        # (It put the backup in place of cluster.db and said clients start over from it: the
+        # server made its copy from the stream again, and nothing changed for anyone; a
+        # newcomer's run, 2026-11-25.)
+        from .cluster import STREAM
+
+        raise fail(ConfigError(
+            f"{cfg.state_dir} is a cluster server's: its history is the NATS cluster's stream "
+            f"{STREAM}, and {CLUSTER_DB} only this server's copy of it, made again from the "
+            "stream, so a restore there changes nothing; nothing was changed. To serve a "
+            "backup on its own, restore it into a server without `cluster`; the stream "
+            "itself is restored with NATS's tools (`nats stream restore`)"))
     new_dir = not cfg.state_dir.exists()
     try:
         summary = restore(file, cfg.db_path, cfg.state_dir)
