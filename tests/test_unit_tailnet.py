@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from tsnetchat.tailnet import format_addr, parse_grpc_peer
+from tsnetchat.errors import LocalAPIUnavailable
+from tsnetchat.tailnet import LocalAPI, format_addr, parse_grpc_peer
 
 # --- peers and encoding -------------------------------------------------------------------
 
@@ -51,3 +54,22 @@ from tsnetchat.tailnet import Change, parse_notice  # noqa: E402
 def test_bus_notices_say_which_identities_may_have_changed(notice: dict[str, object],
                                                            expect: Change | None) -> None:
     assert parse_notice(notice) == expect
+
+
+async def test_a_socket_path_that_is_missing_a_file_or_a_directory_is_said_so_by_every_caller(
+        tmp_path: Path) -> None:
+    """`serve`, `doctor` and the gate all said "not answering (ConnectError)" for each (an
+    operator's run, 2026-11-25); the LocalAPI's one translation says which it is."""
+    (tmp_path / "file").write_text("")
+    said = {}
+    for name in ("none.sock", "file", "."):
+        api = LocalAPI(str(tmp_path / name), timeout=1.0)
+        try:
+            with pytest.raises(LocalAPIUnavailable) as caught:
+                await api.status()
+        finally:
+            await api.aclose()
+        said[name] = str(caught.value)
+    assert "there is no socket there. Is tailscaled running?" in said["none.sock"]
+    assert "that is a regular file, not tailscaled's socket" in said["file"]
+    assert "that is a directory, not tailscaled's socket" in said["."]

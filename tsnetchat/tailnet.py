@@ -20,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import stat
 import urllib.parse
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -238,6 +240,24 @@ def format_addr(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+
+def _not_a_socket(path: str) -> str | None:
+    """Why ``path`` plainly cannot be tailscaled's socket, or None. (A missing socket, a
+    regular file and a directory were all "not answering (ConnectError)", in `doctor` and
+    `serve` alike: an operator's run, 2026-11-25.)"""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return ("there is no socket there. Is tailscaled running? (systemctl status "
+                "tailscaled, or pass --socket)")
+    except OSError:
+        return None
+    if stat.S_ISSOCK(mode):
+        return None
+    kind = ("a directory" if stat.S_ISDIR(mode) else "a regular file" if stat.S_ISREG(mode)
+            else "not a socket")
+    return f"that is {kind}, not tailscaled's socket: pass --socket with the socket's path"
+
 class LocalAPI:
     """Async client for one tailscaled's LocalAPI. Cheap to create; `aclose()` when done."""
 
@@ -260,7 +280,9 @@ class LocalAPI:
         await self.aclose()
 
     def _unavailable(self, exc: Exception) -> LocalAPIUnavailable:
+        why = _not_a_socket(self.socket_path)
         return LocalAPIUnavailable(
+            f"tailscaled's LocalAPI at {self.socket_path} is not answering: {why}" if why else
             f"tailscaled's LocalAPI at {self.socket_path} is not answering ({type(exc).__name__}). "
             "Is tailscaled running? (systemctl status tailscaled, or pass --socket)"
         )
