@@ -1139,3 +1139,60 @@ async def test_a_refused_line_of_a_room_left_is_kept_marked_refused() -> None:
     app.leave("random")
     assert any("too long for the server  (you left it; refused)" in line
                for line in app.unsent({})), app.unsent({})
+
+
+def alices_chat_on(server: Any) -> Any:
+    """Alice's chat screen, without a terminal, whose calls go to ``server`` (a stand-in
+    with the methods a test needs), in #general with a session of its own."""
+    from tsnetchat.client import Link, RoomSession
+    from tsnetchat.tui import ChatApp
+
+    async def dial() -> Any:
+        return server
+
+    app = ChatApp(Link(dial), pb.WhoAmIResponse(identity=pb.Identity(
+        login="alice@tailnet.test", display_name="Alice")))
+    app.conversations["general"] = app.conversation_for("general")
+    app.sessions["general"] = RoomSession(app.link, "general")
+    app.current = "general"
+    return app
+
+
+class Changes:
+    """A server stand-in that takes edits and deletions."""
+
+    target = None
+
+    def __init__(self) -> None:
+        self.done: list[tuple[str, int]] = []
+
+    async def delete(self, room: str, target: int) -> None:
+        self.done.append(("delete", target))
+
+    async def edit(self, room: str, target: int, text: str) -> None:
+        self.done.append(("edit", target))
+
+
+async def test_a_delete_of_a_message_scrolled_out_of_view_says_it_was_done() -> None:
+    """Bob wrote 40 lines after alice's; her /delete deleted it above the screen, and
+    nothing on the screen changed or said so (a daily user's day, 2026-11-25)."""
+    server = Changes()
+    app = alices_chat_on(server)
+    general = app.conversations["general"]
+    mine = msg(1, "the password is hunter2", who="alice")
+    general.add_message(mine, own=True, mention=False, shown=True, live=True)
+    for i in range(2, 42):
+        general.add_message(msg(i), own=False, mention=False, shown=True, live=True)
+    assert app.handle("/delete") is False
+    await asyncio.gather(*app.background)
+    assert server.done == [("delete", 1)]
+    said = general.entries[-1].text
+    assert said.startswith("deleted your message of ") and "out of view" in said, said
+    assert "hunter2" not in said
+    # On screen, the line itself shows it: nothing more is said.
+    general.add_message(msg(42, "fixed", who="alice"), own=True, mention=False, shown=True,
+                        live=True)
+    app.handle("/edit fixed, really")
+    await asyncio.gather(*app.background)
+    assert server.done[-1] == ("edit", 42)
+    assert general.entries[-1].id == 42

@@ -533,6 +533,25 @@ def visible_lines(conv: Conversation, renderer: Renderer, width: int, height: in
     return lines[top:end], i < 0 and top == 0
 
 
+def on_screen(conv: Conversation, entry: Entry, renderer: Renderer, width: int, height: int,
+              outgoing: Sequence[Outgoing] = (), me: pb.Identity | None = None) -> bool:
+    """Whether any line of ``entry`` is among those ``visible_lines`` draws (the same count
+    from the bottom: what is on its way, then the entries after it with their separators)."""
+    below = sum(len(renderer.outgoing(o, me, width)) for o in outgoing) if me else 0
+    entries = conv.entries
+    for i in range(len(entries) - 1, -1, -1):
+        e = entries[i]
+        size = len(renderer.render(e, width))
+        size += e.message is not None and e.id == conv.marker_id
+        size += i == 0 or day_of(entries[i - 1].ts_ms) != day_of(e.ts_ms)
+        if e is entry:
+            return below < conv.scroll + height and below + size > conv.scroll
+        below += size
+        if below >= conv.scroll + height:
+            return False
+    return False
+
+
 def topic_said(m: pb.ChatMessage) -> str:
     """The notice a TOPIC event is shown as."""
     return (f"{who(m.sender)} set the topic: {m.text}" if m.text else

@@ -75,12 +75,14 @@ from . import commands, keepsafe, openrooms
 from .chatview import (
     Conversation,
     Renderer,
+    clock,
     describe_members,
     dm_name,
     dm_title,
     is_mention,
     kind_of,
     mention_pattern,
+    on_screen,
     person_login,
     visible,
     visible_lines,
@@ -928,6 +930,7 @@ class ChatApp:
                     await conn.edit(room, target, text)
                 else:
                     await conn.delete(room, target)
+                self.said_when_out_of_view(room, target, done)
 
             self.spawn(call(), line=line, room=room)
 
@@ -958,6 +961,25 @@ class ChatApp:
             return what == "edit"
         run(last.id)
         return False
+
+    def said_when_out_of_view(self, room: str, target: int, done: str) -> None:
+        """A change to one's message whose line is not on screen (scrolled above it, or
+        another buffer shown) is said in its room; one in view shows it in its line. (Bob
+        wrote 40 lines after it and a /delete changed nothing to be seen: a daily user's
+        day, 2026-11-25.) The text is not repeated: a deletion is often of a secret."""
+        conv = self.conversations.get(room)
+        entry = next((e for e in reversed(conv.entries) if e.id == target), None) if (
+            conv is not None) else None
+        if conv is None or entry is None:
+            return
+        session = self.sessions.get(room)
+        if self.current == room and on_screen(
+                conv, entry, self.renderer, conv.width, self.pane.height,
+                list(session.outbox) if session else [], self.me):
+            return
+        conv.notice(f"{done} your message of {clock(entry.ts_ms)} (out of view, above)",
+                    renderer=self.renderer)
+        self.invalidate()
 
     async def search(self, words: str) -> None:
         """/search WORDS: the results in a buffer of their own (oldest at the top)."""
