@@ -1196,3 +1196,16 @@ async def test_a_delete_of_a_message_scrolled_out_of_view_says_it_was_done() -> 
     await asyncio.gather(*app.background)
     assert server.done[-1] == ("edit", 42)
     assert general.entries[-1].id == 42
+
+
+async def test_a_bare_away_while_already_away_without_a_message_says_so() -> None:
+    """The server answers only a change, so a second bare /away said nothing at all
+    (one with the same message said "you are already away")."""
+    app = alices_chat_on(Changes())
+    said = app.conversations["general"].entries
+    app.away = ""  # away, without a message
+    app.handle("/away")
+    assert [e.text for e in said] == ["you are already away"]
+    app.away = "lunch"
+    app.handle("/away")  # (a change: the message goes)
+    assert len(said) == 1

@@ -1033,7 +1033,7 @@ class ChatApp:
         if session is None:
             self.say("not in a room: /join ROOM first", error=True)
             return True
-        if (self.away == message.strip() != "") if away else self.away is None:
+        if self.away == message.strip() if away else self.away is None:
             # (sent all the same: the server is the judge, and answers only a change)
             self.say("you are already away" if away else "you are not away")
         # (the server's announcement confirms it: on_presence; a refusal names the id, and
