@@ -1209,3 +1209,23 @@ async def test_a_bare_away_while_already_away_without_a_message_says_so() -> Non
     app.away = "lunch"
     app.handle("/away")  # (a change: the message goes)
     assert len(said) == 1
+
+
+@pytest.mark.parametrize(("typed", "room"), [
+    ("#Ops", "ops"), ("+ops", "+ops"), ("@bob", "dm:alice@tailnet.test,bob@tailnet.test"),
+    (None, None)])
+def test_connect_room_that_is_a_room_is_the_one_shown(typed: str | None, room: str) -> None:
+    from tsnetchat.tui import room_to_show
+
+    assert room_to_show(typed, "alice@tailnet.test") == (room, "")
+
+
+@pytest.mark.parametrize("typed", ["#", "##", "+", "no room"])
+def test_connect_room_that_cannot_be_a_room_is_said_as_typed_and_not_asked_for(
+        typed: str) -> None:
+    """`--room '#'` said "cannot join ##" (and left the chat in no room)."""
+    from tsnetchat.tui import room_to_show
+
+    room, wrong = room_to_show(typed, "alice@tailnet.test")
+    assert room is None
+    assert wrong.startswith(f"--room {typed!r} is not a room: "), wrong

@@ -1913,6 +1913,20 @@ async def _first_contact(link: Link) -> pb.WhoAmIResponse:
         raise
 
 
+def room_to_show(typed: str | None, me: str) -> tuple[str | None, str]:
+    """The room ``connect --room`` names (as ``commands.room_asked``), or None and what is
+    wrong with it when it cannot be one: the rooms of last time open as without it. (`--room
+    '#'` asked the server for it, and "cannot join ##" left the chat in no room: a daily
+    user's day, 2026-11-25.)"""
+    if not typed:
+        return None, ""
+    asked = commands.room_asked(typed, me)
+    if asked.startswith("dm:") or commands.room_name(asked):
+        return asked, ""
+    return None, (f"--room {visible(typed)!r} is not a room: a room's name is 1-32 of a-z, "
+                  "0-9, - and _ (#general), a private room's +name, a DM @bob")
+
+
 async def run_tui(server: str, room: str | None, *, token: str | None, socket: str,
                   proxy: str, port: int, address: str = "", notify: bool = False) -> int:
     """The chat in this terminal until /quit, Ctrl-D or Ctrl-C, in the rooms open when the
@@ -1941,7 +1955,9 @@ async def run_tui(server: str, room: str | None, *, token: str | None, socket: s
         loop.add_signal_handler(signal.SIGTSTP, chat.suspend)
         loop.add_signal_handler(signal.SIGCONT, chat.resumed)
         try:
-            asked = commands.room_asked(room, me.identity.login) if room else None
+            asked, wrong = room_to_show(room, me.identity.login)
+            if wrong:  # (on the line above the status bar until a line is typed)
+                chat.start_notes["--room"] = wrong
             untold = _unsent_untold()
             if untold is not None:
                 chat.start_notes[""] = (f"lines an earlier chat had not sent, or not "
