@@ -598,6 +598,7 @@ def test_an_admin_kicks_bob_out_of_general_and_bob_may_join_it_again(
                    r"they may join[\s│]+again")
     bob.wait_for(r"#general is closed for good: .*you were removed from 'general' by "
                  r"alice@tailnet.test")
+    assert "member" not in status_line(bob), status_line(bob)  # (it said "2 members")
     alice.type("said while bob was out")
     bob.type("/join #general")
     bob.wait_for(r"<Alice> said while bob was out")

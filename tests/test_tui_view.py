@@ -1229,3 +1229,24 @@ def test_connect_room_that_cannot_be_a_room_is_said_as_typed_and_not_asked_for(
     room, wrong = room_to_show(typed, "alice@tailnet.test")
     assert room is None
     assert wrong.startswith(f"--room {typed!r} is not a room: "), wrong
+
+
+async def test_a_room_closed_for_good_by_a_kick_shows_no_members_in_the_status_bar() -> None:
+    """Bob, kicked from #general, read "2 members │ failed" below the line that said he
+    was removed (a daily user's day, 2026-11-25); /who listed them too."""
+    from tsnetchat.client import SessionEvent
+    from tsnetchat.clienterrors import ClientError
+
+    app = alices_chat_on(Changes())
+    general, session = app.conversations["general"], app.sessions["general"]
+    general.members = [msg(1, who="alice").sender, msg(1, who="bob").sender]
+    assert "2 members" in "".join(t for _, t in app.status_bar())
+    err = ClientError("you were removed from 'general' by bob@tailnet.test", retryable=False)
+    session.state.connected(0.0)
+    session.state.lost(err, 1.0, 0.5)
+    app.on_event(general, session, SessionEvent("fatal", error=err))
+    bar = "".join(t for _, t in app.status_bar())
+    assert "member" not in bar and "failed" in bar, bar
+    app.handle("/who")
+    assert general.entries[-1].text.startswith("#general is closed for good"), (
+        general.entries[-1].text)

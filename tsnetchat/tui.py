@@ -439,7 +439,8 @@ class ChatApp:
         else:
             n = len(conv.members)
             where.append(("", f"{conv.title} │ "))
-            if conv.name in self.sessions:
+            session = self.sessions.get(conv.name)
+            if session is not None and session.state.phase is not Phase.FAILED:
                 where.append(("", f"{n} member{'s' if n != 1 else ''} │ "))
 
         def fits(first: str, parts: list[tuple[str, str]]) -> bool:
@@ -787,8 +788,12 @@ class ChatApp:
             return self.kick(parsed.nicks[0], line)
         elif name == "who":
             conv = self.conversation
+            session = self.sessions.get(self.current or "")
             if conv is None:
                 self.say("not in a room: /join ROOM", error=True)
+            elif session is not None and session.state.phase is Phase.FAILED:
+                self.say(f"{conv.title} is closed for good: /join asks for it again",
+                         error=True)
             else:
                 self.say(f"in {conv.title}: {describe_members(conv.members, conv.away)}")
         elif name == "history":
@@ -1420,6 +1425,9 @@ class ChatApp:
                 self.start_notes[conv.name] = f"cannot join {conv.title}: {err}"
             self.keep_outbox(session, conv.title, "its join was refused")
             return
+        # (its members stayed counted in the status bar and listed by /who after a kick: a
+        # daily user's day, 2026-11-25)
+        conv.members, conv.away = [], set()
         conv.notice(f"{conv.title} is closed for good: {err}", error=True,
                     renderer=self.renderer)
 
