@@ -1250,3 +1250,28 @@ async def test_a_room_closed_for_good_by_a_kick_shows_no_members_in_the_status_b
     app.handle("/who")
     assert general.entries[-1].text.startswith("#general is closed for good"), (
         general.entries[-1].text)
+
+
+async def test_a_terminal_gone_under_a_suspended_chat_is_one_line_in_the_log(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A chat stopped with Ctrl-Z whose terminal was then closed logged three tracebacks of
+    EIO (the redraw after the stop, a redraw, SIGCONT's) and "internal error" (2026-11-25)."""
+    import errno
+    import logging
+
+    from tsnetchat.tui import _on_loop_error
+
+    app = alices_chat()
+    handler = _on_loop_error(app)
+    gone = OSError(errno.EIO, "Input/output error")
+    with caplog.at_level(logging.INFO, logger="tsnetchat.tui"):
+        for where in ("Task exception was never retrieved", "Exception in callback redraw",
+                      "Exception in callback ChatApp.resumed()"):
+            handler(asyncio.get_running_loop(), {"message": where, "exception": gone})
+    lines = [r for r in caplog.records if r.name == "tsnetchat.tui"]
+    assert [r.getMessage() for r in lines] == [
+        "the terminal went away (Input/output error): the chat ends as with /quit, keeping "
+        "what was not sent"], lines
+    assert lines[0].exc_info is None
+    assert app.quitting
+    assert not any("internal error" in e.text for e in app.system.entries)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import math
 import os
@@ -1867,8 +1868,20 @@ def _bytes(text: str) -> bytes:
 
 def _on_loop_error(chat: ChatApp) -> Callable[[asyncio.AbstractEventLoop, dict[str, Any]],
                                               None]:
+    gone: list[OSError] = []
+
     def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno == errno.EIO:
+            # The terminal went away (a window closed over a chat stopped with Ctrl-Z: each
+            # redraw after it failed, and the log had three tracebacks of it; 2026-11-25).
+            # Said once; the chat ends as at a hang-up, keeping what was not sent.
+            if not gone:
+                gone.append(exc)
+                log.warning("the terminal went away (%s): the chat ends as with /quit, "
+                            "keeping what was not sent", exc.strerror)
+            chat.quit()
+            return
         log.error("event loop: %s", context.get("message"), exc_info=exc)
         if exc is not None and not isinstance(exc, asyncio.CancelledError):
             chat.say(f"internal error ({type(exc).__name__}); see {log_path()}", error=True)
