@@ -1275,3 +1275,28 @@ async def test_a_terminal_gone_under_a_suspended_chat_is_one_line_in_the_log(
     assert lines[0].exc_info is None
     assert app.quitting
     assert not any("internal error" in e.text for e in app.system.entries)
+
+
+async def test_a_pasted_bidi_override_is_said_at_once_and_shown_escaped_in_the_input() -> None:
+    """U+202E pasted into the input reversed what followed it on the screen ("look: exe.live
+    done"), and only Enter said it would be refused (a daily user's day, 2026-11-25)."""
+    from prompt_toolkit.layout.processors import TransformationInput
+
+    from tsnetchat.tui import ShownSafe
+
+    app = alices_chat_on(Changes())
+    app.app.key_processor.feed(KeyPress(Keys.BracketedPaste, "look: \u202eevil.exe\u202c done"))
+    app.app.key_processor.process_keys()
+    assert app.input.text == "look: \u202eevil.exe\u202c done"  # kept as pasted, to fix
+    said = app.conversations["general"].entries[-1].text
+    assert "U+202E" in said and "before you send" in said, said
+    ti = TransformationInput(None, None, 0, lambda i: i,  # type: ignore[arg-type]
+                             [("", "look: \u202eevil.exe\u202c done")], 40, 1)
+    shown = "".join(f[1] for f in ShownSafe().apply_transformation(ti).fragments)
+    assert shown == "look: �evil.exe� done"
+    # Plain text pasted says nothing.
+    app.input.reset()
+    app.app.key_processor.feed(KeyPress(Keys.BracketedPaste, "line one\r\nline two"))
+    app.app.key_processor.process_keys()
+    assert app.input.text == "line one\nline two"
+    assert app.conversations["general"].entries[-1].text == said

@@ -35,6 +35,7 @@ import errno
 import logging
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -69,6 +70,7 @@ from prompt_toolkit.layout.processors import (
     Transformation,
     TransformationInput,
 )
+from prompt_toolkit.layout.screen import Char
 from prompt_toolkit.output import create_output
 from prompt_toolkit.styles import Style
 
@@ -105,7 +107,7 @@ from .config import user_state_dir
 from .errors import ConfigError, InvalidInput
 from .outbox import Outgoing, Pacer, State, split_text, utf8_len, with_newlines
 from .pb import chat_pb2 as pb
-from .render import validate_text
+from .render import UNSAFE, validate_text
 from .resume import Phase, StreamState, worst
 
 log = logging.getLogger("tsnetchat.tui")
@@ -188,6 +190,31 @@ class MessagePane(UIControl):
 
     def is_focusable(self) -> bool:
         return False
+
+
+# The characters of ``render.UNSAFE`` that prompt_toolkit would write to the terminal as they
+# are (it shows C0 and C1 controls itself, as ^G and <80>): bidi embeddings, overrides and
+# isolates, line and paragraph separators, annotation marks, lone surrogates.
+RAW_UNSAFE = re.compile("[\ud800-\udfff\u202a-\u202e\u2066-\u2069\u2028\u2029"
+                        "\ufff9-\ufffb]")
+
+
+class ShownSafe(Processor):
+    """The input's ``RAW_UNSAFE`` characters shown as one marked ``�`` each, never to the
+    terminal as they are: a pasted U+202E reversed the rest of the line on the screen (a
+    daily user's day, 2026-11-25). One character for one, so the cursor needs no mapping."""
+
+    def apply_transformation(self, ti: TransformationInput) -> Transformation:
+        out: StyleAndTextTuples = []
+        for style, text, *rest in ti.fragments:
+            if not RAW_UNSAFE.search(text):
+                out.append((style, text, *rest))  # type: ignore[arg-type]
+                continue
+            for part in re.split(f"({RAW_UNSAFE.pattern}+)", text):
+                if part:
+                    out.append((f"{style} class:error", "�" * len(part))
+                               if RAW_UNSAFE.match(part) else (style, part))
+        return Transformation(out)
 
 
 class HangingPrompt(Processor):
@@ -357,6 +384,7 @@ class ChatApp:
                                  filter=problem),
             Window(FormattedTextControl(self.status_bar), height=1, style="class:status"),
             Window(BufferControl(self.input, input_processors=[
+                ShownSafe(),
                 BeforeInput(self.prompt, style="class:prompt"),
                 HangingPrompt(lambda: width_of(self.prompt()))]),
                 height=Dimension(min=1, max=10), dont_extend_height=True, wrap_lines=True),
@@ -544,6 +572,17 @@ class ChatApp:
         @kb.add("c-j")
         def _(event: KeyPressEvent) -> None:
             self.input.insert_text("\n")
+
+        @kb.add(Keys.BracketedPaste)
+        def _(event: KeyPressEvent) -> None:
+            data = event.data.replace("\r\n", "\n").replace("\r", "\n")  # (as prompt_toolkit)
+            self.input.insert_text(data)
+            bad = UNSAFE.search(data)
+            if bad is not None:  # (said only at Enter, while it showed as it was)
+                shown = Char.display_mappings.get(bad.group(), "�")  # (as the input shows it)
+                self.say(f"the pasted text holds a character the server refuses (U+"
+                         f"{ord(bad.group()):04X}, shown as {shown}): delete it before you "
+                         "send", error=True)
 
         @kb.add("escape", "#")
         def _(event: KeyPressEvent) -> None:
