@@ -1300,3 +1300,22 @@ async def test_a_pasted_bidi_override_is_said_at_once_and_shown_escaped_in_the_i
     app.app.key_processor.process_keys()
     assert app.input.text == "line one\nline two"
     assert app.conversations["general"].entries[-1].text == said
+
+
+async def test_a_kick_that_closed_no_stream_does_not_say_someone_was_removed() -> None:
+    """`/kick nobodyhere` (a typo) said "nobodyhere@tailnet.test was removed from #general
+    (0 stream(s) on this server)" (a daily user's day, 2026-11-25)."""
+
+    class Server(Changes):
+        async def kick(self, room: str, login: str) -> pb.KickResponse:
+            return pb.KickResponse(streams_closed=0 if login.startswith("nobody") else 1)
+
+    app = alices_chat_on(Server())
+    said = app.conversations["general"].entries
+    app.handle("/kick nobodyhere")
+    await asyncio.gather(*app.background)
+    assert said[-1].text.startswith("nobodyhere@tailnet.test had no stream in #general on "
+                                    "this server: nobody was removed"), said[-1].text
+    app.handle("/kick bob")
+    await asyncio.gather(*app.background)
+    assert said[-1].text.startswith("bob@tailnet.test was removed from #general (1 stream(s)")

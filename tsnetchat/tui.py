@@ -1128,6 +1128,12 @@ class ChatApp:
             conn = await self.link.get()
             res = await conn.kick(conv.name, login)
             # (in cluster mode the other servers close theirs too, uncounted here)
+            if not res.streams_closed:  # (a typo read as done: a daily user's day, 2026-11-25)
+                others = (" (the cluster's other servers close theirs)" if self.link.servers
+                          else "")
+                self.say(f"{login} had no stream in {conv.title} on this server: nobody was "
+                         f"removed here{others}; check the name: /who")
+                return
             self.say(f"{login} was removed from {conv.title} ({res.streams_closed} stream(s) "
                      "on this server); they may join again (to keep them out, revoke their "
                      "token or narrow their grant)")
