@@ -1319,3 +1319,26 @@ async def test_a_kick_that_closed_no_stream_does_not_say_someone_was_removed() -
     app.handle("/kick bob")
     await asyncio.gather(*app.background)
     assert said[-1].text.startswith("bob@tailnet.test was removed from #general (1 stream(s)")
+
+
+async def test_leaving_the_search_buffer_goes_back_to_the_room_the_search_was_typed_in(
+        ) -> None:
+    """/search in #general, then /leave: it showed @bob, the last buffer open, and the next
+    line meant for #general went to bob alone (a daily user's day, 2026-11-25)."""
+
+    class Server(Changes):
+        async def search(self, words: str, *, newest: bool, limit: int,
+                         offset: int = 0) -> pb.SearchResponse:
+            return pb.SearchResponse(messages=[msg(3, "deploy done")])
+
+    app = alices_chat_on(Server())
+    dm = dm_name("alice@tailnet.test", "bob@tailnet.test")
+    app.conversations[dm] = app.conversation_for(dm)
+    app.conversations["random"] = app.conversation_for("random")
+    app.handle("/search deploy")
+    await asyncio.gather(*app.background)
+    assert app.current == "?search"
+    app.handle("/search deploy")  # a second search, from the first one's buffer
+    await asyncio.gather(*app.background)
+    app.handle("/leave")
+    assert app.current == "general"

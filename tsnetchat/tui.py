@@ -299,6 +299,7 @@ class ChatApp:
         # next goes to the room joined. It used to be shown only once welcomed: a line typed
         # meanwhile, or while the server was down, went to the room before.)
         self.came_from: dict[str, str | None] = {}
+        self.searched_from: str | None = None  # the buffer shown when /search opened its own
         self.created: set[str] = set()  # private rooms /create made and then joined
         # A room closed for good that /join asks for again: its old session, until welcomed.
         self.rejoining: dict[str, RoomSession] = {}
@@ -1066,6 +1067,8 @@ class ChatApp:
                      m.room if m.room.startswith("+") else f"#{m.room}")
             conv.add_result(m, where=where, own=m.sender.login == self.me.login,
                             mention=is_mention(m, self.me.login, self.mentions))
+        if self.current != SEARCH:
+            self.searched_from = self.current
         old = self.conversations.pop(SEARCH, None)
         if old is not None and self.current == SEARCH:
             self.current = None
@@ -1279,7 +1282,9 @@ class ChatApp:
         # room dropped it without a word, a kill -9 run, 2026-11-24)
         self.unasked.discard(room)
         if self.current == room:
-            self.show_open(i)
+            # (search results closed showed the last buffer open, a DM, where the next line
+            # meant for the room searched from went: a daily user's day, 2026-11-25)
+            self.show_open(i, prefer=self.searched_from if room == SEARCH else None)
 
     def show_open(self, near: int, prefer: str | None = None) -> None:
         """Show ``prefer`` if it is open, else the buffer open at position ``near`` or the
