@@ -1342,3 +1342,20 @@ async def test_leaving_the_search_buffer_goes_back_to_the_room_the_search_was_ty
     await asyncio.gather(*app.background)
     app.handle("/leave")
     assert app.current == "general"
+
+
+async def test_a_room_closed_for_good_says_that_join_asks_for_it_again() -> None:
+    """Kicked, bob read "#general is closed for good" and nothing of the /join that takes
+    him back at once (a daily user's day, 2026-11-25)."""
+    from tsnetchat.client import SessionEvent
+    from tsnetchat.clienterrors import ClientError
+
+    app = alices_chat_on(Changes())
+    general, session = app.conversations["general"], app.sessions["general"]
+    err = ClientError("you were removed from 'general' by bob@tailnet.test", retryable=False)
+    session.state.connected(0.0)
+    session.state.lost(err, 1.0, 0.5)
+    app.on_event(general, session, SessionEvent("fatal", error=err))
+    assert general.entries[-1].text == (
+        "#general is closed for good: you were removed from 'general' by bob@tailnet.test; "
+        "/join #general asks for it again, /leave closes it")

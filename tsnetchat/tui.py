@@ -1479,8 +1479,9 @@ class ChatApp:
         # (its members stayed counted in the status bar and listed by /who after a kick: a
         # daily user's day, 2026-11-25)
         conv.members, conv.away = [], set()
-        conv.notice(f"{conv.title} is closed for good: {err}", error=True,
-                    renderer=self.renderer)
+        # (after a kick, "closed for good" read as a ban: /join takes one back at once)
+        conv.notice(f"{conv.title} is closed for good: {err}; /join {conv.title} asks for it "
+                    "again, /leave closes it", error=True, renderer=self.renderer)
 
     def ring(self, conv: Conversation, m: pb.ChatMessage) -> None:
         """A mention: the terminal bell, and a desktop notification if asked for."""
