@@ -28,6 +28,7 @@ import pytest
 from helpers import (
     CLI,
     LabChat,
+    collect,
     first_of,
     free_port,
     fresh_channel_options,
@@ -382,6 +383,7 @@ async def test_a_flood_of_junk_tokens_is_refused_without_whois_and_soon_unread(
     gets a few lines, not one per call."""
     caplog.set_level(logging.INFO, "tsnetchat")
     gate = lab_chat.server.gate
+    gate.hold = 0.0  # (300 calls one after the other: the hold has its own test below)
     whois_before = gate.whois_calls
     conn = await lab_chat.connect("mallory-laptop", "")
     codes = []
@@ -399,12 +401,55 @@ async def test_a_flood_of_junk_tokens_is_refused_without_whois_and_soon_unread(
     assert len(lines) <= 25
 
 
+async def test_a_device_flooding_junk_tokens_waits_for_its_refusals_while_alice_chats(
+        lab_chat: LabChat) -> None:
+    """The attack: one device floods the server with calls it refuses at once, on many
+    connections with many calls in flight each; gRPC serves calls in the order they arrive,
+    so everyone else's waited behind them (p99 0.7-1.0 s over the lab, 2026-11-25). Now
+    once a connection's refusal budget is spent, each of its calls is answered only after
+    ``Gate.hold``: mallory's calls wait on her own connections, her connections stay open,
+    and alice, on her own device, chats meanwhile."""
+    gate = lab_chat.server.gate
+    conns = [await lab_chat.connect("mallory-laptop", "junk") for _ in range(4)]
+    answers: list[tuple[grpc.StatusCode, float]] = []
+    stop = asyncio.Event()
+
+    async def flood(conn: Any) -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            e = await refused(conn.whoami(timeout=gate.hold + 10))
+            answers.append((e.code(), time.monotonic() - started))
+
+    began = time.monotonic()
+    flooding = [asyncio.create_task(flood(c)) for c in conns for _ in range(8)]
+    call = None
+    try:
+        alice = await lab_chat.connect("alice-laptop", lab_chat.token(ALICE))
+        call = alice.stub.Join(hello_events("general"), metadata=alice.metadata)
+        heard = asyncio.create_task(collect(call, 3, timeout=60))
+        sent = [await alice.send_one("general", f"during the flood {i}") for i in range(3)]
+        assert [m.id for m in await heard] == sent
+        assert (await alice.whoami()).identity.login == ALICE
+        await asyncio.sleep(max(0.0, began + gate.hold + 1 - time.monotonic()))
+    finally:
+        stop.set()
+        await asyncio.gather(*flooding, return_exceptions=True)
+        if call is not None:
+            call.cancel()
+    codes = {c for c, _ in answers}
+    assert codes == {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+    # (and no UNAVAILABLE: her connections were not closed)
+    held = [took for c, took in answers if c == grpc.StatusCode.RESOURCE_EXHAUSTED]
+    assert held and min(held) >= gate.hold * 0.99, sorted(held)[:5]
+
+
 async def test_a_stolen_token_tried_over_many_connections_runs_out_the_devices_budget(
         lab_chat: LabChat) -> None:
     """A new connection per try resets nothing: once mallory's device has collected its
     refusals, its new connections are refused unread after one WhoIs each."""
     from tsnetchat.gate import NODE_REFUSALS
 
+    lab_chat.server.gate.hold = 0.0  # (40 tries one after the other; the hold is tested below)
     stolen = lab_chat.token(ALICE)
     codes = []
     started = time.monotonic()

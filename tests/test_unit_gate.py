@@ -184,6 +184,7 @@ async def test_a_stolen_tokens_calls_refused_for_its_devices_budget_soon_cost_no
 
     from tsnetchat.gate import CONN_REFUSALS
 
+    chat.server.gate.hold = 0.0  # (refused unread at once here: the hold has its own tests)
     stolen = chat.token("bob@t")
     for _ in range(2):  # the device's budget, spent on two connections
         conn = await chat.connect("mallory@t", token=stolen)
@@ -197,3 +198,47 @@ async def test_a_stolen_tokens_calls_refused_for_its_devices_budget_soon_cost_no
     assert codes == {grpc.StatusCode.RESOURCE_EXHAUSTED}
     burst, per_second = CONN_REFUSALS
     assert len(chat.net.whois_addrs) - asked <= burst + math.ceil(took * per_second) + 1
+
+
+async def test_a_connection_refused_no_more_than_its_budget_is_answered_at_once_every_time(
+        chat: Chat) -> None:
+    """Ordinary refusals are not held: a client whose token expired and that tries it again
+    (the shipped clients stop at the first refusal; a script may not) is answered at once,
+    UNAUTHENTICATED with the reason, for as long as it stays within its budget."""
+    import time
+
+    from tsnetchat.gate import CONN_REFUSALS
+
+    expired = chat.token("bob@t", ttl=-60)
+    conn = await chat.connect("bob@t", token=expired)
+    for _ in range(CONN_REFUSALS[0]):
+        started = time.monotonic()
+        e = await refused(conn.whoami())
+        assert e.code() == grpc.StatusCode.UNAUTHENTICATED and "expired" in e.details()
+        assert time.monotonic() - started < chat.server.gate.hold / 2
+
+
+async def test_a_call_refused_unread_waits_for_the_hold_while_others_are_served(
+        chat: Chat) -> None:
+    """Once a connection's refusal budget is spent, its calls are refused unread and each
+    answer waits ``Gate.hold`` (a flood then waits on its own connection's stream limit, not
+    in front of everyone else's calls); other people's calls are served meanwhile, and the
+    connection stays open."""
+    import time
+
+    from tsnetchat.gate import CONN_REFUSALS
+
+    chat.server.gate.hold = 1.0  # (the default, 5 s, only makes the test slower)
+    conn = await chat.connect("mallory@t", token="junk")
+    for _ in range(CONN_REFUSALS[0]):
+        assert (await refused(conn.whoami())).code() == grpc.StatusCode.UNAUTHENTICATED
+    started = time.monotonic()
+    held = asyncio.gather(*(refused(conn.whoami()) for _ in range(5)))
+    alice = await chat.connect("alice@t")
+    assert (await alice.whoami()).identity.login == "alice@t"
+    assert time.monotonic() - started < 1.0  # (served while mallory's calls are held)
+    codes = {e.code() for e in await held}
+    assert codes == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+    assert time.monotonic() - started >= 1.0
+    # still open, and read again: its budget refilled while its calls waited
+    assert (await refused(conn.whoami())).code() == grpc.StatusCode.UNAUTHENTICATED

@@ -4,7 +4,8 @@
 the call runs, or into a refusal. Cheapest checks first, so that refusals cost little:
 
 1. the refusal budget of the connection and of its device: one that keeps being refused is
-   refused at once (RESOURCE_EXHAUSTED) without its token being read;
+   refused (RESOURCE_EXHAUSTED) without its token being read, the answer held ``HOLD``
+   seconds;
 2. the token: size, shape, header, HMAC, claims, revocation (no I/O at all);
 3. the tailnet identity: WhoIs on the connection's address, asked once per connection and
    shared by its concurrent calls, at most ``WHOIS_SLOTS`` lookups at a time; no answer in
@@ -86,6 +87,18 @@ UNANSWERED = "?"  # ``Gate.device_behind``'s device for a peer WhoIs did not ans
 # 1,000-2,000 refusals/s from one peer).
 CONN_REFUSALS = (10, 1.0)
 NODE_REFUSALS = (20, 1.0)
+# Seconds a call refused unread waits for its answer (``Gate.hold``). Answered at once, such
+# a call still cost the loop a whole gRPC call (about 160 us, mostly grpc.aio's own: the
+# gate's checks were under a tenth of it), and gRPC serves calls in the order they arrive: a
+# junk token on 64 connections, 2,600-3,600 calls a second, put alice's WhoAmI at p50 160-440
+# ms instead of 5. Held, a device's calls wait on its own connections' stream limit
+# (server.streams_per_connection) instead of in front of everyone else's: 180-480 a second,
+# alice's p50 5-8 ms, the loop's CPU a fifth. Held 1 s, 32 calls in flight per connection
+# still put her p50 at 250-460 ms. Shutting the connection down instead did not help: the
+# flood reconnected through tailscaled (45-95 times a second) and the churn cost the server
+# as much as the calls. (Over the lab, 2026-11-25, bench/refusal_flood.py.) A client that
+# stops as told never waits: its first refusals are answered at once.
+HOLD = 5.0
 BLIND_INTERVAL = 1.0  # seconds between re-checks while tailscaled's IPN bus is not followed
 SETTLE = 0.05  # changes arriving this close together are handled in one round
 OFFLINE = ("the device went offline on the tailnet (its coordination server lost it); "
@@ -213,6 +226,7 @@ class Gate:
         self._conn_refusals = Buckets(*CONN_REFUSALS)
         self._node_refusals = Buckets(*NODE_REFUSALS)
         self._refusal_log = LogLimiter()
+        self.hold = HOLD
         self._closed_log = LogLimiter()  # (its own count: "N more like this")
         self._due = asyncio.Event()
         self.blind = True  # the IPN bus is not followed (yet): re-check every second
@@ -236,14 +250,14 @@ class Gate:
         conn = self._enter(peer)
         lease: Lease | None = None
         try:
-            self._check_budget(conn.peer, conn.node_id)
+            await self._check_budget(conn.peer, conn.node_id)
             token = auth.bearer_token(metadata)
             claims = self._verify(token)  # the cheap checks: no WhoIs yet
             if not conn.addr:
                 raise Unauthenticated("tailnet lock: this connection is not an IP connection "
                                       "through tailscaled")
             who = await self._identity(conn)
-            self._check_budget(conn.peer, who.node_id, asked=True)
+            await self._check_budget(conn.peer, who.node_id, asked=True)
             # Again after the wait: a revocation or a new key that came while WhoIs was asked
             # acts only on leases held, and nothing decided this one again (a stream opened
             # during a stalled WhoIs was still open 26 s after its token was revoked; an
@@ -267,12 +281,12 @@ class Gate:
         fail-closed rules as ``admit``. Refusals raised by the caller's body count too."""
         conn = self._enter(peer)
         try:
-            self._check_budget(conn.peer, conn.node_id)
+            await self._check_budget(conn.peer, conn.node_id)
             if not conn.addr:
                 raise Unauthenticated("tailnet lock: this connection is not an IP connection "
                                       "through tailscaled")
             who = await self._identity(conn)
-            self._check_budget(conn.peer, who.node_id, asked=True)
+            await self._check_budget(conn.peer, who.node_id, asked=True)
             self._check_own_node(who)
             yield who
         except (Unauthenticated, PermissionDenied, InvalidInput) as e:
@@ -302,8 +316,9 @@ class Gate:
         if conn.refs == 0 and self._conns.get(conn.peer) is conn:
             del self._conns[conn.peer]
 
-    def _check_budget(self, peer: str, node_id: str, *, asked: bool = False) -> None:
-        """Refuse the call if its connection's or device's refusal budget is spent.
+    async def _check_budget(self, peer: str, node_id: str, *, asked: bool = False) -> None:
+        """Refuse the call if its connection's or device's refusal budget is spent, after
+        ``hold`` seconds (HOLD says why; a client that stopped as told never waits).
         ``asked``: a WhoIs was spent to learn the device, and that refusal is charged to the
         connection, so that it too is soon refused before WhoIs. (The device is forgotten
         with the connection's last call: each call of a stolen token, refused one after the
@@ -315,6 +330,7 @@ class Gate:
             self.throttled += 1
             if asked:
                 self._conn_refusals.take(peer)
+            await asyncio.sleep(self.hold)
             raise LimitExceeded(f"too many refused calls from this connection or device; "
                                 f"{retry_in(wait)} and fix what the earlier refusals said")
 
