@@ -196,3 +196,22 @@ def test_a_peer_tailscaled_never_saw_is_offline_since_never_not_since_the_year_1
                         magic_dns_suffix="example.ts.net", magic_dns_enabled=True)
         with pytest.raises(TailnetError, match=rf"offline \(last seen {said}\)"):
             find_peer(status, "chat-server")
+
+
+def test_a_tailscaled_that_never_answers_is_asked_about_once(tmp_path: Path) -> None:
+    """A frozen tailscaled (the socket listens, nothing answers): the LocalAPI's own words
+    ask "Is tailscaled running?" with a capital, and the step asked again (a daily user,
+    2026-11-25)."""
+    import socket
+
+    from helpers import run_cli
+
+    frozen = tmp_path / "tailscaled.sock"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(frozen))
+        s.listen(8)  # (accepted by the kernel, never read)
+        out = run_cli("whoami", "nosuchhost-zz", "--socket", str(frozen))
+    assert out.returncode == 4, out.stderr
+    step = next(line for line in out.stderr.splitlines() if "1. LocalAPI" in line)
+    assert "is not answering" in step, step
+    assert step.lower().count("is tailscaled running") == 1, step

@@ -465,8 +465,9 @@ async def discover(name: str, *, socket: str = "", report: Report | None = None)
             return found
         break
     if status is None:
-        if socket and failures and "is tailscaled running?" not in failures[-1]:  # (asked
-            # twice in one line: a newcomer, 2026-11-24)
+        if socket and failures and "is tailscaled running?" not in failures[-1].lower():
+            # (asked twice in one line: a newcomer, 2026-11-24; LocalAPI's own words begin
+            # the question with a capital: a daily user, 2026-11-25)
             failures[-1] += (". Is tailscaled running? (systemctl status tailscaled, or "
                              "--socket)")
         note(Step("1. LocalAPI", False, "; ".join(failures) or "no known place"))
