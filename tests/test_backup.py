@@ -548,3 +548,16 @@ async def test_tail_json_says_restart_so_a_reader_forgets_the_ids_it_saw(
     new0 = [r["id"] for r in after if r["text"] == "new0"]
     assert len(new0) == 1 and new0[0] in [r["id"] for r in seen()[:restart]
                                           if r["type"] == "message"]  # (an id seen before)
+
+
+def test_what_a_backup_holds_is_counted_in_words_one_message_in_one_room(tmp_path: Path) -> None:
+    """It printed "1 messages in 1 rooms" (a newcomer, 2026-11-25)."""
+    from tsnetchat.store import Draft, Sender
+
+    db = tmp_path / "state" / "tsnetchat.db"
+    db.parent.mkdir()
+    s = Store(db)
+    s.write([Draft("general", Sender("a@x", "A", "n"), 1, "the only one")])
+    s.close()
+    said = backup(db, tmp_path / "b.db").describe()
+    assert said.startswith("1 message in 1 room ("), said

@@ -50,7 +50,8 @@ class Summary:
     def describe(self) -> str:
         who = (f"history {self.identity.history_id[:12]} generation {self.identity.generation}"
                if self.identity else "a history from before identities")
-        return f"{self.messages} messages in {self.rooms} rooms ({who})"
+        return (f"{self.messages} message{'' if self.messages == 1 else 's'} in {self.rooms} "
+                f"room{'' if self.rooms == 1 else 's'} ({who})")
 
 
 def backup(db: Path, dest: Path) -> Summary:
