@@ -560,6 +560,26 @@ def test_every_acknowledged_message_survives_sigkill(tmp_path: Any, commits: str
     assert stored == list(range(1, len(stored) + 1))
 
 
+@pytest.mark.server_config(store_wait=0.5)
+async def test_a_join_whose_client_half_closes_after_sending_answers_the_send_before_it_ends(
+        chat: Chat) -> None:
+    """A client that writes its hello and a message, then closes its side (as a script
+    or grpcurl does), is owed that message's ack or refusal: the stream ended at once, OK,
+    with neither, while the message was still being stored."""
+    alice = await chat.connect("alice@tailnet.test")
+    call = alice.stub.Join(metadata=alice.metadata)
+    await call.write(pb.ClientEvent(hello=pb.Hello(room="general")))
+    await collect(call, 1, kind="replay_done")
+    async with write_lock_held(chat.cfg.db_path):  # (so it is still in flight)
+        await call.write(send("hello", "c1"))
+        await until(lambda: chat.server.store.pending() == 1)
+        await call.done_writing()
+        answers = [ev for ev in [ev async for ev in call]
+                   if ev.WhichOneof("event") in ("sent", "error")]
+    assert await call.code() == grpc.StatusCode.OK
+    assert [getattr(ev, ev.WhichOneof("event")).client_msg_id for ev in answers] == ["c1"]
+
+
 async def test_graceful_shutdown_tells_clients_and_closes_unavailable(chat: Chat) -> None:
     bob = await chat.connect("bob@tailnet.test")
     call = bob.stub.Join(hello_events("general"), metadata=bob.metadata)

@@ -324,6 +324,16 @@ class Subscriber:
             self._drained.clear()
             await self._drained.wait()
 
+    async def wait_settled(self) -> None:
+        """Return once every send of this member is settled (its ack or refusal queued
+        here), or the subscriber is closed. Each settle queues an answer, which is taken
+        (``take``) before this wakes. A client that half-closes its stream after sending is
+        owed those answers before the stream ends: the stream ended at once, OK, and a
+        message stored a moment later was neither acknowledged nor refused."""
+        while self.inflight and self.closed is None:
+            self._drained.clear()
+            await self._drained.wait()
+
 
 def _overflow(sub: Subscriber) -> CloseReason:
     return CloseReason(CloseKind.OVERFLOW, (

@@ -791,6 +791,7 @@ class ChatService:
                     if idle.take():
                         break
             else:
+                await sub.wait_settled()  # (its acks or refusals first, then the end)
                 sub.close(CloseReason(CloseKind.DONE, "client finished"))
                 return
             sub.close(CloseReason(CloseKind.FLOOD, (
