@@ -1097,9 +1097,10 @@ class ClusterHistory:
     async def unread(self, login: str, rooms: Sequence[str]) -> list[RoomState]:
         return await self.local.unread(login, rooms)
 
-    async def mentions_of(self, login: str, *, include_read: bool,
-                          limit: int) -> list[StoredMessage]:
-        return await self.local.mentions_of(login, include_read=include_read, limit=limit)
+    async def mentions_of(self, login: str, *, include_read: bool, limit: int,
+                          rooms: Sequence[str] | None = None) -> list[StoredMessage]:
+        return await self.local.mentions_of(login, include_read=include_read, limit=limit,
+                                            rooms=rooms)
 
     async def search(self, query: str, rooms: Sequence[str], *, author: str = "",
                      since_ms: int = 0, until_ms: int = 0, newest: bool = False,

@@ -142,8 +142,10 @@ class History(Protocol):
 
     async def unread(self, login: str, rooms: Sequence[str]) -> list[RoomState]: ...
 
-    async def mentions_of(self, login: str, *, include_read: bool,
-                          limit: int) -> list[StoredMessage]: ...
+    async def mentions_of(self, login: str, *, include_read: bool, limit: int,
+                          rooms: Sequence[str] | None = None) -> list[StoredMessage]:
+        """Newest first, in ``rooms`` only (None: all), applied before ``limit``."""
+        ...
 
     async def search(self, query: str, rooms: Sequence[str], *, author: str = "",
                      since_ms: int = 0, until_ms: int = 0, newest: bool = False,

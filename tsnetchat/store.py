@@ -1374,13 +1374,21 @@ class Store:
             out.append(RoomState(room, last, int(n), int(m)))
         return out
 
-    def mentions_of(self, login: str, *, include_read: bool, limit: int) -> list[StoredMessage]:
-        """Messages that mention ``login``, newest first (the caller filters by access)."""
+    def mentions_of(self, login: str, *, include_read: bool, limit: int,
+                    rooms: Sequence[str] | None = None) -> list[StoredMessage]:
+        """Messages that mention ``login``, newest first, in ``rooms`` (None: every room;
+        the caller decides which it may read). The rooms are applied before the limit, as
+        search's are: mentions where a person may not read took the page's places, and
+        left it empty."""
+        if rooms is not None and not rooms:
+            return []
+        where = "" if rooms is None else f"AND r.name IN ({','.join('?' * len(rooms))}) "
         rows = self._q(
             _SELECT + "JOIN mentions x ON x.room = m.room AND x.id = m.id "
             "LEFT JOIN read_marks k ON k.login = x.login AND k.room = r.name "
             "WHERE x.login=? AND m.deleted_by IS NULL AND (? OR x.id > COALESCE(k.last_read, 0)) "
-            "ORDER BY m.ts_ms DESC, m.seq DESC LIMIT ?", (login, include_read, limit))
+            + where + "ORDER BY m.ts_ms DESC, m.seq DESC LIMIT ?",
+            (login, include_read, *(rooms or ()), limit))
         return [_row(r) for r in rows]
 
     def search(self, query: str, rooms: Sequence[str], *, author: str = "", since_ms: int = 0,
@@ -1941,10 +1949,10 @@ class SqliteHistory:
     async def unread(self, login: str, rooms: Sequence[str]) -> list[RoomState]:
         return await self._read(lambda s: s.unread(login, rooms))
 
-    async def mentions_of(self, login: str, *, include_read: bool,
-                          limit: int) -> list[StoredMessage]:
+    async def mentions_of(self, login: str, *, include_read: bool, limit: int,
+                          rooms: Sequence[str] | None = None) -> list[StoredMessage]:
         return await self._read(lambda s: s.mentions_of(login, include_read=include_read,
-                                                        limit=limit))
+                                                        limit=limit, rooms=rooms))
 
     async def search(self, query: str, rooms: Sequence[str], *, author: str = "",
                      since_ms: int = 0, until_ms: int = 0, newest: bool = False,
