@@ -557,3 +557,21 @@ async def test_a_private_room_request_naming_more_than_1000_logins_says_how_many
             await call
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "1001 logins in one request; at most 1000" in (caught.value.details() or "")
+
+
+async def test_a_removal_from_a_private_room_left_without_members_says_who_is_not_a_member(
+        chat: Chat) -> None:
+    """Its last member removed, a private room still exists (members may be added again),
+    yet removing anybody from it said "there is no private room"."""
+    admin = await chat.connect("alice@tailnet.test", chat.token("alice@tailnet.test",
+                                                                admin=True))
+    await admin.create_room("+ops", ["alice@tailnet.test"])
+    await admin.set_room_members("+ops", remove=["alice@tailnet.test"])
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await admin.set_room_members("+ops", remove=["bob@tailnet.test"])
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "'bob@tailnet.test' is not a member of +ops; nobody was removed (members: none)" in (
+        caught.value.details() or "")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await admin.set_room_members("+nope", remove=["bob@tailnet.test"])
+    assert "there is no private room '+nope'" in (caught.value.details() or "")

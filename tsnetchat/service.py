@@ -1064,7 +1064,9 @@ class ChatService:
         removal with a capital or a typo removed nobody, said it had, and the log agreed (an
         attacker over the lab, 2026-11-24)."""
         members = self.store.private_members(room)
-        if logins and not members:  # (as the store says it, not "x is not a member")
+        # (as the store says it, not "x is not a member"; a room whose last member was
+        # removed still exists, and was said not to)
+        if logins and not members and room not in self.store.private_rooms():
             raise InvalidInput(f"there is no private room {room!r}")
         out = []
         for login in logins:
