@@ -5,11 +5,13 @@ answers when something is missing (no traceback). The API itself: tests/test_tsa
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import CLI
@@ -230,3 +232,27 @@ def test_removing_one_of_two_items_on_a_line_keeps_the_other_in_place() -> None:
         '{\n  "grants": [\n    {"b": 2},\n    {"c": 3},\n  ],\n}\n')
     assert hujson.remove_item(text, arr, 1) == (
         '{\n  "grants": [\n    {"a": 1},\n    {"c": 3},\n  ],\n}\n')
+
+
+@pytest.mark.parametrize("value, shown", [
+    ({"rooms": ["general", "ops"], "admin": True}, "rooms=general,ops admin"),
+    ({"rooms": ["*"]}, "rooms=*"),
+    ({"admin": True}, "rooms=(none) admin"),  # no rooms: the server lets nobody in
+    ({"rooms": []}, "rooms=(none)"),
+    ({"rooms": "general"}, "rooms=(none)"),  # not a list: nothing (it said g,e,n,e,r,a,l)
+    ({"rooms": ["general", 5], "admin": "yes"}, "rooms=general"),  # (5: a TypeError)
+])
+def test_grants_show_says_what_a_grant_gives_as_the_server_reads_it(
+        value: dict[str, Any], shown: str) -> None:
+    """A grant without rooms was shown as every room (rooms=*), while the server lets its
+    people into none; a value the server ignores was shown as given, or ended
+    `grants show` with a traceback."""
+    from tsnetchat import auth
+
+    entry = {"src": ["alice@"], "dst": ["tag:chat"], "app": {CAP: [value]}}
+    (g,) = grants.find(json.dumps({"grants": [entry]}), CAP)
+    assert f"  {shown}" in g.describe()
+    read = auth.grant_from_capmap({CAP: [value]}, CAP)
+    assert read is not None
+    assert shown == "rooms=" + (",".join(sorted(read.rooms)) or "(none)") + (
+        " admin" if read.admin else "")

@@ -41,9 +41,10 @@ class Grant:
     others: bool  # the entry grants more than tsnetchat's capability (ip, other apps)
 
     def describe(self) -> str:
+        """One line, each value as the server reads it (``reads_as``)."""
         what = "; ".join(
-            f"rooms={','.join(v.get('rooms') or ['*'])}{' admin' if v.get('admin') else ''}"
-            for v in self.values) or "(no value)"
+            f"rooms={','.join(rooms) or '(none)'}{' admin' if admin else ''}"
+            for rooms, admin in map(reads_as, self.values)) or "(no value)"
         where = f"  (line {self.line})" if self.line else ""
         return (f"{self.id}  src={','.join(self.src)}  dst={','.join(self.dst)}  {what}"
                 f"{'  (+ more in this entry)' if self.others else ''}{where}")
@@ -51,6 +52,16 @@ class Grant:
     def as_json(self) -> dict[str, Any]:
         return {"id": self.id, "src": list(self.src), "dst": list(self.dst),
                 "values": list(self.values), "line": self.line, "others": self.others}
+
+
+def reads_as(value: dict[str, Any]) -> tuple[list[str], bool]:
+    """The rooms and admin right one grant value gives, as the server reads it
+    (``auth.grant_from_capmap``, not imported: it needs the server's extra): rooms only
+    from a list of strings, admin only when ``true``. A value without rooms gives none (it
+    was shown as every room, rooms=*, and its people were let into none)."""
+    rooms = value.get("rooms", [])
+    listed = [r for r in rooms if isinstance(r, str)] if isinstance(rooms, list) else []
+    return list(dict.fromkeys(listed)), value.get("admin") is True
 
 
 def _grant_id(entry: Any) -> str:
