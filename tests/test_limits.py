@@ -56,6 +56,17 @@ async def test_garbage_unary_request_is_invalid_argument(chat: Chat, method: str
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "could not be decoded" in msg
 
 
+@pytest.mark.server_config(enroll="any")
+@pytest.mark.parametrize("method", ["Login", "RenewToken"])
+async def test_garbage_to_login_or_renew_token_is_invalid_argument_and_issues_nothing(
+        chat: Chat, method: str) -> None:
+    """Login handed out a token for a request it could not decode, as for a good one."""
+    conn = await chat.connect("alice@tailnet.test")
+    code, msg = await code_of(raw_unary(conn, method)(b"\xff\xff\xff\xff",
+                                                      metadata=conn.metadata))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "could not be decoded" in msg
+
+
 async def test_garbage_subscribe_request_is_invalid_argument(chat: Chat) -> None:
     conn = await chat.connect("alice@tailnet.test")
     code, msg = await code_of(drain(raw_stream(conn, "Subscribe")(b"\x0a\xff\xff",

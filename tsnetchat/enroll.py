@@ -41,9 +41,9 @@ import grpc
 
 from . import auth
 from .config import ServerConfig
-from .errors import LimitExceeded, PermissionDenied, TsnetchatError
+from .errors import InvalidInput, LimitExceeded, PermissionDenied, TsnetchatError
 from .pb import chat_pb2 as pb
-from .service import abort_bug, status_for
+from .service import GARBAGE, abort_bug, status_for
 from .tailnet import PeerInfo, WhoIs
 from .throttle import Buckets, LogLimiter, retry_in
 
@@ -193,7 +193,7 @@ class Enrollment:
             await self.store.record_token(claims.to_row())
             return token, claims
 
-        return await self._answer(context, "login", login)
+        return await self._answer(context, "login", login, request)
 
     async def RenewToken(self, request: Any,
                          context: grpc.aio.ServicerContext) -> pb.LoginResponse:
@@ -207,15 +207,18 @@ class Enrollment:
             await self.store.renew_token(claims.to_row())
             return token, claims
 
-        return await self._answer(context, "renew", renew)
+        return await self._answer(context, "renew", renew, request)
 
     async def _answer(self, context: grpc.aio.ServicerContext, method: str,
-                      issue: Callable[[WhoIs], Awaitable[tuple[str, auth.Claims]]]
-                      ) -> pb.LoginResponse:
+                      issue: Callable[[WhoIs], Awaitable[tuple[str, auth.Claims]]],
+                      request: Any) -> pb.LoginResponse:
         """Look up the caller, ``issue`` a token for them, answer; or refuse and log why."""
         who: WhoIs | None = None
         try:
             async with self.door.identity(context.peer()) as who:
+                if request is GARBAGE:  # (as the servicer's calls: a token was handed out)
+                    raise InvalidInput(f"{method}: the request could not be decoded as a "
+                                       "tsnetchat.v1 message (garbage or wrong schema)")
                 token, claims = await issue(who)
                 self._issued(method, who, claims)
                 return self._response(who, token, claims)
