@@ -580,6 +580,27 @@ async def test_a_join_whose_client_half_closes_after_sending_answers_the_send_be
     assert [getattr(ev, ev.WhichOneof("event")).client_msg_id for ev in answers] == ["c1"]
 
 
+async def test_a_bug_handling_a_join_event_ends_the_stream_internal_and_is_logged(
+        chat: Chat, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unexpected error while the server handled a client's event was taken for the
+    connection ending: the stream ended OK, the message unanswered, and the log said it
+    only at debug level."""
+    def broken(*args: Any, **kwargs: Any) -> bool:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(chat.server.service.ledger, "send", broken)
+    alice = await chat.connect("alice@tailnet.test")
+    call = alice.stub.Join(hello_events("general", then=[send("hello", "c1")]),
+                           metadata=alice.metadata)
+    with pytest.raises(grpc.aio.AioRpcError) as ended:
+        async for _ in call:
+            pass
+    assert ended.value.code() == grpc.StatusCode.INTERNAL
+    assert "the server's log says more" in (ended.value.details() or "")
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR
+            and r.exc_info and "a bug" in str(r.exc_info[1])]
+
+
 async def test_graceful_shutdown_tells_clients_and_closes_unavailable(chat: Chat) -> None:
     bob = await chat.connect("bob@tailnet.test")
     call = bob.stub.Join(hello_events("general"), metadata=bob.metadata)

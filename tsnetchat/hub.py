@@ -156,6 +156,7 @@ class CloseKind(enum.Enum):
     NARROWED = "narrowed"  # the room is no longer allowed
     UNVERIFIED = "unverified"  # tailscaled cannot say who is behind the connection
     DONE = "done"  # the client finished: end the stream normally
+    FAILED = "failed"  # a bug of the server's while it handled the stream (INTERNAL)
 
 
 # Closes that mean the subscriber may no longer read the room: nothing more reaches it, from
