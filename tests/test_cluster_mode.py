@@ -43,6 +43,7 @@ from helpers import (
     token_id,
     two_servers,
     until,
+    write_lock_held,
 )
 
 from tsnetchat import clientcmds, cluster
@@ -460,6 +461,41 @@ async def test_when_server_1_is_killed_alice_goes_on_through_server_2_losing_not
             await p.close()  # (its link too)
         one.stop()
         two.stop()
+
+
+async def test_a_resume_through_a_server_whose_copy_is_behind_waits_for_it_never_starting_over(
+        lab: Any, tmp_path: Path, nats_cluster: Any) -> None:
+    """bob saw message 2 through server 1 and resumes after it through server 2, whose copy
+    has only message 1 yet (its cluster.db locked by another process). Welcomed at once
+    with the copy's newest id, 1, his client took the history for a restored one, said so
+    and showed the room again. Refused (UNAVAILABLE, as any server not ready), he tries
+    again, and once the copy has message 2 he goes on after it."""
+    async with two_servers(lab, tmp_path, nats_cluster, cluster_wait=2.0,
+                           store_wait=30.0) as (one, two):
+        alice = await one.connect("alice-laptop", one.token(ALICE))
+        talk = await join(alice, "general", then=[send("m1", "c1")])
+        assert isinstance(await ack_or_error(talk, "c1"), pb.Sent)
+        bob = await two.connect("bob-laptop", two.token(BOB))
+        await until(lambda: two.server.store.last_id("general") == 1, "server 2 has m1")
+        async with write_lock_held(two.cfg.db_path):
+            await talk.write(send("m2", "c2"))
+            seen = await ack_or_error(talk, "c2")
+            assert isinstance(seen, pb.Sent) and seen.id == 2
+            early = bob.stub.Join(hello_events("general", after=seen.id),
+                                  metadata=bob.metadata)
+            with pytest.raises(grpc.aio.AioRpcError) as refused_early:
+                await collect(early, 1, kind="welcome")
+            assert refused_early.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "has not caught up" in (refused_early.value.details() or "")
+        resumed = bob.stub.Join(hello_events("general", after=seen.id), metadata=bob.metadata)
+        (welcome,) = await collect(resumed, 1, kind="welcome")
+        assert welcome.last_id == 2
+        events = await collect(resumed, 1, kind="replay_done")
+        assert events[0].last_id == 2
+        await talk.write(send("m3", "c3"))
+        (m3,) = await collect(resumed, 1)
+        assert (m3.id, m3.text) == (3, "m3")
+        resumed.cancel()
 
 
 async def test_a_kick_through_server_2_closes_bobs_stream_on_server_1(

@@ -1466,6 +1466,31 @@ class ClusterHistory:
                 continue
             self._stall_checked = last
 
+    async def caught_up(self, room: str, after: int, within: float | None = None) -> bool:
+        """Whether this copy has message ``after`` of ``room``, if the cluster has it:
+        waits for the copy to apply the room's last message in the stream, up to
+        ``cluster_wait`` (or ``within`` seconds). True at once when the stream holds no
+        such id (a reader asking for what comes next, ``after`` past every id), or the
+        cluster cannot say (the copy is then all there is to read)."""
+        deadline = self._deadline(within)
+        try:
+            last = await asyncio.wait_for(
+                self._js_attempt.get_last_msg(STREAM, ROOM_PREFIX + room),
+                max(0.01, deadline - time.monotonic()))
+            newest = int(json.loads(last.data or b"{}")["id"])
+        except (nats.errors.Error, OSError, TimeoutError):  # (none of it: NotFoundError)
+            return True
+        except (ValueError, KeyError, TypeError):  # (not a message of ours: as the applier)
+            return True
+        if after > newest:
+            return True  # (waiting would not give it: sends must not wait on the copy)
+        try:
+            await asyncio.wait_for(self._applied_through(last.seq or 0),
+                                   max(0.01, deadline - time.monotonic()))
+        except TimeoutError:
+            return False
+        return True
+
     async def _applied_through(self, seq: int) -> None:
         async with self._progress:
             await self._progress.wait_for(lambda: self._applied >= seq)

@@ -224,6 +224,11 @@ class ServerStore(History, Protocol):
 
     async def revoke(self, jti: str, *, within: float | None = None) -> bool: ...
 
+    async def caught_up(self, room: str, after: int, within: float | None = None) -> bool:
+        """Whether this server's history has message ``after`` of ``room`` if there is one
+        (cluster mode: this server's copy, if the cluster has it), waiting for it a while."""
+        ...
+
 
 MAX_RETRY_AFTER_MS = 2**32 - 1  # Error.retry_after_ms is a uint32
 
@@ -572,6 +577,20 @@ class ChatService:
                 await _end_if_withdrawn(sub, lease, context)
                 yield f
 
+    async def _resumable(self, room: str, after: int | None,
+                         context: grpc.aio.ServicerContext) -> None:
+        """A stream resuming after an id this server's history does not have yet, and the
+        cluster does (cluster mode: this server's copy is behind the stream), waits for the
+        copy to have it, and is refused (UNAVAILABLE: try again) if it cannot. Answered at
+        once, the client took the copy's lower newest id for a restored history, said so,
+        and showed the room again (a failover to a server whose copy was behind; a review
+        over the lab, 2026-11-25)."""
+        if after is None or after <= self.store.last_id(room):
+            return
+        if not await self.store.caught_up(room, after, _answer_within(context)):
+            raise Unavailable(f"this server's copy of the chat cluster has not caught up with "
+                              f"{room!r} yet; try again, or another server of the cluster")
+
     def _replay_done(self, sub: Subscriber) -> pb.ReplayDone:
         who = self.store.identity
         return pb.ReplayDone(last_id=sub.replayed_to, history_id=who.history_id,
@@ -643,6 +662,8 @@ class ChatService:
             p, room = await self._hold(lease, hello.room, speak=True)
             hello.room = room
             self._check_capacity(p, room)
+            after = hello.after_id if hello.HasField("after_id") else None
+            await self._resumable(room, after, context)
             me = self._me(p)
             self.ledger.people.add(p.login, p.display_name)
             sub = Subscriber(hello.room, p.login, p.token_id, self.limits.subscriber_queue,
@@ -652,7 +673,6 @@ class ChatService:
             reader: asyncio.Task[None] | None = None
             self.metrics.inc("streams_opened_total{kind=\"join\"}")
             try:
-                after = hello.after_id if hello.HasField("after_id") else None
                 members = self.members(hello.room)
                 yield codec.event(welcome=pb.Welcome(
                     room=hello.room, you=me, members=members,
@@ -853,12 +873,13 @@ class ChatService:
             _check_id("after_id", request.after_id)
             p, room = await self._hold(lease, request.room)
             self._check_capacity(p, room)
+            after = request.after_id if request.HasField("after_id") else None
+            await self._resumable(room, after, context)
             sub = Subscriber(room, p.login, p.token_id, self.limits.subscriber_queue)
             self.hub.add(sub)
             lease.attach(lambda e: sub.close(_closing(e)))
             self.metrics.inc("streams_opened_total{kind=\"subscribe\"}")
             try:
-                after = request.after_id if request.HasField("after_id") else None
                 async for f in self._replay(sub, after, lease, context):
                     yield f
                 yield codec.event(replay_done=self._replay_done(sub))

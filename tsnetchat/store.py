@@ -1745,6 +1745,11 @@ class SqliteHistory:
     def rooms(self) -> dict[str, int]:
         return dict(self._visible)
 
+    async def caught_up(self, room: str, after: int, within: float | None = None) -> bool:
+        """Always: this is the only history (cluster mode's copies may be behind,
+        ``ClusterHistory.caught_up``)."""
+        return True
+
     async def drain(self) -> None:
         """Return once every message submitted so far is settled."""
         if not self._settled.is_set():
