@@ -247,6 +247,11 @@ def private(path: Path, content: bytes) -> Path:
     (b'{"version": 2, "servers": [], "names": [1]}', "is damaged"),
     (b"\xff\xfe\x00", "is not a token file tsnetchat wrote (it is not text)"),
     (b"[1, 2]", "is not a token file tsnetchat wrote (not a JSON object)"),
+    # (an entry of the wrong types was read, then ended the command in a TypeError: "a bug")
+    (b'{"version": 2, "servers": [{"node_id": "n", "name": "x", "ips": 5, "token": "t"}]}',
+     "has an entry tsnetchat cannot read (ips is not a list of strings)"),
+    (b'{"version": 2, "servers": [{"node_id": "n", "name": "x", "ips": [], "token": null}]}',
+     "has an entry tsnetchat cannot read (token is not a string)"),
 ])
 def test_a_damaged_token_store_is_said_in_words_and_left_alone(
         tmp_path: Path, content: bytes, words: str) -> None:

@@ -165,7 +165,24 @@ class Entry:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Entry:
+        """Raises TypeError naming a field that is missing or not of its type (one of the
+        wrong type was read, and a later use of it ended in a TypeError: "a bug")."""
+        kinds: dict[str, tuple[type, ...]] = {"str": (str,), "bool": (bool,),
+                                              "float": (int, float)}
         names = {f.name for f in fields(cls)}
+        for f in fields(cls):
+            if f.name not in d:
+                continue
+            v = d[f.name]
+            if f.type == "list[str]":
+                ok = isinstance(v, list) and all(isinstance(x, str) for x in v)
+            else:
+                ok = isinstance(v, kinds[str(f.type)]) and not (
+                    f.type == "float" and isinstance(v, bool))
+            if not ok:
+                what = "a list of strings" if f.type == "list[str]" else {
+                    "str": "a string", "bool": "true or false", "float": "a number"}[str(f.type)]
+                raise TypeError(f"{f.name} is not {what}")
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
