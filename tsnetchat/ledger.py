@@ -75,6 +75,10 @@ MAX_ID = 2**63 - 1  # SQLite's largest integer; larger numbers are not message i
 MAX_PENDING = 50_000
 # Read positions wait this long for others before they are written in one transaction.
 MARK_DELAY = 0.2
+# A read by the person who gave them waits at most this long for their positions to be
+# written (``written_for``): in cluster mode a write also shares them with the cluster,
+# which without a quorum takes until it gives up.
+MARK_WAIT = 1.0
 # Rooms and conversations a person may bring into being by writing the first message there:
 # 50 at once, then one a minute. Each is kept for good (ListRooms, unread counts and search
 # walk them all), and a token for every room let one person make a new one with every
@@ -187,7 +191,8 @@ class Ledger:
         self.people = Mentions(history.people() if hasattr(history, "people") else {})
         self._marks: dict[tuple[str, str], int] = {}
         self._marks_due: asyncio.TimerHandle | None = None
-        self._marks_writing: set[asyncio.Task[None]] = set()
+        # Batches of read positions being written, and whose positions each holds.
+        self._marks_writing: dict[asyncio.Task[None], frozenset[str]] = {}
         self.limits = limits  # read on every send; ``apply`` reaches the buckets
         self.refuse = refuse
         self.metrics = metrics or Metrics()
@@ -332,9 +337,20 @@ class Ledger:
         if not marks:
             return None
         task = asyncio.ensure_future(self._store_marks(marks))
-        self._marks_writing.add(task)
-        task.add_done_callback(self._marks_writing.discard)
+        self._marks_writing[task] = frozenset(login for login, _room in marks)
+        task.add_done_callback(lambda t: self._marks_writing.pop(t, None))
         return task
+
+    async def written_for(self, login: str) -> None:
+        """Return once the read positions ``login`` gave so far are written (now, if they
+        still wait for others), so that what they read next shows them: unread counts,
+        mentions, a Welcome's position; at most MARK_WAIT. Asked right after an Ack, those
+        were from before it, for up to MARK_DELAY."""
+        if any(lg == login for lg, _room in self._marks):
+            self._write_marks()
+        writing = [t for t, logins in self._marks_writing.items() if login in logins]
+        if writing:  # (not cancelled if the caller stops waiting: they hold others' too)
+            await asyncio.wait(writing, timeout=MARK_WAIT)
 
     async def flush_marks(self) -> None:
         """Write the read positions gathered so far (now)."""

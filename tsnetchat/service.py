@@ -674,6 +674,7 @@ class ChatService:
             self.metrics.inc("streams_opened_total{kind=\"join\"}")
             try:
                 members = self.members(hello.room)
+                await self.ledger.written_for(p.login)  # (its position, as just acked)
                 yield codec.event(welcome=pb.Welcome(
                     room=hello.room, you=me, members=members,
                     last_id=self.store.last_id(hello.room),
@@ -935,6 +936,7 @@ class ChatService:
 
     async def _states(self, p: auth.Principal) -> list[Any]:
         """Read position and unread counts of every room ``p`` may read (and only those)."""
+        await self.ledger.written_for(p.login)
         names = (set(self.store.rooms()) | set(self.hub.rooms())
                  | set(self.store.private_rooms()))
         if auth.ALL_ROOMS not in p.rooms:
@@ -969,6 +971,7 @@ class ChatService:
         async with self._call(context, request, "Mentions") as lease:
             p = lease.principal
             limit = min(request.limit or self.limits.max_page, self.limits.max_page)
+            await self.ledger.written_for(p.login)
             # (the rooms before the limit: filtered after it, mentions in rooms the caller
             # may not read filled the page, and it came back empty)
             msgs = await self.store.mentions_of(p.login, include_read=request.include_read,
