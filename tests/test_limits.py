@@ -521,6 +521,20 @@ async def test_a_search_naming_more_than_100_rooms_is_refused_before_any_is_look
     assert "at most 100 rooms" in (caught.value.details() or "")
 
 
+async def test_a_search_in_an_order_the_server_does_not_know_is_refused_not_ranked(
+        chat: Chat) -> None:
+    """An unknown order (a newer client's, or junk) was searched as ranked without a word
+    (a review, 2026-11-25)."""
+    alice = await chat.connect("alice@tailnet.test")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await alice.stub.Search(pb.SearchRequest(query="x", order=7), metadata=alice.metadata)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "order 7 is not one of this server's" in (caught.value.details() or "")
+    for order in pb.SearchOrder.values():  # (the known ones are searched)
+        await alice.stub.Search(pb.SearchRequest(query="x", order=order),
+                                metadata=alice.metadata)
+
+
 async def test_a_search_by_an_author_longer_than_any_login_is_refused(chat: Chat) -> None:
     alice = await chat.connect("alice@tailnet.test")
     with pytest.raises(grpc.aio.AioRpcError) as caught:

@@ -990,6 +990,9 @@ class ChatService:
                                    f"{lim.search_max_query_bytes} (search_max_query_bytes)")
             if request.offset > 10_000:
                 raise InvalidInput("offset beyond 10000: narrow the search instead")
+            if request.order not in pb.SearchOrder.values():  # (it was taken as ranked)
+                raise InvalidInput(f"order {request.order} is not one of this server's (rank, "
+                                   "newest): a newer client's? upgrade the server")
             search_words(request.query)  # a query without words is refused, whatever one reads
             wait = self._search_buckets.take(p.login)
             if wait:
