@@ -190,12 +190,20 @@ async def test_on_shutdown_waiting_messages_are_stored_and_acknowledged_before_s
     chat.server._grpc = None
 
 
+CLI = Path(sys.executable).with_name("tsnetchat")
+
+
+def need_mount_namespace(why: str) -> None:
+    """Skip (fail under CI) unless this process may make a mount namespace of its own."""
+    if not shutil.which("unshare") or subprocess.run(
+            ["unshare", "-m", "true"], capture_output=True).returncode:
+        need("a mount namespace (unshare -m, as root)", why)
+
+
 def on_a_small_disk(tmp_path: Path, *steps: str, timeout: float = 120) -> Any:
     """Run tests/fulldisk_child.py's ``steps`` in turn, in a mount namespace of their own on
     an 8 MB tmpfs: a real full disk. Returns the JSON of the last line they printed."""
-    if not shutil.which("unshare") or subprocess.run(
-            ["unshare", "-m", "true"], capture_output=True).returncode:
-        need("a mount namespace (unshare -m, as root)", "the full-disk test mounts a tmpfs")
+    need_mount_namespace("the full-disk test mounts a tmpfs")
     child = Path(__file__).with_name("fulldisk_child.py")
     disk = tmp_path / "disk"
     disk.mkdir()
@@ -324,12 +332,10 @@ async def test_a_server_started_on_a_damaged_database_says_so_and_answers_data_l
 def test_a_first_start_on_a_full_disk_says_so_and_leaves_no_empty_key(tmp_path: Path) -> None:
     """It said "unexpected OSError: [Errno 28] ... a bug in tsnetchat" and left an empty
     jwt.key behind (an operator's run, 2026-11-24)."""
-    if not shutil.which("unshare") or subprocess.run(
-            ["unshare", "-m", "true"], capture_output=True).returncode:
-        need("a mount namespace (unshare -m, as root)", "the full-disk test mounts a tmpfs")
+    need_mount_namespace("the full-disk test mounts a tmpfs")
     disk = tmp_path / "disk"
     disk.mkdir()
-    cli = shlex.quote(str(Path(sys.executable).with_name("tsnetchat")))
+    cli = shlex.quote(str(CLI))
     d = shlex.quote(str(disk))
     proc = subprocess.run(
         ["unshare", "-m", "sh", "-c",
@@ -348,12 +354,10 @@ def test_a_first_start_on_a_full_disk_says_so_and_leaves_no_empty_key(tmp_path: 
 def test_backup_and_token_list_from_a_read_only_file_system_say_it_is_read_only(
         tmp_path: Path) -> None:
     """They said only "unable to open database file" (an operator's run, 2026-11-25)."""
-    if not shutil.which("unshare") or subprocess.run(
-            ["unshare", "-m", "true"], capture_output=True).returncode:
-        need("a mount namespace (unshare -m, as root)", "the test mounts a read-only tmpfs")
+    need_mount_namespace("the test mounts a read-only tmpfs")
     disk = tmp_path / "disk"
     disk.mkdir()
-    cli = shlex.quote(str(Path(sys.executable).with_name("tsnetchat")))
+    cli = shlex.quote(str(CLI))
     d, out = shlex.quote(str(disk)), shlex.quote(str(tmp_path / "b.db"))
     proc = subprocess.run(
         ["unshare", "-m", "sh", "-c",
@@ -375,9 +379,7 @@ def test_lines_the_chat_cannot_keep_on_a_full_disk_leave_no_empty_file_and_say_w
     """A full disk under the chat's state left an empty unsent.txt (the next chat announced
     it as holding the lines) and the exit said nothing of it (a kill -9 run, 2026-11-24).
     Now what was there stays as it was, and the caller is told why nothing was kept."""
-    if not shutil.which("unshare") or subprocess.run(
-            ["unshare", "-m", "true"], capture_output=True).returncode:
-        need("a mount namespace (unshare -m, as root)", "the full-disk test mounts a tmpfs")
+    need_mount_namespace("the full-disk test mounts a tmpfs")
     disk = tmp_path / "disk"
     disk.mkdir()
     d = shlex.quote(str(disk))
