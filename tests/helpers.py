@@ -738,9 +738,11 @@ class LabDaemon:
         self.start()
 
     def cli(self, *args: str) -> str:
-        """A server-side command (token issue/list/revoke) on this server's state."""
+        """A server-side command (token issue/list/revoke) on this server's state, with its
+        environment (a cluster server's commands need its cluster settings)."""
         out = subprocess.run([CLI, *args, "--state-dir", str(self.state)],
-                             capture_output=True, text=True, check=True)
+                             capture_output=True, text=True, check=True,
+                             env={**os.environ, **(self.env or {})})
         return out.stdout.strip()
 
     def token(self, login: str, rooms: tuple[str, ...] = (), *extra: str) -> str:
