@@ -437,6 +437,7 @@ async def test_bad_input_to_every_new_call_is_a_clear_error_never_internal(
         stub.Search(pb.SearchRequest(query="x", rooms=["not a room"]), metadata=md),
         stub.Search(pb.SearchRequest(query="x", offset=10_001), metadata=md),
         stub.Search(pb.SearchRequest(query="x" * 100_000), metadata=md),
+        stub.Search(pb.SearchRequest(query="東 京 大 阪 駅"), metadata=md),  # (4 at most)
         stub.CreateRoom(pb.CreateRoomRequest(room="", members=[ALICE]), metadata=md),
         stub.CreateRoom(pb.CreateRoomRequest(room="+", members=[ALICE]), metadata=md),
         stub.CreateRoom(pb.CreateRoomRequest(room="+Ops", members=[ALICE]), metadata=md),

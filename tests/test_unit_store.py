@@ -709,6 +709,28 @@ def test_a_word_inside_a_sentence_written_without_spaces_is_found_in_the_rooms_s
     s.close()
 
 
+@pytest.mark.security
+def test_a_search_of_more_words_read_in_the_text_than_a_few_is_refused_in_words(
+        tmp_path: Path) -> None:
+    """Each word looked for inside the text (CJK, Thai, Korean ...) is one more reading of
+    every message searched: 62 one-letter words, each found only at the end of 20,000
+    messages of 4 KiB a person had written, took 4 s a search where one word took 77 ms
+    (an attacker's run, 2026-11-25), and 30 a minute kept both of the store's readers busy
+    for everyone. A few such words are looked for; more are refused, as is a query of
+    punctuation, before anything is read."""
+    letters = [chr(0x4e00 + i) for i in range(62)]
+    s = Store(tmp_path / "h.db")
+    s.write([Draft("jp", A, 1, "x" * 100 + "".join(letters))])
+    few = " ".join(letters[:4])  # ("東京 タワー 行く": three)
+    assert len(s.search(few, ["jp"])) == 1
+    assert len(s.search(few + " x*", ["jp"])) == 1  # (words the index finds are not counted)
+    with pytest.raises(InvalidInput, match=r"at most \d+ words in Chinese"):
+        store_module.search_words(" ".join(letters))
+    with pytest.raises(InvalidInput, match=r"at most \d+ words in Chinese"):
+        s.search(" ".join(letters), ["jp"])
+    s.close()
+
+
 def test_a_search_of_only_punctuation_is_refused_in_words() -> None:
     with pytest.raises(InvalidInput, match="no words to look for"):
         store_module.search_words("、。!?")

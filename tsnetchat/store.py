@@ -444,6 +444,11 @@ _UNSPACED = re.compile(
     "[\u0e00-\u0eff\u1000-\u109f\u1100-\u11ff\u1780-\u17ff\u3040-\u30ff\u3130-\u318f"
     "\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff\ua960-\ua97f\uac00-\ud7ff\uf900-\ufaff"
     "\uff66-\uffdc\U00020000-\U0003134f]")
+# At most this many such words in one search: each is one more reading of every message
+# searched (``instr``), and 62 one-letter words, each found only at the end of 20,000
+# messages of 4 KiB one person had written, took 4 s a search where one took 77 ms (an
+# attacker's run, 2026-11-25; 30 searches a minute kept both store readers busy).
+MAX_INSIDE_WORDS = 4
 
 
 class SearchWords(NamedTuple):
@@ -461,6 +466,11 @@ def search_words(text: str) -> SearchWords:
     if not words:
         raise InvalidInput("the search has no words to look for")
     inside = tuple(dict.fromkeys(w.rstrip("*") for w in words if _UNSPACED.search(w)))
+    if len(inside) > MAX_INSIDE_WORDS:
+        raise InvalidInput(f"a search has at most {MAX_INSIDE_WORDS} words in Chinese, "
+                           "Japanese, Thai, Lao, Khmer, Burmese or Korean (each is read in "
+                           "the whole text of every message searched); this one has "
+                           f"{len(inside)}")
     return SearchWords(" ".join(f'"{w[:-1]}" *' if w.endswith("*") else f'"{w}"'
                                 for w in words if not _UNSPACED.search(w)), inside)
 
