@@ -731,6 +731,21 @@ def test_a_search_of_more_words_read_in_the_text_than_a_few_is_refused_in_words(
     s.close()
 
 
+def test_a_thai_khmer_or_burmese_word_is_looked_for_whole_with_its_vowel_signs(
+        tmp_path: Path) -> None:
+    """Python's \\w is not a vowel sign (a combining mark), so "กินข้าว" (to eat) was looked
+    for as "ก", "นข" and "าว" anywhere in a message, found where those pieces stood in other
+    words, and a Khmer word was 6 pieces, more than a search may look for inside the text."""
+    s = Store(tmp_path / "h.db")
+    s.write([Draft("th", A, 1, t) for t in (
+        "ไปกินข้าวกันไหม", "กานขาวนข", "ខ្ញុំស្រឡាញ់អ្នក", "မင်္ဂလာပါ")])
+    assert store_module.search_words("กินข้าว").inside == ("กินข้าว",)
+    assert [m.text for m in s.search("กินข้าว", ["th"])] == ["ไปกินข้าวกันไหม"]
+    assert [m.text for m in s.search("ស្រឡាញ់", ["th"])] == ["ខ្ញុំស្រឡាញ់អ្នក"]
+    assert [m.text for m in s.search("မင်္ဂလာ", ["th"])] == ["မင်္ဂလာပါ"]
+    s.close()
+
+
 def test_a_search_of_only_punctuation_is_refused_in_words() -> None:
     with pytest.raises(InvalidInput, match="no words to look for"):
         store_module.search_words("、。!?")

@@ -44,6 +44,7 @@ import re
 import sqlite3
 import threading
 import time
+import unicodedata
 import uuid
 from collections import deque
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -433,7 +434,14 @@ RANK_WINDOW = 1000
 SEARCH_BY_ROOM = 5_000
 # Unread counts stop at this many per room (a client shows "10000+").
 UNREAD_CAP = 10_000
-_WORDS = re.compile(r"\w+\*?")
+# Python's \w is not a combining mark, and Thai, Lao, Burmese and Khmer write vowels and
+# tones with them: "กินข้าว" was looked for as "ก", "นข" and "าว" anywhere in a message
+# (found where the pieces stood in other words), a Khmer word as 6 pieces. Their marks (and
+# kana's voicing marks) are letters of a word here.
+_MARKS = "".join(c for lo, hi in ((0x0e00, 0x0eff), (0x1000, 0x109f), (0x1780, 0x17ff),
+                                  (0x3099, 0x309a)) for c in map(chr, range(lo, hi + 1))
+                 if unicodedata.category(c).startswith("M"))
+_WORDS = re.compile(rf"[\w{_MARKS}]+\*?")
 # Letters of languages written without spaces between words (Chinese, Japanese, Thai, Lao,
 # Khmer, Myanmar) and of Korean, whose words carry their particles ("서울에서"). FTS5's
 # unicode61 tokenizer takes a whole run of such letters as one token, a sentence as often
