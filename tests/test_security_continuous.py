@@ -92,6 +92,40 @@ async def test_a_token_revoked_while_tailscaled_is_slow_to_say_who_calls_ends_th
     assert e.code() == grpc.StatusCode.UNAUTHENTICATED and "revoked" in e.details()
 
 
+async def test_a_search_or_history_under_way_when_its_token_is_revoked_answers_nothing(
+        lab_chat: LabChat, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The attack: a Search or History whose read is still under way (the store's readers
+    busy, as behind slow searches) when the token is revoked. The revocation failed the
+    call's lease, but the handler answered with what it read anyway: the messages went out
+    after the revocation (an attacker's run, 2026-11-25). The call is refused instead."""
+    store = lab_chat.server.service.store
+    bob = await lab_chat.connect("bob-laptop", lab_chat.token(BOB))
+    await bob.send_one("general", "secret heron")
+    go, reading = asyncio.Event(), asyncio.Event()
+
+    def held(read: Any) -> Any:
+        async def wait_then(*args: Any, **kwargs: Any) -> Any:
+            reading.set()
+            await go.wait()
+            return await read(*args, **kwargs)
+        return wait_then
+
+    monkeypatch.setattr(store, "search", held(store.search))
+    monkeypatch.setattr(store, "before", held(store.before))
+    for name, ask in (("Search", lambda c: c.search("heron")),
+                      ("History", lambda c: c.history("general"))):
+        tok = lab_chat.token(BOB)
+        conn = await lab_chat.connect("bob-laptop", tok)
+        go.clear()
+        reading.clear()
+        call = asyncio.ensure_future(ask(conn))
+        await asyncio.wait_for(reading.wait(), 15)
+        lab_chat.server.service.apply_revocations([token_id(tok)])
+        go.set()
+        e = await refused(call)
+        assert e.code() == grpc.StatusCode.UNAUTHENTICATED and "revoked" in e.details(), name
+
+
 async def test_revoking_a_token_closes_the_subscribe_open_with_it(lab_chat: LabChat) -> None:
     bob_token = lab_chat.token(BOB)
     bob = await lab_chat.connect("bob-laptop", bob_token)

@@ -59,6 +59,9 @@ AWAY_BURST, AWAY_RATE = 10, 0.2
 # presence events in 5 s to everyone in the room (an attacker's run, 2026-11-23).
 COMINGS_BURST, COMINGS_RATE = 40, 1.0
 MAX_SEARCH_ROOMS = 100  # rooms named in one Search
+# Calls that only read: their answer is withheld if the lease failed while it was worked out
+# (a change that was made is answered, whatever happened meanwhile).
+READS = frozenset({"History", "ListRooms", "Unread", "Mentions", "Search", "WhoAmI"})
 MAX_LOGINS = 1000  # logins named in one CreateRoom or SetRoomMembers
 # How long the tailnet's logins, once asked of tailscaled, answer for the next new DM names.
 # Asked for each name, one Search naming 100 DMs made 100 LocalAPI status calls, and 30 such
@@ -514,6 +517,11 @@ class ChatService:
                     raise InvalidInput(f"{method}: the request could not be decoded as a "
                                        f"tsnetchat.v1 message (garbage or wrong schema)")
                 yield lease
+                if method in READS:
+                    # What was read while the lease failed (a revocation, a grant gone) is
+                    # not sent: a Search behind busy readers answered after its token was
+                    # revoked (an attacker's run, 2026-11-25).
+                    lease.check()
         except TsnetchatError as e:
             code = status_for(e)
             self.metrics.inc(f"rpc_errors_total{{code=\"{code.name}\"}}")
