@@ -85,13 +85,7 @@ def backup(db: Path, dest: Path) -> Summary:
     tmp = dest.with_name(f".{dest.name}.partial")
     try:
         _remove(tmp)
-        try:
-            src = Store(db, readonly=True)
-        except StoreError as e:
-            hint = read_only_hint(db.parent)
-            if not hint:
-                raise
-            raise StoreError(f"{e}{hint}") from e
+        src = Store(db, readonly=True)
         try:
             src.copy_to(tmp)
         finally:
@@ -106,22 +100,6 @@ def backup(db: Path, dest: Path) -> Summary:
         # journal, as big as the history, until the next backup to that name)
         _remove(tmp)
     return Summary(dest, summary.messages, summary.rooms, summary.identity)
-
-
-def read_only_hint(state_dir: Path) -> str:
-    """Why SQLite cannot open a database in ``state_dir`` when its file system is read-only
-    (it said only "unable to open database file": an operator's run, 2026-11-25); "" when it
-    is not."""
-    try:
-        if not os.statvfs(state_dir).f_flag & os.ST_RDONLY:
-            return ""
-    except OSError:
-        return ""
-    return (f" ({state_dir} is on a read-only file system (`findmnt -T {state_dir}`; a disk "
-            "error can do that: `dmesg`), and SQLite cannot open a WAL database there: it "
-            "must write the -shm file beside it. Remount it read-write; only to read it (backup, "
-            "token list), copy the state dir to a writable disk with `cp -a` (nothing can "
-            "write it meanwhile) and give that copy as --state-dir)")
 
 
 def _replaceable(dest: Path) -> None:

@@ -225,11 +225,6 @@ def _store(cfg: ServerConfig) -> Any:
         secure_state_dir(cfg.state_dir, (cfg.db_path,))
         # (a server still running may be the version before an upgrade: it alone upgrades)
         return Store(cfg.db_path, upgrade=running_server(cfg.state_dir) is None)
-    except StoreError as e:
-        from .backup import read_only_hint
-
-        hint = read_only_hint(cfg.state_dir)
-        raise fail(StoreError(f"{e}{hint}") if hint else e) from None
     except TsnetchatError as e:
         raise fail(e) from None
 

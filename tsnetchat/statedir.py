@@ -187,6 +187,22 @@ def full_disk_hint(path: Path) -> str:
             "then start again)")
 
 
+def read_only_hint(state_dir: Path) -> str:
+    """Why SQLite cannot open a database in ``state_dir`` when its file system is read-only
+    (it said only "unable to open database file": an operator's run, 2026-11-25); "" when it
+    is not."""
+    try:
+        if not os.statvfs(state_dir).f_flag & os.ST_RDONLY:
+            return ""
+    except OSError:
+        return ""
+    return (f" ({state_dir} is on a read-only file system (`findmnt -T {state_dir}`; a disk "
+            "error can do that: `dmesg`), and SQLite cannot open a WAL database there: it "
+            "must write the -shm file beside it. Remount it read-write; only to read it (backup, "
+            "token list), copy the state dir to a writable disk with `cp -a` (nothing can "
+            "write it meanwhile) and give that copy as --state-dir)")
+
+
 class StateLock:
     """The state dir's lock (see the module doc), held until ``release`` (or the process
     ends). ``what`` ("server", "restore") is written into the file for the next one's error

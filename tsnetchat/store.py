@@ -56,7 +56,7 @@ from typing import Any, NamedTuple, TypeVar
 
 from .errors import InvalidInput, PermissionDenied, StoreDamaged, StoreError, TsnetchatError
 from .loop import name_thread
-from .statedir import full_disk_hint
+from .statedir import full_disk_hint, read_only_hint
 from .throttle import LogLimiter
 
 log = logging.getLogger("tsnetchat.store")
@@ -699,7 +699,7 @@ class Store:
             if _damaged(e):
                 raise damaged(path, e) from e
             raise StoreError(f"cannot open history database {path}: {e}"
-                             f"{full_disk_hint(path)}") from e
+                             f"{full_disk_hint(path)}{read_only_hint(path.parent)}") from e
         except OSError as e:
             raise StoreError(f"cannot create history database {path}: {e.strerror}"
                              f"{full_disk_hint(path)}") from e
