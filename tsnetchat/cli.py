@@ -229,13 +229,18 @@ def _store(cfg: ServerConfig) -> Any:
         raise fail(e) from None
 
 
+def _cluster_unsaid(cfg: ServerConfig) -> bool:
+    """Whether ``cfg`` names a cluster server's state dir (cluster.db, no tsnetchat.db)
+    without the cluster settings."""
+    return not cfg.cluster and not cfg.db_path.is_file() and (
+        cfg.state_dir / CLUSTER_DB).is_file()
+
+
 def _cluster_blind(cfg: ServerConfig) -> None:
-    """ConfigError (exit 3) when ``cfg`` names a cluster server's state dir (cluster.db, no
-    tsnetchat.db) without the cluster settings: token list said there was no history (an
-    attacker's run over the lab, 2026-11-25); token issue made a tsnetchat.db the server
+    """ConfigError (exit 3) when ``_cluster_unsaid``: token list said there was no history
+    (an attacker's run over the lab, 2026-11-25); token issue made a tsnetchat.db the server
     never reads, and backup said there was no history (an operator's run, 2026-11-25)."""
-    if not cfg.cluster and not cfg.db_path.is_file() and (
-            cfg.state_dir / CLUSTER_DB).is_file():
+    if _cluster_unsaid(cfg):
         raise fail(ConfigError(
             f"{cfg.state_dir} is a cluster server's (cluster.db): give this command the "
             "server's cluster settings too (--config with its config file, or "
@@ -498,7 +503,7 @@ def restore_cmd(
     from .backup import restore
 
     cfg = _server_config(config, state_dir=state_dir)
-    if cfg.cluster or (not cfg.db_path.is_file() and (cfg.state_dir / CLUSTER_DB).is_file()):
+    if cfg.cluster or _cluster_unsaid(cfg):
         # (It put the backup in place of cluster.db and said clients start over from it: the
         # server made its copy from the stream again, and nothing changed for anyone; a
         # newcomer's run, 2026-11-25.)
