@@ -102,14 +102,18 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusC
     except grpc.aio.UsageError:
         raise grpc.aio.AbortError() from None
 
+def said_bug(method: str, e: Exception, logger: logging.Logger, error_log: LogLimiter) -> str:
+    """Log a bug, not the client's doing, ``e`` in ``logger`` as often as ``error_log`` lets
+    (a client must not be able to fill the journal with tracebacks by repeating the
+    request); return what the caller is told."""
+    error_log.log(logger, logging.ERROR, "%s failed unexpectedly", method, exc_info=e)
+    return f"{method}: internal error; the server's log says more"
+
+
 async def abort_bug(context: grpc.aio.ServicerContext[Any, Any], method: str, e: Exception,
                     logger: logging.Logger, error_log: LogLimiter) -> None:
-    """Answer a bug, not the client's doing: INTERNAL, and ``e`` in ``logger`` as often as
-    ``error_log`` lets (a client must not be able to fill the journal with tracebacks by
-    repeating the request)."""
-    error_log.log(logger, logging.ERROR, "%s failed unexpectedly", method, exc_info=e)
-    await _abort(context, grpc.StatusCode.INTERNAL,
-                 f"{method}: internal error; the server's log says more")
+    """Answer a bug: INTERNAL, said as ``said_bug`` says it."""
+    await _abort(context, grpc.StatusCode.INTERNAL, said_bug(method, e, logger, error_log))
 
 
 class _Garbage:
@@ -842,9 +846,7 @@ class ChatService:
             # taken for the connection ending: the stream ended OK, the event unanswered,
             # and the log said so at debug level).
             self.metrics.inc("rpc_errors_total{code=\"INTERNAL\"}")
-            self._error_log.log(log, logging.ERROR, "Join failed unexpectedly", exc_info=e)
-            sub.close(CloseReason(CloseKind.FAILED,
-                                  "Join: internal error; the server's log says more"))
+            sub.close(CloseReason(CloseKind.FAILED, said_bug("Join", e, log, self._error_log)))
 
     def _set_away(self, sub: Subscriber, p: auth.Principal, away: bool, message: str) -> None:
         """/away [message] (or back): for the person, announced in every room they are in."""
