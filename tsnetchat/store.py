@@ -473,14 +473,15 @@ def search_words(text: str) -> SearchWords:
     words = _WORDS.findall(text)
     if not words:
         raise InvalidInput("the search has no words to look for")
-    inside = tuple(dict.fromkeys(w.rstrip("*") for w in words if _UNSPACED.search(w)))
+    indexed = [w for w in words if not _UNSPACED.search(w)]
+    inside = tuple(dict.fromkeys(w.rstrip("*") for w in words if w not in indexed))
     if len(inside) > MAX_INSIDE_WORDS:
         raise InvalidInput(f"a search has at most {MAX_INSIDE_WORDS} words in Chinese, "
                            "Japanese, Thai, Lao, Khmer, Burmese or Korean (each is read in "
                            "the whole text of every message searched); this one has "
                            f"{len(inside)}")
     return SearchWords(" ".join(f'"{w[:-1]}" *' if w.endswith("*") else f'"{w}"'
-                                for w in words if not _UNSPACED.search(w)), inside)
+                                for w in indexed), inside)
 
 
 def _damaged(e: sqlite3.Error) -> bool:
@@ -1442,13 +1443,14 @@ class Store:
             filters.append("m.ts_ms<?")
             values.append(until_ms)
         where = [f"r.name IN ({marks})", *filters]
-        args: list[object] = [words.fts, *rooms, *values]
+        args: list[object] = [*rooms, *values]
         size = self._q(  # (at most this many rows: ids are dense; two index lookups a room)
             "SELECT COALESCE(SUM((SELECT MAX(id) FROM messages WHERE room = r.id) "
             f"- (SELECT MIN(id) FROM messages WHERE room = r.id) + 1), 0) FROM rooms r "
             f"WHERE name IN ({marks})", tuple(rooms))[0][0]
         if size <= SEARCH_BY_ROOM:
-            return self._search_apart(" AND ".join(where), args, newest, limit, offset)
+            return self._search_apart(" AND ".join(where), args, words.fts, newest, limit,
+                                      offset)
         if not words.fts:
             return self._search_inside(rooms, size, filters, values, limit, offset)
         matches = ("FROM messages_fts f JOIN messages m ON m.seq = f.rowid "
@@ -1456,14 +1458,15 @@ class Store:
                    "WHERE messages_fts MATCH ? AND " + " AND ".join(where))
         if newest:
             rows = self._q(_COLUMNS + matches + " ORDER BY f.rowid DESC LIMIT ? OFFSET ?",
-                           (*args, limit, offset))
+                           (words.fts, *args, limit, offset))
         else:
             rows = self._q(
                 f"WITH w AS (SELECT f.rowid AS seq, bm25(messages_fts) AS score {matches} "
                 f"ORDER BY f.rowid DESC LIMIT {RANK_WINDOW}) "
                 + _COLUMNS + "FROM w JOIN messages m ON m.seq = w.seq "
                 "JOIN rooms r ON r.id = m.room JOIN senders s ON s.id = m.sender "
-                "ORDER BY w.score, w.seq DESC LIMIT ? OFFSET ?", (*args, limit, offset))
+                "ORDER BY w.score, w.seq DESC LIMIT ? OFFSET ?",
+                (words.fts, *args, limit, offset))
         return [_row(r) for r in rows]
 
     def _search_inside(self, rooms: Sequence[str], size: int, filters: list[str],
@@ -1490,8 +1493,8 @@ class Store:
                        "ORDER BY m.seq DESC LIMIT ? OFFSET ?", (*rooms, *values, limit, offset))
         return [_row(r) for r in rows]
 
-    def _search_apart(self, where: str, args: Sequence[object], newest: bool, limit: int,
-                      offset: int) -> list[StoredMessage]:
+    def _search_apart(self, where: str, args: Sequence[object], fts: str, newest: bool,
+                      limit: int, offset: int) -> list[StoredMessage]:
         """``search`` in rooms of at most SEARCH_BY_ROOM messages: their messages are indexed
         on their own (the same tokenizer, in memory) and searched there, rather than reading
         every match of the words in every room. (Looking each message up in the big index
@@ -1500,13 +1503,13 @@ class Store:
         weighed against the caller's rooms, not against every room."""
         texts = self._q("SELECT m.seq, m.text FROM rooms r CROSS JOIN messages m ON "
                         "m.room = r.id JOIN senders s ON s.id = m.sender WHERE m.kind IN "
-                        f"(1, 2) AND {where}", args[1:])
+                        f"(1, 2) AND {where}", args)
         if not texts:
             return []
-        if not args[0]:  # (nothing for the index: every text here matched, newest first)
+        if not fts:  # (nothing for the index: every text here matched, newest first)
             order = sorted((r[0] for r in texts), reverse=True)[offset:offset + limit]
         else:
-            order = self._rank_apart(texts, str(args[0]), newest, limit, offset)
+            order = self._rank_apart(texts, fts, newest, limit, offset)
         if not order:
             return []
         rows = {r[-1]: r[:-1] for r in self._q(
