@@ -34,6 +34,7 @@ import os
 import stat
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -128,6 +129,16 @@ def _when(t: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
 
+# An Entry field's type (as written in the class) -> its test, and its name in words.
+_KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "float": (lambda v: isinstance(v, int | float) and not isinstance(v, bool), "a number"),
+    "list[str]": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+                  "a list of strings"),
+}
+
+
 @dataclass
 class Entry:
     """One stored token and the server node it belongs to."""
@@ -167,21 +178,10 @@ class Entry:
     def from_json(cls, d: dict[str, Any]) -> Entry:
         """Raises TypeError naming a field that is missing or not of its type (one of the
         wrong type was read, and a later use of it ended in a TypeError: "a bug")."""
-        kinds: dict[str, tuple[type, ...]] = {"str": (str,), "bool": (bool,),
-                                              "float": (int, float)}
         names = {f.name for f in fields(cls)}
         for f in fields(cls):
-            if f.name not in d:
-                continue
-            v = d[f.name]
-            if f.type == "list[str]":
-                ok = isinstance(v, list) and all(isinstance(x, str) for x in v)
-            else:
-                ok = isinstance(v, kinds[str(f.type)]) and not (
-                    f.type == "float" and isinstance(v, bool))
-            if not ok:
-                what = "a list of strings" if f.type == "list[str]" else {
-                    "str": "a string", "bool": "true or false", "float": "a number"}[str(f.type)]
+            ok, what = _KINDS[str(f.type)]
+            if f.name in d and not ok(d[f.name]):
                 raise TypeError(f"{f.name} is not {what}")
         return cls(**{k: v for k, v in d.items() if k in names})
 
