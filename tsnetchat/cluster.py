@@ -1478,9 +1478,8 @@ class ClusterHistory:
                 self._js_attempt.get_last_msg(STREAM, ROOM_PREFIX + room),
                 max(0.01, deadline - time.monotonic()))
             newest = int(json.loads(last.data or b"{}")["id"])
-        except (nats.errors.Error, OSError, TimeoutError):  # (none of it: NotFoundError)
-            return True
-        except (ValueError, KeyError, TypeError):  # (not a message of ours: as the applier)
+        except (nats.errors.Error, OSError, TimeoutError,  # (none of it: NotFoundError)
+                ValueError, KeyError, TypeError):  # (not a message of ours: as the applier)
             return True
         if after > newest:
             return True  # (waiting would not give it: sends must not wait on the copy)
