@@ -28,8 +28,12 @@ from typing import Any
 from .errors import InvalidInput
 from .pb import chat_pb2 as pb
 
-UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff\u202a-\u202e\u2066-\u2069"
-                    "\u2028\u2029\ufff9-\ufffb]")
+# Refused in text, as character-class ranges: C0 and C1 controls (tab and newline apart),
+# and the rest, which a terminal would act on rather than show (lone surrogates, bidi
+# embeddings, overrides and isolates, line and paragraph separators, annotation marks).
+CONTROLS = "\x00-\x08\x0b-\x1f\x7f-\x9f"
+UNSHOWN = "\ud800-\udfff\u202a-\u202e\u2066-\u2069\u2028\u2029\ufff9-\ufffb"
+UNSAFE = re.compile(f"[{CONTROLS}{UNSHOWN}]")
 
 # Unicode's Default_Ignorable_Code_Point set (they render as nothing), plus the braille
 # blank, which renders as an empty cell.

@@ -107,7 +107,7 @@ from .config import user_state_dir
 from .errors import ConfigError, InvalidInput
 from .outbox import Outgoing, Pacer, State, split_text, utf8_len, with_newlines
 from .pb import chat_pb2 as pb
-from .render import UNSAFE, validate_text
+from .render import UNSAFE, UNSHOWN, validate_text
 from .resume import Phase, StreamState, worst
 
 log = logging.getLogger("tsnetchat.tui")
@@ -193,10 +193,8 @@ class MessagePane(UIControl):
 
 
 # The characters of ``render.UNSAFE`` that prompt_toolkit would write to the terminal as they
-# are (it shows C0 and C1 controls itself, as ^G and <80>): bidi embeddings, overrides and
-# isolates, line and paragraph separators, annotation marks, lone surrogates.
-RAW_UNSAFE = re.compile("[\ud800-\udfff\u202a-\u202e\u2066-\u2069\u2028\u2029"
-                        "\ufff9-\ufffb]")
+# are (it shows C0 and C1 controls itself, as ^G and <80>): ``render.UNSHOWN``.
+RAW_UNSAFE = re.compile(f"[{UNSHOWN}]")
 
 
 class ShownSafe(Processor):
