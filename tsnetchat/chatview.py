@@ -31,7 +31,7 @@ import enum
 import re
 import time
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from prompt_toolkit.utils import get_cwidth
@@ -499,6 +499,29 @@ def wrap(text: str, width: int, *, first: int | None = None) -> list[str]:
     return rows
 
 
+def _blocks(conv: Conversation, renderer: Renderer, width: int
+            ) -> Iterator[tuple[Entry, list[Line]]]:
+    """Each entry of ``conv`` with its lines as drawn at ``width``, newest first: its day's
+    separator and the unread marker placed above it."""
+    entries = conv.entries
+    for i in range(len(entries) - 1, -1, -1):
+        e = entries[i]
+        block = list(renderer.render(e, width))
+        if e.message is not None and e.id == conv.marker_id:
+            block.insert(0, renderer.separator("new since you last looked", width,
+                                               "class:marker"))
+        if i == 0 or day_of(entries[i - 1].ts_ms) != day_of(e.ts_ms):
+            block.insert(0, renderer.separator(day_label(day_of(e.ts_ms)), width))
+        yield e, block
+
+
+def _outgoing_lines(renderer: Renderer, width: int, outgoing: Sequence[Outgoing],
+                    me: pb.Identity | None) -> list[Line]:
+    """What is on its way, drawn below the entries (nothing without ``me``)."""
+    return [line for out in outgoing for line in renderer.outgoing(out, me, width)] if (
+        me is not None) else []
+
+
 def visible_lines(conv: Conversation, renderer: Renderer, width: int, height: int,
                   outgoing: Sequence[Outgoing] = (), me: pb.Identity | None = None
                   ) -> tuple[list[Line], bool]:
@@ -507,46 +530,29 @@ def visible_lines(conv: Conversation, renderer: Renderer, width: int, height: in
     placed here. Returns the lines, and whether the oldest loaded line is on screen."""
     conv.width = width
     want = height + conv.scroll
-    lines: list[Line] = []
-    if me is not None:
-        for out in outgoing:
-            lines += renderer.outgoing(out, me, width)
+    lines = _outgoing_lines(renderer, width, outgoing, me)
     blocks: list[list[Line]] = []  # one per entry, newest first
     count = len(lines)
-    entries = conv.entries
-    i = len(entries) - 1
-    while i >= 0 and count < want:
-        e = entries[i]
-        block = list(renderer.render(e, width))
-        if e.message is not None and e.id == conv.marker_id:
-            block.insert(0, renderer.separator("new since you last looked", width,
-                                               "class:marker"))
-        if i == 0 or day_of(entries[i - 1].ts_ms) != day_of(e.ts_ms):
-            block.insert(0, renderer.separator(day_label(day_of(e.ts_ms)), width))
-        blocks.append(block)
-        count += len(block)
-        i -= 1
+    drawn = _blocks(conv, renderer, width)
+    while count < want and (nxt := next(drawn, None)) is not None:
+        blocks.append(nxt[1])
+        count += len(nxt[1])
     lines = [line for block in reversed(blocks) for line in block] + lines
     conv.scroll = max(0, min(conv.scroll, len(lines) - height))
     end = len(lines) - conv.scroll
     top = max(0, end - height)
-    return lines[top:end], i < 0 and top == 0
+    return lines[top:end], len(blocks) == len(conv.entries) and top == 0
 
 
 def on_screen(conv: Conversation, entry: Entry, renderer: Renderer, width: int, height: int,
               outgoing: Sequence[Outgoing] = (), me: pb.Identity | None = None) -> bool:
-    """Whether any line of ``entry`` is among those ``visible_lines`` draws (the same count
-    from the bottom: what is on its way, then the entries after it with their separators)."""
-    below = sum(len(renderer.outgoing(o, me, width)) for o in outgoing) if me else 0
-    entries = conv.entries
-    for i in range(len(entries) - 1, -1, -1):
-        e = entries[i]
-        size = len(renderer.render(e, width))
-        size += e.message is not None and e.id == conv.marker_id
-        size += i == 0 or day_of(entries[i - 1].ts_ms) != day_of(e.ts_ms)
+    """Whether any line of ``entry`` is among those ``visible_lines`` draws (counted as it
+    counts them, from the bottom)."""
+    below = len(_outgoing_lines(renderer, width, outgoing, me))
+    for e, block in _blocks(conv, renderer, width):
         if e is entry:
-            return below < conv.scroll + height and below + size > conv.scroll
-        below += size
+            return below < conv.scroll + height and below + len(block) > conv.scroll
+        below += len(block)
         if below >= conv.scroll + height:
             return False
     return False
