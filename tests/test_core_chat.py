@@ -375,6 +375,40 @@ async def test_a_room_is_told_the_latest_of_a_members_comings_and_goings_whateve
     watch.cancel()
 
 
+async def test_a_person_whose_first_join_ends_in_its_replay_while_a_second_is_open_is_announced(
+        chat: Chat, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the person's first stream into a room announced them, and only once its replay
+    was done: a first Join that ended in its replay while a second was open left the room
+    told neither that they came nor, later, that they went."""
+    bob = await chat.connect("bob@tailnet.test")
+    watch = bob.stub.Join(hello_events("general", hold=asyncio.Event()), metadata=bob.metadata)
+    await collect(watch, 1, kind="replay_done")
+    await collect(watch, 1, kind="presence")  # bob himself
+    store = chat.server.service.store
+    stored_after, release = store.after, asyncio.Event()
+
+    async def held(room: str, after_id: int, limit: int) -> Any:
+        await release.wait()  # (the first Join stays in its replay)
+        return await stored_after(room, after_id, limit)
+
+    monkeypatch.setattr(store, "after", held)
+    mallory = await chat.connect("mallory@t.t")
+    first = mallory.stub.Join(hello_events("general", after=0), metadata=mallory.metadata)
+    await collect(first, 1, kind="welcome")
+    second = mallory.stub.Join(hello_events("general", hold=asyncio.Event()),
+                               metadata=mallory.metadata)
+    await collect(second, 1, kind="replay_done")
+    first.cancel()
+    await until(lambda: chat.server.service.hub.subscriptions_of("mallory@t.t") == 1)
+    (came,) = await collect(watch, 1, kind="presence")
+    assert (came.kind, came.who.login) == (pb.PRESENCE_KIND_JOINED, "mallory@t.t")
+    second.cancel()
+    (went,) = await collect(watch, 1, kind="presence")
+    assert (went.kind, went.who.login) == (pb.PRESENCE_KIND_LEFT, "mallory@t.t")
+    release.set()
+    watch.cancel()
+
+
 async def test_the_room_is_told_a_neutral_reason_when_a_member_is_kicked_or_revoked(
         chat: Chat) -> None:
     """What the closed stream is told ("you were removed ... by alice", "your token was

@@ -271,6 +271,11 @@ class ChatService:
         self._comings: Coalescer[_Coming] = Coalescer(COMINGS_BURST, COMINGS_RATE,
                                                       self._came_or_went)
         self._present: set[tuple[str, str]] = set()  # (login, room) rooms were told are in
+        # (login, room) -> the person's Join streams there whose replay is done: the first
+        # of them announces the person, the last to end their going. (The hub's first and
+        # last stream, replaying or not: a first Join that ended in its replay while a
+        # second was open left the room told neither; an independent review.)
+        self._inside: dict[tuple[str, str], int] = {}
         self._away: dict[str, str] = {}  # login -> away message (set by an Away event)
         self._error_log = LogLimiter(burst=5, rate=0.2)
         # (when answered, or asked while in flight; the question)
@@ -635,8 +640,8 @@ class ChatService:
 
     def _came_or_went(self, c: _Coming) -> None:
         """``Coalescer``'s emit: a person's coming or going, unless the room was told so
-        last (``_present``: who it was last told is in). Comings and goings do not always
-        turn: a Join ended in its replay leaves without having been announced."""
+        last (``_present``: who it was last told is in). Join offers them in turn
+        (``_inside``); held back over the limit, the latest of them is said, and said once."""
         key = (c.who.login, c.room)
         if (c.kind == pb.PRESENCE_KIND_JOINED) == (key in self._present):
             return
@@ -680,7 +685,9 @@ class ChatService:
             self.ledger.people.add(p.login, p.display_name)
             sub = Subscriber(hello.room, p.login, p.token_id, self.limits.subscriber_queue,
                              member=me, batch_acks=hello.batch_acks)
-            first = self.hub.add(sub)
+            self.hub.add(sub)
+            inside = (p.login, hello.room)
+            entered = False
             lease.attach(lambda e: sub.close(_closing(e)))
             reader: asyncio.Task[None] | None = None
             self.metrics.inc("streams_opened_total{kind=\"join\"}")
@@ -703,7 +710,9 @@ class ChatService:
                 async for f in self._replay(sub, after, lease, context):
                     yield f
                 yield codec.event(replay_done=self._replay_done(sub))
-                if first:
+                entered = True
+                self._inside[inside] = self._inside.get(inside, 0) + 1
+                if self._inside[inside] == 1:
                     self._comings.offer(p.login, hello.room,
                                         _Coming(hello.room, pb.PRESENCE_KIND_JOINED, me))
                 reader = asyncio.create_task(self._read_client(request_iterator, sub, lease))
@@ -712,10 +721,15 @@ class ChatService:
             finally:
                 if reader is not None:
                     reader.cancel()
-                if self.hub.remove(sub):
-                    self._comings.offer(p.login, hello.room, _Coming(
-                        hello.room, pb.PRESENCE_KIND_LEFT, me,
-                        LEFT_BECAUSE.get(sub.closed.kind, "") if sub.closed else ""))
+                self.hub.remove(sub)
+                if entered:
+                    left = self._inside.pop(inside) - 1
+                    if left:
+                        self._inside[inside] = left
+                    else:
+                        self._comings.offer(p.login, hello.room, _Coming(
+                            hello.room, pb.PRESENCE_KIND_LEFT, me,
+                            LEFT_BECAUSE.get(sub.closed.kind, "") if sub.closed else ""))
 
     async def _read_hello(self, it: AsyncIterator[Any], lease: Lease) -> pb.Hello:
         """The first event, which must be a hello; given up as soon as the lease fails."""
