@@ -409,6 +409,37 @@ async def test_a_person_whose_first_join_ends_in_its_replay_while_a_second_is_op
     watch.cancel()
 
 
+async def test_away_is_not_announced_in_a_room_the_person_only_tails(chat: Chat) -> None:
+    """A Subscribe stream (tail, a dashboard) is not in the room: its members are not told
+    its person went away, as they were never told the person came."""
+    alice = await chat.connect("alice@tailnet.test")
+    tail = alice.subscribe("random")
+    await collect(tail, 1, kind="replay_done")
+    bob = await chat.connect("bob@tailnet.test")
+    hold = asyncio.Event()
+    watch = bob.stub.Join(hello_events("random", hold=hold), metadata=bob.metadata)
+    await collect(watch, 1, kind="presence")  # bob himself
+    away = pb.ClientEvent(away=pb.Away(away=True, message="lunch"))
+    a = alice.stub.Join(hello_events("general", then=[away], hold=asyncio.Event()),
+                        metadata=alice.metadata)
+    while True:  # (her own room is told)
+        (p,) = await collect(a, 1, kind="presence")
+        if p.kind == pb.PRESENCE_KIND_AWAY:
+            break
+    said = bob.stub.Join(hello_events("random", then=[send("after it", "b1")]),
+                         metadata=bob.metadata)
+    await collect(said, 1, kind="sent")
+    before: list[pb.Presence] = []
+    async for ev in watch:
+        if ev.WhichOneof("event") in ("message", "batch"):
+            break
+        if ev.WhichOneof("event") == "presence":
+            before.append(ev.presence)
+    assert [(p.kind, p.who.login) for p in before] == []
+    for call in (tail, watch, a, said):
+        call.cancel()
+
+
 async def test_the_room_is_told_a_neutral_reason_when_a_member_is_kicked_or_revoked(
         chat: Chat) -> None:
     """What the closed stream is told ("you were removed ... by alice", "your token was

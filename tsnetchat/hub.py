@@ -640,9 +640,11 @@ class Hub:
     def rooms(self) -> Iterable[str]:
         return list(self._rooms)
 
-    def rooms_of(self, login: str) -> set[str]:
-        """The rooms where ``login`` has an open stream."""
-        return {s.room for s in self._by_login.get(login, ())}
+    def rooms_of(self, login: str, *, member: bool = False) -> set[str]:
+        """The rooms where ``login`` has an open stream (``member``: a member's, not only a
+        read-only feed's)."""
+        return {s.room for s in self._by_login.get(login, ())
+                if not member or s.member is not None}
 
     def close_where(self, pred: Callable[[Subscriber], bool], reason: CloseReason) -> int:
         victims = [s for subs in self._by_login.values() for s in subs

@@ -876,8 +876,10 @@ class ChatService:
         elif self._away.pop(p.login, None) is None:
             return
         me = self._me(p)
-        for room in self.hub.rooms_of(p.login):
-            if self._may_mention(room, p.login):  # (not where an admin only reads along)
+        # (not where they only tail: a Subscribe's person is not among the members; nor
+        # where an admin only reads along)
+        for room in self.hub.rooms_of(p.login, member=True):
+            if self._may_mention(room, p.login):
                 self._presence(room, pb.PRESENCE_KIND_AWAY if away else pb.PRESENCE_KIND_BACK,
                                me, away_message=message)
 
