@@ -60,7 +60,8 @@ AWAY_BURST, AWAY_RATE = 10, 0.2
 COMINGS_BURST, COMINGS_RATE = 40, 1.0
 MAX_SEARCH_ROOMS = 100  # rooms named in one Search
 # Calls that only read: their answer is withheld if the lease failed while it was worked out
-# (a change that was made is answered, whatever happened meanwhile).
+# (a change that was made is answered, whatever happened meanwhile), and keeps to the private
+# rooms the caller is still a member of (``_still_readable``).
 READS = frozenset({"History", "ListRooms", "Unread", "Mentions", "Search", "WhoAmI"})
 MAX_LOGINS = 1000  # logins named in one CreateRoom or SetRoomMembers
 # How long the tailnet's logins, once asked of tailscaled, answer for the next new DM names.
@@ -436,6 +437,14 @@ class ChatService:
         room = self._canonical(p, room)
         self.access().check(p, room)
         return room
+
+    def _still_readable(self, lease: Lease) -> Callable[[str], bool]:
+        """Whether the caller may read a room as decided now, for a read's answer once it
+        is worked out (``READS``; the lease itself is checked by ``_call``): a member removed
+        from a private room while their History or Search of it was still reading got its
+        messages (an independent review, 2026-11-25)."""
+        access, p = self.access(), lease.principal
+        return lambda room: access.may_read(p, room)
 
     async def _hold(self, lease: Lease, room: str, *,
                     speak: bool = False) -> tuple[auth.Principal, str]:
@@ -935,6 +944,8 @@ class ChatService:
                 msgs = await self.store.before(room, before, limit + 1)
                 more = len(msgs) > limit
                 msgs = msgs[-limit:]
+            if not self._still_readable(lease)(room):
+                self.access().check(lease.principal, room)  # (its refusal, in its words)
             return pb.HistoryResponse(messages=[codec.message_pb(m) for m in msgs], more=more,
                                       max_page=self.limits.max_page)
         raise AssertionError("unreachable")  # pragma: no cover - abort raised
@@ -946,7 +957,8 @@ class ChatService:
             infos = []
             states = await self._states(p)
             topics = await self.store.topics([st.room for st in states])
-            for st in states:
+            still = self._still_readable(lease)
+            for st in [st for st in states if still(st.room)]:
                 n = st.room
                 private = rooms.is_conversation(n)
                 infos.append(pb.RoomInfo(
@@ -972,6 +984,8 @@ class ChatService:
     async def Unread(self, request: Any, context: grpc.aio.ServicerContext) -> pb.UnreadResponse:
         async with self._call(context, request, "Unread") as lease:
             states = await self._states(lease.principal)
+            still = self._still_readable(lease)
+            states = [s for s in states if still(s.room)]
             return pb.UnreadResponse(
                 rooms=[pb.RoomInfo(name=s.room, last_id=self.store.last_id(s.room),
                                    unread=s.unread, unread_mentions=s.mentions,
@@ -1003,7 +1017,9 @@ class ChatService:
             msgs = await self.store.mentions_of(p.login, include_read=request.include_read,
                                                 limit=limit,
                                                 rooms=self.access().readable(p, self.store.rooms()))
-            return pb.MentionsResponse(messages=[codec.message_pb(m) for m in msgs])
+            still = self._still_readable(lease)
+            return pb.MentionsResponse(messages=[codec.message_pb(m) for m in msgs
+                                                 if still(m.room)])
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def Search(self, request: Any, context: grpc.aio.ServicerContext) -> pb.SearchResponse:
@@ -1058,7 +1074,9 @@ class ChatService:
                 newest=request.order == pb.SEARCH_ORDER_NEWEST, limit=limit + 1,
                 offset=request.offset)
             more = len(msgs) > limit
-            return pb.SearchResponse(messages=[codec.message_pb(m) for m in msgs[:limit]],
+            still = self._still_readable(lease)
+            return pb.SearchResponse(messages=[codec.message_pb(m) for m in msgs[:limit]
+                                               if still(m.room)],
                                      more=more,
                                      next_offset=request.offset + limit if more else 0)
         raise AssertionError("unreachable")  # pragma: no cover
