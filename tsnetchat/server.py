@@ -37,7 +37,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from . import auth, enroll
 from .cluster import ClusterHistory
 from .config import DEFAULT_PORT, SINGLE_DB, Limits, ServerConfig, parse_listen, settings
-from .connguard import ConnectionGuard, raise_file_limit, remote
+from .connguard import ConnectionGuard, Remote, raise_file_limit, remote
 from .errors import ConfigError, StoreError, TailnetError, TsnetchatError
 from .gate import Gate, Policy
 from .hub import Hub, Pacing
@@ -334,6 +334,11 @@ class Server:
         self.status: Status | None = None
         self.addresses: list[str] = []
         self.ports: list[int] = []
+        # What the connection guard sweeps, and the metrics listeners: both follow a rebind
+        # (``_maybe_rebind``; kept on the old addresses, metrics went unserved and a device
+        # held any number of connections on the new ones; an independent review, 2026-11-25).
+        self._listening: list[Remote] = []
+        self._metrics_servers: list[asyncio.Server] = []
         self._grpc: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopped = False
@@ -411,8 +416,9 @@ class Server:
                        asyncio.create_task(self._retention_loop())]
         self._check_database()  # (before the helper threads are set to SCHED_BATCH: it is one)
         if cfg.max_connections_per_device:
-            listening = [remote(a, p) for a, p in zip(self.addresses, self.ports, strict=True)]
-            self._tasks.append(asyncio.create_task(self.guard.run(listening, own_files)))
+            self._listening[:] = [remote(a, p)
+                                  for a, p in zip(self.addresses, self.ports, strict=True)]
+            self._tasks.append(asyncio.create_task(self.guard.run(self._listening, own_files)))
         if cfg.metrics_port:
             await self._start_metrics()
         if self.owns_process:
@@ -632,8 +638,15 @@ class Server:
         self._grpc = self._build_grpc(new)
         await self._grpc.start()
         self.addresses, self.status = new, st
-        if old is not None:
-            await old.stop(self.cfg.shutdown_grace)
+        self._listening[:] = [remote(a, p) for a, p in zip(new, self.ports, strict=True)]
+        try:
+            if self.cfg.metrics_port:
+                for srv in self._metrics_servers:  # (first: an address kept is bound again)
+                    srv.close()
+                await self._listen_metrics()  # (ConfigError: said by _follow_tailnet)
+        finally:
+            if old is not None:
+                await old.stop(self.cfg.shutdown_grace)
 
     async def _start_metrics(self) -> None:
         """Prometheus text, behind the tailnet lock: only connections that come through
@@ -663,13 +676,21 @@ class Server:
                 await writer.drain()
             writer.close()
 
+        self._metrics_handle = handle
+        await self._listen_metrics()
+
+    async def _listen_metrics(self) -> None:
+        """Serve metrics on ``addresses`` (again, after a rebind)."""
+        self._metrics_servers = []
         for addr in self.addresses:
             try:
-                srv = await asyncio.start_server(handle, addr, self.cfg.metrics_port)
+                srv = await asyncio.start_server(self._metrics_handle, addr,
+                                                 self.cfg.metrics_port)
             except OSError as e:  # (it was "unexpected OSError ... a bug": an attacker's run,
                 # 2026-11-25, with the port taken)
                 raise ConfigError(f"cannot serve metrics on {addr}:{self.cfg.metrics_port} "
                                   f"(metrics_port): {_bind_words(e, addr)}") from None
+            self._metrics_servers.append(srv)
             self._tasks.append(asyncio.create_task(srv.serve_forever()))
 
     # reload / stop -------------------------------------------------------------------
