@@ -1036,11 +1036,6 @@ class ChatService:
                 raise InvalidInput(f"order {request.order} is not one of this server's (rank, "
                                    "newest): a newer client's? upgrade the server")
             search_words(request.query)  # a query without words is refused, whatever one reads
-            wait = self._search_buckets.take(p.login)
-            if wait:
-                raise LimitExceeded(f"slow down: at most {lim.searches_per_minute} searches a "
-                                    f"minute (searches_per_minute); {retry_in(wait)}")
-            access = self.access()
             if len(request.rooms) > MAX_SEARCH_ROOMS:  # (each DM name may be resolved)
                 raise InvalidInput(f"a search names at most {MAX_SEARCH_ROOMS} rooms; name none "
                                    "to search every room you can read")
@@ -1056,6 +1051,14 @@ class ChatService:
                     raise InvalidInput(f"nobody with the login {request.author[:60]!r} has used "
                                        "this server (or several people have it, in different "
                                        "capitals); check the spelling")
+            # Counted once what it asks is known to be a search (two typos of an author and
+            # the corrected search was told to wait; an independent review, 2026-11-25), and
+            # before its DM names may ask tailscaled.
+            wait = self._search_buckets.take(p.login)
+            if wait:
+                raise LimitExceeded(f"slow down: at most {lim.searches_per_minute} searches a "
+                                    f"minute (searches_per_minute); {retry_in(wait)}")
+            access = self.access()
             if request.rooms:
                 wanted = [await self._conversation(p, r) for r in dict.fromkeys(request.rooms)]
                 # A room the token does not allow is refused as everywhere else (naming the

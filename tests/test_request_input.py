@@ -1,0 +1,28 @@
+"""Requests a client got wrong, over a real grpc.aio server in-process (the chat fixture):
+each is refused in words, and costs the caller nothing it did not use."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from helpers import Chat, refused
+
+ALICE, BOB = "alice@tailnet.test", "bob@tailnet.test"
+
+
+@pytest.mark.server_config(searches_per_minute=2)
+async def test_a_search_refused_for_what_it_asks_does_not_use_one_of_the_persons_searches(
+        chat: Chat) -> None:
+    """An author nobody has, or too many rooms named, was refused after the search had been
+    counted against searches_per_minute: two such typos and the corrected search was told
+    to wait."""
+    alice = await chat.connect(ALICE)
+    await alice.send_one("general", "the heron")
+    e = await refused(alice.search("heron", author="nobody@tailnet.test"))
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "nobody with the login" in e.details()
+    e = await refused(alice.search("heron", rooms=[f"r{i}" for i in range(101)]))
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "at most 100 rooms" in e.details()
+    assert [m.text for m in (await alice.search("heron", author=ALICE)).messages] == ["the heron"]
+    assert [m.text for m in (await alice.search("heron")).messages] == ["the heron"]
+    e = await refused(alice.search("heron"))
+    assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # (the limit still holds)
