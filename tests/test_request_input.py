@@ -26,3 +26,17 @@ async def test_a_search_refused_for_what_it_asks_does_not_use_one_of_the_persons
     assert [m.text for m in (await alice.search("heron")).messages] == ["the heron"]
     e = await refused(alice.search("heron"))
     assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # (the limit still holds)
+
+
+async def test_a_membership_change_that_adds_and_removes_one_person_is_refused_and_changes_nothing(
+        chat: Chat) -> None:
+    """Both at once was taken, the removal winning without a word: the admin who meant to
+    add bob found him out of the room."""
+    admin = await chat.connect(ALICE, chat.token(ALICE, admin=True))
+    bob = await chat.connect(BOB)
+    await bob.whoami()
+    await admin.create_room("+team", [ALICE, BOB])
+    e = await refused(admin.set_room_members("+team", add=[BOB], remove=["Bob@tailnet.test"]))
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.details() == (f"{BOB!r} is both added and removed; nobody was added or removed")
+    assert sorted((await admin.set_room_members("+team")).members) == [ALICE, BOB]

@@ -1109,6 +1109,10 @@ class ChatService:
             rooms.check_name(request.room)
             gone = self._members_named(request.room, self._logins(request.remove))
             added = await self._somebodys(self._logins(request.add))
+            both = sorted(set(added) & set(gone))
+            if both:  # (the removal won, unsaid: the admin meaning to add bob had him out)
+                raise InvalidInput(f"{both[0][:60]!r} is both added and removed; nobody was "
+                                   "added or removed")
 
             async def change() -> tuple[frozenset[str], int]:
                 members = await self.store.set_members(request.room, p.login, added, gone,
