@@ -3,6 +3,8 @@ each is refused in words, and costs the caller nothing it did not use."""
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import pytest
 from helpers import Chat, refused
@@ -40,3 +42,33 @@ async def test_a_membership_change_that_adds_and_removes_one_person_is_refused_a
     assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert e.details() == (f"{BOB!r} is both added and removed; nobody was added or removed")
     assert sorted((await admin.set_room_members("+team")).members) == [ALICE, BOB]
+
+
+async def test_an_away_message_refused_as_malformed_does_not_use_one_of_the_persons_changes(
+        chat: Chat) -> None:
+    """Each /away was counted against the away limit before its message was looked at: ten
+    malformed ones, and the corrected /away was told to slow down."""
+    from helpers import collect, hello_events
+
+    from tsnetchat.pb import chat_pb2 as pb
+    from tsnetchat.service import AWAY_BURST
+
+    alice = await chat.connect(ALICE)
+    bad = [pb.ClientEvent(away=pb.Away(away=True, message="x" * 300, client_msg_id=f"a{i}"))
+           for i in range(AWAY_BURST)]
+    good = pb.ClientEvent(away=pb.Away(away=True, message="lunch", client_msg_id="ok"))
+    call = alice.stub.Join(hello_events("general", then=[*bad, good], hold=asyncio.Event()),
+                           metadata=alice.metadata)
+    errors = await collect(call, AWAY_BURST, kind="error")
+    assert [e.client_msg_id for e in errors] == [f"a{i}" for i in range(AWAY_BURST)]
+    assert all("an away message is one line" in e.message for e in errors)
+    got = []
+    async for ev in call:
+        which = ev.WhichOneof("event")
+        if which == "error" or (which == "presence"
+                                and ev.presence.kind == pb.PRESENCE_KIND_AWAY):
+            got.append(ev)
+            break
+    assert got[0].WhichOneof("event") == "presence", got[0]
+    assert got[0].presence.away_message == "lunch"
+    call.cancel()

@@ -832,6 +832,9 @@ class ChatService:
                             raise InvalidInput(
                                 f"client_msg_id longer than {MAX_CLIENT_MSG_ID} characters")
                         cmid = ev.away.client_msg_id
+                        # (looked at before it is counted: ten malformed, and the corrected
+                        # one was told to slow down)
+                        message = self._away_message(ev.away.message)
                         wait = self._away_buckets.take(p.login)
                         if wait:  # (each change is a presence event to every room's streams)
                             self._refuse(sub, LimitExceeded(
@@ -841,7 +844,7 @@ class ChatService:
                             if idle.take():
                                 break
                             continue
-                        self._set_away(sub, p, ev.away.away, ev.away.message)
+                        self._set_away(p, ev.away.away, message)
                     elif which == "hello":
                         raise InvalidInput("already in a room on this stream; open another Join "
                                            "stream to be in another room")
@@ -871,13 +874,18 @@ class ChatService:
             self.metrics.inc("rpc_errors_total{code=\"INTERNAL\"}")
             sub.close(CloseReason(CloseKind.FAILED, said_bug("Join", e, log, self._error_log)))
 
-    def _set_away(self, sub: Subscriber, p: auth.Principal, away: bool, message: str) -> None:
-        """/away [message] (or back): for the person, announced in every room they are in."""
+    def _away_message(self, message: str) -> str:
+        """An Away event's message as it is kept; raises InvalidInput."""
         message = render.one_line(message)  # (as a topic's)
         if len(message.encode()) > self.limits.max_topic_bytes or (
                 render.UNSAFE.search(message) or "\n" in message):
             raise InvalidInput(f"an away message is one line of at most "
                                f"{self.limits.max_topic_bytes} bytes of printable text")
+        return message
+
+    def _set_away(self, p: auth.Principal, away: bool, message: str) -> None:
+        """/away [message] (or back), ``message`` as ``_away_message`` keeps it: for the
+        person, announced in every room they are in."""
         if away and self._away.get(p.login) == message:
             return  # nothing changed: nothing to announce
         if away:
