@@ -679,6 +679,29 @@ async def test_graceful_shutdown_tells_clients_and_closes_unavailable(chat: Chat
     await asyncio.wait_for(stopper, 5)
 
 
+async def test_a_join_whose_hello_comes_after_shutdown_began_is_refused_unavailable_unannounced(
+        chat: Chat) -> None:
+    """Admitted before, its hello read after the streams were told and closed: it was
+    welcomed, announced as JOINED, and left open until gRPC cancelled it at the end of the
+    grace ("Cancelling all calls")."""
+    bob = await chat.connect("bob@tailnet.test")
+    watch = bob.stub.Join(hello_events("general"), metadata=bob.metadata)
+    await collect(watch, 1, kind="presence")  # bob himself
+    alice = await chat.connect("alice@tailnet.test")
+    call = alice.stub.Join(metadata=alice.metadata)
+    await until(lambda: chat.server.gate.leases() >= 2)  # (admitted, waiting for its hello)
+    stopper = asyncio.create_task(chat.server.stop(grace=5))
+    await collect(watch, 1, kind="going_away")
+    await call.write(pb.ClientEvent(hello=pb.Hello(room="general")))
+    got = []
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        async for ev in call:
+            got.append(ev.WhichOneof("event"))
+    assert (e.value.code(), got) == (grpc.StatusCode.UNAVAILABLE, [])
+    assert "shutting down" in (e.value.details() or "")
+    watch.cancel()
+    await asyncio.wait_for(stopper, 10)
+
 def test_make_config_is_loopback_only(tmp_path: Any) -> None:
     cfg = make_config(tmp_path)
     assert cfg.listen == "127.0.0.1"

@@ -519,8 +519,7 @@ class ChatService:
         """Admit the caller for the whole call (the lease stays decided while it runs),
         translate our errors to statuses, count outcomes. Refusals are logged by the gate."""
         try:
-            if self.going_away:
-                raise Unavailable("the server is shutting down; reconnect shortly")
+            self._check_going_away()
             async with self.gate.admit(context.peer(), context.invocation_metadata() or (),
                                        method, stream=stream) as lease:
                 login = lease.principal.login
@@ -555,6 +554,14 @@ class ChatService:
         except Exception as e:
             self.metrics.inc("rpc_errors_total{code=\"INTERNAL\"}")
             await abort_bug(context, method, e, log, self._error_log)
+
+    def _check_going_away(self) -> None:
+        """Refuse a call, or a stream about to enter its room (``hub.add``: after that,
+        ``begin_shutdown`` closes it), once the server is shutting down. A Join admitted
+        before and whose hello came after was welcomed, announced as JOINED, and held open
+        until gRPC cancelled it at the end of the grace (an independent review)."""
+        if self.going_away:
+            raise Unavailable("the server is shutting down; reconnect shortly")
 
     @staticmethod
     def _me(p: auth.Principal) -> pb.Identity:
@@ -694,6 +701,7 @@ class ChatService:
             self.ledger.people.add(p.login, p.display_name)
             sub = Subscriber(hello.room, p.login, p.token_id, self.limits.subscriber_queue,
                              member=me, batch_acks=hello.batch_acks)
+            self._check_going_away()
             self.hub.add(sub)
             inside = (p.login, hello.room)
             entered = False
@@ -920,6 +928,7 @@ class ChatService:
             after = request.after_id if request.HasField("after_id") else None
             await self._resumable(room, after, context)
             sub = Subscriber(room, p.login, p.token_id, self.limits.subscriber_queue)
+            self._check_going_away()
             self.hub.add(sub)
             lease.attach(lambda e: sub.close(_closing(e)))
             self.metrics.inc("streams_opened_total{kind=\"subscribe\"}")
