@@ -409,6 +409,41 @@ async def test_a_person_whose_first_join_ends_in_its_replay_while_a_second_is_op
     watch.cancel()
 
 
+async def test_a_person_whose_only_stream_left_is_still_in_its_replay_is_not_said_to_leave(
+        chat: Chat, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Their other Join is there, in its replay: the room is told nothing until the last of
+    them ends, and then that they left."""
+    bob = await chat.connect("bob@tailnet.test")
+    watch = bob.stub.Join(hello_events("general", hold=asyncio.Event()), metadata=bob.metadata)
+    await collect(watch, 1, kind="replay_done")
+    await collect(watch, 1, kind="presence")  # bob himself
+    mallory = await chat.connect("mallory@t.t")
+    first = mallory.stub.Join(hello_events("general", hold=asyncio.Event()),
+                              metadata=mallory.metadata)
+    await collect(first, 1, kind="replay_done")
+    (came,) = await collect(watch, 1, kind="presence")
+    assert (came.kind, came.who.login) == (pb.PRESENCE_KIND_JOINED, "mallory@t.t")
+    store = chat.server.service.store
+    stored_after, release = store.after, asyncio.Event()
+
+    async def held(room: str, after_id: int, limit: int) -> Any:
+        await release.wait()  # (the second Join stays in its replay)
+        return await stored_after(room, after_id, limit)
+
+    monkeypatch.setattr(store, "after", held)
+    second = mallory.stub.Join(hello_events("general", after=0, hold=asyncio.Event()),
+                               metadata=mallory.metadata)
+    await collect(second, 1, kind="welcome")
+    first.cancel()
+    await until(lambda: chat.server.service.hub.subscriptions_of("mallory@t.t") == 1)
+    second.cancel()
+    (went,) = await collect(watch, 1, kind="presence")
+    assert (went.kind, went.who.login) == (pb.PRESENCE_KIND_LEFT, "mallory@t.t")
+    assert [m.login for m in went.members] == ["bob@tailnet.test"]
+    release.set()
+    watch.cancel()
+
+
 async def test_away_is_not_announced_in_a_room_the_person_only_tails(chat: Chat) -> None:
     """A Subscribe stream (tail, a dashboard) is not in the room: its members are not told
     its person went away, as they were never told the person came."""

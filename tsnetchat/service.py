@@ -273,9 +273,10 @@ class ChatService:
                                                       self._came_or_went)
         self._present: set[tuple[str, str]] = set()  # (login, room) rooms were told are in
         # (login, room) -> the person's Join streams there whose replay is done: the first
-        # of them announces the person, the last to end their going. (The hub's first and
-        # last stream, replaying or not: a first Join that ended in its replay while a
-        # second was open left the room told neither; an independent review.)
+        # of them announces the person; their last stream of all, replaying or not, their
+        # going. (The hub's first stream announced them, replaying or not: one that ended in
+        # its replay while a second was open left the room told neither; an independent
+        # review, 2026-11-25.)
         self._inside: dict[tuple[str, str], int] = {}
         self._away: dict[str, str] = {}  # login -> away message (set by an Away event)
         self._error_log = LogLimiter(burst=5, rate=0.2)
@@ -656,8 +657,9 @@ class ChatService:
 
     def _came_or_went(self, c: _Coming) -> None:
         """``Coalescer``'s emit: a person's coming or going, unless the room was told so
-        last (``_present``: who it was last told is in). Join offers them in turn
-        (``_inside``); held back over the limit, the latest of them is said, and said once."""
+        last (``_present``: who it was last told is in). Comings and goings do not always
+        turn: a Join ended in its replay as the person's last stream leaves without having
+        been announced, and one whose replay ends while another has not ended comes again."""
         key = (c.who.login, c.room)
         if (c.kind == pb.PRESENCE_KIND_JOINED) == (key in self._present):
             return
@@ -738,15 +740,14 @@ class ChatService:
             finally:
                 if reader is not None:
                     reader.cancel()
-                self.hub.remove(sub)
                 if entered:
                     left = self._inside.pop(inside) - 1
                     if left:
                         self._inside[inside] = left
-                    else:
-                        self._comings.offer(p.login, hello.room, _Coming(
-                            hello.room, pb.PRESENCE_KIND_LEFT, me,
-                            LEFT_BECAUSE.get(sub.closed.kind, "") if sub.closed else ""))
+                if self.hub.remove(sub):  # (never announced: _came_or_went says nothing)
+                    self._comings.offer(p.login, hello.room, _Coming(
+                        hello.room, pb.PRESENCE_KIND_LEFT, me,
+                        LEFT_BECAUSE.get(sub.closed.kind, "") if sub.closed else ""))
 
     async def _read_hello(self, it: AsyncIterator[Any], lease: Lease) -> pb.Hello:
         """The first event, which must be a hello; given up as soon as the lease fails."""
