@@ -471,6 +471,31 @@ async def test_a_stolen_token_tried_over_many_connections_runs_out_the_devices_b
     assert (await mine.whoami()).identity.login == ALICE
 
 
+@pytest.mark.server_config(call_burst=2, call_rate=0.01)
+async def test_a_person_calling_past_their_rate_is_soon_refused_without_whois(
+        lab_chat: LabChat) -> None:
+    """The attack: a valid token's calls past the person's call rate, one after the other
+    on 64 connections, each a WhoIs and a whole call, put alice's WhoAmI at p50 180 ms, p99
+    0.4 s (5 and 16 ms without; over the lab, 2026-11-25). Now those refusals count against
+    the budgets: the rest are refused unread, without WhoIs."""
+    from tsnetchat.gate import CONN_REFUSALS
+
+    gate = lab_chat.server.gate
+    gate.hold = 0.0  # (60 calls one after the other: the hold has its own test above)
+    conn = await lab_chat.connect("mallory-laptop", lab_chat.token(MALLORY))
+    for _ in range(2):
+        assert (await conn.whoami()).identity.login == MALLORY
+    asked = gate.whois_calls
+    started = time.monotonic()
+    codes = [(await refused(conn.whoami())).code() for _ in range(60)]
+    took = time.monotonic() - started
+    assert set(codes) == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+    burst, per_second = CONN_REFUSALS
+    assert gate.whois_calls - asked <= burst + math.ceil(took * per_second) + 1, took
+    mine = await lab_chat.connect("alice-laptop", lab_chat.token(ALICE))
+    assert (await mine.whoami()).identity.login == ALICE
+
+
 async def test_held_tokenless_streams_are_bounded_even_from_plain_loopback(
         lab_chat: LabChat) -> None:
     """The attack: Health.Watch (and reflection) streams need no token; 3,000 Watches held

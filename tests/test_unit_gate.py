@@ -242,3 +242,32 @@ async def test_a_call_refused_unread_waits_for_the_hold_while_others_are_served(
     assert time.monotonic() - started >= 1.0
     # still open, and read again: its budget refilled while its calls waited
     assert (await refused(conn.whoami())).code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+@pytest.mark.server_config(call_burst=2, call_rate=0.01)
+async def test_calls_refused_for_going_too_fast_soon_cost_no_whois(chat: Chat) -> None:
+    """A person's calls past their call rate are refused after WhoIs: uncounted, each of
+    them, one after the other, asked WhoIs again (the connection's identity goes with its
+    last call), and a valid token on 64 connections put alice's p50 at 180 ms (an
+    attacker's run over the lab, 2026-11-25). They count against the refusal budgets."""
+    import math
+    import time
+
+    from tsnetchat.gate import CONN_REFUSALS
+
+    chat.server.gate.hold = 0.0  # (refused unread at once here: the hold has its own tests)
+    conn = await chat.connect("mallory@t")
+    for _ in range(2):
+        assert (await conn.whoami()).identity.login == "mallory@t"
+    asked = len(chat.net.whois_addrs)
+    started = time.monotonic()
+    errors = [await refused(conn.whoami()) for _ in range(60)]
+    took = time.monotonic() - started
+    assert {e.code() for e in errors} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+    assert "too many calls" in errors[0].details()
+    assert "too many refused calls" in errors[-1].details()
+    burst, per_second = CONN_REFUSALS
+    assert len(chat.net.whois_addrs) - asked <= burst + math.ceil(took * per_second) + 1
+    alice = await chat.connect("alice@t")  # (another device: not affected)
+    assert (await alice.whoami()).identity.login == "alice@t"
+
