@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from helpers import LabDaemon, free_port, run_cli
+from helpers import LabDaemon, free_port, run_cli, until
 
 pytestmark = [pytest.mark.tailnet, pytest.mark.security]
 
@@ -96,3 +96,35 @@ async def test_a_device_holding_connections_without_calls_keeps_only_its_limit_o
             if c.task is not None:
                 c.task.cancel()
 
+
+
+async def test_a_device_renamed_by_its_owner_is_held_to_the_same_limit(
+        lab: Any, server: LabDaemon) -> None:
+    """A device's name is its owner's to change (``tailscale set --hostname``); counted by
+    name, mallory's phone held the limit once under each name it took (an attacker's run
+    over the lab, 2026-11-25). Counted by its node id, it is held to one limit."""
+    phone = await asyncio.to_thread(lab.add_node, "mallory-phone", "mallory")
+    held: list[Idle] = []
+    try:
+        held += [await Idle().open(lab, "mallory-phone", server.port) for _ in range(LIMIT + 2)]
+        ends = [asyncio.create_task(c.ended.wait()) for c in held]
+        done, _ = await asyncio.wait(ends, timeout=30, return_when=asyncio.ALL_COMPLETED)
+        assert len(done) == 2  # the guard knows the others as hers now
+        for t in ends:
+            t.cancel()
+        await asyncio.to_thread(lab.tailscale, phone, "set", "--hostname=mallory-renamed")
+        await until(lambda: any(p.get("HostName") == "mallory-renamed" for p in (
+            lab.status(lab.nodes["chat-server"]).get("Peer") or {}).values()),
+            timeout=30, what="chat-server seeing the phone's new name")
+        more = [await Idle().open(lab, "mallory-phone", server.port) for _ in range(LIMIT)]
+        held += more
+        ends = [asyncio.create_task(c.ended.wait()) for c in held if not c.ended.is_set()]
+        done, _ = await asyncio.wait(ends, timeout=30, return_when=asyncio.ALL_COMPLETED)
+        assert len(done) == LIMIT, len(done)
+        for t in ends:
+            t.cancel()
+    finally:
+        for c in held:
+            if c.task is not None:
+                c.task.cancel()
+        await asyncio.to_thread(lab.drop_node, "mallory-phone")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tsnetchat import connguard
-from tsnetchat.connguard import ConnectionGuard, established, shut
+from tsnetchat.connguard import UNKNOWN, ConnectionGuard, Device, established, shut
 
 HEAD = ("  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  "
         "timeout inode\n")
@@ -73,13 +73,15 @@ async def test_the_newest_connections_of_a_device_over_the_limit_are_the_ones_sh
     asked: list[str] = []
     shut_down: list[list[int]] = []
 
-    async def device_of(addr: str) -> str | None:
+    mallory = Device("nMALLORY", "mallory-laptop (mallory@t)")
+
+    async def device_of(addr: str) -> Device | None:
         asked.append(addr)
         if addr.endswith(":40006"):
             return None  # tailscaled did not answer: asked again at the next sweep
-        return "" if addr.endswith(":40005") else "mallory-laptop"
+        return UNKNOWN if addr.endswith(":40005") else mallory
 
-    with_calls = {("127.0.0.1", 40004): "mallory-laptop"}  # her chat's stream
+    with_calls = {("127.0.0.1", 40004): mallory}  # her chat's stream
     guard = ConnectionGuard(2, lambda: with_calls, device_of, lambda: len(with_calls),
                             net_dir=tmp_path, fd_dir=tmp_path)
     guard_established = iter(tables)
@@ -110,20 +112,48 @@ async def test_the_newest_connections_of_a_device_over_the_limit_are_the_ones_sh
 
 def test_the_kernels_table_is_read_only_when_connections_without_calls_may_be_over_a_limit(
         ) -> None:
-    known: dict[tuple[str, int], str] = {}
+    known: dict[tuple[str, int], Device] = {}
     held = [40]  # the process's open files
 
-    async def device_of(addr: str) -> str:
-        return ""
+    async def device_of(addr: str) -> Device:
+        return UNKNOWN
 
     guard = ConnectionGuard(10, lambda: known, device_of, lambda: len(known),
                             files=lambda: held[0])
     assert not guard.suspicious(base=30)  # its own files and a few more
     held[0] = 41
     assert guard.suspicious(base=30)  # 11 connections nobody's calls account for
-    known.update({("127.0.0.1", 40000 + i): "bob-laptop" for i in range(1000)})
+    known.update({("127.0.0.1", 40000 + i): Device("nBOB", "bob-laptop (bob@t)")
+                  for i in range(1000)})
     held[0] = 30 + 1000 + 60
     assert not guard.suspicious(base=30)  # (a twentieth of them may be arriving)
     held[0] = 30 + 1000 + 61
     assert guard.suspicious(base=30)
     assert connguard.open_files(Path("/proc/self/fd")) >= 3
+
+
+async def test_a_device_renamed_between_sweeps_is_still_one_device(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+        ) -> None:
+    """A device's name is its owner's to change (``tailscale set --hostname``): counted by
+    name, a device renamed after each batch of connections held the limit once under each
+    name (an attacker's run over the lab, 2026-11-25). It is counted by its node id, and
+    the log names it as its newest connection found it."""
+    batches = [{i: ("127.0.0.1", 40000 + i) for i in range(1, n + 1)} for n in (2, 2, 4, 4)]
+    tables = iter(batches)
+    monkeypatch.setattr(connguard, "established", lambda net, ports: next(tables))
+    monkeypatch.setattr(connguard, "shut", lambda inodes, fd_dir: set(inodes))
+    name = ["mallory-laptop"]
+
+    async def device_of(addr: str) -> Device:
+        return Device("nMALLORY", f"{name[0]} (mallory@t)")
+
+    guard = ConnectionGuard(2, dict, device_of, lambda: 0, net_dir=tmp_path, fd_dir=tmp_path)
+    here = [("127.0.0.1", 50051)]
+    assert await guard.sweep(here) == 0
+    assert await guard.sweep(here) == 0  # 1, 2: hers, at the limit
+    name[0] = "mallory-renamed"
+    assert await guard.sweep(here) == 0  # 3, 4 seen once
+    caplog.set_level("WARNING", "tsnetchat.connguard")
+    assert await guard.sweep(here) == 2  # 3, 4 asked about: the same device, over it
+    assert "'mallory-renamed (mallory@t)'" in caplog.text

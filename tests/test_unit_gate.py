@@ -70,8 +70,9 @@ async def test_a_change_announced_for_one_device_asks_again_only_about_that_devi
 async def test_the_connection_guard_learns_devices_from_calls_and_asks_about_the_rest(
         chat: Chat) -> None:
     """``Gate.connections``, ``connection_count`` and ``device`` (connguard.py): a device
-    tailscaled does not know is "", one it could not say about None (asked again later)."""
-    from tsnetchat.connguard import remote
+    tailscaled does not know is UNKNOWN, one it could not say about None (asked again
+    later). A device is its node id, whatever it is called now (its owner renames it)."""
+    from tsnetchat.connguard import UNKNOWN, remote
     from tsnetchat.tailnet import parse_grpc_peer
 
     gate = chat.server.gate
@@ -80,10 +81,14 @@ async def test_the_connection_guard_learns_devices_from_calls_and_asks_about_the
     await first_of(sub, "replay_done")
     assert gate.connection_count() == 1
     ((peer, device),) = gate.connections().items()
-    assert device.endswith("(bob@t)")
+    assert device.name == "bob-laptop.tailnet.test (bob@t)"
     host, port = peer
     assert await gate.device(f"{host}:{port}") == device  # asked of tailscaled, the same
-    assert await gate.device("127.0.0.1:1") == ""  # nobody tailscaled knows
+    chat.net.update("bob@t", node_name="renamed.tailnet.test")
+    renamed = await gate.device(f"{host}:{port}")
+    assert renamed is not None and renamed.key == device.key
+    assert renamed.name == "renamed.tailnet.test (bob@t)"
+    assert await gate.device("127.0.0.1:1") == UNKNOWN  # nobody tailscaled knows
     chat.net.answering = False
     assert await gate.device(f"{host}:{port}") is None
     chat.net.answering = True

@@ -31,6 +31,7 @@ import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Collection, Iterable
 from pathlib import Path
+from typing import NamedTuple
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,19 @@ SWEEP_SECONDS = 2.0
 SAY_EVERY = 60.0  # seconds between two log lines about one device
 
 Remote = tuple[str, int]  # (host as ipaddress writes it, port)
+
+
+class Device(NamedTuple):
+    """A device as the guard counts it: by ``key``, its stable node id (its name is its
+    owner's to change: renamed between sweeps, one device held the limit once under each
+    name; an attacker's run over the lab, 2026-11-25), shown in the log as ``name`` (as
+    its newest connection found it). No key: tailscaled does not know the connection."""
+
+    key: str
+    name: str
+
+
+UNKNOWN = Device("", "")
 
 
 def remote(host: str, port: int) -> Remote:
@@ -115,10 +129,12 @@ class ConnectionGuard:
     """At most ``limit`` connections open from one device. ``devices`` says the device of
     each connection with calls (``Gate.connections``), ``calls`` how many connections have
     calls (``Gate.connection_count``, cheap); ``device_of`` asks tailscaled about one without
-    (``Gate.device``: "" when tailscaled does not know it, None when it could not say)."""
+    (``Gate.device``: ``UNKNOWN`` when tailscaled does not know it, None when it could not
+    say)."""
 
-    def __init__(self, limit: int, devices: Callable[[], dict[Remote, str]],
-                 device_of: Callable[[str], Awaitable[str | None]], calls: Callable[[], int],
+    def __init__(self, limit: int, devices: Callable[[], dict[Remote, Device]],
+                 device_of: Callable[[str], Awaitable[Device | None]],
+                 calls: Callable[[], int],
                  *, net_dir: Path = Path("/proc/self/net"), fd_dir: Path = Path("/proc/self/fd"),
                  files: Callable[[], int] | None = None, interval: float = SWEEP_SECONDS
                  ) -> None:
@@ -129,8 +145,8 @@ class ConnectionGuard:
         self.closed = 0  # connections shut down, for the metrics
         self._sweeps = 0
         self._first: dict[int, int] = {}  # inode -> the sweep that first saw it
-        self._device: dict[int, str] = {}  # inode -> its device, once known
-        self._said: dict[str, float] = {}  # device -> when its connections were last logged
+        self._device: dict[int, Device] = {}  # inode -> its device, once known
+        self._said: dict[str, float] = {}  # device key -> when its connections were last logged
 
     async def run(self, listening: Collection[Remote], base: int) -> None:
         """Every ``interval``: a sweep when ``suspicious``. ``base``: the files the process
@@ -176,30 +192,31 @@ class ConnectionGuard:
             said = await asyncio.gather(*(self._device_of(_spelled(p)) for _, p in ask))
             for (inode, peer), device in zip(ask, said, strict=True):
                 if device is not None:  # (None: tailscaled could not say; ask again later)
-                    self._device[inode] = device or f"address {peer[0]}"
+                    self._device[inode] = device if device.key else Device(
+                        f"address {peer[0]}", f"address {peer[0]}")
         held: defaultdict[str, list[int]] = defaultdict(list)
         for inode in conns:
             if inode in self._device:
-                held[self._device[inode]].append(inode)
+                held[self._device[inode].key].append(inode)
         excess: dict[str, tuple[int, list[int]]] = {}
-        for device, inodes in held.items():
+        for key, inodes in held.items():
             if len(inodes) > self.limit:
                 # Kept: connections with calls first (a chat's stream over idle sockets),
                 # then the oldest.
                 inodes.sort(key=lambda i: (conns[i] not in with_calls, self._first[i], i))
-                excess[device] = (len(inodes), inodes[self.limit:])
+                excess[key] = (len(inodes), inodes[self.limit:])
         if not excess:
             return 0
         done = await asyncio.to_thread(  # (one walk of the process's files for them all)
             shut, [i for _, inodes in excess.values() for i in inodes], self.fd_dir)
         now = time.monotonic()
-        for device, (held_n, inodes) in excess.items():
+        for key, (held_n, inodes) in excess.items():
             closed = len(done.intersection(inodes))
-            if closed and now - self._said.get(device, -SAY_EVERY) >= SAY_EVERY:
-                self._said[device] = now  # (an attack goes on: a line a minute)
+            if closed and now - self._said.get(key, -SAY_EVERY) >= SAY_EVERY:
+                self._said[key] = now  # (an attack goes on: a line a minute)
                 log.warning("closed %d connection(s) of device %r: it held %d open at once, "
-                            "more than max_connections_per_device (%d)", closed, device,
-                            held_n, self.limit)
+                            "more than max_connections_per_device (%d)", closed,
+                            self._device[inodes[-1]].name, held_n, self.limit)
         self.closed += len(done)
         return len(done)
 

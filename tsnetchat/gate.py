@@ -57,7 +57,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from . import auth
-from .connguard import remote
+from .connguard import UNKNOWN, Device, remote
 from .errors import (
     InvalidInput,
     LimitExceeded,
@@ -617,14 +617,14 @@ class Gate:
         """How many connections have calls now."""
         return len(self._conns)
 
-    def connections(self) -> dict[tuple[str, int], str]:
+    def connections(self) -> dict[tuple[str, int], Device]:
         """The device of each connection with calls whose device is known: (host, port), as
-        ``connguard.remote`` spells it, -> the device's name."""
+        ``connguard.remote`` spells it, -> the device (its node id, and its name)."""
         out = {}
         for conn in self._conns.values():
             if conn.who is not None:
                 with contextlib.suppress(ValueError):
-                    out[remote(*parse_grpc_peer(conn.peer))] = _device_name(conn.who)
+                    out[remote(*parse_grpc_peer(conn.peer))] = _device(conn.who)
         return out
 
     @asynccontextmanager
@@ -656,14 +656,15 @@ class Gate:
         finally:
             self._leave(conn)
 
-    async def device(self, addr: str) -> str | None:
-        """The name of the device behind ``addr``; "" when tailscaled does not know it, None
-        when it does not answer in time. ``GUARD_SLOTS`` at a time, apart from the calls'
-        ``WHOIS_SLOTS``: a burst of these must not keep people's calls waiting."""
+    async def device(self, addr: str) -> Device | None:
+        """The device behind ``addr`` (its node id, and its name); ``connguard.UNKNOWN``
+        when tailscaled does not know it, None when it does not answer in time.
+        ``GUARD_SLOTS`` at a time, apart from the calls' ``WHOIS_SLOTS``: a burst of these
+        must not keep people's calls waiting."""
         who = await self._guarded_whois(addr)
         if who is None or who is False:
-            return None if who is None else ""
-        return _device_name(who)
+            return None if who is None else UNKNOWN
+        return _device(who)
 
     async def _guarded_whois(self, addr: str) -> WhoIs | Literal[False] | None:
         """WhoIs of ``addr``, ``GUARD_SLOTS`` at a time (``device``, ``device_behind``):
@@ -679,8 +680,8 @@ class Gate:
         return who
 
 
-def _device_name(who: WhoIs) -> str:
-    return f"{who.node_name or who.node_id} ({who.login})"
+def _device(who: WhoIs) -> Device:
+    return Device(who.node_id, f"{who.node_name or who.node_id} ({who.login})")
 
 
 def _retrieve(task: asyncio.Task[WhoIs]) -> None:
