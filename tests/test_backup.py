@@ -467,6 +467,53 @@ def test_a_backup_stopped_by_a_signal_leaves_no_partial_copy_and_the_earlier_bac
     assert digest(dest) == earlier
 
 
+def _held_mid_copy(dest: Path, state: Path) -> subprocess.Popen[str]:
+    """A backup to ``dest`` stopped (SIGSTOP, as Ctrl-Z stops it) while it writes."""
+    mark = dest.with_name(f".{dest.name}.partial.lock")  # (there from start to end)
+    for _attempt in range(5):  # (again if the copy was done before the signal came)
+        proc = subprocess.Popen([str(CLI), "backup", str(dest), "--state-dir", str(state)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        while not mark.exists() and proc.poll() is None:
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGSTOP)
+        if mark.exists() and proc.poll() is None:
+            return proc
+        proc.send_signal(signal.SIGCONT)
+        proc.communicate(timeout=60)
+    raise AssertionError("every backup was done before it could be stopped")
+
+
+def test_a_second_backup_to_one_name_is_refused_while_the_first_runs_and_a_killed_ones_goes(
+        tmp_path: Path) -> None:
+    """Each removed the other's partial copy as a killed backup's: both failed and the
+    earlier backup was gone (an operator's run, 2026-11-25)."""
+    state = tmp_path / "state"
+    Store(state / "tsnetchat.db").close()
+    with sqlite3.connect(state / "tsnetchat.db") as db:  # (a copy that takes a while)
+        db.execute("CREATE TABLE pad (x BLOB)")
+        db.executemany("INSERT INTO pad VALUES (randomblob(1000000))", [()] * 64)
+    db.close()
+    dest = tmp_path / "b.db"
+    first = _held_mid_copy(dest, state)
+    try:
+        second = cli("backup", dest, "--state-dir", state)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert second.returncode == 8, second.stderr
+    assert second.stderr == (f"error: another backup to {dest} is under way; nothing was "
+                             "written (let it finish, or give this one another file name)\n")
+    out, err = first.communicate(timeout=60)
+    assert first.returncode == 0 and out.startswith("backed up 0 messages in 0 rooms"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.db", "state"]
+    killed = _held_mid_copy(dest, state)
+    killed.kill()
+    killed.communicate(timeout=60)
+    assert {".b.db.partial.lock", "b.db"} <= {p.name for p in tmp_path.iterdir()}
+    again = cli("backup", dest, "--state-dir", state)
+    assert again.returncode == 0, again.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.db", "state"]
+
+
 def test_backup_without_a_history_says_where_it_looked(tmp_path: Path) -> None:
     done = cli("backup", tmp_path / "out.db", "--state-dir", tmp_path / "nothing-here")
     assert done.returncode == 8

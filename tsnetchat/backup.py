@@ -5,7 +5,7 @@
   runs and writes. ``cp`` is not a backup of a WAL database: the newest commits live in the
   -wal file until a checkpoint, and a copy taken mid-write can be torn. The copy is written
   under a temporary name, checked, then renamed over ``dest``: a failed backup never leaves a
-  half file where the last good one was.
+  half file where the last good one was. One backup to a name at a time (``_alone``).
 * ``restore(src, db, state_dir)`` puts a backup in place of the database. It refuses while
   a server runs on the state dir (``statedir.StateLock``), checks the backup first (missing,
   empty, not SQLite, not tsnetchat, written by a newer tsnetchat, damaged: StoreError, and
@@ -17,12 +17,14 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 import shutil
 import sqlite3
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,22 +86,57 @@ def backup(db: Path, dest: Path) -> Summary:
     check_own_files(db.parent, (db,))  # (before SQLite opens them by name, as root)
     tmp = dest.with_name(f".{dest.name}.partial")
     try:
-        _remove(tmp)
-        src = Store(db, readonly=True)
-        try:
-            src.copy_to(tmp)
-        finally:
-            src.close()
-        summary = inspect(tmp)
-        os.replace(tmp, dest)
-        _sync_dir(dest.parent)
+        with _alone(dest, tmp):
+            try:
+                _remove(tmp)  # (a killed backup's: the lock is ours, so no running one's)
+                src = Store(db, readonly=True)
+                try:
+                    src.copy_to(tmp)
+                finally:
+                    src.close()
+                summary = inspect(tmp)
+                os.replace(tmp, dest)
+                _sync_dir(dest.parent)
+            finally:
+                # (also when stopped: a backup stopped by SIGTERM left `.NAME.partial` and
+                # its journal, as big as the history, until the next backup to that name)
+                _remove(tmp)
     except OSError as e:
         raise StoreError(f"cannot write the backup {dest}: {e.strerror}") from e
-    finally:
-        # (also when stopped: a backup stopped by SIGTERM left `.NAME.partial` and its
-        # journal, as big as the history, until the next backup to that name)
-        _remove(tmp)
     return Summary(dest, summary.messages, summary.rooms, summary.identity)
+
+
+@contextlib.contextmanager
+def _alone(dest: Path, tmp: Path) -> Iterator[None]:
+    """This backup is the only one writing ``tmp``, the partial copy of one to ``dest``,
+    while the context lasts: an flock on ``tmp``'s lock file beside it, which the kernel
+    lets go of when a backup is killed. Raises StoreError while another backup to ``dest``
+    runs. (Two backups to one name, a cron line's and an operator's, each removed the
+    other's partial copy as a stale one: both failed, "disk I/O error" and "No such file or
+    directory", and the earlier backup was gone; an operator's run, 2026-11-25.)"""
+    lock = tmp.with_name(tmp.name + ".lock")
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreError(f"another backup to {dest} is under way; nothing was written "
+                             "(let it finish, or give this one another file name)") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        # (the name still ours: a backup that ended between our open and our flock removed
+        # the file we locked)
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.samestat(os.stat(lock, follow_symlinks=False), os.fstat(fd)):
+                break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)  # (before the lock goes: see the loop above)
+        os.close(fd)
 
 
 def _replaceable(dest: Path) -> None:
