@@ -8,11 +8,12 @@ import re
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tsnetchat.discovery import ServerNode
-from tsnetchat.errors import ConfigError, Unauthenticated
+from tsnetchat.errors import ConfigError, InvalidInput, Unauthenticated
 from tsnetchat.tokens import (
     DEAD_FOR,
     Entry,
@@ -50,8 +51,21 @@ def test_explicit_sources_come_in_order_flag_file_environment(
     f.write_text("file\n")
     assert explicit_token(token_file=f) == "file"
     assert explicit_token("flag", f) == "flag"
-    with pytest.raises(ConfigError, match="--token-file"):
-        explicit_token(token_file=tmp_path / "missing")
+
+
+@pytest.mark.parametrize("make", [None, Path.mkdir, lambda p: p.write_text(" \n"),
+                                  lambda p: p.write_bytes(b"\xff\xfe"),
+                                  lambda p: p.write_text("two words")],
+                         ids=["missing", "a-directory", "empty", "not-text", "not-a-token"])
+def test_a_token_file_that_gives_no_token_is_bad_input_whatever_the_cause(
+        tmp_path: Path, make: Any) -> None:
+    """One exit code (2) for a --token-file that cannot be used: a missing one was 3, an
+    empty one 2."""
+    f = tmp_path / "t"
+    if make is not None:
+        make(f)
+    with pytest.raises(InvalidInput, match=f"(--token-file|token file) {f}"):
+        explicit_token(token_file=f)
 
 
 def test_a_stored_token_is_found_by_node_id_or_by_address_not_by_the_name_typed(

@@ -77,8 +77,10 @@ MAX_TOKEN_CHARS = 4096
 def explicit_token(token: str | None = None, token_file: Path | None = None) -> str | None:
     """The token a person gave for this command: flag, file, or TSNETCHAT_TOKEN; else None.
 
-    Raises ConfigError when the file cannot be read, InvalidInput when what was given cannot
-    be a token (empty, not text, absurdly long): said here, not by the server."""
+    Raises InvalidInput (exit 2) when what was given cannot be used as a token, whatever the
+    cause: a file that cannot be read, empty, not text, absurdly long; said here, not by the
+    server. (A missing file was ConfigError, exit 3, and an empty one exit 2: a script
+    could not tell "no token given" by one code.)"""
     if token:
         return check_token(token.strip(), "--token")
     if token_file is not None:
@@ -87,7 +89,7 @@ def explicit_token(token: str | None = None, token_file: Path | None = None) -> 
             with token_file.open("rb") as f:
                 raw = f.read(MAX_TOKEN_CHARS * 4 + 1)  # never the whole of a huge file
         except OSError as e:
-            raise ConfigError(f"--token-file {token_file}: {e.strerror or e}") from None
+            raise InvalidInput(f"--token-file {token_file}: {e.strerror or e}") from None
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
