@@ -333,6 +333,22 @@ def test_a_restore_keeps_what_it_replaced_and_starts_a_new_generation(tmp_path: 
     assert stat.S_IMODE((state / "tsnetchat.db").stat().st_mode) == 0o600
 
 
+def test_a_restore_from_the_history_a_restore_kept_leaves_no_files_beside_it(
+        tmp_path: Path) -> None:
+    """The kept history is a WAL database: read read-only, it left an empty -wal and a
+    -shm beside it (an operator's run, 2026-11-25)."""
+    state, copy = backed_up_then_one_more(tmp_path)
+    kept = restore(copy, state / "tsnetchat.db", state).replaced
+    assert kept is not None
+    again = restore(kept, state / "tsnetchat.db", state)
+    assert again.replaced is not None
+    assert sorted(p.name for p in state.iterdir()) == sorted(
+        ["tsnetchat.db", "tsnetchat.lock", kept.name, again.replaced.name])
+    restored = Store(state / "tsnetchat.db")
+    assert [m.text for m in restored.after("r", 0, 10)] == ["in the backup", "after the backup"]
+    restored.close()
+
+
 def test_two_restores_in_one_second_both_keep_what_they_replaced(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The second said "cannot restore ...: File exists": both wanted the same

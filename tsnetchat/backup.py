@@ -183,40 +183,59 @@ def inspect(path: Path) -> Summary:
     if path.stat().st_size == 0:
         raise StoreError(f"{path} is empty (0 bytes): not a tsnetchat backup")
     try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    except sqlite3.Error as e:
-        raise StoreError(f"cannot open {path}: {e}") from e
-    try:
-        try:
-            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master "
-                                               "WHERE type='table'")}
-        except sqlite3.DatabaseError as e:
-            raise StoreError(f"{path} is not a tsnetchat backup (not an SQLite database: "
-                             f"{e})") from e
-        if not {"messages", "rooms", "tokens"} <= tables:
-            raise StoreError(f"{path} is an SQLite database but not a tsnetchat history (it "
-                             "has no messages, rooms and tokens tables)")
-        version = int(db.execute("PRAGMA user_version").fetchone()[0])
-        if version > SCHEMA_VERSION:
-            raise StoreError(f"{path} was written by a newer tsnetchat (schema version "
-                             f"{version}; this one understands up to {SCHEMA_VERSION}): "
-                             "upgrade tsnetchat, then restore")
-        check = [r[0] for r in db.execute("PRAGMA quick_check")]
-        if check != ["ok"]:
-            raise StoreError(f"{path} is damaged (SQLite's quick_check: "
-                             f"{'; '.join(map(str, check[:3]))})")
-        identity = None
-        if "meta" in tables:
-            meta = dict(db.execute("SELECT key, value FROM meta"))
-            with contextlib.suppress(KeyError, ValueError):
-                identity = HistoryIdentity(str(meta["history_id"]), int(meta["generation"]))
-        messages, rooms = db.execute("SELECT (SELECT COUNT(*) FROM messages), "
-                                     "(SELECT COUNT(*) FROM rooms)").fetchone()
+        with _read_only(path) as db:
+            return _inspect(path, db)
     except sqlite3.Error as e:
         raise StoreError(f"cannot read {path}: {e}") from e
+
+
+def _inspect(path: Path, db: sqlite3.Connection) -> Summary:
+    """``inspect`` of the open ``db``; sqlite3.Error passes through."""
+    try:
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master "
+                                           "WHERE type='table'")}
+    except sqlite3.DatabaseError as e:
+        raise StoreError(f"{path} is not a tsnetchat backup (not an SQLite database: "
+                         f"{e})") from e
+    if not {"messages", "rooms", "tokens"} <= tables:
+        raise StoreError(f"{path} is an SQLite database but not a tsnetchat history (it "
+                         "has no messages, rooms and tokens tables)")
+    version = int(db.execute("PRAGMA user_version").fetchone()[0])
+    if version > SCHEMA_VERSION:
+        raise StoreError(f"{path} was written by a newer tsnetchat (schema version "
+                         f"{version}; this one understands up to {SCHEMA_VERSION}): "
+                         "upgrade tsnetchat, then restore")
+    check = [r[0] for r in db.execute("PRAGMA quick_check")]
+    if check != ["ok"]:
+        raise StoreError(f"{path} is damaged (SQLite's quick_check: "
+                         f"{'; '.join(map(str, check[:3]))})")
+    identity = None
+    if "meta" in tables:
+        meta = dict(db.execute("SELECT key, value FROM meta"))
+        with contextlib.suppress(KeyError, ValueError):
+            identity = HistoryIdentity(str(meta["history_id"]), int(meta["generation"]))
+    messages, rooms = db.execute("SELECT (SELECT COUNT(*) FROM messages), "
+                                 "(SELECT COUNT(*) FROM rooms)").fetchone()
+    return Summary(path, int(messages), int(rooms), identity)
+
+
+@contextlib.contextmanager
+def _read_only(path: Path) -> Iterator[sqlite3.Connection]:
+    """A read-only connection to ``path``, and no -wal or -shm file that it made left behind
+    once it is closed: SQLite makes them to read a WAL database (a restore keeps the one it
+    replaces as one) and, read-only, cannot remove them. (A restore from
+    `tsnetchat.db.before-restore-*` left both beside it: an operator's run, 2026-11-25.)"""
+    sides = [path.with_name(path.name + s) for s in ("-wal", "-shm")]
+    made = [p for p in sides if not os.path.lexists(p)]
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        yield db
     finally:
         db.close()
-    return Summary(path, int(messages), int(rooms), identity)
+        wal = sides[0]
+        if wal in made and (not wal.exists() or wal.stat().st_size == 0):
+            for p in made:  # (a WAL made here holds nothing: a read-only one writes none)
+                p.unlink(missing_ok=True)
 
 
 def restore(src: Path, db: Path, state_dir: Path) -> Summary:
@@ -247,13 +266,12 @@ def _restore_locked(src: Path, db: Path, state_dir: Path) -> Summary:
     _remove(tmp)
     try:
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        source = sqlite3.connect(f"file:{src}?mode=ro", uri=True)
-        target = sqlite3.connect(tmp)
-        try:
-            source.backup(target)  # also reads a -wal the backup file may have beside it
-        finally:
-            target.close()
-            source.close()
+        with _read_only(src) as source:
+            target = sqlite3.connect(tmp)
+            try:
+                source.backup(target)  # also reads a -wal the backup file may have beside it
+            finally:
+                target.close()
         above = _generation(db)
         store = Store(tmp)  # upgrades an older backup in place
         try:
