@@ -22,7 +22,7 @@ from helpers import CLI, LabDaemon, collect_ids, free_port, need, start_daemon
 from tsnetchat import doctor, statedir
 from tsnetchat.client import RoomSession, connect
 from tsnetchat.config import load_config
-from tsnetchat.doctor import FAIL, OK, WARN, checks
+from tsnetchat.doctor import FAIL, OK, SKIP, WARN, checks
 from tsnetchat.systemd import UNITS, install_unit
 
 # --- embedded tailscaled --------------------------------------------------------------
@@ -304,16 +304,21 @@ def test_doctor_fails_the_history_store_on_a_full_disk(
     assert check.verdict == FAIL and "4 MB free" in check.detail
 
 
-def test_doctor_history_store_not_writable(tmp_path: Path) -> None:
-    """A state dir that cannot hold the database (here: a file where the dir should be; the
-    same verdict as a directory owned by someone else)."""
+@pytest.mark.parametrize("under", ["", "below"], ids=["the-dir", "on-its-path"])
+def test_doctor_says_a_file_where_the_state_dir_should_be_is_in_the_way(
+        tmp_path: Path, under: str) -> None:
+    """It said "<file>/jwt.key does not exist yet" and "Not a directory; check ownership"
+    (an operator's run, 2026-11-25): now serve's words."""
     state = tmp_path / "not-a-dir"
     state.write_text("oops")
+    state = state / under if under else state
     cfg = load_config(env={}, flags={"state_dir": str(state), "socket": "/nonexistent"})
-    results = asyncio.run(checks(cfg))
-    assert verdicts(results)["history store"] == FAIL
-    assert "cannot write in" in next(c.detail for c in results if c.name == "history store")
-
+    results = {c.name: c for c in asyncio.run(checks(cfg))}
+    assert (results["key file"].verdict, results["key file"].detail) == (
+        SKIP, "needs the state dir")
+    assert (results["history store"].verdict, results["history store"].detail) == (
+        FAIL, f"the state dir {state} is not a directory (a file of that name, or on its "
+        "path, is in the way): give --state-dir a directory")
 
 
 def test_doctor_says_a_state_dir_on_a_read_only_file_system_is_that_not_ownership(

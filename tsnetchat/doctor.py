@@ -255,8 +255,13 @@ async def checks(cfg: ServerConfig, *, with_api: bool = False) -> list[Check]:
                                  "restarts it") if hung else
                            Check("listening", OK, f"a server answers on {where}"))
 
-    out.append(Check("key file", WARN, shut) if shut else _key_file(cfg))
-    out.append(Check("history store", WARN, shut) if shut else _history_store(cfg))
+    in_the_way = _in_the_way(cfg.state_dir)
+    if in_the_way:
+        out.append(Check("key file", SKIP, "needs the state dir"))
+        out.append(Check("history store", FAIL, in_the_way))
+    else:
+        out.append(Check("key file", WARN, shut) if shut else _key_file(cfg))
+        out.append(Check("history store", WARN, shut) if shut else _history_store(cfg))
     if cfg.cluster:
         out.append(await _cluster(cfg))
 
@@ -363,6 +368,20 @@ async def run_client_doctor(server: str, *, port: int, token: str | None, socket
 
 async def run_doctor(cfg: ServerConfig, *, with_api: bool = False) -> bool:
     return _print(await checks(cfg, with_api=with_api))
+
+
+def _in_the_way(state_dir: Path) -> str:
+    """What `serve` says when ``state_dir`` cannot be a directory (a file of its name or on
+    its path); "" when it can. (The doctor said "sd/jwt.key/jwt.key does not exist yet" and
+    "Not a directory; check ownership" of `--state-dir sd/jwt.key`: an operator's run,
+    2026-11-25.)"""
+    for p in (state_dir, *state_dir.parents):
+        if os.path.lexists(p):
+            if p.is_dir():
+                return ""
+            return (f"the state dir {state_dir} is not a directory (a file of that name, or "
+                    "on its path, is in the way): give --state-dir a directory")
+    return ""
 
 
 def _history_store(cfg: ServerConfig) -> Check:
