@@ -181,6 +181,39 @@ def test_provision_refuses_an_out_it_cannot_write_before_it_asks_the_api_for_a_k
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(("held", "says"), [
+    ("tskey-client-kAbC-" + "s" * 32 + "\n", "holds an OAuth client's secret (tskey-client-...)"),
+    ("tskey-api-kAbC-" + "a" * 32, "holds an API access token (tskey-api-...)"),
+    ('cap_domain = "example.com"\nhostname = "chat-server"\n',
+     "holds more than one word, which no auth key is"),
+], ids=["oauth-secret", "api-key", "config-file"])
+def test_provision_does_not_write_its_key_over_a_file_that_holds_something_else(
+        tmp_path: Path, held: str, says: str) -> None:
+    """The embedded unit's /etc/tsnetchat/authkey may hold an OAuth client's secret (README,
+    Operations): `provision --out` there replaced it with the key, and it was lost (an
+    operator's run, 2026-11-25)."""
+    out = tmp_path / "authkey"
+    out.write_text(held)
+    done = _cli("provision", "--tags", "tag:chat", "--out", str(out))
+    assert done.returncode == 3 and "Traceback" not in done.stderr
+    assert done.stderr == (f"error: --out {out} {says}, so it is not replaced; no key was "
+                           "minted: give a new file name, or a key file to replace\n")
+    assert out.read_text() == held
+
+
+def test_provision_may_replace_an_earlier_key_and_refuses_what_is_no_file(
+        tmp_path: Path) -> None:
+    earlier = tmp_path / "authkey"
+    earlier.write_text("tskey-auth-kAbC-" + "k" * 32 + "\n")
+    done = _cli("provision", "--tags", "tag:chat", "--out", str(earlier))
+    assert done.returncode == 3 and "needs credentials" in done.stderr  # (past the file)
+    assert earlier.read_text().startswith("tskey-auth-")
+    done = _cli("provision", "--tags", "tag:chat", "--out", "/dev/null")
+    assert done.returncode == 3 and done.stderr == (
+        "error: --out /dev/null is not a regular file; no key was minted: give the key "
+        "file's name\n")
+
+
 def test_grants_add_with_a_bad_room_is_bad_input() -> None:
     out = _cli("grants", "add", "--src", "alice@", "--dst", "tag:chat", "--room", "No Way")
     assert out.returncode == 2 and "--room: 'No Way' is not a room name" in out.stderr

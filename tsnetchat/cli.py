@@ -1091,19 +1091,15 @@ def provision_cmd(
 ) -> None:
     """Mint a pre-authorised, tagged auth key through Tailscale's API (an OAuth client), after
     removing or reporting a stale device that still holds the node's name."""
-    from .provision import provision
+    from .provision import open_out, provision
 
     cfg = _server_config(config, hostname=hostname, tags=tags)
     fd = made = None
     if out is not None:
-        # Opened before anything is asked of the API: a key minted for an --out that could
-        # not be written was lost, after a stale device may have been removed for it (an
-        # operator's run, 2026-11-25).
         try:
-            made = not os.path.lexists(out)
-            fd = os.open(out, os.O_WRONLY | os.O_CREAT, 0o600)
-        except OSError as e:
-            raise fail(ConfigError(f"--out {out}: {e.strerror}; no key was minted")) from None
+            fd, made = open_out(out)
+        except TsnetchatError as e:
+            raise fail(e) from None
     try:
         key, holders = run(provision(cfg, cfg.hostname, ephemeral=ephemeral))
     except BaseException:

@@ -14,7 +14,10 @@ fresh state dir; ``tsnetchat provision`` runs them for any node (the system tail
 from __future__ import annotations
 
 import logging
+import os
+import stat
 from dataclasses import dataclass
+from pathlib import Path
 
 from .config import ServerConfig
 from .errors import ConfigError
@@ -23,6 +26,42 @@ from .tsapi import Device, TailscaleAPI, credentials, open_api
 log = logging.getLogger("tsnetchat.provision")
 
 KEY_TTL_SECONDS = 600  # the key only has to last until `tailscale up` presents it
+
+
+# What may stand in a file `provision --out` writes over: nothing, or one word that is no
+# other kind of Tailscale secret (an auth key provisioned before).
+_NOT_A_KEY = {b"tskey-client-": "an OAuth client's secret (tskey-client-...)",
+              b"tskey-api-": "an API access token (tskey-api-...)"}
+
+
+def open_out(out: Path) -> tuple[int, bool]:
+    """The file `provision --out` writes the key to, opened before the API is asked (a key
+    minted for an --out that could not be written was lost, after a stale device may have
+    been removed for it): (its descriptor, whether this made it). Raises ConfigError, and
+    nothing is minted, unless ``out`` is absent, empty or a key file to replace: an OAuth
+    client's secret in the embedded unit's /etc/tsnetchat/authkey (README, Operations),
+    or the config file beside it, was replaced by the key and lost (an operator's run,
+    2026-11-25)."""
+    made = not os.path.lexists(out)
+    try:
+        fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise ConfigError(f"--out {out}: {e.strerror}; no key was minted") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ConfigError(f"--out {out} is not a regular file; no key was minted: give "
+                              "the key file's name")
+        held = os.pread(fd, 4096, 0).strip()
+        what = next((w for p, w in _NOT_A_KEY.items() if held.startswith(p)), None)
+        if what is None and len(held.split()) > 1:
+            what = "more than one word, which no auth key is"
+        if what is not None:
+            raise ConfigError(f"--out {out} holds {what}, so it is not replaced; no key was "
+                              "minted: give a new file name, or a key file to replace")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, made
 
 
 @dataclass(frozen=True)
