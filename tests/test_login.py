@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import CLI, LabDaemon, Lines, extra_node, lab_daemon
+from helpers import CLI, LabDaemon, Lines, extra_node, free_port, lab_daemon
 
 pytestmark = pytest.mark.tailnet
 
@@ -113,6 +113,26 @@ def test_alice_with_a_grant_gets_a_token_and_chats_without_handling_it(
     assert f"login issued token={me['token_id']} login={ALICE} " \
            "device=alice-laptop.tailnet.test" in enrolling.log.read_text()
     assert me["token_id"] in enrolling.cli("token", "list")
+
+
+def test_a_login_typed_as_the_server_starts_waits_for_it(lab: Any, tmp_path: Path) -> None:
+    """It failed at once, "nothing answers", where `connect` and `whoami` wait for a server
+    that is starting (an operator's run, 2026-11-25)."""
+    server = LabDaemon(lab, tmp_path / "state", free_port(), ("--enroll", "grant"))
+    alice = person(lab, server, "alice-laptop", tmp_path)
+    proc = alice.popen("login")
+    try:
+        assert proc.stderr is not None
+        first = proc.stderr.readline()  # (said once an attempt has found nothing there)
+        assert first.startswith("cannot reach chat-server.tailnet.test yet: trying again ("), first
+        server.start()
+        out, err = proc.communicate(timeout=90)
+    finally:
+        proc.kill()
+        server.stop()
+    assert proc.returncode == 0, first + err
+    assert "logged in to chat-server.tailnet.test as alice@tailnet.test" in out
+    assert "Traceback" not in err
 
 
 def test_mallory_without_a_grant_is_refused_and_told_whom_to_ask(

@@ -677,7 +677,7 @@ def login(
 
     s = _client_settings(server, None, None, socket, proxy)
     entry, res = run(ask(server, socket=s["socket"], port=port, proxy=s["proxy"],
-                         report=_report(verbose)))
+                         report=_report(verbose), warn=_warn))
     rooms = "any room" if "*" in res.rooms else ", ".join(res.rooms)
     if json_out:
         typer.echo(json.dumps({"login": res.identity.login, "server": entry.name,

@@ -31,6 +31,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import stat
 import time
 import weakref
@@ -42,6 +43,7 @@ from typing import Any, ClassVar, Protocol
 import grpc
 
 from . import discovery
+from .clienterrors import translate
 from .errors import (
     ConfigError,
     InvalidInput,
@@ -52,6 +54,7 @@ from .errors import (
 )
 from .pb import chat_pb2 as pb
 from .pb import chat_pb2_grpc as pb_grpc
+from .resume import START_GRACE, StreamState
 
 log = logging.getLogger("tsnetchat.tokens")
 
@@ -497,6 +500,19 @@ class Renewal:
 # --- login --------------------------------------------------------------------------------
 
 
+async def _ask(target: discovery.Target) -> pb.LoginResponse:
+    """One Login call to ``target``, on a connection of its own."""
+    channel, bridge = await discovery.open_channel(target)
+    try:
+        stub: Any = pb_grpc.ChatStub(channel)  # type: ignore[no-untyped-call]
+        res: pb.LoginResponse = await stub.Login(pb.LoginRequest(), timeout=RPC_TIMEOUT)
+        return res
+    finally:
+        await channel.close()
+        if bridge is not None:
+            await bridge.close()
+
+
 def _check_server(found: discovery.ServerNode, claimed: pb.ServerNode, ip: str) -> None:
     """The server's word about its node must agree with what this side knows: tailscale's
     stable id when discovery had it, else the address that was dialled."""
@@ -510,22 +526,36 @@ def _check_server(found: discovery.ServerNode, claimed: pb.ServerNode, ip: str) 
 
 
 async def login(name: str, *, socket: str = "", port: int, proxy: str = "",
-                report: discovery.Report | None = None,
-                store: TokenStore | None = None) -> tuple[Entry, pb.LoginResponse]:
+                report: discovery.Report | None = None, store: TokenStore | None = None,
+                warn: Callable[[str], None] | None = None) -> tuple[Entry, pb.LoginResponse]:
     """Ask the server ``name`` for a token of one's own and keep it. Discovery first (a typo
-    gets "did you mean"); gRPC refusals propagate as AioRpcError with the server's words."""
+    gets "did you mean"); gRPC refusals propagate as AioRpcError with the server's words. A
+    failure on the way to the server is tried again, on a new connection, within
+    ``resume.START_GRACE`` (each attempt said on ``warn``), as ``first_answer`` does for
+    other commands: a login typed as the server started failed at once, "nothing answers",
+    where `connect` and `whoami` waited for it (an operator's run, 2026-11-25)."""
     store = store or TokenStore()
     found = await discovery.discover(name, socket=socket, report=report)
-    target = await discovery.route(found, port, proxy=proxy, report=report)
     store.check_writable()  # before the server issues a token that could not be kept
-    channel, bridge = await discovery.open_channel(target)
-    try:
-        stub: Any = pb_grpc.ChatStub(channel)  # type: ignore[no-untyped-call]
-        res: pb.LoginResponse = await stub.Login(pb.LoginRequest(), timeout=RPC_TIMEOUT)
-    finally:
-        await channel.close()
-        if bridge is not None:
-            await bridge.close()
+    state = StreamState(grace=START_GRACE)
+    while True:
+        state.connecting()
+        try:
+            target = await discovery.route(found, port, proxy=proxy, report=report)
+            res = await _ask(target)
+            break
+        except Exception as e:
+            err = translate(e, server=found.node.dns_name or name)
+            # (Only when the call cannot have reached the server: a refusal is its answer,
+            # and one that timed out may have been given a token.)
+            delay = state.lost(err, time.monotonic(), random.random()) if (
+                err.status in (None, grpc.StatusCode.UNAVAILABLE)) else None
+            if delay is None:
+                raise
+        report = None  # (the steps are said once)
+        if warn is not None:
+            warn(f"cannot reach {found.node.dns_name or name} yet: trying again ({err})")
+        await asyncio.sleep(delay)
     _check_server(found.node, res.server, target.ip)
     ips = list(dict.fromkeys([*found.node.ips, *res.server.addresses]))
     entry = Entry(node_id=found.node.node_id or res.server.node_id,
