@@ -33,3 +33,34 @@ def test_embedded_auth_key_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         find_auth_key(load_config(file=toml, env={}))
     with pytest.raises(ConfigError, match=r"^TSNETCHAT_AUTH_KEY_FILE: "):
         find_auth_key(load_config(file=None, env={"TSNETCHAT_AUTH_KEY_FILE": str(tmp_path)}))
+
+
+@pytest.mark.parametrize(("held", "says"), [
+    (b"", "is empty: put the auth key (tskey-auth-...), or an OAuth client's secret, in it"),
+    (b" \n", "is empty: put the auth key (tskey-auth-...), or an OAuth client's secret, in it"),
+    (b"\xff\xfe\x00", "does not hold an auth key (one word, tskey-auth-..., or an OAuth "
+     "client's secret)"),
+    (b"tskey-auth-a tskey-auth-b\n", "does not hold an auth key (one word, tskey-auth-..., "
+     "or an OAuth client's secret)"),
+    (b"k" * 5000, "does not hold an auth key (one word, tskey-auth-..., or an OAuth client's "
+     "secret)"),
+], ids=["empty", "blank", "not-text", "two-words", "too-long"])
+def test_an_auth_key_file_that_holds_no_key_is_said_to_be_that(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, held: bytes, says: str) -> None:
+    """Not UTF-8, it ended in "unexpected UnicodeDecodeError ... a bug"; empty, the server
+    said no auth key was given (an operator's run, 2026-11-25)."""
+    from tsnetchat.embedded import find_auth_key
+
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    f = tmp_path / "authkey"
+    f.write_bytes(held)
+    with pytest.raises(ConfigError) as got:
+        find_auth_key(load_config(file=None, env={}, flags={"auth_key_file": str(f)}))
+    assert str(got.value) == f"--auth-key-file: {f} {says}"
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "authkey").write_bytes(held)
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    with pytest.raises(ConfigError) as got:
+        find_auth_key(load_config(file=None, env={}))
+    assert str(got.value) == f"the systemd credential 'authkey': {creds / 'authkey'} {says}"

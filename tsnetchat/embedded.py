@@ -17,7 +17,6 @@ import contextlib
 import logging
 import os
 import shutil
-from pathlib import Path
 
 from .config import ServerConfig
 from .errors import ConfigError, TailnetError
@@ -27,19 +26,43 @@ from .tsapi import CLIENT_SECRET_PREFIX
 log = logging.getLogger("tsnetchat.embedded")
 
 
+# More than any auth key or OAuth client secret (about 60-80 characters): a file longer
+# than this is not one, and is not read whole (`--auth-key-file /dev/zero` read for ever).
+MAX_KEY_BYTES = 4096
+
+
 def find_auth_key(cfg: ServerConfig) -> str:
-    """The auth key from config/env, a file, or $CREDENTIALS_DIRECTORY/authkey ("" if none)."""
+    """The auth key from config/env, a file, or $CREDENTIALS_DIRECTORY/authkey ("" if none).
+    Raises ConfigError naming the setting when the file given cannot be read or holds no
+    key: empty, not text, more than one word. (A file not UTF-8 ended in "unexpected
+    UnicodeDecodeError ... a bug", and an empty one was said to be "no auth key was given":
+    an operator's run, 2026-11-25.)"""
     if cfg.auth_key:
         return cfg.auth_key.strip()
     candidates = [cfg.auth_key_file] if cfg.auth_key_file else []
     if os.environ.get("CREDENTIALS_DIRECTORY"):
         candidates.append(os.path.join(os.environ["CREDENTIALS_DIRECTORY"], "authkey"))
     for c in candidates:
+        where = (cfg.where("auth_key_file") if c == cfg.auth_key_file else
+                 "the systemd credential 'authkey'")
         try:
-            return Path(c).read_text().strip()
+            with open(c, "rb") as f:
+                raw = f.read(MAX_KEY_BYTES + 1)
         except OSError as e:
             if c == cfg.auth_key_file:
-                raise ConfigError(f"{cfg.where('auth_key_file')}: {c}: {e.strerror}") from None
+                raise ConfigError(f"{where}: {c}: {e.strerror}") from None
+            continue
+        try:
+            key = raw.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            key = None
+        if key is None or len(raw) > MAX_KEY_BYTES or len(key.split()) > 1:
+            raise ConfigError(f"{where}: {c} does not hold an auth key (one word, "
+                              "tskey-auth-..., or an OAuth client's secret)")
+        if not key:
+            raise ConfigError(f"{where}: {c} is empty: put the auth key (tskey-auth-...), or "
+                              "an OAuth client's secret, in it")
+        return key
     return ""
 
 
