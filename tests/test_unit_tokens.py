@@ -94,6 +94,34 @@ def test_keeping_a_token_replaces_the_one_for_the_same_node_only(tmp_path: Path)
     assert sorted(e.token for e in entries) == ["other", "second"]
 
 
+def kept_for(store: TokenStore, port: int) -> str | None:
+    found = store.find(SERVER, "chat-server", port)
+    return found.token if found else None
+
+
+async def test_two_servers_on_one_node_each_keep_their_own_token(tmp_path: Path) -> None:
+    """A login to a second server on the server's node (another port) replaced the first
+    server's token, which the first then refused as another key's (an operator's run,
+    2026-11-25). An entry of no port (an older tsnetchat's) is any port's until replaced."""
+    old = TokenStore(tmp_path / "old.json")
+    old.put(entry("older"))  # (port 0)
+    assert kept_for(old, 50051) == kept_for(old, 50052) == "older"
+    store = TokenStore(tmp_path / "tokens.json")
+    store.put(entry("older"))
+    store.put(entry("team", port=50051))
+    store.put(entry("test", port=50052))
+    assert sorted((e.token, e.port) for e in store.read()[0]) == [
+        ("team", 50051), ("test", 50052)]
+    assert (kept_for(store, 50051), kept_for(store, 50052), kept_for(store, 50053)) == (
+        "team", "test", None)
+    assert [Renewal.for_server(SERVER, "chat-server", store, port=p).token
+            for p in (50051, 50052)] == ["team", "test"]
+    store.put(entry("team again", port=50051))
+    save_admin_token(SERVER, "admin-issued", store, port=50052)
+    assert sorted(e.token for e in store.read()[0]) == ["admin-issued", "team again"]
+    assert (kept_for(store, 50051), kept_for(store, 50052)) == ("team again", "admin-issued")
+
+
 def test_a_file_from_the_older_version_is_read_as_tokens_by_name(tmp_path: Path) -> None:
     path = tmp_path / "tokens.json"
     path.write_text(json.dumps({"chat-server": "old"}))

@@ -647,7 +647,7 @@ def connect_cmd(
     if (verbose or save_token) and not address:
         found = run(_find(server, port, s, verbose))
         if save_token:
-            _save_token(found.node, server, s["token"])
+            _save_token(found.node, server, s["token"], port)
     from .tui import run_tui
 
     raise typer.Exit(run(run_tui(server, room, port=port, address=address or "", notify=notify,
@@ -992,7 +992,7 @@ def whoami(
     link = _link(server, port, address, s, verbose)
     out = run(clientcmds.whoami(link))
     if save_token:
-        _save_token(link.target.node if link.target else None, server, s["token"])
+        _save_token(link.target.node if link.target else None, server, s["token"], port)
     typer.echo(out)
 
 
@@ -1005,14 +1005,15 @@ def _may_save_token(token: str | None, address: str | None) -> None:
                                "which --address skips: leave --address out"))
 
 
-def _save_token(node: Any, server: str, token: str) -> None:
-    """Keep an admin's ``token`` for the server ``node`` that discovery found (--save-token)."""
+def _save_token(node: Any, server: str, token: str, port: int) -> None:
+    """Keep an admin's ``token`` for the server at ``port`` on the ``node`` that discovery
+    found (--save-token)."""
     from .tokens import save_admin_token
 
     if node is None:  # (discovery always names it; belt and braces)
         raise fail(ConfigError(f"--save-token: {server} was not found on the tailnet"))
     try:
-        where = save_admin_token(node, token)
+        where = save_admin_token(node, token, port=port)
     except TsnetchatError as e:
         raise fail(e) from None
     typer.echo(f"saved the token for {node.dns_name or server} in {where}", err=True)

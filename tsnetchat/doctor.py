@@ -300,8 +300,8 @@ async def client_checks(server: str, *, port: int, token: str | None, socket: st
         return out
     if token is None:
         try:
-            stored = TokenStore().find(found.node, server)
-            renewal = Renewal.for_server(found.node, server)
+            stored = TokenStore().find(found.node, server, port)
+            renewal = Renewal.for_server(found.node, server, port=port)
         except TsnetchatError as e:
             out.append(Check("token", FAIL, str(e)))
             return out

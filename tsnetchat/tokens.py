@@ -138,6 +138,7 @@ def _when(t: float) -> str:
 _KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "str": (lambda v: isinstance(v, str), "a string"),
     "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "a whole number"),
     "float": (lambda v: isinstance(v, int | float) and not isinstance(v, bool), "a number"),
     "list[str]": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
                   "a list of strings"),
@@ -159,6 +160,10 @@ class Entry:
     refused: str = ""  # the server's words when it refused a renewal
     dead: bool = False  # the refusal also ended the token (revoked)
     refused_at: float = 0.0  # this machine's clock then (0: not known, by an older tsnetchat)
+    # The server's port: two servers on one node (a team's and a test one) each keep their
+    # own token. 0: any port (an entry an older tsnetchat wrote, or a caller that does not
+    # say; one server's token was used for, and replaced by, the other's before).
+    port: int = 0
 
     @property
     def expires(self) -> float | None:
@@ -174,7 +179,9 @@ class Entry:
         exp = self.expires
         return exp is not None and now >= exp
 
-    def matches(self, node: discovery.ServerNode) -> bool:
+    def matches(self, node: discovery.ServerNode, port: int = 0) -> bool:
+        if port and self.port and port != self.port:
+            return False
         if node.node_id and self.node_id:
             return node.node_id == self.node_id
         return bool(set(node.ips) & set(self.ips))
@@ -284,9 +291,12 @@ class TokenStore:
         return ConfigError(f"cannot save tokens in {self.path}: {why} (set XDG_CONFIG_HOME to "
                            "a directory you can write)")
 
-    def find(self, node: discovery.ServerNode, typed: str) -> Entry | None:
+    def find(self, node: discovery.ServerNode, typed: str, port: int = 0) -> Entry | None:
+        """The token kept for the server on ``node`` at ``port`` (0: at any port), one kept
+        for that very port first."""
         entries, names = self.read()
-        found = next((e for e in reversed(entries) if e.matches(node)), None)
+        mine = [e for e in reversed(entries) if e.matches(node, port)]
+        found = next((e for e in mine if e.port == port), mine[0] if mine else None)
         if found is not None:
             return found
         for name in (typed, node.dns_name, node.short_name):
@@ -295,11 +305,12 @@ class TokenStore:
         return None
 
     def put(self, entry: Entry) -> Path:
-        """Keep ``entry``, replacing what was stored for the same server node."""
+        """Keep ``entry``, replacing what was stored for the same server: its node and port
+        (and what was kept for that node at no port in particular)."""
         entries, names = self.read()
         node = discovery.ServerNode(short_name="", dns_name="", ips=tuple(entry.ips),
                                     node_id=entry.node_id)
-        kept = [e for e in entries if not e.matches(node)]
+        kept = [e for e in entries if not (e.matches(node) and e.port in (0, entry.port))]
         return self.write([*kept, entry], names)
 
 
@@ -322,16 +333,17 @@ def outlived(token: str, now: float) -> bool:
 
 
 def save_admin_token(node: discovery.ServerNode, token: str,
-                     store: TokenStore | None = None) -> Path:
-    """Keep a token an admin issued, for this server node (``--save-token`` of `connect`
-    and `whoami`)."""
+                     store: TokenStore | None = None, port: int = 0) -> Path:
+    """Keep a token an admin issued, for the server at ``port`` on this node
+    (``--save-token`` of `connect` and `whoami`)."""
     claims = _unverified_claims(token)
     iat, exp = claims.get("iat"), claims.get("exp")
     timed = isinstance(iat, int) and isinstance(exp, int) and exp > iat
     entry = Entry(node_id=node.node_id, name=node.dns_name or node.short_name,
                   ips=list(node.ips), token=token, token_id=str(claims.get("jti", "")),
                   source="admin", received=float(iat) if timed else 0.0,  # type: ignore[arg-type]
-                  lifetime=float(exp - iat) if timed else 0.0)  # type: ignore[operator]
+                  lifetime=float(exp - iat) if timed else 0.0,  # type: ignore[operator]
+                  port=port)
     return (store or TokenStore()).put(entry)
 
 
@@ -374,11 +386,11 @@ class Renewal:
 
     @classmethod
     def for_server(cls, node: discovery.ServerNode, typed: str,
-                   store: TokenStore | None = None) -> Renewal:
-        """The stored token for ``node``; raises Unauthenticated, in words, when there is
-        none or it can no longer be used."""
+                   store: TokenStore | None = None, port: int = 0) -> Renewal:
+        """The stored token for the server at ``port`` on ``node`` (``TokenStore.find``);
+        raises Unauthenticated, in words, when there is none or it can no longer be used."""
         store = store or TokenStore()
-        entry = store.find(node, typed)
+        entry = store.find(node, typed, port)
         now = time.time()
         if entry is None and node.this_machine:
             raise PeerNotFound(
@@ -401,7 +413,8 @@ class Renewal:
                                   f"Get a new one: {again}")
         loop = asyncio.get_running_loop()
         live = cls._live.setdefault(loop, {})
-        key = (str(store.path), entry.node_id or ",".join(sorted(entry.ips)) or entry.name)
+        key = (str(store.path),
+               f"{entry.node_id or ','.join(sorted(entry.ips)) or entry.name}:{entry.port}")
         r = live.get(key)
         if r is not None and r.entry.token_id != entry.token_id:
             r = None  # (another token since: a login)
@@ -561,7 +574,8 @@ async def login(name: str, *, socket: str = "", port: int, proxy: str = "",
     entry = Entry(node_id=found.node.node_id or res.server.node_id,
                   name=res.server.name or found.node.dns_name or name, ips=ips,
                   token=res.token, token_id=res.token_id, source="login",
-                  received=time.time(), lifetime=float(res.expires_unix - res.issued_unix))
+                  received=time.time(), lifetime=float(res.expires_unix - res.issued_unix),
+                  port=port)
     try:
         store.put(entry)
     except ConfigError as e:
