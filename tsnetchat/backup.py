@@ -58,11 +58,9 @@ class Summary:
 
 def backup(db: Path, dest: Path) -> Summary:
     """Copy the live database ``db`` to ``dest`` (replaced if it exists). Raises StoreError."""
-    if not db.is_file():
-        if os.path.lexists(db):  # (a FIFO was "no history database": say what it is)
-            check_own_files(db.parent, (db,))
-        raise StoreError(f"there is no history database at {db} (is --state-dir or the config "
-                         "file the server's?)")
+    why = no_history(db)
+    if why:
+        raise StoreError(why)
     if dest.is_dir():
         example = dest / db.name
         if _in_state_dir(db, example):  # (the state dir: it named the live database)
@@ -137,6 +135,19 @@ def _alone(dest: Path, tmp: Path) -> Iterator[None]:
     finally:
         lock.unlink(missing_ok=True)  # (before the lock goes: see the loop above)
         os.close(fd)
+
+
+def no_history(db: Path) -> str:
+    """Why there is no history to read at ``db``, in words; "" when there is one. Raises
+    ConfigError (``check_own_files``) when something else stands where it should be (a FIFO
+    or a dangling link was said to be no history). `backup` and the token commands
+    (``cli._existing_store``) both ask here: each said it in words of its own."""
+    if db.is_file():
+        return ""
+    if os.path.lexists(db):
+        check_own_files(db.parent, (db,))
+    return (f"there is no tsnetchat history at {db} (is --state-dir or the config file the "
+            "server's? `tsnetchat serve` makes it when it first starts)")
 
 
 def _replaceable(dest: Path) -> None:

@@ -251,18 +251,15 @@ def _existing_store(cfg: ServerConfig) -> Any:
     """The database of a state dir a server has used; never a new one made for a mistyped
     ``--state-dir`` (an admin command that finds nothing there must say so, not succeed on
     an empty database)."""
-    _cluster_blind(cfg)
-    if not cfg.db_path.is_file():
-        if os.path.lexists(cfg.db_path):  # (a FIFO was "no history": say what it is)
-            from .statedir import check_own_files
+    from .backup import no_history
 
-            try:
-                check_own_files(cfg.state_dir, (cfg.db_path,))
-            except ConfigError as e:
-                raise fail(e) from None
-        raise fail(ConfigError(
-            f"there is no tsnetchat history at {cfg.db_path} (is --state-dir or the config "
-            "file the server's? `tsnetchat serve` makes it when it first starts)"))
+    _cluster_blind(cfg)
+    try:
+        why = no_history(cfg.db_path)
+    except ConfigError as e:
+        raise fail(e) from None
+    if why:
+        raise fail(ConfigError(why))
     return _store(cfg)
 
 
