@@ -1359,3 +1359,23 @@ async def test_a_room_closed_for_good_says_that_join_asks_for_it_again() -> None
     assert general.entries[-1].text == (
         "#general is closed for good: you were removed from 'general' by bob@tailnet.test; "
         "/join #general asks for it again, /leave closes it")
+
+
+async def test_ctrl_u_clears_a_pasted_block_before_the_cursor_and_ctrl_y_brings_it_back(
+        ) -> None:
+    """Three pasted lines and Ctrl-U cleared only the last line's text; it took four more
+    presses, one per line end, to empty the input (a daily user's day, 2026-11-25)."""
+    from prompt_toolkit.application.current import set_app
+
+    app = alices_chat_on(Changes())
+    keys = app.app.key_processor
+    with set_app(app.app):  # (prompt_toolkit's own keys act on the app running)
+        for key in (KeyPress(Keys.BracketedPaste, "one\ntwo\nthree"), KeyPress(Keys.Left),
+                    KeyPress(Keys.ControlU)):
+            keys.feed(key)
+        keys.process_keys()
+        assert app.input.text == "e"  # what was after the cursor stays
+        keys.feed(KeyPress(Keys.ControlE))
+        keys.feed(KeyPress(Keys.ControlY))
+        keys.process_keys()
+    assert app.input.text == "eone\ntwo\nthre"  # nothing lost: Ctrl-Y puts it back

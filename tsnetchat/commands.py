@@ -277,7 +277,8 @@ def help_text(topic: str = "") -> str:
     # chatview.layout hangs a wrapped description under the descriptions' column.
     rows = [f"  {c.usage:<{USAGE_COLUMN}}  {c.help}" if len(c.usage) <= USAGE_COLUMN else
             f"  {c.usage}\n  {'':<{USAGE_COLUMN}}  {c.help}" for c in COMMANDS]
-    keys = ("keys: Enter sends, Alt-Enter or Ctrl-J a new line, Up/Down your earlier lines, "
+    keys = ("keys: Enter sends, Alt-Enter or Ctrl-J a new line, Ctrl-U clears what is before "
+            "the cursor (Ctrl-Y puts it back), Up/Down your earlier lines, "
             "Tab completes, PgUp/PgDn scroll (Ctrl-End back to the bottom), Alt-1..9 or "
             "Ctrl-N/Ctrl-P switch rooms, Ctrl-Z suspends")
     return "\n".join(["commands (any case; #room or room):", *rows, keys])

@@ -572,6 +572,15 @@ class ChatApp:
         def _(event: KeyPressEvent) -> None:
             self.input.insert_text("\n")
 
+        @kb.add("c-u")
+        def _(event: KeyPressEvent) -> None:
+            # The whole input before the cursor, as a one-line input's Ctrl-U: prompt_toolkit's
+            # clears one line of it, and a pasted block took a press per line end to clear (a
+            # daily user's day, 2026-11-25). Ctrl-Y puts it back, as it does after theirs.
+            gone = self.input.delete_before_cursor(len(self.input.document.text_before_cursor))
+            if gone:
+                event.app.clipboard.set_text(gone)
+
         @kb.add(Keys.BracketedPaste)
         def _(event: KeyPressEvent) -> None:
             data = event.data.replace("\r\n", "\n").replace("\r", "\n")  # (as prompt_toolkit)
