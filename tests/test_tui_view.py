@@ -1280,13 +1280,13 @@ async def test_a_terminal_gone_under_a_suspended_chat_is_one_line_in_the_log(
 async def test_a_pasted_bidi_override_is_said_at_once_and_shown_escaped_in_the_input() -> None:
     """U+202E pasted into the input reversed what followed it on the screen ("look: exe.live
     done"), and only Enter said it would be refused (a daily user's day, 2026-11-25)."""
+    from prompt_toolkit.document import Document
     from prompt_toolkit.layout.processors import TransformationInput
 
     from tsnetchat.tui import ShownSafe
 
     app = alices_chat_on(Changes())
-    app.app.key_processor.feed(KeyPress(Keys.BracketedPaste, "look: \u202eevil.exe\u202c done"))
-    app.app.key_processor.process_keys()
+    paste(app, "look: \u202eevil.exe\u202c done")
     assert app.input.text == "look: \u202eevil.exe\u202c done"  # kept as pasted, to fix
     said = app.conversations["general"].entries[-1].text
     assert "U+202E" in said and "before you send" in said, said
@@ -1294,12 +1294,21 @@ async def test_a_pasted_bidi_override_is_said_at_once_and_shown_escaped_in_the_i
                              [("", "look: \u202eevil.exe\u202c done")], 40, 1)
     shown = "".join(f[1] for f in ShownSafe().apply_transformation(ti).fragments)
     assert shown == "look: �evil.exe� done"
-    # Plain text pasted says nothing.
-    app.input.reset()
-    app.app.key_processor.feed(KeyPress(Keys.BracketedPaste, "line one\r\nline two"))
-    app.app.key_processor.process_keys()
-    assert app.input.text == "line one\nline two"
+    # Plain text pasted says nothing, wherever in the input it goes; a terminal's \r\n or \r
+    # is a line end (prompt_toolkit's paste).
+    app.input.document = Document("[]", 1)
+    paste(app, "line one\r\nline two\rthree")
+    assert app.input.text == "[line one\nline two\nthree]"
     assert app.conversations["general"].entries[-1].text == said
+
+
+def paste(app: Any, text: str) -> None:
+    """``text`` pasted into ``app``'s input, as a terminal's bracketed paste."""
+    from prompt_toolkit.application.current import set_app
+
+    with set_app(app.app):  # (prompt_toolkit's own keys act on the app running)
+        app.app.key_processor.feed(KeyPress(Keys.BracketedPaste, text))
+        app.app.key_processor.process_keys()
 
 
 async def test_a_kick_that_closed_no_stream_does_not_say_someone_was_removed() -> None:

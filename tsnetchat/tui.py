@@ -53,6 +53,7 @@ from prompt_toolkit.document import Document
 from prompt_toolkit.filters import Condition
 from prompt_toolkit.formatted_text import StyleAndTextTuples
 from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
+from prompt_toolkit.key_binding.bindings.basic import load_basic_bindings
 from prompt_toolkit.keys import Keys
 from prompt_toolkit.layout import (
     ConditionalContainer,
@@ -133,6 +134,9 @@ KEEP_EVERY = 1.0
 SEARCH_PAGE = 100
 SEARCH = "?search"  # the search buffer's key: no room can be named so
 MAX_LISTED_DMS = 20  # DMs in the room list at the start, newest first
+# prompt_toolkit's own paste (a terminal's \r\n or \r is a line end), which the chat's
+# runs before it looks at what was pasted: no copy of its rules to fall behind them.
+PASTE = load_basic_bindings().get_bindings_for_keys((Keys.BracketedPaste,))[-1]
 STYLE = Style.from_dict({
     "time": "#8a8a8a",
     "notice": "#8a8a8a",
@@ -583,8 +587,9 @@ class ChatApp:
 
         @kb.add(Keys.BracketedPaste)
         def _(event: KeyPressEvent) -> None:
-            data = event.data.replace("\r\n", "\n").replace("\r", "\n")  # (as prompt_toolkit)
-            self.input.insert_text(data)
+            start = self.input.cursor_position
+            PASTE.call(event)  # (inserted at the cursor; overwritten from it in overwrite mode)
+            data = self.input.text[start:self.input.cursor_position]
             bad = UNSAFE.search(data)
             if bad is not None:  # (said only at Enter, while it showed as it was)
                 shown = Char.display_mappings.get(bad.group(), "�")  # (as the input shows it)
