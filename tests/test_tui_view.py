@@ -769,11 +769,34 @@ async def test_a_reconnect_under_a_second_says_how_long_it_took_not_zero_seconds
     app = alices_chat()
     general = app.conversation_for("general")
     session = app.sessions["general"] = RoomSession(app.link, "general")
-    app.on_event(general, session, SessionEvent("state", seconds=0.42))
-    app.on_event(general, session, SessionEvent("state", seconds=12.4))
+    for seconds in (0.42, 12.4):
+        app.on_event(general, session, SessionEvent("state", seconds=seconds))
+        app.on_event(general, session, SessionEvent("replay_done", first=False))
     said = [e.text for e in general.entries if "reconnected" in e.text]
     assert said == ["reconnected after 0.4s; nothing missed",
                     "reconnected after 12s; nothing missed"], said
+
+
+async def test_a_reconnect_is_said_below_the_lines_it_brought_that_came_meanwhile() -> None:
+    """Bob wrote during alice's 85 s outage; his line came back with the replay, under
+    "reconnected after 85s; nothing missed", which read as if there was nothing to read
+    (a daily user's day, 2026-11-25). A stream that broke before its replay's end says
+    nothing: the next one says its own outage."""
+    from tsnetchat.client import RoomSession, SessionEvent
+
+    app = alices_chat()
+    general = app.conversation_for("general")
+    session = app.sessions["general"] = RoomSession(app.link, "general")
+    app.on_event(general, session, SessionEvent("state", seconds=85.0))
+    app.on_event(general, session, SessionEvent("message", message=msg(7, "meanwhile")))
+    app.on_event(general, session, SessionEvent("replay_done", first=False))
+    app.on_event(general, session, SessionEvent("state", seconds=3.0))
+    app.on_event(general, session, SessionEvent("state"))  # (lost again before the replay)
+    app.on_event(general, session, SessionEvent("state", seconds=1.5))
+    app.on_event(general, session, SessionEvent("replay_done", first=False))
+    said = [e.message.text if e.message else e.text for e in general.entries]
+    assert said == ["meanwhile", "reconnected after 85s; nothing missed",
+                    "reconnected after 1.5s; nothing missed"], said
 
 
 async def test_a_line_written_before_the_link_broke_is_listed_at_exit_as_maybe_stored() -> None:

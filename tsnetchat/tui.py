@@ -346,6 +346,9 @@ class ChatApp:
         self.restored: dict[str, str] = {}
         self.restored_as: dict[str, str] = {}
         self.shown_again: set[str] = set()  # rooms restarted from a restored history
+        # "reconnected after ..." by room, said once the replay of what came meanwhile is
+        # shown: said at the welcome, "nothing missed" stood above the lines missed.
+        self.rejoined: dict[str, str] = {}
         self.deferred_said: dict[str, tuple[str, float]] = {}  # room -> (reason, when said)
         self.submitting = False
         self.history = commands.InputHistory()
@@ -1354,26 +1357,37 @@ class ChatApp:
                 self.spawn(old.close())
         elif ev.kind == "message" and ev.message is not None:
             self.on_message(conv, ev.message)
-        elif ev.kind == "replay_done" and ev.first:
-            conv.backlog_done = True
-            conv.notice("end of backlog" if conv.entries else "no earlier messages",
-                        renderer=self.renderer)
-            conv.notice(f"you joined {conv.title} as {visible(self.me.login)}; here: "
-                        f"{describe_members(conv.members, conv.away)}", renderer=self.renderer)
-            if conv.topic is not None and conv.topic.text:
-                conv.notice(f"topic: {conv.topic.text} (set by {who(conv.topic.set_by)})",
-                            ts_ms=conv.topic.set_unix_ms, renderer=self.renderer)
+        elif ev.kind == "replay_done":
+            if ev.first:
+                conv.backlog_done = True
+                conv.notice("end of backlog" if conv.entries else "no earlier messages",
+                            renderer=self.renderer)
+                conv.notice(f"you joined {conv.title} as {visible(self.me.login)}; here: "
+                            f"{describe_members(conv.members, conv.away)}",
+                            renderer=self.renderer)
+                if conv.topic is not None and conv.topic.text:
+                    conv.notice(f"topic: {conv.topic.text} (set by {who(conv.topic.set_by)})",
+                                ts_ms=conv.topic.set_unix_ms, renderer=self.renderer)
+            rejoined = self.rejoined.pop(conv.name, None)
+            if rejoined is not None:
+                # (after a restored history the room was shown again from what the server
+                # has: "nothing missed" contradicted the line just above; a new user's day,
+                # 2026-11-23)
+                missed = "" if conv.name in self.shown_again else "; nothing missed"
+                self.shown_again.discard(conv.name)
+                conv.notice(f"reconnected after {rejoined}{missed}", renderer=self.renderer)
         elif ev.kind == "presence" and ev.presence is not None:
             self.on_presence(conv, ev.presence)
-        elif ev.kind == "state" and ev.error is not None and session.state.attempts == 1:
-            conv.away_from = {m.login for m in conv.members}
         elif ev.kind == "state" and ev.seconds is not None:
-            # (after a restored history the room was shown again from what the server has:
-            # "nothing missed" contradicted the line just above; a new user's day, 2026-11-23)
-            missed = "" if conv.name in self.shown_again else "; nothing missed"
-            self.shown_again.discard(conv.name)
-            conv.notice(f"reconnected after {ev.outage()}{missed}", renderer=self.renderer)
+            # (said at the replay's end, below what it brings: a line Bob wrote during an
+            # 85 s outage stood under "reconnected after 85s; nothing missed"; a daily
+            # user's day, 2026-11-25)
+            self.rejoined[conv.name] = ev.outage()
             conv.quiet_until = time.monotonic() + QUIET_REJOINS
+        elif ev.kind == "state":
+            self.rejoined.pop(conv.name, None)  # (broken before its replay: the next says it)
+            if ev.error is not None and session.state.attempts == 1:
+                conv.away_from = {m.login for m in conv.members}
         elif ev.kind in ("sent", "failed") and ev.outgoing is not None:
             self.waiting_changes.pop(ev.outgoing.client_msg_id, None)
             then = self.after_sent.pop(ev.outgoing.client_msg_id, None)
