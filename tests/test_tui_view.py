@@ -75,6 +75,15 @@ def test_wrapping_counts_wide_characters_and_cuts_words_longer_than_a_line() -> 
     assert wrap("", 10) == [""]
 
 
+def test_a_word_longer_than_a_line_is_never_cut_inside_a_flag_or_a_skin_toned_emoji(
+        ) -> None:
+    """A row of flags pasted without spaces showed 🇯 at the end of one line and 🇵 at the
+    start of the next: two letters, no flag (a daily user's day, 2026-11-25)."""
+    jp, wave = "\U0001F1EF\U0001F1F5", "\U0001F44B\U0001F3FD"
+    assert wrap("ab" + jp * 3, 5) == ["ab", jp, jp, jp]
+    assert wrap("a" + wave * 2, 4) == ["a", wave, wave]
+
+
 def test_control_characters_and_bidi_overrides_never_reach_the_terminal() -> None:
     assert visible("Eve\x1b[31m\u202eRED\x07\ttab") == "Eve?[31m?RED?    tab"
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from prompt_toolkit.utils import get_cwidth
 
 from . import render
-from .outbox import Outgoing, State
+from .outbox import Outgoing, State, apart
 from .pb import chat_pb2 as pb
 
 Fragment = tuple[str, str]
@@ -491,6 +491,8 @@ def wrap(text: str, width: int, *, first: int | None = None) -> list[str]:
                     break
                 cw += get_cwidth(ch)
                 cut += 1
+            if 0 < cut < len(word):  # (a flag cut in two showed as two letters)
+                cut = apart(word, cut)
             rows.append(word[:max(1, cut)])
             word = word[max(1, cut):]
             limit = max(1, width)

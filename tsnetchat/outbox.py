@@ -288,11 +288,18 @@ def _fit(text: str, max_bytes: int) -> int:
     for i, ch in enumerate(text):
         size += utf8_len(ch)
         if size > max_bytes:
-            cut = i
-            while cut > 1 and _joins_previous(text, cut):
-                cut -= 1
-            return cut if cut > 1 or not _joins_previous(text, cut) else max(1, i)
+            return apart(text, i)
     return len(text)
+
+
+def apart(text: str, i: int) -> int:
+    """Where to cut ``text`` at ``i`` or before it without parting a character from what it
+    modifies (as ``_fit``): ``i`` itself (at least 1) when all before it is one such
+    character. (Also where a row of the chat's screen ends: ``chatview.wrap``.)"""
+    cut = i
+    while cut > 1 and _joins_previous(text, cut):
+        cut -= 1
+    return cut if cut > 1 or not _joins_previous(text, cut) else max(1, i)
 
 
 ZWJ = "\u200d"
