@@ -218,6 +218,28 @@ def test_the_next_chat_takes_the_rooms_and_drafts_back_and_the_lines_into_unsent
     assert again.rooms == replace(taken.rooms, drafts=()) and again.took == {}
 
 
+def test_rooms_a_killed_chat_had_left_do_not_come_back_from_the_exit_before_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The chat opened #general, #random and @bob from the last exit, left #random, or all
+    three, and was killed: the next one opened all three again, from that exit (a daily
+    user's day, 2026-11-25). An exit while the killed chat ran is as new: its rooms stay."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    state = tui.log_path().parent
+    before = openrooms.OpenRooms(("general", "random", "dm:bob@x"), "random")
+    openrooms.save(state, "s:1", before)
+    killed_chat(state, "s:1", Held(("general",), "general"))
+    assert tui._take_over(state, "s:1").rooms == openrooms.OpenRooms(("general",), "general")
+    openrooms.save(state, "s:1", before)
+    killed_chat(state, "s:1", Held(lines=("#general: sent  (sent, not confirmed)",)))
+    assert tui._take_over(state, "s:1").rooms == openrooms.OpenRooms()  # (#general opens)
+    # Another chat's exit while this one ran: both chats' rooms.
+    running = chat_in_another_process(state, "s:1", Held(("general",), "general"))
+    openrooms.save(state, "s:1", before)
+    running.send_signal(signal.SIGKILL)
+    running.wait()
+    assert tui._take_over(state, "s:1").rooms.rooms == ("general", "random", "dm:bob@x")
+
+
 def test_a_draft_a_killed_chat_had_brought_back_unchanged_is_not_added_to_unsent_txt_again(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Three kills of a chat holding the draft it had brought back added it three times

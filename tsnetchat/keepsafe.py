@@ -152,6 +152,9 @@ class Orphans:
         found.sort(key=lambda f: f[0])
         self.held = [h for _, h, _, _ in found]
         self._files = [(paths, fd) for _, _, paths, fd in found]
+        # When the newest of those chats began (its lock file was made), 0.0 with none:
+        # what was on disk before it, it had taken at its start.
+        self.began = max((os.fstat(fd).st_mtime for _, fd in self._files), default=0.0)
 
     def forget(self) -> None:
         for paths, _ in self._files:

@@ -82,6 +82,14 @@ def load(state_dir: Path, key: str) -> OpenRooms:
     return OpenRooms(rooms, shown if shown in rooms else None, drafts)
 
 
+def written(state_dir: Path, key: str) -> float:
+    """When ``key``'s file was last written (its mtime), 0.0 if it cannot be read."""
+    try:
+        return path_for(state_dir, key).stat().st_mtime
+    except OSError:
+        return 0.0
+
+
 def save(state_dir: Path, key: str, open_rooms: OpenRooms, *,
          took: Mapping[str, str] | None = None) -> dict[str, str]:
     """Remember ``open_rooms`` for ``key``'s server (0600; replaced whole, never half

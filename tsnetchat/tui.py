@@ -1848,7 +1848,8 @@ class TakenOver:
 def _take_over(state: Path, key: str) -> TakenOver:
     """What the last chat with ``key``'s server left at its exit (``openrooms``) and what the
     chats that ended without keeping it left (``keepsafe``): the rooms of those (the newest
-    first) and then the exit's, and the room the newest of them showed; every one's drafts;
+    first) and then the exit's (if it came after the newest of those began), and the room
+    the newest of them showed; every one's drafts;
     and their lines not stored, appended to unsent.txt (then said at the start, as any
     addition is). The file's drafts are taken out of it (in the inputs now: a chat killed
     later must not bring them back twice).
@@ -1859,6 +1860,12 @@ def _take_over(state: Path, key: str) -> TakenOver:
     exited = openrooms.load(state, key)
     taken_over = keepsafe.take_orphans(state, key)
     orphans = taken_over.held
+    if orphans and openrooms.written(state, key) <= taken_over.began:
+        # That exit was before the killed chat began, which opened its rooms then: the
+        # rooms it had open when killed are newer. (A room it had left, or all of them,
+        # came back from the exit; a daily user's day, 2026-11-25.) A room with a draft
+        # the killed chat had not taken out of the file (a full disk) stays.
+        exited = replace(exited, rooms=tuple(r for r, _ in exited.drafts), shown=None)
     newest = next((h for h in reversed(orphans) if h.rooms), None)
     rooms = tuple(dict.fromkeys(
         (*(r for h in reversed(orphans) for r in h.rooms), *exited.rooms)))
