@@ -538,7 +538,7 @@ def test_search_results_open_in_a_buffer_of_their_own(terminals: dict[str, Tmux]
     alice.type("/msg bob is the canary on staging too?")
     alice.wait_for(r"▸ <Alice> is the canary on staging too\?")
     bob.type("/search CANARY")
-    s = bob.wait_for(r"│ \?CANARY │")
+    s = bob.wait_for(r"\) │ \?CANARY\n")  # (the status bar: the buffer, no connection)
     assert re.search(r"search 'CANARY': 2 result\(s\)", s), s
     assert re.search(r"▸ #general <Bob> the canary build is green", s), s  # his own
     assert re.search(r"  @alice <Alice> is the canary on staging too\?", s), s

@@ -1284,6 +1284,20 @@ async def test_a_room_closed_for_good_by_a_kick_shows_no_members_in_the_status_b
         general.entries[-1].text)
 
 
+async def test_the_status_bar_of_a_search_buffer_ends_with_its_title_not_a_separator(
+        ) -> None:
+    """It read " alice@tailnet.test (alice-laptop) │ ?restart │", the bar cut short after
+    its last bar (a daily user's day, 2026-11-25); away, it says so after the bar."""
+    from tsnetchat.tui import SEARCH
+
+    app = alices_chat_on(Changes())
+    app.conversations[SEARCH] = Conversation(SEARCH, kind="search", title="?restart")
+    app.current = SEARCH
+    assert "".join(t for _, t in app.status_bar()).endswith(" │ ?restart")
+    app.away = "lunch"
+    assert "".join(t for _, t in app.status_bar()).endswith(" │ ?restart │ away: /back")
+
+
 async def test_a_terminal_gone_under_a_suspended_chat_is_one_line_in_the_log(
         caplog: pytest.LogCaptureFixture) -> None:
     """A chat stopped with Ctrl-Z whose terminal was then closed logged three tracebacks of

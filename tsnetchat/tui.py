@@ -492,6 +492,9 @@ class ChatApp:
             while title and not fits(me, [("", f"{title}… │ ")]):
                 title = title[:-1]
             where = [("", f"{title}… │ ")]
+        if not state or state[0][1].startswith(" │ "):  # (no connection: a search buffer)
+            # (it ended "?restart │", or read "?restart │  │ away: /back")
+            where[-1] = (where[-1][0], where[-1][1].removesuffix(" │ "))
         return [("", me), *where, *state]
 
     def state_parts(self) -> StyleAndTextTuples:
