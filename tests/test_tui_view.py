@@ -1402,7 +1402,7 @@ async def test_leaving_the_search_buffer_goes_back_to_the_room_the_search_was_ty
 async def test_a_room_closed_for_good_says_that_join_asks_for_it_again() -> None:
     """Kicked, bob read "#general is closed for good" and nothing of the /join that takes
     him back at once (a daily user's day, 2026-11-25)."""
-    from tsnetchat.client import SessionEvent
+    from tsnetchat.client import RoomSession, SessionEvent
     from tsnetchat.clienterrors import ClientError
 
     app = alices_chat_on(Changes())
@@ -1414,6 +1414,17 @@ async def test_a_room_closed_for_good_says_that_join_asks_for_it_again() -> None
     assert general.entries[-1].text == (
         "#general is closed for good: you were removed from 'general' by bob@tailnet.test; "
         "/join #general asks for it again, /leave closes it")
+    # A private room says it is for members: the same words end a kick and a /remove, after
+    # which /join is refused (it read as if /join would take bob back; a daily user's day,
+    # 2026-11-25).
+    team = app.conversations["+team"] = app.conversation_for("+team")
+    session = app.sessions["+team"] = RoomSession(app.link, "+team")
+    session.state.connected(0.0)
+    session.state.lost(err, 1.0, 0.5)
+    app.on_event(team, session, SessionEvent("fatal", error=err))
+    assert team.entries[-1].text.endswith(
+        "; /join +team asks for it again (refused if you are no longer a member of it), "
+        "/leave closes it"), team.entries[-1].text
 
 
 async def test_ctrl_u_clears_a_pasted_block_before_the_cursor_and_ctrl_y_brings_it_back(

@@ -1509,8 +1509,12 @@ class ChatApp:
         # daily user's day, 2026-11-25)
         conv.members, conv.away = [], set()
         # (after a kick, "closed for good" read as a ban: /join takes one back at once)
+        # (a private room's: the same words end a /remove, after which /join is refused; a
+        # daily user's day, 2026-11-25)
+        members = (" (refused if you are no longer a member of it)"
+                   if kind_of(conv.name) == "private" else "")
         conv.notice(f"{conv.title} is closed for good: {err}; /join {conv.title} asks for it "
-                    "again, /leave closes it", error=True, renderer=self.renderer)
+                    f"again{members}, /leave closes it", error=True, renderer=self.renderer)
 
     def ring(self, conv: Conversation, m: pb.ChatMessage) -> None:
         """A mention: the terminal bell, and a desktop notification if asked for."""
