@@ -135,6 +135,26 @@ def test_a_login_typed_as_the_server_starts_waits_for_it(lab: Any, tmp_path: Pat
     assert "Traceback" not in err
 
 
+def test_a_person_logged_in_to_two_servers_on_one_node_uses_each_ones_own_token(
+        lab: Any, enrolling: LabDaemon, tmp_path: Path) -> None:
+    """A test server beside the team's, on the same node: the chat used the newest token
+    kept for the node, which the other server refused as another key's (an operator's run,
+    2026-11-25)."""
+    (tmp_path / "second").mkdir()
+    with lab_daemon(lab, tmp_path / "second", "--enroll", "grant") as second:
+        home = tmp_path / "alice"
+        team, test = Person(lab, enrolling, "alice-laptop", home), Person(
+            lab, second, "alice-laptop", home)
+        assert team("login").returncode == 0
+        assert test("login").returncode == 0
+        for p, server in ((team, enrolling), (test, second)):
+            me = whoami(p)
+            assert me["login"] == ALICE
+            assert me["token_id"] in server.cli("token", "list")
+            sent = p("send", f"to the server on port {server.port}", "--room", "ops")
+            assert sent.returncode == 0, sent.stderr
+
+
 def test_mallory_without_a_grant_is_refused_and_told_whom_to_ask(
         lab: Any, enrolling: LabDaemon, tmp_path: Path) -> None:
     mallory = person(lab, enrolling, "mallory-laptop", tmp_path)

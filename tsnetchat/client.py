@@ -279,7 +279,7 @@ async def connect(name: str, token: str | None, *, socket: str = "", port: int =
         return Connection(grpc.aio.insecure_channel(address, options=[
             *CHANNEL_OPTIONS, ("grpc.enable_http_proxy", 0)]), token or "", target=target)
     found = await discover(name, socket=socket, report=report)
-    renewal = None if token is not None else Renewal.for_server(found.node, name)
+    renewal = None if token is not None else Renewal.for_server(found.node, name, port=port)
     target = await route(found, port, proxy=proxy, report=report)
     channel, bridge = await open_channel(target)
     conn = Connection(channel, renewal.token if renewal else token or "", bridge=bridge,
