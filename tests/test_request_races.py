@@ -9,9 +9,10 @@ from typing import Any
 
 import grpc
 import pytest
-from helpers import Chat, refused
+from helpers import Chat, hello_events, refused
 
 from tsnetchat.client import Connection
+from tsnetchat.pb import chat_pb2 as pb
 
 ALICE, BOB = "alice@tailnet.test", "bob@tailnet.test"
 
@@ -122,3 +123,54 @@ async def test_a_member_removed_while_their_room_list_or_unread_counts_are_read_
     assert "+team" not in [r.name for r in listed.rooms]
     counted = await removed_while_reading(chat, go, reading, admin, bob, lambda c: c.unread())
     assert "+team" not in [r.name for r in counted.rooms] and counted.total_unread == 0
+
+
+async def test_a_member_removed_while_their_join_is_welcomed_is_not_told_the_rooms_topic_or_members(
+        chat: Chat, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Removed during the Welcome's own reads (its read position), Bob's Join was still
+    welcomed with +team's topic and its members, and ended only at the replay."""
+    admin, bob = await team(chat)
+    await admin.set_topic("+team", "the secret heron")
+    go, reading = await held_reads(chat, monkeypatch, "read_mark")
+    got: list[str] = []
+
+    async def join_team(c: Connection) -> None:
+        async for ev in c.stub.Join(hello_events("+team"), metadata=c.metadata):
+            got.append(ev.WhichOneof("event"))
+
+    e = await removed_while_reading(chat, go, reading, admin, bob, join_team)
+    assert isinstance(e, grpc.aio.AioRpcError), e
+    assert (e.code(), got) == (grpc.StatusCode.PERMISSION_DENIED, [])
+
+
+@pytest.mark.parametrize("kind", ["join", "subscribe"])
+async def test_a_member_removed_while_their_stream_waits_for_the_servers_copy_does_not_enter(
+        chat: Chat, monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    """A Join or Subscribe resuming past what this server's copy has waits for it
+    (``_resumable``, cluster mode), after its access was decided: a member removed meanwhile
+    entered the room (an independent review, 2026-11-25). The wait is held here by hand; the
+    rest is the server's own path."""
+    admin, bob = await team(chat)
+    service = chat.server.service
+    go, reading = asyncio.Event(), asyncio.Event()
+    go.set()
+    resumable = service._resumable
+
+    async def held(*args: Any) -> None:
+        reading.set()
+        await go.wait()
+        await resumable(*args)
+
+    monkeypatch.setattr(service, "_resumable", held)
+    got: list[str] = []
+
+    async def open_team(c: Connection) -> None:
+        call = (c.stub.Join(hello_events("+team"), metadata=c.metadata) if kind == "join" else
+                c.stub.Subscribe(pb.SubscribeRequest(room="+team"), metadata=c.metadata))
+        async for ev in call:
+            got.append(ev.WhichOneof("event"))
+
+    e = await removed_while_reading(chat, go, reading, admin, bob, open_team)
+    assert isinstance(e, grpc.aio.AioRpcError), e
+    assert (e.code(), got) == (grpc.StatusCode.PERMISSION_DENIED, [])
+    assert "+team" not in chat.server.service.hub.rooms_of(BOB)

@@ -556,6 +556,16 @@ class ChatService:
             self.metrics.inc("rpc_errors_total{code=\"INTERNAL\"}")
             await abort_bug(context, method, e, log, self._error_log)
 
+    def _enter(self, p: auth.Principal, sub: Subscriber) -> None:
+        """Put a Join's or Subscribe's ``sub`` in its room (``hub.add``; from then on
+        ``begin_shutdown`` and ``removed_here`` close it), its access decided again with no
+        await between: the wait for this server's copy (``_resumable``, cluster mode) came
+        after ``_hold``, and a member removed meanwhile entered the room (an independent
+        review, 2026-11-25)."""
+        self._check_going_away()
+        self.access().check(p, sub.room)
+        self.hub.add(sub)
+
     def _check_going_away(self) -> None:
         """Refuse a call, or a stream about to enter its room (``hub.add``: after that,
         ``begin_shutdown`` closes it), once the server is shutting down. A Join admitted
@@ -703,26 +713,30 @@ class ChatService:
             self.ledger.people.add(p.login, p.display_name)
             sub = Subscriber(hello.room, p.login, p.token_id, self.limits.subscriber_queue,
                              member=me, batch_acks=hello.batch_acks)
-            self._check_going_away()
-            self.hub.add(sub)
+            self._enter(p, sub)
             inside = (p.login, hello.room)
             entered = False
             lease.attach(lambda e: sub.close(_closing(e)))
             reader: asyncio.Task[None] | None = None
             self.metrics.inc("streams_opened_total{kind=\"join\"}")
             try:
-                members = self.members(hello.room)
                 await self.ledger.written_for(p.login)  # (its position, as just acked)
+                topic = await self._topic(room)
+                last_read = await self.store.read_mark(p.login, room)
+                # (removed from a private room during those awaits, the Welcome still told
+                # its topic and members; an independent review, 2026-11-25)
+                await _end_if_withdrawn(sub, lease, context)
+                members = self.members(hello.room)
                 yield codec.event(welcome=pb.Welcome(
                     room=hello.room, you=me, members=members,
                     last_id=self.store.last_id(hello.room),
                     max_message_bytes=self.limits.max_message_bytes,
                     rate_per_second=self.limits.rate_per_second,
-                    rate_burst=self.limits.rate_burst, topic=await self._topic(room),
+                    rate_burst=self.limits.rate_burst, topic=topic,
                     private=rooms.is_conversation(room),
                     member_logins=self._room_members(room) if rooms.is_conversation(room)
                     else (),
-                    last_read_id=await self.store.read_mark(p.login, room),
+                    last_read_id=last_read,
                     history_id=self.store.identity.history_id,
                     history_generation=self.store.identity.generation,
                     servers=self.servers(), away_logins=self._away_of(members)))
@@ -929,8 +943,7 @@ class ChatService:
             after = request.after_id if request.HasField("after_id") else None
             await self._resumable(room, after, context)
             sub = Subscriber(room, p.login, p.token_id, self.limits.subscriber_queue)
-            self._check_going_away()
-            self.hub.add(sub)
+            self._enter(p, sub)
             lease.attach(lambda e: sub.close(_closing(e)))
             self.metrics.inc("streams_opened_total{kind=\"subscribe\"}")
             try:
