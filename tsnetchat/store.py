@@ -612,18 +612,32 @@ class _Checkpointer(threading.Thread):
         self._stopping = False
         self._truncate = False
         self._lock = threading.Lock()  # (a TRUNCATE asked for as a round began was lost)
+        self._rounds = threading.Condition(self._lock)
+        self._asked = 0  # requests so far, and how many of them a finished round has met
+        self._met = 0
         self.runs = 0  # completed checkpoints (the tests read it)
         self.truncated = 0  # of which TRUNCATE
 
     def request(self, *, truncate: bool = False) -> None:
         with self._lock:
             self._truncate = self._truncate or truncate
+            self._asked += 1
         self._due.set()
+
+    def settled(self, timeout: float) -> bool:
+        """Wait until a round has run (or failed) since each request made so far: True;
+        False after ``timeout`` seconds. For tests, which otherwise depend on how soon the
+        scheduler runs this thread (under load it ran no round in 4,000 appends)."""
+        with self._rounds:
+            return self._rounds.wait_for(lambda: self._met >= self._asked, timeout)
 
     def stop(self) -> None:
         self._stopping = True
         self._due.set()
         self.join()
+        with self._rounds:  # (nothing runs from now on: nobody waits for it)
+            self._met = self._asked
+            self._rounds.notify_all()
 
     def run(self) -> None:
         db = sqlite3.connect(self.path, isolation_level=None, timeout=5.0)
@@ -635,6 +649,7 @@ class _Checkpointer(threading.Thread):
                     break
                 with self._lock:
                     truncate, self._truncate = self._truncate, False
+                    asked = self._asked
                 try:
                     db.execute(f"PRAGMA wal_checkpoint({'TRUNCATE' if truncate else 'PASSIVE'})"
                                ).fetchall()
@@ -642,6 +657,9 @@ class _Checkpointer(threading.Thread):
                     self.truncated += truncate
                 except sqlite3.Error:
                     pass  # busy or locked: the next round retries; the WAL only grows meanwhile
+                with self._rounds:
+                    self._met = asked
+                    self._rounds.notify_all()
         finally:
             db.close()
 
