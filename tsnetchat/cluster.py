@@ -1033,19 +1033,25 @@ class ClusterHistory:
         take one (the ledger logs it; this server keeps the position and shares it again
         every READS_RETRY seconds until the cluster takes it)."""
         await self.local.mark_read(marks)
-        failed = []
-        for login, room, last_read in marks:
+        failed: list[str] = []
+        why = ""  # once one is not taken (no quorum), the rest are not tried: each waited
+        for login, room, last_read in marks:  # for NATS in turn (a batch of N took N times)
             key = f"{_b64(login)}.{_b64(room)}"
-            try:
-                await self._share_read(key, last_read)
-                if self._unshared_reads.get(key, 0) <= last_read:
-                    self._unshared_reads.pop(key, None)
-            except (nats.errors.Error, OSError) as e:
-                self._unshared_reads[key] = max(last_read, self._unshared_reads.get(key, 0))
-                failed.append(f"{login} in {room}: {_why(e)}")
+            if not why:
+                try:
+                    await self._share_read(key, last_read)
+                    if self._unshared_reads.get(key, 0) <= last_read:
+                        self._unshared_reads.pop(key, None)
+                    continue
+                except (nats.errors.Error, OSError) as e:
+                    why = _why(e)
+            self._unshared_reads[key] = max(last_read, self._unshared_reads.get(key, 0))
+            failed.append(f"{login} in {room}")
         if failed:
-            raise StoreError("read positions not shared with the cluster yet (tried again "
-                             "until it takes them): " + "; ".join(failed))
+            more = f" and {len(failed) - 3} more" if len(failed) > 3 else ""
+            raise StoreError(f"{len(failed)} read position(s) not shared with the cluster yet "
+                             f"({why}; tried again until it takes them): "
+                             + "; ".join(failed[:3]) + more)
 
     async def _reshare_reads(self) -> None:
         while True:
