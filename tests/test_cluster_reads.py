@@ -1,6 +1,6 @@
-"""Cluster mode's read positions (the READS bucket) when NATS has no quorum. A
-ClusterHistory on a real three-node NATS JetStream cluster (``nats_cluster``) and its own
-SQLite copy; no tailnet needed."""
+"""Cluster mode's read positions (the READS bucket) when NATS has no quorum or the bucket
+holds what no server put there. A ClusterHistory on a real three-node NATS JetStream
+cluster (``nats_cluster``) and its own SQLite copy; no tailnet needed."""
 
 from __future__ import annotations
 
@@ -73,3 +73,21 @@ async def test_without_a_quorum_a_batch_of_read_positions_asks_once_and_all_reac
                 await eventually(lambda room=room: held(js, "bob", room),  # type: ignore[misc]
                                  lambda got, n=last_read: got == str(n).encode(),
                                  f"bob's position in {room} shared again", timeout=60)
+
+
+@pytest.mark.parametrize("junk", [b"junk", b"99999999999999999999999"])
+async def test_a_read_position_entry_that_is_no_position_is_replaced_and_the_watch_goes_on(
+        tmp_path: Path, nats_cluster: nats_lab.NatsCluster, junk: bytes) -> None:
+    """Put there by hand (or by something else): sharing a position over it raised
+    ValueError, and a number past SQLite's integers, applied, ended the watch that applies
+    every other server's positions here."""
+    async with cluster_history(tmp_path, nats_cluster) as history, \
+            jetstream(nats_cluster) as js:
+        kv = await js.key_value(READS)
+        await kv.put(f"{_b64('bob')}.{_b64('general')}", junk)
+        await kv.put(f"{_b64('carol')}.{_b64('general')}", junk)
+        await history.mark_read([("bob", "general", 5)])
+        assert await held(js, "bob", "general") == b"5"
+        await kv.put(f"{_b64('carol')}.{_b64('general')}", b"7")  # as another server would
+        await eventually(lambda: history.read_mark("carol", "general"), lambda n: n == 7,
+                         "carol's position from the cluster applied here")

@@ -93,6 +93,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy, KeyValueConfig, StreamCon
 
 from .config import ServerConfig
 from .errors import ConfigError, InvalidInput, StoreError, Unconfirmed
+from .ledger import MAX_ID
 from .loop import cancel_all
 from .pb import chat_pb2 as pb
 from .store import (
@@ -1073,7 +1074,7 @@ class ClusterHistory:
             try:
                 if entry is None or entry.value is None or entry.operation is not None:
                     await self._kv_reads.create(key, str(last_read).encode())
-                elif int(entry.value) >= last_read:
+                elif _position(entry.value) >= last_read:
                     return
                 else:
                     await self._kv_reads.update(key, str(last_read).encode(),
@@ -1088,9 +1089,11 @@ class ClusterHistory:
                 continue
             try:
                 login, room = (_unb64(x) for x in entry.key.split("."))
-                mark = (login, room, int(entry.value))
+                mark = (login, room, _position(entry.value))
+                if mark[2] < 0:
+                    raise ValueError(entry.value)
             except ValueError:
-                log.warning("cluster: ignoring read position %r", entry.key)
+                log.warning("cluster: ignoring read position %r: %r", entry.key, entry.value)
                 continue
             try:
                 await self.local.mark_read([mark])
@@ -1619,6 +1622,17 @@ def _unb64(token: str) -> str:
         return base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
     except (binascii.Error, UnicodeDecodeError) as e:
         raise ValueError(str(e)) from None
+
+
+def _position(value: bytes) -> int:
+    """A read position as the READS bucket holds it; -1 if it is not one (put there by
+    hand or by something else): ``_share_read`` replaces it. (Its ValueError ended the
+    share, and a number past SQLite's integers, applied, the watch of read positions.)"""
+    try:
+        n = int(value)
+    except ValueError:
+        return -1
+    return n if 0 <= n <= MAX_ID else -1
 
 
 def _find_resends(room: str, keys: list[tuple[str, str]], s: Store
