@@ -6,7 +6,7 @@ import asyncio
 import logging
 import sqlite3
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -359,3 +359,30 @@ async def test_a_new_room_refused_moments_before_its_token_comes_says_a_wait_a_c
     ((_, error, _, retry_after),) = world.refused
     assert 0 < retry_after <= 0.3
     assert retry_hint(str(error)) >= retry_after, str(error)
+
+
+class Walked(dict[tuple[str, str], int]):
+    """Read positions waiting to be written, counting the times they are walked."""
+
+    walks = 0
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        self.walks += 1
+        return super().__iter__()
+
+
+async def test_waiting_for_ones_own_read_positions_does_not_walk_everybody_elses(
+        world: World) -> None:
+    """Each Join, ListRooms, Unread and Mentions waits for the caller's positions
+    (``written_for``): it walked every position waiting to be written, everybody's."""
+    world.ledger.send(world.member(), ALICE, "hi", 0, "c1")
+    await world.ledger.drain()
+    for i in range(1000):
+        world.ledger.mark_read(f"p{i}@example.com", "general", 1)
+    world.ledger._marks = marks = Walked(world.ledger._marks)
+    await world.ledger.written_for("bob@example.com")  # nothing of bob's waits
+    assert marks.walks == 0
+    assert len(world.ledger._marks) == 1000  # (still waiting for the batch)
+    await world.ledger.written_for("p7@example.com")
+    assert await world.history.read_mark("p7@example.com", "general") == 1
+    assert await world.history.read_mark("p8@example.com", "general") == 1  # (one batch)

@@ -190,6 +190,9 @@ class Ledger:
         self.may_mention = may_mention
         self.people = Mentions(history.people() if hasattr(history, "people") else {})
         self._marks: dict[tuple[str, str], int] = {}
+        # Who gave the positions in ``_marks``: ``written_for`` walked all of them on each
+        # Join, ListRooms, Unread and Mentions.
+        self._marking: set[str] = set()
         self._marks_due: asyncio.TimerHandle | None = None
         # Batches of read positions being written, and whose positions each holds.
         self._marks_writing: dict[asyncio.Task[None], frozenset[str]] = {}
@@ -321,6 +324,7 @@ class Ledger:
         if last_read <= self._marks.get(key, 0):
             return last_read
         self._marks[key] = last_read
+        self._marking.add(login)
         if self._marks_due is None:
             self._marks_due = asyncio.get_running_loop().call_later(MARK_DELAY, self._write_marks)
         return last_read
@@ -334,10 +338,11 @@ class Ledger:
             self._marks_due.cancel()
             self._marks_due = None
         marks, self._marks = self._marks, {}
+        logins, self._marking = self._marking, set()
         if not marks:
             return None
         task = asyncio.ensure_future(self._store_marks(marks))
-        self._marks_writing[task] = frozenset(login for login, _room in marks)
+        self._marks_writing[task] = frozenset(logins)
         task.add_done_callback(lambda t: self._marks_writing.pop(t, None))
         return task
 
@@ -346,7 +351,7 @@ class Ledger:
         still wait for others), so that what they read next shows them: unread counts,
         mentions, a Welcome's position; at most MARK_WAIT. Asked right after an Ack, those
         were from before it, for up to MARK_DELAY."""
-        if any(lg == login for lg, _room in self._marks):
+        if login in self._marking:
             self._write_marks()
         writing = [t for t, logins in self._marks_writing.items() if login in logins]
         if writing:  # (not cancelled if the caller stops waiting: they hold others' too)
