@@ -114,6 +114,7 @@ from .store import (
     Topic,
     Written,
 )
+from .throttle import LogLimiter
 
 log = logging.getLogger("tsnetchat.cluster")
 
@@ -167,6 +168,12 @@ WRONG_LAST_SEQUENCE = 10071
 # quorum; tried again until the deadline. Its words
 # ("wrong last sequence (10164)") reached people as the reason (a kill -9 run, 2026-11-24).
 IN_FLIGHT = 10164
+# A request to the stream's subjects that nobody answers is no quorum, or no stream at all
+# (deleted under the running servers: said to be no quorum, for good). The stream's info,
+# asked once a batch for at most GONE_ASK seconds, tells them apart: 10059 "stream not
+# found" comes at once from the cluster's meta leader (without a quorum: no answer).
+STREAM_NOT_FOUND = 10059
+GONE_ASK = 0.25
 _LAST = re.compile(r"wrong last sequence: (\d+)")
 CHANGES = (EDIT, DELETE)  # decided against the room's history before they are appended
 # JetStream's answer to erasing a sequence it does not hold (erased already, aged out):
@@ -364,6 +371,7 @@ class ClusterHistory:
     def __init__(self, local: SqliteHistory, cfg: ServerConfig) -> None:
         self.local, self.cfg = local, cfg
         self.wait = cfg.cluster_wait
+        self._gone_log = LogLimiter(burst=1, rate=1 / 60)  # (``_gone``: every batch finds it)
         self.path = local.path
         self.identity = local.identity  # the cluster's, once ``start`` has read it
         # Called with token ids revoked anywhere in the cluster (the server closes streams).
@@ -1310,6 +1318,7 @@ class ClusterHistory:
         acknowledged it (the drafts settle when applied) or the drafts are refused."""
         live = batch
         why = "no answer"
+        gone: str | None = None  # why, if the stream is not there (``_gone``; None: not asked)
         subject = ROOM_PREFIX + room
         while True:
             live = [p for p in live if not p.done]
@@ -1360,7 +1369,9 @@ class ClusterHistory:
             try:
                 answer = await self._commit(subject, payloads, last_seq, timeout)
             except (nats.errors.Error, OSError) as e:
-                why = _why(e)
+                if isinstance(e, nats.errors.NoRespondersError) and gone is None:
+                    gone = await self._gone()
+                why = gone if isinstance(e, nats.errors.NoRespondersError) and gone else _why(e)
                 await asyncio.sleep(0.1)
                 continue  # the same expectation again: harmless if the first one landed
             err = answer.get("error")
@@ -1387,6 +1398,22 @@ class ClusterHistory:
                    if err.get("err_code") == IN_FLIGHT else
                    f"{err.get('description', 'error')} ({err.get('err_code')})")
             await asyncio.sleep(0.1)
+
+    async def _gone(self) -> str:
+        """Why the stream's subjects have no responder when it is because the stream is
+        not there; "" when it is, or when the cluster does not say (no quorum)."""
+        try:
+            reply = await self._nc.request(f"$JS.API.STREAM.INFO.{STREAM}", b"",
+                                           timeout=GONE_ASK)
+            code = (json.loads(reply.data).get("error") or {}).get("err_code")
+        except (nats.errors.Error, OSError, ValueError, AttributeError):
+            return ""
+        if code != STREAM_NOT_FOUND:
+            return ""
+        self._gone_log.log(log, logging.ERROR, "cluster: the NATS cluster has no stream %s: "
+                           "nothing can be stored until it is restored", STREAM)
+        return (f"the NATS cluster has no stream {STREAM} any more (deleted?): nothing can be "
+                "stored until an operator restores it")
 
     async def _commit(self, subject: str, payloads: list[bytes], expected: int,
                       timeout: float) -> dict[str, Any]:
