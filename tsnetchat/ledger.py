@@ -88,8 +88,10 @@ CHANGES = (pb.MESSAGE_KIND_EDIT, pb.MESSAGE_KIND_DELETE, pb.MESSAGE_KIND_TOPIC)
 
 class History(Protocol):
     """Where messages become durable. ``submit`` never blocks; ``then`` runs on the event
-    loop after the outcome is final, in submission order. Reads may wait on the disk, so they
-    are coroutines; ``last_id`` and ``rooms`` answer from memory (what has been settled)."""
+    loop after the outcome is final, in submission order (a refusal for waiting too long may
+    come before an earlier message's outcome, which a hung disk holds). Reads may wait on the
+    disk, so they are coroutines; ``last_id`` and ``rooms`` answer from memory (what has been
+    settled)."""
 
     def submit(self, draft: Draft, then: Settle) -> None: ...
 

@@ -10,7 +10,8 @@ Two layers:
   many messages and a quiet one commits each message at once. When the event loop is
   saturated (``linger``) a message waits up to a couple of milliseconds for company before
   the writer is woken: an idle writer would otherwise commit every two or three messages
-  apart. Results come back to the event loop in one callback per group, in submission order.
+  apart. Results come back to the event loop in one callback per group, in submission order
+  (but for refusals of messages still queued past their deadline: see Guarantees).
   Reads run on reader threads, each with its own connection: a WAL reader is never blocked by
   a writer, ours or another process's. So nothing here makes the event loop wait on the
   disk (bench/README.md).
@@ -26,7 +27,9 @@ Guarantees:
   ``duplicate=True`` and writes nothing.
 * When the database stays locked by another process (or the disk does not answer) for
   ``wait`` seconds, every message waiting for it is refused with a StoreError saying it was
-  not stored; the next ones are tried afresh.
+  not stored; the next ones are tried afresh. A message still queued at its deadline is
+  refused so from the loop (``_overdue``) while the writer is held inside a write (a hung
+  disk), before the messages in that write are settled; those wait for the disk.
 
 Schema versions (``PRAGMA user_version``) and forward migrations are below; a database
 written by a newer tsnetchat is refused rather than guessed at. sqlite3 errors are
@@ -1670,6 +1673,9 @@ class _Pending:
     draft: Draft
     then: Settle
     deadline: float
+    # Who answers it (under SqliteHistory._claims): the writer thread once it writes it, or
+    # the loop, which refuses one still queued after its deadline (``_overdue``).
+    claimed: bool = False
 
 
 @dataclass(eq=False)
@@ -1727,6 +1733,8 @@ class SqliteHistory:
         self._private = store.private_rooms()  # private room -> members (loop's copy)
         self._people = store.people()
         self._queue: deque[_Pending | _Job] = deque()
+        self._claims = threading.Lock()  # (_Pending.claimed)
+        self._overdue_due: asyncio.TimerHandle | None = None
         self._wake = threading.Event()
         self._stopping = False
         self._unsettled = 0
@@ -1755,10 +1763,13 @@ class SqliteHistory:
 
     def submit(self, draft: Draft, then: Settle) -> None:
         """Queue a message for storing; ``then`` runs on the loop with its outcome, after the
-        commit, in submission order. Never blocks."""
+        commit, in submission order (a refusal for waiting past ``wait`` may come before an
+        earlier message's outcome: ``_overdue``). Never blocks."""
         self._unsettled += 1
         self._settled.clear()
         self._queue.append(_Pending(draft, then, time.monotonic() + self.wait))
+        if self._overdue_due is None:
+            self._overdue_due = self._loop.call_later(self.wait, self._overdue)
         if self._release is not None and len(self._queue) < self.max_group:
             return  # a wake-up is already due
         linger = self.linger()
@@ -1767,6 +1778,30 @@ class SqliteHistory:
         else:
             self._release = self._loop.call_later(linger, self._wake_writer)
 
+    def _overdue(self) -> None:
+        """Refuse, as not stored, the messages still queued after their deadline. The writer
+        refuses them itself when another process holds the lock; this is for a writer held
+        inside a write by a hung disk (not full, not locked: the write blocks), behind which
+        every send waited for as long as the disk did (a reliability run, 2026-11-25: none
+        of them answered in 30 s frozen, with store_wait 1 s). Those it is writing wait."""
+        self._overdue_due = None
+        now = time.monotonic()
+        late: list[tuple[Settle, Outcome]] = []
+        waiting = [p for p in list(self._queue) if isinstance(p, _Pending)]
+        with self._claims:
+            for p in waiting:
+                if not p.claimed and p.deadline <= now:
+                    p.claimed = True
+                    late.append((p.then, StoreError(
+                        f"the history database did not take this message within {self.wait:g}s "
+                        "(an earlier write has not returned: the disk is stalled, or another "
+                        "process holds the database's write lock)")))
+        left = [p.deadline for p in waiting if not p.claimed]
+        if left:
+            self._overdue_due = self._loop.call_later(max(0.0, min(left) - now), self._overdue)
+        if late:
+            self._settle(late)
+
     def _wake_writer(self) -> None:
         if self._release is not None:
             self._release.cancel()
@@ -1774,8 +1809,10 @@ class SqliteHistory:
         self._wake.set()
 
     def pending(self) -> int:
-        """Messages submitted and not yet settled."""
-        return self._unsettled
+        """Messages submitted and not yet settled; or, while a hung disk holds the writer,
+        the queue's length: those refused as overdue (``_overdue``) stay in it until the
+        writer takes them, and the ledger's bound on pending messages is its bound too."""
+        return max(self._unsettled, len(self._queue))
 
     def last_id(self, room: str) -> int:
         """The room's newest stored id that has been settled on the loop."""
@@ -1862,10 +1899,21 @@ class SqliteHistory:
             if self._stopping and not q:
                 return
 
+    def _claim(self, p: _Pending) -> bool:
+        """Whether the writer answers ``p`` (False: the loop refused it already)."""
+        with self._claims:
+            if p.claimed:
+                return False
+            p.claimed = True
+            return True
+
     def _write_group(self) -> None:
         q = self._queue
         first = q[0]
         assert isinstance(first, _Pending)
+        if not self._claim(first):
+            q.popleft()
+            return
         while True:
             try:
                 if len(q) == 1:
@@ -1882,8 +1930,9 @@ class SqliteHistory:
                     continue  # a lock timeout set for a later deadline: wait on
                 # Still locked: everything waiting now is refused.
                 self._refuse_waiting(StoreError(
-                    f"the history database stayed locked for {self.wait:g}s ({e}; another "
-                    "process holds it, or the disk is stalled)"))
+                    f"the history database did not take this message within {self.wait:g}s "
+                    f"({e}: another process holds its write lock, or the disk is stalled)"),
+                    first)
                 return
             except Exception as e:  # StoreError, or a bug: never the writer thread's end
                 err = e if isinstance(e, StoreError) else _unexpected(e)
@@ -1891,11 +1940,13 @@ class SqliteHistory:
                     q.popleft()
                     self._post([(first.then, err)])
                 else:
-                    self._refuse_waiting(err)
+                    self._refuse_waiting(err, first)
                 return
-        group: list[_Pending] = []
+        group: list[_Pending] = [q.popleft()]  # type: ignore[list-item]  # (first)
         while q and len(group) < self.max_group and isinstance(q[0], _Pending):
-            group.append(q.popleft())  # type: ignore[arg-type]
+            p: _Pending = q.popleft()  # type: ignore[assignment]
+            if self._claim(p):
+                group.append(p)
         results: list[tuple[Settle, Outcome]]
         try:
             written = self._store.write_open([p.draft for p in group])
@@ -1905,11 +1956,14 @@ class SqliteHistory:
             results = [(p.then, err) for p in group]
         self._post(results)
 
-    def _refuse_waiting(self, error: StoreError) -> None:
+    def _refuse_waiting(self, error: StoreError, first: _Pending) -> None:
+        """Refuse ``first`` (the writer's) and the messages queued behind it that the loop
+        has not refused already."""
         results: list[tuple[Settle, Outcome]] = []
         while self._queue and isinstance(self._queue[0], _Pending):
-            p = self._queue.popleft()
-            results.append((p.then, error))  # type: ignore[union-attr]
+            p: _Pending = self._queue.popleft()  # type: ignore[assignment]
+            if p is first or self._claim(p):
+                results.append((p.then, error))
         self._post(results)
 
     def _run_job(self, job: _Job) -> None:
@@ -2058,6 +2112,9 @@ class SqliteHistory:
     async def close(self) -> None:
         """Settle what was submitted, stop the threads, close the connections."""
         await self.drain()
+        if self._overdue_due is not None:
+            self._overdue_due.cancel()
+            self._overdue_due = None
         self._stopping = True
         self._wake.set()
         await asyncio.to_thread(self._close_threads)
