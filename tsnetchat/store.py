@@ -1699,6 +1699,9 @@ PURGE_WITHIN = 10.0
 INDEX_WITHIN = 1.0
 
 MAX_GROUP = 1024  # messages in one transaction at most (see SqliteHistory's max_group)
+# How often at most the queue is walked for messages waiting past their deadline
+# (SqliteHistory._overdue): a refusal comes up to this much after it.
+OVERDUE_STEP = 0.25
 PRUNE_STEP = 5000  # rows deleted per transaction, so sends wait at most one step for a prune
 
 
@@ -1797,8 +1800,9 @@ class SqliteHistory:
                         "(an earlier write has not returned: the disk is stalled, or another "
                         "process holds the database's write lock)")))
         left = [p.deadline for p in waiting if not p.claimed]
-        if left:
-            self._overdue_due = self._loop.call_later(max(0.0, min(left) - now), self._overdue)
+        if left:  # (each walk is of the whole queue: not once per message arriving)
+            self._overdue_due = self._loop.call_later(max(OVERDUE_STEP, min(left) - now),
+                                                      self._overdue)
         if late:
             self._settle(late)
 
