@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers import chat_server, join, send
 
 from tsnetchat.client import acks_in
+from tsnetchat.errors import StoreError
 
 FROZEN_FOR = 30.0  # the most the sends get to be answered while frozen (a bound, not a time)
 
@@ -71,6 +72,14 @@ async def main(d: Path) -> None:
             await call.write(send("c", "c"))
             await until(lambda: {"b", "c"} <= answers.keys())
             out["while_frozen"] = dict(answers)
+            marked = chat.server.store.mark_read([("alice@tailnet.test", "general", 1)])
+            try:  # a job (here a read position) queued behind the write, as MarkRead's
+                await asyncio.wait_for(marked, FROZEN_FOR)
+                out["job"] = "done"
+            except StoreError as e:
+                out["job"] = f"error {e}"
+            except TimeoutError:
+                out["job"] = "no answer"
         finally:
             if frozen:
                 subprocess.run(["fsfreeze", "-u", str(d)], check=True)

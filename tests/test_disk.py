@@ -222,8 +222,9 @@ def test_sends_queued_behind_a_write_a_hung_disk_holds_are_refused_after_store_w
         tmp_path: Path) -> None:
     """A real hung disk: an ext4 file system of its own, frozen (``fsfreeze``), where writes
     block instead of failing. The message being written waits for the disk; those queued
-    behind it waited as long (none answered in 30 s, store_wait 1 s). Refused as not stored,
-    they are stored once each when sent again after the thaw."""
+    behind it waited as long (none answered in 30 s, store_wait 1 s), and so did jobs (a
+    read position, a room's members). Refused as not stored, the messages are stored once
+    each when sent again after the thaw."""
     need_mount_namespace("the hung-disk test mounts a file system")
     if not (shutil.which("mkfs.ext4") and shutil.which("fsfreeze")):
         need("mkfs.ext4 and fsfreeze", "the hung-disk test freezes an ext4 file system")
@@ -247,6 +248,7 @@ def test_sends_queued_behind_a_write_a_hung_disk_holds_are_refused_after_store_w
     assert sorted(refused) == ["b", "c"], out  # ("a": in the write the disk held)
     assert all(v.startswith("error ") and "not stored" in v and "within 1s" in v
                for v in refused.values()), refused
+    assert out["job"].startswith("error the history database did not take this within 1s")
     assert out["after"] == {"a": "ack 2", "b": "ack 3", "c": "ack 4"}, out
     assert out["stored"] == ["before", "a", "b", "c"]
 

@@ -1857,7 +1857,23 @@ class SqliteHistory:
         fut: Future[T] = Future()
         self._queue.append(_Job(run, fut, time.monotonic() + self.wait))
         self._wake.set()
-        return await asyncio.wrap_future(fut)
+        waiting = asyncio.wrap_future(fut)
+        try:
+            return await asyncio.wait_for(asyncio.shield(waiting), self.wait)
+        except TimeoutError:
+            # Not begun within ``wait``: behind a write a hung disk holds (a job begun waits
+            # for another process's lock itself, up to its deadline). Those waited as long
+            # as the disk did: MarkRead, a room's members, a revocation. Once begun, its
+            # outcome.
+            if fut.cancel():  # (the writer drops a cancelled job)
+                raise StoreError(f"the history database did not take this within "
+                                 f"{self.wait:g}s (an earlier write has not returned: the "
+                                 "disk is stalled, or another process holds the database's "
+                                 "write lock)") from None
+            return await waiting
+        except asyncio.CancelledError:
+            waiting.cancel()  # (the caller stopped waiting: its job is dropped, as before)
+            raise
 
     # the writer thread ------------------------------------------------------------------
 
