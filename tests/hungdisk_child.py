@@ -4,7 +4,7 @@ where writes block instead of failing. Prints, as JSON, what became of the sends
 it was frozen, and what the database holds once it is thawed. ``DIR`` is the mount point.
 
 The disk is thawed in ``finally``, before the server is stopped (a frozen file system
-leaves every process that writes to it unkillable), and by a watchdog the parent starts."""
+leaves every process that writes to it unkillable); the test's shell thaws it too."""
 
 from __future__ import annotations
 

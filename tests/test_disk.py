@@ -235,12 +235,15 @@ def test_sends_queued_behind_a_write_a_hung_disk_holds_are_refused_after_store_w
     disk.mkdir()
     child = Path(__file__).with_name("hungdisk_child.py")
     d = shlex.quote(str(disk))
-    # (the thaw in the background is the child's fallback: whatever writes to a frozen file
-    # system cannot be killed until it is thawed)
-    thaw = f"(sleep 120; fsfreeze -u {d}) >/dev/null 2>&1 &"
+    # The child thaws it in ``finally``; the shell after it; a watchdog if the child is killed
+    # frozen (a process whose thread waits on a frozen file system cannot end until the thaw,
+    # so the shell would wait for ever). The watchdog is stopped when the child ends.
     proc = subprocess.run(
         ["unshare", "-m", "sh", "-c", f"mount -o loop {shlex.quote(str(image))} {d} && "
-         f"{{ {thaw} }} && {shlex.quote(sys.executable)} {shlex.quote(str(child))} {d}"],
+         f"{{ (sleep 60 & s=$!; trap 'kill $s; exit' TERM; wait $s; fsfreeze -u {d}) "
+         f">/dev/null 2>&1 & w=$!; "
+         f"{shlex.quote(sys.executable)} {shlex.quote(str(child))} {d}; rc=$?; "
+         f"kill $w; fsfreeze -u {d} 2>/dev/null; exit $rc; }}"],
         capture_output=True, text=True, timeout=150)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
