@@ -276,6 +276,30 @@ async def test_when_too_many_messages_wait_for_storage_new_ones_are_refused(
     assert world.history.last_id("general") == 3
 
 
+async def test_a_send_refused_as_busy_or_by_the_edit_or_new_room_limit_uses_no_message_token(
+        world: World) -> None:
+    """Each took a token of the person's message rate first: refused for something else,
+    the next line was told to slow down (an independent review, 2026-11-25)."""
+    world.rules.rate_burst, world.rules.rate_per_second = 1, 0.001
+    world.rules.edits_per_minute = 1
+    world.ledger.apply(world.rules)
+    alice = world.member()
+    world.ledger.max_pending = 0
+    assert not world.ledger.send(alice, ALICE, "busy", 0, "busy")
+    world.ledger.max_pending = 1000
+    for _ in range(world.ledger._new_room_buckets.burst):  # (the new-rooms limit spent)
+        world.ledger._new_room_buckets.take(ALICE.login)
+    assert not world.ledger.send(alice, ALICE, "a new room's first line", 0, "new")
+    world.ledger._coming_rooms.add("general")  # (as if it were on its way)
+    world.ledger._change_buckets.take(ALICE.login)  # (the edits limit spent)
+    assert not world.ledger.send(alice, ALICE, "a topic", pb.MESSAGE_KIND_TOPIC, "topic")
+    assert [(r[2], type(r[1]).__name__) for r in world.refused] == [
+        ("busy", "StoreError"), ("new", "LimitExceeded"), ("topic", "LimitExceeded")]
+    assert world.ledger.send(alice, ALICE, "still within the rate", 0, "line")
+    await world.ledger.drain()
+    assert len(world.refused) == 3 and world.history.last_id("general") == 1
+
+
 async def test_sends_the_cluster_did_not_confirm_are_refused_and_said_in_the_log(
         world: World, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """Refused for 20 s while NATS had no quorum, with nothing in the journal (an operator's

@@ -240,12 +240,9 @@ class Ledger:
                 "the server is shutting down; this message was not stored: send it again "
                 "after reconnecting"))
             return False
-        wait = self._buckets.take(sender.login)
-        if wait:
-            self._refused(sub, client_msg_id, "rate", LimitExceeded(
-                f"slow down: at most {limits.rate_per_second:g} messages/s (bursts of "
-                f"{limits.rate_burst}); this one was not sent, {retry_in(wait)}"), wait)
-            return False
+        # Refusals that take nothing come first, and the limits of edits and new rooms are
+        # looked at before any token is taken: a send refused as busy, or by one of those,
+        # had used up a message token (an independent review, 2026-11-25).
         pending = self.history.pending()
         if pending >= self.max_pending:
             self._refused(sub, client_msg_id, "busy", StoreError(
@@ -253,20 +250,31 @@ class Ledger:
                 "stored: send it again shortly"), 1.0)
             return False
         if kind in CHANGES:
-            wait = self._change_buckets.take(sender.login)
+            wait = self._change_buckets.wait(sender.login)
             if wait:
                 self._refused(sub, client_msg_id, "rate", LimitExceeded(
                     f"slow down: at most {limits.edits_per_minute} edits, deletions and topic "
                     f"changes a minute (edits_per_minute); {retry_in(wait)}"), wait)
                 return False
-        if not self.history.last_id(sub.room) and sub.room not in self._coming_rooms:
-            wait = self._new_room_buckets.take(sender.login)
+        new_room = not self.history.last_id(sub.room) and sub.room not in self._coming_rooms
+        if new_room:
+            wait = self._new_room_buckets.wait(sender.login)
             if wait:
                 self._refused(sub, client_msg_id, "rate", LimitExceeded(
                     f"slow down: at most {NEW_ROOMS_BURST} new rooms and conversations at "
                     f"once, then one a minute; this message was not sent, {retry_in(wait)}"),
                     wait)
                 return False
+        wait = self._buckets.take(sender.login)
+        if wait:
+            self._refused(sub, client_msg_id, "rate", LimitExceeded(
+                f"slow down: at most {limits.rate_per_second:g} messages/s (bursts of "
+                f"{limits.rate_burst}); this one was not sent, {retry_in(wait)}"), wait)
+            return False
+        if kind in CHANGES:
+            self._change_buckets.take(sender.login)  # (there was one: looked at above)
+        if new_room:
+            self._new_room_buckets.take(sender.login)
             self._coming_rooms.add(sub.room)  # (one token a room, however many lines)
         sub.inflight += 1
         self.history.submit(Draft(sub.room, sender, kind, text, client_msg_id, target, mentions,
