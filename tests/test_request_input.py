@@ -72,3 +72,26 @@ async def test_an_away_message_refused_as_malformed_does_not_use_one_of_the_pers
     assert got[0].WhichOneof("event") == "presence", got[0]
     assert got[0].presence.away_message == "lunch"
     call.cancel()
+
+
+async def test_revoking_a_token_id_nobody_was_given_is_refused_and_records_nothing(
+        chat: Chat) -> None:
+    """It was answered as done (0 streams closed) and recorded as revoked, where `tsnetchat
+    token revoke` refuses it: a mistyped id looked revoked."""
+    from helpers import token_id
+
+    from tsnetchat.pb import chat_pb2 as pb
+
+    admin = await chat.connect(ALICE, chat.token(ALICE, admin=True))
+    bobs = chat.token(BOB)
+    e = await refused(admin.stub.RevokeToken(pb.RevokeTokenRequest(token_id="tok-typo"),
+                                             metadata=admin.metadata))
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "no token with id 'tok-typo' was issued here" in (e.details() or "")
+    assert (await chat.server.service.store.revocations_since(0))[0] == []
+    res = await admin.stub.RevokeToken(pb.RevokeTokenRequest(token_id=token_id(bobs)),
+                                       metadata=admin.metadata)
+    assert res.streams_closed == 0  # (a known one is revoked, as before)
+    assert (await chat.server.service.store.revocations_since(0))[0] == [token_id(bobs)]
+    e = await refused((await chat.connect(BOB, bobs)).whoami())
+    assert e.code() == grpc.StatusCode.UNAUTHENTICATED

@@ -1205,6 +1205,11 @@ class ClusterHistory:
     async def list_tokens(self) -> list[TokenRecord]:
         return await self.local.list_tokens()
 
+    async def knows_token(self, jti: str) -> bool:
+        """Any id: another server of the cluster may have signed it (tokens are recorded
+        where they were signed, as `tsnetchat token revoke` knows)."""
+        return True
+
     async def record_token(self, row: dict[str, object]) -> None:
         await self.local.record_token(row)
 

@@ -232,6 +232,11 @@ class ServerStore(History, Protocol):
 
     async def revoke(self, jti: str, *, within: float | None = None) -> bool: ...
 
+    async def knows_token(self, jti: str) -> bool:
+        """Whether ``jti`` may be a token this server's history signed or heard of (a
+        cluster's: any id, since its tokens are recorded where they were signed)."""
+        ...
+
     async def caught_up(self, room: str, after: int, within: float | None = None) -> bool:
         """Whether this server's history has message ``after`` of ``room`` if there is one
         (cluster mode: this server's copy, if the cluster has it), waiting for it a while."""
@@ -1253,6 +1258,12 @@ class ChatService:
             # (counted first: in cluster mode the cluster's word of the revocation comes back
             # here too, and closed them before apply_revocations could count them: the
             # answer and the log said 0 streams; an attacker's run, 2026-11-25)
+            if not await self.store.knows_token(request.token_id):
+                # (said as `tsnetchat token revoke` says it; it was recorded, and answered
+                # as done: an independent review, 2026-11-25)
+                raise InvalidInput(f"no token with id {request.token_id!r} was issued here "
+                                   "(`tsnetchat token list` shows the ids, in full); nothing "
+                                   "was revoked")
             open_here = self.gate.streams_of(request.token_id)
             await self.store.revoke(request.token_id, within=_answer_within(context))
             n = self.apply_revocations([request.token_id])

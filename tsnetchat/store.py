@@ -2055,6 +2055,9 @@ class SqliteHistory:
     async def list_tokens(self) -> list[TokenRecord]:
         return await self._read(lambda s: s.list_tokens())
 
+    async def knows_token(self, jti: str) -> bool:
+        return await self._read(lambda s: s.knows_token(jti))
+
     async def topic(self, room: str) -> Topic | None:
         return await self._read(lambda s: s.topic(room))
 
