@@ -477,7 +477,7 @@ async def test_away_is_not_announced_in_a_room_the_person_only_tails(chat: Chat)
 
 async def test_the_room_is_told_a_neutral_reason_when_a_member_is_kicked_or_revoked(
         chat: Chat) -> None:
-    """What the closed stream is told ("you were removed ... by alice", "your token was
+    """What the closed stream is told ("you were kicked out ... by alice", "your token was
     revoked; ask an admin") is for its owner: the room sees why in the third person, and
     nothing for a token taken away."""
     alice = await chat.connect("alice@tailnet.test", chat.token("alice@tailnet.test",
@@ -504,6 +504,32 @@ async def test_the_room_is_told_a_neutral_reason_when_a_member_is_kicked_or_revo
         b.cancel()
     assert left == ["removed from the room", ""]
     a.cancel()
+
+
+async def test_a_kicked_member_is_told_they_may_join_again_and_a_removed_one_is_not(
+        chat: Chat) -> None:
+    """Both were told "you were removed from ... by alice": the chat then said /join asks
+    for it again, which after a removal from a private room was refused."""
+    alice = await chat.connect("alice@tailnet.test", chat.token("alice@tailnet.test",
+                                                                admin=True))
+    bob = await chat.connect("bob@tailnet.test")
+    await bob.whoami()
+    await alice.create_room("+team", ["alice@tailnet.test", "bob@tailnet.test"])
+    told = []
+    for room in ("general", "+team"):
+        call = bob.stub.Join(hello_events(room, hold=asyncio.Event()), metadata=bob.metadata)
+        await collect(call, 1, kind="replay_done")
+        if room == "general":
+            await alice.stub.Kick(pb.KickRequest(room=room, login="bob@tailnet.test"),
+                                  metadata=alice.metadata)
+        else:
+            await alice.set_room_members(room, remove=["bob@tailnet.test"])
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await collect(call, 1, kind="never")
+        told.append(e.value.details())
+    assert told == [
+        "you were kicked out of 'general' by alice@tailnet.test; you may join it again",
+        "you were removed from '+team' by alice@tailnet.test"]
 
 
 async def test_history_paging_before_and_after(chat: Chat) -> None:

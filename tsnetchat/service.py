@@ -1278,7 +1278,10 @@ class ChatService:
         """Close ``login``'s streams in ``room`` on this server; returns how many."""
         return self.hub.close_where(
             lambda s: s.room == room and s.login == login,
-            CloseReason(CloseKind.KICKED, f"you were removed from {room!r} by {by}"))
+            # (not a removal's words: the chat said "/join asks for it again" for both, and
+            # after a /remove it was refused; a daily user's day, 2026-11-25)
+            CloseReason(CloseKind.KICKED, f"you were kicked out of {room!r} by {by}; you "
+                        "may join it again"))
 
     def removed_here(self, room: str, logins: Collection[str], by: str) -> int:
         """Close the streams in private room ``room`` of members removed from it (also
