@@ -597,7 +597,7 @@ def test_an_admin_kicks_bob_out_of_general_and_bob_may_join_it_again(
     alice.wait_for(r"bob@tailnet.test was removed from #general \(1 stream\(s\) on this server\); "
                    r"they may join[\s│]+again")
     bob.wait_for(r"#general is closed for good: .*you were kicked out of 'general' by "
-                 r"alice@tailnet.test; you may join it again")
+                 r"alice@tailnet.test; you[\s│]+may join it again")
     assert "member" not in status_line(bob), status_line(bob)  # (it said "2 members")
     alice.type("said while bob was out")
     bob.type("/join #general")
