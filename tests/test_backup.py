@@ -452,18 +452,24 @@ def test_restore_of_bad_input_says_what_is_wrong_and_loses_nothing(
     assert (digest(state / "tsnetchat.db"), sorted(p.name for p in state.iterdir())) == before
 
 
+def _history_of_64_mb(tmp_path: Path) -> Path:
+    """A state dir whose history takes a backup a while to copy."""
+    state = tmp_path / "state"
+    Store(state / "tsnetchat.db").close()
+    with sqlite3.connect(state / "tsnetchat.db") as db:
+        db.execute("CREATE TABLE pad (x BLOB)")
+        db.executemany("INSERT INTO pad VALUES (randomblob(1000000))", [()] * 64)
+    db.close()
+    return state
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
 def test_a_backup_stopped_by_a_signal_leaves_no_partial_copy_and_the_earlier_backup(
         tmp_path: Path, sig: signal.Signals) -> None:
     """Stopped (systemd's SIGTERM, a dropped ssh session's SIGHUP), it left `.NAME.partial`
     and its journal, as big as the history, until the next backup to that name (an
     operator's run, 2026-11-25)."""
-    state = tmp_path / "state"
-    Store(state / "tsnetchat.db").close()
-    with sqlite3.connect(state / "tsnetchat.db") as db:  # (a copy that takes a while)
-        db.execute("CREATE TABLE pad (x BLOB)")
-        db.executemany("INSERT INTO pad VALUES (randomblob(1000000))", [()] * 64)
-    db.close()
+    state = _history_of_64_mb(tmp_path)
     dest, partial = tmp_path / "b.db", tmp_path / ".b.db.partial"
     assert cli("backup", dest, "--state-dir", state).returncode == 0
     for _attempt in range(5):  # (again if the copy was done before the signal came)
@@ -503,12 +509,7 @@ def test_a_second_backup_to_one_name_is_refused_while_the_first_runs_and_a_kille
         tmp_path: Path) -> None:
     """Each removed the other's partial copy as a killed backup's: both failed and the
     earlier backup was gone (an operator's run, 2026-11-25)."""
-    state = tmp_path / "state"
-    Store(state / "tsnetchat.db").close()
-    with sqlite3.connect(state / "tsnetchat.db") as db:  # (a copy that takes a while)
-        db.execute("CREATE TABLE pad (x BLOB)")
-        db.executemany("INSERT INTO pad VALUES (randomblob(1000000))", [()] * 64)
-    db.close()
+    state = _history_of_64_mb(tmp_path)
     dest = tmp_path / "b.db"
     first = _held_mid_copy(dest, state)
     try:

@@ -375,6 +375,19 @@ async def test_a_room_is_told_the_latest_of_a_members_comings_and_goings_whateve
     watch.cancel()
 
 
+def replays_held(chat: Chat, monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
+    """Make every replay from the store wait (``store.after``) until the event is set."""
+    store = chat.server.service.store
+    stored_after, release = store.after, asyncio.Event()
+
+    async def held(room: str, after_id: int, limit: int) -> Any:
+        await release.wait()
+        return await stored_after(room, after_id, limit)
+
+    monkeypatch.setattr(store, "after", held)
+    return release
+
+
 async def test_a_person_whose_first_join_ends_in_its_replay_while_a_second_is_open_is_announced(
         chat: Chat, monkeypatch: pytest.MonkeyPatch) -> None:
     """Only the person's first stream into a room announced them, and only once its replay
@@ -384,14 +397,7 @@ async def test_a_person_whose_first_join_ends_in_its_replay_while_a_second_is_op
     watch = bob.stub.Join(hello_events("general", hold=asyncio.Event()), metadata=bob.metadata)
     await collect(watch, 1, kind="replay_done")
     await collect(watch, 1, kind="presence")  # bob himself
-    store = chat.server.service.store
-    stored_after, release = store.after, asyncio.Event()
-
-    async def held(room: str, after_id: int, limit: int) -> Any:
-        await release.wait()  # (the first Join stays in its replay)
-        return await stored_after(room, after_id, limit)
-
-    monkeypatch.setattr(store, "after", held)
+    release = replays_held(chat, monkeypatch)  # (the first Join stays in its replay)
     mallory = await chat.connect("mallory@t.t")
     first = mallory.stub.Join(hello_events("general", after=0), metadata=mallory.metadata)
     await collect(first, 1, kind="welcome")
@@ -423,14 +429,7 @@ async def test_a_person_whose_only_stream_left_is_still_in_its_replay_is_not_sai
     await collect(first, 1, kind="replay_done")
     (came,) = await collect(watch, 1, kind="presence")
     assert (came.kind, came.who.login) == (pb.PRESENCE_KIND_JOINED, "mallory@t.t")
-    store = chat.server.service.store
-    stored_after, release = store.after, asyncio.Event()
-
-    async def held(room: str, after_id: int, limit: int) -> Any:
-        await release.wait()  # (the second Join stays in its replay)
-        return await stored_after(room, after_id, limit)
-
-    monkeypatch.setattr(store, "after", held)
+    release = replays_held(chat, monkeypatch)  # (the second Join stays in its replay)
     second = mallory.stub.Join(hello_events("general", after=0, hold=asyncio.Event()),
                                metadata=mallory.metadata)
     await collect(second, 1, kind="welcome")
