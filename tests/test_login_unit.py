@@ -154,6 +154,7 @@ async def test_login_refusals_fill_the_log_no_faster_than_the_doors(
         chat: Chat, caplog: pytest.LogCaptureFixture) -> None:
     """enroll is off (the default): every Login is refused, and used to be logged, all
     5,103 of them in 3 s."""
+    chat.server.gate.hold = 0.0  # (60 calls one after the other: the hold has its own tests)
     conn = await chat.connect(ALICE, token="")
     caplog.set_level(logging.INFO, logger="tsnetchat.enroll")
     started = time.monotonic()
@@ -164,6 +165,32 @@ async def test_login_refusals_fill_the_log_no_faster_than_the_doors(
     lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
     assert 20 <= len(lines) <= 20 + 2 * took + 1 < 60, (len(lines), took)
     assert "enroll = off" in lines[0]
+
+
+async def test_logins_refused_for_going_too_fast_soon_cost_no_whois(chat: Chat) -> None:
+    """enroll is off: a Login is refused PERMISSION_DENIED, and past the device's login
+    bucket RESOURCE_EXHAUSTED. That refusal was not counted against the refusal budgets:
+    each Login, one after the other, asked WhoIs again and was answered at once (mallory's
+    Login flood over the lab, 465 refusals a second, put alice's WhoAmI at p50 138 ms
+    instead of 5; 2026-11-25). Counted, the connection is soon refused unread."""
+    import math
+
+    from tsnetchat.gate import CONN_REFUSALS
+
+    chat.server.gate.hold = 0.0  # (refused unread at once here: the hold has its own tests)
+    conn = await chat.connect("mallory@tailnet.test", token="")
+    asked = len(chat.net.whois_addrs)
+    started = time.monotonic()
+    errors = []
+    for _ in range(60):
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await conn.stub.Login(pb.LoginRequest(), timeout=10)
+        errors.append(e.value)
+    took = time.monotonic() - started
+    assert "enroll = off" in (errors[0].details() or "")
+    assert "too many refused calls" in (errors[-1].details() or "")
+    burst, per_second = CONN_REFUSALS
+    assert len(chat.net.whois_addrs) - asked <= burst + math.ceil(took * per_second) + 1
 
 
 @pytest.mark.server_config(enroll="grant")
