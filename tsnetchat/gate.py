@@ -318,6 +318,18 @@ class Gate:
         finally:
             self._leave(conn)
 
+    async def refuse_unread(self, peer: str, method: str, error: TsnetchatError) -> None:
+        """Charge a call refused before anything of it is read (a method this server does
+        not have: ``server.Unknown``) to its connection's refusal budget, and to its device's
+        if a call on the connection has learned it (no WhoIs is asked for it). Raises
+        LimitExceeded after ``hold`` once a budget is spent, as ``admit`` does."""
+        conn = self._enter(peer)
+        try:
+            await self._check_budget(conn.peer, conn.node_id)
+            self._refused(conn, method, error)
+        finally:
+            self._leave(conn)
+
     def check_token(self, who: WhoIs, token: str) -> auth.Principal:
         """Both locks for ``token`` from ``who``, as ``admit`` decides them (valid, not
         revoked, subject matches, grants narrow); for enrollment's renewal."""
