@@ -89,6 +89,13 @@ MAX_OPEN_STREAMS_PER_DEVICE = 8
 # (``Gate.device_behind``), and a device's connections are bounded (connguard).
 CHECKS = (5, 1.0)
 
+# Requests one reflection stream may send (burst, then per second) before it is ended after
+# ``Gate.hold``: grpcurl's `describe` of the whole API asks about 10. They need no token, and
+# 8 streams pumping file_containing_symbol had 8,669 answers a second and put alice's WhoAmI
+# at p50 47 ms, p99 787 (4.1 and 7.6 without them); ended, 47 a second, p50 6.4, p99 127
+# (over the lab, 2026-11-25; the rest is mostly what a client writes ahead while held).
+REFLECTION_PACE = (32, 10.0)
+
 # Metrics requests answered a second (and at once), whoever asks, before the tailnet lock
 # asks WhoIs: every request cost a LocalAPI call, and 280 a second from a device with no
 # grant took alice's WhoAmI from 4 to 126 ms (p99 412; an attacker's run over the lab,
@@ -239,18 +246,39 @@ class BoundedHealth(health.aio.HealthServicer):  # type: ignore[misc]
 
 
 class BoundedReflection(reflection.aio.ReflectionServicer):  # type: ignore[misc]
-    """gRPC's reflection service, with its streams bounded."""
+    """gRPC's reflection service, with its streams bounded, and each ended after ``hold()``
+    seconds (``Gate.hold``) once it asks faster than ``pace`` (burst, then per second;
+    REFLECTION_PACE)."""
 
-    def __init__(self, service_names: tuple[str, ...],
-                 device: DeviceOf) -> None:
+    def __init__(self, service_names: tuple[str, ...], device: DeviceOf,
+                 hold: Callable[[], float]) -> None:
         super().__init__(service_names)
         self._bound = StreamBound("reflection streams", device)
+        self._hold = hold
+        self.pace = REFLECTION_PACE
 
     async def ServerReflectionInfo(self, request_iterator: Any,
                                    context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         async with self._bound.hold(context):
-            async for response in super().ServerReflectionInfo(request_iterator, context):
-                yield response
+            paced = self._paced(request_iterator, TokenBucket(*self.pace))
+            try:
+                async for response in super().ServerReflectionInfo(paced, context):
+                    yield response
+            except LimitExceeded as e:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+
+    async def _paced(self, requests: AsyncIterator[Any], bucket: TokenBucket
+                     ) -> AsyncIterator[Any]:
+        """``requests`` while they come within ``bucket``; then, after the hold, the
+        stream's end. (Read more slowly instead, they still came: a client writes ahead as
+        far as HTTP/2 flow control lets it, and 8 paced streams put alice's p99 at 415 ms.)"""
+        async for request in requests:
+            if bucket.take():
+                await asyncio.sleep(self._hold())
+                burst, rate = self.pace
+                raise LimitExceeded(f"too many reflection requests on one stream (at most "
+                                    f"{burst}, then {rate:g} a second); open another")
+            yield request
 
 
 class Unknown(grpc.GenericRpcHandler):  # type: ignore[misc]
@@ -372,7 +400,7 @@ class Server:
         self.health = BoundedHealth(gate.device_behind, lambda: gate.hold)
         self.reflection = BoundedReflection((
             pb.DESCRIPTOR.services_by_name["Chat"].full_name, health.SERVICE_NAME,
-            reflection.SERVICE_NAME), gate.device_behind)
+            reflection.SERVICE_NAME), gate.device_behind, lambda: gate.hold)
         self.guard = ConnectionGuard(cfg.max_connections_per_device, gate.connections,
                                      gate.device, gate.connection_count)
         for name, fn in [("subscribers", lambda: float(self.hub.counts()[1])),
