@@ -96,12 +96,19 @@ CHECKS = (5, 1.0)
 # (over the lab, 2026-11-25; the rest is mostly what a client writes ahead while held).
 REFLECTION_PACE = (32, 10.0)
 
-# Metrics requests answered a second (and at once), whoever asks, before the tailnet lock
+# Metrics requests answered a second (and at once) from one address, before the tailnet lock
 # asks WhoIs: every request cost a LocalAPI call, and 280 a second from a device with no
 # grant took alice's WhoAmI from 4 to 126 ms (p99 412; an attacker's run over the lab,
-# 2026-11-25). One budget for all (in userspace mode every caller's address is loopback):
+# 2026-11-25). In userspace mode every caller's address is loopback: one budget for all, so
 # a flood can keep a scraper out, not slow the chat.
 METRICS_BURST, METRICS_RATE = 20, 5.0
+# Then, once WhoIs has named the device, its own budget (burst, then per second); past it
+# the 429 waits ``Gate.hold``. A scraper asks once every 15-60 s. With the address's budget
+# alone, mallory scraping 10 times a second (two loops) made 1-3 of alice's 10 scrapes, one a
+# second, get 429: one device spent everyone's budget; held, none (over the lab, 2026-11-25).
+# Scrapes made all at once can still spend the address's budget (userspace mode): which
+# device sent one is known only after its WhoIs, the cost that budget bounds.
+METRICS_PER_DEVICE = (5, 1.0)
 
 KEEPALIVE_TIME_MS = 4_000
 KEEPALIVE_TIMEOUT_MS = 4_000
@@ -734,25 +741,34 @@ class Server:
     async def _start_metrics(self) -> None:
         """Prometheus text, behind the tailnet lock: only connections that come through
         tailscaled from a device (not this server's own node, unless allow_own_node) get an
-        answer; anything else is closed with 403; beyond ``METRICS_RATE``, 429."""
-        budget = TokenBucket(METRICS_BURST, METRICS_RATE)
+        answer; anything else is closed with 403; beyond ``METRICS_RATE`` from an address,
+        or ``METRICS_PER_DEVICE`` from a device, 429 (the latter after ``Gate.hold``)."""
+        by_address = Buckets(METRICS_BURST, METRICS_RATE)
+        by_device = Buckets(*METRICS_PER_DEVICE)
 
-        async def answer(peer: str) -> tuple[bytes, bytes]:
-            wait = budget.take()
+        def too_many(wait: float, rate: float, where: str) -> tuple[bytes, bytes]:
+            return (f"too many metrics requests (at most {rate:g} a second {where}); "
+                    f"{retry_in(wait)}\n").encode(), b"429 Too Many Requests"
+
+        async def answer(host: str, peer: str) -> tuple[bytes, bytes]:
+            wait = by_address.take(host)
             if wait:
-                return (f"too many metrics requests (at most {METRICS_RATE:g} a second); "
-                        f"{retry_in(wait)}\n").encode(), b"429 Too Many Requests"
+                return too_many(wait, METRICS_RATE, "from one address")
             try:
-                await self.gate.identify(peer)
+                who = await self.gate.identify(peer)
             except TsnetchatError as e:
                 return f"{e}\n".encode(), b"403 Forbidden"
+            wait = by_device.take(who.node_id or who.node_name)
+            if wait:
+                await asyncio.sleep(self.gate.hold)
+                return too_many(wait, METRICS_PER_DEVICE[1], "from one device")
             return self.metrics.render_prometheus().encode(), b"200 OK"
 
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             with contextlib.suppress(Exception):
                 host, port = writer.get_extra_info("peername")[:2]
                 await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-                body, status = await answer(format_addr(host, port))
+                body, status = await answer(host, format_addr(host, port))
                 writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: text/plain; "
                              b"version=0.0.4\r\nContent-Length: " + str(len(body)).encode() +
                              b"\r\nConnection: close\r\n\r\n" + body)
