@@ -288,6 +288,49 @@ class BoundedReflection(reflection.aio.ReflectionServicer):  # type: ignore[misc
             yield request
 
 
+class Scrapes:
+    """Prometheus text, behind the tailnet lock: only connections that come through
+    tailscaled from a device (not this server's own node, unless allow_own_node) get an
+    answer; anything else is closed with 403; beyond ``METRICS_RATE`` from an address, or
+    ``METRICS_PER_DEVICE`` from a device, 429 (the latter after ``Gate.hold``)."""
+
+    def __init__(self, gate: Gate, metrics: Metrics) -> None:
+        self.gate, self.metrics = gate, metrics
+        self._by_address = Buckets(METRICS_BURST, METRICS_RATE)
+        self._by_device = Buckets(*METRICS_PER_DEVICE)
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One HTTP request on its own connection (``asyncio.start_server``'s callback)."""
+        with contextlib.suppress(Exception):
+            host, port = writer.get_extra_info("peername")[:2]
+            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            body, status = await self._answer(host, format_addr(host, port))
+            writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: text/plain; "
+                         b"version=0.0.4\r\nContent-Length: " + str(len(body)).encode() +
+                         b"\r\nConnection: close\r\n\r\n" + body)
+            await writer.drain()
+        writer.close()
+
+    async def _answer(self, host: str, peer: str) -> tuple[bytes, bytes]:
+        wait = self._by_address.take(host)
+        if wait:
+            return _too_many(wait, METRICS_RATE, "from one address")
+        try:
+            who = await self.gate.identify(peer)
+        except TsnetchatError as e:
+            return f"{e}\n".encode(), b"403 Forbidden"
+        wait = self._by_device.take(who.node_id or who.node_name)
+        if wait:
+            await asyncio.sleep(self.gate.hold)
+            return _too_many(wait, METRICS_PER_DEVICE[1], "from one device")
+        return self.metrics.render_prometheus().encode(), b"200 OK"
+
+
+def _too_many(wait: float, rate: float, where: str) -> tuple[bytes, bytes]:
+    return (f"too many metrics requests (at most {rate:g} a second {where}); "
+            f"{retry_in(wait)}\n").encode(), b"429 Too Many Requests"
+
+
 class Unknown(grpc.GenericRpcHandler):  # type: ignore[misc]
     """The last handler: a call to a method no other handler serves is answered
     UNIMPLEMENTED, as gRPC answers it, but counted against its connection's refusal budget
@@ -410,6 +453,7 @@ class Server:
             reflection.SERVICE_NAME), gate.device_behind, lambda: gate.hold)
         self.guard = ConnectionGuard(cfg.max_connections_per_device, gate.connections,
                                      gate.device, gate.connection_count)
+        self.scrapes = Scrapes(gate, self.metrics)  # (served on metrics_port, if set)
         for name, fn in [("subscribers", lambda: float(self.hub.counts()[1])),
                          ("leases", lambda: float(gate.leases())),
                          ("whois_lookups_total", lambda: float(gate.whois_calls)),
@@ -509,7 +553,7 @@ class Server:
                                   for a, p in zip(self.addresses, self.ports, strict=True)]
             self._tasks.append(asyncio.create_task(self.guard.run(self._listening, own_files)))
         if cfg.metrics_port:
-            await self._start_metrics()
+            await self._listen_metrics()
         if self.owns_process:
             files = raise_file_limit()
             if files < 4096:
@@ -738,52 +782,12 @@ class Server:
             if old is not None:
                 await old.stop(self.cfg.shutdown_grace)
 
-    async def _start_metrics(self) -> None:
-        """Prometheus text, behind the tailnet lock: only connections that come through
-        tailscaled from a device (not this server's own node, unless allow_own_node) get an
-        answer; anything else is closed with 403; beyond ``METRICS_RATE`` from an address,
-        or ``METRICS_PER_DEVICE`` from a device, 429 (the latter after ``Gate.hold``)."""
-        by_address = Buckets(METRICS_BURST, METRICS_RATE)
-        by_device = Buckets(*METRICS_PER_DEVICE)
-
-        def too_many(wait: float, rate: float, where: str) -> tuple[bytes, bytes]:
-            return (f"too many metrics requests (at most {rate:g} a second {where}); "
-                    f"{retry_in(wait)}\n").encode(), b"429 Too Many Requests"
-
-        async def answer(host: str, peer: str) -> tuple[bytes, bytes]:
-            wait = by_address.take(host)
-            if wait:
-                return too_many(wait, METRICS_RATE, "from one address")
-            try:
-                who = await self.gate.identify(peer)
-            except TsnetchatError as e:
-                return f"{e}\n".encode(), b"403 Forbidden"
-            wait = by_device.take(who.node_id or who.node_name)
-            if wait:
-                await asyncio.sleep(self.gate.hold)
-                return too_many(wait, METRICS_PER_DEVICE[1], "from one device")
-            return self.metrics.render_prometheus().encode(), b"200 OK"
-
-        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(Exception):
-                host, port = writer.get_extra_info("peername")[:2]
-                await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-                body, status = await answer(host, format_addr(host, port))
-                writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: text/plain; "
-                             b"version=0.0.4\r\nContent-Length: " + str(len(body)).encode() +
-                             b"\r\nConnection: close\r\n\r\n" + body)
-                await writer.drain()
-            writer.close()
-
-        self._metrics_handle = handle
-        await self._listen_metrics()
-
     async def _listen_metrics(self) -> None:
         """Serve metrics on ``addresses`` (again, after a rebind)."""
         self._metrics_servers = []
         for addr in self.addresses:
             try:
-                srv = await asyncio.start_server(self._metrics_handle, addr,
+                srv = await asyncio.start_server(self.scrapes.handle, addr,
                                                  self.cfg.metrics_port)
             except OSError as e:  # (it was "unexpected OSError ... a bug": an attacker's run,
                 # 2026-11-25, with the port taken)
