@@ -1058,6 +1058,26 @@ async def join(conn: Connection, room: str, after: int | None = None,
     return joined
 
 
+def held_calls(obj: Any, monkeypatch: pytest.MonkeyPatch,
+               *names: str) -> tuple[asyncio.Event, asyncio.Event]:
+    """Make ``obj``'s coroutine methods ``names`` wait (as reads behind busy readers) while
+    the first event is not set (it starts set); the second is set when one of them begins.
+    The methods themselves then run as they are."""
+    go, begun = asyncio.Event(), asyncio.Event()
+    go.set()
+
+    def held(call: Any) -> Any:
+        async def wait_then(*args: Any, **kwargs: Any) -> Any:
+            begun.set()
+            await go.wait()
+            return await call(*args, **kwargs)
+        return wait_then
+
+    for name in names:
+        monkeypatch.setattr(obj, name, held(getattr(obj, name)))
+    return go, begun
+
+
 async def ack_or_error(call: Any, cmid: str, timeout: float = 30) -> Any:
     """The Sent or the Error the server answers ``cmid`` with."""
     async def loop() -> Any:

@@ -9,7 +9,7 @@ from typing import Any
 
 import grpc
 import pytest
-from helpers import Chat, hello_events, refused
+from helpers import Chat, held_calls, hello_events, refused
 
 from tsnetchat.client import Connection
 from tsnetchat.pb import chat_pb2 as pb
@@ -24,26 +24,6 @@ async def team(chat: Chat) -> tuple[Connection, Connection]:
     await bob.whoami()  # (somebody who has used the server may be made a member)
     await admin.create_room("+team", [ALICE, BOB])
     return admin, bob
-
-
-async def held_reads(chat: Chat, monkeypatch: pytest.MonkeyPatch,
-                     *names: str) -> tuple[asyncio.Event, asyncio.Event]:
-    """Make the store's reads ``names`` wait (as behind busy readers) until the first event
-    is set; the second is set when one of them has begun."""
-    store = chat.server.service.store
-    go, reading = asyncio.Event(), asyncio.Event()
-    go.set()
-
-    def held(read: Any) -> Any:
-        async def wait_then(*args: Any, **kwargs: Any) -> Any:
-            reading.set()
-            await go.wait()
-            return await read(*args, **kwargs)
-        return wait_then
-
-    for name in names:
-        monkeypatch.setattr(store, name, held(getattr(store, name)))
-    return go, reading
 
 
 async def removed_while_reading(chat: Chat, go: asyncio.Event, reading: asyncio.Event,
@@ -73,7 +53,7 @@ async def test_a_member_removed_while_their_history_or_search_of_a_room_runs_is_
     admin, bob = await team(chat)
     await bob.send_one("+team", "secret heron")
     await bob.send_one("general", "public heron")
-    go, reading = await held_reads(chat, monkeypatch, "before", "after", "search",
+    go, reading = held_calls(chat.server.service.store, monkeypatch, "before", "after", "search",
                                    "mentions_of")
 
     e = await removed_while_reading(chat, go, reading, admin, bob,
@@ -100,7 +80,7 @@ async def test_a_member_removed_while_their_mentions_are_read_gets_none_of_the_r
     admin, bob = await team(chat)
     await admin.send_one("+team", f"@{BOB} the secret heron")
     await admin.send_one("general", f"@{BOB} the public heron")
-    go, reading = await held_reads(chat, monkeypatch, "mentions_of")
+    go, reading = held_calls(chat.server.service.store, monkeypatch, "mentions_of")
     got = await removed_while_reading(chat, go, reading, admin, bob, lambda c: c.mentions())
     assert [m.room for m in got] == ["general"]
 
@@ -118,7 +98,7 @@ async def test_a_member_removed_while_their_room_list_or_unread_counts_are_read_
         chat: Chat, monkeypatch: pytest.MonkeyPatch) -> None:
     admin, bob = await team(chat)
     await admin.send_one("+team", "the secret heron")
-    go, reading = await held_reads(chat, monkeypatch, "unread")
+    go, reading = held_calls(chat.server.service.store, monkeypatch, "unread")
     listed = await removed_while_reading(chat, go, reading, admin, bob, lambda c: c.list_rooms())
     assert "+team" not in [r.name for r in listed.rooms]
     counted = await removed_while_reading(chat, go, reading, admin, bob, lambda c: c.unread())
@@ -131,7 +111,7 @@ async def test_a_member_removed_while_their_join_is_welcomed_is_not_told_the_roo
     welcomed with +team's topic and its members, and ended only at the replay."""
     admin, bob = await team(chat)
     await admin.set_topic("+team", "the secret heron")
-    go, reading = await held_reads(chat, monkeypatch, "read_mark")
+    go, reading = held_calls(chat.server.service.store, monkeypatch, "read_mark")
     got: list[str] = []
 
     async def join_team(c: Connection) -> None:
@@ -151,17 +131,7 @@ async def test_a_member_removed_while_their_stream_waits_for_the_servers_copy_do
     entered the room (an independent review, 2026-11-25). The wait is held here by hand; the
     rest is the server's own path."""
     admin, bob = await team(chat)
-    service = chat.server.service
-    go, reading = asyncio.Event(), asyncio.Event()
-    go.set()
-    resumable = service._resumable
-
-    async def held(*args: Any) -> None:
-        reading.set()
-        await go.wait()
-        await resumable(*args)
-
-    monkeypatch.setattr(service, "_resumable", held)
+    go, reading = held_calls(chat.server.service, monkeypatch, "_resumable")
     got: list[str] = []
 
     async def open_team(c: Connection) -> None:

@@ -23,6 +23,7 @@ from helpers import (
     LabChat,
     apply_policy,
     first_of,
+    held_calls,
     hello_events,
     policy_changed,
     policy_granting,
@@ -101,17 +102,7 @@ async def test_a_search_or_history_under_way_when_its_token_is_revoked_answers_n
     store = lab_chat.server.service.store
     bob = await lab_chat.connect("bob-laptop", lab_chat.token(BOB))
     await bob.send_one("general", "secret heron")
-    go, reading = asyncio.Event(), asyncio.Event()
-
-    def held(read: Any) -> Any:
-        async def wait_then(*args: Any, **kwargs: Any) -> Any:
-            reading.set()
-            await go.wait()
-            return await read(*args, **kwargs)
-        return wait_then
-
-    monkeypatch.setattr(store, "search", held(store.search))
-    monkeypatch.setattr(store, "before", held(store.before))
+    go, reading = held_calls(store, monkeypatch, "search", "before")
     for name, ask in (("Search", lambda c: c.search("heron")),
                       ("History", lambda c: c.history("general"))):
         tok = lab_chat.token(BOB)
