@@ -421,6 +421,34 @@ class LabChat:
         return conn
 
 
+@dataclass
+class TwoDevices:
+    """Bob on a phone added to the lab and on his laptop, each subscribed to #general."""
+
+    phone: Connection
+    laptop: Connection
+    on_phone: Any
+    on_laptop: Any
+
+
+@contextlib.asynccontextmanager
+async def bobs_phone_and_laptop(lab_chat: LabChat) -> AsyncIterator[TwoDevices]:
+    """``TwoDevices`` with both streams past their replay; the phone is dropped from the lab
+    at the end, whatever the test did to it."""
+    lab = lab_chat.lab
+    await asyncio.to_thread(lab.add_node, "bob-phone", "bob")
+    try:
+        token = lab_chat.token("bob@tailnet.test")
+        phone = await lab_chat.connect("bob-phone", token)
+        laptop = await lab_chat.connect("bob-laptop", token)
+        two = TwoDevices(phone, laptop, phone.subscribe("general"), laptop.subscribe("general"))
+        await first_of(two.on_phone, "replay_done")
+        await first_of(two.on_laptop, "replay_done")
+        yield two
+    finally:
+        await asyncio.to_thread(lab.drop_node, "bob-phone")
+
+
 @contextlib.asynccontextmanager
 async def lab_server(lab: Any, tmp: Path, *, node: str = "chat-server",
                      **overrides: Any) -> AsyncIterator[LabChat]:

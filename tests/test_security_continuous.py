@@ -22,6 +22,7 @@ from helpers import (
     CLI,
     LabChat,
     apply_policy,
+    bobs_phone_and_laptop,
     first_of,
     held_calls,
     hello_events,
@@ -284,13 +285,7 @@ async def test_a_device_removed_from_the_tailnet_loses_its_streams_and_its_owner
     phone itself may hear of it only when its connection times out: it is no longer on the
     tailnet); bob's laptop goes on."""
     lab, server = lab_chat.lab, lab_chat.server
-    await asyncio.to_thread(lab.add_node, "bob-phone", "bob")
-    try:
-        phone = await lab_chat.connect("bob-phone", lab_chat.token(BOB))
-        laptop = await lab_chat.connect("bob-laptop", lab_chat.token(BOB))
-        on_phone, on_laptop = phone.subscribe("general"), laptop.subscribe("general")
-        await first_of(on_phone, "replay_done")
-        await first_of(on_laptop, "replay_done")
+    async with bobs_phone_and_laptop(lab_chat) as bob:
         assert server.hub.counts()[1] == 2
         caplog.set_level(logging.INFO, "tsnetchat.gate")
         await asyncio.to_thread(lab.remove_node, "bob-phone")
@@ -298,7 +293,5 @@ async def test_a_device_removed_from_the_tailnet_loses_its_streams_and_its_owner
                     what="the server closed the phone's stream")
         assert any("bob-phone" in r.getMessage() and "tailnet lock" in r.getMessage()
                    for r in caplog.records)
-        await laptop.send_one("general", "the laptop still works")
-        assert (await first_of(on_laptop, "message")).text == "the laptop still works"
-    finally:
-        await asyncio.to_thread(lab.drop_node, "bob-phone")
+        await bob.laptop.send_one("general", "the laptop still works")
+        assert (await first_of(bob.on_laptop, "message")).text == "the laptop still works"

@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 import pytest
 import tailnet_lab
-from helpers import LabChat, apply_policy, first_of, refused, until
+from helpers import LabChat, apply_policy, bobs_phone_and_laptop, first_of, refused, until
 
 pytestmark = [pytest.mark.tailnet, pytest.mark.security]
 
@@ -37,28 +37,22 @@ async def test_a_device_tagged_while_its_person_chats_loses_the_streams_of_their
     policy = copy.deepcopy(tailnet_lab.default_policy())
     policy["tagOwners"] = {KIOSK: ["bob@"]}
     await apply_policy(lab, policy)
-    await asyncio.to_thread(lab.add_node, "bob-phone", "bob")
     try:
-        phone = await lab_chat.connect("bob-phone", lab_chat.token(BOB))
-        laptop = await lab_chat.connect("bob-laptop", lab_chat.token(BOB))
-        on_phone, on_laptop = phone.subscribe("general"), laptop.subscribe("general")
-        await first_of(on_phone, "replay_done")
-        await first_of(on_laptop, "replay_done")
-        caplog.set_level(logging.INFO, "tsnetchat.gate")
-        await asyncio.to_thread(lab.headscale, "nodes", "tag", "-i", node_id(lab, "bob-phone"),
-                                "-t", KIOSK)
-        await until(lambda: server.hub.counts()[1] == 1, timeout=15,
-                    what="the server closed the phone's stream")
-        assert any("the two locks disagree" in r.getMessage() for r in caplog.records)
-        e = await refused(phone.whoami())
-        assert e.code() == grpc.StatusCode.UNAUTHENTICATED
-        assert "the two locks disagree" in e.details() and KIOSK in e.details()
-        await laptop.send_one("general", "the laptop still works")
-        assert (await first_of(on_laptop, "message")).text == "the laptop still works"
-        kiosk = await lab_chat.connect("bob-phone", lab_chat.token(KIOSK))
-        assert (await kiosk.whoami()).identity.login == KIOSK
+        async with bobs_phone_and_laptop(lab_chat) as bob:
+            caplog.set_level(logging.INFO, "tsnetchat.gate")
+            await asyncio.to_thread(lab.headscale, "nodes", "tag", "-i",
+                                    node_id(lab, "bob-phone"), "-t", KIOSK)
+            await until(lambda: server.hub.counts()[1] == 1, timeout=15,
+                        what="the server closed the phone's stream")
+            assert any("the two locks disagree" in r.getMessage() for r in caplog.records)
+            e = await refused(bob.phone.whoami())
+            assert e.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "the two locks disagree" in e.details() and KIOSK in e.details()
+            await bob.laptop.send_one("general", "the laptop still works")
+            assert (await first_of(bob.on_laptop, "message")).text == "the laptop still works"
+            kiosk = await lab_chat.connect("bob-phone", lab_chat.token(KIOSK))
+            assert (await kiosk.whoami()).identity.login == KIOSK
     finally:
-        await asyncio.to_thread(lab.drop_node, "bob-phone")
         await apply_policy(lab, tailnet_lab.default_policy())
 
 
@@ -68,18 +62,10 @@ async def test_a_device_logged_out_by_the_tailnets_admin_loses_its_streams(
     in again before it is on the tailnet, so its stream is closed meanwhile; the laptop
     goes on."""
     lab, server = lab_chat.lab, lab_chat.server
-    await asyncio.to_thread(lab.add_node, "bob-phone", "bob")
-    try:
-        phone = await lab_chat.connect("bob-phone", lab_chat.token(BOB))
-        laptop = await lab_chat.connect("bob-laptop", lab_chat.token(BOB))
-        on_phone, on_laptop = phone.subscribe("general"), laptop.subscribe("general")
-        await first_of(on_phone, "replay_done")
-        await first_of(on_laptop, "replay_done")
+    async with bobs_phone_and_laptop(lab_chat) as bob:
         await asyncio.to_thread(lab.headscale, "nodes", "expire", "-i",
                                 node_id(lab, "bob-phone"))
         await until(lambda: server.hub.counts()[1] == 1, timeout=15,
                     what="the server closed the phone's stream")
-        await laptop.send_one("general", "the laptop still works")
-        assert (await first_of(on_laptop, "message")).text == "the laptop still works"
-    finally:
-        await asyncio.to_thread(lab.drop_node, "bob-phone")
+        await bob.laptop.send_one("general", "the laptop still works")
+        assert (await first_of(bob.on_laptop, "message")).text == "the laptop still works"
