@@ -600,3 +600,24 @@ async def test_a_removal_from_a_private_room_left_without_members_says_who_is_no
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await admin.set_room_members("+nope", remove=["bob@tailnet.test"])
     assert "there is no private room '+nope'" in (caught.value.details() or "")
+
+
+@pytest.mark.server_config(history_kib_per_second=1)
+async def test_a_person_reading_history_past_their_budget_is_told_to_slow_down_and_others_are_not(
+        chat: Chat) -> None:
+    """A valid token's History of 800 KB pages, 46 a second on 8 connections, put alice's
+    WhoAmI at p99 562 ms (an attacker's run over the lab, 2026-11-25): the call rate was the
+    only bound. A person's History answers now have a budget (here 8 KiB at once, 1 a
+    second), spent by what was answered."""
+    from helpers import refused
+
+    mallory = await chat.connect("mallory@tailnet.test")
+    for i in range(3):
+        await mallory.send_one("general", f"{i} " + "x" * 4000)
+    page = await mallory.history("general")  # (12 KB: answered, and the budget spent)
+    assert len(page.messages) == 3
+    e = await refused(mallory.history("general"))
+    assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "history_kib_per_second" in (e.details() or "") and "retry in" in e.details()
+    alice = await chat.connect("alice@tailnet.test")
+    assert len((await alice.history("general")).messages) == 3  # (a budget of her own)

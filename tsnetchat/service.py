@@ -243,6 +243,17 @@ class ServerStore(History, Protocol):
         ...
 
 
+# A person's History answers may come this many seconds' worth of history_kib_per_second
+# at once (a chat scrolling back, `history` reading its 50 pages), then at that rate. Counted
+# in what was answered: asked one page after another, small pages cost little.
+HISTORY_BURST_SECONDS = 8
+
+
+def _history_budget(limits: Limits) -> tuple[int, float]:
+    kib = limits.history_kib_per_second
+    return kib * HISTORY_BURST_SECONDS, float(kib)
+
+
 MAX_RETRY_AFTER_MS = 2**32 - 1  # Error.retry_after_ms is a uint32
 
 
@@ -273,6 +284,7 @@ class ChatService:
         self._call_buckets = Buckets(limits.call_burst, limits.call_rate)  # calls
         self._search_buckets = Buckets(limits.searches_per_minute,
                                        limits.searches_per_minute / 60)
+        self._history_kib = Buckets(*_history_budget(limits))  # KiB of History answered
         self._away_buckets = Buckets(AWAY_BURST, AWAY_RATE)  # Away events, per person
         self._comings: Coalescer[_Coming] = Coalescer(COMINGS_BURST, COMINGS_RATE,
                                                       self._came_or_went)
@@ -311,6 +323,7 @@ class ChatService:
         self._call_buckets.configure(limits.call_burst, limits.call_rate)
         self._search_buckets.configure(limits.searches_per_minute,
                                        limits.searches_per_minute / 60)
+        self._history_kib.configure(*_history_budget(limits))
 
     # who may read what (tsnetchat.rooms) ---------------------------------------------
 
@@ -970,6 +983,11 @@ class ChatService:
             _check_id("after_id", request.after_id)
             _check_id("before_id", request.before_id)
             limit = min(request.limit or self.limits.max_page, self.limits.max_page)
+            wait = self._history_kib.wait(p.login)
+            if wait:
+                raise LimitExceeded(
+                    f"slow down: at most {self.limits.history_kib_per_second} KiB of history "
+                    f"a second (history_kib_per_second); {retry_in(wait)}")
             anchor = request.WhichOneof("anchor")
             if anchor == "after_id":
                 msgs = await self.store.after(room, request.after_id, limit + 1)
@@ -982,8 +1000,10 @@ class ChatService:
                 msgs = msgs[-limit:]
             if not self._still_readable(lease)(room):
                 self.access().check(lease.principal, room)  # (its refusal, in its words)
-            return pb.HistoryResponse(messages=[codec.message_pb(m) for m in msgs], more=more,
-                                      max_page=self.limits.max_page)
+            res = pb.HistoryResponse(messages=[codec.message_pb(m) for m in msgs], more=more,
+                                     max_page=self.limits.max_page)
+            self._history_kib.spend(p.login, res.ByteSize() / 1024)  # (the next call waits)
+            return res
         raise AssertionError("unreachable")  # pragma: no cover - abort raised
 
     async def ListRooms(self, request: Any,

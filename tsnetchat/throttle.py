@@ -53,6 +53,12 @@ class TokenBucket:
         self._refill(time.monotonic())
         return 0.0 if self.tokens >= 1 else (1 - self.tokens) / self.rate
 
+    def spend(self, n: float) -> None:
+        """Take ``n`` tokens for what was already done (a cost known only after it): the
+        bucket may go below zero, and ``wait`` says when it is back above one."""
+        self._refill(time.monotonic())
+        self.tokens -= n
+
     def configure(self, burst: int, rate: float) -> None:
         """New numbers from now on; the tokens already held are kept (up to the new burst)."""
         self._refill(time.monotonic())
@@ -91,6 +97,9 @@ class Buckets:
     def wait(self, key: str) -> float:
         b = self._b.get(key)
         return 0.0 if b is None else b.wait()
+
+    def spend(self, key: str, n: float) -> None:
+        self.get(key).spend(n)
 
     def configure(self, burst: int, rate: float) -> None:
         self.burst, self.rate = burst, rate
