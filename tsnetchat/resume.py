@@ -128,8 +128,12 @@ class Cursor:
         return new
 
     def replay_done(self, last_id: int) -> None:
-        """The server replayed up to ``last_id``: a "from now" reader starts there."""
-        if self.last_id is None and self.from_now:
+        """The server replayed up to ``last_id``: a reader with no position yet (a "from
+        now" reader, or one whose backlog was empty) resumes after it. (A reader that joined
+        an empty room kept none, and after a reconnect asked for the recent backlog again:
+        every message stored meanwhile but the last ``history_on_join`` was never shown; a
+        kill -9 run, 2026-11-25.)"""
+        if self.last_id is None:
             self.last_id = last_id
             self.confirmed = True
 
