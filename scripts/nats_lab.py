@@ -57,6 +57,7 @@ from tailnet_lab import Running, cache_dir, die_with_parent, free_port
 PIN = ("github.com/nats-io/nats-server/v2", "v2.15.2")
 CLUSTER_NAME = "tsnetchat"
 USER = "tsnetchat"
+ROUTE_USER = "route"  # the nodes' own user on their route ports (cluster { authorization })
 DEFAULT_STATE = Path(os.environ.get("TSNETCHAT_NATS_STATE", Path.cwd() / ".lab" / "nats.json"))
 
 
@@ -228,8 +229,10 @@ class NatsCluster(Running):
     def _write_config(self, n: NatsNode) -> None:
         d = Path(n.dir)
         d.mkdir(parents=True, exist_ok=True)
-        routes = ", ".join(f'"nats-route://127.0.0.1:{o.route_port}"'
-                           for o in self.nodes if o is not n)
+        # Routes ask for credentials too: without them, any nats-server that reached a
+        # route port joined the cluster and got every message (an attacker's run, 2026-11-25).
+        routes = ", ".join(f'"nats-route://{ROUTE_USER}:{self.password}@127.0.0.1:'
+                           f'{o.route_port}"' for o in self.nodes if o is not n)
         # JSON strings are valid in nats-server's config syntax.
         (d / "nats.conf").write_text(f"""
 server_name: {n.name}
@@ -244,6 +247,10 @@ cluster {{
   name: {CLUSTER_NAME}
   listen: "127.0.0.1:{n.route_port}"
   routes: [{routes}]
+  authorization {{
+    user: {ROUTE_USER}
+    password: {json.dumps(self.password)}
+  }}
 }}
 authorization {{
   user: {USER}

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers import chat_server, join, send
+from helpers import chat_server, collect, join, send
 
 from tsnetchat.client import acks_in
 from tsnetchat.errors import StoreError
@@ -38,7 +38,8 @@ def writer_held(pid_task: Path = Path("/proc/self/task")) -> bool:
 
 async def main(d: Path) -> None:
     out: dict[str, object] = {}
-    answers: dict[str, str] = {}
+    answers: dict[str, str] = {}  # the last answer to each client_msg_id
+    said: list[str] = []  # every answer to "a"
     changed = asyncio.Event()
 
     async def until(check: Callable[[], bool]) -> None:
@@ -51,14 +52,20 @@ async def main(d: Path) -> None:
     async with chat_server(d, store_wait=1.0) as chat:
         alice = await chat.connect("alice@tailnet.test")
         await alice.send_one("general", "before")
+        bob = await chat.connect("bob@tailnet.test")
+        watcher = bob.subscribe("general", after=1)  # what a reader of the room is shown
+        await collect(watcher, 1, kind="replay_done")
         call = await join(alice, "general", after=2**62)
 
         async def read() -> None:
             async for ev in call:
                 for a in acks_in(ev):
                     answers[a.client_msg_id] = f"ack {a.id}"
+                    said.extend([f"ack {a.id}"] if a.client_msg_id == "a" else [])
                 if ev.WhichOneof("event") == "error":
                     answers[ev.error.client_msg_id] = f"error {ev.error.message}"
+                    said.extend([f"error {ev.error.message}"] if ev.error.client_msg_id == "a"
+                                else [])
                 changed.set()
 
         reader = asyncio.create_task(read())
@@ -70,8 +77,16 @@ async def main(d: Path) -> None:
             await until(writer_held)  # inside a's commit, which the disk holds
             await call.write(send("b", "b"))  # queued behind it
             await call.write(send("c", "c"))
-            await until(lambda: {"b", "c"} <= answers.keys())
+            await until(lambda: {"a", "b", "c"} <= answers.keys())
             out["while_frozen"] = dict(answers)
+            await call.write(send("a", "a"))  # sent again while its write still hangs
+            await until(lambda: len(said) == 2)
+            await call.write(send("d", "d"))  # a new one while the writer is still held
+            await until(lambda: "d" in answers)
+            out["d"] = answers.pop("d")
+            out["pending"] = chat.server.store.pending()  # (every send has had its answer)
+            found = await bob.search("before", timeout=FROZEN_FOR)  # (a read, after the job)
+            out["search"] = [m.text for m in found.messages]
             marked = chat.server.store.mark_read([("alice@tailnet.test", "general", 1)])
             try:  # a job (here a read position) queued behind the write, as MarkRead's
                 await asyncio.wait_for(marked, FROZEN_FOR)
@@ -83,11 +98,14 @@ async def main(d: Path) -> None:
         finally:
             if frozen:
                 subprocess.run(["fsfreeze", "-u", str(d)], check=True)
-        await until(lambda: "a" in answers)
+        await until(lambda: answers.get("a", "").startswith("ack"))  # its write returned
         await call.write(send("b", "b"))
         await call.write(send("c", "c"))
         await until(lambda: all(answers.get(k, "").startswith("ack") for k in "abc"))
         out["after"] = dict(answers)
+        out["said_of_a"] = said
+        out["seen"] = [(m.id, m.text) for m in await collect(watcher, 3)]
+        watcher.cancel()
         call.cancel()
         reader.cancel()
     db = sqlite3.connect(d / "state" / "tsnetchat.db")

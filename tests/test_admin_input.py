@@ -64,15 +64,32 @@ def test_after_a_key_rotation_the_tokens_signed_before_are_listed_as_refused(
     assert "signed before the signing key was last rotated" in listed[2]
 
 
+def test_rotating_a_key_that_is_a_directory_says_so_not_that_there_is_none(
+        tmp_path: Path) -> None:
+    """It said "there is no signing key at ... (is --state-dir or the config file the
+    server's?)" of the server's own state dir (an operator's run, 2026-11-25)."""
+    state, _ = issued_state(tmp_path)
+    key = state / "jwt.key"
+    key.unlink()
+    key.mkdir()
+    out = run_cli("token", "rotate-key", "--state-dir", str(state))
+    assert out.returncode == 3, (out.stdout, out.stderr)
+    assert out.stderr == (f"error: the token signing key {key} is not a regular file; remove "
+                          "it (the next start makes a new key, and every token must be issued "
+                          "again); nothing was rotated\n")
+    assert key.is_dir() and list(key.iterdir()) == []
+
+
 @pytest.mark.parametrize("command", [("token", "list"), ("token", "revoke", "abc"),
                                      ("token", "rotate-key"), ("backup", "/tmp/never.db")])
 def test_an_operators_command_on_a_state_dir_that_does_not_exist_creates_nothing(
         tmp_path: Path, command: tuple[str, ...]) -> None:
     """A mistyped --state-dir used to get a new directory, key and database, and "rotated" or
-    "revoked": the server's real state was untouched and the operator told otherwise."""
+    "revoked": the server's real state was untouched and the operator told otherwise. Each
+    says it as a configuration error, exit 3 (backup said it with 8)."""
     missing = tmp_path / "typo"
     out = run_cli(*command, "--state-dir", str(missing))
-    assert out.returncode in (3, 8), out.stdout
+    assert out.returncode == 3, (out.stdout, out.stderr)
     assert "is --state-dir or the config file the server's?" in out.stderr
     assert not missing.exists()
 
@@ -671,6 +688,17 @@ def test_an_operators_command_run_without_sudo_says_permission_denied_not_a_trac
         assert lines["tailscaled reachable"].startswith("✘")
         for name in ("key file", "history store"):
             assert lines[name].startswith("!") and "run `sudo tsnetchat doctor`" in lines[name]
+        # The embedded tailscaled's socket is in the state dir: it said "not answering (...).
+        # Is tailscaled running?" of one that ran (an operator's run, 2026-11-25).
+        cfg.write_text(f'state_dir = "{state}"\nembedded = true\n')
+        out = subprocess.run([*nobody_cli(), "doctor", "--config", str(cfg)],
+                             env=client_env(home), capture_output=True, text=True, timeout=60,
+                             **NOBODY)  # type: ignore[call-overload]
+        lines = {line[2:26].strip(): line for line in out.stdout.splitlines() if line[:1]}
+        assert lines["tailscaled reachable"].startswith("!") and (
+            "run `sudo tsnetchat doctor` (the embedded tailscaled's socket is in it)" in
+            lines["tailscaled reachable"]), out.stdout
+        assert lines["listening"].startswith("-"), out.stdout
     finally:
         shutil.rmtree(top, ignore_errors=True)
 

@@ -371,6 +371,14 @@ def test_grpc_aio_losing_the_status_of_a_stream_that_just_ended_counts_as_a_brok
     assert e.retryable and e.transport and "Core" not in str(e)
 
 
+def test_a_keepalive_ping_unanswered_is_a_broken_connection_not_the_servers_words() -> None:
+    """`tail` stopped for 22 s printed "connection lost: ping timeout; reconnecting": gRPC
+    core's words for its own PING, taken for the server's (a daily user's day, 2026-11-25)."""
+    e = from_status(grpc.StatusCode.UNAVAILABLE, "ping timeout", Where())
+    assert str(e) == "cannot reach chat-server on port 50051: the connection failed or broke"
+    assert e.retryable and e.transport
+
+
 def test_the_local_proxy_refusing_is_blamed_on_the_local_tailscaled() -> None:
     e = from_status(grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses; last "
                     "error: UNAVAILABLE: ipv4:127.0.0.1:1055: Connection refused", Where(),

@@ -49,6 +49,7 @@ from helpers import (
 from tsnetchat import clientcmds, cluster
 from tsnetchat.client import link_for
 from tsnetchat.clienterrors import ClientError
+from tsnetchat.errors import StoreError
 from tsnetchat.pb import chat_pb2 as pb
 
 pytestmark = [pytest.mark.tailnet, pytest.mark.cluster]
@@ -435,6 +436,46 @@ async def test_a_server_started_with_a_smaller_retention_does_not_shrink_the_clu
     assert "retention stays the cluster's" in caplog.text
 
 
+async def test_a_server_started_with_another_replica_count_serves_on_the_clusters(
+        lab: Any, tmp_path: Path, nats_cluster: nats_lab.NatsCluster,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Started with cluster_replicas 1 on a cluster the first server made with 3, it waited
+    out startup_timeout and stopped with NATS's words about its state bucket ("stream name
+    already in use with a different configuration"), naming no setting (a lab run,
+    2026-11-25)."""
+    flags = cluster_flags(nats_cluster)
+    async with lab_server(lab, tmp_path, **flags) as one:
+        alice = await one.connect("alice-laptop", one.token(ALICE))
+        await alice.send_one("general", "made with 3 copies")
+        async with lab_server(lab, tmp_path, node="chat-server-2", cluster_replicas=1,
+                              **flags) as two:
+            bob = await two.connect("bob-laptop", two.token(BOB))
+            await bob.send_one("general", "sent through a server set to 1")
+            async with jetstream(nats_cluster) as js:
+                copies = {(await js.stream_info(name)).config.num_replicas
+                          for name in (cluster.STREAM, f"KV_{cluster.STATE}",
+                                       f"KV_{cluster.KICKS}", f"KV_{cluster.ROOMS}")}
+            assert copies == {3}
+            history = await bob.history("general")
+            assert [m.text for m in history.messages] == [
+                "made with 3 copies", "sent through a server set to 1"]
+    assert "not this server's cluster_replicas (1)" in caplog.text
+
+
+async def test_a_bucket_made_otherwise_by_hand_stops_the_start_in_words_that_name_it(
+        lab: Any, tmp_path: Path, nats_cluster: nats_lab.NatsCluster) -> None:
+    """Not a passing state of the cluster, yet tried again until startup_timeout, then
+    given in nats-py's words (a lab run, 2026-11-25)."""
+    async with jetstream(nats_cluster) as js:
+        await js.create_key_value(bucket=cluster.KICKS, replicas=3, history=5)
+    with pytest.raises(StoreError) as refused_start:
+        async with lab_server(lab, tmp_path, **cluster_flags(nats_cluster)):
+            pass
+    said = str(refused_start.value)
+    assert said.startswith("cluster: could not set up the kicks bucket: the NATS cluster has "
+                           "it with another configuration than this server's"), said
+
+
 async def test_when_server_1_is_killed_alice_goes_on_through_server_2_losing_nothing(
         lab: Any, tmp_path: Path, nats_cluster: nats_lab.NatsCluster) -> None:
     env = {"TSNETCHAT_CLUSTER": ",".join(nats_cluster.urls),
@@ -556,6 +597,99 @@ async def test_a_kick_in_flight_to_server_1_when_its_nats_node_dies_still_closes
         again = await join(bob, "general", then=[send("back again", "b1")])
         assert isinstance(await ack_or_error(again, "b1"), pb.Sent)
         again.cancel()
+
+
+async def test_a_revocation_in_flight_to_server_1_when_its_nats_node_dies_closes_alices_stream(
+        lab: Any, tmp_path: Path, nats_cluster: nats_lab.NatsCluster) -> None:
+    """The revocations bucket's watch (nats-py's KV watch: an ordered consumer) notices a
+    delivery lost on the way only by a heartbeat naming a later consumer sequence than its
+    last message, so never while it has delivered nothing, as in a cluster nobody has
+    revoked anything in yet; the word on ``REVOCATIONS`` goes the same way. Here both are on
+    their way to server 1 through server 1's NATS node (held by SIGSTOP) when that node is
+    SIGKILLed: the token went on working on server 1 for as long as it ran."""
+    flags = cluster_flags(nats_cluster)
+    first, *others = nats_cluster.nodes
+    async with lab_server(lab, tmp_path, **{**flags, "cluster": first.url}) as one, \
+            lab_server(lab, tmp_path, node="chat-server-2",
+                       **{**flags, "cluster": ",".join(n.url for n in others)}) as two:
+        # (the revocation must not wait for its bucket to elect a leader: 4-9 s, fact 2)
+        await lead_elsewhere(nats_cluster, f"KV_{cluster.REVOKED}", first.name)
+        token = one.token(ALICE)
+        alice = await one.connect("alice-laptop", token)
+        admin = await two.connect("alice-laptop", two.token(ALICE, admin=True))
+        call = await join(alice, "general")
+        os.kill(first.pid, signal.SIGSTOP)
+        try:
+            await admin.stub.RevokeToken(pb.RevokeTokenRequest(token_id=token_id(token)),
+                                         metadata=admin.metadata, timeout=10)
+            revoked = time.monotonic()
+            await asyncio.sleep(1.0)  # (on its way: in server 1's node's sockets)
+        finally:
+            nats_cluster.kill(first.name)
+        await closed_as(call, grpc.StatusCode.UNAUTHENTICATED, timeout=30)
+        print(f"alice's stream on server 1 closed {time.monotonic() - revoked:.1f}s after "
+              "the revocation")
+        await refused_anew(one, token)
+
+
+async def test_a_private_room_made_on_its_way_to_server_1_when_its_nats_node_dies_reaches_it(
+        lab: Any, tmp_path: Path, nats_cluster: nats_lab.NatsCluster) -> None:
+    """As a revocation (above): server 1's watch of the private rooms' bucket had delivered
+    nothing, there being no private room yet, so the first one, lost on its way, never came,
+    and server 1 never knew the room. (And when the node of that watch's consumer died, a
+    removal confirmed meanwhile reached server 1 only when nats-py made a new one, after two
+    missed 5 s heartbeats: more than 10 s in each of 3 runs, bob reading on in the room
+    meanwhile; 2.7-6.5 s now, lab runs on 2026-11-25.)"""
+    flags = cluster_flags(nats_cluster)
+    first, *others = nats_cluster.nodes
+    async with lab_server(lab, tmp_path, **{**flags, "cluster": first.url}) as one, \
+            lab_server(lab, tmp_path, node="chat-server-2",
+                       **{**flags, "cluster": ",".join(n.url for n in others)}) as two:
+        await lead_elsewhere(nats_cluster, f"KV_{cluster.ROOMS}", first.name)
+        bob = await one.connect("bob-laptop", one.token(BOB))
+        admin = await two.connect("alice-laptop", two.token(ALICE, admin=True))
+        os.kill(first.pid, signal.SIGSTOP)
+        try:
+            await admin.create_room("+ops", [ALICE, BOB], timeout=10)
+            await asyncio.sleep(1.0)  # (on its way: in server 1's node's sockets)
+        finally:
+            nats_cluster.kill(first.name)
+        await eventually(bob.list_rooms, lambda r: "+ops" in [x.name for x in r.rooms],
+                         "server 1 learning the room", timeout=30)
+
+async def test_a_kick_crosses_a_rolling_upgrade_to_and_from_a_server_of_the_release_before(
+        lab: Any, tmp_path: Path, nats_cluster: nats_lab.NatsCluster) -> None:
+    """Servers of the release before KICKS (012c115^) send and take kicks on the core subject
+    OLD_KICKS as {room, login, by, o}; with one of them as server 2 (run from that commit
+    over the lab, 2026-11-25) a kick made on either server did not close bob's stream on
+    the other. Here that server is this test's connection to NATS, saying what it said."""
+    async with lab_server(lab, tmp_path, **cluster_flags(nats_cluster)) as one:
+        bob = await one.connect("bob-laptop", one.token(BOB))
+        admin = await one.connect("alice-laptop", one.token(ALICE, admin=True))
+        nc = await nats.connect(servers=nats_cluster.urls, user=nats_cluster.user,
+                                password=nats_cluster.password)
+        try:
+            heard: list[dict[str, Any]] = []
+
+            async def hear(msg: Any) -> None:
+                heard.append(json.loads(msg.data))
+
+            await nc.subscribe(cluster.OLD_KICKS, cb=hear)
+            await nc.flush()
+            call = await join(bob, "general")
+            await nc.publish(cluster.OLD_KICKS, json.dumps(
+                {"room": "general", "login": BOB, "by": ALICE, "o": "an-old-one"}).encode())
+            details = await closed_as(call, grpc.StatusCode.PERMISSION_DENIED)
+            assert f"kicked out of 'general' by {ALICE}" in details
+            call = await join(bob, "random")
+            await admin.stub.Kick(pb.KickRequest(room="random", login=BOB),
+                                  metadata=admin.metadata)
+            await closed_as(call, grpc.StatusCode.PERMISSION_DENIED)
+            await until(lambda: len(heard) == 2, "the kick on the old servers' subject")
+            assert [(k["room"], k["login"], k["by"]) for k in heard] == [
+                ("general", BOB, ALICE), ("random", BOB, ALICE)]
+        finally:
+            await nc.close()
 
 
 async def test_without_a_nats_quorum_a_kick_is_refused_before_the_admins_deadline(

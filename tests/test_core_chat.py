@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -555,6 +556,31 @@ async def test_history_page_is_capped_at_the_advertised_maximum(chat: Chat) -> N
     assert len(page.messages) == 7 and page.max_page == 7 and page.more
 
 
+@pytest.mark.server_config(max_message_bytes=60_000)
+async def test_a_history_page_of_big_messages_is_cut_where_a_client_can_still_read_it(
+        chat: Chat) -> None:
+    """200 messages of the 60,000 bytes max_message_bytes allows made a page of 12 MB, and
+    80 one of 4.7 MB, which this client (every stock gRPC client) refused: "Received
+    message larger than max (4727343 vs. 4194304)" (a review, 2026-11-25). A page stops
+    short of that, and says there is more; paging on reads every message once."""
+    alice = await chat.connect("alice@tailnet.test")
+    sends = [send(f"{i} " + "x" * 59_000, f"m{i}") for i in range(80)]
+    call = alice.stub.Join(hello_events("general", then=sends), metadata=alice.metadata)
+    await collect(call, 80, kind="sent")
+    call.cancel()
+    seen: list[int] = []
+    page = await alice.history("general")
+    while True:
+        assert 0 < page.ByteSize() < 4 * 1024 * 1024 and len(page.messages) < 80
+        seen[:0] = [m.id for m in page.messages]
+        if not page.more:
+            break
+        page = await alice.history("general", before=page.messages[0].id)
+    assert seen == list(range(1, 81))
+    forward = await alice.history("general", after=0)  # (the oldest first, as many)
+    assert forward.more and [m.id for m in forward.messages] == seen[:len(forward.messages)]
+
+
 async def test_resend_after_reconnect_is_not_duplicated(chat: Chat) -> None:
     alice = await chat.connect("alice@tailnet.test")
     first = alice.stub.Join(hello_events("general", then=[send("once", "k1")]),
@@ -752,7 +778,8 @@ async def test_a_join_whose_hello_comes_after_shutdown_began_is_refused_unavaila
     await until(lambda: chat.server.gate.leases() >= 2)  # (admitted, waiting for its hello)
     stopper = asyncio.create_task(chat.server.stop(grace=5))
     await collect(watch, 1, kind="going_away")
-    await call.write(pb.ClientEvent(hello=pb.Hello(room="general")))
+    with contextlib.suppress(asyncio.InvalidStateError, grpc.aio.AioRpcError):  # (ended)
+        await call.write(pb.ClientEvent(hello=pb.Hello(room="general")))
     got = []
     with pytest.raises(grpc.aio.AioRpcError) as e:
         async for ev in call:
@@ -830,3 +857,18 @@ async def test_a_reload_applies_the_limits_and_keeps_the_state_dir_and_port_unti
     assert (await alice.whoami()).identity.login == "alice@tailnet.test"  # the same key
     fresh = await chat.connect("bob@tailnet.test")  # a token signed by `token issue` now
     assert (await fresh.whoami()).identity.login == "bob@tailnet.test"
+
+
+async def test_the_metrics_say_how_many_messages_the_history_committed_in_how_many_commits(
+        chat: Chat) -> None:
+    """An operator could not see how much group commit gathers (a reliability run,
+    2026-11-25): the ratio of these two is messages per commit."""
+    before = chat.server.metrics.snapshot()
+    alice = await chat.connect("alice@tailnet.test")
+    for i in range(5):
+        await alice.send_one("general", f"m{i}")
+    now = chat.server.metrics.snapshot()
+    committed = now["store_committed_messages_total"] - before["store_committed_messages_total"]
+    commits = now["store_commits_total"] - before["store_commits_total"]
+    assert committed == 5 and 1 <= commits <= 5, (committed, commits)
+    assert "tsnetchat_store_commits_total " in chat.server.metrics.render_prometheus()

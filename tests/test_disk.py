@@ -39,10 +39,12 @@ class Outcomes:
     def __init__(self, call: Any) -> None:
         self.acks: dict[str, int] = {}
         self.errors: dict[str, pb.Error] = {}
+        self.kinds: set[str] = set()  # of the events seen (replay_done: the stream is live)
         self.task = asyncio.create_task(self._read(call))
 
     async def _read(self, call: Any) -> None:
         async for ev in call:
+            self.kinds.add(ev.WhichOneof("event") or "")
             for a in acks_in(ev):
                 self.acks[a.client_msg_id] = a.id
             if ev.WhichOneof("event") == "error":
@@ -218,13 +220,18 @@ def on_a_small_disk(tmp_path: Path, *steps: str, timeout: float = 120) -> Any:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_sends_queued_behind_a_write_a_hung_disk_holds_are_refused_after_store_wait(
+def test_sends_a_hung_disk_holds_are_answered_after_store_wait_and_stored_once(
         tmp_path: Path) -> None:
     """A real hung disk: an ext4 file system of its own, frozen (``fsfreeze``), where writes
-    block instead of failing. The message being written waits for the disk; those queued
-    behind it waited as long (none answered in 30 s, store_wait 1 s), and so did jobs (a
-    read position, a room's members). Refused as not stored, the messages are stored once
-    each when sent again after the thaw."""
+    block instead of failing. The messages queued behind the write it holds waited as long
+    (none answered in 30 s, store_wait 1 s), and so did jobs (a read position, a room's
+    members); so did the message in the write. Queued ones are refused as not stored; the
+    one in the write is told it may still appear (and so is its resend, which the write
+    may yet store), and when the thaw lets its write commit it is acknowledged and shown to
+    the room's readers then. A search is answered from what is indexed (it waited for the
+    writer, and was refused). A send made while the writer is still held is refused at once,
+    and not kept: the queue grew by every send for as long as the disk hung, and counted
+    as "messages waiting to be stored". Sent again, the others are stored once each."""
     need_mount_namespace("the hung-disk test mounts a file system")
     if not (shutil.which("mkfs.ext4") and shutil.which("fsfreeze")):
         need("mkfs.ext4 and fsfreeze", "the hung-disk test freezes an ext4 file system")
@@ -248,11 +255,22 @@ def test_sends_queued_behind_a_write_a_hung_disk_holds_are_refused_after_store_w
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     refused = out["while_frozen"]
-    assert sorted(refused) == ["b", "c"], out  # ("a": in the write the disk held)
-    assert all(v.startswith("error ") and "not stored" in v and "within 1s" in v
-               for v in refused.values()), refused
+    assert sorted(refused) == ["a", "b", "c"], out
+    assert all(refused[k].startswith("error ") and "not stored" in refused[k] and
+               "within 1s" in refused[k] for k in "bc"), refused
+    assert refused["a"].startswith("error the history database did not finish writing this "
+                                   "message within 1s (the disk is stalled); it may still "
+                                   "appear"), refused
     assert out["job"].startswith("error the history database did not take this within 1s")
+    assert out["search"] == ["before"], out  # (it waited for the writer, and was refused)
     assert out["after"] == {"a": "ack 2", "b": "ack 3", "c": "ack 4"}, out
+    first, again, *acks = out["said_of_a"]  # (sent again while frozen: not "not stored")
+    assert out["d"].startswith("error the history database is not taking messages: a write "
+                               "has not returned for over 1s (the disk is stalled); this "
+                               "message was not stored"), out
+    assert out["pending"] == 0, out  # (it counted the refused ones while they were queued)
+    assert first == again == refused["a"] and set(acks) == {"ack 2"}, out
+    assert out["seen"] == [[2, "a"], [3, "b"], [4, "c"]], out
     assert out["stored"] == ["before", "a", "b", "c"]
 
 
@@ -390,9 +408,11 @@ def test_a_first_start_on_a_full_disk_says_so_and_leaves_no_empty_key(tmp_path: 
     assert lines[:2] == ["exit", "3"] and not [n for n in lines if "jwt.key" in n], proc.stdout
 
 
-def test_backup_and_token_list_from_a_read_only_file_system_say_it_is_read_only(
+def test_a_backup_from_a_read_only_file_system_is_made_and_token_list_says_it_is_read_only(
         tmp_path: Path) -> None:
-    """They said only "unable to open database file" (an operator's run, 2026-11-25)."""
+    """They said only "unable to open database file" (an operator's run, 2026-11-25). The
+    backup reads the database as it is (nothing can write it there): it had to be told to
+    copy the state dir to a writable disk first."""
     need_mount_namespace("the test mounts a read-only tmpfs")
     disk = tmp_path / "disk"
     disk.mkdir()
@@ -405,12 +425,39 @@ def test_backup_and_token_list_from_a_read_only_file_system_say_it_is_read_only(
          f"{{ {cli} backup --state-dir {d}/state {out}; echo exit $?; "
          f"{cli} token list --state-dir {d}/state; echo exit $?; }}"],
         capture_output=True, text=True, timeout=60)
-    assert proc.stdout.split() == ["exit", "8", "exit", "8"], (proc.stdout, proc.stderr)
+    backed, *rest = proc.stdout.splitlines()
+    assert backed.startswith("backed up 0 messages") and rest == ["exit 0", "exit 8"], (
+        proc.stdout, proc.stderr)
     said = proc.stderr.splitlines()
-    assert len(said) == 2 and "Traceback" not in proc.stderr
-    for line in said:
-        assert f"{disk}/state is on a read-only file system (`findmnt -T {disk}/state`" in line
-    assert not (tmp_path / "b.db").exists() and not list(tmp_path.glob(".b.db*"))
+    assert len(said) == 1 and "Traceback" not in proc.stderr
+    assert f"{disk}/state is on a read-only file system (`findmnt -T {disk}/state`" in said[0]
+    db = sqlite3.connect(tmp_path / "b.db")
+    assert db.execute("SELECT sub FROM tokens").fetchall() == [("a@example.com",)]
+    db.close()
+    assert not list(tmp_path.glob(".b.db*"))
+
+
+def test_the_state_dirs_lock_on_a_read_only_file_system_says_to_remount_it(
+        tmp_path: Path) -> None:
+    """`serve` there said "cannot open the lock file ...: Read-only file system", with no word
+    of what to do (an operator's run, 2026-11-25)."""
+    need_mount_namespace("the test mounts a read-only tmpfs")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    d = shlex.quote(str(disk))
+    take = ("import sys; from pathlib import Path; from tsnetchat.statedir import StateLock; "
+            "from tsnetchat.errors import ConfigError\n"
+            "try: StateLock(Path(sys.argv[1]), 'server')\n"
+            "except ConfigError as e: print(e)")
+    proc = subprocess.run(
+        ["unshare", "-m", "sh", "-c",
+         f"mount -t tmpfs -o size=1m tmpfs {d} && mkdir {d}/state && mount -o remount,ro {d} "
+         f"&& {shlex.quote(sys.executable)} -c {shlex.quote(take)} {d}/state"],
+        capture_output=True, text=True, timeout=60)
+    said = proc.stdout.strip()
+    assert said.startswith(f"cannot open the lock file {disk}/state/tsnetchat.lock: "
+                           "Read-only file system"), (said, proc.stderr)
+    assert f"`findmnt -T {disk}/state`" in said and "remount it read-write" in said, said
 
 
 def test_lines_the_chat_cannot_keep_on_a_full_disk_leave_no_empty_file_and_say_why(
@@ -493,3 +540,78 @@ async def test_a_membership_change_that_fails_after_its_caller_gave_up_is_said_i
     assert "never retrieved" not in caplog.text
     assert ("private room '+ops': the change by 'alice@tailnet.test' failed after its caller "
             "stopped waiting (nobody was added or removed)") in caplog.text
+
+
+async def test_a_database_deleted_or_replaced_under_the_server_is_written_no_more(
+        chat: Chat) -> None:
+    """SQLite writes on to the file it opened: a server whose database was deleted went on
+    acknowledging messages (145 of 145) that nobody could read after its restart (a
+    reliability run, 2026-11-25). A copy moved over it (a restore by hand), or the file
+    removed, and sends are refused as not stored, saying why."""
+    alice = await chat.connect("alice@tailnet.test")
+    for i in range(3):
+        assert await alice.send_one("general", f"m{i}") == i + 1
+    db = chat.cfg.db_path
+    call = alice.stub.Join(metadata=alice.metadata)
+    await call.write(pb.ClientEvent(hello=pb.Hello(room="general", after_id=2**62,
+                                                   batch_acks=True)))
+    out = Outcomes(call)
+    # (live first: in a full run the stream's own reads came after the removal, from a
+    # reader thread started then, and the stream ended before its sends were answered)
+    await until(lambda: "replay_done" in out.kinds, "the stream is live")
+    shutil.copy(db, db.with_name("copy.db"))
+    db.with_name("copy.db").rename(db)  # (over it: another file by the same name)
+    await call.write(send("after the copy", "c"))
+    db.unlink()
+    await call.write(send("after the removal", "r"))
+    await until(lambda: out.settled("c", "r"), "both are answered")
+    assert out.acks == {}
+    for e in out.errors.values():
+        assert e.code == grpc.StatusCode.UNAVAILABLE.value[0]
+        assert e.message.startswith(f"the history database {db} was deleted or replaced while "
+                                    "the server had it open"), e.message
+        assert "not stored: send it again" in e.message
+    call.cancel()
+
+
+def test_a_backup_of_a_stopped_servers_history_on_a_full_disk_is_made_on_another_disk(
+        tmp_path: Path) -> None:
+    """Reading the database made its -wal and -shm files, which a full disk cannot hold:
+    "cannot open history database ...: disk I/O error", when a copy elsewhere is what the
+    operator wants before making room (a reliability run, 2026-11-25)."""
+    need_mount_namespace("the full-disk test mounts a tmpfs")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    cli = shlex.quote(str(CLI))
+    d, out = shlex.quote(str(disk)), shlex.quote(str(tmp_path / "b.db"))
+    proc = subprocess.run(
+        ["unshare", "-m", "sh", "-c",
+         f"mount -t tmpfs -o size=4m tmpfs {d} && {cli} token issue a@example.com "
+         f"--state-dir {d}/state >/dev/null && (dd if=/dev/zero of={d}/fill bs=4k "
+         f"2>/dev/null; true) && {cli} backup --state-dir {d}/state {d}/here.db; "
+         f"echo exit $?; {cli} backup --state-dir {d}/state {out}; echo exit $?"],
+        capture_output=True, text=True, timeout=60)
+    assert proc.stdout.split("\n")[0] == "exit 8", (proc.stdout, proc.stderr)  # (that disk)
+    assert "database or disk is full" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stdout.split("\n")[1].startswith("backed up 0 messages"), proc.stdout
+    assert proc.stdout.split("\n")[2] == "exit 0", (proc.stdout, proc.stderr)
+    db = sqlite3.connect(tmp_path / "b.db")
+    assert db.execute("SELECT sub FROM tokens").fetchall() == [("a@example.com",)]
+    db.close()
+
+
+def test_a_reader_opened_after_the_database_is_gone_makes_no_empty_one_in_its_place(
+        tmp_path: Path) -> None:
+    """A reader thread started after the database was deleted under the server made an empty
+    database at its path, and its reads said "no such table" (a run of the suite,
+    2026-11-25)."""
+    from tsnetchat.errors import StoreError
+    from tsnetchat.store import Store
+
+    db = tmp_path / "tsnetchat.db"
+    Store(db).close()
+    db.unlink()
+    with pytest.raises(StoreError) as refused:
+        Store(db, readonly=True)
+    assert str(db) in str(refused.value)
+    assert not db.exists()

@@ -58,6 +58,9 @@ def test_rights_come_from_the_grant(mode: str, cap_map: dict[str, list[Any]], ro
     (policy("grant"), who(), "grants alice@tailnet.test no access to tsnetchat"),
     (policy("any", require_grant=True), who(), "Ask a tailnet admin to grant it to you"),
     (policy("any"), who(tags=("tag:bot",)), "tagged devices (tag:bot) do not log in"),
+    # A login no token can name: PERMISSION_DENIED in words, not INTERNAL from issue_token.
+    (policy("any"), who(login="John Smith"), "'John Smith' cannot be signed into a token"),
+    (policy("grant"), who(login="", cap_map=GRANT), "'(none)' cannot be signed into a token"),
     (policy("grant"), who(cap_map={CAP: [{"rooms": []}]}), "lists no rooms; ask"),
     (policy("grant"), who(cap_map={CAP: [{"rooms": ["General", "ops\n"]}]}),
      "lists no rooms (only names that are not room names: 'General', 'ops\\n'); ask"),

@@ -144,21 +144,22 @@ def test_doctor_healthy_node(lab: Any, tmp_path: Path) -> None:
                                          "socket": lab.nodes["chat-server"].socket})
         results = asyncio.run(checks(cfg))
         assert all(c.verdict == OK for c in results), [c.line() for c in results]
+        # The command it gives clients names the port (without it they asked 50051)
+        (named,) = [c.line() for c in results if "MagicDNS name" in c.line()]
+        assert f"tsnetchat connect chat-server --port {d.port})" in named, named
         # From alice's node: the server is reachable end to end.
         alice = lab.nodes["alice-laptop"]
-        out = subprocess.run([CLI, "doctor", "--socket", alice.socket, "--state-dir",
-                              str(tmp_path / "alice-state"), "--server", "chat-server",
-                              "--token", tok, "--proxy", alice.http_proxy, "--port",
-                              str(d.port)], capture_output=True, text=True)
+        out = subprocess.run([CLI, "doctor", "--socket", alice.socket, "--server",
+                              "chat-server", "--token", tok, "--proxy", alice.http_proxy,
+                              "--port", str(d.port)], capture_output=True, text=True)
         assert re.search(r"✔ server reachable\s+chat-server answers; you are alice@", out.stdout)
         assert out.returncode == 0, out.stdout
         # alice's token used from bob's node: the server answers, and refuses it, which is a
         # problem (it was a warning: "no problems", exit 0, for a token nothing accepts)
         bob = lab.nodes["bob-laptop"]
-        out = subprocess.run([CLI, "doctor", "--socket", bob.socket, "--state-dir",
-                              str(tmp_path / "bob-state"), "--server", "chat-server",
-                              "--token", tok, "--proxy", bob.http_proxy, "--port",
-                              str(d.port)], capture_output=True, text=True)
+        out = subprocess.run([CLI, "doctor", "--socket", bob.socket, "--server",
+                              "chat-server", "--token", tok, "--proxy", bob.http_proxy,
+                              "--port", str(d.port)], capture_output=True, text=True)
         assert re.search(r"✔ server reachable\s+chat-server answers", out.stdout), out.stdout
         assert re.search(r"✘ let in\s+chat-server refuses you: .*the two locks disagree",
                          out.stdout), out.stdout
@@ -175,6 +176,28 @@ def test_doctor_tailscaled_absent(tmp_path: Path) -> None:
     assert out.returncode == 1
     assert re.search(r"✘ tailscaled reachable\s+.*not answering.*Is tailscaled running", out.stdout)
     assert "- logged in" in out.stdout  # later checks say they need tailscaled
+
+
+@pytest.mark.parametrize(("args", "flag", "mode"), [
+    (["--server", "chat-server", "--api"], "--api", "own"),
+    (["--server", "chat-server", "--state-dir", "S"], "--state-dir", "own"),
+    (["--server", "chat-server", "--config", "/dev/null"], "--config", "own"),
+    (["--server", "chat-server", "--embedded"], "--embedded", "own"),
+    (["--token-file", "S"], "--token-file", "client"),
+    (["--token", "abc"], "--token", "client"),
+    (["--proxy", "socks5://127.0.0.1:1055"], "--proxy", "client"),
+])
+def test_doctor_refuses_a_flag_of_the_other_check_rather_than_pass_over_it(
+        tmp_path: Path, args: list[str], flag: str, mode: str) -> None:
+    """`doctor --server chat-server --api` asked no API, and `doctor --token-file F` checked
+    no token; each said all was well or not without a word of the flag (an operator's run,
+    2026-11-25)."""
+    args = [str(tmp_path / "s") if a == "S" else a for a in args]
+    out = subprocess.run([CLI, "doctor", *args], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and out.stdout == "", (out.stdout, out.stderr)
+    assert out.stderr.startswith(f"error: {flag} is for checking " + (
+        "this machine's own server" if mode == "own" else "a server from a client")), out.stderr
+    assert not (tmp_path / "s").exists()
 
 
 def test_doctor_tells_a_missing_socket_a_regular_file_and_a_directory_apart(
@@ -304,6 +327,46 @@ def test_doctor_fails_the_history_store_on_a_full_disk(
     assert check.verdict == FAIL and "4 MB free" in check.detail
 
 
+def test_doctor_says_to_check_the_embedded_tailscaled_when_the_state_dir_holds_its_socket(
+        tmp_path: Path) -> None:
+    """The embedded unit's server runs `serve --embedded`, which no config says: doctor
+    checked the system tailscaled and said it did not run (an operator's run in the systemd
+    container, 2026-11-25)."""
+    state = tmp_path / "s"
+    cfg = load_config(env={}, flags={"state_dir": str(state)})
+    assert doctor._embedded_hint(cfg) == ""
+    (state / "tailscaled").mkdir(parents=True)
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(state / "tailscaled" / "tailscaled.sock"))
+        assert "`tsnetchat doctor --embedded`" in doctor._embedded_hint(cfg)
+        for said in ({"embedded": True}, {"socket": "/elsewhere.sock"}):
+            told = load_config(env={}, flags={"state_dir": str(state), **said})
+            assert doctor._embedded_hint(told) == ""
+
+
+@pytest.mark.parametrize("make", ["dir", "fifo", "link"])
+def test_doctor_fails_the_history_store_when_the_lock_file_would_stop_the_server(
+        tmp_path: Path, make: str) -> None:
+    """A directory, a FIFO or a link in place of tsnetchat.lock stopped `serve` and
+    `restore`, and doctor said "writable, all good" (an operator's run, 2026-11-25)."""
+    from tsnetchat.store import Store
+
+    state = tmp_path / "s"
+    Store(state / "tsnetchat.db").close()
+    lock = state / statedir.LOCK_NAME
+    {"dir": lock.mkdir, "fifo": lambda: os.mkfifo(lock),
+     "link": lambda: lock.symlink_to(tmp_path / "elsewhere")}[make]()
+    cfg = load_config(env={}, flags={"state_dir": str(state), "socket": "/nonexistent"})
+    (check,) = [c for c in asyncio.run(checks(cfg)) if c.name == "history store"]
+    what = {"dir": "a directory", "fifo": "not a regular file", "link": "a symbolic link"}[make]
+    assert (check.verdict, check.detail) == (FAIL, (
+        f"the lock file {lock} is {what}: the server will not start, nor `restore` run, until "
+        "it is removed (the server makes it again; nothing else is in it)"))
+    started = subprocess.run([CLI, "serve", "--state-dir", str(state), "--socket",
+                              "/nonexistent"], capture_output=True, text=True, timeout=60)
+    assert started.returncode == 3 and "tsnetchat.lock" in started.stderr, started.stderr
+
+
 @pytest.mark.parametrize("under", ["", "below"], ids=["the-dir", "on-its-path"])
 def test_doctor_says_a_file_where_the_state_dir_should_be_is_in_the_way(
         tmp_path: Path, under: str) -> None:
@@ -393,6 +456,7 @@ def _need_systemd_analyze() -> str:
 @pytest.fixture
 def unit_dir(tmp_path: Path) -> Path:
     d = tmp_path / "units"
+    d.mkdir()
     exe = str(Path(sys.executable).with_name("tsnetchat"))
     for embedded in (False, True):
         install_unit(d, embedded=embedded, exe=exe)

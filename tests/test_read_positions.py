@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from helpers import Chat, Joined, collect, hello_events, until
+from helpers import Chat, Joined, collect, hello_events, until, write_lock_held
 
 from tsnetchat import ledger
 from tsnetchat.pb import chat_pb2 as pb
@@ -42,3 +42,25 @@ async def test_unread_counts_mentions_and_a_welcome_asked_right_after_an_ack_sho
     assert welcome.last_read_id == 3
     laptop.cancel()
     phone.cancel()
+
+
+@pytest.mark.server_config(store_wait=0.3)
+async def test_read_positions_given_while_the_database_is_locked_are_written_once_it_is_free(
+        chat: Chat, caplog: pytest.LogCaptureFixture) -> None:
+    """They were dropped when their write failed: bob's position went back to where it was
+    before the lock, and his unread count with it, for good (his chat does not give the
+    same position twice)."""
+    alice = await chat.connect(ALICE)
+    bob = await chat.connect(BOB)
+    for i in range(3):
+        await alice.send_one("general", f"m{i}")
+    laptop = Joined(bob, "general", None, [])
+    await collect(laptop.call, 1, kind="replay_done")
+    async with write_lock_held(chat.cfg.db_path) as lock:
+        await laptop.write(ack(3))
+        await until(lambda: "could not store 1 read positions" in caplog.text,
+                    "the positions' write fails", timeout=10)
+        await lock.release()
+    (general,) = (await bob.unread()).rooms
+    assert (general.unread, general.last_read_id) == (0, 3)
+    laptop.cancel()

@@ -11,9 +11,11 @@ import dataclasses
 import struct
 from pathlib import Path
 
+import pytest
 from fakenet import SELF
 from helpers import chat_server, free_port, until
 
+from tsnetchat.errors import ConfigError
 from tsnetchat.tailnet import WhoIs
 
 NEW = "127.0.0.2"
@@ -73,3 +75,28 @@ async def test_after_the_tailnet_addresses_change_metrics_and_the_connection_gua
             t.cancel()
         for _, w in held:
             w.close()
+
+
+async def test_metrics_that_could_not_listen_on_the_new_addresses_are_tried_again_and_served(
+        tmp_path: Path) -> None:
+    """A move whose metrics port was taken on the new address listened there for gRPC and
+    not for metrics, and no later word of tailscaled's tried again (the addresses were
+    already the new ones): metrics went unserved until a restart (a review, 2026-11-25)."""
+    mport = free_port()
+    async with chat_server(tmp_path, metrics_port=mport, shutdown_grace=0.1) as chat:
+        server = chat.server
+        status = dataclasses.replace(await chat.net.status(), backend_state="Running",
+                                     tun=True, self_node=dataclasses.replace(SELF, ips=(NEW,)))
+        squatter = await asyncio.start_server(lambda r, w: w.close(), NEW, mport)
+        with pytest.raises(ConfigError, match=f"cannot serve metrics on {NEW}:{mport}"):
+            await server._maybe_rebind(status)
+        assert server.addresses == [NEW]  # (gRPC moved)
+        squatter.close()
+        await squatter.wait_closed()
+        chat.net.announce_everything()  # (tailscaled's next word)
+        await until(lambda: bool(server._metrics_servers), "metrics listen again", 10)
+        r, w = await asyncio.open_connection(NEW, mport)
+        w.write(b"GET /metrics HTTP/1.1\r\nHost: chat-server\r\n\r\n")
+        head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 403"), head  # (answered; not through the tailnet)
+        w.close()

@@ -95,3 +95,58 @@ async def test_revoking_a_token_id_nobody_was_given_is_refused_and_records_nothi
     assert (await chat.server.service.store.revocations_since(0))[0] == [token_id(bobs)]
     e = await refused((await chat.connect(BOB, bobs)).whoami())
     assert e.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+@pytest.mark.server_config(searches_per_minute=2)
+async def test_a_search_naming_a_room_that_is_no_room_or_not_allowed_does_not_use_a_search(
+        chat: Chat) -> None:
+    """A room name that is none (capitals), or a room the token does not allow, was refused
+    after the search had been counted: two typos of --room and the corrected search was
+    told to wait (a review, 2026-11-25)."""
+    alice = await chat.connect(ALICE, chat.token(ALICE, ("general",)))
+    await alice.send_one("general", "the heron")
+    e = await refused(alice.search("heron", rooms=["General"]))
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "not a valid room name" in e.details()
+    e = await refused(alice.search("heron", rooms=["general", "ops"]))
+    assert e.code() == grpc.StatusCode.PERMISSION_DENIED and "'ops'" in (e.details() or "")
+    e = await refused(alice.search("heron", rooms=["dm:"]))
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "somebody other" in e.details()
+    for _ in range(2):
+        found = await alice.search("heron", rooms=["general"])
+        assert [m.text for m in found.messages] == ["the heron"]
+    e = await refused(alice.search("heron"))
+    assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # (the limit still holds)
+
+
+async def test_marking_read_a_conversation_with_a_login_nobody_has_is_refused_as_history_is(
+        chat: Chat) -> None:
+    """MarkRead of a DM naming a typo was answered as done (read up to 0), where History and
+    Search of it say nobody has that login (a review, 2026-11-25)."""
+    alice = await chat.connect(ALICE)
+    bob = await chat.connect(BOB)
+    await bob.whoami()
+    e = await refused(alice.mark_read("dm:bobb@tailnet.test", 5))
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "nobody with the login 'bobb@tailnet.test'" in (e.details() or "")
+    last = await alice.send_one(f"dm:{BOB}", "lunch?")
+    assert await bob.mark_read("dm:Alice@tailnet.test", last) == last  # (capitals forgiven)
+
+
+async def test_a_client_msg_id_with_control_characters_is_refused_and_nothing_is_stored(
+        chat: Chat) -> None:
+    """"e\\x00" was taken, stored and echoed back as the message's id (a review,
+    2026-11-25); an id names a message to its sender and nothing else."""
+    from helpers import collect, hello_events, send
+
+    from tsnetchat.pb import chat_pb2 as pb
+
+    alice = await chat.connect(ALICE)
+    for ev in (send("hello", "e\x00"),
+               pb.ClientEvent(away=pb.Away(away=True, message="lunch",
+                                           client_msg_id="a\x1b[2J\u200b"))):
+        call = alice.stub.Join(hello_events("general", then=[ev]), metadata=alice.metadata)
+        (e,) = await collect(call, 1, kind="error")
+        assert e.code == grpc.StatusCode.INVALID_ARGUMENT.value[0], e
+        assert e.message == "client_msg_id holds control or invisible characters", e
+        call.cancel()
+    assert (await alice.history("general")).messages == []

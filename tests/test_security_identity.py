@@ -7,12 +7,26 @@ import asyncio
 import copy
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 import tailnet_lab
-from helpers import LabChat, apply_policy, bobs_phone_and_laptop, first_of, refused, until
+from helpers import (
+    ALICE,
+    LabChat,
+    apply_policy,
+    bobs_phone_and_laptop,
+    first_of,
+    lab_server,
+    refused,
+    until,
+)
+
+from tsnetchat.client import Connection
+from tsnetchat.errors import TailnetError
+from tsnetchat.pb import chat_pb2 as pb
 
 pytestmark = [pytest.mark.tailnet, pytest.mark.security]
 
@@ -69,3 +83,85 @@ async def test_a_device_logged_out_by_the_tailnets_admin_loses_its_streams(
                     what="the server closed the phone's stream")
         await bob.laptop.send_one("general", "the laptop still works")
         assert (await first_of(bob.on_laptop, "message")).text == "the laptop still works"
+
+
+async def registered_again(lab: Any, node: Any, name: str) -> str:
+    """Delete ``name`` from the tailnet and register its tailscaled again (a new node id, as
+    after a lost node key); its new node id."""
+    before = (await asyncio.to_thread(lab.status, node))["Self"]["ID"]
+    await asyncio.to_thread(lab.remove_node, name)
+    await asyncio.to_thread(
+        lab.tailscale, node, "up", f"--login-server={lab.headscale_url}",
+        f"--auth-key={lab.auth_key('chat')}", f"--hostname={name}", "--force-reauth",
+        "--timeout=60s")
+    await asyncio.to_thread(lab.wait_running, node)
+    now = str((await asyncio.to_thread(lab.status, node))["Self"]["ID"])
+    assert now != before
+    return now
+
+
+async def refused_as_own_node(chat: LabChat, node: str, token: str) -> Connection:
+    """A new connection from ``node`` each try until the server refuses it as its own node
+    (it reads a new node id on tailscaled's IPN bus, a moment after tailscaled has it)."""
+    conn, e = await chat.refused_at_last(node, token, "admitted from the server's own node")
+    assert e.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "server's own node" in e.details()
+    return conn
+
+
+async def test_the_servers_own_node_registered_again_is_still_refused_as_the_servers_own(
+        lab: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The server's node is deleted from the tailnet and registered again (a new node id,
+    as after a lost node key); the server goes on serving. A process on the server machine
+    going out through that node's tailscaled and back in must still be refused as the
+    server's own node, also at Login (the node's user may be a person with a grant)."""
+    caplog.set_level(logging.INFO, "tsnetchat.gate")
+    node = await asyncio.to_thread(lab.add_node, "chat-own", "chat")
+    try:
+        async with lab_server(lab, tmp_path, node="chat-own", enroll="any") as chat:
+            token = chat.token("chat@tailnet.test")
+            e = await refused((await chat.connect("chat-own", token)).whoami())
+            assert "server's own node" in e.details()
+            now = await registered_again(lab, node, "chat-own")
+            conn = await refused_as_own_node(chat, "chat-own", token)
+            e = await refused(conn.stub.Login(pb.LoginRequest(), timeout=10))
+            assert "server's own node" in e.details()
+            assert any(now in r.getMessage() and "registered again" in r.getMessage()
+                       for r in caplog.records)
+    finally:
+        await asyncio.to_thread(lab.drop_node, "chat-own")
+
+
+async def test_once_the_servers_node_is_registered_again_logins_name_its_new_node(
+        lab: Any, tmp_path: Path) -> None:
+    """Login (and RenewToken) named the node the server read at start: after the node was
+    deleted and registered again, clients stored their tokens under a node id that no
+    longer was, which ``tokens.Entry.matches`` compares (a review, 2026-11-25)."""
+    node = await asyncio.to_thread(lab.add_node, "chat-own", "chat")
+    try:
+        async with lab_server(lab, tmp_path, node="chat-own", enroll="any") as chat:
+            token = chat.token(ALICE)
+            alice = await chat.connect("alice-laptop", token)
+            before = (await alice.stub.Login(pb.LoginRequest(), timeout=10)).server
+            assert before.node_id and before.name.startswith("chat-own.")
+            now = await registered_again(lab, node, "chat-own")
+            await refused_as_own_node(chat, "chat-own", chat.token("chat@tailnet.test"))
+            await until(lambda: chat.server.serving.status.self_node.node_id == now,
+                        "the server follows its node registered again", timeout=15)
+            # A new connection (the node may have new addresses: the old one goes nowhere),
+            # once alice's tailscaled has the node again: a moment after, it still had only
+            # the deleted one, offline (CI, 2026-11-25).
+            deadline = asyncio.get_running_loop().time() + 30
+            while True:
+                try:
+                    alice = await chat.connect("alice-laptop", token)
+                    break
+                except TailnetError:
+                    if asyncio.get_running_loop().time() > deadline:
+                        raise
+                    await asyncio.sleep(0.5)
+            res = await alice.stub.Login(pb.LoginRequest(), timeout=10)
+            assert res.server.node_id == now, res.server
+            assert res.server.name == before.name
+    finally:
+        await asyncio.to_thread(lab.drop_node, "chat-own")

@@ -289,6 +289,44 @@ def test_the_shipped_hardening_is_in_force(unit: Unit) -> None:
     assert fields["Seccomp"] == "2" and int(fields["CapEff"], 16) == 0
 
 
+@pytest.mark.parametrize("unit", ["tsnetchat.service"], indirect=True)
+def test_an_operator_without_sudo_is_told_to_use_it_and_nothing_is_made_in_their_home(
+        unit: Unit) -> None:
+    """The README's "without sudo it checks what it can" was not so: doctor checked
+    ~/.local/state/tsnetchat and said another program held the server's port, `token list`
+    and `backup` said there was no history, and `token issue` made a key there (an
+    operator's run in this container, 2026-11-25)."""
+    unit.ensure_running()
+    unit.c.sh("id ops >/dev/null 2>&1 || useradd --create-home --shell /bin/sh ops")
+    doctor = unit.c.sh(f"{CLI} doctor", user="ops", check=False)
+    assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+    assert re.search(r"! listening +something answers on 127\.0\.0\.1:\d+; whether it is this "
+                     r"state dir's server is not checked: /var/lib/tsnetchat is readable only "
+                     r"by the server's user; run `sudo tsnetchat doctor`", doctor.stdout), (
+        doctor.stdout)
+    for args in ("token list", "token issue bob@tailnet.test", "backup /tmp/b.db"):
+        out = unit.c.sh(f"{CLI} {args}", user="ops", check=False)
+        assert out.returncode == 3, (args, out.stdout, out.stderr)
+        assert out.stderr.startswith("error: permission denied: /var/lib/tsnetchat") and (
+            "try again with sudo" in out.stderr), (args, out.stderr)
+    assert unit.c.sh("ls -A /home/ops/.local/state /tmp/b.db 2>/dev/null; true",
+                     user="ops").stdout == ""
+
+
+@pytest.mark.parametrize("unit", ["tsnetchat-embedded.service"], indirect=True)
+def test_doctor_embedded_checks_the_embedded_units_own_tailscaled(unit: Unit) -> None:
+    """The unit runs `serve --embedded`, a flag no config holds: `sudo tsnetchat doctor`
+    checked the machine's tailscaled instead (or said none ran), and had no flag to be told
+    (an operator's run in this container, 2026-11-25)."""
+    unit.ensure_running()
+    out = unit.c.sh(f"{CLI} doctor --embedded", check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert re.search(r"✔ tailscaled reachable +LocalAPI answers at "
+                     r"/var/lib/tsnetchat/tailscaled/tailscaled\.sock", out.stdout), out.stdout
+    assert re.search(rf"✔ MagicDNS name +{unit.hostname}\.tailnet\.test", out.stdout), out.stdout
+    assert re.search(r"✔ listening +a server answers on 127\.0\.0\.1:", out.stdout), out.stdout
+
+
 @pytest.mark.parametrize("unit", ["tsnetchat-embedded.service"], indirect=True)
 def test_the_embedded_unit_joins_with_the_auth_key_credential(unit: Unit) -> None:
     unit.ensure_running()

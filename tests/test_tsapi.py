@@ -140,6 +140,22 @@ def test_a_node_joins_with_a_key_minted_through_the_package(
         forget(lab, "chat-minted")
 
 
+def test_provision_says_once_that_an_online_device_holds_the_name(
+        api: StandIn, tmp_path: Path) -> None:
+    """Each device that held the name was said twice: the command's own line, and the
+    library's warning, which Python's logging printed bare without a handler (an operator's
+    run, 2026-11-25)."""
+    keyfile = tmp_path / "authkey"
+    out = cli("provision", "--hostname", "chat-server", "--tags", "tag:chat", "--out",
+              str(keyfile), env=api.env())
+    assert out.returncode == 0, out.stderr
+    said = out.stderr.splitlines()
+    assert said[-1] == f"wrote a single-use auth key for chat-server to {keyfile}"
+    assert len(said) == 2 and said[0].startswith(
+        "the device chat-server.tailnet.test (id "), out.stderr
+    assert "not removed because it is online" in said[0]
+
+
 def test_serve_embedded_mints_its_key_and_clears_its_name_on_a_fresh_state_dir(
         lab: Any, api: StandIn, tmp_path: Path) -> None:
     """First start: no auth key anywhere, the server mints one. Its state dir is then lost;

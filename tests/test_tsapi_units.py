@@ -232,11 +232,48 @@ def test_doctor_api_without_credentials_is_one_failed_line(tmp_path: Path) -> No
 
 def test_install_systemd_into_a_directory_it_cannot_write_is_a_clear_error(
         tmp_path: Path) -> None:
-    blocker = tmp_path / "file"
-    blocker.write_text("")
-    out = _cli("install-systemd", "--dest", str(blocker / "units"))
+    units = tmp_path / "units"
+    units.mkdir()
+    (units / "tsnetchat.service").mkdir()  # (in the way of the unit: root writes anywhere)
+    out = _cli("install-systemd", "--dest", str(units))
     assert out.returncode == 3 and "Traceback" not in out.stderr
-    assert f"cannot write {blocker}/units/tsnetchat.service" in out.stderr
+    assert f"cannot write {units}/tsnetchat.service" in out.stderr
+
+
+def test_install_systemd_embedded_says_the_unit_needs_the_auth_key_file_while_it_is_missing(
+        tmp_path: Path) -> None:
+    """Without /etc/tsnetchat/authkey the embedded unit does not start, and systemd said only
+    "Failed to set up credentials: Protocol error" (an operator's run in the systemd
+    container, 2026-11-25). Said on this machine as its /etc is: one with the file gets no
+    warning (tests/test_systemd_units.py installs both ways in a container)."""
+    from tsnetchat.systemd import AUTHKEY
+
+    (tmp_path / "units").mkdir()
+    out = _cli("install-systemd", "--embedded", "--dest", str(tmp_path / "units"))
+    assert out.returncode == 0, out.stderr
+    warned = (f"warning: {AUTHKEY} does not exist yet, and the unit does not start without it "
+              "(systemd: status=243/CREDENTIALS)")
+    assert (warned in " ".join(out.stderr.split())) == (not os.path.lexists(AUTHKEY)), out.stderr
+    plain = _cli("install-systemd", "--dest", str(tmp_path / "units"))
+    assert str(AUTHKEY) not in plain.stdout + plain.stderr
+
+
+@pytest.mark.parametrize("make", [None, "file"])
+def test_install_systemd_into_a_directory_that_does_not_exist_makes_nothing_and_says_so(
+        tmp_path: Path, make: str | None) -> None:
+    """`--dest /etc/systemd/sytem` made that directory, wrote the unit where systemd never
+    looks, and said "installed" (two operators' runs, 2026-11-25)."""
+    typo = tmp_path / "sytem"
+    if make == "file":
+        typo.write_text("")
+    out = _cli("install-systemd", "--dest", str(typo))
+    assert out.returncode == 3, (out.stdout, out.stderr)
+    what = "is not a directory" if make else "does not exist"
+    assert out.stderr == (f"error: install-systemd: {typo} {what}; nothing was written. "
+                          "systemd reads units from /etc/systemd/system (the default): leave "
+                          "--dest out, or make the directory first\n")
+    assert out.stdout == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["sytem"] if make else [])
 
 
 def test_an_installation_under_tmp_is_installed_with_a_warning_that_the_service_cannot_see_it(
@@ -249,6 +286,7 @@ def test_an_installation_under_tmp_is_installed_with_a_warning_that_the_service_
         exe = where / "tsnetchat"
         exe.write_text("#!/bin/sh\n")
         exe.chmod(0o755)
+        (tmp_path / "units").mkdir()
         path, warning = install_unit(tmp_path / "units", exe=str(exe))
         assert f"ExecStart={exe} serve" in path.read_text()  # written all the same
         assert f"this installation ({exe}) is under a temporary directory" in warning

@@ -181,6 +181,28 @@ def test_ctrl_z_suspends_the_chat_and_fg_brings_it_back_with_what_was_typed(
     no_python_on(alice, bob)
 
 
+def test_a_chat_stopped_for_a_while_says_it_was_away_for_at_least_that_long(
+        terminals: dict[str, Tmux]) -> None:
+    """A laptop asleep: the server drops the chat after its keepalive (server.KEEPALIVE_*,
+    8 s), and the chat sees that only once it runs again. It said "reconnected after 0.4s"
+    after 60 s stopped (a daily user's day, 2026-11-25)."""
+    alice, bob = terminals["alice"], terminals["bob"]
+    chat = chat_pid(alice)
+    stopped = 20.0
+    os.kill(chat, signal.SIGSTOP)
+    try:
+        bob.wait_for(r"Alice left #general", timeout=30)
+        bob.type("said while alice slept")
+        time.sleep(stopped)  # (the stop itself: what is said must be at least this)
+    finally:
+        os.kill(chat, signal.SIGCONT)
+    s = alice.wait_for(r"reconnected after [\d.]+s; nothing missed", timeout=60)
+    assert "<Bob> said while alice slept" in s, s
+    said = float(re.findall(r"reconnected after ([\d.]+)s", s)[-1])
+    assert said >= stopped, s
+    no_python_on(alice, bob)
+
+
 def test_a_mention_rings_the_bell_and_is_highlighted(terminals: dict[str, Tmux]) -> None:
     alice, bob = terminals["alice"], terminals["bob"]
     bob.type("no one in particular")
@@ -200,11 +222,15 @@ def test_a_mention_rings_the_bell_and_is_highlighted(terminals: dict[str, Tmux])
 
 def test_a_50_line_burst_typed_faster_than_the_rate_limit_arrives_once_in_order(
         chat_server: LabDaemon, open_terminal: Opener) -> None:
+    """Typed as a person types, each line and its Enter read apart (``Tmux.type_lines``;
+    written at once they are a paste, one message): 50 lines took 1.3 to 2.5 s, past the
+    server's bursts of 20 at 5 a second, and 20 to 26 were pending when the last was typed
+    (three runs, 2026-11-25)."""
     # (72 columns: the pending count was cut off below about 90; a new user's day, 2026-11-24)
     alice = open_terminal("alice", height=60, width=72)
     bob = open_terminal("bob", height=70)
     lines = [f"burst line {i:02d}" for i in range(1, 51)]
-    alice.keys(*[k for line in lines for k in (line, "Enter")])  # one write: all 50 at once
+    alice.type_lines(lines)
     alice.wait_for(r" alice@tailnet.test │ #general │ 2 members │ connected │ \d+ pending")
     bob.wait_for(r"<Alice> burst line 50", timeout=60)
     assert texts_of(bob.screen(), "Alice", "burst line") == lines
@@ -228,7 +254,7 @@ def test_three_server_restarts_and_a_tailscaled_restart_while_typing_lose_and_do
     said: dict[str, list[str]] = {"Alice": [], "Bob": []}
 
     def say(t: Tmux, nick: str, text: str) -> None:
-        t.type(text)
+        t.type_lines([text])
         said[nick].append(text)
 
     say(alice, "Alice", "said before any restart")
@@ -241,7 +267,7 @@ def test_three_server_restarts_and_a_tailscaled_restart_while_typing_lose_and_do
         say(bob, "Bob", f"bob during restart {r}")
         if r == 2:  # more than a burst's worth while it is down: resent paced, not refused
             many = [f"said during restart {r}, more {i:02d}" for i in range(25)]
-            alice.keys(*[k for line in many for k in (line, "Enter")])
+            alice.type_lines(many)
             said["Alice"] += many
         say(alice, "Alice", f"said during restart {r}, second")
         alice.wait_for(rf"… <Alice> said during restart {r}, second")  # pending, on screen
@@ -327,8 +353,7 @@ def test_a_refused_join_is_one_error_line_and_bob_stays_in_general(
     s = bob.screen()
     assert count(s, "!!") == 1 and "#ops" not in s.split("!!")[0]  # not in the room list
     assert status_line(bob).split("│")[1] == " #random "
-    bob.type("/join #general")
-    bob.type("still here")
+    bob.type_lines(["/join #general", "still here"])
     alice.wait_for(r"<Bob> still here")
     bob.keys("C-c")
     bob.wait_for(r"EXITED 0", timeout=5)
@@ -399,8 +424,7 @@ def test_switching_rooms_shows_unread_counts_and_where_they_start(
     alice.wait_for(r"│ #general │")
     bob.type("/JOIN random")
     bob.wait_for(r"you joined #random")
-    for i in range(3):
-        bob.type(f"over in random {i}")
+    bob.type_lines(f"over in random {i}" for i in range(3))
     alice.wait_for(r"2 #random +3 │")  # the room list counts what alice has not seen
     assert "over in random" not in alice.screen()  # other rooms stay out of this one
     alice.keys("M-2")
@@ -439,8 +463,7 @@ def test_unread_counts_are_the_servers_so_a_second_device_shows_them_and_sees_th
     alice.wait_for(r"│ #general │")
     bob.type("/join random")
     bob.wait_for(r"you joined #random")
-    for i in range(3):
-        bob.type(f"unread on every device {i}")
+    bob.type_lines(f"unread on every device {i}" for i in range(3))
     alice.wait_for(r"2 #random +3 │")
     phone = open_terminal("alice")  # alice's second client, only in #general
     phone.wait_for(r"2 #random +3 │")  # listed from the server's count, not joined
@@ -520,11 +543,11 @@ def test_an_edit_and_a_delete_reach_the_other_screen_also_one_that_was_offline(
         assert "deploy is at" not in t.screen()
     alice.type("keep this line")
     bob.wait_for(r"<Alice> keep this line")
-    alice.keys("oops, a secret: hunter2", "Enter", "/delete", "Enter")  # at once
+    alice.type_lines(["oops, a secret: hunter2", "/delete"])  # one after the other
     s = bob.wait_for(r"<Alice> keep this line\n.*<Alice> \(deleted\)")  # not the line before
     assert "hunter2" not in s and count(s, r"<Alice> \(deleted\)") == 2, s
     alice.type("/delete")  # again (Up and Enter): it deleted the message before, and so on
-    alice.wait_for(r"!! your last message here is deleted; not deleted")
+    alice.wait_for(r"!! your last message here is deleted already")
     assert count(bob.screen(), r"<Alice> keep this line") == 1
     bob.type("/edit not mine")  # bob has nothing of his own here
     bob.wait_for(r"!! nothing of yours to edit here")
@@ -533,8 +556,7 @@ def test_an_edit_and_a_delete_reach_the_other_screen_also_one_that_was_offline(
 
 def test_search_results_open_in_a_buffer_of_their_own(terminals: dict[str, Tmux]) -> None:
     alice, bob = terminals["alice"], terminals["bob"]
-    bob.type("the canary build is green")
-    bob.type("lunch anyone?")
+    bob.type_lines(["the canary build is green", "lunch anyone?"])
     alice.type("/msg bob is the canary on staging too?")
     alice.wait_for(r"▸ <Alice> is the canary on staging too\?")
     bob.type("/search CANARY")
@@ -724,8 +746,10 @@ def test_quit_under_load_exits_at_once_and_says_what_was_not_sent(
         chat_server: LabDaemon, terminals: dict[str, Tmux]) -> None:
     alice, bob = terminals["alice"], terminals["bob"]
     lines = [f"load {i:02d}" for i in range(1, 61)]
-    bob.keys(*[k for i in range(1, 31) for k in (f"bob load {i}", "Enter")])
-    alice.keys(*[k for line in lines for k in (line, "Enter")], "/quit", "Enter")
+    # Typed as a person types (``Tmux.type_lines``): 60 lines in 1.5 to 1.8 s, 33 to 35 of
+    # them pending at the /quit (three runs, 2026-11-25).
+    bob.type_lines([f"bob load {i}" for i in range(1, 31)])
+    alice.type_lines([*lines, "/quit"])
     alice.wait_for(r"EXITED 1", timeout=5)  # 1: something typed was not stored
     s = alice.screen(scrollback=True)
     unsent = re.findall(r"^  #general: (load \d\d)(?:  \(.*\))?$", s, re.M)
@@ -958,6 +982,56 @@ def test_a_long_reason_for_reconnecting_is_shown_whole_on_a_narrow_terminal(
         time.sleep(0.3)
     assert compared, alice.screen()
     no_python_on(alice)
+
+
+def test_a_block_pasted_by_a_terminal_without_bracketed_paste_is_one_message(
+        chat_server: LabDaemon, terminals: dict[str, Tmux]) -> None:
+    """A terminal that does not mark a paste (GNU screen; or tmux a moment after a resize,
+    before the chat asked for it again) types each line end as Enter: 300 lines pasted went
+    to #general as 300 messages, 5 a second (a daily user's day, 2026-11-25)."""
+    alice, bob = terminals["alice"], terminals["bob"]
+    lines = [f"pasted row {i:02d}" for i in range(30)]
+    lines[15] = "pasted\trow 15"  # (a tab in it is text, not Tab's completion)
+    alice.tmux("set-buffer", "\n".join(lines) + "\n")
+    alice.tmux("paste-buffer", "-t", alice.name)  # (no -p: unmarked, line ends as Enter)
+    alice.wait_for(r"(?m)^ +pasted row 29\s*$")  # in the input, every row
+    alice.keys("Enter")
+    s = bob.wait_for(r"┊ pasted row 29\n")
+    assert count(s, r"<Alice> pasted row 00") == 1 and count(s, r"<Alice>") == 1, s
+    hist = run_cli("history", "chat-server", "--json", "--token",
+                   chat_server.token("bob@tailnet.test"), *chat_server.client_args("bob-laptop"))
+    assert [m["text"] for m in json.loads(hist.stdout)] == ["\n".join(lines)]
+    no_python_on(alice, bob)
+
+
+def test_an_unmarked_paste_longer_than_one_read_waits_for_the_enter_that_sends_it(
+        chat_server: LabDaemon, terminals: dict[str, Tmux]) -> None:
+    """prompt_toolkit reads 1,024 bytes at a time: 70 lines of 2,050 bytes pasted without
+    marks went out at their own last line end, the only Enter of the last read, before the
+    person had pressed Enter (2026-11-25)."""
+    alice, bob = terminals["alice"], terminals["bob"]
+    lines = [f"row {i:03d} " + "x" * 20 for i in range(70)]
+    lines[0] = "y" * 20 + lines[0]
+    alice.tmux("set-buffer", "\n".join(lines) + "\n")
+    alice.tmux("paste-buffer", "-t", alice.name)  # (no -p: unmarked, line ends as Enter)
+    alice.wait_for(r"(?m)^ +row 069 x+\s*$")  # in the input, every row
+    alice.type("and a last word")  # typed after the paste: its Enter sends it all
+    bob.wait_for(r"┊ and a last word\n")
+    hist = run_cli("history", "chat-server", "--json", "--token",
+                   chat_server.token("bob@tailnet.test"), *chat_server.client_args("bob-laptop"))
+    assert [m["text"] for m in json.loads(hist.stdout)] == ["\n".join(lines)
+                                                            + "\nand a last word"]
+    no_python_on(alice, bob)
+
+
+def test_an_enter_read_with_a_key_no_paste_holds_sends(terminals: dict[str, Tmux]) -> None:
+    """A line, its Enter and an Up read at once (typed quickly while the chat was busy) are
+    typed, not pasted: the line is sent, and Up brings it back."""
+    alice, bob = terminals["alice"], terminals["bob"]
+    alice.keys("sent before the Up", "Enter", "Up")  # one write
+    bob.wait_for(r"<Alice> sent before the Up")
+    alice.wait_for(r"#general> sent before the Up")
+    no_python_on(alice, bob)
 
 
 def test_refused_input_stays_in_the_input_and_a_long_paste_is_offered_in_parts(

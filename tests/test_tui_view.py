@@ -131,6 +131,24 @@ def test_scrolling_up_shows_older_lines_and_stays_put_while_new_ones_arrive() ->
     assert conv.add_older(older, me="alice@tailnet.test", mentions=None) == 0
 
 
+def test_a_scrolled_view_stays_on_the_same_message_when_the_pane_narrows_or_widens(
+        ) -> None:
+    """The scroll was rows at the old width: narrowed from 100 to 60 columns, a view ending
+    at paste line 258 ended at 268 (a daily user's day, 2026-11-25)."""
+    conv = Conversation("general")
+    r = Renderer()
+    for i in range(1, 101):  # each wraps to more rows at 40 columns than at 100
+        conv.add_message(msg(i, f"line {i} " + "word " * 12), own=False, mention=False,
+                         shown=True, live=True)
+    visible_lines(conv, r, 100, 10)
+    conv.scroll = 30
+    assert "<Bob> line 70 " in text_of(visible_lines(conv, r, 100, 10)[0])[-1]
+    narrow = text_of(visible_lines(conv, r, 40, 10)[0])
+    assert any("line 70 " in row for row in narrow), narrow
+    wide = text_of(visible_lines(conv, r, 100, 10)[0])
+    assert any("line 70 " in row for row in wide[-2:]), wide
+
+
 def test_older_history_shows_its_topic_changes_and_applies_its_edits() -> None:
     """PgUp's older history left topic changes out (a new user's day)."""
     conv = Conversation("general")
@@ -412,6 +430,11 @@ def test_direct_conversations_have_one_name_for_both_and_show_the_other_person()
     assert dm_name("alice@t.test", "bob@t.test") == "dm:alice@t.test,bob@t.test"
     assert dm_title("dm:alice@t.test,bob@t.test", "alice@t.test") == "@bob"
     assert dm_title("dm:alice@t.test,bob@t.test,carol@t.test", "bob@t.test") == "@alice,@carol"
+    # Another domain's bob is named in full: both were "@bob" in the room list, and
+    # "cannot join @bob" was said of a DM with bob@other.test (a daily user's day, 2026-11-25).
+    assert dm_title("dm:alice@t.test,bob@other.test", "alice@t.test") == "@bob@other.test"
+    assert dm_title("dm:alice@t.test,bob@other.test,tag:ci", "alice@t.test") == (
+        "@bob@other.test,@tag:ci")
     assert kind_of("dm:a@t,b@t") == "dm" and kind_of("+ops") == "private"
     assert kind_of("general") == "room"
 
@@ -588,6 +611,15 @@ def test_join_takes_a_private_room() -> None:
 def test_a_misused_team_command_gets_its_usage(line: str, says: str) -> None:
     p = commands.parse(line)
     assert isinstance(p, commands.Problem) and says in p.text, p
+
+
+def test_a_misused_commands_usage_says_what_it_does_as_help_says_it() -> None:
+    """It said "usage: /delete  (delete your last message here (its text is gone for
+    everyone))" (a daily user, 2026-11-25)."""
+    p = commands.parse("/delete it")
+    assert isinstance(p, commands.Problem)
+    assert p.text == "usage: " + commands.help_text("delete").removesuffix(" (also /del)")
+    assert p.text.count("(") == p.text.count(")") == 1, p.text
 
 
 def test_tab_completes_the_new_commands_and_private_rooms() -> None:
@@ -832,6 +864,11 @@ async def test_a_line_written_before_the_link_broke_is_listed_at_exit_as_maybe_s
     assert app.unsent({})[0] == "#general: written"
     box.sending(written)
     box.refused(written.client_msg_id, for_good=False, not_before=0.0, unsure=True)
+    assert app.unsent({})[0].endswith("(sent, not confirmed: it may have been stored)")
+    # ... and its resend then refused as not stored leaves the first write's "may" standing
+    # (it said "not stored" of a message that may exist: a reliability run, 2026-11-25)
+    box.sending(written)
+    box.refused(written.client_msg_id, for_good=False, not_before=0.0)
     assert app.unsent({})[0].endswith("(sent, not confirmed: it may have been stored)")
     box.retry()
     assert app.unsent({})[-1] == "#general: refused"
@@ -1298,6 +1335,25 @@ async def test_the_status_bar_of_a_search_buffer_ends_with_its_title_not_a_separ
     assert "".join(t for _, t in app.status_bar()).endswith(" │ ?restart │ away: /back")
 
 
+async def test_a_line_for_a_room_typed_in_the_search_buffer_says_how_to_get_back_to_one(
+        ) -> None:
+    """"not in a room: /join ROOM first" was said to a person in #general who was reading a
+    search's results; /who there said "in ?lid: nobody" (a daily user's day, 2026-11-25)."""
+    from tsnetchat.tui import SEARCH
+
+    app = alices_chat_on(Changes())
+    app.conversations[SEARCH] = Conversation(SEARCH, kind="search", title="?lid")
+    app.current = SEARCH
+    for line in ("a message", "/me waves", "/topic new", "/edit fixed", "/who"):
+        app.handle(line)
+        said = app.conversations[SEARCH].entries[-1].text
+        assert said.startswith("this buffer holds a search's results: Alt-1 (or Ctrl-N) "
+                               "shows a room, /leave closes it"), (line, said)
+        assert "not in a room" not in said and "nobody" not in said
+    assert app.input.text == ""  # (the lines kept are the callers': handle says True)
+    assert app.handle("a message") is True
+
+
 async def test_a_terminal_gone_under_a_suspended_chat_is_one_line_in_the_log(
         caplog: pytest.LogCaptureFixture) -> None:
     """A chat stopped with Ctrl-Z whose terminal was then closed logged three tracebacks of
@@ -1321,6 +1377,48 @@ async def test_a_terminal_gone_under_a_suspended_chat_is_one_line_in_the_log(
     assert lines[0].exc_info is None
     assert app.quitting
     assert not any("internal error" in e.text for e in app.system.entries)
+
+
+async def test_a_bug_met_anywhere_in_the_chat_is_said_in_the_one_way_clienterrors_says_it(
+        ) -> None:
+    """A command's bug named the failure; the event loop's and an event's said only its
+    class, each in words of its own (a daily user's day, 2026-11-25)."""
+    from tsnetchat.tui import _on_loop_error, log_path
+
+    app = alices_chat()
+    _on_loop_error(app)(asyncio.get_running_loop(), {"message": "Exception in callback",
+                                                     "exception": KeyError("general")})
+    assert app.system.entries[-1].text == (
+        f"internal error in the client (KeyError: 'general'); see {log_path()}")
+
+
+async def test_a_room_stopped_by_a_bug_is_closed_and_keeps_what_is_typed_for_it() -> None:
+    """It said "#general stopped after an internal error" and went on showing it connected:
+    lines typed there waited, pending, for ever (a daily user's day, 2026-11-25)."""
+    from collections.abc import AsyncIterator
+
+    from tsnetchat.client import RoomSession, SessionEvent
+    from tsnetchat.resume import Phase
+
+    app = alices_chat()
+    conv = app.conversations["general"] = app.conversation_for("general")
+    app.current = "general"
+
+    class Broken(RoomSession):
+        async def events(self) -> AsyncIterator[SessionEvent]:
+            self.state.connected(0.0)  # open, as it was before the bug
+            yield SessionEvent("state")
+            raise RuntimeError("a bug in the session")
+
+    session = app.sessions["general"] = Broken(app.link, "general")
+    await app._pump(conv, session)
+    assert session.state.phase is Phase.FAILED
+    said = conv.entries[-1].text
+    assert said.startswith("#general is closed for good: internal error in the client "
+                           "(RuntimeError: a bug in the session); see "), said
+    assert "/join #general asks for it again" in said
+    assert app.send("typed after it", pb.MESSAGE_KIND_TEXT, "typed after it")  # kept
+    assert not session.outbox.pending
 
 
 async def test_a_pasted_bidi_override_is_said_at_once_and_shown_escaped_in_the_input() -> None:
@@ -1445,3 +1543,25 @@ async def test_ctrl_u_clears_a_pasted_block_before_the_cursor_and_ctrl_y_brings_
         keys.feed(KeyPress(Keys.ControlY))
         keys.process_keys()
     assert app.input.text == "eone\ntwo\nthre"  # nothing lost: Ctrl-Y puts it back
+
+
+def test_enter_on_blank_lines_pasted_clears_them() -> None:
+    """Blank lines pasted (a paste's line ends with nothing between) stayed in the input, and
+    Enter did nothing at all (a review of the unmarked paste, 2026-11-25)."""
+    app = alices_chat()
+    app.input.text = "\n\n"
+    app.submit()
+    assert app.input.text == ""
+    app.input.text = "   "  # (spaces alone stay, as they were: nothing to send, nothing lost)
+    app.submit()
+    assert app.input.text == "   "
+
+
+def test_a_pasted_block_that_begins_with_a_command_is_said_to_be_one_line_too_many() -> None:
+    """"/quit" and "bye" pasted as one block was "unknown command /quit\nbye; did you mean
+    /quit?" (a review of the unmarked paste, 2026-11-25)."""
+    p = commands.parse("/quit\nbye")
+    assert isinstance(p, commands.Problem)
+    assert p.text == "/quit is a command of one line: send it alone (the lines after it stay " \
+        "here to edit)", p.text
+    assert isinstance(commands.parse("/me waves\nand smiles"), commands.Parsed)

@@ -34,7 +34,7 @@ def test_precedence_is_defaults_then_file_then_env_then_flags(tmp_path: Path) ->
 @pytest.mark.parametrize("source,expect", [
     ({"flags": {"port": 70000}}, "--port: 70000 is not a TCP port"),
     ({"flags": {"metrics_port": 99999}}, "--metrics-port: 99999 is not a TCP port (1-65535)"),
-    ({"flags": {"metrics_port": 50051}}, "--metrics-port: must be a free TCP port other than"),
+    ({"flags": {"metrics_port": 50051}}, "--metrics-port: must differ from the server's own"),
     ({"env": {"TSNETCHAT_PORT": "abc"}},
      "TSNETCHAT_PORT: invalid value 'abc' for port: expected a whole number$"),
     ({"env": {"TSNETCHAT_STORE_WAIT": "soon"}},
@@ -123,3 +123,74 @@ def test_a_secret_in_a_config_file_others_may_read_is_named(tmp_path: Path) -> N
     assert load_config(file=f, env={}).secrets_open_to_others() == []
     from_env = load_config(file=None, env={"TSNETCHAT_NATS_PASSWORD": "s3cret"})
     assert from_env.secrets_open_to_others() == []
+
+
+def test_an_operators_command_by_another_user_reads_the_units_state_dir_only_when_unsaid(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A user other than root without server state of their own means the units' server
+    (the systemd test holds the whole of it: tests/test_systemd_units.py); one who named a
+    state dir, or has one, keeps it."""
+    from tsnetchat import config
+
+    units, home = tmp_path / "var-lib-tsnetchat", tmp_path / "state"
+    units.symlink_to(tmp_path / "private")  # (as DynamicUser= makes it)
+    monkeypatch.setattr(config, "SERVICE_STATE_DIR", units)
+    monkeypatch.setattr(config.os, "geteuid", lambda: 1000)
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
+    monkeypatch.setenv("XDG_STATE_HOME", str(home))
+    unsaid = load_config(env={}, flags={})
+    assert config.for_operator(unsaid).state_dir == units
+    said = load_config(env={}, flags={"state_dir": str(tmp_path / "mine")})
+    assert config.for_operator(said).state_dir == tmp_path / "mine"
+    (home / "tsnetchat").mkdir(parents=True)
+    (home / "tsnetchat" / "tsnetchat.db").write_bytes(b"")
+    assert config.for_operator(load_config(env={}, flags={})).state_dir == home / "tsnetchat"
+
+
+def test_a_list_setting_may_be_a_toml_list_of_strings(tmp_path: Path) -> None:
+    """`tags = ["tag:chat"]`, as TOML lists are written, was refused as "expected a string"
+    (an operator's run, 2026-11-25)."""
+    f = tmp_path / "c.toml"
+    f.write_text('tags = ["tag:chat", "tag:bot"]\ncluster = ["nats://a:4222", "nats://b:4222"]\n'
+                 'listen = ["100.64.0.1"]\n')
+    cfg = load_config(file=f, env={})
+    assert cfg.tag_list == ["tag:chat", "tag:bot"] and cfg.tags == "tag:chat,tag:bot"
+    assert cfg.cluster_urls == ["nats://a:4222", "nats://b:4222"]
+    assert cfg.listen == "100.64.0.1"
+    f.write_text("tags = [1]\n")
+    with pytest.raises(ConfigError, match=r'tags: invalid value \[1\] for tags: expected a '
+                                          r'string, or a list of them \(\["a", "b"\]\)'):
+        load_config(file=f, env={})
+
+
+@pytest.mark.parametrize(("source", "says"), [
+    ({"flags": {"metrics_port": 50051}}, "--metrics-port: must differ from the server's own "
+                                         "port (port = 50051)"),
+    ({"flags": {"metrics_port": 7000, "port": 7000}}, "--metrics-port: must differ from the "
+                                                      "server's own port (--port = 7000)"),
+])
+def test_a_metrics_port_that_is_the_servers_names_where_the_servers_came_from(
+        source: dict[str, dict[str, object]], says: str) -> None:
+    """It said "other than --port" when no --port had been given (a newcomer's config,
+    2026-11-25)."""
+    with pytest.raises(ConfigError) as caught:
+        load_config(env={}, **source)  # type: ignore[arg-type]
+    assert str(caught.value) == says
+
+
+@pytest.mark.parametrize(("line", "says"), [
+    ("enroll = true", "enroll: invalid value true for enroll: expected a string: one of off, "
+                      "grant, any"),
+    ("stale_device = false", "stale_device: invalid value false for stale_device: expected a "
+                             "string: one of remove, report"),
+    ("port = true", "port: invalid value true for port: expected a whole number"),
+])
+def test_a_toml_value_of_the_wrong_kind_is_said_as_toml_writes_it_with_the_words_allowed(
+        tmp_path: Path, line: str, says: str) -> None:
+    """`enroll = true` said "invalid value True ... expected a string": Python's spelling,
+    and not which words (a newcomer's config, 2026-11-25)."""
+    f = tmp_path / "c.toml"
+    f.write_text(line + "\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(file=f, env={})
+    assert str(caught.value) == f"{f}: {says}"

@@ -306,3 +306,72 @@ async def test_calls_to_a_method_the_server_does_not_have_count_against_the_refu
     alice = await chat.connect("alice@t")  # (another connection: not affected)
     e = await refused(alice.channel.unary_unary("/x.Y/Z")(b"", timeout=10))
     assert e.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+async def test_a_tailnet_address_refused_past_its_budget_is_refused_unread_on_new_connections(
+        ) -> None:
+    """On a TUN node a connection's source is its device's tailnet address, known before any
+    WhoIs; a junk token costs none, so the device's own budget was never charged, and each
+    new connection had 10 refusals answered at once (650-710 a second from one device
+    over the lab, 2026-11-25). Now the address has the device's budget from the first call;
+    loopback, where userspace mode's connections all come from, has none."""
+    from fakenet import FakeTailnet
+
+    from tsnetchat.errors import LimitExceeded, Unauthenticated
+    from tsnetchat.gate import NODE_REFUSALS, Gate, Policy
+
+    gate = Gate(FakeTailnet(), Policy(key=b"k" * 32, cap_name="example.com/cap/tsnetchat",
+                                      require_grant=False))
+    gate.hold = 0.0
+    junk = (("authorization", "Bearer not.a.token"),)
+
+    async def call(peer: str) -> type[Exception]:
+        try:
+            async with gate.admit(peer, junk, "WhoAmI"):
+                pass
+        except (Unauthenticated, LimitExceeded) as e:
+            return type(e)
+        raise AssertionError("a junk token was admitted")
+
+    burst, _ = NODE_REFUSALS
+    mallory = [await call(f"ipv6:%5B::ffff:100.64.0.5%5D:{40000 + i}") for i in range(burst)]
+    assert set(mallory) == {Unauthenticated}
+    # A new connection from the same address (spelled as IPv4 now) is refused unread...
+    assert await call("ipv4:100.64.0.5:50000") is LimitExceeded
+    # ...another device's is not, nor are new loopback connections (userspace mode).
+    assert await call("ipv4:100.64.0.6:50000") is Unauthenticated
+    loopback = [await call(f"ipv4:127.0.0.1:{40000 + i}") for i in range(burst + 5)]
+    assert set(loopback) == {Unauthenticated}
+
+
+async def test_a_clusters_other_servers_are_refused_as_the_servers_own_node_unless_allowed(
+        ) -> None:
+    """Only the server's own node was refused: a process on chat-server-2 going out through
+    its tailscaled to server 1 was admitted as the node's user, and with enroll = any got a
+    token (an attacker's run, 2026-11-25). The proof over a real cluster is
+    tests/test_cluster_identity.py's; here, the rule as the list of servers changes."""
+    import dataclasses
+
+    from fakenet import FakeTailnet
+
+    from tsnetchat.errors import Unauthenticated
+    from tsnetchat.gate import Gate, Policy
+    from tsnetchat.tailnet import WhoIs
+
+    net = FakeTailnet()
+    net.by_port[40001] = WhoIs(login="chat@t", display_name="chat", node_name="chat-server-2.t",
+                               node_id="server-2", tags=(), addresses=("100.64.0.2",),
+                               cap_map={})
+    policy = Policy(key=b"k" * 32, cap_name="example.com/cap/tsnetchat", require_grant=False)
+    gate = Gate(net, policy)
+    gate.own_node("server-1")
+    addr = "127.0.0.1:40001"
+    assert (await gate.identify(addr)).login == "chat@t"
+    gate.other_servers(["server-1", "server-2", ""])
+    with pytest.raises(Unauthenticated, match="another server of this chat cluster"):
+        await gate.identify(addr)
+    gate.other_servers(["server-1"])  # (server 2 left the list)
+    assert (await gate.identify(addr)).login == "chat@t"
+    gate.other_servers(["server-2"])
+    gate.apply(dataclasses.replace(policy, allow_own_node=True))
+    assert (await gate.identify(addr)).login == "chat@t"

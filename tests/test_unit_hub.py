@@ -460,3 +460,35 @@ async def test_every_reader_gets_every_message_once_and_in_order_whatever_mode_t
     for s, t in tasks.items():
         t.cancel()
         assert got[s] == list(range(first[s], published + 1)), s.login
+
+
+async def test_frames_built_for_readers_once_behind_are_not_kept_past_a_few_frames_worth() -> None:
+    """The frames built for each range of the log a reader took were kept, the 64 newest
+    ranges however big: 64 readers, each once behind at its own place in 256 messages of
+    4 KB, left 35 MB of frames in a room whose readers had all caught up (a review,
+    2026-11-25)."""
+    from tsnetchat.hub import FRAMES_KEPT_BYTES
+
+    def big(i: int) -> Item:
+        return codec.message_item(StoredMessage("r", i, 1000 + i, Sender("a@t", "A", "n"),
+                                                pb.MESSAGE_KIND_TEXT, "x" * 4000, f"c{i}"))
+
+    hub = Hub(SLOW)
+    readers, n = [], 0
+    for i in range(64):  # each at a place of its own
+        readers.append(Subscriber("r", f"u{i}", "t", limit=2048))
+        hub.add(readers[-1])
+        n += 1
+        hub.publish("r", big(n))
+        hub.flush("r")
+    for _ in range(256):
+        n += 1
+        hub.publish("r", big(n))
+    hub.flush("r")
+    for s in readers:
+        got = []
+        while s.backlog():
+            got += ids(s.take()[0])
+        assert got == list(range(readers.index(s) + 1, n + 1))
+    kept = sum(len(f) for frames, _ in hub._rooms["r"]._frames.values() for f in frames)
+    assert kept <= FRAMES_KEPT_BYTES + codec.FRAME_BYTES + 5000

@@ -276,6 +276,27 @@ async def test_when_too_many_messages_wait_for_storage_new_ones_are_refused(
     assert world.history.last_id("general") == 3
 
 
+async def test_edits_deletions_and_topics_together_are_limited_to_edits_per_minute(
+        world: World) -> None:
+    """Each takes a token of its own bucket as it is sent (the message rate, far above,
+    would let them all through)."""
+    world.rules.edits_per_minute = 3
+    world.ledger.apply(world.rules)
+    alice = world.member()
+    world.ledger.send(alice, ALICE, "first", 0, "m")
+    await world.ledger.drain()
+    changes = [("edited", pb.MESSAGE_KIND_EDIT, 1), ("a topic", pb.MESSAGE_KIND_TOPIC, 0),
+               ("", pb.MESSAGE_KIND_DELETE, 1), ("again", pb.MESSAGE_KIND_TOPIC, 0)]
+    sent = [world.ledger.send(alice, ALICE, text, kind, f"c{i}", target=target)
+            for i, (text, kind, target) in enumerate(changes)]
+    await world.ledger.drain()
+    assert sent == [True, True, True, False]
+    ((_, error, cmid, retry_after),) = world.refused
+    assert cmid == "c3" and isinstance(error, LimitExceeded) and retry_after > 0
+    assert "at most 3 edits, deletions and topic changes a minute" in str(error)
+    assert world.history.last_id("general") == 4
+
+
 async def test_a_send_refused_as_busy_or_by_the_edit_or_new_room_limit_uses_no_message_token(
         world: World) -> None:
     """Each took a token of the person's message rate first: refused for something else,
@@ -314,7 +335,7 @@ async def test_sends_the_cluster_did_not_confirm_are_refused_and_said_in_the_log
         await asyncio.sleep(0.05)
     ((_, error, cmid, _),) = world.refused
     assert cmid == "c1" and isinstance(error, Unconfirmed)
-    assert "refusing messages: the cluster did not confirm them in time" in caplog.text
+    assert "refusing messages: they were not confirmed in time (" in caplog.text
 
 
 async def test_a_caller_that_stops_waiting_for_a_flush_loses_nobodys_read_positions(
@@ -410,3 +431,133 @@ async def test_waiting_for_ones_own_read_positions_does_not_walk_everybody_elses
     await world.ledger.written_for("p7@example.com")
     assert await world.history.read_mark("p7@example.com", "general") == 1
     assert await world.history.read_mark("p8@example.com", "general") == 1  # (one batch)
+
+
+async def test_a_message_answered_unconfirmed_is_shown_and_acknowledged_once_stored_after_all(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hung disk's write (SqliteHistory._overdue): its sender is told it may still
+    appear, and the history settles it again when the write returns. Stored, it was shown
+    to nobody: the room's readers went on past its id."""
+    alice, bob = world.member(), world.member("bob@example.com")
+    submit = world.history.submit
+
+    def unsure_first(draft: Any, then: Any) -> None:
+        then(Unconfirmed("the disk is stalled; it may still appear"))
+        if draft.text == "lost":  # (its write failed: the sender was told to send again)
+            then(StoreError("disk I/O error"))
+        else:
+            submit(draft, then)
+
+    monkeypatch.setattr(world.history, "submit", unsure_first)
+    world.ledger.send(alice, ALICE, "held", 0, "k")
+    assert [(r[2], str(r[1])) for r in world.refused] == [
+        ("k", "the disk is stalled; it may still appear")]
+    assert alice.inflight == 0 and events(bob) == []
+    await world.ledger.drain()
+    assert events(bob) == [("message", (1, "held"))]
+    assert events(alice) == [("message", (1, "held")), ("sent", ("k", 1))]
+    world.ledger.send(alice, ALICE, "lost", 0, "l")
+    await world.ledger.drain()
+    assert [r[2] for r in world.refused] == ["k", "l"] and alice.inflight == 0
+    assert events(bob) == [] and events(alice) == []
+
+
+async def test_a_resend_answered_unconfirmed_that_was_stored_already_is_not_shown_again(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hung write returns a duplicate (the first send was stored): the room saw that
+    one, and the sender is answered when it sends again, as it was told to."""
+    alice, bob = world.member(), world.member("bob@example.com")
+    world.ledger.send(alice, ALICE, "once", 0, "k")
+    await world.ledger.drain()
+    assert events(bob) == [("message", (1, "once"))]
+    events(alice)
+    submit = world.history.submit
+
+    def unsure_first(draft: Any, then: Any) -> None:
+        then(Unconfirmed("the disk is stalled; it may still appear"))
+        submit(draft, then)
+
+    monkeypatch.setattr(world.history, "submit", unsure_first)
+    world.ledger.send(alice, ALICE, "once", 0, "k")
+    await world.ledger.drain()
+    assert [r[2] for r in world.refused] == ["k"]
+    assert events(bob) == [] and events(alice) == []
+    monkeypatch.undo()
+    world.ledger.send(alice, ALICE, "once", 0, "k")
+    await world.ledger.drain()
+    assert events(bob) == [] and events(alice) == [("sent", ("k", 1))]
+    assert world.history.last_id("general") == 1
+
+
+async def test_a_read_position_past_the_rooms_newest_message_is_the_newest(
+        world: World) -> None:
+    """Kept as given, it counted the messages still to come as read: unread counts and
+    mentions missed them."""
+    alice = world.member()
+    world.ledger.send(alice, ALICE, "one", 0, "c1")
+    await world.ledger.drain()
+    assert world.ledger.mark_read("bob@example.com", "general", 10**6) == 1
+    await world.ledger.flush_marks()
+    assert await world.history.read_mark("bob@example.com", "general") == 1
+    world.ledger.send(alice, ALICE, "two", 0, "c2")
+    await world.ledger.drain()
+    (state,) = await world.history.unread("bob@example.com", ["general"])
+    assert (state.last_read, state.unread) == (1, 1)
+
+
+async def test_read_positions_whose_write_failed_do_not_undo_one_given_meanwhile(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The batch that failed is kept to be written again, under any position given while
+    it was being written: a reader's position went back to the failed batch's."""
+    alice = world.member()
+    for i in range(7):
+        world.ledger.send(alice, ALICE, f"m{i}", 0, f"c{i}")
+    await world.ledger.drain()
+    write = world.history.mark_read
+
+    async def full_disk_once(marks: Any) -> None:
+        monkeypatch.setattr(world.history, "mark_read", write)
+        world.ledger.mark_read("bob@example.com", "general", 7)  # (read on meanwhile)
+        raise StoreError("database or disk is full")
+
+    monkeypatch.setattr(world.history, "mark_read", full_disk_once)
+    world.ledger.mark_read("bob@example.com", "general", 5)
+    await world.ledger.flush_marks()
+    await world.ledger.flush_marks()
+    assert await world.history.read_mark("bob@example.com", "general") == 7
+
+
+async def test_an_edit_of_an_id_past_sqlites_largest_integer_is_bad_input_and_reaches_no_disk(
+        world: World) -> None:
+    """A uint64 target_id above 2**63 - 1 raised OverflowError on the writer thread."""
+    alice = world.member()
+    for kind in (pb.MESSAGE_KIND_EDIT, pb.MESSAGE_KIND_DELETE):
+        with pytest.raises(InvalidInput, match="is not a message id"):
+            world.ledger.send(alice, ALICE, "x", kind, "c", target=2**63)
+    assert world.history.pending() == 0
+    assert world.ledger.send(alice, ALICE, "x", pb.MESSAGE_KIND_EDIT, "c", target=2**63 - 1)
+    await world.ledger.drain()
+    ((_, error, cmid, _),) = world.refused
+    assert (cmid, str(error)) == ("c", f"there is no message {2**63 - 1} in 'general' to edit")
+
+
+@pytest.mark.parametrize("topic", ["release\n<alice> fake line", "\nrelease", "release\n"])
+async def test_a_topic_of_more_than_one_line_is_bad_input_and_nothing_is_stored(
+        world: World, topic: str) -> None:
+    """A topic is shown on one line (the status bar, ListRooms): a second line there
+    passes for something else."""
+    alice = world.member()
+    with pytest.raises(InvalidInput, match="a topic is one line of printable text"):
+        world.ledger.send(alice, ALICE, topic, pb.MESSAGE_KIND_TOPIC, "t")
+    assert world.history.pending() == 0 and world.refused == []
+
+
+@pytest.mark.parametrize("kind", [pb.MESSAGE_KIND_TEXT, pb.MESSAGE_KIND_ACTION])
+async def test_a_message_naming_a_target_is_bad_input_and_nothing_is_stored(
+        world: World, kind: int) -> None:
+    """Only an edit or a deletion changes another message; a message stored with a
+    target would read as one."""
+    alice = world.member()
+    with pytest.raises(InvalidInput, match="target_id is only for edits and deletions"):
+        world.ledger.send(alice, ALICE, "hello", kind, "c", target=1)
+    assert world.history.pending() == 0 and world.refused == []

@@ -46,6 +46,23 @@ def test_retention_keeps_ids_increasing_and_never_reused(tmp_path: Path) -> None
     s.close()
 
 
+def test_a_room_whose_every_message_retention_deleted_goes_on_from_its_last_id_reopened(
+        tmp_path: Path) -> None:
+    """The room's high-water mark is written with the deletion. Without it, a reopened store
+    counts from the mark its first message left and gives ids 2, 3... again, which resuming
+    readers have shown already (a mutant that skipped it passed every in-process test,
+    2026-11-25)."""
+    s = Store(tmp_path / "db")
+    for i in range(5):
+        s.append("r", A, 1, f"m{i}", now_ms=1000 * i)
+    assert s.prune(keep_count=0, keep_days=1, now=10**6) == 5
+    s.close()
+    s = Store(tmp_path / "db")
+    assert s.last_id("r") == 5
+    assert s.append("r", A, 1, "next")[0].id == 6
+    s.close()
+
+
 def test_retention_in_steps_deletes_the_same_as_at_once(tmp_path: Path) -> None:
     s = Store(tmp_path / "db")
     for i in range(50):
@@ -810,3 +827,52 @@ async def test_a_lone_message_of_several_statements_is_stored_whole_or_not_at_al
         assert [tuple(r) for r in stored] == [(1, "first")]
     finally:
         await h.close()
+
+
+async def test_the_history_counts_its_commits_and_the_messages_they_held(
+        tmp_path: Path) -> None:
+    """What group commit gathers, for the metrics: 21 messages waiting for a lock another
+    process holds are written in one or two commits (the first may be taken alone)."""
+    h = await SqliteHistory.open(tmp_path / "db")
+    h.submit(Draft("r", A, 1, "first", "k"), lambda outcome: None)
+    await h.drain()
+    assert (h.commits, h.committed) == (1, 1)
+    async with write_lock_held(tmp_path / "db") as lock:
+        for i in range(21):
+            h.submit(Draft("r", A, 1, f"m{i}", f"k{i}"), lambda outcome: None)
+        await until(lambda: h.pending() == 21, "the messages wait for the lock")
+        await lock.release()
+        await h.drain()
+    assert h.committed == 22 and h.commits in (2, 3), (h.commits, h.committed)
+    await h.close()
+
+
+def test_retention_takes_the_mentions_of_what_it_deletes_with_it(tmp_path: Path) -> None:
+    """An unread mention count is read from the mentions alone: one left behind counted a
+    message nobody can read any more."""
+    s = Store(tmp_path / "db")
+    s.write([Draft("r", A, 1, "b: old news", "", 0, ("b@example.com",))], now_ms=1000)
+    s.append("r", A, 1, "new", now_ms=10**9)
+    assert s.prune(keep_count=1, keep_days=0) == 1
+    (state,) = s.unread("b@example.com", ["r"])
+    assert (state.unread, state.mentions) == (1, 0)
+    s.close()
+
+
+def test_creating_a_private_room_that_exists_is_bad_input_and_changes_nothing(
+        tmp_path: Path) -> None:
+    s = Store(tmp_path / "db")
+    assert s.set_members("+ops", "root", ["a@example.com"], [], create=True) == {"a@example.com"}
+    with pytest.raises(InvalidInput, match="private room '\\+ops' already exists"):
+        s.set_members("+ops", "mallory", ["m@example.com"], [], create=True)
+    assert s.private_rooms() == {"+ops": frozenset({"a@example.com"})}
+    s.close()
+
+
+def test_a_search_until_a_time_leaves_out_what_was_sent_at_that_time(tmp_path: Path) -> None:
+    s = Store(tmp_path / "db")
+    for i in range(3):
+        s.append("r", A, 1, f"heron {i}", now_ms=1000 * (i + 1))
+    found = s.search("heron", ["r"], since_ms=1000, until_ms=3000, newest=True)
+    assert [m.text for m in found] == ["heron 1", "heron 0"]
+    s.close()

@@ -38,6 +38,10 @@ from tsnetchat.tailnet import Change, parse_notice  # noqa: E402
     ({"Version": "1.102.3"}, None),
     ({"PeerChangedPatch": [{"NodeID": 3, "Online": True}]}, None),
     ({"SelfChange": {"ID": 1}}, Change(everything=True)),
+    # Our own node, registered again: the gate refuses its new id as the server's own too.
+    ({"SelfChange": {"ID": 7, "StableID": "n7"}}, Change(everything=True, self_node="n7")),
+    ({"NetMap": {"SelfNode": {"StableID": "n7"}}}, Change(everything=True, self_node="n7")),
+    ({"NetMap": ["not", "a", "netmap"]}, Change(everything=True)),
     ({"State": 6}, Change(everything=True)),
     ({"PeersRemoved": [3]}, Change(everything=True)),
     ({"UserProfiles": {"1": {"LoginName": "a"}}}, Change(everything=True)),

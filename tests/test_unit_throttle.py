@@ -86,3 +86,23 @@ async def test_the_coalescer_lets_a_persons_held_topics_out_in_turn_on_one_timer
     await asyncio.sleep(0.7)  # 20 tokens at 50 a second
     assert said == ["r0 in", "r1 out", *[f"r{i} in" for i in range(2, 21)]] and len(c) == 0
     assert runs <= 25, runs  # about one turn each, not one per topic per turn
+
+
+async def test_what_the_coalescer_holds_can_be_withdrawn_unsaid() -> None:
+    """A person who opened a room and left it before their coming was said has nothing to
+    say there: held, their coming and then their going stayed, one per room, let out one a
+    second (501 held after 576 Joins into new rooms in 10 s; a review, 2026-11-25)."""
+    said: list[str] = []
+    c: Coalescer[str] = Coalescer(1, 50.0, said.append)
+    assert c.offer("mallory", "r0", "r0 in")
+    assert not c.offer("mallory", "r1", "r1 in") and not c.offer("mallory", "r2", "r2 in")
+    c.withdraw("mallory", "r1")
+    c.withdraw("mallory", "r9")  # (nothing held there: nothing to do)
+    c.withdraw("bob", "r1")
+    assert len(c) == 1
+    c.withdraw("mallory", "r2")
+    assert len(c) == 0
+    await asyncio.sleep(0.1)  # (her timer comes and finds nothing)
+    assert said == ["r0 in"]
+    assert c.offer("mallory", "r3", "r3 in")  # (her bucket refilled: said at once)
+    assert said == ["r0 in", "r3 in"] and len(c) == 0

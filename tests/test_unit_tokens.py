@@ -13,12 +13,14 @@ from typing import Any
 import pytest
 
 from tsnetchat.discovery import ServerNode
-from tsnetchat.errors import ConfigError, InvalidInput, Unauthenticated
+from tsnetchat.errors import ConfigError, InvalidInput, TailnetError, Unauthenticated
+from tsnetchat.pb import chat_pb2 as pb
 from tsnetchat.tokens import (
     DEAD_FOR,
     Entry,
     Renewal,
     TokenStore,
+    _check_server,
     explicit_token,
     outlived,
     save_admin_token,
@@ -85,6 +87,31 @@ def test_a_stored_token_is_found_by_node_id_or_by_address_not_by_the_name_typed(
     assert store.find(moved, "chat") is not None
 
 
+def test_a_stored_token_is_offered_to_no_other_node_though_it_has_the_servers_address(
+        tmp_path: Path) -> None:
+    """The node id decides where both sides know one: a device that got the server's old
+    address after the server left the tailnet must not be handed its token. Without ids,
+    only a shared address finds it."""
+    store = TokenStore(tmp_path / "tokens.json")
+    store.put(entry())
+    impostor = replace(SERVER, node_id="nIMPOSTOR")
+    assert store.find(impostor, "chat-server") is None
+    elsewhere = ServerNode(short_name="chat-server", dns_name="", ips=("100.64.0.7",))
+    assert store.find(elsewhere, "chat-server") is None
+
+
+def test_a_token_kept_for_the_servers_port_comes_before_one_kept_for_any_port(
+        tmp_path: Path) -> None:
+    """(``TokenStore.find``: a token for no port in particular, kept after the port's own,
+    is the other ports' and must not take the place of the one kept for this port.)"""
+    store = TokenStore(tmp_path / "tokens.json")
+    store.put(entry("team", port=50051))
+    store.put(entry("any port"))
+    assert sorted((e.token, e.port) for e in store.read()[0]) == [
+        ("any port", 0), ("team", 50051)]
+    assert (kept_for(store, 50051), kept_for(store, 50052)) == ("team", "any port")
+
+
 def test_keeping_a_token_replaces_the_one_for_the_same_node_only(tmp_path: Path) -> None:
     store = TokenStore(tmp_path / "tokens.json")
     store.put(entry("first"))
@@ -142,6 +169,36 @@ def test_a_token_file_others_can_read_is_refused(tmp_path: Path) -> None:
     store.path.write_text("{garbage")  # (said to "hold tokens" too: a newcomer, 2026-11-24)
     with pytest.raises(ConfigError, match="is where your tokens are kept, and others can"):
         store.read()
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o620, 0o610, 0o604, 0o602, 0o601])
+def test_a_token_file_any_bit_of_the_group_or_others_has_is_refused(tmp_path: Path,
+                                                                    mode: int) -> None:
+    store = TokenStore(tmp_path / "tokens.json")
+    store.put(entry())
+    os.chmod(store.path, mode)
+    with pytest.raises(ConfigError, match=f"others can read it \\(mode {mode:04o}\\)"):
+        store.read()
+
+
+@pytest.mark.parametrize(("found", "claimed", "ip", "kept"), [
+    ("nA", ("nA", ["100.64.0.1"]), "100.64.0.1", True),
+    ("nA", ("nB", ["100.64.0.1"]), "100.64.0.1", False),  # tailscale knows better
+    ("nA", ("", []), "100.64.0.1", True),  # (an older server says nothing)
+    ("", ("nB", ["100.64.0.1", "fd7a::1"]), "100.64.0.1", True),
+    ("", ("nB", ["100.64.0.2"]), "100.64.0.1", False),  # not the address dialled
+])
+def test_a_login_keeps_a_token_only_from_the_server_tailscale_says_it_dialled(
+        found: str, claimed: tuple[str, list[str]], ip: str, kept: bool) -> None:
+    """(``tokens._check_server``: a server's word about its node must agree with
+    tailscale's, else its token is kept for a node it is not.)"""
+    node = replace(SERVER, node_id=found)
+    says = pb.ServerNode(node_id=claimed[0], addresses=claimed[1])
+    if kept:
+        _check_server(node, says, ip)
+    else:
+        with pytest.raises(TailnetError, match="not keeping its token"):
+            _check_server(node, says, ip)
 
 
 def test_an_admin_token_is_kept_with_its_expiry_and_is_not_renewable(tmp_path: Path) -> None:

@@ -140,14 +140,15 @@ def is_token_room(name: str) -> bool:
     return name == ALL_ROOMS or ROOM_RE.fullmatch(name) is not None
 
 
-def _valid_subject(subject: object) -> bool:
+def valid_subject(subject: object) -> bool:
+    """Whether ``subject`` may be a token's: a tailnet login or tag, shown safely."""
     return (isinstance(subject, str) and 0 < len(subject) <= MAX_LOGIN
             and render.UNSAFE.search(subject) is None and not any(c.isspace() for c in subject)
             and not render.is_blank(subject))
 
 
 def validate_subject(subject: str) -> None:
-    if not _valid_subject(subject):
+    if not valid_subject(subject):
         raise ConfigError(f"invalid token subject {subject!r}: use a tailnet login "
                           "(alice@example.com) or a tag (tag:bot)")
 
@@ -247,7 +248,7 @@ def verify_token(key: bytes, token: str, *, now: float | None = None) -> Claims:
         raise _refuse("the token is not valid yet (nbf or iat in the future; check the "
                       "clocks)")
     sub, jti, rooms, admin = payload["sub"], payload["jti"], payload["rooms"], payload["admin"]
-    if not _valid_subject(sub):
+    if not valid_subject(sub):
         raise _refuse("the token's subject is not a tailnet login or tag")
     if not isinstance(jti, str) or not 0 < len(jti) <= MAX_TOKEN_ID:
         raise _refuse("the token's id (jti) is not a short string")

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import re
@@ -28,7 +29,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import StoreError
+from .errors import ConfigError, StoreDamaged, StoreError
 from .statedir import (
     LOCK_NAME,
     StateLock,
@@ -57,10 +58,11 @@ class Summary:
 
 
 def backup(db: Path, dest: Path) -> Summary:
-    """Copy the live database ``db`` to ``dest`` (replaced if it exists). Raises StoreError."""
+    """Copy the live database ``db`` to ``dest`` (replaced if it exists). Raises StoreError;
+    ConfigError when there is no history at ``db`` (``no_history``)."""
     why = no_history(db)
     if why:
-        raise StoreError(why)
+        raise ConfigError(why)
     if dest.is_dir():
         example = dest / db.name
         if _in_state_dir(db, example):  # (the state dir: it named the live database)
@@ -90,6 +92,10 @@ def backup(db: Path, dest: Path) -> Summary:
                 src = Store(db, readonly=True)
                 try:
                     src.copy_to(tmp)
+                except StoreDamaged:
+                    raise
+                except StoreError as e:
+                    raise _not_written(db, dest, e) from e
                 finally:
                     src.close()
                 summary = inspect(tmp)
@@ -102,6 +108,38 @@ def backup(db: Path, dest: Path) -> Summary:
     except OSError as e:
         raise StoreError(f"cannot write the backup {dest}: {e.strerror}") from e
     return Summary(dest, summary.messages, summary.rooms, summary.identity)
+
+
+def _not_written(db: Path, dest: Path, e: StoreError) -> StoreError:
+    """``Store.copy_to``'s error, said of the backup ``dest`` rather than of its partial copy
+    (which is gone by then), with what a full disk needs. (On a full disk it said "cannot copy
+    ... to .../.b.db.partial: database or disk is full", and no hint of the space: the hint
+    was worked out once the partial copy was removed; an operator's run, 2026-11-25.)"""
+    cause = e.__cause__
+    kept = "; the backup there before is kept" if dest.exists() else ""
+    full = (isinstance(cause, sqlite3.Error)
+            and getattr(cause, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_FULL) or (
+        isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT))
+    if full:
+        with contextlib.suppress(OSError):
+            free = shutil.disk_usage(dest.parent).free
+            size = sum(p.stat().st_size for p in with_sides(db)[:2] if p.exists())
+            words = cause.strerror if isinstance(cause, OSError) else str(cause)
+            return StoreError(
+                f"cannot write the backup {dest}: {words} (the disk holding {dest.parent} has "
+                f"{_mib(free)} free; a copy of the history needs up to {_mib(size)}); nothing "
+                f"was written{kept}. Free space there, or give a file on another disk")
+    if isinstance(cause, OSError):
+        return StoreError(f"cannot write the backup {dest}: {cause.strerror or cause}; nothing "
+                          f"was written{kept}")
+    if isinstance(cause, sqlite3.Error):
+        return StoreError(f"cannot copy the history database {db} to the backup {dest}: "
+                          f"{cause}; nothing was written{kept}")
+    return e
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
 
 
 @contextlib.contextmanager
@@ -141,7 +179,10 @@ def no_history(db: Path) -> str:
     """Why there is no history to read at ``db``, in words; "" when there is one. Raises
     ConfigError (``check_own_files``) when something else stands where it should be (a FIFO
     or a dangling link was said to be no history). `backup` and the token commands
-    (``cli._existing_store``) both ask here: each said it in words of its own."""
+    (``cli._existing_store``) both ask here: each said it in words of its own. Both raise
+    ConfigError with it (exit 3): a state dir without a history is a wrong --state-dir or
+    config, as one without a key is to `token rotate-key` (backup said it with exit 8, the
+    token commands with 3: the left-over of two operators' runs, 2026-11-25)."""
     if db.is_file():
         return ""
     if os.path.lexists(db):

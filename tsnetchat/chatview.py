@@ -155,9 +155,13 @@ def kind_of(name: str) -> str:
 
 def dm_title(name: str, me: str) -> str:
     """A direct conversation as the room list shows it: ``@bob`` (the others' short
-    logins), from its canonical name ``dm:alice@x,bob@x``."""
+    logins), from its canonical name ``dm:alice@x,bob@x``; a login at another domain than
+    ``me``'s in full, as ``person_login`` reads it back (``@bob@y``: two bobs of two
+    domains were both ``@bob``)."""
     others = [x for x in name[3:].split(",") if x and x != me] or [me]
-    return ",".join("@" + render.name(x.split("@")[0]) for x in others)
+    domain = "@" + me.partition("@")[2]
+    return ",".join("@" + render.name(x.removesuffix(domain) if "@" in me else x)
+                    for x in others)
 
 
 def person_login(word: str, me: str, known: Iterable[pb.Identity]) -> str:
@@ -524,12 +528,34 @@ def _outgoing_lines(renderer: Renderer, width: int, outgoing: Sequence[Outgoing]
         me is not None) else []
 
 
+def _same_place(conv: Conversation, renderer: Renderer, old: int, new: int,
+                outgoing: Sequence[Outgoing], me: pb.Identity | None) -> int:
+    """``conv.scroll``, rows at width ``old``, as rows at width ``new`` that keep the entry
+    at the bottom of the view there (and as far into it). Kept as rows, a scrolled view
+    narrowed from 100 to 60 columns moved ten messages down, and widened it moved up (a
+    daily user's day, 2026-11-25)."""
+    below_old = len(_outgoing_lines(renderer, old, outgoing, me))
+    below_new = len(_outgoing_lines(renderer, new, outgoing, me))
+    if conv.scroll < below_old:  # (in what is on its way: those rows are few)
+        return min(conv.scroll, below_new)
+    for (_, at_old), (_, at_new) in zip(_blocks(conv, renderer, old),
+                                        _blocks(conv, renderer, new), strict=True):
+        if below_old + len(at_old) > conv.scroll:
+            into = (conv.scroll - below_old) / len(at_old)
+            return below_new + round(into * len(at_new))
+        below_old += len(at_old)
+        below_new += len(at_new)
+    return below_new  # (above everything loaded: visible_lines clamps it)
+
+
 def visible_lines(conv: Conversation, renderer: Renderer, width: int, height: int,
                   outgoing: Sequence[Outgoing] = (), me: pb.Identity | None = None
                   ) -> tuple[list[Line], bool]:
     """The ``height`` lines of ``conv`` to draw at ``width``, scrolled ``conv.scroll`` lines
     up from the bottom (clamped to what is loaded). Day separators and the unread marker are
     placed here. Returns the lines, and whether the oldest loaded line is on screen."""
+    if conv.scroll and width != conv.width:
+        conv.scroll = _same_place(conv, renderer, conv.width, width, outgoing, me)
     conv.width = width
     want = height + conv.scroll
     lines = _outgoing_lines(renderer, width, outgoing, me)

@@ -1,10 +1,12 @@
 """The `tsnetchat` command. Parses options and calls one function per command. The one loop
 here is `tail`'s: it follows a room across reconnects (a feed, not a chat session).
 
-Exit codes (for scripts): 0 ok, 1 error, 2 usage, 3 configuration, 4 tailnet (tailscaled not
+Exit codes (for scripts): 0 ok, 1 error, 2 usage, 3 configuration (also a state dir that
+holds no history or no key: the wrong --state-dir or config), 4 tailnet (tailscaled not
 running, no such peer), 5 unauthenticated, 6 permission denied, 7 server unavailable,
-8 history database (missing, empty, not tsnetchat's, from a newer tsnetchat, damaged, the
-disk full), 9 the state dir is in use (`restore` under a running server).
+8 history database or backup file (a database there but empty, not tsnetchat's, from a newer
+tsnetchat, damaged, the disk full; a backup file missing, or one of those, or where `backup`
+may not write), 9 the state dir is in use (`restore` under a running server).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typer.core import TyperGroup
 
 from . import __version__
 from .commands import room_option
-from .config import CLUSTER_DB, DEFAULT_PORT, ServerConfig, load_config
+from .config import CLUSTER_DB, DEFAULT_PORT, ServerConfig, for_operator, load_config
 from .errors import (
     ConfigError,
     InvalidInput,
@@ -172,6 +174,11 @@ def _server_config(config: Path | None, **flags: Any) -> ServerConfig:
         raise fail(e) from None
 
 
+def _operator_config(config: Path | None, **flags: Any) -> ServerConfig:
+    """The config of a command that works on a server's state (config.for_operator)."""
+    return for_operator(_server_config(config, **flags))
+
+
 @app.command()
 def serve(
     config: ConfigOpt = None,
@@ -307,7 +314,7 @@ def token_issue(
             raise fail(InvalidInput(f"--room: {r[:80]!r} is not a valid room name (a-z, 0-9, "
                                     "_ and -, at most 32); no token was issued"))
     ttl_seconds = _parse_ttl(ttl) if ttl is not None else None  # (--ttl "" is no lifetime)
-    cfg = _server_config(config, state_dir=state_dir)
+    cfg = _operator_config(config, state_dir=state_dir)
     seconds = cfg.token_ttl_hours * 3600 if ttl_seconds is None else ttl_seconds
     _cluster_blind(cfg)
     new_key = not cfg.key_path.exists()
@@ -355,7 +362,7 @@ def token_issue(
 def token_list(config: ConfigOpt = None, state_dir: StateOpt = None,
                json_out: Annotated[bool, typer.Option("--json")] = False) -> None:
     """List issued tokens (ids, subjects, rooms, expiry, revocation)."""
-    cfg = _server_config(config, state_dir=state_dir)
+    cfg = _operator_config(config, state_dir=state_dir)
     store = _existing_store(cfg)
     try:
         rows = store.list_tokens()
@@ -395,7 +402,7 @@ def token_list(config: ConfigOpt = None, state_dir: StateOpt = None,
 @token_app.command("revoke")
 def token_revoke(token_id: str, config: ConfigOpt = None, state_dir: StateOpt = None) -> None:
     """Revoke a token; a running server closes its streams within a second."""
-    cfg = _server_config(config, state_dir=state_dir)
+    cfg = _operator_config(config, state_dir=state_dir)
     token_id = token_id.strip()
     if not token_id:
         raise fail(InvalidInput("give the id of the token to revoke (`tsnetchat token list` "
@@ -428,7 +435,7 @@ def token_rotate_key(config: ConfigOpt = None, state_dir: StateOpt = None) -> No
     from . import auth
     from .statedir import running_server
 
-    cfg = _server_config(config, state_dir=state_dir)
+    cfg = _operator_config(config, state_dir=state_dir)
     _cluster_blind(cfg)
     if cfg.cluster and running_server(cfg.state_dir) is None:
         raise fail(ConfigError(
@@ -436,6 +443,14 @@ def token_rotate_key(config: ConfigOpt = None, state_dir: StateOpt = None) -> No
             "would share a new key with the cluster (a server adopts the cluster's key when "
             "it starts, undoing a rotation made while it was stopped). Run `tsnetchat token "
             "rotate-key` on a machine where a server of the cluster is running"))
+    if os.path.lexists(cfg.key_path) and not cfg.key_path.is_symlink() and (
+            not cfg.key_path.is_file()):
+        # (a directory there was "there is no signing key ... is --state-dir the server's?":
+        # an operator's run, 2026-11-25)
+        raise fail(ConfigError(
+            f"the token signing key {cfg.key_path} is not a regular file; remove it (the next "
+            "start makes a new key, and every token must be issued again); nothing was "
+            "rotated"))
     if not cfg.key_path.is_file():
         raise fail(ConfigError(
             f"there is no signing key at {cfg.key_path}, so nothing to rotate (is --state-dir "
@@ -466,7 +481,11 @@ def backup_cmd(
     also while the server runs (never `cp` a live database)."""
     from .backup import backup
 
-    cfg = _server_config(config, state_dir=state_dir)
+    if str(file) == "-":  # (it wrote a file named "-", and `backup - | gzip` got nothing)
+        raise fail(InvalidInput("backup writes a file, not standard output (SQLite copies the "
+                                "history into a file): give its name, e.g. "
+                                "/var/backups/tsnetchat.db"))
+    cfg = _operator_config(config, state_dir=state_dir)
     _cluster_blind(cfg)
     stopped_by: list[int] = []
 
@@ -499,7 +518,7 @@ def restore_cmd(
     cluster server: its history is the cluster's NATS stream."""
     from .backup import restore
 
-    cfg = _server_config(config, state_dir=state_dir)
+    cfg = _operator_config(config, state_dir=state_dir)
     if cfg.cluster or _cluster_unsaid(cfg):
         # (It put the backup in place of cluster.db and said clients start over from it: the
         # server made its copy from the stream again, and nothing changed for anyone; a
@@ -1024,13 +1043,34 @@ def doctor(
              "how it is dialled, the token, and whether it answers.")] = None,
     token: TokenOpt = None, token_file: TokenFileOpt = None, proxy: ProxyOpt = None,
     state_dir: StateOpt = None,
-    port: Annotated[int | None, typer.Option()] = None,
+    port: Annotated[int | None, typer.Option(
+        help="With --server, that server's port (default 50051, or TSNETCHAT_PORT); "
+             "without, this server's (default: its config's).")] = None,
     api: Annotated[bool, typer.Option(
         "--api", help="Also ask Tailscale's API about this server's device and policy.")] = False,
+    embedded: Annotated[bool | None, typer.Option(
+        "--embedded/--system-tailscaled",
+        help="The server runs its own tailscaled (serve --embedded, tsnetchat-embedded): check "
+             "that one.")] = None,
 ) -> None:
     """Check this node and explain what is wrong, one line per check."""
     if server is not None and not server.strip():
         raise fail(InvalidInput("--server: give the server's name (e.g. chat-server)"))
+    # Each check reads only its own flags: those of the other were passed over without a
+    # word (`doctor --server chat-server --api` asked no API; `doctor --token-file F`
+    # checked no token: an operator's run, 2026-11-25).
+    other = ([f for f, v in (("--api", api), ("--state-dir", state_dir), ("--config", config),
+                             ("--embedded", embedded)) if v] if server else
+             [f for f, v in (("--token", token), ("--token-file", token_file),
+                             ("--proxy", proxy)) if v is not None])
+    if other and server:
+        raise fail(InvalidInput(
+            f"{other[0]} is for checking this machine's own server (`sudo tsnetchat doctor "
+            f"{other[0]} ...`); with --server, doctor checks the way from here to that server"))
+    if other:
+        raise fail(InvalidInput(
+            f"{other[0]} is for checking a server from a client (`tsnetchat doctor --server "
+            f"NAME {other[0]} ...`); without --server, doctor checks this machine's own server"))
     if server:
         from .doctor import run_client_doctor
 
@@ -1047,7 +1087,8 @@ def doctor(
 
     # (a client-only install was told only what to install; a newcomer, 2026-11-24)
     _need_server("; to check this machine as a client, `tsnetchat doctor --server NAME`")
-    cfg = _server_config(config, socket=socket, state_dir=state_dir, port=port)
+    cfg = _operator_config(config, socket=socket, state_dir=state_dir, port=port,
+                           embedded=embedded)
     ok = run(run_doctor(cfg, with_api=api))
     raise typer.Exit(0 if ok else 1)
 
@@ -1058,7 +1099,7 @@ def install_systemd(
     dest: Annotated[Path, typer.Option(help="Unit directory.")] = Path("/etc/systemd/system"),
 ) -> None:
     """Install the shipped systemd unit (then: systemctl daemon-reload && enable --now)."""
-    from .systemd import install_unit
+    from .systemd import AUTHKEY, install_unit
 
     try:
         path, warning = install_unit(dest, embedded=embedded)
@@ -1068,8 +1109,15 @@ def install_systemd(
     if warning:  # (written all the same: a newcomer, 2026-11-24)
         typer.echo(f"warning: {warning}", err=True)
     if embedded:
-        typer.echo("the auth key: /etc/tsnetchat/authkey (mode 0600; read through the "
-                   "credential 'authkey'), or an OAuth client (see README, Operations)")
+        typer.echo(f"the auth key: {AUTHKEY} (mode 0600; read through the credential "
+                   "'authkey'), or an OAuth client (see README, Operations)")
+    if embedded and not os.path.lexists(AUTHKEY):
+        # (without it systemd said only "Failed to set up credentials: Protocol error",
+        # status 243/CREDENTIALS: an operator's run in the systemd container, 2026-11-25)
+        typer.echo(f"warning: {AUTHKEY} does not exist yet, and the unit does not start "
+                   "without it (systemd: status=243/CREDENTIALS): put an auth key "
+                   f"(tskey-auth-...) or an OAuth client's secret in it first: sudo install "
+                   f"-D -m 600 /dev/stdin {AUTHKEY}", err=True)
     typer.echo(f"next: systemctl daemon-reload && systemctl enable --now {path.name}")
 
 

@@ -458,6 +458,26 @@ TOKEN_POLL = 1.0
 # restart, its hello's write waiting on the call for ever (a kill -9 run, 2026-11-24). The
 # server gives a hello 10 s (service.HELLO_TIMEOUT).
 OPEN_WITHIN = 20.0
+# An open stream notes the time every ALIVE_EVERY seconds (``RoomSession._alive_at``), and a
+# reconnect's outage counts from the last note: a chat that was not running (kill -STOP, a
+# laptop asleep) sees its connection lost only once it runs again, and counted from then,
+# 60 s stopped said "reconnected after 0.4s" (a daily user's day, 2026-11-25). A note later
+# than ALIVE_LATE past its time means the chat was not running: the notes stop for
+# ALIVE_HELD, longer than a lost connection takes to be seen (discovery.CHANNEL_OPTIONS'
+# keepalive: a PING 10 s after the last, answered within 5 s), so that a loss seen then
+# counts from before the gap (the first note after SIGCONT ran before the read that saw the
+# loss, and it said 0.6s).
+ALIVE_EVERY = 1.0
+ALIVE_LATE = 2.0
+ALIVE_HELD = 20.0
+
+
+def awake_clock() -> float:
+    """Seconds on a clock that goes on while the machine sleeps (CLOCK_BOOTTIME, Linux), so
+    that a laptop's suspend is part of an outage; ``time.monotonic`` where there is none
+    (it stops then on Linux)."""
+    boot = getattr(time, "CLOCK_BOOTTIME", None)
+    return time.clock_gettime(boot) if boot is not None else time.monotonic()
 
 
 async def _close_quietly(conn: Connection) -> None:
@@ -618,6 +638,7 @@ class RoomSession:
         self._read_to = 0  # the newest message the person has seen (Ack: read position)
         self._acked_to = 0  # ... as last told to the server on this stream
         self._away: pb.Away | None = None  # /away or /back, until written on a stream
+        self._alive_at: float | None = None  # awake_clock() last noted on an open stream
 
     @property
     def last_id(self) -> int | None:
@@ -819,6 +840,7 @@ class RoomSession:
         self._call = call
         self._acked_to = 0
         sender: asyncio.Task[None] | None = None
+        alive: asyncio.Task[None] | None = None
         try:
             opening = asyncio.get_running_loop().time() + OPEN_WITHIN
             if not self.read_only:
@@ -843,10 +865,12 @@ class RoomSession:
                     self._welcomed(ev.welcome)
                     yield SessionEvent("welcome", welcome=ev.welcome)
                     yield self._connected()
+                    alive = asyncio.create_task(self._note_alive())
                     sender = asyncio.create_task(self._send_loop(call))
                     continue
                 if self.read_only and self.state.phase is not Phase.CONNECTED:
                     yield self._connected()  # Subscribe has no welcome
+                    alive = asyncio.create_task(self._note_alive())
                 for e in self._handle(ev):
                     yield e
                 if self._start_over:
@@ -854,6 +878,8 @@ class RoomSession:
         finally:
             if sender is not None:
                 sender.cancel()
+            if alive is not None:
+                alive.cancel()
             call.cancel()
             self._call = None
 
@@ -894,7 +920,26 @@ class RoomSession:
                             f"{why}; showing #{self.room} from what the server has")
 
     def _connected(self) -> SessionEvent:
-        return SessionEvent("state", seconds=self.state.connected(time.monotonic()))
+        """The stream is open: the outage it ends, if any, counted from the last time this
+        process noted the stream open (``ALIVE_EVERY``), whether it ran meanwhile or not."""
+        outage = self.state.connected(time.monotonic())
+        if outage is not None and self._alive_at is not None:
+            outage = max(outage, awake_clock() - self._alive_at)
+        return SessionEvent("state", seconds=outage)
+
+    async def _note_alive(self) -> None:
+        """Note the time every ALIVE_EVERY seconds while the stream is open, except for
+        ALIVE_HELD after a gap in the notes (the process was not running)."""
+        last = self._alive_at = awake_clock()
+        held_until = 0.0
+        while True:
+            await asyncio.sleep(ALIVE_EVERY)
+            now = awake_clock()
+            if now - last > ALIVE_EVERY + ALIVE_LATE:
+                held_until = now + ALIVE_HELD
+            if now >= held_until:
+                self._alive_at = now
+            last = now
 
     def _handle(self, ev: pb.ServerEvent) -> list[SessionEvent]:
         which = ev.WhichOneof("event")

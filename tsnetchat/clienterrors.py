@@ -14,6 +14,9 @@ message or Python's text for an exception. ``client.Connection`` itself stays th
                              failed (not the server's answer); ``exit_code`` for the CLI;
                              ``retry_after``: the server's "not before" in seconds
 
+A failure nothing here names is a bug: ``ClientError.bug``, and on the chat's screen the
+words of ``internal``, wherever it was caught.
+
 ``refusal`` classifies an error event the server sends about one message (the stream stays
 open): a rate refusal or a failed commit means "wait and send it again"; anything else
 means "refused for good".
@@ -78,8 +81,10 @@ class Where(Protocol):
 # the server chose (whose details are a sentence meant for people).
 # "Internal error from Core": grpc.aio's word for a write on a stream whose connection or
 # call had just ended, in place of the real status (grpc/grpc#36066): a reconnect learns it.
+# "ping timeout": its keepalive PING unanswered (grpc.http2.ping_timeout_ms; `tail` printed
+# "connection lost: ping timeout", grpcio 1.85.3, 2026-11-25).
 _TRANSPORT = re.compile(r"failed to connect|socket closed|connection reset|connection refused|"
-                        r"broken pipe|http proxy|dns resolution|keepalive|goaway|"
+                        r"broken pipe|http proxy|dns resolution|keepalive|ping timeout|goaway|"
                         r"end of tcp stream|stream removed|connection attempt timed out|"
                         r"too_many_pings|handshake|unreachable|internal error from core", re.I)
 _NOTHING_LISTENS = re.compile(r"http proxy returned response code|connection refused|"
@@ -194,9 +199,20 @@ def translate(e: BaseException, where: Where | None = None, *, server: str = "",
     if isinstance(e, OSError):
         return ClientError(f"cannot reach {name}: {e.strerror or e}", retryable=True,
                            exit_code=EXIT_UNAVAILABLE, transport=True)
-    return ClientError(f"internal error in the client ({type(e).__name__}: "
-                       f"{str(e).splitlines()[0][:200] if str(e) else 'no details'})",
-                       retryable=True, bug=True)
+    return ClientError(_bug_words(e), retryable=True, bug=True)
+
+
+def _bug_words(e: BaseException, doing: str = "") -> str:
+    return (f"internal error in the client{doing} ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200] if str(e) else 'no details'})")
+
+
+def internal(e: BaseException, log: object, doing: str = "") -> str:
+    """What the chat's screen says of ``e``, a failure nothing above names (``translate``'s
+    ``bug``), caught while ``doing`` (" showing an event"), its traceback written to ``log``.
+    (Each place that caught one said it in words of its own, three of them without the
+    failure's own words.)"""
+    return f"{_bug_words(e, doing)}; see {log}"
 
 
 def refusal(code: int, message: str, retry_after_ms: int = 0) -> ClientError:

@@ -35,8 +35,11 @@ the measured facts this relies on ("fact N" below).
   ``follow_key``), and the servers themselves (``register``), which
   every Welcome lists so clients can fail over; presence (``PRESENCE``, entries that expire
   unless their server keeps them fresh). Kicks are stored for a minute in ``KICKS``,
-  which every server follows from when it starts (``kick``, ``_Kicks``). Each server also
-  charges a person's rate bucket for what they sent through the others (``on_applied``).
+  which every server follows from when it starts (``kick``, ``_Kicks``). The kicks, the
+  revocations and the private rooms are followed anew when their bucket stays ahead of
+  what was taken here (``_keep_up``: a delivery lost with a NATS node is never sent
+  again). Each server also charges a person's rate bucket for what they sent through the
+  others (``on_applied``).
 
 Reads (history, resume, ListRooms) are answered from the local copy. nats-py errors are
 translated here and nowhere else.
@@ -113,6 +116,7 @@ from .store import (
     TokenRecord,
     Topic,
     Written,
+    resent,
 )
 from .throttle import LogLimiter
 
@@ -131,14 +135,22 @@ STATE = "tsnetchat-state"  # KV: signing-key, server.<name> (where clients reach
 # told it worked; once in 9 tries of a kill -9 run, 2026-11-25.)
 KICKS = "tsnetchat-kicks"
 KICK_TTL = 60
-KICKS_CHECK = 2.0  # seconds between looks at the kicks bucket's last sequence (_watch_kicks)
+# core NATS: {room, login, by, o}: where servers of the release before KICKS send and take
+# kicks. Sent there too, and taken from there when it has no "id" (an old server's: ours
+# are in KICKS as well), so a kick made on either side of a rolling upgrade closes the
+# streams on both (one made on an old server reached no new one, nor the reverse).
+OLD_KICKS = "tsnetchat.ctl.kick"
+# Seconds between looks at the last sequence of the kicks' and the revocations' buckets
+# (``_keep_up``: what a lost delivery left behind).
+KICKS_CHECK = 2.0
 # core NATS: {jti}, published once a revocation is in REVOKED: the other servers close its
 # streams at once, not when their watch of REVOKED has it. That watch is an R1 consumer
 # that lives on the bucket's stream leader; when that node died it was re-created only
 # after two missed 5 s heartbeats (nats-py), and a revocation made after the election
 # reached the other server 9-15 s after the kill (lab, 2026-11-23: 3 of 5 runs of
 # test_a_token_revoked_through_server_2_... past its 10 s). The watch stays: it is what
-# catches up a server that missed the message.
+# catches up a server that missed the message; and it is watched itself (``_keep_up``), as
+# it loses a delivery for good as the kicks' consumer does (``_watch_kicks``).
 REVOCATIONS = "tsnetchat.ctl.revoked"
 # KV: <room>.<server process>.<login, base64url> -> Identity, for as long as that server
 # keeps it fresh: a server that dies takes its members with it within PRESENCE_TTL
@@ -159,6 +171,15 @@ MAX_BATCH = 256  # messages per atomic batch (JetStream allows 1,000)
 MAX_BATCHES_IN_FLIGHT = 32  # JetStream allows 50 per stream
 ATTEMPT_TIMEOUT = 2.0  # one attempt at a batch or a request's KV write; then again
 CONSUMER_STALL = 5.0  # seconds without anything applied before the stream is asked
+# Messages of the stream the applier takes at once, at most: the consumer's callback waits
+# for it past them. Unbounded, a new copy of 100,000 messages (58 MB in the stream) was
+# imported in 8 transactions of up to 61,859, each decoded whole: the process grew by
+# 184 MB; bounded, by 72 MB (a lab run, 2026-11-25). What comes meanwhile waits in
+# nats-py's queue of the subscription (it answers JetStream's flow control by itself when
+# the consumer stalls: 24,830 messages queued while one import was held 20 s), which is
+# why ``_follow`` lifts that queue's limits: past them nats-py drops messages, and an
+# ordered consumer never delivers a dropped one again.
+INBOX_MAX = 5_000
 # A draft the stream acknowledged at its deadline still gets this long to be applied here
 # (normally a few ms) before its sender is told it is late.
 APPLY_GRACE = 0.5
@@ -173,6 +194,9 @@ IN_FLIGHT = 10164
 # asked once a batch for at most GONE_ASK seconds, tells them apart: 10059 "stream not
 # found" comes at once from the cluster's meta leader (without a quorum: no answer).
 STREAM_NOT_FOUND = 10059
+# "stream name already in use with a different configuration": a bucket made otherwise than
+# this server makes it (by hand, or by a release that made it differently).
+DIFFERENT_CONFIG = 10058
 GONE_ASK = 0.25
 _LAST = re.compile(r"wrong last sequence: (\d+)")
 CHANGES = (EDIT, DELETE)  # decided against the room's history before they are appended
@@ -264,6 +288,25 @@ def connect_options(cfg: ServerConfig, env: dict[str, str] | None = None) -> dic
                               "user name")
         opts["user"], opts["password"] = cfg.nats_user, password
     return opts
+
+
+async def anyone_may_connect(servers: list[str]) -> bool:
+    """Whether the NATS at ``servers`` lets in a connection that gives no credentials. Such
+    a NATS hands the cluster's signing key (the state bucket) to whoever reaches it, who can
+    then mint tokens, and takes messages published as anyone's (an attacker's run,
+    2026-11-25: a token minted for mallory answered admin from her laptop, and a message
+    put on a room's subject was shown to bob as alice's). Asked with one connection of its
+    own; anything but being let in counts as no."""
+    probe = NATS()
+    try:
+        await asyncio.wait_for(probe.connect(
+            servers=servers, error_cb=_quiet, allow_reconnect=False, connect_timeout=2,
+            name="tsnetchat credential check"), 5)
+    except (nats.errors.Error, OSError, TimeoutError):
+        return False
+    with contextlib.suppress(nats.errors.Error, OSError):
+        await probe.close()
+    return True
 
 
 def _wider(a: int, b: int) -> int:
@@ -362,6 +405,37 @@ class _Kicks:
         return kick
 
 
+class _Watched:
+    """A KV bucket's watch (nats-py's: an ordered consumer) that is asked for again when it
+    lost an entry: ``run`` hands each entry to ``handle`` in order (the end-of-history
+    marker sets ``ready``) and keeps the newest revision handed (``taken``);
+    ``ClusterHistory._keep_up`` calls ``again`` when the bucket stays ahead of it, which
+    watches the bucket anew from its start (``handle`` must take an entry twice)."""
+
+    def __init__(self, kv: Any, what: str, handle: Callable[[Any], Awaitable[None]],
+                 tasks: list[asyncio.Task[Any]], ready: asyncio.Event | None = None) -> None:
+        self.kv, self.what, self.handle, self.ready = kv, what, handle, ready
+        self.tasks = tasks  # (the owner's: cancelled when it closes)
+        self.watcher: Any = None
+        self.taken = 0
+
+    def start(self, watcher: Any) -> None:
+        self.watcher = watcher
+        self.tasks.append(asyncio.create_task(self.run(watcher)))
+
+    async def run(self, watcher: Any) -> None:
+        async for entry in _entries(watcher, self.what, ready=self.ready):
+            await self.handle(entry)
+            self.taken = max(self.taken, int(entry.revision or 0))
+
+    async def again(self) -> None:
+        old = self.watcher
+        self.start(await self.kv.watchall())
+        if old is not None:
+            with contextlib.suppress(Exception):
+                await old.stop()
+
+
 class ClusterHistory:
     """The ledger's ``History`` on a JetStream cluster, with ``local`` (this server's SQLite)
     as the copy reads come from. Construct on the serving loop; ``start`` connects, creates
@@ -371,6 +445,7 @@ class ClusterHistory:
     def __init__(self, local: SqliteHistory, cfg: ServerConfig) -> None:
         self.local, self.cfg = local, cfg
         self.wait = cfg.cluster_wait
+        self._replicas = cfg.cluster_replicas  # the cluster's once ``start`` has its stream
         self._gone_log = LogLimiter(burst=1, rate=1 / 60)  # (``_gone``: every batch finds it)
         self.path = local.path
         self.identity = local.identity  # the cluster's, once ``start`` has read it
@@ -402,6 +477,8 @@ class ClusterHistory:
         self._heads: dict[str, tuple[int, int]] = {}
         self._inbox: list[Any] = []
         self._inbox_ready = asyncio.Event()
+        self._inbox_room = asyncio.Event()  # set while the inbox holds under INBOX_MAX
+        self._inbox_room.set()
         # The stream's consumer (``_subscribe``); messages of an older one are dropped.
         self._consumer: Any = None
         self._generation = 0
@@ -438,6 +515,7 @@ class ClusterHistory:
         self.servers: dict[str, int] = {}
         self.server_nodes: dict[str, str] = {}  # name -> stable node id, as it registered
         self._registered = ""
+        self._watching_servers = False  # (``register``: the servers' watch runs once)
         # Called with each message applied here that no sender here is waiting for, to make
         # it visible: another server's (``ours`` False), or one of this server's whose sender
         # was refused before this copy had it (``_too_late``). The server assembles it with
@@ -500,6 +578,13 @@ class ClusterHistory:
                              "and its password right?") from None
         except (nats.errors.Error, OSError) as e:
             raise StoreError(f"cannot reach the NATS cluster at {self.cfg.cluster}: {e}") from e
+        if await anyone_may_connect(opts["servers"]):
+            raise StoreError(
+                f"the NATS cluster at {self.cfg.cluster} lets in connections without "
+                "credentials: whoever reaches it could read the cluster's signing key (and "
+                "make tokens) and post messages as anyone. Give NATS an authorization block "
+                "(users, or accounts with .creds), and this server its nats_user and password "
+                "or nats_credentials (README: Cluster mode)")
         retention = self.cfg.retention_count or -1
         stream = StreamConfig(name=STREAM, subjects=[PREFIX + ">"],
                               num_replicas=self.cfg.cluster_replicas, allow_atomic=True,
@@ -509,11 +594,12 @@ class ClusterHistory:
         # of the stream is refused there (``_ensure_stream``).
         self._applied = await self.local.read(lambda s: s.applied(SOURCE))
         info = await _retrying(lambda: self._ensure_stream(stream), deadline, "the stream")
+        self._replicas = info.config.num_replicas or self.cfg.cluster_replicas  # (the buckets')
         kv_state = await _retrying(lambda: self._js.create_key_value(KeyValueConfig(
-            bucket=STATE, replicas=self.cfg.cluster_replicas, history=1)), deadline,
+            bucket=STATE, replicas=self._replicas, history=1)), deadline,
             "the state bucket")
         self._kv_revoked = await _retrying(lambda: self._js_attempt.create_key_value(KeyValueConfig(
-            bucket=REVOKED, replicas=self.cfg.cluster_replicas, history=1)), deadline,
+            bucket=REVOKED, replicas=self._replicas, history=1)), deadline,
             "the revocations bucket")
         key = await _retrying(lambda: _shared(kv_state, "signing-key", key), deadline,
                               "the signing key")
@@ -525,21 +611,22 @@ class ClusterHistory:
         )).decode(), 1)
         self._kv_state = kv_state
         kv_kicks = await _retrying(lambda: self._js.create_key_value(KeyValueConfig(
-            bucket=KICKS, replicas=self.cfg.cluster_replicas, history=1, ttl=KICK_TTL)),
+            bucket=KICKS, replicas=self._replicas, history=1, ttl=KICK_TTL)),
             deadline, "the kicks bucket")
         self._kicks.after = (await _retrying(kv_kicks.status, deadline, "the kicks bucket")
                              ).stream_info.state.last_seq
         self._kick_sub = await _retrying(self._follow_kicks, deadline, "the kicks' consumer")
         self._tasks.append(asyncio.create_task(self._watch_kicks()))
+        self._subs.append(await self._nc.subscribe(OLD_KICKS, cb=self._on_old_kick))
         self._subs.append(await self._nc.subscribe(REVOCATIONS, cb=self._on_revocation))
         kv_presence = await _retrying(lambda: self._js.create_key_value(KeyValueConfig(
-            bucket=PRESENCE, replicas=self.cfg.cluster_replicas, history=1,
+            bucket=PRESENCE, replicas=self._replicas, history=1,
             limit_marker_ttl=PRESENCE_TTL)), deadline, "the presence bucket")
         self._tasks.append(asyncio.create_task(self._watch_presence(await _retrying(
             kv_presence.watchall, deadline, "the presence watch"))))
         self._tasks.append(asyncio.create_task(self._refresh_presence()))
         self._kv_reads = await _retrying(lambda: self._js.create_key_value(KeyValueConfig(
-            bucket=READS, replicas=self.cfg.cluster_replicas, history=1)), deadline,
+            bucket=READS, replicas=self._replicas, history=1)), deadline,
             "the read positions bucket")
         self._tasks.append(asyncio.create_task(self._watch_reads(await _retrying(
             self._kv_reads.watchall, deadline, "the read positions watch"))))
@@ -555,15 +642,17 @@ class ClusterHistory:
                                          "the stream's consumer")
         self._tasks.append(asyncio.create_task(self._watch_consumer()))
         self._tasks.append(asyncio.create_task(self._keep_revocations()))
-        self._tasks.append(asyncio.create_task(self._watch_revocations(await _retrying(
-            self._kv_revoked.watchall, deadline, "the revocations watch"))))
+        self._keep_watching(self._kv_revoked, REVOKED, self._revocation_entry, await _retrying(
+            self._kv_revoked.watchall, deadline, "the revocations watch"),
+            "revocations", self._revocations_known)
         self._tasks.append(asyncio.create_task(self._erase_loop()))
         self._kv_rooms = await _retrying(lambda: self._js_attempt.create_key_value(KeyValueConfig(
-            bucket=ROOMS, replicas=self.cfg.cluster_replicas, history=1)), deadline,
+            bucket=ROOMS, replicas=self._replicas, history=1)), deadline,
             "the private rooms bucket")
         rooms_known = asyncio.Event()
-        self._tasks.append(asyncio.create_task(self._watch_rooms(await _retrying(
-            self._kv_rooms.watchall, deadline, "the private rooms watch"), rooms_known)))
+        self._keep_watching(self._kv_rooms, ROOMS, self._room_entry, await _retrying(
+            self._kv_rooms.watchall, deadline, "the private rooms watch"),
+            "private rooms", rooms_known)
         try:
             await asyncio.wait_for(self._applied_through(target), deadline - time.monotonic())
         except TimeoutError:
@@ -608,6 +697,16 @@ class ClusterHistory:
             return await self._js.add_stream(cfg)
         self._check_not_ahead(info.state.last_seq)
         have = info.config
+        # The copies are the cluster's too: a server started with another cluster_replicas
+        # than the first (3 then 1, or 1 then 3) waited out startup_timeout and stopped with
+        # NATS's 10058 "stream name already in use with a different configuration" about
+        # the state bucket (a lab run, 2026-11-25). Its buckets are made as the stream.
+        if have.num_replicas and have.num_replicas != cfg.num_replicas:
+            log.warning("cluster: the cluster keeps %d copies of its history and buckets, "
+                        "not this server's cluster_replicas (%d); a server never changes "
+                        "it (to change it: `nats stream edit %s --replicas N`, and each "
+                        "KV_tsnetchat-* stream)", have.num_replicas, cfg.num_replicas, STREAM)
+            cfg.num_replicas = have.num_replicas
         # Retention is the cluster's, and a server starting never shrinks it: one started with
         # a smaller retention_count cut the shared stream (everyone's history) to it, with a
         # line only in its own log (an operator's run, 2026-11-23). Larger limits apply.
@@ -636,7 +735,9 @@ class ClusterHistory:
             self._registered = name
         except (nats.errors.Error, OSError) as e:  # serving matters more than being listed
             log.warning("cluster: could not list this server for failover: %s", _why(e))
-        self._tasks.append(asyncio.create_task(self._watch_servers()))
+        if not self._watching_servers:  # (registered again, under a new node: one watch)
+            self._watching_servers = True
+            self._tasks.append(asyncio.create_task(self._watch_servers()))
 
     async def _watch_servers(self) -> None:
         # (already serving: the watch is asked for until the cluster answers)
@@ -774,6 +875,8 @@ class ClusterHistory:
             raise StoreError(f"the chat cluster did not confirm the kick ({_why(e)}): "
                              f"{login}'s streams in {room!r} are closed on this server, maybe "
                              "not on the others; try again") from e
+        with contextlib.suppress(nats.errors.Error, OSError):  # (for old servers: OLD_KICKS)
+            await self._nc.publish(OLD_KICKS, data)
 
     async def _follow_kicks(self) -> Any:
         return await self._follow(f"$KV.{KICKS}.>", self._kicks.after, self._on_kick,
@@ -785,39 +888,80 @@ class ClusterHistory:
         on a consumer that has got nothing yet, which the kicks' one usually is: a kick on
         its way to this server through its node when that node was SIGKILLed never came
         (3 of 4 runs of test_a_kick_in_flight_to_server_1_when_its_nats_node_dies_..., on
-        2026-11-25). So every KICKS_CHECK seconds: the bucket's last sequence; past what
-        was taken here at two looks in a row, the kicks are followed again from there."""
+        2026-11-25). So the kicks are followed again when the bucket stays ahead of what
+        was taken here (``_keep_up``)."""
+        await self._keep_up(f"KV_{KICKS}", lambda: self._kicks.after, self._follow_kicks_again,
+                            "kicks")
+
+    async def _follow_kicks_again(self) -> None:
+        old, self._kick_sub = self._kick_sub, None
+        with contextlib.suppress(Exception):
+            await old.unsubscribe()
+        self._kick_sub = await self._follow_kicks()
+
+    def _keep_watching(self, kv: Any, bucket: str, handle: Callable[[Any], Awaitable[None]],
+                       watcher: Any, what: str, ready: asyncio.Event) -> None:
+        """Hand ``watcher``'s entries of ``bucket`` to ``handle``, and watch the bucket anew
+        whenever it stays ahead of what was handed (``_keep_up``). A watch loses an entry
+        for good as the kicks' consumer does (``_watch_kicks``): a revocation on its way to
+        this server through its NATS node when the node was SIGKILLed, in a cluster nobody
+        had revoked anything in before, never came, nor its word on REVOCATIONS, and the
+        token worked on here (test_a_revocation_in_flight_to_server_1_..., 2026-11-25). And
+        a watch whose consumer's node died is re-created by nats-py only after two missed
+        5 s heartbeats: bob read on in a private room on another server 13 s and more after
+        his removal was confirmed, in 2 of 10 runs (the bucket's leader SIGKILLed first, a
+        lab run on 2026-11-25)."""
+        kept = _Watched(kv, what, handle, self._tasks, ready)
+        kept.start(watcher)
+        self._tasks.append(asyncio.create_task(self._keep_up(
+            f"KV_{bucket}", lambda: kept.taken, kept.again, what)))
+
+    async def _keep_up(self, stream: str, taken: Callable[[], int],
+                       again: Callable[[], Awaitable[None]], what: str) -> None:
+        """Every KICKS_CHECK seconds, ``stream``'s last sequence; past what was ``taken``
+        here at two looks in a row (not just on its way), a delivery was lost: ``again``
+        follows the stream anew. Once per sequence: one erased or aged out is never
+        delivered."""
         seen = checked = 0
         while True:
             await asyncio.sleep(KICKS_CHECK)
             try:
-                last = (await self._js_attempt.stream_info(f"KV_{KICKS}")).state.last_seq
+                last = (await self._js_attempt.stream_info(stream)).state.last_seq
             except (nats.errors.Error, OSError) as e:
-                log.debug("cluster: the kicks bucket's state: %s", _why(e))
+                log.debug("cluster: the %s bucket's state: %s", what, _why(e))
                 continue
-            if last <= max(self._kicks.after, checked):
+            if last <= max(taken(), checked):
                 seen = 0
                 continue
             if last != seen:  # (maybe on its way: look again)
                 seen = last
                 continue
-            log.info("cluster: the kicks up to %d did not all arrive (taken: %d); following "
-                     "them again", last, self._kicks.after)
-            old, self._kick_sub = self._kick_sub, None
-            with contextlib.suppress(Exception):
-                await old.unsubscribe()
+            log.info("cluster: the %s up to %d did not all arrive (taken: %d); following "
+                     "them again", what, last, taken())
             try:
-                self._kick_sub = await self._follow_kicks()
+                await again()
             except (nats.errors.Error, OSError) as e:
-                log.warning("cluster: could not follow the kicks again (%s); trying again",
-                            _why(e))
+                log.warning("cluster: could not follow the %s again (%s); trying again",
+                            what, _why(e))
                 continue
-            checked = last  # (once per sequence: an aged-out kick is never delivered)
+            checked = last
 
     async def _on_kick(self, msg: Any) -> None:
         kick = self._kicks.take(msg.metadata.sequence.stream, msg.data)
         if kick is not None:
             self.on_kick(*kick)
+
+    async def _on_old_kick(self, msg: Any) -> None:
+        """A kick on OLD_KICKS: taken from a server of the release before (no "id")."""
+        try:
+            k = json.loads(msg.data)
+            if "id" in k or k.get("o") == self._me:
+                return
+            kick = (str(k["room"]), str(k["login"]), str(k["by"]))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            log.warning("cluster: ignoring a malformed kick: %s", e)
+            return
+        self.on_kick(*kick)
 
     async def close(self) -> None:
         """Settle what was submitted (acknowledged or refused), erase what deletions left
@@ -1006,29 +1150,30 @@ class ClusterHistory:
         self._room_revs[room] = rev
         return now - new
 
-    async def _watch_rooms(self, watcher: Any, known: asyncio.Event) -> None:
-        async for entry in _entries(watcher, "private rooms", ready=known):
-            if entry.operation is not None or not entry.value:
-                continue  # (rooms are never deleted; a purge by hand changes nothing here)
+    async def _room_entry(self, entry: Any) -> None:
+        """A private room's entry from the watch of ROOMS (``_keep_watching``; again after
+        a new watch: revisions applied already change nothing)."""
+        if entry.operation is not None or not entry.value:
+            return  # (rooms are never deleted; a purge by hand changes nothing here)
+        try:
+            value = json.loads(entry.value)
+            room = str(value["room"])
+            if _b64(room) != entry.key or not isinstance(value["members"], list):
+                raise ValueError(entry.key)
+        except (ValueError, KeyError, TypeError) as e:
+            log.warning("cluster: ignoring private room entry %r: %s", entry.key, e)
+            return
+        while True:
             try:
-                value = json.loads(entry.value)
-                room = str(value["room"])
-                if _b64(room) != entry.key or not isinstance(value["members"], list):
-                    raise ValueError(entry.key)
-            except (ValueError, KeyError, TypeError) as e:
-                log.warning("cluster: ignoring private room entry %r: %s", entry.key, e)
-                continue
-            while True:
-                try:
-                    async with self._rooms_lock:
-                        gone = await self._apply_room(room, value, entry.revision)
-                    break
-                except StoreError as e:  # the local copy must follow: try until it does
-                    log.error("cluster: cannot apply the members of %r here (%s); retrying",
-                              room, e)
-                    await asyncio.sleep(1.0)
-            if gone:
-                self.on_removed(room, gone, str(value.get("by", "")))
+                async with self._rooms_lock:
+                    gone = await self._apply_room(room, value, entry.revision)
+                break
+            except StoreError as e:  # the local copy must follow: try until it does
+                log.error("cluster: cannot apply the members of %r here (%s); retrying",
+                          room, e)
+                await asyncio.sleep(1.0)
+        if gone:
+            self.on_removed(room, gone, str(value.get("by", "")))
 
     async def topic(self, room: str) -> Topic | None:
         return await self.local.topic(room)
@@ -1224,10 +1369,10 @@ class ClusterHistory:
             await self.local.job(lambda s: s.forget_stream_seqs())
         return n
 
-    async def _watch_revocations(self, watcher: Any) -> None:
-        async for entry in _entries(watcher, "revocation", ready=self._revocations_known):
-            if entry.operation is not None:
-                continue
+    async def _revocation_entry(self, entry: Any) -> None:
+        """An entry of the watch of REVOKED (``_keep_watching``; all of them again after a
+        new watch: twice is harmless)."""
+        if entry.operation is None:
             self._take_revocation(entry.key)
 
     # appending ------------------------------------------------------------------------
@@ -1342,7 +1487,7 @@ class ClusterHistory:
                 for p in live:
                     m = found.get((p.draft.sender.login, p.draft.client_msg_id))
                     if m is not None:
-                        self._settle(p, Written(m, True))
+                        self._settle(p, resent(p.draft, m))
                 live = [p for p in live if not p.done]
                 if not live:
                     return
@@ -1452,6 +1597,9 @@ class ClusterHistory:
             if generation == self._generation:
                 self._inbox.append(msg)
                 self._inbox_ready.set()
+                if len(self._inbox) >= INBOX_MAX:
+                    self._inbox_room.clear()
+                    await self._inbox_room.wait()
 
         return await self._follow(PREFIX + ">", applied, take)
 
@@ -1465,7 +1613,8 @@ class ClusterHistory:
                       config=ConsumerConfig(opt_start_seq=after + 1))
                  if after else dict(deliver_policy=DeliverPolicy.ALL))
         return await self._js.subscribe(subject, stream=stream, cb=take, ordered_consumer=True,
-                                        idle_heartbeat=0.5, **start)
+                                        idle_heartbeat=0.5, pending_msgs_limit=0,
+                                        pending_bytes_limit=0, **start)
 
     async def _watch_consumer(self) -> None:
         """nats-py re-creates the ordered consumer when its heartbeats stop, not when it
@@ -1552,6 +1701,7 @@ class ClusterHistory:
             await self._inbox_ready.wait()
             self._inbox_ready.clear()
             msgs, self._inbox = self._inbox, []
+            self._inbox_room.set()
             todo: list[tuple[int, Imported, str, list[int]]] = []
             for raw in msgs:
                 seq = raw.metadata.sequence.stream
@@ -1720,7 +1870,20 @@ async def _until(step: Callable[[], Any], deadline: float,
 async def _retrying(step: Callable[[], Any], deadline: float, what: str) -> Any:
     """Start-up against a cluster that may be electing leaders (10005, 10008, no
     responders): try again until ``deadline``."""
+    async def once() -> Any:
+        try:
+            return await step()
+        except nats.js.errors.APIError as e:
+            if e.err_code != DIFFERENT_CONFIG:
+                raise
+            # (not a passing state of the cluster: tried again, it waited out the start-up
+            # time for the same answer)
+            raise StoreError(
+                f"cluster: could not set up {what}: the NATS cluster has it with another "
+                f"configuration than this server's ({e.description}); nothing was changed. "
+                f"Compare it (`nats stream info`) with a server's that runs") from None
+
     try:
-        return await _until(step, deadline, (nats.errors.Error, OSError))
+        return await _until(once, deadline, (nats.errors.Error, OSError))
     except (nats.errors.Error, OSError) as e:
         raise StoreError(f"cluster: could not set up {what}: {_why(e)}") from e

@@ -192,12 +192,20 @@ def parse(line: str) -> Parsed | Message | Problem:
     word, _, rest = line[1:].partition(" ")
     arg = rest.strip()
     cmd = _BY_NAME.get(word.lower())
+    first = word.split("\n", 1)[0]
+    if cmd is None and "\n" in word and first.lower() in _BY_NAME:
+        # (a pasted block whose first line is a command: "/quit\nbye" was said to be
+        # "unknown command /quit\nbye; did you mean /quit?"; a review, 2026-11-25)
+        return Problem(f"/{first} is a command of one line: send it alone (the lines "
+                       "after it stay here to edit)")
     if cmd is None:
         names = difflib.get_close_matches(word.lower(), list(_BY_NAME), n=2, cutoff=0.6)
         close = list(dict.fromkeys(_BY_NAME[n].usage for n in names))
         hint = f"; did you mean {', '.join(close)}?" if close else "; /help lists them"
         return Problem(f"unknown command /{word}{hint} (// at the start sends a /)")
-    usage = Problem(f"usage: {cmd.usage}  ({cmd.help})")
+    # (as /help shows it: in parentheses, a help with its own said "(delete your last
+    # message here (its text is gone for everyone))"; a daily user, 2026-11-25)
+    usage = Problem(f"usage: {cmd.usage}  {cmd.help}")
     if cmd.name == "join" and arg.startswith(("@", "dm:")):
         # a DM, as `connect --room @bob` opens one: what /msg bob does (it was a usage error:
         # a new user's day, 2026-11-24)

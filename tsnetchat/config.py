@@ -16,7 +16,7 @@ import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import Field, dataclass, field, fields
+from dataclasses import Field, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,28 @@ def default_state_dir() -> Path:
     if os.geteuid() == 0:
         return Path("/var/lib/tsnetchat")
     return user_state_dir()
+
+
+# Where the shipped units keep the state (StateDirectory=tsnetchat), and root's default.
+SERVICE_STATE_DIR = Path("/var/lib/tsnetchat")
+
+
+def for_operator(cfg: ServerConfig) -> ServerConfig:
+    """``cfg`` for an operator's command (token, backup, restore, doctor) run by a user other
+    than root: when nothing named a state dir, the user has no server state of their own and
+    the units' state dir is there, that one, whose server this user means (and so is told
+    to use sudo, as the README says). (`tsnetchat doctor` without sudo on the units'
+    machine checked ~/.local/state/tsnetchat and said another program held the server's
+    port; `token list` and `backup` said there was no history: an operator's run in the
+    systemd container, 2026-11-25.)"""
+    own = cfg.state_dir
+    if ("state_dir" in cfg.origins or os.geteuid() == 0 or os.environ.get("STATE_DIRECTORY")
+            or any(os.path.lexists(own / n) for n in (SINGLE_DB, CLUSTER_DB, "jwt.key"))
+            or not os.path.lexists(SERVICE_STATE_DIR)):
+        return cfg
+    return replace(cfg, state_dir=SERVICE_STATE_DIR,
+                   origins={**cfg.origins, "state_dir": f"state_dir ({SERVICE_STATE_DIR}, the "
+                                                        "units' state dir)"})
 
 
 def user_state_dir() -> Path:
@@ -248,6 +270,15 @@ class ServerConfig(Limits):
         return out
 
 
+# Settings that are lists, written comma-separated ("tag:a,tag:b"); a TOML file may also give
+# a list of strings. (`tags = ["tag:chat"]`, as TOML people write lists, was refused as "expected
+# a string": an operator's run, 2026-11-25.)
+LISTS = frozenset({"tags", "cluster", "listen"})
+# Settings that are one of a few words.
+CHOICES = {"enroll": ("off", "grant", "any"), "stale_device": ("remove", "report"),
+           "log_level": ("debug", "info", "warning", "error")}
+
+
 def _convert(name: str, raw: Any, typ: Any, where: str) -> Any:
     try:
         if typ in (bool, "bool"):
@@ -276,14 +307,21 @@ def _convert(name: str, raw: Any, typ: Any, where: str) -> Any:
             if not math.isfinite(value):
                 raise ValueError("expected a finite number")
             return value
+        if name in LISTS and isinstance(raw, list) and all(isinstance(x, str) for x in raw):
+            return ",".join(raw)
         # A TOML number or list where text belongs is a mistake, not a name to use.
         if not isinstance(raw, str | os.PathLike):
-            raise ValueError("expected a string")
+            raise ValueError("expected a string" + (
+                ', or a list of them (["a", "b"])' if name in LISTS else
+                f": one of {', '.join(CHOICES[name])}" if name in CHOICES else ""))
         if typ in (Path, "Path"):
             return Path(raw).expanduser()
         return str(raw)
     except (TypeError, ValueError, OverflowError) as e:
-        raise ConfigError(f"{where}: invalid value {raw!r} for {name}: {e}") from None
+        # (TOML's true as TOML writes it: "invalid value True" read as Python's; a
+        # newcomer's `enroll = true`, 2026-11-25)
+        shown = str(raw).lower() if isinstance(raw, bool) else repr(raw)
+        raise ConfigError(f"{where}: invalid value {shown} for {name}: {e}") from None
 
 
 def settings() -> tuple[Field[Any], ...]:
@@ -417,9 +455,9 @@ def _validate(cfg: ServerConfig, where: Callable[[str], str]) -> None:
             raise bad(name, "must not be negative")
     if not re.fullmatch(r"[a-z0-9.-]+\.[a-z]{2,}", cfg.cap_domain):
         raise bad("cap_domain", f"{cfg.cap_domain!r} is not a domain name like example.com")
-    if cfg.enroll not in ("off", "grant", "any"):
+    if cfg.enroll not in CHOICES["enroll"]:
         raise bad("enroll", f"{cfg.enroll!r} is not one of off, grant, any")
-    if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
+    if cfg.log_level.lower() not in CHOICES["log_level"]:
         raise bad("log_level", "must be debug, info, warning or error")
     if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,62}", cfg.hostname):
         raise bad("hostname", "must be a DNS label (a-z, 0-9, -)")
@@ -428,7 +466,7 @@ def _validate(cfg: ServerConfig, where: Callable[[str], str]) -> None:
             raise bad("tags", f"{tag!r} is not a tag like tag:chat")
     if not cfg.api_url.startswith("https://"):
         raise bad("api_url", "must be an https:// URL (the API is only spoken over TLS)")
-    if cfg.stale_device not in ("remove", "report"):
+    if cfg.stale_device not in CHOICES["stale_device"]:
         raise bad("stale_device", "must be remove or report")
     if cfg.cluster.strip() and not cfg.cluster_urls:  # (",,," spun at 95% CPU, silent)
         raise bad("cluster", "lists no NATS URL (e.g. nats://nats1.example:4222,...)")
@@ -448,7 +486,10 @@ def _validate(cfg: ServerConfig, where: Callable[[str], str]) -> None:
     if cfg.metrics_port and not 1 <= cfg.metrics_port <= 65535:  # (it said "other than
         raise bad("metrics_port", f"{cfg.metrics_port} is not a TCP port (1-65535)")  # --port")
     if cfg.metrics_port and cfg.metrics_port == cfg.port:
-        raise bad("metrics_port", "must be a free TCP port other than --port")
+        # (it said "other than --port" of a port no flag had given: a newcomer's config,
+        # 2026-11-25)
+        raise bad("metrics_port", f"must differ from the server's own port ({where('port')} "
+                                  f"= {cfg.port})")
 
 
 def parse_listen(value: str, where: str = "listen") -> list[str]:

@@ -20,10 +20,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .config import ServerConfig
+from .config import DEFAULT_PORT, ServerConfig
 from .discovery import Step
 from .errors import ConfigError, TsnetchatError
-from .statedir import check_own_files, read_key, running_server
+from .statedir import LOCK_NAME, check_own_files, read_key, running_server
 from .store import LIVE_TOKENS, WAL_SIZE_LIMIT
 from .tailnet import LocalAPI, Status
 
@@ -87,7 +87,10 @@ async def _cluster(cfg: ServerConfig, wait: float = 5.0) -> Check:
     except nats.js.errors.NotFoundError:
         return Check("cluster", WARN, "NATS answers, but there is no TSNETCHAT stream yet (the "
                      "first server to start makes it)")
-    except (TimeoutError, nats.errors.TimeoutError, nats.errors.NoRespondersError):
+    except (TimeoutError, nats.errors.TimeoutError, nats.errors.NoRespondersError,
+            nats.js.errors.ServiceUnavailableError):
+        # (10008 "JetStream system temporarily unavailable" with 2 of 3 nodes down was said
+        # in nats-py's words; a cluster engineer's run, 2026-11-25)
         return Check("cluster", FAIL, f"the NATS cluster at {cfg.cluster} did not answer "
                      f"within {wait:g} s: is it up, and does it have a quorum (most of its "
                      "nodes)? Without one every send is refused as not confirmed")
@@ -197,14 +200,20 @@ async def checks(cfg: ServerConfig, *, with_api: bool = False) -> list[Check]:
     shut = _shut_out(cfg)
     sock = cfg.effective_socket()
     st: Status | None = None
-    api = LocalAPI(sock, timeout=3)
-    try:
-        st = await api.status()
-        out.append(Check("tailscaled reachable", OK, f"LocalAPI answers at {sock}"))
-    except TsnetchatError as e:
-        out.append(Check("tailscaled reachable", FAIL, f"{e}"))
-    finally:
-        await api.aclose()
+    if shut and Path(sock).is_relative_to(cfg.state_dir):
+        # (the embedded unit's socket, which only its user reaches: "not answering (Connect
+        # Error). Is tailscaled running?" of a running one; an operator's run, 2026-11-25)
+        out.append(Check("tailscaled reachable", WARN, f"{shut} (the embedded tailscaled's "
+                         "socket is in it)"))
+    else:
+        api = LocalAPI(sock, timeout=3)
+        try:
+            st = await api.status()
+            out.append(Check("tailscaled reachable", OK, f"LocalAPI answers at {sock}"))
+        except TsnetchatError as e:
+            out.append(Check("tailscaled reachable", FAIL, f"{e}{_embedded_hint(cfg)}"))
+        finally:
+            await api.aclose()
 
     if st is None:
         for name in ("logged in", "tailnet addresses", "MagicDNS name", "listening"):
@@ -221,8 +230,11 @@ async def checks(cfg: ServerConfig, *, with_api: bool = False) -> list[Check]:
         else:
             out.append(Check("tailnet addresses", FAIL, "this node has no tailnet address yet"))
         if st.dns_name and st.magic_dns_enabled:
+            # (without the port of a server on another one, that command asked 50051; a
+            # newcomer, 2026-11-25)
+            port = f" --port {cfg.port}" if cfg.port != DEFAULT_PORT else ""
             out.append(Check("MagicDNS name", OK, f"{st.dns_name} (clients: tsnetchat connect "
-                             f"{st.self_node.short_name})"))
+                             f"{st.self_node.short_name}{port})"))
         elif st.dns_name:
             out.append(Check("MagicDNS name", WARN, f"{st.dns_name}, but MagicDNS is off on this "
                              "tailnet: clients must use the tailnet IP"))
@@ -273,6 +285,22 @@ async def checks(cfg: ServerConfig, *, with_api: bool = False) -> list[Check]:
 
 
 # --- on a client ------------------------------------------------------------------------
+
+
+def _embedded_hint(cfg: ServerConfig) -> str:
+    """A hint, when the system tailscaled was checked but the state dir holds an embedded
+    one's socket (its unit runs `serve --embedded`, a flag the config does not hold: doctor
+    said the system tailscaled was not running, and every check after it was skipped; an
+    operator's run in the systemd container, 2026-11-25)."""
+    if cfg.embedded or cfg.socket:
+        return ""
+    try:
+        if not os.path.lexists(cfg.embedded_dir / "tailscaled.sock"):
+            return ""
+    except OSError:
+        return ""
+    return (" (the state dir has an embedded tailscaled's socket: for a server run with "
+            "--embedded, as tsnetchat-embedded.service is, `tsnetchat doctor --embedded`)")
 
 
 def _from_step(step: Step) -> Check:
@@ -377,8 +405,11 @@ def _in_the_way(state_dir: Path) -> str:
     2026-11-25.)"""
     for p in (state_dir, *state_dir.parents):
         if os.path.lexists(p):
-            if p.is_dir():
-                return ""
+            try:
+                if p.is_dir():
+                    return ""
+            except PermissionError:  # (the units' state dir is a link into /var/lib/private,
+                return ""            # which only root may enter: ``_shut_out`` says so)
             return (f"the state dir {state_dir} is not a directory (a file of that name, or "
                     "on its path, is in the way): give --state-dir a directory")
     return ""
@@ -412,6 +443,9 @@ def _history_store(cfg: ServerConfig) -> Check:
             check_own_files(cfg.state_dir, (cfg.db_path,))
         except ConfigError as e:
             return Check("history store", FAIL, str(e))
+        in_the_way = _lock_in_the_way(cfg.state_dir)
+        if in_the_way:
+            return Check("history store", FAIL, in_the_way)
         stuck = _wal_held(cfg)  # (before anything here opens the database)
         held = _write_lock_held(cfg.db_path) or _damaged(cfg.db_path, cfg.state_dir)
         if held:
@@ -429,6 +463,26 @@ def _history_store(cfg: ServerConfig) -> Check:
                "check ownership (StateDirectory= under systemd)")
         return Check("history store", FAIL, f"cannot write in {cfg.state_dir}: "
                      f"{e.strerror or e}; {fix}")
+
+
+def _lock_in_the_way(state_dir: Path) -> str | None:
+    """Why the server cannot take the state dir's lock file (statedir.StateLock), else None.
+    (A directory, a FIFO or a link there stopped `serve` and `restore`, and doctor said all
+    was well: an operator's run, 2026-11-25.)"""
+    lock = state_dir / LOCK_NAME
+    try:
+        st = os.lstat(lock)
+    except FileNotFoundError:
+        return None
+    what = ("a symbolic link" if stat.S_ISLNK(st.st_mode) else
+            "a directory" if stat.S_ISDIR(st.st_mode) else
+            "not a regular file" if not stat.S_ISREG(st.st_mode) else
+            f"a file with {st.st_nlink - 1} other name(s) (a hard link)" if st.st_nlink != 1
+            else "")
+    if not what:
+        return None
+    return (f"the lock file {lock} is {what}: the server will not start, nor `restore` run, "
+            "until it is removed (the server makes it again; nothing else is in it)")
 
 
 def _key_file(cfg: ServerConfig) -> Check:

@@ -140,10 +140,11 @@ class EmbeddedTailscaled:
 
         minting = not key or key.startswith(CLIENT_SECRET_PREFIX)
         if api_configured(self.cfg) and (self.fresh or minting):
-            from .provision import provision
+            from .provision import provision, say_holders
 
-            minted, _ = await provision(self.cfg, self.cfg.hostname, fresh=self.fresh,
-                                        mint=minting)
+            minted, holders = await provision(self.cfg, self.cfg.hostname, fresh=self.fresh,
+                                              mint=minting)
+            say_holders(holders, self.cfg.hostname)
             key = minted or key
         if not key and st.backend_state == "NeedsLogin":
             raise ConfigError("the embedded node is not logged in and no auth key was given: set "

@@ -39,7 +39,7 @@ from typing import Any, Protocol
 
 import grpc
 
-from . import auth
+from . import auth, render
 from .config import ServerConfig
 from .errors import InvalidInput, LimitExceeded, PermissionDenied, TsnetchatError
 from .pb import chat_pb2 as pb
@@ -108,6 +108,13 @@ def rights_for(policy: EnrollPolicy, who: WhoIs) -> Rights:
         raise PermissionDenied(
             f"tagged devices ({', '.join(who.tags)}) do not log in; an admin issues their "
             f"tokens: `tsnetchat token issue {who.tags[0]}` on {policy.server}")
+    if not auth.valid_subject(who.login):
+        # (issue_token's ConfigError was answered INTERNAL, "invalid token subject", as a
+        # fault of the server's rather than of a login no token can name)
+        raise PermissionDenied(
+            f"your tailnet login {render.name(who.login, '(none)')!r} cannot be signed into "
+            f"a token (it is empty, over {auth.MAX_LOGIN} characters, or holds spaces or "
+            "control characters); ask a tailnet admin to give you a plain login")
     grant = auth.grant_from_capmap(who.cap_map, policy.cap_name)
     if grant is None:
         if policy.mode == "grant" or policy.require_grant:

@@ -3,15 +3,17 @@
 ``Gate.admit`` turns (connection, metadata) into a ``Lease`` that stays true for as long as
 the call runs, or into a refusal. Cheapest checks first, so that refusals cost little:
 
-1. the refusal budget of the connection and of its device: one that keeps being refused is
-   refused (RESOURCE_EXHAUSTED) without its token being read, the answer held ``HOLD``
-   seconds;
+1. the refusal budget of the connection and of its device (on a TUN node, of its tailnet
+   address too: known before any WhoIs): one that keeps being refused is refused
+   (RESOURCE_EXHAUSTED) without its token being read, the answer held ``HOLD`` seconds;
 2. the token: size, shape, header, HMAC, claims, revocation (no I/O at all);
 3. the tailnet identity: WhoIs on the connection's address, asked once per connection and
    shared by its concurrent calls, at most ``WHOIS_SLOTS`` lookups at a time; no answer in
    time, or no tailscaled: refused (fail closed);
-4. the server's own node (refused unless ``allow_own_node``), then the two locks must agree,
-   and grants narrow the token's rights (``auth.authorize``).
+4. the server's own node (refused unless ``allow_own_node``; also once it is registered
+   again under a new node id, ``tailnet_changed``), and in cluster mode the other servers'
+   (``other_servers``), then the two locks must agree, and grants narrow the token's
+   rights (``auth.authorize``).
 
 Authorization is continuous. A lease is decided again, within a second, when an input to its
 decision changes:
@@ -49,6 +51,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -119,16 +122,17 @@ class Policy:
     require_grant: bool
     logins_need_grant: bool = True  # enroll is not "any" (auth.authorize)
     allow_own_node: bool = False
-    own_node: str = ""  # StableID of the server's own node, once tailscaled has said
 
 
 class _Conn:
     """One client connection (peer address) while it has calls in progress."""
 
-    __slots__ = ("addr", "leases", "lookup", "node_id", "peer", "refs", "stale", "who")
+    __slots__ = ("addr", "leases", "lookup", "node_id", "peer", "refs", "source", "stale",
+                 "who")
 
-    def __init__(self, peer: str, addr: str) -> None:
+    def __init__(self, peer: str, addr: str, source: str = "") -> None:
         self.peer, self.addr = peer, addr  # addr "" when it is not an IP connection
+        self.source = source  # its address's refusal budget (``_source``), "" for none
         self.refs = 0
         self.lookup: asyncio.Task[WhoIs] | None = None
         self.stale = False  # a change may concern it: ask tailscaled again before use
@@ -228,6 +232,11 @@ class Gate:
         self._refusal_log = LogLimiter()
         self.hold = HOLD
         self._closed_log = LogLimiter()  # (its own count: "N more like this")
+        # Every node id tailscaled has named as the server's own (``own_node``, at start;
+        # ``tailnet_changed``): a node registered again gets a new one, while the old one
+        # never comes back. And in cluster mode the other servers' (``other_servers``).
+        self._own_nodes: set[str] = set()
+        self._other_servers: frozenset[str] = frozenset()
         self._due = asyncio.Event()
         self.blind = True  # the IPN bus is not followed (yet): re-check every second
         # Counters for metrics.
@@ -250,14 +259,14 @@ class Gate:
         conn = self._enter(peer)
         lease: Lease | None = None
         try:
-            await self._check_budget(conn.peer, conn.node_id)
+            await self._check_budget(conn, conn.node_id)
             token = auth.bearer_token(metadata)
             claims = self._verify(token)  # the cheap checks: no WhoIs yet
             if not conn.addr:
                 raise Unauthenticated("tailnet lock: this connection is not an IP connection "
                                       "through tailscaled")
             who = await self._identity(conn)
-            await self._check_budget(conn.peer, who.node_id, asked=True)
+            await self._check_budget(conn, who.node_id, asked=True)
             # Again after the wait: a revocation or a new key that came while WhoIs was asked
             # acts only on leases held, and nothing decided this one again (a stream opened
             # during a stalled WhoIs was still open 26 s after its token was revoked; an
@@ -294,12 +303,12 @@ class Gate:
         conn = self._enter(peer)
         admitted = False
         try:
-            await self._check_budget(conn.peer, conn.node_id)
+            await self._check_budget(conn, conn.node_id)
             if not conn.addr:
                 raise Unauthenticated("tailnet lock: this connection is not an IP connection "
                                       "through tailscaled")
             who = await self._identity(conn)
-            await self._check_budget(conn.peer, who.node_id, asked=True)
+            await self._check_budget(conn, who.node_id, asked=True)
             self._check_own_node(who)
             admitted = True
             yield who
@@ -325,7 +334,7 @@ class Gate:
         LimitExceeded after ``hold`` once a budget is spent, as ``admit`` does."""
         conn = self._enter(peer)
         try:
-            await self._check_budget(conn.peer, conn.node_id)
+            await self._check_budget(conn, conn.node_id)
             self._refused(conn, method, error)
         finally:
             self._leave(conn)
@@ -339,10 +348,11 @@ class Gate:
         conn = self._conns.get(peer)
         if conn is None:
             try:
-                addr = format_addr(*parse_grpc_peer(peer))
+                host, port = parse_grpc_peer(peer)
             except ValueError:
-                addr = ""
-            conn = self._conns[peer] = _Conn(peer, addr)
+                conn = self._conns[peer] = _Conn(peer, "")
+            else:
+                conn = self._conns[peer] = _Conn(peer, format_addr(host, port), _source(host))
         conn.refs += 1
         return conn
 
@@ -351,28 +361,30 @@ class Gate:
         if conn.refs == 0 and self._conns.get(conn.peer) is conn:
             del self._conns[conn.peer]
 
-    async def _check_budget(self, peer: str, node_id: str, *, asked: bool = False) -> None:
-        """Refuse the call if its connection's or device's refusal budget is spent, after
-        ``hold`` seconds (HOLD says why; a client that stopped as told never waits).
-        ``asked``: a WhoIs was spent to learn the device, and that refusal is charged to the
-        connection, so that it too is soon refused before WhoIs. (The device is forgotten
-        with the connection's last call: each call of a stolen token, refused one after the
-        other on 64 connections, cost a WhoIs, 330 a second; other people's calls, waiting
-        for WhoIs slots, took up to 2.5 s. An attacker's run over the lab, 2026-11-25.)"""
-        wait = max(self._conn_refusals.wait(peer),
-                   self._node_refusals.wait(node_id) if node_id else 0.0)
+    async def _check_budget(self, conn: _Conn, node_id: str, *, asked: bool = False) -> None:
+        """Refuse the call if its connection's, device's or address's refusal budget is
+        spent, after ``hold`` seconds (HOLD says why; a client that stopped as told never
+        waits). ``asked``: a WhoIs was spent to learn the device, and that refusal is
+        charged to the connection, so that it too is soon refused before WhoIs. (The device
+        is forgotten with the connection's last call: each call of a stolen token, refused
+        one after the other on 64 connections, cost a WhoIs, 330 a second; other people's
+        calls, waiting for WhoIs slots, took up to 2.5 s. An attacker's run over the lab,
+        2026-11-25.)"""
+        wait = max([self._conn_refusals.wait(conn.peer),
+                    *(self._node_refusals.wait(k) for k in (node_id, conn.source) if k)])
         if wait:
             self.throttled += 1
             if asked:
-                self._conn_refusals.take(peer)
+                self._conn_refusals.take(conn.peer)
             await asyncio.sleep(self.hold)
             raise LimitExceeded(f"too many refused calls from this connection or device; "
                                 f"{retry_in(wait)} and fix what the earlier refusals said")
 
     def _refused(self, conn: _Conn, method: str, e: TsnetchatError) -> None:
         self._conn_refusals.take(conn.peer)
-        if conn.node_id:
-            self._node_refusals.take(conn.node_id)
+        for key in (conn.node_id, conn.source):
+            if key:
+                self._node_refusals.take(key)
         # %r: names and reasons carry what clients and tailnet admins chose; escaped.
         self._refusal_log.log(log, logging.INFO, "refused method=%s peer=%s device=%r reason=%r",
                               method, conn.peer, conn.who.node_name if conn.who else "", str(e))
@@ -390,11 +402,22 @@ class Gate:
                               logins_need_grant=self.policy.logins_need_grant)
 
     def _check_own_node(self, who: WhoIs) -> None:
-        p = self.policy
-        if not p.allow_own_node and p.own_node and who.node_id == p.own_node:
+        """Refuse the server's own node, under any node id it has had, and a cluster's other
+        servers'. (Only the id the server read at start was refused: once the node was
+        deleted and registered again, a process on the server going out through its
+        tailscaled and back in was admitted as the node's user, and with ``enroll = any``
+        got a token from Login; an attacker's run over the lab, 2026-11-25.)"""
+        if self.policy.allow_own_node or not who.node_id:
+            return
+        if who.node_id in self._own_nodes:
             raise Unauthenticated(
                 "tailnet lock: this connection comes from the server's own node (a process on "
                 "the server going out through its tailscaled and back in), not from a "
+                "person's device; set allow_own_node = true to let such bots in")
+        if who.node_id in self._other_servers:
+            raise Unauthenticated(
+                "tailnet lock: this connection comes from the node of another server of this "
+                "chat cluster (a process there going out through its tailscaled), not from a "
                 "person's device; set allow_own_node = true to let such bots in")
 
     async def identify(self, addr: str) -> WhoIs:
@@ -538,6 +561,34 @@ class Gate:
         if policy == self.policy:
             return
         self.policy = policy
+        self._decide_all_again()
+
+    def own_node(self, node_id: str) -> None:
+        """``node_id`` (a StableID) is the server's node: its connections are refused from
+        now on (unless ``allow_own_node``), and it stays refused after the node is
+        registered again under another."""
+        if node_id and node_id not in self._own_nodes:
+            if self._own_nodes:
+                log.warning("this server's node is now %r (registered again on the tailnet); "
+                            "connections from it are refused as from the server's own node",
+                            node_id)
+            self._own_nodes.add(node_id)
+            self._decide_all_again()
+
+    def other_servers(self, node_ids: Iterable[str]) -> None:
+        """The nodes (StableIDs) of the other servers of a chat cluster, as the cluster lists
+        them now (``ClusterHistory.server_nodes``): refused as this server's own is (unless
+        ``allow_own_node``). Only this server's own was: a process on chat-server-2 going out
+        through its tailscaled to server 1 was admitted as the node's user, and with
+        ``enroll = any`` got a token (an attacker's run, 2026-11-25)."""
+        ids = frozenset(n for n in node_ids if n)
+        if ids != self._other_servers:
+            added = ids - self._other_servers
+            self._other_servers = ids
+            if added:
+                self._decide_all_again()
+
+    def _decide_all_again(self) -> None:
         for lease in self._leases:
             lease.stale = True
         self._due.set()
@@ -546,6 +597,7 @@ class Gate:
         """tailscaled announced a change: ask again about every connection it may concern,
         and end the calls of devices that went offline."""
         self.blind = False
+        self.own_node(change.self_node)
         self._mark(change)
         if change.offline:
             for conn in list(self._conns.values()):
@@ -702,6 +754,23 @@ class Gate:
                 return None
         self.whois_calls += 1
         return who
+
+
+def _source(host: str) -> str:
+    """The refusal budget of a connection's address, shared by the device's connections
+    before any of them is asked WhoIs: ``address <ip>`` for a tailnet address, which on a
+    TUN node is the device's own; "" for loopback, where every connection tailscaled
+    forwards in userspace mode comes from, whatever its device. (Without it, a connection's
+    refusals were charged to its device only once WhoIs had named it, and a junk token
+    costs no WhoIs: each new connection had a fresh budget of 10 refusals answered at once.
+    A new connection for each junk call, 32 at once, was answered 650-710 times a second
+    and put alice's WhoAmI at p50 10-12 ms, p99 85-118; with it, once a second and 6.4 held,
+    p50 4.5-6 ms, p99 22-81. A TUN node over the lab, 2026-11-25.)"""
+    try:
+        ip = ipaddress.ip_address(remote(host, 0)[0])
+    except ValueError:
+        return ""
+    return "" if ip.is_loopback else f"address {ip}"
 
 
 def _device(who: WhoIs) -> Device:

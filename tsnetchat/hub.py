@@ -66,6 +66,11 @@ from .codec import Item
 __all__ = ["FRAME_BATCH", "CloseKind", "CloseReason", "Hub", "Item", "Pacing", "Subscriber"]
 
 FRAME_BATCH = 256  # most messages in one frame
+# The frames a room keeps built for ranges of its log (``_Room.frames``), in bytes: kept by
+# number alone (the 64 newest ranges), 64 readers each once behind at its own place in 256
+# messages of 4 KB left 35 MB in a room whose readers had all caught up (a review,
+# 2026-11-25). Readers at one place share the newest range, the one worth keeping.
+FRAMES_KEPT_BYTES = 4 * codec.FRAME_BYTES
 
 
 @dataclass(frozen=True)
@@ -358,6 +363,7 @@ class _Room:
     timer: asyncio.TimerHandle | None = None
     _trim_at: int = 64  # log length at which to look for what every reader has taken
     _frames: dict[tuple[int, int], tuple[list[bytes], int]] = field(default_factory=dict)
+    _frames_bytes: int = 0  # what ``_frames`` holds (FRAMES_KEPT_BYTES)
     # The last timed flush ("wave"): its number, when it woke how many, how many of those
     # are not back yet; and the time a frame took, smoothed over waves (seconds).
     wave: int = 0
@@ -522,10 +528,13 @@ class _Room:
             return (codec.pack(items, skip_through),
                     sum(1 for i in items if i.id > skip_through))
         if cached is None:
-            if len(self._frames) >= 64:  # (a rolling room may not flush for a long time)
+            # (a rolling room may not flush for a long time)
+            if len(self._frames) >= 64 or self._frames_bytes >= FRAMES_KEPT_BYTES:
                 self._frames.clear()
-            cached = self._frames[(start, stop)] = (codec.pack(items),
-                                                    sum(1 for i in items if i.id))
+                self._frames_bytes = 0
+            frames = codec.pack(items)
+            cached = self._frames[(start, stop)] = (frames, sum(1 for i in items if i.id))
+            self._frames_bytes += sum(map(len, frames))
         return cached
 
 
@@ -538,10 +547,9 @@ class Hub:
         self._by_login: dict[str, set[Subscriber]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def add(self, sub: Subscriber) -> bool:
-        """Register a subscriber; it gets what is published from now on. For members,
-        returns True if this login just joined the room (first stream of that login there),
-        so the caller announces presence."""
+    def add(self, sub: Subscriber) -> None:
+        """Register a subscriber; it gets what is published from now on. (Who is announced
+        as joining is the servicer's to decide, by the streams whose replay is done.)"""
         room = self._rooms.get(sub.room)
         if room is None:
             room = self._rooms[sub.room] = _Room(sub.limit, self.pacing)
@@ -551,11 +559,8 @@ class Hub:
         sub._room = room
         sub.cursor = room.end
         self._by_login.setdefault(sub.login, set()).add(sub)
-        if sub.member is None:
-            return False
-        streams = room.members.setdefault(sub.login, [])
-        streams.append(sub)
-        return len(streams) == 1
+        if sub.member is not None:
+            room.members.setdefault(sub.login, []).append(sub)
 
     def remove(self, sub: Subscriber) -> bool:
         """Unregister; returns True if this was the login's last member stream in the room."""

@@ -11,8 +11,10 @@ exactly one of:
   resend of a stored message, with the original id and nothing published);
 * a refusal: an error event naming its ``client_msg_id``, which means it was NOT stored and
   may be sent again with the same id (rate limit, storage failure or timeout, shutdown);
-* in cluster mode, a refusal as ``Unconfirmed``: the cluster did not confirm it in time, so
-  it may still appear; sent again with the same ``client_msg_id`` it is stored once;
+* a refusal as ``Unconfirmed``: the cluster did not confirm it in time, or a hung disk held
+  the write it was in, so it may still appear; sent again with the same ``client_msg_id``
+  it is stored once. If the write then commits after all, it is published and acknowledged
+  then (``History.submit``);
 * ``InvalidInput`` raised at once for malformed input (the caller counts those as strikes
   against a flooding client; refusals above are never strikes, though ``send`` says which
   were refused at once, and the caller cuts off a stream that never waits as told).
@@ -37,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import Protocol
 
@@ -63,6 +66,7 @@ from .store import (
     Settle,
     StoredMessage,
     Topic,
+    Written,
 )
 from .throttle import Buckets, LogLimiter, retry_in
 
@@ -75,6 +79,9 @@ MAX_ID = 2**63 - 1  # SQLite's largest integer; larger numbers are not message i
 MAX_PENDING = 50_000
 # Read positions wait this long for others before they are written in one transaction.
 MARK_DELAY = 0.2
+# Read positions whose write failed (a locked, full or stalled disk) are tried again this long
+# after, with those given meanwhile.
+MARK_RETRY = 1.0
 # A read by the person who gave them waits at most this long for their positions to be
 # written (``written_for``): in cluster mode a write also shares them with the cluster,
 # which without a quorum takes until it gives up.
@@ -86,10 +93,23 @@ MARK_WAIT = 1.0
 NEW_ROOMS_BURST, NEW_ROOMS_RATE = 50, 1 / 60
 CHANGES = (pb.MESSAGE_KIND_EDIT, pb.MESSAGE_KIND_DELETE, pb.MESSAGE_KIND_TOPIC)
 
+def check_client_msg_id(client_msg_id: str) -> None:
+    """Raise InvalidInput unless ``client_msg_id`` may name a message: at most
+    MAX_CLIENT_MSG_ID characters, none of them control or unshown ones (a NUL and escapes
+    were stored and echoed; a review, 2026-11-25)."""
+    if len(client_msg_id) > MAX_CLIENT_MSG_ID:
+        raise InvalidInput(f"client_msg_id longer than {MAX_CLIENT_MSG_ID} characters")
+    if render.UNSAFE.search(client_msg_id):
+        raise InvalidInput("client_msg_id holds control or invisible characters")
+
+
 class History(Protocol):
     """Where messages become durable. ``submit`` never blocks; ``then`` runs on the event
     loop after the outcome is final, in submission order (a refusal for waiting too long may
-    come before an earlier message's outcome, which a hung disk holds). Reads may wait on the
+    come before an earlier message's outcome, which a hung disk holds). After an
+    ``Unconfirmed`` it may run once more, with the outcome of the write a hung disk held
+    (SqliteHistory; cluster mode's copies are made visible by ``Ledger.applied``). Reads may
+    wait on the
     disk, so they are coroutines; ``last_id`` and ``rooms`` answer from memory (what has been
     settled)."""
 
@@ -182,6 +202,16 @@ class SendLimits(Protocol):
 Refuse = Callable[[Subscriber, TsnetchatError, str, float], None]
 
 
+@dataclass(eq=False)
+class _Taken:
+    """A send handed to the history: its stream, its client_msg_id, and whether it has had
+    its answer (then an outcome is a second one: ``History.submit``)."""
+
+    sub: Subscriber
+    client_msg_id: str
+    answered: bool = False
+
+
 class Ledger:
     def __init__(self, history: History, hub: Hub, *, limits: Callable[[], SendLimits],
                  refuse: Refuse, metrics: Metrics | None = None,
@@ -210,6 +240,7 @@ class Ledger:
         self._coming_rooms: set[str] = set()  # new rooms whose first message is not settled
         self._storage_log = LogLimiter(burst=3, rate=0.1)
         self._unconfirmed_log = LogLimiter(burst=3, rate=0.1)
+        self._marks_log = LogLimiter(burst=3, rate=0.1)
 
     def send(self, sub: Subscriber, sender: Sender, text: str, kind: int,
              client_msg_id: str, *, target: int = 0, admin: bool = False) -> bool:
@@ -219,8 +250,7 @@ class Ledger:
         shutdown): the servicer counts those against a stream that does not wait."""
         limits = self.limits()
         kind = kind or pb.MESSAGE_KIND_TEXT
-        if len(client_msg_id) > MAX_CLIENT_MSG_ID:
-            raise InvalidInput(f"client_msg_id longer than {MAX_CLIENT_MSG_ID} characters")
+        check_client_msg_id(client_msg_id)
         mentions: tuple[str, ...] = ()
         if kind in CHANGES:
             text = self._check_change(kind, text, target, limits)
@@ -279,7 +309,7 @@ class Ledger:
         sub.inflight += 1
         self.history.submit(Draft(sub.room, sender, kind, text, client_msg_id, target, mentions,
                                   admin, int(limits.edit_window_seconds * 1000)),
-                            partial(self._settled, sub, client_msg_id))
+                            partial(self._settled, _Taken(sub, client_msg_id)))
         return True
 
     @staticmethod
@@ -377,17 +407,40 @@ class Ledger:
         try:
             await self.history.mark_read([(lg, rm, i) for (lg, rm), i in marks.items()])
         except StoreError as e:  # read positions are a convenience: never fail a stream
-            log.warning("could not store %d read positions: %s", len(marks), e)
+            self._marks_log.log(log, logging.WARNING, "could not store %d read positions "
+                                "yet: %s", len(marks), e)
+            if not self.accepting:  # (the server is stopping: nothing will write them)
+                return
+            # Kept, and written with the next ones, or MARK_RETRY from now: dropped, a
+            # person's positions went back to before a locked or full disk, for good (a
+            # chat gives a position once), and their unread counts with them.
+            for key, last in marks.items():
+                if last > self._marks.get(key, 0):
+                    self._marks[key] = last
+                self._marking.add(key[0])
+            if self._marks_due is None:
+                self._marks_due = asyncio.get_running_loop().call_later(MARK_RETRY,
+                                                                        self._write_marks)
 
-    def _settled(self, sub: Subscriber, client_msg_id: str, outcome: Outcome) -> None:
+    def _settled(self, taken: _Taken, outcome: Outcome) -> None:
         """Publish a stored message and acknowledge it; or tell the sender it was not."""
+        sub, client_msg_id = taken.sub, taken.client_msg_id
+        if taken.answered:  # after an Unconfirmed: the write a hung disk held returned
+            # (stored, and nobody saw it: the room's readers went on past its id, and the
+            # sender's resend was its only ack)
+            if isinstance(outcome, Written) and not outcome.duplicate:
+                self.metrics.inc("messages_total")
+                self.hub.publish(outcome.message.room, codec.message_item(outcome.message))
+                self.hub.reply(sub, codec.sent_item(client_msg_id, outcome.message.id))
+            return  # (not stored: the sender was told to send it again, and will)
+        taken.answered = True
         sub.inflight -= 1
         self._coming_rooms.discard(sub.room)
-        if isinstance(outcome, Unconfirmed):  # cluster mode: it may still appear
+        if isinstance(outcome, Unconfirmed):  # it may still appear
             # (refused for 20 s while NATS had no quorum, with nothing in the journal: an
             # operator's run, 2026-11-24)
-            self._unconfirmed_log.log(log, logging.WARNING, "refusing messages: the cluster "
-                                      "did not confirm them in time (%s)", outcome)
+            self._unconfirmed_log.log(log, logging.WARNING, "refusing messages: they were "
+                                      "not confirmed in time (%s)", outcome)
             self._refused(sub, client_msg_id, "unconfirmed", outcome, 1.0)
             return
         if isinstance(outcome, StoreDamaged):  # (no "send it again": only a restore helps)

@@ -46,6 +46,11 @@ class Outgoing:
     # Written, and not answered since with a refusal that says it was not stored: it may
     # have been (the link broke under it, or a cluster's "it may still appear").
     unsure: bool = False
+    # A refusal said "it may still appear" of a write under this key: a later "not stored"
+    # is of that write alone, and the first may still be stored (under the same key, so
+    # never twice). (The later refusal cleared ``unsure``, and the chat said "not stored"
+    # of a message that may exist; a reliability run, 2026-11-25.)
+    may_appear: bool = False
 
     @property
     def pending(self) -> bool:
@@ -116,7 +121,8 @@ class Outbox:
         out = self.find(client_msg_id)
         if out is None:
             return None
-        out.unsure = unsure and not for_good
+        out.may_appear = out.may_appear or unsure
+        out.unsure = out.may_appear and not for_good
         if for_good:
             out.state, out.error = State.FAILED, reason
         else:
@@ -134,7 +140,8 @@ class Outbox:
         again = self.failed
         for o in again:
             self._items.remove(o)
-            o.state, o.error, o.not_before, o.attempts, o.unsure = State.QUEUED, "", 0.0, 0, False
+            o.state, o.error, o.not_before, o.attempts = State.QUEUED, "", 0.0, 0
+            o.unsure = o.may_appear = False
             o.client_msg_id = uuid.uuid4().hex  # (a new message: nothing sent under it yet)
             self._items.append(o)
         return again

@@ -117,6 +117,12 @@ async def mint_key(cfg: ServerConfig, api: TailscaleAPI, hostname: str, *,
                                    expiry_seconds=KEY_TTL_SECONDS, ephemeral=ephemeral)
 
 
+def say_holders(holders: list[NameHolder], hostname: str) -> None:
+    """Log what held ``hostname``'s name: removed (info), or left in place (a warning)."""
+    for h in holders:
+        (log.info if h.removed else log.warning)("%s", h.message(hostname))
+
+
 def api_configured(cfg: ServerConfig) -> bool:
     """Whether the config gives API credentials (ConfigError if it gives half of some)."""
     return credentials(cfg).given
@@ -125,12 +131,13 @@ def api_configured(cfg: ServerConfig) -> bool:
 async def provision(cfg: ServerConfig, hostname: str, *, fresh: bool = True, mint: bool = True,
                     ephemeral: bool = False) -> tuple[str, list[NameHolder]]:
     """For a node about to join as ``hostname``: clear the name (if the node is ``fresh``)
-    and mint its key (if ``mint``; else the key is ""). Returns (key, what held the name)."""
+    and mint its key (if ``mint``; else the key is ""). Returns (key, what held the name):
+    the caller says what held it, in its own way (``say_holders`` for a log). (Logged here
+    too, `tsnetchat provision` said each twice: its own line, and the warning Python's
+    logging prints without a handler; an operator's run, 2026-11-25.)"""
     async with open_api(cfg) as api:
         holders = await clear_name(cfg, api, hostname) if fresh else []
         key = await mint_key(cfg, api, hostname, ephemeral=ephemeral) if mint else ""
-    for h in holders:
-        (log.info if h.removed else log.warning)("%s", h.message(hostname))
     if mint:
         log.info("minted a single-use, pre-authorised auth key for %s (tags %s, valid %d s)",
                  hostname, ",".join(cfg.tag_list) or "none", KEY_TTL_SECONDS)

@@ -3,14 +3,16 @@
 ``Server(cfg, tailnet=...)`` assembles the parts in order, each given what it needs: the
 state dir made private, the signing key, the store, the gate (over the given ``Tailnet``:
 the real ``LocalAPI`` in production, a stand-in in tests of pure chat logic, the same start-up
-either way), the hub and the servicer. Construct it in the event loop that will run it.
+either way), the hub and the servicer (in cluster mode wired to the cluster both ways:
+``Elsewhere``, ``Server._hear``). Construct it in the event loop that will run it.
 ``Server.start`` waits until tailscaled is up, picks the listen addresses (tailnet IPs with a
 TUN device; loopback in userspace mode, where tailscaled delivers tailnet traffic), and only
-then binds and reports READY. Background tasks follow tailscaled's IPN bus (the gate's
-changes, and new addresses), re-decide leases (``Gate.run``), pick up revocations and a
-rotated key written by the CLI, and apply retention. ``Server.stop`` stops accepting, tells
-streams the server is going away, waits up to the grace period, and closes the store.
-Signals only set events (see ``serve``).
+then binds and reports READY; what it learned and made is one value (``Serving``). Background
+tasks follow tailscaled's IPN bus (the gate's changes, new addresses, our node registered
+again), re-decide leases (``Gate.run``), pick up revocations, a rotated key written by the
+CLI and (cluster mode) the other servers' nodes, and apply retention. ``Server.stop`` stops
+accepting, tells streams the server is going away, waits up to the grace period, and closes
+the store. Signals only set events (see ``serve``).
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ from .loop import (
 from .metrics import Metrics
 from .notify import Notifier
 from .pb import chat_pb2 as pb
-from .service import SERVICE_NAME, ChatService
+from .service import SERVICE_NAME, ChatService, Elsewhere
 from .statedir import StateLock, read_key, secure_state_dir
 from .store import MAX_GROUP, SqliteHistory, Store, damaged, quick_check
 from .tailnet import LocalAPI, Status, Tailnet, format_addr, wait_running
@@ -105,6 +107,13 @@ REFLECTION_PACE = (32, 10.0)
 # past it held 5 s, was tried the same day: the bench's own poll of the server's counters,
 # 10 a second, was refused and held.)
 METRICS_BURST, METRICS_RATE = 20, 5.0
+# Connections to the metrics port open at once from one address, and in all: each waits up to
+# METRICS_READ seconds for its request, and more are answered 429 at once. Asked only once
+# the request came, the budget above let a device that opened connections and sent nothing
+# hold as many as it opened, each a file of the server's, whose limit is every connection's
+# (a review, 2026-11-25). A scraper uses one at a time.
+METRICS_OPEN_PER_ADDRESS, METRICS_OPEN = 4, 64
+METRICS_READ = 5.0
 
 KEEPALIVE_TIME_MS = 4_000
 KEEPALIVE_TIMEOUT_MS = 4_000
@@ -175,10 +184,22 @@ RELOADABLE = frozenset({f.name for f in dataclasses.fields(Limits)} | {
     "enroll", "enroll_ttl_hours", "token_ttl_hours"})
 
 
-def policy_for(cfg: ServerConfig, key: bytes, own_node: str = "") -> Policy:
+def policy_for(cfg: ServerConfig, key: bytes) -> Policy:
     return Policy(key=key, cap_name=cfg.cap_name, require_grant=cfg.require_grant,
-                  logins_need_grant=cfg.enroll != "any", allow_own_node=cfg.allow_own_node,
-                  own_node=own_node)
+                  logins_need_grant=cfg.enroll != "any", allow_own_node=cfg.allow_own_node)
+
+
+@dataclasses.dataclass(frozen=True)
+class Serving:
+    """What ``Server.start`` learns and makes, whole at once: what tailscaled said of this
+    server's node, the addresses listened on and the port on each, and the gRPC server bound
+    there. Replaced whole when the addresses change (``Server._maybe_rebind``) and when the
+    node is registered again (``Server._follow_node``)."""
+
+    status: Status
+    addresses: list[str]
+    ports: list[int]
+    grpc: grpc.aio.Server
 
 
 # The device behind a peer, held for a stream's life (``Gate.device_behind``).
@@ -287,22 +308,34 @@ class BoundedReflection(reflection.aio.ReflectionServicer):  # type: ignore[misc
 class Scrapes:
     """Prometheus text, behind the tailnet lock: only connections that come through
     tailscaled from a device (not this server's own node, unless allow_own_node) get an
-    answer; anything else is closed with 403; beyond ``METRICS_RATE`` from an address,
-    429."""
+    answer; anything else is closed with 403; beyond ``METRICS_RATE`` from an address, or
+    more than ``METRICS_OPEN_PER_ADDRESS`` connections open from one, 429."""
 
     def __init__(self, gate: Gate, metrics: Metrics) -> None:
         self.gate, self.metrics = gate, metrics
         self._by_address = Buckets(METRICS_BURST, METRICS_RATE)
+        self._open: Counter[str] = Counter()  # connections open, by address
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One HTTP request on its own connection (``asyncio.start_server``'s callback)."""
         with contextlib.suppress(Exception):
             host, port = writer.get_extra_info("peername")[:2]
-            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-            body, status = await self._answer(host, format_addr(host, port))
-            writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: text/plain; "
-                         b"version=0.0.4\r\nContent-Length: " + str(len(body)).encode() +
-                         b"\r\nConnection: close\r\n\r\n" + body)
+            if (self._open[host] >= METRICS_OPEN_PER_ADDRESS
+                    or self._open.total() >= METRICS_OPEN):
+                _reply(writer, b"429 Too Many Requests", (
+                    f"too many open metrics connections (at most {METRICS_OPEN_PER_ADDRESS} "
+                    f"from one address, {METRICS_OPEN} in all); send the request at once, "
+                    "one scrape at a time\n").encode())
+            else:
+                self._open[host] += 1
+                try:
+                    await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), METRICS_READ)
+                    body, status = await self._answer(host, format_addr(host, port))
+                    _reply(writer, status, body)
+                finally:
+                    self._open[host] -= 1
+                    if not self._open[host]:
+                        del self._open[host]
             await writer.drain()
         writer.close()
 
@@ -316,6 +349,12 @@ class Scrapes:
         except TsnetchatError as e:
             return f"{e}\n".encode(), b"403 Forbidden"
         return self.metrics.render_prometheus().encode(), b"200 OK"
+
+
+def _reply(writer: asyncio.StreamWriter, status: bytes, body: bytes) -> None:
+    writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: text/plain; version=0.0.4\r\n"
+                 b"Content-Length: " + str(len(body)).encode() +
+                 b"\r\nConnection: close\r\n\r\n" + body)
 
 
 class Unknown(grpc.GenericRpcHandler):  # type: ignore[misc]
@@ -345,6 +384,14 @@ class Unknown(grpc.GenericRpcHandler):  # type: ignore[misc]
 
         # A stream both ways, never read: it fits a call of any kind.
         return grpc.stream_stream_rpc_method_handler(refuse)
+
+
+def _elsewhere(cluster: ClusterHistory) -> Elsewhere:
+    """The servicer's hooks into the other servers of ``cluster``."""
+    return Elsewhere(
+        servers=lambda: [pb.ClusterServer(name=n, port=p, node_id=cluster.server_nodes.get(n, ""))
+                         for n, p in sorted(cluster.servers.items())],
+        kick=cluster.kick, members=cluster.members, share_presence=cluster.share_presence)
 
 
 def _stamp(path: Path) -> tuple[int, int, int] | None:
@@ -427,12 +474,14 @@ class Server:
         self.enrollment = enroll.Enrollment(
             door=self.gate, key=lambda: self.gate.policy.key, store=self.store,
             policy=enroll.policy_from(cfg),  # named once start() knows our name
-            server_node=lambda: self.status.self_node if self.status else None)
-        self.service = ChatService(store=self.store, hub=self.hub, gate=self.gate,
-                                   tailnet=tailnet, limits=cfg.limits, metrics=self.metrics,
-                                   enrollment=self.enrollment)
-        if isinstance(self.store, ClusterHistory):  # (what other servers stored, made visible)
-            self.store.on_applied = self.service.ledger.applied
+            server_node=lambda: self.serving.status.self_node)
+        cluster = self.store if isinstance(self.store, ClusterHistory) else None
+        self.service = ChatService(
+            store=self.store, hub=self.hub, gate=self.gate, tailnet=tailnet, limits=cfg.limits,
+            metrics=self.metrics, enrollment=self.enrollment,
+            elsewhere=Elsewhere() if cluster is None else _elsewhere(cluster))
+        if cluster is not None:
+            self._hear(cluster)
         gate = self.gate
         self.health = BoundedHealth(gate.device_behind, lambda: gate.hold)
         self.reflection = BoundedReflection((
@@ -448,69 +497,86 @@ class Server:
                          ("lease_failures_total", lambda: float(gate.lease_failures)),
                          ("refusals_throttled_total", lambda: float(gate.throttled)),
                          ("connections_closed_total", lambda: float(self.guard.closed)),
+                         # (how much group commit gathers: messages per commit; nothing
+                         # showed it, a reliability run, 2026-11-25)
+                         ("store_commits_total", lambda: float(local.commits)),
+                         ("store_committed_messages_total", lambda: float(local.committed)),
                          ("loop_busy", lambda: self.load.value)]:
             self.metrics.gauge(name, fn)
-        # Set by start(): what tailscaled said, where we listen.
-        self.status: Status | None = None
-        self.addresses: list[str] = []
-        self.ports: list[int] = []
-        # What the connection guard sweeps, and the metrics listeners: both follow a rebind
-        # (``_maybe_rebind``; kept on the old addresses, metrics went unserved and a device
-        # held any number of connections on the new ones; an independent review, 2026-11-25).
+        self._serving: Serving | None = None  # (start)
+        # What the connection guard sweeps, and the metrics listeners (and the addresses
+        # they listen on): both follow a rebind (``_listen_on``; kept on the old addresses,
+        # metrics went unserved and a device held any number of connections on the new
+        # ones; an independent review, 2026-11-25).
         self._listening: list[Remote] = []
         self._metrics_servers: list[asyncio.Server] = []
-        self._grpc: grpc.aio.Server | None = None
-        self._tasks: list[asyncio.Task[Any]] = []
+        self._metrics_on: list[str] = []
+        # Tasks running until stop; each leaves the set as it ends (``_spawn``: a list kept
+        # one more for every SIGHUP and rotated key, never pruned).
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._stopped = False
         self._checking_stops = threading.Event()
         self.started_at = 0.0
 
-    def _policy(self, key: bytes) -> Policy:
-        own = self.status.self_node.node_id if self.status else ""
-        return policy_for(self.cfg, key, own)
+    def _hear(self, cluster: ClusterHistory) -> None:
+        """What the other servers of the cluster do, told here (the servicer's side is
+        ``Elsewhere``): wired as the parts are made, before ``start`` waits for the
+        cluster's revocations (set only then, a server whose copy was deleted took them at
+        its first poll of that copy, and a revoked token worked for a second; a kill -9
+        run, 2026-11-24)."""
+        service, hub, people = self.service, self.hub, self.service.ledger.people
+        cluster.on_applied = service.ledger.applied  # (what they stored, made visible)
+        cluster.on_revoked = service.apply_revocations
+        cluster.on_kick = service.kick_here
+        cluster.on_removed = service.removed_here
+        cluster.on_sender = lambda s: people.add(s.login, s.display_name)  # (mentionable)
+
+        def elsewhere(room: str, kind: int, who: pb.Identity) -> None:
+            # (someone also in the room here has neither joined nor left it)
+            if all(getattr(m, "login", None) != who.login for m in hub.members(room)):
+                service.announce(room, kind, who)
+
+        cluster.on_presence = elsewhere
+
+    @property
+    def serving(self) -> Serving:
+        """What ``start`` learned and made; RuntimeError before it has."""
+        if self._serving is None:
+            raise RuntimeError("the server has not started (Server.start)")
+        return self._serving
+
+    @property
+    def addresses(self) -> list[str]:
+        return self.serving.addresses
+
+    @property
+    def ports(self) -> list[int]:
+        return self.serving.ports
+
+    def _spawn(self, step: Awaitable[Any]) -> None:
+        """Run ``step`` until it ends or the server stops."""
+        task = asyncio.ensure_future(step)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # start -----------------------------------------------------------------------------
 
     async def start(self) -> None:
         cfg = self.cfg
-        self.status = await wait_running(self.tailnet, cfg.startup_timeout,
-                                         progress=self.progress)
+        status = await wait_running(self.tailnet, cfg.startup_timeout, progress=self.progress)
+        self.gate.own_node(status.self_node.node_id)
+        self.enrollment.policy = enroll.policy_from(cfg, status.self_node.short_name)
         if isinstance(self.store, ClusterHistory):
-            # (before start(), which waits for the cluster's revocations: a server whose
-            # copy was deleted took them only at its first poll of that copy, and a revoked
-            # token worked for a second; a kill -9 run, 2026-11-24)
-            self.store.on_revoked = self.service.apply_revocations
             key = await self.store.start(self.gate.policy.key, cfg.startup_timeout)
             if key != self.gate.policy.key:  # the cluster's, so tokens work on every server
                 auth.write_key(cfg.key_path, key)
                 self._key_stamp = _stamp(cfg.key_path)
-            self.store.on_kick = self.service.kick_here
-            self.store.on_removed = self.service.removed_here
-            people = self.service.ledger.people  # who can be mentioned, also from elsewhere
-            self.store.on_sender = lambda s: people.add(s.login, s.display_name)
-            for login, name in self.store.people().items():
-                people.add(login, name)
-            self.service.members_elsewhere = self.store.members
-            self.service.presence_shared = self.store.share_presence
-            service, hub = self.service, self.hub
-
-            def elsewhere(room: str, kind: int, who: pb.Identity) -> None:
-                # (someone also in the room here has neither joined nor left it)
-                if all(getattr(m, "login", None) != who.login for m in hub.members(room)):
-                    service.announce(room, kind, who)
-
-            self.store.on_presence = elsewhere
-            self.service.kick_elsewhere = self.store.kick
-            cluster = self.store
-            self.service.servers = lambda: [
-                pb.ClusterServer(name=n, port=p, node_id=cluster.server_nodes.get(n, ""))
-                for n, p in sorted(cluster.servers.items())]
-            self.gate.apply(self._policy(key))
-            await cluster.follow_key(self._adopt_key)  # a rotation on another server
-        self.gate.apply(self._policy(self.gate.policy.key))  # now knowing our own node
-        self.enrollment.policy = enroll.policy_from(cfg, self._name())  # now knowing our name
-        self.addresses = (listen_addresses(self.status) if cfg.listen == "auto"
-                          else parse_listen(cfg.listen))
+            for login, name in self.store.people().items():  # (mentionable, from elsewhere)
+                self.service.ledger.people.add(login, name)
+            self.gate.apply(policy_for(cfg, key))
+            await self.store.follow_key(self._adopt_key)  # a rotation on another server
+        addresses = (listen_addresses(status) if cfg.listen == "auto"
+                     else parse_listen(cfg.listen))
         try:
             pruned = await self.store.prune(keep_count=cfg.retention_count,
                                             keep_days=cfg.retention_days)
@@ -521,26 +587,26 @@ class Server:
         else:
             if pruned:
                 log.info("retention: pruned %d old messages", pruned)
-        self._grpc = self._build_grpc(self.addresses)
+        server, ports = await self._build_grpc(addresses)
         own_files = self.guard.files()  # (before anyone connects: connguard's base)
-        await self._grpc.start()
+        await server.start()
+        self._serving = Serving(status, addresses, ports, server)
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         if isinstance(self.store, ClusterHistory):  # clients may now fail over to us
-            await self.store.register(self.status.self_node.short_name, self.ports[0],
-                                      self.status.self_node.node_id)
+            await self.store.register(status.self_node.short_name, ports[0],
+                                      status.self_node.node_id)
+            self.gate.other_servers(self.store.server_nodes.values())
         self.started_at = time.time()
-        self._tasks = [asyncio.create_task(self.gate.run()),
-                       asyncio.create_task(self._follow_tailnet()),
-                       asyncio.create_task(self._revocation_loop()),
-                       asyncio.create_task(self._retention_loop())]
+        # (before _follow_tailnet, whose first word may listen again: started first, it
+        # listened on the metrics port while this did, and failed, "the port is in use")
+        await self._listen_on(addresses, ports)
+        for step in (self.gate.run(), self._follow_tailnet(), self._revocation_loop(),
+                     self._retention_loop()):
+            self._spawn(step)
         self._check_database()  # (before the helper threads are set to SCHED_BATCH: it is one)
         if cfg.max_connections_per_device:
-            self._listening[:] = [remote(a, p)
-                                  for a, p in zip(self.addresses, self.ports, strict=True)]
-            self._tasks.append(asyncio.create_task(self.guard.run(self._listening, own_files)))
-        if cfg.metrics_port:
-            await self._listen_metrics()
+            self._spawn(self.guard.run(self._listening, own_files))
         if self.owns_process:
             files = raise_file_limit()
             if files < 4096:
@@ -554,12 +620,12 @@ class Server:
             freeze_startup_heap()
             collector = Collector()
             collector.install()
-            self._tasks.append(asyncio.create_task(self._scale_collector(collector)))
+            self._spawn(self._scale_collector(collector))
         wd = self.notifier.watchdog_interval()
         if wd:
-            self._tasks.append(asyncio.create_task(self._watchdog(wd)))
-        where = ", ".join(f"{a}:{p}" for a, p in zip(self.addresses, self.ports, strict=True))
-        name = self.status.dns_name
+            self._spawn(self._watchdog(wd))
+        where = ", ".join(f"{a}:{p}" for a, p in zip(addresses, ports, strict=True))
+        name = status.dns_name
         log.info("serving on %s; clients connect with: tsnetchat connect %s%s", where,
                  name.split(".")[0] or "<name>",
                  "" if self.cfg.port == DEFAULT_PORT else f" --port {self.cfg.port}")
@@ -588,30 +654,33 @@ class Server:
         self.notifier.send("STATUS=the history database is damaged: restore the last backup "
                            "(tsnetchat doctor)")
 
-    def _name(self) -> str:
-        return self.status.self_node.short_name if self.status else "the server"
-
-    def _build_grpc(self, addresses: list[str]) -> grpc.aio.Server:
+    async def _build_grpc(self, addresses: list[str]) -> tuple[grpc.aio.Server, list[int]]:
+        """A gRPC server (not started) bound to ``addresses``, and its port on each. Raises
+        ConfigError naming an address it cannot listen on, having let go of those it bound:
+        gRPC keeps them until a server has run, and a move to new addresses that failed on
+        one had every later try refused, "the port is in use" (a review, 2026-11-25)."""
+        if any(ipaddress.ip_address(a).is_unspecified for a in addresses):  # belt and braces
+            raise ConfigError("refusing to listen on an unspecified address")
         streams = ("grpc.max_concurrent_streams", streams_per_connection(self.cfg.limits))
         server = grpc.aio.server(options=[*GRPC_OPTIONS, streams])
-        server.add_generic_rpc_handlers((self.service.handlers(),))
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(self.reflection, server)
-        server.add_generic_rpc_handlers((Unknown(self.gate),))  # (last: after every service)
-        self.ports = []
+        ports = []
         for addr in addresses:
-            if ipaddress.ip_address(addr).is_unspecified:  # belt and braces
-                raise ConfigError("refusing to listen on an unspecified address")
             target = f"[{addr}]:{self.cfg.port}" if ":" in addr else f"{addr}:{self.cfg.port}"
             try:
                 port = server.add_insecure_port(target)
             except RuntimeError:  # (gRPC's words say nothing: _why_no_bind)
                 port = 0
             if not port:
-                raise ConfigError(f"cannot listen on {target}: "
-                                  f"{_why_no_bind(addr, self.cfg.port)}")
-            self.ports.append(port)
-        return server
+                why = _why_no_bind(addr, self.cfg.port)
+                await server.start()  # (with no handlers yet: it serves nothing)
+                await server.stop(None)
+                raise ConfigError(f"cannot listen on {target}: {why}")
+            ports.append(port)
+        server.add_generic_rpc_handlers((self.service.handlers(),))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(self.reflection, server)
+        server.add_generic_rpc_handlers((Unknown(self.gate),))  # (last: after every service)
+        return server, ports
 
     # background ----------------------------------------------------------------------
 
@@ -625,6 +694,8 @@ class Server:
                 self.check_key()
             except Exception:  # nothing about the key may end the revocation checks
                 log.exception("checking the signing key failed")
+            if isinstance(self.store, ClusterHistory):  # (servers come and go: as they do)
+                self.gate.other_servers(self.store.server_nodes.values())
 
     async def check_revocations(self) -> int:
         try:
@@ -660,11 +731,11 @@ class Server:
             return False
         self._key_stamp = _stamp(self.cfg.key_path)
         if key != self.gate.policy.key:
-            self.gate.apply(self._policy(key))
+            self.gate.apply(policy_for(self.cfg, key))
             log.warning("the token signing key was rotated: tokens signed with the old key "
                         "are refused from now on, open streams included")
             if isinstance(self.store, ClusterHistory):  # every server of the cluster too
-                self._tasks.append(asyncio.ensure_future(self._share_key(self.store, key)))
+                self._spawn(self._share_key(self.store, key))
         return True
 
     async def _share_key(self, cluster: ClusterHistory, key: bytes) -> None:
@@ -699,7 +770,7 @@ class Server:
             log.error("cluster: could not write the cluster's new signing key to %s: %s",
                       self.cfg.key_path, e.strerror)
         self._key_stamp = _stamp(self.cfg.key_path)
-        self.gate.apply(self._policy(key))
+        self.gate.apply(policy_for(self.cfg, key))
         log.warning("the token signing key was rotated on another server of the cluster: "
                     "tokens signed with the old key are refused from now on, open streams "
                     "included")
@@ -723,8 +794,9 @@ class Server:
 
     async def _follow_tailnet(self) -> None:
         """Follow tailscaled's IPN bus: every change goes to the gate (identities to ask
-        again); with listen = auto, new tailnet addresses are listened on. If the bus is
-        lost, the gate is told (it re-checks every second meanwhile) and we keep trying."""
+        again); when the change may be our own node's, its status is read again
+        (``_follow_node``). If the bus is lost, the gate is told (it re-checks every second
+        meanwhile) and we keep trying."""
         backoff = 1.0
         lost = False
         while True:
@@ -735,10 +807,10 @@ class Server:
                         lost = False  # back: a daily user's run, 2026-11-24)
                         log.info("following tailscaled's IPN bus again")
                     self.gate.tailnet_changed(change)
-                    if change.everything and self.cfg.listen == "auto":
+                    if change.everything:
                         st = await self.tailnet.status()
-                        if st.running and st.ips:
-                            await self._maybe_rebind(st)
+                        if st.running:
+                            await self._follow_node(st)
                 log.warning("tailscaled's IPN bus ended; retrying in %.0fs", backoff)
             except TailnetError as e:
                 log.warning("lost tailscaled's IPN bus (%s); retrying in %.0fs", e, backoff)
@@ -750,38 +822,69 @@ class Server:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 30)
 
+    async def _follow_node(self, st: Status) -> None:
+        """What tailscaled says of our node now. Registered again (a new node id: deleted in
+        the control server, or `tailscale up --force-reauth`), it is ours from now on: the
+        gate refuses it as our own, Login and RenewToken name it (``ServerNode``), and the
+        cluster lists us under it. (The status read at start stayed: clients stored their
+        tokens under a node id that no longer was, and ``tokens.Entry.matches`` compares
+        them; a review, 2026-11-25.) With listen = auto, new tailnet addresses are
+        listened on (``_maybe_rebind``); metrics that could not listen on them are tried
+        again at each such change."""
+        before = self.serving.status.self_node
+        now = st.self_node
+        if now.node_id and now.node_id != before.node_id:
+            log.warning("this server's node was registered again: it is %r now (was %r)",
+                        now.node_id, before.node_id)
+            self._serving = dataclasses.replace(self.serving, status=st)
+            self.gate.own_node(now.node_id)
+            self.enrollment.policy = dataclasses.replace(self.enrollment.policy,
+                                                         server=now.short_name)
+            if isinstance(self.store, ClusterHistory):
+                await self.store.register(now.short_name, self.serving.ports[0], now.node_id)
+        if self.cfg.listen == "auto" and st.ips:
+            await self._maybe_rebind(st)
+        if self.cfg.metrics_port and self._metrics_on != self.serving.addresses:
+            await self._listen_on(self.serving.addresses, self.serving.ports)
+
     async def _maybe_rebind(self, st: Status) -> None:
         new = listen_addresses(st)
-        if sorted(new) == sorted(self.addresses):
+        old = self.serving
+        if sorted(new) == sorted(old.addresses):
             return
-        log.warning("tailnet addresses changed %s -> %s; re-listening", self.addresses, new)
-        old = self._grpc
-        self._grpc = self._build_grpc(new)
-        await self._grpc.start()
-        self.addresses, self.status = new, st
-        self._listening[:] = [remote(a, p) for a, p in zip(new, self.ports, strict=True)]
+        log.warning("tailnet addresses changed %s -> %s; re-listening", old.addresses, new)
+        server, ports = await self._build_grpc(new)
+        await server.start()
+        self._serving = Serving(st, new, ports, server)
         try:
-            if self.cfg.metrics_port:
-                for srv in self._metrics_servers:  # (first: an address kept is bound again)
-                    srv.close()
-                await self._listen_metrics()  # (ConfigError: said by _follow_tailnet)
+            await self._listen_on(new, ports)  # (ConfigError: said by _follow_tailnet)
         finally:
-            if old is not None:
-                await old.stop(self.cfg.shutdown_grace)
+            await old.grpc.stop(self.cfg.shutdown_grace)
 
-    async def _listen_metrics(self) -> None:
-        """Serve metrics on ``addresses`` (again, after a rebind)."""
-        self._metrics_servers = []
-        for addr in self.addresses:
+    async def _listen_on(self, addresses: list[str], ports: list[int]) -> None:
+        """Where gRPC listens, the connection guard sweeps, and metrics (if metrics_port)
+        are served: at start and after a move to new addresses. Raises ConfigError naming a
+        metrics address it cannot listen on, having let go of those it bound there (and
+        ``_follow_node`` tries again: the next move found the addresses unchanged, and
+        metrics went unserved until a restart; a review, 2026-11-25)."""
+        self._listening[:] = [remote(a, p) for a, p in zip(addresses, ports, strict=True)]
+        if not self.cfg.metrics_port:
+            return
+        for srv in self._metrics_servers:  # (first: an address kept is bound again)
+            srv.close()
+        self._metrics_servers, self._metrics_on = [], []
+        listening = []
+        for addr in addresses:
             try:
-                srv = await asyncio.start_server(self.scrapes.handle, addr,
-                                                 self.cfg.metrics_port)
+                listening.append(await asyncio.start_server(self.scrapes.handle, addr,
+                                                            self.cfg.metrics_port))
             except OSError as e:  # (it was "unexpected OSError ... a bug": an attacker's run,
                 # 2026-11-25, with the port taken)
+                for srv in listening:
+                    srv.close()
                 raise ConfigError(f"cannot serve metrics on {addr}:{self.cfg.metrics_port} "
                                   f"(metrics_port): {_bind_words(e, addr)}") from None
-            self._metrics_servers.append(srv)
-            self._tasks.append(asyncio.create_task(srv.serve_forever()))
+        self._metrics_servers, self._metrics_on = listening, list(addresses)
 
     # reload / stop -------------------------------------------------------------------
 
@@ -806,10 +909,11 @@ class Server:
                         cfg.limits.max_rooms_per_client, streams)
         self.cfg = cfg
         self.service.apply(cfg.limits)
-        self.gate.apply(self._policy(self.gate.policy.key))
-        self.enrollment.policy = enroll.policy_from(cfg, self._name())
+        self.gate.apply(policy_for(cfg, self.gate.policy.key))
+        self.enrollment.policy = enroll.policy_from(cfg,
+                                                    self.serving.status.self_node.short_name)
         self.check_key()
-        self._tasks.append(asyncio.ensure_future(self.check_revocations()))
+        self._spawn(self.check_revocations())
         log.info("reloaded configuration; reading revocations")
 
     async def stop(self, grace: float | None = None) -> None:
@@ -825,8 +929,10 @@ class Server:
                 await self.health.enter_graceful_shutdown()
             n = await self.service.begin_shutdown(drain_timeout=max(grace, self.cfg.store_wait))
             log.info("shutting down: told %d stream(s) to reconnect", n)
-            if self._grpc is not None:
-                await self._grpc.stop(grace)
+            for srv in self._metrics_servers:
+                srv.close()
+            if self._serving is not None:
+                await self._serving.grpc.stop(grace)
             await cancel_all(self._tasks)
         finally:  # (also when stop itself is cancelled: a second signal, a caller's limit)
             await self.store.close()

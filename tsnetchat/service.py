@@ -16,6 +16,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
@@ -39,7 +40,7 @@ from .errors import (
 )
 from .gate import Gate, Lease
 from .hub import FRAME_BATCH, CloseKind, CloseReason, Hub, Subscriber
-from .ledger import MAX_CLIENT_MSG_ID, MAX_ID, History, Ledger
+from .ledger import MAX_ID, History, Ledger, check_client_msg_id
 from .metrics import Metrics
 from .pb import chat_pb2 as pb
 from .store import Sender, Topic, search_words
@@ -96,8 +97,8 @@ SAME_ROOM_HEADROOM = 4
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCode,
                  details: str) -> None:
     """End the call with ``code``, unless it already has a status: a stream closed a moment
-    before (``Service._live``) made grpc.aio raise UsageError "Abort already called!" here,
-    a traceback in the log (seen by the kill -9 review, 2026-11-22)."""
+    before (``ChatService._live``) made grpc.aio raise UsageError "Abort already called!"
+    here, a traceback in the log (seen by the kill -9 review, 2026-11-22)."""
     try:
         await context.abort(code, details)
     except grpc.aio.UsageError:
@@ -180,11 +181,16 @@ async def _end(reason: CloseReason, context: grpc.aio.ServicerContext) -> None:
                         reason.message)
 
 
-async def _end_if_withdrawn(sub: Subscriber, lease: Lease,
-                            context: grpc.aio.ServicerContext) -> None:
+async def _end_if_cut_off(sub: Subscriber, lease: Lease,
+                          context: grpc.aio.ServicerContext) -> None:
+    """End the call now if the subscriber may no longer read its room (its lease failed, it
+    was kicked or removed), or the server is shutting down: a replay closed by the shutdown
+    went on to its end, or until the grace ran out and its client was told only CANCELLED (a
+    review, 2026-11-25). Any other close ends the stream after the replay (``_live``)."""
     if lease.error is not None:  # (the lease, not the first close: SHUTDOWN, then revoked)
         await _end(_closing(lease.error), context)
-    if sub.closed is not None and sub.closed.withdraws:
+    if sub.closed is not None and (sub.closed.withdraws
+                                   or sub.closed.kind is CloseKind.SHUTDOWN):
         await _end(sub.closed, context)
 
 
@@ -249,6 +255,27 @@ class ServerStore(History, Protocol):
 HISTORY_BURST_SECONDS = 8
 
 
+# The most a History page (or the Mentions answer) holds, encoded: under the 4 MiB a stock
+# gRPC client (this one's too) accepts. 200 messages of the 60,000 bytes max_message_bytes
+# allows made a page of 12 MB, and 80 one of 4.7 MB, refused by the client: "Received
+# message larger than max" (a review, 2026-11-25). A History page cut short says there is
+# more (as replays keep to codec.FRAME_BYTES a frame).
+HISTORY_PAGE_BYTES = 3 * codec.FRAME_BYTES
+
+
+def _within(page: list[pb.ChatMessage], most: int, *, from_first: bool
+            ) -> list[pb.ChatMessage]:
+    """The messages of ``page`` that fit in ``most`` bytes encoded, counted from its first
+    (``from_first``) or its last; at least one."""
+    size, n = 0, 0
+    for m in page if from_first else reversed(page):
+        size += m.ByteSize() + 8  # (and its field's tag and length)
+        if size > most and n:
+            break
+        n += 1
+    return page[:n] if from_first else page[len(page) - n:]
+
+
 def _history_budget(limits: Limits) -> tuple[int, float]:
     kib = limits.history_kib_per_second
     return kib * HISTORY_BURST_SECONDS, float(kib)
@@ -271,10 +298,30 @@ def _failed_unseen(room: str, by: str, task: asyncio.Future[Any]) -> None:
                   "stopped waiting", room, by, exc_info=e)
 
 
+def _nobody(room: str) -> list[pb.Identity]:
+    return []
+
+
+@dataclass(frozen=True)
+class Elsewhere:
+    """What the servicer asks of the other servers of a chat cluster (tsnetchat.cluster),
+    given at construction; the defaults are a server alone's. ``servers``: every server, for
+    the Welcome and the ReplayDone (a Subscribe stream's only news of them); ``kick``: a
+    kick passed on to the others (room, login, by whom, seconds the caller still waits),
+    raising StoreError when the cluster does not confirm it; ``members``: who is in a room
+    through the others; ``share_presence``: a coming or going here, told to the others."""
+
+    servers: Callable[[], list[pb.ClusterServer]] = list
+    kick: Callable[[str, str, str, float | None], Awaitable[None]] | None = None
+    members: Callable[[str], list[pb.Identity]] = _nobody
+    share_presence: Callable[[str, int, pb.Identity], None] | None = None
+
+
 class ChatService:
     def __init__(self, *, store: ServerStore, hub: Hub, gate: Gate, limits: Limits,
                  tailnet: Tailnet, metrics: Metrics | None = None,
-                 enrollment: Enrollment | None = None) -> None:
+                 enrollment: Enrollment | None = None,
+                 elsewhere: Elsewhere = Elsewhere()) -> None:
         self.store, self.hub, self.gate, self.limits = store, hub, gate, limits
         self.tailnet = tailnet  # who is on the tailnet (a new DM's logins)
         self.enrollment = enrollment  # Login and RenewToken (enroll.py)
@@ -299,16 +346,13 @@ class ChatService:
         self._error_log = LogLimiter(burst=5, rate=0.2)
         # (when answered, or asked while in flight; the question)
         self._logins_asked: tuple[float, asyncio.Future[set[str]]] | None = None
-        self.going_away = False
-        # Cluster mode (tsnetchat.cluster): every server, for the Welcome and the ReplayDone
-        # (a Subscribe stream's only news of them); and a kick passed on to the other servers
-        # (room, login, by whom, seconds the caller still waits), raising StoreError when
-        # the cluster does not confirm it.
-        self.servers: Callable[[], list[pb.ClusterServer]] = list
-        self.kick_elsewhere: Callable[[str, str, str, float | None],
-                                      Awaitable[None]] | None = None
-        self.members_elsewhere: Callable[[str], list[pb.Identity]] = lambda room: []
-        self.presence_shared: Callable[[str, int, pb.Identity], None] | None = None
+        # Set by ``begin_shutdown``; awaited by a Join still reading its hello (not yet in
+        # the hub, so not closed with the rest).
+        self._going_away = asyncio.Event()
+        self.servers = elsewhere.servers  # (cluster mode: ``Elsewhere``)
+        self.kick_elsewhere = elsewhere.kick
+        self.members_elsewhere = elsewhere.members
+        self.presence_shared = elsewhere.share_presence
 
     def apply(self, limits: Limits) -> None:
         """New limits (a reload): for new calls, and for the rate buckets of everyone.
@@ -452,8 +496,13 @@ class ChatService:
                 out.add(node.login)
         return out
 
-    def _readable(self, p: auth.Principal, room: str) -> str:
-        room = self._canonical(p, room)
+    async def _readable(self, p: auth.Principal, room: str) -> str:
+        """The room ``room`` names for ``p`` (``_conversation``: a DM not stored is refused
+        if it names a login nobody has), which ``p`` may read; raises PermissionDenied. (A
+        MarkRead of a DM naming a typo was answered as done, read up to 0, where History of
+        it said nobody has that login; a review, 2026-11-25.)"""
+        room = (await self._conversation(p, room) if rooms.is_conversation(room)
+                else self._canonical(p, room))
         self.access().check(p, room)
         return room
 
@@ -576,12 +625,15 @@ class ChatService:
 
     def _enter(self, p: auth.Principal, sub: Subscriber) -> None:
         """Put a Join's or Subscribe's ``sub`` in its room (``hub.add``; from then on
-        ``begin_shutdown`` and ``removed_here`` close it), its access decided again with no
-        await between: the wait for this server's copy (``_resumable``, cluster mode) came
-        after ``_hold``, and a member removed meanwhile entered the room (an independent
+        ``begin_shutdown`` and ``removed_here`` close it), its access and the person's
+        streams (``_check_capacity``) decided again with no await between: the wait for this
+        server's copy (``_resumable``, cluster mode) came after ``_hold``, and a member
+        removed meanwhile entered the room (an independent review, 2026-11-25); streams
+        opened all at once each found max_rooms_per_client unspent, and all entered (a
         review, 2026-11-25)."""
         self._check_going_away()
         self.access().check(p, sub.room)
+        self._check_capacity(p, sub.room)
         self.hub.add(sub)
 
     def _check_going_away(self) -> None:
@@ -589,7 +641,7 @@ class ChatService:
         ``begin_shutdown`` closes it), once the server is shutting down. A Join admitted
         before and whose hello came after was welcomed, announced as JOINED, and held open
         until gRPC cancelled it at the end of the grace (an independent review)."""
-        if self.going_away:
+        if self._going_away.is_set():
             raise Unavailable("the server is shutting down; reconnect shortly")
 
     @staticmethod
@@ -613,9 +665,10 @@ class ChatService:
         """History frames: everything after ``after``, or the recent backlog. Sets
         ``sub.replayed_to`` so live items already sent here are skipped. Ends the call as
         soon as the subscriber may no longer read the room (its lease failed, or it was
-        kicked; whatever closed it first): a reader slow enough to stay in
-        its replay got every message stored after its token was revoked (an attack on an
-        in-process server, 2026-11-23: 1,316 of them in 27 s)."""
+        kicked; whatever closed it first), or the server is shutting down
+        (``_end_if_cut_off``): a reader slow enough to stay in its replay got every message
+        stored after its token was revoked (an attack on an in-process server, 2026-11-23:
+        1,316 of them in 27 s)."""
         room = sub.room
         if after is None:
             msgs = await self.store.latest(room, self.limits.history_on_join)
@@ -623,20 +676,20 @@ class ChatService:
             for i in range(0, len(msgs), FRAME_BATCH):
                 chunk = [codec.message_item(m) for m in msgs[i:i + FRAME_BATCH]]
                 for f in codec.pack(chunk):
-                    await _end_if_withdrawn(sub, lease, context)
+                    await _end_if_cut_off(sub, lease, context)
                     yield f
             return
         cursor = min(after, self.store.last_id(room))
         sub.replayed_to = cursor
         while True:
-            await _end_if_withdrawn(sub, lease, context)
+            await _end_if_cut_off(sub, lease, context)
             msgs = await self.store.after(room, cursor, FRAME_BATCH)
             if not msgs:
                 return
             cursor = msgs[-1].id
             sub.replayed_to = cursor
             for f in codec.pack([codec.message_item(m) for m in msgs]):
-                await _end_if_withdrawn(sub, lease, context)
+                await _end_if_cut_off(sub, lease, context)
                 yield f
 
     async def _resumable(self, room: str, after: int | None,
@@ -695,7 +748,15 @@ class ChatService:
             self._present.add(key)
         else:
             self._present.discard(key)
-        self._presence(c.room, c.kind, c.who, reason=c.reason)
+        # Somebody also in the room through another server of a cluster neither comes nor
+        # goes here (as the other servers' word of them is not said to whoever has them here:
+        # Server.start's ``elsewhere``): bob's second stream, on this server, said he joined
+        # a room whose member list had him, and its end that he left while he was still in it
+        # (a review over the lab and a real NATS cluster, 2026-11-25).
+        if all(m.login != c.who.login for m in self.members_elsewhere(c.room)):
+            self.announce(c.room, c.kind, c.who, reason=c.reason)
+        if self.presence_shared is not None:
+            self.presence_shared(c.room, c.kind, c.who)
 
     def _presence(self, room: str, kind: int, who: pb.Identity, *, away_message: str = "",
                   reason: str = "") -> None:
@@ -724,7 +785,6 @@ class ChatService:
             hello = await self._read_hello(request_iterator, lease)
             p, room = await self._hold(lease, hello.room, speak=True)
             hello.room = room
-            self._check_capacity(p, room)
             after = hello.after_id if hello.HasField("after_id") else None
             await self._resumable(room, after, context)
             me = self._me(p)
@@ -743,7 +803,7 @@ class ChatService:
                 last_read = await self.store.read_mark(p.login, room)
                 # (removed from a private room during those awaits, the Welcome still told
                 # its topic and members; an independent review, 2026-11-25)
-                await _end_if_withdrawn(sub, lease, context)
+                await _end_if_cut_off(sub, lease, context)
                 members = self.members(hello.room)
                 yield codec.event(welcome=pb.Welcome(
                     room=hello.room, you=me, members=members,
@@ -776,21 +836,32 @@ class ChatService:
                     left = self._inside.pop(inside) - 1
                     if left:
                         self._inside[inside] = left
-                if self.hub.remove(sub):  # (never announced: _came_or_went says nothing)
-                    self._comings.offer(p.login, hello.room, _Coming(
-                        hello.room, pb.PRESENCE_KIND_LEFT, me,
-                        LEFT_BECAUSE.get(sub.closed.kind, "") if sub.closed else ""))
+                if self.hub.remove(sub):  # (their last stream in the room)
+                    if inside in self._present:
+                        self._comings.offer(p.login, hello.room, _Coming(
+                            hello.room, pb.PRESENCE_KIND_LEFT, me,
+                            LEFT_BECAUSE.get(sub.closed.kind, "") if sub.closed else ""))
+                    else:  # never said to be here: a coming still held is taken back (with
+                        # a going held in its place, one per room, let out one a second: 501
+                        # held after 576 Joins into new rooms in 10 s; a review, 2026-11-25)
+                        self._comings.withdraw(p.login, hello.room)
 
     async def _read_hello(self, it: AsyncIterator[Any], lease: Lease) -> pb.Hello:
-        """The first event, which must be a hello; given up as soon as the lease fails."""
+        """The first event, which must be a hello; given up as soon as the lease fails or
+        the server begins to stop (UNAVAILABLE: not yet in the hub, the Join was not closed
+        by ``begin_shutdown``, the server waited the whole grace for it and its client was
+        told only CANCELLED; a review, 2026-11-25)."""
         read = asyncio.ensure_future(anext(it, None))
+        going: asyncio.Future[Any] = asyncio.ensure_future(self._going_away.wait())
         try:
-            done, _ = await asyncio.wait({read, lease.failure()}, timeout=HELLO_TIMEOUT,
+            done, _ = await asyncio.wait({read, lease.failure(), going}, timeout=HELLO_TIMEOUT,
                                          return_when=asyncio.FIRST_COMPLETED)
         finally:
-            if not read.done():
-                read.cancel()
+            for task in (read, going):
+                if not task.done():
+                    task.cancel()
         lease.check()
+        self._check_going_away()
         if read not in done:
             raise InvalidInput(f"Join: no hello within {HELLO_TIMEOUT:.0f}s; the first event "
                                "must be hello{room}")
@@ -869,9 +940,7 @@ class ChatService:
                             break
                         continue
                     elif which == "away":
-                        if len(ev.away.client_msg_id) > MAX_CLIENT_MSG_ID:
-                            raise InvalidInput(
-                                f"client_msg_id longer than {MAX_CLIENT_MSG_ID} characters")
+                        check_client_msg_id(ev.away.client_msg_id)
                         cmid = ev.away.client_msg_id
                         # (looked at before it is counted: ten malformed, and the corrected
                         # one was told to slow down)
@@ -957,7 +1026,6 @@ class ChatService:
         async with self._call(context, request, "Subscribe", stream=True) as lease:
             _check_id("after_id", request.after_id)
             p, room = await self._hold(lease, request.room)
-            self._check_capacity(p, room)
             after = request.after_id if request.HasField("after_id") else None
             await self._resumable(room, after, context)
             sub = Subscriber(room, p.login, p.token_id, self.limits.subscriber_queue)
@@ -978,8 +1046,7 @@ class ChatService:
             p = lease.principal
             # (a DM with a typo'd login answered "no messages", as a Search once did; a daily
             # user's day, 2026-11-25)
-            room = self._readable(p, await self._conversation(p, request.room)
-                                  if rooms.is_conversation(request.room) else request.room)
+            room = await self._readable(p, request.room)
             _check_id("after_id", request.after_id)
             _check_id("before_id", request.before_id)
             limit = min(request.limit or self.limits.max_page, self.limits.max_page)
@@ -988,21 +1055,34 @@ class ChatService:
                 raise LimitExceeded(
                     f"slow down: at most {self.limits.history_kib_per_second} KiB of history "
                     f"a second (history_kib_per_second); {retry_in(wait)}")
-            anchor = request.WhichOneof("anchor")
-            if anchor == "after_id":
-                msgs = await self.store.after(room, request.after_id, limit + 1)
-                more = len(msgs) > limit
-                msgs = msgs[:limit]
-            else:
-                before = request.before_id if anchor == "before_id" else 2**62
-                msgs = await self.store.before(room, before, limit + 1)
-                more = len(msgs) > limit
-                msgs = msgs[-limit:]
-            self.access().check(lease.principal, room)  # (still: READS, _still_readable)
-            res = pb.HistoryResponse(messages=[codec.message_pb(m) for m in msgs], more=more,
-                                     max_page=self.limits.max_page)
-            self._history_kib.spend(p.login, res.ByteSize() / 1024)  # (the next call waits)
-            return res
+            # Spent before the read as the most the page may be (at most the whole burst),
+            # and made what was answered after it: spent only after, pages asked all at once
+            # each found the budget unspent (100 of 800 KB answered from 16 MiB; a review,
+            # 2026-11-25).
+            most = min(limit * self.limits.max_message_bytes, HISTORY_PAGE_BYTES) / 1024
+            reserved = min(most, _history_budget(self.limits)[0])
+            self._history_kib.spend(p.login, reserved)
+            answered = 0.0
+            try:
+                anchor = request.WhichOneof("anchor")
+                if anchor == "after_id":
+                    msgs = await self.store.after(room, request.after_id, limit + 1)
+                    more = len(msgs) > limit
+                    msgs = msgs[:limit]
+                else:
+                    before = request.before_id if anchor == "before_id" else 2**62
+                    msgs = await self.store.before(room, before, limit + 1)
+                    more = len(msgs) > limit
+                    msgs = msgs[-limit:]
+                self.access().check(lease.principal, room)  # (still: READS, _still_readable)
+                page = [codec.message_pb(m) for m in msgs]
+                kept = _within(page, HISTORY_PAGE_BYTES, from_first=anchor == "after_id")
+                res = pb.HistoryResponse(messages=kept, more=more or len(kept) < len(page),
+                                         max_page=self.limits.max_page)
+                answered = res.ByteSize() / 1024  # (the next call waits)
+                return res
+            finally:
+                self._history_kib.spend(p.login, answered - reserved)
         raise AssertionError("unreachable")  # pragma: no cover - abort raised
 
     async def ListRooms(self, request: Any,
@@ -1054,7 +1134,7 @@ class ChatService:
                        context: grpc.aio.ServicerContext) -> pb.MarkReadResponse:
         async with self._call(context, request, "MarkRead") as lease:
             p = lease.principal
-            room = self._readable(p, request.room)
+            room = await self._readable(p, request.room)
             _check_id("last_read_id", request.last_read_id)
             self.ledger.mark_read(p.login, room, request.last_read_id)
             await self.ledger.flush_marks()
@@ -1073,8 +1153,9 @@ class ChatService:
                                                 limit=limit,
                                                 rooms=self.access().readable(p, self.store.rooms()))
             still = self._still_readable(lease)
-            return pb.MentionsResponse(messages=[codec.message_pb(m) for m in msgs
-                                                 if still(m.room)])
+            return pb.MentionsResponse(messages=_within(
+                [codec.message_pb(m) for m in msgs if still(m.room)], HISTORY_PAGE_BYTES,
+                from_first=True))  # (the newest)
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def Search(self, request: Any, context: grpc.aio.ServicerContext) -> pb.SearchResponse:
@@ -1106,22 +1187,23 @@ class ChatService:
                     raise InvalidInput(f"nobody with the login {request.author[:60]!r} has used "
                                        "this server (or several people have it, in different "
                                        "capitals); check the spelling")
-            # Counted once what it asks is known to be a search (two typos of an author and
-            # the corrected search was told to wait; an independent review, 2026-11-25), and
-            # before its DM names may ask tailscaled.
+            access = self.access()
+            named = list(dict.fromkeys(request.rooms))
+            for r in named:
+                # A room the token does not allow is refused as everywhere else (naming the
+                # rooms it does); a conversation the caller may not read is left out without
+                # a word, so a search infers nothing about it.
+                if not rooms.is_conversation(self._canonical(p, r)):
+                    access.check(p, r)
+            # Counted once what it asks is known to be a search (two typos of an author, or
+            # of a room, and the corrected search was told to wait; reviews, 2026-11-25), and
+            # before its DM names may ask tailscaled (``_conversation``).
             wait = self._search_buckets.take(p.login)
             if wait:
                 raise LimitExceeded(f"slow down: at most {lim.searches_per_minute} searches a "
                                     f"minute (searches_per_minute); {retry_in(wait)}")
-            access = self.access()
-            if request.rooms:
-                wanted = [await self._conversation(p, r) for r in dict.fromkeys(request.rooms)]
-                # A room the token does not allow is refused as everywhere else (naming the
-                # rooms it does); a conversation the caller may not read is left out without
-                # a word, so a search infers nothing about it.
-                for r in wanted:
-                    if not rooms.is_conversation(r):
-                        access.check(p, r)
+            if named:
+                wanted = [await self._conversation(p, r) for r in named]
                 names = [r for r in wanted if access.may_read(p, r)]
             else:
                 names = access.readable(p, self.store.rooms())
@@ -1131,12 +1213,16 @@ class ChatService:
                 since_ms=request.since_unix_ms, until_ms=request.until_unix_ms,
                 newest=request.order == pb.SEARCH_ORDER_NEWEST, limit=limit + 1,
                 offset=request.offset)
-            more = len(msgs) > limit
+            # At most HISTORY_PAGE_BYTES, as a History page: with max_search_page raised, 80
+            # matches of 59 KB made a 4.7 MB answer, which our client, as every stock gRPC
+            # client, refused (a review, 2026-11-25). The next page starts after what was
+            # kept (what is no longer readable is counted too: offsets are the store's).
+            page = _within([codec.message_pb(m) for m in msgs[:limit]], HISTORY_PAGE_BYTES,
+                           from_first=True)
+            more = len(msgs) > len(page)
             still = self._still_readable(lease)
-            return pb.SearchResponse(messages=[codec.message_pb(m) for m in msgs[:limit]
-                                               if still(m.room)],
-                                     more=more,
-                                     next_offset=request.offset + limit if more else 0)
+            return pb.SearchResponse(messages=[m for m in page if still(m.room)], more=more,
+                                     next_offset=request.offset + len(page) if more else 0)
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def CreateRoom(self, request: Any,
@@ -1321,7 +1407,7 @@ class ChatService:
         Sends read from now on are refused as not stored; the messages already taken are
         stored, published and acknowledged first (within ``drain_timeout``), so an open
         group commit ends in acks that reach their senders before the streams close."""
-        self.going_away = True
+        self._going_away.set()
         self.ledger.stop_accepting()
         try:
             await asyncio.wait_for(self.ledger.drain(), drain_timeout)

@@ -198,9 +198,10 @@ def read_only_hint(state_dir: Path) -> str:
         return ""
     return (f" ({state_dir} is on a read-only file system (`findmnt -T {state_dir}`; a disk "
             "error can do that: `dmesg`), and SQLite cannot open a WAL database there: it "
-            "must write the -shm file beside it. Remount it read-write; only to read it (backup, "
-            "token list), copy the state dir to a writable disk with `cp -a` (nothing can "
-            "write it meanwhile) and give that copy as --state-dir)")
+            "must write the -shm file beside it. Remount it read-write; only to read it (token "
+            "list; a backup, if a server killed there left its -shm file), copy the state dir "
+            "to a writable disk with `cp -a` (nothing can write it meanwhile) and give that "
+            "copy as --state-dir)")
 
 
 class StateLock:
@@ -213,7 +214,12 @@ class StateLock:
         try:
             self._fd: int | None = open_nofollow(path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK)
         except OSError as e:
-            raise ConfigError(f"cannot open the lock file {path}: {e.strerror}") from None
+            # (a read-only file system said only that, with no word of what to do; an
+            # operator's run, 2026-11-25)
+            hint = (f" ({state_dir} is on a read-only file system (`findmnt -T {state_dir}`; "
+                    "a disk error can do that: `dmesg`): remount it read-write)"
+                    if e.errno == errno.EROFS else "")
+            raise ConfigError(f"cannot open the lock file {path}: {e.strerror}{hint}") from None
         st = os.fstat(self._fd)
         if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:  # (a FIFO, a hard link)
             self.release()

@@ -25,6 +25,8 @@ from pathlib import Path
 from .errors import ConfigError
 
 UNITS = {False: "tsnetchat.service", True: "tsnetchat-embedded.service"}
+# The file the embedded unit hands its server as the credential `authkey` (LoadCredential=).
+AUTHKEY = Path("/etc/tsnetchat/authkey")
 # What ProtectHome=yes hides from the service.
 HOME_ROOTS = (Path("/home"), Path("/root"), Path("/run/user"))
 # What PrivateTmp=yes replaces with empty directories of the service's own.
@@ -150,7 +152,7 @@ def install_unit(dest: Path, *, embedded: bool = False, exe: str | None = None
     its path, and a warning ("" if none) for an installation under /tmp.
 
     Raises ConfigError (saying how to install instead) for an installation a service cannot
-    run."""
+    run, and for a ``dest`` that is not an existing directory (nothing is made)."""
     inst = find_installation(exe)
     text = render_unit(inst, embedded=embedded)
     warning = "" if inst.in_tmp is None else (
@@ -158,11 +160,17 @@ def install_unit(dest: Path, *, embedded: bool = False, exe: str | None = None
         f"PrivateTmp=yes replaces with an empty one: the service will not start (status "
         f"203/EXEC); {VENV_FIX}")
     path = dest / UNITS[embedded]
+    if not dest.is_dir():
+        # (It made the directory: `--dest /etc/systemd/sytem` installed a unit systemd never
+        # reads, and said "installed" and "next: systemctl enable": the left-over of two
+        # operators' runs, 2026-11-25.)
+        what = "is not a directory" if os.path.lexists(dest) else "does not exist"
+        raise ConfigError(f"install-systemd: {dest} {what}; nothing was written. systemd reads "
+                          "units from /etc/systemd/system (the default): leave --dest out, "
+                          "or make the directory first")
     try:
-        dest.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
     except OSError as e:
-        hint = (" (as root: sudo tsnetchat install-systemd)" if os.geteuid() != 0
-                else f" (is {dest} a directory?)")
+        hint = " (as root: sudo tsnetchat install-systemd)" if os.geteuid() != 0 else ""
         raise ConfigError(f"install-systemd: cannot write {path}: {e.strerror}{hint}") from None
     return path, warning

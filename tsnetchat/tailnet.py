@@ -116,11 +116,14 @@ class Change:
     state, user profiles, or the watch just (re)connected and may have missed notices).
     Otherwise only the devices in ``nodes`` (StableIDs) changed. ``offline``: devices (the
     numeric NodeIDs of ``WhoIs.node_num``) the control server now says are offline; their
-    connections are dead or about to be, whatever WhoIs still answers."""
+    connections are dead or about to be, whatever WhoIs still answers. ``self_node``: our
+    own node's StableID, when the notice says it (a new one once the node is registered
+    again)."""
 
     everything: bool = False
     nodes: frozenset[str] = frozenset()
     offline: frozenset[int] = frozenset()
+    self_node: str = ""
 
 
 class Tailnet(Protocol):
@@ -144,7 +147,7 @@ def parse_notice(data: Mapping[str, Any]) -> Change | None:
     offline = _offline(data)
     if data.get("SelfChange") or data.get("State") is not None or data.get("UserProfiles") \
             or data.get("PeersRemoved") or data.get("NetMap") or data.get("LoginFinished"):
-        return Change(everything=True, offline=offline)
+        return Change(everything=True, offline=offline, self_node=_self_node(data))
     changed = data.get("PeersChanged") or ()
     nodes = frozenset(str(n.get("StableID", "")) for n in changed if isinstance(n, dict))
     if "" in nodes:
@@ -152,6 +155,17 @@ def parse_notice(data: Mapping[str, Any]) -> Change | None:
     if not nodes and not offline:
         return None
     return Change(nodes=nodes, offline=offline)
+
+
+def _self_node(data: Mapping[str, Any]) -> str:
+    """Our own node's StableID if the notice carries it: a full netmap's ``SelfChange``, or
+    the ``NetMap`` (its ``SelfNode``) of a watch's first notice; "" otherwise."""
+    netmap = data.get("NetMap")
+    for node in (data.get("SelfChange"), netmap.get("SelfNode") if isinstance(netmap, dict)
+                 else None):
+        if isinstance(node, dict) and node.get("StableID"):
+            return str(node["StableID"])
+    return ""
 
 
 def _offline(data: Mapping[str, Any]) -> frozenset[int]:
@@ -310,11 +324,13 @@ class LocalAPI:
 
     async def watch(self) -> AsyncIterator[Change]:
         """The IPN bus as ``Change`` notices (see WATCH_MASK). The first notice is
-        ``Change(everything=True)``. Ends or raises LocalAPIUnavailable/TailnetError when the
-        connection drops; the caller decides whether to reconnect."""
+        ``Change(everything=True)``, with ``self_node`` when it carries our node. Ends or
+        raises LocalAPIUnavailable/TailnetError when the connection drops; the caller
+        decides whether to reconnect."""
         first = True
         async for data in self.watch_raw(WATCH_MASK):
-            change = Change(everything=True) if first else parse_notice(data)
+            change = (Change(everything=True, self_node=_self_node(data)) if first
+                      else parse_notice(data))
             first = False
             if change is not None:
                 yield change

@@ -397,6 +397,16 @@ class Renewal:
                 f"{typed} is this machine ({node.dns_name or node.short_name}), not a "
                 "tsnetchat server you have a token for: give the server's name (a bot on the "
                 "server's own machine passes its token with --token)")
+        elsewhere = store.find(node, typed) if entry is None and port else None
+        if elsewhere is not None and elsewhere.port:
+            # (a server on another port than 50051, logged in to with its --port: every
+            # command without it said "no token: run tsnetchat login", which asks 50051; a
+            # newcomer, 2026-11-25)
+            raise Unauthenticated(
+                f"no token for {typed} at port {port}; the token kept for {typed} is for port "
+                f"{elsewhere.port}: pass `--port {elsewhere.port}` (or set "
+                f"TSNETCHAT_PORT={elsewhere.port}), or, if the server now listens on "
+                f"{port}, `tsnetchat login {typed} --port {port}`")
         if entry is None:
             raise Unauthenticated(
                 f"no token for {typed}: run `tsnetchat login {typed}` (if that server hands "

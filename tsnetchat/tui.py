@@ -36,6 +36,7 @@ import logging
 import math
 import os
 import re
+import select
 import shutil
 import signal
 import subprocess
@@ -103,7 +104,7 @@ from .client import (
     link_for,
     to_stderr,
 )
-from .clienterrors import EXIT_ERROR, ClientError
+from .clienterrors import EXIT_ERROR, ClientError, internal
 from .config import user_state_dir
 from .errors import ConfigError, InvalidInput
 from .outbox import Outgoing, Pacer, State, split_text, utf8_len, with_newlines
@@ -307,6 +308,7 @@ class ChatApp:
         self.rejoining: dict[str, RoomSession] = {}
         self.system = Conversation("tsnetchat", kind="system")  # shown when in no room
         self.split_offer: str | None = None  # an over-long text the person may send in parts
+        self.unmarked_paste = False  # an Enter of these keys read at once was a line end
         # What the chat's start has to say, by room (or "" for the chat): the rooms it opens
         # (``reopen``: a --room, the rooms open last time) that are refused, said in the
         # room shown, where the backlog that followed scrolled it away (a new user's day,
@@ -575,6 +577,17 @@ class ChatApp:
 
         @kb.add("enter")
         def _(event: KeyPressEvent) -> None:
+            # A terminal that does not mark a paste (GNU screen; tmux a moment after a
+            # resize, before the chat asks for it again) types each of its line ends as
+            # Enter: 300 lines pasted went to the room as 300 messages (a daily user's day,
+            # 2026-11-25). An Enter with pasted text after it (``_text_follows``), or after
+            # one such, is a line end of a paste; the Enter typed after it sends it all.
+            if self.unmarked_paste or self._text_follows(event):
+                self.input.insert_text("\n")
+                if not self.unmarked_paste:
+                    self.unmarked_paste = True
+                    asyncio.get_running_loop().call_soon(self._read_at_once)
+                return
             self.submit()
 
         @kb.add("escape", "enter")
@@ -666,6 +679,9 @@ class ChatApp:
 
         @kb.add("tab")
         def _(event: KeyPressEvent) -> None:
+            if self.unmarked_paste:  # (a tab of the text pasted, not a completion asked for)
+                self.input.insert_text("\t")
+                return
             self.tab.press(self.input, self.completions)
 
         return kb
@@ -759,6 +775,35 @@ class ChatApp:
 
     # --- input ----------------------------------------------------------------------------
 
+    def _text_follows(self, event: KeyPressEvent) -> bool:
+        """Whether text comes right after this Enter: the next key read with it is one a
+        paste holds (a character, a line end, a tab), or the terminal has more bytes to
+        read. (An Up or a Ctrl-C read with an Enter is typed, not pasted: that Enter
+        sends.) prompt_toolkit reads 1,024 bytes at a time: a paste of 2,050 bytes was sent
+        by its own last line end, the only one in its last read (2026-11-25)."""
+        queue = event.app.key_processor.input_queue
+        if queue:
+            key = queue[0].key
+            return not isinstance(key, Keys) or key in (Keys.ControlM, Keys.ControlJ,
+                                                        Keys.ControlI)
+        return self._bytes_waiting()
+
+    def _bytes_waiting(self) -> bool:
+        """Whether the terminal has bytes the chat has not read yet."""
+        try:
+            return bool(select.select([self.app.input.fileno()], [], [], 0)[0])
+        except (OSError, ValueError, NotImplementedError):  # (no file: nothing waits)
+            return False
+
+    def _read_at_once(self) -> None:
+        """The keys read at once are carried out (``unmarked_paste``), unless the paste
+        goes on in bytes the terminal has not given yet: its last line end is not the
+        Enter that sends it."""
+        if self._bytes_waiting() and self.app.is_running:  # (else nothing reads them)
+            asyncio.get_running_loop().call_soon(self._read_at_once)
+            return
+        self.unmarked_paste = False
+
     def accepted(self, _: Buffer) -> bool:
         """A line accepted by one of prompt_toolkit's own keys (Ctrl-O): carried out as by
         Enter, the input left to ``submit`` (without a handler the input was cleared, the
@@ -769,6 +814,8 @@ class ChatApp:
     def submit(self) -> None:
         text = self.input.text
         if not text.strip():
+            if "\n" in text:  # (blank lines pasted: Enter did nothing, the input stuck)
+                self.input.reset()
             return
         before = self.current
         self.submitting = True
@@ -848,8 +895,8 @@ class ChatApp:
         elif name == "who":
             conv = self.conversation
             session = self.sessions.get(self.current or "")
-            if conv is None:
-                self.say("not in a room: /join ROOM", error=True)
+            if conv is None or conv.kind == "search":
+                self.say(self.no_room(), error=True)
             elif session is not None and session.state.phase is Phase.FAILED:
                 self.say(f"{conv.title} is closed for good: /join asks for it again",
                          error=True)
@@ -867,11 +914,19 @@ class ChatApp:
                      "nothing failed here")
         return False
 
+    def no_room(self) -> str:
+        """What a line meant for a room is told where there is none. (In a search's results,
+        "not in a room: /join ROOM first" was said to a person in #general, and /who said
+        "in ?lid: nobody"; a daily user's day, 2026-11-25.)"""
+        if self.current == SEARCH:
+            return ("this buffer holds a search's results: Alt-1 (or Ctrl-N) shows a room, "
+                    "/leave closes it")
+        return "not in a room: /join ROOM first"
+
     def send(self, text: str, kind: int, line: str, room: str | None = None) -> bool:
         session = self.sessions.get(room or self.current or "")
         if session is None:
-            self.say("not in a room: /join ROOM first (your text is still in the input)",
-                     error=True)
+            self.say(f"{self.no_room()} (your text is still in the input)", error=True)
             return True
         if not text.strip():
             return False
@@ -952,7 +1007,7 @@ class ChatApp:
     def topic(self, text: str, line: str = "") -> bool:
         conv = self.conversation
         if conv is None or conv.name not in self.sessions:
-            self.say("not in a room: /join ROOM first", error=True)
+            self.say(self.no_room(), error=True)
             return True
         if not text:
             t = conv.topic
@@ -976,7 +1031,7 @@ class ChatApp:
         conv = self.conversation
         session = self.sessions.get(self.current or "")
         if conv is None or session is None:
-            self.say("not in a room: /join ROOM first", error=True)
+            self.say(self.no_room(), error=True)
             return True
         room = conv.name
         done = "edited" if what == "edit" else "deleted"
@@ -1021,7 +1076,8 @@ class ChatApp:
         if last.message is not None and last.message.deleted_by:
             # (a second /delete, or Up and Enter, deleted the message before it, and the one
             # before that: a new user's day, 2026-11-24)
-            self.say(f"your last message here is deleted; not {done}", error=True)
+            self.say("your last message here is deleted already" if what == "delete" else
+                     f"your last message here is deleted; not {done}", error=True)
             return what == "edit"
         run(last.id)
         return False
@@ -1325,15 +1381,19 @@ class ChatApp:
                     self.on_event(conv, session, ev)
                 except Exception as e:  # a bug in showing an event must not stop the room
                     log.exception("showing %s in #%s", ev.kind, conv.name)
-                    self.say(f"internal error showing an event ({type(e).__name__}); see "
-                             f"{log_path()}", error=True)
+                    self.say(internal(e, log_path(), " showing an event"), error=True)
                 self.invalidate()
         except asyncio.CancelledError:
             raise
-        except Exception:
+        except Exception as e:
             log.exception("room %s stopped", conv.name)
-            self.say(f"{conv.title} stopped after an internal error; see {log_path()}",
-                     error=True)
+            # Closed, as a refusal closes it: it went on showing "connected", and what was
+            # typed there waited, pending, for ever (a daily user's day, 2026-11-25). /join
+            # opens it again with what it holds.
+            session.state.phase = Phase.FAILED
+            self.on_fatal(conv, session, ClientError(internal(e, log_path()), retryable=False,
+                                                     bug=True))
+            self.invalidate()
 
     def on_event(self, conv: Conversation, session: RoomSession, ev: SessionEvent) -> None:
         if ev.kind == "welcome" and ev.welcome is not None:
@@ -1578,7 +1638,7 @@ class ChatApp:
                 if err.bug:  # (said "internal error in the client (...)", with nothing in
                     # the log; a review, 2026-11-25)
                     log.error("a command failed: %s", visible(line), exc_info=e)
-                    said += f"; see {log_path()}"
+                    said = internal(e, log_path())
                 self.say(said + (" (your text is back in the input)" if back else
                                  f" (not done: {visible(line)})" if line else ""), error=True)
             self.commands_out.pop(key, None)
@@ -1975,7 +2035,7 @@ def _on_loop_error(chat: ChatApp) -> Callable[[asyncio.AbstractEventLoop, dict[s
             return
         log.error("event loop: %s", context.get("message"), exc_info=exc)
         if exc is not None and not isinstance(exc, asyncio.CancelledError):
-            chat.say(f"internal error ({type(exc).__name__}); see {log_path()}", error=True)
+            chat.say(internal(exc, log_path()), error=True)
 
     return handler
 
