@@ -397,13 +397,15 @@ class LabChat:
         proxy once could not reach a server alice and bob had just reached, and in another
         (2026-11-24) alice's proxy answered 500 to the channel's first dial, which gRPC only
         makes at the first call. So the channel is dialled here, within the same 8 s; if it
-        is still not ready the connection is returned as it is, and the test's first call
-        says why. A proxy that took its whole 8 s probe without connecting is given one more
-        probe: in a full CI run (2026-11-25, ci47) mallory's proxy once did not connect to a
-        server the others had reached, and passed in every run before and after."""
+        is still not ready it is given 8 s more (with its node's ``tailscale ping`` in the
+        log), then returned as it is, and the test's first call says why. A proxy that took
+        its whole 8 s probe without connecting is given two more probes, each after a
+        ``tailscale ping`` from its node whose answer goes to the test's log: in full CI runs
+        (2026-11-25, twice) mallory's proxy did not connect to a server the others had
+        reached, and passed in every run before and after."""
         n = self.lab.nodes[node]
         deadline = time.monotonic() + START_GRACE
-        slow_proxy_again = True
+        probes_left = 2
         while True:
             try:
                 conn = await connect(self.node, token, socket=n.socket, port=self.port,
@@ -414,15 +416,36 @@ class LabChat:
                     raise
                 await asyncio.sleep(0.5)
             except TailnetError as e:
-                if not (slow_proxy_again and "did not connect" in str(e)):
+                if not (probes_left and "did not connect" in str(e)):
                     raise
-                slow_proxy_again = False
+                probes_left -= 1
+                print(f"[lab] {e}\n[lab] tailscale ping from {node}: {await self._ping(n)}",
+                      file=sys.stderr, flush=True)
                 deadline = time.monotonic() + START_GRACE
         self.conns.append(conn)
-        with contextlib.suppress(TimeoutError):
+        try:
             await asyncio.wait_for(conn.channel.channel_ready(),
                                    max(1.0, deadline - time.monotonic()))
+        except TimeoutError:  # the same once more, with the path in the log
+            print(f"[lab] {node}'s channel to {self.node} was not ready in time\n"
+                  f"[lab] tailscale ping from {node}: {await self._ping(n)}",
+                  file=sys.stderr, flush=True)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(conn.channel.channel_ready(), START_GRACE)
         return conn
+
+    async def _ping(self, n: Any) -> str:
+        """``tailscale ping`` from lab node ``n`` to the server's node: its answer, or why
+        there was none."""
+        import tailnet_lab
+
+        ip = self.lab.nodes[self.node].ipv4
+        try:
+            out = await asyncio.to_thread(self.lab.tailscale, n, "ping", "-c", "5", ip,
+                                          timeout=30)
+        except (tailnet_lab.LabError, subprocess.TimeoutExpired) as e:
+            return str(e)
+        return out.strip()
 
     async def refused_at_last(self, node: str, token: str, what: str
                               ) -> tuple[Connection, grpc.aio.AioRpcError]:
