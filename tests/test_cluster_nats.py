@@ -298,14 +298,15 @@ async def test_a_key_with_a_ttl_expires_with_a_marker_that_watchers_see(
                 if attempt == 3:
                     raise
         # (the publish found no stream answering on the bucket's subjects, watch and all, in a
-        # full CI run on 2026-11-25: the new stream's interest had not reached this node yet)
+        # full CI run on 2026-11-25: the new stream's leader was not ready yet. nats-py says
+        # that as NoStreamResponseError; the message id keeps a try that did land single.)
         for attempt in range(40):
             started = time.monotonic()
             try:
-                await js.publish("$KV.presence.general.alice", b"here",
-                                 headers={"Nats-TTL": "1s"})
+                await js.publish("$KV.presence.general.alice", b"here", timeout=2,
+                                 headers={"Nats-TTL": "1s", "Nats-Msg-Id": "ttl-here"})
                 break
-            except nats.errors.NoRespondersError:
+            except (nats.js.errors.NoStreamResponseError, nats.errors.TimeoutError):
                 if attempt == 39:
                     raise
                 await asyncio.sleep(0.25)
@@ -318,7 +319,9 @@ async def test_a_key_with_a_ttl_expires_with_a_marker_that_watchers_see(
                 break
         assert [(k, op) for k, op, _ in seen] == [("general.alice", None),
                                                   ("general.alice", "PURGE")]
-        assert 0.9 < seen[-1][2] < 3.0
+        # (the lower bound is the fact; the upper only says "on time", with room for a
+        # loaded machine's replication and delivery)
+        assert 0.9 < seen[-1][2] < 6.0
     finally:
         await nc.close()
 
