@@ -509,7 +509,8 @@ class Lab(Running):
                  timeout: float = 60) -> Node:
         """Start and join another node for ``user`` (e.g. a person's second device);
         ``node_dir`` puts its state and socket elsewhere (default under the lab). Returns
-        once it and chat-server see each other online; it lives as long as the lab."""
+        once it and chat-server see each other online, and every node that knows it knows a
+        way to reach it (``_wait_reachable``); it lives as long as the lab."""
         if name in self.nodes:
             raise LabError(f"the lab already has a node {name!r}")
         self._start_node(name, user, node_dir)
@@ -529,9 +530,46 @@ class Lab(Running):
                     node.dns_name = me.get("DNSName", "")
                     node.login = (st.get("User") or {}).get(str(me.get("UserID")), {}).get(
                         "LoginName", "")
+                    self._wait_reachable(node, deadline)
                     return node
             if time.monotonic() > deadline:
                 raise LabError(f"{name} not Running and seen by chat-server after {timeout}s")
+            time.sleep(0.25)
+
+    def _wait_reachable(self, node: Node, deadline: float) -> None:
+        """Return once every running node that has ``node`` in its map also has a way to
+        reach it (its DERP home, or an address). Online alone is not enough: in a full CI run
+        (2026-11-25) alice-laptop had a new node online for over a minute with neither, and
+        every dial to it failed ("no UDP or DERP addr"); normally the DERP home arrives
+        about 2 s after the node. If a node still lacks one after 15 s, headscale is asked
+        (SIGHUP, the same policy file) to send every node its map again."""
+        started = time.monotonic()
+        nudged = False
+        while True:
+            missing = []
+            for other in list(self.nodes.values()):
+                if other.name == node.name:
+                    continue
+                try:
+                    st = self.status(other)
+                except (LabError, subprocess.TimeoutExpired):
+                    continue  # (a node a test has stopped)
+                seen = [p for p in (st.get("Peer") or {}).values()
+                        if p.get("HostName") == node.name and p.get("Online")]
+                if seen and not any(p.get("Relay") or p.get("Addrs") for p in seen):
+                    missing.append(other.name)
+            if not missing:
+                return
+            if not nudged and time.monotonic() - started > 15 and self.headscale_pid:
+                nudged = True
+                log(f"{', '.join(missing)} know no way to reach {node.name} after 15s; asking "
+                    "headscale to send every node its map again")
+                os.kill(self.headscale_pid, signal.SIGHUP)
+            if time.monotonic() > deadline:
+                own = self.status(node).get("Self") or {}
+                raise LabError(f"{', '.join(missing)} know no way to reach {node.name} (its "
+                               f"own DERP home: {own.get('Relay')!r}, addresses: "
+                               f"{own.get('Addrs')})\n{self.tail_log('headscale.log')}")
             time.sleep(0.25)
 
     def remove_node(self, name: str) -> None:

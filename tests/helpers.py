@@ -184,6 +184,18 @@ class Daemon:
             pass
         return msgs
 
+    def reload(self, timeout: float = 30) -> None:
+        """SIGHUP, then return once the daemon logs that it reloaded (a fixed second after
+        the signal assumed it on time)."""
+        said = "reloaded configuration"
+        before = self.log.read_text().count(said)
+        self.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + timeout
+        while self.log.read_text().count(said) <= before:
+            assert self.proc.poll() is None, self.log.read_text()
+            assert time.monotonic() < deadline, f"no reload in {timeout}s:\n{self.log.read_text()}"
+            time.sleep(0.1)
+
     def wait_for(self, line: str, timeout: float = 30) -> list[str]:
         seen: list[str] = []
         deadline = time.monotonic() + timeout
@@ -371,6 +383,63 @@ class LocalAPIRelay:
             os.unlink(self.path)
 
 
+async def lab_connect(lab: Any, node: str, server: str, port: int, token: str, *,
+                      mode: str = "proxy") -> Connection:
+    """A new connection (its own TCP connection) from lab node ``node`` to ``server`` (a
+    MagicDNS name) over the tailnet. A first dial that finds nothing answering is tried
+    again for up to 8 s, as the client does (resume.START_GRACE): in a full CI run on a
+    loaded machine (2026-11-23) mallory's proxy once could not reach a server alice and bob
+    had just reached, and in another (2026-11-24) alice's proxy answered 500 to the
+    channel's first dial, which gRPC only makes at the first call. So the channel is
+    dialled here, within the same 8 s; if it is still not ready it is given 8 s more (with
+    its node's ``tailscale ping`` in the log), then returned as it is, and the test's first
+    call says why. A proxy that took its whole 8 s probe without connecting is given two
+    more probes, each after a ``tailscale ping`` from its node whose answer goes to the
+    test's log: in full CI runs (2026-11-25, twice) mallory's proxy did not connect to a
+    server the others had reached, and passed in every run before and after."""
+    n = lab.nodes[node]
+    deadline = time.monotonic() + START_GRACE
+    probes_left = 2
+    while True:
+        try:
+            conn = await connect(server, token, socket=n.socket, port=port,
+                                 proxy=f"http://{n.http_proxy}" if mode == "proxy" else "")
+            break
+        except ServerUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.5)
+        except TailnetError as e:
+            if not (probes_left and "did not connect" in str(e)):
+                raise
+            probes_left -= 1
+            print(f"[lab] {e}\n[lab] tailscale ping from {node}: "
+                  f"{await _ping(lab, n, server)}", file=sys.stderr, flush=True)
+            deadline = time.monotonic() + START_GRACE
+    try:
+        await asyncio.wait_for(conn.channel.channel_ready(),
+                               max(1.0, deadline - time.monotonic()))
+    except TimeoutError:  # the same once more, with the path in the log
+        print(f"[lab] {node}'s channel to {server} was not ready in time\n"
+              f"[lab] tailscale ping from {node}: {await _ping(lab, n, server)}",
+              file=sys.stderr, flush=True)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(conn.channel.channel_ready(), START_GRACE)
+    return conn
+
+
+async def _ping(lab: Any, n: Any, server: str) -> str:
+    """``tailscale ping`` from lab node ``n`` to ``server``: its answer, or why there was
+    none."""
+    import tailnet_lab
+
+    try:
+        out = await asyncio.to_thread(lab.tailscale, n, "ping", "-c", "5", server, timeout=30)
+    except (tailnet_lab.LabError, subprocess.TimeoutExpired) as e:
+        return str(e)
+    return out.strip()
+
+
 @dataclass
 class LabChat:
     """An in-process server on the lab's chat-server node (real LocalAPI, real WhoIs)."""
@@ -391,61 +460,11 @@ class LabChat:
         return issue_recorded(self.server, login, rooms, admin=admin, ttl=ttl)
 
     async def connect(self, node: str, token: str, *, mode: str = "proxy") -> Connection:
-        """A new connection (its own TCP connection) from ``node`` over the tailnet. A first
-        dial that finds nothing answering is tried again for up to 8 s, as the client does
-        (resume.START_GRACE): in a full CI run on a loaded machine (2026-11-23) mallory's
-        proxy once could not reach a server alice and bob had just reached, and in another
-        (2026-11-24) alice's proxy answered 500 to the channel's first dial, which gRPC only
-        makes at the first call. So the channel is dialled here, within the same 8 s; if it
-        is still not ready it is given 8 s more (with its node's ``tailscale ping`` in the
-        log), then returned as it is, and the test's first call says why. A proxy that took
-        its whole 8 s probe without connecting is given two more probes, each after a
-        ``tailscale ping`` from its node whose answer goes to the test's log: in full CI runs
-        (2026-11-25, twice) mallory's proxy did not connect to a server the others had
-        reached, and passed in every run before and after."""
-        n = self.lab.nodes[node]
-        deadline = time.monotonic() + START_GRACE
-        probes_left = 2
-        while True:
-            try:
-                conn = await connect(self.node, token, socket=n.socket, port=self.port,
-                                     proxy=f"http://{n.http_proxy}" if mode == "proxy" else "")
-                break
-            except ServerUnavailable:
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.5)
-            except TailnetError as e:
-                if not (probes_left and "did not connect" in str(e)):
-                    raise
-                probes_left -= 1
-                print(f"[lab] {e}\n[lab] tailscale ping from {node}: {await self._ping(n)}",
-                      file=sys.stderr, flush=True)
-                deadline = time.monotonic() + START_GRACE
+        """A new connection (its own TCP connection) from ``node`` over the tailnet
+        (``lab_connect``), closed with the server."""
+        conn = await lab_connect(self.lab, node, self.node, self.port, token, mode=mode)
         self.conns.append(conn)
-        try:
-            await asyncio.wait_for(conn.channel.channel_ready(),
-                                   max(1.0, deadline - time.monotonic()))
-        except TimeoutError:  # the same once more, with the path in the log
-            print(f"[lab] {node}'s channel to {self.node} was not ready in time\n"
-                  f"[lab] tailscale ping from {node}: {await self._ping(n)}",
-                  file=sys.stderr, flush=True)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(conn.channel.channel_ready(), START_GRACE)
         return conn
-
-    async def _ping(self, n: Any) -> str:
-        """``tailscale ping`` from lab node ``n`` to the server's node: its answer, or why
-        there was none."""
-        import tailnet_lab
-
-        ip = self.lab.nodes[self.node].ipv4
-        try:
-            out = await asyncio.to_thread(self.lab.tailscale, n, "ping", "-c", "5", ip,
-                                          timeout=30)
-        except (tailnet_lab.LabError, subprocess.TimeoutExpired) as e:
-            return str(e)
-        return out.strip()
 
     async def refused_at_last(self, node: str, token: str, what: str
                               ) -> tuple[Connection, grpc.aio.AioRpcError]:
@@ -544,6 +563,9 @@ async def apply_policy(lab: Any, policy: dict[str, Any], timeout: float = 30) ->
                     tailnet_lab.CAP_NAME) for u in users}
             except PeerNotFound as e:  # seen once while the netmap changed (2026-11-22)
                 seen = {"not yet": str(e)}
+            except (TimeoutError, OSError, asyncio.IncompleteReadError) as e:
+                # (a lab node's proxy slow to connect, as LabChat.connect's were, 2026-11-25)
+                seen = {"not reached": repr(e)}
             if seen == want:
                 return
             if time.monotonic() > deadline:
@@ -1235,11 +1257,48 @@ def file_holds(db: Path, text: str) -> bool:
 
 @contextlib.asynccontextmanager
 async def jetstream(cluster: nats_lab.NatsCluster) -> AsyncIterator[Any]:
+    """A JetStream context whose requests may take 20 s, not nats-py's 5: a fresh cluster's
+    first R3 placement took longer than 5 s in full CI runs (2026-11-22, 2026-11-23)."""
     nc = await nats.connect(servers=cluster.urls, user=cluster.user, password=cluster.password)
     try:
-        yield nc.jetstream()
+        yield nc.jetstream(timeout=20)
     finally:
         await nc.close()
+
+
+async def placed(make: Callable[[], Awaitable[T]], what: str, within: float = 60) -> T:
+    """``await make()`` (a stream or bucket created on a cluster that may have just started)
+    again until it answers or ``within`` s have passed: one such request went unanswered for
+    20 s in a full CI run (2026-11-24). Creating what exists with the same settings answers
+    with it, so a request that did land is harmless to repeat."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            return await make()
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError,
+                nats.js.errors.ServiceUnavailableError) as e:
+            assert time.monotonic() < deadline, f"{what}: not placed in {within:.0f}s: {e!r}"
+            await asyncio.sleep(0.25)
+
+
+async def until_stream_answers(js: Any, subject: str, within: float = 20) -> None:
+    """Return once the stream that holds ``subject`` answers publishes: a new R3 stream gets
+    "no responders" until its leader is ready (seen under load in full test runs, even
+    after stream_info named a leader). The probe expects a subject sequence that cannot be,
+    so the stream refuses it and stores nothing."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            await js.publish(subject, b"", timeout=2, headers={
+                "Nats-Expected-Last-Subject-Sequence": "999999"})
+        except nats.js.errors.ServiceUnavailableError:
+            pass  # (10008: JetStream itself is not ready)
+        except nats.js.errors.APIError:
+            return  # refused by the stream: it answers
+        except nats.errors.Error:
+            pass
+        assert time.monotonic() < deadline, f"the stream of {subject} does not answer"
+        await asyncio.sleep(0.05)
 
 
 # RoomSession against an in-process server (test_client_session.py, test_backup.py)

@@ -454,7 +454,7 @@ def test_a_number_out_of_range_on_a_client_command_is_bad_input_before_anything_
     out = run_cli(*args, env=env)
     assert out.returncode == 2, out.stderr
     assert "Traceback" not in out.stderr and "internal error" not in out.stderr
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 7.5  # before the 8 s a dial would keep trying
 
 
 def test_a_message_on_stdin_that_is_not_utf8_is_refused_before_anything_is_dialled() -> None:

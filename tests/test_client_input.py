@@ -90,7 +90,7 @@ async def test_send_to_a_stopped_server_keeps_trying_for_the_documented_8_s() ->
         await clientcmds.send(nowhere(), "general", "hello?", kind=TEXT, timeout=15,
                               json_out=False)
     took = time.monotonic() - start
-    assert 7.5 <= took < 11, took
+    assert 7.5 <= took < 14, took  # (up to 14 s, as test_client's: a loaded CI machine)
     assert caught.value.exit_code == EXIT_UNAVAILABLE
     assert str(caught.value).startswith("the message was not sent: chat-server is on the "
                                         "tailnet but nothing answers on port ")
@@ -102,7 +102,7 @@ async def test_send_to_a_stopped_server_gives_up_within_its_timeout_saying_it_wa
     with pytest.raises(ClientError) as caught:
         await clientcmds.send(nowhere(), "general", "hello?", kind=TEXT, timeout=2,
                               json_out=False)
-    assert time.monotonic() - start < 3
+    assert time.monotonic() - start < 5  # (its --timeout, well before the 8 s of trying)
     assert str(caught.value).startswith("the message was not sent: ")
     assert caught.value.exit_code == EXIT_UNAVAILABLE
 
@@ -204,7 +204,7 @@ def test_send_dash_with_10_mb_on_stdin_is_bad_input_at_once(tmp_path: Path) -> N
                           "--address", f"127.0.0.1:{free_port()}"],
                          input=b"z" * 10_000_000, capture_output=True, timeout=30,
                          env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
-    assert time.monotonic() - start < 5
+    assert time.monotonic() - start < 7.5  # before the 8 s a dial would keep trying
     assert out.returncode == 2, out.stderr
     assert out.stderr.decode() == (
         "error: the message was not sent: it is more than 60000 bytes, the most any "

@@ -11,7 +11,7 @@ from typing import Any
 import nats
 import nats_lab
 import pytest
-from helpers import cluster_flags, eventually, make_config
+from helpers import cluster_flags, eventually, make_config, placed, until_stream_answers
 
 from tsnetchat import cluster
 from tsnetchat.cluster import ClusterHistory
@@ -27,22 +27,25 @@ async def seed(nats_cluster: nats_lab.NatsCluster) -> None:
     nc = await nats.connect(servers=nats_cluster.urls, user=nats_cluster.user,
                             password=nats_cluster.password)
     try:
-        js = nc.jetstream()
-        await js.add_stream(name=cluster.STREAM, subjects=[cluster.PREFIX + ">"],
-                            num_replicas=3, allow_atomic=True)
+        js = nc.jetstream(timeout=20)
+        await placed(lambda: js.add_stream(name=cluster.STREAM, subjects=[cluster.PREFIX + ">"],
+                                           num_replicas=3, allow_atomic=True), cluster.STREAM)
+        # (a publish without an answer is lost without a word if the stream is not ready)
+        await until_stream_answers(js, cluster.ROOM_PREFIX + "general")
         alice = Sender("alice@tailnet.test", "Alice", "alice-laptop")
         for i in range(1, N + 1):
             draft = Draft("general", alice, TEXT, f"{i:06d} " + "x" * 400, f"c{i}")
-            await nc.publish(cluster.ROOM_PREFIX + "general",
-                             cluster._encode(draft, i, 1_700_000_000_000 + i, "seed:1"))
-            if i % 1000 == 0:
-                await nc.flush()
-        await nc.flush()
+            data = cluster._encode(draft, i, 1_700_000_000_000 + i, "seed:1")
+            if i % 1000 == 0:  # an answer each thousand: what is sent is stored, in order
+                ack = await js.publish(cluster.ROOM_PREFIX + "general", data)
+                assert ack.seq == i, (ack.seq, i)
+            else:
+                await nc.publish(cluster.ROOM_PREFIX + "general", data)
 
         async def stored() -> int:
             return int((await js.stream_info(cluster.STREAM)).state.messages)
 
-        await eventually(stored, lambda n: n == N, "the stream storing them all")
+        await eventually(stored, lambda n: n == N, "the stream storing them all", timeout=60)
     finally:
         await nc.close()
 

@@ -38,6 +38,7 @@ from helpers import (
     jetstream,
     join,
     lab_server,
+    placed,
     send,
     server_1_killed_mid_conversation,
     token_id,
@@ -201,6 +202,7 @@ async def test_without_a_nats_quorum_sends_are_refused_as_retryable_and_succeed_
         a = lab.nodes["alice-laptop"]
         link = link_for("chat-server", one.token(ALICE), socket=a.socket, port=one.port,
                         proxy=f"http://{a.http_proxy}")
+        await link.get()  # (dialled first, as below: the 5 s are the message's)
         with pytest.raises(ClientError) as unsure:
             await clientcmds.send(link, "random", "sent by a script", kind=1, timeout=5.0,
                                   json_out=False)
@@ -236,7 +238,9 @@ async def test_without_a_nats_quorum_sends_are_refused_as_retryable_and_succeed_
                          ids=["bucket-led", "while-the-revocations-bucket-elects-a-leader"])
 async def test_a_token_revoked_through_server_2_closes_alices_stream_on_server_1(
         lab: Any, tmp_path: Path, nats_cluster: nats_lab.NatsCluster, election: bool) -> None:
-    async with two_servers(lab, tmp_path, nats_cluster) as (one, two):
+    # (elections measured 4-9 s; cluster_wait's 12 s default left little room on a loaded
+    # machine: a review, 2026-11-25)
+    async with two_servers(lab, tmp_path, nats_cluster, cluster_wait=30.0) as (one, two):
         token = one.token(ALICE)
         alice = await one.connect("alice-laptop", token)
         # alice's admin token (the lab grants alice admin), on her laptop, through server 2
@@ -467,7 +471,8 @@ async def test_a_bucket_made_otherwise_by_hand_stops_the_start_in_words_that_nam
     """Not a passing state of the cluster, yet tried again until startup_timeout, then
     given in nats-py's words (a lab run, 2026-11-25)."""
     async with jetstream(nats_cluster) as js:
-        await js.create_key_value(bucket=cluster.KICKS, replicas=3, history=5)
+        await placed(lambda: js.create_key_value(bucket=cluster.KICKS, replicas=3, history=5),
+                     cluster.KICKS)
     with pytest.raises(StoreError) as refused_start:
         async with lab_server(lab, tmp_path, **cluster_flags(nats_cluster)):
             pass

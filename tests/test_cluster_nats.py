@@ -19,6 +19,7 @@ import nats.errors
 import nats.js.errors
 import nats_lab
 import pytest
+from helpers import placed, until_stream_answers
 from nats.js.api import ConsumerConfig, DeliverPolicy, KeyValueConfig, StreamConfig
 
 pytestmark = pytest.mark.cluster
@@ -41,34 +42,9 @@ async def js(nats_cluster: nats_lab.NatsCluster) -> AsyncIterator[Any]:
     """A JetStream context on a fresh R3 stream ``T`` (subjects ``t.>``, atomic batches on)."""
     nc = await connect(nats_cluster)
     ctx = nc.jetstream()
-    # Up to 20 s a request, not nats-py's 5: creating an R3 stream on a cluster started a
-    # moment ago timed out at 5 s in a full test run and in a run after two other test files
-    # (2026-11-22); four runs of this file alone did not. And asked again until 60 s: one
-    # request went unanswered for 20 s in a full CI run (2026-11-24); creating a stream that
-    # exists with the same settings answers with it.
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            await nc.jsm(timeout=20).add_stream(StreamConfig(
-                name="T", subjects=["t.>"], num_replicas=3, allow_atomic=True))
-            break
-        except nats.errors.TimeoutError:
-            if time.monotonic() > deadline:
-                raise
-    # A new R3 stream answers publishes only once its leader is ready: until then a publish
-    # gets no responders (seen under load in full test runs, even after stream_info named a
-    # leader). The probe expects a subject sequence that cannot be, so it stores nothing.
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            await ctx.publish("t.probe", b"", headers={
-                "Nats-Expected-Last-Subject-Sequence": "999999"})
-        except nats.js.errors.APIError:
-            break  # refused by the stream: it answers
-        except nats.errors.Error:
-            pass
-        assert time.monotonic() < deadline, "the new stream does not answer after 20 s"
-        await asyncio.sleep(0.05)
+    await placed(lambda: nc.jsm(timeout=20).add_stream(StreamConfig(
+        name="T", subjects=["t.>"], num_replicas=3, allow_atomic=True)), "stream T")
+    await until_stream_answers(ctx, "t.probe")
     try:
         yield ctx
     finally:

@@ -8,16 +8,13 @@ import os
 import signal
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from helpers import CLI, Daemon, free_port, start_daemon
-
-from tsnetchat.client import connect
+from helpers import CLI, Daemon, free_port, lab_connect, start_daemon
 
 pytestmark = pytest.mark.tailnet
 
@@ -84,11 +81,9 @@ def test_once_ready_only_the_event_loop_and_history_threads_keep_the_normal_poli
 def test_sigterm_drains_streams_and_exits_zero(lab: Any, daemon: Daemon) -> None:
     daemon.wait_for("READY=1")
     tok = daemon.token("alice@tailnet.test")
-    alice = lab.nodes["alice-laptop"]
 
     async def scenario() -> tuple[grpc.StatusCode, str]:
-        conn = await connect("chat-server", tok, socket=alice.socket, port=daemon.port,
-                             proxy=f"http://{alice.http_proxy}")
+        conn = await lab_connect(lab, "alice-laptop", "chat-server", daemon.port, tok)
         call = conn.subscribe("general")
         async for ev in call:
             if ev.WhichOneof("event") == "replay_done":
@@ -118,8 +113,7 @@ def test_sighup_reloads_revocations_and_config(lab: Any, tmp_path: Path) -> None
     try:
         d.wait_for("READY=1")
         cfg.write_text("max_message_bytes = 10\n")
-        d.proc.send_signal(signal.SIGHUP)
-        time.sleep(1)
+        d.reload()
         tok = d.token("alice@tailnet.test")
         alice = lab.nodes["alice-laptop"]
         out = subprocess.run([CLI, "send", "chat-server", "this is longer than ten bytes",

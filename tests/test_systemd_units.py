@@ -26,7 +26,7 @@ from typing import Any
 
 import grpc
 import pytest
-from helpers import free_port, need
+from helpers import free_port, lab_connect, need
 from nspawn import (
     LAB_KNOBS,
     PKG,
@@ -37,7 +37,7 @@ from nspawn import (
     missing,
 )
 
-from tsnetchat.client import Connection, connect
+from tsnetchat.client import Connection
 
 pytestmark = [pytest.mark.systemd, pytest.mark.tailnet]
 
@@ -83,9 +83,7 @@ class Unit:
         return self.c.sh(f"journalctl -u {self.name} --no-pager -o cat {' '.join(args)}").stdout
 
     async def connect(self, node: str = "alice-laptop") -> Connection:
-        n = self.lab.nodes[node]
-        return await connect(self.hostname, self.token, socket=n.socket, port=self.port,
-                             proxy=f"http://{n.http_proxy}")
+        return await lab_connect(self.lab, node, self.hostname, self.port, self.token)
 
     def set_config(self, **values: Any) -> None:
         lines = [f"port = {self.port}"]
@@ -352,9 +350,7 @@ def test_a_token_issued_while_the_service_is_stopped_works_once_it_runs(unit: Un
     assert "root" not in owners, owners
 
     async def whoami() -> str:
-        n = unit.lab.nodes["bob-laptop"]
-        conn = await connect(unit.hostname, token, socket=n.socket, port=unit.port,
-                             proxy=f"http://{n.http_proxy}")
+        conn = await lab_connect(unit.lab, "bob-laptop", unit.hostname, unit.port, token)
         try:
             return (await conn.whoami()).identity.login
         finally:

@@ -220,12 +220,16 @@ def test_a_mention_rings_the_bell_and_is_highlighted(terminals: dict[str, Tmux])
 # --- sending faster than the server allows -----------------------------------------------------
 
 
+# (the server's rate, not the typing's speed, decides that lines are pending: at the default 5
+# a second, typing slowed 3 times by a loaded machine would find none pending; a review,
+# 2026-11-25)
+@pytest.mark.parametrize("chat_server", [{"TSNETCHAT_RATE_PER_SECOND": "2"}], indirect=True)
 def test_a_50_line_burst_typed_faster_than_the_rate_limit_arrives_once_in_order(
         chat_server: LabDaemon, open_terminal: Opener) -> None:
     """Typed as a person types, each line and its Enter read apart (``Tmux.type_lines``;
     written at once they are a paste, one message): 50 lines took 1.3 to 2.5 s, past the
     server's bursts of 20 at 5 a second, and 20 to 26 were pending when the last was typed
-    (three runs, 2026-11-25)."""
+    (three runs, 2026-11-25). Here the server allows 2 a second after its burst."""
     # (72 columns: the pending count was cut off below about 90; a new user's day, 2026-11-24)
     alice = open_terminal("alice", height=60, width=72)
     bob = open_terminal("bob", height=70)
@@ -356,7 +360,7 @@ def test_a_refused_join_is_one_error_line_and_bob_stays_in_general(
     bob.type_lines(["/join #general", "still here"])
     alice.wait_for(r"<Bob> still here")
     bob.keys("C-c")
-    bob.wait_for(r"EXITED 0", timeout=5)
+    bob.wait_for(r"EXITED 0", timeout=15)
     no_python_on(alice, bob)
 
 
@@ -390,7 +394,7 @@ def test_a_new_chat_opens_the_rooms_the_last_one_had_open_and_shows_the_one_show
     alice.type("/search nothing-like-this")  # shown at the end: no room, so the first one
     alice.wait_for(r"nothing found")
     alice.type("/quit")
-    alice.wait_for(r"EXITED 0", timeout=5)
+    alice.wait_for(r"EXITED 0", timeout=15)
     again = open_terminal("alice", home_name="home-alice", wait=False)
     s = again.wait_for(r"2 #ops")
     assert re.search(r"1 #random[\s\S]*2 #ops", s) and "#general" not in s, s
@@ -742,6 +746,7 @@ def test_scrollback_pages_up_into_older_history_and_back_down(
 # --- leaving ---------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("chat_server", [{"TSNETCHAT_RATE_PER_SECOND": "1"}], indirect=True)
 def test_quit_under_load_exits_at_once_and_says_what_was_not_sent(
         chat_server: LabDaemon, terminals: dict[str, Tmux]) -> None:
     alice, bob = terminals["alice"], terminals["bob"]
@@ -753,9 +758,9 @@ def test_quit_under_load_exits_at_once_and_says_what_was_not_sent(
     alice.wait_for(r"EXITED 1", timeout=5)  # 1: something typed was not stored
     s = alice.screen(scrollback=True)
     unsent = re.findall(r"^  #general: (load \d\d)(?:  \(.*\))?$", s, re.M)
-    assert unsent, s  # 60 lines at 5/s cannot all be stored at once
+    assert unsent, s  # 60 lines at 1/s after a burst of 20 cannot all be stored at once
     bob.keys("C-d")
-    bob.wait_for(r"EXITED [01]", timeout=5)
+    bob.wait_for(r"EXITED [01]", timeout=15)
     hist = run_cli("history", "chat-server", "--json", "--limit", "200", "--token",
                    chat_server.token("mallory@tailnet.test"),
                    *chat_server.client_args("mallory-laptop"))
@@ -811,7 +816,7 @@ def test_a_terminal_closed_with_lines_not_yet_sent_keeps_them_in_a_file(
     again.wait_for(r"▸ <Alice> back again")
     assert not re.search(said, again.screen()), again.screen()
     again.type("/quit")
-    again.wait_for(r"EXITED 0", timeout=5)
+    again.wait_for(r"EXITED 0", timeout=15)
     third = open_terminal("alice", home_name="home-alice-0")
     time.sleep(1)  # (the notes are there at once, or not at all)
     assert not re.search(said, third.screen()), third.screen()
@@ -866,7 +871,7 @@ def test_a_line_half_typed_when_the_chat_ended_is_back_in_its_room_in_the_next_c
     idle = open_terminal("alice", home_name="home-alice", wait=False)
     idle.wait_for(r"#general> half in general,")
     idle.keys("C-d")
-    idle.wait_for(r"EXITED 0", timeout=5)
+    idle.wait_for(r"EXITED 0", timeout=15)
     assert "not sent when you left" not in idle.screen() and kept.read_text() == text
     again = open_terminal("alice", home_name="home-alice", wait=False)
     again.wait_for(r"#general> half in general,")
@@ -880,7 +885,7 @@ def test_a_line_half_typed_when_the_chat_ended_is_back_in_its_room_in_the_next_c
     again.keys("Enter")
     again.wait_for(r"▸ <Alice> half in random")
     again.type("/quit")
-    again.wait_for(r"EXITED 0", timeout=5)
+    again.wait_for(r"EXITED 0", timeout=15)
     third = open_terminal("alice", home_name="home-alice", wait=False)  # sent: not again
     third.wait_for(r"│ #random │")
     time.sleep(1)
@@ -957,7 +962,7 @@ def test_a_chat_killed_gives_the_next_one_its_rooms_its_half_typed_line_and_its_
     assert "  (typed in #general; back in its input) half in general\n" in text, text
     again.keys("C-u")
     again.type("/quit")
-    again.wait_for(r"EXITED 0", timeout=5)
+    again.wait_for(r"EXITED 0", timeout=15)
     assert list((state / "running").iterdir()) == []  # (a clean exit leaves nothing)
     no_python_on(again)
 

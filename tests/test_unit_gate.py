@@ -233,7 +233,7 @@ async def test_a_call_refused_unread_waits_for_the_hold_while_others_are_served(
 
     from tsnetchat.gate import CONN_REFUSALS
 
-    chat.server.gate.hold = 1.0  # (the default, 5 s, only makes the test slower)
+    chat.server.gate.hold = 3.0  # (the default, 5 s, only makes the test slower)
     conn = await chat.connect("mallory@t", token="junk")
     for _ in range(CONN_REFUSALS[0]):
         assert (await refused(conn.whoami())).code() == grpc.StatusCode.UNAUTHENTICATED
@@ -241,10 +241,10 @@ async def test_a_call_refused_unread_waits_for_the_hold_while_others_are_served(
     held = asyncio.gather(*(refused(conn.whoami()) for _ in range(5)))
     alice = await chat.connect("alice@t")
     assert (await alice.whoami()).identity.login == "alice@t"
-    assert time.monotonic() - started < 1.0  # (served while mallory's calls are held)
+    assert not held.done()  # (served while mallory's calls are held)
     codes = {e.code() for e in await held}
     assert codes == {grpc.StatusCode.RESOURCE_EXHAUSTED}
-    assert time.monotonic() - started >= 1.0
+    assert time.monotonic() - started >= 3.0
     # still open, and read again: its budget refilled while its calls waited
     assert (await refused(conn.whoami())).code() == grpc.StatusCode.UNAUTHENTICATED
 
