@@ -141,15 +141,15 @@ async def test_once_the_servers_node_is_registered_again_logins_name_its_new_nod
     """Login (and RenewToken) named the node the server read at start: after the node was
     deleted and registered again, clients stored their tokens under a node id that no
     longer was, which ``tokens.Entry.matches`` compares (a review, 2026-11-25)."""
-    node = await asyncio.to_thread(lab.add_node, "chat-own", "chat")
+    node = await asyncio.to_thread(lab.add_node, "chat-anew", "chat")
     try:
-        async with lab_server(lab, tmp_path, node="chat-own", enroll="any") as chat:
+        async with lab_server(lab, tmp_path, node="chat-anew", enroll="any") as chat:
             token = chat.token(ALICE)
             alice = await chat.connect("alice-laptop", token)
             before = (await alice.stub.Login(pb.LoginRequest(), timeout=10)).server
-            assert before.node_id and before.name.startswith("chat-own.")
-            now = await registered_again(lab, node, "chat-own")
-            await refused_as_own_node(chat, "chat-own", chat.token("chat@tailnet.test"))
+            assert before.node_id and before.name.startswith("chat-anew.")
+            now = await registered_again(lab, node, "chat-anew")
+            await refused_as_own_node(chat, "chat-anew", chat.token("chat@tailnet.test"))
             await until(lambda: chat.server.serving.status.self_node.node_id == now,
                         "the server follows its node registered again", timeout=15)
             # A new connection (the node may have new addresses: the old one goes nowhere),
@@ -168,4 +168,4 @@ async def test_once_the_servers_node_is_registered_again_logins_name_its_new_nod
             assert res.server.node_id == now, res.server
             assert res.server.name == before.name
     finally:
-        await asyncio.to_thread(lab.drop_node, "chat-own")
+        await asyncio.to_thread(lab.drop_node, "chat-anew")
