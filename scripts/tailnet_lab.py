@@ -543,10 +543,10 @@ class Lab(Running):
         (2026-11-25) alice-laptop had a new node online for over a minute with neither, and
         every dial to it failed ("no UDP or DERP addr"). Normally the DERP home arrives
         within 2 s; after a node was registered again it was missing at its peers for 3 s
-        or more in 1 of 2 lab runs, and a SIGHUP to headscale did not bring it. So every
-        5 s that a node still lacks it, ``node`` flips shields-up on and off: its Hostinfo
-        changes, it sends control a new map request, and headscale tells the peers the node
-        as it is now."""
+        or more in 1 of 2 lab runs, and a SIGHUP to headscale did not bring it. Every 5 s
+        that a node still lacks it, ``node`` flips shields-up on and off, which changes its
+        Hostinfo and sends control a new map request; in a later CI run (2026-11-25) that
+        did not bring it either, so it is a try, not a cure."""
         nudge_at = time.monotonic() + 5
         while True:
             missing = []
