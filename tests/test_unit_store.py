@@ -876,3 +876,51 @@ def test_a_search_until_a_time_leaves_out_what_was_sent_at_that_time(tmp_path: P
     found = s.search("heron", ["r"], since_ms=1000, until_ms=3000, newest=True)
     assert [m.text for m in found] == ["heron 1", "heron 0"]
     s.close()
+
+
+async def test_a_send_made_on_hearing_a_held_write_returned_is_taken(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A write a hung disk holds, and two messages behind it refused as overdue: once the
+    write returns, a message sent on hearing so is stored. It was refused as "not taking
+    messages" while the writer had not yet come back for the two refused ones (here held
+    right after it posts the write's outcome, as a loaded machine's scheduler may)."""
+    h = await SqliteHistory.open(tmp_path / "db", wait=0.3)
+    h.submit(Draft("r", A, 1, "first", "k0"), lambda outcome: None)  # (room and sender known)
+    await h.drain()
+    disk, resent = threading.Event(), threading.Event()
+    write_one, post = h._store.write_one, h._post
+
+    def hung_write(*args: Any) -> Any:
+        written = write_one(*args)
+        disk.wait(10)  # (its commit's fsync, held)
+        return written
+
+    monkeypatch.setattr(h._store, "write_one", hung_write)
+
+    def post_then_hold(results: Any) -> None:
+        post(results)
+        resent.wait(10)
+
+    monkeypatch.setattr(h, "_post", post_then_hold)
+    outcomes: dict[str, Outcome] = {}
+
+    def resend(outcome: Outcome) -> None:
+        outcomes["a"] = outcome
+        h.submit(Draft("r", A, 1, "b", "kb"), lambda o: outcomes.__setitem__("b again", o))
+        resent.set()
+
+    try:
+        h.submit(Draft("r", A, 1, "a", "ka"), resend)
+        await until(lambda: h._writing)  # (the writer is in a's write)
+        for k in "bc":
+            h.submit(Draft("r", A, 1, k, f"k{k}"), lambda o, k=k: outcomes.__setitem__(k, o))
+        await until(lambda: {"b", "c"} <= outcomes.keys(), timeout=5)
+        assert all(isinstance(outcomes[k], StoreError) for k in "bc"), outcomes
+        disk.set()
+        await until(lambda: "b again" in outcomes, timeout=10)
+        assert isinstance(outcomes["a"], Written), outcomes
+        assert isinstance(outcomes["b again"], Written), outcomes["b again"]
+    finally:
+        disk.set()
+        resent.set()
+        await h.close()
