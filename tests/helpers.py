@@ -29,6 +29,7 @@ import json
 import os
 import queue
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -81,6 +82,26 @@ def need(what: str, why: str = "") -> None:
         pytest.fail(f"required in CI: {msg}", pytrace=False)
     print(f"\n*** SKIPPING: {msg} ***\n", file=sys.stderr)
     pytest.skip(msg)
+
+
+def need_mount_namespace(why: str) -> None:
+    """Skip (fail under CI) unless this process may make a mount namespace of its own."""
+    if not shutil.which("unshare") or subprocess.run(
+            ["unshare", "-m", "true"], capture_output=True).returncode:
+        need("a mount namespace (unshare -m, as root)", why)
+
+
+def on_tmpfs(disk: Path, size: str, script: str, *, why: str,
+             timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run the shell ``script`` in a mount namespace of its own, with a ``size`` tmpfs (a
+    real small disk, which the script may fill or remount read-only) mounted on ``disk``,
+    made here. ``why`` says what the test needs the namespace for."""
+    need_mount_namespace(why)
+    disk.mkdir()
+    return subprocess.run(
+        ["unshare", "-m", "sh", "-c",
+         f"mount -t tmpfs -o size={size} tmpfs {shlex.quote(str(disk))} && {script}"],
+        capture_output=True, text=True, timeout=timeout)
 
 
 def free_port() -> int:
@@ -698,10 +719,33 @@ class TunNode:
         return Path("/etc/netns") / self.ns
 
     def status(self, tailscale: str) -> dict[str, Any]:
-        import json
-
         out = sh(tailscale, f"--socket={self.socket}", "status", "--json")
         return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+    @contextlib.contextmanager
+    def serve(self, d: Path, port: int) -> Iterator[subprocess.Popen[Any]]:
+        """`tsnetchat serve` in this node's namespace on ``port``, its state dir and log
+        (serve.log) under ``d``, once it has told systemd's notify socket READY=1;
+        stopped on the way out."""
+        notify_path = str(d / "notify.sock")
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify.bind(notify_path)
+        notify.settimeout(60)
+        cli = str(Path(sys.executable).with_name("tsnetchat"))
+        server = subprocess.Popen(
+            self.exec(cli, "serve", "--state-dir", str(d / "state"), "--socket", self.socket,
+                      "--port", str(port)),
+            env={**os.environ, "NOTIFY_SOCKET": notify_path},
+            stdout=open(d / "serve.log", "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
+        try:
+            said = ""
+            while "READY=1" not in said:
+                said += notify.recv(4096).decode()
+            yield server
+        finally:
+            server.terminate()
+            server.wait(timeout=15)
+            notify.close()
 
 
 def tun_possible() -> str:

@@ -9,7 +9,6 @@ import hashlib
 import json
 import os
 import shlex
-import shutil
 import signal
 import sqlite3
 import stat
@@ -21,7 +20,15 @@ from typing import Any
 
 import pytest
 from conftest import Chat
-from helpers import Pump, link_as, make_config, need, pump, until
+from helpers import (
+    Pump,
+    link_as,
+    make_config,
+    need_mount_namespace,
+    on_tmpfs,
+    pump,
+    until,
+)
 
 from tsnetchat import clientcmds
 from tsnetchat.backup import backup, restore
@@ -656,23 +663,18 @@ def test_a_backup_onto_a_full_disk_names_the_backup_and_the_space_it_needs(
     """It said "cannot copy ... to .../.b.db.partial: database or disk is full": a file that
     was gone by then, and no word of the space (the hint was worked out once the partial copy
     was removed; an operator's run, 2026-11-25). The earlier backup stays as it was."""
-    if not shutil.which("unshare") or subprocess.run(["unshare", "-m", "true"],
-                                                     capture_output=True).returncode:
-        need("a mount namespace (unshare -m, as root)", "the test mounts a small tmpfs")
+    need_mount_namespace("the test mounts a small tmpfs")
     small = tmp_path / "small"
     Store(small / "tsnetchat.db").close()
     big = _history_of_64_mb(tmp_path)
     disk = tmp_path / "disk"
-    disk.mkdir()
     d = shlex.quote(str(disk))
     cli_, b = shlex.quote(str(CLI)), shlex.quote(f"{disk}/b.db")
-    proc = subprocess.run(
-        ["unshare", "-m", "sh", "-c",
-         f"mount -t tmpfs -o size=16m tmpfs {d} && "
-         f"{cli_} backup --state-dir {shlex.quote(str(small))} {b} >/dev/null && "
-         f"sha256sum < {b} && {cli_} backup --state-dir {shlex.quote(str(big))} {b}; "
-         f"echo exit $?; ls -A {d}; sha256sum < {b}"],
-        capture_output=True, text=True, timeout=120)
+    proc = on_tmpfs(
+        disk, "16m", f"{cli_} backup --state-dir {shlex.quote(str(small))} {b} >/dev/null && "
+        f"sha256sum < {b} && {cli_} backup --state-dir {shlex.quote(str(big))} {b}; "
+        f"echo exit $?; ls -A {d}; sha256sum < {b}", why="the test mounts a small tmpfs",
+        timeout=120)
     before, code, left, after = proc.stdout.splitlines()
     assert (code, left, after) == ("exit 8", "b.db", before), (proc.stdout, proc.stderr)
     said = proc.stderr

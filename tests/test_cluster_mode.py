@@ -9,12 +9,14 @@ laptops' tailscaled.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -571,30 +573,48 @@ async def lead_elsewhere(cluster_: nats_lab.NatsCluster, stream: str, node: str)
         await nc.close()
 
 
+@contextlib.asynccontextmanager
+async def server_1_alone_on_node_1(lab: Any, tmp_path: Path, nats_cluster: nats_lab.NatsCluster,
+                                   bucket: str) -> AsyncIterator[tuple[Any, Any]]:
+    """Two servers: server 1 on the cluster's first NATS node alone, server 2 on the others;
+    ``bucket``'s stream led by another node (what is sent must not wait for its bucket to
+    elect a leader when node 1 dies: 4-9 s, docs/nats-cluster.md fact 2)."""
+    flags = cluster_flags(nats_cluster)
+    first, *others = nats_cluster.nodes
+    async with lab_server(lab, tmp_path, **{**flags, "cluster": first.url}) as one, \
+            lab_server(lab, tmp_path, node="chat-server-2",
+                       **{**flags, "cluster": ",".join(n.url for n in others)}) as two:
+        await lead_elsewhere(nats_cluster, f"KV_{bucket}", first.name)
+        yield one, two
+
+
+@contextlib.asynccontextmanager
+async def on_its_way_when_node_1_dies(nats_cluster: nats_lab.NatsCluster) -> AsyncIterator[None]:
+    """What the body sends to server 1 is on its way through node 1 (held by SIGSTOP, and
+    given a second to be in its sockets) when node 1 is SIGKILLed."""
+    first = nats_cluster.nodes[0]
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        yield
+        await asyncio.sleep(1.0)
+    finally:
+        nats_cluster.kill(first.name)
+
+
 async def test_a_kick_in_flight_to_server_1_when_its_nats_node_dies_still_closes_bobs_stream(
         lab: Any, tmp_path: Path, nats_cluster: nats_lab.NatsCluster) -> None:
     """A kick sent to the other servers on a plain NATS subject was lost on a server that
     was reconnecting to NATS, while the admin was told it worked (once in 9 tries of a
     kill -9 run, 2026-11-25). Here it is on its way to server 1 through server 1's NATS node
     (held by SIGSTOP) when that node is SIGKILLed: server 1 reconnects to another."""
-    flags = cluster_flags(nats_cluster)
-    first, *others = nats_cluster.nodes
-    async with lab_server(lab, tmp_path, **{**flags, "cluster": first.url}) as one, \
-            lab_server(lab, tmp_path, node="chat-server-2",
-                       **{**flags, "cluster": ",".join(n.url for n in others)}) as two:
-        # (the kick must not wait for its bucket to elect a leader: 4-9 s, fact 2)
-        await lead_elsewhere(nats_cluster, f"KV_{cluster.KICKS}", first.name)
+    async with server_1_alone_on_node_1(lab, tmp_path, nats_cluster, cluster.KICKS) as (one, two):
         bob = await one.connect("bob-laptop", one.token(BOB))
         admin = await two.connect("alice-laptop", two.token(ALICE, admin=True))
         call = await join(bob, "general")
-        os.kill(first.pid, signal.SIGSTOP)
-        try:
+        async with on_its_way_when_node_1_dies(nats_cluster):
             await admin.stub.Kick(pb.KickRequest(room="general", login=BOB),
                                   metadata=admin.metadata, timeout=10)
             kicked = time.monotonic()
-            await asyncio.sleep(1.0)  # (on its way: in server 1's node's sockets)
-        finally:
-            nats_cluster.kill(first.name)
         details = await closed_as(call, grpc.StatusCode.PERMISSION_DENIED, timeout=30)
         assert f"kicked out of 'general' by {ALICE}" in details
         print(f"bob's stream on server 1 closed {time.monotonic() - kicked:.1f}s after the kick")
@@ -612,25 +632,16 @@ async def test_a_revocation_in_flight_to_server_1_when_its_nats_node_dies_closes
     revoked anything in yet; the word on ``REVOCATIONS`` goes the same way. Here both are on
     their way to server 1 through server 1's NATS node (held by SIGSTOP) when that node is
     SIGKILLed: the token went on working on server 1 for as long as it ran."""
-    flags = cluster_flags(nats_cluster)
-    first, *others = nats_cluster.nodes
-    async with lab_server(lab, tmp_path, **{**flags, "cluster": first.url}) as one, \
-            lab_server(lab, tmp_path, node="chat-server-2",
-                       **{**flags, "cluster": ",".join(n.url for n in others)}) as two:
-        # (the revocation must not wait for its bucket to elect a leader: 4-9 s, fact 2)
-        await lead_elsewhere(nats_cluster, f"KV_{cluster.REVOKED}", first.name)
+    async with server_1_alone_on_node_1(lab, tmp_path, nats_cluster,
+                                        cluster.REVOKED) as (one, two):
         token = one.token(ALICE)
         alice = await one.connect("alice-laptop", token)
         admin = await two.connect("alice-laptop", two.token(ALICE, admin=True))
         call = await join(alice, "general")
-        os.kill(first.pid, signal.SIGSTOP)
-        try:
+        async with on_its_way_when_node_1_dies(nats_cluster):
             await admin.stub.RevokeToken(pb.RevokeTokenRequest(token_id=token_id(token)),
                                          metadata=admin.metadata, timeout=10)
             revoked = time.monotonic()
-            await asyncio.sleep(1.0)  # (on its way: in server 1's node's sockets)
-        finally:
-            nats_cluster.kill(first.name)
         await closed_as(call, grpc.StatusCode.UNAUTHENTICATED, timeout=30)
         print(f"alice's stream on server 1 closed {time.monotonic() - revoked:.1f}s after "
               "the revocation")
@@ -645,20 +656,11 @@ async def test_a_private_room_made_on_its_way_to_server_1_when_its_nats_node_die
     removal confirmed meanwhile reached server 1 only when nats-py made a new one, after two
     missed 5 s heartbeats: more than 10 s in each of 3 runs, bob reading on in the room
     meanwhile; 2.7-6.5 s now, lab runs on 2026-11-25.)"""
-    flags = cluster_flags(nats_cluster)
-    first, *others = nats_cluster.nodes
-    async with lab_server(lab, tmp_path, **{**flags, "cluster": first.url}) as one, \
-            lab_server(lab, tmp_path, node="chat-server-2",
-                       **{**flags, "cluster": ",".join(n.url for n in others)}) as two:
-        await lead_elsewhere(nats_cluster, f"KV_{cluster.ROOMS}", first.name)
+    async with server_1_alone_on_node_1(lab, tmp_path, nats_cluster, cluster.ROOMS) as (one, two):
         bob = await one.connect("bob-laptop", one.token(BOB))
         admin = await two.connect("alice-laptop", two.token(ALICE, admin=True))
-        os.kill(first.pid, signal.SIGSTOP)
-        try:
+        async with on_its_way_when_node_1_dies(nats_cluster):
             await admin.create_room("+ops", [ALICE, BOB], timeout=10)
-            await asyncio.sleep(1.0)  # (on its way: in server 1's node's sockets)
-        finally:
-            nats_cluster.kill(first.name)
         await eventually(bob.list_rooms, lambda r: "+ops" in [x.name for x in r.rooms],
                          "server 1 learning the room", timeout=30)
 

@@ -17,7 +17,16 @@ from typing import Any
 import grpc
 import pytest
 from conftest import Chat
-from helpers import collect, hello_events, need, send, until, write_lock_held
+from helpers import (
+    collect,
+    hello_events,
+    need,
+    need_mount_namespace,
+    on_tmpfs,
+    send,
+    until,
+    write_lock_held,
+)
 
 from tsnetchat.client import RoomSession, acks_in
 from tsnetchat.pb import chat_pb2 as pb
@@ -196,26 +205,15 @@ async def test_on_shutdown_waiting_messages_are_stored_and_acknowledged_before_s
 CLI = Path(sys.executable).with_name("tsnetchat")
 
 
-def need_mount_namespace(why: str) -> None:
-    """Skip (fail under CI) unless this process may make a mount namespace of its own."""
-    if not shutil.which("unshare") or subprocess.run(
-            ["unshare", "-m", "true"], capture_output=True).returncode:
-        need("a mount namespace (unshare -m, as root)", why)
-
-
 def on_a_small_disk(tmp_path: Path, *steps: str, timeout: float = 120) -> Any:
     """Run tests/fulldisk_child.py's ``steps`` in turn, in a mount namespace of their own on
     an 8 MB tmpfs: a real full disk. Returns the JSON of the last line they printed."""
-    need_mount_namespace("the full-disk test mounts a tmpfs")
     child = Path(__file__).with_name("fulldisk_child.py")
     disk = tmp_path / "disk"
-    disk.mkdir()
     py = shlex.quote(sys.executable)
     run = " && ".join(f"{py} {shlex.quote(str(child))} {step} {shlex.quote(str(disk))}"
                       for step in steps)
-    proc = subprocess.run(
-        ["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size=8m tmpfs {disk} && {run}"],
-        capture_output=True, text=True, timeout=timeout)
+    proc = on_tmpfs(disk, "8m", run, why="the full-disk test mounts a tmpfs", timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -389,17 +387,13 @@ async def test_a_server_started_on_a_damaged_database_says_so_and_answers_data_l
 def test_a_first_start_on_a_full_disk_says_so_and_leaves_no_empty_key(tmp_path: Path) -> None:
     """It said "unexpected OSError: [Errno 28] ... a bug in tsnetchat" and left an empty
     jwt.key behind (an operator's run, 2026-11-24)."""
-    need_mount_namespace("the full-disk test mounts a tmpfs")
     disk = tmp_path / "disk"
-    disk.mkdir()
     cli = shlex.quote(str(CLI))
     d = shlex.quote(str(disk))
-    proc = subprocess.run(
-        ["unshare", "-m", "sh", "-c",
-         f"mount -t tmpfs -o size=1m tmpfs {d} && (dd if=/dev/zero of={d}/fill bs=4k "
-         f"2>/dev/null; true) && {cli} serve --state-dir {d}/state --socket {d}/no.sock; "
-         f"echo exit $?; ls -A {d}/state"],
-        capture_output=True, text=True, timeout=60)
+    proc = on_tmpfs(
+        disk, "1m", f"(dd if=/dev/zero of={d}/fill bs=4k 2>/dev/null; true) && {cli} serve "
+        f"--state-dir {d}/state --socket {d}/no.sock; echo exit $?; ls -A {d}/state",
+        why="the full-disk test mounts a tmpfs")
     assert f"error: cannot write the signing key {disk}/state/jwt.key: No space left on device " \
         f"(the disk holding {disk}/state has 0 bytes free: free some space, then start " \
         f"again)" in proc.stderr, proc.stderr
@@ -413,18 +407,14 @@ def test_a_backup_from_a_read_only_file_system_is_made_and_token_list_says_it_is
     """They said only "unable to open database file" (an operator's run, 2026-11-25). The
     backup reads the database as it is (nothing can write it there): it had to be told to
     copy the state dir to a writable disk first."""
-    need_mount_namespace("the test mounts a read-only tmpfs")
     disk = tmp_path / "disk"
-    disk.mkdir()
     cli = shlex.quote(str(CLI))
     d, out = shlex.quote(str(disk)), shlex.quote(str(tmp_path / "b.db"))
-    proc = subprocess.run(
-        ["unshare", "-m", "sh", "-c",
-         f"mount -t tmpfs -o size=4m tmpfs {d} && {cli} token issue a@example.com "
-         f"--state-dir {d}/state >/dev/null 2>&1 && mount -o remount,ro {d} && "
-         f"{{ {cli} backup --state-dir {d}/state {out}; echo exit $?; "
-         f"{cli} token list --state-dir {d}/state; echo exit $?; }}"],
-        capture_output=True, text=True, timeout=60)
+    proc = on_tmpfs(
+        disk, "4m", f"{cli} token issue a@example.com --state-dir {d}/state >/dev/null 2>&1 "
+        f"&& mount -o remount,ro {d} && {{ {cli} backup --state-dir {d}/state {out}; "
+        f"echo exit $?; {cli} token list --state-dir {d}/state; echo exit $?; }}",
+        why="the test mounts a read-only tmpfs")
     backed, *rest = proc.stdout.splitlines()
     assert backed.startswith("backed up 0 messages") and rest == ["exit 0", "exit 8"], (
         proc.stdout, proc.stderr)
@@ -441,19 +431,15 @@ def test_the_state_dirs_lock_on_a_read_only_file_system_says_to_remount_it(
         tmp_path: Path) -> None:
     """`serve` there said "cannot open the lock file ...: Read-only file system", with no word
     of what to do (an operator's run, 2026-11-25)."""
-    need_mount_namespace("the test mounts a read-only tmpfs")
     disk = tmp_path / "disk"
-    disk.mkdir()
     d = shlex.quote(str(disk))
     take = ("import sys; from pathlib import Path; from tsnetchat.statedir import StateLock; "
             "from tsnetchat.errors import ConfigError\n"
             "try: StateLock(Path(sys.argv[1]), 'server')\n"
             "except ConfigError as e: print(e)")
-    proc = subprocess.run(
-        ["unshare", "-m", "sh", "-c",
-         f"mount -t tmpfs -o size=1m tmpfs {d} && mkdir {d}/state && mount -o remount,ro {d} "
-         f"&& {shlex.quote(sys.executable)} -c {shlex.quote(take)} {d}/state"],
-        capture_output=True, text=True, timeout=60)
+    proc = on_tmpfs(disk, "1m", f"mkdir {d}/state && mount -o remount,ro {d} && "
+                    f"{shlex.quote(sys.executable)} -c {shlex.quote(take)} {d}/state",
+                    why="the test mounts a read-only tmpfs")
     said = proc.stdout.strip()
     assert said.startswith(f"cannot open the lock file {disk}/state/tsnetchat.lock: "
                            "Read-only file system"), (said, proc.stderr)
@@ -465,25 +451,22 @@ def test_lines_the_chat_cannot_keep_on_a_full_disk_leave_no_empty_file_and_say_w
     """A full disk under the chat's state left an empty unsent.txt (the next chat announced
     it as holding the lines) and the exit said nothing of it (a kill -9 run, 2026-11-24).
     Now what was there stays as it was, and the caller is told why nothing was kept."""
-    need_mount_namespace("the full-disk test mounts a tmpfs")
     disk = tmp_path / "disk"
-    disk.mkdir()
     d = shlex.quote(str(disk))
     keep = ("import json, os, sys; from tsnetchat import tui; "
             "print(json.dumps(tui._keep_unsent(['#general: hello ' * 2000], 's:1'), "
             "default=str))")
     py = shlex.quote(sys.executable)
-    proc = subprocess.run(
-        ["unshare", "-m", "sh", "-c",
-         f"mount -t tmpfs -o size=64k tmpfs {d} && mkdir -p {d}/fresh/tsnetchat "
-         f"{d}/old/tsnetchat && printf 'kept before\\n' > {d}/old/tsnetchat/unsent.txt && "
-         f"touch -d 2026-01-02 {d}/old/tsnetchat/unsent.txt && (dd if=/dev/zero "
-         f"of={d}/fill bs=4k 2>/dev/null; true) && "
-         f"XDG_STATE_HOME={d}/fresh {py} -c {shlex.quote(keep)} && "
-         f"XDG_STATE_HOME={d}/old {py} -c {shlex.quote(keep)} && "
-         f"ls -A {d}/fresh/tsnetchat && cat {d}/old/tsnetchat/unsent.txt && "
-         f"stat -c %y {d}/old/tsnetchat/unsent.txt"],
-        capture_output=True, text=True, timeout=60)
+    proc = on_tmpfs(
+        disk, "64k",
+        f"mkdir -p {d}/fresh/tsnetchat {d}/old/tsnetchat && printf 'kept before\\n' > "
+        f"{d}/old/tsnetchat/unsent.txt && touch -d 2026-01-02 {d}/old/tsnetchat/unsent.txt && "
+        f"(dd if=/dev/zero of={d}/fill bs=4k 2>/dev/null; true) && "
+        f"XDG_STATE_HOME={d}/fresh {py} -c {shlex.quote(keep)} && "
+        f"XDG_STATE_HOME={d}/old {py} -c {shlex.quote(keep)} && "
+        f"ls -A {d}/fresh/tsnetchat && cat {d}/old/tsnetchat/unsent.txt && "
+        f"stat -c %y {d}/old/tsnetchat/unsent.txt",
+        why="the full-disk test mounts a tmpfs")
     assert proc.returncode == 0, proc.stderr
     fresh, old, *rest = proc.stdout.splitlines()
     assert json.loads(fresh) == [f"{disk}/fresh/tsnetchat/unsent.txt",
@@ -579,18 +562,15 @@ def test_a_backup_of_a_stopped_servers_history_on_a_full_disk_is_made_on_another
     """Reading the database made its -wal and -shm files, which a full disk cannot hold:
     "cannot open history database ...: disk I/O error", when a copy elsewhere is what the
     operator wants before making room (a reliability run, 2026-11-25)."""
-    need_mount_namespace("the full-disk test mounts a tmpfs")
     disk = tmp_path / "disk"
-    disk.mkdir()
     cli = shlex.quote(str(CLI))
     d, out = shlex.quote(str(disk)), shlex.quote(str(tmp_path / "b.db"))
-    proc = subprocess.run(
-        ["unshare", "-m", "sh", "-c",
-         f"mount -t tmpfs -o size=4m tmpfs {d} && {cli} token issue a@example.com "
-         f"--state-dir {d}/state >/dev/null && (dd if=/dev/zero of={d}/fill bs=4k "
-         f"2>/dev/null; true) && {cli} backup --state-dir {d}/state {d}/here.db; "
-         f"echo exit $?; {cli} backup --state-dir {d}/state {out}; echo exit $?"],
-        capture_output=True, text=True, timeout=60)
+    proc = on_tmpfs(
+        disk, "4m", f"{cli} token issue a@example.com --state-dir {d}/state >/dev/null && "
+        f"(dd if=/dev/zero of={d}/fill bs=4k 2>/dev/null; true) && "
+        f"{cli} backup --state-dir {d}/state {d}/here.db; echo exit $?; "
+        f"{cli} backup --state-dir {d}/state {out}; echo exit $?",
+        why="the full-disk test mounts a tmpfs")
     assert proc.stdout.split("\n")[0] == "exit 8", (proc.stdout, proc.stderr)  # (that disk)
     assert "database or disk is full" in proc.stderr and "Traceback" not in proc.stderr
     assert proc.stdout.split("\n")[1].startswith("backed up 0 messages"), proc.stdout

@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,28 +38,12 @@ def tun_server_node(lab: Any, tmp_path_factory: pytest.TempPathFactory
     with tun_node(lab, tmp_path_factory.mktemp("tunsec-node"), user="chat", hostname="chat-tun-sec",
                   tag=f"s{os.getpid() % 10000}", subnet="169.254.214") as node:
         port = free_port()
-        notify_path = str(d / "notify.sock")
-        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        notify.bind(notify_path)
-        notify.settimeout(60)
-        server = subprocess.Popen(
-            node.exec(CLI, "serve", "--state-dir", str(d / "state"), "--socket", node.socket,
-                      "--port", str(port)),
-            env={**os.environ, "NOTIFY_SOCKET": notify_path},
-            stdout=open(d / "serve.log", "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
-        try:
-            said = ""
-            while "READY=1" not in said:
-                said += notify.recv(4096).decode()
+        with node.serve(d, port):
             st = json.loads(sh(str(lab.bin.tailscale), f"--socket={node.socket}", "status",
                                "--json").stdout)
             assert st["TUN"] is True
             ip = next(a for a in st["Self"]["TailscaleIPs"] if ":" not in a)
             yield node, f"{ip}:{port}"
-        finally:
-            server.terminate()
-            server.wait(timeout=15)
-            notify.close()
 
 
 async def _junk_call(address: str, proxy: str) -> grpc.StatusCode:

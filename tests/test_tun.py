@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -37,26 +36,11 @@ def tun_server_node(lab: Any, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
 def test_tun_server_listens_only_on_the_tailnet_addresses(lab: Any, tun_node: TunNode,
                                                          tmp_path: Path) -> None:
-    status = sh(str(lab.bin.tailscale), f"--socket={tun_node.socket}", "status", "--json")
-    import json
-
-    st = json.loads(status.stdout)
+    st = tun_node.status(str(lab.bin.tailscale))
     assert st["TUN"] is True
     ips = set(st["Self"]["TailscaleIPs"])
     port = free_port()
-    notify_path = str(tmp_path / "notify.sock")
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(notify_path)
-    notify.settimeout(60)
-    server = subprocess.Popen(
-        tun_node.exec(CLI, "serve", "--state-dir", str(tmp_path / "state"), "--socket",
-                      tun_node.socket, "--port", str(port)),
-        env={**os.environ, "NOTIFY_SOCKET": notify_path},
-        stdout=open(tmp_path / "serve.log", "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
-    try:
-        msgs = ""
-        while "READY=1" not in msgs:
-            msgs += notify.recv(4096).decode()
+    with tun_node.serve(tmp_path, port):
         out = sh(*tun_node.exec("ss", "-ltnH", f"sport = :{port}")).stdout
         # gRPC binds an IPv4 address as v4-mapped on a v6 socket ([::ffff:100.64.0.5]).
         bound = {line.split()[3].rsplit(":", 1)[0].strip("[]").removeprefix("::ffff:")
@@ -84,10 +68,6 @@ def test_tun_server_listens_only_on_the_tailnet_addresses(lab: Any, tun_node: Tu
 
         # Over the tailnet to the TUN node: WhoIs sees alice's real tailnet source address.
         assert asyncio.run(reach()) == "alice@tailnet.test"
-    finally:
-        server.terminate()
-        server.wait(timeout=15)
-        notify.close()
 
 
 def _listening(node: TunNode, port: int) -> set[str]:
