@@ -191,9 +191,11 @@ async def test_logins_refused_for_going_too_fast_soon_cost_no_whois(chat: Chat) 
         errors.append(e.value)
     took = time.monotonic() - started
     assert "enroll = off" in (errors[0].details() or "")
-    assert "too many refused calls" in (errors[-1].details() or "")
     burst, per_second = CONN_REFUSALS
-    assert len(chat.net.whois_addrs) - asked <= burst + math.ceil(took * per_second) + 1
+    read = burst + math.ceil(took * per_second) + 1  # (refilled while they went on)
+    unread = sum("too many refused calls" in (e.details() or "") for e in errors)
+    assert unread >= len(errors) - read, (unread, took)
+    assert len(chat.net.whois_addrs) - asked <= read
 
 
 @pytest.mark.server_config(enroll="grant")

@@ -381,12 +381,15 @@ async def test_a_flood_of_junk_tokens_is_refused_without_whois_and_soon_unread(
     (for junk JWTs) a WhoIs. Now the cheap checks come first (no WhoIs for a bad token),
     the connection's refusal budget runs out (the rest are refused unread), and the log
     gets a few lines, not one per call."""
+    from tsnetchat.gate import CONN_REFUSALS
+
     caplog.set_level(logging.INFO, "tsnetchat")
     gate = lab_chat.server.gate
     gate.hold = 0.0  # (300 calls one after the other: the hold has its own test below)
     whois_before = gate.whois_calls
     conn = await lab_chat.connect("mallory-laptop", "")
     codes = []
+    started = time.monotonic()
     for i in range(300):
         junk = forge(claims(jti=f"junk{i}"), b"not the key" * 4)
         try:
@@ -394,11 +397,15 @@ async def test_a_flood_of_junk_tokens_is_refused_without_whois_and_soon_unread(
                                    metadata=(("authorization", f"Bearer {junk}"),))
         except grpc.aio.AioRpcError as e:
             codes.append(e.code())
+    took = time.monotonic() - started
     assert gate.whois_calls == whois_before
     assert set(codes[:5]) == {grpc.StatusCode.UNAUTHENTICATED}
-    assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 250
+    # Read past the budget: the burst, then what it refilled while the calls went on.
+    burst, per_second = CONN_REFUSALS
+    read = burst + math.ceil(took * per_second) + 1
+    assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= len(codes) - read, took
     lines = [r for r in caplog.records if r.name == "tsnetchat.gate"]
-    assert len(lines) <= 25
+    assert len(lines) <= max(25, read + 5), (len(lines), took)  # (a line for each one read)
 
 
 async def test_a_device_flooding_junk_tokens_waits_for_its_refusals_while_alice_chats(

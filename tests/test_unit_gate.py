@@ -270,9 +270,13 @@ async def test_calls_refused_for_going_too_fast_soon_cost_no_whois(chat: Chat) -
     took = time.monotonic() - started
     assert {e.code() for e in errors} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
     assert "too many calls" in errors[0].details()
-    assert "too many refused calls" in errors[-1].details()
     burst, per_second = CONN_REFUSALS
-    assert len(chat.net.whois_addrs) - asked <= burst + math.ceil(took * per_second) + 1
+    # (which of them are read depends on when the budget refills: the last one alone was
+    # read in a CI run of test_security's like test, 2026-11-23)
+    read = burst + math.ceil(took * per_second) + 1
+    unread = sum("too many refused calls" in (e.details() or "") for e in errors)
+    assert unread >= len(errors) - read, (unread, took)
+    assert len(chat.net.whois_addrs) - asked <= read
     alice = await chat.connect("alice@t")  # (another device: not affected)
     assert (await alice.whoami()).identity.login == "alice@t"
 
@@ -297,8 +301,10 @@ async def test_calls_to_a_method_the_server_does_not_have_count_against_the_refu
     took = time.monotonic() - started
     unanswered = [e for e in errors if e.code() == grpc.StatusCode.UNIMPLEMENTED]
     burst, per_second = CONN_REFUSALS
-    assert len(unanswered) <= burst + math.ceil(took * per_second) + 1
-    assert "too many refused calls" in errors[-1].details()
+    read = burst + math.ceil(took * per_second) + 1
+    assert len(unanswered) <= read
+    unread = sum("too many refused calls" in (e.details() or "") for e in errors)
+    assert unread >= len(errors) - read, (unread, took)
     assert "no method '/tsnetchat.v1.Chat/NoSuchMethod'" in errors[0].details()
     streamed = conn.channel.stream_stream("/no.Such/Stream")
     e = await refused(streamed(iter([b"x"]), timeout=10).read())
