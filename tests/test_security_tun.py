@@ -77,8 +77,9 @@ def test_new_connections_of_a_device_refused_past_its_budget_are_refused_unread(
         began = time.monotonic()
         first = [await _junk_call(address, mallory) for _ in range(burst)]
         # Past the budget (it refills at one a second while the first ones go on: each is a
-        # new connection through the lab, 1.5-3 s for 20 on a slow day): these wait for
-        # the hold, together, more of them than it refilled.
+        # new connection through the lab, whose set-up the bench put at 72-144 ms, p50-p99,
+        # on a slow day, 2026-11-26): these wait for the hold, together, more of them than
+        # it refilled.
         n = 8 + math.ceil((time.monotonic() - began) * per_second)
         later = await asyncio.gather(*(_junk_call(address, mallory) for _ in range(n)))
         return first, later, time.monotonic() - began
